@@ -1,0 +1,59 @@
+"""Redis connection factories that wait for the server, for processes and for the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import redis
+import redis.asyncio as aioredis
+
+log = logging.getLogger(__name__)
+
+_RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
+
+
+def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = None) -> redis.Redis:
+    """A synchronous client (workers, log bin), after the server answered a PING."""
+    client = redis.Redis.from_url(
+        url, socket_timeout=socket_timeout_s, socket_connect_timeout=2.0, health_check_interval=30
+    )
+    deadline = time.monotonic() + wait_s
+    delay_s = 0.05
+    while True:
+        try:
+            client.ping()
+            return client
+        except _RETRYABLE as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("redis at %s not ready (%s); retrying", _redact(url), exc)
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 1.0)
+
+
+async def connect_async(url: str, wait_s: float = 30.0) -> aioredis.Redis:
+    """An asyncio client (gateway), after the server answered a PING."""
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=2.0, health_check_interval=30)
+    deadline = time.monotonic() + wait_s
+    delay_s = 0.05
+    while True:
+        try:
+            await client.ping()
+            return client
+        except _RETRYABLE as exc:
+            if time.monotonic() > deadline:
+                await client.aclose()
+                raise
+            log.warning("redis at %s not ready (%s); retrying", _redact(url), exc)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 1.0)
+
+
+def _redact(url: str) -> str:
+    """Never log a password that sits in the URL."""
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

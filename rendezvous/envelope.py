@@ -1,0 +1,172 @@
+"""Wire formats of the bus: the request envelope and a model's result.
+
+Both travel as one msgpack blob in the stream field ``d``; feature and probability matrices are
+raw little-endian float32 bytes with their shape beside them, so decoding is a ``frombuffer``
+and not a walk over JSON floats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+FIELD = b"d"
+FORMAT_VERSION = 1
+
+
+class EnvelopeError(ValueError):
+    """A stream entry that is not a well-formed envelope or result."""
+
+
+def _matrix_to_wire(matrix: np.ndarray) -> tuple[bytes, int, int]:
+    m = np.ascontiguousarray(matrix, dtype="<f4")
+    if m.ndim != 2:
+        raise ValueError(f"expected a 2-d matrix, got shape {m.shape}")
+    return m.tobytes(), int(m.shape[0]), int(m.shape[1])
+
+
+def _matrix_from_wire(data: bytes, rows: int, cols: int) -> np.ndarray:
+    if len(data) != rows * cols * 4:
+        raise EnvelopeError(f"matrix of {len(data)} bytes does not hold {rows}x{cols} float32")
+    return np.frombuffer(data, dtype="<f4").reshape(rows, cols)
+
+
+def _unpack(fields: dict[bytes, bytes]) -> dict[str, Any]:
+    blob = fields.get(FIELD)
+    if blob is None:
+        raise EnvelopeError("stream entry has no 'd' field")
+    try:
+        doc = msgpack.unpackb(blob, raw=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise EnvelopeError(f"undecodable envelope: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("v") != FORMAT_VERSION:
+        raise EnvelopeError("unknown envelope format")
+    return doc
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEnvelope:
+    """One prediction request as every bin sees it (and the log bin archives it)."""
+
+    request_id: str
+    deployment: str
+    reply_to: str
+    deadline_ms: int
+    """Absolute deadline, epoch milliseconds: after it nobody waits for a score."""
+    enqueued_ms: float
+    """When the gateway published the request, epoch milliseconds (for queue-wait time)."""
+    raw: bytes
+    """The caller's input as received (JSON), kept for the archive and for replays."""
+    features: np.ndarray
+    """Model-ready float32 matrix, one row per instance."""
+    spec_version: str
+
+    def encode(self) -> dict[bytes, bytes]:
+        data, rows, cols = _matrix_to_wire(self.features)
+        blob = msgpack.packb(
+            {
+                "v": FORMAT_VERSION,
+                "id": self.request_id,
+                "dep": self.deployment,
+                "reply": self.reply_to,
+                "deadline_ms": self.deadline_ms,
+                "enq_ms": self.enqueued_ms,
+                "raw": self.raw,
+                "x": data,
+                "rows": rows,
+                "cols": cols,
+                "spec": self.spec_version,
+            },
+            use_bin_type=True,
+        )
+        return {FIELD: blob}
+
+    @classmethod
+    def decode(cls, fields: dict[bytes, bytes]) -> RequestEnvelope:
+        doc = _unpack(fields)
+        try:
+            return cls(
+                request_id=doc["id"],
+                deployment=doc["dep"],
+                reply_to=doc["reply"],
+                deadline_ms=int(doc["deadline_ms"]),
+                enqueued_ms=float(doc["enq_ms"]),
+                raw=doc["raw"],
+                features=_matrix_from_wire(doc["x"], doc["rows"], doc["cols"]),
+                spec_version=doc["spec"],
+            )
+        except (KeyError, TypeError) as exc:
+            raise EnvelopeError(f"envelope lacks a field: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class ModelResult:
+    """What one model bin answered for one request (all of its rows)."""
+
+    request_id: str
+    deployment: str
+    model: str
+    version: int
+    role: str
+    labels: list[int]
+    probabilities: np.ndarray
+    """float32 matrix, rows x classes, columns in the order of ``classes``."""
+    classes: list[int]
+    model_latency_ms: float
+    """Time inside onnxruntime for the batch this request was part of."""
+    queue_ms: float
+    """Time from the gateway's publish to the worker's read."""
+    error: str | None = None
+    """Set when the bin could not score the request; the rendezvous then moves on at once."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> dict[bytes, bytes]:
+        data, rows, cols = _matrix_to_wire(self.probabilities)
+        doc: dict[str, Any] = {
+            "v": FORMAT_VERSION,
+            "id": self.request_id,
+            "dep": self.deployment,
+            "model": self.model,
+            "ver": self.version,
+            "role": self.role,
+            "labels": self.labels,
+            "p": data,
+            "rows": rows,
+            "cols": cols,
+            "classes": self.classes,
+            "lat_ms": self.model_latency_ms,
+            "q_ms": self.queue_ms,
+        }
+        if self.error is not None:
+            doc["err"] = self.error
+        if self.extra:
+            doc["extra"] = self.extra
+        return {FIELD: msgpack.packb(doc, use_bin_type=True)}
+
+    @classmethod
+    def decode(cls, fields: dict[bytes, bytes]) -> ModelResult:
+        doc = _unpack(fields)
+        try:
+            return cls(
+                request_id=doc["id"],
+                deployment=doc["dep"],
+                model=doc["model"],
+                version=int(doc["ver"]),
+                role=doc["role"],
+                labels=list(doc["labels"]),
+                probabilities=_matrix_from_wire(doc["p"], doc["rows"], doc["cols"]),
+                classes=list(doc["classes"]),
+                model_latency_ms=float(doc["lat_ms"]),
+                queue_ms=float(doc["q_ms"]),
+                error=doc.get("err"),
+                extra=doc.get("extra") or {},
+            )
+        except (KeyError, TypeError) as exc:
+            raise EnvelopeError(f"result lacks a field: {exc}") from exc
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

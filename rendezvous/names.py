@@ -1,0 +1,80 @@
+"""Every Redis key and consumer-group name, built from validated names only.
+
+Keys of one deployment share the hash tag ``{dep}`` so a deployment lives in one Redis Cluster
+slot. Deployment, model and role names are checked against a strict pattern before they are
+ever placed in a key, so no caller can smuggle in a glob pattern or another deployment's tag.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "rdv"
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+ROLE_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+INSTANCE_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+LOGBIN_GROUP = "logbin"
+REAL = "real"
+CANARY = "canary"
+
+DEPLOYMENTS_SET = f"{PREFIX}:deployments"
+
+
+class InvalidName(ValueError):
+    """A deployment, model, role or instance name that may not be used in a key."""
+
+
+def check_name(name: str, what: str = "name") -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise InvalidName(
+            f"invalid {what} {name!r}: use 1-63 characters of a-z, 0-9, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_role(role: str) -> str:
+    if not isinstance(role, str) or not ROLE_PATTERN.match(role):
+        raise InvalidName(f"invalid role {role!r}: use a-z, 0-9, '_' or '-', starting with a-z")
+    return role
+
+
+def _tag(deployment: str) -> str:
+    return f"{PREFIX}:{{{check_name(deployment, 'deployment')}}}"
+
+
+def input_stream(deployment: str) -> str:
+    """The one input stream every bin of the deployment reads."""
+    return f"{_tag(deployment)}:in"
+
+
+def decisions_stream(deployment: str) -> str:
+    return f"{_tag(deployment)}:decisions"
+
+
+def deployment_key(deployment: str) -> str:
+    """JSON document with the deployment's roles, schedule and feature spec."""
+    return f"{_tag(deployment)}:deployment"
+
+
+def workers_key(deployment: str) -> str:
+    """Sorted set of live workers: member ``role|consumer``, score = last heartbeat (epoch s)."""
+    return f"{_tag(deployment)}:workers"
+
+
+def model_group(role: str) -> str:
+    """Consumer group of a model bin. Groups follow roles, not versions, so that a promotion
+    hands the stream position over to the new version without a gap or a replay."""
+    return f"model:{check_role(role)}"
+
+
+def reply_stream(instance_id: str) -> str:
+    """Reply stream of one gateway instance: the return address in every envelope."""
+    if not INSTANCE_PATTERN.match(instance_id):
+        raise InvalidName(f"invalid gateway instance id {instance_id!r}")
+    return f"{PREFIX}:reply:{{{instance_id}}}"
+
+
+def worker_member(role: str, consumer: str) -> str:
+    return f"{role}|{consumer}"
