@@ -77,8 +77,9 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--logfile", str((self.data_dir / "redis.log").resolve()),
         ]  # fmt: skip
-        log.info("starting embedded redis-server on 127.0.0.1:%d (data in %s)", self.port,
-                 self.data_dir)
+        log.info(
+            "starting embedded redis-server on 127.0.0.1:%d (data in %s)", self.port, self.data_dir
+        )
         self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0)

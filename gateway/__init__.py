@@ -1,0 +1,1 @@
+"""The gateway: HTTP routes, request validation and preprocessing, settings, the CLI."""

@@ -1,0 +1,162 @@
+"""The FastAPI app: predict, health and readiness routes, wired in one lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import redis
+from fastapi import FastAPI, Header, Request
+from fastapi.responses import JSONResponse
+
+from gateway.service import (
+    DeploymentCache,
+    DuplicateRequest,
+    NoAnswer,
+    PredictionService,
+    Unavailable,
+    UnknownDeployment,
+)
+from gateway.settings import Settings
+from gateway.validation import PredictRequest
+from rendezvous import names
+from rendezvous.appender import StreamAppender
+from rendezvous.connection import connect_async
+from rendezvous.matcher import Rendezvous
+
+log = logging.getLogger(__name__)
+
+
+def instance_id() -> str:
+    """Unique per gateway process: the name of its reply stream."""
+    host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:32]
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _problem(status: int, detail: str, **extra: Any) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not settings.redis_url:
+            raise RuntimeError("the gateway needs RDV_REDIS_URL (rdv serve sets it for you)")
+        client = await connect_async(settings.redis_url)
+        reader = await connect_async(settings.redis_url)
+        deployments = DeploymentCache(client)
+        await deployments.refresh()
+        appender = StreamAppender(client)
+        rendezvous = Rendezvous(
+            client,
+            reader,
+            names.reply_stream(instance_id()),
+            appender,
+            decisions_maxlen=settings.decisions_maxlen,
+        )
+        await rendezvous.start()
+        refresher = asyncio.create_task(deployments.run())
+        app.state.settings = settings
+        app.state.redis = client
+        app.state.deployments = deployments
+        app.state.rendezvous = rendezvous
+        app.state.service = PredictionService(
+            deployments, rendezvous, appender, max_rows=settings.max_rows
+        )
+        log.info("gateway ready: deployments %s, reply stream %s",
+                 sorted(deployments.deployments), rendezvous.reply_to)  # fmt: skip
+        try:
+            yield
+        finally:
+            refresher.cancel()
+            await rendezvous.stop()
+            await appender.close()
+            await reader.aclose()
+            await client.aclose()
+
+    app = FastAPI(
+        title="Rendezvous gateway",
+        version="0.1.0",
+        summary="One prediction endpoint; real, canary and log bin behind Redis streams.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(UnknownDeployment)
+    async def _unknown(request: Request, exc: UnknownDeployment) -> JSONResponse:
+        return _problem(404, str(exc))
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(request: Request, exc: Unavailable) -> JSONResponse:
+        return _problem(503, str(exc))
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+        return _problem(503, f"Redis is unavailable: {type(exc).__name__}")
+
+    @app.exception_handler(DuplicateRequest)
+    async def _duplicate(request: Request, exc: DuplicateRequest) -> JSONResponse:
+        return _problem(409, str(exc))
+
+    @app.exception_handler(NoAnswer)
+    async def _no_answer(request: Request, exc: NoAnswer) -> JSONResponse:
+        return _problem(
+            504,
+            f"no model answered within {exc.answer.elapsed_ms:.0f} ms: {exc.answer.reason}",
+            request_id=exc.request_id,
+        )
+
+    @app.post("/v1/deployments/{deployment}/predict")
+    async def predict(
+        deployment: str,
+        body: PredictRequest,
+        request: Request,
+        x_request_id: Annotated[str | None, Header()] = None,
+    ) -> JSONResponse:
+        """Score the input with the deployment's real model (or the schedule's fallback)."""
+        service: PredictionService = request.app.state.service
+        raw = await request.body()
+        return JSONResponse(await service.predict(deployment, body, raw, x_request_id))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is alive (says nothing about Redis or workers)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        """Ready when Redis answers and every deployment has a live real worker."""
+        client = request.app.state.redis
+        deployments: DeploymentCache = request.app.state.deployments
+        live_after = time.time() - settings.heartbeat_timeout_s
+        try:
+            pipe = client.pipeline(transaction=False)
+            pipe.ping()
+            deps = sorted(deployments.deployments)
+            for dep in deps:
+                pipe.zrangebyscore(names.workers_key(dep), live_after, "+inf")
+            _, *live = await asyncio.wait_for(pipe.execute(), timeout=2.0)
+        except (redis.RedisError, OSError, TimeoutError) as exc:
+            return _problem(503, f"Redis is unavailable: {type(exc).__name__}", ready=False)
+        checks: dict[str, Any] = {}
+        for dep, members in zip(deps, live, strict=True):
+            roles: dict[str, int] = {}
+            for m in members:
+                role = m.decode().split("|", 1)[0]
+                roles[role] = roles.get(role, 0) + 1
+            checks[dep] = {"live_workers": roles, "ready": roles.get(names.REAL, 0) > 0}
+        ready = bool(checks) and all(c["ready"] for c in checks.values())
+        return JSONResponse(
+            {"ready": ready, "deployments": checks}, status_code=200 if ready else 503
+        )
+
+    return app

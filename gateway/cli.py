@@ -1,0 +1,200 @@
+"""The ``rdv`` command: one subcommand per process, and ``serve`` to run them all."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway.process import LOG_FORMAT, settings_from_args, stop_event
+from gateway.settings import Settings
+
+log = logging.getLogger("rdv")
+
+
+def _require_redis(settings: Settings) -> str:
+    if not settings.redis_url:
+        sys.exit("set RDV_REDIS_URL (or use 'rdv serve', which starts an embedded Redis)")
+    return settings.redis_url
+
+
+def cmd_train_demo(args: argparse.Namespace) -> None:
+    from models.registry import ModelRegistry
+    from models.train import train_demo
+
+    settings = settings_from_args(args)
+    for meta in train_demo(ModelRegistry(settings.models_dir), force=args.force):
+        print(f"{meta.name} v{meta.version} {meta.algorithm}: {meta.metrics} sha256={meta.sha256}")
+
+
+def cmd_gateway(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    settings = settings_from_args(args)
+    _require_redis(settings)
+    uvicorn.run(
+        "gateway.cli:_app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.gateway_processes if settings.gateway_processes > 1 else None,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def _app_from_env() -> Any:
+    from gateway.app import create_app
+
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    return create_app(settings)
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from models.registry import ModelRegistry
+    from models.worker import ModelWorker
+    from rendezvous.connection import connect
+
+    settings = settings_from_args(args)
+    client = connect(_require_redis(settings))
+    consumer = args.consumer or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
+    worker = ModelWorker(
+        client,
+        ModelRegistry(settings.models_dir),
+        deployment=args.deployment,
+        role=args.role,
+        consumer=consumer,
+        batch_size=settings.worker_batch_size,
+        block_ms=settings.worker_block_ms,
+        claim_idle_ms=settings.claim_idle_ms,
+        reply_maxlen=settings.reply_maxlen,
+    )
+    stop = stop_event()
+    worker.load()
+    log.info("worker %s serving %s/%s with %s", consumer, args.deployment, args.role,
+             worker.model_ref)  # fmt: skip
+    worker.run(stop)
+    log.info("worker %s stopped: %s", consumer, worker.stats)
+
+
+def cmd_logbin(args: argparse.Namespace) -> None:
+    from models.archive import SegmentWriter
+    from models.deployments import DeploymentStore
+    from models.logbin import LogBin
+    from rendezvous.connection import connect
+
+    settings = settings_from_args(args)
+    client = connect(_require_redis(settings))
+    store = DeploymentStore(client)
+    writer = SegmentWriter(
+        settings.archive_dir,
+        max_bytes=settings.segment_max_bytes,
+        max_age_s=settings.segment_max_age_s,
+    )
+    logbin = LogBin(
+        client,
+        writer,
+        consumer=args.consumer or f"logbin-{socket.gethostname()}",
+        deployments=store.list,
+        batch_size=settings.logbin_batch_size,
+        claim_idle_ms=settings.claim_idle_ms,
+    )
+    stop = stop_event()
+    log.info("log bin archiving to %s", settings.archive_dir)
+    logbin.run(stop)
+    log.info("log bin stopped: %s", logbin.stats)
+
+
+def cmd_archive(args: argparse.Namespace) -> None:
+    from models.archive import ArchiveReader
+
+    settings = settings_from_args(args)
+    reader = ArchiveReader(settings.archive_dir)
+    deployments = [args.deployment] if args.deployment else reader.deployments()
+    if args.action == "list":
+        for dep in deployments:
+            for seg in reader.segments(dep):
+                print(f"{dep}\t{seg.path}\t{seg.size_bytes} bytes")
+        return
+    shown = 0
+    for dep in deployments:
+        for record in reader.records(dep):
+            print(json.dumps(record))
+            shown += 1
+            if args.limit and shown >= args.limit:
+                return
+
+
+def cmd_decisions(args: argparse.Namespace) -> None:
+    from rendezvous import names
+    from rendezvous.connection import connect
+    from rendezvous.decision import decode_decision
+
+    settings = settings_from_args(args)
+    client = connect(_require_redis(settings), wait_s=5)
+    entries = client.xrevrange(names.decisions_stream(args.deployment), count=args.limit)
+    for _entry_id, fields in reversed(entries):
+        print(json.dumps(decode_decision(fields)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rdv", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def serving(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--host", help="listen address (RDV_HOST, default 127.0.0.1)")
+        p.add_argument("--port", type=int, help="listen port (RDV_PORT, default 8000)")
+        p.add_argument("--data-dir", type=Path, help="data folder (RDV_DATA_DIR, default ./data)")
+        return p
+
+    from gateway.serve import cmd_serve
+
+    serving(sub.add_parser("serve", help="everything in one: Redis, gateway, workers, log bin"))
+    sub.choices["serve"].set_defaults(func=cmd_serve)
+    serving(sub.add_parser("gateway", help="the HTTP gateway")).set_defaults(func=cmd_gateway)
+
+    p = serving(sub.add_parser("worker", help="a model worker for one role of a deployment"))
+    p.add_argument("--deployment", required=True)
+    p.add_argument("--role", required=True, help="real, canary, or a challenger's role")
+    p.add_argument("--consumer", help="consumer name in the group (stable across restarts)")
+    p.set_defaults(func=cmd_worker)
+
+    p = serving(sub.add_parser("logbin", help="archive every request of every deployment"))
+    p.add_argument("--consumer", help="consumer name in the logbin group")
+    p.set_defaults(func=cmd_logbin)
+
+    p = sub.add_parser("train-demo", help="train the breast-cancer demo models into the registry")
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--force", action="store_true", help="retrain even if present")
+    p.set_defaults(func=cmd_train_demo)
+
+    p = sub.add_parser("archive", help="list or read the log bin's archive")
+    p.add_argument("action", choices=["list", "read"])
+    p.add_argument("--deployment")
+    p.add_argument("--limit", type=int, default=0, help="records to show (0: all)")
+    p.add_argument("--data-dir", type=Path)
+    p.set_defaults(func=cmd_archive)
+
+    p = sub.add_parser("decisions", help="show the latest decision records of a deployment")
+    p.add_argument("--deployment", required=True)
+    p.add_argument("--limit", type=int, default=10)
+    p.set_defaults(func=cmd_decisions)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=Settings().log_level.upper(), format=LOG_FORMAT)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

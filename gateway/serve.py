@@ -1,0 +1,102 @@
+"""``rdv serve``: the all-in-one deployment on one machine.
+
+Starts an embedded Redis unless ``RDV_REDIS_URL`` is set, trains the demo models on first start,
+creates the demo deployment if missing, then supervises the gateway, a worker for every role of
+every deployment (following roles added or removed later) and the log bin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import redis
+
+from gateway.process import settings_from_args, stop_event
+from gateway.supervisor import Supervisor, child_env
+from models.deployments import DeploymentStore, demo_deployment
+from models.registry import ModelRegistry
+from models.train import DEMO_DEPLOYMENT, demo_models_present, train_demo
+from rendezvous.connection import connect
+from rendezvous.redis_server import EmbeddedRedis
+
+log = logging.getLogger("rdv.serve")
+
+GATEWAY, WORKERS, LOGBIN = 0, 1, 2
+"""Stop order: the gateway stops taking requests first, the log bin archives last."""
+
+
+def _worker_name(dep: str, role: str) -> str:
+    return f"worker:{dep}:{role}"
+
+
+def reconcile_workers(supervisor: Supervisor, store: DeploymentStore) -> None:
+    """One worker per (deployment, role); retire those whose role is gone."""
+    wanted = set()
+    for dep in store.list():
+        for role in store.get(dep).role_names:
+            name = _worker_name(dep, role)
+            wanted.add(name)
+            args = ["worker", "--deployment", dep, "--role", role, "--consumer", f"{role}-0"]
+            supervisor.ensure(name, args, WORKERS)
+    for name in [n for n in supervisor.children if n.startswith("worker:") and n not in wanted]:
+        log.info("role gone: retiring %s", name)
+        supervisor.retire(name)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    settings = settings_from_args(args)
+    stop = stop_event()
+    embedded: EmbeddedRedis | None = None
+    url = settings.redis_url
+    if not url:
+        embedded = EmbeddedRedis(settings.redis_dir).start()
+        url = embedded.url
+        log.info("embedded Redis at %s (data in %s)", url, settings.redis_dir)
+    supervisor = Supervisor(
+        child_env(
+            {
+                "RDV_REDIS_URL": url,
+                "RDV_DATA_DIR": str(settings.data_dir.resolve()),
+                "RDV_HOST": settings.host,
+                "RDV_PORT": str(settings.port),
+            }
+        )
+    )
+    client = None
+    try:
+        registry = ModelRegistry(settings.models_dir)
+        if not demo_models_present(registry):
+            log.info("first start: training the demo models into %s", settings.models_dir)
+            train_demo(registry)
+        client = connect(url)
+        store = DeploymentStore(client)
+        if DEMO_DEPLOYMENT not in store.list():
+            store.create(demo_deployment(registry, settings.schedule()))
+            log.info("created deployment %s (real v2, canary v1)", DEMO_DEPLOYMENT)
+        supervisor.ensure("logbin", ["logbin", "--consumer", "logbin-0"], LOGBIN)
+        reconcile_workers(supervisor, store)
+        supervisor.ensure("gateway", ["gateway"], GATEWAY)
+        log.info("serving on http://%s:%d", settings.host, settings.port)
+
+        next_reconcile = 0.0
+
+        def tick() -> None:
+            nonlocal next_reconcile
+            if time.monotonic() < next_reconcile:
+                return
+            next_reconcile = time.monotonic() + 2.0
+            try:
+                reconcile_workers(supervisor, store)
+            except redis.RedisError as exc:
+                log.warning("cannot read deployments: %s", exc)
+
+        supervisor.run(stop.is_set, tick)
+    finally:
+        log.info("stopping: gateway, then workers, then log bin")
+        supervisor.stop_all()
+        if client is not None:
+            client.close()
+        if embedded is not None:
+            embedded.stop()

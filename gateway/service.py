@@ -1,0 +1,153 @@
+"""The prediction data plane: validate, publish one envelope, wait at the rendezvous.
+
+Routes stay thin and call ``PredictionService.predict``; failures are typed exceptions that the
+app maps to HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from gateway.validation import PredictRequest, check_request_id, to_matrix
+from models.deployments import Deployment
+from rendezvous import names
+from rendezvous.appender import StreamAppender
+from rendezvous.envelope import RequestEnvelope
+from rendezvous.matcher import Answer, DuplicateRequest, Rendezvous
+
+log = logging.getLogger(__name__)
+
+
+class UnknownDeployment(LookupError):
+    pass
+
+
+class Unavailable(RuntimeError):
+    """Redis cannot take the request now; the caller may retry."""
+
+
+class NoAnswer(TimeoutError):
+    def __init__(self, request_id: str, answer: Answer):
+        super().__init__(answer.reason)
+        self.request_id = request_id
+        self.answer = answer
+
+
+class DeploymentCache:
+    """Every deployment's state, refreshed from Redis in the background (one pipelined read
+    a second), so the request path never asks Redis what a deployment looks like."""
+
+    def __init__(self, client: aioredis.Redis):
+        self.client = client
+        self.deployments: dict[str, Deployment] = {}
+        self._raw: dict[str, bytes] = {}
+
+    async def refresh(self) -> None:
+        members = sorted(m.decode() for m in await self.client.smembers(names.DEPLOYMENTS_SET))
+        pipe = self.client.pipeline(transaction=False)
+        for name in members:
+            pipe.get(names.deployment_key(name))
+        raws = await pipe.execute()
+        fresh: dict[str, Deployment] = {}
+        for name, raw in zip(members, raws, strict=True):
+            if raw is None:
+                continue
+            if self._raw.get(name) == raw:
+                fresh[name] = self.deployments[name]
+                continue
+            try:
+                fresh[name] = Deployment.from_json(raw)
+                self._raw[name] = raw
+            except (ValueError, KeyError) as exc:
+                log.error("deployment %s has an unreadable state: %s", name, exc)
+        self.deployments = fresh
+
+    async def run(self, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.refresh()
+            except redis.RedisError as exc:
+                log.warning("cannot refresh deployments: %s", exc)
+
+    def get(self, name: str) -> Deployment:
+        dep = self.deployments.get(name)
+        if dep is None:
+            raise UnknownDeployment(f"deployment {name!r} does not exist")
+        return dep
+
+
+class PredictionService:
+    def __init__(
+        self,
+        deployments: DeploymentCache,
+        rendezvous: Rendezvous,
+        appender: StreamAppender,
+        *,
+        max_rows: int,
+    ):
+        self.deployments = deployments
+        self.rendezvous = rendezvous
+        self.appender = appender
+        self.max_rows = max_rows
+
+    async def predict(
+        self, deployment: str, request: PredictRequest, raw: bytes, request_id: str | None
+    ) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        dep = self.deployments.get(deployment)
+        spec = dep.feature_spec
+        features = to_matrix(spec, request, self.max_rows)
+        rid = check_request_id(request_id) if request_id else uuid.uuid4().hex
+        schedule = dep.schedule
+        mailbox = self.rendezvous.open(rid, dep.name, schedule, dep.role_names)
+        envelope = RequestEnvelope(
+            request_id=rid,
+            deployment=dep.name,
+            reply_to=self.rendezvous.reply_to,
+            deadline_ms=int(mailbox.started_ms + schedule.timeout_ms),
+            enqueued_ms=time.time() * 1000,
+            raw=raw,
+            features=features,
+            spec_version=spec.version,
+        )
+        try:
+            await self.appender.append(names.input_stream(dep.name), envelope.encode())
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError) as exc:
+            self.rendezvous.discard(mailbox)
+            raise Unavailable(f"the request bus is unavailable: {exc}") from exc
+        except BaseException:
+            self.rendezvous.discard(mailbox)
+            raise
+        answer = await self.rendezvous.wait(mailbox)
+        if answer.result is None:
+            raise NoAnswer(rid, answer)
+        result = answer.result
+        proba = result.probabilities.tolist()
+        classes = [str(c) for c in result.classes]
+        return {
+            "request_id": rid,
+            "model": {"name": result.model, "version": result.version, "role": answer.role},
+            "predictions": [
+                {"label": label, "probabilities": dict(zip(classes, row, strict=True))}
+                for label, row in zip(result.labels, proba, strict=True)
+            ],
+            "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
+        }
+
+
+__all__ = [
+    "DeploymentCache",
+    "DuplicateRequest",
+    "NoAnswer",
+    "PredictionService",
+    "Unavailable",
+    "UnknownDeployment",
+]

@@ -1,0 +1,99 @@
+"""The one settings object: environment variables prefixed ``RDV_``, read once and passed in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rendezvous.schedule import Schedule
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RDV_", extra="ignore")
+
+    redis_url: str | None = None
+    """Redis to use. Unset: ``rdv serve`` starts an embedded redis-server in the data folder."""
+
+    data_dir: Path = Path("data")
+    """Models, the log-bin archive and the embedded Redis's files live here."""
+
+    admin_token: SecretStr | None = None
+    """Bearer token of the /admin routes; unset turns the admin routes off."""
+
+    host: str = "127.0.0.1"
+    """Address the gateway listens on."""
+
+    port: int = 8000
+    """Port the gateway listens on."""
+
+    gateway_processes: int = Field(default=1, ge=1, le=64)
+    """Gateway worker processes (uvicorn workers), each with its own reply stream."""
+
+    real_deadline_ms: float = Field(default=50.0, gt=0)
+    """Default schedule of a new deployment: how long to wait for real before a fallback."""
+
+    timeout_ms: float = Field(default=1000.0, gt=0)
+    """Default schedule: after this, a request with no answer gets 504."""
+
+    grace_ms: float = Field(default=200.0, ge=0)
+    """Default schedule: how long to wait after the answer for the other bins' results."""
+
+    fallbacks: list[str] = ["canary"]
+    """Default schedule: roles that may answer once real has missed its deadline, in order."""
+
+    worker_batch_size: int = Field(default=64, ge=1, le=4096)
+    """Most entries a model worker reads (and scores in one onnxruntime call) at once."""
+
+    worker_block_ms: int = Field(default=1000, ge=1)
+    """How long a worker's XREADGROUP blocks; also how fast it notices a stop."""
+
+    claim_idle_ms: int = Field(default=30_000, ge=100)
+    """Entries pending this long on a dead consumer are claimed by a live one."""
+
+    logbin_batch_size: int = Field(default=512, ge=1)
+    """Most entries the log bin archives per fsync."""
+
+    segment_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """The log bin starts a new segment file past this size..."""
+
+    segment_max_age_s: float = Field(default=3600.0, gt=0)
+    """...or past this age."""
+
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Largest predict request body accepted (413 beyond)."""
+
+    max_rows: int = Field(default=1000, ge=1)
+    """Most instances in one predict request."""
+
+    reply_maxlen: int = Field(default=10_000, ge=100)
+    """Approximate cap of each gateway's reply stream."""
+
+    decisions_maxlen: int = Field(default=100_000, ge=100)
+    """Approximate cap of each deployment's decisions stream."""
+
+    heartbeat_timeout_s: float = Field(default=5.0, gt=0)
+    """A worker whose last heartbeat is older than this is not live (readiness)."""
+
+    log_level: str = "INFO"
+
+    def schedule(self) -> Schedule:
+        return Schedule(
+            real_deadline_ms=self.real_deadline_ms,
+            timeout_ms=self.timeout_ms,
+            fallbacks=tuple(self.fallbacks),
+            grace_ms=self.grace_ms,
+        )
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.data_dir / "logbin"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.data_dir / "redis"

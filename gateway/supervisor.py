@@ -1,0 +1,114 @@
+"""``rdv serve``'s process supervisor: start every child, restart a crashed one with backoff,
+and stop them all in a fixed order (gateway first, so nothing new comes in)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+MIN_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 30.0
+STABLE_AFTER_S = 30.0
+"""A child that ran this long without crashing has its backoff reset."""
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    order: int
+    """Stop order: lower stops first."""
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    restarts: int = 0
+    backoff_s: float = MIN_BACKOFF_S
+    restart_at: float | None = None
+    wanted: bool = field(default=True)
+
+
+class Supervisor:
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.children: dict[str, Child] = {}
+
+    def ensure(self, name: str, args: list[str], order: int) -> None:
+        """Start a child under ``name`` unless it is already supervised."""
+        if name in self.children:
+            return
+        child = Child(name, [sys.executable, "-m", "gateway.cli", *args], order)
+        self.children[name] = child
+        self._spawn(child)
+
+    def retire(self, name: str, grace_s: float = 10.0) -> None:
+        child = self.children.pop(name, None)
+        if child is not None:
+            self._stop([child], grace_s)
+
+    def _spawn(self, child: Child) -> None:
+        child.proc = subprocess.Popen(child.argv, env=self.env, stdin=subprocess.DEVNULL)
+        child.started = time.monotonic()
+        child.restart_at = None
+        log.info("started %s (pid %d)", child.name, child.proc.pid)
+
+    def poll(self) -> None:
+        """Restart children that exited, after their backoff."""
+        now = time.monotonic()
+        for child in self.children.values():
+            if child.proc is not None and child.proc.poll() is None:
+                if now - child.started > STABLE_AFTER_S:
+                    child.backoff_s = MIN_BACKOFF_S
+                continue
+            if child.restart_at is None:
+                code = child.proc.returncode if child.proc else None
+                child.restart_at = now + child.backoff_s
+                log.error("%s exited with %s; restarting in %.1fs", child.name, code,
+                          child.backoff_s)  # fmt: skip
+                child.backoff_s = min(child.backoff_s * 2, MAX_BACKOFF_S)
+            elif now >= child.restart_at:
+                child.restarts += 1
+                self._spawn(child)
+
+    def run(self, should_stop: Callable[[], bool], tick: Callable[[], None] | None = None) -> None:
+        while not should_stop():
+            self.poll()
+            if tick is not None:
+                tick()
+            time.sleep(0.2)
+
+    def stop_all(self, grace_s: float = 15.0) -> None:
+        by_order: dict[int, list[Child]] = {}
+        for child in self.children.values():
+            by_order.setdefault(child.order, []).append(child)
+        for order in sorted(by_order):
+            self._stop(by_order[order], grace_s)
+        self.children.clear()
+
+    @staticmethod
+    def _stop(children: list[Child], grace_s: float) -> None:
+        live = [c for c in children if c.proc is not None and c.proc.poll() is None]
+        for c in live:
+            assert c.proc is not None
+            c.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for c in live:
+            assert c.proc is not None
+            try:
+                c.proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0fs; killing it", c.name, grace_s)
+                c.proc.kill()
+                c.proc.wait()
+
+
+def child_env(overrides: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(overrides)
+    return env

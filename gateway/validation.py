@@ -1,0 +1,108 @@
+"""Predict-request validation against a deployment's feature spec, and preprocessing into the
+model-ready float32 matrix. Every problem becomes a 422 that names the field at fault."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.spec import FeatureSpec
+
+FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+"""A JSON number: not a string, not a bool, not NaN or infinity."""
+
+
+class PredictRequest(BaseModel):
+    """Exactly one of ``features`` (one row, by name) or ``instances`` (rows, in spec order)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"features": {"mean radius": 14.1, "mean texture": 19.3}}],
+        },
+    )
+
+    features: dict[str, FiniteNumber] | None = None
+    instances: list[list[FiniteNumber]] | None = Field(default=None, min_length=1)
+
+
+def _error(loc: tuple[str | int, ...], msg: str, kind: str, value: Any = None) -> dict[str, Any]:
+    return {"type": kind, "loc": ("body", *loc), "msg": msg, "input": value}
+
+
+def to_matrix(spec: FeatureSpec, request: PredictRequest, max_rows: int) -> np.ndarray:
+    """The model's input for this request, or RequestValidationError naming every problem."""
+    if (request.features is None) == (request.instances is None):
+        raise RequestValidationError(
+            [_error((), "send exactly one of 'features' or 'instances'", "value_error")]
+        )
+    errors: list[dict[str, Any]] = []
+    if request.features is not None:
+        given = request.features
+        for name in spec.names:
+            if name not in given:
+                errors.append(_error(("features", name), f"missing feature {name!r}", "missing"))
+        for name in given:
+            if name not in spec.names:
+                errors.append(
+                    _error(("features", name), f"unknown feature {name!r}", "extra_forbidden")
+                )
+        if errors:
+            raise RequestValidationError(errors)
+        rows = [[given[name] for name in spec.names]]
+    else:
+        assert request.instances is not None
+        rows = request.instances
+        if len(rows) > max_rows:
+            raise RequestValidationError(
+                [
+                    _error(
+                        ("instances",),
+                        f"{len(rows)} instances, at most {max_rows} per request",
+                        "too_long",
+                    )
+                ]
+            )
+        for i, row in enumerate(rows):
+            if len(row) != spec.width:
+                errors.append(
+                    _error(
+                        ("instances", i),
+                        f"row has {len(row)} values, the deployment expects {spec.width}",
+                        "wrong_length",
+                    )
+                )
+        if errors:
+            raise RequestValidationError(errors)
+    x = np.asarray(rows, dtype=np.float32)
+    if not np.isfinite(x).all():
+        # Finite doubles that overflow float32 (|v| > 3.4e38).
+        for r, c in zip(*np.nonzero(~np.isfinite(x)), strict=True):
+            loc: tuple[str | int, ...] = (
+                ("features", spec.names[c]) if request.features is not None else
+                ("instances", int(r), int(c))
+            )  # fmt: skip
+            errors.append(_error(loc, "value out of float32 range", "out_of_range",
+                                 float(rows[r][c])))  # fmt: skip
+            if len(errors) >= 20:
+                break
+        raise RequestValidationError(errors)
+    return x
+
+
+def check_request_id(value: str) -> str:
+    if not 1 <= len(value) <= 128 or not value.isprintable():
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("header", "x-request-id"),
+                    "msg": "X-Request-Id must be 1-128 printable characters",
+                    "input": value[:130],
+                }
+            ]
+        )
+    return value

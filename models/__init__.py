@@ -1,0 +1,1 @@
+"""Models: demo training, ONNX export, the registry, deployment state, model worker, log bin."""

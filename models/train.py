@@ -1,0 +1,145 @@
+"""Train the demo models on scikit-learn's bundled breast-cancer data and export them to ONNX.
+
+Version 1 is a logistic-regression pipeline (the canary), version 2 a gradient-boosted
+classifier (the real model). The data ships with scikit-learn, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from skl2onnx import to_onnx
+from skl2onnx.common.data_types import FloatTensorType
+from sklearn.datasets import load_breast_cancer
+from sklearn.ensemble import GradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from models.registry import ModelMeta, ModelRegistry
+from models.runtime import OnnxClassifier
+from models.spec import FeatureSpec, FeatureStats
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL = "breast-cancer"
+DEMO_DEPLOYMENT = "breast-cancer"
+CANARY_VERSION = 1
+REAL_VERSION = 2
+SEED = 0
+QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+
+
+@dataclass(frozen=True)
+class DemoData:
+    names: list[str]
+    class_names: list[str]
+    x_train: np.ndarray
+    x_test: np.ndarray
+    y_train: np.ndarray
+    y_test: np.ndarray
+
+
+def demo_data() -> DemoData:
+    """The fixed split every demo model and test uses (stratified, seed 0, 25 % held out)."""
+    ds = load_breast_cancer()
+    x = ds.data.astype(np.float32)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, ds.target, test_size=0.25, random_state=SEED, stratify=ds.target
+    )
+    return DemoData(
+        names=[str(n) for n in ds.feature_names],
+        class_names=[str(n) for n in ds.target_names],
+        x_train=x_train,
+        x_test=x_test,
+        y_train=y_train,
+        y_test=y_test,
+    )
+
+
+def training_stats(names: list[str], x: np.ndarray) -> dict[str, FeatureStats]:
+    stats = {}
+    for i, name in enumerate(names):
+        col = x[:, i].astype(np.float64)
+        qs = np.quantile(col, QUANTILES)
+        stats[name] = FeatureStats(
+            mean=float(col.mean()),
+            std=float(col.std()),
+            min=float(col.min()),
+            max=float(col.max()),
+            quantiles={str(q): float(v) for q, v in zip(QUANTILES, qs, strict=True)},
+        )
+    return stats
+
+
+def export_onnx(estimator: Any, width: int) -> bytes:
+    """ONNX with a float32 input ``features`` [batch, width], outputs label and probabilities
+    (no ZipMap, so probabilities are one tensor)."""
+    final = estimator.steps[-1][1] if isinstance(estimator, Pipeline) else estimator
+    onx = to_onnx(
+        estimator,
+        initial_types=[("features", FloatTensorType([None, width]))],
+        options={id(final): {"zipmap": False}},
+        target_opset={"": 17, "ai.onnx.ml": 3},
+    )
+    return bytes(onx.SerializeToString())
+
+
+def _candidates() -> dict[int, tuple[str, Any]]:
+    return {
+        CANARY_VERSION: (
+            "logistic-regression",
+            make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=SEED)),
+        ),
+        REAL_VERSION: (
+            "gradient-boosting",
+            GradientBoostingClassifier(n_estimators=100, max_depth=3, random_state=SEED),
+        ),
+    }
+
+
+def demo_models_present(registry: ModelRegistry) -> bool:
+    return all(registry.exists(DEMO_MODEL, v) for v in (CANARY_VERSION, REAL_VERSION))
+
+
+def train_demo(registry: ModelRegistry, force: bool = False) -> list[ModelMeta]:
+    """Train, export, check the ONNX against scikit-learn, and store both demo versions."""
+    data = demo_data()
+    spec = FeatureSpec(names=tuple(data.names), stats=training_stats(data.names, data.x_train))
+    stored = []
+    for version, (algorithm, estimator) in _candidates().items():
+        if registry.exists(DEMO_MODEL, version) and not force:
+            stored.append(registry.meta(DEMO_MODEL, version))
+            continue
+        estimator.fit(data.x_train, data.y_train)
+        onnx_bytes = export_onnx(estimator, len(data.names))
+        meta = ModelMeta(
+            name=DEMO_MODEL,
+            version=version,
+            feature_spec=spec,
+            classes=[int(c) for c in estimator.classes_],
+            class_names=data.class_names,
+            sha256="",
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            algorithm=algorithm,
+            description=f"demo {algorithm} on the breast-cancer data",
+        )
+        onnx_model = OnnxClassifier(onnx_bytes, meta)
+        labels, _ = onnx_model.predict(data.x_test)
+        accuracy = float((labels == data.y_test).mean())
+        agreement = float((labels == estimator.predict(data.x_test)).mean())
+        if agreement < 0.99:
+            raise RuntimeError(f"ONNX export of {algorithm} disagrees with scikit-learn")
+        meta = ModelMeta.from_dict(
+            {**meta.to_dict(), "metrics": {"test_accuracy": accuracy, "onnx_agreement": agreement}}
+        )
+        stored.append(registry.save(meta, onnx_bytes))
+        log.info(
+            "trained %s v%d (%s): test accuracy %.3f", DEMO_MODEL, version, algorithm, accuracy
+        )
+    return stored

@@ -1,0 +1,308 @@
+"""The model worker: one process serving one role of one deployment.
+
+It reads a batch of envelopes per XREADGROUP, runs onnxruntime once for the whole batch, and
+writes every result to its request's reply stream together with the acks in one pipelined
+round trip. Entries past their deadline are acked and counted, never scored late.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import redis
+
+from models.deployments import Deployment, DeploymentNotFound, DeploymentStore, ModelRef
+from models.registry import ModelRegistry
+from models.runtime import OnnxClassifier
+from rendezvous import names
+from rendezvous.envelope import EnvelopeError, ModelResult, RequestEnvelope
+
+log = logging.getLogger(__name__)
+
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+@dataclass
+class WorkerStats:
+    scored: int = 0
+    batches: int = 0
+    expired: int = 0
+    malformed: int = 0
+    errors: int = 0
+    reclaimed: int = 0
+    reloads: int = 0
+
+
+class ModelWorker:
+    def __init__(
+        self,
+        client: redis.Redis,
+        registry: ModelRegistry,
+        *,
+        deployment: str,
+        role: str,
+        consumer: str,
+        batch_size: int = 64,
+        block_ms: int = 1000,
+        claim_idle_ms: int = 30_000,
+        reply_maxlen: int = 10_000,
+        heartbeat_s: float = 1.0,
+    ):
+        self.client = client
+        self.registry = registry
+        self.store = DeploymentStore(client)
+        self.deployment = names.check_name(deployment, "deployment")
+        self.role = names.check_role(role)
+        self.consumer = consumer
+        self.stream = names.input_stream(deployment)
+        self.group = names.model_group(role)
+        self.batch_size = batch_size
+        self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
+        self.reply_maxlen = reply_maxlen
+        self.heartbeat_s = heartbeat_s
+        self.stats = WorkerStats()
+        self.model: OnnxClassifier | None = None
+        self.model_ref: ModelRef | None = None
+        self.revision = 0
+        self._next_heartbeat = 0.0
+        self._next_claim = 0.0
+        self._pending_first = True
+
+    # -- model --------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the model version that holds this worker's role now."""
+        dep = self.store.get(self.deployment)
+        self._follow(dep.revision, dep.roles.get(self.role))
+
+    def _follow(self, revision: int, ref: ModelRef | None) -> None:
+        self.revision = revision
+        if ref is None:
+            raise DeploymentNotFound(f"deployment {self.deployment} has no role {self.role}")
+        if ref == self.model_ref:
+            return
+        meta = self.registry.meta(ref.name, ref.version)
+        self.model = OnnxClassifier(self.registry.artifact_path(ref.name, ref.version), meta)
+        if self.model_ref is not None:
+            self.stats.reloads += 1
+        log.info("%s/%s now serves %s", self.deployment, self.role, ref)
+        self.model_ref = ref
+
+    # -- loop ---------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until ``stop`` is set; ride out Redis outages by reconnecting."""
+        backoff_s = 0.05
+        while not stop.is_set():
+            try:
+                self.step(self.block_ms)
+                backoff_s = 0.05
+            except _REDIS_DOWN as exc:
+                log.warning("redis unavailable (%s); retrying in %.2fs", exc, backoff_s)
+                stop.wait(backoff_s)
+                backoff_s = min(backoff_s * 2, 1.0)
+                self._pending_first = True
+
+    def drain(self) -> int:
+        """Score until nothing new or pending is left (tests, batch replays)."""
+        total = 0
+        while True:
+            n = self.step(block_ms=None)
+            total += n
+            if n == 0 and not self._pending_first:
+                return total
+
+    def step(self, block_ms: int | None) -> int:
+        """One read, one onnxruntime call, one write round trip. Returns entries handled."""
+        if self.model is None:
+            self.load()
+        entries = self._read(block_ms)
+        now = time.time()
+        extra_ops: list[tuple[str, Any]] = []
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.heartbeat_s
+            extra_ops.append(("heartbeat", now))
+        if not entries and not extra_ops:
+            return 0
+        return self._handle(entries, extra_ops)
+
+    def _read(self, block_ms: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        if self._pending_first:
+            # Our own entries that were delivered but never acked (we crashed mid-batch).
+            reply = self.client.xreadgroup(
+                self.group, self.consumer, {self.stream: "0"}, count=self.batch_size
+            )
+            entries = reply[0][1] if reply else []
+            if entries:
+                return [(i, f) for i, f in entries if f]
+            self._pending_first = False
+        now = time.monotonic()
+        if now >= self._next_claim:
+            self._next_claim = now + max(self.claim_idle_ms / 1000 / 2, 0.5)
+            claimed = self.client.xautoclaim(
+                self.stream, self.group, self.consumer, self.claim_idle_ms, "0-0",
+                count=self.batch_size,
+            )  # fmt: skip
+            if claimed and claimed[1]:
+                self.stats.reclaimed += len(claimed[1])
+                return [(i, f) for i, f in claimed[1] if f]
+        reply = self.client.xreadgroup(
+            self.group,
+            self.consumer,
+            {self.stream: ">"},
+            count=self.batch_size,
+            block=block_ms,
+        )
+        return reply[0][1] if reply else []
+
+    def _handle(
+        self, entries: list[tuple[bytes, dict[bytes, bytes]]], extra_ops: list[tuple[str, Any]]
+    ) -> int:
+        now_ms = time.time() * 1000
+        ack_ids: list[bytes] = []
+        live: list[tuple[RequestEnvelope, float]] = []
+        replies: list[tuple[str, ModelResult]] = []
+        for entry_id, fields in entries:
+            ack_ids.append(entry_id)
+            try:
+                env = RequestEnvelope.decode(fields)
+            except EnvelopeError as exc:
+                self.stats.malformed += 1
+                log.warning("skipping malformed entry %s: %s", entry_id, exc)
+                continue
+            if env.deadline_ms < now_ms:
+                self.stats.expired += 1
+                continue
+            live.append((env, now_ms - env.enqueued_ms))
+        if live:
+            replies.extend(self._score(live))
+        pipe = self.client.pipeline(transaction=False)
+        for reply_to, result in replies:
+            # NOMKSTREAM: a gateway that is gone has no stream, and we must not recreate it.
+            pipe.xadd(
+                reply_to,
+                result.encode(),  # type: ignore[arg-type]
+                maxlen=self.reply_maxlen,
+                approximate=True,
+                nomkstream=True,
+            )
+        if ack_ids:
+            pipe.xack(self.stream, self.group, *ack_ids)
+        if extra_ops:
+            now = extra_ops[0][1]
+            member = names.worker_member(self.role, self.consumer)
+            pipe.zadd(names.workers_key(self.deployment), {member: now})
+            pipe.get(names.deployment_key(self.deployment))
+        out = pipe.execute()
+        if extra_ops:
+            self._maybe_reload(out[-1])
+        if entries:
+            self.stats.batches += 1
+        return len(entries)
+
+    def _score(self, live: list[tuple[RequestEnvelope, float]]) -> list[tuple[str, ModelResult]]:
+        """One onnxruntime call for every row of every request in the batch."""
+        model, ref = self.model, self.model_ref
+        assert model is not None and ref is not None
+        width = model.meta.feature_spec.width
+        good = [(env, q) for env, q in live if env.features.shape[1] == width]
+        out = [
+            (env.reply_to, self._result(env, q, [], np.zeros((0, 0), np.float32), 0.0,
+                                        error=f"expected {width} features per row"))
+            for env, q in live
+            if env.features.shape[1] != width
+        ]  # fmt: skip
+        if not good:
+            return out
+        x = (
+            np.concatenate([env.features for env, _ in good])
+            if len(good) > 1
+            else good[0][0].features
+        )
+        t0 = time.perf_counter()
+        try:
+            labels, proba = model.predict(x)
+        except Exception as exc:  # a model that fails must not take the worker down
+            self.stats.errors += len(good)
+            log.exception("model %s failed on a batch of %d rows", ref, len(x))
+            return out + [
+                (env.reply_to, self._result(env, q, [], np.zeros((0, 0), np.float32), 0.0,
+                                            error=f"model failed: {exc}"))
+                for env, q in good
+            ]  # fmt: skip
+        latency_ms = (time.perf_counter() - t0) * 1000
+        row = 0
+        for env, queue_ms in good:
+            n = env.features.shape[0]
+            out.append(
+                (
+                    env.reply_to,
+                    self._result(
+                        env, queue_ms, labels[row : row + n].tolist(), proba[row : row + n],
+                        latency_ms,
+                    ),
+                )
+            )  # fmt: skip
+            row += n
+        self.stats.scored += len(good)
+        return out
+
+    def _result(
+        self,
+        env: RequestEnvelope,
+        queue_ms: float,
+        labels: list[int],
+        proba: np.ndarray,
+        latency_ms: float,
+        error: str | None = None,
+    ) -> ModelResult:
+        assert self.model is not None
+        return ModelResult(
+            request_id=env.request_id,
+            deployment=env.deployment,
+            model=self.model.name,
+            version=self.model.version,
+            role=self.role,
+            labels=labels,
+            probabilities=proba,
+            classes=self.model.meta.classes,
+            model_latency_ms=latency_ms,
+            queue_ms=queue_ms,
+            error=error,
+        )
+
+    def _maybe_reload(self, raw: bytes | None) -> None:
+        """Follow a deployment change seen in the heartbeat round trip (hot swap)."""
+        if raw is None:
+            return
+
+        dep = Deployment.from_json(raw)
+        if dep.revision == self.revision:
+            return
+        ref = dep.roles.get(self.role)
+        if ref is None:
+            log.warning(
+                "role %s was removed from %s; keeping %s until stopped",
+                self.role,
+                self.deployment,
+                self.model_ref,
+            )
+            self.revision = dep.revision
+            return
+        try:
+            self._follow(dep.revision, ref)
+        except Exception:
+            log.exception(
+                "cannot load %s for %s/%s; keeping %s",
+                ref,
+                self.deployment,
+                self.role,
+                self.model_ref,
+            )
+            self.revision = dep.revision

@@ -1,0 +1,268 @@
+"""The rendezvous: a mailbox per waiting request, filled from this gateway's reply stream.
+
+One task reads the instance's reply stream (one XREAD for many results) and files each result
+into its request's mailbox. The schedule decides when a mailbox is answered; after the grace
+period (or once every expected bin answered) the mailbox is closed and one decision record is
+appended to the deployment's decisions stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from rendezvous import names
+from rendezvous.appender import StreamAppender
+from rendezvous.decision import build_decision, encode_decision
+from rendezvous.envelope import EnvelopeError, ModelResult
+from rendezvous.schedule import Schedule, decide
+
+log = logging.getLogger(__name__)
+
+REPLY_TTL_S = 600
+"""A reply stream outlives its gateway by this much at most (refreshed while it lives)."""
+
+_HELLO = b"hello"
+
+
+class DuplicateRequest(ValueError):
+    """A request id that is already waiting in this gateway."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    outcome: str
+    """``real``, ``fallback`` or ``timeout``."""
+    role: str | None
+    result: ModelResult | None
+    reason: str
+    elapsed_ms: float
+
+
+@dataclass(eq=False)
+class Mailbox:
+    request_id: str
+    deployment: str
+    schedule: Schedule
+    expected_roles: list[str]
+    started: float
+    """time.perf_counter() at open (the loop's clock may be millisecond-grained)."""
+    started_ms: float
+    """Epoch milliseconds at open (for the decision record)."""
+    answer: asyncio.Future[Answer]
+    results: dict[str, ModelResult] = field(default_factory=dict)
+    timer: asyncio.TimerHandle | None = None
+    answered: Answer | None = None
+    closed: bool = False
+
+
+class Rendezvous:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        reader: aioredis.Redis,
+        reply_to: str,
+        decisions: StreamAppender,
+        *,
+        decisions_maxlen: int = 100_000,
+        on_decision: Callable[[dict[str, Any]], None] | None = None,
+    ):
+        self.client = client
+        self.reader = reader
+        """A connection of its own: the blocking XREAD holds it."""
+        self.reply_to = reply_to
+        self.decisions = decisions
+        self.decisions_maxlen = decisions_maxlen
+        self.on_decision = on_decision
+        self.mailboxes: dict[str, Mailbox] = {}
+        self.late_results = 0
+        self.bad_results = 0
+        self._last_id = b"$"
+        self._task: asyncio.Task[None] | None = None
+        self._next_ttl = 0.0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._create_stream()
+        self._task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    async def stop(self) -> None:
+        """Stop reading, close every mailbox (writing its record), delete the reply stream."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for mb in list(self.mailboxes.values()):
+            if mb.answered is None:
+                mb.answered = Answer("timeout", None, None, "gateway is shutting down",
+                                     self._elapsed_ms(mb))  # fmt: skip
+            if not mb.answer.done():
+                mb.answer.set_result(mb.answered)
+            self._close(mb)
+        with contextlib.suppress(redis.RedisError):
+            await self.client.delete(self.reply_to)
+
+    async def _create_stream(self) -> None:
+        """The stream exists before any envelope names it: workers write with NOMKSTREAM."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xadd(self.reply_to, {_HELLO: b"1"})
+        pipe.expire(self.reply_to, REPLY_TTL_S)
+        entry_id, _ = await pipe.execute()
+        if self._last_id == b"$":
+            self._last_id = entry_id
+        self._next_ttl = time.monotonic() + REPLY_TTL_S / 10
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def open(
+        self, request_id: str, deployment: str, schedule: Schedule, expected_roles: list[str]
+    ) -> Mailbox:
+        """Open the mailbox before the envelope is published: a result may beat the XADD reply."""
+        if request_id in self.mailboxes:
+            raise DuplicateRequest(f"request id {request_id!r} is already in flight")
+        loop = asyncio.get_running_loop()
+        mb = Mailbox(
+            request_id=request_id,
+            deployment=deployment,
+            schedule=schedule,
+            expected_roles=expected_roles,
+            started=time.perf_counter(),
+            started_ms=time.time() * 1000,
+            answer=loop.create_future(),
+        )
+        self.mailboxes[request_id] = mb
+        self._arm(mb, schedule.real_deadline_ms)
+        return mb
+
+    def discard(self, mb: Mailbox) -> None:
+        """Forget a request that was never published (no record: nothing was asked)."""
+        if mb.timer is not None:
+            mb.timer.cancel()
+        mb.closed = True
+        self.mailboxes.pop(mb.request_id, None)
+        if not mb.answer.done():
+            mb.answer.cancel()
+
+    async def wait(self, mb: Mailbox) -> Answer:
+        return await asyncio.shield(mb.answer)
+
+    # -- the schedule -------------------------------------------------------------------------
+
+    def _elapsed_ms(self, mb: Mailbox) -> float:
+        return (time.perf_counter() - mb.started) * 1000
+
+    def _arm(self, mb: Mailbox, at_elapsed_ms: float) -> None:
+        if mb.timer is not None:
+            mb.timer.cancel()
+        delay_s = max(at_elapsed_ms - self._elapsed_ms(mb), 0.0) / 1000
+        mb.timer = asyncio.get_running_loop().call_later(delay_s, self._evaluate, mb)
+
+    def _evaluate(self, mb: Mailbox) -> None:
+        if mb.closed:
+            return
+        elapsed_ms = self._elapsed_ms(mb)
+        if mb.answered is None:
+            ok = {role for role, r in mb.results.items() if r.ok}
+            failed = {role for role, r in mb.results.items() if not r.ok}
+            verdict = decide(mb.schedule, ok, failed, elapsed_ms)
+            if verdict.answer is not None:
+                outcome = "real" if verdict.answer == names.REAL else "fallback"
+                mb.answered = Answer(
+                    outcome, verdict.answer, mb.results[verdict.answer], verdict.reason,
+                    elapsed_ms,
+                )  # fmt: skip
+            elif verdict.timed_out:
+                mb.answered = Answer("timeout", None, None, verdict.reason, elapsed_ms)
+            else:
+                assert verdict.wait_until_ms is not None
+                self._arm(mb, verdict.wait_until_ms)
+                return
+            if not mb.answer.done():
+                mb.answer.set_result(mb.answered)
+            if mb.answered.outcome == "timeout":
+                self._close(mb)
+                return
+        grace_end_ms = mb.answered.elapsed_ms + mb.schedule.grace_ms
+        if all(role in mb.results for role in mb.expected_roles) or elapsed_ms >= grace_end_ms:
+            self._close(mb)
+        else:
+            self._arm(mb, grace_end_ms)  # timers may fire a hair early: re-arm, never drop
+
+    def _close(self, mb: Mailbox) -> None:
+        if mb.closed:
+            return
+        mb.closed = True
+        if mb.timer is not None:
+            mb.timer.cancel()
+        self.mailboxes.pop(mb.request_id, None)
+        answered = mb.answered
+        record = build_decision(
+            request_id=mb.request_id,
+            deployment=mb.deployment,
+            started_ms=mb.started_ms,
+            expected_roles=mb.expected_roles,
+            results=mb.results,
+            chosen_role=answered.role if answered else None,
+            outcome=answered.outcome if answered else "abandoned",
+            answered_after_ms=round(answered.elapsed_ms, 4) if answered else None,
+        )
+        self.decisions.append_nowait(
+            names.decisions_stream(mb.deployment), encode_decision(record), self.decisions_maxlen
+        )
+        if self.on_decision is not None:
+            try:
+                self.on_decision(record)
+            except Exception:
+                log.exception("decision hook failed")
+
+    # -- the reply stream ---------------------------------------------------------------------
+
+    def file(self, result: ModelResult) -> None:
+        """Put one result into its mailbox and let the schedule look again."""
+        mb = self.mailboxes.get(result.request_id)
+        if mb is None or mb.closed:
+            self.late_results += 1
+            return
+        result.extra["arrived_ms"] = round(self._elapsed_ms(mb), 4)
+        mb.results.setdefault(result.role, result)
+        self._evaluate(mb)
+
+    async def _read_loop(self) -> None:
+        backoff_s = 0.05
+        while True:
+            try:
+                if time.monotonic() >= self._next_ttl:
+                    if not await self.client.expire(self.reply_to, REPLY_TTL_S):
+                        await self._create_stream()  # lost (e.g. Redis restarted empty)
+                    self._next_ttl = time.monotonic() + REPLY_TTL_S / 10
+                reply = await self.reader.xread({self.reply_to: self._last_id}, count=1024,
+                                                block=1000)  # fmt: skip
+                backoff_s = 0.05
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+                log.warning("reply stream read failed (%s); retrying in %.2fs", exc, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 1.0)
+                continue
+            if not reply:
+                continue
+            entries = reply[0][1]
+            self._last_id = entries[-1][0]
+            for _entry_id, fields in entries:
+                if _HELLO in fields:
+                    continue
+                try:
+                    result = ModelResult.decode(fields)
+                except EnvelopeError as exc:
+                    self.bad_results += 1
+                    log.warning("undecodable result on %s: %s", self.reply_to, exc)
+                    continue
+                self.file(result)
