@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.spec import FeatureSpec
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 """A JSON number: not a string, not a bool, not NaN or infinity."""
 
@@ -77,19 +79,19 @@ def to_matrix(spec: FeatureSpec, request: PredictRequest, max_rows: int) -> np.n
                 )
         if errors:
             raise RequestValidationError(errors)
-    x = np.asarray(rows, dtype=np.float32)
-    if not np.isfinite(x).all():
-        # Finite doubles that overflow float32 (|v| > 3.4e38).
-        for r, c in zip(*np.nonzero(~np.isfinite(x)), strict=True):
+    x64 = np.asarray(rows, dtype=np.float64)
+    too_big = np.abs(x64) > _FLOAT32_MAX
+    if too_big.any():
+        for r, c in zip(*np.nonzero(too_big), strict=True):
             loc: tuple[str | int, ...] = (
                 ("features", spec.names[c]) if request.features is not None else
                 ("instances", int(r), int(c))
             )  # fmt: skip
-            errors.append(_error(loc, "value out of float32 range", "out_of_range",
-                                 float(rows[r][c])))  # fmt: skip
+            errors.append(_error(loc, "value out of float32 range", "out_of_range", x64[r, c]))
             if len(errors) >= 20:
                 break
         raise RequestValidationError(errors)
+    x = x64.astype(np.float32)
     return x
 
 

@@ -1,0 +1,179 @@
+"""The archive's file format: multi-member gzip segments, rotation, torn tails, dedupe."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from models.archive import ArchiveReader, SegmentWriter, main, read_segment, record_from_envelope
+from rendezvous.envelope import RequestEnvelope
+
+
+def _records(start: int, n: int) -> list[dict[str, Any]]:
+    return [
+        {"stream_id": f"{1700000000000 + i}-0", "enqueued_ms": 1000.0 + i, "n": i}
+        for i in range(start, start + n)
+    ]
+
+
+def _envelope(raw: bytes) -> RequestEnvelope:
+    return RequestEnvelope(
+        request_id="req-1",
+        deployment="demo",
+        reply_to="rdv:reply:{gw1}",
+        deadline_ms=1_700_000_001_000,
+        enqueued_ms=1_700_000_000_000.5,
+        raw=raw,
+        features=np.array([[0.1, 2.5, -3.25], [1e-7, 3.4e38, 0.0]], dtype=np.float32),
+        spec_version="spec-3",
+    )
+
+
+def test_record_from_envelope_keeps_what_the_models_saw() -> None:
+    env = _envelope(b'{"instances": [[0.1, 2.5, -3.25]]}')
+    record = json.loads(json.dumps(record_from_envelope("5-0", env, 42.0)))
+    assert record["stream_id"] == "5-0"
+    assert record["request_id"] == "req-1"
+    assert record["spec_version"] == "spec-3"
+    assert record["enqueued_ms"] == env.enqueued_ms
+    assert record["deadline_ms"] == env.deadline_ms
+    assert record["archived_ms"] == 42.0
+    assert record["raw"] == {"instances": [[0.1, 2.5, -3.25]]}
+    assert "raw_text" not in record
+    np.testing.assert_array_equal(np.array(record["features"], dtype=np.float32), env.features)
+
+
+def test_raw_that_is_not_json_is_kept_as_text() -> None:
+    record = record_from_envelope("5-0", _envelope(b"not json {"), 1.0)
+    assert record["raw"] == "not json {"
+    assert record["raw_text"] is True
+
+
+def test_each_batch_is_one_fsynced_gzip_member(data_dir: Path) -> None:
+    writer = SegmentWriter(data_dir)
+    n1 = writer.append_batch("demo", _records(0, 3))
+    n2 = writer.append_batch("demo", _records(3, 2))
+    writer.close()
+    [segment] = ArchiveReader(data_dir).segments("demo")
+    assert segment.size_bytes == n1 + n2
+    assert segment.path.name.startswith("segment-") and segment.path.name.endswith(".jsonl.gz")
+    # Any gzip tool reads the multi-member file as one stream.
+    lines = gzip.decompress(segment.path.read_bytes()).decode().splitlines()
+    assert [json.loads(line)["n"] for line in lines] == [0, 1, 2, 3, 4]
+    assert segment.record_count() == 5
+
+
+def test_a_new_writer_never_appends_to_an_old_segment(data_dir: Path) -> None:
+    for start in (0, 10):
+        writer = SegmentWriter(data_dir)
+        writer.append_batch("demo", _records(start, 2))
+        writer.close()
+    reader = ArchiveReader(data_dir)
+    segments = reader.segments("demo")
+    assert len(segments) == 2
+    assert [s.seq for s in segments] == [0, 1]
+    assert [r["n"] for r in reader.records("demo")] == [0, 1, 10, 11]
+
+
+def test_rotation_by_size_keeps_order(data_dir: Path) -> None:
+    writer = SegmentWriter(data_dir, max_bytes=150)
+    for batch in range(6):
+        writer.append_batch("demo", _records(batch * 4, 4))
+    writer.close()
+    reader = ArchiveReader(data_dir)
+    segments = reader.segments("demo")
+    assert len(segments) >= 3
+    assert [r["n"] for r in reader.records("demo")] == list(range(24))
+    assert sum(s.record_count() for s in segments) == 24
+
+
+def test_rotation_by_age(data_dir: Path) -> None:
+    writer = SegmentWriter(data_dir, max_age_s=0.0)
+    for batch in range(3):
+        writer.append_batch("demo", _records(batch, 1))
+    writer.close()
+    reader = ArchiveReader(data_dir)
+    assert len(reader.segments("demo")) == 3
+    assert [r["n"] for r in reader.records("demo")] == [0, 1, 2]
+
+
+def test_deployments_are_separate_folders(data_dir: Path) -> None:
+    writer = SegmentWriter(data_dir)
+    writer.append_batch("b-dep", _records(0, 1))
+    writer.append_batch("a-dep", _records(1, 1))
+    writer.close()
+    reader = ArchiveReader(data_dir)
+    assert reader.deployments() == ["a-dep", "b-dep"]
+    assert [r["n"] for r in reader.records("a-dep")] == [1]
+    with pytest.raises(ValueError):
+        writer.append_batch("../escape", _records(0, 1))
+
+
+@pytest.mark.parametrize("cut_bytes", [1, 8, 30])
+def test_torn_tail_keeps_every_complete_batch(
+    data_dir: Path, cut_bytes: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = SegmentWriter(data_dir)
+    for batch in range(3):
+        writer.append_batch("demo", _records(batch * 5, 5))
+    writer.close()
+    [segment] = ArchiveReader(data_dir).segments("demo")
+    os.truncate(segment.path, segment.size_bytes - cut_bytes)
+    with caplog.at_level(logging.WARNING, logger="models.archive"):
+        got = [r["n"] for r in ArchiveReader(data_dir).records("demo")]
+    assert got == list(range(10))
+    assert "torn" in caplog.text
+
+
+def test_garbage_tail_is_skipped(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    writer = SegmentWriter(data_dir)
+    writer.append_batch("demo", _records(0, 2))
+    writer.close()
+    [segment] = ArchiveReader(data_dir).segments("demo")
+    with open(segment.path, "ab") as f:
+        f.write(b"\0" * 64)
+    with caplog.at_level(logging.WARNING, logger="models.archive"):
+        assert [r["n"] for r in read_segment(segment.path)] == [0, 1]
+    assert "corrupt" in caplog.text
+
+
+def test_dedupe_drops_a_redelivered_stream_id(data_dir: Path) -> None:
+    writer = SegmentWriter(data_dir)
+    writer.append_batch("demo", _records(0, 3))
+    writer.append_batch("demo", _records(1, 3))  # 1 and 2 again, as after a crash before ack
+    writer.close()
+    reader = ArchiveReader(data_dir)
+    assert [r["n"] for r in reader.records("demo")] == [0, 1, 2, 3]
+    assert [r["n"] for r in reader.records("demo", dedupe=False)] == [0, 1, 2, 1, 2, 3]
+
+
+def test_since_ms_filters_on_request_time(data_dir: Path) -> None:
+    writer = SegmentWriter(data_dir)
+    writer.append_batch("demo", _records(0, 5))
+    writer.close()
+    assert [r["n"] for r in ArchiveReader(data_dir).records("demo", since_ms=1003.0)] == [3, 4]
+
+
+def test_reader_of_an_empty_folder(tmp_path: Path) -> None:
+    reader = ArchiveReader(tmp_path / "missing")
+    assert reader.deployments() == []
+    assert reader.segments("demo") == []
+    assert list(reader.records("demo")) == []
+
+
+def test_cli_lists_and_reads(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    writer = SegmentWriter(data_dir)
+    writer.append_batch("demo", _records(0, 2))
+    writer.close()
+    assert main([str(data_dir), "list", "--count"]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith("demo\tsegment-") and line.endswith("\t2")
+    assert main([str(data_dir), "read", "demo"]) == 0
+    assert [json.loads(x)["n"] for x in capsys.readouterr().out.splitlines()] == [0, 1]

@@ -1,0 +1,69 @@
+"""The schedule, without Redis or clocks."""
+
+import pytest
+
+from rendezvous.schedule import Schedule, decide
+
+S = Schedule(real_deadline_ms=50, timeout_ms=1000, fallbacks=("canary", "backup"), grace_ms=100)
+
+
+def test_real_answers_as_soon_as_it_arrives() -> None:
+    assert decide(S, {"real"}, set(), 1.0).answer == "real"
+    assert decide(S, {"real", "canary"}, set(), 900.0).answer == "real"
+
+
+def test_before_real_deadline_a_fallback_is_not_used() -> None:
+    v = decide(S, {"canary"}, set(), 10.0)
+    assert v.answer is None and not v.timed_out
+    assert v.wait_until_ms == 50
+
+
+def test_after_real_deadline_first_fallback_that_answered_wins_in_order() -> None:
+    assert decide(S, {"canary"}, set(), 50.0).answer == "canary"
+    assert decide(S, {"backup"}, set(), 60.0).answer == "backup"
+    assert decide(S, {"backup", "canary"}, set(), 60.0).answer == "canary"
+
+
+def test_after_real_deadline_without_fallback_waits_until_timeout() -> None:
+    v = decide(S, set(), set(), 60.0)
+    assert v.answer is None and v.wait_until_ms == 1000
+
+
+def test_a_role_that_is_not_a_fallback_never_answers() -> None:
+    v = decide(S, {"challenger"}, set(), 500.0)
+    assert v.answer is None
+
+
+def test_timeout_when_nobody_answered() -> None:
+    v = decide(S, set(), set(), 1000.0)
+    assert v.timed_out and v.answer is None
+    assert decide(S, {"challenger"}, set(), 1500.0).timed_out
+
+
+def test_failed_real_falls_back_without_waiting_for_its_deadline() -> None:
+    assert decide(S, {"canary"}, {"real"}, 1.0).answer == "canary"
+    v = decide(S, set(), {"real"}, 1.0)
+    assert v.answer is None and v.wait_until_ms == 1000
+
+
+def test_failed_fallback_is_skipped() -> None:
+    assert decide(S, {"backup"}, {"real", "canary"}, 60.0).answer == "backup"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"real_deadline_ms": 0},
+        {"real_deadline_ms": 100, "timeout_ms": 50},
+        {"grace_ms": -1},
+        {"fallbacks": ("real",)},
+        {"fallbacks": ("Bad Role",)},
+    ],
+)
+def test_invalid_schedules_are_refused(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        Schedule(**kwargs)
+
+
+def test_round_trips_through_a_dict() -> None:
+    assert Schedule.from_dict(S.to_dict()) == S

@@ -1,0 +1,99 @@
+"""Request validation and preprocessing against a feature spec, without Redis."""
+
+import json
+
+import numpy as np
+import pytest
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from gateway.validation import PredictRequest, check_request_id, to_matrix
+from models.spec import FeatureSpec
+
+SPEC = FeatureSpec.from_names(["a", "b", "c"])
+
+
+def parse(body: str) -> PredictRequest:
+    return PredictRequest.model_validate_json(body)
+
+
+def errors_of(body: str, max_rows: int = 10) -> list[dict]:
+    with pytest.raises((RequestValidationError, ValidationError)) as info:
+        to_matrix(SPEC, parse(body), max_rows)
+    exc = info.value
+    return list(exc.errors())
+
+
+def test_features_are_put_in_spec_order() -> None:
+    x = to_matrix(SPEC, parse('{"features": {"c": 3, "a": 1.5, "b": -2}}'), 10)
+    assert x.dtype == np.float32 and x.shape == (1, 3)
+    np.testing.assert_array_equal(x, [[1.5, -2, 3]])
+
+
+def test_instances_become_rows() -> None:
+    x = to_matrix(SPEC, parse('{"instances": [[1, 2, 3], [4, 5, 6]]}'), 10)
+    np.testing.assert_array_equal(x, [[1, 2, 3], [4, 5, 6]])
+
+
+def test_missing_and_unknown_features_are_named() -> None:
+    errs = errors_of('{"features": {"a": 1, "b": 2, "zzz": 3}}')
+    locs = {tuple(e["loc"]) for e in errs}
+    assert ("body", "features", "c") in locs and ("body", "features", "zzz") in locs
+    assert any("missing feature 'c'" in e["msg"] for e in errs)
+    assert any("unknown feature 'zzz'" in e["msg"] for e in errs)
+
+
+def test_wrong_row_length_names_the_row() -> None:
+    errs = errors_of('{"instances": [[1, 2, 3], [1, 2]]}')
+    assert errs[0]["loc"] == ("body", "instances", 1)
+    assert "2 values" in errs[0]["msg"] and "expects 3" in errs[0]["msg"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"features": {"a": "1", "b": 2, "c": 3}}',
+        '{"features": {"a": true, "b": 2, "c": 3}}',
+        '{"features": {"a": null, "b": 2, "c": 3}}',
+        '{"features": {"a": NaN, "b": 2, "c": 3}}',
+        '{"features": {"a": Infinity, "b": 2, "c": 3}}',
+        '{"instances": [[1, "x", 3]]}',
+    ],
+)
+def test_non_numeric_and_non_finite_values_are_refused(body: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        parse(body)
+    loc = info.value.errors()[0]["loc"]
+    assert loc[0] in ("features", "instances")
+
+
+def test_float32_overflow_is_refused_with_its_location() -> None:
+    errs = errors_of(json.dumps({"features": {"a": 1e300, "b": 2, "c": 3}}))
+    assert errs[0]["loc"] == ("body", "features", "a")
+    assert "float32" in errs[0]["msg"]
+
+
+@pytest.mark.parametrize(
+    "body", ["{}", '{"features": {"a": 1, "b": 2, "c": 3}, "instances": [[1, 2, 3]]}']
+)
+def test_exactly_one_of_features_or_instances(body: str) -> None:
+    assert "exactly one" in errors_of(body)[0]["msg"]
+
+
+def test_row_cap() -> None:
+    errs = errors_of('{"instances": [[1, 2, 3], [1, 2, 3], [1, 2, 3]]}', max_rows=2)
+    assert "at most 2" in errs[0]["msg"]
+
+
+def test_empty_instances_and_extra_keys_are_refused() -> None:
+    with pytest.raises(ValidationError):
+        parse('{"instances": []}')
+    with pytest.raises(ValidationError):
+        parse('{"features": {"a": 1, "b": 2, "c": 3}, "model": "x"}')
+
+
+def test_request_id_header_is_checked() -> None:
+    assert check_request_id("abc-123") == "abc-123"
+    for bad in ["", "x" * 129, "tab\there"]:
+        with pytest.raises(RequestValidationError):
+            check_request_id(bad)
