@@ -87,6 +87,7 @@ class Rendezvous:
         self.bad_results = 0
         self._last_id = b"$"
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._next_ttl = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -98,9 +99,15 @@ class Rendezvous:
     async def stop(self) -> None:
         """Stop reading, close every mailbox (writing its record), delete the reply stream."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Cancelling a blocked XREAD can leave redis-py waiting forever; instead drop the
+            # reader's connections, so the read fails and the loop sees the stop flag.
+            self._stopping = True
+            await self.reader.connection_pool.disconnect()
+            done, _ = await asyncio.wait({self._task}, timeout=2.0)
+            if not done:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(self._task, 1.0)
         for mb in list(self.mailboxes.values()):
             if mb.answered is None:
                 mb.answered = Answer("timeout", None, None, "gateway is shutting down",
@@ -238,7 +245,7 @@ class Rendezvous:
 
     async def _read_loop(self) -> None:
         backoff_s = 0.05
-        while True:
+        while not self._stopping:
             try:
                 if time.monotonic() >= self._next_ttl:
                     if not await self.client.expire(self.reply_to, REPLY_TTL_S):
@@ -248,6 +255,8 @@ class Rendezvous:
                                                 block=1000)  # fmt: skip
                 backoff_s = 0.05
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+                if self._stopping:
+                    return
                 log.warning("reply stream read failed (%s); retrying in %.2fs", exc, backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 1.0)

@@ -37,3 +37,21 @@ def data_dir(tmp_path: Path) -> Path:
     d = tmp_path / "data"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data folder with the demo models trained once for the whole session."""
+    from models.registry import ModelRegistry
+    from models.train import train_demo
+
+    root = tmp_path_factory.mktemp("demo-data")
+    train_demo(ModelRegistry(root / "models"))
+    return root
+
+
+@pytest.fixture
+def demo_registry(demo_data_dir: Path):  # type: ignore[no-untyped-def]
+    from models.registry import ModelRegistry
+
+    return ModelRegistry(demo_data_dir / "models")

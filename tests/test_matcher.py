@@ -1,0 +1,154 @@
+"""The rendezvous matcher against a real Redis server: results written to its reply stream
+resolve the waiting request by the schedule, and one decision record follows."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from rendezvous import names
+from rendezvous.appender import StreamAppender
+from rendezvous.decision import decode_decision
+from rendezvous.envelope import ModelResult
+from rendezvous.matcher import DuplicateRequest, Rendezvous
+from rendezvous.schedule import Schedule
+
+DEP = "dep"
+SCHEDULE = Schedule(real_deadline_ms=60, timeout_ms=400, fallbacks=("canary",), grace_ms=150)
+ROLES = ["real", "canary"]
+_bg: set[asyncio.Task[None]] = set()
+
+
+@pytest.fixture
+async def rdv(r: redis.Redis, redis_url: str) -> AsyncIterator[Rendezvous]:
+    client = aioredis.Redis.from_url(redis_url)
+    reader = aioredis.Redis.from_url(redis_url)
+    matcher = Rendezvous(client, reader, names.reply_stream("t-gw"), StreamAppender(client))
+    await matcher.start()
+    yield matcher
+    await matcher.stop()
+    await matcher.decisions.close()
+    await reader.aclose()
+    await client.aclose()
+
+
+def result(
+    rid: str, role: str, p1: float, version: int = 1, error: str | None = None
+) -> ModelResult:
+    proba = np.array([[1 - p1, p1]], dtype=np.float32)
+    return ModelResult(rid, DEP, "m", version, role, [int(p1 >= 0.5)], proba, [0, 1], 0.2, 0.1,
+                       error=error)  # fmt: skip
+
+
+async def send(client: aioredis.Redis, res: ModelResult, delay_s: float = 0.0) -> None:
+    await asyncio.sleep(delay_s)
+    await client.xadd(names.reply_stream("t-gw"), res.encode())
+
+
+async def decisions(r: redis.Redis, count: int, timeout_s: float = 2.0) -> list[dict]:
+    stream = names.decisions_stream(DEP)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        entries = r.xrange(stream)
+        if len(entries) >= count:
+            return [decode_decision(f) for _i, f in entries]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"expected {count} decision records, found {len(r.xrange(stream))}")
+
+
+async def test_real_answers_and_record_has_divergence(rdv: Rendezvous, r: redis.Redis) -> None:
+    mb = rdv.open("a", DEP, SCHEDULE, ROLES)
+    _bg.add(asyncio.create_task(send(rdv.client, result("a", "real", 0.9, version=2))))
+    _bg.add(asyncio.create_task(send(rdv.client, result("a", "canary", 0.3), delay_s=0.02)))
+    answer = await rdv.wait(mb)
+    assert answer.outcome == "real" and answer.result is not None
+    assert answer.result.version == 2 and answer.elapsed_ms < SCHEDULE.real_deadline_ms
+    [rec] = await decisions(r, 1)
+    assert rec["request_id"] == "a" and rec["outcome"] == "real" and rec["missing"] == []
+    assert rec["outputs"]["real"]["probabilities"] == [[pytest.approx(0.1), pytest.approx(0.9)]]
+    div = rec["divergence"]
+    assert div["disagreements"] == 1 and div["abs_diff_mean"] == pytest.approx(0.6, abs=1e-6)
+    assert div["pair"] == ["m:2", "m:1"]
+    assert "a" not in rdv.mailboxes
+
+
+async def test_canary_answers_after_real_misses_its_deadline(
+    rdv: Rendezvous, r: redis.Redis
+) -> None:
+    mb = rdv.open("b", DEP, SCHEDULE, ROLES)
+    _bg.add(asyncio.create_task(send(rdv.client, result("b", "canary", 0.2))))
+    answer = await rdv.wait(mb)
+    assert answer.outcome == "fallback" and answer.role == "canary"
+    assert SCHEDULE.real_deadline_ms <= answer.elapsed_ms < SCHEDULE.timeout_ms
+    [rec] = await decisions(r, 1)
+    assert rec["missing"] == ["real"] and rec["chosen_role"] == "canary"
+    assert rec["divergence"] is None
+
+
+async def test_real_arriving_late_but_within_grace_is_recorded(
+    rdv: Rendezvous, r: redis.Redis
+) -> None:
+    mb = rdv.open("c", DEP, SCHEDULE, ROLES)
+    _bg.add(asyncio.create_task(send(rdv.client, result("c", "canary", 0.2))))
+    _bg.add(asyncio.create_task(send(rdv.client, result("c", "real", 0.4), delay_s=0.1)))
+    answer = await rdv.wait(mb)
+    assert answer.role == "canary"
+    [rec] = await decisions(r, 1)
+    assert rec["missing"] == [] and rec["divergence"]["disagreements"] == 0
+
+
+async def test_timeout_when_nobody_answers(rdv: Rendezvous, r: redis.Redis) -> None:
+    t0 = time.perf_counter()
+    answer = await rdv.wait(rdv.open("d", DEP, SCHEDULE, ROLES))
+    waited_ms = (time.perf_counter() - t0) * 1000
+    assert answer.outcome == "timeout" and answer.result is None
+    assert SCHEDULE.timeout_ms <= waited_ms < SCHEDULE.timeout_ms + 200
+    [rec] = await decisions(r, 1)
+    assert rec["outcome"] == "timeout" and sorted(rec["missing"]) == ["canary", "real"]
+
+
+async def test_failed_real_falls_back_at_once(rdv: Rendezvous, r: redis.Redis) -> None:
+    mb = rdv.open("e", DEP, SCHEDULE, ROLES)
+    await send(rdv.client, result("e", "canary", 0.2))
+    await send(rdv.client, result("e", "real", 0.0, error="model failed"))
+    answer = await rdv.wait(mb)
+    assert answer.role == "canary" and answer.elapsed_ms < SCHEDULE.real_deadline_ms
+    [rec] = await decisions(r, 1)
+    assert rec["failed"] == ["real"]
+
+
+async def test_duplicate_in_flight_id_is_refused_and_late_results_counted(
+    rdv: Rendezvous, r: redis.Redis
+) -> None:
+    mb = rdv.open("f", DEP, SCHEDULE, ["real"])
+    with pytest.raises(DuplicateRequest):
+        rdv.open("f", DEP, SCHEDULE, ["real"])
+    await send(rdv.client, result("f", "real", 0.9))
+    await rdv.wait(mb)
+    await decisions(r, 1)
+    await send(rdv.client, result("f", "real", 0.9))
+    for _ in range(50):
+        if rdv.late_results:
+            break
+        await asyncio.sleep(0.02)
+    assert rdv.late_results == 1
+
+
+async def test_many_concurrent_requests_each_get_their_own_answer(
+    rdv: Rendezvous, r: redis.Redis
+) -> None:
+    ids = [f"m{i}" for i in range(200)]
+    boxes = [rdv.open(i, DEP, SCHEDULE, ["real"]) for i in ids]
+    pipe = rdv.client.pipeline(transaction=False)
+    for n, rid in enumerate(ids):
+        pipe.xadd(names.reply_stream("t-gw"), result(rid, "real", n / 200).encode())
+    await pipe.execute()
+    answers = await asyncio.gather(*(rdv.wait(b) for b in boxes))
+    for n, (rid, ans) in enumerate(zip(ids, answers, strict=True)):
+        assert ans.result is not None and ans.result.request_id == rid
+        assert float(ans.result.probabilities[0, 1]) == pytest.approx(n / 200)
+    assert len(await decisions(r, 200)) == 200

@@ -1,0 +1,173 @@
+"""The model worker against a real Redis server and the real demo ONNX models."""
+
+import time
+
+import numpy as np
+import redis
+
+from models.deployments import DeploymentStore, demo_deployment
+from models.registry import ModelRegistry
+from models.runtime import OnnxClassifier
+from models.train import DEMO_DEPLOYMENT, demo_data
+from models.worker import ModelWorker
+from rendezvous import names
+from rendezvous.envelope import ModelResult, RequestEnvelope
+from rendezvous.schedule import Schedule
+
+REPLY = names.reply_stream("test-gw")
+
+
+def setup(r: redis.Redis, registry: ModelRegistry) -> None:
+    DeploymentStore(r).create(demo_deployment(registry, Schedule()))
+    r.xadd(REPLY, {b"hello": b"1"})
+
+
+def publish(r: redis.Redis, rid: str, x: np.ndarray, deadline_ms: float | None = None) -> None:
+    now = time.time() * 1000
+    env = RequestEnvelope(
+        request_id=rid,
+        deployment=DEMO_DEPLOYMENT,
+        reply_to=REPLY,
+        deadline_ms=int(deadline_ms if deadline_ms is not None else now + 60_000),
+        enqueued_ms=now,
+        raw=b"{}",
+        features=x,
+        spec_version="fs-test",
+    )
+    r.xadd(names.input_stream(DEMO_DEPLOYMENT), env.encode())
+
+
+def results(r: redis.Redis) -> dict[str, ModelResult]:
+    out = {}
+    for _id, fields in r.xrange(REPLY):
+        if b"hello" not in fields:
+            res = ModelResult.decode(fields)
+            out[res.request_id] = res
+    return out
+
+
+def make_worker(r: redis.Redis, registry: ModelRegistry, role: str, **kw: object) -> ModelWorker:
+    return ModelWorker(r, registry, deployment=DEMO_DEPLOYMENT, role=role, consumer=f"{role}-t",
+                       **kw)  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_worker_scores_a_batch_in_one_call_and_matches_onnxruntime(
+    r: redis.Redis, demo_registry: ModelRegistry
+) -> None:
+    setup(r, demo_registry)
+    x = demo_data().x_test[:12]
+    for i in range(6):
+        publish(r, f"req-{i}", x[2 * i : 2 * i + 2])
+    worker = make_worker(r, demo_registry, "real", batch_size=64)
+    assert worker.drain() == 6
+    assert worker.stats.scored == 6 and worker.stats.batches == 1
+
+    direct = OnnxClassifier(
+        demo_registry.artifact_path("breast-cancer", 2), demo_registry.meta("breast-cancer", 2)
+    )
+    labels, proba = direct.predict(x)
+    got = results(r)
+    assert sorted(got) == [f"req-{i}" for i in range(6)]
+    for i in range(6):
+        res = got[f"req-{i}"]
+        assert (res.model, res.version, res.role) == ("breast-cancer", 2, "real")
+        assert res.labels == labels[2 * i : 2 * i + 2].tolist()
+        np.testing.assert_allclose(res.probabilities, proba[2 * i : 2 * i + 2], rtol=1e-6)
+        assert res.model_latency_ms > 0 and res.queue_ms >= 0
+    pending = r.xpending(names.input_stream(DEMO_DEPLOYMENT), names.model_group("real"))
+    assert pending["pending"] == 0
+
+
+def test_canary_worker_serves_version_1_from_the_same_stream(
+    r: redis.Redis, demo_registry: ModelRegistry
+) -> None:
+    setup(r, demo_registry)
+    publish(r, "one", demo_data().x_test[:1])
+    make_worker(r, demo_registry, "real").drain()
+    make_worker(r, demo_registry, "canary").drain()
+    versions = sorted(
+        (ModelResult.decode(f).role, ModelResult.decode(f).version)
+        for _id, f in r.xrange(REPLY)
+        if b"hello" not in f
+    )
+    assert versions == [("canary", 1), ("real", 2)]
+
+
+def test_expired_and_malformed_entries_are_acked_and_counted_not_scored(
+    r: redis.Redis, demo_registry: ModelRegistry
+) -> None:
+    setup(r, demo_registry)
+    x = demo_data().x_test[:1]
+    publish(r, "late", x, deadline_ms=time.time() * 1000 - 1)
+    r.xadd(names.input_stream(DEMO_DEPLOYMENT), {b"d": b"garbage"})
+    publish(r, "fine", x)
+    worker = make_worker(r, demo_registry, "real")
+    assert worker.drain() == 3
+    assert worker.stats.expired == 1 and worker.stats.malformed == 1 and worker.stats.scored == 1
+    assert list(results(r)) == ["fine"]
+    pending = r.xpending(names.input_stream(DEMO_DEPLOYMENT), names.model_group("real"))
+    assert pending["pending"] == 0
+
+
+def test_wrong_width_gets_an_error_result_not_a_crash(
+    r: redis.Redis, demo_registry: ModelRegistry
+) -> None:
+    setup(r, demo_registry)
+    publish(r, "narrow", np.ones((1, 5), np.float32))
+    publish(r, "fine", demo_data().x_test[:1])
+    make_worker(r, demo_registry, "real").drain()
+    got = results(r)
+    assert not got["narrow"].ok and "30 features" in (got["narrow"].error or "")
+    assert got["fine"].ok
+
+
+def test_no_reply_stream_is_created_for_a_gateway_that_is_gone(
+    r: redis.Redis, demo_registry: ModelRegistry
+) -> None:
+    setup(r, demo_registry)
+    r.delete(REPLY)
+    publish(r, "orphan", demo_data().x_test[:1])
+    assert make_worker(r, demo_registry, "real").drain() == 1
+    assert not r.exists(REPLY)
+
+
+def test_entries_of_a_dead_consumer_are_claimed_and_scored(
+    r: redis.Redis, demo_registry: ModelRegistry
+) -> None:
+    setup(r, demo_registry)
+    stream, group = names.input_stream(DEMO_DEPLOYMENT), names.model_group("real")
+    for i in range(3):
+        publish(r, f"stuck-{i}", demo_data().x_test[i : i + 1])
+    r.xreadgroup(group, "dead-consumer", {stream: ">"}, count=10)  # read, never acked
+    time.sleep(0.15)
+    worker = make_worker(r, demo_registry, "real", claim_idle_ms=100)
+    worker.drain()
+    assert worker.stats.reclaimed == 3
+    assert sorted(results(r)) == ["stuck-0", "stuck-1", "stuck-2"]
+    assert r.xpending(stream, group)["pending"] == 0
+
+
+def test_worker_follows_a_change_of_its_role(r: redis.Redis, demo_registry: ModelRegistry) -> None:
+    setup(r, demo_registry)
+    worker = make_worker(r, demo_registry, "real", heartbeat_s=0.0)
+    worker.load()
+    assert worker.model_ref is not None and worker.model_ref.version == 2
+    key = names.deployment_key(DEMO_DEPLOYMENT)
+    doc = DeploymentStore(r).get(DEMO_DEPLOYMENT)
+    from models.deployments import Deployment, ModelRef
+
+    swapped = Deployment(
+        name=doc.name,
+        roles={"real": ModelRef("breast-cancer", 1), "canary": ModelRef("breast-cancer", 2)},
+        feature_spec=doc.feature_spec,
+        schedule=doc.schedule,
+        revision=doc.revision + 1,
+    )
+    r.set(key, swapped.to_json())
+    worker.step(block_ms=None)  # the heartbeat round trip carries the new state
+    publish(r, "after", demo_data().x_test[:1])
+    worker.drain()
+    assert worker.model_ref.version == 1 and worker.stats.reloads == 1
+    assert results(r)["after"].version == 1
+    members = r.zrange(names.workers_key(DEMO_DEPLOYMENT), 0, -1)
+    assert b"real|real-t" in members
