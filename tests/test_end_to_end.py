@@ -1,0 +1,242 @@
+"""The whole data path with real processes: gateway, real and canary workers and the log bin
+as ``rdv`` subprocesses, a real Redis server, the real demo ONNX models, real HTTP."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from processes import RdvProcess, rdv_env, wait_until
+
+from models.archive import ArchiveReader
+from models.deployments import DeploymentStore, demo_deployment
+from models.registry import ModelRegistry
+from models.runtime import OnnxClassifier
+from models.train import DEMO_DEPLOYMENT, demo_data
+from rendezvous import names
+from rendezvous.decision import decode_decision
+from rendezvous.redis_server import free_port
+from rendezvous.schedule import Schedule
+
+SCHEDULE = Schedule(real_deadline_ms=50, timeout_ms=800, fallbacks=("canary",), grace_ms=100)
+PREDICT = f"/v1/deployments/{DEMO_DEPLOYMENT}/predict"
+
+
+class System:
+    def __init__(self, redis_url: str, data_dir: Path, logs: Path):
+        self.redis_url, self.data_dir, self.logs = redis_url, data_dir, logs
+        self.port = free_port()
+        self.env = rdv_env(redis_url, data_dir, self.port)
+        self.procs: dict[str, RdvProcess] = {}
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
+        self.r = redis.Redis.from_url(redis_url)
+
+    def start(self, name: str, *args: str) -> RdvProcess:
+        proc = RdvProcess(list(args), self.env, self.logs / f"{name}.log")
+        self.procs[name] = proc
+        return proc
+
+    def start_worker(self, role: str) -> None:
+        self.start(role, "worker", "--deployment", DEMO_DEPLOYMENT, "--role", role,
+                   "--consumer", f"{role}-e2e")  # fmt: skip
+        wait_until(lambda: self.live(role), 30, f"{role} worker heartbeat")
+
+    def live(self, role: str) -> bool:
+        members = self.r.zrangebyscore(names.workers_key(DEMO_DEPLOYMENT), time.time() - 1, "+inf")
+        return any(m.decode().startswith(f"{role}|") for m in members)
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        code = proc.stop()
+        # uvicorn re-raises the SIGTERM it handled once its graceful shutdown is done.
+        clean = code == 0 or (code == -15 and "Application shutdown complete" in proc.log_text())
+        assert clean, f"{name} exited with {code}:\n{proc.log_text()[-2000:]}"
+        if name in ("real", "canary"):
+            self.r.zrem(names.workers_key(DEMO_DEPLOYMENT), f"{name}|{name}-e2e")
+
+    def predict(self, body: dict, **headers: str) -> httpx.Response:
+        return self.http.post(PREDICT, json=body, headers=headers)
+
+
+@pytest.fixture(scope="module")
+def system(
+    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[System]:
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    registry = ModelRegistry(demo_data_dir / "models")
+    DeploymentStore(client).create(demo_deployment(registry, SCHEDULE))
+    data_dir = tmp_path_factory.mktemp("e2e-data")
+    (data_dir / "models").symlink_to(demo_data_dir / "models")
+    sys = System(redis_url, data_dir, tmp_path_factory.mktemp("e2e-logs"))
+    sys.start("gateway", "gateway")
+    sys.start("logbin", "logbin")
+    wait_until(lambda: sys.http.get("/healthz").status_code == 200, 30, "gateway /healthz")
+    try:
+        yield sys
+    finally:
+        sys.http.close()
+        client.close()
+        failures = []
+        for name in list(sys.procs):
+            try:
+                sys.stop(name)
+            except AssertionError as exc:
+                failures.append(str(exc))
+        assert not failures, failures
+
+
+@pytest.fixture
+def both_workers(system: System) -> Iterator[System]:
+    system.start_worker("real")
+    system.start_worker("canary")
+    yield system
+    for role in ("real", "canary"):
+        if role in system.procs:
+            system.stop(role)
+
+
+def rows(n: int, offset: int = 0) -> np.ndarray:
+    return demo_data().x_test[offset : offset + n]
+
+
+def features_body(row: np.ndarray) -> dict:
+    return {"features": dict(zip(demo_data().names, map(float, row), strict=True))}
+
+
+def decisions_by_id(r: redis.Redis) -> dict[str, dict]:
+    entries = r.xrange(names.decisions_stream(DEMO_DEPLOYMENT))
+    return {d["request_id"]: d for d in (decode_decision(f) for _i, f in entries)}
+
+
+def test_readiness_follows_the_real_worker(system: System) -> None:
+    assert system.http.get("/readyz").status_code == 503
+    system.start_worker("real")
+    try:
+        ready = wait_until(lambda: system.http.get("/readyz").status_code == 200, 10, "ready")
+        assert ready
+    finally:
+        system.stop("real")
+
+
+def test_predictions_travel_the_whole_path(both_workers: System, demo_data_dir: Path) -> None:
+    system = both_workers
+    x = rows(8)
+    registry = ModelRegistry(demo_data_dir / "models")
+    real = OnnxClassifier(
+        registry.artifact_path("breast-cancer", 2), registry.meta("breast-cancer", 2)
+    )
+    canary = OnnxClassifier(
+        registry.artifact_path("breast-cancer", 1), registry.meta("breast-cancer", 1)
+    )
+    want_labels, want_proba = real.predict(x)
+    canary_labels, canary_proba = canary.predict(x)
+
+    sent: dict[str, np.ndarray] = {}
+    for i in range(6):
+        rid = f"e2e-{i}"
+        resp = system.predict(features_body(x[i]), **{"X-Request-Id": rid})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["request_id"] == rid
+        assert body["model"] == {"name": "breast-cancer", "version": 2, "role": "real"}
+        [pred] = body["predictions"]
+        assert pred["label"] == int(want_labels[i])
+        assert pred["probabilities"]["1"] == pytest.approx(float(want_proba[i, 1]), abs=1e-6)
+        assert body["latency_ms"] > 0
+        sent[rid] = x[i : i + 1]
+    batch = system.predict({"instances": x[6:8].tolist()}, **{"X-Request-Id": "e2e-batch"})
+    assert batch.status_code == 200, batch.text
+    assert [p["label"] for p in batch.json()["predictions"]] == want_labels[6:8].tolist()
+    sent["e2e-batch"] = x[6:8]
+
+    def recorded() -> dict[str, dict] | None:
+        found = decisions_by_id(system.r)
+        return found if set(sent) <= set(found) else None
+
+    decisions = wait_until(recorded, 10, "decision records")
+    for i in range(6):
+        rec = decisions[f"e2e-{i}"]
+        assert rec["outcome"] == "real" and rec["missing"] == []
+        assert rec["outputs"]["real"]["version"] == 2 and rec["outputs"]["canary"]["version"] == 1
+        assert rec["outputs"]["canary"]["labels"] == [int(canary_labels[i])]
+        p_real = rec["outputs"]["real"]["probabilities"][0][1]
+        p_canary = rec["outputs"]["canary"]["probabilities"][0][1]
+        assert p_canary == pytest.approx(float(canary_proba[i, 1]), abs=1e-5)
+        div = rec["divergence"]
+        assert div["abs_diff_mean"] == pytest.approx(abs(p_real - p_canary), abs=1e-5)
+        assert div["disagreements"] == int(want_labels[i] != canary_labels[i])
+        assert 0 <= div["js_mean"] <= 1
+    assert decisions["e2e-batch"]["divergence"]["rows"] == 2
+
+    def archived() -> dict[str, dict] | None:
+        recs = {
+            r["request_id"]: r
+            for r in ArchiveReader(system.data_dir / "logbin").records(DEMO_DEPLOYMENT)
+        }
+        return recs if set(sent) <= set(recs) else None
+
+    archive = wait_until(archived, 10, "log bin archive")
+    assert set(archive) == set(sent), "the archive holds exactly the requests sent"
+    for rid, features in sent.items():
+        np.testing.assert_array_equal(np.asarray(archive[rid]["features"], np.float32), features)
+        assert archive[rid]["spec_version"].startswith("fs-")
+    assert archive["e2e-0"]["raw"]["features"]["mean radius"] == pytest.approx(float(x[0, 0]))
+
+
+def test_canary_answers_when_real_is_down(system: System) -> None:
+    system.start_worker("canary")
+    try:
+        t0 = time.perf_counter()
+        resp = system.predict(features_body(rows(1)[0]))
+        elapsed_ms = (time.perf_counter() - t0) * 1000
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["model"] == {"name": "breast-cancer", "version": 1, "role": "canary"}
+        assert elapsed_ms >= SCHEDULE.real_deadline_ms
+        assert body["latency_ms"] >= SCHEDULE.real_deadline_ms
+        rec = wait_until(lambda: decisions_by_id(system.r).get(body["request_id"]), 5, "record")
+        assert rec["outcome"] == "fallback" and rec["missing"] == ["real"]
+    finally:
+        system.stop("canary")
+
+
+def test_no_worker_means_504_within_the_timeout(system: System) -> None:
+    t0 = time.perf_counter()
+    resp = system.predict(features_body(rows(1)[0]), **{"X-Request-Id": "nobody-home"})
+    elapsed_ms = (time.perf_counter() - t0) * 1000
+    assert resp.status_code == 504
+    assert "no model answered" in resp.json()["detail"]
+    assert resp.json()["request_id"] == "nobody-home"
+    assert SCHEDULE.timeout_ms <= elapsed_ms < SCHEDULE.timeout_ms + 500
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"features": {"mean radius": 1.0}}, "missing feature 'mean texture'"),
+        ({"instances": [[1.0, 2.0]]}, "row has 2 values"),
+        ({"instances": [["a"] * 30]}, "valid number"),
+        ({}, "exactly one"),
+        ({"features": {**features_body(np.zeros(30))["features"], "bogus": 1}}, "unknown feature"),
+    ],
+)
+def test_bad_input_is_422_naming_the_problem_and_publishes_nothing(
+    system: System, body: dict, needle: str
+) -> None:
+    stream = names.input_stream(DEMO_DEPLOYMENT)
+    before = system.r.xlen(stream)
+    resp = system.predict(body)
+    assert resp.status_code == 422, resp.text
+    assert needle in resp.text
+    assert system.r.xlen(stream) == before
+
+
+def test_unknown_deployment_is_404(system: System) -> None:
+    resp = system.http.post("/v1/deployments/nope/predict", json=features_body(np.zeros(30)))
+    assert resp.status_code == 404 and "nope" in resp.json()["detail"]
