@@ -11,13 +11,13 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from processes import RdvProcess, rdv_env, wait_until
 
 from models.archive import ArchiveReader
 from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from models.train import DEMO_DEPLOYMENT, demo_data
+from processes import RdvProcess, rdv_env, wait_until
 from rendezvous import names
 from rendezvous.decision import decode_decision
 from rendezvous.redis_server import free_port

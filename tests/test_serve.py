@@ -1,0 +1,83 @@
+"""``rdv serve`` on a fresh data folder: embedded Redis, demo training, every process, a clean
+stop; and the supervisor restarts a worker that dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from models.train import DEMO_DEPLOYMENT, demo_data
+from processes import RdvProcess, wait_until
+from rendezvous.redis_server import free_port
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the direct children of ``pid``, from /proc."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                out.append((int(entry.name), cmd))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="needs /proc to find child processes")
+def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RDV_")}
+    env.update({"RDV_PORT": str(port), "RDV_WORKER_BLOCK_MS": "200"})
+    data = tmp_path / "data"
+    serve = RdvProcess(["serve", "--data-dir", str(data)], env, tmp_path / "serve.log")
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    try:
+        wait_until(lambda: http.get("/readyz").status_code == 200, 60, "serve to be ready")
+        assert (data / "models" / "breast-cancer" / "2" / "model.onnx").exists()
+        assert (data / "redis" / "appendonlydir").exists() or any((data / "redis").glob("*.aof"))
+
+        x = demo_data().x_test[0]
+        body = {"features": dict(zip(demo_data().names, map(float, x), strict=True))}
+        resp = http.post(f"/v1/deployments/{DEMO_DEPLOYMENT}/predict", json=body)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["model"]["role"] == "real"
+
+        children = _children(serve.proc.pid)
+        names = " ".join(cmd for _pid, cmd in children)
+        assert "redis-server" in names and "gateway" in names and "logbin" in names
+        real = [pid for pid, cmd in children if "--role real" in cmd]
+        assert len(real) == 1
+        os.kill(real[0], signal.SIGKILL)
+        wait_until(
+            lambda: any("--role real" in c and p != real[0] for p, c in _children(serve.proc.pid)),
+            20, "the supervisor to restart the real worker",
+        )  # fmt: skip
+
+        # The restarted worker answers again as real.
+        def answered_by_real() -> bool:
+            r = http.post(f"/v1/deployments/{DEMO_DEPLOYMENT}/predict", json=body)
+            return r.status_code == 200 and r.json()["model"]["role"] == "real"
+
+        wait_until(answered_by_real, 30, "real to answer again", interval_s=0.2)
+        assert "restarting" in serve.log_text()
+    finally:
+        http.close()
+        pids = [pid for pid, _ in _children(serve.proc.pid)]
+        code = serve.stop(timeout_s=30)
+    assert code == 0, serve.log_text()[-3000:]
+    time.sleep(0.2)
+    for pid in pids:
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        ), f"child {pid} outlived serve"
