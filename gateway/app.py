@@ -16,6 +16,7 @@ import redis
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse
 
+from gateway.limits import BodySizeLimit
 from gateway.service import (
     DeploymentCache,
     DuplicateRequest,
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="One prediction endpoint; real, canary and log bin behind Redis streams.",
         lifespan=lifespan,
     )
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
 
     @app.exception_handler(UnknownDeployment)
     async def _unknown(request: Request, exc: UnknownDeployment) -> JSONResponse:

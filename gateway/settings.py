@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rendezvous.schedule import Schedule
@@ -18,9 +18,6 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path("data")
     """Models, the log-bin archive and the embedded Redis's files live here."""
-
-    admin_token: SecretStr | None = None
-    """Bearer token of the /admin routes; unset turns the admin routes off."""
 
     host: str = "127.0.0.1"
     """Address the gateway listens on."""

@@ -240,3 +240,19 @@ def test_bad_input_is_422_naming_the_problem_and_publishes_nothing(
 def test_unknown_deployment_is_404(system: System) -> None:
     resp = system.http.post("/v1/deployments/nope/predict", json=features_body(np.zeros(30)))
     assert resp.status_code == 404 and "nope" in resp.json()["detail"]
+
+
+def test_oversized_body_is_413_and_publishes_nothing(system: System) -> None:
+    stream = names.input_stream(DEMO_DEPLOYMENT)
+    before = system.r.xlen(stream)
+    big = {"instances": [[0.5] * 30] * 10000}  # about 1.5 MB of JSON, over the 1 MiB default
+    resp = system.predict(big)
+    assert resp.status_code == 413 and "larger than" in resp.json()["detail"]
+    chunks = (
+        b'{"instances": [' + b",".join([b"[" + b",".join([b"0.5"] * 30) + b"]"] * 10000) + b"]}",
+    )
+    streamed = system.http.post(
+        PREDICT, content=iter(chunks), headers={"content-type": "application/json"}
+    )
+    assert streamed.status_code == 413
+    assert system.r.xlen(stream) == before
