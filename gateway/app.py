@@ -18,9 +18,11 @@ from fastapi.responses import JSONResponse
 
 from gateway.limits import BodySizeLimit
 from gateway.service import (
+    Backlogged,
     DeploymentCache,
     DuplicateRequest,
     NoAnswer,
+    Overloaded,
     PredictionService,
     Unavailable,
     UnknownDeployment,
@@ -53,8 +55,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not settings.redis_url:
             raise RuntimeError("the gateway needs RDV_REDIS_URL (rdv serve sets it for you)")
-        client = await connect_async(settings.redis_url)
-        reader = await connect_async(settings.redis_url)
+        client = await connect_async(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        # The reader blocks up to 1 s per XREAD; its timeout must outlast that.
+        reader = await connect_async(settings.redis_url, timeout_s=settings.redis_timeout_s + 1)
         deployments = DeploymentCache(client)
         await deployments.refresh()
         appender = StreamAppender(client)
@@ -72,7 +75,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.deployments = deployments
         app.state.rendezvous = rendezvous
         app.state.service = PredictionService(
-            deployments, rendezvous, appender, max_rows=settings.max_rows
+            deployments,
+            rendezvous,
+            appender,
+            max_rows=settings.max_rows,
+            max_in_flight=settings.max_in_flight,
+            max_backlog=settings.max_backlog,
         )
         log.info("gateway ready: deployments %s, reply stream %s",
                  sorted(deployments.deployments), rendezvous.reply_to)  # fmt: skip
@@ -105,6 +113,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
         return _problem(503, f"Redis is unavailable: {type(exc).__name__}")
 
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": "1"})
+
+    @app.exception_handler(Backlogged)
+    async def _backlogged(request: Request, exc: Backlogged) -> JSONResponse:
+        return _problem(503, str(exc))
+
     @app.exception_handler(DuplicateRequest)
     async def _duplicate(request: Request, exc: DuplicateRequest) -> JSONResponse:
         return _problem(409, str(exc))
@@ -117,17 +133,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             request_id=exc.request_id,
         )
 
-    @app.post("/v1/deployments/{deployment}/predict")
+    @app.post(
+        "/v1/deployments/{deployment}/predict",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+            }
+        },
+        responses={
+            404: {"description": "unknown deployment"},
+            413: {"description": "body too large"},
+            422: {"description": "invalid input; the detail names each field at fault"},
+            429: {"description": "this gateway is at its in-flight bound"},
+            503: {"description": "Redis unavailable or the input stream is backlogged"},
+            504: {"description": "no model answered within the deployment's timeout"},
+        },
+    )
     async def predict(
         deployment: str,
-        body: PredictRequest,
         request: Request,
         x_request_id: Annotated[str | None, Header()] = None,
     ) -> JSONResponse:
         """Score the input with the deployment's real model (or the schedule's fallback)."""
         service: PredictionService = request.app.state.service
         raw = await request.body()
-        return JSONResponse(await service.predict(deployment, body, raw, x_request_id))
+        return JSONResponse(await service.predict(deployment, raw, x_request_id))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -15,7 +15,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from gateway.validation import PredictRequest, check_request_id, to_matrix
+from gateway.validation import check_request_id, parse_body, to_matrix
 from models.deployments import Deployment
 from rendezvous import names
 from rendezvous.appender import StreamAppender
@@ -33,6 +33,14 @@ class Unavailable(RuntimeError):
     """Redis cannot take the request now; the caller may retry."""
 
 
+class Overloaded(RuntimeError):
+    """This gateway already holds as many requests as it may (answer 429 at once)."""
+
+
+class Backlogged(RuntimeError):
+    """The deployment's input stream is too far behind (answer 503 at once)."""
+
+
 class NoAnswer(TimeoutError):
     def __init__(self, request_id: str, answer: Answer):
         super().__init__(answer.reason)
@@ -47,6 +55,9 @@ class DeploymentCache:
     def __init__(self, client: aioredis.Redis):
         self.client = client
         self.deployments: dict[str, Deployment] = {}
+        self.backlog: dict[str, int] = {}
+        """Entries in each input stream: trimming follows the slowest consumer group, so this
+        is the backlog of the slowest reader."""
         self._raw: dict[str, bytes] = {}
 
     async def refresh(self) -> None:
@@ -54,7 +65,10 @@ class DeploymentCache:
         pipe = self.client.pipeline(transaction=False)
         for name in members:
             pipe.get(names.deployment_key(name))
-        raws = await pipe.execute()
+            pipe.xlen(names.input_stream(name))
+        replies = await pipe.execute()
+        raws, lengths = replies[0::2], replies[1::2]
+        self.backlog = dict(zip(members, lengths, strict=True))
         fresh: dict[str, Deployment] = {}
         for name, raw in zip(members, raws, strict=True):
             if raw is None:
@@ -92,20 +106,43 @@ class PredictionService:
         appender: StreamAppender,
         *,
         max_rows: int,
+        max_in_flight: int,
+        max_backlog: int,
     ):
         self.deployments = deployments
         self.rendezvous = rendezvous
         self.appender = appender
         self.max_rows = max_rows
+        self.max_in_flight = max_in_flight
+        self.max_backlog = max_backlog
+        self.in_flight = 0
 
     async def predict(
-        self, deployment: str, request: PredictRequest, raw: bytes, request_id: str | None
+        self, deployment: str, raw: bytes, request_id: str | None
     ) -> dict[str, Any]:
+        """Validate, publish, wait; refuses at once when this gateway or the stream is full."""
         t0 = time.perf_counter()
         dep = self.deployments.get(deployment)
         spec = dep.feature_spec
-        features = to_matrix(spec, request, self.max_rows)
+        features = to_matrix(spec, parse_body(raw), self.max_rows)
         rid = check_request_id(request_id) if request_id else uuid.uuid4().hex
+        if self.in_flight >= self.max_in_flight:
+            raise Overloaded(f"this gateway already holds {self.in_flight} requests; retry later")
+        backlog = self.deployments.backlog.get(dep.name, 0)
+        if backlog >= self.max_backlog:
+            raise Backlogged(
+                f"deployment {dep.name} has {backlog} entries not yet consumed by every reader"
+            )
+        self.in_flight += 1
+        try:
+            return await self._publish_and_wait(dep, rid, raw, features, t0)
+        finally:
+            self.in_flight -= 1
+
+    async def _publish_and_wait(
+        self, dep: Deployment, rid: str, raw: bytes, features: Any, t0: float
+    ) -> dict[str, Any]:
+        spec = dep.feature_spec
         schedule = dep.schedule
         mailbox = self.rendezvous.open(rid, dep.name, schedule, dep.role_names)
         envelope = RequestEnvelope(
@@ -144,9 +181,11 @@ class PredictionService:
 
 
 __all__ = [
+    "Backlogged",
     "DeploymentCache",
     "DuplicateRequest",
     "NoAnswer",
+    "Overloaded",
     "PredictionService",
     "Unavailable",
     "UnknownDeployment",

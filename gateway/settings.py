@@ -64,6 +64,16 @@ class Settings(BaseSettings):
     max_rows: int = Field(default=1000, ge=1)
     """Most instances in one predict request."""
 
+    max_in_flight: int = Field(default=2048, ge=1)
+    """Requests one gateway process holds at once; beyond it, 429 at once."""
+
+    max_backlog: int = Field(default=200_000, ge=100)
+    """Entries an input stream may hold unconsumed by its slowest reader (the log bin or a
+    model group); beyond it the gateway answers 503 at once instead of queueing."""
+
+    redis_timeout_s: float = Field(default=2.0, gt=0)
+    """Bound on every gateway Redis command: a hung server becomes a 503, never a hang."""
+
     reply_maxlen: int = Field(default=10_000, ge=100)
     """Approximate cap of each gateway's reply stream."""
 

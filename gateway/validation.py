@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.spec import FeatureSpec
 
@@ -29,6 +29,17 @@ class PredictRequest(BaseModel):
 
     features: dict[str, FiniteNumber] | None = None
     instances: list[list[FiniteNumber]] | None = Field(default=None, min_length=1)
+
+
+def parse_body(raw: bytes) -> PredictRequest:
+    """Parse and type-check the JSON body in one pass (pydantic-core; nesting depth is capped
+    by its parser, so a hostile deeply nested body is a 422, not a RecursionError)."""
+    try:
+        return PredictRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        ) from None
 
 
 def _error(loc: tuple[str | int, ...], msg: str, kind: str, value: Any = None) -> dict[str, Any]:

@@ -33,9 +33,14 @@ def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = Non
             delay_s = min(delay_s * 2, 1.0)
 
 
-async def connect_async(url: str, wait_s: float = 30.0) -> aioredis.Redis:
-    """An asyncio client (gateway), after the server answered a PING."""
-    client = aioredis.Redis.from_url(url, socket_connect_timeout=2.0, health_check_interval=30)
+async def connect_async(
+    url: str, wait_s: float = 30.0, timeout_s: float | None = None
+) -> aioredis.Redis:
+    """An asyncio client (gateway), after the server answered a PING. ``timeout_s`` bounds
+    every command, so a hung server turns into an error instead of a hung request."""
+    client = aioredis.Redis.from_url(
+        url, socket_connect_timeout=2.0, socket_timeout=timeout_s, health_check_interval=30
+    )
     deadline = time.monotonic() + wait_s
     delay_s = 0.05
     while True:

@@ -258,6 +258,7 @@ class Rendezvous:
                 if self._stopping:
                     return
                 log.warning("reply stream read failed (%s); retrying in %.2fs", exc, backoff_s)
+                self._next_ttl = 0.0  # after an outage, make sure our stream still exists
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 1.0)
                 continue
