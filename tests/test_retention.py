@@ -1,0 +1,56 @@
+"""Input-stream trimming follows the slowest consumer group (real Redis)."""
+
+import redis
+
+from models.retention import safe_floor, trim_input_stream
+from rendezvous import names
+
+DEP = "trim-dep"
+STREAM = names.input_stream(DEP)
+
+
+def fill(r: redis.Redis, n: int) -> list[bytes]:
+    return [r.xadd(STREAM, {b"d": str(i).encode()}) for i in range(n)]
+
+
+def test_nothing_is_trimmed_past_an_unarchived_entry(r: redis.Redis) -> None:
+    r.xgroup_create(STREAM, "logbin", id="0", mkstream=True)
+    r.xgroup_create(STREAM, "model:real", id="0")
+    ids = fill(r, 300)
+    # real has read and acked everything; the log bin read 100 but acked only the first 40.
+    for _i, _f in r.xreadgroup("model:real", "w", {STREAM: ">"}, count=1000)[0][1]:
+        pass
+    r.xack(STREAM, "model:real", *ids)
+    r.xreadgroup("logbin", "lb", {STREAM: ">"}, count=100)
+    r.xack(STREAM, "logbin", *ids[:40])
+    assert safe_floor(r, STREAM) == ids[40].decode()
+    trim_input_stream(r, DEP)
+    remaining = [e for e, _ in r.xrange(STREAM)]
+    assert set(ids[40:]) <= set(remaining), "an entry the log bin still holds was trimmed"
+
+
+def test_trims_once_every_group_is_done(r: redis.Redis) -> None:
+    r.xgroup_create(STREAM, "logbin", id="0", mkstream=True)
+    ids = fill(r, 2000)
+    r.xreadgroup("logbin", "lb", {STREAM: ">"}, count=5000)
+    r.xack(STREAM, "logbin", *ids)
+    removed = trim_input_stream(r, DEP)
+    assert removed > 1000  # approximate trimming keeps at most a macro-node's worth
+    assert r.xlen(STREAM) < 1000
+    assert ids[-1] in [e for e, _ in r.xrange(STREAM)]
+
+
+def test_a_group_that_read_nothing_protects_everything(r: redis.Redis) -> None:
+    r.xgroup_create(STREAM, "logbin", id="0", mkstream=True)
+    r.xgroup_create(STREAM, "model:canary", id="0")
+    ids = fill(r, 500)
+    r.xreadgroup("logbin", "lb", {STREAM: ">"}, count=1000)
+    r.xack(STREAM, "logbin", *ids)
+    assert trim_input_stream(r, DEP) == 0
+    assert r.xlen(STREAM) == 500
+
+
+def test_missing_stream_or_no_groups_is_left_alone(r: redis.Redis) -> None:
+    assert trim_input_stream(r, DEP) == 0
+    fill(r, 10)
+    assert trim_input_stream(r, DEP) == 0 and r.xlen(STREAM) == 10
