@@ -7,88 +7,28 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import redis
 
 from models.archive import ArchiveReader
-from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from models.train import DEMO_DEPLOYMENT, demo_data
-from processes import RdvProcess, rdv_env, wait_until
+from processes import PREDICT, System, launch_system, wait_until
 from rendezvous import names
 from rendezvous.decision import decode_decision
-from rendezvous.redis_server import free_port
 from rendezvous.schedule import Schedule
 
 SCHEDULE = Schedule(real_deadline_ms=50, timeout_ms=800, fallbacks=("canary",), grace_ms=100)
-PREDICT = f"/v1/deployments/{DEMO_DEPLOYMENT}/predict"
-
-
-class System:
-    def __init__(self, redis_url: str, data_dir: Path, logs: Path):
-        self.redis_url, self.data_dir, self.logs = redis_url, data_dir, logs
-        self.port = free_port()
-        self.env = rdv_env(redis_url, data_dir, self.port)
-        self.procs: dict[str, RdvProcess] = {}
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
-        self.r = redis.Redis.from_url(redis_url)
-
-    def start(self, name: str, *args: str) -> RdvProcess:
-        proc = RdvProcess(list(args), self.env, self.logs / f"{name}.log")
-        self.procs[name] = proc
-        return proc
-
-    def start_worker(self, role: str) -> None:
-        self.start(role, "worker", "--deployment", DEMO_DEPLOYMENT, "--role", role,
-                   "--consumer", f"{role}-e2e")  # fmt: skip
-        wait_until(lambda: self.live(role), 30, f"{role} worker heartbeat")
-
-    def live(self, role: str) -> bool:
-        members = self.r.zrangebyscore(names.workers_key(DEMO_DEPLOYMENT), time.time() - 1, "+inf")
-        return any(m.decode().startswith(f"{role}|") for m in members)
-
-    def stop(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        code = proc.stop()
-        # uvicorn re-raises the SIGTERM it handled once its graceful shutdown is done.
-        clean = code == 0 or (code == -15 and "Application shutdown complete" in proc.log_text())
-        assert clean, f"{name} exited with {code}:\n{proc.log_text()[-2000:]}"
-        if name in ("real", "canary"):
-            self.r.zrem(names.workers_key(DEMO_DEPLOYMENT), f"{name}|{name}-e2e")
-
-    def predict(self, body: dict, **headers: str) -> httpx.Response:
-        return self.http.post(PREDICT, json=body, headers=headers)
 
 
 @pytest.fixture(scope="module")
 def system(
     redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[System]:
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    registry = ModelRegistry(demo_data_dir / "models")
-    DeploymentStore(client).create(demo_deployment(registry, SCHEDULE))
-    data_dir = tmp_path_factory.mktemp("e2e-data")
-    (data_dir / "models").symlink_to(demo_data_dir / "models")
-    sys = System(redis_url, data_dir, tmp_path_factory.mktemp("e2e-logs"))
-    sys.start("gateway", "gateway")
-    sys.start("logbin", "logbin")
-    wait_until(lambda: sys.http.get("/healthz").status_code == 200, 30, "gateway /healthz")
-    try:
+    with launch_system(redis_url, demo_data_dir, tmp_path_factory, SCHEDULE) as sys:
         yield sys
-    finally:
-        sys.http.close()
-        client.close()
-        failures = []
-        for name in list(sys.procs):
-            try:
-                sys.stop(name)
-            except AssertionError as exc:
-                failures.append(str(exc))
-        assert not failures, failures
 
 
 @pytest.fixture
