@@ -163,3 +163,81 @@ def launch_system(
             except AssertionError as exc:
                 failures.append(str(exc))
         assert not failures, failures
+
+
+class Load:
+    """A steady, bounded load from a few client threads: each sends one request at a time
+    until ``stop()``, the count bound or the time bound, and records every outcome."""
+
+    def __init__(
+        self,
+        base_url: str,
+        bodies: list[dict],
+        threads: int = 3,
+        max_requests: int = 5000,
+        max_s: float = 30.0,
+        prefix: str = "load",
+    ):
+        import threading
+
+        self.base_url, self.bodies, self.prefix = base_url, bodies, prefix
+        self.max_requests, self.max_s = max_requests, max_s
+        self.results: list[dict] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.max_s + 15)
+
+    def _run(self, thread: int) -> None:
+        deadline = time.monotonic() + self.max_s
+        with httpx.Client(base_url=self.base_url, timeout=10) as http:
+            n = 0
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                with self._lock:
+                    if len(self.results) >= self.max_requests:
+                        return
+                rid = f"{self.prefix}-{thread}-{n}"
+                body = self.bodies[n % len(self.bodies)]
+                n += 1
+                t0 = time.monotonic()
+                rec: dict = {"id": rid, "t": t0}
+                try:
+                    resp = http.post(PREDICT, json=body, headers={"X-Request-Id": rid})
+                    rec["status"] = resp.status_code
+                    if resp.status_code == 200:
+                        rec["model"] = resp.json()["model"]
+                    else:
+                        rec["detail"] = resp.text[:200]
+                        rec["retry_after"] = resp.headers.get("retry-after")
+                except httpx.HTTPError as exc:
+                    rec["status"] = None
+                    rec["error"] = type(exc).__name__
+                    time.sleep(0.02)
+                rec["ms"] = (time.monotonic() - t0) * 1000
+                with self._lock:
+                    self.results.append(rec)
+
+    def count(self, status: int | None) -> int:
+        return sum(1 for r in self.results if r["status"] == status)
+
+    def ok_ids(self) -> set[str]:
+        return {r["id"] for r in self.results if r["status"] == 200}
+
+    def figures(self) -> dict[str, int]:
+        statuses: dict[str, int] = {}
+        for r in self.results:
+            key = str(r["status"]) if r["status"] is not None else f"no-answer:{r['error']}"
+            statuses[key] = statuses.get(key, 0) + 1
+        return {"sent": len(self.results), "answered_2xx": self.count(200), **statuses}

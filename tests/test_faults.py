@@ -1,0 +1,204 @@
+"""Faults lose nothing: a killed worker, a Redis restart, overload and SIGTERM under load.
+
+Real processes, a real Redis server, real HTTP; every load is bounded in count and time, and
+each test prints its figures (sent, answered, failed, lost, archived)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from models.archive import ArchiveReader
+from models.train import DEMO_DEPLOYMENT, demo_data
+from processes import Load, System, launch_system, wait_until
+from rendezvous import names
+from rendezvous.redis_server import EmbeddedRedis
+from rendezvous.schedule import Schedule
+
+SCHEDULE = Schedule(real_deadline_ms=50, timeout_ms=1500, fallbacks=("canary",), grace_ms=100)
+CLAIM_IDLE_MS = 1000
+
+
+def bodies(n: int = 20) -> list[dict]:
+    data = demo_data()
+    return [{"instances": [data.x_test[i].tolist()]} for i in range(n)]
+
+
+def report(name: str, figures: dict) -> None:
+    print(f"\n[{name}] " + json.dumps(figures, sort_keys=True))
+
+
+def archived_ids(system: System) -> set[str]:
+    reader = ArchiveReader(system.data_dir / "logbin")
+    return {r["request_id"] for r in reader.records(DEMO_DEPLOYMENT)}
+
+
+def wait_archived(system: System, ids: set[str], timeout_s: float = 15) -> set[str]:
+    def done() -> set[str] | None:
+        got = archived_ids(system)
+        return got if ids <= got else None
+
+    try:
+        return wait_until(done, timeout_s, "the archive to hold every answered request")
+    except AssertionError:
+        return archived_ids(system)
+
+
+@pytest.fixture
+def system(
+    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[System]:
+    with launch_system(
+        redis_url, demo_data_dir, tmp_path_factory, SCHEDULE,
+        RDV_CLAIM_IDLE_MS=str(CLAIM_IDLE_MS),
+    ) as sys:  # fmt: skip
+        yield sys
+
+
+def test_kill_9_real_worker_under_load_loses_no_request(system: System) -> None:
+    system.start_worker("real")
+    system.start_worker("canary")
+    with Load(f"http://127.0.0.1:{system.port}", bodies(), max_s=6, prefix="kill") as load:
+        time.sleep(1.5)
+        system.procs.pop("real").kill()  # SIGKILL: no chance to ack its batch
+        time.sleep(1.5)
+        system.start_worker("real")  # as `rdv serve`'s supervisor would, same consumer name
+        time.sleep(1.5)
+    roles = {r["model"]["role"] for r in load.results if r["status"] == 200}
+    stream, group = names.input_stream(DEMO_DEPLOYMENT), names.model_group("real")
+
+    def no_stale_pending() -> bool:
+        stale = [p for p in system.r.xpending_range(stream, group, "-", "+", 1000)
+                 if p["time_since_delivered"] > CLAIM_IDLE_MS]  # fmt: skip
+        return not stale
+
+    wait_until(no_stale_pending, 10, "no pending entries older than the claim idle time")
+    archived = wait_archived(system, load.ok_ids())
+    figures = {**load.figures(), "failed": len(load.results) - load.count(200),
+               "archived": len(archived & load.ok_ids()), "roles": sorted(roles)}  # fmt: skip
+    report("kill -9 real worker", figures)
+    assert load.results and load.count(200) == len(load.results), figures
+    assert "canary" in roles and "real" in roles
+    assert load.ok_ids() <= archived
+
+
+def test_sigterm_under_load_answers_every_accepted_request(system: System) -> None:
+    system.start_worker("real")
+    system.start_worker("canary")
+    with Load(f"http://127.0.0.1:{system.port}", bodies(), max_s=4, prefix="term") as load:
+        time.sleep(1.5)
+        system.stop("gateway")  # SIGTERM, then wait for the graceful exit
+    errors = [r for r in load.results if r["status"] not in (200, None)]
+    system.stop("logbin")  # it archives what is left before it exits
+    archived = archived_ids(system)
+    figures = {**load.figures(), "answered_with_error": len(errors),
+               "archived": len(archived & load.ok_ids())}  # fmt: skip
+    report("SIGTERM gateway under load", figures)
+    assert load.count(200) > 0 and not errors, figures
+    assert load.ok_ids() <= archived
+
+
+def test_overload_gets_fast_429_and_the_rest_succeed(
+    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import asyncio
+
+    with launch_system(
+        redis_url, demo_data_dir, tmp_path_factory, SCHEDULE, RDV_MAX_IN_FLIGHT="8"
+    ) as system:
+        # Only the canary: every accepted request waits out real's deadline (50 ms), so 40
+        # concurrent requests overrun a bound of 8 in flight.
+        system.start_worker("canary")
+        body = bodies(1)[0]
+
+        async def burst() -> list[tuple[int, float]]:
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{system.port}", timeout=10,
+                limits=httpx.Limits(max_connections=64),
+            ) as http:  # fmt: skip
+
+                async def one() -> tuple[int, float]:
+                    t0 = time.perf_counter()
+                    resp = await http.post("/v1/deployments/breast-cancer/predict", json=body)
+                    return resp.status_code, (time.perf_counter() - t0) * 1000
+
+                return await asyncio.gather(*(one() for _ in range(40)))
+
+        outcomes = asyncio.run(burst())
+    statuses = [s for s, _ in outcomes]
+    figures = {"sent": len(outcomes), "200": statuses.count(200), "429": statuses.count(429)}
+    report("overload", figures)
+    assert set(statuses) <= {200, 429}, figures
+    assert statuses.count(429) >= 1 and statuses.count(200) >= 8, figures
+    fast = sorted(ms for s, ms in outcomes if s == 429)
+    assert fast[len(fast) // 2] < 1000, "429s must come at once, not after queueing"
+
+
+def test_redis_restart_under_load(
+    demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("restart-redis")).start()
+    try:
+        with launch_system(
+            server.url, demo_data_dir, tmp_path_factory, SCHEDULE,
+            RDV_CLAIM_IDLE_MS=str(CLAIM_IDLE_MS),
+        ) as system:  # fmt: skip
+            system.start_worker("real")
+            system.start_worker("canary")
+            with Load(f"http://127.0.0.1:{system.port}", bodies(), max_s=9, prefix="rr") as load:
+                time.sleep(1.5)
+                server.stop()  # SIGTERM: Redis fsyncs its append-only file and exits
+                outage_start = time.monotonic()
+                time.sleep(0.5)
+                ready = system.http.get("/readyz")
+                time.sleep(1.0)
+                server.start()
+                outage_s = time.monotonic() - outage_start
+                # Every component reconnects by itself: real answers again.
+                wait_until(lambda: any(r["status"] == 200 and r["t"] > time.monotonic() - 0.5
+                                       for r in load.results[-20:]), 15, "recovery")  # fmt: skip
+                recovered_at = time.monotonic()
+                time.sleep(1.5)
+            assert ready.status_code == 503
+            statuses = {r["status"] for r in load.results}
+            late = [r for r in load.results if r["t"] > recovered_at]
+            archived = wait_archived(system, load.ok_ids())
+            lost = load.ok_ids() - archived
+            figures = {**load.figures(), "outage_s": round(outage_s, 2),
+                       "archived": len(archived & load.ok_ids()), "lost": len(lost)}  # fmt: skip
+            report("Redis restart under load", figures)
+            assert statuses <= {200, 503, 504}, figures
+            assert load.count(503) > 0, "requests during the outage are refused with 503"
+            assert all(r["retry_after"] for r in load.results if r["status"] == 503)
+            assert late and all(r["status"] == 200 for r in late), "recovered without restarts"
+            assert not lost, sorted(lost)[:10]
+            assert all(p.alive() for p in system.procs.values())
+    finally:
+        server.stop()
+
+
+def test_a_redis_that_does_not_answer_makes_503_not_a_hang(
+    demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("pause-redis")).start()
+    try:
+        with launch_system(server.url, demo_data_dir, tmp_path_factory, SCHEDULE,
+                           RDV_REDIS_TIMEOUT_S="0.5") as system:  # fmt: skip
+            client = redis.Redis.from_url(server.url)
+            client.execute_command("CLIENT", "PAUSE", "3000", "ALL")
+            t0 = time.perf_counter()
+            resp = system.http.post("/v1/deployments/breast-cancer/predict", json=bodies(1)[0])
+            elapsed = time.perf_counter() - t0
+            report("Redis paused", {"status": resp.status_code, "seconds": round(elapsed, 2)})
+            assert resp.status_code == 503 and resp.headers["retry-after"]
+            assert elapsed < 2.5
+            client.execute_command("CLIENT", "UNPAUSE")
+            client.close()
+    finally:
+        server.stop()
