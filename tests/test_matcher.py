@@ -152,3 +152,15 @@ async def test_many_concurrent_requests_each_get_their_own_answer(
         assert ans.result is not None and ans.result.request_id == rid
         assert float(ans.result.probabilities[0, 1]) == pytest.approx(n / 200)
     assert len(await decisions(r, 200)) == 200
+
+
+async def test_a_caller_that_goes_away_leaks_no_mailbox(rdv: Rendezvous, r: redis.Redis) -> None:
+    short = Schedule(real_deadline_ms=20, timeout_ms=150, fallbacks=("canary",), grace_ms=50)
+    mb = rdv.open("gone", DEP, short, ROLES)
+    waiter = asyncio.create_task(rdv.wait(mb))
+    await asyncio.sleep(0.01)
+    waiter.cancel()  # the client disconnected
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    [rec] = await decisions(r, 1)
+    assert rec["outcome"] == "timeout" and "gone" not in rdv.mailboxes
