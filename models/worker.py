@@ -140,7 +140,7 @@ class ModelWorker:
             )
             entries = reply[0][1] if reply else []
             if entries:
-                return [(i, f) for i, f in entries if f]
+                return list(entries)
             self._pending_first = False
         now = time.monotonic()
         if now >= self._next_claim:
@@ -151,7 +151,7 @@ class ModelWorker:
             )  # fmt: skip
             if claimed and claimed[1]:
                 self.stats.reclaimed += len(claimed[1])
-                return [(i, f) for i, f in claimed[1] if f]
+                return list(claimed[1])
         reply = self.client.xreadgroup(
             self.group,
             self.consumer,
@@ -170,6 +170,8 @@ class ModelWorker:
         replies: list[tuple[str, ModelResult]] = []
         for entry_id, fields in entries:
             ack_ids.append(entry_id)
+            if not fields:  # pending, but trimmed from the stream since: just let it go
+                continue
             try:
                 env = RequestEnvelope.decode(fields)
             except EnvelopeError as exc:

@@ -171,3 +171,18 @@ def test_worker_follows_a_change_of_its_role(r: redis.Redis, demo_registry: Mode
     assert results(r)["after"].version == 1
     members = r.zrange(names.workers_key(DEMO_DEPLOYMENT), 0, -1)
     assert b"real|real-t" in members
+
+
+def test_a_pending_entry_trimmed_from_the_stream_is_let_go(
+    r: redis.Redis, demo_registry: ModelRegistry
+) -> None:
+    setup(r, demo_registry)
+    stream, group = names.input_stream(DEMO_DEPLOYMENT), names.model_group("real")
+    publish(r, "trimmed", demo_data().x_test[:1])
+    r.xreadgroup(group, "real-t", {stream: ">"}, count=10)  # ours, delivered, never acked
+    [(entry_id, _)] = r.xrange(stream)
+    r.xdel(stream, entry_id)
+    worker = make_worker(r, demo_registry, "real")
+    worker.drain()
+    assert r.xpending(stream, group)["pending"] == 0
+    assert worker.stats.malformed == 0 and results(r) == {}
