@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.archive import ArchiveReader, SegmentWriter, main, read_segment, record_from_envelope
+from models.archive import ArchiveReader, SegmentWriter, read_segment, record_from_envelope
 from rendezvous.envelope import RequestEnvelope
 
 
@@ -166,14 +166,3 @@ def test_reader_of_an_empty_folder(tmp_path: Path) -> None:
     assert reader.deployments() == []
     assert reader.segments("demo") == []
     assert list(reader.records("demo")) == []
-
-
-def test_cli_lists_and_reads(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    writer = SegmentWriter(data_dir)
-    writer.append_batch("demo", _records(0, 2))
-    writer.close()
-    assert main([str(data_dir), "list", "--count"]) == 0
-    [line] = capsys.readouterr().out.splitlines()
-    assert line.startswith("demo\tsegment-") and line.endswith("\t2")
-    assert main([str(data_dir), "read", "demo"]) == 0
-    assert [json.loads(x)["n"] for x in capsys.readouterr().out.splitlines()] == [0, 1]

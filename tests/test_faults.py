@@ -36,7 +36,7 @@ def report(name: str, figures: dict) -> None:
 
 def archived_ids(system: System) -> set[str]:
     reader = ArchiveReader(system.data_dir / "logbin")
-    return {r["request_id"] for r in reader.records(DEMO_DEPLOYMENT)}
+    return {r["request_id"] for r in reader.records(DEMO_DEPLOYMENT) if "request_id" in r}
 
 
 def wait_archived(system: System, ids: set[str], timeout_s: float = 15) -> set[str]:

@@ -1,0 +1,290 @@
+"""The log bin's archive: append-only, gzip-compressed JSON-lines segments, and a reader.
+
+Each batch is written as one gzip member and fsynced before the log bin acks it, so a segment
+is a valid multi-member gzip file at every batch boundary and a crash can only tear the last
+member. A writer never reopens an existing segment; the reader skips a torn tail and keeps
+every complete batch before it. Layout: ``<directory>/<deployment>/segment-<UTC>-<seq>.jsonl.gz``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from rendezvous import names
+from rendezvous.envelope import RequestEnvelope
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".jsonl.gz"
+_CHUNK_BYTES = 1 << 20
+
+
+def record_from_envelope(
+    stream_id: str, env: RequestEnvelope, archived_ms: float
+) -> dict[str, Any]:
+    """The archived form of one request: exactly what the models saw, plus where it came from."""
+    raw_bytes = env.raw if isinstance(env.raw, bytes) else str(env.raw).encode()
+    record: dict[str, Any] = {
+        "stream_id": stream_id,
+        "request_id": env.request_id,
+        "deployment": env.deployment,
+        "enqueued_ms": env.enqueued_ms,
+        "deadline_ms": env.deadline_ms,
+        "archived_ms": archived_ms,
+        "spec_version": env.spec_version,
+    }
+    try:
+        record["raw"] = json.loads(raw_bytes)
+    except ValueError:
+        # Keep what the caller sent even if it is not JSON; the flag keeps a replay exact.
+        record["raw"] = raw_bytes.decode("utf-8", errors="replace")
+        record["raw_text"] = True
+    record["features"] = env.features.tolist()
+    return record
+
+
+class SegmentWriter:
+    """Appends batches to one open segment per deployment; rotates by size or age."""
+
+    def __init__(
+        self,
+        directory: Path,
+        max_bytes: int = 64 * 1024 * 1024,
+        max_age_s: float = 3600.0,
+        prefix: str = "segment",
+        compresslevel: int = 6,
+    ):
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.max_age_s = max_age_s
+        self.prefix = prefix
+        self.compresslevel = compresslevel
+        self._open: dict[str, tuple[BinaryIO, float]] = {}
+        """deployment -> (file, monotonic time it was opened)."""
+        self._next_seq: dict[str, int] = {}
+
+    def append_batch(self, deployment: str, records: list[dict[str, Any]]) -> int:
+        """Write ``records`` as one gzip member and fsync it. Returns compressed bytes written.
+
+        On any failure the segment is dropped (never written to again), so a half-written
+        member can only ever be the tail of a segment.
+        """
+        if not records:
+            return 0
+        body = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+        member = _gzip_member(body.encode(), self.compresslevel)
+        f = self._segment_for(deployment)
+        try:
+            f.write(member)
+            f.flush()
+            self._fsync(f.fileno())
+        except BaseException:
+            self._drop(deployment)
+            raise
+        return len(member)
+
+    def close(self) -> None:
+        """Close every open segment; a later append opens a new one."""
+        for deployment in list(self._open):
+            self._drop(deployment)
+
+    def _segment_for(self, deployment: str) -> BinaryIO:
+        current = self._open.get(deployment)
+        if current is not None:
+            f, opened = current
+            too_old = time.monotonic() - opened >= self.max_age_s
+            if f.tell() < self.max_bytes and not too_old:
+                return f
+            self._drop(deployment)
+        return self._create(deployment)
+
+    def _create(self, deployment: str) -> BinaryIO:
+        folder = self.directory / names.check_name(deployment, "deployment")
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            self._fsync_dir(folder.parent)
+        seq = self._next_seq.get(deployment)
+        if seq is None:
+            seq = 1 + max((_parse(p)[1] for p in _segment_paths(folder, self.prefix)), default=-1)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        while True:
+            path = folder / f"{self.prefix}-{stamp}-{seq:06d}{SUFFIX}"
+            try:
+                f: BinaryIO = open(path, "xb")  # noqa: SIM115 - held open across batches
+                break
+            except FileExistsError:
+                seq += 1
+        self._next_seq[deployment] = seq + 1
+        try:
+            self._fsync_dir(folder)
+        except BaseException:
+            f.close()
+            raise
+        self._open[deployment] = (f, time.monotonic())
+        log.info("archive: new segment %s", path)
+        return f
+
+    def _drop(self, deployment: str) -> None:
+        f, _ = self._open.pop(deployment)
+        try:
+            f.close()
+        except OSError as exc:
+            log.warning("archive: closing %s failed: %s", f.name, exc)
+
+    def _fsync_dir(self, folder: Path) -> None:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            self._fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _fsync(self, fd: int) -> None:
+        """The one place data reaches the disk; a test subclass overrides it to inject faults."""
+        os.fsync(fd)
+
+
+def _gzip_member(data: bytes, level: int) -> bytes:
+    compressor = zlib.compressobj(level, zlib.DEFLATED, 31)  # 31: gzip header and trailer
+    return compressor.compress(data) + compressor.flush()
+
+
+_NAME = re.compile(r"^(?P<prefix>.+)-(?P<stamp>\d{8}T\d{6})-(?P<seq>\d+)" + re.escape(SUFFIX) + "$")
+
+
+def _parse(path: Path) -> tuple[datetime, int]:
+    m = _NAME.match(path.name)
+    assert m is not None
+    stamp = datetime.strptime(m["stamp"], "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    return stamp, int(m["seq"])
+
+
+def _segment_paths(folder: Path, prefix: str | None = None) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _NAME.match(p.name)
+        if m and (prefix is None or m["prefix"] == prefix) and p.is_file():
+            found.append(p)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentInfo:
+    path: Path
+    size_bytes: int
+    created: datetime
+    """UTC time the segment was opened, from its name (second resolution)."""
+    seq: int
+    """Per-deployment write order; it orders segments even if the clock stepped back."""
+
+    def record_count(self) -> int:
+        """Complete records in the segment (reads and decompresses the whole file)."""
+        return sum(1 for _ in read_segment(self.path))
+
+
+def read_segment(path: Path) -> Iterator[dict[str, Any]]:
+    """Every record of every complete gzip member; a torn or corrupt tail is logged, skipped."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed in finally; a generator holds it
+    except FileNotFoundError:
+        log.warning("archive: segment %s vanished before it was read", path)
+        return
+    try:
+        decomp = zlib.decompressobj(31)
+        body: list[bytes] = []
+        pending = b""
+        offset = 0
+        member_start = 0
+        while True:
+            if not pending:
+                pending = f.read(_CHUNK_BYTES)
+                if not pending:
+                    break
+            try:
+                body.append(decomp.decompress(pending))
+            except zlib.error as exc:
+                log.warning("archive: %s corrupt at byte %d (%s); rest skipped", path, offset, exc)
+                return
+            consumed = len(pending) - len(decomp.unused_data)
+            offset += consumed
+            pending = decomp.unused_data
+            if decomp.eof:
+                yield from _lines(path, b"".join(body))
+                body = []
+                member_start = offset
+                decomp = zlib.decompressobj(31)
+        if offset > member_start:
+            log.warning(
+                "archive: %s has a torn last batch (%d bytes from byte %d); skipped",
+                path,
+                offset - member_start,
+                member_start,
+            )
+    finally:
+        f.close()
+
+
+def _lines(path: Path, body: bytes) -> Iterator[dict[str, Any]]:
+    for line in body.splitlines():
+        if not line:
+            continue
+        try:
+            yield json.loads(line)
+        except ValueError as exc:
+            log.warning("archive: %s has an unreadable line (%s); skipped", path, exc)
+
+
+class ArchiveReader:
+    """Lists and reads back what the log bin archived."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def deployments(self) -> list[str]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.directory.iterdir()
+            if p.is_dir() and names.NAME_PATTERN.match(p.name) and _segment_paths(p)
+        )
+
+    def segments(self, deployment: str) -> list[SegmentInfo]:
+        """Segments in write order."""
+        folder = self.directory / names.check_name(deployment, "deployment")
+        infos = []
+        for p in _segment_paths(folder):
+            created, seq = _parse(p)
+            infos.append(SegmentInfo(p, p.stat().st_size, created, seq))
+        return sorted(infos, key=lambda s: (s.seq, s.created, s.path.name))
+
+    def records(
+        self, deployment: str, *, since_ms: float | None = None, dedupe: bool = True
+    ) -> Iterator[dict[str, Any]]:
+        """Records in archive order. ``since_ms`` filters on request time (``enqueued_ms``,
+        else ``archived_ms``); ``dedupe`` drops redeliveries of a stream id after a crash
+        (it keeps a set of the ids seen, so memory grows with the archive)."""
+        seen: set[str] = set()
+        for segment in self.segments(deployment):
+            for record in read_segment(segment.path):
+                sid = record.get("stream_id")
+                if dedupe and sid is not None:
+                    if sid in seen:
+                        continue
+                    seen.add(sid)
+                if since_ms is not None:
+                    at_ms = record.get("enqueued_ms", record.get("archived_ms"))
+                    if at_ms is None or at_ms < since_ms:
+                        continue
+                yield record

@@ -1,0 +1,306 @@
+"""The log bin: consumer group ``logbin`` on every deployment's input stream, archived to disk.
+
+Delivery is at-least-once and nothing is lost: an entry is acked only after its batch is
+written and fsynced. After a crash or a Redis outage the bin first re-reads its own pending
+entries (id ``0``) before new ones (``>``), and it periodically XAUTOCLAIMs entries that a dead
+consumer of the group left pending. A redelivery may archive an entry twice; the reader drops
+such duplicates by stream id. Runs in its own process with a synchronous client, because
+fsync blocks.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from models.archive import SegmentWriter, record_from_envelope
+from rendezvous import names
+from rendezvous.envelope import RequestEnvelope
+
+log = logging.getLogger(__name__)
+
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+Entry = tuple[str, bytes, dict[bytes, bytes]]
+"""(stream key, entry id, fields) of one stream entry."""
+
+
+@dataclass
+class LogBinStats:
+    records: int = 0
+    """Records archived and acked (undecodable ones included)."""
+    bytes_written: int = 0
+    """Compressed bytes appended to segments."""
+    batches: int = 0
+    undecodable: int = 0
+    reclaimed: int = 0
+    """Entries taken over from other consumers by XAUTOCLAIM."""
+    errors: int = 0
+    """Redis or disk failures that the loop rode out."""
+
+
+class LogBin:
+    def __init__(
+        self,
+        client: redis.Redis,
+        writer: SegmentWriter,
+        *,
+        consumer: str,
+        deployments: Callable[[], list[str]] | list[str],
+        batch_size: int = 512,
+        block_ms: int = 1000,
+        claim_idle_ms: int = 30_000,
+        refresh_s: float = 5.0,
+    ):
+        if block_ms <= 0:
+            raise ValueError("block_ms must be positive: BLOCK 0 would never notice a stop")
+        if client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("the log bin needs a client with decode_responses=False")
+        self.client = client
+        self.writer = writer
+        self.consumer = consumer
+        self.group = names.LOGBIN_GROUP
+        self.batch_size = batch_size
+        self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
+        self.refresh_s = refresh_s
+        """How often a callable ``deployments`` is asked again."""
+        self.stats = LogBinStats()
+        self._source = deployments
+        self._streams: dict[str, str] = {}
+        """Input stream key -> deployment, for the deployments being archived now."""
+        self._pending: set[str] = set()
+        """Streams whose own pending entries have still to be re-read (id 0)."""
+        self._claiming: dict[str, str] = {}
+        """Streams in an XAUTOCLAIM scan -> the scan's cursor."""
+        self._next_refresh = 0.0
+        self._next_claim = 0.0
+
+    # -- loop ---------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Archive until ``stop`` is set, riding out Redis and disk failures; then close the
+        writer. The batch in hand is always finished (written, fsynced, acked) first."""
+        backoff_s = 0.05
+        try:
+            while not stop.is_set():
+                try:
+                    self.step(self.block_ms)
+                    if not self._streams:
+                        stop.wait(self.block_ms / 1000)
+                    backoff_s = 0.05
+                    continue
+                except _REDIS_DOWN as exc:
+                    log.warning("logbin: redis unavailable (%s); retry in %.2fs", exc, backoff_s)
+                except OSError as exc:
+                    log.error("logbin: archive write failed (%s); retry in %.2fs", exc, backoff_s)
+                except Exception:
+                    # A dead log bin silently stops the archive: log loudly and keep going.
+                    log.exception("logbin: unexpected error; retry in %.2fs", backoff_s)
+                self.stats.errors += 1
+                self._reset()
+                stop.wait(backoff_s)
+                backoff_s = min(backoff_s * 2, 1.0)
+        finally:
+            self.writer.close()
+
+    def drain(self) -> int:
+        """Archive until nothing new, own-pending or claimable is left; returns records archived.
+
+        Errors propagate (tests, one-off catch-ups); the writer stays open."""
+        total = 0
+        while True:
+            n = self.step(block_ms=None)
+            total += n
+            if n == 0 and not self._pending and not self._claiming:
+                return total
+
+    def step(self, block_ms: int | None) -> int:
+        """One read (at most ``batch_size`` per stream), one fsynced write per deployment, one
+        pipelined ack. Returns the number of records archived."""
+        self._refresh()
+        if not self._streams:
+            return 0
+        try:
+            entries = self._read(block_ms)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("logbin: a consumer group vanished (%s); recreating", exc)
+            self._reset()
+            self._refresh()
+            return 0
+        return self._archive(entries) if entries else 0
+
+    # -- deployments --------------------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now < self._next_refresh:
+            return
+        deployments = self._source() if callable(self._source) else self._source
+        wanted: dict[str, str] = {}
+        for dep in deployments:
+            try:
+                wanted[names.input_stream(dep)] = dep
+            except names.InvalidName as exc:
+                log.warning("logbin: skipping deployment: %s", exc)
+        for stream in list(self._streams):
+            if stream not in wanted:
+                del self._streams[stream]
+                self._pending.discard(stream)
+                self._claiming.pop(stream, None)
+        for stream, dep in wanted.items():
+            if stream not in self._streams:
+                self._create_group(stream)
+                self._streams[stream] = dep
+                self._pending.add(stream)
+                log.info("logbin: archiving deployment %s", dep)
+        self._next_refresh = now + self.refresh_s
+
+    def _create_group(self, stream: str) -> None:
+        try:
+            self.client.xgroup_create(stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _reset(self) -> None:
+        """After a failure: recreate groups if needed and re-read our own pending entries,
+        since a lost ack or a failed write left them unarchived or unacked."""
+        self._streams.clear()
+        self._pending.clear()
+        self._claiming.clear()
+        self._next_refresh = 0.0
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _read(self, block_ms: int | None) -> list[Entry]:
+        if self._pending:
+            reply = self.client.xreadgroup(
+                self.group, self.consumer, dict.fromkeys(self._pending, "0"), count=self.batch_size
+            )
+            by_stream = _by_stream(reply)
+            self._pending.difference_update([s for s in self._pending if not by_stream.get(s)])
+            entries = [(s, i, f) for s, found in by_stream.items() for i, f in found]
+            if entries:
+                return entries
+        now = time.monotonic()
+        if now >= self._next_claim:
+            self._next_claim = now + max(self.claim_idle_ms / 1000 / 2, 0.5)
+            self._claiming = dict.fromkeys(self._streams, "0-0")
+        if self._claiming:
+            entries = self._claim()
+            if entries:
+                return entries
+        reply = self.client.xreadgroup(
+            self.group,
+            self.consumer,
+            dict.fromkeys(self._streams, ">"),
+            count=self.batch_size,
+            block=block_ms,
+        )
+        return [(s, i, f) for s, found in _by_stream(reply).items() for i, f in found]
+
+    def _claim(self) -> list[Entry]:
+        """One XAUTOCLAIM page per stream still being scanned."""
+        entries: list[Entry] = []
+        for stream, cursor in list(self._claiming.items()):
+            reply = self.client.xautoclaim(
+                stream, self.group, self.consumer, self.claim_idle_ms, cursor, count=self.batch_size
+            )
+            next_cursor = _text(reply[0])
+            if next_cursor == "0-0":
+                del self._claiming[stream]
+            else:
+                self._claiming[stream] = next_cursor
+            claimed = [(stream, i, f) for i, f in reply[1]]
+            # Entries trimmed away while pending: XAUTOCLAIM drops them from the group.
+            deleted = reply[2] if len(reply) > 2 else []
+            claimed.extend((stream, i, {}) for i in deleted)
+            self.stats.reclaimed += len(claimed)
+            entries.extend(claimed)
+        if entries:
+            log.info("logbin: reclaimed %d entries from dead consumers", len(entries))
+        return entries
+
+    # -- archiving ----------------------------------------------------------------------------
+
+    def _archive(self, entries: list[Entry]) -> int:
+        archived_ms = time.time() * 1000
+        records: dict[str, list[dict[str, Any]]] = {}
+        ids: dict[str, list[bytes]] = {}
+        undecodable = 0
+        for stream, entry_id, fields in entries:
+            dep = self._streams[stream]
+            record = self._record(dep, _text(entry_id), fields, archived_ms)
+            undecodable += bool(record.get("undecodable"))
+            records.setdefault(stream, []).append(record)
+            ids.setdefault(stream, []).append(entry_id)
+        written: list[str] = []
+        try:
+            for stream, batch in records.items():
+                self.stats.bytes_written += self.writer.append_batch(self._streams[stream], batch)
+                written.append(stream)
+        finally:
+            # Ack what is on disk even if a later deployment's write failed.
+            if written:
+                self._ack({s: ids[s] for s in written})
+        self.stats.records += len(entries)
+        self.stats.batches += 1
+        self.stats.undecodable += undecodable
+        return len(entries)
+
+    def _record(
+        self, dep: str, stream_id: str, fields: dict[bytes, bytes], archived_ms: float
+    ) -> dict[str, Any]:
+        if not fields:
+            error = "entry was deleted from the stream before it was archived"
+        else:
+            try:
+                return record_from_envelope(stream_id, RequestEnvelope.decode(fields), archived_ms)
+            except Exception as exc:  # any malformed entry is archived as such, never fatal
+                error = f"{type(exc).__name__}: {exc}"
+        log.warning("logbin: %s entry %s undecodable: %s", dep, stream_id, error)
+        return {
+            "stream_id": stream_id,
+            "deployment": dep,
+            "undecodable": True,
+            "error": error,
+            "archived_ms": archived_ms,
+            "fields_b64": {
+                _text(k): base64.b64encode(v if isinstance(v, bytes) else str(v).encode()).decode()
+                for k, v in fields.items()
+            },
+        }
+
+    def _ack(self, ids: dict[str, list[bytes]]) -> None:
+        """All acks of a batch in one round trip, after the data is fsynced."""
+        pipe = self.client.pipeline(transaction=False)
+        for stream, entry_ids in ids.items():
+            pipe.xack(stream, self.group, *entry_ids)
+        pipe.execute()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _by_stream(reply: Any) -> dict[str, list[tuple[bytes, dict[bytes, bytes]]]]:
+    """XREADGROUP's reply as {stream: entries}, for both the RESP2 and the RESP3 shape."""
+    if not reply:
+        return {}
+    items = reply.items() if isinstance(reply, dict) else reply
+    out: dict[str, list[tuple[bytes, dict[bytes, bytes]]]] = {}
+    for stream, found in items:
+        if found and isinstance(found[0], list):  # RESP3: entries wrapped in one more list
+            found = found[0]
+        out[_text(stream)] = [(i, f or {}) for i, f in (found or [])]
+    return out

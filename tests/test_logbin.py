@@ -1,0 +1,268 @@
+"""The log bin against a real Redis server: archive, ack after fsync, recovery, stop."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from models.archive import ArchiveReader, SegmentWriter
+from models.logbin import LogBin
+from rendezvous import names
+from rendezvous.envelope import RequestEnvelope
+from rendezvous.redis_server import EmbeddedRedis
+
+pytestmark = pytest.mark.integration
+
+
+class FailingWriter(SegmentWriter):
+    """Data reaches the page cache but fsync fails, as on a dying disk."""
+
+    def _fsync(self, fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(5, "injected fsync failure")
+        super()._fsync(fd)
+
+
+class AckLostLogBin(LogBin):
+    """Crashes once between the fsync and the ack."""
+
+    lose_next_ack = True
+
+    def _ack(self, ids: dict[str, list[bytes]]) -> None:
+        if self.lose_next_ack:
+            self.lose_next_ack = False
+            raise redis.ConnectionError("injected: connection lost before the ack")
+        super()._ack(ids)
+
+
+def _sid(entry_id: bytes | str) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
+def _envelope(i: int, deployment: str = "demo") -> RequestEnvelope:
+    rng = np.random.default_rng(i)
+    return RequestEnvelope(
+        request_id=f"req-{i}",
+        deployment=deployment,
+        reply_to="rdv:reply:{gw1}",
+        deadline_ms=1_700_000_001_000 + i,
+        enqueued_ms=1_700_000_000_000.25 + i,
+        raw=f'{{"instances": [[{i}, 0.5]]}}'.encode(),
+        features=rng.normal(size=(2, 3)).astype(np.float32),
+        spec_version="spec-1",
+    )
+
+
+def _publish(r: redis.Redis, n: int, deployment: str = "demo") -> dict[str, RequestEnvelope]:
+    sent = {}
+    for i in range(n):
+        env = _envelope(i, deployment)
+        entry_id = r.xadd(names.input_stream(deployment), env.encode())  # type: ignore[arg-type]
+        sent[_sid(entry_id)] = env
+    return sent
+
+
+def _logbin(r: redis.Redis, writer: SegmentWriter, **kw: Any) -> LogBin:
+    kw.setdefault("consumer", "logbin-1")
+    kw.setdefault("deployments", ["demo"])
+    return LogBin(r, writer, **kw)
+
+
+def _pending(r: redis.Redis, deployment: str = "demo") -> int:
+    return int(r.xpending(names.input_stream(deployment), names.LOGBIN_GROUP)["pending"])
+
+
+def test_drain_archives_every_request(r: redis.Redis, data_dir: Path) -> None:
+    sent = _publish(r, 30)
+    writer = SegmentWriter(data_dir)
+    logbin = _logbin(r, writer, batch_size=8)
+    assert logbin.drain() == 30
+    writer.close()
+    assert _pending(r) == 0
+    assert logbin.stats.records == 30 and logbin.stats.batches == 4
+    records = list(ArchiveReader(data_dir).records("demo"))
+    assert [rec["stream_id"] for rec in records] == list(sent)
+    for rec in records:
+        env = sent[rec["stream_id"]]
+        assert rec["request_id"] == env.request_id
+        assert rec["spec_version"] == env.spec_version
+        assert rec["enqueued_ms"] == env.enqueued_ms
+        assert rec["raw"] == {"instances": [[int(env.request_id[4:]), 0.5]]}
+        np.testing.assert_array_equal(np.array(rec["features"], dtype=np.float32), env.features)
+
+
+def test_one_read_serves_several_deployments(r: redis.Redis, data_dir: Path) -> None:
+    _publish(r, 3, "alpha")
+    _publish(r, 4, "beta")
+    writer = SegmentWriter(data_dir)
+    assert _logbin(r, writer, deployments=["alpha", "beta"]).drain() == 7
+    writer.close()
+    reader = ArchiveReader(data_dir)
+    assert len(list(reader.records("alpha"))) == 3
+    assert len(list(reader.records("beta"))) == 4
+
+
+def test_new_deployments_are_picked_up(r: redis.Redis, data_dir: Path) -> None:
+    deployments = ["alpha"]
+    writer = SegmentWriter(data_dir)
+    logbin = _logbin(r, writer, deployments=lambda: list(deployments), refresh_s=0.0)
+    _publish(r, 2, "alpha")
+    assert logbin.drain() == 2
+    _publish(r, 3, "beta")
+    deployments.append("beta")
+    assert logbin.drain() == 3
+    writer.close()
+    assert ArchiveReader(data_dir).deployments() == ["alpha", "beta"]
+
+
+def test_nothing_is_acked_when_fsync_fails(r: redis.Redis, data_dir: Path) -> None:
+    _publish(r, 5)
+    with pytest.raises(OSError, match="injected"):
+        _logbin(r, FailingWriter(data_dir)).drain()
+    assert _pending(r) == 5
+    # The same consumer restarts with a healthy disk: its own pending entries come first.
+    writer = SegmentWriter(data_dir)
+    assert _logbin(r, writer).drain() == 5
+    writer.close()
+    assert _pending(r) == 0
+    reader = ArchiveReader(data_dir)
+    # The failed batch may still sit in the first segment; the reader drops the duplicates.
+    assert [rec["request_id"] for rec in reader.records("demo")] == [f"req-{i}" for i in range(5)]
+    assert len(list(reader.records("demo", dedupe=False))) == 10
+
+
+def test_entries_of_a_dead_consumer_are_reclaimed(r: redis.Redis, data_dir: Path) -> None:
+    _publish(r, 5)
+    with pytest.raises(OSError):
+        _logbin(r, FailingWriter(data_dir), consumer="dead").drain()
+    writer = SegmentWriter(data_dir)
+    logbin = _logbin(r, writer, consumer="alive", claim_idle_ms=0, batch_size=2)
+    assert logbin.drain() == 5
+    writer.close()
+    assert logbin.stats.reclaimed == 5
+    assert _pending(r) == 0
+    assert len(list(ArchiveReader(data_dir).records("demo"))) == 5
+
+
+def test_a_lost_ack_redelivers_and_the_reader_dedupes(r: redis.Redis, data_dir: Path) -> None:
+    _publish(r, 4)
+    writer = SegmentWriter(data_dir)
+    logbin = AckLostLogBin(r, writer, consumer="logbin-1", deployments=["demo"])
+    with pytest.raises(redis.ConnectionError):
+        logbin.drain()
+    assert _pending(r) == 4
+    logbin._reset()  # what run() does after a Redis error
+    assert logbin.drain() == 4
+    writer.close()
+    assert _pending(r) == 0
+    reader = ArchiveReader(data_dir)
+    assert len(list(reader.records("demo", dedupe=False))) == 8
+    assert [rec["request_id"] for rec in reader.records("demo")] == [f"req-{i}" for i in range(4)]
+
+
+def test_undecodable_entries_are_archived_and_acked(r: redis.Redis, data_dir: Path) -> None:
+    stream = names.input_stream("demo")
+    _publish(r, 1)
+    bad_ids = [r.xadd(stream, {b"d": b"\xc1garbage"}), r.xadd(stream, {b"x": b"1"})]
+    writer = SegmentWriter(data_dir)
+    logbin = _logbin(r, writer)
+    assert logbin.drain() == 3
+    writer.close()
+    assert logbin.stats.undecodable == 2
+    assert _pending(r) == 0
+    records = list(ArchiveReader(data_dir).records("demo"))
+    bad = [rec for rec in records if rec.get("undecodable")]
+    assert [rec["stream_id"] for rec in bad] == [_sid(i) for i in bad_ids]
+    assert all(rec["error"] and rec["deployment"] == "demo" for rec in bad)
+
+
+def test_run_archives_and_stops_promptly(r: redis.Redis, data_dir: Path) -> None:
+    writer = SegmentWriter(data_dir)
+    logbin = _logbin(r, writer, block_ms=100)
+    stop = threading.Event()
+    thread = threading.Thread(target=logbin.run, args=(stop,), daemon=True)
+    thread.start()
+    _publish(r, 3)
+    deadline = time.monotonic() + 5
+    while logbin.stats.records < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert logbin.stats.records == 3
+    started = time.monotonic()
+    stop.set()
+    thread.join(timeout=2)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 1.0
+    assert writer._open == {}  # closed on stop
+    assert len(list(ArchiveReader(data_dir).records("demo"))) == 3
+    assert _pending(r) == 0
+
+
+def test_run_survives_a_vanished_group(r: redis.Redis, data_dir: Path) -> None:
+    writer = SegmentWriter(data_dir)
+    logbin = _logbin(r, writer, block_ms=100)
+    stop = threading.Event()
+    thread = threading.Thread(target=logbin.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        r.flushdb()  # as after a Redis restart without persistence
+        _publish(r, 2)
+        deadline = time.monotonic() + 5
+        while logbin.stats.records < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+    assert not thread.is_alive()
+    assert logbin.stats.records == 2
+
+
+def test_run_rides_out_a_redis_restart(tmp_path: Path, data_dir: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "own-redis").start()
+    client = redis.Redis.from_url(server.url, socket_timeout=2.0)
+    writer = SegmentWriter(data_dir)
+    logbin = _logbin(client, writer, block_ms=100)
+    stop = threading.Event()
+    thread = threading.Thread(target=logbin.run, args=(stop,), daemon=True)
+    try:
+        sent = _publish(client, 2)
+        thread.start()
+        _wait_for(lambda: logbin.stats.records >= 2)
+        server.kill()
+        _wait_for(lambda: logbin.stats.errors >= 1)
+        server.start()  # same port, same append-only data
+        sent |= _publish(client, 3)
+        _wait_for(lambda: logbin.stats.records >= 5)
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+        client.close()
+        server.stop()
+    assert not thread.is_alive()
+    ids = [rec["stream_id"] for rec in ArchiveReader(data_dir).records("demo")]
+    assert sorted(ids) == sorted(sent)
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_rejects_a_client_that_decodes_responses(redis_url: str, data_dir: Path) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        with pytest.raises(ValueError, match="decode_responses"):
+            LogBin(client, SegmentWriter(data_dir), consumer="c", deployments=["demo"])
+    finally:
+        client.close()
