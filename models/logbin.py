@@ -21,6 +21,7 @@ from typing import Any
 import redis
 
 from models.archive import SegmentWriter, record_from_envelope
+from models.retention import trim_input_stream
 from rendezvous import names
 from rendezvous.envelope import RequestEnvelope
 
@@ -44,6 +45,8 @@ class LogBinStats:
     """Entries taken over from other consumers by XAUTOCLAIM."""
     errors: int = 0
     """Redis or disk failures that the loop rode out."""
+    trimmed: int = 0
+    """Input-stream entries trimmed behind the slowest consumer group."""
 
 
 class LogBin:
@@ -58,6 +61,7 @@ class LogBin:
         block_ms: int = 1000,
         claim_idle_ms: int = 30_000,
         refresh_s: float = 5.0,
+        trim_interval_s: float = 1.0,
     ):
         if block_ms <= 0:
             raise ValueError("block_ms must be positive: BLOCK 0 would never notice a stop")
@@ -72,6 +76,9 @@ class LogBin:
         self.claim_idle_ms = claim_idle_ms
         self.refresh_s = refresh_s
         """How often a callable ``deployments`` is asked again."""
+        self.trim_interval_s = trim_interval_s
+        """How often the input streams are trimmed behind their slowest group (0: never)."""
+        self._next_trim = 0.0
         self.stats = LogBinStats()
         self._source = deployments
         self._streams: dict[str, str] = {}
@@ -137,7 +144,18 @@ class LogBin:
             self._reset()
             self._refresh()
             return 0
-        return self._archive(entries) if entries else 0
+        archived = self._archive(entries) if entries else 0
+        self._trim()
+        return archived
+
+    def _trim(self) -> None:
+        """The archive owns retention: it trims only behind every group, itself included."""
+        now = time.monotonic()
+        if not self.trim_interval_s or now < self._next_trim:
+            return
+        self._next_trim = now + self.trim_interval_s
+        for dep in self._streams.values():
+            self.stats.trimmed += trim_input_stream(self.client, dep)
 
     # -- deployments --------------------------------------------------------------------------
 

@@ -54,3 +54,32 @@ def test_missing_stream_or_no_groups_is_left_alone(r: redis.Redis) -> None:
     assert trim_input_stream(r, DEP) == 0
     fill(r, 10)
     assert trim_input_stream(r, DEP) == 0 and r.xlen(STREAM) == 10
+
+
+def test_the_log_bin_trims_behind_every_group(r: redis.Redis, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from models.archive import ArchiveReader, SegmentWriter
+    from models.logbin import LogBin
+    from rendezvous.envelope import RequestEnvelope
+
+    r.xgroup_create(STREAM, "logbin", id="0", mkstream=True)
+    r.xgroup_create(STREAM, "model:real", id="0")
+    x = np.ones((1, 3), np.float32)
+    ids = [
+        r.xadd(
+            STREAM, RequestEnvelope(f"q{i}", DEP, "rdv:reply:{g}", 0, 0.0, b"{}", x, "fs").encode()
+        )
+        for i in range(1500)
+    ]
+    logbin = LogBin(
+        r, SegmentWriter(tmp_path), consumer="lb", deployments=[DEP], trim_interval_s=1e-9
+    )
+    logbin.drain()
+    assert r.xlen(STREAM) == 1500, "model:real has read nothing yet: nothing may go"
+    r.xreadgroup("model:real", "w", {STREAM: ">"}, count=5000)
+    r.xack(STREAM, "model:real", *ids)
+    logbin.step(block_ms=None)
+    writer.close()
+    assert logbin.stats.trimmed > 0 and r.xlen(STREAM) < 1500
+    assert len(list(ArchiveReader(tmp_path).records(DEP))) == 1500
