@@ -72,9 +72,8 @@ def test_the_log_bin_trims_behind_every_group(r: redis.Redis, tmp_path) -> None:
         )
         for i in range(1500)
     ]
-    logbin = LogBin(
-        r, SegmentWriter(tmp_path), consumer="lb", deployments=[DEP], trim_interval_s=1e-9
-    )
+    writer = SegmentWriter(tmp_path)
+    logbin = LogBin(r, writer, consumer="lb", deployments=[DEP], trim_interval_s=1e-9)
     logbin.drain()
     assert r.xlen(STREAM) == 1500, "model:real has read nothing yet: nothing may go"
     r.xreadgroup("model:real", "w", {STREAM: ">"}, count=5000)
