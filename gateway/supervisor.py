@@ -3,6 +3,7 @@ and stop them all in a fixed order (gateway first, so nothing new comes in)."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,9 @@ class Supervisor:
             self._stop([child], grace_s)
 
     def _spawn(self, child: Child) -> None:
-        child.proc = subprocess.Popen(child.argv, env=self.env, stdin=subprocess.DEVNULL)
+        child.proc = subprocess.Popen(
+            child.argv, env=self.env, stdin=subprocess.DEVNULL, **detached_from_terminal()
+        )
         child.started = time.monotonic()
         child.restart_at = None
         log.info("started %s (pid %d)", child.name, child.proc.pid)
@@ -112,3 +116,22 @@ def child_env(overrides: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     env.update(overrides)
     return env
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM us if the supervisor dies (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def detached_from_terminal() -> dict[str, Any]:
+    """Popen options for a supervised child: its own session, so a Ctrl-C in the terminal
+    reaches only the supervisor, which then stops the children in order (gateway first,
+    Redis last); and it dies with the supervisor should that be killed outright."""
+    options: dict[str, Any] = {"start_new_session": True}
+    if sys.platform.startswith("linux"):
+        options["preexec_fn"] = _die_with_parent
+    return options

@@ -80,7 +80,8 @@ class EmbeddedRedis:
         log.info(
             "starting embedded redis-server on 127.0.0.1:%d (data in %s)", self.port, self.data_dir
         )
-        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        # Own session: a Ctrl-C meant for `rdv serve` must not stop Redis before the gateway.
+        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0)
         try:
