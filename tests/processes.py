@@ -15,6 +15,7 @@ import httpx
 import pytest
 import redis
 
+from gateway.supervisor import detached_from_terminal
 from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT
@@ -36,6 +37,7 @@ class RdvProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            **detached_from_terminal(),  # and dies with the test run, should it be killed
         )
 
     def alive(self) -> bool:
