@@ -16,6 +16,7 @@ import redis
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse
 
+from gateway.admin import UPLOAD_PATH, install_admin, start_admin, upload_body_cap
 from gateway.limits import BodySizeLimit
 from gateway.service import (
     Backlogged,
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         await rendezvous.start()
         refresher = asyncio.create_task(deployments.run())
+        close_admin = await start_admin(app, settings)
         app.state.settings = settings
         app.state.redis = client
         app.state.deployments = deployments
@@ -88,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             refresher.cancel()
+            close_admin()
             await rendezvous.stop()
             await appender.close()
             await reader.aclose()
@@ -99,7 +102,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="One prediction endpoint; real, canary and log bin behind Redis streams.",
         lifespan=lifespan,
     )
-    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_body_bytes=settings.max_body_bytes,
+        path_limits={UPLOAD_PATH: upload_body_cap(settings)},
+    )
+    install_admin(app, settings)
 
     @app.exception_handler(UnknownDeployment)
     async def _unknown(request: Request, exc: UnknownDeployment) -> JSONResponse:

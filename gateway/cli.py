@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deployment", required=True)
     p.add_argument("--limit", type=int, default=10)
     p.set_defaults(func=cmd_decisions)
+
+    from gateway.admin_cli import add_admin_commands
+
+    add_admin_commands(sub)
     return parser
 
 

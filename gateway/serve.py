@@ -89,7 +89,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             next_reconcile = time.monotonic() + 2.0
             try:
                 reconcile_workers(supervisor, store)
-            except redis.RedisError as exc:
+            except (redis.RedisError, LookupError, ValueError) as exc:
+                # A deployment deleted or unreadable mid-scan must not stop the supervisor.
                 log.warning("cannot read deployments: %s", exc)
 
         supervisor.run(stop.is_set, tick)

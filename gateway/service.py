@@ -143,7 +143,7 @@ class PredictionService:
         self, dep: Deployment, rid: str, raw: bytes, features: Any, t0: float
     ) -> dict[str, Any]:
         spec = dep.feature_spec
-        schedule = dep.schedule
+        schedule = dep.schedule.for_request(rid)  # the A/B split draw, if any
         mailbox = self.rendezvous.open(rid, dep.name, schedule, dep.role_names)
         envelope = RequestEnvelope(
             request_id=rid,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rendezvous.schedule import Schedule
@@ -82,6 +82,16 @@ class Settings(BaseSettings):
 
     heartbeat_timeout_s: float = Field(default=5.0, gt=0)
     """A worker whose last heartbeat is older than this is not live (readiness)."""
+
+    admin_token: SecretStr | None = None
+    """Bearer token of the ``/admin`` API (and what the admin CLI sends). Unset: the admin
+    API is off, never open."""
+
+    max_model_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Largest ONNX artifact the admin API accepts (413 beyond)."""
+
+    shadow_window: int = Field(default=5000, ge=10, le=1_000_000)
+    """Latest decision records a shadow record (and the promotion gate) looks at."""
 
     log_level: str = "INFO"
 

@@ -1,16 +1,24 @@
 """Deployment state: which model version holds which role, the schedule, the feature spec.
 
 The state is one JSON document per deployment in Redis, so every gateway and worker process
-sees the same thing; ``revision`` grows with every change so followers notice one cheaply.
-Creating a deployment also creates the consumer groups of its input stream, at the start of
-the stream, so every bin receives every request from the first one on.
+sees the same thing. Every change goes through ``DeploymentStore.update``: an optimistic
+transaction (WATCH/MULTI) that bumps the monotonically increasing ``revision``, appends a
+history entry (who, when, what, why, and the roles and schedule after it, which is what a
+rollback restores) and moves the consumer groups along with the roles, all at once.
+
+Consumer groups follow roles (``model:<role>``). A deployment's first groups start at the
+beginning of its stream, so every bin gets every request from the first one on; a role added
+later gets a fresh group at the stream's current end (``$``), so it scores what comes next and
+never replays history; a role that leaves loses its group, so the stream is not held back for
+a reader that is gone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +34,10 @@ class DeploymentNotFound(LookupError):
     pass
 
 
+class DeploymentConflict(ValueError):
+    """A change that does not fit the deployment's current state."""
+
+
 @dataclass(frozen=True, slots=True)
 class ModelRef:
     name: str
@@ -33,6 +45,13 @@ class ModelRef:
 
     def __str__(self) -> str:
         return f"{self.name}:{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> ModelRef:
+        return cls(str(doc["name"]), int(doc["version"]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,26 +69,39 @@ class Deployment:
             raise ValueError("a deployment needs a real model")
         for role in self.roles:
             names.check_role(role)
+        for role in self.schedule.split_roles:
+            if role not in self.roles:
+                raise ValueError(f"the split names {role}, which is not a role of {self.name}")
 
     @property
     def role_names(self) -> list[str]:
         """Real first, then the rest in a stable order."""
         return [names.REAL, *sorted(r for r in self.roles if r != names.REAL)]
 
+    @property
+    def challengers(self) -> list[str]:
+        """Roles beside real and canary: they score every request and answer none, unless
+        the schedule's split gives them a share."""
+        return sorted(r for r in self.roles if r not in (names.REAL, names.CANARY))
+
     def groups(self) -> list[str]:
         return [names.LOGBIN_GROUP, *(names.model_group(r) for r in self.role_names)]
 
+    def role_of(self, ref: ModelRef) -> str | None:
+        return next((r for r in self.role_names if self.roles[r] == ref), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "revision": self.revision,
+            "updated_ms": self.updated_ms,
+            "roles": {r: m.to_dict() for r, m in self.roles.items()},
+            "schedule": self.schedule.to_dict(),
+            "feature_spec": self.feature_spec.to_dict(),
+        }
+
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "name": self.name,
-                "revision": self.revision,
-                "updated_ms": self.updated_ms,
-                "roles": {r: {"name": m.name, "version": m.version} for r, m in self.roles.items()},
-                "schedule": self.schedule.to_dict(),
-                "feature_spec": self.feature_spec.to_dict(),
-            }
-        )
+        return json.dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Deployment:
@@ -78,7 +110,7 @@ class Deployment:
             name=doc["name"],
             revision=int(doc["revision"]),
             updated_ms=int(doc.get("updated_ms", 0)),
-            roles={r: ModelRef(m["name"], int(m["version"])) for r, m in doc["roles"].items()},
+            roles={r: ModelRef.from_dict(m) for r, m in doc["roles"].items()},
             schedule=Schedule.from_dict(doc["schedule"]),
             feature_spec=FeatureSpec.from_dict(doc["feature_spec"]),
         )
@@ -95,8 +127,81 @@ def ensure_groups(client: redis.Redis, deployment: Deployment) -> None:
             raise result
 
 
+# -- changes: pure functions from one state to the next ----------------------------------------
+
+
+def promoted(dep: Deployment, ref: ModelRef, *, pin_canary: bool = False) -> Deployment:
+    """``ref`` becomes real and the old real the canary (the old canary retires); with
+    ``pin_canary`` the canary stays and the old real retires. A challenger that held ``ref``
+    gives its role up."""
+    old_real = dep.roles[names.REAL]
+    if ref == old_real:
+        raise DeploymentConflict(f"{ref} is already the real model of {dep.name}")
+    if pin_canary and dep.roles.get(names.CANARY) == ref:
+        raise DeploymentConflict(f"{ref} is the canary: it cannot be pinned and promoted")
+    roles = {r: m for r, m in dep.roles.items() if m != ref}
+    roles[names.REAL] = ref
+    if not pin_canary:
+        roles[names.CANARY] = old_real
+    schedule = dep.schedule
+    for role in dep.roles:
+        if role not in roles:
+            schedule = schedule.without_role(role)
+    return dataclasses.replace(dep, roles=roles, schedule=schedule)
+
+
+def with_challenger(
+    dep: Deployment, role: str, ref: ModelRef, split: float | None = None
+) -> Deployment:
+    names.check_role(role)
+    if role in (names.REAL, names.CANARY):
+        raise DeploymentConflict(f"{role} is not a challenger role; use promote")
+    if role in dep.roles:
+        raise DeploymentConflict(f"{dep.name} already has a role {role} ({dep.roles[role]})")
+    holder = dep.role_of(ref)
+    if holder is not None:
+        raise DeploymentConflict(f"{ref} already holds the role {holder} in {dep.name}")
+    schedule = dep.schedule
+    if split:
+        schedule = dataclasses.replace(schedule, splits=(*schedule.splits, (role, split)))
+    return dataclasses.replace(dep, roles={**dep.roles, role: ref}, schedule=schedule)
+
+
+def without_challenger(dep: Deployment, role: str) -> Deployment:
+    if role in (names.REAL, names.CANARY):
+        raise DeploymentConflict(f"{role} is not a challenger; use promote or rollback")
+    if role not in dep.roles:
+        raise DeploymentConflict(f"{dep.name} has no challenger {role}")
+    roles = {r: m for r, m in dep.roles.items() if r != role}
+    return dataclasses.replace(dep, roles=roles, schedule=dep.schedule.without_role(role))
+
+
+def with_schedule(dep: Deployment, changes: Mapping[str, Any]) -> Deployment:
+    return dataclasses.replace(dep, schedule=dep.schedule.updated(changes))
+
+
+# -- the store ---------------------------------------------------------------------------------
+
+
+def _snapshot(dep: Deployment) -> dict[str, Any]:
+    return {
+        "roles": {r: m.to_dict() for r, m in dep.roles.items()},
+        "schedule": dep.schedule.to_dict(),
+    }
+
+
+def _role_changes(before: Deployment | None, after: Deployment) -> dict[str, list[str | None]]:
+    old = before.roles if before else {}
+    out: dict[str, list[str | None]] = {}
+    for role in sorted(set(old) | set(after.roles)):
+        a, b = old.get(role), after.roles.get(role)
+        if a != b:
+            out[role] = [str(a) if a else None, str(b) if b else None]
+    return out
+
+
 class DeploymentStore:
-    """Synchronous access for the CLI, workers and start-up."""
+    """Synchronous access for the CLI, workers, the admin API and start-up."""
 
     def __init__(self, client: redis.Redis):
         self.client = client
@@ -110,15 +215,140 @@ class DeploymentStore:
     def list(self) -> list[str]:
         return sorted(m.decode() for m in self.client.smembers(names.DEPLOYMENTS_SET))
 
-    def create(self, deployment: Deployment) -> bool:
+    def create(self, deployment: Deployment, *, actor: str = "system", reason: str = "") -> bool:
         """Create unless it exists; False when another process was first."""
-        created = bool(
-            self.client.set(names.deployment_key(deployment.name), deployment.to_json(), nx=True)
+        now_ms = int(time.time() * 1000)
+        dep = dataclasses.replace(
+            deployment, revision=1, updated_ms=deployment.updated_ms or now_ms
         )
-        current = self.get(deployment.name)
-        ensure_groups(self.client, current)
-        self.client.sadd(names.DEPLOYMENTS_SET, deployment.name)
+        created = bool(self.client.set(names.deployment_key(dep.name), dep.to_json(), nx=True))
+        if created:
+            entry = self._entry(None, dep, "create", actor, reason, {})
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(names.revision_key(dep.name), dep.revision)
+            pipe.rpush(names.history_key(dep.name), json.dumps(entry))
+            pipe.execute()
+        ensure_groups(self.client, self.get(dep.name))
+        self.client.sadd(names.DEPLOYMENTS_SET, dep.name)
         return created
+
+    def update(
+        self,
+        name: str,
+        change: Callable[[Deployment], Deployment],
+        *,
+        action: str,
+        actor: str,
+        reason: str = "",
+        detail: Mapping[str, Any] | None = None,
+        expect_revision: int | None = None,
+    ) -> tuple[Deployment, Deployment]:
+        """Apply ``change`` to the current state atomically; returns (before, after).
+
+        ``change`` may run more than once (another writer got in first) and may raise to
+        refuse. With ``expect_revision``, a state that moved on meanwhile is a conflict."""
+        key = names.deployment_key(name)
+        stream = names.input_stream(name)
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise DeploymentNotFound(f"deployment {name!r} does not exist")
+                    before = Deployment.from_json(raw)
+                    if expect_revision is not None and before.revision != expect_revision:
+                        raise DeploymentConflict(
+                            f"{name} is at revision {before.revision}, not {expect_revision}"
+                        )
+                    after = dataclasses.replace(
+                        change(before),
+                        revision=before.revision + 1,
+                        updated_ms=int(time.time() * 1000),
+                    )
+                    entry = self._entry(before, after, action, actor, reason, detail or {})
+                    pipe.multi()
+                    pipe.set(key, after.to_json())
+                    pipe.set(names.revision_key(name), after.revision)
+                    pipe.rpush(names.history_key(name), json.dumps(entry))
+                    for role in sorted(set(before.roles) - set(after.roles)):
+                        pipe.xgroup_destroy(stream, names.model_group(role))
+                    for role in sorted(set(after.roles) - set(before.roles)):
+                        pipe.xgroup_destroy(stream, names.model_group(role))  # a stale one
+                        pipe.xgroup_create(stream, names.model_group(role), id="$", mkstream=True)
+                    results = pipe.execute(raise_on_error=False)
+                    break
+                except redis.WatchError:
+                    continue
+        for result in results[3:]:
+            if isinstance(result, Exception) and "requires the key to exist" not in str(result):
+                raise result
+        return before, after
+
+    def note(
+        self,
+        name: str,
+        *,
+        action: str,
+        actor: str,
+        reason: str = "",
+        detail: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Record something that did not change the state (a refused promotion)."""
+        dep = self.get(name)
+        entry = self._entry(dep, dep, action, actor, reason, detail or {}, applied=False)
+        self.client.rpush(names.history_key(name), json.dumps(entry))
+        return entry
+
+    def history(self, name: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """Oldest first; with ``limit``, the latest ``limit`` entries."""
+        start = -limit if limit else 0
+        raw = self.client.lrange(names.history_key(name), start, -1)
+        return [json.loads(r) for r in raw]
+
+    def state_at(self, name: str, revision: int) -> dict[str, Any]:
+        """Roles and schedule as they were at ``revision`` (from its history entry)."""
+        for entry in reversed(self.history(name)):
+            if entry.get("applied", True) and entry["revision"] == revision:
+                return {"roles": entry["roles"], "schedule": entry["schedule"]}
+        raise DeploymentConflict(f"{name} has no revision {revision} in its history")
+
+    def role_since_ms(self, name: str, role: str) -> float | None:
+        """When ``role`` got the model version it holds now (None: since before history)."""
+        since = None
+        holder = None
+        for entry in reversed(self.history(name)):
+            if not entry.get("applied", True):
+                continue
+            ref = entry["roles"].get(role)
+            if holder is None:
+                holder = ref
+            if ref is None or ref != holder:
+                break
+            since = float(entry["ts_ms"])
+        return since
+
+    @staticmethod
+    def _entry(
+        before: Deployment | None,
+        after: Deployment,
+        action: str,
+        actor: str,
+        reason: str,
+        detail: Mapping[str, Any],
+        applied: bool = True,
+    ) -> dict[str, Any]:
+        return {
+            "revision": after.revision,
+            "ts_ms": int(time.time() * 1000),
+            "actor": actor,
+            "action": action,
+            "reason": reason,
+            "applied": applied,
+            "changes": _role_changes(before, after) if applied else {},
+            "detail": dict(detail),
+            **_snapshot(after),
+        }
 
 
 def demo_deployment(registry: ModelRegistry, schedule: Schedule) -> Deployment:

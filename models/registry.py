@@ -1,25 +1,42 @@
-"""The model registry: versioned ONNX artifacts with their metadata, in the data folder.
+"""The model registry: versioned ONNX artifacts with their metadata.
 
-Layout: ``<data>/models/<name>/<version>/model.onnx`` beside ``meta.json``. An artifact is
-written to a temporary name and renamed into place, so a reader never sees half a model.
+Artifacts live in the data folder, ``<data>/models/<name>/<version>/model.onnx`` beside
+``meta.json``, each written to a temporary name and renamed into place so a reader never sees
+half a model. With a Redis client the registry also keeps its index in Redis (``rdv:models``),
+so every gateway and worker process sees the same list; the index entry is written after the
+files, so whoever finds it there finds the artifact too. A new version is claimed by creating
+its folder (``mkdir`` is atomic), so two uploads never get the same number.
+
 Nothing here unpickles anything: a model is ONNX bytes plus JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from models.spec import FeatureSpec
-from rendezvous.names import check_name
+from rendezvous.names import MODELS_INDEX, check_name
+
+log = logging.getLogger(__name__)
 
 
 class ModelNotFound(LookupError):
     pass
+
+
+class ModelExists(ValueError):
+    """That name and version is already in the registry."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +51,7 @@ class ModelMeta:
     metrics: dict[str, float] = field(default_factory=dict)
     algorithm: str = ""
     description: str = ""
+    size_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -47,7 +65,15 @@ class ModelMeta:
             "metrics": self.metrics,
             "algorithm": self.algorithm,
             "description": self.description,
+            "size_bytes": self.size_bytes,
         }
+
+    def summary(self) -> dict[str, Any]:
+        """Everything but the feature statistics (for listings)."""
+        doc = self.to_dict()
+        spec = doc.pop("feature_spec")
+        doc["feature_spec"] = {"version": spec["version"], "width": len(spec["names"])}
+        return doc
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> ModelMeta:
@@ -62,6 +88,7 @@ class ModelMeta:
             metrics={k: float(v) for k, v in doc.get("metrics", {}).items()},
             algorithm=doc.get("algorithm", ""),
             description=doc.get("description", ""),
+            size_bytes=int(doc.get("size_bytes", 0)),
         )
 
 
@@ -78,26 +105,112 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _field(name: str, version: int) -> str:
+    return f"{name}:{int(version)}"
+
+
 class ModelRegistry:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, index: redis.Redis | None = None):
         self.root = Path(root)
+        self.index = index
+        """Redis client holding the shared index; None: the data folder alone (workers,
+        training, tests of the files)."""
 
     def _dir(self, name: str, version: int) -> Path:
         if int(version) < 1:
             raise ValueError("model versions start at 1")
         return self.root / check_name(name, "model name") / str(int(version))
 
+    # -- writing ------------------------------------------------------------------------------
+
     def save(self, meta: ModelMeta, onnx_bytes: bytes) -> ModelMeta:
-        """Store an artifact; its sha256 is computed here, never taken on trust."""
-        digest = sha256_hex(onnx_bytes)
-        if meta.sha256 and meta.sha256 != digest:
-            raise ValueError("metadata sha256 does not match the artifact")
-        stored = ModelMeta.from_dict({**meta.to_dict(), "sha256": digest})
+        """Store an artifact under its own version; its sha256 is computed here, never taken
+        on trust. Overwrites files of that version (training); ``add`` never does."""
+        stored = self._stamped(meta, onnx_bytes)
         d = self._dir(meta.name, meta.version)
         d.mkdir(parents=True, exist_ok=True)
-        _write_atomic(d / "model.onnx", onnx_bytes)
-        _write_atomic(d / "meta.json", json.dumps(stored.to_dict(), indent=2).encode())
+        self._write(d, stored, onnx_bytes)
+        if self.index is not None:
+            self.index.hset(
+                MODELS_INDEX, _field(stored.name, stored.version), json.dumps(stored.to_dict())
+            )
         return stored
+
+    def add(self, meta: ModelMeta, onnx_bytes: bytes, version: int | None = None) -> ModelMeta:
+        """Store a new version: ``version`` if given (ModelExists if taken), else the next
+        free number. Nothing is overwritten."""
+        name = check_name(meta.name, "model name")
+        stamped = self._stamped(meta, onnx_bytes)
+        candidate = version if version is not None else self._latest(name) + 1
+        while True:
+            d = self._dir(name, candidate)
+            d.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                d.mkdir()  # the claim: atomic, so concurrent uploads never share a number
+            except FileExistsError:
+                if version is not None:
+                    raise ModelExists(f"model {name} version {version} already exists") from None
+                candidate += 1
+                continue
+            stored = ModelMeta.from_dict({**stamped.to_dict(), "version": candidate})
+            try:
+                self._write(d, stored, onnx_bytes)
+                indexed = self._index_new(stored)
+            except BaseException:
+                shutil.rmtree(d, ignore_errors=True)
+                raise
+            if indexed:
+                return stored
+            shutil.rmtree(d, ignore_errors=True)  # a stale index entry holds that number
+            if version is not None:
+                raise ModelExists(f"model {name} version {version} already exists")
+            candidate += 1
+
+    def _index_new(self, meta: ModelMeta) -> bool:
+        """Index a freshly written version; False when the index already holds another
+        artifact under that number (a concurrent ``adopt`` of this very one is fine)."""
+        if self.index is None:
+            return True
+        key = _field(meta.name, meta.version)
+        if self.index.hsetnx(MODELS_INDEX, key, json.dumps(meta.to_dict())):
+            return True
+        raw = self.index.hget(MODELS_INDEX, key)
+        return raw is not None and json.loads(raw).get("sha256") == meta.sha256
+
+    def delete(self, name: str, version: int) -> None:
+        """Drop a version from the index, then its files. The caller checks no role holds it."""
+        d = self._dir(name, version)
+        found = d.exists()
+        if self.index is not None:
+            found = bool(self.index.hdel(MODELS_INDEX, _field(name, version))) or found
+        if not found:
+            raise ModelNotFound(f"model {name} version {version} is not in the registry")
+        shutil.rmtree(d, ignore_errors=True)
+        with contextlib.suppress(OSError):  # only when empty; an upload may be claiming
+            d.parent.rmdir()
+
+    def adopt(self) -> list[ModelMeta]:
+        """Index artifacts found in the data folder but not in Redis (trained before Redis ran,
+        or Redis lost its data); an artifact whose sha256 no longer matches is skipped."""
+        if self.index is None:
+            return []
+        known = {k.decode() for k in self.index.hkeys(MODELS_INDEX)}
+        adopted = []
+        for meta in self._disk_metas():
+            if _field(meta.name, meta.version) in known:
+                continue
+            if not self.verify(meta.name, meta.version):
+                log.warning(
+                    "not indexing %s v%d: its sha256 does not match", meta.name, meta.version
+                )
+                continue
+            if self.index.hsetnx(
+                MODELS_INDEX, _field(meta.name, meta.version), json.dumps(meta.to_dict())
+            ):
+                adopted.append(meta)
+        return adopted
+
+    # -- reading ------------------------------------------------------------------------------
 
     def exists(self, name: str, version: int) -> bool:
         d = self._dir(name, version)
@@ -123,13 +236,136 @@ class ModelRegistry:
             == self.meta(name, version).sha256
         )
 
-    def list(self) -> list[ModelMeta]:
+    def list(self, name: str | None = None) -> list[ModelMeta]:
+        """Every version (of ``name``), by name then version; from the index when there is
+        one, else from the data folder."""
+        if self.index is None:
+            metas: Iterable[ModelMeta] = self._disk_metas()
+        else:
+            metas = [ModelMeta.from_dict(json.loads(raw)) for raw in self.index.hvals(MODELS_INDEX)]
+        chosen = [m for m in metas if name is None or m.name == name]
+        return sorted(chosen, key=lambda m: (m.name, m.version))
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _stamped(meta: ModelMeta, onnx_bytes: bytes) -> ModelMeta:
+        digest = sha256_hex(onnx_bytes)
+        if meta.sha256 and meta.sha256 != digest:
+            raise ValueError("metadata sha256 does not match the artifact")
+        return ModelMeta.from_dict(
+            {**meta.to_dict(), "sha256": digest, "size_bytes": len(onnx_bytes)}
+        )
+
+    @staticmethod
+    def _write(d: Path, meta: ModelMeta, onnx_bytes: bytes) -> None:
+        _write_atomic(d / "model.onnx", onnx_bytes)
+        _write_atomic(d / "meta.json", json.dumps(meta.to_dict(), indent=2).encode())
+
+    def _latest(self, name: str) -> int:
+        versions = [m.version for m in self.list(name)]
+        name_dir = self.root / name
+        if name_dir.exists():
+            versions += [int(p.name) for p in name_dir.iterdir() if p.name.isdigit()]
+        return max(versions, default=0)
+
+    def _disk_metas(self) -> list[ModelMeta]:
         out: list[ModelMeta] = []
         if not self.root.exists():
             return out
         for name_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
             versions = [p for p in name_dir.iterdir() if p.is_dir() and p.name.isdigit()]
             for vdir in sorted(versions, key=lambda p: int(p.name)):
-                if (vdir / "meta.json").exists():
+                if (vdir / "meta.json").exists() and (vdir / "model.onnx").exists():
                     out.append(self.meta(name_dir.name, int(vdir.name)))
         return out
+
+
+# -- checking an uploaded artifact ------------------------------------------------------------
+
+ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+"""Operator sets a model may use: standard ONNX and ONNX-ML (what skl2onnx emits), no custom
+operators that would need native code the server does not have."""
+
+
+class ArtifactRejected(ValueError):
+    """An uploaded artifact that is not a self-contained ONNX classifier fitting its spec."""
+
+
+def _graphs(graph: Any) -> Iterable[Any]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _graphs(attr.g)
+            for sub in attr.graphs:
+                yield from _graphs(sub)
+
+
+def _tensors(graph: Any) -> Iterable[Any]:
+    for g in _graphs(graph):
+        yield from g.initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+
+
+def inspect_onnx(data: bytes, meta: ModelMeta) -> ModelMeta:
+    """Check an upload before anything is stored: ONNX (parsed as protobuf, never unpickled),
+    no external data files (they would be read from the server's disk), standard operators
+    only, loadable by onnxruntime, one input of the feature spec's width, and a dry run on a
+    batch of that width. Returns ``meta`` with the classes the model really outputs."""
+    import numpy as np
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from models.runtime import ModelLoadError, OnnxClassifier
+
+    if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":
+        raise ArtifactRejected(
+            "this looks like a Python pickle or a zip archive, not ONNX; export the model "
+            "to ONNX (for scikit-learn: skl2onnx) and upload that"
+        )
+    try:
+        proto = onnx.load_model_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ArtifactRejected(f"not an ONNX model: {exc}") from None
+    if not proto.graph.node:
+        raise ArtifactRejected("not an ONNX model: no graph nodes")
+    domains = {op.domain for op in proto.opset_import} - ALLOWED_DOMAINS
+    if domains:
+        raise ArtifactRejected(
+            f"the model uses operator sets this server does not run: {sorted(domains)}"
+        )
+    for tensor in _tensors(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
+            raise ArtifactRejected(
+                "the model refers to external data files; upload a self-contained ONNX file"
+            )
+    width = meta.feature_spec.width
+    try:
+        model = OnnxClassifier(data, meta)
+        _labels, proba = model.predict(np.zeros((2, width), np.float32))
+    except ModelLoadError as exc:
+        raise ArtifactRejected(str(exc)) from None
+    except Exception as exc:  # onnxruntime raises several private exception types
+        raise ArtifactRejected(
+            f"the model fails on a batch of {width} features per row: {exc}"
+        ) from None
+    if proba.ndim != 2 or proba.shape[0] != 2:
+        raise ArtifactRejected(
+            f"expected probabilities of shape (rows, classes), got {proba.shape}"
+        )
+    n_classes = int(proba.shape[1])
+    classes = meta.classes or list(range(n_classes))
+    if len(classes) != n_classes:
+        raise ArtifactRejected(
+            f"the metadata names {len(classes)} classes, the model "
+            f"outputs {n_classes} probabilities"
+        )
+    class_names = meta.class_names or [str(c) for c in classes]
+    if len(class_names) != n_classes:
+        raise ArtifactRejected("class_names must name every class")
+    return ModelMeta.from_dict({**meta.to_dict(), "classes": classes, "class_names": class_names})

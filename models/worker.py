@@ -108,6 +108,18 @@ class ModelWorker:
                 stop.wait(backoff_s)
                 backoff_s = min(backoff_s * 2, 1.0)
                 self._pending_first = True
+            except redis.ResponseError as exc:
+                # A role removed from the deployment takes its consumer group with it.
+                if "NOGROUP" not in str(exc) or not self._role_gone():
+                    raise
+                log.info("%s/%s: the role is gone; stopping", self.deployment, self.role)
+                return
+
+    def _role_gone(self) -> bool:
+        try:
+            return self.role not in self.store.get(self.deployment).roles
+        except DeploymentNotFound:
+            return True
 
     def drain(self) -> int:
         """Score until nothing new or pending is left (tests, batch replays)."""
@@ -152,13 +164,21 @@ class ModelWorker:
             if claimed and claimed[1]:
                 self.stats.reclaimed += len(claimed[1])
                 return list(claimed[1])
-        reply = self.client.xreadgroup(
+        # The revision rides along with the read (same round trip, answered once the read
+        # returns), so a batch is scored by the version holding the role when it was read:
+        # a promotion takes effect at once, not at the next heartbeat.
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xreadgroup(
             self.group,
             self.consumer,
             {self.stream: ">"},
             count=self.batch_size,
             block=block_ms,
         )
+        pipe.get(names.revision_key(self.deployment))
+        reply, revision = pipe.execute()
+        if revision is not None and int(revision) != self.revision:
+            self._maybe_reload(self.client.get(names.deployment_key(self.deployment)))
         return reply[0][1] if reply else []
 
     def _handle(

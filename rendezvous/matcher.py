@@ -182,7 +182,9 @@ class Rendezvous:
             failed = {role for role, r in mb.results.items() if not r.ok}
             verdict = decide(mb.schedule, ok, failed, elapsed_ms)
             if verdict.answer is not None:
-                outcome = "real" if verdict.answer == names.REAL else "fallback"
+                outcome = verdict.outcome or (
+                    "real" if verdict.answer == names.REAL else "fallback"
+                )
                 mb.answered = Answer(
                     outcome, verdict.answer, mb.results[verdict.answer], verdict.reason,
                     elapsed_ms,
@@ -221,6 +223,7 @@ class Rendezvous:
             chosen_role=answered.role if answered else None,
             outcome=answered.outcome if answered else "abandoned",
             answered_after_ms=round(answered.elapsed_ms, 4) if answered else None,
+            schedule=mb.schedule,
         )
         self.decisions.append_nowait(
             names.decisions_stream(mb.deployment), encode_decision(record), self.decisions_maxlen

@@ -19,6 +19,8 @@ REAL = "real"
 CANARY = "canary"
 
 DEPLOYMENTS_SET = f"{PREFIX}:deployments"
+MODELS_INDEX = f"{PREFIX}:models"
+"""Hash: ``name:version`` -> the model's metadata (JSON); the registry's shared index."""
 
 
 class InvalidName(ValueError):
@@ -56,6 +58,16 @@ def decisions_stream(deployment: str) -> str:
 def deployment_key(deployment: str) -> str:
     """JSON document with the deployment's roles, schedule and feature spec."""
     return f"{_tag(deployment)}:deployment"
+
+
+def revision_key(deployment: str) -> str:
+    """The deployment's revision alone: workers poll it with every read, cheaply."""
+    return f"{_tag(deployment)}:revision"
+
+
+def history_key(deployment: str) -> str:
+    """List of JSON entries, one per change (and per refused promotion), oldest first."""
+    return f"{_tag(deployment)}:history"
 
 
 def workers_key(deployment: str) -> str:

@@ -2,27 +2,47 @@
 
 Pure logic, no clocks and no I/O: the matcher asks ``decide`` each time something happens
 (a result arrives, a timer fires) and acts on the verdict.
+
+An optional A/B split lets challengers answer a fraction of requests. The draw is a hash of
+the deployment's split seed and the request id, so the same request id always lands on the
+same side (a replay is reproducible) and no random state is shared between gateways.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from rendezvous.names import REAL, check_role
+from rendezvous.names import CANARY, REAL, check_role
+
+
+def split_draw(seed: int, request_id: str) -> float:
+    """A uniform number in [0, 1) fixed by (seed, request id)."""
+    digest = hashlib.sha256(f"{seed}\x1f{request_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 @dataclass(frozen=True, slots=True)
 class Schedule:
-    """(model, accept-until) pairs in the book's terms: real until ``real_deadline_ms``, then
-    the first fallback that has answered, and a hard stop at ``timeout_ms``."""
+    """(model, accept-until) pairs in the book's terms: the primary (real, unless the split
+    drew a challenger) until ``real_deadline_ms``, then the first fallback that has answered,
+    and a hard stop at ``timeout_ms``."""
 
     real_deadline_ms: float = 50.0
     timeout_ms: float = 1000.0
     fallbacks: tuple[str, ...] = ("canary",)
     grace_ms: float = 200.0
     """After the answer, how long to wait for the other bins before the decision record."""
+    splits: tuple[tuple[str, float], ...] = ()
+    """A/B split: (challenger role, fraction of requests it answers). Real answers the rest."""
+    split_seed: int = 0
+    primary: str = REAL
+    """Per request (never stored): the role that answers first."""
+    draw: float | None = None
+    """Per request (never stored): the split draw that chose ``primary``."""
 
     def __post_init__(self) -> None:
         if not 0 < self.real_deadline_ms <= self.timeout_ms:
@@ -33,6 +53,22 @@ class Schedule:
             check_role(role)
             if role == REAL:
                 raise ValueError("real cannot be its own fallback")
+        seen: set[str] = set()
+        for role, fraction in self.splits:
+            check_role(role)
+            if role in (REAL, CANARY):
+                raise ValueError(f"a split goes to a challenger, not to {role}")
+            if role in seen:
+                raise ValueError(f"role {role} appears twice in the split")
+            seen.add(role)
+            if not 0 < fraction <= 1:
+                raise ValueError(f"split fraction of {role} must lie in (0, 1], got {fraction}")
+        if sum(f for _, f in self.splits) > 1 + 1e-9:
+            raise ValueError("split fractions add up to more than 1")
+
+    @property
+    def split_roles(self) -> list[str]:
+        return [role for role, _ in self.splits]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -40,16 +76,42 @@ class Schedule:
             "timeout_ms": self.timeout_ms,
             "fallbacks": list(self.fallbacks),
             "grace_ms": self.grace_ms,
+            "splits": dict(self.splits),
+            "split_seed": self.split_seed,
         }
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> Schedule:
+        splits = doc.get("splits") or {}
         return cls(
             real_deadline_ms=float(doc.get("real_deadline_ms", 50.0)),
             timeout_ms=float(doc.get("timeout_ms", 1000.0)),
             fallbacks=tuple(doc.get("fallbacks", ("canary",))),
             grace_ms=float(doc.get("grace_ms", 200.0)),
+            splits=tuple((str(r), float(f)) for r, f in dict(splits).items()),
+            split_seed=int(doc.get("split_seed", 0)),
         )
+
+    def updated(self, changes: Mapping[str, Any]) -> Schedule:
+        """This schedule with the stored fields in ``changes`` replaced (validated again)."""
+        return Schedule.from_dict({**self.to_dict(), **changes})
+
+    def without_role(self, role: str) -> Schedule:
+        """Drop a role that left the deployment from the split (fallbacks may name absent
+        roles: they simply never answer)."""
+        return dataclasses.replace(self, splits=tuple(s for s in self.splits if s[0] != role))
+
+    def for_request(self, request_id: str) -> Schedule:
+        """The schedule of one request: the split decides who answers first."""
+        if not self.splits:
+            return self
+        u = split_draw(self.split_seed, request_id)
+        edge = 0.0
+        for role, fraction in self.splits:
+            edge += fraction
+            if u < edge:
+                return dataclasses.replace(self, primary=role, draw=u)
+        return dataclasses.replace(self, primary=REAL, draw=u)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +123,18 @@ class Verdict:
     timed_out: bool = False
     wait_until_ms: float | None = None
     reason: str = field(default="")
+    outcome: str = ""
+    """``real``, ``split`` (a challenger drawn by the split answered) or ``fallback``."""
+
+
+def _answer(schedule: Schedule, role: str, reason: str) -> Verdict:
+    if role == REAL:
+        outcome = "real"
+    elif role == schedule.primary:
+        outcome = "split"
+    else:
+        outcome = "fallback"
+    return Verdict(answer=role, reason=reason, outcome=outcome)
 
 
 def decide(
@@ -71,16 +145,20 @@ def decide(
 ) -> Verdict:
     """What to do now, given the roles that answered, those that reported a failure, and the
     time since the request arrived."""
-    if REAL in answered:
-        return Verdict(answer=REAL, reason="real answered")
-    real_is_out = REAL in failed or elapsed_ms >= schedule.real_deadline_ms
-    if real_is_out:
-        for role in schedule.fallbacks:
+    primary = schedule.primary
+    if primary in answered:
+        return _answer(schedule, primary, f"{primary} answered")
+    primary_is_out = primary in failed or elapsed_ms >= schedule.real_deadline_ms
+    if primary_is_out:
+        order = schedule.fallbacks
+        if primary != REAL:
+            order = (REAL, *(r for r in schedule.fallbacks if r != primary))
+        for role in order:
             if role in answered:
-                why = "real failed" if REAL in failed else "real missed its deadline"
-                return Verdict(answer=role, reason=f"{why}; {role} answered")
+                why = f"{primary} failed" if primary in failed else f"{primary} missed its deadline"
+                return _answer(schedule, role, f"{why}; {role} answered")
     if elapsed_ms >= schedule.timeout_ms:
         return Verdict(timed_out=True, reason="no bin answered before the timeout")
-    if not real_is_out:
+    if not primary_is_out:
         return Verdict(wait_until_ms=schedule.real_deadline_ms)
     return Verdict(wait_until_ms=schedule.timeout_ms)

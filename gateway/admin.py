@@ -1,0 +1,340 @@
+"""The admin API under ``/admin``: thin routes over ``AdminService``, every one behind the
+bearer token.
+
+The token check lives in the route class of the admin router, so it runs before anything
+else a route does (before its body is even parsed) and no route added to the router can
+skip it. Without ``RDV_ADMIN_TOKEN`` the routes answer 404 with a message saying so: the
+admin API is off, never open. Whatever changes a deployment refreshes this gateway's
+deployment cache at once; other gateways see it within their refresh interval (1 s).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPBearer
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from gateway.admin_models import (
+    AddChallenger,
+    AdminError,
+    CreateDeployment,
+    Invalid,
+    Promote,
+    Rollback,
+    ScheduleIn,
+    UploadJSON,
+    UploadMeta,
+)
+from gateway.admin_service import AdminService
+from gateway.settings import Settings
+from models.registry import ModelRegistry
+from rendezvous.connection import connect
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/admin"
+UPLOAD_PATH = f"{PREFIX}/models"
+OFF = "the admin API is off: set RDV_ADMIN_TOKEN on the gateway to turn it on"
+
+Actor = Annotated[
+    str | None,
+    Header(alias="X-Actor", max_length=128, description="who makes the change (history)"),
+]
+
+
+def upload_body_cap(settings: Settings) -> int:
+    """Largest upload body: the artifact as base64 (4/3) plus room for its metadata."""
+    return settings.max_model_bytes * 4 // 3 + 1024 * 1024
+
+
+def _token(settings: Settings) -> bytes | None:
+    secret = settings.admin_token.get_secret_value() if settings.admin_token else ""
+    return secret.encode() if secret else None
+
+
+def _refusal(request: Request, token: bytes | None) -> JSONResponse | None:
+    """None when the request carries the admin token; never logs what it was given."""
+    if token is None:
+        return JSONResponse({"detail": OFF}, status_code=404)
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return JSONResponse(
+            {"detail": "admin routes need 'Authorization: Bearer <RDV_ADMIN_TOKEN>'"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not hmac.compare_digest(given.strip().encode(), token):
+        return JSONResponse({"detail": "wrong admin token"}, status_code=403)
+    return None
+
+
+def guarded_route(token: bytes | None) -> type[APIRoute]:
+    """A route class that checks the token first and turns ``AdminError`` into its status."""
+
+    class AdminRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def guarded(request: Request) -> Response:
+                refusal = _refusal(request, token)
+                if refusal is not None:
+                    return refusal
+                try:
+                    return await handler(request)
+                except AdminError as exc:
+                    return JSONResponse({"detail": exc.detail, **exc.extra}, status_code=exc.status)
+
+            return guarded
+
+    return AdminRoute
+
+
+def _service(request: Request) -> AdminService:
+    service: AdminService = request.app.state.admin
+    return service
+
+
+async def _call(request: Request, method: str, *args: Any) -> Any:
+    """Run one service method in a worker thread (file I/O, onnxruntime, sync Redis)."""
+    return await run_in_threadpool(getattr(_service(request), method), *args)
+
+
+async def _changed(request: Request, method: str, *args: Any) -> Any:
+    """Like ``_call`` for a change: this gateway's deployment cache follows at once."""
+    result = await _call(request, method, *args)
+    await request.app.state.deployments.refresh()
+    return result
+
+
+def _validated(model: type[UploadMeta], doc: Any) -> Any:
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        raise Invalid(
+            "invalid model metadata",
+            errors=exc.errors(include_url=False, include_context=False, include_input=False),
+        ) from None
+
+
+async def _read_upload(request: Request, max_bytes: int) -> tuple[UploadMeta, bytes]:
+    """(metadata, ONNX bytes) from multipart/form-data or from JSON with base64."""
+    ctype = request.headers.get("content-type", "").lower()
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=32)
+        try:
+            part = form.get("file")
+            if not isinstance(part, UploadFile):
+                raise Invalid("a multipart upload needs a 'file' part holding the ONNX model")
+            data = await part.read(max_bytes + 1)
+            doc: dict[str, Any] = {}
+            raw_meta = form.get("metadata")
+            if isinstance(raw_meta, str) and raw_meta.strip():
+                try:
+                    doc = json.loads(raw_meta)
+                except ValueError as exc:
+                    raise Invalid(f"the 'metadata' part is not JSON: {exc}") from None
+                if not isinstance(doc, dict):
+                    raise Invalid("the 'metadata' part must be a JSON object")
+            for key in ("name", "version", "deployment", "description", "algorithm"):
+                value = form.get(key)
+                if isinstance(value, str):
+                    doc[key] = value
+        finally:
+            await form.close()
+        return _validated(UploadMeta, doc), data
+    if ctype.startswith("application/json"):
+        try:
+            doc = json.loads(await request.body())
+        except ValueError as exc:
+            raise Invalid(f"the body is not JSON: {exc}") from None
+        upload = _validated(UploadJSON, doc)
+        try:
+            data = base64.b64decode(upload.onnx_base64, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise Invalid(f"onnx_base64 is not base64: {exc}") from None
+        return UploadMeta.model_validate(upload.model_dump(exclude={"onnx_base64"})), data
+    raise AdminError(
+        "send multipart/form-data (a 'file' part and a 'metadata' JSON part) or "
+        "JSON with 'onnx_base64'",
+        status=415,
+    )
+
+
+_UPLOAD_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": UploadJSON.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "metadata": {"type": "string", "description": "UploadMeta as JSON"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+def build_router(settings: Settings) -> APIRouter:
+    router = APIRouter(
+        prefix=PREFIX,
+        tags=["admin"],
+        route_class=guarded_route(_token(settings)),
+        dependencies=[Depends(HTTPBearer(auto_error=False))],  # documents the scheme
+        responses={
+            401: {"description": "no bearer token"},
+            403: {"description": "wrong token"},
+            404: {"description": "not found, or the admin API is off"},
+        },
+    )
+
+    @router.post(
+        "/models",
+        status_code=201,
+        openapi_extra=_UPLOAD_DOC,
+        responses={
+            413: {"description": "artifact too large"},
+            415: {"description": "neither multipart nor JSON"},
+            422: {"description": "not ONNX, wrong width, bad metadata"},
+        },
+    )
+    async def upload_model(request: Request, actor: Actor = None) -> Any:
+        """Upload an ONNX model (checked in onnxruntime) as a new version."""
+        meta, data = await _read_upload(request, settings.max_model_bytes)
+        return await _call(request, "upload", meta, data, actor or "admin")
+
+    @router.get("/models")
+    async def list_models(request: Request, name: str | None = None) -> Any:
+        """Every model version (optionally of one name), with the roles it holds."""
+        return {"models": await _call(request, "models", name)}
+
+    @router.get("/models/{name}")
+    async def model_versions(request: Request, name: str) -> Any:
+        """The versions of one model."""
+        versions = await _call(request, "models", name)
+        if not versions:
+            raise AdminError(f"no model {name!r} in the registry", status=404)
+        return {"name": name, "versions": versions}
+
+    @router.get("/models/{name}/{version}")
+    async def show_model(request: Request, name: str, version: int) -> Any:
+        """One version's metadata, sha256 and roles."""
+        return await _call(request, "model", name, version)
+
+    @router.delete("/models/{name}/{version}")
+    async def delete_model(request: Request, name: str, version: int, actor: Actor = None) -> Any:
+        """Delete a version that holds no role in any deployment."""
+        return await _call(request, "delete_model", name, version, actor or "admin")
+
+    @router.get("/deployments")
+    async def list_deployments(request: Request) -> Any:
+        return {"deployments": await _call(request, "deployments")}
+
+    @router.post("/deployments", status_code=201)
+    async def create_deployment(
+        request: Request, body: CreateDeployment, actor: Actor = None
+    ) -> Any:
+        """A new deployment: the real model's feature spec, an optional canary, a schedule."""
+        return await _changed(request, "create_deployment", body, actor or "admin")
+
+    @router.get("/deployments/{deployment}")
+    async def show_deployment(request: Request, deployment: str) -> Any:
+        """Roles, schedule, revision, feature names and live workers per role."""
+        return await _call(request, "deployment", deployment)
+
+    @router.get("/deployments/{deployment}/history")
+    async def history(
+        request: Request, deployment: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
+    ) -> Any:
+        """Every change (and refused promotion), oldest first."""
+        return {"history": await _call(request, "history", deployment, limit)}
+
+    @router.get("/deployments/{deployment}/shadow")
+    async def shadow(request: Request, deployment: str) -> Any:
+        """Each non-real role's record against real over the recent decision records."""
+        return await _call(request, "shadow", deployment)
+
+    @router.post("/deployments/{deployment}/promote")
+    async def promote(request: Request, deployment: str, body: Promote, actor: Actor = None) -> Any:
+        """Make a version real; the old real becomes the canary. 409 with the figures when
+        it falls short of the requested shadow evidence (unless forced)."""
+        return await _changed(request, "promote", deployment, body, actor or "admin")
+
+    @router.post("/deployments/{deployment}/rollback")
+    async def rollback(
+        request: Request, deployment: str, body: Rollback | None = None, actor: Actor = None
+    ) -> Any:
+        """Restore the roles and schedule of the previous (or a given) revision."""
+        return await _changed(request, "rollback", deployment, body or Rollback(), actor or "admin")
+
+    @router.post("/deployments/{deployment}/challengers", status_code=201)
+    async def add_challenger(
+        request: Request, deployment: str, body: AddChallenger, actor: Actor = None
+    ) -> Any:
+        """A shadow role that scores every request from now on (no replay of history)."""
+        return await _changed(request, "add_challenger", deployment, body, actor or "admin")
+
+    @router.delete("/deployments/{deployment}/challengers/{role}")
+    async def remove_challenger(
+        request: Request, deployment: str, role: str, reason: str = "", actor: Actor = None
+    ) -> Any:
+        return await _changed(
+            request, "remove_challenger", deployment, role, actor or "admin", reason
+        )
+
+    @router.patch("/deployments/{deployment}/schedule")
+    async def set_schedule(
+        request: Request, deployment: str, body: ScheduleIn, actor: Actor = None
+    ) -> Any:
+        """Change the real deadline, timeout, fallback order, grace period or A/B split."""
+        return await _changed(request, "set_schedule", deployment, body, actor or "admin")
+
+    return router
+
+
+def install_admin(app: FastAPI, settings: Settings) -> None:
+    app.include_router(build_router(settings))
+
+
+async def start_admin(app: FastAPI, settings: Settings) -> Callable[[], None]:
+    """Open the admin plane (its own Redis client; models found on disk are indexed) and say
+    in the log whether the admin API is on. Returns what closes it."""
+    app.state.admin = None
+    if _token(settings) is None:
+        log.warning("admin API is off: RDV_ADMIN_TOKEN is not set (every /admin route answers 404)")
+        return lambda: None
+    assert settings.redis_url is not None
+    client = await run_in_threadpool(connect, settings.redis_url, 30.0, settings.redis_timeout_s)
+    registry = ModelRegistry(settings.models_dir, index=client)
+    adopted = await run_in_threadpool(registry.adopt)
+    app.state.admin = AdminService(
+        client,
+        registry,
+        default_schedule=settings.schedule(),
+        max_model_bytes=settings.max_model_bytes,
+        shadow_window=settings.shadow_window,
+        heartbeat_timeout_s=settings.heartbeat_timeout_s,
+    )
+    log.info(
+        "admin API is on under %s (bearer token); %d model versions found on disk were indexed",
+        PREFIX,
+        len(adopted),
+    )
+    return client.close

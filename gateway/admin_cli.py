@@ -1,0 +1,247 @@
+"""``rdv`` admin commands: the admin API over HTTP, one command per route.
+
+They talk to a running gateway (``--url``, default ``http://RDV_HOST:RDV_PORT``) with the
+token from ``RDV_ADMIN_TOKEN``, print the JSON answer, and exit non-zero with the server's
+``detail`` when it refuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.settings import Settings
+
+_TIMEOUT_S = 60.0
+
+
+def _actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"[:128]
+
+
+def _request(args: argparse.Namespace, method: str, path: str, **kw: Any) -> Any:
+    import httpx
+
+    settings = Settings()
+    url = args.url or f"http://{settings.host}:{settings.port}"
+    headers = {"X-Actor": _actor()}
+    if settings.admin_token is not None:
+        headers["Authorization"] = f"Bearer {settings.admin_token.get_secret_value()}"
+    try:
+        with httpx.Client(base_url=url, timeout=_TIMEOUT_S, headers=headers) as http:
+            resp = http.request(method, f"/admin{path}", **kw)
+    except httpx.HTTPError as exc:
+        sys.exit(f"cannot reach the gateway at {url}: {exc}")
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {"detail": resp.text}
+    if resp.status_code >= 400:
+        print(json.dumps(body, indent=2), file=sys.stderr)
+        detail = body.get("detail") if isinstance(body, dict) else body
+        sys.exit(f"{method} /admin{path} -> {resp.status_code}: {detail}")
+    print(json.dumps(body, indent=2))
+    return body
+
+
+def _without_none(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if v is not None}
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    if args.action == "upload":
+        meta = _without_none(
+            {
+                "name": args.name,
+                "version": args.version,
+                "deployment": args.deployment,
+                "description": args.description,
+                "algorithm": args.algorithm,
+                "metrics": json.loads(args.metrics) if args.metrics else None,
+                "classes": [int(c) for c in args.classes.split(",")] if args.classes else None,
+            }
+        )
+        data = Path(args.file).read_bytes()
+        files = {"file": (Path(args.file).name, data, "application/octet-stream")}
+        _request(args, "POST", "/models", files=files, data={"metadata": json.dumps(meta)})
+    elif args.action == "list":
+        _request(args, "GET", "/models", params=_without_none({"name": args.name}))
+    elif args.action == "show":
+        _request(args, "GET", f"/models/{args.name}/{args.version}")
+    else:
+        _request(args, "DELETE", f"/models/{args.name}/{args.version}")
+
+
+def cmd_deployments(args: argparse.Namespace) -> None:
+    if args.action == "list":
+        _request(args, "GET", "/deployments")
+    elif args.action == "show":
+        _request(args, "GET", f"/deployments/{args.deployment}")
+    elif args.action == "history":
+        _request(
+            args, "GET", f"/deployments/{args.deployment}/history", params={"limit": args.limit}
+        )
+    elif args.action == "shadow":
+        _request(args, "GET", f"/deployments/{args.deployment}/shadow")
+    else:
+        body: dict[str, Any] = {
+            "name": args.deployment,
+            "real": {"model": args.model, "version": args.version},
+            "reason": args.reason,
+        }
+        if args.canary_version is not None:
+            body["canary"] = {
+                "model": args.canary_model or args.model,
+                "version": args.canary_version,
+            }
+        _request(args, "POST", "/deployments", json=body)
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    body = _without_none(
+        {
+            "version": args.version,
+            "model": args.model,
+            "pin_canary": args.pin_canary,
+            "force": args.force,
+            "min_shadow_requests": args.min_shadow_requests,
+            "max_disagreement": args.max_disagreement,
+            "reason": args.reason,
+        }
+    )
+    _request(args, "POST", f"/deployments/{args.deployment}/promote", json=body)
+
+
+def cmd_rollback(args: argparse.Namespace) -> None:
+    body = _without_none({"to_revision": args.to_revision, "reason": args.reason})
+    _request(args, "POST", f"/deployments/{args.deployment}/rollback", json=body)
+
+
+def cmd_challengers(args: argparse.Namespace) -> None:
+    path = f"/deployments/{args.deployment}/challengers"
+    if args.action == "add":
+        body = _without_none(
+            {
+                "role": args.role,
+                "version": args.version,
+                "model": args.model,
+                "split": args.split,
+                "reason": args.reason,
+            }
+        )
+        _request(args, "POST", path, json=body)
+    else:
+        _request(args, "DELETE", f"{path}/{args.role}", params={"reason": args.reason})
+
+
+def cmd_schedule(args: argparse.Namespace) -> None:
+    splits: dict[str, float] | None = {} if args.clear_split else None
+    if args.split is not None:
+        splits = {}
+        for item in args.split:
+            role, _, fraction = item.partition("=")
+            splits[role] = float(fraction)
+    fallbacks = None
+    if args.fallbacks is not None:
+        fallbacks = [r for r in args.fallbacks.split(",") if r]
+    body = _without_none(
+        {
+            "real_deadline_ms": args.real_deadline_ms,
+            "timeout_ms": args.timeout_ms,
+            "grace_ms": args.grace_ms,
+            "fallbacks": fallbacks,
+            "splits": splits,
+            "split_seed": args.split_seed,
+            "reason": args.reason,
+        }
+    )
+    _request(args, "PATCH", f"/deployments/{args.deployment}/schedule", json=body)
+
+
+def add_admin_commands(sub: Any) -> None:
+    """Register the admin commands on the ``rdv`` parser's subcommands."""
+
+    def admin(name: str, help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+        p.add_argument("--url", help="gateway base URL (default http://RDV_HOST:RDV_PORT)")
+        return p
+
+    def reason(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--reason", default="", help="why (kept in the deployment's history)")
+
+    p = admin("models", "model registry: upload, list, show, delete (admin API)")
+    p.add_argument("action", choices=["upload", "list", "show", "delete"])
+    p.add_argument("--name", help="model name")
+    p.add_argument("--version", type=int)
+    p.add_argument("--file", help="upload: the ONNX file")
+    p.add_argument("--deployment", help="upload: check the width against this deployment")
+    p.add_argument("--description")
+    p.add_argument("--algorithm")
+    p.add_argument("--metrics", help='upload: JSON object, e.g. {"accuracy": 0.97}')
+    p.add_argument("--classes", help="upload: comma-separated class labels")
+    p.set_defaults(func=cmd_models)
+
+    p = admin("deployments", "deployments: list, show, create, history, shadow (admin API)")
+    p.add_argument("action", choices=["list", "show", "create", "history", "shadow"])
+    p.add_argument("--deployment")
+    p.add_argument("--model", help="create: the real model's name")
+    p.add_argument("--version", type=int, help="create: the real model's version")
+    p.add_argument("--canary-model")
+    p.add_argument("--canary-version", type=int)
+    p.add_argument("--limit", type=int, default=50, help="history: latest entries")
+    reason(p)
+    p.set_defaults(func=cmd_deployments)
+
+    p = admin("promote", "make a model version real; the old real becomes the canary")
+    p.add_argument("--deployment", required=True)
+    p.add_argument("--version", type=int, required=True)
+    p.add_argument("--model", help="default: the real model's name")
+    p.add_argument("--pin-canary", action="store_true", help="keep the canary as it is")
+    p.add_argument("--force", action="store_true", help="promote even if the gate refuses")
+    p.add_argument("--min-shadow-requests", type=int)
+    p.add_argument("--max-disagreement", type=float)
+    reason(p)
+    p.set_defaults(func=cmd_promote)
+
+    p = admin("rollback", "restore the previous (or a given) revision's roles and schedule")
+    p.add_argument("--deployment", required=True)
+    p.add_argument("--to-revision", type=int)
+    reason(p)
+    p.set_defaults(func=cmd_rollback)
+
+    p = admin("challengers", "add or remove a shadow/challenger role")
+    p.add_argument("action", choices=["add", "remove"])
+    p.add_argument("--deployment", required=True)
+    p.add_argument("--role", required=True)
+    p.add_argument("--version", type=int, help="add: the model version")
+    p.add_argument("--model", help="add: default the real model's name")
+    p.add_argument("--split", type=float, help="add: fraction of requests it answers (A/B)")
+    reason(p)
+    p.set_defaults(func=cmd_challengers)
+
+    p = admin("schedule", "change a deployment's schedule")
+    p.add_argument("action", choices=["set"])
+    p.add_argument("--deployment", required=True)
+    p.add_argument("--real-deadline-ms", type=float)
+    p.add_argument("--timeout-ms", type=float)
+    p.add_argument("--grace-ms", type=float)
+    p.add_argument("--fallbacks", help="comma-separated roles, in order ('' for none)")
+    p.add_argument(
+        "--split",
+        action="append",
+        metavar="ROLE=FRACTION",
+        help="A/B split (repeat per role; give none to keep it)",
+    )
+    p.add_argument("--clear-split", action="store_true", help="no A/B split any more")
+    p.add_argument("--split-seed", type=int)
+    reason(p)
+    p.set_defaults(func=cmd_schedule)

@@ -1,0 +1,113 @@
+"""The admin API's vocabulary: its errors (each with its HTTP status) and its request bodies
+(pydantic), shared by the routes and the service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class AdminError(Exception):
+    status = 400
+
+    def __init__(self, detail: str, *, status: int | None = None, **extra: Any):
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+        if status is not None:
+            self.status = status
+
+
+class NotFound(AdminError):
+    status = 404
+
+
+class Conflict(AdminError):
+    status = 409
+
+
+class Invalid(AdminError):
+    status = 422
+
+
+class TooLarge(AdminError):
+    status = 413
+
+
+# -- the service -------------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class UploadMeta(_Body):
+    """What travels beside the ONNX bytes (the multipart ``metadata`` part, or the JSON body
+    without ``onnx_base64``)."""
+
+    name: str = Field(description="model name (a-z, 0-9, '.', '_', '-')")
+    version: int | None = Field(default=None, ge=1, description="default: the next free one")
+    deployment: str | None = Field(
+        default=None, description="check the input width against this deployment's spec"
+    )
+    feature_names: list[str] | None = Field(default=None, min_length=1, max_length=100_000)
+    classes: list[int] | None = None
+    class_names: list[str] | None = None
+    metrics: dict[str, float] = {}
+    algorithm: str = Field(default="", max_length=200)
+    description: str = Field(default="", max_length=10_000)
+    sha256: str | None = Field(default=None, description="if given, must match the artifact")
+
+
+class UploadJSON(UploadMeta):
+    onnx_base64: str = Field(description="the ONNX file, base64")
+
+
+class RefIn(_Body):
+    model: str
+    version: int = Field(ge=1)
+
+
+class ScheduleIn(_Body):
+    real_deadline_ms: float | None = Field(default=None, gt=0)
+    timeout_ms: float | None = Field(default=None, gt=0)
+    fallbacks: list[str] | None = None
+    grace_ms: float | None = Field(default=None, ge=0)
+    splits: dict[str, float] | None = Field(
+        default=None, description="challenger role -> fraction of requests it answers"
+    )
+    split_seed: int | None = None
+    reason: str = Field(default="", max_length=2000)
+
+
+class CreateDeployment(_Body):
+    name: str
+    real: RefIn
+    canary: RefIn | None = None
+    schedule: ScheduleIn | None = None
+    reason: str = Field(default="", max_length=2000)
+
+
+class Promote(_Body):
+    version: int = Field(ge=1)
+    model: str | None = Field(default=None, description="default: the real model's name")
+    pin_canary: bool = Field(default=False, description="keep the canary; the old real retires")
+    force: bool = Field(default=False, description="promote even if the gate refuses")
+    min_shadow_requests: int | None = Field(default=None, ge=0)
+    max_disagreement: float | None = Field(default=None, ge=0, le=1)
+    expect_revision: int | None = Field(default=None, ge=1)
+    reason: str = Field(default="", max_length=2000)
+
+
+class Rollback(_Body):
+    to_revision: int | None = Field(default=None, ge=1, description="default: the previous")
+    reason: str = Field(default="", max_length=2000)
+
+
+class AddChallenger(_Body):
+    role: str
+    version: int = Field(ge=1)
+    model: str | None = Field(default=None, description="default: the real model's name")
+    split: float | None = Field(default=None, gt=0, le=1)
+    reason: str = Field(default="", max_length=2000)

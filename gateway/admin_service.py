@@ -1,0 +1,420 @@
+"""The admin plane behind ``/admin``: the model registry and every deployment change.
+
+Synchronous on purpose (a Redis client of its own, file writes, onnxruntime loads): the routes
+run it in a worker thread, never on the event loop. Failures are typed ``AdminError``s that
+carry their HTTP status, so the routes stay one call each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+from gateway.admin_models import (
+    AddChallenger,
+    Conflict,
+    CreateDeployment,
+    Invalid,
+    NotFound,
+    Promote,
+    Rollback,
+    ScheduleIn,
+    TooLarge,
+    UploadMeta,
+)
+from models.deployments import (
+    Deployment,
+    DeploymentConflict,
+    DeploymentNotFound,
+    DeploymentStore,
+    ModelRef,
+    promoted,
+    with_challenger,
+    with_schedule,
+    without_challenger,
+)
+from models.registry import ArtifactRejected, ModelExists, ModelMeta, ModelRegistry, inspect_onnx
+from models.spec import FeatureSpec
+from rendezvous import names
+from rendezvous.decision import ShadowRecord, decode_decision, shadow_record
+from rendezvous.schedule import Schedule
+
+
+def _state(dep: Deployment) -> dict[str, Any]:
+    doc = dep.to_dict()
+    spec = doc.pop("feature_spec")
+    doc["feature_spec"] = {"version": spec["version"], "names": spec["names"]}
+    doc["challengers"] = dep.challengers
+    return doc
+
+
+class AdminService:
+    def __init__(
+        self,
+        client: redis.Redis,
+        registry: ModelRegistry,
+        *,
+        default_schedule: Schedule,
+        max_model_bytes: int,
+        shadow_window: int,
+        heartbeat_timeout_s: float,
+    ):
+        self.client = client
+        self.registry = registry
+        self.store = DeploymentStore(client)
+        self.default_schedule = default_schedule
+        self.max_model_bytes = max_model_bytes
+        self.shadow_window = shadow_window
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+
+    # -- models -------------------------------------------------------------------------------
+
+    def upload(self, meta: UploadMeta, data: bytes, actor: str) -> dict[str, Any]:
+        """Check everything first; the registry changes only when the artifact passed."""
+        if len(data) > self.max_model_bytes:
+            raise TooLarge(
+                f"model artifact of {len(data)} bytes is larger than "
+                f"RDV_MAX_MODEL_BYTES={self.max_model_bytes}"
+            )
+        if not data:
+            raise Invalid("the model artifact is empty")
+        names.check_name(meta.name, "model name")
+        spec = self._upload_spec(meta)
+        draft = ModelMeta(
+            name=meta.name,
+            version=meta.version or 1,
+            feature_spec=spec,
+            classes=list(meta.classes or []),
+            class_names=list(meta.class_names or []),
+            sha256=meta.sha256 or "",
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            metrics=dict(meta.metrics),
+            algorithm=meta.algorithm,
+            description=meta.description,
+        )
+        try:
+            checked = inspect_onnx(data, draft)
+        except ArtifactRejected as exc:
+            raise Invalid(f"refused: {exc}") from None
+        try:
+            stored = self.registry.add(checked, data, version=meta.version)
+        except ModelExists as exc:
+            raise Conflict(str(exc)) from None
+        return {**stored.summary(), "uploaded_by": actor}
+
+    def _upload_spec(self, meta: UploadMeta) -> FeatureSpec:
+        if meta.deployment:
+            spec = self._dep(meta.deployment).feature_spec
+            if meta.feature_names and tuple(meta.feature_names) != spec.names:
+                raise Invalid(f"feature_names differ from deployment {meta.deployment}'s spec")
+            return spec
+        if meta.feature_names:
+            return FeatureSpec.from_names(meta.feature_names)
+        earlier = self.registry.list(meta.name)
+        if earlier:
+            return earlier[-1].feature_spec
+        raise Invalid(
+            "say which features the model takes: give 'deployment' (its feature "
+            "spec) or 'feature_names'"
+        )
+
+    def models(self, name: str | None = None) -> list[dict[str, Any]]:
+        held = self._holders()
+        return [
+            {**m.summary(), "roles": held.get(ModelRef(m.name, m.version), [])}
+            for m in self.registry.list(name)
+        ]
+
+    def model(self, name: str, version: int) -> dict[str, Any]:
+        meta = self._meta(ModelRef(name, version))
+        try:
+            intact = self.registry.verify(name, version)
+        except LookupError:
+            intact = False
+        return {
+            **meta.to_dict(),
+            "artifact_intact": intact,
+            "roles": self._holders().get(ModelRef(name, version), []),
+        }
+
+    def delete_model(self, name: str, version: int, actor: str) -> dict[str, Any]:
+        ref = ModelRef(name, version)
+        self._meta(ref)
+        holders = self._holders().get(ref, [])
+        if holders:
+            raise Conflict(
+                f"{ref} holds {', '.join(holders)}; promote or remove it first", roles=holders
+            )
+        self.registry.delete(name, version)
+        return {"deleted": str(ref), "by": actor}
+
+    def _holders(self) -> dict[ModelRef, list[str]]:
+        out: dict[ModelRef, list[str]] = {}
+        for dep_name in self.store.list():
+            try:
+                dep = self.store.get(dep_name)
+            except DeploymentNotFound:
+                continue
+            for role, ref in dep.roles.items():
+                out.setdefault(ref, []).append(f"{dep_name}/{role}")
+        return out
+
+    def _meta(self, ref: ModelRef) -> ModelMeta:
+        try:
+            names.check_name(ref.name, "model name")
+            found = [m for m in self.registry.list(ref.name) if m.version == ref.version]
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        if not found:
+            raise NotFound(f"model {ref} is not in the registry")
+        return found[0]
+
+    def _servable(self, ref: ModelRef, dep: Deployment) -> None:
+        """A model that may take a role in ``dep``: registered, artifact present, right width."""
+        meta = self._meta(ref)
+        if not self.registry.exists(ref.name, ref.version):
+            raise Conflict(f"model {ref} is indexed but its artifact is missing")
+        if meta.feature_spec.width != dep.feature_spec.width:
+            raise Invalid(
+                f"model {ref} takes {meta.feature_spec.width} features, deployment "
+                f"{dep.name} feeds {dep.feature_spec.width}"
+            )
+
+    # -- deployments --------------------------------------------------------------------------
+
+    def deployments(self) -> list[dict[str, Any]]:
+        out = []
+        for name in self.store.list():
+            try:
+                dep = self.store.get(name)
+            except DeploymentNotFound:
+                continue
+            out.append(
+                {
+                    "name": name,
+                    "revision": dep.revision,
+                    "roles": {r: str(m) for r, m in dep.roles.items()},
+                }
+            )
+        return out
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        dep = self._dep(name)
+        live_after = time.time() - self.heartbeat_timeout_s
+        workers: dict[str, int] = {}
+        for member in self.client.zrangebyscore(names.workers_key(name), live_after, "+inf"):
+            role = member.decode().split("|", 1)[0]
+            workers[role] = workers.get(role, 0) + 1
+        return {**_state(dep), "live_workers": workers}
+
+    def create_deployment(self, req: CreateDeployment, actor: str) -> dict[str, Any]:
+        real = ModelRef(req.real.model, req.real.version)
+        roles = {names.REAL: real}
+        if req.canary is not None:
+            roles[names.CANARY] = ModelRef(req.canary.model, req.canary.version)
+        schedule = self.default_schedule
+        if req.schedule is not None:
+            schedule = self._schedule(schedule, req.schedule)
+        try:
+            dep = Deployment(
+                name=req.name,
+                roles=roles,
+                feature_spec=self._meta(real).feature_spec,
+                schedule=schedule,
+            )
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        for ref in roles.values():
+            self._servable(ref, dep)
+        if not self.store.create(dep, actor=actor, reason=req.reason):
+            raise Conflict(f"deployment {req.name} already exists")
+        return _state(self.store.get(req.name))
+
+    def history(self, name: str, limit: int) -> list[dict[str, Any]]:
+        self._dep(name)
+        return self.store.history(name, limit)
+
+    def shadow(self, name: str) -> dict[str, Any]:
+        dep = self._dep(name)
+        records = self._records(name)
+        return {
+            "window": len(records),
+            "roles": {
+                role: self._shadow_of(dep, role, dep.roles[role], records).to_dict()
+                for role in dep.role_names
+                if role != names.REAL
+            },
+        }
+
+    def promote(self, name: str, req: Promote, actor: str) -> dict[str, Any]:
+        dep = self._dep(name)
+        ref = ModelRef(req.model or dep.roles[names.REAL].name, req.version)
+        self._servable(ref, dep)
+        detail: dict[str, Any] = {
+            "version": str(ref),
+            "pin_canary": req.pin_canary,
+            "force": req.force,
+        }
+        if req.min_shadow_requests or req.max_disagreement is not None:
+            holder = dep.role_of(ref)
+            record = self._shadow_of(dep, holder or "candidate", ref, self._records(name))
+            shortfalls = record.shortfalls(req.min_shadow_requests, req.max_disagreement)
+            detail["gate"] = {
+                "min_shadow_requests": req.min_shadow_requests,
+                "max_disagreement": req.max_disagreement,
+                "shadow": record.to_dict(),
+                "shortfalls": shortfalls,
+                "forced": bool(shortfalls and req.force),
+            }
+            if shortfalls and not req.force:
+                self.store.note(
+                    name, action="promote-refused", actor=actor, reason=req.reason, detail=detail
+                )
+                raise Conflict(
+                    f"{ref} is not promoted: {'; '.join(shortfalls)} (force to promote anyway)",
+                    gate=detail["gate"],
+                )
+        return self._change(
+            name,
+            lambda d: promoted(d, ref, pin_canary=req.pin_canary),
+            "promote",
+            actor,
+            req.reason,
+            detail,
+            req.expect_revision,
+        )
+
+    def rollback(self, name: str, req: Rollback, actor: str) -> dict[str, Any]:
+        dep = self._dep(name)
+        target = req.to_revision or dep.revision - 1
+        if not 1 <= target < dep.revision:
+            raise Conflict(
+                f"{name} is at revision {dep.revision}: no revision {target} to roll back to"
+            )
+        try:
+            state = self.store.state_at(name, target)
+        except DeploymentConflict as exc:
+            raise Conflict(str(exc)) from None
+        roles = {r: ModelRef.from_dict(m) for r, m in state["roles"].items()}
+        for ref in roles.values():
+            if not self.registry.exists(ref.name, ref.version):
+                raise Conflict(f"revision {target} needs {ref}, which is no longer in the registry")
+        schedule = Schedule.from_dict(state["schedule"])
+        return self._change(
+            name,
+            lambda d: dataclasses.replace(d, roles=roles, schedule=schedule),
+            "rollback",
+            actor,
+            req.reason,
+            {"to_revision": target},
+            dep.revision,
+        )
+
+    def add_challenger(self, name: str, req: AddChallenger, actor: str) -> dict[str, Any]:
+        dep = self._dep(name)
+        ref = ModelRef(req.model or dep.roles[names.REAL].name, req.version)
+        self._servable(ref, dep)
+        detail = {"role": req.role, "version": str(ref), "split": req.split}
+        return self._change(
+            name,
+            lambda d: with_challenger(d, req.role, ref, req.split),
+            "add-challenger",
+            actor,
+            req.reason,
+            detail,
+        )
+
+    def remove_challenger(self, name: str, role: str, actor: str, reason: str) -> dict[str, Any]:
+        dep = self._dep(name)
+        if role not in dep.roles:
+            raise NotFound(f"deployment {name} has no challenger {role}")
+        return self._change(
+            name,
+            lambda d: without_challenger(d, role),
+            "remove-challenger",
+            actor,
+            reason,
+            {"role": role},
+        )
+
+    def set_schedule(self, name: str, req: ScheduleIn, actor: str) -> dict[str, Any]:
+        changes = req.model_dump(exclude_none=True, exclude={"reason"})
+        if not changes:
+            raise Invalid("nothing to change: give at least one schedule field")
+        self._schedule(self._dep(name).schedule, req)
+        return self._change(
+            name,
+            lambda d: with_schedule(d, changes),
+            "set-schedule",
+            actor,
+            req.reason,
+            {"changes": changes},
+        )
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _dep(self, name: str) -> Deployment:
+        try:
+            return self.store.get(names.check_name(name, "deployment"))
+        except ValueError as exc:
+            raise NotFound(str(exc)) from None
+        except DeploymentNotFound as exc:
+            raise NotFound(str(exc)) from None
+
+    @staticmethod
+    def _schedule(base: Schedule, req: ScheduleIn) -> Schedule:
+        try:
+            return base.updated(req.model_dump(exclude_none=True, exclude={"reason"}))
+        except ValueError as exc:
+            raise Invalid(f"invalid schedule: {exc}") from None
+
+    def _change(
+        self,
+        name: str,
+        change: Callable[[Deployment], Deployment],
+        action: str,
+        actor: str,
+        reason: str,
+        detail: dict[str, Any],
+        expect_revision: int | None = None,
+    ) -> dict[str, Any]:
+        try:
+            before, after = self.store.update(
+                name,
+                change,
+                action=action,
+                actor=actor,
+                reason=reason,
+                detail=detail,
+                expect_revision=expect_revision,
+            )
+        except DeploymentNotFound as exc:
+            raise NotFound(str(exc)) from None
+        except DeploymentConflict as exc:
+            raise Conflict(str(exc)) from None
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        return {
+            "action": action,
+            "revision": after.revision,
+            "previous_revision": before.revision,
+            "detail": detail,
+            "deployment": _state(after),
+        }
+
+    def _records(self, name: str) -> list[dict[str, Any]]:
+        entries = self.client.xrevrange(names.decisions_stream(name), count=self.shadow_window)
+        return [decode_decision(fields) for _id, fields in entries]
+
+    def _shadow_of(
+        self, dep: Deployment, role: str, ref: ModelRef, records: list[dict[str, Any]]
+    ) -> ShadowRecord:
+        if dep.roles.get(role) != ref:
+            return shadow_record([], role, model=ref.name, version=ref.version)
+        since = self.store.role_since_ms(dep.name, role)
+        return shadow_record(records, role, model=ref.name, version=ref.version, since_ms=since)
