@@ -41,6 +41,7 @@ from gateway.admin_service import AdminService
 from gateway.settings import Settings
 from models.registry import ModelRegistry
 from rendezvous.connection import connect
+from rendezvous.names import InvalidName
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ def guarded_route(token: bytes | None) -> type[APIRoute]:
                     return await handler(request)
                 except AdminError as exc:
                     return JSONResponse({"detail": exc.detail, **exc.extra}, status_code=exc.status)
+                except InvalidName as exc:  # a name that may never reach a Redis key
+                    return JSONResponse({"detail": str(exc)}, status_code=422)
 
             return guarded
 

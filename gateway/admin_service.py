@@ -83,7 +83,10 @@ class AdminService:
             )
         if not data:
             raise Invalid("the model artifact is empty")
-        names.check_name(meta.name, "model name")
+        try:
+            names.check_name(meta.name, "model name")
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
         spec = self._upload_spec(meta)
         draft = ModelMeta(
             name=meta.name,

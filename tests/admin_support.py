@@ -6,10 +6,13 @@ from __future__ import annotations
 import base64
 import functools
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
+from fastapi import FastAPI
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -57,3 +60,36 @@ def copy_demo_models(demo_data_dir: Path, data_dir: Path) -> Path:
 
 def features_body(row: np.ndarray) -> dict[str, Any]:
     return {"features": dict(zip(demo_data().names, map(float, row), strict=True))}
+
+
+class AppClient(httpx.Client):
+    """An HTTP client of an app served by uvicorn in a thread of this process (real HTTP, and
+    the app's state stays at hand for assertions)."""
+
+    def __init__(self, app: FastAPI):
+        import threading
+
+        import uvicorn
+
+        from rendezvous.redis_server import free_port
+
+        port = free_port()
+        super().__init__(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        self.app = app
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the app did not start")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        super().close()
+        self.server.should_exit = True
+        self.thread.join(15)
+        assert not self.thread.is_alive(), "the app did not shut down"

@@ -64,8 +64,9 @@ def test_split_validation() -> None:
 
 
 def test_decide_with_a_challenger_drawn_as_primary() -> None:
-    base = Schedule(real_deadline_ms=50, timeout_ms=500, fallbacks=("canary",),
-                    splits=(("ab", 1.0),))  # fmt: skip
+    base = Schedule(
+        real_deadline_ms=50, timeout_ms=500, fallbacks=("canary",), splits=(("ab", 1.0),)
+    )
     s = base.for_request("any")
     assert s.primary == "ab"
     # real's answer does not win before the challenger's deadline
@@ -86,8 +87,19 @@ def test_decide_with_a_challenger_drawn_as_primary() -> None:
 def result(rid: str, role: str, p1: list[float], version: int) -> ModelResult:
     proba = np.array([[1 - p, p] for p in p1], dtype=np.float32)
     labels = [int(p >= 0.5) for p in p1]
-    return ModelResult(rid, "d", "m", version, role, labels, proba, [0, 1], 0.3, 0.1,
-                       extra={"arrived_ms": 2.0 + version})  # fmt: skip
+    return ModelResult(
+        rid,
+        "d",
+        "m",
+        version,
+        role,
+        labels,
+        proba,
+        [0, 1],
+        0.3,
+        0.1,
+        extra={"arrived_ms": 2.0 + version},
+    )
 
 
 def test_decision_record_has_a_divergence_per_role_and_the_split() -> None:
@@ -97,10 +109,17 @@ def test_decision_record_has_a_divergence_per_role_and_the_split() -> None:
         "shadow": result("r", "shadow", [0.1, 0.2], 4),
     }
     sched = Schedule(splits=(("shadow", 0.5),), split_seed=1).for_request("r")
-    rec = build_decision(request_id="r", deployment="d", started_ms=1.0,
-                         expected_roles=["real", "canary", "shadow", "late"], results=results,
-                         chosen_role="real", outcome="real", answered_after_ms=3.0,
-                         schedule=sched)  # fmt: skip
+    rec = build_decision(
+        request_id="r",
+        deployment="d",
+        started_ms=1.0,
+        expected_roles=["real", "canary", "shadow", "late"],
+        results=results,
+        chosen_role="real",
+        outcome="real",
+        answered_after_ms=3.0,
+        schedule=sched,
+    )
     assert set(rec["divergences"]) == {"canary", "shadow"}
     assert rec["divergence"] == rec["divergences"]["canary"]
     assert rec["divergences"]["canary"]["pair"] == ["m:3", "m:2"]
@@ -114,30 +133,61 @@ def test_decision_record_has_a_divergence_per_role_and_the_split() -> None:
 def test_shadow_record_counts_only_the_current_version_since_it_took_the_role() -> None:
     records = []
     for i in range(10):
-        results = {"real": result(f"r{i}", "real", [0.9], 3),
-                   "shadow": result(f"r{i}", "shadow", [0.2 if i < 3 else 0.8], 4)}  # fmt: skip
-        records.append(build_decision(request_id=f"r{i}", deployment="d", started_ms=100.0 + i,
-                                      expected_roles=["real", "shadow"], results=results,
-                                      chosen_role="real", outcome="real",
-                                      answered_after_ms=1.0))  # fmt: skip
-    old = build_decision(request_id="old", deployment="d", started_ms=50.0,
-                         expected_roles=["real", "shadow"],
-                         results={"real": result("old", "real", [0.9], 3),
-                                  "shadow": result("old", "shadow", [0.1], 4)},
-                         chosen_role="real", outcome="real", answered_after_ms=1.0)  # fmt: skip
-    other_version = build_decision(request_id="v5", deployment="d", started_ms=200.0,
-                                   expected_roles=["real", "shadow"],
-                                   results={"real": result("v5", "real", [0.9], 3),
-                                            "shadow": result("v5", "shadow", [0.1], 5)},
-                                   chosen_role="real", outcome="real",
-                                   answered_after_ms=1.0)  # fmt: skip
-    missed = build_decision(request_id="m", deployment="d", started_ms=300.0,
-                            expected_roles=["real", "shadow"],
-                            results={"real": result("m", "real", [0.9], 3)},
-                            chosen_role="real", outcome="real",
-                            answered_after_ms=1.0)  # fmt: skip
-    rec = shadow_record([old, *records, other_version, missed], "shadow", model="m",
-                        version=4, since_ms=100.0)  # fmt: skip
+        results = {
+            "real": result(f"r{i}", "real", [0.9], 3),
+            "shadow": result(f"r{i}", "shadow", [0.2 if i < 3 else 0.8], 4),
+        }
+        records.append(
+            build_decision(
+                request_id=f"r{i}",
+                deployment="d",
+                started_ms=100.0 + i,
+                expected_roles=["real", "shadow"],
+                results=results,
+                chosen_role="real",
+                outcome="real",
+                answered_after_ms=1.0,
+            )
+        )
+    old = build_decision(
+        request_id="old",
+        deployment="d",
+        started_ms=50.0,
+        expected_roles=["real", "shadow"],
+        results={
+            "real": result("old", "real", [0.9], 3),
+            "shadow": result("old", "shadow", [0.1], 4),
+        },
+        chosen_role="real",
+        outcome="real",
+        answered_after_ms=1.0,
+    )
+    other_version = build_decision(
+        request_id="v5",
+        deployment="d",
+        started_ms=200.0,
+        expected_roles=["real", "shadow"],
+        results={
+            "real": result("v5", "real", [0.9], 3),
+            "shadow": result("v5", "shadow", [0.1], 5),
+        },
+        chosen_role="real",
+        outcome="real",
+        answered_after_ms=1.0,
+    )
+    missed = build_decision(
+        request_id="m",
+        deployment="d",
+        started_ms=300.0,
+        expected_roles=["real", "shadow"],
+        results={"real": result("m", "real", [0.9], 3)},
+        chosen_role="real",
+        outcome="real",
+        answered_after_ms=1.0,
+    )
+    rec = shadow_record(
+        [old, *records, other_version, missed], "shadow", model="m", version=4, since_ms=100.0
+    )
     assert rec.requests == 11 and rec.scored == 10 and rec.misses == 1 and rec.errors == 0
     assert rec.rows == 10 and rec.disagreements == 3
     assert rec.disagreement_rate == pytest.approx(0.3)

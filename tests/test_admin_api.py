@@ -1,0 +1,494 @@
+"""The admin API in-process (the real app, a real Redis, real ONNX models): the token guards
+every route, refused uploads change nothing, and each change lands in state and history."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import pickle
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from admin_support import AUTH, TOKEN, AppClient, copy_demo_models, upload_body, variant_onnx
+from fastapi.routing import APIRoute
+
+from gateway.app import create_app
+from gateway.settings import Settings
+from models.deployments import DeploymentStore, demo_deployment
+from models.registry import ModelRegistry
+from models.train import DEMO_DEPLOYMENT
+from rendezvous import names
+from rendezvous.decision import build_decision, encode_decision
+from rendezvous.envelope import ModelResult
+from rendezvous.schedule import Schedule
+
+DEP = f"/admin/deployments/{DEMO_DEPLOYMENT}"
+ClientFactory = Callable[..., AppClient]
+
+
+@pytest.fixture
+def make_client(
+    r: redis.Redis, redis_url: str, demo_data_dir: Path, tmp_path: Path
+) -> Iterator[ClientFactory]:
+    data = copy_demo_models(demo_data_dir, tmp_path / "data")
+    DeploymentStore(r).create(demo_deployment(ModelRegistry(data / "models"), Schedule()))
+    clients: list[AppClient] = []
+
+    def make(**overrides: Any) -> AppClient:
+        settings = Settings(
+            redis_url=redis_url, data_dir=data, **{"admin_token": TOKEN, **overrides}
+        )
+        client = AppClient(create_app(settings))
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def admin(make_client: ClientFactory) -> AppClient:
+    return make_client()
+
+
+def _walk(routes: list[Any], prefix: str = "") -> Iterator[tuple[str, APIRoute]]:
+    """Every API route, also inside included routers (FastAPI keeps those as one entry of
+    ``app.routes`` that holds the router)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            context = getattr(route, "include_context", None)
+            yield from _walk(inner.routes, prefix + getattr(context, "prefix", ""))
+        elif isinstance(route, APIRoute):
+            yield prefix + route.path, route
+
+
+def admin_routes(client: AppClient) -> list[tuple[str, str]]:
+    out = []
+    for path, route in _walk(client.app.routes):
+        if path.startswith("/admin"):
+            out.extend((method, path) for method in sorted(route.methods))
+    documented = {
+        (method.upper(), path)
+        for path, ops in client.app.openapi()["paths"].items()
+        if path.startswith("/admin")
+        for method in ops
+    }
+    assert documented <= set(out), documented - set(out)
+    return out
+
+
+def fill(path: str) -> str:
+    values = {
+        "name": "breast-cancer",
+        "version": "1",
+        "deployment": DEMO_DEPLOYMENT,
+        "role": "canary",
+    }
+    return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], path)
+
+
+def state(r: redis.Redis, data: Path) -> tuple[Any, ...]:
+    """Everything an admin call could change: index, files, deployment, history, groups."""
+    files = sorted(str(p.relative_to(data)) for p in (data / "models").rglob("*"))
+    groups = sorted(g["name"] for g in r.xinfo_groups(names.input_stream(DEMO_DEPLOYMENT)))
+    return (
+        sorted(r.hkeys(names.MODELS_INDEX)),
+        files,
+        r.get(names.deployment_key(DEMO_DEPLOYMENT)),
+        r.lrange(names.history_key(DEMO_DEPLOYMENT), 0, -1),
+        groups,
+    )
+
+
+def data_dir(client: AppClient) -> Path:
+    return Path(client.app.state.settings.data_dir)
+
+
+# -- the token ---------------------------------------------------------------------------------
+
+
+def test_every_admin_route_refuses_a_missing_or_wrong_token(
+    admin: AppClient, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    routes = admin_routes(admin)
+    assert len(routes) >= 15, routes
+    before = state(r, data_dir(admin))
+    for method, path in routes:
+        url = fill(path)
+        body = {"version": 1, "role": "x", "name": "x", "real": {"model": "x", "version": 1}}
+        resp = admin.request(method, url, json=body)
+        assert resp.status_code == 401, (method, path, resp.text)
+        assert resp.headers["www-authenticate"] == "Bearer"
+        resp = admin.request(method, url, json=body, headers={"Authorization": "Basic abc"})
+        assert resp.status_code == 401, (method, path)
+        for wrong in ("Bearer not-the-token", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}"):
+            resp = admin.request(method, url, json=body, headers={"Authorization": wrong})
+            assert resp.status_code == 403, (method, path, resp.text)
+            assert resp.json() == {"detail": "wrong admin token"}
+    assert state(r, data_dir(admin)) == before
+    assert TOKEN not in caplog.text and "not-the-token" not in caplog.text
+    # and the right token opens them
+    assert admin.get("/admin/models", headers=AUTH).status_code == 200
+
+
+def test_without_a_token_the_admin_api_is_off(
+    make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    client = make_client(admin_token=None)
+    assert "admin API is off" in caplog.text
+    for method, path in admin_routes(client):
+        resp = client.request(method, fill(path), headers=AUTH, json={})
+        assert resp.status_code == 404, (method, path)
+        assert "RDV_ADMIN_TOKEN" in resp.json()["detail"]
+    assert client.get("/healthz").status_code == 200
+
+
+# -- the registry ------------------------------------------------------------------------------
+
+
+def test_upload_list_show_delete(admin: AppClient, r: redis.Redis) -> None:
+    resp = admin.post(
+        "/admin/models",
+        json=upload_body("weak", description="weak lr", metrics={"auc": 0.9}),
+        headers={**AUTH, "X-Actor": "ana"},
+    )
+    assert resp.status_code == 201, resp.text
+    v3 = resp.json()
+    assert (v3["name"], v3["version"], v3["uploaded_by"]) == ("breast-cancer", 3, "ana")
+    assert v3["sha256"] == hashlib.sha256(variant_onnx("weak")).hexdigest()
+    assert v3["classes"] == [0, 1] and v3["metrics"] == {"auc": 0.9}
+    assert v3["feature_spec"]["width"] == 30
+
+    files = {"file": ("m.onnx", variant_onnx("flipped"), "application/octet-stream")}
+    meta = {"name": "breast-cancer", "deployment": DEMO_DEPLOYMENT, "description": "flipped"}
+    resp = admin.post(
+        "/admin/models", files=files, data={"metadata": json.dumps(meta)}, headers=AUTH
+    )
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["version"] == 4
+
+    listed = admin.get("/admin/models", headers=AUTH).json()["models"]
+    assert [(m["name"], m["version"]) for m in listed] == [
+        ("breast-cancer", v) for v in (1, 2, 3, 4)
+    ]
+    roles = {m["version"]: m["roles"] for m in listed}
+    assert roles[2] == [f"{DEMO_DEPLOYMENT}/real"] and roles[3] == []
+    shown = admin.get("/admin/models/breast-cancer/3", headers=AUTH).json()
+    assert shown["artifact_intact"] and shown["description"] == "weak lr"
+    assert len(shown["feature_spec"]["names"]) == 30
+    assert admin.get("/admin/models/breast-cancer", headers=AUTH).json()["versions"]
+    assert admin.get("/admin/models/nope/1", headers=AUTH).status_code == 404
+    # every process sees the same index
+    other = ModelRegistry(data_dir(admin) / "models", index=r)
+    assert [m.version for m in other.list("breast-cancer")] == [1, 2, 3, 4]
+
+    held = admin.delete("/admin/models/breast-cancer/2", headers=AUTH)
+    assert held.status_code == 409 and f"{DEMO_DEPLOYMENT}/real" in held.json()["detail"]
+    assert admin.delete("/admin/models/breast-cancer/4", headers=AUTH).status_code == 200
+    assert not (data_dir(admin) / "models" / "breast-cancer" / "4").exists()
+    assert [m.version for m in other.list("breast-cancer")] == [1, 2, 3]
+    assert admin.delete("/admin/models/breast-cancer/4", headers=AUTH).status_code == 404
+    # a deleted number is not handed out again while a later one exists
+    resp = admin.post("/admin/models", json=upload_body("flipped", version=3), headers=AUTH)
+    assert resp.status_code == 409
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "needle"),
+    [
+        ("pickle", 422, "pickle"),
+        ("text", 422, "not an ONNX model"),
+        ("narrow", 422, "width is 10"),
+        ("oversize", 413, "RDV_MAX_MODEL_BYTES"),
+        ("bad-base64", 422, "not base64"),
+        ("no-name", 422, "invalid model metadata"),
+        ("bad-name", 422, "invalid model name"),
+        ("form-without-file", 422, "'file' part"),
+        ("plain-text", 415, "multipart"),
+        ("unknown-deployment", 404, "does not exist"),
+    ],
+)
+def test_refused_uploads_are_4xx_and_change_nothing(
+    make_client: ClientFactory, r: redis.Redis, case: str, status: int, needle: str
+) -> None:
+    client = make_client(max_model_bytes=4096) if case == "oversize" else make_client()
+    before = state(r, data_dir(client))
+    blob = {"pickle": pickle.dumps({"coef": [1.0, 2.0]}), "text": b"this is not a model"}
+    if case in blob:
+        body = upload_body("weak", onnx_base64=base64.b64encode(blob[case]).decode())
+        resp = client.post("/admin/models", json=body, headers=AUTH)
+    elif case == "narrow":
+        resp = client.post("/admin/models", json=upload_body("narrow"), headers=AUTH)
+    elif case == "oversize":  # the demo's gradient-boosted model, far over 4 KiB
+        onnx = (data_dir(client) / "models" / "breast-cancer" / "2" / "model.onnx").read_bytes()
+        assert len(onnx) > 4096
+        body = upload_body("weak", onnx_base64=base64.b64encode(onnx).decode())
+        resp = client.post("/admin/models", json=body, headers=AUTH)
+    elif case == "bad-base64":
+        resp = client.post(
+            "/admin/models", json=upload_body("weak", onnx_base64="@@@"), headers=AUTH
+        )
+    elif case in ("no-name", "bad-name"):
+        body = upload_body("weak")
+        body.pop("name") if case == "no-name" else body.update(name="../../etc")
+        resp = client.post("/admin/models", json=body, headers=AUTH)
+    elif case == "form-without-file":
+        resp = client.post("/admin/models", files={"metadata": (None, "{}")}, headers=AUTH)
+    elif case == "plain-text":
+        resp = client.post(
+            "/admin/models", content=b"x", headers={**AUTH, "content-type": "text/plain"}
+        )
+    else:
+        resp = client.post(
+            "/admin/models", json=upload_body("weak", deployment="nope"), headers=AUTH
+        )
+    assert resp.status_code == status, resp.text
+    assert needle in resp.text
+    assert state(r, data_dir(client)) == before
+
+
+# -- deployments -------------------------------------------------------------------------------
+
+
+def upload(client: AppClient, kind: str) -> int:
+    resp = client.post("/admin/models", json=upload_body(kind), headers=AUTH)
+    assert resp.status_code == 201, resp.text
+    return int(resp.json()["version"])
+
+
+def roles(client: AppClient) -> dict[str, str]:
+    doc = client.get(DEP, headers=AUTH).json()["roles"]
+    return {role: f"{ref['name']}:{ref['version']}" for role, ref in doc.items()}
+
+
+def test_promote_and_rollback_keep_history_and_refresh_the_cache_at_once(
+    admin: AppClient,
+) -> None:
+    v3 = upload(admin, "weak")
+    cache = admin.app.state.deployments
+    resp = admin.post(
+        f"{DEP}/promote",
+        json={"version": v3, "reason": "better auc"},
+        headers={**AUTH, "X-Actor": "ana"},
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["revision"] == 2
+    assert roles(admin) == {"real": "breast-cancer:3", "canary": "breast-cancer:2"}
+    assert cache.get(DEMO_DEPLOYMENT).roles["real"].version == 3, "cache refreshed at once"
+
+    again = admin.post(f"{DEP}/promote", json={"version": v3}, headers=AUTH)
+    assert again.status_code == 409 and "already the real" in again.json()["detail"]
+
+    back = admin.post(f"{DEP}/rollback", json={"reason": "pager"}, headers=AUTH)
+    assert back.status_code == 200, back.text
+    assert roles(admin) == {"real": "breast-cancer:2", "canary": "breast-cancer:1"}
+    assert cache.get(DEMO_DEPLOYMENT).roles["real"].version == 2
+
+    pinned = admin.post(f"{DEP}/promote", json={"version": v3, "pin_canary": True}, headers=AUTH)
+    assert pinned.status_code == 200
+    assert roles(admin) == {"real": "breast-cancer:3", "canary": "breast-cancer:1"}
+    to_first = admin.post(f"{DEP}/rollback", json={"to_revision": 1}, headers=AUTH)
+    assert to_first.status_code == 200 and to_first.json()["revision"] == 5
+    assert roles(admin) == {"real": "breast-cancer:2", "canary": "breast-cancer:1"}
+
+    history = admin.get(f"{DEP}/history", headers=AUTH).json()["history"]
+    assert [h["revision"] for h in history] == [1, 2, 3, 4, 5]
+    assert [h["action"] for h in history] == [
+        "create",
+        "promote",
+        "rollback",
+        "promote",
+        "rollback",
+    ]
+    assert history[1]["actor"] == "ana" and history[1]["reason"] == "better auc"
+    assert history[1]["changes"] == {
+        "real": ["breast-cancer:2", "breast-cancer:3"],
+        "canary": ["breast-cancer:1", "breast-cancer:2"],
+    }
+    assert history[2]["detail"] == {"to_revision": 1}
+    assert all(h["ts_ms"] > 0 for h in history)
+    assert admin.post(f"{DEP}/rollback", json={"to_revision": 9}, headers=AUTH).status_code == 409
+
+
+def test_wrong_width_models_never_take_a_role(admin: AppClient) -> None:
+    body = upload_body(
+        "narrow", deployment=None, name="narrow-model", feature_names=[f"f{i}" for i in range(10)]
+    )
+    resp = admin.post("/admin/models", json=body, headers=AUTH)
+    assert resp.status_code == 201, resp.text
+    for call in (
+        admin.post(f"{DEP}/promote", json={"model": "narrow-model", "version": 1}, headers=AUTH),
+        admin.post(
+            f"{DEP}/challengers",
+            json={"role": "n", "model": "narrow-model", "version": 1},
+            headers=AUTH,
+        ),
+    ):
+        assert call.status_code == 422 and "takes 10 features" in call.json()["detail"]
+    created = admin.post(
+        "/admin/deployments",
+        headers=AUTH,
+        json={"name": "narrow", "real": {"model": "narrow-model", "version": 1}},
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["feature_spec"]["names"][0] == "f0"
+    assert admin.app.state.deployments.get("narrow").revision == 1
+    assert (
+        admin.post(
+            "/admin/deployments",
+            headers=AUTH,
+            json={"name": "narrow", "real": {"model": "narrow-model", "version": 1}},
+        ).status_code
+        == 409
+    )
+    listed = admin.get("/admin/deployments", headers=AUTH).json()["deployments"]
+    assert {d["name"] for d in listed} == {DEMO_DEPLOYMENT, "narrow"}
+
+
+def test_challengers_and_schedule(admin: AppClient, r: redis.Redis) -> None:
+    v3 = upload(admin, "weak")
+    stream = names.input_stream(DEMO_DEPLOYMENT)
+    last = r.xadd(stream, {b"d": b"old entry"})
+    resp = admin.post(f"{DEP}/challengers", json={"role": "shadow", "version": v3}, headers=AUTH)
+    assert resp.status_code == 201, resp.text
+    groups = {g["name"].decode(): g for g in r.xinfo_groups(stream)}
+    assert groups["model:shadow"]["last-delivered-id"] == last, "starts at the end: no replay"
+    assert groups["model:real"]["last-delivered-id"] == b"0-0"
+    assert admin.app.state.deployments.get(DEMO_DEPLOYMENT).role_names == [
+        "real",
+        "canary",
+        "shadow",
+    ]
+
+    dup = admin.post(f"{DEP}/challengers", json={"role": "shadow", "version": 1}, headers=AUTH)
+    assert dup.status_code == 409
+    bad = admin.patch(
+        f"{DEP}/schedule", json={"timeout_ms": 10, "real_deadline_ms": 20}, headers=AUTH
+    )
+    assert bad.status_code == 422 and "real_deadline_ms" in bad.json()["detail"]
+    ghost = admin.patch(f"{DEP}/schedule", json={"splits": {"ghost": 0.5}}, headers=AUTH)
+    assert ghost.status_code == 422
+    ok = admin.patch(
+        f"{DEP}/schedule",
+        headers=AUTH,
+        json={
+            "real_deadline_ms": 80,
+            "grace_ms": 50,
+            "fallbacks": ["canary", "shadow"],
+            "splits": {"shadow": 0.25},
+            "split_seed": 11,
+            "reason": "ab test",
+        },
+    )
+    assert ok.status_code == 200, ok.text
+    sched = admin.app.state.deployments.get(DEMO_DEPLOYMENT).schedule
+    assert (
+        sched.real_deadline_ms,
+        sched.grace_ms,
+        sched.fallbacks,
+        sched.splits,
+        sched.split_seed,
+    ) == (80, 50, ("canary", "shadow"), (("shadow", 0.25),), 11)
+
+    assert admin.delete(f"{DEP}/challengers/real", headers=AUTH).status_code == 409
+    assert admin.delete(f"{DEP}/challengers/nobody", headers=AUTH).status_code == 404
+    gone = admin.delete(f"{DEP}/challengers/shadow", params={"reason": "done"}, headers=AUTH)
+    assert gone.status_code == 200, gone.text
+    assert "model:shadow" not in {g["name"].decode() for g in r.xinfo_groups(stream)}
+    assert admin.app.state.deployments.get(DEMO_DEPLOYMENT).schedule.splits == ()
+    actions = [h["action"] for h in admin.get(f"{DEP}/history", headers=AUTH).json()["history"]]
+    assert actions == ["create", "add-challenger", "set-schedule", "remove-challenger"]
+
+
+def _record(rid: str, ts_ms: float, p_real: float, p_cand: float) -> dict[str, bytes]:
+    def res(role: str, version: int, p: float) -> ModelResult:
+        import numpy as np
+
+        return ModelResult(
+            rid,
+            DEMO_DEPLOYMENT,
+            "breast-cancer",
+            version,
+            role,
+            [int(p > 0.5)],
+            np.array([[1 - p, p]], np.float32),
+            [0, 1],
+            0.2,
+            0.1,
+            extra={"arrived_ms": 3.0},
+        )
+
+    results = {"real": res("real", 2, p_real), "cand": res("cand", 3, p_cand)}
+    return encode_decision(
+        build_decision(
+            request_id=rid,
+            deployment=DEMO_DEPLOYMENT,
+            started_ms=ts_ms,
+            expected_roles=["real", "cand"],
+            results=results,
+            chosen_role="real",
+            outcome="real",
+            answered_after_ms=3.0,
+        )
+    )
+
+
+def test_gate_refuses_short_evidence_records_it_and_accepts_once_it_is_there(
+    admin: AppClient, r: redis.Redis
+) -> None:
+    import time
+
+    v3 = upload(admin, "weak")
+    assert (
+        admin.post(
+            f"{DEP}/challengers", json={"role": "cand", "version": v3}, headers=AUTH
+        ).status_code
+        == 201
+    )
+    gate = {"version": v3, "min_shadow_requests": 5, "max_disagreement": 0.25}
+    refused = admin.post(f"{DEP}/promote", json=gate, headers=AUTH)
+    assert refused.status_code == 409
+    assert refused.json()["gate"]["shadow"]["scored"] == 0
+    assert "needs at least 5" in refused.json()["detail"]
+
+    stream = names.decisions_stream(DEMO_DEPLOYMENT)
+    now_ms = time.time() * 1000
+    r.xadd(stream, _record("before-the-role", now_ms - 60_000, 0.9, 0.1))  # not counted
+    for i in range(4):
+        r.xadd(stream, _record(f"ok-{i}", now_ms + i, 0.9, 0.8))
+    r.xadd(stream, _record("disagree", now_ms + 5, 0.9, 0.2))
+    shadow = admin.get(f"{DEP}/shadow", headers=AUTH).json()["roles"]["cand"]
+    assert (shadow["scored"], shadow["disagreements"]) == (5, 1)
+    assert shadow["disagreement_rate"] == pytest.approx(0.2)
+    assert shadow["latency_p50_ms"] == pytest.approx(3.0)
+
+    strict = admin.post(f"{DEP}/promote", json={**gate, "max_disagreement": 0.1}, headers=AUTH)
+    assert strict.status_code == 409 and "0.2000 of rows" in strict.json()["detail"]
+    accepted = admin.post(f"{DEP}/promote", json=gate, headers=AUTH)
+    assert accepted.status_code == 200, accepted.text
+    assert roles(admin) == {"real": "breast-cancer:3", "canary": "breast-cancer:2"}
+
+    history = admin.get(f"{DEP}/history", headers=AUTH).json()["history"]
+    refusals = [h for h in history if h["action"] == "promote-refused"]
+    assert len(refusals) == 2 and not any(h["applied"] for h in refusals)
+    assert refusals[0]["detail"]["gate"]["shortfalls"]
+    assert history[-1]["action"] == "promote" and history[-1]["detail"]["gate"]["forced"] is False
+    # forcing past a refusal is allowed and recorded
+    forced = admin.post(
+        f"{DEP}/promote",
+        headers=AUTH,
+        json={"version": 2, "min_shadow_requests": 1000, "force": True},
+    )
+    assert forced.status_code == 200, forced.text
+    last = admin.get(f"{DEP}/history", headers=AUTH).json()["history"][-1]
+    assert last["detail"]["force"] and last["detail"]["gate"]["forced"]
