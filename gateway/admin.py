@@ -61,7 +61,7 @@ def upload_body_cap(settings: Settings) -> int:
 
 
 def _token(settings: Settings) -> bytes | None:
-    secret = settings.admin_token.get_secret_value() if settings.admin_token else ""
+    secret = settings.admin_token.get_secret_value().strip() if settings.admin_token else ""
     return secret.encode() if secret else None
 
 

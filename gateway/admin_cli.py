@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import logging
 import socket
 import sys
 from pathlib import Path
@@ -34,8 +35,10 @@ def _request(args: argparse.Namespace, method: str, path: str, **kw: Any) -> Any
     settings = Settings()
     url = args.url or f"http://{settings.host}:{settings.port}"
     headers = {"X-Actor": _actor()}
-    if settings.admin_token is not None:
-        headers["Authorization"] = f"Bearer {settings.admin_token.get_secret_value()}"
+    token = settings.admin_token.get_secret_value().strip() if settings.admin_token else ""
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
     try:
         with httpx.Client(base_url=url, timeout=_TIMEOUT_S, headers=headers) as http:
             resp = http.request(method, f"/admin{path}", **kw)
