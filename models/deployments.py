@@ -15,6 +15,7 @@ a reader that is gone.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import json
 import time
@@ -300,7 +301,7 @@ class DeploymentStore:
         self.client.rpush(names.history_key(name), json.dumps(entry))
         return entry
 
-    def history(self, name: str, limit: int | None = None) -> list[dict[str, Any]]:
+    def history(self, name: str, limit: int | None = None) -> builtins.list[dict[str, Any]]:
         """Oldest first; with ``limit``, the latest ``limit`` entries."""
         start = -limit if limit else 0
         raw = self.client.lrange(names.history_key(name), start, -1)

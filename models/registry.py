@@ -12,6 +12,7 @@ Nothing here unpickles anything: a model is ONNX bytes plus JSON.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import json
@@ -191,23 +192,26 @@ class ModelRegistry:
 
     def adopt(self) -> list[ModelMeta]:
         """Index artifacts found in the data folder but not in Redis (trained before Redis ran,
-        or Redis lost its data); an artifact whose sha256 no longer matches is skipped."""
+        or Redis lost its data), and re-index those retrained in place (``train-demo
+        --force``); an artifact whose sha256 does not match its metadata is skipped."""
         if self.index is None:
             return []
-        known = {k.decode() for k in self.index.hkeys(MODELS_INDEX)}
+        known = {
+            k.decode(): json.loads(v).get("sha256")
+            for k, v in self.index.hgetall(MODELS_INDEX).items()
+        }
         adopted = []
         for meta in self._disk_metas():
-            if _field(meta.name, meta.version) in known:
+            key = _field(meta.name, meta.version)
+            if known.get(key) == meta.sha256:
                 continue
             if not self.verify(meta.name, meta.version):
                 log.warning(
                     "not indexing %s v%d: its sha256 does not match", meta.name, meta.version
                 )
                 continue
-            if self.index.hsetnx(
-                MODELS_INDEX, _field(meta.name, meta.version), json.dumps(meta.to_dict())
-            ):
-                adopted.append(meta)
+            self.index.hset(MODELS_INDEX, key, json.dumps(meta.to_dict()))
+            adopted.append(meta)
         return adopted
 
     # -- reading ------------------------------------------------------------------------------
@@ -269,7 +273,7 @@ class ModelRegistry:
             versions += [int(p.name) for p in name_dir.iterdir() if p.name.isdigit()]
         return max(versions, default=0)
 
-    def _disk_metas(self) -> list[ModelMeta]:
+    def _disk_metas(self) -> builtins.list[ModelMeta]:
         out: list[ModelMeta] = []
         if not self.root.exists():
             return out

@@ -75,6 +75,11 @@ def test_adopt_skips_a_tampered_artifact_and_delete_removes_both_sides(
     path = registry.artifact_path(DEMO_MODEL, 1)
     path.write_bytes(path.read_bytes() + b"tampered")
     assert [m.version for m in registry.adopt()] == [2]
+    # retrained in place without Redis (train-demo --force): the index follows at next adopt
+    retrained = ModelRegistry(registry.root).save(draft(registry), variant_onnx("weak"))
+    assert registry.list(DEMO_MODEL)[0].sha256 != retrained.sha256
+    assert [m.version for m in registry.adopt()] == [2]
+    assert registry.list(DEMO_MODEL)[0].sha256 == retrained.sha256
     registry.delete(DEMO_MODEL, 2)
     assert not (registry.root / DEMO_MODEL / "2").exists()
     assert registry.list(DEMO_MODEL) == []
