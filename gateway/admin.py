@@ -146,7 +146,7 @@ async def _read_upload(request: Request, max_bytes: int) -> tuple[UploadMeta, by
             if isinstance(raw_meta, str) and raw_meta.strip():
                 try:
                     doc = json.loads(raw_meta)
-                except ValueError as exc:
+                except (ValueError, RecursionError) as exc:
                     raise Invalid(f"the 'metadata' part is not JSON: {exc}") from None
                 if not isinstance(doc, dict):
                     raise Invalid("the 'metadata' part must be a JSON object")
@@ -160,7 +160,7 @@ async def _read_upload(request: Request, max_bytes: int) -> tuple[UploadMeta, by
     if ctype.startswith("application/json"):
         try:
             doc = json.loads(await request.body())
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise Invalid(f"the body is not JSON: {exc}") from None
         upload = _validated(UploadJSON, doc)
         try:

@@ -215,6 +215,7 @@ def test_upload_list_show_delete(admin: AppClient, r: redis.Redis) -> None:
         ("bad-name", 422, "invalid model name"),
         ("form-without-file", 422, "'file' part"),
         ("plain-text", 415, "multipart"),
+        ("nested-json", 422, "not JSON"),
         ("unknown-deployment", 404, "does not exist"),
     ],
 )
@@ -244,6 +245,12 @@ def test_refused_uploads_are_4xx_and_change_nothing(
         resp = client.post("/admin/models", json=body, headers=AUTH)
     elif case == "form-without-file":
         resp = client.post("/admin/models", files={"metadata": (None, "{}")}, headers=AUTH)
+    elif case == "nested-json":
+        resp = client.post(
+            "/admin/models",
+            content=b"[" * 200_000,
+            headers={**AUTH, "content-type": "application/json"},
+        )
     elif case == "plain-text":
         resp = client.post(
             "/admin/models", content=b"x", headers={**AUTH, "content-type": "text/plain"}
