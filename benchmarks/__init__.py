@@ -1,0 +1,1 @@
+"""Benchmarks: the rendezvous gateway against in-process serving and MLServer."""

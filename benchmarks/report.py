@@ -1,0 +1,160 @@
+"""Figures from raw latencies, the gateway-to-baseline ratios, and the markdown table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+PERCENTILES = (50, 90, 99, 99.9)
+HISTOGRAM_STEP = 1.1
+"""Latency histogram buckets grow by 10 %: bucket k holds [0.01 ms * 1.1^k, 0.01 ms * 1.1^(k+1))."""
+
+TARGETS = {
+    "throughput_c64_vs_inprocess": (">=", 0.6),
+    "throughput_c64_vs_peer": (">=", 5.0),
+    "added_p50_ms_c1": ("<=", 0.7),
+    "p99_c64_vs_inprocess": ("<=", 2.0),
+    "rss_mb_total": ("<=", 600.0),
+}
+"""The issue's targets (2-core machine, ratios from the same run)."""
+
+SYSTEM_TITLES = {
+    "gateway": "rdv serve (gateway + Redis + real + canary + log bin)",
+    "inprocess": "in-process FastAPI + onnxruntime (2 uvicorn processes)",
+    "mlserver": "MLServer + onnxruntime runtime",
+}
+
+
+def latency_figures(latencies_ms: Sequence[float]) -> dict[str, Any]:
+    """Percentiles, mean, max, and a log-bucket histogram (the raw distribution, compactly)."""
+    if not latencies_ms:
+        return {"count": 0}
+    a = np.asarray(latencies_ms, dtype=np.float64)
+    out: dict[str, Any] = {"count": int(a.size)}
+    for p in PERCENTILES:
+        out[f"p{p:g}"] = round(float(np.percentile(a, p)), 4)
+    out["mean"] = round(float(a.mean()), 4)
+    out["min"] = round(float(a.min()), 4)
+    out["max"] = round(float(a.max()), 4)
+    buckets = np.floor(np.log(np.maximum(a, 0.01) / 0.01) / math.log(HISTOGRAM_STEP)).astype(int)
+    keys, counts = np.unique(buckets, return_counts=True)
+    out["histogram"] = {
+        "first_bucket_ms": 0.01,
+        "step": HISTOGRAM_STEP,
+        "counts": {str(int(k)): int(c) for k, c in zip(keys, counts, strict=True)},
+    }
+    return out
+
+
+def _phase(results: dict[str, Any], system: str, load: str) -> dict[str, Any] | None:
+    phase: dict[str, Any] | None = results.get("systems", {}).get(system, {}).get("phases", {})
+    return phase.get(load) if phase else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 3)
+
+
+def ratios(results: dict[str, Any], high_load: str = "c64", low_load: str = "c1") -> dict[str, Any]:
+    """The issue's comparison figures; ``None`` where a system was not run."""
+    gw_hi = _phase(results, "gateway", high_load)
+    ip_hi = _phase(results, "inprocess", high_load)
+    peer_hi = _phase(results, "mlserver", high_load)
+    gw_lo = _phase(results, "gateway", low_load)
+    ip_lo = _phase(results, "inprocess", low_load)
+
+    def get(phase: dict[str, Any] | None, *path: str) -> float | None:
+        value: Any = phase
+        for key in path:
+            if not isinstance(value, dict) or key not in value:
+                return None
+            value = value[key]
+        return float(value) if value is not None else None
+
+    added = None
+    if gw_lo is not None and ip_lo is not None:
+        g, i = get(gw_lo, "latency_ms", "p50"), get(ip_lo, "latency_ms", "p50")
+        added = round(g - i, 4) if g is not None and i is not None else None
+    rss = results.get("systems", {}).get("gateway", {}).get("rss_mb", {})
+    out: dict[str, Any] = {
+        "throughput_c64_vs_inprocess": _ratio(
+            get(gw_hi, "throughput_rps"), get(ip_hi, "throughput_rps")
+        ),
+        "throughput_c64_vs_peer": _ratio(
+            get(gw_hi, "throughput_rps"), get(peer_hi, "throughput_rps")
+        ),
+        "added_p50_ms_c1": added,
+        "p99_c64_vs_inprocess": _ratio(
+            get(gw_hi, "latency_ms", "p99"), get(ip_hi, "latency_ms", "p99")
+        ),
+        "rss_mb_total": rss.get("peak_serving_total"),
+    }
+    out["targets"] = {
+        key: {"op": op, "target": bound, "met": _met(out[key], op, bound)}
+        for key, (op, bound) in TARGETS.items()
+    }
+    return out
+
+
+def _met(value: float | None, op: str, bound: float) -> bool | None:
+    if value is None:
+        return None
+    return value >= bound if op == ">=" else value <= bound
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The run as markdown: per system and load, then the ratios against the targets."""
+    m = results["machine"]
+    lines = [
+        f"Run {results['date']} at commit `{results['commit']}`"
+        f"{' (uncommitted changes)' if results.get('dirty') else ''}: {m['cpus']} x "
+        f"{m['cpu_model'] or 'CPU'}, {m['mem_total_mb'] // 1024} GiB, Python {m['python']}; "
+        f"{results['config']['duration']:g} s per load after "
+        f"{results['config']['warmup']:g} s warm-up; load generator: "
+        f"{results['config']['loadgen_procs']} processes of raw HTTP/1.1 keep-alive.",
+        "",
+        "| system | load | req/s | p50 ms | p90 ms | p99 ms | errors | server CPU s "
+        "| server CPU µs/req | load-gen µs/req | other CPU s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, system in results["systems"].items():
+        for label, ph in system["phases"].items():
+            lat = ph["latency_ms"]
+            lines.append(
+                f"| {name} | {label} | {_fmt(ph['throughput_rps'], 0)} | {_fmt(lat.get('p50'))} "
+                f"| {_fmt(lat.get('p90'))} | {_fmt(lat.get('p99'))} | {ph['errors']} "
+                f"| {_fmt(ph['cpu_s']['total'])} | {_fmt(ph['cpu_us_per_request'], 0)} "
+                f"| {_fmt(ph['loadgen']['cpu_us_per_request'], 0)} "
+                f"| {_fmt(ph['machine']['other_cpu_s'])} |"
+            )
+    lines += [
+        "",
+        "| system | processes | peak RSS MB (all) | peak RSS MB by part |",
+        "|---|---:|---:|---|",
+    ]
+    for name, system in results["systems"].items():
+        rss = system["rss_mb"]
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(rss["peak_by_component"].items()))
+        lines.append(f"| {name} | {system['processes']} | {_fmt(rss['peak_total'], 0)} | {parts} |")
+    r = results["ratios"]
+    lines += ["", "| gateway vs baselines | measured | target | met |", "|---|---:|---:|:-:|"]
+    for key, t in r["targets"].items():
+        met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
+        lines.append(f"| `{key}` | {_fmt(r[key], 3)} | {t['op']} {t['target']:g} | {met} |")
+    notes = results.get("notes")
+    if notes:
+        lines += ["", *[f"- {n}" for n in notes]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,340 @@
+"""``make bench``: the full rendezvous path against two baselines, on one machine, in one run.
+
+Starts ``rdv serve`` on a fresh data folder (embedded Redis, gateway, real and canary workers,
+log bin), then the in-process FastAPI baseline, then MLServer, one system at a time, and drives
+each with the same load generator: a warm-up, closed loops at each concurrency, an open loop at
+a fixed rate. Writes ``<out>/<date>-<commit>.json`` (every figure), ``.md`` (the table) and
+``.png`` (latency against throughput), and prints the table.
+
+    python -m benchmarks.run [--quick] [--duration S] [--concurrency 1,8,64] [--rate R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks import procstat
+from benchmarks.loadgen import Load, run_load
+from benchmarks.report import SYSTEM_TITLES, latency_figures, markdown, ratios
+from benchmarks.systems import (
+    REPO,
+    Running,
+    ensure_tools,
+    start_inprocess,
+    start_mlserver,
+    start_rdv,
+)
+
+SYSTEMS = ("gateway", "inprocess", "mlserver")
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="2 s per load, concurrency 1 and 64")
+    p.add_argument("--duration", type=float, help="seconds per measured load (default 10)")
+    p.add_argument("--warmup", type=float, help="seconds of warm-up per system (default 3)")
+    p.add_argument("--concurrency", help="closed-loop concurrencies (default 1,8,64)")
+    p.add_argument("--rate", type=float, help="open-loop requests/s (default 400; 0: none)")
+    p.add_argument("--loadgen-procs", type=int, default=2, help="load processes (default 2)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="which of " + ",".join(SYSTEMS))
+    p.add_argument("--gateway-processes", type=int, help="RDV_GATEWAY_PROCESSES (default: rdv's)")
+    p.add_argument("--inprocess-processes", type=int, default=2)
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="ONNX model for the baselines when the gateway "
+        "is not run (default: trained into the run's data folder)",
+    )
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib install)")
+    p.add_argument(
+        "--update-readme",
+        action="store_true",
+        help=f"put the table in README.md between {README_START} and {README_END}",
+    )
+    args = p.parse_args(argv)
+    args.duration = args.duration or (2.0 if args.quick else 10.0)
+    args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 3.0)
+    args.concurrency = [
+        int(c) for c in (args.concurrency or ("1,64" if args.quick else "1,8,64")).split(",")
+    ]
+    args.rate = args.rate if args.rate is not None else (200.0 if args.quick else 400.0)
+    args.systems = [s for s in args.systems.split(",") if s]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        p.error(f"unknown systems {sorted(unknown)}")
+    return args
+
+
+def demo_rows() -> list[list[float]]:
+    from models.train import demo_data
+
+    # 7 significant digits: the float32 values of the data, written as a client would.
+    return [[float(f"{v:.7g}") for v in row] for row in demo_data().x_test.tolist()]
+
+
+def run_phase(running: Running, load: Load, procs: int) -> dict[str, Any]:
+    tree = running.tree
+    marks: dict[str, Any] = {}
+
+    def on_start() -> None:
+        marks["self"] = resource.getrusage(resource.RUSAGE_SELF)
+        marks["a"] = procstat.TreeSample.take(tree)
+
+    result, loadgen_cpu = run_load(running.target, load, procs, on_start=on_start)
+    b = procstat.TreeSample.take(tree)
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    a, me0 = marks["a"], marks["self"]
+    harness_cpu = (me.ru_utime - me0.ru_utime) + (me.ru_stime - me0.ru_stime)
+    cpu = procstat.cpu_between(a, b)
+    server_cpu = sum(cpu.values())
+    lg_cpu = sum(loadgen_cpu)
+    ok = len(result.latencies_ms)
+    busy = b.machine_busy_s - a.machine_busy_s
+    return {
+        "mode": load.mode,
+        "concurrency": load.concurrency if load.mode == "closed" else None,
+        "rate": load.rate if load.mode == "open" else None,
+        "duration_s": load.duration_s,
+        "sent": result.sent,
+        "ok": ok,
+        "errors": result.sent - ok,
+        "statuses": dict(result.statuses),
+        "throughput_rps": round(ok / result.elapsed_s, 1),
+        "latency_ms": latency_figures(result.latencies_ms),
+        "cpu_s": {**cpu, "total": round(server_cpu, 3)},
+        "cpu_us_per_request": round(server_cpu / ok * 1e6, 1) if ok else None,
+        "loadgen": {
+            "procs": len(loadgen_cpu),
+            "cpu_s": round(lg_cpu, 3),
+            "cpu_us_per_request": round(lg_cpu / max(result.sent, 1) * 1e6, 1),
+            "cpu_utilisation": round(lg_cpu / (len(loadgen_cpu) * load.duration_s), 3),
+        },
+        "machine": {
+            "wall_s": round(b.t - a.t, 3),
+            "busy_cpu_s": round(busy, 3),
+            "steal_cpu_s": round(b.machine_steal_s - a.machine_steal_s, 3),
+            "harness_cpu_s": round(harness_cpu, 3),
+            "other_cpu_s": round(busy - server_cpu - lg_cpu - harness_cpu, 3),
+        },
+    }
+
+
+def measure(
+    running: Running,
+    args: argparse.Namespace,
+    rows: list[list[float]],
+    expected: list[int],
+    startup_s: float,
+) -> dict[str, Any]:
+    target = dataclasses.replace(
+        running.target, bodies=tuple(json.dumps(running.body(r)).encode() for r in rows)
+    )
+    running.target = target
+    agree = [running.predict_labels(r)[0] for r in rows[: len(expected)]] == expected
+    if not agree:
+        log(f"{running.name}: labels differ from onnxruntime's on the same rows")
+    loads = [Load("closed", c, duration_s=args.duration) for c in args.concurrency]
+    if args.rate > 0:
+        loads.append(Load("open", rate=args.rate, duration_s=args.duration))
+    phases: dict[str, Any] = {}
+    with procstat.MemoryWatch(running.tree) as mem:
+        if args.warmup > 0:
+            warm = Load("closed", max(args.concurrency), duration_s=args.warmup)
+            run_load(target, warm, args.loadgen_procs)
+        for load in loads:
+            phases[load.label] = phase = run_phase(running, load, args.loadgen_procs)
+            lat = phase["latency_ms"]
+            log(
+                f"{running.name} {load.label}: {phase['throughput_rps']:.0f} req/s, "
+                f"p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms, errors {phase['errors']}"
+            )
+    members = running.tree.members()
+    hwm = sum(procstat.hwm_bytes(p) for p in members)
+    return {
+        "title": SYSTEM_TITLES[running.name],
+        "info": running.info,
+        "startup_s": round(startup_s, 2),
+        "labels_agree_with_onnxruntime": agree,
+        "processes": len(members),
+        "process_components": sorted(set(members.values())),
+        "rss_mb": {
+            "peak_total": round(mem.peak_total_bytes / procstat.MB, 1),
+            "peak_serving_total": round(mem.peak_serving_bytes / procstat.MB, 1),
+            "peak_by_component": {
+                k: round(v / procstat.MB, 1) for k, v in mem.peak_by_component.items()
+            },
+            "end_by_component": {
+                k: round(v / procstat.MB, 1) for k, v in mem.last_by_component.items()
+            },
+            "sum_of_process_hwm": round(hwm / procstat.MB, 1),
+        },
+        "phases": phases,
+    }
+
+
+def _git(*args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
+    return out.stdout.strip()
+
+
+def _expected_labels(model: Path, rows: list[list[float]]) -> list[int]:
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    labels, _ = session.run(None, {session.get_inputs()[0].name: np.asarray(rows, np.float32)})
+    return [int(v) for v in labels]
+
+
+def _start(name: str, args: argparse.Namespace, work: Path, model: Path | None) -> Running:
+    if name == "gateway":
+        return start_rdv(work / "rdv-data", work, args.gateway_processes)
+    assert model is not None
+    if name == "inprocess":
+        return start_inprocess(model, work, args.inprocess_processes)
+    return start_mlserver(model, work / "mlserver", work, log=log)
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="rdv-bench-"))
+    log(f"work folder {work}")
+    rows = demo_rows()
+    model: Path | None = args.model
+    machine = procstat.machine()
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": _git("rev-parse", "--short", "HEAD") or "unknown",
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "machine": machine,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "request": "one breast-cancer test row per request (models/train.py demo_data), "
+        f"{len(rows)} rows in turn",
+        "systems": {},
+        "failed": {},
+        "notes": [],
+    }
+    for name in args.systems:
+        if name != "gateway" and model is None:
+            model = _train(work)
+        t0 = time.monotonic()
+        log(f"starting {name}")
+        try:
+            running = _start(name, args, work, model)
+        except Exception as exc:  # a baseline that cannot start must not sink the run
+            log(f"{name} did not start: {exc}")
+            results["failed"][name] = str(exc)[-2000:]
+            continue
+        if name == "gateway" and model is None:
+            model = work / "rdv-data" / "models" / "breast-cancer" / "2" / "model.onnx"
+        try:
+            expected = _expected_labels(model, rows[:8]) if model else []
+            results["systems"][name] = measure(running, args, rows, expected, time.monotonic() - t0)
+        finally:
+            code = running.stop()
+            log(f"stopped {name} (exit {code})")
+            time.sleep(1.0)
+    machine["loadavg_at_end"] = list(os.getloadavg())
+    results["ratios"] = ratios(results)
+    results["notes"] += _notes(results)
+    return results
+
+
+def _train(work: Path) -> Path:
+    from models.registry import ModelRegistry
+    from models.train import DEMO_MODEL, REAL_VERSION, train_demo
+
+    registry = ModelRegistry(work / "model-data" / "models")
+    train_demo(registry)
+    return registry.artifact_path(DEMO_MODEL, REAL_VERSION)
+
+
+def _notes(results: dict[str, Any]) -> list[str]:
+    notes = []
+    for name, system in results["systems"].items():
+        other = max(ph["machine"]["other_cpu_s"] for ph in system["phases"].values())
+        wall = max(ph["machine"]["wall_s"] for ph in system["phases"].values())
+        if other > 0.1 * wall:
+            notes.append(
+                f"{name}: up to {other:.1f} CPU s per load went to other processes "
+                "on this machine (noise)"
+            )
+        if not system["labels_agree_with_onnxruntime"]:
+            notes.append(f"{name}: answers differ from onnxruntime's labels")
+    for name, why in results["failed"].items():
+        notes.append(f"{name} did not run: {why.splitlines()[0] if why else '?'}")
+    return notes
+
+
+def write(results: dict[str, Any], out: Path, plot: bool) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{results['date']}-{results['commit']}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(results))
+    if plot:
+        try:
+            python = ensure_tools(log)
+            subprocess.run(
+                [
+                    str(python),
+                    "-m",
+                    "benchmarks.plot",
+                    str(stem.with_suffix(".json")),
+                    str(stem.with_suffix(".png")),
+                ],
+                cwd=REPO,
+                check=True,
+            )
+        except (OSError, subprocess.CalledProcessError) as exc:
+            log(f"no plot: {exc}")
+    return stem
+
+
+def update_readme(stem: Path, table: str) -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        log("README.md has no benchmark markers; not updated")
+        return
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    rel = stem.relative_to(REPO)
+    block = f"{README_START}\n{table}\nFigures: `{rel}.json`, plot: `{rel}.png`.\n{README_END}"
+    readme.write_text(head + block + tail)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    results = bench(args)
+    stem = write(results, args.out, plot=not args.no_plot)
+    table = markdown(results)
+    print(table)
+    log(f"results in {stem}.json / .md" + ("" if args.no_plot else " / .png"))
+    if args.update_readme:
+        update_readme(stem, table)
+
+
+if __name__ == "__main__":
+    main()

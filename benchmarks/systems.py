@@ -1,0 +1,352 @@
+"""The three systems under test, each started as real processes on a free port and stopped
+with SIGTERM: ``rdv serve`` (the full rendezvous path), the in-process FastAPI baseline, and
+MLServer (installed by the benchmark into ``benchmarks/.venv-mlserver``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from benchmarks.loadgen import Target
+from benchmarks.procstat import ProcessTree
+
+REPO = Path(__file__).resolve().parent.parent
+MLSERVER_VENV = REPO / "benchmarks" / ".venv-mlserver"
+MLSERVER_REQUIREMENTS = (
+    "mlserver>=1.6,<2",
+    "onnxruntime>=1.18",
+    "numpy>=1.26",
+    # uvloop 0.22 no longer makes a loop in get_event_loop(): MLServer 1.7 workers die.
+    "uvloop<0.22",
+)
+TOOLS_VENV = REPO / "benchmarks" / ".venv-tools"
+TOOLS_REQUIREMENTS = ("matplotlib>=3.8", "py-spy>=0.3")
+PREDICT_PATH = "/v1/deployments/breast-cancer/predict"
+MLSERVER_MODEL = "breast-cancer"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_status(url: str, timeout_s: float = 2.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (OSError, ValueError):
+        return None
+
+
+def post_json(url: str, doc: Any, timeout_s: float = 5.0) -> Any:
+    req = urllib.request.Request(
+        url, data=json.dumps(doc).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        return json.loads(resp.read())
+
+
+@dataclass
+class Running:
+    """One system under test, up and answering."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    target: Target
+    base_url: str
+    classify: Callable[[str], str]
+    body: Callable[[list[float]], dict[str, Any]]
+    """The request body this system takes for one row."""
+    labels: Callable[[Any], list[int]]
+    """The predicted labels in this system's response."""
+    log_path: Path
+    root_name: str = "supervisor"
+    """What the launched process itself is (the others are named by ``classify``)."""
+    info: dict[str, Any] = field(default_factory=dict)
+    _log: IO[bytes] | None = None
+
+    @property
+    def tree(self) -> ProcessTree:
+        return ProcessTree(self.proc.pid, self.classify, self.root_name)
+
+    def predict_labels(self, row: list[float]) -> list[int]:
+        return self.labels(post_json(self.base_url + self.target.path, self.body(row)))
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+        return self.proc.returncode
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def _launch(
+    argv: list[str], env: dict[str, str], log_path: Path, cwd: Path = REPO
+) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+    log = open(log_path, "ab")  # noqa: SIM115 - closed by Running.stop
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        cwd=cwd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    return proc, log
+
+
+def _wait_ready(running: Running, url: str, timeout_s: float) -> Running:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if running.proc.poll() is not None:
+            raise RuntimeError(
+                f"{running.name} exited with {running.proc.returncode}:\n{running.log_tail()}"
+            )
+        if http_status(url) == 200:
+            return running
+        time.sleep(0.2)
+    running.stop()
+    raise RuntimeError(f"{running.name} not ready within {timeout_s}s:\n{running.log_tail()}")
+
+
+def _instances_body(row: list[float]) -> dict[str, Any]:
+    return {"instances": [row]}
+
+
+def _gateway_labels(doc: Any) -> list[int]:
+    return [int(p["label"]) for p in doc["predictions"]]
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RDV_")}
+    env.update(extra)
+    return env
+
+
+def _classify_rdv(cmd: str) -> str:
+    if "redis-server" in cmd:
+        return "redis"
+    for role in ("real", "canary"):
+        if f"--role {role}" in cmd:
+            return f"worker:{role}"
+    if "--role " in cmd:
+        return "worker:" + cmd.split("--role ", 1)[1].split()[0]
+    for name in ("gateway", "logbin"):
+        if f"gateway.cli {name}" in cmd:
+            return name
+    return "other"
+
+
+def start_rdv(
+    data_dir: Path, log_dir: Path, gateway_processes: int | None = None, timeout_s: float = 180.0
+) -> Running:
+    """``rdv serve`` on a fresh data folder: embedded Redis, demo training, every process."""
+    port = free_port()
+    extra = {"RDV_LOG_LEVEL": "WARNING"}
+    if gateway_processes:
+        extra["RDV_GATEWAY_PROCESSES"] = str(gateway_processes)
+    argv = [
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "serve",
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+    ]
+    log_path = log_dir / "rdv-serve.log"
+    proc, log = _launch(argv, _clean_env(**extra), log_path)
+    running = Running(
+        name="gateway",
+        proc=proc,
+        base_url=f"http://127.0.0.1:{port}",
+        target=Target("127.0.0.1", port, PREDICT_PATH, ()),
+        classify=_classify_rdv,
+        body=_instances_body,
+        labels=_gateway_labels,
+        log_path=log_path,
+        _log=log,
+        info={"command": "rdv serve", "env": extra, "gateway_processes": gateway_processes or 1},
+    )
+    return _wait_ready(running, f"{running.base_url}/readyz", timeout_s)
+
+
+def _classify_uvicorn(cmd: str) -> str:
+    return "resource-tracker" if "resource_tracker" in cmd else "uvicorn-worker"
+
+
+def start_inprocess(
+    model_path: Path, log_dir: Path, processes: int = 2, timeout_s: float = 60.0
+) -> Running:
+    """The minimal FastAPI app with onnxruntime in-process, ``processes`` uvicorn workers."""
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "benchmarks.inprocess_app:create_app",
+        "--factory",
+        "--app-dir",
+        str(REPO),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(processes),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    log_path = log_dir / "inprocess.log"
+    proc, log = _launch(argv, _clean_env(BENCH_MODEL_PATH=str(model_path)), log_path)
+    running = Running(
+        name="inprocess",
+        proc=proc,
+        base_url=f"http://127.0.0.1:{port}",
+        target=Target("127.0.0.1", port, PREDICT_PATH, ()),
+        classify=_classify_uvicorn,
+        root_name="uvicorn-master",
+        body=_instances_body,
+        labels=_gateway_labels,
+        log_path=log_path,
+        _log=log,
+        info={"command": "uvicorn benchmarks.inprocess_app --workers", "processes": processes},
+    )
+    return _wait_ready(running, f"{running.base_url}/healthz", timeout_s)
+
+
+def ensure_venv(
+    venv: Path, requirements: tuple[str, ...], log: Callable[[str], None] = print
+) -> Path:
+    """Create a benchmark-only virtual environment once; returns its python."""
+    python = venv / "bin" / "python"
+    stamp = venv / ".installed"
+    wanted = "\n".join(requirements)
+    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return python
+    log(f"installing {', '.join(requirements)} into {venv} (once)")
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", "--clear", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    done = subprocess.run([*pip, *requirements], capture_output=True, text=True, check=False)
+    (venv / "install.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"pip install {' '.join(requirements)} failed:\n{done.stderr[-2000:]}")
+    stamp.write_text(wanted)
+    return python
+
+
+def ensure_mlserver(log: Callable[[str], None] = print) -> Path:
+    """The ``mlserver`` command of ``benchmarks/.venv-mlserver``, installed on first use."""
+    return ensure_venv(MLSERVER_VENV, MLSERVER_REQUIREMENTS, log).with_name("mlserver")
+
+
+def ensure_tools(log: Callable[[str], None] = print) -> Path:
+    """The python of ``benchmarks/.venv-tools`` (matplotlib for the plot, py-spy)."""
+    return ensure_venv(TOOLS_VENV, TOOLS_REQUIREMENTS, log)
+
+
+def mlserver_version(venv: Path = MLSERVER_VENV) -> str:
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import mlserver; print(mlserver.__version__)"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return out.stdout.strip()
+
+
+def _mlserver_body(row: list[float]) -> dict[str, Any]:
+    return {
+        "inputs": [{"name": "features", "shape": [1, len(row)], "datatype": "FP32", "data": row}]
+    }
+
+
+def _mlserver_labels(doc: Any) -> list[int]:
+    out = {o["name"]: o for o in doc["outputs"]}
+    return [int(v) for v in out["label"]["data"]]
+
+
+def _classify_mlserver(cmd: str) -> str:
+    return "resource-tracker" if "resource_tracker" in cmd else "inference-worker"
+
+
+def start_mlserver(
+    model_path: Path,
+    work_dir: Path,
+    log_dir: Path,
+    parallel_workers: int = 1,
+    timeout_s: float = 120.0,
+    log: Callable[[str], None] = print,
+) -> Running:
+    """MLServer (its defaults, less the access log) with the custom onnxruntime runtime."""
+    exe = ensure_mlserver(log)
+    port = free_port()
+    model_dir = work_dir / "models" / MLSERVER_MODEL
+    model_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(model_path, model_dir / "model.onnx")
+    shutil.copy(Path(__file__).with_name("mlserver_runtime.py"), model_dir / "mlserver_runtime.py")
+    settings = {
+        "host": "127.0.0.1",
+        "http_port": port,
+        "grpc_port": free_port(),
+        "metrics_port": free_port(),
+        "debug": False,  # debug (the default) writes an access log line per request
+        "parallel_workers": parallel_workers,
+        "metrics_dir": str(work_dir / ".metrics"),
+        "environments_dir": str(work_dir / ".envs"),
+    }
+    (work_dir / "models" / "settings.json").write_text(json.dumps(settings, indent=1))
+    model_settings = {
+        "name": MLSERVER_MODEL,
+        "implementation": "mlserver_runtime.OnnxClassifierRuntime",
+        "parameters": {"uri": "./model.onnx", "version": "2"},
+    }
+    (model_dir / "model-settings.json").write_text(json.dumps(model_settings, indent=1))
+    log_path = log_dir / "mlserver.log"
+    proc, out = _launch(
+        [str(exe), "start", str(work_dir / "models")], _clean_env(), log_path, cwd=work_dir
+    )
+    running = Running(
+        name="mlserver",
+        proc=proc,
+        base_url=f"http://127.0.0.1:{port}",
+        target=Target("127.0.0.1", port, f"/v2/models/{MLSERVER_MODEL}/infer", ()),
+        classify=_classify_mlserver,
+        root_name="mlserver-http",
+        body=_mlserver_body,
+        labels=_mlserver_labels,
+        log_path=log_path,
+        _log=out,
+        info={"command": "mlserver start", "version": mlserver_version(), "settings": settings},
+    )
+    return _wait_ready(running, f"{running.base_url}/v2/models/{MLSERVER_MODEL}/ready", timeout_s)
