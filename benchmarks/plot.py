@@ -58,7 +58,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
         ax.set_ylabel(f"{pct} latency (ms)")
         ax.set_title(f"{pct} latency against throughput")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8, loc="upper left")
+    axes[1].legend(fontsize=8, loc="lower right")
     fig.suptitle(
         f"breast-cancer GB model, {results['date']} @ {results['commit']} "
         f"({results['machine']['cpus']} CPUs)",

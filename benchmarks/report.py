@@ -149,6 +149,15 @@ def markdown(results: dict[str, Any]) -> str:
         rss = system["rss_mb"]
         parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(rss["peak_by_component"].items()))
         lines.append(f"| {name} | {system['processes']} | {_fmt(rss['peak_total'], 0)} | {parts} |")
+    cal = results.get("loadgen_calibration")
+    if cal:
+        lines += [
+            "",
+            f"Load generator ceiling on this machine: {_fmt(cal['throughput_rps'], 0)} req/s at "
+            f"c{cal['concurrency']} against a do-nothing HTTP server "
+            f"({_fmt(cal['loadgen']['cpu_us_per_request'], 0)} µs of load-generator CPU "
+            "per request).",
+        ]
     r = results["ratios"]
     lines += ["", "| gateway vs baselines | measured | target | met |", "|---|---:|---:|:-:|"]
     for key, t in r["targets"].items():

@@ -31,6 +31,7 @@ from benchmarks.systems import (
     REPO,
     Running,
     ensure_tools,
+    start_echo,
     start_inprocess,
     start_mlserver,
     start_rdv,
@@ -68,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib install)")
+    p.add_argument(
+        "--no-calibrate", action="store_true", help="skip the load generator's ceiling check"
+    )
     p.add_argument(
         "--update-readme",
         action="store_true",
@@ -194,6 +198,23 @@ def measure(
     }
 
 
+def calibrate(args: argparse.Namespace, work: Path, rows: list[list[float]]) -> dict[str, Any]:
+    """The load generator against a do-nothing server at the highest concurrency: what it
+    reaches there bounds from below what it can drive, on this machine, in this run."""
+    echo = start_echo(work)
+    try:
+        echo.target = dataclasses.replace(
+            echo.target, bodies=tuple(json.dumps(echo.body(r)).encode() for r in rows)
+        )
+        load = Load("closed", max(args.concurrency), duration_s=min(args.duration, 3.0))
+        phase = run_phase(echo, load, args.loadgen_procs)
+    finally:
+        echo.stop()
+    log(f"load generator ceiling: {phase['throughput_rps']:.0f} req/s at {load.label} "
+        f"against a do-nothing server")  # fmt: skip
+    return phase
+
+
 def _git(*args: str) -> str:
     out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
     return out.stdout.strip()
@@ -236,6 +257,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "failed": {},
         "notes": [],
     }
+    if not args.no_calibrate:
+        results["loadgen_calibration"] = calibrate(args, work, rows)
     for name in args.systems:
         if name != "gateway" and model is None:
             model = _train(work)

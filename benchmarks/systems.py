@@ -350,3 +350,24 @@ def start_mlserver(
         info={"command": "mlserver start", "version": mlserver_version(), "settings": settings},
     )
     return _wait_ready(running, f"{running.base_url}/v2/models/{MLSERVER_MODEL}/ready", timeout_s)
+
+
+def start_echo(log_dir: Path, timeout_s: float = 30.0) -> Running:
+    """The do-nothing server that calibrates the load generator."""
+    port = free_port()
+    argv = [sys.executable, "-m", "benchmarks.echo_server", str(port)]
+    log_path = log_dir / "echo.log"
+    proc, out = _launch(argv, _clean_env(), log_path)
+    running = Running(
+        name="echo",
+        proc=proc,
+        base_url=f"http://127.0.0.1:{port}",
+        target=Target("127.0.0.1", port, PREDICT_PATH, ()),
+        classify=lambda cmd: "echo",
+        root_name="echo",
+        body=_instances_body,
+        labels=_gateway_labels,
+        log_path=log_path,
+        _log=out,
+    )
+    return _wait_ready(running, f"{running.base_url}/", timeout_s)

@@ -39,6 +39,7 @@ def test_bench_harness_runs_against_the_inprocess_baseline(
     doc = json.loads(result.read_text())
     assert result.with_suffix(".md").read_text().startswith("Run ")
     assert {"date", "commit", "machine", "config", "systems", "ratios"} <= set(doc)
+    assert doc["loadgen_calibration"]["ok"] > 0
     assert set(doc["ratios"]) >= RATIOS
 
     system = doc["systems"]["inprocess"]
