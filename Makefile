@@ -34,3 +34,10 @@ format: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+.PHONY: bench
+
+## Benchmark rdv serve against an in-process FastAPI app and MLServer (installed on first use
+## into benchmarks/.venv-mlserver); results in benchmarks/results/. QUICK=1: a short run.
+bench: install
+	$(BIN)/python -m benchmarks.run $(if $(QUICK),--quick) $(BENCH_ARGS)
