@@ -66,6 +66,9 @@ class Load:
 @dataclass
 class ProcResult:
     latencies_ms: array[float] = field(default_factory=lambda: array("d"))
+    send_lag_ms: array[float] = field(default_factory=lambda: array("d"))
+    """Open loop: how late each request was written after its scheduled time (the load
+    generator's own timer and connection wait, included in its latency)."""
     statuses: Counter[str] = field(default_factory=Counter)
     sent: int = 0
     elapsed_s: float = 0.0
@@ -198,6 +201,7 @@ async def _open(
                 conn = await Connection.open(target.host, target.port)
             else:
                 conn = await idle.get()
+            out.send_lag_ms.append(_ms(t_sched, time.perf_counter()))
             status = await asyncio.wait_for(conn.roundtrip(request), REQUEST_TIMEOUT_S)
         except (OSError, HttpError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
             out.statuses[f"error:{type(exc).__name__}"] += 1
@@ -323,6 +327,7 @@ def run_load(
     merged = ProcResult()
     for r in results.values():
         merged.latencies_ms.extend(r.latencies_ms)
+        merged.send_lag_ms.extend(r.send_lag_ms)
         merged.statuses.update(r.statuses)
         merged.sent += r.sent
         merged.elapsed_s = max(merged.elapsed_s, r.elapsed_s)

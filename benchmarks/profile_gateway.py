@@ -7,6 +7,9 @@ it prints, per process, the CPU seconds per request, the share of samples by pac
 innermost Python frame) and the inclusive share of the functions on the request path.
 
     python -m benchmarks.profile_gateway [--duration 20] [--concurrency 64] [--out DIR]
+
+The summary goes to ``benchmarks/results/profile-<date>-<commit>.json``; the folded stacks
+(inputs for any flame-graph tool) to ``--out``.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import statistics
 import subprocess
 import tempfile
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks import procstat
 from benchmarks.loadgen import Load, run_load
-from benchmarks.run import demo_rows, log
-from benchmarks.systems import ensure_tools, start_rdv
+from benchmarks.run import _git, demo_rows, log
+from benchmarks.systems import REPO, ensure_tools, start_rdv
 
 CATEGORIES = (
     ("(gateway/validation.py", "gateway: validation + to_matrix"),
@@ -179,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gateway-processes", type=int)
     p.add_argument("--loadgen-procs", type=int, default=2)
     p.add_argument("--out", type=Path, help="folder for the folded stacks (default: temporary)")
+    p.add_argument("--summary", type=Path, help="summary JSON (default: benchmarks/results/)")
     args = p.parse_args(argv)
     py_spy = ensure_tools(log).with_name("py-spy")
     work = Path(tempfile.mkdtemp(prefix="rdv-profile-"))
@@ -233,10 +238,22 @@ def main(argv: list[str] | None = None) -> None:
         report["requests"] = ok
     finally:
         running.stop()
+    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    report = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "commit": commit,
+        "machine": procstat.machine(),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **report,
+    }
     text = json.dumps(report, indent=1)
-    (out / "profile-summary.json").write_text(text + "\n")
+    summary = args.summary or REPO / "benchmarks" / "results" / (
+        f"profile-{report['date']}-{commit}.json"
+    )
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(text + "\n")
     print(text)
-    log(f"folded stacks and summary in {out}")
+    log(f"summary in {summary}, folded stacks in {out}")
 
 
 if __name__ == "__main__":

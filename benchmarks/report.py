@@ -149,6 +149,23 @@ def markdown(results: dict[str, Any]) -> str:
         rss = system["rss_mb"]
         parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(rss["peak_by_component"].items()))
         lines.append(f"| {name} | {system['processes']} | {_fmt(rss['peak_total'], 0)} | {parts} |")
+    lags = [
+        (name, label, ph["loadgen"]["send_lag_ms"])
+        for name, system in results["systems"].items()
+        for label, ph in system["phases"].items()
+        if ph["loadgen"].get("send_lag_ms")
+    ]
+    if lags:
+        lines += [
+            "",
+            "Open loop: latency counts from each request's scheduled time, so it includes the "
+            "load generator's own send lag (timer granularity, waiting for a free connection): "
+            + "; ".join(
+                f"{name} {label} p50 {lag['p50']:.2f} ms, p99 {lag['p99']:.2f} ms"
+                for name, label, lag in lags
+            )
+            + ".",
+        ]
     cal = results.get("loadgen_calibration")
     if cal:
         lines += [

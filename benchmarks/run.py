@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,7 @@ def run_phase(running: Running, load: Load, procs: int) -> dict[str, Any]:
             "cpu_s": round(lg_cpu, 3),
             "cpu_us_per_request": round(lg_cpu / max(result.sent, 1) * 1e6, 1),
             "cpu_utilisation": round(lg_cpu / (len(loadgen_cpu) * load.duration_s), 3),
+            "send_lag_ms": _lag(result.send_lag_ms),
         },
         "machine": {
             "wall_s": round(b.t - a.t, 3),
@@ -143,6 +145,13 @@ def run_phase(running: Running, load: Load, procs: int) -> dict[str, Any]:
             "other_cpu_s": round(busy - server_cpu - lg_cpu - harness_cpu, 3),
         },
     }
+
+
+def _lag(lags_ms: Sequence[float]) -> dict[str, float] | None:
+    if not lags_ms:
+        return None
+    figures = latency_figures(lags_ms)
+    return {k: figures[k] for k in ("p50", "p99", "max")}
 
 
 def measure(
