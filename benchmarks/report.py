@@ -115,6 +115,41 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def summary_markdown(results: dict[str, Any]) -> str:
+    """The short form for the README: one row per system, then the ratios."""
+    m = results["machine"]
+    lines = [
+        f"{results['date']}, commit `{results['commit']}`, {m['cpus']} x "
+        f"{m['cpu_model'] or 'CPU'}, {results['config']['duration']:g} s per load.",
+        "",
+        "| system | c1 p50 ms | c64 req/s | c64 p50 ms | c64 p99 ms | CPU µs/req at c64 "
+        "| errors | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, system in results["systems"].items():
+        lo, hi = system["phases"].get("c1"), system["phases"].get("c64")
+        errors = sum(ph["errors"] for ph in system["phases"].values())
+        lines.append(
+            f"| {name} | {_fmt(lo['latency_ms'].get('p50') if lo else None)} "
+            f"| {_fmt(hi['throughput_rps'] if hi else None, 0)} "
+            f"| {_fmt(hi['latency_ms'].get('p50') if hi else None)} "
+            f"| {_fmt(hi['latency_ms'].get('p99') if hi else None)} "
+            f"| {_fmt(hi['cpu_us_per_request'] if hi else None, 0)} | {errors} "
+            f"| {_fmt(system['rss_mb']['peak_total'], 0)} |"
+        )
+    lines += _ratio_lines(results["ratios"])
+    return "\n".join(lines) + "\n"
+
+
+def _ratio_lines(r: dict[str, Any]) -> list[str]:
+    lines = ["", "| gateway vs baselines | measured | target | met |", "|---|---:|---:|:-:|"]
+    for key, t in r["targets"].items():
+        met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
+        digits = 0 if key == "rss_mb_total" else 3
+        lines.append(f"| `{key}` | {_fmt(r[key], digits)} | {t['op']} {t['target']:g} | {met} |")
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The run as markdown: per system and load, then the ratios against the targets."""
     m = results["machine"]
@@ -175,11 +210,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"({_fmt(cal['loadgen']['cpu_us_per_request'], 0)} µs of load-generator CPU "
             "per request).",
         ]
-    r = results["ratios"]
-    lines += ["", "| gateway vs baselines | measured | target | met |", "|---|---:|---:|:-:|"]
-    for key, t in r["targets"].items():
-        met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
-        lines.append(f"| `{key}` | {_fmt(r[key], 3)} | {t['op']} {t['target']:g} | {met} |")
+    lines += _ratio_lines(results["ratios"])
     notes = results.get("notes")
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]

@@ -27,7 +27,7 @@ from typing import Any
 
 from benchmarks import procstat
 from benchmarks.loadgen import Load, run_load
-from benchmarks.report import SYSTEM_TITLES, latency_figures, markdown, ratios
+from benchmarks.report import SYSTEM_TITLES, latency_figures, markdown, ratios, summary_markdown
 from benchmarks.systems import (
     REPO,
     Running,
@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib install)")
     p.add_argument(
         "--no-calibrate", action="store_true", help="skip the load generator's ceiling check"
+    )
+    p.add_argument(
+        "--render", type=Path, metavar="JSON", help="run nothing: redo the .md/.png of a result"
     )
     p.add_argument(
         "--update-readme",
@@ -344,7 +347,7 @@ def write(results: dict[str, Any], out: Path, plot: bool) -> Path:
     return stem
 
 
-def update_readme(stem: Path, table: str) -> None:
+def update_readme(stem: Path, results: dict[str, Any]) -> None:
     readme = REPO / "README.md"
     text = readme.read_text()
     if README_START not in text or README_END not in text:
@@ -352,20 +355,28 @@ def update_readme(stem: Path, table: str) -> None:
         return
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
-    rel = stem.relative_to(REPO)
-    block = f"{README_START}\n{table}\nFigures: `{rel}.json`, plot: `{rel}.png`.\n{README_END}"
+    rel = stem.relative_to(REPO) if stem.is_relative_to(REPO) else stem
+    block = (
+        f"{README_START}\n{summary_markdown(results)}\nEvery figure: `{rel}.md` (table), "
+        f"`{rel}.json`, `{rel}.png` (latency against throughput).\n{README_END}"
+    )
     readme.write_text(head + block + tail)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    results = bench(args)
-    stem = write(results, args.out, plot=not args.no_plot)
-    table = markdown(results)
-    print(table)
+    if args.render:
+        results = json.loads(args.render.read_text())
+        results["ratios"] = ratios(results)
+        out = args.render.resolve().parent
+    else:
+        results = bench(args)
+        out = args.out
+    stem = write(results, out, plot=not args.no_plot)
+    print(markdown(results))
     log(f"results in {stem}.json / .md" + ("" if args.no_plot else " / .png"))
     if args.update_readme:
-        update_readme(stem, table)
+        update_readme(stem.resolve(), results)
 
 
 if __name__ == "__main__":
