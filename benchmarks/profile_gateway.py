@@ -144,7 +144,7 @@ def latency_budget(redis_port: int, client_ms: list[float], last: int) -> dict[s
         entries = client.xrevrange("rdv:{breast-cancer}:decisions", count=last)
     finally:
         client.close()
-    records = [json.loads(fields[b"d"]) for _id, fields in entries]
+    records = [json.loads(fields[b"d"]) for _id, fields in entries or [] if fields]
     answered = [r["answered_after_ms"] for r in records if r.get("answered_after_ms")]
     out: dict[str, object] = {
         "records": len(records),
@@ -230,10 +230,10 @@ def main(argv: list[str] | None = None) -> None:
         log(f"{ok} requests answered in {args.duration:g} s ({ok / args.duration:.0f} req/s)")
         for pid, name in members.items():
             folded = spies[pid][0]
-            summary = summarise(folded) if folded.exists() else {"samples": 0}
-            summary["cpu_s"] = cpu.get(name)
-            summary["cpu_us_per_request"] = round(cpu.get(name, 0) / max(ok, 1) * 1e6, 1)
-            report[f"{name} ({pid})"] = summary
+            part: dict[str, object] = summarise(folded) if folded.exists() else {"samples": 0}
+            part["cpu_s"] = cpu.get(name)
+            part["cpu_us_per_request"] = round(cpu.get(name, 0) / max(ok, 1) * 1e6, 1)
+            report[f"{name} ({pid})"] = part
         report["cpu_s_by_component"] = cpu
         report["requests"] = ok
     finally:
@@ -247,13 +247,13 @@ def main(argv: list[str] | None = None) -> None:
         **report,
     }
     text = json.dumps(report, indent=1)
-    summary = args.summary or REPO / "benchmarks" / "results" / (
+    path: Path = args.summary or REPO / "benchmarks" / "results" / (
         f"profile-{report['date']}-{commit}.json"
     )
-    summary.parent.mkdir(parents=True, exist_ok=True)
-    summary.write_text(text + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
     print(text)
-    log(f"summary in {summary}, folded stacks in {out}")
+    log(f"summary in {path}, folded stacks in {out}")
 
 
 if __name__ == "__main__":
