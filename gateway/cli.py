@@ -155,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", type=Path, help="data folder (RDV_DATA_DIR, default ./data)")
         return p
 
-    from gateway.serve import cmd_serve
+    def cmd_serve(args: argparse.Namespace) -> None:
+        # Imported only for serve: it pulls in scikit-learn (demo training), ~130 MB that
+        # every worker and gateway process would otherwise carry.
+        from gateway.serve import cmd_serve as run_serve
+
+        run_serve(args)
 
     serving(sub.add_parser("serve", help="everything in one: Redis, gateway, workers, log bin"))
     sub.choices["serve"].set_defaults(func=cmd_serve)
