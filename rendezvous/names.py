@@ -90,3 +90,49 @@ def reply_stream(instance_id: str) -> str:
 
 def worker_member(role: str, consumer: str) -> str:
     return f"{role}|{consumer}"
+
+
+def stats_key(deployment: str) -> str:
+    """Hash ``role|consumer`` -> JSON counters of that model worker (with ``ts``, epoch s),
+    written in its heartbeat round trip; the gateway exposes them on ``/metrics``."""
+    return f"{_tag(deployment)}:stats"
+
+
+LOGBIN_STATS = f"{PREFIX}:logbin:stats"
+"""Hash ``consumer`` -> JSON counters of that log-bin process (with ``ts``, epoch s)."""
+
+
+def drift_sketch_stream(deployment: str) -> str:
+    """Per-process aggregates of decisions and inputs, one entry per flush (about a second)."""
+    return f"{_tag(deployment)}:drift:sketches"
+
+
+def drift_report_key(deployment: str) -> str:
+    """The latest drift evaluation (JSON), with its active alerts."""
+    return f"{_tag(deployment)}:drift:report"
+
+
+def drift_history_stream(deployment: str) -> str:
+    """One compact point per evaluation, capped: the report's short history."""
+    return f"{_tag(deployment)}:drift:history"
+
+
+def drift_events_stream(deployment: str) -> str:
+    """Drift alerts raised and cleared."""
+    return f"{_tag(deployment)}:drift:events"
+
+
+def drift_reference_key(deployment: str) -> str:
+    """The score reference built from the window after a promotion (JSON), when the real
+    model carries no training reference."""
+    return f"{_tag(deployment)}:drift:reference"
+
+
+def drift_thresholds_key(deployment: str) -> str:
+    """The deployment's drift thresholds (JSON); absent: the defaults."""
+    return f"{_tag(deployment)}:drift:thresholds"
+
+
+def drift_lock_key(deployment: str) -> str:
+    """Held by the one gateway process that evaluates drift for a while."""
+    return f"{_tag(deployment)}:drift:lock"
