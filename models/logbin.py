@@ -11,6 +11,8 @@ fsync blocks.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import json
 import logging
 import threading
 import time
@@ -35,8 +37,12 @@ Entry = tuple[str, bytes, dict[bytes, bytes]]
 
 @dataclass
 class LogBinStats:
+    """Counters since the process started; published to ``LOGBIN_STATS`` about once a
+    second, since the log bin has no HTTP port of its own for ``/metrics``."""
+
     records: int = 0
-    """Records archived and acked (undecodable ones included)."""
+    """Records archived (written and fsynced, undecodable ones included); one redelivered
+    after a lost ack is counted again."""
     bytes_written: int = 0
     """Compressed bytes appended to segments."""
     batches: int = 0
@@ -62,6 +68,7 @@ class LogBin:
         claim_idle_ms: int = 30_000,
         refresh_s: float = 5.0,
         trim_interval_s: float = 1.0,
+        heartbeat_s: float = 1.0,
     ):
         if block_ms <= 0:
             raise ValueError("block_ms must be positive: BLOCK 0 would never notice a stop")
@@ -79,6 +86,9 @@ class LogBin:
         self.trim_interval_s = trim_interval_s
         """How often the input streams are trimmed behind their slowest group (0: never)."""
         self._next_trim = 0.0
+        self.heartbeat_s = heartbeat_s
+        """How often the counters are published to ``LOGBIN_STATS``."""
+        self._next_heartbeat = 0.0
         self.stats = LogBinStats()
         self._source = deployments
         self._streams: dict[str, str] = {}
@@ -94,7 +104,9 @@ class LogBin:
 
     def run(self, stop: threading.Event) -> None:
         """Archive until ``stop`` is set, riding out Redis and disk failures; then close the
-        writer. The batch in hand is always finished (written, fsynced, acked) first."""
+        writer and remove our published counters (so they leave ``/metrics`` at once, where a
+        killed process's only go stale). The batch in hand is always finished (written,
+        fsynced, acked) first."""
         backoff_s = 0.05
         try:
             while not stop.is_set():
@@ -117,6 +129,25 @@ class LogBin:
                 backoff_s = min(backoff_s * 2, 1.0)
         finally:
             self.writer.close()
+            self.unpublish()
+
+    def unpublish(self) -> None:
+        """Remove our counters from ``LOGBIN_STATS`` (best effort: Redis may be down)."""
+        try:
+            self.client.hdel(names.LOGBIN_STATS, self.consumer)
+        except redis.RedisError as exc:
+            log.warning("logbin: could not remove its stats: %s", exc)
+
+    def stats_json(self, now_s: float) -> str:
+        return json.dumps({"ts": now_s, **dataclasses.asdict(self.stats)})
+
+    def _heartbeat_due(self) -> float | None:
+        """The time to publish with (epoch s) when the counters are due, else None."""
+        now = time.time()
+        if now < self._next_heartbeat:
+            return None
+        self._next_heartbeat = now + self.heartbeat_s
+        return now
 
     def drain(self) -> int:
         """Archive until nothing new, own-pending or claimable is left; returns records archived.
@@ -134,6 +165,7 @@ class LogBin:
         pipelined ack. Returns the number of records archived."""
         self._refresh()
         if not self._streams:
+            self._publish()
             return 0
         try:
             entries = self._read(block_ms)
@@ -145,8 +177,15 @@ class LogBin:
             self._refresh()
             return 0
         archived = self._archive(entries) if entries else 0
+        self._publish()
         self._trim()
         return archived
+
+    def _publish(self) -> None:
+        """Counters on their own when no ack round trip carried them (an idle bin)."""
+        now = self._heartbeat_due()
+        if now is not None:
+            self.client.hset(names.LOGBIN_STATS, self.consumer, self.stats_json(now))
 
     def _trim(self) -> None:
         """The archive owns retention: it trims only behind every group, itself included."""
@@ -255,11 +294,11 @@ class LogBin:
         archived_ms = time.time() * 1000
         records: dict[str, list[dict[str, Any]]] = {}
         ids: dict[str, list[bytes]] = {}
-        undecodable = 0
+        undecodable: dict[str, int] = {}
         for stream, entry_id, fields in entries:
             dep = self._streams[stream]
             record = self._record(dep, _text(entry_id), fields, archived_ms)
-            undecodable += bool(record.get("undecodable"))
+            undecodable[stream] = undecodable.get(stream, 0) + bool(record.get("undecodable"))
             records.setdefault(stream, []).append(record)
             ids.setdefault(stream, []).append(entry_id)
         written: list[str] = []
@@ -268,12 +307,13 @@ class LogBin:
                 self.stats.bytes_written += self.writer.append_batch(self._streams[stream], batch)
                 written.append(stream)
         finally:
-            # Ack what is on disk even if a later deployment's write failed.
+            # Ack what is on disk even if a later deployment's write failed. Counted before
+            # the ack so that the counters riding in the ack's round trip include this batch.
             if written:
+                self.stats.records += sum(len(ids[s]) for s in written)
+                self.stats.undecodable += sum(undecodable[s] for s in written)
+                self.stats.batches += 1
                 self._ack({s: ids[s] for s in written})
-        self.stats.records += len(entries)
-        self.stats.batches += 1
-        self.stats.undecodable += undecodable
         return len(entries)
 
     def _record(
@@ -300,10 +340,14 @@ class LogBin:
         }
 
     def _ack(self, ids: dict[str, list[bytes]]) -> None:
-        """All acks of a batch in one round trip, after the data is fsynced."""
+        """All acks of a batch in one round trip, after the data is fsynced; the counters
+        ride along when due, so a busy bin publishes them at no extra round trip."""
         pipe = self.client.pipeline(transaction=False)
         for stream, entry_ids in ids.items():
             pipe.xack(stream, self.group, *entry_ids)
+        now = self._heartbeat_due()
+        if now is not None:
+            pipe.hset(names.LOGBIN_STATS, self.consumer, self.stats_json(now))
         pipe.execute()
 
 

@@ -7,6 +7,8 @@ round trip. Entries past their deadline are acked and counted, never scored late
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import threading
 import time
@@ -29,7 +31,15 @@ _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError
 
 @dataclass
 class WorkerStats:
+    """Counters since the process started; published to ``stats_key`` with each heartbeat,
+    since a worker has no HTTP port of its own for ``/metrics``."""
+
     scored: int = 0
+    """Requests scored (a request may carry several rows)."""
+    rows: int = 0
+    """Rows scored: what onnxruntime actually worked on."""
+    inference_s: float = 0.0
+    """Seconds spent inside onnxruntime, so a scrape can tell model time from overhead."""
     batches: int = 0
     expired: int = 0
     malformed: int = 0
@@ -97,7 +107,15 @@ class ModelWorker:
     # -- loop ---------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Serve until ``stop`` is set; ride out Redis outages by reconnecting."""
+        """Serve until ``stop`` is set; ride out Redis outages by reconnecting. A clean stop
+        removes this worker's published counters, so they vanish from ``/metrics`` at once
+        (a killed worker's entry only goes stale)."""
+        try:
+            self._serve(stop)
+        finally:
+            self.unpublish()
+
+    def _serve(self, stop: threading.Event) -> None:
         backoff_s = 0.05
         while not stop.is_set():
             try:
@@ -114,6 +132,26 @@ class ModelWorker:
                     raise
                 log.info("%s/%s: the role is gone; stopping", self.deployment, self.role)
                 return
+
+    def unpublish(self) -> None:
+        """Remove this worker's counters from the stats hash (best effort: Redis may be down)."""
+        member = names.worker_member(self.role, self.consumer)
+        try:
+            self.client.hdel(names.stats_key(self.deployment), member)
+        except redis.RedisError as exc:
+            log.warning("could not remove the stats of %s: %s", member, exc)
+
+    def stats_json(self, now_s: float) -> str:
+        """The counters as published: with the time and the model version that serves now."""
+        ref = self.model_ref
+        return json.dumps(
+            {
+                "ts": now_s,
+                "model": ref.name if ref else None,
+                "version": ref.version if ref else None,
+                **dataclasses.asdict(self.stats),
+            }
+        )
 
     def _role_gone(self) -> bool:
         try:
@@ -204,6 +242,8 @@ class ModelWorker:
             live.append((env, now_ms - env.enqueued_ms))
         if live:
             replies.extend(self._score(live))
+        if entries:
+            self.stats.batches += 1
         pipe = self.client.pipeline(transaction=False)
         for reply_to, result in replies:
             # NOMKSTREAM: a gateway that is gone has no stream, and we must not recreate it.
@@ -217,15 +257,16 @@ class ModelWorker:
         if ack_ids:
             pipe.xack(self.stream, self.group, *ack_ids)
         if extra_ops:
+            # The heartbeat rides with the results: liveness, counters and the deployment
+            # state cost no round trip of their own.
             now = extra_ops[0][1]
             member = names.worker_member(self.role, self.consumer)
             pipe.zadd(names.workers_key(self.deployment), {member: now})
+            pipe.hset(names.stats_key(self.deployment), member, self.stats_json(now))
             pipe.get(names.deployment_key(self.deployment))
         out = pipe.execute()
         if extra_ops:
             self._maybe_reload(out[-1])
-        if entries:
-            self.stats.batches += 1
         return len(entries)
 
     def _score(self, live: list[tuple[RequestEnvelope, float]]) -> list[tuple[str, ModelResult]]:
@@ -258,7 +299,10 @@ class ModelWorker:
                                             error=f"model failed: {exc}"))
                 for env, q in good
             ]  # fmt: skip
-        latency_ms = (time.perf_counter() - t0) * 1000
+        inference_s = time.perf_counter() - t0
+        latency_ms = inference_s * 1000
+        self.stats.inference_s += inference_s
+        self.stats.rows += len(x)
         row = 0
         for env, queue_ms in good:
             n = env.features.shape[0]

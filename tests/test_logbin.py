@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import stat
 import threading
@@ -15,7 +17,7 @@ import pytest
 import redis
 
 from models.archive import ArchiveReader, SegmentWriter
-from models.logbin import LogBin
+from models.logbin import LogBin, LogBinStats
 from rendezvous import names
 from rendezvous.envelope import RequestEnvelope
 from rendezvous.redis_server import EmbeddedRedis
@@ -266,3 +268,40 @@ def test_rejects_a_client_that_decodes_responses(redis_url: str, data_dir: Path)
             LogBin(client, SegmentWriter(data_dir), consumer="c", deployments=["demo"])
     finally:
         client.close()
+
+
+def _published(r: redis.Redis, consumer: str = "logbin-1") -> dict[str, Any] | None:
+    raw = r.hget(names.LOGBIN_STATS, consumer)
+    return None if raw is None else json.loads(raw)
+
+
+def test_counters_ride_the_ack_into_the_stats_hash(r: redis.Redis, data_dir: Path) -> None:
+    _publish(r, 9)
+    r.xadd(names.input_stream("demo"), {b"d": b"\xc1garbage"})
+    writer = SegmentWriter(data_dir)
+    logbin = _logbin(r, writer, batch_size=4, heartbeat_s=0.0)
+    before = time.time()
+    assert logbin.drain() == 10
+    writer.close()
+    doc = _published(r)
+    assert doc is not None and doc["ts"] >= before
+    assert (doc["records"], doc["batches"], doc["undecodable"]) == (10, 3, 1)
+    assert doc["bytes_written"] == logbin.stats.bytes_written > 0
+    assert set(doc) == {"ts", *dataclasses.asdict(LogBinStats())}
+
+
+def test_a_clean_stop_removes_the_published_counters(r: redis.Redis, data_dir: Path) -> None:
+    writer = SegmentWriter(data_dir)
+    logbin = _logbin(r, writer, block_ms=50)
+    stop = threading.Event()
+    thread = threading.Thread(target=logbin.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        _publish(r, 3)
+        _wait_for(lambda: logbin.stats.records >= 3)
+        _wait_for(lambda: (_published(r) or {}).get("records") == 3, timeout_s=5.0)
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+    assert not thread.is_alive()
+    assert _published(r) is None

@@ -1,5 +1,8 @@
 """The model worker against a real Redis server and the real demo ONNX models."""
 
+import dataclasses
+import json
+import threading
 import time
 
 import numpy as np
@@ -9,7 +12,7 @@ from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from models.train import DEMO_DEPLOYMENT, demo_data
-from models.worker import ModelWorker
+from models.worker import ModelWorker, WorkerStats
 from rendezvous import names
 from rendezvous.envelope import ModelResult, RequestEnvelope
 from rendezvous.schedule import Schedule
@@ -186,3 +189,52 @@ def test_a_pending_entry_trimmed_from_the_stream_is_let_go(
     worker.drain()
     assert r.xpending(stream, group)["pending"] == 0
     assert worker.stats.malformed == 0 and results(r) == {}
+
+
+def _published(r: redis.Redis, member: str) -> dict | None:  # type: ignore[type-arg]
+    raw = r.hget(names.stats_key(DEMO_DEPLOYMENT), member)
+    return None if raw is None else json.loads(raw)
+
+
+def test_counters_ride_the_heartbeat_into_the_stats_hash(
+    r: redis.Redis, demo_registry: ModelRegistry
+) -> None:
+    setup(r, demo_registry)
+    x = demo_data().x_test[:7]
+    publish(r, "pair", x[:2])
+    for i in range(5):
+        publish(r, f"one-{i}", x[2 + i : 3 + i])
+    publish(r, "late", x[:1], deadline_ms=time.time() * 1000 - 1)
+    worker = make_worker(r, demo_registry, "canary", heartbeat_s=0.0)
+    before = time.time()
+    assert worker.drain() == 7
+    doc = _published(r, "canary|canary-t")
+    assert doc is not None
+    assert doc["ts"] >= before
+    assert (doc["model"], doc["version"]) == ("breast-cancer", 1)
+    assert (doc["scored"], doc["rows"], doc["expired"], doc["batches"]) == (6, 7, 1, 1)
+    assert doc["inference_s"] > 0 and doc["errors"] == 0 and doc["malformed"] == 0
+    assert set(doc) == {"ts", "model", "version", *dataclasses.asdict(WorkerStats())}
+
+
+def test_a_clean_stop_removes_the_published_counters(
+    r: redis.Redis, demo_registry: ModelRegistry
+) -> None:
+    setup(r, demo_registry)
+    worker = make_worker(r, demo_registry, "real", block_ms=50)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        for i in range(3):
+            publish(r, f"run-{i}", demo_data().x_test[i : i + 1])
+        deadline = time.monotonic() + 10
+        while len(results(r)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(results(r)) == 3
+        assert _published(r, "real|real-t") is not None
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert _published(r, "real|real-t") is None
