@@ -1,5 +1,10 @@
 """``rdv serve``'s process supervisor: start every child, restart a crashed one with backoff,
-and stop them all in a fixed order (gateway first, so nothing new comes in)."""
+and stop them all in a fixed order (gateway first, so nothing new comes in).
+
+A child that exits with status 0 meant to stop (a worker whose role was removed from its
+deployment, or one stopped by hand with SIGTERM): it is dropped, not restarted, and not
+logged as a crash. Whoever wants it back ensures it again (``rdv serve`` reconciles workers
+with the deployments every few seconds)."""
 
 from __future__ import annotations
 
@@ -37,15 +42,17 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, env: dict[str, str], command: list[str] | None = None):
         self.env = env
+        self.command = command or [sys.executable, "-m", "gateway.cli"]
+        """What every child runs, before its own arguments (tests run something smaller)."""
         self.children: dict[str, Child] = {}
 
     def ensure(self, name: str, args: list[str], order: int) -> None:
         """Start a child under ``name`` unless it is already supervised."""
         if name in self.children:
             return
-        child = Child(name, [sys.executable, "-m", "gateway.cli", *args], order)
+        child = Child(name, [*self.command, *args], order)
         self.children[name] = child
         self._spawn(child)
 
@@ -63,15 +70,19 @@ class Supervisor:
         log.info("started %s (pid %d)", child.name, child.proc.pid)
 
     def poll(self) -> None:
-        """Restart children that exited, after their backoff."""
+        """Restart children that crashed, after their backoff; drop those that exited 0."""
         now = time.monotonic()
-        for child in self.children.values():
+        for child in list(self.children.values()):
             if child.proc is not None and child.proc.poll() is None:
                 if now - child.started > STABLE_AFTER_S:
                     child.backoff_s = MIN_BACKOFF_S
                 continue
             if child.restart_at is None:
                 code = child.proc.returncode if child.proc else None
+                if code == 0:
+                    log.info("%s exited cleanly; not restarting it", child.name)
+                    del self.children[child.name]
+                    continue
                 child.restart_at = now + child.backoff_s
                 log.error("%s exited with %s; restarting in %.1fs", child.name, code,
                           child.backoff_s)  # fmt: skip

@@ -1,0 +1,60 @@
+"""The supervisor with tiny Python children instead of ``rdv`` processes: a crash is restarted
+with an error logged, a clean exit (status 0) is neither restarted nor logged as a crash."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from gateway.supervisor import Supervisor
+
+EXIT_WITH = [sys.executable, "-c", "import sys; sys.exit(int(sys.argv[1]))"]
+"""A child that exits at once with the status given as its argument."""
+
+
+@pytest.fixture
+def supervisor() -> Iterator[Supervisor]:
+    sup = Supervisor(dict(os.environ), command=EXIT_WITH)
+    yield sup
+    sup.stop_all(grace_s=2)
+
+
+def _poll_until(sup: Supervisor, condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        sup.poll()
+        time.sleep(0.02)
+
+
+def test_a_child_that_exits_0_is_dropped_not_restarted(
+    supervisor: Supervisor, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.supervisor")
+    supervisor.ensure("worker:demo:cand", ["0"], 1)
+    _poll_until(supervisor, lambda: "worker:demo:cand" not in supervisor.children)
+    for _ in range(5):  # later polls start nothing either
+        supervisor.poll()
+    assert supervisor.children == {}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "exited cleanly" in caplog.text
+    # Whoever still wants it (rdv serve's reconcile) can start it again.
+    supervisor.ensure("worker:demo:cand", ["0"], 1)
+    assert "worker:demo:cand" in supervisor.children
+
+
+def test_a_crashed_child_is_restarted_with_an_error(
+    supervisor: Supervisor, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.supervisor")
+    supervisor.ensure("logbin", ["3"], 2)
+    child = supervisor.children["logbin"]
+    _poll_until(supervisor, lambda: child.restarts >= 1)
+    assert supervisor.children["logbin"] is child
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors and "exited with 3" in errors[0]
