@@ -53,6 +53,10 @@ class ModelMeta:
     algorithm: str = ""
     description: str = ""
     size_bytes: int = 0
+    score_reference: list[float] | None = None
+    """Share of the positive-class score in each of the ten score bins (0.0-0.1, ...,
+    0.9-1.0) on rows the model was not fitted on: what its scores should look like when the
+    inputs have not drifted. None for models that came without one."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +71,7 @@ class ModelMeta:
             "algorithm": self.algorithm,
             "description": self.description,
             "size_bytes": self.size_bytes,
+            "score_reference": self.score_reference,
         }
 
     def summary(self) -> dict[str, Any]:
@@ -90,6 +95,11 @@ class ModelMeta:
             algorithm=doc.get("algorithm", ""),
             description=doc.get("description", ""),
             size_bytes=int(doc.get("size_bytes", 0)),
+            score_reference=(
+                None
+                if doc.get("score_reference") is None
+                else [float(v) for v in doc["score_reference"]]
+            ),
         )
 
 

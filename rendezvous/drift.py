@@ -1,0 +1,466 @@
+"""Drift statistics: mergeable histograms of what a deployment saw, and the figures and alerts
+computed from a window of them. Pure numpy and msgpack, no I/O.
+
+Every gateway process accumulates a ``Sketch`` (fixed-bin counts, so sketches of many
+processes and seconds add up exactly); a monitor merges a window of them and calls
+``window_report`` and ``evaluate_alerts``. Three signals: how far real and canary disagree
+(per-request JS distance, label disagreement), whether real's score distribution moved away
+from the one it had on data it was not fitted on (PSI, JS), and whether the inputs moved
+away from the training quantiles (PSI per feature).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import numpy as np
+
+from rendezvous.divergence import js_distance
+
+if TYPE_CHECKING:
+    from models.spec import FeatureSpec
+
+SCORE_EDGES: np.ndarray = np.linspace(0.0, 1.0, 11)
+DIVERGENCE_EDGES: tuple[float, ...] = (
+    *(0.0, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+    *(0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0),
+)
+ALERT_KINDS: tuple[str, ...] = (
+    "divergence_mean",
+    "disagreement_rate",
+    "score_psi",
+    "score_js",
+    "feature_psi",
+)
+_SCORE_BINS = len(SCORE_EDGES) - 1
+_DIV_BINS = len(DIVERGENCE_EDGES) - 1
+_DIV_EDGES = np.asarray(DIVERGENCE_EDGES)
+
+
+def _fixed_counts(edges: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Counts over [edges[i], edges[i+1]) with values clipped into range (the top edge lands
+    in the last bin); NaN is dropped."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = np.clip(v[~np.isnan(v)], edges[0], edges[-1])
+    idx = np.clip(np.searchsorted(edges, v, side="right") - 1, 0, len(edges) - 2)
+    return np.bincount(idx, minlength=len(edges) - 1).astype(np.int64)
+
+
+def score_counts(scores: np.ndarray) -> np.ndarray:
+    """Counts of positive-class scores over the ten SCORE_EDGES bins. A (rows, 2) probability
+    array is taken as its positive column."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim == 2:
+        if s.shape[1] != 2:
+            raise ValueError(f"a positive-class score needs two classes, got {s.shape[1]}")
+        s = s[:, 1]
+    return _fixed_counts(SCORE_EDGES, s)
+
+
+def divergence_counts(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    return _fixed_counts(_DIV_EDGES, np.asarray(values, dtype=np.float64))
+
+
+def _fractions(counts: np.ndarray, what: str) -> np.ndarray:
+    c = np.asarray(counts, dtype=np.float64).ravel()
+    total = c.sum()
+    if not np.isfinite(total) or total <= 0 or (c < 0).any():
+        raise ValueError(f"{what} is empty or not a histogram")
+    return c / total
+
+
+def psi(expected: np.ndarray, actual_counts: np.ndarray, eps: float = 1e-4) -> float:
+    """Population stability index sum((a - e) * ln(a / e)) of two histograms, each normalised
+    and smoothed with ``eps`` so an empty bin costs a bounded amount instead of infinity."""
+    e = _fractions(expected, "expected")
+    a = _fractions(actual_counts, "actual")
+    if e.shape != a.shape:
+        raise ValueError(f"histograms differ in bins: {e.shape} vs {a.shape}")
+    e = (e + eps) / (1.0 + eps * e.size)
+    a = (a + eps) / (1.0 + eps * a.size)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def js_distance_counts(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon distance (base 2, in [0, 1]) of two histograms."""
+    a, b = _fractions(p, "p"), _fractions(q, "q")
+    if a.shape != b.shape:
+        raise ValueError(f"histograms differ in bins: {a.shape} vs {b.shape}")
+    return float(js_distance(a[None, :], b[None, :])[0])
+
+
+def histogram_quantile(edges: Sequence[float], counts: np.ndarray, q: float) -> float | None:
+    """The q-quantile of a binned distribution, linear inside the bin (as Prometheus does)."""
+    c = np.asarray(counts, dtype=np.float64)
+    total = float(c.sum())
+    if total <= 0:
+        return None
+    target = min(max(q, 0.0), 1.0) * total
+    cum = np.cumsum(c)
+    i = int(np.searchsorted(cum, target, side="left"))
+    while c[i] == 0:  # q = 0 lands before the first non-empty bin
+        i += 1
+    before = cum[i] - c[i]
+    lo, hi = float(edges[i]), float(edges[i + 1])
+    return lo + (hi - lo) * (target - before) / c[i]
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureReference:
+    """Training quantiles as bin cuts, so live rows can be counted per bin and compared with
+    the share of training rows each bin held."""
+
+    names: tuple[str, ...]
+    cuts: np.ndarray
+    expected: np.ndarray
+
+    @classmethod
+    def from_spec(cls, spec: FeatureSpec) -> FeatureReference | None:
+        """None when a feature lacks quantiles or the features use different levels.
+
+        A value equal to a cut goes to the upper bin, so a bin that cannot hold a training
+        row (two equal cuts, or a first cut at the training minimum, as with the zeros of the
+        concavity features) would always read empty; its expected share moves to the bin
+        above, where those tied rows really land.
+        """
+        levels: list[str] | None = None
+        rows = []
+        for name in spec.names:
+            stats = spec.stats.get(name)
+            if stats is None or not stats.quantiles:
+                return None
+            keys = sorted(stats.quantiles, key=float)
+            if levels is None:
+                levels = keys
+            elif [float(k) for k in keys] != [float(k) for k in levels]:
+                return None
+            rows.append([stats.quantiles[k] for k in keys])
+        assert levels is not None
+        cuts = np.maximum.accumulate(np.asarray(rows, dtype=np.float64), axis=1)
+        share = np.diff([0.0, *(float(k) for k in levels), 1.0])
+        expected = np.tile(share, (len(spec.names), 1))
+        for f, name in enumerate(spec.names):
+            lows = [spec.stats[name].min, *cuts[f, :-1]]
+            for j in range(cuts.shape[1]):
+                if cuts[f, j] <= lows[j]:  # bin j = [lows[j], cuts[j]) is empty by construction
+                    expected[f, j + 1] += expected[f, j]
+                    expected[f, j] = 0.0
+        return cls(names=tuple(spec.names), cuts=cuts, expected=expected)
+
+    def bin(self, matrix: np.ndarray) -> np.ndarray:
+        """Counts per feature and bin of a (rows, features) batch. A value equal to a cut
+        counts in the bin above it; rows holding a NaN are left out."""
+        x = np.asarray(matrix, dtype=np.float64)
+        if x.ndim == 1:
+            x = x[None, :]
+        n, k = self.cuts.shape
+        if x.ndim != 2 or x.shape[1] != n:
+            raise ValueError(f"expected rows of {n} features, got shape {x.shape}")
+        x = x[~np.isnan(x).any(axis=1)]
+        idx = (x[:, :, None] >= self.cuts[None, :, :]).sum(axis=2)
+        flat = idx + np.arange(n) * (k + 1)
+        return np.bincount(flat.ravel(), minlength=n * (k + 1)).reshape(n, k + 1).astype(np.int64)
+
+    @property
+    def version(self) -> str:
+        digest = hashlib.sha256("\x1f".join(self.names).encode())
+        digest.update(np.ascontiguousarray(self.cuts, dtype="<f8").tobytes())
+        return f"fr-{digest.hexdigest()[:12]}"
+
+
+def _zeros(n: int) -> np.ndarray:
+    return np.zeros(n, dtype=np.int64)
+
+
+@dataclass
+class Sketch:
+    """Mergeable aggregate of what one gateway process saw in a time span, for one deployment
+    and one real model."""
+
+    real_model: str | None = None
+    canary_model: str | None = None
+    feature_version: str | None = None
+    start_ms: float = 0.0
+    end_ms: float = 0.0
+    requests: int = 0
+    rows: int = 0
+    score_real: np.ndarray = field(default_factory=lambda: _zeros(_SCORE_BINS))
+    score_canary: np.ndarray = field(default_factory=lambda: _zeros(_SCORE_BINS))
+    divergence: np.ndarray = field(default_factory=lambda: _zeros(_DIV_BINS))
+    divergence_sum: float = 0.0
+    compared: int = 0
+    compared_rows: int = 0
+    disagreements: int = 0
+    feature_rows: int = 0
+    features: np.ndarray | None = None
+
+    def add_decision(
+        self,
+        *,
+        real_scores: np.ndarray,
+        canary_scores: np.ndarray | None,
+        js_mean: float | None,
+        rows: int,
+        disagreements: int | None,
+    ) -> None:
+        """One decision record with a real answer; ``js_mean`` and ``disagreements`` come from
+        its real-vs-canary divergence (None when the canary did not answer)."""
+        self.requests += 1
+        self.rows += int(rows)
+        self.score_real += score_counts(real_scores)
+        if canary_scores is not None:
+            self.score_canary += score_counts(canary_scores)
+        if js_mean is not None:
+            self.divergence += divergence_counts([js_mean])
+            self.divergence_sum += float(js_mean)
+            self.compared += 1
+            self.compared_rows += int(rows)
+            self.disagreements += int(disagreements or 0)
+
+    def add_features(self, counts: np.ndarray, rows: int, version: str | None = None) -> None:
+        """Counts from ``FeatureReference.bin``; ``version`` (that reference's) is recorded,
+        and a sketch never mixes counts of two references."""
+        if version is not None:
+            if self.feature_version not in (None, version):
+                raise ValueError(
+                    f"feature counts of {version}, sketch holds {self.feature_version}"
+                )
+            self.feature_version = version
+        c = np.asarray(counts, dtype=np.int64)
+        if self.features is None:
+            self.features = c.copy()
+        elif self.features.shape != c.shape:
+            raise ValueError(f"feature counts of shape {c.shape}, sketch has {self.features.shape}")
+        else:
+            self.features += c
+        self.feature_rows += int(rows)
+
+    def merge(self, other: Sketch) -> Sketch:
+        """Sum of two sketches; ValueError when they describe different models or feature
+        bins, since their sum would mean nothing."""
+        doc: dict[str, Any] = {n: getattr(self, n) + getattr(other, n) for n in _SUMMED}
+        for name in _NAMES:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise ValueError(f"cannot merge sketches of different {name}: {mine} vs {theirs}")
+            doc[name] = mine if mine is not None else theirs
+        present = [f for f in (self.features, other.features) if f is not None]
+        if len(present) == 2 and present[0].shape != present[1].shape:
+            raise ValueError(f"feature counts differ in shape: {[f.shape for f in present]}")
+        doc["features"] = sum(present[1:], present[0].copy()) if present else None
+        spans = [s for s in (self, other) if s.start_ms or s.end_ms]  # skip a blank Sketch()
+        doc["start_ms"] = min((s.start_ms for s in spans), default=0.0)
+        doc["end_ms"] = max((s.end_ms for s in spans), default=0.0)
+        return Sketch(**doc)
+
+    def empty(self) -> bool:
+        return self.requests == 0 and self.feature_rows == 0
+
+    def to_bytes(self) -> bytes:
+        """msgpack; arrays as [shape, flat list of ints] (small counts pack in a byte each)."""
+        doc: dict[str, Any] = {"v": 1}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                value = [list(value.shape), value.ravel().tolist()]
+            doc[f.name] = value.item() if isinstance(value, np.generic) else value
+        return bytes(msgpack.packb(doc, use_bin_type=True))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Sketch:
+        try:
+            doc = msgpack.unpackb(raw, raw=False)
+            if not isinstance(doc, dict) or doc.pop("v", None) != 1:
+                raise ValueError("not a version-1 sketch")
+            kwargs: dict[str, Any] = {}
+            for name, value in doc.items():
+                if name in _NAMES:
+                    kwargs[name] = None if value is None else str(value)
+                elif name in _ARRAYS and value is not None:
+                    shape, flat = value
+                    arr = np.asarray(flat)
+                    if arr.size and arr.dtype.kind not in "iu":
+                        raise ValueError(f"{name} holds non-integers")
+                    kwargs[name] = arr.astype(np.int64).reshape(shape)
+                elif name in _FLOATS:
+                    kwargs[name] = float(value)
+                elif name in _INTS:
+                    kwargs[name] = int(value)
+            sketch = cls(**kwargs)
+        except Exception as exc:
+            raise ValueError(f"not a drift sketch: {exc}") from None
+        shapes = (sketch.score_real.shape, sketch.score_canary.shape, sketch.divergence.shape)
+        if shapes != ((_SCORE_BINS,), (_SCORE_BINS,), (_DIV_BINS,)) or (
+            sketch.features is not None and sketch.features.ndim != 2
+        ):
+            raise ValueError(f"not a drift sketch: histograms of the wrong shape {shapes}")
+        return sketch
+
+
+_NAMES = ("real_model", "canary_model", "feature_version")
+_FLOATS = ("start_ms", "end_ms", "divergence_sum")
+_INTS = ("requests", "rows", "compared", "compared_rows", "disagreements", "feature_rows")
+_ARRAYS = ("score_real", "score_canary", "divergence", "features")
+_SUMMED = (*_INTS, "divergence_sum", "score_real", "score_canary", "divergence")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Alert thresholds; a figure strictly above its threshold raises the alert.
+
+    Tuned on the demo models (tests/test_drift.py: 600 single-row requests drawn from the
+    143-row held-out split, 200 seeds; shifted = image scale up 30 %, lengths x1.3, areas
+    x1.69). Worst stationary seed / shifted median: divergence_mean 0.092 / 0.130,
+    disagreement_rate 0.063 / 0.133 (so 0.05 false-alarmed: the demo models disagree on ~4 %
+    of rows by nature), score_psi 0.170 / 0.527 (shifted min 0.395), score_js 0.157 / 0.298,
+    feature_psi 0.368 / 2.07 (shifted min 1.81). feature_psi is the largest of 30 PSIs on a
+    small window, hence 0.5, not the textbook 0.25 meant for one feature and many rows.
+    Stationary: 0 of 200 windows alert; shifted: 200 of 200 raise score_psi and feature_psi.
+    """
+
+    divergence_mean: float = 0.12
+    disagreement_rate: float = 0.1
+    score_psi: float = 0.2
+    score_js: float = 0.2
+    feature_psi: float = 0.5
+    min_requests: int = 200
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> Thresholds:
+        return cls().merged(doc)
+
+    def merged(self, changes: Mapping[str, Any]) -> Thresholds:
+        """A copy with ``changes`` applied; ValueError naming the offending key."""
+        known = {f.name for f in fields(self)}
+        current = self.to_dict()
+        for key, value in changes.items():
+            if key not in known:
+                raise ValueError(f"unknown threshold {key!r}; known: {sorted(known)}")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"threshold {key!r} must be a number, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"threshold {key!r} must be finite and >= 0, got {value!r}")
+            if key == "min_requests":
+                if value != int(value):
+                    raise ValueError(f"threshold 'min_requests' must be an integer, got {value!r}")
+                current[key] = int(value)
+            else:
+                current[key] = float(value)
+        return Thresholds(**current)  # type: ignore[arg-type]
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(float(x), 6)
+
+
+def _fractions_or_none(counts: np.ndarray | None) -> list[float] | None:
+    if counts is None or np.asarray(counts).sum() <= 0:
+        return None
+    return [round(float(v), 6) for v in _fractions(counts, "histogram")]
+
+
+def _feature_psi(w: Sketch, ref: FeatureReference | None) -> dict[str, float]:
+    """PSI per feature; empty unless the window's counts were built against ``ref``."""
+    c = w.features
+    if ref is None or c is None or w.feature_version != ref.version:
+        return {}
+    if c.shape != ref.expected.shape or c.sum() == 0:
+        return {}
+    return {n: round(psi(ref.expected[i], c[i]), 6) for i, n in enumerate(ref.names)}
+
+
+def window_report(
+    window: Sketch,
+    *,
+    score_reference: np.ndarray | None,
+    reference_source: str | None,
+    features: FeatureReference | None,
+    thresholds: Thresholds,
+    top_k: int = 5,
+) -> dict[str, Any]:
+    """JSON-ready statistics of one merged window; ``values`` holds the figure each threshold
+    is compared with (None when the window cannot say)."""
+    w = window
+    div: dict[str, Any] = {"mean": _r(w.divergence_sum / w.compared) if w.compared else None}
+    for q in (0.5, 0.9, 0.99):
+        div[f"p{round(q * 100)}"] = _r(histogram_quantile(DIVERGENCE_EDGES, w.divergence, q))
+    rate = w.disagreements / w.compared_rows if w.compared_rows else None
+    div.update(disagreement_rate=_r(rate), compared_rows=w.compared_rows)
+    reference = _fractions_or_none(score_reference)
+    score_psi = score_js = None
+    if reference is not None and window.score_real.sum() > 0:
+        score_psi = psi(np.asarray(reference), window.score_real)
+        score_js = js_distance_counts(np.asarray(reference), window.score_real)
+    feature_psi = _feature_psi(w, features)
+    top = sorted(feature_psi.items(), key=lambda kv: kv[1], reverse=True)[:top_k]
+    max_psi = top[0][1] if top else None
+    return {
+        "status": "ok" if window.requests >= thresholds.min_requests else "insufficient_data",
+        "requests": window.requests,
+        "rows": window.rows,
+        "from_ms": window.start_ms,
+        "to_ms": window.end_ms,
+        "real_model": window.real_model,
+        "canary_model": window.canary_model,
+        "divergence": div,
+        "score": {
+            "psi": _r(score_psi),
+            "js_distance": _r(score_js),
+            "reference_source": reference_source if reference is not None else None,
+            "edges": [round(float(e), 6) for e in SCORE_EDGES],
+            "real": _fractions_or_none(window.score_real),
+            "canary": _fractions_or_none(window.score_canary),
+            "reference": reference,
+        },
+        "features": {
+            "psi": feature_psi,
+            "top": [{"feature": n, "psi": v} for n, v in top],
+            "max_psi": max_psi,
+        },
+        "values": {
+            "divergence_mean": div["mean"],
+            "disagreement_rate": div["disagreement_rate"],
+            "score_psi": _r(score_psi),
+            "score_js": _r(score_js),
+            "feature_psi": max_psi,
+        },
+    }
+
+
+def evaluate_alerts(
+    report: Mapping[str, Any],
+    thresholds: Thresholds,
+    active: Mapping[str, Mapping[str, Any]],
+    now_ms: float,
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Next alert state and the raise/clear events that lead to it. Without enough data, or
+    without a figure for a kind, that kind keeps its state: silence is not recovery."""
+    state = {kind: dict(alert) for kind, alert in active.items()}
+    events: list[dict[str, Any]] = []
+    if report.get("status") != "ok":
+        return state, events
+    values = report.get("values") or {}
+    for kind in ALERT_KINDS:
+        value = values.get(kind)
+        if value is None:
+            continue
+        limit = float(getattr(thresholds, kind))
+        event = {"kind": kind, "value": value, "threshold": limit, "ts_ms": now_ms}
+        if value > limit:
+            if kind in state:
+                state[kind].update(value=value, threshold=limit)
+            else:
+                state[kind] = {"kind": kind, "value": value, "threshold": limit, "since_ms": now_ms}
+                events.append({"type": "raised", **event})
+        elif kind in state:
+            del state[kind]
+            events.append({"type": "cleared", **event})
+    return state, events

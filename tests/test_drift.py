@@ -1,0 +1,416 @@
+"""Drift statistics: the pure measures, the sketch format, thresholds and alert transitions,
+and the end-to-end check that the default thresholds stay quiet on stationary traffic and
+fire on a real input shift of the demo models (onnxruntime, no Redis)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from scipy.spatial.distance import jensenshannon
+
+from models.registry import ModelMeta, ModelRegistry
+from models.runtime import OnnxClassifier
+from models.spec import FeatureSpec, FeatureStats
+from models.train import CANARY_VERSION, DEMO_MODEL, REAL_VERSION, demo_data
+from rendezvous.divergence import divergence
+from rendezvous.drift import (
+    ALERT_KINDS,
+    DIVERGENCE_EDGES,
+    SCORE_EDGES,
+    FeatureReference,
+    Sketch,
+    Thresholds,
+    divergence_counts,
+    evaluate_alerts,
+    histogram_quantile,
+    js_distance_counts,
+    psi,
+    score_counts,
+    window_report,
+)
+
+# -- the measures ------------------------------------------------------------------------------
+
+
+def test_psi_is_zero_for_identical_histograms_and_matches_a_hand_computed_value() -> None:
+    assert psi(np.array([0.2, 0.3, 0.5]), np.array([20, 30, 50])) == pytest.approx(0, abs=1e-12)
+    # a = (.5, .25, .25) against e = (.25, .25, .5): .25 ln 2 + 0 + (-.25) ln .5 = .5 ln 2
+    value = psi(np.array([0.25, 0.25, 0.5]), np.array([50, 25, 25]))
+    assert value == pytest.approx(0.5 * math.log(2), rel=1e-3)
+    assert psi(np.array([1, 1, 2]), np.array([50, 25, 25])) == pytest.approx(value)  # counts
+    empty_bin = psi(np.array([0.5, 0.5, 0.0]), np.array([0, 10, 10]))
+    assert math.isfinite(empty_bin) and empty_bin > 1
+    with pytest.raises(ValueError):
+        psi(np.array([0.5, 0.5]), np.array([0, 0]))
+    with pytest.raises(ValueError):
+        psi(np.array([0.5, 0.5]), np.array([1, 2, 3]))
+
+
+def test_js_distance_of_histograms() -> None:
+    assert js_distance_counts(np.array([3, 1, 0]), np.array([0.75, 0.25, 0])) == pytest.approx(
+        0, abs=1e-7
+    )
+    assert js_distance_counts(np.array([5, 0]), np.array([0, 7])) == pytest.approx(1.0)
+    p, q = np.array([10, 5, 1, 0]), np.array([2, 2, 8, 4])
+    assert js_distance_counts(p, q) == pytest.approx(jensenshannon(p, q, base=2))
+
+
+def test_histogram_quantile_interpolates_inside_the_bin() -> None:
+    edges = [0.0, 1.0, 2.0, 3.0]
+    assert histogram_quantile(edges, np.array([0, 10, 0]), 0.5) == pytest.approx(1.5)
+    assert histogram_quantile(edges, np.array([10, 10, 0]), 0.5) == pytest.approx(1.0)
+    assert histogram_quantile(edges, np.array([10, 10, 0]), 0.75) == pytest.approx(1.5)
+    assert histogram_quantile(edges, np.array([0, 4, 4]), 0.0) == pytest.approx(1.0)
+    assert histogram_quantile(edges, np.array([0, 4, 4]), 1.0) == pytest.approx(3.0)
+    assert histogram_quantile(edges, np.array([0, 0, 0]), 0.5) is None
+
+
+def test_fixed_bins_clip_into_range_and_drop_nan() -> None:
+    assert len(SCORE_EDGES) == 11 and len(DIVERGENCE_EDGES) == 15
+    counts = score_counts(np.array([0.0, 0.05, -0.1, 0.1, 0.95, 1.0, 1.2, np.nan]))
+    assert counts.dtype == np.int64 and counts.tolist() == [3, 1, 0, 0, 0, 0, 0, 0, 0, 3]
+    proba = np.array([[0.9, 0.1], [0.2, 0.8]], dtype=np.float32)
+    assert score_counts(proba).tolist() == score_counts(proba[:, 1]).tolist()
+    div = divergence_counts([0.0, 0.001, 0.3, 1.0])
+    assert div.shape == (14,) and div[0] == div[1] == div[10] == div[13] == 1
+
+
+# -- feature bins ------------------------------------------------------------------------------
+
+
+def _spec(quantiles: dict[str, list[float]], mins: dict[str, float]) -> FeatureSpec:
+    levels = ["0.25", "0.5", "0.75"]
+    return FeatureSpec(
+        names=tuple(quantiles),
+        stats={
+            n: FeatureStats(0, 1, mins[n], 10, dict(zip(levels, qs, strict=True)))
+            for n, qs in quantiles.items()
+        },
+    )
+
+
+def test_feature_bins_match_a_brute_force_loop_with_ties_to_the_upper_bin() -> None:
+    spec = _spec({"a": [1.0, 2.0, 3.0], "b": [0.0, 0.0, 5.0]}, {"a": -5.0, "b": 0.0})
+    ref = FeatureReference.from_spec(spec)
+    assert ref is not None and ref.cuts.shape == (2, 3)
+    # b: the training minimum is the first cut and the second cut repeats it, so bins 0 and
+    # 1 cannot hold a training row; their share goes where the tied zeros land (bin 2).
+    assert ref.expected.tolist() == [[0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.75, 0.25]]
+    rng = np.random.default_rng(3)
+    x = np.round(rng.normal(1.5, 2.5, size=(400, 2)) * 2) / 2  # many exact cut values
+    x[7, 1] = np.nan
+    counts = ref.bin(x)
+    expected = np.zeros((2, 4), np.int64)
+    for row in x:
+        if np.isnan(row).any():
+            continue
+        for f, value in enumerate(row):
+            expected[f, sum(value >= c for c in ref.cuts[f])] += 1
+    assert counts.dtype == np.int64 and counts.tolist() == expected.tolist()
+    assert counts.sum() == 2 * 399
+    assert ref.bin(np.array([2.0, 0.0])).tolist() == [[0, 0, 1, 0], [0, 0, 1, 0]]
+    with pytest.raises(ValueError):
+        ref.bin(np.zeros((3, 5)))
+
+
+def test_feature_reference_version_and_missing_quantiles() -> None:
+    spec = _spec({"a": [1.0, 2.0, 3.0]}, {"a": 0.0})
+    ref, same = FeatureReference.from_spec(spec), FeatureReference.from_spec(spec)
+    other = FeatureReference.from_spec(_spec({"a": [1.0, 2.0, 4.0]}, {"a": 0.0}))
+    assert ref is not None and same is not None and other is not None
+    assert ref.version == same.version != other.version
+    assert FeatureReference.from_spec(FeatureSpec.from_names(["a", "b"])) is None
+
+
+def test_training_rows_have_no_feature_drift_against_their_own_quantiles(
+    demo_registry: ModelRegistry,
+) -> None:
+    """Also covers the concavity features, whose zeros tie with the first cut."""
+    ref = FeatureReference.from_spec(demo_registry.meta(DEMO_MODEL, REAL_VERSION).feature_spec)
+    assert ref is not None
+    counts = ref.bin(demo_data().x_train)
+    worst = max(psi(ref.expected[i], counts[i]) for i in range(len(ref.names)))
+    assert worst < 0.01
+
+
+# -- sketches ----------------------------------------------------------------------------------
+
+
+def _sketch(start_ms: float, n: int) -> Sketch:
+    s = Sketch(real_model="m:2", canary_model="m:1", start_ms=start_ms, end_ms=start_ms + 1000)
+    for i in range(n):
+        s.add_decision(
+            real_scores=np.array([0.05, 0.95]),
+            canary_scores=np.array([0.15, 0.9]),
+            js_mean=0.02 * i,
+            rows=2,
+            disagreements=i % 2,
+        )
+    s.add_features(np.arange(8).reshape(2, 4), rows=n, version="fr-x")
+    return s
+
+
+def test_sketches_merge_by_adding() -> None:
+    a, b = _sketch(1000, 3), _sketch(5000, 2)
+    m = Sketch().merge(a).merge(b)
+    assert (m.start_ms, m.end_ms) == (1000, 6000)
+    assert (m.requests, m.rows, m.compared, m.compared_rows, m.disagreements) == (5, 10, 5, 10, 2)
+    assert m.score_real.tolist() == [5, 0, 0, 0, 0, 0, 0, 0, 0, 5]
+    assert m.score_canary[1] == 5 and m.divergence.sum() == 5
+    assert m.divergence_sum == pytest.approx(0.02 * (0 + 1 + 2) + 0.02 * (0 + 1))
+    assert (
+        m.features is not None and m.features.tolist() == (2 * np.arange(8)).reshape(2, 4).tolist()
+    )
+    assert (m.feature_rows, m.feature_version, m.real_model) == (5, "fr-x", "m:2")
+    assert a.requests == 3  # the inputs are untouched
+    one_sided = a.merge(Sketch(requests=1))
+    assert one_sided.features is not None and one_sided.features is not a.features
+    assert a.features is not None and np.array_equal(one_sided.features, a.features)
+    assert one_sided.requests == 4
+    assert Sketch().empty() and not m.empty()
+
+
+def test_sketches_of_different_models_or_feature_bins_do_not_merge() -> None:
+    a = _sketch(0, 1)
+    b = _sketch(0, 1)
+    b.features = np.zeros((3, 4), np.int64)
+    with pytest.raises(ValueError, match="shape"):
+        a.merge(b)
+    with pytest.raises(ValueError, match="real_model"):
+        a.merge(Sketch(real_model="m:3"))
+    with pytest.raises(ValueError, match="feature_version"):
+        a.merge(Sketch(feature_version="fr-other"))
+    with pytest.raises(ValueError):
+        a.add_features(np.zeros((2, 4)), 1, version="fr-other")
+
+
+def test_sketch_bytes_roundtrip_and_garbage() -> None:
+    s = _sketch(1000, 4)
+    raw = s.to_bytes()
+    back = Sketch.from_bytes(raw)
+    for name in ("real_model", "feature_version", "start_ms", "requests", "divergence_sum"):
+        assert getattr(back, name) == getattr(s, name)
+    for name in ("score_real", "score_canary", "divergence", "features"):
+        assert np.array_equal(getattr(back, name), getattr(s, name))
+    assert Sketch.from_bytes(Sketch().to_bytes()).features is None
+    assert len(raw) < 400
+    doc = msgpack.unpackb(raw)
+    doc["score_real"] = [[3], doc["score_real"][1][:3]]
+    floats = {**doc, "divergence": [[14], [0.5] * 14]}
+    garbage = [b"", b"\xc1", b"\x93\x01\x02\x03", msgpack.packb({"v": 2})]
+    for raw_doc in (*garbage, msgpack.packb(doc), msgpack.packb(floats)):
+        with pytest.raises(ValueError):
+            Sketch.from_bytes(raw_doc)
+
+
+# -- thresholds and alerts ---------------------------------------------------------------------
+
+
+def test_thresholds_validate_and_name_the_key() -> None:
+    t = Thresholds.from_dict({"score_psi": 0.3, "min_requests": 50})
+    assert t.score_psi == 0.3 and t.min_requests == 50 and t.feature_psi == Thresholds().feature_psi
+    assert Thresholds.from_dict(t.to_dict()) == t
+    assert t.merged({"divergence_mean": 1}).divergence_mean == 1.0
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"scor_psi": 0.1}, "scor_psi"),
+        ({"score_psi": "high"}, "score_psi"),
+        ({"score_js": -0.1}, "score_js"),
+        ({"feature_psi": float("nan")}, "feature_psi"),
+        ({"disagreement_rate": True}, "disagreement_rate"),
+        ({"min_requests": 2.5}, "min_requests"),
+    ]
+    for doc, key in bad:
+        with pytest.raises(ValueError, match=key):
+            t.merged(doc)
+
+
+def _report(status: str = "ok", **values: float | None) -> dict[str, object]:
+    return {"status": status, "values": {k: values.get(k) for k in ALERT_KINDS}}
+
+
+def test_alerts_raise_stay_and_clear() -> None:
+    t = Thresholds()
+    active, events = evaluate_alerts(_report(score_psi=0.5, score_js=0.01), t, {}, 1000)
+    assert list(active) == ["score_psi"] and active["score_psi"]["since_ms"] == 1000
+    assert events == [
+        {"type": "raised", "kind": "score_psi", "value": 0.5, "threshold": 0.2, "ts_ms": 1000}
+    ]
+    active, events = evaluate_alerts(_report(score_psi=0.7), t, active, 2000)
+    assert events == [] and active["score_psi"]["since_ms"] == 1000
+    assert active["score_psi"]["value"] == 0.7
+    for report in (_report("insufficient_data", score_psi=0.0), _report(score_psi=None)):
+        assert evaluate_alerts(report, t, active, 3000) == (active, [])
+    active, events = evaluate_alerts(_report(score_psi=t.score_psi), t, active, 4000)
+    assert active == {} and [e["type"] for e in events] == ["cleared"]
+    assert events[0]["ts_ms"] == 4000
+
+
+def test_report_shape_and_insufficient_data() -> None:
+    s = _sketch(0, 3)
+    report = window_report(
+        s, score_reference=None, reference_source=None, features=None, thresholds=Thresholds()
+    )
+    json.dumps(report)
+    assert report["status"] == "insufficient_data" and report["requests"] == 3
+    assert set(report) == {
+        *("status", "requests", "rows", "from_ms", "to_ms", "real_model", "canary_model"),
+        *("divergence", "score", "features", "values"),
+    }
+    assert report["divergence"]["mean"] == pytest.approx(0.02)
+    assert report["divergence"]["disagreement_rate"] == pytest.approx(1 / 6, rel=1e-5)
+    assert report["score"]["psi"] is None and report["score"]["reference"] is None
+    assert report["features"] == {"psi": {}, "top": [], "max_psi": None}
+    assert set(report["values"]) == set(ALERT_KINDS)
+    empty = window_report(
+        Sketch(),
+        score_reference=None,
+        reference_source=None,
+        features=None,
+        thresholds=Thresholds(),
+    )
+    assert empty["divergence"]["mean"] is None and empty["divergence"]["p50"] is None
+
+
+# -- drift on the demo models ------------------------------------------------------------------
+
+SIZE_FEATURES = ("mean radius", "mean perimeter", "worst radius", "worst perimeter")
+AREA_FEATURES = ("mean area", "worst area")
+SCALE = 1.3
+SEEDS = range(5)
+ROWS = 600
+
+
+@dataclass
+class Demo:
+    real: OnnxClassifier
+    canary: OnnxClassifier
+    meta: ModelMeta
+    features: FeatureReference
+
+
+@pytest.fixture(scope="module")
+def demo(demo_data_dir: Path) -> Demo:
+    registry = ModelRegistry(demo_data_dir / "models")
+    meta = registry.meta(DEMO_MODEL, REAL_VERSION)
+    features = FeatureReference.from_spec(meta.feature_spec)
+    assert features is not None
+    return Demo(
+        real=OnnxClassifier(registry.artifact_path(DEMO_MODEL, REAL_VERSION), meta),
+        canary=OnnxClassifier(
+            registry.artifact_path(DEMO_MODEL, CANARY_VERSION),
+            registry.meta(DEMO_MODEL, CANARY_VERSION),
+        ),
+        meta=meta,
+        features=features,
+    )
+
+
+def traffic(seed: int, shifted: bool) -> np.ndarray:
+    """Rows drawn with replacement from the held-out split. The shift is a change of image
+    scale by 30 %: lengths x1.3, areas x1.69 (a recalibrated scanner)."""
+    data = demo_data()
+    rows = data.x_test[np.random.default_rng(seed).integers(0, len(data.x_test), ROWS)].copy()
+    if shifted:
+        for name in SIZE_FEATURES:
+            rows[:, data.names.index(name)] *= SCALE
+        for name in AREA_FEATURES:
+            rows[:, data.names.index(name)] *= SCALE**2
+    return rows
+
+
+def window_of(demo: Demo, rows: np.ndarray) -> Sketch:
+    """What the gateway would do: one single-row request per row, features binned per
+    second, a sketch per second sent as bytes, the monitor merging them."""
+    real_labels, real_proba = demo.real.predict(rows)
+    canary_labels, canary_proba = demo.canary.predict(rows)
+    window = Sketch()
+    for second, start in enumerate(range(0, len(rows), 100)):
+        sketch = Sketch(
+            real_model=f"{DEMO_MODEL}:{REAL_VERSION}",
+            canary_model=f"{DEMO_MODEL}:{CANARY_VERSION}",
+            start_ms=second * 1000.0,
+            end_ms=second * 1000.0 + 999,
+        )
+        batch = slice(start, start + 100)
+        sketch.add_features(
+            demo.features.bin(rows[batch]), len(rows[batch]), version=demo.features.version
+        )
+        for i in range(start, min(start + 100, len(rows))):
+            one = slice(i, i + 1)
+            div = divergence(
+                real_labels[one].tolist(),
+                real_proba[one],
+                canary_labels[one].tolist(),
+                canary_proba[one],
+            )
+            sketch.add_decision(
+                real_scores=real_proba[one, 1],
+                canary_scores=canary_proba[one, 1],
+                js_mean=div.js_mean,
+                rows=1,
+                disagreements=div.disagreements,
+            )
+        window = window.merge(Sketch.from_bytes(sketch.to_bytes()))
+    return window
+
+
+def drift_report(demo: Demo, rows: np.ndarray) -> dict[str, object]:
+    return window_report(
+        window_of(demo, rows),
+        score_reference=np.asarray(demo.meta.score_reference),
+        reference_source="training-oof",
+        features=demo.features,
+        thresholds=Thresholds(),
+    )
+
+
+def _show(label: str, seed: int, report: dict[str, object]) -> None:
+    values = report["values"]
+    assert isinstance(values, dict)
+    top = [t["feature"] for t in report["features"]["top"]]  # type: ignore[index]
+    figures = " ".join(f"{k}={v:.3f}" for k, v in values.items())
+    print(f"\n{label} seed {seed}: {figures} top={top}")
+
+
+def test_stationary_traffic_raises_no_alert(demo: Demo) -> None:
+    for seed in SEEDS:
+        report = drift_report(demo, traffic(seed, shifted=False))
+        _show("stationary", seed, report)
+        assert report["status"] == "ok" and report["requests"] == ROWS
+        assert evaluate_alerts(report, Thresholds(), {}, 0.0) == ({}, [])
+
+
+def test_shifted_inputs_raise_score_and_feature_alerts_naming_the_shifted_features(
+    demo: Demo,
+) -> None:
+    shifted = {*SIZE_FEATURES, *AREA_FEATURES}
+    t = Thresholds()
+    for seed in SEEDS:
+        report = drift_report(demo, traffic(seed, shifted=True))
+        _show("shifted", seed, report)
+        active, events = evaluate_alerts(report, t, {}, 0.0)
+        assert {"score_psi", "feature_psi"} <= set(active)
+        assert {e["kind"] for e in events} == set(active)
+        feature_psi = report["features"]["psi"]  # type: ignore[index]
+        assert {n for n, v in feature_psi.items() if v > t.feature_psi} == shifted
+        assert {e["feature"] for e in report["features"]["top"]} <= shifted  # type: ignore[index]
+
+
+# -- the demo metadata -------------------------------------------------------------------------
+
+
+def test_demo_models_carry_a_score_reference(demo_registry: ModelRegistry) -> None:
+    for version in (CANARY_VERSION, REAL_VERSION):
+        ref = demo_registry.meta(DEMO_MODEL, version).score_reference
+        assert ref is not None and len(ref) == len(SCORE_EDGES) - 1
+        assert min(ref) >= 0 and sum(ref) == pytest.approx(1.0)
+    old = demo_registry.meta(DEMO_MODEL, REAL_VERSION).to_dict()
+    del old["score_reference"]
+    assert ModelMeta.from_dict(old).score_reference is None
