@@ -31,6 +31,7 @@ from gateway.admin_models import (
     AdminError,
     CreateDeployment,
     Invalid,
+    NotFound,
     Promote,
     Rollback,
     ScheduleIn,
@@ -38,10 +39,11 @@ from gateway.admin_models import (
     UploadMeta,
 )
 from gateway.admin_service import AdminService
+from gateway.drift_monitor import drift_view, set_thresholds
 from gateway.settings import Settings
 from models.registry import ModelRegistry
 from rendezvous.connection import connect
-from rendezvous.names import InvalidName
+from rendezvous.names import InvalidName, check_name
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +311,36 @@ def build_router(settings: Settings) -> APIRouter:
         """Change the real deadline, timeout, fallback order, grace period or A/B split."""
         return await _changed(request, "set_schedule", deployment, body, actor or "admin")
 
+    @router.get("/deployments/{deployment}/drift/thresholds")
+    async def drift_thresholds(request: Request, deployment: str) -> Any:
+        """The drift thresholds in force (the defaults where the deployment has none)."""
+        _known(request, deployment)
+        view = await drift_view(request.app.state.redis, deployment, settings.drift_defaults(),
+                                history=1, events=1)  # fmt: skip
+        return view["thresholds"]
+
+    @router.put("/deployments/{deployment}/drift/thresholds")
+    async def set_drift_thresholds(
+        request: Request, deployment: str, body: dict[str, Any], actor: Actor = None
+    ) -> Any:
+        """Change some of the thresholds (the rest keep their value); applies from the next
+        evaluation, raising or clearing alerts against the new values."""
+        _known(request, deployment)
+        try:
+            updated = await set_thresholds(request.app.state.redis, deployment, body,
+                                           settings.drift_defaults())  # fmt: skip
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        log.info("drift thresholds of %s set by %s: %s", deployment, actor or "admin", body)
+        return updated.to_dict()
+
     return router
+
+
+def _known(request: Request, deployment: str) -> None:
+    check_name(deployment, "deployment")
+    if deployment not in request.app.state.deployments.deployments:
+        raise NotFound(f"deployment {deployment!r} does not exist")
 
 
 def install_admin(app: FastAPI, settings: Settings) -> None:

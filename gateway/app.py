@@ -15,9 +15,14 @@ from typing import Annotated, Any
 import redis
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse
+from prometheus_client.multiprocess import mark_process_dead
 
 from gateway.admin import UPLOAD_PATH, install_admin, start_admin, upload_body_cap
+from gateway.drift_feed import DriftFeed
+from gateway.drift_monitor import DriftMonitor
 from gateway.limits import BodySizeLimit
+from gateway.metrics import GatewayMetrics, multiprocess_dir
+from gateway.observe import observe_router
 from gateway.service import (
     Backlogged,
     DeploymentCache,
@@ -62,15 +67,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         deployments = DeploymentCache(client)
         await deployments.refresh()
         appender = StreamAppender(client)
+        instance = instance_id()
+        feed = DriftFeed(client, deployments, maxlen=settings.drift_sketch_maxlen)
+
+        def on_decision(record: dict[str, Any]) -> None:
+            metrics.decision(record)
+            feed.observe_decision(record)
+
         rendezvous = Rendezvous(
             client,
             reader,
-            names.reply_stream(instance_id()),
+            names.reply_stream(instance),
             appender,
             decisions_maxlen=settings.decisions_maxlen,
+            on_decision=on_decision,
         )
         await rendezvous.start()
-        refresher = asyncio.create_task(deployments.run())
+        monitor = DriftMonitor(
+            client,
+            deployments,
+            instance,
+            interval_s=settings.drift_interval_s,
+            window_requests=settings.drift_window_requests,
+            window_s=settings.drift_window_s,
+            history_len=settings.drift_history,
+            defaults=settings.drift_defaults(),
+        )
+        background = [
+            asyncio.create_task(deployments.run()),
+            asyncio.create_task(feed.run()),
+            asyncio.create_task(monitor.run()),
+        ]
         close_admin = await start_admin(app, settings)
         app.state.settings = settings
         app.state.redis = client
@@ -83,15 +110,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_rows=settings.max_rows,
             max_in_flight=settings.max_in_flight,
             max_backlog=settings.max_backlog,
+            metrics=metrics,
+            drift_feed=feed,
         )
         log.info("gateway ready: deployments %s, reply stream %s",
                  sorted(deployments.deployments), rendezvous.reply_to)  # fmt: skip
         try:
             yield
         finally:
-            refresher.cancel()
+            for task in background:
+                task.cancel()
             close_admin()
             await rendezvous.stop()
+            with contextlib.suppress(redis.RedisError, OSError):
+                await asyncio.wait_for(feed.flush(), timeout=settings.redis_timeout_s)
+            if multiprocess_dir() is not None:
+                mark_process_dead(os.getpid())
             await appender.close()
             await reader.aclose()
             await client.aclose()
@@ -108,6 +142,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         path_limits={UPLOAD_PATH: upload_body_cap(settings)},
     )
     install_admin(app, settings)
+    metrics = GatewayMetrics()
+    app.state.metrics = metrics
+    app.include_router(observe_router())
 
     @app.exception_handler(UnknownDeployment)
     async def _unknown(request: Request, exc: UnknownDeployment) -> JSONResponse:
@@ -120,6 +157,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(redis.RedisError)
     async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
         return _problem(503, f"Redis is unavailable: {type(exc).__name__}")
+
+    @app.exception_handler(TimeoutError)
+    async def _redis_slow(request: Request, exc: TimeoutError) -> JSONResponse:
+        return _problem(503, "Redis did not answer in time")
 
     @app.exception_handler(Overloaded)
     async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:

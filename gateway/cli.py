@@ -38,6 +38,13 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
     settings = settings_from_args(args)
     _require_redis(settings)
+    # The app is built by a factory (in each worker process when there are several), which
+    # reads the settings from the environment: hand the command-line overrides down.
+    os.environ.update(
+        RDV_HOST=settings.host, RDV_PORT=str(settings.port), RDV_DATA_DIR=str(settings.data_dir)
+    )
+    if settings.gateway_processes > 1:
+        _share_metrics_between_processes()
     uvicorn.run(
         "gateway.cli:_app_from_env",
         factory=True,
@@ -48,6 +55,22 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         access_log=False,
         timeout_graceful_shutdown=10,
     )
+
+
+def _share_metrics_between_processes() -> None:
+    """prometheus-client's multi-process mode: each worker process writes its values to files
+    in one folder, and ``/metrics`` sums them. The folder must be empty at start (stale files
+    of an earlier run would be summed too) and set before a worker imports prometheus_client."""
+    import tempfile
+
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for stale in Path(path).glob("*.db"):
+            stale.unlink(missing_ok=True)
+    else:
+        path = tempfile.mkdtemp(prefix="rdv-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
 
 
 def _app_from_env() -> Any:

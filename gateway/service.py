@@ -10,17 +10,22 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.asyncio as aioredis
+from fastapi.exceptions import RequestValidationError
 
+from gateway.metrics import GatewayMetrics
 from gateway.validation import check_request_id, parse_body, to_matrix
 from models.deployments import Deployment
 from rendezvous import names
 from rendezvous.appender import StreamAppender
 from rendezvous.envelope import RequestEnvelope
 from rendezvous.matcher import Answer, DuplicateRequest, Rendezvous
+
+if TYPE_CHECKING:
+    from gateway.drift_feed import DriftFeed
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +113,11 @@ class PredictionService:
         max_rows: int,
         max_in_flight: int,
         max_backlog: int,
+        metrics: GatewayMetrics | None = None,
+        drift_feed: DriftFeed | None = None,
     ):
+        self.metrics = metrics or GatewayMetrics()
+        self.drift_feed = drift_feed
         self.deployments = deployments
         self.rendezvous = rendezvous
         self.appender = appender
@@ -120,8 +129,30 @@ class PredictionService:
     async def predict(
         self, deployment: str, raw: bytes, request_id: str | None
     ) -> dict[str, Any]:
-        """Validate, publish, wait; refuses at once when this gateway or the stream is full."""
+        """Validate, publish, wait; refuses at once when this gateway or the stream is full.
+        Every request is counted once, by outcome (see ``gateway.metrics.OUTCOMES``)."""
         t0 = time.perf_counter()
+        known = deployment if deployment in self.deployments.deployments else None
+        try:
+            response, outcome = await self._predict(deployment, raw, request_id, t0)
+        except NoAnswer:
+            self.metrics.request_done(known, "timeout", time.perf_counter() - t0)
+            raise
+        except (RequestValidationError, UnknownDeployment, DuplicateRequest):
+            self.metrics.request_done(known, "invalid", None)
+            raise
+        except (Overloaded, Backlogged):
+            self.metrics.request_done(known, "rejected", None)
+            raise
+        except BaseException:
+            self.metrics.request_done(known, "error", None)
+            raise
+        self.metrics.request_done(known, outcome, time.perf_counter() - t0)
+        return response
+
+    async def _predict(
+        self, deployment: str, raw: bytes, request_id: str | None, t0: float
+    ) -> tuple[dict[str, Any], str]:
         dep = self.deployments.get(deployment)
         spec = dep.feature_spec
         features = to_matrix(spec, parse_body(raw), self.max_rows)
@@ -134,14 +165,16 @@ class PredictionService:
                 f"deployment {dep.name} has {backlog} entries not yet consumed by every reader"
             )
         self.in_flight += 1
+        self.metrics.in_flight.inc()
         try:
             return await self._publish_and_wait(dep, rid, raw, features, t0)
         finally:
             self.in_flight -= 1
+            self.metrics.in_flight.dec()
 
     async def _publish_and_wait(
         self, dep: Deployment, rid: str, raw: bytes, features: Any, t0: float
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], str]:
         spec = dep.feature_spec
         schedule = dep.schedule.for_request(rid)  # the A/B split draw, if any
         mailbox = self.rendezvous.open(rid, dep.name, schedule, dep.role_names)
@@ -163,6 +196,8 @@ class PredictionService:
         except BaseException:
             self.rendezvous.discard(mailbox)
             raise
+        if self.drift_feed is not None:
+            self.drift_feed.observe_rows(dep.name, features)
         answer = await self.rendezvous.wait(mailbox)
         if answer.result is None:
             raise NoAnswer(rid, answer)
@@ -177,7 +212,7 @@ class PredictionService:
                 for label, row in zip(result.labels, proba, strict=True)
             ],
             "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
-        }
+        }, answer.outcome
 
 
 __all__ = [

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from rendezvous.drift import Thresholds
 from rendezvous.schedule import Schedule
 
 
@@ -93,7 +94,35 @@ class Settings(BaseSettings):
     shadow_window: int = Field(default=5000, ge=10, le=1_000_000)
     """Latest decision records a shadow record (and the promotion gate) looks at."""
 
+    drift_interval_s: float = Field(default=5.0, gt=0)
+    """How often drift is evaluated per deployment (by one gateway process at a time)."""
+
+    drift_window_requests: int = Field(default=1000, ge=10)
+    """The drift window: the latest this many requests of the current real model..."""
+
+    drift_window_s: float = Field(default=600.0, gt=0)
+    """...none older than this."""
+
+    drift_min_requests: int = Field(default=200, ge=1)
+    """Default for deployments without their own: below this many requests in the window,
+    drift is not judged (no alert raised or cleared)."""
+
+    drift_thresholds: dict[str, float] = {}
+    """Default thresholds as JSON, e.g. ``{"score_psi": 0.25}``; a deployment's own (set
+    through the admin API) override them."""
+
+    drift_history: int = Field(default=360, ge=10)
+    """Evaluations kept as the drift report's history."""
+
+    drift_sketch_maxlen: int = Field(default=20_000, ge=100)
+    """Approximate cap of each deployment's drift-sketch stream (one entry per gateway
+    process a second)."""
+
     log_level: str = "INFO"
+
+    def drift_defaults(self) -> Thresholds:
+        """The thresholds of a deployment that has none of its own (ValueError if invalid)."""
+        return Thresholds(min_requests=self.drift_min_requests).merged(self.drift_thresholds)
 
     def schedule(self) -> Schedule:
         return Schedule(

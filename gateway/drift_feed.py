@@ -1,0 +1,171 @@
+"""Turns what this gateway process sees into drift sketches, one per deployment a second.
+
+Drift is judged over thousands of requests, but reading thousands of decision records and
+input envelopes back from Redis at every evaluation would cost more than serving them. So each
+process aggregates as it goes, in memory and off the request path: the feature rows of every
+request it accepted (binned against the training quantiles once a second, in one vectorised
+call) and the scores and divergence of every decision record it closed. Once a second it
+appends one ``Sketch`` per deployment to ``rdv:{dep}:drift:sketches``; the drift monitor merges
+the sketches of a window. A sketch never mixes two real models: a promotion starts a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import redis
+import redis.asyncio as aioredis
+
+from gateway.service import DeploymentCache
+from rendezvous import names
+from rendezvous.drift import FeatureReference, Sketch
+
+log = logging.getLogger(__name__)
+
+SKETCH_FIELD = b"s"
+MAX_PENDING_ROWS = 200_000
+"""Rows kept between two flushes at most; beyond, rows are sampled out (a flush that keeps
+failing must not grow memory without bound)."""
+
+
+def positive_scores(probabilities: Sequence[Sequence[float]]) -> np.ndarray:
+    """The score a drift check follows: the positive class's probability of a binary model,
+    else the top probability of each row."""
+    proba = np.asarray(probabilities, dtype=np.float64)
+    if proba.ndim != 2 or proba.shape[0] == 0:
+        return np.zeros(0)
+    return proba[:, 1] if proba.shape[1] == 2 else proba.max(axis=1)
+
+
+def model_key(output: Mapping[str, Any] | None) -> str | None:
+    return f"{output['model']}:{output['version']}" if output else None
+
+
+class DriftFeed:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        deployments: DeploymentCache,
+        *,
+        interval_s: float = 1.0,
+        maxlen: int = 20_000,
+    ):
+        self.client = client
+        self.deployments = deployments
+        self.interval_s = interval_s
+        self.maxlen = maxlen
+        self._rows: dict[str, list[np.ndarray]] = {}
+        self._pending_rows = 0
+        self._open: dict[str, Sketch] = {}
+        self._closed: list[tuple[str, Sketch]] = []
+        self._references: dict[str, FeatureReference | None] = {}
+        self.dropped_rows = 0
+
+    # -- observing (cheap: called on the request path and per decision) ---------------------
+
+    def observe_rows(self, deployment: str, features: np.ndarray) -> None:
+        if self._pending_rows >= MAX_PENDING_ROWS:
+            self.dropped_rows += len(features)
+            return
+        self._rows.setdefault(deployment, []).append(features)
+        self._pending_rows += len(features)
+
+    def observe_decision(self, record: Mapping[str, Any]) -> None:
+        outputs = record.get("outputs") or {}
+        real = outputs.get(names.REAL)
+        if real is None or "probabilities" not in real:
+            return
+        canary = outputs.get(names.CANARY)
+        if canary is not None and "probabilities" not in canary:
+            canary = None
+        sketch = self._sketch(record["deployment"], model_key(real))
+        if sketch.canary_model is None and canary is not None:
+            sketch.canary_model = model_key(canary)
+        div = record.get("divergence")
+        sketch.add_decision(
+            real_scores=positive_scores(real["probabilities"]),
+            canary_scores=positive_scores(canary["probabilities"]) if canary else None,
+            js_mean=div["js_mean"] if div else None,
+            rows=len(real["probabilities"]),
+            disagreements=div["disagreements"] if div else None,
+        )
+
+    def _sketch(self, deployment: str, real_model: str | None) -> Sketch:
+        sketch = self._open.get(deployment)
+        if sketch is not None and sketch.real_model != real_model:
+            self._closed.append((deployment, sketch))  # a promotion: never mix two models
+            sketch = None
+        if sketch is None:
+            now = time.time() * 1000
+            sketch = self._open[deployment] = Sketch(
+                real_model=real_model, start_ms=now, end_ms=now
+            )
+        return sketch
+
+    # -- flushing ---------------------------------------------------------------------------
+
+    def _reference(self, deployment: str) -> FeatureReference | None:
+        dep = self.deployments.deployments.get(deployment)
+        if dep is None:
+            return None
+        version = dep.feature_spec.version
+        if version not in self._references:
+            self._references[version] = FeatureReference.from_spec(dep.feature_spec)
+        return self._references[version]
+
+    def take(self) -> list[tuple[str, Sketch]]:
+        """Close every open sketch (binning the pending feature rows into it)."""
+        rows, self._rows, self._pending_rows = self._rows, {}, 0
+        for deployment, chunks in rows.items():
+            reference = self._reference(deployment)
+            dep = self.deployments.deployments.get(deployment)
+            if reference is None or dep is None:
+                continue
+            matrix = np.concatenate([c for c in chunks if c.shape[1] == len(reference.names)])
+            if not len(matrix):
+                continue
+            sketch = self._open.get(deployment)
+            if sketch is None:  # rows but no decision yet: file them under the current real
+                sketch = self._sketch(deployment, str(dep.roles[names.REAL]))
+            if sketch.feature_version not in (None, reference.version):
+                continue
+            sketch.feature_version = reference.version
+            sketch.add_features(reference.bin(matrix), len(matrix))
+        now = time.time() * 1000
+        out, self._closed = self._closed, []
+        for deployment, sketch in self._open.items():
+            sketch.end_ms = now
+            out.append((deployment, sketch))
+        self._open = {}
+        return [(d, s) for d, s in out if not s.empty()]
+
+    async def flush(self) -> int:
+        sketches = self.take()
+        if not sketches:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for deployment, sketch in sketches:
+            pipe.xadd(
+                names.drift_sketch_stream(deployment),
+                {SKETCH_FIELD: sketch.to_bytes()},
+                maxlen=self.maxlen,
+                approximate=True,
+            )
+        await pipe.execute()
+        return len(sketches)
+
+    async def run(self) -> None:
+        """Flush every interval; a Redis outage loses those seconds' sketches, nothing else."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.flush()
+            except (redis.RedisError, OSError) as exc:
+                log.warning("cannot write drift sketches: %s", exc)
+            except Exception:
+                log.exception("drift sketch flush failed")

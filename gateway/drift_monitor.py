@@ -1,0 +1,291 @@
+"""Evaluates drift per deployment every few seconds and keeps the report, history and events.
+
+One gateway process at a time evaluates a deployment (a short Redis lease, renewed by its
+holder), so several processes or instances never double-count an event. An evaluation merges
+the newest sketches of the current real model into a window (at most ``window_requests``
+requests, none older than ``window_s``), compares it with the references through the pure
+functions of ``rendezvous.drift``, and stores the outcome: the report (read by ``/drift`` and
+``/metrics``), a point of history, and a ``raised``/``cleared`` event per threshold crossing.
+
+The real model's score reference is its training distribution when its metadata carries one;
+otherwise the first full window of its scores after it became real, kept once built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import redis
+import redis.asyncio as aioredis
+
+from gateway.drift_feed import SKETCH_FIELD
+from gateway.service import DeploymentCache
+from rendezvous import names
+from rendezvous.drift import FeatureReference, Sketch, Thresholds, evaluate_alerts, window_report
+
+log = logging.getLogger(__name__)
+
+SCAN_LIMIT = 20_000
+"""Most sketch entries one evaluation reads (a window rarely needs more than a few hundred)."""
+
+EVENTS_MAXLEN = 1000
+
+
+def _decode_sketches(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Sketch]:
+    out = []
+    for _id, fields in entries:
+        try:
+            out.append(Sketch.from_bytes(fields[SKETCH_FIELD]))
+        except (KeyError, ValueError) as exc:
+            log.warning("skipping an unreadable drift sketch: %s", exc)
+    return out
+
+
+def merge_window(
+    sketches: list[Sketch], real_model: str, feature_version: str | None, limit: int
+) -> Sketch:
+    """Merge ``sketches`` (in the order given) of ``real_model`` until ``limit`` requests.
+    Feature counts built against another feature spec are left out."""
+    window = Sketch(real_model=real_model)
+    for sketch in sketches:
+        if sketch.real_model != real_model:
+            continue
+        if sketch.features is not None and sketch.feature_version != feature_version:
+            sketch.features, sketch.feature_rows, sketch.feature_version = None, 0, None
+        window = sketch if window.empty() else window.merge(sketch)
+        if window.requests >= limit:
+            break
+    return window
+
+
+def thresholds_from(raw: bytes | None, defaults: Thresholds) -> Thresholds:
+    if raw is None:
+        return defaults
+    try:
+        return defaults.merged(json.loads(raw))
+    except ValueError as exc:
+        log.error("stored drift thresholds are invalid (%s); using the defaults", exc)
+        return defaults
+
+
+class DriftMonitor:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        deployments: DeploymentCache,
+        instance: str,
+        *,
+        interval_s: float = 5.0,
+        window_requests: int = 1000,
+        window_s: float = 600.0,
+        history_len: int = 360,
+        defaults: Thresholds | None = None,
+    ):
+        self.client = client
+        self.deployments = deployments
+        self.instance = instance
+        self.interval_s = interval_s
+        self.window_requests = window_requests
+        self.window_s = window_s
+        self.history_len = history_len
+        self.defaults = defaults or Thresholds()
+        self._features: dict[str, FeatureReference | None] = {}
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            for deployment in sorted(self.deployments.deployments):
+                try:
+                    if await self._lead(deployment):
+                        await self.evaluate(deployment)
+                except (redis.RedisError, OSError) as exc:
+                    log.warning("drift evaluation of %s failed: %s", deployment, exc)
+                except Exception:
+                    log.exception("drift evaluation of %s failed", deployment)
+
+    async def _lead(self, deployment: str) -> bool:
+        """Hold (or take) the deployment's evaluation lease; a dead holder's lapses."""
+        key = names.drift_lock_key(deployment)
+        ttl_ms = int(self.interval_s * 3000) + 1000
+        if await self.client.set(key, self.instance, nx=True, px=ttl_ms):
+            return True
+        holder = await self.client.get(key)
+        if holder is not None and holder.decode() == self.instance:
+            await self.client.pexpire(key, ttl_ms)
+            return True
+        return False
+
+    def _feature_reference(self, deployment: str) -> FeatureReference | None:
+        spec = self.deployments.deployments[deployment].feature_spec
+        if spec.version not in self._features:
+            self._features[spec.version] = FeatureReference.from_spec(spec)
+        return self._features[spec.version]
+
+    async def evaluate(self, deployment: str, now_ms: float | None = None) -> dict[str, Any]:
+        """One evaluation: read, compute, store. Returns the stored report."""
+        now_ms = time.time() * 1000 if now_ms is None else now_ms
+        dep = self.deployments.get(deployment)
+        real = dep.roles[names.REAL]
+        sketches_key = names.drift_sketch_stream(deployment)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xrevrange(sketches_key, "+", int(now_ms - self.window_s * 1000), count=SCAN_LIMIT)
+        pipe.get(names.drift_report_key(deployment))
+        pipe.get(names.drift_thresholds_key(deployment))
+        pipe.hget(names.MODELS_INDEX, str(real))
+        pipe.get(names.drift_reference_key(deployment))
+        recent, previous_raw, thresholds_raw, meta_raw, reference_raw = await pipe.execute()
+
+        features = self._feature_reference(deployment)
+        window = merge_window(
+            _decode_sketches(recent),
+            str(real),
+            features.version if features else None,
+            self.window_requests,
+        )
+        reference, source = await self._score_reference(
+            deployment, str(real), meta_raw, reference_raw
+        )
+        thresholds = thresholds_from(thresholds_raw, self.defaults)
+        report = window_report(
+            window,
+            score_reference=reference,
+            reference_source=source,
+            features=features,
+            thresholds=thresholds,
+        )
+        previous = json.loads(previous_raw) if previous_raw else {}
+        active, events = evaluate_alerts(report, thresholds, previous.get("alerts") or {}, now_ms)
+        counts: dict[str, int] = dict(previous.get("event_counts") or {})
+        for event in events:
+            if event["type"] == "raised":
+                counts[event["kind"]] = counts.get(event["kind"], 0) + 1
+            log.warning(
+                "drift alert %s on %s: %s %.4f (threshold %.4f)",
+                event["type"],
+                deployment,
+                event["kind"],
+                event["value"] or 0.0,
+                event["threshold"],
+            )
+        stored = {
+            "deployment": deployment,
+            "evaluated_at_ms": now_ms,
+            "window": {
+                "requests": self.window_requests,
+                "seconds": self.window_s,
+                "interval_s": self.interval_s,
+            },
+            "thresholds": thresholds.to_dict(),
+            "current": report,
+            "alerts": active,
+            "event_counts": counts,
+        }
+        point = {
+            "ts_ms": now_ms,
+            "status": report["status"],
+            "requests": report["requests"],
+            "divergence_p90": report["divergence"]["p90"],
+            **report["values"],
+        }
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(names.drift_report_key(deployment), json.dumps(stored))
+        pipe.xadd(
+            names.drift_history_stream(deployment),
+            {b"p": json.dumps(point)},
+            maxlen=self.history_len,
+            approximate=False,
+        )
+        for event in events:
+            pipe.xadd(
+                names.drift_events_stream(deployment),
+                {b"e": json.dumps({"deployment": deployment, **event})},
+                maxlen=EVENTS_MAXLEN,
+                approximate=True,
+            )
+        await pipe.execute()
+        return stored
+
+    async def _score_reference(
+        self, deployment: str, real: str, meta_raw: bytes | None, reference_raw: bytes | None
+    ) -> tuple[np.ndarray | None, str | None]:
+        if meta_raw is not None:
+            meta = json.loads(meta_raw)
+            if meta.get("score_reference"):
+                return np.asarray(meta["score_reference"], dtype=np.float64), "training"
+        if reference_raw is not None:
+            stored = json.loads(reference_raw)
+            if stored.get("model") == real:
+                return np.asarray(stored["fractions"], dtype=np.float64), "promotion"
+        # The first full window of this model's scores the stream still holds.
+        entries = await self.client.xrange(names.drift_sketch_stream(deployment), count=SCAN_LIMIT)
+        first = merge_window(_decode_sketches(entries), real, None, self.window_requests)
+        if first.requests < self.window_requests:
+            return None, None
+        total = first.score_real.sum()
+        fractions = (first.score_real / total).tolist() if total else None
+        if fractions is None:
+            return None, None
+        await self.client.set(
+            names.drift_reference_key(deployment),
+            json.dumps(
+                {
+                    "model": real,
+                    "fractions": fractions,
+                    "requests": first.requests,
+                    "from_ms": first.start_ms,
+                    "to_ms": first.end_ms,
+                }
+            ),
+        )
+        log.info(
+            "drift: %s's score reference is its first %d requests as real", real, first.requests
+        )
+        return np.asarray(fractions), "promotion"
+
+
+# -- what /v1/deployments/{d}/drift shows -----------------------------------------------------
+
+
+async def drift_view(
+    client: aioredis.Redis,
+    deployment: str,
+    defaults: Thresholds,
+    *,
+    history: int = 360,
+    events: int = 50,
+) -> dict[str, Any]:
+    pipe = client.pipeline(transaction=False)
+    pipe.get(names.drift_report_key(deployment))
+    pipe.get(names.drift_thresholds_key(deployment))
+    pipe.xrevrange(names.drift_history_stream(deployment), count=history)
+    pipe.xrevrange(names.drift_events_stream(deployment), count=events)
+    report_raw, thresholds_raw, points, event_entries = await pipe.execute()
+    report: dict[str, Any] = json.loads(report_raw) if report_raw else {}
+    alerts: Mapping[str, Any] = report.get("alerts") or {}
+    return {
+        "deployment": deployment,
+        "evaluated_at_ms": report.get("evaluated_at_ms"),
+        "window": report.get("window"),
+        "thresholds": thresholds_from(thresholds_raw, defaults).to_dict(),
+        "current": report.get("current"),
+        "alerts": [alerts[k] for k in sorted(alerts)],
+        "event_counts": report.get("event_counts") or {},
+        "events": [json.loads(f[b"e"]) for _id, f in reversed(event_entries)],
+        "history": [json.loads(f[b"p"]) for _id, f in reversed(points)],
+    }
+
+
+async def set_thresholds(
+    client: aioredis.Redis, deployment: str, changes: Mapping[str, Any], defaults: Thresholds
+) -> Thresholds:
+    """Validate and store a deployment's thresholds (partial changes keep the rest)."""
+    current = thresholds_from(await client.get(names.drift_thresholds_key(deployment)), defaults)
+    updated = current.merged(changes)  # ValueError naming the key at fault
+    await client.set(names.drift_thresholds_key(deployment), json.dumps(updated.to_dict()))
+    return updated

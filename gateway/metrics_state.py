@@ -1,0 +1,300 @@
+"""What ``/metrics`` reads from Redis at scrape time: the state no single process owns.
+
+Stream lengths and consumer-group pending counts, live workers, the counters that model
+workers and log-bin processes publish into Redis with their heartbeats (they have no HTTP port
+of their own), and the drift monitor's latest evaluation. One pipelined round trip per scrape,
+whichever gateway process answers it, so every process exposes the same figures.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from rendezvous import names
+from rendezvous.drift import ALERT_KINDS
+
+STALE_STATS_S = 60.0
+"""Counters of a process that has not published for this long are not exposed (it died)."""
+
+WORKER_COUNTERS = ("scored", "rows", "batches", "expired", "malformed", "errors", "reclaimed")
+LOGBIN_COUNTERS = ("records", "bytes_written", "batches", "undecodable", "errors", "trimmed")
+_COUNTER_HELP = {
+    "scored": "Requests scored",
+    "rows": "Rows scored",
+    "batches": "Batches read",
+    "expired": "Requests skipped because their deadline had passed",
+    "malformed": "Entries that could not be decoded",
+    "errors": "Failures the loop rode out",
+    "reclaimed": "Entries taken over from dead consumers",
+    "records": "Records archived",
+    "bytes_written": "Compressed bytes written to archive segments",
+    "undecodable": "Records archived that could not be decoded",
+    "trimmed": "Input-stream entries trimmed behind the slowest group",
+}
+
+
+@dataclass
+class DeploymentState:
+    input_length: int = 0
+    decisions_length: int = 0
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    live_workers: dict[str, int] = field(default_factory=dict)
+    worker_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """``role|consumer`` -> the JSON counters it published."""
+    drift: dict[str, Any] | None = None
+
+
+@dataclass
+class ClusterState:
+    deployments: dict[str, DeploymentState] = field(default_factory=dict)
+    logbin_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _fresh_stats(raw: Mapping[bytes, bytes], now_s: float) -> dict[str, dict[str, Any]]:
+    out = {}
+    for key, value in raw.items():
+        try:
+            doc = json.loads(value)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and now_s - float(doc.get("ts", 0)) <= STALE_STATS_S:
+            out[_text(key)] = doc
+    return out
+
+
+async def read_state(
+    client: aioredis.Redis, deployments: Sequence[str], heartbeat_timeout_s: float
+) -> ClusterState:
+    now = time.time()
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(names.LOGBIN_STATS)
+    for dep in deployments:
+        pipe.xlen(names.input_stream(dep))
+        pipe.xlen(names.decisions_stream(dep))
+        pipe.zrangebyscore(names.workers_key(dep), now - heartbeat_timeout_s, "+inf")
+        pipe.hgetall(names.stats_key(dep))
+        pipe.get(names.drift_report_key(dep))
+        pipe.xinfo_groups(names.input_stream(dep))
+    replies = await pipe.execute(raise_on_error=False)
+    state = ClusterState()
+    if isinstance(replies[0], dict):
+        state.logbin_stats = _fresh_stats(replies[0], now)
+    for i, dep in enumerate(deployments):
+        xlen_in, xlen_dec, live, stats, report, groups = replies[1 + 6 * i : 7 + 6 * i]
+        ds = DeploymentState()
+        ds.input_length = xlen_in if isinstance(xlen_in, int) else 0
+        ds.decisions_length = xlen_dec if isinstance(xlen_dec, int) else 0
+        ds.groups = groups if isinstance(groups, list) else []  # no stream yet: an error
+        if isinstance(live, list):
+            for member in live:
+                role = _text(member).split("|", 1)[0]
+                ds.live_workers[role] = ds.live_workers.get(role, 0) + 1
+        if isinstance(stats, dict):
+            ds.worker_stats = _fresh_stats(stats, now)
+        if isinstance(report, bytes | str):
+            try:
+                ds.drift = json.loads(report)
+            except ValueError:
+                ds.drift = None
+        state.deployments[dep] = ds
+    return state
+
+
+def _gauge(name: str, doc: str, labels: Sequence[str]) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=list(labels))
+
+
+class ClusterStateCollector(Collector):
+    """Exposes one ``ClusterState`` snapshot (a fresh collector per scrape)."""
+
+    def __init__(self, state: ClusterState):
+        self.state = state
+
+    def collect(self) -> Iterable[Any]:
+        yield from self._streams()
+        yield from self._workers()
+        yield from self._logbin()
+        yield from self._drift()
+
+    def _streams(self) -> Iterator[Any]:
+        length = _gauge(
+            "rdv_stream_length", "Entries in a deployment's stream.", ["deployment", "stream"]
+        )
+        pending = _gauge(
+            "rdv_stream_group_pending",
+            "Entries delivered to a consumer group of the input stream and not yet acked.",
+            ["deployment", "group"],
+        )
+        lag = _gauge(
+            "rdv_stream_group_lag",
+            "Entries of the input stream not yet delivered to a consumer group (Redis 7+).",
+            ["deployment", "group"],
+        )
+        consumers = _gauge(
+            "rdv_stream_group_consumers", "Consumers in a group.", ["deployment", "group"]
+        )
+        live = _gauge(
+            "rdv_live_workers", "Workers whose heartbeat is fresh, by role.", ["deployment", "role"]
+        )
+        for dep, ds in sorted(self.state.deployments.items()):
+            length.add_metric([dep, "input"], ds.input_length)
+            length.add_metric([dep, "decisions"], ds.decisions_length)
+            for group in ds.groups:
+                gname = _text(group["name"])
+                pending.add_metric([dep, gname], int(group.get("pending", 0)))
+                consumers.add_metric([dep, gname], int(group.get("consumers", 0)))
+                if group.get("lag") is not None:
+                    lag.add_metric([dep, gname], int(group["lag"]))
+            for role, n in sorted(ds.live_workers.items()):
+                live.add_metric([dep, role], n)
+        yield from (length, pending, lag, consumers, live)
+
+    def _workers(self) -> Iterator[Any]:
+        labels = ["deployment", "role", "consumer"]
+        families = {
+            key: CounterMetricFamily(
+                f"rdv_worker_{key}", f"{_COUNTER_HELP[key]} by a model worker.", labels=labels
+            )
+            for key in WORKER_COUNTERS
+        }
+        inference = CounterMetricFamily(
+            "rdv_worker_inference_seconds",
+            "Time a model worker spent in onnxruntime.",
+            labels=labels,
+        )
+        for dep, ds in sorted(self.state.deployments.items()):
+            for member, doc in sorted(ds.worker_stats.items()):
+                role, _, consumer = member.partition("|")
+                for key, family in families.items():
+                    if key in doc:
+                        family.add_metric([dep, role, consumer], float(doc[key]))
+                if "inference_s" in doc:
+                    inference.add_metric([dep, role, consumer], float(doc["inference_s"]))
+        yield from families.values()
+        yield inference
+
+    def _logbin(self) -> Iterator[Any]:
+        families = {
+            key: CounterMetricFamily(
+                f"rdv_logbin_{key}", f"{_COUNTER_HELP[key]} by the log bin.", labels=["consumer"]
+            )
+            for key in LOGBIN_COUNTERS
+        }
+        for consumer, doc in sorted(self.state.logbin_stats.items()):
+            for key, family in families.items():
+                if key in doc:
+                    family.add_metric([consumer], float(doc[key]))
+        yield from families.values()
+
+    def _drift(self) -> Iterator[Any]:
+        dep_only = ["deployment"]
+        score_psi = _gauge(
+            "rdv_drift_score_psi",
+            "Population stability index of real's score "
+            "distribution in the window against its reference.",
+            dep_only,
+        )
+        score_js = _gauge(
+            "rdv_drift_score_js_distance",
+            "Jensen-Shannon distance of real's score distribution against its reference.",
+            dep_only,
+        )
+        feature_psi = _gauge(
+            "rdv_drift_feature_psi",
+            "Population stability index of a "
+            "feature in the window against its training distribution.",
+            ["deployment", "feature"],
+        )
+        feature_max = _gauge("rdv_drift_feature_psi_max", "The largest feature PSI.", dep_only)
+        div_mean = _gauge(
+            "rdv_drift_divergence_mean",
+            "Mean per-request JS distance real vs canary in the window.",
+            dep_only,
+        )
+        div_q = _gauge(
+            "rdv_drift_divergence_quantile",
+            "Quantiles of the per-request JS distance real vs canary in the window.",
+            ["deployment", "quantile"],
+        )
+        disagree = _gauge(
+            "rdv_drift_disagreement_ratio",
+            "Share of rows in the window where real's and canary's labels differ.",
+            dep_only,
+        )
+        window = _gauge("rdv_drift_window_requests", "Requests in the drift window.", dep_only)
+        alert = _gauge(
+            "rdv_drift_alert",
+            "1 while a drift alert of this kind is active.",
+            ["deployment", "kind"],
+        )
+        events = CounterMetricFamily(
+            "rdv_drift_events", "Drift alerts raised.", labels=["deployment", "kind"]
+        )
+        evaluated = _gauge(
+            "rdv_drift_evaluated_timestamp_seconds", "When drift was last evaluated.", dep_only
+        )
+        for dep, ds in sorted(self.state.deployments.items()):
+            report = ds.drift
+            if not report:
+                continue
+            if report.get("evaluated_at_ms"):
+                evaluated.add_metric([dep], report["evaluated_at_ms"] / 1000)
+            active = report.get("alerts") or {}
+            counts = report.get("event_counts") or {}
+            for kind in ALERT_KINDS:
+                alert.add_metric([dep, kind], 1.0 if kind in active else 0.0)
+                events.add_metric([dep, kind], float(counts.get(kind, 0)))
+            current = report.get("current") or {}
+            if current.get("requests") is not None:
+                window.add_metric([dep], current["requests"])
+            if current.get("status") != "ok":
+                continue
+            score = current.get("score") or {}
+            div = current.get("divergence") or {}
+            features = current.get("features") or {}
+            for family, value in (
+                (score_psi, score.get("psi")),
+                (score_js, score.get("js_distance")),
+                (feature_max, features.get("max_psi")),
+                (div_mean, div.get("mean")),
+                (disagree, div.get("disagreement_rate")),
+            ):
+                if value is not None:
+                    family.add_metric([dep], value)
+            for key, quantile in (("p50", "0.5"), ("p90", "0.9"), ("p99", "0.99")):
+                if div.get(key) is not None:
+                    div_q.add_metric([dep, quantile], div[key])
+            for feature, value in sorted((features.get("psi") or {}).items()):
+                feature_psi.add_metric([dep, feature], value)
+        yield from (
+            score_psi,
+            score_js,
+            feature_psi,
+            feature_max,
+            div_mean,
+            div_q,
+            disagree,
+            window,
+            alert,
+            events,
+            evaluated,
+        )
+
+
+def state_registry(state: ClusterState) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ClusterStateCollector(state))
+    return registry

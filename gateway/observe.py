@@ -1,0 +1,69 @@
+"""Read-only routes for dashboards: ``/metrics`` and ``/v1/deployments/{deployment}/drift``."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.drift_monitor import drift_view
+from gateway.metrics import GatewayMetrics
+from gateway.metrics_state import read_state, state_registry
+from gateway.service import DeploymentCache, UnknownDeployment
+from rendezvous import names
+from rendezvous.matcher import Rendezvous
+
+
+def observe_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        """Prometheus text format: this gateway's counters (summed over its processes in
+        multi-process mode), then the cluster state read from Redis. Without Redis the first
+        part is still served, so a scrape shows the outage instead of failing."""
+        state = request.app.state
+        instruments: GatewayMetrics = state.metrics
+        rendezvous: Rendezvous = state.rendezvous
+        instruments.sync_late_results(rendezvous.late_results)
+        body = generate_latest(instruments.scrape_registry())
+        deployments: DeploymentCache = state.deployments
+        try:
+            cluster = await asyncio.wait_for(
+                read_state(
+                    state.redis, sorted(deployments.deployments), state.settings.heartbeat_timeout_s
+                ),
+                timeout=state.settings.redis_timeout_s,
+            )
+            body += generate_latest(state_registry(cluster))
+        except (redis.RedisError, OSError, TimeoutError):
+            pass
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    @router.get("/v1/deployments/{deployment}/drift")
+    async def drift(deployment: str, request: Request) -> JSONResponse:
+        """The latest drift evaluation: window statistics, thresholds, active alerts, the
+        latest events and a short history (oldest first)."""
+        try:
+            names.check_name(deployment, "deployment")
+        except names.InvalidName as exc:
+            raise HTTPException(422, str(exc)) from None
+        deployments: DeploymentCache = request.app.state.deployments
+        if deployment not in deployments.deployments:
+            raise UnknownDeployment(f"deployment {deployment!r} does not exist")
+        settings = request.app.state.settings
+        view = await asyncio.wait_for(
+            drift_view(
+                request.app.state.redis,
+                deployment,
+                settings.drift_defaults(),
+                history=settings.drift_history,
+            ),
+            timeout=settings.redis_timeout_s,
+        )
+        return JSONResponse(view)
+
+    return router

@@ -1,0 +1,284 @@
+"""Metrics and drift tracking on the real system: ``rdv`` processes, Redis, the demo models.
+
+A known sequence of requests must show up on ``/metrics`` exactly (counts by outcome, one
+divergence observation per decision record), the output must pass ``promtool check metrics``,
+and a shift injected into live traffic must raise the score and feature drift alerts, which
+clear once the traffic is back to normal.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from models.train import DEMO_DEPLOYMENT, demo_data
+from processes import PREDICT, RdvProcess, System, launch_system, wait_until
+from rendezvous import names
+from rendezvous.decision import decode_decision
+from rendezvous.redis_server import free_port
+from rendezvous.schedule import Schedule
+
+SCHEDULE = Schedule(real_deadline_ms=50, timeout_ms=600, fallbacks=("canary",), grace_ms=100)
+TOKEN = "observability-token"
+DRIFT = f"/v1/deployments/{DEMO_DEPLOYMENT}/drift"
+SHIFTED = ("mean radius", "mean perimeter", "mean area", "worst radius", "worst area")
+WINDOW = 300
+
+
+@pytest.fixture(scope="module")
+def system(
+    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[System]:
+    env = {
+        "RDV_ADMIN_TOKEN": TOKEN,
+        "RDV_DRIFT_INTERVAL_S": "0.3",
+        "RDV_DRIFT_WINDOW_REQUESTS": str(WINDOW),
+        "RDV_DRIFT_MIN_REQUESTS": "100",
+    }
+    with launch_system(redis_url, demo_data_dir, tmp_path_factory, SCHEDULE, **env) as sys:
+        sys.start_worker("real")
+        sys.start_worker("canary")
+        yield sys
+
+
+def body(row: np.ndarray) -> dict:
+    return {"features": dict(zip(demo_data().names, map(float, row), strict=True))}
+
+
+def send(base_url: str, rows: np.ndarray, threads: int = 4) -> list[int]:
+    """One request per row, a few at a time; returns the statuses."""
+
+    def post(chunk: np.ndarray) -> list[int]:
+        with httpx.Client(base_url=base_url, timeout=10) as http:
+            return [http.post(PREDICT, json=body(row)).status_code for row in chunk]
+
+    with ThreadPoolExecutor(threads) as pool:
+        return [s for part in pool.map(post, np.array_split(rows, threads)) for s in part]
+
+
+def scrape(http: httpx.Client) -> dict[tuple[str, frozenset], float]:
+    """Every sample of /metrics keyed by (name, labels)."""
+    text = http.get("/metrics").text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def decisions(sys: System) -> list[dict]:
+    entries = sys.r.xrange(names.decisions_stream(DEMO_DEPLOYMENT))
+    return [decode_decision(fields) for _id, fields in entries]
+
+
+def test_metrics_reflect_a_known_sequence_of_requests(system: System) -> None:
+    system.r.delete(names.decisions_stream(DEMO_DEPLOYMENT))
+    before = scrape(system.http)
+    dep = DEMO_DEPLOYMENT
+    statuses = send(str(system.http.base_url), demo_data().x_test[:40])
+    assert statuses == [200] * 40
+    invalid = [{"features": {"mean radius": "big"}}, {"instances": []}, {"nothing": 1}]
+    assert [system.predict(b).status_code for b in invalid] == [422, 422, 422]
+    unknown = [system.http.post("/v1/deployments/nope/predict", json=body(demo_data().x_test[0]))
+               for _ in range(2)]  # fmt: skip
+    assert [r.status_code for r in unknown] == [404, 404]
+    wait_until(lambda: len(decisions(system)) == 40, 10, "40 decision records")
+    records = decisions(system)
+    after = scrape(system.http)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("rdv_requests_total", deployment=dep, outcome="real") == 40
+    assert delta("rdv_requests_total", deployment=dep, outcome="invalid") == 3
+    assert delta("rdv_requests_total", deployment="_unknown", outcome="invalid") == 2
+    assert delta("rdv_request_duration_seconds_count", deployment=dep) == 40
+    assert delta("rdv_decisions_total", deployment=dep) == 40
+    pair = records[0]["divergence"]["pair"]
+    labels = {"deployment": dep, "role": "canary", "real_model": pair[0], "other_model": pair[1]}
+    # one divergence observation per decision record, and the rows they compared
+    assert delta("rdv_divergence_js_distance_count", **labels) == len(records) == 40
+    assert delta("rdv_compared_rows_total", **labels) == 40
+    assert delta("rdv_label_disagreements_total", **labels) == sum(
+        r["divergence"]["disagreements"] for r in records
+    )
+    js_sum = sum(r["divergence"]["js_mean"] for r in records)
+    assert delta("rdv_divergence_js_distance_sum", **labels) == pytest.approx(js_sum, abs=1e-6)
+    for role in ("real", "canary"):
+        out = records[0]["outputs"][role]
+        assert delta("rdv_model_latency_seconds_count", deployment=dep, role=role,
+                     model=out["model"], version=str(out["version"])) == 40  # fmt: skip
+        assert delta("rdv_queue_wait_seconds_count", deployment=dep, role=role) == 40
+    assert value(after, "rdv_live_workers", deployment=dep, role="real") == 1
+    assert value(after, "rdv_stream_length", deployment=dep, stream="decisions") == 40
+
+    # worker and log-bin counters come through Redis with their next heartbeat
+    def published() -> bool:
+        s = scrape(system.http)
+        scored = value(s, "rdv_worker_scored_total", deployment=dep, role="real",
+                       consumer="real-e2e")  # fmt: skip
+        archived = sum(v for (n, _), v in s.items() if n == "rdv_logbin_records_total")
+        return scored >= 40 and archived >= 40
+
+    wait_until(published, 10, "worker and log-bin counters on /metrics")
+
+    # a fallback, then a timeout
+    system.stop("real")
+    assert system.predict(body(demo_data().x_test[0])).status_code == 200
+    system.stop("canary")
+    assert system.predict(body(demo_data().x_test[0])).status_code == 504
+    final = scrape(system.http)
+    assert value(final, "rdv_requests_total", deployment=dep, outcome="fallback") - value(
+        before, "rdv_requests_total", deployment=dep, outcome="fallback"
+    ) == 1
+    assert value(final, "rdv_requests_total", deployment=dep, outcome="timeout") - value(
+        before, "rdv_requests_total", deployment=dep, outcome="timeout"
+    ) == 1
+    system.start_worker("real")
+    system.start_worker("canary")
+
+
+def test_promtool_accepts_the_metrics(system: System) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package 'prometheus'; .ci/run installs it)")
+    send(str(system.http.base_url), demo_data().x_test[:10])
+    text = system.http.get("/metrics").text
+    assert "rdv_stream_group_pending" in text and "rdv_requests_total" in text
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                           text=True, timeout=30)  # fmt: skip
+    assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr
+
+
+def shifted(rows: np.ndarray, factor: float) -> np.ndarray:
+    out = rows.copy()
+    for name in SHIFTED:
+        out[:, demo_data().names.index(name)] *= factor
+    return out
+
+
+def report(system: System) -> dict:
+    resp = system.http.get(DRIFT)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def phase_start() -> float:
+    """A sketch holds up to a second of a process's traffic: let earlier traffic's sketches
+    be flushed, so a window of the next phase holds that phase alone."""
+    time.sleep(1.5)
+    return time.time() * 1000
+
+
+def fresh_report(system: System, after_ms: float) -> dict:
+    """The first evaluation of a full window of requests sent after ``after_ms``."""
+
+    def check() -> dict | None:
+        doc = report(system)
+        cur = doc["current"]
+        ok = cur and cur["requests"] >= WINDOW and cur["from_ms"] >= after_ms
+        return doc if ok and doc["evaluated_at_ms"] > cur["to_ms"] else None
+
+    try:
+        return wait_until(check, 20, "a drift evaluation of the new traffic", interval_s=0.2)
+    except AssertionError:
+        print(json.dumps(report(system))[:3000], after_ms)
+        raise
+
+
+def test_an_injected_shift_raises_drift_alerts_and_they_clear(system: System) -> None:
+    rng = np.random.default_rng(7)
+    test_rows = demo_data().x_test
+    base = str(system.http.base_url)
+
+    t0 = phase_start()
+    assert set(send(base, test_rows[rng.integers(0, len(test_rows), WINDOW)])) == {200}
+    calm = fresh_report(system, t0)
+    print("stationary", calm["current"]["values"], calm["current"]["features"]["top"][:3])
+    assert calm["alerts"] == []
+    assert calm["current"]["score"]["reference_source"] == "training"
+
+    t1 = phase_start()
+    assert set(send(base, shifted(test_rows[rng.integers(0, len(test_rows), WINDOW)], 1.8))) == {
+        200
+    }
+    drifted = fresh_report(system, t1)
+    print("shifted", drifted["current"]["values"], drifted["current"]["features"]["top"][:5])
+    kinds = {a["kind"] for a in drifted["alerts"]}
+    assert {"score_psi", "feature_psi"} <= kinds
+    top = [f["feature"] for f in drifted["current"]["features"]["top"]]
+    assert set(top[:3]) <= set(SHIFTED)
+    raised = {e["kind"] for e in drifted["events"] if e["type"] == "raised"}
+    assert {"score_psi", "feature_psi"} <= raised
+    samples = scrape(system.http)
+    assert value(samples, "rdv_drift_alert", deployment=DEMO_DEPLOYMENT, kind="feature_psi") == 1
+    assert value(samples, "rdv_drift_events_total", deployment=DEMO_DEPLOYMENT,
+                 kind="score_psi") >= 1  # fmt: skip
+    top_psi = drifted["current"]["features"]["top"][0]["psi"]
+    gauge = value(samples, "rdv_drift_feature_psi", deployment=DEMO_DEPLOYMENT, feature=top[0])
+    assert gauge == pytest.approx(top_psi)
+    assert len(drifted["history"]) >= 2
+
+    t2 = phase_start()
+    assert set(send(base, test_rows[rng.integers(0, len(test_rows), WINDOW)])) == {200}
+    healed = fresh_report(system, t2)
+    assert healed["alerts"] == []
+    cleared = {e["kind"] for e in healed["events"] if e["type"] == "cleared"}
+    assert {"score_psi", "feature_psi"} <= cleared
+
+
+def test_drift_thresholds_are_set_per_deployment(system: System) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    url = f"/admin/deployments/{DEMO_DEPLOYMENT}/drift/thresholds"
+    bad = system.http.put(url, json={"score_psi": -1}, headers=auth)
+    assert bad.status_code == 422 and "score_psi" in bad.text
+    unknown = system.http.put(url, json={"nonsense": 1}, headers=auth)
+    assert unknown.status_code == 422 and "nonsense" in unknown.text
+    assert system.http.put(url, json={"score_psi": 0.3}).status_code == 401
+    ok = system.http.put(url, json={"score_psi": 0.3}, headers=auth)
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["score_psi"] == 0.3 and ok.json()["min_requests"] == 100
+    assert report(system)["thresholds"]["score_psi"] == 0.3
+    assert system.http.get(url, headers=auth).json()["score_psi"] == 0.3
+    assert system.http.get("/v1/deployments/nope/drift").status_code == 404
+    assert system.http.get("/v1/deployments/NOT%20valid/drift").status_code == 422
+
+
+def test_metrics_are_summed_over_gateway_processes(
+    system: System, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    port = free_port()
+    env = dict(system.env, RDV_PORT=str(port), RDV_GATEWAY_PROCESSES="2")
+    logs = tmp_path_factory.mktemp("gateway2")
+    proc = RdvProcess(["gateway"], env, logs / "gateway.log")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            wait_until(lambda: http.get("/healthz").status_code == 200, 30, "2-process gateway")
+            before = value(scrape(http), "rdv_requests_total", deployment=DEMO_DEPLOYMENT,
+                           outcome="real")  # fmt: skip
+            assert before == 0
+            assert set(send(f"http://127.0.0.1:{port}", demo_data().x_test[:60], threads=6)) == {
+                200
+            }
+            for _ in range(6):  # whichever process answers the scrape sees every request
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as fresh:
+                    samples = scrape(fresh)
+                assert value(samples, "rdv_requests_total", deployment=DEMO_DEPLOYMENT,
+                             outcome="real") == 60  # fmt: skip
+    finally:
+        code = proc.stop()
+        assert code in (0, -15), proc.log_text()[-2000:]
