@@ -19,6 +19,7 @@ from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_models_present, train_demo
 from rendezvous.connection import connect
+from rendezvous.names import REAL
 from rendezvous.redis_server import EmbeddedRedis
 
 log = logging.getLogger("rdv.serve")
@@ -26,20 +27,39 @@ log = logging.getLogger("rdv.serve")
 GATEWAY, WORKERS, LOGBIN = 0, 1, 2
 """Stop order: the gateway stops taking requests first, the log bin archives last."""
 
+SHADOW_NICE = 5
+"""Niceness added to the processes off the critical path: the log bin, and workers of roles
+that never answer first (the canary, challengers without an A/B split).
+
+Why: every request wakes the gateway, Redis, the real worker, the canary and the log bin. On
+a small machine (2 cores here) under saturation they all compete for the same cores, and the
+caller's latency depends only on the first three. Five steps lower gives the shadow processes
+about a third of the CPU weight of the critical path (Linux CFS) when cores are contended and
+costs them nothing when cores are idle; they then fall a little behind, which their consumer
+group absorbs (their results still have the grace period to reach the decision record, and
+they batch more). Set at spawn and kept for the process's life: a challenger given a split
+later keeps it until restarted, and a canary answering as a fallback while real is down
+answers from the lower priority."""
+
 
 def _worker_name(dep: str, role: str) -> str:
     return f"worker:{dep}:{role}"
 
 
-def reconcile_workers(supervisor: Supervisor, store: DeploymentStore) -> None:
-    """One worker per (deployment, role); retire those whose role is gone."""
+def reconcile_workers(
+    supervisor: Supervisor, store: DeploymentStore, shadow_nice: int = SHADOW_NICE
+) -> None:
+    """One worker per (deployment, role); retire those whose role is gone. Workers of roles
+    that never answer first start ``shadow_nice`` steps lower (see ``SHADOW_NICE``)."""
     wanted = set()
     for dep in store.list():
-        for role in store.get(dep).role_names:
+        deployment = store.get(dep)
+        answering = {REAL, *deployment.schedule.split_roles}
+        for role in deployment.role_names:
             name = _worker_name(dep, role)
             wanted.add(name)
             args = ["worker", "--deployment", dep, "--role", role, "--consumer", f"{role}-0"]
-            supervisor.ensure(name, args, WORKERS)
+            supervisor.ensure(name, args, WORKERS, nice=0 if role in answering else shadow_nice)
     for name in [n for n in supervisor.children if n.startswith("worker:") and n not in wanted]:
         log.info("role gone: retiring %s", name)
         supervisor.retire(name)
@@ -75,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if DEMO_DEPLOYMENT not in store.list():
             store.create(demo_deployment(registry, settings.schedule()))
             log.info("created deployment %s (real v2, canary v1)", DEMO_DEPLOYMENT)
-        supervisor.ensure("logbin", ["logbin", "--consumer", "logbin-0"], LOGBIN)
+        supervisor.ensure("logbin", ["logbin", "--consumer", "logbin-0"], LOGBIN, nice=SHADOW_NICE)
         reconcile_workers(supervisor, store)
         supervisor.ensure("gateway", ["gateway"], GATEWAY)
         log.info("serving on http://%s:%d", settings.host, settings.port)

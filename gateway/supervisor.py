@@ -33,6 +33,9 @@ class Child:
     argv: list[str]
     order: int
     """Stop order: lower stops first."""
+    nice: int = 0
+    """Added to the child's niceness at start (``os.nice``), for processes off the
+    critical path; the child cannot take it back, so it holds across restarts."""
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     restarts: int = 0
@@ -48,11 +51,11 @@ class Supervisor:
         """What every child runs, before its own arguments (tests run something smaller)."""
         self.children: dict[str, Child] = {}
 
-    def ensure(self, name: str, args: list[str], order: int) -> None:
+    def ensure(self, name: str, args: list[str], order: int, nice: int = 0) -> None:
         """Start a child under ``name`` unless it is already supervised."""
         if name in self.children:
             return
-        child = Child(name, [*self.command, *args], order)
+        child = Child(name, [*self.command, *args], order, nice)
         self.children[name] = child
         self._spawn(child)
 
@@ -63,7 +66,7 @@ class Supervisor:
 
     def _spawn(self, child: Child) -> None:
         child.proc = subprocess.Popen(
-            child.argv, env=self.env, stdin=subprocess.DEVNULL, **detached_from_terminal()
+            child.argv, env=self.env, stdin=subprocess.DEVNULL, **detached_from_terminal(child.nice)
         )
         child.started = time.monotonic()
         child.restart_at = None
@@ -138,11 +141,20 @@ def _die_with_parent() -> None:
         pass
 
 
-def detached_from_terminal() -> dict[str, Any]:
+def detached_from_terminal(nice: int = 0) -> dict[str, Any]:
     """Popen options for a supervised child: its own session, so a Ctrl-C in the terminal
     reaches only the supervisor, which then stops the children in order (gateway first,
-    Redis last); and it dies with the supervisor should that be killed outright."""
+    Redis last); it dies with the supervisor should that be killed outright; and it runs
+    ``nice`` steps lower in CPU priority (before exec, so its whole life)."""
     options: dict[str, Any] = {"start_new_session": True}
-    if sys.platform.startswith("linux"):
-        options["preexec_fn"] = _die_with_parent
+    linux = sys.platform.startswith("linux")
+    if linux or nice:
+
+        def before_exec() -> None:
+            if linux:
+                _die_with_parent()
+            if nice:
+                os.nice(nice)
+
+        options["preexec_fn"] = before_exec
     return options

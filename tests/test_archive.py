@@ -166,3 +166,16 @@ def test_reader_of_an_empty_folder(tmp_path: Path) -> None:
     assert reader.deployments() == []
     assert reader.segments("demo") == []
     assert list(reader.records("demo")) == []
+
+
+def test_members_are_fast_gzip_and_old_level_6_segments_still_read(data_dir: Path) -> None:
+    old = SegmentWriter(data_dir, compresslevel=6)  # what earlier versions wrote
+    old.append_batch("demo", _records(0, 3))
+    old.close()
+    writer = SegmentWriter(data_dir)
+    writer.append_batch("demo", _records(3, 3))
+    writer.close()
+    first, second = ArchiveReader(data_dir).segments("demo")
+    # Byte 8 of a gzip header (XFL): 4 = compressed with the fastest algorithm.
+    assert second.path.read_bytes()[8] == 4 and first.path.read_bytes()[8] != 4
+    assert [r["n"] for r in ArchiveReader(data_dir).records("demo")] == list(range(6))

@@ -305,3 +305,25 @@ def test_a_clean_stop_removes_the_published_counters(r: redis.Redis, data_dir: P
         thread.join(timeout=2)
     assert not thread.is_alive()
     assert _published(r) is None
+
+
+def test_a_short_read_makes_the_next_read_wait_and_drain_never_waits(
+    r: redis.Redis, data_dir: Path
+) -> None:
+    writer = SegmentWriter(data_dir)
+    logbin = _logbin(r, writer, batch_size=3, batch_wait_ms=60_000.0)
+    paused: list[float] = []
+    logbin._pause = paused.append
+    _publish(r, 3)
+    assert logbin.step(block_ms=10) == 3  # a full batch: more may be waiting, read at once
+    _publish(r, 2)
+    assert logbin.step(block_ms=10) == 2
+    assert paused == []
+    _publish(r, 1)
+    assert logbin.step(block_ms=10) == 1  # after the short read: wait first
+    [delay_s] = paused
+    assert 0 < delay_s <= 60.0
+    _publish(r, 2)
+    assert logbin.drain() == 2 and len(paused) == 1
+    writer.close()
+    assert logbin.stats.records == 8 and _pending(r) == 0

@@ -33,6 +33,17 @@ def _children(pid: int) -> list[tuple[int, str]]:
     return out
 
 
+def _label(cmd: str) -> str:
+    """``rdv`` child command line -> its role if a worker, else its subcommand."""
+    args = cmd.split(" -m gateway.cli ", 1)[-1].split()
+    return args[args.index("--role") + 1] if "--role" in args else args[0]
+
+
+def _nice(pid: int) -> int:
+    """The niceness of a process, from /proc (field 19 of its stat line)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
 @pytest.mark.skipif(not Path("/proc").exists(), reason="needs /proc to find child processes")
 def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
@@ -57,6 +68,10 @@ def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> No
         assert "redis-server" in names and "gateway" in names and "logbin" in names
         real = [pid for pid, cmd in children if "--role real" in cmd]
         assert len(real) == 1
+        # The processes off the critical path run at a lower CPU priority.
+        nice = {_label(cmd): _nice(pid) for pid, cmd in children if "gateway.cli" in cmd}
+        base = _nice(serve.proc.pid)
+        assert nice == {"gateway": base, "real": base, "canary": base + 5, "logbin": base + 5}
         os.kill(real[0], signal.SIGKILL)
         wait_until(
             lambda: any("--role real" in c and p != real[0] for p, c in _children(serve.proc.pid)),

@@ -58,3 +58,17 @@ def test_a_crashed_child_is_restarted_with_an_error(
     assert supervisor.children["logbin"] is child
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert errors and "exited with 3" in errors[0]
+
+
+def test_a_child_can_start_at_a_lower_cpu_priority() -> None:
+    report_nice = [sys.executable, "-c", "import os, sys; sys.exit(os.nice(0))"]
+    sup = Supervisor(dict(os.environ), command=report_nice)
+    try:
+        sup.ensure("logbin", [], 2, nice=5)
+        sup.ensure("gateway", [], 0)
+        procs = {name: child.proc for name, child in sup.children.items()}
+        codes = {name: p.wait(timeout=30) for name, p in procs.items() if p is not None}
+    finally:
+        sup.stop_all(grace_s=2)
+    ours = os.nice(0)
+    assert codes == {"logbin": min(ours + 5, 19), "gateway": ours}

@@ -12,7 +12,7 @@ from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from models.train import DEMO_DEPLOYMENT, demo_data
-from models.worker import ModelWorker, WorkerStats
+from models.worker import ModelWorker, WorkerStats, batch_wait_s
 from rendezvous import names
 from rendezvous.envelope import ModelResult, RequestEnvelope
 from rendezvous.schedule import Schedule
@@ -238,3 +238,48 @@ def test_a_clean_stop_removes_the_published_counters(
         thread.join(timeout=5)
     assert not thread.is_alive()
     assert _published(r, "real|real-t") is None
+
+
+def test_only_roles_that_never_answer_first_wait_to_gather_a_batch() -> None:
+    default = Schedule()
+    assert batch_wait_s("real", default, 15.0) == 0.0
+    assert batch_wait_s("canary", default, 15.0) == 0.015
+    assert batch_wait_s("cand", default, 15.0) == 0.015
+    split = Schedule(splits=(("cand", 0.1),))
+    assert batch_wait_s("cand", split, 15.0) == 0.0  # it answers a share of the callers
+    # The grace period always covers the wait four times over...
+    assert batch_wait_s("cand", Schedule(grace_ms=20.0), 15.0) == 0.005
+    assert batch_wait_s("canary", Schedule(grace_ms=0.0), 15.0) == 0.0
+    # ...and a fallback has answered well before real's deadline passes.
+    tight = Schedule(real_deadline_ms=15.0)
+    assert batch_wait_s("canary", tight, 15.0) == 0.005
+    assert batch_wait_s("cand", tight, 15.0) == 0.015
+
+
+def test_a_canary_waits_after_a_short_read_and_real_never_does(
+    r: redis.Redis, demo_registry: ModelRegistry
+) -> None:
+    # A roomy schedule, so the canary's wait (a third of real's deadline) is 1 s.
+    roomy = Schedule(real_deadline_ms=3000.0, timeout_ms=5000.0, grace_ms=60_000.0)
+    DeploymentStore(r).create(demo_deployment(demo_registry, roomy))
+    r.xadd(REPLY, {b"hello": b"1"})
+    x = demo_data().x_test
+    workers = {role: make_worker(r, demo_registry, role, shadow_batch_wait_ms=10_000.0)
+               for role in ("real", "canary")}  # fmt: skip
+    paused: dict[str, list[float]] = {role: [] for role in workers}
+    for role, worker in workers.items():
+        worker._pause = paused[role].append
+    publish(r, "a", x[:1])
+    publish(r, "b", x[1:2])
+    assert [w.step(block_ms=10) for w in workers.values()] == [2, 2]
+    publish(r, "c", x[2:3])
+    assert [w.step(block_ms=10) for w in workers.values()] == [1, 1]
+    assert paused["real"] == []
+    [delay_s] = paused["canary"]
+    assert 0 < delay_s <= 1.0
+    scored = sorted(
+        (ModelResult.decode(f).role, ModelResult.decode(f).request_id)
+        for _id, f in r.xrange(REPLY)
+        if b"hello" not in f
+    )
+    assert scored == [(role, rid) for role in ("canary", "real") for rid in "abc"]
