@@ -19,7 +19,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from gateway.admin import UPLOAD_PATH, install_admin, start_admin, upload_body_cap
 from gateway.drift_feed import DriftFeed
-from gateway.drift_monitor import DriftMonitor
+from gateway.drift_monitor import DriftMonitor, local_model_meta
 from gateway.limits import BodySizeLimit
 from gateway.metrics import GatewayMetrics, multiprocess_dir
 from gateway.observe import observe_router
@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             window_s=settings.drift_window_s,
             history_len=settings.drift_history,
             defaults=settings.drift_defaults(),
+            local_meta=local_model_meta(settings.models_dir),
         )
         background = [
             asyncio.create_task(deployments.run()),

@@ -17,7 +17,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ import redis.asyncio as aioredis
 
 from gateway.drift_feed import SKETCH_FIELD
 from gateway.service import DeploymentCache
+from models.registry import ModelRegistry
 from rendezvous import names
 from rendezvous.drift import FeatureReference, Sketch, Thresholds, evaluate_alerts, window_report
 
@@ -58,7 +60,10 @@ def merge_window(
             continue
         if sketch.features is not None and sketch.feature_version != feature_version:
             sketch.features, sketch.feature_rows, sketch.feature_version = None, 0, None
-        window = sketch if window.empty() else window.merge(sketch)
+        try:
+            window = sketch if window.empty() else window.merge(sketch)
+        except ValueError:  # e.g. another canary since: not the same comparison
+            continue
         if window.requests >= limit:
             break
     return window
@@ -86,6 +91,7 @@ class DriftMonitor:
         window_s: float = 600.0,
         history_len: int = 360,
         defaults: Thresholds | None = None,
+        local_meta: Callable[[str, int], Mapping[str, Any] | None] | None = None,
     ):
         self.client = client
         self.deployments = deployments
@@ -95,7 +101,11 @@ class DriftMonitor:
         self.window_s = window_s
         self.history_len = history_len
         self.defaults = defaults or Thresholds()
+        self.local_meta = local_meta
+        """Model metadata from this host's registry files: for a model not (yet) in the
+        Redis index (the index is filled by the admin plane)."""
         self._features: dict[str, FeatureReference | None] = {}
+        self._training: dict[str, np.ndarray | None] = {}
 
     async def run(self) -> None:
         while True:
@@ -149,7 +159,7 @@ class DriftMonitor:
             self.window_requests,
         )
         reference, source = await self._score_reference(
-            deployment, str(real), meta_raw, reference_raw
+            deployment, real.name, real.version, meta_raw, reference_raw
         )
         thresholds = thresholds_from(thresholds_raw, self.defaults)
         report = window_report(
@@ -211,13 +221,34 @@ class DriftMonitor:
         await pipe.execute()
         return stored
 
+    async def _training_reference(
+        self, name: str, version: int, meta_raw: bytes | None
+    ) -> np.ndarray | None:
+        """The score distribution stored with the model (metadata never changes for a
+        version, so it is looked up once)."""
+        key = f"{name}:{version}"
+        if key not in self._training:
+            meta: Mapping[str, Any] | None = json.loads(meta_raw) if meta_raw else None
+            if meta is None and self.local_meta is not None:
+                meta = await asyncio.to_thread(self.local_meta, name, version)
+            if meta is None:
+                return None  # not found anywhere yet: ask again next time
+            ref = meta.get("score_reference")
+            self._training[key] = np.asarray(ref, dtype=np.float64) if ref else None
+        return self._training[key]
+
     async def _score_reference(
-        self, deployment: str, real: str, meta_raw: bytes | None, reference_raw: bytes | None
+        self,
+        deployment: str,
+        name: str,
+        version: int,
+        meta_raw: bytes | None,
+        reference_raw: bytes | None,
     ) -> tuple[np.ndarray | None, str | None]:
-        if meta_raw is not None:
-            meta = json.loads(meta_raw)
-            if meta.get("score_reference"):
-                return np.asarray(meta["score_reference"], dtype=np.float64), "training"
+        real = f"{name}:{version}"
+        training = await self._training_reference(name, version, meta_raw)
+        if training is not None:
+            return training, "training"
         if reference_raw is not None:
             stored = json.loads(reference_raw)
             if stored.get("model") == real:
@@ -247,6 +278,16 @@ class DriftMonitor:
             "drift: %s's score reference is its first %d requests as real", real, first.requests
         )
         return np.asarray(fractions), "promotion"
+
+
+def local_model_meta(models_dir: Path) -> Callable[[str, int], Mapping[str, Any] | None]:
+    def load(name: str, version: int) -> Mapping[str, Any] | None:
+        try:
+            return ModelRegistry(models_dir).meta(name, version).to_dict()
+        except (OSError, LookupError, ValueError):
+            return None
+
+    return load
 
 
 # -- what /v1/deployments/{d}/drift shows -----------------------------------------------------

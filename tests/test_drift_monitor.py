@@ -1,0 +1,171 @@
+"""The drift monitor against a real Redis: sketches in, report, history, events and the
+post-promotion score reference out; one evaluator per deployment at a time."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from gateway.drift_feed import DriftFeed
+from gateway.drift_monitor import DriftMonitor, drift_view, local_model_meta, set_thresholds
+from gateway.service import DeploymentCache
+from models.deployments import DeploymentStore, demo_deployment
+from models.registry import ModelRegistry
+from models.train import DEMO_DEPLOYMENT, demo_data
+from rendezvous import names
+from rendezvous.drift import Thresholds
+from rendezvous.schedule import Schedule
+
+REAL = "breast-cancer:2"
+
+
+@pytest.fixture
+async def client(
+    r: redis.Redis, redis_url: str, demo_data_dir: Path
+) -> AsyncIterator[aioredis.Redis]:
+    DeploymentStore(r).create(demo_deployment(ModelRegistry(demo_data_dir / "models"), Schedule()))
+    c = aioredis.Redis.from_url(redis_url)
+    yield c
+    await c.aclose()
+
+
+async def cache(client: aioredis.Redis) -> DeploymentCache:
+    deployments = DeploymentCache(client)
+    await deployments.refresh()
+    return deployments
+
+
+def record(real: list[float], canary: list[float], js: float, disagree: int) -> dict:
+    """A decision record as the matcher writes it (one row)."""
+    return {
+        "deployment": DEMO_DEPLOYMENT,
+        "outputs": {
+            "real": {"model": "breast-cancer", "version": 2, "probabilities": [real]},
+            "canary": {"model": "breast-cancer", "version": 1, "probabilities": [canary]},
+        },
+        "divergence": {"js_mean": js, "disagreements": disagree, "rows": 1},
+    }
+
+
+async def feed_traffic(feed: DriftFeed, rows: np.ndarray, scores: np.ndarray) -> None:
+    for row, score in zip(rows, scores, strict=True):
+        feed.observe_rows(DEMO_DEPLOYMENT, row[None, :])
+        feed.observe_decision(record([1 - score, score], [0.5, 0.5], 0.02, 0))
+    assert await feed.flush() == 1
+
+
+async def test_report_history_and_events_follow_the_traffic(
+    client: aioredis.Redis, demo_data_dir: Path
+) -> None:
+    deployments = await cache(client)
+    feed = DriftFeed(client, deployments)
+    monitor = DriftMonitor(
+        client,
+        deployments,
+        "gw-1",
+        window_requests=200,
+        defaults=Thresholds(min_requests=100),
+        local_meta=local_model_meta(demo_data_dir / "models"),
+    )
+    x = demo_data().x_test
+    rng = np.random.default_rng(1)
+
+    first = await monitor.evaluate(DEMO_DEPLOYMENT)
+    assert first["current"]["status"] == "insufficient_data" and first["alerts"] == {}
+
+    await feed_traffic(feed, x[rng.integers(0, len(x), 200)], rng.uniform(0.9, 1.0, 200))
+    report = await monitor.evaluate(DEMO_DEPLOYMENT)
+    assert report["current"]["status"] == "ok" and report["current"]["requests"] == 200
+    assert report["current"]["score"]["reference_source"] == "training"  # from the files
+    assert report["current"]["features"]["max_psi"] < 1.0
+
+    # a strong feature shift raises feature_psi once, then keeps it active without new events
+    shifted = x[rng.integers(0, len(x), 200)] * 3.0
+    await feed_traffic(feed, shifted, rng.uniform(0.9, 1.0, 200))
+    raised = await monitor.evaluate(DEMO_DEPLOYMENT)
+    assert "feature_psi" in raised["alerts"]
+    assert raised["event_counts"]["feature_psi"] == 1
+    again = await monitor.evaluate(DEMO_DEPLOYMENT)
+    assert again["alerts"]["feature_psi"]["since_ms"] == raised["alerts"]["feature_psi"]["since_ms"]
+    assert again["event_counts"]["feature_psi"] == 1
+
+    # raising the threshold above the value clears it at the next evaluation
+    value = raised["alerts"]["feature_psi"]["value"]
+    await set_thresholds(client, DEMO_DEPLOYMENT, {"feature_psi": value * 2}, monitor.defaults)
+    cleared = await monitor.evaluate(DEMO_DEPLOYMENT)
+    assert "feature_psi" not in cleared["alerts"]
+
+    view = await drift_view(client, DEMO_DEPLOYMENT, monitor.defaults)
+    assert [e["type"] for e in view["events"] if e["kind"] == "feature_psi"] == [
+        "raised",
+        "cleared",
+    ]
+    assert len(view["history"]) == 5
+    assert view["history"][0]["ts_ms"] < view["history"][-1]["ts_ms"]
+    assert view["thresholds"]["feature_psi"] == pytest.approx(value * 2)
+
+
+async def test_without_a_training_reference_the_first_window_after_promotion_is_it(
+    client: aioredis.Redis, r: redis.Redis
+) -> None:
+    assert r.hget(names.MODELS_INDEX, REAL) is None  # neither in the index...
+    deployments = await cache(client)
+    feed = DriftFeed(client, deployments)
+    monitor = DriftMonitor(
+        client,
+        deployments,
+        "gw-1",
+        window_requests=100,
+        defaults=Thresholds(min_requests=50),
+        local_meta=lambda n, v: {"name": n},
+    )  # ...nor with one
+    x = demo_data().x_test
+    rng = np.random.default_rng(2)
+    await feed_traffic(feed, x[:60], rng.uniform(0.0, 0.5, 60))
+    early = await monitor.evaluate(DEMO_DEPLOYMENT)
+    assert early["current"]["score"]["reference_source"] is None  # not a full window yet
+    assert early["current"]["values"]["score_psi"] is None
+    await feed_traffic(feed, x[:60], rng.uniform(0.0, 0.5, 60))
+    built = await monitor.evaluate(DEMO_DEPLOYMENT)
+    assert built["current"]["score"]["reference_source"] == "promotion"
+    stored = json.loads(r.get(names.drift_reference_key(DEMO_DEPLOYMENT)))
+    assert stored["model"] == REAL and stored["requests"] == 120
+    # later scores move to the other end: score drift against that reference
+    await feed_traffic(feed, x[:100], rng.uniform(0.5, 1.0, 100))
+    drifted = await monitor.evaluate(DEMO_DEPLOYMENT)
+    assert {"score_psi", "score_js"} <= set(drifted["alerts"])
+    # the reference is kept, not rebuilt from the drifted traffic
+    assert json.loads(r.get(names.drift_reference_key(DEMO_DEPLOYMENT)))["to_ms"] == stored["to_ms"]
+
+
+def test_model_metadata_is_read_from_local_files_too(demo_data_dir: Path, tmp_path: Path) -> None:
+    meta = local_model_meta(demo_data_dir / "models")("breast-cancer", 2)
+    assert meta is not None and len(meta["score_reference"]) == 10
+    assert local_model_meta(tmp_path)("breast-cancer", 2) is None
+
+
+async def test_one_evaluator_per_deployment_at_a_time(client: aioredis.Redis) -> None:
+    deployments = await cache(client)
+    one = DriftMonitor(client, deployments, "gw-1", interval_s=0.2)
+    two = DriftMonitor(client, deployments, "gw-2", interval_s=0.2)
+    assert await one._lead(DEMO_DEPLOYMENT)
+    assert not await two._lead(DEMO_DEPLOYMENT)
+    assert await one._lead(DEMO_DEPLOYMENT)  # renewed by its holder
+    await client.delete(names.drift_lock_key(DEMO_DEPLOYMENT))  # the holder died: lease lapses
+    assert await two._lead(DEMO_DEPLOYMENT)
+    assert not await one._lead(DEMO_DEPLOYMENT)
+
+
+async def test_unreadable_sketches_are_skipped(client: aioredis.Redis) -> None:
+    deployments = await cache(client)
+    await client.xadd(names.drift_sketch_stream(DEMO_DEPLOYMENT), {b"s": b"garbage"})
+    monitor = DriftMonitor(client, deployments, "gw-1")
+    report = await monitor.evaluate(DEMO_DEPLOYMENT, now_ms=time.time() * 1000)
+    assert report["current"]["requests"] == 0
