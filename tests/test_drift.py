@@ -82,6 +82,31 @@ def test_fixed_bins_clip_into_range_and_drop_nan() -> None:
     assert div.shape == (14,) and div[0] == div[1] == div[10] == div[13] == 1
 
 
+def test_sketch_bins_a_few_scores_like_the_vectorised_path() -> None:
+    values = [0.0, 0.1, 0.2999999, 0.3, 0.55, 0.9, 1.0, 1.5, -0.5, float("nan"), float("inf")]
+    small, large = Sketch(), Sketch()
+    for i in range(0, len(values), 4):
+        chunk = np.array(values[i : i + 4])
+        small.add_decision(
+            real_scores=chunk, canary_scores=None, js_mean=None, rows=4, disagreements=None
+        )
+    large.add_decision(
+        real_scores=np.array(values * 2),
+        canary_scores=None,
+        js_mean=None,
+        rows=22,
+        disagreements=None,
+    )
+    assert small.score_real.tolist() == score_counts(np.array(values)).tolist()
+    assert (2 * small.score_real).tolist() == large.score_real.tolist()
+    for js in (0.0, 0.001, 0.0049, 0.2, 0.99, 1.0):
+        one = Sketch()
+        one.add_decision(
+            real_scores=np.array([0.5]), canary_scores=None, js_mean=js, rows=1, disagreements=0
+        )
+        assert one.divergence.tolist() == divergence_counts([js]).tolist()
+
+
 # -- feature bins ------------------------------------------------------------------------------
 
 
@@ -240,7 +265,7 @@ def test_alerts_raise_stay_and_clear() -> None:
     active, events = evaluate_alerts(_report(score_psi=0.5, score_js=0.01), t, {}, 1000)
     assert list(active) == ["score_psi"] and active["score_psi"]["since_ms"] == 1000
     assert events == [
-        {"type": "raised", "kind": "score_psi", "value": 0.5, "threshold": 0.2, "ts_ms": 1000}
+        {"type": "raised", "kind": "score_psi", "value": 0.5, "threshold": 0.3, "ts_ms": 1000}
     ]
     active, events = evaluate_alerts(_report(score_psi=0.7), t, active, 2000)
     assert events == [] and active["score_psi"]["since_ms"] == 1000
@@ -284,7 +309,8 @@ SIZE_FEATURES = ("mean radius", "mean perimeter", "worst radius", "worst perimet
 AREA_FEATURES = ("mean area", "worst area")
 SCALE = 1.3
 SEEDS = range(5)
-ROWS = 600
+WINDOWS = (Thresholds().min_requests, 600)
+"""The smallest window the monitor evaluates, and a comfortable one."""
 
 
 @dataclass
@@ -312,17 +338,17 @@ def demo(demo_data_dir: Path) -> Demo:
     )
 
 
-def traffic(seed: int, shifted: bool) -> np.ndarray:
+def traffic(seed: int, shifted: bool, rows: int) -> np.ndarray:
     """Rows drawn with replacement from the held-out split. The shift is a change of image
     scale by 30 %: lengths x1.3, areas x1.69 (a recalibrated scanner)."""
     data = demo_data()
-    rows = data.x_test[np.random.default_rng(seed).integers(0, len(data.x_test), ROWS)].copy()
+    x = data.x_test[np.random.default_rng(seed).integers(0, len(data.x_test), rows)].copy()
     if shifted:
         for name in SIZE_FEATURES:
-            rows[:, data.names.index(name)] *= SCALE
+            x[:, data.names.index(name)] *= SCALE
         for name in AREA_FEATURES:
-            rows[:, data.names.index(name)] *= SCALE**2
-    return rows
+            x[:, data.names.index(name)] *= SCALE**2
+    return x
 
 
 def window_of(demo: Demo, rows: np.ndarray) -> Sketch:
@@ -361,7 +387,7 @@ def window_of(demo: Demo, rows: np.ndarray) -> Sketch:
     return window
 
 
-def drift_report(demo: Demo, rows: np.ndarray) -> dict[str, object]:
+def drift_report(demo: Demo, rows: np.ndarray) -> dict[str, Any]:
     return window_report(
         window_of(demo, rows),
         score_reference=np.asarray(demo.meta.score_reference),
@@ -371,36 +397,38 @@ def drift_report(demo: Demo, rows: np.ndarray) -> dict[str, object]:
     )
 
 
-def _show(label: str, seed: int, report: dict[str, object]) -> None:
+def _show(label: str, seed: int, report: dict[str, Any]) -> None:
     values = report["values"]
     assert isinstance(values, dict)
-    top = [t["feature"] for t in report["features"]["top"]]  # type: ignore[index]
+    top = [t["feature"] for t in report["features"]["top"]]
     figures = " ".join(f"{k}={v:.3f}" for k, v in values.items())
-    print(f"\n{label} seed {seed}: {figures} top={top}")
+    print(f"\n{label} {report['requests']} requests, seed {seed}: {figures} top={top}")
 
 
-def test_stationary_traffic_raises_no_alert(demo: Demo) -> None:
+@pytest.mark.parametrize("rows", WINDOWS)
+def test_stationary_traffic_raises_no_alert(demo: Demo, rows: int) -> None:
     for seed in SEEDS:
-        report = drift_report(demo, traffic(seed, shifted=False))
+        report = drift_report(demo, traffic(seed, shifted=False, rows=rows))
         _show("stationary", seed, report)
-        assert report["status"] == "ok" and report["requests"] == ROWS
+        assert report["status"] == "ok" and report["requests"] == rows
         assert evaluate_alerts(report, Thresholds(), {}, 0.0) == ({}, [])
 
 
+@pytest.mark.parametrize("rows", WINDOWS)
 def test_shifted_inputs_raise_score_and_feature_alerts_naming_the_shifted_features(
-    demo: Demo,
+    demo: Demo, rows: int
 ) -> None:
     shifted = {*SIZE_FEATURES, *AREA_FEATURES}
     t = Thresholds()
     for seed in SEEDS:
-        report = drift_report(demo, traffic(seed, shifted=True))
+        report = drift_report(demo, traffic(seed, shifted=True, rows=rows))
         _show("shifted", seed, report)
         active, events = evaluate_alerts(report, t, {}, 0.0)
         assert {"score_psi", "feature_psi"} <= set(active)
         assert {e["kind"] for e in events} == set(active)
-        feature_psi = report["features"]["psi"]  # type: ignore[index]
+        feature_psi = report["features"]["psi"]
         assert {n for n, v in feature_psi.items() if v > t.feature_psi} == shifted
-        assert {e["feature"] for e in report["features"]["top"]} <= shifted  # type: ignore[index]
+        assert {e["feature"] for e in report["features"]["top"]} <= shifted
 
 
 # -- the demo metadata -------------------------------------------------------------------------
