@@ -20,18 +20,14 @@ from prometheus_client.multiprocess import mark_process_dead
 from gateway.admin import UPLOAD_PATH, install_admin, start_admin, upload_body_cap
 from gateway.drift_feed import DriftFeed
 from gateway.drift_monitor import DriftMonitor, local_model_meta
+from gateway.errors import HANDLED, problem
+from gateway.fast_path import PredictFastPath
 from gateway.limits import BodySizeLimit
 from gateway.metrics import GatewayMetrics, multiprocess_dir
 from gateway.observe import observe_router
 from gateway.service import (
-    Backlogged,
     DeploymentCache,
-    DuplicateRequest,
-    NoAnswer,
-    Overloaded,
     PredictionService,
-    Unavailable,
-    UnknownDeployment,
 )
 from gateway.settings import Settings
 from gateway.validation import PredictRequest
@@ -142,46 +138,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         path_limits={UPLOAD_PATH: upload_body_cap(settings)},
     )
+    # Outermost: predict requests are served before the framework (see gateway.fast_path).
+    app.add_middleware(PredictFastPath, max_body_bytes=settings.max_body_bytes)
     install_admin(app, settings)
     metrics = GatewayMetrics()
     app.state.metrics = metrics
     app.include_router(observe_router())
 
-    @app.exception_handler(UnknownDeployment)
-    async def _unknown(request: Request, exc: UnknownDeployment) -> JSONResponse:
-        return _problem(404, str(exc))
+    async def _answer(request: Request, exc: Exception) -> JSONResponse:
+        answer = problem(exc)
+        if answer is None:
+            raise exc
+        status, doc, headers = answer
+        return JSONResponse(doc, status_code=status, headers=headers or None)
 
-    @app.exception_handler(Unavailable)
-    async def _unavailable(request: Request, exc: Unavailable) -> JSONResponse:
-        return _problem(503, str(exc))
-
-    @app.exception_handler(redis.RedisError)
-    async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
-        return _problem(503, f"Redis is unavailable: {type(exc).__name__}")
-
-    @app.exception_handler(TimeoutError)
-    async def _redis_slow(request: Request, exc: TimeoutError) -> JSONResponse:
-        return _problem(503, "Redis did not answer in time")
-
-    @app.exception_handler(Overloaded)
-    async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": "1"})
-
-    @app.exception_handler(Backlogged)
-    async def _backlogged(request: Request, exc: Backlogged) -> JSONResponse:
-        return _problem(503, str(exc))
-
-    @app.exception_handler(DuplicateRequest)
-    async def _duplicate(request: Request, exc: DuplicateRequest) -> JSONResponse:
-        return _problem(409, str(exc))
-
-    @app.exception_handler(NoAnswer)
-    async def _no_answer(request: Request, exc: NoAnswer) -> JSONResponse:
-        return _problem(
-            504,
-            f"no model answered within {exc.answer.elapsed_ms:.0f} ms: {exc.answer.reason}",
-            request_id=exc.request_id,
-        )
+    for failure in HANDLED:
+        app.add_exception_handler(failure, _answer)
 
     @app.post(
         "/v1/deployments/{deployment}/predict",
@@ -205,7 +177,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         request: Request,
         x_request_id: Annotated[str | None, Header()] = None,
     ) -> JSONResponse:
-        """Score the input with the deployment's real model (or the schedule's fallback)."""
+        """Score the input with the deployment's real model (or the schedule's fallback).
+
+        Served by ``gateway.fast_path`` ahead of the framework; this declaration documents
+        the route in the OpenAPI schema (and would serve it without the fast path)."""
         service: PredictionService = request.app.state.service
         raw = await request.body()
         return JSONResponse(await service.predict(deployment, raw, x_request_id))

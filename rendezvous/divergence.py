@@ -7,6 +7,7 @@ probability (binary models), and the Jensen-Shannon distance of the probability 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,43 @@ class Divergence:
         }
 
 
+SMALL = 16
+"""Up to this many rows, plain Python beats numpy's per-call overhead (one row of two
+classes: ~1 µs against ~40 µs), and most requests are one row."""
+
+
+def _js_row(p: list[float], q: list[float]) -> float:
+    sp, sq = max(sum(p), _EPS), max(sum(q), _EPS)
+    total = 0.0
+    for a, b in zip(p, q, strict=True):
+        a, b = a / sp, b / sq
+        m = 0.5 * (a + b)
+        if a > 0:
+            total += 0.5 * a * math.log2(a / max(m, _EPS))
+        if b > 0:
+            total += 0.5 * b * math.log2(b / max(m, _EPS))
+    return math.sqrt(min(max(total, 0.0), 1.0))
+
+
+def _small_divergence(
+    labels_a: list[int], pa: list[list[float]], labels_b: list[int], pb: list[list[float]]
+) -> Divergence:
+    rows = len(pa)
+    js = [_js_row(p, q) for p, q in zip(pa, pb, strict=True)]
+    abs_mean = abs_max = None
+    if all(len(p) == 2 for p in pa):
+        diff = [abs(p[1] - q[1]) for p, q in zip(pa, pb, strict=True)]
+        abs_mean, abs_max = sum(diff) / rows, max(diff)
+    return Divergence(
+        rows=rows,
+        disagreements=sum(a != b for a, b in zip(labels_a, labels_b, strict=True)),
+        abs_diff_mean=abs_mean,
+        abs_diff_max=abs_max,
+        js_mean=sum(js) / rows,
+        js_max=max(js),
+    )
+
+
 def divergence(
     labels_a: list[int],
     proba_a: np.ndarray,
@@ -65,6 +103,16 @@ def divergence(
     proba_b: np.ndarray,
 ) -> Divergence:
     """Compare two models' outputs for the same rows (same class order in both)."""
+    shape_a, shape_b = np.shape(proba_a), np.shape(proba_b)
+    if (
+        0 < len(labels_a) <= SMALL
+        and shape_a == shape_b
+        and len(shape_a) == 2
+        and len(labels_a) == len(labels_b) == shape_a[0]
+    ):
+        pa = proba_a.tolist() if isinstance(proba_a, np.ndarray) else [list(r) for r in proba_a]
+        pb = proba_b.tolist() if isinstance(proba_b, np.ndarray) else [list(r) for r in proba_b]
+        return _small_divergence(labels_a, pa, labels_b, pb)
     pa = np.asarray(proba_a, dtype=np.float64)
     pb = np.asarray(proba_b, dtype=np.float64)
     if pa.shape != pb.shape or len(labels_a) != len(labels_b) or len(labels_a) != pa.shape[0]:

@@ -48,3 +48,26 @@ def test_multiclass_has_no_positive_class_difference() -> None:
 def test_misaligned_outputs_are_refused() -> None:
     with pytest.raises(ValueError):
         divergence([1], np.array([[0.5, 0.5]]), [1, 0], np.array([[0.5, 0.5], [0.5, 0.5]]))
+
+
+def test_the_plain_python_path_agrees_with_numpy() -> None:
+    """Small inputs take a plain-Python path (it is 40x cheaper per request); it must give
+    the numpy path's figures."""
+    from rendezvous import divergence as mod
+
+    rng = np.random.default_rng(3)
+    for rows in (1, 2, 7, mod.SMALL):
+        for classes in (2, 3):
+            pa = rng.dirichlet(np.ones(classes), rows).astype(np.float32)
+            pb = rng.dirichlet(np.ones(classes), rows).astype(np.float32)
+            pb[0] = pa[0]  # an identical row too
+            la, lb = list(pa.argmax(1)), list(pb.argmax(1))
+            small = mod.divergence(la, pa, lb, pb)
+            big = mod.divergence(la * 20, np.repeat(pa, 20, 0), lb * 20, np.repeat(pb, 20, 0))
+            assert small.disagreements * 20 == big.disagreements
+            assert small.js_mean == pytest.approx(big.js_mean, abs=1e-6)
+            assert small.js_max == pytest.approx(big.js_max, abs=1e-6)
+            if classes == 2:
+                assert small.abs_diff_mean == pytest.approx(big.abs_diff_mean, abs=1e-6)
+            else:
+                assert small.abs_diff_mean is None and big.abs_diff_mean is None
