@@ -99,6 +99,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
         block_ms=settings.worker_block_ms,
         claim_idle_ms=settings.claim_idle_ms,
         reply_maxlen=settings.reply_maxlen,
+        shadow_batch_wait_ms=settings.shadow_batch_wait_ms,
     )
     stop = stop_event()
     worker.load()
@@ -129,6 +130,7 @@ def cmd_logbin(args: argparse.Namespace) -> None:
         deployments=store.list,
         batch_size=settings.logbin_batch_size,
         claim_idle_ms=settings.claim_idle_ms,
+        batch_wait_ms=settings.logbin_batch_wait_ms,
     )
     stop = stop_event()
     log.info("log bin archiving to %s", settings.archive_dir)

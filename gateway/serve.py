@@ -95,8 +95,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if DEMO_DEPLOYMENT not in store.list():
             store.create(demo_deployment(registry, settings.schedule()))
             log.info("created deployment %s (real v2, canary v1)", DEMO_DEPLOYMENT)
-        supervisor.ensure("logbin", ["logbin", "--consumer", "logbin-0"], LOGBIN, nice=SHADOW_NICE)
-        reconcile_workers(supervisor, store)
+        supervisor.ensure("logbin", ["logbin", "--consumer", "logbin-0"], LOGBIN,
+                          nice=settings.shadow_nice)  # fmt: skip
+        reconcile_workers(supervisor, store, settings.shadow_nice)
         supervisor.ensure("gateway", ["gateway"], GATEWAY)
         log.info("serving on http://%s:%d", settings.host, settings.port)
 
@@ -108,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 return
             next_reconcile = time.monotonic() + 2.0
             try:
-                reconcile_workers(supervisor, store)
+                reconcile_workers(supervisor, store, settings.shadow_nice)
             except (redis.RedisError, LookupError, ValueError) as exc:
                 # A deployment deleted or unreadable mid-scan must not stop the supervisor.
                 log.warning("cannot read deployments: %s", exc)

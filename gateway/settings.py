@@ -53,6 +53,19 @@ class Settings(BaseSettings):
     logbin_batch_size: int = Field(default=512, ge=1)
     """Most entries the log bin archives per fsync."""
 
+    shadow_batch_wait_ms: float = Field(default=15.0, ge=0)
+    """How long a worker of a role that never answers first (canary, shadow challengers)
+    waits after a read that did not fill a batch, so one wake-up serves many requests;
+    capped at grace_ms/4 and, for a fallback, real_deadline_ms/3."""
+
+    logbin_batch_wait_ms: float = Field(default=20.0, ge=0)
+    """How long the log bin waits after a read that did not fill a batch, so one fsync
+    carries many requests."""
+
+    shadow_nice: int = Field(default=5, ge=0, le=19)
+    """Niceness added by ``rdv serve`` to the log bin and to workers of roles that never
+    answer first, so the critical path gets the cores under saturation."""
+
     segment_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """The log bin starts a new segment file past this size..."""
 
