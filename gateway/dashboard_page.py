@@ -1,0 +1,453 @@
+"""The dashboard page: one self-contained HTML document (inline CSS, inline JS drawing SVG).
+
+Nothing is fetched from the internet at view time and nothing is built: the page asks the
+gateway for ``/v1/deployments/{deployment}/drift`` every 5 s and redraws. Colours are the
+Okabe-Ito palette, which stays distinguishable for colour-blind readers; thresholds are dashed
+so they differ from the data by shape too. ``__NONCE__``, ``__TITLE__`` and ``__DEPLOYMENT__``
+are filled in per response by ``gateway.dashboard``.
+"""
+
+from __future__ import annotations
+
+PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>Drift · __TITLE__</title>
+<style nonce="__NONCE__">
+:root { --fg:#1d2430; --muted:#5b6675; --line:#d9dee5; --bg:#f4f6f9; --card:#fff;
+        --bad:#b3261e; --ok:#1e7a46; }
+* { box-sizing:border-box; }
+body { margin:0; font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
+       color:var(--fg); background:var(--bg); }
+header { padding:16px 24px 12px; background:var(--card); border-bottom:1px solid var(--line); }
+.title { display:flex; align-items:baseline; gap:12px; flex-wrap:wrap; }
+h1 { margin:0; font-size:21px; }
+.muted { color:var(--muted); font-size:12px; }
+.facts { display:flex; flex-wrap:wrap; gap:6px 22px; margin:8px 0 0; }
+.facts div { display:flex; gap:6px; } .facts dt { color:var(--muted); } .facts dd { margin:0;
+  font-weight:600; }
+.pill, .badge { padding:3px 10px; border-radius:999px; font-weight:600; font-size:13px; }
+.pill.ok { background:#e3f3ea; color:var(--ok); } .pill.wait { background:#eceff3;
+  color:var(--muted); }
+.badges { margin-top:10px; display:flex; flex-wrap:wrap; gap:8px; }
+.badge.alert { background:var(--bad); color:#fff; padding:6px 14px; font-size:14px;
+               box-shadow:0 1px 3px rgba(179,38,30,.35); }
+.badge.calm { background:#e3f3ea; color:var(--ok); }
+.badge.wait { background:#eceff3; color:var(--muted); }
+#error { margin:12px 24px 0; padding:8px 12px; border-radius:6px; background:#fdecea;
+         color:var(--bad); font-weight:600; }
+.tiles { display:grid; grid-template-columns:repeat(auto-fit,minmax(150px,1fr)); gap:12px;
+         padding:16px 24px 0; }
+.tile { background:var(--card); border:1px solid var(--line); border-radius:8px;
+        padding:8px 12px; } .tile.over { border-color:var(--bad); background:#fdf3f2; }
+.tile b { display:block; font-size:22px; } .tile.over b { color:var(--bad); }
+main { display:grid; grid-template-columns:repeat(auto-fit,minmax(min(100%,480px),1fr));
+       gap:16px; padding:16px 24px; }
+section { background:var(--card); border:1px solid var(--line); border-radius:8px;
+          padding:12px 16px; min-width:0; } section.wide { margin:0 24px 24px; }
+h2 { margin:0 0 6px; font-size:15px; }
+svg { width:100%; height:260px; display:block; overflow:visible; }
+svg text { font-size:11px; fill:var(--muted); } svg text.empty { font-size:14px; }
+svg text.th { font-weight:600; paint-order:stroke; stroke:#fff; stroke-width:4px;
+               stroke-linejoin:round; } svg text.val { fill:var(--fg); }
+.legend { display:flex; gap:4px 14px; flex-wrap:wrap; font-size:12px; color:var(--muted);
+          margin-bottom:4px; }
+.legend i { display:inline-block; width:18px; height:0; border-top-width:3px;
+            margin-right:5px; vertical-align:middle; } .legend i.box { height:10px;
+            border-top-width:0; border-radius:2px; }
+table { width:100%; border-collapse:collapse; font-size:13px; }
+th, td { text-align:left; padding:5px 8px; border-bottom:1px solid var(--line); }
+td.raised { color:var(--bad); font-weight:600; } td.cleared { color:var(--ok); }
+</style></head>
+<body data-status="loading">
+<header>
+  <div class="title"><h1>Drift · <span id="dep"></span></h1><span id="status" class="pill wait">
+    loading…</span><span id="updated" class="muted"></span></div>
+  <dl class="facts" id="facts"></dl>
+  <div class="badges" id="alerts"></div>
+</header>
+<div id="error" role="alert" hidden></div>
+<div class="tiles" id="tiles"></div>
+<main>
+  <section><h2>Divergence real vs canary</h2><div class="legend" id="legend-divergence"></div>
+    <svg data-chart="divergence" role="img" aria-label="divergence over time"></svg></section>
+  <section><h2>Drift of real's scores and of the features</h2>
+    <div class="legend" id="legend-drift"></div>
+    <svg data-chart="drift" role="img" aria-label="drift scores over time"></svg></section>
+  <section><h2>Score distribution (current window)</h2><div class="legend" id="legend-scores">
+    </div><svg data-chart="scores" role="img" aria-label="score distributions"></svg></section>
+  <section><h2>Top drifting features (PSI against training)</h2>
+    <div class="legend" id="legend-features"></div>
+    <svg data-chart="features" role="img" aria-label="top drifting features"></svg></section>
+</main>
+<section class="wide"><h2>Latest drift events</h2><table><thead><tr><th>time</th><th>event</th>
+  <th>kind</th><th>value</th><th>threshold</th></tr></thead><tbody id="events"></tbody></table>
+</section>
+<script nonce="__NONCE__">
+"use strict";
+const DEPLOYMENT = __DEPLOYMENT__;
+const SOURCE = "/v1/deployments/" + encodeURIComponent(DEPLOYMENT) + "/drift";
+const REFRESH_MS = 5000, H = 260, M = {l: 50, r: 16, t: 24, b: 40};
+const C = {blue: "#0072B2", orange: "#E69F00", green: "#009E73", verm: "#D55E00",
+           sky: "#56B4E9", purple: "#CC79A7", grey: "#8C8C8C"};
+const KINDS = {divergence_mean: "divergence", disagreement_rate: "disagreement",
+               score_psi: "score PSI", score_js: "score JS", feature_psi: "feature PSI"};
+const NS = "http://www.w3.org/2000/svg";
+let lastDoc = null;
+
+const $ = id => document.getElementById(id);
+const isNum = v => typeof v === "number" && isFinite(v);
+function el(name, attrs, parent) {
+  const e = document.createElementNS(NS, name);
+  for (const k in attrs) e.setAttribute(k, attrs[k]);
+  if (parent) parent.appendChild(e);
+  return e;
+}
+function label(parent, x, y, s, anchor, cls) {
+  const t = el("text", {x: x, y: y, "text-anchor": anchor || "middle"}, parent);
+  if (cls) t.setAttribute("class", cls);
+  t.textContent = s;
+  return t;
+}
+function tip(shape, s) { el("title", {}, shape).textContent = s; return shape; }
+function node(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined) e.textContent = text;
+  if (cls) e.className = cls;
+  return e;
+}
+function fmt(v) {
+  if (!isNum(v)) return "\u2013";
+  const a = Math.abs(v);
+  return a >= 100 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : a >= 1 ? v.toFixed(2) : v.toFixed(3);
+}
+const pct = v => isNum(v) ? (v * 100).toFixed(v < 0.1 ? 1 : 0) + "%" : "\u2013";
+const pad = n => String(n).padStart(2, "0");
+function clock(ms) {
+  if (!isNum(ms)) return "\u2013";
+  const d = new Date(ms);
+  return pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds());
+}
+function ago(ms) {
+  const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+  return s < 90 ? s + " s ago" : s < 5400 ? Math.round(s / 60) + " min ago"
+       : Math.round(s / 3600) + " h ago";
+}
+function ticks(lo, hi, n) {
+  const raw = (hi - lo || 1) / n, mag = Math.pow(10, Math.floor(Math.log10(raw)));
+  const step = [1, 2, 2.5, 5, 10].map(m => m * mag).find(s => s >= raw) || 10 * mag;
+  const out = [];
+  for (let i = Math.ceil(lo / step - 1e-9); i * step <= hi + step * 1e-9; i++) {
+    out.push(+(i * step).toPrecision(12));
+  }
+  return out;
+}
+const TIME_STEPS_S = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600];
+function timeTicks(t0, t1, n) {
+  const step = 1000 * (TIME_STEPS_S.find(s => (t1 - t0) / (1000 * s) <= n) || 86400);
+  const out = [];
+  for (let t = Math.ceil(t0 / step) * step; t <= t1; t += step) out.push(t);
+  return out;
+}
+/* The axis top: the data, and the thresholds near enough to it to be worth the space. */
+function scaleMax(dataMax, limits, anchorSmallest) {
+  const base = anchorSmallest && limits.length ? Math.max(dataMax, Math.min(...limits)) : dataMax;
+  const near = limits.filter(v => v <= 4 * base);
+  return (Math.max(dataMax, ...near) || 1) * 1.12;
+}
+function frame(svg) {
+  while (svg.firstChild) svg.removeChild(svg.firstChild);
+  const w = Math.max(320, Math.round(svg.getBoundingClientRect().width || 640));
+  svg.setAttribute("viewBox", "0 0 " + w + " " + H);
+  svg.removeAttribute("data-points");
+  return {w: w, x0: M.l, x1: w - M.r, y0: H - M.b, y1: M.t};
+}
+function yAxis(svg, g, ymax, y, format) {
+  for (const v of ticks(0, ymax, 5)) {
+    if (v > ymax) continue;
+    el("line", {x1: g.x0, x2: g.x1, y1: y(v), y2: y(v), stroke: "#e8ecf1"}, svg);
+    label(svg, g.x0 - 6, y(v) + 4, (format || fmt)(v), "end");
+  }
+  el("line", {x1: g.x0, x2: g.x1, y1: g.y0, y2: g.y0, stroke: "#aab3bf"}, svg);
+}
+function legend(id, items) {
+  const box = $(id);
+  box.replaceChildren();
+  for (const it of items) {
+    const swatch = node("i", undefined, it.box ? "box" : "");
+    if (it.box) swatch.style.background = it.color;
+    else swatch.style.borderTop = "3px " + (it.dashed ? "dashed " : "solid ") + it.color;
+    const span = node("span");
+    span.append(swatch, it.label);
+    box.appendChild(span);
+  }
+}
+function waitFor(svg, g, message) { label(svg, g.w / 2, H / 2, message, "middle", "empty"); }
+function thresholdLines(svg, g, lines, vertical, scale, max) {
+  const off = [], labels = [], names = el("g", {});
+  for (const t of lines) {
+    if (t.value > max) { off.push(t.label + " threshold " + fmt(t.value)); continue; }
+    const p = scale(t.value);
+    const at = vertical ? {x1: p, x2: p, y1: g.y1, y2: g.y0} : {x1: g.x0, x2: g.x1, y1: p, y2: p};
+    el("line", Object.assign(at, {stroke: t.color, "stroke-dasharray": "7 4",
+      "stroke-width": 1.6, "data-threshold": t.key}), svg);
+    if (vertical) label(svg, p, g.y1 - 6, "threshold " + fmt(t.value), "middle", "th");
+    else labels.push({y: p - 4, text: t.label + " " + fmt(t.value)});
+  }
+  labels.sort((a, b) => a.y - b.y);  // top down, each at least a line below the one above
+  labels.forEach((l, i) => {
+    if (i && l.y < labels[i - 1].y + 12) l.y = labels[i - 1].y + 12;
+    label(names, g.x1 - 2, l.y, l.text, "end", "th");
+  });
+  if (off.length) label(names, g.x1, 12, "off scale: " + off.join(", "), "end");
+  svg.appendChild(names);
+  return names;  // to be raised above the data drawn later
+}
+
+/* Lines over time from the history; thresholds dashed; a null value breaks its line. */
+function lineChart(svg, legendId, hist, series, limits, waiting, note) {
+  const g = frame(svg);
+  const lines = limits.filter(t => isNum(t.value));
+  legend(legendId, series.map(s => ({label: s.label, color: s.color})).concat(
+    lines.map(t => ({label: t.label + " threshold", color: t.color, dashed: true}))));
+  const pts = hist.filter(p => p && isNum(p.ts_ms));
+  const shown = series.filter(s => pts.some(p => isNum(p[s.key])));
+  if (!shown.length) { waitFor(svg, g, waiting); return; }
+  let t0 = pts[0].ts_ms;
+  const t1 = pts[pts.length - 1].ts_ms;
+  if (t1 - t0 < 5000) t0 = t1 - 5000;
+  let dataMax = 0;
+  for (const s of shown) {
+    for (const p of pts) if (isNum(p[s.key])) dataMax = Math.max(dataMax, p[s.key]);
+  }
+  const ymax = scaleMax(dataMax, lines.map(t => t.value), true);
+  const x = t => g.x0 + (t - t0) / (t1 - t0) * (g.x1 - g.x0);
+  const y = v => g.y0 - Math.min(v, ymax) / ymax * (g.y0 - g.y1);
+  yAxis(svg, g, ymax, y);
+  for (const t of timeTicks(t0, t1, Math.max(2, Math.floor((g.x1 - g.x0) / 80)))) {
+    el("line", {x1: x(t), x2: x(t), y1: g.y0, y2: g.y0 + 4, stroke: "#aab3bf"}, svg);
+    label(svg, x(t), g.y0 + 16, clock(t));
+  }
+  label(svg, (g.x0 + g.x1) / 2, H - 4, "time of evaluation");
+  const names = thresholdLines(svg, g, lines, false, y, ymax);
+  let n = 0;
+  for (const s of shown) {
+    let d = "", pen = "M";
+    const drawn = [];
+    for (const p of pts) {
+      const v = p[s.key];
+      if (!isNum(v)) { pen = "M"; continue; }
+      d += pen + x(p.ts_ms).toFixed(1) + " " + y(v).toFixed(1) + " ";
+      pen = "L";
+      drawn.push(p);
+    }
+    n += drawn.length;
+    el("path", {d: d, fill: "none", stroke: s.color, "stroke-width": s.width || 2.2,
+                "stroke-linejoin": "round", "data-series": s.key}, svg);
+    const dots = drawn.length <= 60;  // every point while they fit, else the latest
+    for (const p of dots ? drawn : drawn.slice(-1)) {
+      tip(el("circle", {cx: x(p.ts_ms), cy: y(p[s.key]), r: dots ? 2.6 : 3.5, fill: s.color}, svg),
+          s.label + " " + fmt(p[s.key]) + " at " + clock(p.ts_ms));
+    }
+  }
+  svg.appendChild(names);
+  if (note) label(svg, g.x0, 12, note, "start");
+  svg.setAttribute("data-points", String(n));
+}
+
+/* Grouped bars: the share of requests in each score bin, per distribution. */
+function scoreChart(svg, cur, waiting) {
+  const g = frame(svg), score = cur && cur.score;
+  const groups = [["real", "real" + (cur && cur.real_model ? " " + cur.real_model : ""), C.blue],
+    ["canary", "canary" + (cur && cur.canary_model ? " " + cur.canary_model : ""), C.orange],
+    ["reference", "reference" + (score && score.reference_source ? " (" +
+      score.reference_source + ")" : ""), C.grey]]
+    .filter(k => score && Array.isArray(score[k[0]]) && score[k[0]].some(isNum));
+  legend("legend-scores", groups.map(k => ({label: k[1], color: k[2], box: true})));
+  const edges = score && Array.isArray(score.edges) ? score.edges.filter(isNum) : [];
+  if (!groups.length || edges.length < 2) { waitFor(svg, g, waiting); return; }
+  const bins = edges.length - 1;
+  let top = 0;
+  for (const k of groups) for (const v of score[k[0]]) if (isNum(v)) top = Math.max(top, v);
+  const ymax = (top || 1) * 1.12, bw = (g.x1 - g.x0) / bins, gw = bw * 0.84 / groups.length;
+  const y = v => g.y0 - v / ymax * (g.y0 - g.y1);
+  yAxis(svg, g, ymax, y, v => +(v * 100).toFixed(1) + "%");
+  const every = bw >= 34 ? 1 : 2;
+  edges.forEach((e, i) => {
+    if (i % every === 0) label(svg, g.x0 + i * bw, g.y0 + 16, String(+e.toFixed(3)));
+  });
+  label(svg, (g.x0 + g.x1) / 2, H - 4, "score of the positive class (share of requests)");
+  let n = 0;
+  for (let b = 0; b < bins; b++) {
+    groups.forEach((k, i) => {
+      const v = score[k[0]][b];
+      if (!isNum(v)) return;
+      tip(el("rect", {x: g.x0 + b * bw + bw * 0.08 + i * gw, y: y(v), width: Math.max(gw - 1.5, 1),
+        height: Math.max(g.y0 - y(v), 0), fill: k[2], rx: 1.5, "data-series": k[0]}, svg),
+        k[1] + ", score " + edges[b] + "\u2013" + edges[b + 1] + ": " + pct(v));
+      n++;
+    });
+  }
+  svg.setAttribute("data-points", String(n));
+}
+
+/* Horizontal bars of the most drifted features; red beyond the threshold. */
+function featureChart(svg, features, threshold, waiting) {
+  const g = frame(svg);
+  const top = ((features && features.top) || []).filter(f => f && isNum(f.psi));
+  legend("legend-features", [{label: "PSI", color: C.sky, box: true},
+    {label: "above threshold", color: C.verm, box: true}].concat(isNum(threshold)
+    ? [{label: "threshold", color: C.verm, dashed: true}] : []));
+  if (!top.length) { waitFor(svg, g, waiting); return; }
+  const longest = Math.max(...top.map(f => String(f.feature).length));
+  g.x0 = Math.min(Math.round(g.w * 0.4), Math.max(80, longest * 6.4 + 14));
+  g.x1 -= 36;
+  const vmax = scaleMax(Math.max(...top.map(f => f.psi)), isNum(threshold) ? [threshold] : [],
+                        false);
+  const x = v => g.x0 + Math.min(v, vmax) / vmax * (g.x1 - g.x0);
+  const bh = (g.y0 - g.y1) / Math.max(top.length, 3);
+  for (const v of ticks(0, vmax, 5)) {
+    if (v > vmax) continue;
+    el("line", {x1: x(v), x2: x(v), y1: g.y1, y2: g.y0, stroke: "#e8ecf1"}, svg);
+    label(svg, x(v), g.y0 + 16, fmt(v));
+  }
+  label(svg, (g.x0 + g.x1) / 2, H - 4, "population stability index against training");
+  top.forEach((f, i) => {
+    const over = isNum(threshold) && f.psi > threshold, mid = g.y1 + i * bh + bh / 2;
+    tip(el("rect", {x: g.x0, y: mid - bh * 0.34, width: Math.max(x(f.psi) - g.x0, 1.5),
+      height: bh * 0.68, rx: 2, fill: over ? C.verm : C.sky, "data-feature": f.feature}, svg),
+      f.feature + ": PSI " + fmt(f.psi));
+    label(svg, g.x0 - 6, mid + 4, f.feature, "end", "val");
+    label(svg, x(f.psi) + 4, mid + 4, fmt(f.psi), "start", "val");
+  });
+  thresholdLines(svg, g, isNum(threshold)
+    ? [{key: "feature_psi", label: "feature PSI", value: threshold, color: C.verm}] : [],
+    true, x, vmax);
+  svg.setAttribute("data-points", String(top.length));
+}
+
+function header(doc, cur, th, win, waiting) {
+  $("dep").textContent = doc.deployment || DEPLOYMENT;
+  const judged = cur && cur.status === "ok";
+  $("status").textContent = !cur ? "not evaluated yet" : judged ? "judging drift" : waiting;
+  $("status").className = "pill " + (judged ? "ok" : "wait");
+  $("updated").textContent = isNum(doc.evaluated_at_ms)
+    ? "evaluated " + clock(doc.evaluated_at_ms) + " (" + ago(doc.evaluated_at_ms) + ")" : "";
+  const facts = [["real", cur && cur.real_model], ["canary", cur && cur.canary_model],
+    ["window", (cur ? cur.requests : 0) + " requests (up to " + (win.requests ?? "?") +
+      ", " + (win.seconds ?? "?") + " s)"],
+    ["from", cur && isNum(cur.from_ms) ? clock(cur.from_ms) + " to " + clock(cur.to_ms) : null],
+    ["score reference", cur && cur.score && cur.score.reference_source]];
+  $("facts").replaceChildren(...facts.map(f => {
+    const d = node("div");
+    d.append(node("dt", f[0]), node("dd", f[1] ?? "\u2013"));
+    return d;
+  }));
+  const alerts = Array.isArray(doc.alerts) ? doc.alerts : [];
+  $("alerts").replaceChildren(...alerts.map(a => {
+    const b = node("span", "\u26a0 " + (KINDS[a.kind] || a.kind) + " " + fmt(a.value) + " > " +
+      fmt(a.threshold) + " \u00b7 since " + clock(a.since_ms) +
+      (isNum(a.since_ms) ? " (" + ago(a.since_ms) + ")" : ""), "badge alert");
+    b.setAttribute("data-alert", String(a.kind));
+    return b;
+  }));
+  if (!alerts.length) $("alerts").append(node("span", judged ? "no active drift alert" : "no" +
+    " alerts until the window holds " + (th.min_requests ?? "?") + " requests",
+    judged ? "badge calm" : "badge wait"));
+  const values = (cur && cur.values) || {}, active = new Set(alerts.map(a => a.kind));
+  $("tiles").replaceChildren(...Object.keys(KINDS).map(k => {
+    const over = active.has(k) || (isNum(values[k]) && isNum(th[k]) && values[k] > th[k]);
+    const t = node("div", undefined, "tile" + (over ? " over" : ""));
+    t.setAttribute("data-kind", k);
+    t.append(node("span", KINDS[k], "muted"), node("b", fmt(values[k])),
+             node("span", "threshold " + fmt(th[k]), "muted"));
+    return t;
+  }));
+}
+
+function events(list) {
+  const rows = list.slice(-15).reverse().map(e => {
+    const tr = node("tr");
+    tr.append(node("td", clock(e.ts_ms)), node("td", String(e.type), String(e.type)),
+      node("td", KINDS[e.kind] || String(e.kind)), node("td", fmt(e.value)),
+      node("td", fmt(e.threshold)));
+    return tr;
+  });
+  if (!rows.length) {
+    const td = node("td", "no drift event yet", "muted");
+    td.colSpan = 5;
+    rows.push(node("tr"));
+    rows[0].append(td);
+  }
+  $("events").replaceChildren(...rows);
+}
+
+function render(doc) {
+  const cur = doc.current || null, th = doc.thresholds || {}, win = doc.window || {};
+  const have = cur && isNum(cur.requests) ? cur.requests : 0, need = th.min_requests ?? "?";
+  const waiting = "waiting for data: " + have + " of " + need + " requests";
+  const note = cur && cur.status !== "ok" ? waiting + " (not judged yet)" : "";
+  header(doc, cur, th, win, waiting);
+  const hist = Array.isArray(doc.history) ? doc.history : [];
+  const chart = name => document.querySelector('svg[data-chart="' + name + '"]');
+  lineChart(chart("divergence"), "legend-divergence", hist,
+    [{key: "divergence_mean", label: "mean JS distance", color: C.blue},
+     {key: "divergence_p90", label: "p90 JS distance", color: C.sky, width: 1.6},
+     {key: "disagreement_rate", label: "disagreement rate", color: C.purple}],
+    [{key: "divergence_mean", label: "divergence", value: th.divergence_mean, color: C.blue},
+     {key: "disagreement_rate", label: "disagreement", value: th.disagreement_rate,
+      color: C.purple}], waiting, note);
+  lineChart(chart("drift"), "legend-drift", hist,
+    [{key: "score_psi", label: "score PSI", color: C.orange},
+     {key: "score_js", label: "score JS distance", color: C.green},
+     {key: "feature_psi", label: "largest feature PSI", color: C.verm}],
+    [{key: "score_psi", label: "score PSI", value: th.score_psi, color: C.orange},
+     {key: "score_js", label: "score JS", value: th.score_js, color: C.green},
+     {key: "feature_psi", label: "feature PSI", value: th.feature_psi, color: C.verm}],
+    waiting, note);
+  scoreChart(chart("scores"), cur, waiting);
+  featureChart(chart("features"), cur && cur.features, th.feature_psi, waiting);
+  events(Array.isArray(doc.events) ? doc.events : []);
+}
+
+function failed(message) {
+  $("error").textContent = "cannot load the drift report: " + message;
+  $("error").hidden = false;
+  document.body.setAttribute("data-status", "error");
+  if (lastDoc) return;  // keep showing the last good report
+  $("dep").textContent = DEPLOYMENT;
+  $("status").textContent = "unavailable";
+  for (const svg of document.querySelectorAll("svg[data-chart]")) {
+    waitFor(svg, frame(svg), "no data: the drift report is unavailable");
+  }
+}
+
+async function refresh() {
+  try {
+    const resp = await fetch(SOURCE, {cache: "no-store", headers: {accept: "application/json"}});
+    let doc = null;
+    try { doc = await resp.json(); } catch (e) { doc = null; }
+    if (!resp.ok || !doc || typeof doc !== "object") {
+      const detail = doc && typeof doc.detail === "string" ? doc.detail : "";
+      failed("HTTP " + resp.status + (detail ? ": " + detail : ""));
+    } else {
+      lastDoc = doc;
+      render(doc);
+      $("error").hidden = true;
+      document.body.setAttribute("data-status", "ok");
+    }
+  } catch (err) {
+    failed(err && err.message ? err.message : String(err));
+  }
+  setTimeout(refresh, REFRESH_MS);
+}
+let resizing = null;
+window.addEventListener("resize", () => {
+  clearTimeout(resizing);
+  resizing = setTimeout(() => { if (lastDoc) render(lastDoc); }, 150);
+});
+refresh();
+</script>
+</body></html>
+"""

@@ -1,0 +1,325 @@
+"""The dashboard page in headless Chromium: served by a small local app with a fixed drift
+report (the rendering, alert badges and empty states, deterministically), then by a real
+running gateway whose drift monitor has judged real traffic."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from gateway.dashboard import dashboard_router, render_dashboard
+from models.train import DEMO_DEPLOYMENT, demo_data
+from processes import PREDICT, System, launch_system, wait_until
+from rendezvous.redis_server import free_port
+from rendezvous.schedule import Schedule
+
+CHARTS = ("divergence", "drift", "scores", "features")
+SHAPES = ("path", "rect", "circle", "line")
+T0_MS = 1_763_900_000_000.0
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("chromium not installed: no chromium, chromium-browser or google-chrome on PATH")
+
+
+def dump_dom(url: str, profile: Path) -> str:
+    """The DOM once the page's scripts ran; virtual time lets the fetch and a redraw finish."""
+    out = subprocess.run(
+        [chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--no-first-run", "--window-size=1280,1000", f"--user-data-dir={profile}",
+         "--virtual-time-budget=8000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert out.returncode == 0 and "</html>" in out.stdout, out.stderr[-3000:]
+    return out.stdout
+
+
+@dataclass
+class Chart:
+    points: int | None
+    shapes: Counter[str] = field(default_factory=Counter)
+    series: set[str] = field(default_factory=set)
+    thresholds: set[str] = field(default_factory=set)
+    texts: list[str] = field(default_factory=list)
+
+
+class Dom(HTMLParser):
+    """What a reader sees: each chart's drawn shapes, the alert badges, the body's status."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.charts: dict[str, Chart] = {}
+        self.alerts: dict[str, str] = {}
+        self.status = ""
+        self._chart: Chart | None = None
+        self._alert: str | None = None
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "body":
+            self.status = a.get("data-status") or ""
+        elif tag == "svg" and a.get("data-chart"):
+            points = a.get("data-points")
+            self._chart = self.charts[a["data-chart"] or ""] = Chart(
+                int(points) if points else None
+            )
+        elif self._chart is not None:
+            self._chart.shapes[tag] += 1
+            if a.get("data-series"):
+                self._chart.series.add(a["data-series"] or "")
+            if a.get("data-threshold"):
+                self._chart.thresholds.add(a["data-threshold"] or "")
+        elif a.get("data-alert"):
+            self._alert = a["data-alert"]
+            self.alerts[self._alert or ""] = a.get("class") or ""
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "svg":
+            self._chart = None
+        elif tag == "span":
+            self._alert = None
+
+    def handle_data(self, data: str) -> None:
+        if self._chart is not None and data.strip():
+            self._chart.texts.append(data.strip())
+        if self._alert is not None:
+            self.alerts[self._alert] += " | " + data
+
+
+# -- a fixed report served by a small local app ---------------------------------------------
+
+
+def fixture_report(points: int = 40) -> dict[str, Any]:
+    """A report in the shape of ``/v1/deployments/{d}/drift``, with one active alert and a gap
+    (a null score_psi) in the history."""
+    edges = [round(i / 10, 1) for i in range(11)]
+    real = [0.3, 0.08, 0.04, 0.03, 0.02, 0.02, 0.03, 0.05, 0.1, 0.33]
+    history = [
+        {"ts_ms": T0_MS - (points - i) * 5000, "requests": 200 + 20 * i,
+         "divergence_mean": 0.02 + 0.001 * i, "divergence_p90": 0.06 + 0.001 * i,
+         "disagreement_rate": 0.01, "score_psi": None if i == 7 else 0.05 + 0.002 * i,
+         "score_js": 0.04, "feature_psi": 0.1 + 0.006 * i}
+        for i in range(points)
+    ]  # fmt: skip
+    top = [("worst area", 0.31), ("mean area", 0.27), ("area error", 0.2),
+           ("mean radius", 0.12), ("worst radius", 0.05)]  # fmt: skip
+    return {
+        "deployment": "breast-cancer",
+        "evaluated_at_ms": T0_MS,
+        "window": {"requests": 1000, "seconds": 600.0, "interval_s": 5.0},
+        "thresholds": {"divergence_mean": 0.12, "disagreement_rate": 0.1, "score_psi": 0.3,
+                       "score_js": 0.22, "feature_psi": 0.25, "min_requests": 200},
+        "current": {
+            "status": "ok", "requests": 812, "rows": 812, "from_ms": T0_MS - 600_000,
+            "to_ms": T0_MS, "real_model": "breast-cancer:2", "canary_model": "breast-cancer:1",
+            "divergence": {"mean": 0.059, "p50": 0.02, "p90": 0.099, "p99": 0.2,
+                           "disagreement_rate": 0.01, "compared_rows": 812},
+            "score": {"psi": 0.128, "js_distance": 0.04, "reference_source": "training",
+                      "edges": edges, "real": real, "canary": real[::-1], "reference": [0.1] * 10},
+            "features": {"psi": dict(top), "top": [{"feature": f, "psi": v} for f, v in top],
+                         "max_psi": 0.31},
+            "values": {"divergence_mean": 0.059, "disagreement_rate": 0.01, "score_psi": 0.128,
+                       "score_js": 0.04, "feature_psi": 0.31},
+        },
+        "alerts": [{"kind": "feature_psi", "value": 0.31, "threshold": 0.25,
+                    "since_ms": T0_MS - 60_000}],
+        "events": [
+            {"type": "raised", "kind": "feature_psi", "value": 0.26, "threshold": 0.25,
+             "ts_ms": T0_MS - 60_000},
+            {"type": "cleared", "kind": "score_psi", "value": 0.2, "threshold": 0.3,
+             "ts_ms": T0_MS - 300_000},
+        ],
+        "history": history,
+    }  # fmt: skip
+
+
+def not_evaluated_report() -> dict[str, Any]:
+    doc = fixture_report()
+    return {**doc, "evaluated_at_ms": None, "current": None, "alerts": [], "events": [],
+            "history": []}  # fmt: skip
+
+
+REPORTS = {"breast-cancer": fixture_report, "fresh": not_evaluated_report}
+
+
+@pytest.fixture(scope="module")
+def fixture_server() -> Iterator[str]:
+    """The dashboard router next to a stand-in drift endpoint, served by uvicorn in a thread
+    on a free port; asserted to shut down cleanly."""
+    app = FastAPI()
+    app.include_router(dashboard_router())
+
+    @app.get("/v1/deployments/{deployment}/drift")
+    async def drift(deployment: str) -> JSONResponse:
+        if deployment not in REPORTS:
+            detail = f"deployment {deployment!r} does not exist"
+            return JSONResponse({"detail": detail}, status_code=404)
+        return JSONResponse(REPORTS[deployment]())
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", ws="none",
+                       http="h11", log_level="warning")
+    )  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "fixture server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+    assert not thread.is_alive(), "fixture server did not shut down"
+
+
+def test_the_page_draws_a_report_with_its_alert(fixture_server: str, tmp_path: Path) -> None:
+    chromium()
+    text = dump_dom(f"{fixture_server}/dashboard/breast-cancer", tmp_path / "profile")
+    dom = Dom(text)
+    assert dom.status == "ok"
+    assert set(dom.charts) == set(CHARTS)
+    for name, chart in dom.charts.items():
+        assert chart.points and chart.points > 0, (name, chart)
+        assert sum(chart.shapes[s] for s in SHAPES) > chart.points, (name, chart)
+        assert not any("waiting for data" in t for t in chart.texts), (name, chart.texts)
+    div, drift = dom.charts["divergence"], dom.charts["drift"]
+    assert div.points == 3 * 40
+    assert div.series == {"divergence_mean", "divergence_p90", "disagreement_rate"}
+    assert div.thresholds == {"divergence_mean", "disagreement_rate"}
+    assert drift.points == 3 * 40 - 1  # the null breaks the line, it is not drawn as 0
+    assert drift.series == {"score_psi", "score_js", "feature_psi"}
+    assert {"score_psi", "score_js", "feature_psi"} == drift.thresholds
+    scores = dom.charts["scores"]
+    assert scores.points == 30 and scores.shapes["rect"] == 30
+    assert scores.series == {"real", "canary", "reference"}
+    features = dom.charts["features"]
+    assert features.points == 5 and features.shapes["rect"] == 5
+    assert features.thresholds == {"feature_psi"} and "worst area" in features.texts
+    assert list(dom.alerts) == ["feature_psi"]
+    badge = dom.alerts["feature_psi"]
+    assert "alert" in badge and "0.310 > 0.250" in badge and "since" in badge
+    for shown in (
+        "breast-cancer:2",
+        "breast-cancer:1",
+        "812 requests (up to 1000, 600 s)",
+        '<td class="raised">raised</td>',
+        '<td class="cleared">cleared</td>',
+    ):
+        assert shown in text, shown
+
+
+def test_the_page_waits_for_data_and_shows_the_endpoints_error(
+    fixture_server: str, tmp_path: Path
+) -> None:
+    chromium()
+    dom = Dom(dump_dom(f"{fixture_server}/dashboard/fresh", tmp_path / "fresh"))
+    assert dom.status == "ok"
+    assert set(dom.charts) == set(CHARTS)
+    for name, chart in dom.charts.items():
+        assert chart.points is None, (name, chart)
+        assert "waiting for data: 0 of 200 requests" in chart.texts, (name, chart.texts)
+    assert not dom.alerts
+
+    text = dump_dom(f"{fixture_server}/dashboard/nope", tmp_path / "nope")
+    dom = Dom(text)
+    assert dom.status == "error"
+    assert "cannot load the drift report: HTTP 404: deployment 'nope' does not exist" in text
+    assert all(chart.points is None for chart in dom.charts.values())
+
+
+def test_the_page_is_self_contained_and_escapes_the_name(fixture_server: str) -> None:
+    resp = httpx.get(f"{fixture_server}/dashboard/breast-cancer")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
+    csp = resp.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+    nonce = re.search(r"'nonce-([^']+)'", csp)
+    assert nonce and resp.text.count(f'nonce="{nonce.group(1)}"') == 2
+    # Nothing from elsewhere: the only absolute URL is the SVG namespace.
+    assert set(re.findall(r"https?://[^\s\"']+", resp.text)) == {"http://www.w3.org/2000/svg"}
+
+    bad = httpx.get(f"{fixture_server}/dashboard/NOT%20valid")
+    assert bad.status_code == 422 and "invalid deployment" in bad.json()["detail"]
+    page = render_dashboard("a</script><b>&", "n")
+    script = page.split('<script nonce="n">', 1)[1].split("</script>", 1)[0]
+    assert "</script>" not in script and "<b>" not in script
+    assert '"a\\u003c/script\\u003e\\u003cb\\u003e\\u0026"' in script
+    assert "<title>Drift · a&lt;/script&gt;&lt;b&gt;&amp;</title>" in page
+
+
+# -- a real gateway, workers and drift monitor ----------------------------------------------
+
+DRIFT = f"/v1/deployments/{DEMO_DEPLOYMENT}/drift"
+
+
+@pytest.fixture(scope="module")
+def system(
+    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[System]:
+    schedule = Schedule(real_deadline_ms=50, timeout_ms=600, fallbacks=("canary",), grace_ms=100)
+    env = {
+        "RDV_DRIFT_INTERVAL_S": "0.5",
+        "RDV_DRIFT_MIN_REQUESTS": "50",
+        # Held-out data never reaches the default threshold: a tiny one makes the largest
+        # feature PSI raise an alert, so the badge is checked on the real path too.
+        "RDV_DRIFT_THRESHOLDS": '{"feature_psi": 0.001}',
+    }
+    with launch_system(redis_url, demo_data_dir, tmp_path_factory, schedule, **env) as sys:
+        sys.start_worker("real")
+        sys.start_worker("canary")
+        yield sys
+
+
+def test_the_page_draws_the_drift_of_a_running_gateway(system: System, tmp_path: Path) -> None:
+    chromium()
+    data = demo_data()
+    rows = data.x_test[np.random.default_rng(0).integers(0, len(data.x_test), 300)]
+    for row in rows:
+        body = {"features": dict(zip(data.names, map(float, row), strict=True))}
+        assert system.http.post(PREDICT, json=body).status_code == 200
+
+    def judged() -> dict[str, Any] | None:
+        doc: dict[str, Any] = system.http.get(DRIFT).json()
+        cur = doc["current"]
+        ready = cur and cur["status"] == "ok" and cur["requests"] >= 250
+        return doc if ready and len(doc["history"]) >= 2 and doc["alerts"] else None
+
+    doc = wait_until(judged, 30, "drift judged with history and an alert", interval_s=0.2)
+    text = dump_dom(f"{system.http.base_url}/dashboard/{DEMO_DEPLOYMENT}", tmp_path / "profile")
+    dom = Dom(text)
+    assert dom.status == "ok", text[:3000]
+    assert set(dom.charts) == set(CHARTS)
+    for name, chart in dom.charts.items():
+        assert chart.points and chart.points > 0, (name, chart)
+        assert sum(chart.shapes[s] for s in SHAPES) > chart.points, (name, chart)
+    assert {"divergence_mean", "disagreement_rate"} <= dom.charts["divergence"].series
+    assert {"score_psi", "score_js", "feature_psi"} <= dom.charts["drift"].series
+    score = doc["current"]["score"]
+    shown = [k for k in ("real", "canary", "reference") if score[k]]
+    assert shown == ["real", "canary", "reference"], score  # the demo models carry a reference
+    assert dom.charts["scores"].points == 10 * len(shown)
+    assert dom.charts["features"].points == len(doc["current"]["features"]["top"]) == 5
+    assert "feature_psi" in dom.alerts and "alert" in dom.alerts["feature_psi"]
+    assert doc["current"]["real_model"] in text
+    assert not [t for c in dom.charts.values() for t in c.texts if "waiting for data" in t]
