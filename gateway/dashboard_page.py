@@ -15,47 +15,37 @@ PAGE = r"""<!doctype html>
 <link rel="icon" href="data:,">
 <title>Drift · __TITLE__</title>
 <style nonce="__NONCE__">
-:root { --fg:#1d2430; --muted:#5b6675; --line:#d9dee5; --bg:#f4f6f9; --card:#fff;
-        --bad:#b3261e; --ok:#1e7a46; }
-* { box-sizing:border-box; }
+:root { --fg:#1d2430; --muted:#5b6675; --line:#d9dee5; --bg:#f4f6f9; --card:#fff; --bad:#b3261e;
+        --ok:#1e7a46; --calm:#e3f3ea; --wait:#eceff3; } * { box-sizing:border-box; }
 body { margin:0; font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
-       color:var(--fg); background:var(--bg); }
+       color:var(--fg); background:var(--bg); } h1 { margin:0; font-size:21px; }
 header { padding:16px 24px 12px; background:var(--card); border-bottom:1px solid var(--line); }
 .title { display:flex; align-items:baseline; gap:12px; flex-wrap:wrap; }
-h1 { margin:0; font-size:21px; }
-.muted { color:var(--muted); font-size:12px; }
+.muted { color:var(--muted); font-size:12px; } .facts dt { color:var(--muted); }
 .facts { display:flex; flex-wrap:wrap; gap:6px 22px; margin:8px 0 0; }
-.facts div { display:flex; gap:6px; } .facts dt { color:var(--muted); } .facts dd { margin:0;
-  font-weight:600; }
+.facts div { display:flex; gap:6px; } .facts dd { margin:0; font-weight:600; }
 .pill, .badge { padding:3px 10px; border-radius:999px; font-weight:600; font-size:13px; }
-.pill.ok { background:#e3f3ea; color:var(--ok); } .pill.wait { background:#eceff3;
-  color:var(--muted); }
-.badges { margin-top:10px; display:flex; flex-wrap:wrap; gap:8px; }
+.ok, .calm { background:var(--calm); color:var(--ok); } .wait { background:var(--wait);
+  color:var(--muted); } .badges { margin-top:10px; display:flex; flex-wrap:wrap; gap:8px; }
 .badge.alert { background:var(--bad); color:#fff; padding:6px 14px; font-size:14px;
                box-shadow:0 1px 3px rgba(179,38,30,.35); }
-.badge.calm { background:#e3f3ea; color:var(--ok); }
-.badge.wait { background:#eceff3; color:var(--muted); }
 #error { margin:12px 24px 0; padding:8px 12px; border-radius:6px; background:#fdecea;
          color:var(--bad); font-weight:600; }
 .tiles { display:grid; grid-template-columns:repeat(auto-fit,minmax(150px,1fr)); gap:12px;
-         padding:16px 24px 0; }
-.tile { background:var(--card); border:1px solid var(--line); border-radius:8px;
-        padding:8px 12px; } .tile.over { border-color:var(--bad); background:#fdf3f2; }
-.tile b { display:block; font-size:22px; } .tile.over b { color:var(--bad); }
+         padding:16px 24px 0; } .tile b { display:block; font-size:22px; }
+.tile { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:8px 12px; }
+.tile.over { border-color:var(--bad); background:#fdf3f2; } .tile.over b { color:var(--bad); }
 main { display:grid; grid-template-columns:repeat(auto-fit,minmax(min(100%,480px),1fr));
-       gap:16px; padding:16px 24px; }
+       gap:16px; padding:16px 24px; } h2 { margin:0 0 6px; font-size:15px; }
 section { background:var(--card); border:1px solid var(--line); border-radius:8px;
           padding:12px 16px; min-width:0; } section.wide { margin:0 24px 24px; }
-h2 { margin:0 0 6px; font-size:15px; }
 svg { width:100%; height:260px; display:block; overflow:visible; }
 svg text { font-size:11px; fill:var(--muted); } svg text.empty { font-size:14px; }
 svg text.th { font-weight:600; paint-order:stroke; stroke:#fff; stroke-width:4px;
-               stroke-linejoin:round; } svg text.val { fill:var(--fg); }
+              stroke-linejoin:round; } svg text.val { fill:var(--fg); }
 .legend { display:flex; gap:4px 14px; flex-wrap:wrap; font-size:12px; color:var(--muted);
-          margin-bottom:4px; }
-.legend i { display:inline-block; width:18px; height:0; border-top-width:3px;
-            margin-right:5px; vertical-align:middle; } .legend i.box { height:10px;
-            border-top-width:0; border-radius:2px; }
+          margin-bottom:4px; } .legend i.box { height:10px; border-top-width:0; border-radius:2px; }
+.legend i { display:inline-block; width:18px; height:0; margin-right:5px; vertical-align:middle; }
 table { width:100%; border-collapse:collapse; font-size:13px; }
 th, td { text-align:left; padding:5px 8px; border-bottom:1px solid var(--line); }
 td.raised { color:var(--bad); font-weight:600; } td.cleared { color:var(--ok); }
@@ -98,23 +88,21 @@ let lastDoc = null;
 
 const $ = id => document.getElementById(id);
 const isNum = v => typeof v === "number" && isFinite(v);
-function el(name, attrs, parent) {
+function el(name, attrs, parent) {  // an SVG element; text only ever goes in as textContent
   const e = document.createElementNS(NS, name);
   for (const k in attrs) e.setAttribute(k, attrs[k]);
-  if (parent) parent.appendChild(e);
-  return e;
+  return parent ? parent.appendChild(e) : e;
 }
 function label(parent, x, y, s, anchor, cls) {
-  const t = el("text", {x: x, y: y, "text-anchor": anchor || "middle"}, parent);
-  if (cls) t.setAttribute("class", cls);
+  const t = el("text", Object.assign({x: x, y: y, "text-anchor": anchor || "middle"},
+                                     cls ? {class: cls} : {}), parent);
   t.textContent = s;
   return t;
 }
 function tip(shape, s) { el("title", {}, shape).textContent = s; return shape; }
 function node(tag, text, cls) {
-  const e = document.createElement(tag);
+  const e = Object.assign(document.createElement(tag), cls ? {className: cls} : {});
   if (text !== undefined) e.textContent = text;
-  if (cls) e.className = cls;
   return e;
 }
 function fmt(v) {
@@ -123,12 +111,7 @@ function fmt(v) {
   return a >= 100 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : a >= 1 ? v.toFixed(2) : v.toFixed(3);
 }
 const pct = v => isNum(v) ? (v * 100).toFixed(v < 0.1 ? 1 : 0) + "%" : "\u2013";
-const pad = n => String(n).padStart(2, "0");
-function clock(ms) {
-  if (!isNum(ms)) return "\u2013";
-  const d = new Date(ms);
-  return pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds());
-}
+const clock = ms => isNum(ms) ? new Date(ms).toTimeString().slice(0, 8) : "\u2013";
 function ago(ms) {
   const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
   return s < 90 ? s + " s ago" : s < 5400 ? Math.round(s / 60) + " min ago"
@@ -138,10 +121,8 @@ function ticks(lo, hi, n) {
   const raw = (hi - lo || 1) / n, mag = Math.pow(10, Math.floor(Math.log10(raw)));
   const step = [1, 2, 2.5, 5, 10].map(m => m * mag).find(s => s >= raw) || 10 * mag;
   const out = [];
-  for (let i = Math.ceil(lo / step - 1e-9); i * step <= hi + step * 1e-9; i++) {
-    out.push(+(i * step).toPrecision(12));
-  }
-  return out;
+  for (let i = Math.ceil(lo / step - 1e-9); i * step <= hi + step * 1e-9; i++) out.push(i * step);
+  return out.map(v => +v.toPrecision(12));
 }
 const TIME_STEPS_S = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600];
 function timeTicks(t0, t1, n) {
@@ -165,23 +146,19 @@ function frame(svg) {
 }
 function yAxis(svg, g, ymax, y, format) {
   for (const v of ticks(0, ymax, 5)) {
-    if (v > ymax) continue;
     el("line", {x1: g.x0, x2: g.x1, y1: y(v), y2: y(v), stroke: "#e8ecf1"}, svg);
     label(svg, g.x0 - 6, y(v) + 4, (format || fmt)(v), "end");
   }
   el("line", {x1: g.x0, x2: g.x1, y1: g.y0, y2: g.y0, stroke: "#aab3bf"}, svg);
 }
-function legend(id, items) {
-  const box = $(id);
-  box.replaceChildren();
-  for (const it of items) {
-    const swatch = node("i", undefined, it.box ? "box" : "");
+function legend(id, items) {  // styles set through CSSOM, which the CSP allows
+  $(id).replaceChildren(...items.map(it => {
+    const swatch = node("i", undefined, it.box ? "box" : ""), span = node("span");
     if (it.box) swatch.style.background = it.color;
     else swatch.style.borderTop = "3px " + (it.dashed ? "dashed " : "solid ") + it.color;
-    const span = node("span");
     span.append(swatch, it.label);
-    box.appendChild(span);
-  }
+    return span;
+  }));
 }
 function waitFor(svg, g, message) { label(svg, g.w / 2, H / 2, message, "middle", "empty"); }
 function thresholdLines(svg, g, lines, vertical, scale, max) {
@@ -308,7 +285,6 @@ function featureChart(svg, features, threshold, waiting) {
   const x = v => g.x0 + Math.min(v, vmax) / vmax * (g.x1 - g.x0);
   const bh = (g.y0 - g.y1) / Math.max(top.length, 3);
   for (const v of ticks(0, vmax, 5)) {
-    if (v > vmax) continue;
     el("line", {x1: x(v), x2: x(v), y1: g.y1, y2: g.y0, stroke: "#e8ecf1"}, svg);
     label(svg, x(v), g.y0 + 16, fmt(v));
   }
@@ -340,9 +316,7 @@ function header(doc, cur, th, win, waiting) {
     ["from", cur && isNum(cur.from_ms) ? clock(cur.from_ms) + " to " + clock(cur.to_ms) : null],
     ["score reference", cur && cur.score && cur.score.reference_source]];
   $("facts").replaceChildren(...facts.map(f => {
-    const d = node("div");
-    d.append(node("dt", f[0]), node("dd", f[1] ?? "\u2013"));
-    return d;
+    const d = node("div"); d.append(node("dt", f[0]), node("dd", f[1] ?? "\u2013")); return d;
   }));
   const alerts = Array.isArray(doc.alerts) ? doc.alerts : [];
   $("alerts").replaceChildren(...alerts.map(a => {
@@ -367,20 +341,12 @@ function header(doc, cur, th, win, waiting) {
 }
 
 function events(list) {
-  const rows = list.slice(-15).reverse().map(e => {
-    const tr = node("tr");
-    tr.append(node("td", clock(e.ts_ms)), node("td", String(e.type), String(e.type)),
-      node("td", KINDS[e.kind] || String(e.kind)), node("td", fmt(e.value)),
-      node("td", fmt(e.threshold)));
-    return tr;
-  });
-  if (!rows.length) {
-    const td = node("td", "no drift event yet", "muted");
-    td.colSpan = 5;
-    rows.push(node("tr"));
-    rows[0].append(td);
-  }
-  $("events").replaceChildren(...rows);
+  const row = (...cells) => { const tr = node("tr"); tr.append(...cells); return tr; };
+  const rows = list.slice(-15).reverse().map(e => row(node("td", clock(e.ts_ms)),
+    node("td", String(e.type), String(e.type)), node("td", KINDS[e.kind] || String(e.kind)),
+    node("td", fmt(e.value)), node("td", fmt(e.threshold))));
+  $("events").replaceChildren(...(rows.length ? rows
+    : [row(Object.assign(node("td", "no drift event yet", "muted"), {colSpan: 5}))]));
 }
 
 function render(doc) {
@@ -426,8 +392,7 @@ function failed(message) {
 async function refresh() {
   try {
     const resp = await fetch(SOURCE, {cache: "no-store", headers: {accept: "application/json"}});
-    let doc = null;
-    try { doc = await resp.json(); } catch (e) { doc = null; }
+    const doc = await resp.json().catch(() => null);
     if (!resp.ok || !doc || typeof doc !== "object") {
       const detail = doc && typeof doc.detail === "string" ? doc.detail : "";
       failed("HTTP " + resp.status + (detail ? ": " + detail : ""));
@@ -437,16 +402,15 @@ async function refresh() {
       $("error").hidden = true;
       document.body.setAttribute("data-status", "ok");
     }
-  } catch (err) {
+  } catch (err) {  // the network, or a bug in drawing: shown on the page and in the console
+    console.error(err);
     failed(err && err.message ? err.message : String(err));
   }
   setTimeout(refresh, REFRESH_MS);
 }
-let resizing = null;
-window.addEventListener("resize", () => {
-  clearTimeout(resizing);
-  resizing = setTimeout(() => { if (lastDoc) render(lastDoc); }, 150);
-});
+let resizing = null;  // redraw at the new width once the resizing settles
+window.addEventListener("resize", () => { clearTimeout(resizing);
+  resizing = setTimeout(() => lastDoc && render(lastDoc), 150); });
 refresh();
 </script>
 </body></html>

@@ -43,14 +43,17 @@ def chromium() -> str:
 
 
 def dump_dom(url: str, profile: Path) -> str:
-    """The DOM once the page's scripts ran; virtual time lets the fetch and a redraw finish."""
+    """The DOM once the page's scripts ran; virtual time lets the fetch and a redraw finish.
+    The console must stay silent: a JS exception or a CSP violation would be logged there."""
     out = subprocess.run(
         [chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
          "--no-first-run", "--window-size=1280,1000", f"--user-data-dir={profile}",
-         "--virtual-time-budget=8000", "--dump-dom", url],
+         "--enable-logging=stderr", "--v=0", "--virtual-time-budget=8000", "--dump-dom", url],
         capture_output=True, text=True, timeout=90,
     )  # fmt: skip
     assert out.returncode == 0 and "</html>" in out.stdout, out.stderr[-3000:]
+    console = [line for line in out.stderr.splitlines() if ":CONSOLE" in line]
+    assert not console, console
     return out.stdout
 
 
@@ -160,7 +163,21 @@ def not_evaluated_report() -> dict[str, Any]:
             "history": []}  # fmt: skip
 
 
-REPORTS = {"breast-cancer": fixture_report, "fresh": not_evaluated_report}
+def early_report() -> dict[str, Any]:
+    """Evaluated, but below min_requests: figures missing or null where the window cannot say."""
+    doc = fixture_report(points=2)
+    cur = doc["current"]
+    cur.update(status="insufficient_data", requests=40, rows=40, canary_model=None)
+    cur["score"].update(psi=None, js_distance=None, canary=None, reference=None)
+    cur["features"] = {"psi": {}, "top": [], "max_psi": None}
+    cur["values"] = dict.fromkeys(cur["values"])
+    for point in doc["history"]:
+        point.update(score_psi=None, score_js=None, feature_psi=None)
+        del point["divergence_p90"]
+    return {**doc, "alerts": [], "events": []}
+
+
+REPORTS = {"breast-cancer": fixture_report, "fresh": not_evaluated_report, "early": early_report}
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +258,14 @@ def test_the_page_waits_for_data_and_shows_the_endpoints_error(
         assert chart.points is None, (name, chart)
         assert "waiting for data: 0 of 200 requests" in chart.texts, (name, chart.texts)
     assert not dom.alerts
+
+    dom = Dom(dump_dom(f"{fixture_server}/dashboard/early", tmp_path / "early"))
+    waiting = "waiting for data: 40 of 200 requests"
+    assert dom.charts["divergence"].points == 2 * 2  # mean and disagreement; no p90 given
+    assert f"{waiting} (not judged yet)" in dom.charts["divergence"].texts
+    assert dom.charts["drift"].points is None and waiting in dom.charts["drift"].texts
+    assert dom.charts["scores"].points == 10 and dom.charts["scores"].series == {"real"}
+    assert dom.charts["features"].points is None and waiting in dom.charts["features"].texts
 
     text = dump_dom(f"{fixture_server}/dashboard/nope", tmp_path / "nope")
     dom = Dom(text)
