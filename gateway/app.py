@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client.multiprocess import mark_process_dead
 
 from gateway.admin import UPLOAD_PATH, install_admin, start_admin, upload_body_cap
+from gateway.dashboard import dashboard_router
 from gateway.drift_feed import DriftFeed
 from gateway.drift_monitor import DriftMonitor, local_model_meta
 from gateway.errors import HANDLED, problem
@@ -144,6 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = GatewayMetrics()
     app.state.metrics = metrics
     app.include_router(observe_router())
+    app.include_router(dashboard_router())
 
     async def _answer(request: Request, exc: Exception) -> JSONResponse:
         answer = problem(exc)
