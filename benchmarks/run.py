@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loadgen-procs", type=int, default=2, help="load processes (default 2)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="which of " + ",".join(SYSTEMS))
     p.add_argument("--gateway-processes", type=int, help="RDV_GATEWAY_PROCESSES (default: rdv's)")
+    p.add_argument("--set", action="append", default=[], metavar="RDV_NAME=VALUE",
+                   type=rdv_setting, help="a setting for rdv serve (repeatable; A/B runs)")
     p.add_argument("--inprocess-processes", type=int, default=2)
     p.add_argument(
         "--model",
@@ -93,6 +95,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown systems {sorted(unknown)}")
     return args
+
+
+def rdv_setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("RDV_"):
+        raise argparse.ArgumentTypeError(f"expected RDV_NAME=VALUE, got {text!r}")
+    return name, value
 
 
 def demo_rows() -> list[list[float]]:
@@ -243,7 +252,7 @@ def _expected_labels(model: Path, rows: list[list[float]]) -> list[int]:
 
 def _start(name: str, args: argparse.Namespace, work: Path, model: Path | None) -> Running:
     if name == "gateway":
-        return start_rdv(work / "rdv-data", work, args.gateway_processes)
+        return start_rdv(work / "rdv-data", work, args.gateway_processes, settings=dict(args.set))
     assert model is not None
     if name == "inprocess":
         return start_inprocess(model, work, args.inprocess_processes)

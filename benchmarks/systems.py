@@ -163,11 +163,16 @@ def _classify_rdv(cmd: str) -> str:
 
 
 def start_rdv(
-    data_dir: Path, log_dir: Path, gateway_processes: int | None = None, timeout_s: float = 180.0
+    data_dir: Path,
+    log_dir: Path,
+    gateway_processes: int | None = None,
+    timeout_s: float = 180.0,
+    settings: dict[str, str] | None = None,
 ) -> Running:
-    """``rdv serve`` on a fresh data folder: embedded Redis, demo training, every process."""
+    """``rdv serve`` on a fresh data folder: embedded Redis, demo training, every process.
+    ``settings``: further ``RDV_`` variables for the system under test (A/B runs)."""
     port = free_port()
-    extra = {"RDV_LOG_LEVEL": "WARNING"}
+    extra = {"RDV_LOG_LEVEL": "WARNING", **(settings or {})}
     if gateway_processes:
         extra["RDV_GATEWAY_PROCESSES"] = str(gateway_processes)
     argv = [

@@ -35,6 +35,7 @@ from gateway.validation import PredictRequest
 from rendezvous import names
 from rendezvous.appender import StreamAppender
 from rendezvous.connection import connect_async
+from rendezvous.heap import settle_heap
 from rendezvous.matcher import Rendezvous
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,13 @@ def _problem(status: int, detail: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
 
 
+def serving_app(settings: Settings | None = None) -> PredictFastPath:
+    """What uvicorn serves: predict answered ahead of the framework (``gateway.fast_path``),
+    everything else by ``create_app``'s FastAPI app."""
+    settings = settings or Settings()
+    return PredictFastPath(create_app(settings), max_body_bytes=settings.max_body_bytes)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -60,7 +68,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise RuntimeError("the gateway needs RDV_REDIS_URL (rdv serve sets it for you)")
         client = await connect_async(settings.redis_url, timeout_s=settings.redis_timeout_s)
         # The reader blocks up to 1 s per XREAD; its timeout must outlast that.
-        reader = await connect_async(settings.redis_url, timeout_s=settings.redis_timeout_s + 1)
+        reader = await connect_async(
+            settings.redis_url, timeout_s=settings.redis_timeout_s + 1, retry_stale=False
+        )
         deployments = DeploymentCache(client)
         await deployments.refresh()
         appender = StreamAppender(client)
@@ -111,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics=metrics,
             drift_feed=feed,
         )
+        settle_heap()
         log.info("gateway ready: deployments %s, reply stream %s",
                  sorted(deployments.deployments), rendezvous.reply_to)  # fmt: skip
         try:
@@ -139,8 +150,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         path_limits={UPLOAD_PATH: upload_body_cap(settings)},
     )
-    # Outermost: predict requests are served before the framework (see gateway.fast_path).
-    app.add_middleware(PredictFastPath, max_body_bytes=settings.max_body_bytes)
     install_admin(app, settings)
     metrics = GatewayMetrics()
     app.state.metrics = metrics
@@ -181,8 +190,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> JSONResponse:
         """Score the input with the deployment's real model (or the schedule's fallback).
 
-        Served by ``gateway.fast_path`` ahead of the framework; this declaration documents
-        the route in the OpenAPI schema (and would serve it without the fast path)."""
+        ``rdv gateway`` serves it with ``gateway.fast_path``, ahead of the framework; this
+        declaration documents the route in the OpenAPI schema and serves the app when it is
+        mounted without the fast path (as some tests do)."""
         service: PredictionService = request.app.state.service
         raw = await request.body()
         return JSONResponse(await service.predict(deployment, raw, x_request_id))

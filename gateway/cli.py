@@ -53,6 +53,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         workers=settings.gateway_processes if settings.gateway_processes > 1 else None,
         log_level=settings.log_level.lower(),
         access_log=False,
+        proxy_headers=settings.proxy_headers,
         timeout_graceful_shutdown=10,
     )
 
@@ -74,17 +75,18 @@ def _share_metrics_between_processes() -> None:
 
 
 def _app_from_env() -> Any:
-    from gateway.app import create_app
+    from gateway.app import serving_app
 
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
-    return create_app(settings)
+    return serving_app(settings)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
     from models.registry import ModelRegistry
     from models.worker import ModelWorker
     from rendezvous.connection import connect
+    from rendezvous.heap import settle_heap
 
     settings = settings_from_args(args)
     client = connect(_require_redis(settings))
@@ -103,6 +105,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     )
     stop = stop_event()
     worker.load()
+    settle_heap()
     log.info("worker %s serving %s/%s with %s", consumer, args.deployment, args.role,
              worker.model_ref)  # fmt: skip
     worker.run(stop)
@@ -114,6 +117,7 @@ def cmd_logbin(args: argparse.Namespace) -> None:
     from models.deployments import DeploymentStore
     from models.logbin import LogBin
     from rendezvous.connection import connect
+    from rendezvous.heap import settle_heap
 
     settings = settings_from_args(args)
     client = connect(_require_redis(settings))
@@ -133,6 +137,7 @@ def cmd_logbin(args: argparse.Namespace) -> None:
         batch_wait_ms=settings.logbin_batch_wait_ms,
     )
     stop = stop_event()
+    settle_heap()
     log.info("log bin archiving to %s", settings.archive_dir)
     logbin.run(stop)
     log.info("log bin stopped: %s", logbin.stats)

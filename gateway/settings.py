@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     gateway_processes: int = Field(default=1, ge=1, le=64)
     """Gateway worker processes (uvicorn workers), each with its own reply stream."""
 
+    proxy_headers: bool = False
+    """Trust X-Forwarded-For/-Proto from the peers uvicorn's FORWARDED_ALLOW_IPS names. Off:
+    the gateway does not use the client's address, and the check costs every request."""
+
     real_deadline_ms: float = Field(default=50.0, gt=0)
     """Default schedule of a new deployment: how long to wait for real before a fallback."""
 

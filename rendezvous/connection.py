@@ -5,19 +5,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
 _RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
 
 
+def _stale_connection_retry(kind: type[Retry] | type[AsyncRetry] = Retry) -> Any:
+    """One immediate retry, on a fresh connection, of a command whose pooled connection turns
+    out dead. A pooled connection that died without an end-of-file (reset by a Redis restart
+    mid-handshake, for one) passes the pool's check and fails its first command; without this
+    a request sent well after Redis came back got a 503 (tests/test_faults.py, about one run
+    in four). A timeout is not retried: it would double the caller's wait. A retried XADD may
+    be written twice if only its reply was lost, which the at-least-once readers absorb."""
+    return kind(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+
+
 def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = None) -> redis.Redis:
     """A synchronous client (workers, log bin), after the server answered a PING."""
     client = redis.Redis.from_url(
-        url, socket_timeout=socket_timeout_s, socket_connect_timeout=2.0, health_check_interval=30
+        url,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=2.0,
+        health_check_interval=30,
+        retry=_stale_connection_retry(),
     )
     deadline = time.monotonic() + wait_s
     delay_s = 0.05
@@ -34,12 +52,17 @@ def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = Non
 
 
 async def connect_async(
-    url: str, wait_s: float = 30.0, timeout_s: float | None = None
+    url: str, wait_s: float = 30.0, timeout_s: float | None = None, retry_stale: bool = True
 ) -> aioredis.Redis:
     """An asyncio client (gateway), after the server answered a PING. ``timeout_s`` bounds
-    every command, so a hung server turns into an error instead of a hung request."""
+    every command, so a hung server turns into an error instead of a hung request.
+    ``retry_stale=False`` for a connection that is closed on purpose to end a blocking read."""
     client = aioredis.Redis.from_url(
-        url, socket_connect_timeout=2.0, socket_timeout=timeout_s, health_check_interval=30
+        url,
+        socket_connect_timeout=2.0,
+        socket_timeout=timeout_s,
+        health_check_interval=30,
+        retry=_stale_connection_retry(AsyncRetry) if retry_stale else None,
     )
     deadline = time.monotonic() + wait_s
     delay_s = 0.05

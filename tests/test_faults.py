@@ -176,7 +176,9 @@ def test_redis_restart_under_load(
             assert statuses <= {200, 503, 504}, figures
             assert load.count(503) > 0, "requests during the outage are refused with 503"
             assert all(r["retry_after"] for r in load.results if r["status"] == 503)
-            assert late and all(r["status"] == 200 for r in late), "recovered without restarts"
+            late_failures = [r for r in late if r["status"] != 200]
+            assert late and not late_failures, ("recovered without restarts", recovered_at,
+                                                late_failures[:5])  # fmt: skip
             assert not lost, sorted(lost)[:10]
             assert all(p.alive() for p in system.procs.values())
     finally:
