@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from rendezvous.divergence import divergence
@@ -21,7 +22,11 @@ from rendezvous.envelope import ModelResult
 from rendezvous.names import CANARY, REAL
 from rendezvous.schedule import Schedule
 
-FIELD = b"d"
+FIELD = b"m"
+"""The stream field of a record: one msgpack map (a fifth of JSON's encoding time on the
+gateway's hot path, four fifths of its size in Redis)."""
+JSON_FIELD = b"d"
+"""Records written before msgpack: one JSON object. Still read."""
 
 
 def _output(result: ModelResult) -> dict[str, Any]:
@@ -92,11 +97,16 @@ def build_decision(
 
 
 def encode_decision(record: Mapping[str, Any]) -> dict[bytes, bytes]:
-    return {FIELD: json.dumps(record, separators=(",", ":")).encode()}
+    return {FIELD: msgpack.packb(record, use_bin_type=True)}
 
 
 def decode_decision(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
-    doc: dict[str, Any] = json.loads(fields[FIELD])
+    blob = fields.get(FIELD)
+    doc: dict[str, Any] = (
+        msgpack.unpackb(blob, raw=False, strict_map_key=False)
+        if blob is not None
+        else json.loads(fields[JSON_FIELD])
+    )
     return doc
 
 

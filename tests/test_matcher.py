@@ -2,6 +2,7 @@
 resolve the waiting request by the schedule, and one decision record follows."""
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -12,7 +13,7 @@ import redis.asyncio as aioredis
 
 from rendezvous import names
 from rendezvous.appender import StreamAppender
-from rendezvous.decision import decode_decision
+from rendezvous.decision import build_decision, decode_decision, encode_decision
 from rendezvous.envelope import ModelResult
 from rendezvous.matcher import DuplicateRequest, Rendezvous
 from rendezvous.schedule import Schedule
@@ -164,3 +165,20 @@ async def test_a_caller_that_goes_away_leaks_no_mailbox(rdv: Rendezvous, r: redi
         await waiter
     [rec] = await decisions(r, 1)
     assert rec["outcome"] == "timeout" and "gone" not in rdv.mailboxes
+
+
+def test_decision_records_round_trip_and_json_records_are_still_read() -> None:
+    real = ModelResult(request_id="r1", deployment=DEP, role="real", model="m", version=2,
+                       labels=[1], probabilities=np.array([[0.25, 0.75]], dtype=np.float32),
+                       classes=[0, 1], model_latency_ms=0.1, queue_ms=0.2)  # fmt: skip
+    canary = ModelResult(request_id="r1", deployment=DEP, role="canary", model="m", version=1,
+                         labels=[0], probabilities=np.array([[0.6, 0.4]], dtype=np.float32),
+                         classes=[0, 1], model_latency_ms=0.1, queue_ms=0.2)  # fmt: skip
+    record = build_decision(request_id="r1", deployment=DEP, started_ms=1.0,
+                            expected_roles=ROLES, results={"real": real, "canary": canary},
+                            chosen_role="real", outcome="real", answered_after_ms=1.5)  # fmt: skip
+    fields = encode_decision(record)
+    assert decode_decision(fields) == record
+    assert record["divergence"]["disagreements"] == 1
+    # A stream written by an older gateway holds JSON under another field.
+    assert decode_decision({b"d": json.dumps(record).encode()}) == record
