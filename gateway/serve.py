@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import time
 
 import redis
 
 from gateway.process import settings_from_args, stop_event
 from gateway.supervisor import Supervisor, child_env
+from models.demo import DEMO_DEPLOYMENT, demo_models_present
 from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
-from models.train import DEMO_DEPLOYMENT, demo_models_present, train_demo
 from rendezvous.connection import connect
 from rendezvous.names import REAL
 from rendezvous.redis_server import EmbeddedRedis
@@ -89,7 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         registry = ModelRegistry(settings.models_dir)
         if not demo_models_present(registry):
             log.info("first start: training the demo models into %s", settings.models_dir)
-            train_demo(registry)
+            # In a child: scikit-learn would otherwise stay in this long-lived process's memory.
+            subprocess.run([*supervisor.command, "train-demo"], env=supervisor.env, check=True)
         client = connect(url)
         store = DeploymentStore(client)
         if DEMO_DEPLOYMENT not in store.list():

@@ -353,7 +353,7 @@ class DeploymentStore:
 
 
 def demo_deployment(registry: ModelRegistry, schedule: Schedule) -> Deployment:
-    from models.train import CANARY_VERSION, DEMO_DEPLOYMENT, DEMO_MODEL, REAL_VERSION
+    from models.demo import CANARY_VERSION, DEMO_DEPLOYMENT, DEMO_MODEL, REAL_VERSION
 
     real = registry.meta(DEMO_MODEL, REAL_VERSION)
     return Deployment(

@@ -22,6 +22,13 @@ from sklearn.model_selection import cross_val_predict, train_test_split
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from models.demo import (  # noqa: F401 - the demo's names, re-exported
+    CANARY_VERSION,
+    DEMO_DEPLOYMENT,
+    DEMO_MODEL,
+    REAL_VERSION,
+    demo_models_present,
+)
 from models.registry import ModelMeta, ModelRegistry
 from models.runtime import OnnxClassifier
 from models.spec import FeatureSpec, FeatureStats
@@ -29,10 +36,6 @@ from rendezvous.drift import score_counts
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL = "breast-cancer"
-DEMO_DEPLOYMENT = "breast-cancer"
-CANARY_VERSION = 1
-REAL_VERSION = 2
 SEED = 0
 QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """Deciles: the cuts of the feature-drift histograms. Equal-mass bins keep the PSI of a
@@ -117,10 +120,6 @@ def _candidates() -> dict[int, tuple[str, Any]]:
             GradientBoostingClassifier(n_estimators=100, max_depth=3, random_state=SEED),
         ),
     }
-
-
-def demo_models_present(registry: ModelRegistry) -> bool:
-    return all(registry.exists(DEMO_MODEL, v) for v in (CANARY_VERSION, REAL_VERSION))
 
 
 def train_demo(registry: ModelRegistry, force: bool = False) -> list[ModelMeta]:
