@@ -49,6 +49,33 @@ def latency_figures(latencies_ms: Sequence[float]) -> dict[str, Any]:
     return out
 
 
+def combine_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One system's figures over several rounds. Each load keeps the round with the median
+    throughput, whole (its latencies, CPU and errors belong together), and lists every
+    round's throughput and latencies beside it; memory is the largest peak of any round."""
+    if len(runs) == 1:
+        return runs[0]
+    combined = dict(runs[0])
+    combined["rounds"] = len(runs)
+    combined["labels_agree_with_onnxruntime"] = all(
+        r["labels_agree_with_onnxruntime"] for r in runs
+    )
+    combined["rss_mb"] = max(runs, key=lambda r: r["rss_mb"]["peak_serving_total"])["rss_mb"]
+    combined["phases"] = {}
+    for label in runs[0]["phases"]:
+        measured = [r["phases"][label] for r in runs if label in r["phases"]]
+        median = dict(sorted(measured, key=lambda ph: ph["throughput_rps"])[len(measured) // 2])
+        median["rounds"] = {
+            "throughput_rps": [ph["throughput_rps"] for ph in measured],
+            "p50_ms": [ph["latency_ms"].get("p50") for ph in measured],
+            "p99_ms": [ph["latency_ms"].get("p99") for ph in measured],
+            "errors": [ph["errors"] for ph in measured],
+        }
+        median["errors"] = sum(ph["errors"] for ph in measured)
+        combined["phases"][label] = median
+    return combined
+
+
 def _phase(results: dict[str, Any], system: str, load: str) -> dict[str, Any] | None:
     phase: dict[str, Any] | None = results.get("systems", {}).get(system, {}).get("phases", {})
     return phase.get(load) if phase else None
@@ -120,7 +147,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
         f"{results['date']}, commit `{results['commit']}`, {m['cpus']} x "
-        f"{m['cpu_model'] or 'CPU'}, {results['config']['duration']:g} s per load.",
+        f"{m['cpu_model'] or 'CPU'}, {results['config']['duration']:g} s per load"
+        f"{_rounds_text(results)}.",
         "",
         "| system | c1 p50 ms | c64 req/s | c64 p50 ms | c64 p99 ms | CPU µs/req at c64 "
         "| errors | peak RSS MB |",
@@ -141,6 +169,13 @@ def summary_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rounds_text(results: dict[str, Any]) -> str:
+    rounds = results["config"].get("rounds") or 1
+    if rounds == 1:
+        return ""
+    return f"; {rounds} rounds over the systems in turn, each figure from its median round"
+
+
 def _ratio_lines(r: dict[str, Any]) -> list[str]:
     lines = ["", "| gateway vs baselines | measured | target | met |", "|---|---:|---:|:-:|"]
     for key, t in r["targets"].items():
@@ -158,7 +193,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{' (uncommitted changes)' if results.get('dirty') else ''}: {m['cpus']} x "
         f"{m['cpu_model'] or 'CPU'}, {m['mem_total_mb'] // 1024} GiB, Python {m['python']}; "
         f"{results['config']['duration']:g} s per load after "
-        f"{results['config']['warmup']:g} s warm-up; load generator: "
+        f"{results['config']['warmup']:g} s warm-up{_rounds_text(results)}; load generator: "
         f"{results['config']['loadgen_procs']} processes of raw HTTP/1.1 keep-alive.",
         "",
         "| system | load | req/s | p50 ms | p90 ms | p99 ms | errors | server CPU s "
@@ -175,6 +210,15 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_fmt(ph['loadgen']['cpu_us_per_request'], 0)} "
                 f"| {_fmt(ph['machine']['other_cpu_s'])} |"
             )
+    spread = [
+        f"{name} {label} " + " / ".join(_fmt(v, 0) for v in ph["rounds"]["throughput_rps"])
+        for name, system in results["systems"].items()
+        for label, ph in system["phases"].items()
+        if "rounds" in ph and label.startswith("c")
+    ]
+    if spread:
+        lines += ["", "Requests/s of every round (the spread is the machine's noise): "
+                  + "; ".join(spread) + "."]  # fmt: skip
     lines += [
         "",
         "| system | processes | peak RSS MB (all) | peak RSS MB by part |",

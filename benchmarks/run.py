@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,14 @@ from typing import Any
 
 from benchmarks import procstat
 from benchmarks.loadgen import Load, run_load
-from benchmarks.report import SYSTEM_TITLES, latency_figures, markdown, ratios, summary_markdown
+from benchmarks.report import (
+    SYSTEM_TITLES,
+    combine_rounds,
+    latency_figures,
+    markdown,
+    ratios,
+    summary_markdown,
+)
 from benchmarks.systems import (
     REPO,
     Running,
@@ -59,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", help="closed-loop concurrencies (default 1,8,64)")
     p.add_argument("--rate", type=float, help="open-loop requests/s (default 400; 0: none)")
     p.add_argument("--loadgen-procs", type=int, default=2, help="load processes (default 2)")
+    p.add_argument("--rounds", type=int, help="rounds over every system in turn; each load's "
+                   "figures are its median round's (default 3, quick 1)")  # fmt: skip
     p.add_argument("--systems", default=",".join(SYSTEMS), help="which of " + ",".join(SYSTEMS))
     p.add_argument("--gateway-processes", type=int, help="RDV_GATEWAY_PROCESSES (default: rdv's)")
     p.add_argument("--set", action="append", default=[], metavar="RDV_NAME=VALUE",
@@ -90,6 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         int(c) for c in (args.concurrency or ("1,64" if args.quick else "1,8,64")).split(",")
     ]
     args.rate = args.rate if args.rate is not None else (200.0 if args.quick else 400.0)
+    args.rounds = max(1, args.rounds or (1 if args.quick else 3))
     args.systems = [s for s in args.systems.split(",") if s]
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
@@ -250,9 +261,15 @@ def _expected_labels(model: Path, rows: list[list[float]]) -> list[int]:
     return [int(v) for v in labels]
 
 
-def _start(name: str, args: argparse.Namespace, work: Path, model: Path | None) -> Running:
+def _start(
+    name: str, args: argparse.Namespace, work: Path, model: Path | None, round_no: int
+) -> Running:
     if name == "gateway":
-        return start_rdv(work / "rdv-data", work, args.gateway_processes, settings=dict(args.set))
+        # A fresh data folder (and embedded Redis) each round, with round 1's trained models.
+        data = work / f"rdv-data-{round_no}"
+        if round_no > 1 and (work / "rdv-data-1" / "models").is_dir():
+            shutil.copytree(work / "rdv-data-1" / "models", data / "models")
+        return start_rdv(data, work, args.gateway_processes, settings=dict(args.set))
     assert model is not None
     if name == "inprocess":
         return start_inprocess(model, work, args.inprocess_processes)
@@ -280,26 +297,36 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     }
     if not args.no_calibrate:
         results["loadgen_calibration"] = calibrate(args, work, rows)
-    for name in args.systems:
-        if name != "gateway" and model is None:
-            model = _train(work)
-        t0 = time.monotonic()
-        log(f"starting {name}")
-        try:
-            running = _start(name, args, work, model)
-        except Exception as exc:  # a baseline that cannot start must not sink the run
-            log(f"{name} did not start: {exc}")
-            results["failed"][name] = str(exc)[-2000:]
-            continue
-        if name == "gateway" and model is None:
-            model = work / "rdv-data" / "models" / "breast-cancer" / "2" / "model.onnx"
-        try:
-            expected = _expected_labels(model, rows[:8]) if model else []
-            results["systems"][name] = measure(running, args, rows, expected, time.monotonic() - t0)
-        finally:
-            code = running.stop()
-            log(f"stopped {name} (exit {code})")
-            time.sleep(1.0)
+    # Rounds take the systems in turn, so that a slow spell of a shared machine falls on
+    # every system rather than on whichever happened to be measured then.
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for round_no in range(1, args.rounds + 1):
+        if args.rounds > 1:
+            log(f"round {round_no} of {args.rounds}")
+        for name in args.systems:
+            if name in results["failed"]:
+                continue
+            if name != "gateway" and model is None:
+                model = _train(work)
+            t0 = time.monotonic()
+            log(f"starting {name}")
+            try:
+                running = _start(name, args, work, model, round_no)
+            except Exception as exc:  # a baseline that cannot start must not sink the run
+                log(f"{name} did not start: {exc}")
+                results["failed"][name] = str(exc)[-2000:]
+                continue
+            if name == "gateway" and model is None:
+                model = work / "rdv-data-1" / "models" / "breast-cancer" / "2" / "model.onnx"
+            try:
+                expected = _expected_labels(model, rows[:8]) if model else []
+                figures = measure(running, args, rows, expected, time.monotonic() - t0)
+                runs.setdefault(name, []).append(figures)
+            finally:
+                code = running.stop()
+                log(f"stopped {name} (exit {code})")
+                time.sleep(1.0)
+    results["systems"] = {name: combine_rounds(figures) for name, figures in runs.items()}
     machine["loadavg_at_end"] = list(os.getloadavg())
     results["ratios"] = ratios(results)
     results["notes"] += _notes(results)

@@ -30,7 +30,7 @@ def test_bench_harness_runs_against_the_inprocess_baseline(
     argv = [
         sys.executable, "-m", "benchmarks.run", "--systems", "inprocess", "--model", str(model),
         "--duration", "0.3", "--warmup", "0.2", "--concurrency", "1,4", "--rate", "50",
-        "--loadgen-procs", "2", "--no-plot", "--out", str(out),
+        "--loadgen-procs", "2", "--rounds", "2", "--no-plot", "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=100)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -53,3 +53,8 @@ def test_bench_harness_runs_against_the_inprocess_baseline(
         assert phase["cpu_s"]["total"] >= 0
         assert phase["loadgen"]["procs"] >= 1
     assert system["phases"]["c4"]["loadgen"]["procs"] == 2
+    # Two rounds: each load reports one of them whole and lists both.
+    assert system["rounds"] == 2
+    for phase in system["phases"].values():
+        assert len(phase["rounds"]["throughput_rps"]) == 2
+        assert phase["throughput_rps"] in phase["rounds"]["throughput_rps"]
