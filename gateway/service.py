@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -156,7 +156,7 @@ class PredictionService:
         dep = self.deployments.get(deployment)
         spec = dep.feature_spec
         features = to_matrix(spec, parse_body(raw), self.max_rows)
-        rid = check_request_id(request_id) if request_id else uuid.uuid4().hex
+        rid = check_request_id(request_id) if request_id else os.urandom(16).hex()
         if self.in_flight >= self.max_in_flight:
             raise Overloaded(f"this gateway already holds {self.in_flight} requests; retry later")
         backlog = self.deployments.backlog.get(dep.name, 0)

@@ -3,6 +3,7 @@ statistics (kept for feature-drift tracking)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,8 +58,7 @@ class FeatureSpec:
     def version(self) -> str:
         """Stable id of the names and their order: two specs that feed a model the same way
         share it, so an archived row says exactly which layout it was built for."""
-        digest = hashlib.sha256("\x1f".join(self.names).encode()).hexdigest()
-        return f"fs-{digest[:12]}"
+        return _layout_id(tuple(self.names))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,3 +77,10 @@ class FeatureSpec:
     @classmethod
     def from_names(cls, names: Sequence[str]) -> FeatureSpec:
         return cls(names=tuple(names))
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_id(names: tuple[str, ...]) -> str:
+    """Cached: the gateway stamps every envelope with it."""
+    digest = hashlib.sha256("\x1f".join(names).encode()).hexdigest()
+    return f"fs-{digest[:12]}"
