@@ -24,6 +24,10 @@ from rendezvous.drift import ALERT_KINDS
 
 STALE_STATS_S = 60.0
 """Counters of a process that has not published for this long are not exposed (it died)."""
+FORGET_STATS_S = 600.0
+"""... and after this long they are deleted, so that the hashes do not grow with every
+restart of a worker named after its pid. A live process publishes its whole counters at each
+heartbeat, so one that was only stalled loses nothing."""
 
 WORKER_COUNTERS = ("scored", "rows", "batches", "expired", "malformed", "errors", "reclaimed")
 LOGBIN_COUNTERS = ("records", "bytes_written", "batches", "undecodable", "errors", "trimmed")
@@ -63,15 +67,23 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _fresh_stats(raw: Mapping[bytes, bytes], now_s: float) -> dict[str, dict[str, Any]]:
+def _fresh_stats(
+    raw: Mapping[bytes, bytes], now_s: float, forget: list[bytes]
+) -> dict[str, dict[str, Any]]:
+    """The counters published in the last ``STALE_STATS_S``; appends to ``forget`` the fields
+    older than ``FORGET_STATS_S`` (or unreadable)."""
     out = {}
     for key, value in raw.items():
         try:
             doc = json.loads(value)
-        except ValueError:
+            age_s = now_s - float(doc.get("ts", 0))
+        except (ValueError, TypeError, AttributeError):
+            forget.append(key)
             continue
-        if isinstance(doc, dict) and now_s - float(doc.get("ts", 0)) <= STALE_STATS_S:
+        if age_s <= STALE_STATS_S:
             out[_text(key)] = doc
+        elif age_s > FORGET_STATS_S:
+            forget.append(key)
     return out
 
 
@@ -90,8 +102,11 @@ async def read_state(
         pipe.xinfo_groups(names.input_stream(dep))
     replies = await pipe.execute(raise_on_error=False)
     state = ClusterState()
+    forget: dict[str, list[bytes]] = {}
     if isinstance(replies[0], dict):
-        state.logbin_stats = _fresh_stats(replies[0], now)
+        state.logbin_stats = _fresh_stats(
+            replies[0], now, forget.setdefault(names.LOGBIN_STATS, [])
+        )
     for i, dep in enumerate(deployments):
         xlen_in, xlen_dec, live, stats, report, groups = replies[1 + 6 * i : 7 + 6 * i]
         ds = DeploymentState()
@@ -103,14 +118,25 @@ async def read_state(
                 role = _text(member).split("|", 1)[0]
                 ds.live_workers[role] = ds.live_workers.get(role, 0) + 1
         if isinstance(stats, dict):
-            ds.worker_stats = _fresh_stats(stats, now)
+            ds.worker_stats = _fresh_stats(stats, now, forget.setdefault(names.stats_key(dep), []))
         if isinstance(report, bytes | str):
             try:
                 ds.drift = json.loads(report)
             except ValueError:
                 ds.drift = None
         state.deployments[dep] = ds
+    await _forget(client, forget)
     return state
+
+
+async def _forget(client: aioredis.Redis, fields: dict[str, list[bytes]]) -> None:
+    """Delete long-dead publishers' counters (a round trip only when there are some)."""
+    pipe = client.pipeline(transaction=False)
+    for key, keys in fields.items():
+        if keys:
+            pipe.hdel(key, *keys)
+    if len(pipe):
+        await pipe.execute(raise_on_error=False)
 
 
 def _gauge(name: str, doc: str, labels: Sequence[str]) -> GaugeMetricFamily:
