@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.train import DEMO_DEPLOYMENT, demo_data
@@ -296,31 +295,3 @@ def test_metrics_are_summed_over_gateway_processes(
         code = proc.stop()
         assert code in (0, -15), proc.log_text()[-2000:]
 
-
-async def test_counters_of_dead_processes_are_hidden_then_forgotten(
-    r: redis.Redis, redis_url: str
-) -> None:
-    import redis.asyncio as aioredis
-
-    from gateway.metrics_state import FORGET_STATS_S, STALE_STATS_S, read_state
-
-    now = time.time()
-    key = names.stats_key("dep")
-    r.delete(key, names.LOGBIN_STATS)
-    r.hset(key, mapping={
-        "real|alive": json.dumps({"ts": now, "scored": 5}),
-        "real|stalled": json.dumps({"ts": now - STALE_STATS_S - 5, "scored": 7}),
-        "real|long-dead": json.dumps({"ts": now - FORGET_STATS_S - 5, "scored": 9}),
-        "real|garbage": b"\xff not json",
-    })  # fmt: skip
-    r.hset(names.LOGBIN_STATS, "logbin-old", json.dumps({"ts": now - FORGET_STATS_S - 5}))
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        state = await read_state(client, ["dep"], heartbeat_timeout_s=10)
-    finally:
-        await client.aclose()
-    assert set(state.deployments["dep"].worker_stats) == {"real|alive"}
-    assert state.logbin_stats == {}
-    # The stalled one may come back and republish; the long-dead and unreadable are deleted.
-    assert set(r.hkeys(key)) == {b"real|alive", b"real|stalled"}
-    assert not r.exists(names.LOGBIN_STATS)
