@@ -71,9 +71,13 @@ def combine_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "p99_ms": [ph["latency_ms"].get("p99") for ph in measured],
             "errors": [ph["errors"] for ph in measured],
         }
-        median["errors"] = sum(ph["errors"] for ph in measured)
         combined["phases"][label] = median
     return combined
+
+
+def _all_errors(phase: dict[str, Any]) -> int:
+    """Errors of every round of a load (a phase's own ``errors`` are its median round's)."""
+    return sum(phase.get("rounds", {}).get("errors") or [phase["errors"]])
 
 
 def _phase(results: dict[str, Any], system: str, load: str) -> dict[str, Any] | None:
@@ -156,7 +160,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
     ]
     for name, system in results["systems"].items():
         lo, hi = system["phases"].get("c1"), system["phases"].get("c64")
-        errors = sum(ph["errors"] for ph in system["phases"].values())
+        errors = sum(_all_errors(ph) for ph in system["phases"].values())
         lines.append(
             f"| {name} | {_fmt(lo['latency_ms'].get('p50') if lo else None)} "
             f"| {_fmt(hi['throughput_rps'] if hi else None, 0)} "
@@ -205,7 +209,7 @@ def markdown(results: dict[str, Any]) -> str:
             lat = ph["latency_ms"]
             lines.append(
                 f"| {name} | {label} | {_fmt(ph['throughput_rps'], 0)} | {_fmt(lat.get('p50'))} "
-                f"| {_fmt(lat.get('p90'))} | {_fmt(lat.get('p99'))} | {ph['errors']} "
+                f"| {_fmt(lat.get('p90'))} | {_fmt(lat.get('p99'))} | {_all_errors(ph)} "
                 f"| {_fmt(ph['cpu_s']['total'])} | {_fmt(ph['cpu_us_per_request'], 0)} "
                 f"| {_fmt(ph['loadgen']['cpu_us_per_request'], 0)} "
                 f"| {_fmt(ph['machine']['other_cpu_s'])} |"
