@@ -139,12 +139,14 @@ def latency_budget(redis_port: int, client_ms: list[float], last: int) -> dict[s
     """Medians over the latest decision records: where a c1 request's time goes."""
     import redis
 
+    from rendezvous.decision import decode_decision
+
     client = redis.Redis(port=redis_port)
     try:
         entries = client.xrevrange("rdv:{breast-cancer}:decisions", count=last)
     finally:
         client.close()
-    records = [json.loads(fields[b"d"]) for _id, fields in entries or [] if fields]
+    records = [decode_decision(fields) for _id, fields in entries or [] if fields]
     answered = [r["answered_after_ms"] for r in records if r.get("answered_after_ms")]
     out: dict[str, object] = {
         "records": len(records),

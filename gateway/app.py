@@ -37,6 +37,7 @@ from rendezvous.appender import StreamAppender
 from rendezvous.connection import connect_async
 from rendezvous.heap import settle_heap
 from rendezvous.matcher import Rendezvous
+from rendezvous.resp import LeanRedis
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not settings.redis_url:
             raise RuntimeError("the gateway needs RDV_REDIS_URL (rdv serve sets it for you)")
         client = await connect_async(settings.redis_url, timeout_s=settings.redis_timeout_s)
-        # The reader blocks up to 1 s per XREAD; its timeout must outlast that.
-        reader = await connect_async(
-            settings.redis_url, timeout_s=settings.redis_timeout_s + 1, retry_stale=False
-        )
+        # The hot path's two connections (see rendezvous.resp). The reader blocks up to 1 s
+        # per XREAD; its timeout must outlast that.
+        writer = LeanRedis(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        reader = LeanRedis(settings.redis_url, timeout_s=settings.redis_timeout_s + 1)
+        await writer.connect()
         deployments = DeploymentCache(client)
         await deployments.refresh()
-        appender = StreamAppender(client)
+        appender = StreamAppender(writer)
         instance = instance_id()
         feed = DriftFeed(client, deployments, maxlen=settings.drift_sketch_maxlen)
 
@@ -136,7 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if multiprocess_dir() is not None:
                 mark_process_dead(os.getpid())
             await appender.close()
-            await reader.aclose()
+            await writer.close()
             await client.aclose()
 
     app = FastAPI(

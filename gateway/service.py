@@ -126,9 +126,7 @@ class PredictionService:
         self.max_backlog = max_backlog
         self.in_flight = 0
 
-    async def predict(
-        self, deployment: str, raw: bytes, request_id: str | None
-    ) -> dict[str, Any]:
+    async def predict(self, deployment: str, raw: bytes, request_id: str | None) -> dict[str, Any]:
         """Validate, publish, wait; refuses at once when this gateway or the stream is full.
         Every request is counted once, by outcome (see ``gateway.metrics.OUTCOMES``)."""
         t0 = time.perf_counter()

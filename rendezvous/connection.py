@@ -52,17 +52,16 @@ def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = Non
 
 
 async def connect_async(
-    url: str, wait_s: float = 30.0, timeout_s: float | None = None, retry_stale: bool = True
+    url: str, wait_s: float = 30.0, timeout_s: float | None = None
 ) -> aioredis.Redis:
     """An asyncio client (gateway), after the server answered a PING. ``timeout_s`` bounds
-    every command, so a hung server turns into an error instead of a hung request.
-    ``retry_stale=False`` for a connection that is closed on purpose to end a blocking read."""
+    every command, so a hung server turns into an error instead of a hung request."""
     client = aioredis.Redis.from_url(
         url,
         socket_connect_timeout=2.0,
         socket_timeout=timeout_s,
         health_check_interval=30,
-        retry=_stale_connection_retry(AsyncRetry) if retry_stale else None,
+        retry=_stale_connection_retry(AsyncRetry),
     )
     deadline = time.monotonic() + wait_s
     delay_s = 0.05

@@ -23,6 +23,7 @@ from rendezvous import names
 from rendezvous.appender import StreamAppender
 from rendezvous.decision import build_decision, encode_decision
 from rendezvous.envelope import EnvelopeError, ModelResult
+from rendezvous.resp import LeanRedis, pack
 from rendezvous.schedule import Schedule, decide
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ REPLY_TTL_S = 600
 """A reply stream outlives its gateway by this much at most (refreshed while it lives)."""
 
 _HELLO = b"hello"
+_XREAD = (b"XREAD", b"COUNT", b"1024", b"BLOCK", b"1000", b"STREAMS")
 
 
 class DuplicateRequest(ValueError):
@@ -68,7 +70,7 @@ class Rendezvous:
     def __init__(
         self,
         client: aioredis.Redis,
-        reader: aioredis.Redis,
+        reader: LeanRedis,
         reply_to: str,
         decisions: StreamAppender,
         *,
@@ -77,9 +79,7 @@ class Rendezvous:
     ):
         self.client = client
         self.reader = reader
-        """A client of its own: the blocking XREAD holds its connection. Its XREAD replies
-        are taken raw (redis-py's parsing into dicts cost ~3 µs a result on the hot path)."""
-        reader.set_response_callback("XREAD", _raw_reply)
+        """A connection of its own: the blocking XREAD holds it."""
         self.reply_to = reply_to
         self.decisions = decisions
         self.decisions_maxlen = decisions_maxlen
@@ -101,10 +101,10 @@ class Rendezvous:
     async def stop(self) -> None:
         """Stop reading, close every mailbox (writing its record), delete the reply stream."""
         if self._task is not None:
-            # Cancelling a blocked XREAD can leave redis-py waiting forever; instead drop the
-            # reader's connections, so the read fails and the loop sees the stop flag.
+            # Closing the reader's connection fails the blocked XREAD at once; the loop then
+            # sees the stop flag.
             self._stopping = True
-            await self.reader.connection_pool.disconnect()
+            await self.reader.close()
             done, _ = await asyncio.wait({self._task}, timeout=2.0)
             if not done:
                 self._task.cancel()
@@ -256,11 +256,13 @@ class Rendezvous:
                     if not await self.client.expire(self.reply_to, REPLY_TTL_S):
                         await self._create_stream()  # lost (e.g. Redis restarted empty)
                     self._next_ttl = time.monotonic() + REPLY_TTL_S / 10
-                reply = await self.reader.execute_command(
-                    "XREAD", "COUNT", 1024, "BLOCK", 1000, "STREAMS", self.reply_to, self._last_id
+                (reply,) = await self.reader.execute(
+                    pack(*_XREAD, self.reply_to.encode(), self._last_id), 1, retry=False
                 )
+                if isinstance(reply, Exception):
+                    raise reply
                 backoff_s = 0.05
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
                 if self._stopping:
                     return
                 log.warning("reply stream read failed (%s); retrying in %.2fs", exc, backoff_s)
@@ -283,10 +285,6 @@ class Rendezvous:
                     log.warning("undecodable result on %s: %s", self.reply_to, exc)
                     continue
                 self.file(result)
-
-
-def _raw_reply(response: Any, **_options: Any) -> Any:
-    return response
 
 
 def _stream_entries(reply: Any) -> list[Any]:

@@ -16,6 +16,7 @@ from rendezvous.appender import StreamAppender
 from rendezvous.decision import build_decision, decode_decision, encode_decision
 from rendezvous.envelope import ModelResult
 from rendezvous.matcher import DuplicateRequest, Rendezvous
+from rendezvous.resp import LeanRedis
 from rendezvous.schedule import Schedule
 
 DEP = "dep"
@@ -27,13 +28,14 @@ _bg: set[asyncio.Task[None]] = set()
 @pytest.fixture
 async def rdv(r: redis.Redis, redis_url: str) -> AsyncIterator[Rendezvous]:
     client = aioredis.Redis.from_url(redis_url)
-    reader = aioredis.Redis.from_url(redis_url)
-    matcher = Rendezvous(client, reader, names.reply_stream("t-gw"), StreamAppender(client))
+    reader = LeanRedis(redis_url, timeout_s=3.0)
+    writer = LeanRedis(redis_url, timeout_s=2.0)
+    matcher = Rendezvous(client, reader, names.reply_stream("t-gw"), StreamAppender(writer))
     await matcher.start()
     yield matcher
     await matcher.stop()
     await matcher.decisions.close()
-    await reader.aclose()
+    await writer.close()
     await client.aclose()
 
 
