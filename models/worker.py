@@ -30,6 +30,7 @@ from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from rendezvous import names
 from rendezvous.envelope import EnvelopeError, ModelResult, RequestEnvelope
+from rendezvous.resp import BlockingLeanRedis, Endpoint, pack
 from rendezvous.schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,17 @@ class ModelWorker:
         self._next_heartbeat = 0.0
         self._next_claim = 0.0
         self._pending_first = True
+        self.lean = BlockingLeanRedis(
+            Endpoint.of_client(client),
+            timeout_s=client.connection_pool.connection_kwargs.get("socket_timeout"),
+        )
+        """The two round trips of every batch go over a lean connection (see
+        ``rendezvous.resp``); redis-py's command layer cost more than the model."""
+        self._stream_b = self.stream.encode()
+        self._group_b = self.group.encode()
+        self._consumer_b = consumer.encode()
+        self._reply_maxlen_b = b"%d" % reply_maxlen
+        self._get_revision = pack(b"GET", names.revision_key(self.deployment).encode())
 
     # -- model --------------------------------------------------------------------------------
 
@@ -155,6 +167,7 @@ class ModelWorker:
             self._serve(stop)
         finally:
             self.unpublish()
+            self.lean.close()
 
     def _serve(self, stop: threading.Event) -> None:
         self._pause = stop.wait
@@ -254,19 +267,22 @@ class ModelWorker:
         # The revision rides along with the read (same round trip, answered once the read
         # returns), so a batch is scored by the version holding the role when it was read:
         # a promotion takes effect at once, not at the next heartbeat.
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xreadgroup(
-            self.group,
-            self.consumer,
-            {self.stream: ">"},
-            count=self.batch_size,
-            block=block_ms,
+        read = [b"XREADGROUP", b"GROUP", self._group_b, self._consumer_b,
+                b"COUNT", b"%d" % self.batch_size]  # fmt: skip
+        if block_ms is not None:
+            read += [b"BLOCK", b"%d" % block_ms]
+        read += [b"STREAMS", self._stream_b, b">"]
+        wait_s = (
+            None if self.lean.timeout_s is None else self.lean.timeout_s + (block_ms or 0) / 1e3
         )
-        pipe.get(names.revision_key(self.deployment))
-        reply, revision = pipe.execute()
+        # No retry: a read whose reply was lost has moved entries to our pending list, which
+        # the error path re-reads first (``_pending_first``).
+        reply, revision = _raise_first_error(
+            self.lean.execute(pack(*read) + self._get_revision, 2, retry=False, timeout_s=wait_s)
+        )
         if revision is not None and int(revision) != self.revision:
             self._maybe_reload(self.client.get(names.deployment_key(self.deployment)))
-        return reply[0][1] if reply else []
+        return _new_entries(reply)
 
     def _handle(
         self, entries: list[tuple[bytes, dict[bytes, bytes]]], extra_ops: list[tuple[str, Any]]
@@ -293,27 +309,28 @@ class ModelWorker:
             replies.extend(self._score(live))
         if entries:
             self.stats.batches += 1
-        pipe = self.client.pipeline(transaction=False)
+        commands = []
         for reply_to, result in replies:
             # NOMKSTREAM: a gateway that is gone has no stream, and we must not recreate it.
-            pipe.xadd(
-                reply_to,
-                result.encode(),  # type: ignore[arg-type]
-                maxlen=self.reply_maxlen,
-                approximate=True,
-                nomkstream=True,
-            )
+            (field, value), *_ = result.encode().items()
+            commands.append(pack(b"XADD", reply_to.encode(), b"NOMKSTREAM", b"MAXLEN", b"~",
+                                 self._reply_maxlen_b, b"*", field, value))  # fmt: skip
         if ack_ids:
-            pipe.xack(self.stream, self.group, *ack_ids)
+            commands.append(pack(b"XACK", self._stream_b, self._group_b, *ack_ids))
         if extra_ops:
             # The heartbeat rides with the results: liveness, counters and the deployment
             # state cost no round trip of their own.
             now = extra_ops[0][1]
-            member = names.worker_member(self.role, self.consumer)
-            pipe.zadd(names.workers_key(self.deployment), {member: now})
-            pipe.hset(names.stats_key(self.deployment), member, self.stats_json(now))
-            pipe.get(names.deployment_key(self.deployment))
-        out = pipe.execute()
+            member = names.worker_member(self.role, self.consumer).encode()
+            workers = names.workers_key(self.deployment).encode()
+            stats = names.stats_key(self.deployment).encode()
+            commands += [
+                pack(b"ZADD", workers, repr(now).encode(), member),
+                pack(b"HSET", stats, member, self.stats_json(now).encode()),
+                pack(b"GET", names.deployment_key(self.deployment).encode()),
+            ]
+        # Retried once on a lost connection: a result written twice is absorbed downstream.
+        out = _raise_first_error(self.lean.execute(b"".join(commands), len(commands)))
         if extra_ops:
             self._maybe_reload(out[-1])
         return len(entries)
@@ -403,3 +420,19 @@ class ModelWorker:
             log.exception("cannot load %s for %s/%s; keeping %s", ref, self.deployment,
                           self.role, self.model_ref)  # fmt: skip
             self.revision = dep.revision
+
+
+def _raise_first_error(replies: list[Any]) -> list[Any]:
+    """Replies of a batch, like a redis-py pipeline's: the first error reply is raised."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
+def _new_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The entries of a one-stream RESP2 XREADGROUP reply (none when the block ran out)."""
+    if not reply:
+        return []
+    return [(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {})
+            for entry_id, flat in reply[0][1]]  # fmt: skip

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from rendezvous.resp import LeanRedis, _Protocol, pack
+from rendezvous.resp import BlockingLeanRedis, Endpoint, LeanRedis, _Protocol, pack
 
 
 def test_pack_is_resp() -> None:
@@ -161,3 +161,37 @@ async def test_a_loading_server_and_a_split_reply_are_told_apart() -> None:
     assert unasked.result() == [b"OK"] and transport.aborted
     with pytest.raises(redis.ConnectionError, match="nobody asked"):
         protocol.send(b"", 1)
+
+
+def test_the_blocking_connection_of_a_worker(r: redis.Redis, acl_user: tuple[str, str]) -> None:
+    """Address, user, password and database come from the worker's redis-py client."""
+    user, password = acl_user
+    kwargs = r.connection_pool.connection_kwargs
+    client = redis.Redis(host=kwargs["host"], port=kwargs["port"], db=2, username=user,
+                         password=password)  # fmt: skip
+    lean = BlockingLeanRedis(Endpoint.of_client(client), timeout_s=2.0)
+    try:
+        client.set("text", "x")
+        blob = pack(b"INCR", b"n") + pack(b"HSET", b"text", b"f", b"v") + pack(b"ACL", b"WHOAMI")
+        first, wrong, whoami = lean.execute(blob, 3)
+        assert first == 1 and whoami == user.encode()
+        assert isinstance(wrong, redis.ResponseError)
+        assert client.get("n") == b"1" and r.get("n") is None  # database 2
+        # a connection killed between uses: the retry takes a fresh one; without retry it fails
+        (first_id,) = lean.execute(pack(b"CLIENT", b"ID"), 1)
+        r.client_kill_filter(_id=first_id)
+        with pytest.raises(redis.ConnectionError):
+            lean.execute(pack(b"PING"), 1, retry=False)
+        (second_id,) = lean.execute(pack(b"CLIENT", b"ID"), 1)
+        r.client_kill_filter(_id=second_id)
+        assert lean.execute(pack(b"PING"), 1) == [b"PONG"]
+        # a reply later than the timeout: an error, and the next command a fresh connection
+        t0 = time.monotonic()
+        with pytest.raises(redis.TimeoutError):
+            lean.execute(pack(b"BLPOP", b"empty", b"2"), 1, timeout_s=0.2)
+        assert time.monotonic() - t0 < 1.0
+        assert lean.execute(pack(b"PING"), 1) == [b"PONG"]
+        client.flushdb()
+    finally:
+        lean.close()
+        client.close()
