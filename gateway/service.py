@@ -186,14 +186,15 @@ class PredictionService:
             features=features,
             spec_version=spec.version,
         )
-        try:
-            await self.appender.append(names.input_stream(dep.name), envelope.encode())
-        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError) as exc:
-            self.rendezvous.discard(mailbox)
-            raise Unavailable(f"the request bus is unavailable: {exc}") from exc
-        except BaseException:
-            self.rendezvous.discard(mailbox)
-            raise
+
+        def unpublished(exc: Exception) -> None:
+            self.rendezvous.fail(mailbox, Unavailable(f"the request bus is unavailable: {exc}"))
+
+        # Not awaited on its own: the one wait below ends with the answer, or with this
+        # error if the XADD failed (one suspension per request instead of two).
+        self.appender.append_nowait(
+            names.input_stream(dep.name), envelope.encode(), on_error=unpublished
+        )
         if self.drift_feed is not None:
             self.drift_feed.observe_rows(dep.name, features)
         answer = await self.rendezvous.wait(mailbox)

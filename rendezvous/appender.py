@@ -1,5 +1,8 @@
 """Coalesce the XADDs of concurrent requests into one pipelined round trip.
 
+Appends are not awaited: the gateway's request waits once, for its answer, and learns of a
+failed publish through ``on_error`` (which fails that wait).
+
 While one pipeline is in flight, new appends queue up; when it returns, everything queued goes
 out together. Under load that turns N round trips into about one per event-loop turn, and an
 idle gateway still sends each append at once. The batch goes over ``rendezvous.resp``'s lean
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from rendezvous.resp import LeanRedis, pack
@@ -22,7 +26,7 @@ class _Pending:
     stream: bytes
     fields: dict[bytes, bytes]
     maxlen: int | None
-    future: asyncio.Future[bytes] | None
+    on_error: Callable[[Exception], None] | None
 
 
 class StreamAppender:
@@ -33,22 +37,15 @@ class StreamAppender:
         self._flusher: asyncio.Task[None] | None = None
         self.round_trips = 0
 
-    async def append(
-        self, stream: str, fields: dict[bytes, bytes], maxlen: int | None = None
-    ) -> bytes:
-        """XADD and wait for the entry id; raises what Redis raised."""
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Pending(stream.encode(), fields, maxlen, future))
-        return await future
-
     def append_nowait(
-        self, stream: str, fields: dict[bytes, bytes], maxlen: int | None = None
+        self,
+        stream: str,
+        fields: dict[bytes, bytes],
+        maxlen: int | None = None,
+        on_error: Callable[[Exception], None] | None = None,
     ) -> None:
-        """XADD without waiting (decision records); a failure is logged, not raised."""
-        self._enqueue(_Pending(stream.encode(), fields, maxlen, None))
-
-    def _enqueue(self, item: _Pending) -> None:
-        self._queue.append(item)
+        """Queue one XADD; a failure goes to ``on_error`` if given, else to the log."""
+        self._queue.append(_Pending(stream.encode(), fields, maxlen, on_error))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
@@ -62,16 +59,15 @@ class StreamAppender:
             except Exception as exc:  # connection errors fail the whole batch
                 results = [exc] * len(batch)
             for item, result in zip(batch, results, strict=True):
-                if item.future is None:
-                    if isinstance(result, Exception):
-                        log.warning("dropped an append to %s: %s", item.stream.decode(), result)
+                if not isinstance(result, Exception):
                     continue
-                if item.future.done():
+                if item.on_error is None:
+                    log.warning("dropped an append to %s: %s", item.stream.decode(), result)
                     continue
-                if isinstance(result, Exception):
-                    item.future.set_exception(result)
-                else:
-                    item.future.set_result(result)  # type: ignore[arg-type]
+                try:
+                    item.on_error(result)
+                except Exception:
+                    log.exception("append error handler failed")
 
     async def close(self) -> None:
         """Send what is queued."""

@@ -39,7 +39,8 @@ def _output(result: ModelResult) -> dict[str, Any]:
     }
     if result.ok:
         out["labels"] = result.labels
-        out["probabilities"] = [[round(float(p), 6) for p in row] for row in result.probabilities]
+        rows = result.probabilities.tolist()  # Python floats first: rounding numpy scalars is slow
+        out["probabilities"] = [[round(p, 6) for p in row] for row in rows]
     else:
         out["error"] = result.error
     return out

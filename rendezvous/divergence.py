@@ -80,15 +80,16 @@ def _js_row(p: list[float], q: list[float]) -> float:
 def _small_divergence(
     labels_a: list[int], pa: list[list[float]], labels_b: list[int], pb: list[list[float]]
 ) -> Divergence:
+    """Lengths already checked by the caller (this runs once per request)."""
     rows = len(pa)
-    js = [_js_row(p, q) for p, q in zip(pa, pb, strict=True)]
+    js = [_js_row(p, q) for p, q in zip(pa, pb)]  # noqa: B905
     abs_mean = abs_max = None
-    if all(len(p) == 2 for p in pa):
-        diff = [abs(p[1] - q[1]) for p, q in zip(pa, pb, strict=True)]
+    if len(pa[0]) == 2:
+        diff = [abs(p[1] - q[1]) for p, q in zip(pa, pb)]  # noqa: B905
         abs_mean, abs_max = sum(diff) / rows, max(diff)
     return Divergence(
         rows=rows,
-        disagreements=sum(a != b for a, b in zip(labels_a, labels_b, strict=True)),
+        disagreements=[a != b for a, b in zip(labels_a, labels_b)].count(True),  # noqa: B905
         abs_diff_mean=abs_mean,
         abs_diff_max=abs_max,
         js_mean=sum(js) / rows,
@@ -103,16 +104,17 @@ def divergence(
     proba_b: np.ndarray,
 ) -> Divergence:
     """Compare two models' outputs for the same rows (same class order in both)."""
-    shape_a, shape_b = np.shape(proba_a), np.shape(proba_b)
-    if (
-        0 < len(labels_a) <= SMALL
-        and shape_a == shape_b
-        and len(shape_a) == 2
-        and len(labels_a) == len(labels_b) == shape_a[0]
-    ):
+    if 0 < len(labels_a) <= SMALL:
         pa = proba_a.tolist() if isinstance(proba_a, np.ndarray) else [list(r) for r in proba_a]
         pb = proba_b.tolist() if isinstance(proba_b, np.ndarray) else [list(r) for r in proba_b]
-        return _small_divergence(labels_a, pa, labels_b, pb)
+        width = len(pa[0]) if pa else -1
+        if (
+            len(labels_a) == len(labels_b) == len(pa) == len(pb)
+            and width > 0
+            and all(len(p) == width for p in pa)
+            and all(len(q) == width for q in pb)
+        ):
+            return _small_divergence(labels_a, pa, labels_b, pb)
     pa = np.asarray(proba_a, dtype=np.float64)
     pb = np.asarray(proba_b, dtype=np.float64)
     if pa.shape != pb.shape or len(labels_a) != len(labels_b) or len(labels_a) != pa.shape[0]:

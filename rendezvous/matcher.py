@@ -161,8 +161,21 @@ class Rendezvous:
         if not mb.answer.done():
             mb.answer.cancel()
 
+    def fail(self, mb: Mailbox, error: Exception) -> None:
+        """Its envelope could not be published: the waiting request gets ``error``, and no
+        record is written (nothing was asked), unless a result already answered it."""
+        if mb.answered is not None or mb.closed:
+            return
+        if mb.timer is not None:
+            mb.timer.cancel()
+        mb.closed = True
+        self.mailboxes.pop(mb.request_id, None)
+        if not mb.answer.done():
+            mb.answer.set_exception(error)
+
     async def wait(self, mb: Mailbox) -> Answer:
-        return await asyncio.shield(mb.answer)
+        """A cancelled waiter cancels ``mb.answer``; the matcher skips done futures."""
+        return await mb.answer
 
     # -- the schedule -------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ resolve the waiting request by the schedule, and one decision record follows."""
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -167,6 +168,26 @@ async def test_a_caller_that_goes_away_leaks_no_mailbox(rdv: Rendezvous, r: redi
         await waiter
     [rec] = await decisions(r, 1)
     assert rec["outcome"] == "timeout" and "gone" not in rdv.mailboxes
+
+
+async def test_an_envelope_that_cannot_be_published_fails_its_wait_without_a_record(
+    rdv: Rendezvous, r: redis.Redis
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nobody = s.getsockname()[1]
+    dead_bus = StreamAppender(LeanRedis(f"redis://127.0.0.1:{nobody}/0", timeout_s=1.0))
+    mb = rdv.open("lost", DEP, SCHEDULE, ROLES)
+
+    def unpublished(exc: Exception) -> None:
+        rdv.fail(mb, RuntimeError(f"unpublished: {exc}"))
+
+    dead_bus.append_nowait(names.input_stream(DEP), {b"m": b"x"}, on_error=unpublished)
+    with pytest.raises(RuntimeError, match="unpublished: cannot connect"):
+        await rdv.wait(mb)
+    assert "lost" not in rdv.mailboxes
+    await asyncio.sleep(SCHEDULE.timeout_ms / 1000 + 0.1)  # no timer is left to write one
+    assert r.xlen(names.decisions_stream(DEP)) == 0
 
 
 def test_decision_records_round_trip_and_json_records_are_still_read() -> None:
