@@ -36,6 +36,8 @@ def cmd_train_demo(args: argparse.Namespace) -> None:
 def cmd_gateway(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from gateway.http_protocol import PredictHttpProtocol
+
     settings = settings_from_args(args)
     _require_redis(settings)
     # The app is built by a factory (in each worker process when there are several), which
@@ -54,6 +56,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         log_level=settings.log_level.lower(),
         access_log=False,
         proxy_headers=settings.proxy_headers,
+        http=PredictHttpProtocol,
         timeout_graceful_shutdown=10,
     )
 

@@ -1,11 +1,12 @@
-"""The predict route as a plain ASGI handler, in front of the FastAPI app.
+"""The predict route without a framework: as a plain ASGI handler in front of the FastAPI app,
+and as the answer that ``gateway.http_protocol`` writes straight to the connection.
 
 Profiling showed the framework around the predict route costing more CPU than everything the
 route does (FastAPI's dependency solving, request object, exception wrapping and response
 classes: ~110 µs of a ~530 µs request at concurrency 64; then, with the route moved into a
 middleware, the five middleware layers FastAPI and Starlette still put around it: ~20 µs).
-Predict is the one hot route, so this handler is the ASGI app uvicorn serves, and it serves
-predict directly: the body is read with the same size cap, the same
+Predict is the one hot route, so ``PredictFastPath`` is the ASGI app uvicorn serves, and it
+serves predict directly: the body is read with the same size cap, the same
 ``PredictionService.predict`` does the work, and failures get the same answers through
 ``gateway.errors.problem``. Every other request (admin, metrics, health, the OpenAPI
 documentation of predict itself) and the lifespan go on to the FastAPI app.
@@ -27,19 +28,17 @@ from gateway.service import PredictionService
 log = logging.getLogger(__name__)
 
 PREDICT_PATH = re.compile(r"^/v1/deployments/([^/]+)/predict$")
-_JSON = (b"content-type", b"application/json")
+
+Reply = tuple[int, bytes, list[tuple[bytes, bytes]]]
+"""(status, JSON body, headers besides content-type and content-length)."""
+
+_CLOSE = [(b"connection", b"close")]
 
 
-async def _respond(send: Send, status: int, doc: Any, headers: dict[str, str] | None = None,
-                   close: bool = False) -> None:  # fmt: skip
+def reply(status: int, doc: Any, headers: dict[str, str] | None = None) -> Reply:
     body = json.dumps(doc, separators=(",", ":")).encode()
-    raw_headers = [_JSON, (b"content-length", str(len(body)).encode())]
-    for name, value in (headers or {}).items():
-        raw_headers.append((name.lower().encode(), value.encode()))
-    if close:
-        raw_headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": body})
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    return status, body, extra
 
 
 class PredictFastPath:
@@ -58,23 +57,52 @@ class PredictFastPath:
                 return
         await self.app(scope, receive, send)
 
-    async def _predict(self, deployment: str, scope: Scope, receive: Receive, send: Send) -> None:
+    # -- shared with gateway.http_protocol ---------------------------------------------------
+
+    def too_large(self) -> Reply:
+        status, body, headers = reply(413, {"detail": f"request body larger than "
+                                                      f"{self.max_body_bytes} bytes"})  # fmt: skip
+        return status, body, headers + _CLOSE
+
+    def check_headers(self, headers: list[tuple[bytes, bytes]]) -> tuple[str | None, Reply | None]:
+        """The caller's request id, and the answer to give at once if the headers already
+        rule the request out (a declared body over the cap, a malformed length)."""
         request_id = None
-        limit = self.max_body_bytes
-        too_large = f"request body larger than {limit} bytes"
-        for name, value in scope["headers"]:
+        for name, value in headers:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")
             elif name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
-                    await _respond(send, 400, {"detail": "invalid Content-Length header"}, None,
-                                   close=True)  # fmt: skip
-                    return
-                if declared > limit:
-                    await _respond(send, 413, {"detail": too_large}, None, close=True)
-                    return
+                    status, body, extra = reply(400, {"detail": "invalid Content-Length header"})
+                    return request_id, (status, body, extra + _CLOSE)
+                if declared > self.max_body_bytes:
+                    return request_id, self.too_large()
+        return request_id, None
+
+    async def answer(self, deployment: str, raw: bytes, request_id: str | None) -> Reply:
+        """Predict, with every failure turned into its HTTP answer."""
+        service = self._service or self._started_service()
+        if service is None:
+            return reply(503, {"detail": "the gateway is starting"}, {"Retry-After": "1"})
+        try:
+            doc = await service.predict(deployment, raw, request_id)
+        except Exception as exc:
+            answer = problem(exc)
+            if answer is None:  # a bug: say so to the caller and in the log, keep serving
+                log.exception("predict %s failed", deployment)
+                return reply(500, {"detail": "internal server error"})
+            return reply(*answer)
+        return reply(200, doc)
+
+    # -- ASGI ---------------------------------------------------------------------------------
+
+    async def _predict(self, deployment: str, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id, refusal = self.check_headers(scope["headers"])
+        if refusal is not None:
+            await _send(send, refusal)
+            return
         chunks = []
         size = 0
         while True:
@@ -83,30 +111,22 @@ class PredictFastPath:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > limit:
-                await _respond(send, 413, {"detail": too_large}, None, close=True)
+            if size > self.max_body_bytes:
+                await _send(send, self.too_large())
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        service = self._service or self._started_service()
-        if service is None:
-            await _respond(send, 503, {"detail": "the gateway is starting"}, {"Retry-After": "1"})
-            return
-        try:
-            doc = await service.predict(deployment, raw, request_id)
-        except Exception as exc:
-            answer = problem(exc)
-            if answer is None:  # a bug: say so to the caller and in the log, keep serving
-                log.exception("predict %s failed", deployment)
-                await _respond(send, 500, {"detail": "internal server error"})
-                return
-            status, body, headers = answer
-            await _respond(send, status, body, headers)
-            return
-        await _respond(send, 200, doc)
+        await _send(send, await self.answer(deployment, raw, request_id))
 
     def _started_service(self) -> PredictionService | None:
         self._service = getattr(self.app.state, "service", None)
         return self._service
+
+
+async def _send(send: Send, answer: Reply) -> None:
+    status, body, extra = answer
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers + extra})
+    await send({"type": "http.response.body", "body": body})

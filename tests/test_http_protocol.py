@@ -1,0 +1,182 @@
+"""HTTP/1.1 on the gateway's predict fast path (gateway.http_protocol), over raw sockets to a
+real ``rdv gateway`` with real workers: keep-alive, pipelining, closing, body limits, chunked
+bodies, and the requests that take uvicorn's ASGI path instead."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from models.train import demo_data
+from processes import PREDICT, System, launch_system
+from rendezvous.schedule import Schedule
+
+SCHEDULE = Schedule(real_deadline_ms=200, timeout_ms=2000, fallbacks=("canary",), grace_ms=100)
+MAX_BODY = 4096
+
+
+@pytest.fixture(scope="module")
+def system(
+    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[System]:
+    with launch_system(redis_url, demo_data_dir, tmp_path_factory, SCHEDULE,
+                       RDV_MAX_BODY_BYTES=str(MAX_BODY)) as sys:  # fmt: skip
+        sys.start_worker("real")
+        sys.start_worker("canary")
+        yield sys
+
+
+ROW = demo_data().x_test[0].tolist()
+
+
+def body() -> bytes:
+    return json.dumps({"instances": [ROW]}).encode()
+
+
+def request(path: str = PREDICT, payload: bytes | None = None, *headers: str,
+            version: str = "1.1") -> bytes:  # fmt: skip
+    payload = body() if payload is None else payload
+    head = [f"POST {path} HTTP/{version}", "Host: test", "Content-Type: application/json",
+            *headers]  # fmt: skip
+    if not any(h.lower().startswith(("content-length", "transfer-encoding")) for h in headers):
+        head.append(f"Content-Length: {len(payload)}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + payload
+
+
+class Conn:
+    """One client connection that reads responses one at a time."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+        length = int(headers.get("content-length", "0"))
+        while len(self.buf) < length:
+            self._fill()
+        content, self.buf = self.buf[:length], self.buf[length:]
+        return int(status_line.split()[1]), headers, content
+
+    def closed_by_server(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before a whole response")
+        self.buf += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def conn(system: System) -> Iterator[Conn]:
+    c = Conn(system.port)
+    yield c
+    c.close()
+
+
+def test_keep_alive_serves_many_predicts_on_one_connection(conn: Conn) -> None:
+    for i in range(3):
+        conn.send(request(PREDICT, None, f"X-Request-Id: ka-{i}"))
+        status, headers, content = conn.response()
+        doc = json.loads(content)
+        assert status == 200 and doc["request_id"] == f"ka-{i}", content
+        assert doc["model"]["role"] == "real" and len(doc["predictions"]) == 1
+        assert headers["content-type"] == "application/json"
+        assert "date" in headers and "connection" not in headers
+
+
+def test_pipelined_requests_are_answered_in_order(conn: Conn) -> None:
+    conn.send(request(PREDICT, None, "X-Request-Id: p-1")
+              + b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+              + request(PREDICT, None, "X-Request-Id: p-2")
+              + request(PREDICT, b"{not json"))  # fmt: skip
+    first, health, second, bad = (conn.response() for _ in range(4))
+    assert first[0] == 200 and json.loads(first[2])["request_id"] == "p-1"
+    assert health[0] == 200 and json.loads(health[2]) == {"status": "ok"}
+    assert second[0] == 200 and json.loads(second[2])["request_id"] == "p-2"
+    assert bad[0] in (400, 422) and "detail" in json.loads(bad[2])
+
+
+def test_http_1_0_and_connection_close_are_honoured(system: System) -> None:
+    for extra, version in (((), "1.0"), (("Connection: close",), "1.1")):
+        c = Conn(system.port)
+        try:
+            c.send(request(PREDICT, None, *extra, version=version))
+            status, headers, _ = c.response()
+            assert status == 200 and headers["connection"] == "close"
+            assert c.closed_by_server()
+        finally:
+            c.close()
+
+
+def test_bodies_over_the_cap_are_refused_declared_or_chunked(system: System) -> None:
+    big = b'{"instances": [' + b"[1.0]," * MAX_BODY + b"[1.0]]}"
+    declared, chunked = Conn(system.port), Conn(system.port)
+    try:
+        declared.send(request(PREDICT, big))
+        status, headers, content = declared.response()
+        assert status == 413 and f"{MAX_BODY} bytes" in json.loads(content)["detail"]
+        assert headers["connection"] == "close" and declared.closed_by_server()
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(big[i : i + 1000]), big[i : i + 1000])
+                          for i in range(0, len(big), 1000))  # fmt: skip
+        chunked.send(request(PREDICT, chunks + b"0\r\n\r\n", "Transfer-Encoding: chunked"))
+        assert chunked.response()[0] == 413
+    finally:
+        declared.close()
+        chunked.close()
+
+
+def test_a_chunked_body_within_the_cap_is_served(conn: Conn) -> None:
+    payload = body()
+    half = len(payload) // 2
+    chunks = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (half, payload[:half], len(payload) - half,
+                                                     payload[half:])  # fmt: skip
+    conn.send(request(PREDICT, chunks, "Transfer-Encoding: chunked", "X-Request-Id: chunky"))
+    status, _, content = conn.response()
+    assert status == 200 and json.loads(content)["request_id"] == "chunky"
+
+
+def test_unusual_requests_take_the_asgi_path_and_get_the_same_answer(conn: Conn) -> None:
+    conn.send(request(PREDICT, None, "Expect: 100-continue", "X-Request-Id: expect"))
+    status, _, _ = conn.response()
+    if status == 100:  # the interim answer, then the real one
+        status, _, content = conn.response()
+    assert status == 200 and json.loads(content)["request_id"] == "expect"
+    encoded = PREDICT.replace("-", "%2D")
+    conn.send(request(encoded + "?trace=1", None, "X-Request-Id: encoded"))
+    status, _, content = conn.response()
+    assert status == 200 and json.loads(content)["request_id"] == "encoded"
+    conn.send(request("/v1/deployments/no-such/predict"))
+    status, _, content = conn.response()
+    assert status == 404 and "no-such" in json.loads(content)["detail"]
+
+
+def test_a_client_that_leaves_mid_request_does_not_disturb_the_next(system: System) -> None:
+    gone = Conn(system.port)
+    gone.send(request(PREDICT, None, "X-Request-Id: gone"))
+    gone.close()
+    c = Conn(system.port)
+    try:
+        c.send(request(PREDICT, None, "X-Request-Id: after"))
+        status, _, content = c.response()
+        assert status == 200 and json.loads(content)["request_id"] == "after"
+    finally:
+        c.close()
