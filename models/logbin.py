@@ -312,14 +312,14 @@ class LogBin:
 
     def _archive(self, entries: list[Entry]) -> int:
         archived_ms = time.time() * 1000
-        records: dict[str, list[dict[str, Any]]] = {}
+        records: dict[str, list[str]] = {}
         ids: dict[str, list[bytes]] = {}
         undecodable: dict[str, int] = {}
         for stream, entry_id, fields in entries:
             dep = self._streams[stream]
-            record = self._record(dep, _text(entry_id), fields, archived_ms)
-            undecodable[stream] = undecodable.get(stream, 0) + bool(record.get("undecodable"))
-            records.setdefault(stream, []).append(record)
+            line, decoded = self._record(dep, _text(entry_id), fields, archived_ms)
+            undecodable[stream] = undecodable.get(stream, 0) + (not decoded)
+            records.setdefault(stream, []).append(line)
             ids.setdefault(stream, []).append(entry_id)
         written: list[str] = []
         try:
@@ -338,16 +338,18 @@ class LogBin:
 
     def _record(
         self, dep: str, stream_id: str, fields: dict[bytes, bytes], archived_ms: float
-    ) -> dict[str, Any]:
+    ) -> tuple[str, bool]:
+        """The entry's archive line, and whether it decoded (else the line keeps its fields)."""
         if not fields:
             error = "entry was deleted from the stream before it was archived"
         else:
             try:
-                return record_from_envelope(stream_id, RequestEnvelope.decode(fields), archived_ms)
+                env = RequestEnvelope.decode(fields)
+                return record_from_envelope(stream_id, env, archived_ms), True
             except Exception as exc:  # any malformed entry is archived as such, never fatal
                 error = f"{type(exc).__name__}: {exc}"
         log.warning("logbin: %s entry %s undecodable: %s", dep, stream_id, error)
-        return {
+        record = {
             "stream_id": stream_id,
             "deployment": dep,
             "undecodable": True,
@@ -358,6 +360,7 @@ class LogBin:
                 for k, v in fields.items()
             },
         }
+        return json.dumps(record, separators=(",", ":")), False
 
     def _ack(self, ids: dict[str, list[bytes]]) -> None:
         """All acks of a batch in one round trip, after the data is fsynced; the counters

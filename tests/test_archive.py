@@ -6,6 +6,7 @@ import gzip
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +24,39 @@ def _records(start: int, n: int) -> list[dict[str, Any]]:
     ]
 
 
-def _envelope(raw: bytes) -> RequestEnvelope:
-    return RequestEnvelope(
-        request_id="req-1",
-        deployment="demo",
-        reply_to="rdv:reply:{gw1}",
-        deadline_ms=1_700_000_001_000,
-        enqueued_ms=1_700_000_000_000.5,
-        raw=raw,
-        features=np.array([[0.1, 2.5, -3.25], [1e-7, 3.4e38, 0.0]], dtype=np.float32),
-        spec_version="spec-3",
-    )
+def _envelope(raw: bytes | str, features: np.ndarray | None = None, **kw: Any) -> RequestEnvelope:
+    if features is None:
+        features = np.array([[0.1, 2.5, -3.25], [1e-7, 3.4e38, 0.0]], dtype=np.float32)
+    fields: dict[str, Any] = {
+        "request_id": "req-1",
+        "deployment": "demo",
+        "reply_to": "rdv:reply:{gw1}",
+        "deadline_ms": 1_700_000_001_000,
+        "enqueued_ms": 1_700_000_000_000.5,
+        "raw": raw,
+        "features": features,
+        "spec_version": "spec-3",
+    }
+    return RequestEnvelope(**{**fields, **kw})
+
+
+def _line(env: RequestEnvelope) -> str:
+    """The archive line of ``env``: one ASCII JSON object on one line."""
+    line = record_from_envelope("5-0", env, 42.0)
+    assert isinstance(line, str) and line.isascii()
+    assert len(line.splitlines()) == 1 and not line.endswith(("\n", "\r"))
+    return line
+
+
+def _assert_bitwise_float32(features: Any, expected: np.ndarray) -> None:
+    got = np.asarray(features, dtype=np.float32)
+    assert got.shape == expected.shape
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
 def test_record_from_envelope_keeps_what_the_models_saw() -> None:
     env = _envelope(b'{"instances": [[0.1, 2.5, -3.25]]}')
-    record = json.loads(json.dumps(record_from_envelope("5-0", env, 42.0)))
+    record = json.loads(_line(env))
     assert record["stream_id"] == "5-0"
     assert record["request_id"] == "req-1"
     assert record["spec_version"] == "spec-3"
@@ -47,13 +65,118 @@ def test_record_from_envelope_keeps_what_the_models_saw() -> None:
     assert record["archived_ms"] == 42.0
     assert record["raw"] == {"instances": [[0.1, 2.5, -3.25]]}
     assert "raw_text" not in record
-    np.testing.assert_array_equal(np.array(record["features"], dtype=np.float32), env.features)
+    _assert_bitwise_float32(record["features"], env.features)
+    assert list(record) == [
+        "stream_id",
+        "request_id",
+        "deployment",
+        "enqueued_ms",
+        "deadline_ms",
+        "archived_ms",
+        "spec_version",
+        "raw",
+        "features",
+    ]
 
 
 def test_raw_that_is_not_json_is_kept_as_text() -> None:
-    record = record_from_envelope("5-0", _envelope(b"not json {"), 1.0)
+    record = json.loads(_line(_envelope(b"not json {")))
     assert record["raw"] == "not json {"
     assert record["raw_text"] is True
+    assert list(record)[-3:] == ["raw", "raw_text", "features"]
+
+
+def test_raw_ascii_json_on_one_line_is_spliced_as_sent() -> None:
+    raw = b' {"instances": [[17.99, 1e400, NaN]], "a": 1, "a": 2}\t'
+    line = _line(_envelope(raw))
+    assert '"raw": {"instances"' in line and raw.decode() + ',"features":' in line
+    record = json.loads(line)
+    assert record["raw"]["a"] == 2 and record["raw"]["instances"][0][:2] == [17.99, float("inf")]
+    assert np.isnan(record["raw"]["instances"][0][2])
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b'{"a":\n [1, 2]}', {"a": [1, 2]}),  # a newline would split the JSON line
+        (b'{"a":\r\n [1, 2]}\r', {"a": [1, 2]}),
+        ('{"name": "Zo\u00eb \u2028 \U0001f600"}'.encode(), {"name": "Zo\u00eb \u2028 \U0001f600"}),
+        (b'\xef\xbb\xbf{"bom": 1}', {"bom": 1}),  # json.loads of bytes skips a UTF-8 BOM
+        ('{"utf16": "\u00e9"}'.encode("utf-16"), {"utf16": "\u00e9"}),
+        (b'"\\ud800 lone surrogate"', "\ud800 lone surrogate"),
+        ("[1.5, 2]", [1.5, 2]),  # raw as str, not bytes
+    ],
+)
+def test_raw_json_that_cannot_be_spliced_is_re_dumped(raw: bytes | str, expected: Any) -> None:
+    record = json.loads(_line(_envelope(raw)))
+    assert record["raw"] == expected
+    assert "raw_text" not in record
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b'\xff\xfe{"a": 1}', '\ufffd\ufffd{"a": 1}'),  # not UTF-8
+        (b"caf\xc3\xa9 au lait", "caf\u00e9 au lait"),
+        (b"line one\nline two\r\n", "line one\nline two\r\n"),
+        (b"", ""),
+        (b'{"a": 1} {"b": 2}', '{"a": 1} {"b": 2}'),
+    ],
+)
+def test_raw_that_is_not_json_stays_text_on_one_line(raw: bytes, expected: str) -> None:
+    record = json.loads(_line(_envelope(raw)))
+    assert record["raw"] == expected
+    assert record["raw_text"] is True
+
+
+def test_features_round_trip_float32_exactly_with_at_most_9_digits() -> None:
+    special = [np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-45, 1.17549435e-38, 3.4028235e38, 17.99]
+    rng = np.random.default_rng(7)
+    random_bits = rng.integers(0, 2**32, 30_000, dtype=np.uint64).astype(np.uint32)
+    finite = random_bits.view(np.float32)[np.isfinite(random_bits.view(np.float32))]
+    features = np.concatenate([np.array(special, np.float32), finite[: 9 * 2000]]).reshape(-1, 9)
+    line = _line(_envelope(b"{}", features))
+    _assert_bitwise_float32(json.loads(line)["features"], features)
+    assert "[NaN,Infinity,-Infinity,-0.0,0.0,1.40129846e-45," in line
+    printed = re.findall(r"[-\d.e+]+", line.split('"features":')[1])
+    assert max(len(n.lstrip("-").split("e")[0].replace(".", "").strip("0")) for n in printed) == 9
+    assert "17.989999771118164" not in line and "17.9899998" in line
+
+
+def test_features_of_other_shapes_and_types_are_kept_as_they_were() -> None:
+    for features in (
+        np.zeros((0, 30), np.float32),
+        np.zeros((2, 0), np.float32),
+        np.array([1.5, -0.0], np.float32),
+        np.array([[0.1, 1 / 3]], np.float64),
+    ):
+        record = json.loads(_line(_envelope(b"{}", features)))
+        assert record["features"] == features.tolist()
+
+
+def test_fixed_fields_are_written_as_json_dumps_writes_them() -> None:
+    env = _envelope(
+        b"{}",
+        request_id='r\u00e9q "1"\n',
+        enqueued_ms=np.float64("nan"),  # a float subclass, written as json.dumps does
+        deadline_ms=5,
+        spec_version=None,
+    )
+    record = json.loads(_line(env))
+    assert record["request_id"] == 'r\u00e9q "1"\n' and record["spec_version"] is None
+    assert np.isnan(record["enqueued_ms"]) and record["deadline_ms"] == 5
+
+
+def test_archive_lines_and_dicts_share_a_batch(data_dir: Path) -> None:
+    env = _envelope('{"text": "\u00fcber\\nall",\n"n": 2}'.encode())
+    writer = SegmentWriter(data_dir)
+    writer.append_batch("demo", [record_from_envelope("1-0", env, 1.0), *_records(1, 1)])
+    writer.close()
+    [segment] = ArchiveReader(data_dir).segments("demo")
+    assert gzip.decompress(segment.path.read_bytes()).isascii()
+    first, second = read_segment(segment.path)
+    assert first["raw"] == {"text": "\u00fcber\nall", "n": 2} and second["n"] == 1
+    _assert_bitwise_float32(first["features"], env.features)
 
 
 def test_each_batch_is_one_fsynced_gzip_member(data_dir: Path) -> None:

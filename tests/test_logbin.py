@@ -187,6 +187,27 @@ def test_undecodable_entries_are_archived_and_acked(r: redis.Redis, data_dir: Pa
     assert all(rec["error"] and rec["deployment"] == "demo" for rec in bad)
 
 
+def test_archive_lines_keep_raw_and_features_as_sent(r: redis.Redis, data_dir: Path) -> None:
+    features = np.array([[17.99, np.nan, np.inf, -np.inf, -0.0, 1e-45]], np.float32)
+    raws = [b'{"instances": [[1, 2]]}', '{"name": "caf\u00e9",\n"x": 1}'.encode(), b"\xffno\njson"]
+    for i, raw in enumerate(raws):
+        env = dataclasses.replace(_envelope(i), raw=raw, features=features)
+        r.xadd(names.input_stream("demo"), env.encode())  # type: ignore[arg-type]
+    writer = SegmentWriter(data_dir)
+    assert _logbin(r, writer).drain() == 3
+    writer.close()
+    records = list(ArchiveReader(data_dir).records("demo"))
+    assert [rec["raw"] for rec in records] == [
+        {"instances": [[1, 2]]},
+        {"name": "caf\u00e9", "x": 1},
+        "\ufffdno\njson",
+    ]
+    assert [rec.get("raw_text") for rec in records] == [None, None, True]
+    for rec in records:
+        got = np.asarray(rec["features"], dtype=np.float32)
+        assert np.array_equal(got.view(np.uint32), features.view(np.uint32))
+
+
 def test_run_archives_and_stops_promptly(r: redis.Redis, data_dir: Path) -> None:
     writer = SegmentWriter(data_dir)
     logbin = _logbin(r, writer, block_ms=100)
