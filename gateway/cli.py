@@ -12,7 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.process import LOG_FORMAT, settings_from_args, stop_event
+from gateway.process import (
+    LOG_FORMAT,
+    settings_from_args,
+    share_metrics_between_processes,
+    stop_event,
+)
 from gateway.settings import Settings
 
 log = logging.getLogger("rdv")
@@ -45,36 +50,39 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     os.environ.update(
         RDV_HOST=settings.host, RDV_PORT=str(settings.port), RDV_DATA_DIR=str(settings.data_dir)
     )
-    if settings.gateway_processes > 1:
-        _share_metrics_between_processes()
-    uvicorn.run(
-        "gateway.cli:_app_from_env",
+    processes = 1 if args.reuse_port else settings.gateway_process_count
+    if processes > 1:
+        share_metrics_between_processes()
+    options: dict[str, Any] = dict(
         factory=True,
         host=settings.host,
         port=settings.port,
-        workers=settings.gateway_processes if settings.gateway_processes > 1 else None,
         log_level=settings.log_level.lower(),
         access_log=False,
         proxy_headers=settings.proxy_headers,
         http=PredictHttpProtocol,
         timeout_graceful_shutdown=10,
     )
+    app = "gateway.cli:_app_from_env"
+    if not args.reuse_port:
+        uvicorn.run(app, workers=processes if processes > 1 else None, **options)
+        return
+    server = uvicorn.Server(uvicorn.Config(app, **options))
+    server.run(sockets=[_reusable_socket(settings.host, settings.port)])
+    if not server.started:
+        sys.exit(3)  # what uvicorn.run does when the app failed to start
 
 
-def _share_metrics_between_processes() -> None:
-    """prometheus-client's multi-process mode: each worker process writes its values to files
-    in one folder, and ``/metrics`` sums them. The folder must be empty at start (stale files
-    of an earlier run would be summed too) and set before a worker imports prometheus_client."""
-    import tempfile
-
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if path:
-        os.makedirs(path, exist_ok=True)
-        for stale in Path(path).glob("*.db"):
-            stale.unlink(missing_ok=True)
-    else:
-        path = tempfile.mkdtemp(prefix="rdv-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+def _reusable_socket(host: str, port: int) -> socket.socket:
+    """A listening address that several ``rdv gateway --reuse-port`` processes share: the
+    kernel spreads new connections over them (``rdv serve`` runs its gateways so, without a
+    supervising uvicorn process of ~60 MB)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
 
 
 def _app_from_env() -> Any:
@@ -197,7 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serving(sub.add_parser("serve", help="everything in one: Redis, gateway, workers, log bin"))
     sub.choices["serve"].set_defaults(func=cmd_serve)
-    serving(sub.add_parser("gateway", help="the HTTP gateway")).set_defaults(func=cmd_gateway)
+    p = serving(sub.add_parser("gateway", help="the HTTP gateway"))
+    p.add_argument("--reuse-port", action="store_true",
+                   help="one process that shares the port with other `rdv gateway --reuse-port` "
+                        "processes (SO_REUSEPORT); rdv serve starts its gateways so")  # fmt: skip
+    p.set_defaults(func=cmd_gateway)
 
     p = serving(sub.add_parser("worker", help="a model worker for one role of a deployment"))
     p.add_argument("--deployment", required=True)

@@ -14,11 +14,12 @@ behind another) takes uvicorn's ASGI path, which serves predict through the same
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from gateway.fast_path import PredictFastPath, Reply
+if TYPE_CHECKING:  # imported where the app runs: uvicorn's supervising process stays small
+    from gateway.fast_path import PredictFastPath, Reply
 
 _PREDICT_URL = re.compile(rb"^/v1/deployments/([a-z0-9][a-z0-9._-]{0,62})/predict(?:\?[^#]*)?$")
 _JSON_HEAD = b"content-type: application/json\r\ncontent-length: %d\r\n"
@@ -144,6 +145,8 @@ class PredictHttpProtocol(HttpToolsProtocol):
 
 def _find_fast_path(app: Any) -> PredictFastPath | None:
     """The fast path under uvicorn's wrappers (proxy headers, message logging)."""
+    from gateway.fast_path import PredictFastPath
+
     for _ in range(8):
         if isinstance(app, PredictFastPath):
             return app

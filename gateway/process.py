@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 from gateway.settings import Settings
@@ -36,3 +38,19 @@ def stop_event() -> threading.Event:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return stop
+
+
+def share_metrics_between_processes() -> None:
+    """prometheus-client's multi-process mode: each worker process writes its values to files
+    in one folder, and ``/metrics`` sums them. The folder must be empty at start (stale files
+    of an earlier run would be summed too) and set before a worker imports prometheus_client."""
+    import tempfile
+
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for stale in Path(path).glob("*.db"):
+            stale.unlink(missing_ok=True)
+    else:
+        path = tempfile.mkdtemp(prefix="rdv-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 import time
 
 import redis
 
-from gateway.process import settings_from_args, stop_event
+from gateway.process import settings_from_args, share_metrics_between_processes, stop_event
 from gateway.supervisor import Supervisor, child_env
 from models.demo import DEMO_DEPLOYMENT, demo_models_present
 from models.deployments import DeploymentStore, demo_deployment
@@ -100,7 +101,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
         supervisor.ensure("logbin", ["logbin", "--consumer", "logbin-0"], LOGBIN,
                           nice=settings.shadow_nice)  # fmt: skip
         reconcile_workers(supervisor, store, settings.shadow_nice)
-        supervisor.ensure("gateway", ["gateway"], GATEWAY)
+        gateways = settings.gateway_process_count
+        if gateways > 1:
+            share_metrics_between_processes()  # in our environment: the children inherit it
+            supervisor.env["PROMETHEUS_MULTIPROC_DIR"] = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        for i in range(gateways):
+            # Each its own process sharing the port: one that dies is restarted alone.
+            supervisor.ensure(f"gateway-{i}" if gateways > 1 else "gateway",
+                              ["gateway", "--reuse-port"], GATEWAY)  # fmt: skip
         log.info("serving on http://%s:%d", settings.host, settings.port)
 
         next_reconcile = 0.0

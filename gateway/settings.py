@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -26,8 +27,11 @@ class Settings(BaseSettings):
     port: int = 8000
     """Port the gateway listens on."""
 
-    gateway_processes: int = Field(default=1, ge=1, le=64)
-    """Gateway worker processes (uvicorn workers), each with its own reply stream."""
+    gateway_processes: int = Field(default=0, ge=0, le=64)
+    """Gateway processes, each with its own reply stream. 0: one per core, at most two (on
+    two cores two served ~20-40 % more than one, benchmarks/PROFILE.md; past two, cores do
+    more for the workers). ``rdv serve`` runs them as its own children sharing the port;
+    ``rdv gateway`` as uvicorn workers."""
 
     proxy_headers: bool = False
     """Trust X-Forwarded-For/-Proto from the peers uvicorn's FORWARDED_ALLOW_IPS names. Off:
@@ -148,6 +152,10 @@ class Settings(BaseSettings):
             fallbacks=tuple(self.fallbacks),
             grace_ms=self.grace_ms,
         )
+
+    @property
+    def gateway_process_count(self) -> int:
+        return self.gateway_processes or min(2, os.cpu_count() or 1)
 
     @property
     def models_dir(self) -> Path:

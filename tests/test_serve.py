@@ -48,7 +48,8 @@ def _nice(pid: int) -> int:
 def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RDV_")}
-    env.update({"RDV_PORT": str(port), "RDV_WORKER_BLOCK_MS": "200"})
+    env.update({"RDV_PORT": str(port), "RDV_WORKER_BLOCK_MS": "200",
+                "RDV_GATEWAY_PROCESSES": "2"})  # fmt: skip
     data = tmp_path / "data"
     serve = RdvProcess(["serve", "--data-dir", str(data)], env, tmp_path / "serve.log")
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
@@ -72,6 +73,19 @@ def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> No
         nice = {_label(cmd): _nice(pid) for pid, cmd in children if "gateway.cli" in cmd}
         base = _nice(serve.proc.pid)
         assert nice == {"gateway": base, "real": base, "canary": base + 5, "logbin": base + 5}
+        # Two gateways share the port; one that dies leaves the other serving, and comes back.
+        gateways = [pid for pid, cmd in children if "gateway --reuse-port" in cmd]
+        assert len(gateways) == 2
+        os.kill(gateways[0], signal.SIGKILL)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as fresh:
+            assert fresh.post(f"/v1/deployments/{DEMO_DEPLOYMENT}/predict", json=body).is_success
+        wait_until(
+            lambda: len([p for p, c in _children(serve.proc.pid)
+                         if "gateway --reuse-port" in c and p != gateways[0]]) == 2,
+            20, "the supervisor to restart the gateway",
+        )  # fmt: skip
+        http.close()
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
         os.kill(real[0], signal.SIGKILL)
         wait_until(
             lambda: any("--role real" in c and p != real[0] for p, c in _children(serve.proc.pid)),
