@@ -20,6 +20,7 @@ from typing import IO, Any
 
 from benchmarks.loadgen import Target
 from benchmarks.procstat import ProcessTree
+from gateway.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 MLSERVER_VENV = REPO / "benchmarks" / ".venv-mlserver"
@@ -199,7 +200,13 @@ def start_rdv(
         labels=_gateway_labels,
         log_path=log_path,
         _log=log,
-        info={"command": "rdv serve", "env": extra, "gateway_processes": gateway_processes or 1},
+        info={
+            "command": "rdv serve",
+            "env": extra,
+            "gateway_processes": Settings(
+                gateway_processes=gateway_processes or 0
+            ).gateway_process_count,
+        },
     )
     return _wait_ready(running, f"{running.base_url}/readyz", timeout_s)
 

@@ -99,8 +99,10 @@ class Settings(BaseSettings):
     reply_maxlen: int = Field(default=10_000, ge=100)
     """Approximate cap of each gateway's reply stream."""
 
-    decisions_maxlen: int = Field(default=100_000, ge=100)
-    """Approximate cap of each deployment's decisions stream."""
+    decisions_maxlen: int = Field(default=50_000, ge=100)
+    """Approximate cap of each deployment's decisions stream. The stream is most of Redis's
+    memory (about 0.65 KB a record: 50,000 hold ~33 MB); its readers need far fewer (the
+    promotion gate reads ``shadow_window``, drift runs on the gateways' own sketches)."""
 
     heartbeat_timeout_s: float = Field(default=5.0, gt=0)
     """A worker whose last heartbeat is older than this is not live (readiness)."""

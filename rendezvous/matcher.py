@@ -74,7 +74,7 @@ class Rendezvous:
         reply_to: str,
         decisions: StreamAppender,
         *,
-        decisions_maxlen: int = 100_000,
+        decisions_maxlen: int = 50_000,
         on_decision: Callable[[dict[str, Any]], None] | None = None,
     ):
         self.client = client

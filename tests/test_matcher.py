@@ -7,6 +7,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 
+import msgpack
 import numpy as np
 import pytest
 import redis
@@ -203,5 +204,12 @@ def test_decision_records_round_trip_and_json_records_are_still_read() -> None:
     fields = encode_decision(record)
     assert decode_decision(fields) == record
     assert record["divergence"]["disagreements"] == 1
+    # stored once (under divergences), restored on reading; older records held both
+    assert len(fields[b"m"]) < len(msgpack.packb(record)) - 100
+    assert decode_decision({b"m": msgpack.packb(record)}) == record
+    alone = build_decision(request_id="r2", deployment=DEP, started_ms=1.0, expected_roles=ROLES,
+                           results={"real": real}, chosen_role="real", outcome="real",
+                           answered_after_ms=1.0)  # fmt: skip
+    assert decode_decision(encode_decision(alone)) == alone and alone["divergence"] is None
     # A stream written by an older gateway holds JSON under another field.
     assert decode_decision({b"d": json.dumps(record).encode()}) == record
