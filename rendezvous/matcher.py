@@ -241,8 +241,9 @@ class Rendezvous:
             schedule=mb.schedule,
         )
         self.decisions.append_nowait(
-            names.decisions_stream(mb.deployment), encode_decision(record), self.decisions_maxlen
-        )
+            names.decisions_stream(mb.deployment), encode_decision(record), self.decisions_maxlen,
+            urgent=False,
+        )  # fmt: skip
         if self.on_decision is not None:
             try:
                 self.on_decision(record)

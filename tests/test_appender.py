@@ -1,0 +1,54 @@
+"""The gateway's XADD coalescing (rendezvous.appender) against a real Redis server."""
+
+import asyncio
+
+import redis
+
+from rendezvous.appender import StreamAppender
+from rendezvous.resp import LeanRedis
+
+
+async def test_concurrent_appends_share_round_trips_and_lazy_ones_wait_for_company(
+    r: redis.Redis, redis_url: str
+) -> None:
+    appender = StreamAppender(LeanRedis(redis_url, timeout_s=2.0), linger_s=0.2)
+    try:
+        for i in range(20):
+            appender.append_nowait("s", {b"i": b"%d" % i})
+        await asyncio.sleep(0.05)
+        assert r.xlen("s") == 20 and appender.round_trips <= 2
+        # a lazy append waits (up to linger_s) and rides with the next urgent one
+        before = appender.round_trips
+        appender.append_nowait("lazy", {b"d": b"1"}, urgent=False)
+        await asyncio.sleep(0.05)
+        assert r.xlen("lazy") == 0
+        appender.append_nowait("s", {b"i": b"urgent"})
+        await asyncio.sleep(0.05)
+        assert r.xlen("lazy") == 1 and appender.round_trips == before + 1
+        # alone, it goes after linger_s
+        appender.append_nowait("lazy", {b"d": b"2"}, urgent=False)
+        await asyncio.sleep(0.3)
+        assert r.xlen("lazy") == 2
+        # and close() sends what still waits
+        appender.append_nowait("lazy", {b"d": b"3"}, urgent=False)
+        await appender.close()
+        assert r.xlen("lazy") == 3
+    finally:
+        await appender.client.close()
+
+
+async def test_failures_reach_their_handler_and_capped_streams_stay_capped(
+    r: redis.Redis, redis_url: str
+) -> None:
+    r.set("not-a-stream", "x")
+    appender = StreamAppender(LeanRedis(redis_url, timeout_s=2.0))
+    errors: list[Exception] = []
+    try:
+        appender.append_nowait("not-a-stream", {b"f": b"v"}, on_error=errors.append)
+        for i in range(3000):
+            appender.append_nowait("capped", {b"i": b"%d" % i}, maxlen=100)
+        await appender.close()
+        assert len(errors) == 1 and "WRONGTYPE" in str(errors[0])
+        assert 100 <= r.xlen("capped") < 3000  # MAXLEN ~: trimmed by whole nodes
+    finally:
+        await appender.client.close()
