@@ -3,6 +3,7 @@ post-promotion score reference out; one evaluator per deployment at a time."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -13,14 +14,14 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from gateway.drift_feed import DriftFeed
+from gateway.drift_feed import BIN_SLICE, SKETCH_FIELD, DriftFeed
 from gateway.drift_monitor import DriftMonitor, drift_view, local_model_meta, set_thresholds
 from gateway.service import DeploymentCache
 from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
 from rendezvous import names
-from rendezvous.drift import Thresholds
+from rendezvous.drift import Sketch, Thresholds
 from rendezvous.schedule import Schedule
 
 REAL = "breast-cancer:2"
@@ -169,3 +170,39 @@ async def test_unreadable_sketches_are_skipped(client: aioredis.Redis) -> None:
     monitor = DriftMonitor(client, deployments, "gw-1")
     report = await monitor.evaluate(DEMO_DEPLOYMENT, now_ms=time.time() * 1000)
     assert report["current"]["requests"] == 0
+
+
+async def test_a_big_flush_bins_every_row_in_slices_and_lets_the_loop_run(
+    client: aioredis.Redis, r: redis.Redis
+) -> None:
+    """Rows of many requests are binned a slice at a time, with the event loop free between
+    slices (requests would otherwise wait out the whole binning), and none is lost."""
+
+    feed = DriftFeed(client, await cache(client))
+    x = demo_data().x_test.astype(np.float32)
+    requests = BIN_SLICE * 2 + 17
+    for i in range(requests):
+        feed.observe_rows(DEMO_DEPLOYMENT, x[i % len(x)][None, :])
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    seen: list[int] = []
+    bin_slice = feed._bin
+
+    def counting_bin(deployment: str, chunks: list[np.ndarray]) -> None:
+        seen.append(ticks)
+        bin_slice(deployment, chunks)
+
+    feed._bin = counting_bin  # type: ignore[method-assign]
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    assert await feed.flush() == 1
+    task.cancel()
+    assert len(seen) == 3 and seen[0] < seen[1] < seen[2]  # the loop ran between slices
+    [(_id, fields)] = r.xrange(names.drift_sketch_stream(DEMO_DEPLOYMENT))
+    assert Sketch.from_bytes(fields[SKETCH_FIELD]).feature_rows == requests
