@@ -135,6 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await rendezvous.stop()
             with contextlib.suppress(redis.RedisError, OSError):
                 await asyncio.wait_for(feed.flush(), timeout=settings.redis_timeout_s)
+            metrics.flush()
             if multiprocess_dir() is not None:
                 mark_process_dead(os.getpid())
             await appender.close()

@@ -10,8 +10,12 @@ from Redis at scrape time: see ``gateway.metrics_state``.
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Mapping
+from bisect import bisect_left
+from collections import Counter as Tally
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -78,14 +82,44 @@ QUEUE_BUCKETS = (
 )
 
 
+FLUSH_S = 0.1
+"""How long the request path's tallies wait before they reach prometheus-client. In
+multi-process mode every value write takes a lock and writes a shared file (~1.5 µs), about a
+dozen a request; batched, a flush writes once per label set and bucket touched. ``/metrics``
+flushes its own process first, so only another process's figures can lag, by at most this."""
+
+
 def multiprocess_dir() -> str | None:
     """The folder prometheus-client shares values through, when several processes serve."""
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+def observe_all(child: Any, values: Iterable[float]) -> None:
+    """``Histogram.observe`` for many values, writing each bucket touched and the sum once.
+
+    prometheus-client has no batch observe; this reads the child's ``_upper_bounds``,
+    ``_buckets`` (not cumulative) and ``_sum``, which ``observe`` itself uses, and falls back to
+    one ``observe`` a value if they ever change shape (tests compare both ways)."""
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:
+            child.observe(value)
+        return
+    values = list(values)
+    # observe() files a value in the first bucket whose bound is >= it: bisect_left. NaN
+    # compares false with every bound, so observe() puts it in no bucket; keep that.
+    for i, n in Tally(bisect_left(bounds, v) for v in values if v == v).items():
+        buckets[i].inc(n)
+    total.inc(sum(values))
+
+
 class GatewayMetrics:
-    """Per-process instruments. Label children are cached: ``labels()`` costs a lock and a
-    dict lookup per call, and the request path calls these several times per request."""
+    """Per-process instruments. The request path only tallies in plain dicts, keyed by metric
+    and labels; ``flush`` (scheduled ``FLUSH_S`` after the first tally, and run before every
+    scrape) applies the tallies to prometheus-client. Label children are cached: ``labels()``
+    costs a lock and a dict lookup per call."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
@@ -156,6 +190,10 @@ class GatewayMetrics:
         )
         self._children: dict[tuple[Any, ...], Any] = {}
         self._late_seen = 0
+        self._counts: defaultdict[tuple[Any, ...], float] = defaultdict(float)
+        self._observed: defaultdict[tuple[Any, ...], list[float]] = defaultdict(list)
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._in_flight_of: Callable[[], int] | None = None
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -164,13 +202,44 @@ class GatewayMetrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
+    def track_in_flight(self, source: Callable[[], int]) -> None:
+        """Where ``rdv_in_flight_requests`` is read from at each flush: the service's own
+        count, which it keeps anyway, instead of two gauge writes a request."""
+        self._in_flight_of = source
+
+    def flush(self) -> None:
+        """Apply the pending tallies to prometheus-client (and so, in multi-process mode, to
+        the shared files)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        counts, self._counts = self._counts, defaultdict(float)
+        observed, self._observed = self._observed, defaultdict(list)
+        for (metric, *labels), amount in counts.items():
+            self._child(metric, *labels).inc(amount)
+        for (metric, *labels), values in observed.items():
+            observe_all(self._child(metric, *labels), values)
+        if self._in_flight_of is not None:
+            self.in_flight.set(self._in_flight_of())
+
+    def _flush_soon(self) -> None:
+        if self._flush_handle is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside an event loop (a script, a test): no batching
+            self.flush()
+            return
+        self._flush_handle = loop.call_later(FLUSH_S, self.flush)
+
     # -- the request path -------------------------------------------------------------------
 
     def request_done(self, deployment: str | None, outcome: str, seconds: float | None) -> None:
         dep = deployment or UNKNOWN_DEPLOYMENT
-        self._child(self.requests, dep, outcome).inc()
+        self._counts[(self.requests, dep, outcome)] += 1
         if seconds is not None:
-            self._child(self.request_seconds, dep).observe(seconds)
+            self._observed[(self.request_seconds, dep)].append(seconds)
+        self._flush_soon()
 
     # -- decision records -----------------------------------------------------------------
 
@@ -178,20 +247,22 @@ class GatewayMetrics:
         """Everything one decision record tells: per-role model time and queue wait, and per
         compared role the divergence and the disagreeing rows."""
         dep = record["deployment"]
-        self._child(self.decisions, dep).inc()
+        counts, observed = self._counts, self._observed
+        counts[(self.decisions, dep)] += 1
         for role, out in record["outputs"].items():
             version = str(out.get("version"))
-            self._child(self.model_seconds, dep, role, out["model"], version).observe(
-                out["model_latency_ms"] / 1000
-            )
-            self._child(self.queue_seconds, dep, role).observe(max(out["queue_ms"], 0.0) / 1000)
+            model_key = (self.model_seconds, dep, role, out["model"], version)
+            observed[model_key].append(out["model_latency_ms"] / 1000)
+            observed[(self.queue_seconds, dep, role)].append(max(out["queue_ms"], 0.0) / 1000)
         for role, div in (record.get("divergences") or {}).items():
             real_model, other_model = div["pair"]
-            labels = (dep, role, real_model, other_model)
-            self._child(self.divergence, *labels).observe(div["js_mean"])
-            self._child(self.compared_rows, *labels).inc(div["rows"])
+            observed[(self.divergence, dep, role, real_model, other_model)].append(div["js_mean"])
+            counts[(self.compared_rows, dep, role, real_model, other_model)] += div["rows"]
             if div["disagreements"]:
-                self._child(self.disagreements, *labels).inc(div["disagreements"])
+                counts[(self.disagreements, dep, role, real_model, other_model)] += div[
+                    "disagreements"
+                ]
+        self._flush_soon()
 
     def sync_late_results(self, total: int) -> None:
         """The matcher counts late results in a plain int (the reply loop is hot); bring the
@@ -201,8 +272,10 @@ class GatewayMetrics:
             self._late_seen = total
 
     def scrape_registry(self) -> CollectorRegistry:
-        """The registry to expose: in multi-process mode a fresh one that sums every
-        process's files (prometheus-client's documented way), else this process's own."""
+        """The registry to expose, after this process's pending tallies: in multi-process mode
+        a fresh one that sums every process's files (prometheus-client's documented way), else
+        this process's own."""
+        self.flush()
         path = multiprocess_dir()
         if path is None:
             return self.registry

@@ -125,6 +125,7 @@ class PredictionService:
         self.max_in_flight = max_in_flight
         self.max_backlog = max_backlog
         self.in_flight = 0
+        self.metrics.track_in_flight(lambda: self.in_flight)
 
     async def predict(self, deployment: str, raw: bytes, request_id: str | None) -> dict[str, Any]:
         """Validate, publish, wait; refuses at once when this gateway or the stream is full.
@@ -163,12 +164,10 @@ class PredictionService:
                 f"deployment {dep.name} has {backlog} entries not yet consumed by every reader"
             )
         self.in_flight += 1
-        self.metrics.in_flight.inc()
         try:
             return await self._publish_and_wait(dep, rid, raw, features, t0)
         finally:
             self.in_flight -= 1
-            self.metrics.in_flight.dec()
 
     async def _publish_and_wait(
         self, dep: Deployment, rid: str, raw: bytes, features: Any, t0: float

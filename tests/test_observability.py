@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.metrics import FLUSH_S
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import PREDICT, RdvProcess, System, launch_system, wait_until
 from rendezvous import names
@@ -100,10 +101,20 @@ def test_metrics_reflect_a_known_sequence_of_requests(system: System) -> None:
     assert [r.status_code for r in unknown] == [404, 404]
     wait_until(lambda: len(decisions(system)) == 40, 10, "40 decision records")
     records = decisions(system)
-    after = scrape(system.http)
+    after: dict = {}
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
+
+    def caught_up() -> bool:
+        """Each gateway process writes its tallies within FLUSH_S; the scraped one at once."""
+        nonlocal after
+        after = scrape(system.http)
+        requests = sum(v for (n, _), v in after.items() if n == "rdv_requests_total")
+        requests -= sum(v for (n, _), v in before.items() if n == "rdv_requests_total")
+        return requests >= 45 and delta("rdv_decisions_total", deployment=dep) >= 40
+
+    wait_until(caught_up, 5, "the 45 requests and 40 decisions on /metrics")
 
     assert delta("rdv_requests_total", deployment=dep, outcome="real") == 40
     assert delta("rdv_requests_total", deployment=dep, outcome="invalid") == 3
@@ -143,17 +154,10 @@ def test_metrics_reflect_a_known_sequence_of_requests(system: System) -> None:
     assert system.predict(body(demo_data().x_test[0])).status_code == 200
     system.stop("canary")
     assert system.predict(body(demo_data().x_test[0])).status_code == 504
-    final = scrape(system.http)
-    assert (
-        value(final, "rdv_requests_total", deployment=dep, outcome="fallback")
-        - value(before, "rdv_requests_total", deployment=dep, outcome="fallback")
-        == 1
-    )
-    assert (
-        value(final, "rdv_requests_total", deployment=dep, outcome="timeout")
-        - value(before, "rdv_requests_total", deployment=dep, outcome="timeout")
-        == 1
-    )
+    wait_until(lambda: caught_up() and delta("rdv_requests_total", deployment=dep,
+               outcome="timeout") >= 1, 5, "the timeout on /metrics")  # fmt: skip
+    assert delta("rdv_requests_total", deployment=dep, outcome="fallback") == 1
+    assert delta("rdv_requests_total", deployment=dep, outcome="timeout") == 1
     system.start_worker("real")
     system.start_worker("canary")
 
@@ -288,10 +292,12 @@ def test_metrics_are_summed_over_gateway_processes(
             assert total_requests(scrape(http)) == 0
             statuses = send(f"http://127.0.0.1:{port}", demo_data().x_test[:60], threads=6)
             assert set(statuses) == {200}
-            for _ in range(6):  # whichever process answers the scrape sees every request
+            # each process writes its tallies within FLUSH_S of them: then whichever process
+            # answers the scrape sees every request
+            time.sleep(FLUSH_S * 5)
+            for _ in range(6):
                 with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as fresh:
                     assert total_requests(scrape(fresh)) == 60
     finally:
         code = proc.stop()
         assert code in (0, -15), proc.log_text()[-2000:]
-

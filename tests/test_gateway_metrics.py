@@ -1,0 +1,129 @@
+"""The gateway's instruments (gateway.metrics): tallies batched off the request path must
+expose exactly what one prometheus-client call per event would have."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.metrics import FLUSH_S, REQUEST_BUCKETS, GatewayMetrics, observe_all
+
+ON_BOUNDS = [*REQUEST_BUCKETS, 0.0, -1.0, 1e-9, 0.0042, 7.5, 100.0, 0.0042]
+
+
+def samples(registry: CollectorRegistry) -> dict[tuple[str, frozenset], float]:
+    """Every sample but the creation timestamps, which differ between two registries."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+        if not s.name.endswith("_created")
+    }
+
+
+def histogram(registry: CollectorRegistry) -> Any:
+    return Histogram("h", "a histogram", ["k"], buckets=REQUEST_BUCKETS, registry=registry)
+
+
+def test_observe_all_matches_observe_one_by_one() -> None:
+    one_by_one, batched = CollectorRegistry(), CollectorRegistry()
+    child = histogram(one_by_one).labels("x")
+    for v in ON_BOUNDS:
+        child.observe(v)
+    observe_all(histogram(batched).labels("x"), ON_BOUNDS)
+    expected = samples(one_by_one)
+    assert samples(batched) == expected
+    assert expected[("h_count", frozenset({"k": "x"}.items()))] == len(ON_BOUNDS)
+    # a value exactly on a bound counts in that bound's bucket: 0.0005 itself, 0, -1, 1e-9
+    assert expected[("h_bucket", frozenset({"k": "x", "le": "0.0005"}.items()))] == 4
+
+
+def test_observe_all_keeps_observes_handling_of_nan() -> None:
+    one_by_one, batched = CollectorRegistry(), CollectorRegistry()
+    histogram(one_by_one).labels("x").observe(math.nan)
+    observe_all(histogram(batched).labels("x"), [math.nan])
+    a, b = samples(one_by_one), samples(batched)
+    assert a.keys() == b.keys()
+    assert all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a)
+
+
+def test_observe_all_falls_back_when_the_internals_are_not_there() -> None:
+    seen: list[float] = []
+
+    class Plain:
+        def observe(self, value: float) -> None:
+            seen.append(value)
+
+    observe_all(Plain(), [0.1, 0.2])
+    assert seen == [0.1, 0.2]
+
+
+def record(divergence: float, disagreements: int) -> dict[str, Any]:
+    out = {"model": "m", "version": 3, "model_latency_ms": 0.2, "queue_ms": 1.5}
+    return {
+        "deployment": "d",
+        "outputs": {"real": out, "canary": dict(out, model="c", queue_ms=-0.1)},
+        "divergences": {
+            "canary": {
+                "pair": ["m", "c"],
+                "js_mean": divergence,
+                "rows": 2,
+                "disagreements": disagreements,
+            }
+        },
+    }
+
+
+def value(metrics: GatewayMetrics, name: str, **labels: str) -> float:
+    return samples(metrics.registry).get((name, frozenset(labels.items())), 0.0)
+
+
+def test_tallies_reach_the_registry_a_flush_interval_later_or_at_a_scrape() -> None:
+    async def scenario() -> None:
+        metrics = GatewayMetrics()
+        in_flight = [3]
+        metrics.track_in_flight(lambda: in_flight[0])
+        metrics.request_done("d", "real", 0.004)
+        metrics.request_done(None, "invalid", None)
+        metrics.decision(record(0.25, 1))
+        metrics.decision(record(0.5, 0))
+        # nothing written yet: the request path only tallied
+        assert value(metrics, "rdv_requests_total", deployment="d", outcome="real") == 0
+        await asyncio.sleep(FLUSH_S * 3)
+        assert value(metrics, "rdv_requests_total", deployment="d", outcome="real") == 1
+        assert value(metrics, "rdv_requests_total", deployment="_unknown", outcome="invalid") == 1
+        assert value(metrics, "rdv_request_duration_seconds_count", deployment="d") == 1
+        assert value(metrics, "rdv_decisions_total", deployment="d") == 2
+        pair = {"deployment": "d", "role": "canary", "real_model": "m", "other_model": "c"}
+        assert value(metrics, "rdv_divergence_js_distance_sum", **pair) == 0.75
+        assert value(metrics, "rdv_compared_rows_total", **pair) == 4
+        assert value(metrics, "rdv_label_disagreements_total", **pair) == 1
+        queue = {"deployment": "d", "role": "canary"}
+        assert value(metrics, "rdv_queue_wait_seconds_count", **queue) == 2
+        assert value(metrics, "rdv_queue_wait_seconds_sum", **queue) == 0.0  # negative: 0
+        assert value(metrics, "rdv_in_flight_requests") == 3
+
+        in_flight[0] = 0
+        metrics.request_done("d", "real", 0.002)
+        registry = metrics.scrape_registry()  # a scrape does not wait for the timer
+        assert (
+            samples(registry)[
+                ("rdv_requests_total", frozenset({"deployment": "d", "outcome": "real"}.items()))
+            ]
+            == 2
+        )
+        assert value(metrics, "rdv_in_flight_requests") == 0
+
+    asyncio.run(scenario())
+
+
+def test_outside_an_event_loop_each_call_is_written_at_once() -> None:
+    metrics = GatewayMetrics()
+    metrics.request_done("d", "timeout", 0.6)
+    assert value(metrics, "rdv_requests_total", deployment="d", outcome="timeout") == 1
+    assert value(metrics, "rdv_request_duration_seconds_sum", deployment="d") == 0.6
