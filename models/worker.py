@@ -29,7 +29,7 @@ from models.deployments import Deployment, DeploymentNotFound, DeploymentStore, 
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from rendezvous import names
-from rendezvous.envelope import EnvelopeError, ModelResult, RequestEnvelope
+from rendezvous.envelope import EnvelopeError, ModelResult, RequestEnvelope, encode_results
 from rendezvous.resp import BlockingLeanRedis, Endpoint, pack
 from rendezvous.schedule import Schedule
 
@@ -309,10 +309,14 @@ class ModelWorker:
             replies.extend(self._score(live))
         if entries:
             self.stats.batches += 1
-        commands = []
+        by_gateway: dict[str, list[ModelResult]] = {}
         for reply_to, result in replies:
-            # NOMKSTREAM: a gateway that is gone has no stream, and we must not recreate it.
-            (field, value), *_ = result.encode().items()
+            by_gateway.setdefault(reply_to, []).append(result)
+        commands = []
+        for reply_to, results in by_gateway.items():
+            # One entry per gateway for the whole batch. NOMKSTREAM: a gateway that is gone
+            # has no stream, and we must not recreate it.
+            ((field, value),) = encode_results(results).items()
             commands.append(pack(b"XADD", reply_to.encode(), b"NOMKSTREAM", b"MAXLEN", b"~",
                                  self._reply_maxlen_b, b"*", field, value))  # fmt: skip
         if ack_ids:

@@ -1,8 +1,9 @@
 """Wire formats of the bus: the request envelope and a model's result.
 
-Both travel as one msgpack blob in the stream field ``d``; feature and probability matrices are
-raw little-endian float32 bytes with their shape beside them, so decoding is a ``frombuffer``
-and not a walk over JSON floats.
+Each travels as one msgpack blob in the stream field ``d``, except that the results a worker's
+batch owes one gateway travel together, in one entry's field ``r``. Feature and probability
+matrices are raw little-endian float32 bytes with their shape beside them, so decoding is a
+``frombuffer`` and not a walk over JSON floats.
 """
 
 from __future__ import annotations
@@ -124,6 +125,14 @@ class ModelResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> dict[bytes, bytes]:
+        """One result as its own entry (field ``d``); workers write ``encode_results``."""
+        return {FIELD: msgpack.packb(self._doc(), use_bin_type=True)}
+
+    @classmethod
+    def decode(cls, fields: dict[bytes, bytes]) -> ModelResult:
+        return cls._from_doc(_unpack(fields))
+
+    def _doc(self) -> dict[str, Any]:
         data, rows, cols = _matrix_to_wire(self.probabilities)
         doc: dict[str, Any] = {
             "v": FORMAT_VERSION,
@@ -144,11 +153,10 @@ class ModelResult:
             doc["err"] = self.error
         if self.extra:
             doc["extra"] = self.extra
-        return {FIELD: msgpack.packb(doc, use_bin_type=True)}
+        return doc
 
     @classmethod
-    def decode(cls, fields: dict[bytes, bytes]) -> ModelResult:
-        doc = _unpack(fields)
+    def _from_doc(cls, doc: Any) -> ModelResult:
         try:
             return cls(
                 request_id=doc["id"],
@@ -164,9 +172,46 @@ class ModelResult:
                 error=doc.get("err"),
                 extra=doc.get("extra") or {},
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, EnvelopeError):
+                raise
             raise EnvelopeError(f"result lacks a field: {exc}") from exc
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+RESULTS_FIELD = b"r"
+"""A reply entry holding every result a worker's batch owes one gateway: one XADD, one stream
+entry and one msgpack decode for many requests, instead of one each."""
+
+
+def encode_results(results: list[ModelResult]) -> dict[bytes, bytes]:
+    doc = {"v": FORMAT_VERSION, "results": [r._doc() for r in results]}
+    return {RESULTS_FIELD: msgpack.packb(doc, use_bin_type=True)}
+
+
+def decode_results(fields: dict[bytes, bytes]) -> tuple[list[ModelResult], list[str]]:
+    """The results of one reply entry, batched (``r``) or single (``d``, as older workers
+    wrote), and why any of them could not be read. An entry that is not a reply at all
+    raises ``EnvelopeError``."""
+    if RESULTS_FIELD not in fields:
+        return [ModelResult.decode(fields)], []
+    try:
+        doc = msgpack.unpackb(fields[RESULTS_FIELD], raw=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise EnvelopeError(f"undecodable results: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("v") != FORMAT_VERSION:
+        raise EnvelopeError("unknown results format")
+    docs = doc.get("results")
+    if not isinstance(docs, list):
+        raise EnvelopeError("results entry holds no list of results")
+    results: list[ModelResult] = []
+    errors: list[str] = []
+    for one in docs:
+        try:
+            results.append(ModelResult._from_doc(one))
+        except EnvelopeError as exc:
+            errors.append(str(exc))
+    return results, errors

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from rendezvous import names
 from rendezvous.appender import StreamAppender
 from rendezvous.decision import build_decision, encode_decision
-from rendezvous.envelope import EnvelopeError, ModelResult
+from rendezvous.envelope import EnvelopeError, ModelResult, decode_results
 from rendezvous.resp import LeanRedis, pack
 from rendezvous.schedule import Schedule, decide
 
@@ -293,12 +293,14 @@ class Rendezvous:
                 if _HELLO in fields:
                     continue
                 try:
-                    result = ModelResult.decode(fields)
+                    results, errors = decode_results(fields)
                 except EnvelopeError as exc:
-                    self.bad_results += 1
-                    log.warning("undecodable result on %s: %s", self.reply_to, exc)
-                    continue
-                self.file(result)
+                    errors, results = [str(exc)], []
+                if errors:
+                    self.bad_results += len(errors)
+                    log.warning("undecodable result on %s: %s", self.reply_to, errors[0])
+                for result in results:
+                    self.file(result)
 
 
 def _stream_entries(reply: Any) -> list[Any]:

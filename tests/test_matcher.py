@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from rendezvous import names
 from rendezvous.appender import StreamAppender
 from rendezvous.decision import build_decision, decode_decision, encode_decision
-from rendezvous.envelope import ModelResult
+from rendezvous.envelope import ModelResult, encode_results
 from rendezvous.matcher import DuplicateRequest, Rendezvous
 from rendezvous.resp import LeanRedis
 from rendezvous.schedule import Schedule
@@ -157,6 +157,25 @@ async def test_many_concurrent_requests_each_get_their_own_answer(
         assert ans.result is not None and ans.result.request_id == rid
         assert float(ans.result.probabilities[0, 1]) == pytest.approx(n / 200)
     assert len(await decisions(r, 200)) == 200
+
+
+async def test_results_batched_in_one_entry_resolve_each_request_and_bad_ones_are_counted(
+    rdv: Rendezvous, r: redis.Redis
+) -> None:
+    ids = [f"b{i}" for i in range(4)]
+    boxes = [rdv.open(i, DEP, SCHEDULE, ["real"]) for i in ids]
+    fields = encode_results([result(rid, "real", n / 4) for n, rid in enumerate(ids)])
+    doc = msgpack.unpackb(fields[b"r"], raw=False)
+    doc["results"].insert(1, {"id": "b1", "no": "other field"})
+    await rdv.client.xadd(names.reply_stream("t-gw"), {b"r": msgpack.packb(doc)})
+    await rdv.client.xadd(names.reply_stream("t-gw"), {b"r": b"not msgpack \xc1"})
+    answers = await asyncio.gather(*(rdv.wait(b) for b in boxes))
+    assert [a.result.request_id for a in answers if a.result is not None] == ids
+    for _ in range(50):
+        if rdv.bad_results == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert rdv.bad_results == 2
 
 
 async def test_a_caller_that_goes_away_leaks_no_mailbox(rdv: Rendezvous, r: redis.Redis) -> None:

@@ -24,7 +24,7 @@ from models.registry import ArtifactRejected, ModelMeta, ModelNotFound, ModelReg
 from models.train import DEMO_DEPLOYMENT, DEMO_MODEL, demo_data
 from models.worker import ModelWorker
 from rendezvous import names
-from rendezvous.envelope import ModelResult, RequestEnvelope
+from rendezvous.envelope import RequestEnvelope, decode_results
 from rendezvous.schedule import Schedule
 
 REPLY = names.reply_stream("registry-test")
@@ -239,8 +239,8 @@ def versions(r: redis.Redis) -> dict[str, int]:
     out = {}
     for _id, fields in r.xrange(REPLY):
         if b"hello" not in fields:
-            res = ModelResult.decode(fields)
-            out[res.request_id] = res.version
+            for res in decode_results(fields)[0]:
+                out[res.request_id] = res.version
     return out
 
 

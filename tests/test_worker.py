@@ -14,7 +14,7 @@ from models.runtime import OnnxClassifier
 from models.train import DEMO_DEPLOYMENT, demo_data
 from models.worker import ModelWorker, WorkerStats, batch_wait_s
 from rendezvous import names
-from rendezvous.envelope import ModelResult, RequestEnvelope
+from rendezvous.envelope import ModelResult, RequestEnvelope, decode_results
 from rendezvous.schedule import Schedule
 
 REPLY = names.reply_stream("test-gw")
@@ -25,12 +25,18 @@ def setup(r: redis.Redis, registry: ModelRegistry) -> None:
     r.xadd(REPLY, {b"hello": b"1"})
 
 
-def publish(r: redis.Redis, rid: str, x: np.ndarray, deadline_ms: float | None = None) -> None:
+def publish(
+    r: redis.Redis,
+    rid: str,
+    x: np.ndarray,
+    deadline_ms: float | None = None,
+    reply_to: str = REPLY,
+) -> None:
     now = time.time() * 1000
     env = RequestEnvelope(
         request_id=rid,
         deployment=DEMO_DEPLOYMENT,
-        reply_to=REPLY,
+        reply_to=reply_to,
         deadline_ms=int(deadline_ms if deadline_ms is not None else now + 60_000),
         enqueued_ms=now,
         raw=b"{}",
@@ -40,13 +46,19 @@ def publish(r: redis.Redis, rid: str, x: np.ndarray, deadline_ms: float | None =
     r.xadd(names.input_stream(DEMO_DEPLOYMENT), env.encode())
 
 
-def results(r: redis.Redis) -> dict[str, ModelResult]:
-    out = {}
+def replies(r: redis.Redis) -> list[ModelResult]:
+    """Every result on the reply stream, in order (a worker writes one entry per batch)."""
+    out: list[ModelResult] = []
     for _id, fields in r.xrange(REPLY):
         if b"hello" not in fields:
-            res = ModelResult.decode(fields)
-            out[res.request_id] = res
+            batch, errors = decode_results(fields)
+            assert errors == []
+            out += batch
     return out
+
+
+def results(r: redis.Redis) -> dict[str, ModelResult]:
+    return {res.request_id: res for res in replies(r)}
 
 
 def make_worker(r: redis.Redis, registry: ModelRegistry, role: str, **kw: object) -> ModelWorker:
@@ -81,6 +93,23 @@ def test_worker_scores_a_batch_in_one_call_and_matches_onnxruntime(
     assert pending["pending"] == 0
 
 
+def test_a_batch_owes_each_gateway_one_reply_entry(
+    r: redis.Redis, demo_registry: ModelRegistry
+) -> None:
+    setup(r, demo_registry)
+    other = names.reply_stream("test-gw-2")
+    r.xadd(other, {b"hello": b"1"})
+    x = demo_data().x_test[:5]
+    for i in range(5):
+        publish(r, f"req-{i}", x[i : i + 1], reply_to=REPLY if i % 2 == 0 else other)
+    assert make_worker(r, demo_registry, "real", batch_size=64).drain() == 5
+    for stream, expected in ((REPLY, ["req-0", "req-2", "req-4"]), (other, ["req-1", "req-3"])):
+        entries = [fields for _id, fields in r.xrange(stream) if b"hello" not in fields]
+        assert len(entries) == 1
+        batch, errors = decode_results(entries[0])
+        assert [res.request_id for res in batch] == expected and errors == []
+
+
 def test_canary_worker_serves_version_1_from_the_same_stream(
     r: redis.Redis, demo_registry: ModelRegistry
 ) -> None:
@@ -88,11 +117,7 @@ def test_canary_worker_serves_version_1_from_the_same_stream(
     publish(r, "one", demo_data().x_test[:1])
     make_worker(r, demo_registry, "real").drain()
     make_worker(r, demo_registry, "canary").drain()
-    versions = sorted(
-        (ModelResult.decode(f).role, ModelResult.decode(f).version)
-        for _id, f in r.xrange(REPLY)
-        if b"hello" not in f
-    )
+    versions = sorted((res.role, res.version) for res in replies(r))
     assert versions == [("canary", 1), ("real", 2)]
 
 
@@ -277,9 +302,5 @@ def test_a_canary_waits_after_a_short_read_and_real_never_does(
     assert paused["real"] == []
     [delay_s] = paused["canary"]
     assert 0 < delay_s <= 1.0
-    scored = sorted(
-        (ModelResult.decode(f).role, ModelResult.decode(f).request_id)
-        for _id, f in r.xrange(REPLY)
-        if b"hello" not in f
-    )
+    scored = sorted((res.role, res.request_id) for res in replies(r))
     assert scored == [(role, rid) for role in ("canary", "real") for rid in "abc"]
