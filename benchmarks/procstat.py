@@ -58,6 +58,20 @@ def rss_bytes(pid: int) -> int:
         return 0
 
 
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: the RSS with each shared page split among the processes that
+    map it. Sums over processes without counting a page twice, as RSS does for a forked
+    child (Redis's AOF rewrite) that still shares its parent's pages. RSS where the kernel
+    has no ``smaps_rollup``."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return rss_bytes(pid)
+
+
 def hwm_bytes(pid: int) -> int:
     """The kernel's own peak RSS of one process (VmHWM)."""
     try:
@@ -140,13 +154,22 @@ class MemoryWatch:
     and watches the others)."""
     peak_by_component: dict[str, int] = field(default_factory=dict)
     last_by_component: dict[str, int] = field(default_factory=dict)
+    peak_serving_pss_bytes: int = 0
+    """The same peak, of PSS: what the serving processes hold together, shared pages once."""
+    peak_pss_by_component: dict[str, int] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def sample(self) -> None:
         by: dict[str, int] = {}
+        pss: dict[str, int] = {}
         for pid, name in self.tree.members().items():
             by[name] = by.get(name, 0) + rss_bytes(pid)
+            pss[name] = pss.get(name, 0) + pss_bytes(pid)
+        serving_pss = sum(v for k, v in pss.items() if k != "supervisor")
+        self.peak_serving_pss_bytes = max(self.peak_serving_pss_bytes, serving_pss)
+        for name, value in pss.items():
+            self.peak_pss_by_component[name] = max(self.peak_pss_by_component.get(name, 0), value)
         self.last_by_component = by
         self.peak_total_bytes = max(self.peak_total_bytes, sum(by.values()))
         serving = sum(v for k, v in by.items() if k != "supervisor")

@@ -71,8 +71,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "figures are its median round's (default 3, quick 1)")  # fmt: skip
     p.add_argument("--systems", default=",".join(SYSTEMS), help="which of " + ",".join(SYSTEMS))
     p.add_argument("--gateway-processes", type=int, help="RDV_GATEWAY_PROCESSES (default: rdv's)")
-    p.add_argument("--set", action="append", default=[], metavar="RDV_NAME=VALUE",
-                   type=rdv_setting, help="a setting for rdv serve (repeatable; A/B runs)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="RDV_NAME=VALUE",
+        type=rdv_setting,
+        help="a setting for rdv serve (repeatable; A/B runs)",
+    )
     p.add_argument("--inprocess-processes", type=int, default=2)
     p.add_argument(
         "--model",
@@ -225,6 +231,10 @@ def measure(
                 k: round(v / procstat.MB, 1) for k, v in mem.last_by_component.items()
             },
             "sum_of_process_hwm": round(hwm / procstat.MB, 1),
+            "peak_serving_pss": round(mem.peak_serving_pss_bytes / procstat.MB, 1),
+            "peak_pss_by_component": {
+                k: round(v / procstat.MB, 1) for k, v in mem.peak_pss_by_component.items()
+            },
         },
         "phases": phases,
     }

@@ -97,7 +97,8 @@ class Settings(BaseSettings):
     """Bound on every gateway Redis command: a hung server becomes a 503, never a hang."""
 
     reply_maxlen: int = Field(default=10_000, ge=100)
-    """Approximate cap of each gateway's reply stream, in entries (one per worker batch)."""
+    """Approximate cap of each gateway's reply stream, in results (a worker writes its batch's
+    results for one gateway as one entry, capped at this many over the batch's size)."""
 
     decisions_maxlen: int = Field(default=50_000, ge=100)
     """Approximate cap of each deployment's decisions stream. The stream is most of Redis's

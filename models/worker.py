@@ -130,7 +130,6 @@ class ModelWorker:
         self._stream_b = self.stream.encode()
         self._group_b = self.group.encode()
         self._consumer_b = consumer.encode()
-        self._reply_maxlen_b = b"%d" % reply_maxlen
         self._get_revision = pack(b"GET", names.revision_key(self.deployment).encode())
 
     # -- model --------------------------------------------------------------------------------
@@ -314,11 +313,13 @@ class ModelWorker:
             by_gateway.setdefault(reply_to, []).append(result)
         commands = []
         for reply_to, results in by_gateway.items():
-            # One entry per gateway for the whole batch. NOMKSTREAM: a gateway that is gone
-            # has no stream, and we must not recreate it.
+            # One entry per gateway for the whole batch, so the cap, which counts results,
+            # becomes entries of this batch's size. NOMKSTREAM: a gateway that is gone has no
+            # stream, and we must not recreate it.
             ((field, value),) = encode_results(results).items()
+            maxlen = b"%d" % max(1, self.reply_maxlen // len(results))
             commands.append(pack(b"XADD", reply_to.encode(), b"NOMKSTREAM", b"MAXLEN", b"~",
-                                 self._reply_maxlen_b, b"*", field, value))  # fmt: skip
+                                 maxlen, b"*", field, value))  # fmt: skip
         if ack_ids:
             commands.append(pack(b"XACK", self._stream_b, self._group_b, *ack_ids))
         if extra_ops:

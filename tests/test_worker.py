@@ -110,6 +110,21 @@ def test_a_batch_owes_each_gateway_one_reply_entry(
         assert [res.request_id for res in batch] == expected and errors == []
 
 
+def test_the_reply_cap_counts_results_not_batches(
+    r: redis.Redis, demo_registry: ModelRegistry
+) -> None:
+    setup(r, demo_registry)
+    x = demo_data().x_test[:1]
+    for i in range(300):
+        publish(r, f"req-{i}", x)
+    worker = make_worker(r, demo_registry, "real", batch_size=10, reply_maxlen=100)
+    assert worker.drain() == 300 and worker.stats.batches == 30
+    kept = replies(r)
+    # MAXLEN ~ trims whole nodes only: about 100 results (10 entries) stay, never the 300
+    assert 100 <= len(kept) <= 150
+    assert kept[-1].request_id == "req-299"
+
+
 def test_canary_worker_serves_version_1_from_the_same_stream(
     r: redis.Redis, demo_registry: ModelRegistry
 ) -> None:
