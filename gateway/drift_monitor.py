@@ -4,8 +4,9 @@ One gateway process at a time evaluates a deployment (a short Redis lease, renew
 holder), so several processes or instances never double-count an event. An evaluation merges
 the newest sketches of the current real model into a window (at most ``window_requests``
 requests, none older than ``window_s``), compares it with the references through the pure
-functions of ``rendezvous.drift``, and stores the outcome: the report (read by ``/drift`` and
-``/metrics``), a point of history, and a ``raised``/``cleared`` event per threshold crossing.
+functions of ``rendezvous.drift_alerts``, and stores the outcome: the report (read by
+``/drift`` and ``/metrics``), a point of history, and a ``raised``/``cleared`` event per
+threshold crossing.
 
 The real model's score reference is its training distribution when its metadata carries one;
 otherwise the first full window of its scores after it became real, kept once built.
@@ -29,7 +30,8 @@ from gateway.drift_feed import SKETCH_FIELD
 from gateway.service import DeploymentCache
 from models.registry import ModelRegistry
 from rendezvous import names
-from rendezvous.drift import FeatureReference, Sketch, Thresholds, evaluate_alerts, window_report
+from rendezvous.drift import FeatureReference, Sketch
+from rendezvous.drift_alerts import Thresholds, evaluate_alerts, window_report
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from rendezvous import names
-from rendezvous.drift import ALERT_KINDS
+from rendezvous.drift_alerts import ALERT_KINDS
 
 STALE_STATS_S = 60.0
 """Counters of a process that has not published for this long are not exposed (it died)."""

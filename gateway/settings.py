@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from rendezvous.drift import Thresholds
+from rendezvous.drift_alerts import Thresholds
 from rendezvous.schedule import Schedule
 
 

@@ -1,20 +1,18 @@
-"""Drift statistics: mergeable histograms of what a deployment saw, and the figures and alerts
-computed from a window of them. Pure numpy and msgpack, no I/O.
+"""Drift statistics: mergeable histograms of what a deployment saw, and the measures taken
+on them. Pure numpy and msgpack, no I/O.
 
 Every gateway process accumulates a ``Sketch`` (fixed-bin counts, so sketches of many
-processes and seconds add up exactly); a monitor merges a window of them and calls
-``window_report`` and ``evaluate_alerts``. Three signals: how far real and canary disagree
-(per-request JS distance, label disagreement), whether real's score distribution moved away
-from the one it had on data it was not fitted on (PSI, JS), and whether the inputs moved
-away from the training quantiles (PSI per feature).
-"""
+processes and seconds add up exactly); a monitor merges a window of them and hands it to
+``rendezvous.drift_alerts`` for the report and the alerts. Three signals: how far real and
+canary disagree (per-request JS distance, label disagreement), whether real's score
+distribution moved away from the one it had on data it was not fitted on (PSI, JS), and
+whether the inputs moved away from the training quantiles (PSI per feature)."""
 
 from __future__ import annotations
 
 import bisect
 import hashlib
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -30,13 +28,6 @@ SCORE_EDGES: np.ndarray = np.linspace(0.0, 1.0, 11)
 DIVERGENCE_EDGES: tuple[float, ...] = (
     *(0.0, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
     *(0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0),
-)
-ALERT_KINDS: tuple[str, ...] = (
-    "divergence_mean",
-    "disagreement_rate",
-    "score_psi",
-    "score_js",
-    "feature_psi",
 )
 _SCORE_BINS = len(SCORE_EDGES) - 1
 _DIV_BINS = len(DIVERGENCE_EDGES) - 1
@@ -80,7 +71,7 @@ def divergence_counts(values: Sequence[float] | np.ndarray) -> np.ndarray:
     return _fixed_counts(_DIV_EDGES, np.asarray(values, dtype=np.float64))
 
 
-def _fractions(counts: np.ndarray, what: str) -> np.ndarray:
+def fractions(counts: np.ndarray, what: str) -> np.ndarray:
     c = np.asarray(counts, dtype=np.float64).ravel()
     total = c.sum()
     if not np.isfinite(total) or total <= 0 or (c < 0).any():
@@ -91,8 +82,8 @@ def _fractions(counts: np.ndarray, what: str) -> np.ndarray:
 def psi(expected: np.ndarray, actual_counts: np.ndarray, eps: float = 1e-4) -> float:
     """Population stability index sum((a - e) * ln(a / e)) of two histograms, each normalised
     and smoothed with ``eps`` so an empty bin costs a bounded amount instead of infinity."""
-    e = _fractions(expected, "expected")
-    a = _fractions(actual_counts, "actual")
+    e = fractions(expected, "expected")
+    a = fractions(actual_counts, "actual")
     if e.shape != a.shape:
         raise ValueError(f"histograms differ in bins: {e.shape} vs {a.shape}")
     e = (e + eps) / (1.0 + eps * e.size)
@@ -102,7 +93,7 @@ def psi(expected: np.ndarray, actual_counts: np.ndarray, eps: float = 1e-4) -> f
 
 def js_distance_counts(p: np.ndarray, q: np.ndarray) -> float:
     """Jensen-Shannon distance (base 2, in [0, 1]) of two histograms."""
-    a, b = _fractions(p, "p"), _fractions(q, "q")
+    a, b = fractions(p, "p"), fractions(q, "q")
     if a.shape != b.shape:
         raise ValueError(f"histograms differ in bins: {a.shape} vs {b.shape}")
     return float(js_distance(a[None, :], b[None, :])[0])
@@ -326,163 +317,3 @@ _FLOATS = ("start_ms", "end_ms", "divergence_sum")
 _INTS = ("requests", "rows", "compared", "compared_rows", "disagreements", "feature_rows")
 _ARRAYS = ("score_real", "score_canary", "divergence", "features")
 _SUMMED = (*_INTS, "divergence_sum", "score_real", "score_canary", "divergence")
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Alert thresholds; a figure strictly above its threshold raises the alert.
-
-    Tuned on the demo models (tests/test_drift.py): 1000 windows of 200 (the smallest
-    evaluated) and of 600 single-row requests drawn from the 143-row held-out split, as
-    drawn ("calm") or with the image scale up 30 % (lengths x1.3, areas x1.69, "shifted").
-    Worst calm window at 200 / 600 requests, then the shifted median at 200:
-    divergence_mean 0.113 / 0.094, 0.130; disagreement_rate 0.090 / 0.072, 0.130 (the demo
-    models differ on ~4 % of rows by nature, so 0.05 false-alarmed); score_psi 0.289 / 0.191,
-    0.557 (shifted min 0.299 / 0.342); score_js 0.207 / 0.173, 0.305 (min 0.227 / 0.244);
-    feature_psi 0.924 / 0.447, 2.35 (min 1.61 / 1.77, every shifted feature above 1.18).
-    feature_psi is the largest of 30 PSIs over a few hundred rows, hence 1.0 and not the
-    textbook 0.25 meant for one feature and many rows. At 100 requests calm windows reach
-    score_psi 0.42 and feature_psi 1.0: too few to judge, hence min_requests 200.
-    """
-
-    divergence_mean: float = 0.12
-    disagreement_rate: float = 0.1
-    score_psi: float = 0.3
-    score_js: float = 0.22
-    feature_psi: float = 1.0
-    min_requests: int = 200
-
-    def to_dict(self) -> dict[str, float | int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, doc: Mapping[str, Any]) -> Thresholds:
-        return cls().merged(doc)
-
-    def merged(self, changes: Mapping[str, Any]) -> Thresholds:
-        """A copy with ``changes`` applied; ValueError naming the offending key."""
-        known = {f.name for f in fields(self)}
-        current = self.to_dict()
-        for key, value in changes.items():
-            if key not in known:
-                raise ValueError(f"unknown threshold {key!r}; known: {sorted(known)}")
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"threshold {key!r} must be a number, got {value!r}")
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"threshold {key!r} must be finite and >= 0, got {value!r}")
-            if key == "min_requests":
-                if value != int(value):
-                    raise ValueError(f"threshold 'min_requests' must be an integer, got {value!r}")
-                current[key] = int(value)
-            else:
-                current[key] = float(value)
-        return Thresholds(**current)  # type: ignore[arg-type]
-
-
-def _r(x: float | None) -> float | None:
-    return None if x is None else round(float(x), 6)
-
-
-def _fractions_or_none(counts: np.ndarray | None) -> list[float] | None:
-    if counts is None or np.asarray(counts).sum() <= 0:
-        return None
-    return [round(float(v), 6) for v in _fractions(counts, "histogram")]
-
-
-def _feature_psi(w: Sketch, ref: FeatureReference | None) -> dict[str, float]:
-    """PSI per feature; empty unless the window's counts were built against ``ref``."""
-    c = w.features
-    if ref is None or c is None or w.feature_version != ref.version:
-        return {}
-    if c.shape != ref.expected.shape or c.sum() == 0:
-        return {}
-    return {n: round(psi(ref.expected[i], c[i]), 6) for i, n in enumerate(ref.names)}
-
-
-def window_report(
-    window: Sketch,
-    *,
-    score_reference: np.ndarray | None,
-    reference_source: str | None,
-    features: FeatureReference | None,
-    thresholds: Thresholds,
-    top_k: int = 5,
-) -> dict[str, Any]:
-    """JSON-ready statistics of one merged window; ``values`` holds the figure each threshold
-    is compared with (None when the window cannot say)."""
-    w = window
-    div: dict[str, Any] = {"mean": _r(w.divergence_sum / w.compared) if w.compared else None}
-    for q in (0.5, 0.9, 0.99):
-        div[f"p{round(q * 100)}"] = _r(histogram_quantile(DIVERGENCE_EDGES, w.divergence, q))
-    rate = w.disagreements / w.compared_rows if w.compared_rows else None
-    div.update(disagreement_rate=_r(rate), compared_rows=w.compared_rows)
-    reference = _fractions_or_none(score_reference)
-    score_psi = score_js = None
-    if reference is not None and window.score_real.sum() > 0:
-        score_psi = psi(np.asarray(reference), window.score_real)
-        score_js = js_distance_counts(np.asarray(reference), window.score_real)
-    feature_psi = _feature_psi(w, features)
-    top = sorted(feature_psi.items(), key=lambda kv: kv[1], reverse=True)[:top_k]
-    max_psi = top[0][1] if top else None
-    return {
-        "status": "ok" if window.requests >= thresholds.min_requests else "insufficient_data",
-        "requests": window.requests,
-        "rows": window.rows,
-        "from_ms": window.start_ms,
-        "to_ms": window.end_ms,
-        "real_model": window.real_model,
-        "canary_model": window.canary_model,
-        "divergence": div,
-        "score": {
-            "psi": _r(score_psi),
-            "js_distance": _r(score_js),
-            "reference_source": reference_source if reference is not None else None,
-            "edges": [round(float(e), 6) for e in SCORE_EDGES],
-            "real": _fractions_or_none(window.score_real),
-            "canary": _fractions_or_none(window.score_canary),
-            "reference": reference,
-        },
-        "features": {
-            "psi": feature_psi,
-            "top": [{"feature": n, "psi": v} for n, v in top],
-            "max_psi": max_psi,
-        },
-        "values": {
-            "divergence_mean": div["mean"],
-            "disagreement_rate": div["disagreement_rate"],
-            "score_psi": _r(score_psi),
-            "score_js": _r(score_js),
-            "feature_psi": max_psi,
-        },
-    }
-
-
-def evaluate_alerts(
-    report: Mapping[str, Any],
-    thresholds: Thresholds,
-    active: Mapping[str, Mapping[str, Any]],
-    now_ms: float,
-) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """Next alert state and the raise/clear events that lead to it. Without enough data, or
-    without a figure for a kind, that kind keeps its state: silence is not recovery."""
-    state = {kind: dict(alert) for kind, alert in active.items()}
-    events: list[dict[str, Any]] = []
-    if report.get("status") != "ok":
-        return state, events
-    values = report.get("values") or {}
-    for kind in ALERT_KINDS:
-        value = values.get(kind)
-        if value is None:
-            continue
-        limit = float(getattr(thresholds, kind))
-        event = {"kind": kind, "value": value, "threshold": limit, "ts_ms": now_ms}
-        if value > limit:
-            if kind in state:
-                state[kind].update(value=value, threshold=limit)
-            else:
-                state[kind] = {"kind": kind, "value": value, "threshold": limit, "since_ms": now_ms}
-                events.append({"type": "raised", **event})
-        elif kind in state:
-            del state[kind]
-            events.append({"type": "cleared", **event})
-    return state, events

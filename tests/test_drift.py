@@ -21,20 +21,17 @@ from models.spec import FeatureSpec, FeatureStats
 from models.train import CANARY_VERSION, DEMO_MODEL, REAL_VERSION, demo_data
 from rendezvous.divergence import divergence
 from rendezvous.drift import (
-    ALERT_KINDS,
     DIVERGENCE_EDGES,
     SCORE_EDGES,
     FeatureReference,
     Sketch,
-    Thresholds,
     divergence_counts,
-    evaluate_alerts,
     histogram_quantile,
     js_distance_counts,
     psi,
     score_counts,
-    window_report,
 )
+from rendezvous.drift_alerts import ALERT_KINDS, Thresholds, evaluate_alerts, window_report
 
 # -- the measures ------------------------------------------------------------------------------
 

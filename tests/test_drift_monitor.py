@@ -21,7 +21,8 @@ from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
 from rendezvous import names
-from rendezvous.drift import Sketch, Thresholds
+from rendezvous.drift import Sketch
+from rendezvous.drift_alerts import Thresholds
 from rendezvous.schedule import Schedule
 
 REAL = "breast-cancer:2"
