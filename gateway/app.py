@@ -57,10 +57,15 @@ def serving_app(settings: Settings | None = None) -> PredictFastPath:
     """What uvicorn serves: predict answered ahead of the framework (``gateway.fast_path``),
     everything else by ``create_app``'s FastAPI app."""
     settings = settings or Settings()
-    return PredictFastPath(create_app(settings), max_body_bytes=settings.max_body_bytes)
+    return PredictFastPath(
+        create_app(settings, settle_process_heap=True), max_body_bytes=settings.max_body_bytes
+    )
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, settle_process_heap: bool = False) -> FastAPI:
+    """The gateway as a FastAPI app. ``settle_process_heap``: once started, tune the garbage
+    collector for this process (``rendezvous.heap``); for a process that serves only this app,
+    not for one that merely mounts it (a test)."""
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
@@ -123,7 +128,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics=metrics,
             drift_feed=feed,
         )
-        settle_heap()
+        if settle_process_heap:
+            settle_heap()
         log.info("gateway ready: deployments %s, reply stream %s",
                  sorted(deployments.deployments), rendezvous.reply_to)  # fmt: skip
         try:
