@@ -14,6 +14,7 @@ from typing import Any
 
 from gateway.process import (
     LOG_FORMAT,
+    listening_socket,
     settings_from_args,
     share_metrics_between_processes,
     stop_event,
@@ -50,7 +51,8 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     os.environ.update(
         RDV_HOST=settings.host, RDV_PORT=str(settings.port), RDV_DATA_DIR=str(settings.data_dir)
     )
-    processes = 1 if args.reuse_port else settings.gateway_process_count
+    one_of_several = args.reuse_port or args.fd is not None
+    processes = 1 if one_of_several else settings.gateway_process_count
     if processes > 1:
         share_metrics_between_processes()
     options: dict[str, Any] = dict(
@@ -64,25 +66,17 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         timeout_graceful_shutdown=10,
     )
     app = "gateway.cli:_app_from_env"
-    if not args.reuse_port:
+    if not one_of_several:
         uvicorn.run(app, workers=processes if processes > 1 else None, **options)
         return
+    if args.fd is not None:
+        sock = socket.socket(fileno=args.fd)
+    else:
+        sock = listening_socket(settings.host, settings.port, reuse_port=True)
     server = uvicorn.Server(uvicorn.Config(app, **options))
-    server.run(sockets=[_reusable_socket(settings.host, settings.port)])
+    server.run(sockets=[sock])
     if not server.started:
         sys.exit(3)  # what uvicorn.run does when the app failed to start
-
-
-def _reusable_socket(host: str, port: int) -> socket.socket:
-    """A listening address that several ``rdv gateway --reuse-port`` processes share: the
-    kernel spreads new connections over them (``rdv serve`` runs its gateways so, without a
-    supervising uvicorn process of ~60 MB)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    return sock
 
 
 def _app_from_env() -> Any:
@@ -208,7 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = serving(sub.add_parser("gateway", help="the HTTP gateway"))
     p.add_argument("--reuse-port", action="store_true",
                    help="one process that shares the port with other `rdv gateway --reuse-port` "
-                        "processes (SO_REUSEPORT); rdv serve starts its gateways so")  # fmt: skip
+                        "processes (SO_REUSEPORT)")  # fmt: skip
+    p.add_argument("--fd", type=int, default=None,
+                   help="serve on this inherited listening socket, shared with other gateway "
+                        "processes; rdv serve starts its gateways so")  # fmt: skip
     p.set_defaults(func=cmd_gateway)
 
     p = serving(sub.add_parser("worker", help="a model worker for one role of a deployment"))

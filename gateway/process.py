@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -54,3 +55,23 @@ def share_metrics_between_processes() -> None:
     else:
         path = tempfile.mkdtemp(prefix="rdv-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+
+
+def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """The gateway's listening TCP socket. ``rdv serve`` opens one and every gateway process
+    accepts on it (inherited, ``rdv gateway --fd``): the queue of connections not yet accepted
+    belongs to the socket, so it outlives any one gateway, and a gateway that dies or restarts
+    drops none of them. ``reuse_port``: instead, one of several processes' own sockets on one
+    address (SO_REUSEPORT), for gateways started by hand."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock

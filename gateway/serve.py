@@ -15,7 +15,12 @@ import time
 
 import redis
 
-from gateway.process import settings_from_args, share_metrics_between_processes, stop_event
+from gateway.process import (
+    listening_socket,
+    settings_from_args,
+    share_metrics_between_processes,
+    stop_event,
+)
 from gateway.supervisor import Supervisor, child_env
 from models.demo import DEMO_DEPLOYMENT, demo_models_present
 from models.deployments import DeploymentStore, demo_deployment
@@ -70,6 +75,12 @@ def reconcile_workers(
 def cmd_serve(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
     stop = stop_event()
+    try:
+        listener = listening_socket(settings.host, settings.port)
+    except OSError as exc:
+        where = f"{settings.host}:{settings.port}"
+        raise SystemExit(f"rdv serve: cannot listen on {where}: {exc}") from None
+    listener.set_inheritable(True)
     embedded: EmbeddedRedis | None = None
     url = settings.redis_url
     if not url:
@@ -105,10 +116,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if gateways > 1:
             share_metrics_between_processes()  # in our environment: the children inherit it
             supervisor.env["PROMETHEUS_MULTIPROC_DIR"] = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        fd = listener.fileno()
         for i in range(gateways):
-            # Each its own process sharing the port: one that dies is restarted alone.
+            # Each its own process accepting on our socket: one that dies is restarted alone,
+            # and the connections waiting meanwhile are accepted by the others or by it.
             supervisor.ensure(f"gateway-{i}" if gateways > 1 else "gateway",
-                              ["gateway", "--reuse-port"], GATEWAY)  # fmt: skip
+                              ["gateway", "--fd", str(fd)], GATEWAY, pass_fds=(fd,))  # fmt: skip
         log.info("serving on http://%s:%d", settings.host, settings.port)
 
         next_reconcile = 0.0
@@ -128,6 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     finally:
         log.info("stopping: gateway, then workers, then log bin")
         supervisor.stop_all()
+        listener.close()
         if client is not None:
             client.close()
         if embedded is not None:

@@ -36,6 +36,8 @@ class Child:
     nice: int = 0
     """Added to the child's niceness at start (``os.nice``), for processes off the
     critical path; the child cannot take it back, so it holds across restarts."""
+    pass_fds: tuple[int, ...] = ()
+    """Descriptors the child inherits (the gateways' shared listening socket)."""
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     restarts: int = 0
@@ -51,11 +53,13 @@ class Supervisor:
         """What every child runs, before its own arguments (tests run something smaller)."""
         self.children: dict[str, Child] = {}
 
-    def ensure(self, name: str, args: list[str], order: int, nice: int = 0) -> None:
+    def ensure(
+        self, name: str, args: list[str], order: int, nice: int = 0, pass_fds: tuple[int, ...] = ()
+    ) -> None:
         """Start a child under ``name`` unless it is already supervised."""
         if name in self.children:
             return
-        child = Child(name, [*self.command, *args], order, nice)
+        child = Child(name, [*self.command, *args], order, nice, pass_fds)
         self.children[name] = child
         self._spawn(child)
 
@@ -66,7 +70,11 @@ class Supervisor:
 
     def _spawn(self, child: Child) -> None:
         child.proc = subprocess.Popen(
-            child.argv, env=self.env, stdin=subprocess.DEVNULL, **detached_from_terminal(child.nice)
+            child.argv,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            pass_fds=child.pass_fds,
+            **detached_from_terminal(child.nice),
         )
         child.started = time.monotonic()
         child.restart_at = None

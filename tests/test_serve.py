@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -73,15 +76,18 @@ def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> No
         nice = {_label(cmd): _nice(pid) for pid, cmd in children if "gateway.cli" in cmd}
         base = _nice(serve.proc.pid)
         assert nice == {"gateway": base, "real": base, "canary": base + 5, "logbin": base + 5}
-        # Two gateways share the port; one that dies leaves the other serving, and comes back.
-        gateways = [pid for pid, cmd in children if "gateway --reuse-port" in cmd]
+        # Two gateways accept on serve's one socket; one that dies leaves the other serving
+        # (no connection made meanwhile is refused or reset), and comes back.
+        gateways = [pid for pid, cmd in children if "gateway --fd" in cmd]
         assert len(gateways) == 2
         os.kill(gateways[0], signal.SIGKILL)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as fresh:
-            assert fresh.post(f"/v1/deployments/{DEMO_DEPLOYMENT}/predict", json=body).is_success
+        for _ in range(20):
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as fresh:
+                r = fresh.post(f"/v1/deployments/{DEMO_DEPLOYMENT}/predict", json=body)
+                assert r.is_success, r.text
         wait_until(
             lambda: len([p for p, c in _children(serve.proc.pid)
-                         if "gateway --reuse-port" in c and p != gateways[0]]) == 2,
+                         if "gateway --fd" in c and p != gateways[0]]) == 2,
             20, "the supervisor to restart the gateway",
         )  # fmt: skip
         http.close()
@@ -110,3 +116,22 @@ def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> No
             not Path(f"/proc/{pid}").exists()
             or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
         ), f"child {pid} outlived serve"
+
+
+def test_serve_on_a_taken_port_says_so_and_starts_nothing(tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RDV_")}
+    env["RDV_PORT"] = str(port)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "serve", "--data-dir", str(tmp_path / "d")],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        taken.close()
+    assert done.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert not (tmp_path / "d" / "redis").exists()
