@@ -256,12 +256,11 @@ class GatewayMetrics:
             observed[(self.queue_seconds, dep, role)].append(max(out["queue_ms"], 0.0) / 1000)
         for role, div in (record.get("divergences") or {}).items():
             real_model, other_model = div["pair"]
-            observed[(self.divergence, dep, role, real_model, other_model)].append(div["js_mean"])
-            counts[(self.compared_rows, dep, role, real_model, other_model)] += div["rows"]
+            labels = (dep, role, real_model, other_model)
+            observed[(self.divergence, *labels)].append(div["js_mean"])
+            counts[(self.compared_rows, *labels)] += div["rows"]
             if div["disagreements"]:
-                counts[(self.disagreements, dep, role, real_model, other_model)] += div[
-                    "disagreements"
-                ]
+                counts[(self.disagreements, *labels)] += div["disagreements"]
         self._flush_soon()
 
     def sync_late_results(self, total: int) -> None:
