@@ -158,7 +158,7 @@ def _classify_rdv(cmd: str) -> str:
     if "--role " in cmd:
         return "worker:" + cmd.split("--role ", 1)[1].split()[0]
     for name in ("gateway", "logbin"):
-        if f"gateway.cli {name}" in cmd:
+        if f"gateway.cli.main {name}" in cmd:
             return name
     return "other"
 
@@ -179,7 +179,7 @@ def start_rdv(
     argv = [
         sys.executable,
         "-m",
-        "gateway.cli",
+        "gateway.cli.main",
         "serve",
         "--data-dir",
         str(data_dir),

@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import sys
 
-from gateway.process import LOG_FORMAT
+from gateway.cli.process import LOG_FORMAT
 from gateway.settings import Settings
 from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT
-from rendezvous.connection import connect
+from rendezvous.bus.connection import connect
 
 log = logging.getLogger("rdv.create-demo-deployment")
 

@@ -26,9 +26,9 @@ from typing import Any
 import redis
 
 from models.registry import ModelRegistry
-from models.spec import FeatureSpec
 from rendezvous import names
 from rendezvous.schedule import Schedule
+from rendezvous.spec import FeatureSpec
 
 
 class DeploymentNotFound(LookupError):

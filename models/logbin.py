@@ -27,8 +27,8 @@ from typing import Any
 import redis
 
 from models.archive import SegmentWriter, record_from_envelope
-from models.retention import trim_input_stream
 from rendezvous import names
+from rendezvous.bus.retention import trim_input_stream
 from rendezvous.envelope import RequestEnvelope
 
 log = logging.getLogger(__name__)

@@ -20,13 +20,11 @@ import logging
 import os
 import shutil
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import redis
 
-from models.spec import FeatureSpec
+from models.meta import ModelMeta
 from rendezvous.names import MODELS_INDEX, check_name
 
 log = logging.getLogger(__name__)
@@ -38,69 +36,6 @@ class ModelNotFound(LookupError):
 
 class ModelExists(ValueError):
     """That name and version is already in the registry."""
-
-
-@dataclass(frozen=True, slots=True)
-class ModelMeta:
-    name: str
-    version: int
-    feature_spec: FeatureSpec
-    classes: list[int]
-    class_names: list[str]
-    sha256: str
-    created_at: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    algorithm: str = ""
-    description: str = ""
-    size_bytes: int = 0
-    score_reference: list[float] | None = None
-    """Share of the positive-class score in each of the ten score bins (0.0-0.1, ...,
-    0.9-1.0) on rows the model was not fitted on: what its scores should look like when the
-    inputs have not drifted. None for models that came without one."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "feature_spec": self.feature_spec.to_dict(),
-            "classes": self.classes,
-            "class_names": self.class_names,
-            "sha256": self.sha256,
-            "created_at": self.created_at,
-            "metrics": self.metrics,
-            "algorithm": self.algorithm,
-            "description": self.description,
-            "size_bytes": self.size_bytes,
-            "score_reference": self.score_reference,
-        }
-
-    def summary(self) -> dict[str, Any]:
-        """Everything but the feature statistics (for listings)."""
-        doc = self.to_dict()
-        spec = doc.pop("feature_spec")
-        doc["feature_spec"] = {"version": spec["version"], "width": len(spec["names"])}
-        return doc
-
-    @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> ModelMeta:
-        return cls(
-            name=doc["name"],
-            version=int(doc["version"]),
-            feature_spec=FeatureSpec.from_dict(doc["feature_spec"]),
-            classes=[int(c) for c in doc["classes"]],
-            class_names=[str(c) for c in doc.get("class_names", doc["classes"])],
-            sha256=doc["sha256"],
-            created_at=doc["created_at"],
-            metrics={k: float(v) for k, v in doc.get("metrics", {}).items()},
-            algorithm=doc.get("algorithm", ""),
-            description=doc.get("description", ""),
-            size_bytes=int(doc.get("size_bytes", 0)),
-            score_reference=(
-                None
-                if doc.get("score_reference") is None
-                else [float(v) for v in doc["score_reference"]]
-            ),
-        )
 
 
 def sha256_hex(data: bytes) -> str:
@@ -296,90 +231,3 @@ class ModelRegistry:
 
 
 # -- checking an uploaded artifact ------------------------------------------------------------
-
-ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
-"""Operator sets a model may use: standard ONNX and ONNX-ML (what skl2onnx emits), no custom
-operators that would need native code the server does not have."""
-
-
-class ArtifactRejected(ValueError):
-    """An uploaded artifact that is not a self-contained ONNX classifier fitting its spec."""
-
-
-def _graphs(graph: Any) -> Iterable[Any]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _graphs(attr.g)
-            for sub in attr.graphs:
-                yield from _graphs(sub)
-
-
-def _tensors(graph: Any) -> Iterable[Any]:
-    for g in _graphs(graph):
-        yield from g.initializer
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
-
-
-def inspect_onnx(data: bytes, meta: ModelMeta) -> ModelMeta:
-    """Check an upload before anything is stored: ONNX (parsed as protobuf, never unpickled),
-    no external data files (they would be read from the server's disk), standard operators
-    only, loadable by onnxruntime, one input of the feature spec's width, and a dry run on a
-    batch of that width. Returns ``meta`` with the classes the model really outputs."""
-    import numpy as np
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    from models.runtime import ModelLoadError, OnnxClassifier
-
-    if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":
-        raise ArtifactRejected(
-            "this looks like a Python pickle or a zip archive, not ONNX; export the model "
-            "to ONNX (for scikit-learn: skl2onnx) and upload that"
-        )
-    try:
-        proto = onnx.load_model_from_string(data)
-    except (DecodeError, ValueError, RuntimeError) as exc:
-        raise ArtifactRejected(f"not an ONNX model: {exc}") from None
-    if not proto.graph.node:
-        raise ArtifactRejected("not an ONNX model: no graph nodes")
-    domains = {op.domain for op in proto.opset_import} - ALLOWED_DOMAINS
-    if domains:
-        raise ArtifactRejected(
-            f"the model uses operator sets this server does not run: {sorted(domains)}"
-        )
-    for tensor in _tensors(proto.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
-            raise ArtifactRejected(
-                "the model refers to external data files; upload a self-contained ONNX file"
-            )
-    width = meta.feature_spec.width
-    try:
-        model = OnnxClassifier(data, meta)
-        _labels, proba = model.predict(np.zeros((2, width), np.float32))
-    except ModelLoadError as exc:
-        raise ArtifactRejected(str(exc)) from None
-    except Exception as exc:  # onnxruntime raises several private exception types
-        raise ArtifactRejected(
-            f"the model fails on a batch of {width} features per row: {exc}"
-        ) from None
-    if proba.ndim != 2 or proba.shape[0] != 2:
-        raise ArtifactRejected(
-            f"expected probabilities of shape (rows, classes), got {proba.shape}"
-        )
-    n_classes = int(proba.shape[1])
-    classes = meta.classes or list(range(n_classes))
-    if len(classes) != n_classes:
-        raise ArtifactRejected(
-            f"the metadata names {len(classes)} classes, the model "
-            f"outputs {n_classes} probabilities"
-        )
-    class_names = meta.class_names or [str(c) for c in classes]
-    if len(class_names) != n_classes:
-        raise ArtifactRejected("class_names must name every class")
-    return ModelMeta.from_dict({**meta.to_dict(), "classes": classes, "class_names": class_names})

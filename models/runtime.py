@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from models.registry import ModelMeta
+from models.meta import ModelMeta
 
 
 class ModelLoadError(ValueError):

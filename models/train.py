@@ -29,10 +29,11 @@ from models.demo import (  # noqa: F401 - the demo's names, re-exported
     REAL_VERSION,
     demo_models_present,
 )
-from models.registry import ModelMeta, ModelRegistry
+from models.meta import ModelMeta
+from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
-from models.spec import FeatureSpec, FeatureStats
 from rendezvous.drift import score_counts
+from rendezvous.spec import FeatureSpec, FeatureStats
 
 log = logging.getLogger(__name__)
 

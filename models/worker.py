@@ -29,8 +29,8 @@ from models.deployments import Deployment, DeploymentNotFound, DeploymentStore, 
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from rendezvous import names
+from rendezvous.bus.resp import BlockingLeanRedis, Endpoint, pack
 from rendezvous.envelope import EnvelopeError, ModelResult, RequestEnvelope, encode_results
-from rendezvous.resp import BlockingLeanRedis, Endpoint, pack
 from rendezvous.schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class ModelWorker:
             timeout_s=client.connection_pool.connection_kwargs.get("socket_timeout"),
         )
         """The two round trips of every batch go over a lean connection (see
-        ``rendezvous.resp``); redis-py's command layer cost more than the model."""
+        ``rendezvous.bus.resp``); redis-py's command layer cost more than the model."""
         self._stream_b = self.stream.encode()
         self._group_b = self.group.encode()
         self._consumer_b = consumer.encode()

@@ -14,15 +14,13 @@ import bisect
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 import numpy as np
 
 from rendezvous.divergence import js_distance
-
-if TYPE_CHECKING:
-    from models.spec import FeatureSpec
+from rendezvous.spec import FeatureSpec
 
 SCORE_EDGES: np.ndarray = np.linspace(0.0, 1.0, 11)
 DIVERGENCE_EDGES: tuple[float, ...] = (

@@ -1,5 +1,6 @@
 """Drift alerts: the thresholds, the report of one merged window and the alerts it raises
-or clears. Pure: the monitor (``gateway.drift_monitor``) reads the window and stores the
+or clears. Pure: the monitor (``gateway.observability.drift_monitor``) reads the window and
+stores the
 outcome."""
 
 from __future__ import annotations

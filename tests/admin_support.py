@@ -71,7 +71,7 @@ class AppClient(httpx.Client):
 
         import uvicorn
 
-        from rendezvous.redis_server import free_port
+        from rendezvous.bus.server import free_port
 
         port = free_port()
         super().__init__(base_url=f"http://127.0.0.1:{port}", timeout=30)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from rendezvous.redis_server import EmbeddedRedis
+from rendezvous.bus.server import EmbeddedRedis
 
 
 @pytest.fixture(scope="session")

@@ -15,12 +15,12 @@ import httpx
 import pytest
 import redis
 
-from gateway.supervisor import detached_from_terminal
+from gateway.cli.supervisor import detached_from_terminal
 from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT
 from rendezvous import names
-from rendezvous.redis_server import free_port
+from rendezvous.bus.server import free_port
 from rendezvous.schedule import Schedule
 
 PREDICT = f"/v1/deployments/{DEMO_DEPLOYMENT}/predict"
@@ -32,7 +32,7 @@ class RdvProcess:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", *args],
+            [sys.executable, "-m", "gateway.cli.main", *args],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -18,8 +18,8 @@ import redis
 from admin_support import AUTH, TOKEN, AppClient, copy_demo_models, upload_body, variant_onnx
 from fastapi.routing import APIRoute
 
-from gateway.app import create_app
 from gateway.settings import Settings
+from gateway.transport.app import create_app
 from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT

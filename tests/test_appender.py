@@ -1,11 +1,11 @@
-"""The gateway's XADD coalescing (rendezvous.appender) against a real Redis server."""
+"""The gateway's XADD coalescing (rendezvous.bus.appender) against a real Redis server."""
 
 import asyncio
 
 import redis
 
-from rendezvous.appender import StreamAppender
-from rendezvous.resp import LeanRedis
+from rendezvous.bus.appender import StreamAppender
+from rendezvous.bus.resp import LeanRedis
 
 
 async def test_concurrent_appends_share_round_trips_and_lazy_ones_wait_for_company(

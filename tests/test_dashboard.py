@@ -23,10 +23,10 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from gateway.dashboard import dashboard_router, render_dashboard
+from gateway.observability.dashboard import dashboard_router, render_dashboard
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import PREDICT, System, launch_system, wait_until
-from rendezvous.redis_server import free_port
+from rendezvous.bus.server import free_port
 from rendezvous.schedule import Schedule
 
 CHARTS = ("divergence", "drift", "scores", "features")

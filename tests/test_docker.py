@@ -29,7 +29,7 @@ import pytest
 import redis
 import yaml
 
-from gateway.cli import build_parser
+from gateway.cli.main import build_parser
 from gateway.settings import Settings
 from models.deployments import DeploymentStore
 from models.train import CANARY_VERSION, DEMO_DEPLOYMENT, DEMO_MODEL, REAL_VERSION
@@ -185,7 +185,7 @@ def parse_rdv(name: str, argv: list[str]) -> argparse.Namespace:
     except SystemExit as exc:
         pytest.fail(
             f"service {name!r}: `rdv {shlex.join(argv)}` does not parse with "
-            f"gateway.cli.build_parser() (exit {exc.code}): {err.getvalue().strip()}"
+            f"gateway.cli.main.build_parser() (exit {exc.code}): {err.getvalue().strip()}"
         )
 
 

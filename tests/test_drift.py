@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import jensenshannon
 
-from models.registry import ModelMeta, ModelRegistry
+from models.meta import ModelMeta
+from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
-from models.spec import FeatureSpec, FeatureStats
 from models.train import CANARY_VERSION, DEMO_MODEL, REAL_VERSION, demo_data
 from rendezvous.divergence import divergence
 from rendezvous.drift import (
@@ -32,6 +32,7 @@ from rendezvous.drift import (
     score_counts,
 )
 from rendezvous.drift_alerts import ALERT_KINDS, Thresholds, evaluate_alerts, window_report
+from rendezvous.spec import FeatureSpec, FeatureStats
 
 # -- the measures ------------------------------------------------------------------------------
 

@@ -14,9 +14,14 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from gateway.drift_feed import BIN_SLICE, SKETCH_FIELD, DriftFeed
-from gateway.drift_monitor import DriftMonitor, drift_view, local_model_meta, set_thresholds
-from gateway.service import DeploymentCache
+from gateway.dataplane.deployments import DeploymentCache
+from gateway.observability.drift_feed import BIN_SLICE, SKETCH_FIELD, DriftFeed
+from gateway.observability.drift_monitor import (
+    DriftMonitor,
+    drift_view,
+    local_model_meta,
+    set_thresholds,
+)
 from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data

@@ -18,7 +18,7 @@ from models.archive import ArchiveReader
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import Load, System, launch_system, wait_until
 from rendezvous import names
-from rendezvous.redis_server import EmbeddedRedis
+from rendezvous.bus.server import EmbeddedRedis
 from rendezvous.schedule import Schedule
 
 SCHEDULE = Schedule(real_deadline_ms=50, timeout_ms=1500, fallbacks=("canary",), grace_ms=100)

@@ -1,4 +1,5 @@
-"""The gateway's instruments (gateway.metrics): tallies batched off the request path must
+"""The gateway's instruments (gateway.observability.metrics): tallies batched off the request
+path must
 expose exactly what one prometheus-client call per event would have."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import FLUSH_S, REQUEST_BUCKETS, GatewayMetrics, observe_all
+from gateway.observability.metrics import FLUSH_S, REQUEST_BUCKETS, GatewayMetrics, observe_all
 
 ON_BOUNDS = [*REQUEST_BUCKETS, 0.0, -1.0, 1e-9, 0.0042, 7.5, 100.0, 0.0042]
 

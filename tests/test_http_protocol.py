@@ -1,4 +1,5 @@
-"""HTTP/1.1 on the gateway's predict fast path (gateway.http_protocol), over raw sockets to a
+"""HTTP/1.1 on the gateway's predict fast path (gateway.transport.http_protocol), over raw
+sockets to a
 real ``rdv gateway`` with real workers: keep-alive, pipelining, closing, body limits, chunked
 bodies, and the requests that take uvicorn's ASGI path instead."""
 

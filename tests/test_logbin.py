@@ -19,8 +19,8 @@ import redis
 from models.archive import ArchiveReader, SegmentWriter
 from models.logbin import LogBin, LogBinStats
 from rendezvous import names
+from rendezvous.bus.server import EmbeddedRedis
 from rendezvous.envelope import RequestEnvelope
-from rendezvous.redis_server import EmbeddedRedis
 
 pytestmark = pytest.mark.integration
 

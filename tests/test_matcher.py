@@ -13,12 +13,12 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from gateway.dataplane.matcher import DuplicateRequest, Rendezvous
 from rendezvous import names
-from rendezvous.appender import StreamAppender
+from rendezvous.bus.appender import StreamAppender
+from rendezvous.bus.resp import LeanRedis
 from rendezvous.decision import build_decision, decode_decision, encode_decision
 from rendezvous.envelope import ModelResult, encode_results
-from rendezvous.matcher import DuplicateRequest, Rendezvous
-from rendezvous.resp import LeanRedis
 from rendezvous.schedule import Schedule
 
 DEP = "dep"

@@ -1,4 +1,5 @@
-"""The scrape-time view of the other processes (gateway.metrics_state) against a real Redis.
+"""The scrape-time view of the other processes (gateway.observability.metrics_state) against a
+real Redis.
 Apart from tests/test_observability.py: that module's running system must not see its
 database flushed."""
 
@@ -17,7 +18,7 @@ async def test_counters_of_dead_processes_are_hidden_then_forgotten(
 ) -> None:
     import redis.asyncio as aioredis
 
-    from gateway.metrics_state import FORGET_STATS_S, STALE_STATS_S, read_state
+    from gateway.observability.metrics_state import FORGET_STATS_S, STALE_STATS_S, read_state
 
     now = time.time()
     key = names.stats_key("dep")

@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import FLUSH_S
+from gateway.observability.metrics import FLUSH_S
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import PREDICT, RdvProcess, System, launch_system, wait_until
 from rendezvous import names
+from rendezvous.bus.server import free_port
 from rendezvous.decision import decode_decision
-from rendezvous.redis_server import free_port
 from rendezvous.schedule import Schedule
 
 SCHEDULE = Schedule(real_deadline_ms=50, timeout_ms=600, fallbacks=("canary",), grace_ms=100)

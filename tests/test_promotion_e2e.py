@@ -19,8 +19,8 @@ from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import PREDICT, Load, RdvProcess, rdv_env, wait_until
 from rendezvous import names
+from rendezvous.bus.server import free_port
 from rendezvous.decision import decode_decision
-from rendezvous.redis_server import free_port
 from rendezvous.schedule import Schedule
 
 SCHEDULE = Schedule(real_deadline_ms=1000, timeout_ms=3000, fallbacks=("canary",), grace_ms=300)
@@ -257,7 +257,7 @@ def test_the_cli_drives_the_admin_api(
 
     from admin_support import variant_onnx
 
-    from gateway.cli import main
+    from gateway.cli.main import main
 
     monkeypatch.setenv("RDV_ADMIN_TOKEN", TOKEN)
     model = tmp_path / "candidate.onnx"

@@ -15,10 +15,10 @@ from models.deployments import (
     with_schedule,
     without_challenger,
 )
-from models.spec import FeatureSpec
 from rendezvous.decision import build_decision, shadow_record
 from rendezvous.envelope import ModelResult
 from rendezvous.schedule import Schedule, decide, split_draw
+from rendezvous.spec import FeatureSpec
 
 SPEC = FeatureSpec.from_names(["a", "b"])
 V = {n: ModelRef("m", n) for n in range(1, 6)}

@@ -20,7 +20,9 @@ from models.deployments import (
     with_challenger,
     without_challenger,
 )
-from models.registry import ArtifactRejected, ModelMeta, ModelNotFound, ModelRegistry, inspect_onnx
+from models.inspection import ArtifactRejected, inspect_onnx
+from models.meta import ModelMeta
+from models.registry import ModelNotFound, ModelRegistry
 from models.train import DEMO_DEPLOYMENT, DEMO_MODEL, demo_data
 from models.worker import ModelWorker
 from rendezvous import names

@@ -1,4 +1,4 @@
-"""The gateway's lean Redis connection (rendezvous.resp) against a real Redis server: replies
+"""The gateway's lean Redis connection (rendezvous.bus.resp) against a real Redis server: replies
 in order, error replies as values, reconnection, timeouts, authentication and database."""
 
 import asyncio
@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from rendezvous.resp import BlockingLeanRedis, Endpoint, LeanRedis, _Protocol, pack
+from rendezvous.bus.resp import BlockingLeanRedis, Endpoint, LeanRedis, _Protocol, pack
 
 
 def test_pack_is_resp() -> None:

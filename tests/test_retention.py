@@ -2,8 +2,8 @@
 
 import redis
 
-from models.retention import safe_floor, trim_input_stream
 from rendezvous import names
+from rendezvous.bus.retention import safe_floor, trim_input_stream
 
 DEP = "trim-dep"
 STREAM = names.input_stream(DEP)

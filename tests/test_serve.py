@@ -16,7 +16,7 @@ import pytest
 
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import RdvProcess, wait_until
-from rendezvous.redis_server import free_port
+from rendezvous.bus.server import free_port
 
 
 def _children(pid: int) -> list[tuple[int, str]]:
@@ -38,7 +38,7 @@ def _children(pid: int) -> list[tuple[int, str]]:
 
 def _label(cmd: str) -> str:
     """``rdv`` child command line -> its role if a worker, else its subcommand."""
-    args = cmd.split(" -m gateway.cli ", 1)[-1].split()
+    args = cmd.split(" -m gateway.cli.main ", 1)[-1].split()
     return args[args.index("--role") + 1] if "--role" in args else args[0]
 
 
@@ -73,7 +73,7 @@ def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> No
         real = [pid for pid, cmd in children if "--role real" in cmd]
         assert len(real) == 1
         # The processes off the critical path run at a lower CPU priority.
-        nice = {_label(cmd): _nice(pid) for pid, cmd in children if "gateway.cli" in cmd}
+        nice = {_label(cmd): _nice(pid) for pid, cmd in children if "gateway.cli.main" in cmd}
         base = _nice(serve.proc.pid)
         assert nice == {"gateway": base, "real": base, "canary": base + 5, "logbin": base + 5}
         # Two gateways accept on serve's one socket; one that dies leaves the other serving
@@ -127,7 +127,7 @@ def test_serve_on_a_taken_port_says_so_and_starts_nothing(tmp_path: Path) -> Non
     env["RDV_PORT"] = str(port)
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "serve", "--data-dir", str(tmp_path / "d")],
+            [sys.executable, "-m", "gateway.cli.main", "serve", "--data-dir", str(tmp_path / "d")],
             env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     finally:

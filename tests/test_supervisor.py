@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from gateway.supervisor import Supervisor
+from gateway.cli.supervisor import Supervisor
 
 EXIT_WITH = [sys.executable, "-c", "import sys; sys.exit(int(sys.argv[1]))"]
 """A child that exits at once with the status given as its argument."""
@@ -35,7 +35,7 @@ def _poll_until(sup: Supervisor, condition: Callable[[], bool], timeout_s: float
 def test_a_child_that_exits_0_is_dropped_not_restarted(
     supervisor: Supervisor, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="gateway.supervisor")
+    caplog.set_level(logging.INFO, logger="gateway.cli.supervisor")
     supervisor.ensure("worker:demo:cand", ["0"], 1)
     _poll_until(supervisor, lambda: "worker:demo:cand" not in supervisor.children)
     for _ in range(5):  # later polls start nothing either
@@ -51,7 +51,7 @@ def test_a_child_that_exits_0_is_dropped_not_restarted(
 def test_a_crashed_child_is_restarted_with_an_error(
     supervisor: Supervisor, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="gateway.supervisor")
+    caplog.set_level(logging.INFO, logger="gateway.cli.supervisor")
     supervisor.ensure("logbin", ["3"], 2)
     child = supervisor.children["logbin"]
     _poll_until(supervisor, lambda: child.restarts >= 1)

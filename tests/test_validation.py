@@ -7,8 +7,8 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from gateway.validation import PredictRequest, check_request_id, to_matrix
-from models.spec import FeatureSpec
+from gateway.dataplane.validation import PredictRequest, check_request_id, to_matrix
+from rendezvous.spec import FeatureSpec
 
 SPEC = FeatureSpec.from_names(["a", "b", "c"])
 

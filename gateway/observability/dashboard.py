@@ -1,6 +1,7 @@
 """``GET /dashboard/{deployment}``: the drift report as charts for a person to look at.
 
-The route only serves a self-contained page (``gateway.dashboard_page``); the page itself reads
+The route only serves a self-contained page (``gateway.observability.dashboard_page``); the
+page itself reads
 ``/v1/deployments/{deployment}/drift``, so an unknown deployment shows that endpoint's error
 and the dashboard needs no Redis access of its own.
 """
@@ -14,7 +15,7 @@ import secrets
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import HTMLResponse
 
-from gateway.dashboard_page import PAGE
+from gateway.observability.dashboard_page import PAGE
 from rendezvous import names
 
 

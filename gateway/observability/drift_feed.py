@@ -21,7 +21,7 @@ import numpy as np
 import redis
 import redis.asyncio as aioredis
 
-from gateway.service import DeploymentCache
+from gateway.dataplane.deployments import DeploymentCache
 from rendezvous import names
 from rendezvous.drift import FeatureReference, Sketch
 

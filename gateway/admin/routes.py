@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from gateway.admin_models import (
+from gateway.admin.bodies import (
     AddChallenger,
     AdminError,
     CreateDeployment,
@@ -38,11 +38,11 @@ from gateway.admin_models import (
     UploadJSON,
     UploadMeta,
 )
-from gateway.admin_service import AdminService
-from gateway.drift_monitor import drift_view, set_thresholds
+from gateway.admin.service import AdminService
+from gateway.observability.drift_monitor import drift_view, set_thresholds
 from gateway.settings import Settings
 from models.registry import ModelRegistry
-from rendezvous.connection import connect
+from rendezvous.bus.connection import connect
 from rendezvous.names import InvalidName, check_name
 
 log = logging.getLogger(__name__)

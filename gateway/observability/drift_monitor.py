@@ -26,8 +26,8 @@ import numpy as np
 import redis
 import redis.asyncio as aioredis
 
-from gateway.drift_feed import SKETCH_FIELD
-from gateway.service import DeploymentCache
+from gateway.dataplane.deployments import DeploymentCache
+from gateway.observability.drift_feed import SKETCH_FIELD
 from models.registry import ModelRegistry
 from rendezvous import names
 from rendezvous.drift import FeatureReference, Sketch

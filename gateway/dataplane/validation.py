@@ -9,7 +9,7 @@ import numpy as np
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from models.spec import FeatureSpec
+from rendezvous.spec import FeatureSpec
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 

@@ -5,7 +5,7 @@ on a registry passed in (tests get a fresh one each). When the gateway runs seve
 prometheus-client's multi-process mode (``PROMETHEUS_MULTIPROC_DIR``, set by ``rdv gateway``)
 writes these values to shared files and ``/metrics`` sums them over every process. What no
 single process owns (stream lengths, workers' and the log bin's counters, drift gauges) is read
-from Redis at scrape time: see ``gateway.metrics_state``.
+from Redis at scrape time: see ``gateway.observability.metrics_state``.
 """
 
 from __future__ import annotations

@@ -17,27 +17,25 @@ from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse
 from prometheus_client.multiprocess import mark_process_dead
 
-from gateway.admin import UPLOAD_PATH, install_admin, start_admin, upload_body_cap
-from gateway.dashboard import dashboard_router
-from gateway.drift_feed import DriftFeed
-from gateway.drift_monitor import DriftMonitor, local_model_meta
-from gateway.errors import HANDLED, problem
-from gateway.fast_path import PredictFastPath
-from gateway.limits import BodySizeLimit
-from gateway.metrics import GatewayMetrics, multiprocess_dir
-from gateway.observe import observe_router
-from gateway.service import (
-    DeploymentCache,
-    PredictionService,
-)
+from gateway.admin.routes import UPLOAD_PATH, install_admin, start_admin, upload_body_cap
+from gateway.dataplane.deployments import DeploymentCache
+from gateway.dataplane.matcher import Rendezvous
+from gateway.dataplane.service import PredictionService
+from gateway.dataplane.validation import PredictRequest
+from gateway.observability.dashboard import dashboard_router
+from gateway.observability.drift_feed import DriftFeed
+from gateway.observability.drift_monitor import DriftMonitor, local_model_meta
+from gateway.observability.metrics import GatewayMetrics, multiprocess_dir
+from gateway.observability.routes import observe_router
 from gateway.settings import Settings
-from gateway.validation import PredictRequest
+from gateway.transport.fast_path import PredictFastPath
+from gateway.transport.limits import BodySizeLimit
+from gateway.transport.problems import HANDLED, problem
 from rendezvous import names
-from rendezvous.appender import StreamAppender
-from rendezvous.connection import connect_async
+from rendezvous.bus.appender import StreamAppender
+from rendezvous.bus.connection import connect_async
+from rendezvous.bus.resp import LeanRedis
 from rendezvous.heap import settle_heap
-from rendezvous.matcher import Rendezvous
-from rendezvous.resp import LeanRedis
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +52,8 @@ def _problem(status: int, detail: str, **extra: Any) -> JSONResponse:
 
 
 def serving_app(settings: Settings | None = None) -> PredictFastPath:
-    """What uvicorn serves: predict answered ahead of the framework (``gateway.fast_path``),
+    """What uvicorn serves: predict answered ahead of the framework
+    (``gateway.transport.fast_path``),
     everything else by ``create_app``'s FastAPI app."""
     settings = settings or Settings()
     return PredictFastPath(
@@ -73,7 +72,7 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
         if not settings.redis_url:
             raise RuntimeError("the gateway needs RDV_REDIS_URL (rdv serve sets it for you)")
         client = await connect_async(settings.redis_url, timeout_s=settings.redis_timeout_s)
-        # The hot path's two connections (see rendezvous.resp). The reader blocks up to 1 s
+        # The hot path's two connections (see rendezvous.bus.resp). The reader blocks up to 1 s
         # per XREAD; its timeout must outlast that.
         writer = LeanRedis(settings.redis_url, timeout_s=settings.redis_timeout_s)
         reader = LeanRedis(settings.redis_url, timeout_s=settings.redis_timeout_s + 1)
@@ -128,6 +127,7 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             metrics=metrics,
             drift_feed=feed,
         )
+        metrics.track_in_flight(lambda: app.state.service.in_flight)
         if settle_process_heap:
             settle_heap()
         log.info("gateway ready: deployments %s, reply stream %s",
@@ -199,7 +199,7 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
     ) -> JSONResponse:
         """Score the input with the deployment's real model (or the schedule's fallback).
 
-        ``rdv gateway`` serves it with ``gateway.fast_path``, ahead of the framework; this
+        ``rdv gateway`` serves it with ``gateway.transport.fast_path``, ahead of the framework; this
         declaration documents the route in the OpenAPI schema and serves the app when it is
         mounted without the fast path (as some tests do)."""
         service: PredictionService = request.app.state.service

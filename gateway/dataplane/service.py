@@ -1,106 +1,52 @@
 """The prediction data plane: validate, publish one envelope, wait at the rendezvous.
 
-Routes stay thin and call ``PredictionService.predict``; failures are typed exceptions that the
-app maps to HTTP statuses.
+``PredictionService.predict`` is the one call every transport makes (``gateway.transport``);
+failures are the typed exceptions of ``gateway.dataplane.failures``, which the transport maps
+to HTTP answers. What the service reports (request outcomes, feature rows) goes to observers
+given to it, so the data plane imports nothing of observability.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-import redis
-import redis.asyncio as aioredis
+import numpy as np
 from fastapi.exceptions import RequestValidationError
 
-from gateway.metrics import GatewayMetrics
-from gateway.validation import check_request_id, parse_body, to_matrix
+from gateway.dataplane.deployments import DeploymentCache
+from gateway.dataplane.failures import (
+    Backlogged,
+    DuplicateRequest,
+    NoAnswer,
+    Overloaded,
+    Unavailable,
+    UnknownDeployment,
+)
+from gateway.dataplane.matcher import Rendezvous
+from gateway.dataplane.validation import check_request_id, parse_body, to_matrix
 from models.deployments import Deployment
 from rendezvous import names
-from rendezvous.appender import StreamAppender
+from rendezvous.bus.appender import StreamAppender
 from rendezvous.envelope import RequestEnvelope
-from rendezvous.matcher import Answer, DuplicateRequest, Rendezvous
-
-if TYPE_CHECKING:
-    from gateway.drift_feed import DriftFeed
-
-log = logging.getLogger(__name__)
 
 
-class UnknownDeployment(LookupError):
-    pass
+class RequestTally(Protocol):
+    """Counts each request once, by outcome (``gateway.observability.metrics``)."""
+
+    def request_done(self, deployment: str | None, outcome: str, seconds: float | None) -> None: ...
 
 
-class Unavailable(RuntimeError):
-    """Redis cannot take the request now; the caller may retry."""
+class RowSink(Protocol):
+    """Takes the feature rows of each accepted request (``gateway.observability.drift_feed``)."""
+
+    def observe_rows(self, deployment: str, features: np.ndarray) -> None: ...
 
 
-class Overloaded(RuntimeError):
-    """This gateway already holds as many requests as it may (answer 429 at once)."""
-
-
-class Backlogged(RuntimeError):
-    """The deployment's input stream is too far behind (answer 503 at once)."""
-
-
-class NoAnswer(TimeoutError):
-    def __init__(self, request_id: str, answer: Answer):
-        super().__init__(answer.reason)
-        self.request_id = request_id
-        self.answer = answer
-
-
-class DeploymentCache:
-    """Every deployment's state, refreshed from Redis in the background (one pipelined read
-    a second), so the request path never asks Redis what a deployment looks like."""
-
-    def __init__(self, client: aioredis.Redis):
-        self.client = client
-        self.deployments: dict[str, Deployment] = {}
-        self.backlog: dict[str, int] = {}
-        """Entries in each input stream: trimming follows the slowest consumer group, so this
-        is the backlog of the slowest reader."""
-        self._raw: dict[str, bytes] = {}
-
-    async def refresh(self) -> None:
-        members = sorted(m.decode() for m in await self.client.smembers(names.DEPLOYMENTS_SET))
-        pipe = self.client.pipeline(transaction=False)
-        for name in members:
-            pipe.get(names.deployment_key(name))
-            pipe.xlen(names.input_stream(name))
-        replies = await pipe.execute()
-        raws, lengths = replies[0::2], replies[1::2]
-        self.backlog = dict(zip(members, lengths, strict=True))
-        fresh: dict[str, Deployment] = {}
-        for name, raw in zip(members, raws, strict=True):
-            if raw is None:
-                continue
-            if self._raw.get(name) == raw:
-                fresh[name] = self.deployments[name]
-                continue
-            try:
-                fresh[name] = Deployment.from_json(raw)
-                self._raw[name] = raw
-            except (ValueError, KeyError) as exc:
-                log.error("deployment %s has an unreadable state: %s", name, exc)
-        self.deployments = fresh
-
-    async def run(self, interval_s: float = 1.0) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self.refresh()
-            except redis.RedisError as exc:
-                log.warning("cannot refresh deployments: %s", exc)
-
-    def get(self, name: str) -> Deployment:
-        dep = self.deployments.get(name)
-        if dep is None:
-            raise UnknownDeployment(f"deployment {name!r} does not exist")
-        return dep
+class _NoTally:
+    def request_done(self, deployment: str | None, outcome: str, seconds: float | None) -> None:
+        pass
 
 
 class PredictionService:
@@ -113,10 +59,10 @@ class PredictionService:
         max_rows: int,
         max_in_flight: int,
         max_backlog: int,
-        metrics: GatewayMetrics | None = None,
-        drift_feed: DriftFeed | None = None,
+        metrics: RequestTally | None = None,
+        drift_feed: RowSink | None = None,
     ):
-        self.metrics = metrics or GatewayMetrics()
+        self.metrics = metrics or _NoTally()
         self.drift_feed = drift_feed
         self.deployments = deployments
         self.rendezvous = rendezvous
@@ -125,11 +71,11 @@ class PredictionService:
         self.max_in_flight = max_in_flight
         self.max_backlog = max_backlog
         self.in_flight = 0
-        self.metrics.track_in_flight(lambda: self.in_flight)
 
     async def predict(self, deployment: str, raw: bytes, request_id: str | None) -> dict[str, Any]:
         """Validate, publish, wait; refuses at once when this gateway or the stream is full.
-        Every request is counted once, by outcome (see ``gateway.metrics.OUTCOMES``)."""
+        Every request is counted once, by outcome (see
+        ``gateway.observability.metrics.OUTCOMES``)."""
         t0 = time.perf_counter()
         known = deployment if deployment in self.deployments.deployments else None
         try:
@@ -213,13 +159,4 @@ class PredictionService:
         }, answer.outcome
 
 
-__all__ = [
-    "Backlogged",
-    "DeploymentCache",
-    "DuplicateRequest",
-    "NoAnswer",
-    "Overloaded",
-    "PredictionService",
-    "Unavailable",
-    "UnknownDeployment",
-]
+__all__ = ["PredictionService", "RequestTally", "RowSink"]

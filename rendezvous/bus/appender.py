@@ -5,7 +5,7 @@ failed publish through ``on_error`` (which fails that wait).
 
 While one pipeline is in flight, new appends queue up; when it returns, everything queued goes
 out together. Under load that turns N round trips into about one per event-loop turn, and an
-idle gateway still sends each append at once. The batch goes over ``rendezvous.resp``'s lean
+idle gateway still sends each append at once. The batch goes over ``rendezvous.bus.resp``'s lean
 connection: packing and parsing it through redis-py cost more than everything else it does.
 """
 
@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rendezvous.resp import LeanRedis, pack
+from rendezvous.bus.resp import LeanRedis, pack
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The predict route without a framework: as a plain ASGI handler in front of the FastAPI app,
-and as the answer that ``gateway.http_protocol`` writes straight to the connection.
+and as the answer that ``gateway.transport.http_protocol`` writes straight to the connection.
 
 Profiling showed the framework around the predict route costing more CPU than everything the
 route does (FastAPI's dependency solving, request object, exception wrapping and response
@@ -8,7 +8,7 @@ middleware, the five middleware layers FastAPI and Starlette still put around it
 Predict is the one hot route, so ``PredictFastPath`` is the ASGI app uvicorn serves, and it
 serves predict directly: the body is read with the same size cap, the same
 ``PredictionService.predict`` does the work, and failures get the same answers through
-``gateway.errors.problem``. Every other request (admin, metrics, health, the OpenAPI
+``gateway.transport.problems.problem``. Every other request (admin, metrics, health, the OpenAPI
 documentation of predict itself) and the lifespan go on to the FastAPI app.
 """
 
@@ -22,8 +22,8 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
-from gateway.errors import problem
-from gateway.service import PredictionService
+from gateway.dataplane.service import PredictionService
+from gateway.transport.problems import problem
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class PredictFastPath:
                 return
         await self.app(scope, receive, send)
 
-    # -- shared with gateway.http_protocol ---------------------------------------------------
+    # -- shared with gateway.transport.http_protocol -----------------------------------------
 
     def too_large(self) -> Reply:
         status, body, headers = reply(413, {"detail": f"request body larger than "

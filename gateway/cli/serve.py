@@ -15,19 +15,19 @@ import time
 
 import redis
 
-from gateway.process import (
+from gateway.cli.process import (
     listening_socket,
     settings_from_args,
     share_metrics_between_processes,
     stop_event,
 )
-from gateway.supervisor import Supervisor, child_env
+from gateway.cli.supervisor import Supervisor, child_env
 from models.demo import DEMO_DEPLOYMENT, demo_models_present
 from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
-from rendezvous.connection import connect
+from rendezvous.bus.connection import connect
+from rendezvous.bus.server import EmbeddedRedis
 from rendezvous.names import REAL
-from rendezvous.redis_server import EmbeddedRedis
 
 log = logging.getLogger("rdv.serve")
 

@@ -9,7 +9,7 @@ import redis
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 
-from gateway.service import (
+from gateway.dataplane.failures import (
     Backlogged,
     DuplicateRequest,
     NoAnswer,

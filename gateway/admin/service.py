@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from gateway.admin_models import (
+from gateway.admin.bodies import (
     AddChallenger,
     Conflict,
     CreateDeployment,
@@ -38,11 +38,13 @@ from models.deployments import (
     with_schedule,
     without_challenger,
 )
-from models.registry import ArtifactRejected, ModelExists, ModelMeta, ModelRegistry, inspect_onnx
-from models.spec import FeatureSpec
+from models.inspection import ArtifactRejected, inspect_onnx
+from models.meta import ModelMeta
+from models.registry import ModelExists, ModelRegistry
 from rendezvous import names
 from rendezvous.decision import ShadowRecord, decode_decision, shadow_record
 from rendezvous.schedule import Schedule
+from rendezvous.spec import FeatureSpec
 
 
 def _state(dep: Deployment) -> dict[str, Any]:

@@ -9,12 +9,13 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.drift_monitor import drift_view
-from gateway.metrics import GatewayMetrics
-from gateway.metrics_state import read_state, state_registry
-from gateway.service import DeploymentCache, UnknownDeployment
+from gateway.dataplane.deployments import DeploymentCache
+from gateway.dataplane.failures import UnknownDeployment
+from gateway.dataplane.matcher import Rendezvous
+from gateway.observability.drift_monitor import drift_view
+from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.metrics_state import read_state, state_registry
 from rendezvous import names
-from rendezvous.matcher import Rendezvous
 
 
 def observe_router() -> APIRouter:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 if TYPE_CHECKING:  # imported where the app runs: uvicorn's supervising process stays small
-    from gateway.fast_path import PredictFastPath, Reply
+    from gateway.transport.fast_path import PredictFastPath, Reply
 
 _PREDICT_URL = re.compile(rb"^/v1/deployments/([a-z0-9][a-z0-9._-]{0,62})/predict(?:\?[^#]*)?$")
 _JSON_HEAD = b"content-type: application/json\r\ncontent-length: %d\r\n"
@@ -145,7 +145,7 @@ class PredictHttpProtocol(HttpToolsProtocol):
 
 def _find_fast_path(app: Any) -> PredictFastPath | None:
     """The fast path under uvicorn's wrappers (proxy headers, message logging)."""
-    from gateway.fast_path import PredictFastPath
+    from gateway.transport.fast_path import PredictFastPath
 
     for _ in range(8):
         if isinstance(app, PredictFastPath):

@@ -4,7 +4,7 @@ Nothing is fetched from the internet at view time and nothing is built: the page
 gateway for ``/v1/deployments/{deployment}/drift`` every 5 s and redraws. Colours are the
 Okabe-Ito palette, which stays distinguishable for colour-blind readers; thresholds are dashed
 so they differ from the data by shape too. ``__NONCE__``, ``__TITLE__`` and ``__DEPLOYMENT__``
-are filled in per response by ``gateway.dashboard``.
+are filled in per response by ``gateway.observability.dashboard``.
 """
 
 from __future__ import annotations

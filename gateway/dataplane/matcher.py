@@ -20,10 +20,10 @@ import redis
 import redis.asyncio as aioredis
 
 from rendezvous import names
-from rendezvous.appender import StreamAppender
+from rendezvous.bus.appender import StreamAppender
+from rendezvous.bus.resp import LeanRedis, pack
 from rendezvous.decision import build_decision, encode_decision
 from rendezvous.envelope import EnvelopeError, ModelResult, decode_results
-from rendezvous.resp import LeanRedis, pack
 from rendezvous.schedule import Schedule, decide
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.process import (
+from gateway.cli.process import (
     LOG_FORMAT,
     listening_socket,
     settings_from_args,
@@ -42,7 +42,7 @@ def cmd_train_demo(args: argparse.Namespace) -> None:
 def cmd_gateway(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from gateway.http_protocol import PredictHttpProtocol
+    from gateway.transport.http_protocol import PredictHttpProtocol
 
     settings = settings_from_args(args)
     _require_redis(settings)
@@ -65,7 +65,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         http=PredictHttpProtocol,
         timeout_graceful_shutdown=10,
     )
-    app = "gateway.cli:_app_from_env"
+    app = "gateway.cli.main:_app_from_env"
     if not one_of_several:
         uvicorn.run(app, workers=processes if processes > 1 else None, **options)
         return
@@ -80,7 +80,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
 
 def _app_from_env() -> Any:
-    from gateway.app import serving_app
+    from gateway.transport.app import serving_app
 
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
@@ -90,7 +90,7 @@ def _app_from_env() -> Any:
 def cmd_worker(args: argparse.Namespace) -> None:
     from models.registry import ModelRegistry
     from models.worker import ModelWorker
-    from rendezvous.connection import connect
+    from rendezvous.bus.connection import connect
     from rendezvous.heap import settle_heap
 
     settings = settings_from_args(args)
@@ -121,7 +121,7 @@ def cmd_logbin(args: argparse.Namespace) -> None:
     from models.archive import SegmentWriter
     from models.deployments import DeploymentStore
     from models.logbin import LogBin
-    from rendezvous.connection import connect
+    from rendezvous.bus.connection import connect
     from rendezvous.heap import settle_heap
 
     settings = settings_from_args(args)
@@ -170,7 +170,7 @@ def cmd_archive(args: argparse.Namespace) -> None:
 
 def cmd_decisions(args: argparse.Namespace) -> None:
     from rendezvous import names
-    from rendezvous.connection import connect
+    from rendezvous.bus.connection import connect
     from rendezvous.decision import decode_decision
 
     settings = settings_from_args(args)
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     def cmd_serve(args: argparse.Namespace) -> None:
         # Imported only for serve: it pulls in scikit-learn (demo training), ~130 MB that
         # every worker and gateway process would otherwise carry.
-        from gateway.serve import cmd_serve as run_serve
+        from gateway.cli.serve import cmd_serve as run_serve
 
         run_serve(args)
 
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=10)
     p.set_defaults(func=cmd_decisions)
 
-    from gateway.admin_cli import add_admin_commands
+    from gateway.cli.admin import add_admin_commands
 
     add_admin_commands(sub)
     return parser

@@ -49,7 +49,7 @@ class Child:
 class Supervisor:
     def __init__(self, env: dict[str, str], command: list[str] | None = None):
         self.env = env
-        self.command = command or [sys.executable, "-m", "gateway.cli"]
+        self.command = command or [sys.executable, "-m", "gateway.cli.main"]
         """What every child runs, before its own arguments (tests run something smaller)."""
         self.children: dict[str, Child] = {}
 

@@ -1,0 +1,1 @@
+"""The admin plane behind ``/admin``: routes, request bodies, the service, promotion."""

@@ -1,0 +1,66 @@
+"""This gateway process's copy of every deployment's state, refreshed in the background so
+that the request path never asks Redis what a deployment looks like."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import redis
+import redis.asyncio as aioredis
+
+from gateway.dataplane.failures import UnknownDeployment
+from models.deployments import Deployment
+from rendezvous import names
+
+log = logging.getLogger(__name__)
+
+
+class DeploymentCache:
+    """Every deployment's state, refreshed from Redis in the background (one pipelined read
+    a second), so the request path never asks Redis what a deployment looks like."""
+
+    def __init__(self, client: aioredis.Redis):
+        self.client = client
+        self.deployments: dict[str, Deployment] = {}
+        self.backlog: dict[str, int] = {}
+        """Entries in each input stream: trimming follows the slowest consumer group, so this
+        is the backlog of the slowest reader."""
+        self._raw: dict[str, bytes] = {}
+
+    async def refresh(self) -> None:
+        members = sorted(m.decode() for m in await self.client.smembers(names.DEPLOYMENTS_SET))
+        pipe = self.client.pipeline(transaction=False)
+        for name in members:
+            pipe.get(names.deployment_key(name))
+            pipe.xlen(names.input_stream(name))
+        replies = await pipe.execute()
+        raws, lengths = replies[0::2], replies[1::2]
+        self.backlog = dict(zip(members, lengths, strict=True))
+        fresh: dict[str, Deployment] = {}
+        for name, raw in zip(members, raws, strict=True):
+            if raw is None:
+                continue
+            if self._raw.get(name) == raw:
+                fresh[name] = self.deployments[name]
+                continue
+            try:
+                fresh[name] = Deployment.from_json(raw)
+                self._raw[name] = raw
+            except (ValueError, KeyError) as exc:
+                log.error("deployment %s has an unreadable state: %s", name, exc)
+        self.deployments = fresh
+
+    async def run(self, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.refresh()
+            except redis.RedisError as exc:
+                log.warning("cannot refresh deployments: %s", exc)
+
+    def get(self, name: str) -> Deployment:
+        dep = self.deployments.get(name)
+        if dep is None:
+            raise UnknownDeployment(f"deployment {name!r} does not exist")
+        return dep

@@ -1,0 +1,1 @@
+"""What operators watch: Prometheus metrics, the drift feed and monitor, the dashboard."""

@@ -1,0 +1,96 @@
+"""Checks on an uploaded ONNX artifact before anything is stored: parsed as protobuf (never
+unpickled), self-contained, standard operators only, loadable and runnable by onnxruntime at
+the deployment's input width."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from models.meta import ModelMeta
+from models.runtime import ModelLoadError, OnnxClassifier
+
+ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+"""Operator sets a model may use: standard ONNX and ONNX-ML (what skl2onnx emits), no custom
+operators that would need native code the server does not have."""
+
+
+class ArtifactRejected(ValueError):
+    """An uploaded artifact that is not a self-contained ONNX classifier fitting its spec."""
+
+
+def _graphs(graph: Any) -> Iterable[Any]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _graphs(attr.g)
+            for sub in attr.graphs:
+                yield from _graphs(sub)
+
+
+def _tensors(graph: Any) -> Iterable[Any]:
+    for g in _graphs(graph):
+        yield from g.initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+
+
+def inspect_onnx(data: bytes, meta: ModelMeta) -> ModelMeta:
+    """Check an upload before anything is stored: ONNX (parsed as protobuf, never unpickled),
+    no external data files (they would be read from the server's disk), standard operators
+    only, loadable by onnxruntime, one input of the feature spec's width, and a dry run on a
+    batch of that width. Returns ``meta`` with the classes the model really outputs."""
+    import numpy as np
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":
+        raise ArtifactRejected(
+            "this looks like a Python pickle or a zip archive, not ONNX; export the model "
+            "to ONNX (for scikit-learn: skl2onnx) and upload that"
+        )
+    try:
+        proto = onnx.load_model_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ArtifactRejected(f"not an ONNX model: {exc}") from None
+    if not proto.graph.node:
+        raise ArtifactRejected("not an ONNX model: no graph nodes")
+    domains = {op.domain for op in proto.opset_import} - ALLOWED_DOMAINS
+    if domains:
+        raise ArtifactRejected(
+            f"the model uses operator sets this server does not run: {sorted(domains)}"
+        )
+    for tensor in _tensors(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
+            raise ArtifactRejected(
+                "the model refers to external data files; upload a self-contained ONNX file"
+            )
+    width = meta.feature_spec.width
+    try:
+        model = OnnxClassifier(data, meta)
+        _labels, proba = model.predict(np.zeros((2, width), np.float32))
+    except ModelLoadError as exc:
+        raise ArtifactRejected(str(exc)) from None
+    except Exception as exc:  # onnxruntime raises several private exception types
+        raise ArtifactRejected(
+            f"the model fails on a batch of {width} features per row: {exc}"
+        ) from None
+    if proba.ndim != 2 or proba.shape[0] != 2:
+        raise ArtifactRejected(
+            f"expected probabilities of shape (rows, classes), got {proba.shape}"
+        )
+    n_classes = int(proba.shape[1])
+    classes = meta.classes or list(range(n_classes))
+    if len(classes) != n_classes:
+        raise ArtifactRejected(
+            f"the metadata names {len(classes)} classes, the model "
+            f"outputs {n_classes} probabilities"
+        )
+    class_names = meta.class_names or [str(c) for c in classes]
+    if len(class_names) != n_classes:
+        raise ArtifactRejected("class_names must name every class")
+    return ModelMeta.from_dict({**meta.to_dict(), "classes": classes, "class_names": class_names})

@@ -1,0 +1,72 @@
+"""A model version's metadata: what the registry stores beside each ONNX artifact and what the
+runtime, the drift monitor and the admin API read of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rendezvous.spec import FeatureSpec
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMeta:
+    name: str
+    version: int
+    feature_spec: FeatureSpec
+    classes: list[int]
+    class_names: list[str]
+    sha256: str
+    created_at: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    algorithm: str = ""
+    description: str = ""
+    size_bytes: int = 0
+    score_reference: list[float] | None = None
+    """Share of the positive-class score in each of the ten score bins (0.0-0.1, ...,
+    0.9-1.0) on rows the model was not fitted on: what its scores should look like when the
+    inputs have not drifted. None for models that came without one."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "feature_spec": self.feature_spec.to_dict(),
+            "classes": self.classes,
+            "class_names": self.class_names,
+            "sha256": self.sha256,
+            "created_at": self.created_at,
+            "metrics": self.metrics,
+            "algorithm": self.algorithm,
+            "description": self.description,
+            "size_bytes": self.size_bytes,
+            "score_reference": self.score_reference,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """Everything but the feature statistics (for listings)."""
+        doc = self.to_dict()
+        spec = doc.pop("feature_spec")
+        doc["feature_spec"] = {"version": spec["version"], "width": len(spec["names"])}
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> ModelMeta:
+        return cls(
+            name=doc["name"],
+            version=int(doc["version"]),
+            feature_spec=FeatureSpec.from_dict(doc["feature_spec"]),
+            classes=[int(c) for c in doc["classes"]],
+            class_names=[str(c) for c in doc.get("class_names", doc["classes"])],
+            sha256=doc["sha256"],
+            created_at=doc["created_at"],
+            metrics={k: float(v) for k, v in doc.get("metrics", {}).items()},
+            algorithm=doc.get("algorithm", ""),
+            description=doc.get("description", ""),
+            size_bytes=int(doc.get("size_bytes", 0)),
+            score_reference=(
+                None
+                if doc.get("score_reference") is None
+                else [float(v) for v in doc["score_reference"]]
+            ),
+        )

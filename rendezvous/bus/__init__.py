@@ -1,0 +1,2 @@
+"""The bus: every Redis connection, the hot path's lean client, stream retention, the embedded
+server."""
