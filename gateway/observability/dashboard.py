@@ -1,57 +1,87 @@
 """``GET /dashboard/{deployment}``: the drift report as charts for a person to look at.
 
-The route only serves a self-contained page (``gateway.observability.dashboard_page``); the
-page itself reads
+The page is three static files in package data (``gateway/observability/static``: the HTML,
+its stylesheet and its script), served as they are: no build step, no templating, nothing
+fetched from the internet. The script reads the deployment from the page's URL and asks
 ``/v1/deployments/{deployment}/drift``, so an unknown deployment shows that endpoint's error
 and the dashboard needs no Redis access of its own.
 """
 
 from __future__ import annotations
 
-import html
-import json
-import secrets
+import functools
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
 
-from fastapi import APIRouter, HTTPException
-from fastapi.responses import HTMLResponse
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import HTMLResponse, Response
 
-from gateway.observability.dashboard_page import PAGE
 from rendezvous import names
 
+STATIC_URL = "/dashboard/static"
+PAGE_FILE = "dashboard.html"
+# The files served under STATIC_URL, by name, with their content types: nothing else is.
+ASSET_TYPES = {
+    "dashboard.css": "text/css; charset=utf-8",
+    "dashboard.js": "application/javascript; charset=utf-8",
+}
 
-def content_security_policy(nonce: str) -> str:
-    """Only this response's own inline script and style may run, and the page may talk to its
-    own origin alone: no CDN or font can sneak in, and injected markup could not execute."""
-    return (
-        "default-src 'none'; "
-        f"script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
-        "connect-src 'self'; img-src data:; "
-        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    )
+# Only the gateway's own files may run or style the page, and it may talk to its own origin
+# alone: no inline script or style, no CDN or font, and injected markup could not execute.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
-def render_dashboard(deployment: str, nonce: str) -> str:
-    """The page for ``deployment``. The name is validated by the route but still escaped: as
-    HTML text in the title, and as a JSON string in the script with ``<``, ``>`` and ``&``
-    spelled as ``\\u`` escapes, so no ``</script>`` can end the script element early."""
-    as_js = (
-        json.dumps(deployment)
-        .replace("<", "\\u003c")
-        .replace(">", "\\u003e")
-        .replace("&", "\\u0026")
-    )
-    return (
-        PAGE.replace("__NONCE__", nonce)
-        .replace("__TITLE__", html.escape(deployment))
-        .replace("__DEPLOYMENT__", as_js)
-    )
+@dataclass(frozen=True)
+class StaticFile:
+    body: bytes
+    media_type: str
+    etag: str
+
+
+@functools.cache
+def static_files() -> dict[str, StaticFile]:
+    """The page and its assets, read once from package data. The names are unversioned, so
+    browsers revalidate (``no-cache``) and an unchanged file costs only a 304."""
+    folder = resources.files("gateway.observability").joinpath("static")
+    types = {PAGE_FILE: "text/html; charset=utf-8", **ASSET_TYPES}
+    out = {}
+    for name, media_type in types.items():
+        body = folder.joinpath(name).read_bytes()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        out[name] = StaticFile(body, media_type, etag)
+    return out
+
+
+def serve(request: Request, file: StaticFile, extra: dict[str, str] | None = None) -> Response:
+    headers = {
+        "Cache-Control": "no-cache",
+        "ETag": file.etag,
+        "X-Content-Type-Options": "nosniff",
+        **(extra or {}),
+    }
+    if file.etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    return Response(file.body, media_type=file.media_type, headers=headers)
 
 
 def dashboard_router() -> APIRouter:
     router = APIRouter()
+    files = static_files()  # read now: a missing file fails the app's start, not a request
+
+    @router.get(STATIC_URL + "/{name}", include_in_schema=False)
+    async def dashboard_static(name: str, request: Request) -> Response:
+        """The page's stylesheet and script, looked up by exact name among those two."""
+        if name not in ASSET_TYPES:
+            raise HTTPException(404, "no such dashboard file")
+        return serve(request, files[name])
 
     @router.get("/dashboard/{deployment}", response_class=HTMLResponse)
-    async def dashboard(deployment: str) -> HTMLResponse:
+    async def dashboard(deployment: str, request: Request) -> Response:
         """Divergence and drift over time, score distributions (real, canary, reference), the
         top drifting features, active alerts and the latest events; redrawn every 5 s from
         ``/v1/deployments/{deployment}/drift``."""
@@ -59,14 +89,7 @@ def dashboard_router() -> APIRouter:
             names.check_name(deployment, "deployment")
         except names.InvalidName as exc:
             raise HTTPException(422, str(exc)) from None
-        nonce = secrets.token_urlsafe(18)
-        return HTMLResponse(
-            render_dashboard(deployment, nonce),
-            headers={
-                "Content-Security-Policy": content_security_policy(nonce),
-                "Cache-Control": "no-store",
-                "X-Content-Type-Options": "nosniff",
-            },
-        )
+        policy = {"Content-Security-Policy": CONTENT_SECURITY_POLICY}
+        return serve(request, files[PAGE_FILE], policy)
 
     return router

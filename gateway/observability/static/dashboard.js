@@ -1,82 +1,11 @@
-"""The dashboard page: one self-contained HTML document (inline CSS, inline JS drawing SVG).
-
-Nothing is fetched from the internet at view time and nothing is built: the page asks the
-gateway for ``/v1/deployments/{deployment}/drift`` every 5 s and redraws. Colours are the
-Okabe-Ito palette, which stays distinguishable for colour-blind readers; thresholds are dashed
-so they differ from the data by shape too. ``__NONCE__``, ``__TITLE__`` and ``__DEPLOYMENT__``
-are filled in per response by ``gateway.observability.dashboard``.
-"""
-
-from __future__ import annotations
-
-PAGE = r"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<title>Drift · __TITLE__</title>
-<style nonce="__NONCE__">
-:root { --fg:#1d2430; --muted:#5b6675; --line:#d9dee5; --bg:#f4f6f9; --card:#fff; --bad:#b3261e;
-        --ok:#1e7a46; --calm:#e3f3ea; --wait:#eceff3; } * { box-sizing:border-box; }
-body { margin:0; font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
-       color:var(--fg); background:var(--bg); } h1 { margin:0; font-size:21px; }
-header { padding:16px 24px 12px; background:var(--card); border-bottom:1px solid var(--line); }
-.title { display:flex; align-items:baseline; gap:12px; flex-wrap:wrap; }
-.muted { color:var(--muted); font-size:12px; } .facts dt { color:var(--muted); }
-.facts { display:flex; flex-wrap:wrap; gap:6px 22px; margin:8px 0 0; }
-.facts div { display:flex; gap:6px; } .facts dd { margin:0; font-weight:600; }
-.pill, .badge { padding:3px 10px; border-radius:999px; font-weight:600; font-size:13px; }
-.ok, .calm { background:var(--calm); color:var(--ok); } .wait { background:var(--wait);
-  color:var(--muted); } .badges { margin-top:10px; display:flex; flex-wrap:wrap; gap:8px; }
-.badge.alert { background:var(--bad); color:#fff; padding:6px 14px; font-size:14px;
-               box-shadow:0 1px 3px rgba(179,38,30,.35); }
-#error { margin:12px 24px 0; padding:8px 12px; border-radius:6px; background:#fdecea;
-         color:var(--bad); font-weight:600; }
-.tiles { display:grid; grid-template-columns:repeat(auto-fit,minmax(150px,1fr)); gap:12px;
-         padding:16px 24px 0; } .tile b { display:block; font-size:22px; }
-.tile { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:8px 12px; }
-.tile.over { border-color:var(--bad); background:#fdf3f2; } .tile.over b { color:var(--bad); }
-main { display:grid; grid-template-columns:repeat(auto-fit,minmax(min(100%,480px),1fr));
-       gap:16px; padding:16px 24px; } h2 { margin:0 0 6px; font-size:15px; }
-section { background:var(--card); border:1px solid var(--line); border-radius:8px;
-          padding:12px 16px; min-width:0; } section.wide { margin:0 24px 24px; }
-svg { width:100%; height:260px; display:block; overflow:visible; }
-svg text { font-size:11px; fill:var(--muted); } svg text.empty { font-size:14px; }
-svg text.th { font-weight:600; paint-order:stroke; stroke:#fff; stroke-width:4px;
-              stroke-linejoin:round; } svg text.val { fill:var(--fg); }
-.legend { display:flex; gap:4px 14px; flex-wrap:wrap; font-size:12px; color:var(--muted);
-          margin-bottom:4px; } .legend i.box { height:10px; border-top-width:0; border-radius:2px; }
-.legend i { display:inline-block; width:18px; height:0; margin-right:5px; vertical-align:middle; }
-table { width:100%; border-collapse:collapse; font-size:13px; }
-th, td { text-align:left; padding:5px 8px; border-bottom:1px solid var(--line); }
-td.raised { color:var(--bad); font-weight:600; } td.cleared { color:var(--ok); }
-</style></head>
-<body data-status="loading">
-<header>
-  <div class="title"><h1>Drift · <span id="dep"></span></h1><span id="status" class="pill wait">
-    loading…</span><span id="updated" class="muted"></span></div>
-  <dl class="facts" id="facts"></dl>
-  <div class="badges" id="alerts"></div>
-</header>
-<div id="error" role="alert" hidden></div>
-<div class="tiles" id="tiles"></div>
-<main>
-  <section><h2>Divergence real vs canary</h2><div class="legend" id="legend-divergence"></div>
-    <svg data-chart="divergence" role="img" aria-label="divergence over time"></svg></section>
-  <section><h2>Drift of real's scores and of the features</h2>
-    <div class="legend" id="legend-drift"></div>
-    <svg data-chart="drift" role="img" aria-label="drift scores over time"></svg></section>
-  <section><h2>Score distribution (current window)</h2><div class="legend" id="legend-scores">
-    </div><svg data-chart="scores" role="img" aria-label="score distributions"></svg></section>
-  <section><h2>Top drifting features (PSI against training)</h2>
-    <div class="legend" id="legend-features"></div>
-    <svg data-chart="features" role="img" aria-label="top drifting features"></svg></section>
-</main>
-<section class="wide"><h2>Latest drift events</h2><table><thead><tr><th>time</th><th>event</th>
-  <th>kind</th><th>value</th><th>threshold</th></tr></thead><tbody id="events"></tbody></table>
-</section>
-<script nonce="__NONCE__">
+/* The drift dashboard's drawing: asks /v1/deployments/{deployment}/drift every 5 s and redraws
+   the charts as SVG. Nothing is fetched from elsewhere and nothing is built. Colours are the
+   Okabe-Ito palette, which stays distinguishable for colour-blind readers; thresholds are dashed
+   so they differ from the data by shape too. */
 "use strict";
-const DEPLOYMENT = __DEPLOYMENT__;
+/* The page is served for /dashboard/{deployment}; the server validated the name. It only ever
+   reaches the page as textContent and, encoded, in the report's URL. */
+const DEPLOYMENT = decodeURIComponent(location.pathname.replace(/\/+$/, "").split("/").pop());
 const SOURCE = "/v1/deployments/" + encodeURIComponent(DEPLOYMENT) + "/drift";
 const REFRESH_MS = 5000, H = 260, M = {l: 50, r: 16, t: 24, b: 40};
 const C = {blue: "#0072B2", orange: "#E69F00", green: "#009E73", verm: "#D55E00",
@@ -85,6 +14,7 @@ const KINDS = {divergence_mean: "divergence", disagreement_rate: "disagreement",
                score_psi: "score PSI", score_js: "score JS", feature_psi: "feature PSI"};
 const NS = "http://www.w3.org/2000/svg";
 let lastDoc = null;
+document.title = "Drift \u00b7 " + DEPLOYMENT;
 
 const $ = id => document.getElementById(id);
 const isNum = v => typeof v === "number" && isFinite(v);
@@ -412,6 +342,3 @@ let resizing = null;  // redraw at the new width once the resizing settles
 window.addEventListener("resize", () => { clearTimeout(resizing);
   resizing = setTimeout(() => lastDoc && render(lastDoc), 150); });
 refresh();
-</script>
-</body></html>
-"""
