@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 
 PREFIX = "rdv"
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+NAME_RE = r"[a-z0-9][a-z0-9._-]{0,62}"
+"""A deployment or model name, unanchored: URL patterns are built from it."""
+NAME_PATTERN = re.compile(rf"^{NAME_RE}$")
 ROLE_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 INSTANCE_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 

@@ -19,7 +19,6 @@ from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
-from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from pydantic import ValidationError
@@ -40,6 +39,7 @@ from gateway.admin.bodies import (
 )
 from gateway.admin.service import AdminService
 from gateway.observability.drift_monitor import drift_view, set_thresholds
+from gateway.problems import Problem
 from gateway.settings import Settings
 from models.registry import ModelRegistry
 from rendezvous.bus.connection import connect
@@ -67,19 +67,19 @@ def _token(settings: Settings) -> bytes | None:
     return secret.encode() if secret else None
 
 
-def _refusal(request: Request, token: bytes | None) -> JSONResponse | None:
+def _refusal(request: Request, token: bytes | None) -> Problem | None:
     """None when the request carries the admin token; never logs what it was given."""
     if token is None:
-        return JSONResponse({"detail": OFF}, status_code=404)
+        return Problem(404, OFF)
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
-        return JSONResponse(
-            {"detail": "admin routes need 'Authorization: Bearer <RDV_ADMIN_TOKEN>'"},
-            status_code=401,
+        return Problem(
+            401,
+            "admin routes need 'Authorization: Bearer <RDV_ADMIN_TOKEN>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
     if not hmac.compare_digest(given.strip().encode(), token):
-        return JSONResponse({"detail": "wrong admin token"}, status_code=403)
+        return Problem(403, "wrong admin token")
     return None
 
 
@@ -93,13 +93,13 @@ def guarded_route(token: bytes | None) -> type[APIRoute]:
             async def guarded(request: Request) -> Response:
                 refusal = _refusal(request, token)
                 if refusal is not None:
-                    return refusal
+                    return refusal.response()
                 try:
                     return await handler(request)
                 except AdminError as exc:
-                    return JSONResponse({"detail": exc.detail, **exc.extra}, status_code=exc.status)
+                    return Problem(exc.status, exc.detail, exc.extra).response()
                 except InvalidName as exc:  # a name that may never reach a Redis key
-                    return JSONResponse({"detail": str(exc)}, status_code=422)
+                    return Problem(422, str(exc)).response()
 
             return guarded
 

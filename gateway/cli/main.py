@@ -62,7 +62,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         log_level=settings.log_level.lower(),
         access_log=False,
         proxy_headers=settings.proxy_headers,
-        http=PredictHttpProtocol,
+        http=PredictHttpProtocol if settings.http_protocol == "predict" else "httptools",
         timeout_graceful_shutdown=10,
     )
     app = "gateway.cli.main:_app_from_env"

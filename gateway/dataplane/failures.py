@@ -1,9 +1,14 @@
-"""The data plane's failures, one type each, so that every transport maps them to the same
-answer (``gateway.transport.problems``)."""
+"""The data plane's failures, one type each, and the one answer each gets (``problem_of``),
+so that every transport answers a failure alike."""
 
 from __future__ import annotations
 
+import redis
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+
 from gateway.dataplane.matcher import Answer, DuplicateRequest
+from gateway.problems import RETRY, Problem, unavailable
 
 
 class UnknownDeployment(LookupError):
@@ -29,11 +34,49 @@ class NoAnswer(TimeoutError):
         self.answer = answer
 
 
+def problem_of(exc: BaseException) -> Problem | None:
+    """The answer to ``exc``, or None for a failure that is a bug (a 500)."""
+    if isinstance(exc, RequestValidationError):
+        return Problem(422, jsonable_encoder(exc.errors()))
+    if isinstance(exc, UnknownDeployment):
+        return Problem(404, str(exc))
+    if isinstance(exc, DuplicateRequest):
+        return Problem(409, str(exc))
+    if isinstance(exc, Overloaded):
+        return Problem(429, str(exc), headers=RETRY)
+    if isinstance(exc, Unavailable | Backlogged):
+        return unavailable(str(exc))
+    if isinstance(exc, redis.RedisError):
+        return unavailable(f"Redis is unavailable: {type(exc).__name__}")
+    if isinstance(exc, NoAnswer):
+        answer = exc.answer
+        detail = f"no model answered within {answer.elapsed_ms:.0f} ms: {answer.reason}"
+        return Problem(504, detail, {"request_id": exc.request_id})
+    if isinstance(exc, TimeoutError):
+        return unavailable("Redis did not answer in time")
+    return None
+
+
+HANDLED: tuple[type[Exception], ...] = (
+    UnknownDeployment,
+    Unavailable,
+    redis.RedisError,
+    TimeoutError,
+    Overloaded,
+    Backlogged,
+    DuplicateRequest,
+    NoAnswer,
+)
+"""The failures ``problem_of`` answers, for the framework's exception handlers."""
+
+
 __all__ = [
+    "HANDLED",
     "Backlogged",
     "DuplicateRequest",
     "NoAnswer",
     "Overloaded",
     "Unavailable",
     "UnknownDeployment",
+    "problem_of",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import redis
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -15,6 +15,7 @@ from gateway.dataplane.matcher import Rendezvous
 from gateway.observability.drift_monitor import drift_view
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.metrics_state import read_state, state_registry
+from gateway.problems import Problem
 from rendezvous import names
 
 
@@ -51,7 +52,7 @@ def observe_router() -> APIRouter:
         try:
             names.check_name(deployment, "deployment")
         except names.InvalidName as exc:
-            raise HTTPException(422, str(exc)) from None
+            return Problem(422, str(exc)).response()
         deployments: DeploymentCache = request.app.state.deployments
         if deployment not in deployments.deployments:
             raise UnknownDeployment(f"deployment {deployment!r} does not exist")

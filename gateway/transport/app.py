@@ -14,11 +14,12 @@ from typing import Annotated, Any
 
 import redis
 from fastapi import FastAPI, Header, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client.multiprocess import mark_process_dead
 
 from gateway.admin.routes import UPLOAD_PATH, install_admin, start_admin, upload_body_cap
 from gateway.dataplane.deployments import DeploymentCache
+from gateway.dataplane.failures import HANDLED, problem_of
 from gateway.dataplane.matcher import Rendezvous
 from gateway.dataplane.service import PredictionService
 from gateway.dataplane.validation import PredictRequest
@@ -27,10 +28,10 @@ from gateway.observability.drift_feed import DriftFeed
 from gateway.observability.drift_monitor import DriftMonitor, local_model_meta
 from gateway.observability.metrics import GatewayMetrics, multiprocess_dir
 from gateway.observability.routes import observe_router
+from gateway.problems import RETRY, Problem
 from gateway.settings import Settings
-from gateway.transport.fast_path import PredictFastPath
+from gateway.transport.fast_path import PredictFastPath, predict_reply
 from gateway.transport.limits import BodySizeLimit
-from gateway.transport.problems import HANDLED, problem
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
 from rendezvous.bus.connection import connect_async
@@ -44,11 +45,6 @@ def instance_id() -> str:
     """Unique per gateway process: the name of its reply stream."""
     host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:32]
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-def _problem(status: int, detail: str, **extra: Any) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 503 else None
-    return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
 
 
 def serving_app(settings: Settings | None = None) -> PredictFastPath:
@@ -166,11 +162,10 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
     app.include_router(dashboard_router())
 
     async def _answer(request: Request, exc: Exception) -> JSONResponse:
-        answer = problem(exc)
+        answer = problem_of(exc)
         if answer is None:
             raise exc
-        status, doc, headers = answer
-        return JSONResponse(doc, status_code=status, headers=headers or None)
+        return answer.response()
 
     for failure in HANDLED:
         app.add_exception_handler(failure, _answer)
@@ -196,15 +191,17 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
         deployment: str,
         request: Request,
         x_request_id: Annotated[str | None, Header()] = None,
-    ) -> JSONResponse:
+    ) -> Response:
         """Score the input with the deployment's real model (or the schedule's fallback).
 
-        ``rdv gateway`` serves it with ``gateway.transport.fast_path``, ahead of the framework; this
-        declaration documents the route in the OpenAPI schema and serves the app when it is
-        mounted without the fast path (as some tests do)."""
-        service: PredictionService = request.app.state.service
-        raw = await request.body()
-        return JSONResponse(await service.predict(deployment, raw, x_request_id))
+        ``rdv gateway`` answers predict ahead of the framework (``gateway.transport.fast_path``);
+        this route documents it in the OpenAPI schema and answers a path the fast path leaves
+        to the framework, through the same ``predict_reply``."""
+        status, body, headers = await predict_reply(
+            request.app.state.service, deployment, await request.body(), x_request_id
+        )
+        head = {name.decode(): value.decode() for name, value in headers}
+        return Response(body, status, head, media_type="application/json")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -225,7 +222,8 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
                 pipe.zrangebyscore(names.workers_key(dep), live_after, "+inf")
             _, *live = await asyncio.wait_for(pipe.execute(), timeout=2.0)
         except (redis.RedisError, OSError, TimeoutError) as exc:
-            return _problem(503, f"Redis is unavailable: {type(exc).__name__}", ready=False)
+            detail = f"Redis is unavailable: {type(exc).__name__}"
+            return Problem(503, detail, {"ready": False}, RETRY).response()
         checks: dict[str, Any] = {}
         for dep, members in zip(deps, live, strict=True):
             roles: dict[str, int] = {}

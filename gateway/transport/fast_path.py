@@ -1,44 +1,39 @@
-"""The predict route without a framework: as a plain ASGI handler in front of the FastAPI app,
-and as the answer that ``gateway.transport.http_protocol`` writes straight to the connection.
+"""The one way into predict for every transport: ``PredictFastPath.answer`` turns a deployment,
+a body and a request id into the HTTP answer, through ``PredictionService.predict``.
 
-Profiling showed the framework around the predict route costing more CPU than everything the
-route does (FastAPI's dependency solving, request object, exception wrapping and response
-classes: ~110 µs of a ~530 µs request at concurrency 64; then, with the route moved into a
-middleware, the five middleware layers FastAPI and Starlette still put around it: ~20 µs).
-Predict is the one hot route, so ``PredictFastPath`` is the ASGI app uvicorn serves, and it
-serves predict directly: the body is read with the same size cap, the same
-``PredictionService.predict`` does the work, and failures get the same answers through
-``gateway.transport.problems.problem``. Every other request (admin, metrics, health, the OpenAPI
-documentation of predict itself) and the lifespan go on to the FastAPI app.
+Three callers share it: this module's plain ASGI handler in front of the FastAPI app, the
+connection-level protocol of ``gateway.transport.http_protocol``, and the FastAPI route that
+documents predict in the OpenAPI schema (``gateway.transport.app``). Profiling showed the
+framework around the predict route costing more CPU than everything the route does
+(FastAPI's dependency solving, request object, exception wrapping and response classes: ~110
+µs of a ~530 µs request at concurrency 64, then ~20 µs for the middleware layers), so
+``PredictFastPath`` is the ASGI app uvicorn serves and answers predict itself; every other
+request and the lifespan go on to the FastAPI app.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any
 
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
+from gateway.dataplane.failures import problem_of
 from gateway.dataplane.service import PredictionService
-from gateway.transport.problems import problem
+from gateway.problems import Problem, unavailable
+from gateway.transport.limits import BodyCap, send_problem
+from gateway.transport.urls import PREDICT_PATH
 
 log = logging.getLogger(__name__)
-
-PREDICT_PATH = re.compile(r"^/v1/deployments/([^/]+)/predict$")
 
 Reply = tuple[int, bytes, list[tuple[bytes, bytes]]]
 """(status, JSON body, headers besides content-type and content-length)."""
 
-_CLOSE = [(b"connection", b"close")]
 
-
-def reply(status: int, doc: Any, headers: dict[str, str] | None = None) -> Reply:
-    body = json.dumps(doc, separators=(",", ":")).encode()
-    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    return status, body, extra
+def ok(doc: Any) -> Reply:
+    return 200, json.dumps(doc, separators=(",", ":")).encode(), []
 
 
 class PredictFastPath:
@@ -46,7 +41,7 @@ class PredictFastPath:
 
     def __init__(self, app: FastAPI, max_body_bytes: int):
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.cap = BodyCap(max_body_bytes)
         self._service: PredictionService | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -57,13 +52,6 @@ class PredictFastPath:
                 return
         await self.app(scope, receive, send)
 
-    # -- shared with gateway.transport.http_protocol -----------------------------------------
-
-    def too_large(self) -> Reply:
-        status, body, headers = reply(413, {"detail": f"request body larger than "
-                                                      f"{self.max_body_bytes} bytes"})  # fmt: skip
-        return status, body, headers + _CLOSE
-
     def check_headers(self, headers: list[tuple[bytes, bytes]]) -> tuple[str | None, Reply | None]:
         """The caller's request id, and the answer to give at once if the headers already
         rule the request out (a declared body over the cap, a malformed length)."""
@@ -71,37 +59,20 @@ class PredictFastPath:
         for name, value in headers:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")
-            elif name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    status, body, extra = reply(400, {"detail": "invalid Content-Length header"})
-                    return request_id, (status, body, extra + _CLOSE)
-                if declared > self.max_body_bytes:
-                    return request_id, self.too_large()
-        return request_id, None
+        problem = self.cap.refuse_headers(headers)
+        return request_id, None if problem is None else problem.reply()
 
     async def answer(self, deployment: str, raw: bytes, request_id: str | None) -> Reply:
         """Predict, with every failure turned into its HTTP answer."""
         service = self._service or self._started_service()
         if service is None:
-            return reply(503, {"detail": "the gateway is starting"}, {"Retry-After": "1"})
-        try:
-            doc = await service.predict(deployment, raw, request_id)
-        except Exception as exc:
-            answer = problem(exc)
-            if answer is None:  # a bug: say so to the caller and in the log, keep serving
-                log.exception("predict %s failed", deployment)
-                return reply(500, {"detail": "internal server error"})
-            return reply(*answer)
-        return reply(200, doc)
-
-    # -- ASGI ---------------------------------------------------------------------------------
+            return unavailable("the gateway is starting").reply()
+        return await predict_reply(service, deployment, raw, request_id)
 
     async def _predict(self, deployment: str, scope: Scope, receive: Receive, send: Send) -> None:
-        request_id, refusal = self.check_headers(scope["headers"])
-        if refusal is not None:
-            await _send(send, refusal)
+        request_id, refused = self.check_headers(scope["headers"])
+        if refused is not None:
+            await _send(send, refused)
             return
         chunks = []
         size = 0
@@ -111,8 +82,8 @@ class PredictFastPath:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
-                await _send(send, self.too_large())
+            if self.cap.exceeded(size):
+                await send_problem(send, self.cap.too_large())
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -123,6 +94,21 @@ class PredictFastPath:
     def _started_service(self) -> PredictionService | None:
         self._service = getattr(self.app.state, "service", None)
         return self._service
+
+
+async def predict_reply(
+    service: PredictionService, deployment: str, raw: bytes, request_id: str | None
+) -> Reply:
+    """``service.predict`` as an HTTP answer; a failure that is a bug is a logged 500 and the
+    gateway keeps serving."""
+    try:
+        return ok(await service.predict(deployment, raw, request_id))
+    except Exception as exc:
+        problem = problem_of(exc)
+        if problem is None:
+            log.exception("predict %s failed", deployment)
+            problem = Problem(500, "internal server error")
+        return problem.reply()
 
 
 async def _send(send: Send, answer: Reply) -> None:

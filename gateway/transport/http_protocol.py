@@ -13,15 +13,36 @@ behind another) takes uvicorn's ASGI path, which serves predict through the same
 
 from __future__ import annotations
 
-import re
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from gateway.problems import RETRY, Problem
+from gateway.transport.urls import PREDICT_TARGET
+
 if TYPE_CHECKING:  # imported where the app runs: uvicorn's supervising process stays small
     from gateway.transport.fast_path import PredictFastPath, Reply
 
-_PREDICT_URL = re.compile(rb"^/v1/deployments/([a-z0-9][a-z0-9._-]{0,62})/predict(?:\?[^#]*)?$")
+UVICORN_ATTRIBUTES = (
+    "cycle",
+    "parser",
+    "url",
+    "headers",
+    "expect_100_continue",
+    "tasks",
+    "loop",
+    "transport",
+    "server_state",
+    "on_response_complete",
+    "connection_lost",
+)
+"""What this protocol uses of uvicorn's ``HttpToolsProtocol`` beyond its public options;
+``tests/test_http_protocol.py`` fails when a uvicorn release changes any of them (and
+pyproject.toml bounds uvicorn to the releases tested)."""
+
+SHUTTING_DOWN = Problem(503, "the gateway is shutting down", headers=RETRY, close=True)
+
 _JSON_HEAD = b"content-type: application/json\r\ncontent-length: %d\r\n"
 
 
@@ -61,6 +82,14 @@ class PredictHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.fast = _find_fast_path(self.app)
+        self.predicts: set[_PredictCycle] = set()
+        """Predicts in flight on this connection. uvicorn replaces ``self.cycle`` when a
+        request is pipelined behind one, so it cannot be the only reference to them."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for cycle in self.predicts:
+            cycle.disconnected = True
+        super().connection_lost(exc)
 
     # -- parser callbacks ---------------------------------------------------------------------
 
@@ -73,7 +102,7 @@ class PredictHttpProtocol(HttpToolsProtocol):
             and self.parser.get_method() == b"POST"
             and not self.parser.should_upgrade()
         ):
-            match = _PREDICT_URL.match(self.url)
+            match = PREDICT_TARGET.match(self.url)
             if match is not None:
                 self._start(fast, match.group(1).decode("ascii"))
                 return
@@ -88,8 +117,8 @@ class PredictHttpProtocol(HttpToolsProtocol):
             return
         assert self.fast is not None
         cycle.size += len(body)
-        if cycle.size > self.fast.max_body_bytes:
-            self._write(cycle, self.fast.too_large())
+        if self.fast.cap.exceeded(cycle.size):
+            self._write(cycle, self.fast.cap.too_large().reply())
             return
         cycle.chunks.append(body)
 
@@ -100,6 +129,7 @@ class PredictHttpProtocol(HttpToolsProtocol):
             return
         if cycle.response_complete:
             return
+        self.predicts.add(cycle)
         task = self.loop.create_task(self._answer(cycle))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)  # a graceful shutdown waits for it
@@ -117,7 +147,15 @@ class PredictHttpProtocol(HttpToolsProtocol):
     async def _answer(self, cycle: _PredictCycle) -> None:
         assert self.fast is not None
         raw = cycle.chunks[0] if len(cycle.chunks) == 1 else b"".join(cycle.chunks)
-        answer = await self.fast.answer(cycle.deployment, raw, cycle.request_id)
+        try:
+            answer = await self.fast.answer(cycle.deployment, raw, cycle.request_id)
+        except asyncio.CancelledError:
+            # A forced shutdown (the graceful period ran out): the caller still gets an answer.
+            if not cycle.disconnected and not cycle.response_complete:
+                self._write(cycle, SHUTTING_DOWN.reply())
+            raise
+        finally:
+            self.predicts.discard(cycle)
         if cycle.disconnected:
             cycle.response_complete = True  # nobody left to tell
             return

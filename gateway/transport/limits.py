@@ -1,38 +1,65 @@
-"""Request body size cap as a pure ASGI middleware: refuse with 413 before reading a byte
-more than the cap, whether the client sent Content-Length or streamed chunks."""
+"""The request body cap: one rule (``BodyCap``) that every way in applies, and the ASGI
+middleware that applies it to the framework's routes. A body is refused with 413 before a byte
+more than the cap is read, whether the client declared a Content-Length or streamed chunks."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.problems import Problem, bad_length, too_large
+
+
+class BodyCap:
+    """At most ``limit`` bytes of body."""
+
+    __slots__ = ("limit",)
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def refuse_headers(self, headers: Iterable[tuple[bytes, bytes]]) -> Problem | None:
+        """The refusal the headers already call for: a malformed or too large Content-Length."""
+        for name, value in headers:
+            if name.lower() == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    return bad_length()
+                if declared < 0:
+                    return bad_length()
+                if declared > self.limit:
+                    return self.too_large()
+        return None
+
+    def exceeded(self, size: int) -> bool:
+        return size > self.limit
+
+    def too_large(self) -> Problem:
+        return too_large(self.limit)
+
 
 class BodySizeLimit:
+    """``BodyCap`` around an ASGI app, with caps of their own for exact paths (a model upload
+    is larger than a prediction)."""
+
     def __init__(
         self, app: ASGIApp, max_body_bytes: int, path_limits: Mapping[str, int] | None = None
     ):
         self.app = app
-        self.max_body_bytes = max_body_bytes
-        self.path_limits = dict(path_limits or {})
-        """Exact paths with a cap of their own (a model upload is larger than a prediction)."""
+        self.cap = BodyCap(max_body_bytes)
+        self.path_caps = {path: BodyCap(limit) for path, limit in (path_limits or {}).items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.path_limits.get(scope.get("path", ""), self.max_body_bytes)
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    await self._refuse(send, 400, "invalid Content-Length header")
-                    return
-                if declared > limit:
-                    await self._refuse(send, 413, self._message(limit))
-                    return
+        cap = self.path_caps.get(scope.get("path", ""), self.cap)
+        refusal = cap.refuse_headers(scope.get("headers", ()))
+        if refusal is not None:
+            await send_problem(send, refusal)
+            return
         seen = 0
         refused = False
 
@@ -43,11 +70,11 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > limit:
+                if cap.exceeded(seen):
                     # Answer now and tell the app the client left; whatever the app answers
                     # after that is dropped.
                     refused = True
-                    await self._refuse(send, 413, self._message(limit))
+                    await send_problem(send, cap.too_large())
                     return {"type": "http.disconnect"}
             return message
 
@@ -57,22 +84,11 @@ class BodySizeLimit:
 
         await self.app(scope, limited_receive, guarded_send)
 
-    @staticmethod
-    def _message(limit: int) -> str:
-        return f"request body larger than {limit} bytes"
 
-    @staticmethod
-    async def _refuse(send: Send, status: int, detail: str) -> None:
-        body = json.dumps({"detail": detail}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+async def send_problem(send: Send, problem: Problem) -> None:
+    """``problem`` as an ASGI response."""
+    body = problem.body()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    headers += [(k.lower().encode(), v.encode()) for k, v in problem.all_headers().items()]
+    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

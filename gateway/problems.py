@@ -1,0 +1,75 @@
+"""The one way the gateway builds an error answer.
+
+Every refusal, whichever layer finds it (the data plane, the body cap, the admin plane), is a
+``Problem``: a status, what is wrong, and the headers that go with it. It is rendered as
+``{"detail": ...}`` on ``/v1`` and ``/admin`` and as ``{"error": ...}`` on the Open Inference
+Protocol routes, as bytes for the transports that write the connection themselves or as a
+Starlette response for the framework's routes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+RETRY = {"Retry-After": "1"}
+"""Sent with every 429 and 503: the refusal is momentary."""
+
+
+class Style(Enum):
+    DETAIL = "detail"
+    """``{"detail": ...}``: the routes under ``/v1`` and ``/admin`` (FastAPI's own shape)."""
+    ERROR = "error"
+    """``{"error": "..."}``: the Open Inference Protocol's shape."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    status: int
+    detail: Any
+    """What is wrong: a sentence, or (for a 422) the list of fields at fault."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """More members of the body (for example the request id of a 504)."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    close: bool = False
+    """The connection cannot be reused (a body left unread)."""
+
+    def document(self, style: Style = Style.DETAIL) -> dict[str, Any]:
+        if style is Style.ERROR:
+            text = self.detail if isinstance(self.detail, str) else json.dumps(self.detail)
+            return {"error": text, **self.extra}
+        return {"detail": self.detail, **self.extra}
+
+    def body(self, style: Style = Style.DETAIL) -> bytes:
+        return json.dumps(self.document(style), separators=(",", ":")).encode()
+
+    def all_headers(self) -> dict[str, str]:
+        return {**self.headers, "Connection": "close"} if self.close else dict(self.headers)
+
+    def reply(self, style: Style = Style.DETAIL) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """(status, JSON body, headers besides content-type and content-length), for the
+        transports that write the connection themselves."""
+        headers = [(k.lower().encode(), v.encode()) for k, v in self.all_headers().items()]
+        return self.status, self.body(style), headers
+
+    def response(self, style: Style = Style.DETAIL) -> JSONResponse:
+        return JSONResponse(
+            self.document(style), status_code=self.status, headers=self.all_headers() or None
+        )
+
+
+def too_large(limit: int) -> Problem:
+    return Problem(413, f"request body larger than {limit} bytes", close=True)
+
+
+def bad_length() -> Problem:
+    return Problem(400, "invalid Content-Length header", close=True)
+
+
+def unavailable(detail: str) -> Problem:
+    return Problem(503, detail, headers=RETRY)
