@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install serve test lint format clean
+.PHONY: install serve test test-pure lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,15 @@ install: $(STAMP)
 serve: install
 	$(BIN)/rdv serve
 
-## Lint, then run the test suite against a real redis-server that the suite starts itself.
+## Lint and type-check, then run the test suite against a real redis-server that the suite
+## starts itself. While working: `make test-pure` (no server, seconds), `.venv/bin/pytest -m integration`.
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest
+
+test-pure: install
+	$(BIN)/pytest -m pure -q
 
 lint: install
 	$(BIN)/ruff check .

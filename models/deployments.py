@@ -27,6 +27,7 @@ import redis
 
 from models.registry import ModelRegistry
 from rendezvous import names
+from rendezvous.bus.connection import text
 from rendezvous.schedule import Schedule
 from rendezvous.spec import FeatureSpec
 
@@ -214,7 +215,7 @@ class DeploymentStore:
         return Deployment.from_json(raw)
 
     def list(self) -> list[str]:
-        return sorted(m.decode() for m in self.client.smembers(names.DEPLOYMENTS_SET))
+        return sorted(text(m) for m in self.client.smembers(names.DEPLOYMENTS_SET))
 
     def create(self, deployment: Deployment, *, actor: str = "system", reason: str = "") -> bool:
         """Create unless it exists; False when another process was first."""

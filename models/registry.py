@@ -25,6 +25,7 @@ from pathlib import Path
 import redis
 
 from models.meta import ModelMeta
+from rendezvous.bus.connection import text
 from rendezvous.names import MODELS_INDEX, check_name
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class ModelRegistry:
         if self.index is None:
             return []
         known = {
-            k.decode(): json.loads(v).get("sha256")
+            text(k): json.loads(v).get("sha256")
             for k, v in self.index.hgetall(MODELS_INDEX).items()
         }
         adopted = []

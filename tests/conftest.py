@@ -10,6 +10,19 @@ import redis
 
 from rendezvous.bus.server import EmbeddedRedis
 
+REAL_SERVERS = {"redis_server"}
+"""Fixtures that start a real server: a test that uses one (or is marked ``integration``) is an
+integration test, every other one is ``pure`` (no server, no process: seconds in all)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & REAL_SERVERS or item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.pure)
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:

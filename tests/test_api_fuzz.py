@@ -1,5 +1,5 @@
-"""Schemathesis against the running gateway's own OpenAPI schema: valid and invalid inputs,
-bounded examples, and not one 5xx."""
+"""Schemathesis against the running gateway's own OpenAPI schema, admin routes included (the
+fuzzer holds the admin token): valid and invalid inputs, bounded examples, and not one 5xx."""
 
 from __future__ import annotations
 
@@ -14,12 +14,17 @@ from hypothesis.errors import Unsatisfiable
 from processes import System, launch_system
 from rendezvous.schedule import Schedule
 
+TOKEN = "fuzz-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
 
 @pytest.fixture(scope="module")
 def fuzz_system(
     redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[System]:
-    with launch_system(redis_url, demo_data_dir, tmp_path_factory, Schedule()) as system:
+    with launch_system(
+        redis_url, demo_data_dir, tmp_path_factory, Schedule(), RDV_ADMIN_TOKEN=TOKEN
+    ) as system:
         system.start_worker("real")
         system.start_worker("canary")
         yield system
@@ -32,6 +37,7 @@ def test_no_input_makes_a_server_error(fuzz_system: System, mode: str) -> None:
     schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{fuzz_system.port}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert any(op.path.endswith("/predict") for op in operations)
+    assert sum(op.path.startswith("/admin") for op in operations) >= 10
     failures: list[str] = []
     calls = 0
     for op in operations:
@@ -43,7 +49,7 @@ def test_no_input_makes_a_server_error(fuzz_system: System, mode: str) -> None:
         def check(case: schemathesis.Case) -> None:
             nonlocal calls
             calls += 1
-            response = case.call(timeout=10)
+            response = case.call(headers=AUTH, timeout=10)
             if response.status_code >= 500:
                 failures.append(
                     f"{case.method} {case.formatted_path} {case.body!r:.200} -> "

@@ -21,6 +21,7 @@ RATIOS = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the harness reads /proc")
 def test_bench_harness_runs_against_the_inprocess_baseline(
     tmp_path: Path, demo_data_dir: Path

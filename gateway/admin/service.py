@@ -11,7 +11,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -42,6 +42,7 @@ from models.inspection import ArtifactRejected, inspect_onnx
 from models.meta import ModelMeta
 from models.registry import ModelExists, ModelRegistry
 from rendezvous import names
+from rendezvous.bus.connection import text
 from rendezvous.decision import ShadowRecord, decode_decision, shadow_record
 from rendezvous.schedule import Schedule
 from rendezvous.spec import FeatureSpec
@@ -212,8 +213,9 @@ class AdminService:
         dep = self._dep(name)
         live_after = time.time() - self.heartbeat_timeout_s
         workers: dict[str, int] = {}
-        for member in self.client.zrangebyscore(names.workers_key(name), live_after, "+inf"):
-            role = member.decode().split("|", 1)[0]
+        members = self.client.zrangebyscore(names.workers_key(name), live_after, "+inf")
+        for member in cast(list[bytes], members):
+            role = text(member).split("|", 1)[0]
             workers[role] = workers.get(role, 0) + 1
         return {**_state(dep), "live_workers": workers}
 

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from gateway.dataplane.failures import UnknownDeployment
 from models.deployments import Deployment
 from rendezvous import names
+from rendezvous.bus.connection import text
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class DeploymentCache:
         self._raw: dict[str, bytes] = {}
 
     async def refresh(self) -> None:
-        members = sorted(m.decode() for m in await self.client.smembers(names.DEPLOYMENTS_SET))
+        members = sorted(text(m) for m in await self.client.smembers(names.DEPLOYMENTS_SET))
         pipe = self.client.pipeline(transaction=False)
         for name in members:
             pipe.get(names.deployment_key(name))

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -30,6 +30,7 @@ from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability.drift_feed import SKETCH_FIELD
 from models.registry import ModelRegistry
 from rendezvous import names
+from rendezvous.bus.connection import text
 from rendezvous.drift import FeatureReference, Sketch
 from rendezvous.drift_alerts import Thresholds, evaluate_alerts, window_report
 
@@ -41,7 +42,11 @@ SCAN_LIMIT = 20_000
 EVENTS_MAXLEN = 1000
 
 
-def _decode_sketches(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Sketch]:
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+"""Stream entries as a client without ``decode_responses`` reads them."""
+
+
+def _decode_sketches(entries: Entries) -> list[Sketch]:
     out = []
     for _id, fields in entries:
         try:
@@ -128,7 +133,7 @@ class DriftMonitor:
         if await self.client.set(key, self.instance, nx=True, px=ttl_ms):
             return True
         holder = await self.client.get(key)
-        if holder is not None and holder.decode() == self.instance:
+        if holder is not None and text(holder) == self.instance:
             await self.client.pexpire(key, ttl_ms)
             return True
         return False
@@ -257,7 +262,9 @@ class DriftMonitor:
                 return np.asarray(stored["fractions"], dtype=np.float64), "promotion"
         # The first full window of this model's scores the stream still holds.
         entries = await self.client.xrange(names.drift_sketch_stream(deployment), count=SCAN_LIMIT)
-        first = merge_window(_decode_sketches(entries), real, None, self.window_requests)
+        first = merge_window(
+            _decode_sketches(cast(Entries, entries)), real, None, self.window_requests
+        )
         if first.requests < self.window_requests:
             return None, None
         total = first.score_real.sum()
@@ -328,7 +335,8 @@ async def set_thresholds(
     client: aioredis.Redis, deployment: str, changes: Mapping[str, Any], defaults: Thresholds
 ) -> Thresholds:
     """Validate and store a deployment's thresholds (partial changes keep the rest)."""
-    current = thresholds_from(await client.get(names.drift_thresholds_key(deployment)), defaults)
+    stored = cast(bytes | None, await client.get(names.drift_thresholds_key(deployment)))
+    current = thresholds_from(stored, defaults)
     updated = current.merged(changes)  # ValueError naming the key at fault
     await client.set(names.drift_thresholds_key(deployment), json.dumps(updated.to_dict()))
     return updated

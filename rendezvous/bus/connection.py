@@ -84,3 +84,9 @@ def _redact(url: str) -> str:
         scheme, _, rest = url.partition("://")
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
+
+
+def text(value: bytes | str) -> str:
+    """A reply of a client made without ``decode_responses`` as text. Such a client always
+    answers bytes; redis-py's annotations say ``bytes | str`` for either kind of client."""
+    return value.decode() if isinstance(value, bytes) else value
