@@ -16,7 +16,7 @@ import hmac
 import json
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.routing import APIRoute
@@ -44,6 +44,9 @@ from gateway.settings import Settings
 from models.registry import ModelRegistry
 from rendezvous.bus.connection import connect
 from rendezvous.names import InvalidName, check_name
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +114,16 @@ def _service(request: Request) -> AdminService:
     return service
 
 
-async def _call(request: Request, method: str, *args: Any) -> Any:
+async def _call(method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Run one service method in a worker thread (file I/O, onnxruntime, sync Redis)."""
-    return await run_in_threadpool(getattr(_service(request), method), *args)
+    return await run_in_threadpool(method, *args, **kwargs)
 
 
-async def _changed(request: Request, method: str, *args: Any) -> Any:
+async def _changed(
+    request: Request, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+) -> T:
     """Like ``_call`` for a change: this gateway's deployment cache follows at once."""
-    result = await _call(request, method, *args)
+    result = await run_in_threadpool(method, *args, **kwargs)
     await request.app.state.deployments.refresh()
     return result
 
@@ -223,17 +228,17 @@ def build_router(settings: Settings) -> APIRouter:
     async def upload_model(request: Request, actor: Actor = None) -> Any:
         """Upload an ONNX model (checked in onnxruntime) as a new version."""
         meta, data = await _read_upload(request, settings.max_model_bytes)
-        return await _call(request, "upload", meta, data, actor or "admin")
+        return await _call(_service(request).upload, meta, data, actor or "admin")
 
     @router.get("/models")
     async def list_models(request: Request, name: str | None = None) -> Any:
         """Every model version (optionally of one name), with the roles it holds."""
-        return {"models": await _call(request, "models", name)}
+        return {"models": await _call(_service(request).models, name)}
 
     @router.get("/models/{name}")
     async def model_versions(request: Request, name: str) -> Any:
         """The versions of one model."""
-        versions = await _call(request, "models", name)
+        versions = await _call(_service(request).models, name)
         if not versions:
             raise AdminError(f"no model {name!r} in the registry", status=404)
         return {"name": name, "versions": versions}
@@ -241,67 +246,78 @@ def build_router(settings: Settings) -> APIRouter:
     @router.get("/models/{name}/{version}")
     async def show_model(request: Request, name: str, version: int) -> Any:
         """One version's metadata, sha256 and roles."""
-        return await _call(request, "model", name, version)
+        return await _call(_service(request).model, name, version)
 
     @router.delete("/models/{name}/{version}")
     async def delete_model(request: Request, name: str, version: int, actor: Actor = None) -> Any:
         """Delete a version that holds no role in any deployment."""
-        return await _call(request, "delete_model", name, version, actor or "admin")
+        return await _call(_service(request).delete_model, name, version, actor or "admin")
 
     @router.get("/deployments")
     async def list_deployments(request: Request) -> Any:
-        return {"deployments": await _call(request, "deployments")}
+        return {"deployments": await _call(_service(request).deployments)}
 
     @router.post("/deployments", status_code=201)
     async def create_deployment(
         request: Request, body: CreateDeployment, actor: Actor = None
     ) -> Any:
         """A new deployment: the real model's feature spec, an optional canary, a schedule."""
-        return await _changed(request, "create_deployment", body, actor or "admin")
+        return await _changed(request, _service(request).create_deployment, body, actor or "admin")
 
     @router.get("/deployments/{deployment}")
     async def show_deployment(request: Request, deployment: str) -> Any:
         """Roles, schedule, revision, feature names and live workers per role."""
-        return await _call(request, "deployment", deployment)
+        return await _call(_service(request).deployment, deployment)
 
     @router.get("/deployments/{deployment}/history")
     async def history(
         request: Request, deployment: str, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
     ) -> Any:
         """Every change (and refused promotion), oldest first."""
-        return {"history": await _call(request, "history", deployment, limit)}
+        return {"history": await _call(_service(request).history, deployment, limit)}
 
     @router.get("/deployments/{deployment}/shadow")
     async def shadow(request: Request, deployment: str) -> Any:
         """Each non-real role's record against real over the recent decision records."""
-        return await _call(request, "shadow", deployment)
+        return await _call(_service(request).shadow, deployment)
 
     @router.post("/deployments/{deployment}/promote")
     async def promote(request: Request, deployment: str, body: Promote, actor: Actor = None) -> Any:
         """Make a version real; the old real becomes the canary. 409 with the figures when
         it falls short of the requested shadow evidence (unless forced)."""
-        return await _changed(request, "promote", deployment, body, actor or "admin")
+        return await _changed(
+            request, _service(request).promote, deployment, body, actor or "admin"
+        )
 
     @router.post("/deployments/{deployment}/rollback")
     async def rollback(
         request: Request, deployment: str, body: Rollback | None = None, actor: Actor = None
     ) -> Any:
         """Restore the roles and schedule of the previous (or a given) revision."""
-        return await _changed(request, "rollback", deployment, body or Rollback(), actor or "admin")
+        return await _changed(
+            request, _service(request).rollback, deployment, body or Rollback(), actor or "admin"
+        )
 
     @router.post("/deployments/{deployment}/challengers", status_code=201)
     async def add_challenger(
         request: Request, deployment: str, body: AddChallenger, actor: Actor = None
     ) -> Any:
         """A shadow role that scores every request from now on (no replay of history)."""
-        return await _changed(request, "add_challenger", deployment, body, actor or "admin")
+        return await _changed(
+            request, _service(request).add_challenger, deployment, body, actor or "admin"
+        )
 
     @router.delete("/deployments/{deployment}/challengers/{role}")
     async def remove_challenger(
         request: Request, deployment: str, role: str, reason: str = "", actor: Actor = None
     ) -> Any:
         return await _changed(
-            request, "remove_challenger", deployment, role, actor or "admin", reason
+            request,
+            _service(request).remove_challenger,
+            deployment,
+            role,
+            actor or "admin",
+            reason,
         )
 
     @router.patch("/deployments/{deployment}/schedule")
@@ -309,7 +325,9 @@ def build_router(settings: Settings) -> APIRouter:
         request: Request, deployment: str, body: ScheduleIn, actor: Actor = None
     ) -> Any:
         """Change the real deadline, timeout, fallback order, grace period or A/B split."""
-        return await _changed(request, "set_schedule", deployment, body, actor or "admin")
+        return await _changed(
+            request, _service(request).set_schedule, deployment, body, actor or "admin"
+        )
 
     @router.get("/deployments/{deployment}/drift/thresholds")
     async def drift_thresholds(request: Request, deployment: str) -> Any:
