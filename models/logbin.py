@@ -10,6 +10,10 @@ fsync blocks.
 Nobody waits for the archive, so after a read that did not fill a batch the bin waits
 ``batch_wait_ms`` before reading again: at moderate load one read, one gzip member, one fsync
 and one ack then carry many requests instead of one each.
+
+The reading (own pending first, XAUTOCLAIM, backoff, groups recreated after a Redis restart,
+stop) is the shared ``ConsumerLoop``; the bin adds which deployments are read, the archive, its
+acks after the fsync, and retention.
 """
 
 from __future__ import annotations
@@ -18,28 +22,22 @@ import base64
 import dataclasses
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 
 from models.archive import SegmentWriter, record_from_envelope
 from rendezvous import names
+from rendezvous.bus.consumer import REDIS_DOWN, Batch, ConsumerLoop, Entry
 from rendezvous.bus.retention import trim_input_stream
 from rendezvous.envelope import RequestEnvelope
 
 log = logging.getLogger(__name__)
 
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
-
 LOGBIN_BATCH_WAIT_MS = 20.0
 """Default wait after a read that did not fill a batch, so the next one gathers more."""
-
-Entry = tuple[str, bytes, dict[bytes, bytes]]
-"""(stream key, entry id, fields) of one stream entry."""
 
 
 @dataclass
@@ -62,7 +60,7 @@ class LogBinStats:
     """Input-stream entries trimmed behind the slowest consumer group."""
 
 
-class LogBin:
+class LogBin(ConsumerLoop):
     def __init__(
         self,
         client: redis.Redis,
@@ -82,68 +80,62 @@ class LogBin:
             raise ValueError("block_ms must be positive: BLOCK 0 would never notice a stop")
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("the log bin needs a client with decode_responses=False")
-        self.client = client
+        super().__init__(
+            client,
+            group=names.LOGBIN_GROUP,
+            consumer=consumer,
+            batch_size=batch_size,
+            block_ms=block_ms,
+            claim_idle_ms=claim_idle_ms,
+            heartbeat_s=heartbeat_s,
+            create_groups=True,
+        )
         self.writer = writer
-        self.consumer = consumer
-        self.group = names.LOGBIN_GROUP
-        self.batch_size = batch_size
-        self.block_ms = block_ms
-        self.claim_idle_ms = claim_idle_ms
         self.refresh_s = refresh_s
         """How often a callable ``deployments`` is asked again."""
         self.trim_interval_s = trim_interval_s
         """How often the input streams are trimmed behind their slowest group (0: never)."""
         self._next_trim = 0.0
-        self.heartbeat_s = heartbeat_s
-        """How often the counters are published to ``LOGBIN_STATS``."""
-        self._next_heartbeat = 0.0
         self.batch_wait_s = max(batch_wait_ms, 0.0) / 1000
-        """Wait after a short read before the next blocking one (``drain`` never waits)."""
-        self._read_after = 0.0
-        self._pause: Callable[[float], object] = time.sleep
-        """How the wait is spent: ``stop.wait`` under ``run``, so a stop cuts it short."""
         self.stats = LogBinStats()
         self._source = deployments
         self._streams: dict[str, str] = {}
         """Input stream key -> deployment, for the deployments being archived now."""
-        self._pending: set[str] = set()
-        """Streams whose own pending entries have still to be re-read (id 0)."""
-        self._claiming: dict[str, str] = {}
-        """Streams in an XAUTOCLAIM scan -> the scan's cursor."""
+        self._stream_keys: tuple[str, ...] = ()
         self._next_refresh = 0.0
-        self._next_claim = 0.0
 
-    # -- loop ---------------------------------------------------------------------------------
+    # -- the consumer loop's hooks ------------------------------------------------------------
 
-    def run(self, stop: threading.Event) -> None:
-        """Archive until ``stop`` is set, riding out Redis and disk failures; then close the
-        writer and remove our published counters (so they leave ``/metrics`` at once, where a
-        killed process's only go stale). The batch in hand is always finished (written,
-        fsynced, acked) first."""
-        backoff_s = 0.05
-        self._pause = stop.wait
-        try:
-            while not stop.is_set():
-                try:
-                    self.step(self.block_ms)
-                    if not self._streams:
-                        stop.wait(self.block_ms / 1000)
-                    backoff_s = 0.05
-                    continue
-                except _REDIS_DOWN as exc:
-                    log.warning("logbin: redis unavailable (%s); retry in %.2fs", exc, backoff_s)
-                except OSError as exc:
-                    log.error("logbin: archive write failed (%s); retry in %.2fs", exc, backoff_s)
-                except Exception:
-                    # A dead log bin silently stops the archive: log loudly and keep going.
-                    log.exception("logbin: unexpected error; retry in %.2fs", backoff_s)
-                self.stats.errors += 1
-                self._reset()
-                stop.wait(backoff_s)
-                backoff_s = min(backoff_s * 2, 1.0)
-        finally:
-            self.writer.close()
-            self.unpublish()
+    def streams_to_read(self) -> tuple[str, ...]:
+        self._refresh()
+        return self._stream_keys
+
+    def process(self, batch: Batch) -> int:
+        """One fsynced write per deployment, one pipelined ack, then retention. Returns the
+        number of records archived."""
+        self.stats.reclaimed += batch.claimed
+        archived = self._archive(batch.entries) if batch.entries else 0
+        self._publish()
+        self._trim()
+        return archived
+
+    def failed(self, exc: Exception, retry_in_s: float) -> bool:
+        """Every failure is ridden out: a dead log bin silently stops the archive."""
+        if isinstance(exc, REDIS_DOWN):
+            log.warning("logbin: redis unavailable (%s); retry in %.2fs", exc, retry_in_s)
+        elif isinstance(exc, OSError):
+            log.error("logbin: archive write failed (%s); retry in %.2fs", exc, retry_in_s)
+        else:
+            log.error("logbin: unexpected error; retry in %.2fs", retry_in_s, exc_info=exc)
+        self.stats.errors += 1
+        return True
+
+    def close(self) -> None:
+        """Close the writer and remove our published counters (so they leave ``/metrics`` at
+        once, where a killed process's only go stale)."""
+        self.writer.close()
+        self.unpublish()
+        super().close()
 
     def unpublish(self) -> None:
         """Remove our counters from ``LOGBIN_STATS`` (best effort: Redis may be down)."""
@@ -155,55 +147,9 @@ class LogBin:
     def stats_json(self, now_s: float) -> str:
         return json.dumps({"ts": now_s, **dataclasses.asdict(self.stats)})
 
-    def _heartbeat_due(self) -> float | None:
-        """The time to publish with (epoch s) when the counters are due, else None."""
-        now = time.time()
-        if now < self._next_heartbeat:
-            return None
-        self._next_heartbeat = now + self.heartbeat_s
-        return now
-
-    def drain(self) -> int:
-        """Archive until nothing new, own-pending or claimable is left; returns records archived.
-
-        Errors propagate (tests, one-off catch-ups); the writer stays open."""
-        total = 0
-        while True:
-            n = self.step(block_ms=None)
-            total += n
-            if n == 0 and not self._pending and not self._claiming:
-                return total
-
-    def step(self, block_ms: int | None) -> int:
-        """One read (at most ``batch_size`` per stream), one fsynced write per deployment, one
-        pipelined ack. Returns the number of records archived."""
-        self._refresh()
-        if not self._streams:
-            self._publish()
-            return 0
-        if block_ms is not None:
-            delay_s = self._read_after - time.monotonic()
-            if delay_s > 0:
-                self._pause(delay_s)
-        try:
-            entries = self._read(block_ms)
-        except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            log.warning("logbin: a consumer group vanished (%s); recreating", exc)
-            self._reset()
-            self._refresh()
-            return 0
-        if block_ms is not None and 0 < len(entries) < self.batch_size:
-            self._read_after = time.monotonic() + self.batch_wait_s
-        archived = self._archive(entries) if entries else 0
-        self._publish()
-        self._trim()
-        return archived
-
     def _publish(self) -> None:
         """Counters on their own when no ack round trip carried them (an idle bin)."""
-        now = self._heartbeat_due()
+        now = self.heartbeat_due()
         if now is not None:
             self.client.hset(names.LOGBIN_STATS, self.consumer, self.stats_json(now))
 
@@ -216,9 +162,8 @@ class LogBin:
         for dep in self._streams.values():
             self.stats.trimmed += trim_input_stream(self.client, dep)
 
-    # -- deployments --------------------------------------------------------------------------
-
     def _refresh(self) -> None:
+        """The deployments to archive (the loop creates their groups and re-reads pending)."""
         now = time.monotonic()
         if now < self._next_refresh:
             return
@@ -229,84 +174,12 @@ class LogBin:
                 wanted[names.input_stream(dep)] = dep
             except names.InvalidName as exc:
                 log.warning("logbin: skipping deployment: %s", exc)
-        for stream in list(self._streams):
-            if stream not in wanted:
-                del self._streams[stream]
-                self._pending.discard(stream)
-                self._claiming.pop(stream, None)
         for stream, dep in wanted.items():
             if stream not in self._streams:
-                self._create_group(stream)
-                self._streams[stream] = dep
-                self._pending.add(stream)
                 log.info("logbin: archiving deployment %s", dep)
+        self._streams = wanted
+        self._stream_keys = tuple(wanted)
         self._next_refresh = now + self.refresh_s
-
-    def _create_group(self, stream: str) -> None:
-        try:
-            self.client.xgroup_create(stream, self.group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-    def _reset(self) -> None:
-        """After a failure: recreate groups if needed and re-read our own pending entries,
-        since a lost ack or a failed write left them unarchived or unacked."""
-        self._streams.clear()
-        self._pending.clear()
-        self._claiming.clear()
-        self._next_refresh = 0.0
-
-    # -- reading ------------------------------------------------------------------------------
-
-    def _read(self, block_ms: int | None) -> list[Entry]:
-        if self._pending:
-            reply = self.client.xreadgroup(
-                self.group, self.consumer, dict.fromkeys(self._pending, "0"), count=self.batch_size
-            )
-            by_stream = _by_stream(reply)
-            self._pending.difference_update([s for s in self._pending if not by_stream.get(s)])
-            entries = [(s, i, f) for s, found in by_stream.items() for i, f in found]
-            if entries:
-                return entries
-        now = time.monotonic()
-        if now >= self._next_claim:
-            self._next_claim = now + max(self.claim_idle_ms / 1000 / 2, 0.5)
-            self._claiming = dict.fromkeys(self._streams, "0-0")
-        if self._claiming:
-            entries = self._claim()
-            if entries:
-                return entries
-        reply = self.client.xreadgroup(
-            self.group,
-            self.consumer,
-            dict.fromkeys(self._streams, ">"),
-            count=self.batch_size,
-            block=block_ms,
-        )
-        return [(s, i, f) for s, found in _by_stream(reply).items() for i, f in found]
-
-    def _claim(self) -> list[Entry]:
-        """One XAUTOCLAIM page per stream still being scanned."""
-        entries: list[Entry] = []
-        for stream, cursor in list(self._claiming.items()):
-            reply = self.client.xautoclaim(
-                stream, self.group, self.consumer, self.claim_idle_ms, cursor, count=self.batch_size
-            )
-            next_cursor = _text(reply[0])
-            if next_cursor == "0-0":
-                del self._claiming[stream]
-            else:
-                self._claiming[stream] = next_cursor
-            claimed = [(stream, i, f) for i, f in reply[1]]
-            # Entries trimmed away while pending: XAUTOCLAIM drops them from the group.
-            deleted = reply[2] if len(reply) > 2 else []
-            claimed.extend((stream, i, {}) for i in deleted)
-            self.stats.reclaimed += len(claimed)
-            entries.extend(claimed)
-        if entries:
-            log.info("logbin: reclaimed %d entries from dead consumers", len(entries))
-        return entries
 
     # -- archiving ----------------------------------------------------------------------------
 
@@ -368,7 +241,7 @@ class LogBin:
         pipe = self.client.pipeline(transaction=False)
         for stream, entry_ids in ids.items():
             pipe.xack(stream, self.group, *entry_ids)
-        now = self._heartbeat_due()
+        now = self.heartbeat_due()
         if now is not None:
             pipe.hset(names.LOGBIN_STATS, self.consumer, self.stats_json(now))
         pipe.execute()
@@ -376,16 +249,3 @@ class LogBin:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _by_stream(reply: Any) -> dict[str, list[tuple[bytes, dict[bytes, bytes]]]]:
-    """XREADGROUP's reply as {stream: entries}, for both the RESP2 and the RESP3 shape."""
-    if not reply:
-        return {}
-    items = reply.items() if isinstance(reply, dict) else reply
-    out: dict[str, list[tuple[bytes, dict[bytes, bytes]]]] = {}
-    for stream, found in items:
-        if found and isinstance(found[0], list):  # RESP3: entries wrapped in one more list
-            found = found[0]
-        out[_text(stream)] = [(i, f or {}) for i, f in (found or [])]
-    return out

@@ -9,6 +9,10 @@ shadow challengers) only has to reach the decision record within the grace perio
 short read it waits a few milliseconds before reading again: at moderate load one wake-up,
 one onnxruntime call and one write round trip then serve many requests instead of one each,
 and the CPU they would burn stays with the critical path.
+
+The reading (own pending entries first, XAUTOCLAIM of a dead worker's, backoff, stop) is the
+shared ``ConsumerLoop``; a worker adds the model, its write round trip (results, acks and
+heartbeat together) and the deployment's revision, read in the same round trip as each batch.
 """
 
 from __future__ import annotations
@@ -16,11 +20,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import redis
@@ -29,13 +30,12 @@ from models.deployments import Deployment, DeploymentNotFound, DeploymentStore, 
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from rendezvous import names
-from rendezvous.bus.resp import BlockingLeanRedis, Endpoint, pack
+from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry, raise_first_error
+from rendezvous.bus.resp import pack
 from rendezvous.envelope import EnvelopeError, ModelResult, RequestEnvelope, encode_results
 from rendezvous.schedule import Schedule
 
 log = logging.getLogger(__name__)
-
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 SHADOW_BATCH_WAIT_MS = 15.0
 """Default wait of a role that never answers first, after a read that did not fill a batch."""
@@ -77,7 +77,7 @@ class WorkerStats:
     reloads: int = 0
 
 
-class ModelWorker:
+class ModelWorker(ConsumerLoop):
     def __init__(
         self,
         client: redis.Redis,
@@ -93,44 +93,34 @@ class ModelWorker:
         heartbeat_s: float = 1.0,
         shadow_batch_wait_ms: float = SHADOW_BATCH_WAIT_MS,
     ):
-        self.client = client
-        self.registry = registry
-        self.store = DeploymentStore(client)
         self.deployment = names.check_name(deployment, "deployment")
         self.role = names.check_role(role)
-        self.consumer = consumer
         self.stream = names.input_stream(deployment)
-        self.group = names.model_group(role)
-        self.batch_size = batch_size
-        self.block_ms = block_ms
-        self.claim_idle_ms = claim_idle_ms
+        # Both round trips of a batch go over the loop's lean connection (see
+        # ``rendezvous.bus.resp``): redis-py's command layer cost more than the model.
+        super().__init__(
+            client,
+            group=names.model_group(role),
+            consumer=consumer,
+            batch_size=batch_size,
+            block_ms=block_ms,
+            claim_idle_ms=claim_idle_ms,
+            heartbeat_s=heartbeat_s,
+            read_along=[pack(b"GET", names.revision_key(self.deployment).encode())],
+        )
+        self.registry = registry
+        self.store = DeploymentStore(client)
         self.reply_maxlen = reply_maxlen
-        self.heartbeat_s = heartbeat_s
         self.shadow_batch_wait_ms = shadow_batch_wait_ms
         self.batch_wait_s = 0.0
         """This role's wait after a short read (``batch_wait_s``), from the deployment's
         schedule; 0 until the deployment is read."""
-        self._read_after = 0.0
-        """Monotonic time before which the next blocking read waits (gathering a batch)."""
-        self._pause: Callable[[float], object] = time.sleep
-        """How the wait is spent: ``stop.wait`` under ``run``, so a stop cuts it short."""
         self.stats = WorkerStats()
         self.model: OnnxClassifier | None = None
         self.model_ref: ModelRef | None = None
         self.revision = 0
-        self._next_heartbeat = 0.0
-        self._next_claim = 0.0
-        self._pending_first = True
-        self.lean = BlockingLeanRedis(
-            Endpoint.of_client(client),
-            timeout_s=client.connection_pool.connection_kwargs.get("socket_timeout"),
-        )
-        """The two round trips of every batch go over a lean connection (see
-        ``rendezvous.bus.resp``); redis-py's command layer cost more than the model."""
+        self._streams = (self.stream,)
         self._stream_b = self.stream.encode()
-        self._group_b = self.group.encode()
-        self._consumer_b = consumer.encode()
-        self._get_revision = pack(b"GET", names.revision_key(self.deployment).encode())
 
     # -- model --------------------------------------------------------------------------------
 
@@ -156,36 +146,39 @@ class ModelWorker:
         log.info("%s/%s now serves %s", self.deployment, self.role, ref)
         self.model_ref = ref
 
-    # -- loop ---------------------------------------------------------------------------------
+    # -- the consumer loop's hooks ---------------------------------------------------------------
 
-    def run(self, stop: threading.Event) -> None:
-        """Serve until ``stop`` is set; ride out Redis outages by reconnecting. A clean stop
-        removes this worker's published counters, so they vanish from ``/metrics`` at once
-        (a killed worker's entry only goes stale)."""
-        try:
-            self._serve(stop)
-        finally:
-            self.unpublish()
-            self.lean.close()
+    def streams_to_read(self) -> tuple[str]:
+        if self.model is None:  # the model before the first read
+            self.load()
+        return self._streams
 
-    def _serve(self, stop: threading.Event) -> None:
-        self._pause = stop.wait
-        backoff_s = 0.05
-        while not stop.is_set():
-            try:
-                self.step(self.block_ms)
-                backoff_s = 0.05
-            except _REDIS_DOWN as exc:
-                log.warning("redis unavailable (%s); retrying in %.2fs", exc, backoff_s)
-                stop.wait(backoff_s)
-                backoff_s = min(backoff_s * 2, 1.0)
-                self._pending_first = True
-            except redis.ResponseError as exc:
-                # A role removed from the deployment takes its consumer group with it.
-                if "NOGROUP" not in str(exc) or not self._role_gone():
-                    raise
-                log.info("%s/%s: the role is gone; stopping", self.deployment, self.role)
-                return
+    def failed(self, exc: Exception, retry_in_s: float) -> bool:
+        # A role removed from the deployment takes its consumer group with it.
+        if isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc) and self._role_gone():
+            log.info("%s/%s: the role is gone; stopping", self.deployment, self.role)
+            return False
+        return super().failed(exc, retry_in_s)
+
+    def close(self) -> None:
+        """A clean stop removes this worker's published counters, so they vanish from
+        ``/metrics`` at once (a killed worker's entry only goes stale)."""
+        self.unpublish()
+        super().close()
+
+    def process(self, batch: Batch) -> int:
+        """One onnxruntime call, one write round trip. Returns entries handled."""
+        self.stats.reclaimed += batch.claimed
+        # The revision rode along with the read (same round trip), so a batch is scored by
+        # the version holding the role when it was read: a promotion takes effect at once,
+        # not at the next heartbeat.
+        revision = batch.along[0] if batch.along else None
+        if revision is not None and int(revision) != self.revision:
+            self._maybe_reload(self.client.get(names.deployment_key(self.deployment)))
+        now = self.heartbeat_due()
+        if not batch.entries and now is None:
+            return 0
+        return self._handle(batch.entries, now)
 
     def unpublish(self) -> None:
         """Remove this worker's counters from the stats hash (best effort: Redis may be down)."""
@@ -208,89 +201,14 @@ class ModelWorker:
         except DeploymentNotFound:
             return True
 
-    def drain(self) -> int:
-        """Score until nothing new or pending is left (tests, batch replays). It never waits
-        to gather a batch: the backlog is already there."""
-        total = 0
-        while True:
-            n = self.step(block_ms=None)
-            total += n
-            if n == 0 and not self._pending_first:
-                return total
-
-    def step(self, block_ms: int | None) -> int:
-        """One read, one onnxruntime call, one write round trip. Returns entries handled."""
-        if self.model is None:
-            self.load()
-        if block_ms is not None:
-            self._gather()
-        entries = self._read(block_ms)
-        if block_ms is not None and self.batch_wait_s and 0 < len(entries) < self.batch_size:
-            # Requests arrived one by one: let the next ones gather before the next read.
-            self._read_after = time.monotonic() + self.batch_wait_s
-        now = time.time()
-        extra_ops: list[tuple[str, Any]] = []
-        if now >= self._next_heartbeat:
-            self._next_heartbeat = now + self.heartbeat_s
-            extra_ops.append(("heartbeat", now))
-        if not entries and not extra_ops:
-            return 0
-        return self._handle(entries, extra_ops)
-
-    def _gather(self) -> None:
-        """Wait out what is left of the wait set by the last short read (not the real role)."""
-        delay_s = self._read_after - time.monotonic()
-        if delay_s > 0:
-            self._pause(delay_s)
-
-    def _read(self, block_ms: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        if self._pending_first:
-            # Our own entries that were delivered but never acked (we crashed mid-batch).
-            reply = self.client.xreadgroup(
-                self.group, self.consumer, {self.stream: "0"}, count=self.batch_size
-            )
-            entries = reply[0][1] if reply else []
-            if entries:
-                return list(entries)
-            self._pending_first = False
-        now = time.monotonic()
-        if now >= self._next_claim:
-            self._next_claim = now + max(self.claim_idle_ms / 1000 / 2, 0.5)
-            claimed = self.client.xautoclaim(
-                self.stream, self.group, self.consumer, self.claim_idle_ms, "0-0",
-                count=self.batch_size,
-            )  # fmt: skip
-            if claimed and claimed[1]:
-                self.stats.reclaimed += len(claimed[1])
-                return list(claimed[1])
-        # The revision rides along with the read (same round trip, answered once the read
-        # returns), so a batch is scored by the version holding the role when it was read:
-        # a promotion takes effect at once, not at the next heartbeat.
-        read = [b"XREADGROUP", b"GROUP", self._group_b, self._consumer_b,
-                b"COUNT", b"%d" % self.batch_size]  # fmt: skip
-        if block_ms is not None:
-            read += [b"BLOCK", b"%d" % block_ms]
-        read += [b"STREAMS", self._stream_b, b">"]
-        wait_s = (
-            None if self.lean.timeout_s is None else self.lean.timeout_s + (block_ms or 0) / 1e3
-        )
-        # No retry: a read whose reply was lost has moved entries to our pending list, which
-        # the error path re-reads first (``_pending_first``).
-        reply, revision = _raise_first_error(
-            self.lean.execute(pack(*read) + self._get_revision, 2, retry=False, timeout_s=wait_s)
-        )
-        if revision is not None and int(revision) != self.revision:
-            self._maybe_reload(self.client.get(names.deployment_key(self.deployment)))
-        return _new_entries(reply)
-
-    def _handle(
-        self, entries: list[tuple[bytes, dict[bytes, bytes]]], extra_ops: list[tuple[str, Any]]
-    ) -> int:
+    def _handle(self, entries: list[Entry], beat: float | None) -> int:
+        """Score, then results, acks and (``beat``: its time, when due) the heartbeat in one
+        round trip."""
         now_ms = time.time() * 1000
         ack_ids: list[bytes] = []
         live: list[tuple[RequestEnvelope, float]] = []
         replies: list[tuple[str, ModelResult]] = []
-        for entry_id, fields in entries:
+        for _stream, entry_id, fields in entries:
             ack_ids.append(entry_id)
             if not fields:  # pending, but trimmed from the stream since: just let it go
                 continue
@@ -322,21 +240,20 @@ class ModelWorker:
                                  maxlen, b"*", field, value))  # fmt: skip
         if ack_ids:
             commands.append(pack(b"XACK", self._stream_b, self._group_b, *ack_ids))
-        if extra_ops:
+        if beat is not None:
             # The heartbeat rides with the results: liveness, counters and the deployment
             # state cost no round trip of their own.
-            now = extra_ops[0][1]
             member = names.worker_member(self.role, self.consumer).encode()
             workers = names.workers_key(self.deployment).encode()
             stats = names.stats_key(self.deployment).encode()
             commands += [
-                pack(b"ZADD", workers, repr(now).encode(), member),
-                pack(b"HSET", stats, member, self.stats_json(now).encode()),
+                pack(b"ZADD", workers, repr(beat).encode(), member),
+                pack(b"HSET", stats, member, self.stats_json(beat).encode()),
                 pack(b"GET", names.deployment_key(self.deployment).encode()),
             ]
         # Retried once on a lost connection: a result written twice is absorbed downstream.
-        out = _raise_first_error(self.lean.execute(b"".join(commands), len(commands)))
-        if extra_ops:
+        out = raise_first_error(self.lean.execute(b"".join(commands), len(commands)))
+        if beat is not None:
             self._maybe_reload(out[-1])
         return len(entries)
 
@@ -405,7 +322,7 @@ class ModelWorker:
             error=error,
         )
 
-    def _maybe_reload(self, raw: bytes | None) -> None:
+    def _maybe_reload(self, raw: bytes | str | None) -> None:
         """Follow a deployment change seen in the heartbeat round trip (hot swap)."""
         if raw is None:
             return
@@ -425,19 +342,3 @@ class ModelWorker:
             log.exception("cannot load %s for %s/%s; keeping %s", ref, self.deployment,
                           self.role, self.model_ref)  # fmt: skip
             self.revision = dep.revision
-
-
-def _raise_first_error(replies: list[Any]) -> list[Any]:
-    """Replies of a batch, like a redis-py pipeline's: the first error reply is raised."""
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise reply
-    return replies
-
-
-def _new_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """The entries of a one-stream RESP2 XREADGROUP reply (none when the block ran out)."""
-    if not reply:
-        return []
-    return [(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {})
-            for entry_id, flat in reply[0][1]]  # fmt: skip

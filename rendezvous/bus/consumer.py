@@ -1,0 +1,327 @@
+"""One consumer loop over Redis stream consumer groups, for the model worker and the log bin.
+
+Both read input streams through a consumer group and both must lose nothing: an entry stays
+pending until its consumer acks it. So a consumer first re-reads its own pending entries (id
+``0``) before new ones (``>``), after a start and after any failure (it may have crashed
+mid-batch, or lost a read's reply, which moved entries to its pending list all the same), and
+every ``claim_idle_ms / 2`` it takes over with XAUTOCLAIM the entries a dead consumer left
+pending for longer than ``claim_idle_ms``. Around that: a backoff on Redis errors, the
+heartbeat's timer, a wait after a short read so that the next batch gathers more, a drain (tests,
+replays) and a stop. The worker and the log bin each had a copy, and the copies had drifted
+(only one followed the XAUTOCLAIM cursor); ``ConsumerLoop`` is now the one copy.
+
+A subclass supplies only what differs: which streams are read (``streams_to_read``), what a
+batch is processed into, what is acked when and what the heartbeat carries (``process``: the
+acks and the heartbeat ride in the subclass's own write round trip, once its work is safe), and
+which failures it rides out (``failed``).
+
+Round trips are the currency of this design, and the loop adds none. A step is one read round
+trip over a ``BlockingLeanRedis`` connection (hiredis, no redis-py command layer); only after a
+start or a failure does a read of the consumer's own pending entries, and once per claim
+interval an XAUTOCLAIM page per stream (all streams in one round trip), come before it. The
+commands a subclass needs answered with every read (the worker's deployment revision) ride in
+that same round trip (``read_along``), and the subclass writes results, acks and heartbeat in
+one more (on ``lean`` or on its redis-py client).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from rendezvous.bus.resp import BlockingLeanRedis, Endpoint, pack
+
+log = logging.getLogger(__name__)
+
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+"""Failures that pass: Redis unreachable, restarting or still loading its data."""
+
+BACKOFF_MIN_S = 0.05
+BACKOFF_MAX_S = 1.0
+
+Entry = tuple[str, bytes, dict[bytes, bytes]]
+"""(stream key, entry id, fields) of one stream entry. No fields: the entry was deleted from
+the stream (trimmed) while it was pending."""
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one step read."""
+
+    entries: list[Entry]
+    along: list[Any]
+    """The replies to ``read_along``, answered in the read's round trip (empty: no read)."""
+    claimed: int = 0
+    """How many of ``entries`` were taken over from other consumers by XAUTOCLAIM."""
+
+
+class ConsumerLoop(ABC):
+    """Reads batches from ``group`` as ``consumer``; a subclass processes and acks them."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        group: str,
+        consumer: str,
+        batch_size: int,
+        block_ms: int,
+        claim_idle_ms: int,
+        heartbeat_s: float,
+        read_along: Sequence[bytes] = (),
+        create_groups: bool = False,
+    ):
+        self.client = client
+        self.group = group
+        self.consumer = consumer
+        self.batch_size = batch_size
+        self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
+        self.heartbeat_s = heartbeat_s
+        self.create_groups = create_groups
+        """Create the group on every stream read (and again when it vanished, as after a
+        Redis restart without persistence); else a missing group is the subclass's failure."""
+        self.batch_wait_s = 0.0
+        """Wait after a short read before the next blocking one (``drain`` never waits)."""
+        self.lean = BlockingLeanRedis(
+            Endpoint.of_client(client),
+            timeout_s=client.connection_pool.connection_kwargs.get("socket_timeout"),
+        )
+        """Every read goes over this connection; the subclass may write on it too."""
+        self.streams: tuple[str, ...] = ()
+        """The streams being read now (whose groups exist, when ``create_groups``)."""
+        self._pending_first: set[str] = set()
+        """Streams whose own pending entries have still to be re-read (id 0)."""
+        self._claiming: dict[str, bytes] = {}
+        """Streams in an XAUTOCLAIM scan -> the scan's cursor."""
+        self._next_claim = 0.0
+        self._next_heartbeat = 0.0
+        self._read_after = 0.0
+        """Monotonic time before which the next blocking read waits (gathering a batch)."""
+        self._pause: Callable[[float], object] = time.sleep
+        """How that wait is spent: ``stop.wait`` under ``run``, so a stop cuts it short."""
+        self._group_b = group.encode()
+        self._consumer_b = consumer.encode()
+        self._count_b = b"%d" % batch_size
+        self._along = b"".join(read_along)
+        self._n_along = len(read_along)
+
+    # -- what a subclass supplies -------------------------------------------------------------
+
+    @abstractmethod
+    def streams_to_read(self) -> Sequence[str]:
+        """Called first in every step: the stream keys to read now."""
+
+    @abstractmethod
+    def process(self, batch: Batch) -> int:
+        """Handle what a step read, possibly nothing (and publish the heartbeat when
+        ``heartbeat_due`` says so); returns the entries handled. An entry stays pending, and is
+        read again after a restart or a failure, until this acks it."""
+
+    def failed(self, exc: Exception, retry_in_s: float) -> bool:
+        """``run`` caught ``exc`` from a step: True to retry in ``retry_in_s`` (after
+        re-reading our pending entries), False to stop; anything else, raise it. This default
+        rides out Redis outages only."""
+        if isinstance(exc, REDIS_DOWN):
+            log.warning("%s: redis unavailable (%s); retrying in %.2fs", self.consumer, exc,
+                        retry_in_s)  # fmt: skip
+            return True
+        raise exc
+
+    def close(self) -> None:
+        """Called once when ``run`` ends; a subclass extends it to release its own."""
+        self.lean.close()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Step until ``stop`` is set, riding out what ``failed`` allows; then ``close``. The
+        batch in hand is always finished (processed and acked) before a stop takes effect."""
+        self._pause = stop.wait
+        backoff_s = BACKOFF_MIN_S
+        try:
+            while not stop.is_set():
+                try:
+                    self.step(self.block_ms)
+                except Exception as exc:
+                    if not self.failed(exc, backoff_s):
+                        return
+                    self._reset()
+                    stop.wait(backoff_s)
+                    backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
+                    continue
+                backoff_s = BACKOFF_MIN_S
+                if not self.streams:  # nothing to block on: wait as long as a read would
+                    stop.wait(self.block_ms / 1000)
+        finally:
+            self.close()
+
+    def drain(self) -> int:
+        """Step until nothing new, own-pending or claimable is left; returns entries handled.
+        It never waits to gather a batch (the backlog is already there); errors propagate."""
+        total = 0
+        while True:
+            n = self.step(block_ms=None)
+            total += n
+            if n == 0 and not self._pending_first and not self._claiming:
+                return total
+
+    def step(self, block_ms: int | None) -> int:
+        """One read (``block_ms`` None: without blocking), then ``process``."""
+        self._follow_streams(tuple(self.streams_to_read()))
+        batch = Batch([], [])
+        if self.streams:
+            if block_ms is not None:
+                delay_s = self._read_after - time.monotonic()
+                if delay_s > 0:
+                    self._pause(delay_s)
+            try:
+                batch = self._read(block_ms)
+            except redis.ResponseError as exc:
+                if not self.create_groups or "NOGROUP" not in str(exc):
+                    raise
+                log.warning("%s: a consumer group vanished (%s); recreating", self.group, exc)
+                streams = self.streams
+                self._reset()
+                self._follow_streams(streams)
+                return 0
+            n = len(batch.entries)
+            if block_ms is not None and self.batch_wait_s and 0 < n < self.batch_size:
+                # Entries arrived one by one: let the next ones gather before the next read.
+                self._read_after = time.monotonic() + self.batch_wait_s
+        return self.process(batch)
+
+    def heartbeat_due(self) -> float | None:
+        """The time to publish with (epoch s) when the heartbeat is due, else None; a subclass
+        asks when it is about to write, so that the heartbeat rides along."""
+        now = time.time()
+        if now < self._next_heartbeat:
+            return None
+        self._next_heartbeat = now + self.heartbeat_s
+        return now
+
+    def _reset(self) -> None:
+        """After a failure: our own pending entries are re-read first (a failed write or a lost
+        reply left them unprocessed or unacked), groups are recreated if ours to create, and
+        a claim scan starts over."""
+        self.streams = ()
+        self._pending_first.clear()
+        self._claiming.clear()
+
+    def _follow_streams(self, streams: tuple[str, ...]) -> None:
+        if streams == self.streams:
+            return
+        new = [s for s in streams if s not in self.streams]
+        if new and self.create_groups:
+            self._create_groups(new)
+        for gone in set(self.streams).difference(streams):
+            self._pending_first.discard(gone)
+            self._claiming.pop(gone, None)
+        self._pending_first.update(new)
+        self.streams = streams
+
+    def _create_groups(self, streams: list[str]) -> None:
+        commands = [pack(b"XGROUP", b"CREATE", s.encode(), self._group_b, b"0", b"MKSTREAM")
+                    for s in streams]  # fmt: skip
+        for reply in self.lean.execute(b"".join(commands), len(commands)):
+            if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+                raise reply
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _read(self, block_ms: int | None) -> Batch:
+        if self._pending_first:
+            streams = [s for s in self.streams if s in self._pending_first]
+            [reply], along = self._round_trip(self._xreadgroup(streams, b"0", None), 1)
+            entries = _entries(reply)
+            found = {stream for stream, _, _ in entries}
+            self._pending_first.difference_update(s for s in streams if s not in found)
+            if entries:
+                return Batch(entries, along)
+        now = time.monotonic()
+        if now >= self._next_claim:
+            self._next_claim = now + max(self.claim_idle_ms / 1000 / 2, 0.5)
+            self._claiming = dict.fromkeys(self.streams, b"0-0")
+        if self._claiming:
+            entries, along = self._claim()
+            if entries:
+                log.info("%s: reclaimed %d entries from dead consumers", self.group, len(entries))
+                return Batch(entries, along, claimed=len(entries))
+        timeout_s = self.lean.timeout_s
+        if timeout_s is not None and block_ms is not None:
+            timeout_s += block_ms / 1000
+        # No retry: a read whose reply was lost has moved entries to our pending list, which
+        # the failure path re-reads first.
+        [reply], along = self._round_trip(
+            self._xreadgroup(self.streams, b">", block_ms), 1, timeout_s
+        )
+        return Batch(_entries(reply), along)
+
+    def _claim(self) -> tuple[list[Entry], list[Any]]:
+        """One XAUTOCLAIM page per stream still being scanned, all in one round trip."""
+        idle = b"%d" % self.claim_idle_ms
+        commands = [pack(b"XAUTOCLAIM", s.encode(), self._group_b, self._consumer_b, idle,
+                         cursor, b"COUNT", self._count_b)
+                    for s, cursor in self._claiming.items()]  # fmt: skip
+        replies, along = self._round_trip(b"".join(commands), len(commands))
+        entries: list[Entry] = []
+        for stream, reply in zip(list(self._claiming), replies, strict=True):
+            if reply[0] == b"0-0":
+                del self._claiming[stream]
+            else:
+                self._claiming[stream] = reply[0]
+            for item in reply[1]:
+                if item is None:
+                    # Redis 6.2: an entry deleted while pending, claimed but without its id;
+                    # our pending read returns it (as deleted) to be acked.
+                    self._pending_first.add(stream)
+                else:
+                    entries.append((stream, item[0], _fields(item[1])))
+            # Redis 7: the ids of entries deleted while pending, dropped from the group.
+            entries += [(stream, entry_id, {}) for entry_id in (reply[2] if len(reply) > 2 else ())]
+        return entries, along
+
+    def _xreadgroup(self, streams: Iterable[str], entry_id: bytes, block_ms: int | None) -> bytes:
+        keys = [s.encode() for s in streams]
+        args = [b"XREADGROUP", b"GROUP", self._group_b, self._consumer_b, b"COUNT", self._count_b]
+        if block_ms is not None:
+            args += [b"BLOCK", b"%d" % block_ms]
+        return pack(*args, b"STREAMS", *keys, *[entry_id] * len(keys))
+
+    def _round_trip(
+        self, blob: bytes, replies: int, timeout_s: float | None = None
+    ) -> tuple[list[Any], list[Any]]:
+        """``blob``'s replies and ``read_along``'s, sent together."""
+        out = raise_first_error(
+            self.lean.execute(blob + self._along, replies + self._n_along, retry=False,
+                              timeout_s=timeout_s)
+        )  # fmt: skip
+        return out[:replies], out[replies:]
+
+
+def raise_first_error(replies: list[Any]) -> list[Any]:
+    """Replies of a batch, like a redis-py pipeline's: the first error reply is raised."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
+def _entries(reply: Any) -> list[Entry]:
+    """The entries of a RESP2 XREADGROUP reply over any streams (none when a block ran out)."""
+    out: list[Entry] = []
+    for stream, found in reply or ():
+        key = stream.decode()
+        out += [(key, entry_id, _fields(flat)) for entry_id, flat in found]
+    return out
+
+
+def _fields(flat: list[bytes] | None) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}

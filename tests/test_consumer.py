@@ -1,0 +1,165 @@
+"""The shared consumer loop against a real Redis server: own pending entries first after a
+restart or a failure, a dead consumer's idle entries claimed, each processed once, and no
+round trip of its own beyond the read."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import redis
+
+from rendezvous.bus.consumer import Batch, ConsumerLoop, raise_first_error
+from rendezvous.bus.resp import pack
+
+pytestmark = pytest.mark.integration
+
+GROUP = "g"
+A, B = "rdv:{a}:in", "rdv:{b}:in"
+
+
+class Recorder(ConsumerLoop):
+    """Records every batch and acks it in one round trip of its own, as the worker does;
+    ``fail`` makes the next batch fail before its ack."""
+
+    def __init__(
+        self, client: redis.Redis, consumer: str, streams: Sequence[str] = (A,), **kw: Any
+    ):
+        kw.setdefault("batch_size", 16)
+        kw.setdefault("block_ms", 50)
+        kw.setdefault("claim_idle_ms", 30_000)
+        kw.setdefault("heartbeat_s", 3600.0)
+        super().__init__(client, group=GROUP, consumer=consumer, **kw)
+        self._streams = tuple(streams)
+        self.batches: list[Batch] = []
+        self.fail: Exception | None = None
+        self.along: list[Any] = []
+
+    def streams_to_read(self) -> tuple[str, ...]:
+        return self._streams
+
+    def process(self, batch: Batch) -> int:
+        self.along = batch.along
+        if not batch.entries:
+            return 0
+        self.batches.append(batch)
+        if self.fail is not None:
+            exc, self.fail = self.fail, None
+            raise exc
+        acks = [pack(b"XACK", stream.encode(), GROUP.encode(), entry_id)
+                for stream, entry_id, _ in batch.entries]  # fmt: skip
+        raise_first_error(self.lean.execute(b"".join(acks), len(acks)))
+        return len(batch.entries)
+
+    def ids(self) -> list[tuple[str, bytes]]:
+        return [
+            (stream, entry_id) for batch in self.batches for stream, entry_id, _ in batch.entries
+        ]
+
+
+def _groups(r: redis.Redis, *streams: str) -> None:
+    for stream in streams:
+        r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+
+
+def _add(r: redis.Redis, stream: str, n: int) -> list[tuple[str, bytes]]:
+    """(stream, id) of each entry added: ids are only unique within a stream."""
+    return [(stream, r.xadd(stream, {b"n": b"%d" % i})) for i in range(n)]  # type: ignore[misc]
+
+
+def _pending(r: redis.Redis, stream: str = A) -> int:
+    return int(r.xpending(stream, GROUP)["pending"])
+
+
+def test_a_restarted_consumer_reads_its_own_pending_entries_first(r: redis.Redis) -> None:
+    _groups(r, A)
+    unacked = _add(r, A, 3)
+    crashed = Recorder(r, "c1")
+    crashed.fail = RuntimeError("crashed before the ack")
+    with pytest.raises(RuntimeError):
+        crashed.drain()
+    assert _pending(r) == 3
+    later = _add(r, A, 2)
+    restarted = Recorder(r, "c1")  # same consumer name, as a restarted process
+    assert restarted.drain() == 5
+    [first, *_] = restarted.batches
+    assert [(s, entry_id) for s, entry_id, _ in first.entries] == unacked  # before any new one
+    assert restarted.ids() == unacked + later  # each once
+    assert _pending(r) == 0
+
+
+def test_a_dead_consumers_idle_entries_are_claimed_once_each(r: redis.Redis) -> None:
+    _groups(r, A, B)
+    dead = _add(r, A, 3) + _add(r, B, 2)
+    r.xreadgroup(GROUP, "dead", {A: ">", B: ">"})  # delivered, never acked
+    fresh = _add(r, A, 1)
+    time.sleep(0.15)
+    # Two entries per page: the claim scan of A takes two pages, both streams in each round trip.
+    alive = Recorder(r, "alive", streams=(A, B), claim_idle_ms=100, batch_size=2)
+    assert alive.drain() == 6
+    assert sorted(alive.ids()) == sorted(dead + fresh) and len(set(alive.ids())) == 6
+    assert sum(batch.claimed for batch in alive.batches) == 5
+    assert _pending(r, A) == 0 and _pending(r, B) == 0
+
+
+def test_an_entry_deleted_while_pending_on_a_dead_consumer_is_let_go_once(
+    r: redis.Redis,
+) -> None:
+    _groups(r, A)
+    (_, kept), (_, deleted) = _add(r, A, 2)
+    r.xreadgroup(GROUP, "dead", {A: ">"})
+    r.xdel(A, deleted)
+    time.sleep(0.15)
+    alive = Recorder(r, "alive", claim_idle_ms=100)
+    assert alive.drain() == 2
+    fields = {entry_id: f for batch in alive.batches for _, entry_id, f in batch.entries}
+    assert alive.ids() == [(A, kept), (A, deleted)] and fields[deleted] == {}
+    assert _pending(r) == 0
+
+
+def test_a_failure_under_run_backs_off_and_rereads_the_pending_entries(r: redis.Redis) -> None:
+    _groups(r, A)
+    sent = _add(r, A, 3)
+    loop = Recorder(r, "c1")
+    loop.fail = redis.ConnectionError("injected: lost before the ack")
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while (len(loop.batches) < 2 or _pending(r)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+    assert not thread.is_alive()
+    assert loop.ids() == sent + sent  # at least once: the failed batch, then its redelivery
+    assert _pending(r) == 0
+
+
+def test_the_loop_adds_no_round_trip_and_answers_read_along_with_each_read(
+    r: redis.Redis,
+) -> None:
+    _groups(r, A)
+    r.set("rev", b"1")
+    loop = Recorder(r, "c1", read_along=[pack(b"GET", b"rev")])
+    assert loop.drain() == 0  # the first step also reads its pending entries and claims
+    round_trips: list[int] = []
+    execute = loop.lean.execute
+
+    def counted(blob: bytes, replies: int, **kw: Any) -> list[Any]:
+        round_trips.append(replies)
+        return execute(blob, replies, **kw)
+
+    loop.lean.execute = counted  # type: ignore[method-assign]
+    _add(r, A, 4)
+    assert loop.step(block_ms=10) == 4
+    assert round_trips == [2, 4]  # the read with its GET, then the recorder's acks
+    assert loop.along == [b"1"]
+    round_trips.clear()
+    r.set("rev", b"2")
+    assert loop.step(block_ms=10) == 0
+    assert round_trips == [2] and loop.along == [b"2"]  # an empty read: one round trip
