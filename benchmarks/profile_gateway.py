@@ -74,7 +74,7 @@ PATH_FUNCTIONS = (
     "_close (gateway/dataplane/matcher.py",
     "build_decision",
     "divergence (rendezvous/divergence.py",
-    "encode_decision",
+    "encode (rendezvous/decision.py",
     "refresh (gateway/dataplane/service.py",
     "execute (redis/asyncio/client.py",
     "read_response",
@@ -139,25 +139,25 @@ def latency_budget(redis_port: int, client_ms: list[float], last: int) -> dict[s
     """Medians over the latest decision records: where a c1 request's time goes."""
     import redis
 
-    from rendezvous.decision import decode_decision
+    from rendezvous.decision import decode_entries
 
     client = redis.Redis(port=redis_port)
     try:
         entries = client.xrevrange("rdv:{breast-cancer}:decisions", count=last)
     finally:
         client.close()
-    records = [decode_decision(fields) for _id, fields in entries or [] if fields]
-    answered = [r["answered_after_ms"] for r in records if r.get("answered_after_ms")]
+    records = decode_entries(entries)
+    answered = [r.answered_after_ms for r in records if r.answered_after_ms]
     out: dict[str, object] = {
         "records": len(records),
         "client_p50_ms": _median(client_ms),
         "gateway_answered_after_ms_p50": _median(answered),
     }
     for role in ("real", "canary"):
-        outputs = [r["outputs"][role] for r in records if role in r.get("outputs", {})]
-        queue = [o["queue_ms"] for o in outputs]
-        model = [o["model_latency_ms"] for o in outputs]
-        arrived = [o["arrived_ms"] for o in outputs if o.get("arrived_ms") is not None]
+        outputs = [r.outputs[role] for r in records if role in r.outputs]
+        queue = [o.queue_ms for o in outputs]
+        model = [o.model_latency_ms for o in outputs]
+        arrived = [o.arrived_ms for o in outputs if o.arrived_ms is not None]
         out[role] = {
             "queue_ms_p50": _median(queue),
             "model_latency_ms_p50": _median(model),

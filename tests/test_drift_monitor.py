@@ -26,6 +26,8 @@ from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
 from rendezvous import names
+from rendezvous.decision import BinOutput, DecisionRecord
+from rendezvous.divergence import Divergence
 from rendezvous.drift import Sketch
 from rendezvous.drift_alerts import Thresholds
 from rendezvous.schedule import Schedule
@@ -49,16 +51,26 @@ async def cache(client: aioredis.Redis) -> DeploymentCache:
     return deployments
 
 
-def record(real: list[float], canary: list[float], js: float, disagree: int) -> dict:
+def record(real: list[float], canary: list[float], js: float, disagree: int) -> DecisionRecord:
     """A decision record as the matcher writes it (one row)."""
-    return {
-        "deployment": DEMO_DEPLOYMENT,
-        "outputs": {
-            "real": {"model": "breast-cancer", "version": 2, "probabilities": [real]},
-            "canary": {"model": "breast-cancer", "version": 1, "probabilities": [canary]},
-        },
-        "divergence": {"js_mean": js, "disagreements": disagree, "rows": 1},
-    }
+
+    def out(version: int, probabilities: list[float]) -> BinOutput:
+        label = int(probabilities[1] >= 0.5)
+        return BinOutput("breast-cancer", version, 0.1, 0.2, 1.0, [label], [probabilities])
+
+    div = Divergence(rows=1, disagreements=disagree, abs_diff_mean=None, abs_diff_max=None,
+                     js_mean=js, js_max=js)  # fmt: skip
+    return DecisionRecord(
+        request_id="r",
+        deployment=DEMO_DEPLOYMENT,
+        ts_ms=0.0,
+        outcome="real",
+        chosen_role="real",
+        answered_after_ms=1.0,
+        outputs={"real": out(2, real), "canary": out(1, canary)},
+        missing=(),
+        divergences={"canary": div},
+    )
 
 
 async def feed_traffic(feed: DriftFeed, rows: np.ndarray, scores: np.ndarray) -> None:

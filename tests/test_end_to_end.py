@@ -17,7 +17,7 @@ from models.runtime import OnnxClassifier
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import PREDICT, System, launch_system, wait_until
 from rendezvous import names
-from rendezvous.decision import decode_decision
+from rendezvous.decision import DecisionRecord, decode_entries
 from rendezvous.schedule import Schedule
 
 SCHEDULE = Schedule(real_deadline_ms=50, timeout_ms=800, fallbacks=("canary",), grace_ms=100)
@@ -49,9 +49,9 @@ def features_body(row: np.ndarray) -> dict:
     return {"features": dict(zip(demo_data().names, map(float, row), strict=True))}
 
 
-def decisions_by_id(r: redis.Redis) -> dict[str, dict]:
+def decisions_by_id(r: redis.Redis) -> dict[str, DecisionRecord]:
     entries = r.xrange(names.decisions_stream(DEMO_DEPLOYMENT))
-    return {d["request_id"]: d for d in (decode_decision(f) for _i, f in entries)}
+    return {d.request_id: d for d in decode_entries(entries)}
 
 
 def test_readiness_follows_the_real_worker(system: System) -> None:
@@ -95,24 +95,28 @@ def test_predictions_travel_the_whole_path(both_workers: System, demo_data_dir: 
     assert [p["label"] for p in batch.json()["predictions"]] == want_labels[6:8].tolist()
     sent["e2e-batch"] = x[6:8]
 
-    def recorded() -> dict[str, dict] | None:
+    def recorded() -> dict[str, DecisionRecord] | None:
         found = decisions_by_id(system.r)
         return found if set(sent) <= set(found) else None
 
     decisions = wait_until(recorded, 10, "decision records")
     for i in range(6):
         rec = decisions[f"e2e-{i}"]
-        assert rec["outcome"] == "real" and rec["missing"] == []
-        assert rec["outputs"]["real"]["version"] == 2 and rec["outputs"]["canary"]["version"] == 1
-        assert rec["outputs"]["canary"]["labels"] == [int(canary_labels[i])]
-        p_real = rec["outputs"]["real"]["probabilities"][0][1]
-        p_canary = rec["outputs"]["canary"]["probabilities"][0][1]
+        assert rec.outcome == "real" and rec.missing == ()
+        real_out, canary_out = rec.outputs["real"], rec.outputs["canary"]
+        assert real_out.version == 2 and canary_out.version == 1
+        assert canary_out.labels == [int(canary_labels[i])]
+        assert real_out.probabilities is not None and canary_out.probabilities is not None
+        p_real = real_out.probabilities[0][1]
+        p_canary = canary_out.probabilities[0][1]
         assert p_canary == pytest.approx(float(canary_proba[i, 1]), abs=1e-5)
-        div = rec["divergence"]
-        assert div["abs_diff_mean"] == pytest.approx(abs(p_real - p_canary), abs=1e-5)
-        assert div["disagreements"] == int(want_labels[i] != canary_labels[i])
-        assert 0 <= div["js_mean"] <= 1
-    assert decisions["e2e-batch"]["divergence"]["rows"] == 2
+        div = rec.divergence
+        assert div is not None
+        assert div.abs_diff_mean == pytest.approx(abs(p_real - p_canary), abs=1e-5)
+        assert div.disagreements == int(want_labels[i] != canary_labels[i])
+        assert 0 <= div.js_mean <= 1
+    batch_div = decisions["e2e-batch"].divergence
+    assert batch_div is not None and batch_div.rows == 2
 
     def archived() -> dict[str, dict] | None:
         recs = {
@@ -141,7 +145,7 @@ def test_canary_answers_when_real_is_down(system: System) -> None:
         assert elapsed_ms >= SCHEDULE.real_deadline_ms
         assert body["latency_ms"] >= SCHEDULE.real_deadline_ms
         rec = wait_until(lambda: decisions_by_id(system.r).get(body["request_id"]), 5, "record")
-        assert rec["outcome"] == "fallback" and rec["missing"] == ["real"]
+        assert rec.outcome == "fallback" and rec.missing == ("real",)
     finally:
         system.stop("canary")
 

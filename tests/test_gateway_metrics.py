@@ -13,6 +13,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.observability.metrics import FLUSH_S, REQUEST_BUCKETS, GatewayMetrics, observe_all
+from rendezvous.decision import BinOutput, DecisionRecord
+from rendezvous.divergence import Divergence
 
 ON_BOUNDS = [*REQUEST_BUCKETS, 0.0, -1.0, 1e-9, 0.0042, 7.5, 100.0, 0.0042]
 
@@ -64,20 +66,23 @@ def test_observe_all_falls_back_when_the_internals_are_not_there() -> None:
     assert seen == [0.1, 0.2]
 
 
-def record(divergence: float, disagreements: int) -> dict[str, Any]:
-    out = {"model": "m", "version": 3, "model_latency_ms": 0.2, "queue_ms": 1.5}
-    return {
-        "deployment": "d",
-        "outputs": {"real": out, "canary": dict(out, model="c", queue_ms=-0.1)},
-        "divergences": {
-            "canary": {
-                "pair": ["m", "c"],
-                "js_mean": divergence,
-                "rows": 2,
-                "disagreements": disagreements,
-            }
-        },
-    }
+def record(divergence: float, disagreements: int) -> DecisionRecord:
+    def out(model: str, queue_ms: float) -> BinOutput:
+        return BinOutput(model, 3, 0.2, queue_ms, 2.0, [0, 1], [[0.6, 0.4], [0.3, 0.7]])
+
+    div = Divergence(rows=2, disagreements=disagreements, abs_diff_mean=0.1, abs_diff_max=0.2,
+                     js_mean=divergence, js_max=divergence)  # fmt: skip
+    return DecisionRecord(
+        request_id="r",
+        deployment="d",
+        ts_ms=0.0,
+        outcome="real",
+        chosen_role="real",
+        answered_after_ms=2.0,
+        outputs={"real": out("m", 1.5), "canary": out("c", -0.1)},
+        missing=(),
+        divergences={"canary": div},
+    )
 
 
 def value(metrics: GatewayMetrics, name: str, **labels: str) -> float:
@@ -100,10 +105,12 @@ def test_tallies_reach_the_registry_a_flush_interval_later_or_at_a_scrape() -> N
         assert value(metrics, "rdv_requests_total", deployment="_unknown", outcome="invalid") == 1
         assert value(metrics, "rdv_request_duration_seconds_count", deployment="d") == 1
         assert value(metrics, "rdv_decisions_total", deployment="d") == 2
-        pair = {"deployment": "d", "role": "canary", "real_model": "m", "other_model": "c"}
+        pair = {"deployment": "d", "role": "canary", "real_model": "m:3", "other_model": "c:3"}
         assert value(metrics, "rdv_divergence_js_distance_sum", **pair) == 0.75
         assert value(metrics, "rdv_compared_rows_total", **pair) == 4
         assert value(metrics, "rdv_label_disagreements_total", **pair) == 1
+        model = {"deployment": "d", "role": "real", "model": "m", "version": "3"}
+        assert value(metrics, "rdv_model_latency_seconds_count", **model) == 2
         queue = {"deployment": "d", "role": "canary"}
         assert value(metrics, "rdv_queue_wait_seconds_count", **queue) == 2
         assert value(metrics, "rdv_queue_wait_seconds_sum", **queue) == 0.0  # negative: 0

@@ -26,7 +26,7 @@ from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import PREDICT, RdvProcess, System, launch_system, wait_until
 from rendezvous import names
 from rendezvous.bus.server import free_port
-from rendezvous.decision import decode_decision
+from rendezvous.decision import DecisionRecord, decode_entries
 from rendezvous.schedule import Schedule
 
 SCHEDULE = Schedule(real_deadline_ms=50, timeout_ms=600, fallbacks=("canary",), grace_ms=100)
@@ -83,9 +83,8 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def decisions(sys: System) -> list[dict]:
-    entries = sys.r.xrange(names.decisions_stream(DEMO_DEPLOYMENT))
-    return [decode_decision(fields) for _id, fields in entries]
+def decisions(sys: System) -> list[DecisionRecord]:
+    return decode_entries(sys.r.xrange(names.decisions_stream(DEMO_DEPLOYMENT)))
 
 
 def test_metrics_reflect_a_known_sequence_of_requests(system: System) -> None:
@@ -121,20 +120,23 @@ def test_metrics_reflect_a_known_sequence_of_requests(system: System) -> None:
     assert delta("rdv_requests_total", deployment="_unknown", outcome="invalid") == 2
     assert delta("rdv_request_duration_seconds_count", deployment=dep) == 40
     assert delta("rdv_decisions_total", deployment=dep) == 40
-    pair = records[0]["divergence"]["pair"]
-    labels = {"deployment": dep, "role": "canary", "real_model": pair[0], "other_model": pair[1]}
+    real_model, other_model = records[0].pair("canary")
+    labels = {"deployment": dep, "role": "canary", "real_model": real_model,
+              "other_model": other_model}  # fmt: skip
+    divergences = [r.divergence for r in records if r.divergence is not None]
+    assert len(divergences) == len(records)
     # one divergence observation per decision record, and the rows they compared
     assert delta("rdv_divergence_js_distance_count", **labels) == len(records) == 40
     assert delta("rdv_compared_rows_total", **labels) == 40
     assert delta("rdv_label_disagreements_total", **labels) == sum(
-        r["divergence"]["disagreements"] for r in records
+        d.disagreements for d in divergences
     )
-    js_sum = sum(r["divergence"]["js_mean"] for r in records)
+    js_sum = sum(d.js_mean for d in divergences)
     assert delta("rdv_divergence_js_distance_sum", **labels) == pytest.approx(js_sum, abs=1e-6)
     for role in ("real", "canary"):
-        out = records[0]["outputs"][role]
+        out = records[0].outputs[role]
         assert delta("rdv_model_latency_seconds_count", deployment=dep, role=role,
-                     model=out["model"], version=str(out["version"])) == 40  # fmt: skip
+                     model=out.model, version=str(out.version)) == 40  # fmt: skip
         assert delta("rdv_queue_wait_seconds_count", deployment=dep, role=role) == 40
     assert value(after, "rdv_live_workers", deployment=dep, role="real") == 1
     assert value(after, "rdv_stream_length", deployment=dep, stream="decisions") == 40

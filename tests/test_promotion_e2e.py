@@ -20,7 +20,7 @@ from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import PREDICT, Load, RdvProcess, rdv_env, wait_until
 from rendezvous import names
 from rendezvous.bus.server import free_port
-from rendezvous.decision import decode_decision
+from rendezvous.decision import DecisionRecord, decode_entries
 from rendezvous.schedule import Schedule
 
 SCHEDULE = Schedule(real_deadline_ms=1000, timeout_ms=3000, fallbacks=("canary",), grace_ms=300)
@@ -61,10 +61,10 @@ class Served:
             out[rid] = resp.json()
         return out
 
-    def records(self, ids: set[str], timeout_s: float = 15) -> dict[str, dict[str, Any]]:
-        def found() -> dict[str, dict[str, Any]] | None:
+    def records(self, ids: set[str], timeout_s: float = 15) -> dict[str, DecisionRecord]:
+        def found() -> dict[str, DecisionRecord] | None:
             entries = self.r.xrange(names.decisions_stream(DEMO_DEPLOYMENT))
-            recs = {d["request_id"]: d for d in (decode_decision(f) for _i, f in entries)}
+            recs = {d.request_id: d for d in decode_entries(entries)}
             return {i: recs[i] for i in ids} if ids <= set(recs) else None
 
         return wait_until(found, timeout_s, "decision records")  # type: ignore[no-any-return]
@@ -159,12 +159,14 @@ def test_after_a_promotion_the_old_real_is_the_canary_and_divergence_is_between_
         (system.weak, "real")
     }
     records = system.records(set(answers))
+    abs_diff = 0.0
     for rec in records.values():
-        assert rec["outputs"]["real"]["version"] == system.weak
-        assert rec["outputs"]["canary"]["version"] == 2
-        assert rec["divergence"]["pair"] == [f"breast-cancer:{system.weak}", "breast-cancer:2"]
-        assert rec["divergences"]["canary"] == rec["divergence"]
-    assert sum(rec["divergence"]["abs_diff_mean"] for rec in records.values()) > 0
+        assert rec.outputs["real"].version == system.weak
+        assert rec.outputs["canary"].version == 2
+        assert rec.pair("canary") == (f"breast-cancer:{system.weak}", "breast-cancer:2")
+        assert rec.divergence is not None and rec.divergence is rec.divergences["canary"]
+        abs_diff += rec.divergence.abs_diff_mean or 0.0
+    assert abs_diff > 0
 
 
 def test_a_challenger_added_at_runtime_scores_every_request_and_answers_none(
@@ -182,9 +184,9 @@ def test_a_challenger_added_at_runtime_scores_every_request_and_answers_none(
     assert all(a["model"]["role"] == "real" for a in answers.values())
     records = system.records(set(answers))
     for rec in records.values():
-        assert rec["outputs"]["shadow"]["version"] == system.flipped
-        assert rec["chosen_role"] == "real" and rec["missing"] == []
-        assert "shadow" in rec["divergences"]
+        assert rec.outputs["shadow"].version == system.flipped
+        assert rec.chosen_role == "real" and rec.missing == ()
+        assert "shadow" in rec.divergences
     shadow = system.admin("GET", "/shadow").json()["roles"]["shadow"]
     assert shadow["scored"] >= 30 and shadow["answered"] == 0
     assert shadow["disagreement_rate"] > 0.5
@@ -192,7 +194,7 @@ def test_a_challenger_added_at_runtime_scores_every_request_and_answers_none(
     assert system.admin("DELETE", "/challengers/shadow").status_code == 200
     after = system.send("unshadowed", 5)
     for rec in system.records(set(after)).values():
-        assert "shadow" not in rec["outputs"] and "shadow" not in rec["missing"]
+        assert "shadow" not in rec.outputs and "shadow" not in rec.missing
 
 
 def test_a_challenger_given_a_split_answers_its_seeded_share(system: Served) -> None:
@@ -214,9 +216,10 @@ def test_a_challenger_given_a_split_answers_its_seeded_share(system: Served) -> 
             assert answer["model"]["version"] == system.weak
     assert 0.15 <= share / len(answers) <= 0.45, share
     for rid, rec in system.records(set(answers)).items():
-        assert rec["split"]["assigned"] == expected.for_request(rid).primary
-        assert rec["split"]["seed"] == 42
-        assert rec["outcome"] == ("split" if rec["split"]["assigned"] == "ab" else "real")
+        assert rec.split is not None
+        assert rec.split.assigned == expected.for_request(rid).primary
+        assert rec.split.seed == 42
+        assert rec.outcome == ("split" if rec.split.assigned == "ab" else "real")
 
 
 def test_the_gate_refuses_short_or_divergent_evidence_and_accepts_enough(

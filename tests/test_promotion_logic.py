@@ -3,6 +3,8 @@ records with a divergence per role, shadow records and the gate, and role transi
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -15,8 +17,9 @@ from models.deployments import (
     with_schedule,
     without_challenger,
 )
-from rendezvous.decision import build_decision, shadow_record
+from rendezvous.decision import DecisionRecord, SplitDraw, build_decision
 from rendezvous.envelope import ModelResult
+from rendezvous.evidence import shadow_record
 from rendezvous.schedule import Schedule, decide, split_draw
 from rendezvous.spec import FeatureSpec
 
@@ -120,14 +123,15 @@ def test_decision_record_has_a_divergence_per_role_and_the_split() -> None:
         answered_after_ms=3.0,
         schedule=sched,
     )
-    assert set(rec["divergences"]) == {"canary", "shadow"}
-    assert rec["divergence"] == rec["divergences"]["canary"]
-    assert rec["divergences"]["canary"]["pair"] == ["m:3", "m:2"]
-    assert rec["divergences"]["canary"]["disagreements"] == 1
-    assert rec["divergences"]["shadow"]["pair"] == ["m:3", "m:4"]
-    assert rec["divergences"]["shadow"]["disagreements"] == 1
-    assert rec["missing"] == ["late"]
-    assert rec["split"] == {"seed": 1, "draw": sched.draw, "assigned": sched.primary}
+    assert set(rec.divergences) == {"canary", "shadow"}
+    assert rec.divergence == rec.divergences["canary"]
+    assert rec.pair("canary") == ("m:3", "m:2")
+    assert rec.divergences["canary"].disagreements == 1
+    assert rec.pair("shadow") == ("m:3", "m:4")
+    assert rec.divergences["shadow"].disagreements == 1
+    assert rec.missing == ("late",)
+    assert rec.split == SplitDraw(seed=1, draw=sched.draw, assigned=sched.primary)
+    assert rec.to_dict()["divergences"]["shadow"]["pair"] == ["m:3", "m:4"]
 
 
 def test_shadow_record_counts_only_the_current_version_since_it_took_the_role() -> None:
@@ -202,6 +206,30 @@ def test_shadow_record_counts_only_the_current_version_since_it_took_the_role() 
     empty = shadow_record([], "cand")
     assert empty.scored == 0 and empty.disagreement_rate is None
     assert len(empty.shortfalls(1, 0.5)) == 2
+
+
+def test_shadow_record_counts_errors_and_the_answers_it_gave() -> None:
+    def rec(rid: str, error: str | None, chosen: str) -> DecisionRecord:
+        shadow = result(rid, "shadow", [0.2], 4)
+        if error is not None:
+            shadow = dataclasses.replace(shadow, error=error)
+        results = {"real": result(rid, "real", [0.9], 3), "shadow": shadow}
+        return build_decision(
+            request_id=rid,
+            deployment="d",
+            started_ms=1.0,
+            expected_roles=["real", "shadow"],
+            results=results,
+            chosen_role=chosen,
+            outcome="split",
+            answered_after_ms=1.0,
+        )
+
+    records = [rec("a", None, "shadow"), rec("b", "boom", "real"), rec("c", None, "real")]
+    summary = shadow_record(records, "shadow", model="m", version=4)
+    assert (summary.requests, summary.scored, summary.errors) == (3, 2, 1)
+    assert summary.answered == 1 and summary.disagreements == 2 and summary.rows == 2
+    assert summary.latency_p50_ms == pytest.approx(6.0)
 
 
 # -- role transitions ---------------------------------------------------------------------------

@@ -43,7 +43,8 @@ from models.meta import ModelMeta
 from models.registry import ModelExists, ModelRegistry
 from rendezvous import names
 from rendezvous.bus.connection import text
-from rendezvous.decision import ShadowRecord, decode_decision, shadow_record
+from rendezvous.decision import DecisionRecord, decode_entries
+from rendezvous.evidence import ShadowRecord, shadow_record
 from rendezvous.schedule import Schedule
 from rendezvous.spec import FeatureSpec
 
@@ -414,12 +415,12 @@ class AdminService:
             "deployment": _state(after),
         }
 
-    def _records(self, name: str) -> list[dict[str, Any]]:
+    def _records(self, name: str) -> list[DecisionRecord]:
         entries = self.client.xrevrange(names.decisions_stream(name), count=self.shadow_window)
-        return [decode_decision(fields) for _id, fields in entries]
+        return decode_entries(entries)
 
     def _shadow_of(
-        self, dep: Deployment, role: str, ref: ModelRef, records: list[dict[str, Any]]
+        self, dep: Deployment, role: str, ref: ModelRef, records: list[DecisionRecord]
     ) -> ShadowRecord:
         if dep.roles.get(role) != ref:
             return shadow_record([], role, model=ref.name, version=ref.version)

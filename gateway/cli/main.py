@@ -171,13 +171,13 @@ def cmd_archive(args: argparse.Namespace) -> None:
 def cmd_decisions(args: argparse.Namespace) -> None:
     from rendezvous import names
     from rendezvous.bus.connection import connect
-    from rendezvous.decision import decode_decision
+    from rendezvous.decision import decode_entries
 
     settings = settings_from_args(args)
     client = connect(_require_redis(settings), wait_s=5)
     entries = client.xrevrange(names.decisions_stream(args.deployment), count=args.limit)
-    for _entry_id, fields in reversed(entries):
-        print(json.dumps(decode_decision(fields)))
+    for record in reversed(decode_entries(entries)):
+        print(json.dumps(record.to_dict()))
 
 
 def build_parser() -> argparse.ArgumentParser:

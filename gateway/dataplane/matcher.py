@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
 from rendezvous.bus.resp import LeanRedis, pack
-from rendezvous.decision import build_decision, encode_decision
+from rendezvous.decision import DecisionRecord, build_decision
 from rendezvous.envelope import EnvelopeError, ModelResult, decode_results
 from rendezvous.schedule import Schedule, decide
 
@@ -75,7 +75,7 @@ class Rendezvous:
         decisions: StreamAppender,
         *,
         decisions_maxlen: int = 50_000,
-        on_decision: Callable[[dict[str, Any]], None] | None = None,
+        on_decision: Callable[[DecisionRecord], None] | None = None,
     ):
         self.client = client
         self.reader = reader
@@ -116,7 +116,7 @@ class Rendezvous:
                                      self._elapsed_ms(mb))  # fmt: skip
             if not mb.answer.done():
                 mb.answer.set_result(mb.answered)
-            self._close(mb)
+            self._close(mb, mb.answered)
         with contextlib.suppress(redis.RedisError):
             await self.client.delete(self.reply_to)
 
@@ -151,15 +151,6 @@ class Rendezvous:
         self.mailboxes[request_id] = mb
         self._arm(mb, schedule.real_deadline_ms)
         return mb
-
-    def discard(self, mb: Mailbox) -> None:
-        """Forget a request that was never published (no record: nothing was asked)."""
-        if mb.timer is not None:
-            mb.timer.cancel()
-        mb.closed = True
-        self.mailboxes.pop(mb.request_id, None)
-        if not mb.answer.done():
-            mb.answer.cancel()
 
     def fail(self, mb: Mailbox, error: Exception) -> None:
         """Its envelope could not be published: the waiting request gets ``error``, and no
@@ -213,35 +204,35 @@ class Rendezvous:
             if not mb.answer.done():
                 mb.answer.set_result(mb.answered)
             if mb.answered.outcome == "timeout":
-                self._close(mb)
+                self._close(mb, mb.answered)
                 return
         grace_end_ms = mb.answered.elapsed_ms + mb.schedule.grace_ms
         if all(role in mb.results for role in mb.expected_roles) or elapsed_ms >= grace_end_ms:
-            self._close(mb)
+            self._close(mb, mb.answered)
         else:
             self._arm(mb, grace_end_ms)  # timers may fire a hair early: re-arm, never drop
 
-    def _close(self, mb: Mailbox) -> None:
+    def _close(self, mb: Mailbox, answered: Answer) -> None:
+        """Write the request's decision record (every mailbox is answered before it closes)."""
         if mb.closed:
             return
         mb.closed = True
         if mb.timer is not None:
             mb.timer.cancel()
         self.mailboxes.pop(mb.request_id, None)
-        answered = mb.answered
         record = build_decision(
             request_id=mb.request_id,
             deployment=mb.deployment,
             started_ms=mb.started_ms,
             expected_roles=mb.expected_roles,
             results=mb.results,
-            chosen_role=answered.role if answered else None,
-            outcome=answered.outcome if answered else "abandoned",
-            answered_after_ms=round(answered.elapsed_ms, 4) if answered else None,
+            chosen_role=answered.role,
+            outcome=answered.outcome,
+            answered_after_ms=round(answered.elapsed_ms, 4),
             schedule=mb.schedule,
         )
         self.decisions.append_nowait(
-            names.decisions_stream(mb.deployment), encode_decision(record), self.decisions_maxlen,
+            names.decisions_stream(mb.deployment), record.encode(), self.decisions_maxlen,
             urgent=False,
         )  # fmt: skip
         if self.on_decision is not None:

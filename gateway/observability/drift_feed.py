@@ -14,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import redis
@@ -23,6 +22,7 @@ import redis.asyncio as aioredis
 
 from gateway.dataplane.deployments import DeploymentCache
 from rendezvous import names
+from rendezvous.decision import DecisionRecord
 from rendezvous.drift import FeatureReference, Sketch
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,6 @@ def positive_scores(probabilities: Sequence[Sequence[float]]) -> np.ndarray:
     if proba.ndim != 2 or proba.shape[0] == 0:
         return np.zeros(0)
     return proba[:, 1] if proba.shape[1] == 2 else proba.max(axis=1)
-
-
-def model_key(output: Mapping[str, Any] | None) -> str | None:
-    return f"{output['model']}:{output['version']}" if output else None
 
 
 class DriftFeed:
@@ -77,24 +73,24 @@ class DriftFeed:
         self._rows.setdefault(deployment, []).append(features)
         self._pending_rows += len(features)
 
-    def observe_decision(self, record: Mapping[str, Any]) -> None:
-        outputs = record.get("outputs") or {}
-        real = outputs.get(names.REAL)
-        if real is None or "probabilities" not in real:
+    def observe_decision(self, record: DecisionRecord) -> None:
+        real = record.outputs.get(names.REAL)
+        if real is None or real.probabilities is None:
             return
-        canary = outputs.get(names.CANARY)
-        if canary is not None and "probabilities" not in canary:
-            canary = None
-        sketch = self._sketch(record["deployment"], model_key(real))
-        if sketch.canary_model is None and canary is not None:
-            sketch.canary_model = model_key(canary)
-        div = record.get("divergence")
+        sketch = self._sketch(record.deployment, real.model_key)
+        canary = record.outputs.get(names.CANARY)
+        canary_scores = None
+        if canary is not None and canary.probabilities is not None:
+            canary_scores = positive_scores(canary.probabilities)
+            if sketch.canary_model is None:
+                sketch.canary_model = canary.model_key
+        div = record.divergence
         sketch.add_decision(
-            real_scores=positive_scores(real["probabilities"]),
-            canary_scores=positive_scores(canary["probabilities"]) if canary else None,
-            js_mean=div["js_mean"] if div else None,
-            rows=len(real["probabilities"]),
-            disagreements=div["disagreements"] if div else None,
+            real_scores=positive_scores(real.probabilities),
+            canary_scores=canary_scores,
+            js_mean=div.js_mean if div is not None else None,
+            rows=len(real.probabilities),
+            disagreements=div.disagreements if div is not None else None,
         )
 
     def _sketch(self, deployment: str, real_model: str | None) -> Sketch:

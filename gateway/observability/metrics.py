@@ -15,13 +15,15 @@ import os
 from bisect import bisect_left
 from collections import Counter as Tally
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from rendezvous.decision import DecisionRecord
 from rendezvous.drift import DIVERGENCE_EDGES
+from rendezvous.names import REAL
 
 OUTCOMES = ("real", "fallback", "split", "timeout", "invalid", "rejected", "error")
 """``requests_total`` outcomes: answered by real, by a fallback after real's deadline, by the
@@ -243,24 +245,25 @@ class GatewayMetrics:
 
     # -- decision records -----------------------------------------------------------------
 
-    def decision(self, record: Mapping[str, Any]) -> None:
+    def decision(self, record: DecisionRecord) -> None:
         """Everything one decision record tells: per-role model time and queue wait, and per
         compared role the divergence and the disagreeing rows."""
-        dep = record["deployment"]
+        dep = record.deployment
         counts, observed = self._counts, self._observed
         counts[(self.decisions, dep)] += 1
-        for role, out in record["outputs"].items():
-            version = str(out.get("version"))
-            model_key = (self.model_seconds, dep, role, out["model"], version)
-            observed[model_key].append(out["model_latency_ms"] / 1000)
-            observed[(self.queue_seconds, dep, role)].append(max(out["queue_ms"], 0.0) / 1000)
-        for role, div in (record.get("divergences") or {}).items():
-            real_model, other_model = div["pair"]
-            labels = (dep, role, real_model, other_model)
-            observed[(self.divergence, *labels)].append(div["js_mean"])
-            counts[(self.compared_rows, *labels)] += div["rows"]
-            if div["disagreements"]:
-                counts[(self.disagreements, *labels)] += div["disagreements"]
+        outputs = record.outputs
+        for role, out in outputs.items():
+            model_key = (self.model_seconds, dep, role, out.model, str(out.version))
+            observed[model_key].append(out.model_latency_ms / 1000)
+            observed[(self.queue_seconds, dep, role)].append(max(out.queue_ms, 0.0) / 1000)
+        if record.divergences:
+            real_model = outputs[REAL].model_key
+            for role, div in record.divergences.items():
+                labels = (dep, role, real_model, outputs[role].model_key)
+                observed[(self.divergence, *labels)].append(div.js_mean)
+                counts[(self.compared_rows, *labels)] += div.rows
+                if div.disagreements:
+                    counts[(self.disagreements, *labels)] += div.disagreements
         self._flush_soon()
 
     def sync_late_results(self, total: int) -> None:

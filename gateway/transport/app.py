@@ -36,6 +36,7 @@ from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
 from rendezvous.bus.connection import connect_async
 from rendezvous.bus.resp import LeanRedis
+from rendezvous.decision import DecisionRecord
 from rendezvous.heap import settle_heap
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
         instance = instance_id()
         feed = DriftFeed(client, deployments, maxlen=settings.drift_sketch_maxlen)
 
-        def on_decision(record: dict[str, Any]) -> None:
+        def on_decision(record: DecisionRecord) -> None:
             metrics.decision(record)
             feed.observe_decision(record)
 
