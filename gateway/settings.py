@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,12 +36,6 @@ class Settings(BaseSettings):
     proxy_headers: bool = False
     """Trust X-Forwarded-For/-Proto from the peers uvicorn's FORWARDED_ALLOW_IPS names. Off:
     the gateway does not use the client's address, and the check costs every request."""
-
-    http_protocol: Literal["predict", "httptools"] = "predict"
-    """How the gateway speaks HTTP/1.1. ``predict``: uvicorn's httptools protocol with predict
-    answered on the connection (``gateway.transport.http_protocol``); ``httptools``: stock
-    uvicorn, predict answered by the same ASGI handler. For paired benchmark runs, and a
-    fallback should a uvicorn release break the first."""
 
     real_deadline_ms: float = Field(default=50.0, gt=0)
     """Default schedule of a new deployment: how long to wait for real before a fallback."""

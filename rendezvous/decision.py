@@ -347,8 +347,3 @@ def build_decision(
         split,
         errors,
     )
-
-
-def encode_decision(record: DecisionRecord) -> dict[bytes, bytes]:
-    """``record.encode()``, for callers that still name the function."""
-    return record.encode()

@@ -24,7 +24,7 @@ from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT
 from rendezvous import names
-from rendezvous.decision import build_decision, encode_decision
+from rendezvous.decision import build_decision
 from rendezvous.envelope import ModelResult
 from rendezvous.schedule import Schedule
 
@@ -436,18 +436,16 @@ def _record(rid: str, ts_ms: float, p_real: float, p_cand: float) -> dict[str, b
         )
 
     results = {"real": res("real", 2, p_real), "cand": res("cand", 3, p_cand)}
-    return encode_decision(
-        build_decision(
-            request_id=rid,
-            deployment=DEMO_DEPLOYMENT,
-            started_ms=ts_ms,
-            expected_roles=["real", "cand"],
-            results=results,
-            chosen_role="real",
-            outcome="real",
-            answered_after_ms=3.0,
-        )
-    )
+    return build_decision(
+        request_id=rid,
+        deployment=DEMO_DEPLOYMENT,
+        started_ms=ts_ms,
+        expected_roles=["real", "cand"],
+        results=results,
+        chosen_role="real",
+        outcome="real",
+        answered_after_ms=3.0,
+    ).encode()
 
 
 def test_gate_refuses_short_evidence_records_it_and_accepts_once_it_is_there(

@@ -1,7 +1,6 @@
-"""HTTP/1.1 on the gateway's predict fast path (gateway.transport.http_protocol), over raw
-sockets to a
-real ``rdv gateway`` with real workers: keep-alive, pipelining, closing, body limits, chunked
-bodies, and the requests that take uvicorn's ASGI path instead."""
+"""HTTP/1.1 on the gateway's predict path (uvicorn's httptools protocol, then
+``gateway.transport.fast_path``), over raw sockets to a real ``rdv gateway`` with real
+workers: keep-alive, pipelining, closing, body limits, chunked bodies, unusual requests."""
 
 from __future__ import annotations
 

@@ -42,8 +42,6 @@ def cmd_train_demo(args: argparse.Namespace) -> None:
 def cmd_gateway(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from gateway.transport.http_protocol import PredictHttpProtocol
-
     settings = settings_from_args(args)
     _require_redis(settings)
     # The app is built by a factory (in each worker process when there are several), which
@@ -62,7 +60,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         log_level=settings.log_level.lower(),
         access_log=False,
         proxy_headers=settings.proxy_headers,
-        http=PredictHttpProtocol if settings.http_protocol == "predict" else "httptools",
+        http="httptools",
         timeout_graceful_shutdown=10,
     )
     app = "gateway.cli.main:_app_from_env"

@@ -1,20 +1,23 @@
-"""The one way into predict for every transport: ``PredictFastPath.answer`` turns a deployment,
-a body and a request id into the HTTP answer, through ``PredictionService.predict``.
+"""The one way into predict: ``predict_reply`` turns a deployment, a body and a request id
+into the HTTP answer, through ``PredictionService.predict``.
 
-Three callers share it: this module's plain ASGI handler in front of the FastAPI app, the
-connection-level protocol of ``gateway.transport.http_protocol``, and the FastAPI route that
-documents predict in the OpenAPI schema (``gateway.transport.app``). Profiling showed the
-framework around the predict route costing more CPU than everything the route does
-(FastAPI's dependency solving, request object, exception wrapping and response classes: ~110
-µs of a ~530 µs request at concurrency 64, then ~20 µs for the middleware layers), so
-``PredictFastPath`` is the ASGI app uvicorn serves and answers predict itself; every other
-request and the lifespan go on to the FastAPI app.
+Two callers share it: ``PredictFastPath``, the plain ASGI handler that uvicorn serves in front
+of the FastAPI app, and the FastAPI route that documents predict in the OpenAPI schema
+(``gateway.transport.app``). Profiling showed the framework around the predict route costing
+more CPU than everything the route does (FastAPI's dependency solving, request object,
+exception wrapping and response classes: ~110 µs of a ~530 µs request at concurrency 64, then
+~20 µs for the middleware layers), so the handler answers predict itself and hands every other
+request and the lifespan to the FastAPI app. (A protocol subclass that answered predict below
+ASGI was measured against this in paired runs and did not win beyond the noise:
+``benchmarks/PROFILE.md``.)
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI
@@ -22,14 +25,16 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.dataplane.failures import problem_of
 from gateway.dataplane.service import PredictionService
-from gateway.problems import Problem, unavailable
-from gateway.transport.limits import BodyCap, send_problem
-from gateway.transport.urls import PREDICT_PATH
+from gateway.problems import RETRY, Problem, unavailable
+from gateway.transport.limits import BodyCap, Reply, send_reply
+from rendezvous.names import NAME_RE
 
 log = logging.getLogger(__name__)
 
-Reply = tuple[int, bytes, list[tuple[bytes, bytes]]]
-"""(status, JSON body, headers besides content-type and content-length)."""
+PREDICT_PATH = re.compile(rf"^/v1/deployments/({NAME_RE})/predict$")
+"""A predict path (ASGI: decoded, no query string), named as a Redis key names a deployment."""
+
+SHUTTING_DOWN = Problem(503, "the gateway is shutting down", headers=RETRY, close=True)
 
 
 def ok(doc: Any) -> Reply:
@@ -52,28 +57,15 @@ class PredictFastPath:
                 return
         await self.app(scope, receive, send)
 
-    def check_headers(self, headers: list[tuple[bytes, bytes]]) -> tuple[str | None, Reply | None]:
-        """The caller's request id, and the answer to give at once if the headers already
-        rule the request out (a declared body over the cap, a malformed length)."""
+    async def _predict(self, deployment: str, scope: Scope, receive: Receive, send: Send) -> None:
+        refused = self.cap.refuse_headers(scope["headers"])
+        if refused is not None:  # a declared body over the cap, a malformed length
+            await send_reply(send, refused.reply())
+            return
         request_id = None
-        for name, value in headers:
+        for name, value in scope["headers"]:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")
-        problem = self.cap.refuse_headers(headers)
-        return request_id, None if problem is None else problem.reply()
-
-    async def answer(self, deployment: str, raw: bytes, request_id: str | None) -> Reply:
-        """Predict, with every failure turned into its HTTP answer."""
-        service = self._service or self._started_service()
-        if service is None:
-            return unavailable("the gateway is starting").reply()
-        return await predict_reply(service, deployment, raw, request_id)
-
-    async def _predict(self, deployment: str, scope: Scope, receive: Receive, send: Send) -> None:
-        request_id, refused = self.check_headers(scope["headers"])
-        if refused is not None:
-            await _send(send, refused)
-            return
         chunks = []
         size = 0
         while True:
@@ -83,13 +75,25 @@ class PredictFastPath:
             chunk = message.get("body", b"")
             size += len(chunk)
             if self.cap.exceeded(size):
-                await send_problem(send, self.cap.too_large())
+                await send_reply(send, self.cap.too_large().reply())
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        await _send(send, await self.answer(deployment, raw, request_id))
+        service = self._service or self._started_service()
+        try:
+            if service is None:
+                answer = unavailable("the gateway is starting").reply()
+            else:
+                answer = await predict_reply(service, deployment, raw, request_id)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running once its graceful shutdown period is
+            # over: the caller gets a 503 to retry elsewhere instead of uvicorn's 500. The
+            # cancel has done its work (the request ends here), so it goes no further.
+            await send_reply(send, SHUTTING_DOWN.reply())
+            return
+        await send_reply(send, answer)
 
     def _started_service(self) -> PredictionService | None:
         self._service = getattr(self.app.state, "service", None)
@@ -109,10 +113,3 @@ async def predict_reply(
             log.exception("predict %s failed", deployment)
             problem = Problem(500, "internal server error")
         return problem.reply()
-
-
-async def _send(send: Send, answer: Reply) -> None:
-    status, body, extra = answer
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    await send({"type": "http.response.start", "status": status, "headers": headers + extra})
-    await send({"type": "http.response.body", "body": body})

@@ -85,10 +85,17 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, guarded_send)
 
 
-async def send_problem(send: Send, problem: Problem) -> None:
-    """``problem`` as an ASGI response."""
-    body = problem.body()
+Reply = tuple[int, bytes, list[tuple[bytes, bytes]]]
+"""(status, JSON body, headers besides content-type and content-length)."""
+
+
+async def send_reply(send: Send, reply: Reply) -> None:
+    """A JSON answer as an ASGI response."""
+    status, body, extra = reply
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    headers += [(k.lower().encode(), v.encode()) for k, v in problem.all_headers().items()]
-    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers + extra})
     await send({"type": "http.response.body", "body": body})
+
+
+async def send_problem(send: Send, problem: Problem) -> None:
+    await send_reply(send, problem.reply())

@@ -1,0 +1,107 @@
+"""The one way into predict, in process: the documenting FastAPI route and the ASGI handler
+answer alike (both through ``predict_reply``), and a forced shutdown of uvicorn still answers the
+predict it cancels. The data plane here is a stand-in (answers at once, fails, or waits on an
+event): what is tested is the transport; tests/test_http_protocol.py and the end-to-end tests
+cover predict itself against a real gateway."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from gateway.dataplane.failures import UnknownDeployment
+from gateway.settings import Settings
+from gateway.transport.app import create_app
+from gateway.transport.fast_path import PredictFastPath
+
+PREDICT = (
+    b"POST /v1/deployments/demo/predict HTTP/1.1\r\nHost: t\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+)
+
+
+class StandIn:
+    """Answers predict with the deployment and request id; ``missing`` deployments fail as the
+    service fails them; ``release``, when given, is awaited first."""
+
+    def __init__(self, release: asyncio.Event | None = None) -> None:
+        self.release = release
+        self.started = asyncio.Event()
+
+    async def predict(self, deployment: str, raw: bytes, request_id: str | None) -> Any:
+        self.started.set()
+        if self.release is not None:
+            await self.release.wait()
+        if deployment == "missing":
+            raise UnknownDeployment(f"deployment {deployment!r} does not exist")
+        return {"deployment": deployment, "request_id": request_id, "bytes": len(raw)}
+
+
+@pytest.mark.parametrize("deployment", ["demo", "missing"])
+async def test_the_documenting_route_answers_as_the_fast_path_does(deployment: str) -> None:
+    app = create_app(Settings(redis_url="redis://127.0.0.1:1"))
+    app.state.service = StandIn()
+    answers = []
+    for served in (app, PredictFastPath(app, max_body_bytes=1024)):
+        transport = httpx.ASGITransport(app=served)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            response = await client.post(
+                f"/v1/deployments/{deployment}/predict", content=b"{}",
+                headers={"X-Request-Id": "r-1", "Content-Type": "application/json"},
+            )  # fmt: skip
+        answers.append((response.status_code, response.json()))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == (200 if deployment == "demo" else 404)
+
+
+class Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.closed:
+            self.written += bytes(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        addresses = {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 5555)}
+        return addresses.get(name, default)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def test_a_forced_shutdown_still_answers_the_predict_it_cancels() -> None:
+    app = create_app(Settings(redis_url="redis://127.0.0.1:1"))
+    service = StandIn(release=asyncio.Event())
+    app.state.service = service
+    config = Config(app=PredictFastPath(app, 1024), http="httptools", lifespan="off")
+    config.load()
+    protocol = HttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+    transport = Transport()
+    protocol.connection_made(transport)
+    protocol.data_received(PREDICT)
+    await asyncio.wait_for(service.started.wait(), 5)
+    (task,) = protocol.tasks
+    task.cancel()  # what uvicorn does once timeout_graceful_shutdown runs out
+    await asyncio.wait({task}, timeout=5)
+    head, _, body = transport.written.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), transport.written
+    assert b"retry-after: 1" in head.lower() and b"connection: close" in head.lower()
+    assert b"shutting down" in body
