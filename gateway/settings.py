@@ -86,6 +86,20 @@ class Settings(BaseSettings):
     max_rows: int = Field(default=1000, ge=1)
     """Most instances in one predict request."""
 
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    """Largest request head (request line and header fields) of any request (431 beyond)."""
+
+    max_headers: int = Field(default=100, ge=8)
+    """Most header fields in one request (431 beyond)."""
+
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    """A request's head must arrive within this time of its first byte, and a new
+    connection's first request within this time of its opening (408, or a silent close for a
+    connection that sent nothing)."""
+
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    """A request's body must arrive within this time of its head (408 beyond)."""
+
     max_in_flight: int = Field(default=2048, ge=1)
     """Requests one gateway process holds at once; beyond it, 429 at once."""
 

@@ -135,3 +135,27 @@ def test_outside_an_event_loop_each_call_is_written_at_once() -> None:
     metrics.request_done("d", "timeout", 0.6)
     assert value(metrics, "rdv_requests_total", deployment="d", outcome="timeout") == 1
     assert value(metrics, "rdv_request_duration_seconds_sum", deployment="d") == 0.6
+
+
+def test_feature_rows_the_drift_feed_leaves_out_are_counted() -> None:
+    import numpy as np
+    import redis.asyncio as aioredis
+
+    from gateway.dataplane.deployments import DeploymentCache
+    from gateway.observability.drift_feed import MAX_PENDING_ROWS, DriftFeed
+
+    metrics = GatewayMetrics()
+    client = aioredis.Redis()  # never connected: observing rows does no I/O
+    feed = DriftFeed(client, DeploymentCache(client), on_dropped=metrics.drift_rows_dropped)
+    rows = np.zeros((MAX_PENDING_ROWS // 2, 3), np.float32)
+    for _ in range(2):
+        feed.observe_rows("dep", rows)  # fills the pending rows to the bound
+    feed.observe_rows("dep", rows[:7])
+    feed.observe_rows("dep", rows[:5])
+    metrics.flush()
+    assert (
+        samples(metrics.registry)[
+            ("rdv_drift_dropped_rows_total", frozenset({("deployment", "dep")}))
+        ]
+        == 12
+    )

@@ -17,6 +17,7 @@ from rendezvous.schedule import Schedule
 
 SCHEDULE = Schedule(real_deadline_ms=200, timeout_ms=2000, fallbacks=("canary",), grace_ms=100)
 MAX_BODY = 4096
+MAX_HEAD = 2048
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,9 @@ def system(
     redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[System]:
     with launch_system(redis_url, demo_data_dir, tmp_path_factory, SCHEDULE,
-                       RDV_MAX_BODY_BYTES=str(MAX_BODY)) as sys:  # fmt: skip
+                       RDV_MAX_BODY_BYTES=str(MAX_BODY), RDV_MAX_HEADER_BYTES=str(MAX_HEAD),
+                       RDV_MAX_HEADERS="20", RDV_HEADER_TIMEOUT_S="1",
+                       RDV_BODY_TIMEOUT_S="1") as sys:  # fmt: skip
         sys.start_worker("real")
         sys.start_worker("canary")
         yield sys
@@ -180,3 +183,58 @@ def test_a_client_that_leaves_mid_request_does_not_disturb_the_next(system: Syst
         assert status == 200 and json.loads(content)["request_id"] == "after"
     finally:
         c.close()
+
+
+def test_a_head_over_the_cap_or_with_too_many_fields_is_refused_431(system: System) -> None:
+    for extra in (("X-Big: " + "a" * MAX_HEAD,), tuple(f"X-N{i}: {i}" for i in range(21))):
+        c = Conn(system.port)
+        try:
+            c.send(request(PREDICT, None, *extra))
+            status, headers, content = c.response()
+            assert status == 431 and "detail" in json.loads(content), content
+            assert headers["connection"] == "close" and c.closed_by_server()
+        finally:
+            c.close()
+
+
+def test_an_endless_header_is_cut_off_early(system: System) -> None:
+    """A header that never ends is refused once the head passes the cap: the gateway closes the
+    connection instead of holding what comes (the sends fail long before 64 MB)."""
+    c = Conn(system.port)
+    sent = 0
+    try:
+        c.send(b"POST " + PREDICT.encode() + b" HTTP/1.1\r\nHost: t\r\nX-Endless: ")
+        with pytest.raises(OSError):
+            for _ in range(1024):
+                c.send(b"a" * 65536)
+                sent += 65536
+    finally:
+        c.close()
+    assert sent < 16 * 1024 * 1024
+
+
+def test_slow_heads_and_bodies_get_408_and_silent_connections_are_closed(
+    system: System,
+) -> None:
+    slow_head, short_body, silent = Conn(system.port), Conn(system.port), Conn(system.port)
+    try:
+        slow_head.send(b"POST " + PREDICT.encode() + b" HTTP/1.1\r\nHost: t\r\n")
+        payload = body()
+        short_body.send(request(PREDICT, payload)[: -len(payload) // 2])  # half the body
+        for c, phase in ((slow_head, "head"), (short_body, "body")):
+            status, _, content = c.response()  # within a few seconds (socket timeout 10)
+            assert status == 408 and phase in json.loads(content)["detail"], content
+            assert c.closed_by_server()
+        assert silent.closed_by_server()
+    finally:
+        for c in (slow_head, short_body, silent):
+            c.close()
+
+
+def test_a_body_that_is_not_utf8_gets_422_naming_the_encoding(conn: Conn) -> None:
+    for payload in (b'{"instances": [[\xff]]}', '{"instances": [[1.0]]}'.encode("utf-16")):
+        conn.send(request(PREDICT, payload))
+        status, _, content = conn.response()
+        assert status == 422 and "UTF-8" in json.loads(content)["detail"][0]["msg"], content
+    conn.send(request(PREDICT, None, "X-Request-Id: still-served"))
+    assert conn.response()[0] == 200

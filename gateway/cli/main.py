@@ -42,6 +42,8 @@ def cmd_train_demo(args: argparse.Namespace) -> None:
 def cmd_gateway(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from gateway.transport.http_guard import GuardedHttpToolsProtocol
+
     settings = settings_from_args(args)
     _require_redis(settings)
     # The app is built by a factory (in each worker process when there are several), which
@@ -60,7 +62,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         log_level=settings.log_level.lower(),
         access_log=False,
         proxy_headers=settings.proxy_headers,
-        http="httptools",
+        http=GuardedHttpToolsProtocol,  # its limits: the settings, read in each process
         timeout_graceful_shutdown=10,
     )
     app = "gateway.cli.main:_app_from_env"

@@ -37,9 +37,20 @@ def parse_body(raw: bytes) -> PredictRequest:
     try:
         return PredictRequest.model_validate_json(raw)
     except ValidationError as exc:
-        raise RequestValidationError(
-            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-        ) from None
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            msg = f"the body is not UTF-8: {bad.reason} at byte {bad.start}"
+            raise RequestValidationError([_error((), msg, "utf8")]) from None
+        raise RequestValidationError([_located(e) for e in exc.errors(include_url=False)]) from None
+
+
+def _located(error: Any) -> dict[str, Any]:
+    """A parser error under ``body``; a body that is not JSON at all is not echoed back."""
+    located = {**error, "loc": ("body", *error["loc"])}
+    if error["type"] == "json_invalid":
+        located.pop("input", None)
+    return located
 
 
 def _error(loc: tuple[str | int, ...], msg: str, kind: str, value: Any = None) -> dict[str, Any]:

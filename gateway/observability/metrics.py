@@ -184,6 +184,13 @@ class GatewayMetrics:
             "Model results that reached this gateway after their request's record was closed.",
             registry=r,
         )
+        self.drift_dropped_rows = Counter(
+            "rdv_drift_dropped_rows",
+            "Feature rows left out of drift sketches because too many were waiting to be "
+            "binned (drift then judges a sample of the traffic).",
+            ["deployment"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "rdv_in_flight_requests",
             "Predict requests this gateway holds right now.",
@@ -235,6 +242,10 @@ class GatewayMetrics:
         self._flush_handle = loop.call_later(FLUSH_S, self.flush)
 
     # -- the request path -------------------------------------------------------------------
+
+    def drift_rows_dropped(self, deployment: str, rows: int) -> None:
+        self._counts[(self.drift_dropped_rows, deployment)] += rows
+        self._flush_soon()
 
     def request_done(self, deployment: str | None, outcome: str, seconds: float | None) -> None:
         dep = deployment or UNKNOWN_DEPLOYMENT

@@ -78,7 +78,12 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
         await deployments.refresh()
         appender = StreamAppender(writer)
         instance = instance_id()
-        feed = DriftFeed(client, deployments, maxlen=settings.drift_sketch_maxlen)
+        feed = DriftFeed(
+            client,
+            deployments,
+            maxlen=settings.drift_sketch_maxlen,
+            on_dropped=metrics.drift_rows_dropped,
+        )
 
         def on_decision(record: DecisionRecord) -> None:
             metrics.decision(record)

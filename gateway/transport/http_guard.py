@@ -1,0 +1,262 @@
+"""Bounds on what one HTTP client can make the gateway hold: the size and number of a request's
+header fields (431) and the time its head and its body may take (408).
+
+uvicorn's httptools protocol has none of these: a 200 MB header was accepted, slow clients
+were held forever, a body shorter than its Content-Length waited forever. The guard reads each
+connection's bytes with a parser of its own (httptools' public API) just before uvicorn's
+protocol does, and answers and closes the connection first when a bound is crossed. uvicorn's
+protocol is used only through the asyncio ``Protocol`` methods every protocol has.
+
+Deadlines are checked by one sweep a second per process, not by a timer per request: a request
+costs the guard a second parse of its head (a few microseconds) and two clock reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.problems import Problem
+from gateway.settings import Settings
+
+SWEEP_S = 1.0
+LINGER_S = 2.0
+LINGER_BYTES = 1024 * 1024
+"""After a refusal the connection is half-closed and what the client still sends is read and
+dropped, for this long and up to this much: closing at once with unread bytes would reset the
+connection, and the client could lose the answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    max_header_bytes: int
+    """Request line and header fields of one request, in bytes (431 beyond)."""
+    max_headers: int
+    """Header fields of one request (431 beyond)."""
+    header_timeout_s: float
+    """From a request's first byte (or a connection's opening) to the end of its head (408)."""
+    body_timeout_s: float
+    """From the end of a request's head to the end of its body (408)."""
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing: the guard answers instead."""
+
+
+class ConnectionGuard:
+    """The bounds of one connection; its methods are also the parser's callbacks."""
+
+    __slots__ = (
+        "__weakref__",
+        "closed",
+        "deadline",
+        "head_bytes",
+        "headers",
+        "in_body",
+        "in_head",
+        "limits",
+        "parser",
+        "raw_head",
+        "refusal",
+        "seen",
+        "transport",
+    )  # fmt: skip
+
+    def __init__(self, transport: asyncio.Transport, limits: HttpLimits):
+        self.transport = transport
+        self.limits = limits
+        self.parser: Any = httptools.HttpRequestParser(self)
+        self.in_head = False
+        self.in_body = False
+        self.seen = False
+        self.head_bytes = 0
+        self.raw_head = 0
+        self.headers = 0
+        self.refusal: Problem | None = None
+        self.closed = False
+        self.deadline = time.monotonic() + limits.header_timeout_s
+        """When the current phase (waiting for a first request, a head, a body) must end;
+        0: no deadline (between a request's end and the next one's first byte)."""
+
+    # -- fed by the protocol ------------------------------------------------------------------
+
+    def admit(self, data: bytes) -> bool:
+        """False when ``data`` crossed a bound: the answer is written, uvicorn never sees it."""
+        if self.closed:
+            self.raw_head += len(data)  # lingering after a refusal: dropped, counted
+            if self.raw_head > LINGER_BYTES:
+                self.deadline = 0.0
+                self.transport.close()
+            return False
+        if self.parser is None:  # an upgrade or a malformed request: uvicorn's to handle
+            return True
+        self.seen = True
+        began_here = not self.in_head
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._stand_down()
+            return True
+        except httptools.HttpParserError:
+            if self.refusal is None:  # malformed: uvicorn answers it 400
+                self._stand_down()
+                return True
+        if self.refusal is None and self.in_head and not began_here:
+            # The head is still arriving across reads: a header field still being read sits in
+            # the parser's buffer, so count the bytes as they come. (The read a head began in is
+            # not counted this way, as part of it may be the previous request's body; what the
+            # parser holds is bounded all the same: one read plus the cap.)
+            self.raw_head += len(data)
+            if self.raw_head > self.limits.max_header_bytes:
+                self.refusal = _too_large(self.limits)
+        if self.refusal is not None:
+            self.answer(self.refusal)
+            return False
+        return True
+
+    def expired(self, now: float) -> None:
+        if not self.deadline or now < self.deadline:
+            return
+        if self.closed:  # the linger after a refusal is over
+            self.deadline = 0.0
+            self.transport.close()
+            return
+        if self.in_head or self.in_body:
+            phase = "head" if self.in_head else "body"
+            limit = self.limits.header_timeout_s if self.in_head else self.limits.body_timeout_s
+            self.answer(Problem(408, f"the request's {phase} took longer than {limit:g} s"))
+        elif not self.seen:  # opened and never used: nothing to answer
+            self.closed = True
+            self.deadline = 0.0
+            self.transport.close()
+        else:
+            self.deadline = 0.0
+
+    def answer(self, problem: Problem) -> None:
+        self.closed = True
+        self.raw_head = 0
+        status, body, headers = problem.reply()
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
+        head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
+        head += [name + b": " + value + b"\r\n" for name, value in headers if name != b"connection"]
+        head.append(b"connection: close\r\n\r\n")
+        transport = self.transport
+        transport.write(b"".join(head) + body)
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.deadline = time.monotonic() + LINGER_S
+        else:
+            transport.close()
+
+    def _stand_down(self) -> None:
+        self.parser = None
+        self.in_head = self.in_body = False
+        self.deadline = 0.0
+
+    # -- parser callbacks ---------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.head_bytes = self.raw_head = self.headers = 0
+        self.deadline = time.monotonic() + self.limits.header_timeout_s
+
+    def on_url(self, url: bytes) -> None:
+        self.head_bytes += len(url)
+        if self.head_bytes > self.limits.max_header_bytes:
+            self._refuse(_too_large(self.limits))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers += 1
+        self.head_bytes += len(name) + len(value) + 4
+        if self.headers > self.limits.max_headers:
+            self._refuse(Problem(431, f"more than {self.limits.max_headers} header fields"))
+        if self.head_bytes > self.limits.max_header_bytes:
+            self._refuse(_too_large(self.limits))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.in_body = True
+        self.deadline = time.monotonic() + self.limits.body_timeout_s
+
+    def on_message_complete(self) -> None:
+        self.in_body = False
+        self.deadline = 0.0
+
+    def _refuse(self, problem: Problem) -> None:
+        self.refusal = problem
+        raise _Refused
+
+
+def _too_large(limits: HttpLimits) -> Problem:
+    return Problem(431, f"request head larger than {limits.max_header_bytes} bytes")
+
+
+class _Sweeper:
+    """Checks every guarded connection's deadline once a second, in each event loop."""
+
+    def __init__(self) -> None:
+        self.guards: weakref.WeakSet[ConnectionGuard] = weakref.WeakSet()
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self, guard: ConnectionGuard) -> None:
+        self.guards.add(guard)
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while self.guards:
+            await asyncio.sleep(SWEEP_S)
+            now = time.monotonic()
+            for guard in list(self.guards):
+                guard.expired(now)
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with ``limits`` applied to every connection. A class at
+    module level, so that uvicorn can hand it to the worker processes it spawns; each process
+    reads the limits from its own settings (the environment) on its first connection."""
+
+    limits: ClassVar[HttpLimits | None] = None
+    sweeper: ClassVar[_Sweeper | None] = None
+    _guard: ConnectionGuard | None = None
+
+    @classmethod
+    def with_limits(cls, limits: HttpLimits) -> type[GuardedHttpToolsProtocol]:
+        """A subclass with these limits instead of the settings' (for one process)."""
+        return type(cls.__name__, (cls,), {"limits": limits, "sweeper": None})
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        cls = type(self)
+        if cls.limits is None:
+            cls.limits = limits_from(Settings())
+        if cls.sweeper is None:
+            cls.sweeper = _Sweeper()
+        self._guard = ConnectionGuard(transport, cls.limits)
+        cls.sweeper.add(self._guard)
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._guard is None or self._guard.admit(data):
+            super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._guard is not None:
+            self._guard.closed = True
+            self._guard.deadline = 0.0
+        super().connection_lost(exc)
+
+
+def limits_from(settings: Settings) -> HttpLimits:
+    return HttpLimits(
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+    )

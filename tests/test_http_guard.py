@@ -1,0 +1,97 @@
+"""The HTTP guard's bounds on one connection, fed bytes directly (tests/test_http_protocol.py
+checks the same against a real gateway over sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from gateway.transport.http_guard import LINGER_BYTES, ConnectionGuard, HttpLimits
+
+LIMITS = HttpLimits(max_header_bytes=2048, max_headers=20, header_timeout_s=5, body_timeout_s=5)
+HEAD = b"POST /v1/deployments/d/predict HTTP/1.1\r\nHost: t\r\n"
+
+
+class Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = b""
+        self.eof = False
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.out += bytes(data)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def guard() -> tuple[ConnectionGuard, Transport]:
+    transport = Transport()
+    return ConnectionGuard(transport, LIMITS), transport
+
+
+def status(transport: Transport) -> int:
+    return int(transport.out.split(b" ", 2)[1]) if transport.out else 0
+
+
+def test_requests_within_the_bounds_pass_whole_even_pipelined() -> None:
+    g, transport = guard()
+    request = HEAD + b"Content-Length: 2\r\n\r\n{}"
+    assert g.admit(request * 3)
+    assert g.admit(request[:10]) and g.admit(request[10:])
+    assert transport.out == b"" and not g.in_head and not g.in_body
+
+
+def test_a_large_head_in_one_read_or_many_is_refused_with_431_and_a_half_close() -> None:
+    for pieces in (1, 100):
+        g, transport = guard()
+        request = HEAD + b"X-Big: " + b"a" * 4096 + b"\r\n\r\n"
+        size = -(-len(request) // pieces)
+        admitted = [g.admit(request[i : i + size]) for i in range(0, len(request), size)]
+        assert admitted[-1] is False and status(transport) == 431
+        assert transport.eof and not transport.closed  # lingers to drain, then closes
+        g.expired(time.monotonic() + 60)
+        assert transport.closed
+
+
+def test_too_many_fields_are_refused_with_431() -> None:
+    g, transport = guard()
+    fields = b"".join(b"X-%d: 1\r\n" % i for i in range(21))
+    assert not g.admit(HEAD + fields + b"\r\n")
+    assert status(transport) == 431 and b"20 header fields" in transport.out
+
+
+def test_what_comes_after_a_refusal_is_dropped_up_to_a_bound() -> None:
+    g, transport = guard()
+    assert not g.admit(HEAD + b"X-Big: " + b"a" * 4096 + b"\r\nX-Next: 1\r\n")
+    assert status(transport) == 431
+    assert not g.admit(b"a" * (LINGER_BYTES // 2)) and not transport.closed
+    assert not g.admit(b"a" * LINGER_BYTES) and transport.closed
+
+
+def test_slow_heads_and_bodies_expire_with_408_idle_connections_close_silently() -> None:
+    later = time.monotonic() + 60
+    head, head_t = guard()
+    head.admit(HEAD)
+    head.expired(later)
+    assert status(head_t) == 408 and b"head" in head_t.out
+    body, body_t = guard()
+    body.admit(HEAD + b"Content-Length: 10\r\n\r\n{}")
+    body.expired(time.monotonic() + 1)  # not yet
+    assert body_t.out == b""
+    body.expired(later)
+    assert status(body_t) == 408 and b"body" in body_t.out
+    idle, idle_t = guard()
+    idle.expired(later)
+    assert idle_t.out == b"" and idle_t.closed
+    served, served_t = guard()
+    served.admit(HEAD + b"Content-Length: 2\r\n\r\n{}")
+    served.expired(later)  # between requests: uvicorn's keep-alive timeout is in charge
+    assert served_t.out == b"" and not served_t.closed
