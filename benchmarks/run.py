@@ -7,6 +7,9 @@ a fixed rate. Writes ``<out>/<date>-<commit>.json`` (every figure), ``.md`` (the
 ``.png`` (latency against throughput), and prints the table.
 
     python -m benchmarks.run [--quick] [--duration S] [--concurrency 1,8,64] [--rate R]
+
+A little over ~400 lines: the run's whole order (options, rounds over the systems, the files
+written) reads best in one place; the parts it calls are in loadgen, systems and report.
 """
 
 from __future__ import annotations

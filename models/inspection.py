@@ -1,6 +1,11 @@
 """Checks on an uploaded ONNX artifact before anything is stored: parsed as protobuf (never
 unpickled), self-contained, standard operators only, loadable and runnable by onnxruntime at
-the deployment's input width."""
+the deployment's input width.
+
+onnxruntime is imported by ``inspect_onnx`` itself, when an upload is checked: the gateway
+imports this module (its admin service) but never loads a model otherwise, and onnxruntime
+would cost each gateway process about 20 MB.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,6 @@ from collections.abc import Iterable
 from typing import Any
 
 from models.meta import ModelMeta
-from models.runtime import ModelLoadError, OnnxClassifier
 
 ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 """Operator sets a model may use: standard ONNX and ONNX-ML (what skl2onnx emits), no custom
@@ -47,6 +51,8 @@ def inspect_onnx(data: bytes, meta: ModelMeta) -> ModelMeta:
     import numpy as np
     import onnx
     from google.protobuf.message import DecodeError
+
+    from models.runtime import ModelLoadError, OnnxClassifier
 
     if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":
         raise ArtifactRejected(

@@ -1,5 +1,8 @@
 """The admin API in-process (the real app, a real Redis, real ONNX models): the token guards
-every route, refused uploads change nothing, and each change lands in state and history."""
+every route, refused uploads change nothing, and each change lands in state and history.
+
+Longer than ~400 lines on purpose: one app, one Redis and one set of uploaded models serve
+every route's tests, and the token test walks the whole route table."""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """The dashboard page in headless Chromium: served by a small local app with a fixed drift
 report (the rendering, alert badges and empty states, deterministically), then by a real
-running gateway whose drift monitor has judged real traffic."""
+running gateway whose drift monitor has judged real traffic.
+
+Longer than ~400 lines on purpose: every test shares the Chromium harness (launch, console
+capture, the local page server); split, each part would carry its own copy."""
 
 from __future__ import annotations
 

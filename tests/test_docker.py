@@ -5,6 +5,9 @@ dashboard charts the metric names the gateway exposes through the provisioned da
 No Docker needed (nor installed in CI). ``promtool`` checks run where it is installed (CI
 installs it) and skip visibly elsewhere; one test runs the compose file's create-deployment
 step against the suite's real Redis.
+
+Longer than ~400 lines on purpose: compose, Prometheus and Grafana are each checked against
+the same parsed files and the same running gateway's metric names, built once here.
 """
 
 from __future__ import annotations

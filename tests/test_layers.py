@@ -5,6 +5,8 @@ no two modules import each other, however indirectly."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,19 @@ def test_no_import_cycles() -> None:
 
     for module in sorted(MODULES):
         visit(module)
+
+
+def test_a_gateway_process_loads_no_model_library() -> None:
+    """The gateway never runs a model: onnxruntime, onnx or scikit-learn imported with it
+    would cost each gateway process tens of MB (the upload check imports them when used)."""
+    code = (
+        "import sys, gateway.cli.main, gateway.transport.app, gateway.cli.serve; "
+        "print(sorted(m for m in ('onnxruntime', 'onnx', 'sklearn', 'skl2onnx') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "[]"
 
 
 def test_every_module_says_why_it_exists() -> None:

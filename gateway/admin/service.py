@@ -27,6 +27,7 @@ from gateway.admin.bodies import (
     TooLarge,
     UploadMeta,
 )
+from gateway.admin.promotion import Evidence
 from models.deployments import (
     Deployment,
     DeploymentConflict,
@@ -43,8 +44,6 @@ from models.meta import ModelMeta
 from models.registry import ModelExists, ModelRegistry
 from rendezvous import names
 from rendezvous.bus.connection import text
-from rendezvous.decision import DecisionRecord, decode_entries
-from rendezvous.evidence import ShadowRecord, shadow_record
 from rendezvous.schedule import Schedule
 from rendezvous.spec import FeatureSpec
 
@@ -73,7 +72,7 @@ class AdminService:
         self.store = DeploymentStore(client)
         self.default_schedule = default_schedule
         self.max_model_bytes = max_model_bytes
-        self.shadow_window = shadow_window
+        self.evidence = Evidence(client, self.store, shadow_window)
         self.heartbeat_timeout_s = heartbeat_timeout_s
 
     # -- models -------------------------------------------------------------------------------
@@ -248,16 +247,7 @@ class AdminService:
         return self.store.history(name, limit)
 
     def shadow(self, name: str) -> dict[str, Any]:
-        dep = self._dep(name)
-        records = self._records(name)
-        return {
-            "window": len(records),
-            "roles": {
-                role: self._shadow_of(dep, role, dep.roles[role], records).to_dict()
-                for role in dep.role_names
-                if role != names.REAL
-            },
-        }
+        return self.evidence.shadow(self._dep(name))
 
     def promote(self, name: str, req: Promote, actor: str) -> dict[str, Any]:
         dep = self._dep(name)
@@ -268,17 +258,10 @@ class AdminService:
             "pin_canary": req.pin_canary,
             "force": req.force,
         }
-        if req.min_shadow_requests or req.max_disagreement is not None:
-            holder = dep.role_of(ref)
-            record = self._shadow_of(dep, holder or "candidate", ref, self._records(name))
-            shortfalls = record.shortfalls(req.min_shadow_requests, req.max_disagreement)
-            detail["gate"] = {
-                "min_shadow_requests": req.min_shadow_requests,
-                "max_disagreement": req.max_disagreement,
-                "shadow": record.to_dict(),
-                "shortfalls": shortfalls,
-                "forced": bool(shortfalls and req.force),
-            }
+        gate = self.evidence.gate(dep, ref, req.min_shadow_requests, req.max_disagreement)
+        if gate is not None:
+            shortfalls = gate["shortfalls"]
+            detail["gate"] = {**gate, "forced": bool(shortfalls and req.force)}
             if shortfalls and not req.force:
                 self.store.note(
                     name, action="promote-refused", actor=actor, reason=req.reason, detail=detail
@@ -414,15 +397,3 @@ class AdminService:
             "detail": detail,
             "deployment": _state(after),
         }
-
-    def _records(self, name: str) -> list[DecisionRecord]:
-        entries = self.client.xrevrange(names.decisions_stream(name), count=self.shadow_window)
-        return decode_entries(entries)
-
-    def _shadow_of(
-        self, dep: Deployment, role: str, ref: ModelRef, records: list[DecisionRecord]
-    ) -> ShadowRecord:
-        if dep.roles.get(role) != ref:
-            return shadow_record([], role, model=ref.name, version=ref.version)
-        since = self.store.role_since_ms(dep.name, role)
-        return shadow_record(records, role, model=ref.name, version=ref.version, since_ms=since)

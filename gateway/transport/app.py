@@ -14,8 +14,10 @@ from typing import Annotated, Any
 
 import redis
 from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client.multiprocess import mark_process_dead
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.admin.routes import UPLOAD_PATH, install_admin, start_admin, upload_body_cap
 from gateway.dataplane.deployments import DeploymentCache
@@ -173,8 +175,15 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             raise exc
         return answer.response()
 
-    for failure in HANDLED:
+    async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+        """The framework's own refusals (an unknown route, a wrong method, a route's
+        ``HTTPException``) through the same builder."""
+        assert isinstance(exc, StarletteHTTPException)
+        return Problem(exc.status_code, exc.detail, headers=exc.headers or {}).response()
+
+    for failure in (*HANDLED, RequestValidationError):
         app.add_exception_handler(failure, _answer)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
 
     @app.post(
         "/v1/deployments/{deployment}/predict",
