@@ -33,6 +33,8 @@ from processes import PREDICT, System, launch_system, wait_until
 from rendezvous.bus.server import free_port
 from rendezvous.schedule import Schedule
 
+pytestmark = pytest.mark.integration  # headless Chromium and a running gateway
+
 CHARTS = ("divergence", "drift", "scores", "features")
 SHAPES = ("path", "rect", "circle", "line")
 T0_MS = 1_763_900_000_000.0

@@ -21,6 +21,8 @@ from rendezvous import names
 from rendezvous.bus.server import EmbeddedRedis
 from rendezvous.schedule import Schedule
 
+pytestmark = pytest.mark.integration  # real processes and Redis servers of its own
+
 SCHEDULE = Schedule(real_deadline_ms=50, timeout_ms=1500, fallbacks=("canary",), grace_ms=100)
 CLAIM_IDLE_MS = 1000
 

@@ -18,6 +18,8 @@ from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import RdvProcess, wait_until
 from rendezvous.bus.server import free_port
 
+pytestmark = pytest.mark.integration  # real processes and an embedded Redis of its own
+
 
 def _children(pid: int) -> list[tuple[int, str]]:
     """(pid, command line) of the direct children of ``pid``, from /proc."""

@@ -13,6 +13,8 @@ import pytest
 
 from gateway.cli.supervisor import Supervisor
 
+pytestmark = pytest.mark.integration  # real child processes
+
 EXIT_WITH = [sys.executable, "-c", "import sys; sys.exit(int(sys.argv[1]))"]
 """A child that exits at once with the status given as its argument."""
 
