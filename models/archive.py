@@ -217,11 +217,11 @@ def _gzip_member(data: bytes, level: int) -> bytes:
     return compressor.compress(data) + compressor.flush()
 
 
-_NAME = re.compile(r"^(?P<prefix>.+)-(?P<stamp>\d{8}T\d{6})-(?P<seq>\d+)" + re.escape(SUFFIX) + "$")
+_NAME = re.compile(r"(?P<prefix>.+)-(?P<stamp>\d{8}T\d{6})-(?P<seq>\d+)" + re.escape(SUFFIX))
 
 
 def _parse(path: Path) -> tuple[datetime, int]:
-    m = _NAME.match(path.name)
+    m = _NAME.fullmatch(path.name)
     assert m is not None
     stamp = datetime.strptime(m["stamp"], "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
     return stamp, int(m["seq"])
@@ -232,7 +232,7 @@ def _segment_paths(folder: Path, prefix: str | None = None) -> list[Path]:
         return []
     found = []
     for p in folder.iterdir():
-        m = _NAME.match(p.name)
+        m = _NAME.fullmatch(p.name)
         if m and (prefix is None or m["prefix"] == prefix) and p.is_file():
             found.append(p)
     return found
@@ -316,7 +316,7 @@ class ArchiveReader:
         return sorted(
             p.name
             for p in self.directory.iterdir()
-            if p.is_dir() and names.NAME_PATTERN.match(p.name) and _segment_paths(p)
+            if p.is_dir() and names.NAME_PATTERN.fullmatch(p.name) and _segment_paths(p)
         )
 
     def segments(self, deployment: str) -> list[SegmentInfo]:

@@ -9,7 +9,9 @@ would cost each gateway process about 20 MB.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from models.meta import ModelMeta
@@ -34,13 +36,30 @@ def _graphs(graph: Any) -> Iterable[Any]:
 
 
 def _tensors(graph: Any) -> Iterable[Any]:
+    """Every tensor the model carries, in subgraphs too; a sparse tensor as its values and its
+    indices (each may point at external data)."""
     for g in _graphs(graph):
         yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
         for node in g.node:
             for attr in node.attribute:
                 if attr.HasField("t"):
                     yield attr.t
                 yield from attr.tensors
+                if attr.HasField("sparse_tensor"):
+                    yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
+                for sparse in attr.sparse_tensors:
+                    yield from (sparse.values, sparse.indices)
+
+
+def _node_domains(proto: Any) -> set[str]:
+    """The operator domain of every node, in subgraphs and local functions too."""
+    domains = {node.domain for g in _graphs(proto.graph) for node in g.node}
+    for function in proto.functions:
+        domains.add(function.domain)
+        domains.update(node.domain for node in function.node)
+    return domains
 
 
 def inspect_onnx(data: bytes, meta: ModelMeta) -> ModelMeta:
@@ -65,7 +84,7 @@ def inspect_onnx(data: bytes, meta: ModelMeta) -> ModelMeta:
         raise ArtifactRejected(f"not an ONNX model: {exc}") from None
     if not proto.graph.node:
         raise ArtifactRejected("not an ONNX model: no graph nodes")
-    domains = {op.domain for op in proto.opset_import} - ALLOWED_DOMAINS
+    domains = ({op.domain for op in proto.opset_import} | _node_domains(proto)) - ALLOWED_DOMAINS
     if domains:
         raise ArtifactRejected(
             f"the model uses operator sets this server does not run: {sorted(domains)}"
@@ -77,7 +96,12 @@ def inspect_onnx(data: bytes, meta: ModelMeta) -> ModelMeta:
             )
     width = meta.feature_spec.width
     try:
-        model = OnnxClassifier(data, meta)
+        # Loaded from a file alone in a fresh folder: were any reference to external data left,
+        # it could only resolve to that folder, never to the server's working directory.
+        with tempfile.TemporaryDirectory(prefix="rdv-upload-") as folder:
+            path = Path(folder) / "model.onnx"
+            path.write_bytes(data)
+            model = OnnxClassifier(path, meta)
         _labels, proba = model.predict(np.zeros((2, width), np.float32))
     except ModelLoadError as exc:
         raise ArtifactRejected(str(exc)) from None
@@ -88,6 +112,10 @@ def inspect_onnx(data: bytes, meta: ModelMeta) -> ModelMeta:
     if proba.ndim != 2 or proba.shape[0] != 2:
         raise ArtifactRejected(
             f"expected probabilities of shape (rows, classes), got {proba.shape}"
+        )
+    if not np.isfinite(proba).all():
+        raise ArtifactRejected(
+            "the model outputs non-finite probabilities (NaN or infinity) on a dry batch"
         )
     n_classes = int(proba.shape[1])
     classes = meta.classes or list(range(n_classes))

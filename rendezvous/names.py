@@ -12,9 +12,10 @@ import re
 PREFIX = "rdv"
 NAME_RE = r"[a-z0-9][a-z0-9._-]{0,62}"
 """A deployment or model name, unanchored: URL patterns are built from it."""
-NAME_PATTERN = re.compile(rf"^{NAME_RE}$")
-ROLE_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-INSTANCE_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+NAME_PATTERN = re.compile(NAME_RE)
+"""Matched whole (``fullmatch``): ``$`` would let a final newline through."""
+ROLE_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+INSTANCE_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 LOGBIN_GROUP = "logbin"
 REAL = "real"
@@ -30,7 +31,7 @@ class InvalidName(ValueError):
 
 
 def check_name(name: str, what: str = "name") -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidName(
             f"invalid {what} {name!r}: use 1-63 characters of a-z, 0-9, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -39,7 +40,7 @@ def check_name(name: str, what: str = "name") -> str:
 
 
 def check_role(role: str) -> str:
-    if not isinstance(role, str) or not ROLE_PATTERN.match(role):
+    if not isinstance(role, str) or not ROLE_PATTERN.fullmatch(role):
         raise InvalidName(f"invalid role {role!r}: use a-z, 0-9, '_' or '-', starting with a-z")
     return role
 
@@ -85,7 +86,7 @@ def model_group(role: str) -> str:
 
 def reply_stream(instance_id: str) -> str:
     """Reply stream of one gateway instance: the return address in every envelope."""
-    if not INSTANCE_PATTERN.match(instance_id):
+    if not INSTANCE_PATTERN.fullmatch(instance_id):
         raise InvalidName(f"invalid gateway instance id {instance_id!r}")
     return f"{PREFIX}:reply:{{{instance_id}}}"
 

@@ -25,7 +25,7 @@ from gateway.settings import Settings
 from gateway.transport.app import create_app
 from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
-from models.train import DEMO_DEPLOYMENT
+from models.train import DEMO_DEPLOYMENT, DEMO_MODEL
 from rendezvous import names
 from rendezvous.decision import build_decision
 from rendezvous.envelope import ModelResult
@@ -500,3 +500,27 @@ def test_gate_refuses_short_evidence_records_it_and_accepts_once_it_is_there(
     assert forced.status_code == 200, forced.text
     last = admin.get(f"{DEP}/history", headers=AUTH).json()["history"][-1]
     assert last["detail"]["force"] and last["detail"]["gate"]["forced"]
+
+
+def test_names_ending_in_a_newline_and_versions_past_2_31_are_refused_422(
+    admin: AppClient,
+) -> None:
+    calls = [
+        admin.post(
+            "/admin/deployments",
+            headers=AUTH,
+            json={"name": "zz\n", "real": {"model": DEMO_MODEL, "version": 2}},
+        ),
+        admin.post(
+            f"{DEP}/challengers",
+            headers=AUTH,
+            json={"role": "cand\n", "model": DEMO_MODEL, "version": 1},
+        ),
+        admin.post("/admin/models", headers=AUTH, json=upload_body("weak", name="evil\n")),
+        admin.post(f"{DEP}/promote", headers=AUTH, json={"version": 2**64}),
+        admin.get(f"/admin/models/{DEMO_MODEL}/{2**31}", headers=AUTH),
+    ]
+    for call in calls:
+        assert call.status_code == 422, call.text
+    listed = admin.get("/admin/deployments", headers=AUTH).json()["deployments"]
+    assert {d["name"] for d in listed} == {DEMO_DEPLOYMENT}

@@ -105,3 +105,14 @@ async def test_a_forced_shutdown_still_answers_the_predict_it_cancels() -> None:
     assert head.startswith(b"HTTP/1.1 503"), transport.written
     assert b"retry-after: 1" in head.lower() and b"connection: close" in head.lower()
     assert b"shutting down" in body
+
+
+def test_a_non_finite_answer_is_a_502_naming_the_model_never_invalid_json() -> None:
+    from gateway.transport.fast_path import ok
+
+    doc = {"model": {"name": "m", "version": 3, "role": "real"}, "predictions": [{"p": 0.5}]}
+    status, body, _ = ok(doc)
+    assert status == 200
+    doc["predictions"] = [{"probabilities": {"0": float("nan"), "1": 1.0}}]
+    status, body, _ = ok(doc)
+    assert status == 502 and b"model m v3 (real)" in body and b"NaN" not in body

@@ -97,3 +97,25 @@ def test_request_id_header_is_checked() -> None:
     for bad in ["", "x" * 129, "tab\there"]:
         with pytest.raises(RequestValidationError):
             check_request_id(bad)
+
+
+def _answer(body: bytes) -> tuple[int, bytes]:
+    from gateway.dataplane.failures import problem_of
+    from gateway.dataplane.validation import parse_body
+
+    with pytest.raises(RequestValidationError) as info:
+        to_matrix(SPEC, parse_body(body), 1000)
+    problem = problem_of(info.value)
+    assert problem is not None
+    return problem.status, problem.body()
+
+
+def test_a_422_names_ten_faults_and_counts_the_rest_in_a_few_kb() -> None:
+    many = {f"unknown-{i}-" + "x" * 300: 1.0 for i in range(50_000)}
+    status, body = _answer(json.dumps({"features": many}).encode())
+    detail = json.loads(body)["detail"]
+    assert status == 422 and len(body) <= 8 * 1024
+    assert len(detail) == 11 and "50003 in all" in detail[-1]["msg"]  # 3 missing + 50,000
+    long_row = {"instances": [["x" * 100_000] + [1.0] * 2]}
+    status, body = _answer(json.dumps(long_row).encode())
+    assert status == 422 and len(body) <= 8 * 1024 and "float" in body.decode()

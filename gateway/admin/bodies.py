@@ -7,6 +7,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_VERSION = 2**31 - 1
+"""Model versions are 1 to this: a version travels in every result as a msgpack integer and
+in key and folder names, and a larger one crash-looped its worker."""
+
 
 class AdminError(Exception):
     status = 400
@@ -47,7 +51,9 @@ class UploadMeta(_Body):
     without ``onnx_base64``)."""
 
     name: str = Field(description="model name (a-z, 0-9, '.', '_', '-')")
-    version: int | None = Field(default=None, ge=1, description="default: the next free one")
+    version: int | None = Field(
+        default=None, ge=1, le=MAX_VERSION, description="default: the next free one"
+    )
     deployment: str | None = Field(
         default=None, description="check the input width against this deployment's spec"
     )
@@ -66,7 +72,7 @@ class UploadJSON(UploadMeta):
 
 class RefIn(_Body):
     model: str
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION)
 
 
 class ScheduleIn(_Body):
@@ -90,7 +96,7 @@ class CreateDeployment(_Body):
 
 
 class Promote(_Body):
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION)
     model: str | None = Field(default=None, description="default: the real model's name")
     pin_canary: bool = Field(default=False, description="keep the canary; the old real retires")
     force: bool = Field(default=False, description="promote even if the gate refuses")
@@ -107,7 +113,7 @@ class Rollback(_Body):
 
 class AddChallenger(_Body):
     role: str
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION)
     model: str | None = Field(default=None, description="default: the real model's name")
     split: float | None = Field(default=None, gt=0, le=1)
     reason: str = Field(default="", max_length=2000)

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, ParamSpec, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from pydantic import ValidationError
@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from gateway.admin.bodies import (
+    MAX_VERSION,
     AddChallenger,
     AdminError,
     CreateDeployment,
@@ -58,6 +59,7 @@ Actor = Annotated[
     str | None,
     Header(alias="X-Actor", max_length=128, description="who makes the change (history)"),
 ]
+Version = Annotated[int, Path(ge=1, le=MAX_VERSION)]
 
 
 def upload_body_cap(settings: Settings) -> int:
@@ -244,12 +246,14 @@ def build_router(settings: Settings) -> APIRouter:
         return {"name": name, "versions": versions}
 
     @router.get("/models/{name}/{version}")
-    async def show_model(request: Request, name: str, version: int) -> Any:
+    async def show_model(request: Request, name: str, version: Version) -> Any:
         """One version's metadata, sha256 and roles."""
         return await _call(_service(request).model, name, version)
 
     @router.delete("/models/{name}/{version}")
-    async def delete_model(request: Request, name: str, version: int, actor: Actor = None) -> Any:
+    async def delete_model(
+        request: Request, name: str, version: Version, actor: Actor = None
+    ) -> Any:
         """Delete a version that holds no role in any deployment."""
         return await _call(_service(request).delete_model, name, version, actor or "admin")
 

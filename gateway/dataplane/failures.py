@@ -3,6 +3,9 @@ so that every transport answers a failure alike."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import redis
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -34,10 +37,52 @@ class NoAnswer(TimeoutError):
         self.answer = answer
 
 
+MAX_FAULTS = 10
+"""A 422 names at most this many faults, then how many more there were: a body of 50,000
+unknown feature names once made a 5.4 MB answer that held the event loop for 2 s."""
+MAX_TEXT = 200
+"""Longest message, location part or echoed input, in characters."""
+
+
+def bounded_faults(errors: Sequence[Any]) -> list[Any]:
+    """The first ``MAX_FAULTS`` faults, each cut to size, and a last entry counting the rest
+    (a few KB at most, whatever the request)."""
+    shown = [_trimmed(e) for e in errors[:MAX_FAULTS]]
+    if len(errors) > MAX_FAULTS:
+        more = len(errors) - MAX_FAULTS
+        shown.append({"type": "more_faults", "loc": ["body"],
+                      "msg": f"{more} more faults not shown ({len(errors)} in all)"})  # fmt: skip
+    return shown
+
+
+def _trimmed(error: Any) -> Any:
+    if not isinstance(error, dict):
+        return _cut(error)
+    out = {k: v for k, v in error.items() if k in ("type", "loc", "msg", "input")}
+    out["loc"] = [_cut(part) for part in list(error.get("loc", ()))[:8]]
+    if "msg" in out:
+        out["msg"] = _cut(out["msg"])
+    if "input" in out:
+        text = _cut(out["input"])
+        out["input"] = text if isinstance(text, str | int | float | bool) or text is None else None
+    return jsonable_encoder(out)
+
+
+def _cut(value: Any) -> Any:
+    if isinstance(value, str | bytes) and len(value) > MAX_TEXT:
+        value = value[:MAX_TEXT]
+        return (value.decode("utf-8", "replace") if isinstance(value, bytes) else value) + "..."
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, list | tuple | dict):
+        return None  # a structure is not echoed back: its location says which it is
+    return value
+
+
 def problem_of(exc: BaseException) -> Problem | None:
     """The answer to ``exc``, or None for a failure that is a bug (a 500)."""
     if isinstance(exc, RequestValidationError):
-        return Problem(422, jsonable_encoder(exc.errors()))
+        return Problem(422, bounded_faults(exc.errors()))
     if isinstance(exc, UnknownDeployment):
         return Problem(404, str(exc))
     if isinstance(exc, DuplicateRequest):

@@ -69,8 +69,9 @@ def to_matrix(spec: FeatureSpec, request: PredictRequest, max_rows: int) -> np.n
         for name in spec.names:
             if name not in given:
                 errors.append(_error(("features", name), f"missing feature {name!r}", "missing"))
+        known = set(spec.names)
         for name in given:
-            if name not in spec.names:
+            if name not in known:
                 errors.append(
                     _error(("features", name), f"unknown feature {name!r}", "extra_forbidden")
                 )

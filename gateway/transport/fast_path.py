@@ -31,14 +31,24 @@ from rendezvous.names import NAME_RE
 
 log = logging.getLogger(__name__)
 
-PREDICT_PATH = re.compile(rf"^/v1/deployments/({NAME_RE})/predict$")
+PREDICT_PATH = re.compile(rf"/v1/deployments/({NAME_RE})/predict")
 """A predict path (ASGI: decoded, no query string), named as a Redis key names a deployment."""
 
 SHUTTING_DOWN = Problem(503, "the gateway is shutting down", headers=RETRY, close=True)
 
 
-def ok(doc: Any) -> Reply:
-    return 200, json.dumps(doc, separators=(",", ":")).encode(), []
+def ok(doc: dict[str, Any]) -> Reply:
+    """The answer, or a 502 naming the model when it answered a non-finite number (JSON has
+    none; found by the encoder, so the answers that are fine pay nothing for the check)."""
+    try:
+        return 200, json.dumps(doc, separators=(",", ":"), allow_nan=False).encode(), []
+    except ValueError:
+        model = doc.get("model") or {}
+        detail = (
+            f"model {model.get('name')} v{model.get('version')} ({model.get('role')}) answered "
+            "a non-finite probability"
+        )
+        return Problem(502, detail).reply()
 
 
 class PredictFastPath:
@@ -51,7 +61,7 @@ class PredictFastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            match = PREDICT_PATH.match(scope["path"])
+            match = PREDICT_PATH.fullmatch(scope["path"])
             if match is not None:
                 await self._predict(match.group(1), scope, receive, send)
                 return
