@@ -1,8 +1,9 @@
 """``rdv serve``: the all-in-one deployment on one machine.
 
-Starts an embedded Redis unless ``RDV_REDIS_URL`` is set, trains the demo models on first start,
-creates the demo deployment if missing, then supervises the gateway, a worker for every role of
-every deployment (following roles added or removed later) and the log bin.
+Starts an embedded Redis unless ``RDV_REDIS_URL`` is set (and restarts it should it die),
+trains the demo models on first start, creates the demo deployment if missing, then supervises
+the gateway, a worker for every role of every deployment (following roles added or removed
+later) and the log bin.
 """
 
 from __future__ import annotations
@@ -21,12 +22,18 @@ from gateway.cli.process import (
     share_metrics_between_processes,
     stop_event,
 )
-from gateway.cli.supervisor import Supervisor, child_env
+from gateway.cli.supervisor import (
+    MAX_BACKOFF_S,
+    MIN_BACKOFF_S,
+    STABLE_AFTER_S,
+    Supervisor,
+    child_env,
+)
 from models.demo import DEMO_DEPLOYMENT, demo_models_present
 from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from rendezvous.bus.connection import connect
-from rendezvous.bus.server import EmbeddedRedis
+from rendezvous.bus.server import EmbeddedRedis, RedisServerError
 from rendezvous.names import REAL
 
 log = logging.getLogger("rdv.serve")
@@ -47,6 +54,43 @@ group absorbs (their results still have the grace period to reach the decision r
 they batch more). Set at spawn and kept for the process's life: a challenger given a split
 later keeps it until restarted, and a canary answering as a fallback while real is down
 answers from the lower priority."""
+
+
+class RedisKeeper:
+    """Restarts the embedded Redis when it dies, with the supervisor's backoff, on the same
+    port and from its append-only file: the children keep their URL and reconnect by
+    themselves, so a crash of Redis is an outage of seconds, not one that needs a person."""
+
+    def __init__(self, server: EmbeddedRedis):
+        self.server = server
+        self.backoff_s = MIN_BACKOFF_S
+        self.restart_at: float | None = None
+        self.started = time.monotonic()
+        self.restarts = 0
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self.server.running:
+            if now - self.started > STABLE_AFTER_S:
+                self.backoff_s = MIN_BACKOFF_S
+            return
+        if self.restart_at is None:
+            log.error("embedded Redis exited with %s; restarting in %.1fs",
+                      self.server.returncode, self.backoff_s)  # fmt: skip
+            self.restart_at = now + self.backoff_s
+            self.backoff_s = min(self.backoff_s * 2, MAX_BACKOFF_S)
+            return
+        if now < self.restart_at:
+            return
+        self.restart_at = None
+        try:
+            self.server.start(timeout_s=60)  # loading a large append-only file takes a while
+        except (RedisServerError, OSError) as exc:
+            log.error("embedded Redis did not come back: %s", exc)
+            return
+        self.started = time.monotonic()
+        self.restarts += 1
+        log.warning("embedded Redis restarted at %s", self.server.url)
 
 
 def _worker_name(dep: str, role: str) -> str:
@@ -125,9 +169,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
         log.info("serving on http://%s:%d", settings.host, settings.port)
 
         next_reconcile = 0.0
+        keeper = RedisKeeper(embedded) if embedded is not None else None
 
         def tick() -> None:
             nonlocal next_reconcile
+            if keeper is not None:
+                keeper.tick()
+                if keeper.restart_at is not None:
+                    return  # no Redis to read deployments from until it is back
             if time.monotonic() < next_reconcile:
                 return
             next_reconcile = time.monotonic() + 2.0
