@@ -158,6 +158,16 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    def redis_memory_bytes(self, deployments: int) -> int:
+        """A rough floor of the Redis memory these caps let the data reach, with ``deployments``
+        deployments and this host's gateways: input streams at their backlog bound (~1 KB an
+        entry), decision streams full (~0.65 KB a record), reply streams full (~0.3 KB a
+        result), sketch streams full (~2 KB a sketch)."""
+        per_deployment = (
+            self.max_backlog * 1024 + self.decisions_maxlen * 650 + self.drift_sketch_maxlen * 2048
+        )
+        return deployments * per_deployment + self.gateway_process_count * self.reply_maxlen * 300
+
     def drift_defaults(self) -> Thresholds:
         """The thresholds of a deployment that has none of its own (ValueError if invalid)."""
         return Thresholds(min_requests=self.drift_min_requests).merged(self.drift_thresholds)

@@ -158,7 +158,9 @@ class ModelWorker(ConsumerLoop):
         if isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc) and self._role_gone():
             log.info("%s/%s: the role is gone; stopping", self.deployment, self.role)
             return False
-        return super().failed(exc, retry_in_s)
+        retry = super().failed(exc, retry_in_s)
+        self.stats.errors += 1  # rdv_worker_errors_total: Redis down or full, counted
+        return retry
 
     def close(self) -> None:
         """A clean stop removes this worker's published counters, so they vanish from

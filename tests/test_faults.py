@@ -6,6 +6,7 @@ each test prints its figures (sent, answered, failed, lost, archived)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -183,6 +184,63 @@ def test_redis_restart_under_load(
                                                 late_failures[:5])  # fmt: skip
             assert not lost, sorted(lost)[:10]
             assert all(p.alive() for p in system.procs.values())
+    finally:
+        server.stop()
+
+
+def test_a_redis_at_its_memory_limit_is_ridden_out_and_recovers_by_itself(
+    demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """maxmemory with noeviction, filled: workers and the log bin stay up (the OOM reply is a
+    transient fault), predicts answer 503 naming the memory limit, the gateway warned at start
+    that the caps outgrow the limit, and once memory frees predicts answer 200 again."""
+    server = EmbeddedRedis(
+        tmp_path_factory.mktemp("full-redis"),
+        extra_args=["--maxmemory", "24mb", "--maxmemory-policy", "noeviction"],
+    ).start()
+    try:
+        with launch_system(server.url, demo_data_dir, tmp_path_factory, SCHEDULE,
+                           RDV_WORKER_BLOCK_MS="200") as system:  # fmt: skip
+            system.start_worker("real")
+            system.start_worker("canary")
+            body = bodies(1)[0]
+            predict = "/v1/deployments/breast-cancer/predict"
+            wait_until(lambda: system.http.post(predict, json=body).status_code == 200, 20,
+                       "a first answer")  # fmt: skip
+            client = redis.Redis.from_url(server.url)
+            full = threading.Event()
+            done = threading.Event()
+
+            def fill() -> None:  # to the limit, and kept there as trimming frees memory
+                i = 0
+                while not done.is_set():
+                    try:
+                        client.set(f"filler:{i}", b"x" * (64 * 1024 if not full.is_set() else 512))
+                        i += 1
+                    except redis.ResponseError:  # OOM
+                        full.set()
+                        done.wait(0.01)
+
+            filler = threading.Thread(target=fill)
+            filler.start()
+            try:
+                assert full.wait(30), "Redis never filled"
+                time.sleep(3.0)  # heartbeats and stats writes meet the limit meanwhile
+                refused = system.http.post(predict, json=body)
+                assert refused.status_code == 503, refused.text
+                assert "memory limit" in refused.json()["detail"]
+                assert refused.headers.get("retry-after")
+                assert all(p.alive() for p in system.procs.values()), "a process died of OOM"
+            finally:
+                done.set()
+                filler.join(10)
+            for key in client.scan_iter("filler:*", count=1000):
+                client.delete(key)
+            wait_until(lambda: system.http.post(predict, json=body).status_code == 200, 20,
+                       "predicts to answer again once memory frees")  # fmt: skip
+            assert all(p.alive() for p in system.procs.values())
+            assert "maxmemory is 24 MB" in system.procs["gateway"].log_text()
+            client.close()
     finally:
         server.stop()
 

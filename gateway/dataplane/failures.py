@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 
 from gateway.dataplane.matcher import Answer, DuplicateRequest
 from gateway.problems import RETRY, Problem, unavailable
+from rendezvous.bus.connection import MEMORY_LIMIT, out_of_memory
 
 
 class UnknownDeployment(LookupError):
@@ -91,6 +92,8 @@ def problem_of(exc: BaseException) -> Problem | None:
         return Problem(429, str(exc), headers=RETRY)
     if isinstance(exc, Unavailable | Backlogged):
         return unavailable(str(exc))
+    if out_of_memory(exc):
+        return unavailable(MEMORY_LIMIT)
     if isinstance(exc, redis.RedisError):
         return unavailable(f"Redis is unavailable: {type(exc).__name__}")
     if isinstance(exc, NoAnswer):

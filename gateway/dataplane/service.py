@@ -29,6 +29,7 @@ from gateway.dataplane.validation import check_request_id, parse_body, to_matrix
 from models.deployments import Deployment
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
+from rendezvous.bus.connection import MEMORY_LIMIT, out_of_memory
 from rendezvous.envelope import RequestEnvelope
 
 
@@ -133,7 +134,8 @@ class PredictionService:
         )
 
         def unpublished(exc: Exception) -> None:
-            self.rendezvous.fail(mailbox, Unavailable(f"the request bus is unavailable: {exc}"))
+            why = MEMORY_LIMIT if out_of_memory(exc) else f"the request bus is unavailable: {exc}"
+            self.rendezvous.fail(mailbox, Unavailable(why))
 
         # Not awaited on its own: the one wait below ends with the answer, or with this
         # error if the XADD failed (one suspension per request instead of two).

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import redis
+import redis.asyncio as aioredis
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -50,6 +51,27 @@ def instance_id() -> str:
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+async def _check_redis_memory(client: aioredis.Redis, settings: Settings, deployments: int) -> None:
+    """Warn when the caps let the data outgrow the Redis we were given: at its ``maxmemory``
+    Redis refuses writes and predicts answer 503. Read from ``INFO memory``: ``CONFIG`` is often
+    disabled on managed Redis."""
+    try:
+        info = await client.info("memory")
+    except redis.RedisError as exc:
+        log.warning("cannot read Redis's memory limit: %s", exc)
+        return
+    limit = int(info.get("maxmemory", 0) or 0)
+    needed = settings.redis_memory_bytes(max(deployments, 1))
+    if limit and needed > limit:
+        log.warning(
+            "Redis's maxmemory is %d MB, and the caps let the data reach about %d MB: at the "
+            "limit predicts answer 503. Lower RDV_MAX_BACKLOG (%d), RDV_DECISIONS_MAXLEN (%d), "
+            "RDV_DRIFT_SKETCH_MAXLEN (%d) and RDV_REPLY_MAXLEN (%d), or raise maxmemory",
+            limit // 2**20, needed // 2**20, settings.max_backlog, settings.decisions_maxlen,
+            settings.drift_sketch_maxlen, settings.reply_maxlen,
+        )  # fmt: skip
+
+
 def serving_app(settings: Settings | None = None) -> PredictFastPath:
     """What uvicorn serves: predict answered ahead of the framework
     (``gateway.transport.fast_path``),
@@ -78,6 +100,7 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
         await writer.connect()
         deployments = DeploymentCache(client)
         await deployments.refresh()
+        await _check_redis_memory(client, settings, len(deployments.deployments))
         appender = StreamAppender(writer)
         instance = instance_id()
         feed = DriftFeed(

@@ -90,3 +90,15 @@ def text(value: bytes | str) -> str:
     """A reply of a client made without ``decode_responses`` as text. Such a client always
     answers bytes; redis-py's annotations say ``bytes | str`` for either kind of client."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+MEMORY_LIMIT = (
+    "Redis is at its memory limit (maxmemory) and refuses writes; free memory or raise the "
+    "limit (lower RDV_DECISIONS_MAXLEN, RDV_MAX_BACKLOG and RDV_REPLY_MAXLEN to fit it)"
+)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Redis refused a write at its ``maxmemory`` (``noeviction``): transient, it passes once
+    memory frees (streams trimmed, keys expired) or the limit is raised."""
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith("OOM")

@@ -36,6 +36,7 @@ from typing import Any
 
 import redis
 
+from rendezvous.bus.connection import MEMORY_LIMIT, out_of_memory
 from rendezvous.bus.resp import BlockingLeanRedis, Endpoint, pack
 
 log = logging.getLogger(__name__)
@@ -128,10 +129,13 @@ class ConsumerLoop(ABC):
     def failed(self, exc: Exception, retry_in_s: float) -> bool:
         """``run`` caught ``exc`` from a step: True to retry in ``retry_in_s`` (after
         re-reading our pending entries), False to stop; anything else, raise it. This default
-        rides out Redis outages only."""
+        rides out Redis outages and Redis at its memory limit only."""
         if isinstance(exc, REDIS_DOWN):
             log.warning("%s: redis unavailable (%s); retrying in %.2fs", self.consumer, exc,
                         retry_in_s)  # fmt: skip
+            return True
+        if out_of_memory(exc):
+            log.warning("%s: %s; retrying in %.2fs", self.consumer, MEMORY_LIMIT, retry_in_s)
             return True
         raise exc
 

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -49,7 +50,15 @@ def free_port() -> int:
 class EmbeddedRedis:
     """Start with ``start()`` (or as a context manager); ``url`` is then ready to use."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, binary: str | None = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        binary: str | None = None,
+        extra_args: Sequence[str] = (),
+    ):
+        self.extra_args = list(extra_args)
+        """More ``redis-server`` options (``--maxmemory 8mb``, ...), after the defaults."""
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.binary = binary or find_redis_server()
@@ -86,6 +95,7 @@ class EmbeddedRedis:
             "--save", "",
             "--daemonize", "no",
             "--logfile", str((self.data_dir / "redis.log").resolve()),
+            *self.extra_args,
         ]  # fmt: skip
         log.info(
             "starting embedded redis-server on 127.0.0.1:%d (data in %s)", self.port, self.data_dir
