@@ -30,11 +30,22 @@ def fuzz_system(
         yield system
 
 
+def test_the_admin_api_is_documented_only_to_the_token_holder(fuzz_system: System) -> None:
+    anonymous = fuzz_system.http.get("/openapi.json").json()["paths"]
+    holder = fuzz_system.http.get("/openapi.json", headers=AUTH).json()["paths"]
+    assert not any(path.startswith("/admin") for path in anonymous)
+    assert any(path.endswith("/predict") for path in anonymous)
+    assert sum(path.startswith("/admin") for path in holder) >= 10
+    assert fuzz_system.http.get("/docs").status_code == 200
+
+
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_no_input_makes_a_server_error(fuzz_system: System, mode: str) -> None:
     # Driven through hypothesis directly: schemathesis's pytest plugin does not yet work with
     # this pytest version (it reads a private attribute that pytest 9 dropped).
-    schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{fuzz_system.port}/openapi.json")
+    schema = schemathesis.openapi.from_url(
+        f"http://127.0.0.1:{fuzz_system.port}/openapi.json", headers=AUTH
+    )
     operations = [result.ok() for result in schema.get_all_operations()]
     assert any(op.path.endswith("/predict") for op in operations)
     assert sum(op.path.startswith("/admin") for op in operations) >= 10

@@ -67,12 +67,12 @@ def upload_body_cap(settings: Settings) -> int:
     return settings.max_model_bytes * 4 // 3 + 1024 * 1024
 
 
-def _token(settings: Settings) -> bytes | None:
+def admin_token(settings: Settings) -> bytes | None:
     secret = settings.admin_token.get_secret_value().strip() if settings.admin_token else ""
     return secret.encode() if secret else None
 
 
-def _refusal(request: Request, token: bytes | None) -> Problem | None:
+def refusal(request: Request, token: bytes | None) -> Problem | None:
     """None when the request carries the admin token; never logs what it was given."""
     if token is None:
         return Problem(404, OFF)
@@ -96,9 +96,9 @@ def guarded_route(token: bytes | None) -> type[APIRoute]:
             handler = super().get_route_handler()
 
             async def guarded(request: Request) -> Response:
-                refusal = _refusal(request, token)
-                if refusal is not None:
-                    return refusal.response()
+                refused = refusal(request, token)
+                if refused is not None:
+                    return refused.response()
                 try:
                     return await handler(request)
                 except AdminError as exc:
@@ -208,7 +208,7 @@ def build_router(settings: Settings) -> APIRouter:
     router = APIRouter(
         prefix=PREFIX,
         tags=["admin"],
-        route_class=guarded_route(_token(settings)),
+        route_class=guarded_route(admin_token(settings)),
         dependencies=[Depends(HTTPBearer(auto_error=False))],  # documents the scheme
         responses={
             401: {"description": "no bearer token"},
@@ -373,7 +373,7 @@ async def start_admin(app: FastAPI, settings: Settings) -> Callable[[], None]:
     """Open the admin plane (its own Redis client; models found on disk are indexed) and say
     in the log whether the admin API is on. Returns what closes it."""
     app.state.admin = None
-    if _token(settings) is None:
+    if admin_token(settings) is None:
         log.warning("admin API is off: RDV_ADMIN_TOKEN is not set (every /admin route answers 404)")
         return lambda: None
     assert settings.redis_url is not None

@@ -21,6 +21,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.admin.routes import UPLOAD_PATH, install_admin, start_admin, upload_body_cap
+from gateway.admin.schema import install_schema
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import HANDLED, problem_of
 from gateway.dataplane.matcher import Rendezvous
@@ -180,6 +181,9 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
         version="0.1.0",
         summary="One prediction endpoint; real, canary and log bin behind Redis streams.",
         lifespan=lifespan,
+        openapi_url=None,  # gateway.admin.schema serves it, admin routes only with the token
+        docs_url=None,
+        redoc_url=None,
     )
     app.add_middleware(
         BodySizeLimit,
@@ -274,4 +278,5 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             {"ready": ready, "deployments": checks}, status_code=200 if ready else 503
         )
 
+    install_schema(app, settings)
     return app
