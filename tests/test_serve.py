@@ -61,6 +61,7 @@ def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> No
     env.update({"RDV_PORT": str(port), "RDV_WORKER_BLOCK_MS": "200",
                 "RDV_GATEWAY_PROCESSES": "2"})  # fmt: skip
     data = tmp_path / "data"
+    cli_env = {**env, "RDV_DATA_DIR": str(data)}  # no RDV_REDIS_URL: env has none
     serve = RdvProcess(["serve", "--data-dir", str(data)], env, tmp_path / "serve.log")
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
     try:
@@ -114,17 +115,29 @@ def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> No
         assert "restarting" in serve.log_text()
 
         _redis_crash_under_load(serve, port, body, data)
+
+        # The CLI beside serve finds its embedded Redis by itself (the README's first commands).
+        decisions = _rdv(["decisions", "--deployment", DEMO_DEPLOYMENT, "--limit", "2"], cli_env)
+        assert decisions.returncode == 0, decisions.stderr
+        assert decisions.stdout.count('"request_id"') == 2
     finally:
         http.close()
         pids = [pid for pid, _ in _children(serve.proc.pid)]
         code = serve.stop(timeout_s=30)
     assert code == 0, serve.log_text()[-3000:]
+    gone = _rdv(["decisions", "--deployment", DEMO_DEPLOYMENT], cli_env)
+    assert gone.returncode != 0 and "no 'rdv serve' is running" in gone.stderr
     time.sleep(0.2)
     for pid in pids:
         assert (
             not Path(f"/proc/{pid}").exists()
             or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
         ), f"child {pid} outlived serve"
+
+
+def _rdv(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway.cli.main", *args], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
 
 
 def _redis_crash_under_load(serve: RdvProcess, port: int, body: dict[str, Any], data: Path) -> None:

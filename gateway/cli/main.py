@@ -25,9 +25,19 @@ log = logging.getLogger("rdv")
 
 
 def _require_redis(settings: Settings) -> str:
-    if not settings.redis_url:
-        sys.exit("set RDV_REDIS_URL (or use 'rdv serve', which starts an embedded Redis)")
-    return settings.redis_url
+    """``RDV_REDIS_URL``, else the embedded Redis of a ``rdv serve`` running on this data
+    folder, else a clear exit."""
+    if settings.redis_url:
+        return settings.redis_url
+    from rendezvous.bus.server import recorded_url
+
+    url = recorded_url(settings.redis_dir)
+    if url is None:
+        sys.exit(
+            f"no Redis: RDV_REDIS_URL is not set and no 'rdv serve' is running on the data "
+            f"folder {settings.data_dir} (start one with 'make serve', or set RDV_REDIS_URL)"
+        )
+    return url
 
 
 def cmd_train_demo(args: argparse.Namespace) -> None:
@@ -45,7 +55,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     from gateway.transport.http_guard import GuardedHttpToolsProtocol
 
     settings = settings_from_args(args)
-    _require_redis(settings)
+    os.environ["RDV_REDIS_URL"] = _require_redis(settings)  # the app reads it (a factory)
     # The app is built by a factory (in each worker process when there are several), which
     # reads the settings from the environment: hand the command-line overrides down.
     os.environ.update(

@@ -47,6 +47,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+ADDRESS_FILE = "address"
+"""Where a running embedded Redis's URL is written in its data folder, for the CLI commands
+started beside ``rdv serve`` (its port is chosen at start)."""
+
+
+def recorded_url(data_dir: Path, timeout_s: float = 1.0) -> str | None:
+    """The URL of the embedded Redis recorded in ``data_dir`` if one answers there now."""
+    try:
+        url = (Path(data_dir) / ADDRESS_FILE).read_text().strip()
+    except OSError:
+        return None
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError):
+        return None
+    finally:
+        client.close()
+    return url
+
+
 class EmbeddedRedis:
     """Start with ``start()`` (or as a context manager); ``url`` is then ready to use."""
 
@@ -124,8 +145,15 @@ class EmbeddedRedis:
         finally:
             client.close()
 
+    def record_address(self) -> None:
+        """Write ``url`` into the data folder (``recorded_url`` reads it); ``stop`` removes it."""
+        path = self.data_dir / ADDRESS_FILE
+        path.with_suffix(".tmp").write_text(self.url + "\n")
+        path.with_suffix(".tmp").replace(path)
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM: Redis fsyncs the append-only file before it exits."""
+        (self.data_dir / ADDRESS_FILE).unlink(missing_ok=True)
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
