@@ -282,7 +282,7 @@ class ModelWorker(ConsumerLoop):
             log.exception("model %s failed on a batch of %d rows", ref, len(x))
             return out + [self._failed(env, q, f"model failed: {exc}") for env, q in good]
         inference_s = time.perf_counter() - t0
-        latency_ms = inference_s * 1000
+        ms_per_row = inference_s * 1000 / len(x)
         self.stats.inference_s += inference_s
         self.stats.rows += len(x)
         row = 0
@@ -293,7 +293,7 @@ class ModelWorker(ConsumerLoop):
                     env.reply_to,
                     self._result(
                         env, queue_ms, labels[row : row + n].tolist(), proba[row : row + n],
-                        latency_ms,
+                        ms_per_row * n,  # its rows' share of the batch's one call
                     ),
                 )
             )  # fmt: skip

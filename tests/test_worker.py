@@ -6,6 +6,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import redis
 
 from models.deployments import DeploymentStore, demo_deployment
@@ -91,6 +92,9 @@ def test_worker_scores_a_batch_in_one_call_and_matches_onnxruntime(
         assert res.model_latency_ms > 0 and res.queue_ms >= 0
     pending = r.xpending(names.input_stream(DEMO_DEPLOYMENT), names.model_group("real"))
     assert pending["pending"] == 0
+    # Each request is given its rows' share of the one onnxruntime call, not the whole call.
+    total_ms = sum(res.model_latency_ms for res in got.values())
+    assert total_ms == pytest.approx(worker.stats.inference_s * 1000, rel=1e-6)
 
 
 def test_a_batch_owes_each_gateway_one_reply_entry(

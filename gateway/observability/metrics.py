@@ -141,7 +141,8 @@ class GatewayMetrics:
         )
         self.model_seconds = Histogram(
             "rdv_model_latency_seconds",
-            "Time a model spent scoring a request (its onnxruntime call), by model version.",
+            "Time a model spent scoring a request: its rows' share of its batch's onnxruntime "
+            "call, by model version.",
             ["deployment", "role", "model", "version"],
             buckets=MODEL_BUCKETS,
             registry=r,
