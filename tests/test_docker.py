@@ -84,7 +84,8 @@ METRICS = frozenset(
         "rdv_logbin_bytes_written_total",
     }
 )
-"""Every metric name the dashboard may query, as the gateway's /metrics exposes it."""
+"""Every metric name the dashboard must chart (a panel each). That the gateway really exposes
+them is checked against a running gateway's /metrics in tests/test_observability.py."""
 
 RDV_SUBCOMMAND = {
     "train": "train-demo",
