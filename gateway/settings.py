@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     """Entries an input stream may hold unconsumed by its slowest reader (the log bin or a
     model group); beyond it the gateway answers 503 at once instead of queueing."""
 
+    max_backlog_bytes: int = Field(default=256 * 2**20, ge=2**20)
+    """The same bound in bytes of Redis memory that the input stream holds (``MEMORY USAGE``):
+    beyond it, 503 at once. A log bin that cannot archive holds the stream; this keeps it from
+    filling Redis."""
+
     redis_timeout_s: float = Field(default=2.0, gt=0)
     """Bound on every gateway Redis command: a hung server becomes a 503, never a hang."""
 

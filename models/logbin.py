@@ -19,6 +19,7 @@ acks after the fsync, and retention.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,6 +31,7 @@ import redis
 
 from models.archive import SegmentWriter, record_from_envelope
 from rendezvous import names
+from rendezvous.bus.connection import out_of_memory
 from rendezvous.bus.consumer import REDIS_DOWN, Batch, ConsumerLoop, Entry
 from rendezvous.bus.retention import trim_input_stream
 from rendezvous.envelope import RequestEnvelope
@@ -58,6 +60,10 @@ class LogBinStats:
     """Redis or disk failures that the loop rode out."""
     trimmed: int = 0
     """Input-stream entries trimmed behind the slowest consumer group."""
+    failing: str = ""
+    """Why the last archive write failed, until one succeeds again ("": archiving). The
+    gateway's ``/readyz`` and ``rdv_logbin_failing`` say it: the entries meanwhile wait in the
+    input stream, so callers notice nothing until its backlog bound."""
 
 
 class LogBin(ConsumerLoop):
@@ -121,13 +127,18 @@ class LogBin(ConsumerLoop):
 
     def failed(self, exc: Exception, retry_in_s: float) -> bool:
         """Every failure is ridden out: a dead log bin silently stops the archive."""
-        if isinstance(exc, REDIS_DOWN):
+        if isinstance(exc, REDIS_DOWN) or out_of_memory(exc):
             log.warning("logbin: redis unavailable (%s); retry in %.2fs", exc, retry_in_s)
         elif isinstance(exc, OSError):
             log.error("logbin: archive write failed (%s); retry in %.2fs", exc, retry_in_s)
+            self.stats.failing = f"archive write failed: {exc}"[:500]
         else:
             log.error("logbin: unexpected error; retry in %.2fs", retry_in_s, exc_info=exc)
+            self.stats.failing = f"{type(exc).__name__}: {exc}"[:500]
         self.stats.errors += 1
+        if self.stats.failing:  # say so now: no ack round trip carries the counters meanwhile
+            with contextlib.suppress(redis.RedisError):
+                self.client.hset(names.LOGBIN_STATS, self.consumer, self.stats_json(time.time()))
         return True
 
     def close(self) -> None:
@@ -203,6 +214,8 @@ class LogBin(ConsumerLoop):
             # Ack what is on disk even if a later deployment's write failed. Counted before
             # the ack so that the counters riding in the ack's round trip include this batch.
             if written:
+                if len(written) == len(records):
+                    self.stats.failing = ""
                 self.stats.records += sum(len(ids[s]) for s in written)
                 self.stats.undecodable += sum(undecodable[s] for s in written)
                 self.stats.batches += 1

@@ -521,6 +521,15 @@ def test_promtool_accepts_the_prometheus_config() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_promtool_accepts_the_alerting_rules() -> None:
+    rules = DOCKER / "prometheus" / "rules.yml"
+    done = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "/etc/prometheus/rules.yml" in PROMETHEUS_CONFIG.read_text()
+
+
 # -- Grafana ------------------------------------------------------------------------------------
 
 

@@ -245,6 +245,30 @@ def test_a_redis_at_its_memory_limit_is_ridden_out_and_recovers_by_itself(
         server.stop()
 
 
+def test_a_log_bin_that_stops_archiving_bounds_the_backlog_in_bytes(
+    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """With the log bin gone the input stream is not trimmed: past RDV_MAX_BACKLOG_BYTES of it,
+    predicts answer 503 at once, and once the log bin is back and has archived, 200 again."""
+    with launch_system(redis_url, demo_data_dir, tmp_path_factory, SCHEDULE,
+                       RDV_MAX_BACKLOG_BYTES=str(2**20)) as system:  # fmt: skip
+        system.start_worker("real")
+        system.start_worker("canary")
+        system.stop("logbin")
+        body = bodies(1)[0]
+        predict = "/v1/deployments/breast-cancer/predict"
+        statuses: list[int] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and 503 not in statuses:
+            resp = system.http.post(predict, json=body)
+            statuses.append(resp.status_code)
+        assert statuses.count(200) > 100 and statuses[-1] == 503, statuses[-5:]
+        assert "MB of entries" in resp.json()["detail"] and resp.headers.get("retry-after")
+        system.start("logbin", "logbin")
+        wait_until(lambda: system.http.post(predict, json=body).status_code == 200, 30,
+                   "predicts to answer again once the log bin archived the backlog")  # fmt: skip
+
+
 def test_a_redis_that_does_not_answer_makes_503_not_a_hang(
     demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

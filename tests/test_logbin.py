@@ -348,3 +348,32 @@ def test_a_short_read_makes_the_next_read_wait_and_drain_never_waits(
     assert logbin.drain() == 2 and len(paused) == 1
     writer.close()
     assert logbin.stats.records == 8 and _pending(r) == 0
+
+
+class SwitchableWriter(SegmentWriter):
+    """fsync fails while ``broken`` is set, as on a full disk that is then cleared."""
+
+    broken = True
+
+    def _fsync(self, fd: int) -> None:
+        if self.broken and stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(28, "No space left on device")
+        super()._fsync(fd)
+
+
+def test_a_failing_archive_is_published_at_once_and_cleared_by_the_next_write(
+    r: redis.Redis, data_dir: Path
+) -> None:
+    _publish(r, 5)
+    writer = SwitchableWriter(data_dir)
+    logbin = _logbin(r, writer)
+    with pytest.raises(OSError):
+        logbin.step(block_ms=None)
+    assert logbin.failed(OSError(28, "No space left on device"), 0.05)
+    published = json.loads(r.hget(names.LOGBIN_STATS, "logbin-1"))  # type: ignore[arg-type]
+    assert "No space left on device" in published["failing"] and _pending(r) == 5
+    writer.broken = False
+    logbin._reset()  # what run() does after a failure: our pending entries first
+    assert logbin.drain() == 5
+    assert logbin.stats.failing == "" and _pending(r) == 0
+    writer.close()

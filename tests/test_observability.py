@@ -255,7 +255,7 @@ def test_an_injected_shift_raises_drift_alerts_and_they_clear(system: System) ->
     assert {"score_psi", "feature_psi"} <= cleared
 
 
-def test_the_grafana_dashboard_queries_only_what_a_running_gateway_exposes(
+def test_the_dashboard_and_alert_rules_query_only_what_a_running_gateway_exposes(
     system: System,
 ) -> None:
     """Against the real /metrics, not a list kept by hand: a metric renamed in the code fails
@@ -268,9 +268,10 @@ def test_the_grafana_dashboard_queries_only_what_a_running_gateway_exposes(
             exposed |= histogram if kind == "histogram" else {name}
         elif line and not line.startswith("#"):
             exposed.add(line.split("{")[0].split(" ")[0])
-    dashboard = Path(__file__).resolve().parent.parent / "docker/grafana/dashboards/rendezvous.json"
-    used = set(re.findall(r"\brdv_[A-Za-z0-9_:]*", dashboard.read_text()))
-    assert len(used) > 10 and used <= exposed, sorted(used - exposed)
+    docker = Path(__file__).resolve().parent.parent / "docker"
+    for queries in ("grafana/dashboards/rendezvous.json", "prometheus/rules.yml"):
+        used = set(re.findall(r"\brdv_[A-Za-z0-9_:]*", (docker / queries).read_text()))
+        assert used and used <= exposed, (queries, sorted(used - exposed))
 
 
 def test_drift_thresholds_are_set_per_deployment(system: System) -> None:

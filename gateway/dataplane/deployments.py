@@ -27,6 +27,8 @@ class DeploymentCache:
         self.backlog: dict[str, int] = {}
         """Entries in each input stream: trimming follows the slowest consumer group, so this
         is the backlog of the slowest reader."""
+        self.backlog_bytes: dict[str, int] = {}
+        """The same backlog in bytes of Redis memory (``MEMORY USAGE``, sampled)."""
         self._raw: dict[str, bytes] = {}
 
     async def refresh(self) -> None:
@@ -35,9 +37,11 @@ class DeploymentCache:
         for name in members:
             pipe.get(names.deployment_key(name))
             pipe.xlen(names.input_stream(name))
+            pipe.memory_usage(names.input_stream(name), samples=5)
         replies = await pipe.execute()
-        raws, lengths = replies[0::2], replies[1::2]
+        raws, lengths, sizes = replies[0::3], replies[1::3], replies[2::3]
         self.backlog = dict(zip(members, lengths, strict=True))
+        self.backlog_bytes = {m: int(s or 0) for m, s in zip(members, sizes, strict=True)}
         fresh: dict[str, Deployment] = {}
         for name, raw in zip(members, raws, strict=True):
             if raw is None:

@@ -60,6 +60,7 @@ class PredictionService:
         max_rows: int,
         max_in_flight: int,
         max_backlog: int,
+        max_backlog_bytes: int = 2**62,
         metrics: RequestTally | None = None,
         drift_feed: RowSink | None = None,
     ):
@@ -71,6 +72,7 @@ class PredictionService:
         self.max_rows = max_rows
         self.max_in_flight = max_in_flight
         self.max_backlog = max_backlog
+        self.max_backlog_bytes = max_backlog_bytes
         self.in_flight = 0
 
     async def predict(self, deployment: str, raw: bytes, request_id: str | None) -> dict[str, Any]:
@@ -109,6 +111,12 @@ class PredictionService:
         if backlog >= self.max_backlog:
             raise Backlogged(
                 f"deployment {dep.name} has {backlog} entries not yet consumed by every reader"
+            )
+        backlog_bytes = self.deployments.backlog_bytes.get(dep.name, 0)
+        if backlog_bytes >= self.max_backlog_bytes:
+            raise Backlogged(
+                f"deployment {dep.name} has {backlog_bytes // 2**20} MB of entries not yet "
+                "consumed by every reader"
             )
         self.in_flight += 1
         try:

@@ -219,11 +219,18 @@ class ClusterStateCollector(Collector):
             )
             for key in LOGBIN_COUNTERS
         }
+        failing = _gauge(
+            "rdv_logbin_failing",
+            "1 while the log bin cannot archive (its last write failed), else 0.",
+            ["consumer"],
+        )
         for consumer, doc in sorted(self.state.logbin_stats.items()):
             for key, family in families.items():
                 if key in doc:
                     family.add_metric([consumer], float(doc[key]))
+            failing.add_metric([consumer], 1.0 if doc.get("failing") else 0.0)
         yield from families.values()
+        yield failing
 
     def _drift(self) -> Iterator[Any]:
         dep_only = ["deployment"]

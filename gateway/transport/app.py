@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -50,6 +51,29 @@ def instance_id() -> str:
     """Unique per gateway process: the name of its reply stream."""
     host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:32]
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+LOGBIN_SILENT_S = 60.0
+"""A log bin whose counters are older than this is gone (as ``/metrics`` judges it)."""
+
+
+def archive_status(logbins: dict[bytes, bytes]) -> dict[str, Any]:
+    """What ``/readyz`` says of the archive, from the log bins' published counters. A failing
+    archive does not make the gateway unready (the requests are still answered, their entries
+    wait in the input stream), but it is said, with the reason."""
+    now = time.time()
+    fresh = []
+    for raw in logbins.values():
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and now - float(doc.get("ts", 0)) < LOGBIN_SILENT_S:
+            fresh.append(doc)
+    failing = [d["failing"] for d in fresh if d.get("failing")]
+    if failing:
+        return {"status": "failing", "reason": failing[0]}
+    return {"status": "ok" if fresh else "no log bin"}
 
 
 async def _check_redis_memory(client: aioredis.Redis, settings: Settings, deployments: int) -> None:
@@ -152,6 +176,7 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             max_rows=settings.max_rows,
             max_in_flight=settings.max_in_flight,
             max_backlog=settings.max_backlog,
+            max_backlog_bytes=settings.max_backlog_bytes,
             metrics=metrics,
             drift_feed=feed,
         )
@@ -262,7 +287,8 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             deps = sorted(deployments.deployments)
             for dep in deps:
                 pipe.zrangebyscore(names.workers_key(dep), live_after, "+inf")
-            _, *live = await asyncio.wait_for(pipe.execute(), timeout=2.0)
+            pipe.hgetall(names.LOGBIN_STATS)
+            _, *live, logbins = await asyncio.wait_for(pipe.execute(), timeout=2.0)
         except (redis.RedisError, OSError, TimeoutError) as exc:
             detail = f"Redis is unavailable: {type(exc).__name__}"
             return Problem(503, detail, {"ready": False}, RETRY).response()
@@ -274,9 +300,8 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
                 roles[role] = roles.get(role, 0) + 1
             checks[dep] = {"live_workers": roles, "ready": roles.get(names.REAL, 0) > 0}
         ready = bool(checks) and all(c["ready"] for c in checks.values())
-        return JSONResponse(
-            {"ready": ready, "deployments": checks}, status_code=200 if ready else 503
-        )
+        doc = {"ready": ready, "deployments": checks, "archive": archive_status(logbins)}
+        return JSONResponse(doc, status_code=200 if ready else 503)
 
     install_schema(app, settings)
     return app
