@@ -75,3 +75,31 @@ def test_no_input_makes_a_server_error(fuzz_system: System, mode: str) -> None:
     print(f"\n[schemathesis {mode}] {calls} calls over {len(operations)} operations, "
           f"{len(failures)} server errors")  # fmt: skip
     assert not failures, failures[:5]
+
+
+def test_bodies_that_are_not_utf8_or_not_json_get_a_4xx(fuzz_system: System) -> None:
+    """Arbitrary bytes on every route that takes a JSON body: a 4xx naming the problem, never
+    a 5xx (a non-UTF-8 body once crashed the error builder)."""
+    from hypothesis import strategies as st
+
+    routes = [
+        "/v1/deployments/breast-cancer/predict",
+        "/admin/deployments",
+        "/admin/deployments/breast-cancer/promote",
+        "/admin/models",
+    ]
+    seen: list[tuple[str, int]] = []
+
+    @given(body=st.one_of(st.binary(max_size=300),
+                          st.text(max_size=100).map(lambda s: s.encode("utf-16"))),
+           route=st.sampled_from(routes))  # fmt: skip
+    @settings(max_examples=120, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    def check(body: bytes, route: str) -> None:
+        headers = {**AUTH, "Content-Type": "application/json"}
+        resp = fuzz_system.http.post(route, content=body, headers=headers)
+        seen.append((route, resp.status_code))
+        assert 400 <= resp.status_code < 500, (route, body[:60], resp.status_code, resp.text)
+
+    check()
+    assert {route for route, _ in seen} == set(routes)
