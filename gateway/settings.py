@@ -112,6 +112,11 @@ class Settings(BaseSettings):
     beyond it, 503 at once. A log bin that cannot archive holds the stream; this keeps it from
     filling Redis."""
 
+    max_role_lag: int = Field(default=50_000, ge=100)
+    """A model role (real included) whose group falls this many input entries behind no longer
+    holds the stream: the log bin moves its group forward and counts what it skipped
+    (``rdv_role_skipped_entries_total``). Only the archive holds the stream without bound."""
+
     redis_timeout_s: float = Field(default=2.0, gt=0)
     """Bound on every gateway Redis command: a hung server becomes a 503, never a hang."""
 

@@ -79,6 +79,7 @@ class LogBin(ConsumerLoop):
         claim_idle_ms: int = 30_000,
         refresh_s: float = 5.0,
         trim_interval_s: float = 1.0,
+        max_role_lag: int = 0,
         heartbeat_s: float = 1.0,
         batch_wait_ms: float = LOGBIN_BATCH_WAIT_MS,
     ):
@@ -101,6 +102,8 @@ class LogBin(ConsumerLoop):
         """How often a callable ``deployments`` is asked again."""
         self.trim_interval_s = trim_interval_s
         """How often the input streams are trimmed behind their slowest group (0: never)."""
+        self.max_role_lag = max_role_lag
+        """Model roles this far behind stop holding the streams (0: they always hold them)."""
         self._next_trim = 0.0
         self.batch_wait_s = max(batch_wait_ms, 0.0) / 1000
         self.stats = LogBinStats()
@@ -171,7 +174,7 @@ class LogBin(ConsumerLoop):
             return
         self._next_trim = now + self.trim_interval_s
         for dep in self._streams.values():
-            self.stats.trimmed += trim_input_stream(self.client, dep)
+            self.stats.trimmed += trim_input_stream(self.client, dep, self.max_role_lag)
 
     def _refresh(self) -> None:
         """The deployments to archive (the loop creates their groups and re-reads pending)."""

@@ -81,7 +81,7 @@ def workers_key(deployment: str) -> str:
 def model_group(role: str) -> str:
     """Consumer group of a model bin. Groups follow roles, not versions, so that a promotion
     hands the stream position over to the new version without a gap or a replay."""
-    return f"model:{check_role(role)}"
+    return f"{MODEL_GROUP_PREFIX}{check_role(role)}"
 
 
 def reply_stream(instance_id: str) -> str:
@@ -93,6 +93,15 @@ def reply_stream(instance_id: str) -> str:
 
 def worker_member(role: str, consumer: str) -> str:
     return f"{role}|{consumer}"
+
+
+MODEL_GROUP_PREFIX = "model:"
+
+
+def skipped_key(deployment: str) -> str:
+    """Hash ``role`` -> input entries that role's group was moved past because it fell more
+    than ``RDV_MAX_ROLE_LAG`` behind (its worker down or too slow)."""
+    return f"{_tag(deployment)}:skipped"
 
 
 def stats_key(deployment: str) -> str:

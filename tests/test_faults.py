@@ -269,6 +269,30 @@ def test_a_log_bin_that_stops_archiving_bounds_the_backlog_in_bytes(
                    "predicts to answer again once the log bin archived the backlog")  # fmt: skip
 
 
+def test_a_canary_that_stays_down_does_not_take_predictions_down(
+    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """No canary worker at all, past the backlog bound's worth of requests: the canary's group
+    is moved forward once it lags RDV_MAX_ROLE_LAG entries, so real keeps answering (before,
+    the stream filled to RDV_MAX_BACKLOG and every predict answered 503)."""
+    with launch_system(redis_url, demo_data_dir, tmp_path_factory, SCHEDULE,
+                       RDV_MAX_ROLE_LAG="100", RDV_MAX_BACKLOG="1500") as system:  # fmt: skip
+        system.start_worker("real")
+        with Load(f"http://127.0.0.1:{system.port}", bodies(), max_s=40, prefix="lag",
+                  max_requests=3000) as load:  # fmt: skip
+            wait_until(lambda: len(load.results) >= 3000, 45, "3,000 answers")
+        figures = load.figures()
+        report("canary down past the role-lag bound", figures)
+        assert load.count(200) == len(load.results) >= 3000, figures
+        metrics = system.http.get("/metrics").text
+        skipped = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("rdv_role_skipped_entries_total") and 'role="canary"' in line
+        ]
+        assert skipped and float(skipped[0].rsplit(" ", 1)[1]) > 0, skipped
+
+
 def test_a_redis_that_does_not_answer_makes_503_not_a_hang(
     demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

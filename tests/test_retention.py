@@ -82,3 +82,36 @@ def test_the_log_bin_trims_behind_every_group(r: redis.Redis, tmp_path) -> None:
     writer.close()
     assert logbin.stats.trimmed > 0 and r.xlen(STREAM) < 1500
     assert len(list(ArchiveReader(tmp_path).records(DEP))) == 1500
+
+
+def test_a_model_role_that_lags_past_the_bound_is_moved_forward_and_counted(
+    r: redis.Redis,
+) -> None:
+    r.xgroup_create(STREAM, "logbin", id="0", mkstream=True)
+    r.xgroup_create(STREAM, "model:real", id="0")
+    r.xgroup_create(STREAM, "model:canary", id="0")
+    ids = fill(r, 300)
+    for group in ("logbin", "model:real"):
+        r.xreadgroup(group, "c", {STREAM: ">"}, count=1000)
+        r.xack(STREAM, group, *ids)
+    r.xreadgroup("model:canary", "dead", {STREAM: ">"}, count=50)  # read, never acked: died
+    assert trim_input_stream(r, DEP, max_role_lag=1000) == 0  # within the bound: held
+    assert r.xlen(STREAM) == 300
+    assert trim_input_stream(r, DEP, max_role_lag=100) == 299
+    assert r.xlen(STREAM) == 1
+    assert r.xpending(STREAM, "model:canary")["pending"] == 0
+    assert r.hget(names.skipped_key(DEP), "canary") == b"299"
+    # The worker that comes back resumes at its group's position: the next entry.
+    fresh = r.xadd(STREAM, {b"d": b"new"})
+    ((_, entries),) = r.xreadgroup("model:canary", "back", {STREAM: ">"}, count=10)
+    assert [e for e, _ in entries] == [fresh]
+
+
+def test_the_log_bins_position_is_never_moved_however_far_behind(r: redis.Redis) -> None:
+    r.xgroup_create(STREAM, "logbin", id="0", mkstream=True)
+    r.xgroup_create(STREAM, "model:real", id="0")
+    ids = fill(r, 300)
+    r.xreadgroup("model:real", "c", {STREAM: ">"}, count=1000)
+    r.xack(STREAM, "model:real", *ids)
+    assert trim_input_stream(r, DEP, max_role_lag=100) == 0
+    assert r.xlen(STREAM) == 300 and not r.exists(names.skipped_key(DEP))

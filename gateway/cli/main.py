@@ -150,6 +150,7 @@ def cmd_logbin(args: argparse.Namespace) -> None:
         batch_size=settings.logbin_batch_size,
         claim_idle_ms=settings.claim_idle_ms,
         batch_wait_ms=settings.logbin_batch_wait_ms,
+        max_role_lag=settings.max_role_lag,
     )
     stop = stop_event()
     settle_heap()

@@ -55,6 +55,8 @@ class DeploymentState:
     worker_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     """``role|consumer`` -> the JSON counters it published."""
     drift: dict[str, Any] | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Role -> input entries its group was moved past (``RDV_MAX_ROLE_LAG``)."""
 
 
 @dataclass
@@ -100,6 +102,7 @@ async def read_state(
         pipe.hgetall(names.stats_key(dep))
         pipe.get(names.drift_report_key(dep))
         pipe.xinfo_groups(names.input_stream(dep))
+        pipe.hgetall(names.skipped_key(dep))
     replies = await pipe.execute(raise_on_error=False)
     state = ClusterState()
     forget: dict[str, list[bytes]] = {}
@@ -108,7 +111,7 @@ async def read_state(
             replies[0], now, forget.setdefault(names.LOGBIN_STATS, [])
         )
     for i, dep in enumerate(deployments):
-        xlen_in, xlen_dec, live, stats, report, groups = replies[1 + 6 * i : 7 + 6 * i]
+        xlen_in, xlen_dec, live, stats, report, groups, skipped = replies[1 + 7 * i : 8 + 7 * i]
         ds = DeploymentState()
         ds.input_length = xlen_in if isinstance(xlen_in, int) else 0
         ds.decisions_length = xlen_dec if isinstance(xlen_dec, int) else 0
@@ -124,6 +127,8 @@ async def read_state(
                 ds.drift = json.loads(report)
             except ValueError:
                 ds.drift = None
+        if isinstance(skipped, dict):
+            ds.skipped = {_text(role): int(n) for role, n in skipped.items()}
         state.deployments[dep] = ds
     await _forget(client, forget)
     return state
@@ -175,7 +180,15 @@ class ClusterStateCollector(Collector):
         live = _gauge(
             "rdv_live_workers", "Workers whose heartbeat is fresh, by role.", ["deployment", "role"]
         )
+        skipped = CounterMetricFamily(
+            "rdv_role_skipped_entries",
+            "Input entries a model role's group was moved past because it fell more than "
+            "RDV_MAX_ROLE_LAG behind (its worker down or too slow): never scored by it.",
+            labels=["deployment", "role"],
+        )
         for dep, ds in sorted(self.state.deployments.items()):
+            for role, n in sorted(ds.skipped.items()):
+                skipped.add_metric([dep, role], n)
             length.add_metric([dep, "input"], ds.input_length)
             length.add_metric([dep, "decisions"], ds.decisions_length)
             for group in ds.groups:
@@ -186,7 +199,7 @@ class ClusterStateCollector(Collector):
                     lag.add_metric([dep, gname], int(group["lag"]))
             for role, n in sorted(ds.live_workers.items()):
                 live.add_metric([dep, role], n)
-        yield from (length, pending, lag, consumers, live)
+        yield from (length, pending, lag, consumers, live, skipped)
 
     def _workers(self) -> Iterator[Any]:
         labels = ["deployment", "role", "consumer"]
