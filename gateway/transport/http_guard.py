@@ -57,6 +57,7 @@ class ConnectionGuard:
         "__weakref__",
         "closed",
         "deadline",
+        "drained",
         "head_bytes",
         "headers",
         "in_body",
@@ -81,6 +82,8 @@ class ConnectionGuard:
         self.headers = 0
         self.refusal: Problem | None = None
         self.closed = False
+        self.drained = 0
+        """Bytes read and dropped after a refusal (bounded by ``LINGER_BYTES``)."""
         self.deadline = time.monotonic() + limits.header_timeout_s
         """When the current phase (waiting for a first request, a head, a body) must end;
         0: no deadline (between a request's end and the next one's first byte)."""
@@ -90,8 +93,8 @@ class ConnectionGuard:
     def admit(self, data: bytes) -> bool:
         """False when ``data`` crossed a bound: the answer is written, uvicorn never sees it."""
         if self.closed:
-            self.raw_head += len(data)  # lingering after a refusal: dropped, counted
-            if self.raw_head > LINGER_BYTES:
+            self.drained += len(data)  # lingering after a refusal: dropped, counted
+            if self.drained > LINGER_BYTES:
                 self.deadline = 0.0
                 self.transport.close()
             return False
@@ -141,7 +144,6 @@ class ConnectionGuard:
 
     def answer(self, problem: Problem) -> None:
         self.closed = True
-        self.raw_head = 0
         status, body, headers = problem.reply()
         head = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
         head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
