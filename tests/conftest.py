@@ -1,4 +1,5 @@
-"""Shared fixtures: one real redis-server for the session, a flushed client per test."""
+"""Shared fixtures: one real redis-server (and, for the tests that ask, one real Redis Cluster)
+for the session, a flushed client per test."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from rendezvous.bus.local_cluster import LocalCluster
 from rendezvous.bus.server import EmbeddedRedis
 
-REAL_SERVERS = {"redis_server"}
+REAL_SERVERS = {"redis_server", "redis_cluster"}
 """Fixtures that start a real server: a test that uses one (or is marked ``integration``) is an
 integration test, every other one is ``pure`` (no server, no process: seconds in all)."""
 
@@ -41,6 +43,26 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
     """A synchronous client on a flushed database."""
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real Redis Cluster (3 masters, 1 replica each) for the session, started on first use
+    (about 2 s)."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def rc(redis_cluster: LocalCluster) -> Iterator[redis.RedisCluster]:
+    """A cluster client on a whole cluster (a failover test before may have left it healing),
+    every master flushed."""
+    redis_cluster.wait_healthy(30.0)
+    client = redis.RedisCluster.from_url(redis_cluster.url)
+    client.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
     yield client
     client.close()
 

@@ -1,0 +1,510 @@
+"""A real Redis Cluster on loopback: three masters and three replicas, for tests and benchmarks.
+
+Why: a gateway that runs on Redis Cluster has to be tested against one. Slot routing
+(``MOVED``/``ASK``), hash tags that keep a deployment's keys on one shard, cross-slot errors and,
+above all, what a client sees while a master dies and its replica is elected, are not things a
+single ``redis-server`` or a mock can show. The benchmark needs the same cluster to measure the
+cost of sharding. It is built from the ``redis-server`` the suite already uses
+(:func:`~rendezvous.bus.server.find_redis_server`) and the ``redis-cli`` beside it, and joined
+with ``redis-cli --cluster create``, the way an operator would build one.
+
+The settings, and why:
+
+- ``cluster-node-timeout`` 1000 ms by default (at most 2000): a dead master is marked failing
+  after about this long and its replica elected some 0.5-1.5 s later, so a failover test takes
+  seconds, not the ~16 s of the default 15000. Loopback has no latency spikes to mistake for
+  a failure.
+- ``cluster-require-full-coverage no``: while a master is down its slots fail whatever this
+  says (and ``cluster-allow-reads-when-down no`` makes them fail for reads too, rather than
+  serve what may be stale). With ``yes`` every *other* slot would fail for the same window
+  too: one shard's loss would be a whole-cluster outage, which is neither what production
+  should run nor what a failover test wants to measure. (So ``cluster_state`` stays ``ok``
+  on the survivors while a master is down, as long as most masters answer: to see a
+  failover, watch the slots' owner, not the state.)
+- ``appendonly yes`` with ``appendfsync everysec`` and ``save ""``, as the embedded server:
+  a killed node restarts with its data and its ``nodes.conf``, and rejoins as a replica of
+  whoever took its slots.
+- Loopback only (``bind 127.0.0.1``); ports are chosen below the kernel's ephemeral range when
+  both the port and its cluster bus port (port + 10000, which must be below 65536) fit there,
+  so a node restarted after a kill never finds its port taken by some outgoing connection
+  (else any free ports below 55536).
+
+Starting takes about 2 s, whatever the machine: ``redis-cli --cluster create`` sleeps 1 s after
+its ``CLUSTER MEET``s, and a master keeps ``cluster_state:fail`` for 2 s after its process starts
+(Redis's fixed delay before a master rejoins as writable). A failover (SIGKILL to a new master
+answering) takes about 2-2.5 s at the default node timeout; a restarted node is an attached,
+synchronised replica again within a second.
+
+Every node runs in its own folder under ``root`` (``<root>/<port>/``: ``redis.conf``,
+``nodes.conf``, the append-only file and ``redis.log``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import redis
+
+from rendezvous.bus.server import RedisServerError, find_redis_server, free_port
+
+SLOTS = 16384
+BUS_PORT_OFFSET = 10000
+MAX_NODE_TIMEOUT_MS = 2000
+
+
+class ClusterError(RedisServerError):
+    pass
+
+
+def find_redis_cli(server: str | None = None) -> str:
+    """The ``redis-cli`` beside ``server`` (same version), else the one on PATH."""
+    beside = Path(server or find_redis_server()).with_name("redis-cli")
+    if beside.exists():
+        return str(beside)
+    path = shutil.which("redis-cli")
+    if path:
+        return path
+    raise ClusterError(f"no redis-cli beside {beside.parent} nor on PATH")
+
+
+def _can_bind(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def cluster_ports(count: int, attempts: int = 2000) -> list[int]:
+    """``count`` loopback ports that are free, as is each one's bus port (+10000), all < 65536.
+
+    Preferably below the ephemeral range (bus port too), where the kernel never hands a port
+    to an outgoing connection; else ports from :func:`free_port` below 55536."""
+    chosen: list[int] = []
+    low, high = 10000, _ephemeral_low() - BUS_PORT_OFFSET  # high excluded
+    for _ in range(attempts):
+        if len(chosen) == count:
+            return chosen
+        port = random.randrange(low, high) if high - low > 1000 else free_port()
+        if port >= 65536 - BUS_PORT_OFFSET:
+            continue
+        taken = {p + d for p in chosen for d in (0, BUS_PORT_OFFSET)}
+        if port in taken or port + BUS_PORT_OFFSET in taken:
+            continue
+        if _can_bind(port) and _can_bind(port + BUS_PORT_OFFSET):
+            chosen.append(port)
+    if len(chosen) == count:
+        return chosen
+    raise ClusterError(f"found only {len(chosen)} of {count} free port pairs (port, port+10000)")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the process that started it dies (Linux),
+    so a test run killed outright leaves no node behind. Linux means the *thread* that
+    started it: start and restart nodes from a thread that outlives them (the main one)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _popen_options() -> dict[str, Any]:
+    # Own session: a Ctrl-C in the terminal reaches the test run, which then stops the nodes.
+    options: dict[str, Any] = {"start_new_session": True}
+    if sys.platform.startswith("linux"):
+        options["preexec_fn"] = _die_with_parent
+    return options
+
+
+class LocalCluster:
+    """``start()`` (or a ``with`` block), then ``url``/``urls``; ``stop()`` ends every node.
+
+    ``kill(port)`` and ``restart(port)`` are for failover tests; ``wait_healthy()`` waits until
+    the cluster is whole again (every node ``cluster_state:ok``, all slots served, every replica
+    attached and in sync)."""
+
+    def __init__(
+        self,
+        root: Path,
+        masters: int = 3,
+        replicas_per_master: int = 1,
+        node_timeout_ms: int = 1000,
+        binary: str | None = None,
+    ):
+        if masters < 3:
+            raise ValueError("Redis Cluster needs at least 3 masters")
+        if replicas_per_master < 0:
+            raise ValueError("replicas_per_master must be >= 0")
+        if not 0 < node_timeout_ms <= MAX_NODE_TIMEOUT_MS:
+            raise ValueError(f"node_timeout_ms must be in 1..{MAX_NODE_TIMEOUT_MS}")
+        self.root = Path(root)
+        self.masters_wanted = masters
+        self.replicas_per_master = replicas_per_master
+        self.node_timeout_ms = node_timeout_ms
+        self.binary = binary or find_redis_server()
+        self.cli = find_redis_cli(self.binary)
+        self.nodes: list[int] = []
+        """The nodes' ports, in the order given to ``redis-cli --cluster create``."""
+        self.create_output = ""
+        """What ``redis-cli --cluster create`` printed."""
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    # -- addresses -----------------------------------------------------------------------
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"redis://127.0.0.1:{port}" for port in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """The URL of one running node (a cluster client discovers the rest from it)."""
+        for port in self.nodes:
+            if self.running(port):
+                return f"redis://127.0.0.1:{port}"
+        raise ClusterError("no node of the cluster is running")
+
+    def node_dir(self, port: int) -> Path:
+        return self.root / str(port)
+
+    def running(self, port: int) -> bool:
+        proc = self._procs.get(port)
+        return proc is not None and proc.poll() is None
+
+    def pid(self, port: int) -> int | None:
+        """The node's process id, None when it is not running."""
+        proc = self._procs.get(port)
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def client(self, port: int, timeout_s: float = 1.0) -> redis.Redis:
+        """A plain (non-cluster) client on one node, for CLUSTER/INFO/WAIT; close it."""
+        return redis.Redis(
+            host="127.0.0.1",
+            port=port,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            decode_responses=True,
+        )
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def start(self, timeout_s: float = 30.0) -> LocalCluster:
+        if self._procs:
+            raise ClusterError("the cluster is already started")
+        deadline = time.monotonic() + timeout_s
+        count = self.masters_wanted * (1 + self.replicas_per_master)
+        self.nodes = cluster_ports(count)
+        atexit.register(self.stop)
+        try:
+            for port in self.nodes:
+                self._write_config(port)
+                self._spawn(port)
+            for port in self.nodes:
+                self._wait_answers(port, deadline)
+            self._create(deadline)
+            self.wait_healthy(max(0.0, deadline - time.monotonic()))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _write_config(self, port: int) -> None:
+        d = self.node_dir(port)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "redis.conf").write_text(
+            "\n".join(
+                [
+                    "bind 127.0.0.1",
+                    f"port {port}",
+                    f'dir "{d.resolve()}"',
+                    'logfile "redis.log"',
+                    "daemonize no",
+                    "cluster-enabled yes",
+                    "cluster-config-file nodes.conf",
+                    f"cluster-node-timeout {self.node_timeout_ms}",
+                    "cluster-require-full-coverage no",
+                    "cluster-allow-reads-when-down no",
+                    "appendonly yes",
+                    "appendfsync everysec",
+                    'save ""',
+                    "",
+                ]
+            )
+        )
+
+    def _spawn(self, port: int) -> None:
+        self._procs[port] = subprocess.Popen(
+            [self.binary, str(self.node_dir(port) / "redis.conf")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            **_popen_options(),
+        )
+
+    def _log_tail(self, port: int, lines: int = 15) -> str:
+        try:
+            text = (self.node_dir(port) / "redis.log").read_text(errors="replace")
+        except OSError:
+            return "(no redis.log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _wait_answers(self, port: int, deadline: float) -> None:
+        """Until the node answers PING (not while it loads its append-only file)."""
+        client = self.client(port)
+        try:
+            while True:
+                proc = self._procs[port]
+                if proc.poll() is not None:
+                    raise ClusterError(
+                        f"redis-server on port {port} exited with {proc.returncode}; "
+                        f"end of {self.node_dir(port) / 'redis.log'}:\n{self._log_tail(port)}"
+                    )
+                try:
+                    if client.ping():
+                        return
+                except (redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"redis-server on port {port} did not answer in time")
+                time.sleep(0.01)
+        finally:
+            client.close()
+
+    def _create(self, deadline: float) -> None:
+        args = [
+            self.cli,
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{port}" for port in self.nodes),
+            "--cluster-replicas",
+            str(self.replicas_per_master),
+            "--cluster-yes",
+        ]
+        try:
+            done = subprocess.run(
+                args,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=max(1.0, deadline - time.monotonic()),
+            )
+        except subprocess.TimeoutExpired as exc:
+            self.create_output = _text(exc.stdout) + _text(exc.stderr)
+            raise ClusterError(
+                f"redis-cli --cluster create did not finish in time; it printed:\n"
+                f"{self.create_output}"
+            ) from exc
+        self.create_output = _text(done.stdout) + _text(done.stderr)
+        if done.returncode != 0:
+            raise ClusterError(
+                f"redis-cli --cluster create failed ({done.returncode}):\n{self.create_output}"
+            )
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every node (each fsyncs its append-only file), SIGKILL what outlives
+        ``timeout_s``."""
+        atexit.unregister(self.stop)
+        procs, self._procs = self._procs, {}
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for proc in procs.values():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node, for failover tests; ``restart(port)`` brings it back."""
+        proc = self._procs.get(port)
+        if proc is None:
+            raise ClusterError(f"no node of this cluster on port {port}")
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+    def restart(self, port: int, timeout_s: float = 10.0) -> None:
+        """Start a killed node again with its own folder and ``nodes.conf``: it loads its data,
+        learns its slots were taken over and rejoins as a replica. Returns once it answers;
+        ``wait_healthy()`` waits for it to be attached and in sync."""
+        if port not in self._procs:
+            raise ClusterError(f"no node of this cluster on port {port}")
+        if self.running(port):
+            raise ClusterError(f"the node on port {port} is running")
+        self._spawn(port)
+        self._wait_answers(port, time.monotonic() + timeout_s)
+
+    # -- state ---------------------------------------------------------------------------
+
+    def cluster_nodes(self, port: int | None = None) -> list[dict[str, Any]]:
+        """``CLUSTER NODES`` as seen by one node (any running one by default), one dict per
+        node: id, port, bus_port, flags (a set, without "myself"), myself, master (its id, or
+        None), link, slots (the ranges)."""
+        port = port if port is not None else _port(self.url)
+        client = self.client(port)
+        try:
+            text = _cluster(client, "NODES")
+        finally:
+            client.close()
+        return parse_cluster_nodes(text)
+
+    def masters(self) -> list[int]:
+        """The ports of the masters that serve slots now."""
+        return sorted(n["port"] for n in self.cluster_nodes() if _is_serving_master(n))
+
+    def replicas(self) -> list[int]:
+        return sorted(n["port"] for n in self.cluster_nodes() if "slave" in n["flags"])
+
+    def problems(self) -> list[str]:
+        """Why the cluster is not whole (empty when it is)."""
+        found: list[str] = []
+        replicas = self.masters_wanted * self.replicas_per_master
+        for port in self.nodes:
+            if not self.running(port):
+                found.append(f"{port}: not running")
+                continue
+            client = self.client(port)
+            try:
+                info = _fields(_cluster(client, "INFO"))
+                nodes = parse_cluster_nodes(_cluster(client, "NODES"))
+                repl = client.info("replication")
+            except (redis.RedisError, OSError) as exc:
+                found.append(f"{port}: {type(exc).__name__}: {exc}")
+                continue
+            finally:
+                client.close()
+            if info.get("cluster_state") != "ok":
+                found.append(f"{port}: cluster_state:{info.get('cluster_state')}")
+            if info.get("cluster_slots_assigned") != str(SLOTS):
+                found.append(f"{port}: {info.get('cluster_slots_assigned')} slots assigned")
+            if info.get("cluster_slots_ok") != str(SLOTS):
+                found.append(f"{port}: {info.get('cluster_slots_ok')} slots ok")
+            masters = {n["id"] for n in nodes if _is_serving_master(n)}
+            slaves = [n for n in nodes if "slave" in n["flags"]]
+            if len(masters) != self.masters_wanted or len(slaves) != replicas:
+                found.append(f"{port}: sees {len(masters)} masters, {len(slaves)} replicas")
+            for n in nodes:
+                if n["link"] != "connected" or n["flags"] & {
+                    "fail",
+                    "fail?",
+                    "handshake",
+                    "noaddr",
+                }:
+                    found.append(f"{port}: sees {n['port']} {','.join(sorted(n['flags']))}")
+            for s in slaves:
+                if s["master"] not in masters:
+                    found.append(f"{port}: sees replica {s['port']} of no serving master")
+            if repl.get("role") == "slave" and (
+                repl.get("master_link_status") != "up" or repl.get("master_sync_in_progress")
+            ):
+                found.append(f"{port}: replica link {repl.get('master_link_status')}")
+        return found
+
+    def wait_healthy(self, timeout_s: float = 30.0) -> None:
+        """Until :meth:`problems` is empty, else :class:`ClusterError` saying what is not."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = self.problems()
+            if not found:
+                return
+            if time.monotonic() > deadline:
+                raise ClusterError(
+                    f"the cluster is not healthy after {timeout_s:.1f}s: "
+                    + "; ".join(found[:12])
+                    + (f"\nredis-cli --cluster create printed:\n{self.create_output}")
+                )
+            time.sleep(0.05)
+
+    def wait_for(self, check: Callable[[], bool], timeout_s: float = 10.0) -> float:
+        """Poll ``check`` (errors count as False) until true; the seconds it took."""
+        start = time.monotonic()
+        while True:
+            try:
+                if check():
+                    return time.monotonic() - start
+            except (redis.RedisError, OSError):
+                pass
+            if time.monotonic() - start > timeout_s:
+                raise ClusterError(f"still not so after {timeout_s:.1f}s")
+            time.sleep(0.02)
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def parse_cluster_nodes(text: str) -> list[dict[str, Any]]:
+    nodes = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 8:
+            continue
+        address, _, bus = parts[1].partition("@")
+        nodes.append(
+            {
+                "id": parts[0],
+                "port": int(address.rsplit(":", 1)[1]) if ":" in address else 0,
+                "bus_port": int(bus.split(",")[0]) if bus else 0,
+                "flags": set(parts[2].split(",")) - {"myself"},
+                "myself": "myself" in parts[2].split(","),
+                "master": None if parts[3] == "-" else parts[3],
+                "link": parts[7],
+                "slots": parts[8:],
+            }
+        )
+    return nodes
+
+
+def _is_serving_master(node: dict[str, Any]) -> bool:
+    return "master" in node["flags"] and not node["flags"] & {"fail", "fail?"} and node["slots"]
+
+
+def _cluster(client: redis.Redis, subcommand: str) -> str:
+    """``CLUSTER <subcommand>``'s text as the server sent it (split in two words, the command
+    escapes redis-py's parsers for "CLUSTER NODES" and "CLUSTER INFO")."""
+    return _text(client.execute_command("CLUSTER", subcommand))
+
+
+def _fields(text: str) -> dict[str, str]:
+    pairs = (line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _text(data: bytes | str | None) -> str:
+    """Text, without the colour codes ``redis-cli --cluster`` prints even into a pipe."""
+    if data is None:
+        return ""
+    return _ANSI.sub("", data if isinstance(data, str) else data.decode(errors="replace"))
