@@ -10,7 +10,9 @@ load process). Two loops:
   scheduled send time, so a stall is not hidden (no coordinated omission).
 
 A phase runs in ``procs`` spawned processes that open their connections first, report ready,
-then start together on the parent's signal; their latencies are merged.
+then start together on the parent's signal; their latencies are merged. The latencies of 200s
+and of 429s (refusals) are kept apart; an answer that closes the connection is counted by its
+status and the connection is opened again for the next request.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class Load:
 @dataclass
 class ProcResult:
     latencies_ms: array[float] = field(default_factory=lambda: array("d"))
+    """Of the 200s."""
+    refused_ms: array[float] = field(default_factory=lambda: array("d"))
+    """Of the 429s."""
     send_lag_ms: array[float] = field(default_factory=lambda: array("d"))
     """Open loop: how late each request was written after its scheduled time (the load
     generator's own timer and connection wait, included in its latency)."""
@@ -82,6 +87,8 @@ class HttpError(Exception):
 class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader, self.writer = reader, writer
+        self.closing = False
+        """The last answer said ``Connection: close``: open another for the next request."""
 
     @classmethod
     async def open(cls, host: str, port: int) -> Connection:
@@ -91,7 +98,8 @@ class Connection:
         return cls(reader, writer)
 
     async def roundtrip(self, request: bytes) -> int:
-        """Send one request, read its whole response; return the status code."""
+        """Send one request, read its whole response; return the status code (``closing``
+        says whether the server closes the connection after it)."""
         self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status_line, _, headers = head.partition(b"\r\n")
@@ -118,8 +126,7 @@ class Connection:
             await self.reader.readexactly(length)
         elif length < 0:
             raise HttpError("response without Content-Length")
-        if close:
-            raise HttpError("server closed the connection")
+        self.closing = close
         return int(parts[1])
 
     def close(self) -> None:
@@ -128,6 +135,14 @@ class Connection:
 
 def _ms(t0: float, t1: float) -> float:
     return (t1 - t0) * 1000.0
+
+
+def _record(out: ProcResult, status: int, ms: float) -> None:
+    out.statuses[str(status)] += 1
+    if status == 200:
+        out.latencies_ms.append(ms)
+    elif status == 429:
+        out.refused_ms.append(ms)
 
 
 async def _closed_conn(
@@ -155,10 +170,10 @@ async def _closed_conn(
             conn = None
             await asyncio.sleep(0.01)  # a refused connection must not spin the loop
             continue
-        t1 = time.perf_counter()
-        out.statuses[str(status)] += 1
-        if status == 200:
-            out.latencies_ms.append(_ms(t0, t1))
+        _record(out, status, _ms(t0, time.perf_counter()))
+        if conn.closing:
+            conn.close()
+            conn = None
     if conn is not None:
         conn.close()
 
@@ -209,10 +224,12 @@ async def _open(
                 conn.close()
             total -= 1
             return
-        out.statuses[str(status)] += 1
-        if status == 200:
-            out.latencies_ms.append(_ms(t_sched, time.perf_counter()))
-        idle.put_nowait(conn)
+        _record(out, status, _ms(t_sched, time.perf_counter()))
+        if conn.closing:
+            conn.close()
+            total -= 1
+        else:
+            idle.put_nowait(conn)
 
     start = ready()
     end = start + duration_s
@@ -327,6 +344,7 @@ def run_load(
     merged = ProcResult()
     for r in results.values():
         merged.latencies_ms.extend(r.latencies_ms)
+        merged.refused_ms.extend(r.refused_ms)
         merged.send_lag_ms.extend(r.send_lag_ms)
         merged.statuses.update(r.statuses)
         merged.sent += r.sent

@@ -133,6 +133,13 @@ def ratios(results: dict[str, Any], high_load: str = "c64", low_load: str = "c1"
         key: {"op": op, "target": bound, "met": _met(out[key], op, bound)}
         for key, (op, bound) in TARGETS.items()
     }
+    over = results.get("overload")
+    if over:  # ``--overload``: figures without a target (a refusal should be immediate)
+        out["refusal_p50_ms_overload"] = get(over, "refusal_latency_ms", "p50")
+        out["refusal_p99_ms_overload"] = get(over, "refusal_latency_ms", "p99")
+        out["refusal_share_overload"] = get(over, "refused_share")
+        out["ok_p50_ms_overload"] = get(over, "latency_ms", "p50")
+        out["ok_p99_ms_overload"] = get(over, "latency_ms", "p99")
     return out
 
 
@@ -192,6 +199,32 @@ def _ratio_lines(r: dict[str, Any]) -> list[str]:
         lines.append(f"| `{key}` | {_fmt(r[key], digits)} | {t['op']} {t['target']:g} | {met} |")
     if r.get("pss_mb_total") is not None:
         lines.append(f"| `pss_mb_total` (shared pages once) | {_fmt(r['pss_mb_total'], 0)} | | |")
+    return lines
+
+
+def _overload_lines(over: dict[str, Any] | None) -> list[str]:
+    if not over:
+        return []
+    no, ok = over["refusal_latency_ms"], over["latency_ms"]
+    lines = [
+        "",
+        f"Overload (`--overload`): c{over['concurrency']} against a gateway holding at most "
+        f"{over['max_in_flight']} requests per process, {over['duration_s']:g} s; "
+        f"{over['refused_share']:.1%} of {over['sent']} requests refused, {over['errors']} "
+        "errors.",
+        "",
+        "| answer | per s | p50 ms | p90 ms | p99 ms | max ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, rps, lat in (("429", over["refused_rps"], no), ("200", over["throughput_rps"], ok)):
+        lines.append(
+            f"| {name} | {_fmt(rps, 0)} | {_fmt(lat.get('p50'))} | {_fmt(lat.get('p90'))} "
+            f"| {_fmt(lat.get('p99'))} | {_fmt(lat.get('max'))} |"
+        )
+    rounds = over.get("rounds")
+    if rounds and len(rounds["refusal_p50_ms"]) > 1:
+        lines += ["", "429 p50 ms of every round: "
+                  + " / ".join(_fmt(v) for v in rounds["refusal_p50_ms"]) + "."]  # fmt: skip
     return lines
 
 
@@ -278,6 +311,7 @@ def markdown(results: dict[str, Any]) -> str:
             "per request).",
         ]
     lines += _ratio_lines(results["ratios"])
+    lines += _overload_lines(results.get("overload"))
     notes = results.get("notes")
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]

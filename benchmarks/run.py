@@ -7,8 +7,12 @@ a fixed rate. Writes ``<out>/<date>-<commit>.json`` (every figure), ``.md`` (the
 ``.png`` (latency against throughput), and prints the table.
 
     python -m benchmarks.run [--quick] [--duration S] [--concurrency 1,8,64] [--rate R]
+                             [--overload CONNECTIONS]
 
-A little over ~400 lines: the run's whole order (options, rounds over the systems, the files
+``--overload`` adds, in every round, a gateway at a small in-flight bound driven by many more
+connections than it may hold: how long its 429s and its 200s take (``overload_phase``).
+
+Under 500 lines: the run's whole order (options, rounds over the systems, the files
 written) reads best in one place; the parts it calls are in loadgen, systems and report.
 """
 
@@ -82,6 +86,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=rdv_setting,
         help="a setting for rdv serve (repeatable; A/B runs)",
     )
+    p.add_argument(
+        "--overload",
+        type=int,
+        default=0,
+        metavar="CONNECTIONS",
+        help="per round, a gateway with RDV_MAX_IN_FLIGHT=--overload-max-in-flight under a "
+        "closed loop of this many connections: 429 and 200 latencies (default 0: not run)",
+    )
+    p.add_argument("--overload-max-in-flight", type=int, default=64, help="(default 64)")
+    p.add_argument("--overload-duration", type=float, default=5.0, help="seconds (default 5)")
     p.add_argument("--inprocess-processes", type=int, default=2)
     p.add_argument(
         "--model",
@@ -148,6 +162,7 @@ def run_phase(running: Running, load: Load, procs: int) -> dict[str, Any]:
     server_cpu = sum(cpu.values())
     lg_cpu = sum(loadgen_cpu)
     ok = len(result.latencies_ms)
+    refused = len(result.refused_ms)
     busy = b.machine_busy_s - a.machine_busy_s
     return {
         "mode": load.mode,
@@ -156,10 +171,13 @@ def run_phase(running: Running, load: Load, procs: int) -> dict[str, Any]:
         "duration_s": load.duration_s,
         "sent": result.sent,
         "ok": ok,
-        "errors": result.sent - ok,
+        "refused": refused,
+        "errors": result.sent - ok - refused,
         "statuses": dict(result.statuses),
         "throughput_rps": round(ok / result.elapsed_s, 1),
+        "refused_rps": round(refused / result.elapsed_s, 1),
         "latency_ms": latency_figures(result.latencies_ms),
+        "refusal_latency_ms": latency_figures(result.refused_ms),
         "cpu_s": {**cpu, "total": round(server_cpu, 3)},
         "cpu_us_per_request": round(server_cpu / ok * 1e6, 1) if ok else None,
         "loadgen": {
@@ -243,6 +261,59 @@ def measure(
     }
 
 
+def overload_phase(
+    args: argparse.Namespace, work: Path, rows: list[list[float]], round_no: int
+) -> dict[str, Any]:
+    """A fresh ``rdv serve`` whose gateway processes hold at most ``--overload-max-in-flight``
+    requests each, under a closed loop of ``--overload`` connections: nearly every request
+    finds its process full, so the phase measures how fast a refusal comes (a closed loop's
+    latency is its connections over the answers per second, so this is also how many
+    refusals a second the gateway gives while it serves its bound)."""
+    data = work / f"rdv-overload-{round_no}"
+    for trained in (work / "rdv-data-1" / "models", work / "rdv-overload-1" / "models"):
+        if trained.is_dir() and not (data / "models").exists():
+            shutil.copytree(trained, data / "models")
+    settings = {**dict(args.set), "RDV_MAX_IN_FLIGHT": str(args.overload_max_in_flight)}
+    running = start_rdv(data, work, args.gateway_processes, settings=settings)
+    try:
+        running.target = dataclasses.replace(
+            running.target, bodies=tuple(json.dumps(running.body(r)).encode() for r in rows)
+        )
+        if args.warmup > 0:  # within the bound: the models and the path warm, no refusal
+            warm = Load("closed", args.overload_max_in_flight, duration_s=min(args.warmup, 1.0))
+            run_load(running.target, warm, args.loadgen_procs)
+        load = Load("closed", args.overload, duration_s=args.overload_duration)
+        phase = run_phase(running, load, args.loadgen_procs)
+    finally:
+        running.stop()
+        time.sleep(1.0)
+    phase["max_in_flight"] = args.overload_max_in_flight
+    phase["refused_share"] = round(phase["refused"] / max(phase["sent"], 1), 4)
+    ok, no = phase["latency_ms"], phase["refusal_latency_ms"]
+    log(
+        f"overload c{args.overload} (bound {args.overload_max_in_flight} per process): "
+        f"429 p50 {no.get('p50')} ms p99 {no.get('p99')} ms ({phase['refused_rps']:.0f}/s, "
+        f"{phase['refused_share']:.1%}); 200 p50 {ok.get('p50')} ms p99 {ok.get('p99')} ms "
+        f"({phase['throughput_rps']:.0f}/s); errors {phase['errors']}"
+    )
+    return phase
+
+
+def combine_overload(phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median 429 p50, whole, with every round's figures beside it."""
+    ordered = sorted(phases, key=lambda ph: ph["refusal_latency_ms"].get("p50") or 0.0)
+    median = dict(ordered[len(ordered) // 2])
+    median["rounds"] = {
+        "refusal_p50_ms": [ph["refusal_latency_ms"].get("p50") for ph in phases],
+        "refusal_p99_ms": [ph["refusal_latency_ms"].get("p99") for ph in phases],
+        "refused_rps": [ph["refused_rps"] for ph in phases],
+        "ok_p50_ms": [ph["latency_ms"].get("p50") for ph in phases],
+        "refused_share": [ph["refused_share"] for ph in phases],
+        "errors": [ph["errors"] for ph in phases],
+    }
+    return median
+
+
 def calibrate(args: argparse.Namespace, work: Path, rows: list[list[float]]) -> dict[str, Any]:
     """The load generator against a do-nothing server at the highest concurrency: what it
     reaches there bounds from below what it can drive, on this machine, in this run."""
@@ -313,6 +384,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     # Rounds take the systems in turn, so that a slow spell of a shared machine falls on
     # every system rather than on whichever happened to be measured then.
     runs: dict[str, list[dict[str, Any]]] = {}
+    overloads: list[dict[str, Any]] = []
     for round_no in range(1, args.rounds + 1):
         if args.rounds > 1:
             log(f"round {round_no} of {args.rounds}")
@@ -339,6 +411,14 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 code = running.stop()
                 log(f"stopped {name} (exit {code})")
                 time.sleep(1.0)
+        if args.overload > 0 and "overload" not in results["failed"]:
+            try:
+                overloads.append(overload_phase(args, work, rows, round_no))
+            except Exception as exc:  # like a system that cannot start: the rest stands
+                log(f"overload phase failed: {exc}")
+                results["failed"]["overload"] = str(exc)[-2000:]
+    if overloads:
+        results["overload"] = combine_overload(overloads)
     results["systems"] = {name: combine_rounds(figures) for name, figures in runs.items()}
     machine["loadavg_at_end"] = list(os.getloadavg())
     results["ratios"] = ratios(results)
@@ -365,6 +445,9 @@ def _notes(results: dict[str, Any]) -> list[str]:
                 f"{name}: up to {other:.1f} CPU s per load went to other processes "
                 "on this machine (noise)"
             )
+        refused = sum(ph.get("refused", 0) for ph in system["phases"].values())
+        if refused:
+            notes.append(f"{name}: {refused} requests refused with 429 (not in the errors)")
         if not system["labels_agree_with_onnxruntime"]:
             notes.append(f"{name}: answers differ from onnxruntime's labels")
     for name, why in results["failed"].items():

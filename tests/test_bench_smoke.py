@@ -59,3 +59,49 @@ def test_bench_harness_runs_against_the_inprocess_baseline(
     for phase in system["phases"].values():
         assert len(phase["rounds"]["throughput_rps"]) == 2
         assert phase["throughput_rps"] in phase["rounds"]["throughput_rps"]
+
+
+async def test_the_load_generator_counts_refusals_apart_and_reopens_a_closed_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """429s are refusals with latencies of their own, not errors; an answer that says
+    ``Connection: close`` is counted and the next request goes on a new connection."""
+    import asyncio
+    import time
+
+    monkeypatch.syspath_prepend(str(REPO))  # benchmarks/ is not an installed package
+    from benchmarks.loadgen import ProcResult, Target, _closed_conn
+
+    answers = [
+        b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    ]
+    served = [0]
+    connections = [0]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections[0] += 1
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(2)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            answer = answers[served[0] % 2]
+            served[0] += 1
+            writer.write(answer)
+            await writer.drain()
+            if b"close" in answer:
+                break
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    target = Target("127.0.0.1", port, "/p", (b"{}",))
+    out = ProcResult()
+    async with server:
+        await _closed_conn(target, target.requests(), 0, time.perf_counter() + 0.3, out, None)
+    assert not [s for s in out.statuses if s.startswith("error")], out.statuses
+    assert out.statuses["429"] == len(out.refused_ms) > 0
+    assert out.statuses["200"] == len(out.latencies_ms) > 0
+    assert connections[0] >= out.statuses["200"]  # one new connection after each close
