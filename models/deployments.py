@@ -27,7 +27,7 @@ import redis
 
 from models.registry import ModelRegistry
 from rendezvous import names
-from rendezvous.bus.connection import text
+from rendezvous.bus.connection import Client, text
 from rendezvous.schedule import Schedule
 from rendezvous.spec import FeatureSpec
 
@@ -118,7 +118,7 @@ class Deployment:
         )
 
 
-def ensure_groups(client: redis.Redis, deployment: Deployment) -> None:
+def ensure_groups(client: Client, deployment: Deployment) -> None:
     """Create the input stream's consumer groups that are missing, positioned at its start."""
     stream = names.input_stream(deployment.name)
     pipe = client.pipeline(transaction=False)
@@ -205,7 +205,7 @@ def _role_changes(before: Deployment | None, after: Deployment) -> dict[str, lis
 class DeploymentStore:
     """Synchronous access for the CLI, workers, the admin API and start-up."""
 
-    def __init__(self, client: redis.Redis):
+    def __init__(self, client: Client):
         self.client = client
 
     def get(self, name: str) -> Deployment:

@@ -31,7 +31,7 @@ import redis
 
 from models.archive import SegmentWriter, record_from_envelope
 from rendezvous import names
-from rendezvous.bus.connection import out_of_memory
+from rendezvous.bus.connection import Client, out_of_memory
 from rendezvous.bus.consumer import REDIS_DOWN, Batch, ConsumerLoop, Entry
 from rendezvous.bus.retention import trim_input_stream
 from rendezvous.envelope import RequestEnvelope
@@ -69,7 +69,7 @@ class LogBinStats:
 class LogBin(ConsumerLoop):
     def __init__(
         self,
-        client: redis.Redis,
+        client: Client,
         writer: SegmentWriter,
         *,
         consumer: str,

@@ -22,10 +22,8 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-import redis
-
 from models.meta import ModelMeta
-from rendezvous.bus.connection import text
+from rendezvous.bus.connection import Client, text
 from rendezvous.names import MODELS_INDEX, check_name
 
 log = logging.getLogger(__name__)
@@ -57,7 +55,7 @@ def _field(name: str, version: int) -> str:
 
 
 class ModelRegistry:
-    def __init__(self, root: Path, index: redis.Redis | None = None):
+    def __init__(self, root: Path, index: Client | None = None):
         self.root = Path(root)
         self.index = index
         """Redis client holding the shared index; None: the data folder alone (workers,

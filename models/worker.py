@@ -30,8 +30,9 @@ from models.deployments import Deployment, DeploymentNotFound, DeploymentStore, 
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from rendezvous import names
+from rendezvous.bus.connection import Client
 from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry, raise_first_error
-from rendezvous.bus.resp import pack
+from rendezvous.bus.routing import command
 from rendezvous.envelope import EnvelopeError, ModelResult, RequestEnvelope, encode_results
 from rendezvous.schedule import Schedule
 
@@ -80,7 +81,7 @@ class WorkerStats:
 class ModelWorker(ConsumerLoop):
     def __init__(
         self,
-        client: redis.Redis,
+        client: Client,
         registry: ModelRegistry,
         *,
         deployment: str,
@@ -96,8 +97,8 @@ class ModelWorker(ConsumerLoop):
         self.deployment = names.check_name(deployment, "deployment")
         self.role = names.check_role(role)
         self.stream = names.input_stream(deployment)
-        # Both round trips of a batch go over the loop's lean connection (see
-        # ``rendezvous.bus.resp``): redis-py's command layer cost more than the model.
+        # Both round trips of a batch go through the loop's router (see
+        # ``rendezvous.bus.routing``): redis-py's command layer cost more than the model.
         super().__init__(
             client,
             group=names.model_group(role),
@@ -106,7 +107,7 @@ class ModelWorker(ConsumerLoop):
             block_ms=block_ms,
             claim_idle_ms=claim_idle_ms,
             heartbeat_s=heartbeat_s,
-            read_along=[pack(b"GET", names.revision_key(self.deployment).encode())],
+            read_along=[command(b"GET", names.revision_key(self.deployment).encode())],
         )
         self.registry = registry
         self.store = DeploymentStore(client)
@@ -238,10 +239,10 @@ class ModelWorker(ConsumerLoop):
             # stream, and we must not recreate it.
             ((field, value),) = encode_results(results).items()
             maxlen = b"%d" % max(1, self.reply_maxlen // len(results))
-            commands.append(pack(b"XADD", reply_to.encode(), b"NOMKSTREAM", b"MAXLEN", b"~",
-                                 maxlen, b"*", field, value))  # fmt: skip
+            commands.append(command(b"XADD", reply_to.encode(), b"NOMKSTREAM", b"MAXLEN", b"~",
+                                    maxlen, b"*", field, value))  # fmt: skip
         if ack_ids:
-            commands.append(pack(b"XACK", self._stream_b, self._group_b, *ack_ids))
+            commands.append(command(b"XACK", self._stream_b, self._group_b, *ack_ids))
         if beat is not None:
             # The heartbeat rides with the results: liveness, counters and the deployment
             # state cost no round trip of their own.
@@ -249,12 +250,13 @@ class ModelWorker(ConsumerLoop):
             workers = names.workers_key(self.deployment).encode()
             stats = names.stats_key(self.deployment).encode()
             commands += [
-                pack(b"ZADD", workers, repr(beat).encode(), member),
-                pack(b"HSET", stats, member, self.stats_json(beat).encode()),
-                pack(b"GET", names.deployment_key(self.deployment).encode()),
+                command(b"ZADD", workers, repr(beat).encode(), member),
+                command(b"HSET", stats, member, self.stats_json(beat).encode()),
+                command(b"GET", names.deployment_key(self.deployment).encode()),
             ]
-        # Retried once on a lost connection: a result written twice is absorbed downstream.
-        out = raise_first_error(self.lean.execute(b"".join(commands), len(commands)))
+        # On a cluster the results go to each gateway's node and the rest to the deployment's,
+        # in one round trip per node, all written before any reply is read.
+        out = raise_first_error(self.bus.execute(commands))
         if beat is not None:
             self._maybe_reload(out[-1])
         return len(entries)

@@ -3,15 +3,20 @@
 import asyncio
 
 import redis
+import redis.asyncio as aioredis
 
 from rendezvous.bus.appender import StreamAppender
-from rendezvous.bus.resp import LeanRedis
+from rendezvous.bus.routing import Router
+
+
+def _router(url: str) -> Router:
+    return Router(aioredis.Redis.from_url(url), timeout_s=2.0)
 
 
 async def test_concurrent_appends_share_round_trips_and_lazy_ones_wait_for_company(
     r: redis.Redis, redis_url: str
 ) -> None:
-    appender = StreamAppender(LeanRedis(redis_url, timeout_s=2.0), linger_s=0.2)
+    appender = StreamAppender(_router(redis_url), linger_s=0.2)
     try:
         for i in range(20):
             appender.append_nowait("s", {b"i": b"%d" % i})
@@ -41,7 +46,7 @@ async def test_failures_reach_their_handler_and_capped_streams_stay_capped(
     r: redis.Redis, redis_url: str
 ) -> None:
     r.set("not-a-stream", "x")
-    appender = StreamAppender(LeanRedis(redis_url, timeout_s=2.0))
+    appender = StreamAppender(_router(redis_url))
     errors: list[Exception] = []
     try:
         appender.append_nowait("not-a-stream", {b"f": b"v"}, on_error=errors.append)

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from rendezvous.bus.consumer import Batch, ConsumerLoop, raise_first_error
-from rendezvous.bus.resp import pack
+from rendezvous.bus.routing import Command, command
 
 pytestmark = pytest.mark.integration
 
@@ -49,9 +49,9 @@ class Recorder(ConsumerLoop):
         if self.fail is not None:
             exc, self.fail = self.fail, None
             raise exc
-        acks = [pack(b"XACK", stream.encode(), GROUP.encode(), entry_id)
+        acks = [command(b"XACK", stream.encode(), GROUP.encode(), entry_id)
                 for stream, entry_id, _ in batch.entries]  # fmt: skip
-        raise_first_error(self.lean.execute(b"".join(acks), len(acks)))
+        raise_first_error(self.bus.execute(acks))
         return len(batch.entries)
 
     def ids(self) -> list[tuple[str, bytes]]:
@@ -145,16 +145,16 @@ def test_the_loop_adds_no_round_trip_and_answers_read_along_with_each_read(
 ) -> None:
     _groups(r, A)
     r.set("rev", b"1")
-    loop = Recorder(r, "c1", read_along=[pack(b"GET", b"rev")])
+    loop = Recorder(r, "c1", read_along=[command(b"GET", b"rev")])
     assert loop.drain() == 0  # the first step also reads its pending entries and claims
     round_trips: list[int] = []
-    execute = loop.lean.execute
+    execute = loop.bus.execute
 
-    def counted(blob: bytes, replies: int, **kw: Any) -> list[Any]:
-        round_trips.append(replies)
-        return execute(blob, replies, **kw)
+    def counted(commands: Sequence[Command], **kw: Any) -> list[Any]:
+        round_trips.append(len(commands))
+        return execute(commands, **kw)
 
-    loop.lean.execute = counted  # type: ignore[method-assign]
+    loop.bus.execute = counted  # type: ignore[method-assign]
     _add(r, A, 4)
     assert loop.step(block_ms=10) == 4
     assert round_trips == [2, 4]  # the read with its GET, then the recorder's acks

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from gateway.dataplane.matcher import DuplicateRequest, Rendezvous
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
-from rendezvous.bus.resp import LeanRedis
+from rendezvous.bus.routing import Router
 from rendezvous.decision import DecisionRecord, decode_entries
 from rendezvous.envelope import ModelResult, encode_results
 from rendezvous.schedule import Schedule
@@ -29,8 +29,8 @@ _bg: set[asyncio.Task[None]] = set()
 @pytest.fixture
 async def rdv(r: redis.Redis, redis_url: str) -> AsyncIterator[Rendezvous]:
     client = aioredis.Redis.from_url(redis_url)
-    reader = LeanRedis(redis_url, timeout_s=3.0)
-    writer = LeanRedis(redis_url, timeout_s=2.0)
+    reader = Router(aioredis.Redis.from_url(redis_url), timeout_s=3.0)
+    writer = Router(client, timeout_s=2.0)
     matcher = Rendezvous(client, reader, names.reply_stream("t-gw"), StreamAppender(writer))
     await matcher.start()
     yield matcher
@@ -38,6 +38,7 @@ async def rdv(r: redis.Redis, redis_url: str) -> AsyncIterator[Rendezvous]:
     await matcher.decisions.close()
     await writer.close()
     await client.aclose()
+    await reader.client.aclose()
 
 
 def result(
@@ -212,14 +213,16 @@ async def test_an_envelope_that_cannot_be_published_fails_its_wait_without_a_rec
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         nobody = s.getsockname()[1]
-    dead_bus = StreamAppender(LeanRedis(f"redis://127.0.0.1:{nobody}/0", timeout_s=1.0))
+    dead_bus = StreamAppender(
+        Router(aioredis.Redis.from_url(f"redis://127.0.0.1:{nobody}/0"), timeout_s=1.0)
+    )
     mb = rdv.open("lost", DEP, SCHEDULE, ROLES)
 
     def unpublished(exc: Exception) -> None:
         rdv.fail(mb, RuntimeError(f"unpublished: {exc}"))
 
     dead_bus.append_nowait(names.input_stream(DEP), {b"m": b"x"}, on_error=unpublished)
-    with pytest.raises(RuntimeError, match="unpublished: cannot connect"):
+    with pytest.raises(RuntimeError, match=r"unpublished: .*connect"):
         await rdv.wait(mb)
     assert "lost" not in rdv.mailboxes
     await asyncio.sleep(SCHEDULE.timeout_ms / 1000 + 0.1)  # no timer is left to write one

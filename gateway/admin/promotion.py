@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis
-
 from models.deployments import Deployment, DeploymentStore, ModelRef
 from rendezvous import names
+from rendezvous.bus.connection import Client
 from rendezvous.decision import DecisionRecord, decode_entries
 from rendezvous.evidence import ShadowRecord, shadow_record
 
 
 class Evidence:
-    def __init__(self, client: redis.Redis, store: DeploymentStore, shadow_window: int):
+    def __init__(self, client: Client, store: DeploymentStore, shadow_window: int):
         self.client = client
         self.store = store
         self.shadow_window = shadow_window

@@ -13,8 +13,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, cast
 
-import redis
-
 from gateway.admin.bodies import (
     AddChallenger,
     Conflict,
@@ -43,7 +41,7 @@ from models.inspection import ArtifactRejected, inspect_onnx
 from models.meta import ModelMeta
 from models.registry import ModelExists, ModelRegistry
 from rendezvous import names
-from rendezvous.bus.connection import text
+from rendezvous.bus.connection import Client, text
 from rendezvous.schedule import Schedule
 from rendezvous.spec import FeatureSpec
 
@@ -59,7 +57,7 @@ def _state(dep: Deployment) -> dict[str, Any]:
 class AdminService:
     def __init__(
         self,
-        client: redis.Redis,
+        client: Client,
         registry: ModelRegistry,
         *,
         default_schedule: Schedule,

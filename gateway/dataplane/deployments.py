@@ -7,12 +7,11 @@ import asyncio
 import logging
 
 import redis
-import redis.asyncio as aioredis
 
 from gateway.dataplane.failures import UnknownDeployment
 from models.deployments import Deployment
 from rendezvous import names
-from rendezvous.bus.connection import text
+from rendezvous.bus.connection import AsyncClient, text
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +20,7 @@ class DeploymentCache:
     """Every deployment's state, refreshed from Redis in the background (one pipelined read
     a second), so the request path never asks Redis what a deployment looks like."""
 
-    def __init__(self, client: aioredis.Redis):
+    def __init__(self, client: AsyncClient):
         self.client = client
         self.deployments: dict[str, Deployment] = {}
         self.backlog: dict[str, int] = {}

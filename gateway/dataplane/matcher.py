@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-import redis.asyncio as aioredis
 
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
-from rendezvous.bus.resp import LeanRedis, pack
+from rendezvous.bus.connection import AsyncClient
+from rendezvous.bus.routing import Command, Router
 from rendezvous.decision import DecisionRecord, build_decision
 from rendezvous.envelope import EnvelopeError, ModelResult, decode_results
 from rendezvous.schedule import Schedule, decide
@@ -69,8 +69,8 @@ class Mailbox:
 class Rendezvous:
     def __init__(
         self,
-        client: aioredis.Redis,
-        reader: LeanRedis,
+        client: AsyncClient,
+        reader: Router,
         reply_to: str,
         decisions: StreamAppender,
         *,
@@ -79,7 +79,7 @@ class Rendezvous:
     ):
         self.client = client
         self.reader = reader
-        """A connection of its own: the blocking XREAD holds it."""
+        """Connections of its own: the blocking XREAD holds one, and closing them ends it."""
         self.reply_to = reply_to
         self.decisions = decisions
         self.decisions_maxlen = decisions_maxlen
@@ -261,8 +261,9 @@ class Rendezvous:
                     if not await self.client.expire(self.reply_to, REPLY_TTL_S):
                         await self._create_stream()  # lost (e.g. Redis restarted empty)
                     self._next_ttl = time.monotonic() + REPLY_TTL_S / 10
+                key = self.reply_to.encode()
                 (reply,) = await self.reader.execute(
-                    pack(*_XREAD, self.reply_to.encode(), self._last_id), 1, retry=False
+                    [Command(key, (*_XREAD, key, self._last_id))]
                 )
                 if isinstance(reply, Exception):
                     raise reply

@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import redis
-import redis.asyncio as aioredis
 
 from gateway.dataplane.deployments import DeploymentCache
 from rendezvous import names
+from rendezvous.bus.connection import AsyncClient
 from rendezvous.decision import DecisionRecord
 from rendezvous.drift import FeatureReference, Sketch
 
@@ -47,7 +47,7 @@ def positive_scores(probabilities: Sequence[Sequence[float]]) -> np.ndarray:
 class DriftFeed:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AsyncClient,
         deployments: DeploymentCache,
         *,
         interval_s: float = 1.0,

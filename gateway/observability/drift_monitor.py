@@ -24,13 +24,12 @@ from typing import Any, cast
 
 import numpy as np
 import redis
-import redis.asyncio as aioredis
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability.drift_feed import SKETCH_FIELD
 from models.registry import ModelRegistry
 from rendezvous import names
-from rendezvous.bus.connection import text
+from rendezvous.bus.connection import AsyncClient, text
 from rendezvous.drift import FeatureReference, Sketch
 from rendezvous.drift_alerts import Thresholds, evaluate_alerts, window_report
 
@@ -89,7 +88,7 @@ def thresholds_from(raw: bytes | None, defaults: Thresholds) -> Thresholds:
 class DriftMonitor:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AsyncClient,
         deployments: DeploymentCache,
         instance: str,
         *,
@@ -303,7 +302,7 @@ def local_model_meta(models_dir: Path) -> Callable[[str, int], Mapping[str, Any]
 
 
 async def drift_view(
-    client: aioredis.Redis,
+    client: AsyncClient,
     deployment: str,
     defaults: Thresholds,
     *,
@@ -332,7 +331,7 @@ async def drift_view(
 
 
 async def set_thresholds(
-    client: aioredis.Redis, deployment: str, changes: Mapping[str, Any], defaults: Thresholds
+    client: AsyncClient, deployment: str, changes: Mapping[str, Any], defaults: Thresholds
 ) -> Thresholds:
     """Validate and store a deployment's thresholds (partial changes keep the rest)."""
     stored = cast(bytes | None, await client.get(names.drift_thresholds_key(deployment)))

@@ -14,12 +14,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from rendezvous import names
+from rendezvous.bus.connection import AsyncClient
 from rendezvous.drift_alerts import ALERT_KINDS
 
 STALE_STATS_S = 60.0
@@ -90,7 +90,7 @@ def _fresh_stats(
 
 
 async def read_state(
-    client: aioredis.Redis, deployments: Sequence[str], heartbeat_timeout_s: float
+    client: AsyncClient, deployments: Sequence[str], heartbeat_timeout_s: float
 ) -> ClusterState:
     now = time.time()
     pipe = client.pipeline(transaction=False)
@@ -134,7 +134,7 @@ async def read_state(
     return state
 
 
-async def _forget(client: aioredis.Redis, fields: dict[str, list[bytes]]) -> None:
+async def _forget(client: AsyncClient, fields: dict[str, list[bytes]]) -> None:
     """Delete long-dead publishers' counters (a round trip only when there are some)."""
     pipe = client.pipeline(transaction=False)
     for key, keys in fields.items():

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import redis
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -39,8 +38,8 @@ from gateway.transport.fast_path import PredictFastPath, predict_reply
 from gateway.transport.limits import BodySizeLimit
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
-from rendezvous.bus.connection import connect_async
-from rendezvous.bus.resp import LeanRedis
+from rendezvous.bus.connection import AsyncClient, connect_async
+from rendezvous.bus.routing import Router
 from rendezvous.decision import DecisionRecord
 from rendezvous.heap import settle_heap
 
@@ -76,7 +75,7 @@ def archive_status(logbins: dict[bytes, bytes]) -> dict[str, Any]:
     return {"status": "ok" if fresh else "no log bin"}
 
 
-async def _check_redis_memory(client: aioredis.Redis, settings: Settings, deployments: int) -> None:
+async def _check_redis_memory(client: AsyncClient, settings: Settings, deployments: int) -> None:
     """Warn when the caps let the data outgrow the Redis we were given: at its ``maxmemory``
     Redis refuses writes and predicts answer 503. Read from ``INFO memory``: ``CONFIG`` is often
     disabled on managed Redis."""
@@ -118,11 +117,12 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
         if not settings.redis_url:
             raise RuntimeError("the gateway needs RDV_REDIS_URL (rdv serve sets it for you)")
         client = await connect_async(settings.redis_url, timeout_s=settings.redis_timeout_s)
-        # The hot path's two connections (see rendezvous.bus.resp). The reader blocks up to 1 s
-        # per XREAD; its timeout must outlast that.
-        writer = LeanRedis(settings.redis_url, timeout_s=settings.redis_timeout_s)
-        reader = LeanRedis(settings.redis_url, timeout_s=settings.redis_timeout_s + 1)
-        await writer.connect()
+        # The hot path's routers (see rendezvous.bus.routing): the writer on the client's
+        # connections, the reader on a client of its own, so that closing it ends its blocking
+        # XREAD (up to 1 s, which its timeout must outlast) and nothing else.
+        writer = Router(client, timeout_s=settings.redis_timeout_s)
+        reader_client = await connect_async(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        reader = Router(reader_client, timeout_s=settings.redis_timeout_s + 1)
         deployments = DeploymentCache(client)
         await deployments.refresh()
         await _check_redis_memory(client, settings, len(deployments.deployments))
@@ -200,6 +200,7 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             await appender.close()
             await writer.close()
             await client.aclose()
+            await reader_client.aclose()
 
     app = FastAPI(
         title="Rendezvous gateway",

@@ -5,8 +5,9 @@ failed publish through ``on_error`` (which fails that wait).
 
 While one pipeline is in flight, new appends queue up; when it returns, everything queued goes
 out together. Under load that turns N round trips into about one per event-loop turn, and an
-idle gateway still sends each append at once. The batch goes over ``rendezvous.bus.resp``'s lean
-connection: packing and parsing it through redis-py cost more than everything else it does.
+idle gateway still sends each append at once. The batch goes through
+``rendezvous.bus.routing``: raw replies on redis-py's connections, one packed write per node
+(a deployment's input stream and the decisions stream may live on different cluster nodes).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rendezvous.bus.resp import LeanRedis, pack
+from rendezvous.bus.routing import Command, Router
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class _Pending:
 
 
 class StreamAppender:
-    def __init__(self, client: LeanRedis, max_batch: int = 1024, linger_s: float = 0.005):
+    def __init__(self, client: Router, max_batch: int = 1024, linger_s: float = 0.005):
         self.client = client
         self.max_batch = max_batch
         self.linger_s = linger_s
@@ -72,11 +73,11 @@ class StreamAppender:
     async def _flush(self) -> None:
         while self._queue:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-            blob = b"".join([_xadd(item) for item in batch])
             self.round_trips += 1
             try:
-                results: list[object] = await self.client.execute(blob, len(batch))
-            except Exception as exc:  # connection errors fail the whole batch
+                results: list[object] = await self.client.execute([_xadd(item) for item in batch])
+            except Exception as exc:  # a bug: it fails the whole batch, not the gateway
+                log.exception("append batch failed")
                 results = [exc] * len(batch)
             for item, result in zip(batch, results, strict=True):
                 if not isinstance(result, Exception):
@@ -97,11 +98,11 @@ class StreamAppender:
             await asyncio.shield(self._flusher)
 
 
-def _xadd(item: _Pending) -> bytes:
+def _xadd(item: _Pending) -> Command:
     args = [b"XADD", item.stream]
     if item.maxlen is not None:
         args += [b"MAXLEN", b"~", b"%d" % item.maxlen]
     args.append(b"*")
     for name, value in item.fields.items():
         args += [name, value]
-    return pack(*args)
+    return Command(item.stream, tuple(args))

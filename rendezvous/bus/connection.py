@@ -1,4 +1,11 @@
-"""Redis connection factories that wait for the server, for processes and for the gateway."""
+"""Redis connection factories that wait for the server, for processes and for the gateway.
+
+``RDV_REDIS_URL`` may name a single Redis or any node of a Redis Cluster: the factories ask the
+node (``INFO cluster``) and hand back redis-py's cluster client for a cluster, which discovers
+the other nodes and follows the slots as they move. Everything above speaks the commands both
+clients share; what must differ (where a batch of hot-path commands goes) is
+``rendezvous.bus.routing``'s business.
+"""
 
 from __future__ import annotations
 
@@ -28,8 +35,17 @@ def _stale_connection_retry(kind: type[Retry] | type[AsyncRetry] = Retry) -> Any
     return kind(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
 
 
-def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = None) -> redis.Redis:
-    """A synchronous client (workers, log bin), after the server answered a PING."""
+Client = redis.Redis | redis.RedisCluster
+AsyncClient = aioredis.Redis | aioredis.RedisCluster
+
+
+def _cluster_enabled(info: dict[str, Any]) -> bool:
+    return str(info.get("cluster_enabled", "0")) == "1"
+
+
+def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = None) -> Client:
+    """A synchronous client (workers, log bin), after the server answered: a cluster client
+    when the node at ``url`` is part of a Redis Cluster."""
     client = redis.Redis.from_url(
         url,
         socket_timeout=socket_timeout_s,
@@ -41,8 +57,12 @@ def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = Non
     delay_s = 0.05
     while True:
         try:
-            client.ping()
-            return client
+            if not _cluster_enabled(client.info("cluster")):
+                return client
+            client.close()
+            return redis.RedisCluster.from_url(
+                url, socket_timeout=socket_timeout_s, socket_connect_timeout=2.0
+            )
         except _RETRYABLE as exc:
             if time.monotonic() > deadline:
                 raise
@@ -53,9 +73,10 @@ def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = Non
 
 async def connect_async(
     url: str, wait_s: float = 30.0, timeout_s: float | None = None
-) -> aioredis.Redis:
-    """An asyncio client (gateway), after the server answered a PING. ``timeout_s`` bounds
-    every command, so a hung server turns into an error instead of a hung request."""
+) -> AsyncClient:
+    """An asyncio client (gateway), after the server answered, for a cluster as ``connect``.
+    ``timeout_s`` bounds every command, so a hung server turns into an error instead of a hung
+    request."""
     client = aioredis.Redis.from_url(
         url,
         socket_connect_timeout=2.0,
@@ -67,8 +88,14 @@ async def connect_async(
     delay_s = 0.05
     while True:
         try:
-            await client.ping()
-            return client
+            if not _cluster_enabled(await client.info("cluster")):
+                return client
+            await client.aclose()
+            cluster = aioredis.RedisCluster.from_url(
+                url, socket_timeout=timeout_s, socket_connect_timeout=2.0
+            )
+            await cluster.initialize()
+            return cluster
         except _RETRYABLE as exc:
             if time.monotonic() > deadline:
                 await client.aclose()
@@ -101,4 +128,6 @@ MEMORY_LIMIT = (
 def out_of_memory(exc: BaseException) -> bool:
     """Redis refused a write at its ``maxmemory`` (``noeviction``): transient, it passes once
     memory frees (streams trimmed, keys expired) or the limit is raised."""
-    return isinstance(exc, redis.ResponseError) and str(exc).startswith("OOM")
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or (
+        isinstance(exc, redis.ResponseError) and str(exc).startswith("OOM")
+    )

@@ -16,12 +16,18 @@ acks and the heartbeat ride in the subclass's own write round trip, once its wor
 which failures it rides out (``failed``).
 
 Round trips are the currency of this design, and the loop adds none. A step is one read round
-trip over a ``BlockingLeanRedis`` connection (hiredis, no redis-py command layer); only after a
-start or a failure does a read of the consumer's own pending entries, and once per claim
-interval an XAUTOCLAIM page per stream (all streams in one round trip), come before it. The
-commands a subclass needs answered with every read (the worker's deployment revision) ride in
-that same round trip (``read_along``), and the subclass writes results, acks and heartbeat in
-one more (on ``lean`` or on its redis-py client).
+trip through a ``BlockingRouter`` (raw replies on redis-py's connections, no command layer);
+only after a start or a failure does a read of the consumer's own pending entries, and once per
+claim interval an XAUTOCLAIM page per stream (all streams in one round trip), come before it.
+The commands a subclass needs answered with every read (the worker's deployment revision) ride
+in that same round trip (``read_along``), and the subclass writes results, acks and heartbeat
+in one more (through ``bus`` or on its redis-py client).
+
+On a Redis Cluster one command cannot span slots, so streams are read per slot: streams that
+share a slot (one hash tag) in one XREADGROUP as before, blocking; streams spread over several
+slots (the log bin's deployments, a partitioned deployment) each without blocking, all in one
+round trip per node, with a short growing pause while every one of them is empty
+(``IDLE_POLL_MAX_S``: the most an idle consumer adds to the first request after a lull).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from typing import Any
 import redis
 
 from rendezvous.bus.connection import MEMORY_LIMIT, out_of_memory
-from rendezvous.bus.resp import BlockingLeanRedis, Endpoint, pack
+from rendezvous.bus.routing import AnyClient, BlockingRouter, Command, command, slot_of
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,8 @@ REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 1.0
+IDLE_POLL_MIN_S = 0.001
+IDLE_POLL_MAX_S = 0.02
 
 Entry = tuple[str, bytes, dict[bytes, bytes]]
 """(stream key, entry id, fields) of one stream entry. No fields: the entry was deleted from
@@ -68,7 +76,7 @@ class ConsumerLoop(ABC):
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: AnyClient,
         *,
         group: str,
         consumer: str,
@@ -76,8 +84,9 @@ class ConsumerLoop(ABC):
         block_ms: int,
         claim_idle_ms: int,
         heartbeat_s: float,
-        read_along: Sequence[bytes] = (),
+        read_along: Sequence[Command] = (),
         create_groups: bool = False,
+        timeout_s: float | None = None,
     ):
         self.client = client
         self.group = group
@@ -91,11 +100,8 @@ class ConsumerLoop(ABC):
         Redis restart without persistence); else a missing group is the subclass's failure."""
         self.batch_wait_s = 0.0
         """Wait after a short read before the next blocking one (``drain`` never waits)."""
-        self.lean = BlockingLeanRedis(
-            Endpoint.of_client(client),
-            timeout_s=client.connection_pool.connection_kwargs.get("socket_timeout"),
-        )
-        """Every read goes over this connection; the subclass may write on it too."""
+        self.bus = BlockingRouter(client, timeout_s=timeout_s)
+        """Every read goes through this; the subclass may write through it too."""
         self.streams: tuple[str, ...] = ()
         """The streams being read now (whose groups exist, when ``create_groups``)."""
         self._pending_first: set[str] = set()
@@ -111,8 +117,8 @@ class ConsumerLoop(ABC):
         self._group_b = group.encode()
         self._consumer_b = consumer.encode()
         self._count_b = b"%d" % batch_size
-        self._along = b"".join(read_along)
-        self._n_along = len(read_along)
+        self._along = list(read_along)
+        self._idle_poll_s = 0.0
 
     # -- what a subclass supplies -------------------------------------------------------------
 
@@ -141,7 +147,7 @@ class ConsumerLoop(ABC):
 
     def close(self) -> None:
         """Called once when ``run`` ends; a subclass extends it to release its own."""
-        self.lean.close()
+        self.bus.close()
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -232,9 +238,10 @@ class ConsumerLoop(ABC):
         self.streams = streams
 
     def _create_groups(self, streams: list[str]) -> None:
-        commands = [pack(b"XGROUP", b"CREATE", s.encode(), self._group_b, b"0", b"MKSTREAM")
+        commands = [command(b"XGROUP", b"CREATE", s.encode(), self._group_b, b"0", b"MKSTREAM",
+                            key_at=2)
                     for s in streams]  # fmt: skip
-        for reply in self.lean.execute(b"".join(commands), len(commands)):
+        for reply in self.bus.execute(commands):
             if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
                 raise reply
 
@@ -243,8 +250,8 @@ class ConsumerLoop(ABC):
     def _read(self, block_ms: int | None) -> Batch:
         if self._pending_first:
             streams = [s for s in self.streams if s in self._pending_first]
-            [reply], along = self._round_trip(self._xreadgroup(streams, b"0", None), 1)
-            entries = _entries(reply)
+            replies, along = self._round_trip(self._xreadgroup(streams, b"0", None))
+            entries = [entry for reply in replies for entry in _entries(reply)]
             found = {stream for stream, _, _ in entries}
             self._pending_first.difference_update(s for s in streams if s not in found)
             if entries:
@@ -258,23 +265,32 @@ class ConsumerLoop(ABC):
             if entries:
                 log.info("%s: reclaimed %d entries from dead consumers", self.group, len(entries))
                 return Batch(entries, along, claimed=len(entries))
-        timeout_s = self.lean.timeout_s
-        if timeout_s is not None and block_ms is not None:
+        reads = self._xreadgroup(self.streams, b">", block_ms)
+        polling = block_ms is not None and len(reads) > 1
+        timeout_s = self.bus.timeout_s
+        if timeout_s is not None and block_ms is not None and not polling:
             timeout_s += block_ms / 1000
-        # No retry: a read whose reply was lost has moved entries to our pending list, which
-        # the failure path re-reads first.
-        [reply], along = self._round_trip(
-            self._xreadgroup(self.streams, b">", block_ms), 1, timeout_s
-        )
-        return Batch(_entries(reply), along)
+        # A read whose reply was lost has moved entries to our pending list, which the failure
+        # path re-reads first.
+        replies, along = self._round_trip(reads, timeout_s)
+        entries = [entry for reply in replies for entry in _entries(reply)]
+        if polling:
+            assert block_ms is not None
+            if entries:
+                self._idle_poll_s = 0.0
+            else:  # every slot empty: wait a little, then poll again
+                self._idle_poll_s = min(max(self._idle_poll_s * 2, IDLE_POLL_MIN_S),
+                                        IDLE_POLL_MAX_S, block_ms / 1000)  # fmt: skip
+                self._pause(self._idle_poll_s)
+        return Batch(entries, along)
 
     def _claim(self) -> tuple[list[Entry], list[Any]]:
         """One XAUTOCLAIM page per stream still being scanned, all in one round trip."""
         idle = b"%d" % self.claim_idle_ms
-        commands = [pack(b"XAUTOCLAIM", s.encode(), self._group_b, self._consumer_b, idle,
-                         cursor, b"COUNT", self._count_b)
+        commands = [command(b"XAUTOCLAIM", s.encode(), self._group_b, self._consumer_b, idle,
+                            cursor, b"COUNT", self._count_b)
                     for s, cursor in self._claiming.items()]  # fmt: skip
-        replies, along = self._round_trip(b"".join(commands), len(commands))
+        replies, along = self._round_trip(commands)
         entries: list[Entry] = []
         for stream, reply in zip(list(self._claiming), replies, strict=True):
             if reply[0] == b"0-0":
@@ -292,22 +308,26 @@ class ConsumerLoop(ABC):
             entries += [(stream, entry_id, {}) for entry_id in (reply[2] if len(reply) > 2 else ())]
         return entries, along
 
-    def _xreadgroup(self, streams: Iterable[str], entry_id: bytes, block_ms: int | None) -> bytes:
-        keys = [s.encode() for s in streams]
+    def _xreadgroup(
+        self, streams: Iterable[str], entry_id: bytes, block_ms: int | None
+    ) -> list[Command]:
+        """One XREADGROUP per slot the streams live in; it blocks only if there is one."""
+        by_slot: dict[int, list[bytes]] = {}
+        for stream in streams:
+            key = stream.encode()
+            by_slot.setdefault(slot_of(self.client, key), []).append(key)
         args = [b"XREADGROUP", b"GROUP", self._group_b, self._consumer_b, b"COUNT", self._count_b]
-        if block_ms is not None:
+        if block_ms is not None and len(by_slot) == 1:
             args += [b"BLOCK", b"%d" % block_ms]
-        return pack(*args, b"STREAMS", *keys, *[entry_id] * len(keys))
+        return [Command(keys[0], (*args, b"STREAMS", *keys, *[entry_id] * len(keys)))
+                for keys in by_slot.values()]  # fmt: skip
 
     def _round_trip(
-        self, blob: bytes, replies: int, timeout_s: float | None = None
+        self, commands: list[Command], timeout_s: float | None = None
     ) -> tuple[list[Any], list[Any]]:
-        """``blob``'s replies and ``read_along``'s, sent together."""
-        out = raise_first_error(
-            self.lean.execute(blob + self._along, replies + self._n_along, retry=False,
-                              timeout_s=timeout_s)
-        )  # fmt: skip
-        return out[:replies], out[replies:]
+        """``commands``' replies and ``read_along``'s, sent together."""
+        out = raise_first_error(self.bus.execute(commands + self._along, timeout_s=timeout_s))
+        return out[: len(commands)], out[len(commands) :]
 
 
 def raise_first_error(replies: list[Any]) -> list[Any]:
@@ -319,9 +339,11 @@ def raise_first_error(replies: list[Any]) -> list[Any]:
 
 
 def _entries(reply: Any) -> list[Entry]:
-    """The entries of a RESP2 XREADGROUP reply over any streams (none when a block ran out)."""
+    """The entries of an XREADGROUP reply over any streams (none when a block ran out): RESP3
+    (``{stream: entries}``, redis-py's default protocol since 8) or RESP2 (pairs)."""
     out: list[Entry] = []
-    for stream, found in reply or ():
+    pairs = reply.items() if isinstance(reply, dict) else reply or ()
+    for stream, found in pairs:
         key = stream.decode()
         out += [(key, entry_id, _fields(flat)) for entry_id, flat in found]
     return out

@@ -19,6 +19,7 @@ import logging
 import redis
 
 from rendezvous import names
+from rendezvous.bus.connection import Client
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def _id_key(entry_id: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def group_floors(client: redis.Redis, stream: str) -> dict[str, tuple[int, int]]:
+def group_floors(client: Client, stream: str) -> dict[str, tuple[int, int]]:
     """Each group's lowest id it may still need: its oldest pending entry, else the last
     entry delivered to it ({} when the stream or its groups do not exist)."""
     try:
@@ -48,7 +49,7 @@ def group_floors(client: redis.Redis, stream: str) -> dict[str, tuple[int, int]]
     return floors
 
 
-def safe_floor(client: redis.Redis, stream: str) -> str | None:
+def safe_floor(client: Client, stream: str) -> str | None:
     """The lowest id some group may still need, or None when the stream has no groups."""
     floors = group_floors(client, stream)
     if not floors:
@@ -57,7 +58,7 @@ def safe_floor(client: redis.Redis, stream: str) -> str | None:
     return f"{low[0]}-{low[1]}"
 
 
-def trim_input_stream(client: redis.Redis, deployment: str, max_role_lag: int = 0) -> int:
+def trim_input_stream(client: Client, deployment: str, max_role_lag: int = 0) -> int:
     """Drop entries every group is done with, and release model roles that lag more than
     ``max_role_lag`` entries (0: never); returns how many entries went."""
     stream = names.input_stream(deployment)
@@ -71,7 +72,7 @@ def trim_input_stream(client: redis.Redis, deployment: str, max_role_lag: int = 
     return trimmed
 
 
-def _release_laggards(client: redis.Redis, deployment: str, stream: str, max_lag: int) -> int:
+def _release_laggards(client: Client, deployment: str, stream: str, max_lag: int) -> int:
     trimmed = 0
     while client.xlen(stream) > max_lag:
         floors = group_floors(client, stream)
@@ -98,7 +99,7 @@ def _release_laggards(client: redis.Redis, deployment: str, stream: str, max_lag
     return trimmed
 
 
-def _ack_below(client: redis.Redis, stream: str, group: str, below_id: str) -> None:
+def _ack_below(client: Client, stream: str, group: str, below_id: str) -> None:
     """Ack the group's pending entries older than ``below_id`` (they are skipped)."""
     while True:
         pending = client.xpending_range(stream, group, min="-", max=f"({below_id}", count=1000)

@@ -1,0 +1,134 @@
+"""The hot path's command router (rendezvous.bus.routing) against a real Redis: replies in
+order with error replies as values, a dead connection replaced, a late reply dropped with its
+connection, a blocked read ended by close, credentials and database from the URL."""
+
+import asyncio
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from rendezvous.bus.connection import connect, connect_async
+from rendezvous.bus.routing import BlockingRouter, Command, Router, command
+
+
+def _xread(key: bytes, block_ms: int) -> Command:
+    return Command(key, (b"XREAD", b"BLOCK", b"%d" % block_ms, b"STREAMS", key, b"$"))
+
+
+async def test_batches_keep_their_order_and_error_replies_come_back_as_values(
+    r: redis.Redis, redis_url: str
+) -> None:
+    r.set("text", "x")
+    router = Router(await connect_async(redis_url), timeout_s=2.0)
+    try:
+        batch = [command(b"INCR", b"n"), command(b"XADD", b"text", b"*", b"f", b"v"),
+                 command(b"GET", b"n")]  # fmt: skip
+        first, wrong, got = await router.execute(batch)
+        assert first == 1 and got == b"1"
+        assert isinstance(wrong, redis.ResponseError) and "WRONGTYPE" in str(wrong)
+        # many batches in flight at once: each gets its own replies
+        replies = await asyncio.gather(*(router.execute([command(b"INCR", b"n")])
+                                         for _ in range(50)))  # fmt: skip
+        assert sorted(reply for (reply,) in replies) == list(range(2, 52))
+    finally:
+        await router.close()
+
+
+async def test_a_killed_connection_is_replaced(r: redis.Redis, redis_url: str) -> None:
+    router = Router(await connect_async(redis_url), timeout_s=2.0)
+    try:
+        for _ in range(3):
+            (conn_id,) = await router.execute([command(b"CLIENT", b"ID", key_at=0)])
+            r.client_kill_filter(_id=conn_id)
+            # killed and not yet noticed: the batch goes again on a fresh connection
+            assert await router.execute([command(b"PING", key_at=0)]) == [b"PONG"]
+    finally:
+        await router.close()
+
+
+async def test_a_reply_late_past_the_timeout_is_an_error_and_drops_its_connection(
+    redis_url: str,
+) -> None:
+    router = Router(await connect_async(redis_url), timeout_s=0.2)
+    try:
+        (before,) = await router.execute([command(b"CLIENT", b"ID", key_at=0)])
+        t0 = time.monotonic()
+        (late,) = await router.execute([_xread(b"nothing", 2000)])
+        assert isinstance(late, redis.TimeoutError) and time.monotonic() - t0 < 1.0
+        (after,) = await router.execute([command(b"CLIENT", b"ID", key_at=0)])
+        assert after != before  # the blocked XREAD's late reply cannot be taken for this one
+        # a batch can wait longer than the router's default
+        assert await router.execute([_xread(b"nothing", 300)], timeout_s=2.0) == [None]
+    finally:
+        await router.close()
+
+
+async def test_close_ends_a_blocked_read_at_once(redis_url: str) -> None:
+    router = Router(await connect_async(redis_url), timeout_s=5.0)
+    read = asyncio.create_task(router.execute([_xread(b"nothing", 4000)]))
+    await asyncio.sleep(0.1)
+    t0 = time.monotonic()
+    await router.close()
+    (reply,) = await read
+    assert isinstance(reply, redis.ConnectionError) and time.monotonic() - t0 < 0.5
+    (after,) = await router.execute([command(b"PING", key_at=0)])
+    assert isinstance(after, redis.ConnectionError)  # closed for good
+
+
+@pytest.fixture
+def acl_user(r: redis.Redis) -> Iterator[tuple[str, str]]:
+    r.acl_setuser("router", enabled=True, passwords=["+s3cret"], keys="*", commands=["+@all"])
+    yield "router", "s3cret"
+    r.acl_deluser("router")
+
+
+async def test_user_password_and_database_from_the_url(
+    r: redis.Redis, redis_url: str, acl_user: tuple[str, str]
+) -> None:
+    user, password = acl_user
+    where = urlsplit(redis_url)
+    url = f"redis://{user}:{password}@{where.netloc}/3"
+    router = Router(await connect_async(url), timeout_s=2.0)
+    try:
+        assert await router.execute([command(b"SET", b"in-three", b"1")]) == [b"OK"]
+        assert await router.execute([command(b"ACL", b"WHOAMI", key_at=0)]) == [user.encode()]
+    finally:
+        await router.close()
+    blocking = BlockingRouter(connect(url), timeout_s=2.0)
+    try:
+        assert blocking.execute([command(b"ACL", b"WHOAMI", key_at=0)]) == [user.encode()]
+    finally:
+        blocking.close()
+    db3 = redis.Redis(host=where.hostname, port=where.port, db=3)
+    try:
+        assert db3.get("in-three") == b"1" and r.get("in-three") is None
+        db3.flushdb()
+    finally:
+        db3.close()
+    with pytest.raises(redis.AuthenticationError):
+        await aioredis.Redis.from_url(f"redis://{user}:nope@{where.netloc}/0").ping()
+
+
+def test_the_blocking_router_of_a_worker(r: redis.Redis, redis_url: str) -> None:
+    router = BlockingRouter(connect(redis_url), timeout_s=2.0)
+    try:
+        r.set("text", "x")
+        first, wrong, got = router.execute([command(b"INCR", b"n"),
+                                            command(b"HSET", b"text", b"f", b"v"),
+                                            command(b"GET", b"n")])  # fmt: skip
+        assert first == 1 and got == b"1" and isinstance(wrong, redis.ResponseError)
+        # a connection killed between uses: the batch goes again on a fresh one
+        (conn_id,) = router.execute([command(b"CLIENT", b"ID", key_at=0)])
+        r.client_kill_filter(_id=conn_id)
+        assert router.execute([command(b"PING", key_at=0)]) == [b"PONG"]
+        # a reply later than the timeout: an error value, and the next batch a fresh connection
+        t0 = time.monotonic()
+        (late,) = router.execute([command(b"BLPOP", b"empty", b"2")], timeout_s=0.2)
+        assert isinstance(late, redis.TimeoutError) and time.monotonic() - t0 < 1.0
+        assert router.execute([command(b"PING", key_at=0)]) == [b"PONG"]
+    finally:
+        router.close()
