@@ -12,7 +12,7 @@ import redis
 from rendezvous.bus.local_cluster import LocalCluster
 from rendezvous.bus.server import EmbeddedRedis
 
-REAL_SERVERS = {"redis_server", "redis_cluster"}
+REAL_SERVERS = {"redis_server", "redis_cluster", "bus_url"}
 """Fixtures that start a real server: a test that uses one (or is marked ``integration``) is an
 integration test, every other one is ``pure`` (no server, no process: seconds in all)."""
 
@@ -65,6 +65,17 @@ def rc(redis_cluster: LocalCluster) -> Iterator[redis.RedisCluster]:
     client.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session", params=["single", "cluster"])
+def bus_url(request: pytest.FixtureRequest) -> str:
+    """The URL of a single Redis, then of the cluster: a test that takes it runs on both (the
+    cluster healed first, if a failover test left it healing)."""
+    if request.param == "single":
+        return str(request.getfixturevalue("redis_url"))
+    cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+    cluster.wait_healthy(30.0)
+    return cluster.url
 
 
 @pytest.fixture

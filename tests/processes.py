@@ -20,6 +20,7 @@ from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT
 from rendezvous import names
+from rendezvous.bus.connection import Client, connect
 from rendezvous.bus.server import free_port
 from rendezvous.schedule import Schedule
 
@@ -104,7 +105,7 @@ class System:
         self.env = rdv_env(redis_url, data_dir, self.port, **env)
         self.procs: dict[str, RdvProcess] = {}
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
-        self.r = redis.Redis.from_url(redis_url)
+        self.r = connect(redis_url)
 
     def start(self, name: str, *args: str) -> RdvProcess:
         proc = RdvProcess(list(args), self.env, self.logs / f"{name}.log")
@@ -133,6 +134,14 @@ class System:
         return self.http.post(PREDICT, json=body, headers=headers)
 
 
+def flush(client: Client) -> None:
+    """Empty a single Redis's database, or every master of a cluster."""
+    if isinstance(client, redis.RedisCluster):
+        client.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
+    else:
+        client.flushdb()
+
+
 @contextmanager
 def launch_system(
     redis_url: str,
@@ -143,8 +152,8 @@ def launch_system(
 ) -> Iterator[System]:
     """Flush Redis, create the demo deployment, start the gateway and the log bin; on exit
     stop every process still running and check each stopped cleanly."""
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
+    client = connect(redis_url)
+    flush(client)
     registry = ModelRegistry(demo_data_dir / "models")
     DeploymentStore(client).create(demo_deployment(registry, schedule))
     data_dir = tmp_path_factory.mktemp("system-data")

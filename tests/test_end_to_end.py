@@ -25,9 +25,9 @@ SCHEDULE = Schedule(real_deadline_ms=50, timeout_ms=800, fallbacks=("canary",), 
 
 @pytest.fixture(scope="module")
 def system(
-    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    bus_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[System]:
-    with launch_system(redis_url, demo_data_dir, tmp_path_factory, SCHEDULE) as sys:
+    with launch_system(bus_url, demo_data_dir, tmp_path_factory, SCHEDULE) as sys:
         yield sys
 
 
