@@ -55,10 +55,10 @@ def wait_archived(system: System, ids: set[str], timeout_s: float = 15) -> set[s
 
 @pytest.fixture
 def system(
-    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    bus_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[System]:
     with launch_system(
-        redis_url, demo_data_dir, tmp_path_factory, SCHEDULE,
+        bus_url, demo_data_dir, tmp_path_factory, SCHEDULE,
         RDV_CLAIM_IDLE_MS=str(CLAIM_IDLE_MS),
     ) as sys:  # fmt: skip
         yield sys
@@ -108,12 +108,12 @@ def test_sigterm_under_load_answers_every_accepted_request(system: System) -> No
 
 
 def test_overload_gets_fast_429_and_the_rest_succeed(
-    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    bus_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     import asyncio
 
     with launch_system(
-        redis_url, demo_data_dir, tmp_path_factory, SCHEDULE, RDV_MAX_IN_FLIGHT="8"
+        bus_url, demo_data_dir, tmp_path_factory, SCHEDULE, RDV_MAX_IN_FLIGHT="8"
     ) as system:
         # Only the canary: every accepted request waits out real's deadline (50 ms), so 40
         # concurrent requests overrun a bound of 8 in flight.
@@ -246,11 +246,11 @@ def test_a_redis_at_its_memory_limit_is_ridden_out_and_recovers_by_itself(
 
 
 def test_a_log_bin_that_stops_archiving_bounds_the_backlog_in_bytes(
-    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    bus_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """With the log bin gone the input stream is not trimmed: past RDV_MAX_BACKLOG_BYTES of it,
     predicts answer 503 at once, and once the log bin is back and has archived, 200 again."""
-    with launch_system(redis_url, demo_data_dir, tmp_path_factory, SCHEDULE,
+    with launch_system(bus_url, demo_data_dir, tmp_path_factory, SCHEDULE,
                        RDV_MAX_BACKLOG_BYTES=str(2**20)) as system:  # fmt: skip
         system.start_worker("real")
         system.start_worker("canary")
@@ -270,12 +270,12 @@ def test_a_log_bin_that_stops_archiving_bounds_the_backlog_in_bytes(
 
 
 def test_a_canary_that_stays_down_does_not_take_predictions_down(
-    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    bus_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """No canary worker at all, past the backlog bound's worth of requests: the canary's group
     is moved forward once it lags RDV_MAX_ROLE_LAG entries, so real keeps answering (before,
     the stream filled to RDV_MAX_BACKLOG and every predict answered 503)."""
-    with launch_system(redis_url, demo_data_dir, tmp_path_factory, SCHEDULE,
+    with launch_system(bus_url, demo_data_dir, tmp_path_factory, SCHEDULE,
                        RDV_MAX_ROLE_LAG="100", RDV_MAX_BACKLOG="1500") as system:  # fmt: skip
         system.start_worker("real")
         with Load(f"http://127.0.0.1:{system.port}", bodies(), max_s=40, prefix="lag",

@@ -17,8 +17,9 @@ from admin_support import AUTH, TOKEN, copy_demo_models, features_body, upload_b
 from models.deployments import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
-from processes import PREDICT, Load, RdvProcess, rdv_env, wait_until
+from processes import PREDICT, Load, RdvProcess, flush, rdv_env, wait_until
 from rendezvous import names
+from rendezvous.bus.connection import connect
 from rendezvous.bus.server import free_port
 from rendezvous.decision import DecisionRecord, decode_entries
 from rendezvous.schedule import Schedule
@@ -72,10 +73,11 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(
-    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    bus_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
-    r = redis.Redis.from_url(redis_url)
-    r.flushdb()
+    redis_url = bus_url
+    r = connect(redis_url)
+    flush(r)
     data = copy_demo_models(demo_data_dir, tmp_path_factory.mktemp("serve-data"))
     DeploymentStore(r).create(demo_deployment(ModelRegistry(data / "models"), SCHEDULE))
     port = free_port()
