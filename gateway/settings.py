@@ -102,6 +102,10 @@ class Settings(BaseSettings):
 
     max_in_flight: int = Field(default=2048, ge=1)
     """Requests one gateway process holds at once; beyond it, 429 at once."""
+    request_id_ttl_s: int = Field(default=3600, ge=1)
+    """How long a caller's own request id (``X-Request-Id``) stays taken after it was published:
+    a retry within it answers 409 on every gateway. Costs about 100 bytes of Redis a request
+    that carries one; ids the gateway makes up are random and need no key."""
 
     max_backlog: int = Field(default=200_000, ge=100)
     """Entries an input stream may hold unconsumed by its slowest reader (the log bin or a

@@ -110,6 +110,13 @@ def stats_key(deployment: str) -> str:
     return f"{_tag(deployment)}:stats"
 
 
+def request_id_key(deployment: str, request_id: str) -> str:
+    """Taken (SET NX, with a TTL) when an envelope carrying a caller's own request id is
+    published: the id is refused on every gateway while the key lives. Under the deployment's
+    hash tag, so the check and the XADD run as one script on one cluster node."""
+    return f"{_tag(deployment)}:rid:{request_id}"
+
+
 LOGBIN_STATS = f"{PREFIX}:logbin:stats"
 """Hash ``consumer`` -> JSON counters of that log-bin process (with ``ts``, epoch s)."""
 

@@ -5,7 +5,7 @@ import asyncio
 import redis
 import redis.asyncio as aioredis
 
-from rendezvous.bus.appender import StreamAppender
+from rendezvous.bus.appender import AlreadyTaken, StreamAppender
 from rendezvous.bus.routing import Router
 
 
@@ -55,5 +55,22 @@ async def test_failures_reach_their_handler_and_capped_streams_stay_capped(
         await appender.close()
         assert len(errors) == 1 and "WRONGTYPE" in str(errors[0])
         assert 100 <= r.xlen("capped") < 3000  # MAXLEN ~: trimmed by whole nodes
+    finally:
+        await appender.client.close()
+
+
+async def test_a_unique_append_takes_its_key_or_appends_nothing(
+    r: redis.Redis, redis_url: str
+) -> None:
+    appender = StreamAppender(_router(redis_url))
+    errors: list[Exception] = []
+    try:
+        for _ in range(3):
+            appender.append_nowait("rdv:{d}:in", {b"f": b"v"}, on_error=errors.append,
+                                   unique=("rdv:{d}:rid:x", 5000))  # fmt: skip
+        await appender.close()
+        assert r.xlen("rdv:{d}:in") == 1
+        assert [type(e) for e in errors] == [AlreadyTaken, AlreadyTaken]
+        assert 0 < r.pttl("rdv:{d}:rid:x") <= 5000
     finally:
         await appender.client.close()

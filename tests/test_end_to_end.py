@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import redis
@@ -15,8 +17,9 @@ from models.archive import ArchiveReader
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from models.train import DEMO_DEPLOYMENT, demo_data
-from processes import PREDICT, System, launch_system, wait_until
+from processes import PREDICT, RdvProcess, System, launch_system, wait_until
 from rendezvous import names
+from rendezvous.bus.server import free_port
 from rendezvous.decision import DecisionRecord, decode_entries
 from rendezvous.schedule import Schedule
 
@@ -158,6 +161,36 @@ def test_no_worker_means_504_within_the_timeout(system: System) -> None:
     assert "no model answered" in resp.json()["detail"]
     assert resp.json()["request_id"] == "nobody-home"
     assert SCHEDULE.timeout_ms <= elapsed_ms < SCHEDULE.timeout_ms + 500
+
+
+def test_a_request_id_is_refused_on_every_gateway_in_flight_and_after_its_answer(
+    system: System,
+) -> None:
+    """Two gateway processes on one Redis (or cluster): a caller's request id taken by one is
+    409 on the other while in flight, and on both after its answer (no worker: it times out)."""
+    port = free_port()
+    other = RdvProcess(["gateway"], {**system.env, "RDV_PORT": str(port)},
+                       system.logs / "gateway-2.log")  # fmt: skip
+    http2 = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    try:
+        wait_until(lambda: http2.get("/healthz").status_code == 200, 30, "second gateway")
+        body = features_body(rows(1)[0])
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(system.predict, body, **{"X-Request-Id": "shared-id"})
+            time.sleep(SCHEDULE.timeout_ms / 4000)  # in flight on the first gateway
+            elsewhere = http2.post(PREDICT, json=body, headers={"X-Request-Id": "shared-id"})
+            assert elsewhere.status_code == 409, elsewhere.text
+            assert "shared-id" in elsewhere.json()["detail"]
+            assert first.result().status_code == 504  # the first one was not disturbed
+        for gateway in (system.http, http2):  # answered: still taken, on both
+            again = gateway.post(PREDICT, json=body, headers={"X-Request-Id": "shared-id"})
+            assert again.status_code == 409, again.text
+        fresh = http2.post(PREDICT, json=body, headers={"X-Request-Id": "another-id"})
+        assert fresh.status_code == 504  # a new id is published (and times out: no worker)
+        assert system.r.exists(names.request_id_key(DEMO_DEPLOYMENT, "another-id"))
+    finally:
+        http2.close()
+        assert other.stop() in (0, -15), other.log_text()[-2000:]
 
 
 @pytest.mark.parametrize(

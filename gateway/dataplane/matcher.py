@@ -262,9 +262,7 @@ class Rendezvous:
                         await self._create_stream()  # lost (e.g. Redis restarted empty)
                     self._next_ttl = time.monotonic() + REPLY_TTL_S / 10
                 key = self.reply_to.encode()
-                (reply,) = await self.reader.execute(
-                    [Command(key, (*_XREAD, key, self._last_id))]
-                )
+                (reply,) = await self.reader.execute([Command(key, (*_XREAD, key, self._last_id))])
                 if isinstance(reply, Exception):
                     raise reply
                 backoff_s = 0.05

@@ -28,7 +28,7 @@ from gateway.dataplane.matcher import Rendezvous
 from gateway.dataplane.validation import check_request_id, parse_body, to_matrix
 from models.deployments import Deployment
 from rendezvous import names
-from rendezvous.bus.appender import StreamAppender
+from rendezvous.bus.appender import AlreadyTaken, StreamAppender
 from rendezvous.bus.connection import MEMORY_LIMIT, out_of_memory
 from rendezvous.envelope import RequestEnvelope
 
@@ -61,6 +61,7 @@ class PredictionService:
         max_in_flight: int,
         max_backlog: int,
         max_backlog_bytes: int = 2**62,
+        request_id_ttl_s: int = 3600,
         metrics: RequestTally | None = None,
         drift_feed: RowSink | None = None,
     ):
@@ -73,6 +74,7 @@ class PredictionService:
         self.max_in_flight = max_in_flight
         self.max_backlog = max_backlog
         self.max_backlog_bytes = max_backlog_bytes
+        self.request_id_ttl_ms = request_id_ttl_s * 1000
         self.in_flight = 0
 
     async def predict(self, deployment: str, raw: bytes, request_id: str | None) -> dict[str, Any]:
@@ -120,13 +122,14 @@ class PredictionService:
             )
         self.in_flight += 1
         try:
-            return await self._publish_and_wait(dep, rid, raw, features, t0)
+            return await self._publish_and_wait(dep, rid, raw, features, t0, bool(request_id))
         finally:
             self.in_flight -= 1
 
     async def _publish_and_wait(
-        self, dep: Deployment, rid: str, raw: bytes, features: Any, t0: float
+        self, dep: Deployment, rid: str, raw: bytes, features: Any, t0: float, chosen: bool
     ) -> tuple[dict[str, Any], str]:
+        """``chosen``: the caller chose the request id, which must then be new everywhere."""
         spec = dep.feature_spec
         schedule = dep.schedule.for_request(rid)  # the A/B split draw, if any
         mailbox = self.rendezvous.open(rid, dep.name, schedule, dep.role_names)
@@ -142,13 +145,20 @@ class PredictionService:
         )
 
         def unpublished(exc: Exception) -> None:
+            if isinstance(exc, AlreadyTaken):
+                self.rendezvous.fail(mailbox, DuplicateRequest(
+                    f"request id {rid!r} was already used for deployment {dep.name} "
+                    "(in flight or answered on some gateway)"))  # fmt: skip
+                return
             why = MEMORY_LIMIT if out_of_memory(exc) else f"the request bus is unavailable: {exc}"
             self.rendezvous.fail(mailbox, Unavailable(why))
 
         # Not awaited on its own: the one wait below ends with the answer, or with this
-        # error if the XADD failed (one suspension per request instead of two).
+        # error if the XADD failed (one suspension per request instead of two). A caller's own
+        # request id is taken in the same command, for every gateway.
+        unique = (names.request_id_key(dep.name, rid), self.request_id_ttl_ms) if chosen else None
         self.appender.append_nowait(
-            names.input_stream(dep.name), envelope.encode(), on_error=unpublished
+            names.input_stream(dep.name), envelope.encode(), on_error=unpublished, unique=unique
         )
         if self.drift_feed is not None:
             self.drift_feed.observe_rows(dep.name, features)

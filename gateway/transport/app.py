@@ -177,6 +177,7 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             max_in_flight=settings.max_in_flight,
             max_backlog=settings.max_backlog,
             max_backlog_bytes=settings.max_backlog_bytes,
+            request_id_ttl_s=settings.request_id_ttl_s,
             metrics=metrics,
             drift_feed=feed,
         )

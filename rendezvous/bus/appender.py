@@ -22,12 +22,28 @@ from rendezvous.bus.routing import Command, Router
 log = logging.getLogger(__name__)
 
 
+class AlreadyTaken(Exception):
+    """An append's unique key was already taken: nothing was appended."""
+
+
+_XADD_IF_NEW = b"""
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+  return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+end
+return false
+"""
+"""Take the unique key and append, or do neither: one command, atomic, on the node that holds
+both keys (they share a hash tag)."""
+
+
 @dataclass(slots=True)
 class _Pending:
     stream: bytes
     fields: dict[bytes, bytes]
     maxlen: int | None
     on_error: Callable[[Exception], None] | None
+    unique: tuple[bytes, int] | None = None
+    """(key, ttl ms): append only if the key was free, and take it."""
 
 
 class StreamAppender:
@@ -48,13 +64,18 @@ class StreamAppender:
         maxlen: int | None = None,
         on_error: Callable[[Exception], None] | None = None,
         urgent: bool = True,
+        unique: tuple[str, int] | None = None,
     ) -> None:
         """Queue one XADD; a failure goes to ``on_error`` if given, else to the log.
 
         ``urgent=False`` (decision records: nobody waits for them) lets the append ride with
         the next urgent one, or go after ``linger_s``: under load that halves the round trips,
-        which cost the gateway a socket write and a read each."""
-        self._queue.append(_Pending(stream.encode(), fields, maxlen, on_error))
+        which cost the gateway a socket write and a read each.
+
+        ``unique=(key, ttl_ms)``: append only if ``key`` (under the stream's hash tag) is not
+        taken, and take it for ``ttl_ms``; else ``on_error`` gets ``AlreadyTaken``."""
+        taken = (unique[0].encode(), unique[1]) if unique is not None else None
+        self._queue.append(_Pending(stream.encode(), fields, maxlen, on_error, taken))
         if urgent:
             self._kick()
         elif self._timer is None and not self._flushing():
@@ -80,6 +101,8 @@ class StreamAppender:
                 log.exception("append batch failed")
                 results = [exc] * len(batch)
             for item, result in zip(batch, results, strict=True):
+                if result is None and item.unique is not None:
+                    result = AlreadyTaken(item.unique[0].decode())
                 if not isinstance(result, Exception):
                     continue
                 if item.on_error is None:
@@ -99,6 +122,11 @@ class StreamAppender:
 
 
 def _xadd(item: _Pending) -> Command:
+    if item.unique is not None:
+        key, ttl_ms = item.unique
+        flat = [part for pair in item.fields.items() for part in pair]
+        return Command(item.stream, (b"EVAL", _XADD_IF_NEW, b"2", key, item.stream,
+                                     b"%d" % ttl_ms, *flat))  # fmt: skip
     args = [b"XADD", item.stream]
     if item.maxlen is not None:
         args += [b"MAXLEN", b"~", b"%d" % item.maxlen]

@@ -260,8 +260,8 @@ class BlockingRouter:
     ) -> None:
         conn.disconnect()  # a late reply would be taken for the next batch's
         for i in idx[done:]:  # as in ``Router``: again through the client, unless it hung
-            replies[i] = exc if isinstance(exc, redis.TimeoutError) else self._through_client(
-                commands[i]
+            replies[i] = (
+                exc if isinstance(exc, redis.TimeoutError) else self._through_client(commands[i])
             )
 
     def _through_client(self, cmd: Command) -> Any:
