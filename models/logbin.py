@@ -31,8 +31,8 @@ import redis
 
 from models.archive import SegmentWriter, record_from_envelope
 from rendezvous import names
-from rendezvous.bus.connection import Client, out_of_memory
-from rendezvous.bus.consumer import REDIS_DOWN, Batch, ConsumerLoop, Entry
+from rendezvous.bus.connection import REDIS_DOWN, REDIS_FAILURES, Client, out_of_memory
+from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry
 from rendezvous.bus.retention import trim_input_stream
 from rendezvous.envelope import RequestEnvelope
 
@@ -155,7 +155,7 @@ class LogBin(ConsumerLoop):
         """Remove our counters from ``LOGBIN_STATS`` (best effort: Redis may be down)."""
         try:
             self.client.hdel(names.LOGBIN_STATS, self.consumer)
-        except redis.RedisError as exc:
+        except REDIS_FAILURES as exc:
             log.warning("logbin: could not remove its stats: %s", exc)
 
     def stats_json(self, now_s: float) -> str:

@@ -30,7 +30,7 @@ from models.deployments import Deployment, DeploymentNotFound, DeploymentStore, 
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from rendezvous import names
-from rendezvous.bus.connection import Client
+from rendezvous.bus.connection import REDIS_FAILURES, Client
 from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry, raise_first_error
 from rendezvous.bus.routing import command
 from rendezvous.envelope import EnvelopeError, ModelResult, RequestEnvelope, encode_results
@@ -188,7 +188,7 @@ class ModelWorker(ConsumerLoop):
         member = names.worker_member(self.role, self.consumer)
         try:
             self.client.hdel(names.stats_key(self.deployment), member)
-        except redis.RedisError as exc:
+        except REDIS_FAILURES as exc:
             log.warning("could not remove the stats of %s: %s", member, exc)
 
     def stats_json(self, now_s: float) -> str:

@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import redis
-
 from gateway.dataplane.failures import UnknownDeployment
 from models.deployments import Deployment
 from rendezvous import names
-from rendezvous.bus.connection import AsyncClient, text
+from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +58,7 @@ class DeploymentCache:
             await asyncio.sleep(interval_s)
             try:
                 await self.refresh()
-            except redis.RedisError as exc:
+            except REDIS_FAILURES as exc:
                 log.warning("cannot refresh deployments: %s", exc)
 
     def get(self, name: str) -> Deployment:

@@ -9,6 +9,7 @@ from typing import Any
 import redis
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from redis.exceptions import RedisClusterException
 
 from gateway.dataplane.matcher import Answer, DuplicateRequest
 from gateway.problems import RETRY, Problem, unavailable
@@ -94,7 +95,7 @@ def problem_of(exc: BaseException) -> Problem | None:
         return unavailable(str(exc))
     if out_of_memory(exc):
         return unavailable(MEMORY_LIMIT)
-    if isinstance(exc, redis.RedisError):
+    if isinstance(exc, redis.RedisError | RedisClusterException):
         return unavailable(f"Redis is unavailable: {type(exc).__name__}")
     if isinstance(exc, NoAnswer):
         answer = exc.answer
@@ -109,6 +110,7 @@ HANDLED: tuple[type[Exception], ...] = (
     UnknownDeployment,
     Unavailable,
     redis.RedisError,
+    RedisClusterException,
     TimeoutError,
     Overloaded,
     Backlogged,

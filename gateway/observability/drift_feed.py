@@ -17,11 +17,10 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import redis
 
 from gateway.dataplane.deployments import DeploymentCache
 from rendezvous import names
-from rendezvous.bus.connection import AsyncClient
+from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 from rendezvous.decision import DecisionRecord
 from rendezvous.drift import FeatureReference, Sketch
 
@@ -173,7 +172,7 @@ class DriftFeed:
             await asyncio.sleep(self.interval_s)
             try:
                 await self.flush()
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 log.warning("cannot write drift sketches: %s", exc)
             except Exception:
                 log.exception("drift sketch flush failed")

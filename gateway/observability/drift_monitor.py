@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-import redis
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability.drift_feed import SKETCH_FIELD
 from models.registry import ModelRegistry
 from rendezvous import names
-from rendezvous.bus.connection import AsyncClient, text
+from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
 from rendezvous.drift import FeatureReference, Sketch
 from rendezvous.drift_alerts import Thresholds, evaluate_alerts, window_report
 
@@ -120,7 +119,7 @@ class DriftMonitor:
                 try:
                     if await self._lead(deployment):
                         await self.evaluate(deployment)
-                except (redis.RedisError, OSError) as exc:
+                except REDIS_FAILURES as exc:
                     log.warning("drift evaluation of %s failed: %s", deployment, exc)
                 except Exception:
                     log.exception("drift evaluation of %s failed", deployment)

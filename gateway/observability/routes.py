@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import redis
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -17,6 +16,7 @@ from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.metrics_state import read_state, state_registry
 from gateway.problems import Problem
 from rendezvous import names
+from rendezvous.bus.connection import REDIS_FAILURES
 
 
 def observe_router() -> APIRouter:
@@ -41,7 +41,7 @@ def observe_router() -> APIRouter:
                 timeout=state.settings.redis_timeout_s,
             )
             body += generate_latest(state_registry(cluster))
-        except (redis.RedisError, OSError, TimeoutError):
+        except REDIS_FAILURES:
             pass
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 

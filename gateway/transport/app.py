@@ -38,7 +38,7 @@ from gateway.transport.fast_path import PredictFastPath, predict_reply
 from gateway.transport.limits import BodySizeLimit
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
-from rendezvous.bus.connection import AsyncClient, connect_async
+from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, connect_async
 from rendezvous.bus.routing import Router
 from rendezvous.decision import DecisionRecord
 from rendezvous.heap import settle_heap
@@ -81,7 +81,7 @@ async def _check_redis_memory(client: AsyncClient, settings: Settings, deploymen
     disabled on managed Redis."""
     try:
         info = await client.info("memory")
-    except redis.RedisError as exc:
+    except REDIS_FAILURES as exc:
         log.warning("cannot read Redis's memory limit: %s", exc)
         return
     limit = int(info.get("maxmemory", 0) or 0)
@@ -292,7 +292,7 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
                 pipe.zrangebyscore(names.workers_key(dep), live_after, "+inf")
             pipe.hgetall(names.LOGBIN_STATS)
             *live, logbins = await asyncio.wait_for(pipe.execute(), timeout=2.0)
-        except (redis.RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             detail = f"Redis is unavailable: {type(exc).__name__}"
             return Problem(503, detail, {"ready": False}, RETRY).response()
         checks: dict[str, Any] = {}

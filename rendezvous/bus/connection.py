@@ -18,11 +18,28 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
 from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
-_RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
+REDIS_DOWN: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,
+    ClusterError,  # CLUSTERDOWN, a master down, redirects that went round in circles
+    TryAgainError,  # a slot being migrated
+    RedisClusterException,  # no node covers a slot yet (a failover), no node reachable
+)
+"""Failures that pass: Redis unreachable, restarting or loading its data, or a cluster electing
+a new master or moving a slot."""
+
+_RETRYABLE: tuple[type[Exception], ...] = (*REDIS_DOWN, OSError)
+
+REDIS_FAILURES: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException, OSError)
+"""Anything a Redis call fails with that is not a bug in the caller (``TimeoutError`` is an
+``OSError``): what a background loop
+rides out (a cluster client raises ``RedisClusterException``, which is no ``RedisError``)."""
 
 
 def _stale_connection_retry(kind: type[Retry] | type[AsyncRetry] = Retry) -> Any:

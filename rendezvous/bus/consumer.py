@@ -42,13 +42,11 @@ from typing import Any
 
 import redis
 
-from rendezvous.bus.connection import MEMORY_LIMIT, out_of_memory
+from rendezvous.bus.connection import MEMORY_LIMIT, REDIS_DOWN, out_of_memory
 from rendezvous.bus.routing import AnyClient, BlockingRouter, Command, command, slot_of
 
 log = logging.getLogger(__name__)
 
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
-"""Failures that pass: Redis unreachable, restarting or still loading its data."""
 
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 1.0

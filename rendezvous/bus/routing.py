@@ -9,12 +9,20 @@ once and reads the replies as they are (no response callbacks), while everything
 on redis-py's clients.
 
 Which node owns a key is the client's business: a single-node ``Redis`` has one, a
-``RedisCluster`` answers ``get_node_from_key`` from its slot table. When a node answers with a
-redirect (``MOVED`` or ``ASK``: a slot moved, a failover) or cannot be reached, the commands
-concerned are sent again through the client's own command layer, which follows the redirect,
-refreshes its slot table and retries as redis-py's cluster client does; the next batch goes
-to the new owner. A command may thus run twice if only its reply was lost: every reader of
-the streams is at-least-once.
+``RedisCluster`` answers ``get_node_from_key`` from its slot table. The commands a node answers
+with a redirect or a cluster error, or loses with its connection, go once more:
+
+- ``MOVED``, ``TRYAGAIN``, ``CLUSTERDOWN``, a lost node (a failover): the client is asked about
+  the key through its own command layer (``EXISTS``), which follows the redirect or, after a
+  connection error, rebuilds its slot table from the nodes still up; the command then goes to
+  the slot's owner by the refreshed table.
+- ``ASK`` (a slot being migrated, this key already moved): the command goes to the node named,
+  after ``ASKING``; the table stays as it is until the migration ends with a ``MOVED``.
+- On a single node, a connection that died quietly (Redis restarted) fails its first use: the
+  commands go once more on a fresh connection.
+
+A command may thus run twice if only its reply was lost: every reader of the streams is
+at-least-once. A timeout is not retried (it would double the caller's wait).
 
 Replies come back in the order of the commands. An error reply is an exception object in its
 place, never raised, like a pipeline's ``raise_on_error=False``, so that one node's trouble
@@ -24,21 +32,20 @@ fails only the commands that went to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection as AsyncConnection
-from redis.connection import AbstractConnection
-from redis.exceptions import AskError, ClusterDownError, TryAgainError
+from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
 
+from rendezvous.bus.connection import REDIS_FAILURES
 from rendezvous.bus.connection import AsyncClient as AnyAsyncClient
 from rendezvous.bus.connection import Client as AnyClient
 
-_LOST = (redis.ConnectionError, redis.TimeoutError, OSError)
-"""A connection failed mid-batch: its remaining replies are lost with it."""
+_ASKING = (b"ASKING",)
 
 
 class Command(NamedTuple):
@@ -53,10 +60,6 @@ def command(*args: bytes, key_at: int = 1) -> Command:
     return Command(args[key_at], args)
 
 
-def is_cluster(client: AnyClient | AnyAsyncClient) -> bool:
-    return isinstance(client, redis.RedisCluster | aioredis.RedisCluster)
-
-
 def slot_of(client: AnyClient | AnyAsyncClient, key: bytes) -> int:
     """The key's cluster slot; 0 for every key of a single node, where any keys mix."""
     if isinstance(client, redis.RedisCluster | aioredis.RedisCluster):
@@ -64,112 +67,176 @@ def slot_of(client: AnyClient | AnyAsyncClient, key: bytes) -> int:
     return 0
 
 
-def _redirected(reply: Any) -> bool:
-    return isinstance(reply, AskError | TryAgainError | ClusterDownError)
+def _again(reply: Any) -> bool:
+    """Worth one more try, after following the cluster (a timeout is not: see the module)."""
+    if isinstance(reply, redis.TimeoutError):
+        return False
+    return isinstance(reply, AskError | TryAgainError | ClusterDownError | redis.ConnectionError)
 
 
-def _group(commands: Sequence[Command], node_of: Any) -> dict[Any, list[int]]:
-    by_node: dict[Any, list[int]] = {}
-    for i, cmd in enumerate(commands):
-        by_node.setdefault(node_of(cmd.key), []).append(i)
-    return by_node
+def _asked(reply: Any) -> bool:
+    return isinstance(reply, AskError) and not isinstance(reply, MovedError)
+
+
+Plan = dict[Any, list[tuple[int, bool]]]
+"""node (None: the single node) -> (command index, preceded by ASKING) in the order sent."""
+
+
+class BlockingRouter:
+    """For a synchronous process (model workers, the log bin); not thread-safe, like the loop
+    that owns it."""
+
+    def __init__(self, client: AnyClient, *, timeout_s: float | None):
+        self.client = client
+        self.timeout_s = timeout_s
+
+    def execute(self, commands: Sequence[Command], *, timeout_s: float | None = None) -> list[Any]:
+        """The replies of ``commands`` in order; ``timeout_s`` overrides the router's own for
+        this batch (a blocking read adds its block time). Every node's batch is written before
+        any reply is read, so the nodes work on them at the same time."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        replies: list[Any] = [None] * len(commands)
+        self._run(_plan(self.client, commands, range(len(commands)), replies), commands,
+                  replies, timeout_s)  # fmt: skip
+        again = [i for i, reply in enumerate(replies) if _again(reply)]
+        if again:
+            self._follow(commands, again, replies)
+            plan = _plan(self.client, commands, again, replies)
+            self._run(plan, commands, replies, timeout_s)
+        return replies
+
+    def _follow(
+        self, commands: Sequence[Command], again: Sequence[int], replies: list[Any]
+    ) -> None:
+        """Let the cluster client follow what the nodes said, one key per slot."""
+        if isinstance(self.client, redis.RedisCluster):
+            for key in _keys_to_follow(self.client, commands, again, replies):
+                with contextlib.suppress(*REDIS_FAILURES):  # still electing: fails again
+                    self.client.exists(key)  # type: ignore[arg-type]
+
+    def _run(self, plan: Plan, commands: Sequence[Command], replies: list[Any],
+             timeout_s: float | None) -> None:  # fmt: skip
+        sent: list[tuple[Any, Any, list[tuple[int, bool]]]] = []
+        try:
+            for node, batch in plan.items():
+                pool = self._pool(node)
+                try:
+                    conn = pool.get_connection()  # connects, if it must
+                except REDIS_FAILURES as exc:
+                    for i, _ in batch:
+                        replies[i] = exc
+                    continue
+                sent.append((pool, conn, batch))
+                try:
+                    conn.send_packed_command(conn.pack_commands(_args(commands, batch)),
+                                             check_health=False)  # fmt: skip
+                except REDIS_FAILURES as exc:
+                    _lose(conn, batch, 0, exc, replies)
+                    sent[-1] = (pool, conn, [])
+            for _, conn, batch in sent:
+                for done, (i, asking) in enumerate(batch):
+                    try:
+                        if asking:
+                            conn.read_response(timeout=timeout_s)
+                        replies[i] = conn.read_response(timeout=timeout_s)
+                    except redis.ResponseError as exc:  # an error reply: still in step
+                        replies[i] = exc
+                    except REDIS_FAILURES as exc:
+                        _lose(conn, batch, done, exc, replies)
+                        break
+        finally:
+            for pool, conn, _ in sent:
+                pool.release(conn)
+
+    def _pool(self, node: Any) -> Any:
+        if isinstance(self.client, redis.RedisCluster):
+            return self.client.get_redis_connection(node).connection_pool
+        return self.client.connection_pool
+
+    def close(self) -> None:
+        if isinstance(self.client, redis.RedisCluster):
+            for node in self.client.get_nodes():
+                if node.redis_connection is not None:
+                    node.redis_connection.connection_pool.disconnect()
+        else:
+            self.client.connection_pool.disconnect()
 
 
 class Router:
-    """For asyncio (the gateway). Safe for concurrent batches: each borrows its connections."""
+    """The same for asyncio (the gateway). Safe for concurrent batches: each borrows its
+    connections; every node's batch is sent and read at the same time."""
 
     def __init__(self, client: AnyAsyncClient, *, timeout_s: float | None):
         self.client = client
         self.timeout_s = timeout_s
-        self._cluster = isinstance(client, aioredis.RedisCluster)
         self._closed = False
 
     async def execute(
         self, commands: Sequence[Command], *, timeout_s: float | None = None
     ) -> list[Any]:
-        """The replies of ``commands`` in order; ``timeout_s`` overrides the router's own for
-        this batch (a blocking read adds its block time)."""
+        """As ``BlockingRouter.execute``; after ``close``, every command fails."""
         if self._closed:
             return [redis.ConnectionError("this router was closed")] * len(commands)
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         replies: list[Any] = [None] * len(commands)
-        if not self._cluster:
-            await self._node_batch(None, commands, range(len(commands)), replies, timeout_s)
-        else:
-            try:
-                by_node = _group(commands, self._node_of)
-            except redis.RedisError as exc:  # no slot table yet, a slot not covered
-                by_node = {}
-                replies = [exc] * len(commands)
-            await asyncio.gather(
-                *(self._node_batch(node, commands, idx, replies, timeout_s)
-                  for node, idx in by_node.items())
-            )  # fmt: skip
-        redo = [i for i, reply in enumerate(replies) if _redirected(reply)]
-        if redo and self._cluster:
-            again = await asyncio.gather(
-                *(self._through_client(commands[i], timeout_s) for i in redo)
+        first = _plan(self.client, commands, range(len(commands)), replies)
+        await self._run(first, commands, replies, timeout_s)
+        again = [i for i, reply in enumerate(replies) if _again(reply)]
+        if again and not self._closed:
+            await self._follow(commands, again, replies)
+            await self._run(
+                _plan(self.client, commands, again, replies), commands, replies, timeout_s
             )
-            for i, reply in zip(redo, again, strict=True):
-                replies[i] = reply
         return replies
 
-    def _node_of(self, key: bytes) -> Any:
-        assert isinstance(self.client, aioredis.RedisCluster)
-        return self.client.get_node_from_key(key)  # type: ignore[arg-type]  # bytes work
-
-    async def _node_batch(
-        self,
-        node: Any,
-        commands: Sequence[Command],
-        idx: Sequence[int],
-        replies: list[Any],
-        timeout_s: float | None,
+    async def _follow(
+        self, commands: Sequence[Command], again: Sequence[int], replies: list[Any]
     ) -> None:
-        if node is None:
-            assert isinstance(self.client, aioredis.Redis)
-            conn = await self.client.connection_pool.get_connection()
-        else:
-            conn = node.acquire_connection()
+        if isinstance(self.client, aioredis.RedisCluster):
+            for key in _keys_to_follow(self.client, commands, again, replies):
+                with contextlib.suppress(*REDIS_FAILURES):
+                    await self.client.exists(key)  # type: ignore[arg-type]
+
+    async def _run(self, plan: Plan, commands: Sequence[Command], replies: list[Any],
+                   timeout_s: float | None) -> None:  # fmt: skip
+        await asyncio.gather(*(self._node_batch(node, batch, commands, replies, timeout_s)
+                               for node, batch in plan.items()))  # fmt: skip
+
+    async def _node_batch(self, node: Any, batch: list[tuple[int, bool]],
+                          commands: Sequence[Command], replies: list[Any],
+                          timeout_s: float | None) -> None:  # fmt: skip
+        try:
+            if node is None:
+                assert isinstance(self.client, aioredis.Redis)
+                conn = await self.client.connection_pool.get_connection()  # connects
+            else:
+                conn = node.acquire_connection()  # connects on first send
+        except REDIS_FAILURES as exc:
+            for i, _ in batch:
+                replies[i] = exc
+            return
         done = 0
         try:
             async with asyncio.timeout(timeout_s):
-                await conn.send_packed_command(
-                    conn.pack_commands([commands[i].args for i in idx]), check_health=False
-                )
-                for i in idx:
+                await conn.send_packed_command(conn.pack_commands(_args(commands, batch)),
+                                               check_health=False)  # fmt: skip
+                for i, asking in batch:
+                    if asking:
+                        await _read(conn)
                     replies[i] = await _read(conn)
                     done += 1
-        except (*_LOST, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             await conn.disconnect()  # a late reply would be taken for the next batch's
-            lost = (
-                redis.TimeoutError(f"Redis did not answer in {timeout_s}s")
-                if isinstance(exc, TimeoutError)
-                else exc
-            )
-            for i in idx[done:]:
+            lost = (redis.TimeoutError(f"Redis did not answer in {timeout_s}s")
+                    if isinstance(exc, TimeoutError) else exc)  # fmt: skip
+            for i, _ in batch[done:]:
                 replies[i] = lost
-            if not isinstance(exc, TimeoutError) and not self._closed:
-                # A connection that died quietly (Redis restarted) fails its first use, and on
-                # a cluster the node may be gone (a failover): the commands go again through
-                # the client, which reconnects, retries and finds the slot's owner.
-                for i in idx[done:]:
-                    replies[i] = await self._through_client(commands[i], timeout_s)
         finally:
             if node is None:
                 assert isinstance(self.client, aioredis.Redis)
                 await self.client.connection_pool.release(conn)
             else:
                 node.release(conn)
-
-    async def _through_client(self, cmd: Command, timeout_s: float | None) -> Any:
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await self.client.execute_command(*cmd.args, NEVER_DECODE=True)
-        except TimeoutError:
-            return redis.TimeoutError(f"Redis did not answer in {timeout_s}s")
-        except redis.RedisError as exc:
-            return exc
 
     async def close(self) -> None:
         """Drop every connection, a blocked read's too (it fails at once, and so does every
@@ -182,98 +249,66 @@ class Router:
             await self.client.connection_pool.disconnect(inuse_connections=True)
 
 
-async def _read(conn: AsyncConnection) -> Any:
+def _plan(
+    client: AnyClient | AnyAsyncClient,
+    commands: Sequence[Command],
+    indices: Sequence[int],
+    replies: list[Any],
+) -> Plan:
+    """Which node each command goes to: the key's owner by the client's slot table, or the
+    node an ``ASK`` named (after ``ASKING``); a command with nowhere to go keeps its error."""
+    plan: Plan = {}
+    cluster = client if isinstance(client, redis.RedisCluster | aioredis.RedisCluster) else None
+    for i in indices:
+        asked = _asked(replies[i])
+        try:
+            if cluster is None:
+                node = None
+            elif asked:
+                node = cluster.get_node(host=replies[i].host, port=replies[i].port)
+                if node is None:
+                    continue  # a node the table does not know yet: the ASK stands
+            else:
+                node = cluster.get_node_from_key(commands[i].key)  # type: ignore[arg-type]
+        except REDIS_FAILURES as exc:  # no slot table yet, a slot not covered
+            replies[i] = exc
+            continue
+        plan.setdefault(node, []).append((i, asked))
+    return plan
+
+
+def _keys_to_follow(
+    cluster: redis.RedisCluster | aioredis.RedisCluster,
+    commands: Sequence[Command],
+    again: Sequence[int],
+    replies: list[Any],
+) -> list[bytes]:
+    """One key of each slot whose commands were refused other than by ``ASK``."""
+    keys = {cluster.keyslot(commands[i].key): commands[i].key
+            for i in again if not _asked(replies[i])}  # fmt: skip
+    return list(keys.values())
+
+
+def _args(commands: Sequence[Command], batch: list[tuple[int, bool]]) -> list[tuple[bytes, ...]]:
+    out: list[tuple[bytes, ...]] = []
+    for i, asking in batch:
+        if asking:
+            out.append(_ASKING)
+        out.append(commands[i].args)
+    return out
+
+
+def _lose(conn: Any, batch: list[tuple[int, bool]], done: int, exc: Exception,
+          replies: list[Any]) -> None:  # fmt: skip
+    conn.disconnect()  # a late reply would be taken for the next batch's
+    if isinstance(exc, TimeoutError) and not isinstance(exc, redis.TimeoutError):
+        exc = redis.TimeoutError(str(exc))
+    for i, _ in batch[done:]:
+        replies[i] = exc
+
+
+async def _read(conn: Any) -> Any:
     try:
         return await conn.read_response(timeout=math.inf)
     except redis.ResponseError as exc:  # an error reply: the connection stays in step
         return exc
-
-
-class BlockingRouter:
-    """The same for a synchronous process (model workers, the log bin); not thread-safe, like
-    the loop that owns it."""
-
-    def __init__(self, client: AnyClient, *, timeout_s: float | None):
-        self.client = client
-        self.timeout_s = timeout_s
-        self._cluster = isinstance(client, redis.RedisCluster)
-
-    def execute(self, commands: Sequence[Command], *, timeout_s: float | None = None) -> list[Any]:
-        """As ``Router.execute``. The batches of every node are written before any reply is
-        read, so the nodes work on them at the same time."""
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        replies: list[Any] = [None] * len(commands)
-        try:
-            by_node = _group(commands, self._node_of)
-        except redis.RedisError as exc:
-            return [exc] * len(commands)
-        sent: list[tuple[Any, AbstractConnection, list[int]]] = []
-        try:
-            for node, idx in by_node.items():
-                pool = self._pool(node)
-                conn = pool.get_connection()
-                sent.append((pool, conn, idx))
-                try:
-                    conn.send_packed_command(
-                        conn.pack_commands([commands[i].args for i in idx]), check_health=False
-                    )
-                except _LOST as exc:
-                    self._lost(conn, commands, idx, 0, exc, replies, timeout_s)
-                    idx.clear()
-            for _, conn, idx in sent:
-                for done, i in enumerate(idx):
-                    try:
-                        replies[i] = conn.read_response(timeout=timeout_s)
-                    except redis.ResponseError as exc:
-                        replies[i] = exc
-                    except _LOST as exc:
-                        self._lost(conn, commands, idx, done, exc, replies, timeout_s)
-                        break
-        finally:
-            for pool, conn, _ in sent:
-                pool.release(conn)
-        redo = [i for i, reply in enumerate(replies) if _redirected(reply)]
-        if redo and self._cluster:
-            for i in redo:
-                replies[i] = self._through_client(commands[i])
-        return replies
-
-    def _node_of(self, key: bytes) -> Any:
-        if isinstance(self.client, redis.RedisCluster):
-            return self.client.get_node_from_key(key)
-        return None
-
-    def _pool(self, node: Any) -> Any:
-        if isinstance(self.client, redis.RedisCluster):
-            return self.client.get_redis_connection(node).connection_pool
-        return self.client.connection_pool
-
-    def _lost(
-        self,
-        conn: AbstractConnection,
-        commands: Sequence[Command],
-        idx: Sequence[int],
-        done: int,
-        exc: Exception,
-        replies: list[Any],
-        timeout_s: float | None,
-    ) -> None:
-        conn.disconnect()  # a late reply would be taken for the next batch's
-        for i in idx[done:]:  # as in ``Router``: again through the client, unless it hung
-            replies[i] = (
-                exc if isinstance(exc, redis.TimeoutError) else self._through_client(commands[i])
-            )
-
-    def _through_client(self, cmd: Command) -> Any:
-        try:
-            return self.client.execute_command(*cmd.args, NEVER_DECODE=True)
-        except redis.RedisError as exc:
-            return exc
-
-    def close(self) -> None:
-        if isinstance(self.client, redis.RedisCluster):
-            for node in self.client.get_nodes():
-                if node.redis_connection is not None:
-                    node.redis_connection.connection_pool.disconnect()
-        else:
-            self.client.connection_pool.disconnect()
