@@ -140,6 +140,9 @@ def ratios(results: dict[str, Any], high_load: str = "c64", low_load: str = "c1"
         out["refusal_share_overload"] = get(over, "refused_share")
         out["ok_p50_ms_overload"] = get(over, "latency_ms", "p50")
         out["ok_p99_ms_overload"] = get(over, "latency_ms", "p99")
+        out["refusal_p50_vs_echo_overload"] = _ratio(
+            out["refusal_p50_ms_overload"], get(over, "echo_reference", "latency_ms", "p50")
+        )
     return out
 
 
@@ -216,7 +219,12 @@ def _overload_lines(over: dict[str, Any] | None) -> list[str]:
         "| answer | per s | p50 ms | p90 ms | p99 ms | max ms |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, rps, lat in (("429", over["refused_rps"], no), ("200", over["throughput_rps"], ok)):
+    echo = over.get("echo_reference") or {"throughput_rps": None, "latency_ms": {}}
+    for name, rps, lat in (
+        ("429", over["refused_rps"], no),
+        ("200", over["throughput_rps"], ok),
+        ("do-nothing server, same loop", echo["throughput_rps"], echo["latency_ms"]),
+    ):
         lines.append(
             f"| {name} | {_fmt(rps, 0)} | {_fmt(lat.get('p50'))} | {_fmt(lat.get('p90'))} "
             f"| {_fmt(lat.get('p99'))} | {_fmt(lat.get('max'))} |"

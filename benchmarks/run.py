@@ -268,7 +268,8 @@ def overload_phase(
     requests each, under a closed loop of ``--overload`` connections: nearly every request
     finds its process full, so the phase measures how fast a refusal comes (a closed loop's
     latency is its connections over the answers per second, so this is also how many
-    refusals a second the gateway gives while it serves its bound)."""
+    refusals a second the gateway gives while it serves its bound). Then the do-nothing
+    server under the same loop: the floor of that latency on this machine."""
     data = work / f"rdv-overload-{round_no}"
     for trained in (work / "rdv-data-1" / "models", work / "rdv-overload-1" / "models"):
         if trained.is_dir() and not (data / "models").exists():
@@ -287,6 +288,17 @@ def overload_phase(
     finally:
         running.stop()
         time.sleep(1.0)
+    echo = start_echo(work)
+    try:
+        echo.target = dataclasses.replace(echo.target, bodies=running.target.bodies)
+        floor = run_phase(echo, load, args.loadgen_procs)
+    finally:
+        echo.stop()
+    phase["echo_reference"] = {
+        "throughput_rps": floor["throughput_rps"],
+        "latency_ms": {k: floor["latency_ms"].get(k) for k in ("p50", "p90", "p99", "max")},
+        "errors": floor["errors"],
+    }
     phase["max_in_flight"] = args.overload_max_in_flight
     phase["refused_share"] = round(phase["refused"] / max(phase["sent"], 1), 4)
     ok, no = phase["latency_ms"], phase["refusal_latency_ms"]
@@ -294,7 +306,8 @@ def overload_phase(
         f"overload c{args.overload} (bound {args.overload_max_in_flight} per process): "
         f"429 p50 {no.get('p50')} ms p99 {no.get('p99')} ms ({phase['refused_rps']:.0f}/s, "
         f"{phase['refused_share']:.1%}); 200 p50 {ok.get('p50')} ms p99 {ok.get('p99')} ms "
-        f"({phase['throughput_rps']:.0f}/s); errors {phase['errors']}"
+        f"({phase['throughput_rps']:.0f}/s); errors {phase['errors']}; a do-nothing server: "
+        f"p50 {floor['latency_ms'].get('p50')} ms ({floor['throughput_rps']:.0f}/s)"
     )
     return phase
 
@@ -309,6 +322,7 @@ def combine_overload(phases: list[dict[str, Any]]) -> dict[str, Any]:
         "refused_rps": [ph["refused_rps"] for ph in phases],
         "ok_p50_ms": [ph["latency_ms"].get("p50") for ph in phases],
         "refused_share": [ph["refused_share"] for ph in phases],
+        "echo_p50_ms": [ph["echo_reference"]["latency_ms"].get("p50") for ph in phases],
         "errors": [ph["errors"] for ph in phases],
     }
     return median
