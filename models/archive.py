@@ -34,7 +34,9 @@ SUFFIX = ".jsonl.gz"
 _CHUNK_BYTES = 1 << 20
 
 
-def record_from_envelope(stream_id: str, env: RequestEnvelope, archived_ms: float) -> str:
+def record_from_envelope(
+    stream_id: str, env: RequestEnvelope, archived_ms: float, stream: str = ""
+) -> str:
     """The archived form of one request, exactly what the models saw plus where it came from,
     as its archive line: one JSON object, without the newline.
 
@@ -46,8 +48,9 @@ def record_from_envelope(stream_id: str, env: RequestEnvelope, archived_ms: floa
     included, and the line stays ASCII.
     """
     raw = env.raw if isinstance(env.raw, bytes) else str(env.raw).encode()
+    where = f'"stream":{_json(stream)},' if stream else ""  # which input partition
     return (
-        f'{{"stream_id":{_json(stream_id)},"request_id":{_json(env.request_id)},'
+        f'{{"stream_id":{_json(stream_id)},{where}"request_id":{_json(env.request_id)},'
         f'"deployment":{_json(env.deployment)},"enqueued_ms":{_json(env.enqueued_ms)},'
         f'"deadline_ms":{_json(env.deadline_ms)},"archived_ms":{_json(archived_ms)},'
         f'"spec_version":{_json(env.spec_version)},"raw":{_raw_json(raw)},'
@@ -333,15 +336,17 @@ class ArchiveReader:
     ) -> Iterator[dict[str, Any]]:
         """Records in archive order. ``since_ms`` filters on request time (``enqueued_ms``,
         else ``archived_ms``); ``dedupe`` drops redeliveries of a stream id after a crash
-        (it keeps a set of the ids seen, so memory grows with the archive)."""
-        seen: set[str] = set()
+        (it keeps a set of the ids seen, so memory grows with the archive). A stream id is
+        unique within its input partition (``stream``), not across them."""
+        seen: set[tuple[str, str]] = set()
         for segment in self.segments(deployment):
             for record in read_segment(segment.path):
                 sid = record.get("stream_id")
                 if dedupe and sid is not None:
-                    if sid in seen:
+                    key = (record.get("stream", ""), sid)
+                    if key in seen:
                         continue
-                    seen.add(sid)
+                    seen.add(key)
                 if since_ms is not None:
                     at_ms = record.get("enqueued_ms", record.get("archived_ms"))
                     if at_ms is None or at_ms < since_ms:

@@ -64,9 +64,16 @@ class Deployment:
     schedule: Schedule = field(default_factory=Schedule)
     revision: int = 1
     updated_ms: int = 0
+    partitions: int = 1
+    """Input streams a request is spread over (by request id)."""
+    past_partitions: tuple[int, ...] = ()
+    """Partition counts this deployment had before: their streams are still read, so that
+    what was published to them before a change is drained (they take nothing new)."""
 
     def __post_init__(self) -> None:
         names.check_name(self.name, "deployment")
+        if not 1 <= self.partitions <= names.MAX_PARTITIONS:
+            raise ValueError(f"partitions must be 1 to {names.MAX_PARTITIONS}")
         if names.REAL not in self.roles:
             raise ValueError("a deployment needs a real model")
         for role in self.roles:
@@ -86,6 +93,20 @@ class Deployment:
         the schedule's split gives them a share."""
         return sorted(r for r in self.roles if r not in (names.REAL, names.CANARY))
 
+    @property
+    def input_streams(self) -> list[str]:
+        """Every input stream the readers read: first the ``partitions`` published to, then
+        those of earlier counts."""
+        out = names.input_streams(self.name, self.partitions)
+        for count in self.past_partitions:
+            out += [s for s in names.input_streams(self.name, count) if s not in out]
+        return out
+
+    def input_stream_for(self, request_id: str) -> str:
+        """The partition a request is published to."""
+        partition = names.partition_for(request_id, self.partitions)
+        return names.input_stream(self.name, partition, self.partitions)
+
     def groups(self) -> list[str]:
         return [names.LOGBIN_GROUP, *(names.model_group(r) for r in self.role_names)]
 
@@ -100,6 +121,8 @@ class Deployment:
             "roles": {r: m.to_dict() for r, m in self.roles.items()},
             "schedule": self.schedule.to_dict(),
             "feature_spec": self.feature_spec.to_dict(),
+            "partitions": self.partitions,
+            "past_partitions": list(self.past_partitions),
         }
 
     def to_json(self) -> str:
@@ -115,18 +138,33 @@ class Deployment:
             roles={r: ModelRef.from_dict(m) for r, m in doc["roles"].items()},
             schedule=Schedule.from_dict(doc["schedule"]),
             feature_spec=FeatureSpec.from_dict(doc["feature_spec"]),
+            partitions=int(doc.get("partitions", 1)),
+            past_partitions=tuple(int(n) for n in doc.get("past_partitions", ())),
         )
 
 
 def ensure_groups(client: Client, deployment: Deployment) -> None:
-    """Create the input stream's consumer groups that are missing, positioned at its start."""
-    stream = names.input_stream(deployment.name)
+    """Create the consumer groups missing on any input partition, positioned at its start (so
+    a partition an envelope reached before its groups did loses nothing), and remove the groups
+    of roles that left. Idempotent: it finishes what a change cut short (``update`` changes the
+    groups of partition 0 in its transaction, the others after it), and every worker runs it
+    when it loads a new revision."""
+    wanted = set(deployment.groups())
     pipe = client.pipeline(transaction=False)
-    for group in deployment.groups():
-        pipe.xgroup_create(stream, group, id="0", mkstream=True)
+    for stream in deployment.input_streams:
+        for group in sorted(wanted):
+            pipe.xgroup_create(stream, group, id="0", mkstream=True)
     for result in pipe.execute(raise_on_error=False):
         if isinstance(result, Exception) and "BUSYGROUP" not in str(result):
             raise result
+    stale: list[tuple[str, str]] = []
+    for stream in deployment.input_streams[1:]:
+        for info in client.xinfo_groups(stream):
+            group = text(info["name"])
+            if group.startswith(names.MODEL_GROUP_PREFIX) and group not in wanted:
+                stale.append((stream, group))
+    for stream, group in stale:
+        client.xgroup_destroy(stream, group)
 
 
 # -- changes: pure functions from one state to the next ----------------------------------------
@@ -180,6 +218,15 @@ def without_challenger(dep: Deployment, role: str) -> Deployment:
 
 def with_schedule(dep: Deployment, changes: Mapping[str, Any]) -> Deployment:
     return dataclasses.replace(dep, schedule=dep.schedule.updated(changes))
+
+
+def with_partitions(dep: Deployment, partitions: int) -> Deployment:
+    """Requests spread over ``partitions`` streams from now on; the readers keep reading every
+    stream there ever was, so nothing published to a partition a shrink removed is dropped."""
+    if partitions == dep.partitions:
+        raise DeploymentConflict(f"{dep.name} already has {partitions} partitions")
+    past = tuple(sorted({*dep.past_partitions, dep.partitions} - {1, partitions}))
+    return dataclasses.replace(dep, partitions=partitions, past_partitions=past)
 
 
 # -- the store ---------------------------------------------------------------------------------
@@ -285,6 +332,17 @@ class DeploymentStore:
         for result in results[3:]:
             if isinstance(result, Exception) and "requires the key to exist" not in str(result):
                 raise result
+        if len(after.input_streams) > 1:
+            # Partitions beyond the first live in other slots, outside the transaction: their
+            # groups follow now (a cut-short change is finished by the next ``ensure_groups``),
+            # a new role's at each stream's end as on partition 0.
+            added = sorted(set(after.roles) - set(before.roles))
+            pipe = self.client.pipeline(transaction=False)
+            for stream in after.input_streams[1:]:
+                for role in added:
+                    pipe.xgroup_create(stream, names.model_group(role), id="$", mkstream=True)
+            pipe.execute(raise_on_error=False)  # BUSYGROUP: already there
+            ensure_groups(self.client, after)
         return before, after
 
     def note(

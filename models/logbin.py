@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import redis
 
 from models.archive import SegmentWriter, record_from_envelope
+from models.deployments import Deployment
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_DOWN, REDIS_FAILURES, Client, out_of_memory
 from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry
@@ -173,8 +174,8 @@ class LogBin(ConsumerLoop):
         if not self.trim_interval_s or now < self._next_trim:
             return
         self._next_trim = now + self.trim_interval_s
-        for dep in self._streams.values():
-            self.stats.trimmed += trim_input_stream(self.client, dep, self.max_role_lag)
+        for stream, dep in self._streams.items():
+            self.stats.trimmed += trim_input_stream(self.client, dep, self.max_role_lag, stream)
 
     def _refresh(self) -> None:
         """The deployments to archive (the loop creates their groups and re-reads pending)."""
@@ -185,7 +186,8 @@ class LogBin(ConsumerLoop):
         wanted: dict[str, str] = {}
         for dep in deployments:
             try:
-                wanted[names.input_stream(dep)] = dep
+                for stream in self._partitions(dep):
+                    wanted[stream] = dep
             except names.InvalidName as exc:
                 log.warning("logbin: skipping deployment: %s", exc)
         for stream, dep in wanted.items():
@@ -194,6 +196,13 @@ class LogBin(ConsumerLoop):
         self._streams = wanted
         self._stream_keys = tuple(wanted)
         self._next_refresh = now + self.refresh_s
+
+    def _partitions(self, deployment: str) -> list[str]:
+        """Every input partition the deployment's readers read (its state says how many)."""
+        raw = self.client.get(names.deployment_key(names.check_name(deployment, "deployment")))
+        if raw is None:
+            return [names.input_stream(deployment)]
+        return Deployment.from_json(raw).input_streams
 
     # -- archiving ----------------------------------------------------------------------------
 
@@ -204,7 +213,9 @@ class LogBin(ConsumerLoop):
         undecodable: dict[str, int] = {}
         for stream, entry_id, fields in entries:
             dep = self._streams[stream]
-            line, decoded = self._record(dep, _text(entry_id), fields, archived_ms)
+            # Entry ids are unique within a stream: a partition's records say which it is.
+            where = "" if stream == names.input_stream(dep) else stream
+            line, decoded = self._record(dep, _text(entry_id), fields, archived_ms, where)
             undecodable[stream] = undecodable.get(stream, 0) + (not decoded)
             records.setdefault(stream, []).append(line)
             ids.setdefault(stream, []).append(entry_id)
@@ -226,7 +237,12 @@ class LogBin(ConsumerLoop):
         return len(entries)
 
     def _record(
-        self, dep: str, stream_id: str, fields: dict[bytes, bytes], archived_ms: float
+        self,
+        dep: str,
+        stream_id: str,
+        fields: dict[bytes, bytes],
+        archived_ms: float,
+        stream: str = "",
     ) -> tuple[str, bool]:
         """The entry's archive line, and whether it decoded (else the line keeps its fields)."""
         if not fields:
@@ -234,12 +250,13 @@ class LogBin(ConsumerLoop):
         else:
             try:
                 env = RequestEnvelope.decode(fields)
-                return record_from_envelope(stream_id, env, archived_ms), True
+                return record_from_envelope(stream_id, env, archived_ms, stream), True
             except Exception as exc:  # any malformed entry is archived as such, never fatal
                 error = f"{type(exc).__name__}: {exc}"
         log.warning("logbin: %s entry %s undecodable: %s", dep, stream_id, error)
         record = {
             "stream_id": stream_id,
+            **({"stream": stream} if stream else {}),
             "deployment": dep,
             "undecodable": True,
             "error": error,

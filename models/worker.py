@@ -26,7 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
-from models.deployments import Deployment, DeploymentNotFound, DeploymentStore, ModelRef
+from models.deployments import (
+    Deployment,
+    DeploymentNotFound,
+    DeploymentStore,
+    ModelRef,
+    ensure_groups,
+)
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from rendezvous import names
@@ -120,8 +126,7 @@ class ModelWorker(ConsumerLoop):
         self.model: OnnxClassifier | None = None
         self.model_ref: ModelRef | None = None
         self.revision = 0
-        self._streams = (self.stream,)
-        self._stream_b = self.stream.encode()
+        self._streams: tuple[str, ...] = (self.stream,)
 
     # -- model --------------------------------------------------------------------------------
 
@@ -129,7 +134,17 @@ class ModelWorker(ConsumerLoop):
         """Load the model version that holds this worker's role now."""
         dep = self.store.get(self.deployment)
         self._follow_schedule(dep.schedule)
+        self._follow_partitions(dep)
         self._follow(dep.revision, dep.roles.get(self.role))
+
+    def _follow_partitions(self, dep: Deployment) -> None:
+        """Read every input partition of ``dep``, making sure their groups exist (a change of
+        the partition count cut short is finished here)."""
+        streams = tuple(dep.input_streams)
+        if streams != self._streams:
+            if len(streams) > 1:
+                ensure_groups(self.client, dep)
+            self._streams = streams
 
     def _follow_schedule(self, schedule: Schedule) -> None:
         self.batch_wait_s = batch_wait_s(self.role, schedule, self.shadow_batch_wait_ms)
@@ -149,7 +164,7 @@ class ModelWorker(ConsumerLoop):
 
     # -- the consumer loop's hooks ---------------------------------------------------------------
 
-    def streams_to_read(self) -> tuple[str]:
+    def streams_to_read(self) -> tuple[str, ...]:
         if self.model is None:  # the model before the first read
             self.load()
         return self._streams
@@ -208,11 +223,11 @@ class ModelWorker(ConsumerLoop):
         """Score, then results, acks and (``beat``: its time, when due) the heartbeat in one
         round trip."""
         now_ms = time.time() * 1000
-        ack_ids: list[bytes] = []
+        ack_ids: dict[str, list[bytes]] = {}
         live: list[tuple[RequestEnvelope, float]] = []
         replies: list[tuple[str, ModelResult]] = []
-        for _stream, entry_id, fields in entries:
-            ack_ids.append(entry_id)
+        for stream_key, entry_id, fields in entries:
+            ack_ids.setdefault(stream_key, []).append(entry_id)
             if not fields:  # pending, but trimmed from the stream since: just let it go
                 continue
             try:
@@ -241,8 +256,8 @@ class ModelWorker(ConsumerLoop):
             maxlen = b"%d" % max(1, self.reply_maxlen // len(results))
             commands.append(command(b"XADD", reply_to.encode(), b"NOMKSTREAM", b"MAXLEN", b"~",
                                     maxlen, b"*", field, value))  # fmt: skip
-        if ack_ids:
-            commands.append(command(b"XACK", self._stream_b, self._group_b, *ack_ids))
+        for stream, ids in ack_ids.items():  # each on its partition's node
+            commands.append(command(b"XACK", stream.encode(), self._group_b, *ids))
         if beat is not None:
             # The heartbeat rides with the results: liveness, counters and the deployment
             # state cost no round trip of their own.
@@ -334,6 +349,7 @@ class ModelWorker(ConsumerLoop):
         if dep.revision == self.revision:
             return
         self._follow_schedule(dep.schedule)
+        self._follow_partitions(dep)
         ref = dep.roles.get(self.role)
         if ref is None:
             log.warning("role %s was removed from %s; keeping %s until stopped", self.role,

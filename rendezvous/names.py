@@ -1,13 +1,17 @@
 """Every Redis key and consumer-group name, built from validated names only.
 
 Keys of one deployment share the hash tag ``{dep}`` so a deployment lives in one Redis Cluster
-slot. Deployment, model and role names are checked against a strict pattern before they are
-ever placed in a key, so no caller can smuggle in a glob pattern or another deployment's tag.
+slot, except the input partitions beyond the first, which have tags of their own so that a busy
+deployment spreads over the shards. Deployment, model and role names are checked against a
+strict pattern before they are ever placed in a key, so no caller can smuggle in a glob pattern
+or another deployment's tag.
 """
 
 from __future__ import annotations
 
+import binascii
 import re
+import zlib
 
 PREFIX = "rdv"
 NAME_RE = r"[a-z0-9][a-z0-9._-]{0,62}"
@@ -49,9 +53,44 @@ def _tag(deployment: str) -> str:
     return f"{PREFIX}:{{{check_name(deployment, 'deployment')}}}"
 
 
-def input_stream(deployment: str) -> str:
-    """The one input stream every bin of the deployment reads."""
-    return f"{_tag(deployment)}:in"
+MAX_PARTITIONS = 64
+SLOTS = 16384
+
+
+def input_stream(deployment: str, partition: int = 0, partitions: int = 1) -> str:
+    """Partition ``partition`` of the deployment's input when it has ``partitions``: every bin
+    reads every partition. Partition 0 shares the deployment's hash tag (its state, its groups'
+    transaction). Each other one has a tag of its own (``{deployment#...}``: no deployment name
+    holds ``#``), chosen so that its cluster slot lies ``partition / partitions`` of the way
+    round from partition 0's: the partitions are spread evenly over the slots, so on a cluster
+    whose masters hold equal slot ranges, as many partitions as masters land one on each."""
+    name = check_name(deployment, "deployment")
+    if partition == 0:
+        return f"{_tag(name)}:in"
+    if not 0 < partition < partitions <= MAX_PARTITIONS:
+        raise InvalidName(f"partition {partition} of {partitions} is not one")
+    target = (_slot(name) + partition * SLOTS // partitions) % SLOTS
+    window = max(1, SLOTS // (4 * partitions))
+    n = 0
+    while True:  # about 4 x partitions tries: the first tag whose slot is near the target
+        tag = f"{name}#{partitions}.{partition}.{n}"
+        if (_slot(tag) - target + window // 2) % SLOTS < window:
+            return f"{PREFIX}:{{{tag}}}:in"
+        n += 1
+
+
+def _slot(tag: str) -> int:
+    """The Redis Cluster slot of a hash tag (CRC16/XMODEM, as the cluster spec says)."""
+    return binascii.crc_hqx(tag.encode(), 0) % SLOTS
+
+
+def input_streams(deployment: str, partitions: int) -> list[str]:
+    return [input_stream(deployment, k, partitions) for k in range(partitions)]
+
+
+def partition_for(request_id: str, partitions: int) -> int:
+    """The partition a request goes to: stable for an id while the count stays."""
+    return zlib.crc32(request_id.encode()) % partitions if partitions > 1 else 0
 
 
 def decisions_stream(deployment: str) -> str:
@@ -110,11 +149,11 @@ def stats_key(deployment: str) -> str:
     return f"{_tag(deployment)}:stats"
 
 
-def request_id_key(deployment: str, request_id: str) -> str:
+def request_id_key(input_stream_key: str, request_id: str) -> str:
     """Taken (SET NX, with a TTL) when an envelope carrying a caller's own request id is
-    published: the id is refused on every gateway while the key lives. Under the deployment's
-    hash tag, so the check and the XADD run as one script on one cluster node."""
-    return f"{_tag(deployment)}:rid:{request_id}"
+    published to ``input_stream_key``: the id is refused on every gateway while the key lives.
+    Under that stream's hash tag, so the check and the XADD run as one script on one node."""
+    return f"{input_stream_key.removesuffix(':in')}:rid:{request_id}"
 
 
 LOGBIN_STATS = f"{PREFIX}:logbin:stats"

@@ -524,3 +524,26 @@ def test_names_ending_in_a_newline_and_versions_past_2_31_are_refused_422(
         assert call.status_code == 422, call.text
     listed = admin.get("/admin/deployments", headers=AUTH).json()["deployments"]
     assert {d["name"] for d in listed} == {DEMO_DEPLOYMENT}
+
+
+def test_partitions_are_set_by_patch_with_their_groups_and_old_streams_kept(
+    admin: AppClient, r: redis.Redis
+) -> None:
+    resp = admin.patch(DEP, json={"partitions": 3, "reason": "busy"}, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["deployment"]["partitions"] == 3
+    assert resp.json()["detail"] == {"partitions": [1, 3]}
+    streams = names.input_streams(DEMO_DEPLOYMENT, 3)
+    for stream in streams:  # every group on every partition, from its start
+        groups = {g["name"].decode(): g for g in r.xinfo_groups(stream)}
+        assert set(groups) == {"logbin", "model:real", "model:canary"}, stream
+    assert admin.app.state.deployments.get(DEMO_DEPLOYMENT).partitions == 3
+    shrunk = admin.patch(DEP, json={"partitions": 2}, headers=AUTH).json()["deployment"]
+    assert shrunk["partitions"] == 2 and shrunk["past_partitions"] == [3]
+    same = admin.patch(DEP, json={"partitions": 2}, headers=AUTH)
+    assert same.status_code == 409
+    for bad in ({"partitions": 0}, {"partitions": 65}, {}, {"partitions": 2, "x": 1}):
+        refused = admin.patch(DEP, json=bad, headers=AUTH)
+        assert refused.status_code == 422, (bad, refused.text)
+    history = admin.get(f"{DEP}/history", headers=AUTH).json()
+    assert [e["action"] for e in history["history"][-2:]] == ["set-partitions"] * 2

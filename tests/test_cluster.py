@@ -1,6 +1,8 @@
 """What only a Redis Cluster can show, with real processes on the suite's real cluster (three
-masters, three replicas): a master killed under load, and several members of each consumer
-group sharing a deployment, one of them killed. The figures are printed (``pytest -s``)."""
+masters, three replicas): a master killed under load, several members of each consumer group
+sharing a deployment (one of them killed), and a partitioned deployment spread over the masters
+(also on the single node: partitions are not only for clusters). The figures are printed
+(``pytest -s``)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ import pytest
 import redis
 
 from models.archive import ArchiveReader
+from models.deployments import DeploymentStore, with_partitions
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import Load, System, launch_system, wait_until
 from rendezvous import names
 from rendezvous.bus.local_cluster import LocalCluster
+from rendezvous.decision import decode_entries
 from rendezvous.schedule import Schedule
 
 pytestmark = pytest.mark.integration
@@ -138,3 +142,59 @@ def test_two_members_per_group_share_the_work_and_a_killed_one_is_taken_over(
     assert len(archived) == len(set(archived)), "a request archived twice"
     wait_until(lambda: system.r.xpending(names.input_stream(DEMO_DEPLOYMENT), group)["pending"]
                == 0, CLAIM_IDLE_MS / 1000 * 4 + 5, "the dead worker's entries claimed")  # fmt: skip
+
+
+@pytest.fixture
+def any_system(
+    bus_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[System]:
+    with launch_system(bus_url, demo_data_dir, tmp_path_factory, SCHEDULE,
+                       RDV_CLAIM_IDLE_MS=str(CLAIM_IDLE_MS)) as sys:  # fmt: skip
+        yield sys
+
+
+def test_partitions_spread_the_input_and_a_change_under_load_drops_nothing(
+    any_system: System, bus_url: str, request: pytest.FixtureRequest
+) -> None:
+    """Three partitions: on the cluster one on each master; every request answered, scored by
+    both roles and archived exactly once, through a change to two partitions under load."""
+    system = any_system
+    store = DeploymentStore(system.r)
+    store.update(DEMO_DEPLOYMENT, lambda d: with_partitions(d, 3), action="set-partitions",
+                 actor="test")  # fmt: skip
+    dep = store.get(DEMO_DEPLOYMENT)
+    assert len(dep.input_streams) == 3
+    if "cluster" in request.node.callspec.id:
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        owners = [owner(cluster, stream) for stream in dep.input_streams]
+        assert sorted(owners) == sorted(cluster.masters()), owners  # one partition a master
+    system.start_worker("real")
+    system.start_worker("canary")
+    time.sleep(1.2)  # the gateway's deployment cache follows within a second
+    with Load(f"http://127.0.0.1:{system.port}", bodies(), max_s=7, prefix="part") as load:
+        time.sleep(3.0)
+        store.update(DEMO_DEPLOYMENT, lambda d: with_partitions(d, 2), action="set-partitions",
+                     actor="test")  # fmt: skip
+        time.sleep(3.0)
+    ok = load.ok_ids()
+    spread = {names.partition_for(rid, 3) for rid in ok}
+    deadline = time.monotonic() + 15
+    archived = archived_ids(system)
+    while time.monotonic() < deadline and not ok <= set(archived):
+        time.sleep(0.2)
+        archived = archived_ids(system)
+    records = decode_entries(system.r.xrange(names.decisions_stream(DEMO_DEPLOYMENT)))
+    by_id: dict[str, int] = {}
+    for record in records:
+        by_id[record.request_id] = by_id.get(record.request_id, 0) + 1
+    scored_by_both = {r.request_id for r in records if {"real", "canary"} <= set(r.outputs)}
+    figures = {**load.figures(), "archived": len(archived), "missing": len(ok - set(archived)),
+               "archived_twice": len(archived) - len(set(archived)),
+               "not_scored_by_both": len(ok - scored_by_both),
+               "streams_read": len(store.get(DEMO_DEPLOYMENT).input_streams)}  # fmt: skip
+    report(f"partitions 3 -> 2 under load ({request.node.callspec.id})", figures)
+    assert spread == {0, 1, 2}
+    assert {r["status"] for r in load.results} == {200}, figures
+    assert ok <= set(archived) and len(archived) == len(set(archived)), figures
+    assert all(by_id.get(rid) == 1 for rid in ok), "a decision record missing or doubled"
+    assert ok <= scored_by_both, sorted(ok - scored_by_both)[:5]

@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rendezvous.names import MAX_PARTITIONS
+
 MAX_VERSION = 2**31 - 1
 """Model versions are 1 to this: a version travels in every result as a msgpack integer and
 in key and folder names, and a larger one crash-looped its worker."""
@@ -92,6 +94,13 @@ class CreateDeployment(_Body):
     real: RefIn
     canary: RefIn | None = None
     schedule: ScheduleIn | None = None
+    partitions: int = Field(default=1, ge=1, le=MAX_PARTITIONS,
+                            description="input streams requests are spread over")  # fmt: skip
+    reason: str = Field(default="", max_length=2000)
+
+
+class DeploymentPatch(_Body):
+    partitions: int = Field(ge=1, le=MAX_PARTITIONS, description="input streams from now on")
     reason: str = Field(default="", max_length=2000)
 
 

@@ -30,6 +30,7 @@ from gateway.admin.bodies import (
     AddChallenger,
     AdminError,
     CreateDeployment,
+    DeploymentPatch,
     Invalid,
     NotFound,
     Promote,
@@ -322,6 +323,15 @@ def build_router(settings: Settings) -> APIRouter:
             role,
             actor or "admin",
             reason,
+        )
+
+    @router.patch("/deployments/{deployment}")
+    async def patch_deployment(
+        request: Request, deployment: str, body: DeploymentPatch, actor: Actor = None
+    ) -> Any:
+        """Change how many input streams (``partitions``) requests are spread over."""
+        return await _changed(
+            request, _service(request).set_partitions, deployment, body, actor or "admin"
         )
 
     @router.patch("/deployments/{deployment}/schedule")

@@ -8,6 +8,7 @@ carry their HTTP status, so the routes stay one call each.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from gateway.admin.bodies import (
     AddChallenger,
     Conflict,
     CreateDeployment,
+    DeploymentPatch,
     Invalid,
     NotFound,
     Promote,
@@ -34,6 +36,7 @@ from models.deployments import (
     ModelRef,
     promoted,
     with_challenger,
+    with_partitions,
     with_schedule,
     without_challenger,
 )
@@ -231,6 +234,7 @@ class AdminService:
                 roles=roles,
                 feature_spec=self._meta(real).feature_spec,
                 schedule=schedule,
+                partitions=req.partitions,
             )
         except ValueError as exc:
             raise Invalid(str(exc)) from None
@@ -344,6 +348,13 @@ class AdminService:
             req.reason,
             {"changes": changes},
         )
+
+    def set_partitions(self, name: str, req: DeploymentPatch, actor: str) -> dict[str, Any]:
+        """Spread requests over ``req.partitions`` input streams from now on (nothing dropped:
+        the readers keep reading every partition there ever was)."""
+        detail = {"partitions": [self._dep(name).partitions, req.partitions]}
+        change = functools.partial(with_partitions, partitions=req.partitions)
+        return self._change(name, change, "set-partitions", actor, req.reason, detail)
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from gateway.dataplane.failures import UnknownDeployment
 from models.deployments import Deployment
@@ -22,23 +23,32 @@ class DeploymentCache:
         self.client = client
         self.deployments: dict[str, Deployment] = {}
         self.backlog: dict[str, int] = {}
-        """Entries in each input stream: trimming follows the slowest consumer group, so this
-        is the backlog of the slowest reader."""
+        """Entries in each deployment's input partitions together: trimming follows the slowest
+        consumer group, so this is the backlog of the slowest reader."""
         self.backlog_bytes: dict[str, int] = {}
         """The same backlog in bytes of Redis memory (``MEMORY USAGE``, sampled)."""
         self._raw: dict[str, bytes] = {}
 
     async def refresh(self) -> None:
         members = sorted(text(m) for m in await self.client.smembers(names.DEPLOYMENTS_SET))
+        # The partitions as the last refresh saw them: the counts stay one round trip.
+        streams = {m: self.deployments[m].input_streams if m in self.deployments
+                   else [names.input_stream(m)] for m in members}  # fmt: skip
         pipe = self.client.pipeline(transaction=False)
         for name in members:
             pipe.get(names.deployment_key(name))
-            pipe.xlen(names.input_stream(name))
-            pipe.memory_usage(names.input_stream(name), samples=5)
+            for stream in streams[name]:
+                pipe.xlen(stream)
+                pipe.memory_usage(stream, samples=5)
         replies = await pipe.execute()
-        raws, lengths, sizes = replies[0::3], replies[1::3], replies[2::3]
-        self.backlog = dict(zip(members, lengths, strict=True))
-        self.backlog_bytes = {m: int(s or 0) for m, s in zip(members, sizes, strict=True)}
+        raws: list[Any] = []
+        at = 0
+        for name in members:
+            raws.append(replies[at])
+            sizes = replies[at + 1 : at + 1 + 2 * len(streams[name])]
+            at += 1 + 2 * len(streams[name])
+            self.backlog[name] = sum(int(n or 0) for n in sizes[0::2])
+            self.backlog_bytes[name] = sum(int(b or 0) for b in sizes[1::2])
         fresh: dict[str, Deployment] = {}
         for name, raw in zip(members, raws, strict=True):
             if raw is None:
@@ -52,6 +62,9 @@ class DeploymentCache:
             except (ValueError, KeyError) as exc:
                 log.error("deployment %s has an unreadable state: %s", name, exc)
         self.deployments = fresh
+        for gone in set(self.backlog) - set(members):
+            self.backlog.pop(gone, None)
+            self.backlog_bytes.pop(gone, None)
 
     async def run(self, interval_s: float = 1.0) -> None:
         while True:

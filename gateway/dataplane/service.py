@@ -156,9 +156,13 @@ class PredictionService:
         # Not awaited on its own: the one wait below ends with the answer, or with this
         # error if the XADD failed (one suspension per request instead of two). A caller's own
         # request id is taken in the same command, for every gateway.
-        unique = (names.request_id_key(dep.name, rid), self.request_id_ttl_ms) if chosen else None
+        stream = dep.input_stream_for(rid)
+        unique = (names.request_id_key(stream, rid), self.request_id_ttl_ms) if chosen else None
         self.appender.append_nowait(
-            names.input_stream(dep.name), envelope.encode(), on_error=unpublished, unique=unique
+            stream,
+            envelope.encode(),
+            on_error=unpublished,
+            unique=unique,
         )
         if self.drift_feed is not None:
             self.drift_feed.observe_rows(dep.name, features)

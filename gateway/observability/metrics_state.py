@@ -51,6 +51,7 @@ class DeploymentState:
     input_length: int = 0
     decisions_length: int = 0
     groups: list[dict[str, Any]] = field(default_factory=list)
+    """XINFO GROUPS of each input partition, each with its ``partition`` number added."""
     live_workers: dict[str, int] = field(default_factory=dict)
     worker_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     """``role|consumer`` -> the JSON counters it published."""
@@ -90,19 +91,28 @@ def _fresh_stats(
 
 
 async def read_state(
-    client: AsyncClient, deployments: Sequence[str], heartbeat_timeout_s: float
+    client: AsyncClient,
+    deployments: Mapping[str, Sequence[str]] | Sequence[str],
+    heartbeat_timeout_s: float,
 ) -> ClusterState:
+    """``deployments``: names, or names -> their input streams (default: the first only)."""
     now = time.time()
+    streams = (
+        dict(deployments)
+        if isinstance(deployments, Mapping)
+        else {dep: [names.input_stream(dep)] for dep in deployments}
+    )
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(names.LOGBIN_STATS)
-    for dep in deployments:
-        pipe.xlen(names.input_stream(dep))
+    for dep, inputs in streams.items():
         pipe.xlen(names.decisions_stream(dep))
         pipe.zrangebyscore(names.workers_key(dep), now - heartbeat_timeout_s, "+inf")
         pipe.hgetall(names.stats_key(dep))
         pipe.get(names.drift_report_key(dep))
-        pipe.xinfo_groups(names.input_stream(dep))
         pipe.hgetall(names.skipped_key(dep))
+        for stream in inputs:
+            pipe.xlen(stream)
+            pipe.xinfo_groups(stream)
     replies = await pipe.execute(raise_on_error=False)
     state = ClusterState()
     forget: dict[str, list[bytes]] = {}
@@ -110,12 +120,18 @@ async def read_state(
         state.logbin_stats = _fresh_stats(
             replies[0], now, forget.setdefault(names.LOGBIN_STATS, [])
         )
-    for i, dep in enumerate(deployments):
-        xlen_in, xlen_dec, live, stats, report, groups, skipped = replies[1 + 7 * i : 8 + 7 * i]
+    at = 1
+    for dep, inputs in streams.items():
+        n = len(inputs)
+        xlen_dec, live, stats, report, skipped = replies[at : at + 5]
+        per_partition = replies[at + 5 : at + 5 + 2 * n]
+        at += 5 + 2 * n
         ds = DeploymentState()
-        ds.input_length = xlen_in if isinstance(xlen_in, int) else 0
+        ds.input_length = sum(x for x in per_partition[0::2] if isinstance(x, int))
         ds.decisions_length = xlen_dec if isinstance(xlen_dec, int) else 0
-        ds.groups = groups if isinstance(groups, list) else []  # no stream yet: an error
+        for k, groups in enumerate(per_partition[1::2]):
+            if isinstance(groups, list):  # no stream yet: an error
+                ds.groups += [{**group, "partition": k} for group in groups]
         if isinstance(live, list):
             for member in live:
                 role = _text(member).split("|", 1)[0]
@@ -167,15 +183,17 @@ class ClusterStateCollector(Collector):
         pending = _gauge(
             "rdv_stream_group_pending",
             "Entries delivered to a consumer group of the input stream and not yet acked.",
-            ["deployment", "group"],
+            ["deployment", "group", "partition"],
         )
         lag = _gauge(
             "rdv_stream_group_lag",
             "Entries of the input stream not yet delivered to a consumer group (Redis 7+).",
-            ["deployment", "group"],
+            ["deployment", "group", "partition"],
         )
         consumers = _gauge(
-            "rdv_stream_group_consumers", "Consumers in a group.", ["deployment", "group"]
+            "rdv_stream_group_consumers",
+            "Consumers in a group.",
+            ["deployment", "group", "partition"],
         )
         live = _gauge(
             "rdv_live_workers", "Workers whose heartbeat is fresh, by role.", ["deployment", "role"]
@@ -192,11 +210,11 @@ class ClusterStateCollector(Collector):
             length.add_metric([dep, "input"], ds.input_length)
             length.add_metric([dep, "decisions"], ds.decisions_length)
             for group in ds.groups:
-                gname = _text(group["name"])
-                pending.add_metric([dep, gname], int(group.get("pending", 0)))
-                consumers.add_metric([dep, gname], int(group.get("consumers", 0)))
+                labels = [dep, _text(group["name"]), str(group["partition"])]
+                pending.add_metric(labels, int(group.get("pending", 0)))
+                consumers.add_metric(labels, int(group.get("consumers", 0)))
                 if group.get("lag") is not None:
-                    lag.add_metric([dep, gname], int(group["lag"]))
+                    lag.add_metric(labels, int(group["lag"]))
             for role, n in sorted(ds.live_workers.items()):
                 live.add_metric([dep, role], n)
         yield from (length, pending, lag, consumers, live, skipped)

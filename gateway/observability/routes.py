@@ -36,7 +36,9 @@ def observe_router() -> APIRouter:
         try:
             cluster = await asyncio.wait_for(
                 read_state(
-                    state.redis, sorted(deployments.deployments), state.settings.heartbeat_timeout_s
+                    state.redis,
+                    {n: d.input_streams for n, d in sorted(deployments.deployments.items())},
+                    state.settings.heartbeat_timeout_s,
                 ),
                 timeout=state.settings.redis_timeout_s,
             )

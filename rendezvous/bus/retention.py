@@ -58,10 +58,13 @@ def safe_floor(client: Client, stream: str) -> str | None:
     return f"{low[0]}-{low[1]}"
 
 
-def trim_input_stream(client: Client, deployment: str, max_role_lag: int = 0) -> int:
+def trim_input_stream(
+    client: Client, deployment: str, max_role_lag: int = 0, stream: str | None = None
+) -> int:
     """Drop entries every group is done with, and release model roles that lag more than
-    ``max_role_lag`` entries (0: never); returns how many entries went."""
-    stream = names.input_stream(deployment)
+    ``max_role_lag`` entries (0: never), in one input partition (``stream``; default the
+    first); returns how many entries went. Each partition is bounded on its own."""
+    stream = stream or names.input_stream(deployment)
     floor = safe_floor(client, stream)
     if floor is None:
         return 0

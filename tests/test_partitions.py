@@ -1,0 +1,72 @@
+"""Input partitions as names and state (pure): stable names, spread evenly over the cluster's
+slots, a request's partition stable for its id, and a count change that keeps the old streams
+read until the deployment is recreated."""
+
+import binascii
+
+import pytest
+
+from models.deployments import Deployment, DeploymentConflict, ModelRef, with_partitions
+from rendezvous import names
+from rendezvous.spec import FeatureSpec
+
+
+def slot(key: str) -> int:
+    tag = key[key.index("{") + 1 : key.index("}")]
+    return binascii.crc_hqx(tag.encode(), 0) % names.SLOTS
+
+
+@pytest.mark.parametrize("partitions", [2, 3, 4, 6, 16, 64])
+def test_partitions_spread_evenly_over_the_slots(partitions: int) -> None:
+    streams = names.input_streams("breast-cancer", partitions)
+    assert streams[0] == names.input_stream("breast-cancer") == "rdv:{breast-cancer}:in"
+    assert len(set(streams)) == partitions
+    assert streams == names.input_streams("breast-cancer", partitions)  # stable
+    base = slot(streams[0])
+    spacing = names.SLOTS / partitions
+    for k, stream in enumerate(streams):
+        offset = (slot(stream) - base) % names.SLOTS
+        assert abs(offset - k * spacing) <= spacing / 8 + 1, (k, offset)
+    # so with as many equal slot ranges (masters) as partitions, one partition in each
+    owners = {(slot(s) - base + int(spacing / 2)) % names.SLOTS // int(spacing) for s in streams}
+    assert len(owners) == partitions
+
+
+def test_a_request_keeps_its_partition_and_partitions_share_out_requests() -> None:
+    ids = [f"req-{i}" for i in range(3000)]
+    counts = [0, 0, 0]
+    for rid in ids:
+        k = names.partition_for(rid, 3)
+        assert k == names.partition_for(rid, 3)
+        counts[k] += 1
+    assert min(counts) > 900
+    assert names.partition_for("anything", 1) == 0
+    key = names.request_id_key(names.input_stream("d", 2, 3), "r-1")
+    assert key.endswith(":rid:r-1") and key[: key.index("}")] in names.input_stream("d", 2, 3)
+
+
+def test_partition_names_refuse_what_is_not_a_partition() -> None:
+    with pytest.raises(names.InvalidName):
+        names.input_stream("d", 3, 3)
+    with pytest.raises(names.InvalidName):
+        names.input_stream("d", 1, names.MAX_PARTITIONS + 1)
+
+
+def _dep(partitions: int = 1) -> Deployment:
+    spec = FeatureSpec(names=("a", "b"))
+    return Deployment("d", {names.REAL: ModelRef("m", 1)}, spec, partitions=partitions)
+
+
+def test_a_count_change_keeps_the_old_streams_read_and_round_trips() -> None:
+    three = with_partitions(_dep(), 3)
+    assert three.input_streams == names.input_streams("d", 3) and three.past_partitions == ()
+    two = with_partitions(three, 2)
+    assert two.partitions == 2 and two.past_partitions == (3,)
+    assert two.input_streams[:2] == names.input_streams("d", 2)
+    assert set(names.input_streams("d", 3)) <= set(two.input_streams)  # drained, not dropped
+    assert Deployment.from_json(two.to_json()) == two
+    assert two.input_stream_for("r") in names.input_streams("d", 2)
+    with pytest.raises(DeploymentConflict):
+        with_partitions(two, 2)
+    with pytest.raises(ValueError, match="partitions"):
+        _dep(0)
