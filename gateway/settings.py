@@ -102,6 +102,13 @@ class Settings(BaseSettings):
 
     max_in_flight: int = Field(default=2048, ge=1)
     """Requests one gateway process holds at once; beyond it, 429 at once."""
+    wait_replicas: int = Field(default=0, ge=0, le=16)
+    """Replicas that must acknowledge a request's input (Redis ``WAIT``) before the gateway
+    answers it; 0: answer without waiting (replication is asynchronous: a failover may then
+    lose what its master took in its last moments, archive included)."""
+    wait_replicas_timeout_ms: int = Field(default=100, ge=1, le=10_000)
+    """How long that wait may take; past it the answer is 503 (the input may not survive a
+    failover)."""
     request_id_ttl_s: int = Field(default=3600, ge=1)
     """How long a caller's own request id (``X-Request-Id``) stays taken after it was published:
     a retry within it answers 409 on every gateway. Costs about 100 bytes of Redis a request

@@ -5,7 +5,9 @@ import asyncio
 import redis
 import redis.asyncio as aioredis
 
-from rendezvous.bus.appender import AlreadyTaken, StreamAppender
+from rendezvous.bus.appender import AlreadyTaken, NotReplicated, StreamAppender
+from rendezvous.bus.connection import connect_async
+from rendezvous.bus.local_cluster import LocalCluster
 from rendezvous.bus.routing import Router
 
 
@@ -74,3 +76,29 @@ async def test_a_unique_append_takes_its_key_or_appends_nothing(
         assert 0 < r.pttl("rdv:{d}:rid:x") <= 5000
     finally:
         await appender.client.close()
+
+
+async def test_replicated_appends_wait_for_their_replicas_or_say_they_did_not(
+    r: redis.Redis, redis_url: str, rc: redis.RedisCluster, redis_cluster: LocalCluster
+) -> None:
+    """WAIT rides at the end of the batch on the connection that wrote: on the cluster (one
+    replica a master) the append is confirmed; on the single node (no replica) it is not."""
+    cluster_router = Router(await connect_async(redis_cluster.url), timeout_s=2.0)
+    appender = StreamAppender(cluster_router, wait_replicas=1, wait_timeout_ms=500)
+    loop = asyncio.get_running_loop()
+    done = [loop.create_future() for _ in range(3)]
+    for i, fut in enumerate(done):
+        appender.append_nowait(f"rdv:{{p{i}}}:in", {b"f": b"v"}, replicated=fut)
+    await appender.close()
+    assert [f.result() for f in done] == [None, None, None]
+    assert all(rc.xlen(f"rdv:{{p{i}}}:in") == 1 for i in range(3))
+    await cluster_router.close()
+    await cluster_router.client.aclose()
+
+    single = StreamAppender(_router(redis_url), wait_replicas=1, wait_timeout_ms=50)
+    fut = loop.create_future()
+    single.append_nowait("s", {b"f": b"v"}, replicated=fut)
+    await single.close()
+    assert isinstance(fut.exception(), NotReplicated) and r.xlen("s") == 1
+    assert "0 acknowledged" in str(fut.exception())
+    await single.client.close()

@@ -8,6 +8,7 @@ given to it, so the data plane imports nothing of observability.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any, Protocol
@@ -28,7 +29,7 @@ from gateway.dataplane.matcher import Rendezvous
 from gateway.dataplane.validation import check_request_id, parse_body, to_matrix
 from models.deployments import Deployment
 from rendezvous import names
-from rendezvous.bus.appender import AlreadyTaken, StreamAppender
+from rendezvous.bus.appender import AlreadyTaken, NotReplicated, StreamAppender
 from rendezvous.bus.connection import MEMORY_LIMIT, out_of_memory
 from rendezvous.envelope import RequestEnvelope
 
@@ -158,15 +159,25 @@ class PredictionService:
         # request id is taken in the same command, for every gateway.
         stream = dep.input_stream_for(rid)
         unique = (names.request_id_key(stream, rid), self.request_id_ttl_ms) if chosen else None
+        replicated = (
+            asyncio.get_running_loop().create_future() if self.appender.wait_replicas else None
+        )
         self.appender.append_nowait(
             stream,
             envelope.encode(),
             on_error=unpublished,
             unique=unique,
+            replicated=replicated,
         )
         if self.drift_feed is not None:
             self.drift_feed.observe_rows(dep.name, features)
         answer = await self.rendezvous.wait(mailbox)
+        if replicated is not None:  # RDV_WAIT_REPLICAS: answer once the input is replicated
+            await asyncio.wait([replicated])  # done, failed or cancelled (its append failed)
+            if replicated.cancelled():
+                raise Unavailable("the request's input could not be written to Redis")
+            if isinstance(replicated.exception(), NotReplicated):
+                raise Unavailable(str(replicated.exception()))
         if answer.result is None:
             raise NoAnswer(rid, answer)
         result = answer.result

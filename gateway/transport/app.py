@@ -126,7 +126,11 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
         deployments = DeploymentCache(client)
         await deployments.refresh()
         await _check_redis_memory(client, settings, len(deployments.deployments))
-        appender = StreamAppender(writer)
+        appender = StreamAppender(
+            writer,
+            wait_replicas=settings.wait_replicas,
+            wait_timeout_ms=settings.wait_replicas_timeout_ms,
+        )
         instance = instance_id()
         feed = DriftFeed(
             client,

@@ -26,6 +26,10 @@ class AlreadyTaken(Exception):
     """An append's unique key was already taken: nothing was appended."""
 
 
+class NotReplicated(Exception):
+    """An append was written to its master but not acknowledged by enough replicas in time."""
+
+
 _XADD_IF_NEW = b"""
 if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
   return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
@@ -44,11 +48,25 @@ class _Pending:
     on_error: Callable[[Exception], None] | None
     unique: tuple[bytes, int] | None = None
     """(key, ttl ms): append only if the key was free, and take it."""
+    replicated: asyncio.Future[None] | None = None
+    """Resolved once the append reached ``wait_replicas`` replicas (``WAIT``)."""
 
 
 class StreamAppender:
-    def __init__(self, client: Router, max_batch: int = 1024, linger_s: float = 0.005):
+    def __init__(
+        self,
+        client: Router,
+        max_batch: int = 1024,
+        linger_s: float = 0.005,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 100,
+    ):
         self.client = client
+        self.wait_replicas = wait_replicas
+        """Replicas an append asked to be ``replicated`` must reach; the batch then ends with
+        a ``WAIT`` on each node it wrote to (on the connection that wrote: WAIT covers that
+        connection's writes), which holds the batch's reply until they did."""
+        self.wait_timeout_ms = wait_timeout_ms
         self.max_batch = max_batch
         self.linger_s = linger_s
         """How long an append that nobody waits for may wait for company (see ``urgent``)."""
@@ -65,6 +83,7 @@ class StreamAppender:
         on_error: Callable[[Exception], None] | None = None,
         urgent: bool = True,
         unique: tuple[str, int] | None = None,
+        replicated: asyncio.Future[None] | None = None,
     ) -> None:
         """Queue one XADD; a failure goes to ``on_error`` if given, else to the log.
 
@@ -75,7 +94,7 @@ class StreamAppender:
         ``unique=(key, ttl_ms)``: append only if ``key`` (under the stream's hash tag) is not
         taken, and take it for ``ttl_ms``; else ``on_error`` gets ``AlreadyTaken``."""
         taken = (unique[0].encode(), unique[1]) if unique is not None else None
-        self._queue.append(_Pending(stream.encode(), fields, maxlen, on_error, taken))
+        self._queue.append(_Pending(stream.encode(), fields, maxlen, on_error, taken, replicated))
         if urgent:
             self._kick()
         elif self._timer is None and not self._flushing():
@@ -95,14 +114,23 @@ class StreamAppender:
         while self._queue:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             self.round_trips += 1
+            commands = [_xadd(item) for item in batch]
+            waits = sorted({item.stream for item in batch if item.replicated is not None})
+            if self.wait_replicas:
+                commands += [Command(stream, (b"WAIT", b"%d" % self.wait_replicas,
+                                              b"%d" % self.wait_timeout_ms))
+                             for stream in waits]  # fmt: skip
             try:
-                results: list[object] = await self.client.execute([_xadd(item) for item in batch])
+                results: list[object] = await self.client.execute(commands)
             except Exception as exc:  # a bug: it fails the whole batch, not the gateway
                 log.exception("append batch failed")
-                results = [exc] * len(batch)
-            for item, result in zip(batch, results, strict=True):
+                results = [exc] * len(commands)
+            acked = dict(zip(waits, results[len(batch) :], strict=False))
+            for item, result in zip(batch, results, strict=False):
                 if result is None and item.unique is not None:
                     result = AlreadyTaken(item.unique[0].decode())
+                if item.replicated is not None and not item.replicated.done():
+                    self._settle(item.replicated, item.stream, result, acked.get(item.stream))
                 if not isinstance(result, Exception):
                     continue
                 if item.on_error is None:
@@ -112,6 +140,19 @@ class StreamAppender:
                     item.on_error(result)
                 except Exception:
                     log.exception("append error handler failed")
+
+    def _settle(
+        self, replicated: asyncio.Future[None], stream: bytes, result: object, acked: object
+    ) -> None:
+        if isinstance(result, Exception):
+            replicated.cancel()  # the append failed: ``on_error`` says so to its waiter
+        elif self.wait_replicas and not (isinstance(acked, int) and acked >= self.wait_replicas):
+            why = acked if isinstance(acked, Exception) else f"{acked} acknowledged"
+            replicated.set_exception(NotReplicated(
+                f"the request was not acknowledged by {self.wait_replicas} replica(s) of "
+                f"{stream.decode()} within {self.wait_timeout_ms} ms ({why})"))  # fmt: skip
+        else:
+            replicated.set_result(None)
 
     async def close(self) -> None:
         """Send what is queued."""
