@@ -7,7 +7,8 @@ cover predict itself against a real gateway."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -15,7 +16,9 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import UnknownDeployment
+from gateway.dataplane.service import PredictionService
 from gateway.settings import Settings
 from gateway.transport.app import create_app
 from gateway.transport.fast_path import PredictFastPath
@@ -29,6 +32,9 @@ PREDICT = (
 class StandIn:
     """Answers predict with the deployment and request id; ``missing`` deployments fail as the
     service fails them; ``release``, when given, is awaited first."""
+
+    in_flight = 0
+    max_in_flight = 2048
 
     def __init__(self, release: asyncio.Event | None = None) -> None:
         self.release = release
@@ -133,3 +139,84 @@ def test_readyz_says_whether_the_archive_is_failing() -> None:
         "status": "failing", "reason": "archive write failed: disk full"}  # fmt: skip
     assert archive_status({b"old": stale}) == {"status": "no log bin"}
     assert archive_status({b"x": b"not json"}) == {"status": "no log bin"}
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.done: list[tuple[str | None, str]] = []
+
+    def request_done(self, deployment: str | None, outcome: str, seconds: float | None) -> None:
+        self.done.append((deployment, outcome))
+
+
+def full_gateway() -> tuple[HttpToolsProtocol, Transport, PredictionService, Tally]:
+    """uvicorn's protocol in front of the fast path and a real ``PredictionService`` (its
+    Redis side stands in: nothing here gets that far) already holding its bound."""
+    deployments = DeploymentCache(cast(Any, None))
+    deployments.deployments["demo"] = cast(Any, SimpleNamespace(name="demo", feature_spec=None))
+    tally = Tally()
+    service = PredictionService(
+        deployments, cast(Any, None), cast(Any, None),
+        max_rows=8, max_in_flight=4, max_backlog=100, metrics=tally,
+    )  # fmt: skip
+    service.in_flight = 4
+    app = create_app(Settings(redis_url="redis://127.0.0.1:1"))
+    app.state.service = service
+    config = Config(app=PredictFastPath(app, 1024), http="httptools", lifespan="off")
+    config.load()
+    protocol = HttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+    transport = Transport()
+    protocol.connection_made(transport)
+    return protocol, transport, service, tally
+
+
+async def answered(protocol: HttpToolsProtocol, transport: Transport) -> bytes:
+    """What the connection got since the last call, once every request in hand is answered."""
+    if protocol.tasks:
+        await asyncio.wait(set(protocol.tasks), timeout=5)
+    assert not protocol.tasks, f"a request is still unanswered: {transport.written!r}"
+    out, transport.written = transport.written, b""
+    return out
+
+
+async def test_a_full_gateway_refuses_from_the_head_and_the_connection_serves_on() -> None:
+    protocol, transport, service, tally = full_gateway()
+    head = (
+        b"POST /v1/deployments/demo/predict HTTP/1.1\r\nHost: t\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    )
+    # Not JSON: a 422 once parsed, but the gateway is full and answers from the head: whole,
+    # then with only its first bytes arrived (the rest comes after the answer).
+    bad = b"not json, not read"
+    for sent in (bad, bad[:5]):
+        protocol.data_received(head % len(bad) + sent)
+        refusal = await answered(protocol, transport)
+        status_line, _, rest = refusal.partition(b"\r\n")
+        assert status_line == b"HTTP/1.1 429 Too Many Requests", refusal
+        assert b"retry-after: 1\r\n" in rest.lower()
+        assert b"connection: close" not in rest.lower() and not transport.closed
+        assert b"already holds 4 requests" in rest
+    assert tally.done == [("demo", "rejected")] * 2  # counted as the service counts them
+    # The rest of the refused body, then the next request on the same connection, pipelined:
+    # the body is dropped and the next request is read from its start. Below the bound it is
+    # parsed (the same bad body: 422, naming the JSON error).
+    service.in_flight = 3
+    protocol.data_received(bad[5:] + head % len(bad) + bad)
+    second = await answered(protocol, transport)
+    assert second.startswith(b"HTTP/1.1 422 "), second
+    assert b"json" in second.lower()
+    assert tally.done[-1] == ("demo", "invalid") and not transport.closed
+
+
+async def test_a_refusal_to_a_client_expecting_100_continue_closes_the_connection() -> None:
+    protocol, transport, _, tally = full_gateway()
+    protocol.data_received(
+        b"POST /v1/deployments/unknown/predict HTTP/1.1\r\nHost: t\r\n"
+        b"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+    )
+    refusal = await answered(protocol, transport)
+    # No 100 Continue: the client may never send its body, so the connection cannot carry
+    # another request.
+    assert refusal.startswith(b"HTTP/1.1 429 "), refusal
+    assert b"connection: close\r\n" in refusal.lower() and transport.closed
+    assert tally.done == [(None, "rejected")]  # an unknown name is not a metric label

@@ -10,11 +10,15 @@ exception wrapping and response classes: ~110 µs of a ~530 µs request at concu
 request and the lifespan to the FastAPI app. (A protocol subclass that answered predict below
 ASGI was measured against this in paired runs and did not win beyond the noise:
 ``benchmarks/PROFILE.md``.)
+
+A gateway process at its in-flight bound refuses a predict from its head alone (``overloaded``):
+no body read, parsed or validated for an answer that does not depend on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -23,7 +27,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
-from gateway.dataplane.failures import problem_of
+from gateway.dataplane.failures import Overloaded, problem_of
 from gateway.dataplane.service import PredictionService
 from gateway.problems import RETRY, Problem, unavailable
 from gateway.transport.limits import BodyCap, Reply, send_reply
@@ -68,12 +72,17 @@ class PredictFastPath:
         await self.app(scope, receive, send)
 
     async def _predict(self, deployment: str, scope: Scope, receive: Receive, send: Send) -> None:
-        refused = self.cap.refuse_headers(scope["headers"])
+        headers = scope["headers"]
+        refused = self.cap.refuse_headers(headers)
         if refused is not None:  # a declared body over the cap, a malformed length
             await send_reply(send, refused.reply())
             return
+        service = self._service or self._started_service()
+        if service is not None and service.in_flight >= service.max_in_flight:
+            await send_reply(send, overloaded(service, deployment, headers))
+            return
         request_id = None
-        for name, value in scope["headers"]:
+        for name, value in headers:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")
         chunks = []
@@ -91,7 +100,6 @@ class PredictFastPath:
             if not message.get("more_body", False):
                 break
         raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        service = self._service or self._started_service()
         try:
             if service is None:
                 answer = unavailable("the gateway is starting").reply()
@@ -108,6 +116,48 @@ class PredictFastPath:
     def _started_service(self) -> PredictionService | None:
         self._service = getattr(self.app.state, "service", None)
         return self._service
+
+
+def overloaded(
+    service: PredictionService, deployment: str, headers: list[tuple[bytes, bytes]]
+) -> Reply:
+    """The 429 of a gateway process at its in-flight bound, from the request's head alone.
+
+    The service refuses the same way after validation (``PredictionService._predict``, still
+    the rule for a request that passes here and finds the bound reached meanwhile); here the
+    body is never read, parsed or validated (under 5,000 connections a 429 took a median of
+    483 ms while every refused body was parsed). Counted as the service counts a refusal.
+
+    The connection stays open (keep-alive) and the body is not drained here: once an answer
+    is complete, uvicorn's protocol parses and drops the rest of the request's body as it
+    arrives (``HttpToolsProtocol.on_body``), so the next request on the connection is read
+    where it starts, at no cost to the app. That is cheaper than draining it through ASGI (a
+    ``receive`` per chunk) and than ``Connection: close`` (under overload every client would
+    reconnect to be refused again, and closing a socket with unread bytes resets it, which
+    can lose the answer). A declared length over the cap is refused 413 first, so what is
+    dropped is at most ``RDV_MAX_BODY_BYTES``; a chunked body is dropped for at most
+    ``RDV_BODY_TIMEOUT_S`` (the HTTP guard's 408), as on any route that answers without
+    reading. One exception: ``Expect: 100-continue``. That client waits for a 100 that is
+    not sent and may never send the body, so its next request would be taken for the body:
+    the answer closes the connection (nothing is left unread to reset it).
+    """
+    known = deployment if deployment in service.deployments.deployments else None
+    service.metrics.request_done(known, "rejected", None)
+    status, body, extra = _refusal(service.in_flight)
+    for name, value in headers:
+        if name == b"expect" and value.lower() == b"100-continue":
+            return status, body, [*extra, (b"connection", b"close")]
+    return status, body, extra
+
+
+@functools.lru_cache(maxsize=8)
+def _refusal(in_flight: int) -> Reply:
+    """The 429 at this many requests in flight, built once (at the bound it is always the
+    same); shared, so never changed in place."""
+    exc = Overloaded(f"this gateway already holds {in_flight} requests; retry later")
+    problem = problem_of(exc)
+    assert problem is not None
+    return problem.reply()
 
 
 async def predict_reply(
