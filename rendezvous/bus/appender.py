@@ -17,6 +17,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from redis.exceptions import TryAgainError
+
 from rendezvous.bus.routing import Command, Router
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,9 @@ class StreamAppender:
             except Exception as exc:  # a bug: it fails the whole batch, not the gateway
                 log.exception("append batch failed")
                 results = [exc] * len(commands)
+            if any(isinstance(r, TryAgainError) and item.unique is not None
+                   for item, r in zip(batch, results, strict=False)):  # fmt: skip
+                await self._unique_in_two_steps(batch, results)
             acked = dict(zip(waits, results[len(batch) :], strict=False))
             for item, result in zip(batch, results, strict=False):
                 if result is None and item.unique is not None:
@@ -140,6 +145,21 @@ class StreamAppender:
                     item.on_error(result)
                 except Exception:
                     log.exception("append error handler failed")
+
+    async def _unique_in_two_steps(self, batch: list[_Pending], results: list[object]) -> None:
+        """While its slot migrates, the script's new key and its stream are split between two
+        nodes (TRYAGAIN, as long as the migration lasts): take the key, then append, one key a
+        command, so each follows its own redirect. Not atomic: a gateway that dies between the
+        two leaves the id taken and nothing published, which its caller sees as a failure."""
+        todo = [i for i, item in enumerate(batch)
+                if item.unique is not None and isinstance(results[i], TryAgainError)]  # fmt: skip
+        taken = await self.client.execute([_take(batch[i]) for i in todo])
+        for i, reply in zip(todo, taken, strict=True):
+            results[i] = None if reply is None else reply  # None: taken by another
+        todo = [i for i, reply in zip(todo, taken, strict=True) if reply == b"OK"]
+        appended = await self.client.execute([_plain_xadd(batch[i]) for i in todo])
+        for i, reply in zip(todo, appended, strict=True):
+            results[i] = reply
 
     def _settle(
         self, replicated: asyncio.Future[None], stream: bytes, result: object, acked: object
@@ -168,6 +188,16 @@ def _xadd(item: _Pending) -> Command:
         flat = [part for pair in item.fields.items() for part in pair]
         return Command(item.stream, (b"EVAL", _XADD_IF_NEW, b"2", key, item.stream,
                                      b"%d" % ttl_ms, *flat))  # fmt: skip
+    return _plain_xadd(item)
+
+
+def _take(item: _Pending) -> Command:
+    assert item.unique is not None
+    key, ttl_ms = item.unique
+    return Command(key, (b"SET", key, b"1", b"NX", b"PX", b"%d" % ttl_ms))
+
+
+def _plain_xadd(item: _Pending) -> Command:
     args = [b"XADD", item.stream]
     if item.maxlen is not None:
         args += [b"MAXLEN", b"~", b"%d" % item.maxlen]

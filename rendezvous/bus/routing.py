@@ -12,10 +12,10 @@ Which node owns a key is the client's business: a single-node ``Redis`` has one,
 ``RedisCluster`` answers ``get_node_from_key`` from its slot table. The commands a node answers
 with a redirect or a cluster error, or loses with its connection, go once more:
 
-- ``MOVED``, ``TRYAGAIN``, ``CLUSTERDOWN``, a lost node (a failover): the client is asked about
-  the key through its own command layer (``EXISTS``), which follows the redirect or, after a
-  connection error, rebuilds its slot table from the nodes still up; the command then goes to
-  the slot's owner by the refreshed table.
+- ``MOVED``, ``TRYAGAIN`` (after a short pause), ``CLUSTERDOWN``, a lost node (a failover): the
+  client is asked about the key through its own command layer (``EXISTS``), which follows the
+  redirect or, after a connection error, rebuilds its slot table from the nodes still up; the
+  command then goes to the slot's owner by the refreshed table.
 - ``ASK`` (a slot being migrated, this key already moved): the command goes to the node named,
   after ``ASKING``; the table stays as it is until the migration ends with a ``MOVED``.
 - On a single node, a connection that died quietly (Redis restarted) fails its first use: the
@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -46,6 +47,9 @@ from rendezvous.bus.connection import AsyncClient as AnyAsyncClient
 from rendezvous.bus.connection import Client as AnyClient
 
 _ASKING = (b"ASKING",)
+TRYAGAIN_PAUSE_S = 0.01
+"""A multi-key command whose keys are split by a slot migration is refused with TRYAGAIN: the
+one retry comes after this pause, as Redis asks."""
 
 
 class Command(NamedTuple):
@@ -100,6 +104,8 @@ class BlockingRouter:
                   replies, timeout_s)  # fmt: skip
         again = [i for i, reply in enumerate(replies) if _again(reply)]
         if again:
+            if any(isinstance(replies[i], TryAgainError) for i in again):
+                time.sleep(TRYAGAIN_PAUSE_S)
             self._follow(commands, again, replies)
             plan = _plan(self.client, commands, again, replies)
             self._run(plan, commands, replies, timeout_s)
@@ -183,6 +189,8 @@ class Router:
         await self._run(first, commands, replies, timeout_s)
         again = [i for i, reply in enumerate(replies) if _again(reply)]
         if again and not self._closed:
+            if any(isinstance(replies[i], TryAgainError) for i in again):
+                await asyncio.sleep(TRYAGAIN_PAUSE_S)
             await self._follow(commands, again, replies)
             await self._run(
                 _plan(self.client, commands, again, replies), commands, replies, timeout_s
