@@ -12,6 +12,7 @@ import redis
 import redis.asyncio as aioredis
 
 from rendezvous.bus.connection import connect, connect_async
+from rendezvous.bus.local_cluster import LocalCluster
 from rendezvous.bus.routing import BlockingRouter, Command, Router, command
 
 
@@ -132,3 +133,40 @@ def test_the_blocking_router_of_a_worker(r: redis.Redis, redis_url: str) -> None
         assert router.execute([command(b"PING", key_at=0)]) == [b"PONG"]
     finally:
         router.close()
+
+
+async def test_on_the_cluster_batches_split_by_node_and_an_acl_user_reaches_every_node(
+    rc: redis.RedisCluster, redis_cluster: LocalCluster
+) -> None:
+    """A managed cluster's URL carries a user and password: the client discovers the other
+    nodes with them, and the routers' batches reach every node (ACLs are per node: set on
+    each, as a managed service does)."""
+    for port in redis_cluster.nodes:
+        node = redis_cluster.client(port)
+        node.acl_setuser("router", enabled=True, passwords=["+s3cret"], keys="*",
+                         commands=["+@all"])  # fmt: skip
+        node.close()
+    where = urlsplit(redis_cluster.url)
+    url = f"redis://router:s3cret@{where.netloc}"
+    keys = [f"rdv:{{k{i}}}:in".encode() for i in range(12)]
+    assert len({rc.get_node_from_key(k).port for k in keys}) == 3  # every master
+    router = Router(await connect_async(url), timeout_s=2.0)
+    try:
+        replies = await router.execute(
+            [command(b"XADD", k, b"*", b"f", b"v") for k in keys]
+            + [command(b"ACL", b"WHOAMI", key_at=0)]
+        )
+        assert all(isinstance(r, bytes) for r in replies[:-1]) and replies[-1] == b"router"
+        # an error reply stays in its place; the other nodes' replies are unaffected
+        rc.set(keys[0], "not a stream")
+        wrong, *rest = await router.execute([command(b"XLEN", k) for k in keys[:4]])
+        assert isinstance(wrong, redis.ResponseError) and rest == [1, 1, 1]
+    finally:
+        await router.close()
+        await router.client.aclose()
+    blocking = BlockingRouter(connect(url), timeout_s=2.0)
+    try:
+        lens = blocking.execute([command(b"XLEN", k) for k in keys[1:]])
+        assert lens == [1] * 11
+    finally:
+        blocking.close()
