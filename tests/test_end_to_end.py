@@ -187,7 +187,9 @@ def test_a_request_id_is_refused_on_every_gateway_in_flight_and_after_its_answer
             assert again.status_code == 409, again.text
         fresh = http2.post(PREDICT, json=body, headers={"X-Request-Id": "another-id"})
         assert fresh.status_code == 504  # a new id is published (and times out: no worker)
-        assert system.r.exists(names.request_id_key(DEMO_DEPLOYMENT, "another-id"))
+        assert system.r.exists(
+            names.request_id_key(names.input_stream(DEMO_DEPLOYMENT), "another-id")
+        )
     finally:
         http2.close()
         assert other.stop() in (0, -15), other.log_text()[-2000:]
