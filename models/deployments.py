@@ -1,33 +1,18 @@
-"""Deployment state: which model version holds which role, the schedule, the feature spec.
-
-The state is one JSON document per deployment in Redis, so every gateway and worker process
-sees the same thing. Every change goes through ``DeploymentStore.update``: an optimistic
-transaction (WATCH/MULTI) that bumps the monotonically increasing ``revision``, appends a
-history entry (who, when, what, why, and the roles and schedule after it, which is what a
-rollback restores) and moves the consumer groups along with the roles, all at once.
-
-Consumer groups follow roles (``model:<role>``). A deployment's first groups start at the
-beginning of its stream, so every bin gets every request from the first one on; a role added
-later gets a fresh group at the stream's current end (``$``), so it scores what comes next and
-never replays history; a role that leaves loses its group, so the stream is not held back for
-a reader that is gone.
+"""Deployment state as values: which model version holds which role, the schedule, the feature
+spec, the input partitions; and the changes (promote, challengers, schedule, partitions) as pure
+functions from one state to the next. Stored and changed atomically by
+``models.deployment_store``.
 """
 
 from __future__ import annotations
 
-import builtins
 import dataclasses
 import json
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
-from models.registry import ModelRegistry
 from rendezvous import names
-from rendezvous.bus.connection import Client, text
 from rendezvous.schedule import Schedule
 from rendezvous.spec import FeatureSpec
 
@@ -143,30 +128,6 @@ class Deployment:
         )
 
 
-def ensure_groups(client: Client, deployment: Deployment) -> None:
-    """Create the consumer groups missing on any input partition, positioned at its start (so
-    a partition an envelope reached before its groups did loses nothing), and remove the groups
-    of roles that left. Idempotent: it finishes what a change cut short (``update`` changes the
-    groups of partition 0 in its transaction, the others after it), and every worker runs it
-    when it loads a new revision."""
-    wanted = set(deployment.groups())
-    pipe = client.pipeline(transaction=False)
-    for stream in deployment.input_streams:
-        for group in sorted(wanted):
-            pipe.xgroup_create(stream, group, id="0", mkstream=True)
-    for result in pipe.execute(raise_on_error=False):
-        if isinstance(result, Exception) and "BUSYGROUP" not in str(result):
-            raise result
-    stale: list[tuple[str, str]] = []
-    for stream in deployment.input_streams[1:]:
-        for info in client.xinfo_groups(stream):
-            group = text(info["name"])
-            if group.startswith(names.MODEL_GROUP_PREFIX) and group not in wanted:
-                stale.append((stream, group))
-    for stream, group in stale:
-        client.xgroup_destroy(stream, group)
-
-
 # -- changes: pure functions from one state to the next ----------------------------------------
 
 
@@ -227,201 +188,3 @@ def with_partitions(dep: Deployment, partitions: int) -> Deployment:
         raise DeploymentConflict(f"{dep.name} already has {partitions} partitions")
     past = tuple(sorted({*dep.past_partitions, dep.partitions} - {1, partitions}))
     return dataclasses.replace(dep, partitions=partitions, past_partitions=past)
-
-
-# -- the store ---------------------------------------------------------------------------------
-
-
-def _snapshot(dep: Deployment) -> dict[str, Any]:
-    return {
-        "roles": {r: m.to_dict() for r, m in dep.roles.items()},
-        "schedule": dep.schedule.to_dict(),
-    }
-
-
-def _role_changes(before: Deployment | None, after: Deployment) -> dict[str, list[str | None]]:
-    old = before.roles if before else {}
-    out: dict[str, list[str | None]] = {}
-    for role in sorted(set(old) | set(after.roles)):
-        a, b = old.get(role), after.roles.get(role)
-        if a != b:
-            out[role] = [str(a) if a else None, str(b) if b else None]
-    return out
-
-
-class DeploymentStore:
-    """Synchronous access for the CLI, workers, the admin API and start-up."""
-
-    def __init__(self, client: Client):
-        self.client = client
-
-    def get(self, name: str) -> Deployment:
-        raw = self.client.get(names.deployment_key(name))
-        if raw is None:
-            raise DeploymentNotFound(f"deployment {name!r} does not exist")
-        return Deployment.from_json(raw)
-
-    def list(self) -> list[str]:
-        return sorted(text(m) for m in self.client.smembers(names.DEPLOYMENTS_SET))
-
-    def create(self, deployment: Deployment, *, actor: str = "system", reason: str = "") -> bool:
-        """Create unless it exists; False when another process was first."""
-        now_ms = int(time.time() * 1000)
-        dep = dataclasses.replace(
-            deployment, revision=1, updated_ms=deployment.updated_ms or now_ms
-        )
-        created = bool(self.client.set(names.deployment_key(dep.name), dep.to_json(), nx=True))
-        if created:
-            entry = self._entry(None, dep, "create", actor, reason, {})
-            pipe = self.client.pipeline(transaction=False)
-            pipe.set(names.revision_key(dep.name), dep.revision)
-            pipe.rpush(names.history_key(dep.name), json.dumps(entry))
-            pipe.execute()
-        ensure_groups(self.client, self.get(dep.name))
-        self.client.sadd(names.DEPLOYMENTS_SET, dep.name)
-        return created
-
-    def update(
-        self,
-        name: str,
-        change: Callable[[Deployment], Deployment],
-        *,
-        action: str,
-        actor: str,
-        reason: str = "",
-        detail: Mapping[str, Any] | None = None,
-        expect_revision: int | None = None,
-    ) -> tuple[Deployment, Deployment]:
-        """Apply ``change`` to the current state atomically; returns (before, after).
-
-        ``change`` may run more than once (another writer got in first) and may raise to
-        refuse. With ``expect_revision``, a state that moved on meanwhile is a conflict."""
-        key = names.deployment_key(name)
-        stream = names.input_stream(name)
-        with self.client.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    if raw is None:
-                        raise DeploymentNotFound(f"deployment {name!r} does not exist")
-                    before = Deployment.from_json(raw)
-                    if expect_revision is not None and before.revision != expect_revision:
-                        raise DeploymentConflict(
-                            f"{name} is at revision {before.revision}, not {expect_revision}"
-                        )
-                    after = dataclasses.replace(
-                        change(before),
-                        revision=before.revision + 1,
-                        updated_ms=int(time.time() * 1000),
-                    )
-                    entry = self._entry(before, after, action, actor, reason, detail or {})
-                    pipe.multi()
-                    pipe.set(key, after.to_json())
-                    pipe.set(names.revision_key(name), after.revision)
-                    pipe.rpush(names.history_key(name), json.dumps(entry))
-                    for role in sorted(set(before.roles) - set(after.roles)):
-                        pipe.xgroup_destroy(stream, names.model_group(role))
-                    for role in sorted(set(after.roles) - set(before.roles)):
-                        pipe.xgroup_destroy(stream, names.model_group(role))  # a stale one
-                        pipe.xgroup_create(stream, names.model_group(role), id="$", mkstream=True)
-                    results = pipe.execute(raise_on_error=False)
-                    break
-                except redis.WatchError:
-                    continue
-        for result in results[3:]:
-            if isinstance(result, Exception) and "requires the key to exist" not in str(result):
-                raise result
-        if len(after.input_streams) > 1:
-            # Partitions beyond the first live in other slots, outside the transaction: their
-            # groups follow now (a cut-short change is finished by the next ``ensure_groups``),
-            # a new role's at each stream's end as on partition 0.
-            added = sorted(set(after.roles) - set(before.roles))
-            pipe = self.client.pipeline(transaction=False)
-            for stream in after.input_streams[1:]:
-                for role in added:
-                    pipe.xgroup_create(stream, names.model_group(role), id="$", mkstream=True)
-            pipe.execute(raise_on_error=False)  # BUSYGROUP: already there
-            ensure_groups(self.client, after)
-        return before, after
-
-    def note(
-        self,
-        name: str,
-        *,
-        action: str,
-        actor: str,
-        reason: str = "",
-        detail: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """Record something that did not change the state (a refused promotion)."""
-        dep = self.get(name)
-        entry = self._entry(dep, dep, action, actor, reason, detail or {}, applied=False)
-        self.client.rpush(names.history_key(name), json.dumps(entry))
-        return entry
-
-    def history(self, name: str, limit: int | None = None) -> builtins.list[dict[str, Any]]:
-        """Oldest first; with ``limit``, the latest ``limit`` entries."""
-        start = -limit if limit else 0
-        raw = self.client.lrange(names.history_key(name), start, -1)
-        return [json.loads(r) for r in raw]
-
-    def state_at(self, name: str, revision: int) -> dict[str, Any]:
-        """Roles and schedule as they were at ``revision`` (from its history entry)."""
-        for entry in reversed(self.history(name)):
-            if entry.get("applied", True) and entry["revision"] == revision:
-                return {"roles": entry["roles"], "schedule": entry["schedule"]}
-        raise DeploymentConflict(f"{name} has no revision {revision} in its history")
-
-    def role_since_ms(self, name: str, role: str) -> float | None:
-        """When ``role`` got the model version it holds now (None: since before history)."""
-        since = None
-        holder = None
-        for entry in reversed(self.history(name)):
-            if not entry.get("applied", True):
-                continue
-            ref = entry["roles"].get(role)
-            if holder is None:
-                holder = ref
-            if ref is None or ref != holder:
-                break
-            since = float(entry["ts_ms"])
-        return since
-
-    @staticmethod
-    def _entry(
-        before: Deployment | None,
-        after: Deployment,
-        action: str,
-        actor: str,
-        reason: str,
-        detail: Mapping[str, Any],
-        applied: bool = True,
-    ) -> dict[str, Any]:
-        return {
-            "revision": after.revision,
-            "ts_ms": int(time.time() * 1000),
-            "actor": actor,
-            "action": action,
-            "reason": reason,
-            "applied": applied,
-            "changes": _role_changes(before, after) if applied else {},
-            "detail": dict(detail),
-            **_snapshot(after),
-        }
-
-
-def demo_deployment(registry: ModelRegistry, schedule: Schedule) -> Deployment:
-    from models.demo import CANARY_VERSION, DEMO_DEPLOYMENT, DEMO_MODEL, REAL_VERSION
-
-    real = registry.meta(DEMO_MODEL, REAL_VERSION)
-    return Deployment(
-        name=DEMO_DEPLOYMENT,
-        roles={
-            names.REAL: ModelRef(DEMO_MODEL, REAL_VERSION),
-            names.CANARY: ModelRef(DEMO_MODEL, CANARY_VERSION),
-        },
-        feature_spec=real.feature_spec,
-        schedule=schedule,
-        updated_ms=int(time.time() * 1000),
-    )

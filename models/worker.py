@@ -26,13 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
-from models.deployments import (
-    Deployment,
-    DeploymentNotFound,
-    DeploymentStore,
-    ModelRef,
-    ensure_groups,
-)
+from models.deployment_store import DeploymentStore, ensure_groups
+from models.deployments import Deployment, DeploymentNotFound, ModelRef
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from rendezvous import names

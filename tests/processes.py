@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from gateway.cli.supervisor import detached_from_terminal
-from models.deployments import DeploymentStore, demo_deployment
+from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT
 from rendezvous import names

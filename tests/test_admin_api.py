@@ -23,7 +23,7 @@ from fastapi.routing import APIRoute
 
 from gateway.settings import Settings
 from gateway.transport.app import create_app
-from models.deployments import DeploymentStore, demo_deployment
+from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, DEMO_MODEL
 from rendezvous import names

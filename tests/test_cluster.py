@@ -15,7 +15,8 @@ import pytest
 import redis
 
 from models.archive import ArchiveReader
-from models.deployments import DeploymentStore, with_partitions
+from models.deployment_store import DeploymentStore
+from models.deployments import with_partitions
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import Load, System, launch_system, wait_until
 from rendezvous import names

@@ -34,7 +34,7 @@ import yaml
 
 from gateway.cli.main import build_parser
 from gateway.settings import Settings
-from models.deployments import DeploymentStore
+from models.deployment_store import DeploymentStore
 from models.train import CANARY_VERSION, DEMO_DEPLOYMENT, DEMO_MODEL, REAL_VERSION
 from rendezvous import names
 

@@ -22,7 +22,7 @@ from gateway.observability.drift_monitor import (
     local_model_meta,
     set_thresholds,
 )
-from models.deployments import DeploymentStore, demo_deployment
+from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
 from rendezvous import names

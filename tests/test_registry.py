@@ -12,14 +12,8 @@ import pytest
 import redis
 from admin_support import copy_demo_models, variant_onnx
 
-from models.deployments import (
-    DeploymentStore,
-    ModelRef,
-    demo_deployment,
-    promoted,
-    with_challenger,
-    without_challenger,
-)
+from models.deployment_store import DeploymentStore, demo_deployment
+from models.deployments import ModelRef, promoted, with_challenger, without_challenger
 from models.inspection import ArtifactRejected, inspect_onnx
 from models.meta import ModelMeta
 from models.registry import ModelNotFound, ModelRegistry

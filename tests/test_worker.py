@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import redis
 
-from models.deployments import DeploymentStore, demo_deployment
+from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from models.train import DEMO_DEPLOYMENT, demo_data

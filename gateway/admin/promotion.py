@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.deployments import Deployment, DeploymentStore, ModelRef
+from models.deployment_store import DeploymentStore
+from models.deployments import Deployment, ModelRef
 from rendezvous import names
 from rendezvous.bus.connection import Client
 from rendezvous.decision import DecisionRecord, decode_entries

@@ -28,11 +28,11 @@ from gateway.admin.bodies import (
     UploadMeta,
 )
 from gateway.admin.promotion import Evidence
+from models.deployment_store import DeploymentStore
 from models.deployments import (
     Deployment,
     DeploymentConflict,
     DeploymentNotFound,
-    DeploymentStore,
     ModelRef,
     promoted,
     with_challenger,

@@ -129,7 +129,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 def cmd_logbin(args: argparse.Namespace) -> None:
     from models.archive import SegmentWriter
-    from models.deployments import DeploymentStore
+    from models.deployment_store import DeploymentStore
     from models.logbin import LogBin
     from rendezvous.bus.connection import connect
     from rendezvous.heap import settle_heap

@@ -30,7 +30,7 @@ from gateway.cli.supervisor import (
     child_env,
 )
 from models.demo import DEMO_DEPLOYMENT, demo_models_present
-from models.deployments import DeploymentStore, demo_deployment
+from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from rendezvous.bus.connection import connect
 from rendezvous.bus.server import EmbeddedRedis, RedisServerError
