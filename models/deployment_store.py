@@ -90,6 +90,30 @@ class DeploymentStore:
             raise DeploymentNotFound(f"deployment {name!r} does not exist")
         return Deployment.from_json(raw)
 
+    def input_view(self, dep: Deployment) -> builtins.list[dict[str, Any]]:
+        """Each input stream of ``dep`` with its length and its groups' backlog (pending, and
+        lag on Redis 7+): where a partition falls behind. One pipelined read."""
+        pipe = self.client.pipeline(transaction=False)
+        for stream in dep.input_streams:
+            pipe.xlen(stream)
+            pipe.xinfo_groups(stream)
+        replies = pipe.execute(raise_on_error=False)
+        out = []
+        for k, stream in enumerate(dep.input_streams):
+            length, groups = replies[2 * k], replies[2 * k + 1]
+            out.append({
+                "partition": k,
+                "stream": stream,
+                "published_to": k < dep.partitions,
+                "length": length if isinstance(length, int) else 0,
+                "groups": {
+                    text(g["name"]): {"pending": g.get("pending"), "lag": g.get("lag"),
+                                      "consumers": g.get("consumers")}
+                    for g in (groups if isinstance(groups, builtins.list) else [])
+                },
+            })  # fmt: skip
+        return out
+
     def list(self) -> list[str]:
         return sorted(text(m) for m in self.client.smembers(names.DEPLOYMENTS_SET))
 

@@ -547,3 +547,9 @@ def test_partitions_are_set_by_patch_with_their_groups_and_old_streams_kept(
         assert refused.status_code == 422, (bad, refused.text)
     history = admin.get(f"{DEP}/history", headers=AUTH).json()
     assert [e["action"] for e in history["history"][-2:]] == ["set-partitions"] * 2
+    r.xadd(streams[1], {b"d": b"one"})
+    view = admin.get(DEP, headers=AUTH).json()["input"]  # per-partition backlog
+    assert [v["stream"] for v in view] == names.input_streams(DEMO_DEPLOYMENT, 2) + streams[1:]
+    assert [v["published_to"] for v in view] == [True, True, False, False]
+    one = next(v for v in view if v["stream"] == streams[1])
+    assert one["length"] == 1 and set(one["groups"]) == {"logbin", "model:real", "model:canary"}

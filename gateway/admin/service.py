@@ -218,7 +218,7 @@ class AdminService:
         for member in cast(list[bytes], members):
             role = text(member).split("|", 1)[0]
             workers[role] = workers.get(role, 0) + 1
-        return {**_state(dep), "live_workers": workers}
+        return {**_state(dep), "live_workers": workers, "input": self.store.input_view(dep)}
 
     def create_deployment(self, req: CreateDeployment, actor: str) -> dict[str, Any]:
         real = ModelRef(req.real.model, req.real.version)
