@@ -333,3 +333,13 @@ def test_the_cli_drives_the_admin_api(
     entries = json.loads(capsys.readouterr().out)["history"]
     assert [e["action"] for e in entries] == ["add-challenger", "promote-refused"]
     assert entries[0]["reason"] == "cli test" and "@" in entries[0]["actor"]
+    main(["partitions", "--url", system.url, "--deployment", DEMO_DEPLOYMENT, "2"])
+    assert json.loads(capsys.readouterr().out)["deployment"]["partitions"] == 2
+    main(["deployments", "show", "--url", system.url, "--deployment", DEMO_DEPLOYMENT])
+    shown = json.loads(capsys.readouterr().out)
+    assert [p["published_to"] for p in shown["input"]] == [True, True]
+    time.sleep(1.2)  # every gateway process's deployment cache follows within a second
+    body = features_body(demo_data().x_test[0])
+    answers = [system.http.post(PREDICT, json=body, headers={"X-Request-Id": f"part-{i}"})
+               for i in range(20)]  # fmt: skip
+    assert [a.status_code for a in answers] == [200] * 20  # on both partitions

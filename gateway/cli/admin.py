@@ -170,6 +170,11 @@ def cmd_schedule(args: argparse.Namespace) -> None:
     _request(args, "PATCH", f"/deployments/{args.deployment}/schedule", json=body)
 
 
+def cmd_partitions(args: argparse.Namespace) -> None:
+    body = {"partitions": args.partitions, "reason": args.reason}
+    _request(args, "PATCH", f"/deployments/{args.deployment}", json=body)
+
+
 def add_admin_commands(sub: Any) -> None:
     """Register the admin commands on the ``rdv`` parser's subcommands."""
 
@@ -248,3 +253,9 @@ def add_admin_commands(sub: Any) -> None:
     p.add_argument("--split-seed", type=int)
     reason(p)
     p.set_defaults(func=cmd_schedule)
+
+    p = admin("partitions", "spread a deployment's requests over N input streams")
+    p.add_argument("--deployment", required=True)
+    p.add_argument("partitions", type=int, help="1 to 64")
+    reason(p)
+    p.set_defaults(func=cmd_partitions)
