@@ -119,3 +119,29 @@ def test_a_422_names_ten_faults_and_counts_the_rest_in_a_few_kb() -> None:
     long_row = {"instances": [["x" * 100_000] + [1.0] * 2]}
     status, body = _answer(json.dumps(long_row).encode())
     assert status == 422 and len(body) <= 8 * 1024 and "float" in body.decode()
+
+
+def test_a_protocols_own_matrix_is_held_to_the_same_rules() -> None:
+    import numpy as np
+    from fastapi.exceptions import RequestValidationError
+
+    from gateway.dataplane.validation import check_matrix
+    from rendezvous.spec import FeatureSpec
+
+    spec = FeatureSpec(names=("a", "b"))
+    ok = check_matrix(spec, np.array([[1.0, 2.0]], dtype=np.float64), max_rows=3)
+    assert ok.dtype == np.float32 and ok.flags.c_contiguous and ok.tolist() == [[1.0, 2.0]]
+    for bad, needle in [
+        (np.zeros((1, 3)), "expects [rows, 2]"),
+        (np.zeros(2), "expects [rows, 2]"),
+        (np.zeros((4, 2)), "1 to 3"),
+        (np.zeros((0, 2)), "1 to 3"),
+        (np.array([[1.0, np.nan]]), "'b': not a finite"),
+        (np.array([[1e300, 1.0]]), "'a': not a finite"),
+    ]:
+        try:
+            check_matrix(spec, bad, max_rows=3)
+        except RequestValidationError as exc:
+            assert needle in exc.errors()[0]["msg"], (needle, exc.errors())
+        else:
+            raise AssertionError(f"accepted {bad!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,12 +27,13 @@ from gateway.dataplane.failures import (
     UnknownDeployment,
 )
 from gateway.dataplane.matcher import Rendezvous
-from gateway.dataplane.validation import check_request_id, parse_body, to_matrix
+from gateway.dataplane.validation import check_matrix, check_request_id, parse_body, to_matrix
 from models.deployments import Deployment
 from rendezvous import names
 from rendezvous.bus.appender import AlreadyTaken, NotReplicated, StreamAppender
 from rendezvous.bus.connection import MEMORY_LIMIT, out_of_memory
 from rendezvous.envelope import RequestEnvelope
+from rendezvous.spec import FeatureSpec
 
 
 class RequestTally(Protocol):
@@ -49,6 +51,10 @@ class RowSink(Protocol):
 class _NoTally:
     def request_done(self, deployment: str | None, outcome: str, seconds: float | None) -> None:
         pass
+
+
+Decoder = Callable[[FeatureSpec, bytes], np.ndarray]
+"""A protocol's body -> the float32 matrix (rows x the spec's width), or RequestValidationError."""
 
 
 class PredictionService:
@@ -78,14 +84,26 @@ class PredictionService:
         self.request_id_ttl_ms = request_id_ttl_s * 1000
         self.in_flight = 0
 
-    async def predict(self, deployment: str, raw: bytes, request_id: str | None) -> dict[str, Any]:
+    async def predict(
+        self,
+        deployment: str,
+        raw: bytes,
+        request_id: str | None,
+        decode: Decoder | None = None,
+    ) -> dict[str, Any]:
         """Validate, publish, wait; refuses at once when this gateway or the stream is full.
         Every request is counted once, by outcome (see
-        ``gateway.observability.metrics.OUTCOMES``)."""
+        ``gateway.observability.metrics.OUTCOMES``).
+
+        ``decode`` turns the body into the model-ready float32 matrix, in the deployment's
+        feature-spec order, raising ``RequestValidationError`` for what is wrong; the default
+        reads this gateway's own JSON (``features`` or ``instances``). Other protocols bring
+        their own decoder and travel the same path: the envelope carries ``raw`` as sent, so
+        the archive holds it."""
         t0 = time.perf_counter()
         known = deployment if deployment in self.deployments.deployments else None
         try:
-            response, outcome = await self._predict(deployment, raw, request_id, t0)
+            response, outcome = await self._predict(deployment, raw, request_id, t0, decode)
         except NoAnswer:
             self.metrics.request_done(known, "timeout", time.perf_counter() - t0)
             raise
@@ -102,11 +120,19 @@ class PredictionService:
         return response
 
     async def _predict(
-        self, deployment: str, raw: bytes, request_id: str | None, t0: float
+        self,
+        deployment: str,
+        raw: bytes,
+        request_id: str | None,
+        t0: float,
+        decode: Decoder | None,
     ) -> tuple[dict[str, Any], str]:
         dep = self.deployments.get(deployment)
         spec = dep.feature_spec
-        features = to_matrix(spec, parse_body(raw), self.max_rows)
+        if decode is None:
+            features = to_matrix(spec, parse_body(raw), self.max_rows)
+        else:
+            features = check_matrix(spec, decode(spec, raw), self.max_rows)
         rid = check_request_id(request_id) if request_id else os.urandom(16).hex()
         if self.in_flight >= self.max_in_flight:
             raise Overloaded(f"this gateway already holds {self.in_flight} requests; retry later")
@@ -194,4 +220,4 @@ class PredictionService:
         }, answer.outcome
 
 
-__all__ = ["PredictionService", "RequestTally", "RowSink"]
+__all__ = ["Decoder", "PredictionService", "RequestTally", "RowSink"]

@@ -118,6 +118,26 @@ def to_matrix(spec: FeatureSpec, request: PredictRequest, max_rows: int) -> np.n
     return x
 
 
+def check_matrix(spec: FeatureSpec, x: np.ndarray, max_rows: int) -> np.ndarray:
+    """What a protocol's own decoder made, held to the same rules as this gateway's JSON: a
+    float32 matrix of 1 to ``max_rows`` rows of the spec's width, every value finite."""
+    errors: list[dict[str, Any]] = []
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: infinite, refused
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != spec.width:
+        errors.append(_error((), f"the input has shape {list(x.shape)}, the deployment expects "
+                                 f"[rows, {spec.width}]", "wrong_shape"))  # fmt: skip
+    elif not 1 <= x.shape[0] <= max_rows:
+        errors.append(_error((), f"{x.shape[0]} rows, 1 to {max_rows} per request", "too_long"))
+    elif not np.isfinite(x).all():
+        r, c = (int(i) for i in np.argwhere(~np.isfinite(x))[0])
+        errors.append(_error((r, c), f"row {r}, {spec.names[c]!r}: not a finite float32 number",
+                             "finite_number"))  # fmt: skip
+    if errors:
+        raise RequestValidationError(errors)
+    return x
+
+
 def check_request_id(value: str) -> str:
     if not 1 <= len(value) <= 128 or not value.isprintable():
         raise RequestValidationError(
