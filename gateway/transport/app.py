@@ -34,6 +34,7 @@ from gateway.observability.metrics import GatewayMetrics, multiprocess_dir
 from gateway.observability.routes import observe_router
 from gateway.problems import RETRY, Problem
 from gateway.settings import Settings
+from gateway.transport import jobs, oip
 from gateway.transport.fast_path import PredictFastPath, predict_reply
 from gateway.transport.limits import BodySizeLimit
 from rendezvous import names
@@ -186,6 +187,7 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             drift_feed=feed,
         )
         metrics.track_in_flight(lambda: app.state.service.in_flight)
+        stop_jobs = await jobs.start(app, settings)
         if settle_process_heap:
             settle_heap()
         log.info("gateway ready: deployments %s, reply stream %s",
@@ -193,6 +195,7 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
         try:
             yield
         finally:
+            await stop_jobs()
             for task in background:
                 task.cancel()
             close_admin()
@@ -226,6 +229,8 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
     app.state.metrics = metrics
     app.include_router(observe_router())
     app.include_router(dashboard_router())
+    oip.mount(app, settings)
+    jobs.mount(app, settings)
 
     async def _answer(request: Request, exc: Exception) -> JSONResponse:
         answer = problem_of(exc)
