@@ -99,18 +99,24 @@ class ProcessTree:
         root_pid: int,
         classify: Callable[[str], str] | None = None,
         root_name: str = "supervisor",
+        extra_roots: dict[int, str] | None = None,
     ):
         self.root_pid = root_pid
         self.root_name = root_name
         self.classify = classify or (lambda cmd: cmd.split(" ", 1)[0].rsplit("/", 1)[-1])
+        self.extra_roots = dict(extra_roots or {})
+        """Processes outside the root's tree that belong to the system (a Redis Cluster
+        started beside ``rdv serve``): pid -> component, descendants included."""
 
     def members(self) -> dict[int, str]:
-        """pid -> component, for the root and every live descendant."""
+        """pid -> component, for the root and every live descendant, and the extra roots
+        and theirs."""
         kids = _children_map()
         out = {self.root_pid: self.root_name}
-        for child in kids.get(self.root_pid, []):
-            name = self.classify(cmdline(child))
-            stack = [child]
+        starts = [(child, self.classify(cmdline(child))) for child in kids.get(self.root_pid, [])]
+        starts += [(pid, name) for pid, name in self.extra_roots.items() if _stat_fields(pid)]
+        for start, name in starts:
+            stack = [start]
             while stack:
                 pid = stack.pop()
                 out[pid] = name

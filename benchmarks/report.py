@@ -18,11 +18,13 @@ TARGETS = {
     "added_p50_ms_c1": ("<=", 0.7),
     "p99_c64_vs_inprocess": ("<=", 2.0),
     "rss_mb_total": ("<=", 600.0),
+    "throughput_c64_cluster_vs_single": (">=", 0.8),
 }
-"""The issue's targets (2-core machine, ratios from the same run)."""
+"""The issues' targets (2-core machine, ratios from the same run)."""
 
 SYSTEM_TITLES = {
     "gateway": "rdv serve (gateway + Redis + real + canary + log bin)",
+    "gateway-cluster": "rdv serve on a local Redis Cluster (3 masters + 3 replicas)",
     "inprocess": "in-process FastAPI + onnxruntime (2 uvicorn processes)",
     "mlserver": "MLServer + onnxruntime runtime",
 }
@@ -74,6 +76,10 @@ def combine_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "p99_ms": [ph["latency_ms"].get("p99") for ph in measured],
             "errors": [ph["errors"] for ph in measured],
         }
+        if any(ph.get("redis") for ph in measured):
+            median["rounds"]["redis_commands_per_request"] = [
+                (ph.get("redis") or {}).get("commands_per_request") for ph in measured
+            ]
         combined["phases"][label] = median
     return combined
 
@@ -128,6 +134,7 @@ def ratios(results: dict[str, Any], high_load: str = "c64", low_load: str = "c1"
         ),
         "rss_mb_total": rss.get("peak_serving_total"),
         "pss_mb_total": rss.get("peak_serving_pss"),
+        **_cluster_figures(results, high_load),
     }
     out["targets"] = {
         key: {"op": op, "target": bound, "met": _met(out[key], op, bound)}
@@ -143,6 +150,29 @@ def ratios(results: dict[str, Any], high_load: str = "c64", low_load: str = "c1"
         out["refusal_p50_vs_echo_overload"] = _ratio(
             out["refusal_p50_ms_overload"], get(over, "echo_reference", "latency_ms", "p50")
         )
+    return out
+
+
+def _cluster_figures(results: dict[str, Any], load: str) -> dict[str, Any]:
+    """The cluster against the single node (issue 14): throughput at ``load`` from the same
+    run, each round's paired ratio beside it, and Redis commands and bytes per answered
+    request at ``load`` on each (summed over the masters)."""
+    single = _phase(results, "gateway", load)
+    cluster = _phase(results, "gateway-cluster", load)
+    out: dict[str, Any] = {"throughput_c64_cluster_vs_single": None}
+    if single and cluster:
+        out["throughput_c64_cluster_vs_single"] = _ratio(
+            cluster["throughput_rps"], single["throughput_rps"]
+        )
+        a = single.get("rounds", {}).get("throughput_rps") or [single["throughput_rps"]]
+        b = cluster.get("rounds", {}).get("throughput_rps") or [cluster["throughput_rps"]]
+        out["throughput_c64_cluster_vs_single_rounds"] = [
+            _ratio(y, x) for x, y in zip(a, b, strict=False)
+        ]
+    for name, phase in (("single", single), ("cluster", cluster)):
+        redis = (phase or {}).get("redis") or {}
+        out[f"redis_commands_per_request_{name}"] = redis.get("commands_per_request")
+        out[f"redis_bytes_per_request_{name}"] = redis.get("bytes_per_request")
     return out
 
 
@@ -202,6 +232,20 @@ def _ratio_lines(r: dict[str, Any]) -> list[str]:
         lines.append(f"| `{key}` | {_fmt(r[key], digits)} | {t['op']} {t['target']:g} | {met} |")
     if r.get("pss_mb_total") is not None:
         lines.append(f"| `pss_mb_total` (shared pages once) | {_fmt(r['pss_mb_total'], 0)} | | |")
+    paired = r.get("throughput_c64_cluster_vs_single_rounds")
+    if paired and len(paired) > 1:
+        lines.append(
+            "| `throughput_c64_cluster_vs_single` of each round "
+            f"| {' / '.join(_fmt(v, 3) for v in paired)} | | |"
+        )
+    for key in (
+        "redis_commands_per_request_single",
+        "redis_commands_per_request_cluster",
+        "redis_bytes_per_request_single",
+        "redis_bytes_per_request_cluster",
+    ):
+        if r.get(key) is not None:
+            lines.append(f"| `{key}` (c64, all masters) | {_fmt(r[key], 1)} | | |")
     return lines
 
 

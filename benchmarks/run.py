@@ -1,10 +1,12 @@
 """``make bench``: the full rendezvous path against two baselines, on one machine, in one run.
 
 Starts ``rdv serve`` on a fresh data folder (embedded Redis, gateway, real and canary workers,
-log bin), then the in-process FastAPI baseline, then MLServer, one system at a time, and drives
-each with the same load generator: a warm-up, closed loops at each concurrency, an open loop at
-a fixed rate. Writes ``<out>/<date>-<commit>.json`` (every figure), ``.md`` (the table) and
-``.png`` (latency against throughput), and prints the table.
+log bin), then the same on a local Redis Cluster (three masters, three replicas), then the
+in-process FastAPI baseline, then MLServer, one system at a time, and drives each with the
+same load generator: a warm-up, closed loops at each concurrency, an open loop at a fixed
+rate; the Redis commands and bytes of each load are counted on every master. Writes
+``<out>/<date>-<commit>.json`` (every figure), ``.md`` (the table) and ``.png`` (latency
+against throughput), and prints the table.
 
     python -m benchmarks.run [--quick] [--duration S] [--concurrency 1,8,64] [--rate R]
                              [--overload CONNECTIONS]
@@ -12,8 +14,9 @@ a fixed rate. Writes ``<out>/<date>-<commit>.json`` (every figure), ``.md`` (the
 ``--overload`` adds, in every round, a gateway at a small in-flight bound driven by many more
 connections than it may hold: how long its 429s and its 200s take (``overload_phase``).
 
-Under 500 lines: the run's whole order (options, rounds over the systems, the files
-written) reads best in one place; the parts it calls are in loadgen, systems and report.
+One file: the run's whole order (options, rounds over the systems, the files written) reads
+best in one place; the parts it calls are in loadgen, systems, procstat, redisstat and
+report.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import procstat
+from benchmarks import procstat, redisstat
 from benchmarks.loadgen import Load, run_load
 from benchmarks.report import (
     SYSTEM_TITLES,
@@ -51,9 +54,11 @@ from benchmarks.systems import (
     start_inprocess,
     start_mlserver,
     start_rdv,
+    start_rdv_cluster,
 )
 
-SYSTEMS = ("gateway", "inprocess", "mlserver")
+SYSTEMS = ("gateway", "gateway-cluster", "inprocess", "mlserver")
+RDV_SYSTEMS = ("gateway", "gateway-cluster")
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
 
@@ -79,6 +84,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--systems", default=",".join(SYSTEMS), help="which of " + ",".join(SYSTEMS))
     p.add_argument("--gateway-processes", type=int, help="RDV_GATEWAY_PROCESSES (default: rdv's)")
     p.add_argument(
+        "--cluster-partitions",
+        type=int,
+        default=1,
+        help="input partitions of the demo deployment on the cluster (default 1)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -102,6 +113,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         help="ONNX model for the baselines when the gateway "
         "is not run (default: trained into the run's data folder)",
+    )
+    p.add_argument(
+        "--rdv-models",
+        type=Path,
+        help="a trained demo models folder for rdv serve to start with (default: it trains "
+        "them at its first start)",
     )
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib install)")
@@ -152,9 +169,11 @@ def run_phase(running: Running, load: Load, procs: int) -> dict[str, Any]:
     def on_start() -> None:
         marks["self"] = resource.getrusage(resource.RUSAGE_SELF)
         marks["a"] = procstat.TreeSample.take(tree)
+        marks["redis"] = _redis_sample(running)
 
     result, loadgen_cpu = run_load(running.target, load, procs, on_start=on_start)
     b = procstat.TreeSample.take(tree)
+    redis_after = _redis_sample(running)
     me = resource.getrusage(resource.RUSAGE_SELF)
     a, me0 = marks["a"], marks["self"]
     harness_cpu = (me.ru_utime - me0.ru_utime) + (me.ru_stime - me0.ru_stime)
@@ -164,6 +183,9 @@ def run_phase(running: Running, load: Load, procs: int) -> dict[str, Any]:
     ok = len(result.latencies_ms)
     refused = len(result.refused_ms)
     busy = b.machine_busy_s - a.machine_busy_s
+    redis_figures = None
+    if marks.get("redis") is not None and redis_after is not None:
+        redis_figures = redisstat.delta(marks["redis"], redis_after, ok)
     return {
         "mode": load.mode,
         "concurrency": load.concurrency if load.mode == "closed" else None,
@@ -194,7 +216,18 @@ def run_phase(running: Running, load: Load, procs: int) -> dict[str, Any]:
             "harness_cpu_s": round(harness_cpu, 3),
             "other_cpu_s": round(busy - server_cpu - lg_cpu - harness_cpu, 3),
         },
+        "redis": redis_figures,
     }
+
+
+def _redis_sample(running: Running) -> dict[redisstat.Node, redisstat.NodeSample] | None:
+    if not running.redis_nodes:
+        return None
+    try:
+        return redisstat.sample(running.redis_nodes)
+    except Exception as exc:  # a figure missing must not sink the phase
+        log(f"{running.name}: no Redis counts: {exc}")
+        return None
 
 
 def _lag(lags_ms: Sequence[float]) -> dict[str, float] | None:
@@ -229,9 +262,11 @@ def measure(
         for load in loads:
             phases[load.label] = phase = run_phase(running, load, args.loadgen_procs)
             lat = phase["latency_ms"]
+            cmds = (phase["redis"] or {}).get("commands_per_request")
             log(
                 f"{running.name} {load.label}: {phase['throughput_rps']:.0f} req/s, "
                 f"p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms, errors {phase['errors']}"
+                + (f", {cmds} Redis commands/req" if cmds is not None else "")
             )
     members = running.tree.members()
     hwm = sum(procstat.hwm_bytes(p) for p in members)
@@ -359,15 +394,40 @@ def _expected_labels(model: Path, rows: list[list[float]]) -> list[int]:
     return [int(v) for v in labels]
 
 
+def _rdv_data(work: Path, name: str, round_no: int) -> Path:
+    return work / (f"rdv-data-{round_no}" if name == "gateway" else f"{name}-data-{round_no}")
+
+
+def _trained_models(work: Path, given: Path | None = None) -> Path | None:
+    """``--rdv-models``, else the demo models the first ``rdv serve`` of the run trained."""
+    if given is not None:
+        return given
+    for name in RDV_SYSTEMS:
+        models = _rdv_data(work, name, 1) / "models"
+        if (models / "breast-cancer" / "2" / "model.onnx").is_file():
+            return models
+    return None
+
+
 def _start(
     name: str, args: argparse.Namespace, work: Path, model: Path | None, round_no: int
 ) -> Running:
-    if name == "gateway":
-        # A fresh data folder (and embedded Redis) each round, with round 1's trained models.
-        data = work / f"rdv-data-{round_no}"
-        if round_no > 1 and (work / "rdv-data-1" / "models").is_dir():
-            shutil.copytree(work / "rdv-data-1" / "models", data / "models")
-        return start_rdv(data, work, args.gateway_processes, settings=dict(args.set))
+    if name in RDV_SYSTEMS:
+        # A fresh data folder (and Redis) each round, with the first trained models.
+        data = _rdv_data(work, name, round_no)
+        trained = _trained_models(work, args.rdv_models)
+        if trained is not None and not (data / "models").exists():
+            shutil.copytree(trained, data / "models")
+        if name == "gateway":
+            return start_rdv(data, work, args.gateway_processes, settings=dict(args.set))
+        return start_rdv_cluster(
+            data,
+            work / f"cluster-{round_no}",
+            work,
+            args.gateway_processes,
+            settings=dict(args.set),
+            partitions=args.cluster_partitions,
+        )
     assert model is not None
     if name == "inprocess":
         return start_inprocess(model, work, args.inprocess_processes)
@@ -402,11 +462,14 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     for round_no in range(1, args.rounds + 1):
         if args.rounds > 1:
             log(f"round {round_no} of {args.rounds}")
-        for name in args.systems:
+        # Every other round in the reverse order: no system always follows the same one.
+        order = args.systems if round_no % 2 else args.systems[::-1]
+        for name in order:
             if name in results["failed"]:
                 continue
-            if name != "gateway" and model is None:
-                model = _train(work)
+            if name not in RDV_SYSTEMS and model is None:
+                trained = _trained_models(work, args.rdv_models)
+                model = trained / "breast-cancer" / "2" / "model.onnx" if trained else _train(work)
             t0 = time.monotonic()
             log(f"starting {name}")
             try:
@@ -415,8 +478,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 log(f"{name} did not start: {exc}")
                 results["failed"][name] = str(exc)[-2000:]
                 continue
-            if name == "gateway" and model is None:
-                model = work / "rdv-data-1" / "models" / "breast-cancer" / "2" / "model.onnx"
+            if name in RDV_SYSTEMS and model is None:
+                trained = _trained_models(work, args.rdv_models)
+                model = trained / "breast-cancer" / "2" / "model.onnx" if trained else None
             try:
                 expected = _expected_labels(model, rows[:8]) if model else []
                 figures = measure(running, args, rows, expected, time.monotonic() - t0)

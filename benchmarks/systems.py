@@ -1,6 +1,7 @@
-"""The three systems under test, each started as real processes on a free port and stopped
-with SIGTERM: ``rdv serve`` (the full rendezvous path), the in-process FastAPI baseline, and
-MLServer (installed by the benchmark into ``benchmarks/.venv-mlserver``)."""
+"""The systems under test, each started as real processes on a free port and stopped with
+SIGTERM: ``rdv serve`` (the full rendezvous path) on its embedded Redis or on a local Redis
+Cluster started beside it, the in-process FastAPI baseline, and MLServer (installed by the
+benchmark into ``benchmarks/.venv-mlserver``)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ from typing import IO, Any
 
 from benchmarks.loadgen import Target
 from benchmarks.procstat import ProcessTree
+from benchmarks.redisstat import Node
 from gateway.settings import Settings
+from rendezvous.bus.local_cluster import LocalCluster
+from rendezvous.bus.server import recorded_url
 
 REPO = Path(__file__).resolve().parent.parent
 MLSERVER_VENV = REPO / "benchmarks" / ".venv-mlserver"
@@ -80,25 +84,36 @@ class Running:
     root_name: str = "supervisor"
     """What the launched process itself is (the others are named by ``classify``)."""
     info: dict[str, Any] = field(default_factory=dict)
+    redis_nodes: list[Node] = field(default_factory=list)
+    """The Redis nodes whose commands and bytes each load counts (``redisstat``)."""
+    extra_roots: dict[int, str] = field(default_factory=dict)
+    """Processes of the system outside ``proc``'s tree: pid -> component."""
+    after_stop: Callable[[], None] | None = None
+    """Run by ``stop`` once ``proc`` is gone, whatever happened (the cluster's own stop)."""
     _log: IO[bytes] | None = None
 
     @property
     def tree(self) -> ProcessTree:
-        return ProcessTree(self.proc.pid, self.classify, self.root_name)
+        return ProcessTree(self.proc.pid, self.classify, self.root_name, self.extra_roots)
 
     def predict_labels(self, row: list[float]) -> list[int]:
         return self.labels(post_json(self.base_url + self.target.path, self.body(row)))
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if self._log is not None:
-            self._log.close()
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait()
+            if self._log is not None:
+                self._log.close()
+        finally:
+            after, self.after_stop = self.after_stop, None
+            if after is not None:
+                after()
         return self.proc.returncode
 
     def log_tail(self, chars: int = 3000) -> str:
@@ -169,9 +184,11 @@ def start_rdv(
     gateway_processes: int | None = None,
     timeout_s: float = 180.0,
     settings: dict[str, str] | None = None,
+    name: str = "gateway",
 ) -> Running:
-    """``rdv serve`` on a fresh data folder: embedded Redis, demo training, every process.
-    ``settings``: further ``RDV_`` variables for the system under test (A/B runs)."""
+    """``rdv serve`` on a fresh data folder: embedded Redis (unless ``settings`` has an
+    ``RDV_REDIS_URL``), demo training, every process. ``settings``: further ``RDV_``
+    variables for the system under test (A/B runs)."""
     port = free_port()
     extra = {"RDV_LOG_LEVEL": "WARNING", **(settings or {})}
     if gateway_processes:
@@ -188,10 +205,10 @@ def start_rdv(
         "--host",
         "127.0.0.1",
     ]
-    log_path = log_dir / "rdv-serve.log"
+    log_path = log_dir / f"rdv-serve-{name}.log"
     proc, log = _launch(argv, _clean_env(**extra), log_path)
     running = Running(
-        name="gateway",
+        name=name,
         proc=proc,
         base_url=f"http://127.0.0.1:{port}",
         target=Target("127.0.0.1", port, PREDICT_PATH, ()),
@@ -208,7 +225,75 @@ def start_rdv(
             ).gateway_process_count,
         },
     )
-    return _wait_ready(running, f"{running.base_url}/readyz", timeout_s)
+    _wait_ready(running, f"{running.base_url}/readyz", timeout_s)
+    if "RDV_REDIS_URL" not in extra:  # the embedded Redis: serve records where it listens
+        url = recorded_url(data_dir / "redis")
+        if url:
+            host, port = url.removeprefix("redis://").split("/", 1)[0].rsplit(":", 1)
+            running.redis_nodes = [Node(host, int(port), "master")]
+    return running
+
+
+def start_rdv_cluster(
+    data_dir: Path,
+    cluster_dir: Path,
+    log_dir: Path,
+    gateway_processes: int | None = None,
+    settings: dict[str, str] | None = None,
+    partitions: int = 1,
+) -> Running:
+    """A local Redis Cluster (3 masters, 1 replica each, in ``cluster_dir``), then ``rdv
+    serve`` on it (``RDV_REDIS_URL``: one node; serve starts no Redis and creates the demo
+    deployment there). The cluster's nodes count as the system's processes (``redis`` for a
+    master, ``redis-replica``) and are stopped with it, whatever happens. ``partitions`` > 1:
+    the demo deployment is changed to that many input partitions through the admin API
+    before any load."""
+    cluster = LocalCluster(cluster_dir, masters=3, replicas_per_master=1).start()
+    try:
+        masters = set(cluster.masters())
+        extra = {**(settings or {}), "RDV_REDIS_URL": cluster.url}
+        if partitions > 1:
+            extra.setdefault("RDV_ADMIN_TOKEN", "bench-" + os.urandom(8).hex())
+        running = start_rdv(
+            data_dir, log_dir, gateway_processes, settings=extra, name="gateway-cluster"
+        )
+    except BaseException:
+        cluster.stop()
+        raise
+    running.after_stop = cluster.stop
+    try:
+        for port in cluster.nodes:
+            pid = cluster.pid(port)
+            if pid is not None:
+                running.extra_roots[pid] = "redis" if port in masters else "redis-replica"
+        running.redis_nodes = [
+            Node("127.0.0.1", port, "master" if port in masters else "replica")
+            for port in cluster.nodes
+        ]
+        running.info["cluster"] = {
+            "masters": sorted(masters),
+            "replicas": sorted(set(cluster.nodes) - masters),
+            "node_timeout_ms": cluster.node_timeout_ms,
+        }
+        if partitions > 1:
+            _set_partitions(running, extra["RDV_ADMIN_TOKEN"], partitions)
+        running.info["partitions"] = partitions
+    except BaseException:
+        running.stop()
+        raise
+    return running
+
+
+def _set_partitions(running: Running, token: str, partitions: int) -> None:
+    req = urllib.request.Request(
+        f"{running.base_url}/admin/deployments/breast-cancer",
+        data=json.dumps({"partitions": partitions, "reason": "benchmark"}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        method="PATCH",
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        resp.read()
+    time.sleep(2.5)  # every gateway process's deployment cache and the workers follow
 
 
 def _classify_uvicorn(cmd: str) -> str:

@@ -5,6 +5,7 @@ a timing, only that every figure is there and every request was answered."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,44 @@ def test_bench_harness_runs_against_the_inprocess_baseline(
     for phase in system["phases"].values():
         assert len(phase["rounds"]["throughput_rps"]) == 2
         assert phase["throughput_rps"] in phase["rounds"]["throughput_rps"]
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the harness reads /proc")
+def test_bench_harness_runs_rdv_serve_on_a_local_cluster(
+    tmp_path: Path, demo_data_dir: Path
+) -> None:
+    """The ``gateway-cluster`` system: a three-master cluster started beside ``rdv serve``,
+    its six nodes counted as the system's processes, Redis commands counted on every master,
+    and every node stopped with the system."""
+    out = tmp_path / "results"
+    argv = [
+        sys.executable, "-m", "benchmarks.run", "--systems", "gateway-cluster",
+        "--rdv-models", str(demo_data_dir / "models"), "--duration", "0.5", "--warmup", "0.2",
+        "--concurrency", "4", "--rate", "0", "--rounds", "1", "--no-plot", "--no-calibrate",
+        "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    [result] = out.glob("*.json")
+    doc = json.loads(result.read_text())
+    system = doc["systems"]["gateway-cluster"]
+    assert system["labels_agree_with_onnxruntime"]
+    assert {"redis", "redis-replica"} <= set(system["process_components"])
+    phase = system["phases"]["c4"]
+    assert phase["ok"] > 0 and phase["errors"] == 0, phase["statuses"]
+    redis = phase["redis"]
+    assert redis["masters"] == 3 and len(redis["commands_by_master"]) == 3
+    assert redis["commands_per_request"] > 1  # at least the request's XADD and its decision
+    assert redis["commands_per_request_by_command"]["xadd"] >= 1
+    assert redis["repl_bytes"] > 0  # the replicas followed
+    assert phase["cpu_s"]["redis"] > 0
+    ports = system["info"]["cluster"]["masters"] + system["info"]["cluster"]["replicas"]
+    assert len(ports) == 6 and max(ports) < 55536
+    for port in ports:  # every node is gone with the system
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, port
 
 
 async def test_the_load_generator_counts_refusals_apart_and_reopens_a_closed_connection(
