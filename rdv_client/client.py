@@ -1,0 +1,231 @@
+"""The calls, built once (``_Call``: method, path, body, what to make of the answer) and sent by
+a sync or an async httpx client, so both clients say the same thing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from rdv_client.types import Job, Prediction, RdvError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    method: str
+    path: str
+    parse: Callable[[Any], T]
+    json: Any = None
+    params: Mapping[str, Any] | None = None
+    headers: Mapping[str, str] | None = None
+    admin: bool = False
+
+
+def _seg(name: str) -> str:
+    return quote(name, safe="")
+
+
+def _body(
+    features: Mapping[str, float] | None, instances: Sequence[Sequence[float]] | None
+) -> dict[str, Any]:
+    if (features is None) == (instances is None):
+        raise ValueError("give exactly one of features (one row, by name) or instances (rows)")
+    if features is not None:
+        return {"features": dict(features)}
+    assert instances is not None
+    return {"instances": [list(map(float, row)) for row in instances]}
+
+
+def _rid(request_id: str | None) -> dict[str, str] | None:
+    return {"X-Request-Id": request_id} if request_id else None
+
+
+def _same(doc: Any) -> Any:
+    return doc
+
+
+class _Calls:
+    """Every call the gateway answers, as a description."""
+
+    @staticmethod
+    def predict(deployment: str, features: Mapping[str, float] | None,
+                instances: Sequence[Sequence[float]] | None,
+                request_id: str | None) -> _Call[Prediction]:  # fmt: skip
+        return _Call("POST", f"/v1/deployments/{_seg(deployment)}/predict", Prediction.from_json,
+                     json=_body(features, instances), headers=_rid(request_id))  # fmt: skip
+
+    @staticmethod
+    def submit(deployment: str, features: Mapping[str, float] | None,
+               instances: Sequence[Sequence[float]] | None,
+               request_id: str | None) -> _Call[Job]:  # fmt: skip
+        return _Call("POST", f"/v1/deployments/{_seg(deployment)}/jobs", Job.from_json,
+                     json=_body(features, instances), headers=_rid(request_id))  # fmt: skip
+
+    @staticmethod
+    def result(deployment: str, job_id: str, wait_ms: int | None) -> _Call[Job]:
+        params = {"wait_ms": wait_ms} if wait_ms is not None else None
+        return _Call("GET", f"/v1/deployments/{_seg(deployment)}/jobs/{_seg(job_id)}",
+                     Job.from_json, params=params)  # fmt: skip
+
+    @staticmethod
+    def cancel(deployment: str, job_id: str) -> _Call[Any]:
+        return _Call("DELETE", f"/v1/deployments/{_seg(deployment)}/jobs/{_seg(job_id)}", _same)
+
+    @staticmethod
+    def admin(method: str, path: str, json: Any = None,
+              params: Mapping[str, Any] | None = None) -> _Call[Any]:  # fmt: skip
+        return _Call(method, f"/admin{path}", _same, json=json, params=params, admin=True)
+
+
+def _request(call: _Call[Any], admin_token: str | None) -> dict[str, Any]:
+    headers = dict(call.headers or {})
+    if call.admin:
+        if not admin_token:
+            raise ValueError("an admin call needs the client's admin_token (RDV_ADMIN_TOKEN)")
+        headers["Authorization"] = f"Bearer {admin_token}"
+    return {"method": call.method, "url": call.path, "json": call.json, "params": call.params,
+            "headers": headers}  # fmt: skip
+
+
+def _answer(call: _Call[T], response: httpx.Response) -> T:
+    try:
+        doc = response.json() if response.content else None
+    except ValueError:
+        doc = None
+    if response.status_code >= 400:
+        detail = doc.get("detail", doc.get("error")) if isinstance(doc, dict) else response.text
+        retry = response.headers.get("retry-after")
+        raise RdvError(response.status_code, detail, float(retry) if retry else None)
+    if call.parse is Job.from_json and isinstance(doc, dict) and "location" not in doc:
+        doc = {**doc, "location": response.headers.get("location")}
+    return call.parse(doc)
+
+
+class _AdminMixin:
+    """The admin calls, the same for both clients: each returns the gateway's JSON (the async
+    client's, a coroutine of it)."""
+
+    def _admin(self, method: str, path: str, json: Any = None,
+               params: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
+        raise NotImplementedError
+
+    def deployments(self) -> Any:
+        return self._admin("GET", "/deployments")
+
+    def deployment(self, deployment: str) -> Any:
+        return self._admin("GET", f"/deployments/{_seg(deployment)}")
+
+    def history(self, deployment: str, limit: int = 50) -> Any:
+        return self._admin("GET", f"/deployments/{_seg(deployment)}/history",
+                           params={"limit": limit})  # fmt: skip
+
+    def promote(self, deployment: str, version: int, **options: Any) -> Any:
+        return self._admin("POST", f"/deployments/{_seg(deployment)}/promote",
+                           json={"version": version, **options})  # fmt: skip
+
+    def rollback(self, deployment: str, **options: Any) -> Any:
+        return self._admin("POST", f"/deployments/{_seg(deployment)}/rollback", json=options)
+
+    def add_challenger(self, deployment: str, role: str, version: int, **options: Any) -> Any:
+        return self._admin("POST", f"/deployments/{_seg(deployment)}/challengers",
+                           json={"role": role, "version": version, **options})  # fmt: skip
+
+    def remove_challenger(self, deployment: str, role: str) -> Any:
+        return self._admin("DELETE", f"/deployments/{_seg(deployment)}/challengers/{_seg(role)}")
+
+    def set_schedule(self, deployment: str, **changes: Any) -> Any:
+        return self._admin("PATCH", f"/deployments/{_seg(deployment)}/schedule", json=changes)
+
+    def set_partitions(self, deployment: str, partitions: int, reason: str = "") -> Any:
+        return self._admin("PATCH", f"/deployments/{_seg(deployment)}",
+                           json={"partitions": partitions, "reason": reason})  # fmt: skip
+
+    def models(self) -> Any:
+        return self._admin("GET", "/models")
+
+
+class Client(_AdminMixin):
+    """Synchronous. ``admin_token`` only for the admin calls; ``transport`` for tests."""
+
+    def __init__(self, base_url: str, *, admin_token: str | None = None, timeout: float = 10.0,
+                 transport: httpx.BaseTransport | None = None):  # fmt: skip
+        self.admin_token = admin_token
+        self.http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
+
+    def _send(self, call: _Call[T]) -> T:
+        return _answer(call, self.http.request(**_request(call, self.admin_token)))
+
+    def _admin(self, method: str, path: str, json: Any = None,
+               params: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
+        return self._send(_Calls.admin(method, path, json, params))
+
+    def predict(self, deployment: str, *, features: Mapping[str, float] | None = None,
+                instances: Sequence[Sequence[float]] | None = None,
+                request_id: str | None = None) -> Prediction:  # fmt: skip
+        return self._send(_Calls.predict(deployment, features, instances, request_id))
+
+    def submit(self, deployment: str, *, features: Mapping[str, float] | None = None,
+               instances: Sequence[Sequence[float]] | None = None,
+               request_id: str | None = None) -> Job:  # fmt: skip
+        return self._send(_Calls.submit(deployment, features, instances, request_id))
+
+    def result(self, deployment: str, job_id: str, *, wait_ms: int | None = None) -> Job:
+        return self._send(_Calls.result(deployment, job_id, wait_ms))
+
+    def cancel(self, deployment: str, job_id: str) -> Any:
+        return self._send(_Calls.cancel(deployment, job_id))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient(_AdminMixin):
+    """The same calls for asyncio: each, the admin ones included, is awaited."""
+
+    def __init__(self, base_url: str, *, admin_token: str | None = None, timeout: float = 10.0,
+                 transport: httpx.AsyncBaseTransport | None = None):  # fmt: skip
+        self.admin_token = admin_token
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
+
+    async def _send(self, call: _Call[T]) -> T:
+        return _answer(call, await self.http.request(**_request(call, self.admin_token)))
+
+    def _admin(self, method: str, path: str, json: Any = None,
+               params: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
+        return self._send(_Calls.admin(method, path, json, params))  # the caller awaits it
+
+    async def predict(self, deployment: str, *, features: Mapping[str, float] | None = None,
+                      instances: Sequence[Sequence[float]] | None = None,
+                      request_id: str | None = None) -> Prediction:  # fmt: skip
+        return await self._send(_Calls.predict(deployment, features, instances, request_id))
+
+    async def submit(self, deployment: str, *, features: Mapping[str, float] | None = None,
+                     instances: Sequence[Sequence[float]] | None = None,
+                     request_id: str | None = None) -> Job:  # fmt: skip
+        return await self._send(_Calls.submit(deployment, features, instances, request_id))
+
+    async def result(self, deployment: str, job_id: str, *, wait_ms: int | None = None) -> Job:
+        return await self._send(_Calls.result(deployment, job_id, wait_ms))
+
+    async def cancel(self, deployment: str, job_id: str) -> Any:
+        return await self._send(_Calls.cancel(deployment, job_id))
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
