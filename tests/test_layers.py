@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("rendezvous", "models", "gateway")
+PACKAGES = ("rendezvous", "models", "gateway", "rdv_client")
 
 LAYERS = (
     ("rendezvous",),
@@ -24,6 +24,7 @@ LAYERS = (
     ("gateway.admin",),
     ("gateway.transport",),
     ("gateway.cli",),
+    ("rdv_client",),
 )
 """From the bottom; a module belongs to the longest prefix that names it."""
 
@@ -95,6 +96,21 @@ def test_the_vocabulary_does_no_io() -> None:
         if _layer(module) == 0:
             libraries = {name.split(".")[0] for name in _imports(path)} & IO_LIBRARIES
             assert not libraries, f"{module} imports {sorted(libraries)}"
+
+
+def test_the_client_needs_nothing_but_httpx() -> None:
+    """Applications import ``rdv_client`` alone: no module of the gateway, no other library."""
+    for module, path in MODULES.items():
+        if module.split(".")[0] != "rdv_client":
+            continue
+        outside = {
+            name.split(".")[0]
+            for name in _imports(path)
+            if name.split(".")[0] not in {"rdv_client", "httpx", "__future__"}
+            and name.split(".")[0] not in sys.stdlib_module_names
+        }
+        assert not outside, f"{module} imports {sorted(outside)}"
+        assert not {t for t in GRAPH[module] if not t.startswith("rdv_client")}, module
 
 
 def test_no_import_cycles() -> None:

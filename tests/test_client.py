@@ -1,0 +1,100 @@
+"""The typed client (rdv_client) against a real gateway, workers and Redis: the same answers
+as onnxruntime, refusals as RdvError with their status and Retry-After, admin calls with the
+token, and the async client saying the same as the sync one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.registry import ModelRegistry
+from models.runtime import OnnxClassifier
+from models.train import DEMO_DEPLOYMENT, demo_data
+from processes import System, launch_system
+from rdv_client import AsyncClient, Client, Prediction, RdvError
+from rendezvous.schedule import Schedule
+
+SCHEDULE = Schedule(real_deadline_ms=200, timeout_ms=1500, fallbacks=("canary",), grace_ms=100)
+TOKEN = "client-test-token"
+
+
+@pytest.fixture(scope="module")
+def system(
+    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[System]:
+    with launch_system(redis_url, demo_data_dir, tmp_path_factory, SCHEDULE,
+                       RDV_ADMIN_TOKEN=TOKEN) as sys:  # fmt: skip
+        sys.start_worker("real")
+        sys.start_worker("canary")
+        yield sys
+
+
+def test_predict_answers_what_onnxruntime_answers(system: System, demo_data_dir: Path) -> None:
+    data = demo_data()
+    x = data.x_test[:4]
+    registry = ModelRegistry(demo_data_dir / "models")
+    real = OnnxClassifier(registry.artifact_path("breast-cancer", 2),
+                          registry.meta("breast-cancer", 2))  # fmt: skip
+    labels, proba = real.predict(x)
+    base = f"http://127.0.0.1:{system.port}"
+    with Client(base) as rdv:
+        one = rdv.predict(DEMO_DEPLOYMENT, features=dict(zip(data.names, map(float, x[0]),
+                                                             strict=True)),
+                          request_id="client-1")  # fmt: skip
+        assert isinstance(one, Prediction) and one.request_id == "client-1"
+        assert one.model.role == "real" and one.model.version == 2
+        assert one.label == labels[0]
+        many = rdv.predict(DEMO_DEPLOYMENT, instances=x.tolist())
+        assert [r.label for r in many.rows] == list(labels)
+        got = np.array([[r.probabilities[c] for c in sorted(r.probabilities)] for r in many.rows])
+        assert np.allclose(got, proba, atol=1e-6)
+        with pytest.raises(RdvError) as refused:
+            rdv.predict(DEMO_DEPLOYMENT, instances=[[1.0, 2.0]])
+        assert refused.value.status == 422 and "row has 2 values" in str(refused.value.detail)
+        with pytest.raises(RdvError) as unknown:
+            rdv.predict("nope", instances=[[1.0]])
+        assert unknown.value.status == 404
+        with pytest.raises(RdvError) as again:
+            rdv.predict(DEMO_DEPLOYMENT, instances=x[:1].tolist(), request_id="client-1")
+        assert again.value.status == 409
+        with pytest.raises(ValueError, match="exactly one"):
+            rdv.predict(DEMO_DEPLOYMENT)
+
+
+def test_admin_calls_need_the_token_and_return_the_gateways_json(system: System) -> None:
+    base = f"http://127.0.0.1:{system.port}"
+    with Client(base) as anonymous, pytest.raises(ValueError, match="admin_token"):
+        anonymous.deployments()
+    with Client(base, admin_token="wrong") as wrong:
+        with pytest.raises(RdvError) as refused:
+            wrong.deployments()
+        assert refused.value.status == 403
+    with Client(base, admin_token=TOKEN) as admin:
+        listed = admin.deployments()
+        assert [d["name"] for d in listed["deployments"]] == [DEMO_DEPLOYMENT]
+        shown = admin.deployment(DEMO_DEPLOYMENT)
+        assert shown["roles"]["real"]["version"] == 2 and shown["live_workers"]["real"] == 1
+        changed = admin.set_schedule(DEMO_DEPLOYMENT, grace_ms=120, reason="client test")
+        assert changed["deployment"]["schedule"]["grace_ms"] == 120
+        assert admin.history(DEMO_DEPLOYMENT, limit=1)["history"][0]["action"] == "set-schedule"
+
+
+def test_the_async_client_says_the_same(system: System) -> None:
+    x = demo_data().x_test[:2].tolist()
+    base = f"http://127.0.0.1:{system.port}"
+
+    async def main() -> tuple[list[object], object]:
+        async with AsyncClient(base, admin_token=TOKEN) as rdv:
+            answers = await asyncio.gather(*(rdv.predict(DEMO_DEPLOYMENT, instances=[row])
+                                             for row in x))  # fmt: skip
+            shown = await rdv.deployment(DEMO_DEPLOYMENT)
+            return [a.label for a in answers], shown
+
+    labels, shown = asyncio.run(main())
+    with Client(base) as rdv:
+        assert labels == [rdv.predict(DEMO_DEPLOYMENT, instances=[row]).label for row in x]
+    assert isinstance(shown, dict) and shown["name"] == DEMO_DEPLOYMENT
