@@ -252,3 +252,18 @@ class Load:
             key = str(r["status"]) if r["status"] is not None else f"no-answer:{r['error']}"
             statuses[key] = statuses.get(key, 0) + 1
         return {"sent": len(self.results), "answered_2xx": self.count(200), **statuses}
+
+
+def bodies(n: int = 20) -> list[dict]:
+    """``n`` single-row predict bodies from the demo data's test rows."""
+    from models.train import demo_data
+
+    data = demo_data()
+    return [{"instances": [data.x_test[i].tolist()]} for i in range(n)]
+
+
+def report(name: str, figures: dict) -> None:
+    """Print a fault test's figures (shown with ``pytest -s``)."""
+    import json
+
+    print(f"\n[{name}] " + json.dumps(figures, sort_keys=True))

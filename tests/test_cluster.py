@@ -6,7 +6,6 @@ sharing a deployment (one of them killed), and a partitioned deployment spread o
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +16,8 @@ import redis
 from models.archive import ArchiveReader
 from models.deployment_store import DeploymentStore
 from models.deployments import with_partitions
-from models.train import DEMO_DEPLOYMENT, demo_data
-from processes import Load, System, launch_system, wait_until
+from models.train import DEMO_DEPLOYMENT
+from processes import Load, System, bodies, launch_system, report, wait_until
 from rendezvous import names
 from rendezvous.bus.local_cluster import LocalCluster
 from rendezvous.decision import decode_entries
@@ -28,15 +27,6 @@ pytestmark = pytest.mark.integration
 
 SCHEDULE = Schedule(real_deadline_ms=50, timeout_ms=1500, fallbacks=("canary",), grace_ms=100)
 CLAIM_IDLE_MS = 1000
-
-
-def bodies(n: int = 20) -> list[dict]:
-    data = demo_data()
-    return [{"instances": [data.x_test[i].tolist()]} for i in range(n)]
-
-
-def report(name: str, figures: dict) -> None:
-    print(f"\n[{name}] " + json.dumps(figures, sort_keys=True))
 
 
 def archived_ids(system: System) -> list[str]:

@@ -5,7 +5,6 @@ each test prints its figures (sent, answered, failed, lost, archived)."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -16,8 +15,8 @@ import pytest
 import redis
 
 from models.archive import ArchiveReader
-from models.train import DEMO_DEPLOYMENT, demo_data
-from processes import Load, System, launch_system, wait_until
+from models.train import DEMO_DEPLOYMENT
+from processes import Load, System, bodies, launch_system, report, wait_until
 from rendezvous import names
 from rendezvous.bus.server import EmbeddedRedis
 from rendezvous.schedule import Schedule
@@ -26,15 +25,6 @@ pytestmark = pytest.mark.integration  # real processes and Redis servers of its 
 
 SCHEDULE = Schedule(real_deadline_ms=50, timeout_ms=1500, fallbacks=("canary",), grace_ms=100)
 CLAIM_IDLE_MS = 1000
-
-
-def bodies(n: int = 20) -> list[dict]:
-    data = demo_data()
-    return [{"instances": [data.x_test[i].tolist()]} for i in range(n)]
-
-
-def report(name: str, figures: dict) -> None:
-    print(f"\n[{name}] " + json.dumps(figures, sort_keys=True))
 
 
 def archived_ids(system: System) -> set[str]:
