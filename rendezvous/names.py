@@ -20,6 +20,9 @@ NAME_PATTERN = re.compile(NAME_RE)
 """Matched whole (``fullmatch``): ``$`` would let a final newline through."""
 ROLE_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 INSTANCE_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+ENTITY_PATTERN = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
+"""An entity key of the online feature store (``entity_key``): no space, brace or glob
+character, so it can neither leave its deployment's hash tag nor read as a pattern."""
 
 LOGBIN_GROUP = "logbin"
 REAL = "real"
@@ -194,3 +197,13 @@ def drift_thresholds_key(deployment: str) -> str:
 def drift_lock_key(deployment: str) -> str:
     """Held by the one gateway process that evaluates drift for a while."""
     return f"{_tag(deployment)}:drift:lock"
+
+
+def entity_key(deployment: str, entity: str) -> str:
+    """Hash ``feature`` -> value of one entity in the deployment's online feature store,
+    under its tag: every entity a request names is read on one node in one round trip."""
+    if not isinstance(entity, str) or not ENTITY_PATTERN.fullmatch(entity):
+        raise InvalidName(
+            f"invalid entity key {entity!r}: use 1-128 characters of A-Z, a-z, 0-9 and ._:@+=/-"
+        )
+    return f"{_tag(deployment)}:entity:{entity}"
