@@ -41,15 +41,16 @@ WINDOW = 300
 
 @pytest.fixture(scope="module")
 def system(
-    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    bus_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[System]:
+    """On the single Redis, then on the cluster: metrics, drift and alerts alike."""
     env = {
         "RDV_ADMIN_TOKEN": TOKEN,
         "RDV_DRIFT_INTERVAL_S": "0.3",
         "RDV_DRIFT_WINDOW_REQUESTS": str(WINDOW),
         "RDV_DRIFT_MIN_REQUESTS": "100",
     }
-    with launch_system(redis_url, demo_data_dir, tmp_path_factory, SCHEDULE, **env) as sys:
+    with launch_system(bus_url, demo_data_dir, tmp_path_factory, SCHEDULE, **env) as sys:
         sys.start_worker("real")
         sys.start_worker("canary")
         yield sys
