@@ -23,6 +23,8 @@ INSTANCE_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 ENTITY_PATTERN = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
 """An entity key of the online feature store (``entity_key``): no space, brace or glob
 character, so it can neither leave its deployment's hash tag nor read as a pattern."""
+JOB_ID_PATTERN = re.compile(r"[0-9a-f]{1,16}-[0-9a-f]{20}")
+"""An async job's id (``job_key``): its creation time in epoch ms and 80 random bits, in hex."""
 
 LOGBIN_GROUP = "logbin"
 REAL = "real"
@@ -207,3 +209,38 @@ def entity_key(deployment: str, entity: str) -> str:
             f"invalid entity key {entity!r}: use 1-128 characters of A-Z, a-z, 0-9 and ._:@+=/-"
         )
     return f"{_tag(deployment)}:entity:{entity}"
+
+
+JOBS_GROUP = "gateways"
+"""Consumer group of every deployment's jobs stream: each gateway process is a consumer."""
+
+
+def check_job_id(job_id: str) -> str:
+    if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
+        raise InvalidName(f"invalid job id {job_id!r}")
+    return job_id
+
+
+def job_key(deployment: str, job_id: str) -> str:
+    """Hash of one async job: ``status`` (pending, done, failed), the body until it ran, the
+    ``result`` or ``error`` (JSON) after; expires ``RDV_JOB_TTL_S`` after its acceptance and
+    again after its end. Under the deployment's tag, with the jobs streams: a job's every
+    change is one script on one node."""
+    return f"{_tag(deployment)}:job:{check_job_id(job_id)}"
+
+
+def jobs_stream(deployment: str) -> str:
+    """Jobs accepted and not yet run to their end (one entry each, the job's id), read by the
+    consumer group ``JOBS_GROUP``; an entry is deleted once its job ended."""
+    return f"{_tag(deployment)}:jobs"
+
+
+def jobs_done_stream(deployment: str) -> str:
+    """The ids of jobs as they end (capped): what a long poll on any gateway wakes on."""
+    return f"{_tag(deployment)}:jobs:done"
+
+
+def job_request_key(deployment: str, request_id: str) -> str:
+    """The job that took a caller's own request id (``X-Request-Id``), for as long as the job
+    lives: a second job with that id is refused with 409 naming the first."""
+    return f"{_tag(deployment)}:job-rid:{request_id}"
