@@ -64,26 +64,29 @@ class RequestEnvelope:
     features: np.ndarray
     """Model-ready float32 matrix, one row per instance."""
     spec_version: str
+    looked_up: list[dict[str, Any]] | None = None
+    """What enrichment read from the online feature store, one entry per row (``entity``,
+    ``found``, ``values`` by feature, ``defaulted`` when a default filled in); None when the
+    deployment looks nothing up. ``features`` already holds these values merged in."""
 
     def encode(self) -> dict[bytes, bytes]:
         data, rows, cols = _matrix_to_wire(self.features)
-        blob = msgpack.packb(
-            {
-                "v": FORMAT_VERSION,
-                "id": self.request_id,
-                "dep": self.deployment,
-                "reply": self.reply_to,
-                "deadline_ms": self.deadline_ms,
-                "enq_ms": self.enqueued_ms,
-                "raw": self.raw,
-                "x": data,
-                "rows": rows,
-                "cols": cols,
-                "spec": self.spec_version,
-            },
-            use_bin_type=True,
-        )
-        return {FIELD: blob}
+        doc = {
+            "v": FORMAT_VERSION,
+            "id": self.request_id,
+            "dep": self.deployment,
+            "reply": self.reply_to,
+            "deadline_ms": self.deadline_ms,
+            "enq_ms": self.enqueued_ms,
+            "raw": self.raw,
+            "x": data,
+            "rows": rows,
+            "cols": cols,
+            "spec": self.spec_version,
+        }
+        if self.looked_up is not None:
+            doc["lu"] = self.looked_up
+        return {FIELD: msgpack.packb(doc, use_bin_type=True)}
 
     @classmethod
     def decode(cls, fields: dict[bytes, bytes]) -> RequestEnvelope:
@@ -98,6 +101,7 @@ class RequestEnvelope:
                 raw=doc["raw"],
                 features=_matrix_from_wire(doc["x"], doc["rows"], doc["cols"]),
                 spec_version=doc["spec"],
+                looked_up=doc.get("lu"),
             )
         except (KeyError, TypeError) as exc:
             raise EnvelopeError(f"envelope lacks a field: {exc}") from exc

@@ -1,10 +1,12 @@
-"""The feature spec: which named inputs a deployment takes, in which order, and their training
-statistics (kept for feature-drift tracking)."""
+"""The feature spec: which named inputs a deployment takes, in which order, their training
+statistics (kept for feature-drift tracking), and which of them are looked up from the online
+feature store by an entity key instead of sent by the caller (enrichment)."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,16 +41,73 @@ class FeatureStats:
         )
 
 
+MAX_KEY_NAME = 64
+"""Longest name of a lookup's entity key (a column name of the load files)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """Features read from the deployment's online store (one Redis hash per entity) before
+    the request enters the input stream, instead of sent by the caller.
+
+    ``key`` names the entity key: the column that holds it in the files ``rdv features load``
+    reads, and the word the refusals use ("customer_id 'c-17' not found"). A request names
+    its entity in ``entity`` (or ``entities``, one per row). ``defaults`` fill a feature the
+    store has no value for (a missing entity included); without one that is a 422."""
+
+    key: str
+    features: tuple[str, ...]
+    defaults: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, str) or not 1 <= len(self.key) <= MAX_KEY_NAME:
+            raise ValueError(f"the lookup key must be a name of 1 to {MAX_KEY_NAME} characters")
+        if not self.key.isprintable() or self.key != self.key.strip():
+            raise ValueError(f"the lookup key {self.key!r} must be printable, without spaces "
+                             "around it")  # fmt: skip
+        if not self.features:
+            raise ValueError("a lookup needs at least one feature")
+        if len(set(self.features)) != len(self.features):
+            raise ValueError("the looked-up features must be unique")
+        for name, value in self.defaults.items():
+            if name not in self.features:
+                raise ValueError(f"default for {name!r}, which is not a looked-up feature")
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ValueError(f"the default of {name!r} must be a number")
+            if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+                raise ValueError(f"the default of {name!r} must be a finite float32 number")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "features": list(self.features), "defaults": dict(self.defaults)}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> Lookup:
+        return cls(
+            key=str(doc["key"]),
+            features=tuple(str(n) for n in doc["features"]),
+            defaults={str(k): float(v) for k, v in doc.get("defaults", {}).items()},
+        )
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 @dataclass(frozen=True, slots=True)
 class FeatureSpec:
     names: tuple[str, ...]
     stats: dict[str, FeatureStats] = field(default_factory=dict)
+    lookup: Lookup | None = None
+    """Which features come from the online store (None: the caller sends every one)."""
 
     def __post_init__(self) -> None:
         if not self.names:
             raise ValueError("a feature spec needs at least one feature")
         if len(set(self.names)) != len(self.names):
             raise ValueError("feature names must be unique")
+        if self.lookup is not None:
+            unknown = [n for n in self.lookup.features if n not in self.names]
+            if unknown:
+                raise ValueError(f"looked-up features not in the spec: {unknown[:5]}")
 
     @property
     def width(self) -> int:
@@ -60,18 +119,40 @@ class FeatureSpec:
         share it, so an archived row says exactly which layout it was built for."""
         return _layout_id(tuple(self.names))
 
+    @property
+    def caller_names(self) -> tuple[str, ...]:
+        """The features the caller sends, in spec order: all of them without a lookup."""
+        if self.lookup is None:
+            return self.names
+        return _split(self.names, self.lookup.features)[0]
+
+    @property
+    def lookup_columns(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Columns of the model's input that the caller's values fill, and those the looked-up
+        values fill (in ``lookup.features`` order)."""
+        assert self.lookup is not None
+        return _split(self.names, self.lookup.features)[1:]
+
+    def with_lookup(self, lookup: Lookup | None) -> FeatureSpec:
+        return FeatureSpec(names=self.names, stats=self.stats, lookup=lookup)
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "version": self.version,
             "names": list(self.names),
             "stats": {k: v.to_dict() for k, v in self.stats.items()},
         }
+        if self.lookup is not None:
+            doc["lookup"] = self.lookup.to_dict()
+        return doc
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> FeatureSpec:
+        lookup = doc.get("lookup")
         return cls(
             names=tuple(str(n) for n in doc["names"]),
             stats={k: FeatureStats.from_dict(v) for k, v in doc.get("stats", {}).items()},
+            lookup=None if lookup is None else Lookup.from_dict(lookup),
         )
 
     @classmethod
@@ -84,3 +165,15 @@ def _layout_id(names: tuple[str, ...]) -> str:
     """Cached: the gateway stamps every envelope with it."""
     digest = hashlib.sha256("\x1f".join(names).encode()).hexdigest()
     return f"fs-{digest[:12]}"
+
+
+@functools.lru_cache(maxsize=256)
+def _split(
+    names: tuple[str, ...], looked_up: tuple[str, ...]
+) -> tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...]]:
+    """(the caller's names, their columns, the looked-up features' columns); cached: every
+    enriched request needs them."""
+    taken = set(looked_up)
+    caller = tuple(n for n in names if n not in taken)
+    where = {n: i for i, n in enumerate(names)}
+    return caller, tuple(where[n] for n in caller), tuple(where[n] for n in looked_up)

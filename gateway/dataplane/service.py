@@ -27,13 +27,21 @@ from gateway.dataplane.failures import (
     UnknownDeployment,
 )
 from gateway.dataplane.matcher import Rendezvous
-from gateway.dataplane.validation import check_matrix, check_request_id, parse_body, to_matrix
+from gateway.dataplane.validation import (
+    EnrichedRequest,
+    check_matrix,
+    check_request_id,
+    enriched_rows,
+    merged,
+    parse_body,
+    to_matrix,
+)
 from models.deployments import Deployment
 from rendezvous import names
 from rendezvous.bus.appender import AlreadyTaken, NotReplicated, StreamAppender
-from rendezvous.bus.connection import MEMORY_LIMIT, out_of_memory
+from rendezvous.bus.connection import MEMORY_LIMIT, REDIS_FAILURES, AsyncClient, out_of_memory
 from rendezvous.envelope import RequestEnvelope
-from rendezvous.spec import FeatureSpec
+from rendezvous.spec import FeatureSpec, Lookup
 
 
 class RequestTally(Protocol):
@@ -71,7 +79,11 @@ class PredictionService:
         request_id_ttl_s: int = 3600,
         metrics: RequestTally | None = None,
         drift_feed: RowSink | None = None,
+        feature_store: AsyncClient | None = None,
     ):
+        """``feature_store``: the Redis that holds the entity features of deployments that
+        look some up (``FeatureSpec.lookup``); only their requests use it."""
+        self.feature_store = feature_store
         self.metrics = metrics or _NoTally()
         self.drift_feed = drift_feed
         self.deployments = deployments
@@ -129,7 +141,10 @@ class PredictionService:
     ) -> tuple[dict[str, Any], str]:
         dep = self.deployments.get(deployment)
         spec = dep.feature_spec
-        if decode is None:
+        entities: list[str] | None = None
+        if spec.lookup is not None:  # enrichment: the caller's part now, the store's below
+            features, entities = self._enrichable(spec, raw, decode)
+        elif decode is None:
             features = to_matrix(spec, parse_body(raw), self.max_rows)
         else:
             features = check_matrix(spec, decode(spec, raw), self.max_rows)
@@ -149,12 +164,49 @@ class PredictionService:
             )
         self.in_flight += 1
         try:
-            return await self._publish_and_wait(dep, rid, raw, features, t0, bool(request_id))
+            looked_up = None
+            if entities is not None:
+                features, looked_up = await self._enrich(dep, features, entities)
+            return await self._publish_and_wait(
+                dep, rid, raw, features, t0, bool(request_id), looked_up
+            )
         finally:
             self.in_flight -= 1
 
+    def _enrichable(
+        self, spec: FeatureSpec, raw: bytes, decode: Decoder | None
+    ) -> tuple[np.ndarray, list[str]]:
+        """The caller's part of an enriched request and its entities (one per row)."""
+        if decode is not None:
+            raise RequestValidationError([{"type": "value_error", "loc": ("body",), "msg":
+                "this deployment looks features up by entity: send them to the JSON predict "
+                "route with 'entity' or 'entities'", "input": None}])  # fmt: skip
+        return enriched_rows(spec, parse_body(raw, EnrichedRequest), self.max_rows)
+
+    async def _enrich(
+        self, dep: Deployment, caller: np.ndarray, entities: list[str]
+    ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """The model's input with the entities' stored features merged in (one round trip),
+        and what was looked up; a 422 naming an entity the store cannot fill."""
+        lookup = dep.feature_spec.lookup
+        assert lookup is not None
+        if self.feature_store is None:
+            raise Unavailable("this gateway has no feature store to look entities up in")
+        try:
+            stored = await read_entities(self.feature_store, dep.name, lookup, entities)
+        except REDIS_FAILURES as exc:
+            raise Unavailable(f"the feature store is unavailable: {exc}") from exc
+        return merged(dep.feature_spec, caller, entities, stored)
+
     async def _publish_and_wait(
-        self, dep: Deployment, rid: str, raw: bytes, features: Any, t0: float, chosen: bool
+        self,
+        dep: Deployment,
+        rid: str,
+        raw: bytes,
+        features: Any,
+        t0: float,
+        chosen: bool,
+        looked_up: list[dict[str, Any]] | None = None,
     ) -> tuple[dict[str, Any], str]:
         """``chosen``: the caller chose the request id, which must then be new everywhere."""
         spec = dep.feature_spec
@@ -169,6 +221,7 @@ class PredictionService:
             raw=raw,
             features=features,
             spec_version=spec.version,
+            looked_up=looked_up,
         )
 
         def unpublished(exc: Exception) -> None:
@@ -220,4 +273,18 @@ class PredictionService:
         }, answer.outcome
 
 
-__all__ = ["Decoder", "PredictionService", "RequestTally", "RowSink"]
+async def read_entities(
+    client: AsyncClient, deployment: str, lookup: Lookup, entities: list[str]
+) -> dict[str, list[bytes | None]]:
+    """Each distinct entity's stored values of ``lookup.features`` (None where absent), in one
+    pipelined round trip: every entity key carries the deployment's hash tag, so on a cluster
+    the pipeline goes to the one node that holds it."""
+    distinct = list(dict.fromkeys(entities))
+    pipe = client.pipeline(transaction=False)
+    for entity in distinct:
+        pipe.hmget(names.entity_key(deployment, entity), list(lookup.features))
+    replies = await pipe.execute()
+    return dict(zip(distinct, replies, strict=True))
+
+
+__all__ = ["Decoder", "PredictionService", "RequestTally", "RowSink", "read_entities"]

@@ -1,14 +1,21 @@
 """Predict-request validation against a deployment's feature spec, and preprocessing into the
-model-ready float32 matrix. Every problem becomes a 422 that names the field at fault."""
+model-ready float32 matrix. Every problem becomes a 422 that names the field at fault.
+
+A deployment whose spec looks features up (``FeatureSpec.lookup``) takes ``EnrichedRequest``:
+``enriched_rows`` checks the caller's part and the entity keys, and ``merged`` puts the values
+read from the feature store in place (or refuses, naming the entity)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import math
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, TypeVar, overload
 
 import numpy as np
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from rendezvous.names import ENTITY_PATTERN
 from rendezvous.spec import FeatureSpec
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -31,11 +38,34 @@ class PredictRequest(BaseModel):
     instances: list[list[FiniteNumber]] | None = Field(default=None, min_length=1)
 
 
-def parse_body(raw: bytes) -> PredictRequest:
+class EnrichedRequest(PredictRequest):
+    """For a deployment that looks features up: ``entity`` with ``features`` (the caller's
+    part, by name), or ``entities`` with ``instances`` (one entity per row, each row the
+    caller's part in spec order). When every feature is looked up, the entity alone."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"entity": "c-17", "features": {"mean radius": 14.1}}],
+        },
+    )
+
+    entity: str | None = None
+    entities: list[str] | None = Field(default=None, min_length=1)
+
+
+Body = TypeVar("Body", bound=PredictRequest)
+
+
+@overload
+def parse_body(raw: bytes) -> PredictRequest: ...
+@overload
+def parse_body(raw: bytes, model: type[Body]) -> Body: ...
+def parse_body(raw: bytes, model: type[PredictRequest] = PredictRequest) -> PredictRequest:
     """Parse and type-check the JSON body in one pass (pydantic-core; nesting depth is capped
     by its parser, so a hostile deeply nested body is a 422, not a RecursionError)."""
     try:
-        return PredictRequest.model_validate_json(raw)
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         try:
             raw.decode("utf-8")
@@ -63,13 +93,24 @@ def to_matrix(spec: FeatureSpec, request: PredictRequest, max_rows: int) -> np.n
         raise RequestValidationError(
             [_error((), "send exactly one of 'features' or 'instances'", "value_error")]
         )
+    return _matrix(spec.names, request.features, request.instances, max_rows)
+
+
+def _matrix(
+    names: tuple[str, ...],
+    features: dict[str, float] | None,
+    instances: list[list[float]] | None,
+    max_rows: int,
+) -> np.ndarray:
+    """``features`` (one row by name) or ``instances`` (rows in ``names`` order) as a float32
+    matrix of ``names``' width."""
     errors: list[dict[str, Any]] = []
-    if request.features is not None:
-        given = request.features
-        for name in spec.names:
+    if features is not None:
+        given = features
+        for name in names:
             if name not in given:
                 errors.append(_error(("features", name), f"missing feature {name!r}", "missing"))
-        known = set(spec.names)
+        known = set(names)
         for name in given:
             if name not in known:
                 errors.append(
@@ -77,10 +118,10 @@ def to_matrix(spec: FeatureSpec, request: PredictRequest, max_rows: int) -> np.n
                 )
         if errors:
             raise RequestValidationError(errors)
-        rows = [[given[name] for name in spec.names]]
+        rows = [[given[name] for name in names]]
     else:
-        assert request.instances is not None
-        rows = request.instances
+        assert instances is not None
+        rows = instances
         if len(rows) > max_rows:
             raise RequestValidationError(
                 [
@@ -92,11 +133,11 @@ def to_matrix(spec: FeatureSpec, request: PredictRequest, max_rows: int) -> np.n
                 ]
             )
         for i, row in enumerate(rows):
-            if len(row) != spec.width:
+            if len(row) != len(names):
                 errors.append(
                     _error(
                         ("instances", i),
-                        f"row has {len(row)} values, the deployment expects {spec.width}",
+                        f"row has {len(row)} values, the deployment expects {len(names)}",
                         "wrong_length",
                     )
                 )
@@ -107,7 +148,7 @@ def to_matrix(spec: FeatureSpec, request: PredictRequest, max_rows: int) -> np.n
     if too_big.any():
         for r, c in zip(*np.nonzero(too_big), strict=True):
             loc: tuple[str | int, ...] = (
-                ("features", spec.names[c]) if request.features is not None else
+                ("features", names[c]) if features is not None else
                 ("instances", int(r), int(c))
             )  # fmt: skip
             errors.append(_error(loc, "value out of float32 range", "out_of_range", x64[r, c]))
@@ -116,6 +157,131 @@ def to_matrix(spec: FeatureSpec, request: PredictRequest, max_rows: int) -> np.n
         raise RequestValidationError(errors)
     x = x64.astype(np.float32)
     return x
+
+
+def enriched_rows(
+    spec: FeatureSpec, request: EnrichedRequest, max_rows: int
+) -> tuple[np.ndarray, list[str]]:
+    """The caller's part of the model's input (float32, ``spec.caller_names`` wide) and the
+    entity of each row, or RequestValidationError naming every problem."""
+    lookup = spec.lookup
+    assert lookup is not None
+    caller = spec.caller_names
+    if (request.entity is None) == (request.entities is None):
+        how = "'entity' with 'features'" if caller else "'entity'"
+        msg = f"the deployment looks up features by {lookup.key}: send {how}, or 'entities'"
+        raise RequestValidationError([_error((), msg, "value_error")])
+    errors: list[dict[str, Any]] = []
+
+    def fault(loc: tuple[str | int, ...], msg: str, kind: str, value: Any = None) -> None:
+        errors.append(_error(loc, msg, kind, value))
+
+    instances = request.instances
+    features = request.features
+    where: list[tuple[str | int, ...]]
+    if request.entity is not None:
+        entities, where = [request.entity], [("entity",)]
+        if instances is not None:
+            fault(("instances",), "'entity' goes with 'features', 'entities' with 'instances'",
+                  "value_error")  # fmt: skip
+        features = features or {}
+        for name in features:
+            if name in lookup.features:
+                fault(("features", name), f"{name!r} is looked up by {lookup.key}: do not send it",
+                      "extra_forbidden")  # fmt: skip
+    else:
+        assert request.entities is not None
+        entities = request.entities
+        where = [("entities", i) for i in range(len(entities))]
+        if features is not None:
+            fault(("features",), "'entities' go with 'instances', 'entity' with 'features'",
+                  "value_error")  # fmt: skip
+        if len(entities) > max_rows:
+            fault(("entities",), f"{len(entities)} entities, at most {max_rows} per request",
+                  "too_long")  # fmt: skip
+        if instances is None and not caller:
+            instances = [[] for _ in entities]
+        elif instances is None:
+            fault(("instances",), f"send 'instances': per entity, a row of {list(caller)[:5]}"
+                  f"{'...' if len(caller) > 5 else ''}", "missing")  # fmt: skip
+        elif len(instances) != len(entities):
+            fault(("entities",), f"{len(entities)} entities for {len(instances)} instances: "
+                  "one per row", "wrong_length")  # fmt: skip
+    for loc, entity in zip(where, entities, strict=True):
+        if not ENTITY_PATTERN.fullmatch(entity):
+            fault(loc, f"invalid {lookup.key} {entity!r}: use 1-128 characters of A-Z, a-z, "
+                  "0-9 and ._:@+=/-", "entity_key", entity)  # fmt: skip
+    if errors:
+        raise RequestValidationError(errors)
+    if instances is not None:
+        features = None
+    return _matrix(caller, features, instances, max_rows), list(entities)
+
+
+def merged(
+    spec: FeatureSpec,
+    caller: np.ndarray,
+    entities: list[str],
+    stored: Mapping[str, Sequence[bytes | str | None]],
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """The model's input: the caller's part and, per row, its entity's stored values (in
+    ``spec.lookup.features`` order, None where the store has none) or the spec's defaults; and
+    what was looked up, per row, for the envelope and the archive. A value neither stored nor
+    defaulted is a 422 that names the entity."""
+    lookup = spec.lookup
+    assert lookup is not None
+    errors: list[dict[str, Any]] = []
+    records: dict[str, dict[str, Any]] = {}
+
+    def at(entity: str) -> tuple[str | int, ...]:  # the entity's first row; on a fault only
+        return ("entity",) if len(entities) == 1 else ("entities", entities.index(entity))
+
+    for entity, stored_values in stored.items():
+        values: dict[str, float] = {}
+        defaulted: list[str] = []
+        missing: list[str] = []
+        for name, value in zip(lookup.features, stored_values, strict=True):
+            if value is not None:
+                values[name] = _stored_number(value)
+                if not math.isfinite(values[name]):
+                    msg = (f"{lookup.key} {entity!r}: its stored {name!r} ({value!r}) is not a "
+                           "finite float32 number")  # fmt: skip
+                    errors.append(_error(at(entity), msg, "entity_value", entity))
+            elif name in lookup.defaults:
+                values[name] = lookup.defaults[name]
+                defaulted.append(name)
+            else:
+                missing.append(name)
+        is_found = len(missing) + len(defaulted) < len(lookup.features)
+        if missing and is_found:
+            msg = f"{lookup.key} {entity!r} has no stored {missing} and the spec gives no default"
+            errors.append(_error(at(entity), msg, "entity_incomplete", entity))
+        elif missing:
+            msg = f"{lookup.key} {entity!r} not found in the feature store"
+            if defaulted:
+                msg += f" (and the spec gives no default for {missing})"
+            errors.append(_error(at(entity), msg, "entity_not_found", entity))
+        record: dict[str, Any] = {"entity": entity, "found": is_found, "values": values}
+        if defaulted:
+            record["defaulted"] = defaulted
+        records[entity] = record
+    if errors:
+        raise RequestValidationError(errors)
+    x = np.empty((len(entities), spec.width), dtype=np.float32)
+    caller_cols, lookup_cols = spec.lookup_columns
+    x[:, caller_cols] = caller
+    looked = [[records[e]["values"][n] for n in lookup.features] for e in entities]
+    x[:, lookup_cols] = np.asarray(looked, dtype=np.float64)
+    return x, [records[e] for e in entities]
+
+
+def _stored_number(value: bytes | str) -> float:
+    """A value of the feature store as a number; NaN when it is none or no float32."""
+    try:
+        number = float(value)
+    except ValueError:
+        return math.nan
+    return number if abs(number) <= _FLOAT32_MAX else math.nan
 
 
 def check_matrix(spec: FeatureSpec, x: np.ndarray, max_rows: int) -> np.ndarray:
