@@ -128,6 +128,24 @@ class Settings(BaseSettings):
     holds the stream: the log bin moves its group forward and counts what it skipped
     (``rdv_role_skipped_entries_total``). Only the archive holds the stream without bound."""
 
+    job_ttl_s: int = Field(default=3600, ge=1)
+    """How long an async job is kept in Redis after its acceptance, and its result (or error)
+    after its end: past it, polling the job answers 404 saying it expired."""
+
+    job_max_wait_ms: int = Field(default=30_000, ge=0, le=600_000)
+    """Longest long poll (``?wait_ms=`` on a job): 422 beyond."""
+
+    job_concurrency: int = Field(default=64, ge=1)
+    """Jobs one gateway process runs at once (each is a predict in flight, so also within
+    ``max_in_flight``)."""
+
+    job_max_queued: int = Field(default=10_000, ge=1)
+    """Jobs a deployment may hold accepted and not yet ended; beyond it, 503 at once."""
+
+    job_claim_idle_ms: int = Field(default=30_000, ge=100)
+    """A job taken by a gateway process that died is run by another after this long (never
+    less than the deployment's ``timeout_ms`` + 1 s, so a live gateway's job is not taken)."""
+
     redis_timeout_s: float = Field(default=2.0, gt=0)
     """Bound on every gateway Redis command: a hung server becomes a 503, never a hang."""
 
