@@ -185,6 +185,7 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             request_id_ttl_s=settings.request_id_ttl_s,
             metrics=metrics,
             drift_feed=feed,
+            feature_store=client,
         )
         metrics.track_in_flight(lambda: app.state.service.in_flight)
         stop_jobs = await jobs.start(app, settings)
