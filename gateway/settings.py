@@ -187,6 +187,10 @@ class Settings(BaseSettings):
     drift_thresholds: dict[str, float] = {}
     """Default thresholds as JSON, e.g. ``{"score_psi": 0.25}``; a deployment's own (set
     through the admin API) override them."""
+    alert_webhooks: list[str] = []
+    """URLs that get every drift alert raised and cleared, as Alertmanager's webhook payload
+    (JSON list, e.g. ``["http://alerts.internal/hook"]``); retried with backoff, never in the
+    way of a request."""
 
     drift_history: int = Field(default=360, ge=10)
     """Evaluations kept as the drift report's history."""

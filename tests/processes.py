@@ -267,3 +267,44 @@ def report(name: str, figures: dict) -> None:
     import json
 
     print(f"\n[{name}] " + json.dumps(figures, sort_keys=True))
+
+
+class WebhookReceiver:
+    """A real HTTP server on loopback that keeps every JSON body POSTed to it; ``fail_first``
+    answers that many posts 500 first (to see retries)."""
+
+    def __init__(self, fail_first: int = 0):
+        import http.server
+        import json
+        import threading
+
+        received: list[dict] = []
+        failures = [fail_first]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if failures[0] > 0:
+                    failures[0] -= 1
+                    self.send_response(500)
+                else:
+                    received.append(json.loads(body))
+                    self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        self.received = received
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> WebhookReceiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.observability.metrics import FLUSH_S
 from models.train import DEMO_DEPLOYMENT, demo_data
-from processes import PREDICT, RdvProcess, System, launch_system, wait_until
+from processes import PREDICT, RdvProcess, System, WebhookReceiver, launch_system, wait_until
 from rendezvous import names
 from rendezvous.bus.server import free_port
 from rendezvous.decision import DecisionRecord, decode_entries
@@ -40,11 +40,21 @@ WINDOW = 300
 
 
 @pytest.fixture(scope="module")
+def receiver() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver() as hook:
+        yield hook
+
+
+@pytest.fixture(scope="module")
 def system(
-    bus_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    bus_url: str,
+    demo_data_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    receiver: WebhookReceiver,
 ) -> Iterator[System]:
     """On the single Redis, then on the cluster: metrics, drift and alerts alike."""
     env = {
+        "RDV_ALERT_WEBHOOKS": json.dumps([receiver.url]),
         "RDV_ADMIN_TOKEN": TOKEN,
         "RDV_DRIFT_INTERVAL_S": "0.3",
         "RDV_DRIFT_WINDOW_REQUESTS": str(WINDOW),
@@ -217,7 +227,10 @@ def fresh_report(system: System, after_ms: float) -> dict:
         raise
 
 
-def test_an_injected_shift_raises_drift_alerts_and_they_clear(system: System) -> None:
+def test_an_injected_shift_raises_drift_alerts_and_they_clear(
+    system: System, receiver: WebhookReceiver
+) -> None:
+    receiver.received.clear()
     rng = np.random.default_rng(7)
     test_rows = demo_data().x_test
     base = str(system.http.base_url)
@@ -254,6 +267,15 @@ def test_an_injected_shift_raises_drift_alerts_and_they_clear(system: System) ->
     assert healed["alerts"] == []
     cleared = {e["kind"] for e in healed["events"] if e["type"] == "cleared"}
     assert {"score_psi", "feature_psi"} <= cleared
+    # the webhook receiver got each raise, then each clear, as Alertmanager sends them
+    got = wait_until(lambda: [p for p in receiver.received if p["status"] == "resolved"]
+                     and receiver.received, 10, "the webhook's clears")  # fmt: skip
+    order = [(p["status"], p["alerts"][0]["labels"]["kind"]) for p in got]
+    for kind in ("score_psi", "feature_psi"):
+        assert order.index(("firing", kind)) < order.index(("resolved", kind)), order
+    first = got[0]
+    assert first["version"] == "4" and first["alerts"][0]["labels"]["deployment"] == DEMO_DEPLOYMENT
+    assert first["alerts"][0]["labels"]["alertname"] == "RendezvousDriftAlert"
 
 
 def test_the_dashboard_and_alert_rules_query_only_what_a_running_gateway_exposes(

@@ -25,6 +25,7 @@ from typing import Any, cast
 import numpy as np
 
 from gateway.dataplane.deployments import DeploymentCache
+from gateway.observability.alert_webhooks import AlertWebhooks
 from gateway.observability.drift_feed import SKETCH_FIELD
 from models.registry import ModelRegistry
 from rendezvous import names
@@ -97,8 +98,11 @@ class DriftMonitor:
         history_len: int = 360,
         defaults: Thresholds | None = None,
         local_meta: Callable[[str, int], Mapping[str, Any] | None] | None = None,
+        webhooks: AlertWebhooks | None = None,
     ):
         self.client = client
+        self.webhooks = webhooks
+        """Where raised and cleared alerts are sent (``RDV_ALERT_WEBHOOKS``)."""
         self.deployments = deployments
         self.instance = instance
         self.interval_s = interval_s
@@ -224,6 +228,8 @@ class DriftMonitor:
                 approximate=True,
             )
         await pipe.execute()
+        if events and self.webhooks is not None:  # queued: the evaluation does not wait
+            self.webhooks.notify(deployment, events, {**(previous.get("alerts") or {}), **active})
         return stored
 
     async def _training_reference(

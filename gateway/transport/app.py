@@ -27,6 +27,7 @@ from gateway.dataplane.failures import HANDLED, problem_of
 from gateway.dataplane.matcher import Rendezvous
 from gateway.dataplane.service import PredictionService
 from gateway.dataplane.validation import PredictRequest
+from gateway.observability.alert_webhooks import AlertWebhooks
 from gateway.observability.dashboard import dashboard_router
 from gateway.observability.drift_feed import DriftFeed
 from gateway.observability.drift_monitor import DriftMonitor, local_model_meta
@@ -153,6 +154,7 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             on_decision=on_decision,
         )
         await rendezvous.start()
+        webhooks = AlertWebhooks(settings.alert_webhooks)
         monitor = DriftMonitor(
             client,
             deployments,
@@ -163,6 +165,7 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             history_len=settings.drift_history,
             defaults=settings.drift_defaults(),
             local_meta=local_model_meta(settings.models_dir),
+            webhooks=webhooks,
         )
         background = [
             asyncio.create_task(deployments.run()),
@@ -200,6 +203,7 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             for task in background:
                 task.cancel()
             close_admin()
+            await webhooks.close()
             await rendezvous.stop()
             with contextlib.suppress(redis.RedisError, OSError):
                 await asyncio.wait_for(feed.flush(), timeout=settings.redis_timeout_s)

@@ -1,0 +1,156 @@
+"""Drift alerts raised and cleared, sent to webhooks (``RDV_ALERT_WEBHOOKS``) as Alertmanager
+sends them to its webhook receivers, so that whatever already takes Alertmanager's webhooks
+(a pager bridge, a chat bot, a retraining pipeline) takes ours unchanged.
+
+Sending never blocks an evaluation: ``notify`` queues a payload (a bounded queue: when a
+receiver is down for long, the oldest payloads go first, counted), and one task per process
+posts it to every URL, retrying with backoff (0.5 s doubling to 30 s) for up to
+``give_up_s``. Alerts are raised by whichever gateway process holds the deployment's
+evaluation lease, so a payload queued by a process that dies is lost; the alert itself stays
+in the drift report and its events stream, and Prometheus's ``RendezvousDriftAlert`` rule
+covers the same condition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+ALERT_NAME = "RendezvousDriftAlert"
+ZERO_TIME = "0001-01-01T00:00:00Z"
+"""Alertmanager's ``endsAt`` of an alert still firing."""
+
+
+def _iso(ms: float) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
+def alertmanager_payload(
+    deployment: str, event: Mapping[str, Any], since_ms: float | None = None
+) -> dict[str, Any]:
+    """One raise or clear as Alertmanager's webhook payload (version 4), one alert in it."""
+    firing = event["type"] == "raised"
+    status = "firing" if firing else "resolved"
+    labels = {"alertname": ALERT_NAME, "deployment": deployment, "kind": str(event["kind"]),
+              "severity": "warning"}  # fmt: skip
+    value, threshold = event.get("value"), event.get("threshold")
+    description = (
+        f"{event['kind']} of {deployment} is {value:.4g}, over its threshold {threshold:.4g}"
+        if firing and value is not None and threshold is not None
+        else f"{event['kind']} of {deployment} is back under its threshold"
+    )
+    if event.get("detail"):
+        description += f": {event['detail']}"
+    fingerprint = hashlib.sha256(f"{deployment}/{event['kind']}".encode()).hexdigest()[:16]
+    alert = {
+        "status": status,
+        "labels": labels,
+        "annotations": {
+            "summary": f"drift on {deployment}: {event['kind']}",
+            "description": description,
+        },
+        "startsAt": _iso(since_ms if since_ms is not None else event["ts_ms"]),
+        "endsAt": ZERO_TIME if firing else _iso(event["ts_ms"]),
+        "generatorURL": f"/v1/deployments/{deployment}/drift",
+        "fingerprint": fingerprint,
+        "value": value,
+        "threshold": threshold,
+    }
+    return {
+        "version": "4",
+        "groupKey": f'{{}}:{{alertname="{ALERT_NAME}", deployment="{deployment}"}}',
+        "truncatedAlerts": 0,
+        "status": status,
+        "receiver": "rendezvous-gateway",
+        "groupLabels": {"alertname": ALERT_NAME, "deployment": deployment},
+        "commonLabels": labels,
+        "commonAnnotations": alert["annotations"],
+        "externalURL": "",
+        "alerts": [alert],
+    }
+
+
+class AlertWebhooks:
+    """Queues payloads and posts each to every URL, in order, with retries."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        max_queue: int = 1000,
+        timeout_s: float = 5.0,
+        give_up_s: float = 600.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        self.urls = list(urls)
+        self.give_up_s = give_up_s
+        self.sent = 0
+        self.failed = 0
+        self.dropped = 0
+        self._queue: deque[dict[str, Any]] = deque(maxlen=max_queue)
+        self._http = httpx.AsyncClient(timeout=timeout_s, transport=transport)
+        self._task: asyncio.Task[None] | None = None
+
+    def notify(self, deployment: str, events: Sequence[Mapping[str, Any]],
+               active: Mapping[str, Mapping[str, Any]]) -> None:  # fmt: skip
+        """Queue one payload per event; never waits. ``active``: the alerts after the events
+        (a clear's start time comes from the alert it ends)."""
+        if not self.urls:
+            return
+        for event in events:
+            since = (active.get(event["kind"]) or {}).get("since_ms")
+            if len(self._queue) == self._queue.maxlen:
+                self.dropped += 1
+                log.warning("alert webhooks: queue full, the oldest payload is dropped")
+            self._queue.append(alertmanager_payload(deployment, event, since))
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._send_all())
+
+    async def _send_all(self) -> None:
+        while self._queue:
+            payload = self._queue[0]
+            for url in self.urls:
+                await self._send(url, payload)
+            if self._queue and self._queue[0] is payload:
+                self._queue.popleft()
+
+    async def _send(self, url: str, payload: dict[str, Any]) -> None:
+        deadline = time.monotonic() + self.give_up_s
+        delay_s = 0.5
+        while True:
+            try:
+                response = await self._http.post(url, json=payload)
+                if response.status_code < 300:
+                    self.sent += 1
+                    return
+                why = f"answered {response.status_code}"
+            except httpx.HTTPError as exc:
+                why = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() + delay_s > deadline:
+                self.failed += 1
+                log.error("alert webhook %s: giving up on a payload (%s)", url, why)
+                return
+            log.warning("alert webhook %s %s; retrying in %.1fs", url, why, delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 30.0)
+
+    async def close(self, drain_s: float = 2.0) -> None:
+        """Give what is queued a moment to go, then stop."""
+        if self._task is not None and not self._task.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._task), drain_s)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._http.aclose()
