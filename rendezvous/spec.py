@@ -41,6 +41,8 @@ class FeatureStats:
         )
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest finite float32: the models' inputs are float32."""
 MAX_KEY_NAME = 64
 """Longest name of a lookup's entity key (a column name of the load files)."""
 
@@ -74,7 +76,7 @@ class Lookup:
                 raise ValueError(f"default for {name!r}, which is not a looked-up feature")
             if not isinstance(value, int | float) or isinstance(value, bool):
                 raise ValueError(f"the default of {name!r} must be a number")
-            if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+            if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
                 raise ValueError(f"the default of {name!r} must be a finite float32 number")
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,9 +89,6 @@ class Lookup:
             features=tuple(str(n) for n in doc["features"]),
             defaults={str(k): float(v) for k, v in doc.get("defaults", {}).items()},
         )
-
-
-_FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True, slots=True)

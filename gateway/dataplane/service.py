@@ -28,7 +28,6 @@ from gateway.dataplane.failures import (
 )
 from gateway.dataplane.matcher import Rendezvous
 from gateway.dataplane.validation import (
-    EnrichedRequest,
     check_matrix,
     check_request_id,
     enriched_rows,
@@ -142,12 +141,18 @@ class PredictionService:
         dep = self.deployments.get(deployment)
         spec = dep.feature_spec
         entities: list[str] | None = None
-        if spec.lookup is not None:  # enrichment: the caller's part now, the store's below
-            features, entities = self._enrichable(spec, raw, decode)
-        elif decode is None:
-            features = to_matrix(spec, parse_body(raw), self.max_rows)
-        else:
+        if decode is None:
+            body = parse_body(raw)
+            if spec.lookup is None:
+                features = to_matrix(spec, body, self.max_rows)
+            else:  # enrichment: the caller's part now, the feature store's below
+                features, entities = enriched_rows(spec, body, self.max_rows)
+        elif spec.lookup is None:
             features = check_matrix(spec, decode(spec, raw), self.max_rows)
+        else:
+            raise RequestValidationError([{"type": "value_error", "loc": ("body",), "msg":
+                "this deployment looks features up by entity: send them to the JSON predict "
+                "route with 'entity' or 'entities'", "input": None}])  # fmt: skip
         rid = check_request_id(request_id) if request_id else os.urandom(16).hex()
         if self.in_flight >= self.max_in_flight:
             raise Overloaded(f"this gateway already holds {self.in_flight} requests; retry later")
@@ -172,16 +177,6 @@ class PredictionService:
             )
         finally:
             self.in_flight -= 1
-
-    def _enrichable(
-        self, spec: FeatureSpec, raw: bytes, decode: Decoder | None
-    ) -> tuple[np.ndarray, list[str]]:
-        """The caller's part of an enriched request and its entities (one per row)."""
-        if decode is not None:
-            raise RequestValidationError([{"type": "value_error", "loc": ("body",), "msg":
-                "this deployment looks features up by entity: send them to the JSON predict "
-                "route with 'entity' or 'entities'", "input": None}])  # fmt: skip
-        return enriched_rows(spec, parse_body(raw, EnrichedRequest), self.max_rows)
 
     async def _enrich(
         self, dep: Deployment, caller: np.ndarray, entities: list[str]
