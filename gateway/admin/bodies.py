@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from rendezvous.names import MAX_PARTITIONS
+from rendezvous.spec import MAX_KEY_NAME
 
 MAX_VERSION = 2**31 - 1
 """Model versions are 1 to this: a version travels in every result as a msgpack integer and
 in key and folder names, and a larger one crash-looped its worker."""
+
+MAX_ENTITIES = 10_000
+"""Most entities in one ``PUT .../entities`` (the body is also held to RDV_MAX_BODY_BYTES);
+``rdv features load`` sends a large file in batches."""
 
 
 class AdminError(Exception):
@@ -89,6 +94,20 @@ class ScheduleIn(_Body):
     reason: str = Field(default="", max_length=2000)
 
 
+class LookupIn(_Body):
+    """Features the gateway reads from the online store by entity (``FeatureSpec.lookup``)."""
+
+    key: str = Field(
+        min_length=1,
+        max_length=MAX_KEY_NAME,
+        description="name of the entity key (its column in the files 'rdv features load' reads)",
+    )
+    features: list[str] = Field(min_length=1, max_length=100_000)
+    defaults: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        default={}, description="value of a feature the store has none for; without one, 422"
+    )
+
+
 class CreateDeployment(_Body):
     name: str
     real: RefIn
@@ -96,6 +115,12 @@ class CreateDeployment(_Body):
     schedule: ScheduleIn | None = None
     partitions: int = Field(default=1, ge=1, le=MAX_PARTITIONS,
                             description="input streams requests are spread over")  # fmt: skip
+    lookup: LookupIn | None = Field(default=None, description="features looked up by entity")
+    reason: str = Field(default="", max_length=2000)
+
+
+class EnrichmentPatch(_Body):
+    lookup: LookupIn | None = Field(description="null: the deployment looks nothing up")
     reason: str = Field(default="", max_length=2000)
 
 

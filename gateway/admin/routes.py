@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, ParamSpec, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from pydantic import ValidationError
@@ -26,11 +26,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from gateway.admin.bodies import (
+    MAX_ENTITIES,
     MAX_VERSION,
     AddChallenger,
     AdminError,
     CreateDeployment,
     DeploymentPatch,
+    EnrichmentPatch,
     Invalid,
     NotFound,
     Promote,
@@ -342,6 +344,35 @@ def build_router(settings: Settings) -> APIRouter:
         return await _changed(
             request, _service(request).set_schedule, deployment, body, actor or "admin"
         )
+
+    @router.patch("/deployments/{deployment}/enrichment")
+    async def set_enrichment(
+        request: Request, deployment: str, body: EnrichmentPatch, actor: Actor = None
+    ) -> Any:
+        """Declare which features are looked up by entity from the online store (``lookup``:
+        key, features, defaults), or stop looking up (``null``). Recorded in the history."""
+        return await _changed(
+            request, _service(request).set_enrichment, deployment, body, actor or "admin"
+        )
+
+    @router.put("/deployments/{deployment}/entities")
+    async def load_entities(
+        request: Request,
+        deployment: str,
+        body: Annotated[list[dict[str, Any]], Body(max_length=MAX_ENTITIES)],
+        actor: Actor = None,
+    ) -> Any:
+        """Write entities' features to the online store: a JSON array of objects, each the
+        lookup's key and some of its features (``{"customer_id": "c-17", "f": 1.5}``). All or
+        nothing; at most 10,000 entities and RDV_MAX_BODY_BYTES a call."""
+        done = await _call(_service(request).load_entities, deployment, body, actor or "admin")
+        log.info("%d entities of %s loaded by %s", done["loaded"], deployment, actor or "admin")
+        return done
+
+    @router.get("/deployments/{deployment}/entities/{name}")
+    async def show_entity(request: Request, deployment: str, name: str) -> Any:
+        """One entity's stored features (``name``: its key, e.g. ``c-17``)."""
+        return await _call(_service(request).entity, deployment, name)
 
     @router.get("/deployments/{deployment}/drift/thresholds")
     async def drift_thresholds(request: Request, deployment: str) -> Any:
