@@ -1,0 +1,378 @@
+"""Enrichment before the stream (issue 17 part 3): features a deployment looks up by entity
+from the online store, merged with the caller's before the envelope is published, so that the
+archive holds the raw request, the looked-up values and the final features the models saw.
+
+Pure checks of the spec, the merge, the envelope and the archive record; then the whole path
+with real processes (gateway, real worker, log bin, ``rdv features load``) on a single Redis
+and on a real Redis Cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.exceptions import RequestValidationError
+from redis.crc import key_slot
+
+from gateway.dataplane.validation import enriched_rows, merged, parse_body, to_matrix
+from models.archive import ArchiveReader, record_from_envelope
+from models.registry import ModelRegistry
+from models.runtime import OnnxClassifier
+from models.train import DEMO_DEPLOYMENT, demo_data
+from processes import System, launch_system, wait_until
+from rendezvous import names
+from rendezvous.envelope import RequestEnvelope
+from rendezvous.schedule import Schedule
+from rendezvous.spec import FeatureSpec, Lookup
+
+SPEC = FeatureSpec.from_names(["a", "b", "c", "d"]).with_lookup(
+    Lookup("customer_id", ("d", "b"), {"b": 9.0})
+)
+
+
+def _refusal(call) -> list[dict]:  # type: ignore[no-untyped-def]
+    with pytest.raises(RequestValidationError) as caught:
+        call()
+    return list(caught.value.errors())
+
+
+# -- pure --------------------------------------------------------------------------------------
+
+
+def test_a_lookup_travels_with_the_spec_and_leaves_its_layout_alone() -> None:
+    doc = json.loads(json.dumps(SPEC.to_dict()))
+    assert doc["lookup"] == {"key": "customer_id", "features": ["d", "b"], "defaults": {"b": 9.0}}
+    assert FeatureSpec.from_dict(doc) == SPEC
+    plain = SPEC.with_lookup(None)
+    assert "lookup" not in plain.to_dict() and plain.caller_names == plain.names
+    assert SPEC.version == plain.version  # the models' input layout is the same
+    assert SPEC.caller_names == ("a", "c")
+    for bad in (
+        dict(key="k", features=("zz",)),  # not in the spec
+        dict(key="k", features=("a",), defaults={"b": 1.0}),  # default of no looked-up feature
+        dict(key="k", features=("a",), defaults={"a": float("nan")}),
+        dict(key="", features=("a",)),
+    ):
+        with pytest.raises(ValueError):
+            SPEC.with_lookup(Lookup(**bad))  # type: ignore[arg-type]
+
+
+def test_entity_keys_stay_in_the_deployments_slot() -> None:
+    key = names.entity_key("dep", "c-17@x.org")
+    assert key == "rdv:{dep}:entity:c-17@x.org"
+    assert key_slot(key.encode()) == key_slot(names.deployment_key("dep").encode())
+    for bad in ("", "c 17", "c{x}", "c*", "x" * 129, "é"):
+        with pytest.raises(names.InvalidName):
+            names.entity_key("dep", bad)
+
+
+def test_the_callers_part_and_the_stored_values_merge_by_the_spec() -> None:
+    body = b'{"entities": ["c-1", "c-2", "c-1"], "instances": [[1, 3], [5, 7], [2, 4]]}'
+    caller, entities = enriched_rows(SPEC, parse_body(body), 10)
+    assert entities == ["c-1", "c-2", "c-1"]
+    stored = {"c-1": [b"4.5", b"-2"], "c-2": [b"8", None]}  # c-2 has no b: its default
+    x, looked_up = merged(SPEC, caller, entities, stored)
+    assert x.dtype == np.float32
+    np.testing.assert_array_equal(x, [[1, -2, 3, 4.5], [5, 9, 7, 8], [2, -2, 4, 4.5]])
+    assert looked_up[0] == {"entity": "c-1", "found": True, "values": {"d": 4.5, "b": -2.0}}
+    assert looked_up[1] == {
+        "entity": "c-2", "found": True, "values": {"d": 8.0, "b": 9.0}, "defaulted": ["b"]
+    }  # fmt: skip
+
+    one = parse_body(b'{"entity": "c-1", "features": {"c": 3, "a": 1}}')
+    caller, entities = enriched_rows(SPEC, one, 10)
+    x, _ = merged(SPEC, caller, entities, {"c-1": [b"4.5", b"-2"]})
+    np.testing.assert_array_equal(x, [[1, -2, 3, 4.5]])
+
+
+def test_a_missing_entity_is_named_unless_defaults_fill_it() -> None:
+    body = b'{"entities": ["c-1", "gone-7"], "instances": [[1, 2], [3, 4]]}'
+    caller, entities = enriched_rows(SPEC, parse_body(body), 10)
+    stored = {"c-1": [b"1", b"2"], "gone-7": [None, None]}
+    [error] = _refusal(lambda: merged(SPEC, caller, entities, stored))
+    assert error["loc"] == ("body", "entities", 1) and error["type"] == "entity_not_found"
+    assert "customer_id 'gone-7' not found" in error["msg"] and "'d'" in error["msg"]
+    full = SPEC.with_lookup(Lookup("customer_id", ("d", "b"), {"b": 9.0, "d": -1.0}))
+    x, looked_up = merged(full, caller, entities, stored)
+    np.testing.assert_array_equal(x[1], [3, 9, 4, -1])
+    assert looked_up[1] == {"entity": "gone-7", "found": False, "values": {"d": -1.0, "b": 9.0},
+                            "defaulted": ["d", "b"]}  # fmt: skip
+    caller, entities = enriched_rows(
+        SPEC, parse_body(b'{"entity": "c-1", "features": {"a": 1, "c": 2}}'), 10
+    )
+    cases = [([None, b"2"], "entity_incomplete"), ([b"nan", b"2"], "entity_value"),
+             ([b"1e39", b"2"], "entity_value"), ([b"x", b"2"], "entity_value")]  # fmt: skip
+    for stored, kind in cases:
+        [error] = _refusal(lambda s=stored: merged(SPEC, caller, entities, {"c-1": s}))
+        assert error["type"] == kind and "'c-1'" in error["msg"], error
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b'{"entity": "c 1", "features": {"a": 1, "c": 3}}', "invalid customer_id 'c 1'"),
+        (b'{"entities": ["ok", "c*"], "instances": [[1, 2], [3, 4]]}', "invalid customer_id 'c*'"),
+        (b'{"entity": 17, "features": {"a": 1, "c": 3}}', "valid string"),
+        (b'{"entity": "c1", "features": {"a": 1, "c": 3, "d": 1}}', "'d' is looked up"),
+        (b'{"features": {"a": 1, "c": 3}}', "looks up features by customer_id"),
+        (b'{"entity": "c1", "features": {"a": 1}}', "missing feature 'c'"),
+        (b'{"entities": ["c1"], "instances": [[1, 2], [3, 4]]}', "1 entities for 2 instances"),
+        (b'{"entities": ["c1"]}', "send 'instances'"),
+        (b'{"entity": "c1", "entities": ["c1"], "features": {"a": 1, "c": 3}}', "send 'entity'"),
+    ],
+)
+def test_bad_bodies_are_refused_naming_the_fault(body: bytes, needle: str) -> None:
+    errors = _refusal(lambda: enriched_rows(SPEC, parse_body(body), 10))
+    assert any(needle in e["msg"] for e in errors), errors
+
+
+def test_a_deployment_without_a_lookup_refuses_an_entity() -> None:
+    plain = SPEC.with_lookup(None)
+    body = b'{"entity": "c-1", "features": {"a": 1, "b": 2, "c": 3, "d": 4}}'
+    [error] = _refusal(lambda: to_matrix(plain, parse_body(body), 10))
+    assert error["loc"] == ("body", "entity") and "looks no features up" in error["msg"]
+
+
+def test_the_envelope_and_the_archive_carry_raw_looked_up_and_final_features() -> None:
+    raw = b'{"entity": "c-1", "features": {"a": 1, "c": 3}}'
+    looked_up = [{"entity": "c-1", "found": True, "values": {"d": 4.5, "b": -2.0}}]
+    x = np.array([[1, -2, 3, 4.5]], np.float32)
+    env = RequestEnvelope("r1", "dep", "reply", 10, 5.0, raw, x, SPEC.version, looked_up)
+    back = RequestEnvelope.decode(env.encode())
+    assert back.looked_up == looked_up and back.raw == raw
+    np.testing.assert_array_equal(back.features, x)
+    record = json.loads(record_from_envelope("1-0", back, 7.0))
+    assert record["raw"] == json.loads(raw)
+    assert record["looked_up"] == looked_up
+    assert record["features"] == [[1.0, -2.0, 3.0, 4.5]]
+    plain = RequestEnvelope("r2", "dep", "reply", 10, 5.0, raw, x, SPEC.version)
+    assert RequestEnvelope.decode(plain.encode()).looked_up is None
+    assert "looked_up" not in json.loads(record_from_envelope("2-0", plain, 7.0))
+
+
+# -- the whole path, real processes ------------------------------------------------------------
+
+TOKEN = "enrichment-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SCHEDULE = Schedule(real_deadline_ms=200, timeout_ms=2000, fallbacks=(), grace_ms=20)
+DATA = demo_data()
+LOOKED_UP = tuple(DATA.names[20:25])  # the "worst ..." radius, texture, perimeter, area, smoothness
+LOOKUP = {"key": "customer_id", "features": list(LOOKED_UP)}
+COLS = [DATA.names.index(n) for n in LOOKED_UP]
+CALLER = [n for n in DATA.names if n not in LOOKED_UP]
+ENTITY_ROWS = {f"c-{k}": DATA.x_test[40 + k] for k in range(6)}
+"""Each entity's stored features: those of another test row than the caller's."""
+
+
+def stored_values(entity: str) -> dict[str, float]:
+    return {n: float(ENTITY_ROWS[entity][c]) for n, c in zip(LOOKED_UP, COLS, strict=True)}
+
+
+def merged_row(caller_row: np.ndarray, values: dict[str, float]) -> np.ndarray:
+    x = caller_row.astype(np.float32).copy()
+    for name, col in zip(LOOKED_UP, COLS, strict=True):
+        x[col] = values[name]
+    return x
+
+
+def caller_part(row: np.ndarray) -> dict[str, float]:
+    return {n: float(row[DATA.names.index(n)]) for n in CALLER}
+
+
+@pytest.fixture(scope="module")
+def system(
+    bus_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[System]:
+    with launch_system(bus_url, demo_data_dir, tmp_path_factory, SCHEDULE,
+                       RDV_ADMIN_TOKEN=TOKEN) as sys_:  # fmt: skip
+        sys_.start_worker("real")
+        yield sys_
+
+
+@pytest.fixture(scope="module")
+def real(demo_data_dir: Path) -> OnnxClassifier:
+    """The deployment's real model, run here on the merged features."""
+    registry = ModelRegistry(demo_data_dir / "models")
+    return OnnxClassifier(registry.artifact_path("breast-cancer", 2),
+                          registry.meta("breast-cancer", 2))  # fmt: skip
+
+
+def admin(system: System, method: str, path: str, auth: bool = True, **kw: Any) -> httpx.Response:
+    url = f"/admin/deployments/{DEMO_DEPLOYMENT}{path}"
+    return system.http.request(method, url, headers=AUTH if auth else {}, **kw)
+
+
+def archived(system: System, request_ids: set[str]) -> dict[str, dict]:
+    """The archive records of ``request_ids``, once the log bin has written them all."""
+    reader = ArchiveReader(system.data_dir / "logbin")
+
+    def found() -> dict[str, dict] | None:
+        records = {r["request_id"]: r for r in reader.records(DEMO_DEPLOYMENT)}
+        return records if request_ids <= set(records) else None
+
+    return wait_until(found, 10, f"the archive records of {sorted(request_ids)}")  # type: ignore[no-any-return]
+
+
+def rdv_features_load(system: System, path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli.main", "features", "load", "--deployment",
+         DEMO_DEPLOYMENT, "--file", str(path), "--url", str(system.http.base_url)],
+        env=system.env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def enriched(system: System, tmp_path_factory: pytest.TempPathFactory) -> System:
+    """The demo deployment looks 5 features up by customer_id; c-0..c-5 are loaded: c-0..c-2
+    from CSV and c-3, c-4 from JSON lines by ``rdv features load``, c-5 by the admin API."""
+    # loading before a lookup is declared is refused, naming the way
+    early = admin(system, "PUT", "/entities", json=[{"customer_id": "c-0", LOOKED_UP[0]: 1.0}])
+    assert early.status_code == 409 and "enrichment" in early.json()["detail"]
+    resp = admin(system, "PATCH", "/enrichment", json={"lookup": LOOKUP, "reason": "store"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["deployment"]["feature_spec"]["lookup"] == {**LOOKUP, "defaults": {}}
+    [entry] = admin(system, "GET", "/history", params={"limit": 1}).json()["history"]
+    assert entry["action"] == "set-enrichment" and entry["reason"] == "store"
+    assert entry["detail"]["lookup"] == [None, {**LOOKUP, "defaults": {}}]
+
+    folder = tmp_path_factory.mktemp("entities")
+    csv_file = folder / "entities.csv"
+    lines = [",".join(["customer_id", *LOOKED_UP])]
+    for e in ("c-0", "c-1", "c-2"):
+        lines.append(",".join([e, *(repr(v) for v in stored_values(e).values())]))
+    csv_file.write_text("\n".join(lines) + "\n")
+    jsonl_file = folder / "entities.jsonl"
+    jsonl_file.write_text("".join(json.dumps({"customer_id": e, **stored_values(e)}) + "\n"
+                                  for e in ("c-3", "c-4")))  # fmt: skip
+    for path, count in ((csv_file, 3), (jsonl_file, 2)):
+        done = rdv_features_load(system, path)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["loaded"] == count
+        assert f"features load: {count}/{count} entities (100%)" in done.stderr
+    resp = admin(system, "PUT", "/entities", json=[{"customer_id": "c-5", **stored_values("c-5")}])
+    assert resp.status_code == 200 and resp.json()["loaded"] == 1, resp.text
+    # one feature short: found, but incomplete (and no default)
+    short = dict(list(stored_values("c-0").items())[:4])
+    assert admin(system, "PUT", "/entities", json=[{"customer_id": "half", **short}]).is_success
+    shown = admin(system, "GET", "/entities/c-3").json()
+    assert shown["features"] == pytest.approx(stored_values("c-3"))
+    assert system.r.hgetall(names.entity_key(DEMO_DEPLOYMENT, "c-5"))
+    return system
+
+
+def test_predictions_score_the_merged_features_and_the_archive_shows_all_three(
+    enriched: System, real: OnnxClassifier
+) -> None:
+    system = enriched
+    x = DATA.x_test
+    one = {"entity": "c-1", "features": caller_part(x[0])}
+    batch_entities = ["c-4", "c-0", "c-5", "c-4"]
+    batch = {"entities": batch_entities, "instances": [[float(x[k][DATA.names.index(n)])
+             for n in CALLER] for k in range(1, 5)]}  # fmt: skip
+    want = {
+        "enr-one": merged_row(x[0], stored_values("c-1"))[None, :],
+        "enr-batch": np.stack([merged_row(x[k], stored_values(e))
+                               for k, e in zip(range(1, 5), batch_entities, strict=True)]),
+    }  # fmt: skip
+    sent = {"enr-one": one, "enr-batch": batch}
+    for rid, body in sent.items():
+        resp = system.predict(body, **{"X-Request-Id": rid})
+        assert resp.status_code == 200, resp.text
+        labels, proba = real.predict(want[rid])
+        got = resp.json()["predictions"]
+        assert [p["label"] for p in got] == labels.tolist()
+        assert [p["probabilities"]["1"] for p in got] == pytest.approx(proba[:, 1].tolist(),
+                                                                        abs=1e-6)  # fmt: skip
+
+    archive = archived(system, set(sent))
+    for rid, body in sent.items():
+        record = archive[rid]
+        assert record["raw"] == body  # the caller's request, as sent
+        np.testing.assert_array_equal(np.asarray(record["features"], np.float32), want[rid])
+    [looked] = archive["enr-one"]["looked_up"]
+    assert looked["entity"] == "c-1" and looked["found"] is True
+    assert looked["values"] == pytest.approx(stored_values("c-1"))
+    assert [lu["entity"] for lu in archive["enr-batch"]["looked_up"]] == batch_entities
+    assert "defaulted" not in looked
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"entity": "c-404", "features": caller_part(DATA.x_test[0])}, "'c-404' not found"),
+        ({"entity": "half", "features": caller_part(DATA.x_test[0])}, "'half' has no stored"),
+        ({"entities": ["c-0", "c-999"], "instances": [[0.5] * len(CALLER)] * 2}, "'c-999'"),
+        ({"entity": "c 0", "features": caller_part(DATA.x_test[0])}, "invalid customer_id"),
+        ({"entity": "c-0", "features": {n: 1.0 for n in DATA.names}}, "is looked up"),
+        ({"features": caller_part(DATA.x_test[0])}, "looks up features by customer_id"),
+    ],
+)
+def test_refusals_are_422_naming_the_entity_and_publish_nothing(
+    enriched: System, body: dict, needle: str
+) -> None:
+    stream = names.input_stream(DEMO_DEPLOYMENT)
+    last = enriched.r.xrevrange(stream, count=1)
+    resp = enriched.predict(body)
+    assert resp.status_code == 422, resp.text
+    assert needle in resp.text
+    assert enriched.r.xrevrange(stream, count=1) == last
+
+
+def test_bad_loads_are_refused_and_write_nothing(enriched: System) -> None:
+    rows = [
+        {"customer_id": "new-1", LOOKED_UP[0]: 1.0},
+        {"customer_id": "bad key", LOOKED_UP[0]: 1.0},
+        {"customer_id": "new-2", "mean radius": 1.0},  # not a looked-up feature
+        {"customer_id": "new-3", LOOKED_UP[0]: "12"},
+    ]
+    resp = admin(enriched, "PUT", "/entities", json=rows)
+    assert resp.status_code == 422, resp.text
+    assert [e["row"] for e in resp.json()["errors"]] == [1, 2, 3]
+    assert not enriched.r.exists(names.entity_key(DEMO_DEPLOYMENT, "new-1"))
+    assert admin(enriched, "PUT", "/entities", auth=False, json=rows[:1]).status_code == 401
+
+
+def test_defaults_fill_a_missing_entity(enriched: System, real: OnnxClassifier) -> None:
+    defaults = {n: float(DATA.x_train[:, c].mean()) for n, c in zip(LOOKED_UP, COLS, strict=True)}
+    resp = admin(
+        enriched, "PATCH", "/enrichment", json={"lookup": {**LOOKUP, "defaults": defaults}}
+    )
+    assert resp.status_code == 200, resp.text
+    try:
+        body = {"entity": "c-new", "features": caller_part(DATA.x_test[7])}
+        resp = enriched.predict(body, **{"X-Request-Id": "enr-default"})
+        assert resp.status_code == 200, resp.text
+        labels, proba = real.predict(merged_row(DATA.x_test[7], defaults)[None, :])
+        [pred] = resp.json()["predictions"]
+        assert pred["label"] == int(labels[0])
+        assert pred["probabilities"]["1"] == pytest.approx(float(proba[0, 1]), abs=1e-6)
+        record = archived(enriched, {"enr-default"})["enr-default"]
+        [looked] = record["looked_up"]
+        assert looked["found"] is False and looked["defaulted"] == list(LOOKED_UP)
+        assert looked["values"] == pytest.approx(defaults)
+    finally:
+        resp = admin(enriched, "PATCH", "/enrichment", json={"lookup": LOOKUP})
+        assert resp.status_code == 200, resp.text
+
+
+def test_a_lookup_is_checked_and_may_come_with_a_new_deployment(enriched: System) -> None:
+    wrong = {**LOOKUP, "defaults": {"mean radius": 1.0}}  # not a looked-up feature
+    resp = admin(enriched, "PATCH", "/enrichment", json={"lookup": wrong})
+    assert resp.status_code == 422 and "mean radius" in resp.json()["detail"], resp.text
+    unknown = {"key": "customer_id", "features": ["no such feature"]}
+    resp = admin(enriched, "PATCH", "/enrichment", json={"lookup": unknown})
+    assert resp.status_code == 422 and "not in the spec" in resp.json()["detail"], resp.text
+    body = {"name": "enr-created", "real": {"model": "breast-cancer", "version": 2},
+            "lookup": {**LOOKUP, "key": "account"}}  # fmt: skip
+    resp = enriched.http.post("/admin/deployments", json=body, headers=AUTH)
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["feature_spec"]["lookup"]["key"] == "account"
+    shown = enriched.http.get("/admin/deployments/enr-created", headers=AUTH).json()
+    assert shown["feature_spec"]["lookup"]["features"] == list(LOOKED_UP)
