@@ -8,6 +8,7 @@ every complete batch before it. Layout: ``<directory>/<deployment>/segment-<UTC>
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import logging
@@ -92,9 +93,33 @@ def _raw_json(raw: bytes) -> str:
     try:
         value = json.loads(raw)
     except ValueError:
+        binary = _json_then_bytes(raw)
+        if binary is not None:
+            return binary
         # Keep what the caller sent even if it is not JSON; the flag keeps a replay exact.
         return json.dumps(raw.decode("utf-8", errors="replace")) + ',"raw_text":true'
     return json.dumps(value, separators=(",", ":"))
+
+
+def _json_then_bytes(raw: bytes) -> str | None:
+    """A JSON object followed by bytes that are not UTF-8 (the Open Inference Protocol's binary
+    tensor data: a JSON header, then the tensors' raw bytes) as ``raw``, the header, and
+    ``raw_binary``, the bytes after it in base64: the body as sent is the header's bytes then
+    those. None for anything else (text is kept as text, without loss)."""
+    if not raw.startswith(b"{"):
+        return None
+    try:
+        raw.decode("utf-8")
+        return None
+    except UnicodeDecodeError:
+        pass
+    try:  # latin-1: one character per byte, so the header's end is a byte offset
+        _, end = json.JSONDecoder().raw_decode(raw.decode("latin-1"))
+        raw[:end].decode("utf-8")
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    tail = base64.b64encode(raw[end:]).decode("ascii")
+    return f'{_raw_json(raw[:end])},"raw_binary":"{tail}"'
 
 
 @functools.lru_cache(maxsize=64)
