@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.problems import Problem, bad_length, too_large
+from gateway.problems import Problem, Style, bad_length, too_large
 
 
 class BodyCap:
@@ -55,10 +55,12 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        cap = self.path_caps.get(scope.get("path", ""), self.cap)
+        path = scope.get("path", "")
+        cap = self.path_caps.get(path, self.cap)
+        style = style_of(path)
         refusal = cap.refuse_headers(scope.get("headers", ()))
         if refusal is not None:
-            await send_problem(send, refusal)
+            await send_problem(send, refusal, style)
             return
         seen = 0
         refused = False
@@ -74,7 +76,7 @@ class BodySizeLimit:
                     # Answer now and tell the app the client left; whatever the app answers
                     # after that is dropped.
                     refused = True
-                    await send_problem(send, cap.too_large())
+                    await send_problem(send, cap.too_large(), style)
                     return {"type": "http.disconnect"}
             return message
 
@@ -97,5 +99,11 @@ async def send_reply(send: Send, reply: Reply) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_problem(send: Send, problem: Problem) -> None:
-    await send_reply(send, problem.reply())
+def style_of(path: str) -> Style:
+    """The Open Inference Protocol's routes (``/v2``) answer ``{"error"}``, the rest
+    ``{"detail"}``."""
+    return Style.ERROR if path == "/v2" or path.startswith("/v2/") else Style.DETAIL
+
+
+async def send_problem(send: Send, problem: Problem, style: Style = Style.DETAIL) -> None:
+    await send_reply(send, problem.reply(style))
