@@ -48,6 +48,7 @@ def test_no_input_makes_a_server_error(fuzz_system: System, mode: str) -> None:
     )
     operations = [result.ok() for result in schema.get_all_operations()]
     assert any(op.path.endswith("/predict") for op in operations)
+    assert sum(op.path.startswith("/v2") for op in operations) == 9
     assert sum(op.path.startswith("/admin") for op in operations) >= 10
     failures: list[str] = []
     calls = 0
@@ -84,6 +85,7 @@ def test_bodies_that_are_not_utf8_or_not_json_get_a_4xx(fuzz_system: System) -> 
 
     routes = [
         "/v1/deployments/breast-cancer/predict",
+        "/v2/models/breast-cancer/infer",
         "/admin/deployments",
         "/admin/deployments/breast-cancer/promote",
         "/admin/models",
