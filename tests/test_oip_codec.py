@@ -1,0 +1,202 @@
+"""The Open Inference Protocol's request parsing and answer shaping, without a server: JSON
+(flat and nested) and binary tensor data in, the matrix the models take out; the answer read
+back by ``tritonclient``'s own result parser; every refusal names what is wrong; a binary body
+is archived without loss."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.exceptions import RequestValidationError
+from tritonclient.http import InferResult
+
+from gateway.transport.limits import style_of
+from gateway.transport.oip import _fault_text, encode_answer, parse_infer
+from models.archive import record_from_envelope
+from rendezvous.envelope import RequestEnvelope
+from rendezvous.spec import FeatureSpec
+
+SPEC = FeatureSpec.from_names(["a", "b", "c"])
+X = np.array([[1.5, -2.0, 3.25], [0.0, 7.0, 1e-3]], dtype=np.float32)
+
+
+def _json(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def _binary(doc: dict[str, Any], *blobs: bytes) -> tuple[bytes, str]:
+    head = _json(doc)
+    return head + b"".join(blobs), str(len(head))
+
+
+def _input(data: Any, shape: list[int], datatype: str = "FP32", name: str = "input") -> dict:
+    return {"name": name, "shape": shape, "datatype": datatype, "data": data}
+
+
+def _matrix(body: bytes, header_length: str | None = None, spec: FeatureSpec = SPEC) -> np.ndarray:
+    return np.asarray(parse_infer(body, header_length).matrix(spec), dtype=np.float32)
+
+
+def _refusal(body: bytes, header_length: str | None = None, spec: FeatureSpec = SPEC) -> str:
+    with pytest.raises(RequestValidationError) as caught:
+        parse_infer(body, header_length).matrix(spec)
+    return _fault_text(list(caught.value.errors()))
+
+
+def test_json_data_flat_or_nested_fp32_or_fp64_gives_the_same_matrix() -> None:
+    flat = _json({"inputs": [_input(X.ravel().tolist(), [2, 3])]})
+    nested = _json({"inputs": [_input(X.tolist(), [2, 3], "FP64")]})
+    np.testing.assert_array_equal(_matrix(flat), X)
+    np.testing.assert_array_equal(_matrix(nested), X)
+
+
+def test_binary_inputs_follow_the_json_header_in_input_order() -> None:
+    doc = {
+        "id": "r-1",
+        "inputs": [
+            {"name": "a", "shape": [2], "datatype": "FP64",
+             "parameters": {"binary_data_size": 16}},
+            {"name": "c", "shape": [2, 1], "datatype": "FP32", "data": [3.25, 1e-3]},
+            {"name": "b", "shape": [2], "datatype": "FP32",
+             "parameters": {"binary_data_size": 8}},
+        ],
+    }  # fmt: skip
+    body, length = _binary(doc, X[:, 0].astype("<f8").tobytes(), X[:, 1].astype("<f4").tobytes())
+    parsed = parse_infer(body, length)
+    assert parsed.id == "r-1"
+    np.testing.assert_array_equal(np.asarray(parsed.matrix(SPEC), np.float32), X)
+
+
+def test_outputs_default_to_all_and_binary_follows_the_request() -> None:
+    plain = parse_infer(_json({"inputs": [_input([1, 2, 3], [1, 3])]}), None)
+    assert plain.outputs == (("label", False), ("probabilities", False))
+    asked = {
+        "parameters": {"binary_data_output": True},
+        "inputs": [_input([1, 2, 3], [1, 3])],
+        "outputs": [{"name": "probabilities"}, {"name": "label",
+                                                "parameters": {"binary_data": False}}],
+    }  # fmt: skip
+    assert parse_infer(_json(asked), None).outputs == (("probabilities", True), ("label", False))
+
+
+ANSWER = {
+    "request_id": "r-7",
+    "model": {"name": "bc", "version": 2, "role": "real"},
+    "predictions": [
+        {"label": 0, "probabilities": {"0": 0.75, "1": 0.25}},
+        {"label": 1, "probabilities": {"0": 0.125, "1": 0.875}},
+    ],
+    "latency_ms": 1.5,
+}
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_answers_read_back_with_tritonclient(binary: bool) -> None:
+    body, length = encode_answer(ANSWER, [("label", binary), ("probabilities", binary)], "dep")
+    assert (length is not None) == binary
+    result = InferResult.from_response_body(body, header_length=length)
+    labels, proba = result.as_numpy("label"), result.as_numpy("probabilities")
+    assert labels.dtype == np.int64 and labels.tolist() == [0, 1]
+    assert proba.dtype == np.float32
+    np.testing.assert_array_equal(proba, [[0.75, 0.25], [0.125, 0.875]])
+    response = result.get_response()
+    assert response["model_name"] == "dep" and response["model_version"] == "2"
+    assert response["id"] == "r-7" and response["parameters"]["role"] == "real"
+
+
+def test_a_non_finite_probability_is_not_answered() -> None:
+    bad = {**ANSWER, "predictions": [{"label": 0, "probabilities": {"0": float("nan")}}]}
+    with pytest.raises(ValueError):
+        encode_answer(bad, [("label", False)], "dep")
+
+
+def _header_only(inputs: list[dict], **extra: Any) -> bytes:
+    return _json({"inputs": inputs, **extra})
+
+
+@pytest.mark.parametrize(
+    ("body", "header_length", "says"),
+    [
+        (_header_only([_input([1, 2, 3], [1, 3], "INT32")]), None,
+         "inputs[0].datatype: input 'input' has datatype 'INT32': FP32 or FP64"),
+        (_header_only([_input([1, 2], [1, 3])]), None,
+         "inputs[0].data: 2 values for shape [1, 3], which holds 3"),
+        (_header_only([_input([[1, 2, 3], [4, 5]], [2, 3])]), None,
+         "nested otherwise than its shape [2, 3]"),
+        (_header_only([_input(["1", 2, 3], [1, 3])]), None, "data must hold numbers only"),
+        (_header_only([_input([True, 2, 3], [1, 3])]), None, "data must hold numbers only"),
+        (_header_only([_input([1, 2, 3, 4], [1, 4])]), None,
+         "input 'input' has shape [1, 4]: the model takes [rows, 3]"),
+        (_header_only([_input([1], [1], name="x")]), None, "unknown input 'x'"),
+        (_header_only([_input([1], [1], name="a"), _input([1, 2, 3], [1, 3])]), None,
+         "not both"),
+        (_header_only([_input([1], [1], name="a"), _input([2], [1], name="a")]), None,
+         "given twice"),
+        (_header_only([_input([1], [1], name="a"), _input([2], [1], name="b")]), None,
+         "missing input for feature 'c'"),
+        (_header_only([_input([1, 2, 3], [1, 3])], id="x" * 129), None, "id must be 1-128"),
+        (_header_only([_input([1, 2, 3], [1, 3])], outputs=[{"name": "logits"}]), None,
+         "unknown output 'logits'"),
+        (_header_only([_input([1, 2, 3], [1, 3])],
+                      outputs=[{"name": "label", "parameters": {"classification": 2}}]), None,
+         "classification extension is not supported"),
+        (_header_only([_input([1, 2, 3], [1, 3])], extra=1), None, "extra"),
+        (b'{"inputs": [', None, "Invalid JSON"),
+        (_header_only([_input([1, 2, 3], [1, 3])]), "abc",
+         "Inference-Header-Content-Length must be a whole number of bytes"),
+        (_header_only([_input([1, 2, 3], [1, 3])]), "100000", "at most the body's"),
+        (_header_only([_input([1, 2, 3], [1, 3])]), "10", "Invalid JSON"),
+        (_header_only([{"name": "input", "shape": [1, 3], "datatype": "FP32",
+                        "parameters": {"binary_data_size": 12}}]), None,
+         "binary_data_size needs the Inference-Header-Content-Length header"),
+    ],
+)  # fmt: skip
+def test_bad_requests_are_refused_naming_the_fault(
+    body: bytes, header_length: str | None, says: str
+) -> None:
+    assert says in _refusal(body, header_length)
+
+
+def test_binary_sizes_that_disagree_are_refused() -> None:
+    blob = X[:1].astype("<f4").tobytes()
+    doc = {"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32",
+                       "parameters": {"binary_data_size": 8}}]}  # fmt: skip
+    assert "binary_data_size is 8, shape [1, 3] of FP32 takes 12 bytes" in _refusal(
+        *_binary(doc, blob)
+    )
+    doc["inputs"][0]["parameters"] = {"binary_data_size": 12}
+    assert "needs 12 bytes at byte 0 of the binary part, which has 8" in _refusal(
+        *_binary(doc, blob[:8])
+    )
+    assert "the binary part of the body has 16 bytes" in _refusal(*_binary(doc, blob + b"abcd"))
+
+
+def test_a_binary_body_is_archived_whole() -> None:
+    head = _json({"id": "r-9", "inputs": [{"name": "input", "shape": [2, 3], "datatype": "FP32",
+                                           "parameters": {"binary_data_size": 24}}]})  # fmt: skip
+    tail = X.tobytes()
+    env = RequestEnvelope(
+        request_id="r-9",
+        deployment="demo",
+        reply_to="rdv:reply:{gw}",
+        deadline_ms=1,
+        enqueued_ms=1.0,
+        raw=head + tail,
+        features=X,
+        spec_version="fs-1",
+    )
+    record = json.loads(record_from_envelope("1-0", env, 2.0))
+    assert record["raw"]["id"] == "r-9" and "raw_text" not in record
+    assert json.dumps(record["raw"]).encode() == head  # the header as sent
+    assert base64.b64decode(record["raw_binary"]) == tail
+
+
+def test_the_body_cap_answers_the_oip_routes_in_their_style() -> None:
+    assert style_of("/v2/models/m/infer").value == "error"
+    assert style_of("/v2").value == "error"
+    assert style_of("/v1/deployments/d/predict").value == "detail"
+    assert style_of("/v2x").value == "detail"
