@@ -1,0 +1,175 @@
+"""The job service's mechanics on a real Redis (single node and cluster), in process: two
+``JobService`` instances stand for two gateway processes, and a stand-in for
+``PredictionService.predict`` counts what is scored. Claims, the hand-back at a stop, the
+wake-up of a long poll on another gateway, and the bounds at submit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from fastapi.exceptions import RequestValidationError
+
+from gateway.dataplane.deployments import DeploymentCache
+from gateway.dataplane.failures import Backlogged, Overloaded
+from gateway.dataplane.jobs import DONE, PENDING, JobService, created_ms, new_job_id
+from models.deployment_store import DeploymentStore, demo_deployment
+from models.registry import ModelRegistry
+from models.train import DEMO_DEPLOYMENT, demo_data
+from processes import flush
+from rendezvous import names
+from rendezvous.bus.connection import AsyncClient, connect, connect_async
+from rendezvous.schedule import Schedule
+
+SCHEDULE = Schedule(real_deadline_ms=50, timeout_ms=100, fallbacks=("canary",), grace_ms=10)
+BODY = json.dumps({"instances": demo_data().x_test[:1].tolist()}).encode()
+STREAM = names.jobs_stream(DEMO_DEPLOYMENT)
+
+
+class Predicts:
+    """Stands for ``PredictionService``: what the job service uses of it."""
+
+    def __init__(self, deployments: DeploymentCache, delay_s: float = 0.0):
+        self.deployments = deployments
+        self.delay_s = delay_s
+        self.max_rows = 1000
+        self.in_flight = 0
+        self.max_in_flight = 100
+        self.max_backlog = 1000
+        self.max_backlog_bytes = 2**30
+        self.calls: list[str] = []
+
+    async def predict(self, deployment: str, raw: bytes, request_id: str | None) -> dict[str, Any]:
+        assert request_id is not None
+        self.calls.append(request_id)
+        self.in_flight += 1
+        try:
+            await asyncio.sleep(self.delay_s)
+        finally:
+            self.in_flight -= 1
+        return {"request_id": request_id, "model": {"name": "m", "version": 1, "role": "real"},
+                "predictions": [{"label": 1}], "latency_ms": 1.0}  # fmt: skip
+
+
+@pytest.fixture
+async def client(bus_url: str, demo_registry: ModelRegistry) -> AsyncIterator[AsyncClient]:
+    sync = connect(bus_url)
+    flush(sync)
+    DeploymentStore(sync).create(demo_deployment(demo_registry, SCHEDULE))
+    sync.close()
+    client = await connect_async(bus_url, timeout_s=2.0)
+    yield client
+    await client.aclose()
+
+
+async def gateway(client: AsyncClient, delay_s: float = 0.0, **options: Any) -> JobService:
+    cache = DeploymentCache(client)
+    await cache.refresh()
+    settings: dict[str, Any] = dict(ttl_s=60, concurrency=8, max_queued=100, claim_idle_ms=100)
+    service = JobService(client, client, Predicts(cache, delay_s), **{**settings, **options})  # type: ignore[arg-type]
+    return service
+
+
+def calls(service: JobService) -> list[str]:
+    return service.service.calls  # type: ignore[attr-defined,no-any-return]
+
+
+async def test_a_dead_gateways_jobs_are_run_once_and_ended_ones_only_acked(
+    client: AsyncClient,
+) -> None:
+    taker = await gateway(client)
+    pending = (await taker.submit(DEMO_DEPLOYMENT, BODY, None)).id
+    ended = (await taker.submit(DEMO_DEPLOYMENT, BODY, None)).id
+    await client.xgroup_create(STREAM, names.JOBS_GROUP, "0", mkstream=True)
+    # a gateway takes both and dies; one of them had been ended (its end written, not acked)
+    taken = await client.xreadgroup(names.JOBS_GROUP, "dead", {STREAM: ">"}, count=10)
+    assert len(taken[0][1]) == 2
+    await client.hset(names.job_key(DEMO_DEPLOYMENT, ended), "status", DONE)
+
+    survivor = await gateway(client)
+    await survivor.start()
+    try:
+        doc = await survivor.wait(DEMO_DEPLOYMENT, pending, 5000)  # claimed after 1.1 s idle
+        assert doc.status == DONE and json.loads(doc.result or b"")["request_id"] == pending
+        for _ in range(50):
+            if not await client.xlen(STREAM):
+                break
+            await asyncio.sleep(0.05)
+        assert await client.xlen(STREAM) == 0
+        assert (await client.xpending(STREAM, names.JOBS_GROUP))["pending"] == 0
+        assert calls(survivor) == [pending]  # the ended one was acked, never scored
+    finally:
+        await survivor.stop()
+
+
+async def test_a_stopping_gateway_hands_its_jobs_back_at_once(client: AsyncClient) -> None:
+    first = await gateway(client, delay_s=60.0)  # its predicts never end in time
+    await first.start()
+    jobs = [(await first.submit(DEMO_DEPLOYMENT, BODY, None)).id for _ in range(3)]
+    for _ in range(100):
+        if len(calls(first)) == 3:
+            break
+        await asyncio.sleep(0.02)
+    assert sorted(calls(first)) == sorted(jobs)
+    await first.stop(grace_s=0.1)
+    assert (await client.xpending(STREAM, names.JOBS_GROUP))["pending"] == 0
+    assert await client.xlen(STREAM) == 3  # back in the stream, for any gateway
+
+    second = await gateway(client, claim_idle_ms=60_000)  # no claim: they are just read
+    await second.start()
+    try:
+        t0 = time.monotonic()
+        docs = await asyncio.gather(*(second.wait(DEMO_DEPLOYMENT, j, 5000) for j in jobs))
+        assert [d.status for d in docs] == [DONE] * 3
+        assert time.monotonic() - t0 < 1.0
+        assert sorted(calls(second)) == sorted(jobs)
+    finally:
+        await second.stop()
+
+
+async def test_a_long_poll_wakes_when_another_gateway_ends_the_job(client: AsyncClient) -> None:
+    poller = await gateway(client)  # not started: runs nothing, only answers polls
+    runner = await gateway(client, delay_s=0.6)
+    job = (await poller.submit(DEMO_DEPLOYMENT, BODY, None)).id
+    t0 = time.monotonic()
+    waiting = asyncio.create_task(poller.wait(DEMO_DEPLOYMENT, job, 5000))
+    await asyncio.sleep(0.2)
+    assert (await poller.read(DEMO_DEPLOYMENT, job)).status == PENDING
+    await runner.start()
+    try:
+        doc = await waiting
+        elapsed = time.monotonic() - t0
+        assert doc.status == DONE
+        # woken by the done stream within moments of the end, not by a recheck (every 1 s)
+        ended_ms = int(await client.hget(names.job_key(DEMO_DEPLOYMENT, job), "ended_ms") or 0)
+        assert time.time() * 1000 - ended_ms < 300, elapsed
+        assert 0.6 <= elapsed < 2.5
+    finally:
+        await runner.stop()
+        await poller.stop()
+
+
+async def test_submit_refuses_before_writing(client: AsyncClient) -> None:
+    service = await gateway(client, max_queued=2)
+    for _ in range(2):
+        await service.submit(DEMO_DEPLOYMENT, BODY, None)
+    with pytest.raises(Backlogged, match="RDV_JOB_MAX_QUEUED"):
+        await service.submit(DEMO_DEPLOYMENT, BODY, None)
+    service.service.in_flight = 100  # type: ignore[attr-defined]
+    with pytest.raises(Overloaded):
+        await service.submit(DEMO_DEPLOYMENT, BODY, None)
+    service.service.in_flight = 0  # type: ignore[attr-defined]
+    with pytest.raises(RequestValidationError):
+        await service.submit(DEMO_DEPLOYMENT, b'{"instances": [[1.0]]}', None)
+    assert await client.xlen(STREAM) == 2
+
+
+def test_job_ids_carry_their_creation_time() -> None:
+    job = new_job_id(0x1A2B3C4D5E6)
+    assert names.JOB_ID_PATTERN.fullmatch(job) and created_ms(job) == 0x1A2B3C4D5E6
+    assert created_ms("1a2b-zz") is None and created_ms("../x") is None
+    assert new_job_id() != new_job_id()
