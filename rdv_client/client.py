@@ -31,14 +31,28 @@ def _seg(name: str) -> str:
 
 
 def _body(
-    features: Mapping[str, float] | None, instances: Sequence[Sequence[float]] | None
+    features: Mapping[str, float] | None,
+    instances: Sequence[Sequence[float]] | None,
+    entity: str | None = None,
+    entities: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    if (features is None) == (instances is None):
+    """The predict body. With a deployment that looks features up, ``entity`` names the one
+    row's entity (its other features in ``features``, or none) and ``entities`` one per row of
+    ``instances``."""
+    body: dict[str, Any] = {}
+    if entity is not None:
+        body["entity"] = entity
+    if entities is not None:
+        body["entities"] = list(entities)
+    if features is not None and instances is not None:
+        raise ValueError("give features (one row, by name) or instances (rows), not both")
+    if features is None and instances is None and not body:
         raise ValueError("give exactly one of features (one row, by name) or instances (rows)")
     if features is not None:
-        return {"features": dict(features)}
-    assert instances is not None
-    return {"instances": [list(map(float, row)) for row in instances]}
+        body["features"] = dict(features)
+    if instances is not None:
+        body["instances"] = [list(map(float, row)) for row in instances]
+    return body
 
 
 def _rid(request_id: str | None) -> dict[str, str] | None:
@@ -53,18 +67,16 @@ class _Calls:
     """Every call the gateway answers, as a description."""
 
     @staticmethod
-    def predict(deployment: str, features: Mapping[str, float] | None,
-                instances: Sequence[Sequence[float]] | None,
+    def predict(deployment: str, body: dict[str, Any],
                 request_id: str | None) -> _Call[Prediction]:  # fmt: skip
         return _Call("POST", f"/v1/deployments/{_seg(deployment)}/predict", Prediction.from_json,
-                     json=_body(features, instances), headers=_rid(request_id))  # fmt: skip
+                     json=body, headers=_rid(request_id))  # fmt: skip
 
     @staticmethod
-    def submit(deployment: str, features: Mapping[str, float] | None,
-               instances: Sequence[Sequence[float]] | None,
+    def submit(deployment: str, body: dict[str, Any],
                request_id: str | None) -> _Call[Job]:  # fmt: skip
         return _Call("POST", f"/v1/deployments/{_seg(deployment)}/jobs", Job.from_json,
-                     json=_body(features, instances), headers=_rid(request_id))  # fmt: skip
+                     json=body, headers=_rid(request_id))  # fmt: skip
 
     @staticmethod
     def result(deployment: str, job_id: str, wait_ms: int | None) -> _Call[Job]:
@@ -166,13 +178,19 @@ class Client(_AdminMixin):
 
     def predict(self, deployment: str, *, features: Mapping[str, float] | None = None,
                 instances: Sequence[Sequence[float]] | None = None,
+                entity: str | None = None, entities: Sequence[str] | None = None,
                 request_id: str | None = None) -> Prediction:  # fmt: skip
-        return self._send(_Calls.predict(deployment, features, instances, request_id))
+        return self._send(
+            _Calls.predict(deployment, _body(features, instances, entity, entities), request_id)
+        )
 
     def submit(self, deployment: str, *, features: Mapping[str, float] | None = None,
                instances: Sequence[Sequence[float]] | None = None,
+               entity: str | None = None, entities: Sequence[str] | None = None,
                request_id: str | None = None) -> Job:  # fmt: skip
-        return self._send(_Calls.submit(deployment, features, instances, request_id))
+        return self._send(
+            _Calls.submit(deployment, _body(features, instances, entity, entities), request_id)
+        )
 
     def result(self, deployment: str, job_id: str, *, wait_ms: int | None = None) -> Job:
         return self._send(_Calls.result(deployment, job_id, wait_ms))
@@ -207,13 +225,19 @@ class AsyncClient(_AdminMixin):
 
     async def predict(self, deployment: str, *, features: Mapping[str, float] | None = None,
                       instances: Sequence[Sequence[float]] | None = None,
+                      entity: str | None = None, entities: Sequence[str] | None = None,
                       request_id: str | None = None) -> Prediction:  # fmt: skip
-        return await self._send(_Calls.predict(deployment, features, instances, request_id))
+        return await self._send(
+            _Calls.predict(deployment, _body(features, instances, entity, entities), request_id)
+        )
 
     async def submit(self, deployment: str, *, features: Mapping[str, float] | None = None,
                      instances: Sequence[Sequence[float]] | None = None,
+                     entity: str | None = None, entities: Sequence[str] | None = None,
                      request_id: str | None = None) -> Job:  # fmt: skip
-        return await self._send(_Calls.submit(deployment, features, instances, request_id))
+        return await self._send(
+            _Calls.submit(deployment, _body(features, instances, entity, entities), request_id)
+        )
 
     async def result(self, deployment: str, job_id: str, *, wait_ms: int | None = None) -> Job:
         return await self._send(_Calls.result(deployment, job_id, wait_ms))

@@ -98,3 +98,14 @@ def test_the_async_client_says_the_same(system: System) -> None:
     with Client(base) as rdv:
         assert labels == [rdv.predict(DEMO_DEPLOYMENT, instances=[row]).label for row in x]
     assert isinstance(shown, dict) and shown["name"] == DEMO_DEPLOYMENT
+
+
+def test_bodies_name_entities_for_a_deployment_that_looks_features_up() -> None:
+    from rdv_client.client import _body
+
+    assert _body({"a": 1.0}, None, entity="c-17") == {"entity": "c-17", "features": {"a": 1.0}}
+    assert _body(None, None, entity="c-17") == {"entity": "c-17"}  # every feature looked up
+    assert _body(None, [[1, 2]], entities=["c-1"]) == {"entities": ["c-1"],
+                                                      "instances": [[1.0, 2.0]]}  # fmt: skip
+    with pytest.raises(ValueError, match="not both"):
+        _body({"a": 1.0}, [[1.0]])
