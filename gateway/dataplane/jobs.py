@@ -437,7 +437,9 @@ class JobService:
         answer is dropped. JobConflict if it had already ended."""
         key = self._key(deployment, job_id)
         error = _dumps({"detail": "cancelled by the caller", "cancelled": True})
-        reply = await self._end(deployment, key, b"", job_id, FAILED, b"error", error)
+        caller_rid = await self.client.hget(key, "request_id")  # its key lives as long as it
+        rid_key = names.job_request_key(deployment, text(caller_rid)) if caller_rid else None
+        reply = await self._end(deployment, key, b"", job_id, FAILED, b"error", error, rid_key)
         code = int(reply[0])
         if code == 0:
             raise self._missing(deployment, job_id)
