@@ -65,7 +65,9 @@ class Job:
     id: str
     status: str
     result: Prediction | None = None
-    error: str | None = None
+    error: Mapping[str, Any] | None = None
+    """A failed job's ``{"status", "detail"}`` (what predict would have answered), or
+    ``{"detail", "cancelled": true}``."""
     location: str | None = None
 
     @property

@@ -109,3 +109,17 @@ def test_bodies_name_entities_for_a_deployment_that_looks_features_up() -> None:
                                                       "instances": [[1.0, 2.0]]}  # fmt: skip
     with pytest.raises(ValueError, match="not both"):
         _body({"a": 1.0}, [[1.0]])
+
+
+def test_jobs_through_the_client_end_like_predicts(system: System) -> None:
+    x = demo_data().x_test[:3].tolist()
+    with Client(f"http://127.0.0.1:{system.port}") as rdv:
+        jobs = [rdv.submit(DEMO_DEPLOYMENT, instances=[row]) for row in x]
+        assert all(j.status == "pending" and j.location for j in jobs)
+        done = [rdv.result(DEMO_DEPLOYMENT, j.id, wait_ms=10_000) for j in jobs]
+        assert [j.status for j in done] == ["done"] * 3
+        direct = [rdv.predict(DEMO_DEPLOYMENT, instances=[row]).label for row in x]
+        assert [j.result.label for j in done if j.result] == direct
+        with pytest.raises(RdvError) as unknown:
+            rdv.result(DEMO_DEPLOYMENT, "0-0")
+        assert unknown.value.status in (404, 422)
