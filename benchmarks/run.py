@@ -123,6 +123,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib install)")
     p.add_argument(
+        "--keep-work",
+        action="store_true",
+        help="keep the run's temp folder (data, logs, archives); kept anyway when a system failed",
+    )
+    p.add_argument(
         "--no-calibrate", action="store_true", help="skip the load generator's ceiling check"
     )
     p.add_argument(
@@ -501,6 +506,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     machine["loadavg_at_end"] = list(os.getloadavg())
     results["ratios"] = ratios(results)
     results["notes"] += _notes(results)
+    if args.keep_work or results["failed"]:
+        log(f"work folder kept: {work}")
+    else:  # every round's data folder, Redis files and archive: hundreds of MB a run
+        shutil.rmtree(work, ignore_errors=True)
     return results
 
 
