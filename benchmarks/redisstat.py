@@ -1,5 +1,6 @@
-"""What Redis did during a load: commands (``INFO commandstats``) and bytes (``INFO stats``)
-on every master, read before and after the load, as deltas per answered request.
+"""What Redis did during a load: commands (``INFO commandstats``), bytes (``INFO stats``) and
+the CPU of its main thread (``INFO cpu``) on every master, read before and after the load, as
+deltas per answered request.
 
 Every command counts, the system's background work included (heartbeats, deployment cache
 refreshes, retention, the drift feed, metrics scrapes): at a steady load that is part of what a
@@ -19,8 +20,8 @@ from typing import Any
 
 import redis
 
-OWN_INFO_CALLS = 2
-"""``INFO`` calls one sample makes on a node (commandstats, then stats); the next sample's
+OWN_INFO_CALLS = 3
+"""``INFO`` calls one sample makes on a node (commandstats, stats, cpu); the next sample's
 counts include them."""
 
 
@@ -42,6 +43,9 @@ class NodeSample:
     usec: dict[str, int]
     net_in: int
     net_out: int
+    main_cpu_s: float
+    """User + system CPU of the main thread (the one that runs the commands: what saturates
+    a shard), or of the whole process where Redis does not say (before 6.2)."""
 
 
 def _sample_node(node: Node, timeout_s: float) -> NodeSample:
@@ -51,6 +55,7 @@ def _sample_node(node: Node, timeout_s: float) -> NodeSample:
     try:
         commands = client.info("commandstats")
         stats = client.info("stats")
+        cpu = client.info("cpu")
     finally:
         client.close()
     calls: dict[str, int] = {}
@@ -60,8 +65,14 @@ def _sample_node(node: Node, timeout_s: float) -> NodeSample:
             name = key.removeprefix("cmdstat_")
             calls[name] = int(value.get("calls", 0))
             usec[name] = int(value.get("usec", 0))
+    main = ("used_cpu_user_main_thread", "used_cpu_sys_main_thread")
+    keys = main if all(k in cpu for k in main) else ("used_cpu_user", "used_cpu_sys")
     return NodeSample(
-        calls, usec, int(stats["total_net_input_bytes"]), int(stats["total_net_output_bytes"])
+        calls,
+        usec,
+        int(stats["total_net_input_bytes"]),
+        int(stats["total_net_output_bytes"]),
+        sum(float(cpu[k]) for k in keys),
     )
 
 
@@ -75,6 +86,9 @@ def delta(a: dict[Node, NodeSample], b: dict[Node, NodeSample], answered: int) -
     by_command: dict[str, int] = {}
     usec_by_command: dict[str, int] = {}
     by_node: dict[str, int] = {}
+    usec_by_node: dict[str, int] = {}
+    cpu_by_node: dict[str, float] = {}
+    bytes_by_node: dict[str, tuple[int, int]] = {}
     net_in = net_out = repl = 0
     masters = 0
     for node, after in b.items():
@@ -83,7 +97,7 @@ def delta(a: dict[Node, NodeSample], b: dict[Node, NodeSample], answered: int) -
             repl += after.net_in - before.net_in
             continue
         masters += 1
-        total = 0
+        total = node_usec = 0
         for name, calls in after.calls.items():
             n = calls - before.calls.get(name, 0)
             if name == "info":
@@ -94,9 +108,13 @@ def delta(a: dict[Node, NodeSample], b: dict[Node, NodeSample], answered: int) -
             usec = after.usec.get(name, 0) - before.usec.get(name, 0)
             usec_by_command[name] = usec_by_command.get(name, 0) + usec
             total += n
+            node_usec += usec
         by_node[node.name] = total
-        net_in += after.net_in - before.net_in
-        net_out += after.net_out - before.net_out
+        usec_by_node[node.name] = node_usec
+        cpu_by_node[node.name] = after.main_cpu_s - before.main_cpu_s
+        bytes_by_node[node.name] = (after.net_in - before.net_in, after.net_out - before.net_out)
+        net_in += bytes_by_node[node.name][0]
+        net_out += bytes_by_node[node.name][1]
     commands = sum(by_command.values())
     client_bytes = net_in + net_out - repl
 
@@ -113,6 +131,13 @@ def delta(a: dict[Node, NodeSample], b: dict[Node, NodeSample], answered: int) -
         },
         "commands_by_master": by_node,
         "redis_usec_per_request": per(sum(usec_by_command.values())),
+        "redis_usec_per_request_by_command": {
+            k: per(v) for k, v in sorted(usec_by_command.items(), key=lambda kv: -kv[1])
+        },
+        "redis_usec_per_request_by_master": {k: per(v) for k, v in usec_by_node.items()},
+        "main_thread_cpu_s_by_master": {k: round(v, 3) for k, v in cpu_by_node.items()},
+        "main_thread_cpu_us_per_request": per(sum(cpu_by_node.values()) * 1e6),
+        "busiest_master_cpu_us_per_request": per(max(cpu_by_node.values(), default=0.0) * 1e6),
         "net_input_bytes": net_in,
         "net_output_bytes": net_out,
         "repl_bytes": repl,
@@ -120,4 +145,7 @@ def delta(a: dict[Node, NodeSample], b: dict[Node, NodeSample], answered: int) -
         "input_bytes_per_request": per(net_in),
         "output_bytes_per_request": per(net_out - repl),
         "repl_bytes_per_request": per(repl),
+        "bytes_per_request_by_master": {
+            k: {"in": per(i), "out": per(o)} for k, (i, o) in bytes_by_node.items()
+        },
     }
