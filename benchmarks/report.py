@@ -154,21 +154,23 @@ def ratios(results: dict[str, Any], high_load: str = "c64", low_load: str = "c1"
 
 
 def _cluster_figures(results: dict[str, Any], load: str) -> dict[str, Any]:
-    """The cluster against the single node (issue 14): throughput at ``load`` from the same
-    run, each round's paired ratio beside it, and Redis commands and bytes per answered
-    request at ``load`` on each (summed over the masters)."""
+    """The cluster against the single node (issue 14): throughput at ``load``, the median of
+    each round's own ratio (the two ran one after the other in every round, in alternating
+    order), every round's ratio and the ratio of the two median rounds beside it; and Redis
+    commands and bytes per answered request at ``load`` on each (summed over the masters)."""
     single = _phase(results, "gateway", load)
     cluster = _phase(results, "gateway-cluster", load)
     out: dict[str, Any] = {"throughput_c64_cluster_vs_single": None}
     if single and cluster:
-        out["throughput_c64_cluster_vs_single"] = _ratio(
-            cluster["throughput_rps"], single["throughput_rps"]
-        )
         a = single.get("rounds", {}).get("throughput_rps") or [single["throughput_rps"]]
         b = cluster.get("rounds", {}).get("throughput_rps") or [cluster["throughput_rps"]]
-        out["throughput_c64_cluster_vs_single_rounds"] = [
-            _ratio(y, x) for x, y in zip(a, b, strict=False)
-        ]
+        paired = [r for r in (_ratio(y, x) for x, y in zip(a, b, strict=False)) if r is not None]
+        if paired:
+            out["throughput_c64_cluster_vs_single"] = round(float(np.median(paired)), 3)
+        out["throughput_c64_cluster_vs_single_rounds"] = paired
+        out["throughput_c64_cluster_vs_single_of_median_rounds"] = _ratio(
+            cluster["throughput_rps"], single["throughput_rps"]
+        )
     for name, phase in (("single", single), ("cluster", cluster)):
         redis = (phase or {}).get("redis") or {}
         out[f"redis_commands_per_request_{name}"] = redis.get("commands_per_request")
@@ -235,7 +237,7 @@ def _ratio_lines(r: dict[str, Any]) -> list[str]:
     paired = r.get("throughput_c64_cluster_vs_single_rounds")
     if paired and len(paired) > 1:
         lines.append(
-            "| `throughput_c64_cluster_vs_single` of each round "
+            "| `throughput_c64_cluster_vs_single` of each round (the figure: their median) "
             f"| {' / '.join(_fmt(v, 3) for v in paired)} | | |"
         )
     for key in (
