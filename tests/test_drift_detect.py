@@ -1,0 +1,391 @@
+"""The online drift detectors on synthetic streams and on the demo data: pure, seeded, seconds.
+
+Calibration: under the null (rows drawn from the distribution the training statistics describe)
+each detector raises no more alarms than its budget says, measured with budgets loose enough
+for alarms to happen; at the default budgets, none at all. Power: each kind of fault is raised
+within the delay the module states, naming the feature and saying how it moved, and clears
+once the rows are normal again."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from scipy.stats import kstwo
+
+from models.train import demo_data, training_stats
+from rendezvous.drift_detect import (
+    DetectorSettings,
+    FeatureDetectors,
+    FeatureProfile,
+    PriorDetector,
+    _Cusum,
+    describe,
+    ks_critical,
+)
+from rendezvous.spec import FeatureSpec, FeatureStats
+
+WIDTH = 8
+NAMES = tuple(f"f{i}" for i in range(WIDTH))
+SCALES = np.array([1.0, 10.0, 0.01, 250.0, 3.0, 0.5, 40.0, 7.0])
+LOOSE = DetectorSettings(
+    range_alarms_per_100k=500.0,
+    stuck_alarms_per_100k=500.0,
+    shift_alarms_per_100k=500.0,
+    drift_alarms_per_100k=500.0,
+    shift_floors=(0.0, 0.0),
+    drift_floor=0.0,
+)
+"""Budgets of 5 alarms per 1,000 rows and no effect floor: the thresholds alone decide."""
+
+
+def draw(rng: np.random.Generator, rows: int) -> np.ndarray:
+    """Synthetic features of assorted scales: lognormal and normal columns."""
+    z = rng.standard_normal((rows, WIDTH))
+    x = np.where(np.arange(WIDTH) % 2 == 0, np.exp(0.5 * z), 5.0 + z)
+    return x * SCALES
+
+
+def spec_of(x: np.ndarray, names: tuple[str, ...] = NAMES) -> FeatureSpec:
+    return FeatureSpec(names=names, stats=training_stats(list(names), x))
+
+
+@pytest.fixture(scope="module")
+def spec() -> FeatureSpec:
+    """Statistics of 200,000 rows: the deciles are those of the distribution itself."""
+    return spec_of(draw(np.random.default_rng(12345), 200_000))
+
+
+@pytest.fixture(scope="module")
+def profile(spec: FeatureSpec) -> FeatureProfile:
+    p = FeatureProfile.from_spec(spec)
+    assert p is not None
+    return p
+
+
+def feed(
+    det: FeatureDetectors, x: np.ndarray, batch: int = 16
+) -> tuple[list[tuple[int, dict]], list[tuple[int, dict]]]:
+    """Rows in batches; the raises and clears with the count of rows fed when they came."""
+    raised, cleared = [], []
+    for start in range(0, len(x), batch):
+        r, c = det.update(x[start : start + batch])
+        at = min(start + batch, len(x))
+        raised += [(at, a) for a in r]
+        cleared += [(at, a) for a in c]
+    return raised, cleared
+
+
+# -- the statistics ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [100, 400, 1600])
+@pytest.mark.parametrize("alpha", [1e-3, 1e-6, 5e-8])
+def test_ks_critical_value_is_the_exact_tail(n: int, alpha: float) -> None:
+    assert float(ks_critical(n, alpha)) == pytest.approx(kstwo.isf(alpha, n), rel=3e-3)
+    assert float(ks_critical(20, alpha)) >= kstwo.isf(alpha, 20)  # conservative when small
+
+
+def test_cusum_false_alarm_rate_is_within_walds_bound() -> None:
+    """Bernoulli streams at exactly the null rate: alarms per row at most exp(-h)."""
+    h = math.log(500.0)
+    rows, streams = 20_000, 40
+    rng = np.random.default_rng(0)
+    cusum = _Cusum(np.full(streams, 0.05), np.full(streams, 0.3), h, math.log(100))
+    alarms = 0
+    for _ in range(0, rows, 50):
+        raised, _ = cusum.update(rng.random((50, streams)) < 0.05)
+        alarms += int(raised.sum())
+        cusum.reset(np.flatnonzero(cusum.alarm))  # count each alarm, then start again
+    rate = alarms / (rows * streams)
+    assert rate <= math.exp(-h)
+    assert rate >= math.exp(-h) / 50  # a bound, but not a vacuous one
+
+
+def test_cusum_raises_fast_on_a_high_rate_and_clears_on_the_null() -> None:
+    h = math.log(1e7)
+    cusum = _Cusum(np.array([0.03]), np.array([0.3]), h, math.log(100))
+    up = [i for i in range(40) if cusum.update(np.array([[True]]))[0][0]]
+    assert up and up[0] < h / math.log(10) + 1  # ln(0.3/0.03) of evidence per row
+    down = [i for i in range(100) if cusum.update(np.array([[False]]))[1][0]]
+    assert down and down[0] < 20  # ln(100) / ln(0.97/0.7) rows of normal data
+    assert not cusum.alarm[0]
+
+
+# -- calibration -------------------------------------------------------------------------------
+
+
+def test_feature_false_alarm_rates_are_within_their_budgets(profile: FeatureProfile) -> None:
+    """Loose budgets, no floors, 8 seeds of 25,000 null rows: every family's alarms per 100,000
+    rows are at most its budget (Bonferroni and Wald are conservative), and some happen."""
+    counts: dict[str, int] = {}
+    rows = 0
+    for seed in range(8):
+        det = FeatureDetectors(profile, LOOSE)
+        raised, _ = feed(det, draw(np.random.default_rng(seed), 25_000))
+        rows += 25_000
+        for _at, alert in raised:
+            counts[alert["kind"]] = counts.get(alert["kind"], 0) + 1
+    per_100k = {kind: n * 100_000 / rows for kind, n in counts.items()}
+    budgets = {"feature_range": LOOSE.range_alarms_per_100k,
+               "feature_stuck": LOOSE.stuck_alarms_per_100k,
+               "feature_shift": LOOSE.shift_alarms_per_100k,
+               "feature_drift": LOOSE.drift_alarms_per_100k}  # fmt: skip
+    print("alarms per 100k null rows at loose budgets:", per_100k)
+    for kind, rate in per_100k.items():
+        assert rate <= budgets[kind], (kind, rate)
+    assert counts.get("feature_shift", 0) > 0
+
+
+def test_range_false_alarm_rate_at_the_edge_of_its_null(spec: FeatureSpec) -> None:
+    """Training ranges narrowed to the 1.5th and 98.5th percentiles: 3 % of null rows fall
+    outside, the rate the range CUSUMs take as still normal. Their alarms stay in budget."""
+    x = draw(np.random.default_rng(7), 200_000)
+    lo, hi = np.quantile(x, [0.015, 0.985], axis=0)
+    stats = {}
+    for i, (name, s) in enumerate(spec.stats.items()):
+        low, high = float(lo[i]), float(hi[i])
+        inside = {k: min(max(v, low), high) for k, v in s.quantiles.items()}
+        stats[name] = FeatureStats(s.mean, s.std, low, high, inside)
+    narrow = FeatureSpec(names=NAMES, stats=stats)
+    profile = FeatureProfile.from_spec(narrow)
+    assert profile is not None
+    alarms, rows = 0, 0
+    for seed in range(4):
+        raised, _ = feed(
+            FeatureDetectors(profile, LOOSE), draw(np.random.default_rng(seed), 25_000)
+        )
+        alarms += sum(a["kind"] == "feature_range" for _at, a in raised)
+        rows += 25_000
+    print("range alarms per 100k rows at the null's edge:", alarms * 100_000 / rows)
+    assert 0 < alarms * 100_000 / rows <= LOOSE.range_alarms_per_100k
+
+
+def test_default_budgets_raise_nothing_on_null_rows(profile: FeatureProfile) -> None:
+    for seed in range(4):
+        raised, _ = feed(FeatureDetectors(profile), draw(np.random.default_rng(100 + seed), 50_000))
+        assert raised == []
+
+
+@pytest.fixture(scope="module")
+def demo() -> tuple[FeatureProfile, np.ndarray, np.ndarray]:
+    d = demo_data()
+    profile = FeatureProfile.from_spec(spec_of(d.x_train, tuple(d.names)))
+    assert profile is not None
+    return profile, d.x_test.astype(np.float64), np.vstack([d.x_train, d.x_test])
+
+
+def test_held_out_demo_rows_raise_nothing(
+    demo: tuple[FeatureProfile, np.ndarray, np.ndarray],
+) -> None:
+    """Traffic resampled from the 143 held-out rows differs from training by a KS distance of
+    up to 0.09 per feature: the effect floors keep it quiet (100,000 rows, as two processes
+    would judge them), and so does traffic from the whole data set."""
+    profile, held_out, everything = demo
+    for seed, rows in ((0, held_out), (1, held_out), (2, everything)):
+        rng = np.random.default_rng(seed)
+        raised, _ = feed(FeatureDetectors(profile), rows[rng.integers(0, len(rows), 50_000)])
+        assert raised == [], [(at, a["kind"], a["feature"], a["value"]) for at, a in raised]
+
+
+# -- power -------------------------------------------------------------------------------------
+
+
+def faulty(
+    profile: FeatureProfile,
+    fault: Callable[[np.ndarray], np.ndarray],
+    seed: int = 0,
+    normal: int = 2000,
+    broken: int = 600,
+    after: int = 1000,
+) -> tuple[dict[str, int], dict[str, dict], int | None]:
+    """Feed normal rows, then ``broken`` rows through ``fault``, then normal rows. Returns the
+    rows into the fault at which each kind was first raised, its first alert of each kind, and
+    the rows after the fault until every alert had cleared."""
+    rng = np.random.default_rng(seed)
+    det = FeatureDetectors(profile)
+    raised, _ = feed(det, draw(rng, normal))
+    assert raised == []
+    first: dict[str, int] = {}
+    alerts: dict[str, dict] = {}
+    raised, _ = feed(det, fault(draw(rng, broken)))
+    for at, alert in raised:
+        first.setdefault(alert["kind"], at)
+        alerts.setdefault(alert["kind"], alert)
+    clear_at = None
+    x = draw(rng, after)
+    for start in range(0, after, 16):
+        det.update(x[start : start + 16])
+        if not det.active and clear_at is None:
+            clear_at = start + 16
+    return first, alerts, clear_at
+
+
+def column(f: int, how: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    def apply(x: np.ndarray) -> np.ndarray:
+        x = x.copy()
+        x[:, f] = how(x[:, f])
+        return x
+
+    return apply
+
+
+def test_a_unit_change_is_raised_within_a_few_rows_and_said_in_words(
+    profile: FeatureProfile,
+) -> None:
+    first, alerts, cleared = faulty(profile, column(3, lambda v: v * 10))
+    assert first["feature_range"] <= 32
+    alert = alerts["feature_range"]
+    assert alert["feature"] == "f3" and alert["value"] > 0.5
+    assert "10 times larger than in training" in alert["detail"]
+    assert cleared is not None and cleared <= 150
+
+
+@pytest.mark.parametrize(
+    ("name", "fault", "kind", "rows"),
+    [
+        ("out of range", column(1, lambda v: v + 1e4), "feature_range", 32),
+        ("negative sentinel", column(0, lambda v: np.full_like(v, -1.0)), "feature_range", 32),
+        ("missing as zero", column(5, np.zeros_like), "feature_range", 32),
+        ("stuck at the median", column(6, lambda v: np.full_like(v, 200.0)), "feature_stuck", 48),
+        ("two columns swapped", lambda x: x[:, [0, 1, 2, 3, 4, 7, 6, 5]], "feature_range", 32),
+    ],
+)
+def test_gross_faults_are_raised_within_tens_of_rows_and_clear(
+    profile: FeatureProfile,
+    name: str,
+    fault: Callable[[np.ndarray], np.ndarray],
+    kind: str,
+    rows: int,
+) -> None:
+    first, _alerts, cleared = faulty(profile, fault)
+    assert first.get(kind, 10**9) <= rows, (name, first)
+    assert cleared is not None and cleared <= 250, (name, cleared)
+
+
+def test_a_moderate_shift_is_raised_by_the_short_windows(profile: FeatureProfile) -> None:
+    """One standard deviation up, on a normal feature: KS distance 0.38."""
+    first, alerts, cleared = faulty(profile, column(1, lambda v: v + SCALES[1]))
+    assert "feature_range" not in first
+    assert first["feature_shift"] <= 160
+    assert alerts["feature_shift"]["feature"] == "f1"
+    assert "+1 training std" in alerts["feature_shift"]["detail"]
+    assert cleared is not None and cleared <= 450
+
+
+def test_a_subtle_shift_is_raised_by_the_long_window(profile: FeatureProfile) -> None:
+    """A 25 % scale of a lognormal feature (KS distance 0.18 against training: under the short
+    windows' floors) within the long window's 1,600 rows."""
+    first, alerts, _ = faulty(profile, column(4, lambda v: v * 1.25), broken=2500, after=0)
+    assert "feature_drift" in first and "feature_range" not in first
+    assert first["feature_drift"] <= 1600
+    assert alerts["feature_drift"]["feature"] == "f4"
+
+
+def test_windows_start_afresh_when_a_gross_alert_clears(profile: FeatureProfile) -> None:
+    """A long fault fills the long window; once the range alert clears, the long window holds
+    no alert of that episode (else it would take 1,600 rows to empty)."""
+    first, _, cleared = faulty(profile, column(2, lambda v: v * 100), broken=3000)
+    assert {"feature_range", "feature_drift"} <= set(first)
+    assert cleared is not None and cleared <= 150
+
+
+def test_an_episode_of_the_prior_ends_the_long_windows_it_held(profile: FeatureProfile) -> None:
+    det = FeatureDetectors(profile)
+    rng = np.random.default_rng(5)
+    feed(det, draw(rng, 1000))
+    det.external_episode = True  # the prediction prior is in alert
+    raised, _ = feed(det, column(4, lambda v: v * 1.25)(draw(rng, 2000)))
+    assert any(a["kind"] == "feature_drift" for _at, a in raised)
+    det.external_episode = False
+    cleared = det.end_episode()
+    assert [a["kind"] for a in cleared] == ["feature_drift"]
+    assert not any(a["kind"] == "feature_drift" for a in det.active.values())
+
+
+# -- the prediction prior ----------------------------------------------------------------------
+
+
+def test_prior_false_alarms_and_delays() -> None:
+    rng = np.random.default_rng(1)
+    det = PriorDetector(0.62)
+    for _ in range(0, 200_000, 16):  # inside the tolerance: never raised
+        what, _ = det.update(rng.random(16) < 0.60)
+        assert what is None
+    rows = 0
+    while det.active is None:
+        det.update(rng.random(16) < 0.30)
+        rows += 16
+    assert rows <= 200
+    assert det.active["kind"] == "prediction_prior" and "fewer than the 62%" in det.active["detail"]
+    rows = 0
+    while det.active is not None:
+        det.update(rng.random(16) < 0.62)
+        rows += 16
+    assert rows <= 400
+
+
+def test_prior_false_alarm_rate_is_within_its_budget() -> None:
+    """At the edge of the tolerance (0.62 + 0.04) with a loose budget: Wald's bound holds."""
+    settings = DetectorSettings(prior_alarms_per_100k=2000.0)
+    alarms, rows = 0, 0
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        det = PriorDetector(0.62, settings)
+        for _ in range(2000):
+            what, _a = det.update(rng.random(16) < 0.66)
+            alarms += what == "raised"
+            rows += 16
+            if det.active is not None:
+                det = PriorDetector(0.62, settings)
+    assert alarms * 100_000 / rows <= 2000.0
+
+
+# -- the profile and the words -----------------------------------------------------------------
+
+
+def test_profile_keeps_features_with_statistics_and_bounds_ties() -> None:
+    quantiles = {"0.1": 0.0, "0.2": 0.0, "0.3": 0.0, "0.5": 1.0, "0.9": 2.0}
+    spec = FeatureSpec(
+        names=("a", "b", "c"),
+        stats={
+            "a": FeatureStats(mean=0.8, std=0.8, min=0.0, max=3.0, quantiles=quantiles),
+            "c": FeatureStats(
+                mean=1.0,
+                std=1.0,
+                min=-1.0,
+                max=4.0,
+                quantiles={"0.1": -0.5, "0.2": 0.0, "0.3": 0.3, "0.5": 1.0, "0.9": 2.5},
+            ),
+        },
+    )
+    p = FeatureProfile.from_spec(spec)
+    assert p is not None and p.names == ("a", "c") and p.columns.tolist() == [0, 2]
+    # a: 30 % of training at 0 (its minimum): nothing lies below it
+    assert p.cdf_lo[0].tolist()[:3] == [0.0, 0.0, 0.0] and p.cdf_hi[0][:3].tolist() == [0, 0, 0]
+    assert p.mass_bound(0, 0.0) == pytest.approx(0.5)  # up to the first cut above 0 (0.5)
+    assert p.mass_bound(1, 0.1) == pytest.approx(0.1)
+    assert p.mass_bound(1, 9.0) == 0.0
+    out, count, distance = p.row_evidence(np.array([[0.0, 7.0, 1.0], [9.0, 7.0, -5.0]]))
+    assert out.tolist() == [[False, False], [True, True]] and count.tolist() == [0, 2]
+    assert distance[0] < distance[1]
+    assert FeatureProfile.from_spec(FeatureSpec.from_names(["a"])) is None
+
+
+def test_describe_says_how_values_moved(profile: FeatureProfile) -> None:
+    rng = np.random.default_rng(0)
+    x = draw(rng, 200)
+    assert "10 times larger" in describe(profile, 3, x[:, 3] * 10)["detail"]
+    assert "4 times smaller" in describe(profile, 3, x[:, 3] / 4)["detail"]
+    stuck = describe(profile, 1, np.full(50, 42.0))["detail"]
+    assert "stuck at 42 in 100% of rows" in stuck
+    spread = describe(profile, 1, 50 + (x[:, 1] - 50) * 2)["detail"]
+    assert "spread (10th to 90th percentile) x2" in spread
+    assert "opposite sign" in describe(profile, 0, -x[:, 0])["detail"]
+
+
+def test_settings_are_a_plain_value() -> None:
+    assert replace(DetectorSettings(), check_rows=32).windows == (100, 400, 1600)
