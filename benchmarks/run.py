@@ -90,6 +90,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="input partitions of the demo deployment on the cluster (default 1)",
     )
     p.add_argument(
+        "--cluster-replicas",
+        type=int,
+        default=1,
+        help="replicas per master of the cluster (default 1; 0: what replication costs)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -432,6 +438,7 @@ def _start(
             args.gateway_processes,
             settings=dict(args.set),
             partitions=args.cluster_partitions,
+            replicas=args.cluster_replicas,
         )
     assert model is not None
     if name == "inprocess":

@@ -241,14 +241,15 @@ def start_rdv_cluster(
     gateway_processes: int | None = None,
     settings: dict[str, str] | None = None,
     partitions: int = 1,
+    replicas: int = 1,
 ) -> Running:
-    """A local Redis Cluster (3 masters, 1 replica each, in ``cluster_dir``), then ``rdv
+    """A local Redis Cluster (3 masters, ``replicas`` each, in ``cluster_dir``), then ``rdv
     serve`` on it (``RDV_REDIS_URL``: one node; serve starts no Redis and creates the demo
     deployment there). The cluster's nodes count as the system's processes (``redis`` for a
     master, ``redis-replica``) and are stopped with it, whatever happens. ``partitions`` > 1:
     the demo deployment is changed to that many input partitions through the admin API
     before any load."""
-    cluster = LocalCluster(cluster_dir, masters=3, replicas_per_master=1).start()
+    cluster = LocalCluster(cluster_dir, masters=3, replicas_per_master=replicas).start()
     try:
         masters = set(cluster.masters())
         extra = {**(settings or {}), "RDV_REDIS_URL": cluster.url}
