@@ -22,6 +22,7 @@ from rendezvous.drift import (
     js_distance_counts,
     psi,
 )
+from rendezvous.drift_detect import KINDS as ONLINE_KINDS
 
 ALERT_KINDS: tuple[str, ...] = (
     "divergence_mean",
@@ -30,6 +31,9 @@ ALERT_KINDS: tuple[str, ...] = (
     "score_js",
     "feature_psi",
 )
+"""The kinds the drift monitor judges on merged windows of sketches."""
+ALL_ALERT_KINDS: tuple[str, ...] = (*ALERT_KINDS, *ONLINE_KINDS)
+"""With the kinds of the online detectors (``rendezvous.drift_detect``)."""
 
 
 @dataclass(frozen=True)
@@ -166,27 +170,38 @@ def evaluate_alerts(
     thresholds: Thresholds,
     active: Mapping[str, Mapping[str, Any]],
     now_ms: float,
+    recent: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Next alert state and the raise/clear events that lead to it. Without enough data, or
-    without a figure for a kind, that kind keeps its state: silence is not recovery."""
+    without a figure for a kind, that kind keeps its state: silence is not recovery.
+
+    ``recent``: the report of the latest part of the window, when it is judged. A kind is then
+    raised only when both the window and its latest part are over the threshold, and cleared
+    as soon as the latest part is back under it: the window's older requests, from before the
+    cause went away, no longer hold the alert up."""
     state = {kind: dict(alert) for kind, alert in active.items()}
     events: list[dict[str, Any]] = []
     if report.get("status") != "ok":
         return state, events
     values = report.get("values") or {}
+    latest = (recent.get("values") or {}) if recent and recent.get("status") == "ok" else None
     for kind in ALERT_KINDS:
         value = values.get(kind)
         if value is None:
             continue
         limit = float(getattr(thresholds, kind))
-        event = {"kind": kind, "value": value, "threshold": limit, "ts_ms": now_ms}
-        if value > limit:
+        now = latest.get(kind) if latest is not None else None
+        over = value > limit and (now is None or now > limit)
+        under = (now if now is not None else value) <= limit
+        shown = value if now is None or kind not in state else now
+        event = {"kind": kind, "value": shown, "threshold": limit, "ts_ms": now_ms}
+        if over:
             if kind in state:
                 state[kind].update(value=value, threshold=limit)
             else:
                 state[kind] = {"kind": kind, "value": value, "threshold": limit, "since_ms": now_ms}
                 events.append({"type": "raised", **event})
-        elif kind in state:
+        elif kind in state and under:
             del state[kind]
             events.append({"type": "cleared", **event})
     return state, events

@@ -1,6 +1,8 @@
 """Online drift detectors: sequential tests on one gateway process's own rows and scores,
 judged every few rows, so that a broken feed is alerted within tens of rows instead of once a
-window of sketches has filled. Pure numpy (scipy for two critical values at construction).
+window of sketches has filled. Numpy and the standard library only: scipy would do two of the
+sums below, but takes a second to import, and the first evaluation runs on a gateway's event
+loop (the tests check those sums against scipy.stats).
 
 What a gateway sees is tested against what the model was trained on (the feature spec's
 ``FeatureStats``: min, max, mean, std, deciles) and against the score distribution stored with
@@ -91,8 +93,13 @@ class DetectorSettings:
     drift_window: int = 1600
     drift_floor: float = 0.15
     min_fill: float = 0.25
-    """A window is judged once it holds this share of its rows."""
+    """A short window is judged once it holds this share of its rows; the long one only when
+    full (partly filled, its floor would be too low for the few rows it holds)."""
     clear_ratio: float = 0.8
+    gross_on: float = 0.4
+    gross_off: float = 0.2
+    """A feature's 100-row KS distance above ``gross_on`` starts a gross episode; back under
+    ``gross_off``, the episode ends and the feature's slower windows start afresh."""
     prior_tolerance: float = 0.04
     """|predicted positive share - training's| up to this is normal..."""
     prior_shifts: tuple[float, ...] = (0.12, 0.25)
@@ -120,20 +127,24 @@ def ks_critical(n: int | np.ndarray, alpha: float) -> np.ndarray:
     return np.asarray(c / (root + 0.12 + 0.11 / root))
 
 
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), summed exactly (n is a few dozen here; scipy.stats
+    would do the same but takes a second to import, on the gateway's event loop)."""
+    return float(sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(max(k, 0), n + 1)))
+
+
 @functools.lru_cache(maxsize=1024)
 def _stuck_count(rows: int, mass: float, alpha: float) -> int:
     """Fewest rows of ``rows`` holding one value that a training mass of at most ``mass`` on
     that value gives with probability below ``alpha`` (exact binomial tail)."""
-    from scipy.stats import binom  # only once a profile is built: scipy is slow to import
-
     if mass <= 0.0:
         return 2
     if mass >= 1.0:
         return rows + 1
-    k = int(binom.isf(alpha, rows, mass)) + 1
-    while k > 1 and binom.sf(k - 2, rows, mass) <= alpha:
-        k -= 1
-    return max(k, 2)
+    k = 2
+    while k <= rows and binomial_tail(k, rows, mass) > alpha:
+        k += 1
+    return k
 
 
 # -- what the training statistics say ---------------------------------------------------------
@@ -248,9 +259,8 @@ def change_point(values: np.ndarray, min_rows: int = 8) -> int:
     n = len(values)
     if n < 2 * min_rows:
         return 0
-    from scipy.stats import rankdata  # only when an alert is raised
-
-    ranks = rankdata(values)  # ties share their mean rank
+    _, where, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[where]  # ties share their mean rank
     c = np.cumsum(ranks - ranks.mean())[:-1]
     k = np.arange(1, n, dtype=np.float64)
     stat = np.abs(c) / np.sqrt(k * (n - k))
@@ -403,6 +413,7 @@ class FeatureDetectors:
         self._c = np.asarray([math.sqrt(-0.5 * math.log(a / 2)) for a in alphas])[:, None]
         self._floors = np.asarray([*s.shift_floors, s.drift_floor])[:, None]
         self._min_rows = np.maximum((self._sizes * s.min_fill).astype(np.int64), 8)
+        self._min_rows[-1] = s.drift_window
         self._window_alarm = np.zeros((len(self.windows), n), dtype=bool)
         stuck_alpha = s.stuck_alarms_per_100k / 100_000 / n
         self._stuck_alpha = stuck_alpha
@@ -410,8 +421,10 @@ class FeatureDetectors:
         """Which alerts this process holds, by kind and feature (mirrors ``active``)."""
         self.active: dict[str, dict[str, Any]] = {}
         """Alert id -> alert, for the alerts this process holds."""
+        self._gross = np.zeros(n, dtype=bool)
+        """Features in a gross episode (see ``_check_windows``)."""
         self._bound = np.zeros(n, dtype=bool)
-        """Long-window alerts raised during a quick alert's episode (cleared with it)."""
+        """Long-window alerts raised during an episode of the prediction prior."""
         self.external_episode = False
         """Set while an alert of another detector of this process (the prediction prior) is
         active; ``end_episode`` once it is not."""
@@ -488,11 +501,22 @@ class FeatureDetectors:
         return dev.max(axis=2), limit, counted
 
     def _check_windows(self, events: dict[str, tuple[str, int]]) -> None:
+        s = self.settings
         d, limit, counted = self._distances()
         on = self._window_alarm
         self._window_alarm = (counted >= self._min_rows) & (
-            d > np.where(on, limit * self.settings.clear_ratio, limit)
+            d > np.where(on, limit * s.clear_ratio, limit)
         )
+        # A gross episode of a feature (its shortest window far over its threshold, or a range
+        # or stuck alert) ends once that window is well back under it: the slower windows,
+        # full of the episode's rows, start afresh instead of holding alerts for hundreds of
+        # rows more. The gap between the two levels keeps a shift that lasts from flapping.
+        held = self._held["feature_range"] | self._held["feature_stuck"]
+        short = d[0] * (counted[0] >= self._min_rows[0])
+        self._gross |= held | (short > s.gross_on)
+        for f in np.flatnonzero(self._gross & ~held & (short < s.gross_off)).tolist():
+            self._gross[f] = False
+            self.reset_windows(f, range(1, len(self.windows)))
         self._window_events(events, None)
 
     def _window_events(self, events: dict[str, tuple[str, int]], feature: int | None) -> None:
@@ -555,7 +579,7 @@ class FeatureDetectors:
             del events[alert_id]
             kind = alert_id.split("/", 1)[0]
             if what == "raised" and alert_id not in self.active:
-                if kind == "feature_drift" and self.in_episode():
+                if kind == "feature_drift" and self.external_episode:
                     self._bound[f] = True
                 self._held[kind][f] = True
                 alert = self.active[alert_id] = self._alert(kind, f)
@@ -567,26 +591,14 @@ class FeatureDetectors:
                 # start afresh, and an alert they held clears with them.
                 if kind in ("feature_range", "feature_stuck"):
                     self.reset_windows(f, range(1, last + 1))
-                elif kind == "feature_shift":
-                    self.reset_windows(f, [last])
-                else:
-                    continue
-                self._window_events(events, f)
-            if not events and self._bound.any() and not self.in_episode():
-                self.end_episode(events)
+                    self._window_events(events, f)
         return raised, cleared
 
-    def in_episode(self) -> bool:
-        """Whether a quick alert (range, stuck, shift, or ``external_episode``: the prediction
-        prior) is active in this process."""
-        return self.external_episode or any(
-            self._held[k].any() for k in ("feature_range", "feature_stuck", "feature_shift")
-        )
-
     def end_episode(self, events: dict[str, tuple[str, int]] | None = None) -> list[dict[str, Any]]:
-        """The quick alerts are over: the long windows that alerted during them hold rows of
-        that episode, so they start afresh (their alerts clear). With ``events``, the clears are
-        queued there; else they are applied and returned."""
+        """The prediction prior's alert is over: the long windows that alerted during it hold
+        rows of that episode (a class-prior shift moves many features a little), so they start
+        afresh and their alerts clear. With ``events``, the clears are queued there; else they
+        are applied and returned."""
         queue: dict[str, tuple[str, int]] = {} if events is None else events
         for f in np.flatnonzero(self._bound).tolist():
             self._bound[f] = False

@@ -196,6 +196,23 @@ def drift_thresholds_key(deployment: str) -> str:
     return f"{_tag(deployment)}:drift:thresholds"
 
 
+def drift_alerts_key(deployment: str) -> str:
+    """Hash alert id (``kind`` or ``kind/feature``) -> JSON of each active drift alert: the one
+    list every source's alerts are merged into (``gateway.observability.drift_store``)."""
+    return f"{_tag(deployment)}:drift:alerts"
+
+
+def drift_claims_key(deployment: str) -> str:
+    """Hash source (``monitor``, ``gateway:<instance>``) -> JSON of the alerts that source
+    holds now, with when it said so."""
+    return f"{_tag(deployment)}:drift:claims"
+
+
+def drift_event_counts_key(deployment: str) -> str:
+    """Hash kind -> drift alerts of that kind raised so far."""
+    return f"{_tag(deployment)}:drift:event-counts"
+
+
 def drift_lock_key(deployment: str) -> str:
     """Held by the one gateway process that evaluates drift for a while."""
     return f"{_tag(deployment)}:drift:lock"

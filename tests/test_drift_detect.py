@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from scipy.stats import kstwo
+from scipy.stats import binom, kstwo
 
 from models.train import demo_data, training_stats
 from rendezvous.drift_detect import (
@@ -23,6 +23,8 @@ from rendezvous.drift_detect import (
     FeatureProfile,
     PriorDetector,
     _Cusum,
+    binomial_tail,
+    change_point,
     describe,
     ks_critical,
 )
@@ -87,6 +89,25 @@ def feed(
 def test_ks_critical_value_is_the_exact_tail(n: int, alpha: float) -> None:
     assert float(ks_critical(n, alpha)) == pytest.approx(kstwo.isf(alpha, n), rel=3e-3)
     assert float(ks_critical(20, alpha)) >= kstwo.isf(alpha, 20)  # conservative when small
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "p"), [(20, 40, 0.1), (5, 40, 0.03), (1, 40, 0.5), (40, 40, 0.9)]
+)
+def test_binomial_tail_is_scipys(k: int, n: int, p: float) -> None:
+    assert binomial_tail(k, n, p) == pytest.approx(binom.sf(k - 1, n, p), rel=1e-9)
+
+
+def test_change_point_finds_where_values_moved() -> None:
+    rng = np.random.default_rng(3)
+    for later in (20, 50, 80):
+        values = np.concatenate([rng.normal(size=100 - later), rng.normal(size=later) * 5 + 20])
+        assert abs(change_point(values) - (100 - later)) <= 2
+    assert [change_point(rng.normal(size=100)) for _ in range(20)] == [0] * 20
+    # ties share their mean rank: a value stuck above the median is a change, not an order
+    stuck = np.concatenate([rng.normal(size=70), np.full(30, 1.5)])
+    assert abs(change_point(stuck) - 70) <= 2
+    assert change_point(np.full(100, 1.5)) == 0
 
 
 def test_cusum_false_alarm_rate_is_within_walds_bound() -> None:

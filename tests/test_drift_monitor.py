@@ -96,11 +96,13 @@ async def test_report_history_and_events_follow_the_traffic(
     x = demo_data().x_test
     rng = np.random.default_rng(1)
 
-    first = await monitor.evaluate(DEMO_DEPLOYMENT)
+    clock = iter(time.time() * 1000 + 5000 * k for k in range(10))  # an interval apart
+
+    first = await monitor.evaluate(DEMO_DEPLOYMENT, next(clock))
     assert first["current"]["status"] == "insufficient_data" and first["alerts"] == {}
 
     await feed_traffic(feed, x[rng.integers(0, len(x), 200)], rng.uniform(0.9, 1.0, 200))
-    report = await monitor.evaluate(DEMO_DEPLOYMENT)
+    report = await monitor.evaluate(DEMO_DEPLOYMENT, next(clock))
     assert report["current"]["status"] == "ok" and report["current"]["requests"] == 200
     assert report["current"]["score"]["reference_source"] == "training"  # from the files
     assert report["current"]["features"]["max_psi"] < 1.0
@@ -108,17 +110,22 @@ async def test_report_history_and_events_follow_the_traffic(
     # a strong feature shift raises feature_psi once, then keeps it active without new events
     shifted = x[rng.integers(0, len(x), 200)] * 3.0
     await feed_traffic(feed, shifted, rng.uniform(0.9, 1.0, 200))
-    raised = await monitor.evaluate(DEMO_DEPLOYMENT)
+    raised = await monitor.evaluate(DEMO_DEPLOYMENT, next(clock))
     assert "feature_psi" in raised["alerts"]
-    assert raised["event_counts"]["feature_psi"] == 1
-    again = await monitor.evaluate(DEMO_DEPLOYMENT)
+    view = await drift_view(client, DEMO_DEPLOYMENT, monitor.defaults)
+    assert view["event_counts"]["feature_psi"] == 1
+    [shown] = [a for a in view["alerts"] if a["kind"] == "feature_psi"]
+    assert shown["source"] == "monitor"
+    assert shown["since_ms"] == pytest.approx(raised["alerts"]["feature_psi"]["since_ms"], abs=1)
+    again = await monitor.evaluate(DEMO_DEPLOYMENT, next(clock))
     assert again["alerts"]["feature_psi"]["since_ms"] == raised["alerts"]["feature_psi"]["since_ms"]
-    assert again["event_counts"]["feature_psi"] == 1
+    view = await drift_view(client, DEMO_DEPLOYMENT, monitor.defaults)
+    assert view["event_counts"]["feature_psi"] == 1
 
     # raising the threshold above the value clears it at the next evaluation
     value = raised["alerts"]["feature_psi"]["value"]
     await set_thresholds(client, DEMO_DEPLOYMENT, {"feature_psi": value * 2}, monitor.defaults)
-    cleared = await monitor.evaluate(DEMO_DEPLOYMENT)
+    cleared = await monitor.evaluate(DEMO_DEPLOYMENT, next(clock))
     assert "feature_psi" not in cleared["alerts"]
 
     view = await drift_view(client, DEMO_DEPLOYMENT, monitor.defaults)
@@ -126,9 +133,33 @@ async def test_report_history_and_events_follow_the_traffic(
         "raised",
         "cleared",
     ]
+    assert "feature_psi" not in {a["kind"] for a in view["alerts"]}
     assert len(view["history"]) == 5
     assert view["history"][0]["ts_ms"] < view["history"][-1]["ts_ms"]
     assert view["thresholds"]["feature_psi"] == pytest.approx(value * 2)
+
+
+async def test_the_latest_part_of_the_window_clears_an_alert(client: aioredis.Redis) -> None:
+    """Once the latest requests are back to normal, an alert clears, though the window still
+    holds the shifted ones; a single evaluation of a window that is over its threshold while
+    the latest part is not raises nothing."""
+    deployments = await cache(client)
+    feed = DriftFeed(client, deployments)
+    monitor = DriftMonitor(client, deployments, "gw-1", window_requests=500,
+                           defaults=Thresholds(min_requests=100))  # fmt: skip
+    assert monitor.clear_requests == 200
+    x = demo_data().x_test
+    rng = np.random.default_rng(3)
+    await feed_traffic(feed, x[rng.integers(0, len(x), 300)] * 3.0, rng.uniform(0.9, 1.0, 300))
+    raised = await monitor.evaluate(DEMO_DEPLOYMENT)
+    assert "feature_psi" in raised["alerts"]
+    await feed_traffic(feed, x[rng.integers(0, len(x), 200)], rng.uniform(0.9, 1.0, 200))
+    healed = await monitor.evaluate(DEMO_DEPLOYMENT)
+    assert healed["current"]["values"]["feature_psi"] > 1.0  # the window: 300 of 500 shifted
+    assert healed["latest"]["values"]["feature_psi"] < 1.0
+    assert "feature_psi" not in healed["alerts"]
+    again = await monitor.evaluate(DEMO_DEPLOYMENT)  # the window alone does not raise it again
+    assert "feature_psi" not in again["alerts"]
 
 
 async def test_without_a_training_reference_the_first_window_after_promotion_is_it(

@@ -44,20 +44,23 @@ def alertmanager_payload(
     status = "firing" if firing else "resolved"
     labels = {"alertname": ALERT_NAME, "deployment": deployment, "kind": str(event["kind"]),
               "severity": "warning"}  # fmt: skip
+    if event.get("feature"):  # one alert per feature for the online detectors' kinds
+        labels["feature"] = str(event["feature"])
     value, threshold = event.get("value"), event.get("threshold")
     description = (
         f"{event['kind']} of {deployment} is {value:.4g}, over its threshold {threshold:.4g}"
         if firing and value is not None and threshold is not None
         else f"{event['kind']} of {deployment} is back under its threshold"
     )
-    if event.get("detail"):
+    if event.get("detail") and firing:
         description += f": {event['detail']}"
-    fingerprint = hashlib.sha256(f"{deployment}/{event['kind']}".encode()).hexdigest()[:16]
+    what = f"{event['kind']}/{event['feature']}" if event.get("feature") else str(event["kind"])
+    fingerprint = hashlib.sha256(f"{deployment}/{what}".encode()).hexdigest()[:16]
     alert = {
         "status": status,
         "labels": labels,
         "annotations": {
-            "summary": f"drift on {deployment}: {event['kind']}",
+            "summary": f"drift on {deployment}: {what}",
             "description": description,
         },
         "startsAt": _iso(since_ms if since_ms is not None else event["ts_ms"]),
@@ -109,7 +112,7 @@ class AlertWebhooks:
         if not self.urls:
             return
         for event in events:
-            since = (active.get(event["kind"]) or {}).get("since_ms")
+            since = event.get("since_ms") or (active.get(event["kind"]) or {}).get("since_ms")
             if len(self._queue) == self._queue.maxlen:
                 self.dropped += 1
                 log.warning("alert webhooks: queue full, the oldest payload is dropped")

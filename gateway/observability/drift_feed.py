@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from gateway.dataplane.deployments import DeploymentCache
+from gateway.observability.drift_online import OnlineDrift
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 from rendezvous.decision import DecisionRecord
@@ -49,9 +50,10 @@ class DriftFeed:
         client: AsyncClient,
         deployments: DeploymentCache,
         *,
-        interval_s: float = 1.0,
+        interval_s: float = 0.25,
         maxlen: int = 20_000,
         on_dropped: Callable[[str, int], None] | None = None,
+        online: OnlineDrift | None = None,
     ):
         self.client = client
         self.deployments = deployments
@@ -64,10 +66,14 @@ class DriftFeed:
         self._references: dict[str, FeatureReference | None] = {}
         self.on_dropped = on_dropped
         """Told of the rows left out when too many are waiting (``rdv_drift_dropped_rows``)."""
+        self.online = online
+        """The online detectors, handed every row and decision too (``drift_online``)."""
 
     # -- observing (cheap: called on the request path and per decision) ---------------------
 
     def observe_rows(self, deployment: str, features: np.ndarray) -> None:
+        if self.online is not None:
+            self.online.observe_rows(deployment, features)
         if self._pending_rows >= MAX_PENDING_ROWS:
             if self.on_dropped is not None:
                 self.on_dropped(deployment, len(features))
@@ -76,6 +82,8 @@ class DriftFeed:
         self._pending_rows += len(features)
 
     def observe_decision(self, record: DecisionRecord) -> None:
+        if self.online is not None:
+            self.online.observe_decision(record)
         real = record.outputs.get(names.REAL)
         if real is None or real.probabilities is None:
             return

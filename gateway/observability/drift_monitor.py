@@ -1,12 +1,17 @@
-"""Evaluates drift per deployment every few seconds and keeps the report, history and events.
+"""Evaluates drift per deployment from the gateways' sketches and keeps the report, history
+and the alerts of its own kinds.
 
 One gateway process at a time evaluates a deployment (a short Redis lease, renewed by its
-holder), so several processes or instances never double-count an event. An evaluation merges
-the newest sketches of the current real model into a window (at most ``window_requests``
-requests, none older than ``window_s``), compares it with the references through the pure
-functions of ``rendezvous.drift_alerts``, and stores the outcome: the report (read by
-``/drift`` and ``/metrics``), a point of history, and a ``raised``/``cleared`` event per
-threshold crossing.
+holder), so several processes or instances never double-count an event. It evaluates once
+``evaluate_every`` new requests are in the sketch stream (checked every ``tick_s``) and at
+least every ``interval_s``. An evaluation merges the newest sketches of the current real model
+into a window (at most ``window_requests`` requests, none older than ``window_s``), compares it
+with the references through the pure functions of ``rendezvous.drift_alerts``, and stores the
+outcome: the report (read by ``/drift`` and ``/metrics``), a point of history every
+``interval_s``, and its alerts as the ``monitor``'s claim in the shared alert list
+(``drift_store``), next to the online detectors' (``drift_online``). An alert of the monitor is
+raised when the window and its latest ``clear_requests`` are over the threshold, and cleared as
+soon as that latest part is back under it.
 
 The real model's score reference is its training distribution when its metadata carries one;
 otherwise the first full window of its scores after it became real, kept once built.
@@ -25,8 +30,10 @@ from typing import Any, cast
 import numpy as np
 
 from gateway.dataplane.deployments import DeploymentCache
+from gateway.observability import drift_store
 from gateway.observability.alert_webhooks import AlertWebhooks
 from gateway.observability.drift_feed import SKETCH_FIELD
+from gateway.observability.drift_online import announce
 from models.registry import ModelRegistry
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
@@ -37,8 +44,10 @@ log = logging.getLogger(__name__)
 
 SCAN_LIMIT = 20_000
 """Most sketch entries one evaluation reads (a window rarely needs more than a few hundred)."""
-
-EVENTS_MAXLEN = 1000
+PAGE = 64
+"""Sketch entries read per round trip, newest first, until the window is full."""
+MONITOR = "monitor"
+"""The monitor's source name in the shared alert list."""
 
 
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
@@ -99,6 +108,9 @@ class DriftMonitor:
         defaults: Thresholds | None = None,
         local_meta: Callable[[str, int], Mapping[str, Any] | None] | None = None,
         webhooks: AlertWebhooks | None = None,
+        evaluate_every: int = 200,
+        tick_s: float = 0.25,
+        clear_requests: int | None = None,
     ):
         self.client = client
         self.webhooks = webhooks
@@ -113,20 +125,41 @@ class DriftMonitor:
         self.local_meta = local_meta
         """Model metadata from this host's registry files: for a model not (yet) in the
         Redis index (the index is filled by the admin plane)."""
+        self.evaluate_every = evaluate_every
+        """Evaluate once this many requests are new in the sketches (and every interval)."""
+        self.tick_s = min(tick_s, interval_s)
+        self.clear_requests = clear_requests or max(window_requests * 2 // 5, 1)
+        """Requests of the window's latest part, which clears an alert."""
         self._features: dict[str, FeatureReference | None] = {}
         self._training: dict[str, np.ndarray | None] = {}
+        self._last_eval: dict[str, float] = {}
+        self._last_seen: dict[str, bytes] = {}
+        self._last_point: dict[str, float] = {}
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(self.tick_s)
             for deployment in sorted(self.deployments.deployments):
                 try:
-                    if await self._lead(deployment):
+                    if await self._lead(deployment) and await self._due(deployment):
                         await self.evaluate(deployment)
                 except REDIS_FAILURES as exc:
                     log.warning("drift evaluation of %s failed: %s", deployment, exc)
                 except Exception:
                     log.exception("drift evaluation of %s failed", deployment)
+
+    async def _due(self, deployment: str) -> bool:
+        """The interval has passed, or ``evaluate_every`` requests came in since the last
+        evaluation (one short read of the newest sketches)."""
+        if time.monotonic() - self._last_eval.get(deployment, 0.0) >= self.interval_s:
+            return True
+        last = self._last_seen.get(deployment)
+        low = b"(" + last if last else "-"
+        entries = await self.client.xrevrange(
+            names.drift_sketch_stream(deployment), "+", low, count=PAGE
+        )
+        new = sum(s.requests for s in _decode_sketches(cast(Entries, entries)))
+        return new >= self.evaluate_every
 
     async def _lead(self, deployment: str) -> bool:
         """Hold (or take) the deployment's evaluation lease; a dead holder's lapses."""
@@ -151,47 +184,37 @@ class DriftMonitor:
         now_ms = time.time() * 1000 if now_ms is None else now_ms
         dep = self.deployments.get(deployment)
         real = dep.roles[names.REAL]
-        sketches_key = names.drift_sketch_stream(deployment)
+        self._last_eval[deployment] = time.monotonic()
         pipe = self.client.pipeline(transaction=False)
-        pipe.xrevrange(sketches_key, "+", int(now_ms - self.window_s * 1000), count=SCAN_LIMIT)
         pipe.get(names.drift_report_key(deployment))
         pipe.get(names.drift_thresholds_key(deployment))
         pipe.hget(names.MODELS_INDEX, str(real))
         pipe.get(names.drift_reference_key(deployment))
-        recent, previous_raw, thresholds_raw, meta_raw, reference_raw = await pipe.execute()
+        previous_raw, thresholds_raw, meta_raw, reference_raw = await pipe.execute()
+        sketches = await self._newest(deployment, str(real), now_ms)
 
         features = self._feature_reference(deployment)
-        window = merge_window(
-            _decode_sketches(recent),
-            str(real),
-            features.version if features else None,
-            self.window_requests,
-        )
+        version = features.version if features else None
+        latest = merge_window(list(sketches), str(real), version, self.clear_requests)
+        window = merge_window(sketches, str(real), version, self.window_requests)
         reference, source = await self._score_reference(
             deployment, real.name, real.version, meta_raw, reference_raw
         )
         thresholds = thresholds_from(thresholds_raw, self.defaults)
-        report = window_report(
-            window,
-            score_reference=reference,
-            reference_source=source,
-            features=features,
-            thresholds=thresholds,
+        report, recent = (
+            window_report(
+                w,
+                score_reference=reference,
+                reference_source=source,
+                features=features,
+                thresholds=thresholds,
+            )
+            for w in (window, latest)
         )
         previous = json.loads(previous_raw) if previous_raw else {}
-        active, events = evaluate_alerts(report, thresholds, previous.get("alerts") or {}, now_ms)
-        counts: dict[str, int] = dict(previous.get("event_counts") or {})
-        for event in events:
-            if event["type"] == "raised":
-                counts[event["kind"]] = counts.get(event["kind"], 0) + 1
-            log.warning(
-                "drift alert %s on %s: %s %.4f (threshold %.4f)",
-                event["type"],
-                deployment,
-                event["kind"],
-                event["value"] or 0.0,
-                event["threshold"],
-            )
+        active, _events = evaluate_alerts(
+            report, thresholds, previous.get("alerts") or {}, now_ms, recent=recent
+        )
         stored = {
             "deployment": deployment,
             "evaluated_at_ms": now_ms,
@@ -199,11 +222,13 @@ class DriftMonitor:
                 "requests": self.window_requests,
                 "seconds": self.window_s,
                 "interval_s": self.interval_s,
+                "clear_requests": self.clear_requests,
+                "evaluate_every": self.evaluate_every,
             },
             "thresholds": thresholds.to_dict(),
             "current": report,
+            "latest": {"requests": recent["requests"], "values": recent["values"]},
             "alerts": active,
-            "event_counts": counts,
         }
         point = {
             "ts_ms": now_ms,
@@ -214,23 +239,53 @@ class DriftMonitor:
         }
         pipe = self.client.pipeline(transaction=False)
         pipe.set(names.drift_report_key(deployment), json.dumps(stored))
-        pipe.xadd(
-            names.drift_history_stream(deployment),
-            {b"p": json.dumps(point)},
-            maxlen=self.history_len,
-            approximate=False,
-        )
-        for event in events:
+        if now_ms - self._last_point.get(deployment, 0.0) >= self.interval_s * 1000 * 0.9:
+            self._last_point[deployment] = now_ms
             pipe.xadd(
-                names.drift_events_stream(deployment),
-                {b"e": json.dumps({"deployment": deployment, **event})},
-                maxlen=EVENTS_MAXLEN,
-                approximate=True,
+                names.drift_history_stream(deployment),
+                {b"p": json.dumps(point)},
+                maxlen=self.history_len,
+                approximate=False,
             )
         await pipe.execute()
-        if events and self.webhooks is not None:  # queued: the evaluation does not wait
-            self.webhooks.notify(deployment, events, {**(previous.get("alerts") or {}), **active})
+        figures = {
+            kind: {"value": recent["values"].get(kind) if recent["status"] == "ok" else value,
+                   "threshold": getattr(thresholds, kind)}
+            for kind, value in report["values"].items()
+        }  # fmt: skip
+        events = await drift_store.claim(
+            self.client,
+            deployment,
+            MONITOR,
+            {kind: {**alert, "feature": None} for kind, alert in active.items()},
+            stale_ms=self.interval_s * 3000 + 2000,
+            figures=figures,
+            now_ms=now_ms,
+        )
+        announce(deployment, events, self.webhooks)  # webhooks queued: nothing waits
         return stored
+
+    async def _newest(self, deployment: str, real: str, now_ms: float) -> list[Sketch]:
+        """The newest sketches, newest first, a page at a time until they hold a window of
+        ``real``'s requests (or reach ``window_s`` back)."""
+        key = names.drift_sketch_stream(deployment)
+        oldest = int(now_ms - self.window_s * 1000)
+        out: list[Sketch] = []
+        requests = 0
+        high: str | bytes = "+"
+        while len(out) < SCAN_LIMIT:
+            entries = cast(Entries, await self.client.xrevrange(key, high, oldest, count=PAGE))
+            if not entries:
+                break
+            if high == "+":
+                self._last_seen[deployment] = entries[0][0]
+            page = _decode_sketches(entries)
+            out += page
+            requests += sum(s.requests for s in page if s.real_model == real)
+            if requests >= self.window_requests or len(entries) < PAGE:
+                break
+            high = b"(" + entries[-1][0]
+        return out
 
     async def _training_reference(
         self, name: str, version: int, meta_raw: bytes | None
@@ -319,17 +374,26 @@ async def drift_view(
     pipe.get(names.drift_thresholds_key(deployment))
     pipe.xrevrange(names.drift_history_stream(deployment), count=history)
     pipe.xrevrange(names.drift_events_stream(deployment), count=events)
-    report_raw, thresholds_raw, points, event_entries = await pipe.execute()
+    pipe.hgetall(names.drift_alerts_key(deployment))
+    pipe.hgetall(names.drift_event_counts_key(deployment))
+    pipe.hgetall(names.drift_claims_key(deployment))
+    report_raw, thresholds_raw, points, event_entries, *merged = await pipe.execute()
     report: dict[str, Any] = json.loads(report_raw) if report_raw else {}
-    alerts: Mapping[str, Any] = report.get("alerts") or {}
+    shared = drift_store.parse(*merged)
+    online = {
+        source.removeprefix("gateway:"): {k: v for k, v in claim.items() if k != "figures"}
+        for source, claim in sorted(shared["claims"].items())
+        if source != MONITOR
+    }
     return {
         "deployment": deployment,
         "evaluated_at_ms": report.get("evaluated_at_ms"),
         "window": report.get("window"),
         "thresholds": thresholds_from(thresholds_raw, defaults).to_dict(),
         "current": report.get("current"),
-        "alerts": [alerts[k] for k in sorted(alerts)],
-        "event_counts": report.get("event_counts") or {},
+        "alerts": shared["alerts"],
+        "event_counts": shared["event_counts"],
+        "online": online,
         "events": [json.loads(f[b"e"]) for _id, f in reversed(event_entries)],
         "history": [json.loads(f[b"p"]) for _id, f in reversed(points)],
     }

@@ -8,6 +8,7 @@ whichever gateway process answers it, so every process exposes the same figures.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -20,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from rendezvous import names
 from rendezvous.bus.connection import AsyncClient
-from rendezvous.drift_alerts import ALERT_KINDS
+from rendezvous.drift_alerts import ALL_ALERT_KINDS
 
 STALE_STATS_S = 60.0
 """Counters of a process that has not published for this long are not exposed (it died)."""
@@ -56,6 +57,10 @@ class DeploymentState:
     worker_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     """``role|consumer`` -> the JSON counters it published."""
     drift: dict[str, Any] | None = None
+    drift_alerts: set[str] = field(default_factory=set)
+    """Kinds of the active drift alerts (``drift_store``: every source's)."""
+    drift_raised: dict[str, int] = field(default_factory=dict)
+    """Kind -> drift alerts raised."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Role -> input entries its group was moved past (``RDV_MAX_ROLE_LAG``)."""
 
@@ -110,6 +115,8 @@ async def read_state(
         pipe.hgetall(names.stats_key(dep))
         pipe.get(names.drift_report_key(dep))
         pipe.hgetall(names.skipped_key(dep))
+        pipe.hvals(names.drift_alerts_key(dep))
+        pipe.hgetall(names.drift_event_counts_key(dep))
         for stream in inputs:
             pipe.xlen(stream)
             pipe.xinfo_groups(stream)
@@ -123,9 +130,9 @@ async def read_state(
     at = 1
     for dep, inputs in streams.items():
         n = len(inputs)
-        xlen_dec, live, stats, report, skipped = replies[at : at + 5]
-        per_partition = replies[at + 5 : at + 5 + 2 * n]
-        at += 5 + 2 * n
+        xlen_dec, live, stats, report, skipped, alerts, raised = replies[at : at + 7]
+        per_partition = replies[at + 7 : at + 7 + 2 * n]
+        at += 7 + 2 * n
         ds = DeploymentState()
         ds.input_length = sum(x for x in per_partition[0::2] if isinstance(x, int))
         ds.decisions_length = xlen_dec if isinstance(xlen_dec, int) else 0
@@ -145,6 +152,11 @@ async def read_state(
                 ds.drift = None
         if isinstance(skipped, dict):
             ds.skipped = {_text(role): int(n) for role, n in skipped.items()}
+        for alert in alerts if isinstance(alerts, list) else []:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                ds.drift_alerts.add(str(json.loads(alert)["kind"]))
+        if isinstance(raised, dict):
+            ds.drift_raised = {_text(kind): int(n) for kind, n in raised.items()}
         state.deployments[dep] = ds
     await _forget(client, forget)
     return state
@@ -311,16 +323,14 @@ class ClusterStateCollector(Collector):
             "rdv_drift_evaluated_timestamp_seconds", "When drift was last evaluated.", dep_only
         )
         for dep, ds in sorted(self.state.deployments.items()):
+            for kind in ALL_ALERT_KINDS:
+                alert.add_metric([dep, kind], 1.0 if kind in ds.drift_alerts else 0.0)
+                events.add_metric([dep, kind], float(ds.drift_raised.get(kind, 0)))
             report = ds.drift
             if not report:
                 continue
             if report.get("evaluated_at_ms"):
                 evaluated.add_metric([dep], report["evaluated_at_ms"] / 1000)
-            active = report.get("alerts") or {}
-            counts = report.get("event_counts") or {}
-            for kind in ALERT_KINDS:
-                alert.add_metric([dep, kind], 1.0 if kind in active else 0.0)
-                events.add_metric([dep, kind], float(counts.get(kind, 0)))
             current = report.get("current") or {}
             if current.get("requests") is not None:
                 window.add_metric([dep], current["requests"])

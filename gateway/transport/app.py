@@ -31,6 +31,7 @@ from gateway.observability.alert_webhooks import AlertWebhooks
 from gateway.observability.dashboard import dashboard_router
 from gateway.observability.drift_feed import DriftFeed
 from gateway.observability.drift_monitor import DriftMonitor, local_model_meta
+from gateway.observability.drift_online import OnlineDrift
 from gateway.observability.metrics import GatewayMetrics, multiprocess_dir
 from gateway.observability.routes import observe_router
 from gateway.problems import RETRY, Problem
@@ -134,11 +135,20 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             wait_timeout_ms=settings.wait_replicas_timeout_ms,
         )
         instance = instance_id()
+        webhooks = AlertWebhooks(settings.alert_webhooks)
+        online = OnlineDrift(
+            client,
+            deployments,
+            instance,
+            webhooks=webhooks,
+            local_meta=local_model_meta(settings.models_dir),
+        )
         feed = DriftFeed(
             client,
             deployments,
             maxlen=settings.drift_sketch_maxlen,
             on_dropped=metrics.drift_rows_dropped,
+            online=online,
         )
 
         def on_decision(record: DecisionRecord) -> None:
@@ -154,7 +164,6 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             on_decision=on_decision,
         )
         await rendezvous.start()
-        webhooks = AlertWebhooks(settings.alert_webhooks)
         monitor = DriftMonitor(
             client,
             deployments,
@@ -171,6 +180,7 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             asyncio.create_task(deployments.run()),
             asyncio.create_task(feed.run()),
             asyncio.create_task(monitor.run()),
+            asyncio.create_task(online.run()),
         ]
         close_admin = await start_admin(app, settings)
         app.state.settings = settings
@@ -203,6 +213,7 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             for task in background:
                 task.cancel()
             close_admin()
+            await online.close()
             await webhooks.close()
             await rendezvous.stop()
             with contextlib.suppress(redis.RedisError, OSError):
