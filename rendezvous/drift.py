@@ -27,6 +27,11 @@ DIVERGENCE_EDGES: tuple[float, ...] = (
     *(0.0, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
     *(0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0),
 )
+DISTANCE_EDGES: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 1000.0)
+"""Bins of a row's distance to the training centre: the root mean square of its z-scores
+(a diagonal Mahalanobis distance per feature; about 1 for a typical training row)."""
+_DIST_EDGES = np.asarray(DISTANCE_EDGES)
+_DIST_BINS = len(DISTANCE_EDGES) - 1
 _SCORE_BINS = len(SCORE_EDGES) - 1
 _DIV_BINS = len(DIVERGENCE_EDGES) - 1
 _DIV_EDGES = np.asarray(DIVERGENCE_EDGES)
@@ -121,6 +126,11 @@ class FeatureReference:
     names: tuple[str, ...]
     cuts: np.ndarray
     expected: np.ndarray
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+    """The training range per feature."""
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
 
     @classmethod
     def from_spec(cls, spec: FeatureSpec) -> FeatureReference | None:
@@ -153,7 +163,36 @@ class FeatureReference:
                 if cuts[f, j] <= lows[j]:  # bin j = [lows[j], cuts[j]) is empty by construction
                     expected[f, j + 1] += expected[f, j]
                     expected[f, j] = 0.0
-        return cls(names=tuple(spec.names), cuts=cuts, expected=expected)
+        trained = [spec.stats[n] for n in spec.names]
+        return cls(
+            names=tuple(spec.names),
+            cuts=cuts,
+            expected=expected,
+            lo=np.asarray([t.min for t in trained], dtype=np.float64),
+            hi=np.asarray([t.max for t in trained], dtype=np.float64),
+            mean=np.asarray([t.mean for t in trained], dtype=np.float64),
+            std=np.asarray([t.std if t.std > 0 else 1.0 for t in trained], dtype=np.float64),
+        )
+
+    def evidence(self, matrix: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        """Out-of-distribution evidence of a (rows, features) batch: how many rows have a
+        feature outside the training range, how many rows each feature is outside it in, and
+        the rows' distances to the training centre binned over ``DISTANCE_EDGES``. Rows
+        holding a NaN are left out, as ``bin`` does."""
+        assert self.lo is not None and self.hi is not None
+        assert self.mean is not None and self.std is not None
+        x = np.asarray(matrix, dtype=np.float64)
+        if x.ndim == 1:
+            x = x[None, :]
+        x = x[~np.isnan(x).any(axis=1)]
+        out = (x < self.lo) | (x > self.hi)
+        z = (x - self.mean) / self.std
+        distance = np.sqrt(np.mean(z * z, axis=1))
+        return (
+            int(out.any(axis=1).sum()),
+            out.sum(axis=0).astype(np.int64),
+            _fixed_counts(_DIST_EDGES, distance),
+        )
 
     def bin(self, matrix: np.ndarray) -> np.ndarray:
         """Counts per feature and bin of a (rows, features) batch. A value equal to a cut
@@ -201,6 +240,12 @@ class Sketch:
     disagreements: int = 0
     feature_rows: int = 0
     features: np.ndarray | None = None
+    ood_rows: int = 0
+    """Feature rows with at least one feature outside its training range."""
+    out_of_range: np.ndarray | None = None
+    """Rows outside the training range, per feature."""
+    distance: np.ndarray = field(default_factory=lambda: _zeros(_DIST_BINS))
+    """Rows per ``DISTANCE_EDGES`` bin of their distance to the training centre."""
 
     def add_decision(
         self,
@@ -248,6 +293,16 @@ class Sketch:
             self.features += c
         self.feature_rows += int(rows)
 
+    def add_evidence(self, ood_rows: int, out_of_range: np.ndarray, distance: np.ndarray) -> None:
+        """What ``FeatureReference.evidence`` says of rows added with ``add_features``."""
+        self.ood_rows += int(ood_rows)
+        counts = np.asarray(out_of_range, dtype=np.int64)
+        if self.out_of_range is None:
+            self.out_of_range = counts.copy()
+        elif self.out_of_range.shape == counts.shape:
+            self.out_of_range += counts
+        self.distance = self.distance + np.asarray(distance, dtype=np.int64)
+
     def merge(self, other: Sketch) -> Sketch:
         """Sum of two sketches; ValueError when they describe different models or feature
         bins, since their sum would mean nothing."""
@@ -261,6 +316,10 @@ class Sketch:
         if len(present) == 2 and present[0].shape != present[1].shape:
             raise ValueError(f"feature counts differ in shape: {[f.shape for f in present]}")
         doc["features"] = sum(present[1:], present[0].copy()) if present else None
+        ranges = [f for f in (self.out_of_range, other.out_of_range) if f is not None]
+        if len(ranges) == 2 and ranges[0].shape != ranges[1].shape:
+            ranges = ranges[:1]
+        doc["out_of_range"] = sum(ranges[1:], ranges[0].copy()) if ranges else None
         spans = [s for s in (self, other) if s.start_ms or s.end_ms]  # skip a blank Sketch()
         doc["start_ms"] = min((s.start_ms for s in spans), default=0.0)
         doc["end_ms"] = max((s.end_ms for s in spans), default=0.0)
@@ -302,8 +361,9 @@ class Sketch:
             sketch = cls(**kwargs)
         except Exception as exc:
             raise ValueError(f"not a drift sketch: {exc}") from None
-        shapes = (sketch.score_real.shape, sketch.score_canary.shape, sketch.divergence.shape)
-        if shapes != ((_SCORE_BINS,), (_SCORE_BINS,), (_DIV_BINS,)) or (
+        shapes = (sketch.score_real.shape, sketch.score_canary.shape, sketch.divergence.shape,
+                  sketch.distance.shape)  # fmt: skip
+        if shapes != ((_SCORE_BINS,), (_SCORE_BINS,), (_DIV_BINS,), (_DIST_BINS,)) or (
             sketch.features is not None and sketch.features.ndim != 2
         ):
             raise ValueError(f"not a drift sketch: histograms of the wrong shape {shapes}")
@@ -312,6 +372,7 @@ class Sketch:
 
 _NAMES = ("real_model", "canary_model", "feature_version")
 _FLOATS = ("start_ms", "end_ms", "divergence_sum")
-_INTS = ("requests", "rows", "compared", "compared_rows", "disagreements", "feature_rows")
-_ARRAYS = ("score_real", "score_canary", "divergence", "features")
-_SUMMED = (*_INTS, "divergence_sum", "score_real", "score_canary", "divergence")
+_INTS = ("requests", "rows", "compared", "compared_rows", "disagreements", "feature_rows",
+         "ood_rows")  # fmt: skip
+_ARRAYS = ("score_real", "score_canary", "divergence", "features", "out_of_range", "distance")
+_SUMMED = (*_INTS, "divergence_sum", "score_real", "score_canary", "divergence", "distance")

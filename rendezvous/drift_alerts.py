@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from rendezvous.drift import (
+    DISTANCE_EDGES,
     DIVERGENCE_EDGES,
     SCORE_EDGES,
     FeatureReference,
@@ -107,6 +108,30 @@ def _feature_psi(w: Sketch, ref: FeatureReference | None) -> dict[str, float]:
     return {n: round(psi(ref.expected[i], c[i]), 6) for i, n in enumerate(ref.names)}
 
 
+def _ood_report(w: Sketch, ref: FeatureReference | None, top_k: int) -> dict[str, Any] | None:
+    """Out-of-distribution evidence of the window's rows (None without any)."""
+    if not w.feature_rows or w.distance.sum() == 0:
+        return None
+    rates: dict[str, float] = {}
+    if ref is not None and w.out_of_range is not None and len(ref.names) == len(w.out_of_range):
+        for name, n in zip(ref.names, w.out_of_range.tolist(), strict=True):
+            if n:
+                rates[name] = round(n / w.feature_rows, 6)
+    top = sorted(rates.items(), key=lambda kv: kv[1], reverse=True)[:top_k]
+    return {
+        "rows": w.feature_rows,
+        "out_of_range_rows": w.ood_rows,
+        "rate": _r(w.ood_rows / w.feature_rows),
+        "features": [{"feature": n, "rate": v} for n, v in top],
+        "distance": {
+            f"p{round(q * 100)}": _r(histogram_quantile(DISTANCE_EDGES, w.distance, q))
+            for q in (0.5, 0.9, 0.99)
+        },
+        "distance_edges": list(DISTANCE_EDGES),
+        "distance_counts": w.distance.tolist(),
+    }
+
+
 def window_report(
     window: Sketch,
     *,
@@ -155,6 +180,7 @@ def window_report(
             "top": [{"feature": n, "psi": v} for n, v in top],
             "max_psi": max_psi,
         },
+        "ood": _ood_report(w, features, top_k),
         "values": {
             "divergence_mean": div["mean"],
             "disagreement_rate": div["disagreement_rate"],

@@ -236,6 +236,41 @@ def test_sketch_bytes_roundtrip_and_garbage() -> None:
             Sketch.from_bytes(raw_doc)
 
 
+def test_out_of_distribution_evidence_is_counted_merged_and_reported() -> None:
+    """Per row: outside the training range (per feature and any), and the distance to the
+    training centre; summed over sketches and reported as the window's OOD rate and
+    distance quantiles. A sketch written before these fields still reads."""
+    spec = _spec({"a": [1.0, 2.0, 3.0], "b": [10.0, 20.0, 30.0]}, {"a": 0.0, "b": 0.0})
+    ref = FeatureReference.from_spec(spec)
+    assert ref is not None and ref.lo is not None
+    rows = np.array([[2.0, 5.0], [12.0, 5.0], [-5.0, 99.0], [np.nan, 1.0]])  # range 0 to 10
+    ood_rows, per_feature, distance = ref.evidence(rows)
+    assert ood_rows == 2 and per_feature.tolist() == [2, 1] and distance.sum() == 3
+    a, b = _sketch(0, 2), _sketch(0, 2)
+    a.features = b.features = None
+    a.feature_version = b.feature_version = None
+    a.feature_rows = b.feature_rows = 0
+    for s in (a, b):
+        s.add_features(ref.bin(rows), rows=3, version=ref.version)
+        s.add_evidence(ood_rows, per_feature, distance)
+    m = Sketch.from_bytes(a.merge(b).to_bytes())
+    assert m.ood_rows == 4 and m.out_of_range is not None and m.out_of_range.tolist() == [4, 2]
+    assert m.distance.sum() == 6
+    report = window_report(m, score_reference=None, reference_source=None, features=ref,
+                           thresholds=Thresholds(min_requests=1))  # fmt: skip
+    ood = report["ood"]
+    assert ood["rows"] == 6 and ood["rate"] == pytest.approx(4 / 6)
+    assert ood["features"][0] == {"feature": "a", "rate": pytest.approx(4 / 6)}
+    assert ood["distance"]["p50"] is not None and ood["distance"]["p50"] <= ood["distance"]["p99"]
+    old = msgpack.unpackb(_sketch(0, 1).to_bytes())
+    for name in ("ood_rows", "out_of_range", "distance"):
+        del old[name]
+    before = Sketch.from_bytes(msgpack.packb(old))
+    assert before.ood_rows == 0 and before.distance.sum() == 0 and before.out_of_range is None
+    assert window_report(before, score_reference=None, reference_source=None, features=None,
+                         thresholds=Thresholds())["ood"] is None  # fmt: skip
+
+
 # -- thresholds and alerts ---------------------------------------------------------------------
 
 
@@ -287,7 +322,7 @@ def test_report_shape_and_insufficient_data() -> None:
     assert report["status"] == "insufficient_data" and report["requests"] == 3
     assert set(report) == {
         *("status", "requests", "rows", "from_ms", "to_ms", "real_model", "canary_model"),
-        *("divergence", "score", "features", "values"),
+        *("divergence", "score", "features", "values", "ood"),
     }
     assert report["divergence"]["mean"] == pytest.approx(0.02)
     assert report["divergence"]["disagreement_rate"] == pytest.approx(1 / 6, rel=1e-5)

@@ -3,10 +3,13 @@
 Drift is judged over thousands of requests, but reading thousands of decision records and
 input envelopes back from Redis at every evaluation would cost more than serving them. So each
 process aggregates as it goes, in memory and off the request path: the feature rows of every
-request it accepted (binned against the training quantiles once a second, in one vectorised
-call) and the scores and divergence of every decision record it closed. Once a second it
-appends one ``Sketch`` per deployment to ``rdv:{dep}:drift:sketches``; the drift monitor merges
-the sketches of a window. A sketch never mixes two real models: a promotion starts a new one.
+request it accepted (binned against the training quantiles at every flush, in one vectorised
+call, with their out-of-distribution evidence: rows outside the training range, per feature,
+and distances to the training centre) and the scores and divergence of every decision record
+it closed. Every ``interval_s`` (0.25 s) it appends one ``Sketch`` per deployment to
+``rdv:{dep}:drift:sketches``; the drift monitor merges the sketches of a window. A sketch never
+mixes two real models: a promotion starts a new one. The rows and decisions are also handed to
+the online detectors (``drift_online``), which judge them within tens of milliseconds.
 """
 
 from __future__ import annotations
@@ -141,6 +144,7 @@ class DriftFeed:
             return
         sketch.feature_version = reference.version
         sketch.add_features(reference.bin(matrix), len(matrix))
+        sketch.add_evidence(*reference.evidence(matrix))
 
     def _close_all(self) -> list[tuple[str, Sketch]]:
         now = time.time() * 1000

@@ -235,6 +235,8 @@ class DriftMonitor:
             "status": report["status"],
             "requests": report["requests"],
             "divergence_p90": report["divergence"]["p90"],
+            "ood_rate": (report["ood"] or {}).get("rate"),
+            "distance_p90": ((report["ood"] or {}).get("distance") or {}).get("p90"),
             **report["values"],
         }
         pipe = self.client.pipeline(transaction=False)
