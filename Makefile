@@ -46,3 +46,11 @@ clean:
 ## into benchmarks/.venv-mlserver); results in benchmarks/results/. QUICK=1: a short run.
 bench: install
 	$(BIN)/python -m benchmarks.run $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+.PHONY: bench-drift
+
+## The drift benchmark (issue 16): a fresh rdv serve at 400 requests/s, faults injected one at a
+## time; requests to first alert and to clear, false alarms on stationary traffic (live and
+## offline); results in benchmarks/results/drift-*. QUICK=1: a short run.
+bench-drift: install
+	$(BIN)/python -m benchmarks.drift_bench $(if $(QUICK),--quick) $(DRIFT_ARGS)

@@ -104,8 +104,10 @@ class DetectorSettings:
     """|predicted positive share - training's| up to this is normal..."""
     prior_shifts: tuple[float, ...] = (0.12, 0.25)
     """...and these are the shifts the prior CUSUMs are tuned to detect."""
-    clear_h: float = math.log(100.0)
-    """Reverse CUSUMs clear an alert once the evidence for the null is 100 to 1."""
+    clear_h: float = math.log(20.0)
+    """Reverse CUSUMs clear an alert once the evidence for the null is 20 to 1 (9 normal rows
+    after a range alert: a process that gets a small share of the traffic clears soon)."""
+    stuck_clear_rows: int = 12
 
     @property
     def windows(self) -> tuple[int, ...]:
@@ -418,6 +420,7 @@ class FeatureDetectors:
         stuck_alpha = s.stuck_alarms_per_100k / 100_000 / n
         self._stuck_alpha = stuck_alpha
         self._held = {kind: np.zeros(n, dtype=bool) for kind in KINDS[:4]}
+        self._stuck_value = np.zeros(n, dtype=np.float64)
         """Which alerts this process holds, by kind and feature (mirrors ``active``)."""
         self.active: dict[str, dict[str, Any]] = {}
         """Alert id -> alert, for the alerts this process holds."""
@@ -468,6 +471,7 @@ class FeatureDetectors:
             events[self._id("feature_range", f)] = ("raised", f)
         for f in np.flatnonzero((down[:width] | down[width:]) & ~range_on).tolist():
             events[self._id("feature_range", f)] = ("cleared", f)
+        self._check_unstuck(events)
         if self._since_check >= self.settings.check_rows:
             self._since_check = 0
             self._check_stuck(events)
@@ -531,6 +535,8 @@ class FeatureDetectors:
                 events[self._id(kind, f)] = ("raised" if on[f] else "cleared", f)
 
     def _check_stuck(self, events: dict[str, tuple[str, int]]) -> None:
+        """Raise: one value in most of the latest ``stuck_rows`` rows (judged with the
+        windows)."""
         s, p = self.settings, self.profile
         m = s.stuck_rows
         if self.rows_seen < m:
@@ -539,18 +545,26 @@ class FeatureDetectors:
         ordered = np.sort(recent, axis=0)
         ties = (ordered[1:] == ordered[:-1]).sum(axis=0)
         floor = math.ceil(s.stuck_min_share * m)
-        screen = ties + 1 >= int(floor * s.clear_ratio)  # cheap: only these are counted
-        for f in np.flatnonzero(screen | self._held["feature_stuck"]):
-            was = bool(self._held["feature_stuck"][f])
-            now = False
-            if screen[f]:
-                values, counts = np.unique(recent[:, f], return_counts=True)
-                top = int(np.argmax(counts))
-                mass = p.mass_bound(int(f), float(values[top]))
-                need = max(floor, _stuck_count(m, round(mass + 0.005, 2), self._stuck_alpha))
-                now = bool(counts[top] >= (int(need * s.clear_ratio) if was else need))
-            if now != was:
-                events[self._id("feature_stuck", int(f))] = ("raised" if now else "cleared", int(f))
+        for f in np.flatnonzero((ties + 1 >= floor) & ~self._held["feature_stuck"]).tolist():
+            values, counts = np.unique(recent[:, f], return_counts=True)  # the screen passed
+            top = int(np.argmax(counts))
+            mass = p.mass_bound(f, float(values[top]))
+            need = max(floor, _stuck_count(m, round(mass + 0.005, 2), self._stuck_alpha))
+            latest = recent[-s.stuck_clear_rows :, f] == values[top]
+            if counts[top] >= need and latest.sum() > 1:  # still stuck now: not just earlier
+                self._stuck_value[f] = values[top]
+                events[self._id("feature_stuck", f)] = ("raised", f)
+
+    def _check_unstuck(self, events: dict[str, tuple[str, int]]) -> None:
+        """Clear (at every step): the stuck value is at most once in the latest
+        ``stuck_clear_rows`` rows, so a process that sees few rows clears after a dozen."""
+        held = np.flatnonzero(self._held["feature_stuck"]).tolist()
+        if not held:
+            return
+        recent = self._recent(min(self.settings.stuck_clear_rows, self.rows_seen))
+        for f in held:
+            if int((recent[:, f] == self._stuck_value[f]).sum()) <= 1:
+                events[self._id("feature_stuck", f)] = ("cleared", f)
 
     def _recent(self, m: int) -> np.ndarray:
         idx = np.arange(self.rows_seen - m, self.rows_seen) % self._capacity
@@ -590,7 +604,7 @@ class FeatureDetectors:
                 # The slower windows hold the broken rows the cleared alert was about: they
                 # start afresh, and an alert they held clears with them.
                 if kind in ("feature_range", "feature_stuck"):
-                    self.reset_windows(f, range(1, last + 1))
+                    self.reset_windows(f, range(last + 1))
                     self._window_events(events, f)
         return raised, cleared
 

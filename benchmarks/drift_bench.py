@@ -1,0 +1,506 @@
+"""The drift benchmark (issue 16): how many requests a broken feed takes to be alerted, how many
+normal ones its alerts take to clear, and how often stationary traffic alarms.
+
+A fresh ``rdv serve`` with its defaults (two gateway processes on two cores or more) gets
+steady single-row traffic at ``--rate`` (400/s) in an open loop: one request scheduled every
+1/rate s whatever the answers do, rows drawn from the breast-cancer data set (training and
+held-out rows alike). After a warm-up, ``--stationary`` requests (20,000) are sent unchanged and
+every alert raised meanwhile counts as a false alarm. Then the faults, one at a time: each
+changes the rows of every request for ``--hold`` requests (or, for the subtle ones, until
+alerted or ``--subtle-hold``), then the traffic is normal again until no alert is left, and
+``--gap`` more normal requests separate it from the next fault.
+
+Requests to first alert: the faulty requests sent before the first alert that became active
+after the fault began (its ``since_ms``, when it entered the ``alerts`` list of
+``GET /v1/deployments/{d}/drift``). Requests to clear: the normal requests sent after the fault
+ended before the list was empty (the time of the last ``cleared`` event). Both clocks are this
+machine's.
+
+Offline, the same detector code (``rendezvous.drift_detect``: every online kind, two processes
+each judging half the rows) replays ``--far-rows`` stationary rows drawn from the whole data
+set and from the 143 held-out rows alone, and counts alarms per 100,000 requests, with a 95 %
+upper bound (none in N rows: 3.0 / N).
+
+    python -m benchmarks.drift_bench            # or: make bench-drift
+    python -m benchmarks.drift_bench --quick    # a short run (fewer faults, 4,000 stationary)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from benchmarks.systems import REPO, start_rdv
+from models.train import demo_data, training_stats
+from rendezvous.drift_detect import FeatureDetectors, FeatureProfile, PriorDetector
+from rendezvous.spec import FeatureSpec
+
+DEPLOYMENT = "breast-cancer"
+PREDICT = f"/v1/deployments/{DEPLOYMENT}/predict"
+DRIFT = f"/v1/deployments/{DEPLOYMENT}/drift"
+POLL_S = 0.05
+
+Rows = Callable[[np.random.Generator, int], np.ndarray]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- the data and the faults -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Data:
+    names: list[str]
+    x: np.ndarray
+    y: np.ndarray
+    held_out: np.ndarray
+    stats: dict[str, Any]
+
+    @classmethod
+    def load(cls) -> Data:
+        d = demo_data()
+        x = np.vstack([d.x_train, d.x_test]).astype(np.float64)
+        y = np.concatenate([d.y_train, d.y_test])
+        stats = training_stats(d.names, d.x_train)
+        return cls(d.names, x, y, d.x_test.astype(np.float64), stats)
+
+    def col(self, name: str) -> int:
+        return self.names.index(name)
+
+    def normal(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return self.x[rng.integers(0, len(self.x), n)]
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    group: str
+    """gross, prior, moderate or subtle: the target it is held to."""
+    rows: Rows
+
+
+def faults(data: Data) -> list[Fault]:
+    st = data.stats
+
+    def on(name: str, how: Callable[[np.ndarray], np.ndarray]) -> Rows:
+        i = data.col(name)
+
+        def rows(rng: np.random.Generator, n: int) -> np.ndarray:
+            x = data.normal(rng, n)
+            x[:, i] = how(x[:, i])
+            return x
+
+        return rows
+
+    def swapped(a: str, b: str) -> Rows:
+        i, j = data.col(a), data.col(b)
+
+        def rows(rng: np.random.Generator, n: int) -> np.ndarray:
+            x = data.normal(rng, n)
+            x[:, [i, j]] = x[:, [j, i]]
+            return x
+
+        return rows
+
+    def prior(positive: float) -> Rows:
+        pos, neg = data.x[data.y == 1], data.x[data.y == 0]
+
+        def rows(rng: np.random.Generator, n: int) -> np.ndarray:
+            k = rng.random(n) < positive
+            out = neg[rng.integers(0, len(neg), n)]
+            out[k] = pos[rng.integers(0, len(pos), int(k.sum()))]
+            return out
+
+        return rows
+
+    def mean(name: str) -> float:
+        return float(st[name].mean)
+
+    def std(name: str) -> float:
+        return float(st[name].std)
+
+    return [
+        Fault("columns swapped: mean radius <-> mean texture", "gross",
+              swapped("mean radius", "mean texture")),
+        Fault("unit change: mean radius x10", "gross", on("mean radius", lambda v: v * 10)),
+        Fault("unit change: worst area /100", "gross", on("worst area", lambda v: v / 100)),
+        Fault("stuck: mean smoothness at its training mean", "gross",
+              on("mean smoothness", lambda v: np.full_like(v, mean("mean smoothness")))),
+        Fault("missing as zero: texture error", "gross", on("texture error", np.zeros_like)),
+        Fault("missing as zero: mean concavity (0 is in range)", "gross",
+              on("mean concavity", np.zeros_like)),
+        Fault("out of range: area error at 3x the training max", "gross",
+              on("area error", lambda v: np.full_like(v, 3 * st["area error"].max))),
+        Fault("class prior: 90 % malignant", "prior", prior(0.1)),
+        Fault("class prior: 85 % benign", "prior", prior(0.85)),
+        Fault("moderate: mean texture +1 std", "moderate",
+              on("mean texture", lambda v: v + std("mean texture"))),
+        Fault("moderate: worst concavity x1.5", "moderate",
+              on("worst concavity", lambda v: v * 1.5)),
+        Fault("subtle: mean radius x1.1 (10 % scale)", "subtle",
+              on("mean radius", lambda v: v * 1.1)),
+        Fault("subtle: worst smoothness +10 % of its mean", "subtle",
+              on("worst smoothness", lambda v: v + 0.1 * mean("worst smoothness"))),
+        Fault("subtle: area error x1.25 (25 % scale)", "subtle",
+              on("area error", lambda v: v * 1.25)),
+        Fault("subtle: mean texture +25 % of its mean", "subtle",
+              on("mean texture", lambda v: v + 0.25 * mean("mean texture"))),
+    ]  # fmt: skip
+
+
+TARGETS = {"gross": (200, 1000), "prior": (500, None), "moderate": (500, None),
+           "subtle": (5000, None)}  # fmt: skip
+"""Requests to first alert, and to clear, that issue 16 asks for."""
+
+
+# -- the traffic -------------------------------------------------------------------------------
+
+
+def _request(host: str, port: int, row: np.ndarray) -> bytes:
+    body = json.dumps({"instances": [[float(v) for v in row]]}).encode()
+    head = (f"POST {PREDICT} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    return head.encode() + body
+
+
+@dataclass
+class Sender:
+    """An open loop: request i is due at start + i / rate, sent on the first idle connection
+    of ``connections`` keep-alive connections (or as soon as one is free)."""
+
+    host: str
+    port: int
+    rate: float
+    rows: Rows
+    rng: np.random.Generator
+    connections: int = 32
+    sent: int = 0
+    sent_at: list[float] = field(default_factory=list)
+    phase_of: list[str] = field(default_factory=list)
+    phase: str = "warm-up"
+    statuses: dict[int, int] = field(default_factory=dict)
+    late_s: float = 0.0
+    _buffer: list[np.ndarray] = field(default_factory=list)
+
+    def _next_row(self) -> np.ndarray:
+        if not self._buffer:
+            self._buffer = list(self.rows(self.rng, 64))
+        return self._buffer.pop()
+
+    def switch(self, rows: Rows, phase: str) -> None:
+        self.rows, self.phase, self._buffer = rows, phase, []
+
+    async def run(self, stop: asyncio.Event) -> None:
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        workers = []
+        for _ in range(self.connections):
+            # opened one at a time: a burst of connects is taken by whichever gateway process
+            # wakes first, and the other would see almost no traffic
+            workers.append(asyncio.create_task(self._connection(queue)))
+            await asyncio.sleep(0.02)
+        start = time.monotonic()
+        try:
+            while not stop.is_set():
+                due = start + self.sent / self.rate
+                now = time.monotonic()
+                if due > now:
+                    await asyncio.sleep(due - now)
+                else:
+                    self.late_s = max(self.late_s, now - due)
+                queue.put_nowait(_request(self.host, self.port, self._next_row()))
+                self.sent_at.append(time.time())
+                self.phase_of.append(self.phase)
+                self.sent += 1
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _connection(self, queue: asyncio.Queue[bytes]) -> None:
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            while True:
+                request = await queue.get()
+                writer.write(request)
+                status = int((await reader.readline()).split()[1])
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                self.statuses[status] = self.statuses.get(status, 0) + 1
+        finally:
+            writer.close()
+
+    def count(self, phase: str, before_s: float | None = None) -> int:
+        """Requests of ``phase`` sent before ``before_s`` (epoch seconds), or all of them."""
+        return sum(
+            1
+            for t, p in zip(self.sent_at, self.phase_of, strict=False)
+            if p == phase and (before_s is None or t < before_s)
+        )
+
+
+async def drift(http: httpx.AsyncClient) -> dict[str, Any]:
+    response = await http.get(DRIFT)
+    response.raise_for_status()
+    doc: dict[str, Any] = response.json()
+    return doc
+
+
+async def wait_for(sender: Sender, phase: str, requests: int, stop: asyncio.Event) -> None:
+    while sender.count(phase) < requests and not stop.is_set():  # noqa: ASYNC110 - polled
+        await asyncio.sleep(POLL_S)
+
+
+async def run_fault(
+    http: httpx.AsyncClient, sender: Sender, data: Data, fault: Fault, args: argparse.Namespace
+) -> dict[str, Any]:
+    phase, recovery = f"fault:{fault.name}", f"recovery:{fault.name}"
+    began = time.time()
+    sender.switch(fault.rows, phase)
+    hold = args.subtle_hold if fault.group == "subtle" else args.hold
+    first: dict[str, Any] | None = None
+    while sender.count(phase) < hold:
+        await asyncio.sleep(POLL_S)
+        if first is None:
+            new = [a for a in (await drift(http))["alerts"] if a["since_ms"] >= began * 1000]
+            if new:
+                first = min(new, key=lambda a: a["since_ms"])
+                if fault.group == "subtle" and sender.count(phase) >= args.hold:
+                    break  # alerted: no need to hold a slow fault longer
+    doc = await drift(http)
+    raised = [e for e in doc["events"] if e["type"] == "raised" and e["ts_ms"] >= began * 1000]
+    if first is None and raised:
+        first = min(raised, key=lambda e: e["ts_ms"])
+        first = {**first, "since_ms": first["ts_ms"]}
+    ended = time.time()
+    sender.switch(data.normal, recovery)
+    cleared_at = None
+    while sender.count(recovery) < args.clear_timeout:
+        await asyncio.sleep(POLL_S)
+        doc = await drift(http)
+        if not doc["alerts"]:
+            clears = [e["ts_ms"] for e in doc["events"] if e["type"] == "cleared"]
+            cleared_at = max([ended * 1000, *clears]) / 1000
+            break
+    kinds = sorted({(e["kind"], e.get("feature")) for e in raised}, key=str)
+    shown = ("kind", "feature", "detail", "value", "threshold")
+    to_first = None if first is None else sender.count(phase, first["since_ms"] / 1000)
+    to_clear = None if cleared_at is None else sender.count(recovery, cleared_at)
+    target_first, target_clear = TARGETS[fault.group]
+    met = (
+        to_first is not None
+        and to_first <= target_first
+        and (target_clear is None or (to_clear if to_clear is not None else 10**9) <= target_clear)
+    )
+    result = {
+        "fault": fault.name,
+        "group": fault.group,
+        "held_requests": sender.count(phase),
+        "first_alert_requests": to_first,
+        "first_alert": None if first is None else {k: first.get(k) for k in shown},
+        "alerts_raised": [{"kind": k, "feature": f} for k, f in kinds],
+        "clear_requests": to_clear,
+        "target_first": target_first,
+        "target_clear": target_clear,
+        "met": met,
+    }
+    log(f"{fault.name}: first alert after {to_first} requests "
+        f"({first and first.get('kind')}), cleared after {to_clear}")  # fmt: skip
+    await wait_for(sender, recovery, sender.count(recovery) + args.gap, asyncio.Event())
+    return result
+
+
+async def live(args: argparse.Namespace, data: Data, base_url: str) -> dict[str, Any]:
+    host, port = base_url.removeprefix("http://").split(":")
+    rng = np.random.default_rng(args.seed)
+    sender = Sender(host, int(port), args.rate, data.normal, rng)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sender.run(stop))
+    out: dict[str, Any] = {}
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+        try:
+            await wait_for(sender, "warm-up", args.warmup, stop)
+            log(f"warm-up done ({args.warmup} requests); stationary {args.stationary}")
+            began = time.time()
+            sender.switch(data.normal, "stationary")
+            await wait_for(sender, "stationary", args.stationary, stop)
+            doc = await drift(http)
+            raised = [e for e in doc["events"]
+                      if e["type"] == "raised" and e["ts_ms"] >= began * 1000]  # fmt: skip
+            out["stationary"] = {
+                "requests": sender.count("stationary"),
+                "false_alarms": len(raised),
+                "alerts": [{k: e.get(k) for k in ("kind", "feature", "detail")} for e in raised],
+                "active_at_end": doc["alerts"],
+            }
+            log(f"stationary: {len(raised)} alerts in {sender.count('stationary')} requests")
+            if doc["alerts"]:  # start the faults from a clean list
+                await wait_for(sender, "stationary", args.stationary + args.clear_timeout, stop)
+            out["faults"] = []
+            chosen = faults(data)
+            if args.quick:
+                chosen = [f for i, f in enumerate(chosen) if i in (0, 1, 3, 7, 9, 11)]
+            for fault in chosen:
+                out["faults"].append(await run_fault(http, sender, data, fault, args))
+            online = (await drift(http)).get("online") or {}
+            out["rows_per_gateway_process"] = {k: v.get("rows") for k, v in online.items()}
+        finally:
+            stop.set()
+            await task
+    out["requests_sent"] = sender.sent
+    out["statuses"] = {str(k): v for k, v in sorted(sender.statuses.items())}
+    out["sender_late_s"] = round(sender.late_s, 3)
+    return out
+
+
+# -- the offline false-alarm rate --------------------------------------------------------------
+
+
+def offline_far(data: Data, base: np.ndarray, rows: int, seed: int) -> dict[str, Any]:
+    """Every online detector, as two processes would run it, on ``rows`` stationary rows
+    drawn from ``base``; the prediction prior on real's labels of those rows."""
+    from models.registry import ModelRegistry  # only here: onnxruntime, training
+    from models.runtime import OnnxClassifier
+    from models.train import train_demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        registry = ModelRegistry(Path(tmp) / "models")
+        train_demo(registry)
+        meta = registry.meta("breast-cancer", 2)
+        model = OnnxClassifier(registry.artifact_path("breast-cancer", 2), meta)
+        positive = model.predict(base.astype(np.float32))[1][:, 1] >= 0.5
+    share = float(sum(meta.score_reference[5:]))  # type: ignore[index]
+    spec = FeatureSpec(names=tuple(data.names), stats=data.stats)
+    profile = FeatureProfile.from_spec(spec)
+    assert profile is not None
+    rng = np.random.default_rng(seed)
+    processes = [(FeatureDetectors(profile), PriorDetector(share)) for _ in range(2)]
+    alarms: dict[str, int] = {}
+    done = 0
+    while done < rows:
+        idx = rng.integers(0, len(base), 16)
+        features, prior = processes[(done // 16) % 2]
+        raised, _ = features.update(base[idx])
+        what, alert = prior.update(positive[idx])
+        for a in raised + ([alert] if what == "raised" else []):
+            alarms[a["kind"]] = alarms.get(a["kind"], 0) + 1
+        done += 16
+    total = sum(alarms.values())
+    upper = (3.0 if total == 0 else total + 2 * math.sqrt(total) + 2) * 100_000 / done
+    return {"rows": done, "alarms": alarms, "per_100k": round(total * 100_000 / done, 4),
+            "per_100k_upper_95": round(upper, 4)}  # fmt: skip
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        "| fault | first alert (requests) | kind / feature | clear (requests) | target | met |",
+        "|---|---:|---|---:|---|---|",
+    ]
+    for f in result["live"].get("faults", []):
+        first = f["first_alert"] or {}
+        what = f"{first.get('kind')} / {first.get('feature') or '-'}" if first else "none"
+        target = str(f["target_first"])
+        if f["target_clear"]:
+            target += f", clear {f['target_clear']}"
+        met = "yes" if f["met"] else "NO"
+        lines.append(f"| {f['fault']} | {f['first_alert_requests']} | {what} | "
+                     f"{f['clear_requests']} | {target} | {met} |")  # fmt: skip
+    st = result["live"].get("stationary", {})
+    lines.append("")
+    lines.append(f"Stationary: {st.get('false_alarms')} alerts in {st.get('requests')} requests.")
+    split = result["live"].get("rows_per_gateway_process")
+    if split:
+        lines.append(f"Rows judged per gateway process: {sorted(split.values(), reverse=True)}.")
+    for name, far in result.get("offline", {}).items():
+        lines.append(f"Offline ({name}): {sum(far['alarms'].values())} alarms in {far['rows']:,} "
+                     f"rows = {far['per_100k']} per 100,000 (95 % upper bound "
+                     f"{far['per_100k_upper_95']})")  # fmt: skip
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rate", type=float, default=400.0)
+    p.add_argument("--warmup", type=int, default=4000)
+    p.add_argument("--stationary", type=int, default=20_000)
+    p.add_argument("--hold", type=int, default=1000, help="requests a fault lasts")
+    p.add_argument("--subtle-hold", type=int, default=6000)
+    p.add_argument("--clear-timeout", type=int, default=6000)
+    p.add_argument("--gap", type=int, default=2000)
+    p.add_argument("--far-rows", type=int, default=2_000_000)
+    p.add_argument("--seed", type=int, default=16)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-live", action="store_true", help="the offline rates only")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.stationary, args.warmup, args.far_rows, args.gap = 4000, 2000, 200_000, 1000
+    return args
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    data = Data.load()
+    result: dict[str, Any] = {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "live": {},
+    }
+    if not args.no_live:
+        with tempfile.TemporaryDirectory(prefix="drift-bench-") as tmp:
+            log("starting rdv serve (trains the demo models)")
+            running = start_rdv(Path(tmp) / "data", Path(tmp), name="drift")
+            try:
+                log(f"serving on {running.base_url}; {args.rate:.0f} requests/s")
+                result["live"] = asyncio.run(live(args, data, running.base_url))
+            finally:
+                code = running.stop()
+                result["live"]["exit_code"] = code
+    log(f"offline false-alarm rate over {args.far_rows:,} rows per traffic")
+    result["offline"] = {
+        "whole data set": offline_far(data, data.x, args.far_rows, args.seed),
+        "held-out rows only": offline_far(data, data.held_out, args.far_rows, args.seed + 1),
+    }
+    text = table(result)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"drift-{result['started'][:10]}-{result['commit']}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    (args.out / f"{stem}.md").write_text(text + "\n")
+    log(f"results in {args.out / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
