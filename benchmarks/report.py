@@ -75,6 +75,7 @@ def combine_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "p50_ms": [ph["latency_ms"].get("p50") for ph in measured],
             "p99_ms": [ph["latency_ms"].get("p99") for ph in measured],
             "errors": [ph["errors"] for ph in measured],
+            "cpu_us_per_request": [ph.get("cpu_us_per_request") for ph in measured],
         }
         if any(ph.get("redis") for ph in measured):
             median["rounds"]["redis_commands_per_request"] = [
