@@ -376,16 +376,20 @@ async def live(args: argparse.Namespace, data: Data, base_url: str) -> dict[str,
 # -- the offline false-alarm rate --------------------------------------------------------------
 
 
-def offline_far(data: Data, base: np.ndarray, rows: int, seed: int) -> dict[str, Any]:
+def offline_far(
+    data: Data, base: np.ndarray, rows: int, seed: int, models_dir: Path | None = None
+) -> dict[str, Any]:
     """Every online detector, as two processes would run it, on ``rows`` stationary rows
-    drawn from ``base``; the prediction prior on real's labels of those rows."""
+    drawn from ``base``; the prediction prior on real's labels of those rows (the demo's real
+    model from ``models_dir``, else trained afresh)."""
     from models.registry import ModelRegistry  # only here: onnxruntime, training
     from models.runtime import OnnxClassifier
     from models.train import train_demo
 
     with tempfile.TemporaryDirectory() as tmp:
-        registry = ModelRegistry(Path(tmp) / "models")
-        train_demo(registry)
+        registry = ModelRegistry(models_dir or Path(tmp) / "models")
+        if models_dir is None:
+            train_demo(registry)
         meta = registry.meta("breast-cancer", 2)
         model = OnnxClassifier(registry.artifact_path("breast-cancer", 2), meta)
         positive = model.predict(base.astype(np.float32))[1][:, 1] >= 0.5
