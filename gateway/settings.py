@@ -172,7 +172,9 @@ class Settings(BaseSettings):
     """Latest decision records a shadow record (and the promotion gate) looks at."""
 
     drift_interval_s: float = Field(default=5.0, gt=0)
-    """How often drift is evaluated per deployment (by one gateway process at a time)."""
+    """The drift monitor evaluates each deployment at least this often, and once 200 new
+    requests are in the sketches (by one gateway process at a time); one history point per
+    interval. The online detectors judge each process's rows within 50 ms regardless."""
 
     drift_window_requests: int = Field(default=1000, ge=10)
     """The drift window: the latest this many requests of the current real model..."""
@@ -197,7 +199,7 @@ class Settings(BaseSettings):
 
     drift_sketch_maxlen: int = Field(default=20_000, ge=100)
     """Approximate cap of each deployment's drift-sketch stream (one entry per gateway
-    process a second)."""
+    process every 0.25 s)."""
 
     log_level: str = "INFO"
 
