@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import Backlogged, Overloaded
 from gateway.dataplane.jobs import DONE, PENDING, JobService, created_ms, new_job_id
+from gateway.dataplane.service import PredictionService
 from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
@@ -42,6 +43,8 @@ class Predicts:
         self.max_backlog = 1000
         self.max_backlog_bytes = 2**30
         self.calls: list[str] = []
+
+    check_room = PredictionService.check_room  # the real bounds, on this stand-in's figures
 
     async def predict(self, deployment: str, raw: bytes, request_id: str | None) -> dict[str, Any]:
         assert request_id is not None

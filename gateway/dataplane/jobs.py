@@ -315,20 +315,7 @@ class JobService:
         dep = self.deployments.get(deployment)
         to_matrix(dep.feature_spec, parse_body(raw), service.max_rows)
         rid = check_request_id(request_id) if request_id else None
-        if service.in_flight >= service.max_in_flight:
-            raise Overloaded(
-                f"this gateway already holds {service.in_flight} requests; retry later"
-            )
-        backlog = self.deployments.backlog.get(dep.name, 0)
-        if backlog >= service.max_backlog:
-            raise Backlogged(
-                f"deployment {dep.name} has {backlog} entries not yet consumed by every reader"
-            )
-        if self.deployments.backlog_bytes.get(dep.name, 0) >= service.max_backlog_bytes:
-            raise Backlogged(
-                f"deployment {dep.name} has {service.max_backlog_bytes // 2**20} MB or more of "
-                "entries not yet consumed by every reader"
-            )
+        service.check_room(dep.name)
         job_id = new_job_id()
         stream = names.jobs_stream(dep.name)
         keys = [names.job_key(dep.name, job_id), stream]

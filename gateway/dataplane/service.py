@@ -154,19 +154,7 @@ class PredictionService:
                 "this deployment looks features up by entity: send them to the JSON predict "
                 "route with 'entity' or 'entities'", "input": None}])  # fmt: skip
         rid = check_request_id(request_id) if request_id else os.urandom(16).hex()
-        if self.in_flight >= self.max_in_flight:
-            raise Overloaded(f"this gateway already holds {self.in_flight} requests; retry later")
-        backlog = self.deployments.backlog.get(dep.name, 0)
-        if backlog >= self.max_backlog:
-            raise Backlogged(
-                f"deployment {dep.name} has {backlog} entries not yet consumed by every reader"
-            )
-        backlog_bytes = self.deployments.backlog_bytes.get(dep.name, 0)
-        if backlog_bytes >= self.max_backlog_bytes:
-            raise Backlogged(
-                f"deployment {dep.name} has {backlog_bytes // 2**20} MB of entries not yet "
-                "consumed by every reader"
-            )
+        self.check_room(dep.name)
         self.in_flight += 1
         try:
             looked_up = None
@@ -192,6 +180,23 @@ class PredictionService:
         except REDIS_FAILURES as exc:
             raise Unavailable(f"the feature store is unavailable: {exc}") from exc
         return merged(dep.feature_spec, caller, entities, stored)
+
+    def check_room(self, deployment: str) -> None:
+        """Refuse at once when this gateway holds as many requests as it may (429) or the
+        deployment's input holds too much unconsumed (503): predicts and job submissions."""
+        if self.in_flight >= self.max_in_flight:
+            raise Overloaded(f"this gateway already holds {self.in_flight} requests; retry later")
+        backlog = self.deployments.backlog.get(deployment, 0)
+        if backlog >= self.max_backlog:
+            raise Backlogged(
+                f"deployment {deployment} has {backlog} entries not yet consumed by every reader"
+            )
+        backlog_bytes = self.deployments.backlog_bytes.get(deployment, 0)
+        if backlog_bytes >= self.max_backlog_bytes:
+            raise Backlogged(
+                f"deployment {deployment} has {backlog_bytes // 2**20} MB of entries not yet "
+                "consumed by every reader"
+            )
 
     async def _publish_and_wait(
         self,
