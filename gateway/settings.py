@@ -171,6 +171,16 @@ class Settings(BaseSettings):
     shadow_window: int = Field(default=5000, ge=10, le=1_000_000)
     """Latest decision records a shadow record (and the promotion gate) looks at."""
 
+    replay_batch_rows: int = Field(default=256, ge=1, le=65_536)
+    """Most rows a replay scores in one onnxruntime call (bounds its memory and how long it
+    holds a core at once)."""
+
+    replay_pause_ms: float = Field(default=0.0, ge=0, le=10_000)
+    """A replay's pause between batches: leaves the cores to live traffic on a busy gateway."""
+
+    replay_concurrency: int = Field(default=1, ge=1, le=16)
+    """Replays one gateway process runs at once (each a thread); beyond it, 409."""
+
     drift_interval_s: float = Field(default=5.0, gt=0)
     """The drift monitor evaluates each deployment at least this often, and once 200 new
     requests are in the sketches (by one gateway process at a time); one history point per

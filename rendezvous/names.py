@@ -261,3 +261,38 @@ def job_request_key(deployment: str, request_id: str) -> str:
     """The job that took a caller's own request id (``X-Request-Id``), for as long as the job
     lives: a second job with that id is refused with 409 naming the first."""
     return f"{_tag(deployment)}:job-rid:{request_id}"
+
+
+# -- replays of the archive ---------------------------------------------------------------------
+
+REPLAY_ID_PATTERN = re.compile(r"[0-9a-f]{1,16}-[0-9a-f]{12}")
+"""A replay's id: its creation time in epoch ms and 48 random bits, in hex."""
+
+
+def check_replay_id(replay_id: str) -> str:
+    if not isinstance(replay_id, str) or not REPLAY_ID_PATTERN.fullmatch(replay_id):
+        raise InvalidName(f"invalid replay id {replay_id!r}")
+    return replay_id
+
+
+def replay_key(deployment: str, replay_id: str) -> str:
+    """Hash of one replay: ``report`` (its JSON, rewritten after every batch) and ``cancel``
+    (set when someone asked it to stop). Under the deployment's tag, with its index."""
+    return f"{_tag(deployment)}:replay:{check_replay_id(replay_id)}"
+
+
+def replay_lock_key(deployment: str, replay_id: str) -> str:
+    """Held (with a short expiry, renewed every batch) by the gateway process running the
+    replay: a ``running`` report without it was left by a process that stopped."""
+    return f"{replay_key(deployment, replay_id)}:lock"
+
+
+def replays_index(deployment: str) -> str:
+    """Sorted set of the deployment's replay ids, scored by creation time (epoch ms)."""
+    return f"{_tag(deployment)}:replays"
+
+
+def labels_pattern(deployment: str) -> str:
+    """SCAN pattern of the deployment's label hashes (request id -> label), written by the
+    feedback route; under the deployment's tag."""
+    return f"{_tag(deployment)}:labels:*"

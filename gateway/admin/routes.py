@@ -41,6 +41,7 @@ from gateway.admin.bodies import (
     UploadJSON,
     UploadMeta,
 )
+from gateway.admin.replays import build_replay_router, replay_manager
 from gateway.admin.service import AdminService
 from gateway.observability.drift_monitor import drift_view, set_thresholds
 from gateway.problems import Problem
@@ -408,6 +409,7 @@ def _known(request: Request, deployment: str) -> None:
 
 def install_admin(app: FastAPI, settings: Settings) -> None:
     app.include_router(build_router(settings))
+    app.include_router(build_replay_router(guarded_route(admin_token(settings)), PREFIX))
 
 
 async def start_admin(app: FastAPI, settings: Settings) -> Callable[[], None]:
@@ -429,9 +431,15 @@ async def start_admin(app: FastAPI, settings: Settings) -> Callable[[], None]:
         shadow_window=settings.shadow_window,
         heartbeat_timeout_s=settings.heartbeat_timeout_s,
     )
+    app.state.replays = replay_manager(settings, client, registry)
     log.info(
         "admin API is on under %s (bearer token); %d model versions found on disk were indexed",
         PREFIX,
         len(adopted),
     )
-    return client.close
+
+    def close() -> None:
+        app.state.replays.close()  # runners stop after their batch, resumable
+        client.close()
+
+    return close

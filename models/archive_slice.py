@@ -1,0 +1,183 @@
+"""A slice of the log bin's archive, named by stream positions so it can be taken again.
+
+A replay or an export asks for a time range (request time, ``enqueued_ms``) or the last N
+records; that is resolved once to positions: per input partition (its stream key), the first
+and last stream id in the slice. Reading by positions afterwards gives the very same records
+however much has been archived since, which is what makes a replay or an export reproducible
+(the change-data-capture idea of an offset range instead of a wall-clock range).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from models.archive import ArchiveReader, read_segment
+from rendezvous import names
+
+MAX_LAST = 10_000_000
+"""Largest ``last N``: resolving it holds N positions in memory."""
+_SKEW_MS = 300_000
+"""Slack between the clocks that stamp stream ids, requests and segment names (5 minutes):
+a segment is skipped only when all of it is surely older than the slice."""
+
+
+class SliceError(ValueError):
+    """A range or position that names no slice (said to the caller as a 4xx or an exit)."""
+
+
+def parse_time(value: Any, what: str) -> float:
+    """Epoch milliseconds from epoch ms (a number, or digits) or ISO-8601 (naive means UTC)."""
+    if isinstance(value, bool):
+        raise SliceError(f"{what}: {value!r} is not a time")
+    if isinstance(value, int | float):
+        ms = float(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        ms = float(value.strip())
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            when = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+        except ValueError:
+            raise SliceError(
+                f"{what}: {value!r} is neither ISO-8601 (2026-12-01T10:00:00Z) nor epoch ms"
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        ms = when.timestamp() * 1000
+    else:
+        raise SliceError(f"{what}: {value!r} is not a time (ISO-8601 or epoch ms)")
+    if not 0 <= ms < 2**53:
+        raise SliceError(f"{what}: {value!r} is out of range")
+    return ms
+
+
+def sid_key(stream_id: str) -> tuple[int, int]:
+    """A stream id (``ms-seq``) as a sortable pair."""
+    ms, _, seq = stream_id.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        raise SliceError(f"{stream_id!r} is not a stream id (ms-seq)") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """The records of one input partition in a slice."""
+
+    first: str
+    last: str
+    records: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"first": self.first, "last": self.last, "records": self.records}
+
+
+Positions = dict[str, Span]
+"""Input stream key -> its span."""
+
+
+def positions_from(doc: Any) -> Positions:
+    """Positions from their JSON form (``{stream: {"first", "last"}}``, as reports and exports
+    print them); a SliceError says what is wrong."""
+    if not isinstance(doc, Mapping) or not doc:
+        raise SliceError('positions: expected {"<stream>": {"first": id, "last": id}, ...}')
+    out: Positions = {}
+    for stream, span in doc.items():
+        if not isinstance(stream, str) or not isinstance(span, Mapping):
+            raise SliceError(f"positions: {stream!r} needs an object with first and last")
+        first, last = span.get("first"), span.get("last")
+        if not isinstance(first, str) or not isinstance(last, str):
+            raise SliceError(f"positions of {stream}: first and last must be stream ids")
+        if sid_key(first) > sid_key(last):
+            raise SliceError(f"positions of {stream}: first {first} is after last {last}")
+        out[stream] = Span(first, last, int(span.get("records") or 0))
+    return out
+
+
+def positions_json(positions: Positions) -> dict[str, dict[str, Any]]:
+    return {stream: span.to_dict() for stream, span in sorted(positions.items())}
+
+
+def _stream(record: Mapping[str, Any], deployment: str) -> str:
+    return str(record.get("stream") or names.input_stream(deployment))
+
+
+def _records(
+    reader: ArchiveReader, deployment: str, not_before_ms: float | None
+) -> Iterator[dict[str, Any]]:
+    """Every record in archive order, redeliveries dropped, skipping the segments that surely
+    hold nothing at or after ``not_before_ms`` (the next segment was opened before it: every
+    record of this one was archived, so requested, earlier)."""
+    segments = reader.segments(deployment)
+    seen: set[tuple[str, str]] = set()
+    for k, segment in enumerate(segments):
+        if not_before_ms is not None and k + 1 < len(segments):
+            next_opened_ms = segments[k + 1].created.timestamp() * 1000
+            if next_opened_ms + 1000 + _SKEW_MS < not_before_ms:
+                continue
+        for record in read_segment(segment.path):
+            sid = record.get("stream_id")
+            if not isinstance(sid, str):
+                continue
+            key = (str(record.get("stream", "")), sid)
+            if key in seen:
+                continue
+            seen.add(key)
+            yield record
+
+
+def resolve(
+    reader: ArchiveReader,
+    deployment: str,
+    *,
+    from_ms: float | None = None,
+    to_ms: float | None = None,
+    last: int | None = None,
+    tick: Callable[[], None] | None = None,
+) -> Positions:
+    """The positions of the records requested in ``[from_ms, to_ms]`` (both inclusive), or of
+    the last ``last`` records archived (within that range, if given). ``tick`` is called
+    every thousand records (a long resolution keeps its lease and can be stopped)."""
+    if from_ms is not None and to_ms is not None and from_ms > to_ms:
+        raise SliceError("from is after to")
+    chosen: collections.deque[tuple[str, str]] | list[tuple[str, str]]
+    chosen = collections.deque(maxlen=last) if last else []
+    for n, record in enumerate(_records(reader, deployment, from_ms), 1):
+        if tick is not None and n % 1000 == 0:
+            tick()
+        at_ms = record.get("enqueued_ms", record.get("archived_ms"))
+        if from_ms is not None and (at_ms is None or at_ms < from_ms):
+            continue
+        if to_ms is not None and (at_ms is None or at_ms > to_ms):
+            continue
+        chosen.append((_stream(record, deployment), record["stream_id"]))
+    spans: dict[str, list[str]] = {}
+    for stream, sid in chosen:
+        span = spans.setdefault(stream, [sid, sid])
+        if sid_key(sid) < sid_key(span[0]):
+            span[0] = sid
+        if sid_key(sid) > sid_key(span[1]):
+            span[1] = sid
+    positions = {stream: Span(first, last_id) for stream, (first, last_id) in spans.items()}
+    counts = collections.Counter(_stream(r, deployment) for r in read(reader, deployment,
+                                                                      positions))  # fmt: skip
+    return {s: Span(span.first, span.last, counts[s]) for s, span in positions.items()}
+
+
+def read(reader: ArchiveReader, deployment: str, positions: Positions) -> Iterator[dict[str, Any]]:
+    """The records within ``positions``, in archive order (the same order every time)."""
+    if not positions:
+        return
+    bounds = {s: (sid_key(span.first), sid_key(span.last)) for s, span in positions.items()}
+    earliest_ms = min(lo[0] for lo, _ in bounds.values())
+    for record in _records(reader, deployment, earliest_ms):
+        bound = bounds.get(_stream(record, deployment))
+        if bound is None:
+            continue
+        key = sid_key(record["stream_id"])
+        if bound[0] <= key <= bound[1]:
+            yield record

@@ -1,0 +1,423 @@
+"""Replay: score a model version offline on archived requests, and say how it would have done.
+
+The records come from the log bin's archive (``models.archive_slice``), never from the live
+streams; they are scored in batches of at most ``batch_rows`` rows, one onnxruntime call a
+batch, in the caller's thread (a gateway runs it in a thread of its own, off its event loop).
+Each request's new answer is compared with the answer given then and with real's output (the
+decision records, while the decisions stream still holds them) and with its label where one
+is known. After every batch the report and the runner's tallies are saved with the position
+reached, so an interrupted replay resumes at the same batch boundary and ends with the same
+report as one that never stopped. Figures that depend on the clock are only under ``timing``
+and ``latency``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from models.archive import ArchiveReader
+from models.archive_slice import Positions, positions_from, positions_json, read, resolve
+from models.labels import label_keys, labels_for
+from models.registry import ModelRegistry
+from models.replay_store import DONE, FAILED, INTERRUPTED, RUNNING, ReplayStore
+from rendezvous import names
+from rendezvous.bus.connection import Client
+from rendezvous.decision import decode_entries
+from rendezvous.divergence import divergence
+
+log = logging.getLogger(__name__)
+
+HISTOGRAM_EDGES = [round(k / 10, 1) for k in range(11)]
+"""Bins of the per-request Jensen-Shannon distance to real's output (base 2, in [0, 1])."""
+DECISION_SLACK_MS = 120_000
+"""A decision record is written after its request (deadline and grace): the window of the
+decisions stream read for a slice ends this long after its last request."""
+_PAGE = 2000
+
+
+class Given(NamedTuple):
+    """What a request got then, from its decision record."""
+
+    role: str | None
+    """The role whose answer was given (None: the request timed out)."""
+    labels: list[int] | None
+    real_labels: list[int] | None
+    real_proba: list[list[float]] | None
+
+
+@dataclass
+class Tally:
+    """The runner's counters: saved with each checkpoint, the report derived from them."""
+
+    done: int = 0
+    """Records of the slice consumed (scored or skipped): where a resume starts."""
+    cursor: dict[str, str] = field(default_factory=dict)
+    records: int = 0
+    rows: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    predicted: dict[str, int] = field(default_factory=dict)
+    digest: str = ""
+    matched: int = 0
+    no_answer: int = 0
+    given_rows: int = 0
+    agreed_rows: int = 0
+    by_role: dict[str, list[int]] = field(default_factory=dict)
+    real_records: int = 0
+    real_rows: int = 0
+    real_disagreements: int = 0
+    js_sum: float = 0.0
+    js_max: float = 0.0
+    js_counts: list[int] = field(default_factory=lambda: [0] * 10)
+    labeled: int = 0
+    correct: int = 0
+    given_labeled: int = 0
+    given_correct: int = 0
+    batches: int = 0
+    model_ms_sum: float = 0.0
+    model_ms_max: float = 0.0
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> Tally:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in known})
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def report_view(report: dict[str, Any], tally: Tally) -> dict[str, Any]:
+    """The report with its figures from ``tally`` (everything else is kept as it is)."""
+    t = tally
+    return {
+        **report,
+        "progress": {"done": t.done, "total": report["progress"]["total"], "cursor": t.cursor},
+        "records": t.records,
+        "rows": t.rows,
+        "skipped": t.skipped,
+        "predicted": t.predicted,
+        "outputs_sha256": t.digest,
+        "agreement": {
+            "matched_records": t.matched,
+            "unmatched_records": t.records - t.matched,
+            "timed_out_records": t.no_answer,
+            "rows": t.given_rows,
+            "agreed_rows": t.agreed_rows,
+            "rate": _rate(t.agreed_rows, t.given_rows),
+            "by_role": {
+                role: {"rows": n, "agreed_rows": a} for role, (n, a) in sorted(t.by_role.items())
+            },
+        },
+        "accuracy": {
+            "labeled": t.labeled,
+            "correct": t.correct,
+            "accuracy": _rate(t.correct, t.labeled),
+            "given_labeled": t.given_labeled,
+            "given_correct": t.given_correct,
+            "given_accuracy": _rate(t.given_correct, t.given_labeled),
+        },
+        "divergence": {
+            "against": names.REAL,
+            "records": t.real_records,
+            "rows": t.real_rows,
+            "disagreements": t.real_disagreements,
+            "disagreement_rate": _rate(t.real_disagreements, t.real_rows),
+            "js_mean": t.js_sum / t.real_records if t.real_records else None,
+            "js_max": t.js_max if t.real_records else None,
+            "histogram": {"edges": HISTOGRAM_EDGES, "counts": t.js_counts},
+        },
+        "latency": {
+            "batches": t.batches,
+            "batch_ms_mean": t.model_ms_sum / t.batches if t.batches else None,
+            "batch_ms_max": t.model_ms_max if t.batches else None,
+            "row_us_mean": 1000 * t.model_ms_sum / t.rows if t.rows else None,
+        },
+    }
+
+
+def new_report(
+    replay_id: str,
+    deployment: str,
+    model: str,
+    version: int,
+    request: dict[str, Any],
+    positions: Positions | None,
+    batch_rows: int,
+    now_ms: float,
+) -> dict[str, Any]:
+    """A report before its first batch (``positions`` None: resolved by the runner)."""
+    report = {
+        "id": replay_id,
+        "deployment": deployment,
+        "model": {"name": model, "version": version},
+        "state": RUNNING,
+        "phase": "resolving" if positions is None else "scoring",
+        "request": request,
+        "positions": None if positions is None else positions_json(positions),
+        "batch_rows": batch_rows,
+        "progress": {"done": 0, "total": None},
+        "timing": {"created_ms": now_ms, "updated_ms": now_ms, "finished_ms": None, "runs": 0},
+    }
+    return report_view(report, Tally())
+
+
+def load_given(client: Client, deployment: str, positions: Positions) -> dict[str, Given]:
+    """request id -> what it got then, from the decision records of the slice's time window
+    still in the decisions stream (paged XRANGE, bounded by the stream's cap)."""
+    starts = [int(s.first.partition("-")[0]) for s in positions.values()]
+    ends = [int(s.last.partition("-")[0]) for s in positions.values()]
+    if not starts:
+        return {}
+    stream = names.decisions_stream(deployment)
+    low: str = str(max(min(starts) - 1000, 0))
+    high = str(max(ends) + DECISION_SLACK_MS)
+    given: dict[str, Given] = {}
+    while True:
+        entries = client.xrange(stream, min=low, max=high, count=_PAGE) or []
+        for rec in decode_entries(entries):
+            chosen = rec.outputs.get(rec.chosen_role) if rec.chosen_role else None
+            real = rec.outputs.get(names.REAL)
+            given[rec.request_id] = Given(
+                rec.chosen_role if chosen is not None and chosen.ok else None,
+                chosen.labels if chosen is not None and chosen.ok else None,
+                real.labels if real is not None and real.ok else None,
+                real.probabilities if real is not None and real.ok else None,
+            )
+        if len(entries) < _PAGE:
+            return given
+        last_id = entries[-1][0]
+        low = "(" + (last_id.decode() if isinstance(last_id, bytes) else str(last_id))
+
+
+class Runner:
+    """Runs (or resumes) one stored replay to its end, a stop, or a failure."""
+
+    def __init__(
+        self,
+        client: Client,
+        registry: ModelRegistry,
+        reader: ArchiveReader,
+        *,
+        owner: str,
+        pause_s: float = 0.0,
+        stop: threading.Event | None = None,
+        stop_after_batches: int | None = None,
+    ):
+        self.client = client
+        self.store = ReplayStore(client)
+        self.registry = registry
+        self.reader = reader
+        self.owner = owner
+        self.pause_s = pause_s
+        """Pause between batches (leaves the CPU to live traffic)."""
+        self.stop = stop or threading.Event()
+        self.stop_after_batches = stop_after_batches
+        """Stop after this many batches of this run, as if asked to (tests of interruption)."""
+        self._cancelled = False
+
+    def run(self, deployment: str, replay_id: str) -> dict[str, Any]:
+        stored = self.store.stored(deployment, replay_id)
+        if stored is None:
+            raise LookupError(f"no replay {replay_id} of {deployment}")
+        report, state = stored
+        tally = Tally.from_dict(state)
+        report["timing"]["runs"] = report["timing"].get("runs", 0) + 1
+        try:
+            report = self._run(deployment, report, tally)
+        except Exception as exc:  # any failure ends in a readable report, never a dead thread
+            log.exception("replay %s of %s failed", replay_id, deployment)
+            report = {**report_view(report, tally), "state": FAILED,
+                      "reason": f"{type(exc).__name__}: {exc}"[:500]}  # fmt: skip
+        report["timing"]["updated_ms"] = time.time() * 1000
+        if report["state"] != RUNNING:
+            report["timing"]["finished_ms"] = report["timing"]["updated_ms"]
+        self.store.finish(deployment, report, dataclasses.asdict(tally))
+        return report
+
+    def _stopping(self) -> bool:
+        return self._cancelled or self.stop.is_set()
+
+    def _checkpoint(self, deployment: str, report: dict[str, Any], tally: Tally) -> None:
+        report["timing"]["updated_ms"] = time.time() * 1000
+        view = report_view(report, tally)
+        if self.store.checkpoint(deployment, view, dataclasses.asdict(tally), self.owner):
+            self._cancelled = True
+
+    def _run(self, deployment: str, report: dict[str, Any], tally: Tally) -> dict[str, Any]:
+        report.pop("reason", None)
+        report["state"] = RUNNING
+        if report["positions"] is None:
+            positions = self._resolve(deployment, report, tally)
+            if self._stopping():
+                return self._interrupted(report, tally)
+            if not any(span.records for span in positions.values()):
+                return {**report_view(report, tally), "state": FAILED,
+                        "reason": "no archived records in the requested range"}  # fmt: skip
+        positions = positions_from(report["positions"])
+        report["phase"] = "scoring"
+        from models.runtime import OnnxClassifier  # onnxruntime: loaded only by a runner
+
+        ref = report["model"]
+        model = OnnxClassifier(
+            self.registry.artifact_path(ref["name"], ref["version"]),
+            self.registry.meta(ref["name"], ref["version"]),
+        )
+        given = load_given(self.client, deployment, positions)
+        keys = label_keys(self.client, deployment)
+        batch_rows = int(report["batch_rows"])
+        batch: list[dict[str, Any]] = []
+        rows = 0
+        runs = 0
+        for record in itertools.islice(read(self.reader, deployment, positions), tally.done, None):
+            batch.append(record)
+            rows += len(record.get("features") or ())
+            if rows < batch_rows:
+                continue
+            self._score(deployment, model, batch, given, keys, tally)
+            batch, rows, runs = [], 0, runs + 1
+            self._checkpoint(deployment, report, tally)
+            if self.stop_after_batches is not None and runs >= self.stop_after_batches:
+                self._cancelled = True
+            if self._stopping() or (self.pause_s and self.stop.wait(self.pause_s)):
+                return self._interrupted(report, tally)
+        if batch:
+            self._score(deployment, model, batch, given, keys, tally)
+        report["phase"] = "done"
+        return {**report_view(report, tally), "state": DONE}
+
+    def _interrupted(self, report: dict[str, Any], tally: Tally) -> dict[str, Any]:
+        why = "asked to stop" if self._cancelled else "the gateway stopped it"
+        return {**report_view(report, tally), "state": INTERRUPTED, "reason": why}
+
+    def _resolve(self, deployment: str, report: dict[str, Any], tally: Tally) -> Positions:
+        last_beat = [time.monotonic()]
+
+        def tick() -> None:
+            if time.monotonic() - last_beat[0] > 5:
+                last_beat[0] = time.monotonic()
+                self._checkpoint(deployment, report, tally)
+            if self._stopping():
+                raise _Stop
+
+        req = report["request"]
+        try:
+            positions = resolve(
+                self.reader,
+                deployment,
+                from_ms=req.get("from_ms"),
+                to_ms=req.get("to_ms"),
+                last=req.get("last"),
+                tick=tick,
+            )
+        except _Stop:
+            return {}
+        report["positions"] = positions_json(positions)
+        report["progress"]["total"] = sum(span.records for span in positions.values())
+        self._checkpoint(deployment, report, tally)
+        return positions
+
+    def _score(
+        self,
+        deployment: str,
+        model: Any,
+        batch: list[dict[str, Any]],
+        given: Mapping[str, Given],
+        keys: list[str],
+        tally: Tally,
+    ) -> None:
+        width = model.meta.feature_spec.width
+        scored: list[tuple[dict[str, Any], np.ndarray]] = []
+        for record in batch:
+            tally.done += 1
+            tally.cursor[str(record.get("stream") or names.input_stream(deployment))] = record[
+                "stream_id"
+            ]
+            features = record.get("features")
+            if not features:
+                tally.skipped["undecodable"] = tally.skipped.get("undecodable", 0) + 1
+                continue
+            x = np.asarray(features, dtype=np.float32)
+            if x.ndim != 2 or x.shape[1] != width:
+                tally.skipped["width"] = tally.skipped.get("width", 0) + 1
+                continue
+            scored.append((record, x))
+        if not scored:
+            return
+        started = time.perf_counter()
+        labels, proba = model.predict(np.concatenate([x for _, x in scored]))
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        tally.batches += 1
+        tally.model_ms_sum += elapsed_ms
+        tally.model_ms_max = max(tally.model_ms_max, elapsed_ms)
+        ids = [str(record.get("request_id", "")) for record, _ in scored]
+        known = labels_for(self.client, deployment, ids, keys)
+        at = 0
+        for (_, x), rid in zip(scored, ids, strict=True):
+            n = x.shape[0]
+            self._tally(tally, rid, labels[at : at + n], proba[at : at + n], given.get(rid),
+                        known.get(rid))  # fmt: skip
+            at += n
+
+    @staticmethod
+    def _tally(
+        t: Tally,
+        rid: str,
+        labels: np.ndarray,
+        proba: np.ndarray,
+        given: Given | None,
+        label: int | None,
+    ) -> None:
+        ours = [int(v) for v in labels]
+        t.records += 1
+        t.rows += len(ours)
+        for v in ours:
+            t.predicted[str(v)] = t.predicted.get(str(v), 0) + 1
+        h = hashlib.sha256(t.digest.encode())
+        h.update(rid.encode())
+        h.update(labels.astype("<i8").tobytes())
+        h.update(proba.astype("<f4").tobytes())
+        t.digest = h.hexdigest()
+        if label is not None and len(ours) == 1:
+            t.labeled += 1
+            t.correct += ours[0] == label
+        if given is None:
+            return
+        t.matched += 1
+        if given.role is None:
+            t.no_answer += 1
+        elif given.labels is not None and len(given.labels) == len(ours):
+            agreed = sum(a == b for a, b in zip(given.labels, ours, strict=True))
+            t.given_rows += len(ours)
+            t.agreed_rows += agreed
+            role = t.by_role.setdefault(given.role, [0, 0])
+            role[0] += len(ours)
+            role[1] += agreed
+            if label is not None and len(ours) == 1:
+                t.given_labeled += 1
+                t.given_correct += given.labels[0] == label
+        if given.real_labels is not None and given.real_proba is not None:
+            try:
+                d = divergence(given.real_labels, np.asarray(given.real_proba), ours, proba)
+            except ValueError:
+                t.skipped["divergence"] = t.skipped.get("divergence", 0) + 1
+                return
+            t.real_records += 1
+            t.real_rows += d.rows
+            t.real_disagreements += d.disagreements
+            t.js_sum += d.js_mean
+            t.js_max = max(t.js_max, d.js_max)
+            t.js_counts[min(int(d.js_mean * 10), 9)] += 1
+
+
+class _Stop(Exception):
+    """Raised from a resolution's tick to stop it."""

@@ -1,0 +1,134 @@
+"""Replay reports in Redis: kept by id, listed per deployment, leased while they run.
+
+A report is rewritten after every batch with its position, so a stopped replay (asked to,
+or its gateway gone) resumes where it was, on any gateway. Its runner holds a lease (a key
+with a short expiry, renewed in the same round trip as each checkpoint): a ``running`` report
+whose lease lapsed is shown as ``interrupted``. Every key lies in the deployment's hash slot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, cast
+
+from rendezvous import names
+from rendezvous.bus.connection import Client, text
+
+LEASE_MS = 30_000
+"""How long a runner's lease lasts without a checkpoint; a batch takes far less."""
+LIST_LIMIT = 100
+RUNNING, DONE, FAILED, INTERRUPTED = "running", "done", "failed", "interrupted"
+RESUMABLE = (INTERRUPTED, FAILED)
+
+
+def new_replay_id(now_ms: int | None = None) -> str:
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    return f"{ms:x}-{os.urandom(6).hex()}"
+
+
+class ReplayStore:
+    def __init__(self, client: Client):
+        self.client = client
+
+    def create(
+        self, deployment: str, report: dict[str, Any], state: dict[str, Any], owner: str
+    ) -> None:
+        """Store a new report and take its lease, in one transaction."""
+        rid = report["id"]
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(names.replay_key(deployment, rid),
+                  mapping={"report": json.dumps(report), "state": json.dumps(state)})  # fmt: skip
+        pipe.zadd(names.replays_index(deployment), {rid: report["timing"]["created_ms"]})
+        pipe.set(names.replay_lock_key(deployment, rid), owner, px=LEASE_MS)
+        pipe.execute()
+
+    def take_lease(self, deployment: str, replay_id: str, owner: str) -> bool:
+        """False when another runner holds it (the replay is running)."""
+        key = names.replay_lock_key(deployment, replay_id)
+        return bool(self.client.set(key, owner, px=LEASE_MS, nx=True))
+
+    def checkpoint(
+        self, deployment: str, report: dict[str, Any], state: dict[str, Any], owner: str
+    ) -> bool:
+        """Save the report and the runner's state, renew the lease; True when someone asked
+        the replay to stop."""
+        rid = report["id"]
+        key = names.replay_key(deployment, rid)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(key, mapping={"report": json.dumps(report), "state": json.dumps(state)})
+        pipe.hget(key, "cancel")
+        pipe.set(names.replay_lock_key(deployment, rid), owner, px=LEASE_MS)
+        _, cancel, _ = pipe.execute()
+        return cancel is not None
+
+    def finish(self, deployment: str, report: dict[str, Any], state: dict[str, Any]) -> None:
+        """Save the last report (done, failed or interrupted) and let the lease go."""
+        rid = report["id"]
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(names.replay_key(deployment, rid),
+                  mapping={"report": json.dumps(report), "state": json.dumps(state)})  # fmt: skip
+        pipe.hdel(names.replay_key(deployment, rid), "cancel")
+        pipe.delete(names.replay_lock_key(deployment, rid))
+        pipe.execute()
+
+    def request_cancel(self, deployment: str, replay_id: str) -> None:
+        self.client.hset(names.replay_key(deployment, replay_id), "cancel", "1")
+
+    def stored(
+        self, deployment: str, replay_id: str
+    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(report, runner state) as last saved, without the lease's view of the report."""
+        raw, state = self.client.hmget(names.replay_key(deployment, replay_id), ["report", "state"])
+        if raw is None:
+            return None
+        return dict(json.loads(text(raw))), dict(json.loads(text(state))) if state else {}
+
+    def get(self, deployment: str, replay_id: str) -> dict[str, Any] | None:
+        """The report; a running one whose runner is gone says ``interrupted``."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hget(names.replay_key(deployment, replay_id), "report")
+        pipe.exists(names.replay_lock_key(deployment, replay_id))
+        raw, leased = pipe.execute()
+        if raw is None:
+            return None
+        return _as_seen(json.loads(text(raw)), bool(leased))
+
+    def list(self, deployment: str, limit: int = LIST_LIMIT) -> list[dict[str, Any]]:
+        """The latest ``limit`` reports, newest first."""
+        found = self.client.zrevrange(names.replays_index(deployment), 0, limit - 1)
+        ids = [text(i) for i in cast(list[bytes], found)]
+        if not ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for rid in ids:
+            pipe.hget(names.replay_key(deployment, rid), "report")
+            pipe.exists(names.replay_lock_key(deployment, rid))
+        replies = pipe.execute()
+        out = []
+        for raw, leased in zip(replies[::2], replies[1::2], strict=True):
+            if raw is not None:
+                out.append(_as_seen(json.loads(text(raw)), bool(leased)))
+        return out
+
+
+def _as_seen(report: dict[str, Any], leased: bool) -> dict[str, Any]:
+    if report.get("state") == RUNNING and not leased:
+        report["state"] = INTERRUPTED
+        report["reason"] = "the gateway process running it stopped; resume it"
+    return report
+
+
+def replay_report_for(
+    client: Client, deployment: str, version: int, model: str | None = None
+) -> dict[str, Any] | None:
+    """The latest finished (``done``) replay report of a model version (of ``model``, any
+    name if None), for a promotion gate that requires one; None if there is none."""
+    for report in ReplayStore(client).list(deployment):
+        ref = report.get("model", {})
+        if report.get("state") != DONE or ref.get("version") != version:
+            continue
+        if model is None or ref.get("name") == model:
+            return report
+    return None
