@@ -19,7 +19,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -32,7 +32,7 @@ from models.registry import ModelRegistry
 from models.replay_store import DONE, FAILED, INTERRUPTED, RUNNING, ReplayStore
 from rendezvous import names
 from rendezvous.bus.connection import Client
-from rendezvous.decision import decode_entries
+from rendezvous.decision import DecisionRecord, decode_entries
 from rendezvous.divergence import divergence
 
 log = logging.getLogger(__name__)
@@ -171,32 +171,40 @@ def new_report(
     return report_view(report, Tally())
 
 
-def load_given(client: Client, deployment: str, positions: Positions) -> dict[str, Given]:
-    """request id -> what it got then, from the decision records of the slice's time window
-    still in the decisions stream (paged XRANGE, bounded by the stream's cap)."""
+def decision_records(
+    client: Client, deployment: str, positions: Positions
+) -> Iterator[DecisionRecord]:
+    """The decision records of the slice's time window still in the decisions stream (paged
+    XRANGE; the stream's cap bounds them)."""
     starts = [int(s.first.partition("-")[0]) for s in positions.values()]
     ends = [int(s.last.partition("-")[0]) for s in positions.values()]
     if not starts:
-        return {}
+        return
     stream = names.decisions_stream(deployment)
     low: str = str(max(min(starts) - 1000, 0))
     high = str(max(ends) + DECISION_SLACK_MS)
-    given: dict[str, Given] = {}
     while True:
         entries = client.xrange(stream, min=low, max=high, count=_PAGE) or []
-        for rec in decode_entries(entries):
-            chosen = rec.outputs.get(rec.chosen_role) if rec.chosen_role else None
-            real = rec.outputs.get(names.REAL)
-            given[rec.request_id] = Given(
-                rec.chosen_role if chosen is not None and chosen.ok else None,
-                chosen.labels if chosen is not None and chosen.ok else None,
-                real.labels if real is not None and real.ok else None,
-                real.probabilities if real is not None and real.ok else None,
-            )
+        yield from decode_entries(entries)
         if len(entries) < _PAGE:
-            return given
+            return
         last_id = entries[-1][0]
         low = "(" + (last_id.decode() if isinstance(last_id, bytes) else str(last_id))
+
+
+def load_given(client: Client, deployment: str, positions: Positions) -> dict[str, Given]:
+    """request id -> what it got then, for the slice's requests whose record is still kept."""
+    given: dict[str, Given] = {}
+    for rec in decision_records(client, deployment, positions):
+        chosen = rec.outputs.get(rec.chosen_role) if rec.chosen_role else None
+        real = rec.outputs.get(names.REAL)
+        given[rec.request_id] = Given(
+            rec.chosen_role if chosen is not None and chosen.ok else None,
+            chosen.labels if chosen is not None and chosen.ok else None,
+            real.labels if real is not None and real.ok else None,
+            real.probabilities if real is not None and real.ok else None,
+        )
+    return given
 
 
 class Runner:

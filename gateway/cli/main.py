@@ -163,6 +163,11 @@ def cmd_archive(args: argparse.Namespace) -> None:
     from models.archive import ArchiveReader
 
     settings = settings_from_args(args)
+    if args.action == "export":
+        from gateway.cli.export import cmd_export
+
+        cmd_export(args, settings, _require_redis(settings))
+        return
     reader = ArchiveReader(settings.archive_dir)
     deployments = [args.deployment] if args.deployment else reader.deployments()
     if args.action == "list":
@@ -234,11 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain even if present")
     p.set_defaults(func=cmd_train_demo)
 
-    p = sub.add_parser("archive", help="list or read the log bin's archive")
-    p.add_argument("action", choices=["list", "read"])
+    p = sub.add_parser("archive", help="list, read or export the log bin's archive")
+    p.add_argument("action", choices=["list", "read", "export"])
     p.add_argument("--deployment")
     p.add_argument("--limit", type=int, default=0, help="records to show (0: all)")
     p.add_argument("--data-dir", type=Path)
+    from gateway.cli.export import add_export_arguments
+
+    add_export_arguments(p)
     p.set_defaults(func=cmd_archive)
 
     p = sub.add_parser("decisions", help="show the latest decision records of a deployment")
@@ -247,8 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_decisions)
 
     from gateway.cli.admin import add_admin_commands
+    from gateway.cli.replay import add_replay_command
 
     add_admin_commands(sub)
+    add_replay_command(sub)
     return parser
 
 

@@ -1,0 +1,85 @@
+"""``rdv archive export``: a slice of the archive to Parquet or CSV, for retraining.
+
+Runs where the archive is (``--data-dir``) with Redis at hand (``RDV_REDIS_URL``, or the
+``rdv serve`` of that data folder): the deployment's feature names, the outputs of the
+decision records still kept, and the labels come from there. Prints the file's metadata,
+with the stream positions it covers; ``--positions`` takes them back to export the same slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.settings import Settings
+
+
+def _positions_arg(value: str) -> Any:
+    """JSON, or ``@FILE`` holding JSON (an export's ``.meta.json`` or a replay report: their
+    ``positions`` are taken)."""
+    try:
+        doc = json.loads(Path(value[1:]).read_text() if value.startswith("@") else value)
+    except (OSError, ValueError) as exc:
+        sys.exit(f"--positions: cannot read {value!r}: {exc}")
+    if isinstance(doc, dict) and isinstance(doc.get("positions"), dict):
+        return doc["positions"]
+    return doc
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings, redis_url: str) -> None:
+    from models.archive import ArchiveReader
+    from models.archive_slice import SliceError, parse_time, positions_from, resolve
+    from models.deployment_store import DeploymentStore
+    from models.deployments import DeploymentNotFound
+    from models.export import Exporter
+    from models.registry import ModelNotFound, ModelRegistry
+    from rendezvous.bus.connection import connect
+
+    if not args.deployment or not args.out:
+        sys.exit("rdv archive export: --deployment and --out are required")
+    client = connect(redis_url, wait_s=5)
+    try:
+        dep = DeploymentStore(client).get(args.deployment)
+    except (DeploymentNotFound, ValueError) as exc:
+        sys.exit(f"rdv archive export: {exc}")
+    real = dep.roles["real"]
+    try:
+        classes = ModelRegistry(settings.models_dir).meta(real.name, real.version).classes
+    except ModelNotFound:
+        classes = []
+    reader = ArchiveReader(settings.archive_dir)
+    request: dict[str, Any]
+    try:
+        if args.positions is not None:
+            if args.from_ or args.to:
+                sys.exit("rdv archive export: give --positions, or --from/--to: not both")
+            positions = positions_from(_positions_arg(args.positions))
+            request = {"positions": True}
+        else:
+            from_ms = parse_time(args.from_, "--from") if args.from_ else None
+            to_ms = parse_time(args.to, "--to") if args.to else time.time() * 1000
+            if from_ms is not None and from_ms > to_ms:
+                sys.exit(f"rdv archive export: --from {args.from_} is after --to {args.to}")
+            positions = resolve(reader, args.deployment, from_ms=from_ms, to_ms=to_ms)
+            request = {"from_ms": from_ms, "to_ms": to_ms}
+    except SliceError as exc:
+        sys.exit(f"rdv archive export: {exc}")
+    exporter = Exporter(client, reader, args.deployment, dep.feature_spec.names, classes)
+    out = Path(args.out)
+    doc = exporter.export(positions, out, args.format, {"request": request, "file": str(out)})
+    print(json.dumps(doc, indent=2))
+    if doc["rows"] == 0:
+        print("rdv archive export: no archived records in that slice", file=sys.stderr)
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="from_", help="export: ISO-8601 or epoch ms (inclusive)")
+    p.add_argument("--to", help="export: ISO-8601 or epoch ms (inclusive; default now)")
+    p.add_argument("--positions", help="export: the stream positions to take again (JSON, or "
+                   "@FILE of an export's .meta.json or a replay report)")  # fmt: skip
+    p.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    p.add_argument("--out", help="export: the file to write")

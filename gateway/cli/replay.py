@@ -1,0 +1,90 @@
+"""``rdv replay``: score a model version on the archive through the running gateway's admin
+API, show progress on stderr, print the report as JSON on stdout.
+
+Exits 0 when the replay is done, non-zero with the reason otherwise (refused, failed, or
+interrupted: Ctrl-C asks the gateway to stop it, and ``--resume ID`` continues it later).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from gateway.cli.admin import _request, _session, _without_none
+
+_POLL_S = 0.5
+
+
+def cmd_replay(args: argparse.Namespace) -> None:
+    base = f"/deployments/{args.deployment}/replays"
+    with _session(args) as http:
+        if args.resume:
+            report = _request(args, "POST", f"{base}/{args.resume}/resume", http=http, show=False)
+        else:
+            if args.version is None:
+                sys.exit("rdv replay: --version is required (or --resume ID)")
+            body = _without_none(
+                {"version": args.version, "model": args.model, "from": args.from_,
+                 "to": args.to, "last": args.last}
+            )  # fmt: skip
+            report = _request(args, "POST", base, http=http, show=False, json=body)
+        rid = report["id"]
+        print(f"replay {rid} of {args.deployment} started", file=sys.stderr)
+        if args.no_wait:
+            print(json.dumps(report, indent=2))
+            return
+        try:
+            report = _follow(args, http, f"{base}/{rid}", report)
+        except KeyboardInterrupt:
+            report = _request(args, "POST", f"{base}/{rid}/cancel", http=http, show=False)
+            print(json.dumps(report, indent=2))
+            sys.exit(f"replay {rid} stopped at {report['progress']['done']} records; "
+                     f"continue it with: rdv replay --deployment {args.deployment} "
+                     f"--resume {rid}")  # fmt: skip
+    print(json.dumps(report, indent=2))
+    if report["state"] != "done":
+        sys.exit(f"replay {rid} {report['state']}: {report.get('reason', '')}")
+
+
+def _follow(args: argparse.Namespace, http: Any, path: str, report: dict[str, Any]) -> Any:
+    """Poll until the replay leaves ``running``; progress on stderr (in place on a tty)."""
+    tty = sys.stderr.isatty()
+    shown = None
+    while report["state"] == "running":
+        time.sleep(_POLL_S)
+        report = _request(args, "GET", path, http=http, show=False)
+        progress = report["progress"]
+        total = progress.get("total")
+        line = (
+            f"replay: resolving the range ({report.get('phase')})"
+            if total is None
+            else f"replay: {progress['done']}/{total} records"
+            + (f" ({100 * progress['done'] // total}%)" if total else "")
+        )
+        if line != shown:
+            sys.stderr.write(f"\r{line}" if tty else f"{line}\n")
+            sys.stderr.flush()
+            shown = line
+    if tty and shown:
+        sys.stderr.write("\n")
+    return report
+
+
+def add_replay_command(sub: Any) -> None:
+    """Register ``rdv replay`` on the ``rdv`` parser's subcommands."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "replay", help="score a model version on archived requests (admin API); prints a report"
+    )
+    p.add_argument("--url", help="gateway base URL (default http://RDV_HOST:RDV_PORT)")
+    p.add_argument("--deployment", required=True)
+    p.add_argument("--version", type=int, help="the model version to score")
+    p.add_argument("--model", help="default: the real model's name")
+    p.add_argument("--from", dest="from_", help="ISO-8601 or epoch ms (request time, inclusive)")
+    p.add_argument("--to", help="ISO-8601 or epoch ms (inclusive; default now)")
+    p.add_argument("--last", type=int, help="the last N archived requests")
+    p.add_argument("--resume", metavar="ID", help="continue an interrupted replay")
+    p.add_argument("--no-wait", action="store_true", help="print the started report and exit")
+    p.set_defaults(func=cmd_replay)

@@ -1,0 +1,212 @@
+"""Export a slice of the archive for retraining: one row per request row, as the models saw it.
+
+Columns: ``request_id``, ``row`` (the row's index in a multi-row request; 0 otherwise),
+``time`` (ISO-8601 UTC) and ``enqueued_ms``, ``stream`` and ``stream_id``, one column per
+feature of the deployment's spec, then per role that answered (real first, canary, the rest
+by name) ``<role>_model``, ``<role>_version``, ``<role>_label`` and ``<role>_proba_<class>``
+from the decision records still kept (empty when the record is gone), and ``label`` where the
+feedback route stored one. The file names the stream positions it covers (Parquet: the
+schema's ``rdv`` metadata; CSV: ``FILE.meta.json``), so the same slice can be taken again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from models.archive import ArchiveReader
+from models.archive_slice import Positions, positions_json, read
+from models.labels import label_keys, labels_for
+from models.replay import decision_records
+from rendezvous import names
+from rendezvous.bus.connection import Client
+from rendezvous.decision import BinOutput
+
+FORMATS = ("parquet", "csv")
+_CHUNK = 5000
+"""Rows written at a time (bounds the memory of a large export)."""
+
+
+def _roles(found: set[str]) -> list[str]:
+    first = [r for r in (names.REAL, names.CANARY) if r in found]
+    return first + sorted(found - set(first))
+
+
+def _iso(ms: float | None) -> str | None:
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+class Exporter:
+    def __init__(
+        self,
+        client: Client,
+        reader: ArchiveReader,
+        deployment: str,
+        feature_names: Sequence[str],
+        classes: Sequence[int],
+    ):
+        self.client = client
+        self.reader = reader
+        self.deployment = deployment
+        self.feature_names = list(feature_names)
+        self.classes = list(classes)
+
+    def columns(self, roles: list[str]) -> list[str]:
+        cols = ["request_id", "row", "time", "enqueued_ms", "stream", "stream_id"]
+        cols += self.feature_names
+        for role in roles:
+            cols += [f"{role}_model", f"{role}_version", f"{role}_label"]
+            cols += [f"{role}_proba_{c}" for c in self.classes]
+        return [*cols, "label"]
+
+    def rows(
+        self, positions: Positions, outputs: dict[str, dict[str, BinOutput]], roles: list[str],
+        skipped: dict[str, int],
+    ) -> Iterator[list[dict[str, Any]]]:  # fmt: skip
+        """Chunks of rows, each chunk's labels looked up in one round trip."""
+        keys = label_keys(self.client, self.deployment)
+        width = len(self.feature_names)
+        chunk: list[dict[str, Any]] = []
+        for record in read(self.reader, self.deployment, positions):
+            features = record.get("features")
+            if not features or any(len(row) != width for row in features):
+                why = "undecodable" if not features else "width"
+                skipped[why] = skipped.get(why, 0) + 1
+                continue
+            rid = str(record.get("request_id", ""))
+            stream = str(record.get("stream") or names.input_stream(self.deployment))
+            for k, values in enumerate(features):
+                row: dict[str, Any] = {
+                    "request_id": rid,
+                    "row": k,
+                    "time": _iso(record.get("enqueued_ms")),
+                    "enqueued_ms": record.get("enqueued_ms"),
+                    "stream": stream,
+                    "stream_id": record["stream_id"],
+                }
+                row.update(zip(self.feature_names, map(float, values), strict=True))
+                for role in roles:
+                    row.update(self._output(role, outputs.get(rid, {}).get(role), k))
+                chunk.append(row)
+            if len(chunk) >= _CHUNK:
+                yield self._labelled(chunk, keys)
+                chunk = []
+        if chunk:
+            yield self._labelled(chunk, keys)
+
+    def _output(self, role: str, out: BinOutput | None, k: int) -> dict[str, Any]:
+        scored = out is not None and out.ok and out.labels is not None and k < len(out.labels)
+        doc: dict[str, Any] = {
+            f"{role}_model": out.model if scored and out else None,
+            f"{role}_version": out.version if scored and out else None,
+            f"{role}_label": out.labels[k] if scored and out and out.labels else None,
+        }
+        proba = out.probabilities[k] if scored and out and out.probabilities else None
+        for j, c in enumerate(self.classes):
+            doc[f"{role}_proba_{c}"] = proba[j] if proba is not None and j < len(proba) else None
+        return doc
+
+    def _labelled(self, chunk: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+        ids = sorted({row["request_id"] for row in chunk})
+        known = labels_for(self.client, self.deployment, ids, keys)
+        for row in chunk:
+            # A label is one class for the request: it belongs to single-row requests.
+            single = row["row"] == 0
+            row["label"] = known.get(row["request_id"]) if single else None
+        return chunk
+
+    def export(self, positions: Positions, out: Path, fmt: str, meta: dict[str, Any]) -> dict:
+        """Write the file; returns its metadata (positions, rows, roles, ...)."""
+        if fmt not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}")
+        outputs: dict[str, dict[str, BinOutput]] = {}
+        for rec in decision_records(self.client, self.deployment, positions):
+            outputs[rec.request_id] = dict(rec.outputs)
+        roles = _roles({role for outs in outputs.values() for role in outs})
+        if not self.classes:  # no model metadata at hand: class indices, as wide as the outputs
+            widths = [len(o.probabilities[0]) for outs in outputs.values()
+                      for o in outs.values() if o.probabilities]  # fmt: skip
+            self.classes = list(range(max(widths, default=0)))
+        columns = self.columns(roles)
+        skipped: dict[str, int] = {}
+        doc = {
+            **meta,
+            "deployment": self.deployment,
+            "positions": positions_json(positions),
+            "feature_names": self.feature_names,
+            "classes": self.classes,
+            "roles": roles,
+            "columns": columns,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "skipped": skipped,
+        }
+        chunks = self.rows(positions, outputs, roles, skipped)
+        written = (
+            _parquet(out, columns, chunks, self, roles, doc)
+            if fmt == "parquet"
+            else _csv(out, columns, chunks)
+        )
+        doc["rows"] = written
+        if fmt == "csv":
+            Path(f"{out}.meta.json").write_text(json.dumps(doc, indent=2) + "\n")
+        return doc
+
+
+def _csv(out: Path, columns: list[str], chunks: Iterator[list[dict[str, Any]]]) -> int:
+    written = 0
+    with out.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for chunk in chunks:
+            # repr of a float (what csv writes) reads back as the same float
+            writer.writerows({k: ("" if v is None else v) for k, v in row.items()}
+                             for row in chunk)  # fmt: skip
+            written += len(chunk)
+    return written
+
+
+def _parquet(
+    out: Path,
+    columns: list[str],
+    chunks: Iterator[list[dict[str, Any]]],
+    exporter: Exporter,
+    roles: list[str],
+    doc: dict[str, Any],
+) -> int:
+    """Typed columns (features float32 as the models saw them, labels and versions int64,
+    probabilities float64 as the decision records keep them); the metadata is written in the
+    footer, after the rows (its row count included)."""
+    import pyarrow as pa  # only an export needs it
+    import pyarrow.parquet as pq
+
+    fields = [
+        pa.field("request_id", pa.string()),
+        pa.field("row", pa.int64()),
+        pa.field("time", pa.string()),
+        pa.field("enqueued_ms", pa.float64()),
+        pa.field("stream", pa.string()),
+        pa.field("stream_id", pa.string()),
+    ]
+    fields += [pa.field(n, pa.float32()) for n in exporter.feature_names]
+    for role in roles:
+        fields += [pa.field(f"{role}_model", pa.string()), pa.field(f"{role}_version", pa.int64()),
+                   pa.field(f"{role}_label", pa.int64())]  # fmt: skip
+        fields += [pa.field(f"{role}_proba_{c}", pa.float64()) for c in exporter.classes]
+    fields.append(pa.field("label", pa.int64()))
+    schema = pa.schema(fields)
+    assert schema.names == columns
+    written = 0
+    with pq.ParquetWriter(out, schema) as writer:
+        for chunk in chunks:
+            writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+            written += len(chunk)
+        if written == 0:
+            writer.write_table(schema.empty_table())
+        writer.add_key_value_metadata({"rdv": json.dumps({**doc, "rows": written})})
+    return written
