@@ -323,7 +323,7 @@ class Runner:
                 self.reader,
                 deployment,
                 from_ms=req.get("from_ms"),
-                to_ms=req.get("to_ms"),
+                to_ms=report["timing"]["created_ms"] if req.get("to_ms") is None else req["to_ms"],
                 last=req.get("last"),
                 tick=tick,
             )

@@ -113,8 +113,9 @@ class ReplayManager:
 
     @staticmethod
     def _selection(body: ReplayIn, now_ms: float) -> tuple[dict[str, Any], Any]:
-        """The request as the report records it (``to`` fixed at now when open, so that a
-        resume selects the same records), and positions when the body gave them."""
+        """The request as the report records it (``to_ms`` null: until the replay's
+        creation, ``timing.created_ms``, so that a resume selects the same records), and
+        positions when the body gave them."""
         if body.positions is not None:
             if body.from_ is not None or body.to is not None or body.last is not None:
                 raise Invalid("give positions, or from/to, or last: not several")
@@ -126,10 +127,10 @@ class ReplayManager:
             raise Invalid("give from/to, or last: not both")
         try:
             from_ms = None if body.from_ is None else parse_time(body.from_, "from")
-            to_ms = now_ms if body.to is None else parse_time(body.to, "to")
+            to_ms = None if body.to is None else parse_time(body.to, "to")
         except SliceError as exc:
             raise Invalid(str(exc)) from None
-        if from_ms is not None and from_ms > to_ms:
+        if from_ms is not None and from_ms > (now_ms if to_ms is None else to_ms):
             raise Invalid(f"from ({body.from_}) is after to ({body.to or 'now'})")
         return {"from_ms": from_ms, "to_ms": to_ms, "last": body.last}, None
 

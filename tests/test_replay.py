@@ -1,0 +1,469 @@
+"""Replay and export end to end: ``rdv serve`` (gateway, a worker per role, log bin) as a real
+process on a real Redis with real ONNX models; traffic through the gateway fills the archive
+and the decisions stream, labels are stored as the feedback route stores them, and replays run
+through the admin API and ``rdv replay``; exports through ``rdv archive export``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from admin_support import AUTH, TOKEN, copy_demo_models, features_body, upload_body
+
+from models.archive import ArchiveReader
+from models.archive_slice import positions_from, read
+from models.deployment_store import DeploymentStore, demo_deployment
+from models.registry import ModelRegistry
+from models.replay_store import replay_report_for
+from models.runtime import OnnxClassifier
+from models.train import DEMO_DEPLOYMENT, DEMO_MODEL, demo_data
+from processes import PREDICT, RdvProcess, flush, rdv_env, wait_until
+from rendezvous import names
+from rendezvous.bus.connection import connect
+from rendezvous.bus.server import free_port
+from rendezvous.decision import DecisionRecord, decode_entries
+from rendezvous.divergence import divergence
+from rendezvous.schedule import Schedule
+
+SCHEDULE = Schedule(real_deadline_ms=1000, timeout_ms=3000, fallbacks=("canary",), grace_ms=200)
+REPLAYS = f"/admin/deployments/{DEMO_DEPLOYMENT}/replays"
+K = 40
+"""Single-row requests sent; two more carry three rows each."""
+BATCH_ROWS = 8
+TIMING = ("id", "timing", "latency")
+"""The report's fields that depend on the clock (or name the run)."""
+
+
+@dataclass
+class Served:
+    proc: RdvProcess
+    http: httpx.Client
+    r: redis.Redis
+    url: str
+    data: Path
+    env: dict[str, str]
+    weak: int
+    ids: list[str]
+    labels: dict[str, int]
+
+    def replay(self, body: dict[str, Any]) -> dict[str, Any]:
+        resp = self.http.post(REPLAYS, json=body)
+        assert resp.status_code == 202, resp.text
+        return resp.json()  # type: ignore[no-any-return]
+
+    def finished(self, rid: str, timeout_s: float = 30) -> dict[str, Any]:
+        def done() -> dict[str, Any] | None:
+            report = self.http.get(f"{REPLAYS}/{rid}").json()
+            return report if report["state"] != "running" else None
+
+        return wait_until(done, timeout_s, f"replay {rid}", 0.1)  # type: ignore[no-any-return]
+
+    def rdv(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway.cli.main", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+
+@pytest.fixture(scope="module")
+def served(
+    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    r = connect(redis_url)
+    flush(r)
+    data = copy_demo_models(demo_data_dir, tmp_path_factory.mktemp("replay-data"))
+    DeploymentStore(r).create(demo_deployment(ModelRegistry(data / "models"), SCHEDULE))
+    port = free_port()
+    env = rdv_env(
+        redis_url,
+        data,
+        port,
+        RDV_ADMIN_TOKEN=TOKEN,
+        RDV_REPLAY_BATCH_ROWS=str(BATCH_ROWS),
+        RDV_REPLAY_PAUSE_MS="150",
+        RDV_LOGBIN_BATCH_WAIT_MS="5",
+    )
+    proc = RdvProcess(
+        ["serve", "--data-dir", str(data)],
+        env,
+        tmp_path_factory.mktemp("replay-logs") / "serve.log",
+    )
+    url = f"http://127.0.0.1:{port}"
+    http = httpx.Client(base_url=url, timeout=30, headers=AUTH)
+    try:
+        wait_until(lambda: http.get("/readyz").status_code == 200, 60, "serve to be ready")
+        resp = http.post("/admin/models", json=upload_body("weak"))
+        assert resp.status_code == 201, resp.text
+        rows, truth = demo_data().x_test, demo_data().y_test
+        ids, labels = [], {}
+        for i in range(K):
+            rid = f"rp-{i}"
+            resp = http.post(PREDICT, json=features_body(rows[i]), headers={"X-Request-Id": rid})
+            assert resp.status_code == 200, resp.text
+            ids.append(rid)
+            if i % 2 == 0:
+                labels[rid] = int(truth[i])
+        for j in range(2):
+            rid = f"rp-multi-{j}"
+            body = {"instances": rows[K + 3 * j : K + 3 * j + 3].tolist()}
+            resp = http.post(PREDICT, json=body, headers={"X-Request-Id": rid})
+            assert resp.status_code == 200, resp.text
+            ids.append(rid)
+        # Labels as the feedback route keeps them: a hash per bucket, request id -> label.
+        first = {rid: str(v) for rid, v in list(labels.items())[:10]}
+        rest = {rid: json.dumps({"label": v}) for rid, v in list(labels.items())[10:]}
+        r.hset(f"rdv:{{{DEMO_DEPLOYMENT}}}:labels:1", mapping=first)
+        r.hset(f"rdv:{{{DEMO_DEPLOYMENT}}}:labels:2", mapping=rest)
+        reader = ArchiveReader(data / "logbin")
+        wait_until(lambda: len(list(reader.records(DEMO_DEPLOYMENT))) >= len(ids), 30, "archive")
+        wait_until(lambda: set(ids) <= set(_decisions(r)), 30, "decision records")
+        yield Served(proc, http, r, url, data, env, newest_version(http), ids, labels)
+    finally:
+        http.close()
+        code = proc.stop(timeout_s=40)
+        r.close()
+    assert code == 0, proc.log_text()[-3000:]
+
+
+def newest_version(http: httpx.Client) -> int:
+    versions = http.get(f"/admin/models/{DEMO_MODEL}").json()["versions"]
+    return max(v["version"] for v in versions)
+
+
+def _decisions(r: redis.Redis) -> dict[str, DecisionRecord]:
+    entries = r.xrange(names.decisions_stream(DEMO_DEPLOYMENT))
+    return {d.request_id: d for d in decode_entries(entries)}
+
+
+def _without_timing(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in report.items() if k not in TIMING}
+
+
+def expected_report(served: Served, positions: dict[str, Any], version: int) -> dict[str, Any]:
+    """The figures from onnxruntime run directly on the archived features (in the report's
+    batches of BATCH_ROWS rows: a batch's width changes float32 bits in the last place), the
+    decision records and the labels."""
+    import hashlib
+
+    meta = ModelRegistry(served.data / "models").meta(DEMO_MODEL, version)
+    model = OnnxClassifier(
+        ModelRegistry(served.data / "models").artifact_path(DEMO_MODEL, version), meta
+    )
+    records = list(
+        read(ArchiveReader(served.data / "logbin"), DEMO_DEPLOYMENT, positions_from(positions))
+    )
+    batches: list[list[dict[str, Any]]] = [[]]
+    rows = 0
+    for rec in records:
+        batches[-1].append(rec)
+        rows += len(rec["features"])
+        if rows >= BATCH_ROWS:
+            batches.append([])
+            rows = 0
+    decisions = _decisions(served.r)
+    digest = ""
+    out: dict[str, Any] = {
+        "records": 0,
+        "rows": 0,
+        "predicted": {},
+        "given_rows": 0,
+        "agreed": 0,
+        "labeled": 0,
+        "correct": 0,
+        "hist": [0] * 10,
+        "real_disagreements": 0,
+        "matched": 0,
+    }
+    for batch in (b for b in batches if b):
+        labels, proba = model.predict(
+            np.concatenate([np.asarray(r["features"], np.float32) for r in batch])
+        )
+        at = 0
+        for rec in batch:
+            n = len(rec["features"])
+            lab, pro = labels[at : at + n], proba[at : at + n]
+            at += n
+            rid = rec["request_id"]
+            h = hashlib.sha256(digest.encode())
+            h.update(rid.encode() + lab.astype("<i8").tobytes() + pro.astype("<f4").tobytes())
+            digest = h.hexdigest()
+            out["records"] += 1
+            out["rows"] += n
+            for v in lab.tolist():
+                out["predicted"][str(v)] = out["predicted"].get(str(v), 0) + 1
+            if rid in served.labels and n == 1:
+                out["labeled"] += 1
+                out["correct"] += int(lab[0]) == served.labels[rid]
+            dec = decisions.get(rid)
+            if dec is None:
+                continue
+            out["matched"] += 1
+            given = dec.outputs[dec.chosen_role].labels  # type: ignore[index]
+            assert given is not None
+            out["given_rows"] += n
+            out["agreed"] += sum(a == b for a, b in zip(given, lab.tolist(), strict=True))
+            real = dec.outputs["real"]
+            d = divergence(real.labels, np.asarray(real.probabilities), lab.tolist(), pro)
+            out["real_disagreements"] += d.disagreements
+            out["hist"][min(int(d.js_mean * 10), 9)] += 1
+    out["digest"] = digest
+    out["batches"] = sum(1 for b in batches if b)
+    return out
+
+
+@pytest.fixture(scope="module")
+def first(served: Served) -> dict[str, Any]:
+    """A finished replay of the weak version on every archived request (``last``)."""
+    report = served.finished(served.replay({"version": served.weak, "last": len(served.ids)})["id"])
+    assert report["state"] == "done", report
+    return report
+
+
+def test_replay_agrees_with_onnxruntime_run_directly(served: Served, first: dict) -> None:
+    exp = expected_report(served, first["positions"], served.weak)
+    assert first["records"] == exp["records"] == len(served.ids)
+    assert first["rows"] == exp["rows"] == K + 6
+    assert first["progress"]["done"] == first["progress"]["total"] == len(served.ids)
+    assert first["predicted"] == exp["predicted"]
+    assert first["outputs_sha256"] == exp["digest"]
+    assert 0 < exp["agreed"] < exp["given_rows"]  # the weak model differs from what was given
+    agreement = first["agreement"]
+    assert agreement["matched_records"] == exp["matched"] == len(served.ids)
+    assert (agreement["rows"], agreement["agreed_rows"]) == (exp["given_rows"], exp["agreed"])
+    assert agreement["rate"] == exp["agreed"] / exp["given_rows"]
+    assert first["accuracy"]["labeled"] == exp["labeled"] == len(served.labels)
+    assert first["accuracy"]["correct"] == exp["correct"]
+    assert first["divergence"]["disagreements"] == exp["real_disagreements"]
+    assert first["divergence"]["histogram"]["counts"] == exp["hist"]
+    assert sum(exp["hist"]) == len(served.ids)
+    assert first["latency"]["batches"] == exp["batches"] > 1
+    assert first["latency"]["row_us_mean"] > 0
+    ((stream, span),) = first["positions"].items()
+    assert stream == names.input_stream(DEMO_DEPLOYMENT) and span["records"] == len(served.ids)
+
+
+def test_the_same_range_and_version_give_the_same_report(served: Served, first: dict) -> None:
+    again = served.finished(served.replay({"version": served.weak, "last": len(served.ids)})["id"])
+    assert again["id"] != first["id"]
+    assert _without_timing(again) == _without_timing(first)
+    by_position = served.finished(
+        served.replay({"version": served.weak, "positions": first["positions"]})["id"]
+    )
+    assert {k: v for k, v in _without_timing(by_position).items() if k != "request"} == {
+        k: v for k, v in _without_timing(first).items() if k != "request"
+    }
+    assert replay_report_for(served.r, DEMO_DEPLOYMENT, served.weak)["id"] == by_position["id"]
+    assert replay_report_for(served.r, DEMO_DEPLOYMENT, 99) is None
+    listed = served.http.get(REPLAYS).json()["replays"]
+    assert [x["id"] for x in listed[:2]] == [by_position["id"], again["id"]]
+
+
+def test_interrupt_and_resume_give_the_same_report(served: Served, first: dict) -> None:
+    started = served.replay({"version": served.weak, "last": len(served.ids)})
+    resp = served.http.post(f"{REPLAYS}/{started['id']}/cancel")
+    assert resp.status_code == 200, resp.text
+    stopped = resp.json()
+    assert stopped["state"] == "interrupted", stopped
+    assert stopped["progress"]["done"] < len(served.ids)
+    resp = served.http.post(f"{REPLAYS}/{started['id']}/resume")
+    assert resp.status_code == 202, resp.text
+    # Stopped again with DELETE, then left as a dead gateway leaves it: "running" without the
+    # runner's lease. It reads as interrupted and resumes from the saved position.
+    resp = served.http.delete(f"{REPLAYS}/{started['id']}")
+    assert resp.status_code == 200 and resp.json()["state"] == "interrupted", resp.text
+    key = names.replay_key(DEMO_DEPLOYMENT, started["id"])
+    stored = json.loads(served.r.hget(key, "report"))  # type: ignore[arg-type]
+    served.r.hset(key, "report", json.dumps({**stored, "state": "running"}))
+    seen = served.http.get(f"{REPLAYS}/{started['id']}").json()
+    assert seen["state"] == "interrupted" and "stopped" in seen["reason"]
+    assert served.http.post(f"{REPLAYS}/{started['id']}/resume").status_code == 202
+    final = served.finished(started["id"])
+    assert final["state"] == "done", final
+    assert final["timing"]["runs"] == 3
+    assert _without_timing(final) == _without_timing(first)
+    assert served.http.post(f"{REPLAYS}/{started['id']}/resume").status_code == 409
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "says"),
+    [
+        (REPLAYS, {"version": 999}, 404, "version 999 is not in the registry"),
+        (REPLAYS, {"version": 1, "model": "nope"}, 404, "model nope version 1"),
+        ("/admin/deployments/nope/replays", {"version": 1}, 404, "'nope' does not exist"),
+        (
+            REPLAYS,
+            {"version": 1, "from": "2026-12-02T10:00:00Z", "to": "2026-12-01"},
+            422,
+            "is after",
+        ),
+        (REPLAYS, {"version": 1, "from": "yesterday"}, 422, "neither ISO-8601"),
+        (REPLAYS, {"version": 1, "from": 1, "last": 5}, 422, "not both"),
+        (REPLAYS, {"version": 1, "last": 0}, 422, "greater than or equal to 1"),
+        (
+            REPLAYS,
+            {"version": 1, "positions": {"s": {"first": "9-0", "last": "1-0"}}},
+            422,
+            "is after last",
+        ),
+        (REPLAYS, {"version": 1, "to": 1000}, None, None),
+        (f"{REPLAYS}/18c0a0b0c0d-0123456789ab/resume", None, 404, "no replay"),
+        (f"{REPLAYS}/not-an-id/cancel", None, 422, "invalid replay id"),
+    ],
+)
+def test_bad_requests_say_what_is_wrong(
+    served: Served, path: str, body: dict | None, status: int | None, says: str | None
+) -> None:
+    resp = served.http.post(path, json=body)
+    if status is None:  # an empty range: accepted, then failed with the reason
+        assert resp.status_code == 202, resp.text
+        report = served.finished(resp.json()["id"])
+        assert report["state"] == "failed" and "no archived records" in report["reason"]
+        return
+    assert resp.status_code == status, resp.text
+    assert says in json.dumps(resp.json()), resp.text
+
+
+def test_rdv_replay_prints_the_report_and_fails_with_the_reason(served: Served) -> None:
+    done = served.rdv(
+        "replay",
+        "--url",
+        served.url,
+        "--deployment",
+        DEMO_DEPLOYMENT,
+        "--version",
+        str(served.weak),
+        "--last",
+        "5",
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["state"] == "done" and report["records"] == 5
+    assert "records" in done.stderr  # progress
+    refused = served.rdv(
+        "replay",
+        "--url",
+        served.url,
+        "--deployment",
+        DEMO_DEPLOYMENT,
+        "--version",
+        "999",
+        "--last",
+        "5",
+    )
+    assert refused.returncode != 0
+    assert "version 999 is not in the registry" in refused.stderr
+
+
+def _archived_rows(served: Served) -> list[tuple[str, int, list[float]]]:
+    return [
+        (rec["request_id"], k, row)
+        for rec in ArchiveReader(served.data / "logbin").records(DEMO_DEPLOYMENT)
+        for k, row in enumerate(rec["features"])
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_export_round_trip(served: Served, fmt: str, tmp_path: Path) -> None:
+    out = tmp_path / f"slice.{fmt}"
+    done = served.rdv(
+        "archive",
+        "export",
+        "--deployment",
+        DEMO_DEPLOYMENT,
+        "--data-dir",
+        str(served.data),
+        "--from",
+        "0",
+        "--format",
+        fmt,
+        "--out",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    meta = json.loads(done.stdout)
+    expected = _archived_rows(served)
+    names_ = demo_data().names
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(out)
+        rows = table.to_pylist()
+        stored = json.loads(pq.read_metadata(out).metadata[b"rdv"])
+        assert str(table.schema.field(names_[0]).type) == "float"
+    else:
+        with out.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        stored = json.loads(Path(f"{out}.meta.json").read_text())
+    assert stored["positions"] == meta["positions"] and meta["rows"] == len(expected)
+    assert len(rows) == len(expected) >= len(served.ids)
+    assert list(rows[0]) == meta["columns"]
+    assert meta["roles"] == ["real", "canary"]
+    decisions = _decisions(served.r)
+    for row, (rid, k, features) in zip(rows, expected, strict=True):
+        assert (row["request_id"], int(row["row"])) == (rid, k)
+        got = [float(row[n]) for n in names_]
+        assert np.array_equal(np.float32(got), np.float32(features))
+        real = decisions[rid].outputs["real"]
+        assert int(row["real_label"]) == real.labels[k]  # type: ignore[index]
+        assert int(row["real_version"]) == real.version
+        assert float(row["canary_proba_1"]) == decisions[rid].outputs["canary"].probabilities[k][1]  # type: ignore[index]
+        label = served.labels.get(rid) if k == 0 else None
+        assert (None if row["label"] in (None, "") else int(row["label"])) == label
+    # The same slice again, by the positions the first export named.
+    again = tmp_path / f"again.{fmt}"
+    source = f"@{out}.meta.json" if fmt == "csv" else json.dumps(meta["positions"])
+    done = served.rdv(
+        "archive",
+        "export",
+        "--deployment",
+        DEMO_DEPLOYMENT,
+        "--data-dir",
+        str(served.data),
+        "--positions",
+        source,
+        "--format",
+        fmt,
+        "--out",
+        str(again),
+    )
+    assert done.returncode == 0, done.stderr
+    if fmt == "csv":
+        assert again.read_text() == out.read_text()
+    else:
+        assert pq.read_table(again).equals(table)
+    bad = served.rdv(
+        "archive",
+        "export",
+        "--deployment",
+        DEMO_DEPLOYMENT,
+        "--data-dir",
+        str(served.data),
+        "--from",
+        "2026-12-02",
+        "--to",
+        "2026-12-01",
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert bad.returncode != 0 and "is after" in bad.stderr
+
+
+def test_labels_are_empty_where_none_are_stored(r: redis.Redis) -> None:
+    from models.labels import labels_for
+
+    assert labels_for(r, DEMO_DEPLOYMENT, ["a", "b"]) == {}
+    r.hset(f"rdv:{{{DEMO_DEPLOYMENT}}}:labels:7", mapping={"a": "1", "c": "junk"})
+    assert labels_for(r, DEMO_DEPLOYMENT, ["a", "b", "c"]) == {"a": 1}
