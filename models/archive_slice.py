@@ -31,27 +31,26 @@ class SliceError(ValueError):
 
 def parse_time(value: Any, what: str) -> float:
     """Epoch milliseconds from epoch ms (a number, or digits) or ISO-8601 (naive means UTC)."""
-    if isinstance(value, bool):
-        raise SliceError(f"{what}: {value!r} is not a time")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise SliceError(f"{what}: {value!r} is not a time (ISO-8601 or epoch ms)")
+    ms: float | None = None
     if isinstance(value, int | float):
         ms = float(value)
-    elif isinstance(value, str) and value.strip().isdigit():
+    elif value.strip().isascii() and value.strip().isdigit():
         ms = float(value.strip())
-    elif isinstance(value, str):
+    else:
         text = value.strip()
         try:
             when = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
-        except ValueError:
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            ms = when.timestamp() * 1000
+        except (ValueError, OverflowError):
             raise SliceError(
                 f"{what}: {value!r} is neither ISO-8601 (2026-12-01T10:00:00Z) nor epoch ms"
             ) from None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        ms = when.timestamp() * 1000
-    else:
-        raise SliceError(f"{what}: {value!r} is not a time (ISO-8601 or epoch ms)")
     if not 0 <= ms < 2**53:
-        raise SliceError(f"{what}: {value!r} is out of range")
+        raise SliceError(f"{what}: {value!r} is out of range (epoch ms from 0)")
     return ms
 
 
@@ -94,7 +93,8 @@ def positions_from(doc: Any) -> Positions:
             raise SliceError(f"positions of {stream}: first and last must be stream ids")
         if sid_key(first) > sid_key(last):
             raise SliceError(f"positions of {stream}: first {first} is after last {last}")
-        out[stream] = Span(first, last, int(span.get("records") or 0))
+        records = span.get("records")
+        out[stream] = Span(first, last, records if isinstance(records, int) else 0)
     return out
 
 
@@ -162,7 +162,11 @@ def resolve(
             span[0] = sid
         if sid_key(sid) > sid_key(span[1]):
             span[1] = sid
-    positions = {stream: Span(first, last_id) for stream, (first, last_id) in spans.items()}
+    return count(reader, deployment, {s: Span(a, b) for s, (a, b) in spans.items()})
+
+
+def count(reader: ArchiveReader, deployment: str, positions: Positions) -> Positions:
+    """The positions with the records within each span counted (one pass over the archive)."""
     counts = collections.Counter(_stream(r, deployment) for r in read(reader, deployment,
                                                                       positions))  # fmt: skip
     return {s: Span(span.first, span.last, counts[s]) for s, span in positions.items()}

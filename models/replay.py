@@ -26,7 +26,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from models.archive import ArchiveReader
-from models.archive_slice import Positions, positions_from, positions_json, read, resolve
+from models.archive_slice import (
+    Positions,
+    count,
+    positions_from,
+    positions_json,
+    read,
+    resolve,
+)
 from models.labels import label_keys, labels_for
 from models.registry import ModelRegistry
 from models.replay_store import DONE, FAILED, INTERRUPTED, RUNNING, ReplayStore
@@ -264,11 +271,11 @@ class Runner:
     def _run(self, deployment: str, report: dict[str, Any], tally: Tally) -> dict[str, Any]:
         report.pop("reason", None)
         report["state"] = RUNNING
-        if report["positions"] is None:
-            positions = self._resolve(deployment, report, tally)
+        if report["positions"] is None or report["progress"]["total"] is None:
+            self._resolve(deployment, report, tally)
             if self._stopping():
                 return self._interrupted(report, tally)
-            if not any(span.records for span in positions.values()):
+            if not report["progress"]["total"]:
                 return {**report_view(report, tally), "state": FAILED,
                         "reason": "no archived records in the requested range"}  # fmt: skip
         positions = positions_from(report["positions"])
@@ -307,7 +314,9 @@ class Runner:
         why = "asked to stop" if self._cancelled else "the gateway stopped it"
         return {**report_view(report, tally), "state": INTERRUPTED, "reason": why}
 
-    def _resolve(self, deployment: str, report: dict[str, Any], tally: Tally) -> Positions:
+    def _resolve(self, deployment: str, report: dict[str, Any], tally: Tally) -> None:
+        """Positions from the requested range, or the records within given positions
+        counted; saved with the total before the first batch."""
         last_beat = [time.monotonic()]
 
         def tick() -> None:
@@ -319,20 +328,24 @@ class Runner:
 
         req = report["request"]
         try:
-            positions = resolve(
-                self.reader,
-                deployment,
-                from_ms=req.get("from_ms"),
-                to_ms=report["timing"]["created_ms"] if req.get("to_ms") is None else req["to_ms"],
-                last=req.get("last"),
-                tick=tick,
-            )
+            if report["positions"] is not None:
+                positions = count(self.reader, deployment, positions_from(report["positions"]))
+            else:
+                positions = resolve(
+                    self.reader,
+                    deployment,
+                    from_ms=req.get("from_ms"),
+                    to_ms=report["timing"]["created_ms"]
+                    if req.get("to_ms") is None
+                    else req["to_ms"],
+                    last=req.get("last"),
+                    tick=tick,
+                )
         except _Stop:
-            return {}
+            return
         report["positions"] = positions_json(positions)
         report["progress"]["total"] = sum(span.records for span in positions.values())
         self._checkpoint(deployment, report, tally)
-        return positions
 
     def _score(
         self,

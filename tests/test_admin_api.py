@@ -94,6 +94,7 @@ def fill(path: str) -> str:
         "version": "1",
         "deployment": DEMO_DEPLOYMENT,
         "role": "canary",
+        "replay_id": "18c0a0b0c0d-0123456789ab",
     }
     return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], path)
 

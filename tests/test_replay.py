@@ -459,11 +459,3 @@ def test_export_round_trip(served: Served, fmt: str, tmp_path: Path) -> None:
         str(tmp_path / "x"),
     )
     assert bad.returncode != 0 and "is after" in bad.stderr
-
-
-def test_labels_are_empty_where_none_are_stored(r: redis.Redis) -> None:
-    from models.labels import labels_for
-
-    assert labels_for(r, DEMO_DEPLOYMENT, ["a", "b"]) == {}
-    r.hset(f"rdv:{{{DEMO_DEPLOYMENT}}}:labels:7", mapping={"a": "1", "c": "junk"})
-    assert labels_for(r, DEMO_DEPLOYMENT, ["a", "b", "c"]) == {"a": 1}

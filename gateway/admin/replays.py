@@ -104,8 +104,6 @@ class ReplayManager:
         rid = new_replay_id(int(now_ms))
         report = new_report(rid, deployment, model, body.version, request, positions,
                             self.batch_rows, now_ms)  # fmt: skip
-        if positions is not None:
-            report["progress"]["total"] = sum(s.records for s in positions.values()) or None
         self.store.create(deployment, report, {}, self.owner)
         self._launch(deployment, rid)
         log.info("replay %s of %s: %s v%d on %s", rid, deployment, model, body.version, request)

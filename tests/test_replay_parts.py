@@ -1,0 +1,89 @@
+"""The parts of replay and export one by one: time and position parsing (no server), the
+report store and the label lookup on a real Redis Cluster (every pipeline in one slot)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+
+from models.archive_slice import SliceError, parse_time, positions_from, sid_key
+from models.labels import labels_for
+from models.replay import new_report
+from models.replay_store import ReplayStore, new_replay_id, replay_report_for
+from rendezvous import names
+
+DEP = "credit"
+
+
+@pytest.mark.parametrize(
+    ("value", "ms"),
+    [
+        (1764583200000, 1764583200000.0),
+        ("1764583200000", 1764583200000.0),
+        ("2025-12-01T10:00:00Z", 1764583200000.0),
+        ("2025-12-01T10:00:00", 1764583200000.0),
+        ("2025-12-01T11:00:00+01:00", 1764583200000.0),
+    ],
+)
+def test_times_are_iso_or_epoch_ms(value: object, ms: float) -> None:
+    assert parse_time(value, "from") == ms
+
+
+@pytest.mark.parametrize(
+    "value", ["yesterday", "²", "", -1, 1e300, True, None, [1], "0001-01-01T00:00:00+14:00"]
+)
+def test_a_bad_time_is_refused_by_name(value: object) -> None:
+    with pytest.raises(SliceError, match=r"^to: "):
+        parse_time(value, "to")
+
+
+def test_positions_read_back_and_bad_ones_say_why() -> None:
+    doc = {"rdv:{credit}:in": {"first": "5-0", "last": "12-3", "records": 4}}
+    (span,) = positions_from(doc).values()
+    assert (span.first, span.last, span.records) == ("5-0", "12-3", 4)
+    assert sid_key("12-3") > sid_key("9-9")  # numeric, not text, order
+    for bad, says in [
+        ({}, "expected"),
+        ({"s": {"first": "9-0", "last": "1-0"}}, "after last"),
+        ({"s": {"first": "x", "last": "1-0"}}, "not a stream id"),
+        ({"s": {"first": 1, "last": "1-0"}}, "must be stream ids"),
+        ({"s": {"first": "1-0", "last": "2-0", "records": "many"}}, None),
+    ]:
+        if says is None:
+            assert positions_from(bad)["s"].records == 0
+            continue
+        with pytest.raises(SliceError, match=says):
+            positions_from(bad)
+
+
+def test_reports_are_stored_leased_and_found_on_a_cluster(rc: redis.RedisCluster) -> None:
+    store = ReplayStore(rc)
+    rid = new_replay_id()
+    report = new_report(rid, DEP, "m", 3, {"last": 5}, None, 64, 1000.0)
+    store.create(DEP, report, {}, "me")
+    assert store.get(DEP, rid)["state"] == "running"  # type: ignore[index]
+    assert not store.take_lease(DEP, rid, "other")
+    store.request_cancel(DEP, rid)
+    assert store.checkpoint(DEP, report, {"done": 1}, "me") is True
+    assert replay_report_for(rc, DEP, 3) is None  # not done yet
+    store.finish(DEP, {**report, "state": "done"}, {"done": 5})
+    assert replay_report_for(rc, DEP, 3)["id"] == rid  # type: ignore[index]
+    assert replay_report_for(rc, DEP, 3, model="other") is None
+    assert store.stored(DEP, rid)[1] == {"done": 5}  # type: ignore[index]
+    assert [r["id"] for r in store.list(DEP)] == [rid]
+    # A running report whose runner's lease lapsed reads as interrupted.
+    lost = new_replay_id()
+    store.create(DEP, new_report(lost, DEP, "m", 3, {}, None, 64, 2000.0), {}, "gone")
+    rc.delete(names.replay_lock_key(DEP, lost))
+    seen = store.get(DEP, lost)
+    assert seen is not None and seen["state"] == "interrupted"
+    assert store.take_lease(DEP, lost, "me")
+
+
+def test_labels_are_read_from_every_bucket_on_a_cluster(rc: redis.RedisCluster) -> None:
+    assert labels_for(rc, DEP, ["a", "b"]) == {}
+    rc.hset(f"rdv:{{{DEP}}}:labels:1", mapping={"a": "1", "b": json.dumps({"label": 0})})
+    rc.hset(f"rdv:{{{DEP}}}:labels:2", mapping={"c": "junk", "a": "0"})
+    assert labels_for(rc, DEP, ["a", "b", "c", "d"]) == {"a": 0, "b": 0}
