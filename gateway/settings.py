@@ -179,7 +179,8 @@ class Settings(BaseSettings):
     """A replay's pause between batches: leaves the cores to live traffic on a busy gateway."""
 
     replay_concurrency: int = Field(default=1, ge=1, le=16)
-    """Replays one gateway process runs at once (each a thread); beyond it, 409."""
+    """Replays one gateway process runs at once (each in a process it spawns, niced by
+    ``shadow_nice``); beyond it, 409."""
 
     drift_interval_s: float = Field(default=5.0, gt=0)
     """The drift monitor evaluates each deployment at least this often, and once 200 new

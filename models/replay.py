@@ -2,7 +2,7 @@
 
 The records come from the log bin's archive (``models.archive_slice``), never from the live
 streams; they are scored in batches of at most ``batch_rows`` rows, one onnxruntime call a
-batch, in the caller's thread (a gateway runs it in a thread of its own, off its event loop).
+batch, in the caller's thread (a gateway spawns a process for it: ``run_process``).
 Each request's new answer is compared with the answer given then and with real's output (the
 decision records, while the decisions stream still holds them) and with its label where one
 is known. After every batch the report and the runner's tallies are saved with the position
@@ -249,7 +249,7 @@ class Runner:
         report["timing"]["runs"] = report["timing"].get("runs", 0) + 1
         try:
             report = self._run(deployment, report, tally)
-        except Exception as exc:  # any failure ends in a readable report, never a dead thread
+        except Exception as exc:  # any failure ends in a readable report, never a silent death
             log.exception("replay %s of %s failed", replay_id, deployment)
             report = {**report_view(report, tally), "state": FAILED,
                       "reason": f"{type(exc).__name__}: {exc}"[:500]}  # fmt: skip
@@ -442,3 +442,40 @@ class Runner:
 
 class _Stop(Exception):
     """Raised from a resolution's tick to stop it."""
+
+
+def run_process(
+    redis_url: str,
+    models_dir: str,
+    archive_dir: str,
+    deployment: str,
+    replay_id: str,
+    *,
+    pause_s: float,
+    nice: int,
+    log_level: str,
+) -> None:
+    """A replay in a process of its own (the gateway spawns it): no GIL shared with the
+    gateway's event loop, ``nice`` steps below live traffic. SIGTERM stops it after its
+    batch, resumable."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from rendezvous.bus.connection import connect
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    if nice:
+        os.nice(nice)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the gateway's to handle
+    client = connect(redis_url, wait_s=10)
+    try:
+        runner = Runner(client, ModelRegistry(Path(models_dir)), ArchiveReader(Path(archive_dir)),
+                        owner=f"replay-{os.getpid()}", pause_s=pause_s, stop=stop)  # fmt: skip
+        runner.run(deployment, replay_id)
+    finally:
+        client.close()

@@ -1,20 +1,20 @@
 """Replays under ``/admin/deployments/{d}/replays``: start, watch, stop and resume offline
 scorings of a model version on the archive (``models.replay``).
 
-A replay runs in a thread of the gateway process that accepted it (at most
-``RDV_REPLAY_CONCURRENCY`` at once), never on the event loop: onnxruntime releases the GIL
-while it scores a batch, and ``RDV_REPLAY_PAUSE_MS`` between batches leaves the cores to live
-traffic. Reports live in Redis, so any gateway answers for any replay, a stop asked of one
-gateway reaches the runner on another, and a replay whose gateway went away resumes anywhere.
+A replay runs in a process of its own, spawned by the gateway process that accepted it (at
+most ``RDV_REPLAY_CONCURRENCY`` at once), ``RDV_SHADOW_NICE`` steps below live traffic: reading
+and decoding the archive would otherwise hold the gateway's GIL and delay its event loop.
+Reports live in Redis, so any gateway answers for any replay, a stop asked of one gateway
+reaches the runner of another, and a replay whose gateway went away resumes anywhere.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
+import multiprocessing
 import threading
 import time
+from multiprocessing.process import BaseProcess
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -24,12 +24,11 @@ from starlette.concurrency import run_in_threadpool
 
 from gateway.admin.bodies import MAX_VERSION, Conflict, Invalid, NotFound
 from gateway.settings import Settings
-from models.archive import ArchiveReader
 from models.archive_slice import MAX_LAST, SliceError, parse_time, positions_from
 from models.deployment_store import DeploymentStore
 from models.deployments import DeploymentNotFound
 from models.registry import ModelNotFound, ModelRegistry
-from models.replay import Runner, new_report
+from models.replay import new_report, run_process
 from models.replay_store import DONE, LIST_LIMIT, RUNNING, ReplayStore, new_replay_id
 from rendezvous import names
 from rendezvous.bus.connection import Client
@@ -37,7 +36,7 @@ from rendezvous.bus.connection import Client
 log = logging.getLogger(__name__)
 
 _JOIN_S = 10.0
-_CANCEL_WAIT_S = 5.0
+_CANCEL_WAIT_S = 10.0
 
 
 class ReplayIn(BaseModel):
@@ -59,29 +58,25 @@ class ReplayIn(BaseModel):
 
 
 class ReplayManager:
-    """Starts replay threads and answers for stored reports (synchronous: call it from a
+    """Starts replay processes and answers for stored reports (synchronous: call it from a
     worker thread)."""
 
     def __init__(
         self,
         client: Client,
         registry: ModelRegistry,
-        reader: ArchiveReader,
-        *,
-        batch_rows: int,
-        pause_ms: float,
-        concurrency: int,
+        settings: Settings,
     ):
         self.client = client
         self.registry = registry
-        self.reader = reader
+        self.settings = settings
         self.store = ReplayStore(client)
-        self.batch_rows = batch_rows
-        self.pause_s = pause_ms / 1000
-        self.concurrency = concurrency
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
-        self._stop = threading.Event()
-        self._threads: dict[str, threading.Thread] = {}
+        self.batch_rows = settings.replay_batch_rows
+        self.concurrency = settings.replay_concurrency
+        self.owner = "gateway"
+        """The lease's holder until the replay's process renews it with its own name."""
+        self._processes: dict[tuple[str, str], BaseProcess] = {}
+        """(deployment, replay id) -> the process running it."""
         self._lock = threading.Lock()
 
     def start(self, deployment: str, body: ReplayIn) -> dict[str, Any]:
@@ -133,8 +128,14 @@ class ReplayManager:
         return {"from_ms": from_ms, "to_ms": to_ms, "last": body.last}, None
 
     def _room(self) -> None:
+        """Conflict when this gateway runs as many replays as it may (a process that saved
+        its last report and is on its way out does not count)."""
         with self._lock:
-            running = sum(t.is_alive() for t in self._threads.values())
+            alive = [key for key, p in self._processes.items() if p.is_alive()]
+        running = 0
+        for dep, rid in alive:
+            report = self.store.get(dep, rid)
+            running += report is None or report["state"] == RUNNING
         if running >= self.concurrency:
             raise Conflict(
                 f"{running} replay(s) already running on this gateway "
@@ -142,20 +143,23 @@ class ReplayManager:
             )
 
     def _launch(self, deployment: str, replay_id: str) -> None:
-        runner = Runner(self.client, self.registry, self.reader, owner=self.owner,
-                        pause_s=self.pause_s, stop=self._stop)  # fmt: skip
-
-        def run() -> None:
-            try:
-                runner.run(deployment, replay_id)
-            except Exception:  # Redis gone at the end: the lease lapses, the report says so
-                log.exception("replay %s of %s could not save its end", replay_id, deployment)
-
-        thread = threading.Thread(target=run, name=f"replay-{replay_id}", daemon=True)
+        s = self.settings
+        assert s.redis_url is not None
+        process = multiprocessing.get_context("spawn").Process(
+            target=run_process,
+            args=(s.redis_url, str(s.models_dir), str(s.archive_dir), deployment, replay_id),
+            kwargs={
+                "pause_s": s.replay_pause_ms / 1000,
+                "nice": s.shadow_nice,
+                "log_level": s.log_level,
+            },
+            name=f"replay-{replay_id}",
+            daemon=True,
+        )
         with self._lock:
-            self._threads = {k: t for k, t in self._threads.items() if t.is_alive()}
-            self._threads[replay_id] = thread
-        thread.start()
+            self._processes = {k: p for k, p in self._processes.items() if p.is_alive()}
+            self._processes[(deployment, replay_id)] = process
+        process.start()
 
     def get(self, deployment: str, replay_id: str) -> dict[str, Any]:
         report = self.store.get(names.check_name(deployment, "deployment"),
@@ -198,24 +202,22 @@ class ReplayManager:
         return report
 
     def close(self) -> None:
-        """Stop every runner after its batch (their replays stay resumable)."""
-        self._stop.set()
+        """Stop every replay process after its batch (SIGTERM; the replays stay resumable),
+        killing what is left after a bound."""
         with self._lock:
-            threads = list(self._threads.values())
+            processes = [p for p in self._processes.values() if p.is_alive()]
+        for process in processes:
+            process.terminate()
         deadline = time.monotonic() + _JOIN_S
-        for thread in threads:
-            thread.join(max(deadline - time.monotonic(), 0.0))
+        for process in processes:
+            process.join(max(deadline - time.monotonic(), 0.0))
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
 
 
 def replay_manager(settings: Settings, client: Client, registry: ModelRegistry) -> ReplayManager:
-    return ReplayManager(
-        client,
-        registry,
-        ArchiveReader(settings.archive_dir),
-        batch_rows=settings.replay_batch_rows,
-        pause_ms=settings.replay_pause_ms,
-        concurrency=settings.replay_concurrency,
-    )
+    return ReplayManager(client, registry, settings)
 
 
 def _manager(request: Request) -> ReplayManager:
