@@ -10,7 +10,7 @@ import redis
 
 from models.archive_slice import SliceError, parse_time, positions_from, sid_key
 from models.labels import labels_for
-from models.replay import new_report
+from models.replay_report import new_report
 from models.replay_store import ReplayStore, new_replay_id, replay_report_for
 from rendezvous import names
 

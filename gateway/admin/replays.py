@@ -28,7 +28,8 @@ from models.archive_slice import MAX_LAST, SliceError, parse_time, positions_fro
 from models.deployment_store import DeploymentStore
 from models.deployments import DeploymentNotFound
 from models.registry import ModelNotFound, ModelRegistry
-from models.replay import new_report, run_process
+from models.replay import run_process
+from models.replay_report import new_report
 from models.replay_store import DONE, LIST_LIMIT, RUNNING, ReplayStore, new_replay_id
 from rendezvous import names
 from rendezvous.bus.connection import Client
