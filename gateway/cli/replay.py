@@ -59,7 +59,7 @@ def _follow(args: argparse.Namespace, http: Any, path: str, report: dict[str, An
         progress = report["progress"]
         total = progress.get("total")
         line = (
-            f"replay: resolving the range ({report.get('phase')})"
+            "replay: resolving the range to stream positions"
             if total is None
             else f"replay: {progress['done']}/{total} records"
             + (f" ({100 * progress['done'] // total}%)" if total else "")
