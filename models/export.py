@@ -4,9 +4,10 @@ Columns: ``request_id``, ``row`` (the row's index in a multi-row request; 0 othe
 ``time`` (ISO-8601 UTC) and ``enqueued_ms``, ``stream`` and ``stream_id``, one column per
 feature of the deployment's spec, then per role that answered (real first, canary, the rest
 by name) ``<role>_model``, ``<role>_version``, ``<role>_label`` and ``<role>_proba_<class>``
-from the decision records still kept (empty when the record is gone), and ``label`` where the
-feedback route stored one. The file names the stream positions it covers (Parquet: the
-schema's ``rdv`` metadata; CSV: ``FILE.meta.json``), so the same slice can be taken again.
+from the decision records still kept (empty when the record is gone), and ``label`` (the row's
+true class) where the feedback route stored one. The file names the stream positions it
+covers (Parquet: the ``rdv`` metadata of its footer; CSV: ``FILE.meta.json``), so the same
+slice can be taken again.
 """
 
 from __future__ import annotations
@@ -116,9 +117,8 @@ class Exporter:
         ids = sorted({row["request_id"] for row in chunk})
         known = labels_for(self.client, self.deployment, ids, keys)
         for row in chunk:
-            # A label is one class for the request: it belongs to single-row requests.
-            single = row["row"] == 0
-            row["label"] = known.get(row["request_id"]) if single else None
+            truth = known.get(row["request_id"])
+            row["label"] = truth[row["row"]] if truth and row["row"] < len(truth) else None
         return chunk
 
     def export(self, positions: Positions, out: Path, fmt: str, meta: dict[str, Any]) -> dict:

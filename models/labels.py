@@ -2,8 +2,10 @@
 
 The feedback side keeps, per deployment, hashes ``rdv:{dep}:labels:<bucket>`` of request id ->
 the latest label given. This is the one place that reads them here, so that their format can
-change in one spot: a value is a class (``1``) or a JSON object with ``label``. Nothing
-stored: ``{}``.
+change in one spot. A value is the feedback route's msgpack ``[labels, correct, weight,
+given_ms]`` (``rendezvous.outcomes.Label`` on main: the true class of each row, or only a
+thumbs-up/down judgement, which names no class and is skipped here), or a plain class (``1``)
+or JSON (``{"label": 1}``, ``[0, 1]``). Nothing stored: ``{}``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+import msgpack
 
 from rendezvous import names
 from rendezvous.bus.connection import Client, text
@@ -28,9 +32,10 @@ def labels_for(
     deployment: str,
     request_ids: Sequence[str],
     keys: Iterable[str] | None = None,
-) -> dict[str, int]:
-    """request id -> its label, for the ids that have one; ``keys`` from ``label_keys``
-    (looked up when None). One pipelined round trip, inside the deployment's hash slot."""
+) -> dict[str, tuple[int, ...]]:
+    """request id -> the true class of each of its rows, for the ids that have them; ``keys``
+    from ``label_keys`` (looked up when None). One pipelined round trip, inside the
+    deployment's hash slot."""
     if not request_ids:
         return {}
     hashes = label_keys(client, deployment) if keys is None else list(keys)
@@ -39,32 +44,32 @@ def labels_for(
     pipe = client.pipeline(transaction=False)
     for key in hashes:
         pipe.hmget(key, list(request_ids))
-    found: dict[str, int] = {}
+    found: dict[str, tuple[int, ...]] = {}
     for values in pipe.execute():
         for rid, value in zip(request_ids, values, strict=True):
-            label = _label(value)
-            if label is not None:
-                found[rid] = label
+            labels = _labels(value)
+            if labels is not None:
+                found[rid] = labels
     return found
 
 
-def _label(value: Any) -> int | None:
+def _labels(value: Any) -> tuple[int, ...] | None:
     if value is None:
         return None
-    raw = text(value)
-    try:
-        return int(raw)
-    except ValueError:
-        pass
+    raw = value if isinstance(value, bytes) else str(value).encode()
+    doc: Any
     try:
         doc = json.loads(raw)
     except ValueError:
-        return None
+        try:
+            doc = msgpack.unpackb(raw, raw=False)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            return None
+        if isinstance(doc, list) and len(doc) == 4:  # [labels, correct, weight, given_ms]
+            doc = doc[0]
     if isinstance(doc, dict):
-        doc = doc.get("label")
-    if isinstance(doc, bool) or not isinstance(doc, int | str):
+        doc = doc.get("label", doc.get("labels"))
+    rows = doc if isinstance(doc, list) else [doc]
+    if not rows or not all(isinstance(v, int) and not isinstance(v, bool) for v in rows):
         return None
-    try:
-        return int(doc)
-    except ValueError:
-        return None
+    return tuple(rows)

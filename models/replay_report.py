@@ -98,10 +98,10 @@ def report_view(report: dict[str, Any], tally: Tally) -> dict[str, Any]:
             },
         },
         "accuracy": {
-            "labeled": t.labeled,
+            "labeled_rows": t.labeled,
             "correct": t.correct,
             "accuracy": _rate(t.correct, t.labeled),
-            "given_labeled": t.given_labeled,
+            "given_labeled_rows": t.given_labeled,
             "given_correct": t.given_correct,
             "given_accuracy": _rate(t.given_correct, t.given_labeled),
         },
@@ -156,8 +156,10 @@ def count_request(
     labels: np.ndarray,
     proba: np.ndarray,
     given: Given | None,
-    label: int | None,
+    truth: tuple[int, ...] | None,
 ) -> None:
+    """Add one request: our answer (``labels``, ``proba``), what it got then (``given``) and
+    the true class of each of its rows (``truth``; figures in rows)."""
     ours = [int(v) for v in labels]
     t.records += 1
     t.rows += len(ours)
@@ -168,9 +170,12 @@ def count_request(
     h.update(labels.astype("<i8").tobytes())
     h.update(proba.astype("<f4").tobytes())
     t.digest = h.hexdigest()
-    if label is not None and len(ours) == 1:
-        t.labeled += 1
-        t.correct += ours[0] == label
+    if truth is not None and len(truth) != len(ours):
+        t.skipped["label_rows"] = t.skipped.get("label_rows", 0) + 1
+        truth = None
+    if truth is not None:
+        t.labeled += len(ours)
+        t.correct += sum(a == b for a, b in zip(ours, truth, strict=True))
     if given is None:
         return
     t.matched += 1
@@ -183,9 +188,9 @@ def count_request(
         role = t.by_role.setdefault(given.role, [0, 0])
         role[0] += len(ours)
         role[1] += agreed
-        if label is not None and len(ours) == 1:
-            t.given_labeled += 1
-            t.given_correct += given.labels[0] == label
+        if truth is not None:
+            t.given_labeled += len(ours)
+            t.given_correct += sum(a == b for a, b in zip(given.labels, truth, strict=True))
     if given.real_labels is not None and given.real_proba is not None:
         try:
             d = divergence(given.real_labels, np.asarray(given.real_proba), ours, proba)

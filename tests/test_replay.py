@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgpack
 import numpy as np
 import pytest
 import redis
@@ -55,7 +56,8 @@ class Served:
     env: dict[str, str]
     weak: int
     ids: list[str]
-    labels: dict[str, int]
+    labels: dict[str, tuple[int, ...]]
+    """The true class of each row, where a label was stored."""
 
     def replay(self, body: dict[str, Any]) -> dict[str, Any]:
         resp = self.http.post(REPLAYS, json=body)
@@ -113,7 +115,7 @@ def served(
             assert resp.status_code == 200, resp.text
             ids.append(rid)
             if i % 2 == 0:
-                labels[rid] = int(truth[i])
+                labels[rid] = (int(truth[i]),)
         for j in range(2):
             rid = f"rp-multi-{j}"
             body = {"instances": rows[K + 3 * j : K + 3 * j + 3].tolist()}
@@ -121,8 +123,14 @@ def served(
             assert resp.status_code == 200, resp.text
             ids.append(rid)
         # Labels as the feedback route keeps them: a hash per bucket, request id -> label.
-        first = {rid: str(v) for rid, v in list(labels.items())[:10]}
-        rest = {rid: json.dumps({"label": v}) for rid, v in list(labels.items())[10:]}
+        labels["rp-multi-0"] = tuple(int(y) for y in truth[K : K + 3])
+        # Labels as the feedback route keeps them (a hash per time bucket, request id -> its
+        # msgpack [labels, correct, weight, given_ms]), and the plain forms also read.
+        items = list(labels.items())
+        first = {rid: str(v[0]) for rid, v in items[:7]}
+        first.update({rid: json.dumps({"label": v[0]}) for rid, v in items[7:14]})
+        rest = {rid: msgpack.packb([list(v), None, 1.0, 0]) for rid, v in items[14:]}
+        rest["rp-1"] = msgpack.packb([None, True, 1.0, 0])  # a judgement names no class
         r.hset(f"rdv:{{{DEMO_DEPLOYMENT}}}:labels:1", mapping=first)
         r.hset(f"rdv:{{{DEMO_DEPLOYMENT}}}:labels:2", mapping=rest)
         reader = ArchiveReader(data / "logbin")
@@ -204,9 +212,10 @@ def expected_report(served: Served, positions: dict[str, Any], version: int) -> 
             out["rows"] += n
             for v in lab.tolist():
                 out["predicted"][str(v)] = out["predicted"].get(str(v), 0) + 1
-            if rid in served.labels and n == 1:
-                out["labeled"] += 1
-                out["correct"] += int(lab[0]) == served.labels[rid]
+            if rid in served.labels:
+                out["labeled"] += n
+                truth = served.labels[rid]
+                out["correct"] += sum(a == b for a, b in zip(lab.tolist(), truth, strict=True))
             dec = decisions.get(rid)
             if dec is None:
                 continue
@@ -247,8 +256,8 @@ def test_replay_agrees_with_onnxruntime_run_directly(served: Served, first: dict
     assert agreement["matched_records"] == exp["matched"] == len(served.ids)
     assert (agreement["rows"], agreement["agreed_rows"]) == (exp["given_rows"], exp["agreed"])
     assert agreement["rate"] == exp["agreed"] / exp["given_rows"]
-    assert first["accuracy"]["labeled"] == exp["labeled"] == len(served.labels)
-    assert first["accuracy"]["correct"] == exp["correct"]
+    assert first["accuracy"]["labeled_rows"] == exp["labeled"] == len(served.labels) + 2
+    assert 0 < first["accuracy"]["correct"] == exp["correct"] <= exp["labeled"]
     assert first["divergence"]["disagreements"] == exp["real_disagreements"]
     assert first["divergence"]["histogram"]["counts"] == exp["hist"]
     assert sum(exp["hist"]) == first["divergence"]["records"] > len(served.ids) // 2
@@ -429,7 +438,7 @@ def test_export_round_trip(served: Served, fmt: str, tmp_path: Path) -> None:
             assert int(row[f"{role}_label"]) == given.labels[k]
             assert int(row[f"{role}_version"]) == given.version
             assert float(row[f"{role}_proba_1"]) == given.probabilities[k][1]
-        label = served.labels.get(rid) if k == 0 else None
+        label = served.labels[rid][k] if rid in served.labels else None
         assert (None if row["label"] in (None, "") else int(row["label"])) == label
     assert min(compared.values()) > len(expected) // 2, compared
     # The same slice again, by the positions the first export named.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import msgpack
 import pytest
 import redis
 
@@ -85,8 +86,19 @@ def test_reports_are_stored_leased_and_found_on_a_cluster(rc: redis.RedisCluster
 def test_labels_are_read_from_every_bucket_on_a_cluster(rc: redis.RedisCluster) -> None:
     assert labels_for(rc, DEP, ["a", "b"]) == {}
     rc.hset(f"rdv:{{{DEP}}}:labels:1", mapping={"a": "1", "b": json.dumps({"label": 0})})
-    rc.hset(f"rdv:{{{DEP}}}:labels:2", mapping={"c": "junk", "a": "0"})
-    assert labels_for(rc, DEP, ["a", "b", "c", "d"]) == {"a": 0, "b": 0}
+    later = {
+        "a": msgpack.packb([[0], None, 1.0, 5]),  # the feedback route's form
+        "m": msgpack.packb([[1, 0], None, 1.0, 5]),
+        "j": msgpack.packb([None, False, 1.0, 5]),  # a judgement, no class
+        "c": "junk",
+        "t": "true",
+    }
+    rc.hset(f"rdv:{{{DEP}}}:labels:2", mapping=later)
+    assert labels_for(rc, DEP, ["a", "b", "c", "d", "m", "j", "t"]) == {
+        "a": (0,),  # the later bucket's label replaced the first
+        "b": (0,),
+        "m": (1, 0),
+    }
 
 
 def test_a_slice_names_each_partition_and_reads_back_the_same_records(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -77,8 +77,10 @@ def cmd_export(args: argparse.Namespace, settings: Settings, redis_url: str) -> 
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--from", dest="from_", help="export: ISO-8601 or epoch ms (inclusive)")
-    p.add_argument("--to", help="export: ISO-8601 or epoch ms (inclusive; default now)")
+    p.add_argument("--from", dest="from_", metavar="T",
+                   help="export: ISO-8601 or epoch ms (inclusive)")  # fmt: skip
+    p.add_argument("--to", metavar="T",
+                   help="export: ISO-8601 or epoch ms (inclusive; default now)")  # fmt: skip
     p.add_argument("--positions", help="export: the stream positions to take again (JSON, or "
                    "@FILE of an export's .meta.json or a replay report)")  # fmt: skip
     p.add_argument("--format", choices=["parquet", "csv"], default="parquet")
