@@ -180,6 +180,17 @@ def drift_history_stream(deployment: str) -> str:
     return f"{_tag(deployment)}:drift:history"
 
 
+def drift_features_key(deployment: str) -> str:
+    """The latest window's rows per feature and training bin, and outside the training range
+    (JSON): the dashboard's feature view."""
+    return f"{_tag(deployment)}:drift:features"
+
+
+def drift_feature_history_stream(deployment: str) -> str:
+    """Per feature, one point of out-of-range rate and PSI per history point, capped."""
+    return f"{_tag(deployment)}:drift:feature-history"
+
+
 def drift_events_stream(deployment: str) -> str:
     """Drift alerts raised and cleared."""
     return f"{_tag(deployment)}:drift:events"
