@@ -35,7 +35,8 @@ function featureDistribution(svg, doc) {
   if (edges.length < 2 || shares.length !== edges.length - 1) {
     waitFor(svg, g, "no training statistics for this feature"); return;
   }
-  const bins = shares.length, slots = bins + 1, outside = live ? live.out_of_range_rate : null;
+  const bins = shares.length, slots = bins + 1.5, outside = live ? live.out_of_range_rate : null;
+  const left = slot => g.x0 + (slot < bins ? slot : slot + 0.5) * bw;  // a gap before "outside"
   let top = Math.max(...shares.filter(isNum), isNum(outside) ? outside : 0);
   if (liveShares) top = Math.max(top, ...liveShares.filter(isNum));
   const ymax = (top || 1) * 1.12, bw = (g.x1 - g.x0) / slots, gw = bw * 0.84 / 2;
@@ -45,11 +46,11 @@ function featureDistribution(svg, doc) {
   edges.forEach((e, i) => {
     if (i % every === 0) label(svg, g.x0 + i * bw, g.y0 + 16, fmt(e));
   });
-  label(svg, g.x0 + bins * bw + bw / 2, g.y0 + 16, "outside");
+  label(svg, left(bins) + bw / 2, g.y0 + 16, "outside");
   label(svg, (g.x0 + g.x1) / 2, H - 4, "value, between the training deciles (share of rows)");
   let n = 0;
   const bar = (slot, i, v, color, series, text) => {
-    tip(el("rect", {x: g.x0 + slot * bw + bw * 0.08 + i * gw, y: y(v), width: Math.max(gw - 1.5, 1),
+    tip(el("rect", {x: left(slot) + bw * 0.08 + i * gw, y: y(v), width: Math.max(gw - 1.5, 1),
       height: Math.max(g.y0 - y(v), 0), fill: color, rx: 1.5, "data-series": series}, svg), text);
     n++;
   };
@@ -61,7 +62,7 @@ function featureDistribution(svg, doc) {
     }
   }
   if (isNum(outside)) {
-    bar(bins, 1, outside, C.verm, "outside", "outside the training range " + fmt(edges[0]) +
+    bar(bins, 0.5, outside, C.verm, "outside", "outside the training range " + fmt(edges[0]) +
       "\u2013" + fmt(edges[bins]) + ": " + pct(outside) + " of live rows");
   }
   if (!liveShares) label(svg, g.x0, 12, "waiting for data: no live window judged yet", "start");
