@@ -213,7 +213,7 @@ class DecisionRecord:
         if self.divergence_errors:
             doc["divergence_errors"] = dict(self.divergence_errors)
         if self.ood is not None:
-            doc["ood"] = self.ood.to_dict()
+            doc["ood"] = self.ood.to_dict() if with_divergence else self.ood.wire()
         return doc
 
     def encode(self) -> dict[bytes, bytes]:

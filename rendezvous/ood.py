@@ -41,7 +41,20 @@ class OodScore(NamedTuple):
     def rows(self) -> int:
         return len(self.distance)
 
+    def wire(self) -> dict[str, Any]:
+        """The record's stream form: ``outside`` only when a row has a feature outside, and
+        ``method`` only when it is not ``mahalanobis`` (bytes of every record in Redis)."""
+        doc: dict[str, Any] = {"out_of_range": self.out_of_range, "distance": self.distance}
+        for row in self.outside:
+            if row:
+                doc["outside"] = self.outside
+                break
+        if self.method != "mahalanobis":
+            doc["method"] = self.method
+        return doc
+
     def to_dict(self) -> dict[str, Any]:
+        """The JSON view: every field, copied."""
         return {
             "out_of_range": list(self.out_of_range),
             "distance": list(self.distance),

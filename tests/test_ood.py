@@ -164,6 +164,10 @@ def test_a_record_carries_its_ood_score_and_reads_back() -> None:
     rec = _record(score)
     back = DecisionRecord.decode(rec.encode())
     assert back.ood == score and back == rec
+    calm = _record(OodScore([0.0, 0.0], [0.71, 0.9], [[], []], "diagonal"))
+    wire = msgpack.unpackb(calm.encode()[FIELD])["ood"]
+    assert wire == {"out_of_range": [0.0, 0.0], "distance": [0.71, 0.9], "method": "diagonal"}
+    assert DecisionRecord.decode(calm.encode()) == calm
     view = rec.to_dict()
     assert view["ood"] == {"out_of_range": [0.0, 0.0333], "distance": [0.71, 9.5],
                            "outside": [[], ["mean area"]], "method": "mahalanobis"}  # fmt: skip
