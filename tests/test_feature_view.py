@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from scipy.spatial.distance import mahalanobis
 from test_dashboard import chromium, dump_dom
 
@@ -131,6 +132,17 @@ def test_the_report_and_the_feature_route_count_the_same_evidence(
     rows = NORMAL + FAULTY + 2
     assert ood["rate"] > 0.7 * FAULTY / rows
     assert doc["history"][-1]["ood_rate"] is not None
+
+    metrics = {
+        (m.name, s.labels.get("quantile")): s.value
+        for m in text_string_to_metric_families(system.http.get("/metrics").text)
+        for s in m.samples
+        if m.name.startswith("rdv_drift_ood") and s.labels.get("deployment") == DEMO_DEPLOYMENT
+    }
+    now = system.http.get(DRIFT).json()["current"]["ood"]  # the report the scrape read
+    assert metrics[("rdv_drift_ood_ratio", None)] == pytest.approx(now["rate"])
+    for key, quantile in (("p50", "0.5"), ("p90", "0.9"), ("p99", "0.99")):
+        assert metrics[("rdv_drift_ood_distance_quantile", quantile)] == now["distance"][key]
 
     view = system.http.get(FEATURES, params={"feature": SCALED}).json()
     assert view["deployment"] == DEMO_DEPLOYMENT and view["feature"] == SCALED

@@ -311,6 +311,17 @@ class ClusterStateCollector(Collector):
             dep_only,
         )
         window = _gauge("rdv_drift_window_requests", "Requests in the drift window.", dep_only)
+        ood = _gauge(
+            "rdv_drift_ood_ratio",
+            "Share of rows in the window with a feature outside the training range.",
+            dep_only,
+        )
+        ood_q = _gauge(
+            "rdv_drift_ood_distance_quantile",
+            "Quantiles of the rows' distance to the training centre in the window (the decision "
+            "records' ood.distance: about 1 for a training row).",
+            ["deployment", "quantile"],
+        )
         alert = _gauge(
             "rdv_drift_alert",
             "1 while a drift alert of this kind is active.",
@@ -353,6 +364,12 @@ class ClusterStateCollector(Collector):
                     div_q.add_metric([dep, quantile], div[key])
             for feature, value in sorted((features.get("psi") or {}).items()):
                 feature_psi.add_metric([dep, feature], value)
+            evidence = current.get("ood") or {}
+            if evidence.get("rate") is not None:
+                ood.add_metric([dep], evidence["rate"])
+            for key, value in (evidence.get("distance") or {}).items():
+                if value is not None and key in _QUANTILES:
+                    ood_q.add_metric([dep, _QUANTILES[key]], value)
         yield from (
             score_psi,
             score_js,
@@ -362,10 +379,15 @@ class ClusterStateCollector(Collector):
             div_q,
             disagree,
             window,
+            ood,
+            ood_q,
             alert,
             events,
             evaluated,
         )
+
+
+_QUANTILES = {"p50": "0.5", "p90": "0.9", "p99": "0.99"}
 
 
 def state_registry(state: ClusterState) -> CollectorRegistry:
