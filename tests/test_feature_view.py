@@ -43,6 +43,30 @@ def system(
         yield sys
 
 
+def test_before_any_traffic_the_view_shows_training_and_waits(
+    system: System, tmp_path: Path
+) -> None:
+    """No window judged yet: the route answers with the training side alone, and the page
+    draws the training deciles and says it waits; a stale ``?feature=`` link falls back to
+    the default feature instead of failing."""
+    chromium()
+    view = system.http.get(FEATURES).json()
+    names_ = list(demo_data().names)
+    assert view["feature"] == names_[0] and view["live"] is None and view["history"] == []
+    assert len(view["training"]["shares"]) == 10
+    assert all(f["psi"] is None for f in view["features"])
+    text = dump_dom(f"{system.http.base_url}/dashboard/{DEMO_DEPLOYMENT}?feature=nope",
+                    tmp_path / "profile")  # fmt: skip
+    dom = FeatureDom(text)
+    assert dom.status == "ok" and dom.options == names_
+    dist, ood = dom.charts["distribution"], dom.charts["ood"]
+    assert dist["series"] == {"training": 10} and dist["points"] == 10
+    assert "waiting for data: no live window judged yet" in dist["texts"]
+    assert ood["points"] is None and "waiting for data: no out-of-distribution rate yet" in (
+        ood["texts"])  # fmt: skip
+    assert "no live window yet" in dom.facts
+
+
 @pytest.fixture(scope="module")
 def traffic(system: System) -> dict[str, np.ndarray]:
     """Held-out rows, then the same rows with one feature in other units (x10); returns the

@@ -130,7 +130,7 @@ def view(
         ranked = [(s["psi"], s["feature"]) for s in summary if isinstance(s["psi"], int | float)]
         feature = str(max(ranked)[1]) if ranked else spec.names[0]
     elif feature not in spec.names:
-        raise UnknownFeature(f"feature {feature!r} is not in the deployment's feature spec")
+        raise UnknownFeature(f"feature {feature[:100]!r} is not in the deployment's feature spec")
     f = spec.names.index(feature)
     live = None
     if shot is not None and shot["rows"]:
