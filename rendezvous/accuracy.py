@@ -21,7 +21,8 @@ import numpy as np
 from rendezvous.outcomes import Labelled
 
 CALIBRATION_BINS = 10
-LOG_EPS = 1e-15
+LOG_EPS = float(np.finfo(np.float64).eps)
+"""Probabilities are clipped to [eps, 1 - eps] for the log loss, as scikit-learn does."""
 
 
 def latest(entries: Iterable[Labelled], window: int) -> list[Labelled]:
