@@ -31,7 +31,7 @@ from rendezvous.bus.server import free_port
 from rendezvous.decision import DecisionRecord, decode_entries
 from rendezvous.schedule import Schedule
 
-SCHEDULE = Schedule(real_deadline_ms=1000, timeout_ms=3000, fallbacks=("canary",), grace_ms=100)
+SCHEDULE = Schedule(real_deadline_ms=1000, timeout_ms=1500, fallbacks=("canary",), grace_ms=100)
 FEEDBACK = f"/v1/deployments/{DEMO_DEPLOYMENT}/feedback"
 DRIFT = f"/v1/deployments/{DEMO_DEPLOYMENT}/drift"
 DEP = f"/admin/deployments/{DEMO_DEPLOYMENT}"
@@ -81,10 +81,8 @@ class Served:
     def report(self, requests: int, labelled_since_ms: float) -> dict[str, Any]:
         def fresh() -> dict[str, Any] | None:
             current = self.http.get(DRIFT).json()["accuracy"]["current"]
-            if current and current["evaluated_at_ms"] > labelled_since_ms:
-                if current["requests"] == requests:
-                    return current  # type: ignore[no-any-return]
-            return None
+            fresh = current and current["evaluated_at_ms"] > labelled_since_ms
+            return current if fresh and current["requests"] == requests else None
 
         return wait_until(fresh, 5, "the live accuracy (within 5 s of a label)")  # type: ignore[no-any-return]
 

@@ -28,7 +28,10 @@ from rendezvous import names
 from rendezvous.outcomes import Label, Outcome, label_problems
 
 MAX_ID_CHARS = 128
-RETRY_EVERY_S = 0.05
+RETRY_FIRST_S = 0.02
+RETRY_MAX_S = 0.25
+"""A miss is looked up again after 20 ms, then twice as long each time up to 250 ms: a label
+sent right after its prediction is accepted quickly, an unknown id costs ~15 lookups."""
 SHOWN_IDS = 20
 """A 404 lists at most this many unknown ids (and says how many there were)."""
 
@@ -188,12 +191,14 @@ class FeedbackService:
             return found
         await self.outcomes.flush()  # this process's own latest outcomes
         deadline = time.monotonic() + wait_s
+        pause_s = RETRY_FIRST_S
         while True:
             left = [i for i in ids if i not in found]
             found.update(await self.outcomes.find(deployment, left))
             if len(found) == len(ids) or time.monotonic() >= deadline:
                 return found
-            await asyncio.sleep(RETRY_EVERY_S)
+            await asyncio.sleep(min(pause_s, max(0.0, deadline - time.monotonic())))
+            pause_s = min(2 * pause_s, RETRY_MAX_S)
             await self.outcomes.flush()
 
     async def _store(self, deployment: str, writes: list[tuple[int, str, bytes, bytes]]) -> int:

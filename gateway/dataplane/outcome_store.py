@@ -27,7 +27,7 @@ from rendezvous.outcomes import Outcome
 
 log = logging.getLogger(__name__)
 
-ENTRY_OVERHEAD_BYTES = 48
+ENTRY_OVERHEAD_BYTES = 64
 """Redis's own cost of a hash field beyond its id and value bytes (a hashtable entry and two
 string headers, after allocator rounding; measured with MEMORY USAGE, see the README)."""
 
@@ -91,6 +91,7 @@ class OutcomeStore:
         self.flush_s = flush_s
         self._pending: dict[str, list[tuple[str, DecisionRecord]]] = {}
         self._flushing = asyncio.Lock()
+        self._newest: dict[str, int] = {}
         self.pruned_buckets = 0
 
     @property
@@ -145,12 +146,11 @@ class OutcomeStore:
             keys.append(names.outcomes_key(deployment, bucket))
             args += [bucket, len(pairs) // 2, *pairs]
         total = await self.client.eval(_WRITE, len(keys), *keys, *args)  # type: ignore[misc]
-        if int(total) > self.max_bytes or self._has_expired(deployment):
+        newest = max(by_bucket)
+        if int(total) > self.max_bytes or self._newest.get(deployment) != newest:
+            self._newest[deployment] = newest  # a new bucket: forget the expired ones' counts
             await self.prune(deployment)
         return sum(len(p) // 2 for p in by_bucket.values())
-
-    def _has_expired(self, deployment: str) -> bool:
-        return False  # the byte counts of expired buckets are dropped by prune when it runs
 
     async def prune(self, deployment: str) -> int:
         """Forget the byte counts of buckets past the retention, and drop the oldest buckets
