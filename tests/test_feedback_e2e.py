@@ -6,6 +6,7 @@ the same outputs and labels; bad input; the labelled promotion gate."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -21,10 +22,12 @@ import redis
 from admin_support import AUTH, TOKEN, copy_demo_models, features_body, upload_body
 from sklearn import metrics
 
+from gateway.cli.main import main
 from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import PREDICT, RdvProcess, flush, rdv_env, wait_until
+from rdv_client import AsyncClient, Client, RdvError
 from rendezvous import names
 from rendezvous.bus.connection import connect
 from rendezvous.bus.server import free_port
@@ -44,6 +47,7 @@ class Served:
     proc: RdvProcess
     http: httpx.Client
     r: redis.Redis | redis.RedisCluster
+    url: str
     records: dict[str, DecisionRecord]
     """Every decision record seen while it was still in the (trimmed) stream."""
     truth: dict[str, int]
@@ -104,7 +108,7 @@ def served(
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=AUTH)
     try:
         wait_until(lambda: http.get("/readyz").status_code == 200, 60, "serve to be ready")
-        yield Served(proc, http, r, {}, {})
+        yield Served(proc, http, r, f"http://127.0.0.1:{port}", {}, {})
     finally:
         http.close()
         code = proc.stop(timeout_s=40)
@@ -238,6 +242,40 @@ def test_bad_feedback_is_refused_and_stores_nothing(served: Served) -> None:
     bucket_keys = [names.labels_key(DEMO_DEPLOYMENT, int(time.time() // 3600) - k)
                    for k in range(2)]  # fmt: skip
     assert not any(served.r.hget(k, known[0]) for k in bucket_keys)
+
+
+def test_the_cli_and_the_client_send_feedback(
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = served.send("cli", 5)
+    csv_file = tmp_path / "labels.csv"
+    lines = ["request_id,label,weight", *(f"{rid},{served.truth[rid]},1.5" for rid in ids[:4])]
+    csv_file.write_text("\n".join(lines) + "\n")
+    main(["feedback", "--url", served.url, "--deployment", DEMO_DEPLOYMENT, "--batch", "3",
+          str(csv_file)])  # fmt: skip
+    out = capsys.readouterr()
+    assert json.loads(out.out)["accepted"] == 4 and json.loads(out.out)["batches"] == 2
+    assert "4/4 (100%)" in out.err
+
+    jsonl = tmp_path / "labels.jsonl"
+    jsonl.write_text(json.dumps({"request_id": ids[4], "correct": False}) + "\n"
+                     + json.dumps({"request_id": "cli-unknown", "label": 1}) + "\n")  # fmt: skip
+    with pytest.raises(SystemExit) as refused:
+        main(["feedback", "--url", served.url, "--deployment", DEMO_DEPLOYMENT, str(jsonl)])
+    assert "refused: 404" in str(refused.value.code)
+
+    with Client(served.url) as client:
+        assert client.feedback(DEMO_DEPLOYMENT, request_id=ids[0], label=1) == {
+            "accepted": 1, "relabelled": 1}  # fmt: skip
+        with pytest.raises(RdvError) as unknown:
+            client.feedback(DEMO_DEPLOYMENT, [{"request_id": "cli-nope", "label": 0}])
+        assert unknown.value.status == 404
+
+    async def send_async() -> Any:
+        async with AsyncClient(served.url) as client:
+            return await client.feedback(DEMO_DEPLOYMENT, [{"request_id": ids[4], "label": 0}])
+
+    assert asyncio.run(send_async()) == {"accepted": 1, "relabelled": 0}
 
 
 def test_the_gate_weighs_a_challenger_on_labelled_requests(served: Served) -> None:
