@@ -226,9 +226,14 @@ class Settings(BaseSettings):
         """A rough floor of the Redis memory these caps let the data reach, with ``deployments``
         deployments and this host's gateways: input streams at their backlog bound (~1 KB an
         entry), decision streams full (~0.65 KB a record), reply streams full (~0.3 KB a
-        result), sketch streams full (~2 KB a sketch)."""
+        result), sketch streams full (~2 KB a sketch), the feedback outcomes at their bound and
+        the labelled streams full (~0.2 KB an entry)."""
         per_deployment = (
-            self.max_backlog * 1024 + self.decisions_maxlen * 650 + self.drift_sketch_maxlen * 2048
+            self.max_backlog * 1024
+            + self.decisions_maxlen * 650
+            + self.drift_sketch_maxlen * 2048
+            + int(self.feedback_max_mb * 2**20)
+            + self.labelled_maxlen * 200
         )
         return deployments * per_deployment + self.gateway_process_count * self.reply_maxlen * 300
 

@@ -96,9 +96,11 @@ async def _check_redis_memory(client: AsyncClient, settings: Settings, deploymen
         log.warning(
             "Redis's maxmemory is %d MB, and the caps let the data reach about %d MB: at the "
             "limit predicts answer 503. Lower RDV_MAX_BACKLOG (%d), RDV_DECISIONS_MAXLEN (%d), "
-            "RDV_DRIFT_SKETCH_MAXLEN (%d) and RDV_REPLY_MAXLEN (%d), or raise maxmemory",
+            "RDV_DRIFT_SKETCH_MAXLEN (%d), RDV_REPLY_MAXLEN (%d), RDV_FEEDBACK_MAX_MB (%g) and "
+            "RDV_LABELLED_MAXLEN (%d), or raise maxmemory",
             limit // 2**20, needed // 2**20, settings.max_backlog, settings.decisions_maxlen,
-            settings.drift_sketch_maxlen, settings.reply_maxlen,
+            settings.drift_sketch_maxlen, settings.reply_maxlen, settings.feedback_max_mb,
+            settings.labelled_maxlen,
         )  # fmt: skip
 
 
