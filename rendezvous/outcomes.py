@@ -24,6 +24,22 @@ OUTCOME_FIELD = b"o"
 """The fields of a labelled-stream entry: request id, the label (msgpack), the outcome."""
 
 
+_PACKER = msgpack.Packer(use_bin_type=True, use_single_float=True)
+"""Probabilities as float32: five bytes each instead of nine, seven significant digits."""
+
+
+def encode_record(record: DecisionRecord) -> bytes | None:
+    """``Outcome.of(record).encode()`` without the objects in between (a fifth of its time:
+    it runs for every request on the gateway's event loop); None when no bin scored."""
+    answers = []
+    for role, (model, version, _lat, _q, _arr, labels, proba, error) in record.outputs.items():
+        if error is None and labels is not None:
+            answers.append([role, model, version, labels, proba])
+    if not answers:
+        return None
+    return _PACKER.pack([int(record.ts_ms), record.chosen_role, answers])  # type: ignore[no-any-return]
+
+
 class OutcomeFormatError(ValueError):
     """Bytes that hold no readable outcome or label."""
 
@@ -56,23 +72,18 @@ class Outcome:
         return 0
 
     def encode(self) -> bytes:
-        answers = [
-            [role, a.model, a.version, a.labels, [p for row in a.probabilities for p in row]]
-            for role, a in self.answers.items()
-        ]
-        doc = [self.ts_ms, self.chosen_role, answers]
-        return msgpack.packb(doc, use_bin_type=True, use_single_float=True)  # type: ignore[no-any-return]
+        answers = [[role, a.model, a.version, a.labels, a.probabilities]
+                   for role, a in self.answers.items()]  # fmt: skip
+        return _PACKER.pack([self.ts_ms, self.chosen_role, answers])  # type: ignore[no-any-return]
 
     @classmethod
     def decode(cls, blob: bytes) -> Outcome:
         try:
             ts_ms, chosen, answers = msgpack.unpackb(blob, raw=False)
-            out = {}
-            for role, model, version, labels, flat in answers:
-                rows = len(labels)
-                width = len(flat) // rows if rows else 0
-                probabilities = [flat[i * width : (i + 1) * width] for i in range(rows)]
-                out[role] = BinAnswer(model, int(version), list(labels), probabilities)
+            out = {
+                role: BinAnswer(model, int(version), list(labels), [list(r) for r in rows])
+                for role, model, version, labels, rows in answers
+            }
             return cls(int(ts_ms), chosen, out)
         except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
             raise OutcomeFormatError(f"unreadable outcome: {exc}") from exc

@@ -102,7 +102,7 @@ def served(
     port = free_port()
     env = rdv_env(bus_url, data, port, RDV_ADMIN_TOKEN=TOKEN, RDV_DECISIONS_MAXLEN="100",
                   RDV_MAX_ROWS=str(MAX_ROWS), RDV_MAX_BODY_BYTES=str(MAX_BODY),
-                  RDV_GATEWAY_PROCESSES="1")  # fmt: skip
+                  RDV_GATEWAY_PROCESSES="2")  # fmt: skip
     logs = tmp_path_factory.mktemp("feedback-logs")
     proc = RdvProcess(["serve", "--data-dir", str(data)], env, logs / "serve.log")
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=AUTH)

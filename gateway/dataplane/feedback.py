@@ -194,7 +194,7 @@ class FeedbackService:
         pause_s = RETRY_FIRST_S
         while True:
             left = [i for i in ids if i not in found]
-            found.update(await self.outcomes.find(deployment, left))
+            found.update(await self.outcomes.find(deployment, left, within_s=wait_s))
             if len(found) == len(ids) or time.monotonic() >= deadline:
                 return found
             await asyncio.sleep(min(pause_s, max(0.0, deadline - time.monotonic())))

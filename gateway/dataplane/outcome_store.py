@@ -23,13 +23,16 @@ from typing import Any
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
 from rendezvous.decision import DecisionRecord
-from rendezvous.outcomes import Outcome
+from rendezvous.outcomes import encode_record
 
 log = logging.getLogger(__name__)
 
 ENTRY_OVERHEAD_BYTES = 64
 """Redis's own cost of a hash field beyond its id and value bytes (a hashtable entry and two
 string headers, after allocator rounding; measured with MEMORY USAGE, see the README)."""
+
+ENCODE_SLICE = 256
+"""Outcomes encoded between two yields to the event loop (about 1 ms of work)."""
 
 _WRITE = """
 local ttl = tonumber(ARGV[1])
@@ -131,13 +134,13 @@ class OutcomeStore:
 
     async def _write(self, deployment: str, items: list[tuple[str, DecisionRecord]]) -> int:
         by_bucket: dict[int, list[bytes | str]] = {}
-        for request_id, record in items:
-            outcome = Outcome.of(record)
-            if not outcome.answers:
-                continue
-            by_bucket.setdefault(self.bucket_of(record.ts_ms), []).extend(
-                (request_id, outcome.encode())
-            )
+        for start in range(0, len(items), ENCODE_SLICE):
+            for request_id, record in items[start : start + ENCODE_SLICE]:
+                blob = encode_record(record)
+                if blob is not None:
+                    bucket = self.bucket_of(record.ts_ms)
+                    by_bucket.setdefault(bucket, []).extend((request_id, blob))
+            await asyncio.sleep(0)  # let the requests waiting meanwhile go on
         if not by_bucket:
             return 0
         keys = [names.outcomes_state_key(deployment)]
@@ -192,13 +195,16 @@ class OutcomeStore:
     # -- reading ---------------------------------------------------------------------------
 
     async def find(
-        self, deployment: str, request_ids: Sequence[str]
+        self, deployment: str, request_ids: Sequence[str], within_s: float | None = None
     ) -> dict[str, tuple[int, bytes]]:
         """request id -> (bucket, encoded outcome) of the ids still kept, in one round trip
-        over every live bucket."""
+        over every live bucket (``within_s``: only the buckets of that many latest seconds, for
+        the look again at requests answered a moment ago)."""
         if not request_ids:
             return {}
         buckets = self.live_buckets()
+        if within_s is not None:
+            buckets = buckets[: int(within_s // self.bucket_s) + 2]
         keys = [names.outcomes_key(deployment, b) for b in buckets]
         reply = await self.client.eval(_FIND, len(keys), *keys, *request_ids)  # type: ignore[misc]
         return {request_ids[int(i) - 1]: (buckets[int(k) - 1], blob) for i, k, blob in reply}
