@@ -11,6 +11,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,12 @@ def test_a_label_sent_right_after_the_prediction_is_accepted(served: Served) -> 
         answer = served.feedback({"request_id": rid, "correct": True, "weight": 2})
         assert answer.status_code == 200, answer.text
         assert answer.json()["accepted"] == 1
+    rows = [list(map(float, data.x_test[i])) for i in (0, 1)]
+    resp = served.http.post(PREDICT, json={"instances": rows}, headers={"X-Request-Id": "two"})
+    assert resp.status_code == 200
+    labels = [int(y) for y in data.y_test[:2]]
+    answer = served.feedback({"request_id": "two", "label": labels})
+    assert answer.status_code == 200, answer.text
 
 
 def test_bad_feedback_is_refused_and_stores_nothing(served: Served) -> None:
@@ -201,11 +208,14 @@ def test_bad_feedback_is_refused_and_stores_nothing(served: Served) -> None:
     stream = names.labelled_stream(DEMO_DEPLOYMENT)
     before = served.r.xlen(stream)
 
-    unknown = served.feedback({"request_id": "never-predicted", "label": 1})
+    with ThreadPoolExecutor(2) as pool:  # each waits out the deployment's timeout: together
+        waiting = [pool.submit(served.feedback, body) for body in (
+            {"request_id": "never-predicted", "label": 1},
+            [{"request_id": known[0], "label": 1}, {"request_id": "nope-1", "label": 0}],
+        )]  # fmt: skip
+        unknown, mixed = (w.result() for w in waiting)
     assert unknown.status_code == 404, unknown.text
     assert "never-predicted" in unknown.json()["detail"]
-    mixed = served.feedback([{"request_id": known[0], "label": 1},
-                             {"request_id": "nope-1", "label": 0}])  # fmt: skip
     assert mixed.status_code == 404 and mixed.json()["unknown"] == ["nope-1"]
 
     not_a_class = served.feedback({"request_id": known[0], "label": 7})
