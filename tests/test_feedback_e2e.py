@@ -238,6 +238,9 @@ def test_bad_feedback_is_refused_and_stores_nothing(served: Served) -> None:
     garbage = served.http.post(FEEDBACK, content=b"{not json",
                                headers={"content-type": "application/json"})  # fmt: skip
     assert garbage.status_code == 400 and "not JSON" in garbage.text
+    for raw in (b"[" * 30_000 + b"]" * 30_000, b'{"request_id": "\xff"}'):
+        deep = served.http.post(FEEDBACK, content=raw, headers={"content-type": "application/json"})
+        assert deep.status_code == 400, deep.text
 
     flood = [{"request_id": known[0], "label": 1}] * (MAX_ROWS + 1)
     assert served.feedback(flood).status_code == 413

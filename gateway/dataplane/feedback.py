@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from gateway.dataplane.deployments import DeploymentCache
@@ -84,9 +85,9 @@ class Accepted:
 def parse_items(body: bytes, max_items: int) -> list[FeedbackItem]:
     """One object or a JSON array of them; 400 for what is not JSON, 413 beyond ``max_items``,
     422 naming each fault."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    try:  # pydantic-core's parser caps the nesting depth: a hostile body is a 400, not a 500
+        doc = pydantic_core.from_json(body)
+    except ValueError as exc:
         raise FeedbackRefused(400, f"the body is not JSON: {exc}") from None
     items = doc if isinstance(doc, list) else [doc]
     if not items:
