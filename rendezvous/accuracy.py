@@ -39,8 +39,9 @@ def latest(entries: Iterable[Labelled], window: int) -> list[Labelled]:
 @dataclass
 class _Samples:
     """The rows a model version was judged on: labelled rows, and the judged (``correct``)
-    rows of the answers it gave."""
+    rows of the answers it gave; ``roles``: the roles it scored them in (latest last)."""
 
+    roles: dict[str, None] = field(default_factory=dict)
     requests: int = 0
     judged: int = 0
     y_true: list[int] = field(default_factory=list)
@@ -51,8 +52,10 @@ class _Samples:
     judged_weight: list[float] = field(default_factory=list)
 
 
-def _collect(rows: Sequence[Labelled]) -> dict[tuple[str, str], _Samples]:
-    groups: dict[tuple[str, str], _Samples] = {}
+def _collect(rows: Sequence[Labelled]) -> dict[str, _Samples]:
+    """Samples by model version: a version's figures follow it from one role to the next (a
+    challenger promoted to real keeps the evidence it gathered as a challenger)."""
+    groups: dict[str, _Samples] = {}
     for entry in rows:
         label, outcome = entry.label, entry.outcome
         for role, answer in outcome.answers.items():
@@ -60,7 +63,9 @@ def _collect(rows: Sequence[Labelled]) -> dict[tuple[str, str], _Samples]:
                 label.correct is not None and role == outcome.chosen_role
             ):
                 continue
-            s = groups.setdefault((role, answer.model_key), _Samples())
+            s = groups.setdefault(answer.model_key, _Samples())
+            s.roles.pop(role, None)
+            s.roles[role] = None
             if label.labels is not None:
                 s.requests += 1
                 s.y_true += label.labels
@@ -204,22 +209,25 @@ def accuracy_report(
     classes: Sequence[int] | None,
     current: Mapping[str, str],
 ) -> dict[str, Any]:
-    """The live-accuracy report of the latest ``window`` labelled requests: figures per role
-    and version, and every other current role paired with real's current version.
-    ``current``: role -> ``model:version`` holding it now."""
+    """The live-accuracy report of the latest ``window`` labelled requests: figures per model
+    version (``role``: the role it holds now, else the last it scored in; ``roles``: those it
+    scored these requests in), and every other current role paired with real's current
+    version. ``current``: role -> ``model:version`` holding it now."""
     rows = latest(entries, window)
     groups = _collect(rows)
     if classes is None:
         width = max((len(p[0]) for s in groups.values() for p in [s.proba] if p), default=2)
         classes = list(range(width))
+    holder = {key: role for role, key in current.items()}
     models = [
         {
-            "role": role,
+            "role": holder.get(key, list(s.roles)[-1]),
             "model": key,
-            "current": current.get(role) == key,
+            "current": key in holder,
+            "roles": list(s.roles),
             **_figures(s, classes),
         }
-        for (role, key), s in sorted(groups.items())
+        for key, s in sorted(groups.items())
     ]
     real = current.get("real")
     pairs = [

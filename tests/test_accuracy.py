@@ -130,3 +130,15 @@ def test_label_problems() -> None:
     assert label_problems(1, (1,), [0, 1]) is None
     assert "not a class" in str(label_problems(1, (7,), [0, 1]))
     assert "2 rows" in str(label_problems(2, (1,), [0, 1]))
+
+
+def test_a_versions_figures_follow_it_from_challenger_to_real() -> None:
+    real, cand = _answer("m", 2, [0.9]), _answer("m", 3, [0.2])
+    rows = [Labelled(f"r{i}", Label((0,), None), Outcome(i, "real", {"real": real, "cand": cand}))
+            for i in range(4)]  # fmt: skip
+    before = accuracy_report(rows, 10, [0, 1], {"real": "m:2", "cand": "m:3"})
+    after = accuracy_report(rows, 10, [0, 1], {"real": "m:3", "canary": "m:2"})
+    by_model = {m["model"]: m for m in after["models"]}
+    assert by_model["m:3"]["role"] == "real" and by_model["m:3"]["roles"] == ["cand"]
+    assert by_model["m:3"]["accuracy"] == 1.0 and by_model["m:2"]["role"] == "canary"
+    assert before["paired"][0]["gain"] == after["paired"][0]["gain"] * -1 == 1.0

@@ -26,7 +26,7 @@ from sklearn import metrics
 from gateway.cli.main import main
 from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
-from models.train import DEMO_DEPLOYMENT, demo_data
+from models.train import DEMO_DEPLOYMENT, DEMO_MODEL, demo_data
 from processes import PREDICT, RdvProcess, flush, rdv_env, wait_until
 from rdv_client import AsyncClient, Client, RdvError
 from rendezvous import names
@@ -343,6 +343,17 @@ def test_the_gate_weighs_a_challenger_on_labelled_requests(served: Served) -> No
     figures = accepted.json()["detail"]["gate"]["labelled"]
     assert figures["candidate_accuracy"] == 1.0 and figures["baseline_only_right"] == 0
     assert figures["candidate_only_right"] == real_wrong and figures["p_value"] < 0.05
+
+    promoted = f"{DEMO_MODEL}:{versions['weak']}"
+
+    def real_now() -> bool:  # the live figures follow the promotion without a new label
+        current = http.get(DRIFT).json()["accuracy"]["current"]
+        return bool(current) and current["current"]["real"] == promoted
+
+    wait_until(real_now, 5, "the live accuracy to follow the promotion")
+    report = http.get(DRIFT).json()["accuracy"]["current"]
+    real = next(m for m in report["models"] if m["current"] and m["role"] == "real")
+    assert real["model"] == promoted and real["accuracy"] == 1.0
 
     history = http.get(f"{DEP}/history", params={"limit": 3}).json()["history"]
     assert [h["action"] for h in history] == ["promote-refused", "promote-refused", "promote"]

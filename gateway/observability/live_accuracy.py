@@ -3,10 +3,11 @@
 The report (``rendezvous.accuracy.accuracy_report``) is computed from the labelled stream
 alone, so whichever gateway process computes it, every process shows the same figures: the
 process that took a feedback call recomputes that deployment within ``tick_s`` (the figures in
-a thread, off the event loop), and every process recomputes the deployments that have labels
-every ``interval_s`` (so a promotion's new current versions show without a label). Each
-evaluation stores the report (``names.accuracy_key``: ``/drift``'s ``accuracy`` section and
-the ``rdv_live_*`` gauges) and a point of history (the dashboard's chart over time).
+a thread, off the event loop), every process recomputes a deployment whose revision changed (a
+promotion's new current versions show without a label), and every deployment every
+``interval_s``. Each evaluation stores the report (``names.accuracy_key``: ``/drift``'s
+``accuracy`` section and the ``rdv_live_*`` gauges) and a point of history (the dashboard's
+chart over time).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class LiveAccuracy:
         self.tick_s = tick_s
         self.interval_s = interval_s
         self._dirty: set[str] = set()
+        self._revisions: dict[str, int] = {}
         self._last_full = 0.0
 
     def labelled(self, deployment: str) -> None:
@@ -98,6 +100,10 @@ class LiveAccuracy:
         if full:
             self._last_full = time.monotonic()
         due = set(self.deployments.deployments) if full else set()
+        for name, dep in self.deployments.deployments.items():
+            if self._revisions.get(name) != dep.revision:  # a promotion: new current versions
+                self._revisions[name] = dep.revision
+                due.add(name)
         due |= self._dirty
         self._dirty = set()
         for deployment in sorted(due):
