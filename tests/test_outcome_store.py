@@ -88,3 +88,15 @@ async def test_the_byte_bound_drops_the_oldest_buckets(client: AsyncClient) -> N
     sizes = await client.hgetall(names.outcomes_state_key(DEP))
     assert sum(int(v) for v in sizes.values()) <= store.max_bytes
     assert store.pruned_buckets == 2
+
+
+async def test_a_lookup_of_more_ids_than_lua_unpacks_at_once(client: AsyncClient) -> None:
+    store = OutcomeStore(client, retention_s=600, bucket_s=60, max_bytes=10**9)
+    now = time.time() * 1000
+    records = [_record(now) for _ in range(2500)]
+    for rec in records:
+        store.observe(rec)
+    await store.flush()
+    ids = [f"unknown-{i}" for i in range(2500)] + [r.request_id for r in records]
+    found = await store.find(DEP, ids)
+    assert set(found) == {r.request_id for r in records}

@@ -65,11 +65,15 @@ for k = 1, #KEYS do
   local ids, where = {}, {}
   for i, id in pairs(left) do ids[#ids + 1] = id; where[#where + 1] = i end
   if #ids == 0 then break end
-  local found = redis.call('HMGET', KEYS[k], unpack(ids))
-  for j, v in ipairs(found) do
-    if v then
-      out[#out + 1] = {where[j], k, v}
-      left[where[j]] = nil
+  for from = 1, #ids, 1000 do  -- unpack has a bound of its own
+    local to = math.min(from + 999, #ids)
+    local found = redis.call('HMGET', KEYS[k], unpack(ids, from, to))
+    for j = 1, to - from + 1 do
+      local v = found[j]
+      if v then
+        out[#out + 1] = {where[from + j - 1], k, v}
+        left[where[from + j - 1]] = nil
+      end
     end
   end
 end
