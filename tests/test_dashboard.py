@@ -76,6 +76,9 @@ class Chart:
 class Dom(HTMLParser):
     """What a reader sees: each chart's drawn shapes, the alert badges, the body's status."""
 
+    SEEN: tuple[str, ...] = CHARTS
+    """The charts looked at (the live-accuracy section has tests of its own)."""
+
     def __init__(self, text: str):
         super().__init__()
         self.charts: dict[str, Chart] = {}
@@ -89,7 +92,7 @@ class Dom(HTMLParser):
         a = dict(attrs)
         if tag == "body":
             self.status = a.get("data-status") or ""
-        elif tag == "svg" and a.get("data-chart"):
+        elif tag == "svg" and a.get("data-chart") in self.SEEN:
             points = a.get("data-points")
             self._chart = self.charts[a["data-chart"] or ""] = Chart(
                 int(points) if points else None
@@ -316,12 +319,12 @@ def test_the_page_is_its_package_files_served_as_they_are(fixture_server: str) -
     assert re.findall(r"<script[^>]*>", resp.text) == [
         '<script src="/dashboard/static/dashboard.js" defer>',
         '<script src="/dashboard/static/drift_features.js" defer>',
+        '<script src="/dashboard/static/accuracy.js" defer>',
     ]
     assert '<link rel="stylesheet" href="/dashboard/static/dashboard.css">' in resp.text
     # Nothing from elsewhere: the only absolute URL is the SVG namespace.
-    texts = resp.text + "".join(
-        (STATIC / n).read_text() for n in ("dashboard.css", "dashboard.js", "drift_features.js")
-    )
+    assets = ("dashboard.css", "dashboard.js", "drift_features.js", "accuracy.js")
+    texts = resp.text + "".join((STATIC / n).read_text() for n in assets)
     assert set(re.findall(r"https?://[^\s\"']+", texts)) == {"http://www.w3.org/2000/svg"}
 
     bad = httpx.get(f"{fixture_server}/dashboard/NOT%20valid")

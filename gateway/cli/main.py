@@ -249,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.cli.admin import add_admin_commands
 
     add_admin_commands(sub)
+    from gateway.cli.feedback import add_feedback_command
+
+    add_feedback_command(sub)
     return parser
 
 

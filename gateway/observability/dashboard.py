@@ -1,11 +1,11 @@
 """``GET /dashboard/{deployment}``: the drift report as charts for a person to look at.
 
-The page is four static files in package data (``gateway/observability/static``: the HTML,
-its stylesheet, its script and the feature view's script), served as they are: no build step,
-no templating, nothing fetched from the internet. The scripts read the deployment from the
-page's URL and ask ``/v1/deployments/{deployment}/drift`` (and its feature view
-``.../drift/features``), so an unknown deployment shows that endpoint's error and the dashboard
-needs no Redis access of its own.
+The page is static files in package data (``gateway/observability/static``: the HTML, its
+stylesheet, its script, the feature view's script and the live-accuracy section's script),
+served as they are: no build step, no templating, nothing fetched from the internet. The
+scripts read the deployment from the page's URL and ask ``/v1/deployments/{deployment}/drift``
+(and its feature view ``.../drift/features``), so an unknown deployment shows that endpoint's
+error and the dashboard needs no Redis access of its own.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ ASSET_TYPES = {
     "dashboard.css": "text/css; charset=utf-8",
     "dashboard.js": "application/javascript; charset=utf-8",
     "drift_features.js": "application/javascript; charset=utf-8",
+    "accuracy.js": "application/javascript; charset=utf-8",
 }
 
 # Only the gateway's own files may run or style the page, and it may talk to its own origin
@@ -77,7 +78,7 @@ def dashboard_router() -> APIRouter:
 
     @router.get(STATIC_URL + "/{name}", include_in_schema=False)
     async def dashboard_static(name: str, request: Request) -> Response:
-        """The page's stylesheet and scripts, looked up by exact name among those three."""
+        """The page's stylesheet and scripts, looked up by exact name among ``ASSET_TYPES``."""
         if name not in ASSET_TYPES:
             raise HTTPException(404, "no such dashboard file")
         return serve(request, files[name])

@@ -14,6 +14,7 @@ from gateway.dataplane.failures import UnknownDeployment
 from gateway.dataplane.matcher import Rendezvous
 from gateway.observability import drift_features
 from gateway.observability.drift_monitor import drift_view
+from gateway.observability.live_accuracy import accuracy_view
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.metrics_state import read_state, state_registry
 from gateway.problems import Problem
@@ -53,7 +54,8 @@ def observe_router() -> APIRouter:
     @router.get("/v1/deployments/{deployment}/drift")
     async def drift(deployment: str, request: Request) -> JSONResponse:
         """The latest drift evaluation: window statistics, thresholds, active alerts, the
-        latest events and a short history (oldest first)."""
+        latest events and a short history (oldest first); ``accuracy``: the live accuracy on
+        labelled requests and its history."""
         try:
             names.check_name(deployment, "deployment")
         except names.InvalidName as exc:
@@ -69,6 +71,10 @@ def observe_router() -> APIRouter:
                 settings.drift_defaults(),
                 history=settings.drift_history,
             ),
+            timeout=settings.redis_timeout_s,
+        )
+        view["accuracy"] = await asyncio.wait_for(
+            accuracy_view(request.app.state.redis, deployment, history=settings.drift_history),
             timeout=settings.redis_timeout_s,
         )
         return JSONResponse(view)
