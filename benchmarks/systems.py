@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import redis
+
 from benchmarks.loadgen import Target
 from benchmarks.procstat import ProcessTree
 from benchmarks.redisstat import Node
@@ -228,9 +230,10 @@ def start_rdv(
     _wait_ready(running, f"{running.base_url}/readyz", timeout_s)
     if "RDV_REDIS_URL" not in extra:  # the embedded Redis: serve records where it listens
         url = recorded_url(data_dir / "redis")
-        if url:
-            host, port = url.removeprefix("redis://").split("/", 1)[0].rsplit(":", 1)
-            running.redis_nodes = [Node(host, int(port), "master")]
+        if url:  # a Unix socket: the server's TCP port, for the stats sampler
+            with redis.Redis.from_url(url) as client:
+                port = int(client.config_get("port")["port"])  # type: ignore[union-attr,index]
+            running.redis_nodes = [Node("127.0.0.1", port, "master")]
     return running
 
 

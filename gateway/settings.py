@@ -212,15 +212,39 @@ class Settings(BaseSettings):
     """Approximate cap of each deployment's drift-sketch stream (one entry per gateway
     process every 0.25 s)."""
 
+    feedback_retention_s: float = Field(default=7 * 24 * 3600.0, ge=0)
+    """How long a request's outputs are kept for a label to be joined to them (the feedback
+    route answers 404 past it); 0 turns feedback off."""
+
+    feedback_bucket_s: float = Field(default=3600.0, gt=0)
+    """Outcomes are kept in one Redis hash per this much decision time; a whole bucket expires
+    (or is pruned) at once."""
+
+    feedback_max_mb: float = Field(default=256.0, gt=0)
+    """Most Redis memory one deployment's kept outcomes and labels may take (about 150 bytes
+    a request, README); past it the oldest buckets are dropped."""
+
+    accuracy_window: int = Field(default=1000, ge=10, le=100_000)
+    """Live accuracy is computed over the latest this many labelled requests."""
+
+    labelled_maxlen: int = Field(default=100_000, ge=100)
+    """Approximate cap of each deployment's labelled stream (one entry per label given, about
+    0.2 KB): what the live accuracy and the promotion gate read."""
+
     log_level: str = "INFO"
 
     def redis_memory_bytes(self, deployments: int) -> int:
         """A rough floor of the Redis memory these caps let the data reach, with ``deployments``
         deployments and this host's gateways: input streams at their backlog bound (~1 KB an
         entry), decision streams full (~0.65 KB a record), reply streams full (~0.3 KB a
-        result), sketch streams full (~2 KB a sketch)."""
+        result), sketch streams full (~2 KB a sketch), the feedback outcomes at their bound and
+        the labelled streams full (~0.2 KB an entry)."""
         per_deployment = (
-            self.max_backlog * 1024 + self.decisions_maxlen * 650 + self.drift_sketch_maxlen * 2048
+            self.max_backlog * 1024
+            + self.decisions_maxlen * 650
+            + self.drift_sketch_maxlen * 2048
+            + int(self.feedback_max_mb * 2**20)
+            + self.labelled_maxlen * 200
         )
         return deployments * per_deployment + self.gateway_process_count * self.reply_maxlen * 300
 

@@ -2,10 +2,9 @@
 
 The feedback side keeps, per deployment, hashes ``rdv:{dep}:labels:<bucket>`` of request id ->
 the latest label given. This is the one place that reads them here, so that their format can
-change in one spot. A value is the feedback route's msgpack ``[labels, correct, weight,
-given_ms]`` (``rendezvous.outcomes.Label`` on main: the true class of each row, or only a
-thumbs-up/down judgement, which names no class and is skipped here), or a plain class (``1``)
-or JSON (``{"label": 1}``, ``[0, 1]``). Nothing stored: ``{}``.
+change in one spot. A value is the feedback route's ``rendezvous.outcomes.Label`` (the true
+class of each row, or only a thumbs-up/down judgement, which names no class and is skipped
+here), or a plain class (``1``) or JSON (``{"label": 1}``, ``[0, 1]``). Nothing stored: ``{}``.
 """
 
 from __future__ import annotations
@@ -14,10 +13,9 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import msgpack
-
 from rendezvous import names
 from rendezvous.bus.connection import Client, text
+from rendezvous.outcomes import Label, OutcomeFormatError
 
 
 def label_keys(client: Client, deployment: str) -> list[str]:
@@ -57,16 +55,14 @@ def _labels(value: Any) -> tuple[int, ...] | None:
     if value is None:
         return None
     raw = value if isinstance(value, bytes) else str(value).encode()
-    doc: Any
+    try:
+        return Label.decode(raw).labels  # the feedback route's form; None: a judgement only
+    except OutcomeFormatError:
+        pass
     try:
         doc = json.loads(raw)
     except ValueError:
-        try:
-            doc = msgpack.unpackb(raw, raw=False)
-        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-            return None
-        if isinstance(doc, list) and len(doc) == 4:  # [labels, correct, weight, given_ms]
-            doc = doc[0]
+        return None
     if isinstance(doc, dict):
         doc = doc.get("label", doc.get("labels"))
     rows = doc if isinstance(doc, list) else [doc]

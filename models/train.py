@@ -15,6 +15,7 @@ import numpy as np
 from skl2onnx import to_onnx
 from skl2onnx.common.data_types import FloatTensorType
 from sklearn.base import clone
+from sklearn.covariance import LedoitWolf
 from sklearn.datasets import load_breast_cancer
 from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
@@ -33,7 +34,8 @@ from models.meta import ModelMeta
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from rendezvous.drift import score_counts
-from rendezvous.spec import FeatureSpec, FeatureStats
+from rendezvous.ood import OodReference
+from rendezvous.spec import FeatureSpec, FeatureStats, TrainingCentre
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 stationary window low and steady; tail levels (0.01, 0.99) hold one or two training rows each
 and made the largest of 30 feature PSIs swing up to 0.5 on unshifted traffic (tests/test_drift)."""
 CV_FOLDS = 5
+DISTANCE_QUANTILES = (0.5, 0.9, 0.99, 1.0)
+"""Of the training rows' distances to their centre, kept to read a live distance against."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,35 @@ def training_stats(names: list[str], x: np.ndarray) -> dict[str, FeatureStats]:
     return stats
 
 
+def training_centre(
+    names: list[str], x: np.ndarray, stats: dict[str, FeatureStats]
+) -> TrainingCentre:
+    """The shrunk correlation of the training rows as a whitening (``TrainingCentre``).
+    Ledoit-Wolf rather than the sample covariance: 30 features over a few hundred rows, some
+    nearly collinear (radius, perimeter, area), leave the sample covariance close to singular,
+    and its inverse would make a tiny wobble of a collinear pair look like a gross outlier."""
+    mean = np.asarray([stats[n].mean for n in names])
+    std = np.asarray([stats[n].std if stats[n].std > 0 else 1.0 for n in names])
+    z = (np.asarray(x, dtype=np.float64) - mean) / std
+    correlation = LedoitWolf(assume_centered=True).fit(z).covariance_
+    whitening = np.linalg.inv(np.linalg.cholesky(correlation))  # lower triangular
+    rows = tuple(tuple(float(f"{v:.7g}") for v in whitening[i, : i + 1]) for i in range(len(names)))
+    draft = FeatureSpec(names=tuple(names), stats=stats, centre=TrainingCentre(rows))
+    reference = OodReference.from_spec(draft)
+    assert reference is not None
+    _, distance = reference.measure(x)
+    qs = np.quantile(distance, DISTANCE_QUANTILES)
+    return TrainingCentre(
+        rows, {str(q): round(float(v), 4) for q, v in zip(DISTANCE_QUANTILES, qs, strict=True)}
+    )
+
+
+def training_spec(names: list[str], x: np.ndarray) -> FeatureSpec:
+    """A spec with every training statistic the drift checks and the OOD score read."""
+    stats = training_stats(names, x)
+    return FeatureSpec(names=tuple(names), stats=stats, centre=training_centre(names, x, stats))
+
+
 def score_reference(estimator: Any, x: np.ndarray, y: np.ndarray) -> list[float]:
     """Share of out-of-fold positive-class scores per score bin (fresh clones, ``CV_FOLDS``
     folds of the training split): the scores the model gives rows it was not fitted on, which
@@ -126,7 +159,7 @@ def _candidates() -> dict[int, tuple[str, Any]]:
 def train_demo(registry: ModelRegistry, force: bool = False) -> list[ModelMeta]:
     """Train, export, check the ONNX against scikit-learn, and store both demo versions."""
     data = demo_data()
-    spec = FeatureSpec(names=tuple(data.names), stats=training_stats(data.names, data.x_train))
+    spec = training_spec(data.names, data.x_train)
     stored = []
     for version, (algorithm, estimator) in _candidates().items():
         if registry.exists(DEMO_MODEL, version) and not force:

@@ -55,6 +55,31 @@ def _body(
     return body
 
 
+def _feedback_body(
+    items: Sequence[Mapping[str, Any]] | None,
+    request_id: str | None,
+    label: int | Sequence[int] | None,
+    correct: bool | None,
+    weight: float | None,
+) -> Any:
+    """Many ``items`` (each ``{"request_id", "label" | "correct"[, "weight"]}``), or one
+    item's fields: the gateway checks them all (an array is all or nothing)."""
+    if items is not None:
+        if request_id is not None:
+            raise ValueError("give items, or one item's fields, not both")
+        return [dict(item) for item in items]
+    if request_id is None:
+        raise ValueError("give items, or request_id with label or correct")
+    item: dict[str, Any] = {"request_id": request_id}
+    if label is not None:
+        item["label"] = label if isinstance(label, int) else list(label)
+    if correct is not None:
+        item["correct"] = correct
+    if weight is not None:
+        item["weight"] = weight
+    return item
+
+
 def _rid(request_id: str | None) -> dict[str, str] | None:
     return {"X-Request-Id": request_id} if request_id else None
 
@@ -87,6 +112,10 @@ class _Calls:
     @staticmethod
     def cancel(deployment: str, job_id: str) -> _Call[Any]:
         return _Call("DELETE", f"/v1/deployments/{_seg(deployment)}/jobs/{_seg(job_id)}", _same)
+
+    @staticmethod
+    def feedback(deployment: str, body: Any) -> _Call[Any]:
+        return _Call("POST", f"/v1/deployments/{_seg(deployment)}/feedback", _same, json=body)
 
     @staticmethod
     def admin(method: str, path: str, json: Any = None,
@@ -198,6 +227,13 @@ class Client(_AdminMixin):
     def cancel(self, deployment: str, job_id: str) -> Any:
         return self._send(_Calls.cancel(deployment, job_id))
 
+    def feedback(self, deployment: str, items: Sequence[Mapping[str, Any]] | None = None, *,
+                 request_id: str | None = None, label: int | Sequence[int] | None = None,
+                 correct: bool | None = None, weight: float | None = None) -> Any:  # fmt: skip
+        """Labels for answered requests: ``{"accepted": n, "relabelled": k}``."""
+        body = _feedback_body(items, request_id, label, correct, weight)
+        return self._send(_Calls.feedback(deployment, body))
+
     def close(self) -> None:
         self.http.close()
 
@@ -244,6 +280,14 @@ class AsyncClient(_AdminMixin):
 
     async def cancel(self, deployment: str, job_id: str) -> Any:
         return await self._send(_Calls.cancel(deployment, job_id))
+
+    async def feedback(self, deployment: str, items: Sequence[Mapping[str, Any]] | None = None,
+                       *, request_id: str | None = None,
+                       label: int | Sequence[int] | None = None, correct: bool | None = None,
+                       weight: float | None = None) -> Any:  # fmt: skip
+        """Labels for answered requests: ``{"accepted": n, "relabelled": k}``."""
+        body = _feedback_body(items, request_id, label, correct, weight)
+        return await self._send(_Calls.feedback(deployment, body))
 
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -21,6 +21,7 @@ import msgpack
 from rendezvous.divergence import Divergence, divergence
 from rendezvous.envelope import ModelResult
 from rendezvous.names import CANARY, REAL
+from rendezvous.ood import OodScore
 from rendezvous.schedule import Schedule
 
 FIELD = b"m"
@@ -125,6 +126,9 @@ class DecisionRecord:
     split: SplitDraw | None = None
     divergence_errors: Mapping[str, str] = field(default_factory=dict)
     """Roles whose output could not be compared with real's, and why."""
+    ood: OodScore | None = None
+    """How far the input lay from the training data, per row (``rendezvous.ood``); None in
+    records written before it, or for a spec without training statistics."""
 
     @property
     def failed(self) -> list[str]:
@@ -208,6 +212,8 @@ class DecisionRecord:
             doc["split"] = self.split.to_dict()
         if self.divergence_errors:
             doc["divergence_errors"] = dict(self.divergence_errors)
+        if self.ood is not None:
+            doc["ood"] = self.ood.to_dict() if with_divergence else self.ood.wire()
         return doc
 
     def encode(self) -> dict[bytes, bytes]:
@@ -239,7 +245,7 @@ class DecisionRecord:
             }
             if divergences and not (REAL in outputs and divergences.keys() <= outputs.keys()):
                 raise DecisionFormatError("a divergence without both outputs")
-            split = doc.get("split")
+            split, ood = doc.get("split"), doc.get("ood")
             return cls(
                 request_id=doc["request_id"],
                 deployment=doc["deployment"],
@@ -252,8 +258,11 @@ class DecisionRecord:
                 divergences=divergences,
                 split=None if split is None else SplitDraw(**split),
                 divergence_errors=doc.get("divergence_errors") or {},
+                ood=None if ood is None else OodScore.from_dict(ood),
             )
-        except (KeyError, TypeError, AttributeError) as exc:
+        except DecisionFormatError:
+            raise
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise DecisionFormatError(f"malformed decision record: {exc!r}") from exc
 
     def to_dict(self) -> dict[str, Any]:
@@ -309,9 +318,10 @@ def build_decision(
     outcome: str,
     answered_after_ms: float,
     schedule: Schedule | None = None,
+    ood: OodScore | None = None,
 ) -> DecisionRecord:
     """``outcome`` is ``real``, ``split``, ``fallback`` or ``timeout``; ``chosen_role`` is None
-    on timeout."""
+    on timeout; ``ood`` is the input's out-of-distribution evidence."""
     outputs: dict[str, BinOutput] = {}
     divergences: dict[str, Divergence] = {}
     errors: dict[str, str] = {}
@@ -346,4 +356,5 @@ def build_decision(
         divergences,
         split,
         errors,
+        ood,
     )

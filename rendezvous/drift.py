@@ -20,6 +20,7 @@ import msgpack
 import numpy as np
 
 from rendezvous.divergence import js_distance
+from rendezvous.ood import OodReference
 from rendezvous.spec import FeatureSpec
 
 SCORE_EDGES: np.ndarray = np.linspace(0.0, 1.0, 11)
@@ -28,8 +29,9 @@ DIVERGENCE_EDGES: tuple[float, ...] = (
     *(0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0),
 )
 DISTANCE_EDGES: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 1000.0)
-"""Bins of a row's distance to the training centre: the root mean square of its z-scores
-(a diagonal Mahalanobis distance per feature; about 1 for a typical training row)."""
+"""Bins of a row's distance to the training centre (``rendezvous.ood``): its Mahalanobis
+distance over the features' count's square root (the root mean square of its z-scores when the
+spec has no training centre); about 1 for a typical training row."""
 _DIST_EDGES = np.asarray(DISTANCE_EDGES)
 _DIST_BINS = len(DISTANCE_EDGES) - 1
 _SCORE_BINS = len(SCORE_EDGES) - 1
@@ -126,11 +128,8 @@ class FeatureReference:
     names: tuple[str, ...]
     cuts: np.ndarray
     expected: np.ndarray
-    lo: np.ndarray | None = None
-    hi: np.ndarray | None = None
-    """The training range per feature."""
-    mean: np.ndarray | None = None
-    std: np.ndarray | None = None
+    ood: OodReference | None = None
+    """The training range and centre: the out-of-distribution evidence of the rows."""
 
     @classmethod
     def from_spec(cls, spec: FeatureSpec) -> FeatureReference | None:
@@ -163,31 +162,25 @@ class FeatureReference:
                 if cuts[f, j] <= lows[j]:  # bin j = [lows[j], cuts[j]) is empty by construction
                     expected[f, j + 1] += expected[f, j]
                     expected[f, j] = 0.0
-        trained = [spec.stats[n] for n in spec.names]
         return cls(
             names=tuple(spec.names),
             cuts=cuts,
             expected=expected,
-            lo=np.asarray([t.min for t in trained], dtype=np.float64),
-            hi=np.asarray([t.max for t in trained], dtype=np.float64),
-            mean=np.asarray([t.mean for t in trained], dtype=np.float64),
-            std=np.asarray([t.std if t.std > 0 else 1.0 for t in trained], dtype=np.float64),
+            ood=OodReference.from_spec(spec),
         )
 
     def evidence(self, matrix: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
         """Out-of-distribution evidence of a (rows, features) batch: how many rows have a
         feature outside the training range, how many rows each feature is outside it in, and
-        the rows' distances to the training centre binned over ``DISTANCE_EDGES``. Rows
-        holding a NaN are left out, as ``bin`` does."""
-        assert self.lo is not None and self.hi is not None
-        assert self.mean is not None and self.std is not None
+        the rows' distances to the training centre binned over ``DISTANCE_EDGES`` (the
+        figures each decision record carries, ``rendezvous.ood``). Rows holding a NaN are
+        left out, as ``bin`` does."""
+        assert self.ood is not None
         x = np.asarray(matrix, dtype=np.float64)
         if x.ndim == 1:
             x = x[None, :]
         x = x[~np.isnan(x).any(axis=1)]
-        out = (x < self.lo) | (x > self.hi)
-        z = (x - self.mean) / self.std
-        distance = np.sqrt(np.mean(z * z, axis=1))
+        out, distance = self.ood.measure(x)
         return (
             int(out.any(axis=1).sum()),
             out.sum(axis=0).astype(np.int64),

@@ -129,6 +129,14 @@ def _ood_report(w: Sketch, ref: FeatureReference | None, top_k: int) -> dict[str
         },
         "distance_edges": list(DISTANCE_EDGES),
         "distance_counts": w.distance.tolist(),
+        # the same figures every decision record carries (``ood``), and the training rows'
+        # own distances to read them against
+        "distance_method": ref.ood.method if ref is not None and ref.ood is not None else None,
+        "training_distance": {
+            f"p{round(float(q) * 100)}": v for q, v in ref.ood.training_distance.items()
+        }
+        if ref is not None and ref.ood is not None
+        else {},
     }
 
 

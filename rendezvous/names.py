@@ -180,6 +180,17 @@ def drift_history_stream(deployment: str) -> str:
     return f"{_tag(deployment)}:drift:history"
 
 
+def drift_features_key(deployment: str) -> str:
+    """The latest window's rows per feature and training bin, and outside the training range
+    (JSON): the dashboard's feature view."""
+    return f"{_tag(deployment)}:drift:features"
+
+
+def drift_feature_history_stream(deployment: str) -> str:
+    """Per feature, one point of out-of-range rate and PSI per history point, capped."""
+    return f"{_tag(deployment)}:drift:feature-history"
+
+
 def drift_events_stream(deployment: str) -> str:
     """Drift alerts raised and cleared."""
     return f"{_tag(deployment)}:drift:events"
@@ -261,6 +272,50 @@ def job_request_key(deployment: str, request_id: str) -> str:
     """The job that took a caller's own request id (``X-Request-Id``), for as long as the job
     lives: a second job with that id is refused with 409 naming the first."""
     return f"{_tag(deployment)}:job-rid:{request_id}"
+
+
+# -- ground truth: outcomes kept for the join, labels, live accuracy ---------------------------
+
+
+def outcomes_key(deployment: str, bucket: int) -> str:
+    """Hash request id -> the compact outputs of every bin for that request
+    (``rendezvous.outcomes``), for the requests decided in time bucket ``bucket``; expires after
+    the feedback retention. Under the deployment's tag: a lookup over every live bucket is one
+    script on one node."""
+    return f"{_tag(deployment)}:outcomes:{int(bucket)}"
+
+
+def labels_key(deployment: str, bucket: int) -> str:
+    """Hash request id -> the latest label given for it (same buckets and expiry as
+    ``outcomes_key``): a relabel replaces the label."""
+    return f"{_tag(deployment)}:labels:{int(bucket)}"
+
+
+def outcomes_state_key(deployment: str) -> str:
+    """Hash of the outcome writer: ``cursor`` (the last decisions-stream entry written to the
+    buckets) and ``b:<bucket>`` -> bytes written to that bucket (what the byte bound prunes)."""
+    return f"{_tag(deployment)}:outcomes:state"
+
+
+def outcomes_lease_key(deployment: str) -> str:
+    """Held by the gateway process that copies decisions to outcomes for a while."""
+    return f"{_tag(deployment)}:outcomes:lease"
+
+
+def labelled_stream(deployment: str) -> str:
+    """Capped stream of labelled requests, each a label joined to every bin's outputs: what
+    the live accuracy and the promotion gate read."""
+    return f"{_tag(deployment)}:labelled"
+
+
+def accuracy_key(deployment: str) -> str:
+    """The latest live-accuracy report (JSON)."""
+    return f"{_tag(deployment)}:accuracy"
+
+
+def accuracy_history_stream(deployment: str) -> str:
+    """One compact point per live-accuracy evaluation (capped): the chart over time."""
+    return f"{_tag(deployment)}:accuracy:history"
 
 
 # -- replays of the archive ---------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The feature spec: which named inputs a deployment takes, in which order, their training
-statistics (kept for feature-drift tracking), and which of them are looked up from the online
-feature store by an entity key instead of sent by the caller (enrichment)."""
+statistics (kept for feature-drift tracking and the out-of-distribution score of each request),
+and which of them are looked up from the online feature store by an entity key instead of sent
+by the caller (enrichment)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,44 @@ class FeatureStats:
             min=float(doc["min"]),
             max=float(doc["max"]),
             quantiles={str(k): float(v) for k, v in doc.get("quantiles", {}).items()},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingCentre:
+    """How the training rows spread around their centre, for a Mahalanobis distance of each
+    input (``rendezvous.ood``).
+
+    ``whitening`` is the lower triangle (row by row) of W with ``|W z|^2 = z' C^-1 z``, where
+    ``z`` is the row's z-scores (``FeatureStats`` mean and std) and ``C`` their shrunk
+    (Ledoit-Wolf) correlation: correlated features, such as a radius and its area, count once,
+    and an input that breaks their relation (two columns swapped) lies far away even when
+    each value alone looks ordinary. ``distance_quantiles`` are of the training rows' own
+    distances, so a live distance can be read against them."""
+
+    whitening: tuple[tuple[float, ...], ...]
+    distance_quantiles: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for i, row in enumerate(self.whitening):
+            if len(row) != i + 1:
+                raise ValueError(f"whitening row {i} holds {len(row)} values, not {i + 1}")
+            if not all(math.isfinite(v) for v in row):
+                raise ValueError(f"whitening row {i} holds a value that is not finite")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "whitening": [list(r) for r in self.whitening],
+            "distance_quantiles": dict(self.distance_quantiles),
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> TrainingCentre:
+        return cls(
+            whitening=tuple(tuple(float(v) for v in row) for row in doc["whitening"]),
+            distance_quantiles={
+                str(k): float(v) for k, v in doc.get("distance_quantiles", {}).items()
+            },
         )
 
 
@@ -97,10 +136,16 @@ class FeatureSpec:
     stats: dict[str, FeatureStats] = field(default_factory=dict)
     lookup: Lookup | None = None
     """Which features come from the online store (None: the caller sends every one)."""
+    centre: TrainingCentre | None = None
+    """The training rows' correlation, for the Mahalanobis distance of each input (None:
+    specs written before it, or without statistics; the distance is then diagonal)."""
 
     def __post_init__(self) -> None:
         if not self.names:
             raise ValueError("a feature spec needs at least one feature")
+        if self.centre is not None and len(self.centre.whitening) != len(self.names):
+            raise ValueError(f"the training centre is of {len(self.centre.whitening)} "
+                             f"features, the spec has {len(self.names)}")  # fmt: skip
         if len(set(self.names)) != len(self.names):
             raise ValueError("feature names must be unique")
         if self.lookup is not None:
@@ -133,7 +178,7 @@ class FeatureSpec:
         return _split(self.names, self.lookup.features)[1:]
 
     def with_lookup(self, lookup: Lookup | None) -> FeatureSpec:
-        return FeatureSpec(names=self.names, stats=self.stats, lookup=lookup)
+        return FeatureSpec(names=self.names, stats=self.stats, lookup=lookup, centre=self.centre)
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -143,15 +188,18 @@ class FeatureSpec:
         }
         if self.lookup is not None:
             doc["lookup"] = self.lookup.to_dict()
+        if self.centre is not None:
+            doc["centre"] = self.centre.to_dict()
         return doc
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> FeatureSpec:
-        lookup = doc.get("lookup")
+        lookup, centre = doc.get("lookup"), doc.get("centre")
         return cls(
             names=tuple(str(n) for n in doc["names"]),
             stats={k: FeatureStats.from_dict(v) for k, v in doc.get("stats", {}).items()},
             lookup=None if lookup is None else Lookup.from_dict(lookup),
+            centre=None if centre is None else TrainingCentre.from_dict(centre),
         )
 
     @classmethod

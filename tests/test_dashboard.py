@@ -76,6 +76,9 @@ class Chart:
 class Dom(HTMLParser):
     """What a reader sees: each chart's drawn shapes, the alert badges, the body's status."""
 
+    SEEN: tuple[str, ...] = CHARTS
+    """The charts looked at (the live-accuracy section has tests of its own)."""
+
     def __init__(self, text: str):
         super().__init__()
         self.charts: dict[str, Chart] = {}
@@ -89,7 +92,7 @@ class Dom(HTMLParser):
         a = dict(attrs)
         if tag == "body":
             self.status = a.get("data-status") or ""
-        elif tag == "svg" and a.get("data-chart"):
+        elif tag == "svg" and a.get("data-chart") in self.SEEN:
             points = a.get("data-points")
             self._chart = self.charts[a["data-chart"] or ""] = Chart(
                 int(points) if points else None
@@ -311,14 +314,17 @@ def test_the_page_is_its_package_files_served_as_they_are(fixture_server: str) -
                       "connect-src 'self'", "frame-ancestors 'none'"):  # fmt: skip
         assert directive in csp, (directive, csp)
     assert "unsafe" not in csp and "nonce" not in csp
-    # No inline script or style for the policy to allow; only the two files, by URL.
+    # No inline script or style for the policy to allow; only the package's files, by URL.
     assert "<style" not in resp.text and "style=" not in resp.text
     assert re.findall(r"<script[^>]*>", resp.text) == [
-        '<script src="/dashboard/static/dashboard.js" defer>'
+        '<script src="/dashboard/static/dashboard.js" defer>',
+        '<script src="/dashboard/static/drift_features.js" defer>',
+        '<script src="/dashboard/static/accuracy.js" defer>',
     ]
     assert '<link rel="stylesheet" href="/dashboard/static/dashboard.css">' in resp.text
     # Nothing from elsewhere: the only absolute URL is the SVG namespace.
-    texts = resp.text + "".join((STATIC / n).read_text() for n in ("dashboard.css", "dashboard.js"))
+    assets = ("dashboard.css", "dashboard.js", "drift_features.js", "accuracy.js")
+    texts = resp.text + "".join((STATIC / n).read_text() for n in assets)
     assert set(re.findall(r"https?://[^\s\"']+", texts)) == {"http://www.w3.org/2000/svg"}
 
     bad = httpx.get(f"{fixture_server}/dashboard/NOT%20valid")
@@ -329,6 +335,7 @@ def test_the_stylesheet_and_script_are_served_with_their_types(fixture_server: s
     for name, media_type in (
         ("dashboard.css", "text/css; charset=utf-8"),
         ("dashboard.js", "application/javascript; charset=utf-8"),
+        ("drift_features.js", "application/javascript; charset=utf-8"),
     ):
         resp = httpx.get(f"{fixture_server}/dashboard/static/{name}")
         assert resp.status_code == 200, name

@@ -242,7 +242,7 @@ def test_out_of_distribution_evidence_is_counted_merged_and_reported() -> None:
     distance quantiles. A sketch written before these fields still reads."""
     spec = _spec({"a": [1.0, 2.0, 3.0], "b": [10.0, 20.0, 30.0]}, {"a": 0.0, "b": 0.0})
     ref = FeatureReference.from_spec(spec)
-    assert ref is not None and ref.lo is not None
+    assert ref is not None and ref.ood is not None
     rows = np.array([[2.0, 5.0], [12.0, 5.0], [-5.0, 99.0], [np.nan, 1.0]])  # range 0 to 10
     ood_rows, per_feature, distance = ref.evidence(rows)
     assert ood_rows == 2 and per_feature.tolist() == [2, 1] and distance.sum() == 3

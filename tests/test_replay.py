@@ -1,7 +1,7 @@
 """Replay and export end to end: ``rdv serve`` (gateway, a worker per role, log bin) as a real
 process on a real Redis with real ONNX models; traffic through the gateway fills the archive
-and the decisions stream, labels are stored as the feedback route stores them, and replays run
-through the admin API and ``rdv replay``; exports through ``rdv archive export``."""
+and the decisions stream, labels arrive through the feedback route, and replays run through
+the admin API and ``rdv replay``; exports through ``rdv archive export``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import msgpack
 import numpy as np
 import pytest
 import redis
@@ -124,15 +123,12 @@ def served(
             ids.append(rid)
         # Labels as the feedback route keeps them: a hash per bucket, request id -> label.
         labels["rp-multi-0"] = tuple(int(y) for y in truth[K : K + 3])
-        # Labels as the feedback route keeps them (a hash per time bucket, request id -> its
-        # msgpack [labels, correct, weight, given_ms]), and the plain forms also read.
-        items = list(labels.items())
-        first = {rid: str(v[0]) for rid, v in items[:7]}
-        first.update({rid: json.dumps({"label": v[0]}) for rid, v in items[7:14]})
-        rest = {rid: msgpack.packb([list(v), None, 1.0, 0]) for rid, v in items[14:]}
-        rest["rp-1"] = msgpack.packb([None, True, 1.0, 0])  # a judgement names no class
-        r.hset(f"rdv:{{{DEMO_DEPLOYMENT}}}:labels:1", mapping=first)
-        r.hset(f"rdv:{{{DEMO_DEPLOYMENT}}}:labels:2", mapping=rest)
+        # Labels through the feedback route (it stores them; a judgement names no class).
+        feedback = [{"request_id": rid, "label": list(v) if len(v) > 1 else v[0]}
+                    for rid, v in labels.items()]  # fmt: skip
+        feedback.append({"request_id": "rp-1", "correct": True})
+        resp = http.post(f"/v1/deployments/{DEMO_DEPLOYMENT}/feedback", json=feedback)
+        assert resp.status_code == 200 and resp.json()["accepted"] == len(feedback), resp.text
         reader = ArchiveReader(data / "logbin")
         wait_until(lambda: len(list(reader.records(DEMO_DEPLOYMENT))) >= len(ids), 30, "archive")
         wait_until(lambda: set(ids) <= set(_decisions(r)), 30, "decision records")

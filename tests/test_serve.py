@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from models.archive import ArchiveReader
 from models.train import DEMO_DEPLOYMENT, demo_data
@@ -68,6 +69,12 @@ def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> No
         wait_until(lambda: http.get("/readyz").status_code == 200, 60, "serve to be ready")
         assert (data / "models" / "breast-cancer" / "2" / "model.onnx").exists()
         assert (data / "redis" / "appendonlydir").exists() or any((data / "redis").glob("*.aof"))
+        # Every process reaches the embedded Redis on its Unix socket (cheaper than loopback TCP),
+        # and the address recorded for the CLI names it.
+        recorded = (data / "redis" / "address").read_text().strip()
+        assert recorded.startswith("unix://") and (data / "redis" / "redis.sock").is_socket()
+        clients = redis.Redis.from_url(recorded).client_list()
+        assert len([c for c in clients if c["addr"].startswith("/")]) >= 4  # gateways, workers
 
         x = demo_data().x_test[0]
         body = {"features": dict(zip(demo_data().names, map(float, x), strict=True))}

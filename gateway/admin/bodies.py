@@ -136,6 +136,18 @@ class Promote(_Body):
     force: bool = Field(default=False, description="promote even if the gate refuses")
     min_shadow_requests: int | None = Field(default=None, ge=0)
     max_disagreement: float | None = Field(default=None, ge=0, le=1)
+    min_labeled: int | None = Field(
+        default=None, ge=0, description="labelled rows both the candidate and real scored"
+    )
+    min_accuracy_gain: float | None = Field(
+        default=None, ge=-1, le=1, description="candidate's accuracy minus real's, paired"
+    )
+    significance: float | None = Field(
+        default=0.05,
+        gt=0,
+        le=1,
+        description="with a labelled gate: McNemar's p-value must be under it (null: no test)",
+    )
     expect_revision: int | None = Field(default=None, ge=1)
     reason: str = Field(default="", max_length=2000)
 

@@ -1,5 +1,6 @@
 """Promotion on evidence: what each non-real role did on the latest live requests (its shadow
-record, from the decision records) and the gate a promotion may demand of it.
+record, from the decision records), how it fared against real on the latest labelled requests
+(paired, with McNemar's exact test), and the gate a promotion may demand of it.
 
 The record itself is computed in the vocabulary (``rendezvous.evidence``) from typed decision
 records; the role changes a promotion makes are the deployment state's (``models.deployments``
@@ -8,22 +9,31 @@ records; the role changes a promotion makes are the deployment state's (``models
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
+from gateway.admin.bodies import Promote
+from gateway.observability.live_accuracy import READ_FACTOR
 from models.deployment_store import DeploymentStore
 from models.deployments import Deployment, ModelRef
 from rendezvous import names
+from rendezvous.accuracy import gate_shortfalls, latest, paired
 from rendezvous.bus.connection import Client
 from rendezvous.decision import DecisionRecord, decode_entries
 from rendezvous.evidence import ShadowRecord, shadow_record
+from rendezvous.outcomes import decode_labelled
 
 
 class Evidence:
-    def __init__(self, client: Client, store: DeploymentStore, shadow_window: int):
+    def __init__(
+        self, client: Client, store: DeploymentStore, shadow_window: int, labelled_window: int
+    ):
         self.client = client
         self.store = store
         self.shadow_window = shadow_window
         """How many of the latest decision records a shadow record looks at."""
+        self.labelled_window = labelled_window
+        """How many of the latest labelled requests the labelled gate looks at: the live
+        accuracy's window, so the gate judges the figures the drift report shows."""
 
     def shadow(self, dep: Deployment) -> dict[str, Any]:
         """The shadow record of every role but real."""
@@ -37,25 +47,41 @@ class Evidence:
             },
         }
 
-    def gate(
-        self,
-        dep: Deployment,
-        candidate: ModelRef,
-        min_shadow_requests: int | None,
-        max_disagreement: float | None,
-    ) -> dict[str, Any] | None:
+    def gate(self, dep: Deployment, candidate: ModelRef, req: Promote) -> dict[str, Any] | None:
         """None when no evidence is demanded; else the figures and what falls short (an
         empty ``shortfalls``: the candidate may be promoted)."""
-        if not min_shadow_requests and max_disagreement is None:
+        shadow_on = bool(req.min_shadow_requests) or req.max_disagreement is not None
+        labelled_on = req.min_labeled is not None or req.min_accuracy_gain is not None
+        if not shadow_on and not labelled_on:
             return None
-        holder = dep.role_of(candidate)
-        record = self._shadow_of(dep, holder or "candidate", candidate, self._records(dep.name))
-        return {
-            "min_shadow_requests": min_shadow_requests,
-            "max_disagreement": max_disagreement,
-            "shadow": record.to_dict(),
-            "shortfalls": record.shortfalls(min_shadow_requests, max_disagreement),
-        }
+        out: dict[str, Any] = {"shortfalls": []}
+        if shadow_on:
+            holder = dep.role_of(candidate)
+            records = self._records(dep.name)
+            record = self._shadow_of(dep, holder or "candidate", candidate, records)
+            out["min_shadow_requests"] = req.min_shadow_requests
+            out["max_disagreement"] = req.max_disagreement
+            out["shadow"] = record.to_dict()
+            out["shortfalls"] += record.shortfalls(req.min_shadow_requests, req.max_disagreement)
+        if labelled_on:
+            figures = self.labelled(dep, candidate)
+            out["min_labeled"] = req.min_labeled
+            out["min_accuracy_gain"] = req.min_accuracy_gain
+            out["significance"] = req.significance
+            out["labelled"] = figures
+            out["shortfalls"] += gate_shortfalls(
+                figures, req.min_labeled, req.min_accuracy_gain, req.significance
+            )
+        return out
+
+    def labelled(self, dep: Deployment, candidate: ModelRef) -> dict[str, Any]:
+        """``candidate`` against real's current version on the latest labelled requests that
+        both scored."""
+        raw = self.client.xrevrange(
+            names.labelled_stream(dep.name), count=self.labelled_window * READ_FACTOR
+        )
+        rows = latest(decode_labelled(list(reversed(cast(list[Any], raw)))), self.labelled_window)
+        return paired(rows, str(candidate), str(dep.roles[names.REAL]))
 
     def _records(self, name: str) -> list[DecisionRecord]:
         entries = self.client.xrevrange(names.decisions_stream(name), count=self.shadow_window)

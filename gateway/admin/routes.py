@@ -429,6 +429,7 @@ async def start_admin(app: FastAPI, settings: Settings) -> Callable[[], None]:
         default_schedule=settings.schedule(),
         max_model_bytes=settings.max_model_bytes,
         shadow_window=settings.shadow_window,
+        labelled_window=settings.accuracy_window,
         heartbeat_timeout_s=settings.heartbeat_timeout_s,
     )
     app.state.replays = replay_manager(settings, client, registry)

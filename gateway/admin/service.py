@@ -71,13 +71,14 @@ class AdminService:
         max_model_bytes: int,
         shadow_window: int,
         heartbeat_timeout_s: float,
+        labelled_window: int = 1000,
     ):
         self.client = client
         self.registry = registry
         self.store = DeploymentStore(client)
         self.default_schedule = default_schedule
         self.max_model_bytes = max_model_bytes
-        self.evidence = Evidence(client, self.store, shadow_window)
+        self.evidence = Evidence(client, self.store, shadow_window, labelled_window)
         self.heartbeat_timeout_s = heartbeat_timeout_s
 
     # -- models -------------------------------------------------------------------------------
@@ -267,7 +268,7 @@ class AdminService:
             "pin_canary": req.pin_canary,
             "force": req.force,
         }
-        gate = self.evidence.gate(dep, ref, req.min_shadow_requests, req.max_disagreement)
+        gate = self.evidence.gate(dep, ref, req)
         if gate is not None:
             shortfalls = gate["shortfalls"]
             detail["gate"] = {**gate, "forced": bool(shortfalls and req.force)}

@@ -145,6 +145,9 @@ def cmd_promote(args: argparse.Namespace) -> None:
             "force": args.force,
             "min_shadow_requests": args.min_shadow_requests,
             "max_disagreement": args.max_disagreement,
+            "min_labeled": args.min_labeled,
+            "min_accuracy_gain": args.min_accuracy_gain,
+            "significance": args.significance,
             "reason": args.reason,
         }
     )
@@ -371,6 +374,9 @@ def add_admin_commands(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="promote even if the gate refuses")
     p.add_argument("--min-shadow-requests", type=int)
     p.add_argument("--max-disagreement", type=float)
+    p.add_argument("--min-labeled", type=int, help="labelled rows both it and real scored")
+    p.add_argument("--min-accuracy-gain", type=float, help="its accuracy minus real's, paired")
+    p.add_argument("--significance", type=float, help="McNemar p-value bound (default 0.05)")
     reason(p)
     p.set_defaults(func=cmd_promote)
 

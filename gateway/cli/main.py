@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_admin_commands(sub)
     add_replay_command(sub)
+    from gateway.cli.feedback import add_feedback_command
+
+    add_feedback_command(sub)
     return parser
 
 

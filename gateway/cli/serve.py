@@ -128,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     embedded: EmbeddedRedis | None = None
     url = settings.redis_url
     if not url:
-        embedded = EmbeddedRedis(settings.redis_dir).start()
+        embedded = EmbeddedRedis(settings.redis_dir, unix_socket=True).start()
         embedded.record_address()  # for the CLI commands run beside us (rdv decisions, ...)
         url = embedded.url
         log.info("embedded Redis at %s (data in %s)", url, settings.redis_dir)

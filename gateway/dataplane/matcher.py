@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import redis
 
 from rendezvous import names
@@ -24,6 +25,7 @@ from rendezvous.bus.connection import AsyncClient
 from rendezvous.bus.routing import Command, Router
 from rendezvous.decision import DecisionRecord, build_decision
 from rendezvous.envelope import EnvelopeError, ModelResult, decode_results
+from rendezvous.ood import OodReference, OodScore
 from rendezvous.schedule import Schedule, decide
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,10 @@ class Mailbox:
     timer: asyncio.TimerHandle | None = None
     answered: Answer | None = None
     closed: bool = False
+    features: np.ndarray | None = None
+    ood_reference: OodReference | None = None
+    """With ``features``: the input's out-of-distribution evidence goes into the record,
+    measured when the mailbox closes (after the answer: off the caller's latency)."""
 
 
 class Rendezvous:
@@ -230,6 +236,7 @@ class Rendezvous:
             outcome=answered.outcome,
             answered_after_ms=round(answered.elapsed_ms, 4),
             schedule=mb.schedule,
+            ood=_ood(mb),
         )
         self.decisions.append_nowait(
             names.decisions_stream(mb.deployment), record.encode(), self.decisions_maxlen,
@@ -291,6 +298,17 @@ class Rendezvous:
                     log.warning("undecodable result on %s: %s", self.reply_to, errors[0])
                 for result in results:
                     self.file(result)
+
+
+def _ood(mb: Mailbox) -> OodScore | None:
+    """The evidence for the record; a failure costs the record its evidence, nothing more."""
+    if mb.ood_reference is None or mb.features is None:
+        return None
+    try:
+        return mb.ood_reference.score(mb.features)
+    except Exception:
+        log.exception("out-of-distribution score of %s failed", mb.request_id)
+        return None
 
 
 def _stream_entries(reply: Any) -> list[Any]:

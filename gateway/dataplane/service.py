@@ -40,6 +40,7 @@ from rendezvous import names
 from rendezvous.bus.appender import AlreadyTaken, NotReplicated, StreamAppender
 from rendezvous.bus.connection import MEMORY_LIMIT, REDIS_FAILURES, AsyncClient, out_of_memory
 from rendezvous.envelope import RequestEnvelope
+from rendezvous.ood import OodReference
 from rendezvous.spec import FeatureSpec, Lookup
 
 
@@ -94,6 +95,7 @@ class PredictionService:
         self.max_backlog_bytes = max_backlog_bytes
         self.request_id_ttl_ms = request_id_ttl_s * 1000
         self.in_flight = 0
+        self._ood: dict[int, tuple[FeatureSpec, OodReference | None]] = {}
 
     async def predict(
         self,
@@ -181,6 +183,18 @@ class PredictionService:
             raise Unavailable(f"the feature store is unavailable: {exc}") from exc
         return merged(dep.feature_spec, caller, entities, stored)
 
+    def ood_reference(self, spec: FeatureSpec) -> OodReference | None:
+        """The spec's training statistics as the OOD score reads them, built once per spec
+        (the deployment cache keeps a spec's object while it is unchanged)."""
+        cached = self._ood.get(id(spec))
+        if cached is not None and cached[0] is spec:
+            return cached[1]
+        if len(self._ood) > 64:  # specs replaced over a long life: forget the old ones
+            self._ood.clear()
+        reference = OodReference.from_spec(spec)
+        self._ood[id(spec)] = (spec, reference)
+        return reference
+
     def check_room(self, deployment: str) -> None:
         """Refuse at once when this gateway holds as many requests as it may (429) or the
         deployment's input holds too much unconsumed (503): predicts and job submissions."""
@@ -212,6 +226,7 @@ class PredictionService:
         spec = dep.feature_spec
         schedule = dep.schedule.for_request(rid)  # the A/B split draw, if any
         mailbox = self.rendezvous.open(rid, dep.name, schedule, dep.role_names)
+        mailbox.features, mailbox.ood_reference = features, self.ood_reference(spec)
         envelope = RequestEnvelope(
             request_id=rid,
             deployment=dep.name,

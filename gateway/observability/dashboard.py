@@ -1,10 +1,11 @@
 """``GET /dashboard/{deployment}``: the drift report as charts for a person to look at.
 
-The page is three static files in package data (``gateway/observability/static``: the HTML,
-its stylesheet and its script), served as they are: no build step, no templating, nothing
-fetched from the internet. The script reads the deployment from the page's URL and asks
-``/v1/deployments/{deployment}/drift``, so an unknown deployment shows that endpoint's error
-and the dashboard needs no Redis access of its own.
+The page is static files in package data (``gateway/observability/static``: the HTML, its
+stylesheet, its script, the feature view's script and the live-accuracy section's script),
+served as they are: no build step, no templating, nothing fetched from the internet. The
+scripts read the deployment from the page's URL and ask ``/v1/deployments/{deployment}/drift``
+(and its feature view ``.../drift/features``), so an unknown deployment shows that endpoint's
+error and the dashboard needs no Redis access of its own.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ PAGE_FILE = "dashboard.html"
 ASSET_TYPES = {
     "dashboard.css": "text/css; charset=utf-8",
     "dashboard.js": "application/javascript; charset=utf-8",
+    "drift_features.js": "application/javascript; charset=utf-8",
+    "accuracy.js": "application/javascript; charset=utf-8",
 }
 
 # Only the gateway's own files may run or style the page, and it may talk to its own origin
@@ -75,7 +78,7 @@ def dashboard_router() -> APIRouter:
 
     @router.get(STATIC_URL + "/{name}", include_in_schema=False)
     async def dashboard_static(name: str, request: Request) -> Response:
-        """The page's stylesheet and script, looked up by exact name among those two."""
+        """The page's stylesheet and scripts, looked up by exact name among ``ASSET_TYPES``."""
         if name not in ASSET_TYPES:
             raise HTTPException(404, "no such dashboard file")
         return serve(request, files[name])
@@ -84,7 +87,8 @@ def dashboard_router() -> APIRouter:
     async def dashboard(deployment: str, request: Request) -> Response:
         """Divergence and drift over time, score distributions (real, canary, reference), the
         top drifting features, active alerts and the latest events; redrawn every 5 s from
-        ``/v1/deployments/{deployment}/drift``."""
+        ``/v1/deployments/{deployment}/drift``; and the feature view (``?feature=`` preselects
+        one) from ``/v1/deployments/{deployment}/drift/features``."""
         try:
             names.check_name(deployment, "deployment")
         except names.InvalidName as exc:

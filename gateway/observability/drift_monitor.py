@@ -30,7 +30,7 @@ from typing import Any, cast
 import numpy as np
 
 from gateway.dataplane.deployments import DeploymentCache
-from gateway.observability import drift_store
+from gateway.observability import drift_features, drift_store
 from gateway.observability.alert_webhooks import AlertWebhooks
 from gateway.observability.drift_feed import SKETCH_FIELD
 from gateway.observability.drift_online import announce
@@ -241,7 +241,8 @@ class DriftMonitor:
         }
         pipe = self.client.pipeline(transaction=False)
         pipe.set(names.drift_report_key(deployment), json.dumps(stored))
-        if now_ms - self._last_point.get(deployment, 0.0) >= self.interval_s * 1000 * 0.9:
+        due = now_ms - self._last_point.get(deployment, 0.0) >= self.interval_s * 1000 * 0.9
+        if due:
             self._last_point[deployment] = now_ms
             pipe.xadd(
                 names.drift_history_stream(deployment),
@@ -249,6 +250,9 @@ class DriftMonitor:
                 maxlen=self.history_len,
                 approximate=False,
             )
+        drift_features.store(pipe, deployment, drift_features.snapshot(window, features, now_ms),
+                             report["features"]["psi"], dep.feature_spec,
+                             self.history_len if due else None)  # fmt: skip
         await pipe.execute()
         figures = {
             kind: {"value": recent["values"].get(kind) if recent["status"] == "ok" else value,

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gateway.observability.live_accuracy import accuracy_families
 from rendezvous import names
 from rendezvous.bus.connection import AsyncClient
 from rendezvous.drift_alerts import ALL_ALERT_KINDS
@@ -63,6 +64,8 @@ class DeploymentState:
     """Kind -> drift alerts raised."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Role -> input entries its group was moved past (``RDV_MAX_ROLE_LAG``)."""
+    accuracy: dict[str, Any] | None = None
+    """The live-accuracy report (``live_accuracy``), once a label came in."""
 
 
 @dataclass
@@ -117,6 +120,7 @@ async def read_state(
         pipe.hgetall(names.skipped_key(dep))
         pipe.hvals(names.drift_alerts_key(dep))
         pipe.hgetall(names.drift_event_counts_key(dep))
+        pipe.get(names.accuracy_key(dep))
         for stream in inputs:
             pipe.xlen(stream)
             pipe.xinfo_groups(stream)
@@ -130,9 +134,9 @@ async def read_state(
     at = 1
     for dep, inputs in streams.items():
         n = len(inputs)
-        xlen_dec, live, stats, report, skipped, alerts, raised = replies[at : at + 7]
-        per_partition = replies[at + 7 : at + 7 + 2 * n]
-        at += 7 + 2 * n
+        xlen_dec, live, stats, report, skipped, alerts, raised, accuracy = replies[at : at + 8]
+        per_partition = replies[at + 8 : at + 8 + 2 * n]
+        at += 8 + 2 * n
         ds = DeploymentState()
         ds.input_length = sum(x for x in per_partition[0::2] if isinstance(x, int))
         ds.decisions_length = xlen_dec if isinstance(xlen_dec, int) else 0
@@ -150,6 +154,9 @@ async def read_state(
                 ds.drift = json.loads(report)
             except ValueError:
                 ds.drift = None
+        if isinstance(accuracy, bytes | str):
+            with contextlib.suppress(ValueError):
+                ds.accuracy = json.loads(accuracy)
         if isinstance(skipped, dict):
             ds.skipped = {_text(role): int(n) for role, n in skipped.items()}
         for alert in alerts if isinstance(alerts, list) else []:
@@ -187,6 +194,9 @@ class ClusterStateCollector(Collector):
         yield from self._workers()
         yield from self._logbin()
         yield from self._drift()
+        yield from accuracy_families(
+            {dep: ds.accuracy for dep, ds in self.state.deployments.items() if ds.accuracy}
+        )
 
     def _streams(self) -> Iterator[Any]:
         length = _gauge(
@@ -311,6 +321,17 @@ class ClusterStateCollector(Collector):
             dep_only,
         )
         window = _gauge("rdv_drift_window_requests", "Requests in the drift window.", dep_only)
+        ood = _gauge(
+            "rdv_drift_ood_ratio",
+            "Share of rows in the window with a feature outside the training range.",
+            dep_only,
+        )
+        ood_q = _gauge(
+            "rdv_drift_ood_distance_quantile",
+            "Quantiles of the rows' distance to the training centre in the window (the decision "
+            "records' ood.distance: about 1 for a training row).",
+            ["deployment", "quantile"],
+        )
         alert = _gauge(
             "rdv_drift_alert",
             "1 while a drift alert of this kind is active.",
@@ -353,6 +374,12 @@ class ClusterStateCollector(Collector):
                     div_q.add_metric([dep, quantile], div[key])
             for feature, value in sorted((features.get("psi") or {}).items()):
                 feature_psi.add_metric([dep, feature], value)
+            evidence = current.get("ood") or {}
+            if evidence.get("rate") is not None:
+                ood.add_metric([dep], evidence["rate"])
+            for key, value in (evidence.get("distance") or {}).items():
+                if value is not None and key in _QUANTILES:
+                    ood_q.add_metric([dep, _QUANTILES[key]], value)
         yield from (
             score_psi,
             score_js,
@@ -362,10 +389,15 @@ class ClusterStateCollector(Collector):
             div_q,
             disagree,
             window,
+            ood,
+            ood_q,
             alert,
             events,
             evaluated,
         )
+
+
+_QUANTILES = {"p50": "0.5", "p90": "0.9", "p99": "0.99"}
 
 
 def state_registry(state: ClusterState) -> CollectorRegistry:

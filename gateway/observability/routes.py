@@ -1,4 +1,5 @@
-"""Read-only routes for dashboards: ``/metrics`` and ``/v1/deployments/{deployment}/drift``."""
+"""Read-only routes for dashboards: ``/metrics``, ``/v1/deployments/{deployment}/drift`` and its
+feature view ``/v1/deployments/{deployment}/drift/features``."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import UnknownDeployment
 from gateway.dataplane.matcher import Rendezvous
+from gateway.observability import drift_features
 from gateway.observability.drift_monitor import drift_view
+from gateway.observability.live_accuracy import accuracy_view
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.metrics_state import read_state, state_registry
 from gateway.problems import Problem
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES
+from rendezvous.drift import FeatureReference
 
 
 def observe_router() -> APIRouter:
@@ -50,7 +54,8 @@ def observe_router() -> APIRouter:
     @router.get("/v1/deployments/{deployment}/drift")
     async def drift(deployment: str, request: Request) -> JSONResponse:
         """The latest drift evaluation: window statistics, thresholds, active alerts, the
-        latest events and a short history (oldest first)."""
+        latest events and a short history (oldest first); ``accuracy``: the live accuracy on
+        labelled requests and its history."""
         try:
             names.check_name(deployment, "deployment")
         except names.InvalidName as exc:
@@ -68,6 +73,43 @@ def observe_router() -> APIRouter:
             ),
             timeout=settings.redis_timeout_s,
         )
+        view["accuracy"] = await asyncio.wait_for(
+            accuracy_view(request.app.state.redis, deployment, history=settings.drift_history),
+            timeout=settings.redis_timeout_s,
+        )
+        return JSONResponse(view)
+
+    @router.get("/v1/deployments/{deployment}/drift/features")
+    async def drift_feature(
+        deployment: str, request: Request, feature: str | None = None
+    ) -> JSONResponse:
+        """One feature (``?feature=``; default: the one drifting most) in the latest window
+        against training: rows per training decile and outside the training range, the
+        training statistics, its out-of-range rate and PSI over time, and every feature's
+        latest PSI and out-of-range rate."""
+        try:
+            names.check_name(deployment, "deployment")
+        except names.InvalidName as exc:
+            return Problem(422, str(exc)).response()
+        deployments: DeploymentCache = request.app.state.deployments
+        if deployment not in deployments.deployments:
+            raise UnknownDeployment(f"deployment {deployment!r} does not exist")
+        spec = deployments.deployments[deployment].feature_spec
+        settings = request.app.state.settings
+        try:
+            view = await asyncio.wait_for(
+                drift_features.read_view(
+                    request.app.state.redis,
+                    deployment,
+                    spec,
+                    FeatureReference.from_spec(spec),
+                    feature,
+                    settings.drift_history,
+                ),
+                timeout=settings.redis_timeout_s,
+            )
+        except drift_features.UnknownFeature as exc:
+            return Problem(404, str(exc)).response()
         return JSONResponse(view)
 
     return router

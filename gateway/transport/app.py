@@ -24,7 +24,9 @@ from gateway.admin.routes import UPLOAD_PATH, install_admin, start_admin, upload
 from gateway.admin.schema import install_schema
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import HANDLED, problem_of
+from gateway.dataplane.feedback import FeedbackService, ModelClasses
 from gateway.dataplane.matcher import Rendezvous
+from gateway.dataplane.outcome_store import OutcomeStore
 from gateway.dataplane.service import PredictionService
 from gateway.dataplane.validation import PredictRequest
 from gateway.observability.alert_webhooks import AlertWebhooks
@@ -32,11 +34,12 @@ from gateway.observability.dashboard import dashboard_router
 from gateway.observability.drift_feed import DriftFeed
 from gateway.observability.drift_monitor import DriftMonitor, local_model_meta
 from gateway.observability.drift_online import OnlineDrift
+from gateway.observability.live_accuracy import LiveAccuracy
 from gateway.observability.metrics import GatewayMetrics, multiprocess_dir
 from gateway.observability.routes import observe_router
 from gateway.problems import RETRY, Problem
 from gateway.settings import Settings
-from gateway.transport import jobs, oip
+from gateway.transport import feedback, jobs, oip
 from gateway.transport.fast_path import PredictFastPath, predict_reply
 from gateway.transport.limits import BodySizeLimit
 from rendezvous import names
@@ -93,9 +96,11 @@ async def _check_redis_memory(client: AsyncClient, settings: Settings, deploymen
         log.warning(
             "Redis's maxmemory is %d MB, and the caps let the data reach about %d MB: at the "
             "limit predicts answer 503. Lower RDV_MAX_BACKLOG (%d), RDV_DECISIONS_MAXLEN (%d), "
-            "RDV_DRIFT_SKETCH_MAXLEN (%d) and RDV_REPLY_MAXLEN (%d), or raise maxmemory",
+            "RDV_DRIFT_SKETCH_MAXLEN (%d), RDV_REPLY_MAXLEN (%d), RDV_FEEDBACK_MAX_MB (%g) and "
+            "RDV_LABELLED_MAXLEN (%d), or raise maxmemory",
             limit // 2**20, needed // 2**20, settings.max_backlog, settings.decisions_maxlen,
-            settings.drift_sketch_maxlen, settings.reply_maxlen,
+            settings.drift_sketch_maxlen, settings.reply_maxlen, settings.feedback_max_mb,
+            settings.labelled_maxlen,
         )  # fmt: skip
 
 
@@ -151,9 +156,17 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             online=online,
         )
 
+        outcomes = OutcomeStore(
+            client,
+            retention_s=settings.feedback_retention_s,
+            bucket_s=settings.feedback_bucket_s,
+            max_bytes=int(settings.feedback_max_mb * 2**20),
+        )
+
         def on_decision(record: DecisionRecord) -> None:
             metrics.decision(record)
             feed.observe_decision(record)
+            outcomes.observe(record)
 
         rendezvous = Rendezvous(
             client,
@@ -176,7 +189,22 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             local_meta=local_model_meta(settings.models_dir),
             webhooks=webhooks,
         )
+        classes = ModelClasses(client, local_model_meta(settings.models_dir))
+        accuracy = LiveAccuracy(
+            client, deployments, window=settings.accuracy_window, classes_of=classes
+        )
+        app.state.feedback = FeedbackService(
+            client,
+            deployments,
+            outcomes,
+            max_items=settings.max_rows,
+            labelled_maxlen=settings.labelled_maxlen,
+            classes_of=classes,
+            on_labels=accuracy.labelled,
+        )
         background = [
+            asyncio.create_task(outcomes.run()),
+            asyncio.create_task(accuracy.run()),
             asyncio.create_task(deployments.run()),
             asyncio.create_task(feed.run()),
             asyncio.create_task(monitor.run()),
@@ -218,6 +246,8 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             await rendezvous.stop()
             with contextlib.suppress(redis.RedisError, OSError):
                 await asyncio.wait_for(feed.flush(), timeout=settings.redis_timeout_s)
+            with contextlib.suppress(redis.RedisError, OSError):
+                await asyncio.wait_for(outcomes.flush(), timeout=settings.redis_timeout_s)
             metrics.flush()
             if multiprocess_dir() is not None:
                 mark_process_dead(os.getpid())
@@ -247,6 +277,7 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
     app.include_router(dashboard_router())
     oip.mount(app, settings)
     jobs.mount(app, settings)
+    feedback.mount(app)
 
     async def _answer(request: Request, exc: Exception) -> JSONResponse:
         answer = problem_of(exc)

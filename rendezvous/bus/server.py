@@ -47,6 +47,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+SOCKET_FILE = "redis.sock"
+
 ADDRESS_FILE = "address"
 """Where a running embedded Redis's URL is written in its data folder, for the CLI commands
 started beside ``rdv serve`` (its port is chosen at start)."""
@@ -77,6 +79,7 @@ class EmbeddedRedis:
         port: int | None = None,
         binary: str | None = None,
         extra_args: Sequence[str] = (),
+        unix_socket: bool = False,
     ):
         self.extra_args = list(extra_args)
         """More ``redis-server`` options (``--maxmemory 8mb``, ...), after the defaults."""
@@ -84,9 +87,21 @@ class EmbeddedRedis:
         self.port = port or free_port()
         self.binary = binary or find_redis_server()
         self._proc: subprocess.Popen[bytes] | None = None
+        socket_path = (self.data_dir / SOCKET_FILE).resolve()
+        self.socket_path = socket_path if unix_socket and len(str(socket_path)) < 100 else None
+        """With ``unix_socket``, a Unix socket in the data folder beside the TCP port (unless
+        its path is too long for one): ``url`` names it. Every command on loopback TCP costs
+        the sender about twice the CPU of one on a Unix socket (the kernel runs both ends of
+        the TCP stack), and a gateway spends ~10 % of its CPU writing to Redis."""
 
     @property
     def url(self) -> str:
+        if self.socket_path is not None:
+            return f"unix://{self.socket_path}?db=0"
+        return self.tcp_url
+
+    @property
+    def tcp_url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
@@ -116,6 +131,8 @@ class EmbeddedRedis:
             "--save", "",
             "--daemonize", "no",
             "--logfile", str((self.data_dir / "redis.log").resolve()),
+            *(["--unixsocket", str(self.socket_path), "--unixsocketperm", "600"]
+              if self.socket_path is not None else []),
             *self.extra_args,
         ]  # fmt: skip
         log.info(

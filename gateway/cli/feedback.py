@@ -1,0 +1,158 @@
+"""``rdv feedback``: labels in bulk from a file, through the gateway's feedback route.
+
+The file is a CSV with a header (``request_id`` and ``label`` or ``correct``, optionally
+``weight``) or JSON lines (one feedback object a line). It is read and checked whole before
+anything is sent, then posted to ``POST /v1/deployments/{d}/feedback`` at ``--url`` in batches
+(each all or nothing on the gateway), with a progress bar on stderr. A refused batch stops the
+load with the gateway's reason; the batches before it stay accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    import httpx
+
+BATCH_BYTES = 512 * 1024
+"""A batch stays under this many bytes of JSON (RDV_MAX_BODY_BYTES is 1 MiB by default)."""
+_TRUE = {"true", "1", "yes", "y", "t"}
+_FALSE = {"false", "0", "no", "n", "f"}
+
+
+def read_items(path: Path, kind: str) -> list[dict[str, Any]]:
+    """Every feedback item of the file, in order; exits naming the first line it cannot read."""
+    items: list[dict[str, Any]] = []
+    try:
+        with path.open(newline="" if kind == "csv" else None, encoding="utf-8") as f:
+            if kind == "jsonl":
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        doc = json.loads(line)
+                    except ValueError as exc:
+                        sys.exit(f"{path}:{n}: not JSON: {exc}")
+                    if not isinstance(doc, dict):
+                        sys.exit(f"{path}:{n}: not a JSON object")
+                    items.append(doc)
+                return items
+            reader = csv.DictReader(f)
+            columns = set(reader.fieldnames or [])
+            if "request_id" not in columns or not columns & {"label", "correct"}:
+                sys.exit(f"{path}: the header needs request_id and label (or correct)")
+            for row in reader:
+                items.append(_csv_item(path, reader.line_num, row))
+    except OSError as exc:
+        sys.exit(f"cannot read {path}: {exc}")
+    return items
+
+
+def _csv_item(path: Path, n: int, row: dict[str, Any]) -> dict[str, Any]:
+    if None in row or None in row.values():
+        sys.exit(f"{path}:{n}: the row does not match the header")
+    item: dict[str, Any] = {"request_id": row["request_id"]}
+    try:
+        if (row.get("label") or "").strip():
+            item["label"] = int(row["label"])
+        if (row.get("correct") or "").strip():
+            value = row["correct"].strip().lower()
+            if value not in _TRUE | _FALSE:
+                raise ValueError(f"correct {row['correct']!r} is not true or false")
+            item["correct"] = value in _TRUE
+        if (row.get("weight") or "").strip():
+            item["weight"] = float(row["weight"])
+    except ValueError as exc:
+        sys.exit(f"{path}:{n}: {exc}")
+    return item
+
+
+class Progress:
+    """A bar on stderr, rewritten in place on a terminal, a line per batch otherwise."""
+
+    WIDTH = 30
+
+    def __init__(self, total: int):
+        self.total = total
+        self.tty = sys.stderr.isatty()
+
+    def update(self, done: int) -> None:
+        share = done / self.total if self.total else 1.0
+        bar = "#" * int(share * self.WIDTH)
+        text = f"feedback [{bar:<{self.WIDTH}}] {done}/{self.total} ({100 * share:.0f}%)"
+        sys.stderr.write(f"\r{text}" if self.tty else f"{text}\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def _session(url: str | None) -> httpx.Client:
+    import httpx
+
+    settings = Settings()
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    return httpx.Client(base_url=url or f"http://{settings.host}:{settings.port}", timeout=60)
+
+
+def cmd_feedback(args: argparse.Namespace) -> None:
+    path = Path(args.file)
+    kind = args.format or ("csv" if path.suffix.lower() == ".csv" else "jsonl")
+    items = read_items(path, kind)
+    started = time.monotonic()
+    progress = Progress(len(items))
+    accepted = relabelled = batches = 0
+    route = f"/v1/deployments/{args.deployment}/feedback"
+    with _session(args.url) as http:
+        batch: list[str] = []
+        size = 0
+
+        def send() -> None:
+            nonlocal batch, size, accepted, relabelled, batches
+            body = "[" + ",".join(batch) + "]"
+            resp = http.post(route, content=body, headers={"content-type": "application/json"})
+            if resp.status_code >= 400:
+                progress.close()
+                print(resp.text, file=sys.stderr)
+                sys.exit(f"batch {batches + 1} (items {accepted + 1}-{accepted + len(batch)}) "
+                         f"refused: {resp.status_code}; {accepted} labels were accepted "
+                         "before it")  # fmt: skip
+            doc = resp.json()
+            accepted += int(doc["accepted"])
+            relabelled += int(doc.get("relabelled", 0))
+            batches += 1
+            batch, size = [], 0
+            progress.update(accepted)
+
+        for item in items:
+            text = json.dumps(item, separators=(",", ":"))
+            if batch and (len(batch) >= args.batch or size + len(text) > BATCH_BYTES):
+                send()
+            batch.append(text)
+            size += len(text) + 1
+        if batch:
+            send()
+    progress.close()
+    print(json.dumps({"deployment": args.deployment, "file": str(path), "accepted": accepted,
+                      "relabelled": relabelled, "batches": batches,
+                      "seconds": round(time.monotonic() - started, 3)}))  # fmt: skip
+
+
+def add_feedback_command(sub: Any) -> None:
+    p = sub.add_parser("feedback", help="send labels in bulk (CSV or JSON lines) to a gateway")
+    p.add_argument("file", help="CSV (request_id,label[,weight] or correct) or JSON lines")
+    p.add_argument("--deployment", required=True)
+    p.add_argument("--url", help="gateway base URL (default http://RDV_HOST:RDV_PORT)")
+    p.add_argument("--format", choices=["csv", "jsonl"], help="default: by the file's suffix")
+    p.add_argument("--batch", type=int, default=500, help="items per call (RDV_MAX_ROWS caps it)")
+    p.set_defaults(func=cmd_feedback)

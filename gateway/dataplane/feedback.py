@@ -1,0 +1,247 @@
+"""Ground truth in: labels joined by request id to what every bin answered.
+
+``FeedbackService.accept`` takes the items of one feedback call (a class label per request,
+or a ``correct`` judgement of the answer that was given), checks them all, finds every
+request's kept outcome (``outcome_store``) and then stores them all in one script, or nothing:
+the latest label per request in the label buckets (a relabel replaces it), and a joined entry
+per item in the capped labelled stream that the live accuracy and the promotion gate read.
+A request answered a moment ago may not have its outcome written yet (its decision record
+closes after the grace period, outcomes are flushed every quarter second): a miss is looked
+up again for up to the deployment's timeout and grace before it is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pydantic_core
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+
+from gateway.dataplane.deployments import DeploymentCache
+from gateway.dataplane.failures import bounded_faults
+from gateway.dataplane.outcome_store import ENTRY_OVERHEAD_BYTES, OutcomeStore
+from rendezvous import names
+from rendezvous.outcomes import Label, Outcome, label_problems
+
+MAX_ID_CHARS = 128
+RETRY_FIRST_S = 0.02
+RETRY_MAX_S = 0.25
+"""A miss is looked up again after 20 ms, then twice as long each time up to 250 ms: a label
+sent right after its prediction is accepted quickly, an unknown id costs ~15 lookups."""
+SHOWN_IDS = 20
+"""A 404 lists at most this many unknown ids (and says how many there were)."""
+
+_STORE = """
+local maxlen = ARGV[1]
+local ttl = tonumber(ARGV[2])
+local overhead = tonumber(ARGV[3])
+local at = 4
+while at <= #ARGV do
+  local key = KEYS[tonumber(ARGV[at])]
+  local bucket, rid, label, outcome = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
+  at = at + 5
+  if redis.call('HSET', key, rid, label) == 1 then
+    redis.call('HINCRBY', KEYS[2], 'b:' .. bucket, #rid + #label + overhead)
+  end
+  redis.call('EXPIRE', key, ttl)
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'r', rid, 'y', label, 'o', outcome)
+end
+return 1
+"""
+
+
+class FeedbackRefused(ValueError):
+    """A feedback call that stores nothing: ``status`` and what is wrong."""
+
+    def __init__(self, status: int, detail: Any, **extra: Any):
+        super().__init__(detail if isinstance(detail, str) else json.dumps(detail))
+        self.status = status
+        self.detail = detail
+        self.extra = extra
+
+
+class FeedbackItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    label: StrictInt | list[StrictInt] | None = None
+    """The true class (as predict returns it), or one per row of a request of several rows."""
+    correct: StrictBool | None = None
+    """Instead of ``label``: was the answer given right?"""
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    accepted: int
+    relabelled: int
+
+
+def parse_items(body: bytes, max_items: int) -> list[FeedbackItem]:
+    """One object or a JSON array of them; 400 for what is not JSON, 413 beyond ``max_items``,
+    422 naming each fault."""
+    try:  # pydantic-core's parser caps the nesting depth: a hostile body is a 400, not a 500
+        doc = pydantic_core.from_json(body)
+    except ValueError as exc:
+        raise FeedbackRefused(400, f"the body is not JSON: {exc}") from None
+    items = doc if isinstance(doc, list) else [doc]
+    if not items:
+        raise FeedbackRefused(422, "an empty array: give at least one feedback item")
+    if len(items) > max_items:
+        raise FeedbackRefused(
+            413, f"{len(items)} feedback items in one call, more than RDV_MAX_ROWS={max_items}"
+        )
+    out, faults = [], []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            faults.append({"type": "object_type", "loc": ["body", i],
+                           "msg": "each item must be an object"})  # fmt: skip
+            continue
+        try:
+            parsed = FeedbackItem.model_validate(item)
+        except ValidationError as exc:
+            for err in exc.errors():
+                fault: dict[str, Any] = dict(err)
+                fault["loc"] = ["body", i, *err["loc"]]
+                faults.append(fault)
+            continue
+        if (parsed.label is None) == (parsed.correct is None):
+            faults.append({"type": "label_or_correct", "loc": ["body", i],
+                           "msg": "give 'label' or 'correct', exactly one of them"})  # fmt: skip
+            continue
+        out.append(parsed)
+    if faults:
+        raise FeedbackRefused(422, bounded_faults(faults))
+    return out
+
+
+class FeedbackService:
+    def __init__(
+        self,
+        client: Any,
+        deployments: DeploymentCache,
+        outcomes: OutcomeStore,
+        *,
+        max_items: int,
+        labelled_maxlen: int,
+        classes_of: Callable[[str, int], Awaitable[list[int] | None]],
+        on_labels: Callable[[str], None] | None = None,
+    ):
+        self.client = client
+        self.deployments = deployments
+        self.outcomes = outcomes
+        self.max_items = max_items
+        self.labelled_maxlen = labelled_maxlen
+        self.classes_of = classes_of
+        self.on_labels = on_labels
+
+    async def accept(self, deployment: str, body: bytes) -> Accepted:
+        dep = self.deployments.get(deployment)
+        if not self.outcomes.enabled:
+            raise FeedbackRefused(404, "feedback is off (RDV_FEEDBACK_RETENTION_S=0)")
+        items = parse_items(body, self.max_items)
+        real = dep.roles[names.REAL]
+        classes = await self.classes_of(real.name, real.version)
+        for i, item in enumerate(items):
+            if isinstance(item.label, int) and classes and item.label not in classes:
+                raise FeedbackRefused(
+                    422, f"item {i}: label {item.label} is not a class of deployment "
+                    f"{deployment} (classes {classes})",
+                )  # fmt: skip
+        ids = list(dict.fromkeys(item.request_id for item in items))
+        deadline_s = (dep.schedule.timeout_ms + dep.schedule.grace_ms) / 1000
+        found = await self._find(deployment, ids, deadline_s + 2 * self.outcomes.flush_s + 0.5)
+        missing = [i for i in ids if i not in found]
+        if missing:
+            shown = ", ".join(missing[:SHOWN_IDS])
+            more = f" and {len(missing) - SHOWN_IDS} more" if len(missing) > SHOWN_IDS else ""
+            raise FeedbackRefused(
+                404,
+                f"unknown or expired request id{'s' if len(missing) > 1 else ''}: {shown}{more} "
+                f"(outcomes are kept {self.outcomes.retention_s:.0f} s); nothing was stored",
+                unknown=missing[:SHOWN_IDS],
+            )
+        now_ms = int(time.time() * 1000)
+        writes = []
+        for i, item in enumerate(items):
+            bucket, blob = found[item.request_id]
+            outcome = Outcome.decode(blob)
+            labels = None
+            if item.label is not None:
+                labels = tuple(item.label) if isinstance(item.label, list) else (item.label,)
+                problem = label_problems(outcome.rows, labels, classes)
+                if problem is not None:
+                    raise FeedbackRefused(422, f"item {i} ({item.request_id}): {problem}")
+            label = Label(labels, item.correct, float(item.weight), now_ms)
+            writes.append((bucket, item.request_id, label.encode(), blob))
+        relabelled = await self._store(deployment, writes)
+        if self.on_labels is not None:
+            self.on_labels(deployment)
+        return Accepted(len(items), relabelled)
+
+    async def _find(
+        self, deployment: str, ids: list[str], wait_s: float
+    ) -> dict[str, tuple[int, bytes]]:
+        found = await self.outcomes.find(deployment, ids)
+        if len(found) == len(ids):
+            return found
+        await self.outcomes.flush()  # this process's own latest outcomes
+        deadline = time.monotonic() + wait_s
+        pause_s = RETRY_FIRST_S
+        while True:
+            left = [i for i in ids if i not in found]
+            found.update(await self.outcomes.find(deployment, left, within_s=wait_s))
+            if len(found) == len(ids) or time.monotonic() >= deadline:
+                return found
+            await asyncio.sleep(min(pause_s, max(0.0, deadline - time.monotonic())))
+            pause_s = min(2 * pause_s, RETRY_MAX_S)
+            await self.outcomes.flush()
+
+    async def _store(self, deployment: str, writes: list[tuple[int, str, bytes, bytes]]) -> int:
+        keys = [names.labelled_stream(deployment), names.outcomes_state_key(deployment)]
+        index: dict[int, int] = {}
+        args: list[Any] = [self.labelled_maxlen, self.outcomes.ttl_s, ENTRY_OVERHEAD_BYTES]
+        for bucket, rid, label, blob in writes:
+            if bucket not in index:
+                keys.append(names.labels_key(deployment, bucket))
+                index[bucket] = len(keys)
+            args += [index[bucket], bucket, rid, label, blob]
+        pipe = self.client.pipeline(transaction=False)
+        for bucket in index:
+            pipe.hmget(names.labels_key(deployment, bucket),
+                       [rid for b, rid, _l, _o in writes if b == bucket])  # fmt: skip
+        before = await pipe.execute()
+        relabelled = sum(1 for values in before for v in values if v is not None)
+        await self.client.eval(_STORE, len(keys), *keys, *args)
+        return relabelled
+
+
+class ModelClasses:
+    """The classes a model version answers, from the registry's index in Redis, else from this
+    gateway's data folder (``local_meta``); looked up once per version (they never change)."""
+
+    def __init__(
+        self,
+        client: Any,
+        local_meta: Callable[[str, int], Mapping[str, Any] | None] | None = None,
+    ):
+        self.client = client
+        self.local_meta = local_meta
+        self._known: dict[str, list[int]] = {}
+
+    async def __call__(self, name: str, version: int) -> list[int] | None:
+        key = f"{name}:{version}"
+        if key not in self._known:
+            raw = await self.client.hget(names.MODELS_INDEX, key)
+            meta: Mapping[str, Any] | None = json.loads(raw) if raw else None
+            if meta is None and self.local_meta is not None:
+                meta = await asyncio.to_thread(self.local_meta, name, version)
+            if meta is None:
+                return None
+            self._known[key] = [int(c) for c in meta["classes"]]
+        return self._known[key]

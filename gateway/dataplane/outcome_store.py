@@ -1,0 +1,214 @@
+"""The outcomes a label is joined to, kept in Redis for the feedback retention, bounded in bytes.
+
+Each gateway process files the outcome (``rendezvous.outcomes.Outcome``) of every decision
+record it closes into a buffer, as the drift feed does, and writes the buffer every
+``flush_s`` in one script per deployment: no Redis command is added per request, and no process
+re-reads the decisions stream (a stream trimmed by count, which is why outcomes are kept apart:
+a label days late still finds its request). Outcomes live in hashes bucketed by decision time
+(``names.outcomes_key``: field request id), each expiring ``retention + bucket`` after its
+start; a byte count per bucket is kept beside them, and the oldest buckets are dropped whenever
+the deployment's total passes ``max_bytes``. Every key is under the deployment's tag, so the
+scripts run on one node of a cluster. A process that dies loses its last ``flush_s`` of
+outcomes (their decision records are in the stream all the same).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from rendezvous import names
+from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
+from rendezvous.decision import DecisionRecord
+from rendezvous.outcomes import encode_record
+
+log = logging.getLogger(__name__)
+
+ENTRY_OVERHEAD_BYTES = 64
+"""Redis's own cost of a hash field beyond its id and value bytes (a hashtable entry and two
+string headers, after allocator rounding; measured with MEMORY USAGE, see the README)."""
+
+ENCODE_SLICE = 256
+"""Outcomes encoded between two yields to the event loop (about 1 ms of work)."""
+
+_WRITE = """
+local ttl = tonumber(ARGV[1])
+local overhead = tonumber(ARGV[2])
+local at = 3
+for k = 2, #KEYS do
+  local bucket = ARGV[at]
+  local n = tonumber(ARGV[at + 1])
+  at = at + 2
+  local bytes = 0
+  for i = 0, n - 1 do
+    local f, v = ARGV[at + 2 * i], ARGV[at + 2 * i + 1]
+    redis.call('HSET', KEYS[k], f, v)
+    bytes = bytes + #f + #v + overhead
+  end
+  at = at + 2 * n
+  redis.call('EXPIRE', KEYS[k], ttl)
+  redis.call('HINCRBY', KEYS[1], 'b:' .. bucket, bytes)
+end
+local total = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) end
+return total
+"""
+
+_FIND = """
+local out = {}
+local left = {}
+for i = 1, #ARGV do left[i] = ARGV[i] end
+for k = 1, #KEYS do
+  local ids, where = {}, {}
+  for i, id in pairs(left) do ids[#ids + 1] = id; where[#where + 1] = i end
+  if #ids == 0 then break end
+  for from = 1, #ids, 1000 do  -- unpack has a bound of its own
+    local to = math.min(from + 999, #ids)
+    local found = redis.call('HMGET', KEYS[k], unpack(ids, from, to))
+    for j = 1, to - from + 1 do
+      local v = found[j]
+      if v then
+        out[#out + 1] = {where[from + j - 1], k, v}
+        left[where[from + j - 1]] = nil
+      end
+    end
+  end
+end
+return out
+"""
+
+
+class OutcomeStore:
+    def __init__(
+        self,
+        client: AsyncClient,
+        *,
+        retention_s: float,
+        bucket_s: float,
+        max_bytes: int,
+        flush_s: float = 0.25,
+    ):
+        self.client = client
+        self.retention_s = retention_s
+        self.bucket_s = bucket_s
+        self.max_bytes = max_bytes
+        self.flush_s = flush_s
+        self._pending: dict[str, list[tuple[str, DecisionRecord]]] = {}
+        self._flushing = asyncio.Lock()
+        self._newest: dict[str, int] = {}
+        self.pruned_buckets = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.retention_s > 0
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def observe(self, record: DecisionRecord) -> None:
+        """Called for every decision record this process closes: queued, nothing else."""
+        if self.enabled and record.outputs:
+            self._pending.setdefault(record.deployment, []).append((record.request_id, record))
+
+    def bucket_of(self, ts_ms: float) -> int:
+        return int(ts_ms / 1000 // self.bucket_s)
+
+    def live_buckets(self, now_ms: float | None = None) -> list[int]:
+        """The buckets a kept outcome may be in, newest first."""
+        now_ms = time.time() * 1000 if now_ms is None else now_ms
+        newest = self.bucket_of(now_ms)
+        oldest = self.bucket_of(now_ms - self.retention_s * 1000)
+        return list(range(newest, oldest - 1, -1))
+
+    @property
+    def ttl_s(self) -> int:
+        return int(self.retention_s + self.bucket_s) + 1
+
+    async def flush(self) -> int:
+        """Write every queued outcome; returns how many. One script per deployment (its keys
+        share a slot), the oldest buckets pruned after it when the bound is passed."""
+        async with self._flushing:
+            pending, self._pending = self._pending, {}
+            written = 0
+            for deployment, items in pending.items():
+                written += await self._write(deployment, items)
+            return written
+
+    async def _write(self, deployment: str, items: list[tuple[str, DecisionRecord]]) -> int:
+        by_bucket: dict[int, list[bytes | str]] = {}
+        for start in range(0, len(items), ENCODE_SLICE):
+            for request_id, record in items[start : start + ENCODE_SLICE]:
+                blob = encode_record(record)
+                if blob is not None:
+                    bucket = self.bucket_of(record.ts_ms)
+                    by_bucket.setdefault(bucket, []).extend((request_id, blob))
+            await asyncio.sleep(0)  # let the requests waiting meanwhile go on
+        if not by_bucket:
+            return 0
+        keys = [names.outcomes_state_key(deployment)]
+        args: list[Any] = [self.ttl_s, ENTRY_OVERHEAD_BYTES]
+        for bucket, pairs in sorted(by_bucket.items()):
+            keys.append(names.outcomes_key(deployment, bucket))
+            args += [bucket, len(pairs) // 2, *pairs]
+        total = await self.client.eval(_WRITE, len(keys), *keys, *args)  # type: ignore[misc]
+        newest = max(by_bucket)
+        if int(total) > self.max_bytes or self._newest.get(deployment) != newest:
+            self._newest[deployment] = newest  # a new bucket: forget the expired ones' counts
+            await self.prune(deployment)
+        return sum(len(p) // 2 for p in by_bucket.values())
+
+    async def prune(self, deployment: str) -> int:
+        """Forget the byte counts of buckets past the retention, and drop the oldest buckets
+        while the deployment's outcomes hold more than ``max_bytes`` (never the newest)."""
+        state = names.outcomes_state_key(deployment)
+        raw = await self.client.hgetall(state)  # type: ignore[misc]
+        sizes = {int(text(k)[2:]): int(v) for k, v in raw.items() if text(k).startswith("b:")}
+        oldest_live = self.live_buckets()[-1]
+        drop = [b for b in sizes if b < oldest_live]
+        total = sum(v for b, v in sizes.items() if b >= oldest_live)
+        for bucket in sorted(b for b in sizes if b >= oldest_live)[:-1]:
+            if total <= self.max_bytes:
+                break
+            drop.append(bucket)
+            total -= sizes[bucket]
+            self.pruned_buckets += 1
+            log.warning("feedback: dropped %s's outcomes of bucket %d (RDV_FEEDBACK_MAX_MB)",
+                        deployment, bucket)  # fmt: skip
+        if drop:
+            pipe = self.client.pipeline(transaction=False)
+            for bucket in drop:
+                pipe.delete(names.outcomes_key(deployment, bucket))
+                pipe.delete(names.labels_key(deployment, bucket))
+                pipe.hdel(state, f"b:{bucket}")
+            await pipe.execute()
+        return len(drop)
+
+    async def run(self) -> None:
+        """Flush every ``flush_s``; a Redis outage loses those outcomes, nothing else."""
+        while True:
+            await asyncio.sleep(self.flush_s)
+            try:
+                await self.flush()
+            except REDIS_FAILURES as exc:
+                log.warning("cannot write outcomes: %s", exc)
+            except Exception:
+                log.exception("outcome flush failed")
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def find(
+        self, deployment: str, request_ids: Sequence[str], within_s: float | None = None
+    ) -> dict[str, tuple[int, bytes]]:
+        """request id -> (bucket, encoded outcome) of the ids still kept, in one round trip
+        over every live bucket (``within_s``: only the buckets of that many latest seconds, for
+        the look again at requests answered a moment ago)."""
+        if not request_ids:
+            return {}
+        buckets = self.live_buckets()
+        if within_s is not None:
+            buckets = buckets[: int(within_s // self.bucket_s) + 2]
+        keys = [names.outcomes_key(deployment, b) for b in buckets]
+        reply = await self.client.eval(_FIND, len(keys), *keys, *request_ids)  # type: ignore[misc]
+        return {request_ids[int(i) - 1]: (buckets[int(k) - 1], blob) for i, k, blob in reply}

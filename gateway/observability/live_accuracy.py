@@ -1,0 +1,171 @@
+"""Keeps each deployment's live-accuracy report in Redis, within a second of a label.
+
+The report (``rendezvous.accuracy.accuracy_report``) is computed from the labelled stream
+alone, so whichever gateway process computes it, every process shows the same figures: the
+process that took a feedback call recomputes that deployment within ``tick_s`` (the figures in
+a thread, off the event loop), every process recomputes a deployment whose revision changed (a
+promotion's new current versions show without a label), and every deployment every
+``interval_s``. Each evaluation stores the report (``names.accuracy_key``: ``/drift``'s
+``accuracy`` section and the ``rdv_live_*`` gauges) and a point of history (the dashboard's
+chart over time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any, cast
+
+from prometheus_client.core import GaugeMetricFamily
+
+from gateway.dataplane.deployments import DeploymentCache
+from rendezvous import names
+from rendezvous.accuracy import accuracy_report
+from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
+from rendezvous.outcomes import decode_labelled
+
+log = logging.getLogger(__name__)
+
+HISTORY_LEN = 1000
+"""Points of accuracy history kept per deployment."""
+READ_FACTOR = 2
+"""The labelled entries read per evaluation, as a multiple of the window: room for relabels."""
+
+
+class LiveAccuracy:
+    def __init__(
+        self,
+        client: AsyncClient,
+        deployments: DeploymentCache,
+        *,
+        window: int,
+        classes_of: Callable[[str, int], Awaitable[list[int] | None]],
+        tick_s: float = 0.5,
+        interval_s: float = 30.0,
+    ):
+        self.client = client
+        self.deployments = deployments
+        self.window = window
+        self.classes_of = classes_of
+        self.tick_s = tick_s
+        self.interval_s = interval_s
+        self._dirty: set[str] = set()
+        self._revisions: dict[str, int] = {}
+        self._last_full = 0.0
+
+    def labelled(self, deployment: str) -> None:
+        """Labels were stored for ``deployment``: recompute at the next tick."""
+        self._dirty.add(deployment)
+
+    async def evaluate(self, deployment: str) -> dict[str, Any] | None:
+        dep = self.deployments.deployments.get(deployment)
+        if dep is None:
+            return None
+        raw = await self.client.xrevrange(
+            names.labelled_stream(deployment), count=self.window * READ_FACTOR
+        )
+        entries = decode_labelled(list(reversed(cast(list[Any], raw))))
+        if not entries:
+            return None
+        real = dep.roles[names.REAL]
+        classes = await self.classes_of(real.name, real.version)
+        current = {role: str(ref) for role, ref in dep.roles.items()}
+        report = await asyncio.to_thread(accuracy_report, entries, self.window, classes, current)
+        now_ms = int(time.time() * 1000)
+        report = {"deployment": deployment, "evaluated_at_ms": now_ms, **report}
+        point = {
+            "ts_ms": now_ms,
+            "roles": {
+                m["role"]: {
+                    "model": m["model"],
+                    "accuracy": m["accuracy"],
+                    "labelled": m["labelled"] + m["judged"],
+                }
+                for m in report["models"]
+                if m["current"]
+            },
+        }
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(names.accuracy_key(deployment), json.dumps(report))
+        pipe.xadd(names.accuracy_history_stream(deployment), {b"p": json.dumps(point)},
+                  maxlen=HISTORY_LEN, approximate=True)  # fmt: skip
+        await pipe.execute()
+        return report
+
+    async def tick(self) -> None:
+        full = time.monotonic() - self._last_full >= self.interval_s
+        if full:
+            self._last_full = time.monotonic()
+        due = set(self.deployments.deployments) if full else set()
+        for name, dep in self.deployments.deployments.items():
+            if self._revisions.get(name) != dep.revision:  # a promotion: new current versions
+                self._revisions[name] = dep.revision
+                due.add(name)
+        due |= self._dirty
+        self._dirty = set()
+        for deployment in sorted(due):
+            await self.evaluate(deployment)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            try:
+                await self.tick()
+            except REDIS_FAILURES as exc:
+                log.warning("cannot evaluate live accuracy: %s", exc)
+            except Exception:
+                log.exception("live accuracy evaluation failed")
+
+
+async def accuracy_view(client: AsyncClient, deployment: str, history: int = 360) -> dict[str, Any]:
+    """The ``accuracy`` section of ``/v1/deployments/{d}/drift``: the latest report and its
+    history, oldest first."""
+    pipe = client.pipeline(transaction=False)
+    pipe.get(names.accuracy_key(deployment))
+    pipe.xrevrange(names.accuracy_history_stream(deployment), count=history)
+    raw, points = await pipe.execute()
+    report = json.loads(raw) if raw else None
+    return {
+        "current": report,
+        "history": [json.loads(f[b"p"]) for _id, f in reversed(points)],
+    }
+
+
+def accuracy_families(reports: Mapping[str, Mapping[str, Any]]) -> Iterator[GaugeMetricFamily]:
+    """The ``rdv_live_*`` gauges of each role's current version, from the stored reports."""
+    labels = ["deployment", "role"]
+    families = {
+        "accuracy": GaugeMetricFamily(
+            "rdv_live_accuracy",
+            "Accuracy of the role's current version on the latest labelled requests.",
+            labels=labels,
+        ),
+        "labelled": GaugeMetricFamily(
+            "rdv_live_labelled",
+            "Labelled requests (with judgements) behind the role's live figures.",
+            labels=labels,
+        ),
+        "log_loss": GaugeMetricFamily(
+            "rdv_live_log_loss", "Log loss of the role's current version.", labels=labels
+        ),
+        "brier": GaugeMetricFamily(
+            "rdv_live_brier", "Brier score of the role's current version.", labels=labels
+        ),
+        "ece": GaugeMetricFamily(
+            "rdv_live_calibration_error",
+            "Expected calibration error (10 confidence bins) of the role's current version.",
+            labels=labels,
+        ),
+    }
+    for dep, report in sorted(reports.items()):
+        for model in report.get("models") or []:
+            if not model.get("current"):
+                continue
+            values = {**model, "labelled": model["labelled"] + model["judged"]}
+            for key, family in families.items():
+                if values.get(key) is not None:
+                    family.add_metric([dep, model["role"]], float(values[key]))
+    yield from families.values()

@@ -1,0 +1,72 @@
+"""``POST /v1/deployments/{deployment}/feedback``: ground truth for requests already answered.
+
+A data-plane route like predict (no admin token). The body is one
+``{"request_id", "label"}`` object or a JSON array of them (``"correct": true|false`` instead
+of ``label``, an optional ``weight``); the answer is ``{"accepted": n, "relabelled": k}``. All
+or nothing: an unknown or expired id answers 404 listing them, a label outside the classes
+422, a malformed body 400/422, a body or item count over the caps 413, and nothing is stored.
+The work is ``gateway.dataplane.feedback.FeedbackService``'s; this route translates.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from gateway.dataplane.failures import problem_of
+from gateway.dataplane.feedback import FeedbackItem, FeedbackRefused, FeedbackService
+from gateway.problems import Problem, unavailable
+from rendezvous import names
+
+log = logging.getLogger(__name__)
+
+FEEDBACK_PATH = "/v1/deployments/{deployment}/feedback"
+
+_BODY_SCHEMA: dict[str, Any] = {
+    "oneOf": [
+        FeedbackItem.model_json_schema(),
+        {"type": "array", "items": FeedbackItem.model_json_schema()},
+    ]
+}
+
+_CONTENT = {"application/json": {"schema": _BODY_SCHEMA}}
+
+
+def mount(app: FastAPI) -> None:
+    @app.post(
+        FEEDBACK_PATH,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _BODY_SCHEMA}},
+            }
+        },
+        responses={
+            400: {"description": "the body is not JSON"},
+            404: {"description": "unknown deployment, or unknown or expired request ids"},
+            413: {"description": "body or item count over the caps"},
+            422: {"description": "malformed items, or a label that is not a class"},
+        },
+    )
+    async def feedback(deployment: str, request: Request) -> Response:
+        """Labels (or right/wrong judgements) for answered requests, joined to every bin's
+        output for them; the live accuracy follows within a second."""
+        service: FeedbackService | None = getattr(request.app.state, "feedback", None)
+        if service is None:
+            return unavailable("the gateway is starting").response()
+        try:
+            names.check_name(deployment, "deployment")
+            accepted = await service.accept(deployment, await request.body())
+        except names.InvalidName as exc:
+            return Problem(404, str(exc)).response()
+        except FeedbackRefused as exc:
+            return Problem(exc.status, exc.detail, exc.extra).response()
+        except Exception as exc:
+            problem = problem_of(exc)
+            if problem is None:
+                raise
+            return problem.response()
+        return JSONResponse({"accepted": accepted.accepted, "relabelled": accepted.relabelled})

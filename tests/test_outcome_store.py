@@ -1,0 +1,102 @@
+"""The outcome store on a real Redis (single node and cluster): outcomes filed in time buckets
+with their expiry, found in one script over every live bucket, and the byte bound that drops
+the oldest buckets; the bytes a request costs, measured."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.dataplane.outcome_store import OutcomeStore
+from rendezvous import names
+from rendezvous.bus.connection import AsyncClient, connect_async
+from rendezvous.decision import BinOutput, DecisionRecord
+from rendezvous.outcomes import Outcome
+
+DEP = "outcomes-test"
+
+
+def _record(ts_ms: float, p1: float = 0.987655) -> DecisionRecord:
+    outputs = {
+        "real": BinOutput("breast-cancer-clf", 2, 0.1, 0.2, 1.5, [1], [[1 - p1, p1]]),
+        "canary": BinOutput("breast-cancer-clf", 1, 0.1, 0.2, 1.7, [0], [[0.6, 0.4]]),
+        "broken": BinOutput("other", 1, 0.1, 0.2, 1.7, error="boom"),
+    }
+    return DecisionRecord(secrets.token_hex(16), DEP, ts_ms, "real", "real", 2.0, outputs, (), {})
+
+
+@pytest.fixture
+async def client(bus_url: str) -> AsyncIterator[AsyncClient]:
+    c = await connect_async(bus_url)
+    keys = [k async for k in c.scan_iter(match=f"rdv:{{{DEP}}}:*")]
+    for key in keys:
+        await c.delete(key)
+    yield c
+    await c.aclose()
+
+
+async def test_outcomes_are_bucketed_expire_and_are_found_in_one_round_trip(
+    client: AsyncClient,
+) -> None:
+    store = OutcomeStore(client, retention_s=600, bucket_s=60, max_bytes=10**9)
+    now = time.time() * 1000
+    records = [_record(now - age_s * 1000) for age_s in (0, 0, 130, 400)]
+    for rec in records:
+        store.observe(rec)
+    assert await store.flush() == 4
+    ids = [rec.request_id for rec in records]
+    found = await store.find(DEP, [*ids, "unknown-id"])
+    assert set(found) == set(ids)
+    for rec in records:
+        bucket, blob = found[rec.request_id]
+        assert bucket == store.bucket_of(rec.ts_ms)
+        outcome = Outcome.decode(blob)
+        assert set(outcome.answers) == {"real", "canary"}  # the failed bin is not kept
+        assert outcome.answers["real"].labels == [1] and outcome.chosen_role == "real"
+        assert outcome.answers["real"].probabilities[0][1] == pytest.approx(0.987655, abs=1e-7)
+        ttl = await client.ttl(names.outcomes_key(DEP, bucket))
+        assert 600 < ttl <= store.ttl_s
+
+
+async def test_the_byte_bound_drops_the_oldest_buckets(client: AsyncClient) -> None:
+    now = time.time() * 1000
+    per_bucket = 200
+    store = OutcomeStore(client, retention_s=3600, bucket_s=60, max_bytes=10**9)
+    oldest = [_record(now - 5 * 60_000) for _ in range(per_bucket)]
+    for rec in oldest:
+        store.observe(rec)
+    await store.flush()
+    state = await client.hgetall(names.outcomes_state_key(DEP))
+    one_bucket = int(next(iter(state.values())))
+    bucket = store.bucket_of(oldest[0].ts_ms)
+    memory = await client.memory_usage(names.outcomes_key(DEP, bucket), samples=0)
+    assert 0.8 < one_bucket / memory < 1.2, "the byte count should follow Redis's own figure"
+    assert one_bucket / per_bucket < 250, "about 190 bytes a request (README)"
+
+    store.max_bytes = int(2.5 * one_bucket)
+    newer = {age: [_record(now - age * 60_000) for _ in range(per_bucket)] for age in (3, 2, 0)}
+    for age in (3, 2, 0):
+        for rec in newer[age]:
+            store.observe(rec)
+        await store.flush()
+    assert await store.find(DEP, [r.request_id for r in oldest]) == {}
+    kept = await store.find(DEP, [r.request_id for r in newer[0] + newer[2]])
+    assert len(kept) == 2 * per_bucket
+    sizes = await client.hgetall(names.outcomes_state_key(DEP))
+    assert sum(int(v) for v in sizes.values()) <= store.max_bytes
+    assert store.pruned_buckets == 2
+
+
+async def test_a_lookup_of_more_ids_than_lua_unpacks_at_once(client: AsyncClient) -> None:
+    store = OutcomeStore(client, retention_s=600, bucket_s=60, max_bytes=10**9)
+    now = time.time() * 1000
+    records = [_record(now) for _ in range(2500)]
+    for rec in records:
+        store.observe(rec)
+    await store.flush()
+    ids = [f"unknown-{i}" for i in range(2500)] + [r.request_id for r in records]
+    found = await store.find(DEP, ids)
+    assert set(found) == {r.request_id for r in records}
