@@ -474,6 +474,9 @@ def test_export_round_trip(served: Served, fmt: str, tmp_path: Path) -> None:
         str(tmp_path / "x"),
     )
     assert bad.returncode != 0 and "is after" in bad.stderr
+    unknown = served.rdv("archive", "export", "--deployment", "nope", "--data-dir",
+                         str(served.data), "--out", str(tmp_path / "y"))  # fmt: skip
+    assert unknown.returncode != 0 and "nope" in unknown.stderr, unknown.stderr
 
 
 def test_a_replay_stopped_with_its_gateway_resumes_after_a_restart(
