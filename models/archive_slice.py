@@ -110,14 +110,16 @@ def _records(
     reader: ArchiveReader, deployment: str, not_before_ms: float | None
 ) -> Iterator[dict[str, Any]]:
     """Every record in archive order, redeliveries dropped, skipping the segments that surely
-    hold nothing at or after ``not_before_ms`` (the next segment was opened before it: every
-    record of this one was archived, so requested, earlier)."""
-    segments = reader.segments(deployment)
+    hold nothing at or after ``not_before_ms``: last written (mtime) before it, so every
+    record in them was archived, hence requested, earlier (whichever log bin wrote them)."""
     seen: set[tuple[str, str]] = set()
-    for k, segment in enumerate(segments):
-        if not_before_ms is not None and k + 1 < len(segments):
-            next_opened_ms = segments[k + 1].created.timestamp() * 1000
-            if next_opened_ms + 1000 + _SKEW_MS < not_before_ms:
+    for segment in reader.segments(deployment):
+        if not_before_ms is not None:
+            try:
+                written_ms = segment.path.stat().st_mtime * 1000
+            except FileNotFoundError:
+                continue
+            if written_ms + _SKEW_MS < not_before_ms:
                 continue
         for record in read_segment(segment.path):
             sid = record.get("stream_id")

@@ -131,3 +131,29 @@ def test_a_slice_names_each_partition_and_reads_back_the_same_records(tmp_path) 
     assert resolve(reader, DEP, from_ms=5000) == {}
     with pytest.raises(SliceError, match="after"):
         resolve(reader, DEP, from_ms=2, to_ms=1)
+
+
+def test_segments_last_written_long_before_the_slice_are_not_read(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import time
+
+    from models.archive import ArchiveReader, SegmentWriter
+    from models.archive_slice import resolve
+
+    now_ms = time.time() * 1000
+    writer = SegmentWriter(tmp_path, max_bytes=1)  # a segment per batch
+    for i in range(3):
+        sid = f"{int(now_ms) + i}-0"
+        rec = {"stream_id": sid, "request_id": f"r{i}", "enqueued_ms": now_ms + i,
+               "features": [[1.0]]}  # fmt: skip
+        writer.append_batch(DEP, [rec])
+    writer.close()
+    reader = ArchiveReader(tmp_path)
+    first = reader.segments(DEP)[0].path
+    hour_ago = time.time() - 3600
+    os.utime(first, (hour_ago, hour_ago))  # as if written an hour ago: skipped for a recent slice
+    recent = resolve(reader, DEP, from_ms=now_ms - 1000)
+    assert sum(p.records for p in recent.values()) == 2
+    os.utime(first)  # written now, as it really was: read again
+    everything = resolve(reader, DEP, from_ms=now_ms - 1000)
+    assert sum(p.records for p in everything.values()) == 3
