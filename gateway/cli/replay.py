@@ -82,8 +82,9 @@ def add_replay_command(sub: Any) -> None:
     p.add_argument("--deployment", required=True)
     p.add_argument("--version", type=int, help="the model version to score")
     p.add_argument("--model", help="default: the real model's name")
-    p.add_argument("--from", dest="from_", metavar="T",
-                   help="ISO-8601 or epoch ms (request time, inclusive)")
+    p.add_argument(
+        "--from", dest="from_", metavar="T", help="ISO-8601 or epoch ms (request time, inclusive)"
+    )
     p.add_argument("--to", metavar="T", help="ISO-8601 or epoch ms (inclusive; default now)")
     p.add_argument("--last", type=int, help="the last N archived requests")
     p.add_argument("--resume", metavar="ID", help="continue an interrupted replay")
