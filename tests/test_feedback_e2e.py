@@ -247,9 +247,12 @@ def test_bad_feedback_is_refused_and_stores_nothing(served: Served) -> None:
     big = served.http.post(FEEDBACK, content=b"[" + b" " * MAX_BODY + b"]",
                            headers={"content-type": "application/json"})  # fmt: skip
     assert big.status_code == 413
-    assert served.http.post(
-        "/v1/deployments/no-such/feedback", json={"request_id": "x", "label": 1}
-    ).status_code == 404
+    assert (
+        served.http.post(
+            "/v1/deployments/no-such/feedback", json={"request_id": "x", "label": 1}
+        ).status_code
+        == 404
+    )
 
     assert served.r.xlen(stream) == before, "a refused call stored something"
     bucket_keys = [names.labels_key(DEMO_DEPLOYMENT, int(time.time() // 3600) - k)
