@@ -284,6 +284,38 @@ def test_export_round_trip(served: Served, fmt: str, tmp_path: Path) -> None:
     assert unknown.returncode != 0 and "nope" in unknown.stderr, unknown.stderr
 
 
+def test_the_gate_can_require_a_replay_of_the_candidate(served: Served, first: dict) -> None:
+    """Refused without a finished replay of the candidate, or with one that agrees too little
+    with the answers given then, with the figures; promoted once the replay suffices."""
+    promote = f"/admin/deployments/{DEMO_DEPLOYMENT}/promote"
+    unreplayed = served.http.post(promote, json={"version": 1, "require_replay": True})
+    assert unreplayed.status_code == 409, unreplayed.text
+    assert "no finished replay of" in unreplayed.text and "v1" in unreplayed.text
+    latest = replay_report_for(served.r, DEMO_DEPLOYMENT, served.weak)
+    assert latest is not None
+    rate = latest["agreement"]["rate"]
+    strict = served.http.post(promote, json={"version": served.weak, "min_replay_agreement": 1.0})
+    assert strict.status_code == 409, strict.text
+    assert f"{rate:.2%}" in strict.text and "min_replay_agreement=1.0" in strict.text
+    too_few = served.http.post(
+        promote, json={"version": served.weak, "min_replay_records": latest["records"] + 1}
+    )
+    assert too_few.status_code == 409 and "min_replay_records" in too_few.text, too_few.text
+    ok = served.http.post(promote, json={
+        "version": served.weak, "require_replay": True, "min_replay_records": latest["records"],
+        "min_replay_agreement": rate, "reason": "replayed",
+    })  # fmt: skip
+    assert ok.status_code == 200, ok.text
+    history = served.http.get(f"/admin/deployments/{DEMO_DEPLOYMENT}/history").json()
+    entries = history["history"] if isinstance(history, dict) else history
+    gates = [e["detail"]["gate"] for e in entries if e.get("action") == "promote"]
+    assert gates[-1]["replay"]["id"] == latest["id"] and gates[-1]["shortfalls"] == []
+    assert gates[-1]["replay"]["agreement_rate"] == rate
+    refused = [e for e in entries if e.get("action") == "promote-refused"]
+    assert any("no finished replay" in str(e) or e["detail"]["gate"]["replay"] is None
+               for e in refused)  # fmt: skip
+
+
 def test_a_replay_stopped_with_its_gateway_resumes_after_a_restart(
     served: Served, first: dict
 ) -> None:

@@ -148,6 +148,15 @@ class Promote(_Body):
         le=1,
         description="with a labelled gate: McNemar's p-value must be under it (null: no test)",
     )
+    require_replay: bool = Field(
+        default=False, description="a finished replay report of the candidate must exist"
+    )
+    min_replay_records: int | None = Field(
+        default=None, ge=1, description="archived records that replay must have scored"
+    )
+    min_replay_agreement: float | None = Field(
+        default=None, ge=0, le=1, description="replay's agreement with the answers given then"
+    )
     expect_revision: int | None = Field(default=None, ge=1)
     reason: str = Field(default="", max_length=2000)
 

@@ -15,6 +15,7 @@ from gateway.admin.bodies import Promote
 from gateway.observability.live_accuracy import READ_FACTOR
 from models.deployment_store import DeploymentStore
 from models.deployments import Deployment, ModelRef
+from models.replay_store import replay_report_for
 from rendezvous import names
 from rendezvous.accuracy import gate_shortfalls, latest, paired
 from rendezvous.bus.connection import Client
@@ -52,7 +53,9 @@ class Evidence:
         empty ``shortfalls``: the candidate may be promoted)."""
         shadow_on = bool(req.min_shadow_requests) or req.max_disagreement is not None
         labelled_on = req.min_labeled is not None or req.min_accuracy_gain is not None
-        if not shadow_on and not labelled_on:
+        replay_on = (req.require_replay or req.min_replay_records is not None
+                     or req.min_replay_agreement is not None)  # fmt: skip
+        if not shadow_on and not labelled_on and not replay_on:
             return None
         out: dict[str, Any] = {"shortfalls": []}
         if shadow_on:
@@ -71,6 +74,12 @@ class Evidence:
             out["labelled"] = figures
             out["shortfalls"] += gate_shortfalls(
                 figures, req.min_labeled, req.min_accuracy_gain, req.significance
+            )
+        if replay_on:
+            report = replay_report_for(self.client, dep.name, candidate.version, candidate.name)
+            out["replay"] = None if report is None else replay_summary(report)
+            out["shortfalls"] += replay_shortfalls(
+                report, candidate, req.min_replay_records, req.min_replay_agreement
             )
         return out
 
@@ -94,3 +103,39 @@ class Evidence:
             return shadow_record([], role, model=ref.name, version=ref.version)
         since = self.store.role_since_ms(dep.name, role)
         return shadow_record(records, role, model=ref.name, version=ref.version, since_ms=since)
+
+
+def replay_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """What the gate's answer and the history keep of a replay report (the whole report stays
+    retrievable by its id)."""
+    agreement = report.get("agreement") or {}
+    return {
+        "id": report.get("id"),
+        "records": report.get("records"),
+        "agreement_rate": agreement.get("rate"),
+        "accuracy": (report.get("accuracy") or {}).get("accuracy"),
+        "disagreement_rate_vs_real": (report.get("divergence") or {}).get("disagreement_rate"),
+    }
+
+
+def replay_shortfalls(
+    report: dict[str, Any] | None,
+    candidate: ModelRef,
+    min_records: int | None,
+    min_agreement: float | None,
+) -> list[str]:
+    """What a candidate's latest finished replay falls short of (empty: it passes)."""
+    if report is None:
+        return [f"no finished replay of {candidate.name} v{candidate.version} "
+                f"(rdv replay --version {candidate.version})"]  # fmt: skip
+    out = []
+    records = int(report.get("records") or 0)
+    if min_records is not None and records < min_records:
+        out.append(f"replay {report.get('id')} scored {records} archived records, fewer than "
+                   f"min_replay_records={min_records}")  # fmt: skip
+    rate = (report.get("agreement") or {}).get("rate")
+    if min_agreement is not None and (rate is None or rate < min_agreement):
+        shown = "no answer to compare with" if rate is None else f"{rate:.2%}"
+        out.append(f"replay {report.get('id')} agreed with the answers given then on "
+                   f"{shown}, below min_replay_agreement={min_agreement}")  # fmt: skip
+    return out

@@ -148,6 +148,9 @@ def cmd_promote(args: argparse.Namespace) -> None:
             "min_labeled": args.min_labeled,
             "min_accuracy_gain": args.min_accuracy_gain,
             "significance": args.significance,
+            "require_replay": args.require_replay or None,
+            "min_replay_records": args.min_replay_records,
+            "min_replay_agreement": args.min_replay_agreement,
             "reason": args.reason,
         }
     )
@@ -377,6 +380,9 @@ def add_admin_commands(sub: Any) -> None:
     p.add_argument("--min-labeled", type=int, help="labelled rows both it and real scored")
     p.add_argument("--min-accuracy-gain", type=float, help="its accuracy minus real's, paired")
     p.add_argument("--significance", type=float, help="McNemar p-value bound (default 0.05)")
+    p.add_argument("--require-replay", action="store_true", help="a finished rdv replay of it")
+    p.add_argument("--min-replay-records", type=int)
+    p.add_argument("--min-replay-agreement", type=float, help="with the answers given then")
     reason(p)
     p.set_defaults(func=cmd_promote)
 
