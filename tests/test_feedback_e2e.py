@@ -92,6 +92,17 @@ class Served:
         return wait_until(fresh, 5, "the live accuracy (within 5 s of a label)")  # type: ignore[no-any-return]
 
 
+single_node_only = pytest.mark.usefixtures("skip_on_cluster")
+"""Transport and gate logic, the same on either bus: run once, to keep the suite short (the
+cluster's side of feedback is the outcome store's, tested on both in test_outcome_store)."""
+
+
+@pytest.fixture
+def skip_on_cluster(bus_url: str, redis_url: str) -> None:
+    if bus_url != redis_url:
+        pytest.skip("the same on a cluster; run on the single node only")
+
+
 @pytest.fixture(scope="module")
 def served(
     bus_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
@@ -203,6 +214,7 @@ def test_a_label_sent_right_after_the_prediction_is_accepted(served: Served) -> 
     assert answer.status_code == 200, answer.text
 
 
+@single_node_only
 def test_bad_feedback_is_refused_and_stores_nothing(served: Served) -> None:
     known = served.send("bad", 2)
     stream = names.labelled_stream(DEMO_DEPLOYMENT)
@@ -260,6 +272,7 @@ def test_bad_feedback_is_refused_and_stores_nothing(served: Served) -> None:
     assert not any(served.r.hget(k, known[0]) for k in bucket_keys)
 
 
+@single_node_only
 def test_the_cli_and_the_client_send_feedback(
     served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -294,6 +307,7 @@ def test_the_cli_and_the_client_send_feedback(
     assert asyncio.run(send_async()) == {"accepted": 1, "relabelled": 0}
 
 
+@single_node_only
 def test_the_gate_weighs_a_challenger_on_labelled_requests(served: Served) -> None:
     http = served.http
     versions = {}

@@ -291,8 +291,10 @@ def test_the_gate_can_require_a_replay_of_the_candidate(served: Served, first: d
     unreplayed = served.http.post(promote, json={"version": 1, "require_replay": True})
     assert unreplayed.status_code == 409, unreplayed.text
     assert "no finished replay of" in unreplayed.text and "v1" in unreplayed.text
+    full = served.finished(served.replay({"version": served.weak, "last": len(served.ids)})["id"])
     latest = replay_report_for(served.r, DEMO_DEPLOYMENT, served.weak)
-    assert latest is not None
+    assert latest is not None and latest["id"] == full["id"]
+    assert 0 < latest["agreement"]["rate"] < 1  # the weak model differs from what was given
     rate = latest["agreement"]["rate"]
     strict = served.http.post(promote, json={"version": served.weak, "min_replay_agreement": 1.0})
     assert strict.status_code == 409, strict.text
