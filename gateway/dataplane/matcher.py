@@ -97,6 +97,10 @@ class Rendezvous:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._next_ttl = 0.0
+        self._closing: list[Mailbox] = []
+        """Mailboxes closed in this turn of the event loop, their records not yet written:
+        written together at the end of the turn, so their out-of-distribution scores take one
+        numpy pass (about 8 us a request one by one, mostly numpy's per-call overhead)."""
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -123,6 +127,7 @@ class Rendezvous:
             if not mb.answer.done():
                 mb.answer.set_result(mb.answered)
             self._close(mb, mb.answered)
+        self._write_closed()
         with contextlib.suppress(redis.RedisError):
             await self.client.delete(self.reply_to)
 
@@ -219,34 +224,46 @@ class Rendezvous:
             self._arm(mb, grace_end_ms)  # timers may fire a hair early: re-arm, never drop
 
     def _close(self, mb: Mailbox, answered: Answer) -> None:
-        """Write the request's decision record (every mailbox is answered before it closes)."""
+        """Close the mailbox; its decision record is written at the end of this loop turn,
+        with every other mailbox closed in it (every mailbox is answered before it closes)."""
         if mb.closed:
             return
         mb.closed = True
         if mb.timer is not None:
             mb.timer.cancel()
         self.mailboxes.pop(mb.request_id, None)
-        record = build_decision(
-            request_id=mb.request_id,
-            deployment=mb.deployment,
-            started_ms=mb.started_ms,
-            expected_roles=mb.expected_roles,
-            results=mb.results,
-            chosen_role=answered.role,
-            outcome=answered.outcome,
-            answered_after_ms=round(answered.elapsed_ms, 4),
-            schedule=mb.schedule,
-            ood=_ood(mb),
-        )
-        self.decisions.append_nowait(
-            names.decisions_stream(mb.deployment), record.encode(), self.decisions_maxlen,
-            urgent=False,
-        )  # fmt: skip
-        if self.on_decision is not None:
-            try:
-                self.on_decision(record)
-            except Exception:
-                log.exception("decision hook failed")
+        if not self._closing:
+            asyncio.get_running_loop().call_soon(self._write_closed)
+        self._closing.append(mb)
+
+    def _write_closed(self) -> None:
+        """Write the decision records of the mailboxes closed since the last call."""
+        closing, self._closing = self._closing, []
+        scores = _ood_scores(closing)
+        for mb, ood in zip(closing, scores, strict=True):
+            answered = mb.answered
+            assert answered is not None
+            record = build_decision(
+                request_id=mb.request_id,
+                deployment=mb.deployment,
+                started_ms=mb.started_ms,
+                expected_roles=mb.expected_roles,
+                results=mb.results,
+                chosen_role=answered.role,
+                outcome=answered.outcome,
+                answered_after_ms=round(answered.elapsed_ms, 4),
+                schedule=mb.schedule,
+                ood=ood,
+            )
+            self.decisions.append_nowait(
+                names.decisions_stream(mb.deployment), record.encode(), self.decisions_maxlen,
+                urgent=False,
+            )  # fmt: skip
+            if self.on_decision is not None:
+                try:
+                    self.on_decision(record)
+                except Exception:
+                    log.exception("decision hook failed")
 
     # -- the reply stream ---------------------------------------------------------------------
 
@@ -300,15 +317,25 @@ class Rendezvous:
                     self.file(result)
 
 
-def _ood(mb: Mailbox) -> OodScore | None:
-    """The evidence for the record; a failure costs the record its evidence, nothing more."""
-    if mb.ood_reference is None or mb.features is None:
-        return None
-    try:
-        return mb.ood_reference.score(mb.features)
-    except Exception:
-        log.exception("out-of-distribution score of %s failed", mb.request_id)
-        return None
+def _ood_scores(mailboxes: list[Mailbox]) -> list[OodScore | None]:
+    """The evidence for each record, one numpy pass per training reference; a failure costs
+    those records their evidence, nothing more."""
+    scores: list[OodScore | None] = [None] * len(mailboxes)
+    groups: dict[int, list[int]] = {}
+    for i, mb in enumerate(mailboxes):
+        if mb.ood_reference is not None and mb.features is not None:
+            groups.setdefault(id(mb.ood_reference), []).append(i)
+    for members in groups.values():
+        reference = mailboxes[members[0]].ood_reference
+        assert reference is not None
+        try:
+            batch = reference.score_many([mailboxes[i].features for i in members])  # type: ignore[misc]
+        except Exception:
+            log.exception("out-of-distribution scores of %d requests failed", len(members))
+            continue
+        for i, score in zip(members, batch, strict=True):
+            scores[i] = score
+    return scores
 
 
 def _stream_entries(reply: Any) -> list[Any]:
