@@ -54,3 +54,11 @@ bench: install
 ## offline); results in benchmarks/results/drift-*. QUICK=1: a short run.
 bench-drift: install
 	$(BIN)/python -m benchmarks.drift_bench $(if $(QUICK),--quick) $(DRIFT_ARGS)
+
+.PHONY: bench-axes
+
+## Cost as the work grows (issue 18), the axes measured so far: three shadowing challengers
+## against none at c64, 100-row requests against the in-process baseline; results in
+## benchmarks/results/axes-*. AXES=challengers,rows picks some.
+bench-axes: install
+	$(BIN)/python -m benchmarks.axes $(if $(AXES),--axes $(AXES)) $(AXES_ARGS)

@@ -147,3 +147,25 @@ async def test_the_load_generator_counts_refusals_apart_and_reopens_a_closed_con
     assert out.statuses["429"] == len(out.refused_ms) > 0
     assert out.statuses["200"] == len(out.latencies_ms) > 0
     assert len(writers) >= out.statuses["200"]  # one new connection after each close
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the harness reads /proc")
+def test_the_cost_axes_run_for_a_second(tmp_path: Path, demo_data_dir: Path) -> None:
+    """The challengers and rows axes of issue 18 (``benchmarks.axes``): a second of load per
+    phase on one ``rdv serve``; every ratio there, every request answered."""
+    out = tmp_path / "results"
+    argv = [sys.executable, "-m", "benchmarks.axes", "--duration", "0.5", "--rounds", "1",
+            "--models", str(demo_data_dir / "models"), "--out", str(out)]  # fmt: skip
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [result] = out.glob("axes-*.json")
+    doc = json.loads(result.read_text())
+    assert set(doc["ratios"]) == {
+        "throughput_c64_3challengers_vs_none",
+        "rows100_vs_inprocess",
+        "added_p50_ms_c1_rows100",
+    }
+    assert all(isinstance(v, float) for v in doc["ratios"].values()), doc["ratios"]
+    phases = [p for axis in doc["axes"].values() for side in axis["phases"].values() for p in side]
+    assert len(phases) == 6 and all(p["ok"] > 0 and p["errors"] == 0 for p in phases), phases
