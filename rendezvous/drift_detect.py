@@ -647,10 +647,20 @@ class FeatureDetectors:
         value, limit, rows = self._statistic(kind, f)
         recent = self._recent(max(min(rows, self.rows_seen), 1))[:, f]
         since = change_point(recent)
-        changed = recent[since:]
         if kind == "feature_range":  # the rate since the change, not over a fixed span
             p = self.profile
+            outside = (recent < p.lo[f]) | (recent > p.hi[f])
+            # Raised within a few rows of the fault, the change point may not split them off
+            # yet: the fault starts at the latest at the first value outside the range from
+            # which on most values are (a stray one in normal traffic is not the start).
+            tail_share = np.cumsum(outside[::-1])[::-1] / np.arange(len(outside), 0, -1)
+            starts = np.flatnonzero(outside & (tail_share >= 0.5))
+            if len(starts):
+                since = max(since, int(starts[0]))
+            changed = recent[since:]
             value = round(float(np.mean((changed < p.lo[f]) | (changed > p.hi[f]))), 4)
+        else:
+            changed = recent[since:]
         how = describe(self.profile, f, changed)
         what = {
             "feature_range": "share of values outside the training range",

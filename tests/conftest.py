@@ -79,6 +79,14 @@ def bus_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def skip_on_cluster(bus_url: str, redis_url: str) -> None:
+    """For a test whose subject is the same on either bus, run on the single node only (the
+    suite's time); its module's cluster parameter still runs the rest."""
+    if bus_url != redis_url:
+        pytest.skip("the same on a cluster; run on the single node only")
+
+
+@pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     d = tmp_path / "data"
     d.mkdir()

@@ -97,12 +97,6 @@ single_node_only = pytest.mark.usefixtures("skip_on_cluster")
 cluster's side of feedback is the outcome store's, tested on both in test_outcome_store)."""
 
 
-@pytest.fixture
-def skip_on_cluster(bus_url: str, redis_url: str) -> None:
-    if bus_url != redis_url:
-        pytest.skip("the same on a cluster; run on the single node only")
-
-
 @pytest.fixture(scope="module")
 def served(
     bus_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
