@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.cli.records import json_lines
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -268,15 +269,7 @@ def _records(path: Path, kind: str, key: str) -> Iterator[tuple[int, dict[str, A
     try:
         with path.open(newline="" if kind == "csv" else None, encoding="utf-8") as f:
             if kind == "jsonl":
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            doc = json.loads(line)
-                        except ValueError as exc:
-                            sys.exit(f"{path}:{n}: not JSON: {exc}")
-                        if not isinstance(doc, dict):
-                            sys.exit(f"{path}:{n}: not a JSON object")
-                        yield n, doc
+                yield from json_lines(path, f)
                 return
             reader = csv.DictReader(f)
             if key not in (reader.fieldnames or []):

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.cli.records import json_lines
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -35,17 +36,7 @@ def read_items(path: Path, kind: str) -> list[dict[str, Any]]:
     try:
         with path.open(newline="" if kind == "csv" else None, encoding="utf-8") as f:
             if kind == "jsonl":
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        doc = json.loads(line)
-                    except ValueError as exc:
-                        sys.exit(f"{path}:{n}: not JSON: {exc}")
-                    if not isinstance(doc, dict):
-                        sys.exit(f"{path}:{n}: not a JSON object")
-                    items.append(doc)
-                return items
+                return [doc for _, doc in json_lines(path, f)]
             reader = csv.DictReader(f)
             columns = set(reader.fieldnames or [])
             if "request_id" not in columns or not columns & {"label", "correct"}:

@@ -56,13 +56,9 @@ def observe_router() -> APIRouter:
         """The latest drift evaluation: window statistics, thresholds, active alerts, the
         latest events and a short history (oldest first); ``accuracy``: the live accuracy on
         labelled requests and its history."""
-        try:
-            names.check_name(deployment, "deployment")
-        except names.InvalidName as exc:
-            return Problem(422, str(exc)).response()
-        deployments: DeploymentCache = request.app.state.deployments
-        if deployment not in deployments.deployments:
-            raise UnknownDeployment(f"deployment {deployment!r} does not exist")
+        refused = _unknown(request, deployment)
+        if refused is not None:
+            return refused
         settings = request.app.state.settings
         view = await asyncio.wait_for(
             drift_view(
@@ -87,13 +83,10 @@ def observe_router() -> APIRouter:
         against training: rows per training decile and outside the training range, the
         training statistics, its out-of-range rate and PSI over time, and every feature's
         latest PSI and out-of-range rate."""
-        try:
-            names.check_name(deployment, "deployment")
-        except names.InvalidName as exc:
-            return Problem(422, str(exc)).response()
+        refused = _unknown(request, deployment)
+        if refused is not None:
+            return refused
         deployments: DeploymentCache = request.app.state.deployments
-        if deployment not in deployments.deployments:
-            raise UnknownDeployment(f"deployment {deployment!r} does not exist")
         spec = deployments.deployments[deployment].feature_spec
         settings = request.app.state.settings
         try:
@@ -113,3 +106,14 @@ def observe_router() -> APIRouter:
         return JSONResponse(view)
 
     return router
+
+
+def _unknown(request: Request, deployment: str) -> JSONResponse | None:
+    """422 for a name that cannot be a deployment's; an unknown deployment raises (404)."""
+    try:
+        names.check_name(deployment, "deployment")
+    except names.InvalidName as exc:
+        return Problem(422, str(exc)).response()
+    if deployment not in request.app.state.deployments.deployments:
+        raise UnknownDeployment(f"deployment {deployment!r} does not exist")
+    return None
