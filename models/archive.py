@@ -341,6 +341,21 @@ def _lines(path: Path, body: bytes) -> Iterator[dict[str, Any]]:
             log.warning("archive: %s has an unreadable line (%s); skipped", path, exc)
 
 
+def _seen_before(record: dict[str, Any], seen: set[tuple[Any, ...]]) -> bool:
+    """Whether ``record`` repeats one already read (see ``ArchiveReader.records``); notes it."""
+    keys: list[tuple[Any, ...]] = []
+    sid = record.get("stream_id")
+    if sid is not None:
+        keys.append(("sid", record.get("stream", ""), sid))
+    rid = record.get("request_id")
+    if rid is not None and record.get("enqueued_ms") is not None:
+        keys.append(("rid", rid, record["enqueued_ms"]))
+    if any(key in seen for key in keys):
+        return True
+    seen.update(keys)
+    return False
+
+
 class ArchiveReader:
     """Lists and reads back what the log bin archived."""
 
@@ -369,18 +384,21 @@ class ArchiveReader:
         self, deployment: str, *, since_ms: float | None = None, dedupe: bool = True
     ) -> Iterator[dict[str, Any]]:
         """Records in archive order. ``since_ms`` filters on request time (``enqueued_ms``,
-        else ``archived_ms``); ``dedupe`` drops redeliveries of a stream id after a crash
-        (it keeps a set of the ids seen, so memory grows with the archive). A stream id is
-        unique within its input partition (``stream``), not across them."""
-        seen: set[tuple[str, str]] = set()
+        else ``archived_ms``); ``dedupe`` drops what was archived twice (it keeps a set of
+        the keys seen, so memory grows with the archive):
+
+        - an entry redelivered after a crash or a lost ack: the same stream id (unique within
+          its input partition, ``stream``, not across them);
+        - a request appended twice, because the gateway's XADD was sent again after its reply
+          was lost (``rendezvous.bus.routing``): a new stream id, but the same request id and
+          enqueue time, which the gateway sets once per request (a caller reusing an id later
+          gets a new one).
+        """
+        seen: set[tuple[Any, ...]] = set()
         for segment in self.segments(deployment):
             for record in read_segment(segment.path):
-                sid = record.get("stream_id")
-                if dedupe and sid is not None:
-                    key = (record.get("stream", ""), sid)
-                    if key in seen:
-                        continue
-                    seen.add(key)
+                if dedupe and _seen_before(record, seen):
+                    continue
                 if since_ms is not None:
                     at_ms = record.get("enqueued_ms", record.get("archived_ms"))
                     if at_ms is None or at_ms < since_ms:

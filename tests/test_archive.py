@@ -277,6 +277,20 @@ def test_dedupe_drops_a_redelivered_stream_id(data_dir: Path) -> None:
     assert [r["n"] for r in reader.records("demo", dedupe=False)] == [0, 1, 2, 1, 2, 3]
 
 
+def test_dedupe_drops_a_request_appended_twice(data_dir: Path) -> None:
+    """The gateway's XADD sent again after its reply was lost: a second stream id, but the same
+    request id and enqueue time. The same id sent again later by its caller is kept."""
+    first = {"stream_id": "1-0", "request_id": "r1", "enqueued_ms": 5.0, "n": 0}
+    again = {**first, "stream_id": "2-0", "n": 1}
+    reused = {**first, "stream_id": "3-0", "enqueued_ms": 9.0, "n": 2}
+    writer = SegmentWriter(data_dir)
+    writer.append_batch("demo", [first, again, reused])
+    writer.close()
+    reader = ArchiveReader(data_dir)
+    assert [r["n"] for r in reader.records("demo")] == [0, 2]
+    assert [r["n"] for r in reader.records("demo", dedupe=False)] == [0, 1, 2]
+
+
 def test_since_ms_filters_on_request_time(data_dir: Path) -> None:
     writer = SegmentWriter(data_dir)
     writer.append_batch("demo", _records(0, 5))
