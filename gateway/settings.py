@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -54,6 +55,16 @@ class Settings(BaseSettings):
 
     worker_block_ms: int = Field(default=1000, ge=1)
     """How long a worker's XREADGROUP blocks; also how fast it notices a stop."""
+
+    worker_layout: Literal["shared", "per-role"] = "shared"
+    """How ``rdv serve`` runs the models: ``shared``, a few worker processes each hosting
+    many (deployment, role) models as threads (one for the roles that answer callers, one at
+    a lower priority for the shadowing roles: ``models.worker_host``); ``per-role``, a
+    process for every role of every deployment (isolation, at ~60 MB a process)."""
+
+    worker_hosts: int = Field(default=1, ge=1, le=64)
+    """With the shared layout: processes of each kind (answering, shadowing); the models are
+    split between them by a stable hash, to use more cores when many deployments are busy."""
 
     claim_idle_ms: int = Field(default=30_000, ge=100)
     """Entries pending this long on a dead consumer are claimed by a live one."""

@@ -45,9 +45,10 @@ def _children(pid: int) -> list[tuple[int, str]]:
 
 
 def _label(cmd: str) -> str:
-    """``rdv`` child command line -> its role if a worker, else its subcommand."""
+    """``rdv`` child command line -> the kind of roles it hosts if a worker, else its
+    subcommand."""
     args = cmd.split(" -m gateway.cli.main ", 1)[-1].split()
-    return args[args.index("--role") + 1] if "--role" in args else args[0]
+    return args[args.index("--roles") + 1] if "--roles" in args else args[0]
 
 
 def _nice(pid: int) -> int:
@@ -85,12 +86,15 @@ def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> No
         children = _children(serve.proc.pid)
         names = " ".join(cmd for _pid, cmd in children)
         assert "redis-server" in names and "gateway" in names and "logbin" in names
-        real = [pid for pid, cmd in children if "--role real" in cmd]
+        # Two worker processes host the models: real in one, the canary (off the critical
+        # path) in the other, which runs at a lower CPU priority like the log bin.
+        real = [pid for pid, cmd in children if "--roles answering" in cmd]
         assert len(real) == 1
-        # The processes off the critical path run at a lower CPU priority.
+        assert len([cmd for _pid, cmd in children if " worker " in cmd]) == 2
         nice = {_label(cmd): _nice(pid) for pid, cmd in children if "gateway.cli.main" in cmd}
         base = _nice(serve.proc.pid)
-        assert nice == {"gateway": base, "real": base, "canary": base + 5, "logbin": base + 5}
+        assert nice == {"gateway": base, "answering": base, "shadow": base + 5,
+                        "logbin": base + 5}  # fmt: skip
         # Two gateways accept on serve's one socket; one that dies leaves the other serving
         # (no connection made meanwhile is refused or reset), and comes back.
         gateways = [pid for pid, cmd in children if "gateway --fd" in cmd]
@@ -109,8 +113,9 @@ def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> No
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
         os.kill(real[0], signal.SIGKILL)
         wait_until(
-            lambda: any("--role real" in c and p != real[0] for p, c in _children(serve.proc.pid)),
-            20, "the supervisor to restart the real worker",
+            lambda: any("--roles answering" in c and p != real[0]
+                        for p, c in _children(serve.proc.pid)),
+            20, "the supervisor to restart the host of the real model",
         )  # fmt: skip
 
         # The restarted worker answers again as real.

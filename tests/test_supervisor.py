@@ -3,6 +3,7 @@ with an error logged, a clean exit (status 0) is neither restarted nor logged as
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -10,8 +11,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+import redis
 
+from gateway.cli.serve import reconcile_workers, start_worker_hosts
 from gateway.cli.supervisor import Supervisor
+from models.deployment_store import DeploymentStore, demo_deployment
+from models.train import DEMO_DEPLOYMENT
+from rendezvous.schedule import Schedule
 
 pytestmark = pytest.mark.integration  # real child processes
 
@@ -74,3 +80,35 @@ def test_a_child_can_start_at_a_lower_cpu_priority() -> None:
         sup.stop_all(grace_s=2)
     ours = os.nice(0)
     assert codes == {"logbin": min(ours + 5, 19), "gateway": ours}
+
+
+SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
+"""A child that stays up (until stopped) whatever its arguments."""
+
+
+def test_serve_starts_worker_hosts_or_a_process_per_role(r: redis.Redis, demo_registry) -> None:  # type: ignore[no-untyped-def]
+    """The shared layout: one process for the answering roles and one, lower, for the others,
+    whatever the deployments hold. The per-role layout: a process per role, the canary lower,
+    retired when its role is removed."""
+    store = DeploymentStore(r)
+    store.create(demo_deployment(demo_registry, Schedule()))
+    shared = Supervisor(dict(os.environ), command=SLEEP)
+    per_role = Supervisor(dict(os.environ), command=SLEEP)
+    try:
+        start_worker_hosts(shared, hosts=2, shadow_nice=5)
+        assert {n: (c.argv[-4:], c.nice) for n, c in shared.children.items()} == {
+            f"workers:{kind}:{i}": (["--roles", kind, "--shard", f"{i}/2"], nice)
+            for kind, nice in (("answering", 0), ("shadow", 5)) for i in range(2)
+        }  # fmt: skip
+        reconcile_workers(per_role, store, shadow_nice=5)
+        assert {n: c.nice for n, c in per_role.children.items()} == {
+            f"worker:{DEMO_DEPLOYMENT}:real": 0,
+            f"worker:{DEMO_DEPLOYMENT}:canary": 5,
+        }
+        store.update(DEMO_DEPLOYMENT, lambda d: dataclasses.replace(
+            d, roles={"real": d.roles["real"]}), action="test", actor="test")  # fmt: skip
+        reconcile_workers(per_role, store, shadow_nice=5)
+        assert list(per_role.children) == [f"worker:{DEMO_DEPLOYMENT}:real"]
+    finally:
+        shared.stop_all(grace_s=2)
+        per_role.stop_all(grace_s=2)

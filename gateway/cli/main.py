@@ -98,33 +98,71 @@ def _app_from_env() -> Any:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
+    """One role of one deployment (``--deployment`` and ``--role``), or a host of many
+    (``--roles``, optionally one ``--deployment``): see ``models.worker_host``."""
+    from models.deployment_store import DeploymentStore
     from models.registry import ModelRegistry
     from models.worker import ModelWorker
-    from rendezvous.bus.connection import connect
+    from models.worker_host import Selection, WorkerHost, client_per_worker
+    from rendezvous.bus.connection import Client, connect
     from rendezvous.heap import settle_heap
 
     settings = settings_from_args(args)
-    client = connect(_require_redis(settings))
-    consumer = args.consumer or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
-    worker = ModelWorker(
-        client,
-        ModelRegistry(settings.models_dir),
-        deployment=args.deployment,
-        role=args.role,
-        consumer=consumer,
-        batch_size=settings.worker_batch_size,
-        block_ms=settings.worker_block_ms,
-        claim_idle_ms=settings.claim_idle_ms,
-        reply_maxlen=settings.reply_maxlen,
-        shadow_batch_wait_ms=settings.shadow_batch_wait_ms,
-    )
+    url = _require_redis(settings)
+    registry = ModelRegistry(settings.models_dir)
+
+    def build(client: Client, deployment: str, role: str, consumer: str) -> ModelWorker:
+        return ModelWorker(
+            client,
+            registry,
+            deployment=deployment,
+            role=role,
+            consumer=consumer,
+            batch_size=settings.worker_batch_size,
+            block_ms=settings.worker_block_ms,
+            claim_idle_ms=settings.claim_idle_ms,
+            reply_maxlen=settings.reply_maxlen,
+            shadow_batch_wait_ms=settings.shadow_batch_wait_ms,
+        )
+
     stop = stop_event()
+    if args.role is None:
+        if args.consumer:
+            raise SystemExit("rdv worker: --consumer names one role's consumer; add --role")
+        shard, shards = _shard(args.shard)
+        selection = Selection(args.roles, args.deployment, shard, shards)
+        # Each hosted role keeps the consumer name a process of its own would have in rdv
+        # serve, so a change of layout re-reads the pending entries left by the other.
+        host = WorkerHost(DeploymentStore(connect(url)), client_per_worker(
+            lambda: connect(url), lambda c, d, r: build(c, d, r, f"{r}-0")), selection)  # fmt: skip
+        host.reconcile()
+        settle_heap()
+        serving = ", ".join(f"{d}/{r}" for d, r in sorted(host.hosted)) or "nothing yet"
+        log.info("worker host (%s roles, shard %s) serving %s", args.roles, args.shard, serving)
+        host.run(stop)
+        log.info("worker host stopped")
+        return
+    if args.deployment is None:
+        raise SystemExit("rdv worker: --role needs --deployment")
+    consumer = args.consumer or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
+    worker = build(connect(url), args.deployment, args.role, consumer)
     worker.load()
     settle_heap()
     log.info("worker %s serving %s/%s with %s", consumer, args.deployment, args.role,
              worker.model_ref)  # fmt: skip
     worker.run(stop)
     log.info("worker %s stopped: %s", consumer, worker.stats)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``I/N`` -> (I, N), checked."""
+    try:
+        shard, shards = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"rdv worker: --shard wants I/N, such as 0/2, not {text!r}") from None
+    if not 0 <= shard < shards:
+        raise SystemExit(f"rdv worker: --shard {text}: I must be in 0..N-1")
+    return shard, shards
 
 
 def cmd_logbin(args: argparse.Namespace) -> None:
@@ -224,9 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "processes; rdv serve starts its gateways so")  # fmt: skip
     p.set_defaults(func=cmd_gateway)
 
-    p = serving(sub.add_parser("worker", help="a model worker for one role of a deployment"))
-    p.add_argument("--deployment", required=True)
-    p.add_argument("--role", required=True, help="real, canary, or a challenger's role")
+    p = serving(sub.add_parser("worker", help="a model worker: one role of a deployment, or a "
+                                              "host of many (--roles)"))  # fmt: skip
+    p.add_argument("--deployment", help="the deployment (with --role); alone, a host of its roles")
+    p.add_argument("--role", help="real, canary, or a challenger's role: this one role only")
+    p.add_argument("--roles", choices=["all", "answering", "shadow"], default="all",
+                   help="without --role: host every role of this kind of every deployment "
+                        "(answering: real, A/B-split challengers), following changes")  # fmt: skip
+    p.add_argument("--shard", default="0/1", help="without --role: I/N, this host's share")
     p.add_argument("--consumer", help="consumer name in the group (stable across restarts)")
     p.set_defaults(func=cmd_worker)
 

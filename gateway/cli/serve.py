@@ -2,8 +2,8 @@
 
 Starts an embedded Redis unless ``RDV_REDIS_URL`` is set (and restarts it should it die),
 trains the demo models on first start, creates the demo deployment if missing, then supervises
-the gateway, a worker for every role of every deployment (following roles added or removed
-later) and the log bin.
+the gateway, the model workers (by default two processes hosting every role of every
+deployment, following roles added or removed later; or a process per role) and the log bin.
 """
 
 from __future__ import annotations
@@ -97,11 +97,22 @@ def _worker_name(dep: str, role: str) -> str:
     return f"worker:{dep}:{role}"
 
 
+def start_worker_hosts(supervisor: Supervisor, hosts: int, shadow_nice: int = SHADOW_NICE) -> None:
+    """The shared layout: ``hosts`` processes for the roles that answer callers and as many,
+    ``shadow_nice`` steps lower, for the others; each follows the deployments by itself
+    (``models.worker_host``), so nothing here changes when roles come and go."""
+    for kind, nice in (("answering", 0), ("shadow", shadow_nice)):
+        for i in range(hosts):
+            args = ["worker", "--roles", kind, "--shard", f"{i}/{hosts}"]
+            supervisor.ensure(f"workers:{kind}:{i}", args, WORKERS, nice=nice)
+
+
 def reconcile_workers(
     supervisor: Supervisor, store: DeploymentStore, shadow_nice: int = SHADOW_NICE
 ) -> None:
-    """One worker per (deployment, role); retire those whose role is gone. Workers of roles
-    that never answer first start ``shadow_nice`` steps lower (see ``SHADOW_NICE``)."""
+    """The per-role layout: one worker per (deployment, role); retire those whose role is
+    gone. Workers of roles that never answer first start ``shadow_nice`` steps lower (see
+    ``SHADOW_NICE``)."""
     wanted = set()
     for dep in store.list():
         deployment = store.get(dep)
@@ -156,7 +167,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
             log.info("created deployment %s (real v2, canary v1)", DEMO_DEPLOYMENT)
         supervisor.ensure("logbin", ["logbin", "--consumer", "logbin-0"], LOGBIN,
                           nice=settings.shadow_nice)  # fmt: skip
-        reconcile_workers(supervisor, store, settings.shadow_nice)
+        per_role = settings.worker_layout == "per-role"
+        if per_role:
+            reconcile_workers(supervisor, store, settings.shadow_nice)
+        else:
+            start_worker_hosts(supervisor, settings.worker_hosts, settings.shadow_nice)
         gateways = settings.gateway_process_count
         if gateways > 1:
             share_metrics_between_processes()  # in our environment: the children inherit it
@@ -178,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 keeper.tick()
                 if keeper.restart_at is not None:
                     return  # no Redis to read deployments from until it is back
-            if time.monotonic() < next_reconcile:
+            if not per_role or time.monotonic() < next_reconcile:
                 return
             next_reconcile = time.monotonic() + 2.0
             try:

@@ -1,0 +1,197 @@
+"""Many models in one worker process: a thread per (deployment, role), following the
+deployments as they change.
+
+Why: a process per role costs about 60 MB before its first request (Python, numpy and
+onnxruntime loaded again each time), so twenty deployments of a real and a canary meant forty
+processes and 2.4 GB. A demo-sized model in onnxruntime is a few hundred kB, and an idle model
+costs a thread blocked in its ``XREADGROUP`` (holding no GIL) and a heartbeat a second, so one
+process hosts them all. Each hosted model is the same ``ModelWorker`` a single-role process runs,
+with its own Redis client, consumer name and counters, so everything that reads the workers
+(readiness, ``/metrics``, the admin API) sees no difference. Blocking reads stay per
+deployment, which a cluster requires (one read cannot span slots).
+
+``rdv serve`` runs two hosts by default (``RDV_WORKER_LAYOUT=shared``): one for the roles that
+answer callers (real, challengers with an A/B split) and one, at a lower CPU priority, for the
+roles that only shadow; on two cores the critical path then keeps its own process, as with a
+process per role. A model that takes its thread down (an unexpected error) is restarted alone,
+with backoff; a process per role (``RDV_WORKER_LAYOUT=per-role``) remains for isolation.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from models.deployment_store import DeploymentStore
+from models.deployments import Deployment, DeploymentNotFound
+from models.worker import ModelWorker
+from rendezvous.bus.connection import REDIS_FAILURES, Client
+from rendezvous.names import REAL
+
+log = logging.getLogger(__name__)
+
+RoleKind = Literal["all", "answering", "shadow"]
+
+RESTART_MIN_S = 0.5
+RESTART_MAX_S = 30.0
+STABLE_AFTER_S = 30.0
+"""A hosted model that ran this long since its last restart has its backoff reset."""
+
+
+def answering_roles(dep: Deployment) -> set[str]:
+    """Roles whose answer a caller may get first: real and challengers with an A/B split."""
+    return {REAL, *dep.schedule.split_roles}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which (deployment, role) pairs a host serves."""
+
+    roles: RoleKind = "all"
+    deployment: str | None = None
+    """Only this deployment (None: every deployment)."""
+    shard: int = 0
+    shards: int = 1
+    """Several hosts of one kind split the pairs between them by a stable hash."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shard < self.shards:
+            raise ValueError(f"shard {self.shard} is not in 0..{self.shards - 1}")
+
+    def picks(self, dep: Deployment, role: str) -> bool:
+        if self.deployment is not None and dep.name != self.deployment:
+            return False
+        answering = role in answering_roles(dep)
+        if (self.roles == "answering" and not answering) or (self.roles == "shadow" and answering):
+            return False
+        return zlib.crc32(f"{dep.name}/{role}".encode()) % self.shards == self.shard
+
+
+@dataclass
+class _Hosted:
+    worker: ModelWorker
+    stop: threading.Event
+    started: float
+    failed: bool = False
+    """Its thread ended with an error (else it ended because it was asked to, or its role was
+    removed), to be restarted if still wanted."""
+    backoff_s: float = RESTART_MIN_S
+    restart_at: float | None = None
+    thread: threading.Thread = field(init=False)
+
+
+_SCAN_FAILURES: tuple[type[Exception], ...] = (*REDIS_FAILURES, LookupError, ValueError)
+
+MakeWorker = Callable[[str, str], ModelWorker]
+"""(deployment, role) -> a worker with its own client, not yet running."""
+
+
+@dataclass
+class WorkerHost:
+    store: DeploymentStore
+    make_worker: MakeWorker
+    selection: Selection = field(default_factory=Selection)
+    refresh_s: float = 2.0
+    """How often the deployments are read again for roles added or removed."""
+    hosted: dict[tuple[str, str], _Hosted] = field(default_factory=dict)
+    restarts: int = 0
+
+    def run(self, stop: threading.Event) -> None:
+        """Follow the deployments until ``stop``; then stop every hosted model (each finishes
+        its batch in hand) and wait for them."""
+        try:
+            while not stop.is_set():
+                try:
+                    self.reconcile()
+                except _SCAN_FAILURES as exc:
+                    # Redis down, or a deployment deleted or unreadable mid-scan: the hosted
+                    # models ride it out by themselves; try again at the next refresh.
+                    log.warning("worker host: cannot read the deployments: %s", exc)
+                stop.wait(self.refresh_s)
+        finally:
+            self.stop_all()
+
+    def wanted(self) -> set[tuple[str, str]]:
+        pairs: set[tuple[str, str]] = set()
+        for name in self.store.list():
+            try:
+                dep = self.store.get(name)
+            except DeploymentNotFound:
+                continue  # deleted since it was listed
+            pairs.update((name, role) for role in dep.role_names if self.selection.picks(dep, role))
+        return pairs
+
+    def reconcile(self) -> None:
+        """Start what is wanted and not hosted, retire what is no longer wanted, and restart
+        (after its backoff) a model whose thread died."""
+        wanted = self.wanted()
+        for key in [k for k in self.hosted if k not in wanted]:
+            log.info("worker host: %s/%s is no longer served here; retiring it", *key)
+            self._retire(self.hosted.pop(key))
+        now = time.monotonic()
+        for key in sorted(wanted):
+            hosted = self.hosted.get(key)
+            if hosted is None:
+                self.hosted[key] = self._start(*key)
+            elif not hosted.thread.is_alive():
+                self._restart_if_due(key, hosted, now)
+            elif now - hosted.started > STABLE_AFTER_S:
+                hosted.backoff_s = RESTART_MIN_S
+
+    def _restart_if_due(self, key: tuple[str, str], hosted: _Hosted, now: float) -> None:
+        if hosted.restart_at is None:
+            hosted.restart_at = now + (hosted.backoff_s if hosted.failed else 0.0)
+            if hosted.failed:
+                log.error("worker host: %s/%s failed; restarting it in %.1fs", *key,
+                          hosted.backoff_s)  # fmt: skip
+        if now < hosted.restart_at:
+            return
+        backoff = min(hosted.backoff_s * 2, RESTART_MAX_S) if hosted.failed else hosted.backoff_s
+        self.hosted[key] = self._start(*key)
+        self.hosted[key].backoff_s = backoff
+        self.restarts += 1
+
+    def _start(self, deployment: str, role: str) -> _Hosted:
+        hosted = _Hosted(self.make_worker(deployment, role), threading.Event(), time.monotonic())
+        name = f"worker:{deployment}:{role}"
+        hosted.thread = threading.Thread(target=self._serve, args=(hosted,), name=name, daemon=True)
+        hosted.thread.start()
+        log.info("worker host: serving %s/%s", deployment, role)
+        return hosted
+
+    @staticmethod
+    def _serve(hosted: _Hosted) -> None:
+        """The thread of one hosted model: the worker's own loop (it rides out Redis outages,
+        and ends by itself if its role is removed)."""
+        try:
+            hosted.worker.run(hosted.stop)
+        except Exception:
+            hosted.failed = True
+            log.exception("worker host: %s/%s stopped on an error", hosted.worker.deployment,
+                          hosted.worker.role)  # fmt: skip
+
+    @staticmethod
+    def _retire(hosted: _Hosted, grace_s: float = 10.0) -> None:
+        hosted.stop.set()
+        hosted.thread.join(grace_s)
+
+    def stop_all(self, grace_s: float = 15.0) -> None:
+        for hosted in self.hosted.values():
+            hosted.stop.set()
+        deadline = time.monotonic() + grace_s
+        for hosted in self.hosted.values():
+            hosted.thread.join(max(deadline - time.monotonic(), 0.1))
+        self.hosted.clear()
+
+
+def client_per_worker(connect: Callable[[], Client], build: Callable[[Client, str, str],
+                      ModelWorker]) -> MakeWorker:  # fmt: skip
+    """A ``MakeWorker`` giving each hosted model its own client: a thread never shares a
+    connection pool or a cluster slot table with another, and a busy model's round trips
+    never wait behind an idle one's blocking read."""
+    return lambda deployment, role: build(connect(), deployment, role)

@@ -1,0 +1,145 @@
+"""One worker process hosting many (deployment, role) models, following the deployments:
+against a real Redis (a single node and the cluster) and the real demo ONNX models."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import redis
+
+from models.deployment_store import DeploymentStore, demo_deployment
+from models.deployments import Deployment, ModelRef
+from models.registry import ModelRegistry
+from models.train import demo_data
+from models.worker import ModelWorker
+from models.worker_host import Selection, WorkerHost, client_per_worker
+from processes import wait_until
+from rendezvous import names
+from rendezvous.bus.connection import Client, connect
+from rendezvous.envelope import ModelResult, RequestEnvelope, decode_results
+from rendezvous.schedule import Schedule
+
+REPLY = names.reply_stream("host-test")
+
+
+def _deployment(registry: ModelRegistry, name: str, **schedule: object) -> Deployment:
+    dep = demo_deployment(registry, Schedule(**schedule))  # type: ignore[arg-type]
+    return dataclasses.replace(dep, name=name)
+
+
+def _publish(client: Client, deployment: str, rid: str) -> None:
+    now = time.time() * 1000
+    env = RequestEnvelope(request_id=rid, deployment=deployment, reply_to=REPLY,
+                          deadline_ms=int(now + 60_000), enqueued_ms=now, raw=b"{}",
+                          features=demo_data().x_test[:1].astype(np.float32),
+                          spec_version="fs-test")  # fmt: skip
+    client.xadd(names.input_stream(deployment), env.encode())  # type: ignore[arg-type]
+
+
+def _results(client: Client) -> dict[tuple[str, str], ModelResult]:
+    """(request id, role) -> its result, from the reply stream."""
+    out = {}
+    for _id, fields in client.xrange(REPLY):  # type: ignore[union-attr]
+        if b"hello" not in fields:
+            batch, _ = decode_results(fields)
+            out.update({(res.request_id, res.role): res for res in batch})
+    return out
+
+
+@pytest.fixture
+def client(bus_url: str) -> Iterator[Client]:
+    c = connect(bus_url)  # on a flushed keyspace: a host serves every deployment it finds
+    if isinstance(c, redis.RedisCluster):
+        c.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
+    else:
+        c.flushdb()
+    c.xadd(REPLY, {b"hello": b"1"})
+    yield c
+    c.close()
+
+
+def test_one_process_hosts_every_role_of_every_deployment_and_follows_them(
+    bus_url: str, client: Client, demo_registry: ModelRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two deployments of a real and a canary each: four models in one host, every request
+    scored by each of its deployment's roles with the right version; a challenger added is
+    served within a refresh, a role removed is retired (its thread ends), a model that cannot
+    load is retried with backoff without touching the others, and a stop ends every thread."""
+    store = DeploymentStore(client)
+    for name in ("alpha", "beta"):
+        store.create(_deployment(demo_registry, name))
+
+    def build(c: Client, deployment: str, role: str) -> ModelWorker:
+        return ModelWorker(c, demo_registry, deployment=deployment, role=role,
+                           consumer=f"{role}-host", block_ms=100)  # fmt: skip
+
+    host = WorkerHost(store, client_per_worker(lambda: connect(bus_url), build), refresh_s=0.1)
+    stop = threading.Event()
+    runner = threading.Thread(target=host.run, args=(stop,))
+    caplog.set_level(logging.INFO, logger="models.worker_host")
+    runner.start()
+    try:
+        wait_until(lambda: len(host.hosted) == 4, 10, "four hosted models")
+        for dep in ("alpha", "beta"):
+            _publish(client, dep, f"{dep}-1")
+        want = {(f"{d}-1", role) for d in ("alpha", "beta") for role in ("real", "canary")}
+        wait_until(lambda: want <= set(_results(client)), 15, "every role of both to score")
+        got = _results(client)
+        assert {got[("alpha-1", "real")].version, got[("alpha-1", "canary")].version} == {2, 1}
+        assert got[("beta-1", "real")].deployment == "beta"
+
+        def add(dep: Deployment, role: str, version: int) -> Deployment:
+            return dataclasses.replace(dep, roles={**dep.roles, role: ModelRef(
+                dep.roles["real"].name, version)})  # fmt: skip
+
+        store.update("alpha", lambda d: add(d, "ch1", 1), action="test", actor="test")
+        wait_until(lambda: ("alpha", "ch1") in host.hosted, 10, "the challenger to be hosted")
+        canary = host.hosted[("beta", "canary")]
+        store.update("beta", lambda d: dataclasses.replace(
+            d, roles={"real": d.roles["real"]}), action="test", actor="test")  # fmt: skip
+        wait_until(lambda: ("beta", "canary") not in host.hosted, 10, "the canary to retire")
+        assert not canary.thread.is_alive()
+        _publish(client, "alpha", "alpha-2")
+        wait_until(lambda: ("alpha-2", "ch1") in _results(client), 15, "the challenger to score")
+
+        # A role whose model version is not in the registry fails to load: retried with
+        # backoff, while the others go on scoring.
+        store.update("beta", lambda d: add(d, "ghost", 99), action="test", actor="test")
+        wait_until(lambda: host.restarts >= 2, 15, "the broken model to be retried twice")
+        assert "restarting it in" in caplog.text
+        _publish(client, "beta", "beta-2")
+        wait_until(lambda: ("beta-2", "real") in _results(client), 15, "beta's real to score")
+        threads = [h.thread for h in host.hosted.values()]
+    finally:
+        stop.set()
+        runner.join(30)
+    assert not runner.is_alive() and host.hosted == {}
+    assert not [t for t in threads if t.is_alive()]
+
+
+@pytest.mark.pure
+def test_a_selection_splits_answering_from_shadowing_roles_and_shards_them(
+    demo_registry: ModelRegistry,
+) -> None:
+    """Real and a challenger with an A/B split answer callers; the canary and a shadowing
+    challenger do not. Shards split the pairs between hosts, each pair to exactly one."""
+    dep = _deployment(demo_registry, "alpha")
+    dep = dataclasses.replace(dep, roles={**dep.roles, "ch1": dep.roles["real"],
+                                          "ch2": dep.roles["canary"]},
+                              schedule=Schedule(splits=(("ch1", 0.5),)))  # fmt: skip
+    answering = {r for r in dep.role_names if Selection("answering").picks(dep, r)}
+    shadow = {r for r in dep.role_names if Selection("shadow").picks(dep, r)}
+    assert answering == {"real", "ch1"} and shadow == {"canary", "ch2"}
+    assert not Selection("all", deployment="beta").picks(dep, "real")
+    many = [_deployment(demo_registry, f"d{i}") for i in range(40)]
+    owners = [[s for s in range(3) if Selection("all", shard=s, shards=3).picks(d, "real")]
+              for d in many]  # fmt: skip
+    assert all(len(o) == 1 for o in owners) and {o[0] for o in owners} == {0, 1, 2}
+    with pytest.raises(ValueError, match="shard"):
+        Selection(shard=2, shards=2)
