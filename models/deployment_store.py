@@ -117,6 +117,29 @@ class DeploymentStore:
     def list(self) -> list[str]:
         return sorted(text(m) for m in self.client.smembers(names.DEPLOYMENTS_SET))
 
+    def current(self, known: Mapping[str, Deployment]) -> dict[str, Deployment]:
+        """Every deployment now, for a process that follows them all every few seconds: one
+        round trip reads the names and revisions, and only the states whose revision moved
+        since ``known`` are read again (a state with its feature statistics is ~18 kB; a
+        revision a few bytes). One deleted meanwhile is left out."""
+        members = self.list()
+        pipe = self.client.pipeline(transaction=False)
+        for name in members:
+            pipe.get(names.revision_key(name))
+        revisions = pipe.execute()
+        stale = [name for name, rev in zip(members, revisions, strict=True)
+                 if rev is None or name not in known
+                 or known[name].revision != int(rev)]  # fmt: skip
+        out = {name: known[name] for name in members if name not in stale}
+        if stale:
+            pipe = self.client.pipeline(transaction=False)
+            for name in stale:
+                pipe.get(names.deployment_key(name))
+            for name, raw in zip(stale, pipe.execute(), strict=True):
+                if raw is not None:
+                    out[name] = Deployment.from_json(raw)
+        return out
+
     def create(self, deployment: Deployment, *, actor: str = "system", reason: str = "") -> bool:
         """Create unless it exists; False when another process was first."""
         now_ms = int(time.time() * 1000)

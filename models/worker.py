@@ -254,21 +254,18 @@ class ModelWorker(ConsumerLoop):
         for stream, ids in ack_ids.items():  # each on its partition's node
             commands.append(command(b"XACK", stream.encode(), self._group_b, *ids))
         if beat is not None:
-            # The heartbeat rides with the results: liveness, counters and the deployment
-            # state cost no round trip of their own.
+            # The heartbeat rides with the results: liveness and counters cost no round trip
+            # of their own (the deployment's revision came with the read).
             member = names.worker_member(self.role, self.consumer).encode()
             workers = names.workers_key(self.deployment).encode()
             stats = names.stats_key(self.deployment).encode()
             commands += [
                 command(b"ZADD", workers, repr(beat).encode(), member),
                 command(b"HSET", stats, member, self.stats_json(beat).encode()),
-                command(b"GET", names.deployment_key(self.deployment).encode()),
             ]
         # On a cluster the results go to each gateway's node and the rest to the deployment's,
         # in one round trip per node, all written before any reply is read.
-        out = raise_first_error(self.bus.execute(commands))
-        if beat is not None:
-            self._maybe_reload(out[-1])
+        raise_first_error(self.bus.execute(commands))
         return len(entries)
 
     def _score(self, live: list[tuple[RequestEnvelope, float]]) -> list[tuple[str, ModelResult]]:
@@ -337,7 +334,7 @@ class ModelWorker(ConsumerLoop):
         )
 
     def _maybe_reload(self, raw: bytes | str | None) -> None:
-        """Follow a deployment change seen in the heartbeat round trip (hot swap)."""
+        """Follow a deployment change whose revision came with a read (hot swap)."""
         if raw is None:
             return
         dep = Deployment.from_json(raw)

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability.drift_feed import BIN_SLICE, SKETCH_FIELD, DriftFeed
 from gateway.observability.drift_monitor import (
+    LEASE_RECHECK_S,
     DriftMonitor,
     drift_view,
     local_model_meta,
@@ -202,15 +203,23 @@ def test_model_metadata_is_read_from_local_files_too(demo_data_dir: Path, tmp_pa
 
 
 async def test_one_evaluator_per_deployment_at_a_time(client: aioredis.Redis) -> None:
+    """The lease goes to one process; its answer is kept locally (a holder renews a third of
+    the way through the lease, another process asks again after LEASE_RECHECK_S), so a lapsed
+    lease is taken over within that."""
     deployments = await cache(client)
     one = DriftMonitor(client, deployments, "gw-1", interval_s=0.2)
     two = DriftMonitor(client, deployments, "gw-2", interval_s=0.2)
-    assert await one._lead(DEMO_DEPLOYMENT)
-    assert not await two._lead(DEMO_DEPLOYMENT)
-    assert await one._lead(DEMO_DEPLOYMENT)  # renewed by its holder
+    ttl_s = (int(0.2 * 3000) + 1000) / 1000
+    t = time.monotonic()
+    assert await one._lead(DEMO_DEPLOYMENT, t)
+    assert not await two._lead(DEMO_DEPLOYMENT, t)
     await client.delete(names.drift_lock_key(DEMO_DEPLOYMENT))  # the holder died: lease lapses
-    assert await two._lead(DEMO_DEPLOYMENT)
-    assert not await one._lead(DEMO_DEPLOYMENT)
+    assert await one._lead(DEMO_DEPLOYMENT, t + 0.1)  # still its own, as far as it knows
+    assert not await two._lead(DEMO_DEPLOYMENT, t + 0.1)  # not asked again yet
+    assert await two._lead(DEMO_DEPLOYMENT, t + LEASE_RECHECK_S + 0.01)  # taken over
+    assert not await one._lead(DEMO_DEPLOYMENT, t + ttl_s / 3 + 0.01)  # its renewal sees it
+    assert await two._lead(DEMO_DEPLOYMENT, t + 30)  # renewed by its holder
+    assert await client.pttl(names.drift_lock_key(DEMO_DEPLOYMENT)) > 0.9 * ttl_s * 1000
 
 
 async def test_unreadable_sketches_are_skipped(client: aioredis.Redis) -> None:

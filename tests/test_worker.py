@@ -199,19 +199,13 @@ def test_worker_follows_a_change_of_its_role(r: redis.Redis, demo_registry: Mode
     worker = make_worker(r, demo_registry, "real", heartbeat_s=0.0)
     worker.load()
     assert worker.model_ref is not None and worker.model_ref.version == 2
-    key = names.deployment_key(DEMO_DEPLOYMENT)
-    doc = DeploymentStore(r).get(DEMO_DEPLOYMENT)
-    from models.deployments import Deployment, ModelRef
+    from models.deployments import ModelRef
 
-    swapped = Deployment(
-        name=doc.name,
-        roles={"real": ModelRef("breast-cancer", 1), "canary": ModelRef("breast-cancer", 2)},
-        feature_spec=doc.feature_spec,
-        schedule=doc.schedule,
-        revision=doc.revision + 1,
-    )
-    r.set(key, swapped.to_json())
-    worker.step(block_ms=None)  # the heartbeat round trip carries the new state
+    swapped = {"real": ModelRef("breast-cancer", 1), "canary": ModelRef("breast-cancer", 2)}
+    DeploymentStore(r).update(DEMO_DEPLOYMENT, lambda d: dataclasses.replace(d, roles=swapped),
+                              action="test", actor="test")  # fmt: skip
+    worker.step(block_ms=None)  # the revision rides along with every read
+    assert worker.model_ref.version == 1
     publish(r, "after", demo_data().x_test[:1])
     worker.drain()
     assert worker.model_ref.version == 1 and worker.stats.reloads == 1

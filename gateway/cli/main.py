@@ -103,7 +103,13 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from models.deployment_store import DeploymentStore
     from models.registry import ModelRegistry
     from models.worker import ModelWorker
-    from models.worker_host import Selection, WorkerHost, client_per_worker
+    from models.worker_host import (
+        HOSTED_BLOCK_MS,
+        HOSTED_HEARTBEAT_S,
+        Selection,
+        WorkerHost,
+        client_per_worker,
+    )
     from rendezvous.bus.connection import Client, connect
     from rendezvous.heap import settle_heap
 
@@ -111,7 +117,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
     url = _require_redis(settings)
     registry = ModelRegistry(settings.models_dir)
 
-    def build(client: Client, deployment: str, role: str, consumer: str) -> ModelWorker:
+    def build(
+        client: Client, deployment: str, role: str, consumer: str, hosted: bool = False
+    ) -> ModelWorker:
         return ModelWorker(
             client,
             registry,
@@ -119,7 +127,10 @@ def cmd_worker(args: argparse.Namespace) -> None:
             role=role,
             consumer=consumer,
             batch_size=settings.worker_batch_size,
-            block_ms=settings.worker_block_ms,
+            block_ms=max(settings.worker_block_ms, HOSTED_BLOCK_MS)
+            if hosted
+            else settings.worker_block_ms,
+            heartbeat_s=HOSTED_HEARTBEAT_S if hosted else 1.0,
             claim_idle_ms=settings.claim_idle_ms,
             reply_maxlen=settings.reply_maxlen,
             shadow_batch_wait_ms=settings.shadow_batch_wait_ms,
@@ -133,8 +144,10 @@ def cmd_worker(args: argparse.Namespace) -> None:
         selection = Selection(args.roles, args.deployment, shard, shards)
         # Each hosted role keeps the consumer name a process of its own would have in rdv
         # serve, so a change of layout re-reads the pending entries left by the other.
-        host = WorkerHost(DeploymentStore(connect(url)), client_per_worker(
-            lambda: connect(url), lambda c, d, r: build(c, d, r, f"{r}-0")), selection)  # fmt: skip
+        make = client_per_worker(
+            lambda: connect(url), lambda c, d, r: build(c, d, r, f"{r}-0", hosted=True)
+        )
+        host = WorkerHost(DeploymentStore(connect(url)), make, selection)
         host.reconcile()
         settle_heap()
         serving = ", ".join(f"{d}/{r}" for d, r in sorted(host.hosted)) or "nothing yet"

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 SCAN_LIMIT = 20_000
 """Most sketch entries one evaluation reads (a window rarely needs more than a few hundred)."""
 PAGE = 64
+LEASE_RECHECK_S = 2.0
+"""How long a process that saw another lease holder waits before asking again."""
 """Sketch entries read per round trip, newest first, until the window is full."""
 MONITOR = "monitor"
 """The monitor's source name in the shared alert list."""
@@ -134,44 +136,75 @@ class DriftMonitor:
         self._training: dict[str, np.ndarray | None] = {}
         self._last_eval: dict[str, float] = {}
         self._last_seen: dict[str, bytes] = {}
+        self._leases: dict[str, tuple[bool, float]] = {}
+        """Deployment -> (held by us, monotonic time to ask Redis again)."""
         self._last_point: dict[str, float] = {}
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.tick_s)
-            for deployment in sorted(self.deployments.deployments):
+            try:
+                due = await self._due_deployments()
+            except REDIS_FAILURES as exc:
+                log.warning("drift evaluation: cannot tell which deployments are due: %s", exc)
+                continue
+            for deployment in due:
                 try:
-                    if await self._lead(deployment) and await self._due(deployment):
-                        await self.evaluate(deployment)
+                    await self.evaluate(deployment)
                 except REDIS_FAILURES as exc:
                     log.warning("drift evaluation of %s failed: %s", deployment, exc)
                 except Exception:
                     log.exception("drift evaluation of %s failed", deployment)
 
-    async def _due(self, deployment: str) -> bool:
-        """The interval has passed, or ``evaluate_every`` requests came in since the last
-        evaluation (one short read of the newest sketches)."""
-        if time.monotonic() - self._last_eval.get(deployment, 0.0) >= self.interval_s:
-            return True
-        last = self._last_seen.get(deployment)
-        low = b"(" + last if last else "-"
-        entries = await self.client.xrevrange(
-            names.drift_sketch_stream(deployment), "+", low, count=PAGE
-        )
-        new = sum(s.requests for s in _decode_sketches(cast(Entries, entries)))
-        return new >= self.evaluate_every
+    async def _due_deployments(self) -> list[str]:
+        """The deployments this process leads whose interval has passed, or into whose sketch
+        stream ``evaluate_every`` requests came since their last evaluation: the newest
+        sketches of all of them read in one round trip (per node), so an idle host with
+        many deployments spends one read a tick, not one per deployment."""
+        now = time.monotonic()
+        led = [d for d in sorted(self.deployments.deployments) if await self._lead(d, now)]
+        due = [d for d in led if now - self._last_eval.get(d, 0.0) >= self.interval_s]
+        rest = [d for d in led if d not in due]
+        if not rest:
+            return due
+        pipe = self.client.pipeline(transaction=False)
+        for deployment in rest:
+            last = self._last_seen.get(deployment)
+            low = b"(" + last if last else "-"
+            pipe.xrevrange(names.drift_sketch_stream(deployment), "+", low, count=PAGE)
+        for deployment, entries in zip(rest, await pipe.execute(raise_on_error=False),
+                                       strict=True):  # fmt: skip
+            if isinstance(entries, Exception):
+                log.warning("drift evaluation of %s: cannot read its sketches: %s", deployment,
+                            entries)  # fmt: skip
+                continue
+            new = sum(s.requests for s in _decode_sketches(cast(Entries, entries)))
+            if new >= self.evaluate_every:
+                due.append(deployment)
+        return due
 
-    async def _lead(self, deployment: str) -> bool:
-        """Hold (or take) the deployment's evaluation lease; a dead holder's lapses."""
+    async def _lead(self, deployment: str, now: float) -> bool:
+        """Hold (or take) the deployment's evaluation lease; a dead holder's lapses.
+
+        The answer is kept locally: a holder renews a third of the way through its lease, and
+        a process that saw another holder asks again after ``LEASE_RECHECK_S``. An idle host
+        with twenty deployments then spends a few commands a second on leases, not two
+        hundred. (A lease lost meanwhile, to a Redis restart, is noticed at the next renewal:
+        two processes may then both evaluate for a few seconds, which costs a duplicate
+        report, never a wrong one.)"""
+        known = self._leases.get(deployment)
+        if known is not None and now < known[1]:
+            return known[0]
         key = names.drift_lock_key(deployment)
         ttl_ms = int(self.interval_s * 3000) + 1000
-        if await self.client.set(key, self.instance, nx=True, px=ttl_ms):
-            return True
-        holder = await self.client.get(key)
-        if holder is not None and text(holder) == self.instance:
-            await self.client.pexpire(key, ttl_ms)
-            return True
-        return False
+        held = bool(await self.client.set(key, self.instance, nx=True, px=ttl_ms))
+        if not held:
+            holder = await self.client.get(key)
+            held = holder is not None and text(holder) == self.instance
+            if held:
+                await self.client.pexpire(key, ttl_ms)
+        self._leases[deployment] = (held, now + (ttl_ms / 3000 if held else LEASE_RECHECK_S))
+        return held
 
     def _feature_reference(self, deployment: str) -> FeatureReference | None:
         spec = self.deployments.deployments[deployment].feature_spec
