@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import orjson
 
 from rendezvous import names
 from rendezvous.envelope import RequestEnvelope
@@ -45,10 +46,10 @@ def record_from_envelope(
 
     Written by hand because it is the log bin's hot path (``json.dumps`` of a record dict was
     40-45 % of its CPU): the caller's JSON is checked and spliced in as sent instead of parsed
-    and re-dumped, and the float32 features print with 9 significant digits, which round-trip
-    float32 exactly, instead of the 17 of their float64 ``repr``. ``json.loads`` of the line
-    gives the keys and values that ``json.dumps`` of the record dict gave, NaN and Infinity
-    included, and the line stays ASCII.
+    and re-dumped, and the float32 features print as the shortest decimals that read back to
+    the same float32, instead of the 17 digits of their float64 ``repr``. ``json.loads`` of
+    the line gives the keys and values that ``json.dumps`` of the record dict gave (the
+    features equal as float32, NaN and Infinity included), and the line stays ASCII.
     """
     raw = env.raw if isinstance(env.raw, bytes) else str(env.raw).encode()
     where = f'"stream":{_json(stream)},' if stream else ""  # which input partition
@@ -129,15 +130,17 @@ def _features_format(rows: int, cols: int) -> str:
 
 
 def _features_json(features: np.ndarray) -> str:
-    """A float32 matrix as a JSON list of rows, 9 significant digits a value: one format call
-    for the matrix (about 3x faster than ``json.dumps`` of ``tolist()``; numpy's shortest
-    float32 repr would print 17.99 for 17.9899998 but costs twice as much)."""
+    """A float32 matrix as a JSON list of rows, each value the shortest decimal that reads back
+    to the same float32 (orjson: 53 µs for 100 rows of 30, against 444 µs for one format
+    call printing 9 significant digits, and 40 % less text to compress). orjson writes a
+    non-finite value as null, so a matrix holding one takes the format call, which spells
+    them as ``json.dumps`` does."""
     if features.ndim != 2 or features.dtype != np.float32:
         return json.dumps(features.tolist(), separators=(",", ":"))
+    if np.isfinite(features).all():
+        return orjson.dumps(features, option=orjson.OPT_SERIALIZE_NUMPY).decode()
     text = _features_format(*features.shape).format(*features.ravel().tolist())
-    if "n" in text:  # nan, inf, -inf: spelled as json.dumps spells them
-        text = text.replace("nan", "NaN").replace("inf", "Infinity")
-    return text
+    return text.replace("nan", "NaN").replace("inf", "Infinity")
 
 
 class SegmentWriter:

@@ -7,6 +7,7 @@ cover predict itself against a real gateway."""
 from __future__ import annotations
 
 import asyncio
+import json
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -119,9 +120,14 @@ def test_a_non_finite_answer_is_a_502_naming_the_model_never_invalid_json() -> N
     doc = {"model": {"name": "m", "version": 3, "role": "real"}, "predictions": [{"p": 0.5}]}
     status, body, _ = ok(doc)
     assert status == 200
-    doc["predictions"] = [{"probabilities": {"0": float("nan"), "1": 1.0}}]
-    status, body, _ = ok(doc)
-    assert status == 502 and b"model m v3 (real)" in body and b"NaN" not in body
+    for bad in (float("nan"), float("inf")):
+        doc["predictions"] = [{"probabilities": {"0": bad, "1": 1.0}}]
+        status, body, _ = ok(doc)
+        assert status == 502 and b"model m v3 (real)" in body and b"NaN" not in body
+    # The letters of null in a fine answer (here its request id) change nothing.
+    fine = {"request_id": "null-1", "predictions": [{"probabilities": {"0": 0.25, "1": 0.75}}]}
+    status, body, _ = ok(fine)
+    assert status == 200 and json.loads(body) == fine
 
 
 def test_readyz_says_whether_the_archive_is_failing() -> None:

@@ -64,9 +64,12 @@ def _envelope(i: int, deployment: str = "demo") -> RequestEnvelope:
     )
 
 
-def _publish(r: redis.Redis, n: int, deployment: str = "demo") -> dict[str, RequestEnvelope]:
+def _publish(
+    r: redis.Redis, n: int, deployment: str = "demo", start: int = 0
+) -> dict[str, RequestEnvelope]:
+    """``n`` requests (numbered from ``start``: each request is published once)."""
     sent = {}
-    for i in range(n):
+    for i in range(start, start + n):
         env = _envelope(i, deployment)
         entry_id = r.xadd(names.input_stream(deployment), env.encode())  # type: ignore[arg-type]
         sent[_sid(entry_id)] = env
@@ -263,7 +266,7 @@ def test_run_rides_out_a_redis_restart(tmp_path: Path, data_dir: Path) -> None:
         server.kill()
         _wait_for(lambda: logbin.stats.errors >= 1)
         server.start()  # same port, same append-only data
-        sent |= _publish(client, 3)
+        sent |= _publish(client, 3, start=2)
         _wait_for(lambda: logbin.stats.records >= 5)
     finally:
         stop.set()

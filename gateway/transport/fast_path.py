@@ -24,6 +24,7 @@ import logging
 import re
 from typing import Any
 
+import orjson
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
@@ -43,7 +44,15 @@ SHUTTING_DOWN = Problem(503, "the gateway is shutting down", headers=RETRY, clos
 
 def ok(doc: dict[str, Any]) -> Reply:
     """The answer, or a 502 naming the model when it answered a non-finite number (JSON has
-    none; found by the encoder, so the answers that are fine pay nothing for the check)."""
+    none).
+
+    orjson writes it (0.24 µs for one row against 11 µs for ``json.dumps``, whose float repr
+    dominated: 0.41 ms of a 100-row answer), but writes a NaN as ``null``; an answer has no
+    null of its own, so only a body holding the four letters is written again by ``json``,
+    which refuses a non-finite number."""
+    body = orjson.dumps(doc)
+    if b"null" not in body:
+        return 200, body, []
     try:
         return 200, json.dumps(doc, separators=(",", ":"), allow_nan=False).encode(), []
     except ValueError:
