@@ -3,6 +3,7 @@ so that every transport answers a failure alike."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,6 +79,9 @@ def _cut(value: Any) -> Any:
         return value.decode("utf-8", "replace")
     if isinstance(value, list | tuple | dict):
         return None  # a structure is not echoed back: its location says which it is
+    if isinstance(value, float) and not math.isfinite(value):
+        # JSON has no such number (a UTF-16 body may spell one: json.loads reads it); named.
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     return value
 
 
