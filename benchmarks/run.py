@@ -11,6 +11,10 @@ against throughput), and prints the table.
     python -m benchmarks.run [--quick] [--duration S] [--concurrency 1,8,64] [--rate R]
                              [--overload CONNECTIONS]
 
+Then issue 18's cost axes (``benchmarks/axes.py``: challengers, rows, deployments, soak; about
+15 minutes with the 10-minute soak), each on an ``rdv serve`` of its own, into the same results
+(``axes``, and their keys in ``ratios``); ``--axes none`` skips them, ``--axes soak`` runs one.
+
 ``--overload`` adds, in every round, a gateway at a small in-flight bound driven by many more
 connections than it may hold: how long its 429s and its 200s take (``overload_phase``).
 
@@ -144,7 +148,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help=f"put the table in README.md between {README_START} and {README_END}",
     )
+    from benchmarks.axes import add_arguments  # it imports this module
+
+    add_arguments(p, prefix="axes-")
     args = p.parse_args(argv)
+    if args.quick:  # the axes briefly too: one round, 2 s a load, a one-minute soak
+        for name, value in (("axes_duration", 2.0), ("axes_rounds", 1), ("soak_s", 60.0),
+                            ("soak_warmup_s", 15.0), ("settle_s", 5.0), ("idle_s", 10.0),
+                            ("peak_s", 3.0)):  # fmt: skip
+            if getattr(args, name) is None:
+                setattr(args, name, value)
     args.duration = args.duration or (2.0 if args.quick else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 3.0)
     args.concurrency = [
@@ -509,6 +522,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 results["failed"]["overload"] = str(exc)[-2000:]
     if overloads:
         results["overload"] = combine_overload(overloads)
+    _run_axes(args, work, results)
     results["systems"] = {name: combine_rounds(figures) for name, figures in runs.items()}
     machine["loadavg_at_end"] = list(os.getloadavg())
     results["ratios"] = ratios(results)
@@ -518,6 +532,23 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     else:  # every round's data folder, Redis files and archive: hundreds of MB a run
         shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+def _run_axes(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> None:
+    """Issue 18's axes after the systems, from the demo models trained for them."""
+    from benchmarks.axes import axis_names, options, run_axes, train_models
+
+    names = axis_names(args.axes)
+    opts = options(args)
+    results["config"]["axes_options"] = {"axes": names, **vars(opts)}
+    results["axes"] = {}
+    if not names:
+        return
+    models = _trained_models(work, args.rdv_models) or train_models(work / "axis-models")
+    (work / "axes").mkdir(exist_ok=True)
+    done = run_axes(names, opts, work / "axes", models)
+    results["axes"] = done["axes"]
+    results["failed"].update(done["failed"])
 
 
 def _train(work: Path) -> Path:
@@ -582,9 +613,12 @@ def update_readme(stem: Path, results: dict[str, Any]) -> None:
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     rel = stem.relative_to(REPO) if stem.is_relative_to(REPO) else stem
+    axes_png = ""
+    if results.get("axes"):
+        axes_png = f", `{rel}-axes.png` (throughput and memory against each axis of issue 18)"
     block = (
         f"{README_START}\n{summary_markdown(results)}\nEvery figure: `{rel}.md` (table), "
-        f"`{rel}.json`, `{rel}.png` (latency against throughput).\n{README_END}"
+        f"`{rel}.json`, `{rel}.png` (latency against throughput){axes_png}.\n{README_END}"
     )
     readme.write_text(head + block + tail)
 

@@ -169,6 +169,8 @@ def _clean_env(**extra: str) -> dict[str, str]:
 def _classify_rdv(cmd: str) -> str:
     if "redis-server" in cmd:
         return "redis"
+    if "--roles " in cmd:  # one worker process hosting many (deployment, role) models
+        return "worker:" + cmd.split("--roles ", 1)[1].split()[0]
     for role in ("real", "canary"):
         if f"--role {role}" in cmd:
             return f"worker:{role}"
