@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -127,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--models", type=Path, help="trained demo models (default: train them)")
     args = p.parse_args(argv)
+    # SIGTERM unwinds like an error: every rdv serve started is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     names = axis_names(args.axes)
     opts = options(args)
     work = Path(tempfile.mkdtemp(prefix="rdv-axes-"))

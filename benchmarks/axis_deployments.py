@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
@@ -78,7 +79,7 @@ def all_live(running: Running, names: list[str], timeout_s: float) -> None:
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"no live workers for {waiting} within {timeout_s:g} s")
-        time.sleep(1.0)
+        time.sleep(0.25)
 
 
 def _command(pid: int) -> str:
@@ -179,30 +180,50 @@ def alternate(
             "ratio": round(statistics.median(ratios), 3)}  # fmt: skip
 
 
+def start_both(
+    ctx: AxisContext, names: tuple[str, str], settings: dict[str, str]
+) -> tuple[Running, Running]:
+    """Two ``rdv serve`` started side by side (each mostly waits for its children)."""
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(ctx.start, name, settings) for name in names]
+    started = [f.result() for f in futures if f.exception() is None]
+    if len(started) < 2:
+        stop_all(started)
+        raise next(e for f in futures if (e := f.exception()) is not None)
+    return started[0], started[1]
+
+
+def stop_all(systems: list[Running]) -> None:
+    """Stopped side by side: each waits for its children's graceful exit."""
+    with ThreadPoolExecutor(max(1, len(systems))) as pool:
+        list(pool.map(lambda r: r.stop(), systems))
+
+
 def measure_layout(ctx: AxisContext, layout: str | None) -> dict[str, Any]:
+    """The deployments axis with one ``RDV_WORKER_LAYOUT`` (``None``: unset). The single-
+    deployment server starts beside the other and is held still until the rounds."""
     opts = ctx.options
     settings = {} if layout is None else {"RDV_WORKER_LAYOUT": layout}
     tag = layout or "default"
-    many = ctx.start(f"deployments-{opts.deployments}-{tag}", settings)
+    many, single = start_both(
+        ctx, (f"deployments-{opts.deployments}-{tag}", f"deployments-1-{tag}"), settings
+    )
     try:
-        t0 = time.monotonic()
-        names = create_deployments(many, ctx, opts.deployments)
-        all_live(many, names, timeout_s=60.0 + 10.0 * opts.deployments)
-        up_s = time.monotonic() - t0
-        log(f"{len(names)} deployments live in {up_s:.0f} s ({tag} layout); settling")
-        time.sleep(opts.settle_s)
-        mem = memory(many)
-        idle = idle_cpu(many, opts.idle_s)
+        single_mem = memory(single, samples=1)
+        with held_still(single):
+            t0 = time.monotonic()
+            names = create_deployments(many, ctx, opts.deployments)
+            all_live(many, names, timeout_s=60.0 + 10.0 * opts.deployments)
+            up_s = time.monotonic() - t0
+            log(f"{len(names)} deployments live in {up_s:.0f} s ({tag} layout); settling")
+            time.sleep(opts.settle_s)
+            mem = memory(many, samples=3 if opts.settle_s >= 3 else 1)
+            idle = idle_cpu(many, opts.idle_s)
         log(f"{len(names)} deployments: {mem['rss_mb_total']:.0f} MB RSS in "
             f"{mem['processes']} processes, idle CPU {idle['cpu_pct']:.1f} %")  # fmt: skip
-        single = ctx.start(f"deployments-1-{tag}", settings)
-        try:
-            single_mem = memory(single, samples=1)
-            throughput = alternate(many, names, single, opts.duration_s, opts.rounds)
-        finally:
-            single.stop()
+        throughput = alternate(many, names, single, opts.duration_s, opts.rounds)
     finally:
-        many.stop()
+        stop_all([many, single])
     return {
         "layout": layout,
         "env": settings,
