@@ -93,12 +93,14 @@ def _deployments(top: Any, bottom: Any, data: dict[str, Any]) -> None:
 def _soak(top: Any, bottom: Any, data: dict[str, Any]) -> None:
     series = data["latency_series"]
     ts = [b["t_s"] for b in series]
-    top.plot(ts, [b["rps"] for b in series], color=RDV, label="answers/s")
-    top.set_ylabel("answers/s")
-    top.set_ylim(bottom=0)
+    rps = [b["rps"] for b in series]
+    top.plot(ts, rps, color=RDV)
+    top.set_ylabel("answers/s", color=RDV)
+    top.set_ylim(0, max(rps, default=1.0) * 1.2 or 1.0)
     twin = top.twinx()
-    twin.plot(ts, [b["p99_ms"] for b in series], color=BASE, label="p99 ms")
-    twin.set_ylabel("p99 ms")
+    twin.plot(ts, [b["p99_ms"] for b in series], color=BASE, lw=0.8)
+    twin.set_ylabel("p99 ms (per bucket of send time)", color=BASE)
+    twin.set_ylim(bottom=0)
     top.set_title(f"soak at {data['rate']:g} req/s: throughput, p99", fontsize=9)
     samples = data["samples"]
     st = [s["t_s"] for s in samples]

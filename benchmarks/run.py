@@ -544,7 +544,11 @@ def _run_axes(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> 
     results["axes"] = {}
     if not names:
         return
-    models = _trained_models(work, args.rdv_models) or train_models(work / "axis-models")
+    models = _trained_models(work, args.rdv_models)
+    if models is None and (work / "model-data" / "models").is_dir():  # trained for baselines
+        models = work / "model-data" / "models"
+    if models is None:
+        models = train_models(work / "axis-models")
     (work / "axes").mkdir(exist_ok=True)
     done = run_axes(names, opts, work / "axes", models)
     results["axes"] = done["axes"]
