@@ -98,7 +98,12 @@ def with_bodies(running: Running, rows_per_request: int) -> Running:
 
 
 def live_roles(running: Running, deployment: str) -> set[str]:
-    doc = admin(running, "GET", f"/deployments/{deployment}", None)
+    """Roles with a live worker; none while the gateway cannot say (a 503 just after it was
+    held still: its Redis commands in flight then timed out)."""
+    try:
+        doc = admin(running, "GET", f"/deployments/{deployment}", None)
+    except OSError:  # urllib's HTTPError and URLError too
+        return set()
     return {role for role, n in (doc.get("live_workers") or {}).items() if n > 0}
 
 
@@ -124,8 +129,10 @@ def phase(running: Running, load: Load) -> dict[str, Any]:
     """One load, logged, with the system's RSS right after it (for the memory plots)."""
     figures = run_phase(running, load, 2 if load.concurrency > 8 else 1)
     figures["rss_mb_after"] = rss_mb(running)
+    failed = {k: v for k, v in figures["statuses"].items() if k not in ("200", "429")}
     log(f"{running.name} {load.label}: {figures['throughput_rps']:,.0f} req/s, "
-        f"p50 {figures['latency_ms'].get('p50')} ms, errors {figures['errors']}")  # fmt: skip
+        f"p50 {figures['latency_ms'].get('p50')} ms, errors {figures['errors']}"
+        + (f" {failed}" if failed else ""))  # fmt: skip
     return figures
 
 

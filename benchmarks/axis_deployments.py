@@ -40,7 +40,7 @@ from benchmarks.axis_common import (
 )
 from benchmarks.loadgen import Load
 from benchmarks.run import log
-from benchmarks.systems import Running
+from benchmarks.systems import Running, http_status
 
 ROLES = {"real", "canary"}
 KEYS = ("rss_mb_20_deployments", "idle_cpu_pct_20_deployments", "throughput_20_deployments_vs_one")
@@ -151,7 +151,16 @@ def idle_cpu(running: Running, idle_s: float) -> dict[str, Any]:
 
 
 def _live_again(running: Running, names: list[str]) -> None:
-    """After being held still: heartbeats lapsed meanwhile; wait for every worker's next."""
+    """After being held still: the heartbeats lapsed and the gateway's Redis commands in
+    flight timed out meanwhile. Ready, every worker's heartbeat back, and still so a second
+    later, before any load."""
+    deadline = time.monotonic() + 60.0
+    while http_status(f"{running.base_url}/readyz") != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{running.name} not ready again within 60 s")
+        time.sleep(0.25)
+    all_live(running, names, timeout_s=60.0)
+    time.sleep(1.0)
     all_live(running, names, timeout_s=60.0)
 
 
@@ -206,7 +215,7 @@ def measure_layout(ctx: AxisContext, layout: str | None) -> dict[str, Any]:
     settings = {} if layout is None else {"RDV_WORKER_LAYOUT": layout}
     tag = layout or "default"
     many, single = start_both(
-        ctx, (f"deployments-{opts.deployments}-{tag}", f"deployments-1-{tag}"), settings
+        ctx, (f"deployments-{opts.deployments}-{tag}", f"single-deployment-{tag}"), settings
     )
     try:
         single_mem = memory(single, samples=1)
