@@ -152,15 +152,15 @@ def idle_cpu(running: Running, idle_s: float) -> dict[str, Any]:
 
 def _live_again(running: Running, names: list[str]) -> None:
     """After being held still: the heartbeats lapsed and the gateway's Redis commands in
-    flight timed out meanwhile. Ready, every worker's heartbeat back, and still so a second
-    later, before any load."""
+    flight timed out meanwhile. Ready, every worker's heartbeat back, and still so half a
+    second later, before any load."""
     deadline = time.monotonic() + 60.0
     while http_status(f"{running.base_url}/readyz") != 200:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{running.name} not ready again within 60 s")
         time.sleep(0.25)
     all_live(running, names, timeout_s=60.0)
-    time.sleep(1.0)
+    time.sleep(0.5)
     all_live(running, names, timeout_s=60.0)
 
 

@@ -33,7 +33,7 @@ def test_bench_harness_runs_against_the_inprocess_baseline(
     argv = [
         sys.executable, "-m", "benchmarks.run", "--systems", "inprocess", "--model", str(model),
         "--duration", "0.3", "--warmup", "0.2", "--concurrency", "1,4", "--rate", "50",
-        "--loadgen-procs", "2", "--rounds", "2", "--no-plot", "--out", str(out),
+        "--loadgen-procs", "2", "--rounds", "2", "--no-plot", "--out", str(out), "--axes", "none",
     ]  # fmt: skip
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=100)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -44,6 +44,7 @@ def test_bench_harness_runs_against_the_inprocess_baseline(
     assert {"date", "commit", "machine", "config", "systems", "ratios"} <= set(doc)
     assert doc["loadgen_calibration"]["ok"] > 0
     assert set(doc["ratios"]) >= RATIOS
+    assert doc["axes"] == {} and doc["ratios"]["soak_errors"] is None  # --axes none: keys, no run
 
     system = doc["systems"]["inprocess"]
     assert system["labels_agree_with_onnxruntime"]
@@ -76,7 +77,7 @@ def test_bench_harness_runs_rdv_serve_on_a_local_cluster(
         sys.executable, "-m", "benchmarks.run", "--systems", "gateway-cluster",
         "--rdv-models", str(demo_data_dir / "models"), "--duration", "0.5", "--warmup", "0.2",
         "--concurrency", "4", "--rate", "0", "--rounds", "1", "--no-plot", "--no-calibrate",
-        "--out", str(out),
+        "--out", str(out), "--axes", "none",
     ]  # fmt: skip
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=100)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -206,7 +207,7 @@ def test_the_deployments_and_soak_axes_run_for_a_second(
     out = tmp_path / "results"
     argv = [sys.executable, "-m", "benchmarks.axes", "--axes", "deployments,soak",
             "--deployments", "3", "--duration", "0.5", "--rounds", "1", "--settle-s", "0.5",
-            "--idle-s", "1", "--soak-s", "3", "--soak-warmup-s", "1", "--soak-sample-s", "0.25",
+            "--idle-s", "0.5", "--soak-s", "3", "--soak-warmup-s", "1", "--soak-sample-s", "0.25",
             "--peak-s", "0.5", "--models", str(demo_data_dir / "models"),
             "--out", str(out)]  # fmt: skip
     done = _run_axes(argv)
