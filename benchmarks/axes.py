@@ -66,6 +66,15 @@ def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--peak-s", type=float, help="the c64 loop that finds the peak (default 5)")
 
 
+def quick_defaults(args: argparse.Namespace) -> None:
+    """``make bench QUICK=1``: the axes briefly too (one round, 2 s a load, a 1-minute soak)."""
+    for name, value in (("axes_duration", 2.0), ("axes_rounds", 1), ("soak_s", 60.0),
+                        ("soak_warmup_s", 15.0), ("settle_s", 5.0), ("idle_s", 10.0),
+                        ("peak_s", 3.0)):  # fmt: skip
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def axis_names(text: str) -> list[str]:
     names = [a for a in text.split(",") if a and a != "none"]
     unknown = [a for a in names if a not in AXES]
@@ -108,6 +117,23 @@ def run_axes(names: list[str], opts: AxisOptions, work: Path, models: Path) -> d
     finally:
         ctx.close()
     return results
+
+
+def bench_axes(
+    args: argparse.Namespace, work: Path, models: Path | None, results: dict[str, Any]
+) -> None:
+    """``make bench``'s axes, after its systems, into its ``results`` (``axes``, ``failed``;
+    their ratio keys come with ``report.ratios``); ``models``: trained demo models, if any."""
+    names = axis_names(args.axes)
+    opts = options(args)
+    results["config"]["axes_options"] = {"axes": names, **vars(opts)}
+    results["axes"] = {}
+    if not names:
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    done = run_axes(names, opts, work, models or train_models(work / "axis-models"))
+    results["axes"] = done["axes"]
+    results["failed"].update(done["failed"])
 
 
 def train_models(work: Path) -> Path:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from benchmarks import procstat
 from benchmarks.loadgen import Load
 from benchmarks.run import demo_rows, log, run_phase
@@ -123,6 +125,16 @@ def rss_mb(running: Running) -> float:
     """RSS summed over every process of the system, now."""
     members = running.tree.members()
     return round(sum(procstat.rss_bytes(pid) for pid in members) / procstat.MB, 1)
+
+
+def redis_used_memory_mb(running: Running) -> float | None:
+    """Redis's own count of the memory it holds (``INFO memory``), MB."""
+    if not running.redis_nodes:
+        return None
+    node = running.redis_nodes[0]
+    with redis.Redis(host=node.host, port=node.port, socket_timeout=5) as client:
+        info = client.info("memory")
+    return round(int(info["used_memory"]) / procstat.MB, 2)
 
 
 def phase(running: Running, load: Load) -> dict[str, Any]:

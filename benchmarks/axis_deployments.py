@@ -26,8 +26,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import redis
-
 from benchmarks import procstat
 from benchmarks.axis_common import (
     DEPLOYMENT,
@@ -36,6 +34,7 @@ from benchmarks.axis_common import (
     held_still,
     live_roles,
     phase,
+    redis_used_memory_mb,
     with_bodies,
 )
 from benchmarks.loadgen import Load
@@ -124,15 +123,6 @@ def memory(running: Running, samples: int = 3) -> dict[str, Any]:
         "by_process": procs,
         "redis_used_memory_mb": redis_used_memory_mb(running),
     }
-
-
-def redis_used_memory_mb(running: Running) -> float | None:
-    if not running.redis_nodes:
-        return None
-    node = running.redis_nodes[0]
-    with redis.Redis(host=node.host, port=node.port, socket_timeout=5) as client:
-        info = client.info("memory")
-    return round(int(info["used_memory"]) / procstat.MB, 2)
 
 
 def idle_cpu(running: Running, idle_s: float) -> dict[str, Any]:

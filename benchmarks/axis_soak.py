@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import procstat
-from benchmarks.axis_common import AxisContext, phase, with_bodies
-from benchmarks.axis_deployments import redis_used_memory_mb
+from benchmarks.axis_common import AxisContext, phase, redis_used_memory_mb, with_bodies
 from benchmarks.loadgen import Load, ProcResult, run_load
 from benchmarks.run import log
 from benchmarks.systems import Running

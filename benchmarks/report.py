@@ -237,7 +237,7 @@ def _rounds_text(results: dict[str, Any]) -> str:
 
 
 def _ratio_lines(r: dict[str, Any]) -> list[str]:
-    lines = ["", "| gateway vs baselines | measured | target | met |", "|---|---:|---:|:-:|"]
+    lines = ["", "| figure | measured | target | met |", "|---|---:|---:|:-:|"]
     for key, t in r["targets"].items():
         met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
         digits = 0 if key == "rss_mb_total" else DIGITS.get(key.removesuffix("_per_role"), 3)

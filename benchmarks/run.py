@@ -148,16 +148,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help=f"put the table in README.md between {README_START} and {README_END}",
     )
-    from benchmarks.axes import add_arguments  # it imports this module
+    from benchmarks import axes  # it imports this module
 
-    add_arguments(p, prefix="axes-")
+    axes.add_arguments(p, prefix="axes-")
     args = p.parse_args(argv)
-    if args.quick:  # the axes briefly too: one round, 2 s a load, a one-minute soak
-        for name, value in (("axes_duration", 2.0), ("axes_rounds", 1), ("soak_s", 60.0),
-                            ("soak_warmup_s", 15.0), ("settle_s", 5.0), ("idle_s", 10.0),
-                            ("peak_s", 3.0)):  # fmt: skip
-            if getattr(args, name) is None:
-                setattr(args, name, value)
+    if args.quick:
+        axes.quick_defaults(args)
     args.duration = args.duration or (2.0 if args.quick else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 3.0)
     args.concurrency = [
@@ -522,7 +518,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 results["failed"]["overload"] = str(exc)[-2000:]
     if overloads:
         results["overload"] = combine_overload(overloads)
-    _run_axes(args, work, results)
+    from benchmarks.axes import bench_axes
+
+    models = _trained_models(work, args.rdv_models)
+    if models is None and (work / "model-data" / "models").is_dir():  # trained for baselines
+        models = work / "model-data" / "models"
+    bench_axes(args, work / "axes", models, results)
     results["systems"] = {name: combine_rounds(figures) for name, figures in runs.items()}
     machine["loadavg_at_end"] = list(os.getloadavg())
     results["ratios"] = ratios(results)
@@ -532,27 +533,6 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     else:  # every round's data folder, Redis files and archive: hundreds of MB a run
         shutil.rmtree(work, ignore_errors=True)
     return results
-
-
-def _run_axes(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> None:
-    """Issue 18's axes after the systems, from the demo models trained for them."""
-    from benchmarks.axes import axis_names, options, run_axes, train_models
-
-    names = axis_names(args.axes)
-    opts = options(args)
-    results["config"]["axes_options"] = {"axes": names, **vars(opts)}
-    results["axes"] = {}
-    if not names:
-        return
-    models = _trained_models(work, args.rdv_models)
-    if models is None and (work / "model-data" / "models").is_dir():  # trained for baselines
-        models = work / "model-data" / "models"
-    if models is None:
-        models = train_models(work / "axis-models")
-    (work / "axes").mkdir(exist_ok=True)
-    done = run_axes(names, opts, work / "axes", models)
-    results["axes"] = done["axes"]
-    results["failed"].update(done["failed"])
 
 
 def _train(work: Path) -> Path:
