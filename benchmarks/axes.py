@@ -113,7 +113,9 @@ def run_axes(names: list[str], opts: AxisOptions, work: Path, models: Path) -> d
                 results["axes"][name] = AXES[name](ctx)
             except Exception as exc:
                 log(f"axis {name} failed: {exc}")
-                results["failed"][f"axis:{name}"] = traceback.format_exc()[-2000:]
+                # The reason first (the run's notes quote the first line), then where.
+                reason = f"{type(exc).__name__}: {exc}"
+                results["failed"][f"axis:{name}"] = f"{reason}\n{traceback.format_exc()[-2000:]}"
     finally:
         ctx.close()
     return results

@@ -12,7 +12,7 @@ against throughput), and prints the table.
                              [--overload CONNECTIONS]
 
 Then issue 18's cost axes (``benchmarks/axes.py``: challengers, rows, deployments, soak; about
-15 minutes with the 10-minute soak), each on an ``rdv serve`` of its own, into the same results
+16 minutes with the 10-minute soak), each on an ``rdv serve`` of its own, into the same results
 (``axes``, and their keys in ``ratios``); ``--axes none`` skips them, ``--axes soak`` runs one.
 
 ``--overload`` adds, in every round, a gateway at a small in-flight bound driven by many more
