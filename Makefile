@@ -43,9 +43,11 @@ clean:
 .PHONY: bench
 
 ## Benchmark rdv serve against an in-process FastAPI app and MLServer (installed on first use
-## into benchmarks/.venv-mlserver); results in benchmarks/results/. QUICK=1: a short run.
+## into benchmarks/.venv-mlserver), then issue 18's cost axes (challengers, rows, deployments,
+## a 10-minute soak); one results JSON in benchmarks/results/. QUICK=1: a short run.
+## AXES=soak,deployments: those axes only; AXES=none: none (the systems alone).
 bench: install
-	$(BIN)/python -m benchmarks.run $(if $(QUICK),--quick) $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.run $(if $(QUICK),--quick) $(if $(AXES),--axes $(AXES)) $(BENCH_ARGS)
 
 .PHONY: bench-drift
 
@@ -57,8 +59,9 @@ bench-drift: install
 
 .PHONY: bench-axes
 
-## Cost as the work grows (issue 18), the axes measured so far: three shadowing challengers
-## against none at c64, 100-row requests against the in-process baseline; results in
-## benchmarks/results/axes-*. AXES=challengers,rows picks some.
+## Cost as the work grows (issue 18), the axes alone: three shadowing challengers against none
+## at c64, 100-row requests against the in-process baseline, 20 deployments on one host, a
+## 10-minute soak; results in benchmarks/results/axes-*. AXES=challengers,rows picks some;
+## AXES_ARGS="--layout both --soak-hour" for more.
 bench-axes: install
 	$(BIN)/python -m benchmarks.axes $(if $(AXES),--axes $(AXES)) $(AXES_ARGS)

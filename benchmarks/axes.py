@@ -1,215 +1,186 @@
-"""Cost as the work grows (issue 18), the axes measured so far: shadowing challengers and
-many-row requests.
+"""Cost as the work grows (issue 18): four axes, each on ``rdv serve`` started for it.
 
-    python -m benchmarks.axes [--axes challengers,rows] [--duration 10] [--rounds 2]
+    python -m benchmarks.axes [--axes challengers,rows,deployments,soak] [--duration 10]
+                              [--rounds 2] [--deployments 20] [--layout shared|per-role|both]
+                              [--soak-s 600 | --soak-hour]
 
-- ``challengers``: one ``rdv serve``, throughput at concurrency 64 with no challenger, then
-  with three challengers shadowing every request (each its own worker process, as
-  ``rdv serve`` runs them today): ``throughput_c64_3challengers_vs_none``.
-- ``rows``: requests of 100 rows. Rows per second at concurrency 8 against the in-process
-  baseline on the same bodies (``rows100_vs_inprocess``), and the gateway's p50 at
-  concurrency 1 minus the baseline's (``added_p50_ms_c1_rows100``).
+- ``challengers``, ``rows`` (``axis_load.py``): three shadowing challengers against none at
+  c64; 100-row requests against the in-process baseline. They share one ``rdv serve``.
+- ``deployments`` (``axis_deployments.py``): memory, idle CPU and throughput with twenty
+  deployments on one host against one.
+- ``soak`` (``axis_soak.py``): memory and p99 over a long open loop at half the peak.
 
-Rounds alternate the two sides of each ratio; each figure is the median of its rounds'
-ratios. Results go to ``benchmarks/results/axes-<date>-<commit>.json`` under ``ratios``.
-Not yet measured: 20 deployments on one host and the soak (see benchmarks/README.md).
+``make bench`` runs them too (``benchmarks.run --axes``), into its own results JSON; alone,
+results go to ``benchmarks/results/axes-<date>-<commit>.json``. Every ratio key is under
+``ratios``, every axis's figures under ``axes``; an axis that fails is in ``failed``.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import dataclasses
 import json
 import shutil
-import statistics
+import signal
+import sys
 import tempfile
-import time
-import urllib.request
+import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from benchmarks import procstat
-from benchmarks.loadgen import Load
-from benchmarks.run import _git, demo_rows, log, run_phase
-from benchmarks.systems import REPO, Running, start_inprocess, start_rdv
+from benchmarks.axis_common import AxisContext, AxisOptions
+from benchmarks.axis_deployments import deployments_axis
+from benchmarks.axis_load import challengers_axis, rows_axis
+from benchmarks.axis_soak import SOAK_HOUR_S, soak_axis
+from benchmarks.run import _git, log
+from benchmarks.systems import REPO
 
-TOKEN = "bench-axes-token"
-DEPLOYMENT = "breast-cancer"
-CHALLENGERS = ("ch1", "ch2", "ch3")
-ROWS = 100
+AXES: dict[str, Callable[[AxisContext], dict[str, Any]]] = {
+    "challengers": challengers_axis,
+    "rows": rows_axis,
+    "deployments": deployments_axis,
+    "soak": soak_axis,
+}
+LAYOUTS = ("shared", "per-role", "both")
 
 
-def _admin(running: Running, method: str, path: str, doc: dict[str, Any] | None) -> Any:
-    req = urllib.request.Request(
-        f"{running.base_url}/admin{path}",
-        data=None if doc is None else json.dumps(doc).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
-        method=method,
+def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The axes' options, on this command line or ``benchmarks.run``'s (``prefix``: for
+    options whose bare name the other command already has)."""
+    p.add_argument("--axes", default=",".join(AXES),
+                   help=f"of {','.join(AXES)} (default: all; 'none': no axis)")  # fmt: skip
+    p.add_argument(f"--{prefix}duration", dest="axes_duration", type=float,
+                   help="seconds per measured load (default 10)")  # fmt: skip
+    p.add_argument(f"--{prefix}rounds", dest="axes_rounds", type=int, help="(default 2)")
+    p.add_argument("--deployments", type=int, default=20, help="(default 20)")
+    p.add_argument("--layout", choices=LAYOUTS,
+                   help="RDV_WORKER_LAYOUT for the deployments axis (default: unset)")  # fmt: skip
+    p.add_argument("--settle-s", type=float, help="before the memory figure (default 10)")
+    p.add_argument("--idle-s", type=float, help="of the idle CPU figure (default 20)")
+    p.add_argument("--soak-s", type=float, help="the soak's length (default 600)")
+    p.add_argument("--soak-hour", action="store_true", help="a soak of an hour")
+    p.add_argument("--soak-warmup-s", type=float, help="(default 60)")
+    p.add_argument("--soak-sample-s", type=float, help="memory sampled every (default 5)")
+    p.add_argument("--peak-s", type=float, help="the c64 loop that finds the peak (default 5)")
+
+
+def quick_defaults(args: argparse.Namespace) -> None:
+    """``make bench QUICK=1``: the axes briefly too (one round, 2 s a load, a 1-minute soak)."""
+    for name, value in (("axes_duration", 2.0), ("axes_rounds", 1), ("soak_s", 60.0),
+                        ("soak_warmup_s", 15.0), ("settle_s", 5.0), ("idle_s", 10.0),
+                        ("peak_s", 3.0)):  # fmt: skip
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def axis_names(text: str) -> list[str]:
+    names = [a for a in text.split(",") if a and a != "none"]
+    unknown = [a for a in names if a not in AXES]
+    if unknown:
+        raise SystemExit(f"unknown axes {unknown}; known: {', '.join(AXES)}")
+    return names
+
+
+def options(args: argparse.Namespace) -> AxisOptions:
+    defaults = AxisOptions()
+    opts = AxisOptions(
+        duration_s=args.axes_duration or defaults.duration_s,
+        rounds=max(1, args.axes_rounds or defaults.rounds),
+        deployments=max(1, args.deployments),
+        layout=args.layout,
     )
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read() or b"null")
+    for name in ("settle_s", "idle_s", "soak_s", "soak_warmup_s", "soak_sample_s", "peak_s"):
+        if getattr(args, name) is not None:
+            setattr(opts, name, getattr(args, name))
+    if args.soak_hour:
+        opts.soak_s = SOAK_HOUR_S
+    return opts
 
 
-def _with_bodies(running: Running, rows_per_request: int) -> Running:
-    rows = demo_rows()
-    bodies = tuple(
-        json.dumps(
-            {"instances": [rows[(i + k) % len(rows)] for k in range(rows_per_request)]}
-        ).encode()
-        for i in range(0, len(rows), max(1, len(rows) // 16))
-    )
-    return dataclasses.replace(running, target=dataclasses.replace(running.target, bodies=bodies))
-
-
-def _workers_live(running: Running, roles: set[str], timeout_s: float = 60.0) -> None:
-    """Wait until every role has a live worker (the supervisor starts one within seconds)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        doc = _admin(running, "GET", f"/deployments/{DEPLOYMENT}", None)
-        live = {role for role, n in (doc.get("live_workers") or {}).items() if n > 0}
-        if roles <= live:
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"workers of {sorted(roles)} did not come up in {timeout_s:g} s")
-
-
-def _phase(running: Running, load: Load) -> dict[str, Any]:
-    figures = run_phase(running, load, 2 if load.concurrency > 8 else 1)
-    log(f"{running.name} {load.label}: {figures['throughput_rps']:,.0f} req/s, "
-        f"p50 {figures['latency_ms'].get('p50')} ms, errors {figures['errors']}")  # fmt: skip
-    return figures
-
-
-def _upload_challengers(running: Running, models: Path) -> list[int]:
-    """Three new versions for the challengers: the real model's bytes again (a challenger
-    costs what the model it runs costs; a version holds one role at a time)."""
-    onnx = base64.b64encode((models / DEPLOYMENT / "2" / "model.onnx").read_bytes()).decode()
-    versions = []
-    for role in CHALLENGERS:
-        doc = _admin(running, "POST", "/models", {
-            "name": DEPLOYMENT, "deployment": DEPLOYMENT, "onnx_base64": onnx,
-            "algorithm": f"gradient boosting (benchmark {role})",
-        })  # fmt: skip
-        versions.append(int(doc["version"]))
-    return versions
-
-
-def challengers_axis(
-    gateway: Running, work: Path, duration_s: float, rounds: int
-) -> dict[str, Any]:
-    running = _with_bodies(gateway, 1)
-    phases: dict[str, list[dict[str, Any]]] = {"none": [], "three": []}
-    versions = _upload_challengers(running, work / "data" / "models")
-    _phase(running, Load("closed", 64, duration_s=min(2.0, duration_s)))  # warm-up
-    for round_no in range(rounds):
-        for side in ("none", "three"):
-            if side == "three":
-                for role, version in zip(CHALLENGERS, versions, strict=True):
-                    body = {"role": role, "version": version, "reason": "benchmark"}
-                    _admin(running, "POST", f"/deployments/{DEPLOYMENT}/challengers", body)
-                _workers_live(running, set(CHALLENGERS))
-            phases[side].append(_phase(running, Load("closed", 64, duration_s=duration_s)))
-            if side == "three":
-                for role in CHALLENGERS:
-                    _admin(running, "DELETE",
-                           f"/deployments/{DEPLOYMENT}/challengers/{role}", None)  # fmt: skip
-                if round_no + 1 < rounds:
-                    time.sleep(3.0)  # their workers retire before the next "none"
-    ratios = [t["throughput_rps"] / n["throughput_rps"]
-              for n, t in zip(phases["none"], phases["three"], strict=True)]  # fmt: skip
-    return {"phases": phases, "rounds": [round(r, 3) for r in ratios],
-            "throughput_c64_3challengers_vs_none": round(statistics.median(ratios), 3)}  # fmt: skip
-
-
-def rows_axis(gateway: Running, work: Path, duration_s: float, rounds: int) -> dict[str, Any]:
-    gateway = _with_bodies(gateway, ROWS)
-    model = work / "data" / "models" / DEPLOYMENT / "2" / "model.onnx"
-    baseline = _with_bodies(start_inprocess(model, work), ROWS)
-    out: dict[str, list[dict[str, Any]]] = {"gateway_c8": [], "inprocess_c8": [],
-                                            "gateway_c1": [], "inprocess_c1": []}  # fmt: skip
-    try:
-        for system in (gateway, baseline):
-            _phase(system, Load("closed", 8, duration_s=min(2.0, duration_s)))  # warm-up
-        for _ in range(rounds):
-            for name, system in (("gateway", gateway), ("inprocess", baseline)):
-                out[f"{name}_c8"].append(_phase(system, Load("closed", 8, duration_s=duration_s)))
-                out[f"{name}_c1"].append(_phase(system, Load("closed", 1, duration_s=duration_s)))
-    finally:
-        baseline.stop()
-    rows_ratio = [g["throughput_rps"] / b["throughput_rps"]
-                  for g, b in zip(out["gateway_c8"], out["inprocess_c8"], strict=True)]  # fmt: skip
-    added = [g["latency_ms"]["p50"] - b["latency_ms"]["p50"]
-             for g, b in zip(out["gateway_c1"], out["inprocess_c1"], strict=True)]  # fmt: skip
-    return {
-        "phases": out,
-        "rows_per_request": ROWS,
-        "rows_per_s_c8": {
-            "gateway": statistics.median(p["throughput_rps"] * ROWS for p in out["gateway_c8"]),
-            "inprocess": statistics.median(p["throughput_rps"] * ROWS for p in out["inprocess_c8"]),
-        },
-        "rows100_vs_inprocess": round(statistics.median(rows_ratio), 3),
-        "added_p50_ms_c1_rows100": round(statistics.median(added), 3),
-        "rounds": {
-            "rows100_vs_inprocess": [round(r, 3) for r in rows_ratio],
-            "added_p50_ms_c1_rows100": [round(a, 3) for a in added],
-        },
-    }
-
-
-AXES = {"challengers": challengers_axis, "rows": rows_axis}
-RATIO_KEYS = (
-    "throughput_c64_3challengers_vs_none",
-    "rows100_vs_inprocess",
-    "added_p50_ms_c1_rows100",
-)
-
-
-def run_axes(
-    names: list[str], duration_s: float, rounds: int, work: Path, models: Path | None = None
-) -> dict[str, Any]:
-    """Every axis on one ``rdv serve`` (the challengers leave with their axis); ``models``:
-    trained demo models to start from instead of training them."""
-    results: dict[str, Any] = {"axes": {}, "ratios": {}}
-    if models is not None:
-        shutil.copytree(models, work / "data" / "models")
-    gateway = start_rdv(work / "data", work, settings={"RDV_ADMIN_TOKEN": TOKEN})
+def run_axes(names: list[str], opts: AxisOptions, work: Path, models: Path) -> dict[str, Any]:
+    """Each axis in turn; ``models``: the trained demo models every ``rdv serve`` starts
+    from. One axis failing leaves the others' figures (its reason in ``failed``)."""
+    results: dict[str, Any] = {"axes": {}, "failed": {}}
+    ctx = AxisContext(work, models, opts)
     try:
         for name in names:
             log(f"axis {name}")
-            figures = AXES[name](gateway, work, duration_s, rounds)
-            results["axes"][name] = figures
-            results["ratios"].update({k: figures[k] for k in RATIO_KEYS if k in figures})
+            if name in ("deployments", "soak"):
+                ctx.close()  # they start their own: nothing else running meanwhile
+            try:
+                results["axes"][name] = AXES[name](ctx)
+            except Exception as exc:
+                log(f"axis {name} failed: {exc}")
+                # The reason first (the run's notes quote the first line), then where.
+                reason = f"{type(exc).__name__}: {exc}"
+                results["failed"][f"axis:{name}"] = f"{reason}\n{traceback.format_exc()[-2000:]}"
     finally:
-        gateway.stop()
+        ctx.close()
     return results
 
 
+def bench_axes(
+    args: argparse.Namespace, work: Path, models: Path | None, results: dict[str, Any]
+) -> None:
+    """``make bench``'s axes, after its systems, into its ``results`` (``axes``, ``failed``;
+    their ratio keys come with ``report.ratios``); ``models``: trained demo models, if any."""
+    names = axis_names(args.axes)
+    opts = options(args)
+    results["config"]["axes_options"] = {"axes": names, **vars(opts)}
+    results["axes"] = {}
+    if not names:
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    done = run_axes(names, opts, work, models or train_models(work / "axis-models"))
+    results["axes"] = done["axes"]
+    results["failed"].update(done["failed"])
+
+
+def train_models(work: Path) -> Path:
+    from models.registry import ModelRegistry
+    from models.train import train_demo
+
+    registry = ModelRegistry(work / "models")
+    train_demo(registry)
+    return work / "models"
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.axes", description=__doc__)
-    p.add_argument("--axes", default=",".join(AXES), help="of " + ",".join(AXES))
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per load")
-    p.add_argument("--rounds", type=int, default=2)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.axes",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--models", type=Path, help="trained demo models (default: train them)")
     args = p.parse_args(argv)
-    names = [a for a in args.axes.split(",") if a]
-    unknown = [a for a in names if a not in AXES]
-    if unknown:
-        p.error(f"unknown axes {unknown}; known: {', '.join(AXES)}")
+    # SIGTERM unwinds like an error: every rdv serve started is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    names = axis_names(args.axes)
+    opts = options(args)
     work = Path(tempfile.mkdtemp(prefix="rdv-axes-"))
-    results = run_axes(names, args.duration, args.rounds, work, args.models)
+    from benchmarks.axes_report import axis_ratios
+
+    try:
+        models = args.models if args.models is not None else train_models(work)
+        results = run_axes(names, opts, work, models)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
     date = datetime.now(UTC).strftime("%Y-%m-%d")
     doc = {"date": date, "commit": commit, "machine": procstat.machine(),
-           "config": {"axes": names, "duration_s": args.duration, "rounds": args.rounds},
-           **results}  # fmt: skip
+           "config": {"axes": names, **vars(opts)}, **results}  # fmt: skip
+    doc["ratios"] = axis_ratios(doc)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"axes-{date}-{commit}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc["ratios"], indent=1))
     log(f"results in {path}")
+    if results["failed"]:
+        raise SystemExit(f"axes failed: {', '.join(results['failed'])}")
 
 
 if __name__ == "__main__":

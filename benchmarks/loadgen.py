@@ -74,7 +74,14 @@ class ProcResult:
     send_lag_ms: array[float] = field(default_factory=lambda: array("d"))
     """Open loop: how late each request was written after its scheduled time (the load
     generator's own timer and connection wait, included in its latency)."""
+    answered_at_s: array[float] = field(default_factory=lambda: array("d"))
+    """When each 200 was sent (the open loop: scheduled), in seconds from the phase's start,
+    beside ``latencies_ms``: latencies over time for a long phase (the soak)."""
+    failed_at_s: array[float] = field(default_factory=lambda: array("d"))
+    """When each request that got neither a 200 nor a 429 was sent, from the start."""
     statuses: Counter[str] = field(default_factory=Counter)
+    start: float = 0.0
+    """``perf_counter`` at the go (the clock is the machine's, common to the processes)."""
     sent: int = 0
     elapsed_s: float = 0.0
     cpu_s: float = 0.0
@@ -137,12 +144,20 @@ def _ms(t0: float, t1: float) -> float:
     return (t1 - t0) * 1000.0
 
 
-def _record(out: ProcResult, status: int, ms: float) -> None:
+def _record(out: ProcResult, status: int, t0: float, t1: float) -> None:
     out.statuses[str(status)] += 1
     if status == 200:
-        out.latencies_ms.append(ms)
+        out.latencies_ms.append(_ms(t0, t1))
+        out.answered_at_s.append(t0 - out.start)
     elif status == 429:
-        out.refused_ms.append(ms)
+        out.refused_ms.append(_ms(t0, t1))
+    else:
+        out.failed_at_s.append(t0 - out.start)
+
+
+def _failed(out: ProcResult, exc: BaseException, t0: float) -> None:
+    out.statuses[f"error:{type(exc).__name__}"] += 1
+    out.failed_at_s.append(t0 - out.start)
 
 
 async def _closed_conn(
@@ -164,13 +179,13 @@ async def _closed_conn(
                 conn = await Connection.open(target.host, target.port)
             status = await asyncio.wait_for(conn.roundtrip(request), REQUEST_TIMEOUT_S)
         except (OSError, HttpError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
-            out.statuses[f"error:{type(exc).__name__}"] += 1
+            _failed(out, exc, t0)
             if conn is not None:
                 conn.close()
             conn = None
             await asyncio.sleep(0.01)  # a refused connection must not spin the loop
             continue
-        _record(out, status, _ms(t0, time.perf_counter()))
+        _record(out, status, t0, time.perf_counter())
         if conn.closing:
             conn.close()
             conn = None
@@ -185,7 +200,7 @@ async def _closed(
     conns = [await Connection.open(target.host, target.port) for _ in range(n_conns)]
     start = ready()
     end = start + load.duration_s
-    out = ProcResult()
+    out = ProcResult(start=start)
     await asyncio.gather(
         *(
             _closed_conn(target, requests, offset + k * 7, end, out, conn)
@@ -219,19 +234,19 @@ async def _open(
             out.send_lag_ms.append(_ms(t_sched, time.perf_counter()))
             status = await asyncio.wait_for(conn.roundtrip(request), REQUEST_TIMEOUT_S)
         except (OSError, HttpError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
-            out.statuses[f"error:{type(exc).__name__}"] += 1
+            _failed(out, exc, t_sched)
             if conn is not None:
                 conn.close()
             total -= 1
             return
-        _record(out, status, _ms(t_sched, time.perf_counter()))
+        _record(out, status, t_sched, time.perf_counter())
         if conn.closing:
             conn.close()
             total -= 1
         else:
             idle.put_nowait(conn)
 
-    start = ready()
+    start = out.start = ready()
     end = start + duration_s
     interval_s = 1.0 / rate
     tasks: set[asyncio.Task[None]] = set()
@@ -332,7 +347,7 @@ def run_load(
             on_start()
         go.set()
         while len(results) < len(children):
-            msg = _get(queue, children, while_running)
+            msg = _get(queue, children, while_running, wait_s=120.0 + load.duration_s)
             if msg[0] == "failed":
                 raise RuntimeError(f"load process {msg[1]} failed: {msg[2]}")
             results[msg[1]] = msg[2]
@@ -344,6 +359,8 @@ def run_load(
     merged = ProcResult()
     for r in results.values():
         merged.latencies_ms.extend(r.latencies_ms)
+        merged.answered_at_s.extend(r.answered_at_s)
+        merged.failed_at_s.extend(r.failed_at_s)
         merged.refused_ms.extend(r.refused_ms)
         merged.send_lag_ms.extend(r.send_lag_ms)
         merged.statuses.update(r.statuses)
@@ -352,11 +369,14 @@ def run_load(
     return merged, [r.cpu_s for r in results.values()]
 
 
-def _get(queue: Any, children: list[Any], tick: Callable[[], None] | None = None) -> Any:
-    """The next message; fails if every load process died without a word."""
+def _get(
+    queue: Any, children: list[Any], tick: Callable[[], None] | None = None, wait_s: float = 120.0
+) -> Any:
+    """The next message; fails if every load process died without a word, or none came in
+    ``wait_s`` (the results come after the phase's whole duration)."""
     import queue as queue_mod
 
-    deadline = time.monotonic() + 120.0
+    deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         try:
             return queue.get(timeout=0.2)
@@ -365,4 +385,4 @@ def _get(queue: Any, children: list[Any], tick: Callable[[], None] | None = None
                 tick()
             if not any(c.is_alive() for c in children):
                 raise RuntimeError("every load process exited without a result") from None
-    raise RuntimeError("load processes gave no result within 120 s")
+    raise RuntimeError(f"load processes gave no result within {wait_s:g} s")

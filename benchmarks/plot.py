@@ -1,7 +1,8 @@
 """Latency against throughput, one line per system, from a results JSON.
 
 Runs in the benchmark's tools environment (matplotlib is a benchmark-only dependency):
-``python -m benchmarks.plot RESULTS.json OUT.png``.
+``python -m benchmarks.plot RESULTS.json OUT.png``; with issue 18's axes in the results, also
+``OUT-axes.png`` (``plot_axes.py``).
 """
 
 from __future__ import annotations
@@ -73,7 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     args = argv if argv is not None else sys.argv[1:]
     if len(args) != 2:
         sys.exit("usage: python -m benchmarks.plot RESULTS.json OUT.png")
-    plot(json.loads(Path(args[0]).read_text()), Path(args[1]))
+    from benchmarks.plot_axes import plot_axes
+
+    results, out = json.loads(Path(args[0]).read_text()), Path(args[1])
+    if results.get("systems"):
+        plot(results, out)
+    plot_axes(results, out.with_name(out.stem + "-axes.png"))
 
 
 if __name__ == "__main__":

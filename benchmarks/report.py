@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.axes_report import DIGITS, axis_ratios, markdown_lines, summary_note
+
 PERCENTILES = (50, 90, 99, 99.9)
 HISTOGRAM_STEP = 1.1
 """Latency histogram buckets grow by 10 %: bucket k holds [0.01 ms * 1.1^k, 0.01 ms * 1.1^(k+1))."""
@@ -141,6 +143,10 @@ def ratios(results: dict[str, Any], high_load: str = "c64", low_load: str = "c1"
         key: {"op": op, "target": bound, "met": _met(out[key], op, bound)}
         for key, (op, bound) in TARGETS.items()
     }
+    if "axes" in results:  # issue 18's axes ran (or were asked for): their keys beside
+        axes = axis_ratios(results)
+        out["targets"].update(axes.pop("targets"))
+        out.update(axes)
     over = results.get("overload")
     if over:  # ``--overload``: figures without a target (a refusal should be immediate)
         out["refusal_p50_ms_overload"] = get(over, "refusal_latency_ms", "p50")
@@ -217,6 +223,9 @@ def summary_markdown(results: dict[str, Any]) -> str:
             f"| {_fmt(system['rss_mb']['peak_total'], 0)} |"
         )
     lines += _ratio_lines(results["ratios"])
+    note = summary_note(results)
+    if note:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -228,10 +237,10 @@ def _rounds_text(results: dict[str, Any]) -> str:
 
 
 def _ratio_lines(r: dict[str, Any]) -> list[str]:
-    lines = ["", "| gateway vs baselines | measured | target | met |", "|---|---:|---:|:-:|"]
+    lines = ["", "| figure | measured | target | met |", "|---|---:|---:|:-:|"]
     for key, t in r["targets"].items():
         met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
-        digits = 0 if key == "rss_mb_total" else 3
+        digits = 0 if key == "rss_mb_total" else DIGITS.get(key.removesuffix("_per_role"), 3)
         lines.append(f"| `{key}` | {_fmt(r[key], digits)} | {t['op']} {t['target']:g} | {met} |")
     if r.get("pss_mb_total") is not None:
         lines.append(f"| `pss_mb_total` (shared pages once) | {_fmt(r['pss_mb_total'], 0)} | | |")
@@ -367,6 +376,7 @@ def markdown(results: dict[str, Any]) -> str:
         ]
     lines += _ratio_lines(results["ratios"])
     lines += _overload_lines(results.get("overload"))
+    lines += markdown_lines(results)
     notes = results.get("notes")
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]

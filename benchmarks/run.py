@@ -11,6 +11,10 @@ against throughput), and prints the table.
     python -m benchmarks.run [--quick] [--duration S] [--concurrency 1,8,64] [--rate R]
                              [--overload CONNECTIONS]
 
+Then issue 18's cost axes (``benchmarks/axes.py``: challengers, rows, deployments, soak; about
+16 minutes with the 10-minute soak), each on an ``rdv serve`` of its own, into the same results
+(``axes``, and their keys in ``ratios``); ``--axes none`` skips them, ``--axes soak`` runs one.
+
 ``--overload`` adds, in every round, a gateway at a small in-flight bound driven by many more
 connections than it may hold: how long its 429s and its 200s take (``overload_phase``).
 
@@ -144,7 +148,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help=f"put the table in README.md between {README_START} and {README_END}",
     )
+    from benchmarks import axes  # it imports this module
+
+    axes.add_arguments(p, prefix="axes-")
     args = p.parse_args(argv)
+    if args.quick:
+        axes.quick_defaults(args)
     args.duration = args.duration or (2.0 if args.quick else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 3.0)
     args.concurrency = [
@@ -509,6 +518,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 results["failed"]["overload"] = str(exc)[-2000:]
     if overloads:
         results["overload"] = combine_overload(overloads)
+    from benchmarks.axes import bench_axes
+
+    models = _trained_models(work, args.rdv_models)
+    if models is None and (work / "model-data" / "models").is_dir():  # trained for baselines
+        models = work / "model-data" / "models"
+    bench_axes(args, work / "axes", models, results)
     results["systems"] = {name: combine_rounds(figures) for name, figures in runs.items()}
     machine["loadavg_at_end"] = list(os.getloadavg())
     results["ratios"] = ratios(results)
@@ -582,9 +597,12 @@ def update_readme(stem: Path, results: dict[str, Any]) -> None:
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     rel = stem.relative_to(REPO) if stem.is_relative_to(REPO) else stem
+    axes_png = ""
+    if results.get("axes"):
+        axes_png = f", `{rel}-axes.png` (throughput and memory against each axis of issue 18)"
     block = (
         f"{README_START}\n{summary_markdown(results)}\nEvery figure: `{rel}.md` (table), "
-        f"`{rel}.json`, `{rel}.png` (latency against throughput).\n{README_END}"
+        f"`{rel}.json`, `{rel}.png` (latency against throughput){axes_png}.\n{README_END}"
     )
     readme.write_text(head + block + tail)
 

@@ -169,6 +169,8 @@ def _clean_env(**extra: str) -> dict[str, str]:
 def _classify_rdv(cmd: str) -> str:
     if "redis-server" in cmd:
         return "redis"
+    if "--roles " in cmd:  # one worker process hosting many (deployment, role) models
+        return "worker:" + cmd.split("--roles ", 1)[1].split()[0]
     for role in ("real", "canary"):
         if f"--role {role}" in cmd:
             return f"worker:{role}"
@@ -227,13 +229,17 @@ def start_rdv(
             ).gateway_process_count,
         },
     )
-    _wait_ready(running, f"{running.base_url}/readyz", timeout_s)
-    if "RDV_REDIS_URL" not in extra:  # the embedded Redis: serve records where it listens
-        url = recorded_url(data_dir / "redis")
-        if url:  # a Unix socket: the server's TCP port, for the stats sampler
-            with redis.Redis.from_url(url) as client:
-                port = int(client.config_get("port")["port"])  # type: ignore[union-attr,index]
-            running.redis_nodes = [Node("127.0.0.1", port, "master")]
+    try:  # whatever interrupts the start (an error, SIGTERM as SystemExit) stops the server
+        _wait_ready(running, f"{running.base_url}/readyz", timeout_s)
+        if "RDV_REDIS_URL" not in extra:  # the embedded Redis: serve records where it listens
+            url = recorded_url(data_dir / "redis")
+            if url:  # a Unix socket: the server's TCP port, for the stats sampler
+                with redis.Redis.from_url(url) as client:
+                    port = int(client.config_get("port")["port"])  # type: ignore[union-attr,index]
+                running.redis_nodes = [Node("127.0.0.1", port, "master")]
+    except BaseException:
+        running.stop()
+        raise
     return running
 
 

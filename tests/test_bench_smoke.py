@@ -5,6 +5,7 @@ a timing, only that every figure is there and every request was answered."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def test_bench_harness_runs_against_the_inprocess_baseline(
     argv = [
         sys.executable, "-m", "benchmarks.run", "--systems", "inprocess", "--model", str(model),
         "--duration", "0.3", "--warmup", "0.2", "--concurrency", "1,4", "--rate", "50",
-        "--loadgen-procs", "2", "--rounds", "2", "--no-plot", "--out", str(out),
+        "--loadgen-procs", "2", "--rounds", "2", "--no-plot", "--out", str(out), "--axes", "none",
     ]  # fmt: skip
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=100)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -43,6 +44,7 @@ def test_bench_harness_runs_against_the_inprocess_baseline(
     assert {"date", "commit", "machine", "config", "systems", "ratios"} <= set(doc)
     assert doc["loadgen_calibration"]["ok"] > 0
     assert set(doc["ratios"]) >= RATIOS
+    assert doc["axes"] == {} and doc["ratios"]["soak_errors"] is None  # --axes none: keys, no run
 
     system = doc["systems"]["inprocess"]
     assert system["labels_agree_with_onnxruntime"]
@@ -75,7 +77,7 @@ def test_bench_harness_runs_rdv_serve_on_a_local_cluster(
         sys.executable, "-m", "benchmarks.run", "--systems", "gateway-cluster",
         "--rdv-models", str(demo_data_dir / "models"), "--duration", "0.5", "--warmup", "0.2",
         "--concurrency", "4", "--rate", "0", "--rounds", "1", "--no-plot", "--no-calibrate",
-        "--out", str(out),
+        "--out", str(out), "--axes", "none",
     ]  # fmt: skip
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=100)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -149,23 +151,102 @@ async def test_the_load_generator_counts_refusals_apart_and_reopens_a_closed_con
     assert len(writers) >= out.statuses["200"]  # one new connection after each close
 
 
+def _run_axes(argv: list[str], timeout_s: float = 100.0) -> subprocess.CompletedProcess[str]:
+    """``benchmarks.axes`` within the test's own timeout: past ``timeout_s`` it gets SIGTERM,
+    on which it stops every ``rdv serve`` it started (a SIGKILL would leave them running)."""
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+        err += f"\n(stopped after {timeout_s:g} s)"
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 @pytest.mark.integration
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the harness reads /proc")
 def test_the_cost_axes_run_for_a_second(tmp_path: Path, demo_data_dir: Path) -> None:
     """The challengers and rows axes of issue 18 (``benchmarks.axes``): a second of load per
     phase on one ``rdv serve``; every ratio there, every request answered."""
     out = tmp_path / "results"
-    argv = [sys.executable, "-m", "benchmarks.axes", "--duration", "0.5", "--rounds", "1",
-            "--models", str(demo_data_dir / "models"), "--out", str(out)]  # fmt: skip
-    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=240)
+    argv = [sys.executable, "-m", "benchmarks.axes", "--axes", "challengers,rows",
+            "--duration", "0.5", "--rounds", "1", "--models", str(demo_data_dir / "models"),
+            "--out", str(out)]  # fmt: skip
+    done = _run_axes(argv)
     assert done.returncode == 0, done.stderr[-3000:]
     [result] = out.glob("axes-*.json")
     doc = json.loads(result.read_text())
-    assert set(doc["ratios"]) == {
-        "throughput_c64_3challengers_vs_none",
-        "rows100_vs_inprocess",
-        "added_p50_ms_c1_rows100",
-    }
-    assert all(isinstance(v, float) for v in doc["ratios"].values()), doc["ratios"]
+    measured = {"throughput_c64_3challengers_vs_none", "rows100_vs_inprocess",
+                "added_p50_ms_c1_rows100"}  # fmt: skip
+    assert all(isinstance(doc["ratios"][k], float) for k in measured), doc["ratios"]
+    assert all(doc["ratios"][k] is None for k in ISSUE_18_KEYS - measured), doc["ratios"]
+    assert set(doc["ratios"]["targets"]) == ISSUE_18_KEYS
     phases = [p for axis in doc["axes"].values() for side in axis["phases"].values() for p in side]
     assert len(phases) == 6 and all(p["ok"] > 0 and p["errors"] == 0 for p in phases), phases
+    assert all(p["rss_mb_after"] > 0 for p in phases)
+
+
+ISSUE_18_KEYS = {
+    "throughput_c64_3challengers_vs_none", "rows100_vs_inprocess", "added_p50_ms_c1_rows100",
+    "rss_mb_20_deployments", "idle_cpu_pct_20_deployments", "throughput_20_deployments_vs_one",
+    "soak_rss_growth_pct", "soak_p99_last_vs_first", "soak_redis_memory_growth_pct",
+    "soak_errors",
+}  # fmt: skip
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the harness reads /proc")
+def test_the_deployments_and_soak_axes_run_for_a_second(
+    tmp_path: Path, demo_data_dir: Path
+) -> None:
+    """Issue 18's deployments axis on 3 deployments (each with its own two models, every role
+    live, the single-deployment server held still while the other is measured) and a soak of
+    3 s after a 1 s warm-up: every key there with a sane value, every request answered."""
+    out = tmp_path / "results"
+    argv = [sys.executable, "-m", "benchmarks.axes", "--axes", "deployments,soak",
+            "--deployments", "3", "--duration", "0.5", "--rounds", "1", "--settle-s", "0.5",
+            "--idle-s", "0.5", "--soak-s", "3", "--soak-warmup-s", "1", "--soak-sample-s", "0.25",
+            "--peak-s", "0.5", "--models", str(demo_data_dir / "models"),
+            "--out", str(out)]  # fmt: skip
+    done = _run_axes(argv)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [result] = out.glob("axes-*.json")
+    doc = json.loads(result.read_text())
+    ratios = doc["ratios"]
+    measured = {k for k in ISSUE_18_KEYS if k.startswith("soak") or "deployments" in k}
+    assert all(isinstance(ratios[k], int | float) for k in measured), ratios
+    assert ratios["deployments_layout"] == "default" and ratios["deployments_measured"] == 3
+
+    dep = doc["axes"]["deployments"]["layouts"]["default"]
+    mem = dep["memory"]
+    assert dep["deployments"] == 3 and mem["processes"] == len(mem["by_process"])
+    assert {"supervisor", "redis", "gateway", "logbin"} <= set(mem["by_component"])
+    assert mem["worker_processes"] >= 2  # real and canary at least: answering apart from shadow
+    assert ratios["rss_mb_20_deployments"] == pytest.approx(
+        sum(p["rss_mb"] for p in mem["by_process"]), abs=0.5
+    )
+    assert ratios["rss_mb_20_deployments"] > dep["single_deployment_memory"]["rss_mb_total"]
+    assert 0 <= ratios["idle_cpu_pct_20_deployments"] < 100 * (os.cpu_count() or 1)
+    assert ratios["processes_20_deployments"] == mem["processes"]
+    thr = dep["throughput"]["phases"]
+    assert all(p["ok"] > 0 and p["errors"] == 0 for side in thr.values() for p in side), thr
+    assert ratios["throughput_20_deployments_vs_one"] == pytest.approx(
+        thr["many"][0]["throughput_rps"] / thr["one"][0]["throughput_rps"], abs=1e-3
+    )
+
+    soak = doc["axes"]["soak"]
+    assert ratios["soak_errors"] == 0 and soak["ok"] == soak["sent"] > 0, soak["statuses"]
+    assert soak["rate"] == pytest.approx(soak["peak"]["throughput_rps"] / 2, abs=0.1)
+    assert len(soak["samples"]) >= 6 and all(s["redis_used_memory_mb"] > 0 for s in soak["samples"])
+    assert [b["t_s"] for b in soak["latency_series"]] == [0.0, 1.0, 2.0]
+    assert sum(b["rps"] for b in soak["latency_series"]) == pytest.approx(soak["ok"], rel=0.01)
+    assert soak["memory"]["soak_rss_growth_pct"] == max(
+        v for v in soak["memory"]["rss_growth_pct_by_process"].values() if v is not None
+    )
+    assert 0 < ratios["soak_p99_last_vs_first"] < 100
+    assert ratios["targets"]["soak_errors"]["met"] is True
+    pids = {p["pid"] for p in mem["by_process"]}
+    pids |= {int(name.rsplit(":", 1)[1]) for s in soak["samples"] for name in s["rss_mb"]}
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]  # every server stopped

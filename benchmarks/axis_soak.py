@@ -1,0 +1,186 @@
+"""The soak axis of issue 18: does a long run at a steady load hold its memory and latency?
+
+A fresh ``rdv serve``; its peak is a short c64 closed loop (``--peak-s``), then one open loop
+at half that rate for ``--soak-s`` seconds (default 600; ``--soak-hour``: 3,600), sampling
+every ``--soak-sample-s`` the RSS of each process and Redis's ``used_memory``. The first
+``--soak-warmup-s`` (default 60) are warm-up. A *window* is the minute after the warm-up and
+the last minute (each at most half of what follows the warm-up, for short soaks):
+
+- ``soak_rss_growth_pct``: per process, the median RSS of the last window against the median
+  of the first, in %; the largest over the processes present in both (medians, so that one
+  sample caught mid-allocation does not decide; a process that restarted is listed apart);
+- ``soak_redis_memory_growth_pct``: the same for Redis's ``used_memory``;
+- ``soak_p99_last_vs_first``: p99 of the requests sent in the last window over the first's;
+- ``soak_errors``: requests that got no 200 (429s included: a refusal at half the peak is a
+  failure here), over the whole soak.
+
+The series (the samples, and per bucket of a few seconds the throughput, p50, p99 and
+errors) stay in the results for a plot.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from benchmarks import procstat
+from benchmarks.axis_common import AxisContext, phase, redis_used_memory_mb, with_bodies
+from benchmarks.loadgen import Load, ProcResult, run_load
+from benchmarks.run import log
+from benchmarks.systems import Running
+
+SOAK_HOUR_S = 3600.0
+
+
+class Sampler:
+    """Every ``every_s``, the RSS of each process (by ``component:pid``) and Redis's memory."""
+
+    def __init__(self, running: Running, every_s: float):
+        self.running, self.every_s = running, every_s
+        self.t0 = time.monotonic()
+        self.next_at = 0.0
+        self.samples: list[dict[str, Any]] = []
+
+    def start(self) -> None:
+        """At the load's go: times count from here, as the load generator's do."""
+        self.t0 = time.monotonic()
+        self.tick()
+
+    def tick(self) -> None:
+        now = time.monotonic() - self.t0
+        if now < self.next_at:
+            return
+        self.next_at = now + self.every_s
+        rss = {f"{name}:{pid}": round(procstat.rss_bytes(pid) / procstat.MB, 2)
+               for pid, name in self.running.tree.members().items()}  # fmt: skip
+        try:
+            used = redis_used_memory_mb(self.running)
+        except OSError:
+            used = None
+        self.samples.append({"t_s": round(now, 2), "rss_mb": rss,
+                             "rss_mb_total": round(sum(rss.values()), 1),
+                             "redis_used_memory_mb": used})  # fmt: skip
+
+
+def growth_pct(first: list[float], last: list[float]) -> float | None:
+    if not first or not last or statistics.median(first) <= 0:
+        return None
+    return round((statistics.median(last) / statistics.median(first) - 1) * 100, 2)
+
+
+def windows(soak_s: float, warmup_s: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The first minute after the warm-up and the last minute (each at most half the rest)."""
+    width = min(60.0, (soak_s - warmup_s) / 2)
+    return (warmup_s, warmup_s + width), (soak_s - width, soak_s)
+
+
+def memory_growth(
+    samples: list[dict[str, Any]], first: tuple[float, float], last: tuple[float, float]
+) -> dict[str, Any]:
+    def within(w: tuple[float, float]) -> list[dict[str, Any]]:
+        return [s for s in samples if w[0] <= s["t_s"] <= w[1]]
+
+    a, b = within(first), within(last)
+    names = {n for s in a for n in s["rss_mb"]} & {n for s in b for n in s["rss_mb"]}
+    by_process = {
+        n: growth_pct([s["rss_mb"][n] for s in a if n in s["rss_mb"]],
+                      [s["rss_mb"][n] for s in b if n in s["rss_mb"]])
+        for n in sorted(names)
+    }  # fmt: skip
+    measured = {n: g for n, g in by_process.items() if g is not None}
+    redis_a = [s["redis_used_memory_mb"] for s in a if s["redis_used_memory_mb"] is not None]
+    redis_b = [s["redis_used_memory_mb"] for s in b if s["redis_used_memory_mb"] is not None]
+    return {
+        "samples_in_windows": [len(a), len(b)],
+        "rss_growth_pct_by_process": by_process,
+        "largest": max(measured, key=lambda n: measured[n]) if measured else None,
+        "soak_rss_growth_pct": max(measured.values()) if measured else None,
+        "total_rss_growth_pct": growth_pct(
+            [s["rss_mb_total"] for s in a], [s["rss_mb_total"] for s in b]
+        ),
+        "not_in_both_windows": sorted(
+            ({n for s in a for n in s["rss_mb"]} | {n for s in b for n in s["rss_mb"]}) - names
+        ),
+        "soak_redis_memory_growth_pct": growth_pct(redis_a, redis_b),
+    }
+
+
+def latency_series(result: ProcResult, soak_s: float, bucket_s: float) -> list[dict[str, Any]]:
+    """Per bucket of ``bucket_s`` (by send time): answers per second, p50, p99, failures."""
+    at = np.frombuffer(result.answered_at_s, dtype=np.float64)
+    ms = np.frombuffer(result.latencies_ms, dtype=np.float64)
+    failed = np.frombuffer(result.failed_at_s, dtype=np.float64)
+    series = []
+    for start in np.arange(0.0, soak_s, bucket_s):
+        mask = (at >= start) & (at < start + bucket_s)
+        chunk = ms[mask]
+        series.append({
+            "t_s": round(float(start), 2),
+            "rps": round(chunk.size / bucket_s, 1),
+            "p50_ms": round(float(np.percentile(chunk, 50)), 3) if chunk.size else None,
+            "p99_ms": round(float(np.percentile(chunk, 99)), 3) if chunk.size else None,
+            "failed": int(((failed >= start) & (failed < start + bucket_s)).sum()),
+        })  # fmt: skip
+    return series
+
+
+def p99_between(result: ProcResult, window: tuple[float, float]) -> float | None:
+    at = np.frombuffer(result.answered_at_s, dtype=np.float64)
+    ms = np.frombuffer(result.latencies_ms, dtype=np.float64)
+    chunk = ms[(at >= window[0]) & (at < window[1])]
+    return round(float(np.percentile(chunk, 99)), 3) if chunk.size else None
+
+
+def soak_axis(ctx: AxisContext) -> dict[str, Any]:
+    opts = ctx.options
+    soak_s, warmup_s = opts.soak_s, min(opts.soak_warmup_s, opts.soak_s / 2)
+    running = ctx.start("soak")
+    try:
+        running = with_bodies(running, 1)
+        phase(running, Load("closed", 64, duration_s=min(2.0, opts.peak_s)))  # warm-up
+        peak = phase(running, Load("closed", 64, duration_s=opts.peak_s))
+        rate = round(peak["throughput_rps"] / 2, 1)
+        log(f"soak: {soak_s:g} s at {rate:g} req/s (half the c64 peak)")
+        sampler = Sampler(running, opts.soak_sample_s)
+        cpu0 = procstat.TreeSample.take(running.tree)
+        load = Load("open", rate=rate, duration_s=soak_s)
+        result, loadgen_cpu = run_load(running.target, load, 2, on_start=sampler.start,
+                                       while_running=sampler.tick)  # fmt: skip
+        cpu = procstat.cpu_between(cpu0, procstat.TreeSample.take(running.tree))
+        sampler.next_at = 0.0
+        sampler.tick()
+    finally:
+        running.stop()
+    first, last = windows(soak_s, warmup_s)
+    growth = memory_growth(sampler.samples, first, last)
+    p99_first, p99_last = p99_between(result, first), p99_between(result, last)
+    ok = len(result.latencies_ms)
+    errors = result.sent - ok
+    log(f"soak: {ok} answered, {errors} not; RSS growth {growth['soak_rss_growth_pct']} % "
+        f"({growth['largest']}), Redis {growth['soak_redis_memory_growth_pct']} %, "
+        f"p99 {p99_first} -> {p99_last} ms")  # fmt: skip
+    return {
+        "soak_s": soak_s,
+        "warmup_s": warmup_s,
+        "windows_s": {"first": list(first), "last": list(last)},
+        "peak": peak,
+        "rate": rate,
+        "sent": result.sent,
+        "ok": ok,
+        "statuses": dict(result.statuses),
+        "cpu_s": {**cpu, "total": round(sum(cpu.values()), 2)},
+        "loadgen_cpu_s": round(sum(loadgen_cpu), 2),
+        "p99_ms": {"first": p99_first, "last": p99_last},
+        "memory": growth,
+        "samples": sampler.samples,
+        "latency_series": latency_series(result, soak_s, min(10.0, max(1.0, soak_s / 60))),
+        "soak_rss_growth_pct": growth["soak_rss_growth_pct"],
+        "soak_redis_memory_growth_pct": growth["soak_redis_memory_growth_pct"],
+        "soak_p99_last_vs_first": (
+            round(p99_last / p99_first, 3) if p99_first and p99_last is not None else None
+        ),
+        "soak_errors": errors,
+    }

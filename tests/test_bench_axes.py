@@ -1,0 +1,87 @@
+"""The soak's and the axes' arithmetic (``benchmarks/axis_soak.py``, ``axes_report.py``) on
+made-up samples: which windows, which growth, which p99, which key meets its target."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # benchmarks/ is not an installed package
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.axes_report import AXIS_TARGETS, axis_ratios  # noqa: E402
+from benchmarks.axis_soak import latency_series, memory_growth, p99_between, windows  # noqa: E402
+from benchmarks.loadgen import ProcResult  # noqa: E402
+
+
+def _sample(t_s: float, rss: dict[str, float], redis_mb: float | None) -> dict[str, Any]:
+    return {"t_s": t_s, "rss_mb": rss, "rss_mb_total": sum(rss.values()),
+            "redis_used_memory_mb": redis_mb}  # fmt: skip
+
+
+def test_the_windows_are_the_minute_after_warmup_and_the_last_or_half_of_a_short_soak() -> None:
+    assert windows(600, 60) == ((60, 120), (540, 600))
+    assert windows(3, 1) == ((1, 2), (2, 3))
+
+
+def test_growth_is_of_medians_per_process_and_the_largest_wins() -> None:
+    """A one-sample spike in the first window moves no median; a process that restarted (a new
+    pid) is listed apart, not compared."""
+    samples = []
+    for t in range(0, 20):
+        worker = 100.0 if t < 10 else 120.0  # +20 % between the windows
+        gateway = 300.0 if t != 2 else 900.0  # a spike inside the first window
+        rss = {"worker:real:11": worker, "gateway:12": gateway}
+        rss["logbin:13" if t < 10 else "logbin:14"] = 50.0  # restarted
+        samples.append(_sample(float(t), rss, 10.0 + (t >= 10) * 0.5))
+    out = memory_growth(samples, (0, 4), (15, 19))
+    assert out["rss_growth_pct_by_process"] == {"gateway:12": 0.0, "worker:real:11": 20.0}
+    assert out["soak_rss_growth_pct"] == 20.0 and out["largest"] == "worker:real:11"
+    assert out["not_in_both_windows"] == ["logbin:13", "logbin:14"]
+    assert out["soak_redis_memory_growth_pct"] == 5.0
+    assert out["samples_in_windows"] == [5, 5]
+
+
+def test_latency_is_cut_by_send_time() -> None:
+    result = ProcResult()
+    for k in range(300):  # 100 a second for 3 s; the last second twice as slow
+        result.answered_at_s.append(k / 100)
+        result.latencies_ms.append(10.0 if k < 200 else 20.0)
+    result.failed_at_s.append(2.5)
+    series = latency_series(result, 3.0, 1.0)
+    assert [b["rps"] for b in series] == [100.0, 100.0, 100.0]
+    assert [b["p99_ms"] for b in series] == [10.0, 10.0, 20.0]
+    assert [b["failed"] for b in series] == [0, 0, 1]
+    assert p99_between(result, (2.0, 3.0)) / p99_between(result, (1.0, 2.0)) == 2.0  # type: ignore[operator]
+    assert p99_between(result, (5.0, 6.0)) is None
+
+
+def test_every_issue_18_key_is_there_with_its_target_and_per_role_figures_beside() -> None:
+    results = {"axes": {
+        "deployments": {"rss_mb_20_deployments": 900.0, "idle_cpu_pct_20_deployments": 7.5,
+                        "throughput_20_deployments_vs_one": 0.95,
+                        "rss_mb_20_deployments_per_role": 2600.0, "deployments_layout": "both",
+                        "deployments_measured": 20},
+        "soak": {"soak_rss_growth_pct": 1.0, "soak_redis_memory_growth_pct": 12.0,
+                 "soak_p99_last_vs_first": 1.1, "soak_errors": 0},
+    }}  # fmt: skip
+    ratios = axis_ratios(results)
+    targets = ratios.pop("targets")
+    assert set(AXIS_TARGETS) <= set(ratios) and set(AXIS_TARGETS) <= set(targets)
+    assert ratios["throughput_c64_3challengers_vs_none"] is None  # not run
+    assert targets["throughput_c64_3challengers_vs_none"]["met"] is None
+    met = {k: t["met"] for k, t in targets.items()}
+    assert met["rss_mb_20_deployments"] and not met["rss_mb_20_deployments_per_role"]
+    assert not met["idle_cpu_pct_20_deployments"] and met["throughput_20_deployments_vs_one"]
+    assert not met["soak_redis_memory_growth_pct"] and met["soak_errors"]
+    assert ratios["deployments_layout"] == "both"
+
+
+@pytest.mark.parametrize("errors,met", [(0, True), (1, False)])
+def test_one_soak_error_misses_the_target(errors: int, met: bool) -> None:
+    ratios = axis_ratios({"axes": {"soak": {"soak_errors": errors}}})
+    assert ratios["targets"]["soak_errors"]["met"] is met
