@@ -9,9 +9,15 @@ into a window (at most ``window_requests`` requests, none older than ``window_s`
 with the references through the pure functions of ``rendezvous.drift_alerts``, and stores the
 outcome: the report (read by ``/drift`` and ``/metrics``), a point of history every
 ``interval_s``, and its alerts as the ``monitor``'s claim in the shared alert list
-(``drift_store``), next to the online detectors' (``drift_online``). An alert of the monitor is
-raised when the window and its latest ``clear_requests`` are over the threshold, and cleared as
-soon as that latest part is back under it.
+(``drift_store``), next to the online detectors' (the log bins' feature detectors, the gateway
+processes' prediction prior). An alert of the monitor is raised when the window and its latest
+``clear_requests`` are over the threshold, and cleared as soon as that latest part is back
+under it.
+
+The leading process also relays to the webhooks the alert events that the log bins' claims
+decided (the log bin has no HTTP client): at every tick, one read of the events stream after
+the last relayed id, which is kept in Redis so that a new leader carries on where the old one
+stopped.
 
 The real model's score reference is its training distribution when its metadata carries one;
 otherwise the first full window of its scores after it became real, kept once built.
@@ -35,7 +41,7 @@ from gateway.observability.alert_webhooks import AlertWebhooks
 from gateway.observability.drift_feed import SKETCH_FIELD
 from gateway.observability.drift_online import announce
 from models.registry import ModelRegistry
-from rendezvous import names
+from rendezvous import drift_claims, names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
 from rendezvous.drift import FeatureReference, Sketch
 from rendezvous.drift_alerts import Thresholds, evaluate_alerts, window_report
@@ -48,6 +54,8 @@ PAGE = 64
 """Sketch entries read per round trip, newest first, until the window is full."""
 MONITOR = "monitor"
 """The monitor's source name in the shared alert list."""
+RELAY_PAGE = 200
+"""Alert events relayed per tick at most."""
 
 
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
@@ -135,13 +143,19 @@ class DriftMonitor:
         self._last_eval: dict[str, float] = {}
         self._last_seen: dict[str, bytes] = {}
         self._last_point: dict[str, float] = {}
+        self._relayed: dict[str, bytes] = {}
+        """Per deployment led, the id of the latest event relayed (dropped on losing the lead)."""
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.tick_s)
             for deployment in sorted(self.deployments.deployments):
                 try:
-                    if await self._lead(deployment) and await self._due(deployment):
+                    if not await self._lead(deployment):
+                        self._relayed.pop(deployment, None)
+                        continue
+                    await self.relay(deployment)
+                    if await self._due(deployment):
                         await self.evaluate(deployment)
                 except REDIS_FAILURES as exc:
                     log.warning("drift evaluation of %s failed: %s", deployment, exc)
@@ -160,6 +174,35 @@ class DriftMonitor:
         )
         new = sum(s.requests for s in _decode_sketches(cast(Entries, entries)))
         return new >= self.evaluate_every
+
+    async def relay(self, deployment: str) -> int:
+        """Send the webhooks the events a log bin's claim decided since the last relayed one;
+        returns how many. The first call of a new leader starts after the stored id (or, when
+        none is stored, after the newest event: nothing older is sent again)."""
+        key = names.drift_events_stream(deployment)
+        last = self._relayed.get(deployment)
+        if last is None:
+            stored = await self.client.get(names.drift_relayed_key(deployment))
+            if stored is None:
+                newest = cast(Entries, await self.client.xrevrange(key, count=1))
+                stored = newest[0][0] if newest else b"0-0"
+            last = self._relayed[deployment] = text(stored).encode()
+        entries = cast(Entries, await self.client.xrange(key, b"(" + last, "+", count=RELAY_PAGE))
+        if not entries:
+            return 0
+        events = []
+        for _id, fields in entries:
+            try:
+                event = json.loads(fields[b"e"])
+            except (KeyError, ValueError):
+                continue
+            if str(event.get("by", "")).startswith(drift_claims.LOGBIN_SOURCE):
+                events.append(event)
+        self._relayed[deployment] = entries[-1][0]
+        await self.client.set(names.drift_relayed_key(deployment), entries[-1][0])
+        if events and self.webhooks is not None:
+            self.webhooks.notify(deployment, events, {})  # queued: nothing waits
+        return len(events)
 
     async def _lead(self, deployment: str) -> bool:
         """Hold (or take) the deployment's evaluation lease; a dead holder's lapses."""
