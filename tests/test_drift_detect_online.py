@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability import drift_store
 from gateway.observability.drift_monitor import DriftMonitor, drift_view, local_model_meta
 from gateway.observability.drift_online import OnlineDrift, positive_share
-from models.archive import SegmentWriter
+from models.archive import ArchiveReader, SegmentWriter
 from models.deployment_store import DeploymentStore, demo_deployment
 from models.logbin import LogBin
 from models.registry import ModelRegistry
@@ -29,6 +30,7 @@ from rendezvous import names
 from rendezvous.bus.connection import AsyncClient, connect_async
 from rendezvous.decision import BinOutput, DecisionRecord
 from rendezvous.drift_alerts import Thresholds
+from rendezvous.drift_detect import FeatureDetectors
 from rendezvous.envelope import RequestEnvelope
 from rendezvous.schedule import Schedule
 
@@ -135,6 +137,46 @@ async def test_the_log_bin_alerts_a_unit_change_names_it_clears_it_and_a_gateway
     finally:
         writer.close()
         await client.aclose()
+
+
+def test_the_archive_never_waits_for_the_detectors(
+    r: redis.Redis, demo_data_dir: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Detectors that fail, then a claim that Redis refuses: every entry is still archived and
+    acked, and the log bin does not count a failure of its own."""
+    state = demo_deployment(ModelRegistry(demo_data_dir / "models"), Schedule())
+    DeploymentStore(r).create(state)
+    r.set(names.drift_alerts_key(DEMO_DEPLOYMENT), "not a hash")  # the merge script fails on it
+    writer = SegmentWriter(data_dir)
+    logbin = LogBin(r, writer, consumer="lb-1", deployments=[DEMO_DEPLOYMENT], batch_size=16)
+    x = demo_data().x_test
+
+    def publish(rows: np.ndarray) -> None:
+        for row in rows:
+            env = RequestEnvelope(request_id=uuid.uuid4().hex, deployment=DEMO_DEPLOYMENT,
+                                  reply_to="-",
+                                  deadline_ms=0, enqueued_ms=0.0, raw=b"{}",
+                                  features=row[None, :].astype(np.float32),
+                                  spec_version=state.feature_spec.version)  # fmt: skip
+            r.xadd(names.input_stream(DEMO_DEPLOYMENT), env.encode())  # type: ignore[arg-type]
+
+    def broken(self: FeatureDetectors, matrix: np.ndarray) -> None:
+        raise RuntimeError("injected detector failure")
+
+    with monkeypatch.context() as m:
+        m.setattr(FeatureDetectors, "update", broken)
+        publish(x[:40])
+        assert logbin.drain() == 40
+    broken_feed = x[:60].copy()
+    broken_feed[:, 0] *= 10  # raises an alert, whose claim Redis refuses
+    publish(broken_feed)
+    assert logbin.drain() == 60
+    writer.close()
+    pending = r.xpending(names.input_stream(DEMO_DEPLOYMENT), names.LOGBIN_GROUP)["pending"]
+    assert pending == 0 and logbin.stats.records == 100
+    assert logbin.stats.errors == 0 and logbin.stats.failing == ""
+    assert len(list(ArchiveReader(data_dir).records(DEMO_DEPLOYMENT))) == 100
+    assert logbin.watch is not None and logbin.watch.rows_seen(DEMO_DEPLOYMENT) == 60
 
 
 def record(probabilities: list[list[float]]) -> DecisionRecord:
