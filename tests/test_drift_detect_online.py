@@ -26,7 +26,7 @@ from models.deployment_store import DeploymentStore, demo_deployment
 from models.logbin import LogBin
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
-from rendezvous import names
+from rendezvous import drift_claims, names
 from rendezvous.bus.connection import AsyncClient, connect_async
 from rendezvous.decision import BinOutput, DecisionRecord
 from rendezvous.drift_alerts import Thresholds
@@ -62,6 +62,16 @@ async def online(client: AsyncClient, demo_data_dir: Path, instance: str) -> Onl
                        local_meta=local_model_meta(demo_data_dir / "models"))  # fmt: skip
 
 
+def publish(r: redis.Redis | redis.RedisCluster, rows: np.ndarray, spec_version: str) -> None:
+    """Rows as the gateway publishes them: one envelope a request."""
+    for row in rows:
+        env = RequestEnvelope(request_id=uuid.uuid4().hex, deployment=DEMO_DEPLOYMENT,
+                              reply_to="-", deadline_ms=0, enqueued_ms=0.0, raw=b"{}",
+                              features=row[None, :].astype(np.float32),
+                              spec_version=spec_version)  # fmt: skip
+        r.xadd(names.input_stream(DEMO_DEPLOYMENT), env.encode())  # type: ignore[arg-type]
+
+
 @pytest.fixture(params=["single", "cluster"])
 def bus(request: pytest.FixtureRequest) -> tuple[redis.Redis | redis.RedisCluster, str]:
     """A flushed client and its URL, on the single node, then on the cluster (the log bin's
@@ -93,12 +103,7 @@ async def test_the_log_bin_alerts_a_unit_change_names_it_clears_it_and_a_gateway
     rng = np.random.default_rng(0)
 
     def archive(rows: np.ndarray) -> None:
-        for i, row in enumerate(rows):
-            env = RequestEnvelope(request_id=f"r{i}", deployment=DEMO_DEPLOYMENT, reply_to="-",
-                                  deadline_ms=0, enqueued_ms=0.0, raw=b"{}",
-                                  features=row[None, :].astype(np.float32),
-                                  spec_version=state.feature_spec.version)  # fmt: skip
-            r.xadd(names.input_stream(DEMO_DEPLOYMENT), env.encode())  # type: ignore[arg-type]
+        publish(r, rows, state.feature_spec.version)
         assert logbin.drain() == len(rows)
 
     try:
@@ -151,25 +156,16 @@ def test_the_archive_never_waits_for_the_detectors(
     logbin = LogBin(r, writer, consumer="lb-1", deployments=[DEMO_DEPLOYMENT], batch_size=16)
     x = demo_data().x_test
 
-    def publish(rows: np.ndarray) -> None:
-        for row in rows:
-            env = RequestEnvelope(request_id=uuid.uuid4().hex, deployment=DEMO_DEPLOYMENT,
-                                  reply_to="-",
-                                  deadline_ms=0, enqueued_ms=0.0, raw=b"{}",
-                                  features=row[None, :].astype(np.float32),
-                                  spec_version=state.feature_spec.version)  # fmt: skip
-            r.xadd(names.input_stream(DEMO_DEPLOYMENT), env.encode())  # type: ignore[arg-type]
-
     def broken(self: FeatureDetectors, matrix: np.ndarray) -> None:
         raise RuntimeError("injected detector failure")
 
     with monkeypatch.context() as m:
         m.setattr(FeatureDetectors, "update", broken)
-        publish(x[:40])
+        publish(r, x[:40], state.feature_spec.version)
         assert logbin.drain() == 40
     broken_feed = x[:60].copy()
     broken_feed[:, 0] *= 10  # raises an alert, whose claim Redis refuses
-    publish(broken_feed)
+    publish(r, broken_feed, state.feature_spec.version)
     assert logbin.drain() == 60
     writer.close()
     pending = r.xpending(names.input_stream(DEMO_DEPLOYMENT), names.LOGBIN_GROUP)["pending"]
@@ -177,6 +173,51 @@ def test_the_archive_never_waits_for_the_detectors(
     assert logbin.stats.errors == 0 and logbin.stats.failing == ""
     assert len(list(ArchiveReader(data_dir).records(DEMO_DEPLOYMENT))) == 100
     assert logbin.watch is not None and logbin.watch.rows_seen(DEMO_DEPLOYMENT) == 60
+
+
+async def test_log_bins_sharing_the_traffic_each_judge_their_share_and_merge(
+    r: redis.Redis, client: aioredis.Redis, demo_data_dir: Path, data_dir: Path
+) -> None:
+    """Two log-bin consumers in the group: each judges the rows it reads; an alert both hold
+    stays active until neither does."""
+    version = DeploymentStore(r).get(DEMO_DEPLOYMENT).feature_spec.version
+    writers = [SegmentWriter(data_dir / name) for name in ("a", "b")]
+    bins = [LogBin(r, w, consumer=f"lb-{i}", deployments=[DEMO_DEPLOYMENT], batch_size=16)
+            for i, w in enumerate(writers)]  # fmt: skip
+    x = demo_data().x_test
+    rng = np.random.default_rng(2)
+
+    def share(rows: np.ndarray, to: list[int]) -> None:
+        for chunk in np.array_split(rows, 2 * len(to)):  # alternately, as reads interleave
+            publish(r, chunk, version)
+            bins[to[0]].drain()
+            to = to[1:] + to[:1]
+
+    try:
+        share(x[rng.integers(0, len(x), 200)], [0, 1])
+        broken = x[rng.integers(0, len(x), 80)].copy()
+        broken[:, 0] *= 10
+        share(broken, [0, 1])
+        view = await drift_view(client, DEMO_DEPLOYMENT, Thresholds())
+        assert [b.watch.rows_seen(DEMO_DEPLOYMENT) for b in bins if b.watch] == [140, 140]
+        held = {k: set(v["alerts"]) for k, v in view["online"].items()}
+        range_id = "feature_range/mean radius"
+        assert range_id in held["logbin:lb-0"] and range_id in held["logbin:lb-1"], held
+        assert range_id in {a["id"] for a in view["alerts"]}
+        assert view["event_counts"]["feature_range"] == 1  # raised once, held by both
+
+        async def active() -> set[str]:
+            return {a["id"] for a in (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]}
+
+        share(x[rng.integers(0, len(x), 150)], [0])  # lb-0 clears its own: lb-1 still holds
+        assert range_id in await active()
+        assert drift_claims.parse({}, {}, await client.hgetall(names.drift_claims_key(
+            DEMO_DEPLOYMENT)))["claims"]["logbin:lb-0"]["alerts"] == {}  # fmt: skip
+        share(x[rng.integers(0, len(x), 150)], [1])
+        assert await active() == set()
+    finally:
+        for w in writers:
+            w.close()
 
 
 def record(probabilities: list[list[float]]) -> DecisionRecord:
