@@ -137,8 +137,10 @@ class OnlineDrift:
         self, dep: _Deployment, raised: list[dict[str, Any]], cleared: list[dict[str, Any]]
     ) -> None:
         for alert in cleared:
-            dep.figures[drift_claims.alert_id(alert)] = {"value": alert.get("value"),
-                                             "threshold": alert.get("threshold")}  # fmt: skip
+            dep.figures[drift_claims.alert_id(alert)] = {
+                "value": alert.get("value"),
+                "threshold": alert.get("threshold"),
+            }
         if raised or cleared:
             dep.changed = True
 
