@@ -56,6 +56,8 @@ class _Deployment:
     dropped: int = 0
     figures: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Statistics of the alerts released since the last claim (for their clear events)."""
+    sent: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The figures of the claim in flight (given back if it fails)."""
     changed: bool = True
     next_claim_s: float = 0.0
     prior_active: bool = False
@@ -165,6 +167,7 @@ class FeatureWatch:
                 continue
             dep.changed, dep.next_claim_s = False, now_s + self.publish_s
             figures, dep.figures = dep.figures, {}
+            dep.sent = figures
             active = dict(dep.detectors.active) if dep.detectors is not None else {}
             try:
                 args = drift_claims.merge_args(
@@ -183,6 +186,18 @@ class FeatureWatch:
             queued.append(name)
         return queued
 
+    def unsent(self, queued: Sequence[str]) -> None:
+        """The pipeline that carried these claims failed as a whole: they are said again
+        within ``publish_s``, with the figures of the alerts they released."""
+        for name in queued:
+            if name in self._deps:
+                self._retry(self._deps[name])
+
+    def _retry(self, dep: _Deployment) -> None:
+        """Again within ``publish_s`` (not at every batch: a refusal may last)."""
+        dep.figures, dep.sent = {**dep.sent, **dep.figures}, {}
+        dep.next_claim_s = min(dep.next_claim_s, time.monotonic() + self.publish_s)
+
     def replies(self, queued: Sequence[str], replies: Sequence[Any]) -> None:
         """Act on the replies of what ``queue`` queued (the pipeline's last ``2 * len(queued)``
         replies, errors as exception values): log the events decided, follow the prior."""
@@ -193,8 +208,9 @@ class FeatureWatch:
             events_raw, prior = replies[2 * i], replies[2 * i + 1]
             if isinstance(events_raw, Exception):
                 log.warning("feature watch: cannot write the alerts of %s: %s", name, events_raw)
-                dep.changed = True  # say it again with the next write
+                self._retry(dep)
                 continue
+            dep.sent = {}
             for event in drift_claims.events_of(events_raw):
                 log.warning("%s", drift_claims.event_line(name, event))
             if isinstance(prior, Exception) or dep.detectors is None:

@@ -316,7 +316,12 @@ class LogBin(ConsumerLoop):
             pipe.hset(names.LOGBIN_STATS, self.consumer, self.stats_json(now))
         own = len(ids) + (now is not None)
         queued = self._queue_claims(pipe)
-        replies = pipe.execute(raise_on_error=not queued)
+        try:
+            replies = pipe.execute(raise_on_error=not queued)
+        except Exception:
+            if self.watch is not None:
+                self.watch.unsent(queued)
+            raise
         for reply in replies[:own]:
             if isinstance(reply, Exception):
                 raise reply
@@ -333,6 +338,7 @@ class LogBin(ConsumerLoop):
                 replies = pipe.execute(raise_on_error=False)
             except REDIS_FAILURES as exc:
                 log.warning("logbin: cannot write the feature alerts: %s", exc)
+                self.watch.unsent(queued)
                 return
             self._claim_replies(queued, replies)
 
