@@ -16,7 +16,8 @@ after the fault began (its ``since_ms``, when it entered the ``alerts`` list of
 ended before the list was empty (the time of the last ``cleared`` event). Both clocks are this
 machine's.
 
-Offline, the same detector code (``rendezvous.drift_detect``: every online kind, two processes
+Offline, the same detector code (``rendezvous.drift_detect``: every online kind, the feature
+detectors on every row as the log bin runs them, the prediction prior in two gateway processes
 each judging half the rows) replays ``--far-rows`` stationary rows drawn from the whole data
 set and from the 143 held-out rows alone, and counts alarms per 100,000 requests, with a 95 %
 upper bound (none in N rows: 3.0 / N).
@@ -363,7 +364,9 @@ async def live(args: argparse.Namespace, data: Data, base_url: str) -> dict[str,
             for fault in chosen:
                 out["faults"].append(await run_fault(http, sender, data, fault, args))
             online = (await drift(http)).get("online") or {}
-            out["rows_per_gateway_process"] = {k: v.get("rows") for k, v in online.items()}
+            out["feature_rows_judged"] = {k: v["rows"] for k, v in online.items() if "rows" in v}
+            out["prior_rows_judged"] = {k: v["prior"]["rows"] for k, v in online.items()
+                                        if isinstance(v.get("prior"), dict)}  # fmt: skip
         finally:
             stop.set()
             await task
@@ -379,8 +382,9 @@ async def live(args: argparse.Namespace, data: Data, base_url: str) -> dict[str,
 def offline_far(
     data: Data, base: np.ndarray, rows: int, seed: int, models_dir: Path | None = None
 ) -> dict[str, Any]:
-    """Every online detector, as two processes would run it, on ``rows`` stationary rows
-    drawn from ``base``; the prediction prior on real's labels of those rows (the demo's real
+    """Every online detector as ``rdv serve`` runs it, on ``rows`` stationary rows drawn from
+    ``base``: the feature detectors on every row (the log bin), the prediction prior on real's
+    labels of those rows in two gateway processes each judging half of them (the demo's real
     model from ``models_dir``, else trained afresh)."""
     from models.registry import ModelRegistry  # only here: onnxruntime, training
     from models.runtime import OnnxClassifier
@@ -398,12 +402,13 @@ def offline_far(
     profile = FeatureProfile.from_spec(spec)
     assert profile is not None
     rng = np.random.default_rng(seed)
-    processes = [(FeatureDetectors(profile), PriorDetector(share)) for _ in range(2)]
+    features = FeatureDetectors(profile)
+    processes = [PriorDetector(share) for _ in range(2)]
     alarms: dict[str, int] = {}
     done = 0
     while done < rows:
         idx = rng.integers(0, len(base), 16)
-        features, prior = processes[(done // 16) % 2]
+        prior = processes[(done // 16) % 2]
         raised, _ = features.update(base[idx])
         what, alert = prior.update(positive[idx])
         for a in raised + ([alert] if what == "raised" else []):
@@ -435,9 +440,12 @@ def table(result: dict[str, Any]) -> str:
     st = result["live"].get("stationary", {})
     lines.append("")
     lines.append(f"Stationary: {st.get('false_alarms')} alerts in {st.get('requests')} requests.")
-    split = result["live"].get("rows_per_gateway_process")
-    if split:
-        lines.append(f"Rows judged per gateway process: {sorted(split.values(), reverse=True)}.")
+    judged = result["live"].get("feature_rows_judged")
+    if judged:
+        lines.append(f"Rows judged by the feature detectors (log bin): {judged}.")
+    prior = result["live"].get("prior_rows_judged")
+    if prior:
+        lines.append(f"Rows judged by the prediction prior, per gateway process: {prior}.")
     for name, far in result.get("offline", {}).items():
         lines.append(f"Offline ({name}): {sum(far['alarms'].values())} alarms in {far['rows']:,} "
                      f"rows = {far['per_100k']} per 100,000 (95 % upper bound "

@@ -13,7 +13,9 @@ and one ack then carry many requests instead of one each.
 
 The reading (own pending first, XAUTOCLAIM, backoff, groups recreated after a Redis restart,
 stop) is the shared ``ConsumerLoop``; the bin adds which deployments are read, the archive, its
-acks after the fsync, and retention.
+acks after the fsync, and retention. Since it decodes every request's features anyway, it also
+hands the archived rows to the feature detectors (``feature_watch``), whose alert claims ride in
+the ack's round trip; they never hold up or break the archive.
 """
 
 from __future__ import annotations
@@ -26,16 +28,19 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
 from models.archive import SegmentWriter, record_from_envelope
 from models.deployments import Deployment
+from models.feature_watch import FeatureWatch
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_DOWN, REDIS_FAILURES, Client, out_of_memory
 from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry
 from rendezvous.bus.retention import trim_input_stream
 from rendezvous.envelope import RequestEnvelope
+from rendezvous.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +88,8 @@ class LogBin(ConsumerLoop):
         max_role_lag: int = 0,
         heartbeat_s: float = 1.0,
         batch_wait_ms: float = LOGBIN_BATCH_WAIT_MS,
+        watch_features: bool = True,
+        feature_watch: FeatureWatch | None = None,
     ):
         if block_ms <= 0:
             raise ValueError("block_ms must be positive: BLOCK 0 would never notice a stop")
@@ -113,6 +120,8 @@ class LogBin(ConsumerLoop):
         """Input stream key -> deployment, for the deployments being archived now."""
         self._stream_keys: tuple[str, ...] = ()
         self._next_refresh = 0.0
+        self.watch = feature_watch or (FeatureWatch(consumer) if watch_features else None)
+        """The feature detectors, on the archived rows (None: not run here)."""
 
     # -- the consumer loop's hooks ------------------------------------------------------------
 
@@ -125,6 +134,8 @@ class LogBin(ConsumerLoop):
         number of records archived."""
         self.stats.reclaimed += batch.claimed
         archived = self._archive(batch.entries) if batch.entries else 0
+        if not batch.entries:
+            self._claim_alone()
         self._publish()
         self._trim()
         return archived
@@ -184,12 +195,19 @@ class LogBin(ConsumerLoop):
             return
         deployments = self._source() if callable(self._source) else self._source
         wanted: dict[str, str] = {}
+        specs: dict[str, FeatureSpec] = {}
         for dep in deployments:
             try:
-                for stream in self._partitions(dep):
-                    wanted[stream] = dep
+                state = self._state(dep)
             except names.InvalidName as exc:
                 log.warning("logbin: skipping deployment: %s", exc)
+                continue
+            for stream in state.input_streams if state else [names.input_stream(dep)]:
+                wanted[stream] = dep
+            if state is not None:
+                specs[dep] = state.feature_spec
+        if self.watch is not None:
+            self.watch.follow(specs)
         for stream, dep in wanted.items():
             if stream not in self._streams:
                 log.info("logbin: archiving deployment %s", dep)
@@ -197,12 +215,10 @@ class LogBin(ConsumerLoop):
         self._stream_keys = tuple(wanted)
         self._next_refresh = now + self.refresh_s
 
-    def _partitions(self, deployment: str) -> list[str]:
-        """Every input partition the deployment's readers read (its state says how many)."""
+    def _state(self, deployment: str) -> Deployment | None:
+        """The deployment's state: its input partitions and its feature spec."""
         raw = self.client.get(names.deployment_key(names.check_name(deployment, "deployment")))
-        if raw is None:
-            return [names.input_stream(deployment)]
-        return Deployment.from_json(raw).input_streams
+        return None if raw is None else Deployment.from_json(raw)
 
     # -- archiving ----------------------------------------------------------------------------
 
@@ -211,12 +227,15 @@ class LogBin(ConsumerLoop):
         records: dict[str, list[str]] = {}
         ids: dict[str, list[bytes]] = {}
         undecodable: dict[str, int] = {}
+        envelopes: dict[str, list[RequestEnvelope]] = {}
         for stream, entry_id, fields in entries:
             dep = self._streams[stream]
             # Entry ids are unique within a stream: a partition's records say which it is.
             where = "" if stream == names.input_stream(dep) else stream
-            line, decoded = self._record(dep, _text(entry_id), fields, archived_ms, where)
-            undecodable[stream] = undecodable.get(stream, 0) + (not decoded)
+            line, env = self._record(dep, _text(entry_id), fields, archived_ms, where)
+            undecodable[stream] = undecodable.get(stream, 0) + (env is None)
+            if env is not None:
+                envelopes.setdefault(stream, []).append(env)
             records.setdefault(stream, []).append(line)
             ids.setdefault(stream, []).append(entry_id)
         written: list[str] = []
@@ -233,8 +252,23 @@ class LogBin(ConsumerLoop):
                 self.stats.records += sum(len(ids[s]) for s in written)
                 self.stats.undecodable += sum(undecodable[s] for s in written)
                 self.stats.batches += 1
+                self._watch({s: envelopes.get(s, []) for s in written})
                 self._ack({s: ids[s] for s in written})
         return len(entries)
+
+    def _watch(self, envelopes: dict[str, list[RequestEnvelope]]) -> None:
+        """The archived rows to the feature detectors (a failure there is logged, never
+        raised: the archive must not depend on them)."""
+        if self.watch is None:
+            return
+        try:
+            for stream, envs in envelopes.items():
+                dep = self._streams[stream]
+                for env in envs:
+                    self.watch.observe(dep, env)
+            self.watch.judge()
+        except Exception:
+            log.exception("logbin: the feature watch failed")
 
     def _record(
         self,
@@ -243,14 +277,15 @@ class LogBin(ConsumerLoop):
         fields: dict[bytes, bytes],
         archived_ms: float,
         stream: str = "",
-    ) -> tuple[str, bool]:
-        """The entry's archive line, and whether it decoded (else the line keeps its fields)."""
+    ) -> tuple[str, RequestEnvelope | None]:
+        """The entry's archive line, and its envelope if it decoded (else the line keeps its
+        fields)."""
         if not fields:
             error = "entry was deleted from the stream before it was archived"
         else:
             try:
                 env = RequestEnvelope.decode(fields)
-                return record_from_envelope(stream_id, env, archived_ms, stream), True
+                return record_from_envelope(stream_id, env, archived_ms, stream), env
             except Exception as exc:  # any malformed entry is archived as such, never fatal
                 error = f"{type(exc).__name__}: {exc}"
         log.warning("logbin: %s entry %s undecodable: %s", dep, stream_id, error)
@@ -266,18 +301,63 @@ class LogBin(ConsumerLoop):
                 for k, v in fields.items()
             },
         }
-        return json.dumps(record, separators=(",", ":")), False
+        return json.dumps(record, separators=(",", ":")), None
 
     def _ack(self, ids: dict[str, list[bytes]]) -> None:
         """All acks of a batch in one round trip, after the data is fsynced; the counters
-        ride along when due, so a busy bin publishes them at no extra round trip."""
+        and the feature alerts' claims ride along when due, so a busy bin publishes them at no
+        extra round trip. A failed claim is the watch's to log; a failed ack or counter is
+        raised as before."""
         pipe = self.client.pipeline(transaction=False)
         for stream, entry_ids in ids.items():
             pipe.xack(stream, self.group, *entry_ids)
         now = self.heartbeat_due()
         if now is not None:
             pipe.hset(names.LOGBIN_STATS, self.consumer, self.stats_json(now))
-        pipe.execute()
+        own = len(ids) + (now is not None)
+        queued = self._queue_claims(pipe)
+        try:
+            replies = pipe.execute(raise_on_error=not queued)
+        except Exception:
+            if self.watch is not None:
+                self.watch.unsent(queued)
+            raise
+        for reply in replies[:own]:
+            if isinstance(reply, Exception):
+                raise reply
+        self._claim_replies(queued, replies[own:])
+
+    def _claim_alone(self) -> None:
+        """Renew the feature alerts' claims when no batch came to carry them."""
+        if self.watch is None or not self.watch.due():
+            return
+        pipe = self.client.pipeline(transaction=False)
+        queued = self._queue_claims(pipe)
+        if queued:
+            try:
+                replies = pipe.execute(raise_on_error=False)
+            except REDIS_FAILURES as exc:
+                log.warning("logbin: cannot write the feature alerts: %s", exc)
+                self.watch.unsent(queued)
+                return
+            self._claim_replies(queued, replies)
+
+    def _queue_claims(self, pipe: Any) -> list[str]:
+        if self.watch is None:
+            return []
+        try:
+            return self.watch.queue(pipe)
+        except Exception:
+            log.exception("logbin: the feature watch failed")
+            return []
+
+    def _claim_replies(self, queued: list[str], replies: list[Any]) -> None:
+        if self.watch is None or not queued:
+            return
+        try:
+            self.watch.replies(queued, replies)
+        except Exception:
+            log.exception("logbin: the feature watch failed")
 
 
 def _text(value: bytes | str) -> str:

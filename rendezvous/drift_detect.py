@@ -1,10 +1,12 @@
-"""Online drift detectors: sequential tests on one gateway process's own rows and scores,
-judged every few rows, so that a broken feed is alerted within tens of rows instead of once a
-window of sketches has filled. Numpy and the standard library only: scipy would do two of the
-sums below, but takes a second to import, and the first evaluation runs on a gateway's event
-loop (the tests check those sums against scipy.stats).
+"""Online drift detectors: sequential tests on a stream of rows (the feature tests, run by the
+log bin on every request it archives: ``models.feature_watch``) and of real's predicted labels
+(the prior, run by each gateway process on its decisions), judged every few rows, so that a
+broken feed is alerted within tens of rows instead of once a window of sketches has filled.
+Numpy and the standard library only: scipy would do two of the sums below, but takes a second to
+import, and the prior's first evaluation runs on a gateway's event loop (the tests check those
+sums against scipy.stats).
 
-What a gateway sees is tested against what the model was trained on (the feature spec's
+What the traffic holds is tested against what the model was trained on (the feature spec's
 ``FeatureStats``: min, max, mean, std, deciles) and against the score distribution stored with
 the real model:
 
@@ -429,7 +431,7 @@ class FeatureDetectors:
         self._bound = np.zeros(n, dtype=bool)
         """Long-window alerts raised during an episode of the prediction prior."""
         self.external_episode = False
-        """Set while an alert of another detector of this process (the prediction prior) is
+        """Set while an alert of another detector (the prediction prior, from the alert list) is
         active; ``end_episode`` once it is not."""
 
     # -- feeding ----------------------------------------------------------------------------

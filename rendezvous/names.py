@@ -209,14 +209,20 @@ def drift_thresholds_key(deployment: str) -> str:
 
 def drift_alerts_key(deployment: str) -> str:
     """Hash alert id (``kind`` or ``kind/feature``) -> JSON of each active drift alert: the one
-    list every source's alerts are merged into (``gateway.observability.drift_store``)."""
+    list every source's alerts are merged into (``rendezvous.drift_claims``)."""
     return f"{_tag(deployment)}:drift:alerts"
 
 
 def drift_claims_key(deployment: str) -> str:
-    """Hash source (``monitor``, ``gateway:<instance>``) -> JSON of the alerts that source
-    holds now, with when it said so."""
+    """Hash source (``monitor``, ``gateway:<instance>``, ``logbin:<consumer>``) -> JSON of the
+    alerts that source holds now, with when it said so."""
     return f"{_tag(deployment)}:drift:claims"
+
+
+def drift_relayed_key(deployment: str) -> str:
+    """Id of the latest drift event the gateways have relayed to the webhooks (the events the
+    log bins decided: they have no HTTP client of their own)."""
+    return f"{_tag(deployment)}:drift:relayed"
 
 
 def drift_event_counts_key(deployment: str) -> str:

@@ -281,7 +281,7 @@ def test_every_rdv_command_parses_with_the_cli_parser() -> None:
     "argv",
     [
         ["worker", "--deployment", DEMO_DEPLOYMENT, "--rloe", names.REAL],
-        ["worker", "--deployment", DEMO_DEPLOYMENT],
+        ["worker", "--deployment", DEMO_DEPLOYMENT, "--roles", "canry"],
         ["wroker", "--deployment", DEMO_DEPLOYMENT, "--role", names.REAL],
     ],
 )

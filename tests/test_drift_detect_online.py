@@ -1,11 +1,13 @@
-"""The online detectors in a gateway process, against a real Redis: rows in, alerts out in the
-shared list (``drift_store``) with their events, counts and webhooks; several sources merged
-into one list, a source that goes silent dropped."""
+"""The online detectors against a real Redis: the feature detectors in the log bin (rows in,
+alerts out in the shared list with their events, counts and the webhooks a gateway relays), the
+prediction prior in a gateway process; several sources merged into one list, a source that goes
+silent dropped."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,14 +19,19 @@ import redis.asyncio as aioredis
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability import drift_store
-from gateway.observability.drift_monitor import drift_view, local_model_meta
+from gateway.observability.drift_monitor import DriftMonitor, drift_view, local_model_meta
 from gateway.observability.drift_online import OnlineDrift, positive_share
+from models.archive import ArchiveReader, SegmentWriter
 from models.deployment_store import DeploymentStore, demo_deployment
+from models.logbin import LogBin
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
-from rendezvous import names
+from rendezvous import drift_claims, names
+from rendezvous.bus.connection import AsyncClient, connect_async
 from rendezvous.decision import BinOutput, DecisionRecord
 from rendezvous.drift_alerts import Thresholds
+from rendezvous.drift_detect import FeatureDetectors
+from rendezvous.envelope import RequestEnvelope
 from rendezvous.schedule import Schedule
 
 
@@ -48,56 +55,169 @@ class Hooks:
         self.sent += events
 
 
-async def online(client: aioredis.Redis, demo_data_dir: Path, instance: str) -> OnlineDrift:
+async def online(client: AsyncClient, demo_data_dir: Path, instance: str) -> OnlineDrift:
     deployments = DeploymentCache(client)
     await deployments.refresh()
     return OnlineDrift(client, deployments, instance, webhooks=Hooks(),  # type: ignore[arg-type]
                        local_meta=local_model_meta(demo_data_dir / "models"))  # fmt: skip
 
 
-async def serve(det: OnlineDrift, rows: np.ndarray) -> None:
-    """Rows one request at a time, as the gateway hands them over, with the loop running."""
+def publish(r: redis.Redis | redis.RedisCluster, rows: np.ndarray, spec_version: str) -> None:
+    """Rows as the gateway publishes them: one envelope a request."""
     for row in rows:
-        det.observe_rows(DEMO_DEPLOYMENT, row[None, :].astype(np.float32))
-        await asyncio.sleep(0)
-    det.evaluate(DEMO_DEPLOYMENT)
-    await asyncio.gather(*det._publishing.values())
+        env = RequestEnvelope(request_id=uuid.uuid4().hex, deployment=DEMO_DEPLOYMENT,
+                              reply_to="-", deadline_ms=0, enqueued_ms=0.0, raw=b"{}",
+                              features=row[None, :].astype(np.float32),
+                              spec_version=spec_version)  # fmt: skip
+        r.xadd(names.input_stream(DEMO_DEPLOYMENT), env.encode())  # type: ignore[arg-type]
 
 
-async def test_a_unit_change_is_alerted_named_and_cleared(
-    client: aioredis.Redis, demo_data_dir: Path
+@pytest.fixture(params=["single", "cluster"])
+def bus(request: pytest.FixtureRequest) -> tuple[redis.Redis | redis.RedisCluster, str]:
+    """A flushed client and its URL, on the single node, then on the cluster (the log bin's
+    claims ride in a pipeline that a cluster client splits by node)."""
+    if request.param == "single":
+        return request.getfixturevalue("r"), request.getfixturevalue("redis_url")
+    cluster = request.getfixturevalue("redis_cluster")
+    return request.getfixturevalue("rc"), cluster.url
+
+
+async def test_the_log_bin_alerts_a_unit_change_names_it_clears_it_and_a_gateway_relays_it(
+    bus: tuple[redis.Redis | redis.RedisCluster, str], demo_data_dir: Path, data_dir: Path
 ) -> None:
-    det = await online(client, demo_data_dir, "gw-1")
-    det.min_interval_s = 0.0
+    """The feature detectors run in the log bin on the rows it archives: a unit change is
+    raised in the shared list within a few dozen rows, named and described, cleared by normal
+    rows, and the gateway leading the deployment's drift evaluation sends both events to the
+    webhooks (once: a second relay sends nothing)."""
+    r, url = bus
+    state = demo_deployment(ModelRegistry(demo_data_dir / "models"), Schedule())
+    DeploymentStore(r).create(state)
+    writer = SegmentWriter(data_dir)
+    logbin = LogBin(r, writer, consumer="lb-1", deployments=[DEMO_DEPLOYMENT], batch_size=16)
+    client = await connect_async(url)
+    deployments = DeploymentCache(client)
+    await deployments.refresh()
+    hooks = Hooks()
+    monitor = DriftMonitor(client, deployments, "gw-1", webhooks=hooks)  # type: ignore[arg-type]
     x = demo_data().x_test
     rng = np.random.default_rng(0)
-    await serve(det, x[rng.integers(0, len(x), 400)])
-    assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
 
-    broken = x[rng.integers(0, len(x), 60)].copy()
-    broken[:, 0] *= 10  # mean radius in other units
-    await serve(det, broken)
-    view = await drift_view(client, DEMO_DEPLOYMENT, Thresholds())
-    kinds = {(a["kind"], a["feature"]) for a in view["alerts"]}
-    assert ("feature_range", "mean radius") in kinds, view["alerts"]
-    [alert] = [a for a in view["alerts"] if a["kind"] == "feature_range"]
-    assert re.search(r"about \d+(\.\d)? times larger", alert["detail"]), alert["detail"]
-    assert alert["source"] == "gateway:gw-1"
-    assert alert["id"] == "feature_range/mean radius"
-    assert view["event_counts"]["feature_range"] == 1
-    assert 400 < view["online"]["gw-1"]["rows"] <= 460  # as of its latest claim
-    raised = [e for e in view["events"] if e["type"] == "raised"]
-    assert raised and raised[0]["feature"] == "mean radius"
-    hooks = det.webhooks.sent  # type: ignore[union-attr]
-    assert ("raised", "feature_range") in {(e["type"], e["kind"]) for e in hooks}
+    def archive(rows: np.ndarray) -> None:
+        publish(r, rows, state.feature_spec.version)
+        assert logbin.drain() == len(rows)
 
-    await serve(det, x[rng.integers(0, len(x), 300)])
-    view = await drift_view(client, DEMO_DEPLOYMENT, Thresholds())
-    assert view["alerts"] == []
-    cleared = [e for e in view["events"] if e["type"] == "cleared"]
-    assert {e["kind"] for e in cleared} >= {"feature_range"}
-    assert all(e["since_ms"] <= e["ts_ms"] for e in cleared)
-    assert ("cleared", "feature_range") in {(e["type"], e["kind"]) for e in hooks}
+    try:
+        archive(x[rng.integers(0, len(x), 400)])
+        assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
+        assert await monitor.relay(DEMO_DEPLOYMENT) == 0  # starts after the newest event
+
+        broken = x[rng.integers(0, len(x), 60)].copy()
+        broken[:, 0] *= 10  # mean radius in other units
+        archive(broken)
+        view = await drift_view(client, DEMO_DEPLOYMENT, Thresholds())
+        kinds = {(a["kind"], a["feature"]) for a in view["alerts"]}
+        assert ("feature_range", "mean radius") in kinds, view["alerts"]
+        [alert] = [a for a in view["alerts"] if a["kind"] == "feature_range"]
+        assert re.search(r"about \d+(\.\d)? times larger", alert["detail"]), alert["detail"]
+        assert alert["source"] == "logbin:lb-1" and alert["id"] == "feature_range/mean radius"
+        assert view["event_counts"]["feature_range"] == 1
+        assert 400 < view["online"]["logbin:lb-1"]["rows"] <= 460  # as of its latest claim
+        raised = [e for e in view["events"] if e["type"] == "raised"]
+        assert raised and raised[0]["feature"] == "mean radius" and raised[0]["by"] == "logbin:lb-1"
+        assert await monitor.relay(DEMO_DEPLOYMENT) >= 1
+        assert ("raised", "feature_range") in {(e["type"], e["kind"]) for e in hooks.sent}
+
+        archive(x[rng.integers(0, len(x), 300)])
+        view = await drift_view(client, DEMO_DEPLOYMENT, Thresholds())
+        assert view["alerts"] == []
+        cleared = [e for e in view["events"] if e["type"] == "cleared"]
+        assert {e["kind"] for e in cleared} >= {"feature_range"}
+        assert all(e["since_ms"] <= e["ts_ms"] for e in cleared)
+        sent = len(hooks.sent)
+        assert await monitor.relay(DEMO_DEPLOYMENT) >= 1
+        assert ("cleared", "feature_range") in {(e["type"], e["kind"]) for e in hooks.sent}
+        assert await monitor.relay(DEMO_DEPLOYMENT) == 0 and len(hooks.sent) > sent
+        # the archive is whole: the detectors took nothing from it
+        assert logbin.stats.records == 760 and logbin.stats.failing == ""
+    finally:
+        writer.close()
+        await client.aclose()
+
+
+def test_the_archive_never_waits_for_the_detectors(
+    r: redis.Redis, demo_data_dir: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Detectors that fail, then a claim that Redis refuses: every entry is still archived and
+    acked, and the log bin does not count a failure of its own."""
+    state = demo_deployment(ModelRegistry(demo_data_dir / "models"), Schedule())
+    DeploymentStore(r).create(state)
+    r.set(names.drift_alerts_key(DEMO_DEPLOYMENT), "not a hash")  # the merge script fails on it
+    writer = SegmentWriter(data_dir)
+    logbin = LogBin(r, writer, consumer="lb-1", deployments=[DEMO_DEPLOYMENT], batch_size=16)
+    x = demo_data().x_test
+
+    def broken(self: FeatureDetectors, matrix: np.ndarray) -> None:
+        raise RuntimeError("injected detector failure")
+
+    with monkeypatch.context() as m:
+        m.setattr(FeatureDetectors, "update", broken)
+        publish(r, x[:40], state.feature_spec.version)
+        assert logbin.drain() == 40
+    broken_feed = x[:60].copy()
+    broken_feed[:, 0] *= 10  # raises an alert, whose claim Redis refuses
+    publish(r, broken_feed, state.feature_spec.version)
+    assert logbin.drain() == 60
+    writer.close()
+    pending = r.xpending(names.input_stream(DEMO_DEPLOYMENT), names.LOGBIN_GROUP)["pending"]
+    assert pending == 0 and logbin.stats.records == 100
+    assert logbin.stats.errors == 0 and logbin.stats.failing == ""
+    assert len(list(ArchiveReader(data_dir).records(DEMO_DEPLOYMENT))) == 100
+    assert logbin.watch is not None and logbin.watch.rows_seen(DEMO_DEPLOYMENT) == 60
+
+
+async def test_log_bins_sharing_the_traffic_each_judge_their_share_and_merge(
+    r: redis.Redis, client: aioredis.Redis, demo_data_dir: Path, data_dir: Path
+) -> None:
+    """Two log-bin consumers in the group: each judges the rows it reads; an alert both hold
+    stays active until neither does."""
+    version = DeploymentStore(r).get(DEMO_DEPLOYMENT).feature_spec.version
+    writers = [SegmentWriter(data_dir / name) for name in ("a", "b")]
+    bins = [LogBin(r, w, consumer=f"lb-{i}", deployments=[DEMO_DEPLOYMENT], batch_size=16)
+            for i, w in enumerate(writers)]  # fmt: skip
+    x = demo_data().x_test
+    rng = np.random.default_rng(2)
+
+    def share(rows: np.ndarray, to: list[int]) -> None:
+        for chunk in np.array_split(rows, 2 * len(to)):  # alternately, as reads interleave
+            publish(r, chunk, version)
+            bins[to[0]].drain()
+            to = to[1:] + to[:1]
+
+    try:
+        share(x[rng.integers(0, len(x), 200)], [0, 1])
+        broken = x[rng.integers(0, len(x), 80)].copy()
+        broken[:, 0] *= 10
+        share(broken, [0, 1])
+        view = await drift_view(client, DEMO_DEPLOYMENT, Thresholds())
+        assert [b.watch.rows_seen(DEMO_DEPLOYMENT) for b in bins if b.watch] == [140, 140]
+        held = {k: set(v["alerts"]) for k, v in view["online"].items()}
+        range_id = "feature_range/mean radius"
+        assert range_id in held["logbin:lb-0"] and range_id in held["logbin:lb-1"], held
+        assert range_id in {a["id"] for a in view["alerts"]}
+        assert view["event_counts"]["feature_range"] == 1  # raised once, held by both
+
+        async def active() -> set[str]:
+            return {a["id"] for a in (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]}
+
+        share(x[rng.integers(0, len(x), 150)], [0])  # lb-0 clears its own: lb-1 still holds
+        assert range_id in await active()
+        assert drift_claims.parse({}, {}, await client.hgetall(names.drift_claims_key(
+            DEMO_DEPLOYMENT)))["claims"]["logbin:lb-0"]["alerts"] == {}  # fmt: skip
+        share(x[rng.integers(0, len(x), 150)], [1])
+        assert await active() == set()
+    finally:
+        for w in writers:
+            w.close()
 
 
 def record(probabilities: list[list[float]]) -> DecisionRecord:

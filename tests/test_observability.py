@@ -291,8 +291,9 @@ def test_a_broken_feed_is_alerted_within_200_requests_and_the_webhook_hears_it_c
 ) -> None:
     """Issue 16: a unit change upstream (mean radius x10) is an active alert of kind
     feature_range naming the feature within 200 requests of its start, on two gateway
-    processes sharing the traffic; it clears within 1,000 normal requests, and the webhook
-    receiver gets the raise, then the clear."""
+    processes sharing the traffic (judged by the log bin, which sees all of it); it clears
+    within 1,000 normal requests, and the webhook receiver gets the raise, then the clear
+    (relayed by the gateway that leads the drift evaluation)."""
     port = free_port()
     env = dict(system.env, RDV_PORT=str(port), RDV_GATEWAY_PROCESSES="2")
     logs = Path(system.env["RDV_DATA_DIR"]) / "two-processes"
@@ -331,7 +332,7 @@ def test_a_broken_feed_is_alerted_within_200_requests_and_the_webhook_hears_it_c
             assert ("feature_range", "mean radius") in named, named
             [range_alert] = [a for a in doc["alerts"] if a["kind"] == "feature_range"]
             assert "times larger than in training" in range_alert["detail"]
-            assert range_alert["source"].startswith("gateway:")  # an online detector's
+            assert range_alert["source"].startswith("logbin:")  # the log bin's detectors
 
             normal = 0
             while http.get(DRIFT).json()["alerts"] and normal < 1000:

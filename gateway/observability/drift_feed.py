@@ -8,8 +8,9 @@ call, with their out-of-distribution evidence: rows outside the training range, 
 and distances to the training centre) and the scores and divergence of every decision record
 it closed. Every ``interval_s`` (0.25 s) it appends one ``Sketch`` per deployment to
 ``rdv:{dep}:drift:sketches``; the drift monitor merges the sketches of a window. A sketch never
-mixes two real models: a promotion starts a new one. The rows and decisions are also handed to
-the online detectors (``drift_online``), which judge them within tens of milliseconds.
+mixes two real models: a promotion starts a new one. The decisions are also handed to the
+prediction-prior detector (``drift_online``); the rows are not judged one by one here: the log
+bin's feature detectors (``models.feature_watch``) judge every request's rows off this path.
 """
 
 from __future__ import annotations
@@ -70,13 +71,11 @@ class DriftFeed:
         self.on_dropped = on_dropped
         """Told of the rows left out when too many are waiting (``rdv_drift_dropped_rows``)."""
         self.online = online
-        """The online detectors, handed every row and decision too (``drift_online``)."""
+        """The prediction-prior detector, handed every decision too (``drift_online``)."""
 
     # -- observing (cheap: called on the request path and per decision) ---------------------
 
     def observe_rows(self, deployment: str, features: np.ndarray) -> None:
-        if self.online is not None:
-            self.online.observe_rows(deployment, features)
         if self._pending_rows >= MAX_PENDING_ROWS:
             if self.on_dropped is not None:
                 self.on_dropped(deployment, len(features))

@@ -9,9 +9,15 @@ into a window (at most ``window_requests`` requests, none older than ``window_s`
 with the references through the pure functions of ``rendezvous.drift_alerts``, and stores the
 outcome: the report (read by ``/drift`` and ``/metrics``), a point of history every
 ``interval_s``, and its alerts as the ``monitor``'s claim in the shared alert list
-(``drift_store``), next to the online detectors' (``drift_online``). An alert of the monitor is
-raised when the window and its latest ``clear_requests`` are over the threshold, and cleared as
-soon as that latest part is back under it.
+(``drift_store``), next to the online detectors' (the log bins' feature detectors, the gateway
+processes' prediction prior). An alert of the monitor is raised when the window and its latest
+``clear_requests`` are over the threshold, and cleared as soon as that latest part is back
+under it.
+
+The leading process also relays to the webhooks the alert events that the log bins' claims
+decided (the log bin has no HTTP client): at every tick, one read of the events stream after
+the last relayed id, which is kept in Redis so that a new leader carries on where the old one
+stopped.
 
 The real model's score reference is its training distribution when its metadata carries one;
 otherwise the first full window of its scores after it became real, kept once built.
@@ -35,7 +41,7 @@ from gateway.observability.alert_webhooks import AlertWebhooks
 from gateway.observability.drift_feed import SKETCH_FIELD
 from gateway.observability.drift_online import announce
 from models.registry import ModelRegistry
-from rendezvous import names
+from rendezvous import drift_claims, names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
 from rendezvous.drift import FeatureReference, Sketch
 from rendezvous.drift_alerts import Thresholds, evaluate_alerts, window_report
@@ -50,6 +56,8 @@ LEASE_RECHECK_S = 2.0
 """Sketch entries read per round trip, newest first, until the window is full."""
 MONITOR = "monitor"
 """The monitor's source name in the shared alert list."""
+RELAY_PAGE = 200
+"""Alert events relayed per tick at most."""
 
 
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
@@ -139,12 +147,17 @@ class DriftMonitor:
         self._leases: dict[str, tuple[bool, float]] = {}
         """Deployment -> (held by us, monotonic time to ask Redis again)."""
         self._last_point: dict[str, float] = {}
+        self._relayed: dict[str, bytes] = {}
+        """Per deployment led, the id of the latest event relayed (dropped on losing the lead)."""
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.tick_s)
             try:
-                due = await self._due_deployments()
+                led, due = await self._due_deployments()
+                for gone in set(self._relayed).difference(led):
+                    del self._relayed[gone]  # the lead went elsewhere: its holder relays
+                await self.relay(*led)
             except REDIS_FAILURES as exc:
                 log.warning("drift evaluation: cannot tell which deployments are due: %s", exc)
                 continue
@@ -156,17 +169,17 @@ class DriftMonitor:
                 except Exception:
                     log.exception("drift evaluation of %s failed", deployment)
 
-    async def _due_deployments(self) -> list[str]:
-        """The deployments this process leads whose interval has passed, or into whose sketch
-        stream ``evaluate_every`` requests came since their last evaluation: the newest
-        sketches of all of them read in one round trip (per node), so an idle host with
-        many deployments spends one read a tick, not one per deployment."""
+    async def _due_deployments(self) -> tuple[list[str], list[str]]:
+        """The deployments this process leads, and those of them whose interval has passed or
+        into whose sketch stream ``evaluate_every`` requests came since their last evaluation:
+        the newest sketches of all of them read in one round trip (per node), so an idle host
+        with many deployments spends one read a tick, not one per deployment."""
         now = time.monotonic()
         led = [d for d in sorted(self.deployments.deployments) if await self._lead(d, now)]
         due = [d for d in led if now - self._last_eval.get(d, 0.0) >= self.interval_s]
         rest = [d for d in led if d not in due]
         if not rest:
-            return due
+            return led, due
         pipe = self.client.pipeline(transaction=False)
         for deployment in rest:
             last = self._last_seen.get(deployment)
@@ -181,7 +194,47 @@ class DriftMonitor:
             new = sum(s.requests for s in _decode_sketches(cast(Entries, entries)))
             if new >= self.evaluate_every:
                 due.append(deployment)
-        return due
+        return led, due
+
+    async def relay(self, *deployments: str) -> int:
+        """Send the webhooks the events a log bin's claim decided since the last relayed one,
+        for each of ``deployments`` (their events read in one round trip); returns how many.
+        The first call of a new leader starts after the stored id (or, when none is stored,
+        after the newest event: nothing older is sent again)."""
+        for deployment in deployments:
+            if deployment not in self._relayed:
+                key = names.drift_events_stream(deployment)
+                stored = await self.client.get(names.drift_relayed_key(deployment))
+                if stored is None:
+                    newest = cast(Entries, await self.client.xrevrange(key, count=1))
+                    stored = newest[0][0] if newest else b"0-0"
+                self._relayed[deployment] = text(stored).encode()
+        if not deployments:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for deployment in deployments:
+            pipe.xrange(names.drift_events_stream(deployment), b"(" + self._relayed[deployment],
+                        "+", count=RELAY_PAGE)  # fmt: skip
+        relayed = 0
+        for deployment, entries in zip(deployments, await pipe.execute(), strict=True):
+            if entries:
+                relayed += await self._relay_events(deployment, cast(Entries, entries))
+        return relayed
+
+    async def _relay_events(self, deployment: str, entries: Entries) -> int:
+        events = []
+        for _id, fields in entries:
+            try:
+                event = json.loads(fields[b"e"])
+            except (KeyError, ValueError):
+                continue
+            if str(event.get("by", "")).startswith(drift_claims.LOGBIN_SOURCE):
+                events.append(event)
+        self._relayed[deployment] = entries[-1][0]
+        await self.client.set(names.drift_relayed_key(deployment), entries[-1][0])
+        if events and self.webhooks is not None:
+            self.webhooks.notify(deployment, events, {})  # queued: nothing waits
+        return len(events)
 
     async def _lead(self, deployment: str, now: float) -> bool:
         """Hold (or take) the deployment's evaluation lease; a dead holder's lapses.

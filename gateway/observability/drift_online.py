@@ -1,16 +1,19 @@
-"""Runs the online drift detectors (``rendezvous.drift_detect``) on this gateway process's own
-traffic, and says what they find through the shared alert list (``drift_store``).
+"""Runs the prediction-prior detector (``rendezvous.drift_detect.PriorDetector``) on this
+gateway process's decisions, and says what it finds through the shared alert list
+(``drift_store``).
 
-The request path only appends a request's rows (and, once its decision record is written,
-real's predicted labels) to a list: microseconds. A callback on the event loop, at most every
-``min_interval_s`` (50 ms), hands what waits to the detectors in one vectorised step (about
-0.2 ms for 16 rows of 30 features; the batches grow with the rate, so the cost per row falls as
-traffic rises: at most 20 steps a second per deployment). No Redis round trip stands between a
-row and its judgement: a raise or a clear is written at once (one script call), and the
-process's claim is renewed every ``publish_s`` with a summary of its detectors for the report.
+Only the prior stays in the gateway: it judges real's predicted class, which only the decision
+records carry. The feature detectors judge the inputs, which the log bin reads anyway, every
+request of the deployment in batches: they run there (``models.feature_watch``), off the request
+path.
 
-Every gateway process judges only the rows it served: with two processes each sees about half
-of the traffic, and either may raise an alert; an alert clears once no process holds it.
+Once a decision record is written, real's predicted labels are appended to a list:
+microseconds. A callback on the event loop, at most every ``min_interval_s`` (50 ms), hands
+them to the detector in one step. A raise or a clear is written at once (one script call), and
+the process's claim is renewed every ``publish_s`` with a summary for the report.
+
+Every gateway process judges only the decisions it closed: with two processes each sees about
+half of the traffic, and either may raise the alert; it clears once no process holds it.
 """
 
 from __future__ import annotations
@@ -22,26 +25,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability import drift_store
 from gateway.observability.alert_webhooks import AlertWebhooks
-from rendezvous import names
+from rendezvous import drift_claims, names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 from rendezvous.decision import DecisionRecord
-from rendezvous.drift_detect import (
-    DetectorSettings,
-    FeatureDetectors,
-    FeatureProfile,
-    PriorDetector,
-)
-from rendezvous.spec import FeatureSpec
+from rendezvous.drift_detect import DetectorSettings, PriorDetector
 
 log = logging.getLogger(__name__)
-
-MAX_PENDING_ROWS = 20_000
-"""Rows waiting for the detectors at most; beyond, new rows are left out (counted)."""
 
 
 def positive_share(score_reference: list[float] | None) -> float | None:
@@ -54,20 +46,15 @@ def positive_share(score_reference: list[float] | None) -> float | None:
 
 @dataclass
 class _Deployment:
-    spec: FeatureSpec | None = None
-    features: FeatureDetectors | None = None
     prior: PriorDetector | None = None
     model: str | None = None
     """The real model the prior detector judges (``name:version``)."""
-    rows: list[np.ndarray] = field(default_factory=list)
-    pending_rows: int = 0
     labels: list[bool] = field(default_factory=list)
     scheduled: bool = False
     last_run: float = 0.0
     figures: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Statistics of the alerts released since the last claim (for their clear events)."""
     changed: bool = False
-    dropped: int = 0
 
 
 class OnlineDrift:
@@ -94,23 +81,12 @@ class OnlineDrift:
         self.publish_s = publish_s
         self.stale_ms = stale_s * 1000
         self._deps: dict[str, _Deployment] = {}
-        self._profiles: dict[int, FeatureProfile | None] = {}
         self._references: dict[str, float | None] = {}
         self._looking_up: set[str] = set()
         self._publishing: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    # -- the request path: append, maybe schedule -------------------------------------------
-
-    def observe_rows(self, deployment: str, features: np.ndarray) -> None:
-        dep = self._deps.get(deployment) or self._deps.setdefault(deployment, _Deployment())
-        if dep.pending_rows >= MAX_PENDING_ROWS:
-            dep.dropped += len(features)
-            return
-        dep.rows.append(features)
-        dep.pending_rows += len(features)
-        if not dep.scheduled:  # judged within min_interval_s: batches grow with the rate
-            self._schedule(deployment, dep)
+    # -- per decision: append, maybe schedule -----------------------------------------------
 
     def observe_decision(self, record: DecisionRecord) -> None:
         real = record.outputs.get(names.REAL)
@@ -127,6 +103,8 @@ class OnlineDrift:
         for row in real.probabilities:
             if len(row) == 2:
                 dep.labels.append(row[1] >= 0.5)
+        if dep.labels and not dep.scheduled:  # judged within min_interval_s
+            self._schedule(record.deployment, dep)
 
     def _schedule(self, deployment: str, dep: _Deployment) -> None:
         loop = asyncio.get_running_loop()
@@ -136,47 +114,20 @@ class OnlineDrift:
 
     # -- judging ----------------------------------------------------------------------------
 
-    def _feature_detectors(self, deployment: str, dep: _Deployment) -> FeatureDetectors | None:
-        state = self.deployments.deployments.get(deployment)
-        if state is None:
-            return None
-        spec = state.feature_spec
-        if spec is not dep.spec and (dep.spec is None or spec.to_dict() != dep.spec.to_dict()):
-            profile = FeatureProfile.from_spec(spec)
-            old = dep.features
-            dep.features = FeatureDetectors(profile, self.settings) if profile else None
-            if old is not None:  # new training statistics: what the old ones held is void
-                for alert_id, alert in old.active.items():
-                    dep.figures[alert_id] = {"value": alert.get("value"), "threshold": None}
-                dep.changed = True
-        dep.spec = spec
-        return dep.features
-
     def evaluate(self, deployment: str) -> None:
-        """Hand the waiting rows and labels to the detectors (a loop callback)."""
+        """Hand the waiting labels to the detector (a loop callback)."""
         dep = self._deps.get(deployment)
         if dep is None:
             return
         dep.scheduled = False
         dep.last_run = asyncio.get_running_loop().time()
-        rows, dep.rows, dep.pending_rows = dep.rows, [], 0
         labels, dep.labels = dep.labels, []
         try:
-            detectors = self._feature_detectors(deployment, dep)
-            width = dep.spec.width if dep.spec is not None else 0
-            fit = [r for r in rows if r.ndim == 2 and r.shape[1] == width]
-            if detectors is not None and fit:
-                raised, cleared = detectors.update(np.concatenate(fit))
-                self._note(dep, raised, cleared)
             if dep.prior is not None and labels:
                 what, alert = dep.prior.update(labels)
                 if what is not None:
                     self._note(dep, [alert] if what == "raised" else [],
                                [alert] if what == "cleared" else [])  # fmt: skip
-                    if detectors is not None:
-                        detectors.external_episode = dep.prior.active is not None
-                        if dep.prior.active is None:
-                            self._note(dep, [], detectors.end_episode())
         except Exception:
             log.exception("online drift detectors of %s failed", deployment)
         if dep.changed and deployment not in self._publishing:
@@ -186,15 +137,15 @@ class OnlineDrift:
         self, dep: _Deployment, raised: list[dict[str, Any]], cleared: list[dict[str, Any]]
     ) -> None:
         for alert in cleared:
-            dep.figures[_alert_id(alert)] = {"value": alert.get("value"),
-                                             "threshold": alert.get("threshold")}  # fmt: skip
+            dep.figures[drift_claims.alert_id(alert)] = {
+                "value": alert.get("value"),
+                "threshold": alert.get("threshold"),
+            }
         if raised or cleared:
             dep.changed = True
 
     def _active(self, dep: _Deployment) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
-        if dep.features is not None:
-            out.update(dep.features.active)
         if dep.prior is not None and dep.prior.active is not None:
             out["prediction_prior"] = dep.prior.active
         return out
@@ -206,8 +157,6 @@ class OnlineDrift:
             dep.figures["prediction_prior"] = {"value": None, "threshold": None}
             dep.changed = True
         dep.model, dep.prior = key, None
-        if dep.features is not None:
-            dep.features.external_episode = False
         if key in self._references:
             share = self._references[key]
             dep.prior = PriorDetector(share, self.settings) if share is not None else None
@@ -282,10 +231,7 @@ class OnlineDrift:
         return events
 
     def _summary(self, dep: _Deployment) -> dict[str, Any]:
-        doc: dict[str, Any] = {"model": dep.model, "dropped_rows": dep.dropped}
-        if dep.features is not None:
-            doc["rows"] = dep.features.rows_seen
-            doc["features"] = dep.features.summary()
+        doc: dict[str, Any] = {"model": dep.model}
         if dep.prior is not None:
             latest = dep.prior.alert()
             doc["prior"] = {"rows": dep.prior.rows_seen, "reference": dep.prior.reference,
@@ -298,7 +244,7 @@ class OnlineDrift:
             await asyncio.sleep(self.publish_s)
             for deployment in list(self._deps):
                 dep = self._deps[deployment]
-                if dep.pending_rows or dep.labels:
+                if dep.labels:
                     self.evaluate(deployment)
                 if deployment not in self._publishing:
                     try:
@@ -312,24 +258,9 @@ class OnlineDrift:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _alert_id(alert: Mapping[str, Any]) -> str:
-    feature = alert.get("feature")
-    return f"{alert['kind']}/{feature}" if feature else str(alert["kind"])
-
-
 def announce(deployment: str, events: list[dict[str, Any]], webhooks: AlertWebhooks | None) -> None:
     """A log line per raise and clear, and the webhooks (queued: nothing waits for them)."""
     for event in events:
-        value, threshold = event.get("value"), event.get("threshold")
-        log.warning(
-            "drift alert %s on %s: %s%s %s (threshold %s)%s",
-            event.get("type"),
-            deployment,
-            event.get("kind"),
-            f" [{event['feature']}]" if event.get("feature") else "",
-            f"{value:.4g}" if isinstance(value, int | float) else value,
-            f"{threshold:.4g}" if isinstance(threshold, int | float) else threshold,
-            f": {event['detail']}" if event.get("detail") and event.get("type") == "raised" else "",
-        )
+        log.warning("%s", drift_claims.event_line(deployment, event))
     if events and webhooks is not None:
         webhooks.notify(deployment, events, {})

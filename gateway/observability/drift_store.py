@@ -1,105 +1,16 @@
-"""One list of active drift alerts per deployment, whoever raised them.
-
-Alerts come from several sources at once: every gateway process's online detectors (its own
-rows, judged every few rows) and the drift monitor (merged sketches, on a timer). Each source
-*claims* the alerts it holds now (``drift:claims``, one field per source, with a time and a
-staleness bound), and one Lua script merges the claims into the active list (``drift:alerts``):
-an alert is active while any fresh claim holds it. The script alone writes that list, so a
-raise or a clear is decided once, atomically, whatever the sources do concurrently, and its
-event goes to ``drift:events`` (and a count to ``drift:event-counts``) in the same step. The
-source whose call made the change gets the events back to log and to send to the webhooks.
-
-A claim not renewed within its ``stale_ms`` (a gateway process that died) is dropped by the next
-call of any source; its alerts then clear unless another source holds them.
-"""
+"""The shared list of active drift alerts (``rendezvous.drift_claims``), on the gateway's async
+client: a source's claim, and the read of the list for the report and the metrics."""
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Mapping
 from typing import Any
 
-from rendezvous import names
+from rendezvous import drift_claims, names
 from rendezvous.bus.connection import AsyncClient
+from rendezvous.drift_claims import parse
 
-EVENTS_MAXLEN = 1000
-
-_MERGE = """
-local now = tonumber(ARGV[3])
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
-local wanted, when, figures = {}, {}, {}
-local claims = redis.call('HGETALL', KEYS[1])
-for i = 1, #claims, 2 do
-  local ok, c = pcall(cjson.decode, claims[i + 1])
-  local ts = ok and type(c) == 'table' and tonumber(c.ts_ms) or nil
-  local stale = ok and type(c) == 'table' and tonumber(c.stale_ms) or 0
-  if ts == nil or ts + stale < now then
-    redis.call('HDEL', KEYS[1], claims[i])
-  else
-    if type(c.alerts) == 'table' then
-      for id, a in pairs(c.alerts) do
-        if type(a) == 'table' and (when[id] == nil or ts > when[id]) then
-          a.source = claims[i]
-          wanted[id], when[id] = a, ts
-        end
-      end
-    end
-    if type(c.figures) == 'table' then
-      for id, f in pairs(c.figures) do figures[id] = f end
-    end
-  end
-end
-local events = {}
-local function event(kind_of, id, a)
-  local e = {type = kind_of, id = id, deployment = ARGV[5], ts_ms = now}
-  for _, k in ipairs({'kind', 'feature', 'value', 'threshold', 'detail', 'since_ms', 'source'}) do
-    e[k] = a[k]
-  end
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'e', cjson.encode(e))
-  events[#events + 1] = e
-end
-local current = redis.call('HGETALL', KEYS[2])
-local have = {}
-for i = 1, #current, 2 do
-  local id = current[i]
-  local ok, old = pcall(cjson.decode, current[i + 1])
-  if not ok or type(old) ~= 'table' then old = {kind = id} end
-  have[id] = true
-  local a = wanted[id]
-  if a == nil then
-    redis.call('HDEL', KEYS[2], id)
-    local f = figures[id]
-    if type(f) == 'table' then
-      old.value, old.threshold = f.value, f.threshold
-    end
-    event('cleared', id, old)
-  else
-    a.since_ms = old.since_ms or now
-    a.id = id
-    redis.call('HSET', KEYS[2], id, cjson.encode(a))
-  end
-end
-for id, a in pairs(wanted) do
-  if not have[id] then
-    a.since_ms, a.id = now, id
-    redis.call('HSET', KEYS[2], id, cjson.encode(a))
-    redis.call('HINCRBY', KEYS[4], a.kind or id, 1)
-    event('raised', id, a)
-  end
-end
-if #events == 0 then return '[]' end
-return cjson.encode(events)
-"""
-
-
-def _keys(deployment: str) -> list[str]:
-    return [
-        names.drift_claims_key(deployment),
-        names.drift_alerts_key(deployment),
-        names.drift_events_stream(deployment),
-        names.drift_event_counts_key(deployment),
-    ]
+__all__ = ["claim", "parse", "read"]
 
 
 async def claim(
@@ -114,20 +25,11 @@ async def claim(
     now_ms: float | None = None,
 ) -> list[dict[str, Any]]:
     """Say which alerts ``source`` holds now (None: only drop stale claims) and merge; returns
-    the raise and clear events this call decided, in order. ``figures``: the statistic of
-    alerts this source just released (the clear event carries it); ``extra``: more of the
-    source's state, kept with the claim for the drift report."""
-    now_ms = round(time.time() * 1000 if now_ms is None else now_ms)  # Lua's cjson: 14 digits
-    doc = ""
-    if alerts is not None:
-        body = {"ts_ms": now_ms, "stale_ms": stale_ms, **(extra or {})}
-        body["alerts"] = {k: dict(v) for k, v in alerts.items()}
-        body["figures"] = {k: dict(v) for k, v in (figures or {}).items()}
-        doc = json.dumps(body, default=float)
-    args = [source, doc, repr(now_ms), str(EVENTS_MAXLEN), deployment]
-    raw = await client.eval(_MERGE, 4, *_keys(deployment), *args)  # type: ignore[misc]
-    events = json.loads(raw)
-    return events if isinstance(events, list) else []
+    the raise and clear events this call decided, in order (``drift_claims.merge_args``)."""
+    args = drift_claims.merge_args(deployment, source, alerts, stale_ms=stale_ms,
+                                   figures=figures, extra=extra, now_ms=now_ms)  # fmt: skip
+    raw = await client.eval(drift_claims.MERGE, *args)  # type: ignore[misc]
+    return drift_claims.events_of(raw)
 
 
 async def read(client: AsyncClient, deployment: str) -> dict[str, Any]:
@@ -138,30 +40,3 @@ async def read(client: AsyncClient, deployment: str) -> dict[str, Any]:
     pipe.hgetall(names.drift_claims_key(deployment))
     alerts_raw, counts_raw, claims_raw = await pipe.execute()
     return parse(alerts_raw, counts_raw, claims_raw)
-
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
-
-
-def parse(
-    alerts_raw: Mapping[Any, Any], counts_raw: Mapping[Any, Any], claims_raw: Mapping[Any, Any]
-) -> dict[str, Any]:
-    """What ``read`` returns, from the three hashes as read (bytes or text)."""
-    alerts = []
-    for key in sorted(alerts_raw, key=_text):
-        try:
-            alerts.append(json.loads(alerts_raw[key]))
-        except ValueError:
-            continue
-    counts = {_text(k): int(v) for k, v in counts_raw.items()}
-    now_ms = time.time() * 1000
-    claims = {}
-    for key, raw in claims_raw.items():
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            continue
-        if float(doc.get("ts_ms", 0)) + float(doc.get("stale_ms", 0)) >= now_ms:
-            claims[_text(key)] = doc
-    return {"alerts": alerts, "event_counts": counts, "claims": claims}

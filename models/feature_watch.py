@@ -1,0 +1,228 @@
+"""The feature detectors, run in the log bin on every request's rows, in the bin's own batches.
+
+Why here and not in the gateway: the log bin already reads and decodes every request's envelope
+(features included), in batches of up to hundreds, one process for all of a deployment's
+traffic. In the gateway the same detectors cost ~14.5 µs a request on the request path, and
+each gateway process judged only the rows it served, so a window of 400 rows filled at half
+speed with two processes. Here they add no work to the request path, judge all the traffic, and
+cost a vectorised step per batch.
+
+What they find goes to the shared alert list (``rendezvous.drift_claims``) as this consumer's
+claim (``logbin:<consumer>``), queued into the log bin's ack pipeline: at once when an alert
+was raised or cleared, else every ``publish_s`` to renew it (an idle bin writes it alone). The
+same round trip reads whether the prediction-prior alert (the gateways' detector) is active: a
+class-prior shift moves many features a little, and the long windows that alerted during one
+start afresh when it ends (``FeatureDetectors.end_episode``). The events this consumer's claims
+decide are logged here and relayed to the webhooks by the gateway that leads the deployment's
+drift evaluation (the log bin has no HTTP client).
+
+Several log-bin consumers in one group each judge the share of the traffic they read (the
+detectors are calibrated per detector, so each keeps its false-alarm budget; a fault in every
+row is seen by each, only more slowly); their claims merge into one list, where an alert is
+active while any consumer holds it.
+
+Nothing here may stop the archive: every failure is logged and the rows are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rendezvous import drift_claims, names
+from rendezvous.drift_detect import DetectorSettings, FeatureDetectors, FeatureProfile
+from rendezvous.envelope import RequestEnvelope
+from rendezvous.spec import FeatureSpec
+
+log = logging.getLogger(__name__)
+
+PRIOR = "prediction_prior"
+"""The alert id of the gateways' prediction-prior detector."""
+MAX_PENDING_ROWS = 20_000
+"""Rows waiting for the detectors at most; beyond, new rows are left out (counted)."""
+
+
+@dataclass
+class _Deployment:
+    spec: FeatureSpec
+    detectors: FeatureDetectors | None
+    rows: list[np.ndarray] = field(default_factory=list)
+    pending_rows: int = 0
+    dropped: int = 0
+    figures: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Statistics of the alerts released since the last claim (for their clear events)."""
+    sent: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The figures of the claim in flight (given back if it fails)."""
+    changed: bool = True
+    next_claim_s: float = 0.0
+    prior_active: bool = False
+
+
+class FeatureWatch:
+    def __init__(
+        self,
+        consumer: str,
+        *,
+        settings: DetectorSettings | None = None,
+        publish_s: float = 1.0,
+        stale_s: float = 10.0,
+    ):
+        self.source = drift_claims.LOGBIN_SOURCE + consumer
+        self.settings = settings or DetectorSettings()
+        self.publish_s = publish_s
+        self.stale_ms = stale_s * 1000
+        self._deps: dict[str, _Deployment] = {}
+
+    # -- what is watched ----------------------------------------------------------------------
+
+    def follow(self, specs: Mapping[str, FeatureSpec]) -> None:
+        """The deployments to watch and their feature specs (the log bin's refresh). A changed
+        spec means new training statistics: what the old detectors held is void."""
+        for name in [n for n in self._deps if n not in specs]:
+            del self._deps[name]
+        for name, spec in specs.items():
+            dep = self._deps.get(name)
+            if dep is None:
+                self._deps[name] = _Deployment(spec, self._detectors(name, spec))
+            elif spec.version != dep.spec.version or spec.to_dict() != dep.spec.to_dict():
+                old = dep.detectors
+                dep.spec, dep.detectors = spec, self._detectors(name, spec)
+                dep.rows, dep.pending_rows = [], 0
+                for alert_id, alert in (old.active if old is not None else {}).items():
+                    dep.figures[alert_id] = {"value": alert.get("value"), "threshold": None}
+                    dep.changed = True
+
+    def _detectors(self, deployment: str, spec: FeatureSpec) -> FeatureDetectors | None:
+        try:
+            profile = FeatureProfile.from_spec(spec)
+        except Exception:
+            log.exception("feature watch: no training profile for %s", deployment)
+            return None
+        return FeatureDetectors(profile, self.settings) if profile is not None else None
+
+    def rows_seen(self, deployment: str) -> int:
+        dep = self._deps.get(deployment)
+        return dep.detectors.rows_seen if dep is not None and dep.detectors is not None else 0
+
+    # -- judging --------------------------------------------------------------------------
+
+    def observe(self, deployment: str, env: RequestEnvelope) -> None:
+        """Keep a request's rows for the next ``judge`` (rows of another spec are left out)."""
+        dep = self._deps.get(deployment)
+        if dep is None or dep.detectors is None:
+            return
+        x = env.features
+        if env.spec_version != dep.spec.version or x.ndim != 2 or x.shape[1] != dep.spec.width:
+            return
+        if dep.pending_rows >= MAX_PENDING_ROWS:
+            dep.dropped += len(x)
+            return
+        dep.rows.append(x)
+        dep.pending_rows += len(x)
+
+    def judge(self) -> None:
+        """Hand the kept rows to the detectors, one vectorised step per deployment."""
+        for name, dep in self._deps.items():
+            if not dep.rows or dep.detectors is None:
+                continue
+            rows, dep.rows, dep.pending_rows = dep.rows, [], 0
+            try:
+                raised, cleared = dep.detectors.update(np.concatenate(rows))
+            except Exception:
+                log.exception("feature watch: the detectors of %s failed", name)
+                continue
+            self._note(dep, raised, cleared)
+
+    @staticmethod
+    def _note(
+        dep: _Deployment, raised: list[dict[str, Any]], cleared: list[dict[str, Any]]
+    ) -> None:
+        for alert in cleared:
+            dep.figures[drift_claims.alert_id(alert)] = {
+                "value": alert.get("value"),
+                "threshold": alert.get("threshold"),
+            }
+        if raised or cleared:
+            dep.changed = True
+
+    # -- telling --------------------------------------------------------------------------
+
+    def due(self, now_s: float | None = None) -> bool:
+        now_s = time.monotonic() if now_s is None else now_s
+        return any(d.changed or now_s >= d.next_claim_s for d in self._deps.values())
+
+    def queue(self, pipe: Any, now_s: float | None = None) -> list[str]:
+        """Queue the claims that are due (changed, or ``publish_s`` old) on ``pipe``, each with
+        a read of the prediction-prior alert: two commands a deployment, in its hash slot.
+        Returns the deployments queued, for ``replies``."""
+        now_s = time.monotonic() if now_s is None else now_s
+        queued = []
+        for name, dep in self._deps.items():
+            if not (dep.changed or now_s >= dep.next_claim_s):
+                continue
+            dep.changed, dep.next_claim_s = False, now_s + self.publish_s
+            figures, dep.figures = dep.figures, {}
+            dep.sent = figures
+            active = dict(dep.detectors.active) if dep.detectors is not None else {}
+            try:
+                args = drift_claims.merge_args(
+                    name,
+                    self.source,
+                    active,
+                    stale_ms=self.stale_ms,
+                    figures=figures,
+                    extra=self._summary(dep),
+                )
+            except Exception:
+                log.exception("feature watch: cannot state the alerts of %s", name)
+                continue
+            pipe.execute_command("EVAL", drift_claims.MERGE, *args)  # a cluster pipe has no .eval
+            pipe.hexists(names.drift_alerts_key(name), PRIOR)
+            queued.append(name)
+        return queued
+
+    def unsent(self, queued: Sequence[str]) -> None:
+        """The pipeline that carried these claims failed as a whole: they are said again
+        within ``publish_s``, with the figures of the alerts they released."""
+        for name in queued:
+            if name in self._deps:
+                self._retry(self._deps[name])
+
+    def _retry(self, dep: _Deployment) -> None:
+        """Again within ``publish_s`` (not at every batch: a refusal may last)."""
+        dep.figures, dep.sent = {**dep.sent, **dep.figures}, {}
+        dep.next_claim_s = min(dep.next_claim_s, time.monotonic() + self.publish_s)
+
+    def replies(self, queued: Sequence[str], replies: Sequence[Any]) -> None:
+        """Act on the replies of what ``queue`` queued (the pipeline's last ``2 * len(queued)``
+        replies, errors as exception values): log the events decided, follow the prior."""
+        for i, name in enumerate(queued):
+            dep = self._deps.get(name)
+            if dep is None:
+                continue
+            events_raw, prior = replies[2 * i], replies[2 * i + 1]
+            if isinstance(events_raw, Exception):
+                log.warning("feature watch: cannot write the alerts of %s: %s", name, events_raw)
+                self._retry(dep)
+                continue
+            dep.sent = {}
+            for event in drift_claims.events_of(events_raw):
+                log.warning("%s", drift_claims.event_line(name, event))
+            if isinstance(prior, Exception) or dep.detectors is None:
+                continue
+            was, dep.prior_active = dep.prior_active, bool(prior)
+            dep.detectors.external_episode = dep.prior_active
+            if was and not dep.prior_active:
+                self._note(dep, [], dep.detectors.end_episode())
+
+    def _summary(self, dep: _Deployment) -> dict[str, Any]:
+        doc: dict[str, Any] = {"spec": dep.spec.version, "dropped_rows": dep.dropped}
+        if dep.detectors is not None:
+            doc["rows"] = dep.detectors.rows_seen
+            doc["features"] = dep.detectors.summary()
+        return doc
