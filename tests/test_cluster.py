@@ -222,10 +222,12 @@ def migrate_slot(cluster: LocalCluster, slot: int, source: int, target: int) -> 
     try:
         dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
         src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
-        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 10):
+        # 100 keys a MIGRATE: the slot holds thousands (taken request ids, outcome buckets),
+        # and traffic meets it half-moved for a second or so all the same.
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
             src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
             moved += len(keys)
-            time.sleep(0.05)  # let traffic meet the slot half-moved
+            time.sleep(0.02)  # let traffic meet the slot half-moved
         for port in (target, source):
             cluster.client(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
     finally:

@@ -16,13 +16,8 @@ import redis.asyncio as aioredis
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability.drift_feed import BIN_SLICE, SKETCH_FIELD, DriftFeed
-from gateway.observability.drift_monitor import (
-    LEASE_RECHECK_S,
-    DriftMonitor,
-    drift_view,
-    local_model_meta,
-    set_thresholds,
-)
+from gateway.observability.drift_monitor import LEASE_RECHECK_S, DriftMonitor, local_model_meta
+from gateway.observability.drift_view import drift_view, set_thresholds
 from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data

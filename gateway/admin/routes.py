@@ -43,7 +43,7 @@ from gateway.admin.bodies import (
 )
 from gateway.admin.replays import build_replay_router, replay_manager
 from gateway.admin.service import AdminService
-from gateway.observability.drift_monitor import drift_view, set_thresholds
+from gateway.observability.drift_view import drift_view, set_thresholds
 from gateway.problems import Problem
 from gateway.settings import Settings
 from models.registry import ModelRegistry

@@ -15,9 +15,7 @@ processes' prediction prior). An alert of the monitor is raised when the window 
 under it.
 
 The leading process also relays to the webhooks the alert events that the log bins' claims
-decided (the log bin has no HTTP client): at every tick, one read of the events stream after
-the last relayed id, which is kept in Redis so that a new leader carries on where the old one
-stopped.
+decided (``drift_relay``: the log bin has no HTTP client).
 
 The real model's score reference is its training distribution when its metadata carries one;
 otherwise the first full window of its scores after it became real, kept once built.
@@ -40,8 +38,10 @@ from gateway.observability import drift_features, drift_store
 from gateway.observability.alert_webhooks import AlertWebhooks
 from gateway.observability.drift_feed import SKETCH_FIELD
 from gateway.observability.drift_online import announce
+from gateway.observability.drift_relay import DriftRelay
+from gateway.observability.drift_view import MONITOR, thresholds_from
 from models.registry import ModelRegistry
-from rendezvous import drift_claims, names
+from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
 from rendezvous.drift import FeatureReference, Sketch
 from rendezvous.drift_alerts import Thresholds, evaluate_alerts, window_report
@@ -51,13 +51,9 @@ log = logging.getLogger(__name__)
 SCAN_LIMIT = 20_000
 """Most sketch entries one evaluation reads (a window rarely needs more than a few hundred)."""
 PAGE = 64
+"""Sketch entries read per round trip, newest first, until the window is full."""
 LEASE_RECHECK_S = 2.0
 """How long a process that saw another lease holder waits before asking again."""
-"""Sketch entries read per round trip, newest first, until the window is full."""
-MONITOR = "monitor"
-"""The monitor's source name in the shared alert list."""
-RELAY_PAGE = 200
-"""Alert events relayed per tick at most."""
 
 
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
@@ -92,16 +88,6 @@ def merge_window(
         if window.requests >= limit:
             break
     return window
-
-
-def thresholds_from(raw: bytes | None, defaults: Thresholds) -> Thresholds:
-    if raw is None:
-        return defaults
-    try:
-        return defaults.merged(json.loads(raw))
-    except ValueError as exc:
-        log.error("stored drift thresholds are invalid (%s); using the defaults", exc)
-        return defaults
 
 
 class DriftMonitor:
@@ -147,17 +133,15 @@ class DriftMonitor:
         self._leases: dict[str, tuple[bool, float]] = {}
         """Deployment -> (held by us, monotonic time to ask Redis again)."""
         self._last_point: dict[str, float] = {}
-        self._relayed: dict[str, bytes] = {}
-        """Per deployment led, the id of the latest event relayed (dropped on losing the lead)."""
+        self._relay = DriftRelay(client, webhooks)
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.tick_s)
             try:
                 led, due = await self._due_deployments()
-                for gone in set(self._relayed).difference(led):
-                    del self._relayed[gone]  # the lead went elsewhere: its holder relays
-                await self.relay(*led)
+                self._relay.keep_only(led)
+                await self._relay.relay(*led)
             except REDIS_FAILURES as exc:
                 log.warning("drift evaluation: cannot tell which deployments are due: %s", exc)
                 continue
@@ -197,44 +181,8 @@ class DriftMonitor:
         return led, due
 
     async def relay(self, *deployments: str) -> int:
-        """Send the webhooks the events a log bin's claim decided since the last relayed one,
-        for each of ``deployments`` (their events read in one round trip); returns how many.
-        The first call of a new leader starts after the stored id (or, when none is stored,
-        after the newest event: nothing older is sent again)."""
-        for deployment in deployments:
-            if deployment not in self._relayed:
-                key = names.drift_events_stream(deployment)
-                stored = await self.client.get(names.drift_relayed_key(deployment))
-                if stored is None:
-                    newest = cast(Entries, await self.client.xrevrange(key, count=1))
-                    stored = newest[0][0] if newest else b"0-0"
-                self._relayed[deployment] = text(stored).encode()
-        if not deployments:
-            return 0
-        pipe = self.client.pipeline(transaction=False)
-        for deployment in deployments:
-            pipe.xrange(names.drift_events_stream(deployment), b"(" + self._relayed[deployment],
-                        "+", count=RELAY_PAGE)  # fmt: skip
-        relayed = 0
-        for deployment, entries in zip(deployments, await pipe.execute(), strict=True):
-            if entries:
-                relayed += await self._relay_events(deployment, cast(Entries, entries))
-        return relayed
-
-    async def _relay_events(self, deployment: str, entries: Entries) -> int:
-        events = []
-        for _id, fields in entries:
-            try:
-                event = json.loads(fields[b"e"])
-            except (KeyError, ValueError):
-                continue
-            if str(event.get("by", "")).startswith(drift_claims.LOGBIN_SOURCE):
-                events.append(event)
-        self._relayed[deployment] = entries[-1][0]
-        await self.client.set(names.drift_relayed_key(deployment), entries[-1][0])
-        if events and self.webhooks is not None:
-            self.webhooks.notify(deployment, events, {})  # queued: nothing waits
-        return len(events)
+        """See ``DriftRelay.relay``."""
+        return await self._relay.relay(*deployments)
 
     async def _lead(self, deployment: str, now: float) -> bool:
         """Hold (or take) the deployment's evaluation lease; a dead holder's lapses.
@@ -448,55 +396,3 @@ def local_model_meta(models_dir: Path) -> Callable[[str, int], Mapping[str, Any]
             return None
 
     return load
-
-
-# -- what /v1/deployments/{d}/drift shows -----------------------------------------------------
-
-
-async def drift_view(
-    client: AsyncClient,
-    deployment: str,
-    defaults: Thresholds,
-    *,
-    history: int = 360,
-    events: int = 50,
-) -> dict[str, Any]:
-    pipe = client.pipeline(transaction=False)
-    pipe.get(names.drift_report_key(deployment))
-    pipe.get(names.drift_thresholds_key(deployment))
-    pipe.xrevrange(names.drift_history_stream(deployment), count=history)
-    pipe.xrevrange(names.drift_events_stream(deployment), count=events)
-    pipe.hgetall(names.drift_alerts_key(deployment))
-    pipe.hgetall(names.drift_event_counts_key(deployment))
-    pipe.hgetall(names.drift_claims_key(deployment))
-    report_raw, thresholds_raw, points, event_entries, *merged = await pipe.execute()
-    report: dict[str, Any] = json.loads(report_raw) if report_raw else {}
-    shared = drift_store.parse(*merged)
-    online = {
-        source.removeprefix("gateway:"): {k: v for k, v in claim.items() if k != "figures"}
-        for source, claim in sorted(shared["claims"].items())
-        if source != MONITOR
-    }
-    return {
-        "deployment": deployment,
-        "evaluated_at_ms": report.get("evaluated_at_ms"),
-        "window": report.get("window"),
-        "thresholds": thresholds_from(thresholds_raw, defaults).to_dict(),
-        "current": report.get("current"),
-        "alerts": shared["alerts"],
-        "event_counts": shared["event_counts"],
-        "online": online,
-        "events": [json.loads(f[b"e"]) for _id, f in reversed(event_entries)],
-        "history": [json.loads(f[b"p"]) for _id, f in reversed(points)],
-    }
-
-
-async def set_thresholds(
-    client: AsyncClient, deployment: str, changes: Mapping[str, Any], defaults: Thresholds
-) -> Thresholds:
-    """Validate and store a deployment's thresholds (partial changes keep the rest)."""
-    stored = cast(bytes | None, await client.get(names.drift_thresholds_key(deployment)))
-    current = thresholds_from(stored, defaults)
-    updated = current.merged(changes)  # ValueError naming the key at fault
-    await client.set(names.drift_thresholds_key(deployment), json.dumps(updated.to_dict()))
-    return updated

@@ -13,7 +13,7 @@ from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import UnknownDeployment
 from gateway.dataplane.matcher import Rendezvous
 from gateway.observability import drift_features
-from gateway.observability.drift_monitor import drift_view
+from gateway.observability.drift_view import drift_view
 from gateway.observability.live_accuracy import accuracy_view
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.metrics_state import read_state, state_registry

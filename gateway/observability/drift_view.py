@@ -1,0 +1,79 @@
+"""What ``/v1/deployments/{d}/drift`` shows, read from what the monitor and the online
+detectors stored, and the deployment's alert thresholds (stored beside the report, partial
+changes keeping the rest)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any, cast
+
+from gateway.observability import drift_store
+from rendezvous import names
+from rendezvous.bus.connection import AsyncClient
+from rendezvous.drift_alerts import Thresholds
+
+log = logging.getLogger(__name__)
+
+MONITOR = "monitor"
+"""The monitor's source name in the shared alert list."""
+
+
+def thresholds_from(raw: bytes | None, defaults: Thresholds) -> Thresholds:
+    if raw is None:
+        return defaults
+    try:
+        return defaults.merged(json.loads(raw))
+    except ValueError as exc:
+        log.error("stored drift thresholds are invalid (%s); using the defaults", exc)
+        return defaults
+
+
+async def drift_view(
+    client: AsyncClient,
+    deployment: str,
+    defaults: Thresholds,
+    *,
+    history: int = 360,
+    events: int = 50,
+) -> dict[str, Any]:
+    pipe = client.pipeline(transaction=False)
+    pipe.get(names.drift_report_key(deployment))
+    pipe.get(names.drift_thresholds_key(deployment))
+    pipe.xrevrange(names.drift_history_stream(deployment), count=history)
+    pipe.xrevrange(names.drift_events_stream(deployment), count=events)
+    pipe.hgetall(names.drift_alerts_key(deployment))
+    pipe.hgetall(names.drift_event_counts_key(deployment))
+    pipe.hgetall(names.drift_claims_key(deployment))
+    report_raw, thresholds_raw, points, event_entries, *merged = await pipe.execute()
+    report: dict[str, Any] = json.loads(report_raw) if report_raw else {}
+    shared = drift_store.parse(*merged)
+    online = {
+        source.removeprefix("gateway:"): {k: v for k, v in claim.items() if k != "figures"}
+        for source, claim in sorted(shared["claims"].items())
+        if source != MONITOR
+    }
+    return {
+        "deployment": deployment,
+        "evaluated_at_ms": report.get("evaluated_at_ms"),
+        "window": report.get("window"),
+        "thresholds": thresholds_from(thresholds_raw, defaults).to_dict(),
+        "current": report.get("current"),
+        "alerts": shared["alerts"],
+        "event_counts": shared["event_counts"],
+        "online": online,
+        "events": [json.loads(f[b"e"]) for _id, f in reversed(event_entries)],
+        "history": [json.loads(f[b"p"]) for _id, f in reversed(points)],
+    }
+
+
+async def set_thresholds(
+    client: AsyncClient, deployment: str, changes: Mapping[str, Any], defaults: Thresholds
+) -> Thresholds:
+    """Validate and store a deployment's thresholds (partial changes keep the rest)."""
+    stored = cast(bytes | None, await client.get(names.drift_thresholds_key(deployment)))
+    current = thresholds_from(stored, defaults)
+    updated = current.merged(changes)  # ValueError naming the key at fault
+    await client.set(names.drift_thresholds_key(deployment), json.dumps(updated.to_dict()))
+    return updated
