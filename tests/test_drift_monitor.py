@@ -259,3 +259,32 @@ async def test_a_big_flush_bins_every_row_in_slices_and_lets_the_loop_run(
     assert len(seen) == 3 and seen[0] < seen[1] < seen[2]  # the loop ran between slices
     [(_id, fields)] = r.xrange(names.drift_sketch_stream(DEMO_DEPLOYMENT))
     assert Sketch.from_bytes(fields[SKETCH_FIELD]).feature_rows == requests
+
+
+async def test_an_idle_deployment_is_evaluated_every_idle_interval_a_busy_one_at_once(
+    client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never evaluated: due. Then, with no new sketches, not due at the interval, only once
+    IDLE_INTERVAL_S passed; with new requests, due at the interval (or at once past
+    evaluate_every)."""
+    from gateway.observability import drift_monitor
+
+    deployments = await cache(client)
+    monitor = DriftMonitor(client, deployments, "gw-1", interval_s=0.1, evaluate_every=50)
+    assert await monitor._due_deployments() == ([DEMO_DEPLOYMENT], [DEMO_DEPLOYMENT])
+    await monitor.evaluate(DEMO_DEPLOYMENT)
+    monkeypatch.setattr(drift_monitor, "IDLE_INTERVAL_S", 0.4)
+    await asyncio.sleep(0.15)
+    assert (await monitor._due_deployments())[1] == []  # the interval passed, nothing came
+    await asyncio.sleep(0.3)
+    assert (await monitor._due_deployments())[1] == [DEMO_DEPLOYMENT]  # the idle interval
+    await monitor.evaluate(DEMO_DEPLOYMENT)
+    feed = DriftFeed(client, deployments)
+    x = demo_data().x_test
+    await feed_traffic(feed, x[:10], np.full(10, 0.9))
+    assert (await monitor._due_deployments())[1] == []  # 10 new: wait for the interval
+    await asyncio.sleep(0.15)
+    assert (await monitor._due_deployments())[1] == [DEMO_DEPLOYMENT]
+    await monitor.evaluate(DEMO_DEPLOYMENT)
+    await feed_traffic(feed, x[:60], np.full(60, 0.9))
+    assert (await monitor._due_deployments())[1] == [DEMO_DEPLOYMENT]  # past evaluate_every
