@@ -108,7 +108,7 @@ class DriftMonitor:
         local_meta: Callable[[str, int], Mapping[str, Any] | None] | None = None,
         webhooks: AlertWebhooks | None = None,
         evaluate_every: int = 200,
-        tick_s: float = 0.25,
+        tick_s: float = 0.5,
         clear_requests: int | None = None,
     ):
         self.client = client
