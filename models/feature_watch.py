@@ -142,11 +142,7 @@ class FeatureWatch:
     def _note(
         dep: _Deployment, raised: list[dict[str, Any]], cleared: list[dict[str, Any]]
     ) -> None:
-        for alert in cleared:
-            dep.figures[drift_claims.alert_id(alert)] = {
-                "value": alert.get("value"),
-                "threshold": alert.get("threshold"),
-            }
+        dep.figures.update(drift_claims.cleared_figures(cleared))
         if raised or cleared:
             dep.changed = True
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rendezvous import names
@@ -175,6 +175,13 @@ def alert_id(alert: Mapping[str, Any]) -> str:
     """``kind/feature``, or ``kind`` for an alert about no one feature."""
     feature = alert.get("feature")
     return f"{alert['kind']}/{feature}" if feature else str(alert["kind"])
+
+
+def cleared_figures(cleared: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """What each cleared alert measured, by alert id: a source passes them with its next
+    claim, so the clear event says what the alert was."""
+    return {alert_id(a): {"value": a.get("value"), "threshold": a.get("threshold")}
+            for a in cleared}  # fmt: skip
 
 
 def event_line(deployment: str, event: Mapping[str, Any]) -> str:
