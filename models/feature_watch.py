@@ -61,6 +61,8 @@ class _Deployment:
     changed: bool = True
     next_claim_s: float = 0.0
     prior_active: bool = False
+    judged: bool = False
+    """Rows were judged since the last claim (else the claim is only kept fresh)."""
 
 
 class FeatureWatch:
@@ -131,6 +133,7 @@ class FeatureWatch:
             if not dep.rows or dep.detectors is None:
                 continue
             rows, dep.rows, dep.pending_rows = dep.rows, [], 0
+            dep.judged = True
             try:
                 raised, cleared = dep.detectors.update(np.concatenate(rows))
             except Exception:
@@ -161,7 +164,10 @@ class FeatureWatch:
         for name, dep in self._deps.items():
             if not (dep.changed or now_s >= dep.next_claim_s):
                 continue
-            dep.changed, dep.next_claim_s = False, now_s + self.publish_s
+            # An idle deployment's claim is only kept fresh (well inside ``stale_s``): twenty
+            # of them claimed every second were most of an idle log bin's Redis commands.
+            every_s = self.publish_s if dep.judged else max(self.publish_s, self.stale_ms / 3000)
+            dep.changed, dep.judged, dep.next_claim_s = False, False, now_s + every_s
             figures, dep.figures = dep.figures, {}
             dep.sent = figures
             active = dict(dep.detectors.active) if dep.detectors is not None else {}

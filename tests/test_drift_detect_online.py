@@ -287,3 +287,30 @@ async def test_sources_merge_into_one_list(client: aioredis.Redis) -> None:
         == []
     )
     assert await client.hkeys(names.drift_claims_key(DEMO_DEPLOYMENT)) == []
+
+
+@pytest.mark.pure
+def test_an_idle_deployments_claim_is_only_kept_fresh(demo_registry: ModelRegistry) -> None:
+    """A deployment whose rows were judged is claimed every publish_s; an idle one every third
+    of stale_s (still well inside it); a raised or cleared alert at once either way."""
+    from models.feature_watch import FeatureWatch
+
+    spec = demo_deployment(demo_registry, Schedule()).feature_spec
+    watch = FeatureWatch("logbin-t", publish_s=1.0, stale_s=9.0)
+    watch.follow({DEMO_DEPLOYMENT: spec})
+    pipe = redis.Redis().pipeline(transaction=False)  # queued only, never sent
+
+    def claimed(at_s: float) -> bool:
+        return watch.queue(pipe, now_s=at_s) == [DEMO_DEPLOYMENT]
+
+    assert claimed(0.0)  # the first claim
+    assert not claimed(1.5) and not claimed(2.9) and claimed(3.1)  # idle: every 3 s
+    rows = demo_data().x_test[:5].astype(np.float32)
+    env = RequestEnvelope(request_id="r", deployment=DEMO_DEPLOYMENT, reply_to="x",
+                          deadline_ms=0, enqueued_ms=0.0, raw=b"{}", features=rows,
+                          spec_version=spec.version)  # fmt: skip
+    watch.observe(DEMO_DEPLOYMENT, env)
+    watch.judge()
+    assert not claimed(5.0) and claimed(6.2)  # due at 6.1; it says the judged rows
+    assert claimed(7.3)  # publish_s after a busy claim
+    assert not claimed(10.2) and claimed(10.4)  # idle again: every 3 s
