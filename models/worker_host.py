@@ -179,6 +179,8 @@ class WorkerHost:
             hosted.failed = True
             log.exception("worker host: %s/%s stopped on an error", hosted.worker.deployment,
                           hosted.worker.role)  # fmt: skip
+        finally:
+            hosted.worker.client.close()  # its own (``client_per_worker``): a restart makes anew
 
     @staticmethod
     def _retire(hosted: _Hosted, grace_s: float = 10.0) -> None:
