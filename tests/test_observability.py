@@ -118,12 +118,15 @@ def test_metrics_reflect_a_known_sequence_of_requests(system: System) -> None:
         return value(after, name, **labels) - value(before, name, **labels)
 
     def caught_up() -> bool:
-        """Each gateway process writes its tallies within FLUSH_S; the scraped one at once."""
+        """Each gateway process writes its tallies within FLUSH_S; the scraped one at once.
+        (Another process's metrics are files written one after the other: a scrape may read
+        its request count before its latency histogram.)"""
         nonlocal after
         after = scrape(system.http)
         requests = sum(v for (n, _), v in after.items() if n == "rdv_requests_total")
         requests -= sum(v for (n, _), v in before.items() if n == "rdv_requests_total")
-        return requests >= 45 and delta("rdv_decisions_total", deployment=dep) >= 40
+        return (requests >= 45 and delta("rdv_decisions_total", deployment=dep) >= 40
+                and delta("rdv_request_duration_seconds_count", deployment=dep) >= 40)  # fmt: skip
 
     wait_until(caught_up, 5, "the 45 requests and 40 decisions on /metrics")
 
