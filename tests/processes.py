@@ -308,3 +308,12 @@ class WebhookReceiver:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def stream_head(r: redis.Redis, stream: str) -> bytes | None:
+    """The id of the last entry ever appended to ``stream`` (None: no such stream). Unlike its
+    length, the log bin's trimming behind its readers does not move it: what tells whether a
+    request was published."""
+    if not r.exists(stream):
+        return None
+    return r.xinfo_stream(stream)["last-generated-id"]  # type: ignore[no-any-return,index]

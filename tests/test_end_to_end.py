@@ -17,7 +17,7 @@ from models.archive import ArchiveReader
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from models.train import DEMO_DEPLOYMENT, demo_data
-from processes import PREDICT, RdvProcess, System, launch_system, wait_until
+from processes import PREDICT, RdvProcess, System, launch_system, stream_head, wait_until
 from rendezvous import names
 from rendezvous.bus.server import free_port
 from rendezvous.decision import DecisionRecord, decode_entries
@@ -209,11 +209,11 @@ def test_bad_input_is_422_naming_the_problem_and_publishes_nothing(
     system: System, body: dict, needle: str
 ) -> None:
     stream = names.input_stream(DEMO_DEPLOYMENT)
-    before = system.r.xlen(stream)
+    before = stream_head(system.r, stream)
     resp = system.predict(body)
     assert resp.status_code == 422, resp.text
     assert needle in resp.text
-    assert system.r.xlen(stream) == before
+    assert stream_head(system.r, stream) == before
 
 
 def test_unknown_deployment_is_404(system: System) -> None:
@@ -223,7 +223,7 @@ def test_unknown_deployment_is_404(system: System) -> None:
 
 def test_oversized_body_is_413_and_publishes_nothing(system: System) -> None:
     stream = names.input_stream(DEMO_DEPLOYMENT)
-    before = system.r.xlen(stream)
+    before = stream_head(system.r, stream)
     big = {"instances": [[0.5] * 30] * 10000}  # about 1.5 MB of JSON, over the 1 MiB default
     resp = system.predict(big)
     assert resp.status_code == 413 and "larger than" in resp.json()["detail"]
@@ -234,4 +234,4 @@ def test_oversized_body_is_413_and_publishes_nothing(system: System) -> None:
         PREDICT, content=iter(chunks), headers={"content-type": "application/json"}
     )
     assert streamed.status_code == 413
-    assert system.r.xlen(stream) == before
+    assert stream_head(system.r, stream) == before

@@ -8,13 +8,12 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from models.train import DEMO_DEPLOYMENT, demo_data
-from processes import PREDICT, RdvProcess, System, launch_system, wait_until
+from processes import PREDICT, RdvProcess, System, launch_system, stream_head, wait_until
 from rendezvous import names
 from rendezvous.bus.server import free_port
 from rendezvous.decision import decode_entries
@@ -144,9 +143,8 @@ def test_bad_input_is_refused_and_writes_nothing(
 ) -> None:
     streams = [names.input_stream(DEMO_DEPLOYMENT), names.jobs_stream(DEMO_DEPLOYMENT)]
 
-    def last_ids() -> list[Any]:  # not the lengths: the log bin trims behind its readers
-        return [system.r.xinfo_stream(s)["last-generated-id"] if system.r.exists(s) else None
-                for s in streams]  # fmt: skip
+    def last_ids() -> list[bytes | None]:
+        return [stream_head(system.r, s) for s in streams]
 
     before = last_ids()
     resp = system.http.post(JOBS, content=body, headers={"content-type": "application/json"})
@@ -157,7 +155,7 @@ def test_bad_input_is_refused_and_writes_nothing(
 
 def test_unknown_deployment_ids_and_waits_out_of_bounds_are_clear(system: System) -> None:
     streams = [names.input_stream(DEMO_DEPLOYMENT), names.jobs_stream(DEMO_DEPLOYMENT)]
-    before = [system.r.xlen(s) for s in streams]
+    before = [stream_head(system.r, s) for s in streams]
     body = bodies(1)[0]
     resp = system.http.post("/v1/deployments/nope/jobs", json=body)
     assert resp.status_code == 404 and "nope" in resp.json()["detail"]
@@ -174,7 +172,7 @@ def test_unknown_deployment_ids_and_waits_out_of_bounds_are_clear(system: System
         resp = system.http.get(f"{JOBS}/{unknown}", params={"wait_ms": wait_ms})
         assert resp.status_code == 422, resp.text
         assert resp.json()["detail"][0]["loc"] == ["query", "wait_ms"]
-    assert [system.r.xlen(s) for s in streams] == before
+    assert [stream_head(system.r, s) for s in streams] == before
 
 
 def test_cancel_and_a_job_past_the_timeout(system: System) -> None:
