@@ -266,7 +266,8 @@ async def test_an_idle_deployment_is_evaluated_every_idle_interval_a_busy_one_at
 ) -> None:
     """Never evaluated: due. Then, with no new sketches, not due at the interval, only once
     IDLE_INTERVAL_S passed; with new requests, due at the interval (or at once past
-    evaluate_every)."""
+    evaluate_every); an evaluation too soon after the last point of history is followed by one
+    more at the interval, so the history ends on the final state."""
     from gateway.observability import drift_monitor
 
     deployments = await cache(client)
@@ -288,3 +289,14 @@ async def test_an_idle_deployment_is_evaluated_every_idle_interval_a_busy_one_at
     await monitor.evaluate(DEMO_DEPLOYMENT)
     await feed_traffic(feed, x[:60], np.full(60, 0.9))
     assert (await monitor._due_deployments())[1] == [DEMO_DEPLOYMENT]  # past evaluate_every
+    history = names.drift_history_stream(DEMO_DEPLOYMENT)
+    points = await client.xlen(history)
+    await monitor.evaluate(DEMO_DEPLOYMENT)  # too soon after the last point: none written
+    assert await client.xlen(history) == points
+    assert (await monitor._due_deployments())[1] == []
+    await asyncio.sleep(0.15)  # nothing new, but the final state is not on the chart yet
+    assert (await monitor._due_deployments())[1] == [DEMO_DEPLOYMENT]
+    await monitor.evaluate(DEMO_DEPLOYMENT)
+    assert await client.xlen(history) == points + 1
+    await asyncio.sleep(0.15)
+    assert (await monitor._due_deployments())[1] == []  # recorded: idle again

@@ -136,6 +136,7 @@ class DriftMonitor:
         self._leases: dict[str, tuple[bool, float]] = {}
         """Deployment -> (held by us, monotonic time to ask Redis again)."""
         self._last_point: dict[str, float] = {}
+        self._unrecorded: set[str] = set()  # latest evaluation not yet a point of history
         self._relay = DriftRelay(client, webhooks)
 
     async def run(self) -> None:
@@ -159,9 +160,11 @@ class DriftMonitor:
     async def _due_deployments(self) -> tuple[list[str], list[str]]:
         """The deployments this process leads, and those of them due an evaluation: once
         ``evaluate_every`` requests came into their sketch stream since the last one, or once
-        ``interval_s`` passed if any came, or ``IDLE_INTERVAL_S`` if none did (an idle
-        deployment's report only ages; twenty of them evaluated every 5 s cost a gateway 1-2 %
-        of a core). The newest sketches of all of them are read in one round trip (per node)."""
+        ``interval_s`` passed if any came or the latest evaluation is not yet in the history
+        (it came too soon after the last point: traffic that stops must still leave its final
+        state on the chart), or ``IDLE_INTERVAL_S`` if none did (an idle deployment's report
+        only ages; twenty of them evaluated every 5 s cost a gateway 1-2 % of a core). The
+        newest sketches of all of them are read in one round trip (per node)."""
         now = time.monotonic()
         led = [d for d in sorted(self.deployments.deployments) if await self._lead(d, now)]
         if not led:
@@ -180,7 +183,8 @@ class DriftMonitor:
                 continue
             since = now - self._last_eval.get(deployment, -math.inf)
             new = sum(s.requests for s in _decode_sketches(cast(Entries, entries)))
-            if (new >= self.evaluate_every or (since >= self.interval_s and new > 0)
+            pending = new > 0 or deployment in self._unrecorded
+            if (new >= self.evaluate_every or (since >= self.interval_s and pending)
                     or since >= max(self.interval_s, IDLE_INTERVAL_S)):  # fmt: skip
                 due.append(deployment)
         return led, due
@@ -283,12 +287,15 @@ class DriftMonitor:
         due = now_ms - self._last_point.get(deployment, 0.0) >= self.interval_s * 1000 * 0.9
         if due:
             self._last_point[deployment] = now_ms
+            self._unrecorded.discard(deployment)
             pipe.xadd(
                 names.drift_history_stream(deployment),
                 {b"p": json.dumps(point)},
                 maxlen=self.history_len,
                 approximate=False,
             )
+        else:
+            self._unrecorded.add(deployment)
         drift_features.store(pipe, deployment, drift_features.snapshot(window, features, now_ms),
                              report["features"]["psi"], dep.feature_spec,
                              self.history_len if due else None)  # fmt: skip
