@@ -15,7 +15,6 @@ The summary goes to ``benchmarks/results/profile-<date>-<commit>.json``; the fol
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import subprocess
@@ -25,8 +24,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks import procstat
+from benchmarks.axis_common import with_bodies
 from benchmarks.loadgen import Load, run_load
-from benchmarks.run import _git, demo_rows, log
+from benchmarks.run import _git, log
 from benchmarks.systems import REPO, ensure_tools, start_rdv
 
 CATEGORIES = (
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--gateway-processes", type=int)
     p.add_argument("--loadgen-procs", type=int, default=2)
+    p.add_argument("--rows", type=int, default=1, help="demo rows per request")
     p.add_argument("--out", type=Path, help="folder for the folded stacks (default: temporary)")
     p.add_argument("--summary", type=Path, help="summary JSON (default: benchmarks/results/)")
     args = p.parse_args(argv)
@@ -194,10 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     running = start_rdv(work / "data", work, args.gateway_processes)
     report: dict[str, object] = {}
     try:
-        rows = demo_rows()
-        target = dataclasses.replace(
-            running.target, bodies=tuple(json.dumps({"instances": [r]}).encode() for r in rows)
-        )
+        target = with_bodies(running, args.rows).target
         run_load(target, Load("closed", args.concurrency, duration_s=2.0), args.loadgen_procs)
         c1, _ = run_load(target, Load("closed", 1, duration_s=5.0), 1)
         budget = latency_budget(_redis_port(running.tree), list(c1.latencies_ms), 2000)

@@ -15,6 +15,7 @@ from typing import Any
 from gateway.cli.process import (
     LOG_FORMAT,
     listening_socket,
+    one_blas_thread,
     settings_from_args,
     share_metrics_between_processes,
     stop_event,
@@ -323,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    one_blas_thread()
     logging.basicConfig(level=Settings().log_level.upper(), format=LOG_FORMAT)
     args.func(args)
 
