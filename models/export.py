@@ -1,13 +1,14 @@
 """Export a slice of the archive for retraining: one row per request row, as the models saw it.
 
-Columns: ``request_id``, ``row`` (the row's index in a multi-row request; 0 otherwise),
-``time`` (ISO-8601 UTC) and ``enqueued_ms``, ``stream`` and ``stream_id``, one column per
-feature of the deployment's spec, then per role that answered (real first, canary, the rest
-by name) ``<role>_model``, ``<role>_version``, ``<role>_label`` and ``<role>_proba_<class>``
-from the decision records still kept (empty when the record is gone), and ``label`` (the row's
-true class) where the feedback route stored one. The file names the stream positions it
-covers (Parquet: the ``rdv`` metadata of its footer; CSV: ``FILE.meta.json``), so the same
-slice can be taken again.
+Columns: ``request_id``, ``row`` (the row's index in a multi-row request; 0 otherwise), ``time``
+(ISO-8601 UTC) and ``enqueued_ms``, ``stream`` and ``stream_id``, one column per feature of the
+deployment's spec, then per role that answered (real first, canary, the rest by name)
+``<role>_model``, ``<role>_version``, ``<role>_label`` and ``<role>_proba_<class>`` from the
+decision records still kept, else from the outcomes the feedback route keeps for
+``RDV_FEEDBACK_RETENTION_S`` (the same answers and six decimals; empty when both are gone), and
+``label`` (the row's true class) where the feedback route stored one. The file names the stream
+positions it covers (Parquet: the ``rdv`` metadata of its footer; CSV: ``FILE.meta.json``), so
+the same slice can be taken again.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from typing import Any
 
 from models.archive import ArchiveReader
 from models.archive_slice import Positions, positions_json, read
-from models.labels import label_keys, labels_for
+from models.labels import as_recorded, label_keys, labels_for, outcome_keys, outcomes_for
 from models.replay import decision_records
 from rendezvous import names
 from rendezvous.bus.connection import Client
-from rendezvous.decision import BinOutput
+from rendezvous.decision import DecisionRecord
+from rendezvous.outcomes import BinAnswer
 
 FORMATS = ("parquet", "csv")
 _CHUNK = 5000
@@ -35,6 +37,15 @@ _CHUNK = 5000
 def _roles(found: set[str]) -> list[str]:
     first = [r for r in (names.REAL, names.CANARY) if r in found]
     return first + sorted(found - set(first))
+
+
+def _answers(record: DecisionRecord) -> dict[str, BinAnswer]:
+    """Every bin's answer that scored, as an outcome keeps it."""
+    return {
+        role: BinAnswer(out.model, out.version, list(out.labels), out.probabilities or [])
+        for role, out in record.outputs.items()
+        if out.ok and out.labels is not None
+    }
 
 
 def _iso(ms: float | None) -> str | None:
@@ -57,6 +68,7 @@ class Exporter:
         self.deployment = deployment
         self.feature_names = list(feature_names)
         self.classes = list(classes)
+        self.outcome_keys: list[str] = []
 
     def columns(self, roles: list[str]) -> list[str]:
         cols = ["request_id", "row", "time", "enqueued_ms", "stream", "stream_id"]
@@ -66,11 +78,32 @@ class Exporter:
             cols += [f"{role}_proba_{c}" for c in self.classes]
         return [*cols, "label"]
 
+    def kept(self, positions: Positions, outputs: dict[str, dict[str, BinAnswer]]) -> set[str]:
+        """The roles of the slice's requests whose decision record is gone, from the outcomes
+        kept (a pass over the slice, a round trip per chunk): the columns come first."""
+        roles: set[str] = set()
+        if not self.outcome_keys:
+            return roles
+        gone: list[str] = []
+        for record in read(self.reader, self.deployment, positions):
+            rid = str(record.get("request_id", ""))
+            if rid not in outputs:
+                gone.append(rid)
+            if len(gone) >= _CHUNK:
+                roles |= self._kept_roles(gone)
+                gone = []
+        return roles | self._kept_roles(gone)
+
+    def _kept_roles(self, ids: list[str]) -> set[str]:
+        found = outcomes_for(self.client, self.deployment, ids, self.outcome_keys)
+        return {role for outcome in found.values() for role in outcome.answers}
+
     def rows(
-        self, positions: Positions, outputs: dict[str, dict[str, BinOutput]], roles: list[str],
+        self, positions: Positions, outputs: dict[str, dict[str, BinAnswer]], roles: list[str],
         skipped: dict[str, int],
     ) -> Iterator[list[dict[str, Any]]]:  # fmt: skip
-        """Chunks of rows, each chunk's labels looked up in one round trip."""
+        """Chunks of rows, each chunk's labels (and the outcomes of requests whose decision
+        record is gone) looked up in one round trip."""
         keys = label_keys(self.client, self.deployment)
         width = len(self.feature_names)
         chunk: list[dict[str, Any]] = []
@@ -92,31 +125,42 @@ class Exporter:
                     "stream_id": record["stream_id"],
                 }
                 row.update(zip(self.feature_names, map(float, values), strict=True))
-                for role in roles:
-                    row.update(self._output(role, outputs.get(rid, {}).get(role), k))
                 chunk.append(row)
             if len(chunk) >= _CHUNK:
-                yield self._labelled(chunk, keys)
+                yield self._complete(chunk, keys, outputs, roles)
                 chunk = []
         if chunk:
-            yield self._labelled(chunk, keys)
+            yield self._complete(chunk, keys, outputs, roles)
 
-    def _output(self, role: str, out: BinOutput | None, k: int) -> dict[str, Any]:
-        scored = out is not None and out.ok and out.labels is not None and k < len(out.labels)
+    def _output(self, role: str, out: BinAnswer | None, k: int) -> dict[str, Any]:
+        scored = out is not None and k < len(out.labels)
         doc: dict[str, Any] = {
             f"{role}_model": out.model if scored and out else None,
             f"{role}_version": out.version if scored and out else None,
-            f"{role}_label": out.labels[k] if scored and out and out.labels else None,
+            f"{role}_label": out.labels[k] if scored and out else None,
         }
         proba = out.probabilities[k] if scored and out and out.probabilities else None
         for j, c in enumerate(self.classes):
             doc[f"{role}_proba_{c}"] = proba[j] if proba is not None and j < len(proba) else None
         return doc
 
-    def _labelled(self, chunk: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+    def _complete(
+        self, chunk: list[dict[str, Any]], keys: list[str],
+        outputs: dict[str, dict[str, BinAnswer]], roles: list[str],
+    ) -> list[dict[str, Any]]:  # fmt: skip
         ids = sorted({row["request_id"] for row in chunk})
+        gone = [rid for rid in ids if rid not in outputs]
+        kept = {
+            rid: {role: as_recorded(answer) for role, answer in outcome.answers.items()}
+            for rid, outcome in outcomes_for(
+                self.client, self.deployment, gone, self.outcome_keys
+            ).items()
+        }
         known = labels_for(self.client, self.deployment, ids, keys)
         for row in chunk:
+            answers = outputs.get(row["request_id"]) or kept.get(row["request_id"], {})
+            for role in roles:
+                row.update(self._output(role, answers.get(role), row["row"]))
             truth = known.get(row["request_id"])
             row["label"] = truth[row["row"]] if truth and row["row"] < len(truth) else None
         return chunk
@@ -125,10 +169,11 @@ class Exporter:
         """Write the file; returns its metadata (positions, rows, roles, ...)."""
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}")
-        outputs: dict[str, dict[str, BinOutput]] = {}
-        for rec in decision_records(self.client, self.deployment, positions):
-            outputs[rec.request_id] = dict(rec.outputs)
-        roles = _roles({role for outs in outputs.values() for role in outs})
+        records = decision_records(self.client, self.deployment, positions)
+        outputs = {rec.request_id: _answers(rec) for rec in records}
+        self.outcome_keys = outcome_keys(self.client, self.deployment)
+        found = {role for outs in outputs.values() for role in outs}
+        roles = _roles(found | self.kept(positions, outputs))
         if not self.classes:  # no model metadata at hand: class indices, as wide as the outputs
             widths = [len(o.probabilities[0]) for outs in outputs.values()
                       for o in outs.values() if o.probabilities]  # fmt: skip

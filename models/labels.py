@@ -1,7 +1,11 @@
-"""Ground-truth labels as the feedback route stores them, read for replays and exports.
+"""Ground-truth labels as the feedback route stores them, and the outcomes it joins them to,
+read for replays and exports.
 
 The feedback side keeps, per deployment, hashes ``rdv:{dep}:labels:<bucket>`` of request id ->
-the latest label given. This is the one place that reads them here, so that their format can
+the latest label given, and ``rdv:{dep}:outcomes:<bucket>`` of request id -> what every bin
+answered (``rendezvous.outcomes.Outcome``), for ``RDV_FEEDBACK_RETENTION_S``: far longer than
+the decisions stream keeps its records, so a replay or an export of an older slice still knows
+the answers given then. This is the one place that reads them here, so that their format can
 change in one spot. A value is the feedback route's ``rendezvous.outcomes.Label`` (the true
 class of each row, or only a thumbs-up/down judgement, which names no class and is skipped
 here), or a plain class (``1``) or JSON (``{"label": 1}``, ``[0, 1]``). Nothing stored: ``{}``.
@@ -15,7 +19,7 @@ from typing import Any
 
 from rendezvous import names
 from rendezvous.bus.connection import Client, text
-from rendezvous.outcomes import Label, OutcomeFormatError
+from rendezvous.outcomes import BinAnswer, Label, Outcome, OutcomeFormatError
 
 
 def label_keys(client: Client, deployment: str) -> list[str]:
@@ -69,3 +73,42 @@ def _labels(value: Any) -> tuple[int, ...] | None:
     if not rows or not all(isinstance(v, int) and not isinstance(v, bool) for v in rows):
         return None
     return tuple(rows)
+
+
+def outcome_keys(client: Client, deployment: str) -> list[str]:
+    """The deployment's outcome hashes (one SCAN per replay or export), oldest bucket first;
+    the writer's state and lease keys, under the same prefix, are left out."""
+    prefix = names.outcomes_key(deployment, 0)[:-1]
+    found = {text(k) for k in client.scan_iter(match=f"{prefix}*", count=1000)}
+    buckets = sorted(int(k[len(prefix) :]) for k in found if k[len(prefix) :].isdigit())
+    return [names.outcomes_key(deployment, b) for b in buckets]
+
+
+def outcomes_for(
+    client: Client, deployment: str, request_ids: Sequence[str], keys: Iterable[str]
+) -> dict[str, Outcome]:
+    """request id -> its kept outcome, for the ids the outcome store still holds; ``keys`` from
+    ``outcome_keys``. One pipelined round trip, inside the deployment's hash slot."""
+    hashes = list(keys)
+    if not request_ids or not hashes:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for key in hashes:
+        pipe.hmget(key, list(request_ids))
+    found: dict[str, Outcome] = {}
+    for values in pipe.execute():
+        for rid, value in zip(request_ids, values, strict=True):
+            if value is None:
+                continue
+            try:
+                found[rid] = Outcome.decode(value if isinstance(value, bytes) else value.encode())
+            except OutcomeFormatError:
+                continue
+    return found
+
+
+def as_recorded(answer: BinAnswer) -> BinAnswer:
+    """A kept answer as its decision record held it: the outcome keeps the record's
+    six-decimal probabilities as float32, which rounds back to exactly those decimals."""
+    proba = [[round(float(p), 6) for p in row] for row in answer.probabilities]
+    return answer._replace(probabilities=proba)

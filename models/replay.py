@@ -2,13 +2,14 @@
 
 The records come from the log bin's archive (``models.archive_slice``), never from the live
 streams; they are scored in batches of at most ``batch_rows`` rows, one onnxruntime call a
-batch, in the caller's thread (a gateway spawns a process for it: ``run_process``).
-Each request's new answer is compared with the answer given then and with real's output (the
-decision records, while the decisions stream still holds them) and with its label where one
-is known. After every batch the report and the runner's tallies are saved with the position
-reached, so an interrupted replay resumes at the same batch boundary and ends with the same
-report as one that never stopped. Figures that depend on the clock are only under ``timing``
-and ``latency``.
+batch, in the caller's thread (a gateway spawns a process for it: ``run_process``). Each
+request's new answer is compared with the answer given then and with real's output (the decision
+records while the decisions stream still holds them, else the outcome the feedback route keeps
+for ``RDV_FEEDBACK_RETENTION_S``: the same answers, the same six decimals) and with its label
+where one is known. After every batch the report and the runner's tallies are saved with the
+position reached, so an interrupted replay resumes at the same batch boundary and ends with the
+same report as one that never stopped. Figures that depend on the clock are only under
+``timing`` and ``latency``.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ import numpy as np
 
 from models.archive import ArchiveReader
 from models.archive_slice import Positions, count, positions_from, positions_json, read, resolve
-from models.labels import label_keys, labels_for
+from models.labels import as_recorded, label_keys, labels_for, outcome_keys, outcomes_for
 from models.registry import ModelRegistry
 from models.replay_report import Given, Tally, count_request, report_view
 from models.replay_store import DONE, FAILED, INTERRUPTED, RUNNING, ReplayStore
 from rendezvous import names
 from rendezvous.bus.connection import Client
 from rendezvous.decision import DecisionRecord, decode_entries
+from rendezvous.outcomes import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,20 @@ def load_given(client: Client, deployment: str, positions: Positions) -> dict[st
             real.probabilities if real is not None and real.ok else None,
         )
     return given
+
+
+def given_of(outcome: Outcome) -> Given:
+    """What a request got then, from its kept outcome (its decision record trimmed away): the
+    same as ``load_given`` reads from the record (only bins that scored are kept)."""
+    chosen = outcome.answers.get(outcome.chosen_role) if outcome.chosen_role else None
+    real = outcome.answers.get(names.REAL)
+    real_proba = as_recorded(real).probabilities if real is not None else None
+    return Given(
+        outcome.chosen_role if chosen is not None else None,
+        list(chosen.labels) if chosen is not None else None,
+        list(real.labels) if real is not None else None,
+        real_proba,
+    )
 
 
 class Runner:
@@ -151,7 +167,7 @@ class Runner:
             self.registry.meta(ref["name"], ref["version"]),
         )
         given = load_given(self.client, deployment, positions)
-        keys = label_keys(self.client, deployment)
+        keys = (label_keys(self.client, deployment), outcome_keys(self.client, deployment))
         batch_rows = int(report["batch_rows"])
         batch: list[dict[str, Any]] = []
         rows = 0
@@ -216,7 +232,7 @@ class Runner:
         model: Any,
         batch: list[dict[str, Any]],
         given: Mapping[str, Given],
-        keys: list[str],
+        keys: tuple[list[str], list[str]],
         tally: Tally,
     ) -> None:
         width = model.meta.feature_spec.width
@@ -244,12 +260,16 @@ class Runner:
         tally.model_ms_sum += elapsed_ms
         tally.model_ms_max = max(tally.model_ms_max, elapsed_ms)
         ids = [str(record.get("request_id", "")) for record, _ in scored]
-        known = labels_for(self.client, deployment, ids, keys)
+        known = labels_for(self.client, deployment, ids, keys[0])
+        gone = [rid for rid in ids if rid not in given]
+        kept = outcomes_for(self.client, deployment, gone, keys[1])
+        then = {rid: given_of(outcome) for rid, outcome in kept.items()}
         at = 0
         for (_, x), rid in zip(scored, ids, strict=True):
             n = x.shape[0]
-            count_request(tally, rid, labels[at : at + n], proba[at : at + n], given.get(rid),
-                        known.get(rid))  # fmt: skip
+            count_request(tally, rid, labels[at : at + n], proba[at : at + n],
+                          given.get(rid) or then.get(rid),
+                          known.get(rid))  # fmt: skip
             at += n
 
 

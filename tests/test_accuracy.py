@@ -69,7 +69,21 @@ def test_figures_equal_sklearns() -> None:
                 metrics.recall_score(y, pred, pos_label=c, sample_weight=w)
             )
         assert sum(b["rows"] for b in fig["calibration"]) == 400
-        assert 0 <= fig["ece"] <= 1
+        # expected calibration error over ten confidence bins (the top class's probability)
+        stored = np.array([e.outcome.answers[role].probabilities[0] for e in entries])
+        stored = stored / stored.sum(axis=1, keepdims=True)
+        conf, right = stored.max(axis=1), (pred == y)
+        which = np.clip(np.ceil(conf * 10).astype(int) - 1, 0, 9)
+        ece = sum(
+            w[which == b].sum() / w.sum()
+            * abs(np.average(right[which == b], weights=w[which == b])
+                  - np.average(conf[which == b], weights=w[which == b]))
+            for b in range(10) if (which == b).any()
+        )  # fmt: skip
+        assert fig["ece"] == pytest.approx(ece, rel=1e-9, abs=1e-12)
+        assert [b["rows"] for b in fig["calibration"]] == [
+            int((which == b).sum()) for b in range(10) if (which == b).any()
+        ]
     assert by_role["real"]["accuracy"] > by_role["canary"]["accuracy"]
 
 

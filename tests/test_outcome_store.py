@@ -61,6 +61,21 @@ async def test_outcomes_are_bucketed_expire_and_are_found_in_one_round_trip(
         assert 600 < ttl <= store.ttl_s
 
 
+async def test_an_outcome_past_the_retention_is_not_found(client: AsyncClient) -> None:
+    """An expired request id: an outcome older than the retention is not found (the feedback
+    route's 404), even while its bucket is still in Redis (written under a longer retention)."""
+    now = time.time() * 1000
+    expired, kept = _record(now - 700_000), _record(now - 500_000)
+    writer = OutcomeStore(client, retention_s=3600, bucket_s=60, max_bytes=10**9)
+    for rec in (expired, kept):
+        writer.observe(rec)
+    await writer.flush()
+    ids = [expired.request_id, kept.request_id]
+    assert set(await writer.find(DEP, ids)) == set(ids)
+    reader = OutcomeStore(client, retention_s=600, bucket_s=60, max_bytes=10**9)
+    assert set(await reader.find(DEP, ids)) == {kept.request_id}
+
+
 async def test_the_byte_bound_drops_the_oldest_buckets(client: AsyncClient) -> None:
     now = time.time() * 1000
     per_bucket = 200

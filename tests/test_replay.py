@@ -318,6 +318,37 @@ def test_the_gate_can_require_a_replay_of_the_candidate(served: Served, first: d
                for e in refused)  # fmt: skip
 
 
+def test_once_the_decisions_are_trimmed_the_kept_outcomes_stand_in(
+    served: Served, first: dict, tmp_path: Path
+) -> None:
+    """The decisions stream keeps minutes of records, the outcomes kept for feedback days: a
+    replay and an export of a slice whose decision records are gone say the same as before."""
+
+    def export(name: str) -> str:
+        out = tmp_path / name
+        done = served.rdv("archive", "export", "--deployment", DEMO_DEPLOYMENT, "--data-dir",
+                          str(served.data), "--positions", json.dumps(first["positions"]),
+                          "--format", "csv", "--out", str(out))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return out.read_text()
+
+    kept = export("kept.csv")
+    stream = names.decisions_stream(DEMO_DEPLOYMENT)
+    served.r.rename(stream, f"{stream}:aside")  # as if trimmed: the same tag, put back below
+    try:
+        assert decisions_of(served.r) == {}
+        again = served.finished(
+            served.replay({"version": served.weak, "positions": first["positions"]})["id"]
+        )
+        assert again["agreement"]["matched_records"] == len(served.ids)
+        assert {k: v for k, v in without_timing(again).items() if k != "request"} == {
+            k: v for k, v in without_timing(first).items() if k != "request"
+        }
+        assert export("trimmed.csv") == kept
+    finally:
+        served.r.rename(f"{stream}:aside", stream)
+
+
 def test_a_replay_stopped_with_its_gateway_resumes_after_a_restart(
     served: Served, first: dict
 ) -> None:
