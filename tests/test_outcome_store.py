@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.dataplane.outcome_store import OutcomeStore
+from gateway.dataplane.outcome_store import PARTS, OutcomeStore
 from rendezvous import names
 from rendezvous.bus.connection import AsyncClient, connect_async
 from rendezvous.decision import BinOutput, DecisionRecord
@@ -52,7 +52,7 @@ async def test_outcomes_are_bucketed_expire_and_are_found_in_one_round_trip(
     assert set(found) == set(ids)
     for rec in records:
         bucket, blob = found[rec.request_id]
-        assert bucket == store.bucket_of(rec.ts_ms)
+        assert bucket == store.bucket_of(rec.ts_ms) * PARTS  # its time bucket's first part
         outcome = Outcome.decode(blob)
         assert set(outcome.answers) == {"real", "canary"}  # the failed bin is not kept
         assert outcome.answers["real"].labels == [1] and outcome.chosen_role == "real"
@@ -86,7 +86,7 @@ async def test_the_byte_bound_drops_the_oldest_buckets(client: AsyncClient) -> N
     await store.flush()
     state = await client.hgetall(names.outcomes_state_key(DEP))
     one_bucket = int(next(iter(state.values())))
-    bucket = store.bucket_of(oldest[0].ts_ms)
+    bucket = store.bucket_of(oldest[0].ts_ms) * PARTS
     memory = await client.memory_usage(names.outcomes_key(DEP, bucket), samples=0)
     assert 0.8 < one_bucket / memory < 1.2, "the byte count should follow Redis's own figure"
     assert one_bucket / per_bucket < 250, "about 190 bytes a request (README)"
@@ -103,6 +103,41 @@ async def test_the_byte_bound_drops_the_oldest_buckets(client: AsyncClient) -> N
     sizes = await client.hgetall(names.outcomes_state_key(DEP))
     assert sum(int(v) for v in sizes.values()) <= store.max_bytes
     assert store.pruned_buckets == 2
+
+
+async def test_a_busy_hour_is_bounded_too_by_dropping_its_oldest_parts(
+    client: AsyncClient,
+) -> None:
+    """Every outcome in one time bucket (an hour by default) and far more of them than the
+    bound: the bucket goes on in parts, the oldest parts are dropped, Redis's figure for the
+    deployment's outcomes stays near the bound, and the latest requests are still found."""
+    store = OutcomeStore(client, retention_s=3600, bucket_s=3600, max_bytes=10**9)
+    now = time.time() * 1000
+    probe = [_record(now) for _ in range(100)]
+    for rec in probe:
+        store.observe(rec)
+    await store.flush()
+    per_request = sum(int(v) for v in (await client.hgetall(
+        names.outcomes_state_key(DEP))).values()) / len(probe)  # fmt: skip
+    store.max_bytes = int(per_request * 1000)  # room for about 1,000 requests
+    flushes = [[_record(now) for _ in range(200)] for _ in range(20)]  # 4,000 more
+    for batch in flushes:
+        for rec in batch:
+            store.observe(rec)
+        await store.flush()
+    state = await client.hgetall(names.outcomes_state_key(DEP))
+    sizes = {int(k[2:]): int(v) for k, v in state.items() if k.startswith(b"b:")}
+    assert len({b // PARTS for b in sizes}) == 1 and len(sizes) > 1  # one hour, in parts
+    assert sum(sizes.values()) <= store.max_bytes + store.part_bytes + 200 * per_request
+    memory = 0
+    for bucket in sizes:
+        memory += await client.memory_usage(names.outcomes_key(DEP, bucket), samples=0) or 0
+    assert memory < 1.3 * (store.max_bytes + store.part_bytes + 200 * per_request)
+    assert store.pruned_buckets > 0
+    assert await store.find(DEP, [r.request_id for r in probe + flushes[0]]) == {}
+    latest = [r.request_id for r in flushes[-1]]
+    assert set(await store.find(DEP, latest)) == set(latest)
+    assert set(await store.find(DEP, latest, within_s=1)) == set(latest)
 
 
 async def test_a_lookup_of_more_ids_than_lua_unpacks_at_once(client: AsyncClient) -> None:

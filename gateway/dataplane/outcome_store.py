@@ -6,8 +6,11 @@ record it closes into a buffer, as the drift feed does, and writes the buffer ev
 re-reads the decisions stream (a stream trimmed by count, which is why outcomes are kept apart:
 a label days late still finds its request). Outcomes live in hashes bucketed by decision time
 (``names.outcomes_key``: field request id), each expiring ``retention + bucket`` after its
-start; a byte count per bucket is kept beside them, and the oldest buckets are dropped whenever
-the deployment's total passes ``max_bytes``. Every key is under the deployment's tag, so the
+last write; a byte count per bucket is kept beside them, and the oldest buckets are dropped
+whenever the deployment's total passes ``max_bytes``. A time bucket is written in parts of at
+most ``max_bytes / PART_SHARE``: a busy deployment fills its 256 MB within the hour (1,400
+requests a second at 190 bytes), and the bound must then drop that hour's oldest parts, not
+wait for the next hour while Redis grows. Every key is under the deployment's tag, so the
 scripts run on one node of a cluster. A process that dies loses its last ``flush_s`` of
 outcomes (their decision records are in the stream all the same).
 """
@@ -31,17 +34,24 @@ ENTRY_OVERHEAD_BYTES = 64
 """Redis's own cost of a hash field beyond its id and value bytes (a hashtable entry and two
 string headers, after allocator rounding; measured with MEMORY USAGE, see the README)."""
 
+PARTS = 10_000
+"""A bucket's id is its time bucket x PARTS + its part, so ids sort by time, parts included."""
+PART_SHARE = 16
+"""A part is closed once it holds ``max_bytes / PART_SHARE``: the bound is kept within that."""
+
 ENCODE_SLICE = 256
 """Outcomes encoded between two yields to the event loop (about 1 ms of work)."""
 
 _WRITE = """
 local ttl = tonumber(ARGV[1])
 local overhead = tonumber(ARGV[2])
-local at = 3
+local part_bytes = tonumber(ARGV[3])
+local at = 4
+local parts = {}
 for k = 2, #KEYS do
-  local bucket = ARGV[at]
-  local n = tonumber(ARGV[at + 1])
-  at = at + 2
+  local bucket, time_bucket, part = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2])
+  local n = tonumber(ARGV[at + 3])
+  at = at + 4
   local bytes = 0
   for i = 0, n - 1 do
     bytes = bytes + #ARGV[at + 2 * i] + #ARGV[at + 2 * i + 1] + overhead
@@ -52,12 +62,22 @@ for k = 2, #KEYS do
   end
   at = at + 2 * n
   redis.call('EXPIRE', KEYS[k], ttl)
-  redis.call('HINCRBY', KEYS[1], 'b:' .. bucket, bytes)
+  local size = redis.call('HINCRBY', KEYS[1], 'b:' .. bucket, bytes)
+  local field = 'p:' .. time_bucket
+  local open = tonumber(redis.call('HGET', KEYS[1], field) or '0')
+  if size >= part_bytes and part >= open and part + 1 < PARTS then
+    open = part + 1
+    redis.call('HSET', KEYS[1], field, open)
+  end
+  parts[#parts + 1] = open
 end
 local total = 0
-for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) end
-return total
-"""
+local state = redis.call('HGETALL', KEYS[1])
+for i = 1, #state, 2 do
+  if string.sub(state[i], 1, 2) == 'b:' then total = total + tonumber(state[i + 1]) end
+end
+return {total, parts}
+""".replace("PARTS", str(PARTS))
 
 _FIND = """
 local out = {}
@@ -101,6 +121,8 @@ class OutcomeStore:
         self._pending: dict[str, list[tuple[str, DecisionRecord]]] = {}
         self._flushing = asyncio.Lock()
         self._newest: dict[str, int] = {}
+        self._open_part: dict[tuple[str, int], int] = {}
+        """(deployment, time bucket) -> the part to write, as the last write's script said."""
         self.pruned_buckets = 0
 
     @property
@@ -115,14 +137,19 @@ class OutcomeStore:
             self._pending.setdefault(record.deployment, []).append((record.request_id, record))
 
     def bucket_of(self, ts_ms: float) -> int:
+        """The time bucket of a decision time (a bucket id's ``// PARTS``)."""
         return int(ts_ms / 1000 // self.bucket_s)
 
     def live_buckets(self, now_ms: float | None = None) -> list[int]:
-        """The buckets a kept outcome may be in, newest first."""
+        """The time buckets a kept outcome may be in, newest first."""
         now_ms = time.time() * 1000 if now_ms is None else now_ms
         newest = self.bucket_of(now_ms)
         oldest = self.bucket_of(now_ms - self.retention_s * 1000)
         return list(range(newest, oldest - 1, -1))
+
+    @property
+    def part_bytes(self) -> int:
+        return max(1, self.max_bytes // PART_SHARE)
 
     @property
     def ttl_s(self) -> int:
@@ -139,7 +166,7 @@ class OutcomeStore:
             return written
 
     async def _write(self, deployment: str, items: list[tuple[str, DecisionRecord]]) -> int:
-        by_bucket: dict[int, list[bytes | str]] = {}
+        by_bucket: dict[int, list[bytes | str]] = {}  # time bucket -> id, outcome, ...
         for start in range(0, len(items), ENCODE_SLICE):
             for request_id, record in items[start : start + ENCODE_SLICE]:
                 blob = encode_record(record)
@@ -150,12 +177,22 @@ class OutcomeStore:
         if not by_bucket:
             return 0
         keys = [names.outcomes_state_key(deployment)]
-        args: list[Any] = [self.ttl_s, ENTRY_OVERHEAD_BYTES]
-        for bucket, pairs in sorted(by_bucket.items()):
-            keys.append(names.outcomes_key(deployment, bucket))
-            args += [bucket, len(pairs) // 2, *pairs]
-        total = await self.client.eval(_WRITE, len(keys), *keys, *args)  # type: ignore[misc]
-        newest = max(by_bucket)
+        args: list[Any] = [self.ttl_s, ENTRY_OVERHEAD_BYTES, self.part_bytes]
+        written = sorted(by_bucket.items())
+        ids = []
+        for time_bucket, pairs in written:
+            part = self._open_part.get((deployment, time_bucket), 0)
+            ids.append(time_bucket * PARTS + part)
+            keys.append(names.outcomes_key(deployment, ids[-1]))
+            args += [ids[-1], time_bucket, part, len(pairs) // 2, *pairs]
+        reply = await self.client.eval(_WRITE, len(keys), *keys, *args)  # type: ignore[misc]
+        total, parts = reply
+        for (time_bucket, _pairs), part in zip(written, parts, strict=True):
+            self._open_part[(deployment, time_bucket)] = int(part)
+        if len(self._open_part) > 4 * len(written) + 64:  # forget the time buckets gone by
+            newest_time = max(by_bucket)
+            self._open_part = {k: v for k, v in self._open_part.items() if k[1] >= newest_time - 1}
+        newest = max(ids)
         if int(total) > self.max_bytes or self._newest.get(deployment) != newest:
             self._newest[deployment] = newest  # a new bucket: forget the expired ones' counts
             await self.prune(deployment)
@@ -167,8 +204,10 @@ class OutcomeStore:
         state = names.outcomes_state_key(deployment)
         raw = await self.client.hgetall(state)  # type: ignore[misc]
         sizes = {int(text(k)[2:]): int(v) for k, v in raw.items() if text(k).startswith("b:")}
-        oldest_live = self.live_buckets()[-1]
+        oldest_live = self.live_buckets()[-1] * PARTS
         drop = [b for b in sizes if b < oldest_live]
+        stale_parts = [text(k) for k in raw if text(k).startswith("p:")
+                       and int(text(k)[2:]) * PARTS < oldest_live]  # fmt: skip
         total = sum(v for b, v in sizes.items() if b >= oldest_live)
         for bucket in sorted(b for b in sizes if b >= oldest_live)[:-1]:
             if total <= self.max_bytes:
@@ -178,12 +217,14 @@ class OutcomeStore:
             self.pruned_buckets += 1
             log.warning("feedback: dropped %s's outcomes of bucket %d (RDV_FEEDBACK_MAX_MB)",
                         deployment, bucket)  # fmt: skip
-        if drop:
+        if drop or stale_parts:
             pipe = self.client.pipeline(transaction=False)
             for bucket in drop:
                 pipe.delete(names.outcomes_key(deployment, bucket))
                 pipe.delete(names.labels_key(deployment, bucket))
                 pipe.hdel(state, f"b:{bucket}")
+            if stale_parts:
+                pipe.hdel(state, *stale_parts)
             await pipe.execute()
         return len(drop)
 
@@ -203,14 +244,20 @@ class OutcomeStore:
     async def find(
         self, deployment: str, request_ids: Sequence[str], within_s: float | None = None
     ) -> dict[str, tuple[int, bytes]]:
-        """request id -> (bucket, encoded outcome) of the ids still kept, in one round trip
-        over every live bucket (``within_s``: only the buckets of that many latest seconds, for
-        the look again at requests answered a moment ago)."""
+        """request id -> (bucket, encoded outcome) of the ids still kept: the state's list of
+        buckets, then one script over every live one, newest first (``within_s``: only the
+        buckets of that many latest seconds, for the look again at requests answered a moment
+        ago)."""
         if not request_ids:
             return {}
-        buckets = self.live_buckets()
+        live = self.live_buckets()
         if within_s is not None:
-            buckets = buckets[: int(within_s // self.bucket_s) + 2]
+            live = live[: int(within_s // self.bucket_s) + 2]
+        fields = await self.client.hkeys(names.outcomes_state_key(deployment))  # type: ignore[misc]
+        held = (int(text(f)[2:]) for f in fields if text(f).startswith("b:"))
+        buckets = sorted((b for b in held if live[-1] <= b // PARTS <= live[0]), reverse=True)
+        if not buckets:
+            return {}
         keys = [names.outcomes_key(deployment, b) for b in buckets]
         reply = await self.client.eval(_FIND, len(keys), *keys, *request_ids)  # type: ignore[misc]
         return {request_ids[int(i) - 1]: (buckets[int(k) - 1], blob) for i, k, blob in reply}
