@@ -39,6 +39,15 @@ def _upload_challengers(running: Running, models: Path) -> list[int]:
     return versions
 
 
+def add_challengers(running: Running, models: Path, count: int = len(CHALLENGERS)) -> None:
+    """``count`` challengers shadowing every request, their workers live (for a profile)."""
+    versions = _upload_challengers(running, models)[:count]
+    for role, version in zip(CHALLENGERS, versions, strict=False):
+        body = {"role": role, "version": version, "reason": "benchmark"}
+        admin(running, "POST", f"/deployments/{DEPLOYMENT}/challengers", body)
+    workers_live(running, set(CHALLENGERS[:count]))
+
+
 def challengers_axis(ctx: AxisContext) -> dict[str, Any]:
     duration_s, rounds = ctx.options.duration_s, ctx.options.rounds
     running = with_bodies(ctx.shared(), 1)

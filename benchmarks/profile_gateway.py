@@ -24,7 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks import procstat
-from benchmarks.axis_common import with_bodies
+from benchmarks.axis_common import TOKEN, with_bodies
+from benchmarks.axis_load import add_challengers
 from benchmarks.loadgen import Load, run_load
 from benchmarks.run import _git, log
 from benchmarks.systems import REPO, ensure_tools, start_rdv
@@ -185,6 +186,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gateway-processes", type=int)
     p.add_argument("--loadgen-procs", type=int, default=2)
     p.add_argument("--rows", type=int, default=1, help="demo rows per request")
+    p.add_argument(
+        "--challengers",
+        type=int,
+        default=0,
+        choices=range(0, 4),
+        help="shadowing challengers (the real model's bytes again), as the axis",
+    )
     p.add_argument("--out", type=Path, help="folder for the folded stacks (default: temporary)")
     p.add_argument("--summary", type=Path, help="summary JSON (default: benchmarks/results/)")
     args = p.parse_args(argv)
@@ -192,10 +200,13 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="rdv-profile-"))
     out = args.out or work
     out.mkdir(parents=True, exist_ok=True)
-    running = start_rdv(work / "data", work, args.gateway_processes)
+    token = {"RDV_ADMIN_TOKEN": TOKEN} if args.challengers else None
+    running = start_rdv(work / "data", work, args.gateway_processes, settings=token)
     report: dict[str, object] = {}
     try:
         target = with_bodies(running, args.rows).target
+        if args.challengers:
+            add_challengers(running, work / "data" / "models", args.challengers)
         run_load(target, Load("closed", args.concurrency, duration_s=2.0), args.loadgen_procs)
         c1, _ = run_load(target, Load("closed", 1, duration_s=5.0), 1)
         budget = latency_budget(_redis_port(running.tree), list(c1.latencies_ms), 2000)
