@@ -28,6 +28,13 @@ def _record(ts_ms: float, p1: float = 0.987655) -> DecisionRecord:
     return DecisionRecord(secrets.token_hex(16), DEP, ts_ms, "real", "real", 2.0, outputs, (), {})
 
 
+async def _file(store: OutcomeStore, records: list[DecisionRecord]) -> int:
+    """Queue the records' outcomes as a gateway process does, and write them."""
+    for rec in records:
+        store.observe(rec)
+    return await store.flush()
+
+
 @pytest.fixture
 async def client(bus_url: str) -> AsyncIterator[AsyncClient]:
     c = await connect_async(bus_url)
@@ -44,9 +51,7 @@ async def test_outcomes_are_bucketed_expire_and_are_found_in_one_round_trip(
     store = OutcomeStore(client, retention_s=600, bucket_s=60, max_bytes=10**9)
     now = time.time() * 1000
     records = [_record(now - age_s * 1000) for age_s in (0, 0, 130, 400)]
-    for rec in records:
-        store.observe(rec)
-    assert await store.flush() == 4
+    assert await _file(store, records) == 4
     ids = [rec.request_id for rec in records]
     found = await store.find(DEP, [*ids, "unknown-id"])
     assert set(found) == set(ids)
@@ -67,9 +72,7 @@ async def test_an_outcome_past_the_retention_is_not_found(client: AsyncClient) -
     now = time.time() * 1000
     expired, kept = _record(now - 700_000), _record(now - 500_000)
     writer = OutcomeStore(client, retention_s=3600, bucket_s=60, max_bytes=10**9)
-    for rec in (expired, kept):
-        writer.observe(rec)
-    await writer.flush()
+    await _file(writer, [expired, kept])
     ids = [expired.request_id, kept.request_id]
     assert set(await writer.find(DEP, ids)) == set(ids)
     reader = OutcomeStore(client, retention_s=600, bucket_s=60, max_bytes=10**9)
@@ -81,9 +84,7 @@ async def test_the_byte_bound_drops_the_oldest_buckets(client: AsyncClient) -> N
     per_bucket = 200
     store = OutcomeStore(client, retention_s=3600, bucket_s=60, max_bytes=10**9)
     oldest = [_record(now - 5 * 60_000) for _ in range(per_bucket)]
-    for rec in oldest:
-        store.observe(rec)
-    await store.flush()
+    await _file(store, oldest)
     state = await client.hgetall(names.outcomes_state_key(DEP))
     one_bucket = int(next(iter(state.values())))
     bucket = store.bucket_of(oldest[0].ts_ms) * PARTS
@@ -94,9 +95,7 @@ async def test_the_byte_bound_drops_the_oldest_buckets(client: AsyncClient) -> N
     store.max_bytes = int(2.5 * one_bucket)
     newer = {age: [_record(now - age * 60_000) for _ in range(per_bucket)] for age in (3, 2, 0)}
     for age in (3, 2, 0):
-        for rec in newer[age]:
-            store.observe(rec)
-        await store.flush()
+        await _file(store, newer[age])
     assert await store.find(DEP, [r.request_id for r in oldest]) == {}
     kept = await store.find(DEP, [r.request_id for r in newer[0] + newer[2]])
     assert len(kept) == 2 * per_bucket
@@ -114,17 +113,13 @@ async def test_a_busy_hour_is_bounded_too_by_dropping_its_oldest_parts(
     store = OutcomeStore(client, retention_s=3600, bucket_s=3600, max_bytes=10**9)
     now = time.time() * 1000
     probe = [_record(now) for _ in range(100)]
-    for rec in probe:
-        store.observe(rec)
-    await store.flush()
+    await _file(store, probe)
     per_request = sum(int(v) for v in (await client.hgetall(
         names.outcomes_state_key(DEP))).values()) / len(probe)  # fmt: skip
     store.max_bytes = int(per_request * 1000)  # room for about 1,000 requests
     flushes = [[_record(now) for _ in range(200)] for _ in range(20)]  # 4,000 more
     for batch in flushes:
-        for rec in batch:
-            store.observe(rec)
-        await store.flush()
+        await _file(store, batch)
     state = await client.hgetall(names.outcomes_state_key(DEP))
     sizes = {int(k[2:]): int(v) for k, v in state.items() if k.startswith(b"b:")}
     assert len({b // PARTS for b in sizes}) == 1 and len(sizes) > 1  # one hour, in parts
@@ -144,9 +139,7 @@ async def test_a_lookup_of_more_ids_than_lua_unpacks_at_once(client: AsyncClient
     store = OutcomeStore(client, retention_s=600, bucket_s=60, max_bytes=10**9)
     now = time.time() * 1000
     records = [_record(now) for _ in range(2500)]
-    for rec in records:
-        store.observe(rec)
-    await store.flush()
+    await _file(store, records)
     ids = [f"unknown-{i}" for i in range(2500)] + [r.request_id for r in records]
     found = await store.find(DEP, ids)
     assert set(found) == {r.request_id for r in records}
