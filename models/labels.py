@@ -19,7 +19,7 @@ from typing import Any
 
 from rendezvous import names
 from rendezvous.bus.connection import Client, text
-from rendezvous.outcomes import BinAnswer, Label, Outcome, OutcomeFormatError
+from rendezvous.outcomes import BinAnswer, Label, Outcome, OutcomeFormatError, held_buckets
 
 
 def label_keys(client: Client, deployment: str) -> list[str]:
@@ -76,12 +76,10 @@ def _labels(value: Any) -> tuple[int, ...] | None:
 
 
 def outcome_keys(client: Client, deployment: str) -> list[str]:
-    """The deployment's outcome hashes (one SCAN per replay or export), oldest bucket first;
-    the writer's state and lease keys, under the same prefix, are left out."""
-    prefix = names.outcomes_key(deployment, 0)[:-1]
-    found = {text(k) for k in client.scan_iter(match=f"{prefix}*", count=1000)}
-    buckets = sorted(int(k[len(prefix) :]) for k in found if k[len(prefix) :].isdigit())
-    return [names.outcomes_key(deployment, b) for b in buckets]
+    """The deployment's outcome hashes, oldest bucket first, as the writers' state hash lists
+    them (one round trip)."""
+    fields = client.hkeys(names.outcomes_state_key(deployment))
+    return [names.outcomes_key(deployment, b) for b in held_buckets(fields)]
 
 
 def outcomes_for(

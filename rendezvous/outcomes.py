@@ -10,7 +10,7 @@ answer given) joined to the outcome. Pure: no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -26,6 +26,13 @@ OUTCOME_FIELD = b"o"
 
 _PACKER = msgpack.Packer(use_bin_type=True, use_single_float=True)
 """Probabilities as float32: five bytes each instead of nine, seven significant digits."""
+
+
+def held_buckets(state_fields: Iterable[bytes | str]) -> list[int]:
+    """The buckets an outcome state hash (``names.outcomes_state_key``) keeps a byte count for
+    (its ``b:<bucket>`` fields), oldest first: the one list of the buckets that exist."""
+    found = (f.decode() if isinstance(f, bytes) else f for f in state_fields)
+    return sorted(int(f[2:]) for f in found if f.startswith("b:") and f[2:].isdigit())
 
 
 def encode_record(record: DecisionRecord) -> bytes | None:

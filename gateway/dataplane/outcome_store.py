@@ -26,7 +26,7 @@ from typing import Any
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
 from rendezvous.decision import DecisionRecord
-from rendezvous.outcomes import encode_record
+from rendezvous.outcomes import encode_record, held_buckets
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +254,7 @@ class OutcomeStore:
         if within_s is not None:
             live = live[: int(within_s // self.bucket_s) + 2]
         fields = await self.client.hkeys(names.outcomes_state_key(deployment))  # type: ignore[misc]
-        held = (int(text(f)[2:]) for f in fields if text(f).startswith("b:"))
-        buckets = sorted((b for b in held if live[-1] <= b // PARTS <= live[0]), reverse=True)
+        buckets = [b for b in reversed(held_buckets(fields)) if live[-1] <= b // PARTS <= live[0]]
         if not buckets:
             return {}
         keys = [names.outcomes_key(deployment, b) for b in buckets]
