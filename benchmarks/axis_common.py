@@ -122,9 +122,11 @@ def workers_live(
 
 
 def rss_mb(running: Running) -> float:
-    """RSS summed over every process of the system, now."""
-    members = running.tree.members()
-    return round(sum(procstat.rss_bytes(pid) for pid in members) / procstat.MB, 1)
+    """RSS summed over every process of the system, now (a fork's shared pages once)."""
+    tree = running.tree
+    members = tree.members()
+    total = sum(procstat.resident_once_bytes(pid, tree.parent_of.get(pid)) for pid in members)
+    return round(total / procstat.MB, 1)
 
 
 def redis_used_memory_mb(running: Running) -> float | None:

@@ -101,7 +101,11 @@ def memory(running: Running, samples: int = 3) -> dict[str, Any]:
                 "pid": pid,
                 "component": name,
                 "command": _command(pid)[:160],
-                "rss_mb": round(procstat.rss_bytes(pid) / procstat.MB, 1),
+                "rss_mb": round(
+                    procstat.resident_once_bytes(pid, running.tree.parent_of.get(pid))
+                    / procstat.MB,
+                    1,
+                ),
                 "pss_mb": round(procstat.pss_bytes(pid) / procstat.MB, 1),
             }
             for pid, name in sorted(members.items())

@@ -72,6 +72,35 @@ def pss_bytes(pid: int) -> int:
     return rss_bytes(pid)
 
 
+def _exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+def _shared_dirty_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Shared_Dirty:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def resident_once_bytes(pid: int, parent: int | None) -> int:
+    """RSS, less the written pages a forked child still shares with its parent (the same
+    program, no exec: Redis's AOF rewrite). RSS counts those in both, so a rewrite caught by
+    a sample added the whole dataset a second time; here they count once, in the parent. A
+    process started by exec (every Python process here, Redis itself) shares no written
+    pages with its parent and keeps its RSS."""
+    rss = rss_bytes(pid)
+    if parent is None or _exe(pid) is None or _exe(pid) != _exe(parent):
+        return rss
+    return max(0, rss - _shared_dirty_bytes(pid))
+
+
 def hwm_bytes(pid: int) -> int:
     """The kernel's own peak RSS of one process (VmHWM)."""
     try:
@@ -107,6 +136,8 @@ class ProcessTree:
         self.extra_roots = dict(extra_roots or {})
         """Processes outside the root's tree that belong to the system (a Redis Cluster
         started beside ``rdv serve``): pid -> component, descendants included."""
+        self.parent_of: dict[int, int] = {}
+        """Member pid -> its parent, when that is a member too (as of the last ``members``)."""
 
     def members(self) -> dict[int, str]:
         """pid -> component, for the root and every live descendant, and the extra roots
@@ -115,12 +146,16 @@ class ProcessTree:
         out = {self.root_pid: self.root_name}
         starts = [(child, self.classify(cmdline(child))) for child in kids.get(self.root_pid, [])]
         starts += [(pid, name) for pid, name in self.extra_roots.items() if _stat_fields(pid)]
+        parent_of = {child: self.root_pid for child in kids.get(self.root_pid, [])}
         for start, name in starts:
             stack = [start]
             while stack:
                 pid = stack.pop()
                 out[pid] = name
-                stack.extend(kids.get(pid, []))
+                for kid in kids.get(pid, []):
+                    parent_of[kid] = pid
+                    stack.append(kid)
+        self.parent_of = parent_of
         return out
 
 
@@ -170,7 +205,7 @@ class MemoryWatch:
         by: dict[str, int] = {}
         pss: dict[str, int] = {}
         for pid, name in self.tree.members().items():
-            by[name] = by.get(name, 0) + rss_bytes(pid)
+            by[name] = by.get(name, 0) + resident_once_bytes(pid, self.tree.parent_of.get(pid))
             pss[name] = pss.get(name, 0) + pss_bytes(pid)
         serving_pss = sum(v for k, v in pss.items() if k != "supervisor")
         self.peak_serving_pss_bytes = max(self.peak_serving_pss_bytes, serving_pss)

@@ -26,7 +26,8 @@ TARGETS = {
 
 SYSTEM_TITLES = {
     "gateway": "rdv serve (gateway + Redis + real + canary + log bin)",
-    "gateway-cluster": "rdv serve on a local Redis Cluster (3 masters + 3 replicas)",
+    "gateway-cluster": "rdv serve on a local Redis Cluster (3 masters, no replica)",
+    "gateway-cluster-replicated": "rdv serve on a local Redis Cluster (3 masters + 3 replicas)",
     "inprocess": "in-process FastAPI + onnxruntime (2 uvicorn processes)",
     "mlserver": "MLServer + onnxruntime runtime",
 }
@@ -164,24 +165,41 @@ def _cluster_figures(results: dict[str, Any], load: str) -> dict[str, Any]:
     """The cluster against the single node (issue 14): throughput at ``load``, the median of
     each round's own ratio (the two ran one after the other in every round, in alternating
     order), every round's ratio and the ratio of the two median rounds beside it; and Redis
-    commands and bytes per answered request at ``load`` on each (summed over the masters)."""
+    commands and bytes per answered request at ``load`` on each (summed over the masters).
+
+    The target's figure is the cluster without replicas, like the single node it is set
+    against: the comparison is of routing and partitioning. The replicated cluster's figures
+    (``_cluster_replicated_``) say what replication costs when its six servers share the
+    machine's two cores with everything else; on separate hosts that cost is not the
+    gateway's."""
     single = _phase(results, "gateway", load)
-    cluster = _phase(results, "gateway-cluster", load)
-    out: dict[str, Any] = {"throughput_c64_cluster_vs_single": None}
-    if single and cluster:
-        a = single.get("rounds", {}).get("throughput_rps") or [single["throughput_rps"]]
-        b = cluster.get("rounds", {}).get("throughput_rps") or [cluster["throughput_rps"]]
-        paired = [r for r in (_ratio(y, x) for x, y in zip(a, b, strict=False)) if r is not None]
-        if paired:
-            out["throughput_c64_cluster_vs_single"] = round(float(np.median(paired)), 3)
-        out["throughput_c64_cluster_vs_single_rounds"] = paired
-        out["throughput_c64_cluster_vs_single_of_median_rounds"] = _ratio(
-            cluster["throughput_rps"], single["throughput_rps"]
-        )
-    for name, phase in (("single", single), ("cluster", cluster)):
-        redis = (phase or {}).get("redis") or {}
-        out[f"redis_commands_per_request_{name}"] = redis.get("commands_per_request")
-        out[f"redis_bytes_per_request_{name}"] = redis.get("bytes_per_request")
+    out: dict[str, Any] = {}
+    for system, key in (("gateway-cluster", "cluster"),
+                        ("gateway-cluster-replicated", "cluster_replicated")):  # fmt: skip
+        cluster = _phase(results, system, load)
+        figure = f"throughput_c64_{key}_vs_single"
+        out[figure] = None
+        if single and cluster:
+            a = single.get("rounds", {}).get("throughput_rps") or [single["throughput_rps"]]
+            b = cluster.get("rounds", {}).get("throughput_rps") or [cluster["throughput_rps"]]
+            paired = [
+                r for r in (_ratio(y, x) for x, y in zip(a, b, strict=False)) if r is not None
+            ]
+            if paired:
+                out[figure] = round(float(np.median(paired)), 3)
+            out[f"{figure}_rounds"] = paired
+            out[f"{figure}_of_median_rounds"] = _ratio(
+                cluster["throughput_rps"], single["throughput_rps"]
+            )
+        if cluster or key == "cluster":
+            redis = (cluster or {}).get("redis") or {}
+            out[f"redis_commands_per_request_{key}"] = redis.get("commands_per_request")
+            out[f"redis_bytes_per_request_{key}"] = redis.get("bytes_per_request")
+    if out["throughput_c64_cluster_replicated_vs_single"] is None:
+        del out["throughput_c64_cluster_replicated_vs_single"]
+    redis = (single or {}).get("redis") or {}
+    out["redis_commands_per_request_single"] = redis.get("commands_per_request")
+    out["redis_bytes_per_request_single"] = redis.get("bytes_per_request")
     return out
 
 
@@ -244,17 +262,23 @@ def _ratio_lines(r: dict[str, Any]) -> list[str]:
         lines.append(f"| `{key}` | {_fmt(r[key], digits)} | {t['op']} {t['target']:g} | {met} |")
     if r.get("pss_mb_total") is not None:
         lines.append(f"| `pss_mb_total` (shared pages once) | {_fmt(r['pss_mb_total'], 0)} | | |")
-    paired = r.get("throughput_c64_cluster_vs_single_rounds")
-    if paired and len(paired) > 1:
-        lines.append(
-            "| `throughput_c64_cluster_vs_single` of each round (the figure: their median) "
-            f"| {' / '.join(_fmt(v, 3) for v in paired)} | | |"
-        )
+    for key in ("cluster", "cluster_replicated"):
+        figure = f"throughput_c64_{key}_vs_single"
+        paired = r.get(f"{figure}_rounds")
+        if figure not in r["targets"] and r.get(figure) is not None:
+            lines.append(f"| `{figure}` (no target) | {_fmt(r[figure], 3)} | | |")
+        if paired and len(paired) > 1:
+            lines.append(
+                f"| `{figure}` of each round (the figure: their median) "
+                f"| {' / '.join(_fmt(v, 3) for v in paired)} | | |"
+            )
     for key in (
         "redis_commands_per_request_single",
         "redis_commands_per_request_cluster",
+        "redis_commands_per_request_cluster_replicated",
         "redis_bytes_per_request_single",
         "redis_bytes_per_request_cluster",
+        "redis_bytes_per_request_cluster_replicated",
     ):
         if r.get(key) is not None:
             lines.append(f"| `{key}` (c64, all masters) | {_fmt(r[key], 1)} | | |")

@@ -1,7 +1,8 @@
 """``make bench``: the full rendezvous path against two baselines, on one machine, in one run.
 
 Starts ``rdv serve`` on a fresh data folder (embedded Redis, gateway, real and canary workers,
-log bin), then the same on a local Redis Cluster (three masters, three replicas), then the
+log bin), then the same on a local Redis Cluster (three masters, like the single node without
+replicas; then again with a replica each, what replication costs on the same cores), then the
 in-process FastAPI baseline, then MLServer, one system at a time, and drives each with the
 same load generator: a warm-up, closed loops at each concurrency, an open loop at a fixed
 rate; the Redis commands and bytes of each load are counted on every master. Writes
@@ -61,8 +62,8 @@ from benchmarks.systems import (
     start_rdv_cluster,
 )
 
-SYSTEMS = ("gateway", "gateway-cluster", "inprocess", "mlserver")
-RDV_SYSTEMS = ("gateway", "gateway-cluster")
+SYSTEMS = ("gateway", "gateway-cluster", "gateway-cluster-replicated", "inprocess", "mlserver")
+RDV_SYSTEMS = ("gateway", "gateway-cluster", "gateway-cluster-replicated")
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
 
@@ -97,7 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cluster-replicas",
         type=int,
         default=1,
-        help="replicas per master of the cluster (default 1; 0: what replication costs)",
+        help="replicas per master of gateway-cluster-replicated (default 1); gateway-cluster "
+        "has none, as the single node",
     )
     p.add_argument(
         "--set",
@@ -442,12 +444,13 @@ def _start(
             return start_rdv(data, work, args.gateway_processes, settings=dict(args.set))
         return start_rdv_cluster(
             data,
-            work / f"cluster-{round_no}",
+            work / f"{name}-{round_no}",
             work,
             args.gateway_processes,
             settings=dict(args.set),
             partitions=args.cluster_partitions,
-            replicas=args.cluster_replicas,
+            replicas=args.cluster_replicas if name == "gateway-cluster-replicated" else 0,
+            name=name,
         )
     assert model is not None
     if name == "inprocess":

@@ -251,6 +251,7 @@ def start_rdv_cluster(
     settings: dict[str, str] | None = None,
     partitions: int = 1,
     replicas: int = 1,
+    name: str = "gateway-cluster",
 ) -> Running:
     """A local Redis Cluster (3 masters, ``replicas`` each, in ``cluster_dir``), then ``rdv
     serve`` on it (``RDV_REDIS_URL``: one node; serve starts no Redis and creates the demo
@@ -264,9 +265,7 @@ def start_rdv_cluster(
         extra = {**(settings or {}), "RDV_REDIS_URL": cluster.url}
         if partitions > 1:
             extra.setdefault("RDV_ADMIN_TOKEN", "bench-" + os.urandom(8).hex())
-        running = start_rdv(
-            data_dir, log_dir, gateway_processes, settings=extra, name="gateway-cluster"
-        )
+        running = start_rdv(data_dir, log_dir, gateway_processes, settings=extra, name=name)
     except BaseException:
         cluster.stop()
         raise

@@ -69,12 +69,12 @@ def test_bench_harness_runs_against_the_inprocess_baseline(
 def test_bench_harness_runs_rdv_serve_on_a_local_cluster(
     tmp_path: Path, demo_data_dir: Path
 ) -> None:
-    """The ``gateway-cluster`` system: a three-master cluster started beside ``rdv serve``,
-    its six nodes counted as the system's processes, Redis commands counted on every master,
+    """The ``gateway-cluster-replicated`` system (``gateway-cluster`` is the same without
+    replicas): a three-master cluster started beside ``rdv serve``, its six nodes counted as the system's processes, Redis commands counted on every master,
     and every node stopped with the system."""
     out = tmp_path / "results"
     argv = [
-        sys.executable, "-m", "benchmarks.run", "--systems", "gateway-cluster",
+        sys.executable, "-m", "benchmarks.run", "--systems", "gateway-cluster-replicated",
         "--rdv-models", str(demo_data_dir / "models"), "--duration", "0.5", "--warmup", "0.2",
         "--concurrency", "4", "--rate", "0", "--rounds", "1", "--no-plot", "--no-calibrate",
         "--out", str(out), "--axes", "none",
@@ -84,7 +84,7 @@ def test_bench_harness_runs_rdv_serve_on_a_local_cluster(
 
     [result] = out.glob("*.json")
     doc = json.loads(result.read_text())
-    system = doc["systems"]["gateway-cluster"]
+    system = doc["systems"]["gateway-cluster-replicated"]
     assert system["labels_agree_with_onnxruntime"]
     assert {"redis", "redis-replica"} <= set(system["process_components"])
     phase = system["phases"]["c4"]
@@ -100,6 +100,34 @@ def test_bench_harness_runs_rdv_serve_on_a_local_cluster(
     for port in ports:  # every node is gone with the system
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, port
+
+
+def test_the_cluster_target_pairs_rounds_of_the_cluster_without_replicas() -> None:
+    """``throughput_c64_cluster_vs_single`` is the median of each round's own ratio of the
+    three-master cluster without replicas to the single node; the replicated cluster's
+    figure stands beside it, without a target."""
+    from benchmarks.report import ratios
+
+    def system(rps: list[float], commands: float) -> dict[str, object]:
+        median = sorted(rps)[len(rps) // 2]
+        phase = {"throughput_rps": median, "rounds": {"throughput_rps": rps},
+                 "redis": {"commands_per_request": commands, "bytes_per_request": 10.0}}  # fmt: skip
+        return {"phases": {"c64": phase}}
+
+    results = {"systems": {
+        "gateway": system([1000.0, 1200.0, 800.0], 2.8),
+        "gateway-cluster": system([900.0, 900.0, 900.0], 2.6),
+        "gateway-cluster-replicated": system([700.0, 600.0, 600.0], 2.7),
+    }}  # fmt: skip
+    r = ratios(results)
+    assert r["throughput_c64_cluster_vs_single_rounds"] == [0.9, 0.75, 1.125]
+    assert r["throughput_c64_cluster_vs_single"] == 0.9
+    assert r["targets"]["throughput_c64_cluster_vs_single"]["met"] is True
+    assert r["throughput_c64_cluster_replicated_vs_single"] == 0.7
+    assert "throughput_c64_cluster_replicated_vs_single" not in r["targets"]
+    assert r["redis_commands_per_request_cluster"] == 2.6
+    assert r["redis_commands_per_request_cluster_replicated"] == 2.7
+    assert r["redis_commands_per_request_single"] == 2.8
 
 
 async def test_the_load_generator_counts_refusals_apart_and_reopens_a_closed_connection(
