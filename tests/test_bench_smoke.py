@@ -70,7 +70,8 @@ def test_bench_harness_runs_rdv_serve_on_a_local_cluster(
     tmp_path: Path, demo_data_dir: Path
 ) -> None:
     """The ``gateway-cluster-replicated`` system (``gateway-cluster`` is the same without
-    replicas): a three-master cluster started beside ``rdv serve``, its six nodes counted as the system's processes, Redis commands counted on every master,
+    replicas): a three-master cluster started beside ``rdv serve``, its six nodes counted
+    as the system's processes, Redis commands counted on every master,
     and every node stopped with the system."""
     out = tmp_path / "results"
     argv = [
@@ -110,8 +111,8 @@ def test_the_cluster_target_pairs_rounds_of_the_cluster_without_replicas() -> No
 
     def system(rps: list[float], commands: float) -> dict[str, object]:
         median = sorted(rps)[len(rps) // 2]
-        phase = {"throughput_rps": median, "rounds": {"throughput_rps": rps},
-                 "redis": {"commands_per_request": commands, "bytes_per_request": 10.0}}  # fmt: skip
+        redis = {"commands_per_request": commands, "bytes_per_request": 10.0}
+        phase = {"throughput_rps": median, "rounds": {"throughput_rps": rps}, "redis": redis}
         return {"phases": {"c64": phase}}
 
     results = {"systems": {
