@@ -41,10 +41,21 @@ def stop_event() -> threading.Event:
     return stop
 
 
-def share_metrics_between_processes() -> None:
+METRICS_FOLDER_PREFIX = "rdv-metrics-"
+"""Temporary folders of the shared metrics are named ``rdv-metrics-<creator pid>-<random>``."""
+
+
+def share_metrics_between_processes() -> Path:
     """prometheus-client's multi-process mode: each worker process writes its values to files
     in one folder, and ``/metrics`` sums them. The folder must be empty at start (stale files
-    of an earlier run would be summed too) and set before a worker imports prometheus_client."""
+    of an earlier run would be summed too) and set before a worker imports prometheus_client.
+
+    Unless the operator named one (``PROMETHEUS_MULTIPROC_DIR``), the folder is a temporary
+    one, removed when this process exits; one left behind by a process that was killed (its
+    pid, in the name, no longer running) is removed by the next start, so restarts do not
+    fill the temporary folder."""
+    import atexit
+    import shutil
     import tempfile
 
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -52,9 +63,37 @@ def share_metrics_between_processes() -> None:
         os.makedirs(path, exist_ok=True)
         for stale in Path(path).glob("*.db"):
             stale.unlink(missing_ok=True)
-    else:
-        path = tempfile.mkdtemp(prefix="rdv-metrics-")
+        return Path(path)
+    remove_orphaned_metrics_folders(Path(tempfile.gettempdir()))
+    path = tempfile.mkdtemp(prefix=f"{METRICS_FOLDER_PREFIX}{os.getpid()}-")
+    atexit.register(shutil.rmtree, path, True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return Path(path)
+
+
+def remove_orphaned_metrics_folders(parent: Path) -> list[Path]:
+    """Remove the shared-metrics folders in ``parent`` whose creator is no longer running
+    (what a killed ``rdv serve`` leaves); the ones removed."""
+    import shutil
+
+    removed = []
+    for folder in parent.glob(f"{METRICS_FOLDER_PREFIX}*-*"):
+        pid = folder.name.removeprefix(METRICS_FOLDER_PREFIX).split("-", 1)[0]
+        if not pid.isdigit() or _running(int(pid)) or not folder.is_dir():
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
