@@ -217,6 +217,23 @@ async def test_one_evaluator_per_deployment_at_a_time(client: aioredis.Redis) ->
     assert await client.pttl(names.drift_lock_key(DEMO_DEPLOYMENT)) > 0.9 * ttl_s * 1000
 
 
+async def test_a_stopping_holder_hands_its_lease_over_at_once(client: aioredis.Redis) -> None:
+    """At shutdown a holder deletes its lease (only its own: one lapsed to another process
+    stays), so the next process takes over at its next check, not after three intervals."""
+    deployments = await cache(client)
+    one = DriftMonitor(client, deployments, "gw-1", interval_s=5.0)
+    two = DriftMonitor(client, deployments, "gw-2", interval_s=5.0)
+    t = time.monotonic()
+    assert await one._lead(DEMO_DEPLOYMENT, t)
+    assert not await two._lead(DEMO_DEPLOYMENT, t)
+    await one.release()
+    assert await client.get(names.drift_lock_key(DEMO_DEPLOYMENT)) is None
+    assert await two._lead(DEMO_DEPLOYMENT, t + LEASE_RECHECK_S + 0.01)
+    assert await one._lead(DEMO_DEPLOYMENT, t + 0.1) is False  # asks Redis again: two holds it
+    await one.release()  # holds nothing: two's lease stays
+    assert await client.get(names.drift_lock_key(DEMO_DEPLOYMENT)) == b"gw-2"
+
+
 async def test_unreadable_sketches_are_skipped(client: aioredis.Redis) -> None:
     deployments = await cache(client)
     await client.xadd(names.drift_sketch_stream(DEMO_DEPLOYMENT), {b"s": b"garbage"})

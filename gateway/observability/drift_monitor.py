@@ -57,6 +57,8 @@ IDLE_INTERVAL_S = 60.0
 """How often a deployment with no new sketches is evaluated (its report and history age)."""
 LEASE_RECHECK_S = 2.0
 """How long a process that saw another lease holder waits before asking again."""
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end"
+"""Delete a lease only while it is still ours (it may have lapsed to another process)."""
 
 
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
@@ -215,6 +217,15 @@ class DriftMonitor:
                 await self.client.pexpire(key, ttl_ms)
         self._leases[deployment] = (held, now + (ttl_ms / 3000 if held else LEASE_RECHECK_S))
         return held
+
+    async def release(self) -> None:
+        """Give up the leases this process holds (at shutdown): another process then takes
+        a deployment over at its next check (``LEASE_RECHECK_S``), not once the lease lapses
+        (three intervals, when drift would go unevaluated through a rolling restart)."""
+        held = [deployment for deployment, (mine, _) in self._leases.items() if mine]
+        self._leases.clear()
+        for deployment in held:
+            await self.client.eval(_RELEASE, 1, names.drift_lock_key(deployment), self.instance)
 
     def _feature_reference(self, deployment: str) -> FeatureReference | None:
         spec = self.deployments.deployments[deployment].feature_spec

@@ -248,6 +248,8 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
                 await asyncio.wait_for(feed.flush(), timeout=settings.redis_timeout_s)
             with contextlib.suppress(redis.RedisError, OSError):
                 await asyncio.wait_for(outcomes.flush(), timeout=settings.redis_timeout_s)
+            with contextlib.suppress(redis.RedisError, OSError):
+                await asyncio.wait_for(monitor.release(), timeout=settings.redis_timeout_s)
             metrics.flush()
             if multiprocess_dir() is not None:
                 mark_process_dead(os.getpid())
