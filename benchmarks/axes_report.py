@@ -34,6 +34,8 @@ AXIS_OF = {
 PER_ROLE = "_per_role"
 DEPLOYMENT_EXTRAS = ("pss_mb_20_deployments", "processes_20_deployments",
                      "deployments_layout", "deployments_measured")  # fmt: skip
+SOAK_EXTRAS = ("soak_redis_memory_growth_pct_besides_outcomes",)
+"""Figures beside the targets, without one."""
 DIGITS = {"rss_mb_20_deployments": 0, "pss_mb_20_deployments": 0, "soak_errors": 0,
           "idle_cpu_pct_20_deployments": 2, "soak_rss_growth_pct": 2,
           "soak_redis_memory_growth_pct": 2}  # fmt: skip
@@ -54,6 +56,10 @@ def axis_ratios(results: dict[str, Any]) -> dict[str, Any]:
     for key in DEPLOYMENT_EXTRAS:
         if key in deployments:
             out[key] = deployments[key]
+    soak = axes.get("soak") or {}
+    for key in SOAK_EXTRAS:
+        if key in soak:
+            out[key] = soak[key]
     targets = {}
     for key, (op, bound) in AXIS_TARGETS.items():
         targets[key] = {"op": op, "target": bound, "met": _met(out[key], op, bound)}
@@ -132,6 +138,17 @@ def markdown_lines(results: dict[str, Any]) -> list[str]:
             f"{soak['windows_s']['last']} s; p99 {soak['p99_ms']['first']} -> "
             f"{soak['p99_ms']['last']} ms; RSS growth by process (%): "
             + ", ".join(f"{k} {_fmt(v)}" for k, v in mem["rss_growth_pct_by_process"].items())
-            + f"; Redis used_memory {_fmt(mem['soak_redis_memory_growth_pct'])} %.",
+            + f"; Redis used_memory {_fmt(mem['soak_redis_memory_growth_pct'])} %"
+            + _besides_outcomes(mem)
+            + ".",
         ]
     return lines
+
+
+def _besides_outcomes(mem: dict[str, Any]) -> str:
+    besides = mem.get("soak_redis_memory_growth_pct_besides_outcomes")
+    held = mem.get("redis_outcome_store_mb") or [None, None]
+    if besides is None:
+        return ""
+    return (f", {_fmt(besides)} % besides the outcome store (the answers kept for labels, "
+            f"{_fmt(held[0])} -> {_fmt(held[1])} MB in the two windows)")  # fmt: skip

@@ -139,6 +139,27 @@ def redis_used_memory_mb(running: Running) -> float | None:
     return round(int(info["used_memory"]) / procstat.MB, 2)
 
 
+def outcome_store_mb(running: Running, deployment: str = DEPLOYMENT) -> float | None:
+    """What the deployment's outcome store (the answers kept for labels, bounded by
+    ``RDV_FEEDBACK_MAX_MB``) holds in Redis, MB: ``MEMORY USAGE`` of each of its buckets,
+    Redis's own estimate from a few sampled fields (an exact count would walk a hash of a
+    hundred thousand fields per sample, on the Redis under test)."""
+    from rendezvous import names
+    from rendezvous.outcomes import held_buckets
+
+    if not running.redis_nodes:
+        return None
+    node = running.redis_nodes[0]
+    with redis.Redis(host=node.host, port=node.port, socket_timeout=5) as client:
+        state = names.outcomes_state_key(deployment)
+        keys = [names.outcomes_key(deployment, b) for b in held_buckets(client.hkeys(state))]
+        pipe = client.pipeline(transaction=False)
+        for key in [state, *keys]:
+            pipe.memory_usage(key)
+        total = sum(int(v or 0) for v in pipe.execute())
+    return round(total / procstat.MB, 2)
+
+
 def phase(running: Running, load: Load) -> dict[str, Any]:
     """One load, logged, with the system's RSS right after it (for the memory plots)."""
     figures = run_phase(running, load, 2 if load.concurrency > 8 else 1)

@@ -9,7 +9,10 @@ the last minute (each at most half of what follows the warm-up, for short soaks)
 - ``soak_rss_growth_pct``: per process, the median RSS of the last window against the median
   of the first, in %; the largest over the processes present in both (medians, so that one
   sample caught mid-allocation does not decide; a process that restarted is listed apart);
-- ``soak_redis_memory_growth_pct``: the same for Redis's ``used_memory``;
+- ``soak_redis_memory_growth_pct``: the same for Redis's ``used_memory``; beside it, without a
+  target, ``soak_redis_memory_growth_pct_besides_outcomes``: the same less what the outcome
+  store holds (the answers kept for labels, which fill by design up to
+  ``RDV_FEEDBACK_MAX_MB``): whether anything else grows;
 - ``soak_p99_last_vs_first``: p99 of the requests sent in the last window over the first's;
 - ``soak_errors``: requests that got no 200 (429s included: a refusal at half the peak is a
   failure here), over the whole soak.
@@ -25,9 +28,16 @@ import time
 from typing import Any
 
 import numpy as np
+import redis
 
 from benchmarks import procstat
-from benchmarks.axis_common import AxisContext, phase, redis_used_memory_mb, with_bodies
+from benchmarks.axis_common import (
+    AxisContext,
+    outcome_store_mb,
+    phase,
+    redis_used_memory_mb,
+    with_bodies,
+)
 from benchmarks.loadgen import Load, ProcResult, run_load
 from benchmarks.run import log
 from benchmarks.systems import Running
@@ -58,11 +68,13 @@ class Sampler:
                for pid, name in self.running.tree.members().items()}  # fmt: skip
         try:
             used = redis_used_memory_mb(self.running)
-        except OSError:
-            used = None
+            outcomes = outcome_store_mb(self.running)
+        except (OSError, redis.RedisError):
+            used = outcomes = None
         self.samples.append({"t_s": round(now, 2), "rss_mb": rss,
                              "rss_mb_total": round(sum(rss.values()), 1),
-                             "redis_used_memory_mb": used})  # fmt: skip
+                             "redis_used_memory_mb": used,
+                             "redis_outcome_store_mb": outcomes})  # fmt: skip
 
 
 def growth_pct(first: list[float], last: list[float]) -> float | None:
@@ -93,6 +105,12 @@ def memory_growth(
     measured = {n: g for n, g in by_process.items() if g is not None}
     redis_a = [s["redis_used_memory_mb"] for s in a if s["redis_used_memory_mb"] is not None]
     redis_b = [s["redis_used_memory_mb"] for s in b if s["redis_used_memory_mb"] is not None]
+
+    def besides_outcomes(window: list[dict[str, Any]]) -> list[float]:
+        return [s["redis_used_memory_mb"] - s["redis_outcome_store_mb"] for s in window
+                if s["redis_used_memory_mb"] is not None
+                and s.get("redis_outcome_store_mb") is not None]  # fmt: skip
+
     return {
         "samples_in_windows": [len(a), len(b)],
         "rss_growth_pct_by_process": by_process,
@@ -105,7 +123,19 @@ def memory_growth(
             ({n for s in a for n in s["rss_mb"]} | {n for s in b for n in s["rss_mb"]}) - names
         ),
         "soak_redis_memory_growth_pct": growth_pct(redis_a, redis_b),
+        "soak_redis_memory_growth_pct_besides_outcomes": growth_pct(
+            besides_outcomes(a), besides_outcomes(b)
+        ),
+        "redis_outcome_store_mb": [
+            _median_of(a, "redis_outcome_store_mb"),
+            _median_of(b, "redis_outcome_store_mb"),
+        ],
     }
+
+
+def _median_of(window: list[dict[str, Any]], key: str) -> float | None:
+    values = [s[key] for s in window if s.get(key) is not None]
+    return statistics.median(values) if values else None
 
 
 def latency_series(result: ProcResult, soak_s: float, bucket_s: float) -> list[dict[str, Any]]:
@@ -179,6 +209,9 @@ def soak_axis(ctx: AxisContext) -> dict[str, Any]:
         "latency_series": latency_series(result, soak_s, min(10.0, max(1.0, soak_s / 60))),
         "soak_rss_growth_pct": growth["soak_rss_growth_pct"],
         "soak_redis_memory_growth_pct": growth["soak_redis_memory_growth_pct"],
+        "soak_redis_memory_growth_pct_besides_outcomes": growth[
+            "soak_redis_memory_growth_pct_besides_outcomes"
+        ],
         "soak_p99_last_vs_first": (
             round(p99_last / p99_first, 3) if p99_first and p99_last is not None else None
         ),
