@@ -169,6 +169,12 @@ class Settings(BaseSettings):
     memory (about 0.65 KB a record: 50,000 hold ~33 MB); its readers need far fewer (the
     promotion gate reads ``shadow_window``, drift runs on the gateways' own sketches)."""
 
+    decisions_max_mb: float = Field(default=64.0, gt=0)
+    """The same cap in memory: fewer records when they are large (a 100-row request's record
+    is over 10 KB, and 50,000 of them would hold half a gigabyte). Each gateway derives the
+    count from the mean size of the records it writes (``gateway.dataplane.decision_cap``);
+    at least 100 are kept."""
+
     heartbeat_timeout_s: float = Field(default=5.0, gt=0)
     """A worker whose last heartbeat is older than this is not live (readiness)."""
 
@@ -252,7 +258,7 @@ class Settings(BaseSettings):
         the labelled streams full (~0.2 KB an entry)."""
         per_deployment = (
             self.max_backlog * 1024
-            + self.decisions_maxlen * 650
+            + min(self.decisions_maxlen * 650, int(self.decisions_max_mb * 2**20))
             + self.drift_sketch_maxlen * 2048
             + int(self.feedback_max_mb * 2**20)
             + self.labelled_maxlen * 200

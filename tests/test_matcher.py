@@ -227,3 +227,43 @@ async def test_an_envelope_that_cannot_be_published_fails_its_wait_without_a_rec
     assert "lost" not in rdv.mailboxes
     await asyncio.sleep(SCHEDULE.timeout_ms / 1000 + 0.1)  # no timer is left to write one
     assert r.xlen(names.decisions_stream(DEP)) == 0
+
+
+async def test_large_records_are_kept_in_fewer_entries_than_the_count_cap(
+    r: redis.Redis, redis_url: str
+) -> None:
+    """The decisions stream keeps ``decisions_maxlen`` records, or fewer when they are large:
+    with a byte cap, 600 records of 64 rows stay within about that many bytes (XADD's
+    approximate trim may keep up to a listpack node, 100 entries, more)."""
+    client = aioredis.Redis.from_url(redis_url)
+    reader = Router(aioredis.Redis.from_url(redis_url), timeout_s=3.0)
+    writer = Router(client, timeout_s=2.0)
+    max_bytes = 300_000
+    matcher = Rendezvous(client, reader, names.reply_stream("t-gw"), StreamAppender(writer),
+                         decisions_maxlen=50_000, decisions_max_bytes=max_bytes)  # fmt: skip
+    await matcher.start()
+    try:
+        rows = 64
+        for start in range(0, 600, 100):
+            ids = [f"big{i}" for i in range(start, start + 100)]
+            boxes = [matcher.open(i, DEP, SCHEDULE, ["real"]) for i in ids]
+            pipe = client.pipeline(transaction=False)
+            for rid in ids:
+                proba = np.tile(np.array([[0.25, 0.75]], np.float32), (rows, 1))
+                res = ModelResult(rid, DEP, "m", 1, "real", [1] * rows, proba, [0, 1], 0.2, 0.1)
+                pipe.xadd(names.reply_stream("t-gw"), res.encode())
+            await pipe.execute()
+            await asyncio.gather(*(matcher.wait(b) for b in boxes))
+    finally:
+        await matcher.stop()
+        await matcher.decisions.close()
+        await writer.close()
+        await client.aclose()
+        await reader.client.aclose()
+    entries = r.xrange(names.decisions_stream(DEP))
+    record_bytes = len(entries[-1][1][b"m"])
+    cap = matcher.decisions_cap.maxlen(DEP, record_bytes)  # all the same size: the mean is it
+    assert cap == max_bytes // (record_bytes + 64)
+    assert 100 <= cap < 600
+    assert cap <= len(entries) <= cap + 100, (len(entries), cap, record_bytes)
+    assert entries[-1][1][b"m"] and decode_entries(entries[-1:])[0].request_id == "big599"

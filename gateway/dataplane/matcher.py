@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 import redis
 
+from gateway.dataplane.decision_cap import DecisionCap
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
 from rendezvous.bus.connection import AsyncClient
 from rendezvous.bus.routing import Command, Router
+from rendezvous.decision import FIELD as DECISION_FIELD
 from rendezvous.decision import DecisionRecord, build_decision
 from rendezvous.envelope import EnvelopeError, ModelResult, decode_results
 from rendezvous.ood import OodReference, OodScore
@@ -81,6 +83,7 @@ class Rendezvous:
         decisions: StreamAppender,
         *,
         decisions_maxlen: int = 50_000,
+        decisions_max_bytes: int | None = None,
         on_decision: Callable[[DecisionRecord], None] | None = None,
     ):
         self.client = client
@@ -88,7 +91,9 @@ class Rendezvous:
         """Connections of its own: the blocking XREAD holds one, and closing them ends it."""
         self.reply_to = reply_to
         self.decisions = decisions
-        self.decisions_maxlen = decisions_maxlen
+        self.decisions_cap = DecisionCap(decisions_maxlen, decisions_max_bytes)
+        """The decisions stream's length: at most ``decisions_maxlen`` records, fewer when they
+        are large (``decisions_max_bytes``)."""
         self.on_decision = on_decision
         self.mailboxes: dict[str, Mailbox] = {}
         self.late_results = 0
@@ -255,10 +260,11 @@ class Rendezvous:
                 schedule=mb.schedule,
                 ood=ood,
             )
+            fields = record.encode()
+            maxlen = self.decisions_cap.maxlen(mb.deployment, len(fields[DECISION_FIELD]))
             self.decisions.append_nowait(
-                names.decisions_stream(mb.deployment), record.encode(), self.decisions_maxlen,
-                urgent=False,
-            )  # fmt: skip
+                names.decisions_stream(mb.deployment), fields, maxlen, urgent=False
+            )
             if self.on_decision is not None:
                 try:
                     self.on_decision(record)

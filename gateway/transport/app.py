@@ -95,7 +95,8 @@ async def _check_redis_memory(client: AsyncClient, settings: Settings, deploymen
     if limit and needed > limit:
         log.warning(
             "Redis's maxmemory is %d MB, and the caps let the data reach about %d MB: at the "
-            "limit predicts answer 503. Lower RDV_MAX_BACKLOG (%d), RDV_DECISIONS_MAXLEN (%d), "
+            "limit predicts answer 503. Lower RDV_MAX_BACKLOG (%d), RDV_DECISIONS_MAXLEN (%d) "
+            "or RDV_DECISIONS_MAX_MB, "
             "RDV_DRIFT_SKETCH_MAXLEN (%d), RDV_REPLY_MAXLEN (%d), RDV_FEEDBACK_MAX_MB (%g) and "
             "RDV_LABELLED_MAXLEN (%d), or raise maxmemory",
             limit // 2**20, needed // 2**20, settings.max_backlog, settings.decisions_maxlen,
@@ -174,6 +175,7 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
             names.reply_stream(instance),
             appender,
             decisions_maxlen=settings.decisions_maxlen,
+            decisions_max_bytes=int(settings.decisions_max_mb * 2**20),
             on_decision=on_decision,
         )
         await rendezvous.start()
