@@ -58,18 +58,24 @@ def rss_bytes(pid: int) -> int:
         return 0
 
 
+def _smaps_rollup_bytes(pid: int, field: str) -> int | None:
+    """One field of ``/proc/<pid>/smaps_rollup`` in bytes (None where it cannot be read)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def pss_bytes(pid: int) -> int:
     """Proportional set size: the RSS with each shared page split among the processes that
     map it. Sums over processes without counting a page twice, as RSS does for a forked
     child (Redis's AOF rewrite) that still shares its parent's pages. RSS where the kernel
     has no ``smaps_rollup``."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return rss_bytes(pid)
+    pss = _smaps_rollup_bytes(pid, "Pss")
+    return rss_bytes(pid) if pss is None else pss
 
 
 def _exe(pid: int) -> str | None:
@@ -77,16 +83,6 @@ def _exe(pid: int) -> str | None:
         return os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return None
-
-
-def _shared_dirty_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Shared_Dirty:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 def resident_once_bytes(pid: int, parent: int | None) -> int:
@@ -98,7 +94,7 @@ def resident_once_bytes(pid: int, parent: int | None) -> int:
     rss = rss_bytes(pid)
     if parent is None or _exe(pid) is None or _exe(pid) != _exe(parent):
         return rss
-    return max(0, rss - _shared_dirty_bytes(pid))
+    return max(0, rss - (_smaps_rollup_bytes(pid, "Shared_Dirty") or 0))
 
 
 def hwm_bytes(pid: int) -> int:
