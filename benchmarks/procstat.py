@@ -92,7 +92,8 @@ def resident_once_bytes(pid: int, parent: int | None) -> int:
     process started by exec (every Python process here, Redis itself) shares no written
     pages with its parent and keeps its RSS."""
     rss = rss_bytes(pid)
-    if parent is None or _exe(pid) is None or _exe(pid) != _exe(parent):
+    exe = _exe(pid)
+    if parent is None or exe is None or exe != _exe(parent):
         return rss
     return max(0, rss - (_smaps_rollup_bytes(pid, "Shared_Dirty") or 0))
 
