@@ -234,6 +234,41 @@ async def test_a_stopping_holder_hands_its_lease_over_at_once(client: aioredis.R
     assert await client.get(names.drift_lock_key(DEMO_DEPLOYMENT)) == b"gw-2"
 
 
+async def test_an_evaluation_trims_the_sketches_no_window_needs_any_more(
+    client: aioredis.Redis, demo_data_dir: Path
+) -> None:
+    """Sketches older than the window just merged are trimmed (the stream holds about a
+    window, not ``drift_sketch_maxlen``), but only once the score reference is settled: a
+    real model without one still needs its first full window, from the stream's start."""
+    deployments = await cache(client)
+    stream = names.drift_sketch_stream(DEMO_DEPLOYMENT)
+    x = demo_data().x_test
+    rng = np.random.default_rng(4)
+    unsettled = DriftMonitor(client, deployments, "gw-1", window_requests=150,
+                             defaults=Thresholds(min_requests=50),
+                             local_meta=lambda n, v: {"name": n})  # fmt: skip
+    feed = DriftFeed(client, deployments)
+    await feed_traffic(feed, x[:100], rng.uniform(0.0, 1.0, 100))
+    waiting = await unsettled.evaluate(DEMO_DEPLOYMENT)
+    assert waiting["current"]["score"]["reference_source"] is None
+    assert await client.xlen(stream) == 1  # kept: it starts the reference window
+
+    await client.delete(names.drift_reference_key(DEMO_DEPLOYMENT))
+    monitor = DriftMonitor(client, deployments, "gw-1", window_requests=150,
+                           defaults=Thresholds(min_requests=50),
+                           local_meta=local_model_meta(demo_data_dir / "models"))  # fmt: skip
+    for _ in range(5):
+        await feed_traffic(feed, x[:100], rng.uniform(0.0, 1.0, 100))
+    newest = [entry_id for entry_id, _ in await client.xrevrange(stream, count=2)]
+    report = await monitor.evaluate(DEMO_DEPLOYMENT)
+    assert report["current"]["requests"] == 200  # two sketches of 100 for a window of 150
+    assert report["current"]["score"]["reference_source"] == "training"
+    assert [entry_id for entry_id, _ in await client.xrevrange(stream)] == newest
+    await feed_traffic(feed, x[:100], rng.uniform(0.0, 1.0, 100))
+    again = await monitor.evaluate(DEMO_DEPLOYMENT)
+    assert again["current"]["requests"] == 200 and await client.xlen(stream) == 2
+
+
 async def test_unreadable_sketches_are_skipped(client: aioredis.Redis) -> None:
     deployments = await cache(client)
     await client.xadd(names.drift_sketch_stream(DEMO_DEPLOYMENT), {b"s": b"garbage"})

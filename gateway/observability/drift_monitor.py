@@ -245,7 +245,7 @@ class DriftMonitor:
         pipe.hget(names.MODELS_INDEX, str(real))
         pipe.get(names.drift_reference_key(deployment))
         previous_raw, thresholds_raw, meta_raw, reference_raw = await pipe.execute()
-        sketches = await self._newest(deployment, str(real), now_ms)
+        sketches, oldest_taken = await self._newest(deployment, str(real), now_ms)
 
         features = self._feature_reference(deployment)
         version = features.version if features else None
@@ -310,6 +310,9 @@ class DriftMonitor:
         drift_features.store(pipe, deployment, drift_features.snapshot(window, features, now_ms),
                              report["features"]["psi"], dep.feature_spec,
                              self.history_len if due else None)  # fmt: skip
+        if source is not None:  # the reference is settled: older sketches have no reader left
+            minid = oldest_taken or f"{int(now_ms - self.window_s * 1000)}-0"
+            pipe.xtrim(names.drift_sketch_stream(deployment), minid=minid, approximate=False)
         await pipe.execute()
         figures = {
             kind: {"value": recent["values"].get(kind) if recent["status"] == "ok" else value,
@@ -328,27 +331,39 @@ class DriftMonitor:
         announce(deployment, events, self.webhooks)  # webhooks queued: nothing waits
         return stored
 
-    async def _newest(self, deployment: str, real: str, now_ms: float) -> list[Sketch]:
+    async def _newest(
+        self, deployment: str, real: str, now_ms: float
+    ) -> tuple[list[Sketch], bytes | None]:
         """The newest sketches, newest first, a page at a time until they hold a window of
-        ``real``'s requests (or reach ``window_s`` back)."""
+        ``real``'s requests (or reach ``window_s`` back), and the id of the oldest one taken.
+
+        Nothing reads a sketch older than that once the score reference is settled, so the
+        evaluation trims the stream there: it then holds about a window, not the
+        ``drift_sketch_maxlen`` entries (20,000: forty minutes of two gateway processes'
+        sketches, Redis growing all the while)."""
         key = names.drift_sketch_stream(deployment)
         oldest = int(now_ms - self.window_s * 1000)
         out: list[Sketch] = []
         requests = 0
         high: str | bytes = "+"
+        oldest_taken: bytes | None = None
         while len(out) < SCAN_LIMIT:
             entries = cast(Entries, await self.client.xrevrange(key, high, oldest, count=PAGE))
             if not entries:
                 break
             if high == "+":
                 self._last_seen[deployment] = entries[0][0]
-            page = _decode_sketches(entries)
-            out += page
-            requests += sum(s.requests for s in page if s.real_model == real)
-            if requests >= self.window_requests or len(entries) < PAGE:
+            for entry in entries:
+                oldest_taken = entry[0]
+                for sketch in _decode_sketches([entry]):
+                    out.append(sketch)
+                    requests += sketch.requests if sketch.real_model == real else 0
+                if requests >= self.window_requests:
+                    return out, oldest_taken
+            if len(entries) < PAGE:
                 break
             high = b"(" + entries[-1][0]
-        return out
+        return out, oldest_taken
 
     async def _training_reference(
         self, name: str, version: int, meta_raw: bytes | None
