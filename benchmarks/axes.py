@@ -63,6 +63,11 @@ def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--soak-hour", action="store_true", help="a soak of an hour")
     p.add_argument("--soak-warmup-s", type=float, help="(default 60)")
     p.add_argument("--soak-sample-s", type=float, help="memory sampled every (default 5)")
+    p.add_argument(
+        "--soak-feedback-mb",
+        type=float,
+        help="RDV_FEEDBACK_MAX_MB of the soak's server (default 4; 0: the server's)",
+    )
     p.add_argument("--peak-s", type=float, help="the c64 loop that finds the peak (default 5)")
 
 
@@ -91,7 +96,15 @@ def options(args: argparse.Namespace) -> AxisOptions:
         deployments=max(1, args.deployments),
         layout=args.layout,
     )
-    for name in ("settle_s", "idle_s", "soak_s", "soak_warmup_s", "soak_sample_s", "peak_s"):
+    for name in (
+        "settle_s",
+        "idle_s",
+        "soak_s",
+        "soak_warmup_s",
+        "soak_sample_s",
+        "peak_s",
+        "soak_feedback_mb",
+    ):
         if getattr(args, name) is not None:
             setattr(opts, name, getattr(args, name))
     if args.soak_hour:

@@ -43,6 +43,10 @@ class AxisOptions:
     soak_s: float = 600.0
     soak_warmup_s: float = 60.0
     soak_sample_s: float = 5.0
+    soak_feedback_mb: float = 4.0
+    """``RDV_FEEDBACK_MAX_MB`` of the soak's server (0: the server's default, 256): small
+    enough that the outcome store, which fills by design up to it, is full within the
+    warm-up, so that what grows after it is what no bound holds."""
     peak_s: float = 5.0
 
 

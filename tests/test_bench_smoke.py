@@ -270,6 +270,8 @@ def test_the_deployments_and_soak_axes_run_for_a_second(
     assert soak["rate"] == pytest.approx(soak["peak"]["throughput_rps"] / 2, abs=0.1)
     assert len(soak["samples"]) >= 6 and all(s["redis_used_memory_mb"] > 0 for s in soak["samples"])
     assert soak["samples"][-1]["redis_outcome_store_mb"] > 0  # the answers kept for labels
+    assert soak["settings"] == {"RDV_FEEDBACK_MAX_MB": "4"}  # bounded to fill in the warm-up
+    assert isinstance(soak["memory"]["outcome_store_full_in_first_window"], bool)
     assert isinstance(ratios["soak_redis_memory_growth_pct_besides_outcomes"], float)
     assert [b["t_s"] for b in soak["latency_series"]] == [0.0, 1.0, 2.0]
     assert sum(b["rps"] for b in soak["latency_series"]) == pytest.approx(soak["ok"], rel=0.01)
