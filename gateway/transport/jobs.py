@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from gateway.dataplane.failures import problem_of
-from gateway.dataplane.jobs import JobConflict, JobNotFound, JobService, JobView
+from gateway.dataplane.jobs import BLOCK_MS, JobConflict, JobNotFound, JobService, JobView
 from gateway.dataplane.validation import PredictRequest
 from gateway.problems import Problem, unavailable
 from gateway.settings import Settings
@@ -178,7 +178,9 @@ async def start(app: FastAPI, settings: Settings) -> Callable[[], Awaitable[None
     assert settings.redis_url is not None
     # The blocking reads (jobs and done streams) on a client of their own: they hold none of
     # the request path's connections, and its timeout outlasts their block.
-    blocking = await connect_async(settings.redis_url, timeout_s=settings.redis_timeout_s + 1)
+    blocking = await connect_async(
+        settings.redis_url, timeout_s=settings.redis_timeout_s + BLOCK_MS / 1000
+    )
     jobs = JobService(
         app.state.redis,
         blocking,
