@@ -25,6 +25,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.problems import Problem
 from gateway.settings import Settings
+from gateway.transport.coalesce import CoalescingTransport
 
 SWEEP_S = 1.0
 LINGER_S = 2.0
@@ -221,7 +222,8 @@ class _Sweeper:
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with ``limits`` applied to every connection. A class at
+    """uvicorn's httptools protocol with ``limits`` applied to every connection, writing
+    through a ``CoalescingTransport`` (one write per response). A class at
     module level, so that uvicorn can hand it to the worker processes it spawns; each process
     reads the limits from its own settings (the environment) on its first connection."""
 
@@ -240,6 +242,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             cls.limits = limits_from(Settings())
         if cls.sweeper is None:
             cls.sweeper = _Sweeper()
+        transport = CoalescingTransport(transport, asyncio.get_running_loop())
         self._guard = ConnectionGuard(transport, cls.limits)
         cls.sweeper.add(self._guard)
         super().connection_made(transport)
