@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.transport.coalesce import CoalescingTransport
+from gateway.transport.coalesce import FLUSH_BYTES, CoalescingTransport
 
 
 class Recorder(asyncio.Transport):
@@ -95,3 +95,19 @@ async def test_abort_drops_what_is_kept() -> None:
     transport.abort()
     await next_turn()
     assert real.events == ["abort"] and real.writes == []
+
+
+async def test_a_large_body_goes_on_at_once_to_meet_flow_control() -> None:
+    """Past FLUSH_BYTES kept, the real transport gets the bytes in the same turn (where its
+    buffer limits pause the writer), not one turn later."""
+    real = Recorder()
+    transport = CoalescingTransport(real, asyncio.get_running_loop())
+    transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    transport.write(b"x" * (FLUSH_BYTES - 100))
+    assert real.writes == []
+    transport.write(b"y" * 200)
+    assert [len(w) for w in real.writes] == [19 + FLUSH_BYTES - 100 + 200]
+    assert transport.get_write_buffer_size() == 10
+    transport.write(b"tail")
+    await next_turn()
+    assert real.writes[-1] == b"tail" and len(real.writes) == 2

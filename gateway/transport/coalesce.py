@@ -7,7 +7,9 @@ rest of the HTTP layer, and the client wakes twice. ``CoalescingTransport`` keep
 written during one turn of the event loop and hands it to the real transport in one write at
 the start of the next turn (``call_soon``): the header and body of a response (and of several
 pipelined ones) leave together. Closing, half-closing and reading go through at once, after
-what is kept; aborting drops it, as the real transport drops its buffer.
+what is kept; aborting drops it, as the real transport drops its buffer. Past
+``FLUSH_BYTES`` kept, a write goes on at once: a large body streamed without a pause still
+meets the real transport's flow control (``pause_writing``) as it did.
 
 Only the ``asyncio.Transport`` methods are used, on both sides.
 """
@@ -17,15 +19,19 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+FLUSH_BYTES = 64 * 1024
+"""Kept bytes that are handed on at once, without waiting for the next turn."""
+
 
 class CoalescingTransport(asyncio.Transport):
-    __slots__ = ("_loop", "_pending", "_transport")
+    __slots__ = ("_kept", "_loop", "_pending", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
         super().__init__()
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes | bytearray | memoryview] = []
+        self._kept = 0
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -35,6 +41,9 @@ class CoalescingTransport(asyncio.Transport):
         if not self._pending:
             self._loop.call_soon(self.flush)
         self._pending.append(data)
+        self._kept += len(data)
+        if self._kept >= FLUSH_BYTES:
+            self.flush()
 
     def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:
@@ -45,12 +54,13 @@ class CoalescingTransport(asyncio.Transport):
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        self._kept = 0
         if self._transport.is_closing():
             return  # the real transport would drop it too (and warn)
         self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(len(d) for d in self._pending)
+        return self._transport.get_write_buffer_size() + self._kept
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         return self._transport.get_write_buffer_limits()
@@ -73,6 +83,7 @@ class CoalescingTransport(asyncio.Transport):
 
     def abort(self) -> None:
         self._pending.clear()
+        self._kept = 0
         self._transport.abort()
 
     def is_closing(self) -> bool:
