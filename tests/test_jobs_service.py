@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import Backlogged, Overloaded
-from gateway.dataplane.jobs import DONE, PENDING, JobService, created_ms, new_job_id
+from gateway.dataplane.jobs import BLOCK_MS, DONE, PENDING, JobService, created_ms, new_job_id
 from gateway.dataplane.service import PredictionService
 from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
@@ -64,7 +64,7 @@ async def client(bus_url: str, demo_registry: ModelRegistry) -> AsyncIterator[As
     flush(sync)
     DeploymentStore(sync).create(demo_deployment(demo_registry, SCHEDULE))
     sync.close()
-    client = await connect_async(bus_url, timeout_s=2.0)
+    client = await connect_async(bus_url, timeout_s=2.0 + BLOCK_MS / 1000)  # outlasts a block
     yield client
     await client.aclose()
 
