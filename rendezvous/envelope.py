@@ -48,9 +48,13 @@ def _unpack(fields: dict[bytes, bytes]) -> dict[str, Any]:
     return doc
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestEnvelope:
-    """One prediction request as every bin sees it (and the log bin archives it)."""
+    """One prediction request as every bin sees it (and the log bin archives it).
+
+    Not frozen, like ``ModelResult``: a frozen dataclass sets each field through
+    ``object.__setattr__``, two and a half times the cost of building it, and every bin decodes
+    every envelope. Treat it as read-only."""
 
     request_id: str
     deployment: str
@@ -107,9 +111,13 @@ class RequestEnvelope:
             raise EnvelopeError(f"envelope lacks a field: {exc}") from exc
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ModelResult:
-    """What one model bin answered for one request (all of its rows)."""
+    """What one model bin answered for one request (all of its rows).
+
+    Not frozen: the gateway decodes one per bin and request, and a frozen dataclass's
+    ``__init__`` (a ``object.__setattr__`` per field) took 1.3 of its 2.3 µs. Treat it as
+    read-only (only ``extra`` is written, by the rendezvous)."""
 
     request_id: str
     deployment: str

@@ -123,6 +123,32 @@ async def test_real_arriving_late_but_within_grace_is_recorded(
     assert rec.divergence.disagreements == 0
 
 
+async def test_results_in_the_grace_period_keep_its_one_timer_and_it_still_closes(
+    rdv: Rendezvous, r: redis.Redis
+) -> None:
+    """Each shadow result after the answer leaves the grace period's end where it was: it
+    re-arms nothing (a new timer per result cost the gateway ~2 us a bin), and the record is
+    still written at that end when a bin never answers."""
+    roles = ["real", "canary", "c1", "c2"]
+    mb = rdv.open("g", DEP, SCHEDULE, roles)
+    await send(rdv.client, result("g", "real", 0.9))
+    answer = await rdv.wait(mb)
+    grace_timer = mb.timer
+    assert grace_timer is not None and not mb.closed
+    await send(rdv.client, result("g", "canary", 0.8))
+    await send(rdv.client, result("g", "c1", 0.7))
+    for _ in range(400):  # the reply reader files them within milliseconds
+        if len(mb.results) == 3:
+            break
+        await asyncio.sleep(0.005)
+    assert set(mb.results) == {"real", "canary", "c1"}
+    assert mb.timer is grace_timer and not mb.closed
+    [rec] = await decisions(r, 1)
+    assert rec.missing == ("c2",) and set(rec.divergences) == {"canary", "c1"}
+    closed_after_ms = (time.perf_counter() - mb.started) * 1000
+    assert closed_after_ms >= answer.elapsed_ms + SCHEDULE.grace_ms
+
+
 async def test_timeout_when_nobody_answers(rdv: Rendezvous, r: redis.Redis) -> None:
     t0 = time.perf_counter()
     answer = await rdv.wait(rdv.open("d", DEP, SCHEDULE, ROLES))

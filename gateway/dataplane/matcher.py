@@ -66,6 +66,9 @@ class Mailbox:
     answer: asyncio.Future[Answer]
     results: dict[str, ModelResult] = field(default_factory=dict)
     timer: asyncio.TimerHandle | None = None
+    timer_at_ms: float = -1.0
+    """The elapsed time ``timer`` is set for: a result that leaves it unchanged (each
+    shadow bin's, in the grace period) re-arms nothing."""
     answered: Answer | None = None
     closed: bool = False
     features: np.ndarray | None = None
@@ -191,9 +194,16 @@ class Rendezvous:
 
     def _arm(self, mb: Mailbox, at_elapsed_ms: float) -> None:
         if mb.timer is not None:
+            if mb.timer_at_ms == at_elapsed_ms:
+                return  # already set for then (a cancel and a new timer cost ~2 us)
             mb.timer.cancel()
         delay_s = max(at_elapsed_ms - self._elapsed_ms(mb), 0.0) / 1000
-        mb.timer = asyncio.get_running_loop().call_later(delay_s, self._evaluate, mb)
+        mb.timer_at_ms = at_elapsed_ms
+        mb.timer = asyncio.get_running_loop().call_later(delay_s, self._fire, mb)
+
+    def _fire(self, mb: Mailbox) -> None:
+        mb.timer = None  # spent: a re-arm for the same time (it fired a hair early) is new
+        self._evaluate(mb)
 
     def _evaluate(self, mb: Mailbox) -> None:
         if mb.closed:
@@ -223,7 +233,10 @@ class Rendezvous:
                 self._close(mb, mb.answered)
                 return
         grace_end_ms = mb.answered.elapsed_ms + mb.schedule.grace_ms
-        if all(role in mb.results for role in mb.expected_roles) or elapsed_ms >= grace_end_ms:
+        results, expected = mb.results, mb.expected_roles
+        if (len(results) >= len(expected) and all(role in results for role in expected)) or (
+            elapsed_ms >= grace_end_ms
+        ):
             self._close(mb, mb.answered)
         else:
             self._arm(mb, grace_end_ms)  # timers may fire a hair early: re-arm, never drop
