@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from rendezvous.drift_alerts import Thresholds
 from rendezvous.schedule import Schedule
+
+if TYPE_CHECKING:  # imported where used: it brings numpy, which ``rdv serve``'s supervisor
+    # (a process that only starts and watches the others) has no use for: ~13 MB of its RSS
+    from rendezvous.drift_alerts import Thresholds
 
 
 class Settings(BaseSettings):
@@ -267,6 +270,8 @@ class Settings(BaseSettings):
 
     def drift_defaults(self) -> Thresholds:
         """The thresholds of a deployment that has none of its own (ValueError if invalid)."""
+        from rendezvous.drift_alerts import Thresholds
+
         return Thresholds(min_requests=self.drift_min_requests).merged(self.drift_thresholds)
 
     def schedule(self) -> Schedule:
