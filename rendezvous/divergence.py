@@ -87,7 +87,9 @@ def _js_row(p: list[float], q: list[float]) -> float:
             total += 0.5 * b * log2(b / m)
     if total < 0.0:
         return 0.0
-    return sqrt(total) if total < 1.0 else 1.0
+    if total > 1.0:
+        return 1.0
+    return sqrt(total)  # NaN (a model that answered NaN) stays NaN, as in numpy
 
 
 def _small_divergence(

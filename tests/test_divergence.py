@@ -71,3 +71,14 @@ def test_the_plain_python_path_agrees_with_numpy() -> None:
                 assert small.abs_diff_mean == pytest.approx(big.abs_diff_mean, abs=1e-6)
             else:
                 assert small.abs_diff_mean is None and big.abs_diff_mean is None
+
+
+def test_a_nan_probability_gives_nan_on_both_paths() -> None:
+    """A model that answers NaN must not read as a figure (0 or 1) on the one-row path."""
+    from rendezvous import divergence as mod
+
+    pa = np.array([[np.nan, 0.5]], dtype=np.float32)
+    pb = np.array([[0.5, 0.5]], dtype=np.float32)
+    small = mod.divergence([1], pa, [1], pb)
+    big = mod.divergence([1] * 20, np.repeat(pa, 20, 0), [1] * 20, np.repeat(pb, 20, 0))
+    assert np.isnan(small.js_mean) and np.isnan(big.js_mean)
