@@ -136,10 +136,11 @@ def test_no_import_cycles() -> None:
 
 def test_a_gateway_process_loads_no_model_library() -> None:
     """The gateway never runs a model: onnxruntime, onnx or scikit-learn imported with it
-    would cost each gateway process tens of MB (the upload check imports them when used)."""
+    would cost each gateway process tens of MB (the upload check imports them when used).
+    httpx likewise waits for a first alert webhook or readiness probe (~5 MB a process)."""
     code = (
         "import sys, gateway.cli.main, gateway.transport.app, gateway.cli.serve; "
-        "print(sorted(m for m in ('onnxruntime', 'onnx', 'sklearn', 'skl2onnx') "
+        "print(sorted(m for m in ('onnxruntime', 'onnx', 'sklearn', 'skl2onnx', 'httpx') "
         "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,

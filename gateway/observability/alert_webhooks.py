@@ -21,9 +21,10 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,11 @@ class AlertWebhooks:
         self.failed = 0
         self.dropped = 0
         self._queue: deque[dict[str, Any]] = deque(maxlen=max_queue)
-        self._http = httpx.AsyncClient(timeout=timeout_s, transport=transport)
+        self._timeout_s = timeout_s
+        self._transport = transport
+        self._http: httpx.AsyncClient | None = None
+        """Made on the first payload: most processes never send one, and httpx (with what it
+        pulls in) is ~15 MB of each gateway process's memory."""
         self._task: asyncio.Task[None] | None = None
 
     def notify(self, deployment: str, events: Sequence[Mapping[str, Any]],
@@ -128,12 +133,22 @@ class AlertWebhooks:
             if self._queue and self._queue[0] is payload:
                 self._queue.popleft()
 
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            import httpx
+
+            self._http = httpx.AsyncClient(timeout=self._timeout_s, transport=self._transport)
+        return self._http
+
     async def _send(self, url: str, payload: dict[str, Any]) -> None:
+        import httpx
+
+        http = self._client()
         deadline = time.monotonic() + self.give_up_s
         delay_s = 0.5
         while True:
             try:
-                response = await self._http.post(url, json=payload)
+                response = await http.post(url, json=payload)
                 if response.status_code < 300:
                     self.sent += 1
                     return
@@ -156,4 +171,5 @@ class AlertWebhooks:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.aclose()

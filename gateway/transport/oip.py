@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import numpy as np
 from fastapi import APIRouter, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
@@ -515,6 +514,8 @@ def mount(app: FastAPI, settings: Settings) -> None:
     @router.get("/health/ready")
     async def server_ready(request: Request) -> JSONResponse:
         """200 exactly when ``/readyz`` is 200: it asks ``/readyz`` itself, in process."""
+        import httpx  # here: a probe's import once, not ~15 MB in every gateway process
+
         transport = httpx.ASGITransport(app=request.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
             readyz = await client.get("/readyz")
