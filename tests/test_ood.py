@@ -124,6 +124,32 @@ def test_a_one_row_score_costs_microseconds() -> None:
     assert per_row_us < 200  # a generous bound for two shared cores under load
 
 
+def test_a_batch_of_requests_scores_as_each_row_alone() -> None:
+    """``score_many`` over requests of 1 to 100 rows (a NaN cell among them) gives each
+    request the figures its rows give one by one, to four decimals."""
+    data = demo_data()
+    ref = OodReference.from_spec(training_spec(data.names, data.x_train))
+    assert ref is not None
+    rng = np.random.default_rng(11)
+    x = data.x_test * rng.uniform(0.6, 1.4, size=data.x_test.shape)  # many cells outside
+    x[3, 4] = np.nan
+    parts = [x[0], x[1:2], x[2:40], x[40:140]]
+    scores = ref.score_many(parts)
+    assert [len(s.distance) for s in scores] == [1, 1, 38, 100]
+    rows = [row for part in parts for row in np.atleast_2d(part)]
+    flat = [(s.out_of_range[i], s.distance[i], s.outside[i]) for s in scores
+            for i in range(len(s.distance))]  # fmt: skip
+    for row, (share, distance, outside) in zip(rows, flat, strict=True):
+        cells = (row < ref.lo) | (row > ref.hi)
+        assert outside == [ref.names[i] for i in np.flatnonzero(cells)]
+        assert share == float("%.4f" % (cells.sum() / ref.width))
+        alone = float(np.sqrt(np.sum((row @ ref.project - ref.offset) ** 2)))
+        assert (np.isnan(distance) and np.isnan(alone)) or distance == pytest.approx(
+            alone, abs=1e-4
+        )
+    assert any(flat_row[2] for flat_row in flat) and any(not f[2] for f in flat)
+
+
 def test_the_sketch_counts_the_records_distance() -> None:
     """The drift report's distance histogram is of the very figure the records carry."""
     data = demo_data()
