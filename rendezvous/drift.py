@@ -21,6 +21,7 @@ import numpy as np
 
 from rendezvous.divergence import js_distance
 from rendezvous.ood import OodReference
+from rendezvous.quantile_bins import bin_index
 from rendezvous.spec import FeatureSpec
 
 SCORE_EDGES: np.ndarray = np.linspace(0.0, 1.0, 11)
@@ -197,13 +198,7 @@ class FeatureReference:
         if x.ndim != 2 or x.shape[1] != n:
             raise ValueError(f"expected rows of {n} features, got shape {x.shape}")
         x = x[~np.isnan(x).any(axis=1)]
-        # A row's bin is the number of cuts at or below it, counted one cut level at a time
-        # over the whole batch: 2.5 x faster from 500 rows than one (rows, features, cuts)
-        # comparison summed over its last axis (a second's rows are binned in one go).
-        flat = np.zeros(x.shape, dtype=np.intp)
-        for j in range(k):
-            flat += x >= self.cuts[:, j]
-        flat += np.arange(n) * (k + 1)
+        flat = bin_index(x, self.cuts) + np.arange(n) * (k + 1)
         return np.bincount(flat.ravel(), minlength=n * (k + 1)).reshape(n, k + 1).astype(np.int64)
 
     @property

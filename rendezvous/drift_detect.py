@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from rendezvous.quantile_bins import bin_index
 from rendezvous.spec import FeatureSpec
 
 KINDS: tuple[str, ...] = (
@@ -456,7 +457,7 @@ class FeatureDetectors:
         first = self.rows_seen
         pos = (first + np.arange(n)) % self._capacity
         self._raw[pos] = x
-        bins = (x[:, :, None] >= p.cuts[None, :, :]).sum(axis=2)
+        bins = bin_index(x, p.cuts)
         self._bins[pos] = bins
         self.rows_seen += n
         self._since_check += n
