@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 REPLY_TTL_S = 600
 """A reply stream outlives its gateway by this much at most (refreshed while it lives)."""
 
+READ_BACKOFF_MAX_S = 0.25
+"""The reply reader's longest pause between failed reads. Requests wait on this reader, so it
+looks again soon after Redis is back (an election ends, a restart): a failed read costs next
+to nothing, a late look costs every waiting request the rest of the pause."""
 _HELLO = b"hello"
 _XREAD = (b"XREAD", b"COUNT", b"1024", b"BLOCK", b"1000", b"STREAMS")
 
@@ -315,7 +319,7 @@ class Rendezvous:
                 log.warning("reply stream read failed (%s); retrying in %.2fs", exc, backoff_s)
                 self._next_ttl = 0.0  # after an outage, make sure our stream still exists
                 await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 1.0)
+                backoff_s = min(backoff_s * 2, READ_BACKOFF_MAX_S)
                 continue
             entries = _stream_entries(reply)
             if not entries:

@@ -15,7 +15,10 @@ with a redirect or a cluster error, or loses with its connection, go once more:
 - ``MOVED``, ``TRYAGAIN`` (after a short pause), ``CLUSTERDOWN``, a lost node (a failover): the
   client is asked about the key through its own command layer (``EXISTS``), which follows the
   redirect or, after a connection error, rebuilds its slot table from the nodes still up; the
-  command then goes to the slot's owner by the refreshed table.
+  command then goes to the slot's owner by the refreshed table. After a lost node or
+  ``CLUSTERDOWN`` the asyncio router waits for that at most ``LOST_NODE_WAIT_S`` (the search
+  goes on in the background): an election takes seconds, and the gateway's callers are
+  better told 503 at once than left to their timeout.
 - ``ASK`` (a slot being migrated, this key already moved): the command goes to the node named,
   after ``ASKING``; the table stays as it is until the migration ends with a ``MOVED``.
 - On a single node, a connection that died quietly (Redis restarted) fails its first use: the
@@ -51,6 +54,13 @@ _ASKING = (b"ASKING",)
 TRYAGAIN_PAUSE_S = 0.01
 """A multi-key command whose keys are split by a slot migration is refused with TRYAGAIN: the
 one retry comes after this pause, as Redis asks."""
+LOST_NODE_WAIT_S = 0.25
+"""How long an asyncio batch whose node was lost (a refused connection, ``CLUSTERDOWN``) waits
+for the cluster client to find the slot's new owner before its commands fail. The client's
+own search (its retries, up to seconds: a failover's election) goes on in the background, so
+the gateway's callers get a quick 503 meanwhile instead of waiting for their timeout, and the
+batches after the election go to the new owner. A node that is back at once (a restart) is
+found within the wait, and the batch goes through."""
 
 
 class Command(NamedTuple):
@@ -77,6 +87,12 @@ def _again(reply: Any) -> bool:
     if isinstance(reply, redis.TimeoutError):
         return False
     return isinstance(reply, AskError | TryAgainError | ClusterDownError | redis.ConnectionError)
+
+
+def _node_lost(reply: Any) -> bool:
+    """The command's node is gone or its cluster is electing: finding the new owner may take
+    as long as a failover does."""
+    return isinstance(reply, redis.ConnectionError | ClusterDownError)
 
 
 def _asked(reply: Any) -> bool:
@@ -178,6 +194,9 @@ class Router:
         self._closed = False
         self._conns: dict[str, Any] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._search: asyncio.Task[None] | None = None
+        """The cluster client following a lost node, at most one at a time (see
+        ``LOST_NODE_WAIT_S``)."""
 
     async def execute(
         self, commands: Sequence[Command], *, timeout_s: float | None = None
@@ -202,10 +221,22 @@ class Router:
     async def _follow(
         self, commands: Sequence[Command], again: Sequence[int], replies: list[Any]
     ) -> None:
-        if isinstance(self.client, aioredis.RedisCluster):
-            for key in _keys_to_follow(self.client, commands, again, replies):
-                with contextlib.suppress(*REDIS_FAILURES):
-                    await self.client.exists(key)  # type: ignore[arg-type]
+        if not isinstance(self.client, aioredis.RedisCluster):
+            return
+        keys = _keys_to_follow(self.client, commands, again, replies)
+        if not any(_node_lost(replies[i]) for i in again):  # a redirect: answered at once
+            await self._follow_keys(keys)
+            return
+        if self._search is None or self._search.done():
+            self._search = asyncio.get_running_loop().create_task(self._follow_keys(keys))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._search), LOST_NODE_WAIT_S)
+
+    async def _follow_keys(self, keys: Sequence[bytes]) -> None:
+        assert isinstance(self.client, aioredis.RedisCluster)
+        for key in keys:
+            with contextlib.suppress(*REDIS_FAILURES):  # still electing: fails again
+                await self.client.exists(key)  # type: ignore[arg-type]
 
     async def _run(self, plan: Plan, commands: Sequence[Command], replies: list[Any],
                    timeout_s: float | None) -> None:  # fmt: skip
@@ -260,6 +291,8 @@ class Router:
         """Drop every connection, a blocked read's too (it fails at once, and so does every
         later batch)."""
         self._closed = True
+        if self._search is not None:
+            self._search.cancel()
         for conn in list(self._conns.values()):
             await conn.disconnect()
         self._conns.clear()
