@@ -1,5 +1,6 @@
 """What only a Redis Cluster can show, with real processes on the suite's real cluster (three
-masters, three replicas): a master killed under load, several members of each consumer group
+masters, three replicas): a master killed under load (the deployment's, and one partition's
+while the other partitions go on), several members of each consumer group
 sharing a deployment (one of them killed), and a partitioned deployment spread over the masters
 (also on the single node: partitions are not only for clusters). The figures are printed
 (``pytest -s``)."""
@@ -123,6 +124,68 @@ def _kill_a_master_under_load(system: System, redis_cluster: LocalCluster, waits
         if not redis_cluster.running(victim):
             redis_cluster.restart(victim)
         redis_cluster.wait_healthy(30.0)
+
+
+def test_a_partition_whose_master_is_lost_leaves_the_others_serving(
+    redis_cluster: LocalCluster, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Three partitions, one on each master; the master of one of them (not the deployment's
+    own, not the gateway's reply stream) killed under load. While its replica is elected the
+    requests of that partition get a quick 503, and those of the other two are answered: the
+    workers and the log bin set the lost partition aside and read the others."""
+    redis_cluster.wait_healthy(30.0)
+    with launch_system(redis_cluster.url, demo_data_dir, tmp_path_factory, SCHEDULE,
+                       RDV_CLAIM_IDLE_MS=str(CLAIM_IDLE_MS),
+                       RDV_GATEWAY_PROCESSES="1") as system:  # fmt: skip
+        store = DeploymentStore(system.r)
+        store.update(DEMO_DEPLOYMENT, lambda d: with_partitions(d, 3), action="set-partitions",
+                     actor="test")  # fmt: skip
+        streams = store.get(DEMO_DEPLOYMENT).input_streams
+        owners = [owner(redis_cluster, stream) for stream in streams]
+        replies = {owner(redis_cluster, key.decode()) for key in system.r.scan_iter("rdv:reply:*")}
+        assert len(set(owners)) == 3 and len(replies) == 1, (owners, replies)
+        lost = next(k for k in (1, 2) if owners[k] not in replies)
+        victim = owners[lost]
+        system.start_worker("real")
+        system.start_worker("canary")
+        time.sleep(1.2)  # the gateway's deployment cache follows within a second
+        try:
+            with Load(f"http://127.0.0.1:{system.port}", bodies(), max_s=10,
+                      prefix="lost") as load:  # fmt: skip
+                time.sleep(1.5)
+                redis_cluster.kill(victim)
+                killed_at = time.monotonic()
+                wait_until(lambda: owner(redis_cluster, streams[lost]) != victim, 15,
+                           "a replica to take the partition over")  # fmt: skip
+                elected_s = time.monotonic() - killed_at
+                time.sleep(2.0)
+            electing = [r for r in load.results
+                        if killed_at + 0.1 < r["t"] < killed_at + elected_s - 0.6]  # fmt: skip
+            others = [r for r in electing if names.partition_for(r["id"], 3) != lost]
+            mine = [r for r in electing if names.partition_for(r["id"], 3) == lost]
+            ok = load.ok_ids()
+            deadline = time.monotonic() + 10
+            archived = set(archived_ids(system))
+            while time.monotonic() < deadline and not ok <= archived:
+                time.sleep(0.2)
+                archived = set(archived_ids(system))
+            figures = {**load.figures(), "elected_s": round(elected_s, 2),
+                       "others_while_electing": len(others),
+                       "others_answered_2xx": sum(r["status"] == 200 for r in others),
+                       "lost_partition_while_electing": len(mine),
+                       "2xx_missing_from_archive": len(ok - archived)}  # fmt: skip
+            report("a partition's master killed under load (cluster)", figures)
+            assert {r["status"] for r in load.results} <= {200, 503, 504}, figures
+            assert others or elected_s < 1.5, figures
+            assert all(r["status"] == 200 for r in others), [r for r in others
+                                                             if r["status"] != 200][:5]  # fmt: skip
+            assert all(r["status"] == 503 and r["ms"] < 1000 for r in mine), mine[:5]
+            assert all(p.alive() for p in system.procs.values())
+            assert len(ok - archived) <= max(5, len(ok) // 100), figures
+        finally:
+            if not redis_cluster.running(victim):
+                redis_cluster.restart(victim)
+            redis_cluster.wait_healthy(30.0)
 
 
 def test_two_members_per_group_share_the_work_and_a_killed_one_is_taken_over(

@@ -27,7 +27,10 @@ On a Redis Cluster one command cannot span slots, so streams are read per slot: 
 share a slot (one hash tag) in one XREADGROUP as before, blocking; streams spread over several
 slots (the log bin's deployments, a partitioned deployment) each without blocking, all in one
 round trip per node, with a short growing pause while every one of them is empty
-(``IDLE_POLL_MAX_S``: the most an idle consumer adds to the first request after a lull).
+(``IDLE_POLL_MAX_S``: the most an idle consumer adds to the first request after a lull). A
+stream whose node stops answering (a master lost, a replica being elected) is set aside for
+``ASIDE_S`` at a time while the others are read, so one lost shard stalls only its own
+partitions.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.exceptions import ClusterError, RedisClusterException
 
 from rendezvous.bus.connection import MEMORY_LIMIT, REDIS_DOWN, out_of_memory
 from rendezvous.bus.routing import AnyClient, BlockingRouter, Command, command, slot_of
@@ -52,6 +56,18 @@ BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 1.0
 IDLE_POLL_MIN_S = 0.001
 IDLE_POLL_MAX_S = 0.02
+ASIDE_S = 0.5
+"""How long a stream whose node stopped answering (a master lost, its replica being elected)
+is left out of the reads of a consumer that reads other nodes too. Those go on meanwhile; the
+stream's own pending entries are re-read first once it is back. A consumer whose every stream
+is unreachable fails its step, as before (backoff, then a fresh start)."""
+UNREACHABLE: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    ClusterError,
+    RedisClusterException,
+)
+"""The replies that set a stream aside (not an error of the command itself)."""
 
 Entry = tuple[str, bytes, dict[bytes, bytes]]
 """(stream key, entry id, fields) of one stream entry. No fields: the entry was deleted from
@@ -117,6 +133,9 @@ class ConsumerLoop(ABC):
         self._count_b = b"%d" % batch_size
         self._along = list(read_along)
         self._idle_poll_s = 0.0
+        self._aside: dict[str, float] = {}
+        """Streams left out of reads while their node does not answer -> when (monotonic)
+        they are tried again (``ASIDE_S``)."""
 
     # -- what a subclass supplies -------------------------------------------------------------
 
@@ -180,6 +199,8 @@ class ConsumerLoop(ABC):
             total += n
             if n == 0 and not self._pending_first and not self._claiming:
                 return total
+            if n == 0 and self._aside:  # what is left waits for a node to answer again
+                self._pause_aside(None)
 
     def step(self, block_ms: int | None) -> int:
         """One read (``block_ms`` None: without blocking), then ``process``."""
@@ -239,19 +260,73 @@ class ConsumerLoop(ABC):
         commands = [command(b"XGROUP", b"CREATE", s.encode(), self._group_b, b"0", b"MKSTREAM",
                             key_at=2)
                     for s in streams]  # fmt: skip
-        for reply in self.bus.execute(commands):
+        replies = self._tolerate_lost(self.bus.execute(commands), [[s] for s in streams],
+                                      among=streams)  # fmt: skip
+        for reply in replies:
             if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
                 raise reply
+
+    # -- streams whose node is lost -----------------------------------------------------------
+
+    def _pause_aside(self, block_ms: int | None) -> None:
+        """Until the first stream set aside is tried again (at most a blocking read's time)."""
+        wait_s = min(self._aside.values(), default=0.0) - time.monotonic()
+        if block_ms is not None:
+            wait_s = min(wait_s, block_ms / 1000)
+        if wait_s > 0:
+            self._pause(wait_s)
+
+    def _reachable(self, streams: Iterable[str]) -> list[str]:
+        """``streams`` less those set aside (see ``ASIDE_S``)."""
+        if not self._aside:
+            return list(streams)
+        now = time.monotonic()
+        for stream, until in list(self._aside.items()):
+            if until <= now:
+                del self._aside[stream]
+        return [s for s in streams if s not in self._aside]
+
+    def _tolerate_lost(
+        self, replies: list[Any], streams: Sequence[Sequence[str]], among: Iterable[str] = ()
+    ) -> list[Any]:
+        """When some of a batch's commands (each over ``streams[i]``) lost their node while
+        other streams of this consumer (``self.streams`` and ``among``) may still answer, set
+        the lost ones' streams aside and read their replies as empty (``None``); when every
+        stream is lost, leave the errors to fail the step."""
+        lost = [i for i, reply in enumerate(replies) if isinstance(reply, UNREACHABLE)]
+        if not lost:
+            return replies
+        gone = {stream for i in lost for stream in streams[i]}
+        if gone.issuperset(self.streams) and gone.issuperset(among):
+            return replies
+        until = time.monotonic() + ASIDE_S
+        out = list(replies)
+        for i in lost:
+            for stream in streams[i]:
+                if stream not in self._aside:
+                    log.warning("%s: %s does not answer (%s); reading the other streams",
+                                self.consumer, stream, replies[i])  # fmt: skip
+                self._aside[stream] = until
+                self._pending_first.add(stream)  # a lost reply may have delivered entries
+            out[i] = None
+        return out
 
     # -- reading ------------------------------------------------------------------------------
 
     def _read(self, block_ms: int | None) -> Batch:
-        if self._pending_first:
-            streams = [s for s in self.streams if s in self._pending_first]
-            replies, along = self._round_trip(self._xreadgroup(streams, b"0", None))
+        reachable = self._reachable(self.streams)
+        if not reachable:  # every stream set aside: wait for the first to be tried again
+            self._pause_aside(block_ms)
+            return Batch([], [])
+        pending = [s for s in reachable if s in self._pending_first]
+        if pending:
+            reads, streams = self._xreadgroup(pending, b"0", None), self._slot_streams(pending)
+            replies, along = self._round_trip(reads, streams=streams)
             entries = [entry for reply in replies for entry in _entries(reply)]
             found = {stream for stream, _, _ in entries}
-            self._pending_first.difference_update(s for s in streams if s not in found)
+            self._pending_first.difference_update(
+                s for s in pending if s not in found and s not in self._aside
+            )
             if entries:
                 return Batch(entries, along)
         now = time.monotonic()
@@ -263,14 +338,20 @@ class ConsumerLoop(ABC):
             if entries:
                 log.info("%s: reclaimed %d entries from dead consumers", self.group, len(entries))
                 return Batch(entries, along, claimed=len(entries))
-        reads = self._xreadgroup(self.streams, b">", block_ms)
-        polling = block_ms is not None and len(reads) > 1
+        reachable = self._reachable(self.streams)
+        if not reachable:
+            return Batch([], [])
+        # While a stream is set aside, the others are polled, not blocked on: the one coming
+        # back is then read at once.
+        aside = len(reachable) < len(self.streams)
+        reads = self._xreadgroup(reachable, b">", None if aside else block_ms)
+        polling = block_ms is not None and (len(reads) > 1 or aside)
         timeout_s = self.bus.timeout_s
         if timeout_s is not None and block_ms is not None and not polling:
             timeout_s += block_ms / 1000
         # A read whose reply was lost has moved entries to our pending list, which the failure
-        # path re-reads first.
-        replies, along = self._round_trip(reads, timeout_s)
+        # path (or, for a stream set aside, the return of its node) re-reads first.
+        replies, along = self._round_trip(reads, timeout_s, self._slot_streams(reachable))
         entries = [entry for reply in replies for entry in _entries(reply)]
         if polling:
             assert block_ms is not None
@@ -285,12 +366,17 @@ class ConsumerLoop(ABC):
     def _claim(self) -> tuple[list[Entry], list[Any]]:
         """One XAUTOCLAIM page per stream still being scanned, all in one round trip."""
         idle = b"%d" % self.claim_idle_ms
+        streams = self._reachable(self._claiming)
+        if not streams:
+            return [], []
         commands = [command(b"XAUTOCLAIM", s.encode(), self._group_b, self._consumer_b, idle,
-                            cursor, b"COUNT", self._count_b)
-                    for s, cursor in self._claiming.items()]  # fmt: skip
-        replies, along = self._round_trip(commands)
+                            self._claiming[s], b"COUNT", self._count_b)
+                    for s in streams]  # fmt: skip
+        replies, along = self._round_trip(commands, streams=[[s] for s in streams])
         entries: list[Entry] = []
-        for stream, reply in zip(list(self._claiming), replies, strict=True):
+        for stream, reply in zip(streams, replies, strict=True):
+            if reply is None:  # set aside: its scan goes on when it is back
+                continue
             if reply[0] == b"0-0":
                 del self._claiming[stream]
             else:
@@ -305,6 +391,13 @@ class ConsumerLoop(ABC):
             # Redis 7: the ids of entries deleted while pending, dropped from the group.
             entries += [(stream, entry_id, {}) for entry_id in (reply[2] if len(reply) > 2 else ())]
         return entries, along
+
+    def _slot_streams(self, streams: Iterable[str]) -> list[list[str]]:
+        """``streams`` grouped as ``_xreadgroup`` groups them, one list per command."""
+        by_slot: dict[int, list[str]] = {}
+        for stream in streams:
+            by_slot.setdefault(slot_of(self.client, stream.encode()), []).append(stream)
+        return list(by_slot.values())
 
     def _xreadgroup(
         self, streams: Iterable[str], entry_id: bytes, block_ms: int | None
@@ -321,11 +414,19 @@ class ConsumerLoop(ABC):
                 for keys in by_slot.values()]  # fmt: skip
 
     def _round_trip(
-        self, commands: list[Command], timeout_s: float | None = None
+        self,
+        commands: list[Command],
+        timeout_s: float | None = None,
+        streams: Sequence[Sequence[str]] | None = None,
     ) -> tuple[list[Any], list[Any]]:
-        """``commands``' replies and ``read_along``'s, sent together."""
-        out = raise_first_error(self.bus.execute(commands + self._along, timeout_s=timeout_s))
-        return out[: len(commands)], out[len(commands) :]
+        """``commands``' replies and ``read_along``'s, sent together. ``streams``: what each
+        command reads, so that the streams of a lost node are set aside (their replies
+        ``None``) while the others are read."""
+        replies = self.bus.execute(commands + self._along, timeout_s=timeout_s)
+        out, along = replies[: len(commands)], raise_first_error(replies[len(commands) :])
+        if streams is not None:
+            out = self._tolerate_lost(out, streams)
+        return raise_first_error(out), along
 
 
 def raise_first_error(replies: list[Any]) -> list[Any]:

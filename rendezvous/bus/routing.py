@@ -16,9 +16,10 @@ with a redirect or a cluster error, or loses with its connection, go once more:
   client is asked about the key through its own command layer (``EXISTS``), which follows the
   redirect or, after a connection error, rebuilds its slot table from the nodes still up; the
   command then goes to the slot's owner by the refreshed table. After a lost node or
-  ``CLUSTERDOWN`` the asyncio router waits for that at most ``LOST_NODE_WAIT_S`` (the search
-  goes on in the background): an election takes seconds, and the gateway's callers are
-  better told 503 at once than left to their timeout.
+  ``CLUSTERDOWN`` a router waits for that at most ``LOST_NODE_WAIT_S`` (the search goes on
+  in the background): an election takes seconds, the gateway's callers are better told 503
+  at once than left to their timeout, and a consumer of several nodes (partitions, the log
+  bin's deployments) goes on with the nodes that answer.
 - ``ASK`` (a slot being migrated, this key already moved): the command goes to the node named,
   after ``ASKING``; the table stays as it is until the migration ends with a ``MOVED``.
 - On a single node, a connection that died quietly (Redis restarted) fails its first use: the
@@ -37,12 +38,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
 from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
 from redis.utils import SENTINEL
 
@@ -55,12 +59,18 @@ TRYAGAIN_PAUSE_S = 0.01
 """A multi-key command whose keys are split by a slot migration is refused with TRYAGAIN: the
 one retry comes after this pause, as Redis asks."""
 LOST_NODE_WAIT_S = 0.25
-"""How long an asyncio batch whose node was lost (a refused connection, ``CLUSTERDOWN``) waits
+"""How long a batch whose node was lost (a refused connection, ``CLUSTERDOWN``) waits
 for the cluster client to find the slot's new owner before its commands fail. The client's
-own search (its retries, up to seconds: a failover's election) goes on in the background, so
-the gateway's callers get a quick 503 meanwhile instead of waiting for their timeout, and the
-batches after the election go to the new owner. A node that is back at once (a restart) is
-found within the wait, and the batch goes through."""
+own search (its retries, up to seconds: a failover's election) goes on in the background, and
+the batches that find it under way fail at once, so the gateway's callers get a quick 503
+meanwhile instead of waiting for their timeout, and the batches after the election go to the
+new owner. A node that is back at once (a restart) is found within the wait, and the batch
+goes through."""
+
+
+_CONNECTION_FAILURES: tuple[type[Exception], ...] = (*REDIS_FAILURES, AttributeError)
+"""What a batch's connection may fail with: Redis's failures, and a socket closed under it
+(see ``_torn``)."""
 
 
 class Command(NamedTuple):
@@ -112,6 +122,11 @@ class BlockingRouter:
         self.timeout_s = timeout_s
         """The client's socket timeout: reads use it unless a batch says otherwise."""
         self._conns: dict[str, Any] = {}
+        self._search: threading.Thread | None = None
+        """The cluster client following a lost node, on a thread of its own (redis-py's
+        cluster client may be shared between threads: it locks its slot table), so that the
+        batches of a consumer reading several nodes go on while one node is being elected
+        (see ``LOST_NODE_WAIT_S``)."""
 
     def execute(self, commands: Sequence[Command], *, timeout_s: float | None = None) -> list[Any]:
         """The replies of ``commands`` in order; ``timeout_s`` overrides the router's own for
@@ -133,11 +148,25 @@ class BlockingRouter:
     def _follow(
         self, commands: Sequence[Command], again: Sequence[int], replies: list[Any]
     ) -> None:
-        """Let the cluster client follow what the nodes said, one key per slot."""
-        if isinstance(self.client, redis.RedisCluster):
-            for key in _keys_to_follow(self.client, commands, again, replies):
-                with contextlib.suppress(*REDIS_FAILURES):  # still electing: fails again
-                    self.client.exists(key)  # type: ignore[arg-type]
+        """Let the cluster client follow what the nodes said, one key per slot; after a lost
+        node, for at most ``LOST_NODE_WAIT_S`` (its search goes on in the background)."""
+        if not isinstance(self.client, redis.RedisCluster):
+            return
+        keys = _keys_to_follow(self.client, commands, again, replies)
+        if not any(_node_lost(replies[i]) for i in again):  # a redirect: answered at once
+            self._follow_keys(keys)
+            return
+        if self._search is None or not self._search.is_alive():  # else: fail at once
+            self._search = threading.Thread(target=self._follow_keys, args=(keys,),
+                                            name="rdv-cluster-search", daemon=True)  # fmt: skip
+            self._search.start()
+            self._search.join(LOST_NODE_WAIT_S)
+
+    def _follow_keys(self, keys: Sequence[bytes]) -> None:
+        assert isinstance(self.client, redis.RedisCluster)
+        for key in keys:
+            with contextlib.suppress(*REDIS_FAILURES):  # still electing: fails again
+                self.client.exists(key)  # type: ignore[arg-type]
 
     def _run(self, plan: Plan, commands: Sequence[Command], replies: list[Any],
              timeout_s: float | None) -> None:  # fmt: skip
@@ -145,11 +174,12 @@ class BlockingRouter:
         # A timeout that is the connection's own needs no per-read setting (two syscalls).
         read_timeout: Any = timeout_s if timeout_s != self.timeout_s else SENTINEL
         for node, batch in plan.items():
+            packed = _packed(commands, batch)
             try:
                 conn = self._connection(node)
-                conn.send_packed_command([_packed(commands, batch)], check_health=False)
-            except REDIS_FAILURES as exc:
-                _lose(self._conns.get(_name(node)), batch, 0, exc, replies)
+                conn.send_packed_command([packed], check_health=False)
+            except _CONNECTION_FAILURES as exc:
+                _lose(self._conns.get(_name(node)), batch, 0, _torn(exc), replies)
                 continue
             sent.append((conn, batch))
         for conn, batch in sent:
@@ -160,8 +190,8 @@ class BlockingRouter:
                     replies[i] = conn.read_response(timeout=read_timeout)
                 except redis.ResponseError as exc:  # an error reply: still in step
                     replies[i] = exc
-                except REDIS_FAILURES as exc:
-                    _lose(conn, batch, done, exc, replies)
+                except _CONNECTION_FAILURES as exc:
+                    _lose(conn, batch, done, _torn(exc), replies)
                     break
 
     def _connection(self, node: Any) -> Any:
@@ -172,10 +202,14 @@ class BlockingRouter:
         conn = self._conns.get(name)
         if conn is None:
             if isinstance(self.client, redis.RedisCluster):
+                # Made from the node pool's settings but kept out of the pool: while the
+                # cluster client follows a failover it disconnects its pools (from the search
+                # thread too), which must not cut this router's batches to nodes still up.
                 pool = self.client.get_redis_connection(node).connection_pool
+                conn = pool.connection_class(**pool.connection_kwargs)
             else:
-                pool = self.client.connection_pool
-            conn = self._conns[name] = pool.get_connection()
+                conn = self.client.connection_pool.get_connection()
+            self._conns[name] = conn
         return conn
 
     def close(self) -> None:
@@ -227,10 +261,10 @@ class Router:
         if not any(_node_lost(replies[i]) for i in again):  # a redirect: answered at once
             await self._follow_keys(keys)
             return
-        if self._search is None or self._search.done():
+        if self._search is None or self._search.done():  # else: fail at once
             self._search = asyncio.get_running_loop().create_task(self._follow_keys(keys))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._search), LOST_NODE_WAIT_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._search), LOST_NODE_WAIT_S)
 
     async def _follow_keys(self, keys: Sequence[bytes]) -> None:
         assert isinstance(self.client, aioredis.RedisCluster)
@@ -257,20 +291,21 @@ class Router:
         async with lock:  # one batch at a time on the node's connection: replies in order
             done = 0
             conn = None
+            packed = _packed(commands, batch)
             try:
                 conn = await self._connection(node)
                 async with asyncio.timeout(timeout_s):
-                    await conn.send_packed_command([_packed(commands, batch)], check_health=False)
+                    await conn.send_packed_command([packed], check_health=False)
                     for i, asking in batch:
                         if asking:
                             await _read(conn)
                         replies[i] = await _read(conn)
                         done += 1
-            except REDIS_FAILURES as exc:
+            except _CONNECTION_FAILURES as exc:
                 if conn is not None:
                     await conn.disconnect()  # a late reply would be taken for the next batch's
                 lost = (redis.TimeoutError(f"Redis did not answer in {timeout_s}s")
-                        if isinstance(exc, TimeoutError) else exc)  # fmt: skip
+                        if isinstance(exc, TimeoutError) else _torn(exc))  # fmt: skip
                 for i, _ in batch[done:]:
                     replies[i] = lost
 
@@ -283,7 +318,12 @@ class Router:
                 assert isinstance(self.client, aioredis.Redis)
                 conn = await self.client.connection_pool.get_connection()
             else:
-                conn = node.acquire_connection()  # connects on its first command
+                # The node's settings, but not one of its connections: on CLUSTERDOWN the
+                # cluster client closes every connection of every node (``aclose``), which
+                # must not cut this router's batches to the nodes still up. No retry of its
+                # own, as the node's connections: the router decides what goes again.
+                kwargs = {**node.connection_kwargs, "retry": AsyncRetry(NoBackoff(), 0)}
+                conn = node.connection_class(**kwargs)  # connects on its first command
             self._conns[name] = conn
         return conn
 
@@ -352,6 +392,17 @@ def _packed(commands: Sequence[Command], batch: list[tuple[int, bool]]) -> bytes
 
 def _name(node: Any) -> str:
     return "" if node is None else str(node.name)
+
+
+def _torn(exc: Exception) -> Exception:
+    """A connection failure as the batch's replies say it. While a cluster client follows a
+    failover it may close every connection of its nodes, ours too, under a batch on another
+    thread or task (redis-py's ``aclose`` on ``CLUSTERDOWN``): the connection's socket is then
+    gone mid-call (an ``AttributeError`` inside redis-py). That is a lost connection like any
+    other: the commands go once more, on a fresh one."""
+    if isinstance(exc, AttributeError):
+        return redis.ConnectionError(f"the connection was closed under the batch ({exc})")
+    return exc
 
 
 def _lose(conn: Any, batch: list[tuple[int, bool]], done: int, exc: Exception,
