@@ -107,7 +107,7 @@ class AlertWebhooks:
         self._transport = transport
         self._http: httpx.AsyncClient | None = None
         """Made on the first payload: most processes never send one, and httpx (with what it
-        pulls in) is ~15 MB of each gateway process's memory."""
+        pulls in) is ~5 MB of each gateway process's memory."""
         self._task: asyncio.Task[None] | None = None
 
     def notify(self, deployment: str, events: Sequence[Mapping[str, Any]],

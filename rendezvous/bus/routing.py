@@ -195,9 +195,10 @@ class BlockingRouter:
                     break
 
     def _connection(self, node: Any) -> Any:
-        """This router's own connection to ``node``, taken from the client's pool once and
-        kept (a pool's check on every borrow cost more than the commands); a connection that
-        failed is reopened by its next command."""
+        """This router's own connection to ``node``, made once and kept (a pool's check on
+        every borrow cost more than the commands): on a single node taken from the client's
+        pool, on a cluster made from the node pool's settings; a connection that failed is
+        reopened by its next command."""
         name = _name(node)
         conn = self._conns.get(name)
         if conn is None:
@@ -310,7 +311,7 @@ class Router:
                     replies[i] = lost
 
     async def _connection(self, node: Any) -> Any:
-        """As ``BlockingRouter._connection``: taken from the client once and kept."""
+        """As ``BlockingRouter._connection``: made once and kept."""
         name = _name(node)
         conn = self._conns.get(name)
         if conn is None:
