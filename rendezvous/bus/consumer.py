@@ -320,7 +320,7 @@ class ConsumerLoop(ABC):
             return Batch([], [])
         pending = [s for s in reachable if s in self._pending_first]
         if pending:
-            reads, streams = self._xreadgroup(pending, b"0", None), self._slot_streams(pending)
+            reads, streams = self._xreadgroup(pending, b"0", None)
             replies, along = self._round_trip(reads, streams=streams)
             entries = [entry for reply in replies for entry in _entries(reply)]
             found = {stream for stream, _, _ in entries}
@@ -344,14 +344,14 @@ class ConsumerLoop(ABC):
         # While a stream is set aside, the others are polled, not blocked on: the one coming
         # back is then read at once.
         aside = len(reachable) < len(self.streams)
-        reads = self._xreadgroup(reachable, b">", None if aside else block_ms)
+        reads, streams = self._xreadgroup(reachable, b">", None if aside else block_ms)
         polling = block_ms is not None and (len(reads) > 1 or aside)
         timeout_s = self.bus.timeout_s
         if timeout_s is not None and block_ms is not None and not polling:
             timeout_s += block_ms / 1000
         # A read whose reply was lost has moved entries to our pending list, which the failure
         # path (or, for a stream set aside, the return of its node) re-reads first.
-        replies, along = self._round_trip(reads, timeout_s, self._slot_streams(reachable))
+        replies, along = self._round_trip(reads, timeout_s, streams)
         entries = [entry for reply in replies for entry in _entries(reply)]
         if polling:
             assert block_ms is not None
@@ -392,26 +392,23 @@ class ConsumerLoop(ABC):
             entries += [(stream, entry_id, {}) for entry_id in (reply[2] if len(reply) > 2 else ())]
         return entries, along
 
-    def _slot_streams(self, streams: Iterable[str]) -> list[list[str]]:
-        """``streams`` grouped as ``_xreadgroup`` groups them, one list per command."""
+    def _xreadgroup(
+        self, streams: Iterable[str], entry_id: bytes, block_ms: int | None
+    ) -> tuple[list[Command], list[list[str]]]:
+        """One XREADGROUP per slot the streams live in (it blocks only if there is one), and
+        the streams each reads."""
         by_slot: dict[int, list[str]] = {}
         for stream in streams:
             by_slot.setdefault(slot_of(self.client, stream.encode()), []).append(stream)
-        return list(by_slot.values())
-
-    def _xreadgroup(
-        self, streams: Iterable[str], entry_id: bytes, block_ms: int | None
-    ) -> list[Command]:
-        """One XREADGROUP per slot the streams live in; it blocks only if there is one."""
-        by_slot: dict[int, list[bytes]] = {}
-        for stream in streams:
-            key = stream.encode()
-            by_slot.setdefault(slot_of(self.client, key), []).append(key)
         args = [b"XREADGROUP", b"GROUP", self._group_b, self._consumer_b, b"COUNT", self._count_b]
         if block_ms is not None and len(by_slot) == 1:
             args += [b"BLOCK", b"%d" % block_ms]
-        return [Command(keys[0], (*args, b"STREAMS", *keys, *[entry_id] * len(keys)))
-                for keys in by_slot.values()]  # fmt: skip
+        groups = list(by_slot.values())
+        commands = []
+        for group in groups:
+            keys = [stream.encode() for stream in group]
+            commands.append(Command(keys[0], (*args, b"STREAMS", *keys, *[entry_id] * len(keys))))
+        return commands, groups
 
     def _round_trip(
         self,
