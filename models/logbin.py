@@ -135,6 +135,7 @@ class LogBin(ConsumerLoop):
         self.stats.reclaimed += batch.claimed
         archived = self._archive(batch.entries) if batch.entries else 0
         if not batch.entries:
+            self._judge_kept()
             self._claim_alone()
         self._publish()
         self._trim()
@@ -266,6 +267,15 @@ class LogBin(ConsumerLoop):
                 dep = self._streams[stream]
                 for env in envs:
                     self.watch.observe(dep, env)
+            self.watch.judge(due_only=True)
+        except Exception:
+            log.exception("logbin: the feature watch failed")
+
+    def _judge_kept(self) -> None:
+        """An idle read: the rows kept for the detectors are judged now, however few."""
+        if self.watch is None:
+            return
+        try:
             self.watch.judge()
         except Exception:
             log.exception("logbin: the feature watch failed")

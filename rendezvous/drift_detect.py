@@ -546,9 +546,13 @@ class FeatureDetectors:
             return
         recent = self._recent(m)
         ordered = np.sort(recent, axis=0)
-        ties = (ordered[1:] == ordered[:-1]).sum(axis=0)
-        floor = math.ceil(s.stuck_min_share * m)
-        for f in np.flatnonzero((ties + 1 >= floor) & ~self._held["feature_stuck"]).tolist():
+        floor = max(math.ceil(s.stuck_min_share * m), 1)
+        # A value seen ``floor`` times fills ``floor`` sorted places in a row: the exact screen.
+        # (Counting adjacent ties let through every low-cardinality feature, each value far
+        # too rare, and ``np.unique`` then ran per feature at every check: a millisecond a
+        # step for traffic of a few distinct rows.)
+        seen = (ordered[floor - 1 :] == ordered[: m - floor + 1]).any(axis=0)
+        for f in np.flatnonzero(seen & ~self._held["feature_stuck"]).tolist():
             values, counts = np.unique(recent[:, f], return_counts=True)  # the screen passed
             top = int(np.argmax(counts))
             mass = p.mass_bound(f, float(values[top]))

@@ -287,6 +287,28 @@ def test_gross_faults_are_raised_within_tens_of_rows_and_clear(
     assert cleared is not None and cleared <= 250, (name, cleared)
 
 
+@pytest.mark.parametrize(("times", "stuck"), [(20, True), (19, False)])
+def test_stuck_means_one_value_in_half_the_latest_rows_however_few_values_the_rest_take(
+    profile: FeatureProfile, times: int, stuck: bool
+) -> None:
+    """The stuck test's screen is exact at its edge (20 of the latest 40 rows), and a feature
+    of a few values that repeat, none in half the rows, is not stuck (nor does the screen
+    then cost a count per feature)."""
+    rng = np.random.default_rng(11)
+    det = FeatureDetectors(profile)
+    few = draw(rng, 17)[:, 6]
+    x = draw(rng, 1000)
+    x[:, 6] = few[rng.integers(0, len(few), len(x))]  # many repeats, each in ~6 % of rows
+    raised, _ = feed(det, x)
+    assert not [a for _at, a in raised if a["kind"] == "feature_stuck"]
+    last = draw(rng, 40)
+    last[:, 6] = few[np.arange(40) % 8]  # eight values, five times each...
+    at = np.r_[np.arange(40 - times, 40, dtype=int)]
+    last[at, 6] = 200.0  # ...then one value in the latest ``times`` rows
+    got, _ = det.update(last)
+    assert any(a["kind"] == "feature_stuck" and a["feature"] == "f6" for a in got) is stuck
+
+
 def test_a_moderate_shift_is_raised_by_the_short_windows(profile: FeatureProfile) -> None:
     """One standard deviation up, on a normal feature: KS distance 0.38."""
     first, alerts, cleared = faulty(profile, column(1, lambda v: v + SCALES[1]))

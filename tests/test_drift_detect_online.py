@@ -314,3 +314,38 @@ def test_an_idle_deployments_claim_is_only_kept_fresh(demo_registry: ModelRegist
     assert not claimed(5.0) and claimed(6.2)  # due at 6.1; it says the judged rows
     assert claimed(7.3)  # publish_s after a busy claim
     assert not claimed(10.2) and claimed(10.4)  # idle again: every 3 s
+
+
+@pytest.mark.pure
+def test_a_busy_bin_steps_the_detectors_per_enough_rows_or_time(
+    demo_registry: ModelRegistry,
+) -> None:
+    """Between idle reads the detectors step once ``JUDGE_ROWS`` rows are kept or the oldest
+    waited ``JUDGE_WAIT_S``; an idle read (``judge()``) steps whatever is kept."""
+    from models.feature_watch import JUDGE_ROWS, JUDGE_WAIT_S, FeatureWatch
+
+    spec = demo_deployment(demo_registry, Schedule()).feature_spec
+    watch = FeatureWatch("logbin-t")
+    watch.follow({DEMO_DEPLOYMENT: spec})
+    x = demo_data().x_test.astype(np.float32)
+
+    def keep(rows: int, at_s: float) -> None:
+        env = RequestEnvelope(request_id="r", deployment=DEMO_DEPLOYMENT, reply_to="x",
+                              deadline_ms=0, enqueued_ms=0.0, raw=b"{}", features=x[:rows],
+                              spec_version=spec.version)  # fmt: skip
+        watch.observe(DEMO_DEPLOYMENT, env, now_s=at_s)
+
+    def seen_after(at_s: float, due_only: bool = True) -> int:
+        watch.judge(due_only=due_only, now_s=at_s)
+        return watch.rows_seen(DEMO_DEPLOYMENT)
+
+    keep(5, 100.0)
+    assert seen_after(100.0) == 0  # kept
+    keep(JUDGE_ROWS - 5, 100.0)
+    assert seen_after(100.0) == JUDGE_ROWS  # enough rows
+    keep(3, 100.0)
+    assert seen_after(100.0 + JUDGE_WAIT_S * 0.9) == JUDGE_ROWS
+    keep(1, 100.0 + JUDGE_WAIT_S * 1.1)  # a later row does not make the oldest younger
+    assert seen_after(100.0 + JUDGE_WAIT_S * 1.1) == JUDGE_ROWS + 4  # waited long enough
+    keep(2, 200.0)
+    assert seen_after(200.0, due_only=False) == JUDGE_ROWS + 6  # an idle read: all of it
