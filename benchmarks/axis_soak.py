@@ -53,17 +53,21 @@ hashes, and the store prunes in parts of 1/16 of the bound)."""
 
 
 class Sampler:
-    """Every ``every_s``, the RSS of each process (by ``component:pid``) and Redis's memory."""
+    """Every ``every_s``, the RSS of each process (by ``component:pid``) and Redis's memory;
+    and the CPU seconds since the start of each component and of the whole machine (so that
+    a window's latency can be read against its own CPU a request and the machine's noise)."""
 
     def __init__(self, running: Running, every_s: float):
         self.running, self.every_s = running, every_s
         self.t0 = time.monotonic()
         self.next_at = 0.0
         self.samples: list[dict[str, Any]] = []
+        self.cpu0: procstat.TreeSample | None = None
 
     def start(self) -> None:
         """At the load's go: times count from here, as the load generator's do."""
         self.t0 = time.monotonic()
+        self.cpu0 = procstat.TreeSample.take(self.running.tree)
         self.tick()
 
     def tick(self) -> None:
@@ -71,17 +75,52 @@ class Sampler:
         if now < self.next_at:
             return
         self.next_at = now + self.every_s
+        cpu = procstat.TreeSample.take(self.running.tree)
         rss = {f"{name}:{pid}": round(procstat.rss_bytes(pid) / procstat.MB, 2)
-               for pid, name in self.running.tree.members().items()}  # fmt: skip
+               for pid, name in cpu.component.items()}  # fmt: skip
         try:
             used = redis_used_memory_mb(self.running)
             outcomes = outcome_store_mb(self.running)
         except (OSError, redis.RedisError):
             used = outcomes = None
+        base = self.cpu0 or cpu
         self.samples.append({"t_s": round(now, 2), "rss_mb": rss,
                              "rss_mb_total": round(sum(rss.values()), 1),
                              "redis_used_memory_mb": used,
-                             "redis_outcome_store_mb": outcomes})  # fmt: skip
+                             "redis_outcome_store_mb": outcomes,
+                             "cpu_s": procstat.cpu_between(base, cpu),
+                             "machine_busy_s": round(cpu.machine_busy_s - base.machine_busy_s, 3),
+                             "machine_steal_s": round(
+                                 cpu.machine_steal_s - base.machine_steal_s, 3)})  # fmt: skip
+
+
+def window_cpu(
+    samples: list[dict[str, Any]], result: ProcResult, window: tuple[float, float]
+) -> dict[str, Any] | None:
+    """Between the first and last samples inside ``window``: CPU µs an answered request of
+    each component, and the machine's CPU that went elsewhere (the load generator's included)
+    and to steal, in seconds a second. If every component's cost a request grew alike while
+    the latency grew, the machine slowed; if one grew alone, that process did."""
+    inside = [s for s in samples if window[0] <= s["t_s"] <= window[1] and "cpu_s" in s]
+    if len(inside) < 2:
+        return None
+    a, b = inside[0], inside[-1]
+    at = np.frombuffer(result.answered_at_s, dtype=np.float64)
+    answered = int(((at >= a["t_s"]) & (at < b["t_s"])).sum())
+    span = b["t_s"] - a["t_s"]
+    if not answered or span <= 0:
+        return None
+    ours = {n: b["cpu_s"].get(n, 0.0) - a["cpu_s"].get(n, 0.0) for n in b["cpu_s"]}
+    busy = b["machine_busy_s"] - a["machine_busy_s"]
+    return {
+        "from_s": a["t_s"],
+        "to_s": b["t_s"],
+        "answered": answered,
+        "cpu_us_per_request": {n: round(v / answered * 1e6, 1) for n, v in sorted(ours.items())},
+        "cpu_us_per_request_total": round(sum(ours.values()) / answered * 1e6, 1),
+        "other_cpu_per_s": round((busy - sum(ours.values())) / span, 3),
+        "steal_cpu_per_s": round((b["machine_steal_s"] - a["machine_steal_s"]) / span, 3),
+    }
 
 
 def growth_pct(first: list[float], last: list[float]) -> float | None:
@@ -202,11 +241,17 @@ def soak_axis(ctx: AxisContext) -> dict[str, Any]:
         log(f"soak: the outcome store held {held_mb} MB of its {bound_mb:g} after the warm-up: "
             "the Redis growth includes its filling")  # fmt: skip
     p99_first, p99_last = p99_between(result, first), p99_between(result, last)
+    cpu_windows = {"first": window_cpu(sampler.samples, result, first),
+                   "last": window_cpu(sampler.samples, result, last)}  # fmt: skip
     ok = len(result.latencies_ms)
     errors = result.sent - ok
     log(f"soak: {ok} answered, {errors} not; RSS growth {growth['soak_rss_growth_pct']} % "
         f"({growth['largest']}), Redis {growth['soak_redis_memory_growth_pct']} %, "
-        f"p99 {p99_first} -> {p99_last} ms")  # fmt: skip
+        f"p99 {p99_first} -> {p99_last} ms; CPU a request "
+        f"{(cpu_windows['first'] or {}).get('cpu_us_per_request_total')} -> "
+        f"{(cpu_windows['last'] or {}).get('cpu_us_per_request_total')} us, other CPU "
+        f"{(cpu_windows['first'] or {}).get('other_cpu_per_s')} -> "
+        f"{(cpu_windows['last'] or {}).get('other_cpu_per_s')} s/s")  # fmt: skip
     return {
         "soak_s": soak_s,
         "warmup_s": warmup_s,
@@ -220,6 +265,7 @@ def soak_axis(ctx: AxisContext) -> dict[str, Any]:
         "cpu_s": {**cpu, "total": round(sum(cpu.values()), 2)},
         "loadgen_cpu_s": round(sum(loadgen_cpu), 2),
         "p99_ms": {"first": p99_first, "last": p99_last},
+        "cpu_windows": cpu_windows,
         "memory": growth,
         "samples": sampler.samples,
         "latency_series": latency_series(result, soak_s, min(10.0, max(1.0, soak_s / 60))),

@@ -14,7 +14,13 @@ if str(REPO) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(REPO))
 
 from benchmarks.axes_report import AXIS_TARGETS, axis_ratios  # noqa: E402
-from benchmarks.axis_soak import latency_series, memory_growth, p99_between, windows  # noqa: E402
+from benchmarks.axis_soak import (  # noqa: E402
+    latency_series,
+    memory_growth,
+    p99_between,
+    window_cpu,
+    windows,
+)
 from benchmarks.loadgen import ProcResult  # noqa: E402
 
 
@@ -58,6 +64,26 @@ def test_latency_is_cut_by_send_time() -> None:
     assert [b["failed"] for b in series] == [0, 0, 1]
     assert p99_between(result, (2.0, 3.0)) / p99_between(result, (1.0, 2.0)) == 2.0  # type: ignore[operator]
     assert p99_between(result, (5.0, 6.0)) is None
+
+
+def test_a_windows_cpu_is_between_its_first_and_last_samples_per_answer() -> None:
+    """Two requests a second; the gateway takes 1 ms of CPU a second (500 us a request), the
+    machine 1.5 s a second (so 0.5 s elsewhere), steal 0.1 s a second."""
+    result = ProcResult()
+    for k in range(20):
+        result.answered_at_s.append(k / 2)
+        result.latencies_ms.append(5.0)
+    samples = [{"t_s": float(t), "cpu_s": {"gateway": t * 0.001, "redis": t * 0.0002},
+                "machine_busy_s": t * 1.5, "machine_steal_s": t * 0.1}
+               for t in range(0, 11, 2)]  # fmt: skip
+    out = window_cpu(samples, result, (2.0, 8.0))
+    assert out is not None and out["from_s"] == 2.0 and out["to_s"] == 8.0
+    assert out["answered"] == 12
+    assert out["cpu_us_per_request"] == {"gateway": 500.0, "redis": 100.0}
+    assert out["cpu_us_per_request_total"] == 600.0
+    assert out["other_cpu_per_s"] == pytest.approx(1.5 - 0.0012, abs=1e-3)
+    assert out["steal_cpu_per_s"] == 0.1
+    assert window_cpu(samples, result, (3.0, 3.5)) is None  # no two samples inside
 
 
 def test_every_issue_18_key_is_there_with_its_target_and_per_role_figures_beside() -> None:

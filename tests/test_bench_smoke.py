@@ -271,6 +271,11 @@ def test_the_deployments_and_soak_axes_run_for_a_second(
     assert len(soak["samples"]) >= 6 and all(s["redis_used_memory_mb"] > 0 for s in soak["samples"])
     assert soak["samples"][-1]["redis_outcome_store_mb"] > 0  # the answers kept for labels
     assert soak["settings"] == {"RDV_FEEDBACK_MAX_MB": "4"}  # bounded to fill in the warm-up
+    last = soak["cpu_windows"]["last"]  # the window's own CPU, to tell its noise from ours
+    assert last["answered"] > 0 and last["cpu_us_per_request"]["gateway"] > 0, last
+    assert last["cpu_us_per_request_total"] == pytest.approx(
+        sum(last["cpu_us_per_request"].values()), abs=1.0
+    )
     assert isinstance(soak["memory"]["outcome_store_full_in_first_window"], bool)
     assert isinstance(ratios["soak_redis_memory_growth_pct_besides_outcomes"], float)
     assert [b["t_s"] for b in soak["latency_series"]] == [0.0, 1.0, 2.0]
