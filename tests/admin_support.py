@@ -92,4 +92,9 @@ class AppClient(httpx.Client):
         super().close()
         self.server.should_exit = True
         self.thread.join(15)
-        assert not self.thread.is_alive(), "the app did not shut down"
+        slow = self.thread.is_alive()
+        if slow:  # never leave a live app (its drift monitor, its job readers) on the
+            # session's Redis: once, one judged the next test's deployment with its defaults
+            self.server.force_exit = True
+            self.thread.join(15)
+        assert not slow, "the app did not shut down within 15 s"
