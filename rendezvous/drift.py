@@ -243,17 +243,28 @@ class Sketch:
     def add_decision(
         self,
         *,
-        real_scores: np.ndarray,
+        real_scores: np.ndarray | None,
         canary_scores: np.ndarray | None,
         js_mean: float | None,
         rows: int,
         disagreements: int | None,
     ) -> None:
         """One decision record with a real answer; ``js_mean`` and ``disagreements`` come from
-        its real-vs-canary divergence (None when the canary did not answer)."""
+        its real-vs-canary divergence (None when the canary did not answer). Scores left out
+        here (None) are added later with ``add_scores``, many requests' at once."""
         self.requests += 1
         self.rows += int(rows)
-        for counts, scores in ((self.score_real, real_scores), (self.score_canary, canary_scores)):
+        self.add_scores(real_scores, canary_scores)
+        if js_mean is not None:
+            _add_small(self.divergence, DIVERGENCE_EDGES, [js_mean])
+            self.divergence_sum += float(js_mean)
+            self.compared += 1
+            self.compared_rows += int(rows)
+            self.disagreements += int(disagreements or 0)
+
+    def add_scores(self, real: np.ndarray | None, canary: np.ndarray | None) -> None:
+        """Count real's and canary's positive-class scores (either may be None)."""
+        for counts, scores in ((self.score_real, real), (self.score_canary, canary)):
             if scores is None:
                 continue
             flat = np.ravel(scores) if np.ndim(scores) == 1 else None
@@ -261,12 +272,6 @@ class Sketch:
                 _add_small(counts, _SCORE_EDGE_LIST, flat.tolist())
             else:
                 counts += score_counts(np.asarray(scores))
-        if js_mean is not None:
-            _add_small(self.divergence, DIVERGENCE_EDGES, [js_mean])
-            self.divergence_sum += float(js_mean)
-            self.compared += 1
-            self.compared_rows += int(rows)
-            self.disagreements += int(disagreements or 0)
 
     def add_features(self, counts: np.ndarray, rows: int, version: str | None = None) -> None:
         """Counts from ``FeatureReference.bin``; ``version`` (that reference's) is recorded,

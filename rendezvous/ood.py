@@ -142,13 +142,14 @@ class OodReference:
     def score_many(self, matrices: Sequence[np.ndarray]) -> list[OodScore]:
         """``score`` of each request's rows, measured in one pass over all of them (numpy's
         cost per call, not per row, is most of a one-row request's). The per-row figures are
-        made without a numpy call or a string per row (a table of the shares, ``round``, the
-        outside cells found at once): 1,750 -> 850 us for eight 100-row requests."""
+        made without a numpy call or a string per row (a table of the shares, the distances
+        rounded at once, the outside cells found at once): 1,750 -> 850 us for eight 100-row
+        requests, and 196 -> 125 us for one once the distances were rounded by numpy."""
         parts = [m[None, :] if m.ndim == 1 else m for m in (np.asarray(x) for x in matrices)]
         outside, distance = self.measure(parts[0] if len(parts) == 1 else np.concatenate(parts))
         table = _shares(self.width)
         shares = [table[c] for c in np.count_nonzero(outside, axis=1).tolist()]
-        distances = [round(d, 4) for d in distance.tolist()]
+        distances = np.round(distance, 4).tolist()  # round() one by one: 80 against 8 us
         names = self.names
         named: list[list[str]] = [[] for _ in shares]
         rows, cols = np.nonzero(outside)

@@ -4,6 +4,7 @@ post-promotion score reference out; one evaluator per deployment at a time."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -24,7 +25,7 @@ from models.train import DEMO_DEPLOYMENT, demo_data
 from rendezvous import names
 from rendezvous.decision import BinOutput, DecisionRecord
 from rendezvous.divergence import Divergence
-from rendezvous.drift import Sketch
+from rendezvous.drift import Sketch, score_counts
 from rendezvous.drift_alerts import Thresholds
 from rendezvous.schedule import Schedule
 
@@ -352,3 +353,38 @@ async def test_an_idle_deployment_is_evaluated_every_idle_interval_a_busy_one_at
     assert await client.xlen(history) == points + 1
     await asyncio.sleep(0.15)
     assert (await monitor._due_deployments())[1] == []  # recorded: idle again
+
+
+async def test_many_row_records_have_their_scores_counted_at_the_flush_in_their_own_sketch(
+    client: aioredis.Redis,
+) -> None:
+    """A record's scores wait for the flush, and are counted there into the sketch of the real
+    model that gave them: a promotion between two records never mixes their counts."""
+    feed = DriftFeed(client, await cache(client))
+    rng = np.random.default_rng(5)
+
+    def many(version: int, scores: np.ndarray) -> DecisionRecord:
+        one = record([0.5, 0.5], [0.5, 0.5], 0.02, 0)
+        proba = [[float(1 - s), float(s)] for s in scores]
+        labels = [int(s >= 0.5) for s in scores]
+        real = one.outputs["real"]._replace(version=version, labels=labels, probabilities=proba)
+        rows = len(scores)
+        canary = one.outputs["canary"]._replace(
+            labels=[0] * rows, probabilities=[[0.9, 0.1]] * rows
+        )
+        return dataclasses.replace(one, outputs={"real": real, "canary": canary})
+
+    before, after = rng.uniform(0, 1, (3, 40)), rng.uniform(0, 1, 25)
+    for scores in before:
+        feed.observe_decision(many(2, scores))
+    feed.observe_decision(many(3, after))  # promoted: a new sketch
+    assert await feed.flush() == 2
+    entries = await client.xrange(names.drift_sketch_stream(DEMO_DEPLOYMENT))
+    sketches = {s.real_model: s for s in (Sketch.from_bytes(f[SKETCH_FIELD]) for _, f in entries)}
+    assert set(sketches) == {"breast-cancer:2", "breast-cancer:3"}
+    old, new = sketches["breast-cancer:2"], sketches["breast-cancer:3"]
+    assert (old.requests, old.rows, new.requests, new.rows) == (3, 120, 1, 25)
+    assert old.score_real.tolist() == score_counts(before.ravel()).tolist()
+    assert new.score_real.tolist() == score_counts(after).tolist()
+    assert old.score_canary.tolist() == score_counts(np.full(120, 0.1)).tolist()
+    assert await feed.flush() == 0  # nothing kept twice

@@ -7,6 +7,7 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
+from gateway.dataplane.service import predictions
 from gateway.dataplane.validation import PredictRequest, check_request_id, to_matrix
 from rendezvous.spec import FeatureSpec
 
@@ -145,3 +146,14 @@ def test_a_protocols_own_matrix_is_held_to_the_same_rules() -> None:
             assert needle in exc.errors()[0]["msg"], (needle, exc.errors())
         else:
             raise AssertionError(f"accepted {bad!r}")
+
+
+def test_an_answers_rows_give_each_label_with_its_probabilities_by_class_name() -> None:
+    """Binary rows are built without a zip per row; both shapes read as the classes say."""
+    binary = predictions([1, 0], np.array([[0.25, 0.75], [0.5, 0.5]], np.float32), [0, 1])
+    assert binary == [{"label": 1, "probabilities": {"0": 0.25, "1": 0.75}},
+                      {"label": 0, "probabilities": {"0": 0.5, "1": 0.5}}]  # fmt: skip
+    three = predictions([7], np.array([[0.125, 0.375, 0.5]], np.float32), [3, 5, 7])
+    assert three == [{"label": 7, "probabilities": {"3": 0.125, "5": 0.375, "7": 0.5}}]
+    with pytest.raises(ValueError):  # rows and labels that do not line up are a bug, not data
+        predictions([1], np.array([[0.5, 0.5], [0.5, 0.5]], np.float32), [0, 1])

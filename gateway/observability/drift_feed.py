@@ -39,13 +39,16 @@ BIN_SLICE = 500
 failing must not grow memory without bound)."""
 
 
-def positive_scores(probabilities: Sequence[Sequence[float]]) -> np.ndarray:
+def positive_scores(probabilities: Sequence[Sequence[float]]) -> list[float]:
     """The score a drift check follows: the positive class's probability of a binary model,
-    else the top probability of each row."""
-    proba = np.asarray(probabilities, dtype=np.float64)
-    if proba.ndim != 2 or proba.shape[0] == 0:
-        return np.zeros(0)
-    return proba[:, 1] if proba.shape[1] == 2 else proba.max(axis=1)
+    else the top probability of each row. A list, taken from the record's rows without numpy
+    (a 100-row record: ~5 against ~20 us); a request's scores are binned at the flush with
+    every other request's."""
+    if not probabilities or not len(probabilities[0]):
+        return []
+    if len(probabilities[0]) == 2:
+        return [row[1] for row in probabilities]
+    return np.asarray(probabilities, dtype=np.float64).max(axis=1).tolist()  # type: ignore[no-any-return]
 
 
 class DriftFeed:
@@ -68,6 +71,8 @@ class DriftFeed:
         self._open: dict[str, Sketch] = {}
         self._closed: list[tuple[str, Sketch]] = []
         self._references: dict[str, FeatureReference | None] = {}
+        self._scores: dict[int, tuple[Sketch, list[float], list[float]]] = {}
+        """Real's and canary's scores per sketch since the last flush (by the sketch's id)."""
         self.on_dropped = on_dropped
         """Told of the rows left out when too many are waiting (``rdv_drift_dropped_rows``)."""
         self.online = online
@@ -90,16 +95,19 @@ class DriftFeed:
         if real is None or real.probabilities is None:
             return
         sketch = self._sketch(record.deployment, real.model_key)
+        pending = self._scores.get(id(sketch))
+        if pending is None:
+            pending = self._scores[id(sketch)] = (sketch, [], [])
+        pending[1].extend(positive_scores(real.probabilities))
         canary = record.outputs.get(names.CANARY)
-        canary_scores = None
         if canary is not None and canary.probabilities is not None:
-            canary_scores = positive_scores(canary.probabilities)
+            pending[2].extend(positive_scores(canary.probabilities))
             if sketch.canary_model is None:
                 sketch.canary_model = canary.model_key
         div = record.divergence
         sketch.add_decision(
-            real_scores=positive_scores(real.probabilities),
-            canary_scores=canary_scores,
+            real_scores=None,  # counted at the flush, with the other requests' (_count_scores)
+            canary_scores=None,
             js_mean=div.js_mean if div is not None else None,
             rows=len(real.probabilities),
             disagreements=div.disagreements if div is not None else None,
@@ -145,7 +153,15 @@ class DriftFeed:
         sketch.add_features(reference.bin(matrix), len(matrix))
         sketch.add_evidence(*reference.evidence(matrix))
 
+    def _count_scores(self) -> None:
+        """Bin the scores kept since the last flush into their sketches, one numpy pass each."""
+        pending, self._scores = self._scores, {}
+        for sketch, real, canary in pending.values():
+            sketch.add_scores(np.asarray(real, dtype=np.float64) if real else None,
+                              np.asarray(canary, dtype=np.float64) if canary else None)  # fmt: skip
+
     def _close_all(self) -> list[tuple[str, Sketch]]:
+        self._count_scores()  # no await between: every score lands in the sketch it belongs to
         now = time.time() * 1000
         out, self._closed = self._closed, []
         for deployment, sketch in self._open.items():
