@@ -45,9 +45,11 @@ PRIOR = "prediction_prior"
 """The alert id of the gateways' prediction-prior detector."""
 MAX_PENDING_ROWS = 20_000
 """Rows waiting for the detectors at most; beyond, new rows are left out (counted)."""
-JUDGE_ROWS = 64
-"""A busy bin steps the detectors once this many rows are kept: a step costs about 0.3 ms
-whatever its size up to a few hundred rows (16 rows: 13 us a row; 64: 4.5)."""
+JUDGE_ROWS = 128
+"""A busy bin steps the detectors once this many rows are kept: a step's cost is mostly fixed
+up to about a hundred rows (16 rows: 13 us a row; 64: 6.7-11.8 on a slow day; 128: 4.5-5.9;
+256: 3.9-4.3). 128 keeps the delay it adds to a detection within 128 rows (or
+``JUDGE_WAIT_S``)."""
 JUDGE_WAIT_S = 0.25
 """...or once the oldest kept row waited this long (an idle read judges whatever is kept)."""
 

@@ -10,6 +10,7 @@ import re
 import zlib
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -94,6 +95,23 @@ def test_raw_ascii_json_on_one_line_is_spliced_as_sent() -> None:
     record = json.loads(line)
     assert record["raw"]["a"] == 2 and record["raw"]["instances"][0][:2] == [17.99, float("inf")]
     assert np.isnan(record["raw"]["instances"][0][2])
+
+
+def test_raw_the_gateway_already_parsed_is_spliced_unread_but_still_kept_on_one_line() -> None:
+    """A body the gateway's JSON parser accepted travels flagged (``raw_is_json``, one more
+    msgpack key) and is spliced without a parse; the flag never puts a second line or a
+    non-ASCII byte into the archive: those bodies are re-dumped as before."""
+    body = b'{"instances": [[0.5, 1e5, -0]]}'
+    env = _envelope(body, raw_is_json=True)
+    back = RequestEnvelope.decode(env.encode())
+    assert back.raw_is_json and not RequestEnvelope.decode(_envelope(body).encode()).raw_is_json
+    assert body.decode() + ',"features":' in _line(back)
+    assert json.loads(_line(back))["raw"] == {"instances": [[0.5, 100000.0, 0]]}
+    with patch("models.archive.orjson.loads", side_effect=AssertionError("parsed again")):
+        _line(back)
+    wrapped = b'{"instances":\n [[1]], "name": "Zo\xc3\xab"}'
+    assert json.loads(_line(_envelope(wrapped, raw_is_json=True)))["raw"] == {
+        "instances": [[1]], "name": "Zo\u00eb"}  # fmt: skip
 
 
 @pytest.mark.parametrize(

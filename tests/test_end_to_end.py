@@ -21,6 +21,7 @@ from processes import PREDICT, RdvProcess, System, launch_system, stream_head, w
 from rendezvous import names
 from rendezvous.bus.server import free_port
 from rendezvous.decision import DecisionRecord, decode_entries
+from rendezvous.envelope import RequestEnvelope
 from rendezvous.schedule import Schedule
 
 SCHEDULE = Schedule(real_deadline_ms=50, timeout_ms=800, fallbacks=("canary",), grace_ms=100)
@@ -134,6 +135,10 @@ def test_predictions_travel_the_whole_path(both_workers: System, demo_data_dir: 
         np.testing.assert_array_equal(np.asarray(archive[rid]["features"], np.float32), features)
         assert archive[rid]["spec_version"].startswith("fs-")
     assert archive["e2e-0"]["raw"]["features"]["mean radius"] == pytest.approx(float(x[0, 0]))
+    # the gateway parsed these bodies: their envelopes say so, and the log bin splices them
+    inputs = system.r.xrange(names.input_stream(DEMO_DEPLOYMENT))
+    envelopes = {e.request_id: e for e in (RequestEnvelope.decode(f) for _id, f in inputs)}
+    assert all(envelopes[rid].raw_is_json for rid in sent)
 
 
 def test_canary_answers_when_real_is_down(system: System) -> None:

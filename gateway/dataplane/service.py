@@ -163,7 +163,7 @@ class PredictionService:
             if entities is not None:
                 features, looked_up = await self._enrich(dep, features, entities)
             return await self._publish_and_wait(
-                dep, rid, raw, features, t0, bool(request_id), looked_up
+                dep, rid, raw, features, t0, bool(request_id), looked_up, decode is None
             )
         finally:
             self.in_flight -= 1
@@ -221,8 +221,10 @@ class PredictionService:
         t0: float,
         chosen: bool,
         looked_up: list[dict[str, Any]] | None = None,
+        raw_is_json: bool = False,
     ) -> tuple[dict[str, Any], str]:
-        """``chosen``: the caller chose the request id, which must then be new everywhere."""
+        """``chosen``: the caller chose the request id, which must then be new everywhere;
+        ``raw_is_json``: this gateway's JSON parser accepted ``raw`` (the archive trusts it)."""
         spec = dep.feature_spec
         schedule = dep.schedule.for_request(rid)  # the A/B split draw, if any
         mailbox = self.rendezvous.open(rid, dep.name, schedule, dep.role_names)
@@ -237,6 +239,7 @@ class PredictionService:
             features=features,
             spec_version=spec.version,
             looked_up=looked_up,
+            raw_is_json=raw_is_json,
         )
 
         def unpublished(exc: Exception) -> None:
