@@ -106,5 +106,14 @@ def rows_axis(ctx: AxisContext) -> dict[str, Any]:
         "rounds": {
             "rows100_vs_inprocess": [round(r, 3) for r in rows_ratio],
             "added_p50_ms_c1_rows100": [round(a, 3) for a in added],
+            # how evenly each side's two processes shared c8's connections (0.5: evenly)
+            "busiest_share_c8": {
+                "gateway": _busiest(out["gateway_c8"], "gateway"),
+                "inprocess": _busiest(out["inprocess_c8"], "uvicorn-worker"),
+            },
         },
     }
+
+
+def _busiest(phases: list[dict[str, Any]], component: str) -> list[float | None]:
+    return [p["cpu_busiest_share"].get(component) for p in phases]

@@ -180,6 +180,19 @@ def cpu_between(a: TreeSample, b: TreeSample) -> dict[str, float]:
     return {k: round(v, 3) for k, v in out.items()}
 
 
+def busiest_share(a: TreeSample, b: TreeSample) -> dict[str, float]:
+    """Per component of two or more processes, the busiest one's share of the component's CPU
+    between the samples: 1/n when they shared the work evenly, 1.0 when one did it all.
+    Processes that accept on one listening socket (uvicorn's workers, the gateways) can take
+    a burst of new connections unevenly, and a closed loop of a few connections then keeps
+    one of them busy and the others idle."""
+    used: dict[str, list[float]] = {}
+    for pid, cpu in b.cpu_by_pid.items():
+        used.setdefault(b.component[pid], []).append(cpu - a.cpu_by_pid.get(pid, 0.0))
+    return {name: round(max(v) / sum(v), 3) for name, v in used.items()
+            if len(v) > 1 and sum(v) > 0}  # fmt: skip
+
+
 @dataclass
 class MemoryWatch:
     """Samples the tree's RSS in a thread; keeps the peak of the total and per component."""

@@ -224,6 +224,7 @@ def run_phase(running: Running, load: Load, procs: int) -> dict[str, Any]:
         "refusal_latency_ms": latency_figures(result.refused_ms),
         "cpu_s": {**cpu, "total": round(server_cpu, 3)},
         "cpu_us_per_request": round(server_cpu / ok * 1e6, 1) if ok else None,
+        "cpu_busiest_share": procstat.busiest_share(a, b),
         "loadgen": {
             "procs": len(loadgen_cpu),
             "cpu_s": round(lg_cpu, 3),

@@ -3,25 +3,19 @@ made-up samples: which windows, which growth, which p99, which key meets its tar
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # benchmarks/ is not an installed package
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.axes_report import AXIS_TARGETS, axis_ratios  # noqa: E402
-from benchmarks.axis_soak import (  # noqa: E402
+from benchmarks.axes_report import AXIS_TARGETS, axis_ratios
+from benchmarks.axis_soak import (
     latency_series,
     memory_growth,
     p99_between,
     window_cpu,
     windows,
 )
-from benchmarks.loadgen import ProcResult  # noqa: E402
+from benchmarks.loadgen import ProcResult
 
 
 def _sample(t_s: float, rss: dict[str, float], redis_mb: float | None) -> dict[str, Any]:

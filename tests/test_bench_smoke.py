@@ -215,6 +215,8 @@ def test_the_cost_axes_run_for_a_second(tmp_path: Path, demo_data_dir: Path) -> 
     phases = [p for axis in doc["axes"].values() for side in axis["phases"].values() for p in side]
     assert len(phases) == 6 and all(p["ok"] > 0 and p["errors"] == 0 for p in phases), phases
     assert all(p["rss_mb_after"] > 0 for p in phases)
+    shares = doc["axes"]["rows"]["rounds"]["busiest_share_c8"]  # two processes each side
+    assert all(0.5 <= s <= 1.0 for side in shares.values() for s in side), shares
 
 
 ISSUE_18_KEYS = {

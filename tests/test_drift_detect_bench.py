@@ -3,13 +3,11 @@ says, and the offline false-alarm replay counts and bounds what it sees."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: not installed
 from benchmarks.drift_bench import TARGETS, Data, faults, offline_far, table
 
 

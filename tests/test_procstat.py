@@ -74,3 +74,15 @@ def test_an_execd_child_keeps_its_whole_rss() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_the_busiest_share_tells_how_evenly_a_components_processes_worked() -> None:
+    """1/n when they shared the work, 1.0 when one did it all; a lone process, or a component
+    that used no CPU, has no figure; a process born between the samples counts from zero."""
+    names = {1: "worker", 2: "worker", 3: "gateway", 4: "gateway", 5: "redis", 6: "idle",
+             7: "idle"}  # fmt: skip
+    before = procstat.TreeSample({1: 1.0, 2: 1.0, 3: 5.0, 5: 0.0, 6: 2.0, 7: 2.0},
+                                 names, 0.0, 0.0, 0.0)  # fmt: skip
+    after = procstat.TreeSample({1: 2.0, 2: 2.0, 3: 8.0, 4: 1.0, 5: 3.0, 6: 2.0, 7: 2.0},
+                                names, 0.0, 0.0, 1.0)  # fmt: skip
+    assert procstat.busiest_share(before, after) == {"worker": 0.5, "gateway": 0.75}
