@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.exceptions import RedisClusterException
 
 from gateway.dataplane.matcher import DuplicateRequest, Rendezvous
 from rendezvous import names
@@ -157,6 +158,37 @@ async def test_timeout_when_nobody_answers(rdv: Rendezvous, r: redis.Redis) -> N
     assert SCHEDULE.timeout_ms <= waited_ms < SCHEDULE.timeout_ms + 200
     [rec] = await decisions(r, 1)
     assert rec.outcome == "timeout" and sorted(rec.missing) == ["canary", "real"]
+
+
+async def test_the_reply_reader_rides_out_any_failure_and_recreates_a_lost_stream(
+    rdv: Rendezvous, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What redis-py's cluster client raises while no node covers a slot (no ``RedisError``)
+    and a bug alike: the reader logs, pauses and reads on. A reader that stopped would time
+    out every request of its gateway."""
+    failures: list[Exception] = [RedisClusterException("no node covers the slot"),
+                                 RuntimeError("a bug")]  # fmt: skip
+    execute = rdv.reader.execute
+
+    async def failing_twice(commands, **kwargs):  # type: ignore[no-untyped-def]
+        if failures:
+            raise failures.pop(0)
+        return await execute(commands, **kwargs)
+
+    monkeypatch.setattr(rdv.reader, "execute", failing_twice)
+    stream = names.reply_stream("t-gw")
+    r.delete(stream)  # lost meanwhile: a failover before it was replicated, a restart
+    for _ in range(250):
+        if r.exists(stream):
+            break
+        await asyncio.sleep(0.02)
+    assert not failures
+    [(_, fields)] = r.xrange(stream)
+    assert b"hello" in fields and 0 < r.ttl(stream) <= 600  # recreated by the reader
+    mb = rdv.open("rides", DEP, SCHEDULE, ROLES)
+    await send(rdv.client, result("rides", "real", 0.9))
+    answer = await rdv.wait(mb)
+    assert answer.outcome == "real" and answer.elapsed_ms < SCHEDULE.real_deadline_ms
 
 
 async def test_failed_real_falls_back_at_once(rdv: Rendezvous, r: redis.Redis) -> None:

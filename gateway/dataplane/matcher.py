@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import redis
 
 from gateway.dataplane.decision_cap import DecisionCap
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
-from rendezvous.bus.connection import AsyncClient
+from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
+from rendezvous.bus.consumer import raise_first_error
 from rendezvous.bus.routing import Command, Router
 from rendezvous.decision import FIELD as DECISION_FIELD
 from rendezvous.decision import DecisionRecord, build_decision
@@ -140,17 +140,26 @@ class Rendezvous:
                 mb.answer.set_result(mb.answered)
             self._close(mb, mb.answered)
         self._write_closed()
-        with contextlib.suppress(redis.RedisError):
+        with contextlib.suppress(*REDIS_FAILURES):
             await self.client.delete(self.reply_to)
 
     async def _create_stream(self) -> None:
         """The stream exists before any envelope names it: workers write with NOMKSTREAM."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(self.reply_to, {_HELLO: b"1"})
-        pipe.expire(self.reply_to, REPLY_TTL_S)
-        entry_id, _ = await pipe.execute()
+        key = self.reply_to.encode()
+        entry_id, _ = raise_first_error(await self.reader.execute([
+            Command(key, (b"XADD", key, b"*", _HELLO, b"1")), _expire(key)]))  # fmt: skip
         if self._last_id == b"$":
             self._last_id = entry_id
+        self._next_ttl = time.monotonic() + REPLY_TTL_S / 10
+
+    async def _keep_stream(self) -> None:
+        """Refresh the stream's TTL; recreate it if it is gone (Redis restarted empty, or a
+        failover lost it). On the reader's router like the reads: redis-py's cluster client
+        may retry for seconds while a master is being elected, and every request of this
+        gateway waits on this loop."""
+        (kept,) = raise_first_error(await self.reader.execute([_expire(self.reply_to.encode())]))
+        if not kept:
+            await self._create_stream()
         self._next_ttl = time.monotonic() + REPLY_TTL_S / 10
 
     # -- requests -----------------------------------------------------------------------------
@@ -301,22 +310,25 @@ class Rendezvous:
         self._evaluate(mb)
 
     async def _read_loop(self) -> None:
+        """Read until stopped, whatever fails: a gateway whose reader stopped would answer
+        every request with a timeout."""
         backoff_s = 0.05
         while not self._stopping:
             try:
                 if time.monotonic() >= self._next_ttl:
-                    if not await self.client.expire(self.reply_to, REPLY_TTL_S):
-                        await self._create_stream()  # lost (e.g. Redis restarted empty)
-                    self._next_ttl = time.monotonic() + REPLY_TTL_S / 10
+                    await self._keep_stream()
                 key = self.reply_to.encode()
                 (reply,) = await self.reader.execute([Command(key, (*_XREAD, key, self._last_id))])
                 if isinstance(reply, Exception):
                     raise reply
                 backoff_s = 0.05
-            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+            except Exception as exc:  # see the docstring
                 if self._stopping:
                     return
-                log.warning("reply stream read failed (%s); retrying in %.2fs", exc, backoff_s)
+                if isinstance(exc, REDIS_FAILURES):
+                    log.warning("reply stream read failed (%s); retrying in %.2fs", exc, backoff_s)
+                else:
+                    log.exception("reply stream read failed; retrying in %.2fs", backoff_s)
                 self._next_ttl = 0.0  # after an outage, make sure our stream still exists
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, READ_BACKOFF_MAX_S)
@@ -338,6 +350,10 @@ class Rendezvous:
                     log.warning("undecodable result on %s: %s", self.reply_to, errors[0])
                 for result in results:
                     self.file(result)
+
+
+def _expire(key: bytes) -> Command:
+    return Command(key, (b"EXPIRE", key, b"%d" % REPLY_TTL_S))
 
 
 def _ood_scores(mailboxes: list[Mailbox]) -> list[OodScore | None]:
