@@ -78,6 +78,8 @@ class DeploymentCache:
                 await self.refresh()
             except REDIS_FAILURES as exc:
                 log.warning("cannot refresh deployments: %s", exc)
+            except Exception:  # a bug must not freeze the gateway's view for good
+                log.exception("deployments refresh failed")
 
     def get(self, name: str) -> Deployment:
         dep = self.deployments.get(name)
