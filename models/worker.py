@@ -32,8 +32,8 @@ from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, Client
-from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry, raise_first_error
-from rendezvous.bus.routing import command
+from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry
+from rendezvous.bus.routing import command, raise_first_error
 from rendezvous.envelope import EnvelopeError, ModelResult, RequestEnvelope, encode_results
 from rendezvous.schedule import Schedule
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import redis
 
-from rendezvous.bus.consumer import Batch, ConsumerLoop, raise_first_error
-from rendezvous.bus.routing import Command, command
+from rendezvous.bus.consumer import Batch, ConsumerLoop
+from rendezvous.bus.routing import Command, command, raise_first_error
 
 pytestmark = pytest.mark.integration
 

@@ -47,7 +47,14 @@ import redis
 from redis.exceptions import ClusterError, RedisClusterException
 
 from rendezvous.bus.connection import MEMORY_LIMIT, REDIS_DOWN, out_of_memory
-from rendezvous.bus.routing import AnyClient, BlockingRouter, Command, command, slot_of
+from rendezvous.bus.routing import (
+    AnyClient,
+    BlockingRouter,
+    Command,
+    command,
+    raise_first_error,
+    slot_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -424,14 +431,6 @@ class ConsumerLoop(ABC):
         if streams is not None:
             out = self._tolerate_lost(out, streams)
         return raise_first_error(out), along
-
-
-def raise_first_error(replies: list[Any]) -> list[Any]:
-    """Replies of a batch, like a redis-py pipeline's: the first error reply is raised."""
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise reply
-    return replies
 
 
 def _entries(reply: Any) -> list[Entry]:

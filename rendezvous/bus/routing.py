@@ -85,6 +85,14 @@ def command(*args: bytes, key_at: int = 1) -> Command:
     return Command(args[key_at], args)
 
 
+def raise_first_error(replies: list[Any]) -> list[Any]:
+    """Replies of a batch, like a redis-py pipeline's: the first error reply is raised."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
 def slot_of(client: AnyClient | AnyAsyncClient, key: bytes) -> int:
     """The key's cluster slot; 0 for every key of a single node, where any keys mix."""
     if isinstance(client, redis.RedisCluster | aioredis.RedisCluster):
