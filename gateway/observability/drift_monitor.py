@@ -151,6 +151,9 @@ class DriftMonitor:
             except REDIS_FAILURES as exc:
                 log.warning("drift evaluation: cannot tell which deployments are due: %s", exc)
                 continue
+            except Exception:  # a bug must not end the monitor for good
+                log.exception("drift evaluation: cannot tell which deployments are due")
+                continue
             for deployment in due:
                 try:
                     await self.evaluate(deployment)

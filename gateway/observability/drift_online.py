@@ -239,14 +239,13 @@ class OnlineDrift:
         while True:
             await asyncio.sleep(self.publish_s)
             for deployment in list(self._deps):
-                dep = self._deps[deployment]
-                if dep.labels:
-                    self.evaluate(deployment)
-                if deployment not in self._publishing:
-                    try:
+                try:
+                    if self._deps[deployment].labels:
+                        self.evaluate(deployment)
+                    if deployment not in self._publishing:
                         await self.publish(deployment)
-                    except Exception:
-                        log.exception("online drift claim of %s failed", deployment)
+                except Exception:  # a bug must not end the online judge for good
+                    log.exception("online drift of %s failed", deployment)
 
     async def close(self) -> None:
         for task in list(self._tasks):
