@@ -7,6 +7,7 @@ sharing a deployment (one of them killed), and a partitioned deployment spread o
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,7 +113,11 @@ def _kill_a_master_under_load(system: System, redis_cluster: LocalCluster, waits
         report(f"master killed under load (cluster, RDV_WAIT_REPLICAS={waits})", figures)
         assert statuses <= {200, 503, 504}, figures  # no 500, no request left unanswered
         assert all(r["retry_after"] for r in load.results if r["status"] == 503)
-        assert all(r["status"] == 503 and r["ms"] < 1000 for r in electing), electing[:5]
+        # Every one answered before the new master was found (none sat out the election), and
+        # quickly as a rule: on a loaded 2-core machine one answer may stretch past a second.
+        assert all(r["status"] == 503 for r in electing), electing[:5]
+        assert all(r["t"] + r["ms"] / 1000 < killed_at + elected_s for r in electing), figures
+        assert not electing or statistics.median(r["ms"] for r in electing) < 500, figures
         assert electing or elected_s < 1.5, figures
         assert late and all(r["status"] == 200 for r in late), [r for r in late if r["status"]
                                                                  != 200][:5]  # fmt: skip
