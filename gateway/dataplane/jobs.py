@@ -494,6 +494,11 @@ class JobService:
     async def start(self) -> None:
         self._supervisor = asyncio.create_task(self._supervise())
 
+    @property
+    def supervisor_task(self) -> asyncio.Task[None] | None:
+        """What keeps one reader per deployment, once started."""
+        return self._supervisor
+
     async def _supervise(self, interval_s: float = 1.0) -> None:
         """One reader per deployment, following the deployment cache."""
         while True:

@@ -119,6 +119,11 @@ class Rendezvous:
         await self._create_stream()
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
 
+    @property
+    def reader_task(self) -> asyncio.Task[None] | None:
+        """The reply reader, once started: without it no request of this process is answered."""
+        return self._task
+
     async def stop(self) -> None:
         """Stop reading, close every mailbox (writing its record), delete the reply stream."""
         if self._task is not None:

@@ -10,7 +10,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import redis
@@ -42,6 +42,7 @@ from gateway.settings import Settings
 from gateway.transport import feedback, jobs, oip
 from gateway.transport.fast_path import PredictFastPath, predict_reply
 from gateway.transport.limits import BodySizeLimit
+from gateway.transport.vital_tasks import VitalTasks, stop_this_process
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, connect_async
@@ -56,6 +57,21 @@ def instance_id() -> str:
     """Unique per gateway process: the name of its reply stream."""
     host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:32]
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+BACKGROUND_NAMES = (
+    "the outcome store",
+    "live accuracy",
+    "the deployments refresh",
+    "the drift feed",
+    "the drift monitor",
+    "the online drift judge",
+)
+"""The lifespan's background loops, in the order it starts them."""
+
+
+def _keep_serving(_name: str) -> None:
+    """For an app mounted in a process it does not own: the death is logged, nothing more."""
 
 
 LOGBIN_SILENT_S = 60.0
@@ -111,15 +127,24 @@ def serving_app(settings: Settings | None = None) -> PredictFastPath:
     everything else by ``create_app``'s FastAPI app."""
     settings = settings or Settings()
     return PredictFastPath(
-        create_app(settings, settle_process_heap=True), max_body_bytes=settings.max_body_bytes
+        create_app(settings, owns_process=True), max_body_bytes=settings.max_body_bytes
     )
 
 
-def create_app(settings: Settings | None = None, *, settle_process_heap: bool = False) -> FastAPI:
-    """The gateway as a FastAPI app. ``settle_process_heap``: once started, tune the garbage
-    collector for this process (``rendezvous.heap``); for a process that serves only this app,
-    not for one that merely mounts it (a test)."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    owns_process: bool = False,
+    on_vital_death: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """The gateway as a FastAPI app. ``owns_process``: the process serves only this app, not
+    merely mounts it (a test): once started, tune the garbage collector for it
+    (``rendezvous.heap``), and stop it if a vital background task ends
+    (``gateway.transport.vital_tasks``; ``on_vital_death`` says what to do instead, and a
+    process that does not own itself only logs it)."""
     settings = settings or Settings()
+    if on_vital_death is None:
+        on_vital_death = stop_this_process if owns_process else _keep_serving
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -232,13 +257,22 @@ def create_app(settings: Settings | None = None, *, settle_process_heap: bool = 
         )
         metrics.track_in_flight(lambda: app.state.service.in_flight)
         stop_jobs = await jobs.start(app, settings)
-        if settle_process_heap:
+        vital = VitalTasks(on_vital_death)
+        for task, name in zip(background, BACKGROUND_NAMES, strict=True):
+            vital.watch(name, task)
+        for name, maybe in (("the reply reader", rendezvous.reader_task),
+                            ("the jobs supervisor", app.state.jobs.supervisor_task)):  # fmt: skip
+            if maybe is not None:
+                vital.watch(name, maybe)
+        app.state.vital_tasks = vital
+        if owns_process:
             settle_heap()
         log.info("gateway ready: deployments %s, reply stream %s",
                  sorted(deployments.deployments), rendezvous.reply_to)  # fmt: skip
         try:
             yield
         finally:
+            vital.stopping()
             await stop_jobs()
             for task in background:
                 task.cancel()
