@@ -23,6 +23,7 @@ from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
 from rendezvous import names
+from rendezvous.bus.connection import connect_async
 from rendezvous.decision import BinOutput, DecisionRecord
 from rendezvous.divergence import Divergence
 from rendezvous.drift import Sketch, score_counts
@@ -216,6 +217,40 @@ async def test_one_evaluator_per_deployment_at_a_time(client: aioredis.Redis) ->
     assert not await one._lead(DEMO_DEPLOYMENT, t + ttl_s / 3 + 0.01)  # its renewal sees it
     assert await two._lead(DEMO_DEPLOYMENT, t + 30)  # renewed by its holder
     assert await client.pttl(names.drift_lock_key(DEMO_DEPLOYMENT)) > 0.9 * ttl_s * 1000
+
+
+async def test_leases_of_many_deployments_are_asked_together_and_each_has_one_holder(
+    bus_url: str,
+) -> None:
+    """The leases of every deployment a tick asks about go in one round trip (one script
+    each, on whichever node holds each key): each deployment gets exactly one holder, a lease
+    held by a process that is not asking stays its own, and a holder's renewal keeps it."""
+    client = await connect_async(bus_url)
+    deps = [f"lease-{k}" for k in range(6)]
+    try:
+        for d in deps:
+            await client.delete(names.drift_lock_key(d))
+        await client.set(names.drift_lock_key(deps[0]), "gw-elsewhere", px=60_000)
+        cache = DeploymentCache(client)
+        one = DriftMonitor(client, cache, "gw-1", interval_s=5.0)
+        two = DriftMonitor(client, cache, "gw-2", interval_s=5.0)
+        t = time.monotonic()
+        led_one = await one._leads(deps[:4], t)
+        led_two = await two._leads(deps, t)
+        assert led_one == deps[1:4]  # deps[0] is held elsewhere
+        assert led_two == deps[4:]
+        for d in deps[1:]:
+            holder = "gw-1" if d in led_one else "gw-2"
+            assert await client.get(names.drift_lock_key(d)) == holder.encode()
+        assert await client.get(names.drift_lock_key(deps[0])) == b"gw-elsewhere"
+        await client.pexpire(names.drift_lock_key(deps[1]), 500)
+        assert await one._leads(deps[:4], t + 30) == deps[1:4]  # renewed, not lost
+        assert await client.pttl(names.drift_lock_key(deps[1])) > 10_000
+        assert await two._leads(deps, t + 30) == deps[4:]
+    finally:
+        for d in deps:
+            await client.delete(names.drift_lock_key(d))
+        await client.aclose()
 
 
 async def test_a_stopping_holder_hands_its_lease_over_at_once(client: aioredis.Redis) -> None:

@@ -43,7 +43,7 @@ from gateway.observability.drift_relay import DriftRelay
 from gateway.observability.drift_view import MONITOR, thresholds_from
 from models.registry import ModelRegistry
 from rendezvous import names
-from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
+from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 from rendezvous.drift import FeatureReference, Sketch
 from rendezvous.drift_alerts import Thresholds, evaluate_alerts, window_report
 
@@ -57,6 +57,15 @@ IDLE_INTERVAL_S = 60.0
 """How often a deployment with no new sketches is evaluated (its report and history age)."""
 LEASE_RECHECK_S = 2.0
 """How long a process that saw another lease holder waits before asking again."""
+_LEASE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+"""Take the lease if free, renew it if ours: 1 when this process holds it afterwards."""
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end"
 """Delete a lease only while it is still ours (it may have lapsed to another process)."""
 
@@ -171,7 +180,7 @@ class DriftMonitor:
         only ages; twenty of them evaluated every 5 s cost a gateway 1-2 % of a core). The
         newest sketches of all of them are read in one round trip (per node)."""
         now = time.monotonic()
-        led = [d for d in sorted(self.deployments.deployments) if await self._lead(d, now)]
+        led = await self._leads(sorted(self.deployments.deployments), now)
         if not led:
             return led, []
         pipe = self.client.pipeline(transaction=False)
@@ -199,27 +208,30 @@ class DriftMonitor:
         return await self._relay.relay(*deployments)
 
     async def _lead(self, deployment: str, now: float) -> bool:
-        """Hold (or take) the deployment's evaluation lease; a dead holder's lapses.
+        """Whether this process holds ``deployment``'s evaluation lease (see ``_leads``)."""
+        return deployment in await self._leads([deployment], now)
+
+    async def _leads(self, deployments: list[str], now: float) -> list[str]:
+        """Those of ``deployments`` whose evaluation lease this process holds (or takes); a
+        dead holder's lapses.
 
         The answer is kept locally: a holder renews a third of the way through its lease, and
-        a process that saw another holder asks again after ``LEASE_RECHECK_S``. An idle host
-        with twenty deployments then spends a few commands a second on leases, not two
-        hundred. (A lease lost meanwhile, to a Redis restart, is noticed at the next renewal:
-        two processes may then both evaluate for a few seconds, which costs a duplicate
-        report, never a wrong one.)"""
-        known = self._leases.get(deployment)
-        if known is not None and now < known[1]:
-            return known[0]
-        key = names.drift_lock_key(deployment)
-        ttl_ms = int(self.interval_s * 3000) + 1000
-        held = bool(await self.client.set(key, self.instance, nx=True, px=ttl_ms))
-        if not held:
-            holder = await self.client.get(key)
-            held = holder is not None and text(holder) == self.instance
-            if held:
-                await self.client.pexpire(key, ttl_ms)
-        self._leases[deployment] = (held, now + (ttl_ms / 3000 if held else LEASE_RECHECK_S))
-        return held
+        a process that saw another holder asks again after ``LEASE_RECHECK_S``. The leases to
+        ask about are asked in one round trip (per node), one script each: twenty deployments
+        asked one by one, two or three commands each, were the largest part of an idle
+        gateway's Redis round trips. (A lease lost meanwhile, to a Redis restart, is noticed
+        at the next renewal: two processes may then both evaluate for a few seconds, which
+        costs a duplicate report, never a wrong one.)"""
+        ask = [d for d in deployments if (known := self._leases.get(d)) is None or now >= known[1]]
+        if ask:
+            ttl_ms = int(self.interval_s * 3000) + 1000
+            pipe = self.client.pipeline(transaction=False)
+            for deployment in ask:
+                pipe.eval(_LEASE, 1, names.drift_lock_key(deployment), self.instance, ttl_ms)
+            for deployment, held in zip(ask, await pipe.execute(), strict=True):
+                again = ttl_ms / 3000 if held else LEASE_RECHECK_S
+                self._leases[deployment] = (bool(held), now + again)
+        return [d for d in deployments if self._leases[d][0]]
 
     async def release(self) -> None:
         """Give up the leases this process holds (at shutdown): another process then takes
