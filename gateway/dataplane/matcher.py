@@ -108,6 +108,9 @@ class Rendezvous:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._next_ttl = 0.0
+        self.read_failed_ms = 0.0
+        """When the reply reader last failed (epoch ms; 0: never): a request that waited
+        through it and got no answer was failed by the bus, not by its models."""
         self._closing: list[Mailbox] = []
         """Mailboxes closed in this turn of the event loop, their records not yet written:
         written together at the end of the turn, so their out-of-distribution scores take one
@@ -329,6 +332,7 @@ class Rendezvous:
             except Exception as exc:  # see the docstring
                 if self._stopping:
                     return
+                self.read_failed_ms = time.time() * 1000
                 if isinstance(exc, REDIS_FAILURES):
                     log.warning("reply stream read failed (%s); retrying in %.2fs", exc, backoff_s)
                 else:

@@ -60,7 +60,10 @@ log = logging.getLogger(__name__)
 
 
 BACKOFF_MIN_S = 0.05
-BACKOFF_MAX_S = 1.0
+BACKOFF_MAX_S = 0.25
+"""The longest pause between tries while Redis is away. A consumer must be reading again well
+within a request's timeout (1 s by default) of Redis's return: at 1 s, requests accepted just
+after a restart timed out while the workers were still pausing. A try costs one failed connect."""
 IDLE_POLL_MIN_S = 0.001
 IDLE_POLL_MAX_S = 0.02
 ASIDE_S = 0.5

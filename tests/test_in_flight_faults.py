@@ -1,0 +1,77 @@
+"""A request in flight when Redis fails under it: the bus, not the models, kept its answer
+from coming, so the caller gets a 503 with ``Retry-After``, never a 504 that blames the
+models."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from gateway.settings import Settings
+from gateway.transport.app import create_app
+from models.deployment_store import DeploymentStore, demo_deployment
+from models.registry import ModelRegistry
+from models.train import demo_data
+from rendezvous.bus.connection import connect
+from rendezvous.bus.server import EmbeddedRedis
+from rendezvous.schedule import Schedule
+from tests.admin_support import AppClient, copy_demo_models, features_body
+from tests.processes import PREDICT, wait_until
+
+TIMEOUT_MS = 2000.0
+
+
+@pytest.fixture
+def outage_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """A Redis of this test's own, to stop and start again."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("in-flight-redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gateway(
+    outage_redis: EmbeddedRedis, demo_data_dir: Path, tmp_path: Path
+) -> Iterator[AppClient]:
+    """A gateway with the demo deployment and no worker: nothing will answer."""
+    data = copy_demo_models(demo_data_dir, tmp_path / "data")
+    schedule = Schedule(real_deadline_ms=50.0, timeout_ms=TIMEOUT_MS)
+    DeploymentStore(connect(outage_redis.url)).create(
+        demo_deployment(ModelRegistry(data / "models"), schedule)
+    )
+    client = AppClient(create_app(Settings(redis_url=outage_redis.url, data_dir=data)))
+    yield client
+    client.close()
+
+
+def test_a_request_whose_answer_redis_lost_gets_503_and_one_the_models_missed_504(
+    gateway: AppClient, outage_redis: EmbeddedRedis
+) -> None:
+    body = features_body(np.asarray(demo_data().x_test[0]))
+    answers: list[httpx.Response] = []
+    sender = threading.Thread(target=lambda: answers.append(gateway.post(PREDICT, json=body)))
+    sender.start()
+    time.sleep(0.3)  # the request is in flight: its input appended, nothing answers it
+    outage_redis.stop()  # a restart under it
+    time.sleep(0.3)
+    outage_redis.start()
+    sender.join(TIMEOUT_MS / 1000 + 10)
+    [lost] = answers
+    assert lost.status_code == 503, lost.text
+    assert lost.headers.get("Retry-After")
+    assert "Redis failed while request" in lost.json()["detail"]
+
+    # Redis answers the gateway again (no worker: it stays unready, with its reasons).
+    wait_until(lambda: "deployments" in gateway.get("/readyz").json(), 10, "Redis back")
+    time.sleep(0.5)  # and the reply reader has read since: nothing failed under the next
+    started = time.monotonic()
+    missed = gateway.post(PREDICT, json=body)  # nothing fails now: the models are just absent
+    assert missed.status_code == 504, missed.text
+    assert time.monotonic() - started >= TIMEOUT_MS / 1000 * 0.9
+    assert "no model answered" in missed.json()["detail"]
