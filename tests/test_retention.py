@@ -3,7 +3,7 @@
 import redis
 
 from rendezvous import names
-from rendezvous.bus.retention import safe_floor, trim_input_stream
+from rendezvous.bus.retention import safe_floor, trim_behind_groups, trim_input_stream
 
 DEP = "trim-dep"
 STREAM = names.input_stream(DEP)
@@ -115,3 +115,68 @@ def test_the_log_bins_position_is_never_moved_however_far_behind(r: redis.Redis)
     r.xack(STREAM, "model:real", *ids)
     assert trim_input_stream(r, DEP, max_role_lag=100) == 0
     assert r.xlen(STREAM) == 300 and not r.exists(names.skipped_key(DEP))
+
+
+def test_a_stream_is_settled_once_no_group_is_behind_the_log_bin(r: redis.Redis) -> None:
+    r.xgroup_create(STREAM, "logbin", id="0", mkstream=True)
+    r.xgroup_create(STREAM, "model:real", id="0")
+    ids = fill(r, 300)
+    r.xreadgroup("logbin", "lb", {STREAM: ">"}, count=1000)
+    r.xack(STREAM, "logbin", *ids)
+    assert trim_behind_groups(r, DEP)[1] is False  # real still needs all of it: trim again
+    r.xreadgroup("model:real", "w", {STREAM: ">"}, count=1000)
+    r.xack(STREAM, "model:real", *ids)
+    assert trim_behind_groups(r, DEP)[1] is True  # only the log bin's reading on frees more
+    assert trim_behind_groups(r, "no-such-dep") == (0, True)
+
+
+def test_the_log_bin_trims_a_stream_until_settled_and_an_idle_one_rarely(
+    r: redis.Redis,
+    tmp_path,
+    monkeypatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """Twenty idle deployments trimmed every second were most of an idle log bin's round
+    trips: a stream is trimmed every interval only from an archive until it is settled."""
+    import numpy as np
+
+    import models.logbin as logbin_module
+    from models.archive import SegmentWriter
+    from models.logbin import LogBin
+    from rendezvous.envelope import RequestEnvelope
+
+    idle_dep = "trim-idle"
+    idle = names.input_stream(idle_dep)
+    for stream in (STREAM, idle):
+        r.xgroup_create(stream, "logbin", id="0", mkstream=True)
+        r.xgroup_create(stream, "model:real", id="0")
+    x = np.ones((1, 3), np.float32)
+    ids = [
+        r.xadd(
+            STREAM, RequestEnvelope(f"q{i}", DEP, "rdv:reply:{g}", 0, 0.0, b"{}", x, "fs").encode()
+        )
+        for i in range(300)
+    ]
+    trims: list[str] = []
+    real_trim = logbin_module.trim_behind_groups
+
+    def counted(client, dep, lag, stream):  # type: ignore[no-untyped-def]
+        trims.append(dep)
+        return real_trim(client, dep, lag, stream)
+
+    monkeypatch.setattr(logbin_module, "trim_behind_groups", counted)
+    logbin = LogBin(r, SegmentWriter(tmp_path), consumer="lb", deployments=[DEP, idle_dep],
+                    trim_interval_s=1e-9)  # fmt: skip
+    logbin.drain()  # archives DEP's entries; the first trim takes every stream
+    assert sorted(set(trims)) == [DEP, idle_dep]
+    trims.clear()
+    logbin.step(block_ms=None)
+    assert trims == [DEP]  # real is behind the log bin on DEP: trimmed again; idle is not
+    r.xreadgroup("model:real", "w", {STREAM: ">"}, count=1000)
+    r.xack(STREAM, "model:real", *ids)
+    logbin.step(block_ms=None)
+    assert r.xlen(STREAM) < 300  # what real freed went at once
+    trims.clear()
+    for _ in range(3):
+        logbin.step(block_ms=None)
+    assert trims == []  # settled: nothing more to free until the next archive
+    logbin.close()

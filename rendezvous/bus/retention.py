@@ -64,15 +64,27 @@ def trim_input_stream(
     """Drop entries every group is done with, and release model roles that lag more than
     ``max_role_lag`` entries (0: never), in one input partition (``stream``; default the
     first); returns how many entries went. Each partition is bounded on its own."""
+    return trim_behind_groups(client, deployment, max_role_lag, stream)[0]
+
+
+def trim_behind_groups(
+    client: Client, deployment: str, max_role_lag: int = 0, stream: str | None = None
+) -> tuple[int, bool]:
+    """``trim_input_stream``, and whether the stream is *settled*: no group still needs an
+    entry below the log bin's position, so nothing more can go until the log bin reads on
+    (a stream without groups counts as settled)."""
     stream = stream or names.input_stream(deployment)
-    floor = safe_floor(client, stream)
-    if floor is None:
-        return 0
+    floors = group_floors(client, stream)
+    if not floors:
+        return 0, True
+    low = min(floors.values())
+    floor = f"{low[0]}-{low[1]}"
     # Approximate MINID only removes whole macro-nodes below the floor: never past it.
     trimmed = 0 if floor == "0-0" else int(client.xtrim(stream, minid=floor, approximate=True))
     if max_role_lag:
         trimmed += _release_laggards(client, deployment, stream, max_role_lag)
-    return trimmed
+    own = floors.get(names.LOGBIN_GROUP)
+    return trimmed, own is not None and low == own
 
 
 def _release_laggards(client: Client, deployment: str, stream: str, max_lag: int) -> int:
