@@ -42,7 +42,7 @@ from gateway.settings import Settings
 from gateway.transport import feedback, jobs, oip
 from gateway.transport.fast_path import PredictFastPath, predict_reply
 from gateway.transport.limits import BodySizeLimit
-from gateway.transport.vital_tasks import VitalTasks, stop_this_process
+from gateway.transport.vital_tasks import VitalTasks, keep_serving, stop_this_process
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, connect_async
@@ -57,21 +57,6 @@ def instance_id() -> str:
     """Unique per gateway process: the name of its reply stream."""
     host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:32]
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-BACKGROUND_NAMES = (
-    "the outcome store",
-    "live accuracy",
-    "the deployments refresh",
-    "the drift feed",
-    "the drift monitor",
-    "the online drift judge",
-)
-"""The lifespan's background loops, in the order it starts them."""
-
-
-def _keep_serving(_name: str) -> None:
-    """For an app mounted in a process it does not own: the death is logged, nothing more."""
 
 
 LOGBIN_SILENT_S = 60.0
@@ -144,7 +129,7 @@ def create_app(
     process that does not own itself only logs it)."""
     settings = settings or Settings()
     if on_vital_death is None:
-        on_vital_death = stop_this_process if owns_process else _keep_serving
+        on_vital_death = stop_this_process if owns_process else keep_serving
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -229,14 +214,14 @@ def create_app(
             classes_of=classes,
             on_labels=accuracy.labelled,
         )
-        background = [
-            asyncio.create_task(outcomes.run()),
-            asyncio.create_task(accuracy.run()),
-            asyncio.create_task(deployments.run()),
-            asyncio.create_task(feed.run()),
-            asyncio.create_task(monitor.run()),
-            asyncio.create_task(online.run()),
-        ]
+        background = {
+            "the outcome store": asyncio.create_task(outcomes.run()),
+            "live accuracy": asyncio.create_task(accuracy.run()),
+            "the deployments refresh": asyncio.create_task(deployments.run()),
+            "the drift feed": asyncio.create_task(feed.run()),
+            "the drift monitor": asyncio.create_task(monitor.run()),
+            "the online drift judge": asyncio.create_task(online.run()),
+        }
         close_admin = await start_admin(app, settings)
         app.state.settings = settings
         app.state.redis = client
@@ -258,10 +243,9 @@ def create_app(
         metrics.track_in_flight(lambda: app.state.service.in_flight)
         stop_jobs = await jobs.start(app, settings)
         vital = VitalTasks(on_vital_death)
-        for task, name in zip(background, BACKGROUND_NAMES, strict=True):
-            vital.watch(name, task)
-        for name, maybe in (("the reply reader", rendezvous.reader_task),
-                            ("the jobs supervisor", app.state.jobs.supervisor_task)):  # fmt: skip
+        vitals = {**background, "the reply reader": rendezvous.reader_task,
+                  "the jobs supervisor": app.state.jobs.supervisor_task}  # fmt: skip
+        for name, maybe in vitals.items():
             if maybe is not None:
                 vital.watch(name, maybe)
         app.state.vital_tasks = vital
@@ -274,7 +258,7 @@ def create_app(
         finally:
             vital.stopping()
             await stop_jobs()
-            for task in background:
+            for task in background.values():
                 task.cancel()
             close_admin()
             await online.close()

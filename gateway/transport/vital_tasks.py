@@ -25,6 +25,10 @@ def stop_this_process(_name: str) -> None:
     signal.raise_signal(signal.SIGTERM)
 
 
+def keep_serving(_name: str) -> None:
+    """For an app mounted in a process it does not own (a test): the end is logged, no more."""
+
+
 class VitalTasks:
     """Watches tasks; the first one to end while the process is not stopping calls
     ``on_death`` with its name, once."""
