@@ -1,9 +1,11 @@
 """Input-stream trimming follows the slowest consumer group (real Redis)."""
 
+import numpy as np
 import redis
 
 from rendezvous import names
 from rendezvous.bus.retention import safe_floor, trim_behind_groups, trim_input_stream
+from rendezvous.envelope import RequestEnvelope
 
 DEP = "trim-dep"
 STREAM = names.input_stream(DEP)
@@ -11,6 +13,20 @@ STREAM = names.input_stream(DEP)
 
 def fill(r: redis.Redis, n: int) -> list[bytes]:
     return [r.xadd(STREAM, {b"d": str(i).encode()}) for i in range(n)]
+
+
+def consume(r: redis.Redis, group: str, ids: list[bytes]) -> None:
+    """``group`` reads every entry and acks ``ids``."""
+    r.xreadgroup(group, "c", {STREAM: ">"}, count=10_000)
+    r.xack(STREAM, group, *ids)
+
+
+def add_requests(r: redis.Redis, n: int) -> list[bytes]:
+    """``n`` real request envelopes, as the gateway appends them."""
+    x = np.ones((1, 3), np.float32)
+    envelopes = [RequestEnvelope(f"q{i}", DEP, "rdv:reply:{g}", 0, 0.0, b"{}", x, "fs")
+                 for i in range(n)]  # fmt: skip
+    return [r.xadd(STREAM, env.encode()) for env in envelopes]
 
 
 def test_nothing_is_trimmed_past_an_unarchived_entry(r: redis.Redis) -> None:
@@ -57,21 +73,12 @@ def test_missing_stream_or_no_groups_is_left_alone(r: redis.Redis) -> None:
 
 
 def test_the_log_bin_trims_behind_every_group(r: redis.Redis, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import numpy as np
-
     from models.archive import ArchiveReader, SegmentWriter
     from models.logbin import LogBin
-    from rendezvous.envelope import RequestEnvelope
 
     r.xgroup_create(STREAM, "logbin", id="0", mkstream=True)
     r.xgroup_create(STREAM, "model:real", id="0")
-    x = np.ones((1, 3), np.float32)
-    ids = [
-        r.xadd(
-            STREAM, RequestEnvelope(f"q{i}", DEP, "rdv:reply:{g}", 0, 0.0, b"{}", x, "fs").encode()
-        )
-        for i in range(1500)
-    ]
+    ids = add_requests(r, 1500)
     writer = SegmentWriter(tmp_path)
     logbin = LogBin(r, writer, consumer="lb", deployments=[DEP], trim_interval_s=1e-9)
     logbin.drain()
@@ -121,11 +128,9 @@ def test_a_stream_is_settled_once_no_group_is_behind_the_log_bin(r: redis.Redis)
     r.xgroup_create(STREAM, "logbin", id="0", mkstream=True)
     r.xgroup_create(STREAM, "model:real", id="0")
     ids = fill(r, 300)
-    r.xreadgroup("logbin", "lb", {STREAM: ">"}, count=1000)
-    r.xack(STREAM, "logbin", *ids)
+    consume(r, "logbin", ids)
     assert trim_behind_groups(r, DEP)[1] is False  # real still needs all of it: trim again
-    r.xreadgroup("model:real", "w", {STREAM: ">"}, count=1000)
-    r.xack(STREAM, "model:real", *ids)
+    consume(r, "model:real", ids)
     assert trim_behind_groups(r, DEP)[1] is True  # only the log bin's reading on frees more
     assert trim_behind_groups(r, "no-such-dep") == (0, True)
 
@@ -137,25 +142,16 @@ def test_the_log_bin_trims_a_stream_until_settled_and_an_idle_one_rarely(
 ) -> None:
     """Twenty idle deployments trimmed every second were most of an idle log bin's round
     trips: a stream is trimmed every interval only from an archive until it is settled."""
-    import numpy as np
-
     import models.logbin as logbin_module
     from models.archive import SegmentWriter
     from models.logbin import LogBin
-    from rendezvous.envelope import RequestEnvelope
 
     idle_dep = "trim-idle"
     idle = names.input_stream(idle_dep)
     for stream in (STREAM, idle):
         r.xgroup_create(stream, "logbin", id="0", mkstream=True)
         r.xgroup_create(stream, "model:real", id="0")
-    x = np.ones((1, 3), np.float32)
-    ids = [
-        r.xadd(
-            STREAM, RequestEnvelope(f"q{i}", DEP, "rdv:reply:{g}", 0, 0.0, b"{}", x, "fs").encode()
-        )
-        for i in range(300)
-    ]
+    ids = add_requests(r, 300)
     trims: list[str] = []
     real_trim = logbin_module.trim_behind_groups
 
@@ -171,8 +167,7 @@ def test_the_log_bin_trims_a_stream_until_settled_and_an_idle_one_rarely(
     trims.clear()
     logbin.step(block_ms=None)
     assert trims == [DEP]  # real is behind the log bin on DEP: trimmed again; idle is not
-    r.xreadgroup("model:real", "w", {STREAM: ">"}, count=1000)
-    r.xack(STREAM, "model:real", *ids)
+    consume(r, "model:real", ids)
     logbin.step(block_ms=None)
     assert r.xlen(STREAM) < 300  # what real freed went at once
     trims.clear()
