@@ -67,6 +67,14 @@ meanwhile instead of waiting for their timeout, and the batches after the electi
 new owner. A node that is back at once (a restart) is found within the wait, and the batch
 goes through."""
 
+SEARCH_S = 10.0
+SEARCH_PAUSE_S = 0.1
+"""A background search for a lost node's successor asks again every ``SEARCH_PAUSE_S``, for at
+most ``SEARCH_S``, and ends as soon as the cluster client knows the slot's owner. One that gave
+up after the client's own retries, while the election still ran, left its process routing to
+the dead node until a later batch started another: one gateway process answered 503 after the
+other was already answering again."""
+
 
 _CONNECTION_FAILURES: tuple[type[Exception], ...] = (*REDIS_FAILURES, AttributeError)
 """What a batch's connection may fail with: Redis's failures, and a socket closed under it
@@ -165,16 +173,24 @@ class BlockingRouter:
             self._follow_keys(keys)
             return
         if self._search is None or not self._search.is_alive():  # else: fail at once
-            self._search = threading.Thread(target=self._follow_keys, args=(keys,),
+            self._search = threading.Thread(target=self._follow_keys, args=(keys, SEARCH_S),
                                             name="rdv-cluster-search", daemon=True)  # fmt: skip
             self._search.start()
             self._search.join(LOST_NODE_WAIT_S)
 
-    def _follow_keys(self, keys: Sequence[bytes]) -> None:
+    def _follow_keys(self, keys: Sequence[bytes], search_s: float = 0.0) -> None:
+        """Ask for each key once, or until answered for up to ``search_s`` (a search)."""
         assert isinstance(self.client, redis.RedisCluster)
+        deadline = time.monotonic() + search_s
         for key in keys:
-            with contextlib.suppress(*REDIS_FAILURES):  # still electing: fails again
-                self.client.exists(key)  # type: ignore[arg-type]
+            while True:
+                try:
+                    self.client.exists(key)  # type: ignore[arg-type]
+                    break
+                except REDIS_FAILURES:  # still electing
+                    if time.monotonic() >= deadline:
+                        break
+                    time.sleep(SEARCH_PAUSE_S)
 
     def _run(self, plan: Plan, commands: Sequence[Command], replies: list[Any],
              timeout_s: float | None) -> None:  # fmt: skip
@@ -271,15 +287,23 @@ class Router:
             await self._follow_keys(keys)
             return
         if self._search is None or self._search.done():  # else: fail at once
-            self._search = asyncio.get_running_loop().create_task(self._follow_keys(keys))
+            self._search = asyncio.get_running_loop().create_task(self._follow_keys(keys, SEARCH_S))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._search), LOST_NODE_WAIT_S)
 
-    async def _follow_keys(self, keys: Sequence[bytes]) -> None:
+    async def _follow_keys(self, keys: Sequence[bytes], search_s: float = 0.0) -> None:
+        """Ask for each key once, or until answered for up to ``search_s`` (a search)."""
         assert isinstance(self.client, aioredis.RedisCluster)
+        deadline = time.monotonic() + search_s
         for key in keys:
-            with contextlib.suppress(*REDIS_FAILURES):  # still electing: fails again
-                await self.client.exists(key)  # type: ignore[arg-type]
+            while True:
+                try:
+                    await self.client.exists(key)  # type: ignore[arg-type]
+                    break
+                except REDIS_FAILURES:  # still electing
+                    if self._closed or time.monotonic() >= deadline:
+                        break
+                    await asyncio.sleep(SEARCH_PAUSE_S)
 
     async def _run(self, plan: Plan, commands: Sequence[Command], replies: list[Any],
                    timeout_s: float | None) -> None:  # fmt: skip
