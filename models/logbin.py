@@ -244,18 +244,15 @@ class LogBin(ConsumerLoop):
         for dep in valid:
             pipe.get(names.deployment_key(dep))
         states: dict[str, Deployment | None] = {}
+        kept: dict[str, tuple[bytes, Deployment]] = {}
         for dep, raw in zip(valid, pipe.execute() if valid else [], strict=True):
-            known = self._states.get(dep)
             if raw is None:
                 states[dep] = None
-            elif known is not None and known[0] == raw:
-                states[dep] = known[1]
-            else:
-                parsed = Deployment.from_json(raw)
-                states[dep] = parsed
-                self._states[dep] = (raw, parsed)
-        for gone in set(self._states) - {d for d, st in states.items() if st is not None}:
-            del self._states[gone]
+                continue
+            known = self._states.get(dep)
+            state = known[1] if known is not None and known[0] == raw else Deployment.from_json(raw)
+            states[dep], kept[dep] = state, (raw, state)
+        self._states = kept
         return states
 
     # -- archiving ----------------------------------------------------------------------------

@@ -54,8 +54,7 @@ def safe_floor(client: Client, stream: str) -> str | None:
     floors = group_floors(client, stream)
     if not floors:
         return None
-    low = min(floors.values())
-    return f"{low[0]}-{low[1]}"
+    return _format(min(floors.values()))
 
 
 def trim_input_stream(
@@ -78,7 +77,7 @@ def trim_behind_groups(
     if not floors:
         return 0, True
     low = min(floors.values())
-    floor = f"{low[0]}-{low[1]}"
+    floor = _format(low)
     # Approximate MINID only removes whole macro-nodes below the floor: never past it.
     trimmed = 0 if floor == "0-0" else int(client.xtrim(stream, minid=floor, approximate=True))
     if max_role_lag:

@@ -70,10 +70,9 @@ goes through."""
 SEARCH_S = 10.0
 SEARCH_PAUSE_S = 0.1
 """A background search for a lost node's successor asks again every ``SEARCH_PAUSE_S``, for at
-most ``SEARCH_S``, and ends as soon as the cluster client knows the slot's owner. One that gave
-up after the client's own retries, while the election still ran, left its process routing to
-the dead node until a later batch started another: one gateway process answered 503 after the
-other was already answering again."""
+most ``SEARCH_S``, and ends as soon as the cluster client knows the slot's owner. One that
+gives up after the client's own retries while the election still runs can leave its process
+routing to the dead node until a later batch starts another."""
 
 
 _CONNECTION_FAILURES: tuple[type[Exception], ...] = (*REDIS_FAILURES, AttributeError)
