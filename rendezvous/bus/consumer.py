@@ -183,10 +183,14 @@ class ConsumerLoop(ABC):
         batch in hand is always finished (processed and acked) before a stop takes effect."""
         self._pause = stop.wait
         backoff_s = BACKOFF_MIN_S
+        # The first read does not block: its step publishes the first heartbeat at once, so a
+        # new member is live (readiness) when it starts, not a blocking read later.
+        block_ms: int | None = None
         try:
             while not stop.is_set():
                 try:
-                    self.step(self.block_ms)
+                    self.step(block_ms)
+                    block_ms = self.block_ms
                 except Exception as exc:
                     if not self.failed(exc, backoff_s):
                         return
