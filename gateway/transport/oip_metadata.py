@@ -1,0 +1,94 @@
+"""What the Open Inference Protocol says about a model: the versions of a deployment that hold
+a role, the deployment a ``/v2`` path names (``UnknownVersion``, a 404, for a version that holds
+none), and the model metadata document with the class count it reports (from the registry's
+index in Redis, else this gateway's data folder). The routes in ``gateway.transport.oip`` use it
+for metadata, readiness and infer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+
+from gateway.dataplane.deployments import DeploymentCache
+from gateway.dataplane.failures import UnknownDeployment
+from gateway.transport.oip_codec import INPUT, LABEL, PROBABILITIES
+from models.deployments import Deployment, ModelRef
+from models.registry import ModelRegistry
+from rendezvous import names
+
+PLATFORM = "onnxruntime"
+
+
+class UnknownVersion(UnknownDeployment):
+    """The path names a version that holds no role of the deployment (404)."""
+
+
+def versions(dep: Deployment) -> list[str]:
+    """The versions that hold a role, real's first."""
+    found: list[str] = []
+    for role in dep.role_names:
+        version = str(dep.roles[role].version)
+        if version not in found:
+            found.append(version)
+    return found
+
+
+def roles_of(dep: Deployment, version: str) -> list[str]:
+    return [r for r in dep.role_names if str(dep.roles[r].version) == version]
+
+
+def deployment_of(deployments: DeploymentCache, model: str, version: str | None) -> Deployment:
+    dep = deployments.get(model)
+    if version is not None and not roles_of(dep, version):
+        raise UnknownVersion(
+            f"model {model!r} has no version {version!r} in a role (versions: "
+            f"{', '.join(versions(dep))})"
+        )
+    return dep
+
+
+def model_metadata(dep: Deployment, classes: int | None) -> dict[str, Any]:
+    return {
+        "name": dep.name,
+        "versions": versions(dep),
+        "platform": PLATFORM,
+        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, dep.feature_spec.width]}],
+        "outputs": [
+            {"name": LABEL, "datatype": "INT64", "shape": [-1]},
+            {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, classes or -1]},
+        ],
+    }
+
+
+async def class_count(request: Request, ref: ModelRef, models_dir: Path) -> int | None:
+    """How many classes the model version answers, from the registry's index in Redis, else
+    from this gateway's data folder; None when neither has it."""
+    raw = await request.app.state.redis.hget(
+        names.MODELS_INDEX, f"{ref.name}:{ref.version}"
+    )  # same field as the registry's
+    if raw is not None:
+        return len(json.loads(raw)["classes"])
+
+    def from_disk() -> int | None:
+        try:
+            return len(ModelRegistry(models_dir).meta(ref.name, ref.version).classes)
+        except (OSError, LookupError, ValueError):
+            return None
+
+    return await asyncio.to_thread(from_disk)
+
+
+__all__ = [
+    "PLATFORM",
+    "UnknownVersion",
+    "class_count",
+    "deployment_of",
+    "model_metadata",
+    "roles_of",
+    "versions",
+]
