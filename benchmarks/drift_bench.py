@@ -16,11 +16,11 @@ after the fault began (its ``since_ms``, when it entered the ``alerts`` list of
 ended before the list was empty (the time of the last ``cleared`` event). Both clocks are this
 machine's.
 
-Offline, the same detector code (``rendezvous.drift_detect``: every online kind, the feature
-detectors on every row as the log bin runs them, the prediction prior in two gateway processes
-each judging half the rows) replays ``--far-rows`` stationary rows drawn from the whole data
-set and from the 143 held-out rows alone, and counts alarms per 100,000 requests, with a 95 %
-upper bound (none in N rows: 3.0 / N).
+Offline, the same detector code (``rendezvous.drift_detect`` and ``rendezvous.drift_prior``:
+every online kind, the feature detectors on every row as the log bin runs them, the prediction
+prior in two gateway processes each judging half the rows) replays ``--far-rows`` stationary
+rows drawn from the whole data set and from the 143 held-out rows alone, and counts alarms per
+100,000 requests, with a 95 % upper bound (none in N rows: 3.0 / N).
 
     python -m benchmarks.drift_bench            # or: make bench-drift
     python -m benchmarks.drift_bench --quick    # a short run (fewer faults, 4,000 stationary)
@@ -47,7 +47,9 @@ import numpy as np
 
 from benchmarks.systems import REPO, start_rdv
 from models.train import demo_data, training_stats
-from rendezvous.drift_detect import FeatureDetectors, FeatureProfile, PriorDetector
+from rendezvous.drift_detect import FeatureDetectors
+from rendezvous.drift_prior import PriorDetector
+from rendezvous.drift_profile import FeatureProfile
 from rendezvous.spec import FeatureSpec
 
 DEPLOYMENT = "breast-cancer"

@@ -35,7 +35,9 @@ from typing import Any
 import numpy as np
 
 from rendezvous import drift_claims, names
-from rendezvous.drift_detect import DetectorSettings, FeatureDetectors, FeatureProfile
+from rendezvous.drift_detect import FeatureDetectors
+from rendezvous.drift_profile import FeatureProfile
+from rendezvous.drift_settings import DetectorSettings
 from rendezvous.envelope import RequestEnvelope
 from rendezvous.spec import FeatureSpec
 

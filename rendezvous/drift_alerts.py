@@ -23,7 +23,7 @@ from rendezvous.drift import (
     js_distance_counts,
     psi,
 )
-from rendezvous.drift_detect import KINDS as ONLINE_KINDS
+from rendezvous.drift_settings import KINDS as ONLINE_KINDS
 
 ALERT_KINDS: tuple[str, ...] = (
     "divergence_mean",
@@ -34,7 +34,7 @@ ALERT_KINDS: tuple[str, ...] = (
 )
 """The kinds the drift monitor judges on merged windows of sketches."""
 ALL_ALERT_KINDS: tuple[str, ...] = (*ALERT_KINDS, *ONLINE_KINDS)
-"""With the kinds of the online detectors (``rendezvous.drift_detect``)."""
+"""With the kinds of the online detectors (``rendezvous.drift_settings``)."""
 
 
 @dataclass(frozen=True)

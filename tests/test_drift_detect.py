@@ -17,17 +17,11 @@ import pytest
 from scipy.stats import binom, kstwo
 
 from models.train import demo_data, training_stats
-from rendezvous.drift_detect import (
-    DetectorSettings,
-    FeatureDetectors,
-    FeatureProfile,
-    PriorDetector,
-    _Cusum,
-    binomial_tail,
-    change_point,
-    describe,
-    ks_critical,
-)
+from rendezvous.drift_detect import FeatureDetectors
+from rendezvous.drift_prior import PriorDetector
+from rendezvous.drift_profile import FeatureProfile, change_point, describe
+from rendezvous.drift_settings import DetectorSettings
+from rendezvous.drift_stats import Cusum, binomial_tail, ks_critical
 from rendezvous.spec import FeatureSpec, FeatureStats
 
 WIDTH = 8
@@ -115,7 +109,7 @@ def test_cusum_false_alarm_rate_is_within_walds_bound() -> None:
     h = math.log(500.0)
     rows, streams = 20_000, 40
     rng = np.random.default_rng(0)
-    cusum = _Cusum(np.full(streams, 0.05), np.full(streams, 0.3), h, math.log(100))
+    cusum = Cusum(np.full(streams, 0.05), np.full(streams, 0.3), h, math.log(100))
     alarms = 0
     for _ in range(0, rows, 50):
         raised, _ = cusum.update(rng.random((50, streams)) < 0.05)
@@ -128,7 +122,7 @@ def test_cusum_false_alarm_rate_is_within_walds_bound() -> None:
 
 def test_cusum_raises_fast_on_a_high_rate_and_clears_on_the_null() -> None:
     h = math.log(1e7)
-    cusum = _Cusum(np.array([0.03]), np.array([0.3]), h, math.log(100))
+    cusum = Cusum(np.array([0.03]), np.array([0.3]), h, math.log(100))
     up = [i for i in range(40) if cusum.update(np.array([[True]]))[0][0]]
     assert up and up[0] < h / math.log(10) + 1  # ln(0.3/0.03) of evidence per row
     down = [i for i in range(100) if cusum.update(np.array([[False]]))[1][0]]

@@ -1,4 +1,4 @@
-"""Runs the prediction-prior detector (``rendezvous.drift_detect.PriorDetector``) on this
+"""Runs the prediction-prior detector (``rendezvous.drift_prior.PriorDetector``) on this
 gateway process's decisions, and says what it finds through the shared alert list
 (``drift_store``).
 
@@ -31,7 +31,8 @@ from gateway.observability.alert_webhooks import AlertWebhooks
 from rendezvous import drift_claims, names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 from rendezvous.decision import DecisionRecord
-from rendezvous.drift_detect import DetectorSettings, PriorDetector
+from rendezvous.drift_prior import PriorDetector
+from rendezvous.drift_settings import DetectorSettings
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,109 @@
+"""The online drift detectors' vocabulary: their alert kinds and every constant they run with,
+shared by the feature tests (``rendezvous.drift_detect``), the prediction prior
+(``rendezvous.drift_prior``) and the alert list (``rendezvous.drift_alerts``), so that what each
+setting means is written once, next to its default. (The drift monitor's thresholds on merged
+windows of sketches are ``rendezvous.drift_alerts.Thresholds``.)
+
+The online detectors are sequential tests on a stream of rows (the feature tests, run by the
+log bin on every request it archives: ``models.feature_watch``) and of real's predicted labels
+(the prior, run by each gateway process on its decisions), judged every few rows, so that a
+broken feed is alerted within tens of rows instead of once a window of sketches has filled.
+
+What the traffic holds is tested against what the model was trained on (the feature spec's
+``FeatureStats``: min, max, mean, std, deciles) and against the score distribution stored with
+the real model:
+
+``feature_range``
+    Per feature, a Bernoulli CUSUM on "the value is outside the training range" (null rate at
+    most ``range_null`` = 3 %, against 30 %) and one on "more than one training range beyond
+    it" (0.2 % against 5 %): a unit change, a sign flip, a sentinel for missing values, values
+    never seen in training.
+``feature_stuck``
+    Per feature, the same value in most of the latest ``stuck_rows`` rows, where training
+    spreads its values (an exact binomial tail against the most mass the training deciles allow
+    on that value): a feature stuck at a constant, or sent as 0 for "missing".
+``feature_shift``
+    Per feature, a Kolmogorov-Smirnov statistic at the training deciles over the latest 100
+    and 400 rows: a moderate shift, two columns swapped, a class-prior shift that moves inputs.
+``feature_drift``
+    The same over the latest 1,600 rows, with a floor on the effect: a subtle shift.
+``prediction_prior``
+    Two one-sided Bernoulli CUSUMs on real's predicted class (score >= 0.5) against the share
+    of positives its training scores had, with an indifference zone of +-``prior_tolerance``.
+
+False alarms are budgeted per detector in alarms per 100,000 rows under the null (rows drawn
+from the training distribution), and split over features and looks by Bonferroni: CUSUMs use
+Wald's bound (an alarm within ``n`` rows has probability at most ``n * exp(-h)``), the window
+tests the Kolmogorov-Smirnov tail at each look. Both are conservative; tests/test_drift_detect.py
+measures the rates. Live traffic is never exactly the training distribution (a few hundred
+held-out rows differ from training by a KS distance of up to ~0.09 per feature on the demo
+data), so the window tests also need a minimum effect (``shift_floor``, ``drift_floor``):
+statistically significant and big enough to matter.
+
+Each raising test also clears by evidence, not by silence: a CUSUM alert clears when a reverse
+CUSUM (the null against the alternative) crosses ``clear_h``; a window alert when its statistic
+is back under ``clear_ratio`` of its threshold. When a gross alert (range, stuck) on a feature
+clears, the slower windows of that feature start afresh: their content is the broken rows the
+gross alert was about, and they would otherwise hold the feature in alert for thousands of rows
+after the feed was fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+KINDS: tuple[str, ...] = (
+    "feature_range",
+    "feature_stuck",
+    "feature_shift",
+    "feature_drift",
+    "prediction_prior",
+)
+"""Alert kinds of the online detectors (one alert per kind and feature)."""
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    """Every constant of the online detectors; the defaults are what ``rdv serve`` runs."""
+
+    check_rows: int = 16
+    """The window tests are judged every this many rows at least (the CUSUMs at every row)."""
+    range_alarms_per_100k: float = 0.02
+    stuck_alarms_per_100k: float = 0.005
+    shift_alarms_per_100k: float = 0.02
+    drift_alarms_per_100k: float = 0.01
+    prior_alarms_per_100k: float = 0.02
+    range_null: float = 0.03
+    """Highest share of rows outside the training range that is still normal (held-out rows
+    fall outside it at a rate of about 2 / (training rows + 1) per feature)."""
+    range_alt: float = 0.3
+    far_null: float = 0.002
+    """The same for values more than one training range beyond it."""
+    far_alt: float = 0.05
+    stuck_rows: int = 40
+    stuck_min_share: float = 0.5
+    shift_windows: tuple[int, ...] = (100, 400)
+    shift_floors: tuple[float, ...] = (0.33, 0.2)
+    drift_window: int = 1600
+    drift_floor: float = 0.15
+    min_fill: float = 0.25
+    """A short window is judged once it holds this share of its rows; the long one only when
+    full (partly filled, its floor would be too low for the few rows it holds)."""
+    clear_ratio: float = 0.8
+    gross_on: float = 0.4
+    gross_off: float = 0.2
+    """A feature's 100-row KS distance above ``gross_on`` starts a gross episode; back under
+    ``gross_off``, the episode ends and the feature's slower windows start afresh."""
+    prior_tolerance: float = 0.04
+    """|predicted positive share - training's| up to this is normal..."""
+    prior_shifts: tuple[float, ...] = (0.12, 0.25)
+    """...and these are the shifts the prior CUSUMs are tuned to detect."""
+    clear_h: float = math.log(20.0)
+    """Reverse CUSUMs clear an alert once the evidence for the null is 20 to 1 (9 normal rows
+    after a range alert: a process that gets a small share of the traffic clears soon)."""
+    stuck_clear_rows: int = 12
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        return (*self.shift_windows, self.drift_window)

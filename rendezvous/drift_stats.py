@@ -1,0 +1,100 @@
+"""The statistics under the online drift detectors (``rendezvous.drift_detect``,
+``rendezvous.drift_prior``): CUSUM thresholds from a false-alarm budget (Wald's bound), many
+Bernoulli CUSUMs at once, Kolmogorov-Smirnov critical values and exact binomial tails, apart
+from the detectors' bookkeeping so that each sum can be checked on its own.
+
+Numpy and the standard library only: scipy would do two of the sums below, but takes a second to
+import, and the prior's first evaluation runs on a gateway's event loop (the tests check those
+sums against scipy.stats).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def cusum_h(alarms_per_100k: float, streams: int) -> float:
+    """Threshold of ``streams`` CUSUMs sharing a budget of alarms per 100,000 rows (Wald)."""
+    per_row = alarms_per_100k / 100_000 / max(streams, 1)
+    return math.log(1.0 / per_row)
+
+
+def ks_critical(n: int | np.ndarray, alpha: float) -> np.ndarray:
+    """One-sample two-sided Kolmogorov-Smirnov critical value at level ``alpha`` for ``n``
+    values (Stephens' approximation of the exact tail: within 0.3 % of ``scipy.stats.kstwo``
+    from n = 100, and above it, so conservative, for fewer values)."""
+    c = math.sqrt(-0.5 * math.log(alpha / 2.0))
+    root = np.sqrt(np.maximum(np.asarray(n, dtype=np.float64), 1.0))
+    return np.asarray(c / (root + 0.12 + 0.11 / root))
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), summed exactly (n is a few dozen here; scipy.stats
+    would do the same but takes a second to import, on the gateway's event loop)."""
+    return float(sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(max(k, 0), n + 1)))
+
+
+@functools.lru_cache(maxsize=1024)
+def stuck_count(rows: int, mass: float, alpha: float) -> int:
+    """Fewest rows of ``rows`` holding one value that a training mass of at most ``mass`` on
+    that value gives with probability below ``alpha`` (exact binomial tail)."""
+    if mass <= 0.0:
+        return 2
+    if mass >= 1.0:
+        return rows + 1
+    k = 2
+    while k <= rows and binomial_tail(k, rows, mass) > alpha:
+        k += 1
+    return k
+
+
+@dataclass
+class Cusum:
+    """Many one-sided Bernoulli CUSUMs (one per column) of null ``p0`` against ``p1``, with a
+    reverse CUSUM per column that clears an alarm once the evidence for ``p0`` is strong."""
+
+    p0: np.ndarray
+    p1: np.ndarray
+    h: float
+    clear_h: float
+    s: np.ndarray = field(init=False)
+    back: np.ndarray = field(init=False)
+    alarm: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.up = np.log(self.p1 / self.p0)
+        self.down = np.log((1 - self.p1) / (1 - self.p0))
+        self.s = np.zeros(self.p0.shape)
+        self.back = np.zeros(self.p0.shape)
+        self.alarm = np.zeros(self.p0.shape, dtype=bool)
+
+    @staticmethod
+    def _run(start: np.ndarray, inc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Page's recursion s = max(0, s + inc) over the rows of ``inc`` at once: the final
+        value and the highest along the way."""
+        c = np.cumsum(inc, axis=0)
+        path = c - np.minimum(np.minimum.accumulate(c, axis=0), -start)
+        return path[-1], path.max(axis=0)
+
+    def update(self, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Feed (rows x columns) booleans; returns the columns raised and cleared."""
+        inc = np.where(hits, self.up, self.down)
+        self.s, peak = self._run(self.s, inc)
+        self.s = np.minimum(self.s, 2 * self.h)
+        raised = ~self.alarm & (peak > self.h)
+        self.back[raised] = 0.0
+        self.back, back_peak = self._run(self.back, -inc)
+        cleared = self.alarm & (back_peak > self.clear_h)
+        self.alarm = (self.alarm | raised) & ~cleared
+        self.s[cleared] = 0.0
+        self.back[~self.alarm] = 0.0
+        return raised, cleared
+
+    def reset(self, columns: np.ndarray) -> None:
+        self.s[columns] = 0.0
+        self.back[columns] = 0.0
+        self.alarm[columns] = False
