@@ -37,7 +37,7 @@ Wald's bound (an alarm within ``n`` rows has probability at most ``n * exp(-h)``
 tests the Kolmogorov-Smirnov tail at each look. Both are conservative; tests/test_drift_detect.py
 measures the rates. Live traffic is never exactly the training distribution (a few hundred
 held-out rows differ from training by a KS distance of up to ~0.09 per feature on the demo
-data), so the window tests also need a minimum effect (``shift_floor``, ``drift_floor``):
+data), so the window tests also need a minimum effect (``shift_floors``, ``drift_floor``):
 statistically significant and big enough to matter.
 
 Each raising test also clears by evidence, not by silence: a CUSUM alert clears when a reverse
