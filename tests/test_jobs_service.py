@@ -16,7 +16,8 @@ from fastapi.exceptions import RequestValidationError
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import Backlogged, Overloaded
-from gateway.dataplane.jobs import BLOCK_MS, DONE, PENDING, JobService, created_ms, new_job_id
+from gateway.dataplane.job_vocabulary import BLOCK_MS, DONE, PENDING, created_ms, new_job_id
+from gateway.dataplane.jobs import JobService
 from gateway.dataplane.service import PredictionService
 from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry

@@ -17,7 +17,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from gateway.dataplane.failures import problem_of
-from gateway.dataplane.jobs import BLOCK_MS, JobConflict, JobNotFound, JobService, JobView
+from gateway.dataplane.job_vocabulary import BLOCK_MS, JobConflict, JobNotFound, JobView
+from gateway.dataplane.jobs import JobService
 from gateway.dataplane.validation import PredictRequest
 from gateway.problems import Problem, unavailable
 from gateway.settings import Settings

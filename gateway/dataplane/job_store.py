@@ -1,0 +1,253 @@
+"""A job's state in Redis and every change to it: the hash, the deployment's jobs stream and
+its done stream, changed only by the scripts here, each one round trip on the node of the
+deployment's hash tag. Who runs a job and who waits for it are other modules' concern."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gateway.dataplane.deployments import DeploymentCache
+from gateway.dataplane.failures import Backlogged, DuplicateRequest, UnknownDeployment
+from gateway.dataplane.job_vocabulary import (
+    FAILED,
+    Accepted,
+    JobConflict,
+    JobNotFound,
+    JobView,
+    compact_json,
+    created_ms,
+    new_job_id,
+)
+from models.deployments import Deployment
+from rendezvous import names
+from rendezvous.bus.connection import AsyncClient, text
+from rendezvous.bus.routing import slot_of
+
+DONE_MAXLEN = 10_000
+"""Approximate cap of a deployment's stream of ended job ids."""
+
+_ACCEPT = """
+local queued = redis.call('XLEN', KEYS[2])
+if queued >= tonumber(ARGV[5]) then return {0, queued} end
+if #KEYS > 2 then
+  local other = redis.call('GET', KEYS[3])
+  if other then return {1, other} end
+  if #KEYS > 3 and redis.call('EXISTS', KEYS[4]) == 1 then return {3} end
+  redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[4])
+end
+local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'pending', 'body', ARGV[2], 'created_ms', ARGV[3],
+           'ttl_s', ARGV[4], 'request_id', ARGV[6], 'entry', entry)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return {2}
+"""
+"""KEYS: job hash, jobs stream[, the job's request-id key[, the predict's request-id key]];
+ARGV: job id, body, created ms, ttl s, max queued, caller's request id or ''.
+-> {0, queued} queue full; {1, job} the request id took that job; {3} a predict took it; {2}."""
+
+_START = """
+local s = redis.call('HGET', KEYS[1], 'status')
+if not s then return {0} end
+if s ~= 'pending' then return {1} end
+local runs = redis.call('HINCRBY', KEYS[1], 'runs', 1)
+local f = redis.call('HMGET', KEYS[1], 'body', 'request_id')
+return {2, runs, f[1], f[2]}
+"""
+"""KEYS: job hash -> {0} gone; {1} ended; {2, runs, body, caller's request id or ''}."""
+
+_END = """
+local entry = ARGV[1]
+local s = redis.call('HGET', KEYS[1], 'status')
+if entry == '' and s == 'pending' then entry = redis.call('HGET', KEYS[1], 'entry') or '' end
+if entry ~= '' then
+  redis.call('XACK', KEYS[2], ARGV[2], entry)
+  redis.call('XDEL', KEYS[2], entry)
+end
+if not s then return {0} end
+if s ~= 'pending' then return {1, s} end
+redis.call('HSET', KEYS[1], 'status', ARGV[4], ARGV[5], ARGV[6], 'ended_ms', ARGV[7])
+redis.call('HDEL', KEYS[1], 'body')
+local ttl = redis.call('HGET', KEYS[1], 'ttl_s')
+if ttl then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  if #KEYS > 3 then redis.call('EXPIRE', KEYS[4], ttl) end
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'id', ARGV[3])
+return {2, ARGV[4]}
+"""
+"""End a pending job: KEYS: job hash, jobs stream, done stream[, the job's request-id key];
+ARGV: stream entry ('' = the one the hash names), group, job id, status, 'result' or 'error',
+its JSON, now ms, done maxlen. The entry is acked and deleted whatever the job's state.
+-> {0} gone; {1, status} had already ended; {2, status} ended now."""
+
+_DROP = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('XDEL', KEYS[1], ARGV[2])
+"""
+
+_REQUEUE = """
+redis.call('XACK', KEYS[2], ARGV[2], ARGV[1])
+redis.call('XDEL', KEYS[2], ARGV[1])
+if redis.call('HGET', KEYS[1], 'status') == 'pending' then
+  redis.call('HSET', KEYS[1], 'entry', redis.call('XADD', KEYS[2], '*', 'id', ARGV[3]))
+  return 1
+end
+return 0
+"""
+"""A job this process held when it stopped goes back to the stream's end, for any gateway."""
+
+
+class JobStore:
+    """Records, reads, starts, ends, cancels, drops and requeues jobs, one script each."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        deployments: DeploymentCache,
+        *,
+        ttl_s: int,
+        max_queued: int,
+        ended: Callable[[str, str], None],
+    ):
+        self.client = client
+        self.deployments = deployments
+        self.ttl_s = ttl_s
+        self.max_queued = max_queued
+        self._ended = ended
+        """Called with (deployment, job id) for each job ended here, to wake its long polls."""
+
+    async def _eval(self, script: str, keys: list[str], *args: Any) -> Any:
+        """One script on the node of ``keys`` (a single hash tag)."""
+        client: Any = self.client
+        return await client.eval(script, len(keys), *keys, *args)
+
+    async def accept(self, dep: Deployment, raw: bytes, rid: str | None) -> Accepted:
+        """Record a job of ``dep`` whose body and request id passed a predict's checks, in one
+        round trip: 409 or 429 (the data plane's failures) before anything is written."""
+        job_id = new_job_id()
+        stream = names.jobs_stream(dep.name)
+        keys = [names.job_key(dep.name, job_id), stream]
+        if rid is not None:
+            keys.append(names.job_request_key(dep.name, rid))
+            taken = names.request_id_key(dep.input_stream_for(rid), rid)
+            if slot_of(self.client, taken.encode()) == slot_of(self.client, stream.encode()):
+                keys.append(taken)
+            elif await self.client.exists(taken):  # another partition's slot: a step apart
+                raise self._taken_by_predict(rid, dep.name)
+        created = created_ms(job_id) or 0
+        reply = await self._eval(
+            _ACCEPT, keys, job_id, raw, created, self.ttl_s, self.max_queued, rid or ""
+        )
+        code = int(reply[0])
+        if code == 0:
+            raise Backlogged(
+                f"deployment {dep.name} has {int(reply[1])} jobs accepted and not yet ended "
+                f"(RDV_JOB_MAX_QUEUED={self.max_queued}); retry later"
+            )
+        if code == 1:
+            other = text(reply[1])
+            raise JobConflict(
+                f"request id {rid!r} was already used for deployment {dep.name} by job {other}",
+                other,
+            )
+        if code == 3:
+            assert rid is not None
+            raise self._taken_by_predict(rid, dep.name)
+        return Accepted(job_id, rid or job_id)
+
+    @staticmethod
+    def _taken_by_predict(rid: str, deployment: str) -> DuplicateRequest:
+        return DuplicateRequest(
+            f"request id {rid!r} was already used for deployment {deployment} "
+            "(in flight or answered on some gateway)"
+        )
+
+    # -- show, cancel ---------------------------------------------------------------------------
+
+    def _key(self, deployment: str, job_id: str) -> str:
+        if not isinstance(deployment, str) or not names.NAME_PATTERN.fullmatch(deployment):
+            raise UnknownDeployment(f"deployment {deployment!r} does not exist")
+        if created_ms(job_id) is None:
+            raise JobNotFound(
+                job_id, f"no job {job_id!r} for deployment {deployment}", expired=False
+            )
+        return names.job_key(deployment, job_id)
+
+    async def read(self, deployment: str, job_id: str) -> JobView:
+        """The job as it stands; JobNotFound says whether it expired or never was."""
+        key = self._key(deployment, job_id)
+        fields: Any = await self.client.hmget(key, ["status", "result", "error"])
+        status, result, error = fields
+        if status is None:
+            raise self._missing(deployment, job_id)
+        return JobView(job_id, text(status), result, error)
+
+    def _missing(self, deployment: str, job_id: str) -> Exception:
+        if deployment not in self.deployments.deployments:
+            return UnknownDeployment(f"deployment {deployment!r} does not exist")
+        born = created_ms(job_id) or 0
+        if time.time() * 1000 >= born + self.ttl_s * 1000:
+            return JobNotFound(
+                job_id,
+                f"job {job_id} of deployment {deployment} expired: jobs and their results are "
+                f"kept {self.ttl_s} s (RDV_JOB_TTL_S)",
+                expired=True,
+            )
+        return JobNotFound(job_id, f"no job {job_id} for deployment {deployment}", expired=False)
+
+    async def cancel(self, deployment: str, job_id: str) -> JobView:
+        """End a pending job as failed (``cancelled``); a run under way finishes, and its
+        answer is dropped. JobConflict if it had already ended."""
+        key = self._key(deployment, job_id)
+        error = compact_json({"detail": "cancelled by the caller", "cancelled": True})
+        caller_rid = await self.client.hget(key, "request_id")  # its key lives as long as it
+        rid_key = names.job_request_key(deployment, text(caller_rid)) if caller_rid else None
+        reply = await self.end(deployment, key, b"", job_id, FAILED, b"error", error, rid_key)
+        code = int(reply[0])
+        if code == 0:
+            raise self._missing(deployment, job_id)
+        if code == 1:
+            status = text(reply[1])
+            raise JobConflict(f"job {job_id} already ended: {status}", job_id)
+        return JobView(job_id, FAILED, None, error)
+
+    # -- a run's steps --------------------------------------------------------------------------
+
+    async def start(self, key: str) -> Any:
+        """A run starts (``_START``) -> {0} gone; {1} ended; {2, runs, body, request id}."""
+        return await self._eval(_START, [key])
+
+    async def end(
+        self,
+        deployment: str,
+        key: str,
+        entry: bytes,
+        job_id: str,
+        status: str,
+        field: bytes,
+        doc: bytes,
+        rid_key: str | None = None,
+    ) -> Any:
+        """End a pending job (``_END``); the long polls here wake if it ended now."""
+        keys = [key, names.jobs_stream(deployment), names.jobs_done_stream(deployment)]
+        if rid_key is not None:
+            keys.append(rid_key)
+        now_ms = int(time.time() * 1000)
+        args = (entry, names.JOBS_GROUP, job_id, status, field, doc, now_ms, DONE_MAXLEN)
+        reply = await self._eval(_END, keys, *args)
+        if int(reply[0]) == 2:
+            self._ended(deployment, job_id)
+        return reply
+
+    async def drop(self, stream: str, entry: bytes) -> None:
+        """Ack and delete an entry that no run needs (``_DROP``)."""
+        await self._eval(_DROP, [stream], names.JOBS_GROUP, entry)
+
+    async def requeue(self, key: str, stream: str, entry: bytes, job_id: str) -> None:
+        """``_REQUEUE``: the entry back to the stream's end, if the job still waits."""
+        await self._eval(_REQUEUE, [key, stream], entry, names.JOBS_GROUP, job_id)
+
+
+__all__ = ["DONE_MAXLEN", "JobStore"]
