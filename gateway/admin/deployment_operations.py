@@ -1,0 +1,231 @@
+"""The deployment operations of the admin API: list and show deployments (with their live
+workers), create one, read its history and shadow record, and every change of its roles or
+schedule: promote (behind the evidence gate of ``gateway.admin.promotion``), roll back, add or
+remove a challenger, set the schedule, set the number of input partitions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, cast
+
+from gateway.admin.bodies import (
+    AddChallenger,
+    Conflict,
+    CreateDeployment,
+    DeploymentPatch,
+    Invalid,
+    NotFound,
+    Promote,
+    Rollback,
+    ScheduleIn,
+)
+from gateway.admin.service_core import AdminCore, deployment_state
+from models.deployments import (
+    Deployment,
+    DeploymentConflict,
+    DeploymentNotFound,
+    ModelRef,
+    promoted,
+    with_challenger,
+    with_partitions,
+    with_schedule,
+    without_challenger,
+)
+from rendezvous import names
+from rendezvous.bus.connection import text
+from rendezvous.schedule import Schedule
+
+
+class DeploymentOperations(AdminCore):
+    """``/admin/deployments``: what a deployment is, and every change of its roles, schedule
+    and partitions."""
+
+    def deployments(self) -> list[dict[str, Any]]:
+        out = []
+        for name in self.store.list():
+            try:
+                dep = self.store.get(name)
+            except DeploymentNotFound:
+                continue
+            out.append(
+                {
+                    "name": name,
+                    "revision": dep.revision,
+                    "roles": {r: str(m) for r, m in dep.roles.items()},
+                }
+            )
+        return out
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        dep = self._dep(name)
+        live_after = time.time() - self.heartbeat_timeout_s
+        workers: dict[str, int] = {}
+        members = self.client.zrangebyscore(names.workers_key(name), live_after, "+inf")
+        for member in cast(list[bytes], members):
+            role = text(member).split("|", 1)[0]
+            workers[role] = workers.get(role, 0) + 1
+        return {
+            **deployment_state(dep),
+            "live_workers": workers,
+            "input": self.store.input_view(dep),
+        }
+
+    def create_deployment(self, req: CreateDeployment, actor: str) -> dict[str, Any]:
+        real = ModelRef(req.real.model, req.real.version)
+        roles = {names.REAL: real}
+        if req.canary is not None:
+            roles[names.CANARY] = ModelRef(req.canary.model, req.canary.version)
+        schedule = self.default_schedule
+        if req.schedule is not None:
+            schedule = self._schedule(schedule, req.schedule)
+        spec = self._meta(real).feature_spec
+        if req.lookup is not None:
+            spec = self._with_lookup(spec, req.lookup)
+        try:
+            dep = Deployment(
+                name=req.name,
+                roles=roles,
+                feature_spec=spec,
+                schedule=schedule,
+                partitions=req.partitions,
+            )
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        for ref in roles.values():
+            self._servable(ref, dep)
+        if not self.store.create(dep, actor=actor, reason=req.reason):
+            raise Conflict(f"deployment {req.name} already exists")
+        return deployment_state(self.store.get(req.name))
+
+    def history(self, name: str, limit: int) -> list[dict[str, Any]]:
+        self._dep(name)
+        return self.store.history(name, limit)
+
+    def shadow(self, name: str) -> dict[str, Any]:
+        return self.evidence.shadow(self._dep(name))
+
+    def promote(self, name: str, req: Promote, actor: str) -> dict[str, Any]:
+        dep = self._dep(name)
+        ref = ModelRef(req.model or dep.roles[names.REAL].name, req.version)
+        self._servable(ref, dep)
+        detail: dict[str, Any] = {
+            "version": str(ref),
+            "pin_canary": req.pin_canary,
+            "force": req.force,
+        }
+        gate = self.evidence.gate(dep, ref, req)
+        if gate is not None:
+            shortfalls = gate["shortfalls"]
+            detail["gate"] = {**gate, "forced": bool(shortfalls and req.force)}
+            if shortfalls and not req.force:
+                self.store.note(
+                    name, action="promote-refused", actor=actor, reason=req.reason, detail=detail
+                )
+                raise Conflict(
+                    f"{ref} is not promoted: {'; '.join(shortfalls)} (force to promote anyway)",
+                    gate=detail["gate"],
+                )
+        return self._change(
+            name,
+            lambda d: promoted(d, ref, pin_canary=req.pin_canary),
+            "promote",
+            actor,
+            req.reason,
+            detail,
+            req.expect_revision,
+        )
+
+    def rollback(self, name: str, req: Rollback, actor: str) -> dict[str, Any]:
+        dep = self._dep(name)
+        target = req.to_revision or dep.revision - 1
+        if not 1 <= target < dep.revision:
+            raise Conflict(
+                f"{name} is at revision {dep.revision}: no revision {target} to roll back to"
+            )
+        try:
+            state = self.store.state_at(name, target)
+        except DeploymentConflict as exc:
+            raise Conflict(str(exc)) from None
+        roles = {r: ModelRef.from_dict(m) for r, m in state["roles"].items()}
+        for ref in roles.values():
+            if not self.registry.exists(ref.name, ref.version):
+                raise Conflict(f"revision {target} needs {ref}, which is no longer in the registry")
+        schedule = Schedule.from_dict(state["schedule"])
+        return self._change(
+            name,
+            lambda d: dataclasses.replace(d, roles=roles, schedule=schedule),
+            "rollback",
+            actor,
+            req.reason,
+            {"to_revision": target},
+            dep.revision,
+        )
+
+    def add_challenger(self, name: str, req: AddChallenger, actor: str) -> dict[str, Any]:
+        dep = self._dep(name)
+        ref = ModelRef(req.model or dep.roles[names.REAL].name, req.version)
+        self._servable(ref, dep)
+        detail = {"role": req.role, "version": str(ref), "split": req.split}
+        return self._change(
+            name,
+            lambda d: with_challenger(d, req.role, ref, req.split),
+            "add-challenger",
+            actor,
+            req.reason,
+            detail,
+        )
+
+    def remove_challenger(self, name: str, role: str, actor: str, reason: str) -> dict[str, Any]:
+        dep = self._dep(name)
+        if role not in dep.roles:
+            raise NotFound(f"deployment {name} has no challenger {role}")
+        return self._change(
+            name,
+            lambda d: without_challenger(d, role),
+            "remove-challenger",
+            actor,
+            reason,
+            {"role": role},
+        )
+
+    def set_schedule(self, name: str, req: ScheduleIn, actor: str) -> dict[str, Any]:
+        changes = req.model_dump(exclude_none=True, exclude={"reason"})
+        if not changes:
+            raise Invalid("nothing to change: give at least one schedule field")
+        self._schedule(self._dep(name).schedule, req)
+        return self._change(
+            name,
+            lambda d: with_schedule(d, changes),
+            "set-schedule",
+            actor,
+            req.reason,
+            {"changes": changes},
+        )
+
+    def set_partitions(self, name: str, req: DeploymentPatch, actor: str) -> dict[str, Any]:
+        """Spread requests over ``req.partitions`` input streams from now on (nothing dropped:
+        the readers keep reading every partition there ever was)."""
+        detail = {"partitions": [self._dep(name).partitions, req.partitions]}
+        change = functools.partial(with_partitions, partitions=req.partitions)
+        return self._change(name, change, "set-partitions", actor, req.reason, detail)
+
+    def _servable(self, ref: ModelRef, dep: Deployment) -> None:
+        """A model that may take a role in ``dep``: registered, artifact present, right width."""
+        meta = self._meta(ref)
+        if not self.registry.exists(ref.name, ref.version):
+            raise Conflict(f"model {ref} is indexed but its artifact is missing")
+        if meta.feature_spec.width != dep.feature_spec.width:
+            raise Invalid(
+                f"model {ref} takes {meta.feature_spec.width} features, deployment "
+                f"{dep.name} feeds {dep.feature_spec.width}"
+            )
+
+    @staticmethod
+    def _schedule(base: Schedule, req: ScheduleIn) -> Schedule:
+        try:
+            return base.updated(req.model_dump(exclude_none=True, exclude={"reason"}))
+        except ValueError as exc:
+            raise Invalid(f"invalid schedule: {exc}") from None

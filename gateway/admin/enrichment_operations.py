@@ -1,0 +1,102 @@
+"""The enrichment operations of the admin API: declare (or drop) the features a deployment
+looks up by entity, load entities' features into the online store (all or nothing, each row
+checked first), and read one entity back as the gateway would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from gateway.admin.bodies import Conflict, EnrichmentPatch, Invalid, NotFound
+from gateway.admin.service_core import AdminCore
+from rendezvous import names
+from rendezvous.spec import FLOAT32_MAX, Lookup
+
+
+class EnrichmentOperations(AdminCore):
+    """``/admin/deployments/{d}/enrichment`` and ``.../entities``: the online feature store."""
+
+    def set_enrichment(self, name: str, req: EnrichmentPatch, actor: str) -> dict[str, Any]:
+        """Declare (or, with null, drop) the features the deployment looks up by entity; the
+        gateways follow within their refresh interval, and the change is in the history."""
+        before = self._dep(name).feature_spec
+        spec = self._with_lookup(before, req.lookup)
+        if spec.lookup == before.lookup:
+            raise Conflict(f"{name} already has that lookup")
+        detail = {"lookup": [x.to_dict() if x else None for x in (before.lookup, spec.lookup)]}
+        return self._change(
+            name,
+            lambda d: dataclasses.replace(d, feature_spec=d.feature_spec.with_lookup(spec.lookup)),
+            "set-enrichment",
+            actor,
+            req.reason,
+            detail,
+        )
+
+    def load_entities(self, name: str, rows: list[dict[str, Any]], actor: str) -> dict[str, Any]:
+        """Write each entity's features (``{<key>: "c-17", <feature>: number, ...}``) to the
+        online store, in one pipelined round trip; the features an entity does not give keep
+        their stored values. All or nothing: one bad row refuses the batch, naming it."""
+        lookup = self._dep(name).feature_spec.lookup
+        if lookup is None:
+            raise Conflict(
+                f"deployment {name} looks nothing up: declare its lookup first "
+                f"(PATCH /admin/deployments/{name}/enrichment)"
+            )
+        writes, errors = _entity_writes(lookup, rows)
+        if errors:
+            raise Invalid(
+                f"{len(errors)} of {len(rows)} entities refused; nothing was written",
+                errors=errors[:10],
+            )
+        pipe = self.client.pipeline(transaction=False)
+        for entity, values in writes:
+            pipe.hset(names.entity_key(name, entity), mapping=values)  # type: ignore[arg-type]
+        pipe.execute()
+        return {"deployment": name, "key": lookup.key, "loaded": len(writes), "by": actor}
+
+    def entity(self, name: str, entity: str) -> dict[str, Any]:
+        """One entity's stored features, as the gateway would read them."""
+        lookup = self._dep(name).feature_spec.lookup
+        if lookup is None:
+            raise NotFound(f"deployment {name} looks nothing up")
+        stored = self.client.hmget(names.entity_key(name, entity), list(lookup.features))
+        values = {f: float(v) for f, v in zip(lookup.features, stored, strict=True) if v}
+        if not values:
+            raise NotFound(f"{lookup.key} {entity!r} is not in the feature store of {name}")
+        return {"deployment": name, lookup.key: entity, "features": values}
+
+
+def _entity_writes(
+    lookup: Lookup, rows: list[dict[str, Any]]
+) -> tuple[list[tuple[str, dict[str, float]]], list[dict[str, Any]]]:
+    """(entity, values) per row, and what is wrong with the rows that are not right."""
+    known = set(lookup.features)
+    writes: list[tuple[str, dict[str, float]]] = []
+    errors: list[dict[str, Any]] = []
+    for i, row in enumerate(rows):
+        entity = row.get(lookup.key)
+        values = {k: v for k, v in row.items() if k != lookup.key}
+        problems = []
+        if not isinstance(entity, str) or not names.ENTITY_PATTERN.fullmatch(entity):
+            problems.append(f"{lookup.key} must be 1-128 characters of A-Z, a-z, 0-9 and ._:@+=/-")
+        unknown = [k for k in values if k not in known]
+        if unknown:
+            problems.append(f"not looked-up features: {unknown[:5]}")
+        if not values:
+            problems.append("no feature")
+        for k, v in values.items():
+            if k in known and not _finite_float32(v):
+                problems.append(f"{k!r} is not a finite float32 number")
+        if problems:
+            errors.append({"row": i, lookup.key: str(entity)[:130], "msg": "; ".join(problems)})
+        else:
+            writes.append((str(entity), {k: float(v) for k, v in values.items()}))
+    return writes, errors
+
+
+def _finite_float32(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return abs(value) <= FLOAT32_MAX  # NaN compares False

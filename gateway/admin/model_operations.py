@@ -1,0 +1,115 @@
+"""The model registry operations of the admin API: upload a model version (checked in
+onnxruntime before the registry changes), list and show versions with the deployment roles they
+hold, and delete a version that holds none.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.admin.bodies import Conflict, Invalid, TooLarge, UploadMeta
+from gateway.admin.service_core import AdminCore
+from models.deployments import DeploymentNotFound, ModelRef
+from models.inspection import ArtifactRejected, inspect_onnx
+from models.meta import ModelMeta
+from models.registry import ModelExists
+from rendezvous import names
+from rendezvous.spec import FeatureSpec
+
+
+class ModelOperations(AdminCore):
+    """``/admin/models``: uploads, listings and deletions of model versions."""
+
+    def upload(self, meta: UploadMeta, data: bytes, actor: str) -> dict[str, Any]:
+        """Check everything first; the registry changes only when the artifact passed."""
+        if len(data) > self.max_model_bytes:
+            raise TooLarge(
+                f"model artifact of {len(data)} bytes is larger than "
+                f"RDV_MAX_MODEL_BYTES={self.max_model_bytes}"
+            )
+        if not data:
+            raise Invalid("the model artifact is empty")
+        try:
+            names.check_name(meta.name, "model name")
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        spec = self._upload_spec(meta)
+        draft = ModelMeta(
+            name=meta.name,
+            version=meta.version or 1,
+            feature_spec=spec,
+            classes=list(meta.classes or []),
+            class_names=list(meta.class_names or []),
+            sha256=meta.sha256 or "",
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            metrics=dict(meta.metrics),
+            algorithm=meta.algorithm,
+            description=meta.description,
+        )
+        try:
+            checked = inspect_onnx(data, draft)
+        except ArtifactRejected as exc:
+            raise Invalid(f"refused: {exc}") from None
+        try:
+            stored = self.registry.add(checked, data, version=meta.version)
+        except ModelExists as exc:
+            raise Conflict(str(exc)) from None
+        return {**stored.summary(), "uploaded_by": actor}
+
+    def _upload_spec(self, meta: UploadMeta) -> FeatureSpec:
+        if meta.deployment:
+            spec = self._dep(meta.deployment).feature_spec
+            if meta.feature_names and tuple(meta.feature_names) != spec.names:
+                raise Invalid(f"feature_names differ from deployment {meta.deployment}'s spec")
+            return spec
+        if meta.feature_names:
+            return FeatureSpec.from_names(meta.feature_names)
+        earlier = self.registry.list(meta.name)
+        if earlier:
+            return earlier[-1].feature_spec
+        raise Invalid(
+            "say which features the model takes: give 'deployment' (its feature "
+            "spec) or 'feature_names'"
+        )
+
+    def models(self, name: str | None = None) -> list[dict[str, Any]]:
+        held = self._holders()
+        return [
+            {**m.summary(), "roles": held.get(ModelRef(m.name, m.version), [])}
+            for m in self.registry.list(name)
+        ]
+
+    def model(self, name: str, version: int) -> dict[str, Any]:
+        meta = self._meta(ModelRef(name, version))
+        try:
+            intact = self.registry.verify(name, version)
+        except LookupError:
+            intact = False
+        return {
+            **meta.to_dict(),
+            "artifact_intact": intact,
+            "roles": self._holders().get(ModelRef(name, version), []),
+        }
+
+    def delete_model(self, name: str, version: int, actor: str) -> dict[str, Any]:
+        ref = ModelRef(name, version)
+        self._meta(ref)
+        holders = self._holders().get(ref, [])
+        if holders:
+            raise Conflict(
+                f"{ref} holds {', '.join(holders)}; promote or remove it first", roles=holders
+            )
+        self.registry.delete(name, version)
+        return {"deleted": str(ref), "by": actor}
+
+    def _holders(self) -> dict[ModelRef, list[str]]:
+        out: dict[ModelRef, list[str]] = {}
+        for dep_name in self.store.list():
+            try:
+                dep = self.store.get(dep_name)
+            except DeploymentNotFound:
+                continue
+            for role, ref in dep.roles.items():
+                out.setdefault(ref, []).append(f"{dep_name}/{role}")
+        return out

@@ -1,0 +1,121 @@
+"""What every admin operation stands on: the Redis client, the model registry, the deployment
+store and the settings the operations read, and the few steps they all share: finding a
+deployment or a registered model by name, building a feature lookup from its request body, and
+making a deployment change through the store (recorded in the history) with its failures turned
+into typed ``AdminError``s. The operations themselves live in ``model_operations``,
+``deployment_operations`` and ``enrichment_operations``; ``service`` puts them together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from gateway.admin.bodies import Conflict, Invalid, LookupIn, NotFound
+from gateway.admin.promotion import Evidence
+from models.deployment_store import DeploymentStore
+from models.deployments import Deployment, DeploymentConflict, DeploymentNotFound, ModelRef
+from models.meta import ModelMeta
+from models.registry import ModelRegistry
+from rendezvous import names
+from rendezvous.bus.connection import Client
+from rendezvous.schedule import Schedule
+from rendezvous.spec import FeatureSpec, Lookup
+
+
+def deployment_state(dep: Deployment) -> dict[str, Any]:
+    """A deployment as the admin API shows it: its feature spec cut to version, names and
+    lookup, and its challengers."""
+    doc = dep.to_dict()
+    spec = doc.pop("feature_spec")
+    doc["feature_spec"] = {"version": spec["version"], "names": spec["names"]}
+    if "lookup" in spec:
+        doc["feature_spec"]["lookup"] = spec["lookup"]
+    doc["challengers"] = dep.challengers
+    return doc
+
+
+class AdminCore:
+    """The state and the shared steps of the admin operations (synchronous: see
+    ``gateway.admin.service``)."""
+
+    def __init__(
+        self,
+        client: Client,
+        registry: ModelRegistry,
+        *,
+        default_schedule: Schedule,
+        max_model_bytes: int,
+        shadow_window: int,
+        heartbeat_timeout_s: float,
+        labelled_window: int = 1000,
+    ):
+        self.client = client
+        self.registry = registry
+        self.store = DeploymentStore(client)
+        self.default_schedule = default_schedule
+        self.max_model_bytes = max_model_bytes
+        self.evidence = Evidence(client, self.store, shadow_window, labelled_window)
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+
+    def _meta(self, ref: ModelRef) -> ModelMeta:
+        try:
+            names.check_name(ref.name, "model name")
+            found = [m for m in self.registry.list(ref.name) if m.version == ref.version]
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        if not found:
+            raise NotFound(f"model {ref} is not in the registry")
+        return found[0]
+
+    @staticmethod
+    def _with_lookup(spec: FeatureSpec, req: LookupIn | None) -> FeatureSpec:
+        if req is None:
+            return spec.with_lookup(None)
+        try:
+            lookup = Lookup(req.key, tuple(req.features), dict(req.defaults))
+            return spec.with_lookup(lookup)
+        except ValueError as exc:
+            raise Invalid(f"invalid lookup: {exc}") from None
+
+    def _dep(self, name: str) -> Deployment:
+        try:
+            return self.store.get(names.check_name(name, "deployment"))
+        except ValueError as exc:
+            raise NotFound(str(exc)) from None
+        except DeploymentNotFound as exc:
+            raise NotFound(str(exc)) from None
+
+    def _change(
+        self,
+        name: str,
+        change: Callable[[Deployment], Deployment],
+        action: str,
+        actor: str,
+        reason: str,
+        detail: dict[str, Any],
+        expect_revision: int | None = None,
+    ) -> dict[str, Any]:
+        try:
+            before, after = self.store.update(
+                name,
+                change,
+                action=action,
+                actor=actor,
+                reason=reason,
+                detail=detail,
+                expect_revision=expect_revision,
+            )
+        except DeploymentNotFound as exc:
+            raise NotFound(str(exc)) from None
+        except DeploymentConflict as exc:
+            raise Conflict(str(exc)) from None
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        return {
+            "action": action,
+            "revision": after.revision,
+            "previous_revision": before.revision,
+            "detail": detail,
+            "deployment": deployment_state(after),
+        }
