@@ -34,7 +34,7 @@ from benchmarks.axis_common import AxisContext, AxisOptions
 from benchmarks.axis_deployments import deployments_axis
 from benchmarks.axis_load import challengers_axis, rows_axis
 from benchmarks.axis_soak import SOAK_HOUR_S, soak_axis
-from benchmarks.run import _git, log
+from benchmarks.harness import git, log
 from benchmarks.systems import REPO
 
 AXES: dict[str, Callable[[AxisContext], dict[str, Any]]] = {
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         results = run_axes(names, opts, work, models)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
     date = datetime.now(UTC).strftime("%Y-%m-%d")
     doc = {"date": date, "commit": commit, "machine": procstat.machine(),
            "config": {"axes": names, **vars(opts)}, **results}  # fmt: skip

@@ -19,8 +19,9 @@ from typing import Any
 import redis
 
 from benchmarks import procstat
+from benchmarks.harness import demo_rows, log
+from benchmarks.load_phase import run_phase
 from benchmarks.loadgen import Load
-from benchmarks.run import demo_rows, log, run_phase
 from benchmarks.systems import Running, start_rdv
 
 TOKEN = "bench-axes-token"

@@ -37,8 +37,8 @@ from benchmarks.axis_common import (
     redis_used_memory_mb,
     with_bodies,
 )
+from benchmarks.harness import log
 from benchmarks.loadgen import Load
-from benchmarks.run import log
 from benchmarks.systems import Running, http_status
 
 ROLES = {"real", "canary"}

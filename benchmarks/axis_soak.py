@@ -41,8 +41,8 @@ from benchmarks.axis_common import (
     redis_used_memory_mb,
     with_bodies,
 )
+from benchmarks.harness import log
 from benchmarks.loadgen import Load, ProcResult, run_load
-from benchmarks.run import log
 from benchmarks.systems import Running
 from gateway.settings import Settings
 

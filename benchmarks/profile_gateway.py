@@ -26,8 +26,8 @@ from pathlib import Path
 from benchmarks import procstat
 from benchmarks.axis_common import TOKEN, with_bodies
 from benchmarks.axis_load import add_challengers
+from benchmarks.harness import git, log
 from benchmarks.loadgen import Load, run_load
-from benchmarks.run import _git, log
 from benchmarks.systems import REPO, ensure_tools, start_rdv
 
 CATEGORIES = (
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         report["requests"] = ok
     finally:
         running.stop()
-    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
     report = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "commit": commit,

@@ -19,43 +19,34 @@ Then issue 18's cost axes (``benchmarks/axes.py``: challengers, rows, deployment
 ``--overload`` adds, in every round, a gateway at a small in-flight bound driven by many more
 connections than it may hold: how long its 429s and its 200s take (``overload_phase``).
 
-One file: the run's whole order (options, rounds over the systems, the files written) reads
-best in one place; the parts it calls are in loadgen, systems, procstat, redisstat and
-report.
+One module for the run's whole order (options, rounds over the systems, the files written):
+it reads best in one place. The parts it calls: measure_system (one system, every load; a
+load is load_phase's), calibration, overload, results_files and axes, and below them loadgen,
+systems, procstat, redisstat and report.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import procstat, redisstat
-from benchmarks.loadgen import Load, run_load
-from benchmarks.report import (
-    SYSTEM_TITLES,
-    combine_rounds,
-    latency_figures,
-    markdown,
-    ratios,
-    summary_markdown,
-)
+from benchmarks import axes, procstat
+from benchmarks.calibration import calibrate
+from benchmarks.harness import demo_rows, git, log
+from benchmarks.measure_system import measure
+from benchmarks.overload import combine_overload, overload_phase
+from benchmarks.report import combine_rounds, markdown, ratios
+from benchmarks.results_files import README_END, README_START, update_readme, write
 from benchmarks.systems import (
     REPO,
     Running,
-    ensure_tools,
-    start_echo,
     start_inprocess,
     start_mlserver,
     start_rdv,
@@ -64,12 +55,6 @@ from benchmarks.systems import (
 
 SYSTEMS = ("gateway", "gateway-cluster", "gateway-cluster-replicated", "inprocess", "mlserver")
 RDV_SYSTEMS = ("gateway", "gateway-cluster", "gateway-cluster-replicated")
-README_START = "<!-- bench:start -->"
-README_END = "<!-- bench:end -->"
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -150,8 +135,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help=f"put the table in README.md between {README_START} and {README_END}",
     )
-    from benchmarks import axes  # it imports this module
-
     axes.add_arguments(p, prefix="axes-")
     args = p.parse_args(argv)
     if args.quick:
@@ -175,237 +158,6 @@ def rdv_setting(text: str) -> tuple[str, str]:
     if not sep or not name.startswith("RDV_"):
         raise argparse.ArgumentTypeError(f"expected RDV_NAME=VALUE, got {text!r}")
     return name, value
-
-
-def demo_rows() -> list[list[float]]:
-    from models.train import demo_data
-
-    # 7 significant digits: the float32 values of the data, written as a client would.
-    return [[float(f"{v:.7g}") for v in row] for row in demo_data().x_test.tolist()]
-
-
-def run_phase(running: Running, load: Load, procs: int) -> dict[str, Any]:
-    tree = running.tree
-    marks: dict[str, Any] = {}
-
-    def on_start() -> None:
-        marks["self"] = resource.getrusage(resource.RUSAGE_SELF)
-        marks["a"] = procstat.TreeSample.take(tree)
-        marks["redis"] = _redis_sample(running)
-
-    result, loadgen_cpu = run_load(running.target, load, procs, on_start=on_start)
-    b = procstat.TreeSample.take(tree)
-    redis_after = _redis_sample(running)
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    a, me0 = marks["a"], marks["self"]
-    harness_cpu = (me.ru_utime - me0.ru_utime) + (me.ru_stime - me0.ru_stime)
-    cpu = procstat.cpu_between(a, b)
-    server_cpu = sum(cpu.values())
-    lg_cpu = sum(loadgen_cpu)
-    ok = len(result.latencies_ms)
-    refused = len(result.refused_ms)
-    busy = b.machine_busy_s - a.machine_busy_s
-    redis_figures = None
-    if marks.get("redis") is not None and redis_after is not None:
-        redis_figures = redisstat.delta(marks["redis"], redis_after, ok)
-    return {
-        "mode": load.mode,
-        "concurrency": load.concurrency if load.mode == "closed" else None,
-        "rate": load.rate if load.mode == "open" else None,
-        "duration_s": load.duration_s,
-        "sent": result.sent,
-        "ok": ok,
-        "refused": refused,
-        "errors": result.sent - ok - refused,
-        "statuses": dict(result.statuses),
-        "throughput_rps": round(ok / result.elapsed_s, 1),
-        "refused_rps": round(refused / result.elapsed_s, 1),
-        "latency_ms": latency_figures(result.latencies_ms),
-        "refusal_latency_ms": latency_figures(result.refused_ms),
-        "cpu_s": {**cpu, "total": round(server_cpu, 3)},
-        "cpu_us_per_request": round(server_cpu / ok * 1e6, 1) if ok else None,
-        "cpu_busiest_share": procstat.busiest_share(a, b),
-        "loadgen": {
-            "procs": len(loadgen_cpu),
-            "cpu_s": round(lg_cpu, 3),
-            "cpu_us_per_request": round(lg_cpu / max(result.sent, 1) * 1e6, 1),
-            "cpu_utilisation": round(lg_cpu / (len(loadgen_cpu) * load.duration_s), 3),
-            "send_lag_ms": _lag(result.send_lag_ms),
-        },
-        "machine": {
-            "wall_s": round(b.t - a.t, 3),
-            "busy_cpu_s": round(busy, 3),
-            "steal_cpu_s": round(b.machine_steal_s - a.machine_steal_s, 3),
-            "harness_cpu_s": round(harness_cpu, 3),
-            "other_cpu_s": round(busy - server_cpu - lg_cpu - harness_cpu, 3),
-        },
-        "redis": redis_figures,
-    }
-
-
-def _redis_sample(running: Running) -> dict[redisstat.Node, redisstat.NodeSample] | None:
-    if not running.redis_nodes:
-        return None
-    try:
-        return redisstat.sample(running.redis_nodes)
-    except Exception as exc:  # a figure missing must not sink the phase
-        log(f"{running.name}: no Redis counts: {exc}")
-        return None
-
-
-def _lag(lags_ms: Sequence[float]) -> dict[str, float] | None:
-    if not lags_ms:
-        return None
-    figures = latency_figures(lags_ms)
-    return {k: figures[k] for k in ("p50", "p99", "max")}
-
-
-def measure(
-    running: Running,
-    args: argparse.Namespace,
-    rows: list[list[float]],
-    expected: list[int],
-    startup_s: float,
-) -> dict[str, Any]:
-    target = dataclasses.replace(
-        running.target, bodies=tuple(json.dumps(running.body(r)).encode() for r in rows)
-    )
-    running.target = target
-    agree = [running.predict_labels(r)[0] for r in rows[: len(expected)]] == expected
-    if not agree:
-        log(f"{running.name}: labels differ from onnxruntime's on the same rows")
-    loads = [Load("closed", c, duration_s=args.duration) for c in args.concurrency]
-    if args.rate > 0:
-        loads.append(Load("open", rate=args.rate, duration_s=args.duration))
-    phases: dict[str, Any] = {}
-    with procstat.MemoryWatch(running.tree) as mem:
-        if args.warmup > 0:
-            warm = Load("closed", max(args.concurrency), duration_s=args.warmup)
-            run_load(target, warm, args.loadgen_procs)
-        for load in loads:
-            phases[load.label] = phase = run_phase(running, load, args.loadgen_procs)
-            lat = phase["latency_ms"]
-            cmds = (phase["redis"] or {}).get("commands_per_request")
-            log(
-                f"{running.name} {load.label}: {phase['throughput_rps']:.0f} req/s, "
-                f"p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms, errors {phase['errors']}"
-                + (f", {cmds} Redis commands/req" if cmds is not None else "")
-            )
-    members = running.tree.members()
-    hwm = sum(procstat.hwm_bytes(p) for p in members)
-    return {
-        "title": SYSTEM_TITLES[running.name],
-        "info": running.info,
-        "startup_s": round(startup_s, 2),
-        "labels_agree_with_onnxruntime": agree,
-        "processes": len(members),
-        "process_components": sorted(set(members.values())),
-        "rss_mb": {
-            "peak_total": round(mem.peak_total_bytes / procstat.MB, 1),
-            "peak_serving_total": round(mem.peak_serving_bytes / procstat.MB, 1),
-            "peak_by_component": {
-                k: round(v / procstat.MB, 1) for k, v in mem.peak_by_component.items()
-            },
-            "end_by_component": {
-                k: round(v / procstat.MB, 1) for k, v in mem.last_by_component.items()
-            },
-            "sum_of_process_hwm": round(hwm / procstat.MB, 1),
-            "peak_serving_pss": round(mem.peak_serving_pss_bytes / procstat.MB, 1),
-            "peak_pss_by_component": {
-                k: round(v / procstat.MB, 1) for k, v in mem.peak_pss_by_component.items()
-            },
-        },
-        "phases": phases,
-    }
-
-
-def overload_phase(
-    args: argparse.Namespace, work: Path, rows: list[list[float]], round_no: int
-) -> dict[str, Any]:
-    """A fresh ``rdv serve`` whose gateway processes hold at most ``--overload-max-in-flight``
-    requests each, under a closed loop of ``--overload`` connections: nearly every request
-    finds its process full, so the phase measures how fast a refusal comes (a closed loop's
-    latency is its connections over the answers per second, so this is also how many
-    refusals a second the gateway gives while it serves its bound). Then the do-nothing
-    server under the same loop: the floor of that latency on this machine."""
-    data = work / f"rdv-overload-{round_no}"
-    for trained in (work / "rdv-data-1" / "models", work / "rdv-overload-1" / "models"):
-        if trained.is_dir() and not (data / "models").exists():
-            shutil.copytree(trained, data / "models")
-    settings = {**dict(args.set), "RDV_MAX_IN_FLIGHT": str(args.overload_max_in_flight)}
-    running = start_rdv(data, work, args.gateway_processes, settings=settings)
-    try:
-        running.target = dataclasses.replace(
-            running.target, bodies=tuple(json.dumps(running.body(r)).encode() for r in rows)
-        )
-        if args.warmup > 0:  # within the bound: the models and the path warm, no refusal
-            warm = Load("closed", args.overload_max_in_flight, duration_s=min(args.warmup, 1.0))
-            run_load(running.target, warm, args.loadgen_procs)
-        load = Load("closed", args.overload, duration_s=args.overload_duration)
-        phase = run_phase(running, load, args.loadgen_procs)
-    finally:
-        running.stop()
-        time.sleep(1.0)
-    echo = start_echo(work)
-    try:
-        echo.target = dataclasses.replace(echo.target, bodies=running.target.bodies)
-        floor = run_phase(echo, load, args.loadgen_procs)
-    finally:
-        echo.stop()
-    phase["echo_reference"] = {
-        "throughput_rps": floor["throughput_rps"],
-        "latency_ms": {k: floor["latency_ms"].get(k) for k in ("p50", "p90", "p99", "max")},
-        "errors": floor["errors"],
-    }
-    phase["max_in_flight"] = args.overload_max_in_flight
-    phase["refused_share"] = round(phase["refused"] / max(phase["sent"], 1), 4)
-    ok, no = phase["latency_ms"], phase["refusal_latency_ms"]
-    log(
-        f"overload c{args.overload} (bound {args.overload_max_in_flight} per process): "
-        f"429 p50 {no.get('p50')} ms p99 {no.get('p99')} ms ({phase['refused_rps']:.0f}/s, "
-        f"{phase['refused_share']:.1%}); 200 p50 {ok.get('p50')} ms p99 {ok.get('p99')} ms "
-        f"({phase['throughput_rps']:.0f}/s); errors {phase['errors']}; a do-nothing server: "
-        f"p50 {floor['latency_ms'].get('p50')} ms ({floor['throughput_rps']:.0f}/s)"
-    )
-    return phase
-
-
-def combine_overload(phases: list[dict[str, Any]]) -> dict[str, Any]:
-    """The round with the median 429 p50, whole, with every round's figures beside it."""
-    ordered = sorted(phases, key=lambda ph: ph["refusal_latency_ms"].get("p50") or 0.0)
-    median = dict(ordered[len(ordered) // 2])
-    median["rounds"] = {
-        "refusal_p50_ms": [ph["refusal_latency_ms"].get("p50") for ph in phases],
-        "refusal_p99_ms": [ph["refusal_latency_ms"].get("p99") for ph in phases],
-        "refused_rps": [ph["refused_rps"] for ph in phases],
-        "ok_p50_ms": [ph["latency_ms"].get("p50") for ph in phases],
-        "refused_share": [ph["refused_share"] for ph in phases],
-        "echo_p50_ms": [ph["echo_reference"]["latency_ms"].get("p50") for ph in phases],
-        "errors": [ph["errors"] for ph in phases],
-    }
-    return median
-
-
-def calibrate(args: argparse.Namespace, work: Path, rows: list[list[float]]) -> dict[str, Any]:
-    """The load generator against a do-nothing server at the highest concurrency: what it
-    reaches there bounds from below what it can drive, on this machine, in this run."""
-    echo = start_echo(work)
-    try:
-        echo.target = dataclasses.replace(
-            echo.target, bodies=tuple(json.dumps(echo.body(r)).encode() for r in rows)
-        )
-        load = Load("closed", max(args.concurrency), duration_s=min(args.duration, 3.0))
-        phase = run_phase(echo, load, args.loadgen_procs)
-    finally:
-        echo.stop()
-    log(f"load generator ceiling: {phase['throughput_rps']:.0f} req/s at {load.label} "
-        f"against a do-nothing server")  # fmt: skip
-    return phase
-
-
-def _git(*args: str) -> str:
-    out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
-    return out.stdout.strip()
 
 
 def _expected_labels(model: Path, rows: list[list[float]]) -> list[int]:
@@ -468,8 +220,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "commit": _git("rev-parse", "--short", "HEAD") or "unknown",
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "commit": git("rev-parse", "--short", "HEAD") or "unknown",
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "machine": machine,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "request": "one breast-cancer test row per request (models/train.py demo_data), "
@@ -522,12 +274,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 results["failed"]["overload"] = str(exc)[-2000:]
     if overloads:
         results["overload"] = combine_overload(overloads)
-    from benchmarks.axes import bench_axes
-
     models = _trained_models(work, args.rdv_models)
     if models is None and (work / "model-data" / "models").is_dir():  # trained for baselines
         models = work / "model-data" / "models"
-    bench_axes(args, work / "axes", models, results)
+    axes.bench_axes(args, work / "axes", models, results)
     results["systems"] = {name: combine_rounds(figures) for name, figures in runs.items()}
     machine["loadavg_at_end"] = list(os.getloadavg())
     results["ratios"] = ratios(results)
@@ -566,49 +316,6 @@ def _notes(results: dict[str, Any]) -> list[str]:
     for name, why in results["failed"].items():
         notes.append(f"{name} did not run: {why.splitlines()[0] if why else '?'}")
     return notes
-
-
-def write(results: dict[str, Any], out: Path, plot: bool) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{results['date']}-{results['commit']}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(results))
-    if plot:
-        try:
-            python = ensure_tools(log)
-            subprocess.run(
-                [
-                    str(python),
-                    "-m",
-                    "benchmarks.plot",
-                    str(stem.with_suffix(".json")),
-                    str(stem.with_suffix(".png")),
-                ],
-                cwd=REPO,
-                check=True,
-            )
-        except (OSError, subprocess.CalledProcessError) as exc:
-            log(f"no plot: {exc}")
-    return stem
-
-
-def update_readme(stem: Path, results: dict[str, Any]) -> None:
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        log("README.md has no benchmark markers; not updated")
-        return
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    rel = stem.relative_to(REPO) if stem.is_relative_to(REPO) else stem
-    axes_png = ""
-    if results.get("axes"):
-        axes_png = f", `{rel}-axes.png` (throughput and memory against each axis of issue 18)"
-    block = (
-        f"{README_START}\n{summary_markdown(results)}\nEvery figure: `{rel}.md` (table), "
-        f"`{rel}.json`, `{rel}.png` (latency against throughput){axes_png}.\n{README_END}"
-    )
-    readme.write_text(head + block + tail)
 
 
 def main(argv: list[str] | None = None) -> None:
