@@ -21,10 +21,14 @@ serve: install
 
 ## Lint and type-check, then run the test suite against a real redis-server that the suite
 ## starts itself. While working: `make test-pure` (no server, seconds), `.venv/bin/pytest -m integration`.
+## The suite runs in TEST_WORKERS processes (pytest-xdist), a test file to a process: about half
+## of its time waits on servers and sleeps, so two processes on two cores take ~60 % of one's
+## wall time. Each process starts its own Redis and cluster. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest
+	$(BIN)/pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 test-pure: install
 	$(BIN)/pytest -m pure -q
