@@ -326,7 +326,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     one_blas_thread()
     logging.basicConfig(level=Settings().log_level.upper(), format=LOG_FORMAT)
-    args.func(args)
+    try:
+        args.func(args)
+    except Exception as exc:
+        from rendezvous.bus.connection import permanent_refusal
+
+        reason = permanent_refusal(exc)
+        if reason is None:
+            raise
+        sys.exit(f"rdv {args.command}: {reason}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import Any
 
@@ -60,6 +61,23 @@ def _cluster_enabled(info: dict[str, Any]) -> bool:
     return str(info.get("cluster_enabled", "0")) == "1"
 
 
+def permanent_refusal(exc: BaseException) -> str | None:
+    """Why Redis will go on refusing this client however long it waits (a wrong user or
+    password, a TLS certificate this host does not trust), else None. Such a failure is not
+    retried as if Redis were still starting: it is a setting to fix."""
+    if isinstance(exc, redis.AuthenticationError):
+        return f"Redis refused the user or password in the URL ({exc})"
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return (
+                f"Redis's TLS certificate is not trusted here ({seen.verify_message}): "
+                "SSL_CERT_FILE may name the CA that signed it"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = None) -> Client:
     """A synchronous client (workers, log bin), after the server answered: a cluster client
     when the node at ``url`` is part of a Redis Cluster."""
@@ -81,7 +99,7 @@ def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = Non
                 url, socket_timeout=socket_timeout_s, socket_connect_timeout=2.0
             )
         except _RETRYABLE as exc:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or permanent_refusal(exc):
                 raise
             log.warning("redis at %s not ready (%s); retrying", _redact(url), exc)
             time.sleep(delay_s)
@@ -114,7 +132,7 @@ async def connect_async(
             await cluster.initialize()
             return cluster
         except _RETRYABLE as exc:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or permanent_refusal(exc):
                 await client.aclose()
                 raise
             log.warning("redis at %s not ready (%s); retrying", _redact(url), exc)
