@@ -1,9 +1,12 @@
 """A request in flight when Redis fails under it: the bus, not the models, kept its answer
 from coming, so the caller gets a 503 with ``Retry-After``, never a 504 that blames the
-models."""
+models. On a single node the reply reader sees the failure; on a cluster the node holding the
+request's input may fail while the one holding the gateway's reply stream works, and the
+gateway learns of it from the other appends to that input stream."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import redis
 
 from gateway.settings import Settings
 from gateway.transport.app import create_app
@@ -19,6 +23,7 @@ from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import demo_data
 from rendezvous.bus.connection import connect
+from rendezvous.bus.local_cluster import LocalCluster
 from rendezvous.bus.server import EmbeddedRedis
 from rendezvous.schedule import Schedule
 from tests.admin_support import AppClient, copy_demo_models, features_body
@@ -75,3 +80,55 @@ def test_a_request_whose_answer_redis_lost_gets_503_and_one_the_models_missed_50
     assert missed.status_code == 504, missed.text
     assert time.monotonic() - started >= TIMEOUT_MS / 1000 * 0.9
     assert "no model answered" in missed.json()["detail"]
+
+
+def _port_of(cluster: redis.RedisCluster, key: str) -> int:
+    return int(cluster.get_node_from_key(key).port)
+
+
+def test_a_request_whose_input_node_stalls_gets_503_on_a_cluster(
+    redis_cluster: LocalCluster,
+    rc: redis.RedisCluster,
+    demo_data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """The input's master stops taking writes (``CLIENT PAUSE ... WRITE``, as in the first
+    moments of a failover) under a waiting request; the gateway's reply stream lives on another
+    master and reads on. The next request to that stream fails to append (503), and the one
+    that waited gets 503 at its timeout, not a 504."""
+    data = copy_demo_models(demo_data_dir, tmp_path / "data")
+    schedule = Schedule(real_deadline_ms=50.0, timeout_ms=TIMEOUT_MS)
+    dep = dataclasses.replace(
+        demo_deployment(ModelRegistry(data / "models"), schedule), partitions=3
+    )
+    DeploymentStore(rc).create(dep)
+    settings = Settings(redis_url=redis_cluster.url, data_dir=data, redis_timeout_s=0.5)
+    gateway = AppClient(create_app(settings))
+    try:
+        reply_port = _port_of(rc, gateway.app.state.rendezvous.reply_to)
+        rids = (f"stall-{i}" for i in range(1000))
+        waiting = next(r for r in rids if _port_of(rc, dep.input_stream_for(r)) != reply_port)
+        stream = dep.input_stream_for(waiting)
+        second = next(r for r in rids if dep.input_stream_for(r) == stream)
+        body = features_body(np.asarray(demo_data().x_test[0]))
+        answers: list[httpx.Response] = []
+        sender = threading.Thread(target=lambda: answers.append(
+            gateway.post(PREDICT, json=body, headers={"X-Request-Id": waiting})))  # fmt: skip
+        sender.start()
+        time.sleep(0.3)  # in flight: its input appended, no worker to answer it
+        node = redis.Redis(host="127.0.0.1", port=_port_of(rc, stream))
+        try:
+            node.execute_command("CLIENT", "PAUSE", "2500", "WRITE")
+            refused = gateway.post(PREDICT, json=body, headers={"X-Request-Id": second})
+            assert refused.status_code == 503 and refused.headers.get("Retry-After")
+            sender.join(TIMEOUT_MS / 1000 + 10)
+        finally:
+            node.execute_command("CLIENT", "UNPAUSE")
+            node.close()
+        [lost] = answers
+        assert lost.status_code == 503, lost.text
+        assert lost.headers.get("Retry-After")
+        assert f"Redis failed while request {waiting!r}" in lost.json()["detail"]
+        assert gateway.app.state.rendezvous.read_failed_ms == 0  # the reply reader never failed
+    finally:
+        gateway.close()

@@ -276,10 +276,11 @@ class PredictionService:
             if isinstance(replicated.exception(), NotReplicated):
                 raise Unavailable(str(replicated.exception()))
         if answer.result is None:
-            if self.rendezvous.read_failed_ms >= mailbox.started_ms:
-                # Redis failed while it waited (a restart, a failover): its input is kept and
-                # archived, but its answer was lost or came too late. Not the models' fault,
-                # and worth a retry.
+            failed_ms = max(self.rendezvous.read_failed_ms, self.appender.failed_ms(stream))
+            if failed_ms >= mailbox.started_ms:
+                # Redis failed while it waited (a restart, a failover; seen by the reply
+                # reader, or by other appends to its input stream): its input or its answer
+                # was lost or came too late. Not the models' fault, and worth a retry.
                 raise Unavailable(
                     f"Redis failed while request {rid!r} waited for its answer "
                     f"({answer.reason}); retry it"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -76,6 +77,13 @@ class StreamAppender:
         self._flusher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.round_trips = 0
+        self._failed_ms: dict[bytes, float] = {}
+
+    def failed_ms(self, stream: str) -> float:
+        """When an append to ``stream`` last failed because Redis did (down, timing out,
+        failing over; epoch ms, 0: never): a request on that stream that then waited in vain
+        more likely lost its input or its answer to that than to its models."""
+        return self._failed_ms.get(stream.encode(), 0.0)
 
     def append_nowait(
         self,
@@ -138,6 +146,8 @@ class StreamAppender:
                     self._settle(item.replicated, item.stream, result, acked.get(item.stream))
                 if not isinstance(result, Exception):
                     continue
+                if not isinstance(result, AlreadyTaken):
+                    self._failed_ms[item.stream] = time.time() * 1000
                 if item.on_error is None:
                     log.warning("dropped an append to %s: %s", item.stream.decode(), result)
                     continue
