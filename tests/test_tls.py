@@ -1,12 +1,14 @@
 """``rediss://`` with a user and a password, as managed Redis services ask: the gateway, both
-workers and the log bin reach a real Redis through TLS, as an ACL user that is not the default,
-trusting a private CA through ``SSL_CERT_FILE``. The suite's redis-server is built without TLS,
-so a TLS terminator of the test's own (``tls_proxy``, on trustme's certificates) stands in front
-of it. A wrong password or an untrusted certificate ends a command at once, naming the cause,
-instead of being retried as if Redis were still starting."""
+workers and the log bin reach a real Redis (a single node, and a cluster whose nodes announce
+TLS ports) through TLS, as an ACL user that is not the default, trusting a private CA through
+``SSL_CERT_FILE``. The suite's redis-server is built without TLS, so TLS terminators of the
+test's own (``tls_proxy``, on trustme's certificates) stand in front of it. A wrong password or
+an untrusted certificate ends a command at once, naming the cause, instead of being retried as
+if Redis were still starting."""
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from models.archive import ArchiveReader
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import launch_system, rdv_env, wait_until
 from rendezvous.bus.connection import connect
+from rendezvous.bus.local_cluster import LocalCluster
 from rendezvous.bus.server import EmbeddedRedis
 from rendezvous.schedule import Schedule
 from tls_proxy import TlsProxy
@@ -35,31 +38,96 @@ SCHEDULE = Schedule(real_deadline_ms=200, timeout_ms=2000, fallbacks=("canary",)
 class TlsRedis:
     url: str
     ca_file: Path
-    proxy: TlsProxy
+    proxies: list[TlsProxy]
+
+    @property
+    def proxy(self) -> TlsProxy:
+        return self.proxies[0]
+
+
+@dataclass
+class Certificates:
+    ca_file: Path
+    server: ssl.SSLContext
 
 
 @pytest.fixture(scope="module")
-def tls_redis(
-    redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TlsRedis]:
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Certificates]:
+    """A private CA and a server certificate for 127.0.0.1; this process trusts the CA."""
     ca = trustme.CA()
-    folder = tmp_path_factory.mktemp("tls")
-    ca_file = folder / "ca.pem"
+    ca_file = tmp_path_factory.mktemp("tls") / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(context)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SSL_CERT_FILE", str(ca_file))  # this process's own clients
+        yield Certificates(ca_file, context)
+
+
+def _add_user(node: redis.Redis) -> None:
+    node.execute_command("ACL", "SETUSER", USER, "reset", "on", f">{PASSWORD}", "~*", "&*",
+                         "+@all")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tls_redis(redis_server: EmbeddedRedis, certificates: Certificates) -> Iterator[TlsRedis]:
     plain = redis.Redis.from_url(redis_server.url)
-    plain.execute_command("ACL", "SETUSER", USER, "reset", "on", f">{PASSWORD}", "~*", "&*",
-                          "+@all")  # fmt: skip
+    _add_user(plain)
     try:
-        with TlsProxy(context, redis_server.port) as proxy:
+        with TlsProxy(certificates.server, redis_server.port) as proxy:
             url = f"rediss://{USER}:{PASSWORD}@127.0.0.1:{proxy.port}/0"
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setenv("SSL_CERT_FILE", str(ca_file))  # this process's own clients
-                yield TlsRedis(url, ca_file, proxy)
+            yield TlsRedis(url, certificates.ca_file, [proxy])
     finally:
         plain.execute_command("ACL", "DELUSER", USER)
         plain.close()
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(
+    certificates: Certificates, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TlsRedis]:
+    """A three-master cluster of its own (no replicas) whose nodes announce the ports of their
+    TLS terminators, as a managed cluster announces its TLS endpoints: a client that follows
+    ``CLUSTER SLOTS`` or a ``MOVED`` only ever reaches a node through TLS."""
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(
+            LocalCluster(tmp_path_factory.mktemp("tls-cluster"), replicas_per_master=0)
+        )
+        proxies = {port: stack.enter_context(TlsProxy(certificates.server, port))
+                   for port in cluster.nodes}  # fmt: skip
+        for port, proxy in proxies.items():
+            node = cluster.client(port)
+            _add_user(node)
+            node.config_set("cluster-announce-bus-port", port + 10000)
+            node.config_set("cluster-announce-port", proxy.port)
+            node.execute_command("CONFIG", "REWRITE")
+            node.close()
+            # A node takes its own announced port at start (Redis 6.2): restart it on the
+            # rewritten configuration, its slots and id kept in its nodes.conf.
+            cluster.kill(port)
+            cluster.restart(port)
+            node = cluster.client(port)
+            _add_user(node)  # users live in memory: the restart forgot it
+            node.close()
+        cluster.wait_healthy(20.0)
+        announced = {p.port for p in proxies.values()}
+
+        def everywhere() -> bool:
+            for port in cluster.nodes:
+                node = cluster.client(port)
+                try:
+                    seen = {int(n[1]) for s in node.execute_command("CLUSTER", "SLOTS")
+                            for n in s[2:]}  # fmt: skip
+                finally:
+                    node.close()
+                if seen != announced:
+                    return False
+            return True
+
+        wait_until(everywhere, 15, "every node announcing the TLS ports")
+        some = next(iter(announced))
+        yield TlsRedis(f"rediss://{USER}:{PASSWORD}@127.0.0.1:{some}", certificates.ca_file,
+                       list(proxies.values()))  # fmt: skip
 
 
 def test_gateway_workers_and_log_bin_run_over_tls_as_an_acl_user(
@@ -68,9 +136,38 @@ def test_gateway_workers_and_log_bin_run_over_tls_as_an_acl_user(
     demo_data_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
+    with _serving_over_tls(tls_redis, demo_data_dir, tmp_path_factory):
+        # Every process is a client of the ACL user, through the terminator; none is the
+        # default user on the plain port.
+        plain = redis.Redis.from_url(redis_server.url)
+        try:
+            clients = plain.client_list()
+        finally:
+            plain.close()
+        ours = [c for c in clients if c["user"] == USER]
+        assert len(ours) >= 4, clients  # gateway, real, canary, log bin at least
+        assert tls_redis.proxy.connections >= len(ours)
+
+
+def test_the_same_on_a_cluster_that_announces_tls_ports(
+    tls_cluster: TlsRedis, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Every node is reached through its terminator (the cluster's slots are spread over the
+    three, so the processes' commands go to all of them)."""
+    with _serving_over_tls(tls_cluster, demo_data_dir, tmp_path_factory):
+        print("connections by node", [p.connections for p in tls_cluster.proxies])
+        assert all(p.connections >= 4 for p in tls_cluster.proxies)
+
+
+@contextlib.contextmanager
+def _serving_over_tls(
+    tls: TlsRedis, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Five predicts through a gateway with both workers, all answered by real and archived
+    by the log bin, every process on ``tls.url``; then the system is still up."""
     x = demo_data().x_test[:5]
-    with launch_system(tls_redis.url, demo_data_dir, tmp_path_factory, SCHEDULE,
-                       SSL_CERT_FILE=str(tls_redis.ca_file)) as system:  # fmt: skip
+    with launch_system(tls.url, demo_data_dir, tmp_path_factory, SCHEDULE,
+                       SSL_CERT_FILE=str(tls.ca_file)) as system:  # fmt: skip
         system.start_worker("real")
         system.start_worker("canary")
         sent = []
@@ -88,16 +185,7 @@ def test_gateway_workers_and_log_bin_run_over_tls_as_an_acl_user(
             return ids if set(sent) <= ids else None
 
         wait_until(archived, 15, "the log bin's archive of the TLS requests")
-        # Every process is a client of the ACL user, through the terminator; none is the
-        # default user on the plain port.
-        plain = redis.Redis.from_url(redis_server.url)
-        try:
-            clients = plain.client_list()
-        finally:
-            plain.close()
-        ours = [c for c in clients if c["user"] == USER]
-        assert len(ours) >= 4, clients  # gateway, real, canary, log bin at least
-        assert tls_redis.proxy.connections >= len(ours)
+        yield
 
 
 def _rdv_decisions(url: str, env_extra: dict[str, str], tmp: Path) -> subprocess.CompletedProcess:
