@@ -191,6 +191,30 @@ async def test_the_reply_reader_rides_out_any_failure_and_recreates_a_lost_strea
     assert answer.outcome == "real" and answer.elapsed_ms < SCHEDULE.real_deadline_ms
 
 
+async def test_only_a_redis_failure_of_the_reader_counts_as_redis_failing(
+    rdv: Rendezvous, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``read_failed_ms`` turns a timed-out request's 504 into a 503 ("Redis failed while it
+    waited"): a bug in the reader is no Redis failure, and does not say so."""
+    failures: list[Exception] = [RuntimeError("a bug"), redis.ConnectionError("gone")]
+    execute = rdv.reader.execute
+    seen: list[float] = []
+
+    async def failing(commands, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(rdv.read_failed_ms)
+        if failures:
+            raise failures.pop(0)
+        return await execute(commands, **kwargs)
+
+    monkeypatch.setattr(rdv.reader, "execute", failing)
+    for _ in range(250):
+        if len(seen) >= 3:
+            break
+        await asyncio.sleep(0.02)
+    assert seen[0] == 0 and seen[1] == 0, "after the bug: not a Redis failure"
+    assert seen[2] > 0, "after the connection error: Redis failed"
+
+
 async def test_failed_real_falls_back_at_once(rdv: Rendezvous, r: redis.Redis) -> None:
     mb = rdv.open("e", DEP, SCHEDULE, ROLES)
     await send(rdv.client, result("e", "canary", 0.2))

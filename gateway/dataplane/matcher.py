@@ -332,8 +332,9 @@ class Rendezvous:
             except Exception as exc:  # see the docstring
                 if self._stopping:
                     return
-                self.read_failed_ms = time.time() * 1000
                 if isinstance(exc, REDIS_FAILURES):
+                    # Redis failed: what waits now may have lost its answer (a 503, not a 504)
+                    self.read_failed_ms = time.time() * 1000
                     log.warning("reply stream read failed (%s); retrying in %.2fs", exc, backoff_s)
                 else:
                     log.exception("reply stream read failed; retrying in %.2fs", backoff_s)
