@@ -24,6 +24,7 @@ import trustme
 from models.archive import ArchiveReader
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import launch_system, rdv_env, wait_until
+from rendezvous import names
 from rendezvous.bus.connection import connect
 from rendezvous.bus.local_cluster import LocalCluster
 from rendezvous.bus.server import EmbeddedRedis
@@ -39,6 +40,9 @@ class TlsRedis:
     url: str
     ca_file: Path
     proxies: list[TlsProxy]
+    home: TlsProxy | None = None
+    """On the cluster: the terminator of the node that holds the demo deployment's streams
+    (every process of the system reads or writes them), which is not the URL's node."""
 
     @property
     def proxy(self) -> TlsProxy:
@@ -125,9 +129,17 @@ def tls_cluster(
             return True
 
         wait_until(everywhere, 15, "every node announcing the TLS ports")
-        some = next(iter(announced))
-        yield TlsRedis(f"rediss://{USER}:{PASSWORD}@127.0.0.1:{some}", certificates.ca_file,
-                       list(proxies.values()))  # fmt: skip
+        node = cluster.client(cluster.nodes[0])
+        try:
+            slot = node.execute_command("CLUSTER", "KEYSLOT", names.input_stream(DEMO_DEPLOYMENT))
+            home_port = next(int(s[2][1]) for s in node.execute_command("CLUSTER", "SLOTS")
+                             if s[0] <= slot <= s[1])  # fmt: skip
+        finally:
+            node.close()
+        home = next(p for p in proxies.values() if p.port == home_port)  # announced: TLS ports
+        url_port = next(p.port for p in proxies.values() if p.port != home_port)
+        yield TlsRedis(f"rediss://{USER}:{PASSWORD}@127.0.0.1:{url_port}",
+                       certificates.ca_file, list(proxies.values()), home)  # fmt: skip
 
 
 def test_gateway_workers_and_log_bin_run_over_tls_as_an_acl_user(
@@ -152,11 +164,13 @@ def test_gateway_workers_and_log_bin_run_over_tls_as_an_acl_user(
 def test_the_same_on_a_cluster_that_announces_tls_ports(
     tls_cluster: TlsRedis, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """Every node is reached through its terminator (the cluster's slots are spread over the
-    three, so the processes' commands go to all of them)."""
+    """Each process finds the node of the deployment's streams through the cluster's topology
+    and reaches it through its terminator."""
     with _serving_over_tls(tls_cluster, demo_data_dir, tmp_path_factory):
         print("connections by node", [p.connections for p in tls_cluster.proxies])
-        assert all(p.connections >= 4 for p in tls_cluster.proxies)
+        # The URL names another node: the deployment's node was found through the cluster's
+        # topology, at its announced TLS port, by each of gateway, real, canary and log bin.
+        assert tls_cluster.home is not None and tls_cluster.home.connections >= 4
 
 
 @contextlib.contextmanager

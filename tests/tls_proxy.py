@@ -20,6 +20,7 @@ class TlsProxy:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
 
     def __enter__(self) -> TlsProxy:
         self._thread.start()
@@ -40,20 +41,28 @@ class TlsProxy:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def _stop(self) -> None:
+        """Every socket closed before the loop stops: a transport's socket is closed by a
+        callback of the loop, after ``close``/``abort`` returned."""
         assert self._server is not None
         self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._server.wait_closed()
+        await asyncio.sleep(0.05)  # the transports' connection_lost callbacks run
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self._writers.add(writer)
         try:
             up_reader, up_writer = await asyncio.open_connection(self.host, self.upstream_port)
         except OSError:
             writer.close()
             return
+        self._writers.add(up_writer)
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
 
     @staticmethod
