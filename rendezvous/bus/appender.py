@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import TryAgainError
 
+from rendezvous.bus.connection import REDIS_FAILURES
 from rendezvous.bus.routing import Command, Router
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class StreamAppender:
                     self._settle(item.replicated, item.stream, result, acked.get(item.stream))
                 if not isinstance(result, Exception):
                     continue
-                if not isinstance(result, AlreadyTaken):
+                if isinstance(result, REDIS_FAILURES):  # not a taken id, not a bug
                     self._failed_ms[item.stream] = time.time() * 1000
                 if item.on_error is None:
                     log.warning("dropped an append to %s: %s", item.stream.decode(), result)
