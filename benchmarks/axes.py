@@ -1,7 +1,7 @@
 """Cost as the work grows (issue 18): four axes, each on ``rdv serve`` started for it.
 
     python -m benchmarks.axes [--axes challengers,rows,deployments,soak] [--duration 10]
-                              [--rounds 2] [--deployments 20] [--layout shared|per-role|both]
+                              [--rounds 3] [--deployments 20] [--layout shared|per-role|both]
                               [--soak-s 600 | --soak-hour]
 
 - ``challengers``, ``rows`` (``axis_load.py``): three shadowing challengers against none at
@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help=f"of {','.join(AXES)} (default: all; 'none': no axis)")  # fmt: skip
     p.add_argument(f"--{prefix}duration", dest="axes_duration", type=float,
                    help="seconds per measured load (default 10)")  # fmt: skip
-    p.add_argument(f"--{prefix}rounds", dest="axes_rounds", type=int, help="(default 2)")
+    p.add_argument(f"--{prefix}rounds", dest="axes_rounds", type=int, help="(default 3)")
     p.add_argument("--deployments", type=int, default=20, help="(default 20)")
     p.add_argument("--layout", choices=LAYOUTS,
                    help="RDV_WORKER_LAYOUT for the deployments axis (default: unset)")  # fmt: skip

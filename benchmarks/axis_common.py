@@ -34,7 +34,10 @@ class AxisOptions:
     """Every axis's knobs, from the command line of ``benchmarks.axes`` or ``benchmarks.run``."""
 
     duration_s: float = 10.0
-    rounds: int = 2
+    rounds: int = 3
+    """Each ratio is the median of its rounds' ratios: with three, one round that a slow
+    spell of the shared host took (the deployments axis' rounds read 0.835 and 0.960 in one
+    run, 0.938 to 1.160 in another) no longer decides the figure, as two rounds' mean let it."""
     deployments: int = 20
     layout: str | None = None
     """``RDV_WORKER_LAYOUT`` for the deployments axis (``shared``, ``per-role``, ``both``);
