@@ -1,29 +1,22 @@
-"""The admin API under ``/admin``: thin routes over ``AdminService``, every one behind the
-bearer token.
+"""The admin API under ``/admin``: the route table, thin routes over ``AdminService``, and
+the wiring that mounts it on the app and opens the admin plane at start-up.
 
-The token check lives in the route class of the admin router, so it runs before anything
-else a route does (before its body is even parsed) and no route added to the router can
-skip it. Without ``RDV_ADMIN_TOKEN`` the routes answer 404 with a message saying so: the
-admin API is off, never open. Whatever changes a deployment refreshes this gateway's
-deployment cache at once; other gateways see it within their refresh interval (1 s).
+Every route is behind the bearer token: the router's route class is the guard's
+(``gateway.admin.guard``), which checks the token before anything else a route does. An
+upload's body is read by ``gateway.admin.uploads``. Whatever changes a deployment refreshes
+this gateway's deployment cache at once; other gateways see it within their refresh interval
+(1 s).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
-import json
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Annotated, Any, ParamSpec, TypeVar
 
-from fastapi import APIRouter, Body, Depends, FastAPI, Header, Path, Query, Request, Response
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.security import HTTPBearer
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from gateway.admin.bodies import (
     MAX_ENTITIES,
@@ -38,17 +31,16 @@ from gateway.admin.bodies import (
     Promote,
     Rollback,
     ScheduleIn,
-    UploadJSON,
-    UploadMeta,
 )
+from gateway.admin.guard import admin_token, guarded_route
 from gateway.admin.replays import build_replay_router, replay_manager
 from gateway.admin.service import AdminService
+from gateway.admin.uploads import UPLOAD_DOC, read_upload
 from gateway.observability.drift_view import drift_view, set_thresholds
-from gateway.problems import Problem
 from gateway.settings import Settings
 from models.registry import ModelRegistry
 from rendezvous.bus.connection import connect
-from rendezvous.names import InvalidName, check_name
+from rendezvous.names import check_name
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -57,62 +49,12 @@ log = logging.getLogger(__name__)
 
 PREFIX = "/admin"
 UPLOAD_PATH = f"{PREFIX}/models"
-OFF = "the admin API is off: set RDV_ADMIN_TOKEN on the gateway to turn it on"
 
 Actor = Annotated[
     str | None,
     Header(alias="X-Actor", max_length=128, description="who makes the change (history)"),
 ]
 Version = Annotated[int, Path(ge=1, le=MAX_VERSION)]
-
-
-def upload_body_cap(settings: Settings) -> int:
-    """Largest upload body: the artifact as base64 (4/3) plus room for its metadata."""
-    return settings.max_model_bytes * 4 // 3 + 1024 * 1024
-
-
-def admin_token(settings: Settings) -> bytes | None:
-    secret = settings.admin_token.get_secret_value().strip() if settings.admin_token else ""
-    return secret.encode() if secret else None
-
-
-def refusal(request: Request, token: bytes | None) -> Problem | None:
-    """None when the request carries the admin token; never logs what it was given."""
-    if token is None:
-        return Problem(404, OFF)
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        return Problem(
-            401,
-            "admin routes need 'Authorization: Bearer <RDV_ADMIN_TOKEN>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    if not hmac.compare_digest(given.strip().encode(), token):
-        return Problem(403, "wrong admin token")
-    return None
-
-
-def guarded_route(token: bytes | None) -> type[APIRoute]:
-    """A route class that checks the token first and turns ``AdminError`` into its status."""
-
-    class AdminRoute(APIRoute):
-        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-            handler = super().get_route_handler()
-
-            async def guarded(request: Request) -> Response:
-                refused = refusal(request, token)
-                if refused is not None:
-                    return refused.response()
-                try:
-                    return await handler(request)
-                except AdminError as exc:
-                    return Problem(exc.status, exc.detail, exc.extra).response()
-                except InvalidName as exc:  # a name that may never reach a Redis key
-                    return Problem(422, str(exc)).response()
-
-            return guarded
-
-    return AdminRoute
 
 
 def _service(request: Request) -> AdminService:
@@ -134,80 +76,6 @@ async def _changed(
     return result
 
 
-def _validated(model: type[UploadMeta], doc: Any) -> Any:
-    try:
-        return model.model_validate(doc)
-    except ValidationError as exc:
-        raise Invalid(
-            "invalid model metadata",
-            errors=exc.errors(include_url=False, include_context=False, include_input=False),
-        ) from None
-
-
-async def _read_upload(request: Request, max_bytes: int) -> tuple[UploadMeta, bytes]:
-    """(metadata, ONNX bytes) from multipart/form-data or from JSON with base64."""
-    ctype = request.headers.get("content-type", "").lower()
-    if ctype.startswith("multipart/form-data"):
-        form = await request.form(max_files=1, max_fields=32)
-        try:
-            part = form.get("file")
-            if not isinstance(part, UploadFile):
-                raise Invalid("a multipart upload needs a 'file' part holding the ONNX model")
-            data = await part.read(max_bytes + 1)
-            doc: dict[str, Any] = {}
-            raw_meta = form.get("metadata")
-            if isinstance(raw_meta, str) and raw_meta.strip():
-                try:
-                    doc = json.loads(raw_meta)
-                except (ValueError, RecursionError) as exc:
-                    raise Invalid(f"the 'metadata' part is not JSON: {exc}") from None
-                if not isinstance(doc, dict):
-                    raise Invalid("the 'metadata' part must be a JSON object")
-            for key in ("name", "version", "deployment", "description", "algorithm"):
-                value = form.get(key)
-                if isinstance(value, str):
-                    doc[key] = value
-        finally:
-            await form.close()
-        return _validated(UploadMeta, doc), data
-    if ctype.startswith("application/json"):
-        try:
-            doc = json.loads(await request.body())
-        except (ValueError, RecursionError) as exc:
-            raise Invalid(f"the body is not JSON: {exc}") from None
-        upload = _validated(UploadJSON, doc)
-        try:
-            data = base64.b64decode(upload.onnx_base64, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise Invalid(f"onnx_base64 is not base64: {exc}") from None
-        return UploadMeta.model_validate(upload.model_dump(exclude={"onnx_base64"})), data
-    raise AdminError(
-        "send multipart/form-data (a 'file' part and a 'metadata' JSON part) or "
-        "JSON with 'onnx_base64'",
-        status=415,
-    )
-
-
-_UPLOAD_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": UploadJSON.model_json_schema()},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "metadata": {"type": "string", "description": "UploadMeta as JSON"},
-                    },
-                }
-            },
-        },
-    }
-}
-
-
 def build_router(settings: Settings) -> APIRouter:
     router = APIRouter(
         prefix=PREFIX,
@@ -224,7 +92,7 @@ def build_router(settings: Settings) -> APIRouter:
     @router.post(
         "/models",
         status_code=201,
-        openapi_extra=_UPLOAD_DOC,
+        openapi_extra=UPLOAD_DOC,
         responses={
             413: {"description": "artifact too large"},
             415: {"description": "neither multipart nor JSON"},
@@ -233,7 +101,7 @@ def build_router(settings: Settings) -> APIRouter:
     )
     async def upload_model(request: Request, actor: Actor = None) -> Any:
         """Upload an ONNX model (checked in onnxruntime) as a new version."""
-        meta, data = await _read_upload(request, settings.max_model_bytes)
+        meta, data = await read_upload(request, settings.max_model_bytes)
         return await _call(_service(request).upload, meta, data, actor or "admin")
 
     @router.get("/models")

@@ -10,7 +10,8 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from gateway.admin.routes import PREFIX, admin_token, refusal
+from gateway.admin.guard import admin_token, refusal
+from gateway.admin.routes import PREFIX
 from gateway.settings import Settings
 
 

@@ -20,8 +20,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client.multiprocess import mark_process_dead
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.admin.routes import UPLOAD_PATH, install_admin, start_admin, upload_body_cap
+from gateway.admin.routes import UPLOAD_PATH, install_admin, start_admin
 from gateway.admin.schema import install_schema
+from gateway.admin.uploads import upload_body_cap
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import HANDLED, problem_of
 from gateway.dataplane.feedback import FeedbackService, ModelClasses

@@ -1,0 +1,68 @@
+"""The admin guard: who may call an admin route, and what its refusals look like.
+
+The token check lives in the route class of the admin routers, so it runs before anything
+else a route does (before its body is even parsed) and no route added to such a router can
+skip it. Without ``RDV_ADMIN_TOKEN`` the routes answer 404 with a message saying so: the
+admin API is off, never open. The same check decides whether ``/openapi.json`` shows the
+admin routes (``gateway.admin.schema``).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+
+from gateway.admin.bodies import AdminError
+from gateway.problems import Problem
+from gateway.settings import Settings
+from rendezvous.names import InvalidName
+
+OFF = "the admin API is off: set RDV_ADMIN_TOKEN on the gateway to turn it on"
+
+
+def admin_token(settings: Settings) -> bytes | None:
+    secret = settings.admin_token.get_secret_value().strip() if settings.admin_token else ""
+    return secret.encode() if secret else None
+
+
+def refusal(request: Request, token: bytes | None) -> Problem | None:
+    """None when the request carries the admin token; never logs what it was given."""
+    if token is None:
+        return Problem(404, OFF)
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return Problem(
+            401,
+            "admin routes need 'Authorization: Bearer <RDV_ADMIN_TOKEN>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not hmac.compare_digest(given.strip().encode(), token):
+        return Problem(403, "wrong admin token")
+    return None
+
+
+def guarded_route(token: bytes | None) -> type[APIRoute]:
+    """A route class that checks the token first and turns ``AdminError`` into its status."""
+
+    class AdminRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def guarded(request: Request) -> Response:
+                refused = refusal(request, token)
+                if refused is not None:
+                    return refused.response()
+                try:
+                    return await handler(request)
+                except AdminError as exc:
+                    return Problem(exc.status, exc.detail, exc.extra).response()
+                except InvalidName as exc:  # a name that may never reach a Redis key
+                    return Problem(422, str(exc)).response()
+
+            return guarded
+
+    return AdminRoute

@@ -1,0 +1,99 @@
+"""Reading a model upload: the two body formats ``POST /admin/models`` accepts (multipart with
+a ``file`` part, or JSON with ``onnx_base64``), their OpenAPI description and the body cap
+they need. Apart from the routes because parsing a body is not routing one: this module knows
+the formats, the route only hands their result to ``AdminService.upload``."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from gateway.admin.bodies import AdminError, Invalid, UploadJSON, UploadMeta
+from gateway.settings import Settings
+
+
+def upload_body_cap(settings: Settings) -> int:
+    """Largest upload body: the artifact as base64 (4/3) plus room for its metadata."""
+    return settings.max_model_bytes * 4 // 3 + 1024 * 1024
+
+
+def _validated(model: type[UploadMeta], doc: Any) -> Any:
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        raise Invalid(
+            "invalid model metadata",
+            errors=exc.errors(include_url=False, include_context=False, include_input=False),
+        ) from None
+
+
+async def read_upload(request: Request, max_bytes: int) -> tuple[UploadMeta, bytes]:
+    """(metadata, ONNX bytes) from multipart/form-data or from JSON with base64."""
+    ctype = request.headers.get("content-type", "").lower()
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=32)
+        try:
+            part = form.get("file")
+            if not isinstance(part, UploadFile):
+                raise Invalid("a multipart upload needs a 'file' part holding the ONNX model")
+            data = await part.read(max_bytes + 1)
+            doc: dict[str, Any] = {}
+            raw_meta = form.get("metadata")
+            if isinstance(raw_meta, str) and raw_meta.strip():
+                try:
+                    doc = json.loads(raw_meta)
+                except (ValueError, RecursionError) as exc:
+                    raise Invalid(f"the 'metadata' part is not JSON: {exc}") from None
+                if not isinstance(doc, dict):
+                    raise Invalid("the 'metadata' part must be a JSON object")
+            for key in ("name", "version", "deployment", "description", "algorithm"):
+                value = form.get(key)
+                if isinstance(value, str):
+                    doc[key] = value
+        finally:
+            await form.close()
+        return _validated(UploadMeta, doc), data
+    if ctype.startswith("application/json"):
+        try:
+            doc = json.loads(await request.body())
+        except (ValueError, RecursionError) as exc:
+            raise Invalid(f"the body is not JSON: {exc}") from None
+        upload = _validated(UploadJSON, doc)
+        try:
+            data = base64.b64decode(upload.onnx_base64, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise Invalid(f"onnx_base64 is not base64: {exc}") from None
+        return UploadMeta.model_validate(upload.model_dump(exclude={"onnx_base64"})), data
+    raise AdminError(
+        "send multipart/form-data (a 'file' part and a 'metadata' JSON part) or "
+        "JSON with 'onnx_base64'",
+        status=415,
+    )
+
+
+UPLOAD_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": UploadJSON.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "metadata": {"type": "string", "description": "UploadMeta as JSON"},
+                    },
+                }
+            },
+        },
+    }
+}
+"""The request body of ``POST /admin/models`` for OpenAPI: the route reads it itself, so
+FastAPI cannot derive it."""
