@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.axis_common import DEPLOYMENT, AxisContext, admin, phase, with_bodies, workers_live
+from benchmarks.baselines import start_inprocess
 from benchmarks.loadgen import Load
-from benchmarks.systems import Running, start_inprocess
+from benchmarks.systems import Running
 
 CHALLENGERS = ("ch1", "ch2", "ch3")
 ROWS = 100

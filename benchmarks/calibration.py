@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from benchmarks.baselines import start_echo
 from benchmarks.harness import log
 from benchmarks.load_phase import run_phase
 from benchmarks.loadgen import Load
-from benchmarks.systems import start_echo
 
 
 def calibrate(args: argparse.Namespace, work: Path, rows: list[list[float]]) -> dict[str, Any]:

@@ -22,6 +22,9 @@ prior in two gateway processes each judging half the rows) replays ``--far-rows`
 rows drawn from the whole data set and from the 143 held-out rows alone, and counts alarms per
 100,000 requests, with a 95 % upper bound (none in N rows: 3.0 / N).
 
+This module runs it and writes the report; the data and the faults are ``drift_faults``'s, the
+open-loop sender ``drift_sender``'s.
+
     python -m benchmarks.drift_bench            # or: make bench-drift
     python -m benchmarks.drift_bench --quick    # a short run (fewer faults, 4,000 stationary)
 """
@@ -36,8 +39,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,220 +46,23 @@ from typing import Any
 import httpx
 import numpy as np
 
+from benchmarks.drift_faults import TARGETS, Data, Fault, faults
+from benchmarks.drift_sender import DEPLOYMENT, Sender
 from benchmarks.systems import REPO, start_rdv
-from models.train import demo_data, training_stats
 from rendezvous.drift_detect import FeatureDetectors
 from rendezvous.drift_prior import PriorDetector
 from rendezvous.drift_profile import FeatureProfile
 from rendezvous.spec import FeatureSpec
 
-DEPLOYMENT = "breast-cancer"
-PREDICT = f"/v1/deployments/{DEPLOYMENT}/predict"
 DRIFT = f"/v1/deployments/{DEPLOYMENT}/drift"
 POLL_S = 0.05
-
-Rows = Callable[[np.random.Generator, int], np.ndarray]
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-# -- the data and the faults -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Data:
-    names: list[str]
-    x: np.ndarray
-    y: np.ndarray
-    held_out: np.ndarray
-    stats: dict[str, Any]
-
-    @classmethod
-    def load(cls) -> Data:
-        d = demo_data()
-        x = np.vstack([d.x_train, d.x_test]).astype(np.float64)
-        y = np.concatenate([d.y_train, d.y_test])
-        stats = training_stats(d.names, d.x_train)
-        return cls(d.names, x, y, d.x_test.astype(np.float64), stats)
-
-    def col(self, name: str) -> int:
-        return self.names.index(name)
-
-    def normal(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        return self.x[rng.integers(0, len(self.x), n)]
-
-
-@dataclass(frozen=True)
-class Fault:
-    name: str
-    group: str
-    """gross, prior, moderate or subtle: the target it is held to."""
-    rows: Rows
-
-
-def faults(data: Data) -> list[Fault]:
-    st = data.stats
-
-    def on(name: str, how: Callable[[np.ndarray], np.ndarray]) -> Rows:
-        i = data.col(name)
-
-        def rows(rng: np.random.Generator, n: int) -> np.ndarray:
-            x = data.normal(rng, n)
-            x[:, i] = how(x[:, i])
-            return x
-
-        return rows
-
-    def swapped(a: str, b: str) -> Rows:
-        i, j = data.col(a), data.col(b)
-
-        def rows(rng: np.random.Generator, n: int) -> np.ndarray:
-            x = data.normal(rng, n)
-            x[:, [i, j]] = x[:, [j, i]]
-            return x
-
-        return rows
-
-    def prior(positive: float) -> Rows:
-        pos, neg = data.x[data.y == 1], data.x[data.y == 0]
-
-        def rows(rng: np.random.Generator, n: int) -> np.ndarray:
-            k = rng.random(n) < positive
-            out = neg[rng.integers(0, len(neg), n)]
-            out[k] = pos[rng.integers(0, len(pos), int(k.sum()))]
-            return out
-
-        return rows
-
-    def mean(name: str) -> float:
-        return float(st[name].mean)
-
-    def std(name: str) -> float:
-        return float(st[name].std)
-
-    return [
-        Fault("columns swapped: mean radius <-> mean texture", "gross",
-              swapped("mean radius", "mean texture")),
-        Fault("unit change: mean radius x10", "gross", on("mean radius", lambda v: v * 10)),
-        Fault("unit change: worst area /100", "gross", on("worst area", lambda v: v / 100)),
-        Fault("stuck: mean smoothness at its training mean", "gross",
-              on("mean smoothness", lambda v: np.full_like(v, mean("mean smoothness")))),
-        Fault("missing as zero: texture error", "gross", on("texture error", np.zeros_like)),
-        Fault("missing as zero: mean concavity (0 is in range)", "gross",
-              on("mean concavity", np.zeros_like)),
-        Fault("out of range: area error at 3x the training max", "gross",
-              on("area error", lambda v: np.full_like(v, 3 * st["area error"].max))),
-        Fault("class prior: 90 % malignant", "prior", prior(0.1)),
-        Fault("class prior: 85 % benign", "prior", prior(0.85)),
-        Fault("moderate: mean texture +1 std", "moderate",
-              on("mean texture", lambda v: v + std("mean texture"))),
-        Fault("moderate: worst concavity x1.5", "moderate",
-              on("worst concavity", lambda v: v * 1.5)),
-        Fault("subtle: mean radius x1.1 (10 % scale)", "subtle",
-              on("mean radius", lambda v: v * 1.1)),
-        Fault("subtle: worst smoothness +10 % of its mean", "subtle",
-              on("worst smoothness", lambda v: v + 0.1 * mean("worst smoothness"))),
-        Fault("subtle: area error x1.25 (25 % scale)", "subtle",
-              on("area error", lambda v: v * 1.25)),
-        Fault("subtle: mean texture +25 % of its mean", "subtle",
-              on("mean texture", lambda v: v + 0.25 * mean("mean texture"))),
-    ]  # fmt: skip
-
-
-TARGETS = {"gross": (200, 1000), "prior": (500, None), "moderate": (500, None),
-           "subtle": (5000, None)}  # fmt: skip
-"""Requests to first alert, and to clear, that issue 16 asks for."""
-
-
-# -- the traffic -------------------------------------------------------------------------------
-
-
-def _request(host: str, port: int, row: np.ndarray) -> bytes:
-    body = json.dumps({"instances": [[float(v) for v in row]]}).encode()
-    head = (f"POST {PREDICT} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
-    return head.encode() + body
-
-
-@dataclass
-class Sender:
-    """An open loop: request i is due at start + i / rate, sent on the first idle connection
-    of ``connections`` keep-alive connections (or as soon as one is free)."""
-
-    host: str
-    port: int
-    rate: float
-    rows: Rows
-    rng: np.random.Generator
-    connections: int = 32
-    stagger_s: float = 0.02
-    sent: int = 0
-    sent_at: list[float] = field(default_factory=list)
-    phase_of: list[str] = field(default_factory=list)
-    phase: str = "warm-up"
-    statuses: dict[int, int] = field(default_factory=dict)
-    late_s: float = 0.0
-    _buffer: list[np.ndarray] = field(default_factory=list)
-
-    def _next_row(self) -> np.ndarray:
-        if not self._buffer:
-            self._buffer = list(self.rows(self.rng, 64))
-        return self._buffer.pop()
-
-    def switch(self, rows: Rows, phase: str) -> None:
-        self.rows, self.phase, self._buffer = rows, phase, []
-
-    async def run(self, stop: asyncio.Event) -> None:
-        queue: asyncio.Queue[bytes] = asyncio.Queue()
-        workers = []
-        for _ in range(self.connections):
-            # opened one at a time: a burst of connects is taken by whichever gateway process
-            # wakes first, and the other would see almost no traffic
-            workers.append(asyncio.create_task(self._connection(queue)))
-            await asyncio.sleep(self.stagger_s)
-        start = time.monotonic()
-        try:
-            while not stop.is_set():
-                due = start + self.sent / self.rate
-                now = time.monotonic()
-                if due > now:
-                    await asyncio.sleep(due - now)
-                else:
-                    self.late_s = max(self.late_s, now - due)
-                queue.put_nowait(_request(self.host, self.port, self._next_row()))
-                self.sent_at.append(time.time())
-                self.phase_of.append(self.phase)
-                self.sent += 1
-        finally:
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-
-    async def _connection(self, queue: asyncio.Queue[bytes]) -> None:
-        reader, writer = await asyncio.open_connection(self.host, self.port)
-        try:
-            while True:
-                request = await queue.get()
-                writer.write(request)
-                status = int((await reader.readline()).split()[1])
-                length = 0
-                while (line := await reader.readline()) not in (b"\r\n", b""):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
-                self.statuses[status] = self.statuses.get(status, 0) + 1
-        finally:
-            writer.close()
-
-    def count(self, phase: str, before_s: float | None = None) -> int:
-        """Requests of ``phase`` sent before ``before_s`` (epoch seconds), or all of them."""
-        return sum(
-            1
-            for t, p in zip(self.sent_at, self.phase_of, strict=False)
-            if p == phase and (before_s is None or t < before_s)
-        )
+# -- the live run ------------------------------------------------------------------------------
 
 
 async def drift(http: httpx.AsyncClient) -> dict[str, Any]:

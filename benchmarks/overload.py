@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.baselines import start_echo
 from benchmarks.harness import log
 from benchmarks.load_phase import run_phase
 from benchmarks.loadgen import Load, run_load
-from benchmarks.systems import start_echo, start_rdv
+from benchmarks.systems import start_rdv
 
 
 def overload_phase(

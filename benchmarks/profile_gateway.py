@@ -28,7 +28,8 @@ from benchmarks.axis_common import TOKEN, with_bodies
 from benchmarks.axis_load import add_challengers
 from benchmarks.harness import git, log
 from benchmarks.loadgen import Load, run_load
-from benchmarks.systems import REPO, ensure_tools, start_rdv
+from benchmarks.systems import REPO, start_rdv
+from benchmarks.venvs import ensure_tools
 
 CATEGORIES = (
     ("(gateway/dataplane/validation.py", "gateway: validation + to_matrix"),

@@ -12,7 +12,8 @@ from typing import Any
 
 from benchmarks.harness import log
 from benchmarks.report import markdown, summary_markdown
-from benchmarks.systems import REPO, ensure_tools
+from benchmarks.systems import REPO
+from benchmarks.venvs import ensure_tools
 
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"

@@ -22,7 +22,7 @@ connections than it may hold: how long its 429s and its 200s take (``overload_ph
 One module for the run's whole order (options, rounds over the systems, the files written):
 it reads best in one place. The parts it calls: measure_system (one system, every load; a
 load is load_phase's), calibration, overload, results_files and axes, and below them loadgen,
-systems, procstat, redisstat and report.
+systems, baselines, procstat, redisstat and report.
 """
 
 from __future__ import annotations
@@ -38,20 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import axes, procstat
+from benchmarks.baselines import start_inprocess, start_mlserver
 from benchmarks.calibration import calibrate
 from benchmarks.harness import demo_rows, git, log
 from benchmarks.measure_system import measure
 from benchmarks.overload import combine_overload, overload_phase
 from benchmarks.report import combine_rounds, markdown, ratios
 from benchmarks.results_files import README_END, README_START, update_readme, write
-from benchmarks.systems import (
-    REPO,
-    Running,
-    start_inprocess,
-    start_mlserver,
-    start_rdv,
-    start_rdv_cluster,
-)
+from benchmarks.systems import REPO, Running, start_rdv, start_rdv_cluster
 
 SYSTEMS = ("gateway", "gateway-cluster", "gateway-cluster-replicated", "inprocess", "mlserver")
 RDV_SYSTEMS = ("gateway", "gateway-cluster", "gateway-cluster-replicated")

@@ -1,13 +1,12 @@
 """The systems under test, each started as real processes on a free port and stopped with
-SIGTERM: ``rdv serve`` (the full rendezvous path) on its embedded Redis or on a local Redis
-Cluster started beside it, the in-process FastAPI baseline, and MLServer (installed by the
-benchmark into ``benchmarks/.venv-mlserver``)."""
+SIGTERM: what every system shares (``Running``, its launch and its wait to be ready), and
+``rdv serve`` (the full rendezvous path) on its embedded Redis or on a local Redis Cluster
+started beside it. The baselines it is compared against are in ``benchmarks.baselines``."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,18 +28,7 @@ from rendezvous.bus.local_cluster import LocalCluster
 from rendezvous.bus.server import recorded_url
 
 REPO = Path(__file__).resolve().parent.parent
-MLSERVER_VENV = REPO / "benchmarks" / ".venv-mlserver"
-MLSERVER_REQUIREMENTS = (
-    "mlserver>=1.6,<2",
-    "onnxruntime>=1.18",
-    "numpy>=1.26",
-    # uvloop 0.22 no longer makes a loop in get_event_loop(): MLServer 1.7 workers die.
-    "uvloop<0.22",
-)
-TOOLS_VENV = REPO / "benchmarks" / ".venv-tools"
-TOOLS_REQUIREMENTS = ("matplotlib>=3.8", "py-spy>=0.3")
 PREDICT_PATH = "/v1/deployments/breast-cancer/predict"
-MLSERVER_MODEL = "breast-cancer"
 
 
 def free_port() -> int:
@@ -92,7 +80,8 @@ class Running:
     """Processes of the system outside ``proc``'s tree: pid -> component."""
     after_stop: Callable[[], None] | None = None
     """Run by ``stop`` once ``proc`` is gone, whatever happened (the cluster's own stop)."""
-    _log: IO[bytes] | None = None
+    log_file: IO[bytes] | None = None
+    """The launched process's output, closed by ``stop``."""
 
     @property
     def tree(self) -> ProcessTree:
@@ -110,8 +99,8 @@ class Running:
                 except subprocess.TimeoutExpired:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                     self.proc.wait()
-            if self._log is not None:
-                self._log.close()
+            if self.log_file is not None:
+                self.log_file.close()
         finally:
             after, self.after_stop = self.after_stop, None
             if after is not None:
@@ -122,7 +111,7 @@ class Running:
         return self.log_path.read_text(errors="replace")[-chars:]
 
 
-def _launch(
+def launch(
     argv: list[str], env: dict[str, str], log_path: Path, cwd: Path = REPO
 ) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
     log = open(log_path, "ab")  # noqa: SIM115 - closed by Running.stop
@@ -138,7 +127,7 @@ def _launch(
     return proc, log
 
 
-def _wait_ready(running: Running, url: str, timeout_s: float) -> Running:
+def wait_ready(running: Running, url: str, timeout_s: float) -> Running:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if running.proc.poll() is not None:
@@ -152,15 +141,15 @@ def _wait_ready(running: Running, url: str, timeout_s: float) -> Running:
     raise RuntimeError(f"{running.name} not ready within {timeout_s}s:\n{running.log_tail()}")
 
 
-def _instances_body(row: list[float]) -> dict[str, Any]:
+def instances_body(row: list[float]) -> dict[str, Any]:
     return {"instances": [row]}
 
 
-def _gateway_labels(doc: Any) -> list[int]:
+def gateway_labels(doc: Any) -> list[int]:
     return [int(p["label"]) for p in doc["predictions"]]
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
+def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RDV_")}
     env.update(extra)
     return env
@@ -210,17 +199,17 @@ def start_rdv(
         "127.0.0.1",
     ]
     log_path = log_dir / f"rdv-serve-{name}.log"
-    proc, log = _launch(argv, _clean_env(**extra), log_path)
+    proc, log = launch(argv, clean_env(**extra), log_path)
     running = Running(
         name=name,
         proc=proc,
         base_url=f"http://127.0.0.1:{port}",
         target=Target("127.0.0.1", port, PREDICT_PATH, ()),
         classify=_classify_rdv,
-        body=_instances_body,
-        labels=_gateway_labels,
+        body=instances_body,
+        labels=gateway_labels,
         log_path=log_path,
-        _log=log,
+        log_file=log,
         info={
             "command": "rdv serve",
             "env": extra,
@@ -230,7 +219,7 @@ def start_rdv(
         },
     )
     try:  # whatever interrupts the start (an error, SIGTERM as SystemExit) stops the server
-        _wait_ready(running, f"{running.base_url}/readyz", timeout_s)
+        wait_ready(running, f"{running.base_url}/readyz", timeout_s)
         if "RDV_REDIS_URL" not in extra:  # the embedded Redis: serve records where it listens
             url = recorded_url(data_dir / "redis")
             if url:  # a Unix socket: the server's TCP port, for the stats sampler
@@ -303,177 +292,3 @@ def _set_partitions(running: Running, token: str, partitions: int) -> None:
     with urllib.request.urlopen(req, timeout=10) as resp:
         resp.read()
     time.sleep(2.5)  # every gateway process's deployment cache and the workers follow
-
-
-def _classify_uvicorn(cmd: str) -> str:
-    return "resource-tracker" if "resource_tracker" in cmd else "uvicorn-worker"
-
-
-def start_inprocess(
-    model_path: Path, log_dir: Path, processes: int = 2, timeout_s: float = 60.0
-) -> Running:
-    """The minimal FastAPI app with onnxruntime in-process, ``processes`` uvicorn workers."""
-    port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "benchmarks.inprocess_app:create_app",
-        "--factory",
-        "--app-dir",
-        str(REPO),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        str(processes),
-        "--no-access-log",
-        "--log-level",
-        "warning",
-    ]
-    log_path = log_dir / "inprocess.log"
-    proc, log = _launch(argv, _clean_env(BENCH_MODEL_PATH=str(model_path)), log_path)
-    running = Running(
-        name="inprocess",
-        proc=proc,
-        base_url=f"http://127.0.0.1:{port}",
-        target=Target("127.0.0.1", port, PREDICT_PATH, ()),
-        classify=_classify_uvicorn,
-        root_name="uvicorn-master",
-        body=_instances_body,
-        labels=_gateway_labels,
-        log_path=log_path,
-        _log=log,
-        info={"command": "uvicorn benchmarks.inprocess_app --workers", "processes": processes},
-    )
-    return _wait_ready(running, f"{running.base_url}/healthz", timeout_s)
-
-
-def ensure_venv(
-    venv: Path, requirements: tuple[str, ...], log: Callable[[str], None] = print
-) -> Path:
-    """Create a benchmark-only virtual environment once; returns its python."""
-    python = venv / "bin" / "python"
-    stamp = venv / ".installed"
-    wanted = "\n".join(requirements)
-    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
-        return python
-    log(f"installing {', '.join(requirements)} into {venv} (once)")
-    base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", "--clear", str(venv)], check=True)
-    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    done = subprocess.run([*pip, *requirements], capture_output=True, text=True, check=False)
-    (venv / "install.log").write_text(done.stdout + done.stderr)
-    if done.returncode != 0:
-        raise RuntimeError(f"pip install {' '.join(requirements)} failed:\n{done.stderr[-2000:]}")
-    stamp.write_text(wanted)
-    return python
-
-
-def ensure_mlserver(log: Callable[[str], None] = print) -> Path:
-    """The ``mlserver`` command of ``benchmarks/.venv-mlserver``, installed on first use."""
-    return ensure_venv(MLSERVER_VENV, MLSERVER_REQUIREMENTS, log).with_name("mlserver")
-
-
-def ensure_tools(log: Callable[[str], None] = print) -> Path:
-    """The python of ``benchmarks/.venv-tools`` (matplotlib for the plot, py-spy)."""
-    return ensure_venv(TOOLS_VENV, TOOLS_REQUIREMENTS, log)
-
-
-def mlserver_version(venv: Path = MLSERVER_VENV) -> str:
-    out = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import mlserver; print(mlserver.__version__)"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return out.stdout.strip()
-
-
-def _mlserver_body(row: list[float]) -> dict[str, Any]:
-    return {
-        "inputs": [{"name": "features", "shape": [1, len(row)], "datatype": "FP32", "data": row}]
-    }
-
-
-def _mlserver_labels(doc: Any) -> list[int]:
-    out = {o["name"]: o for o in doc["outputs"]}
-    return [int(v) for v in out["label"]["data"]]
-
-
-def _classify_mlserver(cmd: str) -> str:
-    return "resource-tracker" if "resource_tracker" in cmd else "inference-worker"
-
-
-def start_mlserver(
-    model_path: Path,
-    work_dir: Path,
-    log_dir: Path,
-    parallel_workers: int = 1,
-    timeout_s: float = 120.0,
-    log: Callable[[str], None] = print,
-) -> Running:
-    """MLServer (its defaults, less the access log) with the custom onnxruntime runtime."""
-    exe = ensure_mlserver(log)
-    port = free_port()
-    model_dir = work_dir / "models" / MLSERVER_MODEL
-    model_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(model_path, model_dir / "model.onnx")
-    shutil.copy(Path(__file__).with_name("mlserver_runtime.py"), model_dir / "mlserver_runtime.py")
-    settings = {
-        "host": "127.0.0.1",
-        "http_port": port,
-        "grpc_port": free_port(),
-        "metrics_port": free_port(),
-        "debug": False,  # debug (the default) writes an access log line per request
-        "parallel_workers": parallel_workers,
-        "metrics_dir": str(work_dir / ".metrics"),
-        "environments_dir": str(work_dir / ".envs"),
-    }
-    (work_dir / "models" / "settings.json").write_text(json.dumps(settings, indent=1))
-    model_settings = {
-        "name": MLSERVER_MODEL,
-        "implementation": "mlserver_runtime.OnnxClassifierRuntime",
-        "parameters": {"uri": "./model.onnx", "version": "2"},
-    }
-    (model_dir / "model-settings.json").write_text(json.dumps(model_settings, indent=1))
-    log_path = log_dir / "mlserver.log"
-    proc, out = _launch(
-        [str(exe), "start", str(work_dir / "models")], _clean_env(), log_path, cwd=work_dir
-    )
-    running = Running(
-        name="mlserver",
-        proc=proc,
-        base_url=f"http://127.0.0.1:{port}",
-        target=Target("127.0.0.1", port, f"/v2/models/{MLSERVER_MODEL}/infer", ()),
-        classify=_classify_mlserver,
-        root_name="mlserver-http",
-        body=_mlserver_body,
-        labels=_mlserver_labels,
-        log_path=log_path,
-        _log=out,
-        info={"command": "mlserver start", "version": mlserver_version(), "settings": settings},
-    )
-    return _wait_ready(running, f"{running.base_url}/v2/models/{MLSERVER_MODEL}/ready", timeout_s)
-
-
-def start_echo(log_dir: Path, timeout_s: float = 30.0) -> Running:
-    """The do-nothing server that calibrates the load generator."""
-    port = free_port()
-    argv = [sys.executable, "-m", "benchmarks.echo_server", str(port)]
-    log_path = log_dir / "echo.log"
-    proc, out = _launch(argv, _clean_env(), log_path)
-    running = Running(
-        name="echo",
-        proc=proc,
-        base_url=f"http://127.0.0.1:{port}",
-        target=Target("127.0.0.1", port, PREDICT_PATH, ()),
-        classify=lambda cmd: "echo",
-        root_name="echo",
-        body=_instances_body,
-        labels=_gateway_labels,
-        log_path=log_path,
-        _log=out,
-    )
-    return _wait_ready(running, f"{running.base_url}/", timeout_s)

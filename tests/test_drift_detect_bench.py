@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.drift_bench import TARGETS, Data, faults, offline_far, table
+from benchmarks.drift_bench import offline_far, table
+from benchmarks.drift_faults import TARGETS, Data, faults
 
 
 @pytest.fixture(scope="module")
