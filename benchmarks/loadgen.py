@@ -160,7 +160,7 @@ def _failed(out: ProcResult, exc: BaseException, t0: float) -> None:
     out.failed_at_s.append(t0 - out.start)
 
 
-async def _closed_conn(
+async def closed_conn(
     target: Target,
     requests: list[bytes],
     offset: int,
@@ -203,7 +203,7 @@ async def _closed(
     out = ProcResult(start=start)
     await asyncio.gather(
         *(
-            _closed_conn(target, requests, offset + k * 7, end, out, conn)
+            closed_conn(target, requests, offset + k * 7, end, out, conn)
             for k, conn in enumerate(conns)
         )
     )

@@ -140,7 +140,7 @@ async def test_the_load_generator_counts_refusals_apart_and_reopens_a_closed_con
     import time
 
     monkeypatch.syspath_prepend(str(REPO))  # benchmarks/ is not an installed package
-    from benchmarks.loadgen import ProcResult, Target, _closed_conn
+    from benchmarks.loadgen import ProcResult, Target, closed_conn
 
     answers = [
         b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 2\r\n\r\n{}",
@@ -170,7 +170,7 @@ async def test_the_load_generator_counts_refusals_apart_and_reopens_a_closed_con
     target = Target("127.0.0.1", port, "/p", (b"{}",))
     out = ProcResult()
     async with server:
-        await _closed_conn(target, target.requests(), 0, time.perf_counter() + 0.3, out, None)
+        await closed_conn(target, target.requests(), 0, time.perf_counter() + 0.3, out, None)
         for writer in writers:  # none left open for after the loop (a ResourceWarning)
             writer.close()
         await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)

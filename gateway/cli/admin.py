@@ -36,7 +36,7 @@ def _actor() -> str:
     return f"{user}@{socket.gethostname()}"[:128]
 
 
-def _session(args: argparse.Namespace) -> httpx.Client:
+def admin_session(args: argparse.Namespace) -> httpx.Client:
     """An HTTP client on the gateway, with the admin token and the actor."""
     import httpx
 
@@ -50,7 +50,7 @@ def _session(args: argparse.Namespace) -> httpx.Client:
     return httpx.Client(base_url=url, timeout=_TIMEOUT_S, headers=headers)
 
 
-def _request(
+def admin_request(
     args: argparse.Namespace,
     method: str,
     path: str,
@@ -63,7 +63,7 @@ def _request(
     server's ``detail``. ``http``: a session to reuse (else one for this call)."""
     import httpx
 
-    session = http or _session(args)
+    session = http or admin_session(args)
     try:
         resp = session.request(method, f"/admin{path}", **kw)
     except httpx.HTTPError as exc:
@@ -84,13 +84,13 @@ def _request(
     return body
 
 
-def _without_none(doc: dict[str, Any]) -> dict[str, Any]:
+def without_none(doc: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in doc.items() if v is not None}
 
 
 def cmd_models(args: argparse.Namespace) -> None:
     if args.action == "upload":
-        meta = _without_none(
+        meta = without_none(
             {
                 "name": args.name,
                 "version": args.version,
@@ -103,26 +103,26 @@ def cmd_models(args: argparse.Namespace) -> None:
         )
         data = Path(args.file).read_bytes()
         files = {"file": (Path(args.file).name, data, "application/octet-stream")}
-        _request(args, "POST", "/models", files=files, data={"metadata": json.dumps(meta)})
+        admin_request(args, "POST", "/models", files=files, data={"metadata": json.dumps(meta)})
     elif args.action == "list":
-        _request(args, "GET", "/models", params=_without_none({"name": args.name}))
+        admin_request(args, "GET", "/models", params=without_none({"name": args.name}))
     elif args.action == "show":
-        _request(args, "GET", f"/models/{args.name}/{args.version}")
+        admin_request(args, "GET", f"/models/{args.name}/{args.version}")
     else:
-        _request(args, "DELETE", f"/models/{args.name}/{args.version}")
+        admin_request(args, "DELETE", f"/models/{args.name}/{args.version}")
 
 
 def cmd_deployments(args: argparse.Namespace) -> None:
     if args.action == "list":
-        _request(args, "GET", "/deployments")
+        admin_request(args, "GET", "/deployments")
     elif args.action == "show":
-        _request(args, "GET", f"/deployments/{args.deployment}")
+        admin_request(args, "GET", f"/deployments/{args.deployment}")
     elif args.action == "history":
-        _request(
+        admin_request(
             args, "GET", f"/deployments/{args.deployment}/history", params={"limit": args.limit}
         )
     elif args.action == "shadow":
-        _request(args, "GET", f"/deployments/{args.deployment}/shadow")
+        admin_request(args, "GET", f"/deployments/{args.deployment}/shadow")
     else:
         body: dict[str, Any] = {
             "name": args.deployment,
@@ -134,11 +134,11 @@ def cmd_deployments(args: argparse.Namespace) -> None:
                 "model": args.canary_model or args.model,
                 "version": args.canary_version,
             }
-        _request(args, "POST", "/deployments", json=body)
+        admin_request(args, "POST", "/deployments", json=body)
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
-    body = _without_none(
+    body = without_none(
         {
             "version": args.version,
             "model": args.model,
@@ -155,18 +155,18 @@ def cmd_promote(args: argparse.Namespace) -> None:
             "reason": args.reason,
         }
     )
-    _request(args, "POST", f"/deployments/{args.deployment}/promote", json=body)
+    admin_request(args, "POST", f"/deployments/{args.deployment}/promote", json=body)
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
-    body = _without_none({"to_revision": args.to_revision, "reason": args.reason})
-    _request(args, "POST", f"/deployments/{args.deployment}/rollback", json=body)
+    body = without_none({"to_revision": args.to_revision, "reason": args.reason})
+    admin_request(args, "POST", f"/deployments/{args.deployment}/rollback", json=body)
 
 
 def cmd_challengers(args: argparse.Namespace) -> None:
     path = f"/deployments/{args.deployment}/challengers"
     if args.action == "add":
-        body = _without_none(
+        body = without_none(
             {
                 "role": args.role,
                 "version": args.version,
@@ -175,9 +175,9 @@ def cmd_challengers(args: argparse.Namespace) -> None:
                 "reason": args.reason,
             }
         )
-        _request(args, "POST", path, json=body)
+        admin_request(args, "POST", path, json=body)
     else:
-        _request(args, "DELETE", f"{path}/{args.role}", params={"reason": args.reason})
+        admin_request(args, "DELETE", f"{path}/{args.role}", params={"reason": args.reason})
 
 
 def cmd_schedule(args: argparse.Namespace) -> None:
@@ -190,7 +190,7 @@ def cmd_schedule(args: argparse.Namespace) -> None:
     fallbacks = None
     if args.fallbacks is not None:
         fallbacks = [r for r in args.fallbacks.split(",") if r]
-    body = _without_none(
+    body = without_none(
         {
             "real_deadline_ms": args.real_deadline_ms,
             "timeout_ms": args.timeout_ms,
@@ -201,12 +201,12 @@ def cmd_schedule(args: argparse.Namespace) -> None:
             "reason": args.reason,
         }
     )
-    _request(args, "PATCH", f"/deployments/{args.deployment}/schedule", json=body)
+    admin_request(args, "PATCH", f"/deployments/{args.deployment}/schedule", json=body)
 
 
 def cmd_partitions(args: argparse.Namespace) -> None:
     body = {"partitions": args.partitions, "reason": args.reason}
-    _request(args, "PATCH", f"/deployments/{args.deployment}", json=body)
+    admin_request(args, "PATCH", f"/deployments/{args.deployment}", json=body)
 
 
 _BATCH_BYTES = 512 * 1024
@@ -223,8 +223,8 @@ def cmd_features(args: argparse.Namespace) -> None:
     path = Path(args.file)
     kind = args.format or ("csv" if path.suffix.lower() == ".csv" else "jsonl")
     started = time.monotonic()
-    with _session(args) as http:
-        dep = _request(args, "GET", f"/deployments/{args.deployment}", http=http, show=False)
+    with admin_session(args) as http:
+        dep = admin_request(args, "GET", f"/deployments/{args.deployment}", http=http, show=False)
         lookup = dep.get("feature_spec", {}).get("lookup")
         if not lookup:
             sys.exit(

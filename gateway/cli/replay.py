@@ -13,24 +13,26 @@ import sys
 import time
 from typing import Any
 
-from gateway.cli.admin import _request, _session, _without_none
+from gateway.cli.admin import admin_request, admin_session, without_none
 
 _POLL_S = 0.5
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
     base = f"/deployments/{args.deployment}/replays"
-    with _session(args) as http:
+    with admin_session(args) as http:
         if args.resume:
-            report = _request(args, "POST", f"{base}/{args.resume}/resume", http=http, show=False)
+            report = admin_request(
+                args, "POST", f"{base}/{args.resume}/resume", http=http, show=False
+            )
         else:
             if args.version is None:
                 sys.exit("rdv replay: --version is required (or --resume ID)")
-            body = _without_none(
+            body = without_none(
                 {"version": args.version, "model": args.model, "from": args.from_,
                  "to": args.to, "last": args.last}
             )  # fmt: skip
-            report = _request(args, "POST", base, http=http, show=False, json=body)
+            report = admin_request(args, "POST", base, http=http, show=False, json=body)
         rid = report["id"]
         print(f"replay {rid} of {args.deployment} started", file=sys.stderr)
         if args.no_wait:
@@ -39,7 +41,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
         try:
             report = _follow(args, http, f"{base}/{rid}", report)
         except KeyboardInterrupt:
-            report = _request(args, "POST", f"{base}/{rid}/cancel", http=http, show=False)
+            report = admin_request(args, "POST", f"{base}/{rid}/cancel", http=http, show=False)
             print(json.dumps(report, indent=2))
             sys.exit(f"replay {rid} stopped at {report['progress']['done']} records; "
                      f"continue it with: rdv replay --deployment {args.deployment} "
@@ -55,7 +57,7 @@ def _follow(args: argparse.Namespace, http: Any, path: str, report: dict[str, An
     shown = None
     while report["state"] == "running":
         time.sleep(_POLL_S)
-        report = _request(args, "GET", path, http=http, show=False)
+        report = admin_request(args, "GET", path, http=http, show=False)
         progress = report["progress"]
         total = progress.get("total")
         line = (
