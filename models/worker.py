@@ -99,7 +99,7 @@ class ModelWorker(ConsumerLoop):
         self.role = names.check_role(role)
         self.stream = names.input_stream(deployment)
         # Both round trips of a batch go through the loop's router (see
-        # ``rendezvous.bus.routing``): redis-py's command layer cost more than the model.
+        # ``rendezvous.bus.blocking_router``): redis-py's command layer cost more than the model.
         super().__init__(
             client,
             group=names.model_group(role),

@@ -6,9 +6,9 @@ import redis
 import redis.asyncio as aioredis
 
 from rendezvous.bus.appender import AlreadyTaken, NotReplicated, StreamAppender
+from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import connect_async
 from rendezvous.bus.local_cluster import LocalCluster
-from rendezvous.bus.routing import Router
 
 
 def _router(url: str) -> Router:

@@ -16,7 +16,7 @@ from redis.exceptions import RedisClusterException
 from gateway.dataplane.matcher import DuplicateRequest, Rendezvous
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
-from rendezvous.bus.routing import Router
+from rendezvous.bus.async_router import Router
 from rendezvous.decision import DecisionRecord, decode_entries
 from rendezvous.envelope import ModelResult, encode_results
 from rendezvous.schedule import Schedule

@@ -1,6 +1,7 @@
-"""The hot path's command router (rendezvous.bus.routing) against a real Redis: replies in
-order with error replies as values, a dead connection replaced, a late reply dropped with its
-connection, a blocked read ended by close, credentials and database from the URL."""
+"""The hot path's command routers (rendezvous.bus.blocking_router and async_router, on
+rendezvous.bus.routing) against a real Redis: replies in order with error replies as values, a
+dead connection replaced, a late reply dropped with its connection, a blocked read ended by
+close, credentials and database from the URL."""
 
 import asyncio
 import time
@@ -11,9 +12,11 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from rendezvous.bus.async_router import Router
+from rendezvous.bus.blocking_router import BlockingRouter
 from rendezvous.bus.connection import connect, connect_async
 from rendezvous.bus.local_cluster import LocalCluster
-from rendezvous.bus.routing import BlockingRouter, Command, Router, command
+from rendezvous.bus.routing import Command, command
 
 
 def _xread(key: bytes, block_ms: int) -> Command:

@@ -21,8 +21,9 @@ import numpy as np
 from gateway.dataplane.decision_cap import DecisionCap
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
+from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
-from rendezvous.bus.routing import Command, Router, raise_first_error
+from rendezvous.bus.routing import Command, raise_first_error
 from rendezvous.decision import FIELD as DECISION_FIELD
 from rendezvous.decision import DecisionRecord, build_decision
 from rendezvous.envelope import EnvelopeError, ModelResult, decode_results

@@ -46,8 +46,8 @@ from gateway.transport.limits import BodySizeLimit
 from gateway.transport.vital_tasks import VitalTasks, keep_serving, stop_this_process
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
+from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, connect_async
-from rendezvous.bus.routing import Router
 from rendezvous.decision import DecisionRecord
 from rendezvous.heap import settle_heap
 
@@ -137,7 +137,7 @@ def create_app(
         if not settings.redis_url:
             raise RuntimeError("the gateway needs RDV_REDIS_URL (rdv serve sets it for you)")
         client = await connect_async(settings.redis_url, timeout_s=settings.redis_timeout_s)
-        # The hot path's routers (see rendezvous.bus.routing): the writer on the client's
+        # The hot path's routers (see rendezvous.bus.async_router): the writer on the client's
         # connections, the reader on a client of its own, so that closing it ends its blocking
         # XREAD (up to 1 s, which its timeout must outlast) and nothing else.
         writer = Router(client, timeout_s=settings.redis_timeout_s)

@@ -6,7 +6,7 @@ failed publish through ``on_error`` (which fails that wait).
 While one pipeline is in flight, new appends queue up; when it returns, everything queued goes
 out together. Under load that turns N round trips into about one per event-loop turn, and an
 idle gateway still sends each append at once. The batch goes through
-``rendezvous.bus.routing``: raw replies on redis-py's connections, one packed write per node
+``rendezvous.bus.async_router``: raw replies on redis-py's connections, one packed write per node
 (a deployment's input stream and the decisions stream may live on different cluster nodes).
 """
 
@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 from redis.exceptions import TryAgainError
 
+from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import REDIS_FAILURES
-from rendezvous.bus.routing import Command, Router
+from rendezvous.bus.routing import Command
 
 log = logging.getLogger(__name__)
 

@@ -46,15 +46,10 @@ from typing import Any
 import redis
 from redis.exceptions import ClusterError, RedisClusterException
 
+from rendezvous.bus.blocking_router import BlockingRouter
 from rendezvous.bus.connection import MEMORY_LIMIT, REDIS_DOWN, out_of_memory
-from rendezvous.bus.routing import (
-    AnyClient,
-    BlockingRouter,
-    Command,
-    command,
-    raise_first_error,
-    slot_of,
-)
+from rendezvous.bus.connection import Client as AnyClient
+from rendezvous.bus.routing import Command, command, raise_first_error, slot_of
 
 log = logging.getLogger(__name__)
 

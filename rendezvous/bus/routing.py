@@ -1,4 +1,10 @@
-"""Send a batch of single-key commands to the nodes that own their keys, on redis-py's own
+"""What the hot path's command routers share: a batch of single-key commands, which node each
+goes to, the batch in RESP, and which replies send a command once more. The routers that send
+batches this way are ``rendezvous.bus.blocking_router`` (a synchronous process: model workers,
+the log bin) and ``rendezvous.bus.async_router`` (asyncio: the gateway); this module says what
+they do alike.
+
+They send a batch of single-key commands to the nodes that own their keys, on redis-py's own
 connections, and read the raw replies.
 
 The hot path (the gateway's appends and reply reads, a worker's reads, results and acks) sends
@@ -35,20 +41,12 @@ fails only the commands that went to it.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import math
-import threading
-import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import NoBackoff
 from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
-from redis.utils import SENTINEL
 
 from rendezvous.bus.connection import REDIS_FAILURES
 from rendezvous.bus.connection import AsyncClient as AnyAsyncClient
@@ -75,9 +73,9 @@ gives up after the client's own retries while the election still runs can leave 
 routing to the dead node until a later batch starts another."""
 
 
-_CONNECTION_FAILURES: tuple[type[Exception], ...] = (*REDIS_FAILURES, AttributeError)
+CONNECTION_FAILURES: tuple[type[Exception], ...] = (*REDIS_FAILURES, AttributeError)
 """What a batch's connection may fail with: Redis's failures, and a socket closed under it
-(see ``_torn``)."""
+(see ``torn``)."""
 
 
 class Command(NamedTuple):
@@ -107,14 +105,14 @@ def slot_of(client: AnyClient | AnyAsyncClient, key: bytes) -> int:
     return 0
 
 
-def _again(reply: Any) -> bool:
+def goes_again(reply: Any) -> bool:
     """Worth one more try, after following the cluster (a timeout is not: see the module)."""
     if isinstance(reply, redis.TimeoutError):
         return False
     return isinstance(reply, AskError | TryAgainError | ClusterDownError | redis.ConnectionError)
 
 
-def _node_lost(reply: Any) -> bool:
+def node_lost(reply: Any) -> bool:
     """The command's node is gone or its cluster is electing: finding the new owner may take
     as long as a failover does."""
     return isinstance(reply, redis.ConnectionError | ClusterDownError)
@@ -128,249 +126,7 @@ Plan = dict[Any, list[tuple[int, bool]]]
 """node (None: the single node) -> (command index, preceded by ASKING) in the order sent."""
 
 
-class BlockingRouter:
-    """For a synchronous process (model workers, the log bin); not thread-safe, like the loop
-    that owns it."""
-
-    def __init__(self, client: AnyClient, *, timeout_s: float | None):
-        self.client = client
-        self.timeout_s = timeout_s
-        """The client's socket timeout: reads use it unless a batch says otherwise."""
-        self._conns: dict[str, Any] = {}
-        self._search: threading.Thread | None = None
-        """The cluster client following a lost node, on a thread of its own (redis-py's
-        cluster client may be shared between threads: it locks its slot table), so that the
-        batches of a consumer reading several nodes go on while one node is being elected
-        (see ``LOST_NODE_WAIT_S``)."""
-
-    def execute(self, commands: Sequence[Command], *, timeout_s: float | None = None) -> list[Any]:
-        """The replies of ``commands`` in order; ``timeout_s`` overrides the router's own for
-        this batch (a blocking read adds its block time). Every node's batch is written before
-        any reply is read, so the nodes work on them at the same time."""
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        replies: list[Any] = [None] * len(commands)
-        self._run(_plan(self.client, commands, range(len(commands)), replies), commands,
-                  replies, timeout_s)  # fmt: skip
-        again = [i for i, reply in enumerate(replies) if _again(reply)]
-        if again:
-            if any(isinstance(replies[i], TryAgainError) for i in again):
-                time.sleep(TRYAGAIN_PAUSE_S)
-            self._follow(commands, again, replies)
-            plan = _plan(self.client, commands, again, replies)
-            self._run(plan, commands, replies, timeout_s)
-        return replies
-
-    def _follow(
-        self, commands: Sequence[Command], again: Sequence[int], replies: list[Any]
-    ) -> None:
-        """Let the cluster client follow what the nodes said, one key per slot; after a lost
-        node, for at most ``LOST_NODE_WAIT_S`` (its search goes on in the background)."""
-        if not isinstance(self.client, redis.RedisCluster):
-            return
-        keys = _keys_to_follow(self.client, commands, again, replies)
-        if not any(_node_lost(replies[i]) for i in again):  # a redirect: answered at once
-            self._follow_keys(keys)
-            return
-        if self._search is None or not self._search.is_alive():  # else: fail at once
-            self._search = threading.Thread(target=self._follow_keys, args=(keys, SEARCH_S),
-                                            name="rdv-cluster-search", daemon=True)  # fmt: skip
-            self._search.start()
-            self._search.join(LOST_NODE_WAIT_S)
-
-    def _follow_keys(self, keys: Sequence[bytes], search_s: float = 0.0) -> None:
-        """Ask for each key once, or until answered for up to ``search_s`` (a search)."""
-        assert isinstance(self.client, redis.RedisCluster)
-        deadline = time.monotonic() + search_s
-        for key in keys:
-            while True:
-                try:
-                    self.client.exists(key)  # type: ignore[arg-type]
-                    break
-                except REDIS_FAILURES:  # still electing
-                    if time.monotonic() >= deadline:
-                        break
-                    time.sleep(SEARCH_PAUSE_S)
-
-    def _run(self, plan: Plan, commands: Sequence[Command], replies: list[Any],
-             timeout_s: float | None) -> None:  # fmt: skip
-        sent: list[tuple[Any, list[tuple[int, bool]]]] = []
-        # A timeout that is the connection's own needs no per-read setting (two syscalls).
-        read_timeout: Any = timeout_s if timeout_s != self.timeout_s else SENTINEL
-        for node, batch in plan.items():
-            packed = _packed(commands, batch)
-            try:
-                conn = self._connection(node)
-                conn.send_packed_command([packed], check_health=False)
-            except _CONNECTION_FAILURES as exc:
-                _lose(self._conns.get(_name(node)), batch, 0, _torn(exc), replies)
-                continue
-            sent.append((conn, batch))
-        for conn, batch in sent:
-            for done, (i, asking) in enumerate(batch):
-                try:
-                    if asking:
-                        conn.read_response(timeout=read_timeout)
-                    replies[i] = conn.read_response(timeout=read_timeout)
-                except redis.ResponseError as exc:  # an error reply: still in step
-                    replies[i] = exc
-                except _CONNECTION_FAILURES as exc:
-                    _lose(conn, batch, done, _torn(exc), replies)
-                    break
-
-    def _connection(self, node: Any) -> Any:
-        """This router's own connection to ``node``, made once and kept (a pool's check on
-        every borrow cost more than the commands): on a single node taken from the client's
-        pool, on a cluster made from the node pool's settings; a connection that failed is
-        reopened by its next command."""
-        name = _name(node)
-        conn = self._conns.get(name)
-        if conn is None:
-            if isinstance(self.client, redis.RedisCluster):
-                # Made from the node pool's settings but kept out of the pool: while the
-                # cluster client follows a failover it disconnects its pools (from the search
-                # thread too), which must not cut this router's batches to nodes still up.
-                pool = self.client.get_redis_connection(node).connection_pool
-                conn = pool.connection_class(**pool.connection_kwargs)
-            else:
-                conn = self.client.connection_pool.get_connection()
-            self._conns[name] = conn
-        return conn
-
-    def close(self) -> None:
-        for conn in self._conns.values():
-            conn.disconnect()
-        self._conns.clear()
-
-
-class Router:
-    """The same for asyncio (the gateway). Concurrent batches take turns on each node's
-    connection; the nodes of one batch are sent and read at the same time."""
-
-    def __init__(self, client: AnyAsyncClient, *, timeout_s: float | None):
-        self.client = client
-        self.timeout_s = timeout_s
-        self._closed = False
-        self._conns: dict[str, Any] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._search: asyncio.Task[None] | None = None
-        """The cluster client following a lost node, at most one at a time (see
-        ``LOST_NODE_WAIT_S``)."""
-
-    async def execute(
-        self, commands: Sequence[Command], *, timeout_s: float | None = None
-    ) -> list[Any]:
-        """As ``BlockingRouter.execute``; after ``close``, every command fails."""
-        if self._closed:
-            return [redis.ConnectionError("this router was closed")] * len(commands)
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        replies: list[Any] = [None] * len(commands)
-        first = _plan(self.client, commands, range(len(commands)), replies)
-        await self._run(first, commands, replies, timeout_s)
-        again = [i for i, reply in enumerate(replies) if _again(reply)]
-        if again and not self._closed:
-            if any(isinstance(replies[i], TryAgainError) for i in again):
-                await asyncio.sleep(TRYAGAIN_PAUSE_S)
-            await self._follow(commands, again, replies)
-            await self._run(
-                _plan(self.client, commands, again, replies), commands, replies, timeout_s
-            )
-        return replies
-
-    async def _follow(
-        self, commands: Sequence[Command], again: Sequence[int], replies: list[Any]
-    ) -> None:
-        if not isinstance(self.client, aioredis.RedisCluster):
-            return
-        keys = _keys_to_follow(self.client, commands, again, replies)
-        if not any(_node_lost(replies[i]) for i in again):  # a redirect: answered at once
-            await self._follow_keys(keys)
-            return
-        if self._search is None or self._search.done():  # else: fail at once
-            self._search = asyncio.get_running_loop().create_task(self._follow_keys(keys, SEARCH_S))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._search), LOST_NODE_WAIT_S)
-
-    async def _follow_keys(self, keys: Sequence[bytes], search_s: float = 0.0) -> None:
-        """Ask for each key once, or until answered for up to ``search_s`` (a search)."""
-        assert isinstance(self.client, aioredis.RedisCluster)
-        deadline = time.monotonic() + search_s
-        for key in keys:
-            while True:
-                try:
-                    await self.client.exists(key)  # type: ignore[arg-type]
-                    break
-                except REDIS_FAILURES:  # still electing
-                    if self._closed or time.monotonic() >= deadline:
-                        break
-                    await asyncio.sleep(SEARCH_PAUSE_S)
-
-    async def _run(self, plan: Plan, commands: Sequence[Command], replies: list[Any],
-                   timeout_s: float | None) -> None:  # fmt: skip
-        if len(plan) == 1:  # the usual case: no task to gather
-            [(node, batch)] = plan.items()
-            await self._node_batch(node, batch, commands, replies, timeout_s)
-            return
-        await asyncio.gather(*(self._node_batch(node, batch, commands, replies, timeout_s)
-                               for node, batch in plan.items()))  # fmt: skip
-
-    async def _node_batch(self, node: Any, batch: list[tuple[int, bool]],
-                          commands: Sequence[Command], replies: list[Any],
-                          timeout_s: float | None) -> None:  # fmt: skip
-        name = _name(node)
-        lock = self._locks.get(name)
-        if lock is None:
-            lock = self._locks[name] = asyncio.Lock()
-        async with lock:  # one batch at a time on the node's connection: replies in order
-            done = 0
-            conn = None
-            packed = _packed(commands, batch)
-            try:
-                conn = await self._connection(node)
-                async with asyncio.timeout(timeout_s):
-                    await conn.send_packed_command([packed], check_health=False)
-                    for i, asking in batch:
-                        if asking:
-                            await _read(conn)
-                        replies[i] = await _read(conn)
-                        done += 1
-            except _CONNECTION_FAILURES as exc:
-                if conn is not None:
-                    await conn.disconnect()  # a late reply would be taken for the next batch's
-                lost = (redis.TimeoutError(f"Redis did not answer in {timeout_s}s")
-                        if isinstance(exc, TimeoutError) else _torn(exc))  # fmt: skip
-                for i, _ in batch[done:]:
-                    replies[i] = lost
-
-    async def _connection(self, node: Any) -> Any:
-        """As ``BlockingRouter._connection``: made once and kept."""
-        name = _name(node)
-        conn = self._conns.get(name)
-        if conn is None:
-            if node is None:
-                assert isinstance(self.client, aioredis.Redis)
-                conn = await self.client.connection_pool.get_connection()
-            else:
-                # The node's settings, but not one of its connections: on CLUSTERDOWN the
-                # cluster client closes every connection of every node (``aclose``), which
-                # must not cut this router's batches to the nodes still up. No retry of its
-                # own, as the node's connections: the router decides what goes again.
-                kwargs = {**node.connection_kwargs, "retry": AsyncRetry(NoBackoff(), 0)}
-                conn = node.connection_class(**kwargs)  # connects on its first command
-            self._conns[name] = conn
-        return conn
-
-    async def close(self) -> None:
-        """Drop every connection, a blocked read's too (it fails at once, and so does every
-        later batch)."""
-        self._closed = True
-        if self._search is not None:
-            self._search.cancel()
-        for conn in list(self._conns.values()):
-            await conn.disconnect()
-        self._conns.clear()
-
-
-def _plan(
+def route(
     client: AnyClient | AnyAsyncClient,
     commands: Sequence[Command],
     indices: Sequence[int],
@@ -398,7 +154,7 @@ def _plan(
     return plan
 
 
-def _keys_to_follow(
+def keys_to_follow(
     cluster: redis.RedisCluster | aioredis.RedisCluster,
     commands: Sequence[Command],
     again: Sequence[int],
@@ -410,7 +166,7 @@ def _keys_to_follow(
     return list(keys.values())
 
 
-def _packed(commands: Sequence[Command], batch: list[tuple[int, bool]]) -> bytes:
+def pack(commands: Sequence[Command], batch: list[tuple[int, bool]]) -> bytes:
     """The batch in RESP, every argument already bytes (redis-py's own packer encodes and
     checks each argument: ~5 µs a command more)."""
     parts: list[bytes] = []
@@ -422,11 +178,12 @@ def _packed(commands: Sequence[Command], batch: list[tuple[int, bool]]) -> bytes
     return b"".join(parts)
 
 
-def _name(node: Any) -> str:
+def node_name(node: Any) -> str:
+    """The key of a router's own connection (and lock) to ``node``."""
     return "" if node is None else str(node.name)
 
 
-def _torn(exc: Exception) -> Exception:
+def torn(exc: Exception) -> Exception:
     """A connection failure as the batch's replies say it. While a cluster client follows a
     failover it may close every connection of its nodes, ours too, under a batch on another
     thread or task (redis-py's ``aclose`` on ``CLUSTERDOWN``): the connection's socket is then
@@ -435,20 +192,3 @@ def _torn(exc: Exception) -> Exception:
     if isinstance(exc, AttributeError):
         return redis.ConnectionError(f"the connection was closed under the batch ({exc})")
     return exc
-
-
-def _lose(conn: Any, batch: list[tuple[int, bool]], done: int, exc: Exception,
-          replies: list[Any]) -> None:  # fmt: skip
-    if conn is not None:
-        conn.disconnect()  # a late reply would be taken for the next batch's
-    if isinstance(exc, TimeoutError) and not isinstance(exc, redis.TimeoutError):
-        exc = redis.TimeoutError(str(exc))
-    for i, _ in batch[done:]:
-        replies[i] = exc
-
-
-async def _read(conn: Any) -> Any:
-    try:
-        return await conn.read_response(timeout=math.inf)
-    except redis.ResponseError as exc:  # an error reply: the connection stays in step
-        return exc

@@ -1,0 +1,149 @@
+"""The hot path's command router for a synchronous process (model workers, the log bin): a
+batch of single-key commands written to the nodes that own their keys, on connections the
+router keeps, and the raw replies read back in order.
+
+What a batch is, where each command goes and which replies send it once more is shared with
+the gateway's router (``rendezvous.bus.async_router``) and said in ``rendezvous.bus.routing``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from redis.exceptions import TryAgainError
+from redis.utils import SENTINEL
+
+from rendezvous.bus import routing
+from rendezvous.bus.connection import REDIS_FAILURES
+from rendezvous.bus.connection import Client as AnyClient
+from rendezvous.bus.routing import Command, Plan
+
+
+class BlockingRouter:
+    """For a synchronous process (model workers, the log bin); not thread-safe, like the loop
+    that owns it."""
+
+    def __init__(self, client: AnyClient, *, timeout_s: float | None):
+        self.client = client
+        self.timeout_s = timeout_s
+        """The client's socket timeout: reads use it unless a batch says otherwise."""
+        self._conns: dict[str, Any] = {}
+        self._search: threading.Thread | None = None
+        """The cluster client following a lost node, on a thread of its own (redis-py's
+        cluster client may be shared between threads: it locks its slot table), so that the
+        batches of a consumer reading several nodes go on while one node is being elected
+        (see ``LOST_NODE_WAIT_S``)."""
+
+    def execute(self, commands: Sequence[Command], *, timeout_s: float | None = None) -> list[Any]:
+        """The replies of ``commands`` in order; ``timeout_s`` overrides the router's own for
+        this batch (a blocking read adds its block time). Every node's batch is written before
+        any reply is read, so the nodes work on them at the same time."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        replies: list[Any] = [None] * len(commands)
+        self._run(routing.route(self.client, commands, range(len(commands)), replies), commands,
+                  replies, timeout_s)  # fmt: skip
+        again = [i for i, reply in enumerate(replies) if routing.goes_again(reply)]
+        if again:
+            if any(isinstance(replies[i], TryAgainError) for i in again):
+                time.sleep(routing.TRYAGAIN_PAUSE_S)
+            self._follow(commands, again, replies)
+            plan = routing.route(self.client, commands, again, replies)
+            self._run(plan, commands, replies, timeout_s)
+        return replies
+
+    def _follow(
+        self, commands: Sequence[Command], again: Sequence[int], replies: list[Any]
+    ) -> None:
+        """Let the cluster client follow what the nodes said, one key per slot; after a lost
+        node, for at most ``LOST_NODE_WAIT_S`` (its search goes on in the background)."""
+        if not isinstance(self.client, redis.RedisCluster):
+            return
+        keys = routing.keys_to_follow(self.client, commands, again, replies)
+        if not any(routing.node_lost(replies[i]) for i in again):  # a redirect: answered at once
+            self._follow_keys(keys)
+            return
+        if self._search is None or not self._search.is_alive():  # else: fail at once
+            self._search = threading.Thread(target=self._follow_keys, args=(keys, routing.SEARCH_S),
+                                            name="rdv-cluster-search", daemon=True)  # fmt: skip
+            self._search.start()
+            self._search.join(routing.LOST_NODE_WAIT_S)
+
+    def _follow_keys(self, keys: Sequence[bytes], search_s: float = 0.0) -> None:
+        """Ask for each key once, or until answered for up to ``search_s`` (a search)."""
+        assert isinstance(self.client, redis.RedisCluster)
+        deadline = time.monotonic() + search_s
+        for key in keys:
+            while True:
+                try:
+                    self.client.exists(key)  # type: ignore[arg-type]
+                    break
+                except REDIS_FAILURES:  # still electing
+                    if time.monotonic() >= deadline:
+                        break
+                    time.sleep(routing.SEARCH_PAUSE_S)
+
+    def _run(self, plan: Plan, commands: Sequence[Command], replies: list[Any],
+             timeout_s: float | None) -> None:  # fmt: skip
+        sent: list[tuple[Any, list[tuple[int, bool]]]] = []
+        # A timeout that is the connection's own needs no per-read setting (two syscalls).
+        read_timeout: Any = timeout_s if timeout_s != self.timeout_s else SENTINEL
+        for node, batch in plan.items():
+            packed = routing.pack(commands, batch)
+            try:
+                conn = self._connection(node)
+                conn.send_packed_command([packed], check_health=False)
+            except routing.CONNECTION_FAILURES as exc:
+                _lose(
+                    self._conns.get(routing.node_name(node)), batch, 0, routing.torn(exc), replies
+                )
+                continue
+            sent.append((conn, batch))
+        for conn, batch in sent:
+            for done, (i, asking) in enumerate(batch):
+                try:
+                    if asking:
+                        conn.read_response(timeout=read_timeout)
+                    replies[i] = conn.read_response(timeout=read_timeout)
+                except redis.ResponseError as exc:  # an error reply: still in step
+                    replies[i] = exc
+                except routing.CONNECTION_FAILURES as exc:
+                    _lose(conn, batch, done, routing.torn(exc), replies)
+                    break
+
+    def _connection(self, node: Any) -> Any:
+        """This router's own connection to ``node``, made once and kept (a pool's check on
+        every borrow cost more than the commands): on a single node taken from the client's
+        pool, on a cluster made from the node pool's settings; a connection that failed is
+        reopened by its next command."""
+        name = routing.node_name(node)
+        conn = self._conns.get(name)
+        if conn is None:
+            if isinstance(self.client, redis.RedisCluster):
+                # Made from the node pool's settings but kept out of the pool: while the
+                # cluster client follows a failover it disconnects its pools (from the search
+                # thread too), which must not cut this router's batches to nodes still up.
+                pool = self.client.get_redis_connection(node).connection_pool
+                conn = pool.connection_class(**pool.connection_kwargs)
+            else:
+                conn = self.client.connection_pool.get_connection()
+            self._conns[name] = conn
+        return conn
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            conn.disconnect()
+        self._conns.clear()
+
+
+def _lose(conn: Any, batch: list[tuple[int, bool]], done: int, exc: Exception,
+          replies: list[Any]) -> None:  # fmt: skip
+    if conn is not None:
+        conn.disconnect()  # a late reply would be taken for the next batch's
+    if isinstance(exc, TimeoutError) and not isinstance(exc, redis.TimeoutError):
+        exc = redis.TimeoutError(str(exc))
+    for i, _ in batch[done:]:
+        replies[i] = exc
