@@ -147,6 +147,20 @@ def redis_used_memory_mb(running: Running) -> float | None:
     return round(int(info["used_memory"]) / procstat.MB, 2)
 
 
+def redis_persistence(running: Running) -> dict[str, int] | None:
+    """Redis's fork and AOF counters since it started (``INFO``): ``total_forks`` (each AOF
+    rewrite is one: a fork, then a child writing the whole dataset, about a core for a moment
+    on this machine) and ``aof_delayed_fsync`` (writes that waited for a slow background
+    fsync, blocking Redis's one thread). A window's latency can then be read against them."""
+    if not running.redis_nodes:
+        return None
+    node = running.redis_nodes[0]
+    with redis.Redis(host=node.host, port=node.port, socket_timeout=5) as client:
+        stats, persistence = client.info("stats"), client.info("persistence")
+    return {"forks": int(stats.get("total_forks", 0)),
+            "aof_delayed_fsync": int(persistence.get("aof_delayed_fsync", 0))}  # fmt: skip
+
+
 def outcome_store_mb(running: Running, deployment: str = DEPLOYMENT) -> float | None:
     """What the deployment's outcome store (the answers kept for labels, bounded by
     ``RDV_FEEDBACK_MAX_MB``) holds in Redis, MB: ``MEMORY USAGE`` of each of its buckets,

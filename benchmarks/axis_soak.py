@@ -38,6 +38,7 @@ from benchmarks.axis_common import (
     AxisContext,
     outcome_store_mb,
     phase,
+    redis_persistence,
     redis_used_memory_mb,
     with_bodies,
 )
@@ -81,13 +82,15 @@ class Sampler:
         try:
             used = redis_used_memory_mb(self.running)
             outcomes = outcome_store_mb(self.running)
+            persistence = redis_persistence(self.running)
         except (OSError, redis.RedisError):
-            used = outcomes = None
+            used = outcomes = persistence = None
         base = self.cpu0 or cpu
         self.samples.append({"t_s": round(now, 2), "rss_mb": rss,
                              "rss_mb_total": round(sum(rss.values()), 1),
                              "redis_used_memory_mb": used,
                              "redis_outcome_store_mb": outcomes,
+                             "redis_persistence": persistence,
                              "cpu_s": procstat.cpu_between(base, cpu),
                              "machine_busy_s": round(cpu.machine_busy_s - base.machine_busy_s, 3),
                              "machine_steal_s": round(
@@ -100,7 +103,8 @@ def window_cpu(
     """Between the first and last samples inside ``window``: CPU µs an answered request of
     each component, and the machine's CPU that went elsewhere (the load generator's included)
     and to steal, in seconds a second. If every component's cost a request grew alike while
-    the latency grew, the machine slowed; if one grew alone, that process did."""
+    the latency grew, the machine slowed; if one grew alone, that process did. Beside them,
+    Redis's forks (AOF rewrites) and delayed AOF fsyncs in the window (``redis_events``)."""
     inside = [s for s in samples if window[0] <= s["t_s"] <= window[1] and "cpu_s" in s]
     if len(inside) < 2:
         return None
@@ -112,6 +116,9 @@ def window_cpu(
         return None
     ours = {n: b["cpu_s"].get(n, 0.0) - a["cpu_s"].get(n, 0.0) for n in b["cpu_s"]}
     busy = b["machine_busy_s"] - a["machine_busy_s"]
+    before, after = a.get("redis_persistence"), b.get("redis_persistence")
+    redis_events = ({k: after[k] - before[k] for k in sorted(after) if k in before}
+                    if before and after else None)  # fmt: skip
     return {
         "from_s": a["t_s"],
         "to_s": b["t_s"],
@@ -120,6 +127,7 @@ def window_cpu(
         "cpu_us_per_request_total": round(sum(ours.values()) / answered * 1e6, 1),
         "other_cpu_per_s": round((busy - sum(ours.values())) / span, 3),
         "steal_cpu_per_s": round((b["machine_steal_s"] - a["machine_steal_s"]) / span, 3),
+        "redis_events": redis_events,
     }
 
 
@@ -251,7 +259,9 @@ def soak_axis(ctx: AxisContext) -> dict[str, Any]:
         f"{(cpu_windows['first'] or {}).get('cpu_us_per_request_total')} -> "
         f"{(cpu_windows['last'] or {}).get('cpu_us_per_request_total')} us, other CPU "
         f"{(cpu_windows['first'] or {}).get('other_cpu_per_s')} -> "
-        f"{(cpu_windows['last'] or {}).get('other_cpu_per_s')} s/s")  # fmt: skip
+        f"{(cpu_windows['last'] or {}).get('other_cpu_per_s')} s/s, Redis forks and delayed "
+        f"fsyncs {(cpu_windows['first'] or {}).get('redis_events')} -> "
+        f"{(cpu_windows['last'] or {}).get('redis_events')}")  # fmt: skip
     return {
         "soak_s": soak_s,
         "warmup_s": warmup_s,

@@ -68,7 +68,8 @@ def test_a_windows_cpu_is_between_its_first_and_last_samples_per_answer() -> Non
         result.answered_at_s.append(k / 2)
         result.latencies_ms.append(5.0)
     samples = [{"t_s": float(t), "cpu_s": {"gateway": t * 0.001, "redis": t * 0.0002},
-                "machine_busy_s": t * 1.5, "machine_steal_s": t * 0.1}
+                "machine_busy_s": t * 1.5, "machine_steal_s": t * 0.1,
+                "redis_persistence": {"forks": t // 4, "aof_delayed_fsync": 0}}
                for t in range(0, 11, 2)]  # fmt: skip
     out = window_cpu(samples, result, (2.0, 8.0))
     assert out is not None and out["from_s"] == 2.0 and out["to_s"] == 8.0
@@ -77,6 +78,7 @@ def test_a_windows_cpu_is_between_its_first_and_last_samples_per_answer() -> Non
     assert out["cpu_us_per_request_total"] == 600.0
     assert out["other_cpu_per_s"] == pytest.approx(1.5 - 0.0012, abs=1e-3)
     assert out["steal_cpu_per_s"] == 0.1
+    assert out["redis_events"] == {"aof_delayed_fsync": 0, "forks": 2}  # forks at t 4 and 8
     assert window_cpu(samples, result, (3.0, 3.5)) is None  # no two samples inside
 
 

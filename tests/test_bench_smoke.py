@@ -275,6 +275,8 @@ def test_the_deployments_and_soak_axes_run_for_a_second(
     assert soak["settings"] == {"RDV_FEEDBACK_MAX_MB": "4"}  # bounded to fill in the warm-up
     last = soak["cpu_windows"]["last"]  # the window's own CPU, to tell its noise from ours
     assert last["answered"] > 0 and last["cpu_us_per_request"]["gateway"] > 0, last
+    assert set(last["redis_events"]) == {"forks", "aof_delayed_fsync"}, last
+    assert all(v >= 0 for v in last["redis_events"].values()), last
     assert last["cpu_us_per_request_total"] == pytest.approx(
         sum(last["cpu_us_per_request"].values()), abs=1.0
     )
