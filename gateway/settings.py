@@ -114,6 +114,14 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(default=60.0, gt=0)
     """A request's body must arrive within this time of its head (408 beyond)."""
 
+    requests_per_connection: int | None = Field(default=None, ge=0)
+    """After this many requests a keep-alive connection is closed (``Connection: close`` on
+    the last answer) and its client reconnects. None: 100 where several gateway processes
+    accept on one port (``rdv serve``, ``rdv gateway`` with several processes, ``--fd``,
+    ``--reuse-port``), else 0; 0: never. Why: the process that wins a burst of new
+    connections keeps them, so a client with a few keep-alive connections could load one
+    process of two; a reconnect is most often taken by the less busy process."""
+
     max_in_flight: int = Field(default=2048, ge=1)
     """Requests one gateway process holds at once; beyond it, 429 at once."""
     wait_replicas: int = Field(default=0, ge=0, le=16)

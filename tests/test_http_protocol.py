@@ -18,6 +18,9 @@ from rendezvous.schedule import Schedule
 SCHEDULE = Schedule(real_deadline_ms=200, timeout_ms=2000, fallbacks=("canary",), grace_ms=100)
 MAX_BODY = 4096
 MAX_HEAD = 2048
+PER_CONNECTION = 5
+"""Requests a connection serves before its last answer closes it (no other test here sends as
+many on one connection)."""
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,8 @@ def system(
     with launch_system(redis_url, demo_data_dir, tmp_path_factory, SCHEDULE,
                        RDV_MAX_BODY_BYTES=str(MAX_BODY), RDV_MAX_HEADER_BYTES=str(MAX_HEAD),
                        RDV_MAX_HEADERS="20", RDV_HEADER_TIMEOUT_S="1",
-                       RDV_BODY_TIMEOUT_S="1") as sys:  # fmt: skip
+                       RDV_BODY_TIMEOUT_S="1",
+                       RDV_REQUESTS_PER_CONNECTION=str(PER_CONNECTION)) as sys:  # fmt: skip
         sys.start_worker("real")
         sys.start_worker("canary")
         yield sys
@@ -118,6 +122,34 @@ def test_pipelined_requests_are_answered_in_order(conn: Conn) -> None:
     assert bad[0] == 422 and "detail" in json.loads(bad[2])
     # No answer names the server software, on the fast path or the ASGI one.
     assert not [r for r in (first, health, second, bad) if "server" in r[1]]
+
+
+def test_a_connection_is_closed_by_its_last_answer_past_its_requests(conn: Conn) -> None:
+    """RDV_REQUESTS_PER_CONNECTION: the answer to the fifth request says so and the gateway
+    closes the connection after it; the client reconnects (where several gateway processes
+    share the port, most often to the less busy one)."""
+    for i in range(1, PER_CONNECTION + 1):
+        conn.send(request(PREDICT, None, f"X-Request-Id: rpc-{i}"))
+        status, headers, content = conn.response()
+        assert status == 200 and json.loads(content)["request_id"] == f"rpc-{i}", content
+        assert headers.get("connection") == ("close" if i == PER_CONNECTION else None), i
+    assert conn.closed_by_server()
+
+
+def test_requests_pipelined_past_the_bound_are_all_answered(conn: Conn) -> None:
+    """The fifth was to be the last, but a sixth came behind it before its answer started:
+    the connection stays open for the sixth, whose answer closes it. Nothing is dropped."""
+    for i in range(1, PER_CONNECTION - 1):
+        conn.send(request(PREDICT, None, f"X-Request-Id: pl-{i}"))
+        assert conn.response()[0] == 200
+    last = PER_CONNECTION + 1
+    conn.send(b"".join(request(PREDICT, None, f"X-Request-Id: pl-{i}")
+                       for i in range(PER_CONNECTION - 1, last + 1)))  # fmt: skip
+    for i in range(PER_CONNECTION - 1, last + 1):
+        status, headers, content = conn.response()
+        assert status == 200 and json.loads(content)["request_id"] == f"pl-{i}", content
+        assert headers.get("connection") == ("close" if i == last else None), i
+    assert conn.closed_by_server()
 
 
 def test_http_1_0_and_connection_close_are_honoured(system: System) -> None:

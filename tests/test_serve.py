@@ -19,6 +19,7 @@ import httpx
 import pytest
 import redis
 
+from gateway.transport.http_guard import SHARED_PORT_REQUESTS_PER_CONNECTION
 from models.archive import ArchiveReader
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import RdvProcess, wait_until
@@ -82,6 +83,15 @@ def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> No
         resp = http.post(f"/v1/deployments/{DEMO_DEPLOYMENT}/predict", json=body)
         assert resp.status_code == 200, resp.text
         assert resp.json()["model"]["role"] == "real"
+        # Two gateway processes share the port: a keep-alive connection's 100th answer closes
+        # it (RDV_REQUESTS_PER_CONNECTION unset), so that a client with few connections does
+        # not stay on whichever process took them first. The client reconnects by itself.
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as one:
+            answers = [one.post(f"/v1/deployments/{DEMO_DEPLOYMENT}/predict", json=body)
+                       for _ in range(SHARED_PORT_REQUESTS_PER_CONNECTION + 1)]  # fmt: skip
+        assert all(r.status_code == 200 for r in answers)
+        closing = [k for k, r in enumerate(answers, 1) if r.headers.get("connection") == "close"]
+        assert closing == [SHARED_PORT_REQUESTS_PER_CONNECTION], closing
 
         children = _children(serve.proc.pid)
         names = " ".join(cmd for _pid, cmd in children)

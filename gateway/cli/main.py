@@ -53,7 +53,10 @@ def cmd_train_demo(args: argparse.Namespace) -> None:
 def cmd_gateway(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from gateway.transport.http_guard import GuardedHttpToolsProtocol
+    from gateway.transport.http_guard import (
+        SHARED_PORT_REQUESTS_PER_CONNECTION,
+        GuardedHttpToolsProtocol,
+    )
 
     settings = settings_from_args(args)
     os.environ["RDV_REDIS_URL"] = _require_redis(settings)  # the app reads it (a factory)
@@ -64,6 +67,11 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     )
     one_of_several = args.reuse_port or args.fd is not None
     processes = 1 if one_of_several else settings.gateway_process_count
+    if settings.requests_per_connection is None:  # each process's protocol reads it
+        shared_port = one_of_several or processes > 1
+        os.environ["RDV_REQUESTS_PER_CONNECTION"] = str(
+            SHARED_PORT_REQUESTS_PER_CONNECTION if shared_port else 0
+        )
     if processes > 1:
         share_metrics_between_processes()
     options: dict[str, Any] = dict(
