@@ -102,3 +102,32 @@ async def test_replicated_appends_wait_for_their_replicas_or_say_they_did_not(
     assert isinstance(fut.exception(), NotReplicated) and r.xlen("s") == 1
     assert "0 acknowledged" in str(fut.exception())
     await single.client.close()
+
+
+async def test_an_entry_is_lost_when_gone_other_than_by_trimming(
+    r: redis.Redis, redis_url: str, rc: redis.RedisCluster, redis_cluster: LocalCluster
+) -> None:
+    """``lost`` on both kinds of Redis: the appended entry's id comes back through
+    ``on_appended``; present, or trimmed away with everything before it, it is not lost;
+    missing behind an older entry, or past the stream's last id, or with its stream, it is."""
+    for router, direct in ((_router(redis_url), r), (Router(await connect_async(
+            redis_cluster.url), timeout_s=2.0), rc)):  # fmt: skip
+        appender = StreamAppender(router)
+        stream = "rdv:{lost}:in"
+        direct.delete(stream)
+        ids: list[bytes] = []
+        for i in range(3):
+            appender.append_nowait(stream, {b"i": b"%d" % i}, on_appended=ids.append)
+        await appender.close()
+        assert [e for e, _ in direct.xrange(stream)] == ids
+        first, middle, last = ids
+        assert not await appender.lost(stream, middle)
+        direct.xdel(stream, middle)
+        assert await appender.lost(stream, middle)  # an older one is still there
+        direct.xtrim(stream, minid=last)
+        assert not await appender.lost(stream, first)  # trimmed: the readers had it
+        assert await appender.lost(stream, b"%d-0" % (int(last.split(b"-")[0]) + 1))
+        direct.delete(stream)
+        assert await appender.lost(stream, last)
+        await router.close()
+        await router.client.aclose()

@@ -19,9 +19,11 @@ import redis
 
 from gateway.settings import Settings
 from gateway.transport.app import create_app
+from models.demo import DEMO_DEPLOYMENT
 from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import demo_data
+from rendezvous import names
 from rendezvous.bus.connection import connect
 from rendezvous.bus.local_cluster import LocalCluster
 from rendezvous.bus.server import EmbeddedRedis
@@ -80,6 +82,53 @@ def test_a_request_whose_answer_redis_lost_gets_503_and_one_the_models_missed_50
     assert missed.status_code == 504, missed.text
     assert time.monotonic() - started >= TIMEOUT_MS / 1000 * 0.9
     assert "no model answered" in missed.json()["detail"]
+
+
+def _after(entry_id: object, ms: int) -> str:
+    """The id ``ms`` milliseconds after (or before) an entry's."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return f"{int(text.split('-')[0]) + ms}-0"
+
+
+@pytest.mark.parametrize(
+    ("promoted", "status"),
+    [
+        ("nothing", 503),  # the replica never had the stream
+        ("before", 503),  # it had the entries before the request's, and nothing came since
+        ("around", 503),  # those, and entries appended on it after the failover
+        ("after", 504),  # only later ones: the earlier could have been trimmed, read by all
+    ],
+)
+def test_a_request_whose_input_a_failover_lost_gets_503(
+    gateway: AppClient, outage_redis: EmbeddedRedis, promoted: str, status: int
+) -> None:
+    """Redis replicates asynchronously: a master that fails over before its replica had a
+    request's input takes the entry along, and nothing fails where the gateway looks when
+    nothing else touched that node meanwhile. At its timeout the request looks for its input:
+    gone other than by trimming, it gets 503 (retry), not the models' 504. The stream is
+    rebuilt here as the promoted replica would hold it (a cluster cannot lose a write on cue)."""
+    rid = f"lost-{promoted}"
+    stream = names.input_stream(DEMO_DEPLOYMENT)
+    direct = connect(outage_redis.url)
+    body = features_body(np.asarray(demo_data().x_test[0]))
+    answers: list[httpx.Response] = []
+    sender = threading.Thread(target=lambda: answers.append(
+        gateway.post(PREDICT, json=body, headers={"X-Request-Id": rid})))  # fmt: skip
+    sender.start()
+    wait_until(lambda: direct.xlen(stream) > 0, 5, "the request's input appended")
+    [(entry_id, _)] = direct.xrange(stream)
+    direct.delete(stream)
+    if promoted in ("before", "around"):
+        direct.xadd(stream, {"earlier": "1"}, id=_after(entry_id, -1))
+    if promoted in ("around", "after"):
+        direct.xadd(stream, {"later": "1"}, id=_after(entry_id, 1))
+    sender.join(TIMEOUT_MS / 1000 + 10)
+    [answer] = answers
+    assert answer.status_code == status, answer.text
+    if status == 503:
+        assert answer.headers.get("Retry-After")
+        assert f"Redis lost request {rid!r}'s input" in answer.json()["detail"]
+    assert gateway.app.state.rendezvous.read_failed_ms == 0  # nothing failed where it looked
 
 
 def _port_of(cluster: redis.RedisCluster, key: str) -> int:

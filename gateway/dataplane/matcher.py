@@ -79,6 +79,8 @@ class Mailbox:
     ood_reference: OodReference | None = None
     """With ``features``: the input's out-of-distribution evidence goes into the record,
     measured when the mailbox closes (after the answer: off the caller's latency)."""
+    input_id: bytes | None = None
+    """The request's entry in its input stream, once written."""
 
 
 class Rendezvous:

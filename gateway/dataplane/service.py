@@ -12,6 +12,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -265,6 +266,7 @@ class PredictionService:
             on_error=unpublished,
             unique=unique,
             replicated=replicated,
+            on_appended=partial(setattr, mailbox, "input_id"),
         )
         if self.drift_feed is not None:
             self.drift_feed.observe_rows(dep.name, features)
@@ -283,6 +285,13 @@ class PredictionService:
                 # was lost or came too late. Not the models' fault, and worth a retry.
                 raise Unavailable(
                     f"Redis failed while request {rid!r} waited for its answer "
+                    f"({answer.reason}); retry it"
+                )
+            if mailbox.input_id is not None and await self.appender.lost(stream, mailbox.input_id):
+                # Nothing else touched that node meanwhile, and its input is gone: a
+                # failover took the entry before a replica had it.
+                raise Unavailable(
+                    f"Redis lost request {rid!r}'s input while it waited for its answer "
                     f"({answer.reason}); retry it"
                 )
             raise NoAnswer(rid, answer)

@@ -55,6 +55,8 @@ class _Pending:
     """(key, ttl ms): append only if the key was free, and take it."""
     replicated: asyncio.Future[None] | None = None
     """Resolved once the append reached ``wait_replicas`` replicas (``WAIT``)."""
+    on_appended: Callable[[bytes], None] | None = None
+    """Given the entry's id once it is written."""
 
 
 class StreamAppender:
@@ -96,8 +98,10 @@ class StreamAppender:
         urgent: bool = True,
         unique: tuple[str, int] | None = None,
         replicated: asyncio.Future[None] | None = None,
+        on_appended: Callable[[bytes], None] | None = None,
     ) -> None:
-        """Queue one XADD; a failure goes to ``on_error`` if given, else to the log.
+        """Queue one XADD; a failure goes to ``on_error`` if given, else to the log, and the
+        new entry's id to ``on_appended`` if given.
 
         ``urgent=False`` (decision records: nobody waits for them) lets the append ride with
         the next urgent one, or go after ``linger_s``: under load that halves the round trips,
@@ -106,7 +110,9 @@ class StreamAppender:
         ``unique=(key, ttl_ms)``: append only if ``key`` (under the stream's hash tag) is not
         taken, and take it for ``ttl_ms``; else ``on_error`` gets ``AlreadyTaken``."""
         taken = (unique[0].encode(), unique[1]) if unique is not None else None
-        self._queue.append(_Pending(stream.encode(), fields, maxlen, on_error, taken, replicated))
+        self._queue.append(
+            _Pending(stream.encode(), fields, maxlen, on_error, taken, replicated, on_appended)
+        )
         if urgent:
             self._kick()
         elif self._timer is None and not self._flushing():
@@ -147,6 +153,8 @@ class StreamAppender:
                 if item.replicated is not None and not item.replicated.done():
                     self._settle(item.replicated, item.stream, result, acked.get(item.stream))
                 if not isinstance(result, Exception):
+                    if item.on_appended is not None and isinstance(result, bytes):
+                        item.on_appended(result)
                     continue
                 if isinstance(result, REDIS_FAILURES):  # not a taken id, not a bug
                     self._failed_ms[item.stream] = time.time() * 1000
@@ -186,12 +194,48 @@ class StreamAppender:
         else:
             replicated.set_result(None)
 
+    async def lost(self, stream: str, entry_id: bytes) -> bool:
+        """Whether an entry this appender wrote is gone from ``stream`` other than by trimming,
+        or Redis cannot say now. Redis replicates asynchronously: a master that failed over
+        before its replica had the entry took it along, and the promoted replica never saw it.
+        Asked only of a request that waited in vain, to tell a 503 (Redis lost it: retry) from
+        a 504 (the models did not answer): one round trip, on the node that holds ``stream``."""
+        key = stream.encode()
+        try:
+            found, info = await self.client.execute(
+                [Command(key, (b"XRANGE", key, entry_id, entry_id)),
+                 Command(key, (b"XINFO", b"STREAM", key))])  # fmt: skip
+        except Exception:
+            log.exception("checking %s for entry %s failed", stream, entry_id.decode())
+            return False
+        if isinstance(found, REDIS_FAILURES):
+            return True  # Redis is failing under it now
+        if isinstance(found, Exception) or found:
+            return False
+        if isinstance(info, Exception):
+            return True  # no such stream any more: it went with its node
+        fields = info if isinstance(info, dict) else dict(zip(info[::2], info[1::2], strict=False))
+        first = fields.get(b"first-entry")
+        last = fields.get(b"last-generated-id")
+        if last is not None and _entry_order(last) < _entry_order(entry_id):
+            return True  # this master never generated an id as late as ours
+        # Trimming takes the oldest entries first: an entry missing behind the first one
+        # left was removed by something else (the failover, or an XDEL).
+        if not first:
+            return False  # trimmed to nothing: every reader had it
+        return _entry_order(first[0]) < _entry_order(entry_id)
+
     async def close(self) -> None:
         """Send what is queued."""
         if self._queue:
             self._kick()
         if self._flusher is not None:
             await asyncio.shield(self._flusher)
+
+
+def _entry_order(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
 
 
 def _xadd(item: _Pending) -> Command:
