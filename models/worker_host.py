@@ -31,6 +31,7 @@ from models.deployment_store import DeploymentStore
 from models.deployments import Deployment
 from models.worker import ModelWorker
 from rendezvous.bus.connection import REDIS_FAILURES, Client
+from rendezvous.bus.consumer import stop_thread
 from rendezvous.names import REAL
 
 log = logging.getLogger(__name__)
@@ -185,14 +186,16 @@ class WorkerHost:
     @staticmethod
     def _retire(hosted: _Hosted, grace_s: float = 10.0) -> None:
         hosted.stop.set()
-        hosted.thread.join(grace_s)
+        stop_thread(hosted.worker, hosted.thread, time.monotonic() + grace_s)
 
     def stop_all(self, grace_s: float = 15.0) -> None:
         for hosted in self.hosted.values():
             hosted.stop.set()
+        for hosted in self.hosted.values():  # all at once; then each until it has ended
+            hosted.worker.interrupt()
         deadline = time.monotonic() + grace_s
         for hosted in self.hosted.values():
-            hosted.thread.join(max(deadline - time.monotonic(), 0.1))
+            stop_thread(hosted.worker, hosted.thread, deadline)
         self.hosted.clear()
 
 

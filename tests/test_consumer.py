@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from rendezvous.bus.consumer import Batch, ConsumerLoop
+from rendezvous.bus.consumer import Batch, ConsumerLoop, stop_thread
 from rendezvous.bus.routing import Command, command, raise_first_error
 
 pytestmark = pytest.mark.integration
@@ -163,3 +163,44 @@ def test_the_loop_adds_no_round_trip_and_answers_read_along_with_each_read(
     r.set("rev", b"2")
     assert loop.step(block_ms=10) == 0
     assert round_trips == [2] and loop.along == [b"2"]  # an empty read: one round trip
+
+
+def _blocked(node: redis.Redis) -> int:
+    return int(node.info("clients")["blocked_clients"])
+
+
+@pytest.mark.parametrize("kind", ["single", "cluster"])
+def test_a_stop_cuts_a_blocking_read_short_even_after_a_reconnect(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    """A stopped consumer need not wait out its block (a minute here): ``stop_thread``
+    interrupts the read (``CLIENT UNBLOCK``), which returns as an empty one, and the loop
+    ends. The connection's client id is learnt again when it reconnects."""
+    client = request.getfixturevalue("r" if kind == "single" else "rc")
+    if isinstance(client, redis.RedisCluster):
+        owner = client.get_node_from_key(A)
+        node = redis.Redis(host=owner.host, port=owner.port)
+    else:
+        node = client
+    _groups(client, A)
+    loop = Recorder(client, "c1", block_ms=60_000)
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not _blocked(node) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _blocked(node) == 1
+        assert node.client_kill_filter(_type="normal", skipme=True)  # its connection too
+        while not _blocked(node) and time.monotonic() < deadline:  # reconnected, blocked
+            time.sleep(0.01)
+        assert _blocked(node) == 1
+        stop.set()
+        stop_thread(loop, thread, time.monotonic() + 10)
+        assert not thread.is_alive()
+        assert not _blocked(node)
+        assert loop.batches == []
+    finally:
+        stop.set()
+        thread.join(timeout=65)

@@ -16,6 +16,7 @@ from gateway.cli.process import (
     LOG_FORMAT,
     listening_socket,
     one_blas_thread,
+    run_until_stopped,
     settings_from_args,
     share_metrics_between_processes,
     stop_event,
@@ -173,7 +174,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     settle_heap()
     log.info("worker %s serving %s/%s with %s", consumer, args.deployment, args.role,
              worker.model_ref)  # fmt: skip
-    worker.run(stop)
+    run_until_stopped(worker, stop)
     log.info("worker %s stopped: %s", consumer, worker.stats)
 
 
@@ -216,7 +217,7 @@ def cmd_logbin(args: argparse.Namespace) -> None:
     stop = stop_event()
     settle_heap()
     log.info("log bin archiving to %s", settings.archive_dir)
-    logbin.run(stop)
+    run_until_stopped(logbin, stop)
     log.info("log bin stopped: %s", logbin.stats)
 
 

@@ -9,9 +9,12 @@ import signal
 import socket
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from rendezvous.bus.consumer import ConsumerLoop
 
 log = logging.getLogger("rdv")
 
@@ -39,6 +42,31 @@ def stop_event() -> threading.Event:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return stop
+
+
+def run_until_stopped(loop: ConsumerLoop, stop: threading.Event) -> None:
+    """``loop.run(stop)`` on a thread of its own while this (the main) thread waits for the
+    signal that sets ``stop`` and then interrupts the loop's blocking read: the process stops
+    at once, not when the read's block runs out. What ends the loop with an error is raised
+    here, as if it had run on this thread."""
+    from rendezvous.bus.consumer import stop_thread  # only consumers need the bus
+
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            loop.run(stop)
+        except BaseException as exc:  # handed to the main thread
+            failures.append(exc)
+
+    thread = threading.Thread(target=run, name="rdv-consumer")
+    thread.start()
+    while thread.is_alive():
+        if stop.wait(0.5):
+            stop_thread(loop, thread, deadline=float("inf"))
+        thread.join(0.0)
+    if failures:
+        raise failures[0]
 
 
 METRICS_FOLDER_PREFIX = "rdv-metrics-"

@@ -8,6 +8,7 @@ the gateway's router (``rendezvous.bus.async_router``) and said in ``rendezvous.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ from rendezvous.bus.connection import REDIS_FAILURES
 from rendezvous.bus.connection import Client as AnyClient
 from rendezvous.bus.routing import Command, Plan
 
+log = logging.getLogger(__name__)
+
 
 class BlockingRouter:
     """For a synchronous process (model workers, the log bin); not thread-safe, like the loop
@@ -32,6 +35,8 @@ class BlockingRouter:
         self.timeout_s = timeout_s
         """The client's socket timeout: reads use it unless a batch says otherwise."""
         self._conns: dict[str, Any] = {}
+        self._ids: dict[str, _ClientId] = {}
+        """Each kept connection's Redis client id, for ``unblock``."""
         self._search: threading.Thread | None = None
         """The cluster client following a lost node, on a thread of its own (redis-py's
         cluster client may be shared between threads: it locks its slot table), so that the
@@ -116,27 +121,62 @@ class BlockingRouter:
 
     def _connection(self, node: Any) -> Any:
         """This router's own connection to ``node``, made once and kept (a pool's check on
-        every borrow cost more than the commands): on a single node taken from the client's
-        pool, on a cluster made from the node pool's settings; a connection that failed is
-        reopened by its next command."""
+        every borrow cost more than the commands), from the settings of the node's pool but
+        out of the pool: while the cluster client follows a failover it disconnects its pools
+        (from the search thread too), which must not cut this router's batches to nodes still
+        up. A connection that failed is reopened by its next command."""
         name = routing.node_name(node)
         conn = self._conns.get(name)
         if conn is None:
-            if isinstance(self.client, redis.RedisCluster):
-                # Made from the node pool's settings but kept out of the pool: while the
-                # cluster client follows a failover it disconnects its pools (from the search
-                # thread too), which must not cut this router's batches to nodes still up.
-                pool = self.client.get_redis_connection(node).connection_pool
-                conn = pool.connection_class(**pool.connection_kwargs)
-            else:
-                conn = self.client.connection_pool.get_connection()
+            pool = self._pool(node)
+            conn = pool.connection_class(**pool.connection_kwargs)
+            self._ids[name] = ident = _ClientId(pool)
+            conn.register_connect_callback(ident.learn)
             self._conns[name] = conn
         return conn
+
+    def _pool(self, node: Any) -> Any:
+        if isinstance(self.client, redis.RedisCluster):
+            return self.client.get_redis_connection(node).connection_pool
+        return self.client.connection_pool
+
+    def unblock(self) -> None:
+        """From another thread: end a blocking read of this router's at once, as if its time
+        had run out (``CLIENT UNBLOCK``, on a connection of its own), so that a process asked
+        to stop need not wait out the block. A read sent after this blocks its full time."""
+        for ident in list(self._ids.values()):
+            if ident.value is not None:
+                ident.unblock()
 
     def close(self) -> None:
         for conn in self._conns.values():
             conn.disconnect()
         self._conns.clear()
+        self._ids.clear()
+
+
+class _ClientId:
+    """The Redis client id of one kept connection, learnt on every (re)connect: one
+    ``CLIENT ID`` round trip a connection, not a request."""
+
+    def __init__(self, pool: Any):
+        self.pool = pool
+        self.value: int | None = None
+
+    def learn(self, conn: Any) -> None:
+        """redis-py's connect callback (it must be a method: redis-py keeps a weak one)."""
+        conn.send_command("CLIENT", "ID", check_health=False)
+        self.value = int(conn.read_response())
+
+    def unblock(self) -> None:
+        conn = self.pool.connection_class(**self.pool.connection_kwargs)
+        try:
+            conn.send_command("CLIENT", "UNBLOCK", self.value)
+            conn.read_response()
+        except REDIS_FAILURES as exc:  # nothing to cut short then: Redis is away
+            log.debug("CLIENT UNBLOCK %s failed: %s", self.value, exc)
+        finally:
+            conn.disconnect()
 
 
 def _lose(conn: Any, batch: list[tuple[int, bool]], done: int, exc: Exception,

@@ -171,6 +171,11 @@ class ConsumerLoop(ABC):
         """Called once when ``run`` ends; a subclass extends it to release its own."""
         self.bus.close()
 
+    def interrupt(self) -> None:
+        """From another thread, once the ``stop`` given to ``run`` is set: cut a blocking read
+        short, so that the stop takes effect now rather than when the block runs out."""
+        self.bus.unblock()
+
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
@@ -433,6 +438,17 @@ class ConsumerLoop(ABC):
         if streams is not None:
             out = self._tolerate_lost(out, streams)
         return raise_first_error(out), along
+
+
+def stop_thread(loop: ConsumerLoop, thread: threading.Thread, deadline: float) -> None:
+    """Once ``loop``'s stop is set: interrupt it until its ``thread`` ends or the monotonic
+    ``deadline`` passes. Again at growing intervals, since a read sent just after an interrupt
+    blocks its full time, and the batch in hand is finished first."""
+    pause_s = 0.02
+    while thread.is_alive() and time.monotonic() < deadline:
+        loop.interrupt()
+        thread.join(min(pause_s, max(deadline - time.monotonic(), 0.0)))
+        pause_s = min(pause_s * 2, 0.5)
 
 
 def _entries(reply: Any) -> list[Entry]:
