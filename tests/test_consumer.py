@@ -204,3 +204,30 @@ def test_a_stop_cuts_a_blocking_read_short_even_after_a_reconnect(
     finally:
         stop.set()
         thread.join(timeout=65)
+
+
+def test_a_user_without_client_id_or_unblock_is_served_and_stops_at_the_blocks_end(
+    r: redis.Redis, redis_url: str
+) -> None:
+    """Managed Redis may deny ``CLIENT`` (``-@dangerous`` takes ``CLIENT UNBLOCK``): the
+    consumer reads as ever, and a stop then waits out the block instead of failing."""
+    r.execute_command("ACL", "SETUSER", "limited", "reset", "on", ">pw", "~*", "&*", "+@all",
+                      "-client")  # fmt: skip
+    limited = redis.Redis.from_url(redis_url, username="limited", password="pw")
+    try:
+        _groups(r, A)
+        sent = _add(r, A, 2)
+        loop = Recorder(limited, "c1", block_ms=300)
+        stop = threading.Event()
+        thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while loop.ids() != sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert loop.ids() == sent
+        stop.set()
+        stop_thread(loop, thread, time.monotonic() + 10)
+        assert not thread.is_alive() and _pending(r) == 0
+    finally:
+        limited.close()
+        r.execute_command("ACL", "DELUSER", "limited")

@@ -164,17 +164,24 @@ class _ClientId:
         self.value: int | None = None
 
     def learn(self, conn: Any) -> None:
-        """redis-py's connect callback (it must be a method: redis-py keeps a weak one)."""
+        """redis-py's connect callback (it must be a method: redis-py keeps a weak one). An
+        ACL user without ``CLIENT ID`` is served all the same, without ``unblock``."""
         conn.send_command("CLIENT", "ID", check_health=False)
-        self.value = int(conn.read_response())
+        try:
+            self.value = int(conn.read_response())
+        except redis.ResponseError as exc:  # NOPERM, or a managed Redis that renamed it
+            self.value = None
+            log.info("no CLIENT ID (%s): a stop waits out its blocking read", exc)
 
     def unblock(self) -> None:
         conn = self.pool.connection_class(**self.pool.connection_kwargs)
         try:
             conn.send_command("CLIENT", "UNBLOCK", self.value)
             conn.read_response()
-        except REDIS_FAILURES as exc:  # nothing to cut short then: Redis is away
-            log.debug("CLIENT UNBLOCK %s failed: %s", self.value, exc)
+        except redis.RedisError as exc:  # Redis away (nothing to cut short), or NOPERM
+            if isinstance(exc, redis.ResponseError):
+                self.value = None  # not again
+            log.info("CLIENT UNBLOCK %s failed (%s): the read runs out its block", self.value, exc)
         finally:
             conn.disconnect()
 
