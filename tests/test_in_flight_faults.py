@@ -64,7 +64,10 @@ def test_a_request_whose_answer_redis_lost_gets_503_and_one_the_models_missed_50
     answers: list[httpx.Response] = []
     sender = threading.Thread(target=lambda: answers.append(gateway.post(PREDICT, json=body)))
     sender.start()
-    time.sleep(0.3)  # the request is in flight: its input appended, nothing answers it
+    direct = connect(outage_redis.url)
+    stream = names.input_stream(DEMO_DEPLOYMENT)
+    wait_until(lambda: direct.xlen(stream) > 0, 10, "the request's input appended")
+    direct.close()  # the request is in flight: its input appended, nothing answers it
     outage_redis.stop()  # a restart under it
     time.sleep(0.3)
     outage_redis.start()
@@ -164,7 +167,9 @@ def test_a_request_whose_input_node_stalls_gets_503_on_a_cluster(
         sender = threading.Thread(target=lambda: answers.append(
             gateway.post(PREDICT, json=body, headers={"X-Request-Id": waiting})))  # fmt: skip
         sender.start()
-        time.sleep(0.3)  # in flight: its input appended, no worker to answer it
+        # In flight: its input appended (on a loaded machine that may take longer than
+        # any fixed pause), no worker to answer it.
+        wait_until(lambda: rc.xlen(stream) > 0, 10, "the waiting request's input appended")
         node = redis.Redis(host="127.0.0.1", port=_port_of(rc, stream))
         try:
             node.execute_command("CLIENT", "PAUSE", "2500", "WRITE")
