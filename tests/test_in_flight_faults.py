@@ -57,17 +57,27 @@ def gateway(
     client.close()
 
 
+def _in_flight(
+    gateway: AppClient, client: redis.Redis | redis.RedisCluster, stream: str, rid: str
+) -> tuple[list[httpx.Response], threading.Thread]:
+    """One predict sent on a thread, returned once its input is in ``stream`` (on a loaded
+    machine that may take longer than any fixed pause); no worker will answer it."""
+    body = features_body(np.asarray(demo_data().x_test[0]))
+    answers: list[httpx.Response] = []
+    sender = threading.Thread(target=lambda: answers.append(
+        gateway.post(PREDICT, json=body, headers={"X-Request-Id": rid})))  # fmt: skip
+    sender.start()
+    wait_until(lambda: client.xlen(stream) > 0, 10, f"request {rid}'s input appended")
+    return answers, sender
+
+
 def test_a_request_whose_answer_redis_lost_gets_503_and_one_the_models_missed_504(
     gateway: AppClient, outage_redis: EmbeddedRedis
 ) -> None:
     body = features_body(np.asarray(demo_data().x_test[0]))
-    answers: list[httpx.Response] = []
-    sender = threading.Thread(target=lambda: answers.append(gateway.post(PREDICT, json=body)))
-    sender.start()
     direct = connect(outage_redis.url)
-    stream = names.input_stream(DEMO_DEPLOYMENT)
-    wait_until(lambda: direct.xlen(stream) > 0, 10, "the request's input appended")
-    direct.close()  # the request is in flight: its input appended, nothing answers it
+    answers, sender = _in_flight(gateway, direct, names.input_stream(DEMO_DEPLOYMENT), "restart")
+    direct.close()
     outage_redis.stop()  # a restart under it
     time.sleep(0.3)
     outage_redis.start()
@@ -113,12 +123,7 @@ def test_a_request_whose_input_a_failover_lost_gets_503(
     rid = f"lost-{promoted}"
     stream = names.input_stream(DEMO_DEPLOYMENT)
     direct = connect(outage_redis.url)
-    body = features_body(np.asarray(demo_data().x_test[0]))
-    answers: list[httpx.Response] = []
-    sender = threading.Thread(target=lambda: answers.append(
-        gateway.post(PREDICT, json=body, headers={"X-Request-Id": rid})))  # fmt: skip
-    sender.start()
-    wait_until(lambda: direct.xlen(stream) > 0, 5, "the request's input appended")
+    answers, sender = _in_flight(gateway, direct, stream, rid)
     [(entry_id, _)] = direct.xrange(stream)
     direct.delete(stream)
     if promoted in ("before", "around"):
@@ -162,14 +167,8 @@ def test_a_request_whose_input_node_stalls_gets_503_on_a_cluster(
         waiting = next(r for r in rids if _port_of(rc, dep.input_stream_for(r)) != reply_port)
         stream = dep.input_stream_for(waiting)
         second = next(r for r in rids if dep.input_stream_for(r) == stream)
+        answers, sender = _in_flight(gateway, rc, stream, waiting)
         body = features_body(np.asarray(demo_data().x_test[0]))
-        answers: list[httpx.Response] = []
-        sender = threading.Thread(target=lambda: answers.append(
-            gateway.post(PREDICT, json=body, headers={"X-Request-Id": waiting})))  # fmt: skip
-        sender.start()
-        # In flight: its input appended (on a loaded machine that may take longer than
-        # any fixed pause), no worker to answer it.
-        wait_until(lambda: rc.xlen(stream) > 0, 10, "the waiting request's input appended")
         node = redis.Redis(host="127.0.0.1", port=_port_of(rc, stream))
         try:
             node.execute_command("CLIENT", "PAUSE", "2500", "WRITE")
