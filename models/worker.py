@@ -32,7 +32,7 @@ from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, Client
-from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry
+from rendezvous.bus.consumer import UNREACHABLE, Batch, ConsumerLoop, Entry
 from rendezvous.bus.routing import command, raise_first_error
 from rendezvous.envelope import EnvelopeError, ModelResult, RequestEnvelope, encode_results
 from rendezvous.schedule import Schedule
@@ -253,6 +253,7 @@ class ModelWorker(ConsumerLoop):
                                     maxlen, b"*", field, value))  # fmt: skip
         for stream, ids in ack_ids.items():  # each on its partition's node
             commands.append(command(b"XACK", stream.encode(), self._group_b, *ids))
+        essential = len(commands)
         if beat is not None:
             # The heartbeat rides with the results: liveness and counters cost no round trip
             # of their own (the deployment's revision came with the read).
@@ -263,9 +264,13 @@ class ModelWorker(ConsumerLoop):
                 command(b"ZADD", workers, repr(beat).encode(), member),
                 command(b"HSET", stats, member, self.stats_json(beat).encode()),
             ]
-        # On a cluster the results go to each gateway's node and the rest to the deployment's,
-        # in one round trip per node, all written before any reply is read.
-        raise_first_error(self.bus.execute(commands))
+        # On a cluster the results go to each gateway's node, the acks to each partition's and
+        # the heartbeat to the deployment's, in one round trip per node, all written before any
+        # reply is read. A heartbeat whose node is away (partition 0's master failing over)
+        # must not hold up the other partitions: it is sent again when next due.
+        replies = self.bus.execute(commands)
+        raise_first_error(replies[:essential])
+        raise_first_error([r for r in replies[essential:] if not isinstance(r, UNREACHABLE)])
         return len(entries)
 
     def _score(self, live: list[tuple[RequestEnvelope, float]]) -> list[tuple[str, ModelResult]]:

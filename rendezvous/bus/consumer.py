@@ -434,10 +434,13 @@ class ConsumerLoop(ABC):
         command reads, so that the streams of a lost node are set aside (their replies
         ``None``) while the others are read."""
         replies = self.bus.execute(commands + self._along, timeout_s=timeout_s)
-        out, along = replies[: len(commands)], raise_first_error(replies[len(commands) :])
+        out, along = replies[: len(commands)], replies[len(commands) :]
         if streams is not None:
-            out = self._tolerate_lost(out, streams)
-        return raise_first_error(out), along
+            out = raise_first_error(self._tolerate_lost(out, streams))
+            # Streams on other nodes answered: what rides along (the worker's revision, on the
+            # deployment's own node, partition 0's) reads as None while its node is away.
+            along = [None if isinstance(r, UNREACHABLE) else r for r in along]
+        return raise_first_error(out), raise_first_error(along)
 
 
 def stop_thread(loop: ConsumerLoop, thread: threading.Thread, deadline: float) -> None:
