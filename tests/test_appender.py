@@ -5,10 +5,11 @@ import asyncio
 import redis
 import redis.asyncio as aioredis
 
-from rendezvous.bus.appender import AlreadyTaken, NotReplicated, StreamAppender
+from rendezvous.bus.appender import AlreadyTaken, Fate, NotReplicated, StreamAppender
 from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import connect_async
 from rendezvous.bus.local_cluster import LocalCluster
+from rendezvous.bus.server import free_port
 
 
 def _router(url: str) -> Router:
@@ -107,9 +108,10 @@ async def test_replicated_appends_wait_for_their_replicas_or_say_they_did_not(
 async def test_an_entry_is_lost_when_gone_other_than_by_trimming(
     r: redis.Redis, redis_url: str, rc: redis.RedisCluster, redis_cluster: LocalCluster
 ) -> None:
-    """``lost`` on both kinds of Redis: the appended entry's id comes back through
-    ``on_appended``; present, or trimmed away with everything before it, it is not lost;
-    missing behind an older entry, or past the stream's last id, or with its stream, it is."""
+    """``fate`` on both kinds of Redis: the appended entry's id comes back through
+    ``on_appended``; present, or trimmed away with everything before it, it is kept; missing
+    behind an older entry, or past the stream's last id, or with its stream, it is gone, and
+    a unique key released is free again."""
     for router, direct in ((_router(redis_url), r), (Router(await connect_async(
             redis_cluster.url), timeout_s=2.0), rc)):  # fmt: skip
         appender = StreamAppender(router)
@@ -121,13 +123,28 @@ async def test_an_entry_is_lost_when_gone_other_than_by_trimming(
         await appender.close()
         assert [e for e, _ in direct.xrange(stream)] == ids
         first, middle, last = ids
-        assert not await appender.lost(stream, middle)
+        assert await appender.fate(stream, middle) is Fate.KEPT
         direct.xdel(stream, middle)
-        assert await appender.lost(stream, middle)  # an older one is still there
+        assert await appender.fate(stream, middle) is Fate.GONE  # an older one is still there
         direct.xtrim(stream, minid=last)
-        assert not await appender.lost(stream, first)  # trimmed: the readers had it
-        assert await appender.lost(stream, b"%d-0" % (int(last.split(b"-")[0]) + 1))
+        assert await appender.fate(stream, first) is Fate.KEPT  # trimmed: the readers had it
+        later = b"%d-0" % (int(last.split(b"-")[0]) + 1)
+        assert await appender.fate(stream, later) is Fate.GONE
         direct.delete(stream)
-        assert await appender.lost(stream, last)
+        assert await appender.fate(stream, last) is Fate.GONE
+        key = "rdv:{lost}:rid:taken"
+        direct.set(key, "1")
+        assert await appender.release(key) and not direct.exists(key)
         await router.close()
         await router.client.aclose()
+
+
+async def test_a_redis_that_cannot_answer_leaves_an_entrys_fate_unknown() -> None:
+    """Nothing listens where the appender looks: the entry's fate cannot be told (the gateway
+    then blames Redis, not the models), and a key cannot be released."""
+    router = _router(f"redis://127.0.0.1:{free_port()}")
+    appender = StreamAppender(router)
+    assert await appender.fate("rdv:{gone}:in", b"1-0") is Fate.UNKNOWN
+    assert not await appender.release("rdv:{gone}:rid:x")
+    await router.close()
+    await router.client.aclose()

@@ -86,6 +86,11 @@ def test_a_request_whose_answer_redis_lost_gets_503_and_one_the_models_missed_50
     assert lost.status_code == 503, lost.text
     assert lost.headers.get("Retry-After")
     assert "Redis failed while request" in lost.json()["detail"]
+    # Its input outlived the restart and may still be scored under its id, which stays taken:
+    # the caller is told to retry with a new one, and the old one is refused with the reason.
+    assert "retry it with a new X-Request-Id" in lost.json()["detail"]
+    again = gateway.post(PREDICT, json=body, headers={"X-Request-Id": "restart"})
+    assert again.status_code == 409 and "before a Redis failure" in again.json()["detail"]
 
     # Redis answers the gateway again (no worker: it stays unready, with its reasons).
     wait_until(lambda: "deployments" in gateway.get("/readyz").json(), 10, "Redis back")
@@ -133,9 +138,13 @@ def test_a_request_whose_input_a_failover_lost_gets_503(
     sender.join(TIMEOUT_MS / 1000 + 10)
     [answer] = answers
     assert answer.status_code == status, answer.text
-    if status == 503:
+    taken = direct.exists(names.request_id_key(stream, rid))
+    if status == 503:  # its id is freed for the retry
         assert answer.headers.get("Retry-After")
-        assert f"Redis lost request {rid!r}'s input" in answer.json()["detail"]
+        assert answer.json()["detail"].startswith(f"Redis lost request {rid!r}'s input")
+        assert answer.json()["detail"].endswith("; retry it") and not taken
+    else:  # the input was read: its id stays taken
+        assert taken
     assert gateway.app.state.rendezvous.read_failed_ms == 0  # nothing failed where it looked
 
 

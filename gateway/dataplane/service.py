@@ -38,7 +38,7 @@ from gateway.dataplane.validation import (
 )
 from models.deployments import Deployment
 from rendezvous import names
-from rendezvous.bus.appender import AlreadyTaken, NotReplicated, StreamAppender
+from rendezvous.bus.appender import AlreadyTaken, Fate, NotReplicated, StreamAppender
 from rendezvous.bus.connection import MEMORY_LIMIT, REDIS_FAILURES, AsyncClient, out_of_memory
 from rendezvous.envelope import RequestEnvelope
 from rendezvous.ood import OodReference
@@ -247,7 +247,8 @@ class PredictionService:
             if isinstance(exc, AlreadyTaken):
                 self.rendezvous.fail(mailbox, DuplicateRequest(
                     f"request id {rid!r} was already used for deployment {dep.name} "
-                    "(in flight or answered on some gateway)"))  # fmt: skip
+                    "(in flight or answered on some gateway, or published before a Redis failure; "
+                    "ids stay taken for RDV_REQUEST_ID_TTL_S)"))  # fmt: skip
                 return
             why = MEMORY_LIMIT if out_of_memory(exc) else f"the request bus is unavailable: {exc}"
             self.rendezvous.fail(mailbox, Unavailable(why))
@@ -278,22 +279,8 @@ class PredictionService:
             if isinstance(replicated.exception(), NotReplicated):
                 raise Unavailable(str(replicated.exception()))
         if answer.result is None:
-            failed_ms = max(self.rendezvous.read_failed_ms, self.appender.failed_ms(stream))
-            if failed_ms >= mailbox.started_ms:
-                # Redis failed while it waited (a restart, a failover; seen by the reply
-                # reader, or by other appends to its input stream): its input or its answer
-                # was lost or came too late. Not the models' fault, and worth a retry.
-                raise Unavailable(
-                    f"Redis failed while request {rid!r} waited for its answer "
-                    f"({answer.reason}); retry it"
-                )
-            if mailbox.input_id is not None and await self.appender.lost(stream, mailbox.input_id):
-                # Nothing else touched that node meanwhile, and its input is gone: a
-                # failover took the entry before a replica had it.
-                raise Unavailable(
-                    f"Redis lost request {rid!r}'s input while it waited for its answer "
-                    f"({answer.reason}); retry it"
-                )
+            await self._no_answer(stream, rid, mailbox.input_id, answer.reason,
+                                  mailbox.started_ms, chosen)  # fmt: skip
             raise NoAnswer(rid, answer)
         result = answer.result
         return {
@@ -302,6 +289,41 @@ class PredictionService:
             "predictions": predictions(result.labels, result.probabilities, result.classes),
             "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
         }, answer.outcome
+
+    async def _no_answer(
+        self,
+        stream: str,
+        rid: str,
+        input_id: bytes | None,
+        reason: str,
+        started_ms: float,
+        chosen: bool,
+    ) -> None:
+        """Raise 503 for a request that waited in vain because Redis failed or lost its input:
+        not the models' fault, and worth a retry (the caller's 504 otherwise). Redis failed
+        while it waited (a restart, a failover; seen by the reply reader, or by other appends
+        to its input stream), or its input is gone: a failover took the entry before a replica
+        had it, with nothing else failing where the gateway looks (asked only then). A
+        caller's own id is freed for the retry when its input is gone; while the input may
+        still be scored under it, it stays taken and the caller is told to use a new one."""
+        failed_ms = max(self.rendezvous.read_failed_ms, self.appender.failed_ms(stream))
+        redis_failed = failed_ms >= started_ms
+        fate = Fate.UNKNOWN
+        if input_id is not None and (chosen or not redis_failed):
+            fate = await self.appender.fate(stream, input_id)
+        if redis_failed or fate is Fate.UNKNOWN:
+            what = f"Redis failed while request {rid!r} waited for its answer ({reason})"
+        elif fate is Fate.GONE:
+            what = f"Redis lost request {rid!r}'s input while it waited for its answer ({reason})"
+        else:
+            return
+        key = names.request_id_key(stream, rid)
+        if not chosen or (fate is Fate.GONE and await self.appender.release(key)):
+            raise Unavailable(f"{what}; retry it")
+        raise Unavailable(
+            f"{what}; its input may still be scored under that id, which stays taken: "
+            "retry it with a new X-Request-Id"
+        )
 
 
 def predictions(

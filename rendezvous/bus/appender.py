@@ -13,6 +13,7 @@ idle gateway still sends each append at once. The batch goes through
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +30,17 @@ log = logging.getLogger(__name__)
 
 class AlreadyTaken(Exception):
     """An append's unique key was already taken: nothing was appended."""
+
+
+class Fate(enum.Enum):
+    """What became of an appended entry, as its stream tells it now."""
+
+    KEPT = "kept"
+    """Still there, or trimmed (trimming waits for every reader): the readers had it."""
+    GONE = "gone"
+    """Removed other than by trimming: a failover took it (or an ``XDEL``)."""
+    UNKNOWN = "unknown"
+    """Redis cannot say now: it is failing under the question."""
 
 
 class NotReplicated(Exception):
@@ -194,36 +206,51 @@ class StreamAppender:
         else:
             replicated.set_result(None)
 
-    async def lost(self, stream: str, entry_id: bytes) -> bool:
-        """Whether an entry this appender wrote is gone from ``stream`` other than by trimming,
-        or Redis cannot say now. Redis replicates asynchronously: a master that failed over
-        before its replica had the entry took it along, and the promoted replica never saw it.
-        Asked only of a request that waited in vain, to tell a 503 (Redis lost it: retry) from
-        a 504 (the models did not answer): one round trip, on the node that holds ``stream``."""
+    async def fate(self, stream: str, entry_id: bytes) -> Fate:
+        """What became of an entry this appender wrote to ``stream``. Redis replicates
+        asynchronously: a master that failed over before its replica had the entry took it
+        along, and the promoted replica never saw it. Asked only of a request that waited in
+        vain, to tell a 503 (Redis lost it: retry) from a 504 (the models did not answer): one
+        round trip, on the node that holds ``stream``."""
         key = stream.encode()
         try:
             found, info = await self.client.execute(
                 [Command(key, (b"XRANGE", key, entry_id, entry_id)),
                  Command(key, (b"XINFO", b"STREAM", key))])  # fmt: skip
+        except REDIS_FAILURES:
+            return Fate.UNKNOWN
         except Exception:
             log.exception("checking %s for entry %s failed", stream, entry_id.decode())
-            return False
+            return Fate.KEPT  # no reason to blame Redis
         if isinstance(found, REDIS_FAILURES):
-            return True  # Redis is failing under it now
+            return Fate.UNKNOWN  # Redis is failing under it now
         if isinstance(found, Exception) or found:
-            return False
+            return Fate.KEPT
         if isinstance(info, Exception):
-            return True  # no such stream any more: it went with its node
+            return Fate.GONE  # no such stream any more: it went with its node
         fields = info if isinstance(info, dict) else dict(zip(info[::2], info[1::2], strict=False))
         first = fields.get(b"first-entry")
         last = fields.get(b"last-generated-id")
         if last is not None and _entry_order(last) < _entry_order(entry_id):
-            return True  # this master never generated an id as late as ours
+            return Fate.GONE  # this master never generated an id as late as ours
         # Trimming takes the oldest entries first: an entry missing behind the first one
         # left was removed by something else (the failover, or an XDEL).
-        if not first:
-            return False  # trimmed to nothing: every reader had it
-        return _entry_order(first[0]) < _entry_order(entry_id)
+        if first and _entry_order(first[0]) < _entry_order(entry_id):
+            return Fate.GONE
+        return Fate.KEPT  # trimmed: every reader had it
+
+    async def release(self, key: str) -> bool:
+        """Free a ``unique`` key whose entry is gone (``Fate.GONE``), so that the caller's
+        retry under the same id is taken; False if Redis could not do it now."""
+        raw = key.encode()
+        try:
+            [reply] = await self.client.execute([Command(raw, (b"DEL", raw))])
+        except Exception as exc:
+            reply = exc
+        if isinstance(reply, Exception):
+            log.warning("could not release %s: %s", key, reply)
+            return False
+        return True
 
     async def close(self) -> None:
         """Send what is queued."""
