@@ -31,8 +31,9 @@ from models.deployments import Deployment, DeploymentNotFound, ModelRef
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from rendezvous import names
+from rendezvous.bus.aside import UNREACHABLE
 from rendezvous.bus.connection import REDIS_FAILURES, Client
-from rendezvous.bus.consumer import UNREACHABLE, Batch, ConsumerLoop, Entry
+from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry
 from rendezvous.bus.routing import command, raise_first_error
 from rendezvous.envelope import EnvelopeError, ModelResult, RequestEnvelope, encode_results
 from rendezvous.schedule import Schedule

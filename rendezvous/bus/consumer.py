@@ -28,9 +28,8 @@ share a slot (one hash tag) in one XREADGROUP as before, blocking; streams sprea
 slots (the log bin's deployments, a partitioned deployment) each without blocking, all in one
 round trip per node, with a short growing pause while every one of them is empty
 (``IDLE_POLL_MAX_S``: the most an idle consumer adds to the first request after a lull). A
-stream whose node stops answering (a master lost, a replica being elected) is set aside for
-``ASIDE_S`` at a time while the others are read, so one lost shard stalls only its own
-partitions.
+stream whose node stops answering is set aside while the others are read
+(``rendezvous.bus.aside``).
 """
 
 from __future__ import annotations
@@ -44,8 +43,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.exceptions import ClusterError, RedisClusterException
 
+from rendezvous.bus.aside import UNREACHABLE, SetAside
 from rendezvous.bus.blocking_router import BlockingRouter
 from rendezvous.bus.connection import MEMORY_LIMIT, REDIS_DOWN, out_of_memory
 from rendezvous.bus.connection import Client as AnyClient
@@ -61,19 +60,6 @@ within a request's timeout (1 s by default) of Redis's return: at 1 s, requests 
 after a restart timed out while the workers were still pausing. A try costs one failed connect."""
 IDLE_POLL_MIN_S = 0.001
 IDLE_POLL_MAX_S = 0.02
-ASIDE_S = 0.5
-"""How long a stream whose node stopped answering (a master lost, its replica being elected)
-is left out of the reads of a consumer that reads other nodes too. Those go on meanwhile; the
-stream's own pending entries are re-read first once it is back. A consumer whose every stream
-is unreachable fails its step, as before (backoff, then a fresh start)."""
-UNREACHABLE: tuple[type[Exception], ...] = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    ClusterError,
-    RedisClusterException,
-)
-"""The replies that set a stream aside (not an error of the command itself)."""
-
 Entry = tuple[str, bytes, dict[bytes, bytes]]
 """(stream key, entry id, fields) of one stream entry. No fields: the entry was deleted from
 the stream (trimmed) while it was pending."""
@@ -138,9 +124,8 @@ class ConsumerLoop(ABC):
         self._count_b = b"%d" % batch_size
         self._along = list(read_along)
         self._idle_poll_s = 0.0
-        self._aside: dict[str, float] = {}
-        """Streams left out of reads while their node does not answer -> when (monotonic)
-        they are tried again (``ASIDE_S``)."""
+        self._aside = SetAside(consumer)
+        """Streams left out of reads while their node does not answer."""
 
     # -- what a subclass supplies -------------------------------------------------------------
 
@@ -284,51 +269,24 @@ class ConsumerLoop(ABC):
 
     def _pause_aside(self, block_ms: int | None) -> None:
         """Until the first stream set aside is tried again (at most a blocking read's time)."""
-        wait_s = min(self._aside.values(), default=0.0) - time.monotonic()
-        if block_ms is not None:
-            wait_s = min(wait_s, block_ms / 1000)
+        wait_s = self._aside.wait_s(block_ms)
         if wait_s > 0:
             self._pause(wait_s)
-
-    def _reachable(self, streams: Iterable[str]) -> list[str]:
-        """``streams`` less those set aside (see ``ASIDE_S``)."""
-        if not self._aside:
-            return list(streams)
-        now = time.monotonic()
-        for stream, until in list(self._aside.items()):
-            if until <= now:
-                del self._aside[stream]
-        return [s for s in streams if s not in self._aside]
 
     def _tolerate_lost(
         self, replies: list[Any], streams: Sequence[Sequence[str]], among: Iterable[str] = ()
     ) -> list[Any]:
-        """When some of a batch's commands (each over ``streams[i]``) lost their node while
-        other streams of this consumer (``self.streams`` and ``among``) may still answer, set
-        the lost ones' streams aside and read their replies as empty (``None``); when every
-        stream is lost, leave the errors to fail the step."""
-        lost = [i for i, reply in enumerate(replies) if isinstance(reply, UNREACHABLE)]
-        if not lost:
-            return replies
-        gone = {stream for i in lost for stream in streams[i]}
-        if gone.issuperset(self.streams) and gone.issuperset(among):
-            return replies
-        until = time.monotonic() + ASIDE_S
-        out = list(replies)
-        for i in lost:
-            for stream in streams[i]:
-                if stream not in self._aside:
-                    log.warning("%s: %s does not answer (%s); reading the other streams",
-                                self.consumer, stream, replies[i])  # fmt: skip
-                self._aside[stream] = until
-                self._pending_first.add(stream)  # a lost reply may have delivered entries
-            out[i] = None
+        """Replies of commands (each over ``streams[i]``) whose node is lost read as empty
+        while other streams of this consumer (``self.streams`` and ``among``) may answer; the
+        lost streams' own pending entries are re-read once they are back."""
+        out, aside = self._aside.tolerate(replies, streams, {*self.streams, *among})
+        self._pending_first.update(aside)
         return out
 
     # -- reading ------------------------------------------------------------------------------
 
     def _read(self, block_ms: int | None) -> Batch:
-        reachable = self._reachable(self.streams)
+        reachable = self._aside.reachable(self.streams)
         if not reachable:  # every stream set aside: wait for the first to be tried again
             self._pause_aside(block_ms)
             return Batch([], [])
@@ -352,7 +310,7 @@ class ConsumerLoop(ABC):
             if entries:
                 log.info("%s: reclaimed %d entries from dead consumers", self.group, len(entries))
                 return Batch(entries, along, claimed=len(entries))
-        reachable = self._reachable(self.streams)
+        reachable = self._aside.reachable(self.streams)
         if not reachable:
             return Batch([], [])
         # While a stream is set aside, the others are polled, not blocked on: the one coming
@@ -380,7 +338,7 @@ class ConsumerLoop(ABC):
     def _claim(self) -> tuple[list[Entry], list[Any]]:
         """One XAUTOCLAIM page per stream still being scanned, all in one round trip."""
         idle = b"%d" % self.claim_idle_ms
-        streams = self._reachable(self._claiming)
+        streams = self._aside.reachable(self._claiming)
         if not streams:
             return [], []
         commands = [command(b"XAUTOCLAIM", s.encode(), self._group_b, self._consumer_b, idle,
