@@ -17,7 +17,8 @@ import redis.asyncio as aioredis
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability.drift_feed import BIN_SLICE, SKETCH_FIELD, DriftFeed
-from gateway.observability.drift_monitor import LEASE_RECHECK_S, DriftMonitor, local_model_meta
+from gateway.observability.drift_lease import LEASE_RECHECK_S
+from gateway.observability.drift_monitor import DriftMonitor, local_model_meta
 from gateway.observability.drift_view import drift_view, set_thresholds
 from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
@@ -208,14 +209,14 @@ async def test_one_evaluator_per_deployment_at_a_time(client: aioredis.Redis) ->
     two = DriftMonitor(client, deployments, "gw-2", interval_s=0.2)
     ttl_s = (int(0.2 * 3000) + 1000) / 1000
     t = time.monotonic()
-    assert await one._lead(DEMO_DEPLOYMENT, t)
-    assert not await two._lead(DEMO_DEPLOYMENT, t)
+    assert await one.leases.holds(DEMO_DEPLOYMENT, t)
+    assert not await two.leases.holds(DEMO_DEPLOYMENT, t)
     await client.delete(names.drift_lock_key(DEMO_DEPLOYMENT))  # the holder died: lease lapses
-    assert await one._lead(DEMO_DEPLOYMENT, t + 0.1)  # still its own, as far as it knows
-    assert not await two._lead(DEMO_DEPLOYMENT, t + 0.1)  # not asked again yet
-    assert await two._lead(DEMO_DEPLOYMENT, t + LEASE_RECHECK_S + 0.01)  # taken over
-    assert not await one._lead(DEMO_DEPLOYMENT, t + ttl_s / 3 + 0.01)  # its renewal sees it
-    assert await two._lead(DEMO_DEPLOYMENT, t + 30)  # renewed by its holder
+    assert await one.leases.holds(DEMO_DEPLOYMENT, t + 0.1)  # still its own, as far as it knows
+    assert not await two.leases.holds(DEMO_DEPLOYMENT, t + 0.1)  # not asked again yet
+    assert await two.leases.holds(DEMO_DEPLOYMENT, t + LEASE_RECHECK_S + 0.01)  # taken over
+    assert not await one.leases.holds(DEMO_DEPLOYMENT, t + ttl_s / 3 + 0.01)  # its renewal sees it
+    assert await two.leases.holds(DEMO_DEPLOYMENT, t + 30)  # renewed by its holder
     assert await client.pttl(names.drift_lock_key(DEMO_DEPLOYMENT)) > 0.9 * ttl_s * 1000
 
 
@@ -235,8 +236,8 @@ async def test_leases_of_many_deployments_are_asked_together_and_each_has_one_ho
         one = DriftMonitor(client, cache, "gw-1", interval_s=5.0)
         two = DriftMonitor(client, cache, "gw-2", interval_s=5.0)
         t = time.monotonic()
-        led_one = await one._leads(deps[:4], t)
-        led_two = await two._leads(deps, t)
+        led_one = await one.leases.held(deps[:4], t)
+        led_two = await two.leases.held(deps, t)
         assert led_one == deps[1:4]  # deps[0] is held elsewhere
         assert led_two == deps[4:]
         for d in deps[1:]:
@@ -244,9 +245,9 @@ async def test_leases_of_many_deployments_are_asked_together_and_each_has_one_ho
             assert await client.get(names.drift_lock_key(d)) == holder.encode()
         assert await client.get(names.drift_lock_key(deps[0])) == b"gw-elsewhere"
         await client.pexpire(names.drift_lock_key(deps[1]), 500)
-        assert await one._leads(deps[:4], t + 30) == deps[1:4]  # renewed, not lost
+        assert await one.leases.held(deps[:4], t + 30) == deps[1:4]  # renewed, not lost
         assert await client.pttl(names.drift_lock_key(deps[1])) > 10_000
-        assert await two._leads(deps, t + 30) == deps[4:]
+        assert await two.leases.held(deps, t + 30) == deps[4:]
     finally:
         for d in deps:
             await client.delete(names.drift_lock_key(d))
@@ -260,12 +261,12 @@ async def test_a_stopping_holder_hands_its_lease_over_at_once(client: aioredis.R
     one = DriftMonitor(client, deployments, "gw-1", interval_s=5.0)
     two = DriftMonitor(client, deployments, "gw-2", interval_s=5.0)
     t = time.monotonic()
-    assert await one._lead(DEMO_DEPLOYMENT, t)
-    assert not await two._lead(DEMO_DEPLOYMENT, t)
+    assert await one.leases.holds(DEMO_DEPLOYMENT, t)
+    assert not await two.leases.holds(DEMO_DEPLOYMENT, t)
     await one.release()
     assert await client.get(names.drift_lock_key(DEMO_DEPLOYMENT)) is None
-    assert await two._lead(DEMO_DEPLOYMENT, t + LEASE_RECHECK_S + 0.01)
-    assert await one._lead(DEMO_DEPLOYMENT, t + 0.1) is False  # asks Redis again: two holds it
+    assert await two.leases.holds(DEMO_DEPLOYMENT, t + LEASE_RECHECK_S + 0.01)
+    assert not await one.leases.holds(DEMO_DEPLOYMENT, t + 0.1)  # asks Redis again: two holds it
     await one.release()  # holds nothing: two's lease stays
     assert await client.get(names.drift_lock_key(DEMO_DEPLOYMENT)) == b"gw-2"
 

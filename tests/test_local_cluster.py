@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import redis
 
-from rendezvous.bus.local_cluster import SLOTS, ClusterError, LocalCluster, cluster_ports
+from rendezvous.bus.cluster_nodes import SLOTS
+from rendezvous.bus.local_cluster import ClusterError, LocalCluster, cluster_ports
 
 
 def _alive(pid: int) -> bool:

@@ -1,9 +1,9 @@
 """Evaluates drift per deployment from the gateways' sketches and keeps the report, history
 and the alerts of its own kinds.
 
-One gateway process at a time evaluates a deployment (a short Redis lease, renewed by its
-holder), so several processes or instances never double-count an event. It evaluates once
-``evaluate_every`` new requests are in the sketch stream (checked every ``tick_s``) and at
+One gateway process at a time evaluates a deployment (a short Redis lease renewed by its holder,
+``drift_lease``), so several processes or instances never double-count an event. It evaluates
+once ``evaluate_every`` new requests are in the sketch stream (checked every ``tick_s``) and at
 least every ``interval_s``. An evaluation merges the newest sketches of the current real model
 into a window (at most ``window_requests`` requests, none older than ``window_s``), compares it
 with the references through the pure functions of ``rendezvous.drift_alerts``, and stores the
@@ -11,8 +11,8 @@ outcome: the report (read by ``/drift`` and ``/metrics``), a point of history ev
 ``interval_s``, and its alerts as the ``monitor``'s claim in the shared alert list
 (``drift_store``), next to the online detectors' (the log bins' feature detectors, the gateway
 processes' prediction prior). An alert of the monitor is raised when the window and its latest
-``clear_requests`` are over the threshold, and cleared as soon as that latest part is back
-under it.
+``clear_requests`` are over the threshold, and cleared as soon as that latest part is back under
+it.
 
 The leading process also relays to the webhooks the alert events that the log bins' claims
 decided (``drift_relay``: the log bin has no HTTP client).
@@ -38,6 +38,7 @@ from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability import drift_features, drift_store
 from gateway.observability.alert_webhooks import AlertWebhooks
 from gateway.observability.drift_feed import SKETCH_FIELD
+from gateway.observability.drift_lease import EvaluationLeases
 from gateway.observability.drift_online import announce
 from gateway.observability.drift_relay import DriftRelay
 from gateway.observability.drift_view import MONITOR, thresholds_from
@@ -55,21 +56,6 @@ PAGE = 64
 """Sketch entries read per round trip, newest first, until the window is full."""
 IDLE_INTERVAL_S = 60.0
 """How often a deployment with no new sketches is evaluated (its report and history age)."""
-LEASE_RECHECK_S = 2.0
-"""How long a process that saw another lease holder waits before asking again."""
-_LEASE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-"""Take the lease if free, renew it if ours: 1 when this process holds it afterwards."""
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end"
-"""Delete a lease only while it is still ours (it may have lapsed to another process)."""
-
-
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
 """Stream entries as a client without ``decode_responses`` reads them."""
 
@@ -144,8 +130,8 @@ class DriftMonitor:
         self._training: dict[str, np.ndarray | None] = {}
         self._last_eval: dict[str, float] = {}
         self._last_seen: dict[str, bytes] = {}
-        self._leases: dict[str, tuple[bool, float]] = {}
-        """Deployment -> (held by us, monotonic time to ask Redis again)."""
+        self.leases = EvaluationLeases(client, instance, ttl_ms=int(interval_s * 3000) + 1000)
+        """Which deployments this process evaluates."""
         self._last_point: dict[str, float] = {}
         self._unrecorded: set[str] = set()  # latest evaluation not yet a point of history
         self._relay = DriftRelay(client, webhooks)
@@ -180,7 +166,7 @@ class DriftMonitor:
         only ages; twenty of them evaluated every 5 s cost a gateway 1-2 % of a core). The
         newest sketches of all of them are read in one round trip (per node)."""
         now = time.monotonic()
-        led = await self._leads(sorted(self.deployments.deployments), now)
+        led = await self.leases.held(sorted(self.deployments.deployments), now)
         if not led:
             return led, []
         pipe = self.client.pipeline(transaction=False)
@@ -207,40 +193,9 @@ class DriftMonitor:
         """See ``DriftRelay.relay``."""
         return await self._relay.relay(*deployments)
 
-    async def _lead(self, deployment: str, now: float) -> bool:
-        """Whether this process holds ``deployment``'s evaluation lease (see ``_leads``)."""
-        return deployment in await self._leads([deployment], now)
-
-    async def _leads(self, deployments: list[str], now: float) -> list[str]:
-        """Those of ``deployments`` whose evaluation lease this process holds (or takes); a
-        dead holder's lapses.
-
-        The answer is kept locally: a holder renews a third of the way through its lease, and
-        a process that saw another holder asks again after ``LEASE_RECHECK_S``. The leases to
-        ask about are asked in one round trip (per node), one script each: twenty deployments
-        asked one by one, two or three commands each, were the largest part of an idle
-        gateway's Redis round trips. (A lease lost meanwhile, to a Redis restart, is noticed
-        at the next renewal: two processes may then both evaluate for a few seconds, which
-        costs a duplicate report, never a wrong one.)"""
-        ask = [d for d in deployments if (known := self._leases.get(d)) is None or now >= known[1]]
-        if ask:
-            ttl_ms = int(self.interval_s * 3000) + 1000
-            pipe = self.client.pipeline(transaction=False)
-            for deployment in ask:
-                pipe.eval(_LEASE, 1, names.drift_lock_key(deployment), self.instance, ttl_ms)
-            for deployment, held in zip(ask, await pipe.execute(), strict=True):
-                again = ttl_ms / 3000 if held else LEASE_RECHECK_S
-                self._leases[deployment] = (bool(held), now + again)
-        return [d for d in deployments if self._leases[d][0]]
-
     async def release(self) -> None:
-        """Give up the leases this process holds (at shutdown): another process then takes
-        a deployment over at its next check (``LEASE_RECHECK_S``), not once the lease lapses
-        (three intervals, when drift would go unevaluated through a rolling restart)."""
-        held = [deployment for deployment, (mine, _) in self._leases.items() if mine]
-        self._leases.clear()
-        for deployment in held:
-            await self.client.eval(_RELEASE, 1, names.drift_lock_key(deployment), self.instance)
+        """Give up this process's evaluation leases (at shutdown; see ``EvaluationLeases``)."""
+        await self.leases.release()
 
     def _feature_reference(self, deployment: str) -> FeatureReference | None:
         spec = self.deployments.deployments[deployment].feature_spec

@@ -45,7 +45,6 @@ import atexit
 import contextlib
 import ctypes
 import random
-import re
 import shutil
 import signal
 import socket
@@ -59,9 +58,15 @@ from typing import Any
 
 import redis
 
+from rendezvous.bus.cluster_nodes import (
+    cluster_text,
+    is_serving_master,
+    node_problems,
+    parse_cluster_nodes,
+    plain_text,
+)
 from rendezvous.bus.server import RedisServerError, find_redis_server, free_port
 
-SLOTS = 16384
 BUS_PORT_OFFSET = 10000
 MAX_NODE_TIMEOUT_MS = 2000
 
@@ -306,12 +311,12 @@ class LocalCluster:
                 timeout=max(1.0, deadline - time.monotonic()),
             )
         except subprocess.TimeoutExpired as exc:
-            self.create_output = _text(exc.stdout) + _text(exc.stderr)
+            self.create_output = plain_text(exc.stdout) + plain_text(exc.stderr)
             raise ClusterError(
                 f"redis-cli --cluster create did not finish in time; it printed:\n"
                 f"{self.create_output}"
             ) from exc
-        self.create_output = _text(done.stdout) + _text(done.stderr)
+        self.create_output = plain_text(done.stdout) + plain_text(done.stderr)
         if done.returncode != 0:
             raise ClusterError(
                 f"redis-cli --cluster create failed ({done.returncode}):\n{self.create_output}"
@@ -362,20 +367,20 @@ class LocalCluster:
         port = port if port is not None else _port(self.url)
         client = self.client(port)
         try:
-            text = _cluster(client, "NODES")
+            text = cluster_text(client, "NODES")
         finally:
             client.close()
         return parse_cluster_nodes(text)
 
     def masters(self) -> list[int]:
         """The ports of the masters that serve slots now."""
-        return sorted(n["port"] for n in self.cluster_nodes() if _is_serving_master(n))
+        return sorted(n["port"] for n in self.cluster_nodes() if is_serving_master(n))
 
     def replicas(self) -> list[int]:
         return sorted(n["port"] for n in self.cluster_nodes() if "slave" in n["flags"])
 
     def problems(self) -> list[str]:
-        """Why the cluster is not whole (empty when it is)."""
+        """Why the cluster is not whole (empty when it is), as each node sees it."""
         found: list[str] = []
         replicas = self.masters_wanted * self.replicas_per_master
         for port in self.nodes:
@@ -384,39 +389,9 @@ class LocalCluster:
                 continue
             client = self.client(port)
             try:
-                info = _fields(_cluster(client, "INFO"))
-                nodes = parse_cluster_nodes(_cluster(client, "NODES"))
-                repl = client.info("replication")
-            except (redis.RedisError, OSError) as exc:
-                found.append(f"{port}: {type(exc).__name__}: {exc}")
-                continue
+                found += node_problems(client, port, self.masters_wanted, replicas)
             finally:
                 client.close()
-            if info.get("cluster_state") != "ok":
-                found.append(f"{port}: cluster_state:{info.get('cluster_state')}")
-            if info.get("cluster_slots_assigned") != str(SLOTS):
-                found.append(f"{port}: {info.get('cluster_slots_assigned')} slots assigned")
-            if info.get("cluster_slots_ok") != str(SLOTS):
-                found.append(f"{port}: {info.get('cluster_slots_ok')} slots ok")
-            masters = {n["id"] for n in nodes if _is_serving_master(n)}
-            slaves = [n for n in nodes if "slave" in n["flags"]]
-            if len(masters) != self.masters_wanted or len(slaves) != replicas:
-                found.append(f"{port}: sees {len(masters)} masters, {len(slaves)} replicas")
-            for n in nodes:
-                if n["link"] != "connected" or n["flags"] & {
-                    "fail",
-                    "fail?",
-                    "handshake",
-                    "noaddr",
-                }:
-                    found.append(f"{port}: sees {n['port']} {','.join(sorted(n['flags']))}")
-            for s in slaves:
-                if s["master"] not in masters:
-                    found.append(f"{port}: sees replica {s['port']} of no serving master")
-            if repl.get("role") == "slave" and (
-                repl.get("master_link_status") != "up" or repl.get("master_sync_in_progress")
-            ):
-                found.append(f"{port}: replica link {repl.get('master_link_status')}")
         return found
 
     def wait_healthy(self, timeout_s: float = 30.0) -> None:
@@ -459,52 +434,5 @@ class LocalCluster:
         self.stop()
 
 
-def parse_cluster_nodes(text: str) -> list[dict[str, Any]]:
-    nodes = []
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) < 8:
-            continue
-        address, _, bus = parts[1].partition("@")
-        nodes.append(
-            {
-                "id": parts[0],
-                "port": int(address.rsplit(":", 1)[1]) if ":" in address else 0,
-                "bus_port": int(bus.split(",")[0]) if bus else 0,
-                "flags": set(parts[2].split(",")) - {"myself"},
-                "myself": "myself" in parts[2].split(","),
-                "master": None if parts[3] == "-" else parts[3],
-                "link": parts[7],
-                "slots": parts[8:],
-            }
-        )
-    return nodes
-
-
-def _is_serving_master(node: dict[str, Any]) -> bool:
-    return "master" in node["flags"] and not node["flags"] & {"fail", "fail?"} and node["slots"]
-
-
-def _cluster(client: redis.Redis, subcommand: str) -> str:
-    """``CLUSTER <subcommand>``'s text as the server sent it (split in two words, the command
-    escapes redis-py's parsers for "CLUSTER NODES" and "CLUSTER INFO")."""
-    return _text(client.execute_command("CLUSTER", subcommand))
-
-
-def _fields(text: str) -> dict[str, str]:
-    pairs = (line.split(":", 1) for line in text.splitlines() if ":" in line)
-    return {key.strip(): value.strip() for key, value in pairs}
-
-
 def _port(url: str) -> int:
     return int(url.rsplit(":", 1)[1].split("/")[0])
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _text(data: bytes | str | None) -> str:
-    """Text, without the colour codes ``redis-cli --cluster`` prints even into a pipe."""
-    if data is None:
-        return ""
-    return _ANSI.sub("", data if isinstance(data, str) else data.decode(errors="replace"))
