@@ -1,6 +1,9 @@
 """The gateway's XADD coalescing (rendezvous.bus.appender) against a real Redis server."""
 
 import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import redis
 import redis.asyncio as aioredis
@@ -9,7 +12,7 @@ from rendezvous.bus.appender import AlreadyTaken, Fate, NotReplicated, StreamApp
 from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import connect_async
 from rendezvous.bus.local_cluster import LocalCluster
-from rendezvous.bus.server import free_port
+from rendezvous.bus.server import EmbeddedRedis, free_port
 
 
 def _router(url: str) -> Router:
@@ -148,3 +151,40 @@ async def test_a_redis_that_cannot_answer_leaves_an_entrys_fate_unknown() -> Non
     assert not await appender.release("rdv:{gone}:rid:x")
     await router.close()
     await router.client.aclose()
+
+
+async def _until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"not so after {timeout_s}s: {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_an_append_nobody_waits_for_is_tried_again_while_redis_is_away(
+    tmp_path: Path,
+) -> None:
+    """Decision records (no ``on_error``) appended while Redis restarts are held and written
+    once it is back, in order; past ``retry_s`` they are dropped and counted."""
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    direct = redis.Redis.from_url(server.url)
+    router = _router(server.url)
+    try:
+        patient, hasty = StreamAppender(router), StreamAppender(router, retry_s=0.0)
+        stream = "rdv:{held}:decisions"
+        server.stop()
+        for i in range(3):
+            patient.append_nowait(stream, {b"i": b"%d" % i}, urgent=False)
+        hasty.append_nowait(stream, {b"i": b"hasty"})
+        await _until(lambda: patient.held == 3 and hasty.dropped == 1, 10, "both failed")
+        await asyncio.sleep(0.6)  # tried again meanwhile, in vain: still held
+        assert patient.held == 3 and patient.round_trips >= 3
+        server.start()
+        await _until(lambda: direct.xlen(stream) == 3, 10, "the held appends written")
+        assert [f[b"i"] for _, f in direct.xrange(stream)] == [b"0", b"1", b"2"]
+        assert patient.held == 0 and patient.dropped == 0 and hasty.held == 0
+        await patient.close()
+    finally:
+        direct.close()
+        await router.close()
+        await router.client.aclose()
+        server.stop()

@@ -24,7 +24,8 @@ from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
 from rendezvous import names
-from rendezvous.bus.connection import connect_async
+from rendezvous.bus.connection import REDIS_FAILURES, connect_async
+from rendezvous.bus.server import EmbeddedRedis
 from rendezvous.decision import BinOutput, DecisionRecord
 from rendezvous.divergence import Divergence
 from rendezvous.drift import Sketch, score_counts
@@ -424,3 +425,35 @@ async def test_many_row_records_have_their_scores_counted_at_the_flush_in_their_
     assert new.score_real.tolist() == score_counts(after).tolist()
     assert old.score_canary.tolist() == score_counts(np.full(120, 0.1)).tolist()
     assert await feed.flush() == 0  # nothing kept twice
+
+
+async def test_sketches_redis_did_not_take_go_out_with_a_later_flush(
+    client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """A flush while Redis restarts fails and keeps its sketch; the next flush, once Redis is
+    back, writes it beside the new one: the drift window loses none of those requests."""
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    own = await connect_async(server.url, timeout_s=1.0)
+    try:
+        feed = DriftFeed(own, await cache(client))
+        x = demo_data().x_test
+        server.stop()
+        await feed_traffic_unflushed(feed, x[:50])
+        with pytest.raises(REDIS_FAILURES):
+            await feed.flush()
+        server.start()
+        await feed_traffic_unflushed(feed, x[50:60])
+        assert await feed.flush() == 2  # the one kept, and the new one
+        entries = await own.xrange(names.drift_sketch_stream(DEMO_DEPLOYMENT))
+        sketches = [Sketch.from_bytes(f[SKETCH_FIELD]) for _, f in entries]
+        assert [s.requests for s in sketches] == [50, 10]
+        assert await feed.flush() == 0  # nothing is written twice
+    finally:
+        await own.aclose()
+        server.stop()
+
+
+async def feed_traffic_unflushed(feed: DriftFeed, rows: np.ndarray) -> None:
+    for row in rows:
+        feed.observe_rows(DEMO_DEPLOYMENT, row[None, :])
+        feed.observe_decision(record([0.2, 0.8], [0.5, 0.5], 0.02, 0))

@@ -159,3 +159,24 @@ def test_feature_rows_the_drift_feed_leaves_out_are_counted() -> None:
         ]
         == 12
     )
+
+
+def test_decision_records_held_and_dropped_are_read_at_each_flush() -> None:
+    """The appender counts; the metrics read its figures at a flush, the dropped as a counter
+    that only grows by what is new."""
+
+    class Appends:
+        held = 0
+        dropped = 0
+
+    metrics, appends = GatewayMetrics(), Appends()
+    metrics.track_decision_appends(appends)
+    appends.held, appends.dropped = 7, 2
+    metrics.flush()
+    assert value(metrics, "rdv_decision_records_held") == 7
+    assert value(metrics, "rdv_decision_records_dropped_total") == 2
+    appends.held, appends.dropped = 0, 5
+    metrics.flush()
+    metrics.flush()
+    assert value(metrics, "rdv_decision_records_held") == 0
+    assert value(metrics, "rdv_decision_records_dropped_total") == 5

@@ -33,10 +33,13 @@ log = logging.getLogger(__name__)
 
 SKETCH_FIELD = b"s"
 MAX_PENDING_ROWS = 200_000
-BIN_SLICE = 500
-"""Requests' rows binned between two turns of the event loop when sketches are flushed."""
 """Rows kept between two flushes at most; beyond, rows are sampled out (a flush that keeps
 failing must not grow memory without bound)."""
+BIN_SLICE = 500
+"""Requests' rows binned between two turns of the event loop when sketches are flushed."""
+UNSENT_S = 30.0
+"""How long a sketch Redis did not take is tried again: longer than a cluster's election at
+its usual settings (``cluster-node-timeout`` plus about a second)."""
 
 
 def positive_scores(probabilities: Sequence[Sequence[float]]) -> list[float]:
@@ -182,19 +185,40 @@ class DriftFeed:
         sketches = self._close_all()
         if not sketches:
             return 0
-        pipe = self.client.pipeline(transaction=False)
-        for deployment, sketch in sketches:
-            pipe.xadd(
-                names.drift_sketch_stream(deployment),
-                {SKETCH_FIELD: sketch.to_bytes()},
-                maxlen=self.maxlen,
-                approximate=True,
-            )
-        await pipe.execute()
+        # One XADD a sketch, each on its own (a deployment's stream on its own node): when one
+        # node fails, the others' sketches are written once, and only the failed ones are
+        # kept for the next flush.
+        results = await asyncio.gather(*(self._append(d, s) for d, s in sketches),
+                                       return_exceptions=True)  # fmt: skip
+        failed = [(sketch, r) for sketch, r in zip(sketches, results, strict=True)
+                  if isinstance(r, BaseException)]  # fmt: skip
+        if failed:
+            self._keep_unsent([sketch for sketch, r in failed if isinstance(r, REDIS_FAILURES)])
+            raise failed[0][1]
         return len(sketches)
 
+    async def _append(self, deployment: str, sketch: Sketch) -> None:
+        await self.client.xadd(
+            names.drift_sketch_stream(deployment),
+            {SKETCH_FIELD: sketch.to_bytes()},
+            maxlen=self.maxlen,
+            approximate=True,
+        )
+
+    def _keep_unsent(self, sketches: list[tuple[str, Sketch]]) -> None:
+        """Sketches Redis did not take (a restart, a failover's election) go out with the next
+        flush, for up to ``UNSENT_S``. A failure that hid a write (a reply lost after it)
+        makes one count twice, which a window of thousands of requests absorbs."""
+        oldest_ms = (time.time() - UNSENT_S) * 1000
+        kept = [(d, s) for d, s in sketches if s.end_ms >= oldest_ms]
+        if len(kept) < len(sketches):
+            log.warning("drift: %d sketch(es) older than %.0fs dropped unsent",
+                        len(sketches) - len(kept), UNSENT_S)  # fmt: skip
+        self._closed = kept + self._closed
+
     async def run(self) -> None:
-        """Flush every interval; a Redis outage loses those seconds' sketches, nothing else."""
+        """Flush every interval; what a Redis outage kept from being written goes out with a
+        later flush (up to ``UNSENT_S``)."""
         while True:
             await asyncio.sleep(self.interval_s)
             try:

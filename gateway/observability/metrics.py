@@ -16,7 +16,7 @@ from bisect import bisect_left
 from collections import Counter as Tally
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -117,6 +117,16 @@ def observe_all(child: Any, values: Iterable[float]) -> None:
     total.inc(sum(values))
 
 
+class HeldAppends(Protocol):
+    """The decision records' appender, as the metrics read it (``StreamAppender``)."""
+
+    @property
+    def held(self) -> int: ...
+
+    @property
+    def dropped(self) -> int: ...
+
+
 class GatewayMetrics:
     """Per-process instruments. The request path only tallies in plain dicts, keyed by metric
     and labels; ``flush`` (scheduled ``FLUSH_S`` after the first tally, and run before every
@@ -198,8 +208,22 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.decisions_held = Gauge(
+            "rdv_decision_records_held",
+            "Decision records held for another try while Redis fails (written once it answers).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.decisions_dropped = Counter(
+            "rdv_decision_records_dropped",
+            "Decision records given up: Redis failed for longer than their retry window, or "
+            "too many were held.",
+            registry=r,
+        )
         self._children: dict[tuple[Any, ...], Any] = {}
         self._late_seen = 0
+        self._decision_appends: HeldAppends | None = None
+        self._dropped_seen = 0
         self._counts: defaultdict[tuple[Any, ...], float] = defaultdict(float)
         self._observed: defaultdict[tuple[Any, ...], list[float]] = defaultdict(list)
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -217,6 +241,11 @@ class GatewayMetrics:
         count, which it keeps anyway, instead of two gauge writes a request."""
         self._in_flight_of = source
 
+    def track_decision_appends(self, appender: HeldAppends) -> None:
+        """Where the decision records' ``held`` and ``dropped`` are read from at each flush
+        (a ``StreamAppender``)."""
+        self._decision_appends = appender
+
     def flush(self) -> None:
         """Apply the pending tallies to prometheus-client (and so, in multi-process mode, to
         the shared files)."""
@@ -231,6 +260,12 @@ class GatewayMetrics:
             observe_all(self._child(metric, *labels), values)
         if self._in_flight_of is not None:
             self.in_flight.set(self._in_flight_of())
+        appends = self._decision_appends
+        if appends is not None:
+            self.decisions_held.set(appends.held)
+            if appends.dropped > self._dropped_seen:
+                self.decisions_dropped.inc(appends.dropped - self._dropped_seen)
+                self._dropped_seen = appends.dropped
 
     def _flush_soon(self) -> None:
         if self._flush_handle is not None:

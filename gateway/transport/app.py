@@ -242,6 +242,7 @@ def create_app(
             feature_store=client,
         )
         metrics.track_in_flight(lambda: app.state.service.in_flight)
+        metrics.track_decision_appends(appender)
         stop_jobs = await jobs.start(app, settings)
         vital = VitalTasks(on_vital_death)
         vitals = {**background, "the reply reader": rendezvous.reader_task,

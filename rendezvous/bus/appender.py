@@ -28,6 +28,14 @@ from rendezvous.bus.routing import Command
 log = logging.getLogger(__name__)
 
 
+RETRY_S = 30.0
+"""How long an append nobody waits for is tried again while Redis fails: longer than a
+cluster's election (``cluster-node-timeout`` plus about a second) at its usual settings."""
+RETRY_PAUSE_S = 0.25
+MAX_RETRYING = 20_000
+"""About a minute of decision records at a few hundred requests a second, ~20-40 MB."""
+
+
 class AlreadyTaken(Exception):
     """An append's unique key was already taken: nothing was appended."""
 
@@ -69,6 +77,8 @@ class _Pending:
     """Resolved once the append reached ``wait_replicas`` replicas (``WAIT``)."""
     on_appended: Callable[[bytes], None] | None = None
     """Given the entry's id once it is written."""
+    give_up_at: float = 0.0
+    """Monotonic time past which a failed fire-and-forget append is dropped (0: not failed)."""
 
 
 class StreamAppender:
@@ -79,6 +89,8 @@ class StreamAppender:
         linger_s: float = 0.005,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 100,
+        retry_s: float = RETRY_S,
+        max_retrying: int = MAX_RETRYING,
     ):
         self.client = client
         self.wait_replicas = wait_replicas
@@ -94,6 +106,21 @@ class StreamAppender:
         self._timer: asyncio.TimerHandle | None = None
         self.round_trips = 0
         self._failed_ms: dict[bytes, float] = {}
+        self.retry_s = retry_s
+        """How long an append nobody waits for (no ``on_error``: decision records) is tried
+        again while Redis fails (a restart, a failover's election), every ``RETRY_PAUSE_S``."""
+        self.max_retrying = max_retrying
+        """Most such appends held for another try; beyond it they are dropped (and counted)."""
+        self._retrying: list[_Pending] = []
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._closing = False
+        self.dropped = 0
+        """Appends nobody waited for, given up: past ``retry_s``, or not Redis's failure."""
+
+    @property
+    def held(self) -> int:
+        """Appends nobody waits for, held for another try while Redis fails."""
+        return len(self._retrying)
 
     def failed_ms(self, stream: str) -> float:
         """When an append to ``stream`` last failed because Redis did (down, timing out,
@@ -159,6 +186,7 @@ class StreamAppender:
                    for item, r in zip(batch, results, strict=False)):  # fmt: skip
                 await self._unique_in_two_steps(batch, results)
             acked = dict(zip(waits, results[len(batch) :], strict=False))
+            dropped: dict[bytes, tuple[int, object]] = {}
             for item, result in zip(batch, results, strict=False):
                 if result is None and item.unique is not None:
                     result = AlreadyTaken(item.unique[0].decode())
@@ -171,12 +199,38 @@ class StreamAppender:
                 if isinstance(result, REDIS_FAILURES):  # not a taken id, not a bug
                     self._failed_ms[item.stream] = time.time() * 1000
                 if item.on_error is None:
-                    log.warning("dropped an append to %s: %s", item.stream.decode(), result)
+                    if not (isinstance(result, REDIS_FAILURES) and self._retry_later(item)):
+                        dropped[item.stream] = (dropped.get(item.stream, (0, None))[0] + 1, result)
                     continue
                 try:
                     item.on_error(result)
                 except Exception:
                     log.exception("append error handler failed")
+            for stream, (n, why) in dropped.items():  # one line a stream, not one an append
+                self.dropped += n
+                log.warning("dropped %d append(s) to %s: %s", n, stream.decode(), why)
+
+    def _retry_later(self, item: _Pending) -> bool:
+        """Hold a failed fire-and-forget append for another try, unless its time is up or
+        too many are held. A failure that hid a success (a reply lost after the write) makes
+        the retry a duplicate: decision records are at least once, as the workers' results."""
+        now = time.monotonic()
+        if not item.give_up_at:
+            item.give_up_at = now + self.retry_s
+        if self._closing or now >= item.give_up_at or len(self._retrying) >= self.max_retrying:
+            return False
+        self._retrying.append(item)
+        if self._retry_timer is None:
+            self._retry_timer = asyncio.get_running_loop().call_later(RETRY_PAUSE_S, self._requeue)
+        return True
+
+    def _requeue(self) -> None:
+        """The held appends go out with the next batch."""
+        self._retry_timer = None
+        held, self._retrying = self._retrying, []
+        self._queue.extend(held)
+        if self._queue:
+            self._kick()
 
     async def _unique_in_two_steps(self, batch: list[_Pending], results: list[object]) -> None:
         """While its slot migrates, the script's new key and its stream are split between two
@@ -253,9 +307,11 @@ class StreamAppender:
         return True
 
     async def close(self) -> None:
-        """Send what is queued."""
-        if self._queue:
-            self._kick()
+        """Send what is queued, and what is held for another try (one last try)."""
+        self._closing = True
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+        self._requeue()
         if self._flusher is not None:
             await asyncio.shield(self._flusher)
 
