@@ -7,12 +7,14 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
-from gateway.dataplane.outcome_store import PARTS, OutcomeStore
+from gateway.dataplane.outcome_store import PARTS, UNWRITTEN_S, OutcomeStore
 from rendezvous import names
-from rendezvous.bus.connection import AsyncClient, connect_async
+from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, connect_async
+from rendezvous.bus.server import EmbeddedRedis
 from rendezvous.decision import BinOutput, DecisionRecord
 from rendezvous.outcomes import Outcome
 
@@ -143,3 +145,27 @@ async def test_a_lookup_of_more_ids_than_lua_unpacks_at_once(client: AsyncClient
     ids = [f"unknown-{i}" for i in range(2500)] + [r.request_id for r in records]
     found = await store.find(DEP, ids)
     assert set(found) == {r.request_id for r in records}
+
+
+async def test_outcomes_redis_did_not_take_are_written_by_a_later_flush(tmp_path: Path) -> None:
+    """A flush while Redis restarts fails and keeps its outcomes (but those past
+    ``UNWRITTEN_S``); the next flush, once Redis is back, writes them with the new ones."""
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    own = await connect_async(server.url, timeout_s=1.0)
+    try:
+        store = OutcomeStore(own, retention_s=600, bucket_s=60, max_bytes=10**9)
+        now = time.time() * 1000
+        waiting = [_record(now), _record(now - 1000)]
+        stale = _record(now - (UNWRITTEN_S + 5) * 1000)
+        server.stop()
+        with pytest.raises(REDIS_FAILURES):
+            await _file(store, [*waiting, stale])
+        server.start()
+        later = _record(time.time() * 1000)
+        assert await _file(store, [later]) == 3
+        found = await store.find(DEP, [r.request_id for r in [*waiting, stale, later]])
+        assert set(found) == {r.request_id for r in [*waiting, later]}
+        assert await store.flush() == 0  # nothing is written twice
+    finally:
+        await own.aclose()
+        server.stop()

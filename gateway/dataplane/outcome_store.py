@@ -12,7 +12,8 @@ most ``max_bytes / PART_SHARE``: a busy deployment fills its 256 MB within the h
 requests a second at 190 bytes), and the bound must then drop that hour's oldest parts, not
 wait for the next hour while Redis grows. Every key is under the deployment's tag, so the
 scripts run on one node of a cluster. A process that dies loses its last ``flush_s`` of
-outcomes (their decision records are in the stream all the same).
+outcomes (their decision records are in the stream all the same); a Redis that fails for a
+while (a restart, a failover) gets them once it answers again, up to ``UNWRITTEN_S``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ log = logging.getLogger(__name__)
 ENTRY_OVERHEAD_BYTES = 64
 """Redis's own cost of a hash field beyond its id and value bytes (a hashtable entry and two
 string headers, after allocator rounding; measured with MEMORY USAGE, see the README)."""
+
+UNWRITTEN_S = 30.0
+"""How long an outcome Redis did not take is tried again: longer than a cluster's election at
+its usual settings (``cluster-node-timeout`` plus about a second)."""
+MAX_UNWRITTEN = 20_000
+"""Most outcomes held per deployment meanwhile (about 1-2 kB of memory each)."""
 
 PARTS = 10_000
 """A bucket's id is its time bucket x PARTS + its part, so ids sort by time, parts included."""
@@ -160,10 +167,29 @@ class OutcomeStore:
         share a slot), the oldest buckets pruned after it when the bound is passed."""
         async with self._flushing:
             pending, self._pending = self._pending, {}
-            written = 0
+            written, failure = 0, None
             for deployment, items in pending.items():
-                written += await self._write(deployment, items)
+                try:
+                    written += await self._write(deployment, items)
+                except REDIS_FAILURES as exc:  # that node only: the others are written
+                    self._keep_unwritten(deployment, items)
+                    failure = failure or exc
+            if failure is not None:
+                raise failure
             return written
+
+    def _keep_unwritten(self, deployment: str, items: list[tuple[str, DecisionRecord]]) -> None:
+        """Outcomes Redis did not take (a restart, a failover's election) go out with the next
+        flush: those of the last ``UNWRITTEN_S``, at most ``MAX_UNWRITTEN`` a deployment (the
+        newest). Written twice, an outcome is the same hash field again."""
+        oldest_ms = (time.time() - UNWRITTEN_S) * 1000
+        queued = self._pending.get(deployment, [])  # observed while the flush waited
+        kept = ([item for item in items if item[1].ts_ms >= oldest_ms] + queued)[-MAX_UNWRITTEN:]
+        dropped = len(items) + len(queued) - len(kept)
+        if dropped:
+            log.warning("feedback: %d outcome(s) of %s dropped unwritten (Redis failing)",
+                        dropped, deployment)  # fmt: skip
+        self._pending[deployment] = kept
 
     async def _write(self, deployment: str, items: list[tuple[str, DecisionRecord]]) -> int:
         by_bucket: dict[int, list[bytes | str]] = {}  # time bucket -> id, outcome, ...
@@ -194,8 +220,11 @@ class OutcomeStore:
             self._open_part = {k: v for k, v in self._open_part.items() if k[1] >= newest_time - 1}
         newest = max(ids)
         if int(total) > self.max_bytes or self._newest.get(deployment) != newest:
-            self._newest[deployment] = newest  # a new bucket: forget the expired ones' counts
-            await self.prune(deployment)
+            try:  # a new bucket: forget the expired ones' counts
+                await self.prune(deployment)
+                self._newest[deployment] = newest
+            except REDIS_FAILURES as exc:  # written all the same: pruned at the next flush
+                log.warning("feedback: cannot prune %s's outcomes: %s", deployment, exc)
         return sum(len(p) // 2 for p in by_bucket.values())
 
     async def prune(self, deployment: str) -> int:
@@ -229,7 +258,8 @@ class OutcomeStore:
         return len(drop)
 
     async def run(self) -> None:
-        """Flush every ``flush_s``; a Redis outage loses those outcomes, nothing else."""
+        """Flush every ``flush_s``; what a Redis outage kept from being written goes out with
+        a later flush (see ``_keep_unwritten``)."""
         while True:
             await asyncio.sleep(self.flush_s)
             try:
