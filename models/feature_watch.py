@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from rendezvous import drift_claims, names
+from rendezvous.bus.routing import Command, command
 from rendezvous.drift_detect import FeatureDetectors
 from rendezvous.drift_profile import FeatureProfile
 from rendezvous.drift_settings import DetectorSettings
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 
 PRIOR = "prediction_prior"
 """The alert id of the gateways' prediction-prior detector."""
+PRIOR_B = PRIOR.encode()
+_MERGE = drift_claims.MERGE.encode()
 MAX_PENDING_ROWS = 20_000
 """Rows waiting for the detectors at most; beyond, new rows are left out (counted)."""
 JUDGE_ROWS = 128
@@ -177,10 +180,10 @@ class FeatureWatch:
         now_s = time.monotonic() if now_s is None else now_s
         return any(d.changed or now_s >= d.next_claim_s for d in self._deps.values())
 
-    def queue(self, pipe: Any, now_s: float | None = None) -> list[str]:
-        """Queue the claims that are due (changed, or ``publish_s`` old) on ``pipe``, each with
-        a read of the prediction-prior alert: two commands a deployment, in its hash slot.
-        Returns the deployments queued, for ``replies``."""
+    def queue(self, commands: list[Command], now_s: float | None = None) -> list[str]:
+        """Add the claims that are due (changed, or ``publish_s`` old) to ``commands``, each
+        with a read of the prediction-prior alert: two commands a deployment, in its hash
+        slot. Returns the deployments queued, for ``replies``."""
         now_s = time.monotonic() if now_s is None else now_s
         queued = []
         for name, dep in self._deps.items():
@@ -205,8 +208,9 @@ class FeatureWatch:
             except Exception:
                 log.exception("feature watch: cannot state the alerts of %s", name)
                 continue
-            pipe.execute_command("EVAL", drift_claims.MERGE, *args)  # a cluster pipe has no .eval
-            pipe.hexists(names.drift_alerts_key(name), PRIOR)
+            raw = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+            commands.append(command(b"EVAL", _MERGE, *raw, key_at=3))  # args: numkeys, keys...
+            commands.append(command(b"HEXISTS", names.drift_alerts_key(name).encode(), PRIOR_B))
             queued.append(name)
         return queued
 

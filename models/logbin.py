@@ -20,7 +20,6 @@ the ack's round trip; they never hold up or break the archive.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import json
@@ -32,13 +31,16 @@ from typing import Any
 
 import redis
 
-from models.archive import SegmentWriter, record_from_envelope
+from models.archive import SegmentWriter
+from models.archive_line import archive_line, text
 from models.deployments import Deployment
 from models.feature_watch import FeatureWatch
 from rendezvous import names
+from rendezvous.bus.aside import ASIDE_S, UNREACHABLE
 from rendezvous.bus.connection import REDIS_DOWN, REDIS_FAILURES, Client, out_of_memory
 from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry
 from rendezvous.bus.retention import trim_behind_groups
+from rendezvous.bus.routing import Command, command, raise_first_error
 from rendezvous.envelope import RequestEnvelope
 from rendezvous.spec import FeatureSpec
 
@@ -185,7 +187,7 @@ class LogBin(ConsumerLoop):
         """Counters on their own when no ack round trip carried them (an idle bin)."""
         now = self.heartbeat_due()
         if now is not None:
-            self.client.hset(names.LOGBIN_STATS, self.consumer, self.stats_json(now))
+            self._counters_sent(self.bus.execute([self._counters(now)])[0])
 
     def _trim(self) -> None:
         """The archive owns retention: it trims only behind every group, itself included.
@@ -202,8 +204,15 @@ class LogBin(ConsumerLoop):
         if every:
             self._next_idle_trim = now + max(IDLE_TRIM_S, self.trim_interval_s)
         for stream, dep in self._streams.items():
+            if stream in self._aside:  # its node is away: trimmed once it is back
+                continue
             if every or stream in self._archived_since_trim:
-                trimmed, settled = trim_behind_groups(self.client, dep, self.max_role_lag, stream)
+                try:
+                    trimmed, settled = trim_behind_groups(
+                        self.client, dep, self.max_role_lag, stream
+                    )
+                except UNREACHABLE:  # its node is away (set aside by the reads too)
+                    continue
                 self.stats.trimmed += trimmed
                 if settled:
                     self._archived_since_trim.discard(stream)
@@ -213,10 +222,18 @@ class LogBin(ConsumerLoop):
         now = time.monotonic()
         if now < self._next_refresh:
             return
-        deployments = self._source() if callable(self._source) else self._source
+        try:
+            deployments = self._source() if callable(self._source) else self._source
+            states = self._read_states(deployments)
+        except UNREACHABLE as exc:
+            # A node that holds the deployment list or a state is away (a master lost, its
+            # replica being elected): archive the streams known meanwhile, and ask again soon.
+            log.warning("logbin: cannot read the deployments now (%s); archiving as before", exc)
+            self._next_refresh = now + ASIDE_S
+            return
         wanted: dict[str, str] = {}
         specs: dict[str, FeatureSpec] = {}
-        for dep, state in self._read_states(deployments).items():
+        for dep, state in states.items():
             for stream in state.input_streams if state else [names.input_stream(dep)]:
                 wanted[stream] = dep
             if state is not None:
@@ -232,24 +249,29 @@ class LogBin(ConsumerLoop):
 
     def _read_states(self, deployments: Iterable[str]) -> dict[str, Deployment | None]:
         """Each deployment's state (its input partitions and its feature spec), all read in
-        one pipelined round trip (per node) and parsed only when it changed (a state is
-        ~18 kB with its feature statistics); None for a deployment without one."""
+        one round trip (per node) and parsed only when it changed (a state is ~18 kB with its
+        feature statistics); None for a deployment without one. A state whose node is away is
+        taken as last read."""
         valid = []
         for dep in deployments:
             try:
                 valid.append(names.check_name(dep, "deployment"))
             except names.InvalidName as exc:
                 log.warning("logbin: skipping deployment: %s", exc)
-        pipe = self.client.pipeline(transaction=False)
-        for dep in valid:
-            pipe.get(names.deployment_key(dep))
+        commands = [command(b"GET", names.deployment_key(dep).encode()) for dep in valid]
         states: dict[str, Deployment | None] = {}
         kept: dict[str, tuple[bytes, Deployment]] = {}
-        for dep, raw in zip(valid, pipe.execute() if valid else [], strict=True):
+        for dep, raw in zip(valid, self.bus.execute(commands) if valid else [], strict=True):
+            known = self._states.get(dep)
+            if isinstance(raw, UNREACHABLE) and known is not None:
+                # Its node is away (a master lost, its replica being elected): as last read.
+                states[dep], kept[dep] = known[1], known
+                continue
+            if isinstance(raw, Exception):
+                raise raw
             if raw is None:
                 states[dep] = None
                 continue
-            known = self._states.get(dep)
             state = known[1] if known is not None and known[0] == raw else Deployment.from_json(raw)
             states[dep], kept[dep] = state, (raw, state)
         self._states = kept
@@ -267,7 +289,7 @@ class LogBin(ConsumerLoop):
             dep = self._streams[stream]
             # Entry ids are unique within a stream: a partition's records say which it is.
             where = "" if stream == names.input_stream(dep) else stream
-            line, env = self._record(dep, _text(entry_id), fields, archived_ms, where)
+            line, env = archive_line(dep, text(entry_id), fields, archived_ms, where)
             undecodable[stream] = undecodable.get(stream, 0) + (env is None)
             if env is not None:
                 envelopes.setdefault(stream, []).append(env)
@@ -315,83 +337,57 @@ class LogBin(ConsumerLoop):
         except Exception:
             log.exception("logbin: the feature watch failed")
 
-    def _record(
-        self,
-        dep: str,
-        stream_id: str,
-        fields: dict[bytes, bytes],
-        archived_ms: float,
-        stream: str = "",
-    ) -> tuple[str, RequestEnvelope | None]:
-        """The entry's archive line, and its envelope if it decoded (else the line keeps its
-        fields)."""
-        if not fields:
-            error = "entry was deleted from the stream before it was archived"
-        else:
-            try:
-                env = RequestEnvelope.decode(fields)
-                return record_from_envelope(stream_id, env, archived_ms, stream), env
-            except Exception as exc:  # any malformed entry is archived as such, never fatal
-                error = f"{type(exc).__name__}: {exc}"
-        log.warning("logbin: %s entry %s undecodable: %s", dep, stream_id, error)
-        record = {
-            "stream_id": stream_id,
-            **({"stream": stream} if stream else {}),
-            "deployment": dep,
-            "undecodable": True,
-            "error": error,
-            "archived_ms": archived_ms,
-            "fields_b64": {
-                _text(k): base64.b64encode(v if isinstance(v, bytes) else str(v).encode()).decode()
-                for k, v in fields.items()
-            },
-        }
-        return json.dumps(record, separators=(",", ":")), None
-
     def _ack(self, ids: dict[str, list[bytes]]) -> None:
         """All acks of a batch in one round trip, after the data is fsynced; the counters
         and the feature alerts' claims ride along when due, so a busy bin publishes them at no
-        extra round trip. A failed claim is the watch's to log; a failed ack or counter is
-        raised as before."""
-        pipe = self.client.pipeline(transaction=False)
-        for stream, entry_ids in ids.items():
-            pipe.xack(stream, self.group, *entry_ids)
+        extra round trip. All of it goes through the consumer's router, which gives up on a
+        lost node within ``LOST_NODE_WAIT_S`` (redis-py's cluster pipeline retried it until
+        the election ended: the archive stalled ~3 s). A failed claim is the watch's to log; a
+        failed ack is raised."""
+        commands = [command(b"XACK", stream.encode(), self._group_b, *entry_ids)
+                    for stream, entry_ids in ids.items()]  # fmt: skip
         now = self.heartbeat_due()
         if now is not None:
-            pipe.hset(names.LOGBIN_STATS, self.consumer, self.stats_json(now))
-        own = len(ids) + (now is not None)
-        queued = self._queue_claims(pipe)
+            commands.append(self._counters(now))
+        own = len(commands)
+        queued = self._queue_claims(commands)
         try:
-            replies = pipe.execute(raise_on_error=not queued)
+            replies = self.bus.execute(commands)
         except Exception:
             if self.watch is not None:
                 self.watch.unsent(queued)
             raise
-        for reply in replies[:own]:
-            if isinstance(reply, Exception):
-                raise reply
+        raise_first_error(replies[: len(ids)])
+        if now is not None:
+            self._counters_sent(replies[len(ids)])
         self._claim_replies(queued, replies[own:])
+
+    def _counters(self, now_s: float) -> Command:
+        return command(b"HSET", names.LOGBIN_STATS.encode(), self.consumer.encode(),
+                       self.stats_json(now_s).encode())  # fmt: skip
+
+    def _counters_sent(self, reply: Any) -> None:
+        """The counters' node may be away while the streams' answer (a master lost, its
+        replica being elected): they are sent again when next due."""
+        if isinstance(reply, UNREACHABLE):
+            log.warning("logbin: cannot publish its counters now: %s", reply)
+        elif isinstance(reply, Exception):
+            raise reply
 
     def _claim_alone(self) -> None:
         """Renew the feature alerts' claims when no batch came to carry them."""
         if self.watch is None or not self.watch.due():
             return
-        pipe = self.client.pipeline(transaction=False)
-        queued = self._queue_claims(pipe)
+        commands: list[Command] = []
+        queued = self._queue_claims(commands)
         if queued:
-            try:
-                replies = pipe.execute(raise_on_error=False)
-            except REDIS_FAILURES as exc:
-                log.warning("logbin: cannot write the feature alerts: %s", exc)
-                self.watch.unsent(queued)
-                return
-            self._claim_replies(queued, replies)
+            self._claim_replies(queued, self.bus.execute(commands))
 
-    def _queue_claims(self, pipe: Any) -> list[str]:
+    def _queue_claims(self, commands: list[Command]) -> list[str]:
         if self.watch is None:
             return []
         try:
-            return self.watch.queue(pipe)
+            return self.watch.queue(commands)
         except Exception:
             log.exception("logbin: the feature watch failed")
             return []
@@ -403,7 +399,3 @@ class LogBin(ConsumerLoop):
             self.watch.replies(queued, replies)
         except Exception:
             log.exception("logbin: the feature watch failed")
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

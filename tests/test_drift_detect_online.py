@@ -29,6 +29,7 @@ from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
 from rendezvous import drift_claims, names
 from rendezvous.bus.connection import AsyncClient, connect_async
+from rendezvous.bus.routing import Command
 from rendezvous.decision import BinOutput, DecisionRecord
 from rendezvous.drift_alerts import Thresholds
 from rendezvous.drift_detect import FeatureDetectors
@@ -298,10 +299,10 @@ def test_an_idle_deployments_claim_is_only_kept_fresh(demo_registry: ModelRegist
     spec = demo_deployment(demo_registry, Schedule()).feature_spec
     watch = FeatureWatch("logbin-t", publish_s=1.0, stale_s=9.0)
     watch.follow({DEMO_DEPLOYMENT: spec})
-    pipe = redis.Redis().pipeline(transaction=False)  # queued only, never sent
+    commands: list[Command] = []  # queued only, never sent
 
     def claimed(at_s: float) -> bool:
-        return watch.queue(pipe, now_s=at_s) == [DEMO_DEPLOYMENT]
+        return watch.queue(commands, now_s=at_s) == [DEMO_DEPLOYMENT]
 
     assert claimed(0.0)  # the first claim
     assert not claimed(1.5) and not claimed(2.9) and claimed(3.1)  # idle: every 3 s
