@@ -32,3 +32,19 @@ def test_when_every_stream_is_lost_the_errors_stay_to_fail_the_step() -> None:
     failure = redis.TimeoutError("slow")
     out, lost = held.tolerate([failure, failure], [["a"], ["b", "c"]], ["a", "b", "c"])
     assert out == [failure, failure] and lost == [] and not held
+
+
+def test_a_stream_still_lost_is_logged_once_every_ten_seconds(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [0.0]
+    monkeypatch.setattr(aside.time, "monotonic", lambda: now[0])
+    held = SetAside("test")
+    lost = [redis.ConnectionError("gone"), [b"read"]]
+    for _ in range(5):  # tried again every ASIDE_S, lost again each time
+        held.tolerate(lost, [["a"], ["b"]], ["a", "b"])
+        now[0] += aside.ASIDE_S
+    assert len([r for r in caplog.records if "does not answer" in r.message]) == 1
+    now[0] += aside.WARN_EVERY_S
+    held.tolerate(lost, [["a"], ["b"]], ["a", "b"])
+    assert len([r for r in caplog.records if "does not answer" in r.message]) == 2

@@ -25,6 +25,9 @@ ASIDE_S = 0.5
 """How long a stream whose node stopped answering is left out of the reads of a consumer that
 reads other nodes too. The stream's own pending entries are re-read first once it is back."""
 
+WARN_EVERY_S = 10.0
+"""A stream still lost is logged again after this long (it is tried every ``ASIDE_S``)."""
+
 UNREACHABLE: tuple[type[Exception], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
@@ -41,6 +44,8 @@ class SetAside:
     def __init__(self, consumer: str):
         self.consumer = consumer
         self._until: dict[str, float] = {}
+        self._warned: dict[str, float] = {}
+        """Stream -> when its loss was last logged: once every ``WARN_EVERY_S`` at most."""
 
     def __bool__(self) -> bool:
         return bool(self._until)
@@ -81,9 +86,11 @@ class SetAside:
             return replies, []
         until = time.monotonic() + ASIDE_S
         out = list(replies)
+        now = time.monotonic()
         for i in lost:
             for stream in streams[i]:
-                if stream not in self._until:
+                if now >= self._warned.get(stream, 0.0) + WARN_EVERY_S:
+                    self._warned[stream] = now
                     log.warning("%s: %s does not answer (%s); reading the other streams",
                                 self.consumer, stream, replies[i])  # fmt: skip
                 self._until[stream] = until
