@@ -89,7 +89,7 @@ class SetAside:
         now = time.monotonic()
         for i in lost:
             for stream in streams[i]:
-                if now >= self._warned.get(stream, 0.0) + WARN_EVERY_S:
+                if now >= self._warned.get(stream, -WARN_EVERY_S) + WARN_EVERY_S:
                     self._warned[stream] = now
                     log.warning("%s: %s does not answer (%s); reading the other streams",
                                 self.consumer, stream, replies[i])  # fmt: skip
