@@ -16,6 +16,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -186,7 +187,8 @@ class StreamAppender:
                    for item, r in zip(batch, results, strict=False)):  # fmt: skip
                 await self._unique_in_two_steps(batch, results)
             acked = dict(zip(waits, results[len(batch) :], strict=False))
-            dropped: dict[bytes, tuple[int, object]] = {}
+            dropped: Counter[bytes] = Counter()
+            why: dict[bytes, object] = {}  # the last failure of each stream's dropped appends
             for item, result in zip(batch, results, strict=False):
                 if result is None and item.unique is not None:
                     result = AlreadyTaken(item.unique[0].decode())
@@ -200,15 +202,16 @@ class StreamAppender:
                     self._failed_ms[item.stream] = time.time() * 1000
                 if item.on_error is None:
                     if not (isinstance(result, REDIS_FAILURES) and self._retry_later(item)):
-                        dropped[item.stream] = (dropped.get(item.stream, (0, None))[0] + 1, result)
+                        dropped[item.stream] += 1
+                        why[item.stream] = result
                     continue
                 try:
                     item.on_error(result)
                 except Exception:
                     log.exception("append error handler failed")
-            for stream, (n, why) in dropped.items():  # one line a stream, not one an append
+            for stream, n in dropped.items():  # one line a stream, not one an append
                 self.dropped += n
-                log.warning("dropped %d append(s) to %s: %s", n, stream.decode(), why)
+                log.warning("dropped %d append(s) to %s: %s", n, stream.decode(), why[stream])
 
     def _retry_later(self, item: _Pending) -> bool:
         """Hold a failed fire-and-forget append for another try, unless its time is up or
