@@ -24,6 +24,7 @@ import base64
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from benchmarks import procstat
@@ -47,9 +48,10 @@ EXTRA_KEYS = ("pss_mb_20_deployments", "processes_20_deployments")
 NOT_WORKERS = ("supervisor", "gateway", "logbin", "redis")
 
 
-def create_deployments(running: Running, ctx: AxisContext, count: int) -> list[str]:
-    """The demo deployment and ``count - 1`` more, each with its own two model versions."""
-    demo = ctx.models / DEPLOYMENT
+def create_deployments(running: Running, models: Path, count: int) -> list[str]:
+    """The demo deployment and ``count - 1`` more, each with its own two model versions
+    (``models``: the trained demo models)."""
+    demo = models / DEPLOYMENT
     onnx = {v: base64.b64encode((demo / str(v) / "model.onnx").read_bytes()).decode()
             for v in (1, 2)}  # fmt: skip
     names = [DEPLOYMENT]
@@ -215,7 +217,7 @@ def measure_layout(ctx: AxisContext, layout: str | None) -> dict[str, Any]:
         single_mem = memory(single, samples=1)
         with held_still(single):
             t0 = time.monotonic()
-            names = create_deployments(many, ctx, opts.deployments)
+            names = create_deployments(many, ctx.models, opts.deployments)
             all_live(many, names, timeout_s=60.0 + 10.0 * opts.deployments)
             up_s = time.monotonic() - t0
             log(f"{len(names)} deployments live in {up_s:.0f} s ({tag} layout); settling")

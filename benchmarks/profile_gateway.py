@@ -25,6 +25,7 @@ from pathlib import Path
 
 from benchmarks import procstat
 from benchmarks.axis_common import TOKEN, with_bodies
+from benchmarks.axis_deployments import all_live, create_deployments
 from benchmarks.axis_load import add_challengers
 from benchmarks.harness import git, log
 from benchmarks.loadgen import Load, run_load
@@ -194,6 +195,11 @@ def main(argv: list[str] | None = None) -> None:
         choices=range(0, 4),
         help="shadowing challengers (the real model's bytes again), as the axis",
     )
+    p.add_argument("--deployments", type=int, default=1,
+                   help="deployments served (the others idle, as the deployments axis)")
+    p.add_argument("--gil", action="store_true",
+                   help="sample only threads holding the GIL (a worker host's idle threads "
+                        "blocked in a read otherwise count as busy)")
     p.add_argument("--out", type=Path, help="folder for the folded stacks (default: temporary)")
     p.add_argument("--summary", type=Path, help="summary JSON (default: benchmarks/results/)")
     args = p.parse_args(argv)
@@ -201,13 +207,16 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="rdv-profile-"))
     out = args.out or work
     out.mkdir(parents=True, exist_ok=True)
-    token = {"RDV_ADMIN_TOKEN": TOKEN} if args.challengers else None
+    token = {"RDV_ADMIN_TOKEN": TOKEN} if args.challengers or args.deployments > 1 else None
     running = start_rdv(work / "data", work, args.gateway_processes, settings=token)
     report: dict[str, object] = {}
     try:
         target = with_bodies(running, args.rows).target
         if args.challengers:
             add_challengers(running, work / "data" / "models", args.challengers)
+        if args.deployments > 1:
+            names = create_deployments(running, work / "data" / "models", args.deployments)
+            all_live(running, names, timeout_s=60.0 + 10.0 * args.deployments)
         run_load(target, Load("closed", args.concurrency, duration_s=2.0), args.loadgen_procs)
         c1, _ = run_load(target, Load("closed", 1, duration_s=5.0), 1)
         budget = latency_budget(_redis_port(running.tree), list(c1.latencies_ms), 2000)
@@ -226,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
                 subprocess.Popen(
                     [str(py_spy), "record", "--pid", str(pid), "--rate", str(args.rate),
                      "--duration", str(int(args.duration)), "--format", "raw", "--nonblocking",
-                     "--output", str(folded)],
+                     "--output", str(folded), *(["--gil"] if args.gil else [])],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 ),
             )  # fmt: skip

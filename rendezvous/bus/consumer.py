@@ -39,15 +39,17 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
+from rendezvous.bus import group_reads
 from rendezvous.bus.aside import UNREACHABLE, SetAside
 from rendezvous.bus.blocking_router import BlockingRouter
 from rendezvous.bus.connection import MEMORY_LIMIT, REDIS_DOWN, out_of_memory
 from rendezvous.bus.connection import Client as AnyClient
+from rendezvous.bus.group_reads import Entry, Membership, Read
 from rendezvous.bus.routing import Command, command, raise_first_error, slot_of
 
 log = logging.getLogger(__name__)
@@ -60,9 +62,8 @@ within a request's timeout (1 s by default) of Redis's return: at 1 s, requests 
 after a restart timed out while the workers were still pausing. A try costs one failed connect."""
 IDLE_POLL_MIN_S = 0.001
 IDLE_POLL_MAX_S = 0.02
-Entry = tuple[str, bytes, dict[bytes, bytes]]
-"""(stream key, entry id, fields) of one stream entry. No fields: the entry was deleted from
-the stream (trimmed) while it was pending."""
+
+__all__ = ["Batch", "ConsumerLoop", "Entry", "Membership", "stop_thread"]
 
 
 @dataclass(slots=True)
@@ -74,10 +75,13 @@ class Batch:
     """The replies to ``read_along``, answered in the read's round trip (empty: no read)."""
     claimed: int = 0
     """How many of ``entries`` were taken over from other consumers by XAUTOCLAIM."""
+    members: list[Membership] = field(default_factory=list)
+    """For each of ``entries``, the membership (group) it was read for, which acks it."""
 
 
 class ConsumerLoop(ABC):
-    """Reads batches from ``group`` as ``consumer``; a subclass processes and acks them."""
+    """Reads batches from ``group`` as ``consumer`` (or, after ``join``, from several groups
+    in the same round trips); a subclass processes and acks them."""
 
     def __init__(
         self,
@@ -109,10 +113,11 @@ class ConsumerLoop(ABC):
         """Every read goes through this; the subclass may write through it too."""
         self.streams: tuple[str, ...] = ()
         """The streams being read now (whose groups exist, when ``create_groups``)."""
-        self._pending_first: set[str] = set()
-        """Streams whose own pending entries have still to be re-read (id 0)."""
-        self._claiming: dict[str, bytes] = {}
-        """Streams in an XAUTOCLAIM scan -> the scan's cursor."""
+        self.members: list[Membership] = [Membership(group, consumer)]
+        """The groups read, each with its consumer and its own progress (``join``)."""
+        self._idle = True
+        """The last read of new entries found none: the next may block even when it reads
+        several groups (one of which may be behind the others)."""
         self._next_claim = 0.0
         self._next_heartbeat = 0.0
         self._read_after = 0.0
@@ -120,7 +125,6 @@ class ConsumerLoop(ABC):
         self._pause: Callable[[float], object] = time.sleep
         """How that wait is spent: ``stop.wait`` under ``run``, so a stop cuts it short."""
         self._group_b = group.encode()
-        self._consumer_b = consumer.encode()
         self._count_b = b"%d" % batch_size
         self._along = list(read_along)
         self._idle_poll_s = 0.0
@@ -155,6 +159,16 @@ class ConsumerLoop(ABC):
     def close(self) -> None:
         """Called once when ``run`` ends; a subclass extends it to release its own."""
         self.bus.close()
+
+    def join(self, member: Membership) -> None:
+        """Read ``member``'s group too, from the next step on (its own pending entries first);
+        from the thread that runs the loop."""
+        self.members.append(member)
+        member.pending_first.update(self.streams)
+
+    def leave(self, member: Membership) -> None:
+        """Stop reading ``member``'s group; from the thread that runs the loop."""
+        self.members.remove(member)
 
     def interrupt(self) -> None:
         """From another thread, once the ``stop`` given to ``run`` is set: cut a blocking read
@@ -196,7 +210,7 @@ class ConsumerLoop(ABC):
         while True:
             n = self.step(block_ms=None)
             total += n
-            if n == 0 and not self._pending_first and not self._claiming:
+            if n == 0 and not any(m.pending_first or m.claiming for m in self.members):
                 return total
             if n == 0 and self._aside:  # what is left waits for a node to answer again
                 self._pause_aside(None)
@@ -220,7 +234,7 @@ class ConsumerLoop(ABC):
                 self._reset()
                 self._follow_streams(streams)
                 return 0
-            n = len(batch.entries)
+            n = _largest_read(batch)
             if block_ms is not None and self.batch_wait_s and 0 < n < self.batch_size:
                 # Entries arrived one by one: let the next ones gather before the next read.
                 self._read_after = time.monotonic() + self.batch_wait_s
@@ -240,8 +254,8 @@ class ConsumerLoop(ABC):
         reply left them unprocessed or unacked), groups are recreated if ours to create, and
         a claim scan starts over."""
         self.streams = ()
-        self._pending_first.clear()
-        self._claiming.clear()
+        for member in self.members:
+            member.reset()
 
     def _follow_streams(self, streams: tuple[str, ...]) -> None:
         if streams == self.streams:
@@ -249,18 +263,20 @@ class ConsumerLoop(ABC):
         new = [s for s in streams if s not in self.streams]
         if new and self.create_groups:
             self._create_groups(new)
-        for gone in set(self.streams).difference(streams):
-            self._pending_first.discard(gone)
-            self._claiming.pop(gone, None)
-        self._pending_first.update(new)
+        for member in self.members:
+            for gone in set(self.streams).difference(streams):
+                member.pending_first.discard(gone)
+                member.claiming.pop(gone, None)
+            member.pending_first.update(new)
         self.streams = streams
 
     def _create_groups(self, streams: list[str]) -> None:
-        commands = [command(b"XGROUP", b"CREATE", s.encode(), self._group_b, b"0", b"MKSTREAM",
+        pairs = [(m, s) for m in self.members for s in streams]
+        commands = [command(b"XGROUP", b"CREATE", s.encode(), m.group_b, b"0", b"MKSTREAM",
                             key_at=2)
-                    for s in streams]  # fmt: skip
-        replies = self._tolerate_lost(self.bus.execute(commands), [[s] for s in streams],
-                                      among=streams)  # fmt: skip
+                    for m, s in pairs]  # fmt: skip
+        reads = [Read(m, [s]) for m, s in pairs]
+        replies = self._tolerate_lost(self.bus.execute(commands), reads, among=streams)
         for reply in replies:
             if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
                 raise reply
@@ -274,13 +290,15 @@ class ConsumerLoop(ABC):
             self._pause(wait_s)
 
     def _tolerate_lost(
-        self, replies: list[Any], streams: Sequence[Sequence[str]], among: Iterable[str] = ()
+        self, replies: list[Any], reads: Sequence[Read], among: Iterable[str] = ()
     ) -> list[Any]:
-        """Replies of commands (each over ``streams[i]``) whose node is lost read as empty
-        while other streams of this consumer (``self.streams`` and ``among``) may answer; the
-        lost streams' own pending entries are re-read once they are back."""
+        """Replies of commands (each ``reads[i]``) whose node is lost read as empty while
+        other streams of this consumer (``self.streams`` and ``among``) may answer; the lost
+        streams' own pending entries are re-read, in every group, once they are back."""
+        streams = [read.streams for read in reads]
         out, aside = self._aside.tolerate(replies, streams, {*self.streams, *among})
-        self._pending_first.update(aside)
+        for member in self.members:
+            member.pending_first.update(aside)
         return out
 
     # -- reading ------------------------------------------------------------------------------
@@ -290,111 +308,137 @@ class ConsumerLoop(ABC):
         if not reachable:  # every stream set aside: wait for the first to be tried again
             self._pause_aside(block_ms)
             return Batch([], [])
-        pending = [s for s in reachable if s in self._pending_first]
-        if pending:
-            reads, streams = self._xreadgroup(pending, b"0", None)
-            replies, along = self._round_trip(reads, streams=streams)
-            entries = [entry for reply in replies for entry in _entries(reply)]
-            found = {stream for stream, _, _ in entries}
-            self._pending_first.difference_update(
-                s for s in pending if s not in found and s not in self._aside
-            )
-            if entries:
-                return Batch(entries, along)
+        commands: list[Command] = []
+        reads: list[Read] = []
+        for member in self.members:
+            pending = [s for s in reachable if s in member.pending_first]
+            if pending:
+                more, more_reads = self._xreadgroup(member, self._by_slot(pending), b"0", None)
+                commands += more
+                reads += more_reads
+        if commands:
+            replies, along = self._round_trip(commands, reads=reads)
+            batch = _batch(reads, replies, along)
+            found = {(id(member), s) for member, (s, _, _) in zip(batch.members, batch.entries,
+                                                                  strict=True)}  # fmt: skip
+            for read in reads:
+                read.member.pending_first.difference_update(
+                    s
+                    for s in read.streams
+                    if (id(read.member), s) not in found and s not in self._aside
+                )
+            if batch.entries:
+                return batch
         now = time.monotonic()
         if now >= self._next_claim:
             self._next_claim = now + max(self.claim_idle_ms / 1000 / 2, 0.5)
-            self._claiming = dict.fromkeys(self.streams, b"0-0")
-        if self._claiming:
-            entries, along = self._claim()
-            if entries:
-                log.info("%s: reclaimed %d entries from dead consumers", self.group, len(entries))
-                return Batch(entries, along, claimed=len(entries))
+            for member in self.members:
+                member.claiming = dict.fromkeys(self.streams, b"0-0")
+        if any(member.claiming for member in self.members):
+            batch = self._claim()
+            if batch.entries:
+                log.info("%s: reclaimed %d entries from dead consumers", self.group,
+                         len(batch.entries))  # fmt: skip
+                return batch
         reachable = self._aside.reachable(self.streams)
         if not reachable:
             return Batch([], [])
         # While a stream is set aside, the others are polled, not blocked on: the one coming
-        # back is then read at once.
+        # back is then read at once. Several groups over one slot: the first read blocks and
+        # the others, in the same round trip behind it, find what woke it (a group behind
+        # the others is read without blocking until every read comes back empty).
         aside = len(reachable) < len(self.streams)
-        reads, streams = self._xreadgroup(reachable, b">", None if aside else block_ms)
-        polling = block_ms is not None and (len(reads) > 1 or aside)
+        by_slot = self._by_slot(reachable)
+        one_node = len(by_slot) == 1 and not aside
+        blocking = one_node and (len(self.members) == 1 or self._idle)
+        commands = []
+        reads = []
+        for member in self.members:
+            wait_ms = block_ms if blocking and not commands else None
+            more, more_reads = self._xreadgroup(member, by_slot, b">", wait_ms)
+            commands += more
+            reads += more_reads
+        polling = block_ms is not None and not one_node
         timeout_s = self.bus.timeout_s
-        if timeout_s is not None and block_ms is not None and not polling:
+        if timeout_s is not None and block_ms is not None and blocking:
             timeout_s += block_ms / 1000
         # A read whose reply was lost has moved entries to our pending list, which the failure
         # path (or, for a stream set aside, the return of its node) re-reads first.
-        replies, along = self._round_trip(reads, timeout_s, streams)
-        entries = [entry for reply in replies for entry in _entries(reply)]
+        replies, along = self._round_trip(commands, timeout_s, reads)
+        batch = _batch(reads, replies, along)
+        self._idle = not batch.entries
         if polling:
             assert block_ms is not None
-            if entries:
+            if batch.entries:
                 self._idle_poll_s = 0.0
             else:  # every slot empty: wait a little, then poll again
                 self._idle_poll_s = min(max(self._idle_poll_s * 2, IDLE_POLL_MIN_S),
                                         IDLE_POLL_MAX_S, block_ms / 1000)  # fmt: skip
                 self._pause(self._idle_poll_s)
-        return Batch(entries, along)
+        return batch
 
-    def _claim(self) -> tuple[list[Entry], list[Any]]:
-        """One XAUTOCLAIM page per stream still being scanned, all in one round trip."""
+    def _claim(self) -> Batch:
+        """One XAUTOCLAIM page per group and stream still being scanned, all in one round
+        trip."""
         idle = b"%d" % self.claim_idle_ms
-        streams = self._aside.reachable(self._claiming)
-        if not streams:
-            return [], []
-        commands = [command(b"XAUTOCLAIM", s.encode(), self._group_b, self._consumer_b, idle,
-                            self._claiming[s], b"COUNT", self._count_b)
-                    for s in streams]  # fmt: skip
-        replies, along = self._round_trip(commands, streams=[[s] for s in streams])
-        entries: list[Entry] = []
-        for stream, reply in zip(streams, replies, strict=True):
+        reads = [Read(member, [stream]) for member in self.members
+                 for stream in self._aside.reachable(member.claiming)]  # fmt: skip
+        if not reads:
+            return Batch([], [])
+        commands = [group_reads.xautoclaim(read.member, read.streams[0], idle, self._count_b)
+                    for read in reads]  # fmt: skip
+        replies, along = self._round_trip(commands, reads=reads)
+        batch = Batch([], along)
+        for read, reply in zip(reads, replies, strict=True):
             if reply is None:  # set aside: its scan goes on when it is back
                 continue
+            member, (stream,) = read.member, read.streams
             if reply[0] == b"0-0":
-                del self._claiming[stream]
+                del member.claiming[stream]
             else:
-                self._claiming[stream] = reply[0]
+                member.claiming[stream] = reply[0]
+            found: list[Entry] = []
             for item in reply[1]:
                 if item is None:
                     # Redis 6.2: an entry deleted while pending, claimed but without its id;
                     # our pending read returns it (as deleted) to be acked.
-                    self._pending_first.add(stream)
+                    member.pending_first.add(stream)
                 else:
-                    entries.append((stream, item[0], _fields(item[1])))
+                    found.append((stream, item[0], group_reads.fields(item[1])))
             # Redis 7: the ids of entries deleted while pending, dropped from the group.
-            entries += [(stream, entry_id, {}) for entry_id in (reply[2] if len(reply) > 2 else ())]
-        return entries, along
+            found += [(stream, entry_id, {}) for entry_id in (reply[2] if len(reply) > 2 else ())]
+            batch.entries += found
+            batch.members += [member] * len(found)
+        batch.claimed = len(batch.entries)
+        return batch
 
-    def _xreadgroup(
-        self, streams: Iterable[str], entry_id: bytes, block_ms: int | None
-    ) -> tuple[list[Command], list[list[str]]]:
-        """One XREADGROUP per slot the streams live in (it blocks only if there is one), and
-        the streams each reads."""
+    def _by_slot(self, streams: Iterable[str]) -> list[list[str]]:
+        """``streams`` by the slot they live in (one command cannot span slots)."""
         by_slot: dict[int, list[str]] = {}
         for stream in streams:
             by_slot.setdefault(slot_of(self.client, stream.encode()), []).append(stream)
-        args = [b"XREADGROUP", b"GROUP", self._group_b, self._consumer_b, b"COUNT", self._count_b]
-        if block_ms is not None and len(by_slot) == 1:
-            args += [b"BLOCK", b"%d" % block_ms]
-        groups = list(by_slot.values())
-        commands = []
-        for group in groups:
-            keys = [stream.encode() for stream in group]
-            commands.append(Command(keys[0], (*args, b"STREAMS", *keys, *[entry_id] * len(keys))))
-        return commands, groups
+        return list(by_slot.values())
+
+    def _xreadgroup(
+        self, member: Membership, by_slot: list[list[str]], entry_id: bytes, block_ms: int | None
+    ) -> tuple[list[Command], list[Read]]:
+        """``member``'s XREADGROUPs, one per slot (only the first may block), and what each
+        reads."""
+        return group_reads.xreadgroup(member, by_slot, entry_id, self._count_b, block_ms)
 
     def _round_trip(
         self,
         commands: list[Command],
         timeout_s: float | None = None,
-        streams: Sequence[Sequence[str]] | None = None,
+        reads: Sequence[Read] | None = None,
     ) -> tuple[list[Any], list[Any]]:
-        """``commands``' replies and ``read_along``'s, sent together. ``streams``: what each
+        """``commands``' replies and ``read_along``'s, sent together. ``reads``: what each
         command reads, so that the streams of a lost node are set aside (their replies
         ``None``) while the others are read."""
         replies = self.bus.execute(commands + self._along, timeout_s=timeout_s)
         out, along = replies[: len(commands)], replies[len(commands) :]
-        if streams is not None:
-            out = raise_first_error(self._tolerate_lost(out, streams))
+        if reads is not None:
+            out = raise_first_error(self._tolerate_lost(out, reads))
             # Streams on other nodes answered: what rides along (the worker's revision, on the
             # deployment's own node, partition 0's) reads as None while its node is away.
             along = [None if isinstance(r, UNREACHABLE) else r for r in along]
@@ -412,16 +456,22 @@ def stop_thread(loop: ConsumerLoop, thread: threading.Thread, deadline: float) -
         pause_s = min(pause_s * 2, 0.5)
 
 
-def _entries(reply: Any) -> list[Entry]:
-    """The entries of an XREADGROUP reply over any streams (none when a block ran out): RESP3
-    (``{stream: entries}``, redis-py's default protocol since 8) or RESP2 (pairs)."""
-    out: list[Entry] = []
-    pairs = reply.items() if isinstance(reply, dict) else reply or ()
-    for stream, found in pairs:
-        key = stream.decode()
-        out += [(key, entry_id, _fields(flat)) for entry_id, flat in found]
-    return out
+def _batch(reads: Sequence[Read], replies: list[Any], along: list[Any]) -> Batch:
+    """The entries of a round trip's XREADGROUP replies, each with the membership it was
+    read for."""
+    batch = Batch([], along)
+    for read, reply in zip(reads, replies, strict=True):
+        found = group_reads.entries(reply)
+        batch.entries += found
+        batch.members += [read.member] * len(found)
+    return batch
 
 
-def _fields(flat: list[bytes] | None) -> dict[bytes, bytes]:
-    return dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+def _largest_read(batch: Batch) -> int:
+    """The most entries any one group's read brought (the batch size counts per read)."""
+    if len(batch.members) < 2 or batch.members[0] is batch.members[-1]:
+        return len(batch.entries)
+    counts: dict[int, int] = {}
+    for member in batch.members:
+        counts[id(member)] = counts.get(id(member), 0) + 1
+    return max(counts.values())
