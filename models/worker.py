@@ -38,6 +38,10 @@ from rendezvous.envelope import EnvelopeError, ModelResult, RequestEnvelope, enc
 
 log = logging.getLogger(__name__)
 
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 30.0
+"""The backoff of a role beside the first whose model cannot load."""
+
 __all__ = ["SHADOW_BATCH_WAIT_MS", "ModelWorker", "WorkerStats", "batch_wait_s"]
 
 
@@ -82,6 +86,10 @@ class ModelWorker(ConsumerLoop):
         self._by_member: dict[int, RoleModel] = {id(first.member): first}
         self._wanted: dict[str, str] | None = None
         self._wanted_lock = threading.Lock()
+        self._broken: dict[str, tuple[float, float]] = {}
+        """Roles whose model could not load -> (monotonic time of the next try, backoff)."""
+        self.load_failures = 0
+        """Roles asked of ``serve_roles`` whose model could not load, counted at each try."""
         self.registry = registry
         self.store = DeploymentStore(client)
         self.reply_maxlen = reply_maxlen
@@ -112,6 +120,10 @@ class ModelWorker(ConsumerLoop):
 
     # -- roles and models ----------------------------------------------------------------------
 
+    def serving_beside(self) -> tuple[str, ...]:
+        """The roles served besides the first (from any thread)."""
+        return tuple(role for role in tuple(self.roles) if role != self.first.role)
+
     def serve_roles(self, roles: Mapping[str, str]) -> None:
         """From any thread: serve exactly these roles (role -> consumer name) besides the first,
         from the next step on."""
@@ -135,7 +147,9 @@ class ModelWorker(ConsumerLoop):
         extra = {r: m for r, m in self.roles.items() if m is not self.first}
         for role in [r for r in extra if r not in wanted]:
             self._drop(role)
-        new = {r: c for r, c in wanted.items() if r not in self.roles}
+        now = time.monotonic()
+        new = {r: c for r, c in wanted.items()
+               if r not in self.roles and self._broken.get(r, (0.0, 0.0))[0] <= now}  # fmt: skip
         if not new:
             return
         dep = self.store.get(self.deployment)
@@ -146,6 +160,14 @@ class ModelWorker(ConsumerLoop):
                 model.follow(dep)
             except DeploymentNotFound:
                 continue  # removed meanwhile: the host will not ask again
+            except Exception:  # its model cannot load: the other roles go on meanwhile
+                backoff = min(self._broken.get(role, (0.0, RETRY_MIN_S / 2))[1] * 2, RETRY_MAX_S)
+                self._broken[role] = (now + backoff, backoff)
+                self.load_failures += 1
+                log.exception("%s/%s cannot be served; trying again in %.1fs", self.deployment,
+                              role, backoff)  # fmt: skip
+                continue
+            self._broken.pop(role, None)
             self.roles[role] = model
             self._by_member[id(model.member)] = model
             self.join(model.member)

@@ -15,6 +15,13 @@ answer callers (real, challengers with an A/B split) and one, at a lower CPU pri
 roles that only shadow; on two cores the critical path then keeps its own process, as with a
 process per role. A model that takes its thread down (an unexpected error) is restarted alone,
 with backoff; a process per role (``RDV_WORKER_LAYOUT=per-role``) remains for isolation.
+
+The shadow roles of one deployment share a thread: they read the same input, so one worker
+reads every shadow role's group in one round trip, decodes each envelope once and answers each
+gateway with one entry for all of them (``ModelWorker.serve_roles``), where a thread each read,
+decoded and answered four times over with three challengers (about 27 us of CPU a role and
+request). Each role keeps its own group, consumer, model and counters; a shadow model that
+cannot load is retried by its worker, the others scoring meanwhile.
 """
 
 from __future__ import annotations
@@ -85,6 +92,9 @@ class _Hosted:
     worker: ModelWorker
     stop: threading.Event
     started: float
+    shadows: bool = False
+    """It serves its deployment's shadow roles (``ModelWorker.serve_roles``), its first role
+    among them; else one role alone."""
     failed: bool = False
     """Its thread ended with an error (else it ended because it was asked to, or its role was
     removed), to be restarted if still wanted."""
@@ -99,6 +109,12 @@ MakeWorker = Callable[[str, str], ModelWorker]
 """(deployment, role) -> a worker with its own client, not yet running."""
 
 
+def hosted_consumer(role: str) -> str:
+    """The consumer name of a hosted role: the one a process of its own has in ``rdv serve``,
+    so that a change of layout re-reads the pending entries left by the other."""
+    return f"{role}-0"
+
+
 @dataclass
 class WorkerHost:
     store: DeploymentStore
@@ -106,7 +122,10 @@ class WorkerHost:
     selection: Selection = field(default_factory=Selection)
     refresh_s: float = 2.0
     """How often the deployments are read again for roles added or removed."""
+    consumer_of: Callable[[str], str] = hosted_consumer
+    """A role's consumer name, for the shadow roles a worker serves besides its first."""
     hosted: dict[tuple[str, str], _Hosted] = field(default_factory=dict)
+    """(deployment, first role) -> its worker."""
     restarts: int = 0
     _known: dict[str, Deployment] = field(default_factory=dict)
 
@@ -132,22 +151,46 @@ class WorkerHost:
         return {(dep.name, role) for dep in self._known.values() for role in dep.role_names
                 if self.selection.picks(dep, role)}  # fmt: skip
 
+    def serving(self) -> set[tuple[str, str]]:
+        """Every (deployment, role) a worker of this host serves now (or is starting)."""
+        return {(dep, role) for (dep, first), hosted in self.hosted.items()
+                for role in (first, *hosted.worker.serving_beside())}  # fmt: skip
+
     def reconcile(self) -> None:
         """Start what is wanted and not hosted, retire what is no longer wanted, and restart
         (after its backoff) a model whose thread died."""
         wanted = self.wanted()
-        for key in [k for k in self.hosted if k not in wanted]:
+        alone: set[tuple[str, str]] = set()
+        shadows: dict[str, list[str]] = {}
+        for dep, role in wanted:
+            if role in answering_roles(self._known[dep]):
+                alone.add((dep, role))
+            else:
+                shadows.setdefault(dep, []).append(role)
+        for key, hosted in list(self.hosted.items()):
+            dep, role = key
+            if key in alone if not hosted.shadows else role in shadows.get(dep, ()):
+                continue
             log.info("worker host: %s/%s is no longer served here; retiring it", *key)
             self._retire(self.hosted.pop(key))
         now = time.monotonic()
-        for key in sorted(wanted):
-            hosted = self.hosted.get(key)
-            if hosted is None:
-                self.hosted[key] = self._start(*key)
-            elif not hosted.thread.is_alive():
-                self._restart_if_due(key, hosted, now)
-            elif now - hosted.started > STABLE_AFTER_S:
-                hosted.backoff_s = RESTART_MIN_S
+        for key in sorted(alone):
+            self._keep(key, now, shadows=False)
+        for dep, roles in sorted(shadows.items()):
+            roles.sort()
+            first = next((r for r in roles if (dep, r) in self.hosted), roles[0])
+            hosted = self._keep((dep, first), now, shadows=True)
+            hosted.worker.serve_roles({r: self.consumer_of(r) for r in roles})
+
+    def _keep(self, key: tuple[str, str], now: float, *, shadows: bool) -> _Hosted:
+        hosted = self.hosted.get(key)
+        if hosted is None:
+            self.hosted[key] = self._start(*key, shadows=shadows)
+        elif not hosted.thread.is_alive():
+            self._restart_if_due(key, hosted, now)
+        elif now - hosted.started > STABLE_AFTER_S:
+            hosted.backoff_s = RESTART_MIN_S
+        return self.hosted[key]
 
     def _restart_if_due(self, key: tuple[str, str], hosted: _Hosted, now: float) -> None:
         if hosted.restart_at is None:
@@ -158,16 +201,18 @@ class WorkerHost:
         if now < hosted.restart_at:
             return
         backoff = min(hosted.backoff_s * 2, RESTART_MAX_S) if hosted.failed else hosted.backoff_s
-        self.hosted[key] = self._start(*key)
+        self.hosted[key] = self._start(*key, shadows=hosted.shadows)
         self.hosted[key].backoff_s = backoff
         self.restarts += 1
 
-    def _start(self, deployment: str, role: str) -> _Hosted:
-        hosted = _Hosted(self.make_worker(deployment, role), threading.Event(), time.monotonic())
+    def _start(self, deployment: str, role: str, *, shadows: bool) -> _Hosted:
+        hosted = _Hosted(self.make_worker(deployment, role), threading.Event(), time.monotonic(),
+                         shadows)  # fmt: skip
         name = f"worker:{deployment}:{role}"
         hosted.thread = threading.Thread(target=self._serve, args=(hosted,), name=name, daemon=True)
         hosted.thread.start()
-        log.info("worker host: serving %s/%s", deployment, role)
+        log.info("worker host: serving %s/%s%s", deployment, role,
+                 " and the other shadow roles" if shadows else "")  # fmt: skip
         return hosted
 
     @staticmethod

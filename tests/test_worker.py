@@ -317,3 +317,64 @@ def test_a_canary_waits_after_a_short_read_and_real_never_does(
     assert 0 < delay_s <= 1.0
     scored = sorted((res.role, res.request_id) for res in replies(r))
     assert scored == [(role, rid) for role in ("canary", "real") for rid in "abc"]
+
+
+def test_one_worker_serves_a_deployments_shadow_roles_in_one_read_and_one_reply(
+    r: redis.Redis, demo_registry: ModelRegistry
+) -> None:
+    """The canary and a challenger in one worker: every request is scored by each with its
+    own version, each gateway gets one reply entry a batch holding both roles' results, each
+    role's own group is acked and each role heartbeats under its own member. The challenger
+    removed (its group destroyed with it), the worker lets it go and the canary goes on."""
+    store = DeploymentStore(r)
+    dep = demo_deployment(demo_registry, Schedule())
+    store.create(dataclasses.replace(dep, roles={**dep.roles, "ch1": dep.roles["real"]}))
+    r.xadd(REPLY, {b"hello": b"1"})
+    x = demo_data().x_test[:4]
+    for i in range(4):
+        publish(r, f"req-{i}", x[i : i + 1])
+    worker = make_worker(r, demo_registry, "canary", batch_size=64)
+    worker.serve_roles({"canary": "canary-t", "ch1": "ch1-t"})
+    assert worker.drain() == 8  # each entry once for each role
+    entries = [fields for _id, fields in r.xrange(REPLY) if b"hello" not in fields]
+    assert len(entries) == 1
+    batch, _ = decode_results(entries[0])
+    assert sorted((res.role, res.version, res.request_id) for res in batch) == sorted(
+        (role, version, f"req-{i}") for role, version in (("canary", 1), ("ch1", 2))
+        for i in range(4)
+    )  # fmt: skip
+    stream = names.input_stream(DEMO_DEPLOYMENT)
+    for role in ("canary", "ch1"):
+        assert r.xpending(stream, names.model_group(role))["pending"] == 0
+    groups = {g["name"].decode(): g for g in r.xinfo_groups(stream)}
+    last = r.xinfo_stream(stream)["last-generated-id"]
+    assert all(groups[names.model_group(role)]["last-delivered-id"] == last
+               for role in ("canary", "ch1"))  # fmt: skip
+    assert {m.decode() for m in r.zrange(names.workers_key(DEMO_DEPLOYMENT), 0, -1)} >= {
+        names.worker_member("canary", "canary-t"),
+        names.worker_member("ch1", "ch1-t"),
+    }
+    assert worker.stats.scored == 4 and worker.roles["ch1"].stats.scored == 4
+
+    store.update(
+        DEMO_DEPLOYMENT,
+        lambda d: dataclasses.replace(d, roles={k: v for k, v in d.roles.items() if k != "ch1"}),
+        action="test",
+        actor="t",
+    )
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.run, args=(stop,))
+    runner.start()
+    try:
+        publish(r, "req-after", x[:1])
+        deadline = time.monotonic() + 10
+        while worker.stats.scored < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert worker.stats.scored == 5 and worker.serving_beside() == ()
+    finally:
+        stop.set()
+        runner.join(10)
+    assert not runner.is_alive()
+    assert names.worker_member("ch1", "ch1-t").encode() not in r.hgetall(
+        names.stats_key(DEMO_DEPLOYMENT)
+    )

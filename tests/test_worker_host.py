@@ -69,8 +69,10 @@ def test_one_process_hosts_every_role_of_every_deployment_and_follows_them(
 ) -> None:
     """Two deployments of a real and a canary each: four models in one host, every request
     scored by each of its deployment's roles with the right version; a challenger added is
-    served within a refresh, a role removed is retired (its thread ends), a model that cannot
-    load is retried with backoff without touching the others, and a stop ends every thread."""
+    served within a refresh, beside the canary in the canary's thread (a deployment's shadow
+    roles share one), a role removed is retired (its thread ends, or it leaves its thread), a
+    model that cannot load is retried with backoff without touching the others, the canary
+    beside it included, and a stop ends every thread."""
     store = DeploymentStore(client)
     for name in ("alpha", "beta"):
         store.create(_deployment(demo_registry, name))
@@ -79,10 +81,11 @@ def test_one_process_hosts_every_role_of_every_deployment_and_follows_them(
         return ModelWorker(c, demo_registry, deployment=deployment, role=role,
                            consumer=f"{role}-host", block_ms=100)  # fmt: skip
 
-    host = WorkerHost(store, client_per_worker(lambda: connect(bus_url), build), refresh_s=0.1)
+    host = WorkerHost(store, client_per_worker(lambda: connect(bus_url), build), refresh_s=0.1,
+                      consumer_of=lambda role: f"{role}-host")  # fmt: skip
     stop = threading.Event()
     runner = threading.Thread(target=host.run, args=(stop,))
-    caplog.set_level(logging.INFO, logger="models.worker_host")
+    caplog.set_level(logging.INFO, logger="models")
     runner.start()
     try:
         wait_until(lambda: len(host.hosted) == 4, 10, "four hosted models")
@@ -99,7 +102,9 @@ def test_one_process_hosts_every_role_of_every_deployment_and_follows_them(
                 dep.roles["real"].name, version)})  # fmt: skip
 
         store.update("alpha", lambda d: add(d, "ch1", 1), action="test", actor="test")
-        wait_until(lambda: ("alpha", "ch1") in host.hosted, 10, "the challenger to be hosted")
+        wait_until(lambda: ("alpha", "ch1") in host.serving(), 10, "the challenger to be hosted")
+        assert set(host.hosted) == {(d, r) for d in ("alpha", "beta") for r in ("real", "canary")}
+        assert host.hosted[("alpha", "canary")].worker.serving_beside() == ("ch1",)
         canary = host.hosted[("beta", "canary")]
         store.update("beta", lambda d: dataclasses.replace(
             d, roles={"real": d.roles["real"]}), action="test", actor="test")  # fmt: skip
@@ -108,9 +113,26 @@ def test_one_process_hosts_every_role_of_every_deployment_and_follows_them(
         _publish(client, "alpha", "alpha-2")
         wait_until(lambda: ("alpha-2", "ch1") in _results(client), 15, "the challenger to score")
 
-        # A role whose model version is not in the registry fails to load: retried with
-        # backoff, while the others go on scoring.
-        store.update("beta", lambda d: add(d, "ghost", 99), action="test", actor="test")
+        # A challenger leaves the canary's thread, which goes on.
+        beside = host.hosted[("alpha", "canary")]
+        store.update("alpha", lambda d: dataclasses.replace(
+            d, roles={r: m for r, m in d.roles.items() if r != "ch1"}), action="test",
+            actor="test")  # fmt: skip
+        wait_until(lambda: ("alpha", "ch1") not in host.serving(), 10, "the challenger to leave")
+        assert host.hosted[("alpha", "canary")] is beside and beside.thread.is_alive()
+
+        # A shadow role whose model version is not in the registry fails to load: retried
+        # with backoff by the worker it would join, while the canary there goes on scoring.
+        store.update("alpha", lambda d: add(d, "ghost", 99), action="test", actor="test")
+        wait_until(lambda: beside.worker.load_failures >= 2, 15, "the broken model retried twice")
+        assert "trying again in" in caplog.text and ("alpha", "ghost") not in host.serving()
+        _publish(client, "alpha", "alpha-3")
+        wait_until(lambda: {("alpha-3", "real"), ("alpha-3", "canary")} <= set(_results(client)),
+                   15, "alpha's real and canary to score")  # fmt: skip
+        # A role that answers callers and cannot load: its thread is restarted with backoff.
+        store.update("beta", lambda d: dataclasses.replace(d, roles={**d.roles, "ab": ModelRef(
+            d.roles["real"].name, 99)}, schedule=Schedule(splits=(("ab", 0.1),))), action="test",
+            actor="test")  # fmt: skip
         wait_until(lambda: host.restarts >= 2, 15, "the broken model to be retried twice")
         assert "restarting it in" in caplog.text
         _publish(client, "beta", "beta-2")

@@ -120,6 +120,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
         Selection,
         WorkerHost,
         client_per_worker,
+        hosted_consumer,
     )
     from rendezvous.bus.connection import Client, connect
     from rendezvous.heap import settle_heap
@@ -153,10 +154,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
             raise SystemExit("rdv worker: --consumer names one role's consumer; add --role")
         shard, shards = _shard(args.shard)
         selection = Selection(args.roles, args.deployment, shard, shards)
-        # Each hosted role keeps the consumer name a process of its own would have in rdv
-        # serve, so a change of layout re-reads the pending entries left by the other.
         make = client_per_worker(
-            lambda: connect(url), lambda c, d, r: build(c, d, r, f"{r}-0", hosted=True)
+            lambda: connect(url), lambda c, d, r: build(c, d, r, hosted_consumer(r), hosted=True)
         )
         host = WorkerHost(DeploymentStore(connect(url)), make, selection)
         host.reconcile()
