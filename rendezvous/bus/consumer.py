@@ -7,8 +7,9 @@ mid-batch, or lost a read's reply, which moved entries to its pending list all t
 every ``claim_idle_ms / 2`` it takes over with XAUTOCLAIM the entries a dead consumer left
 pending for longer than ``claim_idle_ms``. Around that: a backoff on Redis errors, the
 heartbeat's timer, a wait after a short read so that the next batch gathers more, a drain (tests,
-replays) and a stop. The worker and the log bin each had a copy, and the copies had drifted
-(only one followed the XAUTOCLAIM cursor); ``ConsumerLoop`` is now the one copy.
+replays) and a stop. A loop may read several groups over its streams (``join``: a worker host's
+shadow roles of a deployment), each with its own pending entries and claims, in the same round
+trips.
 
 A subclass supplies only what differs: which streams are read (``streams_to_read``), what a
 batch is processed into, what is acked when and what the heartbeat carries (``process``: the
@@ -39,7 +40,6 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -49,7 +49,7 @@ from rendezvous.bus.aside import UNREACHABLE, SetAside
 from rendezvous.bus.blocking_router import BlockingRouter
 from rendezvous.bus.connection import MEMORY_LIMIT, REDIS_DOWN, out_of_memory
 from rendezvous.bus.connection import Client as AnyClient
-from rendezvous.bus.group_reads import Entry, Membership, Read
+from rendezvous.bus.group_reads import Batch, Entry, Membership, Read
 from rendezvous.bus.routing import Command, command, raise_first_error, slot_of
 
 log = logging.getLogger(__name__)
@@ -64,19 +64,6 @@ IDLE_POLL_MIN_S = 0.001
 IDLE_POLL_MAX_S = 0.02
 
 __all__ = ["Batch", "ConsumerLoop", "Entry", "Membership", "stop_thread"]
-
-
-@dataclass(slots=True)
-class Batch:
-    """What one step read."""
-
-    entries: list[Entry]
-    along: list[Any]
-    """The replies to ``read_along``, answered in the read's round trip (empty: no read)."""
-    claimed: int = 0
-    """How many of ``entries`` were taken over from other consumers by XAUTOCLAIM."""
-    members: list[Membership] = field(default_factory=list)
-    """For each of ``entries``, the membership (group) it was read for, which acks it."""
 
 
 class ConsumerLoop(ABC):
@@ -234,7 +221,7 @@ class ConsumerLoop(ABC):
                 self._reset()
                 self._follow_streams(streams)
                 return 0
-            n = _largest_read(batch)
+            n = group_reads.largest_read(batch)
             if block_ms is not None and self.batch_wait_s and 0 < n < self.batch_size:
                 # Entries arrived one by one: let the next ones gather before the next read.
                 self._read_after = time.monotonic() + self.batch_wait_s
@@ -318,7 +305,7 @@ class ConsumerLoop(ABC):
                 reads += more_reads
         if commands:
             replies, along = self._round_trip(commands, reads=reads)
-            batch = _batch(reads, replies, along)
+            batch = group_reads.batch_of(reads, replies, along)
             found = {(id(member), s) for member, (s, _, _) in zip(batch.members, batch.entries,
                                                                   strict=True)}  # fmt: skip
             for read in reads:
@@ -365,7 +352,7 @@ class ConsumerLoop(ABC):
         # A read whose reply was lost has moved entries to our pending list, which the failure
         # path (or, for a stream set aside, the return of its node) re-reads first.
         replies, along = self._round_trip(commands, timeout_s, reads)
-        batch = _batch(reads, replies, along)
+        batch = group_reads.batch_of(reads, replies, along)
         self._idle = not batch.entries
         if polling:
             assert block_ms is not None
@@ -390,25 +377,10 @@ class ConsumerLoop(ABC):
         replies, along = self._round_trip(commands, reads=reads)
         batch = Batch([], along)
         for read, reply in zip(reads, replies, strict=True):
-            if reply is None:  # set aside: its scan goes on when it is back
-                continue
-            member, (stream,) = read.member, read.streams
-            if reply[0] == b"0-0":
-                del member.claiming[stream]
-            else:
-                member.claiming[stream] = reply[0]
-            found: list[Entry] = []
-            for item in reply[1]:
-                if item is None:
-                    # Redis 6.2: an entry deleted while pending, claimed but without its id;
-                    # our pending read returns it (as deleted) to be acked.
-                    member.pending_first.add(stream)
-                else:
-                    found.append((stream, item[0], group_reads.fields(item[1])))
-            # Redis 7: the ids of entries deleted while pending, dropped from the group.
-            found += [(stream, entry_id, {}) for entry_id in (reply[2] if len(reply) > 2 else ())]
-            batch.entries += found
-            batch.members += [member] * len(found)
+            if reply is not None:  # else set aside: its scan goes on when it is back
+                found = group_reads.claimed(read, reply)
+                batch.entries += found
+                batch.members += [read.member] * len(found)
         batch.claimed = len(batch.entries)
         return batch
 
@@ -454,24 +426,3 @@ def stop_thread(loop: ConsumerLoop, thread: threading.Thread, deadline: float) -
         loop.interrupt()
         thread.join(min(pause_s, max(deadline - time.monotonic(), 0.0)))
         pause_s = min(pause_s * 2, 0.5)
-
-
-def _batch(reads: Sequence[Read], replies: list[Any], along: list[Any]) -> Batch:
-    """The entries of a round trip's XREADGROUP replies, each with the membership it was
-    read for."""
-    batch = Batch([], along)
-    for read, reply in zip(reads, replies, strict=True):
-        found = group_reads.entries(reply)
-        batch.entries += found
-        batch.members += [read.member] * len(found)
-    return batch
-
-
-def _largest_read(batch: Batch) -> int:
-    """The most entries any one group's read brought (the batch size counts per read)."""
-    if len(batch.members) < 2 or batch.members[0] is batch.members[-1]:
-        return len(batch.entries)
-    counts: dict[int, int] = {}
-    for member in batch.members:
-        counts[id(member)] = counts.get(id(member), 0) + 1
-    return max(counts.values())

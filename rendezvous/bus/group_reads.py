@@ -48,6 +48,19 @@ class Read:
     streams: list[str]
 
 
+@dataclass(slots=True)
+class Batch:
+    """What one step read."""
+
+    entries: list[Entry]
+    along: list[Any]
+    """The replies to ``read_along``, answered in the read's round trip (empty: no read)."""
+    claimed: int = 0
+    """How many of ``entries`` were taken over from other consumers by XAUTOCLAIM."""
+    members: list[Membership] = field(default_factory=list)
+    """For each of ``entries``, the membership (group) it was read for, which acks it."""
+
+
 def xreadgroup(
     member: Membership, by_slot: Iterable[list[str]], entry_id: bytes, count: bytes,
     block_ms: int | None,
@@ -71,6 +84,25 @@ def xautoclaim(member: Membership, stream: str, idle: bytes, count: bytes) -> Co
                                      b"COUNT", count))  # fmt: skip
 
 
+def claimed(read: Read, reply: Any) -> list[Entry]:
+    """The entries of an XAUTOCLAIM page over ``read``'s one stream, its scan moved on."""
+    member, (stream,) = read.member, read.streams
+    if reply[0] == b"0-0":
+        del member.claiming[stream]
+    else:
+        member.claiming[stream] = reply[0]
+    found: list[Entry] = []
+    for item in reply[1]:
+        if item is None:
+            # Redis 6.2: an entry deleted while pending, claimed but without its id; our
+            # pending read returns it (as deleted) to be acked.
+            member.pending_first.add(stream)
+        else:
+            found.append((stream, item[0], fields(item[1])))
+    # Redis 7: the ids of entries deleted while pending, dropped from the group.
+    return found + [(stream, entry_id, {}) for entry_id in (reply[2] if len(reply) > 2 else ())]
+
+
 def entries(reply: Any) -> list[Entry]:
     """The entries of an XREADGROUP reply over any streams (none when a block ran out): RESP3
     (``{stream: entries}``, redis-py's default protocol since 8) or RESP2 (pairs)."""
@@ -84,3 +116,24 @@ def entries(reply: Any) -> list[Entry]:
 
 def fields(flat: Sequence[bytes] | None) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+
+
+def batch_of(reads: Sequence[Read], replies: list[Any], along: list[Any]) -> Batch:
+    """The entries of a round trip's XREADGROUP replies, each with the membership it was
+    read for."""
+    batch = Batch([], along)
+    for read, reply in zip(reads, replies, strict=True):
+        found = entries(reply)
+        batch.entries += found
+        batch.members += [read.member] * len(found)
+    return batch
+
+
+def largest_read(batch: Batch) -> int:
+    """The most entries any one group's read brought (the batch size counts per read)."""
+    if len(batch.members) < 2 or batch.members[0] is batch.members[-1]:
+        return len(batch.entries)
+    counts: dict[int, int] = {}
+    for member in batch.members:
+        counts[id(member)] = counts.get(id(member), 0) + 1
+    return max(counts.values())
