@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from rendezvous.bus.consumer import Batch, ConsumerLoop, stop_thread
+from rendezvous.bus.consumer import Batch, ConsumerLoop, Membership, stop_thread
 from rendezvous.bus.routing import Command, command, raise_first_error
 
 pytestmark = pytest.mark.integration
@@ -49,8 +49,9 @@ class Recorder(ConsumerLoop):
         if self.fail is not None:
             exc, self.fail = self.fail, None
             raise exc
-        acks = [command(b"XACK", stream.encode(), GROUP.encode(), entry_id)
-                for stream, entry_id, _ in batch.entries]  # fmt: skip
+        acks = [command(b"XACK", stream.encode(), member.group_b, entry_id)
+                for (stream, entry_id, _), member in zip(batch.entries, batch.members,
+                                                         strict=True)]  # fmt: skip
         raise_first_error(self.bus.execute(acks))
         return len(batch.entries)
 
@@ -231,3 +232,59 @@ def test_a_user_without_client_id_or_unblock_is_served_and_stops_at_the_blocks_e
     finally:
         limited.close()
         r.execute_command("ACL", "DELUSER", "limited")
+
+
+def test_one_loop_reads_several_groups_each_at_its_own_pace(r: redis.Redis) -> None:
+    """Two groups over one stream read by one loop (a worker's shadow roles): each gets
+    every entry once, in the same round trips; a group that is behind is read without
+    waiting out the other's blocking read; after a failure each re-reads its own pending
+    entries; a dead consumer's idle entries are claimed in the group they were left in."""
+    behind = _add(r, A, 5)
+    r.xgroup_create(A, "h", id="0")
+    r.xgroup_create(A, GROUP, id="$")  # caught up: nothing for it until the next entry
+    loop = Recorder(r, "c1", block_ms=3000)
+    other = Membership("h", "h1")
+    loop.join(other)
+    t0 = time.monotonic()
+    assert loop.step(block_ms=3000) == 5 and time.monotonic() - t0 < 1.5
+    assert {m.group for m in loop.batches[0].members} == {"h"}
+    assert loop.step(block_ms=3000) == 0  # an empty read: the next one blocks
+    both = _add(r, A, 2)
+    assert loop.step(block_ms=3000) == 4  # the blocking read woke, the other rode behind it
+    got = {(m.group, entry_id) for b in loop.batches for (_, entry_id, _), m in
+           zip(b.entries, b.members, strict=True)}  # fmt: skip
+    assert got == {("h", i) for _, i in behind + both} | {(GROUP, i) for _, i in both}
+    assert _pending(r) == 0 and int(r.xpending(A, "h")["pending"]) == 0
+
+    # A failure between the read and the acks: each group re-reads its own pending entries.
+    loop.batches.clear()
+    loop.fail = redis.ConnectionError("injected: lost before the ack")
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        more = _add(r, A, 3)
+        deadline = time.monotonic() + 5
+        while (len(loop.batches) < 2 or _pending(r) or int(r.xpending(A, "h")["pending"])) and \
+                time.monotonic() < deadline:  # fmt: skip
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    assert not thread.is_alive()
+    ids = [(m.group, i) for b in loop.batches for (_, i, _), m in
+           zip(b.entries, b.members, strict=True)]  # fmt: skip
+    assert sorted(set(ids)) == sorted((g, i) for g in (GROUP, "h") for _, i in more)
+    assert _pending(r) == 0 and int(r.xpending(A, "h")["pending"]) == 0
+
+    # A dead member of group h left entries pending: claimed into h, not into GROUP.
+    left = _add(r, A, 2)
+    r.xreadgroup("h", "dead", {A: ">"})
+    time.sleep(0.15)
+    alive = Recorder(r, "c2", claim_idle_ms=100)
+    alive.join(Membership("h", "h2"))
+    assert alive.drain() == 4
+    claimed = [(m.group, i) for b in alive.batches if b.claimed for (_, i, _), m in
+               zip(b.entries, b.members, strict=True)]  # fmt: skip
+    assert sorted(claimed) == sorted(("h", i) for _, i in left)
+    assert _pending(r) == 0 and int(r.xpending(A, "h")["pending"]) == 0

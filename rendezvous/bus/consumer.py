@@ -102,9 +102,10 @@ class ConsumerLoop(ABC):
         """The streams being read now (whose groups exist, when ``create_groups``)."""
         self.members: list[Membership] = [Membership(group, consumer)]
         """The groups read, each with its consumer and its own progress (``join``)."""
-        self._idle = True
-        """The last read of new entries found none: the next may block even when it reads
-        several groups (one of which may be behind the others)."""
+        self._idle = False
+        """The last read of new entries found none in any group: only then does a read of
+        several groups block (the first blocks, the others ride behind it); else a group
+        behind the others would wait out the block of one that is not."""
         self._next_claim = 0.0
         self._next_heartbeat = 0.0
         self._read_after = 0.0
@@ -152,6 +153,7 @@ class ConsumerLoop(ABC):
         from the thread that runs the loop."""
         self.members.append(member)
         member.pending_first.update(self.streams)
+        self._idle = False
 
     def leave(self, member: Membership) -> None:
         """Stop reading ``member``'s group; from the thread that runs the loop."""
@@ -241,6 +243,7 @@ class ConsumerLoop(ABC):
         reply left them unprocessed or unacked), groups are recreated if ours to create, and
         a claim scan starts over."""
         self.streams = ()
+        self._idle = False
         for member in self.members:
             member.reset()
 
