@@ -184,6 +184,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_gateway", description=__doc__)
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument(
+        "--open-rate",
+        type=float,
+        help="an open loop at this many requests a second instead of --concurrency "
+        "(the soak's kind of load: where batches are small)",
+    )
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--gateway-processes", type=int)
     p.add_argument("--loadgen-procs", type=int, default=2)
@@ -195,11 +201,25 @@ def main(argv: list[str] | None = None) -> None:
         choices=range(0, 4),
         help="shadowing challengers (the real model's bytes again), as the axis",
     )
-    p.add_argument("--deployments", type=int, default=1,
-                   help="deployments served (the others idle, as the deployments axis)")
-    p.add_argument("--gil", action="store_true",
-                   help="sample only threads holding the GIL (a worker host's idle threads "
-                        "blocked in a read otherwise count as busy)")
+    p.add_argument(
+        "--deployments",
+        type=int,
+        default=1,
+        help="deployments served (the others idle, as the deployments axis)",
+    )
+    p.add_argument(
+        "--gil",
+        action="store_true",
+        help="sample only threads holding the GIL (a worker host's idle threads "
+        "blocked in a read otherwise count as busy)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="RDV_NAME=VALUE",
+        help="a setting of the served system (again for more)",
+    )
     p.add_argument("--out", type=Path, help="folder for the folded stacks (default: temporary)")
     p.add_argument("--summary", type=Path, help="summary JSON (default: benchmarks/results/)")
     args = p.parse_args(argv)
@@ -207,8 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="rdv-profile-"))
     out = args.out or work
     out.mkdir(parents=True, exist_ok=True)
-    token = {"RDV_ADMIN_TOKEN": TOKEN} if args.challengers or args.deployments > 1 else None
-    running = start_rdv(work / "data", work, args.gateway_processes, settings=token)
+    settings = dict(item.split("=", 1) for item in args.set)
+    if args.challengers or args.deployments > 1:
+        settings["RDV_ADMIN_TOKEN"] = TOKEN
+    running = start_rdv(work / "data", work, args.gateway_processes, settings=settings or None)
     report: dict[str, object] = {}
     try:
         target = with_bodies(running, args.rows).target
@@ -240,9 +262,12 @@ def main(argv: list[str] | None = None) -> None:
                 ),
             )  # fmt: skip
         before = procstat.TreeSample.take(running.tree)
-        result, _ = run_load(
-            target, Load("closed", args.concurrency, duration_s=args.duration), args.loadgen_procs
+        load = (
+            Load("open", args.concurrency, rate=args.open_rate, duration_s=args.duration)
+            if args.open_rate
+            else Load("closed", args.concurrency, duration_s=args.duration)
         )
+        result, _ = run_load(target, load, args.loadgen_procs)
         after = procstat.TreeSample.take(running.tree)
         for _folded, spy in spies.values():
             spy.wait(60)
