@@ -216,7 +216,8 @@ class ModelWorker(ConsumerLoop):
             if gone:
                 return True
         retry = super().failed(exc, retry_in_s)
-        self.first.stats.errors += 1  # rdv_worker_errors_total: Redis down or full, counted
+        for role in self.roles.values():  # rdv_worker_errors_total: Redis down or full, counted
+            role.stats.errors += 1  # for every role it held up
         return retry
 
     def close(self) -> None:
