@@ -216,8 +216,8 @@ class ModelWorker(ConsumerLoop):
             if gone:
                 return True
         retry = super().failed(exc, retry_in_s)
-        for role in self.roles.values():  # rdv_worker_errors_total: Redis down or full, counted
-            role.stats.errors += 1  # for every role it held up
+        for model in self.roles.values():  # rdv_worker_errors_total: Redis down or full,
+            model.stats.errors += 1  # counted for every role it held up
         return retry
 
     def close(self) -> None:
