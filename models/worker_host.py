@@ -169,7 +169,8 @@ class WorkerHost:
                 shadows.setdefault(dep, []).append(role)
         for key, hosted in list(self.hosted.items()):
             dep, role = key
-            if key in alone if not hosted.shadows else role in shadows.get(dep, ()):
+            still_wanted = role in shadows.get(dep, ()) if hosted.shadows else key in alone
+            if still_wanted:
                 continue
             log.info("worker host: %s/%s is no longer served here; retiring it", *key)
             self._retire(self.hosted.pop(key))
