@@ -1,8 +1,10 @@
-"""The model worker: one process serving one role of one deployment.
+"""The model worker: one role of one deployment (a process of its own, or a thread of a worker
+host), or several shadow roles of one deployment together (``serve_roles``).
 
-It reads a batch of envelopes per XREADGROUP, runs onnxruntime once for the whole batch, and
-writes every result to its request's reply stream together with the acks in one pipelined
-round trip. Entries past their deadline are acked and counted, never scored late.
+It reads a batch of envelopes per XREADGROUP (one per role's group, in one round trip), runs
+onnxruntime once per role for the whole batch, and writes every result to its request's reply
+stream together with the acks in one pipelined round trip. Entries past their deadline are
+acked and counted, never scored late.
 
 Only real (and a challenger with an A/B split) answers callers. Every other role (the canary,
 shadow challengers) only has to reach the decision record within the grace period, so after a
