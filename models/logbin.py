@@ -344,7 +344,8 @@ class LogBin(ConsumerLoop):
         lost node within ``LOST_NODE_WAIT_S`` (redis-py's cluster pipeline retried it until
         the election ended: the archive stalled ~3 s). A failed claim is the watch's to log; a
         failed ack is raised."""
-        commands = [command(b"XACK", stream.encode(), self._group_b, *entry_ids)
+        group = self.members[0].group_b  # the log bin reads one group
+        commands = [command(b"XACK", stream.encode(), group, *entry_ids)
                     for stream, entry_ids in ids.items()]  # fmt: skip
         now = self.heartbeat_due()
         if now is not None:

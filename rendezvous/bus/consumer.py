@@ -112,7 +112,6 @@ class ConsumerLoop(ABC):
         """Monotonic time before which the next blocking read waits (gathering a batch)."""
         self._pause: Callable[[float], object] = time.sleep
         """How that wait is spent: ``stop.wait`` under ``run``, so a stop cuts it short."""
-        self._group_b = group.encode()
         self._count_b = b"%d" % batch_size
         self._along = list(read_along)
         self._idle_poll_s = 0.0
