@@ -3,8 +3,8 @@ host), or several shadow roles of one deployment together (``serve_roles``).
 
 It reads a batch of envelopes per XREADGROUP (one per role's group, in one round trip), runs
 onnxruntime once per role for the whole batch, and writes every result to its request's reply
-stream together with the acks in one pipelined round trip. Entries past their deadline are
-acked and counted, never scored late.
+stream together with the acks in one pipelined write, which goes ahead of its next read in
+that read's round trip. Entries past their deadline are acked and counted, never scored late.
 
 Only real (and a challenger with an A/B split) answers callers. Every other role (the canary,
 shadow challengers) only has to reach the decision record within the grace period, so after a
@@ -13,16 +13,19 @@ one onnxruntime call and one write round trip then serve many requests instead o
 and the CPU they would burn stays with the critical path.
 
 The reading (own pending entries first, XAUTOCLAIM of a dead worker's, backoff, stop) is the
-shared ``ConsumerLoop``; a worker adds the model, its write round trip (results, acks and
-heartbeat together) and the deployment's revision, read in the same round trip as each batch.
+shared ``ConsumerLoop``; a worker adds the model, its write (results, acks and heartbeat
+together, ahead of the next read) and the deployment's revision, read in the same round trip as
+each batch.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import redis
 
@@ -178,6 +181,7 @@ class ModelWorker(ConsumerLoop):
         self._follow_waits()
 
     def _drop(self, role: str) -> None:
+        self.flush()  # its last heartbeat lands before its counters are removed, not after
         model = self.roles.pop(role)
         self._by_member.pop(id(model.member), None)
         self.leave(model.member)
@@ -305,11 +309,8 @@ class ModelWorker(ConsumerLoop):
                 commands += role.heartbeat(beat)
         # On a cluster the results go to each gateway's node, the acks to each partition's and
         # the heartbeat to the deployment's, in one round trip per node, all written before any
-        # reply is read. A heartbeat whose node is away (partition 0's master failing over)
-        # must not hold up the other partitions: it is sent again when next due.
-        written = self.bus.execute(commands)
-        raise_first_error(written[:essential])
-        raise_first_error([r for r in written[essential:] if not isinstance(r, UNREACHABLE)])
+        # reply is read; and they go ahead of the next read, in its round trip.
+        self.write_with_next_read(commands, functools.partial(_check_written, essential))
         return len(entries)
 
     def _replies(self, replies: list[Scored]) -> list[Command]:
@@ -347,3 +348,11 @@ class ModelWorker(ConsumerLoop):
                 log.exception("cannot load %s for %s/%s; keeping %s", dep.roles[role.role],
                               self.deployment, role.role, role.model_ref)  # fmt: skip
         self._follow_waits()
+
+
+def _check_written(essential: int, written: list[Any]) -> None:
+    """Raise the first error among a batch's results and acks (its first ``essential``
+    commands). A heartbeat whose node is away (partition 0's master failing over) must not
+    hold up the other partitions: it is sent again when next due."""
+    raise_first_error(written[:essential])
+    raise_first_error([r for r in written[essential:] if not isinstance(r, UNREACHABLE)])

@@ -22,21 +22,31 @@ A, B = "rdv:{a}:in", "rdv:{b}:in"
 
 
 class Recorder(ConsumerLoop):
-    """Records every batch and acks it in one round trip of its own, as the worker does;
-    ``fail`` makes the next batch fail before its ack."""
+    """Records every batch and acks it in one round trip of its own, or (``ahead``) ahead of
+    the next read, as the worker does; ``fail`` makes the next batch fail before its ack,
+    ``also_write`` rides with the next batch's acks, and ``ride_out`` retries any error."""
 
     def __init__(
-        self, client: redis.Redis, consumer: str, streams: Sequence[str] = (A,), **kw: Any
-    ):
+        self, client: redis.Redis, consumer: str, streams: Sequence[str] = (A,), *,
+        ahead: bool = False, ride_out: bool = False, **kw: Any,
+    ):  # fmt: skip
         kw.setdefault("batch_size", 16)
         kw.setdefault("block_ms", 50)
         kw.setdefault("claim_idle_ms", 30_000)
         kw.setdefault("heartbeat_s", 3600.0)
         super().__init__(client, group=GROUP, consumer=consumer, **kw)
         self._streams = tuple(streams)
+        self.ahead = ahead
+        self.ride_out = ride_out
         self.batches: list[Batch] = []
         self.fail: Exception | None = None
+        self.also_write: list[Command] = []
         self.along: list[Any] = []
+        self.failures: list[Exception] = []
+
+    def failed(self, exc: Exception, retry_in_s: float) -> bool:
+        self.failures.append(exc)
+        return self.ride_out or super().failed(exc, retry_in_s)
 
     def streams_to_read(self) -> tuple[str, ...]:
         return self._streams
@@ -52,7 +62,12 @@ class Recorder(ConsumerLoop):
         acks = [command(b"XACK", stream.encode(), member.group_b, entry_id)
                 for (stream, entry_id, _), member in zip(batch.entries, batch.members,
                                                          strict=True)]  # fmt: skip
-        raise_first_error(self.bus.execute(acks))
+        acks += self.also_write
+        self.also_write = []
+        if self.ahead:
+            self.write_with_next_read(acks, raise_first_error)
+        else:
+            raise_first_error(self.bus.execute(acks))
         return len(batch.entries)
 
     def ids(self) -> list[tuple[str, bytes]]:
@@ -164,6 +179,69 @@ def test_the_loop_adds_no_round_trip_and_answers_read_along_with_each_read(
     r.set("rev", b"2")
     assert loop.step(block_ms=10) == 0
     assert round_trips == [2] and loop.along == [b"2"]  # an empty read: one round trip
+
+
+def test_a_write_held_for_the_next_read_goes_in_its_round_trip(r: redis.Redis) -> None:
+    """The acks of one batch go ahead of the next read, in one round trip; a drain and a stop
+    send the last batch's own."""
+    _groups(r, A)
+    r.set("rev", b"1")
+    loop = Recorder(r, "c1", ahead=True, read_along=[command(b"GET", b"rev")])
+    assert loop.drain() == 0
+    round_trips: list[int] = []
+    execute = loop.bus.execute
+
+    def counted(commands: Sequence[Command], **kw: Any) -> list[Any]:
+        round_trips.append(len(commands))
+        return execute(commands, **kw)
+
+    loop.bus.execute = counted  # type: ignore[method-assign]
+    _add(r, A, 4)
+    assert loop.step(block_ms=10) == 4
+    assert round_trips == [2] and _pending(r) == 4  # read and GET; the acks are held
+    _add(r, A, 2)
+    assert loop.step(block_ms=10) == 2
+    assert round_trips == [2, 4 + 2] and _pending(r) == 2  # the 4 acks, then the read and GET
+    assert loop.drain() == 0
+    assert round_trips == [2, 6, 2 + 2] and _pending(r) == 0  # the 2 acks with its read
+
+    _add(r, A, 3)
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while len(loop.batches) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    stop.set()
+    stop_thread(loop, thread, time.monotonic() + 5)
+    assert not thread.is_alive() and len(loop.batches) == 3
+    assert _pending(r) == 0  # the batch in hand was finished at the stop: its acks sent
+
+
+def test_a_failed_held_write_fails_the_read_it_rode_with_which_is_read_again(
+    r: redis.Redis,
+) -> None:
+    """An error in the held write is the next step's failure: the entries that step read are
+    pending on us, so they are read again (our own pending entries first) and processed once."""
+    _groups(r, A)
+    first, then = _add(r, A, 3), _add(r, A, 3)
+    r.set("not-a-number", b"x")
+    loop = Recorder(r, "c1", ahead=True, ride_out=True, batch_size=3)
+    loop.also_write = [command(b"INCR", b"not-a-number")]  # with the first batch's acks
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while (len(loop.batches) < 2 or _pending(r)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        stop_thread(loop, thread, time.monotonic() + 5)
+    [failure] = loop.failures
+    assert isinstance(failure, redis.ResponseError) and "not an integer" in str(failure)
+    assert loop.ids() == first + then  # the second read, failed with the write, read again
+    assert _pending(r) == 0
 
 
 def _blocked(node: redis.Redis) -> int:

@@ -315,6 +315,8 @@ def test_a_canary_waits_after_a_short_read_and_real_never_does(
     assert paused["real"] == []
     [delay_s] = paused["canary"]
     assert 0 < delay_s <= 1.0
+    for worker in workers.values():  # the last batch's write waits for the next read
+        worker.flush()
     scored = sorted((res.role, res.request_id) for res in replies(r))
     assert scored == [(role, rid) for role in ("canary", "real") for rid in "abc"]
 

@@ -21,8 +21,11 @@ trip through a ``BlockingRouter`` (raw replies on redis-py's connections, no com
 only after a start or a failure does a read of the consumer's own pending entries, and once per
 claim interval an XAUTOCLAIM page per stream (all streams in one round trip), come before it.
 The commands a subclass needs answered with every read (the worker's deployment revision) ride
-in that same round trip (``read_along``), and the subclass writes results, acks and heartbeat
-in one more (through ``bus`` or on its redis-py client).
+in that same round trip (``read_along``). The subclass writes results, acks and heartbeat in
+one more (through ``bus``), or hands them to ``write_with_next_read``: they then go ahead of the
+next read in its round trip, so that at moderate load, where a read brings one or two entries,
+a batch costs one round trip rather than two. Redis runs them before the read blocks, so they
+take effect as soon as they would alone; only their replies come back with the read's.
 
 On a Redis Cluster one command cannot span slots, so streams are read per slot: streams that
 share a slot (one hash tag) in one XREADGROUP as before, blocking; streams spread over several
@@ -40,6 +43,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -64,6 +68,14 @@ IDLE_POLL_MIN_S = 0.001
 IDLE_POLL_MAX_S = 0.02
 
 __all__ = ["Batch", "ConsumerLoop", "Entry", "Membership", "stop_thread"]
+
+
+@dataclass
+class _HeldWrite:
+    """A subclass's write waiting for the next read's round trip."""
+
+    commands: list[Command]
+    check: Callable[[list[Any]], object]
 
 
 class ConsumerLoop(ABC):
@@ -117,6 +129,8 @@ class ConsumerLoop(ABC):
         self._idle_poll_s = 0.0
         self._aside = SetAside(consumer)
         """Streams left out of reads while their node does not answer."""
+        self._held: _HeldWrite | None = None
+        """The write handed to ``write_with_next_read``, not sent yet."""
 
     # -- what a subclass supplies -------------------------------------------------------------
 
@@ -158,6 +172,22 @@ class ConsumerLoop(ABC):
         """Stop reading ``member``'s group; from the thread that runs the loop."""
         self.members.remove(member)
 
+    def write_with_next_read(
+        self, commands: list[Command], check: Callable[[list[Any]], object]
+    ) -> None:
+        """Send ``commands`` ahead of the next read, in its round trip; ``check`` gets their
+        replies first and raises to fail that step (whose read is then re-read as our own
+        pending entries, like any failed step's). Sent alone instead before any pause, at the
+        end of a ``drain`` and at a stop (``flush``). One write is held at a time."""
+        assert self._held is None, "the held write was not sent"
+        self._held = _HeldWrite(commands, check)
+
+    def flush(self) -> None:
+        """Send the write held for the next read now, in a round trip of its own."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.check(self.bus.execute(held.commands))
+
     def interrupt(self) -> None:
         """From another thread, once the ``stop`` given to ``run`` is set: cut a blocking read
         short, so that the stop takes effect now rather than when the block runs out."""
@@ -187,7 +217,8 @@ class ConsumerLoop(ABC):
                     continue
                 backoff_s = BACKOFF_MIN_S
                 if not self.streams:  # nothing to block on: wait as long as a read would
-                    stop.wait(self.block_ms / 1000)
+                    self._wait(self.block_ms / 1000)
+            self._flush_at_stop()
         finally:
             self.close()
 
@@ -199,6 +230,7 @@ class ConsumerLoop(ABC):
             n = self.step(block_ms=None)
             total += n
             if n == 0 and not any(m.pending_first or m.claiming for m in self.members):
+                self.flush()
                 return total
             if n == 0 and self._aside:  # what is left waits for a node to answer again
                 self._pause_aside(None)
@@ -211,7 +243,7 @@ class ConsumerLoop(ABC):
             if block_ms is not None:
                 delay_s = self._read_after - time.monotonic()
                 if delay_s > 0:
-                    self._pause(delay_s)
+                    self._wait(delay_s)
             try:
                 batch = self._read(block_ms)
             except redis.ResponseError as exc:
@@ -243,6 +275,7 @@ class ConsumerLoop(ABC):
         a claim scan starts over."""
         self.streams = ()
         self._idle = False
+        self._held = None  # its entries are still pending: re-read, processed and written again
         for member in self.members:
             member.reset()
 
@@ -276,7 +309,7 @@ class ConsumerLoop(ABC):
         """Until the first stream set aside is tried again (at most a blocking read's time)."""
         wait_s = self._aside.wait_s(block_ms)
         if wait_s > 0:
-            self._pause(wait_s)
+            self._wait(wait_s)
 
     def _tolerate_lost(
         self, replies: list[Any], reads: Sequence[Read], among: Iterable[str] = ()
@@ -363,8 +396,22 @@ class ConsumerLoop(ABC):
             else:  # every slot empty: wait a little, then poll again
                 self._idle_poll_s = min(max(self._idle_poll_s * 2, IDLE_POLL_MIN_S),
                                         IDLE_POLL_MAX_S, block_ms / 1000)  # fmt: skip
-                self._pause(self._idle_poll_s)
+                self._wait(self._idle_poll_s)
         return batch
+
+    def _wait(self, wait_s: float) -> None:
+        """A pause of the loop: a held write is not kept waiting through it."""
+        self.flush()
+        self._pause(wait_s)
+
+    def _flush_at_stop(self) -> None:
+        """The batch in hand is finished before a stop: its held write sent (if Redis is away,
+        its entries stay pending, for a restart or a live consumer's claim)."""
+        try:
+            self.flush()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("%s: the last batch's write failed at the stop (%s); its entries stay "
+                        "pending", self.consumer, exc)  # fmt: skip
 
     def _claim(self) -> Batch:
         """One XAUTOCLAIM page per group and stream still being scanned, all in one round
@@ -409,7 +456,12 @@ class ConsumerLoop(ABC):
         """``commands``' replies and ``read_along``'s, sent together. ``reads``: what each
         command reads, so that the streams of a lost node are set aside (their replies
         ``None``) while the others are read."""
-        replies = self.bus.execute(commands + self._along, timeout_s=timeout_s)
+        held, self._held = self._held, None
+        ahead = held.commands if held is not None else []
+        replies = self.bus.execute(ahead + commands + self._along, timeout_s=timeout_s)
+        if held is not None:
+            held.check(replies[: len(ahead)])
+            replies = replies[len(ahead) :]
         out, along = replies[: len(commands)], replies[len(commands) :]
         if reads is not None:
             out = raise_first_error(self._tolerate_lost(out, reads))
