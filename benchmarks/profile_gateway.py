@@ -19,9 +19,12 @@ import json
 import statistics
 import subprocess
 import tempfile
+import time
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks import procstat
 from benchmarks.axis_common import TOKEN, with_bodies
@@ -169,6 +172,27 @@ def latency_budget(redis_port: int, client_ms: list[float], last: int) -> dict[s
     return out
 
 
+def worker_counters(redis_port: int) -> dict[str, tuple[int, int]]:
+    """(requests scored, batches) of each role of the demo deployment, from the counters its
+    workers publish with their heartbeats."""
+    import redis
+
+    from rendezvous import names
+
+    client = redis.Redis(port=redis_port)
+    try:
+        raw = client.hgetall(names.stats_key("breast-cancer"))
+    finally:
+        client.close()
+    out: dict[str, tuple[int, int]] = {}
+    for member, value in raw.items():
+        stats = json.loads(value)
+        role = member.decode().split("|", 1)[0]
+        scored, batches = out.get(role, (0, 0))
+        out[role] = (scored + stats["scored"], batches + stats["batches"])
+    return out
+
+
 def _redis_port(tree: procstat.ProcessTree) -> int:
     for pid, name in tree.members().items():
         if name == "redis":
@@ -261,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 ),
             )  # fmt: skip
+        port = _redis_port(running.tree)
+        counted = worker_counters(port)
         before = procstat.TreeSample.take(running.tree)
         load = (
             Load("open", args.concurrency, rate=args.open_rate, duration_s=args.duration)
@@ -282,6 +308,16 @@ def main(argv: list[str] | None = None) -> None:
             report[f"{name} ({pid})"] = part
         report["cpu_s_by_component"] = cpu
         report["requests"] = ok
+        report["latency_ms"] = {q: round(float(np.percentile(result.latencies_ms, q)), 3)
+                                for q in (50, 99)} if ok else {}  # fmt: skip
+        time.sleep(1.5)  # the workers' counters ride their heartbeats (every second)
+        report["requests_per_batch"] = {
+            role: round((scored - counted.get(role, (0, 0))[0])
+                        / max(batches - counted.get(role, (0, 0))[1], 1), 2)
+            for role, (scored, batches) in worker_counters(port).items()
+        }  # fmt: skip
+        log(f"requests a batch by role: {report['requests_per_batch']}; "
+            f"latency {report['latency_ms']}")  # fmt: skip
     finally:
         running.stop()
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
