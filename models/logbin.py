@@ -204,7 +204,7 @@ class LogBin(ConsumerLoop):
         if every:
             self._next_idle_trim = now + max(IDLE_TRIM_S, self.trim_interval_s)
         for stream, dep in self._streams.items():
-            if stream in self._aside:  # its node is away: trimmed once it is back
+            if stream in self.aside:  # its node is away: trimmed once it is back
                 continue
             if every or stream in self._archived_since_trim:
                 try:

@@ -83,8 +83,8 @@ class ModelWorker(ConsumerLoop):
             claim_idle_ms=claim_idle_ms,
             heartbeat_s=heartbeat_s,
             read_along=[command(b"GET", names.revision_key(self.deployment).encode())],
+            member=first.member,
         )
-        self.members = [first.member]
         self.first = first
         """The role this worker was made for: it serves as long as the worker runs."""
         self.roles: dict[str, RoleModel] = {first.role: first}

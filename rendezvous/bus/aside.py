@@ -6,7 +6,8 @@ partitioned deployment). When one node stops answering (a master lost, its repli
 elected), the commands to it fail while the others answer; ``SetAside`` reads those failures as
 empty replies and leaves their streams out of reads for ``ASIDE_S`` at a time, while the other
 streams are read on. A consumer whose every stream is unreachable fails its step as before
-(backoff, then a fresh start). The consumer loop (``rendezvous.bus.consumer``) holds one.
+(backoff, then a fresh start). The consumer loop's reader (``rendezvous.bus.reader``) holds
+one.
 """
 
 from __future__ import annotations

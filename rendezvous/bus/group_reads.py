@@ -1,10 +1,11 @@
 """The commands a consumer loop reads with, and their replies as entries.
 
-A consumer loop (``rendezvous.bus.consumer``) reads its streams as a member of one consumer
-group or of several (a worker host's shadow roles of one deployment: one group each, over the
-same input stream, read in one round trip). A ``Membership`` is one (group, consumer) pair with
-its own progress: which streams still have their own pending entries to re-read, and where its
-XAUTOCLAIM scans stand. Pure command building and reply parsing, no I/O.
+A consumer loop (``rendezvous.bus.consumer``, through ``rendezvous.bus.reader``) reads its
+streams as a member of one consumer group or of several (a worker host's shadow roles of one
+deployment: one group each, over the same input stream, read in one round trip). A
+``Membership`` is one (group, consumer) pair with its own progress: which streams still have
+their own pending entries to re-read, and where its XAUTOCLAIM scans stand. Pure command
+building and reply parsing, no I/O.
 """
 
 from __future__ import annotations
