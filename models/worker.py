@@ -309,7 +309,8 @@ class ModelWorker(ConsumerLoop):
                 commands += role.heartbeat(beat)
         # On a cluster the results go to each gateway's node, the acks to each partition's and
         # the heartbeat to the deployment's, in one round trip per node, all written before any
-        # reply is read; and they go ahead of the next read, in its round trip.
+        # reply is read; and they go ahead of the next read, in its round trip (on a cluster,
+        # only ahead of a read that does not block: ``rendezvous.bus.reader``).
         self.write_with_next_read(commands, functools.partial(_check_written, essential))
         return len(entries)
 

@@ -22,7 +22,8 @@ answered with every read (the worker's deployment revision) ride in that same ro
 ``bus``), or hands them to ``write_with_next_read``: they then go ahead of the next read in its
 round trip, so that at moderate load, where a read brings one or two entries, a batch costs one
 round trip rather than two. Redis runs them before the read blocks, so they take effect as soon
-as they would alone; only their replies come back with the read's.
+as they would alone; only their replies come back with the read's. (On a cluster a blocking
+read goes without: a redirected write must be sent again at once, not after the block.)
 """
 
 from __future__ import annotations

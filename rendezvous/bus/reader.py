@@ -10,8 +10,10 @@ pending entries and claims: the first XREADGROUP blocks and the others ride behi
 read found nothing in any group (a group behind the others must not wait out another's block).
 
 Ahead of a read rides the write its consumer held for it (``hold``: the last batch's results,
-acks and heartbeat; Redis runs them before the read blocks), behind it the commands whose
-answers the consumer needs with every read (``read_along``: the worker's deployment revision).
+acks and heartbeat; Redis runs them before the read blocks; on a cluster, a read that blocks
+gets none, since a redirected write is only sent again once the block ends), behind it the
+commands whose answers the consumer needs with every read (``read_along``: the worker's
+deployment revision).
 
 On a Redis Cluster one command cannot span slots, so streams are read per slot: streams that
 share a slot (one hash tag) in one XREADGROUP, blocking; streams spread over several slots (the
@@ -28,6 +30,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import redis
 
 from rendezvous.bus import group_reads
 from rendezvous.bus.aside import UNREACHABLE, SetAside
@@ -227,12 +231,14 @@ class GroupReader:
             commands += more
             reads += more_reads
         polling = block_ms is not None and not one_node
+        blocks = blocking and block_ms is not None
         timeout_s = self.bus.timeout_s
-        if timeout_s is not None and block_ms is not None and blocking:
+        if timeout_s is not None and blocks:
+            assert block_ms is not None
             timeout_s += block_ms / 1000
         # A read whose reply was lost has moved entries to our pending list, which the failure
         # path (or, for a stream set aside, the return of its node) re-reads first.
-        replies, along = self._round_trip(commands, timeout_s, reads)
+        replies, along = self._round_trip(commands, timeout_s, reads, blocks=blocks)
         batch = group_reads.batch_of(reads, replies, along)
         self._idle = not batch.entries
         if polling:
@@ -284,10 +290,15 @@ class GroupReader:
         commands: list[Command],
         timeout_s: float | None = None,
         reads: Sequence[Read] | None = None,
+        blocks: bool = False,
     ) -> tuple[list[Any], list[Any]]:
         """``commands``' replies and ``read_along``'s, sent together behind the held write
         (whose check comes first). ``reads``: what each command reads, so that the streams of a
         lost node are set aside (their replies ``None``) while the others are read."""
+        if blocks and isinstance(self.client, redis.RedisCluster):
+            # A held write redirected (MOVED, ASK: a slot moving, a failover) is sent again
+            # only once every reply is in, which a blocking read would delay by its block.
+            self.flush()
         held, self._held = self._held, None
         ahead = held.commands if held is not None else []
         replies = self.bus.execute(ahead + commands + self._along, timeout_s=timeout_s)
