@@ -165,7 +165,7 @@ def test_a_lost_ack_redelivers_and_the_reader_dedupes(r: redis.Redis, data_dir: 
     with pytest.raises(redis.ConnectionError):
         logbin.drain()
     assert _pending(r) == 4
-    logbin._reset()  # what run() does after a Redis error
+    logbin.reader.reset()  # what run() does after a Redis error
     assert logbin.drain() == 4
     writer.close()
     assert _pending(r) == 0
@@ -376,7 +376,7 @@ def test_a_failing_archive_is_published_at_once_and_cleared_by_the_next_write(
     published = json.loads(r.hget(names.LOGBIN_STATS, "logbin-1"))  # type: ignore[arg-type]
     assert "No space left on device" in published["failing"] and _pending(r) == 5
     writer.broken = False
-    logbin._reset()  # what run() does after a failure: our pending entries first
+    logbin.reader.reset()  # what run() does after a failure: our pending entries first
     assert logbin.drain() == 5
     assert logbin.stats.failing == "" and _pending(r) == 0
     writer.close()
