@@ -103,6 +103,22 @@ def _round_trips(loop: ConsumerLoop) -> list[int]:
     return round_trips
 
 
+def _run_until_two_batches_and_none_pending(r: redis.Redis, loop: Recorder) -> None:
+    """``loop.run`` on a thread until it processed two batches and nothing is pending (at most
+    5 s), then stopped."""
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while (len(loop.batches) < 2 or _pending(r)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        stop_thread(loop, thread, time.monotonic() + 5)
+    assert not thread.is_alive()
+
+
 def test_a_restarted_consumer_reads_its_own_pending_entries_first(r: redis.Redis) -> None:
     _groups(r, A)
     unacked = _add(r, A, 3)
@@ -154,17 +170,7 @@ def test_a_failure_under_run_backs_off_and_rereads_the_pending_entries(r: redis.
     sent = _add(r, A, 3)
     loop = Recorder(r, "c1")
     loop.fail = redis.ConnectionError("injected: lost before the ack")
-    stop = threading.Event()
-    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 5
-        while (len(loop.batches) < 2 or _pending(r)) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        stop.set()
-        thread.join(timeout=2)
-    assert not thread.is_alive()
+    _run_until_two_batches_and_none_pending(r, loop)
     assert loop.ids() == sent + sent  # at least once: the failed batch, then its redelivery
     assert _pending(r) == 0
 
@@ -227,16 +233,7 @@ def test_a_failed_held_write_fails_the_read_it_rode_with_which_is_read_again(
     r.set("not-a-number", b"x")
     loop = Recorder(r, "c1", ahead=True, ride_out=True, batch_size=3)
     loop.also_write = [command(b"INCR", b"not-a-number")]  # with the first batch's acks
-    stop = threading.Event()
-    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 5
-        while (len(loop.batches) < 2 or _pending(r)) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        stop.set()
-        stop_thread(loop, thread, time.monotonic() + 5)
+    _run_until_two_batches_and_none_pending(r, loop)
     [failure] = loop.failures
     assert isinstance(failure, redis.ResponseError) and "not an integer" in str(failure)
     assert loop.ids() == first + then  # the second read, failed with the write, read again
