@@ -80,14 +80,37 @@ class Cusum:
         path = c - np.minimum(np.minimum.accumulate(c, axis=0), -start)
         return path[-1], path.max(axis=0)
 
+    @classmethod
+    def _walk(
+        cls, start: np.ndarray, hits: np.ndarray, up: np.ndarray, down: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``_run`` of ``up`` where ``hits``, else ``down``. A column without a hit in the
+        batch (nearly every column, on normal traffic) adds one constant per row, so its walk
+        is a line clipped at zero: its end and its highest point are read off without the
+        cumulative sums, which cost about 3.5 ns a value whatever the layout (numpy's
+        accumulate is not vectorised): 150 us of the log bin's 800 for a 100-row request."""
+        n = len(hits)
+        final = np.maximum(start + n * down, 0.0)
+        peak = np.maximum(np.maximum(start + down, final), 0.0)
+        busy = np.flatnonzero(hits.any(axis=0))
+        if busy.size:
+            inc = np.where(hits[:, busy], up[busy], down[busy])
+            final[busy], peak[busy] = cls._run(start[busy], inc)
+        return final, peak
+
     def update(self, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Feed (rows x columns) booleans; returns the columns raised and cleared."""
-        inc = np.where(hits, self.up, self.down)
-        self.s, peak = self._run(self.s, inc)
+        self.s, peak = self._walk(self.s, hits, self.up, self.down)
         self.s = np.minimum(self.s, 2 * self.h)
         raised = ~self.alarm & (peak > self.h)
         self.back[raised] = 0.0
-        self.back, back_peak = self._run(self.back, -inc)
+        # The reverse walk matters only where an alarm stands (elsewhere it is zeroed below).
+        watched = np.flatnonzero(self.alarm | raised)
+        back_peak = np.zeros(self.back.shape)
+        if watched.size:
+            self.back[watched], back_peak[watched] = self._walk(
+                self.back[watched], hits[:, watched], -self.up[watched], -self.down[watched]
+            )
         cleared = self.alarm & (back_peak > self.clear_h)
         self.alarm = (self.alarm | raised) & ~cleared
         self.s[cleared] = 0.0

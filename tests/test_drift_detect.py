@@ -130,6 +130,52 @@ def test_cusum_raises_fast_on_a_high_rate_and_clears_on_the_null() -> None:
     assert not cusum.alarm[0]
 
 
+def _page_walk(start: np.ndarray, inc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Page's recursion s = max(0, s + inc), one row at a time: the end and the highest."""
+    s, peak = start.copy(), np.zeros_like(start)
+    for row in inc:
+        s = np.maximum(s + row, 0.0)
+        peak = np.maximum(peak, s)
+    return s, peak
+
+
+def test_cusum_matches_pages_recursion_row_by_row() -> None:
+    """The batched walks (quiet columns read off as a clipped line, busy ones summed, the
+    reverse walk only where an alarm stands) against every column walked row by row: same
+    raises, same clears, same sums, through bursts that raise and quiet spells that clear."""
+    rng = np.random.default_rng(7)
+    streams = 12
+    p0, p1 = np.full(streams, 0.02), np.full(streams, 0.25)
+    h, clear_h = math.log(1e4), math.log(100)
+    cusum = Cusum(p0, p1, h, clear_h)
+    up, down = np.log(p1 / p0), np.log((1 - p1) / (1 - p0))
+    s, back, alarm = np.zeros(streams), np.zeros(streams), np.zeros(streams, dtype=bool)
+    raises = clears = 0
+    for batch in range(300):
+        rate = np.where(np.arange(streams) < batch % 7, 0.6, 0.0) if batch % 40 < 10 else 0.01
+        hits = rng.random((int(rng.integers(1, 40)), streams)) < rate
+        inc = np.where(hits, up, down)
+        s, peak = _page_walk(s, inc)
+        s = np.minimum(s, 2 * h)
+        want_raised = ~alarm & (peak > h)
+        back[want_raised] = 0.0
+        back, back_peak = _page_walk(back, -inc)
+        want_cleared = alarm & (back_peak > clear_h)
+        alarm = (alarm | want_raised) & ~want_cleared
+        s[want_cleared] = 0.0
+        back[~alarm] = 0.0
+
+        raised, cleared = cusum.update(hits)
+        assert raised.tolist() == want_raised.tolist()
+        assert cleared.tolist() == want_cleared.tolist()
+        assert cusum.alarm.tolist() == alarm.tolist()
+        np.testing.assert_allclose(cusum.s, s, atol=1e-9)
+        np.testing.assert_allclose(cusum.back, back, atol=1e-9)
+        raises += int(raised.sum())
+        clears += int(cleared.sum())
+    assert raises > 5 and clears > 5
+
+
 # -- calibration -------------------------------------------------------------------------------
 
 
