@@ -15,7 +15,8 @@ from unittest.mock import patch
 import numpy as np
 import pytest
 
-from models.archive import ArchiveReader, SegmentWriter, read_segment, record_from_envelope
+from models.archive import ArchiveReader, SegmentWriter, read_segment
+from models.archive_line import record_from_envelope
 from rendezvous.envelope import RequestEnvelope
 
 
@@ -107,7 +108,7 @@ def test_raw_the_gateway_already_parsed_is_spliced_unread_but_still_kept_on_one_
     assert back.raw_is_json and not RequestEnvelope.decode(_envelope(body).encode()).raw_is_json
     assert body.decode() + ',"features":' in _line(back)
     assert json.loads(_line(back))["raw"] == {"instances": [[0.5, 100000.0, 0]]}
-    with patch("models.archive.orjson.loads", side_effect=AssertionError("parsed again")):
+    with patch("models.archive_line.orjson.loads", side_effect=AssertionError("parsed again")):
         _line(back)
     wrapped = b'{"instances":\n [[1]], "name": "Zo\xc3\xab"}'
     assert json.loads(_line(_envelope(wrapped, raw_is_json=True)))["raw"] == {

@@ -22,7 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from redis.crc import key_slot
 
 from gateway.dataplane.validation import enriched_rows, merged, parse_body, to_matrix
-from models.archive import ArchiveReader, record_from_envelope
+from models.archive import ArchiveReader
+from models.archive_line import record_from_envelope
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from models.train import DEMO_DEPLOYMENT, demo_data

@@ -17,7 +17,7 @@ from tritonclient.http import InferResult
 from gateway.transport.limits import style_of
 from gateway.transport.oip import _fault_text
 from gateway.transport.oip_codec import encode_answer, parse_infer
-from models.archive import record_from_envelope
+from models.archive_line import record_from_envelope
 from rendezvous.envelope import RequestEnvelope
 from rendezvous.spec import FeatureSpec
 
