@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from gateway.cli.admin import admin_request, admin_session, without_none
+from gateway.cli.admin_http import admin_request, admin_session, without_none
 
 _POLL_S = 0.5
 

@@ -1,0 +1,137 @@
+"""``rdv features load``: entity features in bulk from a CSV or JSON-lines file, through the
+admin API's ``PUT /admin/deployments/{d}/entities``, in batches, with progress on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gateway.cli.admin_http import admin_request, admin_session
+from gateway.cli.records import json_lines
+
+if TYPE_CHECKING:
+    import httpx
+
+_BATCH_BYTES = 512 * 1024
+"""A ``features load`` batch stays under this many bytes of JSON (RDV_MAX_BODY_BYTES is 1 MiB
+by default)."""
+
+
+def cmd_features(args: argparse.Namespace) -> None:
+    """Load entity features from a CSV (a header row; the lookup's key column and feature
+    columns, an empty cell is no value) or JSON-lines file (one object a line), in batches
+    of ``--batch`` entities through ``PUT /admin/deployments/{d}/entities``, with progress on
+    stderr. The whole file is read once before anything is sent, so a malformed one writes
+    nothing; a batch the gateway refuses stops the load, and the batches before it stay."""
+    path = Path(args.file)
+    kind = args.format or ("csv" if path.suffix.lower() == ".csv" else "jsonl")
+    started = time.monotonic()
+    with admin_session(args) as http:
+        dep = admin_request(args, "GET", f"/deployments/{args.deployment}", http=http, show=False)
+        lookup = dep.get("feature_spec", {}).get("lookup")
+        if not lookup:
+            sys.exit(
+                f"deployment {args.deployment} looks nothing up: declare its lookup first "
+                f"(PATCH /admin/deployments/{args.deployment}/enrichment)"
+            )
+        total = sum(1 for _ in _records(path, kind, lookup["key"]))
+        progress = _Progress(total)
+        batch: list[tuple[int, str]] = []
+        size = 0
+        loaded = batches = 0
+
+        def send() -> None:
+            nonlocal batch, size, loaded, batches
+            body = "[" + ",".join(text for _, text in batch) + "]"
+            resp = http.put(f"/admin/deployments/{args.deployment}/entities", content=body,
+                            headers={"content-type": "application/json"})  # fmt: skip
+            if resp.status_code >= 400:
+                progress.close()
+                _refused(resp, [line for line, _ in batch], loaded)
+            loaded += len(batch)
+            batches += 1
+            batch, size = [], 0
+            progress.update(loaded)
+
+        for line, row in _records(path, kind, lookup["key"]):
+            text = json.dumps(row, separators=(",", ":"))
+            if batch and (len(batch) >= args.batch or size + len(text) > _BATCH_BYTES):
+                send()
+            batch.append((line, text))
+            size += len(text) + 1
+        if batch:
+            send()
+        progress.close()
+    seconds = round(time.monotonic() - started, 3)
+    print(json.dumps({"deployment": args.deployment, "file": str(path), "loaded": loaded,
+                      "batches": batches, "seconds": seconds}))  # fmt: skip
+
+
+def _records(path: Path, kind: str, key: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, entity) of each record of the file; exits on one that cannot be read."""
+    try:
+        with path.open(newline="" if kind == "csv" else None, encoding="utf-8") as f:
+            if kind == "jsonl":
+                yield from json_lines(path, f)
+                return
+            reader = csv.DictReader(f)
+            if key not in (reader.fieldnames or []):
+                sys.exit(f"{path}: no column {key!r} (the lookup's key) in the header")
+            for row in reader:
+                n = reader.line_num
+                entity: dict[str, Any] = {}
+                for column, value in row.items():
+                    if column is None or value is None:
+                        sys.exit(f"{path}:{n}: the row does not match the header")
+                    if column == key:
+                        entity[column] = value
+                    elif value.strip():
+                        try:
+                            entity[column] = float(value)
+                        except ValueError:
+                            sys.exit(f"{path}:{n}: {column} {value!r} is not a number")
+                yield n, entity
+    except OSError as exc:
+        sys.exit(f"cannot read {path}: {exc}")
+
+
+def _refused(resp: httpx.Response, lines: list[int], loaded: int) -> None:
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {"detail": resp.text}
+    for error in body.get("errors", []) if isinstance(body, dict) else []:
+        if isinstance(error, dict) and isinstance(error.get("row"), int):
+            error["line"] = lines[error["row"]]
+    print(json.dumps(body, indent=2), file=sys.stderr)
+    detail = body.get("detail") if isinstance(body, dict) else body
+    sys.exit(f"batch of lines {lines[0]}-{lines[-1]} refused ({resp.status_code}: {detail}); "
+             f"{loaded} entities were loaded before it")  # fmt: skip
+
+
+class _Progress:
+    """``loaded N/T entities (P%)`` on stderr: rewritten in place on a terminal, a line per
+    batch otherwise (a log)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.tty = sys.stderr.isatty()
+        self.shown = False
+
+    def update(self, loaded: int) -> None:
+        share = f" ({100 * loaded // self.total}%)" if self.total else ""
+        text = f"features load: {loaded}/{self.total} entities{share}"
+        sys.stderr.write(f"\r{text}" if self.tty else f"{text}\n")
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.tty and self.shown:
+            sys.stderr.write("\n")
+        self.shown = False
