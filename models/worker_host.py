@@ -52,6 +52,10 @@ round trip a second, where a process per role (1 s reads, 1 s heartbeats) spends
 deployments' forty models then keep a host under 1 % of a core. The longest gap between
 heartbeats, 3.5 s, stays inside the default ``RDV_HEARTBEAT_TIMEOUT_S`` of 5."""
 
+RELEASE_GRACE_S = 1.0
+"""Beyond ``HOSTED_BLOCK_MS``, how long a role's own thread waits for the shared worker that
+served it to let it go (``WorkerHost._await_released``)."""
+
 RESTART_MIN_S = 0.5
 RESTART_MAX_S = 30.0
 STABLE_AFTER_S = 30.0
@@ -175,13 +179,41 @@ class WorkerHost:
             log.info("worker host: %s/%s is no longer served here; retiring it", *key)
             self._retire(self.hosted.pop(key))
         now = time.monotonic()
-        for key in sorted(alone):
-            self._keep(key, now, shadows=False)
         for dep, roles in sorted(shadows.items()):
             roles.sort()
             first = next((r for r in roles if (dep, r) in self.hosted), roles[0])
             hosted = self._keep((dep, first), now, shadows=True)
             hosted.worker.serve_roles({r: self.consumer_of(r) for r in roles})
+        self._await_released(alone - set(self.hosted))
+        for key in sorted(alone):
+            self._keep(key, now, shadows=False)
+
+    def _await_released(self, starting: set[tuple[str, str]]) -> None:
+        """Wait until no shared worker serves a role about to get a thread of its own.
+
+        A shadow role that starts answering (an A/B split) leaves its deployment's shared
+        worker at that worker's next step, which first sends the acks of the batch in hand.
+        Its own thread reads the role's group under the same consumer name, starting with that
+        consumer's pending entries: started before, it would score that batch a second time.
+        The shared worker goes on scoring the role until then, so the wait leaves no gap. It
+        is bounded (an idle worker steps within ``HOSTED_BLOCK_MS``); past it, the thread
+        starts anyway, and a batch scored twice is the price (the gateway keeps the first)."""
+        deadline = time.monotonic() + HOSTED_BLOCK_MS / 1000 + RELEASE_GRACE_S
+        while True:
+            held = starting & self._served_beside()
+            if not held:
+                return
+            if time.monotonic() >= deadline:
+                log.warning("worker host: %s still served by a shared worker; starting anyway",
+                            sorted(held))  # fmt: skip
+                return
+            time.sleep(0.005)
+
+    def _served_beside(self) -> set[tuple[str, str]]:
+        """(deployment, role) of every role a running shared worker serves beside its first."""
+        return {(dep, role) for (dep, _), hosted in self.hosted.items()
+                if hosted.shadows and hosted.thread.is_alive()
+                for role in hosted.worker.serving_beside()}  # fmt: skip
 
     def _keep(self, key: tuple[str, str], now: float, *, shadows: bool) -> _Hosted:
         hosted = self.hosted.get(key)

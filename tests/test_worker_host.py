@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -165,3 +166,81 @@ def test_a_selection_splits_answering_from_shadowing_roles_and_shards_them(
     assert all(len(o) == 1 for o in owners) and {o[0] for o in owners} == {0, 1, 2}
     with pytest.raises(ValueError, match="shard"):
         Selection(shard=2, shards=2)
+
+
+def _move(store: DeploymentStore, host: WorkerHost, split: tuple[tuple[str, float], ...]) -> None:
+    """Give ch1 this A/B split (none: it only shadows) and wait until the host serves it so."""
+    store.update("alpha", lambda d: dataclasses.replace(d, schedule=Schedule(splits=split)),
+                 action="test", actor="test")  # fmt: skip
+    key = ("alpha", "ch1")
+    wait_until(lambda: (key in host.hosted) == bool(split) and key in host.serving(), 10,
+               "the challenger to move")  # fmt: skip
+
+
+def test_a_shadow_role_that_starts_answering_is_scored_once_through_the_move(
+    bus_url: str, client: Client, demo_registry: ModelRegistry
+) -> None:
+    """A challenger shadowing beside the canary gets an A/B split while requests keep coming,
+    loses it and gets it again: it moves from the canary's thread to one of its own under the
+    same consumer name and back, and every request is scored by it exactly once (its own
+    thread starts only after the shared one has let it go, acks sent, so it never re-reads
+    that batch as pending)."""
+    store = DeploymentStore(client)
+    dep = _deployment(demo_registry, "alpha")
+    store.create(dataclasses.replace(dep, roles={**dep.roles, "ch1": dep.roles["real"]}))
+
+    class SlowWorker(ModelWorker):
+        """The shared worker: a batch with entries in hand takes 50 ms, so that a move lands
+        while one is pending under ch1's consumer name."""
+
+        def process(self, batch: Any) -> int:
+            if batch.entries:
+                time.sleep(0.05)
+            return super().process(batch)
+
+    def build(c: Client, deployment: str, role: str) -> ModelWorker:
+        kind = SlowWorker if role == "canary" else ModelWorker
+        return kind(c, demo_registry, deployment=deployment, role=role, consumer=f"{role}-host",
+                    block_ms=100)  # fmt: skip
+
+    host = WorkerHost(store, client_per_worker(lambda: connect(bus_url), build), refresh_s=0.05,
+                      consumer_of=lambda role: f"{role}-host")  # fmt: skip
+    stop, sending = threading.Event(), threading.Event()
+    sent: list[str] = []
+
+    def send() -> None:
+        with connect(bus_url) as c:
+            while not sending.is_set() and len(sent) < 3000:
+                rid = f"r{len(sent)}"
+                _publish(c, "alpha", rid)
+                sent.append(rid)
+                time.sleep(0.005)
+
+    runner = threading.Thread(target=host.run, args=(stop,))
+    sender = threading.Thread(target=send)
+    runner.start()
+    try:
+        wait_until(lambda: ("alpha", "ch1") in host.serving(), 10, "the challenger beside")
+        sender.start()
+        wait_until(lambda: len(sent) > 100, 10, "requests flowing")
+        for split in ((("ch1", 0.2),), (), (("ch1", 0.3),), (), (("ch1", 0.2),)):
+            _move(store, host, split)
+            mark = len(sent)
+            wait_until(lambda: len(sent) > mark + 50, 10, "requests after the move")  # noqa: B023
+        sending.set()
+        sender.join(10)
+
+        def scored() -> list[str]:
+            return [res.request_id for _id, fields in client.xrange(REPLY)  # type: ignore[union-attr]
+                    if b"hello" not in fields for res in decode_results(fields)[0]
+                    if res.role == "ch1"]  # fmt: skip
+
+        wait_until(lambda: set(scored()) >= set(sent), 20, "every request scored by ch1")
+        got = scored()
+        twice = sorted({rid for rid in got if got.count(rid) > 1})
+        assert not twice, f"{len(twice)} requests scored twice by ch1: {twice[:10]}"
+        assert host.hosted[("alpha", "canary")].worker.serving_beside() == ()
+    finally:
+        sending.set()
+        stop.set()
+        runner.join(30)
