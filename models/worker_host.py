@@ -113,10 +113,17 @@ MakeWorker = Callable[[str, str], ModelWorker]
 """(deployment, role) -> a worker with its own client, not yet running."""
 
 
-def hosted_consumer(role: str) -> str:
-    """The consumer name of a hosted role: the one a process of its own has in ``rdv serve``,
-    so that a change of layout re-reads the pending entries left by the other."""
-    return f"{role}-0"
+def hosted_consumer(role: str, kind: RoleKind = "all") -> str:
+    """The consumer name of a hosted role. A host of every kind, or of the answering roles,
+    names it as a process of its own does in ``rdv serve`` (``R-0``), so that a change of
+    layout re-reads the pending entries the other left. A host of shadow roles names it apart
+    (``R-s0``): a role that starts or stops answering (an A/B split) moves between an
+    answering and a shadow host, each following the deployments on its own clock, and under
+    one name the host starting it would re-read, as its own pending entries, the batch the
+    other still has in hand, and score it twice. Under two names each entry goes to one of
+    them; what the other leaves pending it acks, or a live member claims once idle
+    (``RDV_CLAIM_IDLE_MS``) if it died. (Within one host, ``WorkerHost._await_released``.)"""
+    return f"{role}-s0" if kind == "shadow" else f"{role}-0"
 
 
 @dataclass
@@ -126,8 +133,9 @@ class WorkerHost:
     selection: Selection = field(default_factory=Selection)
     refresh_s: float = 2.0
     """How often the deployments are read again for roles added or removed."""
-    consumer_of: Callable[[str], str] = hosted_consumer
-    """A role's consumer name, for the shadow roles a worker serves besides its first."""
+    consumer_of: Callable[[str], str] | None = None
+    """A role's consumer name, for the shadow roles a worker serves besides its first
+    (default: ``hosted_consumer`` for the selection's kind)."""
     hosted: dict[tuple[str, str], _Hosted] = field(default_factory=dict)
     """(deployment, first role) -> its worker."""
     restarts: int = 0
@@ -183,10 +191,15 @@ class WorkerHost:
             roles.sort()
             first = next((r for r in roles if (dep, r) in self.hosted), roles[0])
             hosted = self._keep((dep, first), now, shadows=True)
-            hosted.worker.serve_roles({r: self.consumer_of(r) for r in roles})
+            hosted.worker.serve_roles({r: self._consumer(r) for r in roles})
         self._await_released(alone - set(self.hosted))
         for key in sorted(alone):
             self._keep(key, now, shadows=False)
+
+    def _consumer(self, role: str) -> str:
+        if self.consumer_of is not None:
+            return self.consumer_of(role)
+        return hosted_consumer(role, self.selection.roles)
 
     def _await_released(self, starting: set[tuple[str, str]]) -> None:
         """Wait until no shared worker serves a role about to get a thread of its own.

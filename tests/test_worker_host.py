@@ -19,7 +19,7 @@ from models.deployments import Deployment, ModelRef
 from models.registry import ModelRegistry
 from models.train import demo_data
 from models.worker import ModelWorker
-from models.worker_host import Selection, WorkerHost, client_per_worker
+from models.worker_host import RoleKind, Selection, WorkerHost, client_per_worker, hosted_consumer
 from processes import wait_until
 from rendezvous import names
 from rendezvous.bus.connection import Client, connect
@@ -168,43 +168,57 @@ def test_a_selection_splits_answering_from_shadowing_roles_and_shards_them(
         Selection(shard=2, shards=2)
 
 
-def _move(store: DeploymentStore, host: WorkerHost, split: tuple[tuple[str, float], ...]) -> None:
-    """Give ch1 this A/B split (none: it only shadows) and wait until the host serves it so."""
+def _move(
+    store: DeploymentStore, hosts: list[WorkerHost], split: tuple[tuple[str, float], ...]
+) -> None:
+    """Give ch1 this A/B split (none: it only shadows) and wait until it is served so: in a
+    thread of its own when it answers, else beside the canary."""
     store.update("alpha", lambda d: dataclasses.replace(d, schedule=Schedule(splits=split)),
                  action="test", actor="test")  # fmt: skip
     key = ("alpha", "ch1")
-    wait_until(lambda: (key in host.hosted) == bool(split) and key in host.serving(), 10,
-               "the challenger to move")  # fmt: skip
+
+    def moved() -> bool:
+        alone = [h for h in hosts if key in h.hosted]
+        beside = [h for h in hosts if key in h.serving() and key not in h.hosted]
+        return (len(alone), len(beside)) == ((1, 0) if split else (0, 1))
+
+    wait_until(moved, 10, "the challenger to move")
 
 
+@pytest.mark.parametrize("layout", ["one host", "two hosts"])
 def test_a_shadow_role_that_starts_answering_is_scored_once_through_the_move(
-    bus_url: str, client: Client, demo_registry: ModelRegistry
+    bus_url: str, client: Client, demo_registry: ModelRegistry, layout: str
 ) -> None:
     """A challenger shadowing beside the canary gets an A/B split while requests keep coming,
-    loses it and gets it again: it moves from the canary's thread to one of its own under the
-    same consumer name and back, and every request is scored by it exactly once (its own
-    thread starts only after the shared one has let it go, acks sent, so it never re-reads
-    that batch as pending)."""
+    loses it and gets it again: it moves from the canary's thread to one of its own and back,
+    within one host (``--roles all``) or between an answering and a shadow host (``rdv
+    serve``'s shared layout), and every request is scored by it exactly once. Within a host,
+    its own thread starts only once the shared one has let it go (acks of the batch in hand
+    sent); between hosts, the two name its consumer apart, so neither re-reads as its own
+    pending entries the batch the other has in hand."""
     store = DeploymentStore(client)
     dep = _deployment(demo_registry, "alpha")
     store.create(dataclasses.replace(dep, roles={**dep.roles, "ch1": dep.roles["real"]}))
 
     class SlowWorker(ModelWorker):
-        """The shared worker: a batch with entries in hand takes 50 ms, so that a move lands
-        while one is pending under ch1's consumer name."""
+        """The canary's worker: a batch with entries in hand takes 50 ms, so that a move lands
+        while one is pending under ch1's consumer."""
 
         def process(self, batch: Any) -> int:
             if batch.entries:
                 time.sleep(0.05)
             return super().process(batch)
 
-    def build(c: Client, deployment: str, role: str) -> ModelWorker:
-        kind = SlowWorker if role == "canary" else ModelWorker
-        return kind(c, demo_registry, deployment=deployment, role=role, consumer=f"{role}-host",
-                    block_ms=100)  # fmt: skip
+    def host(kind: RoleKind) -> WorkerHost:
+        def build(c: Client, deployment: str, role: str) -> ModelWorker:
+            worker = SlowWorker if role == "canary" else ModelWorker
+            return worker(c, demo_registry, deployment=deployment, role=role, block_ms=100,
+                          consumer=hosted_consumer(role, kind))  # fmt: skip
 
-    host = WorkerHost(store, client_per_worker(lambda: connect(bus_url), build), refresh_s=0.05,
-                      consumer_of=lambda role: f"{role}-host")  # fmt: skip
+        make = client_per_worker(lambda: connect(bus_url), build)
+        return WorkerHost(store, make, Selection(kind), refresh_s=0.05)
+
+    hosts = [host("all")] if layout == "one host" else [host("answering"), host("shadow")]
     stop, sending = threading.Event(), threading.Event()
     sent: list[str] = []
 
@@ -216,15 +230,16 @@ def test_a_shadow_role_that_starts_answering_is_scored_once_through_the_move(
                 sent.append(rid)
                 time.sleep(0.005)
 
-    runner = threading.Thread(target=host.run, args=(stop,))
+    runners = [threading.Thread(target=h.run, args=(stop,)) for h in hosts]
     sender = threading.Thread(target=send)
-    runner.start()
+    for runner in runners:
+        runner.start()
     try:
-        wait_until(lambda: ("alpha", "ch1") in host.serving(), 10, "the challenger beside")
+        _move(store, hosts, ())
         sender.start()
         wait_until(lambda: len(sent) > 100, 10, "requests flowing")
-        for split in ((("ch1", 0.2),), (), (("ch1", 0.3),), (), (("ch1", 0.2),)):
-            _move(store, host, split)
+        for split in ((("ch1", 0.2),), (), (("ch1", 0.3),)):
+            _move(store, hosts, split)
             mark = len(sent)
             wait_until(lambda: len(sent) > mark + 50, 10, "requests after the move")  # noqa: B023
         sending.set()
@@ -239,8 +254,8 @@ def test_a_shadow_role_that_starts_answering_is_scored_once_through_the_move(
         got = scored()
         twice = sorted({rid for rid in got if got.count(rid) > 1})
         assert not twice, f"{len(twice)} requests scored twice by ch1: {twice[:10]}"
-        assert host.hosted[("alpha", "canary")].worker.serving_beside() == ()
     finally:
         sending.set()
         stop.set()
-        runner.join(30)
+        for runner in runners:
+            runner.join(30)

@@ -155,7 +155,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
         shard, shards = _shard(args.shard)
         selection = Selection(args.roles, args.deployment, shard, shards)
         make = client_per_worker(
-            lambda: connect(url), lambda c, d, r: build(c, d, r, hosted_consumer(r), hosted=True)
+            lambda: connect(url),
+            lambda c, d, r: build(c, d, r, hosted_consumer(r, selection.roles), hosted=True),
         )
         host = WorkerHost(DeploymentStore(connect(url)), make, selection)
         host.reconcile()
