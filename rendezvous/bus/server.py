@@ -124,10 +124,15 @@ class EmbeddedRedis:
             "--appendonly", "yes",
             "--appendfsync", "everysec",
             # Streams churn: every request is written, trimmed and acked within seconds, so
-            # the log grows ~15 MB/s at 6k req/s while the data stays small. At the default
-            # 64 MB the log was rewritten every ~3.5 s, each rewrite a fork costing ~1 s of
-            # CPU and up to 90 MB of copied pages; at 256 MB it is a few times a minute.
-            "--auto-aof-rewrite-min-size", "256mb",
+            # the log grows ~3 kB a request (4.3 MB/s at 1,500 req/s, ~13 MB/s at 4,500)
+            # while the data stays about 50 MB (the decision records, mostly). Each rewrite
+            # forks a child that writes all of it again: about 2 s of a core, and on two busy
+            # cores the 10 s around it saw its p99 rise 1.5-3.5x. At the default 64 MB that
+            # was every ~3.5 s at the peak, at 256 MB once a minute at 1,500 req/s; at 1 GB
+            # every ~4 minutes there (every ~80 s at the peak), for a log of up to about
+            # 1 GB on disk and a restart after a crash that replays it in up to ~6 s (623 MB
+            # in 3.8 s here).
+            "--auto-aof-rewrite-min-size", "1gb",
             "--save", "",
             "--daemonize", "no",
             "--logfile", str((self.data_dir / "redis.log").resolve()),
