@@ -31,6 +31,8 @@ import argparse
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -314,6 +316,9 @@ def _notes(results: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # SIGTERM unwinds like an error: every system started (each its own session, out of reach
+    # of a signal to this process group) is stopped on the way out, not left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if args.render:
         results = json.loads(args.render.read_text())
         results["ratios"] = ratios(results)

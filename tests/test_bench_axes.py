@@ -107,3 +107,34 @@ def test_every_issue_18_key_is_there_with_its_target_and_per_role_figures_beside
 def test_one_soak_error_misses_the_target(errors: int, met: bool) -> None:
     ratios = axis_ratios({"axes": {"soak": {"soak_errors": errors}}})
     assert ratios["targets"]["soak_errors"]["met"] is met
+
+
+async def test_the_baseline_closes_each_connection_after_its_hundredth_request() -> None:
+    """Told apart by client address: a connection's 100th answer says ``Connection: close``
+    (uvicorn then closes it), another connection's count runs on its own, and a reconnect
+    from the same address starts afresh."""
+    from benchmarks.inprocess_app import REQUESTS_PER_CONNECTION, ReconnectEvery
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x", b"1")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guard = ReconnectEvery(app)
+
+    async def closes(client: tuple[str, int]) -> bool:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "client": client}
+        await guard(scope, None, send)  # type: ignore[arg-type]
+        assert sent[1]["body"] == b"ok"
+        return (b"connection", b"close") in sent[0]["headers"]
+
+    a, b = ("127.0.0.1", 40001), ("127.0.0.1", 40002)
+    assert [await closes(a) for _ in range(REQUESTS_PER_CONNECTION - 1)] == [False] * 99
+    assert not await closes(b)
+    assert await closes(a)
+    assert not await closes(a)  # the reconnect's first
+    assert [await closes(b) for _ in range(REQUESTS_PER_CONNECTION - 1)][-1]
