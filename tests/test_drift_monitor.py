@@ -16,6 +16,7 @@ import redis
 import redis.asyncio as aioredis
 
 from gateway.dataplane.deployments import DeploymentCache
+from gateway.observability import drift_store
 from gateway.observability.drift_feed import BIN_SLICE, SKETCH_FIELD, DriftFeed
 from gateway.observability.drift_lease import LEASE_RECHECK_S
 from gateway.observability.drift_monitor import DriftMonitor, local_model_meta
@@ -160,6 +161,45 @@ async def test_the_latest_part_of_the_window_clears_an_alert(client: aioredis.Re
     assert "feature_psi" not in healed["alerts"]
     again = await monitor.evaluate(DEMO_DEPLOYMENT)  # the window alone does not raise it again
     assert "feature_psi" not in again["alerts"]
+
+
+async def test_an_alert_of_the_monitor_holds_while_the_deployment_is_idle(
+    client: aioredis.Redis,
+) -> None:
+    """Idle, the monitor evaluates a deployment only every IDLE_INTERVAL_S, so its claim must
+    stay fresh that long: another source's claim in between (a gateway's prior detector, a
+    log bin, renewing theirs every second) must not clear the monitor's alert, for it to be
+    raised again at the next idle evaluation (a clear and a raise sent to the webhooks for
+    every pause in the traffic). A monitor that stops evaluating altogether still lets go."""
+    from gateway.observability import drift_monitor
+
+    deployments = await cache(client)
+    feed = DriftFeed(client, deployments)
+    monitor = DriftMonitor(client, deployments, "gw-1", interval_s=0.5, window_requests=200,
+                           defaults=Thresholds(min_requests=100))  # fmt: skip
+    x = demo_data().x_test
+    rng = np.random.default_rng(5)
+    await feed_traffic(feed, x[rng.integers(0, len(x), 200)] * 3.0, rng.uniform(0.9, 1.0, 200))
+    t0 = time.time() * 1000
+    assert "feature_psi" in (await monitor.evaluate(DEMO_DEPLOYMENT, t0))["alerts"]
+
+    idle_ms = drift_monitor.IDLE_INTERVAL_S * 1000
+    for late_ms in (5_000, idle_ms / 2, idle_ms + 2_000):  # before the next idle evaluation
+        events = await drift_store.claim(client, DEMO_DEPLOYMENT, "gateway:other", {},
+                                         stale_ms=9_000, now_ms=t0 + late_ms)  # fmt: skip
+        assert events == [], late_ms
+    assert "feature_psi" in {
+        a["kind"] for a in (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]
+    }
+    again = await monitor.evaluate(DEMO_DEPLOYMENT, t0 + idle_ms + 2_500)
+    assert "feature_psi" in again["alerts"]
+    view = await drift_view(client, DEMO_DEPLOYMENT, monitor.defaults)
+    assert [e["type"] for e in view["events"] if e["kind"] == "feature_psi"] == ["raised"]
+
+    # no evaluation for several idle intervals (every gateway gone): the alert clears
+    events = await drift_store.claim(client, DEMO_DEPLOYMENT, "gateway:other", {},
+                                     stale_ms=9_000, now_ms=t0 + 4 * idle_ms)  # fmt: skip
+    assert [(e["type"], e["kind"]) for e in events] == [("cleared", "feature_psi")]
 
 
 async def test_without_a_training_reference_the_first_window_after_promotion_is_it(

@@ -294,12 +294,18 @@ class DriftMonitor:
             deployment,
             MONITOR,
             {kind: {**alert, "feature": None} for kind, alert in active.items()},
-            stale_ms=self.interval_s * 3000 + 2000,
+            stale_ms=self._claim_stale_ms(),
             figures=figures,
             now_ms=now_ms,
         )
         announce(deployment, events, self.webhooks)  # webhooks queued: nothing waits
         return stored
+
+    def _claim_stale_ms(self) -> float:
+        """How long the claim holds unrenewed: past the longest wait between a living leader's
+        evaluations (``IDLE_INTERVAL_S``, idle) and a lease hand-over, so that a pause in the
+        traffic does not clear the monitor's alerts (to raise them again a minute later)."""
+        return (max(self.interval_s, IDLE_INTERVAL_S) + 3 * self.interval_s) * 1000 + 2000
 
     async def _newest(
         self, deployment: str, real: str, now_ms: float
