@@ -19,8 +19,9 @@ import redis.asyncio as aioredis
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability import drift_store
-from gateway.observability.drift_monitor import DriftMonitor, local_model_meta
+from gateway.observability.drift_monitor import DriftMonitor
 from gateway.observability.drift_online import OnlineDrift, positive_share
+from gateway.observability.drift_sketches import local_model_meta
 from gateway.observability.drift_view import drift_view
 from models.archive import ArchiveReader, SegmentWriter
 from models.deployment_store import DeploymentStore, demo_deployment

@@ -17,8 +17,8 @@ it.
 The leading process also relays to the webhooks the alert events that the log bins' claims
 decided (``drift_relay``: the log bin has no HTTP client).
 
-The real model's score reference is its training distribution when its metadata carries one;
-otherwise the first full window of its scores after it became real, kept once built.
+The sketches' window and the real model's score reference (its training distribution, or its
+first full window as real): ``drift_sketches``.
 """
 
 from __future__ import annotations
@@ -28,21 +28,23 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, cast
-
-import numpy as np
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability import drift_features, drift_store
 from gateway.observability.alert_webhooks import AlertWebhooks
-from gateway.observability.drift_feed import SKETCH_FIELD
 from gateway.observability.drift_lease import EvaluationLeases
 from gateway.observability.drift_online import announce
 from gateway.observability.drift_relay import DriftRelay
+from gateway.observability.drift_sketches import (
+    SCAN_LIMIT,
+    Entries,
+    ModelMeta,
+    ScoreReferences,
+    decode_sketches,
+    merge_window,
+)
 from gateway.observability.drift_view import MONITOR, thresholds_from
-from models.registry import ModelRegistry
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 from rendezvous.drift import FeatureReference, Sketch
@@ -50,44 +52,10 @@ from rendezvous.drift_alerts import Thresholds, evaluate_alerts, window_report
 
 log = logging.getLogger(__name__)
 
-SCAN_LIMIT = 20_000
-"""Most sketch entries one evaluation reads (a window rarely needs more than a few hundred)."""
 PAGE = 64
 """Sketch entries read per round trip, newest first, until the window is full."""
 IDLE_INTERVAL_S = 60.0
 """How often a deployment with no new sketches is evaluated (its report and history age)."""
-Entries = list[tuple[bytes, dict[bytes, bytes]]]
-"""Stream entries as a client without ``decode_responses`` reads them."""
-
-
-def _decode_sketches(entries: Entries) -> list[Sketch]:
-    out = []
-    for _id, fields in entries:
-        try:
-            out.append(Sketch.from_bytes(fields[SKETCH_FIELD]))
-        except (KeyError, ValueError) as exc:
-            log.warning("skipping an unreadable drift sketch: %s", exc)
-    return out
-
-
-def merge_window(
-    sketches: list[Sketch], real_model: str, feature_version: str | None, limit: int
-) -> Sketch:
-    """Merge ``sketches`` (in the order given) of ``real_model`` until ``limit`` requests.
-    Feature counts built against another feature spec are left out."""
-    window = Sketch(real_model=real_model)
-    for sketch in sketches:
-        if sketch.real_model != real_model:
-            continue
-        if sketch.features is not None and sketch.feature_version != feature_version:
-            sketch.features, sketch.feature_rows, sketch.feature_version = None, 0, None
-        try:
-            window = sketch if window.empty() else window.merge(sketch)
-        except ValueError:  # e.g. another canary since: not the same comparison
-            continue
-        if window.requests >= limit:
-            break
-    return window
 
 
 class DriftMonitor:
@@ -102,7 +70,7 @@ class DriftMonitor:
         window_s: float = 600.0,
         history_len: int = 360,
         defaults: Thresholds | None = None,
-        local_meta: Callable[[str, int], Mapping[str, Any] | None] | None = None,
+        local_meta: ModelMeta | None = None,
         webhooks: AlertWebhooks | None = None,
         evaluate_every: int = 200,
         tick_s: float = 0.5,
@@ -118,16 +86,13 @@ class DriftMonitor:
         self.window_s = window_s
         self.history_len = history_len
         self.defaults = defaults or Thresholds()
-        self.local_meta = local_meta
-        """Model metadata from this host's registry files: for a model not (yet) in the
-        Redis index (the index is filled by the admin plane)."""
+        self.references = ScoreReferences(client, window_requests, local_meta)
         self.evaluate_every = evaluate_every
         """Evaluate once this many requests are new in the sketches (and every interval)."""
         self.tick_s = min(tick_s, interval_s)
         self.clear_requests = clear_requests or max(window_requests * 2 // 5, 1)
         """Requests of the window's latest part, which clears an alert."""
         self._features: dict[str, FeatureReference | None] = {}
-        self._training: dict[str, np.ndarray | None] = {}
         self._last_eval: dict[str, float] = {}
         self._last_seen: dict[str, bytes] = {}
         self.leases = EvaluationLeases(client, instance, ttl_ms=int(interval_s * 3000) + 1000)
@@ -182,7 +147,7 @@ class DriftMonitor:
                             entries)  # fmt: skip
                 continue
             since = now - self._last_eval.get(deployment, -math.inf)
-            new = sum(s.requests for s in _decode_sketches(cast(Entries, entries)))
+            new = sum(s.requests for s in decode_sketches(cast(Entries, entries)))
             pending = new > 0 or deployment in self._unrecorded
             if (new >= self.evaluate_every or (since >= self.interval_s and pending)
                     or since >= max(self.interval_s, IDLE_INTERVAL_S)):  # fmt: skip
@@ -221,7 +186,7 @@ class DriftMonitor:
         version = features.version if features else None
         latest = merge_window(list(sketches), str(real), version, self.clear_requests)
         window = merge_window(sketches, str(real), version, self.window_requests)
-        reference, source = await self._score_reference(
+        reference, source = await self.references.of(
             deployment, real.name, real.version, meta_raw, reference_raw
         )
         thresholds = thresholds_from(thresholds_raw, self.defaults)
@@ -331,7 +296,7 @@ class DriftMonitor:
                 self._last_seen[deployment] = entries[0][0]
             for entry in entries:
                 oldest_taken = entry[0]
-                for sketch in _decode_sketches([entry]):
+                for sketch in decode_sketches([entry]):
                     out.append(sketch)
                     requests += sketch.requests if sketch.real_model == real else 0
                 if requests >= self.window_requests:
@@ -340,73 +305,3 @@ class DriftMonitor:
                 break
             high = b"(" + entries[-1][0]
         return out, oldest_taken
-
-    async def _training_reference(
-        self, name: str, version: int, meta_raw: bytes | None
-    ) -> np.ndarray | None:
-        """The score distribution stored with the model (metadata never changes for a
-        version, so it is looked up once)."""
-        key = f"{name}:{version}"
-        if key not in self._training:
-            meta: Mapping[str, Any] | None = json.loads(meta_raw) if meta_raw else None
-            if meta is None and self.local_meta is not None:
-                meta = await asyncio.to_thread(self.local_meta, name, version)
-            if meta is None:
-                return None  # not found anywhere yet: ask again next time
-            ref = meta.get("score_reference")
-            self._training[key] = np.asarray(ref, dtype=np.float64) if ref else None
-        return self._training[key]
-
-    async def _score_reference(
-        self,
-        deployment: str,
-        name: str,
-        version: int,
-        meta_raw: bytes | None,
-        reference_raw: bytes | None,
-    ) -> tuple[np.ndarray | None, str | None]:
-        real = f"{name}:{version}"
-        training = await self._training_reference(name, version, meta_raw)
-        if training is not None:
-            return training, "training"
-        if reference_raw is not None:
-            stored = json.loads(reference_raw)
-            if stored.get("model") == real:
-                return np.asarray(stored["fractions"], dtype=np.float64), "promotion"
-        # The first full window of this model's scores the stream still holds.
-        entries = await self.client.xrange(names.drift_sketch_stream(deployment), count=SCAN_LIMIT)
-        first = merge_window(
-            _decode_sketches(cast(Entries, entries)), real, None, self.window_requests
-        )
-        if first.requests < self.window_requests:
-            return None, None
-        total = first.score_real.sum()
-        fractions = (first.score_real / total).tolist() if total else None
-        if fractions is None:
-            return None, None
-        await self.client.set(
-            names.drift_reference_key(deployment),
-            json.dumps(
-                {
-                    "model": real,
-                    "fractions": fractions,
-                    "requests": first.requests,
-                    "from_ms": first.start_ms,
-                    "to_ms": first.end_ms,
-                }
-            ),
-        )
-        log.info(
-            "drift: %s's score reference is its first %d requests as real", real, first.requests
-        )
-        return np.asarray(fractions), "promotion"
-
-
-def local_model_meta(models_dir: Path) -> Callable[[str, int], Mapping[str, Any] | None]:
-    def load(name: str, version: int) -> Mapping[str, Any] | None:
-        try:
-            return ModelRegistry(models_dir).meta(name, version).to_dict()
-        except (OSError, LookupError, ValueError):
-            return None
-
-    return load

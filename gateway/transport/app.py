@@ -33,8 +33,9 @@ from gateway.dataplane.validation import PredictRequest
 from gateway.observability.alert_webhooks import AlertWebhooks
 from gateway.observability.dashboard import dashboard_router
 from gateway.observability.drift_feed import DriftFeed
-from gateway.observability.drift_monitor import DriftMonitor, local_model_meta
+from gateway.observability.drift_monitor import DriftMonitor
 from gateway.observability.drift_online import OnlineDrift
+from gateway.observability.drift_sketches import local_model_meta
 from gateway.observability.live_accuracy import LiveAccuracy
 from gateway.observability.metrics import GatewayMetrics, multiprocess_dir
 from gateway.observability.routes import observe_router
