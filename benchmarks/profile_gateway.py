@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -320,6 +321,9 @@ def main(argv: list[str] | None = None) -> None:
             f"latency {report['latency_ms']}")  # fmt: skip
     finally:
         running.stop()
+        # The served system's data (its archive and Redis's append-only log: hundreds of MB
+        # a run) goes; the folded stacks and the gateway's log stay.
+        shutil.rmtree(work / "data", ignore_errors=True)
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     report = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),

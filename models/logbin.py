@@ -39,7 +39,7 @@ from rendezvous import names
 from rendezvous.bus.aside import ASIDE_S, UNREACHABLE
 from rendezvous.bus.connection import REDIS_DOWN, REDIS_FAILURES, Client, out_of_memory
 from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry
-from rendezvous.bus.retention import trim_behind_groups
+from rendezvous.bus.retention import Retention
 from rendezvous.bus.routing import Command, command, raise_first_error
 from rendezvous.envelope import RequestEnvelope
 from rendezvous.spec import FeatureSpec
@@ -48,8 +48,6 @@ log = logging.getLogger(__name__)
 
 LOGBIN_BATCH_WAIT_MS = 20.0
 """Default wait after a read that did not fill a batch, so the next one gathers more."""
-IDLE_TRIM_S = 30.0
-"""How often a stream the log bin has not archived from since its last trim is trimmed."""
 
 
 @dataclass
@@ -112,14 +110,8 @@ class LogBin(ConsumerLoop):
         self.writer = writer
         self.refresh_s = refresh_s
         """How often a callable ``deployments`` is asked again."""
-        self.trim_interval_s = trim_interval_s
-        """How often the input streams are trimmed behind their slowest group (0: never)."""
-        self.max_role_lag = max_role_lag
-        """Model roles this far behind stop holding the streams (0: they always hold them)."""
-        self._next_trim = 0.0
-        self._next_idle_trim = 0.0
-        self._archived_since_trim: set[str] = set()
-        """Streams trimmed every interval: archived from since they were last settled."""
+        self.retention = Retention(client, trim_interval_s, max_role_lag)
+        """The archive owns retention: it trims only behind every group, itself included."""
         self._states: dict[str, tuple[bytes, Deployment]] = {}
         """Each deployment's state as last read, with the bytes it was parsed from."""
         self.batch_wait_s = max(batch_wait_ms, 0.0) / 1000
@@ -147,7 +139,7 @@ class LogBin(ConsumerLoop):
             self._judge_kept()
             self._claim_alone()
         self._publish()
-        self._trim()
+        self.stats.trimmed += self.retention.run(self._streams, self.aside)
         return archived
 
     def failed(self, exc: Exception, retry_in_s: float) -> bool:
@@ -188,34 +180,6 @@ class LogBin(ConsumerLoop):
         now = self.heartbeat_due()
         if now is not None:
             self._counters_sent(self.bus.execute([self._counters(now)])[0])
-
-    def _trim(self) -> None:
-        """The archive owns retention: it trims only behind every group, itself included.
-        A stream is trimmed every ``trim_interval_s`` from the time this bin archives from it
-        until it is settled (no group behind the log bin's position: only the log bin's next
-        archive can free more), and every ``IDLE_TRIM_S`` otherwise. A trim costs two or three
-        round trips a stream: an idle host's twenty deployments trimmed every second were most
-        of its log bin's idle CPU."""
-        now = time.monotonic()
-        if not self.trim_interval_s or now < self._next_trim:
-            return
-        self._next_trim = now + self.trim_interval_s
-        every = now >= self._next_idle_trim
-        if every:
-            self._next_idle_trim = now + max(IDLE_TRIM_S, self.trim_interval_s)
-        for stream, dep in self._streams.items():
-            if stream in self.aside:  # its node is away: trimmed once it is back
-                continue
-            if every or stream in self._archived_since_trim:
-                try:
-                    trimmed, settled = trim_behind_groups(
-                        self.client, dep, self.max_role_lag, stream
-                    )
-                except UNREACHABLE:  # its node is away (set aside by the reads too)
-                    continue
-                self.stats.trimmed += trimmed
-                if settled:
-                    self._archived_since_trim.discard(stream)
 
     def _refresh(self) -> None:
         """The deployments to archive (the loop creates their groups and re-reads pending)."""
@@ -311,7 +275,7 @@ class LogBin(ConsumerLoop):
                 self.stats.batches += 1
                 self._watch({s: envelopes.get(s, []) for s in written})
                 self._ack({s: ids[s] for s in written})
-                self._archived_since_trim.update(written)
+                self.retention.archived(written)
         return len(entries)
 
     def _watch(self, envelopes: dict[str, list[RequestEnvelope]]) -> None:

@@ -177,3 +177,37 @@ def test_job_ids_carry_their_creation_time() -> None:
     assert names.JOB_ID_PATTERN.fullmatch(job) and created_ms(job) == 0x1A2B3C4D5E6
     assert created_ms("1a2b-zz") is None and created_ms("../x") is None
     assert new_job_id() != new_job_id()
+
+
+async def test_consumers_of_gateways_long_gone_are_removed_but_not_one_holding_a_job(
+    client: AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each gateway process joins the jobs group under a new name, so without this the group
+    would list every gateway that ever ran."""
+    import gateway.dataplane.job_runner as job_runner
+
+    monkeypatch.setattr(job_runner, "CONSUMER_GC_S", 0.3)
+    taker = await gateway(client)
+    await taker.submit(DEMO_DEPLOYMENT, BODY, None)
+    await client.xgroup_create(STREAM, names.JOBS_GROUP, "0", mkstream=True)
+    await client.xreadgroup(names.JOBS_GROUP, "holding", {STREAM: ">"}, count=1)  # then died
+    await client.xreadgroup(names.JOBS_GROUP, "gone", {STREAM: "0"}, count=1)  # nothing its own
+    live = await gateway(client, claim_idle_ms=60_000)  # the held job stays where it is
+    await live.start()
+    try:
+        await asyncio.sleep(0.5)
+        await live.submit(DEMO_DEPLOYMENT, BODY, None)  # ends the read's block: the sweep is due
+        found: set[str] = set()
+        for _ in range(60):
+            infos = await client.xinfo_consumers(STREAM, names.JOBS_GROUP)
+            found = {i["name"].decode() if isinstance(i["name"], bytes) else i["name"]
+                     for i in infos}  # fmt: skip
+            if "gone" not in found:
+                break
+            await asyncio.sleep(0.05)
+        assert "gone" not in found and "holding" in found
+        assert live.runner.consumer in found
+        held = await client.xpending_range(STREAM, names.JOBS_GROUP, "-", "+", 10)
+        assert b"holding" in [p["consumer"] for p in held]  # its job stays, to be claimed
+    finally:
+        await live.stop()

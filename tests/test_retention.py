@@ -1,10 +1,19 @@
 """Input-stream trimming follows the slowest consumer group (real Redis)."""
 
+import time
+from pathlib import Path
+
 import numpy as np
+import pytest
 import redis
 
 from rendezvous import names
-from rendezvous.bus.retention import safe_floor, trim_behind_groups, trim_input_stream
+from rendezvous.bus.retention import (
+    forget_gone_consumers,
+    safe_floor,
+    trim_behind_groups,
+    trim_input_stream,
+)
 from rendezvous.envelope import RequestEnvelope
 
 DEP = "trim-dep"
@@ -142,7 +151,7 @@ def test_the_log_bin_trims_a_stream_until_settled_and_an_idle_one_rarely(
 ) -> None:
     """Twenty idle deployments trimmed every second were most of an idle log bin's round
     trips: a stream is trimmed every interval only from an archive until it is settled."""
-    import models.logbin as logbin_module
+    import rendezvous.bus.retention as retention_module
     from models.archive import SegmentWriter
     from models.logbin import LogBin
 
@@ -153,13 +162,13 @@ def test_the_log_bin_trims_a_stream_until_settled_and_an_idle_one_rarely(
         r.xgroup_create(stream, "model:real", id="0")
     ids = add_requests(r, 300)
     trims: list[str] = []
-    real_trim = logbin_module.trim_behind_groups
+    real_trim = retention_module.trim_behind_groups
 
     def counted(client, dep, lag, stream):  # type: ignore[no-untyped-def]
         trims.append(dep)
         return real_trim(client, dep, lag, stream)
 
-    monkeypatch.setattr(logbin_module, "trim_behind_groups", counted)
+    monkeypatch.setattr(retention_module, "trim_behind_groups", counted)
     logbin = LogBin(r, SegmentWriter(tmp_path), consumer="lb", deployments=[DEP, idle_dep],
                     trim_interval_s=1e-9)  # fmt: skip
     logbin.drain()  # archives DEP's entries; the first trim takes every stream
@@ -175,3 +184,69 @@ def test_the_log_bin_trims_a_stream_until_settled_and_an_idle_one_rarely(
         logbin.step(block_ms=None)
     assert trims == []  # settled: nothing more to free until the next archive
     logbin.close()
+
+
+def ack_all(client: redis.Redis, group: str, consumer: str | None = None) -> None:
+    """``group`` acks everything pending (of ``consumer`` alone if given)."""
+    pending = client.xpending_range(STREAM, group, "-", "+", 1000, consumername=consumer)
+    if pending:
+        client.xack(STREAM, group, *[p["message_id"] for p in pending])
+
+
+@pytest.mark.parametrize("bus", ["single", "cluster"])
+def test_consumers_long_gone_are_forgotten_and_no_pending_entry_goes_with_them(
+    bus: str, request: pytest.FixtureRequest
+) -> None:
+    """A worker restarted under a new name leaves its old consumer in every group: it goes
+    once idle long enough with nothing pending; one holding entries stays (they are claimed
+    from it), and so do a live reader and the caller's own name. On a cluster the script runs
+    on the stream's node."""
+    client: redis.Redis = request.getfixturevalue("r" if bus == "single" else "rc")
+    for group in ("logbin", "model:real"):
+        client.xgroup_create(STREAM, group, id="0", mkstream=True)
+    fill(client, 5)
+    client.xreadgroup("model:real", "real-host-11", {STREAM: ">"}, count=2)
+    ack_all(client, "model:real")
+    client.xreadgroup("model:real", "real-host-12", {STREAM: ">"}, count=1)  # died holding it
+    client.xreadgroup("logbin", "logbin-old-host", {STREAM: ">"}, count=4)
+    ack_all(client, "logbin")
+    client.xreadgroup("logbin", "me", {STREAM: ">"}, count=1)
+    ack_all(client, "logbin")
+    time.sleep(0.25)
+    client.xreadgroup("model:real", "real-host-13", {STREAM: ">"}, count=1)  # alive
+    ack_all(client, "model:real", "real-host-13")
+
+    assert forget_gone_consumers(client, STREAM, idle_ms=60_000) == 0  # none gone that long
+    assert forget_gone_consumers(client, STREAM, idle_ms=200, spare="me") == 2
+
+    def consumers(group: str) -> set[str]:
+        return {c["name"].decode() for c in client.xinfo_consumers(STREAM, group)}
+
+    assert consumers("model:real") == {"real-host-12", "real-host-13"}
+    assert consumers("logbin") == {"me"}
+    assert client.xpending(STREAM, "model:real")["pending"] == 1  # still someone's to claim
+    assert forget_gone_consumers(client, "rdv:{no-such}:in", idle_ms=0) == 0
+    client.set("rdv:{not-a-stream}", b"x")
+    assert forget_gone_consumers(client, "rdv:{not-a-stream}", idle_ms=0) == 0
+
+
+def test_the_log_bin_forgets_gone_consumers_of_the_streams_it_archives(
+    r: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rendezvous.bus.retention as retention_module
+    from models.archive import SegmentWriter
+    from models.logbin import LogBin
+
+    monkeypatch.setattr(retention_module, "GONE_CONSUMER_MS", 100)
+    r.xgroup_create(STREAM, "logbin", id="0", mkstream=True)
+    r.xgroup_create(STREAM, "model:canary", id="0")
+    add_requests(r, 3)
+    r.xreadgroup("model:canary", "canary-old-7", {STREAM: ">"}, count=10)
+    ack_all(r, "model:canary")
+    time.sleep(0.2)
+    logbin = LogBin(r, SegmentWriter(tmp_path), consumer="lb", deployments=[DEP],
+                    trim_interval_s=1e-9)  # fmt: skip
+    logbin.drain()
+    logbin.close()
+    assert [c["name"] for c in r.xinfo_consumers(STREAM, "model:canary")] == []
+    assert [c["name"] for c in r.xinfo_consumers(STREAM, "logbin")] == [b"lb"]

@@ -38,6 +38,7 @@ from gateway.dataplane.job_vocabulary import (
 from gateway.dataplane.service import PredictionService
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
+from rendezvous.bus.retention import FORGET_GONE_CONSUMERS
 
 log = logging.getLogger(__name__)
 
@@ -242,15 +243,10 @@ class JobRunner:
         return found, reply[0]
 
     async def _forget_dead_consumers(self, stream: str) -> None:
-        """Consumers of gateways long gone, with nothing pending (their jobs were claimed)."""
-        for info in await self.client.xinfo_consumers(stream, names.JOBS_GROUP):
-            name = text(info["name"])
-            if (
-                name != self.consumer
-                and not info["pending"]
-                and info["idle"] > CONSUMER_GC_S * 1000
-            ):
-                await self.client.xgroup_delconsumer(stream, names.JOBS_GROUP, name)
+        """Consumers of gateways long gone, with nothing pending (their jobs were claimed);
+        one script, so a job read between the look and the removal cannot lose its owner."""
+        gone_ms = int(CONSUMER_GC_S * 1000)
+        await self.client.eval(FORGET_GONE_CONSUMERS, 1, stream, gone_ms, self.consumer)  # type: ignore[arg-type,misc]
 
     async def _run(self, deployment: str, entry: bytes, job_id: str | None) -> None:
         """One run of one job, holding one slot: start it (unless it ended, expired or runs
