@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from fastapi.exceptions import RequestValidationError
+from redis.asyncio import RedisCluster
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import Backlogged, Overloaded
@@ -25,6 +26,7 @@ from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import flush
 from rendezvous import names
 from rendezvous.bus.connection import AsyncClient, connect, connect_async
+from rendezvous.bus.local_cluster import LocalCluster
 from rendezvous.schedule import Schedule
 
 SCHEDULE = Schedule(real_deadline_ms=50, timeout_ms=100, fallbacks=("canary",), grace_ms=10)
@@ -211,3 +213,44 @@ async def test_consumers_of_gateways_long_gone_are_removed_but_not_one_holding_a
         assert b"holding" in [p["consumer"] for p in held]  # its job stays, to be claimed
     finally:
         await live.stop()
+
+
+@pytest.mark.integration
+async def test_jobs_run_on_after_the_blocking_clients_default_node_is_lost(
+    redis_cluster: LocalCluster, demo_registry: ModelRegistry
+) -> None:
+    """redis-py finds an XREADGROUP's keys by asking its default node (on Redis before 7):
+    once that node was killed, the jobs' reads failed for good, and jobs were accepted but
+    never run, though the jobs stream's own master was alive. The reads now go to the
+    stream's node, so the jobs run on through the election."""
+    redis_cluster.wait_healthy(30.0)
+    sync = connect(redis_cluster.url)
+    flush(sync)
+    DeploymentStore(sync).create(demo_deployment(demo_registry, SCHEDULE))
+    sync.close()
+    main = await connect_async(redis_cluster.url, timeout_s=2.0)
+    blocking = await connect_async(redis_cluster.url, timeout_s=2.0 + BLOCK_MS / 1000)
+    assert isinstance(blocking, RedisCluster)
+    jobs_node = blocking.get_node_from_key(STREAM)
+    victim = next(n for n in blocking.get_primaries() if n.name != jobs_node.name)
+    blocking.set_default_node(victim)
+    cache = DeploymentCache(main)
+    await cache.refresh()
+    service = JobService(main, blocking, Predicts(cache), ttl_s=60, concurrency=8,  # type: ignore[arg-type]
+                         max_queued=100, claim_idle_ms=60_000)  # fmt: skip
+    await service.start()
+    try:
+        first = (await service.submit(DEMO_DEPLOYMENT, BODY, None)).id
+        assert (await service.wait(DEMO_DEPLOYMENT, first, 5000)).status == DONE
+        redis_cluster.kill(victim.port)
+        await asyncio.sleep(0.5)  # the reader's next reads come while the node is lost
+        later = [(await service.submit(DEMO_DEPLOYMENT, BODY, None)).id for _ in range(3)]
+        docs = await asyncio.gather(*(service.wait(DEMO_DEPLOYMENT, j, 8000) for j in later))
+        assert [d.status for d in docs] == [DONE] * 3
+    finally:
+        await service.stop()
+        await main.aclose()
+        await blocking.aclose()
+        if not redis_cluster.running(victim.port):
+            redis_cluster.restart(victim.port)
+        redis_cluster.wait_healthy(30.0)

@@ -37,7 +37,7 @@ from gateway.dataplane.job_vocabulary import (
 )
 from gateway.dataplane.service import PredictionService
 from rendezvous import names
-from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
+from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, on_key_node, text
 from rendezvous.bus.retention import FORGET_GONE_CONSUMERS
 
 log = logging.getLogger(__name__)
@@ -219,9 +219,10 @@ class JobRunner:
                 backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
 
     async def _read(self, stream: str, n: int, block_ms: int) -> list[tuple[bytes, str | None]]:
-        reply: Any = await self.blocking.xreadgroup(
-            names.JOBS_GROUP, self.consumer, {stream: ">"}, count=n, block=block_ms
-        )
+        reply: Any = await on_key_node(
+            self.blocking, stream, "XREADGROUP", "GROUP", names.JOBS_GROUP, self.consumer,
+            "COUNT", n, "BLOCK", block_ms, "STREAMS", stream, ">",
+        )  # fmt: skip
         return [
             (entry_id, _job_of(fields)) for _s, found in reply or () for entry_id, fields in found
         ]

@@ -50,7 +50,7 @@ from gateway.dataplane.job_vocabulary import (
 from gateway.dataplane.service import PredictionService
 from gateway.dataplane.validation import check_request_id, parse_body, to_matrix
 from rendezvous import names
-from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
+from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, on_key_node, text
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,10 @@ class JobService:
                         newest: Any = await self.blocking.xrevrange(key, count=1)
                         last = newest[0][0] if newest else b"0-0"
                         ready.set()
-                    reply: Any = await self.blocking.xread({key: last}, count=1000, block=BLOCK_MS)
+                    reply: Any = await on_key_node(
+                        self.blocking, key, "XREAD", "COUNT", 1000, "BLOCK", BLOCK_MS,
+                        "STREAMS", key, last,
+                    )  # fmt: skip
                     backoff_s = 0.05
                 except REDIS_FAILURES as exc:
                     ready.set()

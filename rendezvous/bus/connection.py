@@ -140,6 +140,20 @@ async def connect_async(
             delay_s = min(delay_s * 2, 1.0)
 
 
+async def on_key_node(client: AsyncClient, key: str, *args: Any) -> Any:
+    """``args``, a command whose keys redis-py can find only by asking a node (``XREAD``,
+    ``XREADGROUP``: on Redis before 7 it sends ``COMMAND GETKEYS`` to its default node), run
+    on the node of ``key`` as the slots stand. A cluster client whose default node is lost
+    failed every such command for good: the failure comes before the command is routed, so
+    nothing asks for a new topology (the jobs' reads, after the node in ``RDV_REDIS_URL``
+    failed over). Here a lost node fails the command as any other does, which asks for one,
+    and the next call runs it first (``initialize``)."""
+    if isinstance(client, aioredis.RedisCluster):
+        await client.initialize()
+        return await client.execute_command(*args, target_nodes=client.get_node_from_key(key))
+    return await client.execute_command(*args)
+
+
 def _redact(url: str) -> str:
     """Never log a password that sits in the URL."""
     if "@" in url:
