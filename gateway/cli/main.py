@@ -339,9 +339,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         args.func(args)
     except Exception as exc:
-        from rendezvous.bus.connection import permanent_refusal
+        from rendezvous.bus.connection import permanent_refusal, unreachable
 
-        reason = permanent_refusal(exc)
+        reason = permanent_refusal(exc) or unreachable(exc, Settings().redis_url)
         if reason is None:
             raise
         sys.exit(f"rdv {args.command}: {reason}")

@@ -13,12 +13,16 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode as SyncClusterNode
 from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
 from redis.retry import Retry
 
@@ -78,29 +82,68 @@ def permanent_refusal(exc: BaseException) -> str | None:
     return None
 
 
+def seed_urls(url: str) -> list[str]:
+    """The nodes ``url`` names, one URL each. ``RDV_REDIS_URL`` may name several nodes of one
+    cluster (``redis://user:password@host1:port1,host2:port2``), so that a process starting
+    while one of them is down finds the cluster through another; each URL keeps the scheme,
+    user, password, path and query."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if "," not in hosts:
+        return [url]
+    tail = parts.path + (f"?{parts.query}" if parts.query else "")
+    return [f"{parts.scheme}://{userinfo}{at}{host}{tail}" for host in hosts.split(",") if host]
+
+
+def _several_seeds_need_a_cluster(seeds: list[str], seed: str) -> None:
+    if len(seeds) > 1:
+        raise ValueError(
+            f"RDV_REDIS_URL names {len(seeds)} nodes, but {_redact(seed)} is not part of a "
+            "Redis Cluster: name the one node of a single Redis"
+        )
+
+
+def _other_nodes(seeds: list[str], seed: str, node: Callable[..., Any]) -> list[Any] | None:
+    """The seeds but ``seed`` as redis-py's cluster nodes (None: there are none)."""
+    others = [urlsplit(s) for s in seeds if s != seed]
+    return [node(u.hostname, u.port or 6379) for u in others] or None
+
+
 def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = None) -> Client:
     """A synchronous client (workers, log bin), after the server answered: a cluster client
-    when the node at ``url`` is part of a Redis Cluster."""
-    client = redis.Redis.from_url(
-        url,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=2.0,
-        health_check_interval=30,
-        retry=_stale_connection_retry(),
-    )
+    when the node at ``url`` is part of a Redis Cluster (of the nodes it names, the first that
+    answers)."""
+    seeds = seed_urls(url)
     deadline = time.monotonic() + wait_s
     delay_s = 0.05
+    attempt = 0
     while True:
+        seed = seeds[attempt % len(seeds)]
+        attempt += 1
+        client = redis.Redis.from_url(
+            seed,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=2.0,
+            health_check_interval=30,
+            retry=_stale_connection_retry(),
+        )
         try:
             if not _cluster_enabled(client.info("cluster")):
+                _several_seeds_need_a_cluster(seeds, seed)
                 return client
             client.close()
             return redis.RedisCluster.from_url(
-                url, socket_timeout=socket_timeout_s, socket_connect_timeout=2.0
+                seed,
+                socket_timeout=socket_timeout_s,
+                socket_connect_timeout=2.0,
+                startup_nodes=_other_nodes(seeds, seed, SyncClusterNode),
             )
         except _RETRYABLE as exc:
+            client.close()
             if time.monotonic() > deadline or permanent_refusal(exc):
                 raise
+            if attempt % len(seeds):
+                continue  # the next node at once
             log.warning("redis at %s not ready (%s); retrying", _redact(url), exc)
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, 1.0)
@@ -112,32 +155,54 @@ async def connect_async(
     """An asyncio client (gateway), after the server answered, for a cluster as ``connect``.
     ``timeout_s`` bounds every command, so a hung server turns into an error instead of a hung
     request."""
-    client = aioredis.Redis.from_url(
-        url,
-        socket_connect_timeout=2.0,
-        socket_timeout=timeout_s,
-        health_check_interval=30,
-        retry=_stale_connection_retry(AsyncRetry),
-    )
+    seeds = seed_urls(url)
     deadline = time.monotonic() + wait_s
     delay_s = 0.05
+    attempt = 0
     while True:
+        seed = seeds[attempt % len(seeds)]
+        attempt += 1
+        client = aioredis.Redis.from_url(
+            seed,
+            socket_connect_timeout=2.0,
+            socket_timeout=timeout_s,
+            health_check_interval=30,
+            retry=_stale_connection_retry(AsyncRetry),
+        )
         try:
             if not _cluster_enabled(await client.info("cluster")):
+                _several_seeds_need_a_cluster(seeds, seed)
                 return client
             await client.aclose()
             cluster = aioredis.RedisCluster.from_url(
-                url, socket_timeout=timeout_s, socket_connect_timeout=2.0
+                seed,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=2.0,
+                startup_nodes=_other_nodes(seeds, seed, AsyncClusterNode),
             )
             await cluster.initialize()
             return cluster
         except _RETRYABLE as exc:
+            await client.aclose()
             if time.monotonic() > deadline or permanent_refusal(exc):
-                await client.aclose()
                 raise
+            if attempt % len(seeds):
+                continue  # the next node at once
             log.warning("redis at %s not ready (%s); retrying", _redact(url), exc)
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 1.0)
+
+
+def unreachable(exc: BaseException, url: str | None) -> str | None:
+    """What to tell a command whose Redis did not answer however long it waited (None: not
+    that failure)."""
+    if not isinstance(exc, REDIS_DOWN):
+        return None
+    where = f" at {_redact(url)}" if url else ""
+    return (
+        f"Redis{where} did not answer ({exc}). Is it running? RDV_REDIS_URL may name several "
+        "nodes of a cluster (redis://host1:port1,host2:port2), found through any that answers"
+    )
 
 
 async def on_key_node(client: AsyncClient, key: str, *args: Any) -> Any:

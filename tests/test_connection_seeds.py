@@ -1,0 +1,78 @@
+"""``RDV_REDIS_URL`` may name several nodes of one cluster: a process that starts while one of
+them is down finds the cluster through another (real cluster, real single node)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from rendezvous.bus.connection import connect, connect_async, seed_urls
+from rendezvous.bus.local_cluster import LocalCluster
+
+pytestmark = pytest.mark.integration
+
+
+def test_each_node_keeps_the_scheme_user_password_path_and_query() -> None:
+    assert seed_urls("redis://127.0.0.1:7000") == ["redis://127.0.0.1:7000"]
+    url = "rediss://app:s%40cret@a.example:7000,b.example:7001/0?ssl_cert_reqs=none"
+    assert seed_urls(url) == [
+        "rediss://app:s%40cret@a.example:7000/0?ssl_cert_reqs=none",
+        "rediss://app:s%40cret@b.example:7001/0?ssl_cert_reqs=none",
+    ]
+    assert seed_urls("redis://a:1,b:2,") == ["redis://a:1", "redis://b:2"]
+    assert seed_urls("unix:///tmp/redis.sock") == ["unix:///tmp/redis.sock"]
+
+
+def _dead_port() -> int:
+    """A loopback port nothing listens on (bound and released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_cluster_is_found_through_the_first_node_that_answers(
+    redis_cluster: LocalCluster,
+) -> None:
+    redis_cluster.wait_healthy(30.0)
+    live = redis_cluster.url.removeprefix("redis://")
+    url = f"redis://127.0.0.1:{_dead_port()},{live}"
+    t0 = time.monotonic()
+    sync = connect(url, wait_s=5)
+    client = await connect_async(url, wait_s=5)
+    try:
+        assert time.monotonic() - t0 < 2.0  # the dead node is passed over at once
+        assert isinstance(sync, redis.RedisCluster)
+        assert isinstance(client, aioredis.RedisCluster)
+        keys = [f"rdv:{{seed-{i}}}:k" for i in range(12)]
+        assert len({sync.get_node_from_key(k).name for k in keys}) == 3  # every master
+        for key in keys:
+            await client.set(key, b"v")
+            assert sync.get(key) == b"v"
+    finally:
+        sync.close()
+        await client.aclose()
+
+
+def test_several_nodes_of_a_single_redis_are_refused_saying_why(redis_url: str) -> None:
+    node = redis_url.removeprefix("redis://").split("/")[0]
+    with pytest.raises(ValueError, match="is not part of a Redis Cluster"):
+        connect(f"redis://{node},{node}", wait_s=1)
+
+
+def test_a_command_whose_redis_does_not_answer_says_so_in_one_line(tmp_path: Path) -> None:
+    env = {"RDV_REDIS_URL": f"redis://127.0.0.1:{_dead_port()}", "RDV_DATA_DIR": str(tmp_path),
+           "PATH": "/usr/bin:/bin"}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "decisions", "--deployment", "d"],
+        env=env, capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("rdv decisions: Redis at redis://")
