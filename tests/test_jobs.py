@@ -167,7 +167,10 @@ def test_unknown_deployment_ids_and_waits_out_of_bounds_are_clear(system: System
         assert resp.status_code == 404 and resp.json()["expired"] is False, resp.text
         assert "no job" in resp.json()["detail"] and job_id in resp.json()["detail"]
     assert system.http.delete(f"{JOBS}/{unknown}").status_code == 404
-    assert system.http.get(f"/v1/deployments/nope/jobs/{unknown}").status_code == 404
+    for job_id in (unknown, "not-a-job"):  # the deployment is what is missing, and said so
+        for method in ("GET", "DELETE"):
+            resp = system.http.request(method, f"/v1/deployments/nope/jobs/{job_id}")
+            assert resp.status_code == 404 and "deployment 'nope'" in resp.json()["detail"]
     for wait_ms in (MAX_WAIT_MS + 1, -1, "soon"):
         resp = system.http.get(f"{JOBS}/{unknown}", params={"wait_ms": wait_ms})
         assert resp.status_code == 422, resp.text

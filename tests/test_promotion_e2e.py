@@ -285,6 +285,19 @@ def test_the_cli_drives_the_admin_api(
     )
     uploaded = json.loads(capsys.readouterr().out)
     assert uploaded["description"] == "from the cli" and uploaded["version"] > system.flipped
+    main(["models", "show", "--url", system.url, "--name", "breast-cancer"])  # every version
+    versions = [v["version"] for v in json.loads(capsys.readouterr().out)["versions"]]
+    assert uploaded["version"] in versions and len(versions) >= 3
+    for missing in (
+        ["models", "show"],
+        ["models", "delete", "--name", "breast-cancer"],
+        ["deployments", "history"],
+        ["deployments", "create", "--deployment", "x"],
+    ):
+        with pytest.raises(SystemExit) as usage:  # said before any request names "None"
+            main([*missing, "--url", "http://127.0.0.1:1"])
+        assert usage.value.code == 2
+        assert "required" in capsys.readouterr().err
 
     main(
         [

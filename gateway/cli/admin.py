@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,20 @@ from gateway.cli.admin_http import admin_request, without_none
 from gateway.cli.features_load import cmd_features
 
 
+def _require(args: argparse.Namespace, *flags: str) -> None:
+    """Exit as argparse does (status 2) when a flag this action needs was not given, before
+    a request that would name ``None``."""
+    missing = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is None]
+    if missing:
+        print(f"rdv {args.command} {args.action}: {', '.join(missing)} required", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def cmd_models(args: argparse.Namespace) -> None:
+    if args.action != "list":
+        _require(args, "name", *(["version"] if args.action == "delete" else []))
+        if args.action == "upload":
+            _require(args, "file")
     if args.action == "upload":
         meta = without_none(
             {
@@ -35,6 +49,8 @@ def cmd_models(args: argparse.Namespace) -> None:
         admin_request(args, "POST", "/models", files=files, data={"metadata": json.dumps(meta)})
     elif args.action == "list":
         admin_request(args, "GET", "/models", params=without_none({"name": args.name}))
+    elif args.action == "show" and args.version is None:
+        admin_request(args, "GET", f"/models/{args.name}")  # every version of it
     elif args.action == "show":
         admin_request(args, "GET", f"/models/{args.name}/{args.version}")
     else:
@@ -42,6 +58,8 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_deployments(args: argparse.Namespace) -> None:
+    if args.action != "list":
+        _require(args, "deployment", *(["model", "version"] if args.action == "create" else []))
     if args.action == "list":
         admin_request(args, "GET", "/deployments")
     elif args.action == "show":
@@ -151,8 +169,8 @@ def add_admin_commands(sub: Any) -> None:
 
     p = admin("models", "model registry: upload, list, show, delete (admin API)")
     p.add_argument("action", choices=["upload", "list", "show", "delete"])
-    p.add_argument("--name", help="model name")
-    p.add_argument("--version", type=int)
+    p.add_argument("--name", help="model name (all but list)")
+    p.add_argument("--version", type=int, help="delete; show: one version (default: all)")
     p.add_argument("--file", help="upload: the ONNX file")
     p.add_argument("--deployment", help="upload: check the width against this deployment")
     p.add_argument("--description")
@@ -163,7 +181,7 @@ def add_admin_commands(sub: Any) -> None:
 
     p = admin("deployments", "deployments: list, show, create, history, shadow (admin API)")
     p.add_argument("action", choices=["list", "show", "create", "history", "shadow"])
-    p.add_argument("--deployment")
+    p.add_argument("--deployment", help="all but list")
     p.add_argument("--model", help="create: the real model's name")
     p.add_argument("--version", type=int, help="create: the real model's version")
     p.add_argument("--canary-model")

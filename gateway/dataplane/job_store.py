@@ -167,7 +167,11 @@ class JobStore:
     # -- show, cancel ---------------------------------------------------------------------------
 
     def _key(self, deployment: str, job_id: str) -> str:
-        if not isinstance(deployment, str) or not names.NAME_PATTERN.fullmatch(deployment):
+        if (
+            not isinstance(deployment, str)
+            or not names.NAME_PATTERN.fullmatch(deployment)
+            or deployment not in self.deployments.deployments
+        ):
             raise UnknownDeployment(f"deployment {deployment!r} does not exist")
         if created_ms(job_id) is None:
             raise JobNotFound(
