@@ -299,6 +299,7 @@ class ModelWorker(ConsumerLoop):
             for member_id in {id(m) for m in members}:
                 self._by_member[member_id].stats.batches += 1
         commands = self._replies(replies)
+        results = len(commands)
         for (stream, group), ids in ack_ids.items():  # each on its partition's node
             commands.append(command(b"XACK", stream.encode(), group, *ids))
         essential = len(commands)
@@ -311,7 +312,7 @@ class ModelWorker(ConsumerLoop):
         # the heartbeat to the deployment's, in one round trip per node, all written before any
         # reply is read; and they go ahead of the next read, in its round trip (on a cluster,
         # only ahead of a read that does not block: ``rendezvous.bus.reader``).
-        self.write_with_next_read(commands, functools.partial(_check_written, essential))
+        self.write_with_next_read(commands, functools.partial(_check_written, results, essential))
         return len(entries)
 
     def _replies(self, replies: list[Scored]) -> list[Command]:
@@ -351,9 +352,24 @@ class ModelWorker(ConsumerLoop):
         self._follow_waits()
 
 
-def _check_written(essential: int, written: list[Any]) -> None:
-    """Raise the first error among a batch's results and acks (its first ``essential``
-    commands). A heartbeat whose node is away (partition 0's master failing over) must not
-    hold up the other partitions: it is sent again when next due."""
-    raise_first_error(written[:essential])
+_lost_said_until = [0.0]
+"""When undelivered results may be logged again (a warning per batch would flood the log)."""
+
+
+def _check_written(results: int, essential: int, written: list[Any]) -> None:
+    """Raise the first error among a batch's writes (its first ``results`` commands are the
+    results, each to a gateway's reply stream, then its acks up to ``essential``, then the
+    heartbeats), but not a node that is away under a result or a heartbeat. Such a result is
+    lost: its gateway cannot read its reply stream meanwhile either (its requests get 503 at
+    their timeout), and failing the step would hold up the answers to every other gateway and
+    every partition until the cluster elects a replica (a 504 for a request of a healthy
+    gateway and partition, found by hand). A heartbeat (partition 0's master away) is sent
+    again when next due."""
+    lost = [r for r in written[:results] if isinstance(r, UNREACHABLE)]
+    if lost and time.monotonic() >= _lost_said_until[0]:
+        _lost_said_until[0] = time.monotonic() + 5.0  # once in 5 s: an election lasts seconds
+        log.warning("results not delivered to %d gateways: their reply stream's node is away "
+                    "(%s)", len(lost), lost[0])  # fmt: skip
+    raise_first_error([r for r in written[:results] if not isinstance(r, UNREACHABLE)])
+    raise_first_error(written[results:essential])
     raise_first_error([r for r in written[essential:] if not isinstance(r, UNREACHABLE)])

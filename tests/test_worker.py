@@ -15,6 +15,7 @@ from models.runtime import OnnxClassifier
 from models.train import DEMO_DEPLOYMENT, demo_data
 from models.worker import ModelWorker, WorkerStats, batch_wait_s
 from rendezvous import names
+from rendezvous.bus.local_cluster import LocalCluster
 from rendezvous.envelope import ModelResult, RequestEnvelope, decode_results
 from rendezvous.schedule import Schedule
 
@@ -380,3 +381,42 @@ def test_one_worker_serves_a_deployments_shadow_roles_in_one_read_and_one_reply(
     assert names.worker_member("ch1", "ch1-t").encode() not in r.hgetall(
         names.stats_key(DEMO_DEPLOYMENT)
     )
+
+
+@pytest.mark.integration
+def test_a_gateway_whose_reply_node_is_lost_holds_up_no_other_gateway(
+    rc: redis.RedisCluster, redis_cluster: LocalCluster, demo_registry: ModelRegistry
+) -> None:
+    """A batch answers two gateways whose reply streams live on different masters, and one of
+    those masters is killed: the other gateway gets its results and every entry is acked in
+    the same step (before, the step failed, and the worker backed off and retried it until
+    the cluster elected a replica, holding up every gateway's answers meanwhile)."""
+    DeploymentStore(rc).create(demo_deployment(demo_registry, Schedule()))
+    home = rc.get_node_from_key(names.input_stream(DEMO_DEPLOYMENT)).name
+    by_node: dict[str, str] = {}
+    for i in range(64):
+        stream = names.reply_stream(f"gw-{i}")
+        by_node.setdefault(rc.get_node_from_key(stream).name, stream)
+    lost_node, lost = next((node, s) for node, s in by_node.items() if node != home)
+    kept = by_node[home]  # with the input stream, which stays
+    for stream in (lost, kept):
+        rc.xadd(stream, {b"hello": b"1"})
+    x = demo_data().x_test[:6]
+    for i in range(6):
+        publish(rc, f"req-{i}", x[i : i + 1], reply_to=lost if i % 2 else kept)  # type: ignore[arg-type]
+    port = int(lost_node.rsplit(":", 1)[1])
+    worker = make_worker(rc, demo_registry, "real", batch_size=64)  # type: ignore[arg-type]
+    try:
+        redis_cluster.kill(port)
+        assert worker.drain() == 6
+        delivered = [res.request_id for _id, fields in rc.xrange(kept) if b"hello" not in fields
+                     for res in decode_results(fields)[0]]  # fmt: skip
+        assert sorted(delivered) == ["req-0", "req-2", "req-4"]
+        group = names.model_group("real")
+        assert rc.xpending(names.input_stream(DEMO_DEPLOYMENT), group)["pending"] == 0
+        assert worker.stats.errors == 0
+    finally:
+        worker.close()
+        if not redis_cluster.running(port):
+            redis_cluster.restart(port)
+        redis_cluster.wait_healthy(30.0)
