@@ -14,7 +14,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import redis
@@ -95,12 +95,11 @@ def seed_urls(url: str) -> list[str]:
     return [f"{parts.scheme}://{userinfo}{at}{host}{tail}" for host in hosts.split(",") if host]
 
 
-def _several_seeds_need_a_cluster(seeds: list[str], seed: str) -> None:
-    if len(seeds) > 1:
-        raise ValueError(
-            f"RDV_REDIS_URL names {len(seeds)} nodes, but {_redact(seed)} is not part of a "
-            "Redis Cluster: name the one node of a single Redis"
-        )
+def _several_seeds_need_a_cluster(seeds: list[str], seed: str) -> NoReturn:
+    raise ValueError(
+        f"RDV_REDIS_URL names {len(seeds)} nodes, but {_redact(seed)} is not part of a "
+        "Redis Cluster: name the one node of a single Redis"
+    )
 
 
 def _other_nodes(seeds: list[str], seed: str, node: Callable[..., Any]) -> list[Any] | None:
@@ -129,7 +128,9 @@ def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = Non
         )
         try:
             if not _cluster_enabled(client.info("cluster")):
-                _several_seeds_need_a_cluster(seeds, seed)
+                if len(seeds) > 1:
+                    client.close()
+                    _several_seeds_need_a_cluster(seeds, seed)
                 return client
             client.close()
             return redis.RedisCluster.from_url(
@@ -171,7 +172,9 @@ async def connect_async(
         )
         try:
             if not _cluster_enabled(await client.info("cluster")):
-                _several_seeds_need_a_cluster(seeds, seed)
+                if len(seeds) > 1:
+                    await client.aclose()
+                    _several_seeds_need_a_cluster(seeds, seed)
                 return client
             await client.aclose()
             cluster = aioredis.RedisCluster.from_url(
