@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import time
 from collections.abc import Iterator
@@ -233,6 +234,9 @@ def test_bad_feedback_is_refused_and_stores_nothing(served: Served) -> None:
         ({"request_id": known[0], "label": 1, "correct": True}, 422, "exactly one"),
         ({"request_id": known[0], "label": "1"}, 422, "label"),
         ({"request_id": known[0], "label": 1, "weight": -1}, 422, "weight"),
+        ({"request_id": known[0], "label": 1, "weight": 1e308}, 422, "weight"),  # sums overflow
+        ({"request_id": known[0], "label": 1, "weight": "2"}, 422, "weight"),
+        ({"request_id": known[0], "label": 1, "weight": True}, 422, "weight"),
         ({"label": 1}, 422, "request_id"),
         ({"request_id": known[0], "label": 1, "extra": 1}, 422, "extra"),
         ([], 422, "empty"),
@@ -267,13 +271,31 @@ def test_bad_feedback_is_refused_and_stores_nothing(served: Served) -> None:
 
 
 @single_node_only
+def test_a_stored_figure_that_is_not_finite_is_served_as_null(served: Served) -> None:
+    """A history point written before weights were bounded (a weight of 1e308 gave NaN) must
+    not make the drift report fail: it is strict JSON."""
+    history = names.accuracy_history_stream(DEMO_DEPLOYMENT)
+    point = {"ts_ms": int(time.time() * 1000), "roles": {"real": {
+        "model": "breast-cancer:2", "accuracy": math.nan, "labelled": math.inf}}}  # fmt: skip
+    added = served.r.xadd(history, {b"p": json.dumps(point)})
+    try:
+        resp = served.http.get(DRIFT)
+        assert resp.status_code == 200, resp.text
+        last = resp.json()["accuracy"]["history"][-1]
+        assert last["roles"]["real"] == {"model": "breast-cancer:2", "accuracy": None,
+                                         "labelled": None}  # fmt: skip
+    finally:
+        served.r.xdel(history, added)
+
+
+@single_node_only
 def test_the_cli_and_the_client_send_feedback(
     served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ids = served.send("cli", 5)
     csv_file = tmp_path / "labels.csv"
     lines = ["request_id,label,weight", *(f"{rid},{served.truth[rid]},1.5" for rid in ids[:4])]
-    csv_file.write_text("\n".join(lines) + "\n")
+    csv_file.write_text("\ufeff" + "\n".join(lines) + "\n")  # a BOM, as Excel saves UTF-8
     main(["feedback", "--url", served.url, "--deployment", DEMO_DEPLOYMENT, "--batch", "3",
           str(csv_file)])  # fmt: skip
     out = capsys.readouterr()
@@ -371,3 +393,16 @@ def test_the_gate_weighs_a_challenger_on_labelled_requests(served: Served) -> No
     refused = history[0]["detail"]["gate"]["labelled"]
     assert refused["rows"] == len(ids) and "p_value" in refused
     assert json.dumps(history)  # the figures are stored as plain JSON
+
+
+def test_a_csv_labels_each_row_of_a_request_with_a_json_list(tmp_path: Path) -> None:
+    from gateway.cli.feedback import read_items
+
+    csv_file = tmp_path / "rows.csv"
+    csv_file.write_text('request_id,label\nr-1,"[1,0,1]"\nr-2,0\n')
+    assert read_items(csv_file, "csv") == [{"request_id": "r-1", "label": [1, 0, 1]},
+                                           {"request_id": "r-2", "label": 0}]  # fmt: skip
+    csv_file.write_text('request_id,label\nr-1,"[1,""a""]"\n')
+    with pytest.raises(SystemExit) as bad:
+        read_items(csv_file, "csv")
+    assert "rows.csv:2" in str(bad.value.code) and "JSON list of classes" in str(bad.value.code)

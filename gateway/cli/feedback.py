@@ -1,7 +1,8 @@
 """``rdv feedback``: labels in bulk from a file, through the gateway's feedback route.
 
 The file is a CSV with a header (``request_id`` and ``label`` or ``correct``, optionally
-``weight``) or JSON lines (one feedback object a line). It is read and checked whole before
+``weight``; a request of several rows takes a JSON list of labels, ``"[1,0]"``) or JSON lines
+(one feedback object a line). It is read and checked whole before
 anything is sent, then posted to ``POST /v1/deployments/{d}/feedback`` at ``--url`` in batches
 (each all or nothing on the gateway), with a progress bar on stderr. A refused batch stops the
 load with the gateway's reason; the batches before it stay accepted.
@@ -34,7 +35,8 @@ def read_items(path: Path, kind: str) -> list[dict[str, Any]]:
     """Every feedback item of the file, in order; exits naming the first line it cannot read."""
     items: list[dict[str, Any]] = []
     try:
-        with path.open(newline="" if kind == "csv" else None, encoding="utf-8") as f:
+        # utf-8-sig: a CSV saved by Excel starts with a byte-order mark
+        with path.open(newline="" if kind == "csv" else None, encoding="utf-8-sig") as f:
             if kind == "jsonl":
                 return [doc for _, doc in json_lines(path, f)]
             reader = csv.DictReader(f)
@@ -53,8 +55,11 @@ def _csv_item(path: Path, n: int, row: dict[str, Any]) -> dict[str, Any]:
         sys.exit(f"{path}:{n}: the row does not match the header")
     item: dict[str, Any] = {"request_id": row["request_id"]}
     try:
-        if (row.get("label") or "").strip():
-            item["label"] = int(row["label"])
+        label = (row.get("label") or "").strip()
+        if label.startswith("["):  # one label per row of the request: a JSON list
+            item["label"] = _label_list(label)
+        elif label:
+            item["label"] = int(label)
         if (row.get("correct") or "").strip():
             value = row["correct"].strip().lower()
             if value not in _TRUE | _FALSE:
@@ -65,6 +70,16 @@ def _csv_item(path: Path, n: int, row: dict[str, Any]) -> dict[str, Any]:
     except ValueError as exc:
         sys.exit(f"{path}:{n}: {exc}")
     return item
+
+
+def _label_list(cell: str) -> list[int]:
+    try:
+        labels = json.loads(cell)
+    except json.JSONDecodeError:
+        labels = None
+    if not isinstance(labels, list) or not all(type(v) is int for v in labels):
+        raise ValueError(f"label {cell!r} is not a class or a JSON list of classes")
+    return labels
 
 
 class Progress:

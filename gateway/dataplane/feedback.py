@@ -29,6 +29,8 @@ from rendezvous import names
 from rendezvous.outcomes import Label, Outcome, label_problems
 
 MAX_ID_CHARS = 128
+MAX_WEIGHT = 1e6
+"""The largest sample weight a label may carry."""
 RETRY_FIRST_S = 0.02
 RETRY_MAX_S = 0.25
 """A miss is looked up again after 20 ms, then twice as long each time up to 250 ms: a label
@@ -73,7 +75,10 @@ class FeedbackItem(BaseModel):
     """The true class (as predict returns it), or one per row of a request of several rows."""
     correct: StrictBool | None = None
     """Instead of ``label``: was the answer given right?"""
-    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    weight: float = Field(default=1.0, gt=0, le=MAX_WEIGHT, allow_inf_nan=False, strict=True)
+    """A number (not a string or a boolean) in (0, ``MAX_WEIGHT``]: weighted sums of a
+    thousand labels must stay finite (a weight of 1e308 made the accuracy figures NaN and the
+    drift report unservable)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -127,11 +127,17 @@ async def accuracy_view(client: AsyncClient, deployment: str, history: int = 360
     pipe.get(names.accuracy_key(deployment))
     pipe.xrevrange(names.accuracy_history_stream(deployment), count=history)
     raw, points = await pipe.execute()
-    report = json.loads(raw) if raw else None
+    report = _finite_json(raw) if raw else None
     return {
         "current": report,
-        "history": [json.loads(f[b"p"]) for _id, f in reversed(points)],
+        "history": [_finite_json(f[b"p"]) for _id, f in reversed(points)],
     }
+
+
+def _finite_json(raw: bytes | str) -> Any:
+    """A stored report, with any NaN or infinity as null: the route answers strict JSON, and a
+    point stored before weights were bounded must not make it fail for a thousand points."""
+    return json.loads(raw, parse_constant=lambda _constant: None)
 
 
 def accuracy_families(reports: Mapping[str, Mapping[str, Any]]) -> Iterator[GaugeMetricFamily]:
