@@ -26,6 +26,7 @@ Nothing here may stop the archive: every failure is logged and the rows are drop
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -77,6 +78,9 @@ class _Deployment:
     prior_active: bool = False
     judged: bool = False
     """Rows were judged since the last claim (else the claim is only kept fresh)."""
+    held: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Alerts this source claimed before this process started (``adopt``), held until the
+    fresh detectors have judged enough rows to say for themselves."""
 
 
 class FeatureWatch:
@@ -92,26 +96,52 @@ class FeatureWatch:
         self.settings = settings or DetectorSettings()
         self.publish_s = publish_s
         self.stale_ms = stale_s * 1000
+        self.hold_rows = self.settings.drift_window
+        """Rows after which an adopted alert the detectors did not raise again is released:
+        their longest window's (every detector has judged a full window by then)."""
         self._deps: dict[str, _Deployment] = {}
 
     # -- what is watched ----------------------------------------------------------------------
 
-    def follow(self, specs: Mapping[str, FeatureSpec]) -> None:
-        """The deployments to watch and their feature specs (the log bin's refresh). A changed
-        spec means new training statistics: what the old detectors held is void."""
+    def follow(self, specs: Mapping[str, FeatureSpec]) -> list[str]:
+        """The deployments to watch and their feature specs (the log bin's refresh); returns
+        those new here, for ``adopt``. A changed spec means new training statistics: what the
+        old detectors held is void."""
         for name in [n for n in self._deps if n not in specs]:
             del self._deps[name]
+        new = []
         for name, spec in specs.items():
             dep = self._deps.get(name)
             if dep is None:
                 self._deps[name] = _Deployment(spec, self._detectors(name, spec))
+                new.append(name)
             elif spec.version != dep.spec.version or spec.to_dict() != dep.spec.to_dict():
                 old = dep.detectors
                 dep.spec, dep.detectors = spec, self._detectors(name, spec)
-                dep.rows, dep.pending_rows = [], 0
+                dep.rows, dep.pending_rows, dep.held = [], 0, {}
                 for alert_id, alert in (old.active if old is not None else {}).items():
                     dep.figures[alert_id] = {"value": alert.get("value"), "threshold": None}
                     dep.changed = True
+        return new
+
+    def adopt(self, deployment: str, claim: bytes | str | None) -> None:
+        """What this source claimed before this process started (a restarted bin keeps its
+        consumer name): its alerts are held until the fresh detectors have judged
+        ``hold_rows`` rows, or cleared one themselves. A restart then says nothing to the
+        webhooks: the detectors start empty, and their first claim released every alert
+        (a "resolved" for a feed still broken, and a "firing" again rows later)."""
+        dep = self._deps.get(deployment)
+        if dep is None or dep.detectors is None or not claim:
+            return
+        try:
+            alerts = json.loads(claim).get("alerts") or {}
+        except (ValueError, AttributeError):
+            return
+        dep.held = {k: v for k, v in alerts.items() if isinstance(v, dict)}
+        if dep.held:
+            log.info("feature watch: %s: holding %d alerts of the last run until %d rows are "
+                     "judged: %s", deployment, len(dep.held), self.hold_rows,
+                     ", ".join(sorted(dep.held)))  # fmt: skip
 
     def _detectors(self, deployment: str, spec: FeatureSpec) -> FeatureDetectors | None:
         try:
@@ -165,12 +195,17 @@ class FeatureWatch:
                 log.exception("feature watch: the detectors of %s failed", name)
                 continue
             self._note(dep, raised, cleared)
+            if dep.held and dep.detectors.rows_seen >= self.hold_rows:
+                dep.held, dep.changed = {}, True  # judged enough: what they did not raise clears
 
     @staticmethod
     def _note(
         dep: _Deployment, raised: list[dict[str, Any]], cleared: list[dict[str, Any]]
     ) -> None:
-        dep.figures.update(drift_claims.cleared_figures(cleared))
+        released = drift_claims.cleared_figures(cleared)
+        dep.figures.update(released)
+        for alert_id in released:  # the fresh detectors' own evidence
+            dep.held.pop(alert_id, None)
         if raised or cleared:
             dep.changed = True
 
@@ -196,6 +231,8 @@ class FeatureWatch:
             figures, dep.figures = dep.figures, {}
             dep.sent = figures
             active = dict(dep.detectors.active) if dep.detectors is not None else {}
+            for alert_id, alert in dep.held.items():
+                active.setdefault(alert_id, alert)
             try:
                 args = drift_claims.merge_args(
                     name,

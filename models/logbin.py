@@ -203,13 +203,30 @@ class LogBin(ConsumerLoop):
             if state is not None:
                 specs[dep] = state.feature_spec
         if self.watch is not None:
-            self.watch.follow(specs)
+            self._adopt(self.watch.follow(specs))
         for stream, dep in wanted.items():
             if stream not in self._streams:
                 log.info("logbin: archiving deployment %s", dep)
         self._streams = wanted
         self._stream_keys = tuple(wanted)
         self._next_refresh = now + self.refresh_s
+
+    def _adopt(self, deployments: list[str]) -> None:
+        """The alerts this bin's source claimed before this process started (its consumer name
+        is the same after a restart), handed to the feature watch to hold."""
+        if not deployments or self.watch is None:
+            return
+        source = self.watch.source.encode()
+        commands = [command(b"HGET", names.drift_claims_key(d).encode(), source)
+                    for d in deployments]  # fmt: skip
+        try:
+            claims = self.bus.execute(commands)
+        except REDIS_FAILURES as exc:
+            log.warning("logbin: cannot read the alerts claimed before the start: %s", exc)
+            return
+        for dep, claim in zip(deployments, claims, strict=True):
+            if not isinstance(claim, Exception):  # its node away: nothing held
+                self.watch.adopt(dep, claim)
 
     def _read_states(self, deployments: Iterable[str]) -> dict[str, Deployment | None]:
         """Each deployment's state (its input partitions and its feature spec), all read in

@@ -6,6 +6,7 @@ silent dropped."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -351,3 +352,45 @@ def test_a_busy_bin_steps_the_detectors_per_enough_rows_or_time(
     assert seen_after(100.0 + JUDGE_WAIT_S * 1.1) == JUDGE_ROWS + 4  # waited long enough
     keep(2, 200.0)
     assert seen_after(200.0, due_only=False) == JUDGE_ROWS + 6  # an idle read: all of it
+
+
+async def test_a_restarted_log_bin_holds_its_alerts_until_its_detectors_judged_enough(
+    r: redis.Redis, client: aioredis.Redis, demo_data_dir: Path, data_dir: Path
+) -> None:
+    """A restarted bin keeps its consumer name, so its first claim replaced the last run's:
+    its fresh detectors held nothing yet, and a feed still broken got a "resolved" at the
+    restart and a "firing" again rows later (found by hand). It now holds what it claimed
+    until its detectors have judged a full long window (or released the alert themselves)."""
+    version = DeploymentStore(r).get(DEMO_DEPLOYMENT).feature_spec.version
+    x = demo_data().x_test
+    rng = np.random.default_rng(3)
+    writer = SegmentWriter(data_dir)
+    first = LogBin(r, writer, consumer="lb-0", deployments=[DEMO_DEPLOYMENT], batch_size=64)
+    broken = x[rng.integers(0, len(x), 80)].copy()
+    broken[:, 0] *= 10
+    publish(r, broken, version)
+    first.drain()
+    first.close()
+    raised = {a["id"] for a in (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]}
+    assert "feature_range/mean radius" in raised
+
+    def events(kind: str) -> list[dict[str, Any]]:
+        stream = names.drift_events_stream(DEMO_DEPLOYMENT)
+        every = [json.loads(fields[b"e"]) for _id, fields in r.xrange(stream)]
+        return [e for e in every if e["type"] == kind]
+
+    writer = SegmentWriter(data_dir)
+    second = LogBin(r, writer, consumer="lb-0", deployments=[DEMO_DEPLOYMENT], batch_size=64)
+    try:
+        assert second.watch is not None
+        second.drain()  # nothing new: it claims at once, holding the last run's alerts
+        publish(r, x[rng.integers(0, len(x), 200)], version)  # healthy, but too few rows
+        second.drain()
+        now = {a["id"] for a in (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]}
+        assert now == raised and events("cleared") == []
+        publish(r, x[rng.integers(0, len(x), second.watch.hold_rows)], version)
+        second.drain()
+        assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
+        assert {e["id"] for e in events("cleared")} == raised
+    finally:
+        second.close()
