@@ -13,20 +13,23 @@ Nothing here unpickles anything: a model is ONNX bytes plus JSON.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from models.meta import ModelMeta
 from rendezvous.bus.connection import Client, text
-from rendezvous.names import MODELS_INDEX, check_name
+from rendezvous.names import MODELS_INDEX, MODELS_RETIRED, check_name
 
 log = logging.getLogger(__name__)
+
+RETIRED = "deleted.json"
+"""In a deleted version's folder: the number stays taken."""
 
 
 class ModelNotFound(LookupError):
@@ -90,11 +93,14 @@ class ModelRegistry:
         while True:
             d = self._dir(name, candidate)
             d.parent.mkdir(parents=True, exist_ok=True)
+            retired = self._retired(name, candidate)
             try:
+                if retired:
+                    raise FileExistsError
                 d.mkdir()  # the claim: atomic, so concurrent uploads never share a number
             except FileExistsError:
                 if version is not None:
-                    raise ModelExists(f"model {name} version {version} already exists") from None
+                    raise self._taken(name, version) from None
                 candidate += 1
                 continue
             stored = ModelMeta.from_dict({**stamped.to_dict(), "version": candidate})
@@ -108,8 +114,25 @@ class ModelRegistry:
                 return stored
             shutil.rmtree(d, ignore_errors=True)  # a stale index entry holds that number
             if version is not None:
-                raise ModelExists(f"model {name} version {version} already exists")
+                raise self._taken(name, version)
             candidate += 1
+
+    def _retired(self, name: str, version: int) -> bool:
+        """The number belonged to a version since deleted (here or on another host)."""
+        if (self._dir(name, version) / RETIRED).exists():
+            return True
+        return self.index is not None and bool(
+            self.index.sismember(MODELS_RETIRED, _field(name, version))
+        )
+
+    def _taken(self, name: str, version: int) -> ModelExists:
+        if self._retired(name, version):
+            return ModelExists(
+                f"model {name} version {version} was deleted, and a number is never given to "
+                "another artifact (its replays, labels and history are about the deleted one): "
+                "upload it without a version to get the next one"
+            )
+        return ModelExists(f"model {name} version {version} already exists")
 
     def _index_new(self, meta: ModelMeta) -> bool:
         """Index a freshly written version; False when the index already holds another
@@ -123,16 +146,28 @@ class ModelRegistry:
         return raw is not None and json.loads(raw).get("sha256") == meta.sha256
 
     def delete(self, name: str, version: int) -> None:
-        """Drop a version from the index, then its files. The caller checks no role holds it."""
+        """Drop a version from the index, then its files; the caller checks no role holds it.
+        Its number stays taken (a marker in its folder, and ``rdv:models:retired``): evidence
+        about a version (replays, labelled answers, the history) is kept by name and number,
+        and must never be taken for another artifact's."""
         d = self._dir(name, version)
-        found = d.exists()
+        field = _field(name, version)
+        found = (d / "meta.json").exists() or (d / "model.onnx").exists()
         if self.index is not None:
-            found = bool(self.index.hdel(MODELS_INDEX, _field(name, version))) or found
+            found = found or self.index.hexists(MODELS_INDEX, field)
+            if found:
+                self.index.sadd(MODELS_RETIRED, field)  # before the index lets go of it
+            self.index.hdel(MODELS_INDEX, field)
         if not found:
             raise ModelNotFound(f"model {name} version {version} is not in the registry")
-        shutil.rmtree(d, ignore_errors=True)
-        with contextlib.suppress(OSError):  # only when empty; an upload may be claiming
-            d.parent.rmdir()
+        d.mkdir(parents=True, exist_ok=True)
+        _write_atomic(d / RETIRED, json.dumps({"deleted_at": time.time()}).encode())
+        for path in d.iterdir():
+            if path.name != RETIRED:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
     def adopt(self) -> list[ModelMeta]:
         """Index artifacts found in the data folder but not in Redis (trained before Redis ran,

@@ -33,6 +33,8 @@ CANARY = "canary"
 DEPLOYMENTS_SET = f"{PREFIX}:deployments"
 MODELS_INDEX = f"{PREFIX}:models"
 """Hash: ``name:version`` -> the model's metadata (JSON); the registry's shared index."""
+MODELS_RETIRED = f"{PREFIX}:models:retired"
+"""Set of ``name:version`` deleted from the registry: their numbers are never given again."""
 
 
 class InvalidName(ValueError):

@@ -199,12 +199,17 @@ def test_upload_list_show_delete(admin: AppClient, r: redis.Redis) -> None:
     held = admin.delete("/admin/models/breast-cancer/2", headers=AUTH)
     assert held.status_code == 409 and f"{DEMO_DEPLOYMENT}/real" in held.json()["detail"]
     assert admin.delete("/admin/models/breast-cancer/4", headers=AUTH).status_code == 200
-    assert not (data_dir(admin) / "models" / "breast-cancer" / "4").exists()
+    assert not (data_dir(admin) / "models" / "breast-cancer" / "4" / "model.onnx").exists()
     assert [m.version for m in other.list("breast-cancer")] == [1, 2, 3]
     assert admin.delete("/admin/models/breast-cancer/4", headers=AUTH).status_code == 404
     # a deleted number is not handed out again while a later one exists
     resp = admin.post("/admin/models", json=upload_body("flipped", version=3), headers=AUTH)
     assert resp.status_code == 409
+    # nor a deleted one ever: a replay or labels kept for version 4 were about the deleted one
+    resp = admin.post("/admin/models", json=upload_body("flipped", version=4), headers=AUTH)
+    assert resp.status_code == 409 and "was deleted" in resp.json()["detail"]
+    resp = admin.post("/admin/models", json=upload_body("flipped"), headers=AUTH)
+    assert resp.status_code == 201 and resp.json()["version"] == 5
 
 
 @pytest.mark.parametrize(

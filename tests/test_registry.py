@@ -16,7 +16,7 @@ from models.deployment_store import DeploymentStore, demo_deployment
 from models.deployments import ModelRef, promoted, with_challenger, without_challenger
 from models.inspection import ArtifactRejected, inspect_onnx
 from models.meta import ModelMeta
-from models.registry import ModelNotFound, ModelRegistry
+from models.registry import ModelExists, ModelNotFound, ModelRegistry
 from models.train import DEMO_DEPLOYMENT, DEMO_MODEL, demo_data
 from models.worker import ModelWorker
 from rendezvous import names
@@ -76,11 +76,19 @@ def test_adopt_skips_a_tampered_artifact_and_delete_removes_both_sides(
     assert registry.list(DEMO_MODEL)[0].sha256 != retrained.sha256
     assert [m.version for m in registry.adopt()] == [2]
     assert registry.list(DEMO_MODEL)[0].sha256 == retrained.sha256
+    new = draft(registry)
     registry.delete(DEMO_MODEL, 2)
-    assert not (registry.root / DEMO_MODEL / "2").exists()
+    assert not (registry.root / DEMO_MODEL / "2" / "model.onnx").exists()
     assert registry.list(DEMO_MODEL) == []
     with pytest.raises(ModelNotFound):
         registry.delete(DEMO_MODEL, 2)
+    # the number stays taken: evidence kept under it is about the deleted artifact
+    with pytest.raises(ModelExists, match="was deleted"):
+        registry.add(new, variant_onnx("weak"), version=2)
+    elsewhere = ModelRegistry(registry.root.parent / "other-host", index=r)  # no marker there
+    with pytest.raises(ModelExists, match="was deleted"):
+        elsewhere.add(new, variant_onnx("weak"), version=2)
+    assert registry.add(new, variant_onnx("weak")).version == 3
     with pytest.raises(ValueError, match="invalid model name"):
         registry.delete("../x", 1)
 
