@@ -8,6 +8,7 @@ every complete batch before it. Layout: ``<directory>/<deployment>/segment-<UTC>
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from isal import isal_zlib
 
@@ -49,7 +50,7 @@ class SegmentWriter:
         """Deflate level of each member (ISA-L's 0-3). 1, because the archive is written on
         every request and read rarely (zlib's level 1 already cost 3-6 us a demo record
         against 12-28 at level 6, for segments 12-19 % larger; ISA-L's 1 is faster still)."""
-        self._open: dict[str, tuple[BinaryIO, float]] = {}
+        self._open: dict[str, tuple[io.FileIO, float]] = {}
         """deployment -> (file, monotonic time it was opened)."""
         self._next_seq: dict[str, int] = {}
 
@@ -59,8 +60,11 @@ class SegmentWriter:
         A record is a dict, written as ``json.dumps`` writes it, or an archive line that is
         ready-made (one JSON object on one line, no newline), as ``record_from_envelope`` makes.
 
-        On any failure the segment is dropped (never written to again), so a half-written
-        member can only ever be the tail of a segment.
+        On any failure the segment is dropped (never written to again), cut back to its last
+        whole member (removed when that leaves it empty), so a full disk retried four times a
+        second neither leaves a new empty segment at each try nor a torn tail. Should the cut
+        fail too, a half-written member can only ever be the tail of a segment, which the
+        reader skips.
         """
         if not records:
             return 0
@@ -70,12 +74,14 @@ class SegmentWriter:
         )
         member = _gzip_member(body.encode(), self.compresslevel)
         f = self._segment_for(deployment)
+        whole = f.tell()
         try:
-            f.write(member)
-            f.flush()
+            view = memoryview(member)
+            while view:  # unbuffered: a failed write leaves nothing behind to flush later
+                view = view[f.write(view) or 0 :]
             self._fsync(f.fileno())
         except BaseException:
-            self._drop(deployment)
+            self._drop(deployment, cut_to=whole)
             raise
         return len(member)
 
@@ -84,7 +90,7 @@ class SegmentWriter:
         for deployment in list(self._open):
             self._drop(deployment)
 
-    def _segment_for(self, deployment: str) -> BinaryIO:
+    def _segment_for(self, deployment: str) -> io.FileIO:
         current = self._open.get(deployment)
         if current is not None:
             f, opened = current
@@ -94,7 +100,7 @@ class SegmentWriter:
             self._drop(deployment)
         return self._create(deployment)
 
-    def _create(self, deployment: str) -> BinaryIO:
+    def _create(self, deployment: str) -> io.FileIO:
         folder = self.directory / names.check_name(deployment, "deployment")
         if not folder.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
@@ -106,7 +112,7 @@ class SegmentWriter:
         while True:
             path = folder / f"{self.prefix}-{stamp}-{seq:06d}{SUFFIX}"
             try:
-                f: BinaryIO = open(path, "xb")  # noqa: SIM115 - held open across batches
+                f = io.FileIO(path, "xb")  # held open across batches; unbuffered
                 break
             except FileExistsError:
                 seq += 1
@@ -120,8 +126,17 @@ class SegmentWriter:
         log.info("archive: new segment %s", path)
         return f
 
-    def _drop(self, deployment: str) -> None:
+    def _drop(self, deployment: str, cut_to: int | None = None) -> None:
+        """Close a segment; after a failed append, first cut it back to ``cut_to`` bytes (its
+        whole members), and remove it when that leaves nothing."""
         f, _ = self._open.pop(deployment)
+        if cut_to is not None:
+            try:
+                os.ftruncate(f.fileno(), cut_to)
+                if cut_to == 0:
+                    os.unlink(f.name)
+            except OSError as exc:
+                log.warning("archive: cannot cut %s back to its last batch: %s", f.name, exc)
         try:
             f.close()
         except OSError as exc:

@@ -110,6 +110,7 @@ class LogBin(ConsumerLoop):
         self.writer = writer
         self.refresh_s = refresh_s
         """How often a callable ``deployments`` is asked again."""
+        self._say_failing_at = 0.0
         self.retention = Retention(client, trim_interval_s, max_role_lag)
         """The archive owns retention: it trims only behind every group, itself included."""
         self._states: dict[str, tuple[bytes, Deployment]] = {}
@@ -147,8 +148,13 @@ class LogBin(ConsumerLoop):
         if isinstance(exc, REDIS_DOWN) or out_of_memory(exc):
             log.warning("logbin: redis unavailable (%s); retry in %.2fs", exc, retry_in_s)
         elif isinstance(exc, OSError):
-            log.error("logbin: archive write failed (%s); retry in %.2fs", exc, retry_in_s)
-            self.stats.failing = f"archive write failed: {exc}"[:500]
+            failing = f"archive write failed: {exc}"[:500]
+            if failing != self.stats.failing or time.monotonic() >= self._say_failing_at:
+                # once a minute while it lasts, not at every try (four a second)
+                self._say_failing_at = time.monotonic() + 60.0
+                log.error("logbin: archive write failed (%s); retrying every %.2fs",
+                          exc, retry_in_s)  # fmt: skip
+            self.stats.failing = failing
         else:
             log.error("logbin: unexpected error; retry in %.2fs", retry_in_s, exc_info=exc)
             self.stats.failing = f"{type(exc).__name__}: {exc}"[:500]

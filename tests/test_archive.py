@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import stat
 import zlib
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,40 @@ def test_torn_tail_keeps_every_complete_batch(
         got = [r["n"] for r in ArchiveReader(data_dir).records("demo")]
     assert got == list(range(10))
     assert "torn" in caplog.text
+
+
+class FullDisk(SegmentWriter):
+    """The member reaches the file but the disk refuses to keep it (ENOSPC at the fsync)
+    while ``full`` is set, as a disk that filled up."""
+
+    full = False
+
+    def _fsync(self, fd: int) -> None:
+        if self.full and stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(28, "No space left on device")
+        super()._fsync(fd)
+
+
+def test_a_full_disk_retried_leaves_no_empty_segment_and_no_torn_tail(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log bin retries a refused write four times a second: each try opened a new segment
+    and left it empty (about 14,000 an hour, found by hand), and a member cut short at the
+    first refusal stayed as a torn tail. A refused member is now cut off again."""
+    writer = FullDisk(data_dir)
+    writer.append_batch("demo", _records(0, 5))
+    writer.full = True
+    for _ in range(6):
+        with pytest.raises(OSError, match="No space"):
+            writer.append_batch("demo", _records(5, 5))
+    writer.full = False
+    writer.append_batch("demo", _records(5, 5))
+    writer.close()
+    segments = ArchiveReader(data_dir).segments("demo")
+    assert len(segments) == 2 and all(s.size_bytes > 0 for s in segments)
+    with caplog.at_level(logging.WARNING, logger="models.archive"):
+        got = [r["n"] for r in ArchiveReader(data_dir).records("demo", dedupe=False)]
+    assert got == list(range(10)) and "torn" not in caplog.text
 
 
 def test_garbage_tail_is_skipped(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
