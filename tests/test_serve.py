@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -235,3 +236,75 @@ def test_serve_on_a_taken_port_says_so_and_starts_nothing(tmp_path: Path) -> Non
     assert done.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert not (tmp_path / "d" / "redis").exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="needs /proc to find child processes")
+def test_one_serve_a_data_folder_and_a_killed_serve_leaves_no_redis_behind(
+    tmp_path: Path, demo_data_dir: Path
+) -> None:
+    """A second ``rdv serve`` on a data folder in use says so and starts nothing; one killed
+    outright takes its Redis with it (found left running by hand: the next serve started a
+    second Redis on the same append-only file), and the next serve starts on that folder."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copytree(demo_data_dir / "models", data / "models")  # no training here
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RDV_")}
+    env.update({"RDV_GATEWAY_PROCESSES": "1", "RDV_WORKER_BLOCK_MS": "200"})
+    port = free_port()
+    serve = RdvProcess(["serve", "--data-dir", str(data)], {**env, "RDV_PORT": str(port)},
+                       tmp_path / "serve.log")  # fmt: skip
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            wait_until(lambda: http.get("/readyz").status_code == 200, 60, "serve to be ready")
+        second = subprocess.run(
+            [sys.executable, "-m", "gateway.cli.main", "serve", "--data-dir", str(data)],
+            env={**env, "RDV_PORT": str(free_port())}, capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert second.returncode != 0 and "another rdv serve is running" in second.stderr
+        recorded = (data / "redis" / "address").read_text().strip()
+        redis_pid = int(redis.Redis.from_url(recorded).info("server")["process_id"])
+        children = [pid for pid, _cmd in _children(serve.proc.pid)]
+        assert redis_pid in children
+        serve.kill()  # SIGKILL: no clean stop
+        wait_until(lambda: not any(_alive(p) for p in children), 15, "every child to go")
+    finally:
+        serve.stop()
+    again = RdvProcess(["serve", "--data-dir", str(data)], {**env, "RDV_PORT": str(port)},
+                       tmp_path / "again.log")  # fmt: skip
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            wait_until(lambda: http.get("/readyz").status_code == 200, 60, "serve again")
+            x = demo_data().x_test[0]
+            body = {"features": dict(zip(demo_data().names, map(float, x), strict=True))}
+            assert http.post(f"/v1/deployments/{DEMO_DEPLOYMENT}/predict", json=body).is_success
+    finally:
+        assert again.stop() == 0
+
+
+def test_a_redis_left_on_a_data_folder_is_shut_down_before_a_new_one(tmp_path: Path) -> None:
+    """Should a Redis outlive its serve all the same, the next serve stops it first."""
+    from rendezvous.bus.server import EmbeddedRedis, stop_left_over
+
+    left = EmbeddedRedis(tmp_path / "redis").start()
+    left.record_address()
+    try:
+        redis.Redis.from_url(left.url).set("kept", "yes")
+        assert stop_left_over(tmp_path / "redis") == left.url
+        wait_until(lambda: not left.running, 10, "the left Redis to exit")
+        assert stop_left_over(tmp_path / "redis") is None
+        again = EmbeddedRedis(tmp_path / "redis").start()
+        try:
+            assert redis.Redis.from_url(again.url).get("kept") == b"yes"  # its file was whole
+        finally:
+            again.stop()
+    finally:
+        left.stop()

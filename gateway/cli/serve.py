@@ -9,10 +9,12 @@ deployment, following roles added or removed later; or a process per role) and t
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import redis
 
@@ -28,12 +30,13 @@ from gateway.cli.supervisor import (
     STABLE_AFTER_S,
     Supervisor,
     child_env,
+    detached_from_terminal,
 )
 from models.demo import DEMO_DEPLOYMENT, demo_models_present
 from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from rendezvous.bus.connection import connect
-from rendezvous.bus.server import EmbeddedRedis, RedisServerError
+from rendezvous.bus.server import EmbeddedRedis, RedisServerError, stop_left_over
 from rendezvous.names import REAL
 
 log = logging.getLogger("rdv.serve")
@@ -127,6 +130,26 @@ def reconcile_workers(
         supervisor.retire(name)
 
 
+def _hold_data_folder(data_dir: Path) -> None:
+    """One ``rdv serve`` a data folder (its archive, its log bin's name, its Redis): a lock
+    held for the life of this process, and let go by the kernel however it ends."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(
+            f"rdv serve: another rdv serve is running on the data folder {data_dir} "
+            f"(it holds {data_dir / LOCK_FILE}); stop it, or give this one --data-dir"
+        ) from None
+    _held.append(fd)  # open until the process ends
+
+
+_held: list[int] = []
+LOCK_FILE = "serve.lock"
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
     stop = stop_event()
@@ -136,10 +159,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
         where = f"{settings.host}:{settings.port}"
         raise SystemExit(f"rdv serve: cannot listen on {where}: {exc}") from None
     listener.set_inheritable(True)
+    _hold_data_folder(settings.data_dir)
     embedded: EmbeddedRedis | None = None
     url = settings.redis_url
     if not url:
-        embedded = EmbeddedRedis(settings.redis_dir, unix_socket=True).start()
+        left = stop_left_over(settings.redis_dir)
+        if left is not None:
+            log.warning("shut down the Redis an earlier rdv serve left running at %s", left)
+        embedded = EmbeddedRedis(
+            settings.redis_dir, unix_socket=True, popen_options=detached_from_terminal()
+        ).start()
         embedded.record_address()  # for the CLI commands run beside us (rdv decisions, ...)
         url = embedded.url
         log.info("embedded Redis at %s (data in %s)", url, settings.redis_dir)

