@@ -67,6 +67,15 @@ class RdvProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def alive(pid: int) -> bool:
+    """Whether a process with this id exists (a zombie counts until reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def rdv_env(redis_url: str, data_dir: Path, port: int, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(

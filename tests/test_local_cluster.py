@@ -3,7 +3,6 @@ routed by slot, and a killed master's replica takes over its slots and data with
 
 from __future__ import annotations
 
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -12,16 +11,9 @@ from typing import Any
 import pytest
 import redis
 
+from processes import alive
 from rendezvous.bus.cluster_nodes import SLOTS
 from rendezvous.bus.local_cluster import ClusterError, LocalCluster, cluster_ports
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _serving_masters(cluster: LocalCluster, seen_from: int) -> list[int]:
@@ -207,5 +199,5 @@ def test_a_start_that_times_out_says_why_and_leaves_no_process(tmp_path: Path) -
         cluster.start(timeout_s=1.5)
     assert "127.0.0.1:" in str(caught.value)
     assert len(pids) == 6
-    assert not [pid for pid in pids if _alive(pid)]
+    assert not [pid for pid in pids if alive(pid)]
     assert all(cluster.pid(p) is None for p in cluster.nodes)

@@ -23,7 +23,7 @@ import redis
 from gateway.transport.http_guard import SHARED_PORT_REQUESTS_PER_CONNECTION
 from models.archive import ArchiveReader
 from models.train import DEMO_DEPLOYMENT, demo_data
-from processes import RdvProcess, wait_until
+from processes import RdvProcess, alive, wait_until
 from rendezvous.bus.server import free_port
 
 pytestmark = pytest.mark.integration  # real processes and an embedded Redis of its own
@@ -238,14 +238,6 @@ def test_serve_on_a_taken_port_says_so_and_starts_nothing(tmp_path: Path) -> Non
     assert not (tmp_path / "d" / "redis").exists()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.mark.skipif(not Path("/proc").exists(), reason="needs /proc to find child processes")
 def test_one_serve_a_data_folder_and_a_killed_serve_leaves_no_redis_behind(
     tmp_path: Path, demo_data_dir: Path
@@ -275,7 +267,7 @@ def test_one_serve_a_data_folder_and_a_killed_serve_leaves_no_redis_behind(
         children = [pid for pid, _cmd in _children(serve.proc.pid)]
         assert redis_pid in children
         serve.kill()  # SIGKILL: no clean stop
-        wait_until(lambda: not any(_alive(p) for p in children), 15, "every child to go")
+        wait_until(lambda: not any(alive(p) for p in children), 15, "every child to go")
     finally:
         serve.stop()
     again = RdvProcess(["serve", "--data-dir", str(data)], {**env, "RDV_PORT": str(port)},
