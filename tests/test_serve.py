@@ -300,3 +300,31 @@ def test_a_redis_left_on_a_data_folder_is_shut_down_before_a_new_one(tmp_path: P
             again.stop()
     finally:
         left.stop()
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="needs /proc to find child processes")
+def test_a_gateway_of_several_processes_killed_outright_leaves_none_serving(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """``rdv gateway`` hands its processes to uvicorn's supervisor; killed outright, that left
+    them serving on the port, and the next ``rdv gateway`` could not bind it."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RDV_")}
+    env.update({"RDV_REDIS_URL": redis_url, "RDV_PORT": str(port),
+                "RDV_GATEWAY_PROCESSES": "2", "RDV_DATA_DIR": str(tmp_path / "data")})  # fmt: skip
+    first = RdvProcess(["gateway"], env, tmp_path / "first.log")
+    url = f"http://127.0.0.1:{port}/healthz"
+    try:
+        wait_until(lambda: httpx.get(url, timeout=2).status_code == 200, 60, "the gateway")
+        workers = [pid for pid, cmd in _children(first.proc.pid) if "spawn_main" in cmd]
+        assert len(workers) == 2, _children(first.proc.pid)
+        first.kill()
+        wait_until(lambda: not any(alive(p) for p in workers), 15, "its processes to go")
+    finally:
+        first.stop()
+    again = RdvProcess(["gateway"], env, tmp_path / "again.log")
+    try:
+        wait_until(lambda: httpx.get(url, timeout=2).status_code == 200, 60, "a new gateway")
+        assert again.alive()
+    finally:
+        assert again.stop() == 0

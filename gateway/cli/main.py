@@ -103,9 +103,26 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 def _app_from_env() -> Any:
     from gateway.transport.app import serving_app
 
+    _die_with_uvicorns_supervisor()
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     return serving_app(settings)
+
+
+def _die_with_uvicorns_supervisor() -> None:
+    """In a gateway process that uvicorn's supervisor spawned (``rdv gateway`` with several
+    processes): go when it goes. Killed outright, it left these serving on the port, and the
+    next ``rdv gateway`` could not bind it (found by hand)."""
+    import multiprocessing
+
+    from gateway.cli.supervisor import die_with_parent
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    die_with_parent()
+    if os.getppid() != parent.pid:  # it died before we asked
+        raise SystemExit(f"rdv gateway: its supervisor (pid {parent.pid}) is gone")
 
 
 def cmd_worker(args: argparse.Namespace) -> None:

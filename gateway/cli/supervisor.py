@@ -140,8 +140,8 @@ def child_env(overrides: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM us if the supervisor dies (Linux)."""
+def die_with_parent() -> None:
+    """In a child (before exec, or first thing): SIGTERM us if our parent dies (Linux)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -160,7 +160,7 @@ def detached_from_terminal(nice: int = 0) -> dict[str, Any]:
 
         def before_exec() -> None:
             if linux:
-                _die_with_parent()
+                die_with_parent()
             if nice:
                 os.nice(nice)
 
