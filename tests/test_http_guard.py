@@ -18,6 +18,7 @@ class Transport(asyncio.Transport):
         self.out = b""
         self.eof = False
         self.closed = False
+        self.aborted = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.out += bytes(data)
@@ -30,6 +31,9 @@ class Transport(asyncio.Transport):
 
     def close(self) -> None:
         self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = self.closed = True
 
 
 def guard() -> tuple[ConnectionGuard, Transport]:
@@ -91,7 +95,51 @@ def test_slow_heads_and_bodies_expire_with_408_idle_connections_close_silently()
     idle, idle_t = guard()
     idle.expired(later)
     assert idle_t.out == b"" and idle_t.closed
-    served, served_t = guard()
+    answering = True
+    served_t = Transport()
+    served = ConnectionGuard(served_t, LIMITS, busy=lambda: answering)
     served.admit(HEAD + b"Content-Length: 2\r\n\r\n{}")
-    served.expired(later)  # between requests: uvicorn's keep-alive timeout is in charge
+    served.expired(later)  # between requests, still being answered: kept
     assert served_t.out == b"" and not served_t.closed
+    answering = False
+    served.expired(later + 60)  # answered, and no next request began: closed silently
+    assert served_t.out == b"" and served_t.closed
+
+
+def test_bytes_that_begin_no_request_do_not_keep_a_connection_open() -> None:
+    """A bare CRLF, or a body that arrives after an early answer, stopped uvicorn's keep-alive
+    timer for good: such connections stayed open for ever (found by hand)."""
+    later = time.monotonic() + 60
+    crlf, crlf_t = guard()
+    crlf.admit(b"\r\n")
+    crlf.expired(later)
+    assert crlf_t.closed and crlf_t.out == b""
+    again, again_t = guard()
+    again.admit(HEAD + b"Content-Length: 2\r\n\r\n{}\r\n")
+    again.expired(later)
+    assert again_t.closed and again_t.out == b""
+
+
+def test_an_upgrade_other_than_websocket_leaves_the_connection_guarded() -> None:
+    """uvicorn refuses an h2c upgrade and goes on serving plain HTTP on the connection: the
+    guard stood down, and one connection could then send 100 MB header fields (found by
+    hand). A websocket upgrade is uvicorn's to hand over."""
+    g, transport = guard()
+    upgrade = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    assert g.admit(upgrade)
+    assert not g.admit(HEAD + b"X-Big: " + b"a" * 4096 + b"\r\n\r\n")
+    assert status(transport) == 431
+    ws, _ = guard()
+    assert ws.admit(upgrade.replace(b"h2c", b"websocket"))
+    assert ws.admit(HEAD + b"X-Big: " + b"a" * 4096 + b"\r\n\r\n")  # not ours any more
+
+
+def test_a_client_that_reads_nothing_is_let_go() -> None:
+    """Pipelined answers a client never reads waited in the server's memory for ever."""
+    g, transport = guard()
+    g.admit(HEAD + b"Content-Length: 2\r\n\r\n{}")
+    g.write_stuck_since = time.monotonic()
+    g.expired(time.monotonic() + 1)
+    assert not transport.aborted
+    g.expired(time.monotonic() + LIMITS.body_timeout_s + 1)
+    assert transport.aborted

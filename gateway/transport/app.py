@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client.multiprocess import mark_process_dead
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from gateway.admin.routes import UPLOAD_PATH, install_admin, start_admin
 from gateway.admin.schema import install_schema
@@ -316,9 +317,15 @@ def create_app(
         assert isinstance(exc, StarletteHTTPException)
         return Problem(exc.status_code, exc.detail, headers=exc.headers or {}).response()
 
+    async def _gone(request: Request, exc: Exception) -> Response:
+        """The client left (or the body cap answered it) while a route read the body: nobody
+        reads this answer, and it is no error of ours to log with a traceback."""
+        return Response(status_code=400)
+
     for failure in (*HANDLED, RequestValidationError):
         app.add_exception_handler(failure, _answer)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _gone)
 
     @app.post(
         "/v1/deployments/{deployment}/predict",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -64,6 +65,7 @@ class ConnectionGuard:
 
     __slots__ = (
         "__weakref__",
+        "busy",
         "closed",
         "deadline",
         "drained",
@@ -77,11 +79,25 @@ class ConnectionGuard:
         "refusal",
         "seen",
         "transport",
+        "websocket",
+        "write_stuck_since",
     )  # fmt: skip
 
-    def __init__(self, transport: asyncio.Transport, limits: HttpLimits):
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        limits: HttpLimits,
+        busy: Callable[[], bool] = lambda: False,
+    ):
         self.transport = transport
         self.limits = limits
+        self.busy = busy
+        """Whether the app is still answering a request of this connection (the protocol's
+        to say): an idle connection is closed only when it is not."""
+        self.websocket = False
+        self.write_stuck_since = 0.0
+        """When the transport last asked us to stop writing (0: it did not): a client that
+        does not read holds its answers in our memory."""
         self.parser: Any = httptools.HttpRequestParser(self)
         self.in_head = False
         self.in_body = False
@@ -114,7 +130,11 @@ class ConnectionGuard:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._stand_down()
+            # uvicorn hands a websocket to another protocol; any other upgrade it refuses and
+            # goes on reading plain HTTP, as the parser does from the next read: guarded
+            # still (standing down let one connection send 100 MB header fields).
+            if self.websocket:
+                self._stand_down()
             return True
         except httptools.HttpParserError:
             if self.refusal is None:  # malformed: uvicorn answers it 400
@@ -134,6 +154,12 @@ class ConnectionGuard:
         return True
 
     def expired(self, now: float) -> None:
+        if self.write_stuck_since and now - self.write_stuck_since > self.limits.body_timeout_s:
+            # The client reads nothing of what it asked for: let it go, and the answers with it.
+            self.closed = True
+            self.deadline = 0.0
+            self.transport.abort()
+            return
         if not self.deadline or now < self.deadline:
             return
         if self.closed:  # the linger after a refusal is over
@@ -144,12 +170,15 @@ class ConnectionGuard:
             phase = "head" if self.in_head else "body"
             limit = self.limits.header_timeout_s if self.in_head else self.limits.body_timeout_s
             self.answer(Problem(408, f"the request's {phase} took longer than {limit:g} s"))
-        elif not self.seen:  # opened and never used: nothing to answer
+        elif self.busy():  # between requests, one still being answered: wait for it
+            self.deadline = now + self.limits.header_timeout_s
+        else:
+            # Opened and never used, or idle after its last answer without beginning another
+            # request (bytes that begin none, like a bare CRLF, or a body sent after an early
+            # answer, stop uvicorn's keep-alive timer for good): nothing to answer.
             self.closed = True
             self.deadline = 0.0
             self.transport.close()
-        else:
-            self.deadline = 0.0
 
     def answer(self, problem: Problem) -> None:
         self.closed = True
@@ -184,6 +213,8 @@ class ConnectionGuard:
             self._refuse(_too_large(self.limits))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"upgrade" and value.strip().lower() == b"websocket":
+            self.websocket = True
         self.headers += 1
         self.head_bytes += len(name) + len(value) + 4
         if self.headers > self.limits.max_headers:
@@ -198,7 +229,9 @@ class ConnectionGuard:
 
     def on_message_complete(self) -> None:
         self.in_body = False
-        self.deadline = 0.0
+        # The next request's head must begin within the head timeout of this one's answer
+        # (``expired`` waits while the app is still answering).
+        self.deadline = time.monotonic() + self.limits.header_timeout_s
 
     def _refuse(self, problem: Problem) -> None:
         self.refusal = problem
@@ -254,7 +287,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if cls.sweeper is None:
             cls.sweeper = _Sweeper()
         transport = CoalescingTransport(transport, asyncio.get_running_loop())
-        self._guard = ConnectionGuard(transport, cls.limits)
+        self._guard = ConnectionGuard(transport, cls.limits, self._answering)
         cls.sweeper.add(self._guard)
         super().connection_made(transport)
 
@@ -284,6 +317,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if bound and self._served >= bound and self._last is None and cycle.keep_alive:
             cycle.keep_alive = False
             self._last = cycle
+
+    def _answering(self) -> bool:
+        cycle = self.cycle
+        return cycle is not None and not cycle.response_complete
+
+    def pause_writing(self) -> None:
+        if self._guard is not None:
+            self._guard.write_stuck_since = time.monotonic()
+        super().pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._guard is not None:
+            self._guard.write_stuck_since = 0.0
+        super().resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._guard is not None:
