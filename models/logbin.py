@@ -35,6 +35,7 @@ from models.archive import SegmentWriter
 from models.archive_line import archive_line, text
 from models.deployments import Deployment
 from models.feature_watch import FeatureWatch
+from models.logbin_owner import let_go, renewal
 from rendezvous import names
 from rendezvous.bus.aside import ASIDE_S, UNREACHABLE
 from rendezvous.bus.connection import REDIS_DOWN, REDIS_FAILURES, Client, out_of_memory
@@ -92,6 +93,7 @@ class LogBin(ConsumerLoop):
         batch_wait_ms: float = LOGBIN_BATCH_WAIT_MS,
         watch_features: bool = True,
         feature_watch: FeatureWatch | None = None,
+        owner_token: str | None = None,
     ):
         if block_ms <= 0:
             raise ValueError("block_ms must be positive: BLOCK 0 would never notice a stop")
@@ -111,6 +113,7 @@ class LogBin(ConsumerLoop):
         self.refresh_s = refresh_s
         """How often a callable ``deployments`` is asked again."""
         self._say_failing_at = 0.0
+        self.owner_token = owner_token  # its hold on the name (models.logbin_owner), or None
         self.retention = Retention(client, trim_interval_s, max_role_lag)
         """The archive owns retention: it trims only behind every group, itself included."""
         self._states: dict[str, tuple[bytes, Deployment]] = {}
@@ -169,6 +172,8 @@ class LogBin(ConsumerLoop):
         once, where a killed process's only go stale)."""
         self.writer.close()
         self.unpublish()
+        if self.owner_token is not None:
+            let_go(self.client, self.consumer, self.owner_token)
         super().close()
 
     def unpublish(self) -> None:
@@ -185,7 +190,7 @@ class LogBin(ConsumerLoop):
         """Counters on their own when no ack round trip carried them (an idle bin)."""
         now = self.heartbeat_due()
         if now is not None:
-            self._counters_sent(self.bus.execute([self._counters(now)])[0])
+            self._counters_sent(self.bus.execute(self._beat(now))[0])
 
     def _refresh(self) -> None:
         """The deployments to archive (the loop creates their groups and re-reads pending)."""
@@ -336,7 +341,7 @@ class LogBin(ConsumerLoop):
                     for stream, entry_ids in ids.items()]  # fmt: skip
         now = self.heartbeat_due()
         if now is not None:
-            commands.append(self._counters(now))
+            commands += self._beat(now)
         own = len(commands)
         queued = self._queue_claims(commands)
         try:
@@ -349,6 +354,13 @@ class LogBin(ConsumerLoop):
         if now is not None:
             self._counters_sent(replies[len(ids)])
         self._claim_replies(queued, replies[own:])
+
+    def _beat(self, now_s: float) -> list[Command]:
+        """The counters, then the renewal of the hold on the consumer name (reply unread)."""
+        beat = [self._counters(now_s)]
+        if self.owner_token is not None:
+            beat.append(renewal(self.consumer, self.owner_token))
+        return beat
 
     def _counters(self, now_s: float) -> Command:
         return command(b"HSET", names.LOGBIN_STATS.encode(), self.consumer.encode(),

@@ -210,11 +210,18 @@ def cmd_logbin(args: argparse.Namespace) -> None:
     from models.archive import SegmentWriter
     from models.deployment_store import DeploymentStore
     from models.logbin import LogBin
+    from models.logbin_owner import NameTaken, take_name
     from rendezvous.bus.connection import connect
     from rendezvous.heap import settle_heap
 
     settings = settings_from_args(args)
     client = connect(_require_redis(settings))
+    consumer = args.consumer or f"logbin-{socket.gethostname()}"
+    token = f"{socket.gethostname()}-{os.getpid()}"
+    try:
+        take_name(client, consumer, token)
+    except NameTaken as exc:
+        sys.exit(f"rdv logbin: {exc}")
     store = DeploymentStore(client)
     writer = SegmentWriter(
         settings.archive_dir,
@@ -224,12 +231,13 @@ def cmd_logbin(args: argparse.Namespace) -> None:
     logbin = LogBin(
         client,
         writer,
-        consumer=args.consumer or f"logbin-{socket.gethostname()}",
+        consumer=consumer,
         deployments=store.list,
         batch_size=settings.logbin_batch_size,
         claim_idle_ms=settings.claim_idle_ms,
         batch_wait_ms=settings.logbin_batch_wait_ms,
         max_role_lag=settings.max_role_lag,
+        owner_token=token,
     )
     stop = stop_event()
     settle_heap()

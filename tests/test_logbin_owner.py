@@ -1,0 +1,41 @@
+"""One log bin a consumer name (real Redis): two bins under one name archived each other's
+pending entries twice."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from models.archive import SegmentWriter
+from models.logbin import LogBin
+from models.logbin_owner import OWNER_TTL_S, NameTaken, owner_key, take_name
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_name_in_use_is_refused_a_dead_holders_is_waited_out(r: redis.Redis) -> None:
+    take_name(r, "logbin-h", "first")
+    with pytest.raises(NameTaken, match=r"logbin-h.*own --consumer"):
+        take_name(r, "logbin-h", "second", wait_s=0.3)
+    r.pexpire(owner_key("logbin-h"), 300)  # its holder died: the hold runs out unrenewed
+    t0 = time.monotonic()
+    take_name(r, "logbin-h", "second", wait_s=2.0)
+    assert 0.2 < time.monotonic() - t0 < 2.0 and r.get(owner_key("logbin-h")) == b"second"
+
+
+def test_a_running_bin_renews_its_hold_and_lets_go_at_a_clean_stop(
+    r: redis.Redis, tmp_path: Path
+) -> None:
+    take_name(r, "lb-own", "me")
+    logbin = LogBin(r, SegmentWriter(tmp_path), consumer="lb-own", deployments=[],
+                    owner_token="me", heartbeat_s=0.05)  # fmt: skip
+    r.pexpire(owner_key("lb-own"), 500)
+    time.sleep(0.1)
+    logbin.step(block_ms=None)  # its counters are due: the hold rides with them
+    assert r.pttl(owner_key("lb-own")) > 0.8 * OWNER_TTL_S * 1000
+    logbin.close()
+    assert r.get(owner_key("lb-own")) is None
+    take_name(r, "lb-own", "next", wait_s=0.1)  # free at once
