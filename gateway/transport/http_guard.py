@@ -213,7 +213,7 @@ class ConnectionGuard:
             self._refuse(_too_large(self.limits))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"upgrade" and value.strip().lower() == b"websocket":
+        if len(name) == 7 and name.lower() == b"upgrade" and value.strip().lower() == b"websocket":
             self.websocket = True
         self.headers += 1
         self.head_bytes += len(name) + len(value) + 4
