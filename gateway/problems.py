@@ -71,5 +71,14 @@ def bad_length() -> Problem:
     return Problem(400, "invalid Content-Length header", close=True)
 
 
+def compressed(encoding: bytes | str) -> Problem | None:
+    """A body in a ``Content-Encoding`` other than identity: 415, which names it (it read as
+    a 422 "not UTF-8" on the predict route); None for an uncompressed one."""
+    name = (encoding.decode("latin-1") if isinstance(encoding, bytes) else encoding).strip()
+    if name.lower() in ("", "identity"):
+        return None
+    return Problem(415, f"Content-Encoding {name[:20]!r} is not taken: send the body uncompressed")
+
+
 def unavailable(detail: str) -> Problem:
     return Problem(503, detail, headers=RETRY)

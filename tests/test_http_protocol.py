@@ -4,6 +4,7 @@ workers: keep-alive, pipelining, closing, body limits, chunked bodies, unusual r
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 from collections.abc import Iterator
@@ -301,3 +302,14 @@ def test_idle_bytes_and_an_h2c_upgrade_get_no_way_round_the_bounds(system: Syste
     finally:
         for c in (crlf, answered, upgraded):
             c.close()
+
+
+def test_a_compressed_body_is_refused_415_naming_the_encoding(conn: Conn) -> None:
+    """It read as 422 "not UTF-8" on predict and jobs, where /v2 said 415 (found by hand)."""
+    packed = gzip.compress(body())
+    for path in (PREDICT, PREDICT.replace("/predict", "/jobs")):
+        conn.send(request(path, packed, "Content-Encoding: gzip"))
+        status, _, content = conn.response()
+        assert status == 415 and "'gzip'" in json.loads(content)["detail"], content
+    conn.send(request(PREDICT, body(), "Content-Encoding: identity"))
+    assert conn.response()[0] == 200

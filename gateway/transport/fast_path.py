@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.dataplane.failures import Overloaded, problem_of
 from gateway.dataplane.service import PredictionService
-from gateway.problems import RETRY, Problem, unavailable
+from gateway.problems import RETRY, Problem, compressed, unavailable
 from gateway.transport.limits import BodyCap, Reply, send_reply
 from rendezvous.names import NAME_RE
 
@@ -94,6 +94,9 @@ class PredictFastPath:
         for name, value in headers:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")
+            elif name == b"content-encoding" and (refused := compressed(value)) is not None:
+                await send_reply(send, refused.reply())
+                return
         chunks = []
         size = 0
         while True:

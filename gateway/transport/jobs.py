@@ -20,7 +20,7 @@ from gateway.dataplane.failures import problem_of
 from gateway.dataplane.job_vocabulary import BLOCK_MS, JobConflict, JobNotFound, JobView
 from gateway.dataplane.jobs import JobService
 from gateway.dataplane.validation import PredictRequest
-from gateway.problems import Problem, unavailable
+from gateway.problems import Problem, compressed, unavailable
 from gateway.settings import Settings
 from rendezvous.bus.connection import connect_async
 
@@ -110,6 +110,9 @@ def mount(app: FastAPI, settings: Settings) -> None:
         jobs = _jobs(request)
         if jobs is None:
             return STARTING.response()
+        refused = compressed(request.headers.get("content-encoding", ""))
+        if refused is not None:
+            return refused.response()
         try:
             raw = await request.body()
         except ClientDisconnect:  # the body cap answered 413 already

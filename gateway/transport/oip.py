@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from gateway.dataplane.failures import problem_of
 from gateway.dataplane.service import PredictionService
-from gateway.problems import RETRY, Problem, Style
+from gateway.problems import RETRY, Problem, Style, compressed
 from gateway.settings import Settings
 from gateway.transport.oip_codec import InferenceRequest, InferRequest, encode_answer, parse_infer
 from gateway.transport.oip_metadata import class_count, deployment_of, model_metadata, roles_of
@@ -210,10 +210,9 @@ def mount(app: FastAPI, settings: Settings) -> None:
         header_length: str | None,
         x_request_id: str | None,
     ) -> Response:
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        if encoding != "identity":
-            return error(Problem(415, f"Content-Encoding {encoding[:20]!r} is not taken: send "
-                                      "the body uncompressed"))  # fmt: skip
+        refused = compressed(request.headers.get("content-encoding", ""))
+        if refused is not None:
+            return error(refused)
         try:
             raw = await request.body()
         except ClientDisconnect:  # gone, or refused by the body cap, which has answered
