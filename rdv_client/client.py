@@ -24,6 +24,9 @@ class _Call(Generic[T]):
     params: Mapping[str, Any] | None = None
     headers: Mapping[str, str] | None = None
     admin: bool = False
+    wait_s: float = 0.0
+    """How long the server may hold the answer on purpose (a long poll): added to the
+    client's timeout, which would otherwise cut a wait longer than itself."""
 
 
 def _seg(name: str) -> str:
@@ -107,7 +110,8 @@ class _Calls:
     def result(deployment: str, job_id: str, wait_ms: int | None) -> _Call[Job]:
         params = {"wait_ms": wait_ms} if wait_ms is not None else None
         return _Call("GET", f"/v1/deployments/{_seg(deployment)}/jobs/{_seg(job_id)}",
-                     Job.from_json, params=params)  # fmt: skip
+                     Job.from_json, params=params,
+                     wait_s=max(wait_ms or 0, 0) / 1000)  # fmt: skip
 
     @staticmethod
     def cancel(deployment: str, job_id: str) -> _Call[Any]:
@@ -123,14 +127,22 @@ class _Calls:
         return _Call(method, f"/admin{path}", _same, json=json, params=params, admin=True)
 
 
-def _request(call: _Call[Any], admin_token: str | None) -> dict[str, Any]:
+def _request(call: _Call[Any], admin_token: str | None, timeout: httpx.Timeout) -> dict[str, Any]:
     headers = dict(call.headers or {})
     if call.admin:
         if not admin_token:
             raise ValueError("an admin call needs the client's admin_token (RDV_ADMIN_TOKEN)")
         headers["Authorization"] = f"Bearer {admin_token}"
-    return {"method": call.method, "url": call.path, "json": call.json, "params": call.params,
-            "headers": headers}  # fmt: skip
+    request = {"method": call.method, "url": call.path, "json": call.json,
+               "params": call.params, "headers": headers}  # fmt: skip
+    if call.wait_s and timeout.read is not None:
+        request["timeout"] = httpx.Timeout(
+            connect=timeout.connect,
+            read=timeout.read + call.wait_s,
+            write=timeout.write,
+            pool=timeout.pool,
+        )
+    return request
 
 
 def _answer(call: _Call[T], response: httpx.Response) -> T:
@@ -199,7 +211,9 @@ class Client(_AdminMixin):
         self.http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
 
     def _send(self, call: _Call[T]) -> T:
-        return _answer(call, self.http.request(**_request(call, self.admin_token)))
+        return _answer(
+            call, self.http.request(**_request(call, self.admin_token, self.http.timeout))
+        )
 
     def _admin(self, method: str, path: str, json: Any = None,
                params: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
@@ -253,7 +267,8 @@ class AsyncClient(_AdminMixin):
         self.http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
 
     async def _send(self, call: _Call[T]) -> T:
-        return _answer(call, await self.http.request(**_request(call, self.admin_token)))
+        request = _request(call, self.admin_token, self.http.timeout)
+        return _answer(call, await self.http.request(**request))
 
     def _admin(self, method: str, path: str, json: Any = None,
                params: Mapping[str, Any] | None = None) -> Any:  # fmt: skip

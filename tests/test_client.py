@@ -123,3 +123,30 @@ def test_jobs_through_the_client_end_like_predicts(system: System) -> None:
         with pytest.raises(RdvError) as unknown:
             rdv.result(DEMO_DEPLOYMENT, "0-0")
         assert unknown.value.status in (404, 422)
+
+
+def test_a_long_poll_stretches_the_timeout_by_its_wait() -> None:
+    """A 15 s long poll through a client with the default 10 s timeout raised ReadTimeout at
+    10 s (found by hand): the read timeout covers the wait the call asks the server for."""
+    import httpx
+
+    from rdv_client import AsyncClient as Async
+    from rdv_client import Client as Sync
+
+    seen: list[dict[str, float]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.extensions["timeout"])
+        return httpx.Response(200, json={"id": "j", "status": "pending"})
+
+    with Sync("http://gw", timeout=2.0, transport=httpx.MockTransport(answer)) as client:
+        client.result("d", "j", wait_ms=15_000)
+        client.result("d", "j")
+    assert [t["read"] for t in seen] == [17.0, 2.0] and seen[0]["connect"] == 2.0
+
+    async def poll() -> None:
+        async with Async("http://gw", timeout=2.0, transport=httpx.MockTransport(answer)) as c:
+            await c.result("d", "j", wait_ms=500)
+
+    asyncio.run(poll())
+    assert seen[-1]["read"] == 2.5

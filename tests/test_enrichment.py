@@ -27,7 +27,7 @@ from models.archive_line import record_from_envelope
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from models.train import DEMO_DEPLOYMENT, demo_data
-from processes import System, launch_system, wait_until
+from processes import PREDICT, System, launch_system, wait_until
 from rendezvous import names
 from rendezvous.envelope import RequestEnvelope
 from rendezvous.schedule import Schedule
@@ -377,3 +377,21 @@ def test_a_lookup_is_checked_and_may_come_with_a_new_deployment(enriched: System
     assert resp.json()["feature_spec"]["lookup"]["key"] == "account"
     shown = enriched.http.get("/admin/deployments/enr-created", headers=AUTH).json()
     assert shown["feature_spec"]["lookup"]["features"] == list(LOOKED_UP)
+
+
+def test_a_job_looks_features_up_as_a_predict_does(enriched: System) -> None:
+    """Found by hand: a job's body was checked as if nothing were looked up, so an entity's
+    body was refused and a full row (no entity) became a job that failed."""
+    system = enriched
+    jobs = PREDICT.replace("/predict", "/jobs")
+    x = DATA.x_test
+    body = {"entity": "c-2", "features": caller_part(x[6])}
+    accepted = system.http.post(jobs, json=body)
+    assert accepted.status_code == 202, accepted.text
+    done = system.http.get(f"{jobs}/{accepted.json()['id']}", params={"wait_ms": 10_000}).json()
+    assert done["status"] == "done", done
+    direct = system.predict(body).json()
+    assert done["result"]["predictions"] == direct["predictions"]
+    full_row = {"instances": [x[6].tolist()]}  # the looked-up features sent, no entity
+    refused = system.http.post(jobs, json=full_row)
+    assert refused.status_code == 422 and "entity" in refused.text  # never a job

@@ -48,7 +48,7 @@ from gateway.dataplane.job_vocabulary import (
     JobView,
 )
 from gateway.dataplane.service import PredictionService
-from gateway.dataplane.validation import check_request_id, parse_body, to_matrix
+from gateway.dataplane.validation import check_request_id, enriched_rows, parse_body, to_matrix
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, on_key_node, text
 
@@ -107,7 +107,11 @@ class JobService:
         409, 429 or 503 (the data plane's failures) before anything is written."""
         service = self.service
         dep = self.deployments.get(deployment)
-        to_matrix(dep.feature_spec, parse_body(raw), service.max_rows)
+        spec, body = dep.feature_spec, parse_body(raw)
+        if spec.lookup is None:
+            to_matrix(spec, body, service.max_rows)
+        else:  # enrichment: the caller's part now, the feature store's when the job runs
+            enriched_rows(spec, body, service.max_rows)
         rid = check_request_id(request_id) if request_id else None
         service.check_room(dep.name)
         return await self.store.accept(dep, raw, rid)
