@@ -29,6 +29,8 @@ from rendezvous import names
 
 LOGBIN_SOURCE = "logbin:"
 """Prefix of the log bins' sources; their events are relayed to the webhooks by a gateway."""
+GATEWAY_SOURCE = "gateway:"
+"""Prefix of the gateway processes' sources (the prediction prior)."""
 
 EVENTS_MAXLEN = 1000
 

@@ -256,6 +256,47 @@ async def test_a_class_prior_shift_is_alerted_against_real_training_scores(
     assert "fewer than" in alert["detail"]
 
 
+async def test_a_gateway_process_holds_the_prior_alert_of_one_that_died(
+    client: aioredis.Redis, demo_data_dir: Path
+) -> None:
+    """A gateway process's source name is new at each start, so the prior alert of a process
+    that died cleared once its claim went stale, with the feed still broken (found by hand).
+    A live process judging the same model now adopts a claim no longer renewed, and holds its
+    alert until its own detector has judged enough rows."""
+    meta = ModelRegistry(demo_data_dir / "models").meta("breast-cancer", 2)
+    share = positive_share(meta.score_reference)
+    assert share is not None
+    rng = np.random.default_rng(5)
+
+    async def feed(det: OnlineDrift, rows: int, positive_share: float) -> list[dict[str, Any]]:
+        for positive in rng.random(rows) < positive_share:
+            det.observe_decision(record([[0.0, 1.0] if positive else [1.0, 0.0]]))
+        await asyncio.gather(*det._tasks)  # the reference looked up
+        det.evaluate(DEMO_DEPLOYMENT)
+        return await det.publish(DEMO_DEPLOYMENT)
+
+    deployments = DeploymentCache(client)
+    await deployments.refresh()
+    meta_of = local_model_meta(demo_data_dir / "models")
+    dead = OnlineDrift(client, deployments, "gw-dead", stale_s=1.0, local_meta=meta_of)
+    await feed(dead, 1, share)
+    raised = await feed(dead, 300, 0.15)
+    assert [(e["type"], e["id"]) for e in raised] == [("raised", "prediction_prior")]
+    live = OnlineDrift(client, deployments, "gw-live", orphan_after_s=0.2, local_meta=meta_of)
+    await feed(live, 1, share)
+    await asyncio.sleep(0.3)  # the dead one renews nothing
+    assert await feed(live, 100, share) == []
+    await asyncio.sleep(0.8)  # its claim is stale now: dropped, the alert stays up
+    assert await feed(live, 100, share) == []
+    [alert] = (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]
+    assert alert["id"] == "prediction_prior" and alert["source"] == "gateway:gw-live"
+    claims = await client.hkeys(names.drift_claims_key(DEMO_DEPLOYMENT))
+    assert claims == [b"gateway:gw-live"]
+    cleared = await feed(live, live.hold_rows, share)  # enough healthy rows judged here
+    assert [(e["type"], e["id"]) for e in cleared] == [("cleared", "prediction_prior")]
+    assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
+
+
 async def test_sources_merge_into_one_list(client: aioredis.Redis) -> None:
     one = {"feature_range/x": {"kind": "feature_range", "feature": "x", "value": 0.9}}
     t = 1_000_000.0

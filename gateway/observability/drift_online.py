@@ -14,6 +14,13 @@ the process's claim is renewed every ``publish_s`` with a summary for the report
 
 Every gateway process judges only the decisions it closed: with two processes each sees about
 half of the traffic, and either may raise the alert; it clears once no process holds it.
+
+A process that dies leaves its claim to go stale, and its alert would then clear though the
+feed is still broken (a "resolved", and a "firing" again once a fresh detector has seen enough:
+a restarted gateway has a new instance name). So a process that judges the same real model
+adopts the prior alert of a gateway claim no longer renewed (``orphan_after_s``, well before it
+goes stale) and holds it until its own detector has judged ``hold_rows`` rows, or raised the
+alert itself.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +64,10 @@ class _Deployment:
     figures: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Statistics of the alerts released since the last claim (for their clear events)."""
     changed: bool = False
+    held: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Alerts adopted from a gateway process that stopped claiming them (by alert id)."""
+    hold_until: int = 0
+    """The prior's ``rows_seen`` at which the held alerts are released."""
 
 
 class OnlineDrift:
@@ -71,16 +83,21 @@ class OnlineDrift:
         min_interval_s: float = 0.05,
         publish_s: float = 1.0,
         stale_s: float = 10.0,
+        orphan_after_s: float = 3.0,
     ):
         self.client = client
         self.deployments = deployments
-        self.source = f"gateway:{instance}"
+        self.source = f"{drift_claims.GATEWAY_SOURCE}{instance}"
         self.webhooks = webhooks
         self.local_meta = local_meta
         self.settings = settings or DetectorSettings()
         self.min_interval_s = min_interval_s
         self.publish_s = publish_s
         self.stale_ms = stale_s * 1000
+        self.orphan_after_ms = orphan_after_s * 1000
+        """A gateway claim not renewed for this long is a dead process's (they renew every
+        ``publish_s``): its alert is adopted before the claim goes stale at ``stale_s``."""
+        self.hold_rows = self.settings.drift_window
         self._deps: dict[str, _Deployment] = {}
         self._references: dict[str, float | None] = {}
         self._looking_up: set[str] = set()
@@ -129,6 +146,7 @@ class OnlineDrift:
                 if what is not None:
                     self._note(dep, [alert] if what == "raised" else [],
                                [alert] if what == "cleared" else [])  # fmt: skip
+                self._release_held(deployment, dep)
         except Exception:
             log.exception("online drift detectors of %s failed", deployment)
         if dep.changed and deployment not in self._publishing:
@@ -142,10 +160,50 @@ class OnlineDrift:
             dep.changed = True
 
     def _active(self, dep: _Deployment) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, dict[str, Any]] = dict(dep.held)
         if dep.prior is not None and dep.prior.active is not None:
             out["prediction_prior"] = dep.prior.active
         return out
+
+    # -- alerts of a process that died --------------------------------------------------------
+
+    def _adopt(self, deployment: str, dep: _Deployment, claims: Mapping[str, Any]) -> None:
+        """Hold the alerts of other gateway processes' claims that stopped being renewed, when
+        they judged the model this process judges."""
+        if dep.prior is None:
+            return
+        now_ms = time.time() * 1000
+        for source, claim in claims.items():
+            if source == self.source or not source.startswith(drift_claims.GATEWAY_SOURCE):
+                continue
+            if claim.get("model") != dep.model:
+                continue
+            if now_ms - float(claim.get("ts_ms", now_ms)) < self.orphan_after_ms:
+                continue
+            alerts = claim.get("alerts")
+            new = {k: v for k, v in (alerts if isinstance(alerts, dict) else {}).items()
+                   if isinstance(v, dict) and k not in self._active(dep)}  # fmt: skip
+            if new:
+                dep.held.update(new)
+                dep.hold_until = dep.prior.rows_seen + self.hold_rows
+                dep.changed = True
+                log.info("online drift: %s: holding %s of %s, which stopped claiming, until "
+                         "%d rows are judged here", deployment, ", ".join(sorted(new)), source,
+                         self.hold_rows)  # fmt: skip
+
+    def _release_held(self, deployment: str, dep: _Deployment) -> None:
+        """Held alerts go once the detector has judged enough rows to say for itself (or
+        holds the alert itself)."""
+        if not dep.held or dep.prior is None:
+            return
+        if dep.prior.active is not None:
+            dep.held.pop("prediction_prior", None)
+        if dep.held and dep.prior.rows_seen >= dep.hold_until:
+            dep.figures.update(drift_claims.cleared_figures(dep.held.values()))
+            log.info("online drift: %s: %d rows judged, releasing %s", deployment,
+                     dep.prior.rows_seen, ", ".join(sorted(dep.held)))  # fmt: skip
+            dep.held = {}
+            dep.changed = True
 
     def _new_model(self, deployment: str, dep: _Deployment, key: str) -> None:
         """A promotion (or the first record): the prior is judged against the new real's
@@ -153,6 +211,9 @@ class OnlineDrift:
         if dep.prior is not None and dep.prior.active is not None:
             dep.figures["prediction_prior"] = {"value": None, "threshold": None}
             dep.changed = True
+        if dep.held:  # about the previous real model
+            dep.figures.update(drift_claims.cleared_figures(dep.held.values()))
+            dep.held, dep.changed = {}, True
         dep.model, dep.prior = key, None
         if key in self._references:
             share = self._references[key]
@@ -208,7 +269,7 @@ class OnlineDrift:
             dep.changed = False
             figures, dep.figures = dep.figures, {}
             try:
-                events += await drift_store.claim(
+                decided, claims = await drift_store.claim_and_read(
                     self.client,
                     deployment,
                     self.source,
@@ -222,6 +283,8 @@ class OnlineDrift:
                 dep.figures = {**figures, **dep.figures}
                 dep.changed = True
                 break
+            events += decided
+            self._adopt(deployment, dep, claims)
             if not dep.changed:
                 break
         announce(deployment, events, self.webhooks)
@@ -229,6 +292,8 @@ class OnlineDrift:
 
     def _summary(self, dep: _Deployment) -> dict[str, Any]:
         doc: dict[str, Any] = {"model": dep.model}
+        if dep.held:
+            doc["held"] = {"alerts": sorted(dep.held), "until_rows": dep.hold_until}
         if dep.prior is not None:
             latest = dep.prior.alert()
             doc["prior"] = {"rows": dep.prior.rows_seen, "reference": dep.prior.reference,

@@ -10,7 +10,7 @@ from rendezvous import drift_claims, names
 from rendezvous.bus.connection import AsyncClient
 from rendezvous.drift_claims import parse
 
-__all__ = ["claim", "parse", "read"]
+__all__ = ["claim", "claim_and_read", "parse", "read"]
 
 
 async def claim(
@@ -30,6 +30,28 @@ async def claim(
                                    figures=figures, extra=extra, now_ms=now_ms)  # fmt: skip
     raw = await client.eval(drift_claims.MERGE, *args)  # type: ignore[misc]
     return drift_claims.events_of(raw)
+
+
+async def claim_and_read(
+    client: AsyncClient,
+    deployment: str,
+    source: str,
+    alerts: Mapping[str, Mapping[str, Any]],
+    *,
+    stale_ms: float,
+    figures: Mapping[str, Mapping[str, Any]] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``claim``, and every fresh claim as it stands after the merge, in the same round trip
+    (one hash tag): a source that looks at the others' claims (``OnlineDrift``) pays nothing
+    more for it."""
+    args = drift_claims.merge_args(deployment, source, alerts, stale_ms=stale_ms,
+                                   figures=figures, extra=extra)  # fmt: skip
+    pipe = client.pipeline(transaction=False)
+    pipe.eval(drift_claims.MERGE, *args)
+    pipe.hgetall(names.drift_claims_key(deployment))
+    raw, claims_raw = await pipe.execute()
+    return drift_claims.events_of(raw), parse({}, {}, claims_raw)["claims"]
 
 
 async def read(client: AsyncClient, deployment: str) -> dict[str, Any]:
