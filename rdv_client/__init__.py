@@ -9,6 +9,24 @@ Importing it needs nothing but httpx: it does not import the gateway.
 """
 
 from rdv_client.client import AsyncClient, Client
-from rdv_client.types import Job, ModelAnswer, Prediction, RdvError, Row
+from rdv_client.types import (
+    GatewayUnreachable,
+    Job,
+    JobExists,
+    ModelAnswer,
+    Prediction,
+    RdvError,
+    Row,
+)
 
-__all__ = ["AsyncClient", "Client", "Job", "ModelAnswer", "Prediction", "RdvError", "Row"]
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "GatewayUnreachable",
+    "Job",
+    "JobExists",
+    "ModelAnswer",
+    "Prediction",
+    "RdvError",
+    "Row",
+]

@@ -3,14 +3,16 @@ a sync or an async httpx client, so both clients say the same thing."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import httpx
 
-from rdv_client.types import Job, Prediction, RdvError
+from rdv_client.types import GatewayUnreachable, Job, JobExists, Prediction, RdvError
 
 T = TypeVar("T")
 
@@ -84,7 +86,8 @@ def _feedback_body(
 
 
 def _rid(request_id: str | None) -> dict[str, str] | None:
-    return {"X-Request-Id": request_id} if request_id else None
+    """The header, whatever the id (the gateway says what is wrong with a bad one)."""
+    return {"X-Request-Id": request_id} if request_id is not None else None
 
 
 def _same(doc: Any) -> Any:
@@ -114,8 +117,9 @@ class _Calls:
                      wait_s=max(wait_ms or 0, 0) / 1000)  # fmt: skip
 
     @staticmethod
-    def cancel(deployment: str, job_id: str) -> _Call[Any]:
-        return _Call("DELETE", f"/v1/deployments/{_seg(deployment)}/jobs/{_seg(job_id)}", _same)
+    def cancel(deployment: str, job_id: str) -> _Call[Job]:
+        return _Call("DELETE", f"/v1/deployments/{_seg(deployment)}/jobs/{_seg(job_id)}",
+                     Job.from_json)  # fmt: skip
 
     @staticmethod
     def feedback(deployment: str, body: Any) -> _Call[Any]:
@@ -145,18 +149,41 @@ def _request(call: _Call[Any], admin_token: str | None, timeout: httpx.Timeout) 
     return request
 
 
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from ``Retry-After``: a number of seconds or an HTTP date (RFC 9110)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
 def _answer(call: _Call[T], response: httpx.Response) -> T:
     try:
         doc = response.json() if response.content else None
     except ValueError:
         doc = None
     if response.status_code >= 400:
-        detail = doc.get("detail", doc.get("error")) if isinstance(doc, dict) else response.text
-        retry = response.headers.get("retry-after")
-        raise RdvError(response.status_code, detail, float(retry) if retry else None)
-    if call.parse is Job.from_json and isinstance(doc, dict) and "location" not in doc:
+        body = doc if isinstance(doc, dict) else {}
+        detail = body.get("detail", body.get("error")) if body else response.text
+        submitted = call.method == "POST" and call.parse == Job.from_json
+        if response.status_code == 409 and submitted and "id" in body and "location" in body:
+            raise JobExists(response.status_code, detail, body)
+        retry = _retry_after(response.headers.get("retry-after"))
+        raise RdvError(response.status_code, detail, retry, body)
+    if call.parse == Job.from_json and isinstance(doc, dict) and "location" not in doc:
         doc = {**doc, "location": response.headers.get("location")}
     return call.parse(doc)
+
+
+def _unreachable(call: _Call[Any], exc: httpx.TransportError) -> GatewayUnreachable:
+    what = "no answer in time" if isinstance(exc, httpx.TimeoutException) else "not reached"
+    return GatewayUnreachable(f"{call.method} {call.path}: {what}: {exc!r}")
 
 
 class _AdminMixin:
@@ -211,9 +238,12 @@ class Client(_AdminMixin):
         self.http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
 
     def _send(self, call: _Call[T]) -> T:
-        return _answer(
-            call, self.http.request(**_request(call, self.admin_token, self.http.timeout))
-        )
+        request = _request(call, self.admin_token, self.http.timeout)
+        try:
+            response = self.http.request(**request)
+        except httpx.TransportError as exc:
+            raise _unreachable(call, exc) from exc
+        return _answer(call, response)
 
     def _admin(self, method: str, path: str, json: Any = None,
                params: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
@@ -238,7 +268,8 @@ class Client(_AdminMixin):
     def result(self, deployment: str, job_id: str, *, wait_ms: int | None = None) -> Job:
         return self._send(_Calls.result(deployment, job_id, wait_ms))
 
-    def cancel(self, deployment: str, job_id: str) -> Any:
+    def cancel(self, deployment: str, job_id: str) -> Job:
+        """The job, now failed with ``error.cancelled``; 409 (RdvError) once it ended."""
         return self._send(_Calls.cancel(deployment, job_id))
 
     def feedback(self, deployment: str, items: Sequence[Mapping[str, Any]] | None = None, *,
@@ -268,7 +299,11 @@ class AsyncClient(_AdminMixin):
 
     async def _send(self, call: _Call[T]) -> T:
         request = _request(call, self.admin_token, self.http.timeout)
-        return _answer(call, await self.http.request(**request))
+        try:
+            response = await self.http.request(**request)
+        except httpx.TransportError as exc:
+            raise _unreachable(call, exc) from exc
+        return _answer(call, response)
 
     def _admin(self, method: str, path: str, json: Any = None,
                params: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
@@ -293,7 +328,8 @@ class AsyncClient(_AdminMixin):
     async def result(self, deployment: str, job_id: str, *, wait_ms: int | None = None) -> Job:
         return await self._send(_Calls.result(deployment, job_id, wait_ms))
 
-    async def cancel(self, deployment: str, job_id: str) -> Any:
+    async def cancel(self, deployment: str, job_id: str) -> Job:
+        """The job, now failed with ``error.cancelled``; 409 (RdvError) once it ended."""
         return await self._send(_Calls.cancel(deployment, job_id))
 
     async def feedback(self, deployment: str, items: Sequence[Mapping[str, Any]] | None = None,

@@ -9,13 +9,37 @@ from typing import Any
 
 class RdvError(Exception):
     """A refusal or failure the gateway answered with: ``status`` and its ``detail``;
-    ``retry_after`` (seconds) when the refusal is momentary (429, 503)."""
+    ``retry_after`` (seconds) when the refusal is momentary (429, 503); ``body``, the whole
+    JSON answer (it may say more than the detail)."""
 
-    def __init__(self, status: int, detail: Any, retry_after: float | None = None):
+    def __init__(
+        self,
+        status: int,
+        detail: Any,
+        retry_after: float | None = None,
+        body: Mapping[str, Any] | None = None,
+    ):
         super().__init__(f"{status}: {detail}")
         self.status = status
         self.detail = detail
         self.retry_after = retry_after
+        self.body: Mapping[str, Any] = body or {}
+
+
+class JobExists(RdvError):
+    """A submit's 409: its request id already took a job, ``job_id`` at ``location`` (a
+    caller that lost the first 202 finds its job here)."""
+
+    def __init__(self, status: int, detail: Any, body: Mapping[str, Any]):
+        super().__init__(status, detail, None, body)
+        self.job_id = str(body["id"])
+        self.location = str(body["location"])
+
+
+class GatewayUnreachable(Exception):
+    """No answer from the gateway: it could not be reached, or did not answer within the
+    client's timeout (the cause is the httpx error). Whether a predict or a submit was taken
+    is unknown: send it again with the same ``request_id``, and a 409 says it was."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +93,8 @@ class Job:
     """A failed job's ``{"status", "detail"}`` (what predict would have answered), or
     ``{"detail", "cancelled": true}``."""
     location: str | None = None
+    request_id: str | None = None
+    """The request id its predict carries: the caller's, else the job id."""
 
     @property
     def finished(self) -> bool:
@@ -83,4 +109,5 @@ class Job:
             result=Prediction.from_json(result) if result else None,
             error=doc.get("error"),
             location=doc.get("location"),
+            request_id=doc.get("request_id"),
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import System, launch_system
-from rdv_client import AsyncClient, Client, Prediction, RdvError
+from rdv_client import AsyncClient, Client, GatewayUnreachable, JobExists, Prediction, RdvError
 from rendezvous.schedule import Schedule
 
 SCHEDULE = Schedule(real_deadline_ms=200, timeout_ms=1500, fallbacks=("canary",), grace_ms=100)
@@ -152,3 +153,63 @@ def test_a_long_poll_stretches_the_timeout_by_its_wait(system: System) -> None:
     finally:
         for pid in workers:
             os.kill(pid, signal.SIGCONT)
+
+
+def test_jobs_carry_their_request_id_and_a_taken_one_names_the_first_job(system: System) -> None:
+    """Found by hand: a submit's 409 kept only the detail, so a caller that lost the 202 could
+    not find its job; ``Job`` had no request id; ``cancel`` answered an untyped dict; an empty
+    request id was dropped by the client (the gateway makes one up for it, as for none)."""
+    row = demo_data().x_test[0].tolist()
+    rid = f"client-job-{time.time_ns()}"
+    with Client(f"http://127.0.0.1:{system.port}") as rdv:
+        first = rdv.submit(DEMO_DEPLOYMENT, instances=[row], request_id=rid)
+        assert first.request_id == rid
+        with pytest.raises(JobExists) as taken:
+            rdv.submit(DEMO_DEPLOYMENT, instances=[row], request_id=rid)
+        assert taken.value.status == 409 and taken.value.job_id == first.id
+        assert taken.value.location == first.location
+        done = rdv.result(DEMO_DEPLOYMENT, first.id, wait_ms=10_000)
+        assert done.status == "done" and done.request_id == rid
+        with pytest.raises(RdvError) as ended:
+            rdv.cancel(DEMO_DEPLOYMENT, first.id)
+        assert ended.value.status == 409 and not isinstance(ended.value, JobExists)
+        assert len(rdv.predict(DEMO_DEPLOYMENT, instances=[row], request_id="").request_id) == 32
+        with pytest.raises(RdvError) as bad:  # sent, not dropped: the gateway judges it
+            rdv.predict(DEMO_DEPLOYMENT, instances=[row], request_id="x" * 129)
+        assert bad.value.status == 422 and "X-Request-Id" in str(bad.value.detail)
+        assert bad.value.body["detail"] == bad.value.detail
+        workers = [system.procs[role].proc.pid for role in ("real", "canary")]
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            pending = rdv.submit(DEMO_DEPLOYMENT, instances=[row])
+            cancelled = rdv.cancel(DEMO_DEPLOYMENT, pending.id)
+            assert cancelled.status == "failed" and cancelled.error is not None
+            assert cancelled.error["cancelled"] is True and cancelled.request_id == pending.id
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+
+
+def test_no_answer_is_its_own_error_and_retry_after_may_be_a_date(system: System) -> None:
+    """Raw httpx errors escaped the client (found by hand); a Retry-After given as an HTTP date
+    failed float()."""
+    from rdv_client.client import _retry_after
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # a port nothing listens on (bound, never listening)
+        port = s.getsockname()[1]
+        with Client(f"http://127.0.0.1:{port}") as down, pytest.raises(GatewayUnreachable):
+            down.predict(DEMO_DEPLOYMENT, instances=[[1.0]])
+    real = system.procs["real"].proc.pid
+    os.kill(real, signal.SIGSTOP)  # real's deadline is 200 ms, the canary answers after it
+    try:
+        slow = Client(f"http://127.0.0.1:{system.port}", timeout=0.05)
+        with slow, pytest.raises(GatewayUnreachable, match="no answer in time"):
+            slow.predict(DEMO_DEPLOYMENT, instances=[demo_data().x_test[0].tolist()])
+    finally:
+        os.kill(real, signal.SIGCONT)
+    assert _retry_after("3") == 3.0 and _retry_after("soon") is None
+    later = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 28 <= (_retry_after(later) or 0) <= 31
+    assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0

@@ -184,7 +184,7 @@ def test_cancel_and_a_job_past_the_timeout(system: System) -> None:
     second = submit(system.http, bodies(2)[1])
     t0 = time.monotonic()
     doc = long_poll(system.http, first["id"], wait_ms=300)
-    assert doc == {"id": first["id"], "status": "pending"}
+    assert doc == {"id": first["id"], "status": "pending", "request_id": first["request_id"]}
     assert 0.3 <= time.monotonic() - t0 < 1.2
 
     cancelled = system.http.delete(first["location"])

@@ -182,11 +182,12 @@ class JobStore:
     async def read(self, deployment: str, job_id: str) -> JobView:
         """The job as it stands; JobNotFound says whether it expired or never was."""
         key = self._key(deployment, job_id)
-        fields: Any = await self.client.hmget(key, ["status", "result", "error"])
-        status, result, error = fields
+        fields: Any = await self.client.hmget(key, ["status", "result", "error", "request_id"])
+        status, result, error, caller_rid = fields
         if status is None:
             raise self._missing(deployment, job_id)
-        return JobView(job_id, text(status), result, error)
+        return JobView(job_id, text(status), text(caller_rid) if caller_rid else job_id,
+                       result, error)  # fmt: skip
 
     def _missing(self, deployment: str, job_id: str) -> Exception:
         if deployment not in self.deployments.deployments:
@@ -215,7 +216,7 @@ class JobStore:
         if code == 1:
             status = text(reply[1])
             raise JobConflict(f"job {job_id} already ended: {status}", job_id)
-        return JobView(job_id, FAILED, None, error)
+        return JobView(job_id, FAILED, text(caller_rid) if caller_rid else job_id, None, error)
 
     # -- a run's steps --------------------------------------------------------------------------
 

@@ -71,6 +71,8 @@ class Accepted:
 class JobView:
     id: str
     status: str
+    request_id: str
+    """The request id its predict carries (the caller's ``X-Request-Id``, else the job id)."""
     result: bytes | None = None
     """The predict's answer as JSON, exactly as a predict would have answered it."""
     error: bytes | None = None
@@ -78,7 +80,8 @@ class JobView:
     had), or ``{"detail", "cancelled": true}``."""
 
     def to_json(self) -> bytes:
-        head = json.dumps({"id": self.id, "status": self.status}, separators=(",", ":"))
+        head = json.dumps({"id": self.id, "status": self.status, "request_id": self.request_id},
+                          separators=(",", ":"))  # fmt: skip
         out = head[:-1].encode()
         if self.result is not None:
             out += b',"result":' + self.result

@@ -61,10 +61,11 @@ STARTING = unavailable("the gateway is starting")
 
 _JOB_SCHEMA = {
     "type": "object",
-    "required": ["id", "status"],
+    "required": ["id", "status", "request_id"],
     "properties": {
         "id": {"type": "string"},
         "status": {"type": "string", "enum": ["pending", "done", "failed"]},
+        "request_id": {"type": "string", "description": "the request id its predict carries"},
         "result": {"type": "object", "description": "the predict's answer"},
         "error": {
             "type": "object",
