@@ -72,6 +72,22 @@ def test_too_many_fields_are_refused_with_431() -> None:
     assert status(transport) == 431 and b"20 header fields" in transport.out
 
 
+def test_a_v2_routes_refusal_is_in_the_open_inference_protocols_shape() -> None:
+    """The guard answered ``{"detail"}`` on ``/v2`` too, which tritonclient cannot read as an
+    error (found by hand)."""
+    fields = b"".join(b"X-%d: 1\r\n" % i for i in range(21))
+    for target, shape in (
+        (b"/v2/models/m/infer", b'{"error":'),
+        (b"/v2", b'{"error":'),
+        (b"/v2x", b'{"detail":'),
+        (b"/v1/deployments/d/predict", b'{"detail":'),
+    ):
+        g, transport = guard()
+        assert not g.admit(b"POST " + target + b" HTTP/1.1\r\n" + fields + b"\r\n")
+        assert status(transport) == 431
+        assert transport.out.split(b"\r\n\r\n", 1)[1].startswith(shape), target
+
+
 def test_what_comes_after_a_refusal_is_dropped_up_to_a_bound() -> None:
     g, transport = guard()
     assert not g.admit(HEAD + b"X-Big: " + b"a" * 4096 + b"\r\nX-Next: 1\r\n")

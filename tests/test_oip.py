@@ -206,6 +206,8 @@ def test_bad_input_is_a_clear_4xx_and_publishes_nothing(workers: System) -> None
         ("GET", f"/v2/models/{MODEL}/versions/9", {}, 404, "no version '9'"),
         ("GET", "/v2/models/nope/ready", {}, 404, "'nope' does not exist"),
         ("GET", f"/v2/models/{MODEL}/versions/9/ready", {}, 404, "no version '9'"),
+        ("GET", "/v2/no/such/route", {}, 404, "Not Found"),  # the framework's refusals too
+        ("DELETE", INFER, {}, 405, "Method Not Allowed"),
     ]  # fmt: skip
     for method, path, kwargs, status, says in cases:
         resp = http.request(method, path, **kwargs)
@@ -235,4 +237,7 @@ def test_tritonclient_sees_the_errors(
     assert caught.value.status() == "422"
     with pytest.raises(InferenceServerException, match="does not exist"):
         client.get_model_metadata("nope")
+    with pytest.raises(InferenceServerException, match="Not Found") as caught:
+        client.get_model_repository_index()  # a route this gateway has not
+    assert caught.value.status() == "404"
     assert httpx.get(f"http://127.0.0.1:{workers.port}/v2/health/live").json() == {"live": True}

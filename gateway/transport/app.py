@@ -40,11 +40,11 @@ from gateway.observability.drift_sketches import local_model_meta
 from gateway.observability.live_accuracy import LiveAccuracy
 from gateway.observability.metrics import GatewayMetrics, multiprocess_dir
 from gateway.observability.routes import observe_router
-from gateway.problems import RETRY, Problem
+from gateway.problems import RETRY, Problem, Style
 from gateway.settings import Settings
 from gateway.transport import feedback, jobs, oip
 from gateway.transport.fast_path import PredictFastPath, predict_reply
-from gateway.transport.limits import BodySizeLimit
+from gateway.transport.limits import BodySizeLimit, style_of
 from gateway.transport.vital_tasks import VitalTasks, keep_serving, stop_this_process
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
@@ -305,17 +305,23 @@ def create_app(
     jobs.mount(app, settings)
     feedback.mount(app)
 
+    def _styled(request: Request, problem: Problem) -> JSONResponse:
+        """``{"error"}`` under ``/v2`` (what tritonclient decodes), else ``{"detail"}``."""
+        if style_of(request.url.path) is Style.ERROR:
+            return oip.error(problem)
+        return problem.response()
+
     async def _answer(request: Request, exc: Exception) -> JSONResponse:
         answer = problem_of(exc)
         if answer is None:
             raise exc
-        return answer.response()
+        return _styled(request, answer)
 
     async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         """The framework's own refusals (an unknown route, a wrong method, a route's
         ``HTTPException``) through the same builder."""
         assert isinstance(exc, StarletteHTTPException)
-        return Problem(exc.status_code, exc.detail, headers=exc.headers or {}).response()
+        return _styled(request, Problem(exc.status_code, exc.detail, headers=exc.headers or {}))
 
     async def _gone(request: Request, exc: Exception) -> Response:
         """The client left (or the body cap answered it) while a route read the body: nobody

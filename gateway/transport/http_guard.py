@@ -27,6 +27,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from gateway.problems import Problem
 from gateway.settings import Settings
 from gateway.transport.coalesce import CoalescingTransport
+from gateway.transport.limits import style_of
 
 SWEEP_S = 1.0
 LINGER_S = 2.0
@@ -78,6 +79,7 @@ class ConnectionGuard:
         "raw_head",
         "refusal",
         "seen",
+        "target",
         "transport",
         "websocket",
         "write_stuck_since",
@@ -106,6 +108,8 @@ class ConnectionGuard:
         self.raw_head = 0
         self.headers = 0
         self.refusal: Problem | None = None
+        self.target = b""
+        """The request target's first bytes: a ``/v2`` route's refusal is in its shape."""
         self.closed = False
         self.drained = 0
         """Bytes read and dropped after a refusal (bounded by ``LINGER_BYTES``)."""
@@ -182,7 +186,8 @@ class ConnectionGuard:
 
     def answer(self, problem: Problem) -> None:
         self.closed = True
-        status, body, headers = problem.reply()
+        path = self.target.decode("latin-1").partition("?")[0]
+        status, body, headers = problem.reply(style_of(path))
         head = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
         head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
         head += [name + b": " + value + b"\r\n" for name, value in headers if name != b"connection"]
@@ -205,9 +210,12 @@ class ConnectionGuard:
     def on_message_begin(self) -> None:
         self.in_head = True
         self.head_bytes = self.raw_head = self.headers = 0
+        self.target = b""
         self.deadline = time.monotonic() + self.limits.header_timeout_s
 
     def on_url(self, url: bytes) -> None:
+        if len(self.target) < 5:  # enough for style_of: "/v2", "/v2?", "/v2/"
+            self.target += url[: 5 - len(self.target)]
         self.head_bytes += len(url)
         if self.head_bytes > self.limits.max_header_bytes:
             self._refuse(_too_large(self.limits))
