@@ -179,7 +179,10 @@ class Rendezvous:
     ) -> Mailbox:
         """Open the mailbox before the envelope is published: a result may beat the XADD reply."""
         if request_id in self.mailboxes:
-            raise DuplicateRequest(f"request id {request_id!r} is already in flight")
+            raise DuplicateRequest(
+                f"request id {request_id!r} is in use on this gateway (in flight, "
+                "or answered and still collecting the other models' results)"
+            )
         loop = asyncio.get_running_loop()
         mb = Mailbox(
             request_id=request_id,
