@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from rendezvous.schedule import Schedule
 
@@ -249,7 +252,7 @@ class Settings(BaseSettings):
     (or is pruned) at once."""
 
     feedback_max_mb: float = Field(default=256.0, gt=0)
-    """Most Redis memory one deployment's kept outcomes and labels may take (about 150 bytes
+    """Most Redis memory one deployment's kept outcomes and labels may take (about 190 bytes
     a request, README); past it the oldest buckets are dropped."""
 
     accuracy_window: int = Field(default=1000, ge=10, le=100_000)
@@ -260,6 +263,22 @@ class Settings(BaseSettings):
     0.2 KB): what the live accuracy and the promotion gate read."""
 
     log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in logging.getLevelNamesMapping():
+            raise ValueError("one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return value
+
+    @field_validator("drift_thresholds")
+    @classmethod
+    def _known_thresholds(cls, value: dict[str, float]) -> dict[str, float]:
+        if value:  # the import brings numpy, which the supervisor does without
+            from rendezvous.drift_alerts import Thresholds
+
+            Thresholds().merged(value)
+        return value
 
     def redis_memory_bytes(self, deployments: int) -> int:
         """A rough floor of the Redis memory these caps let the data reach, with ``deployments``
@@ -305,3 +324,29 @@ class Settings(BaseSettings):
     @property
     def redis_dir(self) -> Path:
         return self.data_dir / "redis"
+
+
+def invalid_settings(exc: Exception) -> str | None:
+    """One line naming each ``RDV_`` variable at fault, for a ``Settings()`` that failed (None
+    for any other error): what a person starting a command should read, not a traceback."""
+    if isinstance(exc, ValidationError):
+        faults = []
+        for error in exc.errors():
+            loc = [str(part) for part in error["loc"]] or ["?"]
+            name = f"RDV_{loc[0].upper()}" + "".join(f"[{part}]" for part in loc[1:])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            faults.append(f"{name}={_shown(error.get('input'))}: {message}")
+        return "invalid configuration: " + "; ".join(faults)
+    if isinstance(exc, SettingsError):
+        found = re.search(r'field "(\w+)"', str(exc))
+        if found is None:
+            return f"invalid configuration: {exc}"
+        name = f"RDV_{found.group(1).upper()}"
+        given = _shown(os.environ.get(name))
+        return f"invalid configuration: {name}={given}: not valid JSON (see the README's table)"
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return repr(text[:80])

@@ -119,6 +119,8 @@ def cmd_feedback(args: argparse.Namespace) -> None:
     progress = Progress(len(items))
     accepted = relabelled = batches = 0
     route = f"/v1/deployments/{args.deployment}/feedback"
+    import httpx
+
     with _session(args.url) as http:
         batch: list[str] = []
         size = 0
@@ -126,7 +128,12 @@ def cmd_feedback(args: argparse.Namespace) -> None:
         def send() -> None:
             nonlocal batch, size, accepted, relabelled, batches
             body = "[" + ",".join(batch) + "]"
-            resp = http.post(route, content=body, headers={"content-type": "application/json"})
+            try:
+                resp = http.post(route, content=body, headers={"content-type": "application/json"})
+            except httpx.TransportError as exc:
+                progress.close()
+                sys.exit(f"cannot reach the gateway at {http.base_url}: {exc}; {accepted} labels "
+                         "were accepted before it")  # fmt: skip
             if resp.status_code >= 400:
                 progress.close()
                 print(resp.text, file=sys.stderr)

@@ -21,7 +21,7 @@ from gateway.cli.process import (
     share_metrics_between_processes,
     stop_event,
 )
-from gateway.settings import Settings
+from gateway.settings import Settings, invalid_settings
 
 log = logging.getLogger("rdv")
 
@@ -360,16 +360,42 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     one_blas_thread()
-    logging.basicConfig(level=Settings().log_level.upper(), format=LOG_FORMAT)
+    try:
+        settings = Settings()
+    except Exception as exc:  # every command reads them: a bad one is one line, status 2
+        reason = invalid_settings(exc)
+        if reason is None:
+            raise
+        print(f"rdv {args.command}: {reason}", file=sys.stderr)
+        sys.exit(2)
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     try:
         args.func(args)
+    except BrokenPipeError:
+        # The output's reader went away (``rdv decisions | head``): a shell's quiet exit, as
+        # the Python documentation advises (stdout to devnull, so its flush at exit is silent).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except Exception as exc:
         from rendezvous.bus.connection import permanent_refusal, unreachable
 
-        reason = permanent_refusal(exc) or unreachable(exc, Settings().redis_url)
+        reason = (permanent_refusal(exc) or unreachable(exc, settings.redis_url)
+                  or _gateway_unreachable(exc))  # fmt: skip
         if reason is None:
             raise
         sys.exit(f"rdv {args.command}: {reason}")
+
+
+def _gateway_unreachable(exc: Exception) -> str | None:
+    """One line for a gateway the command could not reach or that did not answer."""
+    httpx = sys.modules.get("httpx")  # only a command that talks to a gateway imported it
+    if httpx is None or not isinstance(exc, httpx.TransportError):
+        return None
+    try:
+        where = f" at {exc.request.url.copy_with(path='/', query=None)}"
+    except RuntimeError:  # no request attached
+        where = ""
+    return f"cannot reach the gateway{where}: {exc or type(exc).__name__}"
 
 
 if __name__ == "__main__":

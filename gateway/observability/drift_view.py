@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from gateway.observability import drift_store
-from rendezvous import drift_claims, names
+from rendezvous import names
 from rendezvous.bus.connection import AsyncClient
 from rendezvous.drift_alerts import Thresholds
 
@@ -50,9 +50,7 @@ async def drift_view(
     report: dict[str, Any] = json.loads(report_raw) if report_raw else {}
     shared = drift_store.parse(*merged)
     online = {
-        source.removeprefix(drift_claims.GATEWAY_SOURCE): {
-            k: v for k, v in claim.items() if k != "figures"
-        }
+        source: {k: v for k, v in claim.items() if k != "figures"}
         for source, claim in sorted(shared["claims"].items())
         if source != MONITOR
     }

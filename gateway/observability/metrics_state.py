@@ -183,6 +183,15 @@ def _gauge(name: str, doc: str, labels: Sequence[str]) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, labels=list(labels))
 
 
+def _quantiles(name: str, doc: str) -> GaugeMetricFamily:
+    """Quantiles over the drift window, by ``deployment`` and ``quantile``: typed a summary,
+    the one type a ``quantile`` label may have (``promtool check metrics``); the series are
+    those of a gauge (no ``_sum`` or ``_count``: the window is not a running total)."""
+    family = _gauge(name, doc, ["deployment", "quantile"])
+    family.type = "summary"
+    return family
+
+
 class ClusterStateCollector(Collector):
     """Exposes one ``ClusterState`` snapshot (a fresh collector per scrape)."""
 
@@ -310,10 +319,9 @@ class ClusterStateCollector(Collector):
             "Mean per-request JS distance real vs canary in the window.",
             dep_only,
         )
-        div_q = _gauge(
+        div_q = _quantiles(
             "rdv_drift_divergence_quantile",
             "Quantiles of the per-request JS distance real vs canary in the window.",
-            ["deployment", "quantile"],
         )
         disagree = _gauge(
             "rdv_drift_disagreement_ratio",
@@ -326,11 +334,10 @@ class ClusterStateCollector(Collector):
             "Share of rows in the window with a feature outside the training range.",
             dep_only,
         )
-        ood_q = _gauge(
+        ood_q = _quantiles(
             "rdv_drift_ood_distance_quantile",
             "Quantiles of the rows' distance to the training centre in the window (the decision "
             "records' ood.distance: about 1 for a training row).",
-            ["deployment", "quantile"],
         )
         alert = _gauge(
             "rdv_drift_alert",

@@ -15,17 +15,13 @@ from typing import Annotated, Any
 
 import redis
 from fastapi import FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client.multiprocess import mark_process_dead
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from gateway.admin.routes import UPLOAD_PATH, install_admin, start_admin
 from gateway.admin.schema import install_schema
 from gateway.admin.uploads import upload_body_cap
 from gateway.dataplane.deployments import DeploymentCache
-from gateway.dataplane.failures import HANDLED, problem_of
 from gateway.dataplane.feedback import FeedbackService, ModelClasses
 from gateway.dataplane.matcher import Rendezvous
 from gateway.dataplane.outcome_store import OutcomeStore
@@ -40,11 +36,12 @@ from gateway.observability.drift_sketches import local_model_meta
 from gateway.observability.live_accuracy import LiveAccuracy
 from gateway.observability.metrics import GatewayMetrics, multiprocess_dir
 from gateway.observability.routes import observe_router
-from gateway.problems import RETRY, Problem, Style
+from gateway.problems import RETRY, Problem
 from gateway.settings import Settings
 from gateway.transport import feedback, jobs, oip
 from gateway.transport.fast_path import PredictFastPath, predict_reply
-from gateway.transport.limits import BodySizeLimit, style_of
+from gateway.transport.limits import BodySizeLimit
+from gateway.transport.refusals import install_refusals
 from gateway.transport.vital_tasks import VitalTasks, keep_serving, stop_this_process
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
@@ -138,123 +135,141 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not settings.redis_url:
             raise RuntimeError("the gateway needs RDV_REDIS_URL (rdv serve sets it for you)")
-        client = await connect_async(settings.redis_url, timeout_s=settings.redis_timeout_s)
-        # The hot path's routers (see rendezvous.bus.async_router): the writer on the client's
-        # connections, the reader on a client of its own, so that closing it ends its blocking
-        # XREAD (up to 1 s, which its timeout must outlast) and nothing else.
-        writer = Router(client, timeout_s=settings.redis_timeout_s)
-        reader_client = await connect_async(settings.redis_url, timeout_s=settings.redis_timeout_s)
-        reader = Router(reader_client, timeout_s=settings.redis_timeout_s + 1)
-        deployments = DeploymentCache(client)
-        await deployments.refresh()
-        await _check_redis_memory(client, settings, len(deployments.deployments))
-        appender = StreamAppender(
-            writer,
-            wait_replicas=settings.wait_replicas,
-            wait_timeout_ms=settings.wait_replicas_timeout_ms,
-        )
-        instance = instance_id()
-        webhooks = AlertWebhooks(settings.alert_webhooks)
-        online = OnlineDrift(
-            client,
-            deployments,
-            instance,
-            webhooks=webhooks,
-            local_meta=local_model_meta(settings.models_dir),
-        )
-        feed = DriftFeed(
-            client,
-            deployments,
-            maxlen=settings.drift_sketch_maxlen,
-            on_dropped=metrics.drift_rows_dropped,
-            online=online,
-        )
+        # A start that fails part way stops what it started: a reply reader left running
+        # held the process alive after uvicorn's 'Application startup failed', serving
+        # nothing, with no exit for its supervisor to see (found by hand).
+        async with contextlib.AsyncExitStack() as undo:
+            client = await connect_async(settings.redis_url, timeout_s=settings.redis_timeout_s)
+            undo.push_async_callback(client.aclose)
+            # The hot path's routers (see rendezvous.bus.async_router): the writer on the client's
+            # connections, the reader on a client of its own, so that closing it ends its blocking
+            # XREAD (up to 1 s, which its timeout must outlast) and nothing else.
+            writer = Router(client, timeout_s=settings.redis_timeout_s)
+            undo.push_async_callback(writer.close)
+            reader_client = await connect_async(
+                settings.redis_url, timeout_s=settings.redis_timeout_s
+            )
+            undo.push_async_callback(reader_client.aclose)
+            reader = Router(reader_client, timeout_s=settings.redis_timeout_s + 1)
+            deployments = DeploymentCache(client)
+            await deployments.refresh()
+            await _check_redis_memory(client, settings, len(deployments.deployments))
+            appender = StreamAppender(
+                writer,
+                wait_replicas=settings.wait_replicas,
+                wait_timeout_ms=settings.wait_replicas_timeout_ms,
+            )
+            undo.push_async_callback(appender.close)
+            instance = instance_id()
+            webhooks = AlertWebhooks(settings.alert_webhooks)
+            undo.push_async_callback(webhooks.close)
+            online = OnlineDrift(
+                client,
+                deployments,
+                instance,
+                webhooks=webhooks,
+                local_meta=local_model_meta(settings.models_dir),
+            )
+            undo.push_async_callback(online.close)
+            feed = DriftFeed(
+                client,
+                deployments,
+                maxlen=settings.drift_sketch_maxlen,
+                on_dropped=metrics.drift_rows_dropped,
+                online=online,
+            )
 
-        outcomes = OutcomeStore(
-            client,
-            retention_s=settings.feedback_retention_s,
-            bucket_s=settings.feedback_bucket_s,
-            max_bytes=int(settings.feedback_max_mb * 2**20),
-        )
+            outcomes = OutcomeStore(
+                client,
+                retention_s=settings.feedback_retention_s,
+                bucket_s=settings.feedback_bucket_s,
+                max_bytes=int(settings.feedback_max_mb * 2**20),
+            )
 
-        def on_decision(record: DecisionRecord) -> None:
-            metrics.decision(record)
-            feed.observe_decision(record)
-            outcomes.observe(record)
+            def on_decision(record: DecisionRecord) -> None:
+                metrics.decision(record)
+                feed.observe_decision(record)
+                outcomes.observe(record)
 
-        rendezvous = Rendezvous(
-            client,
-            reader,
-            names.reply_stream(instance),
-            appender,
-            decisions_maxlen=settings.decisions_maxlen,
-            decisions_max_bytes=int(settings.decisions_max_mb * 2**20),
-            on_decision=on_decision,
-        )
-        await rendezvous.start()
-        monitor = DriftMonitor(
-            client,
-            deployments,
-            instance,
-            interval_s=settings.drift_interval_s,
-            window_requests=settings.drift_window_requests,
-            window_s=settings.drift_window_s,
-            history_len=settings.drift_history,
-            defaults=settings.drift_defaults(),
-            local_meta=local_model_meta(settings.models_dir),
-            webhooks=webhooks,
-        )
-        classes = ModelClasses(client, local_model_meta(settings.models_dir))
-        accuracy = LiveAccuracy(
-            client, deployments, window=settings.accuracy_window, classes_of=classes
-        )
-        app.state.feedback = FeedbackService(
-            client,
-            deployments,
-            outcomes,
-            max_items=settings.max_rows,
-            labelled_maxlen=settings.labelled_maxlen,
-            classes_of=classes,
-            on_labels=accuracy.labelled,
-        )
-        background = {
-            "the outcome store": asyncio.create_task(outcomes.run()),
-            "live accuracy": asyncio.create_task(accuracy.run()),
-            "the deployments refresh": asyncio.create_task(deployments.run()),
-            "the drift feed": asyncio.create_task(feed.run()),
-            "the drift monitor": asyncio.create_task(monitor.run()),
-            "the online drift judge": asyncio.create_task(online.run()),
-        }
-        close_admin = await start_admin(app, settings)
-        app.state.settings = settings
-        app.state.redis = client
-        app.state.deployments = deployments
-        app.state.rendezvous = rendezvous
-        app.state.service = PredictionService(
-            deployments,
-            rendezvous,
-            appender,
-            max_rows=settings.max_rows,
-            max_in_flight=settings.max_in_flight,
-            max_backlog=settings.max_backlog,
-            max_backlog_bytes=settings.max_backlog_bytes,
-            request_id_ttl_s=settings.request_id_ttl_s,
-            metrics=metrics,
-            drift_feed=feed,
-            feature_store=client,
-        )
-        metrics.track_in_flight(lambda: app.state.service.in_flight)
-        metrics.track_decision_appends(appender)
-        stop_jobs = await jobs.start(app, settings)
-        vital = VitalTasks(on_vital_death)
-        vitals = {**background, "the reply reader": rendezvous.reader_task,
-                  "the jobs supervisor": app.state.jobs.supervisor_task}  # fmt: skip
-        for name, maybe in vitals.items():
-            if maybe is not None:
-                vital.watch(name, maybe)
-        app.state.vital_tasks = vital
-        if owns_process:
-            settle_heap()
+            rendezvous = Rendezvous(
+                client,
+                reader,
+                names.reply_stream(instance),
+                appender,
+                decisions_maxlen=settings.decisions_maxlen,
+                decisions_max_bytes=int(settings.decisions_max_mb * 2**20),
+                on_decision=on_decision,
+            )
+            await rendezvous.start()
+            undo.push_async_callback(rendezvous.stop)
+            monitor = DriftMonitor(
+                client,
+                deployments,
+                instance,
+                interval_s=settings.drift_interval_s,
+                window_requests=settings.drift_window_requests,
+                window_s=settings.drift_window_s,
+                history_len=settings.drift_history,
+                defaults=settings.drift_defaults(),
+                local_meta=local_model_meta(settings.models_dir),
+                webhooks=webhooks,
+            )
+            classes = ModelClasses(client, local_model_meta(settings.models_dir))
+            accuracy = LiveAccuracy(
+                client, deployments, window=settings.accuracy_window, classes_of=classes
+            )
+            app.state.feedback = FeedbackService(
+                client,
+                deployments,
+                outcomes,
+                max_items=settings.max_rows,
+                labelled_maxlen=settings.labelled_maxlen,
+                classes_of=classes,
+                on_labels=accuracy.labelled,
+            )
+            background = {
+                "the outcome store": asyncio.create_task(outcomes.run()),
+                "live accuracy": asyncio.create_task(accuracy.run()),
+                "the deployments refresh": asyncio.create_task(deployments.run()),
+                "the drift feed": asyncio.create_task(feed.run()),
+                "the drift monitor": asyncio.create_task(monitor.run()),
+                "the online drift judge": asyncio.create_task(online.run()),
+            }
+            for task in background.values():
+                undo.callback(task.cancel)
+            close_admin = await start_admin(app, settings)
+            undo.callback(close_admin)
+            app.state.settings = settings
+            app.state.redis = client
+            app.state.deployments = deployments
+            app.state.rendezvous = rendezvous
+            app.state.service = PredictionService(
+                deployments,
+                rendezvous,
+                appender,
+                max_rows=settings.max_rows,
+                max_in_flight=settings.max_in_flight,
+                max_backlog=settings.max_backlog,
+                max_backlog_bytes=settings.max_backlog_bytes,
+                request_id_ttl_s=settings.request_id_ttl_s,
+                metrics=metrics,
+                drift_feed=feed,
+                feature_store=client,
+            )
+            metrics.track_in_flight(lambda: app.state.service.in_flight)
+            metrics.track_decision_appends(appender)
+            stop_jobs = await jobs.start(app, settings)
+            undo.push_async_callback(stop_jobs)
+            vital = VitalTasks(on_vital_death)
+            vitals = {**background, "the reply reader": rendezvous.reader_task,
+                      "the jobs supervisor": app.state.jobs.supervisor_task}  # fmt: skip
+            for name, maybe in vitals.items():
+                if maybe is not None:
+                    vital.watch(name, maybe)
+            app.state.vital_tasks = vital
+            if owns_process:
+                settle_heap()
+            undo.pop_all()  # started: the shutdown below stops it all, in its order
         log.info("gateway ready: deployments %s, reply stream %s",
                  sorted(deployments.deployments), rendezvous.reply_to)  # fmt: skip
         try:
@@ -305,33 +320,7 @@ def create_app(
     jobs.mount(app, settings)
     feedback.mount(app)
 
-    def _styled(request: Request, problem: Problem) -> JSONResponse:
-        """``{"error"}`` under ``/v2`` (what tritonclient decodes), else ``{"detail"}``."""
-        if style_of(request.url.path) is Style.ERROR:
-            return oip.error(problem)
-        return problem.response()
-
-    async def _answer(request: Request, exc: Exception) -> JSONResponse:
-        answer = problem_of(exc)
-        if answer is None:
-            raise exc
-        return _styled(request, answer)
-
-    async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-        """The framework's own refusals (an unknown route, a wrong method, a route's
-        ``HTTPException``) through the same builder."""
-        assert isinstance(exc, StarletteHTTPException)
-        return _styled(request, Problem(exc.status_code, exc.detail, headers=exc.headers or {}))
-
-    async def _gone(request: Request, exc: Exception) -> Response:
-        """The client left (or the body cap answered it) while a route read the body: nobody
-        reads this answer, and it is no error of ours to log with a traceback."""
-        return Response(status_code=400)
-
-    for failure in (*HANDLED, RequestValidationError):
-        app.add_exception_handler(failure, _answer)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(ClientDisconnect, _gone)
+    install_refusals(app)
 
     @app.post(
         "/v1/deployments/{deployment}/predict",

@@ -1,0 +1,107 @@
+"""What a person starting ``rdv`` reads when something is wrong: one line naming it, never a
+traceback, and a process that exits rather than lingering (real processes; found by hand)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from processes import free_port
+
+ROOT = Path(__file__).parents[1]
+
+
+def rdv(args: list[str], env: dict[str, str], **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, **kw)  # type: ignore[call-overload]  # fmt: skip
+
+
+def base_env(tmp_path: Path) -> dict[str, str]:
+    return {"PATH": os.environ["PATH"], "RDV_DATA_DIR": str(tmp_path)}
+
+
+@pytest.mark.parametrize(
+    "setting, says",
+    [
+        ("RDV_PORT=abc", "RDV_PORT='abc': Input should be a valid integer"),
+        ("RDV_MAX_ROWS=-1", "RDV_MAX_ROWS='-1': Input should be greater than or equal to 1"),
+        ("RDV_FALLBACKS=notjson", "RDV_FALLBACKS='notjson': not valid JSON"),
+        ("RDV_LOG_LEVEL=chatty", "RDV_LOG_LEVEL='chatty': one of DEBUG"),
+        ('RDV_DRIFT_THRESHOLDS={"nope": 1}', "unknown threshold 'nope'"),
+        ('RDV_DRIFT_THRESHOLDS={"score_psi": "x"}', "RDV_DRIFT_THRESHOLDS[score_psi]='x'"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_it(tmp_path: Path, setting: str, says: str) -> None:
+    """Each printed a pydantic traceback of 14-38 lines; a bad ``RDV_DRIFT_THRESHOLDS`` even
+    let ``rdv serve`` start gateways that then hung, serving nothing."""
+    name, _, value = setting.partition("=")
+    done = rdv(["models", "list"], {**base_env(tmp_path), name: value})
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("rdv models: invalid configuration: ") and says in line, line
+
+
+def test_a_gateway_whose_start_fails_exits(tmp_path: Path, redis_url: str) -> None:
+    """A start that failed after the reply reader started left the process alive after
+    uvicorn's "Application startup failed" (the reader's blocked read outlived the loop's
+    cancellation), so no supervisor saw it die. Here the jobs' start fails, as a start that
+    meets a Redis going away would."""
+    script = (
+        "import sys\n"
+        "import gateway.transport.jobs as jobs\n"
+        "async def refuse(app, settings):\n"
+        "    raise ConnectionError('Redis went away during the start')\n"
+        "jobs.start = refuse\n"
+        "from gateway.cli.main import main\n"
+        f"main(['gateway', '--port', '{free_port()}'])\n"
+    )
+    env = {**base_env(tmp_path), "RDV_REDIS_URL": redis_url, "RDV_GATEWAY_PROCESSES": "1"}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "Application startup failed" in done.stderr
+    assert done.returncode != 0 and time.monotonic() - started < 30
+
+
+def test_a_gateway_out_of_reach_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, never listening: refused
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        labels = tmp_path / "labels.csv"
+        labels.write_text("request_id,label\nr-1,1\n")
+        done = rdv(["feedback", "--deployment", "d", "--url", url, str(labels)], base_env(tmp_path))
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"cannot reach the gateway at {url}: [Errno 111] Connection refused; 0 labels were "
+            "accepted before it"
+        )
+        env = {**base_env(tmp_path), "RDV_ADMIN_TOKEN": "t"}
+        done = rdv(["models", "list", "--url", url], env)
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        assert done.stderr.strip().startswith(f"cannot reach the gateway at {url}")
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path: Path) -> None:
+    """``rdv archive read | head`` ended in a BrokenPipeError traceback."""
+    from models.archive import SegmentWriter
+
+    writer = SegmentWriter(tmp_path / "logbin")
+    writer.append_batch("d", [{"request_id": f"r-{i}", "ts_ms": i, "features": [[1.0]]}
+                              for i in range(20_000)])  # fmt: skip
+    writer.close()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "archive", "read"],
+                            env=base_env(tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(100)
+    proc.stdout.close()  # the reader goes away, as head does
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(60) == 1
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
