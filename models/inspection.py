@@ -67,7 +67,6 @@ def inspect_onnx(data: bytes, meta: ModelMeta) -> ModelMeta:
     no external data files (they would be read from the server's disk), standard operators
     only, loadable by onnxruntime, one input of the feature spec's width, and a dry run on a
     batch of that width. Returns ``meta`` with the classes the model really outputs."""
-    import numpy as np
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -94,6 +93,7 @@ def inspect_onnx(data: bytes, meta: ModelMeta) -> ModelMeta:
             raise ArtifactRejected(
                 "the model refers to external data files; upload a self-contained ONNX file"
             )
+    graph_classes = _graph_classes(proto)
     width = meta.feature_spec.width
     try:
         # Loaded from a file alone in a fresh folder: were any reference to external data left,
@@ -102,29 +102,139 @@ def inspect_onnx(data: bytes, meta: ModelMeta) -> ModelMeta:
             path = Path(folder) / "model.onnx"
             path.write_bytes(data)
             model = OnnxClassifier(path, meta)
-        _labels, proba = model.predict(np.zeros((2, width), np.float32))
+        _check_io(model)
+        rows = _dry_rows(meta)
+        labels, proba = model.predict(rows)
     except ModelLoadError as exc:
         raise ArtifactRejected(str(exc)) from None
     except Exception as exc:  # onnxruntime raises several private exception types
         raise ArtifactRejected(
             f"the model fails on a batch of {width} features per row: {exc}"
         ) from None
-    if proba.ndim != 2 or proba.shape[0] != 2:
+    classes = _classes(meta, graph_classes, proba, len(rows))
+    _check_answers(labels, proba, classes, follows_columns=graph_classes is None)
+    class_names = meta.class_names or [str(c) for c in classes]
+    if len(class_names) != len(classes):
+        raise ArtifactRejected("class_names must name every class")
+    return ModelMeta.from_dict({**meta.to_dict(), "classes": classes, "class_names": class_names})
+
+
+SUPPORTED = (
+    "this server serves classifiers exported by skl2onnx with zipmap=False: one float32 "
+    "input [rows, features], outputs (label, probabilities), integer class labels"
+)
+
+
+def _graph_classes(proto: Any) -> list[int] | None:
+    """The class labels the model's classifier operator declares (ONNX-ML's
+    ``classlabels_*`` attributes: the order of its probability columns), or None when no
+    operator says. String labels are refused unless each is an integer."""
+    found: list[Any] | None = None
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if attr.name in ("classlabels_int64s", "classlabels_ints") and attr.ints:
+                found = list(attr.ints)
+            elif attr.name == "classlabels_strings" and attr.strings:
+                found = [raw.decode("utf-8", "replace") for raw in attr.strings]
+        if found is not None and node.op_type.endswith("Classifier"):
+            break  # the classifier's own, not a ZipMap's after it
+    if found is None:
+        return None
+    try:
+        return [int(label) for label in found]
+    except ValueError:
         raise ArtifactRejected(
-            f"expected probabilities of shape (rows, classes), got {proba.shape}"
+            f"the model's classes are strings {found[:10]}: {SUPPORTED}; train on integers "
+            "(e.g. LabelEncoder) and give the strings as class_names"
+        ) from None
+
+
+def _check_io(model: Any) -> None:
+    """What the session says of its input and outputs, before a batch meets it."""
+    [given] = model.session.get_inputs()
+    if given.type != "tensor(float)":
+        raise ArtifactRejected(
+            f"the model's input is {given.type}: {SUPPORTED} (skl2onnx: FloatTensorType)"
         )
-    if not np.isfinite(proba).all():
+    proba = model.session.get_outputs()[1]
+    if not str(proba.type).startswith("tensor("):
         raise ArtifactRejected(
-            "the model outputs non-finite probabilities (NaN or infinity) on a dry batch"
+            f"the probabilities output is {proba.type} (a ZipMap): {SUPPORTED}; export with "
+            "options={id(model): {'zipmap': False}}"
+        )
+
+
+def _dry_rows(meta: ModelMeta) -> Any:
+    """Rows to try the model on: zeros, then rows drawn within each feature's training range
+    (or around zero when the spec has no statistics), so that several classes may show."""
+    import numpy as np
+
+    spec = meta.feature_spec
+    rng = np.random.default_rng(0)
+    low = np.array([spec.stats[n].min if n in spec.stats else -1.0 for n in spec.names])
+    high = np.array([spec.stats[n].max if n in spec.stats else 1.0 for n in spec.names])
+    drawn = rng.uniform(low, high, size=(62, spec.width))
+    return np.vstack([np.zeros((2, spec.width)), drawn]).astype(np.float32)
+
+
+def _classes(meta: ModelMeta, graph: list[int] | None, proba: Any, rows: int) -> list[int]:
+    """The classes in the order of the probability columns: the graph's, which the metadata
+    may repeat but not contradict."""
+    if proba.ndim != 2 or proba.shape[0] != rows:
+        raise ArtifactRejected(
+            f"expected probabilities of shape (rows, classes), got {proba.shape}: {SUPPORTED}"
         )
     n_classes = int(proba.shape[1])
-    classes = meta.classes or list(range(n_classes))
+    if n_classes < 2:
+        raise ArtifactRejected(
+            f"the second output has {n_classes} column, a classifier's probabilities one per "
+            "class (a model without predict_proba, such as LinearSVC, answers scores: wrap it "
+            "in CalibratedClassifierCV)"
+        )
+    if meta.classes and graph is not None and list(meta.classes) != graph:
+        raise ArtifactRejected(
+            f"the metadata's classes {list(meta.classes)} differ from the model's {graph} (the "
+            "order of its probability columns): leave classes out, or give them in that order"
+        )
+    classes = list(meta.classes or graph or range(n_classes))
     if len(classes) != n_classes:
         raise ArtifactRejected(
             f"the metadata names {len(classes)} classes, the model "
             f"outputs {n_classes} probabilities"
         )
-    class_names = meta.class_names or [str(c) for c in classes]
-    if len(class_names) != n_classes:
-        raise ArtifactRejected("class_names must name every class")
-    return ModelMeta.from_dict({**meta.to_dict(), "classes": classes, "class_names": class_names})
+    if len(set(classes)) != len(classes):
+        raise ArtifactRejected(f"classes must be distinct, got {classes}")
+    return classes
+
+
+def _check_answers(labels: Any, proba: Any, classes: list[int], *, follows_columns: bool) -> None:
+    """Probabilities that are probabilities, labels among the classes, and (where the graph
+    names no classes) labels that follow the columns in the order given."""
+    import numpy as np
+
+    if not np.isfinite(proba).all():
+        raise ArtifactRejected(
+            "the model outputs non-finite probabilities (NaN or infinity) on a dry batch"
+        )
+    sums = proba.sum(axis=1)
+    if proba.min() < -1e-4 or proba.max() > 1 + 1e-4 or np.abs(sums - 1).max() > 1e-3:
+        raise ArtifactRejected(
+            "the second output is not probabilities (each row in [0, 1], summing to 1; got "
+            f"values {float(proba.min()):.4g} to {float(proba.max()):.4g}, row sums "
+            f"{float(sums.min()):.4g} to {float(sums.max()):.4g}): {SUPPORTED}"
+        )
+    unknown = sorted(set(labels.tolist()) - set(classes))
+    if unknown:
+        raise ArtifactRejected(
+            f"the model's labels {unknown[:10]} are not among its classes {classes}: give "
+            "classes as the model's labels, in the order of its probability columns"
+        )
+    if follows_columns:
+        top = np.sort(proba, axis=1)
+        clear = top[:, -1] - top[:, -2] > 1e-3
+        by_column = np.asarray(classes)[proba.argmax(axis=1)]
+        if clear.any() and (by_column[clear] == labels[clear]).mean() < 0.95:
+            raise ArtifactRejected(
+                f"the labels do not follow the probability columns in the order of classes "
+                f"{classes}: give classes in the model's column order"
+            )

@@ -3,6 +3,7 @@ runtime, the drift monitor and the admin API read of it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,3 +71,24 @@ class ModelMeta:
                 else [float(v) for v in doc["score_reference"]]
             ),
         )
+
+
+def unfit_for(meta: ModelMeta, spec: FeatureSpec, classes: Sequence[int]) -> str | None:
+    """Why ``meta`` cannot score a deployment's rows (``spec``) beside a real model of
+    ``classes``, or None: the same features in the same order (a model trained on another
+    order would be fed the wrong columns without a word), and the same classes (answers on
+    other classes cannot be compared, nor judged against the same labels)."""
+    model = f"model {meta.name} v{meta.version}"
+    if meta.feature_spec.width != spec.width:
+        return (
+            f"{model} takes {meta.feature_spec.width} features, the deployment feeds {spec.width}"
+        )
+    for i, (theirs, ours) in enumerate(zip(meta.feature_spec.names, spec.names, strict=True)):
+        if theirs != ours:
+            return (f"{model} takes feature {theirs!r} at position {i}, where the deployment "
+                    f"feeds {ours!r}: its feature names, in their order, must be the "
+                    "deployment's")  # fmt: skip
+    if list(meta.classes) != list(classes):
+        return (f"{model} has classes {list(meta.classes)}, the deployment's real model "
+                f"{list(classes)}: their answers could not be compared")  # fmt: skip
+    return None

@@ -158,9 +158,20 @@ class RoleModel:
         ms_per_row = inference_s * 1000 / len(x)
         self.stats.inference_s += inference_s
         self.stats.rows += len(x)
+        finite = np.isfinite(proba).all(axis=1) if proba.ndim == 2 else np.ones(len(x), bool)
         row = 0
         for env, queue_ms in good:
             n = env.features.shape[0]
+            if not finite[row : row + n].all():
+                # Inputs far outside training (say 3e38, finite in float32) can overflow a
+                # scaler or a softmax: this model has no answer for the request, and the
+                # schedule's fallback (the canary, often finite) answers instead of a 502.
+                bad = int(np.flatnonzero(~finite[row : row + n])[0])
+                self.stats.errors += 1
+                why = f"model answered a non-finite probability (row {bad})"
+                out.append(self._failed(env, queue_ms, why))
+                row += n
+                continue
             out.append(
                 (
                     env.reply_to,
@@ -171,7 +182,7 @@ class RoleModel:
                 )
             )  # fmt: skip
             row += n
-        self.stats.scored += len(good)
+            self.stats.scored += 1
         return out
 
     def _failed(self, env: RequestEnvelope, queue_ms: float, error: str) -> Scored:

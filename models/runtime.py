@@ -38,7 +38,9 @@ class OnnxClassifier:
         self.session = _session(source)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
-            raise ModelLoadError(f"expected one input tensor, the model has {len(inputs)}")
+            raise ModelLoadError(
+                f"expected one input tensor [rows, features], the model has {len(inputs)}"
+            )
         self.input_name = inputs[0].name
         width = inputs[0].shape[-1] if inputs[0].shape else None
         if isinstance(width, int) and width != meta.feature_spec.width:
@@ -47,7 +49,10 @@ class OnnxClassifier:
             )
         outputs = [o.name for o in self.session.get_outputs()]
         if len(outputs) != 2:
-            raise ModelLoadError(f"expected outputs (label, probabilities), got {outputs}")
+            raise ModelLoadError(
+                f"expected a classifier's two outputs (label, probabilities), got {outputs}: "
+                "this server serves classifiers (a regressor is not supported)"
+            )
         self.label_output, self.proba_output = outputs
 
     @property

@@ -25,7 +25,7 @@ from gateway.settings import Settings
 from gateway.transport.app import create_app
 from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
-from models.train import DEMO_DEPLOYMENT, DEMO_MODEL
+from models.train import DEMO_DEPLOYMENT, DEMO_MODEL, demo_data
 from rendezvous import names
 from rendezvous.decision import build_decision
 from rendezvous.envelope import ModelResult
@@ -226,6 +226,8 @@ def test_upload_list_show_delete(admin: AppClient, r: redis.Redis) -> None:
         ("plain-text", 415, "multipart"),
         ("nested-json", 422, "not JSON"),
         ("unknown-deployment", 404, "does not exist"),
+        ("wrong-sha256", 422, "does not match the artifact"),  # these two answered 500
+        ("repeated-names", 422, "feature names must be unique"),
     ],
 )
 def test_refused_uploads_are_4xx_and_change_nothing(
@@ -264,6 +266,13 @@ def test_refused_uploads_are_4xx_and_change_nothing(
         resp = client.post(
             "/admin/models", content=b"x", headers={**AUTH, "content-type": "text/plain"}
         )
+    elif case == "wrong-sha256":
+        resp = client.post("/admin/models", json=upload_body("weak", sha256="ab" * 32),
+                           headers=AUTH)  # fmt: skip
+    elif case == "repeated-names":
+        names = [*demo_data().names[:-1], demo_data().names[0]]
+        body = upload_body("weak", deployment=None, name="other", feature_names=names)
+        resp = client.post("/admin/models", json=body, headers=AUTH)
     else:
         resp = client.post(
             "/admin/models", json=upload_body("weak", deployment="nope"), headers=AUTH
@@ -334,6 +343,28 @@ def test_promote_and_rollback_keep_history_and_refresh_the_cache_at_once(
     assert history[2]["detail"] == {"to_revision": 1}
     assert all(h["ts_ms"] > 0 for h in history)
     assert admin.post(f"{DEP}/rollback", json={"to_revision": 9}, headers=AUTH).status_code == 409
+
+
+def test_models_of_other_features_or_classes_never_take_a_role(admin: AppClient) -> None:
+    """Only the width was checked: a model declaring the deployment's 30 features in another
+    order, or other classes, became a challenger and real, fed the deployment's columns and
+    compared on other classes (found by hand)."""
+    names = list(reversed(demo_data().names))
+    body = upload_body("weak", deployment=None, name="reordered", feature_names=names)
+    assert admin.post("/admin/models", json=body, headers=AUTH).status_code == 201
+    for call in (
+        admin.post(f"{DEP}/promote", json={"model": "reordered", "version": 1}, headers=AUTH),
+        admin.post(
+            f"{DEP}/challengers",
+            json={"role": "r", "model": "reordered", "version": 1},
+            headers=AUTH,
+        ),
+        admin.post(
+            f"{DEP}/replays", json={"model": "reordered", "version": 1, "last": 10}, headers=AUTH
+        ),
+    ):
+        assert call.status_code == 422, call.text
+        assert "feeds 'mean radius'" in call.json()["detail"]
 
 
 def test_wrong_width_models_never_take_a_role(admin: AppClient) -> None:

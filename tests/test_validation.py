@@ -72,6 +72,12 @@ def test_float32_overflow_is_refused_with_its_location() -> None:
     errs = errors_of(json.dumps({"features": {"a": 1e300, "b": 2, "c": 3}}))
     assert errs[0]["loc"] == ("body", "features", "a")
     assert "float32" in errs[0]["msg"]
+    # float32's largest, as the shortest decimal prints it, rounds to it (it was refused);
+    # the least number that rounds to infinity is refused
+    x = to_matrix(SPEC, parse('{"instances": [[3.4028235e38, -3.4028235e38, 0]]}'), 10)
+    assert x.dtype == np.float32 and np.isfinite(x).all() and x[0, 0] == np.finfo(np.float32).max
+    assert errors_of('{"instances": [[3.4028235677973366e38, 0, 0]]}')[0]["loc"] == (
+        "body", "instances", 0, 0)  # fmt: skip
 
 
 @pytest.mark.parametrize(

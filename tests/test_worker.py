@@ -169,6 +169,28 @@ def test_wrong_width_gets_an_error_result_not_a_crash(
     assert got["fine"].ok
 
 
+def test_a_non_finite_answer_is_the_models_failure_for_that_request_only(
+    r: redis.Redis, demo_registry: ModelRegistry
+) -> None:
+    """Rows near float32's bound (finite, so taken) overflow the canary's scaler into NaN:
+    the record kept NaN probabilities, a real doing so answered 502 and poisoned the live
+    accuracy (found by hand). A model's non-finite answer is now its failure for that request
+    (the schedule's fallback answers); the other requests of the batch stand."""
+    setup(r, demo_registry)
+    huge = demo_data().x_test[:2].astype(np.float32)
+    huge[1] = 3.4e38
+    publish(r, "fine", demo_data().x_test[:1])
+    publish(r, "huge", huge)
+    worker = make_worker(r, demo_registry, "canary")
+    worker.drain()
+    got = results(r)
+    assert got["fine"].ok and np.isfinite(got["fine"].probabilities).all()
+    assert not got["huge"].ok and got["huge"].error == (
+        "model answered a non-finite probability (row 1)"
+    )
+    assert worker.stats.scored == 1 and worker.stats.errors == 1
+
+
 def test_no_reply_stream_is_created_for_a_gateway_that_is_gone(
     r: redis.Redis, demo_registry: ModelRegistry
 ) -> None:

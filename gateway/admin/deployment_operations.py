@@ -34,6 +34,7 @@ from models.deployments import (
     with_schedule,
     without_challenger,
 )
+from models.meta import unfit_for
 from rendezvous import names
 from rendezvous.bus.connection import text
 from rendezvous.schedule import Schedule
@@ -213,15 +214,15 @@ class DeploymentOperations(AdminCore):
         return self._change(name, change, "set-partitions", actor, req.reason, detail)
 
     def _servable(self, ref: ModelRef, dep: Deployment) -> None:
-        """A model that may take a role in ``dep``: registered, artifact present, right width."""
+        """A model that may take a role in ``dep``: registered, artifact present, the
+        deployment's features in its order, the real model's classes (``unfit_for``)."""
         meta = self._meta(ref)
         if not self.registry.exists(ref.name, ref.version):
             raise Conflict(f"model {ref} is indexed but its artifact is missing")
-        if meta.feature_spec.width != dep.feature_spec.width:
-            raise Invalid(
-                f"model {ref} takes {meta.feature_spec.width} features, deployment "
-                f"{dep.name} feeds {dep.feature_spec.width}"
-            )
+        real = self._meta(dep.roles[names.REAL])
+        why = unfit_for(meta, dep.feature_spec, real.classes)
+        if why is not None:
+            raise Invalid(f"{why} (deployment {dep.name})")
 
     @staticmethod
     def _schedule(base: Schedule, req: ScheduleIn) -> Schedule:

@@ -13,7 +13,7 @@ from gateway.admin.service_core import AdminCore
 from models.deployments import DeploymentNotFound, ModelRef
 from models.inspection import ArtifactRejected, inspect_onnx
 from models.meta import ModelMeta
-from models.registry import ModelExists
+from models.registry import ModelExists, sha256_hex
 from rendezvous import names
 from rendezvous.spec import FeatureSpec
 
@@ -34,6 +34,8 @@ class ModelOperations(AdminCore):
             names.check_name(meta.name, "model name")
         except ValueError as exc:
             raise Invalid(str(exc)) from None
+        if meta.sha256 and meta.sha256.lower() != (digest := sha256_hex(data)):
+            raise Invalid(f"sha256 {meta.sha256} does not match the artifact's, {digest}")
         spec = self._upload_spec(meta)
         draft = ModelMeta(
             name=meta.name,
@@ -41,7 +43,7 @@ class ModelOperations(AdminCore):
             feature_spec=spec,
             classes=list(meta.classes or []),
             class_names=list(meta.class_names or []),
-            sha256=meta.sha256 or "",
+            sha256=(meta.sha256 or "").lower(),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             metrics=dict(meta.metrics),
             algorithm=meta.algorithm,
@@ -64,7 +66,10 @@ class ModelOperations(AdminCore):
                 raise Invalid(f"feature_names differ from deployment {meta.deployment}'s spec")
             return spec
         if meta.feature_names:
-            return FeatureSpec.from_names(meta.feature_names)
+            try:
+                return FeatureSpec.from_names(meta.feature_names)
+            except ValueError as exc:  # names repeated
+                raise Invalid(f"feature_names: {exc}") from None
         earlier = self.registry.list(meta.name)
         if earlier:
             return earlier[-1].feature_spec

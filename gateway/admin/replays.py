@@ -27,6 +27,7 @@ from gateway.settings import Settings
 from models.archive_slice import MAX_LAST, SliceError, parse_time, positions_from
 from models.deployment_store import DeploymentStore
 from models.deployments import DeploymentNotFound
+from models.meta import unfit_for
 from models.registry import ModelNotFound, ModelRegistry
 from models.replay import run_process
 from models.replay_report import new_report
@@ -90,10 +91,14 @@ class ReplayManager:
             meta = self.registry.meta(model, body.version)
         except ModelNotFound:
             raise NotFound(f"model {model} version {body.version} is not in the registry") from None
-        if meta.feature_spec.width != dep.feature_spec.width:
-            raise Invalid(f"model {model} version {body.version} takes "
-                          f"{meta.feature_spec.width} features, {deployment} has "
-                          f"{dep.feature_spec.width}")  # fmt: skip
+        real = dep.roles[names.REAL]
+        try:
+            real_classes = self.registry.meta(real.name, real.version).classes
+        except ModelNotFound:
+            real_classes = meta.classes  # its real is gone: nothing to compare classes with
+        why = unfit_for(meta, dep.feature_spec, real_classes)
+        if why is not None:
+            raise Invalid(f"{why} (deployment {deployment})")
         now_ms = time.time() * 1000
         request, positions = self._selection(body, now_ms)
         self._room()

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rendezvous.names import ENTITY_PATTERN
 from rendezvous.spec import FeatureSpec
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_INF = float(np.finfo(np.float32).max) + 2.0**103
+"""The least number float32 rounds to infinity (its largest, plus half a step there)."""
 
 FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 """A JSON number: not a string, not a bool, not NaN or infinity."""
@@ -136,7 +137,9 @@ def _matrix(
         if errors:
             raise RequestValidationError(errors)
     x64 = np.asarray(rows, dtype=np.float64)
-    too_big = np.abs(x64) > _FLOAT32_MAX
+    with np.errstate(over="ignore"):  # what float32 cannot hold becomes infinity: refused
+        x = x64.astype(np.float32)
+    too_big = np.isinf(x)  # (3.4028235e38, float32's largest written short, rounds to it)
     if too_big.any():
         for r, c in zip(*np.nonzero(too_big), strict=True):
             loc: tuple[str | int, ...] = (
@@ -147,7 +150,6 @@ def _matrix(
             if len(errors) >= 20:
                 break
         raise RequestValidationError(errors)
-    x = x64.astype(np.float32)
     return x
 
 
@@ -273,7 +275,7 @@ def _stored_number(value: bytes | str) -> float:
         number = float(value)
     except ValueError:
         return math.nan
-    return number if abs(number) <= _FLOAT32_MAX else math.nan
+    return number if abs(number) < _FLOAT32_INF else math.nan
 
 
 def check_matrix(spec: FeatureSpec, x: np.ndarray, max_rows: int) -> np.ndarray:

@@ -1,0 +1,137 @@
+"""What an upload of each kind of scikit-learn model gets (found by hand, bringing a data
+scientist's models through the system): classes taken from the model's own classifier, not
+assumed to be 0..k-1; scores that are not probabilities, string labels, a ZipMap, a regressor
+and a float64 input refused at upload with what is supported; a model whose labels do not
+follow its columns refused; and a role whose features or classes differ from the deployment's
+refused. Real models, exported with skl2onnx, checked in onnxruntime."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from skl2onnx import to_onnx
+from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType
+from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.svm import LinearSVC
+
+from models.inspection import ArtifactRejected, inspect_onnx
+from models.meta import ModelMeta, unfit_for
+from models.runtime import OnnxClassifier
+from models.train import demo_data
+from rendezvous.spec import FeatureSpec
+
+pytestmark = pytest.mark.pure
+
+WIDTH = 4
+
+
+def rows() -> tuple[np.ndarray, np.ndarray]:
+    x = demo_data().x_train[:200, :WIDTH].astype(np.float32)
+    return x, (x[:, 0] > np.median(x[:, 0])).astype(int)
+
+
+def onnx_of(model: Any, *, zipmap: bool = False, double: bool = False) -> bytes:
+    """As ``models.train.export_onnx`` (no ZipMap) unless told; a model without
+    probabilities has no ZipMap to turn off."""
+    kind = DoubleTensorType if double else FloatTensorType
+    plain = zipmap or not hasattr(model, "predict_proba")
+    options = {} if plain else {id(model): {"zipmap": False}}
+    onx = to_onnx(model, initial_types=[("x", kind([None, WIDTH]))], options=options,
+                  target_opset={"": 17, "ai.onnx.ml": 3})  # fmt: skip
+    return bytes(onx.SerializeToString())
+
+
+def meta(classes: list[int] | None = None, names: list[str] | None = None) -> ModelMeta:
+    spec = FeatureSpec.from_names(names or demo_data().names[:WIDTH])
+    return ModelMeta(name="m", version=1, feature_spec=spec, classes=classes or [],
+                     class_names=[], sha256="", created_at="")  # fmt: skip
+
+
+def fitted(labels: np.ndarray, model: Any = None) -> Any:
+    x, _ = rows()
+    return (model or LogisticRegression(max_iter=500)).fit(x, labels)
+
+
+def test_classes_are_the_models_own_and_keyed_as_it_labels() -> None:
+    """A model on labels -1/+1 was stored as classes [0, 1]: predict answered label -1 with
+    probabilities keyed "0" and "1", and a label sent back as feedback was refused."""
+    x, y = rows()
+    for labels in (np.where(y == 1, 1, -1), y * 10 + 10, y):
+        model = fitted(labels)
+        checked = inspect_onnx(onnx_of(model), meta())
+        assert checked.classes == model.classes_.tolist()
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "m.onnx").write_bytes(onnx_of(model))
+            got, proba = OnnxClassifier(Path(folder) / "m.onnx", checked).predict(x)
+        assert got.tolist() == model.predict(x).tolist()
+        assert np.allclose(proba, model.predict_proba(x), atol=1e-5)
+
+
+def test_metadata_that_contradicts_the_model_is_refused() -> None:
+    model = onnx_of(fitted(rows()[1]))
+    for wrong in ([1, 0], [5, 7], [0, 0]):
+        with pytest.raises(ArtifactRejected, match="differ from the model's"):
+            inspect_onnx(model, meta(wrong))
+    assert inspect_onnx(model, meta([0, 1])).classes == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "build, says",
+    [
+        (lambda y: onnx_of(fitted(y, LinearSVC())), "wrap it in CalibratedClassifierCV"),
+        (lambda y: onnx_of(fitted(np.where(y == 1, "yes", "no"))), "classes are strings"),
+        (lambda y: onnx_of(fitted(y), zipmap=True), "ZipMap"),
+        (lambda y: onnx_of(LinearRegression().fit(rows()[0], y)), "regressor is not supported"),
+        (lambda y: onnx_of(fitted(y), double=True), "input is tensor(double)"),
+    ],
+    ids=["scores", "string-labels", "zipmap", "regressor", "float64"],
+)
+def test_what_is_not_supported_is_refused_saying_what_is(build: Any, says: str) -> None:
+    with pytest.raises(ArtifactRejected, match=says.replace("(", r"\(").replace(")", r"\)")):
+        inspect_onnx(build(rows()[1]), meta())
+
+
+def test_labels_that_do_not_follow_the_columns_are_refused() -> None:
+    """A graph that names no classes: its labels must follow the probability columns in the
+    order of the classes given (here they are the other column's)."""
+    h = onnx.helper
+    graph = h.make_graph(
+        [
+            h.make_node("Slice", ["x", "starts", "ends", "axes"], ["two"]),
+            h.make_node("Softmax", ["two"], ["probabilities"], axis=1),
+            h.make_node("ArgMin", ["probabilities"], ["label"], axis=1, keepdims=0),
+        ],
+        "argmin",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, WIDTH])],
+        [
+            h.make_tensor_value_info("label", onnx.TensorProto.INT64, [None]),
+            h.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, [None, 2]),
+        ],
+        [
+            h.make_tensor("starts", onnx.TensorProto.INT64, [1], [0]),
+            h.make_tensor("ends", onnx.TensorProto.INT64, [1], [2]),
+            h.make_tensor("axes", onnx.TensorProto.INT64, [1], [1]),
+        ],
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    model.ir_version = 8
+    with pytest.raises(ArtifactRejected, match="do not follow the probability columns"):
+        inspect_onnx(model.SerializeToString(), meta())
+
+
+def test_a_role_takes_the_deployments_features_in_order_and_its_classes() -> None:
+    names = demo_data().names[:WIDTH]
+    spec = FeatureSpec.from_names(names)
+    assert unfit_for(meta([0, 1]), spec, [0, 1]) is None
+    reversed_names = meta([0, 1], list(reversed(names)))
+    assert "at position 0" in (unfit_for(reversed_names, spec, [0, 1]) or "")
+    assert "classes [-1, 1]" in (unfit_for(meta([-1, 1]), spec, [0, 1]) or "")
+    narrow = FeatureSpec.from_names(names[:3])
+    assert "takes 4 features, the deployment feeds 3" in (
+        unfit_for(meta([0, 1]), narrow, [0, 1]) or ""
+    )
