@@ -121,6 +121,9 @@ class Verdict:
 
     answer: str | None = None
     timed_out: bool = False
+    failed: bool = False
+    """With ``timed_out``: every role that may answer has failed, so there is nothing to wait
+    for (the answer comes at once, not at the timeout)."""
     wait_until_ms: float | None = None
     reason: str = field(default="")
     outcome: str = ""
@@ -157,6 +160,9 @@ def decide(
             if role in answered:
                 why = f"{primary} failed" if primary in failed else f"{primary} missed its deadline"
                 return _answer(schedule, role, f"{why}; {role} answered")
+        if primary in failed and all(role in failed for role in order):
+            return Verdict(timed_out=True, failed=True,
+                           reason=f"{', '.join((primary, *order))} failed")  # fmt: skip
     if elapsed_ms >= schedule.timeout_ms:
         return Verdict(timed_out=True, reason="no bin answered before the timeout")
     if not primary_is_out:

@@ -225,6 +225,29 @@ async def test_failed_real_falls_back_at_once(rdv: Rendezvous, r: redis.Redis) -
     assert rec.failed == ["real"] and rec.outputs["real"].error == "model failed"
 
 
+async def test_every_role_that_may_answer_failing_ends_the_wait_with_a_502(
+    rdv: Rendezvous, r: redis.Redis
+) -> None:
+    """It waited for the timeout (400 ms here, 1 s by default) and answered 504, though no
+    answer could come; now at once, a 502 naming each model's failure."""
+    from gateway.dataplane.failures import NoAnswer, problem_of
+
+    mb = rdv.open("g", DEP, SCHEDULE, ROLES)
+    await send(rdv.client, result("g", "real", 0.0, error="model failed: boom"))
+    await send(rdv.client, result("g", "canary", 0.0, error="model answered a non-finite "
+                                  "probability (row 0)"))  # fmt: skip
+    answer = await rdv.wait(mb)
+    assert answer.failed and answer.result is None
+    assert answer.elapsed_ms < SCHEDULE.timeout_ms / 2
+    problem = problem_of(NoAnswer("g", answer))
+    assert problem is not None and problem.status == 502
+    assert problem.detail == ("every model that may answer failed on the request: canary: "
+                              "model answered a non-finite probability (row 0); real: model "
+                              "failed: boom")  # fmt: skip
+    [rec] = await decisions(r, 1)
+    assert rec.outcome == "timeout" and sorted(rec.failed) == ["canary", "real"]
+
+
 async def test_duplicate_in_flight_id_is_refused_and_late_results_counted(
     rdv: Rendezvous, r: redis.Redis
 ) -> None:

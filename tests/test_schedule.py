@@ -50,6 +50,14 @@ def test_failed_fallback_is_skipped() -> None:
     assert decide(S, {"backup"}, {"real", "canary"}, 60.0).answer == "backup"
 
 
+def test_when_every_role_that_may_answer_failed_there_is_nothing_to_wait_for() -> None:
+    """It waited for the timeout (a 504 a second later) though no answer could come."""
+    v = decide(S, set(), {"real", "canary", "backup"}, 1.0)
+    assert v.timed_out and v.failed and v.reason == "real, canary, backup failed"
+    still = decide(S, set(), {"real", "canary"}, 1.0)  # backup may still answer
+    assert not still.timed_out and still.wait_until_ms == S.timeout_ms
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

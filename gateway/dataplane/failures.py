@@ -103,6 +103,9 @@ def problem_of(exc: BaseException) -> Problem | None:
         return unavailable(f"Redis is unavailable: {type(exc).__name__}")
     if isinstance(exc, NoAnswer):
         answer = exc.answer
+        if answer.failed:
+            detail = f"every model that may answer failed on the request: {answer.reason}"
+            return Problem(502, detail, {"request_id": exc.request_id})
         detail = f"no model answered within {answer.elapsed_ms:.0f} ms: {answer.reason}"
         return Problem(504, detail, {"request_id": exc.request_id})
     if isinstance(exc, TimeoutError):

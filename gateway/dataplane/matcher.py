@@ -55,6 +55,9 @@ class Answer:
     result: ModelResult | None
     reason: str
     elapsed_ms: float
+    failed: bool = False
+    """No answer because every role that may answer failed on the request (their errors are
+    in ``reason``), not because time ran out."""
 
 
 @dataclass(eq=False)
@@ -248,7 +251,11 @@ class Rendezvous:
                     elapsed_ms,
                 )  # fmt: skip
             elif verdict.timed_out:
-                mb.answered = Answer("timeout", None, None, verdict.reason, elapsed_ms)
+                reason = verdict.reason
+                if verdict.failed:
+                    reason = "; ".join(f"{role}: {r.error}" for role, r in sorted(
+                        mb.results.items()) if not r.ok)  # fmt: skip
+                mb.answered = Answer("timeout", None, None, reason, elapsed_ms, verdict.failed)
             else:
                 assert verdict.wait_until_ms is not None
                 self._arm(mb, verdict.wait_until_ms)

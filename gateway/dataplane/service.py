@@ -118,8 +118,9 @@ class PredictionService:
         known = deployment if deployment in self.deployments.deployments else None
         try:
             response, outcome = await self._predict(deployment, raw, request_id, t0, decode)
-        except NoAnswer:
-            self.metrics.request_done(known, "timeout", time.perf_counter() - t0)
+        except NoAnswer as exc:
+            outcome = "error" if exc.answer.failed else "timeout"
+            self.metrics.request_done(known, outcome, time.perf_counter() - t0)
             raise
         except (RequestValidationError, UnknownDeployment, DuplicateRequest):
             self.metrics.request_done(known, "invalid", None)
@@ -279,8 +280,9 @@ class PredictionService:
             if isinstance(replicated.exception(), NotReplicated):
                 raise Unavailable(str(replicated.exception()))
         if answer.result is None:
-            await self._no_answer(stream, rid, mailbox.input_id, answer.reason,
-                                  mailbox.started_ms, chosen)  # fmt: skip
+            if not answer.failed:  # the models said why: not Redis's doing
+                await self._no_answer(stream, rid, mailbox.input_id, answer.reason,
+                                      mailbox.started_ms, chosen)  # fmt: skip
             raise NoAnswer(rid, answer)
         result = answer.result
         return {
