@@ -292,6 +292,15 @@ def test_the_cli_drives_the_admin_api(
     main(["models", "show", "--url", system.url, "--name", "breast-cancer"])  # every version
     versions = [v["version"] for v in json.loads(capsys.readouterr().out)["versions"]]
     assert uploaded["version"] in versions and len(versions) >= 3
+    # a model of a feature set of its own: its names from a file (the CLI had no way to say)
+    names = tmp_path / "features.txt"
+    names.write_text("\n".join(f"scaled {n}" for n in demo_data().names))
+    main(["models", "upload", "--url", system.url, "--file", str(model), "--name", "rescaled",
+          "--feature-names", f"@{names}", "--class-names", "malignant,benign"])  # fmt: skip
+    other = json.loads(capsys.readouterr().out)
+    assert other["name"] == "rescaled" and other["class_names"] == ["malignant", "benign"]
+    main(["models", "show", "--url", system.url, "--name", "rescaled", "--version", "1"])
+    assert json.loads(capsys.readouterr().out)["feature_spec"]["names"][0] == "scaled mean radius"
     for missing in (
         ["models", "show"],
         ["models", "delete", "--name", "breast-cancer"],

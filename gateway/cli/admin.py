@@ -42,6 +42,8 @@ def cmd_models(args: argparse.Namespace) -> None:
                 "algorithm": args.algorithm,
                 "metrics": json.loads(args.metrics) if args.metrics else None,
                 "classes": [int(c) for c in args.classes.split(",")] if args.classes else None,
+                "class_names": args.class_names.split(",") if args.class_names else None,
+                "feature_names": _feature_names(args.feature_names),
             }
         )
         data = Path(args.file).read_bytes()
@@ -55,6 +57,16 @@ def cmd_models(args: argparse.Namespace) -> None:
         admin_request(args, "GET", f"/models/{args.name}/{args.version}")
     else:
         admin_request(args, "DELETE", f"/models/{args.name}/{args.version}")
+
+
+def _feature_names(given: str | None) -> list[str] | None:
+    """``a,b,c``, or ``@file`` with one name a line (names may hold commas)."""
+    if not given:
+        return None
+    if given.startswith("@"):
+        lines = Path(given[1:]).read_text(encoding="utf-8-sig").splitlines()
+        return [line.strip() for line in lines if line.strip()]
+    return [name.strip() for name in given.split(",")]
 
 
 def cmd_deployments(args: argparse.Namespace) -> None:
@@ -176,7 +188,11 @@ def add_admin_commands(sub: Any) -> None:
     p.add_argument("--description")
     p.add_argument("--algorithm")
     p.add_argument("--metrics", help='upload: JSON object, e.g. {"accuracy": 0.97}')
-    p.add_argument("--classes", help="upload: comma-separated class labels")
+    p.add_argument("--classes", help="upload: comma-separated class labels (default: the model's)")
+    p.add_argument("--class-names", help="upload: comma-separated names, one per class")
+    p.add_argument(
+        "--feature-names", help="upload, a model of new features: a,b,c or @file (a name a line)"
+    )
     p.set_defaults(func=cmd_models)
 
     p = admin("deployments", "deployments: list, show, create, history, shadow (admin API)")
