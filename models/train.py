@@ -15,7 +15,6 @@ import numpy as np
 from skl2onnx import to_onnx
 from skl2onnx.common.data_types import FloatTensorType
 from sklearn.base import clone
-from sklearn.covariance import LedoitWolf
 from sklearn.datasets import load_breast_cancer
 from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
@@ -31,22 +30,19 @@ from models.demo import (  # noqa: F401 - the demo's names, re-exported
     demo_models_present,
 )
 from models.meta import ModelMeta
+from models.reference import (  # noqa: F401 - re-exported: the demo's statistics
+    scores_reference,
+    training_centre,
+    training_spec,
+    training_stats,
+)
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
-from rendezvous.drift import score_counts
-from rendezvous.ood import OodReference
-from rendezvous.spec import FeatureSpec, FeatureStats, TrainingCentre
 
 log = logging.getLogger(__name__)
 
 SEED = 0
-QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-"""Deciles: the cuts of the feature-drift histograms. Equal-mass bins keep the PSI of a
-stationary window low and steady; tail levels (0.01, 0.99) hold one or two training rows each
-and made the largest of 30 feature PSIs swing up to 0.5 on unshifted traffic (tests/test_drift)."""
 CV_FOLDS = 5
-DISTANCE_QUANTILES = (0.5, 0.9, 0.99, 1.0)
-"""Of the training rows' distances to their centre, kept to read a live distance against."""
 
 
 @dataclass(frozen=True)
@@ -76,58 +72,13 @@ def demo_data() -> DemoData:
     )
 
 
-def training_stats(names: list[str], x: np.ndarray) -> dict[str, FeatureStats]:
-    stats = {}
-    for i, name in enumerate(names):
-        col = x[:, i].astype(np.float64)
-        qs = np.quantile(col, QUANTILES)
-        stats[name] = FeatureStats(
-            mean=float(col.mean()),
-            std=float(col.std()),
-            min=float(col.min()),
-            max=float(col.max()),
-            quantiles={str(q): float(v) for q, v in zip(QUANTILES, qs, strict=True)},
-        )
-    return stats
-
-
-def training_centre(
-    names: list[str], x: np.ndarray, stats: dict[str, FeatureStats]
-) -> TrainingCentre:
-    """The shrunk correlation of the training rows as a whitening (``TrainingCentre``).
-    Ledoit-Wolf rather than the sample covariance: 30 features over a few hundred rows, some
-    nearly collinear (radius, perimeter, area), leave the sample covariance close to singular,
-    and its inverse would make a tiny wobble of a collinear pair look like a gross outlier."""
-    mean = np.asarray([stats[n].mean for n in names])
-    std = np.asarray([stats[n].std if stats[n].std > 0 else 1.0 for n in names])
-    z = (np.asarray(x, dtype=np.float64) - mean) / std
-    correlation = LedoitWolf(assume_centered=True).fit(z).covariance_
-    whitening = np.linalg.inv(np.linalg.cholesky(correlation))  # lower triangular
-    rows = tuple(tuple(float(f"{v:.7g}") for v in whitening[i, : i + 1]) for i in range(len(names)))
-    draft = FeatureSpec(names=tuple(names), stats=stats, centre=TrainingCentre(rows))
-    reference = OodReference.from_spec(draft)
-    assert reference is not None
-    _, distance = reference.measure(x)
-    qs = np.quantile(distance, DISTANCE_QUANTILES)
-    return TrainingCentre(
-        rows, {str(q): round(float(v), 4) for q, v in zip(DISTANCE_QUANTILES, qs, strict=True)}
-    )
-
-
-def training_spec(names: list[str], x: np.ndarray) -> FeatureSpec:
-    """A spec with every training statistic the drift checks and the OOD score read."""
-    stats = training_stats(names, x)
-    return FeatureSpec(names=tuple(names), stats=stats, centre=training_centre(names, x, stats))
-
-
 def score_reference(estimator: Any, x: np.ndarray, y: np.ndarray) -> list[float]:
     """Share of out-of-fold positive-class scores per score bin (fresh clones, ``CV_FOLDS``
     folds of the training split): the scores the model gives rows it was not fitted on, which
     is what live traffic should look like, unlike its over-confident scores on its own
     training rows. The test split stays untouched for independent checks."""
     scores = cross_val_predict(clone(estimator), x, y, cv=CV_FOLDS, method="predict_proba")
-    counts = score_counts(scores[:, 1])
-    return [float(c) / float(counts.sum()) for c in counts]
+    return scores_reference(scores[:, 1])
 
 
 def export_onnx(estimator: Any, width: int) -> bytes:

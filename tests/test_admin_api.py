@@ -24,6 +24,7 @@ from fastapi.routing import APIRoute
 from gateway.settings import Settings
 from gateway.transport.app import create_app
 from models.deployment_store import DeploymentStore, demo_deployment
+from models.meta import ModelMeta
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, DEMO_MODEL, demo_data
 from rendezvous import names
@@ -343,6 +344,45 @@ def test_promote_and_rollback_keep_history_and_refresh_the_cache_at_once(
     assert history[2]["detail"] == {"to_revision": 1}
     assert all(h["ts_ms"] > 0 for h in history)
     assert admin.post(f"{DEP}/rollback", json={"to_revision": 9}, headers=AUTH).status_code == 409
+
+
+def test_reference_rows_give_a_model_of_its_own_features_its_training_statistics(
+    admin: AppClient,
+) -> None:
+    """A model uploaded with feature names of its own had no training statistics nor score
+    reference, so every drift and out-of-distribution check stayed off for it (found by
+    hand). Held-out rows given with the upload now make them, as the demo's training does."""
+    from models.reference import training_spec
+    from rendezvous.ood import OodReference
+
+    data = demo_data()
+    names = [f"x {n}" for n in data.names]
+    x = data.x_test
+    columns = ["id", *reversed(names)]  # any order, extra columns left out
+    rows = [[float(i), *map(float, reversed(row))] for i, row in enumerate(x)]
+    body = upload_body("weak", deployment=None, name="own", feature_names=names,
+                       reference={"columns": columns, "rows": rows})  # fmt: skip
+    resp = admin.post("/admin/models", json=body, headers=AUTH)
+    assert resp.status_code == 201, resp.text
+    stored = admin.get("/admin/models/own/1", headers=AUTH).json()
+    expected = training_spec(names, x).to_dict()
+    assert stored["feature_spec"]["stats"] == expected["stats"]
+    assert stored["feature_spec"]["centre"] == expected["centre"]
+    reference = stored["score_reference"]
+    assert len(reference) == 10 and abs(sum(reference) - 1) < 1e-9
+    created = admin.post("/admin/deployments", headers=AUTH,
+                         json={"name": "own", "real": {"model": "own", "version": 1}})  # fmt: skip
+    assert created.status_code == 201, created.text
+    spec = ModelMeta.from_dict(stored).feature_spec
+    assert OodReference.from_spec(spec) is not None
+    for reference_in, says in (
+        ({"columns": names, "rows": rows[:10]}, "give at least 50"),
+        ({"columns": names[1:], "rows": [r[2:] for r in rows]}, "no column for features"),
+    ):
+        body = upload_body("weak", deployment=None, name="own", feature_names=names,
+                           reference=reference_in)  # fmt: skip
+        refused = admin.post("/admin/models", json=body, headers=AUTH)
+        assert refused.status_code == 422 and says in refused.text, refused.text
 
 
 def test_models_of_other_features_or_classes_never_take_a_role(admin: AppClient) -> None:

@@ -295,12 +295,21 @@ def test_the_cli_drives_the_admin_api(
     # a model of a feature set of its own: its names from a file (the CLI had no way to say)
     names = tmp_path / "features.txt"
     names.write_text("\n".join(f"scaled {n}" for n in demo_data().names))
+    reference = tmp_path / "held-out.csv"
+    header = ",".join(f'"scaled {n}"' for n in demo_data().names)
+    lines = [",".join(map(repr, map(float, row))) for row in demo_data().x_test]
+    reference.write_text("\n".join([header, *lines]) + "\n")
     main(["models", "upload", "--url", system.url, "--file", str(model), "--name", "rescaled",
-          "--feature-names", f"@{names}", "--class-names", "malignant,benign"])  # fmt: skip
+          "--feature-names", f"@{names}", "--class-names", "malignant,benign",
+          "--reference", str(reference)])  # fmt: skip
     other = json.loads(capsys.readouterr().out)
     assert other["name"] == "rescaled" and other["class_names"] == ["malignant", "benign"]
     main(["models", "show", "--url", system.url, "--name", "rescaled", "--version", "1"])
-    assert json.loads(capsys.readouterr().out)["feature_spec"]["names"][0] == "scaled mean radius"
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["feature_spec"]["names"][0] == "scaled mean radius"
+    assert shown["feature_spec"]["stats"]["scaled mean radius"]["mean"] == pytest.approx(
+        float(demo_data().x_test[:, 0].mean()))  # fmt: skip
+    assert len(shown["score_reference"]) == 10
     for missing in (
         ["models", "show"],
         ["models", "delete", "--name", "breast-cancer"],

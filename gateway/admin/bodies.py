@@ -53,6 +53,18 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+ReferenceNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class ReferenceIn(_Body):
+    """Rows the model was not fitted on (held out), by column name: the training statistics
+    that drift and out-of-distribution checks compare live traffic against, and the model's
+    score reference. Extra columns (a label, an id) are left out."""
+
+    columns: list[str] = Field(min_length=1, max_length=100_000)
+    rows: list[list[ReferenceNumber]] = Field(min_length=1, max_length=100_000)
+
+
 class UploadMeta(_Body):
     """What travels beside the ONNX bytes (the multipart ``metadata`` part, or the JSON body
     without ``onnx_base64``)."""
@@ -71,6 +83,12 @@ class UploadMeta(_Body):
     algorithm: str = Field(default="", max_length=200)
     description: str = Field(default="", max_length=10_000)
     sha256: str | None = Field(default=None, description="if given, must match the artifact")
+    reference: ReferenceIn | None = Field(
+        default=None,
+        description="held-out rows: the model's training statistics (drift, out of "
+        "distribution) and score reference; without them those checks stay off for a model "
+        "of its own features",
+    )
 
 
 class UploadJSON(UploadMeta):

@@ -37,6 +37,11 @@ class ModelOperations(AdminCore):
         if meta.sha256 and meta.sha256.lower() != (digest := sha256_hex(data)):
             raise Invalid(f"sha256 {meta.sha256} does not match the artifact's, {digest}")
         spec = self._upload_spec(meta)
+        reference = self._reference(meta, spec)
+        if reference is not None and not meta.deployment:  # its own features: their statistics
+            from models.reference import training_spec
+
+            spec = training_spec(list(spec.names), reference, spec.lookup)
         draft = ModelMeta(
             name=meta.name,
             version=meta.version or 1,
@@ -53,6 +58,8 @@ class ModelOperations(AdminCore):
             checked = inspect_onnx(data, draft)
         except ArtifactRejected as exc:
             raise Invalid(f"refused: {exc}") from None
+        if reference is not None and len(checked.classes) == 2:
+            checked = _with_score_reference(checked, data, reference)
         try:
             stored = self.registry.add(checked, data, version=meta.version)
         except ModelExists as exc:
@@ -77,6 +84,30 @@ class ModelOperations(AdminCore):
             "say which features the model takes: give 'deployment' (its feature "
             "spec) or 'feature_names'"
         )
+
+    @staticmethod
+    def _reference(meta: UploadMeta, spec: FeatureSpec) -> Any:
+        """The reference rows as a float64 matrix in the spec's feature order, or None."""
+        if meta.reference is None:
+            return None
+        import numpy as np
+
+        from models.reference import MIN_ROWS
+
+        ref = meta.reference
+        where = {name: i for i, name in enumerate(ref.columns)}
+        missing = [n for n in spec.names if n not in where]
+        if missing:
+            raise Invalid(f"reference: no column for features {missing[:5]} "
+                          f"({len(missing)} of {spec.width})")  # fmt: skip
+        if len(ref.rows) < MIN_ROWS:
+            raise Invalid(f"reference: {len(ref.rows)} rows; give at least {MIN_ROWS}")
+        short = next((i for i, row in enumerate(ref.rows) if len(row) != len(ref.columns)), None)
+        if short is not None:
+            raise Invalid(f"reference: row {short} has {len(ref.rows[short])} values for "
+                          f"{len(ref.columns)} columns")  # fmt: skip
+        x = np.asarray(ref.rows, dtype=np.float64)
+        return x[:, [where[n] for n in spec.names]]
 
     def models(self, name: str | None = None) -> list[dict[str, Any]]:
         held = self._holders()
@@ -118,3 +149,14 @@ class ModelOperations(AdminCore):
             for role, ref in dep.roles.items():
                 out.setdefault(ref, []).append(f"{dep_name}/{role}")
         return out
+
+
+def _with_score_reference(meta: ModelMeta, data: bytes, reference: Any) -> ModelMeta:
+    """The share of the model's positive-class scores per score bin on the reference rows:
+    what the prediction-prior detector and the score drift read live scores against."""
+    from models.reference import scores_reference
+    from models.runtime import OnnxClassifier
+
+    _labels, proba = OnnxClassifier(data, meta).predict(reference)
+    doc = {**meta.to_dict(), "score_reference": scores_reference(proba[:, 1])}
+    return ModelMeta.from_dict(doc)

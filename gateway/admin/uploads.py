@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import csv
+import io
 import json
 from typing import Any
 
@@ -23,6 +25,28 @@ def upload_body_cap(settings: Settings) -> int:
     return settings.max_model_bytes * 4 // 3 + 1024 * 1024
 
 
+def reference_csv(raw: bytes, max_bytes: int) -> dict[str, Any]:
+    """A ``reference`` part: CSV with a header of column names, a row of numbers per line."""
+    if len(raw) > max_bytes:
+        raise AdminError(f"the reference is larger than {max_bytes} bytes", status=413)
+    try:
+        lines = csv.reader(io.StringIO(raw.decode("utf-8-sig")))
+        header = next(lines, None)
+        if not header:
+            raise Invalid("reference: an empty CSV (a header of feature names comes first)")
+        rows = []
+        for n, line in enumerate(lines, start=2):
+            if not line:
+                continue
+            try:
+                rows.append([float(cell) for cell in line])
+            except ValueError as exc:
+                raise Invalid(f"reference: line {n}: {exc}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise Invalid(f"reference: not a UTF-8 CSV: {exc}") from None
+    return {"columns": [name.strip() for name in header], "rows": rows}
+
+
 def _validated(model: type[UploadMeta], doc: Any) -> Any:
     try:
         return model.model_validate(doc)
@@ -37,12 +61,13 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[UploadMeta, byt
     """(metadata, ONNX bytes) from multipart/form-data or from JSON with base64."""
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith("multipart/form-data"):
-        form = await request.form(max_files=1, max_fields=32)
+        form = await request.form(max_files=2, max_fields=32)
         try:
             part = form.get("file")
             if not isinstance(part, UploadFile):
                 raise Invalid("a multipart upload needs a 'file' part holding the ONNX model")
             data = await part.read(max_bytes + 1)
+            reference = form.get("reference")
             doc: dict[str, Any] = {}
             raw_meta = form.get("metadata")
             if isinstance(raw_meta, str) and raw_meta.strip():
@@ -56,6 +81,8 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[UploadMeta, byt
                 value = form.get(key)
                 if isinstance(value, str):
                     doc[key] = value
+            if isinstance(reference, UploadFile):
+                doc["reference"] = reference_csv(await reference.read(max_bytes + 1), max_bytes)
         finally:
             await form.close()
         return _validated(UploadMeta, doc), data
@@ -89,6 +116,11 @@ UPLOAD_DOC = {
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
                         "metadata": {"type": "string", "description": "UploadMeta as JSON"},
+                        "reference": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "held-out rows as CSV, a header of feature names",
+                        },
                     },
                 }
             },

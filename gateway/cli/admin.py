@@ -48,6 +48,9 @@ def cmd_models(args: argparse.Namespace) -> None:
         )
         data = Path(args.file).read_bytes()
         files = {"file": (Path(args.file).name, data, "application/octet-stream")}
+        if args.reference:
+            rows = Path(args.reference).read_bytes()
+            files["reference"] = (Path(args.reference).name, rows, "text/csv")
         admin_request(args, "POST", "/models", files=files, data={"metadata": json.dumps(meta)})
     elif args.action == "list":
         admin_request(args, "GET", "/models", params=without_none({"name": args.name}))
@@ -190,6 +193,11 @@ def add_admin_commands(sub: Any) -> None:
     p.add_argument("--metrics", help='upload: JSON object, e.g. {"accuracy": 0.97}')
     p.add_argument("--classes", help="upload: comma-separated class labels (default: the model's)")
     p.add_argument("--class-names", help="upload: comma-separated names, one per class")
+    p.add_argument(
+        "--reference",
+        help="upload: held-out rows as CSV with a header of feature names (the model's "
+        "training statistics for drift and out-of-distribution checks, its score reference)",
+    )
     p.add_argument(
         "--feature-names", help="upload, a model of new features: a,b,c or @file (a name a line)"
     )

@@ -1,0 +1,76 @@
+"""The training statistics of a model's features, from rows it was not fitted on (or its
+training rows): what the drift detectors, the drift monitor and the out-of-distribution score
+compare live traffic against (``rendezvous.spec.FeatureSpec``), and the model's score
+reference. The demo's training uses them, and so does an upload that brings reference rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.covariance import LedoitWolf
+
+from rendezvous.drift import score_counts
+from rendezvous.ood import OodReference
+from rendezvous.spec import FeatureSpec, FeatureStats, Lookup, TrainingCentre
+
+QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""Deciles: the cuts of the feature-drift histograms. Equal-mass bins keep the PSI of a
+stationary window low and steady; tail levels (0.01, 0.99) hold one or two training rows each
+and made the largest of 30 feature PSIs swing up to 0.5 on unshifted traffic (tests/test_drift)."""
+DISTANCE_QUANTILES = (0.5, 0.9, 0.99, 1.0)
+"""Of the training rows' distances to their centre, kept to read a live distance against."""
+MIN_ROWS = 50
+"""Fewest reference rows: the deciles and the correlation need some."""
+
+
+def training_stats(names: list[str], x: np.ndarray) -> dict[str, FeatureStats]:
+    stats = {}
+    for i, name in enumerate(names):
+        col = x[:, i].astype(np.float64)
+        qs = np.quantile(col, QUANTILES)
+        stats[name] = FeatureStats(
+            mean=float(col.mean()),
+            std=float(col.std()),
+            min=float(col.min()),
+            max=float(col.max()),
+            quantiles={str(q): float(v) for q, v in zip(QUANTILES, qs, strict=True)},
+        )
+    return stats
+
+
+def training_centre(
+    names: list[str], x: np.ndarray, stats: dict[str, FeatureStats]
+) -> TrainingCentre:
+    """The shrunk correlation of the training rows as a whitening (``TrainingCentre``).
+    Ledoit-Wolf rather than the sample covariance: 30 features over a few hundred rows, some
+    nearly collinear (radius, perimeter, area), leave the sample covariance close to singular,
+    and its inverse would make a tiny wobble of a collinear pair look like a gross outlier."""
+    mean = np.asarray([stats[n].mean for n in names])
+    std = np.asarray([stats[n].std if stats[n].std > 0 else 1.0 for n in names])
+    z = (np.asarray(x, dtype=np.float64) - mean) / std
+    correlation = LedoitWolf(assume_centered=True).fit(z).covariance_
+    whitening = np.linalg.inv(np.linalg.cholesky(correlation))  # lower triangular
+    rows = tuple(tuple(float(f"{v:.7g}") for v in whitening[i, : i + 1]) for i in range(len(names)))
+    draft = FeatureSpec(names=tuple(names), stats=stats, centre=TrainingCentre(rows))
+    reference = OodReference.from_spec(draft)
+    assert reference is not None
+    _, distance = reference.measure(x)
+    qs = np.quantile(distance, DISTANCE_QUANTILES)
+    return TrainingCentre(
+        rows, {str(q): round(float(v), 4) for q, v in zip(DISTANCE_QUANTILES, qs, strict=True)}
+    )
+
+
+def training_spec(names: list[str], x: np.ndarray, lookup: Lookup | None = None) -> FeatureSpec:
+    """A spec with every training statistic the drift checks and the OOD score read."""
+    stats = training_stats(names, x)
+    centre = training_centre(names, x, stats)
+    return FeatureSpec(names=tuple(names), stats=stats, lookup=lookup, centre=centre)
+
+
+def scores_reference(positive_scores: Any) -> list[float]:
+    """Share of the positive-class scores in each of the ten score bins."""
+    counts = score_counts(np.asarray(positive_scores, dtype=np.float64))
+    return [float(c) / float(counts.sum()) for c in counts]
