@@ -72,6 +72,11 @@ Scored = tuple[str, ModelResult]
 """(the gateway's reply stream, the result it is owed)."""
 
 
+FORGET_WORKERS_S = 600.0
+"""A worker whose last heartbeat is this old leaves the deployment's worker set (the scrape
+drops its counters from the stats hash after as long)."""
+
+
 class RoleModel:
     def __init__(
         self, registry: ModelRegistry, deployment: str, role: str, consumer: str,
@@ -125,8 +130,12 @@ class RoleModel:
         member = names.worker_member(self.role, self.consumer).encode()
         workers = names.workers_key(self.deployment).encode()
         stats = names.stats_key(self.deployment).encode()
+        gone = repr(beat - FORGET_WORKERS_S).encode()
         return [
             command(b"ZADD", workers, repr(beat).encode(), member),
+            # Workers silent this long are gone (a restart under a new name, a role removed):
+            # without this their members stayed for good, one more every restart.
+            command(b"ZREMRANGEBYSCORE", workers, b"-inf", b"(" + gone),
             command(b"HSET", stats, member, self.stats_json(beat).encode()),
         ]
 

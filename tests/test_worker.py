@@ -191,6 +191,24 @@ def test_a_non_finite_answer_is_the_models_failure_for_that_request_only(
     assert worker.stats.scored == 1 and worker.stats.errors == 1
 
 
+def test_workers_long_silent_leave_the_worker_set(
+    r: redis.Redis, demo_registry: ModelRegistry
+) -> None:
+    """Every worker restart under a new name (``rdv worker``'s default holds its pid) and
+    every removed role left its member in the deployment's worker set for good (found by
+    hand); a heartbeat now drops members silent for ``FORGET_WORKERS_S``."""
+    from models.role_model import FORGET_WORKERS_S, RoleModel
+
+    setup(r, demo_registry)
+    workers = names.workers_key(DEMO_DEPLOYMENT)
+    now = time.time()
+    r.zadd(workers, {"real|gone-1": now - FORGET_WORKERS_S - 5, "ch|removed": now - 60})
+    role = RoleModel(demo_registry, DEMO_DEPLOYMENT, "real", "real-t")
+    for cmd in role.heartbeat(now):
+        r.execute_command(*cmd.args)
+    assert sorted(r.zrange(workers, 0, -1)) == [b"ch|removed", b"real|real-t"]
+
+
 def test_no_reply_stream_is_created_for_a_gateway_that_is_gone(
     r: redis.Redis, demo_registry: ModelRegistry
 ) -> None:
