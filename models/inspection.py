@@ -111,7 +111,7 @@ def inspect_onnx(data: bytes, meta: ModelMeta) -> ModelMeta:
         raise ArtifactRejected(
             f"the model fails on a batch of {width} features per row: {exc}"
         ) from None
-    classes = _classes(meta, graph_classes, proba, len(rows))
+    classes = _classes(meta, graph_classes or _column_labels(labels, proba), proba, len(rows))
     _check_answers(labels, proba, classes, follows_columns=graph_classes is None)
     class_names = meta.class_names or [str(c) for c in classes]
     if len(class_names) != len(classes):
@@ -147,6 +147,25 @@ def _graph_classes(proto: Any) -> list[int] | None:
             f"the model's classes are strings {found[:10]}: {SUPPORTED}; train on integers "
             "(e.g. LabelEncoder) and give the strings as class_names"
         ) from None
+
+
+def _column_labels(labels: Any, proba: Any) -> list[int] | None:
+    """For a graph that names no classes (skl2onnx keeps some models' classes in a constant
+    it indexes): the label each probability column stands for, read off the dry batch where
+    one column clearly leads; None unless every column led somewhere, each to one label."""
+    import numpy as np
+
+    if proba.ndim != 2 or proba.shape[1] < 2 or len(labels) != len(proba):
+        return None
+    top = np.sort(proba, axis=1)
+    clear = top[:, -1] - top[:, -2] > 1e-3
+    by_column: dict[int, set[int]] = {}
+    for column, label in zip(proba.argmax(axis=1)[clear], labels[clear], strict=True):
+        by_column.setdefault(int(column), set()).add(int(label))
+    if len(by_column) != proba.shape[1] or any(len(v) != 1 for v in by_column.values()):
+        return None
+    found = [next(iter(by_column[j])) for j in range(proba.shape[1])]
+    return found if len(set(found)) == len(found) else None
 
 
 def _check_io(model: Any) -> None:

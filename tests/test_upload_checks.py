@@ -17,10 +17,12 @@ import pytest
 from skl2onnx import to_onnx
 from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType
 from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import LinearSVC
 
 from models.inspection import ArtifactRejected, inspect_onnx
 from models.meta import ModelMeta, unfit_for
+from models.reference import training_spec
 from models.runtime import OnnxClassifier
 from models.train import demo_data
 from rendezvous.spec import FeatureSpec
@@ -46,8 +48,11 @@ def onnx_of(model: Any, *, zipmap: bool = False, double: bool = False) -> bytes:
     return bytes(onx.SerializeToString())
 
 
-def meta(classes: list[int] | None = None, names: list[str] | None = None) -> ModelMeta:
-    spec = FeatureSpec.from_names(names or demo_data().names[:WIDTH])
+def meta(
+    classes: list[int] | None = None, names: list[str] | None = None, *, stats: bool = False
+) -> ModelMeta:
+    names = names or demo_data().names[:WIDTH]
+    spec = training_spec(names, rows()[0]) if stats else FeatureSpec.from_names(names)
     return ModelMeta(name="m", version=1, feature_spec=spec, classes=classes or [],
                      class_names=[], sha256="", created_at="")  # fmt: skip
 
@@ -61,9 +66,12 @@ def test_classes_are_the_models_own_and_keyed_as_it_labels() -> None:
     """A model on labels -1/+1 was stored as classes [0, 1]: predict answered label -1 with
     probabilities keyed "0" and "1", and a label sent back as feedback was refused."""
     x, y = rows()
-    for labels in (np.where(y == 1, 1, -1), y * 10 + 10, y):
-        model = fitted(labels)
-        checked = inspect_onnx(onnx_of(model), meta())
+    # k-NN's graph names no classes: they are read off the dry batch, drawn within the
+    # training range (the statistics an upload's reference rows give)
+    for labels, estimator in ((np.where(y == 1, 1, -1), None), (y * 10 + 10, None), (y, None),
+                              (np.where(y == 1, 1, -1), KNeighborsClassifier(5))):  # fmt: skip
+        model = fitted(labels, estimator)
+        checked = inspect_onnx(onnx_of(model), meta(stats=estimator is not None))
         assert checked.classes == model.classes_.tolist()
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / "m.onnx").write_bytes(onnx_of(model))
@@ -96,9 +104,10 @@ def test_what_is_not_supported_is_refused_saying_what_is(build: Any, says: str) 
         inspect_onnx(build(rows()[1]), meta())
 
 
-def test_labels_that_do_not_follow_the_columns_are_refused() -> None:
-    """A graph that names no classes: its labels must follow the probability columns in the
-    order of the classes given (here they are the other column's)."""
+def test_a_graph_that_names_no_classes_is_read_by_its_labels() -> None:
+    """A graph that names no classes (skl2onnx's MLP, k-NN, naive Bayes keep them in a
+    constant): the label each column stands for is read off the dry batch, and classes given
+    that the labels do not follow are refused. Here each label is the other column's."""
     h = onnx.helper
     graph = h.make_graph(
         [
@@ -120,8 +129,11 @@ def test_labels_that_do_not_follow_the_columns_are_refused() -> None:
     )
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
     model.ir_version = 8
-    with pytest.raises(ArtifactRejected, match="do not follow the probability columns"):
-        inspect_onnx(model.SerializeToString(), meta())
+    assert inspect_onnx(model.SerializeToString(), meta()).classes == [1, 0]
+    with pytest.raises(
+        ArtifactRejected, match=r"classes \[0, 1\] differ from the model's \[1, 0\]"
+    ):
+        inspect_onnx(model.SerializeToString(), meta([0, 1]))
 
 
 def test_a_role_takes_the_deployments_features_in_order_and_its_classes() -> None:
