@@ -299,6 +299,13 @@ def labels_key(deployment: str, bucket: int) -> str:
     return f"{_tag(deployment)}:labels:{int(bucket)}"
 
 
+def label_entries_key(deployment: str, bucket: int) -> str:
+    """Hash request id -> the id of its label's entry in the labelled stream (same buckets
+    and expiry as ``labels_key``): a relabel deletes the entry it replaces, so the stream holds
+    one entry a request, and no caller can push the others' labels out of what is read."""
+    return f"{_tag(deployment)}:labels:{int(bucket)}:entries"
+
+
 def outcomes_state_key(deployment: str) -> str:
     """Hash of the outcome writer: ``cursor`` (the last decisions-stream entry written to the
     buckets) and ``b:<bucket>`` -> bytes written to that bucket (what the byte bound prunes)."""

@@ -271,6 +271,27 @@ def test_bad_feedback_is_refused_and_stores_nothing(served: Served) -> None:
 
 
 @single_node_only
+def test_one_request_labelled_again_and_again_keeps_one_entry(served: Served) -> None:
+    """Every item added an entry to the labelled stream, which the live accuracy and the gate
+    read only the latest of: one caller repeating its own id a thousand times pushed every
+    other label out (live accuracy from 200 labels to 1; found by hand). A relabel now
+    replaces its entry, and ``relabelled`` counts repeats within a call too."""
+    honest = served.send("honest", 30)
+    stream = names.labelled_stream(DEMO_DEPLOYMENT)
+    before = served.r.xlen(stream)
+    answer = served.feedback([{"request_id": rid, "label": served.truth[rid]} for rid in honest])
+    assert answer.status_code == 200, answer.text
+    [flood] = served.send("flood", 1)
+    wrong = 1 - served.truth[flood]
+    for expected in (299, 300):  # a first call repeats it 299 times; a second, 300 more
+        answer = served.feedback([{"request_id": flood, "label": wrong}] * 300)
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"accepted": 300, "relabelled": expected}
+    assert served.r.xlen(stream) == before + 31
+    latest = [fields[b"r"].decode() for _id, fields in served.r.xrevrange(stream, count=31)]
+    assert sorted(latest) == sorted([*honest, flood])
+
+
 def test_a_stored_figure_that_is_not_finite_is_served_as_null(served: Served) -> None:
     """A history point written before weights were bounded (a weight of 1e308 gave NaN) must
     not make the drift report fail: it is strict JSON."""

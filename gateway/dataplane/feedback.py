@@ -42,19 +42,32 @@ _STORE = """
 local maxlen = ARGV[1]
 local ttl = tonumber(ARGV[2])
 local overhead = tonumber(ARGV[3])
+local relabelled = 0
 local at = 4
 while at <= #ARGV do
-  local key = KEYS[tonumber(ARGV[at])]
+  local slot = tonumber(ARGV[at])
+  local key, entries = KEYS[slot], KEYS[slot + 1]
   local bucket, rid, label, outcome = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
   at = at + 5
   if redis.call('HSET', key, rid, label) == 1 then
-    redis.call('HINCRBY', KEYS[2], 'b:' .. bucket, #rid + #label + overhead)
+    redis.call('HINCRBY', KEYS[2], 'b:' .. bucket, 2 * #rid + #label + 2 * overhead)
+  else
+    relabelled = relabelled + 1
   end
+  local replaced = redis.call('HGET', entries, rid)
+  if replaced then redis.call('XDEL', KEYS[1], replaced) end
+  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'r', rid, 'y', label,
+                        'o', outcome)
+  redis.call('HSET', entries, rid, id)
   redis.call('EXPIRE', key, ttl)
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'r', rid, 'y', label, 'o', outcome)
+  redis.call('EXPIRE', entries, ttl)
 end
-return 1
+return relabelled
 """
+"""KEYS: the labelled stream, the outcome state, then per bucket its labels and their entries;
+ARGV: maxlen, ttl, overhead, then per item (its bucket's labels slot, bucket, request id,
+label, outcome). Returns how many items replaced a label (earlier, or in this very call).
+A relabel deletes the entry it replaces: one entry a request, whoever sends it how often."""
 
 
 class FeedbackRefused(ValueError):
@@ -215,15 +228,9 @@ class FeedbackService:
             if bucket not in index:
                 keys.append(names.labels_key(deployment, bucket))
                 index[bucket] = len(keys)
+                keys.append(names.label_entries_key(deployment, bucket))
             args += [index[bucket], bucket, rid, label, blob]
-        pipe = self.client.pipeline(transaction=False)
-        for bucket in index:
-            pipe.hmget(names.labels_key(deployment, bucket),
-                       [rid for b, rid, _l, _o in writes if b == bucket])  # fmt: skip
-        before = await pipe.execute()
-        relabelled = sum(1 for values in before for v in values if v is not None)
-        await self.client.eval(_STORE, len(keys), *keys, *args)
-        return relabelled
+        return int(await self.client.eval(_STORE, len(keys), *keys, *args))
 
 
 class ModelClasses:

@@ -251,6 +251,7 @@ class OutcomeStore:
             for bucket in drop:
                 pipe.delete(names.outcomes_key(deployment, bucket))
                 pipe.delete(names.labels_key(deployment, bucket))
+                pipe.delete(names.label_entries_key(deployment, bucket))
                 pipe.hdel(state, f"b:{bucket}")
             if stale_parts:
                 pipe.hdel(state, *stale_parts)
