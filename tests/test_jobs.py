@@ -97,9 +97,14 @@ def test_jobs_answer_what_predict_answers(system: System) -> None:
     jobs.append(submit(system.http, sent[-1], **{"X-Request-Id": "job-own-id"}))
     assert jobs[-1]["request_id"] == "job-own-id"
     assert all(j["request_id"] == j["id"] for j in jobs[:-1])
-    # the same X-Request-Id again: 409 naming the job that has it
-    again = system.http.post(JOBS, json=sent[0], headers={"X-Request-Id": "job-own-id"})
+    # the same body under the same X-Request-Id again (a retry that lost its 202): 409 naming
+    # the job that has it; another body under it: 409 naming nothing (it named the job to
+    # whoever guessed the id, with its result and its cancel; found by hand)
+    again = system.http.post(JOBS, json=sent[-1], headers={"X-Request-Id": "job-own-id"})
     assert again.status_code == 409 and again.json()["location"] == jobs[-1]["location"]
+    other = system.http.post(JOBS, json=sent[0], headers={"X-Request-Id": "job-own-id"})
+    assert other.status_code == 409 and set(other.json()) == {"detail"}
+    assert "another body" in other.json()["detail"]
 
     # half long-polled (several at once), half polled until done
     with ThreadPoolExecutor(8) as pool:

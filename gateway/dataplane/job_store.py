@@ -4,6 +4,7 @@ deployment's hash tag. Who runs a job and who waits for it are other modules' co
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,12 +40,13 @@ if #KEYS > 2 then
 end
 local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
 redis.call('HSET', KEYS[1], 'status', 'pending', 'body', ARGV[2], 'created_ms', ARGV[3],
-           'ttl_s', ARGV[4], 'request_id', ARGV[6], 'entry', entry)
+           'ttl_s', ARGV[4], 'request_id', ARGV[6], 'entry', entry, 'body_sha', ARGV[7])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {2}
 """
 """KEYS: job hash, jobs stream[, the job's request-id key[, the predict's request-id key]];
-ARGV: job id, body, created ms, ttl s, max queued, caller's request id or ''.
+ARGV: job id, body, created ms, ttl s, max queued, caller's request id or '', the body's
+sha256.
 -> {0, queued} queue full; {1, job} the request id took that job; {3} a predict took it; {2}."""
 
 _START = """
@@ -137,8 +139,9 @@ class JobStore:
             elif await self.client.exists(taken):  # another partition's slot: a step apart
                 raise self._taken_by_predict(rid, dep.name)
         created = created_ms(job_id) or 0
+        body_sha = hashlib.sha256(raw).hexdigest()
         reply = await self._eval(
-            _ACCEPT, keys, job_id, raw, created, self.ttl_s, self.max_queued, rid or ""
+            _ACCEPT, keys, job_id, raw, created, self.ttl_s, self.max_queued, rid or "", body_sha
         )
         code = int(reply[0])
         if code == 0:
@@ -148,6 +151,15 @@ class JobStore:
             )
         if code == 1:
             other = text(reply[1])
+            # The first job is named only to a caller sending the same body again (a retry
+            # that lost its 202): anyone else who guesses a request id must not be handed the
+            # job, its result and its cancel. Its result is what that body would get anyway.
+            same = await self.client.hget(names.job_key(dep.name, other), "body_sha")
+            if same is None or text(same) != body_sha:
+                raise DuplicateRequest(
+                    f"request id {rid!r} was already used for deployment {dep.name} by a job "
+                    "of another body"
+                )
             raise JobConflict(
                 f"request id {rid!r} was already used for deployment {dep.name} by job {other}",
                 other,
