@@ -203,15 +203,28 @@ class Exporter:
         return doc
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""What a spreadsheet may take as the start of a formula (OWASP's CSV injection)."""
+
+
+def _cell(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula gets a leading apostrophe (a
+    caller's X-Request-Id, an admin's feature name); numbers are written as they are."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def _csv(out: Path, columns: list[str], chunks: Iterator[list[dict[str, Any]]]) -> int:
     written = 0
     with out.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
+        writer = csv.writer(f)
+        writer.writerow([_cell(name) for name in columns])
         for chunk in chunks:
             # repr of a float (what csv writes) reads back as the same float
-            writer.writerows({k: ("" if v is None else v) for k, v in row.items()}
-                             for row in chunk)  # fmt: skip
+            writer.writerows([_cell(row.get(k)) for k in columns] for row in chunk)
             written += len(chunk)
     return written
 

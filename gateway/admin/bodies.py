@@ -54,6 +54,9 @@ class _Body(BaseModel):
 
 
 ReferenceNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+ShownName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+"""A name the gateway shows (logs, alerts, exports, the dashboard): no control characters,
+which could forge a log line or drive a terminal (found by hand)."""
 
 
 class ReferenceIn(_Body):
@@ -76,10 +79,10 @@ class UploadMeta(_Body):
     deployment: str | None = Field(
         default=None, description="check the input width against this deployment's spec"
     )
-    feature_names: list[str] | None = Field(default=None, min_length=1, max_length=100_000)
-    classes: list[int] | None = None
-    class_names: list[str] | None = None
-    metrics: dict[str, float] = {}
+    feature_names: list[ShownName] | None = Field(default=None, min_length=1, max_length=100_000)
+    classes: list[int] | None = Field(default=None, max_length=10_000)
+    class_names: list[ShownName] | None = Field(default=None, max_length=10_000)
+    metrics: dict[ShownName, float] = Field(default={}, max_length=100)
     algorithm: str = Field(default="", max_length=200)
     description: str = Field(default="", max_length=10_000)
     sha256: str | None = Field(default=None, description="if given, must match the artifact")
