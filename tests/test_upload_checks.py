@@ -162,3 +162,65 @@ def test_reference_rows_are_bounded_as_they_are_read(monkeypatch: pytest.MonkeyP
         uploads.reference_csv(b"a\n" + b"1\n" * 100_000, 10**7)
     with pytest.raises(Invalid, match="line 3"):
         uploads.reference_csv(b"a\n1\nx\n", 10_000)
+
+
+def _bomb(kind: str, n: int) -> bytes:
+    """A classifier of the demo's four-feature shape whose graph asks for ``n`` float32 values
+    at once (``mem``) or ``n`` loop turns of a 64x64 product (``loop``), summed into nothing."""
+    from onnx import TensorProto, numpy_helper
+
+    h = onnx.helper
+    inits = [numpy_helper.from_array(np.full((WIDTH, 2), 0.01, np.float32), "w"),
+             numpy_helper.from_array(np.array(0, np.float32), "zero")]  # fmt: skip
+    nodes = [h.make_node("MatMul", ["x", "w"], ["logits0"])]
+    if kind == "mem":
+        inits.append(numpy_helper.from_array(np.array([n], np.int64), "shape"))
+        value = h.make_tensor("v", TensorProto.FLOAT, [1], [1.0])
+        nodes += [h.make_node("ConstantOfShape", ["shape"], ["big"], value=value),
+                  h.make_node("ReduceSum", ["big"], ["s"], keepdims=0)]  # fmt: skip
+    else:
+        inits += [numpy_helper.from_array(np.array(n, np.int64), "trips"),
+                  numpy_helper.from_array(np.array(True), "cond"),
+                  numpy_helper.from_array(np.eye(64, dtype=np.float32), "v0")]  # fmt: skip
+        body = h.make_graph(
+            [h.make_node("Identity", ["cin"], ["cout"]), h.make_node("MatMul", ["v", "v"], ["vo"])],
+            "body",
+            [h.make_tensor_value_info("i", TensorProto.INT64, []),
+             h.make_tensor_value_info("cin", TensorProto.BOOL, []),
+             h.make_tensor_value_info("v", TensorProto.FLOAT, [64, 64])],
+            [h.make_tensor_value_info("cout", TensorProto.BOOL, []),
+             h.make_tensor_value_info("vo", TensorProto.FLOAT, [64, 64])],
+        )  # fmt: skip
+        nodes += [h.make_node("Loop", ["trips", "cond", "v0"], ["end"], body=body),
+                  h.make_node("ReduceSum", ["end"], ["s"], keepdims=0)]  # fmt: skip
+    nodes += [
+        h.make_node("Mul", ["s", "zero"], ["z"]),
+        h.make_node("Add", ["logits0", "z"], ["logits"]),
+        h.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        h.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+    ]
+    graph = h.make_graph(
+        nodes, "bomb", [h.make_tensor_value_info("x", TensorProto.FLOAT, [None, WIDTH])],
+        [h.make_tensor_value_info("label", TensorProto.INT64, [None]),
+         h.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 2])], inits,
+    )  # fmt: skip
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_an_uploads_dry_run_is_bounded_in_memory_and_time() -> None:
+    """A 656-byte model took a gateway process to 2.1 GB, and a 17 kB loop burned 18 s of its
+    CPU and would have run for ever (found by hand): the dry run is a child process of
+    bounded memory and time, and the upload is refused past them."""
+    from models.isolated_inspection import inspect_isolated
+
+    assert len(_bomb("mem", 2**31)) < 1000
+    with pytest.raises(ArtifactRejected, match="memory"):
+        inspect_isolated(_bomb("mem", 2**31), meta())  # 8 GB asked
+    with pytest.raises(ArtifactRejected, match="longer than 2 s"):
+        inspect_isolated(_bomb("loop", 10**12), meta(), timeout_s=2)
+    fine = inspect_isolated(_bomb("loop", 3), meta())  # the same graphs, small: accepted
+    assert fine.classes == [0, 1]
+    model = onnx_of(fitted(rows()[1]))
+    assert inspect_isolated(model, meta()) == inspect_onnx(model, meta())

@@ -11,7 +11,8 @@ from typing import Any
 from gateway.admin.bodies import Conflict, Invalid, TooLarge, UploadMeta
 from gateway.admin.service_core import AdminCore
 from models.deployments import DeploymentNotFound, ModelRef
-from models.inspection import ArtifactRejected, inspect_onnx
+from models.inspection import ArtifactRejected
+from models.isolated_inspection import inspect_isolated
 from models.meta import ModelMeta
 from models.registry import ModelExists, sha256_hex
 from rendezvous import names
@@ -55,7 +56,7 @@ class ModelOperations(AdminCore):
             description=meta.description,
         )
         try:
-            checked = inspect_onnx(data, draft)
+            checked = inspect_isolated(data, draft)
         except ArtifactRejected as exc:
             raise Invalid(f"refused: {exc}") from None
         if reference is not None and len(checked.classes) == 2:
