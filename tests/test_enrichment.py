@@ -76,7 +76,7 @@ def test_entity_keys_stay_in_the_deployments_slot() -> None:
 
 def test_the_callers_part_and_the_stored_values_merge_by_the_spec() -> None:
     body = b'{"entities": ["c-1", "c-2", "c-1"], "instances": [[1, 3], [5, 7], [2, 4]]}'
-    caller, entities = enriched_rows(SPEC, parse_body(body), 10)
+    caller, entities = enriched_rows(SPEC, parse_body(body, SPEC, 10), 10)
     assert entities == ["c-1", "c-2", "c-1"]
     stored = {"c-1": [b"4.5", b"-2"], "c-2": [b"8", None]}  # c-2 has no b: its default
     x, looked_up = merged(SPEC, caller, entities, stored)
@@ -87,7 +87,7 @@ def test_the_callers_part_and_the_stored_values_merge_by_the_spec() -> None:
         "entity": "c-2", "found": True, "values": {"d": 8.0, "b": 9.0}, "defaulted": ["b"]
     }  # fmt: skip
 
-    one = parse_body(b'{"entity": "c-1", "features": {"c": 3, "a": 1}}')
+    one = parse_body(b'{"entity": "c-1", "features": {"c": 3, "a": 1}}', SPEC, 10)
     caller, entities = enriched_rows(SPEC, one, 10)
     x, _ = merged(SPEC, caller, entities, {"c-1": [b"4.5", b"-2"]})
     np.testing.assert_array_equal(x, [[1, -2, 3, 4.5]])
@@ -95,7 +95,7 @@ def test_the_callers_part_and_the_stored_values_merge_by_the_spec() -> None:
 
 def test_a_missing_entity_is_named_unless_defaults_fill_it() -> None:
     body = b'{"entities": ["c-1", "gone-7"], "instances": [[1, 2], [3, 4]]}'
-    caller, entities = enriched_rows(SPEC, parse_body(body), 10)
+    caller, entities = enriched_rows(SPEC, parse_body(body, SPEC, 10), 10)
     stored = {"c-1": [b"1", b"2"], "gone-7": [None, None]}
     [error] = _refusal(lambda: merged(SPEC, caller, entities, stored))
     assert error["loc"] == ("body", "entities", 1) and error["type"] == "entity_not_found"
@@ -106,7 +106,7 @@ def test_a_missing_entity_is_named_unless_defaults_fill_it() -> None:
     assert looked_up[1] == {"entity": "gone-7", "found": False, "values": {"d": -1.0, "b": 9.0},
                             "defaulted": ["d", "b"]}  # fmt: skip
     caller, entities = enriched_rows(
-        SPEC, parse_body(b'{"entity": "c-1", "features": {"a": 1, "c": 2}}'), 10
+        SPEC, parse_body(b'{"entity": "c-1", "features": {"a": 1, "c": 2}}', SPEC, 10), 10
     )
     cases = [([None, b"2"], "entity_incomplete"), ([b"nan", b"2"], "entity_value"),
              ([b"1e39", b"2"], "entity_value"), ([b"x", b"2"], "entity_value")]  # fmt: skip
@@ -130,14 +130,14 @@ def test_a_missing_entity_is_named_unless_defaults_fill_it() -> None:
     ],
 )
 def test_bad_bodies_are_refused_naming_the_fault(body: bytes, needle: str) -> None:
-    errors = _refusal(lambda: enriched_rows(SPEC, parse_body(body), 10))
+    errors = _refusal(lambda: enriched_rows(SPEC, parse_body(body, SPEC, 10), 10))
     assert any(needle in e["msg"] for e in errors), errors
 
 
 def test_a_deployment_without_a_lookup_refuses_an_entity() -> None:
     plain = SPEC.with_lookup(None)
     body = b'{"entity": "c-1", "features": {"a": 1, "b": 2, "c": 3, "d": 4}}'
-    [error] = _refusal(lambda: to_matrix(plain, parse_body(body), 10))
+    [error] = _refusal(lambda: to_matrix(plain, parse_body(body, plain, 10), 10))
     assert error["loc"] == ("body", "entity") and "looks no features up" in error["msg"]
 
 

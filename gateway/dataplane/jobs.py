@@ -107,7 +107,8 @@ class JobService:
         409, 429 or 503 (the data plane's failures) before anything is written."""
         service = self.service
         dep = self.deployments.get(deployment)
-        spec, body = dep.feature_spec, parse_body(raw)
+        spec = dep.feature_spec
+        body = parse_body(raw, spec, service.max_rows)
         if spec.lookup is None:
             to_matrix(spec, body, service.max_rows)
         else:  # enrichment: the caller's part now, the feature store's when the job runs

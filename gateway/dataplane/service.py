@@ -146,7 +146,7 @@ class PredictionService:
         spec = dep.feature_spec
         entities: list[str] | None = None
         if decode is None:
-            body = parse_body(raw)
+            body = parse_body(raw, spec, self.max_rows)
             if spec.lookup is None:
                 features = to_matrix(spec, body, self.max_rows)
             else:  # enrichment: the caller's part now, the feature store's below
