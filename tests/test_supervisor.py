@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -112,3 +113,43 @@ def test_serve_starts_worker_hosts_or_a_process_per_role(r: redis.Redis, demo_re
     finally:
         shared.stop_all(grace_s=2)
         per_role.stop_all(grace_s=2)
+
+
+def test_a_child_killed_outright_leaves_no_live_gauge_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway process killed with SIGKILL left its live gauges in the shared metrics folder:
+    ``rdv_in_flight_requests`` read 3 for good after the load ended (found by hand). Its
+    counters stay, so totals never fall."""
+    import signal
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    folder = str(tmp_path)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", folder)
+    holds = [sys.executable, "-c", (
+        "import time\n"
+        "from prometheus_client import Counter, Gauge\n"
+        "Gauge('held', 'h', multiprocess_mode='livesum').set(3)\n"
+        "Counter('served', 's').inc(7)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )]  # fmt: skip
+    sup = Supervisor(dict(os.environ), command=holds)
+    try:
+        sup.ensure("gateway-0", [], order=0)
+
+        def scrape() -> dict[str, float]:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, folder)
+            return {s.name: s.value for m in registry.collect() for s in m.samples}
+
+        _poll_until(sup, lambda: scrape().get("held") == 3)
+        proc = sup.children["gateway-0"].proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGKILL)
+        _poll_until(sup, lambda: proc.poll() is not None and "held" not in scrape())
+        assert scrape()["served_total"] == 7
+    finally:
+        sup.stop_all(grace_s=2)

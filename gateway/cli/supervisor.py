@@ -90,6 +90,8 @@ class Supervisor:
                 continue
             if child.restart_at is None:
                 code = child.proc.returncode if child.proc else None
+                if child.proc is not None:
+                    _forget_live_gauges(child.proc.pid)
                 if code == 0:
                     log.info("%s exited cleanly; not restarting it", child.name)
                     del self.children[child.name]
@@ -132,6 +134,17 @@ class Supervisor:
                 log.warning("%s did not stop within %.0fs; killing it", c.name, grace_s)
                 c.proc.kill()
                 c.proc.wait()
+
+
+def _forget_live_gauges(pid: int) -> None:
+    """A gateway process that died without its clean stop left its live gauges (requests in
+    flight, decision records held) in the shared metrics folder, summed into every scrape for
+    good (``rdv_in_flight_requests`` stuck at 3 after a kill -9; found by hand). Its counters
+    stay: their totals must not fall."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client.multiprocess import mark_process_dead
+
+        mark_process_dead(pid)
 
 
 def child_env(overrides: dict[str, str]) -> dict[str, str]:
