@@ -196,6 +196,10 @@ class Settings(BaseSettings):
     """Bearer token of the ``/admin`` API (and what the admin CLI sends). Unset: the admin
     API is off, never open."""
 
+    feedback_token: SecretStr | None = None
+    """Bearer token the feedback route requires (and what ``rdv feedback`` sends). Unset: the
+    route is open, as predict is, and anyone who knows a request id may label it."""
+
     max_model_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest ONNX artifact the admin API accepts (413 beyond)."""
 

@@ -26,6 +26,8 @@ class _Call(Generic[T]):
     params: Mapping[str, Any] | None = None
     headers: Mapping[str, str] | None = None
     admin: bool = False
+    feedback: bool = False
+    """Sent with the client's feedback token, when it has one (``RDV_FEEDBACK_TOKEN``)."""
     wait_s: float = 0.0
     """How long the server may hold the answer on purpose (a long poll): added to the
     client's timeout, which would otherwise cut a wait longer than itself."""
@@ -123,7 +125,8 @@ class _Calls:
 
     @staticmethod
     def feedback(deployment: str, body: Any) -> _Call[Any]:
-        return _Call("POST", f"/v1/deployments/{_seg(deployment)}/feedback", _same, json=body)
+        return _Call("POST", f"/v1/deployments/{_seg(deployment)}/feedback", _same, json=body,
+                     feedback=True)  # fmt: skip
 
     @staticmethod
     def admin(method: str, path: str, json: Any = None,
@@ -131,12 +134,18 @@ class _Calls:
         return _Call(method, f"/admin{path}", _same, json=json, params=params, admin=True)
 
 
-def _request(call: _Call[Any], admin_token: str | None, timeout: httpx.Timeout) -> dict[str, Any]:
+def _request(
+    call: _Call[Any], tokens: tuple[str | None, str | None], timeout: httpx.Timeout
+) -> dict[str, Any]:
+    """``tokens``: the client's admin and feedback tokens."""
+    admin_token, feedback_token = tokens
     headers = dict(call.headers or {})
     if call.admin:
         if not admin_token:
             raise ValueError("an admin call needs the client's admin_token (RDV_ADMIN_TOKEN)")
         headers["Authorization"] = f"Bearer {admin_token}"
+    elif call.feedback and feedback_token:
+        headers["Authorization"] = f"Bearer {feedback_token}"
     request = {"method": call.method, "url": call.path, "json": call.json,
                "params": call.params, "headers": headers}  # fmt: skip
     if call.wait_s and timeout.read is not None:
@@ -230,15 +239,18 @@ class _AdminMixin:
 
 
 class Client(_AdminMixin):
-    """Synchronous. ``admin_token`` only for the admin calls; ``transport`` for tests."""
+    """Synchronous. ``admin_token`` only for the admin calls, ``feedback_token`` for
+    ``feedback`` on a gateway that asks for one; ``transport`` for tests."""
 
-    def __init__(self, base_url: str, *, admin_token: str | None = None, timeout: float = 10.0,
+    def __init__(self, base_url: str, *, admin_token: str | None = None,
+                 feedback_token: str | None = None, timeout: float = 10.0,
                  transport: httpx.BaseTransport | None = None):  # fmt: skip
         self.admin_token = admin_token
+        self.feedback_token = feedback_token
         self.http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
 
     def _send(self, call: _Call[T]) -> T:
-        request = _request(call, self.admin_token, self.http.timeout)
+        request = _request(call, (self.admin_token, self.feedback_token), self.http.timeout)
         try:
             response = self.http.request(**request)
         except httpx.TransportError as exc:
@@ -292,13 +304,15 @@ class Client(_AdminMixin):
 class AsyncClient(_AdminMixin):
     """The same calls for asyncio: each, the admin ones included, is awaited."""
 
-    def __init__(self, base_url: str, *, admin_token: str | None = None, timeout: float = 10.0,
+    def __init__(self, base_url: str, *, admin_token: str | None = None,
+                 feedback_token: str | None = None, timeout: float = 10.0,
                  transport: httpx.AsyncBaseTransport | None = None):  # fmt: skip
         self.admin_token = admin_token
+        self.feedback_token = feedback_token
         self.http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
 
     async def _send(self, call: _Call[T]) -> T:
-        request = _request(call, self.admin_token, self.http.timeout)
+        request = _request(call, (self.admin_token, self.feedback_token), self.http.timeout)
         try:
             response = await self.http.request(**request)
         except httpx.TransportError as exc:

@@ -108,7 +108,10 @@ def _session(url: str | None) -> httpx.Client:
 
     settings = Settings()
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    return httpx.Client(base_url=url or f"http://{settings.host}:{settings.port}", timeout=60)
+    token = settings.feedback_token.get_secret_value() if settings.feedback_token else ""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=url or f"http://{settings.host}:{settings.port}", timeout=60,
+                        headers=headers)  # fmt: skip
 
 
 def cmd_feedback(args: argparse.Namespace) -> None:

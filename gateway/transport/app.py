@@ -318,7 +318,7 @@ def create_app(
     app.include_router(dashboard_router())
     oip.mount(app, settings)
     jobs.mount(app, settings)
-    feedback.mount(app)
+    feedback.mount(app, settings)
 
     install_refusals(app)
 

@@ -1,6 +1,7 @@
 """``POST /v1/deployments/{deployment}/feedback``: ground truth for requests already answered.
 
-A data-plane route like predict (no admin token). The body is one
+A data-plane route like predict (no admin token; ``RDV_FEEDBACK_TOKEN`` makes it ask for a
+token of its own: labels steer the live accuracy and the promotion gate). The body is one
 ``{"request_id", "label"}`` object or a JSON array of them (``"correct": true|false`` instead
 of ``label``, an optional ``weight``); the answer is ``{"accepted": n, "relabelled": k}``. All
 or nothing: an unknown or expired id answers 404 listing them, a label outside the classes
@@ -10,6 +11,7 @@ The work is ``gateway.dataplane.feedback.FeedbackService``'s; this route transla
 
 from __future__ import annotations
 
+import hmac
 import logging
 from typing import Any
 
@@ -19,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from gateway.dataplane.failures import problem_of
 from gateway.dataplane.feedback import FeedbackItem, FeedbackRefused, FeedbackService
 from gateway.problems import Problem, unavailable
+from gateway.settings import Settings
 from rendezvous import names
 
 log = logging.getLogger(__name__)
@@ -35,7 +38,23 @@ _BODY_SCHEMA: dict[str, Any] = {
 _CONTENT = {"application/json": {"schema": _BODY_SCHEMA}}
 
 
-def mount(app: FastAPI) -> None:
+def _refusal(request: Request, token: bytes | None) -> Problem | None:
+    """None when the route is open or the request carries its token (never logged)."""
+    if token is None:
+        return None
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return Problem(401, "feedback needs 'Authorization: Bearer <RDV_FEEDBACK_TOKEN>'",
+                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+    if not hmac.compare_digest(given.strip().encode(), token):
+        return Problem(403, "wrong feedback token")
+    return None
+
+
+def mount(app: FastAPI, settings: Settings) -> None:
+    secret = settings.feedback_token.get_secret_value().strip() if settings.feedback_token else ""
+    token = secret.encode() if secret else None
+
     @app.post(
         FEEDBACK_PATH,
         openapi_extra={
@@ -46,6 +65,8 @@ def mount(app: FastAPI) -> None:
         },
         responses={
             400: {"description": "the body is not JSON"},
+            401: {"description": "RDV_FEEDBACK_TOKEN is set and the request carries none"},
+            403: {"description": "a wrong feedback token"},
             404: {"description": "unknown deployment, or unknown or expired request ids"},
             413: {"description": "body or item count over the caps"},
             422: {"description": "malformed items, or a label that is not a class"},
@@ -54,6 +75,9 @@ def mount(app: FastAPI) -> None:
     async def feedback(deployment: str, request: Request) -> Response:
         """Labels (or right/wrong judgements) for answered requests, joined to every bin's
         output for them; the live accuracy follows within a second."""
+        refused = _refusal(request, token)
+        if refused is not None:
+            return refused.response()
         service: FeedbackService | None = getattr(request.app.state, "feedback", None)
         if service is None:
             return unavailable("the gateway is starting").response()
