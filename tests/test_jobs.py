@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import PREDICT, RdvProcess, System, launch_system, stream_head, wait_until
@@ -151,11 +152,21 @@ def test_bad_input_is_refused_and_writes_nothing(
     def last_ids() -> list[bytes | None]:
         return [stream_head(system.r, s) for s in streams]
 
-    before = last_ids()
+    def invalid() -> float:  # refused submits are counted as refused predicts are
+        for family in text_string_to_metric_families(system.http.get("/metrics").text):
+            for sample in family.samples:
+                if sample.name == "rdv_requests_total" and sample.labels == {
+                    "deployment": DEMO_DEPLOYMENT, "outcome": "invalid"}:  # fmt: skip
+                    return float(sample.value)
+        return 0.0
+
+    before, counted = last_ids(), invalid()
     resp = system.http.post(JOBS, content=body, headers={"content-type": "application/json"})
     assert resp.status_code == status, resp.text
     assert needle in resp.text
     assert last_ids() == before
+    if status == 422:
+        assert invalid() == counted + 1
 
 
 def test_unknown_deployment_ids_and_waits_out_of_bounds_are_clear(system: System) -> None:

@@ -38,6 +38,9 @@ import contextlib
 import logging
 from typing import Any
 
+from fastapi.exceptions import RequestValidationError
+
+from gateway.dataplane.failures import Backlogged, DuplicateRequest, Overloaded, UnknownDeployment
 from gateway.dataplane.job_runner import JobRunner
 from gateway.dataplane.job_store import JobStore
 from gateway.dataplane.job_vocabulary import (
@@ -45,6 +48,7 @@ from gateway.dataplane.job_vocabulary import (
     BLOCK_MS,
     PENDING,
     Accepted,
+    JobConflict,
     JobView,
 )
 from gateway.dataplane.service import PredictionService
@@ -104,7 +108,23 @@ class JobService:
 
     async def submit(self, deployment: str, raw: bytes, request_id: str | None) -> Accepted:
         """Validate the body as a predict would, check the bounds, record the job: 404, 422,
-        409, 429 or 503 (the data plane's failures) before anything is written."""
+        409, 429 or 503 (the data plane's failures) before anything is written. A refusal is
+        counted as a refused predict is (``rdv_requests_total``); the job's own predict is
+        counted when it runs."""
+        try:
+            return await self._submit(deployment, raw, request_id)
+        except (RequestValidationError, UnknownDeployment, DuplicateRequest, JobConflict):
+            self._refused(deployment, "invalid")
+            raise
+        except (Overloaded, Backlogged):
+            self._refused(deployment, "rejected")
+            raise
+
+    def _refused(self, deployment: str, outcome: str) -> None:
+        known = deployment if deployment in self.deployments.deployments else None
+        self.service.metrics.request_done(known, outcome, None)
+
+    async def _submit(self, deployment: str, raw: bytes, request_id: str | None) -> Accepted:
         service = self.service
         dep = self.deployments.get(deployment)
         spec = dep.feature_spec
