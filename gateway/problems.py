@@ -9,6 +9,7 @@ Starlette response for the framework's routes.
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -82,3 +83,15 @@ def compressed(encoding: bytes | str) -> Problem | None:
 
 def unavailable(detail: str) -> Problem:
     return Problem(503, detail, headers=RETRY)
+
+
+def bearer_refusal(authorization: str, token: bytes, what: str, setting: str) -> Problem | None:
+    """None when ``authorization`` is ``Bearer <token>`` (compared in constant time; what was
+    given is never logged), else 401 (none given) or 403 (a wrong one), naming ``setting``."""
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return Problem(401, f"{what} routes need 'Authorization: Bearer <{setting}>'",
+                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+    if not hmac.compare_digest(given.strip().encode(), token):
+        return Problem(403, f"wrong {what} token")
+    return None

@@ -9,7 +9,6 @@ admin routes (``gateway.admin.schema``).
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -17,7 +16,7 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
 from gateway.admin.bodies import AdminError
-from gateway.problems import Problem
+from gateway.problems import Problem, bearer_refusal
 from gateway.settings import Settings
 from rendezvous.names import InvalidName
 
@@ -33,16 +32,9 @@ def refusal(request: Request, token: bytes | None) -> Problem | None:
     """None when the request carries the admin token; never logs what it was given."""
     if token is None:
         return Problem(404, OFF)
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        return Problem(
-            401,
-            "admin routes need 'Authorization: Bearer <RDV_ADMIN_TOKEN>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    if not hmac.compare_digest(given.strip().encode(), token):
-        return Problem(403, "wrong admin token")
-    return None
+    return bearer_refusal(
+        request.headers.get("authorization", ""), token, "admin", "RDV_ADMIN_TOKEN"
+    )
 
 
 def guarded_route(token: bytes | None) -> type[APIRoute]:

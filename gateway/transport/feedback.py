@@ -11,7 +11,6 @@ The work is ``gateway.dataplane.feedback.FeedbackService``'s; this route transla
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Any
 
@@ -20,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.dataplane.failures import problem_of
 from gateway.dataplane.feedback import FeedbackItem, FeedbackRefused, FeedbackService
-from gateway.problems import Problem, unavailable
+from gateway.problems import Problem, bearer_refusal, unavailable
 from gateway.settings import Settings
 from rendezvous import names
 
@@ -42,13 +41,9 @@ def _refusal(request: Request, token: bytes | None) -> Problem | None:
     """None when the route is open or the request carries its token (never logged)."""
     if token is None:
         return None
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        return Problem(401, "feedback needs 'Authorization: Bearer <RDV_FEEDBACK_TOKEN>'",
-                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-    if not hmac.compare_digest(given.strip().encode(), token):
-        return Problem(403, "wrong feedback token")
-    return None
+    return bearer_refusal(
+        request.headers.get("authorization", ""), token, "feedback", "RDV_FEEDBACK_TOKEN"
+    )
 
 
 def mount(app: FastAPI, settings: Settings) -> None:
