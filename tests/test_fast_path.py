@@ -23,6 +23,7 @@ from gateway.dataplane.service import PredictionService
 from gateway.settings import Settings
 from gateway.transport.app import create_app
 from gateway.transport.fast_path import PredictFastPath
+from rendezvous.spec import FeatureSpec
 
 PREDICT = (
     b"POST /v1/deployments/demo/predict HTTP/1.1\r\nHost: t\r\n"
@@ -159,7 +160,8 @@ def full_gateway() -> tuple[HttpToolsProtocol, Transport, PredictionService, Tal
     """uvicorn's protocol in front of the fast path and a real ``PredictionService`` (its
     Redis side stands in: nothing here gets that far) already holding its bound."""
     deployments = DeploymentCache(cast(Any, None))
-    deployments.deployments["demo"] = cast(Any, SimpleNamespace(name="demo", feature_spec=None))
+    spec = FeatureSpec.from_names(["a", "b", "c"])
+    deployments.deployments["demo"] = cast(Any, SimpleNamespace(name="demo", feature_spec=spec))
     tally = Tally()
     service = PredictionService(
         deployments, cast(Any, None), cast(Any, None),
