@@ -46,6 +46,12 @@ class Predicts:
         self.max_backlog = 1000
         self.max_backlog_bytes = 2**30
         self.calls: list[str] = []
+        self.metrics = self
+        self.counted: list[tuple[str | None, str]] = []
+        """What ``request_done`` was told (the stand-in is its own metrics)."""
+
+    def request_done(self, deployment: str | None, outcome: str, seconds: float | None) -> None:
+        self.counted.append((deployment, outcome))
 
     check_room = PredictionService.check_room  # the real bounds, on this stand-in's figures
 
@@ -172,6 +178,9 @@ async def test_submit_refuses_before_writing(client: AsyncClient) -> None:
     with pytest.raises(RequestValidationError):
         await service.submit(DEMO_DEPLOYMENT, b'{"instances": [[1.0]]}', None)
     assert await client.xlen(STREAM) == 2
+    assert service.service.counted == [  # type: ignore[attr-defined]
+        (DEMO_DEPLOYMENT, "rejected"), (DEMO_DEPLOYMENT, "rejected"),
+        (DEMO_DEPLOYMENT, "invalid")]  # fmt: skip
 
 
 def test_job_ids_carry_their_creation_time() -> None:
