@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import onnx
 from fastapi import FastAPI
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -98,3 +99,33 @@ class AppClient(httpx.Client):
             self.server.force_exit = True
             self.thread.join(15)
         assert not slow, "the app did not shut down within 15 s"
+
+
+def two_column_model(width: int, probabilities: str, label: str) -> bytes:
+    """A hand-made ONNX classifier: the first two input columns through the operator
+    ``probabilities`` (given them, or twice for a binary one such as Div), then ``label`` of
+    those (ArgMax, ArgMin): graphs that scikit-learn would never export, for the checks."""
+    h = onnx.helper
+    arity = {"Div": ["two", "two"]}.get(probabilities, ["two"])
+    extra = {"axis": 1} if probabilities == "Softmax" else {}
+    graph = h.make_graph(
+        [
+            h.make_node("Slice", ["x", "starts", "ends", "axes"], ["two"]),
+            h.make_node(probabilities, arity, ["probabilities"], **extra),
+            h.make_node(label, ["probabilities"], ["label"], axis=1, keepdims=0),
+        ],
+        "two-columns",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, width])],
+        [
+            h.make_tensor_value_info("label", onnx.TensorProto.INT64, [None]),
+            h.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, [None, 2]),
+        ],
+        [
+            h.make_tensor("starts", onnx.TensorProto.INT64, [1], [0]),
+            h.make_tensor("ends", onnx.TensorProto.INT64, [1], [2]),
+            h.make_tensor("axes", onnx.TensorProto.INT64, [1], [1]),
+        ],
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())

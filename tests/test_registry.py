@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import pytest
 import redis
-from admin_support import copy_demo_models, variant_onnx
+from admin_support import copy_demo_models, two_column_model, variant_onnx
 
 from models.deployment_store import DeploymentStore, demo_deployment
 from models.deployments import ModelRef, promoted, with_challenger, without_challenger
@@ -99,32 +99,6 @@ def _rejected(registry: ModelRegistry, data: bytes) -> str:
     return str(info.value)
 
 
-def _nan_model(width: int) -> bytes:
-    """A classifier of the right shape whose probabilities are 0/0 on a batch of zeros."""
-    h = onnx.helper
-    graph = h.make_graph(
-        [
-            h.make_node("Slice", ["x", "starts", "ends", "axes"], ["two"]),
-            h.make_node("Div", ["two", "two"], ["probabilities"]),
-            h.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
-        ],
-        "nan",
-        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, width])],
-        [
-            h.make_tensor_value_info("label", onnx.TensorProto.INT64, [None]),
-            h.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, [None, 2]),
-        ],
-        [
-            h.make_tensor("starts", onnx.TensorProto.INT64, [1], [0]),
-            h.make_tensor("ends", onnx.TensorProto.INT64, [1], [2]),
-            h.make_tensor("axes", onnx.TensorProto.INT64, [1], [1]),
-        ],
-    )
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model.SerializeToString()
-
-
 def test_inspect_refuses_what_is_not_a_self_contained_onnx_classifier_of_the_spec(
     registry: ModelRegistry,
 ) -> None:
@@ -162,7 +136,9 @@ def test_inspect_refuses_what_is_not_a_self_contained_onnx_classifier_of_the_spe
     undeclared.graph.node[0].domain = "com.microsoft"  # not among the opset imports
     assert "com.microsoft" in _rejected(registry, undeclared.SerializeToString())
 
-    assert "non-finite" in _rejected(registry, _nan_model(draft(registry).feature_spec.width))
+    assert "non-finite" in _rejected(
+        registry, two_column_model(draft(registry).feature_spec.width, "Div", "ArgMax")
+    )
 
     ok = inspect_onnx(
         variant_onnx("weak"),

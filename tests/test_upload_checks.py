@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from admin_support import two_column_model
 from skl2onnx import to_onnx
 from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType
 from sklearn.linear_model import LinearRegression, LogisticRegression
@@ -108,32 +109,12 @@ def test_a_graph_that_names_no_classes_is_read_by_its_labels() -> None:
     """A graph that names no classes (skl2onnx's MLP, k-NN, naive Bayes keep them in a
     constant): the label each column stands for is read off the dry batch, and classes given
     that the labels do not follow are refused. Here each label is the other column's."""
-    h = onnx.helper
-    graph = h.make_graph(
-        [
-            h.make_node("Slice", ["x", "starts", "ends", "axes"], ["two"]),
-            h.make_node("Softmax", ["two"], ["probabilities"], axis=1),
-            h.make_node("ArgMin", ["probabilities"], ["label"], axis=1, keepdims=0),
-        ],
-        "argmin",
-        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, WIDTH])],
-        [
-            h.make_tensor_value_info("label", onnx.TensorProto.INT64, [None]),
-            h.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, [None, 2]),
-        ],
-        [
-            h.make_tensor("starts", onnx.TensorProto.INT64, [1], [0]),
-            h.make_tensor("ends", onnx.TensorProto.INT64, [1], [2]),
-            h.make_tensor("axes", onnx.TensorProto.INT64, [1], [1]),
-        ],
-    )
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
-    model.ir_version = 8
-    assert inspect_onnx(model.SerializeToString(), meta()).classes == [1, 0]
+    model = two_column_model(WIDTH, "Softmax", "ArgMin")
+    assert inspect_onnx(model, meta()).classes == [1, 0]
     with pytest.raises(
         ArtifactRejected, match=r"classes \[0, 1\] differ from the model's \[1, 0\]"
     ):
-        inspect_onnx(model.SerializeToString(), meta([0, 1]))
+        inspect_onnx(model, meta([0, 1]))
 
 
 def test_a_role_takes_the_deployments_features_in_order_and_its_classes() -> None:

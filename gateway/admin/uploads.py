@@ -94,8 +94,8 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[UploadMeta, byt
                 if isinstance(value, str):
                     doc[key] = value
             if isinstance(reference, UploadFile):
-                rows = await reference.read(max_bytes + 1)
-                doc["reference"] = await run_in_threadpool(reference_csv, rows, max_bytes)
+                csv_bytes = await reference.read(max_bytes + 1)
+                doc["reference"] = await run_in_threadpool(reference_csv, csv_bytes, max_bytes)
         finally:
             await form.close()
         meta: UploadMeta = await run_in_threadpool(_validated, UploadMeta, doc)
