@@ -6,13 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.observability.metrics import FLUSH_S, REQUEST_BUCKETS, GatewayMetrics, observe_all
+from gateway.observability.metrics import (
+    FLUSH_S,
+    REQUEST_BUCKETS,
+    GatewayMetrics,
+    merged_registry,
+    observe_all,
+)
 from rendezvous.decision import BinOutput, DecisionRecord
 from rendezvous.divergence import Divergence
 
@@ -180,3 +190,24 @@ def test_decision_records_held_and_dropped_are_read_at_each_flush() -> None:
     metrics.flush()
     assert value(metrics, "rdv_decision_records_held") == 0
     assert value(metrics, "rdv_decision_records_dropped_total") == 5
+
+
+def test_a_metrics_file_caught_before_it_is_sized_does_not_fail_the_scrape(
+    tmp_path: Path,
+) -> None:
+    """A process creates its metric file and sizes it a moment later; a scrape in that moment,
+    or ever after if the process was killed in it, raised in prometheus-client's merge and
+    ``/metrics`` answered 500 (CI caught it in the supervisor's test). The other processes'
+    figures are still summed."""
+    writer = (
+        "from prometheus_client import Counter, Gauge\n"
+        "Counter('served', 's').inc(7)\n"
+        "Gauge('held', 'h', multiprocess_mode='livesum').set(3)\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", writer], env=env, check=True, timeout=60)
+    (tmp_path / "counter_999999.db").touch()  # created, not yet sized
+    (tmp_path / "gauge_livesum_999999.db").touch()
+    scraped = samples(merged_registry(str(tmp_path)))
+    assert scraped[("served_total", frozenset())] == 7
+    assert scraped[("held", frozenset())] == 3

@@ -123,8 +123,7 @@ def test_a_child_killed_outright_leaves_no_live_gauge_behind(
     counters stay, so totals never fall."""
     import signal
 
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
+    from gateway.observability.metrics import merged_registry
 
     folder = str(tmp_path)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", folder)
@@ -141,8 +140,7 @@ def test_a_child_killed_outright_leaves_no_live_gauge_behind(
         sup.ensure("gateway-0", [], order=0)
 
         def scrape() -> dict[str, float]:
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry, folder)
+            registry = merged_registry(folder)
             return {s.name: s.value for m in registry.collect() for s in m.samples}
 
         _poll_until(sup, lambda: scrape().get("held") == 3)

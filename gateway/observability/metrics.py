@@ -11,6 +11,7 @@ from Redis at scrape time: see ``gateway.observability.metrics_state``.
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 from bisect import bisect_left
 from collections import Counter as Tally
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from rendezvous.decision import DecisionRecord
@@ -328,6 +330,32 @@ class GatewayMetrics:
         path = multiprocess_dir()
         if path is None:
             return self.registry
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=path)
-        return registry
+        return merged_registry(path)
+
+
+class SettledFilesCollector:
+    """Every process's metric files summed, as prometheus-client's ``MultiProcessCollector``
+    does, skipping a file still at 0 bytes. A process creates its file and sizes it a moment
+    later; the library's merge raises on a file read in that moment, and so every scrape failed
+    while a process started, and for good once one was killed in it
+    (prometheus/client_python#1199, open). Such a file holds nothing yet."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self) -> Iterable[Metric]:
+        settled = []
+        for file in glob.glob(os.path.join(self.path, "*.db")):
+            try:
+                if os.stat(file).st_size > 0:
+                    settled.append(file)
+            except FileNotFoundError:  # a live gauge's file, dropped by mark_process_dead
+                continue
+        return MultiProcessCollector.merge(settled, accumulate=True)
+
+
+def merged_registry(path: str) -> CollectorRegistry:
+    """A fresh registry that sums the metric files of every process under ``path``."""
+    registry = CollectorRegistry()
+    registry.register(SettledFilesCollector(path))
+    return registry
