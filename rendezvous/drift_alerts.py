@@ -230,12 +230,39 @@ def evaluate_alerts(
         shown = value if now is None or kind not in state else now
         event = {"kind": kind, "value": shown, "threshold": limit, "ts_ms": now_ms}
         if over:
+            detail = describe_alert(kind, value, limit, report)
             if kind in state:
-                state[kind].update(value=value, threshold=limit)
+                state[kind].update(value=value, threshold=limit, detail=detail)
             else:
-                state[kind] = {"kind": kind, "value": value, "threshold": limit, "since_ms": now_ms}
-                events.append({"type": "raised", **event})
+                state[kind] = {
+                    "kind": kind,
+                    "value": value,
+                    "threshold": limit,
+                    "since_ms": now_ms,
+                    "detail": detail,
+                }
+                events.append({"type": "raised", **event, "detail": detail})
         elif kind in state and under:
             del state[kind]
             events.append({"type": "cleared", **event})
     return state, events
+
+
+_SAID = {
+    "divergence_mean": "mean divergence between real and canary",
+    "disagreement_rate": "share of rows where real and canary disagree",
+    "score_psi": "PSI of real's scores from the reference",
+    "score_js": "JS distance of real's scores from the reference",
+    "feature_psi": "largest feature PSI from training",
+}
+
+
+def describe_alert(kind: str, value: float, limit: float, report: Mapping[str, Any]) -> str:
+    """The alert in words, as the online detectors' alerts carry one (what webhooks and the
+    dashboard show): the figure, its threshold, the window and, for features, which."""
+    window = report.get("requests")
+    said = f"{_SAID.get(kind, kind)} {value:.3g} > {limit:.3g} over {window} requests"
+    top = (report.get("features") or {}).get("top") or []
+    if kind == "feature_psi" and top:
+        said += " (" + ", ".join(f"{t['feature']} {t['psi']:.3g}" for t in top[:3]) + ")"
+    return said

@@ -293,16 +293,25 @@ def test_thresholds_validate_and_name_the_key() -> None:
 
 
 def _report(status: str = "ok", **values: float | None) -> dict[str, object]:
-    return {"status": status, "values": {k: values.get(k) for k in ALERT_KINDS}}
+    return {"status": status, "requests": 200, "values": {k: values.get(k) for k in ALERT_KINDS}}
 
 
 def test_alerts_raise_stay_and_clear() -> None:
     t = Thresholds()
     active, events = evaluate_alerts(_report(score_psi=0.5, score_js=0.01), t, {}, 1000)
     assert list(active) == ["score_psi"] and active["score_psi"]["since_ms"] == 1000
+    said = "PSI of real's scores from the reference 0.5 > 0.3 over 200 requests"
     assert events == [
-        {"type": "raised", "kind": "score_psi", "value": 0.5, "threshold": 0.3, "ts_ms": 1000}
+        {
+            "type": "raised",
+            "kind": "score_psi",
+            "value": 0.5,
+            "threshold": 0.3,
+            "ts_ms": 1000,
+            "detail": said,
+        }
     ]
+    assert active["score_psi"]["detail"] == said
     active, events = evaluate_alerts(_report(score_psi=0.7), t, active, 2000)
     assert events == [] and active["score_psi"]["since_ms"] == 1000
     assert active["score_psi"]["value"] == 0.7
@@ -465,6 +474,8 @@ def test_shifted_inputs_raise_score_and_feature_alerts_naming_the_shifted_featur
         feature_psi = report["features"]["psi"]
         assert {n for n, v in feature_psi.items() if v > t.feature_psi} == shifted
         assert {e["feature"] for e in report["features"]["top"]} <= shifted
+        top = report["features"]["top"][0]["feature"]
+        assert f"over {rows} requests ({top} " in active["feature_psi"]["detail"]
 
 
 # -- the demo metadata -------------------------------------------------------------------------

@@ -334,6 +334,7 @@ def test_a_broken_feed_is_alerted_within_200_requests_and_the_webhook_hears_it_c
             assert first["since_ms"] >= began
             before = sum(t < first["since_ms"] for t in sent_at)
             print("requests to first alert", before, first["kind"], first["detail"])
+            assert all(a["detail"] for a in doc["alerts"]), doc["alerts"]  # every kind says why
             assert before <= 200, (before, first)
             named = {(a["kind"], a.get("feature")) for a in doc["alerts"]}
             assert ("feature_range", "mean radius") in named, named

@@ -254,6 +254,7 @@ function header(doc, cur, th, win, waiting) {
       fmt(a.threshold) + " \u00b7 since " + clock(a.since_ms) +
       (isNum(a.since_ms) ? " (" + ago(a.since_ms) + ")" : ""), "badge alert");
     b.setAttribute("data-alert", String(a.kind));
+    if (typeof a.detail === "string") b.title = a.detail;  // what tripped it, in words
     return b;
   }));
   if (!alerts.length) $("alerts").append(node("span", judged ? "no active drift alert" : "no" +
