@@ -240,9 +240,11 @@ class LocalCluster:
             )
         except subprocess.TimeoutExpired as exc:
             self.create_output = plain_text(exc.stdout) + plain_text(exc.stderr)
+            out = self.create_output
+            printed = f"it printed:\n{out}" if out else "it printed nothing"
             raise ClusterError(
-                f"redis-cli --cluster create did not finish in time; it printed:\n"
-                f"{self.create_output}"
+                f"redis-cli --cluster create did not finish in time ({' '.join(args[3:])}); "
+                f"{printed}"
             ) from exc
         self.create_output = plain_text(done.stdout) + plain_text(done.stderr)
         if done.returncode != 0:
