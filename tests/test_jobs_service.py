@@ -6,6 +6,7 @@ wake-up of a long poll on another gateway, and the bounds at submit."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -263,3 +264,28 @@ async def test_jobs_run_on_after_the_blocking_clients_default_node_is_lost(
         if not redis_cluster.running(victim.port):
             redis_cluster.restart(victim.port)
         redis_cluster.wait_healthy(30.0)
+
+
+async def test_with_fewer_slots_than_deployments_no_deployments_jobs_starve(
+    client: AsyncClient, bus_url: str, demo_registry: ModelRegistry
+) -> None:
+    """One slot, two deployments: a reader that gave back its slot after a read of its idle
+    stream took it again at once, so the other deployment's jobs waited until they expired
+    (found by hand with ``RDV_JOB_CONCURRENCY=1``). Readers now take turns."""
+    sync = connect(bus_url)
+    other = dataclasses.replace(demo_deployment(demo_registry, SCHEDULE), name="other")
+    DeploymentStore(sync).create(other)
+    sync.close()
+    service = await gateway(client, concurrency=1)
+    await service.start()
+    try:
+        jobs = [
+            (name, (await service.submit(name, BODY, None)).id)
+            for _ in range(3)
+            for name in (DEMO_DEPLOYMENT, "other")
+        ]
+        t0 = time.monotonic()
+        docs = await asyncio.gather(*(service.wait(name, job, 8000) for name, job in jobs))
+        assert [d.status for d in docs] == [DONE] * 6, time.monotonic() - t0
+    finally:
+        await service.stop()

@@ -23,6 +23,7 @@ from gateway.dataplane.failures import (
     Unavailable,
     UnknownDeployment,
 )
+from gateway.dataplane.job_slots import JobSlots
 from gateway.dataplane.job_store import JobStore
 from gateway.dataplane.job_vocabulary import (
     BACKOFF_MAX_S,
@@ -44,8 +45,9 @@ log = logging.getLogger(__name__)
 
 MAX_RUNS = 5
 """A job started this many times without an end (its gateways died or stopped under it) fails."""
-READ_MAX = 16
-"""Most jobs one read takes."""
+SHARED_BLOCK_MS = 100
+"""Longest blocking read while another deployment's reader waits for a slot: a slot held by a
+read of an idle stream is one a busy deployment cannot use."""
 CONSUMER_GC_S = 60.0
 """Consumers of the jobs group idle this long with nothing pending are removed (dead gateways)."""
 
@@ -96,7 +98,6 @@ class JobRunner:
         self.service = service
         self.deployments = service.deployments
         self.store = store
-        self.concurrency = concurrency
         self.claim_idle_ms = claim_idle_ms
         self.consumer = consumer or consumer_name()
         self._stopping = stopping
@@ -106,11 +107,7 @@ class JobRunner:
         self._runs: set[asyncio.Task[None]] = set()
         self._running: dict[str, bytes] = {}
         """Job id -> the stream entry of its run here (one run per job per process)."""
-        self._taken = 0
-        """Slots held: jobs running here and reads in progress, at most ``concurrency``."""
-        self._reading = 0
-        """Of those, the slots of reads in progress (not yet predicts in flight)."""
-        self._freed = asyncio.Event()
+        self.slots = JobSlots(concurrency, service)
 
     async def start(self) -> None:
         self._supervisor = asyncio.create_task(self._supervise())
@@ -140,31 +137,6 @@ class JobRunner:
                 self._readers.pop(name).cancel()
             await asyncio.sleep(interval_s)
 
-    def _room(self) -> int:
-        """Slots a read may take now: within ``concurrency`` and the in-flight bound."""
-        service = self.service
-        in_flight_room = service.max_in_flight - service.in_flight - self._reading
-        return min(self.concurrency - self._taken, in_flight_room)
-
-    async def _reserve(self) -> int:
-        while True:
-            room = self._room()
-            if room > 0:
-                fair = max(1, self.concurrency // max(1, len(self._readers)))
-                n = min(room, READ_MAX, fair)
-                self._taken += n
-                self._reading += n
-                return n
-            self._freed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._freed.wait(), 0.05)
-
-    def _release(self, n: int, *, reading: bool) -> None:
-        self._taken -= n
-        if reading:
-            self._reading -= n
-        self._freed.set()
-
     def _claim_idle_ms(self, deployment: str) -> int:
         dep = self.deployments.deployments.get(deployment)
         timeout_ms = dep.schedule.timeout_ms if dep is not None else 0
@@ -180,6 +152,7 @@ class JobRunner:
         next_gc = loop.time() + CONSUMER_GC_S
         cursor = b"0-0"
         backoff_s = 0.05
+        idle = False
         while not self._stopping.is_set():
             try:
                 if not group_ready:
@@ -188,7 +161,7 @@ class JobRunner:
                             stream, names.JOBS_GROUP, "0", mkstream=True
                         )
                     group_ready = True
-                n = await self._reserve()
+                n = await self.slots.reserve(readers=len(self._readers), idle=idle)
                 entries: list[tuple[bytes, str | None]] = []
                 try:
                     if loop.time() >= next_claim:
@@ -197,11 +170,14 @@ class JobRunner:
                             next_claim = loop.time() + self._claim_idle_ms(deployment) / 2000
                     if not entries:  # block no longer than until the next claim is due
                         block_ms = min(BLOCK_MS, int((next_claim - loop.time()) * 1000))
+                        if self.slots.contended:  # others wait for the slot this read holds
+                            block_ms = min(block_ms, SHARED_BLOCK_MS)
                         entries = await self._read(stream, n, max(block_ms, 1))
                 finally:
-                    self._release(n - len(entries), reading=True)
+                    self.slots.release(n - len(entries), reading=True)
+                idle = not entries
                 for entry_id, job_id in entries:
-                    self._reading -= 1  # the slot now belongs to a run
+                    self.slots.to_run()
                     task = asyncio.create_task(self._run(deployment, entry_id, job_id))
                     self._runs.add(task)
                     task.add_done_callback(self._runs.discard)
@@ -272,7 +248,7 @@ class JobRunner:
         except Exception:
             log.exception("job %s of %s failed", job_id, deployment)
         finally:
-            self._release(1, reading=False)
+            self.slots.release(1, reading=False)
 
     async def _run_job(self, deployment: str, entry: bytes, job_id: str) -> None:
         key = names.job_key(deployment, job_id)
@@ -405,4 +381,4 @@ class JobRunner:
             await self.client.xgroup_delconsumer(stream, names.JOBS_GROUP, self.consumer)
 
 
-__all__ = ["CONSUMER_GC_S", "MAX_RUNS", "READ_MAX", "JobRunner", "consumer_name"]
+__all__ = ["CONSUMER_GC_S", "MAX_RUNS", "JobRunner", "consumer_name"]

@@ -1,0 +1,76 @@
+"""The slots of one gateway process's job runs: at most ``concurrency`` jobs running or being
+read at once, within the predict path's in-flight bound, handed out first come first served
+among the deployments' readers so that no deployment's jobs starve for another's."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Protocol
+
+READ_MAX = 16
+"""Most jobs one read takes."""
+
+
+class InFlight(Protocol):
+    """What the slots read of the prediction service: its in-flight count and bound."""
+
+    in_flight: int
+    max_in_flight: int
+
+
+class JobSlots:
+    """A slot is taken by a read (for each job it may return) and passes to the job's run."""
+
+    def __init__(self, concurrency: int, service: InFlight):
+        self.concurrency = concurrency
+        self.service = service
+        self.taken = 0
+        """Slots held: jobs running here and reads in progress, at most ``concurrency``."""
+        self.reading = 0
+        """Of those, the slots of reads in progress (not yet predicts in flight)."""
+        self._freed = asyncio.Event()
+        self._queue: list[object] = []
+        """Readers waiting for a slot, in the order they asked: one that just gave its slots
+        back queues behind them."""
+
+    @property
+    def contended(self) -> bool:
+        """Another reader waits: a read holding slots should not block long."""
+        return bool(self._queue)
+
+    def room(self) -> int:
+        """Slots a read may take now: within ``concurrency`` and the in-flight bound."""
+        in_flight_room = self.service.max_in_flight - self.service.in_flight - self.reading
+        return min(self.concurrency - self.taken, in_flight_room)
+
+    async def reserve(self, *, readers: int, idle: bool) -> int:
+        """Slots for one read, in turn: the reader's fair share of ``concurrency`` among
+        ``readers``, or one for a reader whose stream was idle at its last read (slots held by
+        blocking reads of idle streams are slots the busy ones lack)."""
+        if self._queue or self.room() <= 0:
+            turn = object()
+            self._queue.append(turn)
+            try:
+                while self._queue[0] is not turn or self.room() <= 0:
+                    self._freed.clear()
+                    with contextlib.suppress(TimeoutError):  # predicts also end on their own
+                        await asyncio.wait_for(self._freed.wait(), 0.05)
+            finally:
+                self._queue.remove(turn)
+                self._freed.set()  # the next in line may have room too
+        fair = 1 if idle else max(1, self.concurrency // max(1, readers))
+        n = min(self.room(), READ_MAX, fair)
+        self.taken += n
+        self.reading += n
+        return n
+
+    def to_run(self) -> None:
+        """One slot of a read now belongs to the run of a job it returned."""
+        self.reading -= 1
+
+    def release(self, n: int, *, reading: bool) -> None:
+        self.taken -= n
+        if reading:
+            self.reading -= n
+        self._freed.set()
