@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from redis.crc import key_slot
 
+from gateway.dataplane.service import read_entities
 from gateway.dataplane.validation import enriched_rows, merged, parse_body, to_matrix
 from models.archive import ArchiveReader
 from models.archive_line import record_from_envelope
@@ -29,6 +31,9 @@ from models.runtime import OnnxClassifier
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import PREDICT, System, launch_system, wait_until
 from rendezvous import names
+from rendezvous.bus.async_router import Router
+from rendezvous.bus.connection import REDIS_FAILURES, connect_async
+from rendezvous.bus.server import EmbeddedRedis
 from rendezvous.envelope import RequestEnvelope
 from rendezvous.schedule import Schedule
 from rendezvous.spec import FeatureSpec, Lookup
@@ -42,6 +47,31 @@ def _refusal(call) -> list[dict]:  # type: ignore[no-untyped-def]
     with pytest.raises(RequestValidationError) as caught:
         call()
     return list(caught.value.errors())
+
+
+async def test_a_lookup_waits_no_longer_than_its_request_may(tmp_path: Path) -> None:
+    """The lookup goes by the hot path's router, bounded by the deployment's timeout: through
+    redis-py's cluster client, enriched requests caught by a failover waited out its retries
+    (3-4 s) and by a stalled node 5 s, well past their timeout, where the others got a quick
+    503 (found by hand)."""
+    server = EmbeddedRedis(tmp_path).start()
+    client = await connect_async(server.url, timeout_s=5.0)
+    router = Router(client, timeout_s=5.0)
+    try:
+        lookup = SPEC.lookup
+        assert lookup is not None
+        await client.hset(names.entity_key("dep", "e-1"), mapping={"d": "4.5", "b": "2"})
+        stored = await read_entities(router, "dep", lookup, ["e-1", "e-1", "none"], 0.5)
+        assert stored == {"e-1": [b"4.5", b"2"], "none": [None, None]}
+        await client.execute_command("CLIENT", "PAUSE", "3000", "ALL")  # a stalled node
+        t0 = time.monotonic()
+        with pytest.raises(REDIS_FAILURES):
+            await read_entities(router, "dep", lookup, ["e-1"], 0.3)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        await router.close()
+        await client.aclose()
+        server.stop()
 
 
 # -- pure --------------------------------------------------------------------------------------

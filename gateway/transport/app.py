@@ -254,7 +254,7 @@ def create_app(
                 request_id_ttl_s=settings.request_id_ttl_s,
                 metrics=metrics,
                 drift_feed=feed,
-                feature_store=client,
+                feature_store=writer,
             )
             metrics.track_in_flight(lambda: app.state.service.in_flight)
             metrics.track_decision_appends(appender)
