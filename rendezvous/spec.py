@@ -82,6 +82,26 @@ class TrainingCentre:
 
 FLOAT32_MAX = 3.4028234663852886e38
 """The largest finite float32: the models' inputs are float32."""
+FLOAT32_INF = FLOAT32_MAX + 2.0**103
+"""The least number float32 rounds to infinity (its largest, plus half a step there): every
+number below it in size is a finite float32 input, ``3.4028235e38`` as written included."""
+
+
+def finite_float32(value: float) -> bool:
+    """A number the models can take: finite once rounded to float32 (NaN is not)."""
+    return abs(value) < FLOAT32_INF
+
+
+def stored_number(value: bytes | str) -> float:
+    """A value of the feature store as a number; NaN when it is none or no float32 (an empty
+    value, text, ``inf``, past float32's range)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return math.nan
+    return number if finite_float32(number) else math.nan
+
+
 MAX_KEY_NAME = 64
 """Longest name of a lookup's entity key (a column name of the load files)."""
 
@@ -115,7 +135,7 @@ class Lookup:
                 raise ValueError(f"default for {name!r}, which is not a looked-up feature")
             if not isinstance(value, int | float) or isinstance(value, bool):
                 raise ValueError(f"the default of {name!r} must be a number")
-            if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+            if not finite_float32(value):
                 raise ValueError(f"the default of {name!r} must be a finite float32 number")
 
     def to_dict(self) -> dict[str, Any]:

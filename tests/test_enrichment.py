@@ -368,6 +368,51 @@ def test_bad_loads_are_refused_and_write_nothing(enriched: System) -> None:
     assert [e["row"] for e in resp.json()["errors"]] == [1, 2, 3]
     assert not enriched.r.exists(names.entity_key(DEMO_DEPLOYMENT, "new-1"))
     assert admin(enriched, "PUT", "/entities", auth=False, json=rows[:1]).status_code == 401
+    # float32's largest as written is taken, as predict takes it
+    edge = {"customer_id": "edge", **{f: 3.4028235e38 for f in LOOKED_UP}}
+    assert admin(enriched, "PUT", "/entities", json=[edge]).status_code == 200
+
+
+def test_features_load_refuses_a_file_the_gateway_would_and_sends_nothing(
+    enriched: System, tmp_path: Path
+) -> None:
+    """Found by hand: a Latin-1 file ended in a traceback, a spreadsheet's CSV (a UTF-8
+    byte-order mark) lost its key column, and a 'nan' cell was sent, so the gateway refused
+    its batch after earlier batches had been written."""
+    header = ",".join(["customer_id", *LOOKED_UP])
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + f"{header}\nbom-1,{','.join(['1.5'] * 5)}\n".encode())
+    done = rdv_features_load(enriched, bom)
+    assert done.returncode == 0 and json.loads(done.stdout)["loaded"] == 1, done.stderr
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(f"{header}\n".encode() + "caf\xe9,1,2,3,4,5\n".encode("latin-1"))
+    nan = tmp_path / "nan.jsonl"
+    first = LOOKED_UP[0]
+    nan.write_text(f'{{"customer_id": "n-1", "{first}": 1.0}}\n'
+                   f'{{"customer_id": "n-2", "{first}": NaN}}\n')  # fmt: skip
+    for path, said in ((latin, "not UTF-8"), (nan, ":2: ")):
+        done = rdv_features_load(enriched, path)
+        assert done.returncode != 0 and said in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    assert not enriched.r.exists(names.entity_key(DEMO_DEPLOYMENT, "n-1"))
+
+
+def test_the_entity_view_shows_hand_written_values_predict_refuses(enriched: System) -> None:
+    """A value written beside the API that is no number made the entity view answer 500,
+    where predict answers 422 (found by hand); it is shown as unusable now."""
+    key = names.entity_key(DEMO_DEPLOYMENT, "hand")
+    enriched.r.hset(key, mapping={LOOKED_UP[0]: "abc", LOOKED_UP[1]: "", LOOKED_UP[2]: "1e39",
+                                  LOOKED_UP[3]: "2.5"})  # fmt: skip
+    resp = admin(enriched, "GET", "/entities/hand")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["features"] == {LOOKED_UP[3]: 2.5}
+    assert resp.json()["unusable"] == {LOOKED_UP[0]: "abc", LOOKED_UP[1]: "", LOOKED_UP[2]: "1e39"}
+    only_empty = names.entity_key(DEMO_DEPLOYMENT, "empty")
+    enriched.r.hset(only_empty, LOOKED_UP[0], "")  # present, as predict reads it
+    assert admin(enriched, "GET", "/entities/empty").json()["unusable"] == {LOOKED_UP[0]: ""}
+    row = {"entity": "hand", "features": caller_part(DATA.x_test[0])}
+    refused = enriched.http.post(PREDICT, json=row)
+    assert refused.status_code == 422 and "entity_value" in refused.text, refused.text
 
 
 def test_defaults_fill_a_missing_entity(enriched: System, real: OnnxClassifier) -> None:
@@ -400,6 +445,14 @@ def test_a_lookup_is_checked_and_may_come_with_a_new_deployment(enriched: System
     unknown = {"key": "customer_id", "features": ["no such feature"]}
     resp = admin(enriched, "PATCH", "/enrichment", json={"lookup": unknown})
     assert resp.status_code == 422 and "not in the spec" in resp.json()["detail"], resp.text
+    # found by hand: a default given as text or true was taken as a number, and a key named
+    # as a looked-up feature made that feature one no load could ever fill
+    for default in ("1", True):
+        text = {**LOOKUP, "defaults": {LOOKED_UP[0]: default}}
+        assert admin(enriched, "PATCH", "/enrichment", json={"lookup": text}).status_code == 422
+    same = {"key": LOOKED_UP[0], "features": list(LOOKED_UP)}
+    resp = admin(enriched, "PATCH", "/enrichment", json={"lookup": same})
+    assert resp.status_code == 422 and "also a looked-up feature" in resp.text, resp.text
     body = {"name": "enr-created", "real": {"model": "breast-cancer", "version": 2},
             "lookup": {**LOOKUP, "key": "account"}}  # fmt: skip
     resp = enriched.http.post("/admin/deployments", json=body, headers=AUTH)

@@ -124,7 +124,7 @@ class LookupIn(_Body):
         description="name of the entity key (its column in the files 'rdv features load' reads)",
     )
     features: list[str] = Field(min_length=1, max_length=100_000)
-    defaults: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(
+    defaults: dict[str, Annotated[float, Field(strict=True, allow_inf_nan=False)]] = Field(
         default={}, description="value of a feature the store has none for; without one, 422"
     )
 

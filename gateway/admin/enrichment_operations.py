@@ -6,12 +6,13 @@ checked first), and read one entity back as the gateway would.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from gateway.admin.bodies import Conflict, EnrichmentPatch, Invalid, NotFound
 from gateway.admin.service_core import AdminCore
 from rendezvous import names
-from rendezvous.spec import FLOAT32_MAX, Lookup
+from rendezvous.spec import Lookup, finite_float32, stored_number
 
 
 class EnrichmentOperations(AdminCore):
@@ -62,10 +63,23 @@ class EnrichmentOperations(AdminCore):
         if lookup is None:
             raise NotFound(f"deployment {name} looks nothing up")
         stored = self.client.hmget(names.entity_key(name, entity), list(lookup.features))
-        values = {f: float(v) for f, v in zip(lookup.features, stored, strict=True) if v}
-        if not values:
+        values: dict[str, float] = {}
+        unusable: dict[str, str] = {}
+        for feature, value in zip(lookup.features, stored, strict=True):
+            if value is None:
+                continue
+            number = stored_number(value)
+            if math.isfinite(number):
+                values[feature] = number
+            else:  # written by hand beside the API: predict refuses the entity (422)
+                shown = value.decode(errors="replace") if isinstance(value, bytes) else value
+                unusable[feature] = shown[:100]
+        if not values and not unusable:
             raise NotFound(f"{lookup.key} {entity!r} is not in the feature store of {name}")
-        return {"deployment": name, lookup.key: entity, "features": values}
+        doc: dict[str, Any] = {"deployment": name, lookup.key: entity, "features": values}
+        if unusable:
+            doc["unusable"] = unusable
+        return doc
 
 
 def _entity_writes(
@@ -99,4 +113,4 @@ def _entity_writes(
 def _finite_float32(value: Any) -> bool:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
-    return abs(value) <= FLOAT32_MAX  # NaN compares False
+    return finite_float32(value)

@@ -72,6 +72,8 @@ class AdminCore:
     def _with_lookup(spec: FeatureSpec, req: LookupIn | None) -> FeatureSpec:
         if req is None:
             return spec.with_lookup(None)
+        if req.key in req.features:  # the key column of a load is the entity, never a value
+            raise Invalid(f"invalid lookup: its key {req.key!r} is also a looked-up feature")
         try:
             lookup = Lookup(req.key, tuple(req.features), dict(req.defaults))
             return spec.with_lookup(lookup)

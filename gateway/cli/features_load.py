@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.cli.admin_http import admin_request, admin_session
 from gateway.cli.records import json_lines
+from rendezvous.spec import finite_float32
 
 if TYPE_CHECKING:
     import httpx
@@ -74,11 +75,17 @@ def cmd_features(args: argparse.Namespace) -> None:
 
 
 def _records(path: Path, kind: str, key: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, entity) of each record of the file; exits on one that cannot be read."""
+    """(line number, entity) of each record of the file; exits on one that cannot be read or
+    holds a value the gateway would refuse (no finite float32 number), so that a bad file
+    sends nothing. A UTF-8 byte-order mark (a spreadsheet's CSV) is skipped."""
     try:
-        with path.open(newline="" if kind == "csv" else None, encoding="utf-8") as f:
+        with path.open(newline="" if kind == "csv" else None, encoding="utf-8-sig") as f:
             if kind == "jsonl":
-                yield from json_lines(path, f)
+                for n, doc in json_lines(path, f):
+                    for column, value in doc.items():
+                        if column != key and not _number(value):
+                            sys.exit(f"{path}:{n}: {column} {value!r} is not a finite number")
+                    yield n, doc
                 return
             reader = csv.DictReader(f)
             if key not in (reader.fieldnames or []):
@@ -95,10 +102,21 @@ def _records(path: Path, kind: str, key: str) -> Iterator[tuple[int, dict[str, A
                         try:
                             entity[column] = float(value)
                         except ValueError:
-                            sys.exit(f"{path}:{n}: {column} {value!r} is not a number")
+                            entity[column] = value
+                        if not _number(entity[column]):
+                            sys.exit(f"{path}:{n}: {column} {value!r} is not a finite number")
                 yield n, entity
     except OSError as exc:
         sys.exit(f"cannot read {path}: {exc}")
+    except UnicodeDecodeError as exc:
+        sys.exit(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8")
+
+
+def _number(value: Any) -> bool:
+    """What the gateway takes as a feature value: a number, finite as a float32."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return finite_float32(value)
 
 
 def _refused(resp: httpx.Response, lines: list[int], loaded: int) -> None:

@@ -17,10 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rendezvous.names import ENTITY_PATTERN
-from rendezvous.spec import FeatureSpec
-
-_FLOAT32_INF = float(np.finfo(np.float32).max) + 2.0**103
-"""The least number float32 rounds to infinity (its largest, plus half a step there)."""
+from rendezvous.spec import FeatureSpec, stored_number
 
 FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 """A JSON number: not a string, not a bool, not NaN or infinity."""
@@ -264,7 +261,7 @@ def merged(
         missing: list[str] = []
         for name, value in zip(lookup.features, stored_values, strict=True):
             if value is not None:
-                values[name] = _stored_number(value)
+                values[name] = stored_number(value)
                 if not math.isfinite(values[name]):
                     msg = (f"{lookup.key} {entity!r}: its stored {name!r} ({value!r}) is not a "
                            "finite float32 number")  # fmt: skip
@@ -295,15 +292,6 @@ def merged(
     looked = [[records[e]["values"][n] for n in lookup.features] for e in entities]
     x[:, lookup_cols] = np.asarray(looked, dtype=np.float64)
     return x, [records[e] for e in entities]
-
-
-def _stored_number(value: bytes | str) -> float:
-    """A value of the feature store as a number; NaN when it is none or no float32."""
-    try:
-        number = float(value)
-    except ValueError:
-        return math.nan
-    return number if abs(number) < _FLOAT32_INF else math.nan
 
 
 def check_matrix(spec: FeatureSpec, x: np.ndarray, max_rows: int) -> np.ndarray:
