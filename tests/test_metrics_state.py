@@ -40,3 +40,31 @@ async def test_counters_of_dead_processes_are_hidden_then_forgotten(
     # The stalled one may come back and republish; the long-dead and unreadable are deleted.
     assert set(r.hkeys(key)) == {b"real|alive", b"real|stalled"}
     assert not r.exists(names.LOGBIN_STATS)
+
+
+async def test_a_role_whose_workers_all_died_reads_0_live_workers(
+    r: redis.Redis, redis_url: str
+) -> None:
+    """Found by hand: a stopped canary's series vanished, so ``rdv_live_workers == 0`` could
+    never fire. Every role with a group on the input stream is shown, 0 where none is live."""
+    import redis.asyncio as aioredis
+
+    from gateway.observability.metrics_state import ClusterStateCollector, read_state
+
+    stream, workers = names.input_stream("dep"), names.workers_key("dep")
+    r.delete(stream, workers)
+    for role in ("real", "canary"):
+        r.xgroup_create(stream, names.model_group(role), "$", mkstream=True)
+    r.xgroup_create(stream, names.LOGBIN_GROUP, "$")
+    r.zadd(workers, {"real|w1": time.time(), "canary|w2": time.time() - 60})
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        state = await read_state(client, ["dep"], heartbeat_timeout_s=10)
+    finally:
+        await client.aclose()
+    families = {f.name: f for f in ClusterStateCollector(state).collect()}
+    live = {s.labels["role"]: s.value for s in families["rdv_live_workers"].samples}
+    assert live == {"real": 1, "canary": 0}
+    # and a role's skipped entries read 0 before its first skip, which increase() then sees
+    skipped = {s.labels["role"]: s.value for s in families["rdv_role_skipped_entries"].samples}
+    assert skipped == {"real": 0, "canary": 0}

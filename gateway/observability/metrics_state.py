@@ -236,7 +236,10 @@ class ClusterStateCollector(Collector):
             labels=["deployment", "role"],
         )
         for dep, ds in sorted(self.state.deployments.items()):
-            for role, n in sorted(ds.skipped.items()):
+            roles = _every_role(ds)
+            # 0 before the first skip, so that increase() sees that skip (a series born
+            # holding its whole count is one increase() misses)
+            for role, n in sorted({**dict.fromkeys(roles, 0), **ds.skipped}.items()):
                 skipped.add_metric([dep, role], n)
             length.add_metric([dep, "input"], ds.input_length)
             length.add_metric([dep, "decisions"], ds.decisions_length)
@@ -246,7 +249,7 @@ class ClusterStateCollector(Collector):
                 consumers.add_metric(labels, int(group.get("consumers", 0)))
                 if group.get("lag") is not None:
                     lag.add_metric(labels, int(group["lag"]))
-            for role, n in sorted(ds.live_workers.items()):
+            for role, n in sorted(roles.items()):
                 live.add_metric([dep, role], n)
         yield from (length, pending, lag, consumers, live, skipped)
 
@@ -411,3 +414,15 @@ def state_registry(state: ClusterState) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ClusterStateCollector(state))
     return registry
+
+
+def _every_role(ds: DeploymentState) -> dict[str, int]:
+    """Live workers of every role that has a group on the input stream, 0 where none is: a
+    role whose workers all died must read 0 (what an alert on ``rdv_live_workers == 0`` or a
+    dashboard tile needs), not vanish."""
+    roles = {
+        group_name[len(names.MODEL_GROUP_PREFIX) :]: 0
+        for group in ds.groups
+        if (group_name := _text(group["name"])).startswith(names.MODEL_GROUP_PREFIX)
+    }
+    return {**roles, **ds.live_workers}
