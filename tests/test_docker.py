@@ -581,7 +581,8 @@ def test_dashboard_structure() -> None:
     (variable,) = [v for v in doc["templating"]["list"] if v["name"] == "deployment"]
     query = variable["query"]
     query = query.get("query") if isinstance(query, dict) else query
-    assert query == "label_values(rdv_requests_total, deployment)", query
+    # every deployment with a role (idle ones too), never the "_unknown" of refused names
+    assert query == "label_values(rdv_live_workers, deployment)", query
     assert variable["datasource"]["uid"] == provisioned_datasource()["uid"]
 
 
