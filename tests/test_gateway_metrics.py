@@ -171,6 +171,22 @@ def test_feature_rows_the_drift_feed_leaves_out_are_counted() -> None:
     )
 
 
+def test_late_results_reach_the_registry_a_flush_interval_later() -> None:
+    """Found by hand: late results were brought to the counter only by a scrape of the
+    process that saw them, so a process rarely scraped (Prometheus keeps one connection to one
+    of them) held its count for minutes, and a killed one lost it."""
+
+    async def scenario() -> None:
+        metrics = GatewayMetrics()
+        for _ in range(3):
+            metrics.late_result()
+        assert value(metrics, "rdv_late_results_total") == 0
+        await asyncio.sleep(FLUSH_S * 3)
+        assert value(metrics, "rdv_late_results_total") == 3
+
+    asyncio.run(scenario())
+
+
 def test_decision_records_held_and_dropped_are_read_at_each_flush() -> None:
     """The appender counts; the metrics read its figures at a flush, the dropped as a counter
     that only grows by what is new."""

@@ -97,6 +97,7 @@ class Rendezvous:
         decisions_maxlen: int = 50_000,
         decisions_max_bytes: int | None = None,
         on_decision: Callable[[DecisionRecord], None] | None = None,
+        on_late: Callable[[], None] | None = None,
     ):
         self.client = client
         self.reader = reader
@@ -107,6 +108,8 @@ class Rendezvous:
         """The decisions stream's length: at most ``decisions_maxlen`` records, fewer when they
         are large (``decisions_max_bytes``)."""
         self.on_decision = on_decision
+        self.on_late = on_late
+        """Told of each late result (the metrics count it)."""
         self.mailboxes: dict[str, Mailbox] = {}
         self.late_results = 0
         self.bad_results = 0
@@ -324,6 +327,8 @@ class Rendezvous:
         mb = self.mailboxes.get(result.request_id)
         if mb is None or mb.closed:
             self.late_results += 1
+            if self.on_late is not None:
+                self.on_late()
             return
         result.extra["arrived_ms"] = round(self._elapsed_ms(mb), 4)
         mb.results.setdefault(result.role, result)

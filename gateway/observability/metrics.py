@@ -223,7 +223,6 @@ class GatewayMetrics:
             registry=r,
         )
         self._children: dict[tuple[Any, ...], Any] = {}
-        self._late_seen = 0
         self._decision_appends: HeldAppends | None = None
         self._dropped_seen = 0
         self._counts: defaultdict[tuple[Any, ...], float] = defaultdict(float)
@@ -235,7 +234,7 @@ class GatewayMetrics:
         key = (id(metric), *labels)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = metric.labels(*labels)
+            child = self._children[key] = metric.labels(*labels) if labels else metric
         return child
 
     def track_in_flight(self, source: Callable[[], int]) -> None:
@@ -315,12 +314,12 @@ class GatewayMetrics:
                     counts[(self.disagreements, *labels)] += div.disagreements
         self._flush_soon()
 
-    def sync_late_results(self, total: int) -> None:
-        """The matcher counts late results in a plain int (the reply loop is hot); bring the
-        counter up to it before a scrape."""
-        if total > self._late_seen:
-            self.late_results.inc(total - self._late_seen)
-            self._late_seen = total
+    def late_result(self) -> None:
+        """A model's result came after its request was closed: tallied as the rest, so that
+        it reaches the shared files within a flush interval, whichever process is scraped
+        (it waited for a scrape of this very process)."""
+        self._counts[(self.late_results,)] += 1
+        self._flush_soon()
 
     def scrape_registry(self) -> CollectorRegistry:
         """The registry to expose, after this process's pending tallies: in multi-process mode

@@ -11,7 +11,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import UnknownDeployment
-from gateway.dataplane.matcher import Rendezvous
 from gateway.observability import drift_features
 from gateway.observability.drift_view import drift_view
 from gateway.observability.live_accuracy import accuracy_view
@@ -33,8 +32,6 @@ def observe_router() -> APIRouter:
         part is still served, so a scrape shows the outage instead of failing."""
         state = request.app.state
         instruments: GatewayMetrics = state.metrics
-        rendezvous: Rendezvous = state.rendezvous
-        instruments.sync_late_results(rendezvous.late_results)
         body = generate_latest(instruments.scrape_registry())
         deployments: DeploymentCache = state.deployments
         try:

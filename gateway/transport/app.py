@@ -199,6 +199,7 @@ def create_app(
                 decisions_maxlen=settings.decisions_maxlen,
                 decisions_max_bytes=int(settings.decisions_max_mb * 2**20),
                 on_decision=on_decision,
+                on_late=metrics.late_result,
             )
             await rendezvous.start()
             undo.push_async_callback(rendezvous.stop)
