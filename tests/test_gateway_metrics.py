@@ -226,4 +226,32 @@ def test_a_metrics_file_caught_before_it_is_sized_does_not_fail_the_scrape(
     (tmp_path / "gauge_livesum_999999.db").touch()
     scraped = samples(merged_registry(str(tmp_path)))
     assert scraped[("served_total", frozenset())] == 7
-    assert scraped[("held", frozenset())] == 3
+    assert ("held", frozenset()) not in scraped  # its process is gone: its live gauge with it
+
+
+def test_a_live_gauge_of_a_process_gone_is_dropped_by_the_next_scrape(tmp_path: Path) -> None:
+    """A process killed outright calls nothing: under ``rdv gateway`` (uvicorn's own workers,
+    no supervisor of ours) its ``rdv_in_flight_requests`` stayed summed for good (found by
+    hand). Its counters stay, so totals never fall."""
+    writer = (
+        "import sys\n"
+        "from prometheus_client import Counter, Gauge\n"
+        "Counter('served', 's').inc(7)\n"
+        "Gauge('held', 'h', multiprocess_mode='livesum').set(3)\n"
+        "print('set', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    with subprocess.Popen([sys.executable, "-c", writer], env=env, text=True,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE) as child:  # fmt: skip
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "set\n"
+            scraped = samples(merged_registry(str(tmp_path)))
+            assert scraped[("held", frozenset())] == 3  # alive: counted
+        finally:
+            child.kill()
+            child.wait(timeout=30)
+    scraped = samples(merged_registry(str(tmp_path)))
+    assert ("held", frozenset()) not in scraped
+    assert scraped[("served_total", frozenset())] == 7
+    assert not list(tmp_path.glob("gauge_live*"))

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from rendezvous.decision import DecisionRecord
 from rendezvous.drift import DIVERGENCE_EDGES
@@ -334,10 +334,15 @@ class GatewayMetrics:
 
 class SettledFilesCollector:
     """Every process's metric files summed, as prometheus-client's ``MultiProcessCollector``
-    does, skipping a file still at 0 bytes. A process creates its file and sizes it a moment
-    later; the library's merge raises on a file read in that moment, and so every scrape failed
-    while a process started, and for good once one was killed in it
-    (prometheus/client_python#1199, open). Such a file holds nothing yet."""
+    does, but for two kinds of file:
+
+    - one still at 0 bytes: a process creates its file and sizes it a moment later; the
+      library's merge raises on a file read in that moment, and so every scrape failed while a
+      process started, and for good once one was killed in it (prometheus/client_python#1199,
+      open). Such a file holds nothing yet.
+    - a live gauge's file of a process that no longer runs: dropped (``mark_process_dead``)
+      by whoever scrapes, since a server killed outright calls nothing (uvicorn's own workers
+      under ``rdv gateway`` had ``rdv_in_flight_requests`` stuck at their last value)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -345,12 +350,26 @@ class SettledFilesCollector:
     def collect(self) -> Iterable[Metric]:
         settled = []
         for file in glob.glob(os.path.join(self.path, "*.db")):
+            kind, _, pid = os.path.basename(file)[:-3].rpartition("_")
+            if kind.startswith("gauge_live") and pid.isdigit() and not _running(int(pid)):
+                mark_process_dead(int(pid), self.path)
+                continue
             try:
                 if os.stat(file).st_size > 0:
                     settled.append(file)
             except FileNotFoundError:  # a live gauge's file, dropped by mark_process_dead
                 continue
         return MultiProcessCollector.merge(settled, accumulate=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
 
 
 def merged_registry(path: str) -> CollectorRegistry:
