@@ -168,6 +168,12 @@ def full_gateway() -> tuple[HttpToolsProtocol, Transport, PredictionService, Tal
         max_rows=8, max_in_flight=4, max_backlog=100, metrics=tally,
     )  # fmt: skip
     service.in_flight = 4
+    protocol, transport = full_gateway_on(service)
+    return protocol, transport, service, tally
+
+
+def full_gateway_on(service: PredictionService) -> tuple[HttpToolsProtocol, Transport]:
+    """A fresh connection to a gateway of that service, with a body cap of 1,024 bytes."""
     app = create_app(Settings(redis_url="redis://127.0.0.1:1"))
     app.state.service = service
     config = Config(app=PredictFastPath(app, 1024), http="httptools", lifespan="off")
@@ -175,7 +181,7 @@ def full_gateway() -> tuple[HttpToolsProtocol, Transport, PredictionService, Tal
     protocol = HttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
     transport = Transport()
     protocol.connection_made(transport)
-    return protocol, transport, service, tally
+    return protocol, transport
 
 
 async def answered(protocol: HttpToolsProtocol, transport: Transport) -> bytes:
@@ -228,3 +234,24 @@ async def test_a_refusal_to_a_client_expecting_100_continue_closes_the_connectio
     assert refusal.startswith(b"HTTP/1.1 429 "), refusal
     assert b"connection: close\r\n" in refusal.lower() and transport.closed
     assert tally.done == [(None, "rejected")]  # an unknown name is not a metric label
+
+
+async def test_bodies_refused_before_the_service_are_counted_as_invalid() -> None:
+    """Found by hand: 413 and 415 answered by the fast path never reached
+    ``rdv_requests_total``, so a client sending gzip or oversized bodies was invisible."""
+    protocol, transport, service, tally = full_gateway()
+    service.in_flight = 0
+    head = b"POST /v1/deployments/demo/predict HTTP/1.1\r\nHost: t\r\n"
+    sent = [
+        (head + b"Content-Length: 2000\r\n\r\n", b"413"),  # declared over the cap
+        (head + b"Content-Encoding: gzip\r\nContent-Length: 2\r\n\r\n{}", b"415"),
+        (head + b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % 1500 + b"x" * 1500 + b"\r\n",
+         b"413"),  # found over the cap as it arrives
+    ]  # fmt: skip
+    for request, status in sent:
+        protocol.data_received(request)
+        reply = await answered(protocol, transport)
+        assert reply.startswith(b"HTTP/1.1 " + status), reply
+        protocol.connection_lost(None)
+        protocol, transport = full_gateway_on(service)
+    assert tally.done == [("demo", "invalid")] * 3

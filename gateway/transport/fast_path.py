@@ -82,11 +82,12 @@ class PredictFastPath:
 
     async def _predict(self, deployment: str, scope: Scope, receive: Receive, send: Send) -> None:
         headers = scope["headers"]
+        service = self._service or self._started_service()
         refused = self.cap.refuse_headers(headers)
         if refused is not None:  # a declared body over the cap, a malformed length
+            _count_invalid(service, deployment)
             await send_reply(send, refused.reply())
             return
-        service = self._service or self._started_service()
         if service is not None and service.in_flight >= service.max_in_flight:
             await send_reply(send, overloaded(service, deployment, headers))
             return
@@ -95,6 +96,7 @@ class PredictFastPath:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")
             elif name == b"content-encoding" and (refused := compressed(value)) is not None:
+                _count_invalid(service, deployment)
                 await send_reply(send, refused.reply())
                 return
         chunks = []
@@ -106,6 +108,7 @@ class PredictFastPath:
             chunk = message.get("body", b"")
             size += len(chunk)
             if self.cap.exceeded(size):
+                _count_invalid(service, deployment)
                 await send_reply(send, self.cap.too_large().reply())
                 return
             chunks.append(chunk)
@@ -128,6 +131,14 @@ class PredictFastPath:
     def _started_service(self) -> PredictionService | None:
         self._service = getattr(self.app.state, "service", None)
         return self._service
+
+
+def _count_invalid(service: PredictionService | None, deployment: str) -> None:
+    """A body refused before it reached the service (413, 415) is bad input all the same:
+    counted as the service counts its 422s (``rdv_requests_total{outcome="invalid"}``)."""
+    if service is not None:
+        known = deployment if deployment in service.deployments.deployments else None
+        service.metrics.request_done(known, "invalid", None)
 
 
 def overloaded(
