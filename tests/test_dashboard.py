@@ -110,7 +110,7 @@ class Dom(HTMLParser):
     def handle_endtag(self, tag: str) -> None:
         if tag == "svg":
             self._chart = None
-        elif tag == "span":
+        elif tag in ("span", "a"):
             self._alert = None
 
     def handle_data(self, data: str) -> None:
@@ -156,7 +156,11 @@ def fixture_report(points: int = 40) -> dict[str, Any]:
                        "score_js": 0.04, "feature_psi": 0.31},
         },
         "alerts": [{"kind": "feature_psi", "value": 0.31, "threshold": 0.25,
-                    "since_ms": T0_MS - 60_000}],
+                    "since_ms": T0_MS - 60_000},
+                   {"kind": "feature_range", "feature": "worst area", "value": 0.4,
+                    "threshold": 0.1, "since_ms": T0_MS - 30_000},
+                   {"kind": "prediction_prior", "value": 0.023, "threshold": 0.62,
+                    "since_ms": T0_MS - 30_000}],
         "events": [
             {"type": "raised", "kind": "feature_psi", "value": 0.26, "threshold": 0.25,
              "ts_ms": T0_MS - 60_000},
@@ -261,9 +265,13 @@ def test_the_page_draws_a_report_with_its_alert(fixture_server: str, tmp_path: P
     features = dom.charts["features"]
     assert features.points == 5 and features.shapes["rect"] == 5
     assert features.thresholds == {"feature_psi"} and "worst area" in features.texts
-    assert list(dom.alerts) == ["feature_psi"]
+    assert list(dom.alerts) == ["feature_psi", "feature_range", "prediction_prior"]
     badge = dom.alerts["feature_psi"]
     assert "alert" in badge and "0.310 > 0.250" in badge and "since" in badge
+    # found by hand: a feature's alert did not name it, a share under training's read ">"
+    assert "of worst area 0.400 > 0.100" in dom.alerts["feature_range"]
+    assert 'href="?feature=worst%20area"' in text
+    assert "0.023 < 0.620" in dom.alerts["prediction_prior"]
     for shown in (
         "breast-cancer:2",
         "breast-cancer:1",

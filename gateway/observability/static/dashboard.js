@@ -243,16 +243,22 @@ function header(doc, cur, th, win, waiting) {
   const facts = [["real", cur && cur.real_model], ["canary", cur && cur.canary_model],
     ["window", (cur ? cur.requests : 0) + " requests (up to " + (win.requests ?? "?") +
       ", " + (win.seconds ?? "?") + " s)"],
-    ["from", cur && isNum(cur.from_ms) ? clock(cur.from_ms) + " to " + clock(cur.to_ms) : null],
+    ["from", cur && isNum(cur.from_ms) && cur.from_ms > 0  // 0: no request in the window
+      ? clock(cur.from_ms) + " to " + clock(cur.to_ms) : null],
     ["score reference", cur && cur.score && cur.score.reference_source]];
   $("facts").replaceChildren(...facts.map(f => {
     const d = node("div"); d.append(node("dt", f[0]), node("dd", f[1] ?? "\u2013")); return d;
   }));
   const alerts = Array.isArray(doc.alerts) ? doc.alerts : [];
   $("alerts").replaceChildren(...alerts.map(a => {
-    const b = node("span", "\u26a0 " + (KINDS[a.kind] || a.kind) + " " + fmt(a.value) + " > " +
+    // a feature's alert names it and opens its view; a figure below its threshold (the
+    // prediction prior's share under training's) says so
+    const feature = typeof a.feature === "string" ? a.feature : null;
+    const b = node(feature ? "a" : "span", "\u26a0 " + alertName(a) + " " + fmt(a.value) +
+      (isNum(a.value) && isNum(a.threshold) && a.value < a.threshold ? " < " : " > ") +
       fmt(a.threshold) + " \u00b7 since " + clock(a.since_ms) +
       (isNum(a.since_ms) ? " (" + ago(a.since_ms) + ")" : ""), "badge alert");
+    if (feature) b.href = "?feature=" + encodeURIComponent(feature);
     b.setAttribute("data-alert", String(a.kind));
     if (typeof a.detail === "string") b.title = a.detail;  // what tripped it, in words
     return b;
@@ -274,10 +280,15 @@ function header(doc, cur, th, win, waiting) {
 function events(list) {
   const row = (...cells) => { const tr = node("tr"); tr.append(...cells); return tr; };
   const rows = list.slice(-15).reverse().map(e => row(node("td", clock(e.ts_ms)),
-    node("td", String(e.type), String(e.type)), node("td", KINDS[e.kind] || String(e.kind)),
+    node("td", String(e.type), String(e.type)), node("td", alertName(e)),
     node("td", fmt(e.value)), node("td", fmt(e.threshold))));
   $("events").replaceChildren(...(rows.length ? rows
     : [row(Object.assign(node("td", "no drift event yet", "muted"), {colSpan: 5}))]));
+}
+
+function alertName(a) {
+  const kind = KINDS[a.kind] || String(a.kind);
+  return typeof a.feature === "string" ? kind + " of " + a.feature : kind;
 }
 
 function render(doc) {
