@@ -269,8 +269,12 @@ class FeatureDetectors:
         return [] if events is not None else self._apply(queue)[1]
 
     def _figures(self, alert: dict[str, Any], kind: str, f: int) -> dict[str, Any]:
-        """The alert with its statistic as it stands now."""
+        """The alert with its statistic as it stands now; none when its windows hold no row
+        (started afresh as another alert of the feature cleared: an empty window's distance,
+        0.9 against 2.4, was shown as the figure the alert cleared at)."""
         value, limit, rows = self._statistic(kind, f)
+        if rows == 0:
+            return {**alert, "value": None, "threshold": None, "rows": 0}
         return {**alert, "value": value, "threshold": limit, "rows": rows}
 
     def _statistic(self, kind: str, f: int) -> tuple[float, float, int]:

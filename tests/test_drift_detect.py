@@ -386,6 +386,8 @@ def test_an_episode_of_the_prior_ends_the_long_windows_it_held(profile: FeatureP
     det.external_episode = False
     cleared = det.end_episode()
     assert [a["kind"] for a in cleared] == ["feature_drift"]
+    # its window started afresh: no figure to clear at (an empty window's read 0.9 > 2.4)
+    assert cleared[0]["value"] is None and cleared[0]["rows"] == 0
     assert not any(a["kind"] == "feature_drift" for a in det.active.values())
 
 
