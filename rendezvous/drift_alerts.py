@@ -231,6 +231,7 @@ def evaluate_alerts(
         event = {"kind": kind, "value": shown, "threshold": limit, "ts_ms": now_ms}
         if over:
             detail = describe_alert(kind, value, limit, report)
+            statistic = f"{_SAID.get(kind, kind)} over the last {report.get('requests')} requests"
             if kind in state:
                 state[kind].update(value=value, threshold=limit, detail=detail)
             else:
@@ -239,6 +240,7 @@ def evaluate_alerts(
                     "value": value,
                     "threshold": limit,
                     "since_ms": now_ms,
+                    "statistic": statistic,
                     "detail": detail,
                 }
                 events.append({"type": "raised", **event, "detail": detail})

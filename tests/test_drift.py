@@ -312,6 +312,10 @@ def test_alerts_raise_stay_and_clear() -> None:
         }
     ]
     assert active["score_psi"]["detail"] == said
+    assert (
+        active["score_psi"]["statistic"]
+        == "PSI of real's scores from the reference over the last 200 requests"
+    )
     active, events = evaluate_alerts(_report(score_psi=0.7), t, active, 2000)
     assert events == [] and active["score_psi"]["since_ms"] == 1000
     assert active["score_psi"]["value"] == 0.7
