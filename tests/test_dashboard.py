@@ -191,7 +191,18 @@ def early_report() -> dict[str, Any]:
     return {**doc, "alerts": [], "events": []}
 
 
-REPORTS = {"breast-cancer": fixture_report, "fresh": not_evaluated_report, "early": early_report}
+def canaryless_report() -> dict[str, Any]:
+    """Judged, but nothing to compare real with: a deployment without a canary."""
+    doc = fixture_report()
+    doc["current"].update(canary_model=None)
+    doc["current"]["values"].update(divergence_mean=None, disagreement_rate=None)
+    for point in doc["history"]:
+        point.update(divergence_mean=None, divergence_p90=None, disagreement_rate=None)
+    return {**doc, "alerts": [], "events": []}
+
+
+REPORTS = {"breast-cancer": fixture_report, "fresh": not_evaluated_report, "early": early_report,
+           "canaryless": canaryless_report}  # fmt: skip
 SERVED: list[tuple[str, int]] = []  # (path, status) of each request the fixture server answered
 
 
@@ -303,6 +314,13 @@ def test_the_page_waits_for_data_and_shows_the_endpoints_error(
     assert dom.charts["drift"].points is None and waiting in dom.charts["drift"].texts
     assert dom.charts["scores"].points == 10 and dom.charts["scores"].series == {"real"}
     assert dom.charts["features"].points is None and waiting in dom.charts["features"].texts
+
+    # found by hand: without a canary the divergence chart said "waiting for data: 1012 of 200"
+    dom = Dom(dump_dom(f"{fixture_server}/dashboard/canaryless", tmp_path / "canaryless"))
+    divergence = dom.charts["divergence"]
+    assert divergence.points is None, divergence
+    assert "no divergence: no canary scored the window's requests" in divergence.texts
+    assert dom.charts["drift"].points
 
     text = dump_dom(f"{fixture_server}/dashboard/nope", tmp_path / "nope")
     dom = Dom(text)

@@ -296,6 +296,9 @@ function render(doc) {
   const have = cur && isNum(cur.requests) ? cur.requests : 0, need = th.min_requests ?? "?";
   const waiting = "waiting for data: " + have + " of " + need + " requests";
   const note = cur && cur.status !== "ok" ? waiting + " (not judged yet)" : "";
+  // enough requests and still no divergence: no canary scored them (a deployment without one)
+  const noCanary = isNum(need) && have >= need
+    ? "no divergence: no canary scored the window's requests" : waiting;
   header(doc, cur, th, win, waiting);
   const hist = Array.isArray(doc.history) ? doc.history : [];
   const chart = name => document.querySelector('svg[data-chart="' + name + '"]');
@@ -305,7 +308,7 @@ function render(doc) {
      {key: "disagreement_rate", label: "disagreement rate", color: C.purple}],
     [{key: "divergence_mean", label: "divergence", value: th.divergence_mean, color: C.blue},
      {key: "disagreement_rate", label: "disagreement", value: th.disagreement_rate,
-      color: C.purple}], waiting, note);
+      color: C.purple}], noCanary, note);
   lineChart(chart("drift"), "legend-drift", hist,
     [{key: "score_psi", label: "score PSI", color: C.orange},
      {key: "score_js", label: "score JS distance", color: C.green},
