@@ -195,6 +195,7 @@ def canaryless_report() -> dict[str, Any]:
     """Judged, but nothing to compare real with: a deployment without a canary."""
     doc = fixture_report()
     doc["current"].update(canary_model=None)
+    doc["current"]["features"]["top"][0]["feature"] = "x" * 200  # a very long name
     doc["current"]["values"].update(divergence_mean=None, disagreement_rate=None)
     for point in doc["history"]:
         point.update(divergence_mean=None, divergence_p90=None, disagreement_rate=None)
@@ -321,6 +322,9 @@ def test_the_page_waits_for_data_and_shows_the_endpoints_error(
     assert divergence.points is None, divergence
     assert "no divergence: no canary scored the window's requests" in divergence.texts
     assert dom.charts["drift"].points
+    # a name longer than the chart's margin is cut, whole in its tooltip (it overflowed the card)
+    cut = [t for t in dom.charts["features"].texts if t.startswith("xxx") and t.endswith("\u2026")]
+    assert cut and len(cut[0]) < 60, dom.charts["features"].texts
 
     text = dump_dom(f"{fixture_server}/dashboard/nope", tmp_path / "nope")
     dom = Dom(text)

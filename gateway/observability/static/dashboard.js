@@ -224,7 +224,11 @@ function featureChart(svg, features, threshold, waiting) {
     tip(el("rect", {x: g.x0, y: mid - bh * 0.34, width: Math.max(x(f.psi) - g.x0, 1.5),
       height: bh * 0.68, rx: 2, fill: over ? C.verm : C.sky, "data-feature": f.feature}, svg),
       f.feature + ": PSI " + fmt(f.psi));
-    label(svg, g.x0 - 6, mid + 4, f.feature, "end", "val");
+    // a name longer than the margin holds is cut (the bar's tooltip has it whole): it ran
+    // across the neighbouring card
+    const room = Math.max(4, Math.floor((g.x0 - 14) / 6.4)), name = String(f.feature);
+    tip(label(svg, g.x0 - 6, mid + 4, name.length > room ? name.slice(0, room - 1) + "\u2026"
+      : name, "end", "val"), name);
     label(svg, x(f.psi) + 4, mid + 4, fmt(f.psi), "start", "val");
   });
   thresholdLines(svg, g, isNum(threshold)
