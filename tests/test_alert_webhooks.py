@@ -18,7 +18,7 @@ def test_the_payload_is_alertmanagers() -> None:
     assert firing["version"] == "4" and firing["status"] == "firing"
     [alert] = firing["alerts"]
     assert alert["labels"] == {"alertname": "RendezvousDriftAlert", "deployment": "dep",
-                               "kind": "feature_psi", "severity": "warning"}  # fmt: skip
+                               "kind": "feature_psi", "severity": "ticket"}  # fmt: skip
     assert alert["startsAt"] == "2023-11-14T22:13:20Z" and alert["endsAt"] == ZERO_TIME
     assert "2.5" in alert["annotations"]["description"]
     resolved = alertmanager_payload("dep", CLEARED, since_ms=RAISED["ts_ms"])["alerts"][0]

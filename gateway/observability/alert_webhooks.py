@@ -44,7 +44,7 @@ def alertmanager_payload(
     firing = event["type"] == "raised"
     status = "firing" if firing else "resolved"
     labels = {"alertname": ALERT_NAME, "deployment": deployment, "kind": str(event["kind"]),
-              "severity": "warning"}  # fmt: skip
+              "severity": "ticket"}  # fmt: skip
     if event.get("feature"):  # one alert per feature for the online detectors' kinds
         labels["feature"] = str(event["feature"])
     value, threshold = event.get("value"), event.get("threshold")
