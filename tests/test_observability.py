@@ -125,8 +125,21 @@ def test_metrics_reflect_a_known_sequence_of_requests(system: System) -> None:
         after = scrape(system.http)
         requests = sum(v for (n, _), v in after.items() if n == "rdv_requests_total")
         requests -= sum(v for (n, _), v in before.items() if n == "rdv_requests_total")
+
+        def family(name: str) -> float:  # summed over every label but the deployment
+            def total(samples: dict) -> float:
+                return sum(v for (n, labels), v in samples.items()
+                           if n == name and dict(labels).get("deployment") == dep)  # fmt: skip
+
+            return total(after) - total(before)
+
+        # every histogram read below: a flush writes them one after the other (CI caught a
+        # scrape between the decisions' count and the last divergence)
         return (requests >= 45 and delta("rdv_decisions_total", deployment=dep) >= 40
-                and delta("rdv_request_duration_seconds_count", deployment=dep) >= 40)  # fmt: skip
+                and family("rdv_request_duration_seconds_count") >= 40
+                and family("rdv_divergence_js_distance_count") >= 40
+                and family("rdv_model_latency_seconds_count") >= 80
+                and family("rdv_queue_wait_seconds_count") >= 80)  # fmt: skip
 
     wait_until(caught_up, 5, "the 45 requests and 40 decisions on /metrics")
 
