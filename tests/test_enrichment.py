@@ -413,6 +413,7 @@ def test_the_entity_view_shows_hand_written_values_predict_refuses(enriched: Sys
     row = {"entity": "hand", "features": caller_part(DATA.x_test[0])}
     refused = enriched.http.post(PREDICT, json=row)
     assert refused.status_code == 422 and "entity_value" in refused.text, refused.text
+    assert "('abc')" in refused.text and "b'abc'" not in refused.text  # the value, not bytes
 
 
 def test_defaults_fill_a_missing_entity(enriched: System, real: OnnxClassifier) -> None:

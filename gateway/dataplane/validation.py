@@ -263,8 +263,9 @@ def merged(
             if value is not None:
                 values[name] = stored_number(value)
                 if not math.isfinite(values[name]):
-                    msg = (f"{lookup.key} {entity!r}: its stored {name!r} ({value!r}) is not a "
-                           "finite float32 number")  # fmt: skip
+                    shown = value.decode(errors="replace") if isinstance(value, bytes) else value
+                    msg = (f"{lookup.key} {entity!r}: its stored {name!r} ({shown[:100]!r}) is "
+                           "not a finite float32 number")  # fmt: skip
                     errors.append(_error(at(entity), msg, "entity_value", entity))
             elif name in lookup.defaults:
                 values[name] = lookup.defaults[name]
