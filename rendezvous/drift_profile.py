@@ -170,6 +170,10 @@ def describe(profile: FeatureProfile, f: int, values: np.ndarray) -> dict[str, A
     parts = []
     if modal_share >= 0.5 and len(v) >= 5:
         parts.append(f"stuck at {_fmt(float(uniq[top]))} in {modal_share:.0%} of rows")
+    # ratios and signs say something only of values clearly on one side of zero in training
+    # (a feature centred on -0.06 was said to have turned "of the opposite sign")
+    elif abs(tmed) <= tspread / 2:
+        pass
     elif tmed != 0 and med != 0 and np.sign(tmed) == np.sign(med):
         ratio = med / tmed
         if ratio >= 1.8:

@@ -470,6 +470,11 @@ def test_describe_says_how_values_moved(profile: FeatureProfile) -> None:
     spread = describe(profile, 1, 50 + (x[:, 1] - 50) * 2)["detail"]
     assert "spread (10th to 90th percentile) x2" in spread
     assert "opposite sign" in describe(profile, 0, -x[:, 0])["detail"]
+    # a feature centred on zero in training has no sign to lose (found by hand)
+    centred = replace(profile, median=np.where(np.arange(len(profile.median)) == 0, -0.06,
+                                               profile.median))  # fmt: skip
+    said = describe(centred, 0, -x[:, 0])["detail"]
+    assert "opposite sign" not in said and "times" not in said and "median" in said
 
 
 def test_settings_are_a_plain_value() -> None:
