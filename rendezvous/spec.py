@@ -92,6 +92,20 @@ def finite_float32(value: float) -> bool:
     return abs(value) < FLOAT32_INF
 
 
+def float32_number(value: Any) -> bool:
+    """A feature value as JSON gives it that the models can take: a number (not a bool),
+    finite once rounded to float32."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return finite_float32(value)
+
+
+def shown_stored(value: bytes | str) -> str:
+    """A stored value as text for a message (at most 100 characters, whatever its bytes)."""
+    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    return text[:100]
+
+
 def stored_number(value: bytes | str) -> float:
     """A value of the feature store as a number; NaN when it is none or no float32 (an empty
     value, text, ``inf``, past float32's range)."""

@@ -12,7 +12,7 @@ from typing import Any
 from gateway.admin.bodies import Conflict, EnrichmentPatch, Invalid, NotFound
 from gateway.admin.service_core import AdminCore
 from rendezvous import names
-from rendezvous.spec import Lookup, finite_float32, stored_number
+from rendezvous.spec import Lookup, float32_number, shown_stored, stored_number
 
 
 class EnrichmentOperations(AdminCore):
@@ -72,8 +72,7 @@ class EnrichmentOperations(AdminCore):
             if math.isfinite(number):
                 values[feature] = number
             else:  # written by hand beside the API: predict refuses the entity (422)
-                shown = value.decode(errors="replace") if isinstance(value, bytes) else value
-                unusable[feature] = shown[:100]
+                unusable[feature] = shown_stored(value)
         if not values and not unusable:
             raise NotFound(f"{lookup.key} {entity!r} is not in the feature store of {name}")
         doc: dict[str, Any] = {"deployment": name, lookup.key: entity, "features": values}
@@ -101,16 +100,10 @@ def _entity_writes(
         if not values:
             problems.append("no feature")
         for k, v in values.items():
-            if k in known and not _finite_float32(v):
+            if k in known and not float32_number(v):
                 problems.append(f"{k!r} is not a finite float32 number")
         if problems:
             errors.append({"row": i, lookup.key: str(entity)[:130], "msg": "; ".join(problems)})
         else:
             writes.append((str(entity), {k: float(v) for k, v in values.items()}))
     return writes, errors
-
-
-def _finite_float32(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    return finite_float32(value)

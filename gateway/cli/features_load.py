@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.cli.admin_http import admin_request, admin_session
 from gateway.cli.records import json_lines
-from rendezvous.spec import finite_float32
+from rendezvous.spec import float32_number
 
 if TYPE_CHECKING:
     import httpx
@@ -83,7 +83,7 @@ def _records(path: Path, kind: str, key: str) -> Iterator[tuple[int, dict[str, A
             if kind == "jsonl":
                 for n, doc in json_lines(path, f):
                     for column, value in doc.items():
-                        if column != key and not _number(value):
+                        if column != key and not float32_number(value):
                             sys.exit(f"{path}:{n}: {column} {value!r} is not a finite number")
                     yield n, doc
                 return
@@ -103,20 +103,13 @@ def _records(path: Path, kind: str, key: str) -> Iterator[tuple[int, dict[str, A
                             entity[column] = float(value)
                         except ValueError:
                             entity[column] = value
-                        if not _number(entity[column]):
+                        if not float32_number(entity[column]):
                             sys.exit(f"{path}:{n}: {column} {value!r} is not a finite number")
                 yield n, entity
     except OSError as exc:
         sys.exit(f"cannot read {path}: {exc}")
     except UnicodeDecodeError as exc:
         sys.exit(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8")
-
-
-def _number(value: Any) -> bool:
-    """What the gateway takes as a feature value: a number, finite as a float32."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    return finite_float32(value)
 
 
 def _refused(resp: httpx.Response, lines: list[int], loaded: int) -> None:

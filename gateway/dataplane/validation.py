@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rendezvous.names import ENTITY_PATTERN
-from rendezvous.spec import FeatureSpec, stored_number
+from rendezvous.spec import FeatureSpec, shown_stored, stored_number
 
 FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 """A JSON number: not a string, not a bool, not NaN or infinity."""
@@ -263,9 +263,8 @@ def merged(
             if value is not None:
                 values[name] = stored_number(value)
                 if not math.isfinite(values[name]):
-                    shown = value.decode(errors="replace") if isinstance(value, bytes) else value
-                    msg = (f"{lookup.key} {entity!r}: its stored {name!r} ({shown[:100]!r}) is "
-                           "not a finite float32 number")  # fmt: skip
+                    msg = (f"{lookup.key} {entity!r}: its stored {name!r} "
+                           f"({shown_stored(value)!r}) is not a finite float32 number")  # fmt: skip
                     errors.append(_error(at(entity), msg, "entity_value", entity))
             elif name in lookup.defaults:
                 values[name] = lookup.defaults[name]

@@ -137,8 +137,13 @@ def _count_invalid(service: PredictionService | None, deployment: str) -> None:
     """A body refused before it reached the service (413, 415) is bad input all the same:
     counted as the service counts its 422s (``rdv_requests_total{outcome="invalid"}``)."""
     if service is not None:
-        known = deployment if deployment in service.deployments.deployments else None
-        service.metrics.request_done(known, "invalid", None)
+        service.metrics.request_done(_label(service, deployment), "invalid", None)
+
+
+def _label(service: PredictionService, deployment: str) -> str | None:
+    """The deployment as a metric label: None (``_unknown``) for a name that does not exist,
+    so that a caller cannot make new series."""
+    return deployment if deployment in service.deployments.deployments else None
 
 
 def overloaded(
@@ -164,8 +169,7 @@ def overloaded(
     not sent and may never send the body, so its next request would be taken for the body:
     the answer closes the connection (nothing is left unread to reset it).
     """
-    known = deployment if deployment in service.deployments.deployments else None
-    service.metrics.request_done(known, "rejected", None)
+    service.metrics.request_done(_label(service, deployment), "rejected", None)
     status, body, extra = _refusal(service.in_flight)
     for name, value in headers:
         if name == b"expect" and value.lower() == b"100-continue":
