@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from models.archive import ArchiveReader
@@ -157,6 +158,16 @@ def test_tritonclient_infers_on_the_rendezvous_path(
     assert archive["oip-json"]["raw"]["inputs"][0]["data"] == x[3:6].ravel().tolist()
 
 
+def invalid_count(http: httpx.Client) -> float:
+    """``rdv_requests_total{deployment=MODEL, outcome="invalid"}``."""
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "rdv_requests_total" and sample.labels == {
+                "deployment": MODEL, "outcome": "invalid"}:  # fmt: skip
+                return float(sample.value)
+    return 0.0
+
+
 def test_bad_input_is_a_clear_4xx_and_publishes_nothing(workers: System) -> None:
     http = workers.http
     width = len(demo_data().names)
@@ -173,6 +184,7 @@ def test_bad_input_is_a_clear_4xx_and_publishes_nothing(workers: System) -> None
     blob = np.ones((1, width), "<f4").tobytes()
     stream = names.input_stream(MODEL)
     before = stream_head(workers.r, stream)
+    counted = invalid_count(http)
     cases: list[tuple[str, str, dict, int, str]] = [
         ("POST", INFER, {"json": body("INT32")}, 422, "datatype 'INT32'"),
         ("POST", INFER, {"json": body(data=row[:-1])}, 422, f"{width - 1} values for shape"),
@@ -216,6 +228,14 @@ def test_bad_input_is_a_clear_4xx_and_publishes_nothing(workers: System) -> None
         assert list(doc) == ["error"] and says in doc["error"], (path, says, doc)
     assert stream_head(workers.r, stream) == before, "a refused request reached the input stream"
     assert "Traceback" not in workers.procs["gateway"].log_text()
+    # every refused infer of the model is counted as a refused predict is, the body cap's 413s
+    # and the 415 too (found by hand: they were not)
+    refused = sum(m == "POST" and p.startswith(f"/v2/models/{MODEL}/") for m, p, *_ in cases)
+    wait_until(
+        lambda: invalid_count(http) == counted + refused or None,
+        5,
+        f"{refused} more invalid requests",
+    )
     # and the same body, right, is taken
     ok = http.post(INFER, content=head + blob,
                    headers={"Inference-Header-Content-Length": str(len(head))})  # fmt: skip

@@ -39,7 +39,7 @@ from gateway.observability.routes import observe_router
 from gateway.problems import RETRY, Problem
 from gateway.settings import Settings
 from gateway.transport import feedback, jobs, oip
-from gateway.transport.fast_path import PredictFastPath, predict_reply
+from gateway.transport.fast_path import PredictFastPath, predict_reply, refused_body_counter
 from gateway.transport.limits import BodySizeLimit
 from gateway.transport.refusals import install_refusals
 from gateway.transport.vital_tasks import VitalTasks, keep_serving, stop_this_process
@@ -311,6 +311,7 @@ def create_app(
         BodySizeLimit,
         max_body_bytes=settings.max_body_bytes,
         path_limits={UPLOAD_PATH: upload_body_cap(settings)},
+        on_refused=refused_body_counter(app),
     )
     install_admin(app, settings)
     metrics = GatewayMetrics()

@@ -22,6 +22,7 @@ import functools
 import json
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -85,7 +86,7 @@ class PredictFastPath:
         service = self._service or self._started_service()
         refused = self.cap.refuse_headers(headers)
         if refused is not None:  # a declared body over the cap, a malformed length
-            _count_invalid(service, deployment)
+            count_invalid(service, deployment)
             await send_reply(send, refused.reply())
             return
         if service is not None and service.in_flight >= service.max_in_flight:
@@ -96,7 +97,7 @@ class PredictFastPath:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")
             elif name == b"content-encoding" and (refused := compressed(value)) is not None:
-                _count_invalid(service, deployment)
+                count_invalid(service, deployment)
                 await send_reply(send, refused.reply())
                 return
         chunks = []
@@ -108,7 +109,7 @@ class PredictFastPath:
             chunk = message.get("body", b"")
             size += len(chunk)
             if self.cap.exceeded(size):
-                _count_invalid(service, deployment)
+                count_invalid(service, deployment)
                 await send_reply(send, self.cap.too_large().reply())
                 return
             chunks.append(chunk)
@@ -133,11 +134,30 @@ class PredictFastPath:
         return self._service
 
 
-def _count_invalid(service: PredictionService | None, deployment: str) -> None:
+def count_invalid(service: PredictionService | None, deployment: str) -> None:
     """A body refused before it reached the service (413, 415) is bad input all the same:
     counted as the service counts its 422s (``rdv_requests_total{outcome="invalid"}``)."""
     if service is not None:
         service.metrics.request_done(_label(service, deployment), "invalid", None)
+
+
+OTHER_PREDICTS = re.compile(
+    r"/v2/models/([^/]+)(?:/versions/[^/]+)?/infer|/v1/deployments/([^/]+)/jobs"
+)
+"""The other ways into predict (Open Inference Protocol infer, job submission), whose bodies
+the framework's body cap (``BodySizeLimit``) refuses."""
+
+
+def refused_body_counter(app: FastAPI) -> Callable[[Scope], None]:
+    """``BodySizeLimit``'s ``on_refused``: a 413 on another way into predict counted as the
+    fast path counts its own."""
+
+    def count(scope: Scope) -> None:
+        match = OTHER_PREDICTS.fullmatch(scope.get("path", ""))
+        if scope.get("method") == "POST" and match is not None:
+            count_invalid(getattr(app.state, "service", None), match.group(1) or match.group(2))
+
+    return count
 
 
 def _label(service: PredictionService, deployment: str) -> str | None:

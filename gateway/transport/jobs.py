@@ -22,6 +22,7 @@ from gateway.dataplane.jobs import JobService
 from gateway.dataplane.validation import PredictRequest
 from gateway.problems import Problem, compressed, unavailable
 from gateway.settings import Settings
+from gateway.transport.fast_path import count_invalid
 from rendezvous.bus.connection import connect_async
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ def mount(app: FastAPI, settings: Settings) -> None:
             return STARTING.response()
         refused = compressed(request.headers.get("content-encoding", ""))
         if refused is not None:
+            count_invalid(jobs.service, deployment)
             return refused.response()
         try:
             raw = await request.body()

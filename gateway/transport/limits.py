@@ -4,7 +4,7 @@ more than the cap is read, whether the client declared a Content-Length or strea
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -42,14 +42,20 @@ class BodyCap:
 
 class BodySizeLimit:
     """``BodyCap`` around an ASGI app, with caps of their own for exact paths (a model upload
-    is larger than a prediction)."""
+    is larger than a prediction). ``on_refused`` hears of each request it refuses (its scope),
+    so that a refused predict is counted wherever it came in."""
 
     def __init__(
-        self, app: ASGIApp, max_body_bytes: int, path_limits: Mapping[str, int] | None = None
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        path_limits: Mapping[str, int] | None = None,
+        on_refused: Callable[[Scope], None] | None = None,
     ):
         self.app = app
         self.cap = BodyCap(max_body_bytes)
         self.path_caps = {path: BodyCap(limit) for path, limit in (path_limits or {}).items()}
+        self.on_refused = on_refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,6 +66,7 @@ class BodySizeLimit:
         style = style_of(path)
         refusal = cap.refuse_headers(scope.get("headers", ()))
         if refusal is not None:
+            self._refused(scope)
             await send_problem(send, refusal, style)
             return
         seen = 0
@@ -76,6 +83,7 @@ class BodySizeLimit:
                     # Answer now and tell the app the client left; whatever the app answers
                     # after that is dropped.
                     refused = True
+                    self._refused(scope)
                     await send_problem(send, cap.too_large(), style)
                     return {"type": "http.disconnect"}
             return message
@@ -85,6 +93,10 @@ class BodySizeLimit:
                 await send(message)
 
         await self.app(scope, limited_receive, guarded_send)
+
+    def _refused(self, scope: Scope) -> None:
+        if self.on_refused is not None:
+            self.on_refused(scope)
 
 
 Reply = tuple[int, bytes, list[tuple[bytes, bytes]]]

@@ -31,6 +31,7 @@ from gateway.dataplane.failures import problem_of
 from gateway.dataplane.service import PredictionService
 from gateway.problems import RETRY, Problem, Style, compressed
 from gateway.settings import Settings
+from gateway.transport.fast_path import count_invalid
 from gateway.transport.oip_codec import InferenceRequest, InferRequest, encode_answer, parse_infer
 from gateway.transport.oip_metadata import class_count, deployment_of, model_metadata, roles_of
 from rendezvous import names
@@ -210,14 +211,15 @@ def mount(app: FastAPI, settings: Settings) -> None:
         header_length: str | None,
         x_request_id: str | None,
     ) -> Response:
+        service: PredictionService = request.app.state.service
         refused = compressed(request.headers.get("content-encoding", ""))
         if refused is not None:
+            count_invalid(service, model)
             return error(refused)
         try:
             raw = await request.body()
         except ClientDisconnect:  # gone, or refused by the body cap, which has answered
             return Response(status_code=400)
-        service: PredictionService = request.app.state.service
         failure: Exception | None = None
         parsed: InferRequest | None = None
         try:
