@@ -71,6 +71,8 @@ class Chart:
     series: set[str] = field(default_factory=set)
     thresholds: set[str] = field(default_factory=set)
     texts: list[str] = field(default_factory=list)
+    unjudged: int = 0
+    """Points drawn as not judged (hollow)."""
 
 
 class Dom(HTMLParser):
@@ -103,6 +105,7 @@ class Dom(HTMLParser):
                 self._chart.series.add(a["data-series"] or "")
             if a.get("data-threshold"):
                 self._chart.thresholds.add(a["data-threshold"] or "")
+            self._chart.unjudged += a.get("data-judged") == "false"
         elif a.get("data-alert"):
             self._alert = a["data-alert"]
             self.alerts[self._alert or ""] = a.get("class") or ""
@@ -132,7 +135,8 @@ def fixture_report(points: int = 40) -> dict[str, Any]:
         {"ts_ms": T0_MS - (points - i) * 5000, "requests": 200 + 20 * i,
          "divergence_mean": 0.02 + 0.001 * i, "divergence_p90": 0.06 + 0.001 * i,
          "disagreement_rate": 0.01, "score_psi": None if i == 7 else 0.05 + 0.002 * i,
-         "score_js": 0.04, "feature_psi": 0.1 + 0.006 * i}
+         "score_js": 0.04, "feature_psi": 0.1 + 0.006 * i,
+         "status": "insufficient_data" if i < 3 else "ok"}
         for i in range(points)
     ]  # fmt: skip
     top = [("worst area", 0.31), ("mean area", 0.27), ("area error", 0.2),
@@ -271,6 +275,9 @@ def test_the_page_draws_a_report_with_its_alert(fixture_server: str, tmp_path: P
     assert drift.points == 3 * 40 - 1  # the null breaks the line, it is not drawn as 0
     assert drift.series == {"score_psi", "score_js", "feature_psi"}
     assert {"score_psi", "score_js", "feature_psi"} == drift.thresholds
+    # found by hand: the first points, on too few requests, looked as judged as the rest
+    assert div.unjudged == 3 * 3 and drift.unjudged == 3 * 3
+    assert "not judged (too few requests)" in text and "(not judged: 220 requests)" in text
     scores = dom.charts["scores"]
     assert scores.points == 30 and scores.shapes["rect"] == 30
     assert scores.series == {"real", "canary", "reference"}

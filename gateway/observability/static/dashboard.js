@@ -84,6 +84,7 @@ function yAxis(svg, g, ymax, y, format) {
 function legend(id, items) {  // styles set through CSSOM, which the CSP allows
   $(id).replaceChildren(...items.map(it => {
     const swatch = node("i", undefined, it.box ? "box" : ""), span = node("span");
+    if (it.plain) { span.append(it.label); return span; }
     if (it.box) swatch.style.background = it.color;
     else swatch.style.borderTop = "3px " + (it.dashed ? "dashed " : "solid ") + it.color;
     span.append(swatch, it.label);
@@ -112,13 +113,17 @@ function thresholdLines(svg, g, lines, vertical, scale, max) {
   return names;  // to be raised above the data drawn later
 }
 
+/* A history point evaluated on fewer requests than the thresholds ask: drawn, but hollow. */
+function unjudged(p) { return typeof p.status === "string" && p.status !== "ok"; }
+
 /* Lines over time from the history; thresholds dashed; a null value breaks its line. */
 function lineChart(svg, legendId, hist, series, limits, waiting, note) {
   const g = frame(svg);
   const lines = limits.filter(t => isNum(t.value));
-  legend(legendId, series.map(s => ({label: s.label, color: s.color})).concat(
-    lines.map(t => ({label: t.label + " threshold", color: t.color, dashed: true}))));
   const pts = hist.filter(p => p && isNum(p.ts_ms));
+  legend(legendId, series.map(s => ({label: s.label, color: s.color})).concat(
+    lines.map(t => ({label: t.label + " threshold", color: t.color, dashed: true})),
+    pts.some(unjudged) ? [{label: "\u25CB not judged (too few requests)", plain: true}] : []));
   const shown = series.filter(s => pts.some(p => isNum(p[s.key])));
   if (!shown.length) { waitFor(svg, g, waiting); return; }
   let t0 = pts[0].ts_ms;
@@ -154,8 +159,14 @@ function lineChart(svg, legendId, hist, series, limits, waiting, note) {
                 "stroke-linejoin": "round", "data-series": s.key}, svg);
     const dots = drawn.length <= 60;  // every point while they fit, else the latest
     for (const p of dots ? drawn : drawn.slice(-1)) {
-      tip(el("circle", {cx: x(p.ts_ms), cy: y(p[s.key]), r: dots ? 2.6 : 3.5, fill: s.color}, svg),
-          s.label + " " + fmt(p[s.key]) + " at " + clock(p.ts_ms));
+      const at = {cx: x(p.ts_ms), cy: y(p[s.key]), r: dots ? 2.6 : 3.5, fill: s.color};
+      let says = s.label + " " + fmt(p[s.key]) + " at " + clock(p.ts_ms);
+      if (unjudged(p)) {
+        Object.assign(at, {fill: "#fff", stroke: s.color, "stroke-width": 1.4,
+                           "data-judged": "false"});
+        says += " (not judged: " + (isNum(p.requests) ? p.requests : "too few") + " requests)";
+      }
+      tip(el("circle", at, svg), says);
     }
   }
   svg.appendChild(names);
