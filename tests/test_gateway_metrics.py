@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.observability.metrics import (
     FLUSH_S,
+    OUTCOMES,
     REQUEST_BUCKETS,
     GatewayMetrics,
     merged_registry,
@@ -97,6 +98,22 @@ def record(divergence: float, disagreements: int) -> DecisionRecord:
 
 def value(metrics: GatewayMetrics, name: str, **labels: str) -> float:
     return samples(metrics.registry).get((name, frozenset(labels.items())), 0.0)
+
+
+def test_the_series_of_a_ratio_exist_from_the_first_request() -> None:
+    """Found by hand: a deployment that never failed had no error series, so the Grafana error
+    ratio read "No data" rather than 0 and the first error was no ``rate()`` increase (a series
+    born holding 1); the same for the disagreements of a canary that always agreed."""
+    metrics = GatewayMetrics()  # no event loop: every tally is written at once
+    metrics.request_done("d", "real", 0.004)
+    metrics.decision(record(0.1, 0))
+    got = samples(metrics.registry)
+    for outcome in OUTCOMES:
+        key = ("rdv_requests_total", frozenset({"deployment": "d", "outcome": outcome}.items()))
+        assert got.get(key) == (1.0 if outcome == "real" else 0.0), outcome
+    pair = {"deployment": "d", "role": "canary", "real_model": "m:3", "other_model": "c:3"}
+    assert got.get(("rdv_label_disagreements_total", frozenset(pair.items()))) == 0.0
+    assert got.get(("rdv_compared_rows_total", frozenset(pair.items()))) == 2.0
 
 
 def test_tallies_reach_the_registry_a_flush_interval_later_or_at_a_scrape() -> None:

@@ -226,6 +226,8 @@ class GatewayMetrics:
         self._decision_appends: HeldAppends | None = None
         self._dropped_seen = 0
         self._counts: defaultdict[tuple[Any, ...], float] = defaultdict(float)
+        self._counted_deployments: set[str] = set()
+        """Deployments whose every outcome series this process has created (at 0)."""
         self._observed: defaultdict[tuple[Any, ...], list[float]] = defaultdict(list)
         self._flush_handle: asyncio.TimerHandle | None = None
         self._in_flight_of: Callable[[], int] | None = None
@@ -286,6 +288,13 @@ class GatewayMetrics:
 
     def request_done(self, deployment: str | None, outcome: str, seconds: float | None) -> None:
         dep = deployment or UNKNOWN_DEPLOYMENT
+        if dep not in self._counted_deployments:
+            # Every outcome is born at 0 with the deployment's first request, so a ratio of
+            # errors reads 0 rather than nothing, and ``rate()`` sees the first error (a series
+            # born holding 1 has no increase).
+            self._counted_deployments.add(dep)
+            for each in OUTCOMES:
+                self._counts[(self.requests, dep, each)] += 0
         self._counts[(self.requests, dep, outcome)] += 1
         if seconds is not None:
             self._observed[(self.request_seconds, dep)].append(seconds)
@@ -310,8 +319,8 @@ class GatewayMetrics:
                 labels = (dep, role, real_model, outputs[role].model_key)
                 observed[(self.divergence, *labels)].append(div.js_mean)
                 counts[(self.compared_rows, *labels)] += div.rows
-                if div.disagreements:
-                    counts[(self.disagreements, *labels)] += div.disagreements
+                # with the compared rows, at 0 too: the disagreement rate reads 0, not nothing
+                counts[(self.disagreements, *labels)] += div.disagreements
         self._flush_soon()
 
     def late_result(self) -> None:
