@@ -280,6 +280,10 @@ def test_the_feature_view_renders_with_data_in_chromium(
     # Ten training deciles, ten live bins, and the live rows outside the training range.
     assert dist["series"] == {"training": 10, "live": 10, "outside": 1}, dist
     assert dist["points"] == 21 and "outside" in dist["texts"]
+    # found by hand: the end deciles hold the rows outside the range too (open, as PSI reads
+    # them), and their tooltips said "values <training min>-<first decile>"
+    ends = [t for t in dist["texts"] if "training minimum too" in t or "maximum too" in t]
+    assert len(ends) == 4, dist["texts"]  # training and live, first and last decile
     assert ood["points"] and ood["points"] >= 4 and set(ood["series"]) >= {
         "out_of_range_rate", "ood_rate"}  # fmt: skip
     assert "outside the training range" in dom.facts and "rows" in dom.facts

@@ -55,7 +55,10 @@ function featureDistribution(svg, doc) {
     n++;
   };
   for (let b = 0; b < bins; b++) {
-    const span = "values " + fmt(edges[b]) + "\u2013" + fmt(edges[b + 1]);
+    // the end deciles are open (as PSI reads them): they hold the rows outside the range too
+    const span = b === 0 ? "values up to " + fmt(edges[1]) + " (below the training minimum too)"
+      : b === bins - 1 ? "values from " + fmt(edges[b]) + " (above the training maximum too)"
+      : "values " + fmt(edges[b]) + "\u2013" + fmt(edges[b + 1]);
     if (isNum(shares[b])) bar(b, 0, shares[b], C.grey, "training", span + ": training " + pct(shares[b]));
     if (liveShares && isNum(liveShares[b])) {
       bar(b, 1, liveShares[b], C.blue, "live", span + ": live " + pct(liveShares[b]));
