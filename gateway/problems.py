@@ -95,3 +95,23 @@ def bearer_refusal(authorization: str, token: bytes, what: str, setting: str) ->
     if not hmac.compare_digest(given.strip().encode(), token):
         return Problem(403, f"wrong {what} token")
     return None
+
+
+def fault_text(detail: Any) -> str:
+    """A 422's list of faults (FastAPI's) as one line: ``inputs[0].datatype: ...; ...``, for
+    the Open Inference Protocol's ``{"error"}`` and the command line."""
+    if isinstance(detail, str):
+        return detail
+    parts = []
+    for fault in detail if isinstance(detail, list) else [detail]:
+        if not isinstance(fault, dict):
+            parts.append(str(fault))
+            continue
+        loc = list(fault.get("loc") or ())
+        if loc[:1] == ["body"]:
+            loc = loc[1:]
+        path = ""
+        for part in loc:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        parts.append(f"{path}: {fault.get('msg')}" if path else str(fault.get("msg")))
+    return "; ".join(parts)

@@ -338,6 +338,13 @@ def test_the_cli_drives_the_admin_api(
         ]
     )
     assert json.loads(capsys.readouterr().out)["deployment"]["challengers"] == ["cli"]
+    with pytest.raises(SystemExit) as invalid:  # a 422's faults in words, not a Python list
+        main(["challengers", "add", "--url", system.url, "--deployment", DEMO_DEPLOYMENT,
+              "--role", "ab", "--version", str(uploaded["version"]), "--split", "1.5"])  # fmt: skip
+    assert str(invalid.value.code).endswith(
+        "-> 422: split: Input should be less than or equal to 1"
+    ), invalid.value.code
+    capsys.readouterr()
     with pytest.raises(SystemExit) as refused:
         main(
             [

@@ -68,9 +68,11 @@ def admin_request(
     except ValueError:
         body = {"detail": resp.text}
     if resp.status_code >= 400:
+        from gateway.problems import fault_text
+
         print(json.dumps(body, indent=2), file=sys.stderr)
         detail = body.get("detail") if isinstance(body, dict) else body
-        sys.exit(f"{method} /admin{path} -> {resp.status_code}: {detail}")
+        sys.exit(f"{method} /admin{path} -> {resp.status_code}: {fault_text(detail)}")
     if show:
         print(json.dumps(body, indent=2))
     return body

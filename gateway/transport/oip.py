@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from gateway.dataplane.failures import problem_of
 from gateway.dataplane.service import PredictionService
-from gateway.problems import RETRY, Problem, Style, compressed
+from gateway.problems import RETRY, Problem, Style, compressed, fault_text
 from gateway.settings import Settings
 from gateway.transport.fast_path import count_invalid
 from gateway.transport.oip_codec import InferenceRequest, InferRequest, encode_answer, parse_infer
@@ -47,28 +47,9 @@ EXTENSIONS = ("binary_tensor_data",)
 # -- refusals ------------------------------------------------------------------------------
 
 
-def _fault_text(detail: Any) -> str:
-    """A 422's list of faults as one line: ``inputs[0].datatype: ...; ...``."""
-    if isinstance(detail, str):
-        return detail
-    parts = []
-    for fault in detail if isinstance(detail, list) else [detail]:
-        if not isinstance(fault, dict):
-            parts.append(str(fault))
-            continue
-        loc = list(fault.get("loc") or ())
-        if loc[:1] == ["body"]:
-            loc = loc[1:]
-        path = ""
-        for part in loc:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-        parts.append(f"{path}: {fault.get('msg')}" if path else str(fault.get("msg")))
-    return "; ".join(parts)
-
-
 def error(problem: Problem) -> JSONResponse:
     if not isinstance(problem.detail, str):
-        problem = dataclasses.replace(problem, detail=_fault_text(problem.detail))
+        problem = dataclasses.replace(problem, detail=fault_text(problem.detail))
     return problem.response(Style.ERROR)
 
 
