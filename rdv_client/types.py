@@ -7,6 +7,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def said(detail: Any) -> str:
+    """A detail in words: a 422's list of faults as ``instances[0]: ...; ...`` (the gateway
+    renders them so for the command line; the client imports nothing of the gateway)."""
+    if not isinstance(detail, list):
+        return str(detail)
+    parts = []
+    for fault in detail:
+        if not isinstance(fault, Mapping):
+            parts.append(str(fault))
+            continue
+        loc = [p for i, p in enumerate(fault.get("loc") or ()) if i or p != "body"]
+        where = ""
+        for part in loc:
+            where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
+        parts.append(f"{where}: {fault.get('msg')}" if where else str(fault.get("msg")))
+    return "; ".join(parts)
+
+
 class RdvError(Exception):
     """A refusal or failure the gateway answered with: ``status`` and its ``detail``;
     ``retry_after`` (seconds) when the refusal is momentary (429, 503); ``body``, the whole
@@ -19,7 +37,7 @@ class RdvError(Exception):
         retry_after: float | None = None,
         body: Mapping[str, Any] | None = None,
     ):
-        super().__init__(f"{status}: {detail}")
+        super().__init__(f"{status}: {said(detail)}")
         self.status = status
         self.detail = detail
         self.retry_after = retry_after

@@ -59,6 +59,12 @@ def test_predict_answers_what_onnxruntime_answers(system: System, demo_data_dir:
         with pytest.raises(RdvError) as refused:
             rdv.predict(DEMO_DEPLOYMENT, instances=[[1.0, 2.0]])
         assert refused.value.status == 422 and "row has 2 values" in str(refused.value.detail)
+        # the message in words, the detail as the gateway sent it (found by hand: the message
+        # was the Python repr of the list of faults)
+        assert (
+            str(refused.value) == "422: instances[0]: row has 2 values, the deployment expects 30"
+        )
+        assert isinstance(refused.value.detail, list)
         with pytest.raises(RdvError) as unknown:
             rdv.predict("nope", instances=[[1.0]])
         assert unknown.value.status == 404
