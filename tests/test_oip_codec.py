@@ -14,8 +14,8 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from tritonclient.http import InferResult
 
+from gateway.problems import fault_text
 from gateway.transport.limits import style_of
-from gateway.transport.oip import _fault_text
 from gateway.transport.oip_codec import encode_answer, parse_infer
 from models.archive_line import record_from_envelope
 from rendezvous.envelope import RequestEnvelope
@@ -45,7 +45,7 @@ def _matrix(body: bytes, header_length: str | None = None, spec: FeatureSpec = S
 def _refusal(body: bytes, header_length: str | None = None, spec: FeatureSpec = SPEC) -> str:
     with pytest.raises(RequestValidationError) as caught:
         parse_infer(body, header_length).matrix(spec)
-    return _fault_text(list(caught.value.errors()))
+    return fault_text(list(caught.value.errors()))
 
 
 def test_json_data_flat_or_nested_fp32_or_fp64_gives_the_same_matrix() -> None:
