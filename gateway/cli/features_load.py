@@ -121,7 +121,9 @@ def _refused(resp: httpx.Response, lines: list[int], loaded: int) -> None:
         if isinstance(error, dict) and isinstance(error.get("row"), int):
             error["line"] = lines[error["row"]]
     print(json.dumps(body, indent=2), file=sys.stderr)
-    detail = body.get("detail") if isinstance(body, dict) else body
+    from gateway.problems import fault_text
+
+    detail = fault_text(body.get("detail") if isinstance(body, dict) else body)
     sys.exit(f"batch of lines {lines[0]}-{lines[-1]} refused ({resp.status_code}: {detail}); "
              f"{loaded} entities were loaded before it")  # fmt: skip
 
