@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from rendezvous.schedule import Schedule
+from rendezvous.schedule import MAX_WAIT_MS, Schedule
 
 if TYPE_CHECKING:  # imported where used: it brings numpy, which ``rdv serve``'s supervisor
     # (a process that only starts and watches the others) has no use for: ~13 MB of its RSS
@@ -44,13 +44,13 @@ class Settings(BaseSettings):
     """Trust X-Forwarded-For/-Proto from the peers uvicorn's FORWARDED_ALLOW_IPS names. Off:
     the gateway does not use the client's address, and the check costs every request."""
 
-    real_deadline_ms: float = Field(default=50.0, gt=0)
+    real_deadline_ms: float = Field(default=50.0, gt=0, le=MAX_WAIT_MS)
     """Default schedule of a new deployment: how long to wait for real before a fallback."""
 
-    timeout_ms: float = Field(default=1000.0, gt=0)
+    timeout_ms: float = Field(default=1000.0, gt=0, le=MAX_WAIT_MS)
     """Default schedule: after this, a request with no answer gets 504."""
 
-    grace_ms: float = Field(default=200.0, ge=0)
+    grace_ms: float = Field(default=200.0, ge=0, le=MAX_WAIT_MS)
     """Default schedule: how long to wait after the answer for the other bins' results."""
 
     fallbacks: list[str] = ["canary"]

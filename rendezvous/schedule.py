@@ -18,6 +18,16 @@ from typing import Any
 
 from rendezvous.names import CANARY, REAL, check_role
 
+MAX_WAIT_MS = 600_000.0
+"""The longest ``timeout_ms``, ``real_deadline_ms`` and ``grace_ms`` a schedule is given: ten
+minutes, which a synchronous predict holds its caller that long at most (longer work is what
+async jobs are for). Unbounded, a deadline of 1e300 ms was taken and made every predict a 500:
+its absolute time does not fit the envelope's integer."""
+
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+"""``split_seed`` fits a signed 64-bit integer, as the decision record carries it (a seed of
+2**64 was taken and every decision record of the deployment was lost)."""
+
 
 def split_draw(seed: int, request_id: str) -> float:
     """A uniform number in [0, 1) fixed by (seed, request id)."""

@@ -474,6 +474,24 @@ def test_challengers_and_schedule(admin: AppClient, r: redis.Redis) -> None:
     assert bad.status_code == 422 and "real_deadline_ms" in bad.json()["detail"]
     ghost = admin.patch(f"{DEP}/schedule", json={"splits": {"ghost": 0.5}}, headers=AUTH)
     assert ghost.status_code == 422
+    # found by hand: each was taken (200); the first two then made every predict a 500 or lost
+    # every decision record, the others named a fallback that never answers
+    revision = admin.app.state.deployments.get(DEMO_DEPLOYMENT).revision
+    for body, says in [
+        ({"timeout_ms": 1e300}, "timeout_ms"),
+        ({"grace_ms": 1e12}, "grace_ms"),
+        ({"real_deadline_ms": 600_001, "timeout_ms": 600_001}, "real_deadline_ms"),
+        ({"split_seed": 2**64}, "split_seed"),
+        ({"split_seed": -(2**63) - 1}, "split_seed"),
+        ({"fallbacks": ["canery"]}, "fallback 'canery' is not a role of breast-cancer (roles: "),
+        ({"fallbacks": ["canary", "canary"]}, "fallback 'canary' is named twice"),
+    ]:
+        refused = admin.patch(f"{DEP}/schedule", json=body, headers=AUTH)
+        assert refused.status_code == 422 and says in str(refused.json()["detail"]), (
+            body,
+            refused.text,
+        )
+    assert admin.app.state.deployments.get(DEMO_DEPLOYMENT).revision == revision
     ok = admin.patch(
         f"{DEP}/schedule",
         headers=AUTH,

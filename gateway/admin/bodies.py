@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from rendezvous.names import MAX_PARTITIONS
+from rendezvous.schedule import MAX_WAIT_MS, SEED_MAX, SEED_MIN
 from rendezvous.spec import MAX_KEY_NAME
 
 MAX_VERSION = 2**31 - 1
@@ -104,14 +105,16 @@ class RefIn(_Body):
 
 
 class ScheduleIn(_Body):
-    real_deadline_ms: float | None = Field(default=None, gt=0)
-    timeout_ms: float | None = Field(default=None, gt=0)
-    fallbacks: list[str] | None = None
-    grace_ms: float | None = Field(default=None, ge=0)
+    real_deadline_ms: float | None = Field(default=None, gt=0, le=MAX_WAIT_MS)
+    timeout_ms: float | None = Field(default=None, gt=0, le=MAX_WAIT_MS)
+    fallbacks: list[str] | None = Field(
+        default=None, max_length=64, description="roles of the deployment, each once"
+    )
+    grace_ms: float | None = Field(default=None, ge=0, le=MAX_WAIT_MS)
     splits: dict[str, float] | None = Field(
         default=None, description="challenger role -> fraction of requests it answers"
     )
-    split_seed: int | None = None
+    split_seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     reason: str = Field(default="", max_length=2000)
 
 

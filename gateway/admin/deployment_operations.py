@@ -81,6 +81,7 @@ class DeploymentOperations(AdminCore):
             roles[names.CANARY] = ModelRef(req.canary.model, req.canary.version)
         schedule = self.default_schedule
         if req.schedule is not None:
+            _known_fallbacks(req.schedule, set(roles), req.name)
             schedule = self._schedule(schedule, req.schedule)
         spec = self._meta(real).feature_spec
         if req.lookup is not None:
@@ -196,7 +197,9 @@ class DeploymentOperations(AdminCore):
         changes = req.model_dump(exclude_none=True, exclude={"reason"})
         if not changes:
             raise Invalid("nothing to change: give at least one schedule field")
-        self._schedule(self._dep(name).schedule, req)
+        dep = self._dep(name)
+        _known_fallbacks(req, set(dep.roles), name)
+        self._schedule(dep.schedule, req)
         return self._change(
             name,
             lambda d: with_schedule(d, changes),
@@ -230,3 +233,18 @@ class DeploymentOperations(AdminCore):
             return base.updated(req.model_dump(exclude_none=True, exclude={"reason"}))
         except ValueError as exc:
             raise Invalid(f"invalid schedule: {exc}") from None
+
+
+def _known_fallbacks(req: ScheduleIn, roles: set[str], deployment: str) -> None:
+    """Fallbacks an operator names are roles of the deployment, each once: a misspelt one
+    would never answer, unseen. (A role that leaves later may stay named: it answers again if
+    it comes back, and ``RDV_FALLBACKS`` names ``canary`` for deployments without one.)"""
+    given = req.fallbacks or []
+    for role in given:
+        if given.count(role) > 1:
+            raise Invalid(f"invalid schedule: fallback {role[:64]!r} is named twice")
+        if role not in roles:
+            raise Invalid(
+                f"invalid schedule: fallback {role[:64]!r} is not a role of {deployment} "
+                f"(roles: {', '.join(sorted(roles))})"
+            )
