@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from rendezvous.schedule import MAX_WAIT_MS, Schedule
@@ -277,11 +277,19 @@ class Settings(BaseSettings):
 
     @field_validator("drift_thresholds")
     @classmethod
-    def _known_thresholds(cls, value: dict[str, float]) -> dict[str, float]:
+    def _known_thresholds(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
         if value:  # the import brings numpy, which the supervisor does without
             from rendezvous.drift_alerts import Thresholds
 
             Thresholds().merged(value)
+            if "min_requests" in value:
+                _judgeable(int(value["min_requests"]), info)
+        return value
+
+    @field_validator("drift_min_requests")
+    @classmethod
+    def _judgeable_default(cls, value: int, info: ValidationInfo) -> int:
+        _judgeable(value, info)
         return value
 
     def redis_memory_bytes(self, deployments: int) -> int:
@@ -349,6 +357,17 @@ def invalid_settings(exc: Exception) -> str | None:
         given = _shown(os.environ.get(name))
         return f"invalid configuration: {name}={given}: not valid JSON (see the README's table)"
     return None
+
+
+def _judgeable(min_requests: int, info: ValidationInfo) -> None:
+    """A window of ``drift_window_requests`` can hold ``min_requests``: else drift is never
+    judged, and nothing says so."""
+    window = info.data.get("drift_window_requests")
+    if isinstance(window, int) and min_requests > window:
+        raise ValueError(
+            f"min_requests {min_requests} is more than the drift window holds "
+            f"(RDV_DRIFT_WINDOW_REQUESTS={window}): drift would never be judged"
+        )
 
 
 def _shown(value: Any) -> str:

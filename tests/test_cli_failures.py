@@ -35,6 +35,7 @@ def base_env(tmp_path: Path) -> dict[str, str]:
         ("RDV_LOG_LEVEL=chatty", "RDV_LOG_LEVEL='chatty': one of DEBUG"),
         ('RDV_DRIFT_THRESHOLDS={"nope": 1}', "unknown threshold 'nope'"),
         ('RDV_DRIFT_THRESHOLDS={"score_psi": "x"}', "RDV_DRIFT_THRESHOLDS[score_psi]='x'"),
+        ("RDV_DRIFT_MIN_REQUESTS=5000", "more than the drift window holds"),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_it(tmp_path: Path, setting: str, says: str) -> None:

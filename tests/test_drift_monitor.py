@@ -126,7 +126,9 @@ async def test_report_history_and_events_follow_the_traffic(
 
     # raising the threshold above the value clears it at the next evaluation
     value = raised["alerts"]["feature_psi"]["value"]
-    await set_thresholds(client, DEMO_DEPLOYMENT, {"feature_psi": value * 2}, monitor.defaults)
+    await set_thresholds(
+        client, DEMO_DEPLOYMENT, {"feature_psi": value * 2}, monitor.defaults, 1000
+    )
     cleared = await monitor.evaluate(DEMO_DEPLOYMENT, next(clock))
     assert "feature_psi" not in cleared["alerts"]
 

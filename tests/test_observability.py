@@ -406,6 +406,9 @@ def test_drift_thresholds_are_set_per_deployment(system: System) -> None:
     assert bad.status_code == 422 and "score_psi" in bad.text
     unknown = system.http.put(url, json={"nonsense": 1}, headers=auth)
     assert unknown.status_code == 422 and "nonsense" in unknown.text
+    # found by hand: taken, and drift was never judged again, with nothing to say why
+    never = system.http.put(url, json={"min_requests": 10**30}, headers=auth)
+    assert never.status_code == 422 and "drift would never be judged" in never.text, never.text
     assert system.http.put(url, json={"score_psi": 0.3}).status_code == 401
     ok = system.http.put(url, json={"score_psi": 0.3}, headers=auth)
     assert ok.status_code == 200, ok.text

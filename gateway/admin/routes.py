@@ -260,7 +260,8 @@ def build_router(settings: Settings) -> APIRouter:
         _known(request, deployment)
         try:
             updated = await set_thresholds(request.app.state.redis, deployment, body,
-                                           settings.drift_defaults())  # fmt: skip
+                                           settings.drift_defaults(),
+                                           settings.drift_window_requests)  # fmt: skip
         except ValueError as exc:
             raise Invalid(str(exc)) from None
         log.info("drift thresholds of %s set by %s: %s", deployment, actor or "admin", body)

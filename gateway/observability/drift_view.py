@@ -69,11 +69,23 @@ async def drift_view(
 
 
 async def set_thresholds(
-    client: AsyncClient, deployment: str, changes: Mapping[str, Any], defaults: Thresholds
+    client: AsyncClient,
+    deployment: str,
+    changes: Mapping[str, Any],
+    defaults: Thresholds,
+    window_requests: int,
 ) -> Thresholds:
-    """Validate and store a deployment's thresholds (partial changes keep the rest)."""
+    """Validate and store a deployment's thresholds (partial changes keep the rest). A
+    ``min_requests`` beyond what the window holds (``window_requests``) is refused: drift
+    would never be judged."""
     stored = cast(bytes | None, await client.get(names.drift_thresholds_key(deployment)))
     current = thresholds_from(stored, defaults)
     updated = current.merged(changes)  # ValueError naming the key at fault
+    if updated.min_requests > window_requests:
+        raise ValueError(
+            f"threshold 'min_requests' {updated.min_requests} is more than the drift window "
+            f"holds ({window_requests} requests, RDV_DRIFT_WINDOW_REQUESTS): drift would never "
+            "be judged"
+        )
     await client.set(names.drift_thresholds_key(deployment), json.dumps(updated.to_dict()))
     return updated
