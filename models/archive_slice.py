@@ -10,6 +10,7 @@ however much has been archived since, which is what makes a replay or an export 
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -54,13 +55,18 @@ def parse_time(value: Any, what: str) -> float:
     return ms
 
 
+_STREAM_ID = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?")
+
+
 def sid_key(stream_id: str) -> tuple[int, int]:
-    """A stream id (``ms-seq``) as a sortable pair."""
-    ms, _, seq = stream_id.partition("-")
-    try:
-        return int(ms), int(seq or 0)
-    except ValueError:
-        raise SliceError(f"{stream_id!r} is not a stream id (ms-seq)") from None
+    """A stream id (``ms-seq``, each part a 64-bit unsigned number, as Redis takes them) as a
+    sortable pair."""
+    found = _STREAM_ID.fullmatch(stream_id)
+    if found is not None:
+        ms, seq = int(found[1]), int(found[2] or 0)
+        if ms < 2**64 and seq < 2**64:
+            return ms, seq
+    raise SliceError(f"{stream_id[:64]!r} is not a stream id (ms-seq, each below 2**64)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,15 +85,21 @@ Positions = dict[str, Span]
 """Input stream key -> its span."""
 
 
-def positions_from(doc: Any) -> Positions:
+def positions_from(doc: Any, deployment: str | None = None) -> Positions:
     """Positions from their JSON form (``{stream: {"first", "last"}}``, as reports and exports
-    print them); a SliceError says what is wrong."""
+    print them); a SliceError says what is wrong. With ``deployment``, every stream is one of
+    its input partitions (another would select nothing)."""
     if not isinstance(doc, Mapping) or not doc:
         raise SliceError('positions: expected {"<stream>": {"first": id, "last": id}, ...}')
     out: Positions = {}
     for stream, span in doc.items():
         if not isinstance(stream, str) or not isinstance(span, Mapping):
             raise SliceError(f"positions: {stream!r} needs an object with first and last")
+        if deployment is not None and not names.is_input_stream(deployment, stream):
+            raise SliceError(
+                f"positions: {stream[:200]!r} is not an input stream of {deployment} "
+                f"(partition 0 is {names.input_stream(deployment)})"
+            )
         first, last = span.get("first"), span.get("last")
         if not isinstance(first, str) or not isinstance(last, str):
             raise SliceError(f"positions of {stream}: first and last must be stream ids")

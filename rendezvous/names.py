@@ -91,6 +91,22 @@ def _slot(tag: str) -> int:
     return binascii.crc_hqx(tag.encode(), 0) % SLOTS
 
 
+def is_input_stream(deployment: str, key: str) -> bool:
+    """Whether ``key`` is one of the deployment's input partitions, of any partition count
+    (what a position in an export or a replay report names)."""
+    if key == input_stream(deployment):
+        return True
+    found = re.fullmatch(
+        rf"{PREFIX}:\{{{re.escape(deployment)}#(\d{{1,2}})\.(\d{{1,2}})\.\d+\}}:in", key
+    )
+    if found is None:
+        return False
+    try:
+        return input_stream(deployment, int(found[2]), int(found[1])) == key
+    except InvalidName:
+        return False
+
+
 def input_streams(deployment: str, partitions: int) -> list[str]:
     return [input_stream(deployment, k, partitions) for k in range(partitions)]
 

@@ -29,6 +29,8 @@ from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import RdvProcess, wait_until
 from rendezvous import names
 
+PARTITION_0 = names.input_stream(DEMO_DEPLOYMENT)
+
 
 @pytest.fixture(scope="module")
 def served(
@@ -127,9 +129,21 @@ def test_interrupt_and_resume_give_the_same_report(served: Served, first: dict) 
         (REPLAYS, {"version": 1, "last": 0}, 422, "greater than or equal to 1"),
         (
             REPLAYS,
-            {"version": 1, "positions": {"s": {"first": "9-0", "last": "1-0"}}},
+            {"version": 1, "positions": {PARTITION_0: {"first": "9-0", "last": "1-0"}}},
             422,
             "is after last",
+        ),
+        (  # found by hand: accepted, then the replay failed empty
+            REPLAYS,
+            {"version": 1, "positions": {"rdv:{other}:in": {"first": "1-0", "last": "2-0"}}},
+            422,
+            "is not an input stream of breast-cancer",
+        ),
+        (  # found by hand: accepted, then the replay failed with Redis's words
+            REPLAYS,
+            {"version": 1, "positions": {PARTITION_0: {"first": "1-0", "last": "1" * 23}}},
+            422,
+            "not a stream id",
         ),
         (REPLAYS, {"version": 1, "to": 1000}, None, None),
         (f"{REPLAYS}/18c0a0b0c0d-0123456789ab/resume", None, 404, "no replay"),

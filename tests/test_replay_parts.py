@@ -57,6 +57,18 @@ def test_positions_read_back_and_bad_ones_say_why() -> None:
             continue
         with pytest.raises(SliceError, match=says):
             positions_from(bad)
+    # found by hand: Redis refused these ids only once the replay ran (it failed with Redis's
+    # words), and a stream of another deployment selected nothing (it failed empty)
+    for bad_id in ("99999999999999999999999-0", "18446744073709551616-0", "1_000-0", "+5-0"):
+        with pytest.raises(SliceError, match="not a stream id"):
+            sid_key(bad_id)
+    assert sid_key("18446744073709551615-7") == (2**64 - 1, 7) and sid_key("5") == (5, 0)
+    own = {names.input_stream("credit", k, n): {"first": "1-0", "last": "2-0"}
+           for n in (1, 3, 64) for k in range(n)}  # fmt: skip
+    assert set(positions_from(own, "credit")) == set(own)
+    for other in ("rdv:{debit}:in", "rdv:{credit#3.2.0}:in", "rdv:{credit}:decisions"):
+        with pytest.raises(SliceError, match="is not an input stream of credit"):
+            positions_from({other: {"first": "1-0", "last": "2-0"}}, "credit")
 
 
 def test_reports_are_stored_leased_and_found_on_a_cluster(rc: redis.RedisCluster) -> None:

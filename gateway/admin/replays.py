@@ -100,7 +100,7 @@ class ReplayManager:
         if why is not None:
             raise Invalid(f"{why} (deployment {deployment})")
         now_ms = time.time() * 1000
-        request, positions = self._selection(body, now_ms)
+        request, positions = self._selection(body, now_ms, deployment)
         self._room()
         rid = new_replay_id(int(now_ms))
         report = new_report(rid, deployment, model, body.version, request, positions,
@@ -111,7 +111,7 @@ class ReplayManager:
         return report
 
     @staticmethod
-    def _selection(body: ReplayIn, now_ms: float) -> tuple[dict[str, Any], Any]:
+    def _selection(body: ReplayIn, now_ms: float, deployment: str) -> tuple[dict[str, Any], Any]:
         """The request as the report records it (``to_ms`` null: until the replay's
         creation, ``timing.created_ms``, so that a resume selects the same records), and
         positions when the body gave them."""
@@ -119,7 +119,7 @@ class ReplayManager:
             if body.from_ is not None or body.to is not None or body.last is not None:
                 raise Invalid("give positions, or from/to, or last: not several")
             try:
-                return {"positions": body.positions}, positions_from(body.positions)
+                return {"positions": body.positions}, positions_from(body.positions, deployment)
             except SliceError as exc:
                 raise Invalid(str(exc)) from None
         if body.last is not None and body.from_ is not None:

@@ -57,7 +57,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings, redis_url: str) -> 
         if args.positions is not None:
             if args.from_ or args.to:
                 sys.exit("rdv archive export: give --positions, or --from/--to: not both")
-            positions = positions_from(_positions_arg(args.positions))
+            positions = positions_from(_positions_arg(args.positions), args.deployment)
             request = {"positions": True}
         else:
             from_ms = parse_time(args.from_, "--from") if args.from_ else None
