@@ -32,6 +32,11 @@ class ShadowRecord:
     """Requests it scored (correct version, no error) and real scored too: the evidence."""
     misses: int
     """Requests it never answered within the grace period."""
+    starting: int
+    """Requests it missed before its first result since it got its version: its worker was
+    starting (about a second after a role is added), not counted in ``requests`` or
+    ``misses``. Only when the window reaches back to that start: misses at the window's edge
+    are misses."""
     errors: int
     answered: int
     """Requests whose caller got this role's answer (split or fallback)."""
@@ -75,6 +80,24 @@ def _percentile(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 4) if values else None
 
 
+def _first_result_ms(
+    records: list[DecisionRecord],
+    role: str,
+    model: str | None,
+    version: int | None,
+    since_ms: float | None,
+) -> float | None:
+    """When the role's first result since ``since_ms`` came, if the records reach back to
+    ``since_ms`` (one of them is older): the misses before it were its worker starting."""
+    if since_ms is None or not any(rec.ts_ms < since_ms for rec in records):
+        return None
+    times = [rec.ts_ms for rec in records
+             if rec.ts_ms >= since_ms and (out := rec.outputs.get(role)) is not None
+             and (model is None or out.model == model)
+             and (version is None or out.version == version)]  # fmt: skip
+    return min(times) if times else None
+
+
 def shadow_record(
     records: Iterable[DecisionRecord],
     role: str,
@@ -85,16 +108,21 @@ def shadow_record(
 ) -> ShadowRecord:
     """Summarise ``role`` over decision records. With ``model``/``version``, only outputs of
     that model version count; with ``since_ms``, only requests that started after it."""
-    requests = scored = misses = errors = answered = rows = disagreements = 0
+    requests = scored = misses = starting = errors = answered = rows = disagreements = 0
     js: list[float] = []
     abs_diff: list[float] = []
     latencies: list[float] = []
+    records = list(records)
+    first_ms = _first_result_ms(records, role, model, version, since_ms)
     for rec in records:
         if since_ms is not None and rec.ts_ms < since_ms:
             continue
         out = rec.outputs.get(role)
         if out is None:
             if role in rec.missing:
+                if first_ms is not None and rec.ts_ms < first_ms:
+                    starting += 1
+                    continue
                 requests += 1
                 misses += 1
             continue
@@ -127,6 +155,7 @@ def shadow_record(
         requests=requests,
         scored=scored,
         misses=misses,
+        starting=starting,
         errors=errors,
         answered=answered,
         rows=rows,
