@@ -177,8 +177,9 @@ def fixture_report(points: int = 40) -> dict[str, Any]:
 
 def not_evaluated_report() -> dict[str, Any]:
     doc = fixture_report()
+    roles = {"real": "breast-cancer:7", "canary": "breast-cancer:6"}
     return {**doc, "evaluated_at_ms": None, "current": None, "alerts": [], "events": [],
-            "history": []}  # fmt: skip
+            "history": [], "roles": roles}  # fmt: skip
 
 
 def early_report() -> dict[str, Any]:
@@ -197,7 +198,7 @@ def early_report() -> dict[str, Any]:
 
 def canaryless_report() -> dict[str, Any]:
     """Judged, but nothing to compare real with: a deployment without a canary."""
-    doc = fixture_report()
+    doc = {**fixture_report(), "roles": {"real": "breast-cancer:2"}}
     doc["current"].update(canary_model=None)
     doc["current"]["features"]["top"][0]["feature"] = "x" * 200  # a very long name
     doc["current"]["values"].update(divergence_mean=None, disagreement_rate=None)
@@ -307,8 +308,11 @@ def test_the_page_waits_for_data_and_shows_the_endpoints_error(
     fixture_server: str, tmp_path: Path
 ) -> None:
     chromium()
-    dom = Dom(dump_dom(f"{fixture_server}/dashboard/fresh", tmp_path / "fresh"))
+    text = dump_dom(f"{fixture_server}/dashboard/fresh", tmp_path / "fresh")
+    dom = Dom(text)
     assert dom.status == "ok"
+    # found by hand: an idle window's header showed a dash for real and canary; who holds them now
+    assert "<dd>breast-cancer:7</dd>" in text and "<dd>breast-cancer:6</dd>" in text
     assert set(dom.charts) == set(CHARTS)
     for name, chart in dom.charts.items():
         assert chart.points is None, (name, chart)
@@ -324,7 +328,9 @@ def test_the_page_waits_for_data_and_shows_the_endpoints_error(
     assert dom.charts["features"].points is None and waiting in dom.charts["features"].texts
 
     # found by hand: without a canary the divergence chart said "waiting for data: 1012 of 200"
-    dom = Dom(dump_dom(f"{fixture_server}/dashboard/canaryless", tmp_path / "canaryless"))
+    text = dump_dom(f"{fixture_server}/dashboard/canaryless", tmp_path / "canaryless")
+    dom = Dom(text)
+    assert "<dt>canary</dt><dd>none</dd>" in text  # the deployment has none
     divergence = dom.charts["divergence"]
     assert divergence.points is None, divergence
     assert "no divergence: no canary scored the window's requests" in divergence.texts

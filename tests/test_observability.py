@@ -414,6 +414,9 @@ def test_drift_thresholds_are_set_per_deployment(system: System) -> None:
     assert ok.status_code == 200, ok.text
     assert ok.json()["score_psi"] == 0.3 and ok.json()["min_requests"] == 100
     assert report(system)["thresholds"]["score_psi"] == 0.3
+    # who holds each role now (the dashboard's header when the window is idle)
+    roles = report(system)["roles"]
+    assert set(roles) >= {"real", "canary"} and roles["real"].startswith("breast-cancer:")
     assert system.http.get(url, headers=auth).json()["score_psi"] == 0.3
     assert system.http.get("/v1/deployments/nope/drift").status_code == 404
     assert system.http.get("/v1/deployments/NOT%20valid/drift").status_code == 422

@@ -70,6 +70,9 @@ def observe_router() -> APIRouter:
             accuracy_view(request.app.state.redis, deployment, history=settings.drift_history),
             timeout=settings.redis_timeout_s,
         )
+        # who holds each role now, which an idle window cannot say
+        roles = request.app.state.deployments.deployments[deployment].roles
+        view["roles"] = {role: str(ref) for role, ref in roles.items()}
         return JSONResponse(view)
 
     @router.get("/v1/deployments/{deployment}/drift/features")

@@ -255,7 +255,10 @@ function header(doc, cur, th, win, waiting) {
   $("status").className = "pill " + (judged ? "ok" : "wait");
   $("updated").textContent = isNum(doc.evaluated_at_ms)
     ? "evaluated " + clock(doc.evaluated_at_ms) + " (" + ago(doc.evaluated_at_ms) + ")" : "";
-  const facts = [["real", cur && cur.real_model], ["canary", cur && cur.canary_model],
+  // the window's models, else who holds the role now (an idle window has none)
+  const roles = doc.roles && typeof doc.roles === "object" ? doc.roles : null;
+  const facts = [["real", (cur && cur.real_model) || (roles && roles.real)],
+    ["canary", (cur && cur.canary_model) || (roles && (roles.canary || "none"))],
     ["window", (cur ? cur.requests : 0) + " requests (up to " + (win.requests ?? "?") +
       ", " + (win.seconds ?? "?") + " s)"],
     ["from", cur && isNum(cur.from_ms) && cur.from_ms > 0  // 0: no request in the window
