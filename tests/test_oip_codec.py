@@ -14,6 +14,7 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from tritonclient.http import InferResult
 
+from gateway.dataplane.validation import check_matrix
 from gateway.problems import fault_text
 from gateway.transport.limits import style_of
 from gateway.transport.oip_codec import encode_answer, parse_infer
@@ -53,6 +54,25 @@ def test_json_data_flat_or_nested_fp32_or_fp64_gives_the_same_matrix() -> None:
     nested = _json({"inputs": [_input(X.tolist(), [2, 3], "FP64")]})
     np.testing.assert_array_equal(_matrix(flat), X)
     np.testing.assert_array_equal(_matrix(nested), X)
+
+
+def test_a_value_refused_later_is_named_where_it_was_in_the_request() -> None:
+    """Found by hand: a NaN was refused as "[0][0]: row 0, 'a': ...", with no word of
+    which input held it."""
+    x = X.copy()
+    x[1, 2] = np.nan
+    one = parse_infer(_json({"inputs": [_input(X.tolist(), [2, 3])]}), None)
+    per_feature = parse_infer(_json({"inputs": [
+        _input(X[:, k].tolist(), [2], name=name) for k, name in ((2, "c"), (0, "a"), (1, "b"))
+    ]}), None)  # fmt: skip
+    for parsed, says in [(one, "inputs[0].data[1][2]: row 1, 'c'"),
+                         (per_feature, "inputs[0].data[1]: row 1, 'c'")]:  # fmt: skip
+        with pytest.raises(RequestValidationError) as caught:
+            check_matrix(SPEC, x, 10)
+        located = parsed.located(caught.value, SPEC)
+        assert fault_text(list(located.errors())).startswith(says)
+    other = RequestValidationError([{"loc": (), "msg": "0 rows", "type": "too_long"}])
+    assert list(one.located(other, SPEC).errors()) == list(other.errors())  # left as it was
 
 
 def test_binary_inputs_follow_the_json_header_in_input_order() -> None:

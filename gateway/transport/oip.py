@@ -208,17 +208,23 @@ def mount(app: FastAPI, settings: Settings) -> None:
         except RequestValidationError as exc:
             failure = exc
 
+        decoded: list[FeatureSpec] = []
+
         def decode(spec: FeatureSpec, body: bytes) -> np.ndarray:
             # In the service, so that every refusal is counted as the service counts one.
             deployment_of(service.deployments, model, version)
             if parsed is None:
                 assert failure is not None
                 raise failure
+            decoded.append(spec)
             return parsed.matrix(spec)
 
         request_id = parsed.id if parsed is not None and parsed.id else x_request_id
         try:
             answer = await service.predict(model, raw, request_id, decode=decode)
+        except RequestValidationError as exc:  # a value's fault: where in this request it was
+            located = parsed.located(exc, decoded[0]) if parsed and decoded else exc
+            return _failure(located, f"infer {model}")
         except Exception as exc:
             return _failure(exc, f"infer {model}")
         assert parsed is not None  # else decode raised

@@ -154,6 +154,26 @@ class InferRequest:
                                "wrong_shape")  # fmt: skip
         return np.column_stack([given[name].values.reshape(-1) for name in spec.names])
 
+    def located(self, exc: RequestValidationError, spec: FeatureSpec) -> RequestValidationError:
+        """The gateway's faults of one value (located by row and column of the matrix) placed
+        where the value was in this request: ``inputs[0].data[row][column]``, or the feature's
+        own input, ``inputs[k].data[row]``."""
+        faults = []
+        for fault in exc.errors():
+            loc = tuple(fault.get("loc") or ())
+            if loc[:1] == ("body",):
+                loc = loc[1:]
+            if len(loc) == 2 and all(isinstance(part, int) for part in loc):
+                row, column = loc
+                if any(t.name == INPUT for t in self.inputs):
+                    fault = {**fault, "loc": ("inputs", 0, "data", row, column)}
+                else:
+                    name = spec.names[column]
+                    k = next(i for i, t in enumerate(self.inputs) if t.name == name)
+                    fault = {**fault, "loc": ("inputs", k, "data", row)}
+            faults.append(fault)
+        return RequestValidationError(faults)
+
 
 def parse_infer(
     body: bytes, header_length: str | None, model_outputs: Sequence[str] = OUTPUTS
