@@ -88,6 +88,24 @@ def test_a_gateway_out_of_reach_is_one_line(tmp_path: Path) -> None:
         assert done.stderr.strip().startswith(f"cannot reach the gateway at {url}")
 
 
+def test_decisions_of_a_deployment_that_is_not_there_are_one_line(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Found by hand: a bad name or a negative --limit ended in a traceback, and a deployment
+    that does not exist printed nothing at all."""
+    env = {**base_env(tmp_path), "RDV_REDIS_URL": redis_url}
+    for args, code, says in [
+        (["--deployment", "nope"], 1, "rdv decisions: deployment 'nope' does not exist"),
+        (["--deployment", "Not Valid"], 1, "rdv decisions: invalid deployment 'Not Valid'"),
+        (["--deployment", "nope", "--limit", "-5"], 2, "argument --limit: -5 is less than 1"),
+    ]:
+        done = rdv(["decisions", *args], env)
+        assert done.returncode == code and "Traceback" not in done.stderr, done.stderr
+        assert says in done.stderr.strip().splitlines()[-1], done.stderr
+    done = rdv(["archive", "read", "--limit", "-1"], env)
+    assert done.returncode == 2 and "argument --limit: -1 is less than 0" in done.stderr
+
+
 def test_output_cut_short_by_its_reader_ends_quietly(tmp_path: Path) -> None:
     """``rdv archive read | head`` ended in a BrokenPipeError traceback."""
     from models.archive import SegmentWriter

@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -277,10 +277,32 @@ def cmd_decisions(args: argparse.Namespace) -> None:
     from rendezvous.decision import decode_entries
 
     settings = settings_from_args(args)
+    try:
+        stream = names.decisions_stream(args.deployment)
+    except names.InvalidName as exc:
+        sys.exit(f"rdv decisions: {exc}")
     client = connect(_require_redis(settings), wait_s=5)
-    entries = client.xrevrange(names.decisions_stream(args.deployment), count=args.limit)
+    if not client.sismember(names.DEPLOYMENTS_SET, args.deployment):
+        sys.exit(f"rdv decisions: deployment {args.deployment!r} does not exist")
+    entries = client.xrevrange(stream, count=args.limit)
     for record in reversed(decode_entries(entries)):
         print(json.dumps(record.to_dict()))
+
+
+def _count(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``least`` (a usage error otherwise, where
+    -5 reached Redis and ended in a traceback)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("archive", help="list, read or export the log bin's archive")
     p.add_argument("action", choices=["list", "read", "export"])
     p.add_argument("--deployment")
-    p.add_argument("--limit", type=int, default=0, help="records to show (0: all)")
+    p.add_argument("--limit", type=_count(0), default=0, help="records to show (0: all)")
     p.add_argument("--data-dir", type=Path)
     from gateway.cli.export import add_export_arguments
 
@@ -343,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("decisions", help="show the latest decision records of a deployment")
     p.add_argument("--deployment", required=True)
-    p.add_argument("--limit", type=int, default=10)
+    p.add_argument("--limit", type=_count(1), default=10, help="records to show (default 10)")
     p.set_defaults(func=cmd_decisions)
 
     from gateway.cli.admin import add_admin_commands
