@@ -354,6 +354,25 @@ def test_promote_and_rollback_keep_history_and_refresh_the_cache_at_once(
     assert all(h["ts_ms"] > 0 for h in history)
     assert admin.post(f"{DEP}/rollback", json={"to_revision": 9}, headers=AUTH).status_code == 409
 
+    # found by hand: a rollback after a promotion and a partition change restored the state
+    # before the partition change (the same roles), so the promotion stayed
+    assert admin.post(f"{DEP}/promote", json={"version": v3}, headers=AUTH).status_code == 200
+    patched = admin.patch(DEP, json={"partitions": 2}, headers=AUTH)
+    assert patched.status_code == 200, patched.text
+    undo = admin.post(f"{DEP}/rollback", json={}, headers=AUTH)
+    assert undo.status_code == 200, undo.text
+    assert roles(admin) == {"real": "breast-cancer:2", "canary": "breast-cancer:1"}
+    assert admin.get(f"{DEP}/history", headers=AUTH).json()["history"][-1]["detail"] == {
+        "to_revision": 5
+    }
+    redo = admin.post(f"{DEP}/rollback", json={}, headers=AUTH)  # a second undoes the first
+    assert redo.status_code == 200 and roles(admin)["real"] == "breast-cancer:3"
+    real = {"model": "breast-cancer", "version": 2}
+    solo = admin.post("/admin/deployments", headers=AUTH, json={"name": "solo", "real": real})
+    assert solo.status_code == 201, solo.text
+    nothing = admin.post("/admin/deployments/solo/rollback", json={}, headers=AUTH)
+    assert nothing.status_code == 409 and "nothing to roll back" in nothing.json()["detail"]
+
 
 def test_reference_rows_give_a_model_of_its_own_features_its_training_statistics(
     admin: AppClient,

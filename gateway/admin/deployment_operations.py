@@ -142,7 +142,7 @@ class DeploymentOperations(AdminCore):
 
     def rollback(self, name: str, req: Rollback, actor: str) -> dict[str, Any]:
         dep = self._dep(name)
-        target = req.to_revision or dep.revision - 1
+        target = req.to_revision or self._previous_setup(dep)
         if not 1 <= target < dep.revision:
             raise Conflict(
                 f"{name} is at revision {dep.revision}: no revision {target} to roll back to"
@@ -164,6 +164,21 @@ class DeploymentOperations(AdminCore):
             req.reason,
             {"to_revision": target},
             dep.revision,
+        )
+
+    def _previous_setup(self, dep: Deployment) -> int:
+        """The latest earlier revision whose roles or schedule differ from now: what a plain
+        rollback restores. (The revision just before may differ only in partitions: restoring
+        it changed nothing, and a promotion stayed.)"""
+        now = {"roles": {r: m.to_dict() for r, m in dep.roles.items()},
+               "schedule": dep.schedule.to_dict()}  # fmt: skip
+        for entry in reversed(self.store.history(dep.name)):
+            setup = {"roles": entry["roles"], "schedule": entry["schedule"]}
+            if entry.get("applied", True) and entry["revision"] < dep.revision and setup != now:
+                return int(entry["revision"])
+        raise Conflict(
+            f"{dep.name}: no earlier revision has other roles or another schedule: nothing to "
+            "roll back"
         )
 
     def add_challenger(self, name: str, req: AddChallenger, actor: str) -> dict[str, Any]:

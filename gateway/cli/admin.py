@@ -231,7 +231,7 @@ def add_admin_commands(sub: Any) -> None:
     reason(p)
     p.set_defaults(func=cmd_promote)
 
-    p = admin("rollback", "restore the previous (or a given) revision's roles and schedule")
+    p = admin("rollback", "restore the roles and schedule before their last change")
     p.add_argument("--deployment", required=True)
     p.add_argument("--to-revision", type=int)
     reason(p)
