@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis
 from fastapi.exceptions import RequestValidationError
 from redis.asyncio import RedisCluster
 
@@ -50,6 +51,8 @@ class Predicts:
         self.metrics = self
         self.counted: list[tuple[str | None, str]] = []
         """What ``request_done`` was told (the stand-in is its own metrics)."""
+        self.failures: list[Exception] = []
+        """Raised by the next calls, one each, before any answer."""
 
     def request_done(self, deployment: str | None, outcome: str, seconds: float | None) -> None:
         self.counted.append((deployment, outcome))
@@ -59,6 +62,8 @@ class Predicts:
     async def predict(self, deployment: str, raw: bytes, request_id: str | None) -> dict[str, Any]:
         assert request_id is not None
         self.calls.append(request_id)
+        if self.failures:
+            raise self.failures.pop(0)
         self.in_flight += 1
         try:
             await asyncio.sleep(self.delay_s)
@@ -164,6 +169,27 @@ async def test_a_long_poll_wakes_when_another_gateway_ends_the_job(client: Async
     finally:
         await runner.stop()
         await poller.stop()
+
+
+async def test_a_job_refused_for_a_moment_is_run_again_by_the_same_gateway(
+    client: AsyncClient,
+) -> None:
+    """A busy gateway (429, 503) or a Redis error during a run is retried after a pause. The
+    check of these errors raised TypeError, so the job was neither retried nor ended: it
+    waited for another gateway's claim (30 s idle by default), counted as a failed run."""
+    service = await gateway(client, claim_idle_ms=60_000)  # no claim could save it here
+    service.service.failures = [  # type: ignore[attr-defined]
+        redis.ConnectionError("lost"), Overloaded("busy"), redis.TimeoutError("slow"),
+        Backlogged("backlog")]  # fmt: skip
+    await service.start()
+    try:
+        job = (await service.submit(DEMO_DEPLOYMENT, BODY, None)).id
+        doc = await service.wait(DEMO_DEPLOYMENT, job, 6000)
+        assert doc.status == DONE, doc
+        assert calls(service) == [job] * 5
+        assert (await client.xpending(STREAM, names.JOBS_GROUP))["pending"] == 0
+    finally:
+        await service.stop()
 
 
 async def test_submit_refuses_before_writing(client: AsyncClient) -> None:

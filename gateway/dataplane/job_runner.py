@@ -64,7 +64,7 @@ def _transient(exc: BaseException) -> bool:
     timeout of the models (``NoAnswer``) is the job's end."""
     if isinstance(exc, NoAnswer):
         return False
-    return isinstance(exc, Overloaded | Backlogged | Unavailable | REDIS_FAILURES)
+    return isinstance(exc, (Overloaded, Backlogged, Unavailable, *REDIS_FAILURES))
 
 
 def _is_nogroup(exc: BaseException) -> bool:
