@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from rendezvous.bus.connection import DEFAULT_MAX_CONNECTIONS
 from rendezvous.schedule import MAX_WAIT_MS, Schedule
 
 if TYPE_CHECKING:  # imported where used: it brings numpy, which ``rdv serve``'s supervisor
@@ -173,6 +174,12 @@ class Settings(BaseSettings):
 
     redis_timeout_s: float = Field(default=2.0, gt=0)
     """Bound on every gateway Redis command: a hung server becomes a 503, never a hang."""
+
+    redis_max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, ge=8, le=10_000)
+    """Connections one gateway process opens to Redis for everything but predictions (job
+    submits and polls, readiness, admin; to each node of a cluster). On a single node a
+    command past them waits for a free one, up to ``redis_timeout_s``; on a cluster it fails
+    (503). Predictions use a few connections of their own."""
 
     reply_maxlen: int = Field(default=10_000, ge=100)
     """Approximate cap of each gateway's reply stream, in results (a worker writes its batch's

@@ -139,7 +139,11 @@ def create_app(
         # held the process alive after uvicorn's 'Application startup failed', serving
         # nothing, with no exit for its supervisor to see (found by hand).
         async with contextlib.AsyncExitStack() as undo:
-            client = await connect_async(settings.redis_url, timeout_s=settings.redis_timeout_s)
+            client = await connect_async(
+                settings.redis_url,
+                timeout_s=settings.redis_timeout_s,
+                max_connections=settings.redis_max_connections,
+            )
             undo.push_async_callback(client.aclose)
             # The hot path's routers (see rendezvous.bus.async_router): the writer on the client's
             # connections, the reader on a client of its own, so that closing it ends its blocking

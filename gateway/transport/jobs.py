@@ -186,7 +186,9 @@ async def start(app: FastAPI, settings: Settings) -> Callable[[], Awaitable[None
     # The blocking reads (jobs and done streams) on a client of their own: they hold none of
     # the request path's connections, and its timeout outlasts their block.
     blocking = await connect_async(
-        settings.redis_url, timeout_s=settings.redis_timeout_s + BLOCK_MS / 1000
+        settings.redis_url,
+        timeout_s=settings.redis_timeout_s + BLOCK_MS / 1000,
+        max_connections=settings.redis_max_connections,
     )
     jobs = JobService(
         app.state.redis,

@@ -26,6 +26,8 @@ from redis.cluster import ClusterNode as SyncClusterNode
 from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
 from redis.retry import Retry
 
+from rendezvous.bus.waiting_cluster import SPARE_CONNECTIONS, Turns, WaitingRedisCluster
+
 log = logging.getLogger(__name__)
 
 REDIS_DOWN: tuple[type[Exception], ...] = (
@@ -150,12 +152,22 @@ def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = Non
             delay_s = min(delay_s * 2, 1.0)
 
 
+DEFAULT_MAX_CONNECTIONS = 256
+
+
 async def connect_async(
-    url: str, wait_s: float = 30.0, timeout_s: float | None = None
+    url: str,
+    wait_s: float = 30.0,
+    timeout_s: float | None = None,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> AsyncClient:
     """An asyncio client (gateway), after the server answered, for a cluster as ``connect``.
     ``timeout_s`` bounds every command, so a hung server turns into an error instead of a hung
-    request."""
+    request.
+
+    At most ``max_connections`` commands at once (connections to a node); the next waits for
+    a free one, up to ``timeout_s``. With redis-py's default pool, which fails at once past
+    100, a burst of long polls or readiness probes got 503 from a healthy Redis."""
     seeds = seed_urls(url)
     deadline = time.monotonic() + wait_s
     delay_s = 0.05
@@ -163,13 +175,16 @@ async def connect_async(
     while True:
         seed = seeds[attempt % len(seeds)]
         attempt += 1
-        client = aioredis.Redis.from_url(
+        pool = aioredis.BlockingConnectionPool.from_url(
             seed,
+            max_connections=max_connections,
+            timeout=timeout_s,  # the wait for a free connection
             socket_connect_timeout=2.0,
             socket_timeout=timeout_s,
             health_check_interval=30,
             retry=_stale_connection_retry(AsyncRetry),
         )
+        client = aioredis.Redis.from_pool(pool)  # closes the pool with the client
         try:
             if not _cluster_enabled(await client.info("cluster")):
                 if len(seeds) > 1:
@@ -177,12 +192,15 @@ async def connect_async(
                     _several_seeds_need_a_cluster(seeds, seed)
                 return client
             await client.aclose()
-            cluster = aioredis.RedisCluster.from_url(
+            cluster = WaitingRedisCluster.from_url(
                 seed,
                 socket_timeout=timeout_s,
                 socket_connect_timeout=2.0,
+                max_connections=max_connections + SPARE_CONNECTIONS,
                 startup_nodes=_other_nodes(seeds, seed, AsyncClusterNode),
             )
+            assert isinstance(cluster, WaitingRedisCluster)
+            cluster.turns = Turns(max_connections, timeout_s)
             await cluster.initialize()
             return cluster
         except _RETRYABLE as exc:
