@@ -32,7 +32,13 @@ from gateway.dataplane.service import PredictionService
 from gateway.problems import RETRY, Problem, Style, compressed, fault_text
 from gateway.settings import Settings
 from gateway.transport.fast_path import count_invalid
-from gateway.transport.oip_codec import InferenceRequest, InferRequest, encode_answer, parse_infer
+from gateway.transport.oip_codec import (
+    HEADER_LENGTH,
+    InferenceRequest,
+    InferRequest,
+    encode_answer,
+    parse_infer,
+)
 from gateway.transport.oip_metadata import class_count, deployment_of, model_metadata, roles_of
 from rendezvous import names
 from rendezvous.spec import FeatureSpec
@@ -193,6 +199,9 @@ def mount(app: FastAPI, settings: Settings) -> None:
         x_request_id: str | None,
     ) -> Response:
         service: PredictionService = request.app.state.service
+        lengths = request.headers.getlist(HEADER_LENGTH)
+        if len(set(lengths)) > 1:  # refused by _split's check, naming both
+            header_length = ", ".join(lengths)
         refused = compressed(request.headers.get("content-encoding", ""))
         if refused is not None:
             count_invalid(service, model)

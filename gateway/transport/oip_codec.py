@@ -46,6 +46,11 @@ MAX_ID_CHARS = 128
 # -- the request ---------------------------------------------------------------------------
 
 
+MAX_VALUES = 2**31
+"""Most values a shape may describe (its zero dimensions aside): far past any request the
+row bound lets through, and short of what numpy refuses to shape."""
+
+
 class RequestInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -190,6 +195,11 @@ def parse_infer(
             faults[0]["msg"] += (
                 " (a body with binary tensor data needs the Inference-Header-Content-Length header)"
             )
+        elif header_length is not None and faults[0]["type"] == "json_invalid":
+            faults[0]["msg"] += (
+                f" in the body's first {len(header)} bytes, the JSON part by its "
+                "Inference-Header-Content-Length header"
+            )
         raise RequestValidationError(faults) from None
     if doc.id is not None and not (1 <= len(doc.id) <= MAX_ID_CHARS and doc.id.isprintable()):
         raise _invalid(("id",), f"id must be 1-{MAX_ID_CHARS} printable characters")
@@ -213,7 +223,7 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
     text = header_length.strip()
-    if not text.isdigit() or int(text) > len(body):
+    if not (text.isascii() and text.isdigit()) or int(text) > len(body):
         raise RequestValidationError([{
             "type": "value_error", "loc": ("header", HEADER_LENGTH),
             "msg": f"Inference-Header-Content-Length must be a whole number of bytes, at most "
@@ -233,6 +243,9 @@ def _tensor(
         raise _invalid((*at, "datatype"), f"input {item.name!r} has datatype "
                        f"{item.datatype[:20]!r}: FP32 or FP64 is taken", "datatype")  # fmt: skip
     shape = tuple(item.shape)
+    if math.prod(d for d in shape if d) > MAX_VALUES:  # numpy refuses such a shape even empty
+        raise _invalid((*at, "shape"), f"shape {list(shape)[:8]} would hold more than "
+                       f"{MAX_VALUES} values", "too_long")  # fmt: skip
     count = math.prod(shape)
     size = (item.parameters or {}).get("binary_data_size")
     if size is not None:
@@ -271,7 +284,8 @@ def _flat(data: Any, shape: tuple[int, ...], at: tuple[str | int, ...]) -> list[
     if not isinstance(data, list):
         raise _invalid(at, "data must be an array of numbers")
     flat: list[Any] = data
-    if len(shape) > 1 and data and isinstance(data[0], list):
+    nested = len(shape) > 1 and bool(data) and isinstance(data[0], list)
+    if nested:
         level: list[Any] = [data]
         for size in shape:
             deeper: list[Any] = []
@@ -286,8 +300,18 @@ def _flat(data: Any, shape: tuple[int, ...], at: tuple[str | int, ...]) -> list[
         raise _invalid(at, f"{len(flat)} values for shape {list(shape)}, which holds {count}",
                        "shape_mismatch")  # fmt: skip
     if not set(map(type, flat)) <= {int, float}:
-        raise _invalid(at, "data must hold numbers only", "float_type")
+        k = next(k for k, v in enumerate(flat) if type(v) not in (int, float))
+        where = tuple(int(j) for j in np.unravel_index(k, shape)) if nested else (k,)
+        given = _json_kind(flat[k])
+        raise _invalid((*at, *where), f"data must hold numbers only; this is {given}",
+                       "float_type")  # fmt: skip
     return flat
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {str: "a string", bool: "a boolean", type(None): "null", dict: "an object",
+             list: "an array"}  # fmt: skip
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _outputs(doc: InferenceRequest, model_outputs: Sequence[str]) -> tuple[tuple[str, bool], ...]:
