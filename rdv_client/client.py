@@ -3,8 +3,9 @@ a sync or an async httpx client, so both clients say the same thing."""
 
 from __future__ import annotations
 
+import numbers
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Generic, TypeVar
@@ -56,10 +57,20 @@ def _body(
     if features is None and instances is None and not body:
         raise ValueError("give exactly one of features (one row, by name) or instances (rows)")
     if features is not None:
-        body["features"] = dict(features)
+        body["features"] = {name: _number(value) for name, value in features.items()}
     if instances is not None:
         body["instances"] = [list(map(float, row)) for row in instances]
     return body
+
+
+def _number(value: Any) -> Any:
+    """A number as JSON has it (numpy's scalars are not JSON); anything else as given, for
+    the gateway to name."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def _feedback_body(
@@ -88,11 +99,23 @@ def _feedback_body(
 
 
 def _rid(request_id: str | None) -> dict[str, str] | None:
-    """The header, whatever the id (the gateway says what is wrong with a bad one)."""
-    return {"X-Request-Id": request_id} if request_id is not None else None
+    """The header. An id that HTTP cannot carry is refused here (the gateway says what else
+    is wrong with one): httpx raised a transport error for it, which reads as a gateway out
+    of reach, safe to retry."""
+    if request_id is None:
+        return None
+    if not (request_id.isascii() and request_id.isprintable() and request_id == request_id.strip()):
+        raise ValueError(
+            f"request_id {request_id[:40]!r} cannot be an HTTP header: printable ASCII "
+            "characters, no space at either end"
+        )
+    return {"X-Request-Id": request_id}
 
 
-def _same(doc: Any) -> Any:
+def _doc(doc: Any) -> dict[str, Any]:
+    """An admin or feedback answer: a JSON object."""
+    if not isinstance(doc, dict):
+        raise RdvError(200, f"the gateway answered {type(doc).__name__}, not a JSON object")
     return doc
 
 
@@ -124,14 +147,14 @@ class _Calls:
                      Job.from_json)  # fmt: skip
 
     @staticmethod
-    def feedback(deployment: str, body: Any) -> _Call[Any]:
-        return _Call("POST", f"/v1/deployments/{_seg(deployment)}/feedback", _same, json=body,
+    def feedback(deployment: str, body: Any) -> _Call[dict[str, Any]]:
+        return _Call("POST", f"/v1/deployments/{_seg(deployment)}/feedback", _doc, json=body,
                      feedback=True)  # fmt: skip
 
     @staticmethod
     def admin(method: str, path: str, json: Any = None,
-              params: Mapping[str, Any] | None = None) -> _Call[Any]:  # fmt: skip
-        return _Call(method, f"/admin{path}", _same, json=json, params=params, admin=True)
+              params: Mapping[str, Any] | None = None) -> _Call[dict[str, Any]]:  # fmt: skip
+        return _Call(method, f"/admin{path}", _doc, json=json, params=params, admin=True)
 
 
 def _request(
@@ -186,8 +209,16 @@ def _answer(call: _Call[T], response: httpx.Response) -> T:
         retry = _retry_after(response.headers.get("retry-after"))
         raise RdvError(response.status_code, detail, retry, body)
     if call.parse == Job.from_json and isinstance(doc, dict) and "location" not in doc:
-        doc = {**doc, "location": response.headers.get("location")}
+        # a submit's Location header; a poll or a cancel was sent to the job's own place
+        here = call.path if call.method != "POST" else None
+        doc = {**doc, "location": response.headers.get("location") or here}
     return call.parse(doc)
+
+
+def _unsendable(call: _Call[Any], exc: httpx.LocalProtocolError) -> ValueError:
+    """httpx refused to send the request: nothing reached the gateway, and the same request
+    would fail again (a retry would not help, unlike ``GatewayUnreachable``)."""
+    return ValueError(f"{call.method} {call.path}: not sendable as HTTP: {exc}")
 
 
 def _unreachable(call: _Call[Any], exc: httpx.TransportError) -> GatewayUnreachable:
@@ -195,50 +226,54 @@ def _unreachable(call: _Call[Any], exc: httpx.TransportError) -> GatewayUnreacha
     return GatewayUnreachable(f"{call.method} {call.path}: {what}: {exc!r}")
 
 
-class _AdminMixin:
-    """The admin calls, the same for both clients: each returns the gateway's JSON (the async
-    client's, a coroutine of it)."""
+Doc = TypeVar("Doc")
+"""What an admin call returns: the gateway's JSON object, or (async) an awaitable of it."""
+
+
+class _AdminMixin(Generic[Doc]):
+    """The admin calls, the same for both clients: each returns the gateway's JSON object
+    (the async client's, an awaitable of it)."""
 
     def _admin(self, method: str, path: str, json: Any = None,
-               params: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
+               params: Mapping[str, Any] | None = None) -> Doc:  # fmt: skip
         raise NotImplementedError
 
-    def deployments(self) -> Any:
+    def deployments(self) -> Doc:
         return self._admin("GET", "/deployments")
 
-    def deployment(self, deployment: str) -> Any:
+    def deployment(self, deployment: str) -> Doc:
         return self._admin("GET", f"/deployments/{_seg(deployment)}")
 
-    def history(self, deployment: str, limit: int = 50) -> Any:
+    def history(self, deployment: str, limit: int = 50) -> Doc:
         return self._admin("GET", f"/deployments/{_seg(deployment)}/history",
                            params={"limit": limit})  # fmt: skip
 
-    def promote(self, deployment: str, version: int, **options: Any) -> Any:
+    def promote(self, deployment: str, version: int, **options: Any) -> Doc:
         return self._admin("POST", f"/deployments/{_seg(deployment)}/promote",
                            json={"version": version, **options})  # fmt: skip
 
-    def rollback(self, deployment: str, **options: Any) -> Any:
+    def rollback(self, deployment: str, **options: Any) -> Doc:
         return self._admin("POST", f"/deployments/{_seg(deployment)}/rollback", json=options)
 
-    def add_challenger(self, deployment: str, role: str, version: int, **options: Any) -> Any:
+    def add_challenger(self, deployment: str, role: str, version: int, **options: Any) -> Doc:
         return self._admin("POST", f"/deployments/{_seg(deployment)}/challengers",
                            json={"role": role, "version": version, **options})  # fmt: skip
 
-    def remove_challenger(self, deployment: str, role: str) -> Any:
+    def remove_challenger(self, deployment: str, role: str) -> Doc:
         return self._admin("DELETE", f"/deployments/{_seg(deployment)}/challengers/{_seg(role)}")
 
-    def set_schedule(self, deployment: str, **changes: Any) -> Any:
+    def set_schedule(self, deployment: str, **changes: Any) -> Doc:
         return self._admin("PATCH", f"/deployments/{_seg(deployment)}/schedule", json=changes)
 
-    def set_partitions(self, deployment: str, partitions: int, reason: str = "") -> Any:
+    def set_partitions(self, deployment: str, partitions: int, reason: str = "") -> Doc:
         return self._admin("PATCH", f"/deployments/{_seg(deployment)}",
                            json={"partitions": partitions, "reason": reason})  # fmt: skip
 
-    def models(self) -> Any:
+    def models(self) -> Doc:
         return self._admin("GET", "/models")
 
 
-class Client(_AdminMixin):
+class Client(_AdminMixin[dict[str, Any]]):
     """Synchronous. ``admin_token`` only for the admin calls, ``feedback_token`` for
     ``feedback`` on a gateway that asks for one; ``transport`` for tests."""
 
@@ -253,12 +288,14 @@ class Client(_AdminMixin):
         request = _request(call, (self.admin_token, self.feedback_token), self.http.timeout)
         try:
             response = self.http.request(**request)
+        except httpx.LocalProtocolError as exc:
+            raise _unsendable(call, exc) from exc
         except httpx.TransportError as exc:
             raise _unreachable(call, exc) from exc
         return _answer(call, response)
 
     def _admin(self, method: str, path: str, json: Any = None,
-               params: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
+               params: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
         return self._send(_Calls.admin(method, path, json, params))
 
     def predict(self, deployment: str, *, features: Mapping[str, float] | None = None,
@@ -286,7 +323,8 @@ class Client(_AdminMixin):
 
     def feedback(self, deployment: str, items: Sequence[Mapping[str, Any]] | None = None, *,
                  request_id: str | None = None, label: int | Sequence[int] | None = None,
-                 correct: bool | None = None, weight: float | None = None) -> Any:  # fmt: skip
+                 correct: bool | None = None,
+                 weight: float | None = None) -> dict[str, Any]:  # fmt: skip
         """Labels for answered requests: ``{"accepted": n, "relabelled": k}``."""
         body = _feedback_body(items, request_id, label, correct, weight)
         return self._send(_Calls.feedback(deployment, body))
@@ -301,7 +339,7 @@ class Client(_AdminMixin):
         self.close()
 
 
-class AsyncClient(_AdminMixin):
+class AsyncClient(_AdminMixin[Awaitable[dict[str, Any]]]):
     """The same calls for asyncio: each, the admin ones included, is awaited."""
 
     def __init__(self, base_url: str, *, admin_token: str | None = None,
@@ -315,12 +353,14 @@ class AsyncClient(_AdminMixin):
         request = _request(call, (self.admin_token, self.feedback_token), self.http.timeout)
         try:
             response = await self.http.request(**request)
+        except httpx.LocalProtocolError as exc:
+            raise _unsendable(call, exc) from exc
         except httpx.TransportError as exc:
             raise _unreachable(call, exc) from exc
         return _answer(call, response)
 
     def _admin(self, method: str, path: str, json: Any = None,
-               params: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
+               params: Mapping[str, Any] | None = None) -> Awaitable[dict[str, Any]]:  # fmt: skip
         return self._send(_Calls.admin(method, path, json, params))  # the caller awaits it
 
     async def predict(self, deployment: str, *, features: Mapping[str, float] | None = None,
@@ -349,7 +389,7 @@ class AsyncClient(_AdminMixin):
     async def feedback(self, deployment: str, items: Sequence[Mapping[str, Any]] | None = None,
                        *, request_id: str | None = None,
                        label: int | Sequence[int] | None = None, correct: bool | None = None,
-                       weight: float | None = None) -> Any:  # fmt: skip
+                       weight: float | None = None) -> dict[str, Any]:  # fmt: skip
         """Labels for answered requests: ``{"accepted": n, "relabelled": k}``."""
         body = _feedback_body(items, request_id, label, correct, weight)
         return await self._send(_Calls.feedback(deployment, body))

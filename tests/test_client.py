@@ -197,6 +197,64 @@ def test_jobs_carry_their_request_id_and_a_taken_one_names_the_first_job(system:
                 os.kill(pid, signal.SIGCONT)
 
 
+def test_what_a_caller_of_the_client_met_by_hand(system: System) -> None:
+    """Found by a helper's probe: numpy features were not JSON; a request id HTTP cannot
+    carry read as an unreachable gateway (safe to retry) or a bare UnicodeEncodeError; a job
+    read back by ``result`` or ``cancel`` had no location."""
+    data = demo_data()
+    row = data.x_test[0]
+    with Client(f"http://127.0.0.1:{system.port}", admin_token=TOKEN) as rdv:
+        as_numpy = dict(zip(data.names, row.astype(np.float32), strict=True))
+        as_float = {name: float(value) for name, value in as_numpy.items()}
+        got = rdv.predict(DEMO_DEPLOYMENT, features=as_numpy)
+        assert got.rows == rdv.predict(DEMO_DEPLOYMENT, features=as_float).rows
+        for bad in (
+            "line\nbreak",
+            " leading",
+            "trailing ",
+            "caf\N{LATIN SMALL LETTER E WITH ACUTE}",
+        ):
+            with pytest.raises(ValueError, match="cannot be an HTTP header"):
+                rdv.predict(DEMO_DEPLOYMENT, instances=[row.tolist()], request_id=bad)
+        job = rdv.submit(DEMO_DEPLOYMENT, instances=[row.tolist()])
+        assert job.location and job.location.endswith(f"/jobs/{job.id}")
+        assert rdv.result(DEMO_DEPLOYMENT, job.id, wait_ms=10_000).location == job.location
+        with pytest.raises(RdvError):
+            rdv.cancel(DEMO_DEPLOYMENT, job.id)  # ended: 409
+        listed = rdv.deployments()
+        assert isinstance(listed, dict) and listed  # a JSON object, so typed
+
+
+def test_the_client_is_typed_for_its_users(tmp_path: Path) -> None:
+    """It ships ``py.typed`` (a user's mypy checked nothing of it), and an admin call of the
+    async client is an awaitable of the gateway's JSON object, so a missing ``await`` is
+    caught (its admin calls returned Any)."""
+    from importlib.resources import files
+
+    from mypy import api
+
+    assert files("rdv_client").joinpath("py.typed").is_file()
+    user = tmp_path / "user.py"
+    user.write_text(
+        "from typing import Any\n"
+        "from rdv_client import AsyncClient, Client\n"
+        "async def f(a: AsyncClient, c: Client) -> None:\n"
+        "    forgot: dict[str, Any] = a.deployments()\n"
+        "    awaited: dict[str, Any] = await a.deployments()\n"
+        "    wrong: int = c.history('d')\n"
+    )
+    out, _, status = api.run(["--no-incremental", "--follow-imports=silent", str(user)])
+    errors = [line for line in out.splitlines() if ": error:" in line]
+    assert status == 1 and len(errors) == 2, out
+    assert (
+        'user.py:4: error: Incompatible types in assignment (expression has type "Awaitable' in out
+    )
+    assert (
+        'user.py:6: error: Incompatible types in assignment (expression has type "dict[str, Any]"'
+        in out
+    )
+
+
 def test_no_answer_is_its_own_error_and_retry_after_may_be_a_date(system: System) -> None:
     """Raw httpx errors escaped the client (found by hand); a Retry-After given as an HTTP date
     failed float()."""
