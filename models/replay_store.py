@@ -121,14 +121,23 @@ def _as_seen(report: dict[str, Any], leased: bool) -> dict[str, Any]:
 
 
 def replay_report_for(
-    client: Client, deployment: str, version: int, model: str | None = None
+    client: Client,
+    deployment: str,
+    version: int,
+    model: str | None = None,
+    min_records: int | None = None,
 ) -> dict[str, Any] | None:
     """The latest finished (``done``) replay report of a model version (of ``model``, any
-    name if None), for a promotion gate that requires one; None if there is none."""
+    name if None) that scored at least ``min_records``, else the latest finished one, for a
+    promotion gate that requires one; None if there is none. Why the floor: a quick replay of
+    a few records, run after a full one, decided the gate alone (found by a helper's probe)."""
+    finished = []
     for report in ReplayStore(client).list(deployment):
         ref = report.get("model", {})
         if report.get("state") != DONE or ref.get("version") != version:
             continue
         if model is None or ref.get("name") == model:
-            return report
-    return None
+            finished.append(report)
+    enough = [r for r in finished if int(r.get("records") or 0) >= (min_records or 0)]
+    chosen = enough or finished
+    return chosen[0] if chosen else None

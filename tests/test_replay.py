@@ -335,6 +335,11 @@ def test_the_gate_can_require_a_replay_of_the_candidate(served: Served, first: d
         promote, json={"version": served.weak, "min_replay_records": latest["records"] + 1}
     )
     assert too_few.status_code == 409 and "min_replay_records" in too_few.text, too_few.text
+    # a quick replay of one record, run after the full one, does not stand in for it where a
+    # number of records is demanded (found by a helper's probe: the latest alone was judged)
+    quick = served.finished(served.replay({"version": served.weak, "last": 1})["id"])
+    assert quick["records"] == 1
+    assert replay_report_for(served.r, DEMO_DEPLOYMENT, served.weak)["id"] == quick["id"]  # type: ignore[index]
     ok = served.http.post(promote, json={
         "version": served.weak, "require_replay": True, "min_replay_records": latest["records"],
         "min_replay_agreement": rate, "reason": "replayed",

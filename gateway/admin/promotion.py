@@ -76,7 +76,8 @@ class Evidence:
                 figures, req.min_labeled, req.min_accuracy_gain, req.significance
             )
         if replay_on:
-            report = replay_report_for(self.client, dep.name, candidate.version, candidate.name)
+            report = replay_report_for(self.client, dep.name, candidate.version, candidate.name,
+                                       req.min_replay_records)  # fmt: skip
             out["replay"] = None if report is None else replay_summary(report)
             out["shortfalls"] += replay_shortfalls(
                 report, candidate, req.min_replay_records, req.min_replay_agreement
@@ -124,7 +125,8 @@ def replay_shortfalls(
     min_records: int | None,
     min_agreement: float | None,
 ) -> list[str]:
-    """What a candidate's latest finished replay falls short of (empty: it passes)."""
+    """What a candidate's replay (the latest finished one with ``min_records``, else the
+    latest) falls short of (empty: it passes)."""
     if report is None:
         return [f"no finished replay of {candidate.name} v{candidate.version} "
                 f"(rdv replay --version {candidate.version})"]  # fmt: skip
