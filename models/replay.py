@@ -277,6 +277,19 @@ class _Stop(Exception):
     """Raised from a resolution's tick to stop it."""
 
 
+def _stop_when_orphaned(stop: threading.Event, every_s: float = 0.5) -> None:
+    """Stop after the batch once the gateway that spawned this process is gone (killed: it
+    could not say so). An orphaned replay ran on unseen, outside the concurrency bound of any
+    gateway; stopped, it is interrupted and resumable anywhere."""
+    import os
+
+    parent = os.getppid()
+    while not stop.wait(every_s):
+        if os.getppid() != parent:
+            log.warning("the gateway that started this replay is gone; stopping after the batch")
+            stop.set()
+
+
 def run_process(
     redis_url: str,
     models_dir: str,
@@ -304,6 +317,7 @@ def run_process(
         os.nice(nice)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    threading.Thread(target=_stop_when_orphaned, args=(stop,), daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the gateway's to handle
     client = connect(redis_url, wait_s=10)
     try:

@@ -19,6 +19,13 @@ from rendezvous.bus.connection import Client, text
 LEASE_MS = 30_000
 """How long a runner's lease lasts without a checkpoint; a batch takes far less."""
 LIST_LIMIT = 100
+_RELEASE = """
+local holder = redis.call('GET', KEYS[1])
+for _, owner in ipairs(ARGV) do
+  if holder == owner then return redis.call('DEL', KEYS[1]) end
+end
+return 0
+"""
 RUNNING, DONE, FAILED, INTERRUPTED = "running", "done", "failed", "interrupted"
 RESUMABLE = (INTERRUPTED, FAILED)
 
@@ -72,6 +79,12 @@ class ReplayStore:
         pipe.hdel(names.replay_key(deployment, rid), "cancel")
         pipe.delete(names.replay_lock_key(deployment, rid))
         pipe.execute()
+
+    def release_lease(self, deployment: str, replay_id: str, owners: tuple[str, ...]) -> bool:
+        """Let the lease go if one of ``owners`` holds it (a runner known dead), so the
+        report reads interrupted now rather than once the lease lapses; True if it went."""
+        key = names.replay_lock_key(deployment, replay_id)
+        return bool(self.client.eval(_RELEASE, 1, key, *owners))
 
     def request_cancel(self, deployment: str, replay_id: str) -> None:
         self.client.hset(names.replay_key(deployment, replay_id), "cancel", "1")

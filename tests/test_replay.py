@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from replay_support import (
@@ -28,6 +31,7 @@ from models.replay_store import ReplayStore, replay_report_for
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import RdvProcess, wait_until
 from rendezvous import names
+from rendezvous.bus.server import free_port
 
 PARTITION_0 = names.input_stream(DEMO_DEPLOYMENT)
 
@@ -384,6 +388,48 @@ def test_once_the_decisions_are_trimmed_the_kept_outcomes_stand_in(
         assert export("trimmed.csv") == kept
     finally:
         served.r.rename(f"{stream}:aside", stream)
+
+
+def _runner_pid(served: Served, rid: str) -> int:
+    """The replay process's pid, from the lease it renames to itself at its first batch."""
+
+    def holder() -> int | None:
+        owner = served.r.get(names.replay_lock_key(DEMO_DEPLOYMENT, rid))
+        name = owner.decode() if isinstance(owner, bytes) else ""
+        return int(name.removeprefix("replay-")) if name.startswith("replay-") else None
+
+    return wait_until(holder, 20, f"replay {rid}'s process to hold its lease", 0.02)  # type: ignore[no-any-return]
+
+
+def test_a_killed_replay_reads_interrupted_at_once_and_an_orphaned_one_stops(
+    served: Served, first: dict, tmp_path: Path
+) -> None:
+    """Found by a helper's probe: a replay process killed with SIGKILL read ``running`` for
+    the lease's 30 s; one whose gateway was killed ran on, unseen and outside any gateway's
+    concurrency bound."""
+    rid = served.replay({"version": served.weak, "last": len(served.ids)})["id"]
+    os.kill(_runner_pid(served, rid), signal.SIGKILL)
+    seen = served.finished(rid, timeout_s=5)  # not after the lease's 30 s
+    assert seen["state"] == "interrupted", seen
+    assert served.http.post(f"{REPLAYS}/{rid}/resume").status_code == 202
+    assert without_timing(served.finished(rid)) == without_timing(first)
+
+    port = free_port()
+    env = {**served.env, "RDV_PORT": str(port), "RDV_GATEWAY_PROCESSES": "1",
+           "RDV_REPLAY_PAUSE_MS": "1000"}  # fmt: skip
+    other = RdvProcess(["gateway"], env, tmp_path / "gateway-2.log")
+    try:
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=served.http.headers)
+        wait_until(lambda: http.get("/healthz").status_code == 200, 30, "a second gateway")
+        resp = http.post(REPLAYS, json={"version": served.weak, "last": len(served.ids)})
+        assert resp.status_code == 202, resp.text
+        orphan = resp.json()["id"]
+        _runner_pid(served, orphan)
+    finally:
+        other.kill()
+    ended = served.finished(orphan, timeout_s=8)  # its batches alone would take 10 s or more
+    assert ended["state"] == "interrupted" and ended["reason"] == "the gateway stopped it"
+    assert ended["progress"]["done"] < ended["progress"]["total"]
 
 
 def test_a_replay_stopped_with_its_gateway_resumes_after_a_restart(

@@ -33,7 +33,7 @@ from models.replay import run_process
 from models.replay_report import new_report
 from models.replay_store import DONE, LIST_LIMIT, RUNNING, ReplayStore, new_replay_id
 from rendezvous import names
-from rendezvous.bus.connection import Client
+from rendezvous.bus.connection import REDIS_FAILURES, Client
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,24 @@ class ReplayManager:
                 f"(RDV_REPLAY_CONCURRENCY={self.concurrency}); wait or stop one"
             )
 
+    def _watch(self, deployment: str, replay_id: str, process: BaseProcess) -> None:
+        """Wait for a replay process to end. One that died without saving its end (killed,
+        crashed) still held its lease, so its report read ``running`` for up to the lease's
+        30 s on every gateway: the lease goes at once, and the report reads interrupted."""
+        process.join()
+        if process.exitcode == 0:
+            return
+        owners = (self.owner, f"replay-{process.pid}")
+        try:
+            released = self.store.release_lease(deployment, replay_id, owners)
+        except REDIS_FAILURES as exc:  # the lease lapses by itself
+            log.warning("replay %s of %s: its lease stays until it lapses (%s)", replay_id,
+                        deployment, exc)  # fmt: skip
+            return
+        if released:
+            log.warning("replay %s of %s: its process ended (exit code %s) while running; "
+                        "resumable", replay_id, deployment, process.exitcode)  # fmt: skip
+
     def _launch(self, deployment: str, replay_id: str) -> None:
         s = self.settings
         assert s.redis_url is not None
@@ -166,6 +184,8 @@ class ReplayManager:
             self._processes = {k: p for k, p in self._processes.items() if p.is_alive()}
             self._processes[(deployment, replay_id)] = process
         process.start()
+        threading.Thread(target=self._watch, args=(deployment, replay_id, process),
+                         name=f"watch-replay-{replay_id}", daemon=True).start()  # fmt: skip
 
     def get(self, deployment: str, replay_id: str) -> dict[str, Any]:
         report = self.store.get(names.check_name(deployment, "deployment"),
