@@ -102,6 +102,23 @@ def test_a_request_whose_answer_redis_lost_gets_503_and_one_the_models_missed_50
     assert "no model answered" in missed.json()["detail"]
 
 
+def test_a_deadline_that_comes_before_the_input_is_written_is_a_504(
+    outage_redis: EmbeddedRedis, demo_data_dir: Path, tmp_path: Path
+) -> None:
+    """Found by a helper's probe: at a timeout of 1-5 ms, a request whose input's XADD had
+    not answered yet was told 'Redis failed' (503), though Redis was well."""
+    data = copy_demo_models(demo_data_dir, tmp_path / "data")
+    tight = Schedule(real_deadline_ms=1.0, timeout_ms=1.0)
+    DeploymentStore(connect(outage_redis.url)).create(
+        demo_deployment(ModelRegistry(data / "models"), tight)
+    )
+    body = features_body(np.asarray(demo_data().x_test[0]))
+    with AppClient(create_app(Settings(redis_url=outage_redis.url, data_dir=data))) as gateway:
+        statuses = [gateway.post(PREDICT, json=body, headers={"X-Request-Id": f"tight-{i}"})
+                    .status_code for i in range(60)]  # fmt: skip
+    assert statuses == [504] * 60, statuses
+
+
 def _after(entry_id: object, ms: int) -> str:
     """The id ``ms`` milliseconds after (or before) an entry's."""
     text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)

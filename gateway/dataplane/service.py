@@ -317,6 +317,8 @@ class PredictionService:
         still be scored under it, it stays taken and the caller is told to use a new one."""
         failed_ms = max(self.rendezvous.read_failed_ms, self.appender.failed_ms(stream))
         redis_failed = failed_ms >= started_ms
+        if input_id is None and not redis_failed:
+            return  # its append still under way at a deadline of a few ms: a 504, not Redis's
         fate = Fate.UNKNOWN
         if input_id is not None and (chosen or not redis_failed):
             fate = await self.appender.fate(stream, input_id)
