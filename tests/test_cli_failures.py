@@ -106,6 +106,33 @@ def test_decisions_of_a_deployment_that_is_not_there_are_one_line(
     assert done.returncode == 2 and "argument --limit: -1 is less than 0" in done.stderr
 
 
+def test_archive_commands_name_what_is_missing_in_one_line(tmp_path: Path) -> None:
+    """Found by a helper's probe: ``rdv archive read`` of a deployment with nothing archived
+    printed nothing, and an export to a folder that does not exist ended in a traceback."""
+    from models.archive import SegmentWriter
+
+    writer = SegmentWriter(tmp_path / "logbin")
+    writer.append_batch("d", [{"request_id": "r-0", "ts_ms": 0, "features": [[1.0]]}])
+    writer.close()
+    env = base_env(tmp_path)
+    for action in ("read", "list"):
+        done = rdv(["archive", action, "--deployment", "nope"], env)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"rdv archive {action}: nothing archived of deployment 'nope' under "
+            f"{tmp_path / 'logbin'} (archived: d)"
+        )
+    assert rdv(["archive", "read", "--deployment", "d"], env).stdout.count("r-0") == 1
+    done = rdv(
+        ["archive", "export", "--deployment", "d", "--out", "/nonexistent/x.csv"],
+        {**env, "RDV_REDIS_URL": "redis://127.0.0.1:1"},
+    )  # checked before Redis is asked
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "rdv archive export: --out /nonexistent/x.csv: no folder /nonexistent"
+    )
+
+
 def test_output_cut_short_by_its_reader_ends_quietly(tmp_path: Path) -> None:
     """``rdv archive read | head`` ended in a BrokenPipeError traceback."""
     from models.archive import SegmentWriter

@@ -167,6 +167,13 @@ def test_bad_requests_say_what_is_wrong(
     assert says in json.dumps(resp.json()), resp.text
 
 
+def test_the_replays_of_a_deployment_that_does_not_exist_are_a_404(served: Served) -> None:
+    """Found by a helper's probe: an empty list (200) said nothing of a misspelt name."""
+    resp = served.http.get("/admin/deployments/nope/replays")
+    assert resp.status_code == 404 and "'nope' does not exist" in resp.text, resp.text
+    assert served.http.get(REPLAYS).status_code == 200
+
+
 def test_rdv_replay_prints_the_report_and_fails_with_the_reason(served: Served) -> None:
     done = served.rdv(
         "replay",
@@ -314,7 +321,11 @@ def test_export_round_trip(served: Served, fmt: str, tmp_path: Path) -> None:
         "--out",
         str(tmp_path / "x"),
     )
-    assert bad.returncode != 0 and "is after" in bad.stderr
+    assert bad.returncode != 0 and "is after --to 2026-12-01" in bad.stderr
+    future = served.rdv("archive", "export", "--deployment", DEMO_DEPLOYMENT, "--data-dir",
+                        str(served.data), "--from", "2999-01-01",
+                        "--out", str(tmp_path / "z"))  # fmt: skip
+    assert future.returncode != 0 and "is after --to now" in future.stderr, future.stderr
     unknown = served.rdv("archive", "export", "--deployment", "nope", "--data-dir",
                          str(served.data), "--out", str(tmp_path / "y"))  # fmt: skip
     assert unknown.returncode != 0 and "nope" in unknown.stderr, unknown.stderr

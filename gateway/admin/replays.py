@@ -195,7 +195,13 @@ class ReplayManager:
         return report
 
     def list(self, deployment: str, limit: int) -> list[dict[str, Any]]:
-        return self.store.list(names.check_name(deployment, "deployment"), limit)
+        """The latest replays, newest first; NotFound for a deployment that does not exist
+        (an empty list said nothing of a misspelt name)."""
+        name = names.check_name(deployment, "deployment")
+        replays = self.store.list(name, limit)
+        if not replays and not self.client.exists(names.deployment_key(name)):
+            raise NotFound(f"deployment {deployment!r} does not exist")
+        return replays
 
     def cancel(self, deployment: str, replay_id: str) -> dict[str, Any]:
         """Ask the runner (on whichever gateway) to stop after its batch; answers the report

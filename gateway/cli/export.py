@@ -41,6 +41,9 @@ def cmd_export(args: argparse.Namespace, settings: Settings, redis_url: str) -> 
 
     if not args.deployment or not args.out:
         sys.exit("rdv archive export: --deployment and --out are required")
+    out = Path(args.out)
+    if not out.parent.is_dir():  # said before any work, not as a traceback after it
+        sys.exit(f"rdv archive export: --out {args.out}: no folder {out.parent}")
     client = connect(redis_url, wait_s=5)
     try:
         dep = DeploymentStore(client).get(args.deployment)
@@ -63,14 +66,17 @@ def cmd_export(args: argparse.Namespace, settings: Settings, redis_url: str) -> 
             from_ms = parse_time(args.from_, "--from") if args.from_ else None
             to_ms = parse_time(args.to, "--to") if args.to else time.time() * 1000
             if from_ms is not None and from_ms > to_ms:
-                sys.exit(f"rdv archive export: --from {args.from_} is after --to {args.to}")
+                sys.exit(f"rdv archive export: --from {args.from_} is after --to "
+                         f"{args.to or 'now'}")  # fmt: skip
             positions = resolve(reader, args.deployment, from_ms=from_ms, to_ms=to_ms)
             request = {"from_ms": from_ms, "to_ms": to_ms}
     except SliceError as exc:
         sys.exit(f"rdv archive export: {exc}")
     exporter = Exporter(client, reader, args.deployment, dep.feature_spec.names, classes)
-    out = Path(args.out)
-    doc = exporter.export(positions, out, args.format, {"request": request, "file": str(out)})
+    try:
+        doc = exporter.export(positions, out, args.format, {"request": request, "file": str(out)})
+    except OSError as exc:  # not writable, the disk full
+        sys.exit(f"rdv archive export: cannot write {out}: {exc.strerror or exc}")
     print(json.dumps(doc, indent=2))
     if doc["rows"] == 0:
         print("rdv archive export: no archived records in that slice", file=sys.stderr)

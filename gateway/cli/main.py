@@ -256,7 +256,13 @@ def cmd_archive(args: argparse.Namespace) -> None:
         cmd_export(args, settings, _require_redis(settings))
         return
     reader = ArchiveReader(settings.archive_dir)
-    deployments = [args.deployment] if args.deployment else reader.deployments()
+    archived = reader.deployments()
+    if args.deployment and args.deployment not in archived:  # it printed nothing
+        held = ", ".join(archived) or "none"
+        name = args.deployment[:80]
+        sys.exit(f"rdv archive {args.action}: nothing archived of deployment {name!r} under "
+                 f"{settings.archive_dir} (archived: {held})")  # fmt: skip
+    deployments = [args.deployment] if args.deployment else archived
     if args.action == "list":
         for dep in deployments:
             for seg in reader.segments(dep):
