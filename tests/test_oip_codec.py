@@ -56,6 +56,14 @@ def test_json_data_flat_or_nested_fp32_or_fp64_gives_the_same_matrix() -> None:
     np.testing.assert_array_equal(_matrix(nested), X)
 
 
+def test_an_empty_id_counts_as_none_as_an_empty_x_request_id_does() -> None:
+    """Found by a helper's probe: ``"id": ""`` was refused, an empty header taken as none."""
+    assert parse_infer(_json({"id": "", "inputs": [_input(X.tolist(), [2, 3])]}), None).id is None
+    assert (
+        parse_infer(_json({"id": "r-1", "inputs": [_input(X.tolist(), [2, 3])]}), None).id == "r-1"
+    )
+
+
 def test_a_value_refused_later_is_named_where_it_was_in_the_request() -> None:
     """Found by hand: a NaN was refused as "[0][0]: row 0, 'a': ...", with no word of
     which input held it."""
@@ -165,6 +173,7 @@ def _header_only(inputs: list[dict], **extra: Any) -> bytes:
         (_header_only([_input([1], [1], name="a"), _input([2], [1], name="b")]), None,
          "missing input for feature 'c'"),
         (_header_only([_input([1, 2, 3], [1, 3])], id="x" * 129), None, "id must be 1-128"),
+        (_header_only([_input([1, 2, 3], [1, 3])], id="a\nb"), None, "id must be 1-128"),
         (_header_only([_input([1, 2, 3], [1, 3])], outputs=[{"name": "logits"}]), None,
          "unknown output 'logits'"),
         (_header_only([_input([1, 2, 3], [1, 3])],

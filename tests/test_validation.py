@@ -101,7 +101,15 @@ def test_a_body_of_more_rows_than_the_cap_is_refused_before_it_is_parsed() -> No
     flood = ('{"instances": [' + ",".join(["[1]"] * 250_000) + "]}").encode()
     with pytest.raises(RequestValidationError) as refused:
         parse_body(flood, SPEC, 1000)
-    assert "more than 1000 rows" in refused.value.errors()[0]["msg"]
+    assert refused.value.errors()[0]["msg"] == (
+        "the body opens 250001 arrays: a request holds at most 1000 rows, an array of numbers each"
+    )
+    # one row nested deeply is not called more than 1000 rows (found by a helper's probe)
+    deep = ('{"instances": [' + "[" * 1500 + "1" + "]" * 1500 + "]}").encode()
+    with pytest.raises(RequestValidationError) as nested:
+        parse_body(deep, SPEC, 1000)
+    assert "more than 1000 rows" not in str(nested.value.errors())
+    assert "opens 1501 arrays" in nested.value.errors()[0]["msg"]
     bracketed = FeatureSpec.from_names(["x[0]", "x[1]", "x[2]"])
     one = parse_body(b'{"features": {"x[0]": 1, "x[1]": 2, "x[2]": 3}}', bracketed, 1)
     assert to_matrix(bracketed, one, 1).tolist() == [[1.0, 2.0, 3.0]]

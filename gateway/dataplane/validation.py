@@ -53,16 +53,11 @@ def parse_body(raw: bytes, spec: FeatureSpec, max_rows: int) -> PredictRequest:
     by its parser, so a hostile deeply nested body is a 422, not a RecursionError). A body
     with more arrays than ``max_rows`` rows can hold is refused before: parsing a megabyte of
     ``[[1],[1],...]`` cost ~110 ms of the event loop before the row cap (found by hand)."""
-    if raw.count(b"[") > max_rows + 1 + _brackets_in(spec.names):
-        raise RequestValidationError(
-            [
-                _error(
-                    ("instances",),
-                    f"more than {max_rows} rows, at most {max_rows} per request",
-                    "too_long",
-                )
-            ]
-        )
+    arrays = raw.count(b"[")
+    if arrays > max_rows + 1 + _brackets_in(spec.names):
+        msg = (f"the body opens {arrays} arrays: a request holds at most {max_rows} rows, an "
+               "array of numbers each")  # fmt: skip
+        raise RequestValidationError([_error(("instances",), msg, "too_long")])
     try:
         return PredictRequest.model_validate_json(raw)
     except ValidationError as exc:

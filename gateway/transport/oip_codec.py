@@ -201,7 +201,7 @@ def parse_infer(
                 "Inference-Header-Content-Length header"
             )
         raise RequestValidationError(faults) from None
-    if doc.id is not None and not (1 <= len(doc.id) <= MAX_ID_CHARS and doc.id.isprintable()):
+    if doc.id and not (len(doc.id) <= MAX_ID_CHARS and doc.id.isprintable()):
         raise _invalid(("id",), f"id must be 1-{MAX_ID_CHARS} printable characters")
     inputs: list[Tensor] = []
     offset = 0
@@ -216,7 +216,8 @@ def parse_infer(
     if offset != len(tail):
         raise _invalid((), f"the binary part of the body has {len(tail)} bytes, the inputs' "
                            f"binary_data_size add up to {offset}", "binary_size")  # fmt: skip
-    return InferRequest(doc.id, tuple(inputs), _outputs(doc, model_outputs))
+    # an empty id counts as none, as an empty X-Request-Id does
+    return InferRequest(doc.id or None, tuple(inputs), _outputs(doc, model_outputs))
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
