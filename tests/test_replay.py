@@ -430,9 +430,9 @@ def test_a_killed_replay_reads_interrupted_at_once_and_an_orphaned_one_stops(
            "RDV_REPLAY_PAUSE_MS": "1000"}  # fmt: skip
     other = RdvProcess(["gateway"], env, tmp_path / "gateway-2.log")
     try:
-        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=served.http.headers)
-        wait_until(lambda: http.get("/healthz").status_code == 200, 30, "a second gateway")
-        resp = http.post(REPLAYS, json={"version": served.weak, "last": len(served.ids)})
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=served.http.headers) as http:
+            wait_until(lambda: http.get("/healthz").status_code == 200, 30, "a second gateway")
+            resp = http.post(REPLAYS, json={"version": served.weak, "last": len(served.ids)})
         assert resp.status_code == 202, resp.text
         orphan = resp.json()["id"]
         _runner_pid(served, orphan)
