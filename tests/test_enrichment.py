@@ -479,3 +479,54 @@ def test_a_job_looks_features_up_as_a_predict_does(enriched: System) -> None:
     full_row = {"instances": [x[6].tolist()]}  # the looked-up features sent, no entity
     refused = system.http.post(jobs, json=full_row)
     assert refused.status_code == 422 and "entity" in refused.text  # never a job
+
+
+def test_tritonclient_sends_entity_ids_as_bytes_and_gets_what_predict_answers(
+    enriched: System, real: OnnxClassifier
+) -> None:
+    """Through the Open Inference Protocol, unchanged tritonclient: the entity ids as a BYTES
+    input named as the lookup's key, the caller's features as ``input``, in JSON and in the
+    binary extension. Before, the deployment was advertised on /v2 but every infer was a
+    422 (found by a helper's probe)."""
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    system = enriched
+    entities = ["c-3", "c-0", "c-5"]
+    caller = np.array([[row[DATA.names.index(n)] for n in CALLER] for row in DATA.x_test[7:10]],
+                      dtype=np.float32)  # fmt: skip
+    want = np.stack([merged_row(DATA.x_test[7 + k], stored_values(e))
+                     for k, e in enumerate(entities)])  # fmt: skip
+    labels, proba = real.predict(want)
+    direct = system.predict({"entities": entities, "instances": caller.tolist()}).json()
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{system.port}", network_timeout=10.0)
+    try:
+        meta = client.get_model_metadata(DEMO_DEPLOYMENT)
+        assert meta["inputs"] == [
+            {"name": "customer_id", "datatype": "BYTES", "shape": [-1]},
+            {"name": "input", "datatype": "FP32", "shape": [-1, len(CALLER)]},
+        ]
+        for binary in (False, True):
+            ids = triton.InferInput("customer_id", [len(entities)], "BYTES")
+            ids.set_data_from_numpy(np.array(entities, dtype=object), binary_data=binary)
+            features = triton.InferInput("input", list(caller.shape), "FP32")
+            features.set_data_from_numpy(caller, binary_data=binary)
+            got = client.infer(DEMO_DEPLOYMENT, [ids, features], request_id=f"oip-enr-{binary}")
+            assert got.as_numpy("label").tolist() == labels.tolist()
+            np.testing.assert_allclose(got.as_numpy("probabilities")[:, 1], proba[:, 1],
+                                       atol=1e-6)  # fmt: skip
+            assert got.as_numpy("label").tolist() == [p["label"] for p in direct["predictions"]]
+        archive = archived(system, {"oip-enr-False", "oip-enr-True"})
+        for record in (archive["oip-enr-False"], archive["oip-enr-True"]):  # what the models saw
+            np.testing.assert_array_equal(np.asarray(record["features"], np.float32), want)
+            assert [lu["entity"] for lu in record["looked_up"]] == entities
+        unknown = triton.InferInput("customer_id", [1], "BYTES")
+        unknown.set_data_from_numpy(np.array(["c-404"], dtype=object))
+        one = triton.InferInput("input", [1, len(CALLER)], "FP32")
+        one.set_data_from_numpy(caller[:1])
+        with pytest.raises(InferenceServerException, match=r"inputs\[0\]\.data\[0\].*'c-404'"):
+            client.infer(DEMO_DEPLOYMENT, [unknown, one])
+        with pytest.raises(InferenceServerException, match="missing input 'customer_id'"):
+            client.infer(DEMO_DEPLOYMENT, [one])
+    finally:
+        client.close()

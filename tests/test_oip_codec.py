@@ -17,7 +17,8 @@ from tritonclient.http import InferResult
 from gateway.dataplane.validation import check_matrix
 from gateway.problems import fault_text
 from gateway.transport.limits import style_of
-from gateway.transport.oip_codec import encode_answer, parse_infer
+from gateway.transport.oip_answer import encode_answer
+from gateway.transport.oip_codec import parse_infer
 from models.archive_line import record_from_envelope
 from rendezvous.envelope import RequestEnvelope
 from rendezvous.spec import FeatureSpec
@@ -62,6 +63,50 @@ def test_an_empty_id_counts_as_none_as_an_empty_x_request_id_does() -> None:
     assert (
         parse_infer(_json({"id": "r-1", "inputs": [_input(X.tolist(), [2, 3])]}), None).id == "r-1"
     )
+
+
+def test_entity_ids_come_as_bytes_in_json_or_binary_for_a_deployment_that_looks_up() -> None:
+    from gateway.transport.oip_lookup import lookup_rows
+    from rendezvous.spec import Lookup
+
+    spec = SPEC.with_lookup(Lookup("customer_id", ("b",)))  # the caller sends a and c
+    ids = ["c-1", "c-2"]
+    caller = X[:, [0, 2]]
+    as_json = _json({"inputs": [_input(ids, [2], "BYTES", "customer_id"),
+                                _input(caller.tolist(), [2, 2])]})  # fmt: skip
+    x, entities = lookup_rows(parse_infer(as_json, None), spec)
+    assert entities == ids and np.array_equal(np.asarray(x, np.float32), caller)
+    packed = b"".join(len(e).to_bytes(4, "little") + e.encode() for e in ids)
+    binary_ids = {"name": "customer_id", "shape": [2, 1], "datatype": "BYTES",
+                  "parameters": {"binary_data_size": len(packed)}}  # fmt: skip
+    body, length = _binary({"inputs": [_input(caller.tolist(), [2, 2]), binary_ids]}, packed)
+    x, entities = lookup_rows(parse_infer(body, length), spec)
+    assert entities == ids and np.array_equal(np.asarray(x, np.float32), caller)
+
+    def refused(body: bytes, length: str | None = None) -> str:
+        with pytest.raises(RequestValidationError) as caught:
+            lookup_rows(parse_infer(body, length), spec)
+        return fault_text(list(caught.value.errors()))
+
+    short = {**binary_ids, "parameters": {"binary_data_size": len(packed) - 1}}
+    assert "BYTES element 1 runs past" in refused(*_binary({"inputs": [short]}, packed[:-1]))
+    bad_utf8 = (2).to_bytes(4, "little") + b"\xff\xfe"
+    odd = {**binary_ids, "shape": [1], "parameters": {"binary_data_size": len(bad_utf8)}}
+    assert "inputs[0].data[0]: not UTF-8" in refused(*_binary({"inputs": [odd]}, bad_utf8))
+    spaced = _json({"inputs": [_input(["c 1"], [1], "BYTES", "customer_id"),
+                               _input([[1.0, 2.0]], [1, 2])]})  # fmt: skip
+    assert "inputs[0].data[0]: invalid customer_id 'c 1'" in refused(spaced)
+    assert "missing input 'customer_id'" in refused(_json({"inputs": [_input([[1, 2]], [1, 2])]}))
+    numbers = _json({"inputs": [_input([1], [1], "FP32", "customer_id")]})
+    assert "input 'customer_id' holds entity ids: BYTES" in refused(numbers)
+    three = _json({"inputs": [_input(["c-1", "c-2", "c-3"], [3], "BYTES", "customer_id"),
+                              _input(caller.tolist(), [2, 2])]})  # fmt: skip
+    assert "3 customer_id ids for 2 rows" in refused(three)
+    # BYTES is refused as features, for any deployment
+    assert "input 'input' is BYTES" in _refusal(_header_only([_input(["1", "2", "3"], [1, 3],
+                                                                     "BYTES")]))  # fmt: skip
+    mixed = _json({"inputs": [_input(["c-1", 2], [2], "BYTES", "customer_id")]})
+    assert "inputs[0].data[1]: data must hold strings only; this is a number" in refused(mixed)
 
 
 def test_a_value_refused_later_is_named_where_it_was_in_the_request() -> None:

@@ -64,7 +64,9 @@ class _NoTally:
         pass
 
 
-Decoder = Callable[[FeatureSpec, bytes], np.ndarray]
+Decoder = Callable[[FeatureSpec, bytes], tuple[np.ndarray, list[str] | None]]
+"""A protocol's reading of a body: the feature matrix and None, or, for a deployment that looks
+features up, the caller's part (``spec.caller_names`` wide) and each row's entity."""
 """A protocol's body -> the float32 matrix (rows x the spec's width), or RequestValidationError."""
 
 
@@ -156,12 +158,10 @@ class PredictionService:
                 features = to_matrix(spec, body, self.max_rows)
             else:  # enrichment: the caller's part now, the feature store's below
                 features, entities = enriched_rows(spec, body, self.max_rows)
-        elif spec.lookup is None:
-            features = check_matrix(spec, decode(spec, raw), self.max_rows)
-        else:
-            raise RequestValidationError([{"type": "value_error", "loc": ("body",), "msg":
-                "this deployment looks features up by entity: send them to the JSON predict "
-                "route with 'entity' or 'entities'", "input": None}])  # fmt: skip
+        else:  # a protocol's own decoder: the matrix, or the caller's part and the entities
+            x, entities = decode(spec, raw)
+            names = spec.names if entities is None else spec.caller_names
+            features = check_matrix(spec, x, self.max_rows, names)
         rid = check_request_id(request_id) if request_id else os.urandom(16).hex()
         self.check_room(dep.name)
         self.in_flight += 1

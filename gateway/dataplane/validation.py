@@ -289,20 +289,24 @@ def merged(
     return x, [records[e] for e in entities]
 
 
-def check_matrix(spec: FeatureSpec, x: np.ndarray, max_rows: int) -> np.ndarray:
+def check_matrix(
+    spec: FeatureSpec, x: np.ndarray, max_rows: int, names: Sequence[str] | None = None
+) -> np.ndarray:
     """What a protocol's own decoder made, held to the same rules as this gateway's JSON: a
-    float32 matrix of 1 to ``max_rows`` rows of the spec's width, every value finite."""
+    float32 matrix of 1 to ``max_rows`` rows of the features ``names`` (the spec's, or the
+    caller's part of a deployment that looks features up), every value finite."""
+    names = spec.names if names is None else names
     errors: list[dict[str, Any]] = []
     with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: infinite, refused
         x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] != spec.width:
+    if x.ndim != 2 or x.shape[1] != len(names):
         errors.append(_error((), f"the input has shape {list(x.shape)}, the deployment expects "
-                                 f"[rows, {spec.width}]", "wrong_shape"))  # fmt: skip
+                                 f"[rows, {len(names)}]", "wrong_shape"))  # fmt: skip
     elif not 1 <= x.shape[0] <= max_rows:
         errors.append(_error((), f"{x.shape[0]} rows, 1 to {max_rows} per request", "too_long"))
     elif not np.isfinite(x).all():
         r, c = (int(i) for i in np.argwhere(~np.isfinite(x))[0])
-        errors.append(_error((r, c), f"row {r}, {spec.names[c]!r}: not a finite float32 number",
+        errors.append(_error((r, c), f"row {r}, {names[c]!r}: not a finite float32 number",
                              "finite_number"))  # fmt: skip
     if errors:
         raise RequestValidationError(errors)

@@ -32,13 +32,14 @@ from gateway.dataplane.service import PredictionService
 from gateway.problems import RETRY, Problem, Style, compressed, fault_text
 from gateway.settings import Settings
 from gateway.transport.fast_path import count_invalid
+from gateway.transport.oip_answer import encode_answer
 from gateway.transport.oip_codec import (
     HEADER_LENGTH,
     InferenceRequest,
     InferRequest,
-    encode_answer,
     parse_infer,
 )
+from gateway.transport.oip_lookup import lookup_rows
 from gateway.transport.oip_metadata import class_count, deployment_of, model_metadata, roles_of
 from rendezvous import names
 from rendezvous.spec import FeatureSpec
@@ -219,14 +220,16 @@ def mount(app: FastAPI, settings: Settings) -> None:
 
         decoded: list[FeatureSpec] = []
 
-        def decode(spec: FeatureSpec, body: bytes) -> np.ndarray:
+        def decode(spec: FeatureSpec, body: bytes) -> tuple[np.ndarray, list[str] | None]:
             # In the service, so that every refusal is counted as the service counts one.
             deployment_of(service.deployments, model, version)
             if parsed is None:
                 assert failure is not None
                 raise failure
             decoded.append(spec)
-            return parsed.matrix(spec)
+            if spec.lookup is not None:
+                return lookup_rows(parsed, spec)
+            return parsed.matrix(spec), None
 
         request_id = parsed.id if parsed is not None and parsed.id else x_request_id
         try:

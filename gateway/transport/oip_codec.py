@@ -1,14 +1,17 @@
 """The Open Inference Protocol v2's wire format (KServe v2, what Triton and MLServer speak),
-without a server: the JSON part of an inference request (``InferenceRequest``), its tensors
-read into an ``InferRequest`` (``parse_infer``) whose ``matrix`` is the deployment's feature
-matrix, and the service's answer shaped as OIP outputs (``encode_answer``): ``label`` (INT64,
-one per row) and ``probabilities`` (FP32, rows x classes, in the model's class order).
+without a server, the request's side: the JSON part of an inference request
+(``InferenceRequest``) and its tensors read into an ``InferRequest`` (``parse_infer``), whose
+``matrix`` is the deployment's feature matrix (``columns``, any named columns of it). Numbers
+come as FP32 or FP64; BYTES (strings) only as the entity ids of a deployment that looks
+features up (``gateway.transport.oip_lookup``). The answer's side is
+``gateway.transport.oip_answer``.
 
 The binary tensor data extension is spoken both ways, as ``tritonclient.http`` uses it by
 default: a body whose ``Inference-Header-Content-Length`` header says how long its JSON part
 is, followed by each binary input's little-endian bytes in input order (``binary_data_size``
 in the input's ``parameters``); outputs are sent the same way when asked for
-(``binary_data`` on a requested output, or ``binary_data_output`` on the request).
+(``binary_data`` on a requested output, or ``binary_data_output`` on the request). A binary
+BYTES input is, per element, its length (4 bytes, little-endian) and then its UTF-8 bytes.
 
 It does no I/O and builds no response: a refusal is FastAPI's ``RequestValidationError``, as
 the data plane's own validation raises it, which the service counts and ``problem_of`` makes a
@@ -18,7 +21,6 @@ routes in ``gateway.transport.oip``); the data plane takes any protocol's ``Deco
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +40,10 @@ PROBABILITIES = "probabilities"
 OUTPUTS = (LABEL, PROBABILITIES)
 HEADER_LENGTH = "inference-header-content-length"
 DTYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
-"""Input datatypes taken, as little-endian numpy types (the binary extension's byte order)."""
+"""Numeric input datatypes taken, as little-endian numpy types (the binary extension's byte
+order)."""
+BYTES = "BYTES"
+"""Strings: entity ids, for a deployment that looks features up; held as str objects."""
 MAX_ID_CHARS = 128
 """An ``id`` becomes the request id: limited as ``X-Request-Id`` is."""
 
@@ -105,7 +110,7 @@ class Tensor:
     name: str
     shape: tuple[int, ...]
     values: np.ndarray
-    """float64 or float32, already in ``shape``."""
+    """float64 or float32, or str objects for BYTES, already in ``shape``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,49 +125,65 @@ class InferRequest:
     def matrix(self, spec: FeatureSpec) -> np.ndarray:
         """The rows x ``spec.width`` matrix (float64 or float32; ``check_matrix`` makes it the
         finite float32 the models take), or RequestValidationError."""
-        if any(t.name == INPUT for t in self.inputs):
-            if len(self.inputs) > 1:
+        return self.columns(spec.names)
+
+    def columns(self, names: Sequence[str], skip: str | None = None) -> np.ndarray:
+        """The rows x ``len(names)`` matrix of those features, from one input ``INPUT`` or
+        one input per feature; the input named ``skip`` (entity ids) left aside."""
+        inputs = [(i, t) for i, t in enumerate(self.inputs) if t.name != skip]
+        width = len(names)
+        for i, t in inputs:
+            if t.values.dtype == object:
+                raise _invalid(("inputs", i, "datatype"), f"input {t.name!r} is BYTES: features "
+                               "are FP32 or FP64 (BYTES is for the entity ids of a deployment "
+                               "that looks features up)", "datatype")  # fmt: skip
+        if any(t.name == INPUT for _, t in inputs):
+            if len(inputs) > 1:
                 raise _invalid(("inputs",), f"send one input {INPUT!r} or one input per "
                                             "feature, not both")  # fmt: skip
-            [tensor] = self.inputs
-            if len(tensor.shape) != 2 or tensor.shape[1] != spec.width:
-                raise _invalid(("inputs", 0, "shape"), f"input {INPUT!r} has shape "
-                               f"{list(tensor.shape)}: the model takes [rows, {spec.width}]",
+            [(i, tensor)] = inputs
+            if len(tensor.shape) != 2 or tensor.shape[1] != width:
+                raise _invalid(("inputs", i, "shape"), f"input {INPUT!r} has shape "
+                               f"{list(tensor.shape)}: the model takes [rows, {width}]",
                                "wrong_shape")  # fmt: skip
             return tensor.values
-        known = set(spec.names)
+        known = set(names)
         faults = [
             _fault(
                 ("inputs", i, "name"),
                 f"unknown input {t.name!r}: the model takes "
-                f"{INPUT!r} [rows, {spec.width}], or one input per feature named as in its "
+                f"{INPUT!r} [rows, {width}], or one input per feature named as in its "
                 "feature spec",
                 "unknown_input",
             )
-            for i, t in enumerate(self.inputs)
+            for i, t in inputs
             if t.name not in known
         ]
-        given = {t.name: t for t in self.inputs}
+        given = {t.name: t for _, t in inputs}
         faults += [
             _fault(("inputs",), f"missing input for feature {name!r}", "missing")
-            for name in spec.names
+            for name in names
             if name not in given
         ]
         if faults:
             raise RequestValidationError(faults)
-        rows = self.inputs[0].shape[0] if self.inputs[0].shape else 0
-        for i, t in enumerate(self.inputs):
+        first = inputs[0][1]
+        rows = first.shape[0] if first.shape else 0
+        for i, t in inputs:
             if t.shape not in ((rows,), (rows, 1)):
                 raise _invalid(("inputs", i, "shape"), f"input {t.name!r} has shape "
                                f"{list(t.shape)}: a feature's input is [rows] or [rows, 1] "
                                f"with the same rows as the first input ({rows})",
                                "wrong_shape")  # fmt: skip
-        return np.column_stack([given[name].values.reshape(-1) for name in spec.names])
+        return np.column_stack([given[name].values.reshape(-1) for name in names])
 
     def located(self, exc: RequestValidationError, spec: FeatureSpec) -> RequestValidationError:
-        """The gateway's faults of one value (located by row and column of the matrix) placed
-        where the value was in this request: ``inputs[0].data[row][column]``, or the feature's
-        own input, ``inputs[k].data[row]``."""
+        """The gateway's faults of one value (located by row and column of the matrix, or by
+        entity) placed where the value was in this request: ``inputs[k].data[row][column]``
+        of the one input, the feature's own input ``inputs[k].data[row]``, or the entity ids'
+        input ``inputs[k].data[row]``."""
+        index = {t.name: i for i, t in enumerate(self.inputs)}
+        columns = spec.caller_names if spec.lookup is not None else spec.names
         faults = []
         for fault in exc.errors():
             loc = tuple(fault.get("loc") or ())
@@ -170,12 +191,17 @@ class InferRequest:
                 loc = loc[1:]
             if len(loc) == 2 and all(isinstance(part, int) for part in loc):
                 row, column = loc
-                if any(t.name == INPUT for t in self.inputs):
-                    fault = {**fault, "loc": ("inputs", 0, "data", row, column)}
+                if INPUT in index:
+                    fault = {**fault, "loc": ("inputs", index[INPUT], "data", row, column)}
                 else:
-                    name = spec.names[column]
-                    k = next(i for i, t in enumerate(self.inputs) if t.name == name)
-                    fault = {**fault, "loc": ("inputs", k, "data", row)}
+                    fault = {**fault, "loc": ("inputs", index[columns[column]], "data", row)}
+            elif (
+                spec.lookup is not None
+                and spec.lookup.key in index
+                and loc[:1] in (("entity",), ("entities",))
+            ):
+                row = loc[1] if len(loc) > 1 else 0
+                fault = {**fault, "loc": ("inputs", index[spec.lookup.key], "data", row)}
             faults.append(fault)
         return RequestValidationError(faults)
 
@@ -240,9 +266,10 @@ def _tensor(
     """One input's tensor and the binary bytes it took."""
     at: tuple[str | int, ...] = ("inputs", i)
     dtype = DTYPES.get(item.datatype)
-    if dtype is None:
+    if dtype is None and item.datatype != BYTES:
         raise _invalid((*at, "datatype"), f"input {item.name!r} has datatype "
-                       f"{item.datatype[:20]!r}: FP32 or FP64 is taken", "datatype")  # fmt: skip
+                       f"{item.datatype[:20]!r}: FP32 or FP64 is taken (BYTES for entity ids)",
+                       "datatype")  # fmt: skip
     shape = tuple(item.shape)
     if math.prod(d for d in shape if d) > MAX_VALUES:  # numpy refuses such a shape even empty
         raise _invalid((*at, "shape"), f"shape {list(shape)[:8]} would hold more than "
@@ -258,7 +285,7 @@ def _tensor(
                            "Inference-Header-Content-Length header", "binary_size")  # fmt: skip
         if item.data is not None:
             raise _invalid((*at, "data"), "an input has data or binary_data_size, not both")
-        if size != count * dtype.itemsize:
+        if dtype is not None and size != count * dtype.itemsize:
             raise _invalid((*at, "parameters", "binary_data_size"), f"binary_data_size is "
                            f"{size}, shape {list(shape)} of {item.datatype} takes "
                            f"{count * dtype.itemsize} bytes", "binary_size")  # fmt: skip
@@ -266,12 +293,18 @@ def _tensor(
             raise _invalid((*at, "parameters", "binary_data_size"), f"input {item.name!r} "
                            f"needs {size} bytes at byte {offset} of the binary part, which "
                            f"has {len(tail)}", "binary_size")  # fmt: skip
+        if dtype is None:
+            texts = _binary_strings(tail[offset : offset + size], count, at)
+            return Tensor(item.name, shape, np.array(texts, dtype=object).reshape(shape)), size
         values = np.frombuffer(tail, dtype, count, offset).reshape(shape)
         return Tensor(item.name, shape, values), size
     if item.data is None:
         raise _invalid((*at, "data"), f"input {item.name!r} has neither data nor "
                        "binary_data_size", "missing")  # fmt: skip
-    flat = _flat(item.data, shape, (*at, "data"))
+    if dtype is None:
+        flat = _flat(item.data, shape, (*at, "data"), (str,), "strings")
+        return Tensor(item.name, shape, np.array(flat, dtype=object).reshape(shape)), 0
+    flat = _flat(item.data, shape, (*at, "data"), (int, float), "numbers")
     try:
         values = np.array(flat, dtype=np.float64).reshape(shape)
     except OverflowError:
@@ -279,11 +312,36 @@ def _tensor(
     return Tensor(item.name, shape, values), 0
 
 
-def _flat(data: Any, shape: tuple[int, ...], at: tuple[str | int, ...]) -> list[Any]:
-    """The numbers of ``data``, given flat (row-major) or nested as ``shape``."""
+def _binary_strings(blob: bytes, count: int, at: tuple[str | int, ...]) -> list[str]:
+    """``count`` BYTES elements: each a 4-byte little-endian length, then that many bytes of
+    UTF-8."""
+    texts: list[str] = []
+    pos = 0
+    for k in range(count):
+        size = int.from_bytes(blob[pos : pos + 4], "little") if pos + 4 <= len(blob) else None
+        if size is None or pos + 4 + size > len(blob):
+            raise _invalid((*at, "parameters", "binary_data_size"), f"BYTES element {k} runs "
+                           f"past the input's {len(blob)} bytes", "binary_size")  # fmt: skip
+        try:
+            texts.append(blob[pos + 4 : pos + 4 + size].decode())
+        except UnicodeDecodeError:
+            raise _invalid((*at, "data", k), "not UTF-8", "utf8") from None
+        pos += 4 + size
+    if pos != len(blob):
+        raise _invalid((*at, "parameters", "binary_data_size"), f"{count} BYTES elements "
+                       f"take {pos} bytes, binary_data_size says {len(blob)}",
+                       "binary_size")  # fmt: skip
+    return texts
+
+
+def _flat(
+    data: Any, shape: tuple[int, ...], at: tuple[str | int, ...], kinds: tuple[type, ...],
+    what: str,
+) -> list[Any]:  # fmt: skip
+    """The values of ``data`` (of ``kinds``), given flat (row-major) or nested as ``shape``."""
     count = math.prod(shape)
     if not isinstance(data, list):
-        raise _invalid(at, "data must be an array of numbers")
+        raise _invalid(at, f"data must be an array of {what}")
     flat: list[Any] = data
     nested = len(shape) > 1 and bool(data) and isinstance(data[0], list)
     if nested:
@@ -300,18 +358,18 @@ def _flat(data: Any, shape: tuple[int, ...], at: tuple[str | int, ...]) -> list[
     elif len(flat) != count:
         raise _invalid(at, f"{len(flat)} values for shape {list(shape)}, which holds {count}",
                        "shape_mismatch")  # fmt: skip
-    if not set(map(type, flat)) <= {int, float}:
-        k = next(k for k, v in enumerate(flat) if type(v) not in (int, float))
+    if not set(map(type, flat)) <= set(kinds):
+        k = next(k for k, v in enumerate(flat) if type(v) not in kinds)
         where = tuple(int(j) for j in np.unravel_index(k, shape)) if nested else (k,)
         given = _json_kind(flat[k])
-        raise _invalid((*at, *where), f"data must hold numbers only; this is {given}",
-                       "float_type")  # fmt: skip
+        raise _invalid((*at, *where), f"data must hold {what} only; this is {given}",
+                       "float_type" if what == "numbers" else "string_type")  # fmt: skip
     return flat
 
 
 def _json_kind(value: Any) -> str:
     kinds = {str: "a string", bool: "a boolean", type(None): "null", dict: "an object",
-             list: "an array"}  # fmt: skip
+             list: "an array", int: "a number", float: "a number"}  # fmt: skip
     return kinds.get(type(value), type(value).__name__)
 
 
@@ -340,56 +398,8 @@ def _outputs(doc: InferenceRequest, model_outputs: Sequence[str]) -> tuple[tuple
     return tuple(chosen)
 
 
-# -- the answer ----------------------------------------------------------------------------
-
-
-def encode_answer(
-    answer: dict[str, Any], outputs: Sequence[tuple[str, bool]], model: str
-) -> tuple[bytes, int | None]:
-    """The service's answer as an OIP inference response: the body, and the length of its
-    JSON part when binary outputs follow it (None: all JSON). ValueError when the model
-    answered a probability that is not finite."""
-    predictions = answer["predictions"]
-    tensors = {
-        LABEL: ("INT64", np.array([p["label"] for p in predictions], dtype="<i8")),
-        PROBABILITIES: (
-            "FP32",
-            np.array([list(p["probabilities"].values()) for p in predictions], dtype="<f4"),
-        ),
-    }
-    if not np.isfinite(tensors[PROBABILITIES][1]).all():
-        raise ValueError("non-finite probability")
-    found = answer["model"]
-    docs: list[dict[str, Any]] = []
-    blobs: list[bytes] = []
-    for name, binary in outputs:
-        datatype, array = tensors[name]
-        out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        if binary:
-            blob = array.tobytes()
-            out["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            out["data"] = array.reshape(-1).tolist()
-        docs.append(out)
-    doc = {
-        "model_name": model,
-        "model_version": str(found["version"]),
-        "id": answer["request_id"],
-        "parameters": {
-            "role": found["role"],
-            "model": found["name"],
-            "latency_ms": answer["latency_ms"],
-        },
-        "outputs": docs,
-    }
-    head = json.dumps(doc, separators=(",", ":")).encode()
-    if not blobs:
-        return head, None
-    return head + b"".join(blobs), len(head)
-
-
 __all__ = [
+    "BYTES",
     "DTYPES",
     "HEADER_LENGTH",
     "INPUT",
@@ -399,6 +409,5 @@ __all__ = [
     "InferRequest",
     "InferenceRequest",
     "Tensor",
-    "encode_answer",
     "parse_infer",
 ]

@@ -17,6 +17,7 @@ from fastapi import Request
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import UnknownDeployment
 from gateway.transport.oip_codec import INPUT, LABEL, PROBABILITIES
+from gateway.transport.oip_lookup import lookup_inputs
 from models.deployments import Deployment, ModelRef
 from models.registry import ModelRegistry
 from rendezvous import names
@@ -57,7 +58,11 @@ def model_metadata(dep: Deployment, classes: int | None) -> dict[str, Any]:
         "name": dep.name,
         "versions": versions(dep),
         "platform": PLATFORM,
-        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, dep.feature_spec.width]}],
+        "inputs": (
+            lookup_inputs(dep.feature_spec)
+            if dep.feature_spec.lookup is not None
+            else [{"name": INPUT, "datatype": "FP32", "shape": [-1, dep.feature_spec.width]}]
+        ),
         "outputs": [
             {"name": LABEL, "datatype": "INT64", "shape": [-1]},
             {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, classes or -1]},
