@@ -665,7 +665,14 @@ def test_partitions_are_set_by_patch_with_their_groups_and_old_streams_kept(
     assert shrunk["partitions"] == 2 and shrunk["past_partitions"] == [3]
     same = admin.patch(DEP, json={"partitions": 2}, headers=AUTH)
     assert same.status_code == 409
-    for bad in ({"partitions": 0}, {"partitions": 65}, {}, {"partitions": 2, "x": 1}):
+    for bad in (
+        {"partitions": 0},
+        {"partitions": 65},
+        {},
+        {"partitions": 2, "x": 1},
+        {"partitions": "3"},
+        {"partitions": 3.0},
+    ):  # coerced, found by a helper's probe
         refused = admin.patch(DEP, json=bad, headers=AUTH)
         assert refused.status_code == 422, (bad, refused.text)
     history = admin.get(f"{DEP}/history", headers=AUTH).json()

@@ -51,7 +51,8 @@ class TooLarge(AdminError):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "3" is no partition count, 2.0 no version (found by a helper's probe: coerced)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 ReferenceNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
