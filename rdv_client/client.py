@@ -73,6 +73,18 @@ def _number(value: Any) -> Any:
     return value
 
 
+def _plain(doc: Any) -> Any:
+    """``doc`` with numpy's scalars and arrays made JSON's numbers and lists (httpx's encoder
+    refuses them), at any depth: an admin body's version, a feedback label."""
+    if isinstance(doc, Mapping):
+        return {key: _plain(value) for key, value in doc.items()}
+    if isinstance(doc, list | tuple):
+        return [_plain(value) for value in doc]
+    if hasattr(doc, "tolist") and not isinstance(doc, str | bytes):  # a numpy array or scalar
+        return _plain(doc.tolist())
+    return _number(doc)
+
+
 def _feedback_body(
     items: Sequence[Mapping[str, Any]] | None,
     request_id: str | None,
@@ -90,7 +102,7 @@ def _feedback_body(
         raise ValueError("give items, or request_id with label or correct")
     item: dict[str, Any] = {"request_id": request_id}
     if label is not None:
-        item["label"] = label if isinstance(label, int) else list(label)
+        item["label"] = label if isinstance(label, int | numbers.Integral) else list(label)
     if correct is not None:
         item["correct"] = correct
     if weight is not None:
@@ -169,7 +181,7 @@ def _request(
         headers["Authorization"] = f"Bearer {admin_token}"
     elif call.feedback and feedback_token:
         headers["Authorization"] = f"Bearer {feedback_token}"
-    request = {"method": call.method, "url": call.path, "json": call.json,
+    request = {"method": call.method, "url": call.path, "json": _plain(call.json),
                "params": call.params, "headers": headers}  # fmt: skip
     if call.wait_s and timeout.read is not None:
         request["timeout"] = httpx.Timeout(

@@ -223,6 +223,12 @@ def test_what_a_caller_of_the_client_met_by_hand(system: System) -> None:
             rdv.cancel(DEMO_DEPLOYMENT, job.id)  # ended: 409
         listed = rdv.deployments()
         assert isinstance(listed, dict) and listed  # a JSON object, so typed
+        version = np.int64(2)  # real's own: a 409
+        with pytest.raises(RdvError) as same:  # sent (numpy's int raised TypeError), refused
+            rdv.promote(DEMO_DEPLOYMENT, version)  # type: ignore[arg-type]
+        assert same.value.status in (409, 422), same.value
+        labels = rdv.feedback(DEMO_DEPLOYMENT, request_id=got.request_id, label=np.int64(1))  # type: ignore[arg-type]
+        assert labels["accepted"] == 1, labels
 
 
 def test_the_client_is_typed_for_its_users(tmp_path: Path) -> None:
