@@ -8,7 +8,7 @@ import functools
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import numpy as np
@@ -67,6 +67,9 @@ class AppClient(httpx.Client):
     """An HTTP client of an app served by uvicorn in a thread of this process (real HTTP, and
     the app's state stays at hand for assertions)."""
 
+    serving: ClassVar[set[AppClient]] = set()
+    """The clients whose app still serves: conftest fails a test that leaves one behind."""
+
     def __init__(self, app: FastAPI):
         import threading
 
@@ -83,6 +86,7 @@ class AppClient(httpx.Client):
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
+        AppClient.serving.add(self)
         deadline = time.monotonic() + 30
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
@@ -90,6 +94,7 @@ class AppClient(httpx.Client):
             time.sleep(0.02)
 
     def close(self) -> None:
+        AppClient.serving.discard(self)
         super().close()
         self.server.should_exit = True
         self.thread.join(15)
@@ -99,6 +104,12 @@ class AppClient(httpx.Client):
             self.server.force_exit = True
             self.thread.join(15)
         assert not slow, "the app did not shut down within 15 s"
+
+    def __exit__(self, *exc: object) -> None:
+        # httpx.Client's own __exit__ closes its transport but never calls close(): a `with`
+        # block would leave the app serving (its readers retrying a stopped Redis, their
+        # warnings landing in a later test's log capture)
+        self.close()
 
 
 def two_column_model(width: int, probabilities: str, label: str) -> bytes:

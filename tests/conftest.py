@@ -3,6 +3,7 @@ for the session, a flushed client per test."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
         else:
             item.add_marker(pytest.mark.pure)
+
+
+@pytest.fixture(autouse=True)
+def no_app_left_serving() -> Iterator[None]:
+    """An in-process app a test leaves serving keeps reading Redis after the test (a stopped
+    one, warning as it retries) and fails later tests far from the cause: fail this one."""
+    yield
+    left = [
+        client
+        for name in ("admin_support", "tests.admin_support")  # however a test imported it
+        if (support := sys.modules.get(name)) is not None
+        for client in support.AppClient.serving
+    ]
+    for client in left:
+        client.close()
+    assert not left, f"{len(left)} in-process app(s) left serving: close their AppClient"
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
+from admin_support import AppClient, copy_demo_models, features_body
 
 from gateway.settings import Settings
 from gateway.transport.app import create_app
@@ -23,13 +24,12 @@ from models.demo import DEMO_DEPLOYMENT
 from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import demo_data
+from processes import PREDICT, wait_until
 from rendezvous import names
 from rendezvous.bus.connection import connect
 from rendezvous.bus.local_cluster import LocalCluster
 from rendezvous.bus.server import EmbeddedRedis
 from rendezvous.schedule import Schedule
-from tests.admin_support import AppClient, copy_demo_models, features_body
-from tests.processes import PREDICT, wait_until
 
 TIMEOUT_MS = 2000.0
 

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from admin_support import AppClient
 
 from gateway.cli.supervisor import detached_from_terminal
 from gateway.settings import Settings
 from gateway.transport.app import create_app
 from gateway.transport.vital_tasks import VitalTasks
+from processes import rdv_env, wait_until
 from rendezvous.bus.server import free_port
-from tests.admin_support import AppClient
-from tests.processes import rdv_env, wait_until
 
 
 async def test_the_first_task_to_end_is_reported_once_and_ends_at_shutdown_are_not(
