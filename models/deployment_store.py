@@ -27,6 +27,7 @@ from models.deployments import (
     DeploymentConflict,
     DeploymentNotFound,
     ModelRef,
+    deleted,
 )
 from models.registry import ModelRegistry
 from rendezvous import names
@@ -41,21 +42,31 @@ def ensure_groups(client: Client, deployment: Deployment) -> None:
     groups of partition 0 in its transaction, the others after it), and every worker runs it
     when it loads a new revision."""
     wanted = set(deployment.groups())
+    # A deleted deployment's streams are never made again: once purged, a stale gateway's
+    # append (NOMKSTREAM) must fail rather than land where no reader will look.
+    make = not deployment.deleted_ms
     pipe = client.pipeline(transaction=False)
     for stream in deployment.input_streams:
         for group in sorted(wanted):
-            pipe.xgroup_create(stream, group, id="0", mkstream=True)
+            pipe.xgroup_create(stream, group, id="0", mkstream=make)
     for result in pipe.execute(raise_on_error=False):
-        if isinstance(result, Exception) and "BUSYGROUP" not in str(result):
+        if isinstance(result, Exception) and not _tolerated(result, make):
             raise result
     stale: list[tuple[str, str]] = []
     for stream in deployment.input_streams[1:]:
+        if not make and not client.exists(stream):
+            continue
         for info in client.xinfo_groups(stream):
             group = text(info["name"])
             if group.startswith(names.MODEL_GROUP_PREFIX) and group not in wanted:
                 stale.append((stream, group))
     for stream, group in stale:
         client.xgroup_destroy(stream, group)
+
+
+def _tolerated(error: Exception, made: bool) -> bool:
+    """The group is there already, or (not ``made``) its stream is gone: purged."""
+    return "BUSYGROUP" in str(error) or (not made and "requires the key to exist" in str(error))
 
 
 # -- the store ---------------------------------------------------------------------------------
@@ -141,12 +152,23 @@ class DeploymentStore:
         return out
 
     def create(self, deployment: Deployment, *, actor: str = "system", reason: str = "") -> bool:
-        """Create unless it exists; False when another process was first."""
+        """Create unless it exists; False when another process was first. One created again
+        after a delete goes on from its last revision (its history stays, and is continued)."""
         now_ms = int(time.time() * 1000)
+        last = self.client.lindex(names.history_key(deployment.name), -1)
+        revision = int(json.loads(last)["revision"]) + 1 if last else 1
         dep = dataclasses.replace(
-            deployment, revision=1, updated_ms=deployment.updated_ms or now_ms
+            deployment, revision=revision, updated_ms=deployment.updated_ms or now_ms
         )
         created = bool(self.client.set(names.deployment_key(dep.name), dep.to_json(), nx=True))
+        if not created and (old := self.client.get(names.deployment_key(dep.name))) is not None:
+            deleted_ms = Deployment.from_json(old).deleted_ms
+            if deleted_ms:
+                raise DeploymentConflict(
+                    f"deployment {dep.name} was deleted at {_when(deleted_ms)} and is still "
+                    "draining what it accepted; create it again once it is gone "
+                    "(GET /admin/deployments/{name} answers 404 without 'deleted')"
+                )
         if created:
             entry = self._entry(None, dep, "create", actor, reason, {})
             pipe = self.client.pipeline(transaction=False)
@@ -182,6 +204,8 @@ class DeploymentStore:
                     if raw is None:
                         raise DeploymentNotFound(f"deployment {name!r} does not exist")
                     before = Deployment.from_json(raw)
+                    if before.deleted_ms:
+                        raise DeploymentNotFound(deleted_message(before))
                     if expect_revision is not None and before.revision != expect_revision:
                         raise DeploymentConflict(
                             f"{name} is at revision {before.revision}, not {expect_revision}"
@@ -236,6 +260,12 @@ class DeploymentStore:
         self.client.rpush(names.history_key(name), json.dumps(entry))
         return entry
 
+    def delete(self, name: str, *, actor: str, reason: str = "") -> Deployment:
+        """Take no new request for ``name`` from now on; its readers drain what it accepted,
+        then the log bin purges it (``models.deployment_purge``). Returns the deleted state."""
+        _, after = self.update(name, deleted, action="delete", actor=actor, reason=reason)
+        return after
+
     def history(self, name: str, limit: int | None = None) -> builtins.list[dict[str, Any]]:
         """Oldest first; with ``limit``, the latest ``limit`` entries."""
         start = -limit if limit else 0
@@ -254,6 +284,8 @@ class DeploymentStore:
         since = None
         holder = None
         for entry in reversed(self.history(name)):
+            if entry["action"] == "delete":
+                break  # an earlier life of the name
             if not entry.get("applied", True):
                 continue
             ref = entry["roles"].get(role)
@@ -285,6 +317,15 @@ class DeploymentStore:
             "detail": dict(detail),
             **_snapshot(after),
         }
+
+
+def _when(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+
+
+def deleted_message(dep: Deployment) -> str:
+    return (f"deployment {dep.name!r} was deleted at {_when(dep.deleted_ms)}; it goes once "
+            "what it accepted is drained")  # fmt: skip
 
 
 def demo_deployment(registry: ModelRegistry, schedule: Schedule) -> Deployment:

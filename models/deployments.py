@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,10 @@ class Deployment:
     past_partitions: tuple[int, ...] = ()
     """Partition counts this deployment had before: their streams are still read, so that
     what was published to them before a change is drained (they take nothing new)."""
+    deleted_ms: int = 0
+    """When it was deleted (0: it was not). A deleted deployment takes no new request, but its
+    readers go on until what it accepted is drained; then its state and streams are purged
+    (``models.deployment_purge``)."""
 
     def __post_init__(self) -> None:
         names.check_name(self.name, "deployment")
@@ -108,6 +113,7 @@ class Deployment:
             "feature_spec": self.feature_spec.to_dict(),
             "partitions": self.partitions,
             "past_partitions": list(self.past_partitions),
+            **({"deleted_ms": self.deleted_ms} if self.deleted_ms else {}),
         }
 
     def to_json(self) -> str:
@@ -125,6 +131,7 @@ class Deployment:
             feature_spec=FeatureSpec.from_dict(doc["feature_spec"]),
             partitions=int(doc.get("partitions", 1)),
             past_partitions=tuple(int(n) for n in doc.get("past_partitions", ())),
+            deleted_ms=int(doc.get("deleted_ms", 0)),
         )
 
 
@@ -179,6 +186,11 @@ def without_challenger(dep: Deployment, role: str) -> Deployment:
 
 def with_schedule(dep: Deployment, changes: Mapping[str, Any]) -> Deployment:
     return dataclasses.replace(dep, schedule=dep.schedule.updated(changes))
+
+
+def deleted(dep: Deployment) -> Deployment:
+    """Deleted now: it takes no new request (see ``Deployment.deleted_ms``)."""
+    return dataclasses.replace(dep, deleted_ms=int(time.time() * 1000))
 
 
 def with_partitions(dep: Deployment, partitions: int) -> Deployment:

@@ -33,6 +33,7 @@ import redis
 
 from models.archive import SegmentWriter
 from models.archive_line import archive_line, text
+from models.deployment_purge import Purger
 from models.deployments import Deployment
 from models.feature_watch import FeatureWatch
 from models.logbin_owner import let_go, renewal
@@ -94,7 +95,9 @@ class LogBin(ConsumerLoop):
         watch_features: bool = True,
         feature_watch: FeatureWatch | None = None,
         owner_token: str | None = None,
+        purger: Purger | None = None,
     ):
+        """``purger``: purges the deleted deployments this bin has drained (None: not here)."""
         if block_ms <= 0:
             raise ValueError("block_ms must be positive: BLOCK 0 would never notice a stop")
         if client.get_connection_kwargs().get("decode_responses"):
@@ -127,12 +130,21 @@ class LogBin(ConsumerLoop):
         self._next_refresh = 0.0
         self.watch = feature_watch or (FeatureWatch(consumer) if watch_features else None)
         """The feature detectors, on the archived rows (None: not run here)."""
+        self.purger = purger
 
     # -- the consumer loop's hooks ------------------------------------------------------------
 
     def streams_to_read(self) -> tuple[str, ...]:
         self._refresh()
         return self._stream_keys
+
+    def group_vanished(self) -> None:
+        self._next_refresh = 0.0  # purged, perhaps: read the states before making streams
+
+    def makes_stream(self, stream: str) -> bool:
+        # Not a deleted deployment's (or one without a state): purged, it must stay gone.
+        known = self._states.get(self._streams.get(stream, ""))
+        return known is not None and not known[1].deleted_ms
 
     def process(self, batch: Batch) -> int:
         """One fsynced write per deployment, one pipelined ack, then retention. Returns the
@@ -211,7 +223,7 @@ class LogBin(ConsumerLoop):
         for dep, state in states.items():
             for stream in state.input_streams if state else [names.input_stream(dep)]:
                 wanted[stream] = dep
-            if state is not None:
+            if state is not None and not state.deleted_ms:  # no drift judged while draining
                 specs[dep] = state.feature_spec
         if self.watch is not None:
             self._adopt(self.watch.follow(specs))
@@ -221,6 +233,11 @@ class LogBin(ConsumerLoop):
         self._streams = wanted
         self._stream_keys = tuple(wanted)
         self._next_refresh = now + self.refresh_s
+        if self.purger is not None:
+            purged = self.purger.look([s for s in states.values() if s and s.deleted_ms])
+            if purged:  # read no more (another bin's reads find the streams gone)
+                self._streams = {k: d for k, d in wanted.items() if d not in purged}
+                self._stream_keys = tuple(self._streams)
 
     def _adopt(self, deployments: list[str]) -> None:
         """The alerts this bin's source claimed before this process started (its consumer name

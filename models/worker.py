@@ -221,14 +221,24 @@ class ModelWorker(ConsumerLoop):
                 self._drop(role)
             if gone:
                 return True
+            # A live deployment's stream or group lost (Redis restarted without it): make
+            # them again, positioned at the start, and read on.
+            try:
+                ensure_groups(self.client, self.store.get(self.deployment))
+            except REDIS_FAILURES as again:
+                log.warning("%s: a consumer group vanished (%s); not made again yet: %s",
+                            self.deployment, exc, again)  # fmt: skip
+            else:
+                log.warning("%s: a consumer group vanished (%s); made again", self.deployment, exc)
+            return True
         retry = super().failed(exc, retry_in_s)
         for model in self.roles.values():  # rdv_worker_errors_total: Redis down or full,
             model.stats.errors += 1  # counted for every role it held up
         return retry
 
     def close(self) -> None:
-        """A clean stop removes this worker's published counters, so they vanish from
-        ``/metrics`` at once (a killed worker's entry only goes stale)."""
+        """A clean stop removes this worker's published counters and liveness, so they vanish
+        from ``/metrics`` and readiness at once (a killed worker's entry only goes stale)."""
         self.unpublish()
         super().close()
 
@@ -253,17 +263,22 @@ class ModelWorker(ConsumerLoop):
 
     def _unpublish(self, roles: list[RoleModel]) -> None:
         members = [names.worker_member(role.role, role.consumer) for role in roles]
-        try:
-            self.client.hdel(names.stats_key(self.deployment), *members)
+        try:  # its liveness too: readiness sees the stop at once (one slot: one pipeline)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hdel(names.stats_key(self.deployment), *members)
+            pipe.zrem(names.workers_key(self.deployment), *members)
+            pipe.execute()
         except REDIS_FAILURES as exc:
             log.warning("could not remove the stats of %s: %s", ", ".join(members), exc)
 
     def _roles_gone(self) -> list[str]:
         try:
-            present = self.store.get(self.deployment).roles
+            dep = self.store.get(self.deployment)
         except DeploymentNotFound:
             return list(self.roles)
-        return [role for role in self.roles if role not in present]
+        if dep.deleted_ms:  # being purged: only drained streams are deleted
+            return list(self.roles)
+        return [role for role in self.roles if role not in dep.roles]
 
     def _handle(self, entries: list[Entry], members: list[Membership], beat: float | None) -> int:
         """Score (each entry decoded once, whichever roles read it), then results, acks and

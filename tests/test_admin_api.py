@@ -16,9 +16,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
-from admin_support import AUTH, TOKEN, AppClient, copy_demo_models, upload_body, variant_onnx
+from admin_support import (
+    AUTH,
+    TOKEN,
+    AppClient,
+    copy_demo_models,
+    features_body,
+    upload_body,
+    variant_onnx,
+)
 from fastapi.routing import APIRoute
 
 from gateway.settings import Settings
@@ -27,6 +36,7 @@ from models.deployment_store import DeploymentStore, demo_deployment
 from models.meta import ModelMeta
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, DEMO_MODEL, demo_data
+from processes import PREDICT
 from rendezvous import names
 from rendezvous.decision import build_decision
 from rendezvous.envelope import ModelResult
@@ -683,3 +693,37 @@ def test_partitions_are_set_by_patch_with_their_groups_and_old_streams_kept(
     assert [v["published_to"] for v in view] == [True, True, False, False]
     one = next(v for v in view if v["stream"] == streams[1])
     assert one["length"] == 1 and set(one["groups"]) == {"logbin", "model:real", "model:canary"}
+
+
+def test_a_deleted_deployment_is_gone_to_callers_and_refused_every_change(
+    admin: AppClient, r: redis.Redis
+) -> None:
+    """Without a log bin to purge it, a deleted deployment stays deleted: every way in says so
+    (404), a second create is a 409 until it is purged, and its history stays readable."""
+    path = f"/admin/deployments/{DEMO_DEPLOYMENT}"
+    assert admin.delete("/admin/deployments/nope", headers=AUTH).status_code == 404
+    deleted = admin.delete(path, params={"reason": "retired"}, headers=AUTH)
+    assert deleted.status_code == 202, deleted.text
+    assert deleted.json()["action"] == "delete"
+    for method, url, body in (
+        ("DELETE", path, None),
+        ("GET", path, None),
+        ("PATCH", path, {"partitions": 2}),
+        ("PATCH", f"{path}/schedule", {"timeout_ms": 900}),
+        ("POST", f"{path}/rollback", {}),
+        ("GET", f"{path}/shadow", None),
+    ):
+        answer = admin.request(method, url, json=body, headers=AUTH)
+        assert answer.status_code == 404, (method, url, answer.text)
+        assert "was deleted at" in answer.json()["detail"], answer.text
+    predicted = admin.post(PREDICT, json=features_body(np.asarray(demo_data().x_test[0])))
+    assert predicted.status_code == 404 and "deleted" in predicted.json()["detail"]
+    listed = admin.get("/admin/deployments", headers=AUTH).json()["deployments"]
+    assert DEMO_DEPLOYMENT not in [d["name"] for d in listed]
+    real = demo_deployment(ModelRegistry(data_dir(admin) / "models"), Schedule()).roles["real"]
+    body = {"name": DEMO_DEPLOYMENT, "real": {"model": real.name, "version": real.version}}
+    created = admin.post("/admin/deployments", json=body, headers=AUTH)
+    assert created.status_code == 409 and "still draining" in created.json()["detail"]
+    history = admin.get(f"{path}/history", headers=AUTH).json()["history"]
+    assert (history[-1]["action"], history[-1]["reason"]) == ("delete", "retired")
+    assert r.exists(names.input_stream(DEMO_DEPLOYMENT))  # kept for its readers to drain

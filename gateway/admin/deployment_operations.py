@@ -28,6 +28,7 @@ from models.deployments import (
     DeploymentConflict,
     DeploymentNotFound,
     ModelRef,
+    deleted,
     promoted,
     with_challenger,
     with_partitions,
@@ -50,6 +51,8 @@ class DeploymentOperations(AdminCore):
             try:
                 dep = self.store.get(name)
             except DeploymentNotFound:
+                continue
+            if dep.deleted_ms:  # draining before its purge: no longer a deployment to callers
                 continue
             out.append(
                 {
@@ -98,13 +101,20 @@ class DeploymentOperations(AdminCore):
             raise Invalid(str(exc)) from None
         for ref in roles.values():
             self._servable(ref, dep)
-        if not self.store.create(dep, actor=actor, reason=req.reason):
+        try:
+            created = self.store.create(dep, actor=actor, reason=req.reason)
+        except DeploymentConflict as exc:  # deleted, and still draining
+            raise Conflict(str(exc)) from None
+        if not created:
             raise Conflict(f"deployment {req.name} already exists")
         return deployment_state(self.store.get(req.name))
 
     def history(self, name: str, limit: int) -> list[dict[str, Any]]:
-        self._dep(name)
-        return self.store.history(name, limit)
+        """Also of a deployment deleted since: its history stays."""
+        found = self.store.history(names.check_name(name, "deployment"), limit)
+        if not found:
+            self._dep(name)  # 404 naming why
+        return found
 
     def shadow(self, name: str) -> dict[str, Any]:
         return self.evidence.shadow(self._dep(name))
@@ -194,6 +204,12 @@ class DeploymentOperations(AdminCore):
             req.reason,
             detail,
         )
+
+    def delete_deployment(self, name: str, actor: str, reason: str) -> dict[str, Any]:
+        """No new request from now on (404); what it accepted is still answered, scored and
+        archived, then the log bin purges it (``models.deployment_purge``)."""
+        self._dep(name)
+        return self._change(name, deleted, "delete", actor, reason, {})
 
     def remove_challenger(self, name: str, role: str, actor: str, reason: str) -> dict[str, Any]:
         dep = self._dep(name)

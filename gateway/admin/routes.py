@@ -196,6 +196,19 @@ def build_router(settings: Settings) -> APIRouter:
             reason,
         )
 
+    @router.delete("/deployments/{deployment}", status_code=202)
+    async def delete_deployment(
+        request: Request,
+        deployment: str,
+        reason: Annotated[str, Query(max_length=2000)] = "",
+        actor: Actor = None,
+    ) -> Any:
+        """Take no new request (404 from now on); what it accepted is still answered, scored
+        and archived, then its state and streams are purged (its history stays)."""
+        return await _changed(
+            request, _service(request).delete_deployment, deployment, actor or "admin", reason
+        )
+
     @router.patch("/deployments/{deployment}")
     async def patch_deployment(
         request: Request, deployment: str, body: DeploymentPatch, actor: Actor = None

@@ -13,7 +13,7 @@ from typing import Any
 
 from gateway.admin.bodies import Conflict, Invalid, LookupIn, NotFound
 from gateway.admin.promotion import Evidence
-from models.deployment_store import DeploymentStore
+from models.deployment_store import DeploymentStore, deleted_message
 from models.deployments import Deployment, DeploymentConflict, DeploymentNotFound, ModelRef
 from models.meta import ModelMeta
 from models.registry import ModelRegistry
@@ -82,11 +82,14 @@ class AdminCore:
 
     def _dep(self, name: str) -> Deployment:
         try:
-            return self.store.get(names.check_name(name, "deployment"))
+            dep = self.store.get(names.check_name(name, "deployment"))
         except ValueError as exc:
             raise NotFound(str(exc)) from None
         except DeploymentNotFound as exc:
             raise NotFound(str(exc)) from None
+        if dep.deleted_ms:
+            raise NotFound(deleted_message(dep))
+        return dep
 
     def _change(
         self,

@@ -85,6 +85,9 @@ def cmd_deployments(args: argparse.Namespace) -> None:
         )
     elif args.action == "shadow":
         admin_request(args, "GET", f"/deployments/{args.deployment}/shadow")
+    elif args.action == "delete":
+        path = f"/deployments/{args.deployment}"
+        admin_request(args, "DELETE", path, params={"reason": args.reason})
     else:
         body: dict[str, Any] = {
             "name": args.deployment,
@@ -203,8 +206,9 @@ def add_admin_commands(sub: Any) -> None:
     )
     p.set_defaults(func=cmd_models)
 
-    p = admin("deployments", "deployments: list, show, create, history, shadow (admin API)")
-    p.add_argument("action", choices=["list", "show", "create", "history", "shadow"])
+    p = admin("deployments",
+              "deployments: list, show, create, delete, history, shadow (admin API)")  # fmt: skip
+    p.add_argument("action", choices=["list", "show", "create", "delete", "history", "shadow"])
     p.add_argument("--deployment", help="all but list")
     p.add_argument("--model", help="create: the real model's name")
     p.add_argument("--version", type=int, help="create: the real model's version")

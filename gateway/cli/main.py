@@ -208,6 +208,7 @@ def _shard(text: str) -> tuple[int, int]:
 
 def cmd_logbin(args: argparse.Namespace) -> None:
     from models.archive import SegmentWriter
+    from models.deployment_purge import Purger
     from models.deployment_store import DeploymentStore
     from models.logbin import LogBin
     from models.logbin_owner import NameTaken, take_name
@@ -238,6 +239,7 @@ def cmd_logbin(args: argparse.Namespace) -> None:
         batch_wait_ms=settings.logbin_batch_wait_ms,
         max_role_lag=settings.max_role_lag,
         owner_token=token,
+        purger=Purger(client, settings.deletion_grace_s),
     )
     stop = stop_event()
     settle_heap()

@@ -27,6 +27,9 @@ class DeploymentCache:
         consumer group, so this is the backlog of the slowest reader."""
         self.backlog_bytes: dict[str, int] = {}
         """The same backlog in bytes of Redis memory (``MEMORY USAGE``, sampled)."""
+        self._deleted: dict[str, int] = {}
+        """Deleted deployments (still draining) -> the revision that deleted them: left out
+        of ``deployments``, and not read again while that revision stays."""
 
     async def refresh(self) -> None:
         """One pipelined read of every deployment's revision and input backlog; a second
@@ -54,7 +57,16 @@ class DeploymentCache:
         fresh = {name: self.deployments[name] for name in members
                  if name in self.deployments and revisions[name] is not None
                  and int(revisions[name]) == self.deployments[name].revision}  # fmt: skip
-        stale = [name for name in members if name not in fresh]
+        stale = [
+            name
+            for name in members
+            if name not in fresh
+            and not (
+                revisions[name] is not None and self._deleted.get(name) == int(revisions[name])
+            )
+        ]
+        self._deleted = {name: revision for name, revision in self._deleted.items()
+                         if name in members and name not in stale}  # fmt: skip
         if stale:
             pipe = self.client.pipeline(transaction=False)
             for name in stale:
@@ -63,9 +75,14 @@ class DeploymentCache:
                 if raw is None:
                     continue
                 try:
-                    fresh[name] = Deployment.from_json(raw)
+                    dep = Deployment.from_json(raw)
                 except (ValueError, KeyError) as exc:
                     log.error("deployment %s has an unreadable state: %s", name, exc)
+                    continue
+                if dep.deleted_ms:  # no new request; its readers drain what it took
+                    self._deleted[name] = dep.revision
+                else:
+                    fresh[name] = dep
         self.deployments = fresh
         for gone in set(self.backlog) - set(members):
             self.backlog.pop(gone, None)
@@ -84,5 +101,6 @@ class DeploymentCache:
     def get(self, name: str) -> Deployment:
         dep = self.deployments.get(name)
         if dep is None:
-            raise UnknownDeployment(f"deployment {name!r} does not exist")
+            was = " (it was deleted)" if name in self._deleted else ""
+            raise UnknownDeployment(f"deployment {name!r} does not exist{was}")
         return dep

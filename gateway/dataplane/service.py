@@ -38,7 +38,13 @@ from gateway.dataplane.validation import (
 )
 from models.deployments import Deployment
 from rendezvous import names
-from rendezvous.bus.appender import AlreadyTaken, Fate, NotReplicated, StreamAppender
+from rendezvous.bus.appender import (
+    AlreadyTaken,
+    Fate,
+    NotReplicated,
+    StreamAppender,
+    StreamGone,
+)
 from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import MEMORY_LIMIT, REDIS_FAILURES, out_of_memory
 from rendezvous.bus.routing import Command, raise_first_error
@@ -258,7 +264,15 @@ class PredictionService:
                     "(in flight or answered on some gateway, or published before a Redis failure; "
                     "ids stay taken for RDV_REQUEST_ID_TTL_S)"))  # fmt: skip
                 return
-            why = MEMORY_LIMIT if out_of_memory(exc) else f"the request bus is unavailable: {exc}"
+            if isinstance(exc, StreamGone):
+                why = (
+                    f"deployment {dep.name}'s input stream is gone: the deployment was "
+                    "deleted, or Redis lost the stream and its readers are making it again"
+                )
+            elif out_of_memory(exc):
+                why = MEMORY_LIMIT
+            else:
+                why = f"the request bus is unavailable: {exc}"
             self.rendezvous.fail(mailbox, Unavailable(why))
 
         # Not awaited on its own: the one wait below ends with the answer, or with this
@@ -276,6 +290,7 @@ class PredictionService:
             unique=unique,
             replicated=replicated,
             on_appended=partial(setattr, mailbox, "input_id"),
+            must_exist=True,
         )
         if self.drift_feed is not None:
             self.drift_feed.observe_rows(dep.name, features)

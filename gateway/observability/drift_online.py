@@ -305,6 +305,9 @@ class OnlineDrift:
         while True:
             await asyncio.sleep(self.publish_s)
             for deployment in list(self._deps):
+                if deployment not in self.deployments.deployments:
+                    del self._deps[deployment]  # deleted: renewing its claims would remake them
+                    continue
                 try:
                     if self._deps[deployment].labels:
                         self.evaluate(deployment)

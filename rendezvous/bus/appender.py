@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from redis.exceptions import TryAgainError
+from redis.exceptions import ResponseError, TryAgainError
 
 from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import REDIS_FAILURES
@@ -39,6 +39,11 @@ MAX_RETRYING = 20_000
 
 class AlreadyTaken(Exception):
     """An append's unique key was already taken: nothing was appended."""
+
+
+class StreamGone(Exception):
+    """An append to a stream that must exist found none (NOMKSTREAM): a deleted deployment's
+    input, purged, or one Redis lost (its readers make it again): nothing was appended."""
 
 
 class Fate(enum.Enum):
@@ -65,6 +70,16 @@ return false
 """Take the unique key and append, or do neither: one command, atomic, on the node that holds
 both keys (they share a hash tag)."""
 
+_XADD_IF_NEW_TO_EXISTING = (
+    b"""
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return redis.error_reply('NOSTREAM ' .. KEYS[2] .. ' does not exist')
+end
+"""
+    + _XADD_IF_NEW
+)
+"""The same, to a stream that must exist (the key is not taken when it does not)."""
+
 
 @dataclass(slots=True)
 class _Pending:
@@ -78,6 +93,8 @@ class _Pending:
     """Resolved once the append reached ``wait_replicas`` replicas (``WAIT``)."""
     on_appended: Callable[[bytes], None] | None = None
     """Given the entry's id once it is written."""
+    must_exist: bool = False
+    """Append only if the stream exists (NOMKSTREAM), else fail with ``StreamGone``."""
     give_up_at: float = 0.0
     """Monotonic time past which a failed fire-and-forget append is dropped (0: not failed)."""
 
@@ -139,6 +156,7 @@ class StreamAppender:
         unique: tuple[str, int] | None = None,
         replicated: asyncio.Future[None] | None = None,
         on_appended: Callable[[bytes], None] | None = None,
+        must_exist: bool = False,
     ) -> None:
         """Queue one XADD; a failure goes to ``on_error`` if given, else to the log, and the
         new entry's id to ``on_appended`` if given.
@@ -148,10 +166,23 @@ class StreamAppender:
         which cost the gateway a socket write and a read each.
 
         ``unique=(key, ttl_ms)``: append only if ``key`` (under the stream's hash tag) is not
-        taken, and take it for ``ttl_ms``; else ``on_error`` gets ``AlreadyTaken``."""
+        taken, and take it for ``ttl_ms``; else ``on_error`` gets ``AlreadyTaken``.
+
+        ``must_exist``: append only to a stream that exists, else ``on_error`` gets
+        ``StreamGone`` (a request's input: its stream is made with its readers' groups, and
+        is gone only once its deployment was deleted and purged)."""
         taken = (unique[0].encode(), unique[1]) if unique is not None else None
         self._queue.append(
-            _Pending(stream.encode(), fields, maxlen, on_error, taken, replicated, on_appended)
+            _Pending(
+                stream.encode(),
+                fields,
+                maxlen,
+                on_error,
+                taken,
+                replicated,
+                on_appended,
+                must_exist,
+            )
         )
         if urgent:
             self._kick()
@@ -190,8 +221,10 @@ class StreamAppender:
             dropped: Counter[bytes] = Counter()
             why: dict[bytes, object] = {}  # the last failure of each stream's dropped appends
             for item, result in zip(batch, results, strict=False):
-                if result is None and item.unique is not None:
-                    result = AlreadyTaken(item.unique[0].decode())
+                if result is None:
+                    result = _nothing_appended(item)
+                elif isinstance(result, ResponseError) and str(result).startswith("NOSTREAM"):
+                    result = StreamGone(f"{item.stream.decode()} does not exist")
                 if item.replicated is not None and not item.replicated.done():
                     self._settle(item.replicated, item.stream, result, acked.get(item.stream))
                 if not isinstance(result, Exception):
@@ -248,7 +281,8 @@ class StreamAppender:
         todo = [i for i, reply in zip(todo, taken, strict=True) if reply == b"OK"]
         appended = await self.client.execute([_plain_xadd(batch[i]) for i in todo])
         for i, reply in zip(todo, appended, strict=True):
-            results[i] = reply
+            results[i] = StreamGone(f"{batch[i].stream.decode()} does not exist") if (
+                reply is None) else reply  # fmt: skip
 
     def _settle(
         self, replicated: asyncio.Future[None], stream: bytes, result: object, acked: object
@@ -324,11 +358,19 @@ def _entry_order(entry_id: bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def _nothing_appended(item: _Pending) -> Exception:
+    """Why an append replied nil: its unique key was taken, or its stream is gone."""
+    if item.unique is not None:
+        return AlreadyTaken(item.unique[0].decode())
+    return StreamGone(f"{item.stream.decode()} does not exist")
+
+
 def _xadd(item: _Pending) -> Command:
     if item.unique is not None:
         key, ttl_ms = item.unique
         flat = [part for pair in item.fields.items() for part in pair]
-        return Command(item.stream, (b"EVAL", _XADD_IF_NEW, b"2", key, item.stream,
+        script = _XADD_IF_NEW_TO_EXISTING if item.must_exist else _XADD_IF_NEW
+        return Command(item.stream, (b"EVAL", script, b"2", key, item.stream,
                                      b"%d" % ttl_ms, *flat))  # fmt: skip
     return _plain_xadd(item)
 
@@ -340,7 +382,7 @@ def _take(item: _Pending) -> Command:
 
 
 def _plain_xadd(item: _Pending) -> Command:
-    args = [b"XADD", item.stream]
+    args = [b"XADD", item.stream, b"NOMKSTREAM"] if item.must_exist else [b"XADD", item.stream]
     if item.maxlen is not None:
         args += [b"MAXLEN", b"~", b"%d" % item.maxlen]
     args.append(b"*")

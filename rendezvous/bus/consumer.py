@@ -122,6 +122,15 @@ class ConsumerLoop(ABC):
     def streams_to_read(self) -> Sequence[str]:
         """Called first in every step: the stream keys to read now."""
 
+    def makes_stream(self, stream: str) -> bool:
+        """Whether creating the group may create ``stream`` (``create_groups``): not one that
+        was purged, which a stale publisher must find gone."""
+        return True
+
+    def group_vanished(self) -> None:  # noqa: B027 - an optional hook, not abstract
+        """A read met a group gone (a Redis restart without persistence, or a purge): a
+        subclass that caches what it reads may look again before groups are made anew."""
+
     @abstractmethod
     def process(self, batch: Batch) -> int:
         """Handle what a step read, possibly nothing (and publish the heartbeat when
@@ -216,7 +225,7 @@ class ConsumerLoop(ABC):
 
     def step(self, block_ms: int | None) -> int:
         """One read (``block_ms`` None: without blocking), then ``process``."""
-        self.reader.follow(tuple(self.streams_to_read()), self.create_groups)
+        self.reader.follow(tuple(self.streams_to_read()), self.create_groups, self.makes_stream)
         batch = Batch([], [])
         if self.streams:
             if block_ms is not None:
@@ -229,9 +238,10 @@ class ConsumerLoop(ABC):
                 if not self.create_groups or "NOGROUP" not in str(exc):
                     raise
                 log.warning("%s: a consumer group vanished (%s); recreating", self.group, exc)
-                streams = self.streams
                 self.reader.reset()
-                self.reader.follow(streams, self.create_groups)
+                self.group_vanished()
+                self.reader.follow(tuple(self.streams_to_read()), self.create_groups,
+                                   self.makes_stream)  # fmt: skip
                 return 0
             n = group_reads.largest_read(batch)
             if block_ms is not None and self.batch_wait_s and 0 < n < self.batch_size:

@@ -42,6 +42,8 @@ from rendezvous.bus.routing import Command, command, raise_first_error, slot_of
 
 log = logging.getLogger(__name__)
 
+MISSING_RETRY_S = 1.0
+"""How often a stream found gone, that this reader may not make, is looked for again."""
 IDLE_POLL_MIN_S = 0.001
 IDLE_POLL_MAX_S = 0.02
 
@@ -76,6 +78,9 @@ class GroupReader:
         """The groups read, each with its consumer and its own progress (``join``)."""
         self.streams: tuple[str, ...] = ()
         """The streams being read now (whose groups exist, when the loop creates them)."""
+        self.missing: dict[str, float] = {}
+        """Streams asked for but gone, that this reader may not make (see ``follow``), each
+        with the monotonic time it is looked for again (another may make it meanwhile)."""
         self.aside = SetAside(member.consumer)
         """Streams left out of reads while their node does not answer."""
         self.claim_idle_ms = claim_idle_ms
@@ -114,13 +119,27 @@ class GroupReader:
         for member in self.members:
             member.reset()
 
-    def follow(self, streams: tuple[str, ...], create_groups: bool) -> None:
-        """Read ``streams`` from now on (a new one's own pending entries first)."""
+    def follow(
+        self,
+        streams: tuple[str, ...],
+        create_groups: bool,
+        makes_stream: Callable[[str], bool] = lambda stream: True,
+    ) -> None:
+        """Read ``streams`` from now on (a new one's own pending entries first). Where groups
+        are created, a stream ``makes_stream`` refuses is never made: if it does not exist (a
+        deleted deployment's, purged), it is left out until it is made elsewhere."""
+        if self.missing:
+            now = time.monotonic()
+            self.missing = {s: at for s, at in self.missing.items()
+                            if at > now and s in streams and not makes_stream(s)}  # fmt: skip
+            streams = tuple(s for s in streams if s not in self.missing)
         if streams == self.streams:
             return
         new = [s for s in streams if s not in self.streams]
         if new and create_groups:
-            self._create_groups(new)
+            self._create_groups(new, makes_stream)
+            streams = tuple(s for s in streams if s not in self.missing)
+            new = [s for s in new if s not in self.missing]
         for member in self.members:
             for gone in set(self.streams).difference(streams):
                 member.pending_first.discard(gone)
@@ -128,16 +147,18 @@ class GroupReader:
             member.pending_first.update(new)
         self.streams = streams
 
-    def _create_groups(self, streams: list[str]) -> None:
+    def _create_groups(self, streams: list[str], makes_stream: Callable[[str], bool]) -> None:
         pairs = [(m, s) for m in self.members for s in streams]
-        commands = [command(b"XGROUP", b"CREATE", s.encode(), m.group_b, b"0", b"MKSTREAM",
-                            key_at=2)
+        commands = [command(b"XGROUP", b"CREATE", s.encode(), m.group_b, b"0",
+                            *((b"MKSTREAM",) if makes_stream(s) else ()), key_at=2)
                     for m, s in pairs]  # fmt: skip
         reads = [Read(m, [s]) for m, s in pairs]
         replies = self._tolerate_lost(self.bus.execute(commands), reads, among=streams)
-        for reply in replies:
+        for (_, stream), reply in zip(pairs, replies, strict=True):
             if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
-                raise reply
+                if "requires the key to exist" not in str(reply):
+                    raise reply
+                self.missing[stream] = time.monotonic() + MISSING_RETRY_S
 
     # -- the write ahead of the next read -----------------------------------------------------
 
