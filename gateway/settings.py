@@ -88,10 +88,11 @@ class Settings(BaseSettings):
     """How long the log bin waits after a read that did not fill a batch, so one fsync
     carries many requests."""
 
-    deletion_grace_s: float = Field(default=10.0, ge=5.0)
-    """After a deployment is deleted, how long the log bin waits before it purges what the
-    deployment accepted, once drained: every gateway, worker and log bin must have seen the
-    delete by then (they look every 1, 2 and 5 s), hence at least 5 s."""
+    drain_grace_s: float = Field(default=10.0, ge=5.0)
+    """After a deployment is deleted, or its partition count changed, how long the log bin
+    waits before it deletes the input streams that take nothing new, once drained: every
+    gateway, worker and log bin must have seen the change by then (they look every 1, 2 and
+    5 s), hence at least 5 s."""
 
     shadow_nice: int = Field(default=5, ge=0, le=19)
     """Niceness added by ``rdv serve`` to the log bin and to workers of roles that never

@@ -1,4 +1,5 @@
-"""Purging a deleted deployment once what it accepted is drained.
+"""Purging a deleted deployment once what it accepted is drained, and the input streams of a
+deployment's earlier partition counts once they are.
 
 A delete (``DeploymentStore.delete``) only marks the state: gateways stop publishing to it at
 their next refresh (a second), while its workers and the log bin read on. The log bin, which
@@ -16,6 +17,11 @@ under the name is left alone), and the name leaves the set of deployments. What 
 past stays: the history (continued by a deployment created again under the name), the
 archive on disk, outcomes and labels until they expire, the drift and accuracy history,
 replays and loaded entities.
+
+A change of the partition count leaves the streams of the earlier count published to no more
+(``models.deployments.with_partitions``); they are read until drained, then deleted the same
+way (one script a stream), and only then does the count leave the state: readers stop reading
+a stream once it is gone, never before.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 
 import redis
 
-from models.deployments import Deployment
+from models.deployment_store import DeploymentStore
+from models.deployments import Deployment, without_past_partitions
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, Client
 
@@ -54,11 +62,12 @@ for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   end
 end
 if not archived and redis.call('XLEN', KEYS[1]) > 0 then return 0 end
-redis.call('DEL', KEYS[1])
+if ARGV[3] ~= '1' then redis.call('DEL', KEYS[1]) end
 return 1
 """
 """Delete the stream (KEYS[1]) if every group that must (ARGV[1] the log bin's; ARGV[2] '1':
-every one) has read all of it and has nothing pending: 1 when it is gone, 0 when it stays."""
+every one) has read all of it and has nothing pending: 1 when it is gone (or, ARGV[3] '1',
+only asked: would go), 0 when it stays."""
 
 
 def serving_keys(deployment: str) -> list[str]:
@@ -89,7 +98,8 @@ def serving_keys(deployment: str) -> list[str]:
 
 
 class Purger:
-    """Run by the log bin: ``look`` at the deleted deployments it reads, purge those drained."""
+    """Run by the log bin: ``look`` at the deployments it reads; purge the deleted ones once
+    drained, and the drained streams of earlier partition counts."""
 
     def __init__(
         self,
@@ -106,25 +116,63 @@ class Purger:
         self._clock = clock
         self._next = 0.0
         self._script = client.register_script(_DRAINED_THEN_DELETE)
+        self.store = DeploymentStore(client)
         self.purged: list[str] = []
         """The deployments this purger has purged, oldest first."""
 
-    def look(self, deleted: list[Deployment]) -> list[str]:
-        """Purge every deployment of ``deleted`` that is drained (at most every ``every_s``);
-        returns those purged now. Redis failing is logged: the next look tries again."""
+    def look(self, deployments: list[Deployment]) -> list[str]:
+        """Purge every deleted deployment of ``deployments`` that is drained, and retire the
+        drained streams of earlier partition counts of the others (at most every
+        ``every_s``); returns the deployments purged now. Redis failing is logged: the next
+        look tries again."""
         now = self._clock()
-        if not deleted or now < self._next:
+        due = [d for d in deployments if d.deleted_ms or d.past_partitions]
+        if not due or now < self._next:
             return []
         self._next = now + self.every_s
         done = []
-        for dep in deleted:
+        for dep in due:
             try:
-                if self._purge(dep, now):
+                if dep.deleted_ms and self._purge(dep, now):
                     done.append(dep.name)
+                elif not dep.deleted_ms:
+                    self._retire_partitions(dep, now)
             except REDIS_FAILURES as exc:  # script errors too (ResponseError)
-                log.warning("purge of deleted deployment %s: %s; trying again later", dep.name, exc)
+                log.warning("purge of %s's drained streams: %s; trying again later", dep.name, exc)
         self.purged += done
         return done
+
+    def _retire_partitions(self, dep: Deployment, now_s: float) -> None:
+        """The streams of an earlier partition count take nothing new once every gateway
+        follows the change: past the grace (counted from the state's last change, which is no
+        earlier than the partitions'), each is deleted once drained, and the count leaves the
+        state, so its readers stop reading it."""
+        changed_s = dep.updated_ms / 1000
+        if now_s < changed_s + self.grace_s:
+            return
+        every_group = b"1" if now_s < changed_s + self.grace_s + self.model_wait_s else b"0"
+        published = set(dep.published_streams)
+        for count in dep.past_partitions:
+            others = {s for c in dep.past_partitions if c != count
+                      for s in names.input_streams(dep.name, c)}  # fmt: skip
+            streams = [s for s in names.input_streams(dep.name, count)
+                       if s not in published and s not in others]  # fmt: skip
+            # All of them drained first: one deleted while another is still read would leave
+            # its readers reading around a gap until the other drained.
+            if not all(self._drained(s, every_group, only_ask=True) for s in streams):
+                continue
+            if not all(self._drained(s, every_group) for s in streams):
+                continue  # an append came in meanwhile: the next look
+            self.store.update(dep.name, partial(without_past_partitions, count=count),
+                              action="retire-partitions", actor="logbin",
+                              detail={"partitions": count})  # fmt: skip
+            log.info("%s: the streams of its earlier %d partitions were drained and deleted",
+                     dep.name, count)  # fmt: skip
+
+    def _drained(self, stream: str, every_group: bytes, only_ask: bool = False) -> bool:
+        """Whether ``stream`` is drained (then deleted, unless ``only_ask``) or gone."""
+        ask = b"1" if only_ask else b"0"
+        return bool(self._script(keys=[stream], args=[names.LOGBIN_GROUP, every_group, ask]))
 
     def _purge(self, dep: Deployment, now_s: float) -> bool:
         deleted_s = dep.deleted_ms / 1000
@@ -133,10 +181,10 @@ class Purger:
         if not self._still_deleted(dep):
             return False  # purged by another bin, and perhaps created again: not ours to touch
         every_group = b"1" if now_s < deleted_s + self.grace_s + self.model_wait_s else b"0"
-        gone = [bool(self._script(keys=[stream], args=[names.LOGBIN_GROUP, every_group]))
-                for stream in dep.input_streams]  # fmt: skip
-        if not all(gone):
-            return False
+        if not all(self._drained(s, every_group, only_ask=True) for s in dep.input_streams):
+            return False  # all at once: a worker stops once its streams are gone
+        if not all(self._drained(s, every_group) for s in dep.input_streams):
+            return False  # an append came in meanwhile: the next look
         if not self._drop_state(dep):
             return False
         self.client.srem(names.DEPLOYMENTS_SET, dep.name)

@@ -44,17 +44,18 @@ def ensure_groups(client: Client, deployment: Deployment) -> None:
     wanted = set(deployment.groups())
     # A deleted deployment's streams are never made again: once purged, a stale gateway's
     # append (NOMKSTREAM) must fail rather than land where no reader will look.
-    make = not deployment.deleted_ms
+    # Nor are the streams of an earlier partition count, deleted once drained.
+    made = set() if deployment.deleted_ms else set(deployment.published_streams)
     pipe = client.pipeline(transaction=False)
     for stream in deployment.input_streams:
         for group in sorted(wanted):
-            pipe.xgroup_create(stream, group, id="0", mkstream=make)
+            pipe.xgroup_create(stream, group, id="0", mkstream=stream in made)
     for result in pipe.execute(raise_on_error=False):
-        if isinstance(result, Exception) and not _tolerated(result, make):
+        if isinstance(result, Exception) and not _tolerated(result):
             raise result
     stale: list[tuple[str, str]] = []
     for stream in deployment.input_streams[1:]:
-        if not make and not client.exists(stream):
+        if stream not in made and not client.exists(stream):
             continue
         for info in client.xinfo_groups(stream):
             group = text(info["name"])
@@ -64,9 +65,9 @@ def ensure_groups(client: Client, deployment: Deployment) -> None:
         client.xgroup_destroy(stream, group)
 
 
-def _tolerated(error: Exception, made: bool) -> bool:
-    """The group is there already, or (not ``made``) its stream is gone: purged."""
-    return "BUSYGROUP" in str(error) or (not made and "requires the key to exist" in str(error))
+def _tolerated(error: Exception) -> bool:
+    """The group is there already, or a stream not ``made`` is gone: purged."""
+    return "BUSYGROUP" in str(error) or "requires the key to exist" in str(error)
 
 
 # -- the store ---------------------------------------------------------------------------------
@@ -238,9 +239,11 @@ class DeploymentStore:
             # a new role's at each stream's end as on partition 0.
             added = sorted(set(after.roles) - set(before.roles))
             pipe = self.client.pipeline(transaction=False)
+            published = set(after.published_streams)
             for stream in after.input_streams[1:]:
                 for role in added:
-                    pipe.xgroup_create(stream, names.model_group(role), id="$", mkstream=True)
+                    pipe.xgroup_create(stream, names.model_group(role), id="$",
+                                       mkstream=stream in published)  # fmt: skip
             pipe.execute(raise_on_error=False)  # BUSYGROUP: already there
             ensure_groups(self.client, after)
         return before, after

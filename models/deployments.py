@@ -92,6 +92,11 @@ class Deployment:
             out += [s for s in names.input_streams(self.name, count) if s not in out]
         return out
 
+    @property
+    def published_streams(self) -> list[str]:
+        """The input streams requests go to now (the first ``partitions`` read)."""
+        return names.input_streams(self.name, self.partitions)
+
     def input_stream_for(self, request_id: str) -> str:
         """The partition a request is published to."""
         partition = names.partition_for(request_id, self.partitions)
@@ -191,6 +196,12 @@ def with_schedule(dep: Deployment, changes: Mapping[str, Any]) -> Deployment:
 def deleted(dep: Deployment) -> Deployment:
     """Deleted now: it takes no new request (see ``Deployment.deleted_ms``)."""
     return dataclasses.replace(dep, deleted_ms=int(time.time() * 1000))
+
+
+def without_past_partitions(dep: Deployment, count: int) -> Deployment:
+    """``count``'s streams drained and deleted: read no more (``models.deployment_purge``)."""
+    past = tuple(n for n in dep.past_partitions if n != count)
+    return dataclasses.replace(dep, past_partitions=past)
 
 
 def with_partitions(dep: Deployment, partitions: int) -> Deployment:

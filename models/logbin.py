@@ -142,9 +142,12 @@ class LogBin(ConsumerLoop):
         self._next_refresh = 0.0  # purged, perhaps: read the states before making streams
 
     def makes_stream(self, stream: str) -> bool:
-        # Not a deleted deployment's (or one without a state): purged, it must stay gone.
+        # Only a stream published to now: not a deleted deployment's, nor one of an earlier
+        # partition count, nor one without a state (purged, they must stay gone).
         known = self._states.get(self._streams.get(stream, ""))
-        return known is not None and not known[1].deleted_ms
+        return (
+            known is not None and not known[1].deleted_ms and (stream in known[1].published_streams)
+        )
 
     def process(self, batch: Batch) -> int:
         """One fsynced write per deployment, one pipelined ack, then retention. Returns the
@@ -234,7 +237,7 @@ class LogBin(ConsumerLoop):
         self._stream_keys = tuple(wanted)
         self._next_refresh = now + self.refresh_s
         if self.purger is not None:
-            purged = self.purger.look([s for s in states.values() if s and s.deleted_ms])
+            purged = self.purger.look([s for s in states.values() if s is not None])
             if purged:  # read no more (another bin's reads find the streams gone)
                 self._streams = {k: d for k, d in wanted.items() if d not in purged}
                 self._stream_keys = tuple(self._streams)

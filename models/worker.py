@@ -101,6 +101,8 @@ class ModelWorker(ConsumerLoop):
         self.shadow_batch_wait_ms = shadow_batch_wait_ms
         self.revision = 0
         self._streams: tuple[str, ...] = (self.stream,)
+        self._published: frozenset[str] = frozenset(self._streams)
+        """The streams requests go to now; the others are deleted once drained."""
 
     # -- the first role (the only one of a worker of one role) ---------------------------------
 
@@ -197,6 +199,7 @@ class ModelWorker(ConsumerLoop):
         """Read every input partition of ``dep``, making sure their groups exist (a change of
         the partition count cut short is finished here)."""
         streams = tuple(dep.input_streams)
+        self._published = frozenset(() if dep.deleted_ms else dep.published_streams)
         if streams != self._streams:
             if len(streams) > 1:
                 ensure_groups(self.client, dep)
@@ -210,6 +213,11 @@ class ModelWorker(ConsumerLoop):
         self._apply_wanted()
         return self._streams
 
+    def makes_stream(self, stream: str) -> bool:
+        # A stream it reads that is not published to (a deleted deployment's, an earlier
+        # partition count's) is deleted once drained: read on without it (never made here).
+        return stream in self._published
+
     def failed(self, exc: Exception, retry_in_s: float) -> bool:
         # A role removed from the deployment takes its consumer group with it.
         if isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc):
@@ -221,15 +229,19 @@ class ModelWorker(ConsumerLoop):
                 self._drop(role)
             if gone:
                 return True
-            # A live deployment's stream or group lost (Redis restarted without it): make
-            # them again, positioned at the start, and read on.
+            # A stream of an earlier partition count, drained and deleted: follow the state
+            # that leaves it out. Or a live stream's group lost (Redis restarted without it):
+            # made again, at the start, and read on.
             try:
-                ensure_groups(self.client, self.store.get(self.deployment))
+                dep = self.store.get(self.deployment)
+                ensure_groups(self.client, dep)
+                self._maybe_reload(dep.to_json())
             except REDIS_FAILURES as again:
                 log.warning("%s: a consumer group vanished (%s); not made again yet: %s",
                             self.deployment, exc, again)  # fmt: skip
             else:
-                log.warning("%s: a consumer group vanished (%s); made again", self.deployment, exc)
+                log.info("%s: a consumer group vanished (%s); following revision %d",
+                         self.deployment, exc, dep.revision)  # fmt: skip
             return True
         retry = super().failed(exc, retry_in_s)
         for model in self.roles.values():  # rdv_worker_errors_total: Redis down or full,

@@ -99,11 +99,36 @@ class AppClient(httpx.Client):
         self.server.should_exit = True
         self.thread.join(15)
         slow = self.thread.is_alive()
+        where = ""
         if slow:  # never leave a live app (its drift monitor, its job readers) on the
             # session's Redis: once, one judged the next test's deployment with its defaults
             self.server.force_exit = True
             self.thread.join(15)
-        assert not slow, "the app did not shut down within 15 s"
+        if self.thread.is_alive():  # its shutdown hangs: say where, and stop its loop
+            where = self._stuck()
+            self.thread.join(5)
+        assert not slow, f"the app did not shut down within 15 s{where}"
+
+    def _stuck(self) -> str:
+        """Where a shutdown that hangs waits (the thread's stack, the loop's tasks), after
+        which its event loop is stopped, so that the app does nothing more."""
+        import asyncio
+        import sys
+        import traceback
+
+        frame = sys._current_frames().get(self.thread.ident or 0)
+        lines = traceback.format_stack(frame) if frame is not None else []
+        loops = {srv.get_loop() for srv in getattr(self.server, "servers", [])}
+        for loop in loops:
+            try:  # read from another thread: good enough to say where it waits
+                for task in list(asyncio.all_tasks(loop)):
+                    stack = task.get_stack(limit=8)
+                    lines.append(f"task {task.get_name()}: {task.get_coro()!r}\n")
+                    lines += traceback.format_stack(stack[-1]) if stack else []
+            except RuntimeError as exc:
+                lines.append(f"(tasks unreadable: {exc})\n")
+            loop.call_soon_threadsafe(loop.stop)
+        return "; it waits at:\n" + "".join(lines)
 
     def __exit__(self, *exc: object) -> None:
         # httpx.Client's own __exit__ closes its transport but never calls close(): a `with`

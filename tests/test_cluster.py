@@ -296,8 +296,8 @@ def test_two_members_per_group_share_the_work_and_a_killed_one_is_taken_over(
 def any_system(
     bus_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[System]:
-    with launch_system(bus_url, demo_data_dir, tmp_path_factory, SCHEDULE,
-                       RDV_CLAIM_IDLE_MS=str(CLAIM_IDLE_MS)) as sys:  # fmt: skip
+    env = {"RDV_CLAIM_IDLE_MS": str(CLAIM_IDLE_MS), "RDV_DRAIN_GRACE_S": "5"}
+    with launch_system(bus_url, demo_data_dir, tmp_path_factory, SCHEDULE, **env) as sys:
         yield sys
 
 
@@ -346,6 +346,15 @@ def test_partitions_spread_the_input_and_a_change_under_load_drops_nothing(
     assert ok <= set(archived) and len(archived) == len(set(archived)), figures
     assert all(by_id.get(rid) == 1 for rid in ok), "a decision record missing or doubled"
     assert ok <= scored_by_both, sorted(ok - scored_by_both)[:5]
+    # Drained, the earlier count's streams are deleted and read no more; the others stay.
+    wait_until(lambda: not store.get(DEMO_DEPLOYMENT).past_partitions, 30, "the retirement")
+    after = store.get(DEMO_DEPLOYMENT)
+    assert after.input_streams == names.input_streams(DEMO_DEPLOYMENT, 2)
+    assert [s for s in dep.input_streams if s not in after.input_streams and system.r.exists(s)
+            ] == []  # fmt: skip
+    assert all(system.r.exists(s) for s in after.input_streams)
+    assert store.history(DEMO_DEPLOYMENT)[-1]["action"] == "retire-partitions"
+    assert len(set(archived_ids(system))) == len(archived_ids(system))
 
 
 def migrate_slot(cluster: LocalCluster, slot: int, source: int, target: int) -> int:

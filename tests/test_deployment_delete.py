@@ -86,6 +86,36 @@ def test_the_purge_waits_for_every_group_and_an_append_in_between(
     assert all(bus.exists(s) for s in again.input_streams)
 
 
+def test_an_earlier_partition_count_is_retired_once_drained(
+    bus: Client, demo_registry: ModelRegistry
+) -> None:
+    """After a shrink from 3 partitions to 1, past the grace, the two streams published to no
+    more are deleted once every group drained them, and only then leave the state."""
+    store = _deleted_demo(bus, demo_registry, partitions=3)
+    before = store.get(DEMO_DEPLOYMENT)
+    _, shrunk = store.update(DEMO_DEPLOYMENT, lambda d: with_partitions(d, 1),
+                             action="set-partitions", actor="test")  # fmt: skip
+    old = before.input_streams[1:]
+    assert shrunk.past_partitions == (3,) and shrunk.input_streams == before.input_streams
+    bus.xadd(old[0], {b"e": b"1"})
+    now = [shrunk.updated_ms / 1000 + 6]
+    purger = Purger(bus, grace_s=5, every_s=0, model_wait_s=60, clock=lambda: now[0])
+    assert purger.look([shrunk]) == []
+    assert store.get(DEMO_DEPLOYMENT).past_partitions == (3,)
+    assert all(bus.exists(s) for s in old)  # the empty one waits for the other: no gap
+    for group in shrunk.groups():
+        [(_, [(entry_id, _)])] = bus.xreadgroup(group, "c", {old[0]: ">"})
+        bus.xack(old[0], group, entry_id)
+    purger.look([store.get(DEMO_DEPLOYMENT)])
+    retired = store.get(DEMO_DEPLOYMENT)
+    assert retired.past_partitions == () and retired.input_streams == [before.input_streams[0]]
+    assert not any(bus.exists(s) for s in old) and bus.exists(before.input_streams[0])
+    assert store.history(DEMO_DEPLOYMENT)[-1]["detail"] == {"partitions": 3}
+    ensure_groups(bus, store.get(DEMO_DEPLOYMENT))  # a reader's check makes none again
+    ensure_groups(bus, shrunk)  # nor does one that still holds the state before
+    assert not any(bus.exists(s) for s in old)
+
+
 def test_a_deleted_deployment_is_refused_every_change_and_a_new_create_until_purged(
     bus: Client, demo_registry: ModelRegistry
 ) -> None:
@@ -145,7 +175,7 @@ def system(
     bus_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[System]:
     with launch_system(bus_url, demo_data_dir, tmp_path_factory, Schedule(),
-                       RDV_ADMIN_TOKEN=TOKEN, RDV_DELETION_GRACE_S="5") as sys:  # fmt: skip
+                       RDV_ADMIN_TOKEN=TOKEN, RDV_DRAIN_GRACE_S="5") as sys:  # fmt: skip
         yield sys
 
 

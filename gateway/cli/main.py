@@ -239,7 +239,7 @@ def cmd_logbin(args: argparse.Namespace) -> None:
         batch_wait_ms=settings.logbin_batch_wait_ms,
         max_role_lag=settings.max_role_lag,
         owner_token=token,
-        purger=Purger(client, settings.deletion_grace_s),
+        purger=Purger(client, settings.drain_grace_s),
     )
     stop = stop_event()
     settle_heap()

@@ -43,7 +43,7 @@ from rendezvous.bus.connection import MEMORY_LIMIT, REDIS_DOWN, out_of_memory
 from rendezvous.bus.connection import Client as AnyClient
 from rendezvous.bus.group_reads import Batch, Entry, Membership
 from rendezvous.bus.reader import GroupReader
-from rendezvous.bus.routing import Command
+from rendezvous.bus.routing import Command, command
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,8 @@ class ConsumerLoop(ABC):
             try:
                 batch = self.reader.read(block_ms)
             except redis.ResponseError as exc:
+                if "NOGROUP" in str(exc) and self._left_out_gone():
+                    return 0
                 if not self.create_groups or "NOGROUP" not in str(exc):
                     raise
                 log.warning("%s: a consumer group vanished (%s); recreating", self.group, exc)
@@ -248,6 +250,23 @@ class ConsumerLoop(ABC):
                 # Entries arrived one by one: let the next ones gather before the next read.
                 self._read_after = time.monotonic() + self.batch_wait_s
         return self.process(batch)
+
+    def _left_out_gone(self) -> bool:
+        """After a read met a group gone: leave out the streams read that no longer exist and
+        that this loop may not make (an earlier partition count's, drained and deleted), so
+        the others are read on; False when there are none (the group alone is gone) or none
+        would be left."""
+        streams = [s for s in self.streams if not self.makes_stream(s)]
+        if not streams:
+            return False
+        found = self.bus.execute([command(b"EXISTS", s.encode()) for s in streams])
+        gone = [s for s, n in zip(streams, found, strict=True) if n == 0]
+        if not gone or len(gone) == len(self.streams):
+            return False  # nothing left to read: the subclass decides (``failed``)
+        self.reader.leave_out(gone)
+        self.reader.follow(tuple(self.streams_to_read()), self.create_groups, self.makes_stream)
+        log.info("%s: %s deleted (drained); reading on without", self.group, ", ".join(gone))
+        return True
 
     def heartbeat_due(self) -> float | None:
         """The time to publish with (epoch s) when the heartbeat is due, else None; a subclass

@@ -147,6 +147,12 @@ class GroupReader:
             member.pending_first.update(new)
         self.streams = streams
 
+    def leave_out(self, streams: list[str]) -> None:
+        """``streams`` are gone (and may not be made here): read without them, looking for
+        them again every ``MISSING_RETRY_S`` while they are asked for."""
+        for stream in streams:
+            self.missing[stream] = time.monotonic() + MISSING_RETRY_S
+
     def _create_groups(self, streams: list[str], makes_stream: Callable[[str], bool]) -> None:
         pairs = [(m, s) for m in self.members for s in streams]
         commands = [command(b"XGROUP", b"CREATE", s.encode(), m.group_b, b"0",
@@ -158,7 +164,7 @@ class GroupReader:
             if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
                 if "requires the key to exist" not in str(reply):
                     raise reply
-                self.missing[stream] = time.monotonic() + MISSING_RETRY_S
+                self.leave_out([stream])
 
     # -- the write ahead of the next read -----------------------------------------------------
 
