@@ -256,6 +256,19 @@ class _AdminMixin(Generic[Doc]):
     def deployment(self, deployment: str) -> Doc:
         return self._admin("GET", f"/deployments/{_seg(deployment)}")
 
+    def create_deployment(self, deployment: str, model: str, version: int,
+                          **options: Any) -> Doc:  # fmt: skip
+        """``options``: ``canary`` ({"model", "version"}), ``schedule``, ``partitions``,
+        ``lookup``, ``reason``."""
+        real = {"model": model, "version": version}
+        return self._admin("POST", "/deployments", json={"name": deployment, "real": real,
+                                                          **options})  # fmt: skip
+
+    def delete_deployment(self, deployment: str, reason: str = "") -> Doc:
+        """No new request from now on; what it accepted is drained, then it is purged."""
+        return self._admin("DELETE", f"/deployments/{_seg(deployment)}",
+                           params={"reason": reason})  # fmt: skip
+
     def history(self, deployment: str, limit: int = 50) -> Doc:
         return self._admin("GET", f"/deployments/{_seg(deployment)}/history",
                            params={"limit": limit})  # fmt: skip

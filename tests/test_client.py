@@ -91,6 +91,15 @@ def test_admin_calls_need_the_token_and_return_the_gateways_json(system: System)
         changed = admin.set_schedule(DEMO_DEPLOYMENT, grace_ms=120, reason="client test")
         assert changed["deployment"]["schedule"]["grace_ms"] == 120
         assert admin.history(DEMO_DEPLOYMENT, limit=1)["history"][0]["action"] == "set-schedule"
+        real = shown["roles"]["real"]
+        made = admin.create_deployment("second", real["name"], real["version"], reason="try")
+        assert made["name"] == "second" and made["revision"] == 1
+        gone = admin.delete_deployment("second", reason="done")
+        assert gone["action"] == "delete" and gone["deployment"]["deleted_ms"] > 0
+        assert [d["name"] for d in admin.deployments()["deployments"]] == [DEMO_DEPLOYMENT]
+        with pytest.raises(RdvError) as deleted:
+            admin.deployment("second")
+        assert deleted.value.status == 404 and "was deleted" in str(deleted.value)
 
 
 def test_the_async_client_says_the_same(system: System) -> None:
