@@ -230,9 +230,8 @@ class LogBin(ConsumerLoop):
                 specs[dep] = state.feature_spec
         if self.watch is not None:
             self._adopt(self.watch.follow(specs))
-        for stream, dep in wanted.items():
-            if stream not in self._streams:
-                log.info("logbin: archiving deployment %s", dep)
+        for dep in sorted({d for s, d in wanted.items() if s not in self._streams}):
+            log.info("logbin: archiving deployment %s", dep)
         self._streams = wanted
         self._stream_keys = tuple(wanted)
         self._next_refresh = now + self.refresh_s
