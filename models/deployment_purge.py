@@ -34,7 +34,12 @@ from functools import partial
 import redis
 
 from models.deployment_store import DeploymentStore
-from models.deployments import Deployment, without_past_partitions
+from models.deployments import (
+    Deployment,
+    DeploymentConflict,
+    DeploymentNotFound,
+    without_past_partitions,
+)
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, Client
 
@@ -139,6 +144,8 @@ class Purger:
                     self._retire_partitions(dep, now)
             except REDIS_FAILURES as exc:  # script errors too (ResponseError)
                 log.warning("purge of %s's drained streams: %s; trying again later", dep.name, exc)
+            except (DeploymentNotFound, ValueError) as exc:  # gone, or unreadable, meanwhile
+                log.info("purge of %s's drained streams: %s", dep.name, exc)
         self.purged += done
         return done
 
@@ -161,11 +168,16 @@ class Purger:
             # its readers reading around a gap until the other drained.
             if not all(self._drained(s, every_group, only_ask=True) for s in streams):
                 continue
+            if self.store.get(dep.name).revision != dep.revision:
+                return  # changed meanwhile (the count set again?): the next look, afresh
             if not all(self._drained(s, every_group) for s in streams):
                 continue  # an append came in meanwhile: the next look
-            self.store.update(dep.name, partial(without_past_partitions, count=count),
-                              action="retire-partitions", actor="logbin",
-                              detail={"partitions": count})  # fmt: skip
+            try:
+                self.store.update(dep.name, partial(without_past_partitions, count=count),
+                                  action="retire-partitions", actor="logbin",
+                                  detail={"partitions": count})  # fmt: skip
+            except (DeploymentConflict, DeploymentNotFound):
+                return  # set again, or deleted, meanwhile: its readers make what they need
             log.info("%s: the streams of its earlier %d partitions were drained and deleted",
                      dep.name, count)  # fmt: skip
 

@@ -199,7 +199,10 @@ def deleted(dep: Deployment) -> Deployment:
 
 
 def without_past_partitions(dep: Deployment, count: int) -> Deployment:
-    """``count``'s streams drained and deleted: read no more (``models.deployment_purge``)."""
+    """``count``'s streams drained and deleted: read no more (``models.deployment_purge``).
+    A conflict if the count is no longer a past one (set again meanwhile)."""
+    if count not in dep.past_partitions:
+        raise DeploymentConflict(f"{dep.name} has no earlier partition count {count} now")
     past = tuple(n for n in dep.past_partitions if n != count)
     return dataclasses.replace(dep, past_partitions=past)
 
