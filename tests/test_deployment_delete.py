@@ -106,6 +106,16 @@ def test_an_earlier_partition_count_is_retired_once_drained(
     for group in shrunk.groups():
         [(_, [(entry_id, _)])] = bus.xreadgroup(group, "c", {old[0]: ">"})
         bus.xack(old[0], group, entry_id)
+    # Drained, but set to 3 again meanwhile: a purger that judged the state before leaves
+    # the streams (published to again) and the history alone.
+    store.update(DEMO_DEPLOYMENT, lambda d: with_partitions(d, 3), action="set-partitions",
+                 actor="test")  # fmt: skip
+    purger.look([shrunk])
+    assert all(bus.exists(s) for s in old)
+    assert store.history(DEMO_DEPLOYMENT)[-1]["action"] == "set-partitions"
+    _, shrunk = store.update(DEMO_DEPLOYMENT, lambda d: with_partitions(d, 1),
+                             action="set-partitions", actor="test")  # fmt: skip
+    now[0] = shrunk.updated_ms / 1000 + 6
     purger.look([store.get(DEMO_DEPLOYMENT)])
     retired = store.get(DEMO_DEPLOYMENT)
     assert retired.past_partitions == () and retired.input_streams == [before.input_streams[0]]
