@@ -105,6 +105,10 @@ class Deployment:
     def groups(self) -> list[str]:
         return [names.LOGBIN_GROUP, *(names.model_group(r) for r in self.role_names)]
 
+    def roles_holding(self, version: str) -> list[str]:
+        """The roles whose model is at ``version`` (as a protocol names it), real first."""
+        return [r for r in self.role_names if str(self.roles[r].version) == version]
+
     def role_of(self, ref: ModelRef) -> str | None:
         return next((r for r in self.role_names if self.roles[r] == ref), None)
 

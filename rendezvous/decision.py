@@ -334,8 +334,8 @@ def build_decision(
     schedule: Schedule | None = None,
     ood: OodScore | None = None,
 ) -> DecisionRecord:
-    """``outcome`` is ``real``, ``split``, ``fallback`` or ``timeout``; ``chosen_role`` is None
-    on timeout; ``ood`` is the input's out-of-distribution evidence."""
+    """``outcome`` is ``real``, ``split``, ``pinned``, ``fallback`` or ``timeout``;
+    ``chosen_role`` is None on timeout; ``ood`` is the input's out-of-distribution evidence."""
     outputs: dict[str, BinOutput] = {}
     divergences: dict[str, Divergence] = {}
     errors: dict[str, str] = {}

@@ -53,6 +53,8 @@ class Schedule:
     """Per request (never stored): the role that answers first."""
     draw: float | None = None
     """Per request (never stored): the split draw that chose ``primary``."""
+    pinned: bool = False
+    """Per request (never stored): ``primary`` alone may answer (``pinned_to``)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.real_deadline_ms <= self.timeout_ms:
@@ -111,6 +113,13 @@ class Schedule:
         roles: they simply never answer)."""
         return dataclasses.replace(self, splits=tuple(s for s in self.splits if s[0] != role))
 
+    def pinned_to(self, role: str) -> Schedule:
+        """The schedule of a request that names the model version to answer it (the Open
+        Inference Protocol's versioned infer): that role alone, until the timeout; no split,
+        no fallback (502 if it fails, 504 if it does not answer)."""
+        return dataclasses.replace(self, primary=role, pinned=True, fallbacks=(), splits=(),
+                                   draw=None, real_deadline_ms=self.timeout_ms)  # fmt: skip
+
     def for_request(self, request_id: str) -> Schedule:
         """The schedule of one request: the split decides who answers first."""
         if not self.splits:
@@ -143,6 +152,8 @@ class Verdict:
 def _answer(schedule: Schedule, role: str, reason: str) -> Verdict:
     if role == REAL:
         outcome = "real"
+    elif schedule.pinned:
+        outcome = "pinned"
     elif role == schedule.primary:
         outcome = "split"
     else:
@@ -164,7 +175,7 @@ def decide(
     primary_is_out = primary in failed or elapsed_ms >= schedule.real_deadline_ms
     if primary_is_out:
         order = schedule.fallbacks
-        if primary != REAL:
+        if primary != REAL and not schedule.pinned:
             order = (REAL, *(r for r in schedule.fallbacks if r != primary))
         for role in order:
             if role in answered:

@@ -104,7 +104,12 @@ def test_tritonclient_infers_on_the_rendezvous_path(
     x = demo_data().x_test[:12].astype(np.float32)
     registry = ModelRegistry(demo_data_dir / "models")
     real = OnnxClassifier(registry.artifact_path(MODEL, 2), registry.meta(MODEL, 2))
+    canary = OnnxClassifier(registry.artifact_path(MODEL, 1), registry.meta(MODEL, 1))
     want_labels, want_proba = real.predict(x)
+    # A versioned infer is answered by the version it names: the canary's rows by v1.
+    canary_labels, canary_proba = canary.predict(x[9:12])
+    want_labels[9:12], want_proba[9:12] = canary_labels, canary_proba
+    assert not np.allclose(canary_proba, real.predict(x[9:12])[1], atol=1e-6)  # not real's
     json_outputs = [
         triton.InferRequestedOutput("label", binary_data=False),
         triton.InferRequestedOutput("probabilities", binary_data=False),
@@ -121,9 +126,11 @@ def test_tritonclient_infers_on_the_rendezvous_path(
     for i, (rid, kwargs) in enumerate(calls.items()):
         result = client.infer(MODEL, request_id=rid, **kwargs)  # type: ignore[arg-type]
         response = result.get_response()
+        pinned = rid == "oip-version-1"
         assert response["id"] == rid
-        assert response["model_name"] == MODEL and response["model_version"] == "2"
-        assert response["parameters"]["role"] == "real"
+        assert response["model_name"] == MODEL
+        assert response["model_version"] == ("1" if pinned else "2")
+        assert response["parameters"]["role"] == ("canary" if pinned else "real")
         labels, proba = result.as_numpy("label"), result.as_numpy("probabilities")
         assert labels.dtype == np.int64 and proba.dtype == np.float32
         at = slice(3 * i, 3 * i + 3)
@@ -141,8 +148,10 @@ def test_tritonclient_infers_on_the_rendezvous_path(
 
     decisions = wait_until(recorded, 10, "decision records")
     for rid in calls:
-        assert decisions[rid].outcome == "real"
+        assert decisions[rid].outcome == ("pinned" if rid == "oip-version-1" else "real")
         assert set(decisions[rid].outputs) == {"real", "canary"}
+    real_pinned = client.infer(MODEL, [_infer_input(x[:1], True)], model_version="2")
+    assert real_pinned.get_response()["parameters"]["role"] == "real"
 
     def archived() -> dict | None:
         reader = ArchiveReader(workers.data_dir / "logbin")

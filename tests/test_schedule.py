@@ -75,3 +75,22 @@ def test_invalid_schedules_are_refused(kwargs: dict) -> None:
 
 def test_round_trips_through_a_dict() -> None:
     assert Schedule.from_dict(S.to_dict()) == S
+
+
+def test_a_pinned_role_alone_answers_until_the_timeout() -> None:
+    """A request that names its model version: real's answer (or any other) never stands in
+    for the pinned role's, its failure is a failure at once, and the wait ends at the
+    timeout, not at real's deadline; the split never applies."""
+    base = Schedule(real_deadline_ms=50, timeout_ms=1000, fallbacks=("canary",),
+                    splits=(("b", 0.5),))  # fmt: skip
+    pinned = base.pinned_to("canary")
+    assert pinned.to_dict()["splits"] == {} and pinned.primary == "canary"
+    waiting = decide(pinned, {"real", "b"}, set(), 400)
+    assert waiting.answer is None and waiting.wait_until_ms == 1000
+    answered = decide(pinned, {"real", "canary"}, set(), 10)
+    assert (answered.answer, answered.outcome) == ("canary", "pinned")
+    failed = decide(pinned, {"real"}, {"canary"}, 10)
+    assert failed.timed_out and failed.failed and failed.answer is None
+    assert decide(pinned, {"real"}, set(), 1000).timed_out
+    assert decide(base.pinned_to("real"), {"real"}, set(), 1).outcome == "real"
+    assert "pinned" not in pinned.to_dict()  # per request, never stored

@@ -117,6 +117,7 @@ class PredictionService:
         raw: bytes,
         request_id: str | None,
         decode: Decoder | None = None,
+        version: str | None = None,
     ) -> dict[str, Any]:
         """Validate, publish, wait; refuses at once when this gateway or the stream is full.
         Every request is counted once, by outcome (see
@@ -126,11 +127,15 @@ class PredictionService:
         feature-spec order, raising ``RequestValidationError`` for what is wrong; the default
         reads this gateway's own JSON (``features`` or ``instances``). Other protocols bring
         their own decoder and travel the same path: the envelope carries ``raw`` as sent, so
-        the archive holds it."""
+        the archive holds it.
+
+        ``version``: only the role that model version holds answers (an Open Inference
+        Protocol versioned infer), real first where it holds several; 404 if none."""
         t0 = time.perf_counter()
         known = deployment if deployment in self.deployments.deployments else None
         try:
-            response, outcome = await self._predict(deployment, raw, request_id, t0, decode)
+            response, outcome = await self._predict(deployment, raw, request_id, t0, decode,
+                                                    version)  # fmt: skip
         except NoAnswer as exc:
             outcome = "error" if exc.answer.failed else "timeout"
             self.metrics.request_done(known, outcome, time.perf_counter() - t0)
@@ -154,8 +159,10 @@ class PredictionService:
         request_id: str | None,
         t0: float,
         decode: Decoder | None,
+        version: str | None = None,
     ) -> tuple[dict[str, Any], str]:
         dep = self.deployments.get(deployment)
+        pin = pinned_role(dep, version) if version is not None else None
         spec = dep.feature_spec
         entities: list[str] | None = None
         if decode is None:
@@ -176,7 +183,7 @@ class PredictionService:
             if entities is not None:
                 features, looked_up = await self._enrich(dep, features, entities)
             return await self._publish_and_wait(
-                dep, rid, raw, features, t0, bool(request_id), looked_up, decode is None
+                dep, rid, raw, features, t0, bool(request_id), looked_up, decode is None, pin
             )
         finally:
             self.in_flight -= 1
@@ -237,11 +244,14 @@ class PredictionService:
         chosen: bool,
         looked_up: list[dict[str, Any]] | None = None,
         raw_is_json: bool = False,
+        pin: str | None = None,
     ) -> tuple[dict[str, Any], str]:
         """``chosen``: the caller chose the request id, which must then be new everywhere;
-        ``raw_is_json``: this gateway's JSON parser accepted ``raw`` (the archive trusts it)."""
+        ``raw_is_json``: this gateway's JSON parser accepted ``raw`` (the archive trusts it);
+        ``pin``: the role that alone may answer."""
         spec = dep.feature_spec
-        schedule = dep.schedule.for_request(rid)  # the A/B split draw, if any
+        # The A/B split draw, if any; or the role the caller named by its model version.
+        schedule = dep.schedule.pinned_to(pin) if pin else dep.schedule.for_request(rid)
         mailbox = self.rendezvous.open(rid, dep.name, schedule, dep.role_names)
         mailbox.features, mailbox.ood_reference = features, self.ood_reference(spec)
         envelope = RequestEnvelope(
@@ -350,6 +360,16 @@ class PredictionService:
             f"{what}; its input may still be scored under that id, which stays taken: "
             "retry it with a new X-Request-Id"
         )
+
+
+def pinned_role(dep: Deployment, version: str) -> str:
+    """The role a model version holds (real first), for a request that names the version."""
+    for role in dep.roles_holding(version):
+        return role
+    held = ", ".join(sorted({str(m.version) for m in dep.roles.values()}, key=int))
+    raise UnknownDeployment(
+        f"model {dep.name!r} has no version {version!r} in a role (versions: {held})"
+    )
 
 
 def predictions(

@@ -27,10 +27,12 @@ from rendezvous.decision import DecisionRecord
 from rendezvous.drift import DIVERGENCE_EDGES
 from rendezvous.names import REAL
 
-OUTCOMES = ("real", "fallback", "split", "timeout", "invalid", "rejected", "error")
+OUTCOMES = ("real", "fallback", "split", "pinned", "timeout", "invalid", "rejected", "error")
 """``requests_total`` outcomes: answered by real, by a fallback after real's deadline, by the
-A/B split's assigned challenger; no answer in time (504); bad input (4xx); refused because the
-gateway or the stream was full (429/503); anything else (Redis down, a bug)."""
+A/B split's assigned challenger, by the version the request named (the Open Inference
+Protocol's versioned infer, when not real's); no answer in time (504); bad input (4xx);
+refused because the gateway or the stream was full (429/503); anything else (Redis down, a
+bug)."""
 
 UNKNOWN_DEPLOYMENT = "_unknown"
 """The label of requests naming a deployment that does not exist: the label set stays bounded

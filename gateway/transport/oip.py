@@ -40,7 +40,7 @@ from gateway.transport.oip_codec import (
     parse_infer,
 )
 from gateway.transport.oip_lookup import lookup_rows
-from gateway.transport.oip_metadata import class_count, deployment_of, model_metadata, roles_of
+from gateway.transport.oip_metadata import class_count, deployment_of, model_metadata
 from rendezvous import names
 from rendezvous.spec import FeatureSpec
 
@@ -141,7 +141,7 @@ def mount(app: FastAPI, settings: Settings) -> None:
     async def metadata(request: Request, model: str, version: str | None) -> JSONResponse:
         try:
             dep = deployment_of(request.app.state.deployments, model, version)
-            role = roles_of(dep, version)[0] if version is not None else names.REAL
+            role = dep.roles_holding(version)[0] if version is not None else names.REAL
             classes = await class_count(request, dep.roles[role], settings.models_dir)
         except Exception as exc:
             return _failure(exc, f"metadata of {model}")
@@ -163,7 +163,7 @@ def mount(app: FastAPI, settings: Settings) -> None:
     async def model_ready(request: Request, model: str, version: str | None) -> JSONResponse:
         try:
             dep = deployment_of(request.app.state.deployments, model, version)
-            wanted = roles_of(dep, version) if version is not None else [names.REAL]
+            wanted = dep.roles_holding(version) if version is not None else [names.REAL]
             live_after = time.time() - settings.heartbeat_timeout_s
             members = await asyncio.wait_for(
                 request.app.state.redis.zrangebyscore(
@@ -233,7 +233,7 @@ def mount(app: FastAPI, settings: Settings) -> None:
 
         request_id = parsed.id if parsed is not None and parsed.id else x_request_id
         try:
-            answer = await service.predict(model, raw, request_id, decode=decode)
+            answer = await service.predict(model, raw, request_id, decode=decode, version=version)
         except RequestValidationError as exc:  # a value's fault: where in this request it was
             located = parsed.located(exc, decoded[0]) if parsed and decoded else exc
             return _failure(located, f"infer {model}")
@@ -279,9 +279,9 @@ def mount(app: FastAPI, settings: Settings) -> None:
         inference_header_content_length: Annotated[str | None, Header()] = None,
         x_request_id: Annotated[str | None, Header()] = None,
     ) -> Response:
-        """As the model's infer, for a version that holds a role (404 otherwise). The
-        schedule still picks the answer: ``model_version`` and ``parameters.role`` say which
-        version and role gave it."""
+        """As the model's infer, answered by the version named (404 if it holds no role):
+        that role alone, up to the timeout (504), without a fallback (502 if it fails); every
+        role still scores the inputs. ``parameters.role`` says which role it holds."""
         return await infer(request, model, version, inference_header_content_length, x_request_id)
 
     app.include_router(router)

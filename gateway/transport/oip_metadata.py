@@ -39,13 +39,9 @@ def versions(dep: Deployment) -> list[str]:
     return found
 
 
-def roles_of(dep: Deployment, version: str) -> list[str]:
-    return [r for r in dep.role_names if str(dep.roles[r].version) == version]
-
-
 def deployment_of(deployments: DeploymentCache, model: str, version: str | None) -> Deployment:
     dep = deployments.get(model)
-    if version is not None and not roles_of(dep, version):
+    if version is not None and not dep.roles_holding(version):
         raise UnknownVersion(
             f"model {model!r} has no version {version!r} in a role (versions: "
             f"{', '.join(versions(dep))})"
@@ -105,6 +101,5 @@ __all__ = [
     "class_count",
     "deployment_of",
     "model_metadata",
-    "roles_of",
     "versions",
 ]
