@@ -9,10 +9,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Generic, TypeVar
-from urllib.parse import quote
 
 import httpx
 
+from rdv_client.admin import AdminCalls, segment
 from rdv_client.types import GatewayUnreachable, Job, JobExists, Prediction, RdvError
 
 T = TypeVar("T")
@@ -32,10 +32,6 @@ class _Call(Generic[T]):
     wait_s: float = 0.0
     """How long the server may hold the answer on purpose (a long poll): added to the
     client's timeout, which would otherwise cut a wait longer than itself."""
-
-
-def _seg(name: str) -> str:
-    return quote(name, safe="")
 
 
 def _body(
@@ -137,30 +133,30 @@ class _Calls:
     @staticmethod
     def predict(deployment: str, body: dict[str, Any],
                 request_id: str | None) -> _Call[Prediction]:  # fmt: skip
-        return _Call("POST", f"/v1/deployments/{_seg(deployment)}/predict", Prediction.from_json,
+        return _Call("POST", f"/v1/deployments/{segment(deployment)}/predict", Prediction.from_json,
                      json=body, headers=_rid(request_id))  # fmt: skip
 
     @staticmethod
     def submit(deployment: str, body: dict[str, Any],
                request_id: str | None) -> _Call[Job]:  # fmt: skip
-        return _Call("POST", f"/v1/deployments/{_seg(deployment)}/jobs", Job.from_json,
+        return _Call("POST", f"/v1/deployments/{segment(deployment)}/jobs", Job.from_json,
                      json=body, headers=_rid(request_id))  # fmt: skip
 
     @staticmethod
     def result(deployment: str, job_id: str, wait_ms: int | None) -> _Call[Job]:
         params = {"wait_ms": wait_ms} if wait_ms is not None else None
-        return _Call("GET", f"/v1/deployments/{_seg(deployment)}/jobs/{_seg(job_id)}",
+        return _Call("GET", f"/v1/deployments/{segment(deployment)}/jobs/{segment(job_id)}",
                      Job.from_json, params=params,
                      wait_s=max(wait_ms or 0, 0) / 1000)  # fmt: skip
 
     @staticmethod
     def cancel(deployment: str, job_id: str) -> _Call[Job]:
-        return _Call("DELETE", f"/v1/deployments/{_seg(deployment)}/jobs/{_seg(job_id)}",
+        return _Call("DELETE", f"/v1/deployments/{segment(deployment)}/jobs/{segment(job_id)}",
                      Job.from_json)  # fmt: skip
 
     @staticmethod
     def feedback(deployment: str, body: Any) -> _Call[dict[str, Any]]:
-        return _Call("POST", f"/v1/deployments/{_seg(deployment)}/feedback", _doc, json=body,
+        return _Call("POST", f"/v1/deployments/{segment(deployment)}/feedback", _doc, json=body,
                      feedback=True)  # fmt: skip
 
     @staticmethod
@@ -238,67 +234,7 @@ def _unreachable(call: _Call[Any], exc: httpx.TransportError) -> GatewayUnreacha
     return GatewayUnreachable(f"{call.method} {call.path}: {what}: {exc!r}")
 
 
-Doc = TypeVar("Doc")
-"""What an admin call returns: the gateway's JSON object, or (async) an awaitable of it."""
-
-
-class _AdminMixin(Generic[Doc]):
-    """The admin calls, the same for both clients: each returns the gateway's JSON object
-    (the async client's, an awaitable of it)."""
-
-    def _admin(self, method: str, path: str, json: Any = None,
-               params: Mapping[str, Any] | None = None) -> Doc:  # fmt: skip
-        raise NotImplementedError
-
-    def deployments(self) -> Doc:
-        return self._admin("GET", "/deployments")
-
-    def deployment(self, deployment: str) -> Doc:
-        return self._admin("GET", f"/deployments/{_seg(deployment)}")
-
-    def create_deployment(self, deployment: str, model: str, version: int,
-                          **options: Any) -> Doc:  # fmt: skip
-        """``options``: ``canary`` ({"model", "version"}), ``schedule``, ``partitions``,
-        ``lookup``, ``reason``."""
-        real = {"model": model, "version": version}
-        return self._admin("POST", "/deployments", json={"name": deployment, "real": real,
-                                                          **options})  # fmt: skip
-
-    def delete_deployment(self, deployment: str, reason: str = "") -> Doc:
-        """No new request from now on; what it accepted is drained, then it is purged."""
-        return self._admin("DELETE", f"/deployments/{_seg(deployment)}",
-                           params={"reason": reason})  # fmt: skip
-
-    def history(self, deployment: str, limit: int = 50) -> Doc:
-        return self._admin("GET", f"/deployments/{_seg(deployment)}/history",
-                           params={"limit": limit})  # fmt: skip
-
-    def promote(self, deployment: str, version: int, **options: Any) -> Doc:
-        return self._admin("POST", f"/deployments/{_seg(deployment)}/promote",
-                           json={"version": version, **options})  # fmt: skip
-
-    def rollback(self, deployment: str, **options: Any) -> Doc:
-        return self._admin("POST", f"/deployments/{_seg(deployment)}/rollback", json=options)
-
-    def add_challenger(self, deployment: str, role: str, version: int, **options: Any) -> Doc:
-        return self._admin("POST", f"/deployments/{_seg(deployment)}/challengers",
-                           json={"role": role, "version": version, **options})  # fmt: skip
-
-    def remove_challenger(self, deployment: str, role: str) -> Doc:
-        return self._admin("DELETE", f"/deployments/{_seg(deployment)}/challengers/{_seg(role)}")
-
-    def set_schedule(self, deployment: str, **changes: Any) -> Doc:
-        return self._admin("PATCH", f"/deployments/{_seg(deployment)}/schedule", json=changes)
-
-    def set_partitions(self, deployment: str, partitions: int, reason: str = "") -> Doc:
-        return self._admin("PATCH", f"/deployments/{_seg(deployment)}",
-                           json={"partitions": partitions, "reason": reason})  # fmt: skip
-
-    def models(self) -> Doc:
-        return self._admin("GET", "/models")
-
-
-class Client(_AdminMixin[dict[str, Any]]):
+class Client(AdminCalls[dict[str, Any]]):
     """Synchronous. ``admin_token`` only for the admin calls, ``feedback_token`` for
     ``feedback`` on a gateway that asks for one; ``transport`` for tests."""
 
@@ -364,7 +300,7 @@ class Client(_AdminMixin[dict[str, Any]]):
         self.close()
 
 
-class AsyncClient(_AdminMixin[Awaitable[dict[str, Any]]]):
+class AsyncClient(AdminCalls[Awaitable[dict[str, Any]]]):
     """The same calls for asyncio: each, the admin ones included, is awaited."""
 
     def __init__(self, base_url: str, *, admin_token: str | None = None,
