@@ -111,7 +111,7 @@ class DeploymentOperations(AdminCore):
 
     def history(self, name: str, limit: int) -> list[dict[str, Any]]:
         """Also of a deployment deleted since: its history stays."""
-        found = self.store.history(names.check_name(name, "deployment"), limit)
+        found = self.store.history(name, limit) if names.NAME_PATTERN.fullmatch(name) else []
         if not found:
             self._dep(name)  # 404 naming why
         return found
