@@ -105,6 +105,11 @@ class Deployment:
     def groups(self) -> list[str]:
         return [names.LOGBIN_GROUP, *(names.model_group(r) for r in self.role_names)]
 
+    @property
+    def versions(self) -> list[str]:
+        """The model versions that hold a role (as a protocol names them), real's first."""
+        return list(dict.fromkeys(str(self.roles[r].version) for r in self.role_names))
+
     def roles_holding(self, version: str) -> list[str]:
         """The roles whose model is at ``version`` (as a protocol names it), real first."""
         return [r for r in self.role_names if str(self.roles[r].version) == version]

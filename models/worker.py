@@ -235,7 +235,7 @@ class ModelWorker(ConsumerLoop):
             try:
                 dep = self.store.get(self.deployment)
                 ensure_groups(self.client, dep)
-                self._maybe_reload(dep.to_json())
+                self._follow(dep)
             except REDIS_FAILURES as again:
                 log.warning("%s: a consumer group vanished (%s); not made again yet: %s",
                             self.deployment, exc, again)  # fmt: skip
@@ -359,9 +359,11 @@ class ModelWorker(ConsumerLoop):
 
     def _maybe_reload(self, raw: bytes | str | None) -> None:
         """Follow a deployment change whose revision came with a read (hot swap)."""
-        if raw is None:
-            return
-        dep = Deployment.from_json(raw)
+        if raw is not None:
+            self._follow(Deployment.from_json(raw))
+
+    def _follow(self, dep: Deployment) -> None:
+        """Follow the deployment's state when its revision moved: partitions, models."""
         if dep.revision == self.revision:
             return
         self.revision = dep.revision

@@ -21,6 +21,10 @@ class UnknownDeployment(LookupError):
     pass
 
 
+class UnknownVersion(UnknownDeployment):
+    """A request names a model version that holds no role of the deployment (404)."""
+
+
 class Unavailable(RuntimeError):
     """Redis cannot take the request now; the caller may retry."""
 

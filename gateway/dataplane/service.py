@@ -26,6 +26,7 @@ from gateway.dataplane.failures import (
     Overloaded,
     Unavailable,
     UnknownDeployment,
+    UnknownVersion,
 )
 from gateway.dataplane.matcher import Rendezvous
 from gateway.dataplane.validation import (
@@ -366,9 +367,9 @@ def pinned_role(dep: Deployment, version: str) -> str:
     """The role a model version holds (real first), for a request that names the version."""
     for role in dep.roles_holding(version):
         return role
-    held = ", ".join(sorted({str(m.version) for m in dep.roles.values()}, key=int))
-    raise UnknownDeployment(
-        f"model {dep.name!r} has no version {version!r} in a role (versions: {held})"
+    raise UnknownVersion(
+        f"model {dep.name!r} has no version {version!r} in a role "
+        f"(versions: {', '.join(dep.versions)})"
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import Request
 
 from gateway.dataplane.deployments import DeploymentCache
-from gateway.dataplane.failures import UnknownDeployment
+from gateway.dataplane.service import pinned_role
 from gateway.transport.oip_codec import INPUT, LABEL, PROBABILITIES
 from gateway.transport.oip_lookup import lookup_inputs
 from models.deployments import Deployment, ModelRef
@@ -25,34 +25,19 @@ from rendezvous import names
 PLATFORM = "onnxruntime"
 
 
-class UnknownVersion(UnknownDeployment):
-    """The path names a version that holds no role of the deployment (404)."""
-
-
-def versions(dep: Deployment) -> list[str]:
-    """The versions that hold a role, real's first."""
-    found: list[str] = []
-    for role in dep.role_names:
-        version = str(dep.roles[role].version)
-        if version not in found:
-            found.append(version)
-    return found
-
-
 def deployment_of(deployments: DeploymentCache, model: str, version: str | None) -> Deployment:
+    """The deployment a ``/v2`` path names; ``UnknownVersion`` (404) for a version that
+    holds no role of it."""
     dep = deployments.get(model)
-    if version is not None and not dep.roles_holding(version):
-        raise UnknownVersion(
-            f"model {model!r} has no version {version!r} in a role (versions: "
-            f"{', '.join(versions(dep))})"
-        )
+    if version is not None:
+        pinned_role(dep, version)
     return dep
 
 
 def model_metadata(dep: Deployment, classes: int | None) -> dict[str, Any]:
     return {
         "name": dep.name,
-        "versions": versions(dep),
+        "versions": dep.versions,
         "platform": PLATFORM,
         "inputs": (
             lookup_inputs(dep.feature_spec)
@@ -97,9 +82,7 @@ async def class_count(request: Request, ref: ModelRef, models_dir: Path) -> int 
 
 __all__ = [
     "PLATFORM",
-    "UnknownVersion",
     "class_count",
     "deployment_of",
     "model_metadata",
-    "versions",
 ]

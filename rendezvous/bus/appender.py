@@ -224,7 +224,7 @@ class StreamAppender:
                 if result is None:
                     result = _nothing_appended(item)
                 elif isinstance(result, ResponseError) and str(result).startswith("NOSTREAM"):
-                    result = StreamGone(f"{item.stream.decode()} does not exist")
+                    result = _gone(item)
                 if item.replicated is not None and not item.replicated.done():
                     self._settle(item.replicated, item.stream, result, acked.get(item.stream))
                 if not isinstance(result, Exception):
@@ -281,8 +281,7 @@ class StreamAppender:
         todo = [i for i, reply in zip(todo, taken, strict=True) if reply == b"OK"]
         appended = await self.client.execute([_plain_xadd(batch[i]) for i in todo])
         for i, reply in zip(todo, appended, strict=True):
-            results[i] = StreamGone(f"{batch[i].stream.decode()} does not exist") if (
-                reply is None) else reply  # fmt: skip
+            results[i] = _gone(batch[i]) if reply is None else reply
 
     def _settle(
         self, replicated: asyncio.Future[None], stream: bytes, result: object, acked: object
@@ -362,6 +361,10 @@ def _nothing_appended(item: _Pending) -> Exception:
     """Why an append replied nil: its unique key was taken, or its stream is gone."""
     if item.unique is not None:
         return AlreadyTaken(item.unique[0].decode())
+    return _gone(item)
+
+
+def _gone(item: _Pending) -> StreamGone:
     return StreamGone(f"{item.stream.decode()} does not exist")
 
 
