@@ -428,7 +428,9 @@ DRIFT = f"/v1/deployments/{DEMO_DEPLOYMENT}/drift"
 def system(
     redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[System]:
-    schedule = Schedule(real_deadline_ms=50, timeout_ms=600, fallbacks=("canary",), grace_ms=100)
+    # A generous timeout: these tests need every request answered, and a shared CI host
+    # can stall both workers for longer than a tight one.
+    schedule = Schedule(real_deadline_ms=50, timeout_ms=5000, fallbacks=("canary",), grace_ms=100)
     env = {
         "RDV_DRIFT_INTERVAL_S": "0.5",
         "RDV_DRIFT_MIN_REQUESTS": "50",
