@@ -18,10 +18,18 @@ from fastapi.exceptions import RequestValidationError
 from redis.asyncio import RedisCluster
 
 from gateway.dataplane.deployments import DeploymentCache
-from gateway.dataplane.failures import Backlogged, Overloaded
-from gateway.dataplane.job_vocabulary import BLOCK_MS, DONE, PENDING, created_ms, new_job_id
+from gateway.dataplane.failures import Backlogged, Overloaded, UnknownDeployment
+from gateway.dataplane.job_vocabulary import (
+    BLOCK_MS,
+    DONE,
+    FAILED,
+    PENDING,
+    created_ms,
+    new_job_id,
+)
 from gateway.dataplane.jobs import JobService
 from gateway.dataplane.service import PredictionService
+from models.deployment_purge import serving_keys
 from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
@@ -62,6 +70,7 @@ class Predicts:
     async def predict(self, deployment: str, raw: bytes, request_id: str | None) -> dict[str, Any]:
         assert request_id is not None
         self.calls.append(request_id)
+        self.deployments.get(deployment)  # as the service: a deleted deployment is refused
         if self.failures:
             raise self.failures.pop(0)
         self.in_flight += 1
@@ -313,5 +322,45 @@ async def test_with_fewer_slots_than_deployments_no_deployments_jobs_starve(
         t0 = time.monotonic()
         docs = await asyncio.gather(*(service.wait(name, job, 8000) for name, job in jobs))
         assert [d.status for d in docs] == [DONE] * 6, time.monotonic() - t0
+    finally:
+        await service.stop()
+
+
+async def test_a_deleted_deployments_queued_jobs_fail_saying_so_and_its_purge_stays(
+    client: AsyncClient, bus_url: str
+) -> None:
+    """Jobs queued when their deployment is deleted were never run: their readers stopped with
+    the deployment, so a poll waited until the job expired. They now end failed, naming the
+    delete, and stay readable while it drains; once purged, nothing of the jobs comes back."""
+    service = await gateway(client, claim_idle_ms=60_000)  # not started: the jobs wait
+    jobs = [(await service.submit(DEMO_DEPLOYMENT, BODY, None)).id for _ in range(3)]
+    sync = connect(bus_url)
+    try:
+        DeploymentStore(sync).delete(DEMO_DEPLOYMENT, actor="test")
+    finally:
+        sync.close()
+    await service.deployments.refresh()
+    await service.start()
+    try:
+        docs = await asyncio.gather(*(service.wait(DEMO_DEPLOYMENT, j, 5000) for j in jobs))
+        assert [d.status for d in docs] == [FAILED] * 3
+        for doc in docs:
+            error = json.loads(doc.error or b"")
+            assert error["status"] == 404 and "was deleted" in error["detail"], error
+        assert sorted(calls(service)) == sorted(jobs)  # each run once, and refused
+        assert await client.xlen(STREAM) == 0
+        # The log bin's purge, as it removes what serves the deployment; then a late end.
+        await client.delete(*serving_keys(DEMO_DEPLOYMENT))
+        await client.srem(names.DEPLOYMENTS_SET, DEMO_DEPLOYMENT)
+        late = new_job_id()
+        late_key = names.job_key(DEMO_DEPLOYMENT, late)
+        await client.hset(late_key, mapping={"status": PENDING, "ttl_s": 60})
+        await service.store.end(DEMO_DEPLOYMENT, late_key, b"", late, FAILED, b"error", b"{}")
+        await service.deployments.refresh()
+        await asyncio.sleep(2.5)  # the supervisor's turn (1 s) and a reader's retry
+        streams = (STREAM, names.jobs_done_stream(DEMO_DEPLOYMENT))
+        assert await client.exists(*streams) == 0, "a purged deployment's jobs streams came back"
+        with pytest.raises(UnknownDeployment):
+            await service.read(DEMO_DEPLOYMENT, jobs[0])
     finally:
         await service.stop()

@@ -98,6 +98,12 @@ class DeploymentCache:
             except Exception:  # a bug must not freeze the gateway's view for good
                 log.exception("deployments refresh failed")
 
+    @property
+    def draining(self) -> frozenset[str]:
+        """Deleted deployments whose state stays until the log bin purges it: no new request,
+        but what they accepted still ends (their jobs fail, saying so)."""
+        return frozenset(self._deleted)
+
     def get(self, name: str) -> Deployment:
         dep = self.deployments.get(name)
         if dep is None:

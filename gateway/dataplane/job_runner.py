@@ -125,7 +125,9 @@ class JobRunner:
     async def _supervise(self, interval_s: float = 1.0) -> None:
         """One reader per deployment, following the deployment cache."""
         while True:
-            wanted = set(self.deployments.deployments)
+            # A deleted deployment's reader stays until the purge: its queued jobs fail,
+            # saying it was deleted, instead of waiting for ever.
+            wanted = set(self.deployments.deployments) | self.deployments.draining
             for name, task in list(self._readers.items()):
                 if task.done():  # a bug ended it: said, and started again
                     if not task.cancelled() and task.exception() is not None:
@@ -156,10 +158,14 @@ class JobRunner:
         while not self._stopping.is_set():
             try:
                 if not group_ready:
-                    with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: it exists
+                    draining = deployment in self.deployments.draining
+                    try:
                         await self.client.xgroup_create(
-                            stream, names.JOBS_GROUP, "0", mkstream=True
+                            stream, names.JOBS_GROUP, "0", mkstream=not draining
                         )
+                    except redis.ResponseError as exc:  # BUSYGROUP: it exists
+                        if draining and "BUSYGROUP" not in str(exc):
+                            return  # purged: nothing of it is made again
                     group_ready = True
                 n = await self.slots.reserve(readers=len(self._readers), idle=idle)
                 entries: list[tuple[bytes, str | None]] = []
@@ -187,7 +193,7 @@ class JobRunner:
                 backoff_s = 0.05
             except REDIS_FAILURES as exc:
                 if _is_nogroup(exc):
-                    group_ready = False  # Redis lost it (restarted without its data)
+                    group_ready = False  # Redis lost it (restarted without its data), or purged
                 else:
                     log.warning("jobs of %s: %s; retrying in %.2fs", deployment, exc, backoff_s)
                 with contextlib.suppress(TimeoutError):

@@ -76,7 +76,10 @@ if ttl then
   redis.call('EXPIRE', KEYS[1], ttl)
   if #KEYS > 3 then redis.call('EXPIRE', KEYS[4], ttl) end
 end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'id', ARGV[3])
+-- A purged deployment's jobs stream is gone: its done stream is not made again.
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'id', ARGV[3])
+end
 return {2, ARGV[4]}
 """
 """End a pending job: KEYS: job hash, jobs stream, done stream[, the job's request-id key];
@@ -182,7 +185,10 @@ class JobStore:
         if (
             not isinstance(deployment, str)
             or not names.NAME_PATTERN.fullmatch(deployment)
-            or deployment not in self.deployments.deployments
+            or (
+                deployment not in self.deployments.deployments
+                and deployment not in self.deployments.draining
+            )  # its jobs' ends stay readable
         ):
             raise UnknownDeployment(f"deployment {deployment!r} does not exist")
         if created_ms(job_id) is None:
