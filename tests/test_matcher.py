@@ -13,7 +13,8 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisClusterException
 
-from gateway.dataplane.matcher import DuplicateRequest, Rendezvous
+from gateway.dataplane.mailbox import DuplicateRequest
+from gateway.dataplane.matcher import Rendezvous
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
 from rendezvous.bus.async_router import Router
@@ -36,7 +37,7 @@ async def rdv(r: redis.Redis, redis_url: str) -> AsyncIterator[Rendezvous]:
     await matcher.start()
     yield matcher
     await matcher.stop()
-    await matcher.decisions.close()
+    await matcher.records.decisions.close()
     await writer.close()
     await client.aclose()
     await reader.client.aclose()
@@ -88,7 +89,7 @@ async def test_the_decision_hook_gets_the_record_that_was_written(
     rdv: Rendezvous, r: redis.Redis
 ) -> None:
     seen: list[DecisionRecord] = []
-    rdv.on_decision = seen.append
+    rdv.records.on_decision = seen.append
     mb = rdv.open("h", DEP, SCHEDULE, ROLES)
     await send(rdv.client, result("h", "real", 0.9, version=2))
     await send(rdv.client, result("h", "canary", 0.3))
@@ -364,13 +365,13 @@ async def test_large_records_are_kept_in_fewer_entries_than_the_count_cap(
             await asyncio.gather(*(matcher.wait(b) for b in boxes))
     finally:
         await matcher.stop()
-        await matcher.decisions.close()
+        await matcher.records.decisions.close()
         await writer.close()
         await client.aclose()
         await reader.client.aclose()
     entries = r.xrange(names.decisions_stream(DEP))
     record_bytes = len(entries[-1][1][b"m"])
-    cap = matcher.decisions_cap.maxlen(DEP, record_bytes)  # all the same size: the mean is it
+    cap = matcher.records.cap.maxlen(DEP, record_bytes)  # all the same size: the mean is it
     assert cap == max_bytes // (record_bytes + 64)
     assert 100 <= cap < 600
     assert cap <= len(entries) <= cap + 100, (len(entries), cap, record_bytes)

@@ -12,7 +12,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from redis.exceptions import RedisClusterException
 
-from gateway.dataplane.matcher import Answer, DuplicateRequest
+from gateway.dataplane.mailbox import Answer, DuplicateRequest
 from gateway.problems import RETRY, Problem, unavailable
 from rendezvous.bus.connection import MEMORY_LIMIT, out_of_memory
 

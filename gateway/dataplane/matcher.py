@@ -13,21 +13,18 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from gateway.dataplane.decision_cap import DecisionCap
+from gateway.dataplane.decision_writer import DecisionWriter
+from gateway.dataplane.mailbox import Answer, DuplicateRequest, Mailbox
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
 from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 from rendezvous.bus.routing import Command, raise_first_error
-from rendezvous.decision import FIELD as DECISION_FIELD
-from rendezvous.decision import DecisionRecord, build_decision
+from rendezvous.decision import DecisionRecord
 from rendezvous.envelope import EnvelopeError, ModelResult, decode_results
-from rendezvous.ood import OodReference, OodScore
 from rendezvous.schedule import Schedule, decide
 
 log = logging.getLogger(__name__)
@@ -41,49 +38,6 @@ looks again soon after Redis is back (an election ends, a restart): a failed rea
 to nothing, a late look costs every waiting request the rest of the pause."""
 _HELLO = b"hello"
 _XREAD = (b"XREAD", b"COUNT", b"1024", b"BLOCK", b"1000", b"STREAMS")
-
-
-class DuplicateRequest(ValueError):
-    """A request id that is already waiting in this gateway."""
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    outcome: str
-    """``real``, ``fallback`` or ``timeout``."""
-    role: str | None
-    result: ModelResult | None
-    reason: str
-    elapsed_ms: float
-    failed: bool = False
-    """No answer because every role that may answer failed on the request (their errors are
-    in ``reason``), not because time ran out."""
-
-
-@dataclass(eq=False)
-class Mailbox:
-    request_id: str
-    deployment: str
-    schedule: Schedule
-    expected_roles: list[str]
-    started: float
-    """time.perf_counter() at open (the loop's clock may be millisecond-grained)."""
-    started_ms: float
-    """Epoch milliseconds at open (for the decision record)."""
-    answer: asyncio.Future[Answer]
-    results: dict[str, ModelResult] = field(default_factory=dict)
-    timer: asyncio.TimerHandle | None = None
-    timer_at_ms: float = -1.0
-    """The elapsed time ``timer`` is set for: a result that leaves it unchanged (each
-    shadow bin's, in the grace period) re-arms nothing."""
-    answered: Answer | None = None
-    closed: bool = False
-    features: np.ndarray | None = None
-    ood_reference: OodReference | None = None
-    """With ``features``: the input's out-of-distribution evidence goes into the record,
-    measured when the mailbox closes (after the answer: off the caller's latency)."""
-    input_id: bytes | None = None
-    """The request's entry in its input stream, once written."""
 
 
 class Rendezvous:
@@ -103,11 +57,11 @@ class Rendezvous:
         self.reader = reader
         """Connections of its own: the blocking XREAD holds one, and closing them ends it."""
         self.reply_to = reply_to
-        self.decisions = decisions
-        self.decisions_cap = DecisionCap(decisions_maxlen, decisions_max_bytes)
-        """The decisions stream's length: at most ``decisions_maxlen`` records, fewer when they
-        are large (``decisions_max_bytes``)."""
-        self.on_decision = on_decision
+        self.records = DecisionWriter(
+            decisions, DecisionCap(decisions_maxlen, decisions_max_bytes), on_decision
+        )
+        """Writes each closed mailbox's decision record: at most ``decisions_maxlen`` records
+        a deployment, fewer when they are large (``decisions_max_bytes``)."""
         self.on_late = on_late
         """Told of each late result (the metrics count it)."""
         self.mailboxes: dict[str, Mailbox] = {}
@@ -120,10 +74,6 @@ class Rendezvous:
         self.read_failed_ms = 0.0
         """When the reply reader last failed (epoch ms; 0: never): a request that waited
         through it and got no answer was failed by the bus, not by its models."""
-        self._closing: list[Mailbox] = []
-        """Mailboxes closed in this turn of the event loop, their records not yet written:
-        written together at the end of the turn, so their out-of-distribution scores take one
-        numpy pass (about 8 us a request one by one, mostly numpy's per-call overhead)."""
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -155,7 +105,7 @@ class Rendezvous:
             if not mb.answer.done():
                 mb.answer.set_result(mb.answered)
             self._close(mb, mb.answered)
-        self._write_closed()
+        self.records.flush()
         with contextlib.suppress(*REDIS_FAILURES):
             await self.client.delete(self.reply_to)
 
@@ -286,39 +236,7 @@ class Rendezvous:
         if mb.timer is not None:
             mb.timer.cancel()
         self.mailboxes.pop(mb.request_id, None)
-        if not self._closing:
-            asyncio.get_running_loop().call_soon(self._write_closed)
-        self._closing.append(mb)
-
-    def _write_closed(self) -> None:
-        """Write the decision records of the mailboxes closed since the last call."""
-        closing, self._closing = self._closing, []
-        scores = _ood_scores(closing)
-        for mb, ood in zip(closing, scores, strict=True):
-            answered = mb.answered
-            assert answered is not None
-            record = build_decision(
-                request_id=mb.request_id,
-                deployment=mb.deployment,
-                started_ms=mb.started_ms,
-                expected_roles=mb.expected_roles,
-                results=mb.results,
-                chosen_role=answered.role,
-                outcome=answered.outcome,
-                answered_after_ms=round(answered.elapsed_ms, 4),
-                schedule=mb.schedule,
-                ood=ood,
-            )
-            fields = record.encode()
-            maxlen = self.decisions_cap.maxlen(mb.deployment, len(fields[DECISION_FIELD]))
-            self.decisions.append_nowait(
-                names.decisions_stream(mb.deployment), fields, maxlen, urgent=False
-            )
-            if self.on_decision is not None:
-                try:
-                    self.on_decision(record)
-                except Exception:
-                    log.exception("decision hook failed")
+        self.records.add(mb)
 
     # -- the reply stream ---------------------------------------------------------------------
 
@@ -381,27 +299,6 @@ class Rendezvous:
 
 def _expire(key: bytes) -> Command:
     return Command(key, (b"EXPIRE", key, b"%d" % REPLY_TTL_S))
-
-
-def _ood_scores(mailboxes: list[Mailbox]) -> list[OodScore | None]:
-    """The evidence for each record, one numpy pass per training reference; a failure costs
-    those records their evidence, nothing more."""
-    scores: list[OodScore | None] = [None] * len(mailboxes)
-    groups: dict[int, list[int]] = {}
-    for i, mb in enumerate(mailboxes):
-        if mb.ood_reference is not None and mb.features is not None:
-            groups.setdefault(id(mb.ood_reference), []).append(i)
-    for members in groups.values():
-        reference = mailboxes[members[0]].ood_reference
-        assert reference is not None
-        try:
-            batch = reference.score_many([mailboxes[i].features for i in members])  # type: ignore[misc]
-        except Exception:
-            log.exception("out-of-distribution scores of %d requests failed", len(members))
-            continue
-        for i, score in zip(members, batch, strict=True):
-            scores[i] = score
-    return scores
 
 
 def _stream_entries(reply: Any) -> list[Any]:
