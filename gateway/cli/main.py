@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from gateway.cli.process import (
     LOG_FORMAT,
     listening_socket,
     one_blas_thread,
+    require_redis,
     run_until_stopped,
     settings_from_args,
     share_metrics_between_processes,
@@ -24,22 +24,6 @@ from gateway.cli.process import (
 from gateway.settings import Settings, invalid_settings
 
 log = logging.getLogger("rdv")
-
-
-def _require_redis(settings: Settings) -> str:
-    """``RDV_REDIS_URL``, else the embedded Redis of a ``rdv serve`` running on this data
-    folder, else a clear exit."""
-    if settings.redis_url:
-        return settings.redis_url
-    from rendezvous.bus.server import recorded_url
-
-    url = recorded_url(settings.redis_dir)
-    if url is None:
-        sys.exit(
-            f"no Redis: RDV_REDIS_URL is not set and no 'rdv serve' is running on the data "
-            f"folder {settings.data_dir} (start one with 'make serve', or set RDV_REDIS_URL)"
-        )
-    return url
 
 
 def cmd_train_demo(args: argparse.Namespace) -> None:
@@ -60,7 +44,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     )
 
     settings = settings_from_args(args)
-    os.environ["RDV_REDIS_URL"] = _require_redis(settings)  # the app reads it (a factory)
+    os.environ["RDV_REDIS_URL"] = require_redis(settings)  # the app reads it (a factory)
     # The app is built by a factory (in each worker process when there are several), which
     # reads the settings from the environment: hand the command-line overrides down.
     os.environ.update(
@@ -143,7 +127,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from rendezvous.heap import settle_heap
 
     settings = settings_from_args(args)
-    url = _require_redis(settings)
+    url = require_redis(settings)
     registry = ModelRegistry(settings.models_dir)
 
     def build(
@@ -216,7 +200,7 @@ def cmd_logbin(args: argparse.Namespace) -> None:
     from rendezvous.heap import settle_heap
 
     settings = settings_from_args(args)
-    client = connect(_require_redis(settings))
+    client = connect(require_redis(settings))
     consumer = args.consumer or f"logbin-{socket.gethostname()}"
     token = f"{socket.gethostname()}-{os.getpid()}"
     try:
@@ -246,71 +230,6 @@ def cmd_logbin(args: argparse.Namespace) -> None:
     log.info("log bin archiving to %s", settings.archive_dir)
     run_until_stopped(logbin, stop)
     log.info("log bin stopped: %s", logbin.stats)
-
-
-def cmd_archive(args: argparse.Namespace) -> None:
-    from models.archive import ArchiveReader
-
-    settings = settings_from_args(args)
-    if args.action == "export":
-        from gateway.cli.export import cmd_export
-
-        cmd_export(args, settings, _require_redis(settings))
-        return
-    reader = ArchiveReader(settings.archive_dir)
-    archived = reader.deployments()
-    if args.deployment and args.deployment not in archived:  # it printed nothing
-        held = ", ".join(archived) or "none"
-        name = args.deployment[:80]
-        sys.exit(f"rdv archive {args.action}: nothing archived of deployment {name!r} under "
-                 f"{settings.archive_dir} (archived: {held})")  # fmt: skip
-    deployments = [args.deployment] if args.deployment else archived
-    if args.action == "list":
-        for dep in deployments:
-            for seg in reader.segments(dep):
-                print(f"{dep}\t{seg.path}\t{seg.size_bytes} bytes")
-        return
-    shown = 0
-    for dep in deployments:
-        for record in reader.records(dep):
-            print(json.dumps(record))
-            shown += 1
-            if args.limit and shown >= args.limit:
-                return
-
-
-def cmd_decisions(args: argparse.Namespace) -> None:
-    from rendezvous import names
-    from rendezvous.bus.connection import connect
-    from rendezvous.decision import decode_entries
-
-    settings = settings_from_args(args)
-    try:
-        stream = names.decisions_stream(args.deployment)
-    except names.InvalidName as exc:
-        sys.exit(f"rdv decisions: {exc}")
-    client = connect(_require_redis(settings), wait_s=5)
-    if not client.sismember(names.DEPLOYMENTS_SET, args.deployment):
-        sys.exit(f"rdv decisions: deployment {args.deployment!r} does not exist")
-    entries = client.xrevrange(stream, count=args.limit)
-    for record in reversed(decode_entries(entries)):
-        print(json.dumps(record.to_dict()))
-
-
-def _count(least: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least ``least`` (a usage error otherwise, where
-    -5 reached Redis and ended in a traceback)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"{value} is less than {least}")
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,24 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain even if present")
     p.set_defaults(func=cmd_train_demo)
 
-    p = sub.add_parser("archive", help="list, read or export the log bin's archive")
-    p.add_argument("action", choices=["list", "read", "export"])
-    p.add_argument("--deployment")
-    p.add_argument("--limit", type=_count(0), default=0, help="records to show (0: all)")
-    p.add_argument("--data-dir", type=Path)
-    from gateway.cli.export import add_export_arguments
-
-    add_export_arguments(p)
-    p.set_defaults(func=cmd_archive)
-
-    p = sub.add_parser("decisions", help="show the latest decision records of a deployment")
-    p.add_argument("--deployment", required=True)
-    p.add_argument("--limit", type=_count(1), default=10, help="records to show (default 10)")
-    p.set_defaults(func=cmd_decisions)
-
     from gateway.cli.admin import add_admin_commands
+    from gateway.cli.readers import add_reader_commands
     from gateway.cli.replay import add_replay_command
 
+    add_reader_commands(sub)
     add_admin_commands(sub)
     add_replay_command(sub)
     from gateway.cli.feedback import add_feedback_command

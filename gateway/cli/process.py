@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,3 +161,19 @@ def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socke
         sock.close()
         raise
     return sock
+
+
+def require_redis(settings: Settings) -> str:
+    """``RDV_REDIS_URL``, else the embedded Redis of a ``rdv serve`` running on this data
+    folder, else a clear exit."""
+    if settings.redis_url:
+        return settings.redis_url
+    from rendezvous.bus.server import recorded_url
+
+    url = recorded_url(settings.redis_dir)
+    if url is None:
+        sys.exit(
+            f"no Redis: RDV_REDIS_URL is not set and no 'rdv serve' is running on the data "
+            f"folder {settings.data_dir} (start one with 'make serve', or set RDV_REDIS_URL)"
+        )
+    return url

@@ -1,0 +1,96 @@
+"""The commands that read what the system recorded: ``rdv archive`` (the log bin's files on
+this host: list, read, export) and ``rdv decisions`` (the latest decision records in Redis)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.cli.process import require_redis, settings_from_args
+
+
+def cmd_archive(args: argparse.Namespace) -> None:
+    from models.archive import ArchiveReader
+
+    settings = settings_from_args(args)
+    if args.action == "export":
+        from gateway.cli.export import cmd_export
+
+        cmd_export(args, settings, require_redis(settings))
+        return
+    reader = ArchiveReader(settings.archive_dir)
+    archived = reader.deployments()
+    if args.deployment and args.deployment not in archived:  # it printed nothing
+        held = ", ".join(archived) or "none"
+        name = args.deployment[:80]
+        sys.exit(f"rdv archive {args.action}: nothing archived of deployment {name!r} under "
+                 f"{settings.archive_dir} (archived: {held})")  # fmt: skip
+    deployments = [args.deployment] if args.deployment else archived
+    if args.action == "list":
+        for dep in deployments:
+            for seg in reader.segments(dep):
+                print(f"{dep}\t{seg.path}\t{seg.size_bytes} bytes")
+        return
+    shown = 0
+    for dep in deployments:
+        for record in reader.records(dep):
+            print(json.dumps(record))
+            shown += 1
+            if args.limit and shown >= args.limit:
+                return
+
+
+def cmd_decisions(args: argparse.Namespace) -> None:
+    from rendezvous import names
+    from rendezvous.bus.connection import connect
+    from rendezvous.decision import decode_entries
+
+    settings = settings_from_args(args)
+    try:
+        stream = names.decisions_stream(args.deployment)
+    except names.InvalidName as exc:
+        sys.exit(f"rdv decisions: {exc}")
+    client = connect(require_redis(settings), wait_s=5)
+    if not client.sismember(names.DEPLOYMENTS_SET, args.deployment):
+        sys.exit(f"rdv decisions: deployment {args.deployment!r} does not exist")
+    entries = client.xrevrange(stream, count=args.limit)
+    for record in reversed(decode_entries(entries)):
+        print(json.dumps(record.to_dict()))
+
+
+def _count(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``least`` (a usage error otherwise, where
+    -5 reached Redis and ended in a traceback)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+        return value
+
+    return parse
+
+
+def add_reader_commands(sub: Any) -> None:
+    """``archive`` and ``decisions`` on the ``rdv`` parser's subcommands."""
+    p = sub.add_parser("archive", help="list, read or export the log bin's archive")
+    p.add_argument("action", choices=["list", "read", "export"])
+    p.add_argument("--deployment")
+    p.add_argument("--limit", type=_count(0), default=0, help="records to show (0: all)")
+    p.add_argument("--data-dir", type=Path)
+    from gateway.cli.export import add_export_arguments
+
+    add_export_arguments(p)
+    p.set_defaults(func=cmd_archive)
+
+    p = sub.add_parser("decisions", help="show the latest decision records of a deployment")
+    p.add_argument("--deployment", required=True)
+    p.add_argument("--limit", type=_count(1), default=10, help="records to show (default 10)")
+    p.set_defaults(func=cmd_decisions)
