@@ -18,7 +18,7 @@ async def test_counters_of_dead_processes_are_hidden_then_forgotten(
 ) -> None:
     import redis.asyncio as aioredis
 
-    from gateway.observability.metrics_state import FORGET_STATS_S, STALE_STATS_S, read_state
+    from gateway.observability.cluster_state import FORGET_STATS_S, STALE_STATS_S, read_state
 
     now = time.time()
     key = names.stats_key("dep")
@@ -49,7 +49,8 @@ async def test_a_role_whose_workers_all_died_reads_0_live_workers(
     never fire. Every role with a group on the input stream is shown, 0 where none is live."""
     import redis.asyncio as aioredis
 
-    from gateway.observability.metrics_state import ClusterStateCollector, read_state
+    from gateway.observability.cluster_state import read_state
+    from gateway.observability.metrics_state import ClusterStateCollector
 
     stream, workers = names.input_stream("dep"), names.workers_key("dep")
     r.delete(stream, workers)

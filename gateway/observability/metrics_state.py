@@ -1,35 +1,22 @@
-"""What ``/metrics`` reads from Redis at scrape time: the state no single process owns.
-
-Stream lengths and consumer-group pending counts, live workers, the counters that model
-workers and log-bin processes publish into Redis with their heartbeats (they have no HTTP port
-of their own), and the drift monitor's latest evaluation. One pipelined round trip per scrape,
-whichever gateway process answers it, so every process exposes the same figures.
+"""The state no single process owns, as Prometheus families: one ``ClusterState`` snapshot
+(``cluster_state``, read at scrape time by whichever gateway process answers, so every process
+exposes the same figures) turned into stream, group, worker, log-bin, drift and accuracy series.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gateway.observability.cluster_state import ClusterState, DeploymentState
 from gateway.observability.live_accuracy import accuracy_families
 from rendezvous import names
-from rendezvous.bus.connection import AsyncClient
+from rendezvous.bus.connection import text as _text
 from rendezvous.drift_alerts import ALL_ALERT_KINDS
-
-STALE_STATS_S = 60.0
-"""Counters of a process that has not published for this long are not exposed (it died)."""
-FORGET_STATS_S = 600.0
-"""... and after this long they are deleted, so that the hashes do not grow with every
-restart of a worker named after its pid. A live process publishes its whole counters at each
-heartbeat, so one that was only stalled loses nothing."""
 
 WORKER_COUNTERS = ("scored", "rows", "batches", "expired", "malformed", "errors", "reclaimed")
 LOGBIN_COUNTERS = ("records", "bytes_written", "batches", "undecodable", "errors", "trimmed")
@@ -46,137 +33,6 @@ _COUNTER_HELP = {
     "undecodable": "Records archived that could not be decoded",
     "trimmed": "Input-stream entries trimmed behind the slowest group",
 }
-
-
-@dataclass
-class DeploymentState:
-    input_length: int = 0
-    decisions_length: int = 0
-    groups: list[dict[str, Any]] = field(default_factory=list)
-    """XINFO GROUPS of each input partition, each with its ``partition`` number added."""
-    live_workers: dict[str, int] = field(default_factory=dict)
-    worker_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """``role|consumer`` -> the JSON counters it published."""
-    drift: dict[str, Any] | None = None
-    drift_alerts: set[str] = field(default_factory=set)
-    """Kinds of the active drift alerts (``drift_store``: every source's)."""
-    drift_raised: dict[str, int] = field(default_factory=dict)
-    """Kind -> drift alerts raised."""
-    skipped: dict[str, int] = field(default_factory=dict)
-    """Role -> input entries its group was moved past (``RDV_MAX_ROLE_LAG``)."""
-    accuracy: dict[str, Any] | None = None
-    """The live-accuracy report (``live_accuracy``), once a label came in."""
-
-
-@dataclass
-class ClusterState:
-    deployments: dict[str, DeploymentState] = field(default_factory=dict)
-    logbin_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _fresh_stats(
-    raw: Mapping[bytes, bytes], now_s: float, forget: list[bytes]
-) -> dict[str, dict[str, Any]]:
-    """The counters published in the last ``STALE_STATS_S``; appends to ``forget`` the fields
-    older than ``FORGET_STATS_S`` (or unreadable)."""
-    out = {}
-    for key, value in raw.items():
-        try:
-            doc = json.loads(value)
-            age_s = now_s - float(doc.get("ts", 0))
-        except (ValueError, TypeError, AttributeError):
-            forget.append(key)
-            continue
-        if age_s <= STALE_STATS_S:
-            out[_text(key)] = doc
-        elif age_s > FORGET_STATS_S:
-            forget.append(key)
-    return out
-
-
-async def read_state(
-    client: AsyncClient,
-    deployments: Mapping[str, Sequence[str]] | Sequence[str],
-    heartbeat_timeout_s: float,
-) -> ClusterState:
-    """``deployments``: names, or names -> their input streams (default: the first only)."""
-    now = time.time()
-    streams = (
-        dict(deployments)
-        if isinstance(deployments, Mapping)
-        else {dep: [names.input_stream(dep)] for dep in deployments}
-    )
-    pipe = client.pipeline(transaction=False)
-    pipe.hgetall(names.LOGBIN_STATS)
-    for dep, inputs in streams.items():
-        pipe.xlen(names.decisions_stream(dep))
-        pipe.zrangebyscore(names.workers_key(dep), now - heartbeat_timeout_s, "+inf")
-        pipe.hgetall(names.stats_key(dep))
-        pipe.get(names.drift_report_key(dep))
-        pipe.hgetall(names.skipped_key(dep))
-        pipe.hvals(names.drift_alerts_key(dep))
-        pipe.hgetall(names.drift_event_counts_key(dep))
-        pipe.get(names.accuracy_key(dep))
-        for stream in inputs:
-            pipe.xlen(stream)
-            pipe.xinfo_groups(stream)
-    replies = await pipe.execute(raise_on_error=False)
-    state = ClusterState()
-    forget: dict[str, list[bytes]] = {}
-    if isinstance(replies[0], dict):
-        state.logbin_stats = _fresh_stats(
-            replies[0], now, forget.setdefault(names.LOGBIN_STATS, [])
-        )
-    at = 1
-    for dep, inputs in streams.items():
-        n = len(inputs)
-        xlen_dec, live, stats, report, skipped, alerts, raised, accuracy = replies[at : at + 8]
-        per_partition = replies[at + 8 : at + 8 + 2 * n]
-        at += 8 + 2 * n
-        ds = DeploymentState()
-        ds.input_length = sum(x for x in per_partition[0::2] if isinstance(x, int))
-        ds.decisions_length = xlen_dec if isinstance(xlen_dec, int) else 0
-        for k, groups in enumerate(per_partition[1::2]):
-            if isinstance(groups, list):  # no stream yet: an error
-                ds.groups += [{**group, "partition": k} for group in groups]
-        if isinstance(live, list):
-            for member in live:
-                role = _text(member).split("|", 1)[0]
-                ds.live_workers[role] = ds.live_workers.get(role, 0) + 1
-        if isinstance(stats, dict):
-            ds.worker_stats = _fresh_stats(stats, now, forget.setdefault(names.stats_key(dep), []))
-        if isinstance(report, bytes | str):
-            try:
-                ds.drift = json.loads(report)
-            except ValueError:
-                ds.drift = None
-        if isinstance(accuracy, bytes | str):
-            with contextlib.suppress(ValueError):
-                ds.accuracy = json.loads(accuracy)
-        if isinstance(skipped, dict):
-            ds.skipped = {_text(role): int(n) for role, n in skipped.items()}
-        for alert in alerts if isinstance(alerts, list) else []:
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                ds.drift_alerts.add(str(json.loads(alert)["kind"]))
-        if isinstance(raised, dict):
-            ds.drift_raised = {_text(kind): int(n) for kind, n in raised.items()}
-        state.deployments[dep] = ds
-    await _forget(client, forget)
-    return state
-
-
-async def _forget(client: AsyncClient, fields: dict[str, list[bytes]]) -> None:
-    """Delete long-dead publishers' counters (a round trip only when there are some)."""
-    pipe = client.pipeline(transaction=False)
-    for key, keys in fields.items():
-        if keys:
-            pipe.hdel(key, *keys)
-    if len(pipe):
-        await pipe.execute(raise_on_error=False)
 
 
 def _gauge(name: str, doc: str, labels: Sequence[str]) -> GaugeMetricFamily:

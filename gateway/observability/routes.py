@@ -12,10 +12,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import UnknownDeployment
 from gateway.observability import drift_features
+from gateway.observability.cluster_state import read_state
 from gateway.observability.drift_view import drift_view
 from gateway.observability.live_accuracy import accuracy_view
 from gateway.observability.metrics import GatewayMetrics
-from gateway.observability.metrics_state import read_state, state_registry
+from gateway.observability.metrics_state import state_registry
 from gateway.problems import Problem
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES
