@@ -25,7 +25,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +34,9 @@ import redis
 from models.archive import SegmentWriter
 from models.archive_line import archive_line, text
 from models.deployment_purge import Purger
-from models.deployments import Deployment
 from models.feature_watch import FeatureWatch
 from models.logbin_owner import let_go, renewal
+from models.logbin_states import DeploymentStates
 from rendezvous import names
 from rendezvous.bus.aside import ASIDE_S, UNREACHABLE
 from rendezvous.bus.connection import REDIS_DOWN, REDIS_FAILURES, Client, out_of_memory
@@ -119,8 +119,8 @@ class LogBin(ConsumerLoop):
         self.owner_token = owner_token  # its hold on the name (models.logbin_owner), or None
         self.retention = Retention(client, trim_interval_s, max_role_lag)
         """The archive owns retention: it trims only behind every group, itself included."""
-        self._states: dict[str, tuple[bytes, Deployment]] = {}
-        """Each deployment's state as last read, with the bytes it was parsed from."""
+        self.states = DeploymentStates(self.bus)
+        """The archived deployments' states, as last read."""
         self.batch_wait_s = max(batch_wait_ms, 0.0) / 1000
         self.stats = LogBinStats()
         self._source = deployments
@@ -144,10 +144,8 @@ class LogBin(ConsumerLoop):
     def makes_stream(self, stream: str) -> bool:
         # Only a stream published to now: not a deleted deployment's, nor one of an earlier
         # partition count, nor one without a state (purged, they must stay gone).
-        known = self._states.get(self._streams.get(stream, ""))
-        return (
-            known is not None and not known[1].deleted_ms and (stream in known[1].published_streams)
-        )
+        state = self.states.get(self._streams.get(stream, ""))
+        return state is not None and not state.deleted_ms and stream in state.published_streams
 
     def process(self, batch: Batch) -> int:
         """One fsynced write per deployment, one pipelined ack, then retention. Returns the
@@ -214,7 +212,7 @@ class LogBin(ConsumerLoop):
             return
         try:
             deployments = self._source() if callable(self._source) else self._source
-            states = self._read_states(deployments)
+            states = self.states.read(deployments)
         except UNREACHABLE as exc:
             # A node that holds the deployment list or a state is away (a master lost, its
             # replica being elected): archive the streams known meanwhile, and ask again soon.
@@ -257,36 +255,6 @@ class LogBin(ConsumerLoop):
         for dep, claim in zip(deployments, claims, strict=True):
             if not isinstance(claim, Exception):  # its node away: nothing held
                 self.watch.adopt(dep, claim)
-
-    def _read_states(self, deployments: Iterable[str]) -> dict[str, Deployment | None]:
-        """Each deployment's state (its input partitions and its feature spec), all read in
-        one round trip (per node) and parsed only when it changed (a state is ~18 kB with its
-        feature statistics); None for a deployment without one. A state whose node is away is
-        taken as last read."""
-        valid = []
-        for dep in deployments:
-            try:
-                valid.append(names.check_name(dep, "deployment"))
-            except names.InvalidName as exc:
-                log.warning("logbin: skipping deployment: %s", exc)
-        commands = [command(b"GET", names.deployment_key(dep).encode()) for dep in valid]
-        states: dict[str, Deployment | None] = {}
-        kept: dict[str, tuple[bytes, Deployment]] = {}
-        for dep, raw in zip(valid, self.bus.execute(commands) if valid else [], strict=True):
-            known = self._states.get(dep)
-            if isinstance(raw, UNREACHABLE) and known is not None:
-                # Its node is away (a master lost, its replica being elected): as last read.
-                states[dep], kept[dep] = known[1], known
-                continue
-            if isinstance(raw, Exception):
-                raise raw
-            if raw is None:
-                states[dep] = None
-                continue
-            state = known[1] if known is not None and known[0] == raw else Deployment.from_json(raw)
-            states[dep], kept[dep] = state, (raw, state)
-        self._states = kept
-        return states
 
     # -- archiving ----------------------------------------------------------------------------
 
