@@ -22,7 +22,7 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from redis.crc import key_slot
 
-from gateway.dataplane.service import read_entities
+from gateway.dataplane.entity_features import read_entities
 from gateway.dataplane.validation import enriched_rows, merged, parse_body, to_matrix
 from models.archive import ArchiveReader
 from models.archive_line import record_from_envelope

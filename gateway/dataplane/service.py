@@ -19,6 +19,7 @@ import numpy as np
 from fastapi.exceptions import RequestValidationError
 
 from gateway.dataplane.deployments import DeploymentCache
+from gateway.dataplane.entity_features import read_entities
 from gateway.dataplane.failures import (
     Backlogged,
     DuplicateRequest,
@@ -48,10 +49,9 @@ from rendezvous.bus.appender import (
 )
 from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import MEMORY_LIMIT, REDIS_FAILURES, out_of_memory
-from rendezvous.bus.routing import Command, raise_first_error
 from rendezvous.envelope import RequestEnvelope
 from rendezvous.ood import OodReference
-from rendezvous.spec import FeatureSpec, Lookup
+from rendezvous.spec import FeatureSpec
 
 
 class RequestTally(Protocol):
@@ -389,27 +389,10 @@ def predictions(
             for label, row in zip(labels, rows, strict=True)]  # fmt: skip
 
 
-async def read_entities(
-    router: Router, deployment: str, lookup: Lookup, entities: list[str], timeout_s: float
-) -> dict[str, list[bytes | None]]:
-    """Each distinct entity's stored values of ``lookup.features`` (None where absent), in one
-    round trip: every entity key carries the deployment's hash tag, so on a cluster the batch
-    goes to the one node that holds it. Redis's failure is raised."""
-    distinct = list(dict.fromkeys(entities))
-    fields = [f.encode() for f in lookup.features]
-    commands = []
-    for entity in distinct:
-        key = names.entity_key(deployment, entity).encode()
-        commands.append(Command(key, (b"HMGET", key, *fields)))
-    replies = raise_first_error(await router.execute(commands, timeout_s=timeout_s))
-    return dict(zip(distinct, replies, strict=True))
-
-
 __all__ = [
     "Decoder",
     "PredictionService",
     "RequestTally",
     "RowSink",
     "predictions",
-    "read_entities",
 ]
