@@ -33,14 +33,10 @@ from gateway.problems import RETRY, Problem, Style, compressed, fault_text
 from gateway.settings import Settings
 from gateway.transport.fast_path import count_invalid
 from gateway.transport.oip_answer import encode_answer
-from gateway.transport.oip_codec import (
-    HEADER_LENGTH,
-    InferenceRequest,
-    InferRequest,
-    parse_infer,
-)
+from gateway.transport.oip_codec import InferRequest, parse_infer
 from gateway.transport.oip_lookup import lookup_rows
 from gateway.transport.oip_metadata import class_count, deployment_of, model_metadata
+from gateway.transport.oip_schema import HEADER_LENGTH, InferenceRequest
 from rendezvous import names
 from rendezvous.spec import FeatureSpec
 

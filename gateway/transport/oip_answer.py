@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.transport.oip_codec import LABEL, PROBABILITIES
+from gateway.transport.oip_schema import LABEL, PROBABILITIES
 
 
 def encode_answer(

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 from fastapi.exceptions import RequestValidationError
 
-from gateway.transport.oip_codec import INPUT, InferRequest
+from gateway.transport.oip_codec import InferRequest
+from gateway.transport.oip_schema import INPUT
 from rendezvous.names import ENTITY_PATTERN
 from rendezvous.spec import FeatureSpec
 

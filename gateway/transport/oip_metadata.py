@@ -16,8 +16,8 @@ from fastapi import Request
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.service import pinned_role
-from gateway.transport.oip_codec import INPUT, LABEL, PROBABILITIES
 from gateway.transport.oip_lookup import lookup_inputs
+from gateway.transport.oip_schema import INPUT, LABEL, PROBABILITIES
 from models.deployments import Deployment, ModelRef
 from models.registry import ModelRegistry
 from rendezvous import names
