@@ -48,7 +48,7 @@ from rendezvous.bus.appender import StreamAppender
 from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, connect_async
 from rendezvous.decision import DecisionRecord
-from rendezvous.heap import settle_heap
+from rendezvous.heap import settle_heap, trim_heap_every
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,8 @@ def create_app(
                     vital.watch(name, maybe)
             app.state.vital_tasks = vital
             if owns_process:
-                settle_heap()
+                settle_heap()  # then trimmed (not a vital task: a missed trim is harmless)
+                background["the heap trim"] = asyncio.create_task(trim_heap_every())
             undo.pop_all()  # started: the shutdown below stops it all, in its order
         log.info("gateway ready: deployments %s, reply stream %s",
                  sorted(deployments.deployments), rendezvous.reply_to)  # fmt: skip
