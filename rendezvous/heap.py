@@ -10,6 +10,9 @@ the young generation grow larger between collections. Cycles are still collected
 The gateway also hands the C heap's free pages back every ``TRIM_INTERVAL_S``: requests held
 through a stall (an append-only rewrite's fork of Redis, under an open loop) leave the heap at
 their high-water mark, freed but fragmented, and glibc returns such pages only when asked.
+That is the smaller part of such a high-water mark (1-2 MB of 10-14 MB after five 1.5 s
+stalls at 1,500 requests a second, `benchmarks/PROFILE.md`); the rest is Python's own arenas,
+which it returns only when wholly empty.
 """
 
 from __future__ import annotations
