@@ -21,7 +21,8 @@ class DuplicateRequest(ValueError):
 @dataclass(frozen=True, slots=True)
 class Answer:
     outcome: str
-    """``real``, ``fallback`` or ``timeout``."""
+    """``real``, ``fallback``, ``pinned`` (a versioned request answered by a non-real role) or
+    ``timeout``."""
     role: str | None
     result: ModelResult | None
     reason: str
