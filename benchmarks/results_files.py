@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import log
-from benchmarks.report import markdown, summary_markdown
+from benchmarks.report_markdown import markdown, summary_markdown
 from benchmarks.systems import REPO
 from benchmarks.venvs import ensure_tools
 

@@ -45,7 +45,8 @@ from benchmarks.calibration import calibrate
 from benchmarks.harness import demo_rows, git, log
 from benchmarks.measure_system import measure
 from benchmarks.overload import combine_overload, overload_phase
-from benchmarks.report import combine_rounds, markdown, ratios
+from benchmarks.report import combine_rounds, ratios
+from benchmarks.report_markdown import markdown
 from benchmarks.results_files import README_END, README_START, update_readme, write
 from benchmarks.systems import REPO, Running, start_rdv, start_rdv_cluster
 

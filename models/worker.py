@@ -25,7 +25,6 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
 
 import redis
 
@@ -34,12 +33,12 @@ from models.deployments import Deployment, DeploymentNotFound, ModelRef
 from models.registry import ModelRegistry
 from models.role_model import SHADOW_BATCH_WAIT_MS, RoleModel, Scored, WorkerStats, batch_wait_s
 from models.runtime import OnnxClassifier
+from models.worker_writes import check_written, reply_commands
 from rendezvous import names
-from rendezvous.bus.aside import UNREACHABLE
 from rendezvous.bus.connection import REDIS_FAILURES, Client
 from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry, Membership
-from rendezvous.bus.routing import Command, command, raise_first_error
-from rendezvous.envelope import EnvelopeError, ModelResult, RequestEnvelope, encode_results
+from rendezvous.bus.routing import command
+from rendezvous.envelope import EnvelopeError, RequestEnvelope
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +324,7 @@ class ModelWorker(ConsumerLoop):
         if entries:
             for member_id in {id(m) for m in members}:
                 self._by_member[member_id].stats.batches += 1
-        commands = self._replies(replies)
+        commands = reply_commands(replies, self.reply_maxlen)
         results = len(commands)
         for (stream, group), ids in ack_ids.items():  # each on its partition's node
             commands.append(command(b"XACK", stream.encode(), group, *ids))
@@ -339,23 +338,8 @@ class ModelWorker(ConsumerLoop):
         # the heartbeat to the deployment's, in one round trip per node, all written before any
         # reply is read; and they go ahead of the next read, in its round trip (on a cluster,
         # only ahead of a read that does not block: ``rendezvous.bus.reader``).
-        self.write_with_next_read(commands, functools.partial(_check_written, results, essential))
+        self.write_with_next_read(commands, functools.partial(check_written, results, essential))
         return len(entries)
-
-    def _replies(self, replies: list[Scored]) -> list[Command]:
-        """One entry per gateway for the whole batch (every role's results together), so the
-        cap, which counts results, becomes entries of this batch's size. NOMKSTREAM: a gateway
-        that is gone has no stream, and we must not recreate it."""
-        by_gateway: dict[str, list[ModelResult]] = {}
-        for reply_to, result in replies:
-            by_gateway.setdefault(reply_to, []).append(result)
-        commands = []
-        for reply_to, results in by_gateway.items():
-            ((field, value),) = encode_results(results).items()
-            maxlen = b"%d" % max(1, self.reply_maxlen // len(results))
-            commands.append(command(b"XADD", reply_to.encode(), b"NOMKSTREAM", b"MAXLEN", b"~",
-                                    maxlen, b"*", field, value))  # fmt: skip
-        return commands
 
     def _maybe_reload(self, raw: bytes | str | None) -> None:
         """Follow a deployment change whose revision came with a read (hot swap)."""
@@ -379,26 +363,3 @@ class ModelWorker(ConsumerLoop):
                 log.exception("cannot load %s for %s/%s; keeping %s", dep.roles[role.role],
                               self.deployment, role.role, role.model_ref)  # fmt: skip
         self._follow_waits()
-
-
-_lost_said_until = [0.0]
-"""When undelivered results may be logged again (a warning per batch would flood the log)."""
-
-
-def _check_written(results: int, essential: int, written: list[Any]) -> None:
-    """Raise the first error among a batch's writes (its first ``results`` commands are the
-    results, each to a gateway's reply stream, then its acks up to ``essential``, then the
-    heartbeats), but not a node that is away under a result or a heartbeat. Such a result is
-    lost: its gateway cannot read its reply stream meanwhile either (its requests get 503 at
-    their timeout), and failing the step would hold up the answers to every other gateway and
-    every partition until the cluster elects a replica (a 504 for a request of a healthy
-    gateway and partition, found by hand). A heartbeat (partition 0's master away) is sent
-    again when next due."""
-    lost = [r for r in written[:results] if isinstance(r, UNREACHABLE)]
-    if lost and time.monotonic() >= _lost_said_until[0]:
-        _lost_said_until[0] = time.monotonic() + 5.0  # once in 5 s: an election lasts seconds
-        log.warning("results not delivered to %d gateways: their reply stream's node is away "
-                    "(%s)", len(lost), lost[0])  # fmt: skip
-    raise_first_error([r for r in written[:results] if not isinstance(r, UNREACHABLE)])
-    raise_first_error(written[results:essential])
-    raise_first_error([r for r in written[essential:] if not isinstance(r, UNREACHABLE)])
