@@ -196,13 +196,17 @@ async def test_only_a_redis_failure_of_the_reader_counts_as_redis_failing(
     rdv: Rendezvous, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``read_failed_ms`` turns a timed-out request's 504 into a 503 ("Redis failed while it
-    waited"): a bug in the reader is no Redis failure, and does not say so."""
+    waited"): a bug in the reader is no Redis failure, and does not say so. ``read_failure``
+    (what ``/readyz`` reads) says why the reader fails while it does, whatever the cause, and
+    clears with the next read that succeeds."""
     failures: list[Exception] = [RuntimeError("a bug"), redis.ConnectionError("gone")]
     execute = rdv.reader.execute
     seen: list[float] = []
+    failing_then: list[str | None] = []
 
     async def failing(commands, **kwargs):  # type: ignore[no-untyped-def]
         seen.append(rdv.read_failed_ms)
+        failing_then.append(rdv.read_failure)
         if failures:
             raise failures.pop(0)
         return await execute(commands, **kwargs)
@@ -214,6 +218,12 @@ async def test_only_a_redis_failure_of_the_reader_counts_as_redis_failing(
         await asyncio.sleep(0.02)
     assert seen[0] == 0 and seen[1] == 0, "after the bug: not a Redis failure"
     assert seen[2] > 0, "after the connection error: Redis failed"
+    assert failing_then[:3] == [None, "RuntimeError: a bug", "ConnectionError: gone"]
+    for _ in range(300):  # the read after the failures returns within its block time
+        if rdv.read_failure is None:
+            break
+        await asyncio.sleep(0.02)
+    assert rdv.read_failure is None
 
 
 async def test_failed_real_falls_back_at_once(rdv: Rendezvous, r: redis.Redis) -> None:

@@ -74,6 +74,9 @@ class Rendezvous:
         self.read_failed_ms = 0.0
         """When the reply reader last failed (epoch ms; 0: never): a request that waited
         through it and got no answer was failed by the bus, not by its models."""
+        self.read_failure: str | None = None
+        """Why the reply reader fails now (None once a read succeeds): while it fails, no
+        request of this process can be answered, and ``/readyz`` says so."""
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -265,9 +268,11 @@ class Rendezvous:
                 if isinstance(reply, Exception):
                     raise reply
                 backoff_s = 0.05
+                self.read_failure = None
             except Exception as exc:  # see the docstring
                 if self._stopping:
                     return
+                self.read_failure = f"{type(exc).__name__}: {exc}"
                 if isinstance(exc, REDIS_FAILURES):
                     # Redis failed: what waits now may have lost its answer (a 503, not a 504)
                     self.read_failed_ms = time.time() * 1000

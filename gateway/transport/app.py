@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 import redis
 from fastapi import FastAPI, Header, Request
@@ -36,11 +35,11 @@ from gateway.observability.drift_sketches import local_model_meta
 from gateway.observability.live_accuracy import LiveAccuracy
 from gateway.observability.metrics import GatewayMetrics, multiprocess_dir
 from gateway.observability.routes import observe_router
-from gateway.problems import RETRY, Problem
 from gateway.settings import Settings
 from gateway.transport import feedback, jobs, oip
 from gateway.transport.fast_path import PredictFastPath, predict_reply, refused_body_counter
 from gateway.transport.limits import BodySizeLimit
+from gateway.transport.readiness import readiness
 from gateway.transport.refusals import install_refusals
 from gateway.transport.vital_tasks import VitalTasks, keep_serving, stop_this_process
 from rendezvous import names
@@ -57,29 +56,6 @@ def instance_id() -> str:
     """Unique per gateway process: the name of its reply stream."""
     host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:32]
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-LOGBIN_SILENT_S = 60.0
-"""A log bin whose counters are older than this is gone (as ``/metrics`` judges it)."""
-
-
-def archive_status(logbins: dict[bytes, bytes]) -> dict[str, Any]:
-    """What ``/readyz`` says of the archive, from the log bins' published counters. A failing
-    archive does not make the gateway unready (the requests are still answered, their entries
-    wait in the input stream), but it is said, with the reason."""
-    now = time.time()
-    fresh = []
-    for raw in logbins.values():
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(doc, dict) and now - float(doc.get("ts", 0)) < LOGBIN_SILENT_S:
-            fresh.append(doc)
-    failing = [d["failing"] for d in fresh if d.get("failing")]
-    if failing:
-        return {"status": "failing", "reason": failing[0]}
-    return {"status": "ok" if fresh else "no log bin"}
 
 
 async def _check_redis_memory(client: AsyncClient, settings: Settings, deployments: int) -> None:
@@ -369,32 +345,15 @@ def create_app(
 
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
-        """Ready when Redis answers and every deployment has a live real worker."""
-        client = request.app.state.redis
-        deployments: DeploymentCache = request.app.state.deployments
-        live_after = time.time() - settings.heartbeat_timeout_s
-        try:
-            # keyed commands only (a cluster pipeline routes by key): their answers say Redis
-            # answers as well as a PING would
-            pipe = client.pipeline(transaction=False)
-            deps = sorted(deployments.deployments)
-            for dep in deps:
-                pipe.zrangebyscore(names.workers_key(dep), live_after, "+inf")
-            pipe.hgetall(names.LOGBIN_STATS)
-            *live, logbins = await asyncio.wait_for(pipe.execute(), timeout=2.0)
-        except REDIS_FAILURES as exc:
-            detail = f"Redis is unavailable: {type(exc).__name__}"
-            return Problem(503, detail, {"ready": False}, RETRY).response()
-        checks: dict[str, Any] = {}
-        for dep, members in zip(deps, live, strict=True):
-            roles: dict[str, int] = {}
-            for m in members:
-                role = m.decode().split("|", 1)[0]
-                roles[role] = roles.get(role, 0) + 1
-            checks[dep] = {"live_workers": roles, "ready": roles.get(names.REAL, 0) > 0}
-        ready = bool(checks) and all(c["ready"] for c in checks.values())
-        doc = {"ready": ready, "deployments": checks, "archive": archive_status(logbins)}
-        return JSONResponse(doc, status_code=200 if ready else 503)
+        """Ready when this process reads its replies and every deployment answers with a live
+        real worker (``gateway.transport.readiness``)."""
+        status, doc, headers = await readiness(
+            request.app.state.redis,
+            request.app.state.deployments.deployments,
+            time.time() - settings.heartbeat_timeout_s,
+            request.app.state.rendezvous.read_failure,
+        )
+        return JSONResponse(doc, status_code=status, headers=headers)
 
     install_schema(app, settings)
     return app

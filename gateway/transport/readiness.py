@@ -1,0 +1,108 @@
+"""What ``/readyz`` says: whether this gateway process can answer requests now.
+
+Ready means: this process's reply reader is reading (its reply stream's node answers: without
+it no request of this process gets its answer), and every deployment's state answers and shows
+a live real worker. On a Redis Cluster each of these lives on its own node, so each is read on
+its own with its own bound: a shard that is down makes unready what needs it, and only that. A
+load balancer then sends traffic to the gateways whose reply streams are on live nodes, while
+the cluster elects a replica. The archive's state (the log bins' counters) is said but never
+makes the gateway unready: requests are still answered, their entries wait in the input
+stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Iterable
+from typing import Any
+
+from gateway.problems import RETRY, Problem
+from rendezvous import names
+from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
+
+READ_TIMEOUT_S = 0.8
+"""The bound of each read: a node that is away answers nothing (redis-py's cluster client retries
+for seconds), and a probe must answer within the 1 s that Kubernetes gives it by default."""
+
+LOGBIN_SILENT_S = 60.0
+"""A log bin whose counters are older than this is gone (as ``/metrics`` judges it)."""
+
+
+def archive_status(logbins: dict[bytes, bytes]) -> dict[str, Any]:
+    """What ``/readyz`` says of the archive, from the log bins' published counters. A failing
+    archive does not make the gateway unready (the requests are still answered, their entries
+    wait in the input stream), but it is said, with the reason."""
+    now = time.time()
+    fresh = []
+    for raw in logbins.values():
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and now - float(doc.get("ts", 0)) < LOGBIN_SILENT_S:
+            fresh.append(doc)
+    failing = [d["failing"] for d in fresh if d.get("failing")]
+    if failing:
+        return {"status": "failing", "reason": failing[0]}
+    return {"status": "ok" if fresh else "no log bin"}
+
+
+def _failure(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "Redis did not answer in time"
+    return f"Redis is unavailable: {type(exc).__name__}"
+
+
+def _replies_text(failing: str) -> str:
+    return f"this gateway's reply stream cannot be read: {failing}"
+
+
+async def _bounded(read: Awaitable[Any], timeout_s: float) -> Any:
+    return await asyncio.wait_for(read, timeout_s)
+
+
+async def readiness(
+    client: AsyncClient,
+    deployments: Iterable[str],
+    live_after_s: float,
+    replies_failing: str | None,
+    timeout_s: float = READ_TIMEOUT_S,
+) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+    """(status, body, headers) of ``/readyz``: every read at once, each bounded on its own.
+    ``replies_failing``: why this process's reply reader fails now (None: it reads)."""
+    deps = sorted(deployments)
+    reads = [_bounded(client.zrangebyscore(names.workers_key(d), live_after_s, "+inf"), timeout_s)
+             for d in deps]  # fmt: skip
+    reads.append(_bounded(client.hgetall(names.LOGBIN_STATS), timeout_s))
+    *live, logbins = await asyncio.gather(*reads, return_exceptions=True)
+    for answer in (*live, logbins):
+        if isinstance(answer, BaseException) and not isinstance(answer, REDIS_FAILURES):
+            raise answer  # a bug, not Redis: the route's error handling says so
+    if all(isinstance(answer, BaseException) for answer in (*live, logbins)):
+        extra: dict[str, Any] = {"ready": False}
+        if replies_failing is not None:
+            extra["replies"] = _replies_text(replies_failing)
+        problem = Problem(503, _failure(logbins), extra, RETRY)
+        return problem.status, problem.document(), dict(problem.headers)
+    checks: dict[str, Any] = {}
+    for dep, members in zip(deps, live, strict=True):
+        if isinstance(members, BaseException):
+            checks[dep] = {"ready": False, "error": _failure(members)}
+            continue
+        roles: dict[str, int] = {}
+        for m in members:
+            role = m.decode().split("|", 1)[0]
+            roles[role] = roles.get(role, 0) + 1
+        checks[dep] = {"live_workers": roles, "ready": roles.get(names.REAL, 0) > 0}
+    if isinstance(logbins, BaseException):
+        archive = {"status": "unknown", "reason": f"the log bins' counters: {_failure(logbins)}"}
+    else:
+        archive = archive_status(logbins)
+    doc: dict[str, Any] = {"ready": False, "deployments": checks, "archive": archive}
+    if replies_failing is not None:
+        doc["replies"] = _replies_text(replies_failing)
+    doc["ready"] = (
+        bool(checks) and replies_failing is None and all(c["ready"] for c in checks.values())
+    )
+    return (200 if doc["ready"] else 503), doc, None if doc["ready"] else RETRY

@@ -1,0 +1,104 @@
+"""``/readyz``'s judgement (``gateway.transport.readiness``) against real Redis: on one node,
+and on the real cluster with one master not answering (SIGSTOP, shorter than the cluster's
+node timeout, so no failover): what needs that node is unready, the rest is not held up, and
+the archive's counters being away never makes the gateway unready."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import redis
+
+from gateway.transport.readiness import readiness
+from rendezvous import names
+from rendezvous.bus.connection import connect_async
+from rendezvous.bus.local_cluster import LocalCluster
+
+
+def _live(r: redis.Redis | redis.RedisCluster, deployment: str, *roles: str) -> None:
+    for role in roles:
+        r.zadd(names.workers_key(deployment), {f"{role}|{role}-1": time.time()})
+
+
+async def test_ready_needs_every_deployments_real_worker_and_this_gateways_replies(
+    r: redis.Redis, redis_url: str
+) -> None:
+    client = await connect_async(redis_url, timeout_s=2.0)
+    try:
+        live_after = time.time() - 5
+        status, doc, _ = await readiness(client, [], live_after, None)
+        assert status == 503 and doc["deployments"] == {}, "no deployment: nothing to serve"
+        _live(r, "a", "real", "canary")
+        _live(r, "b", "canary")
+        status, doc, headers = await readiness(client, ["a", "b"], live_after, None)
+        assert status == 503 and headers == {"Retry-After": "1"}
+        assert doc["deployments"]["a"] == {"live_workers": {"real": 1, "canary": 1},
+                                           "ready": True}  # fmt: skip
+        assert doc["deployments"]["b"]["ready"] is False
+        assert doc["archive"] == {"status": "no log bin"}
+        _live(r, "b", "real")
+        r.hset(names.LOGBIN_STATS, "lb-1", json.dumps({"ts": time.time(), "failing": "disk full"}))
+        status, doc, headers = await readiness(client, ["a", "b"], live_after, None)
+        assert status == 200 and doc["ready"] is True and headers is None
+        assert doc["archive"] == {"status": "failing", "reason": "disk full"}, "said, still 200"
+        # Every deployment served, but this process cannot read its replies: none of its
+        # requests would be answered, so a load balancer must send them elsewhere.
+        status, doc, headers = await readiness(client, ["a", "b"], live_after, "ConnectionError")
+        assert status == 503 and doc["ready"] is False and headers == {"Retry-After": "1"}
+        assert doc["replies"] == "this gateway's reply stream cannot be read: ConnectionError"
+    finally:
+        await client.aclose()
+
+
+def _on(cluster: redis.RedisCluster, port: int, others: bool, prefix: str) -> str:
+    """A deployment name whose keys live on the master at ``port`` (or, ``others``, not)."""
+    for i in range(1000):
+        name = f"{prefix}{i}"
+        mine = int(cluster.get_node_from_key(names.workers_key(name)).port) == port
+        if mine != others:
+            return name
+    raise AssertionError("no such name")
+
+
+async def test_on_a_cluster_a_master_that_does_not_answer_holds_up_only_what_it_holds(
+    redis_cluster: LocalCluster, rc: redis.RedisCluster
+) -> None:
+    stats_port = int(rc.get_node_from_key(names.LOGBIN_STATS).port)
+    here, there = _on(rc, stats_port, True, "live-"), _on(rc, stats_port, False, "away-")
+    _live(rc, here, "real")
+    _live(rc, there, "real")
+    client = await connect_async(redis_cluster.url, timeout_s=2.0)
+    pid = redis_cluster.pid(stats_port)
+    assert pid is not None
+    try:
+        live_after = time.time() - 5
+        status, doc, _ = await readiness(client, [here, there], live_after, None)
+        assert status == 200, doc
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            status, doc, _ = await readiness(client, [here, there], live_after, None, 0.3)
+            took_s = time.monotonic() - started
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert took_s < 1.0, "each read is bounded on its own"
+        assert doc["deployments"][here]["ready"] is True, doc
+        assert doc["deployments"][there] == {"ready": False,
+                                             "error": "Redis did not answer in time"}  # fmt: skip
+        assert doc["archive"]["status"] == "unknown", doc
+        assert status == 503, "a deployment whose node does not answer cannot be served"
+        # The archive's counters alone away: still ready.
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            status, doc, _ = await readiness(client, [here], live_after, None, 0.3)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert status == 200 and doc["ready"] is True, doc
+        assert doc["archive"]["status"] == "unknown", doc
+        assert "did not answer" in doc["archive"]["reason"], doc
+    finally:
+        await client.aclose()
+        redis_cluster.wait_healthy(30.0)
