@@ -10,8 +10,11 @@ or another deployment's tag.
 from __future__ import annotations
 
 import binascii
+import os
 import re
+import time
 import zlib
+from collections.abc import Iterable
 
 PREFIX = "rdv"
 NAME_RE = r"[a-z0-9][a-z0-9._-]{0,62}"
@@ -114,6 +117,35 @@ def input_streams(deployment: str, partitions: int) -> list[str]:
 def partition_for(request_id: str, partitions: int) -> int:
     """The partition a request goes to: stable for an id while the count stays."""
     return zlib.crc32(request_id.encode()) % partitions if partitions > 1 else 0
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def new_request_id(now_ms: int | None = None) -> str:
+    """A request id the gateway makes up (the caller gave none): the time in ms as 12 hex
+    digits, then 80 random bits as 20, so 32 lowercase hex digits. It never repeats, and it
+    says when it was made: the feedback route need not wait for the outcome of an id made
+    long ago (``minted_ms``)."""
+    ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    return f"{ms:012x}{os.urandom(10).hex()}"
+
+
+def minted_ms(request_id: str) -> int | None:
+    """When ``new_request_id`` made this id (epoch ms), or None when it cannot be one of its. A
+    caller's own id of the same shape reads as a time too: who reads it must allow for that."""
+    if len(request_id) != 32 or not _HEX.issuperset(request_id):
+        return None
+    return int(request_id[:12], 16)
+
+
+def request_id_keys(deployment: str, request_id: str, counts: Iterable[int]) -> list[str]:
+    """Every key a caller's ``request_id`` may be taken under (``request_id_key``): one per
+    partition count its deployment has published to and still reads (``counts``)."""
+    return [
+        request_id_key(input_stream(deployment, partition_for(request_id, n), n), request_id)
+        for n in dict.fromkeys(counts)
+    ]
 
 
 def decisions_stream(deployment: str) -> str:

@@ -209,6 +209,34 @@ def test_a_label_sent_right_after_the_prediction_is_accepted(served: Served) -> 
     assert answer.status_code == 200, answer.text
 
 
+def test_only_an_id_that_may_be_on_its_way_is_waited_for(served: Served) -> None:
+    """A miss is looked up again only while it may name a request answered a moment ago: an
+    id the gateway made up within the wait, or a caller's own id still held. Any other is
+    refused at once, not after the deployment's timeout and grace."""
+    made_up = served.http.post(PREDICT, json=features_body(demo_data().x_test[0]))
+    assert made_up.status_code == 200, made_up.text
+    minted = made_up.json()["request_id"]
+    assert abs(names.minted_ms(minted) - time.time() * 1000) < 5000, minted  # type: ignore[operator]
+    accepted = served.feedback({"request_id": minted, "correct": True})
+    assert accepted.status_code == 200, accepted.text
+
+    def timed(rid: str) -> tuple[int, float]:
+        started = time.monotonic()
+        status = served.feedback({"request_id": rid, "label": 1}).status_code
+        return status, time.monotonic() - started
+
+    held = "held-but-unanswered"
+    (key,) = names.request_id_keys(DEMO_DEPLOYMENT, held, [1])
+    served.r.set(key, b"1", ex=60)
+    hour_ago = names.new_request_id(int(time.time() * 1000) - 3_600_000)
+    with ThreadPoolExecutor(4) as pool:
+        at_once = list(pool.map(timed, ["never-predicted-at-all", hour_ago]))
+        waited = list(pool.map(timed, [held, names.new_request_id()]))
+    wait_s = (SCHEDULE.timeout_ms + SCHEDULE.grace_ms) / 1000
+    assert all(status == 404 and took < 1.0 for status, took in at_once), at_once
+    assert all(status == 404 and took >= wait_s for status, took in waited), waited
+
+
 @single_node_only
 def test_bad_feedback_is_refused_and_stores_nothing(served: Served) -> None:
     known = served.send("bad", 2)

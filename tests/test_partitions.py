@@ -45,6 +45,22 @@ def test_a_request_keeps_its_partition_and_partitions_share_out_requests() -> No
     assert key.endswith(":rid:r-1") and key[: key.index("}")] in names.input_stream("d", 2, 3)
 
 
+def test_made_up_ids_say_when_and_spread_and_a_callers_id_has_a_key_per_count() -> None:
+    made = [names.new_request_id(1_796_000_000_000) for _ in range(3000)]
+    assert len(set(made)) == 3000 and all(len(rid) == 32 for rid in made)
+    assert {names.minted_ms(rid) for rid in made} == {1_796_000_000_000}
+    counts = [0, 0, 0]
+    for rid in made:  # a shared time prefix does not skew the partitions
+        counts[names.partition_for(rid, 3)] += 1
+    assert min(counts) > 900
+    for not_made in ("req-1", "0" * 31, "G" * 32, "A" * 32, "+" + "0" * 31, " 1" + "0" * 30):
+        assert names.minted_ms(not_made) is None, not_made
+    keys = names.request_id_keys("d", "r-1", [3, 1, 3])
+    assert keys == [names.request_id_key(names.input_stream("d", names.partition_for("r-1", 3), 3),
+                                         "r-1"),
+                    names.request_id_key(names.input_stream("d"), "r-1")]  # fmt: skip
+
+
 def test_partition_names_refuse_what_is_not_a_partition() -> None:
     with pytest.raises(names.InvalidName):
         names.input_stream("d", 3, 3)

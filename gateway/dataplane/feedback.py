@@ -6,8 +6,12 @@ request's kept outcome (``outcome_store``) and then stores them all in one scrip
 the latest label per request in the label buckets (a relabel replaces it), and a joined entry
 per item in the capped labelled stream that the live accuracy and the promotion gate read.
 A request answered a moment ago may not have its outcome written yet (its decision record
-closes after the grace period, outcomes are flushed every quarter second): a miss is looked
-up again for up to the deployment's timeout and grace before it is refused.
+closes after the grace period, outcomes are flushed every quarter second): a miss that may be
+such a request is looked up again for up to the deployment's timeout and grace before it is
+refused. Any other miss is refused at once: an id the gateway made up says when it was made
+(``names.minted_ms``), and a caller's own id is held for ``RDV_REQUEST_ID_TTL_S`` after it was
+published (``names.request_id_key``), so an id that is neither recent nor held was never
+answered lately.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import bounded_faults
 from gateway.dataplane.outcome_store import ENTRY_OVERHEAD_BYTES, OutcomeStore
+from models.deployments import Deployment
 from rendezvous import names
 from rendezvous.outcomes import Label, Outcome, label_problems
 
@@ -35,6 +40,9 @@ RETRY_FIRST_S = 0.02
 RETRY_MAX_S = 0.25
 """A miss is looked up again after 20 ms, then twice as long each time up to 250 ms: a label
 sent right after its prediction is accepted quickly, an unknown id costs ~15 lookups."""
+CLOCK_SKEW_S = 10.0
+"""How far apart the clocks of the gateways' hosts may be: an id another host made is taken
+as recent for this much longer than the wait."""
 SHOWN_IDS = 20
 """A 404 lists at most this many unknown ids (and says how many there were)."""
 
@@ -149,6 +157,7 @@ class FeedbackService:
         labelled_maxlen: int,
         classes_of: Callable[[str, int], Awaitable[list[int] | None]],
         on_labels: Callable[[str], None] | None = None,
+        request_id_ttl_s: float = 0.0,
     ):
         self.client = client
         self.deployments = deployments
@@ -157,6 +166,8 @@ class FeedbackService:
         self.labelled_maxlen = labelled_maxlen
         self.classes_of = classes_of
         self.on_labels = on_labels
+        self.request_id_ttl_s = request_id_ttl_s
+        """How long a caller's own id stays held (0: unknown, so any miss may be recent)."""
 
     async def accept(self, deployment: str, body: bytes) -> Accepted:
         dep = self.deployments.get(deployment)
@@ -173,7 +184,7 @@ class FeedbackService:
                 )  # fmt: skip
         ids = list(dict.fromkeys(item.request_id for item in items))
         deadline_s = (dep.schedule.timeout_ms + dep.schedule.grace_ms) / 1000
-        found = await self._find(deployment, ids, deadline_s + 2 * self.outcomes.flush_s + 0.5)
+        found = await self._find(dep, ids, deadline_s + 2 * self.outcomes.flush_s + 0.5)
         missing = [i for i in ids if i not in found]
         if missing:
             shown = ", ".join(missing[:SHOWN_IDS])
@@ -203,22 +214,51 @@ class FeedbackService:
         return Accepted(len(items), relabelled)
 
     async def _find(
-        self, deployment: str, ids: list[str], wait_s: float
+        self, dep: Deployment, ids: list[str], wait_s: float
     ) -> dict[str, tuple[int, bytes]]:
-        found = await self.outcomes.find(deployment, ids)
+        found = await self.outcomes.find(dep.name, ids)
         if len(found) == len(ids):
             return found
         await self.outcomes.flush()  # this process's own latest outcomes
         deadline = time.monotonic() + wait_s
+        coming = await self._recent(dep, [i for i in ids if i not in found], wait_s)
         pause_s = RETRY_FIRST_S
-        while True:
-            left = [i for i in ids if i not in found]
-            found.update(await self.outcomes.find(deployment, left, within_s=wait_s))
-            if len(found) == len(ids) or time.monotonic() >= deadline:
-                return found
+        while coming:
+            found.update(await self.outcomes.find(dep.name, coming, within_s=wait_s))
+            coming = [i for i in coming if i not in found]
+            if not coming or time.monotonic() >= deadline:
+                break
             await asyncio.sleep(min(pause_s, max(0.0, deadline - time.monotonic())))
             pause_s = min(2 * pause_s, RETRY_MAX_S)
             await self.outcomes.flush()
+        return found
+
+    async def _recent(self, dep: Deployment, ids: list[str], wait_s: float) -> list[str]:
+        """The ids among ``ids`` that may name a request answered so lately that its outcome
+        is still on its way: made up by a gateway within the wait (and the clocks' skew), or a
+        caller's own id still held. The rest are unknown or expired."""
+        horizon_ms = (wait_s + CLOCK_SKEW_S) * 1000
+        if self.request_id_ttl_s * 1000 < horizon_ms:
+            return ids  # a caller's id may be released before its outcome is written
+        now_ms = time.time() * 1000
+        recent: list[str] = []
+        held: list[str] = []
+        for rid in ids:
+            minted = names.minted_ms(rid)
+            made_lately = minted is not None and abs(now_ms - minted) <= horizon_ms
+            (recent if made_lately else held).append(rid)
+        if held:
+            counts = (dep.partitions, *dep.past_partitions)
+            keys = {rid: names.request_id_keys(dep.name, rid, counts) for rid in held}
+            pipe = self.client.pipeline(transaction=False)
+            for rid_keys in keys.values():
+                for key in rid_keys:
+                    pipe.exists(key)
+            answers = iter(await pipe.execute())
+            for rid, rid_keys in keys.items():
+                if any([next(answers) for _ in rid_keys]):  # a list: every answer consumed
+                    recent.append(rid)
+        return recent
 
     async def _store(self, deployment: str, writes: list[tuple[int, str, bytes, bytes]]) -> int:
         keys = [names.labelled_stream(deployment), names.outcomes_state_key(deployment)]

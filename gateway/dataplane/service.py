@@ -9,7 +9,6 @@ given to it, so the data plane imports nothing of observability.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
 from functools import partial
@@ -174,9 +173,9 @@ class PredictionService:
                 features, entities = enriched_rows(spec, body, self.max_rows)
         else:  # a protocol's own decoder: the matrix, or the caller's part and the entities
             x, entities = decode(spec, raw)
-            names = spec.names if entities is None else spec.caller_names
-            features = check_matrix(spec, x, self.max_rows, names)
-        rid = check_request_id(request_id) if request_id else os.urandom(16).hex()
+            columns = spec.names if entities is None else spec.caller_names
+            features = check_matrix(spec, x, self.max_rows, columns)
+        rid = check_request_id(request_id) if request_id else names.new_request_id()
         self.check_room(dep.name)
         self.in_flight += 1
         try:

@@ -207,6 +207,7 @@ def create_app(
                 labelled_maxlen=settings.labelled_maxlen,
                 classes_of=classes,
                 on_labels=accuracy.labelled,
+                request_id_ttl_s=settings.request_id_ttl_s,
             )
             background = {
                 "the outcome store": asyncio.create_task(outcomes.run()),
