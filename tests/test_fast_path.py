@@ -131,23 +131,6 @@ def test_a_non_finite_answer_is_a_502_naming_the_model_never_invalid_json() -> N
     assert status == 200 and json.loads(body) == fine
 
 
-def test_readyz_says_whether_the_archive_is_failing() -> None:
-    import json
-    import time
-
-    from gateway.transport.app import archive_status
-
-    now = time.time()
-    ok = json.dumps({"ts": now, "failing": ""}).encode()
-    bad = json.dumps({"ts": now, "failing": "archive write failed: disk full"}).encode()
-    stale = json.dumps({"ts": now - 3600, "failing": "long gone"}).encode()
-    assert archive_status({b"a": ok}) == {"status": "ok"}
-    assert archive_status({b"a": ok, b"b": bad}) == {
-        "status": "failing", "reason": "archive write failed: disk full"}  # fmt: skip
-    assert archive_status({b"old": stale}) == {"status": "no log bin"}
-    assert archive_status({b"x": b"not json"}) == {"status": "no log bin"}
-
-
 class Tally:
     def __init__(self) -> None:
         self.done: list[tuple[str | None, str]] = []

@@ -12,7 +12,7 @@ import time
 
 import redis
 
-from gateway.transport.readiness import readiness
+from gateway.transport.readiness import archive_status, readiness
 from rendezvous import names
 from rendezvous.bus.connection import connect_async
 from rendezvous.bus.local_cluster import LocalCluster
@@ -51,6 +51,18 @@ async def test_ready_needs_every_deployments_real_worker_and_this_gateways_repli
         assert doc["replies"] == "this gateway's reply stream cannot be read: ConnectionError"
     finally:
         await client.aclose()
+
+
+def test_the_archive_is_said_from_the_log_bins_fresh_counters() -> None:
+    now = time.time()
+    ok = json.dumps({"ts": now, "failing": ""}).encode()
+    bad = json.dumps({"ts": now, "failing": "archive write failed: disk full"}).encode()
+    stale = json.dumps({"ts": now - 3600, "failing": "long gone"}).encode()
+    assert archive_status({b"a": ok}) == {"status": "ok"}
+    assert archive_status({b"a": ok, b"b": bad}) == {
+        "status": "failing", "reason": "archive write failed: disk full"}  # fmt: skip
+    assert archive_status({b"old": stale}) == {"status": "no log bin"}
+    assert archive_status({b"x": b"not json"}) == {"status": "no log bin"}
 
 
 def _on(cluster: redis.RedisCluster, port: int, others: bool, prefix: str) -> str:
