@@ -70,7 +70,8 @@ def axis_ratios(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
+def fmt(value: Any, digits: int = 2) -> str:
+    """A figure for a markdown table: thousands separated, ``digits`` decimals, "-" for none."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -120,9 +121,9 @@ def markdown_lines(results: dict[str, Any]) -> list[str]:
             )
             lines.append(
                 f"| {name} | {fig['all_live_s']:g} | {mem['processes']} "
-                f"| {mem['worker_processes']} | {_fmt(mem['rss_mb_total'], 0)} "
-                f"| {_fmt(mem['pss_mb_total'], 0)} | {_fmt(mem['redis_used_memory_mb'], 1)} "
-                f"| {_fmt(fig['idle']['cpu_pct'])} | {pairs} | {_fmt(thr['ratio'], 3)} |"
+                f"| {mem['worker_processes']} | {fmt(mem['rss_mb_total'], 0)} "
+                f"| {fmt(mem['pss_mb_total'], 0)} | {fmt(mem['redis_used_memory_mb'], 1)} "
+                f"| {fmt(fig['idle']['cpu_pct'])} | {pairs} | {fmt(thr['ratio'], 3)} |"
             )
             parts = ", ".join(f"{k} {v['processes']} x {v['rss_mb'] / v['processes']:.0f}"
                               for k, v in sorted(mem["by_component"].items()))  # fmt: skip
@@ -137,8 +138,8 @@ def markdown_lines(results: dict[str, Any]) -> list[str]:
             f"{soak['soak_errors']} not; windows {soak['windows_s']['first']} and "
             f"{soak['windows_s']['last']} s; p99 {soak['p99_ms']['first']} -> "
             f"{soak['p99_ms']['last']} ms; RSS growth by process (%): "
-            + ", ".join(f"{k} {_fmt(v)}" for k, v in mem["rss_growth_pct_by_process"].items())
-            + f"; Redis used_memory {_fmt(mem['soak_redis_memory_growth_pct'])} %"
+            + ", ".join(f"{k} {fmt(v)}" for k, v in mem["rss_growth_pct_by_process"].items())
+            + f"; Redis used_memory {fmt(mem['soak_redis_memory_growth_pct'])} %"
             + _besides_outcomes(mem)
             + ".",
         ]
@@ -150,5 +151,5 @@ def _besides_outcomes(mem: dict[str, Any]) -> str:
     held = mem.get("redis_outcome_store_mb") or [None, None]
     if besides is None:
         return ""
-    return (f", {_fmt(besides)} % besides the outcome store (the answers kept for labels, "
-            f"{_fmt(held[0])} -> {_fmt(held[1])} MB in the two windows)")  # fmt: skip
+    return (f", {fmt(besides)} % besides the outcome store (the answers kept for labels, "
+            f"{fmt(held[0])} -> {fmt(held[1])} MB in the two windows)")  # fmt: skip

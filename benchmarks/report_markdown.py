@@ -5,16 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.axes_report import DIGITS, markdown_lines, summary_note
+from benchmarks.axes_report import DIGITS, fmt, markdown_lines, summary_note
 from benchmarks.report import all_errors
-
-
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    return str(value)
 
 
 def summary_markdown(results: dict[str, Any]) -> str:
@@ -33,12 +25,12 @@ def summary_markdown(results: dict[str, Any]) -> str:
         lo, hi = system["phases"].get("c1"), system["phases"].get("c64")
         errors = sum(all_errors(ph) for ph in system["phases"].values())
         lines.append(
-            f"| {name} | {_fmt(lo['latency_ms'].get('p50') if lo else None)} "
-            f"| {_fmt(hi['throughput_rps'] if hi else None, 0)} "
-            f"| {_fmt(hi['latency_ms'].get('p50') if hi else None)} "
-            f"| {_fmt(hi['latency_ms'].get('p99') if hi else None)} "
-            f"| {_fmt(hi['cpu_us_per_request'] if hi else None, 0)} | {errors} "
-            f"| {_fmt(system['rss_mb']['peak_total'], 0)} |"
+            f"| {name} | {fmt(lo['latency_ms'].get('p50') if lo else None)} "
+            f"| {fmt(hi['throughput_rps'] if hi else None, 0)} "
+            f"| {fmt(hi['latency_ms'].get('p50') if hi else None)} "
+            f"| {fmt(hi['latency_ms'].get('p99') if hi else None)} "
+            f"| {fmt(hi['cpu_us_per_request'] if hi else None, 0)} | {errors} "
+            f"| {fmt(system['rss_mb']['peak_total'], 0)} |"
         )
     lines += _ratio_lines(results["ratios"])
     note = summary_note(results)
@@ -59,18 +51,18 @@ def _ratio_lines(r: dict[str, Any]) -> list[str]:
     for key, t in r["targets"].items():
         met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
         digits = 0 if key == "rss_mb_total" else DIGITS.get(key.removesuffix("_per_role"), 3)
-        lines.append(f"| `{key}` | {_fmt(r[key], digits)} | {t['op']} {t['target']:g} | {met} |")
+        lines.append(f"| `{key}` | {fmt(r[key], digits)} | {t['op']} {t['target']:g} | {met} |")
     if r.get("pss_mb_total") is not None:
-        lines.append(f"| `pss_mb_total` (shared pages once) | {_fmt(r['pss_mb_total'], 0)} | | |")
+        lines.append(f"| `pss_mb_total` (shared pages once) | {fmt(r['pss_mb_total'], 0)} | | |")
     for key in ("cluster", "cluster_replicated"):
         figure = f"throughput_c64_{key}_vs_single"
         paired = r.get(f"{figure}_rounds")
         if figure not in r["targets"] and r.get(figure) is not None:
-            lines.append(f"| `{figure}` (no target) | {_fmt(r[figure], 3)} | | |")
+            lines.append(f"| `{figure}` (no target) | {fmt(r[figure], 3)} | | |")
         if paired and len(paired) > 1:
             lines.append(
                 f"| `{figure}` of each round (the figure: their median) "
-                f"| {' / '.join(_fmt(v, 3) for v in paired)} | | |"
+                f"| {' / '.join(fmt(v, 3) for v in paired)} | | |"
             )
     for key in (
         "redis_commands_per_request_single",
@@ -81,7 +73,7 @@ def _ratio_lines(r: dict[str, Any]) -> list[str]:
         "redis_bytes_per_request_cluster_replicated",
     ):
         if r.get(key) is not None:
-            lines.append(f"| `{key}` (c64, all masters) | {_fmt(r[key], 1)} | | |")
+            lines.append(f"| `{key}` (c64, all masters) | {fmt(r[key], 1)} | | |")
     return lines
 
 
@@ -106,13 +98,13 @@ def _overload_lines(over: dict[str, Any] | None) -> list[str]:
         ("do-nothing server, same loop", echo["throughput_rps"], echo["latency_ms"]),
     ):
         lines.append(
-            f"| {name} | {_fmt(rps, 0)} | {_fmt(lat.get('p50'))} | {_fmt(lat.get('p90'))} "
-            f"| {_fmt(lat.get('p99'))} | {_fmt(lat.get('max'))} |"
+            f"| {name} | {fmt(rps, 0)} | {fmt(lat.get('p50'))} | {fmt(lat.get('p90'))} "
+            f"| {fmt(lat.get('p99'))} | {fmt(lat.get('max'))} |"
         )
     rounds = over.get("rounds")
     if rounds and len(rounds["refusal_p50_ms"]) > 1:
         lines += ["", "429 p50 ms of every round: "
-                  + " / ".join(_fmt(v) for v in rounds["refusal_p50_ms"]) + "."]  # fmt: skip
+                  + " / ".join(fmt(v) for v in rounds["refusal_p50_ms"]) + "."]  # fmt: skip
     return lines
 
 
@@ -135,14 +127,14 @@ def markdown(results: dict[str, Any]) -> str:
         for label, ph in system["phases"].items():
             lat = ph["latency_ms"]
             lines.append(
-                f"| {name} | {label} | {_fmt(ph['throughput_rps'], 0)} | {_fmt(lat.get('p50'))} "
-                f"| {_fmt(lat.get('p90'))} | {_fmt(lat.get('p99'))} | {all_errors(ph)} "
-                f"| {_fmt(ph['cpu_s']['total'])} | {_fmt(ph['cpu_us_per_request'], 0)} "
-                f"| {_fmt(ph['loadgen']['cpu_us_per_request'], 0)} "
-                f"| {_fmt(ph['machine']['other_cpu_s'])} |"
+                f"| {name} | {label} | {fmt(ph['throughput_rps'], 0)} | {fmt(lat.get('p50'))} "
+                f"| {fmt(lat.get('p90'))} | {fmt(lat.get('p99'))} | {all_errors(ph)} "
+                f"| {fmt(ph['cpu_s']['total'])} | {fmt(ph['cpu_us_per_request'], 0)} "
+                f"| {fmt(ph['loadgen']['cpu_us_per_request'], 0)} "
+                f"| {fmt(ph['machine']['other_cpu_s'])} |"
             )
     spread = [
-        f"{name} {label} " + " / ".join(_fmt(v, 0) for v in ph["rounds"]["throughput_rps"])
+        f"{name} {label} " + " / ".join(fmt(v, 0) for v in ph["rounds"]["throughput_rps"])
         for name, system in results["systems"].items()
         for label, ph in system["phases"].items()
         if "rounds" in ph and label.startswith("c")
@@ -162,8 +154,8 @@ def markdown(results: dict[str, Any]) -> str:
         pss = rss.get("peak_pss_by_component") or {}
         pss_parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(pss.items())) or "-"
         lines.append(
-            f"| {name} | {system['processes']} | {_fmt(rss['peak_total'], 0)} | {parts} "
-            f"| {_fmt(rss.get('peak_serving_pss'), 0)} | {pss_parts} |"
+            f"| {name} | {system['processes']} | {fmt(rss['peak_total'], 0)} | {parts} "
+            f"| {fmt(rss.get('peak_serving_pss'), 0)} | {pss_parts} |"
         )
     lines += [
         "",
@@ -193,9 +185,9 @@ def markdown(results: dict[str, Any]) -> str:
     if cal:
         lines += [
             "",
-            f"Load generator ceiling on this machine: {_fmt(cal['throughput_rps'], 0)} req/s at "
+            f"Load generator ceiling on this machine: {fmt(cal['throughput_rps'], 0)} req/s at "
             f"c{cal['concurrency']} against a do-nothing HTTP server "
-            f"({_fmt(cal['loadgen']['cpu_us_per_request'], 0)} µs of load-generator CPU "
+            f"({fmt(cal['loadgen']['cpu_us_per_request'], 0)} µs of load-generator CPU "
             "per request).",
         ]
     lines += _ratio_lines(results["ratios"])
