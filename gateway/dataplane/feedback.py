@@ -249,15 +249,14 @@ class FeedbackService:
             (recent if made_lately else held).append(rid)
         if held:
             counts = (dep.partitions, *dep.past_partitions)
-            keys = {rid: names.request_id_keys(dep.name, rid, counts) for rid in held}
+            owners: list[str] = []
             pipe = self.client.pipeline(transaction=False)
-            for rid_keys in keys.values():
-                for key in rid_keys:
+            for rid in held:
+                for key in names.request_id_keys(dep.name, rid, counts):
+                    owners.append(rid)
                     pipe.exists(key)
-            answers = iter(await pipe.execute())
-            for rid, rid_keys in keys.items():
-                if any([next(answers) for _ in rid_keys]):  # a list: every answer consumed
-                    recent.append(rid)
+            taken = zip(owners, await pipe.execute(), strict=True)
+            recent += dict.fromkeys(rid for rid, exists in taken if exists)
         return recent
 
     async def _store(self, deployment: str, writes: list[tuple[int, str, bytes, bytes]]) -> int:

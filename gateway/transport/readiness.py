@@ -58,10 +58,6 @@ def _replies_text(failing: str) -> str:
     return f"this gateway's reply stream cannot be read: {failing}"
 
 
-async def _bounded(read: Awaitable[Any], timeout_s: float) -> Any:
-    return await asyncio.wait_for(read, timeout_s)
-
-
 async def readiness(
     client: AsyncClient,
     deployments: Iterable[str],
@@ -72,10 +68,13 @@ async def readiness(
     """(status, body, headers) of ``/readyz``: every read at once, each bounded on its own.
     ``replies_failing``: why this process's reply reader fails now (None: it reads)."""
     deps = sorted(deployments)
-    reads = [_bounded(client.zrangebyscore(names.workers_key(d), live_after_s, "+inf"), timeout_s)
-             for d in deps]  # fmt: skip
-    reads.append(_bounded(client.hgetall(names.LOGBIN_STATS), timeout_s))
-    *live, logbins = await asyncio.gather(*reads, return_exceptions=True)
+    reads: list[Awaitable[Any]] = [
+        client.zrangebyscore(names.workers_key(d), live_after_s, "+inf") for d in deps
+    ]
+    reads.append(client.hgetall(names.LOGBIN_STATS))
+    *live, logbins = await asyncio.gather(
+        *(asyncio.wait_for(read, timeout_s) for read in reads), return_exceptions=True
+    )
     for answer in (*live, logbins):
         if isinstance(answer, BaseException) and not isinstance(answer, REDIS_FAILURES):
             raise answer  # a bug, not Redis: the route's error handling says so
@@ -99,10 +98,8 @@ async def readiness(
         archive = {"status": "unknown", "reason": f"the log bins' counters: {_failure(logbins)}"}
     else:
         archive = archive_status(logbins)
-    doc: dict[str, Any] = {"ready": False, "deployments": checks, "archive": archive}
+    ready = bool(checks) and replies_failing is None and all(c["ready"] for c in checks.values())
+    doc: dict[str, Any] = {"ready": ready, "deployments": checks, "archive": archive}
     if replies_failing is not None:
         doc["replies"] = _replies_text(replies_failing)
-    doc["ready"] = (
-        bool(checks) and replies_failing is None and all(c["ready"] for c in checks.values())
-    )
-    return (200 if doc["ready"] else 503), doc, None if doc["ready"] else RETRY
+    return (200 if ready else 503), doc, None if ready else RETRY
