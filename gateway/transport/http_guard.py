@@ -61,6 +61,10 @@ class _Refused(Exception):
     """Raised in a parser callback to stop parsing: the guard answers instead."""
 
 
+def _never_busy() -> bool:
+    return False
+
+
 class ConnectionGuard:
     """The bounds of one connection; its methods are also the parser's callbacks."""
 
@@ -89,7 +93,7 @@ class ConnectionGuard:
         self,
         transport: asyncio.Transport,
         limits: HttpLimits,
-        busy: Callable[[], bool] = lambda: False,
+        busy: Callable[[], bool] = _never_busy,
     ):
         self.transport = transport
         self.limits = limits
@@ -199,6 +203,17 @@ class ConnectionGuard:
             self.deadline = time.monotonic() + LINGER_S
         else:
             transport.close()
+
+    def release(self) -> None:
+        """The connection is gone: nothing more to check or answer. Drops the parser and the
+        ``busy`` callback, which point back at this guard and at the protocol: without those
+        cycles a closed connection is freed at once, not at the collector's rare full pass,
+        which under a churn of connections left ~10 KB each behind for minutes."""
+        self.closed = True
+        self.deadline = 0.0
+        self.write_stuck_since = 0.0
+        self.parser = None
+        self.busy = _never_busy
 
     def _stand_down(self) -> None:
         self.parser = None
@@ -342,8 +357,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._guard is not None:
-            self._guard.closed = True
-            self._guard.deadline = 0.0
+            self._guard.release()
+        self._last = None
         super().connection_lost(exc)
 
 
