@@ -23,7 +23,7 @@ from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode as SyncClusterNode
-from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
+from redis.exceptions import AskError, ClusterError, RedisClusterException, TryAgainError
 from redis.retry import Retry
 
 from rendezvous.bus.waiting_cluster import SPARE_CONNECTIONS, Turns, WaitingRedisCluster
@@ -36,6 +36,7 @@ REDIS_DOWN: tuple[type[Exception], ...] = (
     redis.BusyLoadingError,
     ClusterError,  # CLUSTERDOWN, a master down, redirects that went round in circles
     TryAgainError,  # a slot being migrated
+    AskError,  # MOVED or ASK still, after a batch followed one: the slot's owner is changing
     RedisClusterException,  # no node covers a slot yet (a failover), no node reachable
 )
 """Failures that pass: Redis unreachable, restarting or loading its data, or a cluster electing
