@@ -124,6 +124,13 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(default=60.0, gt=0)
     """A request's body must arrive within this time of its head (408 beyond)."""
 
+    keep_alive_s: float = Field(default=75.0, gt=0)
+    """An answered keep-alive connection that begins no next request within this time of its
+    last answer is closed. Longer than the clients' and proxies' own idle expiry (httpx 5 s,
+    aiohttp 15 s, nginx and load balancers 60 s): a server that closes first races the
+    client's next request on that connection, which then fails unanswered (uvicorn's 5 s,
+    equal to httpx's, did under a burst)."""
+
     requests_per_connection: int | None = Field(default=None, ge=0)
     """After this many requests a keep-alive connection is closed (``Connection: close`` on
     the last answer) and its client reconnects. None: 100 where several gateway processes

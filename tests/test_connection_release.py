@@ -17,7 +17,9 @@ from gateway.transport.http_guard import GuardedHttpToolsProtocol, HttpLimits
 
 pytestmark = pytest.mark.integration  # a real server on the loopback
 
-LIMITS = HttpLimits(max_header_bytes=2048, max_headers=20, header_timeout_s=5, body_timeout_s=5)
+LIMITS = HttpLimits(
+    max_header_bytes=2048, max_headers=20, header_timeout_s=5, body_timeout_s=5, keep_alive_s=30
+)
 CONNECTIONS = 200
 
 

@@ -8,7 +8,9 @@ import time
 
 from gateway.transport.http_guard import LINGER_BYTES, ConnectionGuard, HttpLimits
 
-LIMITS = HttpLimits(max_header_bytes=2048, max_headers=20, header_timeout_s=5, body_timeout_s=5)
+LIMITS = HttpLimits(
+    max_header_bytes=2048, max_headers=20, header_timeout_s=5, body_timeout_s=5, keep_alive_s=30
+)
 HEAD = b"POST /v1/deployments/d/predict HTTP/1.1\r\nHost: t\r\n"
 
 
@@ -120,6 +122,25 @@ def test_slow_heads_and_bodies_expire_with_408_idle_connections_close_silently()
     answering = False
     served.expired(later + 60)  # answered, and no next request began: closed silently
     assert served_t.out == b"" and served_t.closed
+
+
+def test_an_answered_connection_idles_for_the_keep_alive_time_from_its_answer() -> None:
+    """The idle time ran from the request, not the answer: after an answer that took longer
+    than the head timeout the connection was closed within a second of it, under the client's
+    next request (a disconnect without an answer, seen in CI)."""
+    answering = True
+    t = Transport()
+    g = ConnectionGuard(t, LIMITS, busy=lambda: answering)
+    g.admit(HEAD + b"Content-Length: 2\r\n\r\n{}")
+    now = time.monotonic()
+    sweep = now + LIMITS.header_timeout_s + 1
+    g.expired(sweep)  # a long answer, waited for: checked again a head timeout later
+    answering = False
+    g.answered()  # the answer ends just before that check
+    g.expired(sweep + LIMITS.header_timeout_s + 1)
+    assert not t.closed  # idle for less than the keep-alive time since its answer
+    g.expired(now + LIMITS.keep_alive_s + 1)
+    assert t.closed and t.out == b""
 
 
 def test_bytes_that_begin_no_request_do_not_keep_a_connection_open() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ SCHEDULE = Schedule(real_deadline_ms=200, timeout_ms=2000, fallbacks=("canary",)
 MAX_BODY = 4096
 MAX_HEAD = 2048
 PER_CONNECTION = 5
+KEEP_ALIVE_S = 3.0
 """Requests a connection serves before its last answer closes it (no other test here sends as
 many on one connection)."""
 
@@ -31,7 +33,7 @@ def system(
     with launch_system(redis_url, demo_data_dir, tmp_path_factory, SCHEDULE,
                        RDV_MAX_BODY_BYTES=str(MAX_BODY), RDV_MAX_HEADER_BYTES=str(MAX_HEAD),
                        RDV_MAX_HEADERS="20", RDV_HEADER_TIMEOUT_S="1",
-                       RDV_BODY_TIMEOUT_S="1",
+                       RDV_BODY_TIMEOUT_S="1", RDV_KEEP_ALIVE_S=str(KEEP_ALIVE_S),
                        RDV_REQUESTS_PER_CONNECTION=str(PER_CONNECTION)) as sys:  # fmt: skip
         sys.start_worker("real")
         sys.start_worker("canary")
@@ -272,6 +274,27 @@ def test_slow_heads_and_bodies_get_408_and_silent_connections_are_closed(
     finally:
         for c in (slow_head, short_body, silent):
             c.close()
+
+
+def test_an_answered_connection_is_kept_for_the_keep_alive_time_then_closed(
+    system: System,
+) -> None:
+    """It was closed once the head timeout had passed since its request (uvicorn's own timer:
+    5 s, equal to httpx's pool expiry): a client reusing it then met a disconnect without an
+    answer (CI, a burst of job polls)."""
+    c = Conn(system.port)
+    try:
+        c.send(request(PREDICT))
+        assert c.response()[0] == 200
+        time.sleep(2.2)  # past RDV_HEADER_TIMEOUT_S (1 s) and a sweep, within the keep-alive
+        c.send(request(PREDICT))
+        assert c.response()[0] == 200
+        answered = time.monotonic()
+        assert c.closed_by_server()  # socket timeout 10 s
+        idle = time.monotonic() - answered
+        assert KEEP_ALIVE_S - 0.5 < idle < KEEP_ALIVE_S + 2, idle
+    finally:
+        c.close()
 
 
 def test_a_body_that_is_not_utf8_gets_422_naming_the_encoding(conn: Conn) -> None:

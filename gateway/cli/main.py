@@ -68,6 +68,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         proxy_headers=settings.proxy_headers,
         http=GuardedHttpToolsProtocol,  # its limits: the settings, read in each process
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=settings.keep_alive_s,  # the guard closes past it too
         server_header=False,  # the fast path never sent one; now neither does the ASGI path
     )
     app = "gateway.cli.main:_app_from_env"

@@ -47,6 +47,8 @@ class HttpLimits:
     """From a request's first byte (or a connection's opening) to the end of its head (408)."""
     body_timeout_s: float
     """From the end of a request's head to the end of its body (408)."""
+    keep_alive_s: float
+    """From an answer to the next request's first byte (a silent close beyond)."""
     requests_per_connection: int = 0
     """A keep-alive connection's answers before the last one closes it (0: no bound)."""
 
@@ -118,8 +120,8 @@ class ConnectionGuard:
         self.drained = 0
         """Bytes read and dropped after a refusal (bounded by ``LINGER_BYTES``)."""
         self.deadline = time.monotonic() + limits.header_timeout_s
-        """When the current phase (waiting for a first request, a head, a body) must end;
-        0: no deadline (between a request's end and the next one's first byte)."""
+        """When the current phase (waiting for a first request, a head, a body, the next
+        request after an answer) must end; 0: no deadline."""
 
     # -- fed by the protocol ------------------------------------------------------------------
 
@@ -204,6 +206,14 @@ class ConnectionGuard:
         else:
             transport.close()
 
+    def answered(self) -> None:
+        """An answer is written in full: the connection may now idle for the keep-alive time
+        (not for what is left of a deadline that ran while the answer was made: after a long
+        answer that was next to nothing, and the client's next request met a closed
+        connection)."""
+        if not (self.closed or self.in_head or self.in_body):
+            self.deadline = time.monotonic() + self.limits.keep_alive_s
+
     def release(self) -> None:
         """The connection is gone: nothing more to check or answer. Drops the parser and the
         ``busy`` callback, which point back at this guard and at the protocol: without those
@@ -252,8 +262,8 @@ class ConnectionGuard:
 
     def on_message_complete(self) -> None:
         self.in_body = False
-        # The next request's head must begin within the head timeout of this one's answer
-        # (``expired`` waits while the app is still answering).
+        # Checked again while the app answers (``expired`` waits for it); ``answered`` then
+        # gives the connection its keep-alive time.
         self.deadline = time.monotonic() + self.limits.header_timeout_s
 
     def _refuse(self, problem: Problem) -> None:
@@ -341,6 +351,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             cycle.keep_alive = False
             self._last = cycle
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._guard is not None:
+            self._guard.answered()
+
     def _answering(self) -> bool:
         cycle = self.cycle
         return cycle is not None and not cycle.response_complete
@@ -368,5 +383,6 @@ def limits_from(settings: Settings) -> HttpLimits:
         max_headers=settings.max_headers,
         header_timeout_s=settings.header_timeout_s,
         body_timeout_s=settings.body_timeout_s,
+        keep_alive_s=settings.keep_alive_s,
         requests_per_connection=settings.requests_per_connection or 0,
     )
