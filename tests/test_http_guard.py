@@ -124,6 +124,34 @@ def test_slow_heads_and_bodies_expire_with_408_idle_connections_close_silently()
     assert served_t.out == b"" and served_t.closed
 
 
+def test_a_malformed_request_is_refused_400_naming_the_fault_unless_an_answer_is_owed() -> None:
+    """uvicorn answered every malformed request with a plain-text "Invalid HTTP request
+    received." (and a logged warning each). The guard answers it as its other refusals, in
+    the route's style, unless a request before it in the same read still awaits its answer,
+    which a refusal written now would overtake."""
+    cases = [
+        (b"BREW /v1/deployments/d/predict HTTP/1.1\r\n\r\n", b"Invalid method"),
+        (b"GET /v2/health/ready HTTP/9.9\r\n\r\n", b"Invalid HTTP version"),
+        (HEAD + b"Content-Length: 1x\r\n\r\n", b"Content-Length"),
+        (HEAD + b"Bad Header\r\n\r\n", b"header token"),
+    ]
+    for data, fault in cases:
+        g, transport = guard()
+        assert not g.admit(data) and status(transport) == 400, transport.out
+        head, _, body = transport.out.partition(b"\r\n\r\n")
+        assert b"connection: close" in head and transport.eof
+        key = b'"error"' if b"/v2/" in data else b'"detail"'
+        assert key in body and b"malformed HTTP request" in body and fault in body, body
+    request = HEAD + b"Content-Length: 2\r\n\r\n{}"
+    owed, owed_t = guard()
+    assert owed.admit(request + b"BREW / HTTP/1.1\r\n\r\n")  # uvicorn's, after the answer
+    assert owed_t.out == b""
+    answering, busy_t = True, Transport()
+    busy = ConnectionGuard(busy_t, LIMITS, busy=lambda: answering)
+    assert busy.admit(request) and busy.admit(b"BREW / HTTP/1.1\r\n\r\n")
+    assert busy_t.out == b""
+
+
 def test_an_answered_connection_idles_for_the_keep_alive_time_from_its_answer() -> None:
     """The idle time ran from the request, not the answer: after an answer that took longer
     than the head timeout the connection was closed within a second of it, under the client's

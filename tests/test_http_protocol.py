@@ -327,6 +327,32 @@ def test_idle_bytes_and_an_h2c_upgrade_get_no_way_round_the_bounds(system: Syste
             c.close()
 
 
+def test_a_malformed_request_gets_a_400_naming_the_fault_and_the_connection_closes(
+    system: System,
+) -> None:
+    """It was uvicorn's plain-text "Invalid HTTP request received." whatever the fault."""
+    for data, key, fault in [
+        (b"BREW /v1/deployments/x/predict HTTP/1.1\r\nHost: t\r\n\r\n", "detail", "method"),
+        (b"GET /v2/health/ready HTTP/1.1\r\nHost: t\r\nNo Colon\r\n\r\n", "error", "header"),
+    ]:
+        c = Conn(system.port)
+        try:
+            c.send(data)
+            status, headers, content = c.response()
+            assert status == 400 and headers["connection"] == "close", headers
+            message = json.loads(content)[key]
+            assert message.startswith("malformed HTTP request") and fault in message, message
+            assert c.closed_by_server()
+        finally:
+            c.close()
+    served = Conn(system.port)  # the gateway serves on
+    try:
+        served.send(request(PREDICT))
+        assert served.response()[0] == 200
+    finally:
+        served.close()
+
+
 def test_a_compressed_body_is_refused_415_naming_the_encoding(conn: Conn) -> None:
     """It read as 422 "not UTF-8" on predict and jobs, where /v2 said 415 (found by hand)."""
     packed = gzip.compress(body())

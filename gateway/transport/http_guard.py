@@ -1,5 +1,6 @@
 """Bounds on what one HTTP client can make the gateway hold: the size and number of a request's
-header fields (431) and the time its head and its body may take (408).
+header fields (431) and the time its head and its body may take (408). A request that does not
+parse is refused here too (400 naming the fault).
 
 uvicorn's httptools protocol has none of these: a 200 MB header was accepted, slow clients
 were held forever, a body shorter than its Content-Length waited forever. The guard reads each
@@ -76,6 +77,7 @@ class ConnectionGuard:
         "closed",
         "deadline",
         "drained",
+        "finished",
         "head_bytes",
         "headers",
         "in_body",
@@ -110,6 +112,8 @@ class ConnectionGuard:
         self.in_head = False
         self.in_body = False
         self.seen = False
+        self.finished = 0
+        """Requests read in full (a refusal must not overtake an answer still owed)."""
         self.head_bytes = 0
         self.raw_head = 0
         self.headers = 0
@@ -137,6 +141,7 @@ class ConnectionGuard:
             return True
         self.seen = True
         began_here = not self.in_head
+        finished = self.finished
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -146,10 +151,14 @@ class ConnectionGuard:
             if self.websocket:
                 self._stand_down()
             return True
-        except httptools.HttpParserError:
-            if self.refusal is None:  # malformed: uvicorn answers it 400
-                self._stand_down()
-                return True
+        except httptools.HttpParserError as exc:
+            if self.refusal is None:  # malformed
+                if self.finished != finished or self.busy():
+                    # An answer is still owed to a request before it: uvicorn answers the
+                    # malformed one after that (plain text), where ours would come first.
+                    self._stand_down()
+                    return True
+                self.refusal = Problem(400, f"malformed HTTP request: {exc}")
         if self.refusal is None and self.in_head and not began_here:
             # The head is still arriving across reads: a header field still being read sits in
             # the parser's buffer, so count the bytes as they come. (The read a head began in is
@@ -262,6 +271,7 @@ class ConnectionGuard:
 
     def on_message_complete(self) -> None:
         self.in_body = False
+        self.finished += 1
         # Checked again while the app answers (``expired`` waits for it); ``answered`` then
         # gives the connection its keep-alive time.
         self.deadline = time.monotonic() + self.limits.header_timeout_s
