@@ -21,7 +21,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.cluster import ClusterNode as SyncClusterNode
 from redis.exceptions import AskError, ClusterError, RedisClusterException, TryAgainError
 from redis.retry import Retry
@@ -58,6 +58,19 @@ def _stale_connection_retry(kind: type[Retry] | type[AsyncRetry] = Retry) -> Any
     in four). A timeout is not retried: it would double the caller's wait. A retried XADD may
     be written twice if only its reply was lost, which the at-least-once readers absorb."""
     return kind(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+
+
+CLUSTER_RETRIES = 2
+"""Attempts a cluster command makes after its first failed on a lost node or a cluster that is
+down, each on a fresh topology: enough for a failover already done or a slot moved. redis-py's
+ten, spaced up to a second apart, kept a job submit, a label or an admin call 3-5 s before its
+503 with a shard down, where predict (its own router) answered in a quarter of a second; an
+election still running outlasts any wait a caller should sit out, and gets 503 and
+``Retry-After`` (the workers and the log bin ride it out as any outage)."""
+
+
+def _cluster_retry(kind: type[Retry] | type[AsyncRetry] = Retry) -> Any:
+    return kind(ExponentialWithJitterBackoff(base=0.01, cap=0.1), CLUSTER_RETRIES)
 
 
 Client = redis.Redis | redis.RedisCluster
@@ -140,6 +153,7 @@ def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = Non
                 seed,
                 socket_timeout=socket_timeout_s,
                 socket_connect_timeout=2.0,
+                retry=_cluster_retry(),
                 startup_nodes=_other_nodes(seeds, seed, SyncClusterNode),
             )
         except _RETRYABLE as exc:
@@ -198,6 +212,7 @@ async def connect_async(
                 socket_timeout=timeout_s,
                 socket_connect_timeout=2.0,
                 max_connections=max_connections + SPARE_CONNECTIONS,
+                retry=_cluster_retry(AsyncRetry),
                 startup_nodes=_other_nodes(seeds, seed, AsyncClusterNode),
             )
             assert isinstance(cluster, WaitingRedisCluster)
