@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUESTS_PER_CONNECTION = 100
 """As the gateway's default where several processes share a port
-(``gateway.transport.http_guard.SHARED_PORT_REQUESTS_PER_CONNECTION``)."""
+(``gateway.transport.guarded_protocol.SHARED_PORT_REQUESTS_PER_CONNECTION``)."""
 
 
 class PredictRequest(BaseModel):

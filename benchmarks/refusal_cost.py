@@ -24,7 +24,7 @@ from gateway.dataplane.service import PredictionService
 from gateway.settings import Settings
 from gateway.transport.app import create_app
 from gateway.transport.fast_path import PredictFastPath
-from gateway.transport.http_guard import GuardedHttpToolsProtocol, limits_from
+from gateway.transport.guarded_protocol import GuardedHttpToolsProtocol, limits_from
 from models.train import demo_data
 from rendezvous.spec import FeatureSpec
 

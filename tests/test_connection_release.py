@@ -13,7 +13,8 @@ import uvicorn
 import uvloop
 from starlette.types import Receive, Scope, Send
 
-from gateway.transport.http_guard import GuardedHttpToolsProtocol, HttpLimits
+from gateway.transport.guarded_protocol import GuardedHttpToolsProtocol
+from gateway.transport.http_guard import HttpLimits
 
 pytestmark = pytest.mark.integration  # a real server on the loopback
 

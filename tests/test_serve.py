@@ -20,7 +20,7 @@ import httpx
 import pytest
 import redis
 
-from gateway.transport.http_guard import SHARED_PORT_REQUESTS_PER_CONNECTION
+from gateway.transport.guarded_protocol import SHARED_PORT_REQUESTS_PER_CONNECTION
 from models.archive import ArchiveReader
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import RdvProcess, alive, wait_until

@@ -38,7 +38,7 @@ def cmd_train_demo(args: argparse.Namespace) -> None:
 def cmd_gateway(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from gateway.transport.http_guard import (
+    from gateway.transport.guarded_protocol import (
         SHARED_PORT_REQUESTS_PER_CONNECTION,
         GuardedHttpToolsProtocol,
     )

@@ -5,8 +5,8 @@ parse is refused here too (400 naming the fault).
 uvicorn's httptools protocol has none of these: a 200 MB header was accepted, slow clients
 were held forever, a body shorter than its Content-Length waited forever. The guard reads each
 connection's bytes with a parser of its own (httptools' public API) just before uvicorn's
-protocol does, and answers and closes the connection first when a bound is crossed. uvicorn's
-protocol is used only through the asyncio ``Protocol`` methods every protocol has.
+protocol does (``gateway.transport.guarded_protocol`` puts it there), and answers and closes
+the connection first when a bound is crossed.
 
 Deadlines are checked by one sweep a second per process, not by a timer per request: a request
 costs the guard a second parse of its head (a few microseconds) and two clock reads.
@@ -20,14 +20,11 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, ClassVar
+from typing import Any
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.problems import Problem
-from gateway.settings import Settings
-from gateway.transport.coalesce import CoalescingTransport
 from gateway.transport.limits import style_of
 
 SWEEP_S = 1.0
@@ -52,12 +49,6 @@ class HttpLimits:
     """From an answer to the next request's first byte (a silent close beyond)."""
     requests_per_connection: int = 0
     """A keep-alive connection's answers before the last one closes it (0: no bound)."""
-
-
-SHARED_PORT_REQUESTS_PER_CONNECTION = 100
-"""``RDV_REQUESTS_PER_CONNECTION`` where several gateway processes accept on one port: a
-client with eight connections at 100 rows a request reconnects each about once a second, at
-a few hundred microseconds of CPU a reconnect on loopback (under 1 % of the requests' own)."""
 
 
 class _Refused(Exception):
@@ -150,15 +141,18 @@ class ConnectionGuard:
             # still (standing down let one connection send 100 MB header fields).
             if self.websocket:
                 self._stand_down()
-            return True
+                return True
+            if _method(self.parser) != b"CONNECT":
+                return True
+            # uvicorn cannot read CONNECT's target: it answered a plain-text 400
+            if not self._may_refuse(finished, read_in_full=1):
+                return True
+            self.refusal = Problem(400, "CONNECT is not served: the gateway is not a proxy")
         except httptools.HttpParserError as exc:
             if self.refusal is None:  # malformed
-                if self.finished != finished or self.busy():
-                    # An answer is still owed to a request before it: uvicorn answers the
-                    # malformed one after that (plain text), where ours would come first.
-                    self._stand_down()
+                if not self._may_refuse(finished):
                     return True
-                self.refusal = Problem(400, f"malformed HTTP request: {exc}")
+                self.refusal = Problem(400, f"malformed HTTP request: {_fault(self.parser, exc)}")
         if self.refusal is None and self.in_head and not began_here:
             # The head is still arriving across reads: a header field still being read sits in
             # the parser's buffer, so count the bytes as they come. (The read a head began in is
@@ -234,6 +228,17 @@ class ConnectionGuard:
         self.parser = None
         self.busy = _never_busy
 
+    def _may_refuse(self, finished: int, read_in_full: int = 0) -> bool:
+        """Whether a refusal may be written now: not while an answer is still owed to a request
+        before it (read in this same read, or still being answered), which it would overtake.
+        If not, the guard stands down and uvicorn answers after that one (in plain text).
+        ``finished``: requests read in full before this read; ``read_in_full``: 1 when the
+        refused request itself was."""
+        if self.finished - finished <= read_in_full and not self.busy():
+            return True
+        self._stand_down()
+        return False
+
     def _stand_down(self) -> None:
         self.parser = None
         self.in_head = self.in_body = False
@@ -281,11 +286,25 @@ class ConnectionGuard:
         raise _Refused
 
 
+def _method(parser: Any) -> bytes:
+    try:
+        return bytes(parser.get_method())
+    except httptools.HttpParserError:  # not read yet
+        return b""
+
+
+def _fault(parser: Any, exc: Exception) -> str:
+    """The parser's words for what is wrong, but where they describe its own workings."""
+    if _method(parser) == b"PRI":  # its message: "Pause on PRI/Upgrade"
+        return "an HTTP/2 connection preface; the gateway serves HTTP/1.1 only"
+    return str(exc)
+
+
 def _too_large(limits: HttpLimits) -> Problem:
     return Problem(431, f"request head larger than {limits.max_header_bytes} bytes")
 
 
-class _Sweeper:
+class Sweeper:
     """Checks every guarded connection's deadline once a second, in each event loop."""
 
     def __init__(self) -> None:
@@ -303,96 +322,3 @@ class _Sweeper:
             now = time.monotonic()
             for guard in list(self.guards):
                 guard.expired(now)
-
-
-class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with ``limits`` applied to every connection, writing
-    through a ``CoalescingTransport`` (one write per response). A class at
-    module level, so that uvicorn can hand it to the worker processes it spawns; each process
-    reads the limits from its own settings (the environment) on its first connection."""
-
-    limits: ClassVar[HttpLimits | None] = None
-    sweeper: ClassVar[_Sweeper | None] = None
-    _guard: ConnectionGuard | None = None
-    _served = 0
-    _last: Any = None
-    """The request whose answer is to close the connection (``requests_per_connection``)."""
-
-    @classmethod
-    def with_limits(cls, limits: HttpLimits) -> type[GuardedHttpToolsProtocol]:
-        """A subclass with these limits instead of the settings' (for one process)."""
-        return type(cls.__name__, (cls,), {"limits": limits, "sweeper": None})
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        cls = type(self)
-        if cls.limits is None:
-            cls.limits = limits_from(Settings())
-        if cls.sweeper is None:
-            cls.sweeper = _Sweeper()
-        transport = CoalescingTransport(transport, asyncio.get_running_loop())
-        self._guard = ConnectionGuard(transport, cls.limits, self._answering)
-        cls.sweeper.add(self._guard)
-        super().connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self._guard is None or self._guard.admit(data):
-            super().data_received(data)
-
-    def on_headers_complete(self) -> None:
-        """Past ``requests_per_connection`` requests, the answer closes the connection, as
-        one with ``Connection: close`` would (uvicorn's request cycle's ``keep_alive``, which
-        its own graceful shutdown sets too), so that where several processes accept on one
-        port the client's next connection goes to whichever takes it first, most often the
-        less busy. A request pipelined behind that one keeps the connection open if the
-        answer has not started; the last of them closes it instead."""
-        previous = self.cycle
-        super().on_headers_complete()
-        cycle = self.cycle
-        if cycle is None or cycle is previous:  # an upgrade, not a request
-            return
-        self._served += 1
-        last = self._last
-        if last is not None and not last.response_started:
-            last.keep_alive = True
-            self._last = None
-        limits = type(self).limits
-        bound = limits.requests_per_connection if limits is not None else 0
-        if bound and self._served >= bound and self._last is None and cycle.keep_alive:
-            cycle.keep_alive = False
-            self._last = cycle
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self._guard is not None:
-            self._guard.answered()
-
-    def _answering(self) -> bool:
-        cycle = self.cycle
-        return cycle is not None and not cycle.response_complete
-
-    def pause_writing(self) -> None:
-        if self._guard is not None:
-            self._guard.write_stuck_since = time.monotonic()
-        super().pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._guard is not None:
-            self._guard.write_stuck_since = 0.0
-        super().resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._guard is not None:
-            self._guard.release()
-        self._last = None
-        super().connection_lost(exc)
-
-
-def limits_from(settings: Settings) -> HttpLimits:
-    return HttpLimits(
-        max_header_bytes=settings.max_header_bytes,
-        max_headers=settings.max_headers,
-        header_timeout_s=settings.header_timeout_s,
-        body_timeout_s=settings.body_timeout_s,
-        keep_alive_s=settings.keep_alive_s,
-        requests_per_connection=settings.requests_per_connection or 0,
-    )
