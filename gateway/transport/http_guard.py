@@ -287,10 +287,9 @@ class ConnectionGuard:
 
 
 def _method(parser: Any) -> bytes:
-    try:
-        return bytes(parser.get_method())
-    except httptools.HttpParserError:  # not read yet
-        return b""
+    """The current request's method, as far as the parser read it (before the method is read it
+    says DELETE, llhttp's method 0: ask only once a request line was read, or for PRI/CONNECT)."""
+    return bytes(parser.get_method())
 
 
 def _fault(parser: Any, exc: Exception) -> str:
