@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from gateway.transport.http_guard import LINGER_BYTES, ConnectionGuard, HttpLimits
 
 LIMITS = HttpLimits(
@@ -124,7 +126,9 @@ def test_slow_heads_and_bodies_expire_with_408_idle_connections_close_silently()
     assert served_t.out == b"" and served_t.closed
 
 
-def test_a_malformed_request_is_refused_400_naming_the_fault_unless_an_answer_is_owed() -> None:
+def test_a_malformed_request_is_refused_400_naming_the_fault_unless_an_answer_is_owed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """uvicorn answered every malformed request with a plain-text "Invalid HTTP request
     received." (and a logged warning each). The guard answers it as its other refusals, in
     the route's style, unless a request before it in the same read still awaits its answer,
@@ -144,6 +148,7 @@ def test_a_malformed_request_is_refused_400_naming_the_fault_unless_an_answer_is
         assert b"connection: close" in head and transport.eof
         key = b'"error"' if b"/v2/" in data else b'"detail"'
         assert key in body and fault in body, body
+        assert fault.decode() in caplog.records[-1].getMessage()  # a warning, as uvicorn's
     request = HEAD + b"Content-Length: 2\r\n\r\n{}"
     owed, owed_t = guard()
     assert owed.admit(request + b"BREW / HTTP/1.1\r\n\r\n")  # uvicorn's, after the answer

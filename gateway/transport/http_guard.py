@@ -15,6 +15,7 @@ costs the guard a second parse of its head (a few microseconds) and two clock re
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import weakref
 from collections.abc import Callable
@@ -26,6 +27,8 @@ import httptools
 
 from gateway.problems import Problem
 from gateway.transport.limits import style_of
+
+log = logging.getLogger(__name__)
 
 SWEEP_S = 1.0
 LINGER_S = 2.0
@@ -148,11 +151,13 @@ class ConnectionGuard:
             if not self._may_refuse(finished, read_in_full=1):
                 return True
             self.refusal = Problem(400, "CONNECT is not served: the gateway is not a proxy")
+            self._log_malformed()
         except httptools.HttpParserError as exc:
             if self.refusal is None:  # malformed
                 if not self._may_refuse(finished):
                     return True
                 self.refusal = Problem(400, f"malformed HTTP request: {_fault(self.parser, exc)}")
+                self._log_malformed()
         if self.refusal is None and self.in_head and not began_here:
             # The head is still arriving across reads: a header field still being read sits in
             # the parser's buffer, so count the bytes as they come. (The read a head began in is
@@ -238,6 +243,15 @@ class ConnectionGuard:
             return True
         self._stand_down()
         return False
+
+    def _log_malformed(self) -> None:
+        """A warning a connection, as uvicorn logged its own 400 ("Invalid HTTP request
+        received."), now with the client and the fault: a client that speaks TLS or HTTP/2 to
+        this port shows in the log."""
+        assert self.refusal is not None
+        peer = self.transport.get_extra_info("peername")
+        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
+        log.warning("refused a request from %s: %s", client, self.refusal.detail)
 
     def _stand_down(self) -> None:
         self.parser = None
