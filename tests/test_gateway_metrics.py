@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +224,27 @@ def test_decision_records_held_and_dropped_are_read_at_each_flush() -> None:
     metrics.flush()
     assert value(metrics, "rdv_decision_records_held") == 0
     assert value(metrics, "rdv_decision_records_dropped_total") == 5
+
+
+def test_the_http_guards_refusals_are_read_at_each_flush_by_status() -> None:
+    """The guard tallies in its process; the metrics add what is new at a flush, each status's
+    series there at 0 from the start."""
+    metrics, refused = GatewayMetrics(), Counter[int]()
+    metrics.track_http_refusals(refused)
+    metrics.flush()
+    for status in ("400", "408", "431"):
+        assert ("rdv_http_refused_total", frozenset({("status", status)})) in samples(
+            metrics.registry
+        )
+    refused[400] += 3
+    refused[431] += 1
+    metrics.flush()
+    metrics.flush()
+    refused[400] += 1
+    metrics.flush()
+    assert value(metrics, "rdv_http_refused_total", status="400") == 4
+    assert value(metrics, "rdv_http_refused_total", status="431") == 1
+    assert value(metrics, "rdv_http_refused_total", status="408") == 0
 
 
 def test_a_metrics_file_caught_before_it_is_sized_does_not_fail_the_scrape(

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from gateway.transport.http_guard import LINGER_BYTES, ConnectionGuard, HttpLimits
+from gateway.transport.http_guard import LINGER_BYTES, REFUSALS, ConnectionGuard, HttpLimits
 
 LIMITS = HttpLimits(
     max_header_bytes=2048, max_headers=20, header_timeout_s=5, body_timeout_s=5, keep_alive_s=30
@@ -143,7 +143,9 @@ def test_a_malformed_request_is_refused_400_naming_the_fault_unless_an_answer_is
     ]
     for data, fault in cases:
         g, transport = guard()
+        before = REFUSALS.by_status[400]
         assert not g.admit(data) and status(transport) == 400, transport.out
+        assert REFUSALS.by_status[400] == before + 1  # rdv_http_refused_total
         head, _, body = transport.out.partition(b"\r\n\r\n")
         assert b"connection: close" in head and transport.eof
         key = b'"error"' if b"/v2/" in data else b'"detail"'

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from models.train import demo_data
-from processes import PREDICT, System, launch_system
+from processes import PREDICT, System, launch_system, wait_until
 from rendezvous.schedule import Schedule
 
 SCHEDULE = Schedule(real_deadline_ms=200, timeout_ms=2000, fallbacks=("canary",), grace_ms=100)
@@ -345,6 +345,13 @@ def test_a_malformed_request_gets_a_400_naming_the_fault_and_the_connection_clos
             assert c.closed_by_server()
         finally:
             c.close()
+
+    def refused() -> float:  # another gateway process's count lags by its flush interval
+        lines = system.http.get("/metrics").text.splitlines()
+        series = 'rdv_http_refused_total{status="400"}'
+        return sum(float(line.split()[-1]) for line in lines if line.startswith(series))
+
+    wait_until(lambda: refused() >= 2, 5, "rdv_http_refused_total to count both")
     served = Conn(system.port)  # the gateway serves on
     try:
         served.send(request(PREDICT))

@@ -16,7 +16,7 @@ import os
 from bisect import bisect_left
 from collections import Counter as Tally
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -38,54 +38,12 @@ UNKNOWN_DEPLOYMENT = "_unknown"
 """The label of requests naming a deployment that does not exist: the label set stays bounded
 whatever callers send."""
 
-REQUEST_BUCKETS = (
-    0.0005,
-    0.001,
-    0.002,
-    0.003,
-    0.005,
-    0.0075,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-)
-MODEL_BUCKETS = (
-    0.00005,
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    1.0,
-)
-QUEUE_BUCKETS = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    5.0,
-)
+REQUEST_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0)  # fmt: skip
+MODEL_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 1.0)  # fmt: skip
+QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 5.0)  # fmt: skip
 
 
 FLUSH_S = 0.1
@@ -224,6 +182,15 @@ class GatewayMetrics:
             "too many were held.",
             registry=r,
         )
+        self.http_refused = Counter(
+            "rdv_http_refused",
+            "Requests the HTTP guard answered itself before the app saw them, by status: 400 "
+            "malformed, 408 a head or body too slow, 431 a head too large.",
+            ["status"],
+            registry=r,
+        )
+        self._refusals_of: Mapping[int, int] | None = None
+        self._refusals_seen: dict[int, int] = {}
         self._children: dict[tuple[Any, ...], Any] = {}
         self._decision_appends: HeldAppends | None = None
         self._dropped_seen = 0
@@ -251,6 +218,15 @@ class GatewayMetrics:
         (a ``StreamAppender``)."""
         self._decision_appends = appender
 
+    def track_http_refusals(self, refusals: Mapping[int, int]) -> Callable[[], None]:
+        """Where ``rdv_http_refused_total`` is read from at each flush: the HTTP guard's
+        process-wide tally by status (its series born at 0, so ``rate()`` sees the first).
+        Returns what to call on a refusal: a flush soon, as a request's tally has."""
+        self._refusals_of = refusals
+        for status in (400, 408, 431):
+            self._child(self.http_refused, str(status))
+        return self._flush_soon
+
     def flush(self) -> None:
         """Apply the pending tallies to prometheus-client (and so, in multi-process mode, to
         the shared files)."""
@@ -265,6 +241,11 @@ class GatewayMetrics:
             observe_all(self._child(metric, *labels), values)
         if self._in_flight_of is not None:
             self.in_flight.set(self._in_flight_of())
+        for status, total in (self._refusals_of or {}).items():
+            seen = self._refusals_seen.get(status, 0)
+            if total > seen:
+                self._child(self.http_refused, str(status)).inc(total - seen)
+                self._refusals_seen[status] = total
         appends = self._decision_appends
         if appends is not None:
             self.decisions_held.set(appends.held)

@@ -38,6 +38,7 @@ from gateway.observability.routes import observe_router
 from gateway.settings import Settings
 from gateway.transport import feedback, jobs, oip
 from gateway.transport.fast_path import PredictFastPath, predict_reply, refused_body_counter
+from gateway.transport.http_guard import REFUSALS
 from gateway.transport.limits import BodySizeLimit
 from gateway.transport.readiness import readiness
 from gateway.transport.refusals import install_refusals
@@ -240,6 +241,7 @@ def create_app(
             )
             metrics.track_in_flight(lambda: app.state.service.in_flight)
             metrics.track_decision_appends(appender)
+            REFUSALS.listener = metrics.track_http_refusals(REFUSALS.by_status)
             stop_jobs = await jobs.start(app, settings)
             undo.push_async_callback(stop_jobs)
             vital = VitalTasks(on_vital_death)

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -52,6 +53,23 @@ class HttpLimits:
     """From an answer to the next request's first byte (a silent close beyond)."""
     requests_per_connection: int = 0
     """A keep-alive connection's answers before the last one closes it (0: no bound)."""
+
+
+class Refusals:
+    """The guard's refusals in this process, by status (``rdv_http_refused_total``), and whom
+    to tell of each (the metrics, which then write them out within their flush interval)."""
+
+    def __init__(self) -> None:
+        self.by_status: Counter[int] = Counter()
+        self.listener: Callable[[], None] | None = None
+
+    def add(self, status: int) -> None:
+        self.by_status[status] += 1
+        if self.listener is not None:
+            self.listener()
+
+
+REFUSALS = Refusals()
 
 
 class _Refused(Exception):
@@ -200,6 +218,7 @@ class ConnectionGuard:
 
     def answer(self, problem: Problem) -> None:
         self.closed = True
+        REFUSALS.add(problem.status)
         path = self.target.decode("latin-1").partition("?")[0]
         status, body, headers = problem.reply(style_of(path))
         head = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
