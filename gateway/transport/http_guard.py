@@ -168,14 +168,12 @@ class ConnectionGuard:
             # uvicorn cannot read CONNECT's target: it answered a plain-text 400
             if not self._may_refuse(finished, read_in_full=1):
                 return True
-            self.refusal = Problem(400, "CONNECT is not served: the gateway is not a proxy")
-            self._log_malformed()
+            self._malformed("CONNECT is not served: the gateway is not a proxy")
         except httptools.HttpParserError as exc:
             if self.refusal is None:  # malformed
                 if not self._may_refuse(finished):
                     return True
-                self.refusal = Problem(400, f"malformed HTTP request: {_fault(self.parser, exc)}")
-                self._log_malformed()
+                self._malformed(f"malformed HTTP request: {_fault(self.parser, exc)}")
         if self.refusal is None and self.in_head and not began_here:
             # The head is still arriving across reads: a header field still being read sits in
             # the parser's buffer, so count the bytes as they come. (The read a head began in is
@@ -263,14 +261,14 @@ class ConnectionGuard:
         self._stand_down()
         return False
 
-    def _log_malformed(self) -> None:
-        """A warning a connection, as uvicorn logged its own 400 ("Invalid HTTP request
-        received."), now with the client and the fault: a client that speaks TLS or HTTP/2 to
-        this port shows in the log."""
-        assert self.refusal is not None
+    def _malformed(self, detail: str) -> None:
+        """Refuse with a 400, and log a warning as uvicorn logged its own ("Invalid HTTP
+        request received."), now with the client and the fault: a client that speaks TLS or
+        HTTP/2 to this port shows in the log."""
+        self.refusal = Problem(400, detail)
         peer = self.transport.get_extra_info("peername")
         client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
-        log.warning("refused a request from %s: %s", client, self.refusal.detail)
+        log.warning("refused a request from %s: %s", client, detail)
 
     def _stand_down(self) -> None:
         self.parser = None
