@@ -24,6 +24,9 @@ from rendezvous.schedule import Schedule
 
 DEP = "dep"
 SCHEDULE = Schedule(real_deadline_ms=60, timeout_ms=400, fallbacks=("canary",), grace_ms=150)
+PATIENT = Schedule(real_deadline_ms=3000, timeout_ms=6000, fallbacks=("canary",), grace_ms=150)
+"""For an answer that must come *before* real's deadline: a shared 2-core host can stall the
+test process past 60 ms (a CI run read 218 ms), and then the deadline fires first, rightly."""
 ROLES = ["real", "canary"]
 _bg: set[asyncio.Task[None]] = set()
 
@@ -68,12 +71,12 @@ async def decisions(r: redis.Redis, count: int, timeout_s: float = 2.0) -> list[
 
 
 async def test_real_answers_and_record_has_divergence(rdv: Rendezvous, r: redis.Redis) -> None:
-    mb = rdv.open("a", DEP, SCHEDULE, ROLES)
+    mb = rdv.open("a", DEP, PATIENT, ROLES)
     _bg.add(asyncio.create_task(send(rdv.client, result("a", "real", 0.9, version=2))))
     _bg.add(asyncio.create_task(send(rdv.client, result("a", "canary", 0.3), delay_s=0.02)))
     answer = await rdv.wait(mb)
     assert answer.outcome == "real" and answer.result is not None
-    assert answer.result.version == 2 and answer.elapsed_ms < SCHEDULE.real_deadline_ms
+    assert answer.result.version == 2 and answer.elapsed_ms < PATIENT.real_deadline_ms
     [rec] = await decisions(r, 1)
     assert rec.request_id == "a" and rec.outcome == "real" and rec.missing == ()
     assert rec.outputs["real"].probabilities == [[pytest.approx(0.1), pytest.approx(0.9)]]
@@ -186,10 +189,10 @@ async def test_the_reply_reader_rides_out_any_failure_and_recreates_a_lost_strea
     assert not failures
     [(_, fields)] = r.xrange(stream)
     assert b"hello" in fields and 0 < r.ttl(stream) <= 600  # recreated by the reader
-    mb = rdv.open("rides", DEP, SCHEDULE, ROLES)
+    mb = rdv.open("rides", DEP, PATIENT, ROLES)
     await send(rdv.client, result("rides", "real", 0.9))
     answer = await rdv.wait(mb)
-    assert answer.outcome == "real" and answer.elapsed_ms < SCHEDULE.real_deadline_ms
+    assert answer.outcome == "real" and answer.elapsed_ms < PATIENT.real_deadline_ms
 
 
 async def test_only_a_redis_failure_of_the_reader_counts_as_redis_failing(
@@ -227,11 +230,12 @@ async def test_only_a_redis_failure_of_the_reader_counts_as_redis_failing(
 
 
 async def test_failed_real_falls_back_at_once(rdv: Rendezvous, r: redis.Redis) -> None:
-    mb = rdv.open("e", DEP, SCHEDULE, ROLES)
+    mb = rdv.open("e", DEP, PATIENT, ROLES)
     await send(rdv.client, result("e", "canary", 0.2))
     await send(rdv.client, result("e", "real", 0.0, error="model failed"))
     answer = await rdv.wait(mb)
-    assert answer.role == "canary" and answer.elapsed_ms < SCHEDULE.real_deadline_ms
+    assert answer.role == "canary" and answer.reason.startswith("real failed")
+    assert answer.elapsed_ms < PATIENT.real_deadline_ms / 2
     [rec] = await decisions(r, 1)
     assert rec.failed == ["real"] and rec.outputs["real"].error == "model failed"
 
