@@ -69,11 +69,13 @@ def test_a_large_head_in_one_read_or_many_is_refused_with_431_and_a_half_close()
         assert transport.closed
 
 
-def test_too_many_fields_are_refused_with_431() -> None:
+def test_too_many_fields_are_refused_with_431(caplog: pytest.LogCaptureFixture) -> None:
     g, transport = guard()
     fields = b"".join(b"X-%d: 1\r\n" % i for i in range(21))
     assert not g.admit(HEAD + fields + b"\r\n")
     assert status(transport) == 431 and b"20 header fields" in transport.out
+    [warning] = caplog.records  # logged, as every refusal (only counted before)
+    assert warning.levelname == "WARNING" and "431 more than 20 header fields" in warning.message
 
 
 def test_a_v2_routes_refusal_is_in_the_open_inference_protocols_shape() -> None:
@@ -100,12 +102,15 @@ def test_what_comes_after_a_refusal_is_dropped_up_to_a_bound() -> None:
     assert not g.admit(b"a" * LINGER_BYTES) and transport.closed
 
 
-def test_slow_heads_and_bodies_expire_with_408_idle_connections_close_silently() -> None:
+def test_slow_heads_and_bodies_expire_with_408_idle_connections_close_silently(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     later = time.monotonic() + 60
     head, head_t = guard()
     head.admit(HEAD)
     head.expired(later)
     assert status(head_t) == 408 and b"head" in head_t.out
+    assert "408 the request's head took longer" in caplog.records[-1].getMessage()
     body, body_t = guard()
     body.admit(HEAD + b"Content-Length: 10\r\n\r\n{}")
     body.expired(time.monotonic() + 1)  # not yet

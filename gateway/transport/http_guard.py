@@ -168,12 +168,13 @@ class ConnectionGuard:
             # uvicorn cannot read CONNECT's target: it answered a plain-text 400
             if not self._may_refuse(finished, read_in_full=1):
                 return True
-            self._malformed("CONNECT is not served: the gateway is not a proxy")
+            self.refusal = Problem(400, "CONNECT is not served: the gateway is not a proxy")
         except httptools.HttpParserError as exc:
             if self.refusal is None:  # malformed
                 if not self._may_refuse(finished):
                     return True
-                self._malformed(f"malformed HTTP request: {_fault(self.parser, exc)}")
+                detail = f"malformed HTTP request: {_fault(self.parser, exc)}"
+                self.refusal = Problem(400, detail)
         if self.refusal is None and self.in_head and not began_here:
             # The head is still arriving across reads: a header field still being read sits in
             # the parser's buffer, so count the bytes as they come. (The read a head began in is
@@ -215,8 +216,15 @@ class ConnectionGuard:
             self.transport.close()
 
     def answer(self, problem: Problem) -> None:
+        """Write the refusal and close. Each is counted and logged as a warning with the client
+        and the reason, as uvicorn logged its own 400 ("Invalid HTTP request received."): a
+        client that speaks TLS or HTTP/2 to this port, sends oversized heads or stalls shows
+        in the log."""
         self.closed = True
         REFUSALS.add(problem.status)
+        peer = self.transport.get_extra_info("peername")
+        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
+        log.warning("refused a request from %s: %d %s", client, problem.status, problem.detail)
         path = self.target.decode("latin-1").partition("?")[0]
         status, body, headers = problem.reply(style_of(path))
         head = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
@@ -260,15 +268,6 @@ class ConnectionGuard:
             return True
         self._stand_down()
         return False
-
-    def _malformed(self, detail: str) -> None:
-        """Refuse with a 400, and log a warning as uvicorn logged its own ("Invalid HTTP
-        request received."), now with the client and the fault: a client that speaks TLS or
-        HTTP/2 to this port shows in the log."""
-        self.refusal = Problem(400, detail)
-        peer = self.transport.get_extra_info("peername")
-        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
-        log.warning("refused a request from %s: %s", client, detail)
 
     def _stand_down(self) -> None:
         self.parser = None
