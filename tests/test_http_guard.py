@@ -36,6 +36,9 @@ class Transport(asyncio.Transport):
     def close(self) -> None:
         self.closed = True
 
+    def is_closing(self) -> bool:
+        return self.closed
+
     def abort(self) -> None:
         self.aborted = self.closed = True
 
@@ -63,10 +66,57 @@ def test_a_large_head_in_one_read_or_many_is_refused_with_431_and_a_half_close()
         request = HEAD + b"X-Big: " + b"a" * 4096 + b"\r\n\r\n"
         size = -(-len(request) // pieces)
         admitted = [g.admit(request[i : i + size]) for i in range(0, len(request), size)]
-        assert admitted[-1] is False and status(transport) == 431
+        assert admitted[-1] == b"" and status(transport) == 431
         assert transport.eof and not transport.closed  # lingers to drain, then closes
         g.expired(time.monotonic() + 60)
         assert transport.closed
+
+
+def test_a_refusal_behind_pipelined_requests_waits_for_their_answers() -> None:
+    """The 431 was written at once, and the complete requests before it in the same read were
+    dropped: the client read the 431 as the first one's answer. Now uvicorn reads them, and
+    the refusal follows their answers; a 408 waits for the answer being made likewise."""
+    request = HEAD + b"Content-Length: 2\r\n\r\n{}"
+    fields = b"".join(b"X-%d: 1\r\n" % i for i in range(21))
+    for owed in (1, 2):
+        answering = [False]
+        t = Transport()
+        g = ConnectionGuard(t, LIMITS, busy=lambda: answering[0])  # noqa: B023 (one a turn)
+        assert g.admit(request * owed + HEAD + fields + b"\r\n") == request * owed
+        assert t.out == b"" and g.held is not None
+        answering[0] = True  # uvicorn answers them, one after the other
+        g.answered()
+        assert t.out == b""
+        answering[0] = False
+        g.answered()
+        assert status(t) == 431 and t.eof and g.held is None
+        assert not g.admit(request)  # nothing more is read: it drains
+    # A head over the cap across reads, while the request before it is being answered
+    answering = True
+    t = Transport()
+    g = ConnectionGuard(t, LIMITS, busy=lambda: answering)
+    assert g.admit(request) and g.admit(HEAD + b"X-Big: ")
+    assert not g.admit(b"a" * 4096) and t.out == b""
+    answering = False
+    g.answered()
+    assert status(t) == 431
+    # A slow head behind a request still being answered
+    answering = True
+    t = Transport()
+    g = ConnectionGuard(t, LIMITS, busy=lambda: answering)
+    assert g.admit(request + HEAD)
+    g.expired(time.monotonic() + 60)
+    assert t.out == b"" and not t.closed
+    answering = False
+    g.answered()
+    assert status(t) == 408 and b"head" in t.out
+    # The answer before it closed the connection: nothing is written after it
+    t = Transport()
+    g = ConnectionGuard(t, LIMITS, busy=lambda: False)
+    assert g.admit(request + HEAD + fields + b"\r\n") == request
+    t.closed = True
+    g.answered()
+    assert t.out == b""
 
 
 def test_too_many_fields_are_refused_with_431(caplog: pytest.LogCaptureFixture) -> None:

@@ -242,6 +242,17 @@ def test_a_head_over_the_cap_or_with_too_many_fields_is_refused_431(system: Syst
             c.close()
 
 
+def test_a_refused_head_behind_a_pipelined_request_is_answered_after_it(conn: Conn) -> None:
+    """Both in one write: the predict was dropped and the 431 came as the first answer."""
+    conn.send(request(PREDICT, None, "X-Request-Id: before-431")
+              + request(PREDICT, None, "X-Big: " + "a" * MAX_HEAD))  # fmt: skip
+    status, _, content = conn.response()
+    assert status == 200 and json.loads(content)["request_id"] == "before-431", content
+    status, headers, content = conn.response()
+    assert status == 431 and headers["connection"] == "close", content
+    assert conn.closed_by_server()
+
+
 def test_an_endless_header_is_cut_off_early(system: System) -> None:
     """A header that never ends is refused once the head passes the cap: the gateway closes the
     connection instead of holding what comes (the sends fail long before 64 MB)."""

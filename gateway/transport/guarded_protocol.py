@@ -55,7 +55,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._guard is None or self._guard.admit(data):
+        if self._guard is not None:
+            data = self._guard.admit(data)
+        if data:
             super().data_received(data)
 
     def on_headers_complete(self) -> None:

@@ -6,7 +6,8 @@ uvicorn's httptools protocol has none of these: a 200 MB header was accepted, sl
 were held forever, a body shorter than its Content-Length waited forever. The guard reads each
 connection's bytes with a parser of its own (httptools' public API) just before uvicorn's
 protocol does (``gateway.transport.guarded_protocol`` puts it there), and answers and closes
-the connection first when a bound is crossed.
+the connection when a bound is crossed: at once, or after the answers still owed to requests
+pipelined before the refused one.
 
 Deadlines are checked by one sweep a second per process, not by a timer per request: a request
 costs the guard a second parse of its head (a few microseconds) and two clock reads.
@@ -27,6 +28,7 @@ from typing import Any
 import httptools
 
 from gateway.problems import Problem
+from gateway.transport.http_parsing import end_of_requests, fault_of, method_of
 from gateway.transport.limits import style_of
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,7 @@ class ConnectionGuard:
         "finished",
         "head_bytes",
         "headers",
+        "held",
         "in_body",
         "in_head",
         "limits",
@@ -130,6 +133,8 @@ class ConnectionGuard:
         self.raw_head = 0
         self.headers = 0
         self.refusal: Problem | None = None
+        self.held: Problem | None = None
+        """A refusal waiting for the answers owed to requests before it (pipelined)."""
         self.target = b""
         """The request target's first bytes: a ``/v2`` route's refusal is in its shape."""
         self.closed = False
@@ -141,18 +146,21 @@ class ConnectionGuard:
 
     # -- fed by the protocol ------------------------------------------------------------------
 
-    def admit(self, data: bytes) -> bool:
-        """False when ``data`` crossed a bound: the answer is written, uvicorn never sees it."""
+    def admit(self, data: bytes) -> bytes:
+        """What of ``data`` uvicorn is to read: all of it, or, when it crossed a bound, only the
+        whole requests before the refused one (often nothing); the refusal is written after
+        their answers."""
         if self.closed:
             self.drained += len(data)  # lingering after a refusal: dropped, counted
             if self.drained > LINGER_BYTES:
                 self.deadline = 0.0
                 self.transport.close()
-            return False
+            return b""
         if self.parser is None:  # an upgrade or a malformed request: uvicorn's to handle
-            return True
+            return data
         self.seen = True
         began_here = not self.in_head
+        between = began_here and not self.in_body
         finished = self.finished
         try:
             self.parser.feed_data(data)
@@ -162,19 +170,21 @@ class ConnectionGuard:
             # still (standing down let one connection send 100 MB header fields).
             if self.websocket:
                 self._stand_down()
-                return True
-            if _method(self.parser) != b"CONNECT":
-                return True
+                return data
+            if method_of(self.parser) != b"CONNECT":
+                return data
             # uvicorn cannot read CONNECT's target: it answered a plain-text 400
             if not self._may_refuse(finished, read_in_full=1):
-                return True
+                return data
             self.refusal = Problem(400, "CONNECT is not served: the gateway is not a proxy")
         except httptools.HttpParserError as exc:
             if self.refusal is None:  # malformed
                 if not self._may_refuse(finished):
-                    return True
-                detail = f"malformed HTTP request: {_fault(self.parser, exc)}"
+                    return data
+                detail = f"malformed HTTP request: {fault_of(self.parser, exc)}"
                 self.refusal = Problem(400, detail)
+            else:  # a bound crossed in a callback
+                return self._refuse_in_turn(data, self.finished - finished, between)
         if self.refusal is None and self.in_head and not began_here:
             # The head is still arriving across reads: a header field still being read sits in
             # the parser's buffer, so count the bytes as they come. (The read a head began in is
@@ -183,10 +193,11 @@ class ConnectionGuard:
             self.raw_head += len(data)
             if self.raw_head > self.limits.max_header_bytes:
                 self.refusal = _too_large(self.limits)
+                return self._refuse_in_turn(data, 0, between)
         if self.refusal is not None:
             self.answer(self.refusal)
-            return False
-        return True
+            return b""
+        return data
 
     def expired(self, now: float) -> None:
         if self.write_stuck_since and now - self.write_stuck_since > self.limits.body_timeout_s:
@@ -204,7 +215,11 @@ class ConnectionGuard:
         if self.in_head or self.in_body:
             phase = "head" if self.in_head else "body"
             limit = self.limits.header_timeout_s if self.in_head else self.limits.body_timeout_s
-            self.answer(Problem(408, f"the request's {phase} took longer than {limit:g} s"))
+            problem = Problem(408, f"the request's {phase} took longer than {limit:g} s")
+            if self.busy():  # a pipelined request before it is still being answered
+                self._hold(problem)
+            else:
+                self.answer(problem)
         elif self.busy():  # between requests, one still being answered: wait for it
             self.deadline = now + self.limits.header_timeout_s
         else:
@@ -243,7 +258,14 @@ class ConnectionGuard:
         """An answer is written in full: the connection may now idle for the keep-alive time
         (not for what is left of a deadline that ran while the answer was made: after a long
         answer that was next to nothing, and the client's next request met a closed
-        connection)."""
+        connection). A refusal held for the answers before it goes after the last of them."""
+        held = self.held
+        if held is not None:
+            if not self.busy():
+                self.held = None
+                if not self.transport.is_closing():  # that answer closed the connection
+                    self.answer(held)
+            return
         if not (self.closed or self.in_head or self.in_body):
             self.deadline = time.monotonic() + self.limits.keep_alive_s
 
@@ -268,6 +290,28 @@ class ConnectionGuard:
             return True
         self._stand_down()
         return False
+
+    def _refuse_in_turn(self, data: bytes, owed: int, between: bool) -> bytes:
+        """Refuse after the answers owed to the requests before the refused one: ``owed`` of
+        them complete in ``data`` (pipelined), and any the app is still answering. A refusal
+        written at once overtook them: the client read it as the first one's answer, and the
+        others got none. Where they end in ``data`` is found again by parsing (a rare path)
+        when ``data`` began between requests; else (a request begun in an earlier read
+        completes in this one, rarer still) they are lost, as before."""
+        assert self.refusal is not None
+        passed = data[: end_of_requests(data, owed)] if owed and between else b""
+        if passed or self.busy():
+            self._hold(self.refusal)
+            return passed
+        self.answer(self.refusal)
+        return b""
+
+    def _hold(self, problem: Problem) -> None:
+        """Read no more of the connection (what comes is dropped, as after a refusal) and
+        write ``problem`` once the app has answered what it holds (``answered``)."""
+        self.held = problem
+        self.closed = True
+        self.deadline = 0.0
 
     def _stand_down(self) -> None:
         self.parser = None
@@ -314,19 +358,6 @@ class ConnectionGuard:
     def _refuse(self, problem: Problem) -> None:
         self.refusal = problem
         raise _Refused
-
-
-def _method(parser: Any) -> bytes:
-    """The current request's method, as far as the parser read it (before the method is read it
-    says DELETE, llhttp's method 0: ask only once a request line was read, or for PRI/CONNECT)."""
-    return bytes(parser.get_method())
-
-
-def _fault(parser: Any, exc: Exception) -> str:
-    """The parser's words for what is wrong, but where they describe its own workings."""
-    if _method(parser) == b"PRI":  # its message: "Pause on PRI/Upgrade"
-        return "an HTTP/2 connection preface; the gateway serves HTTP/1.1 only"
-    return str(exc)
 
 
 def _too_large(limits: HttpLimits) -> Problem:
