@@ -110,6 +110,17 @@ def test_a_refusal_behind_pipelined_requests_waits_for_their_answers() -> None:
     answering = False
     g.answered()
     assert status(t) == 408 and b"head" in t.out
+    # A fault in a body, or a slow body, whose head uvicorn read: the app is at that request
+    # itself (busy), so the refusal waits for nothing (it waited for ever)
+    t = Transport()
+    g = ConnectionGuard(t, LIMITS, busy=lambda: True)
+    assert g.admit(HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+    assert not g.admit(b"zz\r\n") and status(t) == 400
+    t = Transport()
+    g = ConnectionGuard(t, LIMITS, busy=lambda: True)
+    assert g.admit(HEAD + b"Content-Length: 10\r\n\r\n{}")
+    g.expired(time.monotonic() + 60)
+    assert status(t) == 408 and b"body" in t.out
     # The answer before it closed the connection: nothing is written after it
     t = Transport()
     g = ConnectionGuard(t, LIMITS, busy=lambda: False)
@@ -181,13 +192,12 @@ def test_slow_heads_and_bodies_expire_with_408_idle_connections_close_silently(
     assert served_t.out == b"" and served_t.closed
 
 
-def test_a_malformed_request_is_refused_400_naming_the_fault_unless_an_answer_is_owed(
+def test_a_malformed_request_is_refused_400_naming_the_fault_after_any_answer_owed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """uvicorn answered every malformed request with a plain-text "Invalid HTTP request
     received." (and a logged warning each). The guard answers it as its other refusals, in
-    the route's style, unless a request before it in the same read still awaits its answer,
-    which a refusal written now would overtake."""
+    the route's style, after the answers owed to requests before it."""
     cases = [
         (b"BREW /v1/deployments/d/predict HTTP/1.1\r\n\r\n", b"Invalid method"),
         (b"GET /v2/health/ready HTTP/9.9\r\n\r\n", b"Invalid HTTP version"),
@@ -207,16 +217,20 @@ def test_a_malformed_request_is_refused_400_naming_the_fault_unless_an_answer_is
         assert key in body and fault in body, body
         assert fault.decode() in caplog.records[-1].getMessage()  # a warning, as uvicorn's
     request = HEAD + b"Content-Length: 2\r\n\r\n{}"
-    owed, owed_t = guard()
-    assert owed.admit(request + b"BREW / HTTP/1.1\r\n\r\n")  # uvicorn's, after the answer
-    assert owed_t.out == b""
-    owed, owed_t = guard()
-    assert owed.admit(request + b"CONNECT example.com:443 HTTP/1.1\r\nHost: t\r\n\r\n")
-    assert owed_t.out == b""
+    connect = b"CONNECT example.com:443 HTTP/1.1\r\nHost: t\r\n\r\n"
+    for refused in (b"BREW / HTTP/1.1\r\n\r\n", connect):
+        # It stood down to uvicorn, which wrote its 400 at once: the request before was lost
+        owed, owed_t = guard()
+        assert owed.admit(request + refused) == request and owed_t.out == b""
+        owed.answered()
+        assert status(owed_t) == 400
     answering, busy_t = True, Transport()
     busy = ConnectionGuard(busy_t, LIMITS, busy=lambda: answering)
-    assert busy.admit(request) and busy.admit(b"BREW / HTTP/1.1\r\n\r\n")
+    assert busy.admit(request) and not busy.admit(b"BREW / HTTP/1.1\r\n\r\n")
     assert busy_t.out == b""
+    answering = False
+    busy.answered()
+    assert status(busy_t) == 400
 
 
 def test_an_answered_connection_idles_for_the_keep_alive_time_from_its_answer() -> None:

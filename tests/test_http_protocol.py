@@ -242,15 +242,24 @@ def test_a_head_over_the_cap_or_with_too_many_fields_is_refused_431(system: Syst
             c.close()
 
 
-def test_a_refused_head_behind_a_pipelined_request_is_answered_after_it(conn: Conn) -> None:
-    """Both in one write: the predict was dropped and the 431 came as the first answer."""
-    conn.send(request(PREDICT, None, "X-Request-Id: before-431")
-              + request(PREDICT, None, "X-Big: " + "a" * MAX_HEAD))  # fmt: skip
-    status, _, content = conn.response()
-    assert status == 200 and json.loads(content)["request_id"] == "before-431", content
-    status, headers, content = conn.response()
-    assert status == 431 and headers["connection"] == "close", content
-    assert conn.closed_by_server()
+@pytest.mark.parametrize("refused", ["431", "400"])
+def test_a_refusal_behind_a_pipelined_request_is_answered_after_it(
+    system: System, refused: str
+) -> None:
+    """Both in one write: the predict was dropped and the refusal came as the first answer
+    (a 431 of the guard's, or uvicorn's plain-text 400 for a malformed request)."""
+    c = Conn(system.port)
+    try:
+        bad = (request(PREDICT, None, "X-Big: " + "a" * MAX_HEAD) if refused == "431"
+               else b"BREW / HTTP/1.1\r\nHost: t\r\n\r\n")  # fmt: skip
+        c.send(request(PREDICT, None, f"X-Request-Id: before-{refused}") + bad)
+        status, _, content = c.response()
+        assert status == 200 and json.loads(content)["request_id"] == f"before-{refused}"
+        status, headers, content = c.response()
+        assert status == int(refused) and headers["connection"] == "close", content
+        assert "detail" in json.loads(content) and c.closed_by_server()
+    finally:
+        c.close()
 
 
 def test_an_endless_header_is_cut_off_early(system: System) -> None:

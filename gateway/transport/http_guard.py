@@ -156,11 +156,12 @@ class ConnectionGuard:
                 self.deadline = 0.0
                 self.transport.close()
             return b""
-        if self.parser is None:  # an upgrade or a malformed request: uvicorn's to handle
+        if self.parser is None:  # a websocket: uvicorn's to handle
             return data
         self.seen = True
         began_here = not self.in_head
         between = began_here and not self.in_body
+        body_before = self.in_body
         finished = self.finished
         try:
             self.parser.feed_data(data)
@@ -174,18 +175,16 @@ class ConnectionGuard:
             if method_of(self.parser) != b"CONNECT":
                 return data
             # uvicorn cannot read CONNECT's target: it answered a plain-text 400
-            if not self._may_refuse(finished, read_in_full=1):
-                return data
             self.refusal = Problem(400, "CONNECT is not served: the gateway is not a proxy")
+            return self._refuse_in_turn(data, self.finished - finished - 1, between)
         except httptools.HttpParserError as exc:
-            if self.refusal is None:  # malformed
-                if not self._may_refuse(finished):
-                    return data
-                detail = f"malformed HTTP request: {fault_of(self.parser, exc)}"
-                self.refusal = Problem(400, detail)
-            else:  # a bound crossed in a callback
-                return self._refuse_in_turn(data, self.finished - finished, between)
-        if self.refusal is None and self.in_head and not began_here:
+            if self.refusal is None:  # malformed (uvicorn answered a plain-text 400 at once,
+                # overtaking the answers owed to requests before it, which were lost)
+                self.refusal = Problem(400, f"malformed HTTP request: {fault_of(self.parser, exc)}")
+            # in a body whose head uvicorn read: the app is at it, and waits on nothing before it
+            apps = body_before and self.in_body and self.finished == finished
+            return self._refuse_in_turn(data, self.finished - finished, between, apps)
+        if self.in_head and not began_here:
             # The head is still arriving across reads: a header field still being read sits in
             # the parser's buffer, so count the bytes as they come. (The read a head began in is
             # not counted this way, as part of it may be the previous request's body; what the
@@ -194,9 +193,6 @@ class ConnectionGuard:
             if self.raw_head > self.limits.max_header_bytes:
                 self.refusal = _too_large(self.limits)
                 return self._refuse_in_turn(data, 0, between)
-        if self.refusal is not None:
-            self.answer(self.refusal)
-            return b""
         return data
 
     def expired(self, now: float) -> None:
@@ -216,7 +212,7 @@ class ConnectionGuard:
             phase = "head" if self.in_head else "body"
             limit = self.limits.header_timeout_s if self.in_head else self.limits.body_timeout_s
             problem = Problem(408, f"the request's {phase} took longer than {limit:g} s")
-            if self.busy():  # a pipelined request before it is still being answered
+            if self.in_head and self.busy():  # a request before it is still being answered
                 self._hold(problem)
             else:
                 self.answer(problem)
@@ -280,27 +276,17 @@ class ConnectionGuard:
         self.parser = None
         self.busy = _never_busy
 
-    def _may_refuse(self, finished: int, read_in_full: int = 0) -> bool:
-        """Whether a refusal may be written now: not while an answer is still owed to a request
-        before it (read in this same read, or still being answered), which it would overtake.
-        If not, the guard stands down and uvicorn answers after that one (in plain text).
-        ``finished``: requests read in full before this read; ``read_in_full``: 1 when the
-        refused request itself was."""
-        if self.finished - finished <= read_in_full and not self.busy():
-            return True
-        self._stand_down()
-        return False
-
-    def _refuse_in_turn(self, data: bytes, owed: int, between: bool) -> bytes:
+    def _refuse_in_turn(self, data: bytes, owed: int, between: bool, apps: bool = False) -> bytes:
         """Refuse after the answers owed to the requests before the refused one: ``owed`` of
-        them complete in ``data`` (pipelined), and any the app is still answering. A refusal
-        written at once overtook them: the client read it as the first one's answer, and the
-        others got none. Where they end in ``data`` is found again by parsing (a rare path)
-        when ``data`` began between requests; else (a request begun in an earlier read
-        completes in this one, rarer still) they are lost, as before."""
+        them complete in ``data`` (pipelined), and any the app is still answering (unless
+        ``apps``: the app holds the refused request itself). A refusal written at once
+        overtook them: the client read it as the first one's answer, and the others got none.
+        Where they end in ``data`` is found again by parsing (a rare path) when ``data`` began
+        between requests; else (a request begun in an earlier read completes in this one,
+        rarer still) they are lost, as before."""
         assert self.refusal is not None
         passed = data[: end_of_requests(data, owed)] if owed and between else b""
-        if passed or self.busy():
+        if passed or (not apps and self.busy()):
             self._hold(self.refusal)
             return passed
         self.answer(self.refusal)
