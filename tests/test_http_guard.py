@@ -204,6 +204,7 @@ def test_a_malformed_request_is_refused_400_naming_the_fault_after_any_answer_ow
         (HEAD + b"Content-Length: 1x\r\n\r\n", b"Content-Length"),
         (HEAD + b"Bad Header\r\n\r\n", b"header token"),
         (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"HTTP/2 connection preface"),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"a TLS handshake"),  # ClientHello
         (b"CONNECT example.com:443 HTTP/1.1\r\nHost: t\r\n\r\n", b"not a proxy"),
     ]
     for data, fault in cases:

@@ -158,6 +158,7 @@ class ConnectionGuard:
             return b""
         if self.parser is None:  # a websocket: uvicorn's to handle
             return data
+        opening = b"" if self.seen else data
         self.seen = True
         began_here = not self.in_head
         between = began_here and not self.in_body
@@ -180,7 +181,8 @@ class ConnectionGuard:
         except httptools.HttpParserError as exc:
             if self.refusal is None:  # malformed (uvicorn answered a plain-text 400 at once,
                 # overtaking the answers owed to requests before it, which were lost)
-                self.refusal = Problem(400, f"malformed HTTP request: {fault_of(self.parser, exc)}")
+                fault = fault_of(self.parser, exc, opening)
+                self.refusal = Problem(400, f"malformed HTTP request: {fault}")
             # in a body whose head uvicorn read: the app is at it, and waits on nothing before it
             apps = body_before and self.in_body and self.finished == finished
             return self._refuse_in_turn(data, self.finished - finished, between, apps)

@@ -16,8 +16,12 @@ def method_of(parser: Any) -> bytes:
     return bytes(parser.get_method())
 
 
-def fault_of(parser: Any, exc: Exception) -> str:
-    """The parser's words for what is wrong, but where they describe its own workings."""
+def fault_of(parser: Any, exc: Exception, opening: bytes = b"") -> str:
+    """The parser's words for what is wrong, but where they describe its own workings or miss
+    the point: ``opening``, a connection's first bytes, may be a TLS handshake."""
+    if opening[:1] == b"\x16" and opening[1:2] == b"\x03":  # its message: "Invalid method"
+        return ("a TLS handshake; the gateway serves plain HTTP (use http://, or end TLS in a "
+                "proxy in front of it)")  # fmt: skip
     if method_of(parser) == b"PRI":  # its message: "Pause on PRI/Upgrade"
         return "an HTTP/2 connection preface; the gateway serves HTTP/1.1 only"
     return str(exc)
