@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -127,15 +127,25 @@ def ratios(results: dict[str, Any], high_load: str = "c64", low_load: str = "c1"
         added = round(g - i, 4) if g is not None and i is not None else None
     rss = results.get("systems", {}).get("gateway", {}).get("rss_mb", {})
     out: dict[str, Any] = {
-        "throughput_c64_vs_inprocess": _ratio(
-            get(gw_hi, "throughput_rps"), get(ip_hi, "throughput_rps")
+        **_paired(
+            "throughput_c64_vs_inprocess",
+            gw_hi,
+            ip_hi,
+            "throughput_rps",
+            _ratio,
+            _ratio(get(gw_hi, "throughput_rps"), get(ip_hi, "throughput_rps")),
         ),
         "throughput_c64_vs_peer": _ratio(
             get(gw_hi, "throughput_rps"), get(peer_hi, "throughput_rps")
         ),
-        "added_p50_ms_c1": added,
-        "p99_c64_vs_inprocess": _ratio(
-            get(gw_hi, "latency_ms", "p99"), get(ip_hi, "latency_ms", "p99")
+        **_paired("added_p50_ms_c1", gw_lo, ip_lo, "p50_ms", _difference, added),
+        **_paired(
+            "p99_c64_vs_inprocess",
+            gw_hi,
+            ip_hi,
+            "p99_ms",
+            _ratio,
+            _ratio(get(gw_hi, "latency_ms", "p99"), get(ip_hi, "latency_ms", "p99")),
         ),
         "rss_mb_total": rss.get("peak_serving_total"),
         "pss_mb_total": rss.get("peak_serving_pss"),
@@ -202,6 +212,33 @@ def _cluster_figures(results: dict[str, Any], load: str) -> dict[str, Any]:
     out["redis_commands_per_request_single"] = redis.get("commands_per_request")
     out["redis_bytes_per_request_single"] = redis.get("bytes_per_request")
     return out
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 4)
+
+
+def _paired(
+    figure: str,
+    gateway: dict[str, Any] | None,
+    baseline: dict[str, Any] | None,
+    key: str,
+    compare: Callable[[float | None, float | None], float | None],
+    of_medians: float | None,
+) -> dict[str, Any]:
+    """The gateway against the in-process baseline: the median of each round's own comparison
+    (the two ran one after the other in every round, in alternating order, so a slow spell of
+    the host falls on both), every round's beside it (their spread is the noise), and the
+    comparison of the two median-throughput rounds, which may come from different rounds (the
+    figure until 2026-12-06: a fast round of the baseline beside a slow one of the gateway read
+    as the gateway's cost). One round: that round's."""
+    a = (gateway or {}).get("rounds", {}).get(key) or []
+    b = (baseline or {}).get("rounds", {}).get(key) or []
+    rounds = [r for r in (compare(x, y) for x, y in zip(a, b, strict=False)) if r is not None]
+    if len(rounds) < 2 or len(a) != len(b):
+        return {figure: of_medians}
+    return {figure: round(float(np.median(rounds)), 4), f"{figure}_rounds": rounds,
+            f"{figure}_of_median_rounds": of_medians}  # fmt: skip
 
 
 def _met(value: float | None, op: str, bound: float) -> bool | None:

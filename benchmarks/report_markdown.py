@@ -43,7 +43,9 @@ def _rounds_text(results: dict[str, Any]) -> str:
     rounds = results["config"].get("rounds") or 1
     if rounds == 1:
         return ""
-    return f"; {rounds} rounds over the systems in turn, each figure from its median round"
+    return (f"; {rounds} rounds over the systems in turn, each system's figures from its median "
+            "round, its ratios to the in-process baseline and to the single node the median "
+            "of each round's own")  # fmt: skip
 
 
 def _ratio_lines(r: dict[str, Any]) -> list[str]:
@@ -54,8 +56,9 @@ def _ratio_lines(r: dict[str, Any]) -> list[str]:
         lines.append(f"| `{key}` | {fmt(r[key], digits)} | {t['op']} {t['target']:g} | {met} |")
     if r.get("pss_mb_total") is not None:
         lines.append(f"| `pss_mb_total` (shared pages once) | {fmt(r['pss_mb_total'], 0)} | | |")
-    for key in ("cluster", "cluster_replicated"):
-        figure = f"throughput_c64_{key}_vs_single"
+    for figure in ("throughput_c64_vs_inprocess", "added_p50_ms_c1", "p99_c64_vs_inprocess",
+                   "throughput_c64_cluster_vs_single",
+                   "throughput_c64_cluster_replicated_vs_single"):  # fmt: skip
         paired = r.get(f"{figure}_rounds")
         if figure not in r["targets"] and r.get(figure) is not None:
             lines.append(f"| `{figure}` (no target) | {fmt(r[figure], 3)} | | |")
