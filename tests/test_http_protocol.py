@@ -69,16 +69,21 @@ class Conn:
         self.sock.sendall(data)
 
     def response(self) -> tuple[int, dict[str, str], bytes]:
+        status, headers = self.response_head()
+        length = int(headers.get("content-length", "0"))
+        while len(self.buf) < length:
+            self._fill()
+        content, self.buf = self.buf[:length], self.buf[length:]
+        return status, headers, content
+
+    def response_head(self) -> tuple[int, dict[str, str]]:
+        """A response's status and header fields (all of a response to HEAD)."""
         while b"\r\n\r\n" not in self.buf:
             self._fill()
         head, self.buf = self.buf.split(b"\r\n\r\n", 1)
         status_line, *lines = head.decode("latin-1").split("\r\n")
         headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
-        length = int(headers.get("content-length", "0"))
-        while len(self.buf) < length:
-            self._fill()
-        content, self.buf = self.buf[:length], self.buf[length:]
-        return int(status_line.split()[1]), headers, content
+        return int(status_line.split()[1]), headers
 
     def closed_by_server(self) -> bool:
         try:
@@ -154,6 +159,19 @@ def test_requests_pipelined_past_the_bound_are_all_answered(conn: Conn) -> None:
         assert status == 200 and json.loads(content)["request_id"] == f"pl-{i}", content
         assert headers.get("connection") == ("close" if i == last else None), i
     assert conn.closed_by_server()
+
+
+def test_head_probes_of_health_and_readiness_get_their_status_without_a_body(
+    conn: Conn,
+) -> None:
+    """Some uptime monitors and load balancers probe with HEAD: it was a 405."""
+    for path in ("/healthz", "/readyz"):
+        conn.send(f"HEAD {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        status, headers = conn.response_head()  # Content-Length: what a GET would carry
+        assert status == 200 and int(headers["content-length"]) > 0, (path, headers)
+    conn.send(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    status, _, content = conn.response()  # the HEADs sent no body: this is the next answer
+    assert status == 200 and content == b'{"status":"ok"}'
 
 
 def test_http_1_0_and_connection_close_are_honoured(system: System) -> None:

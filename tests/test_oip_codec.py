@@ -226,6 +226,8 @@ def _header_only(inputs: list[dict], **extra: Any) -> bytes:
          "classification extension is not supported"),
         (_header_only([_input([1, 2, 3], [1, 3])], extra=1), None, "extra"),
         (b'{"inputs": [', None, "Invalid JSON"),
+        (b"\xef\xbb\xbf" + _header_only([_input([1, 2, 3], [1, 3])]), None,
+         "begins with a UTF-8 byte order mark"),
         (_header_only([_input([1, 2, 3], [1, 3])]), "abc",
          "Inference-Header-Content-Length must be a whole number of bytes"),
         (_header_only([_input([1, 2, 3], [1, 3])]), "100000", "at most the body's"),

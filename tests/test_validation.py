@@ -117,6 +117,18 @@ def test_a_body_of_more_rows_than_the_cap_is_refused_before_it_is_parsed() -> No
     assert to_matrix(SPEC, parse_body(two, SPEC, 2), 2).shape == (2, 3)
 
 
+def test_a_body_with_a_byte_order_mark_is_refused_saying_so() -> None:
+    """The parser's words were "expected value at line 1 column 1"."""
+    from gateway.dataplane.validation import parse_body
+
+    body = b'{"instances": [[1, 2, 3]]}'
+    assert to_matrix(SPEC, parse_body(body, SPEC, 1), 1).shape == (1, 3)
+    with pytest.raises(RequestValidationError) as refused:
+        parse_body(b"\xef\xbb\xbf" + body, SPEC, 1)
+    [error] = refused.value.errors()
+    assert "byte order mark (EF BB BF)" in error["msg"] and error["loc"] == ("body",)
+
+
 def test_empty_instances_and_extra_keys_are_refused() -> None:
     with pytest.raises(ValidationError):
         parse('{"instances": []}')

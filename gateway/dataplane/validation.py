@@ -19,6 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rendezvous.names import ENTITY_PATTERN
 from rendezvous.spec import FeatureSpec, shown_stored, stored_number
 
+UTF8_BOM = b"\xef\xbb\xbf"
+BOM_FAULT = ("the body begins with a UTF-8 byte order mark (EF BB BF), which JSON sent over a "
+             "network must not carry (RFC 8259): send the JSON without it")  # fmt: skip
+"""Some Windows tools write one (PowerShell's UTF8 encoding, .NET's default): the parser's
+own words, "expected value at line 1 column 1", did not say what was wrong."""
+
 FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 """A JSON number: not a string, not a bool, not NaN or infinity."""
 
@@ -61,6 +67,8 @@ def parse_body(raw: bytes, spec: FeatureSpec, max_rows: int) -> PredictRequest:
     try:
         return PredictRequest.model_validate_json(raw)
     except ValidationError as exc:
+        if raw.startswith(UTF8_BOM):
+            raise RequestValidationError([_error((), BOM_FAULT, "json_invalid")]) from None
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as bad:

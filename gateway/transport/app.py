@@ -341,12 +341,15 @@ def create_app(
         head = {name.decode(): value.decode() for name, value in headers}
         return Response(body, status, head, media_type="application/json")
 
+    # HEAD too, undocumented: some uptime monitors and load balancers probe with it (it was 405)
     @app.get("/healthz")
+    @app.head("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
         """The process is alive (says nothing about Redis or workers)."""
         return {"status": "ok"}
 
     @app.get("/readyz")
+    @app.head("/readyz", include_in_schema=False)
     async def readyz(request: Request) -> JSONResponse:
         """Ready when this process reads its replies and every deployment answers with a live
         real worker (``gateway.transport.readiness``)."""

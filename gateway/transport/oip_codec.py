@@ -30,6 +30,7 @@ import numpy as np
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
+from gateway.dataplane.validation import BOM_FAULT, UTF8_BOM
 from gateway.transport.oip_schema import (
     BYTES,
     DTYPES,
@@ -163,6 +164,8 @@ def parse_infer(
     try:
         doc = InferenceRequest.model_validate_json(header)
     except ValidationError as exc:
+        if header.startswith(UTF8_BOM):
+            raise RequestValidationError([_fault((), BOM_FAULT, "json_invalid")]) from None
         faults = [_fault(e["loc"], e["msg"], e["type"]) for e in exc.errors(include_url=False)]
         if header_length is None and "trailing characters" in faults[0]["msg"]:
             faults[0]["msg"] += (
