@@ -7,6 +7,7 @@ read from the feature store in place (or refuses, naming the entity)."""
 
 from __future__ import annotations
 
+import codecs
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -19,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rendezvous.names import ENTITY_PATTERN
 from rendezvous.spec import FeatureSpec, shown_stored, stored_number
 
-UTF8_BOM = b"\xef\xbb\xbf"
 BOM_FAULT = ("the body begins with a UTF-8 byte order mark (EF BB BF), which JSON sent over a "
              "network must not carry (RFC 8259): send the JSON without it")  # fmt: skip
 """Some Windows tools write one (PowerShell's UTF8 encoding, .NET's default): the parser's
@@ -67,7 +67,7 @@ def parse_body(raw: bytes, spec: FeatureSpec, max_rows: int) -> PredictRequest:
     try:
         return PredictRequest.model_validate_json(raw)
     except ValidationError as exc:
-        if raw.startswith(UTF8_BOM):
+        if raw.startswith(codecs.BOM_UTF8):
             raise RequestValidationError([_error((), BOM_FAULT, "json_invalid")]) from None
         try:
             raw.decode("utf-8")

@@ -21,6 +21,7 @@ routes in ``gateway.transport.oip``); the data plane takes any protocol's ``Deco
 
 from __future__ import annotations
 
+import codecs
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import numpy as np
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from gateway.dataplane.validation import BOM_FAULT, UTF8_BOM
+from gateway.dataplane.validation import BOM_FAULT
 from gateway.transport.oip_schema import (
     BYTES,
     DTYPES,
@@ -164,7 +165,7 @@ def parse_infer(
     try:
         doc = InferenceRequest.model_validate_json(header)
     except ValidationError as exc:
-        if header.startswith(UTF8_BOM):
+        if header.startswith(codecs.BOM_UTF8):
             raise RequestValidationError([_fault((), BOM_FAULT, "json_invalid")]) from None
         faults = [_fault(e["loc"], e["msg"], e["type"]) for e in exc.errors(include_url=False)]
         if header_length is None and "trailing characters" in faults[0]["msg"]:
