@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     more for the workers). ``rdv serve`` runs them as its own children sharing the port;
     ``rdv gateway`` as uvicorn workers."""
 
+    cors_origins: list[str] = []
+    """Origins whose browser pages may call the gateway (CORS), as a JSON list:
+    ``["https://app.example.com"]``, or ``["*"]`` for any. Empty: none (browsers refuse
+    cross-origin calls; a page served by another origin needs a proxy)."""
+
     proxy_headers: bool = False
     """Trust X-Forwarded-For/-Proto from the peers uvicorn's FORWARDED_ALLOW_IPS names. Off:
     the gateway does not use the client's address, and the check costs every request."""
@@ -295,6 +300,11 @@ class Settings(BaseSettings):
             raise ValueError("one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return value
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        return [normalised_origin(origin) for origin in value]
+
     @field_validator("drift_thresholds")
     @classmethod
     def _known_thresholds(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
@@ -377,6 +387,22 @@ def invalid_settings(exc: Exception) -> str | None:
         given = _shown(os.environ.get(name))
         return f"invalid configuration: {name}={given}: not valid JSON (see the README's table)"
     return None
+
+
+ORIGIN = re.compile(r"https?://[a-z0-9.-]+(?::[0-9]{1,5})?|\*")
+"""An origin as a browser sends it (scheme, host, optional port; no path), or ``*``: any."""
+
+
+def normalised_origin(value: str) -> str:
+    """``value`` as browsers write an origin (lower case, no trailing slash), or ValueError
+    naming what is wrong: an origin that can never match would refuse every call silently."""
+    origin = value.strip().lower().removesuffix("/")
+    if not ORIGIN.fullmatch(origin):
+        raise ValueError(
+            f"{value!r} is not an origin: scheme://host[:port] with no path, e.g. "
+            '"https://app.example.com", or "*" for any'
+        )
+    return origin
 
 
 def _judgeable(min_requests: int, info: ValidationInfo) -> None:

@@ -24,6 +24,9 @@ PER_CONNECTION = 5
 KEEP_ALIVE_S = 3.0
 """Requests a connection serves before its last answer closes it (no other test here sends as
 many on one connection)."""
+APP_ORIGIN = "https://app.example.com"
+"""The one origin whose browser pages may call this gateway (given with a trailing slash, as
+people write it)."""
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,8 @@ def system(
                        RDV_MAX_BODY_BYTES=str(MAX_BODY), RDV_MAX_HEADER_BYTES=str(MAX_HEAD),
                        RDV_MAX_HEADERS="20", RDV_HEADER_TIMEOUT_S="1",
                        RDV_BODY_TIMEOUT_S="1", RDV_KEEP_ALIVE_S=str(KEEP_ALIVE_S),
-                       RDV_REQUESTS_PER_CONNECTION=str(PER_CONNECTION)) as sys:  # fmt: skip
+                       RDV_REQUESTS_PER_CONNECTION=str(PER_CONNECTION),
+                       RDV_CORS_ORIGINS=json.dumps([APP_ORIGIN + "/"])) as sys:  # fmt: skip
         sys.start_worker("real")
         sys.start_worker("canary")
         yield sys
@@ -407,3 +411,28 @@ def test_a_compressed_body_is_refused_415_naming_the_encoding(conn: Conn) -> Non
         assert status == 415 and "'gzip'" in json.loads(content)["detail"], content
     conn.send(request(PREDICT, body(), "Content-Encoding: identity"))
     assert conn.response()[0] == 200
+
+
+def test_a_browser_page_of_an_allowed_origin_may_call_predict_and_others_may_not(
+    system: System,
+) -> None:
+    """CORS: the preflight a browser sends before a JSON POST, then the call itself (on the
+    fast path, and on a framework route); another origin's preflight is refused."""
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type, x-request-id"}  # fmt: skip
+    allowed = system.http.options(PREDICT, headers={"Origin": APP_ORIGIN, **preflight})
+    assert allowed.status_code == 200, allowed.text
+    assert allowed.headers["access-control-allow-origin"] == APP_ORIGIN
+    assert "POST" in allowed.headers["access-control-allow-methods"]
+    assert "x-request-id" in allowed.headers["access-control-allow-headers"].lower()
+    other = system.http.options(PREDICT, headers={"Origin": "https://evil.example", **preflight})
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    answer = system.http.post(PREDICT, content=body(), headers={"Origin": APP_ORIGIN})
+    assert answer.status_code == 200 and answer.json()["predictions"], answer.text
+    assert answer.headers["access-control-allow-origin"] == APP_ORIGIN
+    assert "retry-after" in answer.headers["access-control-expose-headers"].lower()
+    health = system.http.get("/healthz", headers={"Origin": APP_ORIGIN})
+    assert health.headers["access-control-allow-origin"] == APP_ORIGIN
+    for headers in ({}, {"Origin": "https://evil.example"}):  # nothing for them
+        plain = system.http.post(PREDICT, content=body(), headers=headers)
+        assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers

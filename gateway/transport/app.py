@@ -16,6 +16,7 @@ import redis
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client.multiprocess import mark_process_dead
+from starlette.types import ASGIApp
 
 from gateway.admin.routes import UPLOAD_PATH, install_admin, start_admin
 from gateway.admin.schema import install_schema
@@ -37,6 +38,7 @@ from gateway.observability.metrics import GatewayMetrics, multiprocess_dir
 from gateway.observability.routes import observe_router
 from gateway.settings import Settings
 from gateway.transport import feedback, jobs, oip
+from gateway.transport.cors import with_cors
 from gateway.transport.fast_path import PredictFastPath, predict_reply, refused_body_counter
 from gateway.transport.http_guard import REFUSALS
 from gateway.transport.limits import BodySizeLimit
@@ -83,14 +85,15 @@ async def _check_redis_memory(client: AsyncClient, settings: Settings, deploymen
         )  # fmt: skip
 
 
-def serving_app(settings: Settings | None = None) -> PredictFastPath:
+def serving_app(settings: Settings | None = None) -> ASGIApp:
     """What uvicorn serves: predict answered ahead of the framework
-    (``gateway.transport.fast_path``),
-    everything else by ``create_app``'s FastAPI app."""
+    (``gateway.transport.fast_path``), everything else by ``create_app``'s FastAPI app, and
+    both behind CORS when ``RDV_CORS_ORIGINS`` names origins (``gateway.transport.cors``)."""
     settings = settings or Settings()
-    return PredictFastPath(
+    served = PredictFastPath(
         create_app(settings, owns_process=True), max_body_bytes=settings.max_body_bytes
     )
+    return with_cors(served, settings.cors_origins)
 
 
 def create_app(
