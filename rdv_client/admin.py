@@ -4,7 +4,8 @@ of it)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import base64
+from collections.abc import Mapping, Sequence
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
@@ -72,5 +73,77 @@ class AdminCalls(Generic[Doc]):
         return self._admin("PATCH", f"/deployments/{segment(deployment)}",
                            json={"partitions": partitions, "reason": reason})  # fmt: skip
 
-    def models(self) -> Doc:
-        return self._admin("GET", "/models")
+    def set_enrichment(self, deployment: str, lookup: Mapping[str, Any] | None,
+                       reason: str = "") -> Doc:  # fmt: skip
+        """``lookup``: ``{"key", "features", "defaults"}`` read from the online store by
+        entity; None: look nothing up."""
+        return self._admin("PATCH", f"/deployments/{segment(deployment)}/enrichment",
+                           json={"lookup": lookup, "reason": reason})  # fmt: skip
+
+    def load_entities(self, deployment: str, entities: Sequence[Mapping[str, Any]]) -> Doc:
+        """Entities' features into the online store, each ``{key: id, feature: value, ...}``;
+        all or nothing."""
+        return self._admin("PUT", f"/deployments/{segment(deployment)}/entities",
+                           json=list(entities))  # fmt: skip
+
+    def entity(self, deployment: str, key: str) -> Doc:
+        return self._admin("GET", f"/deployments/{segment(deployment)}/entities/{segment(key)}")
+
+    def shadow(self, deployment: str) -> Doc:
+        """Each non-real role's record against real over the recent decision records."""
+        return self._admin("GET", f"/deployments/{segment(deployment)}/shadow")
+
+    def drift_thresholds(self, deployment: str) -> Doc:
+        return self._admin("GET", f"/deployments/{segment(deployment)}/drift/thresholds")
+
+    def set_drift_thresholds(self, deployment: str, **changes: Any) -> Doc:
+        """Change some thresholds; the rest keep their value."""
+        return self._admin("PUT", f"/deployments/{segment(deployment)}/drift/thresholds",
+                           json=changes)  # fmt: skip
+
+    def start_replay(self, deployment: str, version: int, **selection: Any) -> Doc:
+        """Score ``version`` on archived records; ``selection``: ``model``, ``last``,
+        ``from_`` and ``to`` (ISO-8601 or epoch ms), ``positions``. The report, with its
+        ``id``."""
+        if "from_" in selection:
+            selection["from"] = selection.pop("from_")
+        return self._admin("POST", f"/deployments/{segment(deployment)}/replays",
+                           json={"version": version, **selection})  # fmt: skip
+
+    def replays(self, deployment: str, limit: int = 20) -> Doc:
+        return self._admin("GET", f"/deployments/{segment(deployment)}/replays",
+                           params={"limit": limit})  # fmt: skip
+
+    def replay(self, deployment: str, replay_id: str) -> Doc:
+        """A replay's report: its progress, and its figures once ``done``."""
+        return self._admin("GET", self._replay(deployment, replay_id))
+
+    def cancel_replay(self, deployment: str, replay_id: str) -> Doc:
+        return self._admin("POST", f"{self._replay(deployment, replay_id)}/cancel")
+
+    def resume_replay(self, deployment: str, replay_id: str) -> Doc:
+        return self._admin("POST", f"{self._replay(deployment, replay_id)}/resume")
+
+    @staticmethod
+    def _replay(deployment: str, replay_id: str) -> str:
+        return f"/deployments/{segment(deployment)}/replays/{segment(replay_id)}"
+
+    def upload_model(self, name: str, onnx: bytes, **metadata: Any) -> Doc:
+        """A new version of ``name`` from an ONNX file's bytes; ``metadata``: ``version``
+        (default: the next free one), ``deployment`` (check the width against it),
+        ``feature_names``, ``classes``, ``class_names``, ``metrics``, ``algorithm``,
+        ``description``, ``sha256``, ``reference`` (held-out rows: ``{"columns", "rows"}``)."""
+        body = {"name": name, **metadata, "onnx_base64": base64.b64encode(onnx).decode()}
+        return self._admin("POST", "/models", json=body)
+
+    def models(self, name: str | None = None) -> Doc:
+        """Every model version (or those of ``name``), with the roles each holds."""
+        return self._admin("GET", "/models", params={"name": name} if name else None)
+
+    def model(self, name: str, version: int) -> Doc:
+        """One version's metadata, sha256 and roles."""
+        return self._admin("GET", f"/models/{segment(name)}/{version}")
+
+    def delete_model(self, name: str, version: int) -> Doc:
+        """Only a version that holds no role in any deployment."""
+        return self._admin("DELETE", f"/models/{segment(name)}/{version}")

@@ -160,6 +160,11 @@ class _Calls:
                      feedback=True)  # fmt: skip
 
     @staticmethod
+    def drift(deployment: str, feature: str | None, features: bool) -> _Call[dict[str, Any]]:
+        path = f"/v1/deployments/{segment(deployment)}/drift" + ("/features" if features else "")
+        return _Call("GET", path, _doc, params={"feature": feature} if feature else None)
+
+    @staticmethod
     def admin(method: str, path: str, json: Any = None,
               params: Mapping[str, Any] | None = None) -> _Call[dict[str, Any]]:  # fmt: skip
         return _Call(method, f"/admin{path}", _doc, json=json, params=params, admin=True)
@@ -290,6 +295,16 @@ class Client(AdminCalls[dict[str, Any]]):
         body = _feedback_body(items, request_id, label, correct, weight)
         return self._send(_Calls.feedback(deployment, body))
 
+    def drift(self, deployment: str) -> dict[str, Any]:
+        """The latest drift evaluation (statistics, thresholds, alerts, history) and the live
+        accuracy."""
+        return self._send(_Calls.drift(deployment, None, features=False))
+
+    def drift_features(self, deployment: str, feature: str | None = None) -> dict[str, Any]:
+        """One feature (default: the one drifting most) in the latest window against
+        training."""
+        return self._send(_Calls.drift(deployment, feature, features=True))
+
     def close(self) -> None:
         self.http.close()
 
@@ -354,6 +369,12 @@ class AsyncClient(AdminCalls[Awaitable[dict[str, Any]]]):
         """Labels for answered requests: ``{"accepted": n, "relabelled": k}``."""
         body = _feedback_body(items, request_id, label, correct, weight)
         return await self._send(_Calls.feedback(deployment, body))
+
+    async def drift(self, deployment: str) -> dict[str, Any]:
+        return await self._send(_Calls.drift(deployment, None, features=False))
+
+    async def drift_features(self, deployment: str, feature: str | None = None) -> dict[str, Any]:
+        return await self._send(_Calls.drift(deployment, feature, features=True))
 
     async def aclose(self) -> None:
         await self.http.aclose()

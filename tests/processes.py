@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,16 +158,22 @@ def launch_system(
     demo_data_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
     schedule: Schedule,
+    *,
+    own_models: bool = False,
     **env: str,
 ) -> Iterator[System]:
     """Flush Redis, create the demo deployment, start the gateway and the log bin; on exit
-    stop every process still running and check each stopped cleanly."""
+    stop every process still running and check each stopped cleanly. ``own_models``: a copy
+    of the session's demo models, for a test that uploads or deletes (else a link to them)."""
     client = connect(redis_url)
     flush(client)
     registry = ModelRegistry(demo_data_dir / "models")
     DeploymentStore(client).create(demo_deployment(registry, schedule))
     data_dir = tmp_path_factory.mktemp("system-data")
-    (data_dir / "models").symlink_to(demo_data_dir / "models")
+    if own_models:
+        shutil.copytree(demo_data_dir / "models", data_dir / "models")
+    else:
+        (data_dir / "models").symlink_to(demo_data_dir / "models")
     sys = System(redis_url, data_dir, tmp_path_factory.mktemp("system-logs"), **env)
     sys.start("gateway", "gateway")
     sys.start("logbin", "logbin")

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models.archive import ArchiveReader
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
-from models.train import DEMO_DEPLOYMENT, demo_data
-from processes import System, launch_system
+from models.train import DEMO_DEPLOYMENT, DEMO_MODEL, demo_data
+from processes import System, launch_system, wait_until
 from rdv_client import AsyncClient, Client, GatewayUnreachable, JobExists, Prediction, RdvError
 from rendezvous.schedule import Schedule
 
@@ -30,7 +31,7 @@ TOKEN = "client-test-token"
 def system(
     redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[System]:
-    with launch_system(redis_url, demo_data_dir, tmp_path_factory, SCHEDULE,
+    with launch_system(redis_url, demo_data_dir, tmp_path_factory, SCHEDULE, own_models=True,
                        RDV_ADMIN_TOKEN=TOKEN) as sys:  # fmt: skip
         sys.start_worker("real")
         sys.start_worker("canary")
@@ -292,3 +293,45 @@ def test_no_answer_is_its_own_error_and_retry_after_may_be_a_date(system: System
     later = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
     assert 28 <= (_retry_after(later) or 0) <= 31
     assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+
+
+def test_a_candidate_from_upload_to_replay_and_the_drift_report_through_the_client(
+    system: System,
+) -> None:
+    """What a data scientist does with a new model, in the client's calls alone: upload it,
+    let it shadow, replay the archive against it, retire it; and read and tune drift."""
+    rows = demo_data().x_test[:6]
+    onnx = (system.data_dir / "models" / DEMO_MODEL / "2" / "model.onnx").read_bytes()
+    with Client(f"http://127.0.0.1:{system.port}", admin_token=TOKEN) as rdv:
+        for i, row in enumerate(rows):
+            rdv.predict(DEMO_DEPLOYMENT, instances=[row.tolist()], request_id=f"cand-{i}")
+        made = rdv.upload_model(DEMO_MODEL, onnx, deployment=DEMO_DEPLOYMENT,
+                                description="real's artifact again")  # fmt: skip
+        version = made["version"]
+        assert version > 2 and rdv.model(DEMO_MODEL, version)["sha256"] == made["sha256"]
+        assert version in [m["version"] for m in rdv.models(DEMO_MODEL)["models"]]
+        rdv.add_challenger(DEMO_DEPLOYMENT, "cand", version, reason="client test")
+        assert "cand" in rdv.shadow(DEMO_DEPLOYMENT)["roles"]
+        archive = ArchiveReader(system.data_dir / "logbin")
+        wait_until(lambda: len(list(archive.records(DEMO_DEPLOYMENT))) >= len(rows), 30, "archive")
+        started = rdv.start_replay(DEMO_DEPLOYMENT, version, last=len(rows))
+        report = wait_until(
+            lambda: (r := rdv.replay(DEMO_DEPLOYMENT, started["id"]))["state"] == "done" and r,
+            30, "the replay",
+        )  # fmt: skip
+        assert report["records"] == len(rows) and report["agreement"]["rate"] == 1.0, report
+        assert rdv.replays(DEMO_DEPLOYMENT)["replays"][0]["id"] == started["id"]
+        with pytest.raises(RdvError) as finished:
+            rdv.resume_replay(DEMO_DEPLOYMENT, started["id"])
+        assert finished.value.status == 409
+        rdv.remove_challenger(DEMO_DEPLOYMENT, "cand")
+        rdv.delete_model(DEMO_MODEL, version)
+        with pytest.raises(RdvError) as gone:
+            rdv.model(DEMO_MODEL, version)
+        assert gone.value.status == 404
+        before = rdv.drift_thresholds(DEMO_DEPLOYMENT)
+        rdv.set_drift_thresholds(DEMO_DEPLOYMENT, min_requests=before["min_requests"] + 1)
+        report = rdv.drift(DEMO_DEPLOYMENT)
+        assert report["thresholds"]["min_requests"] == before["min_requests"] + 1
+        assert report["roles"]["real"] == f"{DEMO_MODEL}:2", report["roles"]
+        assert rdv.drift_features(DEMO_DEPLOYMENT, "mean radius")["feature"] == "mean radius"

@@ -30,6 +30,7 @@ from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import PREDICT, System, launch_system, wait_until
+from rdv_client import Client, RdvError
 from rendezvous import names
 from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import REDIS_FAILURES, connect_async
@@ -536,3 +537,23 @@ def test_tritonclient_sends_entity_ids_as_bytes_and_gets_what_predict_answers(
             client.infer(DEMO_DEPLOYMENT, [one])
     finally:
         client.close()
+
+
+def test_the_typed_client_declares_loads_and_reads_entities(
+    enriched: System, real: OnnxClassifier
+) -> None:
+    with Client(str(enriched.http.base_url), admin_token=TOKEN) as rdv:
+        with pytest.raises(RdvError) as same:  # read as the lookup in force: no change
+            rdv.set_enrichment(DEMO_DEPLOYMENT, LOOKUP, reason="the client")
+        assert same.value.status == 409 and "already has that lookup" in str(same.value)
+        with pytest.raises(RdvError) as wrong:
+            rdv.set_enrichment(DEMO_DEPLOYMENT, {**LOOKUP, "features": ["no such feature"]})
+        assert wrong.value.status == 422 and "not in the spec" in str(wrong.value)
+        stored = stored_values("c-3")
+        loaded = rdv.load_entities(DEMO_DEPLOYMENT, [{"customer_id": "c-client", **stored}])
+        assert loaded["loaded"] == 1, loaded
+        assert rdv.entity(DEMO_DEPLOYMENT, "c-client")["features"] == pytest.approx(stored)
+        row = DATA.x_test[9]
+        answer = rdv.predict(DEMO_DEPLOYMENT, features=caller_part(row), entity="c-client")
+        labels, _ = real.predict(merged_row(row, stored)[None, :])
+        assert answer.label == int(labels[0])
