@@ -109,9 +109,15 @@ class Schedule:
         return Schedule.from_dict({**self.to_dict(), **changes})
 
     def without_role(self, role: str) -> Schedule:
-        """Drop a role that left the deployment from the split (fallbacks may name absent
-        roles: they simply never answer)."""
-        return dataclasses.replace(self, splits=tuple(s for s in self.splits if s[0] != role))
+        """Drop a role that left the deployment from the split and the fallbacks: the
+        schedule then names only roles an operator could set again (a fallback left behind
+        was refused when the same schedule was sent back), and a new role that later takes
+        the name is not a fallback until made one."""
+        return dataclasses.replace(
+            self,
+            splits=tuple(s for s in self.splits if s[0] != role),
+            fallbacks=tuple(f for f in self.fallbacks if f != role),
+        )
 
     def pinned_to(self, role: str) -> Schedule:
         """The schedule of a request that names the model version to answer it (the Open

@@ -548,9 +548,15 @@ def test_challengers_and_schedule(admin: AppClient, r: redis.Redis) -> None:
     gone = admin.delete(f"{DEP}/challengers/shadow", params={"reason": "done"}, headers=AUTH)
     assert gone.status_code == 200, gone.text
     assert "model:shadow" not in {g["name"].decode() for g in r.xinfo_groups(stream)}
-    assert admin.app.state.deployments.get(DEMO_DEPLOYMENT).schedule.splits == ()
+    left = admin.app.state.deployments.get(DEMO_DEPLOYMENT).schedule
+    assert (left.splits, left.fallbacks) == ((), ("canary",))
+    # what the deployment shows may be sent back (a fallback left behind was refused)
+    shown = admin.get(DEP, headers=AUTH).json()["schedule"]["fallbacks"]
+    again = admin.patch(f"{DEP}/schedule", headers=AUTH, json={"fallbacks": shown})
+    assert again.status_code == 200, again.text
     actions = [h["action"] for h in admin.get(f"{DEP}/history", headers=AUTH).json()["history"]]
-    assert actions == ["create", "add-challenger", "set-schedule", "remove-challenger"]
+    assert actions == ["create", "add-challenger", "set-schedule", "remove-challenger",
+                       "set-schedule"]  # fmt: skip
 
 
 def _record(rid: str, ts_ms: float, p_real: float, p_cand: float) -> dict[str, bytes]:

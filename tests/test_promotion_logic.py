@@ -64,6 +64,8 @@ def test_split_validation() -> None:
     assert Schedule.from_dict(s.to_dict()) == s
     assert s.updated({"grace_ms": 5}).splits == s.splits
     assert s.without_role("a").splits == ()
+    kept = Schedule(fallbacks=("canary", "a", "b"), splits=(("a", 0.2),))
+    assert kept.without_role("a").fallbacks == ("canary", "b")
 
 
 def test_decide_with_a_challenger_drawn_as_primary() -> None:

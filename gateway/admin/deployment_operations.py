@@ -268,8 +268,8 @@ class DeploymentOperations(AdminCore):
 
 def _known_fallbacks(req: ScheduleIn, roles: set[str], deployment: str) -> None:
     """Fallbacks an operator names are roles of the deployment, each once: a misspelt one
-    would never answer, unseen. (A role that leaves later may stay named: it answers again if
-    it comes back, and ``RDV_FALLBACKS`` names ``canary`` for deployments without one.)"""
+    would never answer, unseen. (A challenger that leaves leaves the fallbacks too; only
+    ``RDV_FALLBACKS``'s ``canary`` may name a role a deployment does not have.)"""
     given = req.fallbacks or []
     for role in given:
         if given.count(role) > 1:
