@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     """How ``rdv serve`` runs the models: ``shared``, a few worker processes each hosting
     many (deployment, role) models as threads (one for the roles that answer callers, one at
     a lower priority for the shadowing roles: ``models.worker_host``); ``per-role``, a
-    process for every role of every deployment (isolation, at ~60 MB a process)."""
+    process for every role of every deployment (isolation, at ~86 MB a process: README)."""
 
     worker_hosts: int = Field(default=1, ge=1, le=64)
     """With the shared layout: processes of each kind (answering, shadowing); the models are
