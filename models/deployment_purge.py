@@ -26,10 +26,12 @@ a stream once it is gone, never before.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import redis
 
@@ -73,6 +75,20 @@ return 1
 """Delete the stream (KEYS[1]) if every group that must (ARGV[1] the log bin's; ARGV[2] '1':
 every one) has read all of it and has nothing pending: 1 when it is gone (or, ARGV[3] '1',
 only asked: would go), 0 when it stays."""
+
+_FAIL_QUEUED_JOBS = """
+for _, key in ipairs(KEYS) do
+  if redis.call('HGET', key, 'status') == 'pending' then
+    redis.call('HSET', key, 'status', 'failed', 'error', ARGV[1], 'ended_ms', ARGV[2])
+    redis.call('HDEL', key, 'body')
+    local ttl = redis.call('HGET', key, 'ttl_s')
+    if ttl then redis.call('EXPIRE', key, ttl) end
+  end
+end
+return #KEYS
+"""
+"""End each job hash of KEYS still pending as failed (ARGV[1] its error JSON, ARGV[2] now ms),
+as ``gateway.dataplane.job_store`` ends a job; its TTL counts from now."""
 
 
 def serving_keys(deployment: str) -> list[str]:
@@ -213,17 +229,43 @@ class Purger:
 
     def _drop_state(self, dep: Deployment) -> bool:
         """Its state and serving keys, in one transaction, if the state is still the deleted
-        one (False: created again, or changed under us)."""
+        one (False: created again, or changed under us). Jobs still queued end as failed in
+        it: the gateways' job readers fail a deleted deployment's jobs as they read them, but
+        one never read (no gateway read the stream before the purge) stayed pending until its
+        TTL, and read so by a deployment made again under the name."""
         key = names.deployment_key(dep.name)
+        stream = names.jobs_stream(dep.name)
         with self.client.pipeline(transaction=True) as pipe:
             try:
-                pipe.watch(key)
+                pipe.watch(key, stream)  # a job ended or queued meanwhile: the next look
                 raw = pipe.get(key)
                 if raw is not None and Deployment.from_json(raw).deleted_ms != dep.deleted_ms:
                     return False
+                queued = [names.job_key(dep.name, job_id) for job_id in self._queued(pipe, stream)]
                 pipe.multi()
+                if queued:
+                    error = {"status": 404, "detail": f"deployment {dep.name!r} was deleted "
+                             "before the job ran"}  # fmt: skip
+                    now_ms = int(self._clock() * 1000)
+                    # as a command: redis-py's cluster pipeline has no eval()
+                    pipe.execute_command("EVAL", _FAIL_QUEUED_JOBS, len(queued), *queued,
+                                         json.dumps(error), now_ms)  # fmt: skip
                 pipe.delete(*serving_keys(dep.name))
                 pipe.execute()
             except redis.WatchError:
                 return False
         return True
+
+    @staticmethod
+    def _queued(pipe: Any, stream: str) -> list[str]:
+        """The ids of the jobs a deployment's jobs stream still lists (at most
+        ``RDV_JOB_MAX_QUEUED``): one entry a job not yet ended, its ``id`` field."""
+        found = []
+        for _, fields in pipe.xrange(stream):
+            job_id = fields.get(b"id")
+            if job_id is not None:
+                try:
+                    found.append(names.check_job_id(job_id.decode()))
+                except (UnicodeDecodeError, names.InvalidName):
+                    continue  # not a job's entry: nothing to end
+        return found

@@ -4,13 +4,16 @@ cluster; an append that comes too late fails instead of landing where no reader 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from gateway.dataplane.job_store import JobStore
 from models.archive import ArchiveReader
 from models.deployment_purge import Purger, serving_keys
 from models.deployment_store import DeploymentStore, demo_deployment, ensure_groups
@@ -84,6 +87,36 @@ def test_the_purge_waits_for_every_group_and_an_append_in_between(
     assert purger.look([dep]) == []
     assert store.get(DEMO_DEPLOYMENT).revision == again.revision
     assert all(bus.exists(s) for s in again.input_streams)
+
+
+def test_jobs_no_gateway_read_end_failed_with_the_purge(
+    bus_url: str, bus: Client, demo_registry: ModelRegistry
+) -> None:
+    """A job queued and never read (no gateway read the jobs stream before the purge) stayed
+    pending until its TTL, and read so by a deployment made again under the name."""
+    store = _deleted_demo(bus, demo_registry, partitions=1)
+    dep = store.get(DEMO_DEPLOYMENT)
+
+    async def queue() -> str:
+        client = await connect_async(bus_url)
+        try:
+            jobs = JobStore(client, None, ttl_s=600, max_queued=10,  # type: ignore[arg-type]
+                            ended=lambda *_: None)  # fmt: skip
+            return (await jobs.accept(dep, b'{"instances": [[1.0]]}', None)).id
+        finally:
+            await client.aclose()
+
+    job = names.job_key(DEMO_DEPLOYMENT, asyncio.run(queue()))
+    store.delete(DEMO_DEPLOYMENT, actor="test", reason="gone")
+    dep = store.get(DEMO_DEPLOYMENT)
+    purger = Purger(bus, grace_s=5, every_s=0, model_wait_s=60,
+                    clock=lambda: dep.deleted_ms / 1000 + 6)  # fmt: skip
+    assert bus.hget(job, "status") == b"pending"
+    assert purger.look([dep]) == [DEMO_DEPLOYMENT]
+    assert bus.hget(job, "status") == b"failed" and not bus.hexists(job, "body")
+    error = json.loads(bus.hget(job, "error"))  # type: ignore[arg-type]
+    assert error["status"] == 404 and "was deleted before the job ran" in error["detail"], error
+    assert 0 < bus.ttl(job) <= 600
 
 
 def test_an_earlier_partition_count_is_retired_once_drained(
