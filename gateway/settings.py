@@ -8,11 +8,12 @@ import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from rendezvous.bus.connection import DEFAULT_MAX_CONNECTIONS
+from rendezvous.bus.connection import DEFAULT_MAX_CONNECTIONS, redacted, seed_urls
 from rendezvous.schedule import MAX_WAIT_MS, Schedule
 
 if TYPE_CHECKING:  # imported where used: it brings numpy, which ``rdv serve``'s supervisor
@@ -32,7 +33,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     """Address the gateway listens on."""
 
-    port: int = 8000
+    port: int = Field(default=8000, ge=0, le=65535)
     """Port the gateway listens on."""
 
     gateway_processes: int = Field(default=0, ge=0, le=64)
@@ -300,6 +301,28 @@ class Settings(BaseSettings):
             raise ValueError("one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_address(cls, value: str | None) -> str | None:
+        """A URL redis-py can connect to, each node of it: a bad scheme or port was a
+        traceback after ``rdv serve`` had trained the demo models."""
+        if value:
+            from redis.connection import parse_url
+
+            for seed in seed_urls(value):
+                parse_url(seed)  # ValueError naming the fault
+                urlsplit(seed).port  # noqa: B018 -- raises ValueError for a bad port
+        return value
+
+    @field_validator("admin_token", "feedback_token")
+    @classmethod
+    def _header_safe(cls, value: SecretStr | None) -> SecretStr | None:
+        """A token travels in an HTTP header: printable ASCII only (a non-ASCII one was a
+        traceback in every admin command, and no client could have sent it)."""
+        if value is not None and not TOKEN.fullmatch(value.get_secret_value().strip()):
+            raise ValueError("printable ASCII characters only (an HTTP header carries it)")
+        return value
+
     @field_validator("cors_origins")
     @classmethod
     def _origins(cls, value: list[str]) -> list[str]:
@@ -377,7 +400,7 @@ def invalid_settings(exc: Exception) -> str | None:
             loc = [str(part) for part in error["loc"]] or ["?"]
             name = f"RDV_{loc[0].upper()}" + "".join(f"[{part}]" for part in loc[1:])
             message = str(error["msg"]).removeprefix("Value error, ")
-            faults.append(f"{name}={_shown(error.get('input'))}: {message}")
+            faults.append(f"{name}={_shown(error.get('input'), loc[0])}: {message}")
         return "invalid configuration: " + "; ".join(faults)
     if isinstance(exc, SettingsError):
         found = re.search(r'field "(\w+)"', str(exc))
@@ -388,6 +411,9 @@ def invalid_settings(exc: Exception) -> str | None:
         return f"invalid configuration: {name}={given}: not valid JSON (see the README's table)"
     return None
 
+
+TOKEN = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
+"""A bearer token: printable ASCII, spaces only inside."""
 
 ORIGIN = re.compile(r"https?://[a-z0-9.-]+(?::[0-9]{1,5})?|\*")
 """An origin as a browser sends it (scheme, host, optional port; no path), or ``*``: any."""
@@ -416,6 +442,10 @@ def _judgeable(min_requests: int, info: ValidationInfo) -> None:
         )
 
 
-def _shown(value: Any) -> str:
+def _shown(value: Any, field: str = "") -> str:
+    if field.endswith("token"):  # a secret is not printed back, even a wrong one
+        return "(hidden)"
+    if field == "redis_url" and isinstance(value, str):
+        value = redacted(value)  # nor the password a URL may hold
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return repr(text[:80])

@@ -11,7 +11,13 @@ from urllib.parse import quote
 
 
 def segment(name: str) -> str:
-    """``name`` as one path segment (a deployment, a role, a job id)."""
+    """``name`` as one path segment (a deployment, a role, a job id). A dot segment is
+    escaped too: httpx resolves ``..`` in a path, so ``remove_challenger(d, "..")`` was a
+    DELETE of the deployment itself; an empty name would name the collection."""
+    if not name:
+        raise ValueError("an empty name cannot be a path segment")
+    if name in (".", ".."):
+        return name.replace(".", "%2E")
     return quote(name, safe="")
 
 

@@ -36,6 +36,10 @@ def base_env(tmp_path: Path) -> dict[str, str]:
         ('RDV_DRIFT_THRESHOLDS={"nope": 1}', "unknown threshold 'nope'"),
         ('RDV_DRIFT_THRESHOLDS={"score_psi": "x"}', "RDV_DRIFT_THRESHOLDS[score_psi]='x'"),
         ("RDV_DRIFT_MIN_REQUESTS=5000", "more than the drift window holds"),
+        ("RDV_PORT=99999", "RDV_PORT='99999': Input should be less than or equal to 65535"),
+        ("RDV_REDIS_URL=garbage://", "RDV_REDIS_URL='garbage://': Redis URL must specify"),
+        ("RDV_REDIS_URL=redis://u:secret@h:abc", "RDV_REDIS_URL='redis://***@h:abc': Port"),
+        ("RDV_ADMIN_TOKEN=t\u00f6k", "RDV_ADMIN_TOKEN=(hidden): printable ASCII"),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_it(tmp_path: Path, setting: str, says: str) -> None:
@@ -96,7 +100,7 @@ def test_decisions_of_a_deployment_that_is_not_there_are_one_line(
     env = {**base_env(tmp_path), "RDV_REDIS_URL": redis_url}
     for args, code, says in [
         (["--deployment", "nope"], 1, "rdv decisions: deployment 'nope' does not exist"),
-        (["--deployment", "Not Valid"], 1, "rdv decisions: invalid deployment 'Not Valid'"),
+        (["--deployment", "Not Valid"], 2, "argument --deployment: invalid deployment 'Not"),
         (["--deployment", "nope", "--limit", "-5"], 2, "argument --limit: -5 is less than 1"),
     ]:
         done = rdv(["decisions", *args], env)

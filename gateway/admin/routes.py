@@ -185,7 +185,11 @@ def build_router(settings: Settings) -> APIRouter:
 
     @router.delete("/deployments/{deployment}/challengers/{role}")
     async def remove_challenger(
-        request: Request, deployment: str, role: str, reason: str = "", actor: Actor = None
+        request: Request,
+        deployment: str,
+        role: str,
+        reason: Annotated[str, Query(max_length=2000)] = "",
+        actor: Actor = None,
     ) -> Any:
         return await _changed(
             request,

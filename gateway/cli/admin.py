@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from gateway.cli.admin_http import admin_request, without_none
+from gateway.cli.arguments import (
+    deployment_name,
+    finite_number,
+    model_name,
+    role_name,
+    role_share,
+    whole_number,
+)
 from gateway.cli.features_load import cmd_features
 
 
@@ -40,16 +48,16 @@ def cmd_models(args: argparse.Namespace) -> None:
                 "deployment": args.deployment,
                 "description": args.description,
                 "algorithm": args.algorithm,
-                "metrics": json.loads(args.metrics) if args.metrics else None,
-                "classes": [int(c) for c in args.classes.split(",")] if args.classes else None,
+                "metrics": _metrics(args.metrics),
+                "classes": _classes(args.classes),
                 "class_names": args.class_names.split(",") if args.class_names else None,
                 "feature_names": _feature_names(args.feature_names),
             }
         )
-        data = Path(args.file).read_bytes()
+        data = _read(args.file, "--file")
         files = {"file": (Path(args.file).name, data, "application/octet-stream")}
         if args.reference:
-            rows = Path(args.reference).read_bytes()
+            rows = _read(args.reference, "--reference")
             files["reference"] = (Path(args.reference).name, rows, "text/csv")
         admin_request(args, "POST", "/models", files=files, data={"metadata": json.dumps(meta)})
     elif args.action == "list":
@@ -62,12 +70,42 @@ def cmd_models(args: argparse.Namespace) -> None:
         admin_request(args, "DELETE", f"/models/{args.name}/{args.version}")
 
 
+def _read(path: str, flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        sys.exit(f"rdv models upload: {flag} {path}: {exc.strerror or exc}")
+
+
+def _metrics(given: str | None) -> Any:
+    if not given:
+        return None
+    try:
+        return json.loads(given)
+    except (ValueError, RecursionError) as exc:
+        sys.exit(f'rdv models upload: --metrics is not JSON ({exc}); e.g. {{"accuracy": 0.97}}')
+
+
+def _classes(given: str | None) -> list[int] | None:
+    if not given:
+        return None
+    try:
+        return [int(c) for c in given.split(",")]
+    except ValueError:
+        sys.exit(f"rdv models upload: --classes {given!r}: whole numbers, comma-separated")
+
+
 def _feature_names(given: str | None) -> list[str] | None:
     """``a,b,c``, or ``@file`` with one name a line (names may hold commas)."""
     if not given:
         return None
     if given.startswith("@"):
-        lines = Path(given[1:]).read_text(encoding="utf-8-sig").splitlines()
+        try:
+            text = Path(given[1:]).read_bytes().decode("utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            sys.exit(f"rdv models upload: --feature-names {given}: not a readable UTF-8 file "
+                     f"({getattr(exc, 'strerror', None) or exc})")  # fmt: skip
+        lines = text.splitlines()
         return [line.strip() for line in lines if line.strip()]
     return [name.strip() for name in given.split(",")]
 
@@ -75,6 +113,8 @@ def _feature_names(given: str | None) -> list[str] | None:
 def cmd_deployments(args: argparse.Namespace) -> None:
     if args.action != "list":
         _require(args, "deployment", *(["model", "version"] if args.action == "create" else []))
+    if args.action == "create" and args.canary_model and args.canary_version is None:
+        _require(args, "canary_version")  # a canary model alone was dropped silently
     if args.action == "list":
         admin_request(args, "GET", "/deployments")
     elif args.action == "show":
@@ -149,9 +189,10 @@ def cmd_schedule(args: argparse.Namespace) -> None:
     splits: dict[str, float] | None = {} if args.clear_split else None
     if args.split is not None:
         splits = {}
-        for item in args.split:
-            role, _, fraction = item.partition("=")
-            splits[role] = float(fraction)
+        for role, fraction in args.split:
+            if role in splits:
+                sys.exit(f"rdv schedule set: --split names {role} twice")
+            splits[role] = fraction
     fallbacks = None
     if args.fallbacks is not None:
         fallbacks = [r for r in args.fallbacks.split(",") if r]
@@ -187,10 +228,13 @@ def add_admin_commands(sub: Any) -> None:
 
     p = admin("models", "model registry: upload, list, show, delete (admin API)")
     p.add_argument("action", choices=["upload", "list", "show", "delete"])
-    p.add_argument("--name", help="model name (all but list)")
-    p.add_argument("--version", type=int, help="delete; show: one version (default: all)")
+    p.add_argument("--name", type=model_name, help="model name (all but list)")
+    p.add_argument(
+        "--version", type=whole_number(1), help="delete; show: one version (default: all)"
+    )
     p.add_argument("--file", help="upload: the ONNX file")
-    p.add_argument("--deployment", help="upload: check the width against this deployment")
+    p.add_argument("--deployment", type=deployment_name,
+                   help="upload: check the width against this deployment")  # fmt: skip
     p.add_argument("--description")
     p.add_argument("--algorithm")
     p.add_argument("--metrics", help='upload: JSON object, e.g. {"accuracy": 0.97}')
@@ -209,76 +253,86 @@ def add_admin_commands(sub: Any) -> None:
     p = admin("deployments",
               "deployments: list, show, create, delete, history, shadow (admin API)")  # fmt: skip
     p.add_argument("action", choices=["list", "show", "create", "delete", "history", "shadow"])
-    p.add_argument("--deployment", help="all but list")
-    p.add_argument("--model", help="create: the real model's name")
-    p.add_argument("--version", type=int, help="create: the real model's version")
-    p.add_argument("--canary-model")
-    p.add_argument("--canary-version", type=int)
-    p.add_argument("--limit", type=int, default=50, help="history: latest entries")
+    p.add_argument("--deployment", type=deployment_name, help="all but list")
+    p.add_argument("--model", type=model_name, help="create: the real model's name")
+    p.add_argument("--version", type=whole_number(1), help="create: the real model's version")
+    p.add_argument("--canary-model", type=model_name, help="create: default the real model's")
+    p.add_argument("--canary-version", type=whole_number(1), help="create: a canary")
+    p.add_argument("--limit", type=whole_number(1, 10_000), default=50,
+                   help="history: latest entries")  # fmt: skip
     reason(p)
     p.set_defaults(func=cmd_deployments)
 
     p = admin("promote", "make a model version real; the old real becomes the canary")
-    p.add_argument("--deployment", required=True)
-    p.add_argument("--version", type=int, required=True)
-    p.add_argument("--model", help="default: the real model's name")
+    p.add_argument("--deployment", required=True, type=deployment_name)
+    p.add_argument("--version", type=whole_number(1), required=True)
+    p.add_argument("--model", type=model_name, help="default: the real model's name")
     p.add_argument("--pin-canary", action="store_true", help="keep the canary as it is")
     p.add_argument("--force", action="store_true", help="promote even if the gate refuses")
-    p.add_argument("--min-shadow-requests", type=int)
-    p.add_argument("--max-disagreement", type=float)
-    p.add_argument("--min-labeled", type=int, help="labelled rows both it and real scored")
-    p.add_argument("--min-accuracy-gain", type=float, help="its accuracy minus real's, paired")
-    p.add_argument("--significance", type=float, help="McNemar p-value bound (default 0.05)")
+    p.add_argument("--min-shadow-requests", type=whole_number(0))
+    p.add_argument("--max-disagreement", type=finite_number)
+    p.add_argument(
+        "--min-labeled", type=whole_number(0), help="labelled rows both it and real scored"
+    )
+    p.add_argument(
+        "--min-accuracy-gain", type=finite_number, help="its accuracy minus real's, paired"
+    )
+    p.add_argument(
+        "--significance", type=finite_number, help="McNemar p-value bound (default 0.05)"
+    )
     p.add_argument("--require-replay", action="store_true", help="a finished rdv replay of it")
-    p.add_argument("--min-replay-records", type=int)
-    p.add_argument("--min-replay-agreement", type=float, help="with the answers given then")
+    p.add_argument("--min-replay-records", type=whole_number(0))
+    p.add_argument("--min-replay-agreement", type=finite_number, help="with the answers given then")
     reason(p)
     p.set_defaults(func=cmd_promote)
 
     p = admin("rollback", "restore the roles and schedule before their last change")
-    p.add_argument("--deployment", required=True)
-    p.add_argument("--to-revision", type=int)
+    p.add_argument("--deployment", required=True, type=deployment_name)
+    p.add_argument("--to-revision", type=whole_number(1))
     reason(p)
     p.set_defaults(func=cmd_rollback)
 
     p = admin("challengers", "add or remove a shadow/challenger role")
     p.add_argument("action", choices=["add", "remove"])
-    p.add_argument("--deployment", required=True)
-    p.add_argument("--role", required=True)
-    p.add_argument("--version", type=int, help="add: the model version")
-    p.add_argument("--model", help="add: default the real model's name")
-    p.add_argument("--split", type=float, help="add: fraction of requests it answers (A/B)")
+    p.add_argument("--deployment", required=True, type=deployment_name)
+    p.add_argument("--role", required=True, type=role_name)
+    p.add_argument("--version", type=whole_number(1), help="add: the model version")
+    p.add_argument("--model", type=model_name, help="add: default the real model's name")
+    p.add_argument("--split", type=finite_number, help="add: fraction of requests it answers (A/B)")
     reason(p)
     p.set_defaults(func=cmd_challengers)
 
     p = admin("schedule", "change a deployment's schedule")
     p.add_argument("action", choices=["set"])
-    p.add_argument("--deployment", required=True)
-    p.add_argument("--real-deadline-ms", type=float)
-    p.add_argument("--timeout-ms", type=float)
-    p.add_argument("--grace-ms", type=float)
+    p.add_argument("--deployment", required=True, type=deployment_name)
+    p.add_argument("--real-deadline-ms", type=finite_number)
+    p.add_argument("--timeout-ms", type=finite_number)
+    p.add_argument("--grace-ms", type=finite_number)
     p.add_argument("--fallbacks", help="comma-separated roles, in order ('' for none)")
-    p.add_argument(
+    split = p.add_mutually_exclusive_group()
+    split.add_argument(
         "--split",
         action="append",
+        type=role_share,
         metavar="ROLE=FRACTION",
         help="A/B split (repeat per role; give none to keep it)",
     )
-    p.add_argument("--clear-split", action="store_true", help="no A/B split any more")
+    split.add_argument("--clear-split", action="store_true", help="no A/B split any more")
     p.add_argument("--split-seed", type=int)
     reason(p)
     p.set_defaults(func=cmd_schedule)
 
     p = admin("features", "online feature store: load entity features (admin API)")
     p.add_argument("action", choices=["load"])
-    p.add_argument("--deployment", required=True)
+    p.add_argument("--deployment", required=True, type=deployment_name)
     p.add_argument("--file", required=True, help="CSV with a header, or JSON lines")
     p.add_argument("--format", choices=["csv", "jsonl"], help="default: by the file's suffix")
-    p.add_argument("--batch", type=int, default=1000, help="entities per call (at most 10000)")
+    p.add_argument("--batch", type=whole_number(1, 10_000), default=1000,
+                   help="entities per call (at most 10000)")  # fmt: skip
     p.set_defaults(func=cmd_features)
 
     p = admin("partitions", "spread a deployment's requests over N input streams")
-    p.add_argument("--deployment", required=True)
-    p.add_argument("partitions", type=int, help="1 to 64")
+    p.add_argument("--deployment", required=True, type=deployment_name)
+    p.add_argument("partitions", type=whole_number(1, 64), help="1 to 64")
     reason(p)
     p.set_defaults(func=cmd_partitions)

@@ -67,7 +67,7 @@ def admin_request(
         body = resp.json()
     except ValueError:
         body = {"detail": resp.text}
-    if resp.status_code >= 400:
+    if resp.status_code >= 300:  # a redirect too: the path named no route (an empty name)
         from gateway.problems import fault_text
 
         print(json.dumps(body, indent=2), file=sys.stderr)

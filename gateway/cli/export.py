@@ -42,6 +42,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings, redis_url: str) -> 
     if not args.deployment or not args.out:
         sys.exit("rdv archive export: --deployment and --out are required")
     out = Path(args.out)
+    fmt = args.format or ("csv" if out.suffix.lower() == ".csv" else "parquet")
     if not out.parent.is_dir():  # said before any work, not as a traceback after it
         sys.exit(f"rdv archive export: --out {args.out}: no folder {out.parent}")
     client = connect(redis_url, wait_s=5)
@@ -74,7 +75,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings, redis_url: str) -> 
         sys.exit(f"rdv archive export: {exc}")
     exporter = Exporter(client, reader, args.deployment, dep.feature_spec.names, classes)
     try:
-        doc = exporter.export(positions, out, args.format, {"request": request, "file": str(out)})
+        doc = exporter.export(positions, out, fmt, {"request": request, "file": str(out)})
     except OSError as exc:  # not writable, the disk full
         sys.exit(f"rdv archive export: cannot write {out}: {exc.strerror or exc}")
     print(json.dumps(doc, indent=2))
@@ -89,5 +90,6 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
                    help="export: ISO-8601 or epoch ms (inclusive; default now)")  # fmt: skip
     p.add_argument("--positions", help="export: the stream positions to take again (JSON, or "
                    "@FILE of an export's .meta.json or a replay report)")  # fmt: skip
-    p.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    p.add_argument("--format", choices=["parquet", "csv"],
+                   help="export: default by --out's suffix (.csv: CSV), else Parquet")  # fmt: skip
     p.add_argument("--out", help="export: the file to write")

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.cli.arguments import deployment_name, whole_number
 from gateway.cli.records import json_lines
 from gateway.settings import Settings
 
@@ -47,6 +48,8 @@ def read_items(path: Path, kind: str) -> list[dict[str, Any]]:
                 items.append(_csv_item(path, reader.line_num, row))
     except OSError as exc:
         sys.exit(f"cannot read {path}: {exc}")
+    except UnicodeDecodeError as exc:
+        sys.exit(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8")
     return items
 
 
@@ -167,8 +170,9 @@ def cmd_feedback(args: argparse.Namespace) -> None:
 def add_feedback_command(sub: Any) -> None:
     p = sub.add_parser("feedback", help="send labels in bulk (CSV or JSON lines) to a gateway")
     p.add_argument("file", help="CSV (request_id,label[,weight] or correct) or JSON lines")
-    p.add_argument("--deployment", required=True)
+    p.add_argument("--deployment", required=True, type=deployment_name)
     p.add_argument("--url", help="gateway base URL (default http://RDV_HOST:RDV_PORT)")
     p.add_argument("--format", choices=["csv", "jsonl"], help="default: by the file's suffix")
-    p.add_argument("--batch", type=int, default=500, help="items per call (RDV_MAX_ROWS caps it)")
+    p.add_argument("--batch", type=whole_number(1), default=500,
+                   help="items per call (RDV_MAX_ROWS caps it)")  # fmt: skip
     p.set_defaults(func=cmd_feedback)

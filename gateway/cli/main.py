@@ -11,6 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gateway.cli.arguments import (
+    consumer_name,
+    deployment_name,
+    port_number,
+    role_name,
+    whole_number,
+)
 from gateway.cli.process import (
     LOG_FORMAT,
     listening_socket,
@@ -45,6 +52,11 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
     settings = settings_from_args(args)
     os.environ["RDV_REDIS_URL"] = require_redis(settings)  # the app reads it (a factory)
+    from rendezvous.bus.connection import connect
+
+    # Reached here first: with several processes, uvicorn's supervisor exited 0 after each
+    # child failed to start on a Redis it could not reach.
+    connect(os.environ["RDV_REDIS_URL"], wait_s=settings.redis_timeout_s * 5).close()
     # The app is built by a factory (in each worker process when there are several), which
     # reads the settings from the environment: hand the command-line overrides down.
     os.environ.update(
@@ -239,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def serving(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--host", help="listen address (RDV_HOST, default 127.0.0.1)")
-        p.add_argument("--port", type=int, help="listen port (RDV_PORT, default 8000)")
+        p.add_argument("--port", type=port_number, help="listen port (RDV_PORT, default 8000)")
         p.add_argument("--data-dir", type=Path, help="data folder (RDV_DATA_DIR, default ./data)")
         return p
 
@@ -256,24 +268,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-port", action="store_true",
                    help="one process that shares the port with other `rdv gateway --reuse-port` "
                         "processes (SO_REUSEPORT)")  # fmt: skip
-    p.add_argument("--fd", type=int, default=None,
+    p.add_argument("--fd", type=whole_number(0), default=None,
                    help="serve on this inherited listening socket, shared with other gateway "
                         "processes; rdv serve starts its gateways so")  # fmt: skip
     p.set_defaults(func=cmd_gateway)
 
     p = serving(sub.add_parser("worker", help="a model worker: one role of a deployment, or a "
                                               "host of many (--roles)"))  # fmt: skip
-    p.add_argument("--deployment", help="the deployment (with --role); alone, a host of its roles")
-    p.add_argument("--role", help="real, canary, or a challenger's role: this one role only")
+    p.add_argument("--deployment", type=deployment_name,
+                   help="the deployment (with --role); alone, a host of its roles")  # fmt: skip
+    p.add_argument("--role", type=role_name,
+                   help="real, canary, or a challenger's role: this one role only")  # fmt: skip
     p.add_argument("--roles", choices=["all", "answering", "shadow"], default="all",
                    help="without --role: host every role of this kind of every deployment "
                         "(answering: real, A/B-split challengers), following changes")  # fmt: skip
     p.add_argument("--shard", default="0/1", help="without --role: I/N, this host's share")
-    p.add_argument("--consumer", help="consumer name in the group (stable across restarts)")
+    p.add_argument("--consumer", type=consumer_name,
+                   help="consumer name in the group (stable across restarts)")  # fmt: skip
     p.set_defaults(func=cmd_worker)
 
     p = serving(sub.add_parser("logbin", help="archive every request of every deployment"))
-    p.add_argument("--consumer", help="consumer name in the logbin group")
+    p.add_argument("--consumer", type=consumer_name, help="consumer name in the logbin group")
     p.set_defaults(func=cmd_logbin)
 
     p = sub.add_parser("train-demo", help="train the breast-cancer demo models into the registry")
@@ -313,14 +328,43 @@ def main(argv: Sequence[str] | None = None) -> None:
         # the Python documentation advises (stdout to devnull, so its flush at exit is silent).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"rdv {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
     except Exception as exc:
         from rendezvous.bus.connection import permanent_refusal, unreachable
 
         reason = (permanent_refusal(exc) or unreachable(exc, settings.redis_url)
-                  or _gateway_unreachable(exc))  # fmt: skip
+                  or _gateway_unreachable(exc) or _operator_fault(exc))  # fmt: skip
         if reason is None:
             raise
+        log.debug("rdv %s failed", args.command, exc_info=exc)
         sys.exit(f"rdv {args.command}: {reason}")
+
+
+def _operator_fault(exc: Exception) -> str | None:
+    """One line for what the person running the command can put right (a file, a value, an
+    address, a name that does not exist): a traceback said the same in forty lines. Anything
+    else is a bug and keeps its traceback; ``RDV_LOG_LEVEL=DEBUG`` shows one for these too."""
+    import redis
+
+    from models.deployments import DeploymentNotFound
+
+    if isinstance(exc, OSError):  # a file or folder that is not there or not usable
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    if isinstance(exc, DeploymentNotFound):
+        return str(exc).strip("'\"")
+    if isinstance(exc, redis.exceptions.InvalidResponse):
+        return f"what answered at RDV_REDIS_URL is not Redis ({exc})"
+    if isinstance(exc, redis.exceptions.ResponseError):
+        return f"Redis refused the command: {exc}"
+    httpx = sys.modules.get("httpx")
+    if httpx is not None and isinstance(exc, httpx.InvalidURL):
+        return f"not a usable URL: {exc}"
+    if isinstance(exc, ValueError | OverflowError | RecursionError):  # a value that cannot be
+        return f"{exc}"
+    return None
 
 
 def _gateway_unreachable(exc: Exception) -> str | None:

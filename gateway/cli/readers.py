@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gateway.cli.arguments import deployment_name, whole_number
 from gateway.cli.process import require_redis, settings_from_args
 
 
@@ -22,6 +22,9 @@ def cmd_archive(args: argparse.Namespace) -> None:
 
         cmd_export(args, settings, require_redis(settings))
         return
+    if not settings.archive_dir.is_dir():  # it printed nothing, as for an empty archive
+        sys.exit(f"rdv archive {args.action}: no archive at {settings.archive_dir} (the log "
+                 "bin's folder under --data-dir or RDV_DATA_DIR)")  # fmt: skip
     reader = ArchiveReader(settings.archive_dir)
     archived = reader.deployments()
     if args.deployment and args.deployment not in archived:  # it printed nothing
@@ -62,28 +65,12 @@ def cmd_decisions(args: argparse.Namespace) -> None:
         print(json.dumps(record.to_dict()))
 
 
-def _count(least: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least ``least`` (a usage error otherwise, where
-    -5 reached Redis and ended in a traceback)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"{value} is less than {least}")
-        return value
-
-    return parse
-
-
 def add_reader_commands(sub: Any) -> None:
     """``archive`` and ``decisions`` on the ``rdv`` parser's subcommands."""
     p = sub.add_parser("archive", help="list, read or export the log bin's archive")
     p.add_argument("action", choices=["list", "read", "export"])
-    p.add_argument("--deployment")
-    p.add_argument("--limit", type=_count(0), default=0, help="records to show (0: all)")
+    p.add_argument("--deployment", type=deployment_name)
+    p.add_argument("--limit", type=whole_number(0), default=0, help="records to show (0: all)")
     p.add_argument("--data-dir", type=Path)
     from gateway.cli.export import add_export_arguments
 
@@ -91,6 +78,7 @@ def add_reader_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_archive)
 
     p = sub.add_parser("decisions", help="show the latest decision records of a deployment")
-    p.add_argument("--deployment", required=True)
-    p.add_argument("--limit", type=_count(1), default=10, help="records to show (default 10)")
+    p.add_argument("--deployment", required=True, type=deployment_name)
+    p.add_argument("--limit", type=whole_number(1, 1_000_000), default=10,
+                   help="records to show (default 10)")  # fmt: skip
     p.set_defaults(func=cmd_decisions)

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from gateway.cli.admin_http import admin_request, admin_session, without_none
+from gateway.cli.arguments import deployment_name, model_name, replay_id, whole_number
 
 _POLL_S = 0.5
 
@@ -81,14 +82,14 @@ def add_replay_command(sub: Any) -> None:
         "replay", help="score a model version on archived requests (admin API); prints a report"
     )
     p.add_argument("--url", help="gateway base URL (default http://RDV_HOST:RDV_PORT)")
-    p.add_argument("--deployment", required=True)
-    p.add_argument("--version", type=int, help="the model version to score")
-    p.add_argument("--model", help="default: the real model's name")
+    p.add_argument("--deployment", required=True, type=deployment_name)
+    p.add_argument("--version", type=whole_number(1), help="the model version to score")
+    p.add_argument("--model", type=model_name, help="default: the real model's name")
     p.add_argument(
         "--from", dest="from_", metavar="T", help="ISO-8601 or epoch ms (request time, inclusive)"
     )
     p.add_argument("--to", metavar="T", help="ISO-8601 or epoch ms (inclusive; default now)")
-    p.add_argument("--last", type=int, help="the last N archived requests")
-    p.add_argument("--resume", metavar="ID", help="continue an interrupted replay")
+    p.add_argument("--last", type=whole_number(1), help="the last N archived requests")
+    p.add_argument("--resume", metavar="ID", type=replay_id, help="continue an interrupted replay")
     p.add_argument("--no-wait", action="store_true", help="print the started report and exit")
     p.set_defaults(func=cmd_replay)

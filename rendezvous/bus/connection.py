@@ -113,7 +113,7 @@ def seed_urls(url: str) -> list[str]:
 
 def _several_seeds_need_a_cluster(seeds: list[str], seed: str) -> NoReturn:
     raise ValueError(
-        f"RDV_REDIS_URL names {len(seeds)} nodes, but {_redact(seed)} is not part of a "
+        f"RDV_REDIS_URL names {len(seeds)} nodes, but {redacted(seed)} is not part of a "
         "Redis Cluster: name the one node of a single Redis"
     )
 
@@ -162,7 +162,7 @@ def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = Non
                 raise
             if attempt % len(seeds):
                 continue  # the next node at once
-            log.warning("redis at %s not ready (%s); retrying", _redact(url), exc)
+            log.warning("redis at %s not ready (%s); retrying", redacted(url), exc)
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, 1.0)
 
@@ -225,7 +225,7 @@ async def connect_async(
                 raise
             if attempt % len(seeds):
                 continue  # the next node at once
-            log.warning("redis at %s not ready (%s); retrying", _redact(url), exc)
+            log.warning("redis at %s not ready (%s); retrying", redacted(url), exc)
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 1.0)
 
@@ -235,7 +235,7 @@ def unreachable(exc: BaseException, url: str | None) -> str | None:
     that failure)."""
     if not isinstance(exc, REDIS_DOWN):
         return None
-    where = f" at {_redact(url)}" if url else ""
+    where = f" at {redacted(url)}" if url else ""
     return (
         f"Redis{where} did not answer ({exc}). Is it running? RDV_REDIS_URL may name several "
         "nodes of a cluster (redis://host1:port1,host2:port2), found through any that answers"
@@ -256,7 +256,7 @@ async def on_key_node(client: AsyncClient, key: str, *args: Any) -> Any:
     return await client.execute_command(*args)
 
 
-def _redact(url: str) -> str:
+def redacted(url: str) -> str:
     """Never log a password that sits in the URL."""
     if "@" in url:
         scheme, _, rest = url.partition("://")

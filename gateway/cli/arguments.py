@@ -1,0 +1,80 @@
+"""Argument types of the ``rdv`` commands: a value that cannot be right is a usage error
+naming the flag (status 2), before anything is read, sent or started.
+
+Names go into admin URLs: a deployment named ``../models/m1/2`` was sent as a path that
+httpx resolved to another route (a model deleted by ``rdv deployments delete``), so every
+name is checked against the rules the gateway applies (``rendezvous.names``) here first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+from rendezvous import names
+
+
+def _checked(check: Callable[[str], str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        try:
+            return check(text)
+        except names.InvalidName as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+deployment_name = _checked(lambda text: names.check_name(text, "deployment"))
+model_name = _checked(lambda text: names.check_name(text, "model"))
+role_name = _checked(names.check_role)
+replay_id = _checked(names.check_replay_id)
+
+
+def consumer_name(text: str) -> str:
+    """A consumer in a group: letters, digits, '.', '_' or '-' (a hostname fits)."""
+    if not names.INSTANCE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"invalid consumer {text[:80]!r}: 1-64 letters, digits, '.', '_' or '-'"
+        )
+    return text
+
+
+def whole_number(least: int, most: int | None = None) -> Callable[[str], int]:
+    """A whole number in ``[least, most]`` (-5 reached Redis and ended in a traceback)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"{value} is more than {most}")
+        return value
+
+    return parse
+
+
+def finite_number(text: str) -> float:
+    """A finite number (``nan`` and ``inf`` parse as floats, and JSON has neither)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def role_share(text: str) -> tuple[str, float]:
+    """``ROLE=FRACTION`` of an A/B split."""
+    role, sep, share = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: write ROLE=FRACTION, e.g. ab=0.1")
+    return role_name(role.strip()), finite_number(share.strip())
+
+
+def port_number(text: str) -> int:
+    return whole_number(0, 65535)(text)

@@ -1,0 +1,131 @@
+"""What the ``rdv`` commands make of wrong input before they send or start anything: a usage
+error naming the flag (status 2) or one line naming the fault, never a traceback and never a
+request to another route. Found by a helper's fuzzing of every subcommand; in-process
+(``gateway.cli.main.main``) and against no server, since each is refused before one is needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import gateway.cli.readers as readers
+from gateway.cli.main import main
+from rdv_client.admin import segment
+
+pytestmark = pytest.mark.pure
+
+NOWHERE = "http://127.0.0.1:9"
+"""A gateway that is not there: a command that got as far as a request would say so."""
+
+
+def refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int | str, str]:
+    with pytest.raises(SystemExit) as ended:
+        main(argv)
+    return ended.value.code or 0, capsys.readouterr().err + str(ended.value.code)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        # a name is a path segment: these reached a model's delete, a list, the 307 of ''
+        (["deployments", "delete", "--deployment", "../models/m1/2"], "invalid deployment"),
+        (["challengers", "remove", "--deployment", "d", "--role", "../../models/m/1"],
+         "invalid role"),
+        (["deployments", "show", "--deployment", "."], "invalid deployment"),
+        (["deployments", "show", "--deployment", ""], "invalid deployment"),
+        (["models", "show", "--name", "m/1"], "invalid model"),
+        (["deployments", "show", "--deployment", "a\nb"], "invalid deployment"),
+        (["replay", "--deployment", "d", "--resume", "../x"], "invalid replay id"),
+        (["worker", "--deployment", "a b"], "invalid deployment"),
+        (["logbin", "--consumer", "a\nb"], "invalid consumer"),
+        # numbers JSON cannot carry, or out of range
+        (["promote", "--deployment", "d", "--version", "2", "--max-disagreement", "nan"],
+         "not a finite number"),
+        (["challengers", "add", "--deployment", "d", "--role", "c", "--version", "2",
+          "--split", "1e400"], "not a finite number"),
+        (["schedule", "set", "--deployment", "d", "--split", "c1"], "write ROLE=FRACTION"),
+        (["schedule", "set", "--deployment", "d", "--split", "c1=abc"], "not a number"),
+        (["schedule", "set", "--deployment", "d", "--split", "c1=0.5", "--clear-split"],
+         "not allowed with"),
+        (["decisions", "--deployment", "d", "--limit", "9223372036854775808"], "more than"),
+        (["feedback", "--deployment", "d", "--batch", "0", "f.csv"], "less than 1"),
+        (["features", "load", "--deployment", "d", "--file", "f.csv", "--batch", "20000"],
+         "more than 10000"),
+        (["gateway", "--port", "-1"], "less than 0"),
+        (["deployments", "create", "--deployment", "d", "--model", "m", "--version", "1",
+          "--canary-model", "x", "--url", NOWHERE], "--canary-version required"),
+    ],
+)  # fmt: skip
+def test_a_value_that_cannot_be_right_is_a_usage_error_naming_it(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = refused(argv, capsys)
+    assert code == 2 and says in err, (code, err)
+    assert "Traceback" not in err
+
+
+def test_a_split_naming_a_role_twice_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["schedule", "set", "--deployment", "d", "--split", "c=0.2", "--split", "c=0.4"]
+    code, err = refused([*argv, "--url", NOWHERE], capsys)
+    assert "--split names c twice" in str(code), err
+
+
+def test_files_a_command_cannot_read_are_one_line_naming_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    garbage = tmp_path / "garbage.csv"
+    garbage.write_bytes(b"request_id,label\n\xd7\xff\xfe,1\n")
+    cases = [
+        (["models", "upload", "--name", "m", "--file", str(tmp_path / "none.onnx")],
+         "--file"),
+        (["models", "upload", "--name", "m", "--file", str(tmp_path)], "Is a directory"),
+        (["models", "upload", "--name", "m", "--file", str(garbage), "--metrics", "{bad"],
+         "--metrics is not JSON"),
+        (["models", "upload", "--name", "m", "--file", str(garbage), "--classes", "a,b"],
+         "--classes 'a,b'"),
+        (["models", "upload", "--name", "m", "--file", str(garbage), "--feature-names",
+          f"@{garbage}"], "not a readable UTF-8 file"),
+        (["feedback", "--deployment", "d", "--url", NOWHERE, str(garbage)], "not UTF-8 text"),
+        (["archive", "list", "--data-dir", str(tmp_path / "none")], "no archive at"),
+    ]  # fmt: skip
+    for argv, says in cases:
+        code, err = refused([*argv, *(["--url", NOWHERE] if argv[0] == "models" else [])], capsys)
+        assert code not in (0, None) and says in err, (argv, code, err)
+        assert "Traceback" not in err, argv
+
+
+def test_an_interrupt_is_one_line_and_status_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(readers, "cmd_decisions", interrupted)
+    code, err = refused(["decisions", "--deployment", "d"], capsys)
+    assert code == 130 and "rdv decisions: interrupted" in err, err
+
+
+def test_an_operator_fault_deep_in_a_command_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What no argument check can see (a folder that cannot be made, a value refused deep
+    inside): the fault in one line, not forty of traceback."""
+
+    def deep(args: object) -> None:
+        raise FileNotFoundError(2, "No such file or directory", "/proc/x/models")
+
+    monkeypatch.setattr(readers, "cmd_decisions", deep)
+    code, err = refused(["decisions", "--deployment", "d"], capsys)
+    assert code == "rdv decisions: No such file or directory: /proc/x/models", code
+    assert "Traceback" not in err
+
+
+def test_the_typed_client_never_sends_a_dot_segment() -> None:
+    """httpx resolves ``..`` in a path: ``remove_challenger(d, "..")`` was a DELETE of the
+    deployment itself."""
+    assert segment("..") == "%2E%2E" and segment(".") == "%2E"
+    assert segment("a/b") == "a%2Fb" and segment("v1.2") == "v1.2"
+    with pytest.raises(ValueError, match="empty"):
+        segment("")
