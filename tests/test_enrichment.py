@@ -391,7 +391,12 @@ def test_features_load_refuses_a_file_the_gateway_would_and_sends_nothing(
     first = LOOKED_UP[0]
     nan.write_text(f'{{"customer_id": "n-1", "{first}": 1.0}}\n'
                    f'{{"customer_id": "n-2", "{first}": NaN}}\n')  # fmt: skip
-    for path, said in ((latin, "not UTF-8"), (nan, ":2: ")):
+    keyless = tmp_path / "keyless.jsonl"  # the gateway's refusal said customer_id "None"
+    keyless.write_text(f'{{"customer_id": "k-1", "{first}": 1.0}}\n{{"{first}": 2.0}}\n')
+    number = tmp_path / "number.jsonl"
+    number.write_text(f'{{"customer_id": 5, "{first}": 1.0}}\n')
+    for path, said in ((latin, "not UTF-8"), (nan, ":2: "),
+                       (keyless, ":2: no 'customer_id'"), (number, ":1: 5, not text")):  # fmt: skip
         done = rdv_features_load(enriched, path)
         assert done.returncode != 0 and said in done.stderr, done.stderr
         assert "Traceback" not in done.stderr

@@ -82,6 +82,9 @@ def _records(path: Path, kind: str, key: str) -> Iterator[tuple[int, dict[str, A
         with path.open(newline="" if kind == "csv" else None, encoding="utf-8-sig") as f:
             if kind == "jsonl":
                 for n, doc in json_lines(path, f):
+                    if not isinstance(doc.get(key), str):  # the gateway said "None" or "5"
+                        what = "no" if key not in doc else f"{doc[key]!r}, not text, as"
+                        sys.exit(f"{path}:{n}: {what} {key!r} (the lookup's key)")
                     for column, value in doc.items():
                         if column != key and not float32_number(value):
                             sys.exit(f"{path}:{n}: {column} {value!r} is not a finite number")
