@@ -74,7 +74,7 @@ METRICS = frozenset(
         # streams
         "rdv_stream_length",
         "rdv_stream_group_pending",
-        "rdv_stream_group_lag",
+        "rdv_stream_group_lag_seconds",
         "rdv_live_workers",
         # model workers and the log bin (published into Redis, exposed by the gateway)
         "rdv_worker_scored_total",

@@ -69,3 +69,38 @@ async def test_a_role_whose_workers_all_died_reads_0_live_workers(
     # and a role's skipped entries read 0 before its first skip, which increase() then sees
     skipped = {s.labels["role"]: s.value for s in families["rdv_role_skipped_entries"].samples}
     assert skipped == {"real": 0, "canary": 0}
+
+
+async def test_how_long_the_oldest_undelivered_entry_waited_reads_on_every_redis(
+    r: redis.Redis, redis_url: str
+) -> None:
+    """``rdv_stream_group_lag`` counts entries on Redis 7 only (XINFO GROUPS 'lag'): on the
+    6.2 that ``rdv serve`` embeds the dashboard's lag panel was empty. The wait of the oldest
+    entry a group has not been delivered reads on both: from the stream's first entry when a
+    group is behind all of it, else from the entry after its last delivered one."""
+    import redis.asyncio as aioredis
+
+    from gateway.observability.cluster_state import read_state
+    from gateway.observability.metrics_state import ClusterStateCollector
+
+    stream = names.input_stream("dep")
+    r.delete(stream)
+    now_ms = int(time.time() * 1000)
+    ids = [f"{now_ms - 40_000}-0", f"{now_ms - 30_000}-0", f"{now_ms - 1}-0"]
+    for entry_id in ids:
+        r.xadd(stream, {b"e": b"1"}, id=entry_id)
+    r.xgroup_create(stream, names.LOGBIN_GROUP, "0")  # behind all of it
+    r.xgroup_create(stream, names.model_group("real"), "$")  # has it all
+    r.xgroup_create(stream, names.model_group("canary"), "0")
+    r.xreadgroup(names.model_group("canary"), "c", {stream: ">"}, count=1)  # the first only
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        state = await read_state(client, ["dep"], heartbeat_timeout_s=10)
+    finally:
+        await client.aclose()
+    families = {f.name: f for f in ClusterStateCollector(state).collect()}
+    waited = {s.labels["group"]: s.value for s in families["rdv_stream_group_lag_seconds"].samples}
+    assert 40 <= waited[names.LOGBIN_GROUP] < 45, waited
+    assert 30 <= waited[names.model_group("canary")] < 35, waited
+    assert waited[names.model_group("real")] == 0, waited
+    assert state.deployments["dep"].input_length == 3

@@ -1,7 +1,8 @@
 """What ``/metrics`` reads from Redis at scrape time, as one snapshot: every deployment's stream
 lengths and consumer groups, live workers, the counters that workers and log bins publish with
 their heartbeats, the drift monitor's latest report and alerts, live accuracy. One pipelined
-round trip per scrape; ``metrics_state`` exposes the snapshot."""
+round trip per scrape, and a second only for the groups that have entries waiting (how long
+the oldest has waited); ``metrics_state`` exposes the snapshot."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ class DeploymentState:
     input_length: int = 0
     decisions_length: int = 0
     groups: list[dict[str, Any]] = field(default_factory=list)
-    """XINFO GROUPS of each input partition, each with its ``partition`` number added."""
+    """XINFO GROUPS of each input partition, each with its ``partition`` number added and
+    ``waiting_s``: how long the oldest entry not yet delivered to the group has waited (0 when
+    none waits). Redis 7 counts those entries (``lag``); 6.2 cannot, and this reads on both."""
     live_workers: dict[str, int] = field(default_factory=dict)
     worker_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     """``role|consumer`` -> the JSON counters it published."""
@@ -94,11 +97,12 @@ async def read_state(
         pipe.hgetall(names.drift_event_counts_key(dep))
         pipe.get(names.accuracy_key(dep))
         for stream in inputs:
-            pipe.xlen(stream)
+            pipe.xinfo_stream(stream)
             pipe.xinfo_groups(stream)
     replies = await pipe.execute(raise_on_error=False)
     state = ClusterState()
     forget: dict[str, list[bytes]] = {}
+    waiting: list[tuple[dict[str, Any], str, dict[str, Any]]] = []
     if isinstance(replies[0], dict):
         state.logbin_stats = _fresh_stats(
             replies[0], now, forget.setdefault(names.LOGBIN_STATS, [])
@@ -110,11 +114,15 @@ async def read_state(
         per_partition = replies[at + 8 : at + 8 + 2 * n]
         at += 8 + 2 * n
         ds = DeploymentState()
-        ds.input_length = sum(x for x in per_partition[0::2] if isinstance(x, int))
+        infos = [x if isinstance(x, dict) else {} for x in per_partition[0::2]]  # none yet: error
+        ds.input_length = sum(int(info.get("length", 0)) for info in infos)
         ds.decisions_length = xlen_dec if isinstance(xlen_dec, int) else 0
         for k, groups in enumerate(per_partition[1::2]):
             if isinstance(groups, list):  # no stream yet: an error
-                ds.groups += [{**group, "partition": k} for group in groups]
+                for group in groups:
+                    entry = {**group, "partition": k, "waiting_s": 0.0}
+                    ds.groups.append(entry)
+                    waiting.append((entry, inputs[k], infos[k]))
         if isinstance(live, list):
             for member in live:
                 role = _text(member).split("|", 1)[0]
@@ -137,8 +145,42 @@ async def read_state(
         if isinstance(raised, dict):
             ds.drift_raised = {_text(kind): int(n) for kind, n in raised.items()}
         state.deployments[dep] = ds
+    await _waited(client, waiting, now)
     await _forget(client, forget)
     return state
+
+
+def _order(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+async def _waited(
+    client: AsyncClient, groups: list[tuple[dict[str, Any], str, dict[str, Any]]], now_s: float
+) -> None:
+    """Set each group's ``waiting_s`` from the first entry after its last delivered one: the
+    stream's first entry when the group is behind all of it (read from XINFO STREAM), else one
+    ``XRANGE`` of a single entry, pipelined for every group that has one waiting."""
+    oldest: dict[int, bytes] = {}
+    pipe = client.pipeline(transaction=False)
+    asked = []
+    for i, (group, stream, info) in enumerate(groups):
+        delivered = bytes(group.get("last-delivered-id") or b"0-0")
+        newest = info.get("last-generated-id")
+        first = info.get("first-entry")
+        if not newest or not first or _order(delivered) >= _order(bytes(newest)):
+            continue  # nothing waits
+        if _order(delivered) < _order(bytes(first[0])):
+            oldest[i] = bytes(first[0])
+        else:
+            pipe.xrange(stream, min=b"(" + delivered, count=1)
+            asked.append(i)
+    if asked:
+        for i, found in zip(asked, await pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(found, list) and found:
+                oldest[i] = bytes(found[0][0])
+    for i, entry_id in oldest.items():
+        groups[i][0]["waiting_s"] = max(0.0, now_s - _order(entry_id)[0] / 1000)
 
 
 async def _forget(client: AsyncClient, fields: dict[str, list[bytes]]) -> None:

@@ -77,6 +77,12 @@ class ClusterStateCollector(Collector):
             "Entries of the input stream not yet delivered to a consumer group (Redis 7+).",
             ["deployment", "group", "partition"],
         )
+        waiting = _gauge(
+            "rdv_stream_group_lag_seconds",
+            "How long the oldest input entry not yet delivered to a consumer group has waited "
+            "(0 when none waits): how far behind the role or log bin is, on every Redis.",
+            ["deployment", "group", "partition"],
+        )
         consumers = _gauge(
             "rdv_stream_group_consumers",
             "Consumers in a group.",
@@ -103,11 +109,12 @@ class ClusterStateCollector(Collector):
                 labels = [dep, _text(group["name"]), str(group["partition"])]
                 pending.add_metric(labels, int(group.get("pending", 0)))
                 consumers.add_metric(labels, int(group.get("consumers", 0)))
+                waiting.add_metric(labels, float(group.get("waiting_s", 0.0)))
                 if group.get("lag") is not None:
                     lag.add_metric(labels, int(group["lag"]))
             for role, n in sorted(roles.items()):
                 live.add_metric([dep, role], n)
-        yield from (length, pending, lag, consumers, live, skipped)
+        yield from (length, pending, lag, waiting, consumers, live, skipped)
 
     def _workers(self) -> Iterator[Any]:
         labels = ["deployment", "role", "consumer"]
