@@ -121,6 +121,17 @@ def partition_for(request_id: str, partitions: int) -> int:
 
 _HEX = frozenset("0123456789abcdef")
 
+REQUEST_ID_PATTERN = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,126}[\x21-\x7e])?")
+"""A caller's request id, as the ``X-Request-Id`` header and the Open Inference Protocol's
+``id`` both give it: 1-128 printable ASCII characters, no space at either end. One rule for
+both, so an id is the same id whichever way it came (a header cannot carry more: its ends
+are trimmed, and bytes past ASCII are read as Latin-1, so ``é`` sent as a header was another
+id than the same ``é`` in a body)."""
+
+
+def is_request_id(value: str) -> bool:
+    return REQUEST_ID_PATTERN.fullmatch(value) is not None
+
 
 def new_request_id(now_ms: int | None = None) -> str:
     """A request id the gateway makes up (the caller gave none): the time in ms as 12 hex

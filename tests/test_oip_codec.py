@@ -124,8 +124,20 @@ def test_a_value_refused_later_is_named_where_it_was_in_the_request() -> None:
             check_matrix(SPEC, x, 10)
         located = parsed.located(caught.value, SPEC)
         assert fault_text(list(located.errors())).startswith(says)
-    other = RequestValidationError([{"loc": (), "msg": "0 rows", "type": "too_long"}])
+    # the row count: at the input that gave it (it named no field, found by a helper's probe)
+    rows = RequestValidationError([{"loc": (), "msg": "0 rows", "type": "too_long"}])
+    assert fault_text(list(one.located(rows, SPEC).errors())) == "inputs[0].shape: 0 rows"
+    other = RequestValidationError([{"loc": (), "msg": "odd", "type": "value_error"}])
     assert list(one.located(other, SPEC).errors()) == list(other.errors())  # left as it was
+
+
+def test_a_wrong_input_name_is_one_fault_and_a_count_not_one_a_feature() -> None:
+    """``"name": "features"`` on a [1, 30] input listed all 30 features as missing."""
+    wide = FeatureSpec.from_names([f"f{i}" for i in range(30)])
+    says = _refusal(_json({"inputs": [_input([0.5] * 30, [1, 30], name="features")]}), spec=wide)
+    assert says.startswith("inputs[0].name: unknown input 'features'"), says
+    assert "missing inputs for 30 features: 'f0', 'f1', 'f2' and 27 more" in says, says
+    assert says.count("missing") == 1 and len(says) < 400, says
 
 
 def test_binary_inputs_follow_the_json_header_in_input_order() -> None:
@@ -219,6 +231,9 @@ def _header_only(inputs: list[dict], **extra: Any) -> bytes:
          "missing input for feature 'c'"),
         (_header_only([_input([1, 2, 3], [1, 3])], id="x" * 129), None, "id must be 1-128"),
         (_header_only([_input([1, 2, 3], [1, 3])], id="a\nb"), None, "id must be 1-128"),
+        # one rule with X-Request-Id: a header cannot carry these, so one id had two forms
+        (_header_only([_input([1, 2, 3], [1, 3])], id="\u00e9-1"), None, "printable ASCII"),
+        (_header_only([_input([1, 2, 3], [1, 3])], id=" x "), None, "no space at either end"),
         (_header_only([_input([1, 2, 3], [1, 3])], outputs=[{"name": "logits"}]), None,
          "unknown output 'logits'"),
         (_header_only([_input([1, 2, 3], [1, 3])],

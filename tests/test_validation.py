@@ -138,7 +138,9 @@ def test_empty_instances_and_extra_keys_are_refused() -> None:
 
 def test_request_id_header_is_checked() -> None:
     assert check_request_id("abc-123") == "abc-123"
-    for bad in ["", "x" * 129, "tab\there"]:
+    assert check_request_id("a b:c/d@e") == "a b:c/d@e" and check_request_id("x" * 128)
+    # printable ASCII, as an OIP id: a header's UTF-8 'é' was read as Latin-1 'Ã©', another id
+    for bad in ["", "x" * 129, "tab\there", "\u00c3\u00a9-x", " lead", "trail "]:
         with pytest.raises(RequestValidationError):
             check_request_id(bad)
 

@@ -108,5 +108,5 @@ class DeploymentCache:
         dep = self.deployments.get(name)
         if dep is None:
             was = " (it was deleted)" if name in self._deleted else ""
-            raise UnknownDeployment(f"deployment {name!r} does not exist{was}")
+            raise UnknownDeployment(f"deployment {name[:80]!r} does not exist{was}")
         return dep

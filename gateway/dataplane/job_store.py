@@ -190,7 +190,7 @@ class JobStore:
                 and deployment not in self.deployments.draining
             )  # its jobs' ends stay readable
         ):
-            raise UnknownDeployment(f"deployment {deployment!r} does not exist")
+            raise UnknownDeployment(f"deployment {deployment[:80]!r} does not exist")
         if created_ms(job_id) is None:
             raise JobNotFound(
                 job_id, f"no job {job_id!r} for deployment {deployment}", expired=False
@@ -209,7 +209,7 @@ class JobStore:
 
     def _missing(self, deployment: str, job_id: str) -> Exception:
         if deployment not in self.deployments.deployments:
-            return UnknownDeployment(f"deployment {deployment!r} does not exist")
+            return UnknownDeployment(f"deployment {deployment[:80]!r} does not exist")
         born = created_ms(job_id) or 0
         if time.time() * 1000 >= born + self.ttl_s * 1000:
             return JobNotFound(

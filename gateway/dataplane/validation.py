@@ -17,7 +17,7 @@ import numpy as np
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rendezvous.names import ENTITY_PATTERN
+from rendezvous.names import ENTITY_PATTERN, is_request_id
 from rendezvous.spec import FeatureSpec, shown_stored, stored_number
 
 BOM_FAULT = ("the body begins with a UTF-8 byte order mark (EF BB BF), which JSON sent over a "
@@ -322,13 +322,13 @@ def check_matrix(
 
 
 def check_request_id(value: str) -> str:
-    if not 1 <= len(value) <= 128 or not value.isprintable():
+    if not is_request_id(value):
         raise RequestValidationError(
             [
                 {
                     "type": "value_error",
                     "loc": ("header", "x-request-id"),
-                    "msg": "X-Request-Id must be 1-128 printable characters",
+                    "msg": "X-Request-Id must be 1-128 printable ASCII characters",
                     "input": value[:130],
                 }
             ]

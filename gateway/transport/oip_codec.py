@@ -43,7 +43,11 @@ from gateway.transport.oip_schema import (
     InferenceRequest,
     RequestInput,
 )
+from rendezvous.names import is_request_id
 from rendezvous.spec import FeatureSpec
+
+MISSING_SHOWN = 3
+"""Missing features named one by one up to this many; past it, the count and the first few."""
 
 
 def _fault(loc: Sequence[str | int], msg: str, kind: str = "value_error") -> dict[str, Any]:
@@ -109,11 +113,15 @@ class InferRequest:
             if t.name not in known
         ]
         given = {t.name: t for _, t in inputs}
-        faults += [
-            _fault(("inputs",), f"missing input for feature {name!r}", "missing")
-            for name in names
-            if name not in given
-        ]
+        missing = [name for name in names if name not in given]
+        if len(missing) > MISSING_SHOWN:  # one line, not one a feature (30 for a wrong name)
+            shown = ", ".join(repr(name) for name in missing[:MISSING_SHOWN])
+            more = len(missing) - MISSING_SHOWN
+            faults.append(_fault(("inputs",), f"missing inputs for {len(missing)} features: "
+                                 f"{shown} and {more} more", "missing"))  # fmt: skip
+        else:
+            faults += [_fault(("inputs",), f"missing input for feature {name!r}", "missing")
+                       for name in missing]  # fmt: skip
         if faults:
             raise RequestValidationError(faults)
         first = inputs[0][1]
@@ -144,6 +152,9 @@ class InferRequest:
                     fault = {**fault, "loc": ("inputs", index[INPUT], "data", row, column)}
                 else:
                     fault = {**fault, "loc": ("inputs", index[columns[column]], "data", row)}
+            elif loc == () and fault.get("type") in ("too_long", "wrong_shape"):
+                # the matrix's row count or shape: the input that gave it
+                fault = {**fault, "loc": ("inputs", index.get(INPUT, 0), "shape")}
             elif (
                 spec.lookup is not None
                 and spec.lookup.key in index
@@ -178,8 +189,9 @@ def parse_infer(
                 "Inference-Header-Content-Length header"
             )
         raise RequestValidationError(faults) from None
-    if doc.id and not (len(doc.id) <= MAX_ID_CHARS and doc.id.isprintable()):
-        raise _invalid(("id",), f"id must be 1-{MAX_ID_CHARS} printable characters")
+    if doc.id and not is_request_id(doc.id):
+        raise _invalid(("id",), f"id must be 1-{MAX_ID_CHARS} printable ASCII characters, "
+                                "no space at either end (as X-Request-Id)")  # fmt: skip
     inputs: list[Tensor] = []
     offset = 0
     seen: set[str] = set()
