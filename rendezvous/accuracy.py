@@ -21,8 +21,11 @@ import numpy as np
 from rendezvous.outcomes import Labelled
 
 CALIBRATION_BINS = 10
-LOG_EPS = float(np.finfo(np.float64).eps)
-"""Probabilities are clipped to [eps, 1 - eps] for the log loss, as scikit-learn does."""
+LOG_EPS = float(np.finfo(np.float32).eps)
+"""Probabilities are clipped to [eps, 1 - eps] for the log loss, as scikit-learn does for
+float32 probabilities, which the models answer and the outcomes keep (to the decision
+record's six decimals: a probability under 5e-7 reads as 0). float64's eps counted such a
+row as a loss of 36 where scikit-learn on the model's own outputs counts 15.9."""
 
 
 def latest(entries: Iterable[Labelled], window: int) -> list[Labelled]:
@@ -54,10 +57,13 @@ class _Samples:
 
 def _collect(rows: Sequence[Labelled]) -> dict[str, _Samples]:
     """Samples by model version: a version's figures follow it from one role to the next (a
-    challenger promoted to real keeps the evidence it gathered as a challenger)."""
+    challenger promoted to real keeps the evidence it gathered as a challenger). A request
+    counts once for a version that scored it in two roles (real and the new canary, across a
+    promotion): it was counted twice, and moved that version's figures."""
     groups: dict[str, _Samples] = {}
     for entry in rows:
         label, outcome = entry.label, entry.outcome
+        counted: set[str] = set()
         for role, answer in outcome.answers.items():
             if label.labels is None and not (
                 label.correct is not None and role == outcome.chosen_role
@@ -66,6 +72,9 @@ def _collect(rows: Sequence[Labelled]) -> dict[str, _Samples]:
             s = groups.setdefault(answer.model_key, _Samples())
             s.roles.pop(role, None)
             s.roles[role] = None
+            if answer.model_key in counted:
+                continue
+            counted.add(answer.model_key)
             if label.labels is not None:
                 s.requests += 1
                 s.y_true += label.labels

@@ -156,3 +156,25 @@ def test_a_versions_figures_follow_it_from_challenger_to_real() -> None:
     assert by_model["m:3"]["role"] == "real" and by_model["m:3"]["roles"] == ["cand"]
     assert by_model["m:3"]["accuracy"] == 1.0 and by_model["m:2"]["role"] == "canary"
     assert before["paired"][0]["gain"] == after["paired"][0]["gain"] * -1 == 1.0
+
+
+def test_a_request_a_version_scored_in_two_roles_counts_once() -> None:
+    """Across a promotion a request may be scored by one version as real and again as the
+    new canary: it was counted twice in that version's figures (found by a helper's probe)."""
+    same = _answer("m", 2, [0.9, 0.2])
+    rows = [Labelled("r0", Label((1, 1), None), Outcome(0, "real", {"real": same, "canary": same}))]
+    report = accuracy_report(rows, 10, [0, 1], {"real": "m:3", "canary": "m:2"})
+    [fig] = report["models"]
+    assert (fig["labelled"], fig["rows"], fig["accuracy"]) == (1, 2, 0.5), fig
+    assert fig["roles"] == ["real", "canary"]
+
+
+def test_a_probability_rounded_to_zero_costs_what_scikit_learn_counts_for_float32() -> None:
+    """The outcomes keep the decision record's six decimals, as float32: a true class given
+    below 5e-7 reads as 0, and the log loss clipped it at float64's eps (a loss of 36 a row,
+    where scikit-learn on the model's float32 outputs counts 15.9; a helper's probe)."""
+    sure = _answer("m", 2, [0.0])  # class 0 with probability 1: the true class 1 gets 0
+    rows = [Labelled("r0", Label((1,), None), Outcome(0, "real", {"real": sure}))]
+    [fig] = accuracy_report(rows, 10, [0, 1], {"real": "m:2"})["models"]
+    proba = np.array([[1.0, 0.0]], dtype=np.float32)
+    assert fig["log_loss"] == pytest.approx(metrics.log_loss([1], proba, labels=[0, 1]), rel=1e-6)

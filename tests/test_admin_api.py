@@ -625,6 +625,9 @@ def test_gate_refuses_short_evidence_records_it_and_accepts_once_it_is_there(
     assert accepted.status_code == 200, accepted.text
     assert roles(admin) == {"real": "breast-cancer:3", "canary": "breast-cancer:2"}
 
+    # real itself: said so before any gate (it judged real against itself, and recorded it)
+    same = admin.post(f"{DEP}/promote", json={**gate, "max_disagreement": 0.01}, headers=AUTH)
+    assert same.status_code == 409 and "is already the real model" in same.json()["detail"]
     history = admin.get(f"{DEP}/history", headers=AUTH).json()["history"]
     refusals = [h for h in history if h["action"] == "promote-refused"]
     assert len(refusals) == 2 and not any(h["applied"] for h in refusals)

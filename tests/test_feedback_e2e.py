@@ -135,7 +135,7 @@ def _expected(served: Served, labels: dict[str, int], role: str) -> dict[str, fl
     p = p / p.sum(axis=1, keepdims=True)  # six decimals each: sums off by 1e-6 at most
     return {
         "accuracy": metrics.accuracy_score(y, pred),
-        "log_loss": metrics.log_loss(y, p, labels=[0, 1]),
+        "log_loss": metrics.log_loss(y, p.astype(np.float32), labels=[0, 1]),  # as kept
         "brier": metrics.brier_score_loss(y, p[:, 1]),
         "recall_1": metrics.recall_score(y, pred, pos_label=1),
     }
@@ -437,11 +437,12 @@ def test_the_gate_weighs_a_challenger_on_labelled_requests(served: Served) -> No
                      != served.records[rid].outputs["cand"].labels)  # fmt: skip
     assert real_wrong >= 6, "the demo models should disagree on a few rows"
     few = shaped[: len(ids) // 2]
-    unsure = {"min_labeled": 50, "min_accuracy_gain": 0.0, "significance": 1e-9}
+    unsure = {"min_labeled": 50, "significance": 1e-9}  # the gain's bound left to its default
     assert served.feedback(few).status_code == 200
     not_sure = http.post(f"{DEP}/promote", json={"version": versions["weak"], **unsure})
     assert not_sure.status_code == 409, not_sure.text
     assert "not significantly better" in not_sure.json()["detail"]
+    assert not_sure.json()["gate"]["min_accuracy_gain"] == 0.0  # the bound applied (was null)
 
     assert served.feedback(shaped).status_code == 200
     accepted = http.post(f"{DEP}/promote", json={"version": versions["weak"], **gate})

@@ -169,3 +169,20 @@ def test_segments_last_written_long_before_the_slice_are_not_read(tmp_path) -> N
     os.utime(first)  # written now, as it really was: read again
     everything = resolve(reader, DEP, from_ms=now_ms - 1000)
     assert sum(p.records for p in everything.values()) == 3
+
+
+def test_the_largest_divergence_is_a_requests_as_the_mean_and_histogram_are() -> None:
+    """The report's ``js_max`` was the worst single row while its mean and histogram are per
+    request (a request's distance its rows' mean), as the README says (a helper's probe)."""
+    import numpy as np
+
+    from models.replay_report import Given, Tally, count_request, report_view
+
+    tally = Tally()
+    given = Given("real", [0, 0], [0, 0], [[1.0, 0.0], [1.0, 0.0]])
+    ours = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)  # one row opposite: JS 1
+    count_request(tally, "r1", np.array([0, 1]), ours, given, None)
+    report = new_report("r", "d", "m", 1, {}, None, 256, 0.0)
+    figures = report_view(report, tally)["divergence"]
+    assert figures["js_mean"] == pytest.approx(0.5, abs=1e-6)
+    assert figures["js_max"] == pytest.approx(0.5, abs=1e-6)

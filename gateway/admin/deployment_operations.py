@@ -122,6 +122,8 @@ class DeploymentOperations(AdminCore):
     def promote(self, name: str, req: Promote, actor: str) -> dict[str, Any]:
         dep = self._dep(name)
         ref = ModelRef(req.model or dep.roles[names.REAL].name, req.version)
+        if ref == dep.roles[names.REAL]:  # said before the gate: it judged real against itself
+            raise Conflict(f"{ref} is already the real model of {name}")
         self._servable(ref, dep)
         detail: dict[str, Any] = {
             "version": str(ref),

@@ -69,7 +69,9 @@ class Evidence:
         if labelled_on:
             figures = self.labelled(dep, candidate)
             out["min_labeled"] = req.min_labeled
-            out["min_accuracy_gain"] = req.min_accuracy_gain
+            # the bound applied: 0 (not worse) when none was given, as gate_shortfalls has it
+            gain = req.min_accuracy_gain
+            out["min_accuracy_gain"] = gain if gain is not None else 0.0
             out["significance"] = req.significance
             out["labelled"] = figures
             out["shortfalls"] += gate_shortfalls(
