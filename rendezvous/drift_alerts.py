@@ -37,6 +37,10 @@ ALL_ALERT_KINDS: tuple[str, ...] = (*ALERT_KINDS, *ONLINE_KINDS)
 """With the kinds of the online detectors (``rendezvous.drift_settings``)."""
 
 
+AT_MOST_ONE = frozenset({"divergence_mean", "disagreement_rate", "score_js"})
+"""Thresholds of figures in [0, 1]: 1 or more would switch the alert off without a word."""
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Alert thresholds; a figure strictly above its threshold raises the alert.
@@ -79,6 +83,9 @@ class Thresholds:
                 raise ValueError(f"threshold {key!r} must be a number, got {value!r}")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"threshold {key!r} must be finite and >= 0, got {value!r}")
+            if key in AT_MOST_ONE and value >= 1:  # the figure never passes it: an alert off
+                raise ValueError(f"threshold {key!r} must be below 1 (a share or a distance "
+                                 f"in [0, 1], never above it), got {value!r}")  # fmt: skip
             if key == "min_requests":
                 if value != int(value):
                     raise ValueError(f"threshold 'min_requests' must be an integer, got {value!r}")

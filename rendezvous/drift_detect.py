@@ -39,7 +39,7 @@ class FeatureDetectors:
             np.array([s.range_null] * n + [s.far_null] * n),
             np.array([s.range_alt] * n + [s.far_alt] * n),
             h,
-            s.clear_h,
+            np.array([s.range_clear_h] * n + [s.clear_h] * n),
         )
         self.windows = s.windows
         self._capacity = max(max(self.windows), s.stuck_rows) + _MAX_CHUNK
@@ -249,8 +249,9 @@ class FeatureDetectors:
             elif what == "cleared" and alert_id in self.active:
                 cleared.append(self._figures(self.active.pop(alert_id), kind, f))
                 self._held[kind][f] = False
-                # The slower windows hold the broken rows the cleared alert was about: they
-                # start afresh, and an alert they held clears with them.
+                # The windows hold the broken rows the cleared alert was about: they start
+                # afresh, and an alert they held clears with them (which is why a range alert
+                # must not clear while the feed is still broken: ``range_clear_h``).
                 if kind in ("feature_range", "feature_stuck"):
                     self.reset_windows(f, range(last + 1))
                     self._window_events(events, f)

@@ -100,8 +100,14 @@ class DetectorSettings:
     prior_shifts: tuple[float, ...] = (0.12, 0.25)
     """...and these are the shifts the prior CUSUMs are tuned to detect."""
     clear_h: float = math.log(20.0)
-    """Reverse CUSUMs clear an alert once the evidence for the null is 20 to 1 (9 normal rows
-    after a range alert: a process that gets a small share of the traffic clears soon)."""
+    """Reverse CUSUMs clear an alert once the evidence for the null is 20 to 1 (the prior's)."""
+    range_clear_h: float = math.log(1e4)
+    """The range CUSUMs' clear: 10,000 to 1, 29 rows in the range in a row after a range
+    alert (the far ones keep ``clear_h``: a row within a range costs them so little evidence
+    that 20 to 1 takes 61 rows already). At 20 to 1 (9 rows) a feed that stayed broken with a
+    quarter of its rows out of range had such runs every hundred rows or so, and its alert
+    (with the shift windows that a cleared range alert resets) was raised and cleared seven
+    times in 1,000 rows."""
     stuck_clear_rows: int = 12
 
     @property

@@ -60,7 +60,8 @@ class Cusum:
     p0: np.ndarray
     p1: np.ndarray
     h: float
-    clear_h: float
+    clear_h: float | np.ndarray
+    """One level for every column, or one a column."""
     s: np.ndarray = field(init=False)
     back: np.ndarray = field(init=False)
     alarm: np.ndarray = field(init=False)

@@ -278,7 +278,7 @@ def test_thresholds_validate_and_name_the_key() -> None:
     t = Thresholds.from_dict({"score_psi": 0.3, "min_requests": 50})
     assert t.score_psi == 0.3 and t.min_requests == 50 and t.feature_psi == Thresholds().feature_psi
     assert Thresholds.from_dict(t.to_dict()) == t
-    assert t.merged({"divergence_mean": 1}).divergence_mean == 1.0
+    assert t.merged({"feature_psi": 2}).feature_psi == 2.0  # an int is a float here
     bad: list[tuple[dict[str, Any], str]] = [
         ({"scor_psi": 0.1}, "scor_psi"),
         ({"score_psi": "high"}, "score_psi"),
@@ -286,6 +286,10 @@ def test_thresholds_validate_and_name_the_key() -> None:
         ({"feature_psi": float("nan")}, "feature_psi"),
         ({"disagreement_rate": True}, "disagreement_rate"),
         ({"min_requests": 2.5}, "min_requests"),
+        # figures in [0, 1]: a threshold of 1 or more switched the alert off unsaid
+        ({"disagreement_rate": 1.5}, "disagreement_rate' must be below 1"),
+        ({"score_js": 1}, "score_js' must be below 1"),
+        ({"divergence_mean": 1.0}, "divergence_mean' must be below 1"),
     ]
     for doc, key in bad:
         with pytest.raises(ValueError, match=key):

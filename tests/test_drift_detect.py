@@ -368,6 +368,23 @@ def test_a_subtle_shift_is_raised_by_the_long_window(profile: FeatureProfile) ->
     assert alerts["feature_drift"]["feature"] == "f4"
 
 
+def test_a_feed_that_stays_broken_holds_its_range_alert(profile: FeatureProfile) -> None:
+    """A quarter of one feature's rows just past the training max, for 1,600 rows: one alert,
+    held. Its reverse CUSUM cleared on any run of 9 rows in range (20 to 1), and each clear
+    reset the shift windows: seven raises and clears in 1,000 rows of a helper's probe."""
+    rng = np.random.default_rng(3)
+    det = FeatureDetectors(profile)
+    feed(det, draw(rng, 2000))
+    x = draw(rng, 1600)
+    f = 1
+    past = rng.random(len(x)) < 0.25
+    x[past, f] = profile.hi[f] + 0.1 * (profile.hi[f] - profile.lo[f])  # out, but not far
+    raised, cleared = feed(det, x)
+    ranges = [at for at, a in raised if a["kind"] == "feature_range"]
+    assert len(ranges) == 1 and ranges[0] <= 100, ranges
+    assert not [a for _, a in cleared if a["feature"] == NAMES[f]], cleared
+
+
 def test_windows_start_afresh_when_a_gross_alert_clears(profile: FeatureProfile) -> None:
     """A long fault fills the long window; once the range alert clears, the long window holds
     no alert of that episode (else it would take 1,600 rows to empty)."""

@@ -404,6 +404,7 @@ def test_the_dashboard_and_alert_rules_query_only_what_a_running_gateway_exposes
 def test_drift_thresholds_are_set_per_deployment(system: System) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
     url = f"/admin/deployments/{DEMO_DEPLOYMENT}/drift/thresholds"
+    default = system.http.get(url, headers=auth).json()["score_psi"]
     bad = system.http.put(url, json={"score_psi": -1}, headers=auth)
     assert bad.status_code == 422 and "score_psi" in bad.text
     unknown = system.http.put(url, json={"nonsense": 1}, headers=auth)
@@ -420,6 +421,13 @@ def test_drift_thresholds_are_set_per_deployment(system: System) -> None:
     roles = report(system)["roles"]
     assert set(roles) >= {"real", "canary"} and roles["real"].startswith("breast-cancer:")
     assert system.http.get(url, headers=auth).json()["score_psi"] == 0.3
+    # a share or distance in [0, 1] at 1 or more was taken: an alert switched off unsaid
+    off = system.http.put(url, json={"score_js": 2}, headers=auth)
+    assert off.status_code == 422 and "must be below 1" in off.text, off.text
+    # null: back to the default (there was no way back but to know and send it)
+    back = system.http.put(url, json={"score_psi": None}, headers=auth)
+    assert back.status_code == 200 and back.json()["score_psi"] == default, back.text
+    assert system.http.put(url, json={"score_psi": 0.3}, headers=auth).status_code == 200
     assert system.http.get("/v1/deployments/nope/drift").status_code == 404
     assert system.http.get("/v1/deployments/NOT%20valid/drift").status_code == 422
 

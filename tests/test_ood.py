@@ -265,3 +265,11 @@ def test_the_feature_view_reads_the_monitors_window_and_history() -> None:
     # Counts made against other training statistics are not shown against these.
     stale = {**shot, "feature_version": "fr-other"}
     assert drift_features.view(spec, ref, None, json.dumps(stale).encode(), [])["live"] is None
+    # The latest evaluation ranks the features, as /drift has them: the history point (written
+    # every few seconds at most) named another feature than /drift for the same evaluation.
+    now = {**shot, "psi": [3.0 if n == "mean radius" else 0.01 for n in data.names]}
+    doc = drift_features.view(spec, ref, None, json.dumps(now).encode(), raw_points)
+    assert doc["feature"] == "mean radius"
+    by_name = {f["feature"]: f for f in doc["features"]}
+    assert by_name["mean radius"]["psi"] == 3.0 and by_name["mean area"]["psi"] == 0.01
+    assert by_name["mean area"]["out_of_range_rate"] == pytest.approx(above.mean(), abs=1e-6)

@@ -272,8 +272,9 @@ def build_router(settings: Settings) -> APIRouter:
     async def set_drift_thresholds(
         request: Request, deployment: str, body: dict[str, Any], actor: Actor = None
     ) -> Any:
-        """Change some of the thresholds (the rest keep their value); applies from the next
-        evaluation, raising or clearing alerts against the new values."""
+        """Change some of the thresholds (the rest keep their value; ``null`` puts one back
+        to its default); applies from the next evaluation, raising or clearing alerts against
+        the new values."""
         _known(request, deployment)
         try:
             updated = await set_thresholds(request.app.state.redis, deployment, body,

@@ -80,7 +80,10 @@ def store(
     None: no history point this time."""
     if shot is None:
         return
-    pipe.set(names.drift_features_key(deployment), json.dumps(shot))
+    # this evaluation's PSI beside its counts: the view ranks and shows what /drift says now,
+    # not the latest history point (written every few seconds at most)
+    current = {**shot, "psi": [psi.get(n) for n in spec.names]}
+    pipe.set(names.drift_features_key(deployment), json.dumps(current))
     if history_len is not None:
         pipe.xadd(
             names.drift_feature_history_stream(deployment),
@@ -112,13 +115,19 @@ def view(
     points_raw: list[Any],
 ) -> dict[str, Any]:
     """The route's answer from what was read; ``feature`` None picks the feature with the
-    highest PSI in the latest point (else the first)."""
+    highest PSI of the latest evaluation (else the first). Every feature's PSI and share out of
+    range are the latest evaluation's, as ``/drift`` reports them; a snapshot written before
+    it carried its PSI falls back to the latest history point."""
     shot: dict[str, Any] | None = json.loads(shot_raw) if shot_raw else None
     if shot is not None and (reference is None or shot.get("feature_version") != reference.version):
         shot = None  # counted against other training statistics: meaningless here
     points = [json.loads(fields[POINT_FIELD]) for _id, fields in reversed(points_raw)]
     points = [p for p in points if len(p.get("psi") or ()) == spec.width]
     latest = points[-1] if points else None
+    if shot is not None and len(shot.get("psi") or ()) == spec.width and shot["rows"]:
+        rows = int(shot["rows"])
+        latest = {"psi": shot["psi"],
+                  "out_of_range": [_rate(int(n), rows) for n in shot["out_of_range"]]}  # fmt: skip
     summary: list[dict[str, Any]] = []
     for f, name in enumerate(spec.names):
         summary.append({

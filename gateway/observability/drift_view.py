@@ -80,6 +80,10 @@ async def set_thresholds(
     would never be judged."""
     stored = cast(bytes | None, await client.get(names.drift_thresholds_key(deployment)))
     current = thresholds_from(stored, defaults)
+    # null: back to the default (RDV_DRIFT_THRESHOLDS, else the built-in), the only way back
+    # once a value was set
+    default = defaults.to_dict()
+    changes = {k: default.get(k, v) if v is None else v for k, v in changes.items()}
     updated = current.merged(changes)  # ValueError naming the key at fault
     if updated.min_requests > window_requests:
         raise ValueError(
