@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from rendezvous.bus.connection import DEFAULT_MAX_CONNECTIONS, redacted, seed_urls
+from gateway.settings_values import checked_redis_url, checked_token, normalised_origin
+from rendezvous.bus.connection import DEFAULT_MAX_CONNECTIONS
 from rendezvous.schedule import MAX_WAIT_MS, Schedule
 
 if TYPE_CHECKING:  # imported where used: it brings numpy, which ``rdv serve``'s supervisor
@@ -306,21 +304,15 @@ class Settings(BaseSettings):
     def _redis_address(cls, value: str | None) -> str | None:
         """A URL redis-py can connect to, each node of it: a bad scheme or port was a
         traceback after ``rdv serve`` had trained the demo models."""
-        if value:
-            from redis.connection import parse_url
-
-            for seed in seed_urls(value):
-                parse_url(seed)  # ValueError naming the fault
-                urlsplit(seed).port  # noqa: B018 -- raises ValueError for a bad port
-        return value
+        return checked_redis_url(value) if value else value
 
     @field_validator("admin_token", "feedback_token")
     @classmethod
     def _header_safe(cls, value: SecretStr | None) -> SecretStr | None:
         """A token travels in an HTTP header: printable ASCII only (a non-ASCII one was a
         traceback in every admin command, and no client could have sent it)."""
-        if value is not None and not TOKEN.fullmatch(value.get_secret_value().strip()):
-            raise ValueError("printable ASCII characters only (an HTTP header carries it)")
+        if value is not None:
+            checked_token(value.get_secret_value())
         return value
 
     @field_validator("cors_origins")
@@ -391,46 +383,6 @@ class Settings(BaseSettings):
         return self.data_dir / "redis"
 
 
-def invalid_settings(exc: Exception) -> str | None:
-    """One line naming each ``RDV_`` variable at fault, for a ``Settings()`` that failed (None
-    for any other error): what a person starting a command should read, not a traceback."""
-    if isinstance(exc, ValidationError):
-        faults = []
-        for error in exc.errors():
-            loc = [str(part) for part in error["loc"]] or ["?"]
-            name = f"RDV_{loc[0].upper()}" + "".join(f"[{part}]" for part in loc[1:])
-            message = str(error["msg"]).removeprefix("Value error, ")
-            faults.append(f"{name}={_shown(error.get('input'), loc[0])}: {message}")
-        return "invalid configuration: " + "; ".join(faults)
-    if isinstance(exc, SettingsError):
-        found = re.search(r'field "(\w+)"', str(exc))
-        if found is None:
-            return f"invalid configuration: {exc}"
-        name = f"RDV_{found.group(1).upper()}"
-        given = _shown(os.environ.get(name))
-        return f"invalid configuration: {name}={given}: not valid JSON (see the README's table)"
-    return None
-
-
-TOKEN = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
-"""A bearer token: printable ASCII, spaces only inside."""
-
-ORIGIN = re.compile(r"https?://[a-z0-9.-]+(?::[0-9]{1,5})?|\*")
-"""An origin as a browser sends it (scheme, host, optional port; no path), or ``*``: any."""
-
-
-def normalised_origin(value: str) -> str:
-    """``value`` as browsers write an origin (lower case, no trailing slash), or ValueError
-    naming what is wrong: an origin that can never match would refuse every call silently."""
-    origin = value.strip().lower().removesuffix("/")
-    if not ORIGIN.fullmatch(origin):
-        raise ValueError(
-            f"{value!r} is not an origin: scheme://host[:port] with no path, e.g. "
-            '"https://app.example.com", or "*" for any'
-        )
-    return origin
-
-
 def _judgeable(min_requests: int, info: ValidationInfo) -> None:
     """A window of ``drift_window_requests`` can hold ``min_requests``: else drift is never
     judged, and nothing says so."""
@@ -440,12 +392,3 @@ def _judgeable(min_requests: int, info: ValidationInfo) -> None:
             f"min_requests {min_requests} is more than the drift window holds "
             f"(RDV_DRIFT_WINDOW_REQUESTS={window}): drift would never be judged"
         )
-
-
-def _shown(value: Any, field: str = "") -> str:
-    if field.endswith("token"):  # a secret is not printed back, even a wrong one
-        return "(hidden)"
-    if field == "redis_url" and isinstance(value, str):
-        value = redacted(value)  # nor the password a URL may hold
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return repr(text[:80])

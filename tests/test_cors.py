@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from gateway.settings import Settings, invalid_settings
+from gateway.settings import Settings
+from gateway.settings_values import invalid_settings
 from gateway.transport.cors import with_cors
 
 pytestmark = pytest.mark.pure

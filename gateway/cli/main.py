@@ -28,7 +28,8 @@ from gateway.cli.process import (
     share_metrics_between_processes,
     stop_event,
 )
-from gateway.settings import Settings, invalid_settings
+from gateway.settings import Settings
+from gateway.settings_values import invalid_settings
 
 log = logging.getLogger("rdv")
 

@@ -1,0 +1,84 @@
+"""What a setting's value may be where pydantic's types cannot say it (a Redis URL redis-py
+can use, a token an HTTP header can carry, an origin a browser can send), and the one line that
+names each wrong value to the person starting a command, secrets hidden. Apart from
+``gateway.settings`` so that the settings object stays a list of settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from rendezvous.bus.connection import redacted, seed_urls
+
+TOKEN = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
+"""A bearer token: printable ASCII, spaces only inside."""
+
+ORIGIN = re.compile(r"https?://[a-z0-9.-]+(?::[0-9]{1,5})?|\*")
+"""An origin as a browser sends it (scheme, host, optional port; no path), or ``*``: any."""
+
+
+def checked_redis_url(value: str) -> str:
+    """``value`` if redis-py can connect to each node it names, else ValueError naming the
+    fault: a bad scheme or port was a traceback after ``rdv serve`` had trained the demo."""
+    from redis.connection import parse_url
+
+    for seed in seed_urls(value):
+        parse_url(seed)  # ValueError naming the fault
+        urlsplit(seed).port  # noqa: B018 -- raises ValueError for a bad port
+    return value
+
+
+def checked_token(value: str) -> str:
+    """A token travels in an HTTP header: printable ASCII only (a non-ASCII one was a
+    traceback in every admin command, and no client could have sent it)."""
+    if not TOKEN.fullmatch(value.strip()):
+        raise ValueError("printable ASCII characters only (an HTTP header carries it)")
+    return value
+
+
+def normalised_origin(value: str) -> str:
+    """``value`` as browsers write an origin (lower case, no trailing slash), or ValueError
+    naming what is wrong: an origin that can never match would refuse every call silently."""
+    origin = value.strip().lower().removesuffix("/")
+    if not ORIGIN.fullmatch(origin):
+        raise ValueError(
+            f"{value!r} is not an origin: scheme://host[:port] with no path, e.g. "
+            '"https://app.example.com", or "*" for any'
+        )
+    return origin
+
+
+def invalid_settings(exc: Exception) -> str | None:
+    """One line naming each ``RDV_`` variable at fault, for a ``Settings()`` that failed (None
+    for any other error): what a person starting a command should read, not a traceback."""
+    if isinstance(exc, ValidationError):
+        faults = []
+        for error in exc.errors():
+            loc = [str(part) for part in error["loc"]] or ["?"]
+            name = f"RDV_{loc[0].upper()}" + "".join(f"[{part}]" for part in loc[1:])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            faults.append(f"{name}={_shown(error.get('input'), loc[0])}: {message}")
+        return "invalid configuration: " + "; ".join(faults)
+    if isinstance(exc, SettingsError):
+        found = re.search(r'field "(\w+)"', str(exc))
+        if found is None:
+            return f"invalid configuration: {exc}"
+        name = f"RDV_{found.group(1).upper()}"
+        given = _shown(os.environ.get(name))
+        return f"invalid configuration: {name}={given}: not valid JSON (see the README's table)"
+    return None
+
+
+def _shown(value: Any, field: str = "") -> str:
+    if field.endswith("token"):  # a secret is not printed back, even a wrong one
+        return "(hidden)"
+    if field == "redis_url" and isinstance(value, str):
+        value = redacted(value)  # nor the password a URL may hold
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return repr(text[:80])
