@@ -66,6 +66,9 @@ def test_readiness_is_readyz(system: System, client: triton.InferenceServerClien
     system.start_worker("real")  # the workers fixture finds it running
     wait_until(lambda: system.http.get("/readyz").status_code == 200, 10, "readyz")
     assert system.http.get("/v2/health/ready").json() == {"ready": True}
+    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}/ready"):
+        head = system.http.head(path)  # some probes send HEAD: it was a 405
+        assert head.status_code == 200 and head.content == b"", (path, head.status_code)
     assert client.is_server_ready()
     assert client.is_model_ready(MODEL)
     assert client.is_model_ready(MODEL, "2")  # real's version
