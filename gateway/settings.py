@@ -302,15 +302,11 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_address(cls, value: str | None) -> str | None:
-        """A URL redis-py can connect to, each node of it: a bad scheme or port was a
-        traceback after ``rdv serve`` had trained the demo models."""
         return checked_redis_url(value) if value else value
 
     @field_validator("admin_token", "feedback_token")
     @classmethod
     def _header_safe(cls, value: SecretStr | None) -> SecretStr | None:
-        """A token travels in an HTTP header: printable ASCII only (a non-ASCII one was a
-        traceback in every admin command, and no client could have sent it)."""
         if value is not None:
             checked_token(value.get_secret_value())
         return value

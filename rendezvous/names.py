@@ -121,6 +121,14 @@ def partition_for(request_id: str, partitions: int) -> int:
 
 _HEX = frozenset("0123456789abcdef")
 
+
+def entry_order(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id Redis made (``ms-seq``) as a pair that sorts as Redis orders them."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
 REQUEST_ID_PATTERN = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,126}[\x21-\x7e])?")
 """A caller's request id, as the ``X-Request-Id`` header and the Open Inference Protocol's
 ``id`` both give it: 1-128 printable ASCII characters, no space at either end. One rule for

@@ -76,5 +76,4 @@ def role_share(text: str) -> tuple[str, float]:
     return role_name(role.strip()), finite_number(share.strip())
 
 
-def port_number(text: str) -> int:
-    return whole_number(0, 65535)(text)
+port_number = whole_number(0, 65535)

@@ -150,11 +150,6 @@ async def read_state(
     return state
 
 
-def _order(entry_id: bytes) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition(b"-")
-    return int(ms), int(seq or 0)
-
-
 async def _waited(
     client: AsyncClient, groups: list[tuple[dict[str, Any], str, dict[str, Any]]], now_s: float
 ) -> None:
@@ -168,9 +163,10 @@ async def _waited(
         delivered = bytes(group.get("last-delivered-id") or b"0-0")
         newest = info.get("last-generated-id")
         first = info.get("first-entry")
-        if not newest or not first or _order(delivered) >= _order(bytes(newest)):
+        at = names.entry_order(delivered)
+        if not newest or not first or at >= names.entry_order(newest):
             continue  # nothing waits
-        if _order(delivered) < _order(bytes(first[0])):
+        if at < names.entry_order(first[0]):
             oldest[i] = bytes(first[0])
         else:
             pipe.xrange(stream, min=b"(" + delivered, count=1)
@@ -180,7 +176,7 @@ async def _waited(
             if isinstance(found, list) and found:
                 oldest[i] = bytes(found[0][0])
     for i, entry_id in oldest.items():
-        groups[i][0]["waiting_s"] = max(0.0, now_s - _order(entry_id)[0] / 1000)
+        groups[i][0]["waiting_s"] = max(0.0, now_s - names.entry_order(entry_id)[0] / 1000)
 
 
 async def _forget(client: AsyncClient, fields: dict[str, list[bytes]]) -> None:

@@ -25,6 +25,7 @@ from redis.exceptions import ResponseError, TryAgainError
 from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import REDIS_FAILURES
 from rendezvous.bus.routing import Command
+from rendezvous.names import entry_order
 
 log = logging.getLogger(__name__)
 
@@ -321,11 +322,11 @@ class StreamAppender:
         fields = info if isinstance(info, dict) else dict(zip(info[::2], info[1::2], strict=False))
         first = fields.get(b"first-entry")
         last = fields.get(b"last-generated-id")
-        if last is not None and _entry_order(last) < _entry_order(entry_id):
+        if last is not None and entry_order(last) < entry_order(entry_id):
             return Fate.GONE  # this master never generated an id as late as ours
         # Trimming takes the oldest entries first: an entry missing behind the first one
         # left was removed by something else (the failover, or an XDEL).
-        if first and _entry_order(first[0]) < _entry_order(entry_id):
+        if first and entry_order(first[0]) < entry_order(entry_id):
             return Fate.GONE
         return Fate.KEPT  # trimmed: every reader had it
 
@@ -350,11 +351,6 @@ class StreamAppender:
         self._requeue()
         if self._flusher is not None:
             await asyncio.shield(self._flusher)
-
-
-def _entry_order(entry_id: bytes) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition(b"-")
-    return int(ms), int(seq or 0)
 
 
 def _nothing_appended(item: _Pending) -> Exception:

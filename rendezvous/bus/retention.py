@@ -69,12 +69,6 @@ read can give such a consumer an entry between the look and the removal: a remov
 never takes pending entries with it (they would be nobody's, and never claimed)."""
 
 
-def _id_key(entry_id: bytes | str) -> tuple[int, int]:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def group_floors(client: Client, stream: str) -> dict[str, tuple[int, int]]:
     """Each group's lowest id it may still need: its oldest pending entry, else the last
     entry delivered to it ({} when the stream or its groups do not exist)."""
@@ -90,7 +84,7 @@ def group_floors(client: Client, stream: str) -> dict[str, tuple[int, int]]:
             if summary["min"] is not None:
                 position = summary["min"]
         name = group["name"]
-        floors[name.decode() if isinstance(name, bytes) else name] = _id_key(position)
+        floors[name.decode() if isinstance(name, bytes) else name] = names.entry_order(position)
     return floors
 
 
