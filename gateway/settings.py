@@ -182,12 +182,23 @@ class Settings(BaseSettings):
     """Jobs one gateway process runs at once (each is a predict in flight, so also within
     ``max_in_flight``)."""
 
+    job_rows_in_flight: int = Field(default=2000, ge=1)
+    """Rows of jobs one gateway process has with the models at once (a larger job runs
+    alone): a burst of large jobs waits in Redis, not in front of the models, where it would
+    make every realtime request behind it late."""
+
+    job_timeout_ms: int = Field(default=30_000, ge=1, le=600_000)
+    """How long a job's predict waits for the models' answer (the deployment's
+    ``timeout_ms`` where longer): no caller waits on the line, so a busy model delays a job
+    instead of failing it with 504."""
+
     job_max_queued: int = Field(default=10_000, ge=1)
     """Jobs a deployment may hold accepted and not yet ended; beyond it, 503 at once."""
 
     job_claim_idle_ms: int = Field(default=30_000, ge=100)
     """A job taken by a gateway process that died is run by another after this long (never
-    less than the deployment's ``timeout_ms`` + 1 s, so a live gateway's job is not taken)."""
+    less than a job's timeout, ``job_timeout_ms`` or the deployment's ``timeout_ms``, + 1 s,
+    so a live gateway's job is not taken)."""
 
     redis_timeout_s: float = Field(default=2.0, gt=0)
     """Bound on every gateway Redis command: a hung server becomes a 503, never a hang."""

@@ -108,6 +108,19 @@ class Schedule:
         """This schedule with the stored fields in ``changes`` replaced (validated again)."""
         return Schedule.from_dict({**self.to_dict(), **changes})
 
+    def patient(self, timeout_ms: float) -> Schedule:
+        """This request's schedule stretched to a hard stop at ``timeout_ms`` when that is
+        later: an async job's, whose caller does not wait on the line. The primary's deadline
+        moves as far, so that the fallbacks keep their margin before the stop and a busy
+        real still answers (a fallback answers at once where the primary failed)."""
+        stop = min(float(timeout_ms), MAX_WAIT_MS)
+        if stop <= self.timeout_ms:
+            return self
+        later = stop - self.timeout_ms
+        return dataclasses.replace(
+            self, timeout_ms=stop, real_deadline_ms=self.real_deadline_ms + later
+        )
+
     def without_role(self, role: str) -> Schedule:
         """Drop a role that left the deployment from the split and the fallbacks: the
         schedule then names only roles an operator could set again (a fallback left behind

@@ -5,6 +5,7 @@ expiry, cancel, and bad input refused before anything is written."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import zlib
 from collections import Counter
@@ -27,10 +28,12 @@ from rendezvous.schedule import Schedule
 # real's deadline near the timeout: the answers compared are always real's
 SCHEDULE = Schedule(real_deadline_ms=800, timeout_ms=1000, fallbacks=("canary",), grace_ms=50)
 JOBS = f"/v1/deployments/{DEMO_DEPLOYMENT}/jobs"
-CLAIM_IDLE_MS = 300  # the claim waits the deployment's timeout + 1 s all the same: 2 s
+JOB_TIMEOUT_MS = 2500  # a job's predict waits this long for the models
+CLAIM_IDLE_MS = 300  # the claim waits a job's timeout + 1 s all the same: 3.5 s
 MAX_WAIT_MS = 8000
 ENV = {"RDV_GATEWAY_PROCESSES": "1", "RDV_JOB_CLAIM_IDLE_MS": str(CLAIM_IDLE_MS),
-       "RDV_JOB_MAX_WAIT_MS": str(MAX_WAIT_MS)}  # fmt: skip
+       "RDV_JOB_MAX_WAIT_MS": str(MAX_WAIT_MS),
+       "RDV_JOB_TIMEOUT_MS": str(JOB_TIMEOUT_MS)}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -218,14 +221,37 @@ def test_cancel_and_a_job_past_the_timeout(system: System) -> None:
     assert again.status_code == 409 and "already ended" in again.json()["detail"]
 
     t0 = time.monotonic()
-    doc = long_poll(system.http, second["id"])  # ends at the deployment's timeout
-    assert time.monotonic() - t0 < SCHEDULE.timeout_ms / 1000 + 1.0
+    doc = long_poll(system.http, second["id"])  # ends at the job's timeout
+    assert time.monotonic() - t0 < JOB_TIMEOUT_MS / 1000 + 1.0
     assert doc["status"] == "failed" and doc["error"]["status"] == 504, doc
     assert "no model answered within" in doc["error"]["detail"]
     assert system.http.delete(second["location"]).status_code == 409
     # the cancelled job's run ended too (its answer dropped): nothing is left queued
     wait_until(lambda: system.r.xlen(names.jobs_stream(DEMO_DEPLOYMENT)) == 0, 5, "queue empty")
     assert system.http.get(first["location"]).json()["error"]["cancelled"]
+
+
+def test_a_job_waits_for_busy_models_past_the_deployments_timeout(system: System) -> None:
+    """A job's predict waits up to ``RDV_JOB_TIMEOUT_MS`` for the models, not the deployment's
+    realtime timeout: a burst of 1,000-row jobs queued seconds of work before the models and
+    nearly every job ended in 504 (found by a probe). With the models paused past the
+    deployment's timeout, a predict gets its 504 and a job waits, then gets real's answer."""
+    workers(system, True)
+    body = bodies(2)[1]
+    paused = [system.procs[role].proc for role in ("real", "canary")]
+    for proc in paused:
+        proc.send_signal(signal.SIGSTOP)
+    try:
+        job = submit(system.http, body)
+        late = system.http.post(PREDICT, json=body)  # waits out the deployment's timeout
+        assert late.status_code == 504, late.text
+        assert long_poll(system.http, job["id"], wait_ms=200)["status"] == "pending"
+    finally:
+        for proc in paused:
+            proc.send_signal(signal.SIGCONT)
+    doc = long_poll(system.http, job["id"])
+    same_as_predict(doc, system.http.post(PREDICT, json=body).json())
+    assert SCHEDULE.timeout_ms < doc["result"]["latency_ms"] < JOB_TIMEOUT_MS
 
 
 OTHER: dict[int, httpx.Client] = {}

@@ -67,7 +67,9 @@ class Predicts:
 
     check_room = PredictionService.check_room  # the real bounds, on this stand-in's figures
 
-    async def predict(self, deployment: str, raw: bytes, request_id: str | None) -> dict[str, Any]:
+    async def predict(
+        self, deployment: str, raw: bytes, request_id: str | None, patience_ms: float = 0.0
+    ) -> dict[str, Any]:
         assert request_id is not None
         self.calls.append(request_id)
         self.deployments.get(deployment)  # as the service: a deleted deployment is refused
@@ -96,7 +98,8 @@ async def client(bus_url: str, demo_registry: ModelRegistry) -> AsyncIterator[As
 async def gateway(client: AsyncClient, delay_s: float = 0.0, **options: Any) -> JobService:
     cache = DeploymentCache(client)
     await cache.refresh()
-    settings: dict[str, Any] = dict(ttl_s=60, concurrency=8, max_queued=100, claim_idle_ms=100)
+    settings: dict[str, Any] = dict(ttl_s=60, concurrency=8, rows_in_flight=1000,
+                                    timeout_ms=100, max_queued=100, claim_idle_ms=100)  # fmt: skip
     service = JobService(client, client, Predicts(cache, delay_s), **{**settings, **options})  # type: ignore[arg-type]
     return service
 
@@ -282,7 +285,8 @@ async def test_jobs_run_on_after_the_blocking_clients_default_node_is_lost(
     cache = DeploymentCache(main)
     await cache.refresh()
     service = JobService(main, blocking, Predicts(cache), ttl_s=60, concurrency=8,  # type: ignore[arg-type]
-                         max_queued=100, claim_idle_ms=60_000)  # fmt: skip
+                         rows_in_flight=1000, timeout_ms=100, max_queued=100,
+                         claim_idle_ms=60_000)  # fmt: skip
     await service.start()
     try:
         first = (await service.submit(DEMO_DEPLOYMENT, BODY, None)).id

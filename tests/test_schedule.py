@@ -29,6 +29,17 @@ def test_after_real_deadline_without_fallback_waits_until_timeout() -> None:
     assert v.answer is None and v.wait_until_ms == 1000
 
 
+def test_a_patient_schedule_waits_for_real_as_long_keeping_the_fallbacks_margin() -> None:
+    job = S.patient(30_000)
+    assert (job.real_deadline_ms, job.timeout_ms) == (29_050, 30_000)
+    assert decide(S, set(), set(), 5_000.0).timed_out
+    assert decide(job, {"canary"}, set(), 5_000.0).wait_until_ms == 29_050  # real, busy
+    assert decide(job, {"canary"}, set(), 29_050.0).answer == "canary"
+    assert decide(job, {"canary"}, {"real"}, 60.0).answer == "canary"  # real failed: at once
+    assert decide(job, set(), set(), 29_500.0).wait_until_ms == 30_000
+    assert S.patient(10) is S and S.patient(10**9).timeout_ms == 600_000
+
+
 def test_a_role_that_is_not_a_fallback_never_answers() -> None:
     v = decide(S, {"challenger"}, set(), 500.0)
     assert v.answer is None

@@ -40,13 +40,14 @@ if #KEYS > 2 then
 end
 local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
 redis.call('HSET', KEYS[1], 'status', 'pending', 'body', ARGV[2], 'created_ms', ARGV[3],
-           'ttl_s', ARGV[4], 'request_id', ARGV[6], 'entry', entry, 'body_sha', ARGV[7])
+           'ttl_s', ARGV[4], 'request_id', ARGV[6], 'entry', entry, 'body_sha', ARGV[7],
+           'rows', ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {2}
 """
 """KEYS: job hash, jobs stream[, the job's request-id key[, the predict's request-id key]];
 ARGV: job id, body, created ms, ttl s, max queued, caller's request id or '', the body's
-sha256.
+sha256, its rows.
 -> {0, queued} queue full; {1, job} the request id took that job; {3} a predict took it; {2}."""
 
 _START = """
@@ -54,10 +55,11 @@ local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return {0} end
 if s ~= 'pending' then return {1} end
 local runs = redis.call('HINCRBY', KEYS[1], 'runs', 1)
-local f = redis.call('HMGET', KEYS[1], 'body', 'request_id')
-return {2, runs, f[1], f[2]}
+local f = redis.call('HMGET', KEYS[1], 'body', 'request_id', 'rows')
+return {2, runs, f[1], f[2], f[3]}
 """
-"""KEYS: job hash -> {0} gone; {1} ended; {2, runs, body, caller's request id or ''}."""
+"""KEYS: job hash -> {0} gone; {1} ended; {2, runs, body, caller's request id or ''[, rows]}
+(no rows: accepted by an older gateway)."""
 
 _END = """
 local entry = ARGV[1]
@@ -128,9 +130,10 @@ class JobStore:
         client: Any = self.client
         return await client.eval(script, len(keys), *keys, *args)
 
-    async def accept(self, dep: Deployment, raw: bytes, rid: str | None) -> Accepted:
-        """Record a job of ``dep`` whose body and request id passed a predict's checks, in one
-        round trip: 409 or 429 (the data plane's failures) before anything is written."""
+    async def accept(self, dep: Deployment, raw: bytes, rid: str | None, rows: int) -> Accepted:
+        """Record a job of ``dep`` whose body (of ``rows`` rows) and request id passed a
+        predict's checks, in one round trip: 409 or 429 (the data plane's failures) before
+        anything is written."""
         job_id = new_job_id()
         stream = names.jobs_stream(dep.name)
         keys = [names.job_key(dep.name, job_id), stream]
@@ -144,8 +147,9 @@ class JobStore:
         created = created_ms(job_id) or 0
         body_sha = hashlib.sha256(raw).hexdigest()
         reply = await self._eval(
-            _ACCEPT, keys, job_id, raw, created, self.ttl_s, self.max_queued, rid or "", body_sha
-        )
+            _ACCEPT, keys, job_id, raw, created, self.ttl_s, self.max_queued, rid or "", body_sha,
+            rows,
+        )  # fmt: skip
         code = int(reply[0])
         if code == 0:
             raise Backlogged(
@@ -239,7 +243,7 @@ class JobStore:
     # -- a run's steps --------------------------------------------------------------------------
 
     async def start(self, key: str) -> Any:
-        """A run starts (``_START``) -> {0} gone; {1} ended; {2, runs, body, request id}."""
+        """A run starts (``_START``) -> {0} gone; {1} ended; {2, runs, body, request id[, rows]}."""
         return await self._eval(_START, [key])
 
     async def end(

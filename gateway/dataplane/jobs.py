@@ -75,6 +75,8 @@ class JobService:
         *,
         ttl_s: int,
         concurrency: int,
+        rows_in_flight: int,
+        timeout_ms: int,
         max_queued: int,
         claim_idle_ms: int,
         consumer: str | None = None,
@@ -99,6 +101,8 @@ class JobService:
             service,
             self.store,
             concurrency=concurrency,
+            rows_in_flight=rows_in_flight,
+            timeout_ms=timeout_ms,
             claim_idle_ms=claim_idle_ms,
             consumer=consumer,
             stopping=self._stopping,
@@ -130,12 +134,12 @@ class JobService:
         spec = dep.feature_spec
         body = parse_body(raw, spec, service.max_rows)
         if spec.lookup is None:
-            to_matrix(spec, body, service.max_rows)
+            rows = to_matrix(spec, body, service.max_rows).shape[0]
         else:  # enrichment: the caller's part now, the feature store's when the job runs
-            enriched_rows(spec, body, service.max_rows)
+            rows = enriched_rows(spec, body, service.max_rows)[0].shape[0]
         rid = check_request_id(request_id) if request_id else None
         service.check_room(dep.name)
-        return await self.store.accept(dep, raw, rid)
+        return await self.store.accept(dep, raw, rid, rows)
 
     # -- show, wait, cancel ---------------------------------------------------------------------
 

@@ -118,6 +118,7 @@ class PredictionService:
         request_id: str | None,
         decode: Decoder | None = None,
         version: str | None = None,
+        patience_ms: float = 0.0,
     ) -> dict[str, Any]:
         """Validate, publish, wait; refuses at once when this gateway or the stream is full.
         Every request is counted once, by outcome (see
@@ -130,12 +131,15 @@ class PredictionService:
         the archive holds it.
 
         ``version``: only the role that model version holds answers (an Open Inference
-        Protocol versioned infer), real first where it holds several; 404 if none."""
+        Protocol versioned infer), real first where it holds several; 404 if none.
+
+        ``patience_ms``: wait this long for an answer where the deployment's ``timeout_ms``
+        is shorter (an async job's predict; ``Schedule.patient``)."""
         t0 = time.perf_counter()
         known = deployment if deployment in self.deployments.deployments else None
         try:
             response, outcome = await self._predict(deployment, raw, request_id, t0, decode,
-                                                    version)  # fmt: skip
+                                                    version, patience_ms)  # fmt: skip
         except NoAnswer as exc:
             outcome = "error" if exc.answer.failed else "timeout"
             self.metrics.request_done(known, outcome, time.perf_counter() - t0)
@@ -160,6 +164,7 @@ class PredictionService:
         t0: float,
         decode: Decoder | None,
         version: str | None = None,
+        patience_ms: float = 0.0,
     ) -> tuple[dict[str, Any], str]:
         dep = self.deployments.get(deployment)
         pin = pinned_role(dep, version) if version is not None else None
@@ -183,8 +188,9 @@ class PredictionService:
             if entities is not None:
                 features, looked_up = await self._enrich(dep, features, entities)
             return await self._publish_and_wait(
-                dep, rid, raw, features, t0, bool(request_id), looked_up, decode is None, pin
-            )
+                dep, rid, raw, features, t0, bool(request_id), looked_up, decode is None, pin,
+                patience_ms,
+            )  # fmt: skip
         finally:
             self.in_flight -= 1
 
@@ -245,6 +251,7 @@ class PredictionService:
         looked_up: list[dict[str, Any]] | None = None,
         raw_is_json: bool = False,
         pin: str | None = None,
+        patience_ms: float = 0.0,
     ) -> tuple[dict[str, Any], str]:
         """``chosen``: the caller chose the request id, which must then be new everywhere;
         ``raw_is_json``: this gateway's JSON parser accepted ``raw`` (the archive trusts it);
@@ -252,6 +259,8 @@ class PredictionService:
         spec = dep.feature_spec
         # The A/B split draw, if any; or the role the caller named by its model version.
         schedule = dep.schedule.pinned_to(pin) if pin else dep.schedule.for_request(rid)
+        if patience_ms:
+            schedule = schedule.patient(patience_ms)
         mailbox = self.rendezvous.open(rid, dep.name, schedule, dep.role_names)
         mailbox.features, mailbox.ood_reference = features, self.ood_reference(spec)
         envelope = RequestEnvelope(

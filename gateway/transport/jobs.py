@@ -196,6 +196,8 @@ async def start(app: FastAPI, settings: Settings) -> Callable[[], Awaitable[None
         app.state.service,
         ttl_s=settings.job_ttl_s,
         concurrency=settings.job_concurrency,
+        rows_in_flight=settings.job_rows_in_flight,
+        timeout_ms=settings.job_timeout_ms,
         max_queued=settings.job_max_queued,
         claim_idle_ms=settings.job_claim_idle_ms,
     )
