@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gateway.settings_values import checked_redis_url, checked_token, normalised_origin
+from gateway.settings_values import (
+    HttpUrlText,
+    OptionalHttpUrlText,
+    checked_redis_url,
+    checked_token,
+    normalised_origin,
+)
 from rendezvous.bus.connection import DEFAULT_MAX_CONNECTIONS
 from rendezvous.schedule import MAX_WAIT_MS, Schedule
 
@@ -270,10 +276,14 @@ class Settings(BaseSettings):
     drift_thresholds: dict[str, float] = {}
     """Default thresholds as JSON, e.g. ``{"score_psi": 0.25}``; a deployment's own (set
     through the admin API) override them."""
-    alert_webhooks: list[str] = []
+    alert_webhooks: list[HttpUrlText] = []
     """URLs that get every drift alert raised and cleared, as Alertmanager's webhook payload
     (JSON list, e.g. ``["http://alerts.internal/hook"]``); retried with backoff, never in the
     way of a request."""
+
+    public_url: OptionalHttpUrlText = ""
+    """The gateway's address as people and receivers reach it (``https://rdv.example``):
+    alerts then link to the drift report (``generatorURL``). Empty: the links are paths."""
 
     drift_history: int = Field(default=360, ge=10)
     """Evaluations kept as the drift report's history."""

@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import ValidationError
+from pydantic import AfterValidator, ValidationError
 from pydantic_settings import SettingsError
 
 from rendezvous.bus.connection import redacted, seed_urls
@@ -52,6 +52,26 @@ def normalised_origin(value: str) -> str:
             '"https://app.example.com", or "*" for any'
         )
     return origin
+
+
+def checked_http_url(value: str) -> str:
+    """An http(s) URL with a host, without a trailing slash, or ValueError: a webhook URL
+    without a scheme failed only when the first alert was sent, ten minutes of retries later."""
+    url = value.strip().removesuffix("/")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a bad port
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+        raise ValueError(f'{value!r} is not an http(s) URL, e.g. "https://host.example/path"')
+    return url
+
+
+HttpUrlText = Annotated[str, AfterValidator(checked_http_url)]
+"""A setting's http(s) URL, kept as the text it was (``checked_http_url``)."""
+OptionalHttpUrlText = Annotated[str, AfterValidator(lambda v: v.strip() and checked_http_url(v))]
+"""The same, or empty: not set."""
 
 
 def invalid_settings(exc: Exception) -> str | None:

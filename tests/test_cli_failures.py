@@ -40,6 +40,8 @@ def base_env(tmp_path: Path) -> dict[str, str]:
         ("RDV_REDIS_URL=garbage://", "RDV_REDIS_URL='garbage://': Redis URL must specify"),
         ("RDV_REDIS_URL=redis://u:secret@h:abc", "RDV_REDIS_URL='redis://***@h:abc': Port"),
         ("RDV_ADMIN_TOKEN=t\u00f6k", "RDV_ADMIN_TOKEN=(hidden): printable ASCII"),
+        ('RDV_ALERT_WEBHOOKS=["alerts.internal/hook"]', "RDV_ALERT_WEBHOOKS[0]="),
+        ("RDV_PUBLIC_URL=ftp://rdv.example", "is not an http(s) URL"),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_it(tmp_path: Path, setting: str, says: str) -> None:

@@ -55,7 +55,7 @@ class Hooks:
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
 
-    def notify(self, deployment: str, events: list[dict[str, Any]], active: Any) -> None:
+    def notify(self, deployment: str, events: list[dict[str, Any]]) -> None:
         self.sent += events
 
 

@@ -33,55 +33,79 @@ ZERO_TIME = "0001-01-01T00:00:00Z"
 """Alertmanager's ``endsAt`` of an alert still firing."""
 
 
+PAGE_KINDS = frozenset({"feature_range", "feature_stuck"})
+"""Kinds that say the feed is broken, not that the world moved: values outside anything seen
+in training (a unit change, a sentinel) or a feature stuck at one value (a dead sensor, a
+default filled in). They page; every other kind is a drift to look into (a ticket)."""
+
+
+def severity(kind: str) -> str:
+    return "page" if kind in PAGE_KINDS else "ticket"
+
+
 def _iso(ms: float) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
 
 
-def alertmanager_payload(
-    deployment: str, event: Mapping[str, Any], since_ms: float | None = None
-) -> dict[str, Any]:
-    """One raise or clear as Alertmanager's webhook payload (version 4), one alert in it."""
+def _alert(deployment: str, event: Mapping[str, Any], external_url: str) -> dict[str, Any]:
+    """One raise or clear as one of Alertmanager's alerts."""
     firing = event["type"] == "raised"
-    status = "firing" if firing else "resolved"
-    labels = {"alertname": ALERT_NAME, "deployment": deployment, "kind": str(event["kind"]),
-              "severity": "ticket"}  # fmt: skip
+    kind = str(event["kind"])
+    labels = {"alertname": ALERT_NAME, "deployment": deployment, "kind": kind,
+              "severity": severity(kind)}  # fmt: skip
     if event.get("feature"):  # one alert per feature for the online detectors' kinds
         labels["feature"] = str(event["feature"])
     value, threshold = event.get("value"), event.get("threshold")
     description = (
-        f"{event['kind']} of {deployment} is {value:.4g}, over its threshold {threshold:.4g}"
+        f"{kind} of {deployment} is {value:.4g}, over its threshold {threshold:.4g}"
         if firing and value is not None and threshold is not None
-        else f"{event['kind']} of {deployment} is back under its threshold"
+        else f"{kind} of {deployment} is back under its threshold"
     )
     if event.get("detail") and firing:
         description += f": {event['detail']}"
-    what = f"{event['kind']}/{event['feature']}" if event.get("feature") else str(event["kind"])
-    fingerprint = hashlib.sha256(f"{deployment}/{what}".encode()).hexdigest()[:16]
-    alert = {
-        "status": status,
+    what = f"{kind}/{event['feature']}" if event.get("feature") else kind
+    since_ms = event.get("since_ms") or event["ts_ms"]
+    return {
+        "status": "firing" if firing else "resolved",
         "labels": labels,
         "annotations": {
             "summary": f"drift on {deployment}: {what}",
             "description": description,
         },
-        "startsAt": _iso(since_ms if since_ms is not None else event["ts_ms"]),
+        "startsAt": _iso(since_ms),
         "endsAt": ZERO_TIME if firing else _iso(event["ts_ms"]),
-        "generatorURL": f"/v1/deployments/{deployment}/drift",
-        "fingerprint": fingerprint,
+        "generatorURL": f"{external_url}/v1/deployments/{deployment}/drift",
+        "fingerprint": hashlib.sha256(f"{deployment}/{what}".encode()).hexdigest()[:16],
         "value": value,
         "threshold": threshold,
     }
+
+
+def _common(maps: Sequence[Mapping[str, str]]) -> dict[str, str]:
+    first = maps[0]
+    return {k: v for k, v in first.items() if all(m.get(k) == v for m in maps[1:])}
+
+
+def alertmanager_payload(
+    deployment: str, events: Sequence[Mapping[str, Any]], external_url: str = ""
+) -> dict[str, Any]:
+    """The raises and clears one evaluation decided as one notification of Alertmanager's
+    webhook (version 4), grouped by deployment as Alertmanager groups: a feed broken in every
+    feature is one POST, not one per feature. ``external_url``: the gateway's address as
+    receivers reach it (``RDV_PUBLIC_URL``), so that ``generatorURL`` is a link."""
+    alerts = [_alert(deployment, event, external_url) for event in events]
+    firing = any(a["status"] == "firing" for a in alerts)
     return {
         "version": "4",
         "groupKey": f'{{}}:{{alertname="{ALERT_NAME}", deployment="{deployment}"}}',
         "truncatedAlerts": 0,
-        "status": status,
+        "status": "firing" if firing else "resolved",
         "receiver": "rendezvous-gateway",
         "groupLabels": {"alertname": ALERT_NAME, "deployment": deployment},
-        "commonLabels": labels,
-        "commonAnnotations": alert["annotations"],
-        "externalURL": "",
-        "alerts": [alert],
+        "commonLabels": _common([a["labels"] for a in alerts]),
+        "commonAnnotations": _common([a["annotations"] for a in alerts]),
+        "externalURL": external_url,
+        "alerts": alerts,
     }
 
 
@@ -92,12 +116,14 @@ class AlertWebhooks:
         self,
         urls: Sequence[str],
         *,
+        external_url: str = "",
         max_queue: int = 1000,
         timeout_s: float = 5.0,
         give_up_s: float = 600.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ):
         self.urls = list(urls)
+        self.external_url = external_url.rstrip("/")
         self.give_up_s = give_up_s
         self.sent = 0
         self.failed = 0
@@ -110,18 +136,14 @@ class AlertWebhooks:
         pulls in) is ~5 MB of each gateway process's memory."""
         self._task: asyncio.Task[None] | None = None
 
-    def notify(self, deployment: str, events: Sequence[Mapping[str, Any]],
-               active: Mapping[str, Mapping[str, Any]]) -> None:  # fmt: skip
-        """Queue one payload per event; never waits. ``active``: the alerts after the events
-        (a clear's start time comes from the alert it ends)."""
-        if not self.urls:
+    def notify(self, deployment: str, events: Sequence[Mapping[str, Any]]) -> None:
+        """Queue one payload for the raises and clears of one evaluation; never waits."""
+        if not self.urls or not events:
             return
-        for event in events:
-            since = event.get("since_ms") or (active.get(event["kind"]) or {}).get("since_ms")
-            if len(self._queue) == self._queue.maxlen:
-                self.dropped += 1
-                log.warning("alert webhooks: queue full, the oldest payload is dropped")
-            self._queue.append(alertmanager_payload(deployment, event, since))
+        if len(self._queue) == self._queue.maxlen:
+            self.dropped += 1
+            log.warning("alert webhooks: queue full, the oldest payload is dropped")
+        self._queue.append(alertmanager_payload(deployment, events, self.external_url))
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._send_all())
 

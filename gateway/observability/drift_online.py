@@ -327,4 +327,4 @@ def announce(deployment: str, events: list[dict[str, Any]], webhooks: AlertWebho
     for event in events:
         log.warning("%s", drift_claims.event_line(deployment, event))
     if events and webhooks is not None:
-        webhooks.notify(deployment, events, {})
+        webhooks.notify(deployment, events)

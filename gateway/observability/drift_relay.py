@@ -73,5 +73,5 @@ class DriftRelay:
         self._relayed[deployment] = entries[-1][0]
         await self.client.set(names.drift_relayed_key(deployment), entries[-1][0])
         if events and self.webhooks is not None:
-            self.webhooks.notify(deployment, events, {})  # queued: nothing waits
+            self.webhooks.notify(deployment, events)  # queued: nothing waits
         return len(events)

@@ -145,7 +145,7 @@ def create_app(
             )
             undo.push_async_callback(appender.close)
             instance = instance_id()
-            webhooks = AlertWebhooks(settings.alert_webhooks)
+            webhooks = AlertWebhooks(settings.alert_webhooks, external_url=settings.public_url)
             undo.push_async_callback(webhooks.close)
             online = OnlineDrift(
                 client,
