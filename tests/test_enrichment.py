@@ -558,6 +558,10 @@ def test_the_typed_client_declares_loads_and_reads_entities(
         loaded = rdv.load_entities(DEMO_DEPLOYMENT, [{"customer_id": "c-client", **stored}])
         assert loaded["loaded"] == 1, loaded
         assert rdv.entity(DEMO_DEPLOYMENT, "c-client")["features"] == pytest.approx(stored)
+        for key in ("acct/17", "..", "a/../b", "/x/"):  # any key predict takes is readable
+            assert rdv.load_entities(DEMO_DEPLOYMENT, [{"customer_id": key, **stored}])["loaded"]
+            shown = rdv.entity(DEMO_DEPLOYMENT, key)
+            assert shown["features"] == pytest.approx(stored), (key, shown)
         row = DATA.x_test[9]
         answer = rdv.predict(DEMO_DEPLOYMENT, features=caller_part(row), entity="c-client")
         labels, _ = real.predict(merged_row(row, stored)[None, :])

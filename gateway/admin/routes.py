@@ -255,9 +255,10 @@ def build_router(settings: Settings) -> APIRouter:
         log.info("%d entities of %s loaded by %s", done["loaded"], deployment, actor or "admin")
         return done
 
-    @router.get("/deployments/{deployment}/entities/{name}")
+    @router.get("/deployments/{deployment}/entities/{name:path}")
     async def show_entity(request: Request, deployment: str, name: str) -> Any:
-        """One entity's stored features (``name``: its key, e.g. ``c-17``)."""
+        """One entity's stored features (``name``: its key, e.g. ``c-17``; a key with a
+        ``/`` in it, as ``acct/17``, is read too: it was a 404 however it was escaped)."""
         return await _call(_service(request).entity, deployment, name)
 
     @router.get("/deployments/{deployment}/drift/thresholds")
