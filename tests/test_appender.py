@@ -82,6 +82,31 @@ async def test_a_unique_append_takes_its_key_or_appends_nothing(
         await appender.client.close()
 
 
+async def test_an_owner_finds_its_own_key_free_and_everyone_else_taken(
+    r: redis.Redis, redis_url: str
+) -> None:
+    """An async job tried again after a slow Redis failed it for a moment released its id and
+    raced its earlier try's append still under way: the late append took the id and the job
+    failed 409 on its own request id (found by a probe). The job's id now owns the key."""
+    appender = StreamAppender(_router(redis_url))
+    errors: list[Exception] = []
+    try:
+        for owner in ("job-1", "job-1", "job-2", ""):
+            appender.append_nowait("rdv:{d}:in", {b"f": owner.encode()}, on_error=errors.append,
+                                   unique=("rdv:{d}:rid:y", 5000), unique_owner=owner)  # fmt: skip
+        await appender.close()
+        assert [f[b"f"] for _, f in r.xrange("rdv:{d}:in")] == [b"job-1", b"job-1"]
+        assert [type(e) for e in errors] == [AlreadyTaken, AlreadyTaken]
+        assert r.get("rdv:{d}:rid:y") == b"job-1"
+        r.set("rdv:{d}:rid:z", "1")  # a predict's (no owner) is nobody's to reuse
+        appender.append_nowait("rdv:{d}:in", {b"f": b"z"}, on_error=errors.append,
+                               unique=("rdv:{d}:rid:z", 5000), unique_owner="job-1")  # fmt: skip
+        await appender.close()
+        assert len(errors) == 3 and r.xlen("rdv:{d}:in") == 2
+    finally:
+        await appender.client.close()
+
+
 async def test_replicated_appends_wait_for_their_replicas_or_say_they_did_not(
     r: redis.Redis, redis_url: str, rc: redis.RedisCluster, redis_cluster: LocalCluster
 ) -> None:

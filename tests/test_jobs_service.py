@@ -68,7 +68,12 @@ class Predicts:
     check_room = PredictionService.check_room  # the real bounds, on this stand-in's figures
 
     async def predict(
-        self, deployment: str, raw: bytes, request_id: str | None, patience_ms: float = 0.0
+        self,
+        deployment: str,
+        raw: bytes,
+        request_id: str | None,
+        patience_ms: float = 0.0,
+        job: str = "",
     ) -> dict[str, Any]:
         assert request_id is not None
         self.calls.append(request_id)

@@ -282,15 +282,11 @@ class JobRunner:
             await self._end_surely(deployment, key, entry, job_id, FAILED, b"error", error, rid_key)
             return
         backoff_s = 0.1
-        tries = 0
         while True:
-            tries += 1
-            if runs > 1 or tries > 1:
-                await self._release_request_id(deployment, request_id)
             try:
                 async with self.slots.rows.held(rows):
-                    answer = await self.service.predict(
-                        deployment, body, request_id, patience_ms=self.timeout_ms
+                    answer = await self.service.predict(  # its earlier tries hold the id
+                        deployment, body, request_id, patience_ms=self.timeout_ms, job=job_id
                     )
             except (RequestValidationError, UnknownDeployment, DuplicateRequest, NoAnswer) as exc:
                 status, field, doc = FAILED, b"error", error_doc(exc)
@@ -326,14 +322,6 @@ class JobRunner:
         except REDIS_FAILURES:
             return True
         return status is not None and text(status) == PENDING
-
-    async def _release_request_id(self, deployment: str, request_id: str) -> None:
-        """A run before this one (lost, or refused for a moment) may have taken the request
-        id; this run is the same request."""
-        dep = self.deployments.deployments.get(deployment)
-        if dep is not None:
-            await self.client.delete(names.request_id_key(dep.input_stream_for(request_id),
-                                                          request_id))  # fmt: skip
 
     async def _end_surely(
         self,

@@ -16,14 +16,16 @@ through ``PredictionService.predict``, the path every predict takes (every bin s
 log bin archives it, a decision record is written), at most ``concurrency`` at once and never
 past the process's in-flight bound, writes the answer into the hash and acks, in one script
 (``JobStore.end``). A process that dies leaves its jobs pending in the group; a live one claims
-them (``XAUTOCLAIM``) once idle for ``claim_idle_ms`` (never less than the deployment's
-timeout + 1 s, so a job still running elsewhere is not taken), and runs them again: at least
+them (``XAUTOCLAIM``) once idle for ``claim_idle_ms`` (never less than a job's timeout + 1 s,
+so a job still running elsewhere is not taken), and runs them again: at least
 once, and a claimed job whose hash says it ended is only acked. A run is started at most
 ``MAX_RUNS`` times.
 
 A job's predict carries the caller's ``X-Request-Id``, else the job id, as its request id, taken
-as every predict takes it (``names.request_id_key``); a job run again releases that key first,
-since the lost run took it.
+as every predict takes it (``names.request_id_key``), holding the job's id: a job tried again
+finds the key its earlier try took its own, where another request with the id is a 409.
+(Releasing the key before a retry lost the race to the earlier try's append when that was
+still under way in a slow Redis: the job failed 409 on its own request id.)
 
 This module is the callers' face: accept, show, wait for (long polls) and cancel a job, and
 start and stop this process's share of the work. A job's Redis state and its scripts are

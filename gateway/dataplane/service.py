@@ -119,6 +119,7 @@ class PredictionService:
         decode: Decoder | None = None,
         version: str | None = None,
         patience_ms: float = 0.0,
+        job: str = "",
     ) -> dict[str, Any]:
         """Validate, publish, wait; refuses at once when this gateway or the stream is full.
         Every request is counted once, by outcome (see
@@ -134,12 +135,13 @@ class PredictionService:
         Protocol versioned infer), real first where it holds several; 404 if none.
 
         ``patience_ms``: wait this long for an answer where the deployment's ``timeout_ms``
-        is shorter (an async job's predict; ``Schedule.patient``)."""
+        is shorter (an async job's predict; ``Schedule.patient``). ``job``: the async job
+        this predict runs, whose earlier tries may hold its request id (not a duplicate)."""
         t0 = time.perf_counter()
         known = deployment if deployment in self.deployments.deployments else None
         try:
             response, outcome = await self._predict(deployment, raw, request_id, t0, decode,
-                                                    version, patience_ms)  # fmt: skip
+                                                    version, patience_ms, job)  # fmt: skip
         except NoAnswer as exc:
             outcome = "error" if exc.answer.failed else "timeout"
             self.metrics.request_done(known, outcome, time.perf_counter() - t0)
@@ -165,6 +167,7 @@ class PredictionService:
         decode: Decoder | None,
         version: str | None = None,
         patience_ms: float = 0.0,
+        job: str = "",
     ) -> tuple[dict[str, Any], str]:
         dep = self.deployments.get(deployment)
         pin = pinned_role(dep, version) if version is not None else None
@@ -189,7 +192,7 @@ class PredictionService:
                 features, looked_up = await self._enrich(dep, features, entities)
             return await self._publish_and_wait(
                 dep, rid, raw, features, t0, bool(request_id), looked_up, decode is None, pin,
-                patience_ms,
+                patience_ms, job,
             )  # fmt: skip
         finally:
             self.in_flight -= 1
@@ -252,6 +255,7 @@ class PredictionService:
         raw_is_json: bool = False,
         pin: str | None = None,
         patience_ms: float = 0.0,
+        job: str = "",
     ) -> tuple[dict[str, Any], str]:
         """``chosen``: the caller chose the request id, which must then be new everywhere;
         ``raw_is_json``: this gateway's JSON parser accepted ``raw`` (the archive trusts it);
@@ -307,6 +311,7 @@ class PredictionService:
             envelope.encode(),
             on_error=unpublished,
             unique=unique,
+            unique_owner=job,
             replicated=replicated,
             on_appended=partial(setattr, mailbox, "input_id"),
             must_exist=True,

@@ -62,14 +62,20 @@ class NotReplicated(Exception):
     """An append was written to its master but not acknowledged by enough replicas in time."""
 
 
-_XADD_IF_NEW = b"""
-if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
-  return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
-end
-return false
+_TAKE_KEY = b"""
+local held = redis.call('GET', KEYS[1])
+if held and (ARGV[2] == '' or held ~= ARGV[2]) then return false end
+redis.call('SET', KEYS[1], ARGV[2] == '' and '1' or ARGV[2], 'PX', ARGV[1])
 """
+"""Take the unique key (ARGV: ttl ms, owner) unless it is held: by anyone when there is no
+owner, else by another owner (an owner's own later tries find the key theirs)."""
+
+_XADD_IF_NEW = _TAKE_KEY + b"return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))\n"
 """Take the unique key and append, or do neither: one command, atomic, on the node that holds
 both keys (they share a hash tag)."""
+
+_TAKE = _TAKE_KEY + b"return 'OK'\n"
+"""The key alone (a migrating slot splits the key and its stream between nodes)."""
 
 _XADD_IF_NEW_TO_EXISTING = (
     b"""
@@ -88,8 +94,8 @@ class _Pending:
     fields: dict[bytes, bytes]
     maxlen: int | None
     on_error: Callable[[Exception], None] | None
-    unique: tuple[bytes, int] | None = None
-    """(key, ttl ms): append only if the key was free, and take it."""
+    unique: tuple[bytes, int, bytes] | None = None
+    """(key, ttl ms, owner): append only if the key was free (or the owner's), and take it."""
     replicated: asyncio.Future[None] | None = None
     """Resolved once the append reached ``wait_replicas`` replicas (``WAIT``)."""
     on_appended: Callable[[bytes], None] | None = None
@@ -155,6 +161,7 @@ class StreamAppender:
         on_error: Callable[[Exception], None] | None = None,
         urgent: bool = True,
         unique: tuple[str, int] | None = None,
+        unique_owner: str = "",
         replicated: asyncio.Future[None] | None = None,
         on_appended: Callable[[bytes], None] | None = None,
         must_exist: bool = False,
@@ -167,12 +174,17 @@ class StreamAppender:
         which cost the gateway a socket write and a read each.
 
         ``unique=(key, ttl_ms)``: append only if ``key`` (under the stream's hash tag) is not
-        taken, and take it for ``ttl_ms``; else ``on_error`` gets ``AlreadyTaken``.
+        taken, and take it for ``ttl_ms``; else ``on_error`` gets ``AlreadyTaken``. With
+        ``unique_owner``, a key that owner holds counts as free: the same request tried again
+        (an async job's retry, or its run by another gateway) is not refused as a duplicate of
+        itself.
 
         ``must_exist``: append only to a stream that exists, else ``on_error`` gets
         ``StreamGone`` (a request's input: its stream is made with its readers' groups, and
         is gone only once its deployment was deleted and purged)."""
-        taken = (unique[0].encode(), unique[1]) if unique is not None else None
+        taken = (
+            (unique[0].encode(), unique[1], unique_owner.encode()) if unique is not None else None
+        )
         self._queue.append(
             _Pending(
                 stream.encode(),
@@ -366,18 +378,18 @@ def _gone(item: _Pending) -> StreamGone:
 
 def _xadd(item: _Pending) -> Command:
     if item.unique is not None:
-        key, ttl_ms = item.unique
+        key, ttl_ms, owner = item.unique
         flat = [part for pair in item.fields.items() for part in pair]
         script = _XADD_IF_NEW_TO_EXISTING if item.must_exist else _XADD_IF_NEW
         return Command(item.stream, (b"EVAL", script, b"2", key, item.stream,
-                                     b"%d" % ttl_ms, *flat))  # fmt: skip
+                                     b"%d" % ttl_ms, owner, *flat))  # fmt: skip
     return _plain_xadd(item)
 
 
 def _take(item: _Pending) -> Command:
     assert item.unique is not None
-    key, ttl_ms = item.unique
-    return Command(key, (b"SET", key, b"1", b"NX", b"PX", b"%d" % ttl_ms))
+    key, ttl_ms, owner = item.unique
+    return Command(key, (b"EVAL", _TAKE, b"1", key, b"%d" % ttl_ms, owner))
 
 
 def _plain_xadd(item: _Pending) -> Command:
