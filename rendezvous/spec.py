@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,13 +107,24 @@ def shown_stored(value: bytes | str) -> str:
     return text[:100]
 
 
+_DECIMAL = r"\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*"
+_DECIMAL_TEXT = re.compile(_DECIMAL)
+_DECIMAL_BYTES = re.compile(_DECIMAL.encode())
+
+
+def decimal_number(value: bytes | str) -> float:
+    """``value`` read as a number written in decimal digits (JSON's, with an optional ``+``
+    and spaces around), else NaN. Python's ``float`` also reads ``1_2`` as 12, other scripts'
+    digits, ``nan`` and ``infinity``: a value written by hand as ``1_2`` was looked up as 12
+    (found by a helper's probe)."""
+    pattern = _DECIMAL_BYTES if isinstance(value, bytes) else _DECIMAL_TEXT
+    return float(value) if pattern.fullmatch(value) else math.nan  # type: ignore[arg-type]
+
+
 def stored_number(value: bytes | str) -> float:
     """A value of the feature store as a number; NaN when it is none or no float32 (an empty
     value, text, ``inf``, past float32's range)."""
-    try:
-        number = float(value)
-    except ValueError:
-        return math.nan
+    number = decimal_number(value)
     return number if finite_float32(number) else math.nan
 
 

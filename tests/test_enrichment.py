@@ -165,6 +165,19 @@ def test_bad_bodies_are_refused_naming_the_fault(body: bytes, needle: str) -> No
     assert any(needle in e["msg"] for e in errors), errors
 
 
+def test_a_full_batch_with_its_entities_is_taken() -> None:
+    """The bound on arrays opened did not count the ``entities`` array: a batch of
+    ``max_rows`` rows was refused as too many rows (found by a probe)."""
+    rows = 10
+    body = json.dumps({"entities": [f"c{i}" for i in range(rows)],
+                       "instances": [[1.0, 2.0]] * rows}).encode()  # fmt: skip
+    x, entities = enriched_rows(SPEC, parse_body(body, SPEC, rows), rows)
+    assert x.shape == (rows, 2) and len(entities) == rows
+    over = body.replace(b'"instances": [', b'"instances": [[1.0, 2.0], ')
+    [error] = _refusal(lambda: parse_body(over, SPEC, rows))
+    assert "at most 10 rows" in error["msg"]
+
+
 def test_a_deployment_without_a_lookup_refuses_an_entity() -> None:
     plain = SPEC.with_lookup(None)
     body = b'{"entity": "c-1", "features": {"a": 1, "b": 2, "c": 3, "d": 4}}'
@@ -395,8 +408,14 @@ def test_features_load_refuses_a_file_the_gateway_would_and_sends_nothing(
     keyless.write_text(f'{{"customer_id": "k-1", "{first}": 1.0}}\n{{"{first}": 2.0}}\n')
     number = tmp_path / "number.jsonl"
     number.write_text(f'{{"customer_id": 5, "{first}": 1.0}}\n')
+    twice = tmp_path / "twice.csv"  # found by a helper's probe: the last value was sent
+    twice.write_text(f"customer_id,{first},{first}\nt-1,1.0,4.0\n")
+    underscore = tmp_path / "underscore.csv"  # float() reads 1_2 as 12
+    underscore.write_text(f"customer_id,{first}\nu-1,1_2\n")
     for path, said in ((latin, "not UTF-8"), (nan, ":2: "),
-                       (keyless, ":2: no 'customer_id'"), (number, ":1: 5, not text")):  # fmt: skip
+                       (keyless, ":2: no 'customer_id'"), (number, ":1: 5, not text"),
+                       (twice, f"column {first!r} appears more than once"),
+                       (underscore, ":2: ")):  # fmt: skip
         done = rdv_features_load(enriched, path)
         assert done.returncode != 0 and said in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
@@ -408,11 +427,12 @@ def test_the_entity_view_shows_hand_written_values_predict_refuses(enriched: Sys
     where predict answers 422 (found by hand); it is shown as unusable now."""
     key = names.entity_key(DEMO_DEPLOYMENT, "hand")
     enriched.r.hset(key, mapping={LOOKED_UP[0]: "abc", LOOKED_UP[1]: "", LOOKED_UP[2]: "1e39",
-                                  LOOKED_UP[3]: "2.5"})  # fmt: skip
+                                  LOOKED_UP[3]: "2.5", LOOKED_UP[4]: "1_2"})  # fmt: skip
     resp = admin(enriched, "GET", "/entities/hand")
     assert resp.status_code == 200, resp.text
     assert resp.json()["features"] == {LOOKED_UP[3]: 2.5}
-    assert resp.json()["unusable"] == {LOOKED_UP[0]: "abc", LOOKED_UP[1]: "", LOOKED_UP[2]: "1e39"}
+    assert resp.json()["unusable"] == {LOOKED_UP[0]: "abc", LOOKED_UP[1]: "", LOOKED_UP[2]: "1e39",
+                                       LOOKED_UP[4]: "1_2"}  # read as 12 before  # fmt: skip
     only_empty = names.entity_key(DEMO_DEPLOYMENT, "empty")
     enriched.r.hset(only_empty, LOOKED_UP[0], "")  # present, as predict reads it
     assert admin(enriched, "GET", "/entities/empty").json()["unusable"] == {LOOKED_UP[0]: ""}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.cli.admin_http import admin_request, admin_session
 from gateway.cli.records import json_lines
-from rendezvous.spec import float32_number
+from rendezvous.spec import decimal_number, float32_number
 
 if TYPE_CHECKING:
     import httpx
@@ -91,8 +92,12 @@ def _records(path: Path, kind: str, key: str) -> Iterator[tuple[int, dict[str, A
                     yield n, doc
                 return
             reader = csv.DictReader(f)
-            if key not in (reader.fieldnames or []):
+            header = reader.fieldnames or []
+            if key not in header:
                 sys.exit(f"{path}: no column {key!r} (the lookup's key) in the header")
+            twice = sorted({column for column in header if header.count(column) > 1})
+            if twice:  # the reader keeps the last of them: a value would go unseen
+                sys.exit(f"{path}: column {twice[0]!r} appears more than once in the header")
             for row in reader:
                 n = reader.line_num
                 entity: dict[str, Any] = {}
@@ -102,10 +107,8 @@ def _records(path: Path, kind: str, key: str) -> Iterator[tuple[int, dict[str, A
                     if column == key:
                         entity[column] = value
                     elif value.strip():
-                        try:
-                            entity[column] = float(value)
-                        except ValueError:
-                            entity[column] = value
+                        number = decimal_number(value)
+                        entity[column] = value if math.isnan(number) else number
                         if not float32_number(entity[column]):
                             sys.exit(f"{path}:{n}: {column} {value!r} is not a finite number")
                 yield n, entity

@@ -60,7 +60,8 @@ def parse_body(raw: bytes, spec: FeatureSpec, max_rows: int) -> PredictRequest:
     with more arrays than ``max_rows`` rows can hold is refused before: parsing a megabyte of
     ``[[1],[1],...]`` cost ~110 ms of the event loop before the row cap (found by hand)."""
     arrays = raw.count(b"[")
-    if arrays > max_rows + 1 + _brackets_in(spec.names):
+    entities = 1 if spec.lookup is not None else 0  # the ``entities`` array beside the rows
+    if arrays > max_rows + 1 + entities + _brackets_in(spec.names):
         msg = (f"the body opens {arrays} arrays: a request holds at most {max_rows} rows, an "
                "array of numbers each")  # fmt: skip
         raise RequestValidationError([_error(("instances",), msg, "too_long")])
