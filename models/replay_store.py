@@ -142,8 +142,10 @@ def replay_report_for(
 ) -> dict[str, Any] | None:
     """The latest finished (``done``) replay report of a model version (of ``model``, any
     name if None) that scored at least ``min_records``, else the latest finished one, for a
-    promotion gate that requires one; None if there is none. Why the floor: a quick replay of
-    a few records, run after a full one, decided the gate alone (found by a helper's probe)."""
+    promotion gate that requires one; None if there is none. Without a floor, the one that
+    scored the most records (the latest of those). Why: a quick replay of a few records, run
+    after a full one, decided the gate alone (found by helpers' probes, with and without a
+    floor)."""
     finished = []
     for report in ReplayStore(client).list(deployment):
         ref = report.get("model", {})
@@ -151,6 +153,9 @@ def replay_report_for(
             continue
         if model is None or ref.get("name") == model:
             finished.append(report)
-    enough = [r for r in finished if int(r.get("records") or 0) >= (min_records or 0)]
-    chosen = enough or finished
-    return chosen[0] if chosen else None
+    if not finished:
+        return None
+    if min_records is None:  # newest first: max keeps the latest of equals
+        return max(finished, key=lambda r: int(r.get("records") or 0))
+    enough = [r for r in finished if int(r.get("records") or 0) >= min_records]
+    return (enough or finished)[0]

@@ -131,6 +131,10 @@ def test_interrupt_and_resume_give_the_same_report(served: Served, first: dict) 
         (REPLAYS, {"version": 1, "from": "yesterday"}, 422, "neither ISO-8601"),
         (REPLAYS, {"version": 1, "from": 1, "last": 5}, 422, "not both"),
         (REPLAYS, {"version": 1, "last": 0}, 422, "greater than or equal to 1"),
+        # found by a helper's probe: coerced, and {"version": true} replayed version 1
+        (REPLAYS, {"version": True, "last": 5}, 422, "valid integer"),
+        (REPLAYS, {"version": "2", "last": 3}, 422, "valid integer"),
+        (REPLAYS, {"version": 1, "last": True}, 422, "valid integer"),
         (
             REPLAYS,
             {"version": 1, "positions": {PARTITION_0: {"first": "9-0", "last": "1-0"}}},
@@ -350,11 +354,15 @@ def test_the_gate_can_require_a_replay_of_the_candidate(served: Served, first: d
         promote, json={"version": served.weak, "min_replay_records": latest["records"] + 1}
     )
     assert too_few.status_code == 409 and "min_replay_records" in too_few.text, too_few.text
-    # a quick replay of one record, run after the full one, does not stand in for it where a
-    # number of records is demanded (found by a helper's probe: the latest alone was judged)
+    # a quick replay of one record, run after the full one, does not stand in for it, with a
+    # number of records demanded or without (found by helpers' probes: the latest alone was
+    # judged; without a floor, one record that agreed passed a gate the full replay failed)
     quick = served.finished(served.replay({"version": served.weak, "last": 1})["id"])
     assert quick["records"] == 1
-    assert replay_report_for(served.r, DEMO_DEPLOYMENT, served.weak)["id"] == quick["id"]  # type: ignore[index]
+    assert replay_report_for(served.r, DEMO_DEPLOYMENT, served.weak)["id"] == full["id"]  # type: ignore[index]
+    judged = served.http.post(promote, json={"version": served.weak, "require_replay": True,
+                                             "min_replay_agreement": 1.0})  # fmt: skip
+    assert judged.status_code == 409 and full["id"] in judged.text, judged.text
     ok = served.http.post(promote, json={
         "version": served.weak, "require_replay": True, "min_replay_records": latest["records"],
         "min_replay_agreement": rate, "reason": "replayed",

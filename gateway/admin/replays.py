@@ -45,7 +45,7 @@ class ReplayIn(BaseModel):
     """A replay's request: a version, and which archived records (a time range, the last N,
     or the positions of an earlier report; nothing: everything archived until now)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
     version: int = Field(ge=1, le=MAX_VERSION)
     model: str | None = Field(default=None, description="default: the real model's name")
