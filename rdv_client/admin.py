@@ -95,6 +95,10 @@ class AdminCalls(Generic[Doc]):
     def entity(self, deployment: str, key: str) -> Doc:
         return self._admin("GET", f"/deployments/{segment(deployment)}/entities/{segment(key)}")
 
+    def delete_entity(self, deployment: str, key: str) -> Doc:
+        """Remove one entity from the online store (404 if it holds none)."""
+        return self._admin("DELETE", f"/deployments/{segment(deployment)}/entities/{segment(key)}")
+
     def shadow(self, deployment: str) -> Doc:
         """Each non-real role's record against real over the recent decision records."""
         return self._admin("GET", f"/deployments/{segment(deployment)}/shadow")

@@ -80,8 +80,8 @@ def _walk(routes: list[Any], prefix: str = "") -> Iterator[tuple[str, APIRoute]]
         if inner is not None:
             context = getattr(route, "include_context", None)
             yield from _walk(inner.routes, prefix + getattr(context, "prefix", ""))
-        elif isinstance(route, APIRoute):
-            yield prefix + route.path, route
+        elif isinstance(route, APIRoute):  # as the schema names it: no {name:path} converter
+            yield prefix + re.sub(r":\w+}", "}", route.path), route
 
 
 def admin_routes(client: AppClient) -> list[tuple[str, str]]:

@@ -582,6 +582,13 @@ def test_the_typed_client_declares_loads_and_reads_entities(
             assert rdv.load_entities(DEMO_DEPLOYMENT, [{"customer_id": key, **stored}])["loaded"]
             shown = rdv.entity(DEMO_DEPLOYMENT, key)
             assert shown["features"] == pytest.approx(stored), (key, shown)
+            assert rdv.delete_entity(DEMO_DEPLOYMENT, key)["deleted"] is True
+            with pytest.raises(RdvError) as gone:
+                rdv.entity(DEMO_DEPLOYMENT, key)
+            assert gone.value.status == 404
+        with pytest.raises(RdvError) as never:  # nothing to delete: said so
+            rdv.delete_entity(DEMO_DEPLOYMENT, "never-loaded")
+        assert never.value.status == 404 and "never-loaded" in str(never.value)
         row = DATA.x_test[9]
         answer = rdv.predict(DEMO_DEPLOYMENT, features=caller_part(row), entity="c-client")
         labels, _ = real.predict(merged_row(row, stored)[None, :])

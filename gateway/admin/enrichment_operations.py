@@ -80,6 +80,16 @@ class EnrichmentOperations(AdminCore):
             doc["unusable"] = unusable
         return doc
 
+    def delete_entity(self, name: str, entity: str, actor: str) -> dict[str, Any]:
+        """Remove one entity from the online store (a customer gone, a key loaded by mistake):
+        predict then finds nothing for it (the lookup's defaults, else 422)."""
+        self._dep(name)
+        if not names.ENTITY_PATTERN.fullmatch(entity):
+            raise NotFound(f"no entity {entity[:130]!r} in the feature store of {name}")
+        if not self.client.delete(names.entity_key(name, entity)):
+            raise NotFound(f"no entity {entity!r} in the feature store of {name}")
+        return {"deployment": name, "entity": entity, "deleted": True, "by": actor}
+
 
 def _entity_writes(
     lookup: Lookup, rows: list[dict[str, Any]]

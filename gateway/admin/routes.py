@@ -261,6 +261,15 @@ def build_router(settings: Settings) -> APIRouter:
         ``/`` in it, as ``acct/17``, is read too: it was a 404 however it was escaped)."""
         return await _call(_service(request).entity, deployment, name)
 
+    @router.delete("/deployments/{deployment}/entities/{name:path}")
+    async def delete_entity(
+        request: Request, deployment: str, name: str, actor: Actor = None
+    ) -> Any:
+        """Remove one entity's stored features; 404 if the store has none."""
+        done = await _call(_service(request).delete_entity, deployment, name, actor or "admin")
+        log.info("entity %r of %s deleted by %s", name, deployment, actor or "admin")
+        return done
+
     @router.get("/deployments/{deployment}/drift/thresholds")
     async def drift_thresholds(request: Request, deployment: str) -> Any:
         """The drift thresholds in force (the defaults where the deployment has none)."""
