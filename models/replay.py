@@ -190,7 +190,11 @@ class Runner:
         return {**report_view(report, tally), "state": DONE}
 
     def _interrupted(self, report: dict[str, Any], tally: Tally) -> dict[str, Any]:
-        why = "asked to stop" if self._cancelled else "the gateway stopped it"
+        why = (
+            "asked to stop"
+            if self._cancelled
+            else "the gateway running it stopped or died: resume it (POST .../resume)"
+        )
         return {**report_view(report, tally), "state": INTERRUPTED, "reason": why}
 
     def _resolve(self, deployment: str, report: dict[str, Any], tally: Tally) -> None:

@@ -447,7 +447,7 @@ def test_a_killed_replay_reads_interrupted_at_once_and_an_orphaned_one_stops(
     finally:
         other.kill()
     ended = served.finished(orphan, timeout_s=8)  # its batches alone would take 10 s or more
-    assert ended["state"] == "interrupted" and ended["reason"] == "the gateway stopped it"
+    assert ended["state"] == "interrupted" and "stopped or died" in ended["reason"]
     assert ended["progress"]["done"] < ended["progress"]["total"]
 
 
@@ -461,7 +461,7 @@ def test_a_replay_stopped_with_its_gateway_resumes_after_a_restart(
     assert served.proc.stop(timeout_s=40) == 0, served.proc.log_text()[-3000:]
     stopped = ReplayStore(served.r).get(DEMO_DEPLOYMENT, rid)
     assert stopped is not None and stopped["state"] == "interrupted", stopped
-    assert stopped["reason"] == "the gateway stopped it"
+    assert stopped["reason"].startswith("the gateway running it stopped or died")
     assert 0 < stopped["progress"]["done"] < stopped["progress"]["total"] == len(served.ids)
     served.proc = RdvProcess(["serve", "--data-dir", str(served.data)], served.env,
                              served.proc.log_path.with_name("serve-2.log"))  # fmt: skip
