@@ -39,7 +39,7 @@ from models.logbin_owner import let_go, renewal
 from models.logbin_states import DeploymentStates
 from rendezvous import names
 from rendezvous.bus.aside import ASIDE_S, UNREACHABLE
-from rendezvous.bus.connection import REDIS_DOWN, REDIS_FAILURES, Client, out_of_memory
+from rendezvous.bus.connection import REDIS_DOWN, REDIS_FAILURES, Client, write_refused
 from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry
 from rendezvous.bus.retention import Retention
 from rendezvous.bus.routing import Command, command, raise_first_error
@@ -161,16 +161,12 @@ class LogBin(ConsumerLoop):
 
     def failed(self, exc: Exception, retry_in_s: float) -> bool:
         """Every failure is ridden out: a dead log bin silently stops the archive."""
-        if isinstance(exc, REDIS_DOWN) or out_of_memory(exc):
+        if isinstance(exc, REDIS_DOWN):
             log.warning("logbin: redis unavailable (%s); retry in %.2fs", exc, retry_in_s)
+        elif refused := write_refused(exc):
+            self._say_once_a_minute(f"Redis refuses writes: {refused}", retry_in_s)
         elif isinstance(exc, OSError):
-            failing = f"archive write failed: {exc}"[:500]
-            if failing != self.stats.failing or time.monotonic() >= self._say_failing_at:
-                # once a minute while it lasts, not at every try (four a second)
-                self._say_failing_at = time.monotonic() + 60.0
-                log.error("logbin: archive write failed (%s); retrying every %.2fs",
-                          exc, retry_in_s)  # fmt: skip
-            self.stats.failing = failing
+            self._say_once_a_minute(f"archive write failed: {exc}", retry_in_s)
         else:
             log.error("logbin: unexpected error; retry in %.2fs", retry_in_s, exc_info=exc)
             self.stats.failing = f"{type(exc).__name__}: {exc}"[:500]
@@ -179,6 +175,15 @@ class LogBin(ConsumerLoop):
             with contextlib.suppress(redis.RedisError):
                 self.client.hset(names.LOGBIN_STATS, self.consumer, self.stats_json(time.time()))
         return True
+
+    def _say_once_a_minute(self, failing: str, retry_in_s: float) -> None:
+        """Log a failure that lasts once a minute, not at every try (four a second), and
+        publish it (``/readyz``, the metrics)."""
+        failing = failing[:500]
+        if failing != self.stats.failing or time.monotonic() >= self._say_failing_at:
+            self._say_failing_at = time.monotonic() + 60.0
+            log.error("logbin: %s; retrying every %.2fs", failing, retry_in_s)
+        self.stats.failing = failing
 
     def close(self) -> None:
         """Close the writer and remove our published counters (so they leave ``/metrics`` at

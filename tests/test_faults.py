@@ -235,6 +235,51 @@ def test_a_redis_at_its_memory_limit_is_ridden_out_and_recovers_by_itself(
         server.stop()
 
 
+def test_a_redis_that_cannot_persist_is_ridden_out_and_recovers_by_itself(
+    demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Redis refusing writes because it cannot write to disk (MISCONF: under ``rdv serve`` its
+    file shares the data folder's disk with the archive) made every worker stop on an error,
+    so predicts timed out after the disk had room again, and the log bin logged a traceback
+    four times a second (found by a helper's probe): now a passing fault, as OOM is."""
+    folder = tmp_path_factory.mktemp("misconf")
+    server = EmbeddedRedis(folder / "redis").start()
+    client = redis.Redis.from_url(server.url)
+    try:
+        with launch_system(server.url, demo_data_dir, tmp_path_factory, SCHEDULE,
+                           RDV_WORKER_BLOCK_MS="200") as system:  # fmt: skip
+            system.start_worker("real")
+            system.start_worker("canary")
+            body = bodies(1)[0]
+            predict = "/v1/deployments/breast-cancer/predict"
+            wait_until(lambda: system.http.post(predict, json=body).status_code == 200, 20,
+                       "a first answer")  # fmt: skip
+            gone = folder / "gone"  # its snapshot fails: a full or lost disk, to Redis
+            gone.mkdir()
+            client.config_set("save", "3600 1")
+            client.config_set("dir", str(gone))
+            gone.rmdir()
+            client.bgsave()
+            wait_until(lambda: client.info("persistence")["rdb_last_bgsave_status"] == "err", 10,
+                       "the snapshot to fail")  # fmt: skip
+            time.sleep(2.0)  # workers, log bin and heartbeats meet the refusal meanwhile
+            refused = system.http.post(predict, json=body)
+            assert refused.status_code == 503, refused.text
+            assert "cannot write its data to disk" in refused.json()["detail"], refused.text
+            assert "user_script" not in refused.text  # not the script's internals
+            client.config_set("dir", str(folder / "redis"))
+            client.bgsave()
+            wait_until(lambda: system.http.post(predict, json=body).status_code == 200, 20,
+                       "predicts to answer again once Redis can write")  # fmt: skip
+            assert all(p.alive() for p in system.procs.values())
+            for role in ("real", "canary"):
+                assert "stopped on an error" not in system.procs[role].log_text()
+            assert system.procs["logbin"].log_text().count("Traceback") == 0
+    finally:
+        client.close()
+        server.stop()
+
+
 def test_a_log_bin_that_stops_archiving_bounds_the_backlog_in_bytes(
     bus_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

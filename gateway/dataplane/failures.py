@@ -14,7 +14,7 @@ from redis.exceptions import RedisClusterException
 
 from gateway.dataplane.mailbox import Answer, DuplicateRequest
 from gateway.problems import RETRY, Problem, unavailable
-from rendezvous.bus.connection import MEMORY_LIMIT, out_of_memory
+from rendezvous.bus.connection import write_refused
 
 
 class UnknownDeployment(LookupError):
@@ -101,8 +101,8 @@ def problem_of(exc: BaseException) -> Problem | None:
         return Problem(429, str(exc), headers=RETRY)
     if isinstance(exc, Unavailable | Backlogged):
         return unavailable(str(exc))
-    if out_of_memory(exc):
-        return unavailable(MEMORY_LIMIT)
+    if refused := write_refused(exc):
+        return unavailable(refused)
     if isinstance(exc, redis.RedisError | RedisClusterException):
         return unavailable(f"Redis is unavailable: {type(exc).__name__}")
     if isinstance(exc, NoAnswer):

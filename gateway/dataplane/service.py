@@ -47,7 +47,7 @@ from rendezvous.bus.appender import (
     StreamGone,
 )
 from rendezvous.bus.async_router import Router
-from rendezvous.bus.connection import MEMORY_LIMIT, REDIS_FAILURES, out_of_memory
+from rendezvous.bus.connection import REDIS_FAILURES, write_refused
 from rendezvous.envelope import RequestEnvelope
 from rendezvous.ood import OodReference
 from rendezvous.spec import FeatureSpec
@@ -292,8 +292,8 @@ class PredictionService:
                     f"deployment {dep.name}'s input stream is gone: the deployment was "
                     "deleted, or Redis lost the stream and its readers are making it again"
                 )
-            elif out_of_memory(exc):
-                why = MEMORY_LIMIT
+            elif refused := write_refused(exc):
+                why = refused
             else:
                 why = f"the request bus is unavailable: {exc}"
             self.rendezvous.fail(mailbox, Unavailable(why))

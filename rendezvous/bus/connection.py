@@ -274,11 +274,25 @@ MEMORY_LIMIT = (
     "Redis is at its memory limit (maxmemory) and refuses writes; free memory or raise the "
     "limit (lower RDV_DECISIONS_MAXLEN, RDV_MAX_BACKLOG and RDV_REPLY_MAXLEN to fit it)"
 )
+CANNOT_PERSIST = (
+    "Redis cannot write its data to disk (MISCONF: its disk is full or unwritable) and "
+    "refuses writes until it can; free its disk (it goes on by itself)"
+)
 
 
-def out_of_memory(exc: BaseException) -> bool:
-    """Redis refused a write at its ``maxmemory`` (``noeviction``): transient, it passes once
-    memory frees (streams trimmed, keys expired) or the limit is raised."""
-    return isinstance(exc, redis.exceptions.OutOfMemoryError) or (
-        isinstance(exc, redis.ResponseError) and str(exc).startswith("OOM")
-    )
+def write_refused(exc: BaseException) -> str | None:
+    """Why Redis refused a write for a while, or None: at its ``maxmemory`` (``noeviction``;
+    passes once memory frees or the limit is raised), or unable to persist (``MISCONF``: its
+    disk is full; passes once it has room). A script's call carries the code inside its own
+    error (``...: @user_script:6: -MISCONF ...``): a full disk under the data folder made every
+    worker stop on an error, and the log bin log a traceback four times a second (found by a
+    helper's probe)."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return MEMORY_LIMIT
+    if not isinstance(exc, redis.ResponseError):
+        return None
+    message = str(exc)
+    for code, why in (("OOM", MEMORY_LIMIT), ("MISCONF", CANNOT_PERSIST)):
+        if message.startswith(code) or f"-{code} " in message:
+            return why
+    return None

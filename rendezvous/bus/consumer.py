@@ -39,7 +39,7 @@ import redis
 
 from rendezvous.bus import group_reads
 from rendezvous.bus.aside import SetAside
-from rendezvous.bus.connection import MEMORY_LIMIT, REDIS_DOWN, out_of_memory
+from rendezvous.bus.connection import REDIS_DOWN, write_refused
 from rendezvous.bus.connection import Client as AnyClient
 from rendezvous.bus.group_reads import Batch, Entry, Membership
 from rendezvous.bus.reader import GroupReader
@@ -140,13 +140,13 @@ class ConsumerLoop(ABC):
     def failed(self, exc: Exception, retry_in_s: float) -> bool:
         """``run`` caught ``exc`` from a step: True to retry in ``retry_in_s`` (after
         re-reading our pending entries), False to stop; anything else, raise it. This default
-        rides out Redis outages and Redis at its memory limit only."""
+        rides out Redis outages and Redis refusing writes for a while (``write_refused``) only."""
         if isinstance(exc, REDIS_DOWN):
             log.warning("%s: redis unavailable (%s); retrying in %.2fs", self.consumer, exc,
                         retry_in_s)  # fmt: skip
             return True
-        if out_of_memory(exc):
-            log.warning("%s: %s; retrying in %.2fs", self.consumer, MEMORY_LIMIT, retry_in_s)
+        if refused := write_refused(exc):
+            log.warning("%s: %s; retrying in %.2fs", self.consumer, refused, retry_in_s)
             return True
         raise exc
 
