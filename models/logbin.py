@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import time
@@ -279,24 +280,50 @@ class LogBin(ConsumerLoop):
                 envelopes.setdefault(stream, []).append(env)
             records.setdefault(stream, []).append(line)
             ids.setdefault(stream, []).append(entry_id)
-        written: list[str] = []
+        written: dict[str, int] = {}
+        """Stream -> how many of its records (the first ones) are on disk."""
+        error: OSError | None = None
         try:
             for stream, batch in records.items():
-                self.stats.bytes_written += self.writer.append_batch(self._streams[stream], batch)
-                written.append(stream)
+                written[stream], error = self._write_leading(self._streams[stream], batch)
+                if error is not None:
+                    break
         finally:
             # Ack what is on disk even if a later deployment's write failed. Counted before
             # the ack so that the counters riding in the ack's round trip include this batch.
+            written = {s: n for s, n in written.items() if n}
             if written:
-                if len(written) == len(records):
+                whole = [s for s, n in written.items() if n == len(ids[s])]
+                if len(whole) == len(records):
                     self.stats.failing = ""
-                self.stats.records += sum(len(ids[s]) for s in written)
-                self.stats.undecodable += sum(undecodable[s] for s in written)
+                self.stats.records += sum(written.values())
+                self.stats.undecodable += sum(undecodable[s] for s in whole)
                 self.stats.batches += 1
-                self._watch({s: envelopes.get(s, []) for s in written})
-                self._ack({s: ids[s] for s in written})
+                self._watch({s: envelopes.get(s, []) for s in whole})
+                self._ack({s: ids[s][:n] for s, n in written.items()})
                 self.retention.archived(written)
+        if error is not None:
+            raise error  # the rest waits, pending, for the next try
         return len(entries)
+
+    def _write_leading(self, deployment: str, lines: list[str]) -> tuple[int, OSError | None]:
+        """Write ``lines`` as one member or, where the disk has no room for that many (a batch
+        of 512 large requests may need a hundred megabytes), as many of the first ones as it
+        has room for, halving; returns how many are on disk and the disk's error if not all.
+        A disk with less room than one batch left the archive stuck until a person made more
+        (found by a helper's probe)."""
+        try:
+            self.stats.bytes_written += self.writer.append_batch(deployment, lines)
+            return len(lines), None
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC or len(lines) == 1:
+                return 0, exc
+        half = len(lines) // 2
+        first, error = self._write_leading(deployment, lines[:half])
+        if error is not None:
+            return first, error
+        rest, error = self._write_leading(deployment, lines[half:])
+        return first + rest, error
 
     def _watch(self, envelopes: dict[str, list[RequestEnvelope]]) -> None:
         """The archived rows to the feature detectors (a failure there is logged, never

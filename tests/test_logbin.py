@@ -381,3 +381,37 @@ def test_a_failing_archive_is_published_at_once_and_cleared_by_the_next_write(
     assert logbin.drain() == 5
     assert logbin.stats.failing == "" and _pending(r) == 0
     writer.close()
+
+
+class RoomFor(SegmentWriter):
+    """A disk with room for ``lines`` records a write: a larger member meets ENOSPC."""
+
+    lines = 3
+
+    def append_batch(self, deployment: str, lines: list[str]) -> int:
+        if len(lines) > self.lines:
+            raise OSError(28, "No space left on device")
+        self.lines -= len(lines)
+        return super().append_batch(deployment, lines)
+
+
+def test_a_disk_with_room_for_part_of_a_batch_takes_that_part(
+    r: redis.Redis, data_dir: Path
+) -> None:
+    """A batch is one member, all or nothing: a disk with less room than a whole batch left
+    the archive stuck, retrying the same batch, until a person made more room (found by a
+    helper's probe). The part that fits goes, and is acked; the rest waits, pending."""
+    sent = _publish(r, 8)
+    writer = RoomFor(data_dir)
+    logbin = _logbin(r, writer)
+    with pytest.raises(OSError):
+        logbin.step(block_ms=None)
+    assert logbin.stats.records == 3 and _pending(r) == 5
+    archived = [rec["request_id"] for rec in ArchiveReader(data_dir).records("demo")]
+    assert archived == [e.request_id for e in sent.values()][:3]  # the first ones, in order
+    writer.lines = 100  # room again
+    logbin.reader.reset()
+    assert logbin.drain() == 5 and _pending(r) == 0
+    archived = [rec["request_id"] for rec in ArchiveReader(data_dir).records("demo")]
+    assert archived == [e.request_id for e in sent.values()]
+    writer.close()
