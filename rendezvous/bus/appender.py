@@ -242,7 +242,10 @@ class StreamAppender:
                     self._settle(item.replicated, item.stream, result, acked.get(item.stream))
                 if not isinstance(result, Exception):
                     if item.on_appended is not None and isinstance(result, bytes):
-                        item.on_appended(result)
+                        try:
+                            item.on_appended(result)
+                        except Exception:  # the other appends' callbacks still run
+                            log.exception("append callback failed")
                     continue
                 if isinstance(result, REDIS_FAILURES):  # not a taken id, not a bug
                     self._failed_ms[item.stream] = time.time() * 1000
