@@ -10,7 +10,8 @@ import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import redis
@@ -38,6 +39,7 @@ from rendezvous import names
 from rendezvous.bus.connection import AsyncClient, connect, connect_async
 from rendezvous.bus.local_cluster import LocalCluster
 from rendezvous.schedule import Schedule
+from rendezvous.spec import FeatureSpec
 
 SCHEDULE = Schedule(real_deadline_ms=50, timeout_ms=100, fallbacks=("canary",), grace_ms=10)
 BODY = json.dumps({"instances": demo_data().x_test[:1].tolist()}).encode()
@@ -373,3 +375,33 @@ async def test_a_deleted_deployments_queued_jobs_fail_saying_so_and_its_purge_st
             await service.read(DEMO_DEPLOYMENT, jobs[0])
     finally:
         await service.stop()
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.done: list[tuple[str | None, str, bool]] = []
+
+    def request_done(self, deployment: str | None, outcome: str, seconds: float | None) -> None:
+        self.done.append((deployment, outcome, seconds is not None))
+
+
+async def test_a_jobs_tries_refused_for_a_moment_are_not_counted_nor_its_wait_timed() -> None:
+    """Every try of a job's run refused for a moment (busy, Redis down) counted one more
+    "rejected" or "error" that no caller saw, and a job's wait for busy models (up to
+    RDV_JOB_TIMEOUT_MS) went into the predicts' latency histogram (found by a helper's metrics
+    probe): a job counts once, at its end, untimed."""
+    deployments = DeploymentCache(cast(Any, None))
+    spec = FeatureSpec.from_names(["a", "b"])
+    deployments.deployments["demo"] = cast(Any, SimpleNamespace(name="demo", feature_spec=spec))
+    tally = Tally()
+    service = PredictionService(deployments, cast(Any, None), cast(Any, None), max_rows=8,
+                                max_in_flight=4, max_backlog=100, metrics=tally)  # fmt: skip
+    service.in_flight = 4  # full: a try is refused
+    body = b'{"instances": [[1, 2]]}'
+    for job in ("job-1", ""):
+        with pytest.raises(Overloaded):
+            await service.predict("demo", body, "r-1", job=job)
+    assert tally.done == [("demo", "rejected", False)]  # the predict's, not the job's try
+    with pytest.raises(RequestValidationError):  # an end: counted
+        await service.predict("demo", b"{}", "r-1", job="job-1")
+    assert tally.done[-1] == ("demo", "invalid", False)

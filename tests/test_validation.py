@@ -7,7 +7,7 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from gateway.dataplane.service import predictions
+from gateway.dataplane.answers import predictions
 from gateway.dataplane.validation import PredictRequest, check_request_id, to_matrix
 from rendezvous.spec import FeatureSpec
 

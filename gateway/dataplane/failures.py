@@ -14,7 +14,7 @@ from redis.exceptions import RedisClusterException
 
 from gateway.dataplane.mailbox import Answer, DuplicateRequest
 from gateway.problems import RETRY, Problem, unavailable
-from rendezvous.bus.connection import write_refused
+from rendezvous.bus.connection import REDIS_FAILURES, write_refused
 
 
 class UnknownDeployment(LookupError):
@@ -42,6 +42,15 @@ class NoAnswer(TimeoutError):
         super().__init__(answer.reason)
         self.request_id = request_id
         self.answer = answer
+
+
+def passing(exc: BaseException) -> bool:
+    """A refusal that passes: this process or the deployment is busy, or Redis is down or
+    refusing for a moment (503 and 429 tell a caller to retry; an async job's run is tried
+    again). A timeout of the models (``NoAnswer``) is an answer, not one of them."""
+    if isinstance(exc, NoAnswer):
+        return False
+    return isinstance(exc, (Overloaded, Backlogged, Unavailable, *REDIS_FAILURES))
 
 
 MAX_FAULTS = 10

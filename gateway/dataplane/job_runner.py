@@ -16,12 +16,10 @@ import redis
 from fastapi.exceptions import RequestValidationError
 
 from gateway.dataplane.failures import (
-    Backlogged,
     DuplicateRequest,
     NoAnswer,
-    Overloaded,
-    Unavailable,
     UnknownDeployment,
+    passing,
 )
 from gateway.dataplane.job_slots import JobSlots
 from gateway.dataplane.job_store import JobStore
@@ -57,14 +55,6 @@ def consumer_name() -> str:
     old jobs are claimed like a dead one's."""
     host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:32]
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-def _transient(exc: BaseException) -> bool:
-    """Worth running again later: this process or the bus is busy or down for a moment. A
-    timeout of the models (``NoAnswer``) is the job's end."""
-    if isinstance(exc, NoAnswer):
-        return False
-    return isinstance(exc, (Overloaded, Backlogged, Unavailable, *REDIS_FAILURES))
 
 
 def _is_nogroup(exc: BaseException) -> bool:
@@ -291,7 +281,7 @@ class JobRunner:
             except (RequestValidationError, UnknownDeployment, DuplicateRequest, NoAnswer) as exc:
                 status, field, doc = FAILED, b"error", error_doc(exc)
             except Exception as exc:
-                if not _transient(exc):
+                if not passing(exc):
                     status, field, doc = FAILED, b"error", error_doc(exc)
                 else:
                     # Busy or Redis down: again after a pause, still holding the entry (the

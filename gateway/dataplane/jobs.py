@@ -125,6 +125,9 @@ class JobService:
         except (Overloaded, Backlogged):
             self._refused(deployment, "rejected")
             raise
+        except Exception:  # Redis failed: a 503, as a predict's (the job may exist all the same)
+            self._refused(deployment, "error")
+            raise
 
     def _refused(self, deployment: str, outcome: str) -> None:
         known = deployment if deployment in self.deployments.deployments else None

@@ -14,8 +14,8 @@ from typing import Any
 
 from fastapi import Request
 
+from gateway.dataplane.answers import pinned_role
 from gateway.dataplane.deployments import DeploymentCache
-from gateway.dataplane.service import pinned_role
 from gateway.transport.oip_lookup import lookup_inputs
 from gateway.transport.oip_schema import INPUT, LABEL, PROBABILITIES
 from models.deployments import Deployment, ModelRef
