@@ -248,6 +248,33 @@ class DeploymentStore:
             ensure_groups(self.client, after)
         return before, after
 
+    def holders_of(self, ref: ModelRef) -> builtins.list[str]:
+        """``deployment/role`` for every role ``ref`` holds. Each deployment's state is read
+        and written back unchanged in one transaction: a change that read the state before
+        (a promote about to give ``ref`` a role) then finds it moved and reads it again,
+        meeting whatever the caller marked first (``ModelRegistry.retire``). Without it, a
+        delete and a promote of one version at once both succeeded and left real on a
+        deleted model (found by a helper's probe)."""
+        holders: builtins.list[str] = []
+        for name in self.list():
+            key = names.deployment_key(name)
+            with self.client.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        pipe.watch(key)
+                        raw = pipe.get(key)
+                        if raw is None:
+                            break
+                        dep = Deployment.from_json(raw)
+                        holders += [f"{name}/{r}" for r, held in dep.roles.items() if held == ref]
+                        pipe.multi()
+                        pipe.set(key, raw)
+                        pipe.execute()
+                        break
+                    except redis.WatchError:
+                        continue
+        return holders
+
     def note(
         self,
         name: str,

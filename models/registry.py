@@ -125,6 +125,22 @@ class ModelRegistry:
             self.index.sismember(MODELS_RETIRED, _field(name, version))
         )
 
+    def retired(self, name: str, version: int) -> bool:
+        """Deleted, or marked to be (``retire``): no role may take it any more."""
+        return self._retired(name, version)
+
+    def retire(self, name: str, version: int) -> bool:
+        """Mark a version retired ahead of its deletion, so that a change giving it a role
+        refuses it from now on; True if this call marked it (``unretire`` undoes that mark
+        when the deletion is refused)."""
+        return self.index is not None and bool(
+            self.index.sadd(MODELS_RETIRED, _field(name, version))
+        )
+
+    def unretire(self, name: str, version: int) -> None:
+        if self.index is not None:
+            self.index.srem(MODELS_RETIRED, _field(name, version))
+
     def _taken(self, name: str, version: int) -> ModelExists:
         if self._retired(name, version):
             return ModelExists(

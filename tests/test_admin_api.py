@@ -30,9 +30,11 @@ from admin_support import (
 )
 from fastapi.routing import APIRoute
 
+from gateway.admin.bodies import NotFound
 from gateway.settings import Settings
 from gateway.transport.app import create_app
 from models.deployment_store import DeploymentStore, demo_deployment
+from models.deployments import Deployment, ModelRef, promoted
 from models.meta import ModelMeta
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, DEMO_MODEL, demo_data
@@ -382,6 +384,36 @@ def test_promote_and_rollback_keep_history_and_refresh_the_cache_at_once(
     assert solo.status_code == 201, solo.text
     nothing = admin.post("/admin/deployments/solo/rollback", json={}, headers=AUTH)
     assert nothing.status_code == 409 and "nothing to roll back" in nothing.json()["detail"]
+
+
+def test_a_version_deleted_while_a_promote_of_it_commits_is_refused_to_one_of_them(
+    admin: AppClient,
+) -> None:
+    """A delete and a promote of one version at once both answered 200 (6 of 15 tries in a
+    helper's probe), leaving real on a deleted model and its worker silently serving the old
+    one. Here the delete runs whole between the promote's read of the state and its commit
+    (the promote's check already passed): the commit must find the state moved, read again,
+    and refuse the deleted version."""
+    v3 = upload(admin, "weak")
+    service = admin.app.state.admin
+    deleted: list[dict[str, Any]] = []
+
+    def promote_meanwhile_deleted(dep: Deployment) -> Deployment:
+        if not deleted:  # the first read: the delete comes in now
+            deleted.append(service.delete_model(DEMO_DEPLOYMENT, v3, "other"))
+        return promoted(dep, ModelRef(DEMO_DEPLOYMENT, v3))
+
+    with pytest.raises(NotFound, match=f"version {v3} was deleted"):
+        service._change(DEMO_DEPLOYMENT, promote_meanwhile_deleted, "promote", "ana", "", {})
+    assert deleted and roles(admin)["real"] == f"{DEMO_DEPLOYMENT}:2"
+    # and a delete refused for a holder leaves the version promotable (its mark undone)
+    v4 = upload(admin, "weak")
+    assert admin.post(f"{DEP}/promote", json={"version": v4}, headers=AUTH).status_code == 200
+    refused = admin.delete(f"/admin/models/{DEMO_DEPLOYMENT}/{v4}", headers=AUTH)
+    assert refused.status_code == 409, refused.text
+    assert admin.post(f"{DEP}/rollback", json={}, headers=AUTH).status_code == 200
+    again = admin.post(f"{DEP}/promote", json={"version": v4}, headers=AUTH)
+    assert again.status_code == 200, again.text
 
 
 def test_reference_rows_give_a_model_of_its_own_features_its_training_statistics(

@@ -132,8 +132,16 @@ class ModelOperations(AdminCore):
     def delete_model(self, name: str, version: int, actor: str) -> dict[str, Any]:
         ref = ModelRef(name, version)
         self._meta(ref)
-        holders = self._holders().get(ref, [])
+        marked = self.registry.retire(name, version)  # no role takes it from now on
+        try:
+            holders = self.store.holders_of(ref)
+        except BaseException:
+            if marked:
+                self.registry.unretire(name, version)
+            raise
         if holders:
+            if marked:
+                self.registry.unretire(name, version)
             raise Conflict(
                 f"{ref} holds {', '.join(holders)}; promote or remove it first", roles=holders
             )

@@ -101,10 +101,20 @@ class AdminCore:
         detail: dict[str, Any],
         expect_revision: int | None = None,
     ) -> dict[str, Any]:
+        def unless_retired(dep: Deployment) -> Deployment:
+            """The change, refused where it gives a role a version deleted (or being deleted)
+            since it was checked: read inside the state's transaction, which a deletion
+            rewrites after marking the version (``DeploymentStore.holders_of``)."""
+            changed = change(dep)
+            for ref in set(changed.roles.values()) - set(dep.roles.values()):
+                if self.registry.retired(ref.name, ref.version):
+                    raise NotFound(f"model {ref.name} version {ref.version} was deleted")
+            return changed
+
         try:
             before, after = self.store.update(
                 name,
-                change,
+                unless_retired,
                 action=action,
                 actor=actor,
                 reason=reason,
