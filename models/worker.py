@@ -42,6 +42,8 @@ from rendezvous.envelope import EnvelopeError, RequestEnvelope
 
 log = logging.getLogger(__name__)
 
+RELOAD_RETRY_S = 5.0
+"""A role's model that would not load is tried again this often."""
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 30.0
 """The backoff of a role beside the first whose model cannot load."""
@@ -99,6 +101,8 @@ class ModelWorker(ConsumerLoop):
         self.reply_maxlen = reply_maxlen
         self.shadow_batch_wait_ms = shadow_batch_wait_ms
         self.revision = 0
+        self._reload_at: float | None = None
+        """When to try again a model that would not load at the last change (None: all did)."""
         self._streams: tuple[str, ...] = (self.stream,)
         self._published: frozenset[str] = frozenset(self._streams)
         """The streams requests go to now; the others are deleted once drained."""
@@ -261,7 +265,8 @@ class ModelWorker(ConsumerLoop):
         # the version holding the role when it was read: a promotion takes effect at once,
         # not at the next heartbeat.
         revision = batch.along[0] if batch.along else None
-        if revision is not None and int(revision) != self.revision:
+        moved = revision is not None and int(revision) != self.revision
+        if moved or (self._reload_at is not None and time.monotonic() >= self._reload_at):
             self._maybe_reload(self.client.get(names.deployment_key(self.deployment)))
         now = self.heartbeat_due()
         if not batch.entries and now is None:
@@ -348,10 +353,12 @@ class ModelWorker(ConsumerLoop):
 
     def _follow(self, dep: Deployment) -> None:
         """Follow the deployment's state when its revision moved: partitions, models."""
-        if dep.revision == self.revision:
+        again = self._reload_at is not None and time.monotonic() >= self._reload_at
+        if dep.revision == self.revision and not again:
             return
         self.revision = dep.revision
         self._follow_partitions(dep)
+        self._reload_at = None
         for role in self.roles.values():
             if role.role not in dep.roles:
                 log.warning("role %s was removed from %s; keeping %s until stopped", role.role,
@@ -359,7 +366,13 @@ class ModelWorker(ConsumerLoop):
                 continue
             try:
                 role.follow(dep)
-            except Exception:
-                log.exception("cannot load %s for %s/%s; keeping %s", dep.roles[role.role],
-                              self.deployment, role.role, role.model_ref)  # fmt: skip
+            except Exception as exc:
+                # Tried again every RELOAD_RETRY_S: once only, a model that failed to load
+                # (its file not yet there, a delete racing the promote) left the old one
+                # answering as the role for good, with nothing to say so but one log line.
+                self._reload_at = time.monotonic() + RELOAD_RETRY_S
+                self.load_failures += 1
+                log.error("cannot load %s for %s/%s (%s); keeping %s, trying again in %.0f s",
+                          dep.roles[role.role], self.deployment, role.role, exc,
+                          role.model_ref, RELOAD_RETRY_S, exc_info=not again)  # fmt: skip
         self._follow_waits()

@@ -255,6 +255,43 @@ def test_worker_follows_a_change_of_its_role(r: redis.Redis, demo_registry: Mode
     assert b"real|real-t" in members
 
 
+def test_a_model_that_would_not_load_at_a_change_is_tried_again(
+    r: redis.Redis, demo_registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tried once only, a model that failed to load at a promotion left the old one answering
+    as real for good, with nothing but a log line to say so (found by a helper's probe)."""
+    import models.worker
+
+    monkeypatch.setattr(models.worker, "RELOAD_RETRY_S", 0.05)
+    setup(r, demo_registry)
+    worker = make_worker(r, demo_registry, "real", heartbeat_s=0.0)
+    worker.load()
+    from models.deployments import ModelRef
+
+    real_meta = demo_registry.meta
+    broken = [True]
+
+    def meta(name: str, version: int) -> object:
+        if broken[0] and version == 1:
+            raise FileNotFoundError("model.onnx is not there yet")
+        return real_meta(name, version)
+
+    monkeypatch.setattr(demo_registry, "meta", meta)
+    swapped = {"real": ModelRef("breast-cancer", 1), "canary": ModelRef("breast-cancer", 2)}
+    DeploymentStore(r).update(DEMO_DEPLOYMENT, lambda d: dataclasses.replace(d, roles=swapped),
+                              action="test", actor="test")  # fmt: skip
+    worker.step(block_ms=None)
+    assert worker.model_ref is not None and worker.model_ref.version == 2  # kept, for now
+    failures = worker.load_failures
+    time.sleep(0.1)
+    worker.step(block_ms=None)
+    assert worker.load_failures == failures + 1 and worker.model_ref.version == 2
+    broken[0] = False
+    time.sleep(0.1)
+    worker.step(block_ms=None)
+    assert worker.model_ref.version == 1 and worker._reload_at is None
+
+
 def test_a_pending_entry_trimmed_from_the_stream_is_let_go(
     r: redis.Redis, demo_registry: ModelRegistry
 ) -> None:
