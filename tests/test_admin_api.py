@@ -416,6 +416,33 @@ def test_a_version_deleted_while_a_promote_of_it_commits_is_refused_to_one_of_th
     assert again.status_code == 200, again.text
 
 
+def test_a_fallback_naming_a_challenger_removed_meanwhile_is_refused(
+    admin: AppClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A schedule change and a challenger's removal at once both answered 200 (2 of 15 tries
+    in a helper's probe), leaving a fallback on a role the deployment no longer has. Here the
+    removal lands between the change's check and its transaction."""
+    v3 = upload(admin, "weak")
+    added = admin.post(f"{DEP}/challengers", json={"role": "ch1", "version": v3}, headers=AUTH)
+    assert added.status_code in (200, 201), added.text
+    service = admin.app.state.admin
+    update = service.store.update
+    removed: list[bool] = []
+
+    def removal_first(*args: Any, **kw: Any) -> Any:
+        if not removed:
+            removed.append(True)
+            service.remove_challenger(DEMO_DEPLOYMENT, "ch1", "other", "")
+        return update(*args, **kw)
+
+    monkeypatch.setattr(service.store, "update", removal_first)
+    resp = admin.patch(f"{DEP}/schedule", json={"fallbacks": ["ch1", "canary"]}, headers=AUTH)
+    assert resp.status_code == 422 and "'ch1' is not a role" in resp.text, resp.text
+    monkeypatch.undo()
+    state = admin.get(DEP, headers=AUTH).json()
+    assert "ch1" not in state["roles"] and "ch1" not in state["schedule"]["fallbacks"]
+
+
 def test_reference_rows_give_a_model_of_its_own_features_its_training_statistics(
     admin: AppClient,
 ) -> None:

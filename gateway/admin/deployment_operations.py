@@ -233,9 +233,16 @@ class DeploymentOperations(AdminCore):
         dep = self._dep(name)
         _known_fallbacks(req, set(dep.roles), name)
         self._schedule(dep.schedule, req)
+
+        def change(d: Deployment) -> Deployment:
+            # Again on the state the change applies to: a challenger removed meanwhile stayed
+            # named a fallback (found by a helper's probe of concurrent changes).
+            _known_fallbacks(req, set(d.roles), name)
+            return with_schedule(d, changes)
+
         return self._change(
             name,
-            lambda d: with_schedule(d, changes),
+            change,
             "set-schedule",
             actor,
             req.reason,
