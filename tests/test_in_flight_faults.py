@@ -119,6 +119,32 @@ def test_a_deadline_that_comes_before_the_input_is_written_is_a_504(
     assert statuses == [504] * 60, statuses
 
 
+def test_a_deadline_that_comes_before_a_stalled_redis_took_the_input_is_a_503(
+    outage_redis: EmbeddedRedis, demo_data_dir: Path, tmp_path: Path
+) -> None:
+    """A Redis that stalls (here its writes paused) longer than the deployment's timeout, and
+    shorter than RDV_REDIS_TIMEOUT_S: the request's append never answered, and its deadline
+    was told the models missed it (504); found by a helper's probe with a SIGSTOPped Redis.
+    Redis's stall is a 503 to retry, naming it."""
+    data = copy_demo_models(demo_data_dir, tmp_path / "data")
+    schedule = Schedule(real_deadline_ms=50.0, timeout_ms=300.0)
+    DeploymentStore(connect(outage_redis.url)).create(
+        demo_deployment(ModelRegistry(data / "models"), schedule)
+    )
+    body = features_body(np.asarray(demo_data().x_test[0]))
+    direct = connect(outage_redis.url)
+    settings = Settings(redis_url=outage_redis.url, data_dir=data, redis_timeout_s=3.0)
+    with AppClient(create_app(settings)) as gateway:
+        direct.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+        try:
+            stalled = gateway.post(PREDICT, json=body)
+        finally:
+            direct.execute_command("CLIENT", "UNPAUSE")
+    assert stalled.status_code == 503, stalled.text
+    assert stalled.headers.get("Retry-After")
+    assert "Redis did not take request" in stalled.json()["detail"], stalled.text
+
+
 def _after(entry_id: object, ms: int) -> str:
     """The id ``ms`` milliseconds after (or before) an entry's."""
     text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
