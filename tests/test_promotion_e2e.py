@@ -360,6 +360,10 @@ def test_the_cli_drives_the_admin_api(
             ]
         )
     assert "409" in str(refused.value.code)
+    with pytest.raises(SystemExit) as moved:  # another operator's change came first
+        main(["promote", "--url", system.url, "--deployment", DEMO_DEPLOYMENT, "--version",
+              str(uploaded["version"]), "--expect-revision", "1", "--force"])  # fmt: skip
+    assert "409" in str(moved.value.code) and "not 1" in str(moved.value.code), moved.value.code
     main(
         [
             "deployments",

@@ -157,6 +157,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
             "require_replay": args.require_replay or None,
             "min_replay_records": args.min_replay_records,
             "min_replay_agreement": args.min_replay_agreement,
+            "expect_revision": args.expect_revision,
             "reason": args.reason,
         }
     )
@@ -283,6 +284,11 @@ def add_admin_commands(sub: Any) -> None:
     p.add_argument("--require-replay", action="store_true", help="a finished rdv replay of it")
     p.add_argument("--min-replay-records", type=whole_number(0))
     p.add_argument("--min-replay-agreement", type=finite_number, help="with the answers given then")
+    p.add_argument(
+        "--expect-revision",
+        type=whole_number(1),
+        help="refuse (409) unless the deployment is still at this revision (rdv deployments show)",
+    )
     reason(p)
     p.set_defaults(func=cmd_promote)
 
