@@ -86,7 +86,8 @@ for i = 1, #current, 2 do
   else
     a.since_ms = old.since_ms or now
     a.id = id
-    redis.call('HSET', KEYS[2], id, cjson.encode(a))
+    local encoded = cjson.encode(a)
+    if encoded ~= current[i + 1] then redis.call('HSET', KEYS[2], id, encoded) end
   end
 end
 for id, a in pairs(wanted) do

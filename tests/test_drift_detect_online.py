@@ -435,3 +435,33 @@ async def test_a_restarted_log_bin_holds_its_alerts_until_its_detectors_judged_e
         assert {e["id"] for e in events("cleared")} == raised
     finally:
         second.close()
+
+
+def test_a_renewed_claim_rewrites_no_alert_that_did_not_change(r: redis.Redis) -> None:
+    """Every merge rewrote every active alert: with 64 alerts held and the sources renewing
+    their claims a few times a second, Redis's append-only file grew ~90 KB/s with no traffic
+    (found by a helper's probe). An alert is written when it changes; the claim (its renewal)
+    still is, each call."""
+    alerts = {f"feature_range/f{i}": {"kind": "feature_range", "feature": f"f{i}", "value": 0.5}
+              for i in range(40)}  # fmt: skip
+
+    def merge(now_ms: float, held: dict[str, Any]) -> None:
+        args = drift_claims.merge_args(DEMO_DEPLOYMENT, "a", held, stale_ms=5000, now_ms=now_ms)
+        r.eval(drift_claims.MERGE, *args)
+
+    def aof_bytes() -> int:
+        return int(r.info("persistence")["aof_current_size"])
+
+    assert r.config_get("appendonly")["appendonly"] == "yes"
+    merge(1_000_000.0, alerts)
+    before = aof_bytes()
+    for i in range(1, 21):
+        merge(1_000_000.0 + i, alerts)
+    claim = len(drift_claims.merge_args(DEMO_DEPLOYMENT, "a", alerts, stale_ms=5000)[6])
+    grown = aof_bytes() - before
+    print(f"\n[drift] 20 renewals of 40 alerts: {grown} bytes of AOF (claim {claim} bytes)")
+    assert grown < 20 * claim * 1.5  # the claims alone; the alerts again would double it
+    changed = {**alerts, "feature_range/f0": {**alerts["feature_range/f0"], "value": 0.9}}
+    merge(1_000_100.0, changed)
+    stored = json.loads(r.hget(drift_claims.keys(DEMO_DEPLOYMENT)[1], "feature_range/f0"))  # type: ignore[arg-type]
+    assert stored["value"] == 0.9  # a change is written
