@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, SupportsFloat, TypeAlias, TypeVar
 
 import httpx
 
@@ -16,6 +16,9 @@ from rdv_client.admin import AdminCalls, segment
 from rdv_client.types import GatewayUnreachable, Job, JobExists, Prediction, RdvError
 
 T = TypeVar("T")
+Rows: TypeAlias = Sequence[Sequence[SupportsFloat]] | Sequence[SupportsFloat] | Any
+"""A predict's rows: a 2-D numpy array, a pandas DataFrame (in its column order), a sequence of
+rows of numbers, or one row (numpy's arrays are not ``Sequence`` to a type checker)."""
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,8 @@ class _Call(Generic[T]):
 
 
 def _body(
-    features: Mapping[str, float] | None,
-    instances: Sequence[Sequence[float]] | None,
+    features: Mapping[str, SupportsFloat] | None,
+    instances: Rows | None,
     entity: str | None = None,
     entities: Sequence[str] | None = None,
 ) -> dict[str, Any]:
@@ -55,18 +58,40 @@ def _body(
     if features is not None:
         body["features"] = {name: _number(value) for name, value in features.items()}
     if instances is not None:
-        body["instances"] = [list(map(float, row)) for row in instances]
+        body["instances"] = _rows(instances)
     return body
 
 
 def _number(value: Any) -> Any:
     """A number as JSON has it (numpy's scalars are not JSON); anything else as given, for
-    the gateway to name."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    the gateway to name. A bool stays one (it was sent as 1.0, so ``correct=True``,
+    ``force=True`` and ``pin_canary`` were refused, and a bool feature taken for a number;
+    found by a helper's probe)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy's too
+        return bool(value)
+    if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
         return float(value)
     return value
+
+
+def _rows(instances: Any) -> list[list[Any]]:
+    """Rows as lists of numbers: a 2-D array or sequence of rows, a pandas DataFrame (its
+    rows, in its column order: the deployment's order is the caller's to give), or one row
+    (a 1-D array or list of numbers), which was a TypeError."""
+    if hasattr(instances, "to_numpy") and hasattr(instances, "columns"):  # a DataFrame
+        instances = instances.to_numpy()
+    one_row = (
+        instances.ndim == 1
+        if hasattr(instances, "ndim")
+        else isinstance(instances, Sequence) and bool(instances) and not _is_row(instances[0])
+    )
+    return [[_number(v) for v in row] for row in ([instances] if one_row else instances)]
+
+
+def _is_row(value: Any) -> bool:
+    return hasattr(value, "__iter__") and not isinstance(value, str | bytes)
 
 
 def _plain(doc: Any) -> Any:
@@ -264,16 +289,16 @@ class Client(AdminCalls[dict[str, Any]]):
                params: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
         return self._send(_Calls.admin(method, path, json, params))
 
-    def predict(self, deployment: str, *, features: Mapping[str, float] | None = None,
-                instances: Sequence[Sequence[float]] | None = None,
+    def predict(self, deployment: str, *, features: Mapping[str, SupportsFloat] | None = None,
+                instances: Rows | None = None,
                 entity: str | None = None, entities: Sequence[str] | None = None,
                 request_id: str | None = None) -> Prediction:  # fmt: skip
         return self._send(
             _Calls.predict(deployment, _body(features, instances, entity, entities), request_id)
         )
 
-    def submit(self, deployment: str, *, features: Mapping[str, float] | None = None,
-               instances: Sequence[Sequence[float]] | None = None,
+    def submit(self, deployment: str, *, features: Mapping[str, SupportsFloat] | None = None,
+               instances: Rows | None = None,
                entity: str | None = None, entities: Sequence[str] | None = None,
                request_id: str | None = None) -> Job:  # fmt: skip
         return self._send(
@@ -339,16 +364,16 @@ class AsyncClient(AdminCalls[Awaitable[dict[str, Any]]]):
                params: Mapping[str, Any] | None = None) -> Awaitable[dict[str, Any]]:  # fmt: skip
         return self._send(_Calls.admin(method, path, json, params))  # the caller awaits it
 
-    async def predict(self, deployment: str, *, features: Mapping[str, float] | None = None,
-                      instances: Sequence[Sequence[float]] | None = None,
+    async def predict(self, deployment: str, *, features: Mapping[str, SupportsFloat] | None = None,
+                      instances: Rows | None = None,
                       entity: str | None = None, entities: Sequence[str] | None = None,
                       request_id: str | None = None) -> Prediction:  # fmt: skip
         return await self._send(
             _Calls.predict(deployment, _body(features, instances, entity, entities), request_id)
         )
 
-    async def submit(self, deployment: str, *, features: Mapping[str, float] | None = None,
-                     instances: Sequence[Sequence[float]] | None = None,
+    async def submit(self, deployment: str, *, features: Mapping[str, SupportsFloat] | None = None,
+                     instances: Rows | None = None,
                      entity: str | None = None, entities: Sequence[str] | None = None,
                      request_id: str | None = None) -> Job:  # fmt: skip
         return await self._send(

@@ -43,6 +43,10 @@ class RdvError(Exception):
         self.retry_after = retry_after
         self.body: Mapping[str, Any] = body or {}
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # As it was made, so that it crosses a process pool (it broke the pool instead).
+        return (RdvError, (self.status, self.detail, self.retry_after, dict(self.body)))
+
 
 class JobExists(RdvError):
     """A submit's 409: its request id already took a job, ``job_id`` at ``location`` (a
@@ -52,6 +56,9 @@ class JobExists(RdvError):
         super().__init__(status, detail, None, body)
         self.job_id = str(body["id"])
         self.location = str(body["location"])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (JobExists, (self.status, self.detail, dict(self.body)))
 
 
 class GatewayUnreachable(Exception):

@@ -131,6 +131,41 @@ def test_bodies_name_entities_for_a_deployment_that_looks_features_up() -> None:
         _body({"a": 1.0}, [[1.0]])
 
 
+def test_bools_stay_bools_rows_come_in_every_shape_and_errors_cross_processes() -> None:
+    """Found by a helper's probe: ``True`` went out as 1.0 (so ``correct=True``,
+    ``force=True`` and ``pin_canary`` were refused 422), one row (a 1-D array) was a
+    TypeError, a DataFrame's column names were read as its rows, and an ``RdvError`` broke a
+    process pool (it could not be pickled)."""
+    import pickle
+
+    from rdv_client.client import _body, _feedback_body, _plain
+
+    assert _plain({"force": True, "pin_canary": np.bool_(False), "version": np.int64(3)}) == {
+        "force": True, "pin_canary": False, "version": 3}  # fmt: skip
+    assert _plain(_feedback_body(None, "r-1", None, True, None)) == {
+        "request_id": "r-1", "correct": True}  # fmt: skip
+    assert _body({"a": True}, None)["features"] == {"a": True}  # the gateway names it
+    row = np.array([1.5, 2.0], dtype=np.float32)
+    for one in (row, [1.5, 2.0], np.array([row, row])[:1]):
+        assert _body(None, one)["instances"] == [[1.5, 2.0]]
+
+    class Frame:  # what the client reads of a pandas DataFrame
+        columns = ("a", "b")
+
+        def to_numpy(self) -> np.ndarray:
+            return np.array([[1.0, 2.0], [3.0, 4.0]])
+
+    assert _body(None, Frame())["instances"] == [[1.0, 2.0], [3.0, 4.0]]
+    for error in (RdvError(429, "busy", 1.0, {"detail": "busy"}),
+                  JobExists(409, "taken", {"id": "j-1", "location": "/x"})):  # fmt: skip
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error)
+        assert again.status == error.status and again.body == error.body
+    assert (
+        pickle.loads(pickle.dumps(JobExists(409, "t", {"id": "j", "location": "/l"}))).job_id == "j"
+    )
+
+
 def test_jobs_through_the_client_end_like_predicts(system: System) -> None:
     x = demo_data().x_test[:3].tolist()
     with Client(f"http://127.0.0.1:{system.port}") as rdv:
