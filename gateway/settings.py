@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     logbin_batch_size: int = Field(default=512, ge=1)
     """Most entries the log bin archives per fsync."""
 
+    model_run_limit_s: float = Field(default=30.0, gt=0, le=3600)
+    """Longest one model run (a batch) may take: past it the run is stopped and its requests
+    get the model's failure (the fallbacks answer); a model that hangs on some input would
+    hold its worker for good."""
+
     shadow_batch_wait_ms: float = Field(default=15.0, ge=0)
     """How long a worker of a role that never answers first (canary, shadow challengers)
     waits after a read that did not fill a batch, so one wake-up serves many requests;

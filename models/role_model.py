@@ -19,7 +19,7 @@ import numpy as np
 
 from models.deployments import Deployment, DeploymentNotFound, ModelRef
 from models.registry import ModelRegistry
-from models.runtime import OnnxClassifier
+from models.runtime import OnnxClassifier, RunLimit
 from rendezvous import names
 from rendezvous.bus.group_reads import Membership
 from rendezvous.bus.routing import Command, command
@@ -80,9 +80,11 @@ drops its counters from the stats hash after as long)."""
 class RoleModel:
     def __init__(
         self, registry: ModelRegistry, deployment: str, role: str, consumer: str,
-        shadow_batch_wait_ms: float = SHADOW_BATCH_WAIT_MS,
+        shadow_batch_wait_ms: float = SHADOW_BATCH_WAIT_MS, run_limit: RunLimit | None = None,
     ):  # fmt: skip
         self.registry = registry
+        self.run_limit = run_limit
+        """Stops a model run past its bound (``RDV_MODEL_RUN_LIMIT_S``); None: unbounded."""
         self.deployment = deployment
         self.role = names.check_role(role)
         self.member = Membership(names.model_group(role), consumer)
@@ -158,7 +160,7 @@ class RoleModel:
         )
         t0 = time.perf_counter()
         try:
-            labels, proba = model.predict(x)
+            labels, proba = model.predict(x, self.run_limit)
         except Exception as exc:  # a model that fails must not take the worker down
             self.stats.errors += len(good)
             log.exception("model %s failed on a batch of %d rows", ref, len(x))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +32,55 @@ def _session(source: Path | bytes) -> ort.InferenceSession:
         )
     except Exception as exc:  # onnxruntime raises several private exception types
         raise ModelLoadError(f"onnxruntime cannot load the model: {exc}") from exc
+
+
+class ModelAnswerError(RuntimeError):
+    """The model's run was stopped past its time limit, or it answered other than one label and
+    one row of probabilities per row: no answer for any request of the batch."""
+
+
+class RunLimit:
+    """Stops a model run that outlasts ``limit_s``: onnxruntime checks its run options'
+    terminate flag between the graph's nodes, a loop's included. A model that hangs on some
+    input (a ``Loop`` sized by a feature, which the upload's dry run on training rows cannot
+    see) held its worker for good, one request sufficing; a rollback did not free it (found
+    by a helper's security probe). One watcher thread a process, waking a few times a second
+    only while a run is under way."""
+
+    def __init__(self, limit_s: float, tick_s: float = 0.25):
+        self.limit_s = limit_s
+        self.tick_s = tick_s
+        self._runs: dict[int, tuple[ort.RunOptions, float]] = {}
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def bounded(self) -> Iterator[ort.RunOptions]:
+        options = ort.RunOptions()
+        self._runs[id(options)] = (options, time.monotonic() + self.limit_s)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="model-run-limit",
+                                            daemon=True)  # fmt: skip
+            self._thread.start()
+        if not self._wake.is_set():
+            self._wake.set()
+        try:
+            yield options
+        finally:
+            del self._runs[id(options)]
+
+    def _watch(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(self.tick_s)
+            now = time.monotonic()
+            for options, deadline in list(self._runs.values()):
+                if now >= deadline:
+                    options.terminate = True
+            if not self._runs:
+                self._wake.clear()
+                if self._runs:  # one began meanwhile
+                    self._wake.set()
 
 
 class OnnxClassifier:
@@ -63,8 +116,37 @@ class OnnxClassifier:
     def version(self) -> int:
         return self.meta.version
 
-    def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Labels (int64, rows) and probabilities (float32, rows x classes)."""
+    def predict(
+        self, features: np.ndarray, limit: RunLimit | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Labels (int64, rows) and probabilities (float32, rows x classes); with ``limit``,
+        a run past it is stopped. Anything but one label and one row of probabilities per row
+        raises ``ModelAnswerError``: a model that answered one row for a batch of many gave
+        every caller in the batch but the first no answer, or another's (found by a helper's
+        security probe)."""
         x = np.ascontiguousarray(features, dtype=np.float32)
-        labels, proba = self.session.run(None, {self.input_name: x})
-        return np.asarray(labels).astype(np.int64, copy=False), np.asarray(proba, np.float32)
+        feeds = {self.input_name: x}
+        if limit is None:
+            raw_labels, raw_proba = self.session.run(None, feeds)
+        else:
+            with limit.bounded() as options:
+                try:
+                    raw_labels, raw_proba = self.session.run(None, feeds, options)
+                except Exception:
+                    if options.terminate:
+                        raise ModelAnswerError(
+                            f"the model ran past {limit.limit_s:g} s (RDV_MODEL_RUN_LIMIT_S) "
+                            "and was stopped"
+                        ) from None
+                    raise
+        rows = len(x)
+        labels = np.asarray(raw_labels).astype(np.int64, copy=False)
+        if labels.ndim == 2 and labels.shape[1] == 1:  # a column of labels: one a row still
+            labels = labels.reshape(rows) if labels.shape[0] == rows else labels
+        proba = np.asarray(raw_proba, np.float32)
+        if labels.shape != (rows,) or proba.ndim != 2 or proba.shape[0] != rows:
+            raise ModelAnswerError(
+                f"the model answered labels of shape {labels.shape} and probabilities of "
+                f"shape {proba.shape} for {rows} rows"
+            )
+        return labels, proba

@@ -32,7 +32,7 @@ from models.deployment_store import DeploymentStore, ensure_groups
 from models.deployments import Deployment, DeploymentNotFound, ModelRef
 from models.registry import ModelRegistry
 from models.role_model import SHADOW_BATCH_WAIT_MS, RoleModel, Scored, WorkerStats, batch_wait_s
-from models.runtime import OnnxClassifier
+from models.runtime import OnnxClassifier, RunLimit
 from models.worker_writes import check_written, reply_commands
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, Client
@@ -42,6 +42,8 @@ from rendezvous.envelope import EnvelopeError, RequestEnvelope
 
 log = logging.getLogger(__name__)
 
+MODEL_RUN_LIMIT_S = 30.0
+"""Longest one model run may take before it is stopped (``RDV_MODEL_RUN_LIMIT_S``)."""
 RELOAD_RETRY_S = 5.0
 """A role's model that would not load is tried again this often."""
 RETRY_MIN_S = 0.5
@@ -69,9 +71,12 @@ class ModelWorker(ConsumerLoop):
         reply_maxlen: int = 10_000,
         heartbeat_s: float = 1.0,
         shadow_batch_wait_ms: float = SHADOW_BATCH_WAIT_MS,
+        model_run_limit_s: float = MODEL_RUN_LIMIT_S,
     ):
         self.deployment = names.check_name(deployment, "deployment")
-        first = RoleModel(registry, self.deployment, role, consumer, shadow_batch_wait_ms)
+        self.run_limit = RunLimit(model_run_limit_s)
+        first = RoleModel(registry, self.deployment, role, consumer, shadow_batch_wait_ms,
+                          self.run_limit)  # fmt: skip
         self.stream = names.input_stream(deployment)
         # Both round trips of a batch go through the loop's router (see
         # ``rendezvous.bus.blocking_router``): redis-py's command layer cost more than the model.
@@ -165,7 +170,7 @@ class ModelWorker(ConsumerLoop):
         dep = self.store.get(self.deployment)
         for role, consumer in new.items():
             model = RoleModel(self.registry, self.deployment, role, consumer,
-                              self.shadow_batch_wait_ms)  # fmt: skip
+                              self.shadow_batch_wait_ms, self.run_limit)  # fmt: skip
             try:
                 model.follow(dep)
             except DeploymentNotFound:

@@ -161,6 +161,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
             claim_idle_ms=settings.claim_idle_ms,
             reply_maxlen=settings.reply_maxlen,
             shadow_batch_wait_ms=settings.shadow_batch_wait_ms,
+            model_run_limit_s=settings.model_run_limit_s,
         )
 
     stop = stop_event()

@@ -1,0 +1,85 @@
+"""A model run in onnxruntime, bounded: a run past its limit is stopped, and an answer without
+one label and one row of probabilities per row is refused (models built here with onnx, the
+traps a helper's security probe uploaded: the upload's dry run on training rows passes them)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from models.meta import ModelMeta
+from models.runtime import ModelAnswerError, OnnxClassifier, RunLimit
+from rendezvous.spec import FeatureSpec
+
+META = ModelMeta("trap", 1, FeatureSpec.from_names(["a", "b"]), [0, 1], ["0", "1"], "", "")
+
+
+def _model(nodes: list, extra: list | None = None) -> bytes:
+    """x [rows, 2] -> label (argmax), probabilities (softmax), after ``nodes`` (which end in
+    ``p``, the probabilities)."""
+    graph = helper.make_graph(
+        [helper.make_node("ArgMax", ["x"], ["label"], axis=1, keepdims=0), *nodes],
+        "trap",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 2])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, None),
+         helper.make_tensor_value_info("p", TensorProto.FLOAT, None)],
+        extra or [],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _looping() -> bytes:
+    """Loops as many times as the largest feature says: none on training rows, for ever on
+    one row of 1e12."""
+    body = helper.make_graph(
+        [helper.make_node("Add", ["v_in", "one"], ["v_out"]),
+         helper.make_node("Identity", ["c_in"], ["c_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1])],
+        [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])],
+    )  # fmt: skip
+    nodes = [
+        helper.make_node("ReduceMax", ["x"], ["top"], keepdims=0),
+        helper.make_node("Cast", ["top"], ["n"], to=TensorProto.INT64),
+        helper.make_node("Loop", ["n", "yes", "zero"], ["v"], body=body),
+        helper.make_node("Mul", ["v", "zero"], ["nothing"]),
+        helper.make_node("Softmax", ["x"], ["soft"], axis=1),
+        helper.make_node("Add", ["soft", "nothing"], ["p"]),
+    ]
+    return _model(nodes, [helper.make_tensor("yes", TensorProto.BOOL, [], [True]),
+                          helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])])  # fmt: skip
+
+
+def test_a_run_past_its_limit_is_stopped_and_the_next_one_runs() -> None:
+    model = OnnxClassifier(_looping(), META)
+    limit = RunLimit(0.3, tick_s=0.05)
+    labels, _ = model.predict(np.array([[0.2, 0.9]]), limit)  # training-like: no loop
+    assert labels.tolist() == [1]
+    t0 = time.monotonic()
+    with pytest.raises(ModelAnswerError, match=r"ran past 0\.3 s"):
+        model.predict(np.array([[1e12, 0.0]]), limit)
+    assert time.monotonic() - t0 < 10.0  # stopped, not run to its end (hours)
+    labels, proba = model.predict(np.array([[0.9, 0.2], [0.1, 0.5]]), limit)
+    assert labels.tolist() == [0, 1] and proba.shape == (2, 2)
+
+
+def test_an_answer_without_a_row_for_every_row_is_refused() -> None:
+    """One row of probabilities for a batch of many: the other callers of the batch got none
+    or another's answer."""
+    first_row = [helper.make_node("Softmax", ["x"], ["soft"], axis=1),
+                 helper.make_node("Slice", ["soft", "start", "end"], ["p"])]  # fmt: skip
+    bounds = [helper.make_tensor("start", TensorProto.INT64, [1], [0]),
+              helper.make_tensor("end", TensorProto.INT64, [1], [1])]  # fmt: skip
+    model = OnnxClassifier(_model(first_row, bounds), META)
+    assert model.predict(np.array([[0.2, 0.9]]))[1].shape == (1, 2)  # one row: fine
+    with pytest.raises(ModelAnswerError, match=r"shape \(1, 2\) for 3 rows"):
+        model.predict(np.array([[0.2, 0.9], [0.9, 0.2], [0.5, 0.5]]))
