@@ -14,6 +14,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from models.inspection import ArtifactRejected, inspect_onnx
 from models.meta import ModelMeta
@@ -28,13 +31,20 @@ def memory_bound(artifact_bytes: int) -> int:
     return BASE_MEMORY_BYTES + 8 * artifact_bytes
 
 
-def inspect_isolated(data: bytes, meta: ModelMeta, timeout_s: float = TIMEOUT_S) -> ModelMeta:
+def inspect_isolated(
+    data: bytes, meta: ModelMeta, timeout_s: float = TIMEOUT_S, reference: Any = None
+) -> ModelMeta:
     """What ``inspect_onnx`` answers, from a child process; ArtifactRejected as well when the
-    child runs out of memory or time."""
+    child runs out of memory or time. With ``reference`` rows (float32, rows x features) and
+    two classes, the answer carries the model's ``score_reference`` on them, scored in the
+    child too: in the gateway, a trapped model took 2.4 GB or 85 s of it there, after its dry
+    run had passed (found by a helper's security probe)."""
     limit = memory_bound(len(data))
     with tempfile.TemporaryDirectory(prefix="rdv-inspect-") as folder:
         Path(folder, "model.onnx").write_bytes(data)
         Path(folder, "meta.json").write_text(json.dumps(meta.to_dict()))
+        if reference is not None:
+            np.save(Path(folder, "reference.npy"), np.asarray(reference, np.float32))
 
         # The child bounds itself before it loads anything (a preexec_fn is not safe in the
         # gateway's threaded process); the wall-clock timeout is ours.
@@ -69,6 +79,9 @@ def _child(folder: Path, memory_bytes: int, cpu_s: int) -> None:
     meta = ModelMeta.from_dict(json.loads((folder / "meta.json").read_text()))
     try:
         checked = inspect_onnx((folder / "model.onnx").read_bytes(), meta)
+        reference = folder / "reference.npy"
+        if reference.exists() and len(checked.classes) == 2:
+            checked = _with_score_reference(checked, folder / "model.onnx", np.load(reference))
     except ArtifactRejected as exc:
         print(json.dumps({"rejected": str(exc)}))
         return
@@ -76,6 +89,20 @@ def _child(folder: Path, memory_bytes: int, cpu_s: int) -> None:
         print(json.dumps({"rejected": "the model's dry run ran out of memory"}))
         return
     print(json.dumps({"meta": checked.to_dict()}))
+
+
+def _with_score_reference(meta: ModelMeta, artifact: Path, reference: Any) -> ModelMeta:
+    """The share of the model's positive-class scores per score bin on the reference rows:
+    what the prediction-prior detector and the score drift read live scores against."""
+    from models.reference import scores_reference
+    from models.runtime import ModelAnswerError, OnnxClassifier
+
+    try:
+        _labels, proba = OnnxClassifier(artifact, meta).predict(reference)
+    except ModelAnswerError as exc:
+        raise ArtifactRejected(f"on the reference rows, {exc}") from None
+    scores = scores_reference(proba[:, 1])
+    return ModelMeta.from_dict({**meta.to_dict(), "score_reference": scores})
 
 
 if __name__ == "__main__":

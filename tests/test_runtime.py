@@ -83,3 +83,19 @@ def test_an_answer_without_a_row_for_every_row_is_refused() -> None:
     assert model.predict(np.array([[0.2, 0.9]]))[1].shape == (1, 2)  # one row: fine
     with pytest.raises(ModelAnswerError, match=r"shape \(1, 2\) for 3 rows"):
         model.predict(np.array([[0.2, 0.9], [0.9, 0.2], [0.5, 0.5]]))
+
+
+def test_reference_rows_are_scored_in_the_bounded_child_not_the_gateway() -> None:
+    """An upload's reference rows were scored in the gateway process after the bounded dry
+    run had passed: a model looping on them took a core of the gateway for 85 s (found by a
+    helper's security probe). They are scored in the child, within its bounds."""
+    from models.inspection import ArtifactRejected
+    from models.isolated_inspection import inspect_isolated
+
+    data = _looping()
+    checked = inspect_isolated(data, META, reference=np.array([[0.2, 0.9], [0.9, 0.2]]))
+    assert checked.score_reference is not None and len(checked.score_reference) == 10
+    t0 = time.monotonic()
+    with pytest.raises(ArtifactRejected, match="took longer than 3 s"):
+        inspect_isolated(data, META, timeout_s=3.0, reference=np.array([[1e12, 0.0]]))
+    assert time.monotonic() - t0 < 30.0  # bounded, not the loop's hours

@@ -56,11 +56,9 @@ class ModelOperations(AdminCore):
             description=meta.description,
         )
         try:
-            checked = inspect_isolated(data, draft)
+            checked = inspect_isolated(data, draft, reference=reference)
         except ArtifactRejected as exc:
             raise Invalid(f"refused: {exc}") from None
-        if reference is not None and len(checked.classes) == 2:
-            checked = _with_score_reference(checked, data, reference)
         try:
             stored = self.registry.add(checked, data, version=meta.version)
         except ModelExists as exc:
@@ -158,14 +156,3 @@ class ModelOperations(AdminCore):
             for role, ref in dep.roles.items():
                 out.setdefault(ref, []).append(f"{dep_name}/{role}")
         return out
-
-
-def _with_score_reference(meta: ModelMeta, data: bytes, reference: Any) -> ModelMeta:
-    """The share of the model's positive-class scores per score bin on the reference rows:
-    what the prediction-prior detector and the score drift read live scores against."""
-    from models.reference import scores_reference
-    from models.runtime import OnnxClassifier
-
-    _labels, proba = OnnxClassifier(data, meta).predict(reference)
-    doc = {**meta.to_dict(), "score_reference": scores_reference(proba[:, 1])}
-    return ModelMeta.from_dict(doc)
