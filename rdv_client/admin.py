@@ -75,9 +75,14 @@ class AdminCalls(Generic[Doc]):
     def set_schedule(self, deployment: str, **changes: Any) -> Doc:
         return self._admin("PATCH", f"/deployments/{segment(deployment)}/schedule", json=changes)
 
-    def set_partitions(self, deployment: str, partitions: int, reason: str = "") -> Doc:
-        return self._admin("PATCH", f"/deployments/{segment(deployment)}",
-                           json={"partitions": partitions, "reason": reason})  # fmt: skip
+    def set_partitions(self, deployment: str, partitions: int, reason: str = "",
+                       expect_revision: int | None = None) -> Doc:  # fmt: skip
+        """``expect_revision`` (as with promote, challengers and the schedule): refused (409)
+        unless the deployment is still at that revision."""
+        body: dict[str, Any] = {"partitions": partitions, "reason": reason}
+        if expect_revision is not None:
+            body["expect_revision"] = expect_revision
+        return self._admin("PATCH", f"/deployments/{segment(deployment)}", json=body)
 
     def set_enrichment(self, deployment: str, lookup: Mapping[str, Any] | None,
                        reason: str = "") -> Doc:  # fmt: skip

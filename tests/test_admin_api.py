@@ -443,6 +443,33 @@ def test_a_fallback_naming_a_challenger_removed_meanwhile_is_refused(
     assert "ch1" not in state["roles"] and "ch1" not in state["schedule"]["fallbacks"]
 
 
+def test_every_change_that_takes_expect_revision_refuses_a_stale_one(admin: AppClient) -> None:
+    """Only a promote could be guarded against another operator's change made meanwhile
+    (found by a helper's probe of concurrent operators)."""
+    v3 = upload(admin, "weak")
+    revision = admin.get(DEP, headers=AUTH).json()["revision"]
+    stale = revision - 1 if revision > 1 else revision + 5
+    changes = [
+        ("PATCH", f"{DEP}/schedule", {"grace_ms": 150}),
+        ("POST", f"{DEP}/challengers", {"role": "guarded", "version": v3}),
+        ("PATCH", DEP, {"partitions": 2}),
+    ]
+    for method, path, body in changes:
+        refused = admin.request(method, path, json={**body, "expect_revision": stale},
+                                headers=AUTH)  # fmt: skip
+        assert refused.status_code == 409, (path, refused.text)
+        assert f"not {stale}" in refused.text
+    assert admin.get(DEP, headers=AUTH).json()["revision"] == revision  # nothing changed
+    for method, path, body in changes:
+        done = admin.request(method, path, json={**body, "expect_revision": revision},
+                             headers=AUTH)  # fmt: skip
+        assert done.status_code in (200, 201), (path, done.text)
+        revision = done.json()["revision"]
+    state = admin.get(DEP, headers=AUTH).json()
+    assert state["schedule"]["grace_ms"] == 150 and "guarded" in state["roles"]
+    assert "expect_revision" not in json.dumps(state["schedule"])
+
+
 def test_reference_rows_give_a_model_of_its_own_features_its_training_statistics(
     admin: AppClient,
 ) -> None:

@@ -119,6 +119,19 @@ class ScheduleIn(_Body):
     reason: str = Field(default="", max_length=2000)
 
 
+ExpectRevision = Annotated[
+    int | None,
+    Field(default=None, ge=1,
+          description="refuse (409) unless the deployment is still at this revision"),
+]  # fmt: skip
+"""A change guarded against another operator's made meanwhile (found by a helper's probe:
+only a promote could be)."""
+
+
+class SchedulePatch(ScheduleIn):
+    expect_revision: ExpectRevision = None
+
+
 class LookupIn(_Body):
     """Features the gateway reads from the online store by entity (``FeatureSpec.lookup``)."""
 
@@ -151,6 +164,7 @@ class EnrichmentPatch(_Body):
 
 class DeploymentPatch(_Body):
     partitions: int = Field(ge=1, le=MAX_PARTITIONS, description="input streams from now on")
+    expect_revision: ExpectRevision = None
     reason: str = Field(default="", max_length=2000)
 
 
@@ -182,7 +196,7 @@ class Promote(_Body):
     min_replay_agreement: float | None = Field(
         default=None, ge=0, le=1, description="replay's agreement with the answers given then"
     )
-    expect_revision: int | None = Field(default=None, ge=1)
+    expect_revision: ExpectRevision = None
     reason: str = Field(default="", max_length=2000)
 
 
@@ -196,4 +210,5 @@ class AddChallenger(_Body):
     version: int = Field(ge=1, le=MAX_VERSION)
     model: str | None = Field(default=None, description="default: the real model's name")
     split: float | None = Field(default=None, gt=0, le=1)
+    expect_revision: ExpectRevision = None
     reason: str = Field(default="", max_length=2000)

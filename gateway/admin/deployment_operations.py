@@ -21,6 +21,7 @@ from gateway.admin.bodies import (
     Promote,
     Rollback,
     ScheduleIn,
+    SchedulePatch,
 )
 from gateway.admin.service_core import AdminCore, deployment_state
 from models.deployments import (
@@ -205,6 +206,7 @@ class DeploymentOperations(AdminCore):
             actor,
             req.reason,
             detail,
+            req.expect_revision,
         )
 
     def delete_deployment(self, name: str, actor: str, reason: str) -> dict[str, Any]:
@@ -226,8 +228,8 @@ class DeploymentOperations(AdminCore):
             {"role": role},
         )
 
-    def set_schedule(self, name: str, req: ScheduleIn, actor: str) -> dict[str, Any]:
-        changes = req.model_dump(exclude_none=True, exclude={"reason"})
+    def set_schedule(self, name: str, req: SchedulePatch, actor: str) -> dict[str, Any]:
+        changes = req.model_dump(exclude_none=True, exclude={"reason", "expect_revision"})
         if not changes:
             raise Invalid("nothing to change: give at least one schedule field")
         dep = self._dep(name)
@@ -247,6 +249,7 @@ class DeploymentOperations(AdminCore):
             actor,
             req.reason,
             {"changes": changes},
+            req.expect_revision,
         )
 
     def set_partitions(self, name: str, req: DeploymentPatch, actor: str) -> dict[str, Any]:
@@ -254,7 +257,8 @@ class DeploymentOperations(AdminCore):
         the readers keep reading every partition there ever was)."""
         detail = {"partitions": [self._dep(name).partitions, req.partitions]}
         change = functools.partial(with_partitions, partitions=req.partitions)
-        return self._change(name, change, "set-partitions", actor, req.reason, detail)
+        return self._change(name, change, "set-partitions", actor, req.reason, detail,
+                            req.expect_revision)  # fmt: skip
 
     def _servable(self, ref: ModelRef, dep: Deployment) -> None:
         """A model that may take a role in ``dep``: registered, artifact present, the
@@ -270,7 +274,8 @@ class DeploymentOperations(AdminCore):
     @staticmethod
     def _schedule(base: Schedule, req: ScheduleIn) -> Schedule:
         try:
-            return base.updated(req.model_dump(exclude_none=True, exclude={"reason"}))
+            fields = req.model_dump(exclude_none=True, exclude={"reason", "expect_revision"})
+            return base.updated(fields)
         except ValueError as exc:
             raise Invalid(f"invalid schedule: {exc}") from None
 

@@ -30,7 +30,7 @@ from gateway.admin.bodies import (
     NotFound,
     Promote,
     Rollback,
-    ScheduleIn,
+    SchedulePatch,
 )
 from gateway.admin.guard import admin_token, guarded_route
 from gateway.admin.replays import build_replay_router, replay_manager
@@ -224,7 +224,7 @@ def build_router(settings: Settings) -> APIRouter:
 
     @router.patch("/deployments/{deployment}/schedule")
     async def set_schedule(
-        request: Request, deployment: str, body: ScheduleIn, actor: Actor = None
+        request: Request, deployment: str, body: SchedulePatch, actor: Actor = None
     ) -> Any:
         """Change the real deadline, timeout, fallback order, grace period or A/B split."""
         return await _changed(
