@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -33,6 +34,17 @@ from models.registry import ModelRegistry
 from rendezvous import names
 from rendezvous.bus.connection import Client, text
 from rendezvous.schedule import Schedule
+
+
+def _roles_held_rewritten(ref: ModelRef, name: str, key: str, pipe: Any) -> list[str]:
+    """In a transaction watching ``key``: the state written back as read, and the roles of it
+    that ``ref`` holds (``DeploymentStore.holders_of``)."""
+    raw = pipe.get(key)
+    pipe.multi()
+    if raw is None:
+        return []
+    pipe.set(key, raw)
+    return [f"{name}/{r}" for r, held in Deployment.from_json(raw).roles.items() if held == ref]
 
 
 def ensure_groups(client: Client, deployment: Deployment) -> None:
@@ -256,23 +268,11 @@ class DeploymentStore:
         delete and a promote of one version at once both succeeded and left real on a
         deleted model (found by a helper's probe)."""
         holders: builtins.list[str] = []
+        client: Any = self.client  # redis-py types transaction()'s callable as returning None
         for name in self.list():
             key = names.deployment_key(name)
-            with self.client.pipeline(transaction=True) as pipe:
-                while True:
-                    try:
-                        pipe.watch(key)
-                        raw = pipe.get(key)
-                        if raw is None:
-                            break
-                        dep = Deployment.from_json(raw)
-                        holders += [f"{name}/{r}" for r, held in dep.roles.items() if held == ref]
-                        pipe.multi()
-                        pipe.set(key, raw)
-                        pipe.execute()
-                        break
-                    except redis.WatchError:
-                        continue
+            touch = functools.partial(_roles_held_rewritten, ref, name, key)
+            holders += client.transaction(touch, key, value_from_callable=True)
         return holders
 
     def note(

@@ -5,6 +5,7 @@ each test prints its figures (sent, answered, failed, lost, archived)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -178,6 +179,21 @@ def test_redis_restart_under_load(
         server.stop()
 
 
+@contextlib.contextmanager
+def answering(
+    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[System]:
+    """A system on ``redis_url`` with real and canary workers, once it has answered."""
+    with launch_system(redis_url, demo_data_dir, tmp_path_factory, SCHEDULE,
+                       RDV_WORKER_BLOCK_MS="200") as system:  # fmt: skip
+        system.start_worker("real")
+        system.start_worker("canary")
+        predict, body = "/v1/deployments/breast-cancer/predict", bodies(1)[0]
+        wait_until(lambda: system.http.post(predict, json=body).status_code == 200, 20,
+                   "a first answer")  # fmt: skip
+        yield system
+
+
 def test_a_redis_at_its_memory_limit_is_ridden_out_and_recovers_by_itself(
     demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -189,14 +205,9 @@ def test_a_redis_at_its_memory_limit_is_ridden_out_and_recovers_by_itself(
         extra_args=["--maxmemory", "24mb", "--maxmemory-policy", "noeviction"],
     ).start()
     try:
-        with launch_system(server.url, demo_data_dir, tmp_path_factory, SCHEDULE,
-                           RDV_WORKER_BLOCK_MS="200") as system:  # fmt: skip
-            system.start_worker("real")
-            system.start_worker("canary")
+        with answering(server.url, demo_data_dir, tmp_path_factory) as system:
             body = bodies(1)[0]
             predict = "/v1/deployments/breast-cancer/predict"
-            wait_until(lambda: system.http.post(predict, json=body).status_code == 200, 20,
-                       "a first answer")  # fmt: skip
             client = redis.Redis.from_url(server.url)
             full = threading.Event()
             done = threading.Event()
@@ -246,14 +257,9 @@ def test_a_redis_that_cannot_persist_is_ridden_out_and_recovers_by_itself(
     server = EmbeddedRedis(folder / "redis").start()
     client = redis.Redis.from_url(server.url)
     try:
-        with launch_system(server.url, demo_data_dir, tmp_path_factory, SCHEDULE,
-                           RDV_WORKER_BLOCK_MS="200") as system:  # fmt: skip
-            system.start_worker("real")
-            system.start_worker("canary")
+        with answering(server.url, demo_data_dir, tmp_path_factory) as system:
             body = bodies(1)[0]
             predict = "/v1/deployments/breast-cancer/predict"
-            wait_until(lambda: system.http.post(predict, json=body).status_code == 200, 20,
-                       "a first answer")  # fmt: skip
             gone = folder / "gone"  # its snapshot fails: a full or lost disk, to Redis
             gone.mkdir()
             client.config_set("save", "3600 1")
