@@ -206,6 +206,12 @@ class Settings(BaseSettings):
     job_max_queued: int = Field(default=10_000, ge=1)
     """Jobs a deployment may hold accepted and not yet ended; beyond it, 503 at once."""
 
+    job_max_held_bytes: int = Field(default=256 * 2**20, ge=2**20)
+    """Bytes of Redis a deployment's jobs may hold, bodies waiting and answers kept for
+    ``job_ttl_s`` alike (about: each job counts its body or answer and 300 bytes); beyond it a
+    submit is refused with 503 until old answers expire. Without it a flood of submits would
+    fill Redis for an hour with answers nobody reads."""
+
     job_claim_idle_ms: int = Field(default=30_000, ge=100)
     """A job taken by a gateway process that died is run by another after this long (never
     less than a job's timeout, ``job_timeout_ms`` or the deployment's ``timeout_ms``, + 1 s,

@@ -102,6 +102,8 @@ def serving_keys(deployment: str) -> list[str]:
         names.decisions_stream(deployment),
         names.jobs_stream(deployment),
         names.jobs_done_stream(deployment),
+        names.jobs_held_key(deployment),
+        names.jobs_held_bytes_key(deployment),
         names.outcomes_state_key(deployment),
         names.outcomes_lease_key(deployment),
         names.accuracy_key(deployment),

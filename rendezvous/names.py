@@ -343,6 +343,18 @@ def jobs_done_stream(deployment: str) -> str:
     return f"{_tag(deployment)}:jobs:done"
 
 
+def jobs_held_key(deployment: str) -> str:
+    """Sorted set job id -> when its hash expires (epoch ms): the jobs whose bytes
+    ``jobs_held_bytes_key`` counts, so that expired ones are taken off the count."""
+    return f"{_tag(deployment)}:jobs:held"
+
+
+def jobs_held_bytes_key(deployment: str) -> str:
+    """Hash job id -> the bytes its hash holds (the body while pending, then the result or
+    error), and ``total``: what ``RDV_JOB_MAX_HELD_BYTES`` bounds."""
+    return f"{_tag(deployment)}:jobs:held:bytes"
+
+
 def job_request_key(deployment: str, request_id: str) -> str:
     """The job that took a caller's own request id (``X-Request-Id``), for as long as the job
     lives: a second job with that id is refused with 409 naming the first."""

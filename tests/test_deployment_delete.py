@@ -101,7 +101,7 @@ def test_jobs_no_gateway_read_end_failed_with_the_purge(
         client = await connect_async(bus_url)
         try:
             jobs = JobStore(client, None, ttl_s=600, max_queued=10,  # type: ignore[arg-type]
-                            ended=lambda *_: None)  # fmt: skip
+                            max_held_bytes=2**20, ended=lambda *_: None)  # fmt: skip
             return (await jobs.accept(dep, b'{"instances": [[1.0]]}', None, 1)).id
         finally:
             await client.aclose()

@@ -28,6 +28,7 @@ from gateway.dataplane.job_vocabulary import (
     created_ms,
     new_job_id,
 )
+from gateway.dataplane.job_store import HASH_BYTES
 from gateway.dataplane.jobs import JobService
 from gateway.dataplane.service import PredictionService
 from models.deployment_purge import serving_keys
@@ -106,7 +107,8 @@ async def gateway(client: AsyncClient, delay_s: float = 0.0, **options: Any) -> 
     cache = DeploymentCache(client)
     await cache.refresh()
     settings: dict[str, Any] = dict(ttl_s=60, concurrency=8, rows_in_flight=1000,
-                                    timeout_ms=100, max_queued=100, claim_idle_ms=100)  # fmt: skip
+                                    timeout_ms=100, max_queued=100, claim_idle_ms=100,
+                                    max_held_bytes=2**30)  # fmt: skip
     service = JobService(client, client, Predicts(cache, delay_s), **{**settings, **options})  # type: ignore[arg-type]
     return service
 
@@ -229,6 +231,44 @@ async def test_submit_refuses_before_writing(client: AsyncClient) -> None:
         (DEMO_DEPLOYMENT, "invalid")]  # fmt: skip
 
 
+async def test_the_bytes_jobs_hold_are_bounded_and_freed_as_their_answers_expire(
+    client: AsyncClient,
+) -> None:
+    """A flood of submits kept every answer for ``RDV_JOB_TTL_S`` without bound: the bodies
+    waiting and the answers kept count against ``RDV_JOB_MAX_HELD_BYTES``, an answer in place
+    of its body, until its hash expires."""
+    held_key = names.jobs_held_bytes_key(DEMO_DEPLOYMENT)
+    each = len(BODY) + HASH_BYTES
+    service = await gateway(client, ttl_s=2, max_held_bytes=2 * each + 10)
+    first, second = [(await service.submit(DEMO_DEPLOYMENT, BODY, None)).id for _ in range(2)]
+    assert int(await client.hget(held_key, "total") or 0) == 2 * each
+    with pytest.raises(Backlogged, match="RDV_JOB_MAX_HELD_BYTES"):
+        await service.submit(DEMO_DEPLOYMENT, BODY, None)
+    assert await client.xlen(STREAM) == 2  # refused before anything was written
+
+    await service.start()
+    try:
+        for job in (first, second):
+            assert (await service.wait(DEMO_DEPLOYMENT, job, 5000)).status == DONE
+    finally:
+        await service.stop(grace_s=0.1)
+    answers = [
+        await client.hget(names.job_key(DEMO_DEPLOYMENT, j), "result") for j in (first, second)
+    ]
+    kept = sum(len(a or b"") + HASH_BYTES for a in answers)
+    assert int(await client.hget(held_key, "total") or 0) == kept < 2 * each
+    third = (await service.submit(DEMO_DEPLOYMENT, BODY, None)).id  # the answers are smaller
+
+    for _ in range(60):  # every hash expires: the next submit takes them off the count
+        if not await client.exists(*(names.job_key(DEMO_DEPLOYMENT, j) for j in (second, third))):
+            break
+        await asyncio.sleep(0.05)
+    fourth = (await service.submit(DEMO_DEPLOYMENT, BODY, None)).id
+    assert int(await client.hget(held_key, "total") or 0) == each
+    assert await client.zrange(names.jobs_held_key(DEMO_DEPLOYMENT), 0, -1) == [fourth.encode()]
+    assert third != fourth
+
+
 def test_job_ids_carry_their_creation_time() -> None:
     job = new_job_id(0x1A2B3C4D5E6)
     assert names.JOB_ID_PATTERN.fullmatch(job) and created_ms(job) == 0x1A2B3C4D5E6
@@ -293,7 +333,7 @@ async def test_jobs_run_on_after_the_blocking_clients_default_node_is_lost(
     await cache.refresh()
     service = JobService(main, blocking, Predicts(cache), ttl_s=60, concurrency=8,  # type: ignore[arg-type]
                          rows_in_flight=1000, timeout_ms=100, max_queued=100,
-                         claim_idle_ms=60_000)  # fmt: skip
+                         claim_idle_ms=60_000, max_held_bytes=2**30)  # fmt: skip
     await service.start()
     try:
         first = (await service.submit(DEMO_DEPLOYMENT, BODY, None)).id

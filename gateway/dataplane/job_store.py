@@ -29,26 +29,47 @@ from rendezvous.bus.routing import slot_of
 DONE_MAXLEN = 10_000
 """Approximate cap of a deployment's stream of ended job ids."""
 
+HASH_BYTES = 300
+"""What a job's hash holds beside its body or answer (its other fields, the request-id key,
+Redis's own bookkeeping), counted with it against ``RDV_JOB_MAX_HELD_BYTES``."""
+
 _ACCEPT = """
 local queued = redis.call('XLEN', KEYS[2])
 if queued >= tonumber(ARGV[5]) then return {0, queued} end
-if #KEYS > 2 then
-  local other = redis.call('GET', KEYS[3])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[10], 'LIMIT', 0, 500)
+if #gone > 0 then
+  local freed = 0
+  for _, size in ipairs(redis.call('HMGET', KEYS[4], unpack(gone))) do
+    if size then freed = freed + tonumber(size) end
+  end
+  redis.call('ZREM', KEYS[3], unpack(gone))
+  redis.call('HDEL', KEYS[4], unpack(gone))
+  redis.call('HINCRBY', KEYS[4], 'total', -freed)
+end
+local held = tonumber(redis.call('HGET', KEYS[4], 'total') or '0')
+local size = #ARGV[2] + tonumber(ARGV[11])
+if held > 0 and held + size > tonumber(ARGV[9]) then return {4, held} end
+if #KEYS > 4 then
+  local other = redis.call('GET', KEYS[5])
   if other then return {1, other} end
-  if #KEYS > 3 and redis.call('EXISTS', KEYS[4]) == 1 then return {3} end
-  redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[4])
+  if #KEYS > 5 and redis.call('EXISTS', KEYS[6]) == 1 then return {3} end
+  redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[4])
 end
 local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
 redis.call('HSET', KEYS[1], 'status', 'pending', 'body', ARGV[2], 'created_ms', ARGV[3],
            'ttl_s', ARGV[4], 'request_id', ARGV[6], 'entry', entry, 'body_sha', ARGV[7],
            'rows', ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[3], tonumber(ARGV[10]) + 1000 * tonumber(ARGV[4]), ARGV[1])
+redis.call('HSET', KEYS[4], ARGV[1], size)
+redis.call('HINCRBY', KEYS[4], 'total', size)
 return {2}
 """
-"""KEYS: job hash, jobs stream[, the job's request-id key[, the predict's request-id key]];
-ARGV: job id, body, created ms, ttl s, max queued, caller's request id or '', the body's
-sha256, its rows.
--> {0, queued} queue full; {1, job} the request id took that job; {3} a predict took it; {2}."""
+"""KEYS: job hash, jobs stream, held set, held bytes[, the job's request-id key[, the predict's
+request-id key]]; ARGV: job id, body, created ms, ttl s, max queued, caller's request id or '',
+the body's sha256, its rows, max held bytes, now ms, a hash's bytes beside its body.
+-> {0, queued} queue full; {4, held} too many bytes held; {1, job} the request id took that
+job; {3} a predict took it; {2}. Up to 500 expired jobs are taken off the count first."""
 
 _START = """
 local s = redis.call('HGET', KEYS[1], 'status')
@@ -76,17 +97,26 @@ redis.call('HDEL', KEYS[1], 'body')
 local ttl = redis.call('HGET', KEYS[1], 'ttl_s')
 if ttl then
   redis.call('EXPIRE', KEYS[1], ttl)
-  if #KEYS > 3 then redis.call('EXPIRE', KEYS[4], ttl) end
+  if #KEYS > 5 then redis.call('EXPIRE', KEYS[6], ttl) end
 end
--- A purged deployment's jobs stream is gone: its done stream is not made again.
+-- A purged deployment's jobs stream is gone: its done stream and counts are not made again.
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'id', ARGV[3])
+  if ttl then
+    local size = #ARGV[6] + tonumber(ARGV[9])
+    local before = tonumber(redis.call('HGET', KEYS[5], ARGV[3]) or '0')
+    redis.call('ZADD', KEYS[4], tonumber(ARGV[7]) + 1000 * tonumber(ttl), ARGV[3])
+    redis.call('HSET', KEYS[5], ARGV[3], size)
+    redis.call('HINCRBY', KEYS[5], 'total', size - before)
+  end
 end
 return {2, ARGV[4]}
 """
-"""End a pending job: KEYS: job hash, jobs stream, done stream[, the job's request-id key];
-ARGV: stream entry ('' = the one the hash names), group, job id, status, 'result' or 'error',
-its JSON, now ms, done maxlen. The entry is acked and deleted whatever the job's state.
+"""End a pending job: KEYS: job hash, jobs stream, done stream, held set, held bytes[, the
+job's request-id key]; ARGV: stream entry ('' = the one the hash names), group, job id, status,
+'result' or 'error', its JSON, now ms, done maxlen, a hash's bytes beside its JSON. The bytes
+held count the JSON in place of the body, until the hash expires. The entry is acked and
+deleted whatever the job's state.
 -> {0} gone; {1, status} had already ended; {2, status} ended now."""
 
 _DROP = """
@@ -116,12 +146,14 @@ class JobStore:
         *,
         ttl_s: int,
         max_queued: int,
+        max_held_bytes: int,
         ended: Callable[[str, str], None],
     ):
         self.client = client
         self.deployments = deployments
         self.ttl_s = ttl_s
         self.max_queued = max_queued
+        self.max_held_bytes = max_held_bytes
         self._ended = ended
         """Called with (deployment, job id) for each job ended here, to wake its long polls."""
 
@@ -136,7 +168,7 @@ class JobStore:
         anything is written."""
         job_id = new_job_id()
         stream = names.jobs_stream(dep.name)
-        keys = [names.job_key(dep.name, job_id), stream]
+        keys = [names.job_key(dep.name, job_id), stream, *self._held_keys(dep.name)]
         if rid is not None:
             keys.append(names.job_request_key(dep.name, rid))
             taken = names.request_id_key(dep.input_stream_for(rid), rid)
@@ -146,15 +178,22 @@ class JobStore:
                 raise self._taken_by_predict(rid, dep.name)
         created = created_ms(job_id) or 0
         body_sha = hashlib.sha256(raw).hexdigest()
+        now_ms = int(time.time() * 1000)
         reply = await self._eval(
             _ACCEPT, keys, job_id, raw, created, self.ttl_s, self.max_queued, rid or "", body_sha,
-            rows,
+            rows, self.max_held_bytes, now_ms, HASH_BYTES,
         )  # fmt: skip
         code = int(reply[0])
         if code == 0:
             raise Backlogged(
                 f"deployment {dep.name} has {int(reply[1])} jobs accepted and not yet ended "
                 f"(RDV_JOB_MAX_QUEUED={self.max_queued}); retry later"
+            )
+        if code == 4:
+            raise Backlogged(
+                f"deployment {dep.name}'s jobs hold about {int(reply[1])} bytes in Redis, bodies "
+                f"waiting and answers kept for RDV_JOB_TTL_S={self.ttl_s} s "
+                f"(RDV_JOB_MAX_HELD_BYTES={self.max_held_bytes}); retry later"
             )
         if code == 1:
             other = text(reply[1])
@@ -175,6 +214,10 @@ class JobStore:
             assert rid is not None
             raise self._taken_by_predict(rid, dep.name)
         return Accepted(job_id, rid or job_id)
+
+    @staticmethod
+    def _held_keys(deployment: str) -> list[str]:
+        return [names.jobs_held_key(deployment), names.jobs_held_bytes_key(deployment)]
 
     @staticmethod
     def _taken_by_predict(rid: str, deployment: str) -> DuplicateRequest:
@@ -258,11 +301,13 @@ class JobStore:
         rid_key: str | None = None,
     ) -> Any:
         """End a pending job (``_END``); the long polls here wake if it ended now."""
-        keys = [key, names.jobs_stream(deployment), names.jobs_done_stream(deployment)]
+        keys = [key, names.jobs_stream(deployment), names.jobs_done_stream(deployment),
+                *self._held_keys(deployment)]  # fmt: skip
         if rid_key is not None:
             keys.append(rid_key)
         now_ms = int(time.time() * 1000)
-        args = (entry, names.JOBS_GROUP, job_id, status, field, doc, now_ms, DONE_MAXLEN)
+        args = (entry, names.JOBS_GROUP, job_id, status, field, doc, now_ms, DONE_MAXLEN,
+                HASH_BYTES)  # fmt: skip
         reply = await self._eval(_END, keys, *args)
         if int(reply[0]) == 2:
             self._ended(deployment, job_id)

@@ -81,6 +81,7 @@ class JobService:
         timeout_ms: int,
         max_queued: int,
         claim_idle_ms: int,
+        max_held_bytes: int,
         consumer: str | None = None,
     ):
         self.blocking = blocking
@@ -95,7 +96,12 @@ class JobService:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._watch_ready: dict[str, asyncio.Event] = {}
         self.store = JobStore(
-            client, self.deployments, ttl_s=ttl_s, max_queued=max_queued, ended=self._wake
+            client,
+            self.deployments,
+            ttl_s=ttl_s,
+            max_queued=max_queued,
+            max_held_bytes=max_held_bytes,
+            ended=self._wake,
         )
         self.runner = JobRunner(
             client,

@@ -199,6 +199,7 @@ async def start(app: FastAPI, settings: Settings) -> Callable[[], Awaitable[None
         rows_in_flight=settings.job_rows_in_flight,
         timeout_ms=settings.job_timeout_ms,
         max_queued=settings.job_max_queued,
+        max_held_bytes=settings.job_max_held_bytes,
         claim_idle_ms=settings.job_claim_idle_ms,
     )
     await jobs.start()
