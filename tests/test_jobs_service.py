@@ -20,6 +20,7 @@ from redis.asyncio import RedisCluster
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import Backlogged, Overloaded, UnknownDeployment
+from gateway.dataplane.job_store import HASH_BYTES
 from gateway.dataplane.job_vocabulary import (
     BLOCK_MS,
     DONE,
@@ -28,7 +29,6 @@ from gateway.dataplane.job_vocabulary import (
     created_ms,
     new_job_id,
 )
-from gateway.dataplane.job_store import HASH_BYTES
 from gateway.dataplane.jobs import JobService
 from gateway.dataplane.service import PredictionService
 from models.deployment_purge import serving_keys
