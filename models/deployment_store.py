@@ -14,6 +14,7 @@ a reader that is gone.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import functools
 import json
@@ -34,6 +35,11 @@ from models.registry import ModelRegistry
 from rendezvous import names
 from rendezvous.bus.connection import Client, text
 from rendezvous.schedule import Schedule
+
+_DELETE_IF_SAME = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 def _roles_held_rewritten(ref: ModelRef, name: str, key: str, pipe: Any) -> list[str]:
@@ -164,16 +170,35 @@ class DeploymentStore:
                     out[name] = Deployment.from_json(raw)
         return out
 
-    def create(self, deployment: Deployment, *, actor: str = "system", reason: str = "") -> bool:
+    def create(
+        self,
+        deployment: Deployment,
+        *,
+        actor: str = "system",
+        reason: str = "",
+        check: Callable[[Deployment], None] | None = None,
+    ) -> bool:
         """Create unless it exists; False when another process was first. One created again
-        after a delete goes on from its last revision (its history stays, and is continued)."""
+        after a delete goes on from its last revision (its history stays, and is continued).
+
+        ``check`` runs once the state is written, before its history and groups: if it raises,
+        the state is taken back and the error passes on. The name is listed before the state is
+        written, so a model deletion (``holders_of``) that does not see this state was marked
+        before ``check`` looks."""
         now_ms = int(time.time() * 1000)
         last = self.client.lindex(names.history_key(deployment.name), -1)
         revision = int(json.loads(last)["revision"]) + 1 if last else 1
         dep = dataclasses.replace(
             deployment, revision=revision, updated_ms=deployment.updated_ms or now_ms
         )
+        self.client.sadd(names.DEPLOYMENTS_SET, dep.name)
         created = bool(self.client.set(names.deployment_key(dep.name), dep.to_json(), nx=True))
+        if created and check is not None:
+            try:
+                check(dep)
+            except BaseException:
+                self._take_back(dep)
+                raise
         if not created and (old := self.client.get(names.deployment_key(dep.name))) is not None:
             deleted_ms = Deployment.from_json(old).deleted_ms
             if deleted_ms:
@@ -191,6 +216,16 @@ class DeploymentStore:
         ensure_groups(self.client, self.get(dep.name))
         self.client.sadd(names.DEPLOYMENTS_SET, dep.name)
         return created
+
+    def _take_back(self, dep: Deployment) -> None:
+        """Undo a ``create`` that its check refused: the state goes if it is still the one
+        written (else it is deleted as any other, since someone changed it meanwhile)."""
+        key = names.deployment_key(dep.name)
+        if not self.client.eval(_DELETE_IF_SAME, 1, key, dep.to_json()):
+            with contextlib.suppress(DeploymentNotFound):
+                self.delete(dep.name, actor="system", reason="created with a model deleted")
+        elif self.client.get(key) is None:
+            self.client.srem(names.DEPLOYMENTS_SET, dep.name)
 
     def update(
         self,

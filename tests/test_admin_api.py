@@ -470,6 +470,34 @@ def test_every_change_that_takes_expect_revision_refuses_a_stale_one(admin: AppC
     assert "expect_revision" not in json.dumps(state["schedule"])
 
 
+def test_a_version_deleted_while_a_deployment_of_it_is_created_is_refused_to_one_of_them(
+    admin: AppClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create checked its models, then wrote with a plain SET NX: a delete that ran whole in
+    between saw no deployment holding the version, so both answered 2xx and the new deployment
+    served a deleted model. The create lists its name first and looks for the mark once
+    written; a refused create leaves nothing behind."""
+    v3 = upload(admin, "weak")
+    service = admin.app.state.admin
+    write = service.store.create
+
+    def create_meanwhile_deleted(dep: Deployment, **options: Any) -> bool:
+        service.delete_model(DEMO_DEPLOYMENT, v3, "other")  # after the create's checks
+        return bool(write(dep, **options))
+
+    monkeypatch.setattr(service.store, "create", create_meanwhile_deleted)
+    real = {"model": DEMO_DEPLOYMENT, "version": v3}
+    refused = admin.post("/admin/deployments", headers=AUTH, json={"name": "late", "real": real})
+    assert refused.status_code == 404 and f"version {v3} was deleted" in refused.text
+    assert admin.get("/admin/deployments/late", headers=AUTH).status_code == 404
+    assert "late" not in service.store.list()  # not even as a name without a state
+    monkeypatch.undo()
+    real = {"model": DEMO_DEPLOYMENT, "version": 1}
+    again = admin.post("/admin/deployments", headers=AUTH, json={"name": "late", "real": real})
+    assert again.status_code == 201, again.text
+    assert again.json()["revision"] == 1  # nothing of the refused one was kept
+
+
 def test_reference_rows_give_a_model_of_its_own_features_its_training_statistics(
     admin: AppClient,
 ) -> None:

@@ -103,7 +103,12 @@ class DeploymentOperations(AdminCore):
         for ref in roles.values():
             self._servable(ref, dep)
         try:
-            created = self.store.create(dep, actor=actor, reason=req.reason)
+            created = self.store.create(
+                dep,
+                actor=actor,
+                reason=req.reason,
+                check=lambda written: self._refuse_retired(written.roles.values()),
+            )
         except DeploymentConflict as exc:  # deleted, and still draining
             raise Conflict(str(exc)) from None
         if not created:

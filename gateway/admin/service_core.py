@@ -8,7 +8,7 @@ into typed ``AdminError``s. The operations themselves live in ``model_operations
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from gateway.admin.bodies import Conflict, Invalid, LookupIn, NotFound
@@ -91,6 +91,12 @@ class AdminCore:
             raise NotFound(deleted_message(dep))
         return dep
 
+    def _refuse_retired(self, refs: Iterable[ModelRef]) -> None:
+        """404 for a version deleted (or being deleted) since the operation checked it."""
+        for ref in refs:
+            if self.registry.retired(ref.name, ref.version):
+                raise NotFound(f"model {ref.name} version {ref.version} was deleted")
+
     def _change(
         self,
         name: str,
@@ -106,9 +112,7 @@ class AdminCore:
             since it was checked: read inside the state's transaction, which a deletion
             rewrites after marking the version (``DeploymentStore.holders_of``)."""
             changed = change(dep)
-            for ref in set(changed.roles.values()) - set(dep.roles.values()):
-                if self.registry.retired(ref.name, ref.version):
-                    raise NotFound(f"model {ref.name} version {ref.version} was deleted")
+            self._refuse_retired(set(changed.roles.values()) - set(dep.roles.values()))
             return changed
 
         try:
