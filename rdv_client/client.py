@@ -1,267 +1,29 @@
-"""The calls, built once (``_Call``: method, path, body, what to make of the answer) and sent by
-a sync or an async httpx client, so both clients say the same thing."""
+"""The sync and the async client: each sends the calls of ``rdv_client.calls`` with its own
+httpx client."""
 
 from __future__ import annotations
 
-import numbers
-import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
-from typing import Any, Generic, SupportsFloat, TypeAlias, TypeVar
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any, SupportsFloat, TypeVar
 
 import httpx
 
-from rdv_client.admin import AdminCalls, segment
-from rdv_client.types import GatewayUnreachable, Job, JobExists, Prediction, RdvError
+from rdv_client.admin import AdminCalls
+from rdv_client.calls import (
+    Call,
+    Calls,
+    Rows,
+    Waiting,
+    answer_of,
+    body_of,
+    feedback_body,
+    request_of,
+    unreachable,
+    unsendable,
+)
+from rdv_client.types import Job, Prediction
 
 T = TypeVar("T")
-Rows: TypeAlias = Sequence[Sequence[SupportsFloat]] | Sequence[SupportsFloat] | Any
-"""A predict's rows: a 2-D numpy array, a pandas DataFrame (in its column order), a sequence of
-rows of numbers, or one row (numpy's arrays are not ``Sequence`` to a type checker)."""
-
-
-@dataclass(frozen=True)
-class _Call(Generic[T]):
-    method: str
-    path: str
-    parse: Callable[[Any], T]
-    json: Any = None
-    params: Mapping[str, Any] | None = None
-    headers: Mapping[str, str] | None = None
-    admin: bool = False
-    feedback: bool = False
-    """Sent with the client's feedback token, when it has one (``RDV_FEEDBACK_TOKEN``)."""
-    wait_s: float = 0.0
-    """How long the server may hold the answer on purpose (a long poll): added to the
-    client's timeout, which would otherwise cut a wait longer than itself."""
-
-
-def _body(
-    features: Mapping[str, SupportsFloat] | None,
-    instances: Rows | None,
-    entity: str | None = None,
-    entities: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """The predict body. With a deployment that looks features up, ``entity`` names the one
-    row's entity (its other features in ``features``, or none) and ``entities`` one per row of
-    ``instances``."""
-    body: dict[str, Any] = {}
-    if entity is not None:
-        body["entity"] = entity
-    if entities is not None:
-        body["entities"] = list(entities)
-    if features is not None and instances is not None:
-        raise ValueError("give features (one row, by name) or instances (rows), not both")
-    if features is None and instances is None and not body:
-        raise ValueError("give exactly one of features (one row, by name) or instances (rows)")
-    if features is not None:
-        body["features"] = {name: _number(value) for name, value in features.items()}
-    if instances is not None:
-        body["instances"] = _rows(instances)
-    return body
-
-
-def _number(value: Any) -> Any:
-    """A number as JSON has it (numpy's scalars are not JSON); anything else as given, for
-    the gateway to name. A bool stays one (it was sent as 1.0, so ``correct=True``,
-    ``force=True`` and ``pin_canary`` were refused, and a bool feature taken for a number;
-    found by a helper's probe)."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy's too
-        return bool(value)
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    return value
-
-
-def _rows(instances: Any) -> list[list[Any]]:
-    """Rows as lists of numbers: a 2-D array or sequence of rows, a pandas DataFrame (its
-    rows, in its column order: the deployment's order is the caller's to give), or one row
-    (a 1-D array or list of numbers), which was a TypeError."""
-    if hasattr(instances, "to_numpy") and hasattr(instances, "columns"):  # a DataFrame
-        instances = instances.to_numpy()
-    one_row = (
-        instances.ndim == 1
-        if hasattr(instances, "ndim")
-        else isinstance(instances, Sequence) and bool(instances) and not _is_row(instances[0])
-    )
-    return [[_number(v) for v in row] for row in ([instances] if one_row else instances)]
-
-
-def _is_row(value: Any) -> bool:
-    return hasattr(value, "__iter__") and not isinstance(value, str | bytes)
-
-
-def _plain(doc: Any) -> Any:
-    """``doc`` with numpy's scalars and arrays made JSON's numbers and lists (httpx's encoder
-    refuses them), at any depth: an admin body's version, a feedback label."""
-    if isinstance(doc, Mapping):
-        return {key: _plain(value) for key, value in doc.items()}
-    if isinstance(doc, list | tuple):
-        return [_plain(value) for value in doc]
-    if hasattr(doc, "tolist") and not isinstance(doc, str | bytes):  # a numpy array or scalar
-        return _plain(doc.tolist())
-    return _number(doc)
-
-
-def _feedback_body(
-    items: Sequence[Mapping[str, Any]] | None,
-    request_id: str | None,
-    label: int | Sequence[int] | None,
-    correct: bool | None,
-    weight: float | None,
-) -> Any:
-    """Many ``items`` (each ``{"request_id", "label" | "correct"[, "weight"]}``), or one
-    item's fields: the gateway checks them all (an array is all or nothing)."""
-    if items is not None:
-        if request_id is not None:
-            raise ValueError("give items, or one item's fields, not both")
-        return [dict(item) for item in items]
-    if request_id is None:
-        raise ValueError("give items, or request_id with label or correct")
-    item: dict[str, Any] = {"request_id": request_id}
-    if label is not None:
-        item["label"] = label if isinstance(label, int | numbers.Integral) else list(label)
-    if correct is not None:
-        item["correct"] = correct
-    if weight is not None:
-        item["weight"] = weight
-    return item
-
-
-def _rid(request_id: str | None) -> dict[str, str] | None:
-    """The header. An id that HTTP cannot carry is refused here (the gateway says what else
-    is wrong with one): httpx raised a transport error for it, which reads as a gateway out
-    of reach, safe to retry."""
-    if request_id is None:
-        return None
-    if not (request_id.isascii() and request_id.isprintable() and request_id == request_id.strip()):
-        raise ValueError(
-            f"request_id {request_id[:40]!r} cannot be an HTTP header: printable ASCII "
-            "characters, no space at either end"
-        )
-    return {"X-Request-Id": request_id}
-
-
-def _doc(doc: Any) -> dict[str, Any]:
-    """An admin or feedback answer: a JSON object."""
-    if not isinstance(doc, dict):
-        raise RdvError(200, f"the gateway answered {type(doc).__name__}, not a JSON object")
-    return doc
-
-
-class _Calls:
-    """Every call the gateway answers, as a description."""
-
-    @staticmethod
-    def predict(deployment: str, body: dict[str, Any],
-                request_id: str | None) -> _Call[Prediction]:  # fmt: skip
-        return _Call("POST", f"/v1/deployments/{segment(deployment)}/predict", Prediction.from_json,
-                     json=body, headers=_rid(request_id))  # fmt: skip
-
-    @staticmethod
-    def submit(deployment: str, body: dict[str, Any],
-               request_id: str | None) -> _Call[Job]:  # fmt: skip
-        return _Call("POST", f"/v1/deployments/{segment(deployment)}/jobs", Job.from_json,
-                     json=body, headers=_rid(request_id))  # fmt: skip
-
-    @staticmethod
-    def result(deployment: str, job_id: str, wait_ms: int | None) -> _Call[Job]:
-        params = {"wait_ms": wait_ms} if wait_ms is not None else None
-        return _Call("GET", f"/v1/deployments/{segment(deployment)}/jobs/{segment(job_id)}",
-                     Job.from_json, params=params,
-                     wait_s=max(wait_ms or 0, 0) / 1000)  # fmt: skip
-
-    @staticmethod
-    def cancel(deployment: str, job_id: str) -> _Call[Job]:
-        return _Call("DELETE", f"/v1/deployments/{segment(deployment)}/jobs/{segment(job_id)}",
-                     Job.from_json)  # fmt: skip
-
-    @staticmethod
-    def feedback(deployment: str, body: Any) -> _Call[dict[str, Any]]:
-        return _Call("POST", f"/v1/deployments/{segment(deployment)}/feedback", _doc, json=body,
-                     feedback=True)  # fmt: skip
-
-    @staticmethod
-    def drift(deployment: str, feature: str | None, features: bool) -> _Call[dict[str, Any]]:
-        path = f"/v1/deployments/{segment(deployment)}/drift" + ("/features" if features else "")
-        return _Call("GET", path, _doc, params={"feature": feature} if feature else None)
-
-    @staticmethod
-    def admin(method: str, path: str, json: Any = None,
-              params: Mapping[str, Any] | None = None) -> _Call[dict[str, Any]]:  # fmt: skip
-        return _Call(method, f"/admin{path}", _doc, json=json, params=params, admin=True)
-
-
-def _request(
-    call: _Call[Any], tokens: tuple[str | None, str | None], timeout: httpx.Timeout
-) -> dict[str, Any]:
-    """``tokens``: the client's admin and feedback tokens."""
-    admin_token, feedback_token = tokens
-    headers = dict(call.headers or {})
-    if call.admin:
-        if not admin_token:
-            raise ValueError("an admin call needs the client's admin_token (RDV_ADMIN_TOKEN)")
-        headers["Authorization"] = f"Bearer {admin_token}"
-    elif call.feedback and feedback_token:
-        headers["Authorization"] = f"Bearer {feedback_token}"
-    request = {"method": call.method, "url": call.path, "json": _plain(call.json),
-               "params": call.params, "headers": headers}  # fmt: skip
-    if call.wait_s and timeout.read is not None:
-        request["timeout"] = httpx.Timeout(
-            connect=timeout.connect,
-            read=timeout.read + call.wait_s,
-            write=timeout.write,
-            pool=timeout.pool,
-        )
-    return request
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from ``Retry-After``: a number of seconds or an HTTP date (RFC 9110)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-def _answer(call: _Call[T], response: httpx.Response) -> T:
-    try:
-        doc = response.json() if response.content else None
-    except ValueError:
-        doc = None
-    if response.status_code >= 400:
-        body = doc if isinstance(doc, dict) else {}
-        detail = body.get("detail", body.get("error")) if body else response.text
-        submitted = call.method == "POST" and call.parse == Job.from_json
-        if response.status_code == 409 and submitted and "id" in body and "location" in body:
-            raise JobExists(response.status_code, detail, body)
-        retry = _retry_after(response.headers.get("retry-after"))
-        raise RdvError(response.status_code, detail, retry, body)
-    if call.parse == Job.from_json and isinstance(doc, dict) and "location" not in doc:
-        # a submit's Location header; a poll or a cancel was sent to the job's own place
-        here = call.path if call.method != "POST" else None
-        doc = {**doc, "location": response.headers.get("location") or here}
-    return call.parse(doc)
-
-
-def _unsendable(call: _Call[Any], exc: httpx.LocalProtocolError) -> ValueError:
-    """httpx refused to send the request: nothing reached the gateway, and the same request
-    would fail again (a retry would not help, unlike ``GatewayUnreachable``)."""
-    return ValueError(f"{call.method} {call.path}: not sendable as HTTP: {exc}")
-
-
-def _unreachable(call: _Call[Any], exc: httpx.TransportError) -> GatewayUnreachable:
-    what = "no answer in time" if isinstance(exc, httpx.TimeoutException) else "not reached"
-    return GatewayUnreachable(f"{call.method} {call.path}: {what}: {exc!r}")
 
 
 class Client(AdminCalls[dict[str, Any]]):
@@ -269,32 +31,37 @@ class Client(AdminCalls[dict[str, Any]]):
     ``feedback`` on a gateway that asks for one; ``transport`` for tests."""
 
     def __init__(self, base_url: str, *, admin_token: str | None = None,
-                 feedback_token: str | None = None, timeout: float = 10.0,
+                 feedback_token: str | None = None, actor: str | None = None,
+                 timeout: float = 10.0,
                  transport: httpx.BaseTransport | None = None):  # fmt: skip
         self.admin_token = admin_token
         self.feedback_token = feedback_token
+        self.actor = actor
+        """Who the admin calls' changes are recorded as in the history (``X-Actor``; the
+        gateway says ``admin`` without it)."""
         self.http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
 
-    def _send(self, call: _Call[T]) -> T:
-        request = _request(call, (self.admin_token, self.feedback_token), self.http.timeout)
+    def _send(self, call: Call[T]) -> T:
+        tokens = (self.admin_token, self.feedback_token)
+        request = request_of(call, tokens, self.http.timeout, self.actor)
         try:
             response = self.http.request(**request)
         except httpx.LocalProtocolError as exc:
-            raise _unsendable(call, exc) from exc
+            raise unsendable(call, exc) from exc
         except httpx.TransportError as exc:
-            raise _unreachable(call, exc) from exc
-        return _answer(call, response)
+            raise unreachable(call, exc) from exc
+        return answer_of(call, response)
 
     def _admin(self, method: str, path: str, json: Any = None,
                params: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-        return self._send(_Calls.admin(method, path, json, params))
+        return self._send(Calls.admin(method, path, json, params))
 
     def predict(self, deployment: str, *, features: Mapping[str, SupportsFloat] | None = None,
                 instances: Rows | None = None,
                 entity: str | None = None, entities: Sequence[str] | None = None,
                 request_id: str | None = None) -> Prediction:  # fmt: skip
         return self._send(
-            _Calls.predict(deployment, _body(features, instances, entity, entities), request_id)
+            Calls.predict(deployment, body_of(features, instances, entity, entities), request_id)
         )
 
     def submit(self, deployment: str, *, features: Mapping[str, SupportsFloat] | None = None,
@@ -302,33 +69,44 @@ class Client(AdminCalls[dict[str, Any]]):
                entity: str | None = None, entities: Sequence[str] | None = None,
                request_id: str | None = None) -> Job:  # fmt: skip
         return self._send(
-            _Calls.submit(deployment, _body(features, instances, entity, entities), request_id)
+            Calls.submit(deployment, body_of(features, instances, entity, entities), request_id)
         )
 
     def result(self, deployment: str, job_id: str, *, wait_ms: int | None = None) -> Job:
-        return self._send(_Calls.result(deployment, job_id, wait_ms))
+        return self._send(Calls.result(deployment, job_id, wait_ms))
+
+    def wait(self, deployment: str, job: Job | str, *, timeout_s: float = 60.0,
+             poll_ms: int = 10_000) -> Job:  # fmt: skip
+        """The job once it ended (done or failed: look at ``status``), by long polls;
+        TimeoutError if it is still pending after ``timeout_s``."""
+        waiting = Waiting(job, timeout_s, poll_ms)
+        current: Job | None = None
+        while (wait_ms := waiting.next_wait_ms(current)) is not None:
+            current = self.result(deployment, waiting.job_id, wait_ms=wait_ms)
+        assert current is not None
+        return current
 
     def cancel(self, deployment: str, job_id: str) -> Job:
         """The job, now failed with ``error.cancelled``; 409 (RdvError) once it ended."""
-        return self._send(_Calls.cancel(deployment, job_id))
+        return self._send(Calls.cancel(deployment, job_id))
 
     def feedback(self, deployment: str, items: Sequence[Mapping[str, Any]] | None = None, *,
                  request_id: str | None = None, label: int | Sequence[int] | None = None,
                  correct: bool | None = None,
                  weight: float | None = None) -> dict[str, Any]:  # fmt: skip
         """Labels for answered requests: ``{"accepted": n, "relabelled": k}``."""
-        body = _feedback_body(items, request_id, label, correct, weight)
-        return self._send(_Calls.feedback(deployment, body))
+        body = feedback_body(items, request_id, label, correct, weight)
+        return self._send(Calls.feedback(deployment, body))
 
     def drift(self, deployment: str) -> dict[str, Any]:
         """The latest drift evaluation (statistics, thresholds, alerts, history) and the live
         accuracy."""
-        return self._send(_Calls.drift(deployment, None, features=False))
+        return self._send(Calls.drift(deployment, None, features=False))
 
     def drift_features(self, deployment: str, feature: str | None = None) -> dict[str, Any]:
         """One feature (default: the one drifting most) in the latest window against
         training."""
-        return self._send(_Calls.drift(deployment, feature, features=True))
+        return self._send(Calls.drift(deployment, feature, features=True))
 
     def close(self) -> None:
         self.http.close()
@@ -344,32 +122,35 @@ class AsyncClient(AdminCalls[Awaitable[dict[str, Any]]]):
     """The same calls for asyncio: each, the admin ones included, is awaited."""
 
     def __init__(self, base_url: str, *, admin_token: str | None = None,
-                 feedback_token: str | None = None, timeout: float = 10.0,
+                 feedback_token: str | None = None, actor: str | None = None,
+                 timeout: float = 10.0,
                  transport: httpx.AsyncBaseTransport | None = None):  # fmt: skip
         self.admin_token = admin_token
         self.feedback_token = feedback_token
+        self.actor = actor
         self.http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
 
-    async def _send(self, call: _Call[T]) -> T:
-        request = _request(call, (self.admin_token, self.feedback_token), self.http.timeout)
+    async def _send(self, call: Call[T]) -> T:
+        tokens = (self.admin_token, self.feedback_token)
+        request = request_of(call, tokens, self.http.timeout, self.actor)
         try:
             response = await self.http.request(**request)
         except httpx.LocalProtocolError as exc:
-            raise _unsendable(call, exc) from exc
+            raise unsendable(call, exc) from exc
         except httpx.TransportError as exc:
-            raise _unreachable(call, exc) from exc
-        return _answer(call, response)
+            raise unreachable(call, exc) from exc
+        return answer_of(call, response)
 
     def _admin(self, method: str, path: str, json: Any = None,
                params: Mapping[str, Any] | None = None) -> Awaitable[dict[str, Any]]:  # fmt: skip
-        return self._send(_Calls.admin(method, path, json, params))  # the caller awaits it
+        return self._send(Calls.admin(method, path, json, params))  # the caller awaits it
 
     async def predict(self, deployment: str, *, features: Mapping[str, SupportsFloat] | None = None,
                       instances: Rows | None = None,
                       entity: str | None = None, entities: Sequence[str] | None = None,
                       request_id: str | None = None) -> Prediction:  # fmt: skip
         return await self._send(
-            _Calls.predict(deployment, _body(features, instances, entity, entities), request_id)
+            Calls.predict(deployment, body_of(features, instances, entity, entities), request_id)
         )
 
     async def submit(self, deployment: str, *, features: Mapping[str, SupportsFloat] | None = None,
@@ -377,29 +158,40 @@ class AsyncClient(AdminCalls[Awaitable[dict[str, Any]]]):
                      entity: str | None = None, entities: Sequence[str] | None = None,
                      request_id: str | None = None) -> Job:  # fmt: skip
         return await self._send(
-            _Calls.submit(deployment, _body(features, instances, entity, entities), request_id)
+            Calls.submit(deployment, body_of(features, instances, entity, entities), request_id)
         )
 
     async def result(self, deployment: str, job_id: str, *, wait_ms: int | None = None) -> Job:
-        return await self._send(_Calls.result(deployment, job_id, wait_ms))
+        return await self._send(Calls.result(deployment, job_id, wait_ms))
+
+    async def wait(self, deployment: str, job: Job | str, *, timeout_s: float = 60.0,
+                   poll_ms: int = 10_000) -> Job:  # fmt: skip
+        """The job once it ended, by long polls; TimeoutError if still pending after
+        ``timeout_s``."""
+        waiting = Waiting(job, timeout_s, poll_ms)
+        current: Job | None = None
+        while (wait_ms := waiting.next_wait_ms(current)) is not None:
+            current = await self.result(deployment, waiting.job_id, wait_ms=wait_ms)
+        assert current is not None
+        return current
 
     async def cancel(self, deployment: str, job_id: str) -> Job:
         """The job, now failed with ``error.cancelled``; 409 (RdvError) once it ended."""
-        return await self._send(_Calls.cancel(deployment, job_id))
+        return await self._send(Calls.cancel(deployment, job_id))
 
     async def feedback(self, deployment: str, items: Sequence[Mapping[str, Any]] | None = None,
                        *, request_id: str | None = None,
                        label: int | Sequence[int] | None = None, correct: bool | None = None,
                        weight: float | None = None) -> dict[str, Any]:  # fmt: skip
         """Labels for answered requests: ``{"accepted": n, "relabelled": k}``."""
-        body = _feedback_body(items, request_id, label, correct, weight)
-        return await self._send(_Calls.feedback(deployment, body))
+        body = feedback_body(items, request_id, label, correct, weight)
+        return await self._send(Calls.feedback(deployment, body))
 
     async def drift(self, deployment: str) -> dict[str, Any]:
-        return await self._send(_Calls.drift(deployment, None, features=False))
+        return await self._send(Calls.drift(deployment, None, features=False))
 
     async def drift_features(self, deployment: str, feature: str | None = None) -> dict[str, Any]:
-        return await self._send(_Calls.drift(deployment, feature, features=True))
+        return await self._send(Calls.drift(deployment, feature, features=True))
 
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -84,14 +84,15 @@ def test_admin_calls_need_the_token_and_return_the_gateways_json(system: System)
         with pytest.raises(RdvError) as refused:
             wrong.deployments()
         assert refused.value.status == 403
-    with Client(base, admin_token=TOKEN) as admin:
+    with Client(base, admin_token=TOKEN, actor="ana") as admin:
         listed = admin.deployments()
         assert [d["name"] for d in listed["deployments"]] == [DEMO_DEPLOYMENT]
         shown = admin.deployment(DEMO_DEPLOYMENT)
         assert shown["roles"]["real"]["version"] == 2 and shown["live_workers"]["real"] == 1
         changed = admin.set_schedule(DEMO_DEPLOYMENT, grace_ms=120, reason="client test")
         assert changed["deployment"]["schedule"]["grace_ms"] == 120
-        assert admin.history(DEMO_DEPLOYMENT, limit=1)["history"][0]["action"] == "set-schedule"
+        last = admin.history(DEMO_DEPLOYMENT, limit=1)["history"][0]
+        assert (last["action"], last["actor"]) == ("set-schedule", "ana")  # X-Actor
         real = shown["roles"]["real"]
         made = admin.create_deployment("second", real["name"], real["version"], reason="try")
         assert made["name"] == "second" and made["revision"] == 1
@@ -121,7 +122,7 @@ def test_the_async_client_says_the_same(system: System) -> None:
 
 
 def test_bodies_name_entities_for_a_deployment_that_looks_features_up() -> None:
-    from rdv_client.client import _body
+    from rdv_client.calls import body_of as _body
 
     assert _body({"a": 1.0}, None, entity="c-17") == {"entity": "c-17", "features": {"a": 1.0}}
     assert _body(None, None, entity="c-17") == {"entity": "c-17"}  # every feature looked up
@@ -138,7 +139,9 @@ def test_bools_stay_bools_rows_come_in_every_shape_and_errors_cross_processes() 
     process pool (it could not be pickled)."""
     import pickle
 
-    from rdv_client.client import _body, _feedback_body, _plain
+    from rdv_client.calls import body_of as _body
+    from rdv_client.calls import feedback_body as _feedback_body
+    from rdv_client.calls import plain as _plain
 
     assert _plain({"force": True, "pin_canary": np.bool_(False), "version": np.int64(3)}) == {
         "force": True, "pin_canary": False, "version": 3}  # fmt: skip
@@ -171,7 +174,8 @@ def test_jobs_through_the_client_end_like_predicts(system: System) -> None:
     with Client(f"http://127.0.0.1:{system.port}") as rdv:
         jobs = [rdv.submit(DEMO_DEPLOYMENT, instances=[row]) for row in x]
         assert all(j.status == "pending" and j.location for j in jobs)
-        done = [rdv.result(DEMO_DEPLOYMENT, j.id, wait_ms=10_000) for j in jobs]
+        done = [rdv.result(DEMO_DEPLOYMENT, j.id, wait_ms=10_000) for j in jobs[:2]]
+        done.append(rdv.wait(DEMO_DEPLOYMENT, jobs[2], timeout_s=10, poll_ms=50))
         assert [j.status for j in done] == ["done"] * 3
         direct = [rdv.predict(DEMO_DEPLOYMENT, instances=[row]).label for row in x]
         assert [j.result.label for j in done if j.result] == direct
@@ -194,11 +198,17 @@ def test_a_long_poll_stretches_the_timeout_by_its_wait(system: System) -> None:
             t0 = time.monotonic()
             client.result(DEMO_DEPLOYMENT, job.id, wait_ms=1000)
             assert time.monotonic() - t0 >= 0.9  # held by the server past the client's 0.5 s
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError, match=f"job {job.id} still pending after 0.8 s"):
+                client.wait(DEMO_DEPLOYMENT, job.id, timeout_s=0.8, poll_ms=300)
+            assert 0.75 <= time.monotonic() - t0 < 3  # long polls, within the client's timeout
 
         async def poll() -> None:
             async with AsyncClient(f"http://127.0.0.1:{system.port}", timeout=0.5) as client:
                 job = await client.submit(DEMO_DEPLOYMENT, **body)
                 await client.result(DEMO_DEPLOYMENT, job.id, wait_ms=1000)
+                with pytest.raises(TimeoutError):
+                    await client.wait(DEMO_DEPLOYMENT, job, timeout_s=0.2)
 
         asyncio.run(poll())
     finally:
@@ -309,7 +319,7 @@ def test_the_client_is_typed_for_its_users(tmp_path: Path) -> None:
 def test_no_answer_is_its_own_error_and_retry_after_may_be_a_date(system: System) -> None:
     """Raw httpx errors escaped the client (found by hand); a Retry-After given as an HTTP date
     failed float()."""
-    from rdv_client.client import _retry_after
+    from rdv_client.calls import retry_after_s as _retry_after
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))  # a port nothing listens on (bound, never listening)
