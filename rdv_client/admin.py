@@ -67,10 +67,17 @@ class AdminCalls(Generic[Doc]):
         return self._admin("POST", f"/deployments/{segment(deployment)}/challengers",
                            json={"role": role, "version": version, **options})  # fmt: skip
 
-    def remove_challenger(self, deployment: str, role: str) -> Doc:
+    def remove_challenger(self, deployment: str, role: str, reason: str = "",
+                          expect_revision: int | None = None) -> Doc:  # fmt: skip
+        """``expect_revision``: refused (409) unless the deployment is still at that revision
+        (``promote``, ``rollback``, ``add_challenger`` and ``set_schedule`` take it too)."""
+        params: dict[str, Any] = {"reason": reason}
+        if expect_revision is not None:
+            params["expect_revision"] = expect_revision
         return self._admin(
-            "DELETE", f"/deployments/{segment(deployment)}/challengers/{segment(role)}"
-        )
+            "DELETE", f"/deployments/{segment(deployment)}/challengers/{segment(role)}",
+            params=params,
+        )  # fmt: skip
 
     def set_schedule(self, deployment: str, **changes: Any) -> Doc:
         return self._admin("PATCH", f"/deployments/{segment(deployment)}/schedule", json=changes)

@@ -468,6 +468,16 @@ def test_every_change_that_takes_expect_revision_refuses_a_stale_one(admin: AppC
     state = admin.get(DEP, headers=AUTH).json()
     assert state["schedule"]["grace_ms"] == 150 and "guarded" in state["roles"]
     assert "expect_revision" not in json.dumps(state["schedule"])
+    # a rollback and a challenger's removal take it too (a rollback undid whatever came last)
+    removal = f"{DEP}/challengers/guarded"
+    for expected in (revision - 1, revision):
+        removed = admin.delete(removal, params={"expect_revision": expected}, headers=AUTH)
+        assert removed.status_code == (409 if expected < revision else 200), removed.text
+    revision = removed.json()["revision"]
+    for expected in (revision - 1, revision):
+        back = admin.post(f"{DEP}/rollback", json={"expect_revision": expected}, headers=AUTH)
+        assert back.status_code == (409 if expected < revision else 200), back.text
+    assert "guarded" in admin.get(DEP, headers=AUTH).json()["roles"]  # the removal undone
 
 
 def test_a_version_deleted_while_a_deployment_of_it_is_created_is_refused_to_one_of_them(

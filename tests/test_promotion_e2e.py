@@ -364,6 +364,12 @@ def test_the_cli_drives_the_admin_api(
         main(["promote", "--url", system.url, "--deployment", DEMO_DEPLOYMENT, "--version",
               str(uploaded["version"]), "--expect-revision", "1", "--force"])  # fmt: skip
     assert "409" in str(moved.value.code) and "not 1" in str(moved.value.code), moved.value.code
+    for command in (["rollback"], ["challengers", "remove", "--role", "c9"],
+                    ["schedule", "set", "--grace-ms", "90"], ["partitions", "2"]):  # fmt: skip
+        with pytest.raises(SystemExit) as moved:  # every change takes it
+            main([*command, "--url", system.url, "--deployment", DEMO_DEPLOYMENT,
+                  "--expect-revision", "1"])  # fmt: skip
+        assert "409" in str(moved.value.code) and "not 1" in str(moved.value.code), command
     main(
         [
             "deployments",

@@ -202,6 +202,7 @@ class Promote(_Body):
 
 class Rollback(_Body):
     to_revision: int | None = Field(default=None, ge=1, description="default: the previous")
+    expect_revision: ExpectRevision = None
     reason: str = Field(default="", max_length=2000)
 
 

@@ -42,6 +42,13 @@ from rendezvous.bus.connection import text
 from rendezvous.schedule import Schedule
 
 
+def _at_revision(dep: Deployment, expect_revision: int | None) -> None:
+    """409 unless ``dep`` is at ``expect_revision`` (when given), before the change is looked
+    at: the store checks it again as it commits (``DeploymentStore.update``)."""
+    if expect_revision is not None and dep.revision != expect_revision:
+        raise Conflict(f"{dep.name} is at revision {dep.revision}, not {expect_revision}")
+
+
 class DeploymentOperations(AdminCore):
     """``/admin/deployments``: what a deployment is, and every change of its roles, schedule
     and partitions."""
@@ -160,6 +167,7 @@ class DeploymentOperations(AdminCore):
 
     def rollback(self, name: str, req: Rollback, actor: str) -> dict[str, Any]:
         dep = self._dep(name)
+        _at_revision(dep, req.expect_revision)  # what a plain rollback undoes depends on it
         target = req.to_revision or self._previous_setup(dep)
         if not 1 <= target < dep.revision:
             raise Conflict(
@@ -220,8 +228,11 @@ class DeploymentOperations(AdminCore):
         self._dep(name)
         return self._change(name, deleted, "delete", actor, reason, {})
 
-    def remove_challenger(self, name: str, role: str, actor: str, reason: str) -> dict[str, Any]:
+    def remove_challenger(
+        self, name: str, role: str, actor: str, reason: str, expect_revision: int | None = None
+    ) -> dict[str, Any]:
         dep = self._dep(name)
+        _at_revision(dep, expect_revision)
         if role not in dep.roles:
             raise NotFound(f"deployment {name} has no challenger {role}")
         return self._change(
@@ -231,6 +242,7 @@ class DeploymentOperations(AdminCore):
             actor,
             reason,
             {"role": role},
+            expect_revision,
         )
 
     def set_schedule(self, name: str, req: SchedulePatch, actor: str) -> dict[str, Any]:

@@ -189,6 +189,10 @@ def build_router(settings: Settings) -> APIRouter:
         deployment: str,
         role: str,
         reason: Annotated[str, Query(max_length=2000)] = "",
+        expect_revision: Annotated[
+            int | None,
+            Query(ge=1, description="refuse (409) unless the deployment is still at this revision"),
+        ] = None,
         actor: Actor = None,
     ) -> Any:
         return await _changed(
@@ -198,6 +202,7 @@ def build_router(settings: Settings) -> APIRouter:
             role,
             actor or "admin",
             reason,
+            expect_revision,
         )
 
     @router.delete("/deployments/{deployment}", status_code=202)

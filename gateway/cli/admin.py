@@ -165,7 +165,13 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
-    body = without_none({"to_revision": args.to_revision, "reason": args.reason})
+    body = without_none(
+        {
+            "to_revision": args.to_revision,
+            "expect_revision": args.expect_revision,
+            "reason": args.reason,
+        }
+    )
     admin_request(args, "POST", f"/deployments/{args.deployment}/rollback", json=body)
 
 
@@ -178,12 +184,14 @@ def cmd_challengers(args: argparse.Namespace) -> None:
                 "version": args.version,
                 "model": args.model,
                 "split": args.split,
+                "expect_revision": args.expect_revision,
                 "reason": args.reason,
             }
         )
         admin_request(args, "POST", path, json=body)
     else:
-        admin_request(args, "DELETE", f"{path}/{args.role}", params={"reason": args.reason})
+        params = without_none({"reason": args.reason, "expect_revision": args.expect_revision})
+        admin_request(args, "DELETE", f"{path}/{args.role}", params=params)
 
 
 def cmd_schedule(args: argparse.Namespace) -> None:
@@ -205,6 +213,7 @@ def cmd_schedule(args: argparse.Namespace) -> None:
             "fallbacks": fallbacks,
             "splits": splits,
             "split_seed": args.split_seed,
+            "expect_revision": args.expect_revision,
             "reason": args.reason,
         }
     )
@@ -212,7 +221,13 @@ def cmd_schedule(args: argparse.Namespace) -> None:
 
 
 def cmd_partitions(args: argparse.Namespace) -> None:
-    body = {"partitions": args.partitions, "reason": args.reason}
+    body = without_none(
+        {
+            "partitions": args.partitions,
+            "expect_revision": args.expect_revision,
+            "reason": args.reason,
+        }
+    )
     admin_request(args, "PATCH", f"/deployments/{args.deployment}", json=body)
 
 
@@ -226,6 +241,14 @@ def add_admin_commands(sub: Any) -> None:
 
     def reason(p: argparse.ArgumentParser) -> None:
         p.add_argument("--reason", default="", help="why (kept in the deployment's history)")
+
+    def expect_revision(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--expect-revision",
+            type=whole_number(1),
+            help="refuse (409) unless the deployment is still at this revision "
+            "(rdv deployments show): another operator's change made meanwhile is not undone",
+        )
 
     p = admin("models", "model registry: upload, list, show, delete (admin API)")
     p.add_argument("action", choices=["upload", "list", "show", "delete"])
@@ -284,17 +307,14 @@ def add_admin_commands(sub: Any) -> None:
     p.add_argument("--require-replay", action="store_true", help="a finished rdv replay of it")
     p.add_argument("--min-replay-records", type=whole_number(0))
     p.add_argument("--min-replay-agreement", type=finite_number, help="with the answers given then")
-    p.add_argument(
-        "--expect-revision",
-        type=whole_number(1),
-        help="refuse (409) unless the deployment is still at this revision (rdv deployments show)",
-    )
+    expect_revision(p)
     reason(p)
     p.set_defaults(func=cmd_promote)
 
     p = admin("rollback", "restore the roles and schedule before their last change")
     p.add_argument("--deployment", required=True, type=deployment_name)
     p.add_argument("--to-revision", type=whole_number(1))
+    expect_revision(p)
     reason(p)
     p.set_defaults(func=cmd_rollback)
 
@@ -305,6 +325,7 @@ def add_admin_commands(sub: Any) -> None:
     p.add_argument("--version", type=whole_number(1), help="add: the model version")
     p.add_argument("--model", type=model_name, help="add: default the real model's name")
     p.add_argument("--split", type=finite_number, help="add: fraction of requests it answers (A/B)")
+    expect_revision(p)
     reason(p)
     p.set_defaults(func=cmd_challengers)
 
@@ -325,6 +346,7 @@ def add_admin_commands(sub: Any) -> None:
     )
     split.add_argument("--clear-split", action="store_true", help="no A/B split any more")
     p.add_argument("--split-seed", type=int)
+    expect_revision(p)
     reason(p)
     p.set_defaults(func=cmd_schedule)
 
@@ -340,5 +362,6 @@ def add_admin_commands(sub: Any) -> None:
     p = admin("partitions", "spread a deployment's requests over N input streams")
     p.add_argument("--deployment", required=True, type=deployment_name)
     p.add_argument("partitions", type=whole_number(1, 64), help="1 to 64")
+    expect_revision(p)
     reason(p)
     p.set_defaults(func=cmd_partitions)
