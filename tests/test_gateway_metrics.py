@@ -294,3 +294,35 @@ def test_a_live_gauge_of_a_process_gone_is_dropped_by_the_next_scrape(tmp_path: 
     assert ("held", frozenset()) not in scraped
     assert scraped[("served_total", frozenset())] == 7
     assert not list(tmp_path.glob("gauge_live*"))
+
+
+def test_a_scrape_leaves_out_the_series_of_deployments_gone(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A deleted and purged deployment's series stayed in every scrape for as long as the
+    gateway ran (in multi-process mode its values stay in the files), so creating and deleting
+    deployments grew ``/metrics`` without bound. Both modes: the process's own registry, and
+    the files of another process summed."""
+    metrics = GatewayMetrics()
+    for dep in ("kept", "gone", None):
+        metrics.request_done(dep, "real", 0.001)
+    own = samples(metrics.scrape_registry({"kept"}))
+    deployments = {dict(labels).get("deployment") for _, labels in own}
+    assert deployments == {"kept", "_unknown", None}  # None: series without the label
+    assert own[("rdv_in_flight_requests", frozenset())] == 0
+    everything = samples(metrics.scrape_registry())
+    assert {dict(labels).get("deployment") for _, labels in everything} >= {"gone"}
+
+    writer = (
+        "from prometheus_client import Counter\n"
+        "c = Counter('rdv_requests', 'r', ['deployment', 'outcome'])\n"
+        "c.labels('kept', 'real').inc(2)\n"
+        "c.labels('gone', 'real').inc(5)\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", writer], env=env, check=True, timeout=60)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    shared = samples(GatewayMetrics().scrape_registry({"kept"}))
+    kept = ("rdv_requests_total", frozenset({"deployment": "kept", "outcome": "real"}.items()))
+    assert shared[kept] == 2
+    assert not [labels for _, labels in shared if dict(labels).get("deployment") == "gone"]

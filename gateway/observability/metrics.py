@@ -16,7 +16,7 @@ import os
 from bisect import bisect_left
 from collections import Counter as Tally
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -313,15 +313,37 @@ class GatewayMetrics:
         self._counts[(self.late_results,)] += 1
         self._flush_soon()
 
-    def scrape_registry(self) -> CollectorRegistry:
+    def scrape_registry(self, live: Collection[str] | None = None) -> CollectorRegistry:
         """The registry to expose, after this process's pending tallies: in multi-process mode
         a fresh one that sums every process's files (prometheus-client's documented way), else
-        this process's own."""
+        this process's own. With ``live``, the series of any other deployment are left out."""
         self.flush()
         path = multiprocess_dir()
-        if path is None:
-            return self.registry
-        return merged_registry(path)
+        source = self.registry if path is None else merged_registry(path)
+        if live is None:
+            return source
+        registry = CollectorRegistry()
+        registry.register(LiveDeploymentsOnly(source, {*live, UNKNOWN_DEPLOYMENT}))
+        return registry
+
+
+class LiveDeploymentsOnly:
+    """``source``'s metrics without the series of deployments not in ``live``: a deployment
+    deleted and purged left its series in every scrape for as long as the gateway ran (its
+    values stay in the multi-process files, which prometheus-client cannot take a label set
+    out of), so creating and deleting deployments grew every scrape without bound."""
+
+    def __init__(self, source: CollectorRegistry, live: Collection[str]) -> None:
+        self.source = source
+        self.live = live
+
+    def collect(self) -> Iterable[Metric]:
+        live = self.live
+        for metric in self.source.collect():  # made afresh by each collect: ours to trim
+            metric.samples = [
+                s for s in metric.samples if s.labels.get("deployment", UNKNOWN_DEPLOYMENT) in live
+            ]
+            yield metric
 
 
 class SettledFilesCollector:

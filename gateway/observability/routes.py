@@ -33,8 +33,9 @@ def observe_router() -> APIRouter:
         part is still served, so a scrape shows the outage instead of failing."""
         state = request.app.state
         instruments: GatewayMetrics = state.metrics
-        body = generate_latest(instruments.scrape_registry())
         deployments: DeploymentCache = state.deployments
+        live = {*deployments.deployments, *deployments.draining}
+        body = generate_latest(instruments.scrape_registry(live))
         try:
             cluster = await asyncio.wait_for(
                 read_state(
