@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from models.meta import ModelMeta
 
 ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
@@ -105,14 +107,28 @@ def inspect_onnx(data: bytes, meta: ModelMeta) -> ModelMeta:
         _check_io(model)
         rows = _dry_rows(meta)
         labels, proba = model.predict(rows)
+        seen = (labels, proba)
+        if graph_classes is None and not _every_column_led(proba):
+            seen = _seen_far_out(model, meta, labels, proba)
     except ModelLoadError as exc:
         raise ArtifactRejected(str(exc)) from None
+    except ArtifactRejected:
+        raise
     except Exception as exc:  # onnxruntime raises several private exception types
         raise ArtifactRejected(
             f"the model fails on a batch of {width} features per row: {exc}"
         ) from None
-    classes = _classes(meta, graph_classes or _column_labels(labels, proba), proba, len(rows))
-    _check_answers(labels, proba, classes, follows_columns=graph_classes is None)
+    classes = _classes(meta, graph_classes or _column_labels(*seen), proba, len(rows))
+    _check_answers(labels, proba, classes)
+    if graph_classes is None:
+        _check_order(*seen, classes)
+    if graph_classes is None and meta.classes and not _every_column_led(seen[1]):
+        raise ArtifactRejected(
+            f"the model's graph does not say which class each probability column stands for, "
+            f"and on {len(seen[1])} trial rows not every column led, so the order of classes "
+            f"{list(meta.classes)} cannot be checked (a wrong one would swap probabilities): "
+            "upload reference rows (reference), on which every class shows"
+        )
     class_names = meta.class_names or [str(c) for c in classes]
     if len(class_names) != len(classes):
         raise ArtifactRejected("class_names must name every class")
@@ -139,6 +155,8 @@ def _graph_classes(proto: Any) -> list[int] | None:
         if found is not None and node.op_type.endswith("Classifier"):
             break  # the classifier's own, not a ZipMap's after it
     if found is None:
+        found = _indexed_classes(proto)
+    if found is None:
         return None
     try:
         return [int(label) for label in found]
@@ -149,11 +167,41 @@ def _graph_classes(proto: Any) -> list[int] | None:
         ) from None
 
 
+def _indexed_classes(proto: Any) -> list[Any] | None:
+    """The classes of a graph that picks its label from a constant by the probabilities'
+    arg max (skl2onnx's MLP, k-neighbours and others: ``ArrayFeatureExtractor(classes,
+    ArgMax(...))``), in the order of the columns; None unless exactly one constant is so
+    indexed. Without it, a wrong order of ``classes`` swapped the probabilities of classes
+    that never led on the dry batch (found by a helper's probe)."""
+    from onnx import numpy_helper
+
+    constants = {t.name: t for t in proto.graph.initializer}
+    made_by = {out: node for node in proto.graph.node for out in node.output}
+    found = []
+    for node in proto.graph.node:
+        if node.op_type != "ArrayFeatureExtractor" or len(node.input) != 2:
+            continue
+        source = made_by.get(node.input[1])
+        if source is None or source.op_type != "ArgMax" or node.input[0] not in constants:
+            continue
+        values = numpy_helper.to_array(constants[node.input[0]]).ravel()
+        found.append([v.decode() if isinstance(v, bytes) else v.item() for v in values])
+    return found[0] if len(found) == 1 and len(set(found[0])) == len(found[0]) else None
+
+
+def _every_column_led(proba: Any) -> bool:
+    """Each probability column clearly led on some row of the batch."""
+    if proba.ndim != 2 or proba.shape[1] < 2:
+        return True
+    top = np.sort(proba, axis=1)
+    clear = top[:, -1] - top[:, -2] > 1e-3
+    return len(set(proba.argmax(axis=1)[clear].tolist())) == proba.shape[1]
+
+
 def _column_labels(labels: Any, proba: Any) -> list[int] | None:
     """For a graph that names no classes (skl2onnx keeps some models' classes in a constant
     it indexes): the label each probability column stands for, read off the dry batch where
     one column clearly leads; None unless every column led somewhere, each to one label."""
-    import numpy as np
 
     if proba.ndim != 2 or proba.shape[1] < 2 or len(labels) != len(proba):
         return None
@@ -171,11 +219,23 @@ def _column_labels(labels: Any, proba: Any) -> list[int] | None:
 def _check_io(model: Any) -> None:
     """What the session says of its input and outputs, before a batch meets it."""
     [given] = model.session.get_inputs()
+    width = model.meta.feature_spec.width
     if given.type != "tensor(float)":
         raise ArtifactRejected(
             f"the model's input is {given.type}: {SUPPORTED} (skl2onnx: FloatTensorType)"
         )
-    proba = model.session.get_outputs()[1]
+    if given.shape and isinstance(given.shape[0], int):
+        # the gateway batches requests of any number of rows: a fixed batch size passed a dry
+        # run of exactly that many rows, then failed every other request (a helper's probe)
+        raise ArtifactRejected(
+            f"the model's input takes batches of exactly {given.shape[0]} rows: export it with "
+            f"a free batch dimension (skl2onnx: FloatTensorType([None, {width}]))"
+        )
+    label, proba = model.session.get_outputs()
+    if str(label.type) == "tensor(float)" and str(proba.type).startswith("tensor(int"):
+        raise ArtifactRejected(
+            f"the model's outputs are (probabilities, label): {SUPPORTED}, label first"
+        )
     if not str(proba.type).startswith("tensor("):
         raise ArtifactRejected(
             f"the probabilities output is {proba.type} (a ZipMap): {SUPPORTED}; export with "
@@ -186,14 +246,44 @@ def _check_io(model: Any) -> None:
 def _dry_rows(meta: ModelMeta) -> Any:
     """Rows to try the model on: zeros, then rows drawn within each feature's training range
     (or around zero when the spec has no statistics), so that several classes may show."""
-    import numpy as np
-
     spec = meta.feature_spec
     rng = np.random.default_rng(0)
     low = np.array([spec.stats[n].min if n in spec.stats else -1.0 for n in spec.names])
     high = np.array([spec.stats[n].max if n in spec.stats else 1.0 for n in spec.names])
     drawn = rng.uniform(low, high, size=(62, spec.width))
     return np.vstack([np.zeros((2, spec.width)), drawn]).astype(np.float32)
+
+
+def _seen_far_out(model: Any, meta: ModelMeta, labels: Any, proba: Any) -> tuple[Any, Any]:
+    """The dry batch's answers with those on rows far out (``_wide_rows``) where they are
+    finite: which class a column stands for shows only where it leads, and a column that never
+    leads within the training range may lead far from it. Only for reading the columns: the
+    model is not held to answers far outside what it was trained on."""
+    try:
+        far_labels, far_proba = model.predict(_wide_rows(meta))
+    except Exception:  # it may fail out there; the dry batch stands alone then
+        return labels, proba
+    finite = np.isfinite(far_proba).all(axis=1)
+    return (np.concatenate([labels, far_labels[finite]]),
+            np.vstack([proba, far_proba[finite]]))  # fmt: skip
+
+
+def _wide_rows(meta: ModelMeta) -> Any:
+    """More rows, spread 3, 10 and 100 times as wide around the training range's middle (a
+    column that never leads within the range may lead far out), and each feature alone at
+    either end of that: 64 rows at each scale, and two a feature."""
+    spec = meta.feature_spec
+    rng = np.random.default_rng(1)
+    low = np.array([spec.stats[n].min if n in spec.stats else -1.0 for n in spec.names])
+    high = np.array([spec.stats[n].max if n in spec.stats else 1.0 for n in spec.names])
+    middle, half = (low + high) / 2, np.maximum((high - low) / 2, 1e-3)
+    scaled = [middle + rng.uniform(-s, s, size=(64, spec.width)) * half for s in (3, 10, 100)]
+    alone = np.repeat(middle[None, :], 2 * spec.width, axis=0)
+    for f in range(spec.width):
+        alone[2 * f, f] = middle[f] - 10 * half[f]
+        alone[2 * f + 1, f] = middle[f] + 10 * half[f]
+    limit = np.finfo(np.float32).max / 2
+    return np.clip(np.vstack([*scaled, alone]), -limit, limit).astype(np.float32)
 
 
 def _classes(meta: ModelMeta, graph: list[int] | None, proba: Any, rows: int) -> list[int]:
@@ -226,10 +316,8 @@ def _classes(meta: ModelMeta, graph: list[int] | None, proba: Any, rows: int) ->
     return classes
 
 
-def _check_answers(labels: Any, proba: Any, classes: list[int], *, follows_columns: bool) -> None:
-    """Probabilities that are probabilities, labels among the classes, and (where the graph
-    names no classes) labels that follow the columns in the order given."""
-    import numpy as np
+def _check_answers(labels: Any, proba: Any, classes: list[int]) -> None:
+    """Probabilities that are probabilities, and labels among the classes."""
 
     if not np.isfinite(proba).all():
         raise ArtifactRejected(
@@ -240,7 +328,9 @@ def _check_answers(labels: Any, proba: Any, classes: list[int], *, follows_colum
         raise ArtifactRejected(
             "the second output is not probabilities (each row in [0, 1], summing to 1; got "
             f"values {float(proba.min()):.4g} to {float(proba.max()):.4g}, row sums "
-            f"{float(sums.min()):.4g} to {float(sums.max()):.4g}): {SUPPORTED}"
+            f"{float(sums.min()):.4g} to {float(sums.max()):.4g}): {SUPPORTED} (a model "
+            "without predict_proba, such as LinearSVC, answers scores: wrap it in "
+            "CalibratedClassifierCV)"
         )
     unknown = sorted(set(labels.tolist()) - set(classes))
     if unknown:
@@ -248,12 +338,15 @@ def _check_answers(labels: Any, proba: Any, classes: list[int], *, follows_colum
             f"the model's labels {unknown[:10]} are not among its classes {classes}: give "
             "classes as the model's labels, in the order of its probability columns"
         )
-    if follows_columns:
-        top = np.sort(proba, axis=1)
-        clear = top[:, -1] - top[:, -2] > 1e-3
-        by_column = np.asarray(classes)[proba.argmax(axis=1)]
-        if clear.any() and (by_column[clear] == labels[clear]).mean() < 0.95:
-            raise ArtifactRejected(
-                f"the labels do not follow the probability columns in the order of classes "
-                f"{classes}: give classes in the model's column order"
-            )
+
+
+def _check_order(labels: Any, proba: Any, classes: list[int]) -> None:
+    """Where the graph names no classes: labels that follow the columns in the order given."""
+    top = np.sort(proba, axis=1)
+    clear = top[:, -1] - top[:, -2] > 1e-3
+    by_column = np.asarray(classes)[proba.argmax(axis=1)]
+    if clear.any() and (by_column[clear] == labels[clear]).mean() < 0.95:
+        raise ArtifactRejected(
+            f"the labels do not follow the probability columns in the order of classes "
+            f"{classes}: give classes in the model's column order"
+        )

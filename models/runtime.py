@@ -102,9 +102,13 @@ class OnnxClassifier:
             )
         outputs = [o.name for o in self.session.get_outputs()]
         if len(outputs) != 2:
+            what = (
+                "a regressor is not supported" if len(outputs) == 1
+                else "export the classifier with those two alone"
+            )  # fmt: skip
             raise ModelLoadError(
                 f"expected a classifier's two outputs (label, probabilities), got {outputs}: "
-                "this server serves classifiers (a regressor is not supported)"
+                f"this server serves classifiers ({what})"
             )
         self.label_output, self.proba_output = outputs
 

@@ -19,6 +19,7 @@ from skl2onnx import to_onnx
 from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType
 from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
+from sklearn.neural_network import MLPClassifier
 from sklearn.svm import LinearSVC
 
 from models.inspection import ArtifactRejected, inspect_onnx
@@ -115,6 +116,71 @@ def test_a_graph_that_names_no_classes_is_read_by_its_labels() -> None:
         ArtifactRejected, match=r"classes \[0, 1\] differ from the model's \[1, 0\]"
     ):
         inspect_onnx(model, meta([0, 1]))
+
+
+def test_a_graph_that_picks_its_label_from_a_constant_says_its_classes_order() -> None:
+    """skl2onnx's MLP and k-NN keep their classes in a constant that the probabilities' arg
+    max indexes. Read off the dry batch only, a wrong order of classes swapping two columns
+    that never led there passed, and every answer's probabilities were swapped (a helper's
+    probe: label 20 answered with P(20) = 0.003). Three classes, labelled 10, 20, 30."""
+    x, _ = rows()
+    labels = np.digitize(x[:, 0], np.quantile(x[:, 0], [1 / 3, 2 / 3])) * 10 + 10
+    for estimator in (MLPClassifier((8,), max_iter=400, random_state=0),
+                      KNeighborsClassifier(5)):  # fmt: skip
+        model = fitted(labels, estimator)
+        assert inspect_onnx(onnx_of(model), meta()).classes == [10, 20, 30]
+        with pytest.raises(ArtifactRejected, match="differ from the model's"):
+            inspect_onnx(onnx_of(model), meta([10, 30, 20]))
+
+
+def test_classes_whose_order_cannot_be_checked_are_refused() -> None:
+    """A graph that names no classes, and a column that leads on no trial row, even far out:
+    the order given cannot be checked (else a wrong one swaps probabilities unseen)."""
+    h = onnx.helper
+    graph = h.make_graph(
+        [
+            h.make_node("Slice", ["x", "zero", "one", "axis"], ["c0"]),
+            h.make_node("Slice", ["x", "one", "two", "axis"], ["c1"]),
+            h.make_node("Sub", ["c0", "far"], ["c2"]),  # always below c0: never leads
+            h.make_node("Concat", ["c0", "c1", "c2"], ["logits"], axis=1),
+            h.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+            h.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+        ],
+        "third-never-leads",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, WIDTH])],
+        [
+            h.make_tensor_value_info("label", onnx.TensorProto.INT64, [None]),
+            h.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, [None, 3]),
+        ],
+        [h.make_tensor(n, onnx.TensorProto.INT64, [1], [v])
+         for n, v in (("zero", 0), ("one", 1), ("two", 2), ("axis", 1))]
+        + [h.make_tensor("far", onnx.TensorProto.FLOAT, [1], [1e4])],
+    )  # fmt: skip
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    model.ir_version = 8
+    data = bytes(model.SerializeToString())
+    with pytest.raises(ArtifactRejected, match="cannot be checked"):
+        inspect_onnx(data, meta([0, 1, 2]))
+    assert inspect_onnx(data, meta()).classes == [0, 1, 2]  # its own column numbers
+
+
+def test_a_fixed_batch_size_and_swapped_outputs_are_refused_saying_so() -> None:
+    """A model exported for batches of exactly 64 rows passed the dry run (64 rows) and then
+    failed every request of another size; a refusal raised inside the checks was reworded as
+    the model failing on a batch."""
+    model = fitted(rows()[1])
+    fixed = to_onnx(model, initial_types=[("x", FloatTensorType([64, WIDTH]))],
+                    options={id(model): {"zipmap": False}},
+                    target_opset={"": 17, "ai.onnx.ml": 3})  # fmt: skip
+    with pytest.raises(ArtifactRejected, match=r"exactly 64 rows: export it with a free") as no:
+        inspect_onnx(bytes(fixed.SerializeToString()), meta())
+    assert "fails on a batch" not in str(no.value)
+    swapped = onnx.load_model_from_string(onnx_of(model))
+    outputs = list(swapped.graph.output)
+    del swapped.graph.output[:]
+    swapped.graph.output.extend(reversed(outputs))
+    with pytest.raises(ArtifactRejected, match=r"outputs are \(probabilities, label\)"):
+        inspect_onnx(bytes(swapped.SerializeToString()), meta())
 
 
 def test_a_role_takes_the_deployments_features_in_order_and_its_classes() -> None:
