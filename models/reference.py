@@ -13,6 +13,7 @@ from sklearn.covariance import LedoitWolf
 
 from rendezvous.drift import score_counts
 from rendezvous.ood import OodReference
+from rendezvous.quantile_bins import bin_index
 from rendezvous.spec import FeatureSpec, FeatureStats, Lookup, TrainingCentre
 
 QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -30,12 +31,17 @@ def training_stats(names: list[str], x: np.ndarray) -> dict[str, FeatureStats]:
     for i, name in enumerate(names):
         col = x[:, i].astype(np.float64)
         qs = np.quantile(col, QUANTILES)
+        # the rows in each bin the deciles cut, counted as live rows are (a value at a cut in
+        # the bin above): with tied values the bins hold anything but a tenth each
+        cuts = np.maximum.accumulate(qs)
+        counts = np.bincount(bin_index(col[:, None], cuts[None, :])[:, 0], minlength=len(qs) + 1)
         stats[name] = FeatureStats(
             mean=float(col.mean()),
             std=float(col.std()),
             min=float(col.min()),
             max=float(col.max()),
             quantiles={str(q): float(v) for q, v in zip(QUANTILES, qs, strict=True)},
+            shares=tuple(round(float(c) / len(col), 9) for c in counts),
         )
     return stats
 

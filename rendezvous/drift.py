@@ -121,6 +121,19 @@ def histogram_quantile(edges: Sequence[float], counts: np.ndarray, q: float) -> 
     return lo + (hi - lo) * (target - before) / c[i]
 
 
+def _counted_shares(spec: FeatureSpec, bins: int) -> np.ndarray | None:
+    """(features, bins) of ``FeatureStats.shares``, or None unless every feature has a
+    histogram of that many bins."""
+    rows = [spec.stats[name].shares for name in spec.names]
+    if any(len(r) != bins for r in rows):
+        return None
+    shares = np.asarray(rows, dtype=np.float64)
+    sums = shares.sum(axis=1)
+    if not np.isfinite(shares).all() or (shares < 0).any() or (np.abs(sums - 1) > 1e-3).any():
+        return None
+    return shares / sums[:, None]
+
+
 @dataclass(frozen=True, eq=False)
 class FeatureReference:
     """Training quantiles as bin cuts, so live rows can be counted per bin and compared with
@@ -136,10 +149,14 @@ class FeatureReference:
     def from_spec(cls, spec: FeatureSpec) -> FeatureReference | None:
         """None when a feature lacks quantiles or the features use different levels.
 
-        A value equal to a cut goes to the upper bin, so a bin that cannot hold a training
-        row (two equal cuts, or a first cut at the training minimum, as with the zeros of the
-        concavity features) would always read empty; its expected share moves to the bin
-        above, where those tied rows really land.
+        Each bin's expected share is the share of training rows counted in it
+        (``FeatureStats.shares``) where every feature has them. Else it is read off the
+        levels: a value equal to a cut goes to the upper bin, so a bin that cannot hold a
+        training row (two equal cuts, or a first cut at the training minimum, as with the
+        zeros of the concavity features) would always read empty, and its share moves to the
+        bin above, where those tied rows land; but ties inside a bin are not seen, and a
+        feature of few distinct values (pixel intensities, counts) read a PSI near 1 on its
+        own training rows (found by a helper's probe).
         """
         levels: list[str] | None = None
         rows = []
@@ -155,14 +172,18 @@ class FeatureReference:
             rows.append([stats.quantiles[k] for k in keys])
         assert levels is not None
         cuts = np.maximum.accumulate(np.asarray(rows, dtype=np.float64), axis=1)
-        share = np.diff([0.0, *(float(k) for k in levels), 1.0])
-        expected = np.tile(share, (len(spec.names), 1))
-        for f, name in enumerate(spec.names):
-            lows = [spec.stats[name].min, *cuts[f, :-1]]
-            for j in range(cuts.shape[1]):
-                if cuts[f, j] <= lows[j]:  # bin j = [lows[j], cuts[j]) is empty by construction
-                    expected[f, j + 1] += expected[f, j]
-                    expected[f, j] = 0.0
+        counted = _counted_shares(spec, cuts.shape[1] + 1)
+        if counted is not None:
+            expected = counted
+        else:
+            share = np.diff([0.0, *(float(k) for k in levels), 1.0])
+            expected = np.tile(share, (len(spec.names), 1))
+            for f, name in enumerate(spec.names):
+                lows = [spec.stats[name].min, *cuts[f, :-1]]
+                for j in range(cuts.shape[1]):
+                    if cuts[f, j] <= lows[j]:  # bin j = [lows[j], cuts[j]) is empty by construction
+                        expected[f, j + 1] += expected[f, j]
+                        expected[f, j] = 0.0
         return cls(
             names=tuple(spec.names),
             cuts=cuts,

@@ -22,15 +22,22 @@ class FeatureStats:
     max: float
     quantiles: dict[str, float] = field(default_factory=dict)
     """Quantile levels as strings ("0.05", ...) to values."""
+    shares: tuple[float, ...] = ()
+    """The share of the training rows in each bin the quantiles cut (one more than the
+    quantiles), counted as live rows are (``rendezvous.drift.FeatureReference``); empty: read
+    off the levels, which is wrong where training values tie (counts, rounded measurements)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "mean": self.mean,
             "std": self.std,
             "min": self.min,
             "max": self.max,
             "quantiles": dict(self.quantiles),
         }
+        if self.shares:
+            doc["shares"] = list(self.shares)
+        return doc
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> FeatureStats:
@@ -40,6 +47,7 @@ class FeatureStats:
             min=float(doc["min"]),
             max=float(doc["max"]),
             quantiles={str(k): float(v) for k, v in doc.get("quantiles", {}).items()},
+            shares=tuple(float(v) for v in doc.get("shares", ())),
         )
 
 
