@@ -24,6 +24,11 @@ DISTANCE_QUANTILES = (0.5, 0.9, 0.99, 1.0)
 """Of the training rows' distances to their centre, kept to read a live distance against."""
 MIN_ROWS = 50
 """Fewest reference rows: the deciles and the correlation need some."""
+MAX_CORRELATED_FEATURES = 256
+"""Beyond this many features the training centre keeps no correlation (the distance is the
+diagonal one): its triangle grows as the square of the features and travels in every copy of
+the spec, so 2,500 features made a 44 MB deployment state, read and written as JSON by every
+admin call, stalling the gateway's requests (found by a helper's probe)."""
 
 
 def training_stats(names: list[str], x: np.ndarray) -> dict[str, FeatureStats]:
@@ -53,12 +58,17 @@ def training_centre(
     Ledoit-Wolf rather than the sample covariance: 30 features over a few hundred rows, some
     nearly collinear (radius, perimeter, area), leave the sample covariance close to singular,
     and its inverse would make a tiny wobble of a collinear pair look like a gross outlier."""
-    mean = np.asarray([stats[n].mean for n in names])
-    std = np.asarray([stats[n].std if stats[n].std > 0 else 1.0 for n in names])
-    z = (np.asarray(x, dtype=np.float64) - mean) / std
-    correlation = LedoitWolf(assume_centered=True).fit(z).covariance_
-    whitening = np.linalg.inv(np.linalg.cholesky(correlation))  # lower triangular
-    rows = tuple(tuple(float(f"{v:.7g}") for v in whitening[i, : i + 1]) for i in range(len(names)))
+    if len(names) > MAX_CORRELATED_FEATURES:
+        rows: tuple[tuple[float, ...], ...] = ()
+    else:
+        mean = np.asarray([stats[n].mean for n in names])
+        std = np.asarray([stats[n].std if stats[n].std > 0 else 1.0 for n in names])
+        z = (np.asarray(x, dtype=np.float64) - mean) / std
+        correlation = LedoitWolf(assume_centered=True).fit(z).covariance_
+        whitening = np.linalg.inv(np.linalg.cholesky(correlation))  # lower triangular
+        rows = tuple(
+            tuple(float(f"{v:.7g}") for v in whitening[i, : i + 1]) for i in range(len(names))
+        )
     draft = FeatureSpec(names=tuple(names), stats=stats, centre=TrainingCentre(rows))
     reference = OodReference.from_spec(draft)
     assert reference is not None

@@ -61,7 +61,9 @@ class TrainingCentre:
     (Ledoit-Wolf) correlation: correlated features, such as a radius and its area, count once,
     and an input that breaks their relation (two columns swapped) lies far away even when
     each value alone looks ordinary. ``distance_quantiles`` are of the training rows' own
-    distances, so a live distance can be read against them."""
+    distances, so a live distance can be read against them. An empty ``whitening`` keeps no
+    correlation (too many features for its triangle): the distance is the diagonal one, and
+    the quantiles are of that."""
 
     whitening: tuple[tuple[float, ...], ...]
     distance_quantiles: dict[str, float] = field(default_factory=dict)
@@ -197,8 +199,9 @@ class FeatureSpec:
     def __post_init__(self) -> None:
         if not self.names:
             raise ValueError("a feature spec needs at least one feature")
-        if self.centre is not None and len(self.centre.whitening) != len(self.names):
-            raise ValueError(f"the training centre is of {len(self.centre.whitening)} "
+        whitening = self.centre.whitening if self.centre is not None else ()
+        if whitening and len(whitening) != len(self.names):
+            raise ValueError(f"the training centre is of {len(whitening)} "
                              f"features, the spec has {len(self.names)}")  # fmt: skip
         if len(set(self.names)) != len(self.names):
             raise ValueError("feature names must be unique")

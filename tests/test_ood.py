@@ -107,6 +107,28 @@ def test_the_centre_travels_with_the_spec_and_old_specs_still_read() -> None:
         TrainingCentre(((1.0,), (0.5,)))
 
 
+def test_a_wide_spec_keeps_no_correlation_and_measures_the_diagonal_distance() -> None:
+    """The correlation's triangle grows as the square of the features and travels in every
+    copy of the spec: 2,500 features made a 44 MB deployment state that stalled the gateway
+    at each admin call (a helper's probe). Past 256 features the centre keeps the training
+    distances of the diagonal distance only."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(400, 300)) * rng.uniform(0.5, 3, 300) + rng.uniform(-5, 5, 300)
+    names = [f"f{i}" for i in range(300)]
+    spec = training_spec(names, x)
+    assert spec.centre is not None and spec.centre.whitening == ()
+    assert len(json.dumps(spec.to_dict())) < 300 * 600  # no longer a square of the features
+    back = FeatureSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    ref = OodReference.from_spec(back)
+    assert ref is not None and ref.method == "diagonal" and ref.project.shape == (300,)
+    assert 0.8 < ref.training_distance["0.5"] < 1.2  # a training row: z-scores of ~1
+    _, distance = ref.measure(x[:5])
+    z = (x[:5] - x.mean(axis=0)) / x.std(axis=0)
+    assert np.allclose(distance, np.sqrt((z * z).mean(axis=1)), rtol=1e-3)
+    narrow = training_spec(names[:30], x[:, :30])  # as before: the correlation kept
+    assert narrow.centre is not None and len(narrow.centre.whitening) == 30
+
+
 def test_a_one_row_score_costs_microseconds() -> None:
     """Measured, not guessed: the figure the README states (about 6 us on a quiet core)."""
     data = demo_data()
