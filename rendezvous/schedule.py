@@ -132,6 +132,16 @@ class Schedule:
             fallbacks=tuple(f for f in self.fallbacks if f != role),
         )
 
+    def among(self, roles: Collection[str]) -> Schedule:
+        """This schedule without the fallbacks that are not among ``roles``: the default
+        ``canary`` of a deployment that has none could neither answer nor fail, so a real that
+        failed left its callers waiting out the timeout for a 504 rather than a 502 at once
+        (found by a helper's probe). Kept in the stored schedule: a canary a promotion makes
+        is a fallback from then on."""
+        if all(role in roles for role in self.fallbacks):
+            return self
+        return dataclasses.replace(self, fallbacks=tuple(r for r in self.fallbacks if r in roles))
+
     def pinned_to(self, role: str) -> Schedule:
         """The schedule of a request that names the model version to answer it (the Open
         Inference Protocol's versioned infer): that role alone, until the timeout; no split,

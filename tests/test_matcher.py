@@ -263,6 +263,20 @@ async def test_every_role_that_may_answer_failing_ends_the_wait_with_a_502(
     assert rec.outcome == "timeout" and sorted(rec.failed) == ["canary", "real"]
 
 
+async def test_a_failed_real_without_the_fallback_it_names_ends_the_wait_at_once(
+    rdv: Rendezvous, r: redis.Redis
+) -> None:
+    """A deployment made without a canary keeps the default fallback ``canary``: a real that
+    failed left its callers waiting out the timeout for a 504 (a helper's probe)."""
+    mb = rdv.open("h", DEP, SCHEDULE, ["real"])
+    await send(rdv.client, result("h", "real", 0.0, error="model failed: boom"))
+    answer = await rdv.wait(mb)
+    assert answer.failed and answer.result is None
+    assert answer.elapsed_ms < SCHEDULE.timeout_ms / 2
+    [rec] = await decisions(r, 1)
+    assert rec.failed == ["real"]
+
+
 async def test_duplicate_in_flight_id_is_refused_and_late_results_counted(
     rdv: Rendezvous, r: redis.Redis
 ) -> None:

@@ -143,6 +143,7 @@ class Rendezvous:
                 "or answered and still collecting the other models' results)"
             )
         loop = asyncio.get_running_loop()
+        schedule = schedule.among(expected_roles)
         mb = Mailbox(
             request_id=request_id,
             deployment=deployment,
