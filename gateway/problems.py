@@ -22,6 +22,17 @@ RETRY = {"Retry-After": "1"}
 """Sent with every 429 and 503: the refusal is momentary."""
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every character beyond ASCII escaped (``\\u00e9``), as the JSON the gateway
+    writes itself: a lone surrogate a caller sent (``"\\ud800"``, which JSON allows and
+    Python keeps) cannot be encoded as UTF-8, and Starlette's own rendering raised on it, a 500
+    wherever an answer echoed the caller's text (a 422 naming the input, a reason in an admin
+    change's history; found by a helper's fuzzing)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
+
+
 class Style(Enum):
     DETAIL = "detail"
     """``{"detail": ...}``: the routes under ``/v1`` and ``/admin`` (FastAPI's own shape)."""
@@ -59,7 +70,7 @@ class Problem:
         return self.status, self.body(style), headers
 
     def response(self, style: Style = Style.DETAIL) -> JSONResponse:
-        return JSONResponse(
+        return AsciiJSONResponse(
             self.document(style), status_code=self.status, headers=self.all_headers() or None
         )
 

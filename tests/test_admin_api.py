@@ -480,6 +480,22 @@ def test_every_change_that_takes_expect_revision_refuses_a_stale_one(admin: AppC
     assert "guarded" in admin.get(DEP, headers=AUTH).json()["roles"]  # the removal undone
 
 
+def test_a_lone_surrogate_in_an_admin_body_is_answered_not_a_500(admin: AppClient) -> None:
+    """JSON may spell a lone surrogate ("\\ud800") and Python keeps it, but it cannot be
+    encoded as UTF-8: every admin 422 echoing one as the input at fault was a 500 with a
+    traceback (found by a helper's fuzzing of every route)."""
+    headers = {**AUTH, "content-type": "application/json"}
+    for body, field in ((b'{"grace_ms": "\\ud800"}', "grace_ms"),
+                        (b'{"grace_ms": 140, "reason": "\\ud800"}', "reason"),
+                        (b'{"grace_ms": 140, "\\ud800": 1}', "body")):  # fmt: skip
+        refused = admin.patch(f"{DEP}/schedule", content=body, headers=headers)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["detail"][0]["loc"][-1] == field  # a key: the body at fault
+    done = admin.patch(f"{DEP}/schedule", headers=headers,
+                       content=b'{"grace_ms": 140, "reason": "caf\\u00e9"}')  # fmt: skip
+    assert done.status_code == 200 and done.json()["deployment"]["schedule"]["grace_ms"] == 140
+
+
 def test_a_version_deleted_while_a_deployment_of_it_is_created_is_refused_to_one_of_them(
     admin: AppClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -36,6 +36,7 @@ from gateway.observability.drift_sketches import local_model_meta
 from gateway.observability.live_accuracy import LiveAccuracy
 from gateway.observability.metrics import GatewayMetrics, multiprocess_dir
 from gateway.observability.routes import observe_router
+from gateway.problems import AsciiJSONResponse
 from gateway.settings import Settings
 from gateway.transport import feedback, jobs, oip
 from gateway.transport.cors import with_cors
@@ -286,6 +287,7 @@ def create_app(
             await reader_client.aclose()
 
     app = FastAPI(
+        default_response_class=AsciiJSONResponse,
         title="Rendezvous gateway",
         version="0.1.0",
         summary="One prediction endpoint; real, canary and log bin behind Redis streams.",
