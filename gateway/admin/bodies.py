@@ -84,7 +84,9 @@ class UploadMeta(_Body):
     feature_names: list[ShownName] | None = Field(default=None, min_length=1, max_length=100_000)
     classes: list[int] | None = Field(default=None, max_length=10_000)
     class_names: list[ShownName] | None = Field(default=None, max_length=10_000)
-    metrics: dict[ShownName, float] = Field(default={}, max_length=100)
+    metrics: dict[ShownName, ReferenceNumber] = Field(
+        default={}, max_length=100, description="finite numbers (NaN was stored as null)"
+    )
     algorithm: str = Field(default="", max_length=200)
     description: str = Field(default="", max_length=10_000)
     sha256: str | None = Field(default=None, description="if given, must match the artifact")

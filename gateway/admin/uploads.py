@@ -111,7 +111,19 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[UploadMeta, byt
     )
 
 
+MAX_LISTED = 250_000
+"""Values an upload's other arrays may hold at most (``feature_names`` and the reference's
+``columns``, 100,000 each; ``classes`` and ``class_names``, 10,000 each), beside the
+reference's cells."""
+
+
 def _json_upload(body: bytes) -> tuple[UploadMeta, bytes]:
+    # Values in a JSON array are comma-separated: more commas than the arrays may hold values
+    # is refused before the parse makes a Python float of each (32 bytes a number: an 80 MB
+    # body of reference values would take gigabytes; found by a helper's fuzzing).
+    if body.count(b",") > MAX_REFERENCE_CELLS + MAX_LISTED:
+        raise Invalid(f"reference: more than {MAX_REFERENCE_ROWS} rows or "
+                      f"{MAX_REFERENCE_CELLS} values")  # fmt: skip
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError) as exc:
@@ -121,7 +133,9 @@ def _json_upload(body: bytes) -> tuple[UploadMeta, bytes]:
         data = base64.b64decode(upload.onnx_base64, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise Invalid(f"onnx_base64 is not base64: {exc}") from None
-    return UploadMeta.model_validate(upload.model_dump(exclude={"onnx_base64"})), data
+    # Checked already: not validated (and copied) a second time.
+    fields = {name: getattr(upload, name) for name in UploadMeta.model_fields}
+    return UploadMeta.model_construct(**fields), data
 
 
 UPLOAD_DOC = {
