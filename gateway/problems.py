@@ -9,6 +9,7 @@ Starlette response for the framework's routes.
 
 from __future__ import annotations
 
+import codecs
 import hmac
 import json
 from collections.abc import Mapping
@@ -20,6 +21,28 @@ from starlette.responses import JSONResponse
 
 RETRY = {"Retry-After": "1"}
 """Sent with every 429 and 503: the refusal is momentary."""
+
+BOM_FAULT = ("the body begins with a UTF-8 byte order mark (EF BB BF), which JSON sent over a "
+             "network must not carry (RFC 8259): send the JSON without it")  # fmt: skip
+"""Some Windows tools write one (PowerShell's UTF8 encoding, .NET's default): the parser's
+own words, "expected value at line 1 column 1", did not say what was wrong."""
+
+
+def not_json(raw: bytes, error: BaseException | None) -> str:
+    """Why ``raw`` did not parse as JSON, in words a caller can act on: a byte order mark,
+    bytes that are not UTF-8 (a UTF-16 body, a compressed one), a nesting or a number beyond
+    the parser's bounds; else the parser's own ``error``."""
+    if raw.startswith(codecs.BOM_UTF8):
+        return BOM_FAULT
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"the body is not UTF-8: {bad.reason} at byte {bad.start}"
+    if isinstance(error, RecursionError):
+        return "the body is not JSON this gateway reads: it nests arrays or objects too deeply"
+    if isinstance(error, ValueError) and "digits" in str(error):
+        return "the body is not JSON this gateway reads: an integer of more than 4300 digits"
+    return f"the body is not JSON: {error}"
 
 
 class AsciiJSONResponse(JSONResponse):

@@ -480,6 +480,20 @@ def test_every_change_that_takes_expect_revision_refuses_a_stale_one(admin: AppC
     assert "guarded" in admin.get(DEP, headers=AUTH).json()["roles"]  # the removal undone
 
 
+def test_an_admin_body_that_does_not_parse_gets_a_422_naming_why(admin: AppClient) -> None:
+    """FastAPI's own "400 There was an error parsing the body" named nothing, and a gzip body
+    got it too (predict answers 415); found by a helper's fuzzing."""
+    headers = {**AUTH, "content-type": "application/json"}
+    for raw, says in ((b'{"grace_ms": \xff}', "not UTF-8: invalid start byte at byte 13"),
+                      (b'{"grace_ms": ' + b"7" * 5000 + b"}", "more than 4300 digits"),
+                      (b"[" * 10_000 + b"]" * 10_000, "too deeply")):  # fmt: skip
+        refused = admin.patch(f"{DEP}/schedule", content=raw, headers=headers)
+        assert refused.status_code == 422 and says in refused.json()["detail"], refused.text
+    zipped = admin.patch(f"{DEP}/schedule", content=b"\x1f\x8b",
+                         headers={**headers, "content-encoding": "gzip"})  # fmt: skip
+    assert zipped.status_code == 415 and "uncompressed" in zipped.text
+
+
 def test_a_lone_surrogate_in_an_admin_body_is_answered_not_a_500(admin: AppClient) -> None:
     """JSON may spell a lone surrogate ("\\ud800") and Python keeps it, but it cannot be
     encoded as UTF-8: every admin 422 echoing one as the input at fault was a 500 with a

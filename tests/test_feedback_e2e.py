@@ -279,6 +279,15 @@ def test_bad_feedback_is_refused_and_stores_nothing(served: Served) -> None:
     for raw in (b"[" * 30_000 + b"]" * 30_000, b'{"request_id": "\xff"}'):
         deep = served.http.post(FEEDBACK, content=raw, headers={"content-type": "application/json"})
         assert deep.status_code == 400, deep.text
+    # named, as predict names them (they read "expected value at line 1 column 1")
+    for raw, says in ((b'\xef\xbb\xbf{"label": 1}', "byte order mark"),
+                      ('{"label": 1}'.encode("utf-16"), "not UTF-8")):  # fmt: skip
+        named = served.http.post(
+            FEEDBACK, content=raw, headers={"content-type": "application/json"}
+        )
+        assert named.status_code == 400 and says in named.text, named.text
+    zipped = served.http.post(FEEDBACK, content=b"\x1f\x8b", headers={"content-encoding": "gzip"})
+    assert zipped.status_code == 415 and "Content-Encoding 'gzip'" in zipped.text, zipped.text
 
     flood = [{"request_id": known[0], "label": 1}] * (MAX_ROWS + 1)
     assert served.feedback(flood).status_code == 413

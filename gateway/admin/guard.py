@@ -14,9 +14,10 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 
 from gateway.admin.bodies import AdminError
-from gateway.problems import Problem, bearer_refusal
+from gateway.problems import Problem, bearer_refusal, compressed, not_json
 from gateway.settings import Settings
 from rendezvous.names import InvalidName
 
@@ -45,11 +46,19 @@ def guarded_route(token: bytes | None) -> type[APIRoute]:
             handler = super().get_route_handler()
 
             async def guarded(request: Request) -> Response:
-                refused = refusal(request, token)
+                refused = refusal(request, token) or compressed(
+                    request.headers.get("content-encoding", "")
+                )
                 if refused is not None:
                     return refused.response()
                 try:
                     return await handler(request)
+                except HTTPException as exc:
+                    if exc.status_code != 400 or exc.__cause__ is None:
+                        raise
+                    # FastAPI's "There was an error parsing the body" named nothing (a body
+                    # not UTF-8, too deep, a 5,000-digit number; found by a helper's fuzzing)
+                    return Problem(422, not_json(await request.body(), exc.__cause__)).response()
                 except AdminError as exc:
                     return Problem(exc.status, exc.detail, exc.extra).response()
                 except InvalidName as exc:  # a name that may never reach a Redis key

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import bounded_faults
 from gateway.dataplane.outcome_store import ENTRY_OVERHEAD_BYTES, OutcomeStore
+from gateway.problems import not_json
 from models.deployments import Deployment
 from rendezvous import names
 from rendezvous.outcomes import Label, Outcome, label_problems
@@ -114,7 +115,7 @@ def parse_items(body: bytes, max_items: int) -> list[FeedbackItem]:
     try:  # pydantic-core's parser caps the nesting depth: a hostile body is a 400, not a 500
         doc = pydantic_core.from_json(body)
     except ValueError as exc:
-        raise FeedbackRefused(400, f"the body is not JSON: {exc}") from None
+        raise FeedbackRefused(400, not_json(body, exc)) from None
     items = doc if isinstance(doc, list) else [doc]
     if not items:
         raise FeedbackRefused(422, "an empty array: give at least one feedback item")

@@ -17,13 +17,9 @@ import numpy as np
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.problems import BOM_FAULT
 from rendezvous.names import ENTITY_PATTERN, is_request_id
 from rendezvous.spec import FeatureSpec, shown_stored, stored_number
-
-BOM_FAULT = ("the body begins with a UTF-8 byte order mark (EF BB BF), which JSON sent over a "
-             "network must not carry (RFC 8259): send the JSON without it")  # fmt: skip
-"""Some Windows tools write one (PowerShell's UTF8 encoding, .NET's default): the parser's
-own words, "expected value at line 1 column 1", did not say what was wrong."""
 
 FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 """A JSON number: not a string, not a bool, not NaN or infinity."""

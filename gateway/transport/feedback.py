@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.dataplane.failures import problem_of
 from gateway.dataplane.feedback import FeedbackItem, FeedbackRefused, FeedbackService
-from gateway.problems import Problem, bearer_refusal, unavailable
+from gateway.problems import Problem, bearer_refusal, compressed, unavailable
 from gateway.settings import Settings
 from rendezvous import names
 
@@ -59,7 +59,8 @@ def mount(app: FastAPI, settings: Settings) -> None:
             }
         },
         responses={
-            400: {"description": "the body is not JSON"},
+            400: {"description": "the body is not JSON (the reason named)"},
+            415: {"description": "a compressed body"},
             401: {"description": "RDV_FEEDBACK_TOKEN is set and the request carries none"},
             403: {"description": "a wrong feedback token"},
             404: {"description": "unknown deployment, or unknown or expired request ids"},
@@ -70,7 +71,9 @@ def mount(app: FastAPI, settings: Settings) -> None:
     async def feedback(deployment: str, request: Request) -> Response:
         """Labels (or right/wrong judgements) for answered requests, joined to every bin's
         output for them; the live accuracy follows within a second."""
-        refused = _refusal(request, token)
+        refused = _refusal(request, token) or compressed(
+            request.headers.get("content-encoding", "")
+        )
         if refused is not None:
             return refused.response()
         service: FeedbackService | None = getattr(request.app.state, "feedback", None)

@@ -31,7 +31,7 @@ import numpy as np
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from gateway.dataplane.validation import BOM_FAULT
+from gateway.problems import BOM_FAULT
 from gateway.transport.oip_schema import (
     BYTES,
     DTYPES,
