@@ -238,3 +238,27 @@ async def test_bodies_refused_before_the_service_are_counted_as_invalid() -> Non
         protocol.connection_lost(None)
         protocol, transport = full_gateway_on(service)
     assert tally.done == [("demo", "invalid")] * 3
+
+
+def test_a_path_holding_a_control_character_is_refused_before_any_route() -> None:
+    """The routes' patterns end in ``$``, which matches before a final newline: ``/healthz%0A``
+    answered as ``/healthz``, an OIP infer with ``%0a`` was scored and archived, and an entity
+    key ending in ``%0A`` deleted the entity without it (found by a helper's fuzzing)."""
+    from gateway.transport.app import serving_app
+
+    app = serving_app(Settings(redis_url="redis://127.0.0.1:1"))  # no lifespan: no Redis
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            for method, path in (("GET", "/healthz%0A"), ("POST", "/v2/models/demo/infer%0a"),
+                                 ("DELETE", "/admin/deployments/d/entities/c-17%0A"),
+                                 ("GET", "/v1/deployments/d%09x/drift")):  # fmt: skip
+                refused = await client.request(method, path)
+                assert refused.status_code == 400, (path, refused.text)
+                said = refused.json()
+                assert "control character" in (said.get("error") or said.get("detail")), said
+            oip = await client.post("/v2/models/demo/infer%0a")
+            assert "error" in oip.json()  # the Open Inference Protocol's shape under /v2
+
+    asyncio.run(scenario())

@@ -32,7 +32,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.dataplane.failures import Overloaded, problem_of
 from gateway.dataplane.service import PredictionService
 from gateway.problems import RETRY, Problem, compressed, unavailable
-from gateway.transport.limits import BodyCap, Reply, send_reply
+from gateway.transport.limits import BodyCap, Reply, send_reply, style_of
 from rendezvous.names import NAME_RE
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,16 @@ def ok(doc: dict[str, Any]) -> Reply:
         return Problem(502, detail).reply()
 
 
+def unprintable_path(path: str) -> Reply:
+    """400 for a path that, percent-decoded, holds a control character: the routes' patterns
+    end in ``$``, which matches before a final newline, so ``/healthz%0A`` was ``/healthz``,
+    ``.../infer%0a`` scored and archived the request, and an entity key ending in ``%0A``
+    deleted the entity without it (found by a helper's fuzzing)."""
+    at = next(i for i, ch in enumerate(path) if not ch.isprintable())
+    detail = f"the path holds a control character ({path[at]!r} at {at}, percent-decoded)"
+    return Problem(400, detail).reply(style_of(path))
+
+
 class PredictFastPath:
     """Serves predict; hands everything else to ``app``, whose lifespan builds the service."""
 
@@ -74,10 +84,13 @@ class PredictFastPath:
         self._service: PredictionService | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            match = PREDICT_PATH.fullmatch(scope["path"])
-            if match is not None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            if scope["method"] == "POST" and (match := PREDICT_PATH.fullmatch(path)) is not None:
                 await self._predict(match.group(1), scope, receive, send)
+                return
+            if not path.isprintable():
+                await send_reply(send, unprintable_path(path))
                 return
         await self.app(scope, receive, send)
 
