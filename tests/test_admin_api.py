@@ -494,6 +494,15 @@ def test_an_admin_body_that_does_not_parse_gets_a_422_naming_why(admin: AppClien
     assert zipped.status_code == 415 and "uncompressed" in zipped.text
 
 
+def test_a_version_in_a_path_is_digits_alone(admin: AppClient) -> None:
+    """``/admin/models/m/1.0``, ``+01`` and `` 1`` meant version 1 (a DELETE of ``1.0``
+    deleted it), where a body refuses 2.0 (found by a helper's fuzzing)."""
+    for written in ("1.0", "+1", "%201", "01", "1e0"):
+        refused = admin.get(f"/admin/models/{DEMO_MODEL}/{written}", headers=AUTH)
+        assert refused.status_code == 422 and "digits alone" in refused.text, (written, refused)
+    assert admin.get(f"/admin/models/{DEMO_MODEL}/1", headers=AUTH).status_code == 200
+
+
 def test_a_lone_surrogate_in_an_admin_body_is_answered_not_a_500(admin: AppClient) -> None:
     """JSON may spell a lone surrogate ("\\ud800") and Python keeps it, but it cannot be
     encoded as UTF-8: every admin 422 echoing one as the input at fault was a 500 with a

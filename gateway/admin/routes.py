@@ -16,6 +16,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.security import HTTPBearer
+from pydantic import BeforeValidator
 from starlette.concurrency import run_in_threadpool
 
 from gateway.admin.bodies import (
@@ -54,7 +55,18 @@ Actor = Annotated[
     str | None,
     Header(alias="X-Actor", max_length=128, description="who makes the change (history)"),
 ]
-Version = Annotated[int, Path(ge=1, le=MAX_VERSION)]
+
+
+def _digits_only(value: object) -> object:
+    """A version as the paths write it, digits alone: pydantic's lax integer took ``2.0``,
+    ``+02`` and `` 2`` for 2 (``DELETE /admin/models/m/1.0`` deleted version 1), where a body
+    refuses ``2.0`` and the OIP routes answer 404 for ``02`` (found by a helper's fuzzing)."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit() and value[0] != "0"):
+        raise ValueError("a version is written in digits alone, without a leading zero")
+    return value
+
+
+Version = Annotated[int, BeforeValidator(_digits_only), Path(ge=1, le=MAX_VERSION)]
 
 
 def _service(request: Request) -> AdminService:
