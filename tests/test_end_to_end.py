@@ -242,6 +242,22 @@ def test_bad_input_is_422_naming_the_problem_and_publishes_nothing(
     assert stream_head(system.r, stream) == before
 
 
+def test_two_request_ids_are_refused_on_every_way_into_predict(system: System) -> None:
+    """Predict took the last X-Request-Id, a job and an infer the first (found by a helper's
+    fuzzing): which one named the request depended on the route. Nothing is published."""
+    stream = names.input_stream(DEMO_DEPLOYMENT)
+    before = stream_head(system.r, stream)
+    row = demo_data().x_test[0].tolist()
+    infer = {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": row}]}
+    for path, body in ((PREDICT, {"instances": [row]}),
+                       (f"/v1/deployments/{DEMO_DEPLOYMENT}/jobs", {"instances": [row]}),
+                       (f"/v2/models/{DEMO_DEPLOYMENT}/infer", infer)):  # fmt: skip
+        twice = [("X-Request-Id", "one"), ("X-Request-Id", "two")]
+        resp = system.http.post(path, json=body, headers=twice)
+        assert resp.status_code == 422 and "given 2 times" in resp.text, (path, resp.text)
+    assert stream_head(system.r, stream) == before
+
+
 def test_unknown_deployment_is_404(system: System) -> None:
     resp = system.http.post("/v1/deployments/nope/predict", json=features_body(np.zeros(30)))
     assert resp.status_code == 404 and "nope" in resp.json()["detail"]

@@ -318,6 +318,28 @@ def check_matrix(
     return x
 
 
+def single_request_id(values: Sequence[str]) -> str | None:
+    """The ``X-Request-Id`` a request carries (None without one); 422 for several (a proxy that
+    adds one to the caller's): predict took the last and jobs and infer the first, so which
+    one named the request depended on the route (found by a helper's fuzzing)."""
+    if len(values) > 1:
+        raise several_request_ids(len(values))
+    return values[0] if values else None
+
+
+def several_request_ids(count: int) -> RequestValidationError:
+    return RequestValidationError(
+        [
+            {
+                "type": "value_error",
+                "loc": ("header", "x-request-id"),
+                "msg": f"X-Request-Id is given {count} times: send one",
+                "input": None,
+            }
+        ]
+    )
+
+
 def check_request_id(value: str) -> str:
     if not is_request_id(value):
         raise RequestValidationError(

@@ -31,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.dataplane.failures import Overloaded, problem_of
 from gateway.dataplane.service import PredictionService
+from gateway.dataplane.validation import several_request_ids
 from gateway.problems import RETRY, Problem, compressed, unavailable
 from gateway.transport.limits import BodyCap, Reply, send_reply, style_of
 from rendezvous.names import NAME_RE
@@ -63,6 +64,12 @@ def ok(doc: dict[str, Any]) -> Reply:
             "a non-finite probability"
         )
         return Problem(502, detail).reply()
+
+
+def _refused_ids(headers: list[tuple[bytes, bytes]]) -> Reply:
+    problem = problem_of(several_request_ids(sum(n == b"x-request-id" for n, _ in headers)))
+    assert problem is not None
+    return problem.reply()
 
 
 def unprintable_path(path: str) -> Reply:
@@ -108,6 +115,10 @@ class PredictFastPath:
         request_id = None
         for name, value in headers:
             if name == b"x-request-id":
+                if request_id is not None:  # given twice: which one names the request?
+                    count_invalid(service, deployment)
+                    await send_reply(send, _refused_ids(headers))
+                    return
                 request_id = value.decode("latin-1")
             elif name == b"content-encoding" and (refused := compressed(value)) is not None:
                 count_invalid(service, deployment)

@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect
 from gateway.dataplane.failures import problem_of
 from gateway.dataplane.job_vocabulary import BLOCK_MS, JobConflict, JobNotFound, JobView
 from gateway.dataplane.jobs import JobService
-from gateway.dataplane.validation import PredictRequest
+from gateway.dataplane.validation import PredictRequest, single_request_id
 from gateway.problems import Problem, compressed, unavailable
 from gateway.settings import Settings
 from gateway.transport.fast_path import count_invalid
@@ -121,7 +121,8 @@ def mount(app: FastAPI, settings: Settings) -> None:
         except ClientDisconnect:  # the body cap answered 413 already
             return Response(status_code=400)
         try:
-            accepted = await jobs.submit(deployment, raw, x_request_id)
+            given = single_request_id(request.headers.getlist("x-request-id"))
+            accepted = await jobs.submit(deployment, raw, given)
         except Exception as exc:
             return _refusal(deployment, exc)
         location = job_location(deployment, accepted.id)

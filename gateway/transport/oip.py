@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from gateway.dataplane.failures import problem_of
 from gateway.dataplane.service import PredictionService
+from gateway.dataplane.validation import single_request_id
 from gateway.problems import RETRY, Problem, Style, compressed, fault_text
 from gateway.settings import Settings
 from gateway.transport.fast_path import count_invalid
@@ -230,6 +231,11 @@ def mount(app: FastAPI, settings: Settings) -> None:
                 return lookup_rows(parsed, spec)
             return parsed.matrix(spec), None
 
+        try:
+            x_request_id = single_request_id(request.headers.getlist("x-request-id"))
+        except RequestValidationError as exc:
+            count_invalid(service, model)
+            return _failure(exc, f"infer {model}")
         request_id = parsed.id if parsed is not None and parsed.id else x_request_id
         try:
             answer = await service.predict(model, raw, request_id, decode=decode, version=version)
