@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -218,6 +219,7 @@ def fixture_server() -> Iterator[str]:
     on a free port; asserted to shut down cleanly."""
     app = FastAPI()
     app.include_router(dashboard_router())
+    app.state.deployments = SimpleNamespace(deployments=REPORTS)  # the cache's known names
 
     @app.middleware("http")
     async def record(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Any:
@@ -339,6 +341,7 @@ def test_the_page_waits_for_data_and_shows_the_endpoints_error(
     cut = [t for t in dom.charts["features"].texts if t.startswith("xxx") and t.endswith("\u2026")]
     assert cut and len(cut[0]) < 60, dom.charts["features"].texts
 
+    assert httpx.get(f"{fixture_server}/dashboard/nope").status_code == 404  # it was 200
     text = dump_dom(f"{fixture_server}/dashboard/nope", tmp_path / "nope")
     dom = Dom(text)
     assert dom.status == "error"

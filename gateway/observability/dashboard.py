@@ -60,16 +60,18 @@ def static_files() -> dict[str, StaticFile]:
     return out
 
 
-def serve(request: Request, file: StaticFile, extra: dict[str, str] | None = None) -> Response:
+def serve(
+    request: Request, file: StaticFile, extra: dict[str, str] | None = None, status: int = 200
+) -> Response:
     headers = {
         "Cache-Control": "no-cache",
         "ETag": file.etag,
         "X-Content-Type-Options": "nosniff",
         **(extra or {}),
     }
-    if file.etag in request.headers.get("if-none-match", ""):
+    if status == 200 and file.etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)
-    return Response(file.body, media_type=file.media_type, headers=headers)
+    return Response(file.body, status_code=status, media_type=file.media_type, headers=headers)
 
 
 def dashboard_router() -> APIRouter:
@@ -94,6 +96,10 @@ def dashboard_router() -> APIRouter:
         except names.InvalidName as exc:
             raise HTTPException(422, str(exc)) from None
         policy = {"Content-Security-Policy": CONTENT_SECURITY_POLICY}
-        return serve(request, files[PAGE_FILE], policy)
+        # An unknown deployment's page says so itself (its report answers 404) and comes to
+        # life once the deployment exists; its status says so to anything else that looks.
+        cache = getattr(request.app.state, "deployments", None)  # None: not started yet
+        known = cache is None or deployment in cache.deployments
+        return serve(request, files[PAGE_FILE], policy, 200 if known else 404)
 
     return router
