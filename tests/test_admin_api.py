@@ -494,6 +494,20 @@ def test_an_admin_body_that_does_not_parse_gets_a_422_naming_why(admin: AppClien
     assert zipped.status_code == 415 and "uncompressed" in zipped.text
 
 
+def test_an_actor_is_printable_ascii(admin: AppClient) -> None:
+    """HTTP headers are read as Latin-1: an actor "é" sent as UTF-8 was recorded as "Ã©", and
+    a tab was kept (found by a helper's fuzzing)."""
+    actor: str | bytes
+    for actor in ("jos\u00e9".encode(), "a\tb"):
+        refused = admin.patch(f"{DEP}/schedule", json={"grace_ms": 130},
+                              headers={**AUTH, "X-Actor": actor})  # fmt: skip
+        assert refused.status_code == 422 and "x-actor" in refused.text.lower(), refused.text
+    done = admin.patch(f"{DEP}/schedule", json={"grace_ms": 130},
+                       headers={**AUTH, "X-Actor": "jose m."})  # fmt: skip
+    assert done.status_code == 200
+    assert admin.get(f"{DEP}/history", headers=AUTH).json()["history"][-1]["actor"] == "jose m."
+
+
 def test_a_version_in_a_path_is_digits_alone(admin: AppClient) -> None:
     """``/admin/models/m/1.0``, ``+01`` and `` 1`` meant version 1 (a DELETE of ``1.0``
     deleted it), where a body refuses 2.0 (found by a helper's fuzzing)."""

@@ -53,7 +53,12 @@ UPLOAD_PATH = f"{PREFIX}/models"
 
 Actor = Annotated[
     str | None,
-    Header(alias="X-Actor", max_length=128, description="who makes the change (history)"),
+    Header(
+        alias="X-Actor",
+        max_length=128,
+        pattern=r"^[\x20-\x7e]+$",  # é sent as UTF-8 was stored as Ã©, a tab as a tab
+        description="who makes the change (history): printable ASCII",
+    ),
 ]
 
 

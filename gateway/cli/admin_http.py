@@ -25,7 +25,9 @@ def _actor() -> str:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = "unknown"
-    return f"{user}@{socket.gethostname()}"[:128]
+    who = f"{user}@{socket.gethostname()}"
+    # what the gateway takes as an actor (printable ASCII), whatever the login's name
+    return "".join(c if " " <= c <= "~" else "?" for c in who)[:128]
 
 
 def admin_session(args: argparse.Namespace) -> httpx.Client:
