@@ -153,4 +153,6 @@ class OnnxClassifier:
                 f"the model answered labels of shape {labels.shape} and probabilities of "
                 f"shape {proba.shape} for {rows} rows"
             )
-        return labels, proba
+        # float32 sums of trees' votes land a hair outside [0, 1] (1.0000003576 answered to a
+        # caller, found by a helper's probe); a NaN stays one, for the worker to refuse
+        return labels, np.clip(proba, 0.0, 1.0, out=proba if proba.flags.writeable else None)

@@ -85,6 +85,14 @@ def test_an_answer_without_a_row_for_every_row_is_refused() -> None:
         model.predict(np.array([[0.2, 0.9], [0.9, 0.2], [0.5, 0.5]]))
 
 
+def test_probabilities_a_hair_outside_0_and_1_are_clipped_and_nan_kept() -> None:
+    """A tree ensemble's float32 sums answered 1.0000003576 to callers."""
+    model = OnnxClassifier(_model([helper.make_node("Identity", ["x"], ["p"])]), META)
+    _, proba = model.predict(np.array([[1.0000004, -3e-7], [0.25, np.nan]]))
+    assert proba[0].tolist() == [1.0, 0.0]
+    assert proba[1, 0] == np.float32(0.25) and np.isnan(proba[1, 1])
+
+
 def test_reference_rows_are_scored_in_the_bounded_child_not_the_gateway() -> None:
     """An upload's reference rows were scored in the gateway process after the bounded dry
     run had passed: a model looping on them took a core of the gateway for 85 s (found by a
