@@ -136,8 +136,8 @@ def inspect_onnx(data: bytes, meta: ModelMeta) -> ModelMeta:
 
 
 SUPPORTED = (
-    "this server serves classifiers exported by skl2onnx with zipmap=False: one float32 "
-    "input [rows, features], outputs (label, probabilities), integer class labels"
+    "this server serves classifiers exported by skl2onnx with zipmap=False: one float32 (or "
+    "float64) input [rows, features], outputs (label, probabilities), integer class labels"
 )
 
 
@@ -220,7 +220,7 @@ def _check_io(model: Any) -> None:
     """What the session says of its input and outputs, before a batch meets it."""
     [given] = model.session.get_inputs()
     width = model.meta.feature_spec.width
-    if given.type != "tensor(float)":
+    if given.type not in ("tensor(float)", "tensor(double)"):
         raise ArtifactRejected(
             f"the model's input is {given.type}: {SUPPORTED} (skl2onnx: FloatTensorType)"
         )

@@ -95,6 +95,10 @@ class OnnxClassifier:
                 f"expected one input tensor [rows, features], the model has {len(inputs)}"
             )
         self.input_name = inputs[0].name
+        self.input_dtype = np.float64 if inputs[0].type == "tensor(double)" else np.float32
+        """What the batch is cast to: a model exported from float64 data (skl2onnx's
+        ``to_onnx(model, X)`` with numpy's default) takes doubles; the gateway's rows are
+        float32 either way, so such a model sees exactly what a float32 one does."""
         width = inputs[0].shape[-1] if inputs[0].shape else None
         if isinstance(width, int) and width != meta.feature_spec.width:
             raise ModelLoadError(
@@ -128,7 +132,7 @@ class OnnxClassifier:
         raises ``ModelAnswerError``: a model that answered one row for a batch of many gave
         every caller in the batch but the first no answer, or another's (found by a helper's
         security probe)."""
-        x = np.ascontiguousarray(features, dtype=np.float32)
+        x = np.ascontiguousarray(features, dtype=self.input_dtype)
         feeds = {self.input_name: x}
         if limit is None:
             raw_labels, raw_proba = self.session.run(None, feeds)
