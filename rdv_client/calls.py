@@ -21,6 +21,11 @@ Rows: TypeAlias = Sequence[Sequence[SupportsFloat]] | Sequence[SupportsFloat] | 
 rows of numbers, or one row (numpy's arrays are not ``Sequence`` to a type checker)."""
 
 
+Labels: TypeAlias = int | str | Sequence[int | str]
+"""A feedback label: a class (or its name among the real model's ``class_names``), or one per
+row of a request of several rows."""
+
+
 @dataclass(frozen=True)
 class Call(Generic[T]):
     method: str
@@ -109,7 +114,7 @@ def plain(doc: Any) -> Any:
 def feedback_body(
     items: Sequence[Mapping[str, Any]] | None,
     request_id: str | None,
-    label: int | Sequence[int] | None,
+    label: Labels | None,
     correct: bool | None,
     weight: float | None,
 ) -> Any:
@@ -123,7 +128,10 @@ def feedback_body(
         raise ValueError("give items, or request_id with label or correct")
     item: dict[str, Any] = {"request_id": request_id}
     if label is not None:
-        item["label"] = label if isinstance(label, int | numbers.Integral) else list(label)
+        if isinstance(label, str) or not isinstance(label, Sequence):
+            item["label"] = label  # one class (numpy's too: made plain when sent), or a name
+        else:
+            item["label"] = list(label)
     if correct is not None:
         item["correct"] = correct
     if weight is not None:

@@ -12,6 +12,7 @@ from rdv_client.admin import AdminCalls
 from rdv_client.calls import (
     Call,
     Calls,
+    Labels,
     Rows,
     Waiting,
     answer_of,
@@ -91,10 +92,11 @@ class Client(AdminCalls[dict[str, Any]]):
         return self._send(Calls.cancel(deployment, job_id))
 
     def feedback(self, deployment: str, items: Sequence[Mapping[str, Any]] | None = None, *,
-                 request_id: str | None = None, label: int | Sequence[int] | None = None,
+                 request_id: str | None = None, label: Labels | None = None,
                  correct: bool | None = None,
                  weight: float | None = None) -> dict[str, Any]:  # fmt: skip
-        """Labels for answered requests: ``{"accepted": n, "relabelled": k}``."""
+        """Labels for answered requests: ``{"accepted": n, "relabelled": k}``. A label is a
+        class, or its name among the real model's ``class_names``."""
         body = feedback_body(items, request_id, label, correct, weight)
         return self._send(Calls.feedback(deployment, body))
 
@@ -181,7 +183,7 @@ class AsyncClient(AdminCalls[Awaitable[dict[str, Any]]]):
 
     async def feedback(self, deployment: str, items: Sequence[Mapping[str, Any]] | None = None,
                        *, request_id: str | None = None,
-                       label: int | Sequence[int] | None = None, correct: bool | None = None,
+                       label: Labels | None = None, correct: bool | None = None,
                        weight: float | None = None) -> dict[str, Any]:  # fmt: skip
         """Labels for answered requests: ``{"accepted": n, "relabelled": k}``."""
         body = feedback_body(items, request_id, label, correct, weight)

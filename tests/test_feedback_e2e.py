@@ -34,6 +34,7 @@ from rendezvous import names
 from rendezvous.bus.connection import connect
 from rendezvous.bus.server import free_port
 from rendezvous.decision import DecisionRecord, decode_entries
+from rendezvous.outcomes import decode_labelled
 from rendezvous.schedule import Schedule
 
 SCHEDULE = Schedule(real_deadline_ms=1000, timeout_ms=1500, fallbacks=("canary",), grace_ms=100)
@@ -207,6 +208,20 @@ def test_a_label_sent_right_after_the_prediction_is_accepted(served: Served) -> 
     labels = [int(y) for y in data.y_test[:2]]
     answer = served.feedback({"request_id": "two", "label": labels})
     assert answer.status_code == 200, answer.text
+
+    # by the classes' names (the model's class_names): a model trained on strings is uploaded
+    # with integer classes and their names, and its labels came back 422 (a helper's probe)
+    by_name = served.feedback([{"request_id": "two", "label": ["benign", 0]},
+                               {"request_id": "quick-0", "label": "malignant"}])  # fmt: skip
+    assert by_name.status_code == 200 and by_name.json()["relabelled"] == 2, by_name.text
+    stored = {
+        e.request_id: e.label.labels
+        for e in decode_labelled(served.r.xrange(names.labelled_stream(DEMO_DEPLOYMENT)))
+    }
+    assert stored["two"] == (1, 0) and stored["quick-0"] == (0,)  # fmt: skip
+    unknown = served.feedback({"request_id": "two", "label": ["benign", "tumour"]})
+    assert unknown.status_code == 422 and "'tumour' is not a class name" in unknown.text
+    assert "malignant" in unknown.text
 
 
 def test_only_an_id_that_may_be_on_its_way_is_waited_for(served: Served) -> None:
@@ -482,10 +497,11 @@ def test_a_csv_labels_each_row_of_a_request_with_a_json_list(tmp_path: Path) -> 
     from gateway.cli.feedback import read_items
 
     csv_file = tmp_path / "rows.csv"
-    csv_file.write_text('request_id,label\nr-1,"[1,0,1]"\nr-2,0\n')
-    assert read_items(csv_file, "csv") == [{"request_id": "r-1", "label": [1, 0, 1]},
-                                           {"request_id": "r-2", "label": 0}]  # fmt: skip
-    csv_file.write_text('request_id,label\nr-1,"[1,""a""]"\n')
+    csv_file.write_text('request_id,label\nr-1,"[1,0,1]"\nr-2,0\nr-3,benign\nr-4,-1\n'
+                        'r-5,"[1,""benign""]"\n')  # fmt: skip
+    labels = [item["label"] for item in read_items(csv_file, "csv")]
+    assert labels == [[1, 0, 1], 0, "benign", -1, [1, "benign"]]  # a class, or its name
+    csv_file.write_text('request_id,label\nr-1,"[1,2.5]"\n')
     with pytest.raises(SystemExit) as bad:
         read_items(csv_file, "csv")
     assert "rows.csv:2" in str(bad.value.code) and "JSON list of classes" in str(bad.value.code)

@@ -1,7 +1,8 @@
 """``rdv feedback``: labels in bulk from a file, through the gateway's feedback route.
 
 The file is a CSV with a header (``request_id`` and ``label`` or ``correct``, optionally
-``weight``; a request of several rows takes a JSON list of labels, ``"[1,0]"``) or JSON lines
+``weight``; a label is a class or its name; a request of several rows takes a JSON list of
+labels, ``"[1,0]"``) or JSON lines
 (one feedback object a line). It is read and checked whole before
 anything is sent, then posted to ``POST /v1/deployments/{d}/feedback`` at ``--url`` in batches
 (each all or nothing on the gateway), with a progress bar on stderr. A refused batch stops the
@@ -61,8 +62,8 @@ def _csv_item(path: Path, n: int, row: dict[str, Any]) -> dict[str, Any]:
         label = (row.get("label") or "").strip()
         if label.startswith("["):  # one label per row of the request: a JSON list
             item["label"] = _label_list(label)
-        elif label:
-            item["label"] = int(label)
+        elif label:  # a class, or its name (the gateway knows the model's class_names)
+            item["label"] = int(label) if label.lstrip("-").isdigit() else label
         if (row.get("correct") or "").strip():
             value = row["correct"].strip().lower()
             if value not in _TRUE | _FALSE:
@@ -75,13 +76,13 @@ def _csv_item(path: Path, n: int, row: dict[str, Any]) -> dict[str, Any]:
     return item
 
 
-def _label_list(cell: str) -> list[int]:
+def _label_list(cell: str) -> list[int | str]:
     try:
         labels = json.loads(cell)
     except json.JSONDecodeError:
         labels = None
-    if not isinstance(labels, list) or not all(type(v) is int for v in labels):
-        raise ValueError(f"label {cell!r} is not a class or a JSON list of classes")
+    if not isinstance(labels, list) or not all(type(v) in (int, str) for v in labels):
+        raise ValueError(f"label {cell!r} is not a class or a JSON list of classes (or names)")
     return labels
 
 

@@ -21,7 +21,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
@@ -89,12 +89,16 @@ class FeedbackRefused(ValueError):
         self.extra = extra
 
 
+ClassName = Annotated[str, Field(min_length=1, max_length=200)]
+
+
 class FeedbackItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     request_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
-    label: StrictInt | list[StrictInt] | None = None
-    """The true class (as predict returns it), or one per row of a request of several rows."""
+    label: StrictInt | ClassName | list[StrictInt | ClassName] | None = None
+    """The true class (as predict returns it, or its name among the real model's
+    ``class_names``), or one per row of a request of several rows."""
     correct: StrictBool | None = None
     """Instead of ``label``: was the answer given right?"""
     weight: float = Field(default=1.0, gt=0, le=MAX_WEIGHT, allow_inf_nan=False, strict=True)
@@ -159,6 +163,7 @@ class FeedbackService:
         classes_of: Callable[[str, int], Awaitable[list[int] | None]],
         on_labels: Callable[[str], None] | None = None,
         request_id_ttl_s: float = 0.0,
+        class_names_of: Callable[[str, int], Awaitable[list[str] | None]] | None = None,
     ):
         self.client = client
         self.deployments = deployments
@@ -169,6 +174,7 @@ class FeedbackService:
         self.on_labels = on_labels
         self.request_id_ttl_s = request_id_ttl_s
         """How long a caller's own id stays held (0: unknown, so any miss may be recent)."""
+        self.class_names_of = class_names_of
 
     async def accept(self, deployment: str, body: bytes) -> Accepted:
         dep = self.deployments.get(deployment)
@@ -177,6 +183,8 @@ class FeedbackService:
         items = parse_items(body, self.max_items)
         real = dep.roles[names.REAL]
         classes = await self.classes_of(real.name, real.version)
+        if any(_named(item.label) for item in items):
+            items = await self._by_class(deployment, items, classes, real.name, real.version)
         for i, item in enumerate(items):
             if isinstance(item.label, int) and classes and item.label not in classes:
                 raise FeedbackRefused(
@@ -203,7 +211,9 @@ class FeedbackService:
             outcome = Outcome.decode(blob)
             labels = None
             if item.label is not None:
-                labels = tuple(item.label) if isinstance(item.label, list) else (item.label,)
+                given = item.label if isinstance(item.label, list) else [item.label]
+                labels = tuple(y for y in given if isinstance(y, int))  # names resolved above
+                assert len(labels) == len(given)
                 problem = label_problems(outcome.rows, labels, classes)
                 if problem is not None:
                     raise FeedbackRefused(422, f"item {i} ({item.request_id}): {problem}")
@@ -213,6 +223,41 @@ class FeedbackService:
         if self.on_labels is not None:
             self.on_labels(deployment)
         return Accepted(len(items), relabelled)
+
+    async def _by_class(
+        self,
+        deployment: str,
+        items: list[FeedbackItem],
+        classes: list[int] | None,
+        model: str,
+        version: int,
+    ) -> list[FeedbackItem]:
+        """``items`` with each label given by name as its class: the names are the real
+        model's ``class_names`` (a model trained on strings is uploaded with its classes as
+        integers and their names; its labels came back as a 422 listing two type errors,
+        found by a helper's probe)."""
+        given = await self.class_names_of(model, version) if self.class_names_of else None
+        by_name = dict(zip(given or [], classes or [], strict=False))
+
+        def one(i: int, label: int | str) -> int:
+            if isinstance(label, int):
+                return label
+            if label not in by_name:
+                raise FeedbackRefused(
+                    422, f"item {i}: label {label[:64]!r} is not a class name of deployment "
+                    f"{deployment} (names {list(by_name)[:20]}, classes {classes})",
+                )  # fmt: skip
+            return by_name[label]
+
+        out = []
+        for i, item in enumerate(items):
+            label = item.label
+            if isinstance(label, list):
+                label = [one(i, y) for y in label]
+            elif label is not None:
+                label = one(i, label)
+            out.append(item.model_copy(update={"label": label}))
+        return out
 
     async def _find(
         self, dep: Deployment, ids: list[str], wait_s: float
@@ -273,6 +318,13 @@ class FeedbackService:
         return int(await self.client.eval(_STORE, len(keys), *keys, *args))
 
 
+def _named(label: int | str | list[int | str] | None) -> bool:
+    """A label given by a class's name (a string), or a list holding one."""
+    return isinstance(label, str) or (
+        isinstance(label, list) and any(isinstance(y, str) for y in label)
+    )
+
+
 class ModelClasses:
     """The classes a model version answers, from the registry's index in Redis, else from this
     gateway's data folder (``local_meta``); looked up once per version (they never change)."""
@@ -285,6 +337,7 @@ class ModelClasses:
         self.client = client
         self.local_meta = local_meta
         self._known: dict[str, list[int]] = {}
+        self._names: dict[str, list[str]] = {}
 
     async def __call__(self, name: str, version: int) -> list[int] | None:
         key = f"{name}:{version}"
@@ -296,4 +349,12 @@ class ModelClasses:
             if meta is None:
                 return None
             self._known[key] = [int(c) for c in meta["classes"]]
+            shown = meta.get("class_names") or []
+            self._names[key] = [str(n) for n in shown] or [str(c) for c in self._known[key]]
         return self._known[key]
+
+    async def class_names(self, name: str, version: int) -> list[str] | None:
+        """The names of the classes, in their order (each class as text where none given)."""
+        if await self(name, version) is None:
+            return None
+        return self._names[f"{name}:{version}"]

@@ -211,6 +211,7 @@ def create_app(
                 max_items=settings.max_rows,
                 labelled_maxlen=settings.labelled_maxlen,
                 classes_of=classes,
+                class_names_of=classes.class_names,
                 on_labels=accuracy.labelled,
                 request_id_ttl_s=settings.request_id_ttl_s,
             )
