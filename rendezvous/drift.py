@@ -229,6 +229,23 @@ class FeatureReference:
         return f"fr-{digest.hexdigest()[:12]}"
 
 
+class FeatureReferences:
+    """A ``FeatureReference`` per deployment, built again when its spec changes (compared by
+    identity, then by value). Keyed by the spec's version, which names the layout only, two
+    deployments of the same features shared the first one's reference whatever their own
+    training statistics: one fed traffic shifted far from its own training read the PSI of
+    the other and never alerted (found by a helper's probe)."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[FeatureSpec, FeatureReference | None]] = {}
+
+    def of(self, deployment: str, spec: FeatureSpec) -> FeatureReference | None:
+        held = self._held.get(deployment)
+        if held is None or (held[0] is not spec and held[0] != spec):
+            held = self._held[deployment] = (spec, FeatureReference.from_spec(spec))
+        return held[1]
+
+
 def _zeros(n: int) -> np.ndarray:
     return np.zeros(n, dtype=np.int64)
 

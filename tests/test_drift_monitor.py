@@ -143,6 +143,31 @@ async def test_report_history_and_events_follow_the_traffic(
     assert view["thresholds"]["feature_psi"] == pytest.approx(value * 2)
 
 
+async def test_deployments_of_the_same_features_are_each_read_against_their_own_training(
+    client: aioredis.Redis,
+) -> None:
+    """The feed's and the monitor's references were kept by the spec's version, which names
+    the features alone: a second deployment of the demo's features, trained on rows three
+    times as large, was binned and judged against the demo's statistics (a helper's probe:
+    PSI 0.045 where its own read 18.4, and no alert)."""
+    from models.reference import training_spec
+
+    deployments = await cache(client)
+    demo = deployments.deployments[DEMO_DEPLOYMENT]
+    x = demo_data().x_train
+    twin_spec = training_spec(list(demo.feature_spec.names), x * 3.0)
+    assert twin_spec.version == demo.feature_spec.version  # the same layout
+    deployments.deployments["twin"] = dataclasses.replace(demo, name="twin",
+                                                          feature_spec=twin_spec)  # fmt: skip
+    feed = DriftFeed(client, deployments)
+    monitor = DriftMonitor(client, deployments, "gw-1")
+    for reference_of in (feed._reference, monitor._feature_reference):
+        ours, theirs = reference_of(DEMO_DEPLOYMENT), reference_of("twin")
+        assert ours is not None and theirs is not None
+        assert np.allclose(theirs.cuts, 3.0 * ours.cuts, rtol=1e-6)
+        assert reference_of("twin") is theirs  # built once while the spec stands
+
+
 async def test_the_latest_part_of_the_window_clears_an_alert(client: aioredis.Redis) -> None:
     """Once the latest requests are back to normal, an alert clears, though the window still
     holds the shifted ones; a single evaluation of a window that is over its threshold while

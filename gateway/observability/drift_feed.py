@@ -27,7 +27,7 @@ from gateway.observability.drift_online import OnlineDrift
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 from rendezvous.decision import DecisionRecord
-from rendezvous.drift import FeatureReference, Sketch
+from rendezvous.drift import FeatureReference, FeatureReferences, Sketch
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class DriftFeed:
         self._pending_rows = 0
         self._open: dict[str, Sketch] = {}
         self._closed: list[tuple[str, Sketch]] = []
-        self._references: dict[str, FeatureReference | None] = {}
+        self._references = FeatureReferences()
         self._scores: dict[int, tuple[Sketch, list[float], list[float]]] = {}
         """Real's and canary's scores per sketch since the last flush (by the sketch's id)."""
         self.on_dropped = on_dropped
@@ -134,10 +134,7 @@ class DriftFeed:
         dep = self.deployments.deployments.get(deployment)
         if dep is None:
             return None
-        version = dep.feature_spec.version
-        if version not in self._references:
-            self._references[version] = FeatureReference.from_spec(dep.feature_spec)
-        return self._references[version]
+        return self._references.of(deployment, dep.feature_spec)
 
     def _bin(self, deployment: str, chunks: list[np.ndarray]) -> None:
         reference = self._reference(deployment)

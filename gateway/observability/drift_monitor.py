@@ -47,7 +47,7 @@ from gateway.observability.drift_sketches import (
 from gateway.observability.drift_view import MONITOR, thresholds_from
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
-from rendezvous.drift import FeatureReference, Sketch
+from rendezvous.drift import FeatureReference, FeatureReferences, Sketch
 from rendezvous.drift_alerts import Thresholds, evaluate_alerts, window_report
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class DriftMonitor:
         self.tick_s = min(tick_s, interval_s)
         self.clear_requests = clear_requests or max(window_requests * 2 // 5, 1)
         """Requests of the window's latest part, which clears an alert."""
-        self._features: dict[str, FeatureReference | None] = {}
+        self._features = FeatureReferences()
         self._last_eval: dict[str, float] = {}
         self._last_seen: dict[str, bytes] = {}
         self.leases = EvaluationLeases(client, instance, ttl_ms=int(interval_s * 3000) + 1000)
@@ -163,10 +163,7 @@ class DriftMonitor:
         await self.leases.release()
 
     def _feature_reference(self, deployment: str) -> FeatureReference | None:
-        spec = self.deployments.deployments[deployment].feature_spec
-        if spec.version not in self._features:
-            self._features[spec.version] = FeatureReference.from_spec(spec)
-        return self._features[spec.version]
+        return self._features.of(deployment, self.deployments.deployments[deployment].feature_spec)
 
     async def evaluate(self, deployment: str, now_ms: float | None = None) -> dict[str, Any]:
         """One evaluation: read, compute, store. Returns the stored report."""
