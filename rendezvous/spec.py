@@ -245,13 +245,21 @@ class FeatureSpec:
         }
         if self.lookup is not None:
             doc["lookup"] = self.lookup.to_dict()
-        if self.centre is not None:
+        if self.centre is not None and self.centre.whitening:
             doc["centre"] = self.centre.to_dict()
+        elif self.centre is not None:
+            # Not as a "centre" of no rows: a process of the version before, in a rolling
+            # upgrade, refused such a spec and with it every deployment's (its log bin stopped
+            # archiving; found by a helper's probe). It reads this as no centre: diagonal.
+            doc["diagonal_centre"] = {"distance_quantiles": dict(self.centre.distance_quantiles)}
         return doc
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> FeatureSpec:
         lookup, centre = doc.get("lookup"), doc.get("centre")
+        diagonal = doc.get("diagonal_centre")
+        if centre is None and diagonal is not None:
+            centre = {"whitening": [], **diagonal}
         return cls(
             names=tuple(str(n) for n in doc["names"]),
             stats={k: FeatureStats.from_dict(v) for k, v in doc.get("stats", {}).items()},

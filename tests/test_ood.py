@@ -118,7 +118,10 @@ def test_a_wide_spec_keeps_no_correlation_and_measures_the_diagonal_distance() -
     spec = training_spec(names, x)
     assert spec.centre is not None and spec.centre.whitening == ()
     assert len(json.dumps(spec.to_dict())) < 300 * 600  # no longer a square of the features
+    # written so that the version before reads it (a rolling upgrade): as no centre at all
+    assert "centre" not in spec.to_dict() and "diagonal_centre" in spec.to_dict()
     back = FeatureSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert back == spec
     ref = OodReference.from_spec(back)
     assert ref is not None and ref.method == "diagonal" and ref.project.shape == (300,)
     assert 0.8 < ref.training_distance["0.5"] < 1.2  # a training row: z-scores of ~1
