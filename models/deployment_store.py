@@ -29,6 +29,7 @@ from models.deployments import (
     DeploymentConflict,
     DeploymentNotFound,
     ModelRef,
+    StateReader,
     deleted,
 )
 from models.registry import ModelRegistry
@@ -113,6 +114,7 @@ class DeploymentStore:
 
     def __init__(self, client: Client):
         self.client = client
+        self._reader = StateReader("deployments")
 
     def get(self, name: str) -> Deployment:
         raw = self.client.get(names.deployment_key(name))
@@ -166,8 +168,11 @@ class DeploymentStore:
             for name in stale:
                 pipe.get(names.deployment_key(name))
             for name, raw in zip(stale, pipe.execute(), strict=True):
-                if raw is not None:
-                    out[name] = Deployment.from_json(raw)
+                state = self._reader.parse(name, raw) if raw is not None else None
+                if state is not None:
+                    out[name] = state
+                elif raw is not None and name in known:  # unreadable: as it was
+                    out[name] = known[name]
         return out
 
     def create(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from typing import Any
 from rendezvous import names
 from rendezvous.schedule import Schedule
 from rendezvous.spec import FeatureSpec
+
+log = logging.getLogger(__name__)
 
 
 class DeploymentNotFound(LookupError):
@@ -223,3 +226,27 @@ def with_partitions(dep: Deployment, partitions: int) -> Deployment:
         raise DeploymentConflict(f"{dep.name} already has {partitions} partitions")
     past = tuple(sorted({*dep.past_partitions, dep.partitions} - {1, partitions}))
     return dataclasses.replace(dep, partitions=partitions, past_partitions=past)
+
+
+class StateReader:
+    """Deployment states parsed for a process that follows every deployment: one it cannot
+    read (a state a newer version wrote, or a damaged one) is left out and said once per
+    content, not raised. Raised, one such state stopped a log bin archiving every deployment,
+    its workers restarting in a loop (found by a helper's upgrade probe)."""
+
+    def __init__(self, who: str):
+        self.who = who
+        self._unreadable: dict[str, bytes] = {}
+
+    def parse(self, name: str, raw: bytes | str) -> Deployment | None:
+        try:
+            state = Deployment.from_json(raw)
+        except (ValueError, KeyError, TypeError) as exc:
+            seen = raw if isinstance(raw, bytes) else raw.encode()
+            if self._unreadable.get(name) != seen:
+                self._unreadable[name] = seen
+                log.error("%s: deployment %s has a state it cannot read, left as it was: %s",
+                          self.who, name, exc)  # fmt: skip
+            return None
+        self._unreadable.pop(name, None)
+        return state

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from models.deployments import Deployment
+from models.deployments import Deployment, StateReader
 from rendezvous import names
 from rendezvous.bus.aside import UNREACHABLE
 from rendezvous.bus.blocking_router import BlockingRouter
@@ -21,6 +21,7 @@ class DeploymentStates:
         self.bus = bus
         self._known: dict[str, tuple[bytes, Deployment]] = {}
         """Each deployment's state as last read, with the bytes it was parsed from."""
+        self._reader = StateReader("logbin")
 
     def get(self, deployment: str) -> Deployment | None:
         """The state as last read (None: none read)."""
@@ -51,7 +52,13 @@ class DeploymentStates:
             if raw is None:
                 states[dep] = None
                 continue
-            state = known[1] if known is not None and known[0] == raw else Deployment.from_json(raw)
+            state = (
+                known[1] if known is not None and known[0] == raw else self._reader.parse(dep, raw)
+            )
+            if state is None:  # unreadable: as last read, else not archived until it reads
+                if known is not None:
+                    states[dep], kept[dep] = known[1], known
+                continue
             states[dep], kept[dep] = state, (raw, state)
         self._known = kept
         return states

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 import redis
 
 from models.deployment_store import DeploymentStore, ensure_groups
-from models.deployments import Deployment, DeploymentNotFound, ModelRef
+from models.deployments import Deployment, DeploymentNotFound, ModelRef, StateReader
 from models.registry import ModelRegistry
 from models.role_model import SHADOW_BATCH_WAIT_MS, RoleModel, Scored, WorkerStats, batch_wait_s
 from models.runtime import OnnxClassifier, RunLimit
@@ -74,6 +74,7 @@ class ModelWorker(ConsumerLoop):
         model_run_limit_s: float = MODEL_RUN_LIMIT_S,
     ):
         self.deployment = names.check_name(deployment, "deployment")
+        self._states = StateReader(f"worker {deployment}")
         self.run_limit = RunLimit(model_run_limit_s)
         first = RoleModel(registry, self.deployment, role, consumer, shadow_batch_wait_ms,
                           self.run_limit)  # fmt: skip
@@ -353,8 +354,9 @@ class ModelWorker(ConsumerLoop):
 
     def _maybe_reload(self, raw: bytes | str | None) -> None:
         """Follow a deployment change whose revision came with a read (hot swap)."""
-        if raw is not None:
-            self._follow(Deployment.from_json(raw))
+        state = self._states.parse(self.deployment, raw) if raw is not None else None
+        if state is not None:  # unreadable (a newer version's?): served as it was, said once
+            self._follow(state)
 
     def _follow(self, dep: Deployment) -> None:
         """Follow the deployment's state when its revision moved: partitions, models."""
