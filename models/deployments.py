@@ -16,9 +16,12 @@ from typing import Any
 
 from rendezvous import names
 from rendezvous.schedule import Schedule
-from rendezvous.spec import FeatureSpec
+from rendezvous.spec import FeatureSpec, unknown_fields
 
 log = logging.getLogger(__name__)
+
+_STATE_FIELDS = frozenset({"name", "revision", "updated_ms", "roles", "schedule", "feature_spec",
+                           "partitions", "past_partitions", "deleted_ms"})  # fmt: skip
 
 
 class DeploymentNotFound(LookupError):
@@ -62,6 +65,8 @@ class Deployment:
     """When it was deleted (0: it was not). A deleted deployment takes no new request, but its
     readers go on until what it accepted is drained; then its state and streams are purged
     (``models.deployment_purge``)."""
+    more: Mapping[str, Any] = field(default_factory=dict)
+    """Fields a newer version wrote, kept as they came (``rendezvous.spec.unknown_fields``)."""
 
     def __post_init__(self) -> None:
         names.check_name(self.name, "deployment")
@@ -122,6 +127,7 @@ class Deployment:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **self.more,
             "name": self.name,
             "revision": self.revision,
             "updated_ms": self.updated_ms,
@@ -149,6 +155,7 @@ class Deployment:
             partitions=int(doc.get("partitions", 1)),
             past_partitions=tuple(int(n) for n in doc.get("past_partitions", ())),
             deleted_ms=int(doc.get("deleted_ms", 0)),
+            more=unknown_fields(doc, _STATE_FIELDS),
         )
 
 

@@ -14,6 +14,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def unknown_fields(doc: Mapping[str, Any], known: frozenset[str]) -> dict[str, Any]:
+    """The fields of ``doc`` this version does not know: a newer one wrote them, and they are
+    written back as they came. Dropped, a state rewritten by an older process in a rolling
+    upgrade lost what the newer one had added (found by a helper's upgrade probe: the decile
+    bins' counted shares)."""
+    return {k: v for k, v in doc.items() if k not in known}
+
+
+_STATS_FIELDS = frozenset({"mean", "std", "min", "max", "quantiles", "shares"})
+_SPEC_FIELDS = frozenset({"version", "names", "stats", "lookup", "centre", "diagonal_centre"})
+
+
 @dataclass(frozen=True, slots=True)
 class FeatureStats:
     mean: float
@@ -26,9 +38,12 @@ class FeatureStats:
     """The share of the training rows in each bin the quantiles cut (one more than the
     quantiles), counted as live rows are (``rendezvous.drift.FeatureReference``); empty: read
     off the levels, which is wrong where training values tie (counts, rounded measurements)."""
+    more: Mapping[str, Any] = field(default_factory=dict)
+    """Fields a newer version wrote, kept as they came (see ``unknown_fields``)."""
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
+            **self.more,
             "mean": self.mean,
             "std": self.std,
             "min": self.min,
@@ -48,6 +63,7 @@ class FeatureStats:
             max=float(doc["max"]),
             quantiles={str(k): float(v) for k, v in doc.get("quantiles", {}).items()},
             shares=tuple(float(v) for v in doc.get("shares", ())),
+            more=unknown_fields(doc, _STATS_FIELDS),
         )
 
 
@@ -195,6 +211,8 @@ class FeatureSpec:
     centre: TrainingCentre | None = None
     """The training rows' correlation, for the Mahalanobis distance of each input (None:
     specs written before it, or without statistics; the distance is then diagonal)."""
+    more: Mapping[str, Any] = field(default_factory=dict)
+    """Fields a newer version wrote, kept as they came (see ``unknown_fields``)."""
 
     def __post_init__(self) -> None:
         if not self.names:
@@ -235,10 +253,12 @@ class FeatureSpec:
         return _split(self.names, self.lookup.features)[1:]
 
     def with_lookup(self, lookup: Lookup | None) -> FeatureSpec:
-        return FeatureSpec(names=self.names, stats=self.stats, lookup=lookup, centre=self.centre)
+        return FeatureSpec(names=self.names, stats=self.stats, lookup=lookup, centre=self.centre,
+                           more=self.more)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
+            **self.more,
             "version": self.version,
             "names": list(self.names),
             "stats": {k: v.to_dict() for k, v in self.stats.items()},
@@ -265,6 +285,7 @@ class FeatureSpec:
             stats={k: FeatureStats.from_dict(v) for k, v in doc.get("stats", {}).items()},
             lookup=None if lookup is None else Lookup.from_dict(lookup),
             centre=None if centre is None else TrainingCentre.from_dict(centre),
+            more=unknown_fields(doc, _SPEC_FIELDS),
         )
 
     @classmethod

@@ -5,12 +5,14 @@ hosts restarting in a loop (found by a helper's upgrade probe). Real Redis."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 import redis
 
 from models.deployment_store import DeploymentStore, demo_deployment
+from models.deployments import Deployment, with_schedule
 from models.logbin_states import DeploymentStates
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT
@@ -18,6 +20,7 @@ from rendezvous import names
 from rendezvous.bus.blocking_router import BlockingRouter
 from rendezvous.bus.connection import connect
 from rendezvous.schedule import Schedule
+from rendezvous.spec import FeatureSpec, FeatureStats
 
 
 def test_an_unreadable_state_is_left_out_and_the_others_followed(
@@ -45,3 +48,24 @@ def test_an_unreadable_state_is_left_out_and_the_others_followed(
     r.set(names.deployment_key("newer"), good.replace(DEMO_DEPLOYMENT.encode(), b"newer"))
     assert set(states.read([DEMO_DEPLOYMENT, "newer"])) == {DEMO_DEPLOYMENT, "newer"}
     assert "newer" in store.current({})
+
+
+def test_what_a_newer_version_added_is_written_back_as_it_came() -> None:
+    """Rewriting a state (a change through an older gateway in a rolling upgrade) dropped the
+    fields it did not know: the decile bins' shares the next version added were lost for
+    good (found by a helper's upgrade probe). Kept now, at every level a version may add to."""
+    spec = FeatureSpec(("a",), {"a": FeatureStats(0.0, 1.0, -1.0, 1.0, {"0.5": 0.0})})
+    doc = {
+        "name": "d",
+        "revision": 3,
+        "roles": {"real": {"name": "m", "version": 1}},
+        "schedule": {},
+        "feature_spec": {**spec.to_dict(), "layout_hint": [1, 2]},
+        "owner": "team-a",
+    }
+    doc["feature_spec"]["stats"]["a"]["skew"] = 0.3
+    changed = with_schedule(Deployment.from_json(json.dumps(doc)), {"grace_ms": 150.0})
+    again = json.loads(changed.to_json())
+    assert again["owner"] == "team-a" and again["feature_spec"]["layout_hint"] == [1, 2]
+    assert again["feature_spec"]["stats"]["a"]["skew"] == 0.3
+    assert again["schedule"]["grace_ms"] == 150.0
