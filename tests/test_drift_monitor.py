@@ -168,6 +168,23 @@ async def test_deployments_of_the_same_features_are_each_read_against_their_own_
         assert reference_of("twin") is theirs  # built once while the spec stands
 
 
+async def test_an_evaluation_is_no_earlier_than_the_window_it_read(client: aioredis.Redis) -> None:
+    """A sketch another gateway closed while this one read (after the evaluation's clock was
+    read) counts in the window: the report said it was evaluated before its own window ended,
+    and a reader waiting for an evaluation of all it sent waited for ever (a CI run)."""
+    deployments = await cache(client)
+    feed = DriftFeed(client, deployments)
+    monitor = DriftMonitor(client, deployments, "gw-1", window_requests=50,
+                           defaults=Thresholds(min_requests=10))  # fmt: skip
+    started_ms = time.time() * 1000
+    await asyncio.sleep(0.01)
+    x = demo_data().x_test[:50]
+    await feed_traffic(feed, x, np.full(len(x), 0.9))  # closed after the clock was read
+    report = await monitor.evaluate(DEMO_DEPLOYMENT, started_ms)
+    assert report["current"]["to_ms"] > started_ms
+    assert report["evaluated_at_ms"] >= report["current"]["to_ms"]
+
+
 async def test_the_latest_part_of_the_window_clears_an_alert(client: aioredis.Redis) -> None:
     """Once the latest requests are back to normal, an alert clears, though the window still
     holds the shifted ones; a single evaluation of a window that is over its threshold while

@@ -240,7 +240,7 @@ def fresh_report(system: System, after_ms: float) -> dict:
         doc = report(system)
         cur = doc["current"]
         ok = cur and cur["requests"] >= WINDOW and cur["from_ms"] >= after_ms
-        return doc if ok and doc["evaluated_at_ms"] > cur["to_ms"] else None
+        return doc if ok and doc["evaluated_at_ms"] >= cur["to_ms"] else None
 
     try:
         return wait_until(check, 20, "a drift evaluation of the new traffic", interval_s=0.2)

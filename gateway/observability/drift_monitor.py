@@ -203,7 +203,9 @@ class DriftMonitor:
         )
         stored = {
             "deployment": deployment,
-            "evaluated_at_ms": now_ms,
+            # a sketch another gateway closed while this one read counts in the window: the
+            # evaluation is of data up to its end (it read ms after it; a test caught the race)
+            "evaluated_at_ms": max(now_ms, window.end_ms or 0.0),
             "window": {
                 "requests": self.window_requests,
                 "seconds": self.window_s,
