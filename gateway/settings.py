@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -17,6 +16,7 @@ from gateway.settings_values import (
     checked_token,
     normalised_origin,
 )
+from models.hosting import longest_heartbeat_gap_s
 from rendezvous.bus.connection import DEFAULT_MAX_CONNECTIONS
 from rendezvous.schedule import MAX_WAIT_MS, Schedule
 
@@ -25,8 +25,14 @@ if TYPE_CHECKING:  # imported where used: it brings numpy, which ``rdv serve``'s
     from rendezvous.drift_alerts import Thresholds
 
 
+LARGEST = 10**12
+"""The largest number any setting takes (see ``Settings._within_reach``)."""
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RDV_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="RDV_", extra="ignore", allow_inf_nan=False)
+    """``inf`` is no setting's value: it passed every bound, then overflowed where it was used
+    (a helper's probe), as did integers past ``LARGEST``."""
 
     redis_url: str | None = None
     """Redis to use. Unset: ``rdv serve`` starts an embedded redis-server in the data folder."""
@@ -34,10 +40,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     """Models, the log-bin archive and the embedded Redis's files live here."""
 
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", min_length=1)
     """Address the gateway listens on."""
 
-    port: int = Field(default=8000, ge=0, le=65535)
+    port: int = Field(default=8000, ge=1, le=65535)
     """Port the gateway listens on."""
 
     gateway_processes: int = Field(default=0, ge=0, le=64)
@@ -325,12 +331,75 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    @field_validator("*")
+    @classmethod
+    def _within_reach(cls, value: object) -> object:
+        """No setting needs a number past ``LARGEST`` (in ms, 31 years; in bytes, a terabyte):
+        larger ones passed, then overflowed where they were used, in a child process rather
+        than at start (a TTL Redis refused, a worker's block that crashed it)."""
+        if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) > LARGEST:
+            raise ValueError(f"more than {LARGEST:.0e}: no setting needs so large a number")
+        return value
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _some_folder(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():  # Path("") is the working directory
+            raise ValueError("empty: name a folder (unset, it is ./data)")
+        return value
+
+    @field_validator("fallbacks")
+    @classmethod
+    def _valid_schedule(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        """The default schedule as a whole: else each start of a gateway process failed when
+        its admin routes built it, and ``rdv serve`` restarted them for ever."""
+        times = [info.data.get(k) for k in ("real_deadline_ms", "timeout_ms", "grace_ms")]
+        if all(isinstance(t, float) for t in times):
+            real_deadline_ms, timeout_ms, grace_ms = (float(t or 0) for t in times)
+            try:
+                Schedule(real_deadline_ms=real_deadline_ms, timeout_ms=timeout_ms,
+                         fallbacks=tuple(value), grace_ms=grace_ms)  # fmt: skip
+            except ValueError as exc:
+                raise ValueError(
+                    f"the default schedule (RDV_REAL_DEADLINE_MS, RDV_TIMEOUT_MS, "
+                    f"RDV_GRACE_MS, RDV_FALLBACKS) is not one: {exc}"
+                ) from None
+        return value
+
+    @field_validator("max_role_lag")
+    @classmethod
+    def _below_backlog(cls, value: int, info: ValidationInfo) -> int:
+        backlog = info.data.get("max_backlog")
+        if isinstance(backlog, int) and value >= backlog:
+            raise ValueError(
+                f"not below RDV_MAX_BACKLOG={backlog}: a role that far behind holds the stream "
+                "until every request is refused"
+            )
+        return value
+
+    @field_validator("heartbeat_timeout_s")
+    @classmethod
+    def _outlasts_a_read(cls, value: float, info: ValidationInfo) -> float:
+        """A live worker's heartbeats may be a whole blocking read apart: a shorter timeout
+        took it for dead, and readiness flapped (a helper's probe)."""
+        block_ms = info.data.get("worker_block_ms")
+        if isinstance(block_ms, int) and value <= (gap := longest_heartbeat_gap_s(block_ms)):
+            raise ValueError(
+                f"a live worker may go {gap:g} s between heartbeats (RDV_WORKER_BLOCK_MS="
+                f"{block_ms}, or a hosted model's 2 s read, and 1.5 s more): give more than that"
+            )
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
-        if value.upper() not in logging.getLevelNamesMapping():
+        """The five names uvicorn takes too (Python's own WARN, FATAL and NOTSET passed here,
+        then failed every gateway process's start)."""
+        level = value.strip().upper()
+        level = {"WARN": "WARNING"}.get(level, level)
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError("one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
-        return value
+        return level
 
     @field_validator("redis_url")
     @classmethod

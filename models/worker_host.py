@@ -36,6 +36,7 @@ from typing import Literal
 
 from models.deployment_store import DeploymentStore
 from models.deployments import Deployment
+from models.hosting import HOSTED_BLOCK_MS
 from models.worker import ModelWorker
 from rendezvous.bus.connection import REDIS_FAILURES, Client
 from rendezvous.bus.consumer import stop_thread
@@ -44,13 +45,6 @@ from rendezvous.names import REAL
 log = logging.getLogger(__name__)
 
 RoleKind = Literal["all", "answering", "shadow"]
-
-HOSTED_BLOCK_MS = 2000
-HOSTED_HEARTBEAT_S = 1.5
-"""An idle hosted model wakes every ``HOSTED_BLOCK_MS`` and heartbeats after each wake: one
-round trip a second, where a process per role (1 s reads, 1 s heartbeats) spends two; twenty
-deployments' forty models then keep a host under 1 % of a core. The longest gap between
-heartbeats, 3.5 s, stays inside the default ``RDV_HEARTBEAT_TIMEOUT_S`` of 5."""
 
 RELEASE_GRACE_S = 1.0
 """Beyond ``HOSTED_BLOCK_MS``, how long a role's own thread waits for the shared worker that

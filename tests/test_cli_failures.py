@@ -54,6 +54,49 @@ def test_a_bad_setting_is_one_line_naming_it(tmp_path: Path, setting: str, says:
     assert line.startswith("rdv models: invalid configuration: ") and says in line, line
 
 
+@pytest.mark.parametrize(
+    "setting, says",
+    [
+        ("RDV_REDIS_TIMEOUT_S=inf", "RDV_REDIS_TIMEOUT_S='inf': Input should be a finite number"),
+        ("RDV_FEEDBACK_RETENTION_S=inf", "a finite number"),
+        ("RDV_REPLY_MAXLEN=99999999999999999999999", "no setting needs so large a number"),
+        ("RDV_WORKER_BLOCK_MS=99999999999999999999999", "no setting needs so large a number"),
+        ('RDV_FALLBACKS=["real"]', "real cannot be its own fallback"),
+        ("RDV_REAL_DEADLINE_MS=2000", "need 0 < real_deadline_ms <= timeout_ms"),
+        ("RDV_LOG_LEVEL=NOTSET", "RDV_LOG_LEVEL='NOTSET': one of DEBUG"),
+        ("RDV_HOST=", "RDV_HOST='': String should have at least 1 character"),
+        ("RDV_DATA_DIR= ", "RDV_DATA_DIR=' ': empty: name a folder"),
+        ("RDV_PORT=0", "RDV_PORT='0': Input should be greater than or equal to 1"),
+        ("RDV_MAX_ROLE_LAG=300000", "not below RDV_MAX_BACKLOG=200000"),
+        ("RDV_HEARTBEAT_TIMEOUT_S=1", "a live worker may go 3.5 s between heartbeats"),
+        ("RDV_WORKER_BLOCK_MS=20000", "a live worker may go 21.5 s between heartbeats"),
+    ],
+)  # fmt: skip
+def test_a_setting_that_would_fail_later_fails_at_once(
+    setting: str, says: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each passed the settings' checks, then failed inside a child process (a gateway's start,
+    a worker, the log bin) over and over, or served wrongly (readiness flapping, an unnamed
+    listening address), while ``rdv serve`` stayed up (found by a helper's probe of every
+    setting). In process: the command line's one-line path is the test above."""
+    from gateway.settings import Settings
+    from gateway.settings_values import invalid_settings
+
+    name, _, value = setting.partition("=")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(Exception) as refused:
+        Settings()
+    line = invalid_settings(refused.value)
+    assert line is not None and says in line, line
+
+
+def test_log_level_names_are_taken_as_uvicorn_takes_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.settings import Settings
+
+    monkeypatch.setenv("RDV_LOG_LEVEL", "warn")
+    assert Settings().log_level == "WARNING"
+
+
 def test_a_gateway_whose_start_fails_exits(tmp_path: Path, redis_url: str) -> None:
     """A start that failed after the reply reader started left the process alive after
     uvicorn's "Application startup failed" (the reader's blocked read outlived the loop's

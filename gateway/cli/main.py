@@ -127,11 +127,10 @@ def cmd_worker(args: argparse.Namespace) -> None:
     """One role of one deployment (``--deployment`` and ``--role``), or a host of many
     (``--roles``, optionally one ``--deployment``): see ``models.worker_host``."""
     from models.deployment_store import DeploymentStore
+    from models.hosting import HOSTED_BLOCK_MS, HOSTED_HEARTBEAT_S
     from models.registry import ModelRegistry
     from models.worker import ModelWorker
     from models.worker_host import (
-        HOSTED_BLOCK_MS,
-        HOSTED_HEARTBEAT_S,
         Selection,
         WorkerHost,
         client_per_worker,
