@@ -129,3 +129,11 @@ def test_the_typed_client_never_sends_a_dot_segment() -> None:
     assert segment("a/b") == "a%2Fb" and segment("v1.2") == "v1.2"
     with pytest.raises(ValueError, match="empty"):
         segment("")
+
+
+def test_an_address_given_on_the_command_line_is_checked_as_the_settings_are(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--host ''`` was copied into the settings unchecked: a gateway on every address."""
+    code, err = refused(["gateway", "--host", "", "--port", "1"], capsys)
+    assert code == 2 and "invalid configuration: RDV_HOST='': String should have" in err, err

@@ -238,6 +238,21 @@ def test_serve_on_a_taken_port_says_so_and_starts_nothing(tmp_path: Path) -> Non
     assert not (tmp_path / "d" / "redis").exists()
 
 
+def test_serve_refuses_to_wait_for_replicas_the_embedded_redis_has_not(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every predict was a 503 waiting for a replica that could never be, while /readyz said
+    200 (found by a helper's probe of every setting)."""
+    from gateway.cli.main import main
+
+    monkeypatch.delenv("RDV_REDIS_URL", raising=False)
+    monkeypatch.setenv("RDV_WAIT_REPLICAS", "1")
+    with pytest.raises(SystemExit) as refused:
+        main(["serve", "--data-dir", str(tmp_path / "d"), "--port", "1"])
+    assert "RDV_WAIT_REPLICAS=1 needs a Redis with replicas" in str(refused.value.code)
+    assert not (tmp_path / "d").exists()  # nothing started
+
+
 @pytest.mark.skipif(not Path("/proc").exists(), reason="needs /proc to find child processes")
 def test_one_serve_a_data_folder_and_a_killed_serve_leaves_no_redis_behind(
     tmp_path: Path, demo_data_dir: Path

@@ -314,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     one_blas_thread()
     try:
-        settings = Settings()
+        settings = settings_from_args(args)  # --host, --port, --data-dir checked as well
     except Exception as exc:  # every command reads them: a bad one is one line, status 2
         reason = invalid_settings(exc)
         if reason is None:

@@ -28,8 +28,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         value = getattr(args, key, None)
         if value is not None:
             updates[key] = value
-    settings = Settings()
-    return settings.model_copy(update=updates) if updates else settings
+    # given to the constructor, not copied in: checked as the environment's values are (an
+    # empty --host listened on every address)
+    return Settings(**updates)
 
 
 def stop_event() -> threading.Event:

@@ -152,6 +152,12 @@ LOCK_FILE = "serve.lock"
 
 def cmd_serve(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
+    if settings.wait_replicas and not settings.redis_url:
+        # the embedded Redis has no replica: every predict was a 503 while /readyz said 200
+        raise SystemExit(
+            f"rdv serve: RDV_WAIT_REPLICAS={settings.wait_replicas} needs a Redis with replicas "
+            "(RDV_REDIS_URL): the embedded one has none, so no request could be answered"
+        )
     stop = stop_event()
     try:
         listener = listening_socket(settings.host, settings.port)
