@@ -318,13 +318,18 @@ def _classes(meta: ModelMeta, graph: list[int] | None, proba: Any, rows: int) ->
 
 def _check_answers(labels: Any, proba: Any, classes: list[int]) -> None:
     """Probabilities that are probabilities, and labels among the classes."""
+    from models.runtime import PROBABILITY_NOISE
 
     if not np.isfinite(proba).all():
         raise ArtifactRejected(
             "the model outputs non-finite probabilities (NaN or infinity) on a dry batch"
         )
     sums = proba.sum(axis=1)
-    if proba.min() < -1e-4 or proba.max() > 1 + 1e-4 or np.abs(sums - 1).max() > 1e-3:
+    if (
+        proba.min() < -PROBABILITY_NOISE
+        or proba.max() > 1 + PROBABILITY_NOISE
+        or (np.abs(sums - 1).max() > 1e-3)
+    ):
         raise ArtifactRejected(
             "the second output is not probabilities (each row in [0, 1], summing to 1; got "
             f"values {float(proba.min()):.4g} to {float(proba.max()):.4g}, row sums "

@@ -83,6 +83,10 @@ class RunLimit:
                     self._wake.set()
 
 
+PROBABILITY_NOISE = 1e-4
+"""How far outside [0, 1] a probability may land by float32 rounding alone."""
+
+
 class OnnxClassifier:
     """A classifier exported by skl2onnx with ``zipmap=False``: outputs label and probabilities."""
 
@@ -158,5 +162,12 @@ class OnnxClassifier:
                 f"shape {proba.shape} for {rows} rows"
             )
         # float32 sums of trees' votes land a hair outside [0, 1] (1.0000003576 answered to a
-        # caller, found by a helper's probe); a NaN stays one, for the worker to refuse
-        return labels, np.clip(proba, 0.0, 1.0, out=proba if proba.flags.writeable else None)
+        # caller, found by a helper's probe): only such float noise is clipped, so that what
+        # is not probabilities still shows (the upload's check reads these); a NaN stays one
+        if (
+            proba.size
+            and proba.min() >= -PROBABILITY_NOISE
+            and proba.max() <= 1 + PROBABILITY_NOISE
+        ):
+            proba = np.clip(proba, 0.0, 1.0, out=proba if proba.flags.writeable else None)
+        return labels, proba

@@ -153,6 +153,14 @@ def _rid(request_id: str | None) -> dict[str, str] | None:
     return {"X-Request-Id": request_id}
 
 
+def checked_actor(actor: str | None) -> str | None:
+    """An actor the gateway takes: printable ASCII (httpx raised UnicodeEncodeError at every
+    admin call for "José"; found by a review)."""
+    if actor is not None and not (actor and actor.isascii() and actor.isprintable()):
+        raise ValueError(f"actor {actor[:40]!r} must be printable ASCII (it is an HTTP header)")
+    return actor
+
+
 def _doc(doc: Any) -> dict[str, Any]:
     """An admin or feedback answer: a JSON object."""
     if not isinstance(doc, dict):
@@ -276,8 +284,8 @@ class Waiting:
     one longer than ``RDV_JOB_MAX_WAIT_MS``, 30 s by default) until ``timeout_s``."""
 
     def __init__(self, job: Job | str, timeout_s: float, poll_ms: int):
-        if timeout_s < 0 or poll_ms < 0:
-            raise ValueError("timeout_s and poll_ms cannot be negative")
+        if timeout_s < 0 or poll_ms < 1:
+            raise ValueError("timeout_s cannot be negative, and poll_ms must be 1 or more")
         self.job_id = _job_id(job)
         self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s

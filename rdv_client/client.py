@@ -17,6 +17,7 @@ from rdv_client.calls import (
     Waiting,
     answer_of,
     body_of,
+    checked_actor,
     feedback_body,
     request_of,
     unreachable,
@@ -37,7 +38,7 @@ class Client(AdminCalls[dict[str, Any]]):
                  transport: httpx.BaseTransport | None = None):  # fmt: skip
         self.admin_token = admin_token
         self.feedback_token = feedback_token
-        self.actor = actor
+        self.actor = checked_actor(actor)
         """Who the admin calls' changes are recorded as in the history (``X-Actor``; the
         gateway says ``admin`` without it)."""
         self.http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
@@ -129,7 +130,7 @@ class AsyncClient(AdminCalls[Awaitable[dict[str, Any]]]):
                  transport: httpx.AsyncBaseTransport | None = None):  # fmt: skip
         self.admin_token = admin_token
         self.feedback_token = feedback_token
-        self.actor = actor
+        self.actor = checked_actor(actor)
         self.http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
 
     async def _send(self, call: Call[T]) -> T:

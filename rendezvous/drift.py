@@ -242,7 +242,8 @@ class FeatureReferences:
     def of(self, deployment: str, spec: FeatureSpec) -> FeatureReference | None:
         held = self._held.get(deployment)
         if held is None or (held[0] is not spec and held[0] != spec):
-            held = self._held[deployment] = (spec, FeatureReference.from_spec(spec))
+            held = (spec, FeatureReference.from_spec(spec))
+        self._held[deployment] = (spec, held[1])  # the object at hand: the next look is cheap
         return held[1]
 
 

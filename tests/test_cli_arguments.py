@@ -137,3 +137,5 @@ def test_an_address_given_on_the_command_line_is_checked_as_the_settings_are(
     """``--host ''`` was copied into the settings unchecked: a gateway on every address."""
     code, err = refused(["gateway", "--host", "", "--port", "1"], capsys)
     assert code == 2 and "invalid configuration: RDV_HOST='': String should have" in err, err
+    code, err = refused(["serve", "--data-dir", ""], capsys)  # argparse made it Path('.')
+    assert code == 2 and "--data-dir: empty: name a folder" in err, err

@@ -380,3 +380,14 @@ def test_a_candidate_from_upload_to_replay_and_the_drift_report_through_the_clie
         assert report["thresholds"]["min_requests"] == before["min_requests"] + 1
         assert report["roles"]["real"] == f"{DEMO_MODEL}:2", report["roles"]
         assert rdv.drift_features(DEMO_DEPLOYMENT, "mean radius")["feature"] == "mean radius"
+
+
+def test_an_actor_and_a_poll_the_gateway_would_refuse_are_refused_here() -> None:
+    """``actor="José"`` raised httpx's UnicodeEncodeError at every admin call, and a poll of
+    0 ms long-polled back to back until the timeout (found by a review)."""
+    with pytest.raises(ValueError, match="printable ASCII"):
+        Client("http://127.0.0.1:9", actor="Jos\u00e9")
+    with pytest.raises(ValueError, match="printable ASCII"):
+        AsyncClient("http://127.0.0.1:9", actor="")
+    with Client("http://127.0.0.1:9") as rdv, pytest.raises(ValueError, match="poll_ms"):
+        rdv.wait("d", "1-00000000000000000000", poll_ms=0)

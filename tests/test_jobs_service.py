@@ -26,6 +26,7 @@ from gateway.dataplane.job_vocabulary import (
     DONE,
     FAILED,
     PENDING,
+    JobConflict,
     created_ms,
     new_job_id,
 )
@@ -267,6 +268,13 @@ async def test_the_bytes_jobs_hold_are_bounded_and_freed_as_their_answers_expire
     assert int(await client.hget(held_key, "total") or 0) == each
     assert await client.zrange(names.jobs_held_key(DEMO_DEPLOYMENT), 0, -1) == [fourth.encode()]
     assert third != fourth
+
+    # a retry that lost its 202 finds its job whatever the bounds: with the bytes full it got
+    # 503 until answers expired, an hour by default (found by a review)
+    mine = (await service.submit(DEMO_DEPLOYMENT, BODY, "mine")).id  # now at the bound
+    with pytest.raises(JobConflict) as found:
+        await service.submit(DEMO_DEPLOYMENT, BODY, "mine")
+    assert found.value.job_id == mine
 
 
 def test_job_ids_carry_their_creation_time() -> None:

@@ -86,11 +86,18 @@ def test_an_answer_without_a_row_for_every_row_is_refused() -> None:
 
 
 def test_probabilities_a_hair_outside_0_and_1_are_clipped_and_nan_kept() -> None:
-    """A tree ensemble's float32 sums answered 1.0000003576 to callers."""
+    """A tree ensemble's float32 sums answered 1.0000003576 to callers. Only float noise:
+    what is not probabilities stays as it is, for the upload's check to refuse."""
     model = OnnxClassifier(_model([helper.make_node("Identity", ["x"], ["p"])]), META)
-    _, proba = model.predict(np.array([[1.0000004, -3e-7], [0.25, np.nan]]))
-    assert proba[0].tolist() == [1.0, 0.0]
+    _, proba = model.predict(np.array([[1.0000004, -3e-7], [0.25, 0.75]]))
+    assert proba.tolist() == [[1.0, 0.0], [0.25, 0.75]]
+    _, proba = model.predict(np.array([[1.3, -0.3], [0.25, np.nan]]))
+    assert proba[0].tolist() == pytest.approx([1.3, -0.3])
     assert proba[1, 0] == np.float32(0.25) and np.isnan(proba[1, 1])
+    from models.inspection import ArtifactRejected, inspect_onnx
+
+    with pytest.raises(ArtifactRejected, match=r"not probabilities .*got values -0\.\d+ to"):
+        inspect_onnx(_model([helper.make_node("Identity", ["x"], ["p"])]), META)
 
 
 def test_reference_rows_are_scored_in_the_bounded_child_not_the_gateway() -> None:

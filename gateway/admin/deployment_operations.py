@@ -27,7 +27,6 @@ from gateway.admin.service_core import AdminCore, deployment_state
 from models.deployments import (
     Deployment,
     DeploymentConflict,
-    DeploymentNotFound,
     ModelRef,
     deleted,
     promoted,
@@ -55,11 +54,7 @@ class DeploymentOperations(AdminCore):
 
     def deployments(self) -> list[dict[str, Any]]:
         out = []
-        for name in self.store.list():
-            try:
-                dep = self.store.get(name)
-            except DeploymentNotFound:
-                continue
+        for name, dep in sorted(self.store.current({}).items()):  # unreadable ones left out
             if dep.deleted_ms:  # draining before its purge: no longer a deployment to callers
                 continue
             out.append(

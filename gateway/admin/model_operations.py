@@ -10,7 +10,7 @@ from typing import Any
 
 from gateway.admin.bodies import Conflict, Invalid, TooLarge, UploadMeta
 from gateway.admin.service_core import AdminCore
-from models.deployments import DeploymentNotFound, ModelRef
+from models.deployments import ModelRef
 from models.inspection import ArtifactRejected
 from models.isolated_inspection import inspect_isolated
 from models.meta import ModelMeta
@@ -148,11 +148,7 @@ class ModelOperations(AdminCore):
 
     def _holders(self) -> dict[ModelRef, list[str]]:
         out: dict[ModelRef, list[str]] = {}
-        for dep_name in self.store.list():
-            try:
-                dep = self.store.get(dep_name)
-            except DeploymentNotFound:
-                continue
+        for dep_name, dep in sorted(self.store.current({}).items()):  # unreadable: left out
             for role, ref in dep.roles.items():
                 out.setdefault(ref, []).append(f"{dep_name}/{role}")
         return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 from rendezvous import names
 
@@ -55,6 +56,14 @@ def whole_number(least: int, most: int | None = None) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def folder(text: str) -> Path:
+    """A folder's path; an empty one is refused (``Path("")`` is the working folder, where a
+    templated ``--data-dir ''`` put models, the archive and Redis's files)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: name a folder")
+    return Path(text)
 
 
 def finite_number(text: str) -> float:

@@ -8,12 +8,12 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from gateway.cli.arguments import (
     consumer_name,
     deployment_name,
+    folder,
     port_number,
     role_name,
     whole_number,
@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     def serving(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--host", help="listen address (RDV_HOST, default 127.0.0.1)")
         p.add_argument("--port", type=port_number, help="listen port (RDV_PORT, default 8000)")
-        p.add_argument("--data-dir", type=Path, help="data folder (RDV_DATA_DIR, default ./data)")
+        p.add_argument("--data-dir", type=folder, help="data folder (RDV_DATA_DIR, default ./data)")
         return p
 
     def cmd_serve(args: argparse.Namespace) -> None:
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_logbin)
 
     p = sub.add_parser("train-demo", help="train the breast-cancer demo models into the registry")
-    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--data-dir", type=folder)
     p.add_argument("--force", action="store_true", help="retrain even if present")
     p.set_defaults(func=cmd_train_demo)
 

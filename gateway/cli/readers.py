@@ -6,10 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
-from gateway.cli.arguments import deployment_name, whole_number
+from gateway.cli.arguments import deployment_name, folder, whole_number
 from gateway.cli.process import require_redis, settings_from_args
 
 
@@ -71,7 +70,7 @@ def add_reader_commands(sub: Any) -> None:
     p.add_argument("action", choices=["list", "read", "export"])
     p.add_argument("--deployment", type=deployment_name)
     p.add_argument("--limit", type=whole_number(0), default=0, help="records to show (0: all)")
-    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--data-dir", type=folder)
     from gateway.cli.export import add_export_arguments
 
     add_export_arguments(p)

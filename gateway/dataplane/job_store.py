@@ -34,6 +34,11 @@ HASH_BYTES = 300
 Redis's own bookkeeping), counted with it against ``RDV_JOB_MAX_HELD_BYTES``."""
 
 _ACCEPT = """
+if #KEYS > 4 then
+  local other = redis.call('GET', KEYS[5])
+  if other then return {1, other} end
+  if #KEYS > 5 and redis.call('EXISTS', KEYS[6]) == 1 then return {3} end
+end
 local queued = redis.call('XLEN', KEYS[2])
 if queued >= tonumber(ARGV[5]) then return {0, queued} end
 local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[10], 'LIMIT', 0, 500)
@@ -49,12 +54,7 @@ end
 local held = tonumber(redis.call('HGET', KEYS[4], 'total') or '0')
 local size = #ARGV[2] + tonumber(ARGV[11])
 if held > 0 and held + size > tonumber(ARGV[9]) then return {4, held} end
-if #KEYS > 4 then
-  local other = redis.call('GET', KEYS[5])
-  if other then return {1, other} end
-  if #KEYS > 5 and redis.call('EXISTS', KEYS[6]) == 1 then return {3} end
-  redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[4])
-end
+if #KEYS > 4 then redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[4]) end
 local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1])
 redis.call('HSET', KEYS[1], 'status', 'pending', 'body', ARGV[2], 'created_ms', ARGV[3],
            'ttl_s', ARGV[4], 'request_id', ARGV[6], 'entry', entry, 'body_sha', ARGV[7],
@@ -68,8 +68,9 @@ return {2}
 """KEYS: job hash, jobs stream, held set, held bytes[, the job's request-id key[, the predict's
 request-id key]]; ARGV: job id, body, created ms, ttl s, max queued, caller's request id or '',
 the body's sha256, its rows, max held bytes, now ms, a hash's bytes beside its body.
--> {0, queued} queue full; {4, held} too many bytes held; {1, job} the request id took that
-job; {3} a predict took it; {2}. Up to 500 expired jobs are taken off the count first."""
+-> {1, job} the request id took that job; {3} a predict took it (first: a retry that lost its
+202 finds its job whatever the bounds); {0, queued} queue full; {4, held} too many bytes held;
+{2}. Up to 500 expired jobs are taken off the count before the bytes are checked."""
 
 _START = """
 local s = redis.call('HGET', KEYS[1], 'status')

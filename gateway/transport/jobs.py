@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
@@ -122,6 +123,10 @@ def mount(app: FastAPI, settings: Settings) -> None:
             return Response(status_code=400)
         try:
             given = single_request_id(request.headers.getlist("x-request-id"))
+        except RequestValidationError as exc:
+            count_invalid(jobs.service, deployment)  # counted as every refused submit is
+            return _refusal(deployment, exc)
+        try:
             accepted = await jobs.submit(deployment, raw, given)
         except Exception as exc:
             return _refusal(deployment, exc)
