@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", min_length=1)
     """Address the gateway listens on."""
 
-    port: int = Field(default=8000, ge=1, le=65535)
+    port: int = Field(default=8000, ge=0, le=65535)
     """Port the gateway listens on."""
 
     gateway_processes: int = Field(default=0, ge=0, le=64)
