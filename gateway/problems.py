@@ -28,16 +28,26 @@ BOM_FAULT = ("the body begins with a UTF-8 byte order mark (EF BB BF), which JSO
 own words, "expected value at line 1 column 1", did not say what was wrong."""
 
 
-def not_json(raw: bytes, error: BaseException | None) -> str:
-    """Why ``raw`` did not parse as JSON, in words a caller can act on: a byte order mark,
-    bytes that are not UTF-8 (a UTF-16 body, a compressed one), a nesting or a number beyond
-    the parser's bounds; else the parser's own ``error``."""
+def encoding_fault(raw: bytes) -> tuple[str, str] | None:
+    """(kind, words) for a body that is no JSON text at all, whatever its parser said: a byte
+    order mark (``json_invalid``), or bytes that are not UTF-8 (``utf8``: a UTF-16 body, a
+    compressed one); None for UTF-8 without a mark."""
     if raw.startswith(codecs.BOM_UTF8):
-        return BOM_FAULT
+        return "json_invalid", BOM_FAULT
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as bad:
-        return f"the body is not UTF-8: {bad.reason} at byte {bad.start}"
+        return "utf8", f"the body is not UTF-8: {bad.reason} at byte {bad.start}"
+    return None
+
+
+def not_json(raw: bytes, error: BaseException | None) -> str:
+    """Why ``raw`` did not parse as JSON, in words a caller can act on: its encoding
+    (``encoding_fault``), a nesting or a number beyond the parser's bounds; else the parser's
+    own ``error``."""
+    fault = encoding_fault(raw)
+    if fault is not None:
+        return fault[1]
     if isinstance(error, RecursionError):
         return "the body is not JSON this gateway reads: it nests arrays or objects too deeply"
     if isinstance(error, ValueError) and "digits" in str(error):

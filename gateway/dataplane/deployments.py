@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from gateway.dataplane.failures import UnknownDeployment
-from models.deployments import Deployment
+from models.deployments import Deployment, StateReader
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
 
@@ -21,6 +21,7 @@ class DeploymentCache:
 
     def __init__(self, client: AsyncClient):
         self.client = client
+        self._reader = StateReader("gateway")
         self.deployments: dict[str, Deployment] = {}
         self.backlog: dict[str, int] = {}
         """Entries in each deployment's input partitions together: trimming follows the slowest
@@ -72,12 +73,8 @@ class DeploymentCache:
             for name in stale:
                 pipe.get(names.deployment_key(name))
             for name, raw in zip(stale, await pipe.execute(), strict=True):
-                if raw is None:
-                    continue
-                try:
-                    dep = Deployment.from_json(raw)
-                except (ValueError, KeyError) as exc:
-                    log.error("deployment %s has an unreadable state: %s", name, exc)
+                dep = self._reader.parse(name, raw) if raw is not None else None
+                if dep is None:  # none, or unreadable (said once, not at every refresh)
                     continue
                 if dep.deleted_ms:  # no new request; its readers drain what it took
                     self._deleted[name] = dep.revision

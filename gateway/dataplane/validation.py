@@ -7,7 +7,6 @@ read from the feature store in place (or refuses, naming the entity)."""
 
 from __future__ import annotations
 
-import codecs
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -17,7 +16,7 @@ import numpy as np
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.problems import BOM_FAULT
+from gateway.problems import encoding_fault
 from rendezvous.names import ENTITY_PATTERN, is_request_id
 from rendezvous.spec import FeatureSpec, shown_stored, stored_number
 
@@ -64,13 +63,10 @@ def parse_body(raw: bytes, spec: FeatureSpec, max_rows: int) -> PredictRequest:
     try:
         return PredictRequest.model_validate_json(raw)
     except ValidationError as exc:
-        if raw.startswith(codecs.BOM_UTF8):
-            raise RequestValidationError([_error((), BOM_FAULT, "json_invalid")]) from None
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as bad:
-            msg = f"the body is not UTF-8: {bad.reason} at byte {bad.start}"
-            raise RequestValidationError([_error((), msg, "utf8")]) from None
+        fault = encoding_fault(raw)
+        if fault is not None:
+            kind, msg = fault
+            raise RequestValidationError([_error((), msg, kind)]) from None
         raise RequestValidationError([_located(e) for e in exc.errors(include_url=False)]) from None
 
 
