@@ -40,6 +40,7 @@ from models.deployments import (
     Deployment,
     DeploymentConflict,
     DeploymentNotFound,
+    DeploymentUnreadable,
     without_past_partitions,
 )
 from rendezvous import names
@@ -162,7 +163,7 @@ class Purger:
                     self._retire_partitions(dep, now)
             except REDIS_FAILURES as exc:  # script errors too (ResponseError)
                 log.warning("purge of %s's drained streams: %s; trying again later", dep.name, exc)
-            except (DeploymentNotFound, ValueError) as exc:  # gone, or unreadable, meanwhile
+            except (DeploymentNotFound, DeploymentUnreadable, ValueError) as exc:  # gone meanwhile?
                 log.info("purge of %s's drained streams: %s", dep.name, exc)
         self.purged += done
         return done

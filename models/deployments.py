@@ -32,6 +32,12 @@ class DeploymentConflict(ValueError):
     """A change that does not fit the deployment's current state."""
 
 
+class DeploymentUnreadable(Exception):
+    """A stored state this version cannot read: a newer version wrote it (a rolling upgrade),
+    or it is damaged. Not a ``ValueError``: nothing a caller sent is at fault, and the admin
+    API answers it 409, not 422 (it was a 500)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ModelRef:
     name: str
@@ -144,19 +150,38 @@ class Deployment:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Deployment:
-        doc: Mapping[str, Any] = json.loads(raw)
-        return cls(
-            name=doc["name"],
-            revision=int(doc["revision"]),
-            updated_ms=int(doc.get("updated_ms", 0)),
-            roles={r: ModelRef.from_dict(m) for r, m in doc["roles"].items()},
-            schedule=Schedule.from_dict(doc["schedule"]),
-            feature_spec=FeatureSpec.from_dict(doc["feature_spec"]),
-            partitions=int(doc.get("partitions", 1)),
-            past_partitions=tuple(int(n) for n in doc.get("past_partitions", ())),
-            deleted_ms=int(doc.get("deleted_ms", 0)),
-            more=unknown_fields(doc, _STATE_FIELDS),
-        )
+        """Raises ``DeploymentUnreadable`` for a state this version cannot read."""
+        try:
+            doc: Mapping[str, Any] = json.loads(raw)
+            return cls(
+                name=doc["name"],
+                revision=int(doc["revision"]),
+                updated_ms=int(doc.get("updated_ms", 0)),
+                roles={r: ModelRef.from_dict(m) for r, m in doc["roles"].items()},
+                schedule=Schedule.from_dict(doc["schedule"]),
+                feature_spec=FeatureSpec.from_dict(doc["feature_spec"]),
+                partitions=int(doc.get("partitions", 1)),
+                past_partitions=tuple(int(n) for n in doc.get("past_partitions", ())),
+                deleted_ms=int(doc.get("deleted_ms", 0)),
+                more=unknown_fields(doc, _STATE_FIELDS),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            named = _name_in(raw)
+            why = f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise DeploymentUnreadable(
+                f"the state of deployment {named} cannot be read by this version ({why}): a "
+                "newer version wrote it (change it through a gateway of that version), or it "
+                "is damaged"
+            ) from exc
+
+
+def _name_in(raw: str | bytes) -> str:
+    """The deployment's name as an unreadable state gives it, shown safely (or "?")."""
+    try:
+        name = json.loads(raw).get("name")
+    except (ValueError, AttributeError):
+        return "?"
+    return repr(name)[:200] if isinstance(name, str) else "?"
 
 
 # -- changes: pure functions from one state to the next ----------------------------------------
@@ -248,7 +273,7 @@ class StateReader:
     def parse(self, name: str, raw: bytes | str) -> Deployment | None:
         try:
             state = Deployment.from_json(raw)
-        except (ValueError, KeyError, TypeError) as exc:
+        except DeploymentUnreadable as exc:
             seen = raw if isinstance(raw, bytes) else raw.encode()
             if self._unreadable.get(name) != seen:
                 self._unreadable[name] = seen

@@ -29,7 +29,13 @@ from collections.abc import Mapping
 import redis
 
 from models.deployment_store import DeploymentStore, ensure_groups
-from models.deployments import Deployment, DeploymentNotFound, ModelRef, StateReader
+from models.deployments import (
+    Deployment,
+    DeploymentNotFound,
+    DeploymentUnreadable,
+    ModelRef,
+    StateReader,
+)
 from models.registry import ModelRegistry
 from models.role_model import SHADOW_BATCH_WAIT_MS, RoleModel, Scored, WorkerStats, batch_wait_s
 from models.runtime import OnnxClassifier, RunLimit
@@ -298,6 +304,8 @@ class ModelWorker(ConsumerLoop):
             dep = self.store.get(self.deployment)
         except DeploymentNotFound:
             return list(self.roles)
+        except DeploymentUnreadable:
+            return []  # a newer version's state: served as it was (as ``_maybe_reload``)
         if dep.deleted_ms:  # being purged: only drained streams are deleted
             return list(self.roles)
         return [role for role in self.roles if role not in dep.roles]

@@ -933,3 +933,34 @@ def test_a_deleted_deployment_is_gone_to_callers_and_refused_every_change(
     for name in ("nope", "BAD%20NAME"):  # no history: 404 as for the other routes
         assert admin.get(f"/admin/deployments/{name}/history", headers=AUTH).status_code == 404
     assert r.exists(names.input_stream(DEMO_DEPLOYMENT))  # kept for its readers to drain
+
+
+def test_a_deployment_state_this_version_cannot_read_is_a_409_on_every_route(
+    admin: AppClient, r: redis.Redis
+) -> None:
+    """A state a newer version wrote (a rolling upgrade) or a damaged one: every admin route
+    answers it with a status that names the deployment, never a 500 (one was, found by a
+    helper's upgrade probe); the lists leave it out; a model delete cannot tell whether the
+    deployment holds the version, so it is refused rather than risked."""
+    key = names.deployment_key(DEMO_DEPLOYMENT)
+    good = r.get(key)
+    assert good is not None
+    r.set(key, good.replace(b'"roles"', b'"rolez"'))
+    statuses: dict[tuple[str, str], int] = {}
+    for method, path in admin_routes(admin):
+        if "{deployment}" not in path and path != "/admin/models/{name}/{version}":
+            continue
+        resp = admin.request(method, fill(path), json={}, headers=AUTH)
+        statuses[method, path] = resp.status_code
+        assert resp.status_code < 500, (method, path, resp.text)
+    shown = admin.get(DEP, headers=AUTH)
+    assert shown.status_code == 409, shown.text
+    assert DEMO_DEPLOYMENT in shown.json()["detail"] and "cannot" in shown.json()["detail"]
+    promote = admin.post(f"{DEP}/promote", json={"version": 1}, headers=AUTH)
+    assert promote.status_code == 409 and DEMO_DEPLOYMENT in promote.json()["detail"]
+    held = admin.delete("/admin/models/breast-cancer/1", headers=AUTH)
+    assert held.status_code == 409 and DEMO_DEPLOYMENT in held.json()["detail"], held.text
+    assert r.get(key) == good.replace(b'"roles"', b'"rolez"')  # nothing rewrote it
+    assert DEMO_DEPLOYMENT not in admin.get("/admin/deployments", headers=AUTH).text
+    r.set(key, good)
+    assert admin.get(DEP, headers=AUTH).status_code == 200

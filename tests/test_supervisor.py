@@ -18,6 +18,7 @@ from gateway.cli.serve import reconcile_workers, start_worker_hosts
 from gateway.cli.supervisor import Supervisor
 from models.deployment_store import DeploymentStore, demo_deployment
 from models.train import DEMO_DEPLOYMENT
+from rendezvous import names
 from rendezvous.schedule import Schedule
 
 pytestmark = pytest.mark.integration  # real child processes
@@ -109,8 +110,19 @@ def test_serve_starts_worker_hosts_or_a_process_per_role(r: redis.Redis, demo_re
         }
         store.update(DEMO_DEPLOYMENT, lambda d: dataclasses.replace(
             d, roles={"real": d.roles["real"]}), action="test", actor="test")  # fmt: skip
-        reconcile_workers(per_role, store, shadow_nice=5)
+        known = reconcile_workers(per_role, store, shadow_nice=5)
         assert list(per_role.children) == [f"worker:{DEMO_DEPLOYMENT}:real"]
+        # A state this version cannot read keeps its workers as they were, and the scan goes
+        # on to the deployments after it (it stopped there: their workers never started).
+        key = names.deployment_key(DEMO_DEPLOYMENT)
+        r.set(key, r.get(key).replace(b'"roles"', b'"rolez"'))  # type: ignore[union-attr]
+        store.create(dataclasses.replace(demo_deployment(demo_registry, Schedule()), name="zz"))
+        reconcile_workers(per_role, store, shadow_nice=5, known=known)
+        assert set(per_role.children) == {
+            f"worker:{DEMO_DEPLOYMENT}:real",
+            "worker:zz:real",
+            "worker:zz:canary",
+        }
     finally:
         shared.stop_all(grace_s=2)
         per_role.stop_all(grace_s=2)

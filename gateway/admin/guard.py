@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from gateway.admin.bodies import AdminError
 from gateway.problems import Problem, bearer_refusal, compressed, not_json
 from gateway.settings import Settings
+from models.deployments import DeploymentUnreadable
 from rendezvous.names import InvalidName
 
 OFF = "the admin API is off: set RDV_ADMIN_TOKEN on the gateway to turn it on"
@@ -39,7 +40,8 @@ def refusal(request: Request, token: bytes | None) -> Problem | None:
 
 
 def guarded_route(token: bytes | None) -> type[APIRoute]:
-    """A route class that checks the token first and turns ``AdminError`` into its status."""
+    """A route class that checks the token first and turns ``AdminError`` into its status
+    (and a deployment state this version cannot read into a 409, on every route)."""
 
     class AdminRoute(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -63,6 +65,8 @@ def guarded_route(token: bytes | None) -> type[APIRoute]:
                     return Problem(exc.status, exc.detail, exc.extra).response()
                 except InvalidName as exc:  # a name that may never reach a Redis key
                     return Problem(422, str(exc)).response()
+                except DeploymentUnreadable as exc:  # a newer version's state, or damaged
+                    return Problem(409, str(exc)).response()
 
             return guarded
 

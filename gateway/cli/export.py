@@ -34,7 +34,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings, redis_url: str) -> 
     from models.archive import ArchiveReader
     from models.archive_slice import SliceError, parse_time, positions_from, resolve
     from models.deployment_store import DeploymentStore
-    from models.deployments import DeploymentNotFound
+    from models.deployments import DeploymentNotFound, DeploymentUnreadable
     from models.export import Exporter
     from models.registry import ModelNotFound, ModelRegistry
     from rendezvous.bus.connection import connect
@@ -48,7 +48,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings, redis_url: str) -> 
     client = connect(redis_url, wait_s=5)
     try:
         dep = DeploymentStore(client).get(args.deployment)
-    except (DeploymentNotFound, ValueError) as exc:
+    except (DeploymentNotFound, DeploymentUnreadable, ValueError) as exc:
         sys.exit(f"rdv archive export: {exc}")
     real = dep.roles["real"]
     try:

@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import redis
@@ -34,6 +35,7 @@ from gateway.cli.supervisor import (
 )
 from models.demo import DEMO_DEPLOYMENT, demo_models_present
 from models.deployment_store import DeploymentStore, demo_deployment
+from models.deployments import Deployment
 from models.registry import ModelRegistry
 from rendezvous.bus.connection import connect
 from rendezvous.bus.server import EmbeddedRedis, RedisServerError, stop_left_over
@@ -111,14 +113,19 @@ def start_worker_hosts(supervisor: Supervisor, hosts: int, shadow_nice: int = SH
 
 
 def reconcile_workers(
-    supervisor: Supervisor, store: DeploymentStore, shadow_nice: int = SHADOW_NICE
-) -> None:
+    supervisor: Supervisor,
+    store: DeploymentStore,
+    shadow_nice: int = SHADOW_NICE,
+    known: Mapping[str, Deployment] | None = None,
+) -> dict[str, Deployment]:
     """The per-role layout: one worker per (deployment, role); retire those whose role is
     gone. Workers of roles that never answer first start ``shadow_nice`` steps lower (see
-    ``SHADOW_NICE``)."""
+    ``SHADOW_NICE``). Returns the states read, to pass as ``known`` next time: a state that
+    cannot be read then keeps its workers as they were (one such state stopped the scan of
+    every deployment after it)."""
     wanted = set()
-    for dep in store.list():
-        deployment = store.get(dep)
+    states = store.current(known or {})
+    for dep, deployment in sorted(states.items()):
         answering = {REAL, *deployment.schedule.split_roles}
         for role in deployment.role_names:
             name = _worker_name(dep, role)
@@ -128,6 +135,7 @@ def reconcile_workers(
     for name in [n for n in supervisor.children if n.startswith("worker:") and n not in wanted]:
         log.info("role gone: retiring %s", name)
         supervisor.retire(name)
+    return states
 
 
 def _hold_data_folder(data_dir: Path) -> None:
@@ -203,8 +211,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         supervisor.ensure("logbin", ["logbin", "--consumer", "logbin-0"], LOGBIN,
                           nice=settings.shadow_nice)  # fmt: skip
         per_role = settings.worker_layout == "per-role"
+        states: dict[str, Deployment] = {}
         if per_role:
-            reconcile_workers(supervisor, store, settings.shadow_nice)
+            states = reconcile_workers(supervisor, store, settings.shadow_nice)
         else:
             start_worker_hosts(supervisor, settings.worker_hosts, settings.shadow_nice)
         gateways = settings.gateway_process_count
@@ -223,7 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         keeper = RedisKeeper(embedded) if embedded is not None else None
 
         def tick() -> None:
-            nonlocal next_reconcile
+            nonlocal next_reconcile, states
             if keeper is not None:
                 keeper.tick()
                 if keeper.restart_at is not None:
@@ -232,7 +241,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 return
             next_reconcile = time.monotonic() + 2.0
             try:
-                reconcile_workers(supervisor, store, settings.shadow_nice)
+                states = reconcile_workers(supervisor, store, settings.shadow_nice, states)
             except (redis.RedisError, LookupError, ValueError) as exc:
                 # A deployment deleted or unreadable mid-scan must not stop the supervisor.
                 log.warning("cannot read deployments: %s", exc)
