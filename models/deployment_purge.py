@@ -108,6 +108,7 @@ def serving_keys(deployment: str) -> list[str]:
         names.outcomes_state_key(deployment),
         names.outcomes_lease_key(deployment),
         names.accuracy_key(deployment),
+        names.accuracy_lock_key(deployment),
         names.drift_sketch_stream(deployment),
         names.drift_report_key(deployment),
         names.drift_features_key(deployment),

@@ -407,6 +407,11 @@ def accuracy_key(deployment: str) -> str:
     return f"{_tag(deployment)}:accuracy"
 
 
+def accuracy_lock_key(deployment: str) -> str:
+    """Held by the one gateway process that evaluates live accuracy for a while."""
+    return f"{_tag(deployment)}:accuracy:lock"
+
+
 def accuracy_history_stream(deployment: str) -> str:
     """One compact point per live-accuracy evaluation (capped): the chart over time."""
     return f"{_tag(deployment)}:accuracy:history"

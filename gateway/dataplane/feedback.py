@@ -161,7 +161,6 @@ class FeedbackService:
         max_items: int,
         labelled_maxlen: int,
         classes_of: Callable[[str, int], Awaitable[list[int] | None]],
-        on_labels: Callable[[str], None] | None = None,
         request_id_ttl_s: float = 0.0,
         class_names_of: Callable[[str, int], Awaitable[list[str] | None]] | None = None,
     ):
@@ -171,7 +170,6 @@ class FeedbackService:
         self.max_items = max_items
         self.labelled_maxlen = labelled_maxlen
         self.classes_of = classes_of
-        self.on_labels = on_labels
         self.request_id_ttl_s = request_id_ttl_s
         """How long a caller's own id stays held (0: unknown, so any miss may be recent)."""
         self.class_names_of = class_names_of
@@ -220,8 +218,6 @@ class FeedbackService:
             label = Label(labels, item.correct, float(item.weight), now_ms)
             writes.append((bucket, item.request_id, label.encode(), blob))
         relabelled = await self._store(deployment, writes)
-        if self.on_labels is not None:
-            self.on_labels(deployment)
         return Accepted(len(items), relabelled)
 
     async def _by_class(

@@ -1,8 +1,11 @@
-"""Which gateway process evaluates a deployment's drift: a short Redis lease per deployment,
-taken by one process and renewed by its holder, so that several processes or instances never
-double-count an event and a dead holder's lease lapses to another (``drift_monitor``)."""
+"""Which gateway process evaluates a deployment's drift (or live accuracy): a short Redis lease
+per deployment, taken by one process and renewed by its holder, so that several processes or
+instances never double-count an event nor repeat each other's work, and a dead holder's lease
+lapses to another (``drift_monitor``, ``live_accuracy``)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from rendezvous import names
 from rendezvous.bus.connection import AsyncClient
@@ -24,12 +27,20 @@ _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del
 
 
 class EvaluationLeases:
-    """This process's evaluation leases, as ``instance``, each lasting ``ttl_ms``."""
+    """This process's evaluation leases, as ``instance``, each lasting ``ttl_ms``, held at
+    ``key(deployment)``."""
 
-    def __init__(self, client: AsyncClient, instance: str, ttl_ms: int):
+    def __init__(
+        self,
+        client: AsyncClient,
+        instance: str,
+        ttl_ms: int,
+        key: Callable[[str], str] = names.drift_lock_key,
+    ):
         self.client = client
         self.instance = instance
         self.ttl_ms = ttl_ms
+        self.key = key
         self._known: dict[str, tuple[bool, float]] = {}
         """Deployment -> (held by us, monotonic time to ask Redis again)."""
 
@@ -52,7 +63,7 @@ class EvaluationLeases:
         if ask:
             pipe = self.client.pipeline(transaction=False)
             for deployment in ask:
-                pipe.eval(_LEASE, 1, names.drift_lock_key(deployment), self.instance, self.ttl_ms)
+                pipe.eval(_LEASE, 1, self.key(deployment), self.instance, self.ttl_ms)
             for deployment, held in zip(ask, await pipe.execute(), strict=True):
                 again = self.ttl_ms / 3000 if held else LEASE_RECHECK_S
                 self._known[deployment] = (bool(held), now + again)
@@ -65,4 +76,4 @@ class EvaluationLeases:
         held = [deployment for deployment, (mine, _) in self._known.items() if mine]
         self._known.clear()
         for deployment in held:
-            await self.client.eval(_RELEASE, 1, names.drift_lock_key(deployment), self.instance)
+            await self.client.eval(_RELEASE, 1, self.key(deployment), self.instance)

@@ -202,7 +202,7 @@ def create_app(
             )
             classes = ModelClasses(client, local_model_meta(settings.models_dir))
             accuracy = LiveAccuracy(
-                client, deployments, window=settings.accuracy_window, classes_of=classes
+                client, deployments, instance, window=settings.accuracy_window, classes_of=classes
             )
             app.state.feedback = FeedbackService(
                 client,
@@ -212,7 +212,6 @@ def create_app(
                 labelled_maxlen=settings.labelled_maxlen,
                 classes_of=classes,
                 class_names_of=classes.class_names,
-                on_labels=accuracy.labelled,
                 request_id_ttl_s=settings.request_id_ttl_s,
             )
             background = {
@@ -279,6 +278,8 @@ def create_app(
                 await asyncio.wait_for(outcomes.flush(), timeout=settings.redis_timeout_s)
             with contextlib.suppress(redis.RedisError, OSError):
                 await asyncio.wait_for(monitor.release(), timeout=settings.redis_timeout_s)
+            with contextlib.suppress(redis.RedisError, OSError):
+                await asyncio.wait_for(accuracy.release(), timeout=settings.redis_timeout_s)
             metrics.flush()
             if multiprocess_dir() is not None:
                 mark_process_dead(os.getpid())
