@@ -18,10 +18,10 @@ import redis.asyncio as aioredis
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability import drift_store
 from gateway.observability.drift_feed import BIN_SLICE, SKETCH_FIELD, DriftFeed
-from gateway.observability.drift_lease import LEASE_RECHECK_S
 from gateway.observability.drift_monitor import DriftMonitor
 from gateway.observability.drift_sketches import local_model_meta
 from gateway.observability.drift_view import drift_view, set_thresholds
+from gateway.observability.evaluation_leases import LEASE_RECHECK_S
 from models.deployment_store import DeploymentStore, demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data

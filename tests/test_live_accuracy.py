@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from gateway.observability import drift_lease
+from gateway.observability import evaluation_leases
 from gateway.observability.live_accuracy import LiveAccuracy
 from models.deployment_store import demo_deployment
 from models.registry import ModelRegistry
@@ -45,7 +45,7 @@ def _labelled(r: redis.Redis) -> Any:
 async def test_one_process_evaluates_a_deployment_whoever_took_its_labels(
     r: redis.Redis, redis_url: str, demo_registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(drift_lease, "LEASE_RECHECK_S", 0.0)  # a takeover at the next tick
+    monkeypatch.setattr(evaluation_leases, "LEASE_RECHECK_S", 0.0)  # a takeover at the next tick
     cache: Any = SimpleNamespace(
         deployments={DEMO_DEPLOYMENT: demo_deployment(demo_registry, Schedule())}
     )

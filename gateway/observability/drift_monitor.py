@@ -2,7 +2,7 @@
 and the alerts of its own kinds.
 
 One gateway process at a time evaluates a deployment (a short Redis lease renewed by its holder,
-``drift_lease``), so several processes or instances never double-count an event. It evaluates
+``evaluation_leases``), so several processes or instances never double-count an event. It evaluates
 once ``evaluate_every`` new requests are in the sketch stream (checked every ``tick_s``) and at
 least every ``interval_s``. An evaluation merges the newest sketches of the current real model
 into a window (at most ``window_requests`` requests, none older than ``window_s``), compares it
@@ -33,7 +33,6 @@ from typing import Any, cast
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability import drift_features, drift_store
 from gateway.observability.alert_webhooks import AlertWebhooks
-from gateway.observability.drift_lease import EvaluationLeases
 from gateway.observability.drift_online import announce
 from gateway.observability.drift_relay import DriftRelay
 from gateway.observability.drift_sketches import (
@@ -45,6 +44,7 @@ from gateway.observability.drift_sketches import (
     merge_window,
 )
 from gateway.observability.drift_view import MONITOR, thresholds_from
+from gateway.observability.evaluation_leases import EvaluationLeases
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 from rendezvous.drift import FeatureReference, FeatureReferences, Sketch

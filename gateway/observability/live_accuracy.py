@@ -2,7 +2,7 @@
 
 The report (``rendezvous.accuracy.accuracy_report``) is computed from the labelled stream
 alone, so whichever gateway process computes it, every process shows the same figures. One
-process a deployment computes it, the holder of its accuracy lease (``drift_lease``): every
+process a deployment computes it, the holder of its accuracy lease (``evaluation_leases``): every
 ``tick_s`` it asks for the labelled stream's last entry (one pipelined round trip for all it
 holds) and recomputes, in a thread off the event loop, a deployment whose last entry or
 revision moved (a label taken by any process; a promotion's new current versions), and every
@@ -25,7 +25,7 @@ from typing import Any, cast
 from prometheus_client.core import GaugeMetricFamily
 
 from gateway.dataplane.deployments import DeploymentCache
-from gateway.observability.drift_lease import EvaluationLeases
+from gateway.observability.evaluation_leases import EvaluationLeases
 from rendezvous import names
 from rendezvous.accuracy import accuracy_report
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
