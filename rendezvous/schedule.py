@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rendezvous.names import CANARY, REAL, check_role
+from rendezvous.spec import unknown_fields
 
 MAX_WAIT_MS = 600_000.0
 """The longest ``timeout_ms``, ``real_deadline_ms`` and ``grace_ms`` a schedule is given: ten
@@ -28,6 +29,10 @@ its absolute time does not fit the envelope's integer."""
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 """``split_seed`` fits a signed 64-bit integer, as the decision record carries it (a seed of
 2**64 was taken and every decision record of the deployment was lost)."""
+
+
+_STORED_FIELDS = frozenset({"real_deadline_ms", "timeout_ms", "fallbacks", "grace_ms", "splits",
+                            "split_seed"})  # fmt: skip
 
 
 def split_draw(seed: int, request_id: str) -> float:
@@ -56,6 +61,9 @@ class Schedule:
     """Per request (never stored): the split draw that chose ``primary``."""
     pinned: bool = False
     """Per request (never stored): ``primary`` alone may answer (``pinned_to``)."""
+    more: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    """Stored fields a newer version wrote, written back as they came (``unknown_fields``);
+    not compared, nor hashed (``among`` is cached by schedule)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.real_deadline_ms <= self.timeout_ms:
@@ -91,6 +99,7 @@ class Schedule:
             "grace_ms": self.grace_ms,
             "splits": dict(self.splits),
             "split_seed": self.split_seed,
+            **self.more,
         }
 
     @classmethod
@@ -103,6 +112,7 @@ class Schedule:
             grace_ms=float(doc.get("grace_ms", 200.0)),
             splits=tuple((str(r), float(f)) for r, f in dict(splits).items()),
             split_seed=int(doc.get("split_seed", 0)),
+            more=unknown_fields(doc, _STORED_FIELDS),
         )
 
     def updated(self, changes: Mapping[str, Any]) -> Schedule:

@@ -59,7 +59,7 @@ def test_what_a_newer_version_added_is_written_back_as_it_came() -> None:
         "name": "d",
         "revision": 3,
         "roles": {"real": {"name": "m", "version": 1}},
-        "schedule": {},
+        "schedule": {"hedge_after_ms": 20},
         "feature_spec": {**spec.to_dict(), "layout_hint": [1, 2]},
         "owner": "team-a",
     }
@@ -68,4 +68,4 @@ def test_what_a_newer_version_added_is_written_back_as_it_came() -> None:
     again = json.loads(changed.to_json())
     assert again["owner"] == "team-a" and again["feature_spec"]["layout_hint"] == [1, 2]
     assert again["feature_spec"]["stats"]["a"]["skew"] == 0.3
-    assert again["schedule"]["grace_ms"] == 150.0
+    assert again["schedule"]["grace_ms"] == 150.0 and again["schedule"]["hedge_after_ms"] == 20
