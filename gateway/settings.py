@@ -465,6 +465,12 @@ class Settings(BaseSettings):
         )
 
     @property
+    def local_url(self) -> str:
+        """The gateway's address as a client on this host reaches it (the ``rdv`` commands'
+        default): an IPv6 host in brackets, a wildcard one as loopback."""
+        return http_url(self.host, self.port)
+
+    @property
     def gateway_process_count(self) -> int:
         return self.gateway_processes or min(2, os.cpu_count() or 1)
 
@@ -479,6 +485,13 @@ class Settings(BaseSettings):
     @property
     def redis_dir(self) -> Path:
         return self.data_dir / "redis"
+
+
+def http_url(host: str, port: int) -> str:
+    """``http://host:port`` for a client: ``::1`` bracketed (``http://::1:8000`` is no URL),
+    and the wildcard addresses a server binds to (``0.0.0.0``, ``::``) as loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _judgeable(min_requests: int, info: ValidationInfo) -> None:

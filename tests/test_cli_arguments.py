@@ -139,3 +139,20 @@ def test_an_address_given_on_the_command_line_is_checked_as_the_settings_are(
     assert code == 2 and "invalid configuration: RDV_HOST='': String should have" in err, err
     code, err = refused(["serve", "--data-dir", ""], capsys)  # argparse made it Path('.')
     assert code == 2 and "--data-dir: empty: name a folder" in err, err
+
+
+def test_the_commands_reach_a_gateway_on_an_ipv6_or_wildcard_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``RDV_HOST=::1`` made the commands' default ``http://::1:8000``, no URL; a wildcard
+    host is where a server listens, not where a client connects."""
+    import argparse
+
+    from gateway.cli.admin_http import admin_session
+
+    expected = {"::1": "http://[::1]:8000", "::": "http://[::1]:8000",
+                "0.0.0.0": "http://127.0.0.1:8000", "10.0.0.7": "http://10.0.0.7:8000"}  # fmt: skip
+    for host, url in expected.items():
+        monkeypatch.setenv("RDV_HOST", host)
+        with admin_session(argparse.Namespace(url=None)) as session:
+            assert str(session.base_url).rstrip("/") == url, host

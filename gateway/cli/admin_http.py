@@ -35,7 +35,7 @@ def admin_session(args: argparse.Namespace) -> httpx.Client:
     import httpx
 
     settings = Settings()
-    url = args.url or f"http://{settings.host}:{settings.port}"
+    url = args.url or settings.local_url
     headers = {"X-Actor": _actor()}
     token = settings.admin_token.get_secret_value().strip() if settings.admin_token else ""
     if token:

@@ -114,8 +114,7 @@ def _session(url: str | None) -> httpx.Client:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     token = settings.feedback_token.get_secret_value() if settings.feedback_token else ""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=url or f"http://{settings.host}:{settings.port}", timeout=60,
-                        headers=headers)  # fmt: skip
+    return httpx.Client(base_url=url or settings.local_url, timeout=60, headers=headers)
 
 
 def cmd_feedback(args: argparse.Namespace) -> None:

@@ -33,6 +33,7 @@ from gateway.cli.supervisor import (
     child_env,
     detached_from_terminal,
 )
+from gateway.settings import http_url
 from models.demo import DEMO_DEPLOYMENT, demo_models_present
 from models.deployment_store import DeploymentStore, demo_deployment
 from models.deployments import Deployment
@@ -226,7 +227,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             # and the connections waiting meanwhile are accepted by the others or by it.
             supervisor.ensure(f"gateway-{i}" if gateways > 1 else "gateway",
                               ["gateway", "--fd", str(fd)], GATEWAY, pass_fds=(fd,))  # fmt: skip
-        log.info("serving on http://%s:%d", settings.host, settings.port)
+        log.info("serving on %s", http_url(settings.host, listener.getsockname()[1]))
 
         next_reconcile = 0.0
         keeper = RedisKeeper(embedded) if embedded is not None else None
