@@ -66,9 +66,13 @@ def test_readiness_is_readyz(system: System, client: triton.InferenceServerClien
     system.start_worker("real")  # the workers fixture finds it running
     wait_until(lambda: system.http.get("/readyz").status_code == 200, 10, "readyz")
     assert system.http.get("/v2/health/ready").json() == {"ready": True}
-    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}/ready"):
-        head = system.http.head(path)  # some probes send HEAD: it was a 405
+    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}/ready",
+                 "/healthz", "/readyz", "/metrics", "/v2", f"/v2/models/{MODEL}"):  # fmt: skip
+        head = system.http.head(path)  # some probes send HEAD: it was a 405 (on /metrics too)
+        got = system.http.get(path)
         assert head.status_code == 200 and head.content == b"", (path, head.status_code)
+        assert head.headers["content-type"] == got.headers["content-type"], path
+    assert system.http.head("/v1/deployments/breast-cancer/predict").status_code == 405
     assert client.is_server_ready()
     assert client.is_model_ready(MODEL)
     assert client.is_model_ready(MODEL, "2")  # real's version

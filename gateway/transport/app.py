@@ -41,6 +41,7 @@ from gateway.settings import Settings
 from gateway.transport import feedback, jobs, oip
 from gateway.transport.cors import with_cors
 from gateway.transport.fast_path import PredictFastPath, predict_reply, refused_body_counter
+from gateway.transport.head import HeadAsGet
 from gateway.transport.http_guard import REFUSALS
 from gateway.transport.limits import BodySizeLimit
 from gateway.transport.readiness import readiness
@@ -304,6 +305,7 @@ def create_app(
         path_limits={UPLOAD_PATH: upload_body_cap(settings)},
         on_refused=refused_body_counter(app),
     )
+    app.add_middleware(HeadAsGet)  # HEAD on every GET route (gateway.transport.head)
     install_admin(app, settings)
     metrics = GatewayMetrics()
     app.state.metrics = metrics
@@ -348,15 +350,12 @@ def create_app(
         head = {name.decode(): value.decode() for name, value in headers}
         return Response(body, status, head, media_type="application/json")
 
-    # HEAD too, undocumented: some uptime monitors and load balancers probe with it (it was 405)
     @app.get("/healthz")
-    @app.head("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
         """The process is alive (says nothing about Redis or workers)."""
         return {"status": "ok"}
 
     @app.get("/readyz")
-    @app.head("/readyz", include_in_schema=False)
     async def readyz(request: Request) -> JSONResponse:
         """Ready when this process reads its replies and every deployment answers with a live
         real worker (``gateway.transport.readiness``)."""

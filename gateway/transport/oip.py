@@ -110,13 +110,11 @@ def mount(app: FastAPI, settings: Settings) -> None:
     router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol"])
 
     @router.get("/health/live")
-    @router.head("/health/live", include_in_schema=False)  # probes that send HEAD (was 405)
     async def server_live() -> dict[str, bool]:
         """The process is alive (as ``/healthz``)."""
         return {"live": True}
 
     @router.get("/health/ready")
-    @router.head("/health/ready", include_in_schema=False)
     async def server_ready(request: Request) -> JSONResponse:
         """200 exactly when ``/readyz`` is 200: it asks ``/readyz`` itself, in process."""
         import httpx  # here: a probe's import once, not ~5 MB in every gateway process
@@ -179,7 +177,6 @@ def mount(app: FastAPI, settings: Settings) -> None:
                             headers=None if ready else RETRY)  # fmt: skip
 
     @router.get("/models/{model}/ready", responses={404: {"description": "unknown model"}})
-    @router.head("/models/{model}/ready", include_in_schema=False)
     async def ready(model: str, request: Request) -> JSONResponse:
         """200 when the model's real role has a live worker, else 503."""
         return await model_ready(request, model, None)
