@@ -25,6 +25,7 @@ from gateway.cli.process import (
     share_metrics_between_processes,
     stop_event,
 )
+from gateway.cli.stand_in import StandIn
 from gateway.cli.supervisor import (
     MAX_BACKOFF_S,
     MIN_BACKOFF_S,
@@ -175,6 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise SystemExit(f"rdv serve: cannot listen on {where}: {exc}") from None
     listener.set_inheritable(True)
     _hold_data_folder(settings.data_dir)
+    stand_in = StandIn(listener).start()  # 503s while no gateway runs (a first start trains)
     embedded: EmbeddedRedis | None = None
     url = settings.redis_url
     if not url:
@@ -234,6 +236,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         def tick() -> None:
             nonlocal next_reconcile, states
+            stand_in.gateways(supervisor.running("gateway"))
             if keeper is not None:
                 keeper.tick()
                 if keeper.restart_at is not None:
@@ -251,6 +254,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     finally:
         log.info("stopping: gateway, then workers, then log bin")
         supervisor.stop_all()
+        stand_in.stop()
         listener.close()
         if client is not None:
             client.close()

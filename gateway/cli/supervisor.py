@@ -63,6 +63,11 @@ class Supervisor:
         self.children[name] = child
         self._spawn(child)
 
+    def running(self, prefix: str) -> bool:
+        """Whether a child whose name starts with ``prefix`` runs now."""
+        return any(c.proc is not None and c.proc.poll() is None
+                   for name, c in self.children.items() if name.startswith(prefix))  # fmt: skip
+
     def retire(self, name: str, grace_s: float = 10.0) -> None:
         child = self.children.pop(name, None)
         if child is not None:

@@ -1,0 +1,80 @@
+"""``rdv serve``'s stand-in (in-process, real sockets): once no gateway process has run for a
+while, a caller waiting on the port gets a 503 with Retry-After rather than no answer for as
+long as the gateway fails to start (a caller without a timeout hung for good)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from gateway.cli.process import listening_socket
+from gateway.cli.stand_in import StandIn
+
+pytestmark = pytest.mark.pure
+
+
+def answered(stand_in: StandIn) -> int:
+    """Its count, once the caller's connection is done with (it is counted after the drain)."""
+    deadline = time.monotonic() + 3
+    while stand_in.answered < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return stand_in.answered
+
+
+@pytest.fixture
+def port_and_stand_in() -> Iterator[tuple[int, StandIn]]:
+    listener = listening_socket("127.0.0.1", 0)
+    stand_in = StandIn(listener, after_s=0.5).start()
+    try:
+        yield listener.getsockname()[1], stand_in
+    finally:
+        stand_in.stop()
+        listener.close()
+
+
+def test_a_caller_gets_a_503_once_no_gateway_has_run_for_a_while(
+    port_and_stand_in: tuple[int, StandIn],
+) -> None:
+    port, stand_in = port_and_stand_in
+    url = f"http://127.0.0.1:{port}/v1/deployments/breast-cancer/predict"
+    started = time.monotonic()
+    answer = httpx.post(url, content=b"x" * 2_000_000, timeout=5)  # a body it never reads
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+    assert "no gateway process is running" in answer.json()["detail"]
+    assert time.monotonic() - started >= 0.4  # not before after_s: a restart is waited for
+    assert answered(stand_in) == 1
+
+
+def test_while_a_gateway_runs_the_stand_in_leaves_its_callers_to_it(
+    port_and_stand_in: tuple[int, StandIn],
+) -> None:
+    """A gateway restarting (alive, not yet accepting) takes the waiting connections once up:
+    the stand-in must not answer them meanwhile."""
+    port, stand_in = port_and_stand_in
+    running = threading.Event()
+    running.set()
+
+    def supervisor() -> None:
+        while running.is_set():
+            stand_in.gateways(True)
+            time.sleep(0.05)
+
+    loop = threading.Thread(target=supervisor, daemon=True)
+    loop.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.8) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            with pytest.raises(TimeoutError):
+                conn.recv(100)  # waits in the queue for the gateway
+            running.clear()  # the gateway is gone for good: answered after after_s
+            conn.settimeout(3)
+            assert conn.recv(100).startswith(b"HTTP/1.1 503 ")
+    finally:
+        running.clear()
+        loop.join()
+    assert answered(stand_in) == 1
