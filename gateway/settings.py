@@ -162,6 +162,10 @@ class Settings(BaseSettings):
 
     max_in_flight: int = Field(default=2048, ge=1)
     """Requests one gateway process holds at once; beyond it, 429 at once."""
+    allow_eviction: bool = False
+    """Run on a Redis whose ``maxmemory-policy`` evicts keys (anything but ``noeviction``),
+    which at its limit deletes jobs, request ids, reply streams and, with ``allkeys-*``, the
+    deployments; refused at start otherwise (``rendezvous.bus.redis_needs``)."""
     wait_replicas: int = Field(default=0, ge=0, le=16)
     """Replicas that must acknowledge a request's input (Redis ``WAIT``) before the gateway
     answers it; 0: answer without waiting (replication is asynchronous: a failover may then
@@ -440,9 +444,10 @@ class Settings(BaseSettings):
         deployments and this host's gateways: input streams at their backlog bound (~1 KB an
         entry), decision streams full (~0.65 KB a record), reply streams full (~0.3 KB a
         result), sketch streams full (~2 KB a sketch), the feedback outcomes at their bound and
-        the labelled streams full (~0.2 KB an entry)."""
+        the labelled streams full (~0.2 KB an entry) and the jobs' held bytes at their bound."""
         per_deployment = (
             self.max_backlog * 1024
+            + self.job_max_held_bytes
             + min(self.decisions_maxlen * 650, int(self.decisions_max_mb * 2**20))
             + self.drift_sketch_maxlen * 2048
             + int(self.feedback_max_mb * 2**20)

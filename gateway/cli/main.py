@@ -57,7 +57,13 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
     # Reached here first: with several processes, uvicorn's supervisor exited 0 after each
     # child failed to start on a Redis it could not reach.
-    connect(os.environ["RDV_REDIS_URL"], wait_s=settings.redis_timeout_s * 5).close()
+    from rendezvous.bus.redis_needs import check
+
+    client = connect(os.environ["RDV_REDIS_URL"], wait_s=settings.redis_timeout_s * 5)
+    try:  # a Redis that cannot carry the system: one line, before any process starts
+        check(client, allow_eviction=settings.allow_eviction)
+    finally:
+        client.close()
     # The app is built by a factory (in each worker process when there are several), which
     # reads the settings from the environment: hand the command-line overrides down.
     os.environ.update(

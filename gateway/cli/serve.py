@@ -40,6 +40,7 @@ from models.deployment_store import DeploymentStore, demo_deployment
 from models.deployments import Deployment
 from models.registry import ModelRegistry
 from rendezvous.bus.connection import connect
+from rendezvous.bus.redis_needs import check
 from rendezvous.bus.server import EmbeddedRedis, RedisServerError, stop_left_over
 from rendezvous.names import REAL
 
@@ -207,6 +208,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             # In a child: scikit-learn would otherwise stay in this long-lived process's memory.
             subprocess.run([*supervisor.command, "train-demo"], env=supervisor.env, check=True)
         client = connect(url)
+        check(client, allow_eviction=settings.allow_eviction)  # one line, before any child
         store = DeploymentStore(client)
         if DEMO_DEPLOYMENT not in store.list():
             store.create(demo_deployment(registry, settings.schedule()))

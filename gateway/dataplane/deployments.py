@@ -11,6 +11,7 @@ from gateway.dataplane.failures import UnknownDeployment
 from models.deployments import Deployment, StateReader
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
+from rendezvous.bus.redis_needs import refused_for_good
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,29 @@ class DeploymentCache:
         consumer group, so this is the backlog of the slowest reader."""
         self.backlog_bytes: dict[str, int] = {}
         """The same backlog in bytes of Redis memory (``MEMORY USAGE``, sampled)."""
+        self.measures_memory = True
+        """False once Redis refused ``MEMORY USAGE`` (a user without it, or the command
+        renamed away): ``RDV_MAX_BACKLOG_BYTES`` is then not applied, said once. The refusal
+        failed every start of the gateway."""
         self._deleted: dict[str, int] = {}
         """Deleted deployments (still draining) -> the revision that deleted them: left out
         of ``deployments``, and not read again while that revision stays."""
+
+    def _without_memory_refusals(self, replies: list[Any]) -> list[Any]:
+        """The replies, a refused ``MEMORY USAGE`` read as 0 (and not asked again); any other
+        failure raised, as ``execute`` would."""
+        out = []
+        for reply in replies:
+            if isinstance(reply, Exception):
+                if not refused_for_good(reply):
+                    raise reply
+                if self.measures_memory:
+                    log.warning("Redis refused MEMORY USAGE (%s): RDV_MAX_BACKLOG_BYTES is not "
+                                "applied; RDV_MAX_BACKLOG still is", reply)  # fmt: skip
+                self.measures_memory = False
+                reply = 0
+            out.append(reply)
+        return out
 
     async def refresh(self) -> None:
         """One pipelined read of every deployment's revision and input backlog; a second
@@ -41,12 +62,16 @@ class DeploymentCache:
         streams = {m: self.deployments[m].input_streams if m in self.deployments
                    else [names.input_stream(m)] for m in members}  # fmt: skip
         pipe = self.client.pipeline(transaction=False)
+        measures = self.measures_memory
         for name in members:
             pipe.get(names.revision_key(name))
             for stream in streams[name]:
                 pipe.xlen(stream)
-                pipe.memory_usage(stream, samples=5)
-        replies = await pipe.execute()
+                if measures:
+                    pipe.memory_usage(stream, samples=5)
+                else:
+                    pipe.exists(stream)  # a place holder: counts as 0 bytes
+        replies = self._without_memory_refusals(await pipe.execute(raise_on_error=False))
         revisions: dict[str, Any] = {}
         at = 0
         for name in members:
@@ -54,7 +79,7 @@ class DeploymentCache:
             sizes = replies[at + 1 : at + 1 + 2 * len(streams[name])]
             at += 1 + 2 * len(streams[name])
             self.backlog[name] = sum(int(n or 0) for n in sizes[0::2])
-            self.backlog_bytes[name] = sum(int(b or 0) for b in sizes[1::2])
+            self.backlog_bytes[name] = sum(int(b or 0) for b in sizes[1::2]) if measures else 0
         fresh = {name: self.deployments[name] for name in members
                  if name in self.deployments and revisions[name] is not None
                  and int(revisions[name]) == self.deployments[name].revision}  # fmt: skip

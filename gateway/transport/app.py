@@ -51,6 +51,7 @@ from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
 from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, connect_async
+from rendezvous.bus.redis_needs import RedisUnfit, check_async
 from rendezvous.decision import DecisionRecord
 from rendezvous.heap import settle_heap, trim_heap_every
 
@@ -63,27 +64,31 @@ def instance_id() -> str:
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-async def _check_redis_memory(client: AsyncClient, settings: Settings, deployments: int) -> None:
-    """Warn when the caps let the data outgrow the Redis we were given: at its ``maxmemory``
-    Redis refuses writes and predicts answer 503. Read from ``INFO memory``: ``CONFIG`` is often
-    disabled on managed Redis."""
+async def _check_redis(client: AsyncClient, settings: Settings, deployments: int) -> None:
+    """Refuse a Redis that cannot carry the system (``rendezvous.bus.redis_needs``: scripts,
+    no eviction), and warn when the caps let the data outgrow its ``maxmemory``: at the limit
+    Redis refuses writes and predicts answer 503. Read from ``INFO memory``: ``CONFIG`` is
+    often disabled on managed Redis."""
     try:
-        info = await client.info("memory")
+        info = await check_async(client, allow_eviction=settings.allow_eviction)
+    except RedisUnfit as exc:
+        log.critical("%s", exc)
+        raise
     except REDIS_FAILURES as exc:
         log.warning("cannot read Redis's memory limit: %s", exc)
         return
-    limit = int(info.get("maxmemory", 0) or 0)
+    limit = int(info.get("maxmemory", 0) or 0) if info is not None else 0
     needed = settings.redis_memory_bytes(max(deployments, 1))
     if limit and needed > limit:
         log.warning(
             "Redis's maxmemory is %d MB, and the caps let the data reach about %d MB: at the "
             "limit predicts answer 503. Lower RDV_MAX_BACKLOG (%d), RDV_DECISIONS_MAXLEN (%d) "
             "or RDV_DECISIONS_MAX_MB, "
-            "RDV_DRIFT_SKETCH_MAXLEN (%d), RDV_REPLY_MAXLEN (%d), RDV_FEEDBACK_MAX_MB (%g) and "
-            "RDV_LABELLED_MAXLEN (%d), or raise maxmemory",
+            "RDV_DRIFT_SKETCH_MAXLEN (%d), RDV_REPLY_MAXLEN (%d), RDV_FEEDBACK_MAX_MB (%g), "
+            "RDV_LABELLED_MAXLEN (%d) and RDV_JOB_MAX_HELD_BYTES (%d), or raise maxmemory",
             limit // 2**20, needed // 2**20, settings.max_backlog, settings.decisions_maxlen,
             settings.drift_sketch_maxlen, settings.reply_maxlen, settings.feedback_max_mb,
-            settings.labelled_maxlen,
+            settings.labelled_maxlen, settings.job_max_held_bytes,
         )  # fmt: skip
 
 
@@ -139,7 +144,7 @@ def create_app(
             reader = Router(reader_client, timeout_s=settings.redis_timeout_s + 1)
             deployments = DeploymentCache(client)
             await deployments.refresh()
-            await _check_redis_memory(client, settings, len(deployments.deployments))
+            await _check_redis(client, settings, len(deployments.deployments))
             appender = StreamAppender(
                 writer,
                 wait_replicas=settings.wait_replicas,

@@ -81,6 +81,59 @@ def _cluster_enabled(info: dict[str, Any]) -> bool:
     return str(info.get("cluster_enabled", "0")) == "1"
 
 
+_PROBE_KEYS = [f"rdv:probe:{{{i}}}" for i in range(16)]
+"""Keys of sixteen slots, asked for (never written) where a node says nothing of a cluster."""
+
+
+def _is_cluster(client: redis.Redis) -> bool:
+    """Whether the node is part of a Redis Cluster: ``INFO cluster``; for a user without
+    ``INFO`` (``-@dangerous`` takes it on Redis 7: every process stopped at start),
+    ``CLUSTER INFO``, which a node outside a cluster refuses; for a user without either, the
+    ``MOVED`` a cluster node answers for keys other masters hold."""
+    try:
+        return _cluster_enabled(client.info("cluster"))
+    except redis.exceptions.NoPermissionError:
+        pass
+    try:
+        client.execute_command("CLUSTER INFO")
+        return True
+    except redis.exceptions.ResponseError as exc:
+        if _not_a_cluster(exc):
+            return False
+    pipe = client.pipeline(transaction=False)
+    for key in _PROBE_KEYS:
+        pipe.exists(key)
+    return _moved(pipe.execute(raise_on_error=False))
+
+
+async def _is_cluster_async(client: aioredis.Redis) -> bool:
+    """``_is_cluster`` for an asyncio client."""
+    try:
+        return _cluster_enabled(await client.info("cluster"))
+    except redis.exceptions.NoPermissionError:
+        pass
+    try:
+        await client.execute_command("CLUSTER INFO")
+        return True
+    except redis.exceptions.ResponseError as exc:
+        if _not_a_cluster(exc):
+            return False
+    pipe = client.pipeline(transaction=False)
+    for key in _PROBE_KEYS:
+        pipe.exists(key)
+    return _moved(await pipe.execute(raise_on_error=False))
+
+
+def _not_a_cluster(refusal: Exception) -> bool:
+    return "cluster support disabled" in str(refusal)
+
+
+def _moved(replies: list[Any]) -> bool:
+    """Whether any reply is a ``MOVED`` (a cluster of one master answers none, and a client of
+    one node serves it as well)."""
+    return any(isinstance(reply, redis.exceptions.MovedError) for reply in replies)
+
+
 def permanent_refusal(exc: BaseException) -> str | None:
     """Why Redis will go on refusing this client however long it waits (a wrong user or
     password, a TLS certificate this host does not trust), else None. Such a failure is not
@@ -143,7 +196,7 @@ def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = Non
             retry=_stale_connection_retry(),
         )
         try:
-            if not _cluster_enabled(client.info("cluster")):
+            if not _is_cluster(client):
                 if len(seeds) > 1:
                     client.close()
                     _several_seeds_need_a_cluster(seeds, seed)
@@ -201,7 +254,7 @@ async def connect_async(
         )
         client = aioredis.Redis.from_pool(pool)  # closes the pool with the client
         try:
-            if not _cluster_enabled(await client.info("cluster")):
+            if not await _is_cluster_async(client):
                 if len(seeds) > 1:
                     await client.aclose()
                     _several_seeds_need_a_cluster(seeds, seed)

@@ -1,0 +1,119 @@
+"""What the system needs of the Redis it is given, as managed services restrict it (found by a
+helper's probe; a real redis-server of this module's own, configured as those services do):
+an evicting policy or a user without scripts is refused at start in one line; a user without
+INFO (``-@dangerous``) or without MEMORY works."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from gateway.cli.main import main
+from gateway.dataplane.deployments import DeploymentCache
+from rendezvous.bus.connection import connect, connect_async
+from rendezvous.bus.redis_needs import RedisUnfit, check, check_async
+from rendezvous.bus.server import EmbeddedRedis
+
+USERS = {
+    "noscripts": "+@all -@scripting",
+    "noinfo": "+@all -@admin -@dangerous",  # INFO and CLIENT taken (on Redis 6, CLUSTER too)
+    "nomemory": "+@all -memory",
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("needs")).start()
+    admin = redis.Redis.from_url(server.url)
+    for user, rules in USERS.items():
+        admin.execute_command("ACL", "SETUSER", user, "reset", "on", ">pw", "~*", "&*",
+                              *rules.split())  # fmt: skip
+    admin.close()
+    yield server
+    server.stop()
+
+
+def url_of(server: EmbeddedRedis, user: str) -> str:
+    return server.url.replace("redis://", f"redis://{user}:pw@")
+
+
+@pytest.fixture
+def admin(server: EmbeddedRedis) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(server.url)
+    yield client
+    client.config_set("maxmemory", 0)
+    client.config_set("maxmemory-policy", "noeviction")
+    client.close()
+
+
+@pytest.mark.parametrize("policy", ["volatile-lru", "allkeys-lru", "allkeys-random"])
+def test_an_evicting_redis_is_refused_at_start_unless_allowed(
+    server: EmbeddedRedis,
+    admin: redis.Redis,
+    policy: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    admin.config_set("maxmemory", 200 * 2**20)
+    admin.config_set("maxmemory-policy", policy)
+    with pytest.raises(RedisUnfit, match=f"maxmemory-policy is {policy}.*noeviction"):
+        check(admin, allow_eviction=False)
+    assert check(admin, allow_eviction=True) is not None  # allowed: said, not refused
+    monkeypatch.setenv("RDV_REDIS_URL", server.url)
+    with pytest.raises(SystemExit) as ended:  # before uvicorn starts anything
+        main(["gateway", "--port", "1"])
+    assert "maxmemory-policy" in str(ended.value.code) and "RDV_ALLOW_EVICTION" in str(
+        ended.value.code
+    )
+    admin.config_set("maxmemory-policy", "noeviction")
+    assert check(admin, allow_eviction=False) is not None
+    admin.config_set("maxmemory", 0)
+    admin.config_set("maxmemory-policy", policy)  # no limit: nothing is ever evicted
+    assert check(admin, allow_eviction=False) is not None
+
+
+async def test_a_user_without_scripts_is_refused_naming_them(server: EmbeddedRedis) -> None:
+    client = connect(url_of(server, "noscripts"))
+    with pytest.raises(RedisUnfit, match=r"EVAL.*\+@scripting"):
+        check(client, allow_eviction=False)
+    client.close()
+    aclient = await connect_async(url_of(server, "noscripts"))
+    with pytest.raises(RedisUnfit, match=r"\+@scripting"):
+        await check_async(aclient, allow_eviction=False)
+    await aclient.aclose()
+
+
+async def test_a_user_without_info_or_memory_connects_and_serves(
+    server: EmbeddedRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``-@dangerous`` takes INFO (and on Redis 6, CLUSTER): every process stopped at start
+    with "no permissions to run the 'info' command". Without MEMORY, every gateway start
+    failed in its deployments refresh."""
+    with caplog.at_level(logging.WARNING):
+        client = connect(url_of(server, "noinfo"))
+        assert isinstance(client, redis.Redis) and client.ping()
+        assert check(client, allow_eviction=False) is None  # unchecked, said
+        client.close()
+    assert any("go unchecked" in m for m in caplog.messages)
+    aclient = await connect_async(url_of(server, "noinfo"))
+    try:
+        assert await check_async(aclient, allow_eviction=False) is None
+        await DeploymentCache(aclient).refresh()
+    finally:
+        await aclient.aclose()
+    aclient = await connect_async(url_of(server, "nomemory"))
+    try:
+        await aclient.sadd("rdv:deployments", "nothing-here")
+        cache = DeploymentCache(aclient)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            await cache.refresh()
+            await cache.refresh()
+        assert not cache.measures_memory and cache.backlog_bytes == {"nothing-here": 0}
+        assert sum("refused MEMORY USAGE" in m for m in caplog.messages) == 1
+    finally:
+        await aclient.delete("rdv:deployments")
+        await aclient.aclose()
