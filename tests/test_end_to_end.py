@@ -162,6 +162,19 @@ def _travel_the_whole_path(
     assert all(envelopes[rid].raw_is_json for rid in sent)
 
 
+def test_a_reply_stream_deleted_is_made_again_within_seconds(both_workers: System) -> None:
+    """The workers append answers with NOMKSTREAM: a gateway whose reply stream was deleted
+    (by hand, or evicted by a Redis whose policy evicts) lost every answer, 504s for up to a
+    minute while /readyz said 200 (found by a helper's probe)."""
+    system = both_workers
+    assert system.predict(features_body(rows(1)[0])).status_code == 200
+    streams = list(system.r.scan_iter(match="rdv:reply:*", _type="stream"))
+    assert streams and system.r.delete(*streams)
+    body = features_body(rows(1)[0])
+    answered = wait_until(lambda: system.predict(body).status_code == 200 or None, 4, "a 200")
+    assert answered
+
+
 def test_canary_answers_when_real_is_down(system: System) -> None:
     system.start_worker("canary")
     try:

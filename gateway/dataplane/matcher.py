@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 
 REPLY_TTL_S = 600
 """A reply stream outlives its gateway by this much at most (refreshed while it lives)."""
+KEEP_EVERY_S = 1.0
+"""How often the reader refreshes its stream's TTL, making it again if it is gone: the workers
+append with ``NOMKSTREAM``, so until then every answer is lost (deleted by hand, or evicted, a
+gateway's requests got 504 for up to a minute while ``/readyz`` said 200). One round trip a
+second, between blocking reads."""
 
 READ_BACKOFF_MAX_S = 0.25
 """The reply reader's longest pause between failed reads. Requests wait on this reader, so it
@@ -119,7 +124,7 @@ class Rendezvous:
             Command(key, (b"XADD", key, b"*", _HELLO, b"1")), _expire(key)]))  # fmt: skip
         if self._last_id == b"$":
             self._last_id = entry_id
-        self._next_ttl = time.monotonic() + REPLY_TTL_S / 10
+        self._next_ttl = time.monotonic() + KEEP_EVERY_S
 
     async def _keep_stream(self) -> None:
         """Refresh the stream's TTL; recreate it if it is gone (Redis restarted empty, or a
@@ -129,7 +134,7 @@ class Rendezvous:
         (kept,) = raise_first_error(await self.reader.execute([_expire(self.reply_to.encode())]))
         if not kept:
             await self._create_stream()
-        self._next_ttl = time.monotonic() + REPLY_TTL_S / 10
+        self._next_ttl = time.monotonic() + KEEP_EVERY_S
 
     # -- requests -----------------------------------------------------------------------------
 
