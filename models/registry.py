@@ -28,6 +28,9 @@ from rendezvous.names import MODELS_INDEX, MODELS_RETIRED, check_name
 
 log = logging.getLogger(__name__)
 
+READOPT_S = 10.0
+"""How often an empty index is compared with the data folder (``list``)."""
+
 RETIRED = "deleted.json"
 """In a deleted version's folder: the number stays taken."""
 
@@ -63,6 +66,7 @@ class ModelRegistry:
         self.index = index
         """Redis client holding the shared index; None: the data folder alone (workers,
         training, tests of the files)."""
+        self._readopt_at = 0.0
 
     def _dir(self, name: str, version: int) -> Path:
         if int(version) < 1:
@@ -241,11 +245,27 @@ class ModelRegistry:
         if self.index is None:
             metas: Iterable[ModelMeta] = self._disk_metas()
         else:
-            metas = [ModelMeta.from_dict(json.loads(raw)) for raw in self.index.hvals(MODELS_INDEX)]
+            raws = self.index.hvals(MODELS_INDEX)
+            if not raws and self._index_lost() and self.adopt():
+                # An index gone whole (Redis restarted without its data, or flushed): made
+                # again from the data folder at once. Until a gateway restarted, the admin
+                # API listed no model and refused every version as not in the registry.
+                log.warning("the model index in Redis was empty: made again from %s", self.root)
+                raws = self.index.hvals(MODELS_INDEX)
+            metas = [ModelMeta.from_dict(json.loads(raw)) for raw in raws]
         chosen = [m for m in metas if name is None or m.name == name]
         return sorted(chosen, key=lambda m: (m.name, m.version))
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _index_lost(self) -> bool:
+        """Whether an empty index may have lost what the data folder holds: nothing was ever
+        deleted (a deletion's mark is in Redis too), asked at most every ``READOPT_S``."""
+        now = time.monotonic()
+        if self.index is None or now < self._readopt_at:
+            return False
+        self._readopt_at = now + READOPT_S
+        return not self.index.exists(MODELS_RETIRED)
 
     @staticmethod
     def _stamped(meta: ModelMeta, onnx_bytes: bytes) -> ModelMeta:

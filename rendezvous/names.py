@@ -34,6 +34,10 @@ REAL = "real"
 CANARY = "canary"
 
 DEPLOYMENTS_SET = f"{PREFIX}:deployments"
+DATA_MARK = f"{PREFIX}:data-mark"
+"""Made (``SET NX``) by every gateway process's deployments refresh and never deleted: found
+missing by a process that saw it, it says Redis lost this system's data (a restart without
+persistence, a flush)."""
 MODELS_INDEX = f"{PREFIX}:models"
 """Hash: ``name:version`` -> the model's metadata (JSON); the registry's shared index."""
 MODELS_RETIRED = f"{PREFIX}:models:retired"

@@ -117,3 +117,25 @@ async def test_a_user_without_info_or_memory_connects_and_serves(
     finally:
         await aclient.delete("rdv:deployments")
         await aclient.aclose()
+
+
+async def test_a_redis_that_lost_its_data_is_said_loudly_once(
+    server: EmbeddedRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis restarted without persistence came back empty: every predict was a 404 and the
+    workers said only, at INFO, that their roles were gone (found by a helper's probe)."""
+    client = await connect_async(server.url)
+    try:
+        await client.delete("rdv:data-mark")
+        cache = DeploymentCache(client)
+        with caplog.at_level(logging.ERROR):
+            await cache.refresh()  # the first look makes the mark
+            await cache.refresh()
+            assert not caplog.messages
+            await client.flushdb()
+            await cache.refresh()
+            await cache.refresh()
+        lost = [m for m in caplog.messages if "lost this system's data" in m]
+        assert len(lost) == 1, caplog.messages
+    finally:
+        await client.aclose()

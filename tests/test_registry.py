@@ -321,3 +321,15 @@ def test_a_worker_whose_role_is_removed_stops_by_itself(
     finally:
         stop.set()
         thread.join(5)
+
+
+def test_an_index_redis_lost_is_made_again_from_the_data_folder(
+    registry: ModelRegistry, r: redis.Redis
+) -> None:
+    """Redis restarted without its data (or flushed): the admin API listed no model and
+    refused every version as not in the registry until a gateway restarted (found by a
+    helper's probe). The next look makes the index again."""
+    assert [m.version for m in registry.adopt()] == [1, 2]
+    r.flushdb()
+    assert [m.version for m in registry.list(DEMO_MODEL)] == [1, 2]
+    assert r.hlen(names.MODELS_INDEX) == 2

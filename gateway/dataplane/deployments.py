@@ -29,6 +29,7 @@ class DeploymentCache:
         consumer group, so this is the backlog of the slowest reader."""
         self.backlog_bytes: dict[str, int] = {}
         """The same backlog in bytes of Redis memory (``MEMORY USAGE``, sampled)."""
+        self.refreshes = 0
         self.measures_memory = True
         """False once Redis refused ``MEMORY USAGE`` (a user without it, or the command
         renamed away): ``RDV_MAX_BACKLOG_BYTES`` is then not applied, said once. The refusal
@@ -36,6 +37,17 @@ class DeploymentCache:
         self._deleted: dict[str, int] = {}
         """Deleted deployments (still draining) -> the revision that deleted them: left out
         of ``deployments``, and not read again while that revision stays."""
+
+    async def _mark_data(self) -> None:
+        """Make the data mark; found missing after this process saw it, say loudly that Redis
+        lost the system's data (workers only said their roles were gone, at INFO)."""
+        if self.refreshes:
+            log.error("Redis has lost this system's data (restarted without persistence, or "
+                      "flushed): deployments, their history, jobs, labels and drift state are "
+                      "gone; the models in the data folder are indexed again at the admin "
+                      "API's next look; create the deployments again (a Redis given through "
+                      "RDV_REDIS_URL must persist)")  # fmt: skip
+        await self.client.set(names.DATA_MARK, 1, nx=True)
 
     def _without_memory_refusals(self, replies: list[Any]) -> list[Any]:
         """The replies, a refused ``MEMORY USAGE`` read as 0 (and not asked again); any other
@@ -57,7 +69,14 @@ class DeploymentCache:
         """One pipelined read of every deployment's revision and input backlog; a second
         reads the states whose revision moved (a state is ~18 kB with its feature statistics,
         so twenty deployments re-read every second cost a gateway more than all else idle)."""
-        members = sorted(text(m) for m in await self.client.smembers(names.DEPLOYMENTS_SET))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.smembers(names.DEPLOYMENTS_SET)
+        pipe.exists(names.DATA_MARK)  # a read: at its memory limit Redis refuses every SET
+        listed, marked = await pipe.execute()
+        if not marked:
+            await self._mark_data()
+        self.refreshes += 1
+        members = sorted(text(m) for m in listed)
         # The partitions as the last refresh saw them: the counts stay one round trip.
         streams = {m: self.deployments[m].input_streams if m in self.deployments
                    else [names.input_stream(m)] for m in members}  # fmt: skip
