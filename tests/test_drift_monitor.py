@@ -475,6 +475,10 @@ async def test_an_idle_deployment_is_evaluated_every_idle_interval_a_busy_one_at
     assert await client.xlen(history) == points + 1
     await asyncio.sleep(0.15)
     assert (await monitor._due_deployments())[1] == []  # recorded: idle again
+    dep = deployments.deployments[DEMO_DEPLOYMENT]  # a rollback with no traffic: at once
+    deployments.deployments[DEMO_DEPLOYMENT] = dataclasses.replace(dep, revision=dep.revision + 1)
+    assert (await monitor._due_deployments())[1] == [DEMO_DEPLOYMENT]
+    assert (await monitor._due_deployments())[1] == []
 
 
 async def test_many_row_records_have_their_scores_counted_at_the_flush_in_their_own_sketch(

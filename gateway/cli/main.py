@@ -257,8 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def serving(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--host", help="listen address (RDV_HOST, default 127.0.0.1)")
-        p.add_argument("--port", type=port_number, help="listen port (RDV_PORT, default 8000)")
+        listens = p.prog.split()[-1] in ("serve", "gateway")
+        where = "" if listens else ": the gateway's; this process listens on nothing"
+        p.add_argument("--host", help=f"listen address (RDV_HOST, default 127.0.0.1){where}")
+        p.add_argument("--port", type=port_number,
+                       help=f"listen port (RDV_PORT, default 8000){where}")  # fmt: skip
         p.add_argument("--data-dir", type=folder, help="data folder (RDV_DATA_DIR, default ./data)")
         return p
 

@@ -95,6 +95,10 @@ class DriftMonitor:
         self._features = FeatureReferences()
         self._last_eval: dict[str, float] = {}
         self._last_seen: dict[str, bytes] = {}
+        self._revisions: dict[str, int | None] = {}
+        """The revision each led deployment was last judged at: a change (a promotion or a
+        rollback with no traffic) is evaluated at once, not up to ``IDLE_INTERVAL_S`` later,
+        when the report still named the old real and its alerts (found by a helper's probe)."""
         self.leases = EvaluationLeases(client, instance, ttl_ms=int(interval_s * 3000) + 1000)
         """Which deployments this process evaluates."""
         self._last_point: dict[str, float] = {}
@@ -128,7 +132,8 @@ class DriftMonitor:
         ``interval_s`` passed if any came or the latest evaluation is not yet in the history
         (it came too soon after the last point: traffic that stops must still leave its final
         state on the chart), or ``IDLE_INTERVAL_S`` if none did (an idle deployment's report
-        only ages; twenty of them evaluated every 5 s cost a gateway 1-2 % of a core). The
+        only ages; twenty of them evaluated every 5 s cost a gateway 1-2 % of a core), or
+        once its revision moved (a promotion or a rollback names another real). The
         newest sketches of all of them are read in one round trip (per node)."""
         now = time.monotonic()
         led = await self.leases.held(sorted(self.deployments.deployments), now)
@@ -149,8 +154,12 @@ class DriftMonitor:
             since = now - self._last_eval.get(deployment, -math.inf)
             new = sum(s.requests for s in decode_sketches(cast(Entries, entries)))
             pending = new > 0 or deployment in self._unrecorded
+            dep = self.deployments.deployments.get(deployment)
+            revision = dep.revision if dep is not None else None
             if (new >= self.evaluate_every or (since >= self.interval_s and pending)
-                    or since >= max(self.interval_s, IDLE_INTERVAL_S)):  # fmt: skip
+                    or since >= max(self.interval_s, IDLE_INTERVAL_S)
+                    or revision != self._revisions.setdefault(deployment, revision)):  # fmt: skip
+                self._revisions[deployment] = revision
                 due.append(deployment)
         return led, due
 
