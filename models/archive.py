@@ -15,7 +15,7 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -88,6 +88,13 @@ class SegmentWriter:
     def close(self) -> None:
         """Close every open segment; a later append opens a new one."""
         for deployment in list(self._open):
+            self._drop(deployment)
+
+    def close_all_but(self, deployments: Collection[str]) -> None:
+        """Close the segments of deployments no longer archived (deleted and purged): each held
+        a file open for good, one a deployment ever archived, until the log bin ran out of
+        descriptors and archived nothing more for any (found by a helper's churn probe)."""
+        for deployment in [d for d in self._open if d not in deployments]:
             self._drop(deployment)
 
     def _segment_for(self, deployment: str) -> io.FileIO:

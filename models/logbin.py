@@ -244,6 +244,7 @@ class LogBin(ConsumerLoop):
             if purged:  # read no more (another bin's reads find the streams gone)
                 self._streams = {k: d for k, d in wanted.items() if d not in purged}
                 self._stream_keys = tuple(self._streams)
+        self.writer.close_all_but(set(self._streams.values()))
 
     def _adopt(self, deployments: list[str]) -> None:
         """The alerts this bin's source claimed before this process started (its consumer name

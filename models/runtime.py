@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -53,15 +54,26 @@ class RunLimit:
         self._runs: dict[int, tuple[ort.RunOptions, float]] = {}
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._starting = threading.Lock()
+
+    @staticmethod
+    @functools.cache
+    def shared(limit_s: float) -> RunLimit:
+        """The process's one watcher for ``limit_s``: a worker host made one for every model
+        it ever served, a thread each that never ended (281 after a helper's churn of
+        deployments)."""
+        return RunLimit(limit_s)
 
     @contextlib.contextmanager
     def bounded(self) -> Iterator[ort.RunOptions]:
         options = ort.RunOptions()
         self._runs[id(options)] = (options, time.monotonic() + self.limit_s)
         if self._thread is None:
-            self._thread = threading.Thread(target=self._watch, name="model-run-limit",
-                                            daemon=True)  # fmt: skip
-            self._thread.start()
+            with self._starting:  # models of one host run in threads of their own
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._watch, name="model-run-limit",
+                                                    daemon=True)  # fmt: skip
+                    self._thread.start()
         if not self._wake.is_set():
             self._wake.set()
         try:

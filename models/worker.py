@@ -81,7 +81,7 @@ class ModelWorker(ConsumerLoop):
     ):
         self.deployment = names.check_name(deployment, "deployment")
         self._states = StateReader(f"worker {deployment}")
-        self.run_limit = RunLimit(model_run_limit_s)
+        self.run_limit = RunLimit.shared(model_run_limit_s)
         first = RoleModel(registry, self.deployment, role, consumer, shadow_batch_wait_ms,
                           self.run_limit)  # fmt: skip
         self.stream = names.input_stream(deployment)

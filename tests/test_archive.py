@@ -377,3 +377,28 @@ def test_members_are_standard_gzip_and_old_zlib_segments_still_read(data_dir: Pa
     lines = gzip.decompress(second.path.read_bytes()).decode().splitlines()
     assert [json.loads(line)["n"] for line in lines] == [3, 4, 5]
     assert [r["n"] for r in ArchiveReader(data_dir).records("demo")] == list(range(6))
+
+
+def test_segments_of_deployments_no_longer_archived_are_closed(data_dir: Path) -> None:
+    """The log bin held a file open for every deployment it ever archived, until it ran out
+    of descriptors and archived nothing more for any (found by a helper's churn probe)."""
+
+    def open_segments() -> int:
+        found = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                found += ".jsonl.gz" in os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # closed meanwhile
+                continue
+        return found
+
+    writer = SegmentWriter(data_dir)
+    before = open_segments()
+    for n in range(5):
+        writer.append_batch(f"churn-{n}", [{"request_id": f"r{n}"}])
+    assert open_segments() - before == 5
+    writer.close_all_but({"churn-4"})
+    assert open_segments() - before == 1
+    writer.append_batch("churn-4", [{"request_id": "again"}])  # the kept one writes on
+    assert open_segments() - before == 1
+    writer.close()

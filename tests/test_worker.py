@@ -98,6 +98,25 @@ def test_worker_scores_a_batch_in_one_call_and_matches_onnxruntime(
     assert total_ms == pytest.approx(worker.stats.inference_s * 1000, rel=1e-6)
 
 
+def test_workers_of_one_process_share_one_run_limit_thread(
+    r: redis.Redis, demo_registry: ModelRegistry
+) -> None:
+    """A worker host made a watcher thread for every model it ever served, never ended: 281
+    after a helper's churn of deployments."""
+    import threading
+
+    def watchers() -> int:
+        return sum(t.name == "model-run-limit" for t in threading.enumerate())
+
+    setup(r, demo_registry)
+    x = demo_data().x_test[:2]
+    before = watchers()  # an earlier test of this process may have started the one
+    for i in range(4):
+        publish(r, f"req-{i}", x)
+        make_worker(r, demo_registry, "real" if i % 2 else "canary").drain()
+    assert watchers() - before <= 1
+
+
 def test_a_batch_owes_each_gateway_one_reply_entry(
     r: redis.Redis, demo_registry: ModelRegistry
 ) -> None:
