@@ -15,8 +15,9 @@ With every stream gone, the state and what serves it go in one transaction on th
 deployment's hash tag (only if it is still the deleted state: a deployment created again
 under the name is left alone), and the name leaves the set of deployments. What records the
 past stays: the history (continued by a deployment created again under the name), the
-archive on disk, outcomes and labels until they expire, the drift and accuracy history,
-replays and loaded entities.
+archive on disk, the outcome and label buckets until they expire (request ids join there),
+replays and loaded entities. What a deployment made again under the name would read as its
+own goes: the labelled stream, the drift and accuracy history.
 
 A change of the partition count leaves the streams of the earlier count published to no more
 (``models.deployments.with_partitions``); they are read until drained, then deleted the same
@@ -109,6 +110,13 @@ def serving_keys(deployment: str) -> list[str]:
         names.outcomes_lease_key(deployment),
         names.accuracy_key(deployment),
         names.accuracy_lock_key(deployment),
+        # Read as the deployment's own by one made again under the name (its live accuracy,
+        # its promotion gate, its charts): a new one showed the old one's 60 labels and
+        # accuracy (found by a helper's churn probe). None of them expires by itself.
+        names.labelled_stream(deployment),
+        names.accuracy_history_stream(deployment),
+        names.drift_history_stream(deployment),
+        names.drift_feature_history_stream(deployment),
         names.drift_sketch_stream(deployment),
         names.drift_report_key(deployment),
         names.drift_features_key(deployment),

@@ -58,6 +58,8 @@ def test_the_purge_waits_for_every_group_and_an_append_in_between(
     dep = store.get(DEMO_DEPLOYMENT)
     first, second = dep.input_streams
     bus.xadd(first, {b"e": b"1"})
+    for kept in (names.labelled_stream, names.drift_history_stream, names.accuracy_history_stream):
+        bus.xadd(kept(DEMO_DEPLOYMENT), {b"p": b"1"})  # read by one made again under the name
     store.delete(DEMO_DEPLOYMENT, actor="test", reason="gone")
     dep = store.get(DEMO_DEPLOYMENT)
     now = [dep.deleted_ms / 1000]
@@ -75,7 +77,7 @@ def test_the_purge_waits_for_every_group_and_an_append_in_between(
     now[0] += 60  # the models' wait is over: the log bin's group alone holds it, and it is done
     assert purger.look([dep]) == [DEMO_DEPLOYMENT]
     left = [k for k in [*dep.input_streams, *serving_keys(DEMO_DEPLOYMENT)] if bus.exists(k)]
-    assert left == []
+    assert left == [] and not bus.exists(names.labelled_stream(DEMO_DEPLOYMENT))
     assert DEMO_DEPLOYMENT not in store.list()
     assert [e["action"] for e in store.history(DEMO_DEPLOYMENT)][-1] == "delete"
     assert purger.look([dep]) == [DEMO_DEPLOYMENT]  # again: nothing left, nothing refused
