@@ -71,6 +71,15 @@ def test_a_crashed_child_is_restarted_with_an_error(
     assert errors and "exited with 3" in errors[0]
 
 
+def test_an_essential_child_that_exits_0_is_restarted(supervisor: Supervisor) -> None:
+    """A log bin stopped with SIGTERM exits 0: it was left stopped, nothing archived or
+    purged while /readyz said 200 (found by a helper's churn probe)."""
+    supervisor.ensure("logbin", ["0"], 2, essential=True)
+    child = supervisor.children["logbin"]
+    _poll_until(supervisor, lambda: child.restarts >= 1)
+    assert supervisor.children["logbin"] is child
+
+
 def test_a_child_can_start_at_a_lower_cpu_priority() -> None:
     report_nice = [sys.executable, "-c", "import os, sys; sys.exit(os.nice(0))"]
     sup = Supervisor(dict(os.environ), command=report_nice)

@@ -112,7 +112,7 @@ def start_worker_hosts(supervisor: Supervisor, hosts: int, shadow_nice: int = SH
     for kind, nice in (("answering", 0), ("shadow", shadow_nice)):
         for i in range(hosts):
             args = ["worker", "--roles", kind, "--shard", f"{i}/{hosts}"]
-            supervisor.ensure(f"workers:{kind}:{i}", args, WORKERS, nice=nice)
+            supervisor.ensure(f"workers:{kind}:{i}", args, WORKERS, nice=nice, essential=True)
 
 
 def reconcile_workers(
@@ -214,7 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             store.create(demo_deployment(registry, settings.schedule()))
             log.info("created deployment %s (real v2, canary v1)", DEMO_DEPLOYMENT)
         supervisor.ensure("logbin", ["logbin", "--consumer", "logbin-0"], LOGBIN,
-                          nice=settings.shadow_nice)  # fmt: skip
+                          nice=settings.shadow_nice, essential=True)  # fmt: skip
         per_role = settings.worker_layout == "per-role"
         states: dict[str, Deployment] = {}
         if per_role:
@@ -230,7 +230,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             # Each its own process accepting on our socket: one that dies is restarted alone,
             # and the connections waiting meanwhile are accepted by the others or by it.
             supervisor.ensure(f"gateway-{i}" if gateways > 1 else "gateway",
-                              ["gateway", "--fd", str(fd)], GATEWAY, pass_fds=(fd,))  # fmt: skip
+                              ["gateway", "--fd", str(fd)], GATEWAY, pass_fds=(fd,),
+                              essential=True)  # fmt: skip
         log.info("serving on %s", http_url(settings.host, listener.getsockname()[1]))
 
         next_reconcile = 0.0

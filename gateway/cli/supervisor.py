@@ -4,7 +4,8 @@ and stop them all in a fixed order (gateway first, so nothing new comes in).
 A child that exits with status 0 meant to stop (a worker whose role was removed from its
 deployment, or one stopped by hand with SIGTERM): it is dropped, not restarted, and not
 logged as a crash. Whoever wants it back ensures it again (``rdv serve`` reconciles workers
-with the deployments every few seconds)."""
+with the deployments every few seconds). An essential child (the gateway, the log bin, the
+worker hosts) is restarted whatever its status: nothing else would start it again."""
 
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ class Child:
     backoff_s: float = MIN_BACKOFF_S
     restart_at: float | None = None
     wanted: bool = field(default=True)
+    essential: bool = False
+    """Restarted whatever its exit status: a log bin stopped with SIGTERM (exit 0) was left
+    stopped, nothing archived or purged while ``/readyz`` said 200 (found by a helper)."""
 
 
 class Supervisor:
@@ -54,12 +58,19 @@ class Supervisor:
         self.children: dict[str, Child] = {}
 
     def ensure(
-        self, name: str, args: list[str], order: int, nice: int = 0, pass_fds: tuple[int, ...] = ()
+        self,
+        name: str,
+        args: list[str],
+        order: int,
+        nice: int = 0,
+        pass_fds: tuple[int, ...] = (),
+        essential: bool = False,
     ) -> None:
-        """Start a child under ``name`` unless it is already supervised."""
+        """Start a child under ``name`` unless it is already supervised; an ``essential`` one
+        is restarted even after a clean exit."""
         if name in self.children:
             return
-        child = Child(name, [*self.command, *args], order, nice, pass_fds)
+        child = Child(name, [*self.command, *args], order, nice, pass_fds, essential=essential)
         self.children[name] = child
         self._spawn(child)
 
@@ -97,7 +108,7 @@ class Supervisor:
                 code = child.proc.returncode if child.proc else None
                 if child.proc is not None:
                     _forget_live_gauges(child.proc.pid)
-                if code == 0:
+                if code == 0 and not child.essential:
                     log.info("%s exited cleanly; not restarting it", child.name)
                     del self.children[child.name]
                     continue
