@@ -153,13 +153,16 @@ class JobRunner:
         while not self._stopping.is_set():
             try:
                 if not group_ready:
-                    draining = deployment in self.deployments.draining
+                    # Only a live deployment's stream is made: one draining, or gone from the
+                    # cache (purged a moment ago: its group's loss woke this reader), was made
+                    # again empty, for good (found by a helper's churn probe).
+                    live = deployment in self.deployments.deployments
                     try:
                         await self.client.xgroup_create(
-                            stream, names.JOBS_GROUP, "0", mkstream=not draining
+                            stream, names.JOBS_GROUP, "0", mkstream=live
                         )
                     except redis.ResponseError as exc:  # BUSYGROUP: it exists
-                        if draining and "BUSYGROUP" not in str(exc):
+                        if not live and "BUSYGROUP" not in str(exc):
                             return  # purged: nothing of it is made again
                     group_ready = True
                 n = await self.slots.reserve(readers=len(self._readers), idle=idle)
