@@ -7,6 +7,7 @@ every route's tests, and the token test walks the whole route table."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -964,3 +965,25 @@ def test_a_deployment_state_this_version_cannot_read_is_a_409_on_every_route(
     assert DEMO_DEPLOYMENT not in admin.get("/admin/deployments", headers=AUTH).text
     r.set(key, good)
     assert admin.get(DEP, headers=AUTH).status_code == 200
+
+
+def test_a_deployment_another_process_made_or_deleted_is_named_as_it_is(
+    admin: AppClient, demo_registry: ModelRegistry
+) -> None:
+    """From a helper's churn probe: the drift thresholds' routes read this process's cache,
+    so a deployment just made through another gateway process was a 404 there; and a model
+    held only by a deleted deployment, still draining, was refused with "promote or remove it
+    first", which a deleted deployment refuses."""
+    v3 = upload(admin, "weak")
+    service = admin.app.state.admin
+    made = dataclasses.replace(demo_deployment(demo_registry, Schedule()), name="elsewhere",
+                               roles={"real": ModelRef(DEMO_DEPLOYMENT, v3)})  # fmt: skip
+    service.store.create(made)  # as another process would: this one's cache has not seen it
+    put = admin.put("/admin/deployments/elsewhere/drift/thresholds", json={}, headers=AUTH)
+    assert put.status_code == 200, put.text
+    gone = admin.get("/admin/deployments/nowhere/drift/thresholds", headers=AUTH)
+    assert gone.status_code == 404
+    assert admin.delete("/admin/deployments/elsewhere", headers=AUTH).status_code == 202
+    held = admin.delete(f"/admin/models/{DEMO_DEPLOYMENT}/{v3}", headers=AUTH)
+    assert held.status_code == 409 and "still draining" in held.json()["detail"], held.text
+    assert "elsewhere/real" in held.json()["detail"]

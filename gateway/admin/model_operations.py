@@ -5,12 +5,13 @@ hold, and delete a version that holds none.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
 from gateway.admin.bodies import Conflict, Invalid, TooLarge, UploadMeta
 from gateway.admin.service_core import AdminCore
-from models.deployments import ModelRef
+from models.deployments import DeploymentNotFound, DeploymentUnreadable, ModelRef
 from models.inspection import ArtifactRejected
 from models.isolated_inspection import inspect_isolated
 from models.meta import ModelMeta
@@ -140,11 +141,26 @@ class ModelOperations(AdminCore):
         if holders:
             if marked:
                 self.registry.unretire(name, version)
-            raise Conflict(
-                f"{ref} holds {', '.join(holders)}; promote or remove it first", roles=holders
-            )
+            raise Conflict(self._held(ref, holders), roles=holders)
         self.registry.delete(name, version)
         return {"deleted": str(ref), "by": actor}
+
+    def _held(self, ref: ModelRef, holders: list[str]) -> str:
+        """Why ``ref`` cannot go: a deployment deleted and still draining holds it only until
+        its purge, where "promote or remove it first" named what a deleted one refuses."""
+        draining = set()
+        for deployment in {holder.split("/", 1)[0] for holder in holders}:
+            with contextlib.suppress(DeploymentNotFound, DeploymentUnreadable):
+                if self.store.get(deployment).deleted_ms:
+                    draining.add(deployment)
+        if draining and all(holder.split("/", 1)[0] in draining for holder in holders):
+            return (
+                f"{ref} holds {', '.join(holders)} of deleted deployment"
+                f"{'s' if len(draining) > 1 else ''} {', '.join(sorted(draining))}, still "
+                "draining what it accepted: it is free once purged (RDV_DRAIN_GRACE_S after "
+                "the delete, once its input is read); try again then"
+            )
+        return f"{ref} holds {', '.join(holders)}; promote or remove it first"
 
     def _holders(self) -> dict[ModelRef, list[str]]:
         out: dict[ModelRef, list[str]] = {}

@@ -28,7 +28,6 @@ from gateway.admin.bodies import (
     DeploymentPatch,
     EnrichmentPatch,
     Invalid,
-    NotFound,
     Promote,
     Rollback,
     SchedulePatch,
@@ -295,7 +294,7 @@ def build_router(settings: Settings) -> APIRouter:
     @router.get("/deployments/{deployment}/drift/thresholds")
     async def drift_thresholds(request: Request, deployment: str) -> Any:
         """The drift thresholds in force (the defaults where the deployment has none)."""
-        _known(request, deployment)
+        await _known(request, deployment)
         view = await drift_view(request.app.state.redis, deployment, settings.drift_defaults(),
                                 history=1, events=1)  # fmt: skip
         return view["thresholds"]
@@ -307,7 +306,7 @@ def build_router(settings: Settings) -> APIRouter:
         """Change some of the thresholds (the rest keep their value; ``null`` puts one back
         to its default); applies from the next evaluation, raising or clearing alerts against
         the new values."""
-        _known(request, deployment)
+        await _known(request, deployment)
         try:
             updated = await set_thresholds(request.app.state.redis, deployment, body,
                                            settings.drift_defaults(),
@@ -320,10 +319,13 @@ def build_router(settings: Settings) -> APIRouter:
     return router
 
 
-def _known(request: Request, deployment: str) -> None:
+async def _known(request: Request, deployment: str) -> None:
+    """404 unless the deployment exists: this process's cache, else Redis (a deployment just
+    created through another gateway process answered 404 here for up to a second, where the
+    other admin routes, which read Redis, found it; a helper's churn probe)."""
     check_name(deployment, "deployment")
     if deployment not in request.app.state.deployments.deployments:
-        raise NotFound(f"deployment {deployment!r} does not exist")
+        await _call(_service(request).require, deployment)
 
 
 def install_admin(app: FastAPI, settings: Settings) -> None:

@@ -80,6 +80,11 @@ class AdminCore:
         except ValueError as exc:
             raise Invalid(f"invalid lookup: {exc}") from None
 
+    def require(self, name: str) -> None:
+        """404 unless the deployment exists and is not deleted, as Redis says now (a gateway's
+        cache follows a create made through another process within a second)."""
+        self._dep(name)
+
     def _dep(self, name: str) -> Deployment:
         try:
             dep = self.store.get(names.check_name(name, "deployment"))
