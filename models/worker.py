@@ -48,6 +48,10 @@ from rendezvous.envelope import EnvelopeError, RequestEnvelope
 
 log = logging.getLogger(__name__)
 
+NOT_NOW: tuple[type[Exception], ...] = (*REDIS_FAILURES, DeploymentUnreadable)
+"""What stops a consumer group being made again for now: Redis, or a state a newer version
+wrote (it let the worker's loop end)."""
+
 MODEL_RUN_LIMIT_S = 30.0
 """Longest one model run may take before it is stopped (``RDV_MODEL_RUN_LIMIT_S``)."""
 RELOAD_RETRY_S = 5.0
@@ -174,7 +178,10 @@ class ModelWorker(ConsumerLoop):
                if r not in self.roles and self._broken.get(r, (0.0, 0.0))[0] <= now}  # fmt: skip
         if not new:
             return
-        dep = self.store.get(self.deployment)
+        try:
+            dep = self.store.get(self.deployment)
+        except DeploymentUnreadable:  # a newer version's state: the new roles wait for it
+            return
         for role, consumer in new.items():
             model = RoleModel(self.registry, self.deployment, role, consumer,
                               self.shadow_batch_wait_ms, self.run_limit)  # fmt: skip
@@ -251,7 +258,7 @@ class ModelWorker(ConsumerLoop):
                 dep = self.store.get(self.deployment)
                 ensure_groups(self.client, dep)
                 self._follow(dep)
-            except REDIS_FAILURES as again:
+            except NOT_NOW as again:
                 log.warning("%s: a consumer group vanished (%s); not made again yet: %s",
                             self.deployment, exc, again)  # fmt: skip
             else:

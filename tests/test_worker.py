@@ -117,6 +117,22 @@ def test_workers_of_one_process_share_one_run_limit_thread(
     assert watchers() - before <= 1
 
 
+def test_a_worker_rides_out_a_state_it_cannot_read(
+    r: redis.Redis, demo_registry: ModelRegistry
+) -> None:
+    """A state a newer version wrote, met when a consumer group vanished or a host asked for
+    another role: it ended the worker's loop (found by a review). Served as it was instead."""
+    setup(r, demo_registry)
+    worker = make_worker(r, demo_registry, "real")
+    worker.load()
+    key = names.deployment_key(DEMO_DEPLOYMENT)
+    r.set(key, r.get(key).replace(b'"roles"', b'"rolez"'))  # type: ignore[union-attr]
+    assert worker.failed(redis.ResponseError("NOGROUP No such key or consumer group"), 0.1)
+    worker.serve_roles({"canary": "canary-t"})
+    worker.streams_to_read()  # the new role waits for a state it can read
+    assert set(worker.roles) == {"real"}
+
+
 def test_a_batch_owes_each_gateway_one_reply_entry(
     r: redis.Redis, demo_registry: ModelRegistry
 ) -> None:
