@@ -34,10 +34,11 @@ REAL = "real"
 CANARY = "canary"
 
 DEPLOYMENTS_SET = f"{PREFIX}:deployments"
-DATA_MARK = f"{PREFIX}:data-mark"
+DATA_MARK = f"{{{DEPLOYMENTS_SET}}}:data-mark"
 """Made (``SET NX``) by every gateway process's deployments refresh and never deleted: found
-missing by a process that saw it, it says Redis lost this system's data (a restart without
-persistence, a flush)."""
+missing by a process that saw it, with no deployment listed, it says Redis lost this system's
+data (a restart without persistence, a flush). In the slot of ``DEPLOYMENTS_SET`` (its hash
+tag is that key's name), read with it on the same shard."""
 MODELS_INDEX = f"{PREFIX}:models"
 """Hash: ``name:version`` -> the model's metadata (JSON); the registry's shared index."""
 MODELS_RETIRED = f"{PREFIX}:models:retired"

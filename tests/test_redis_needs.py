@@ -126,7 +126,7 @@ async def test_a_redis_that_lost_its_data_is_said_loudly_once(
     workers said only, at INFO, that their roles were gone (found by a helper's probe)."""
     client = await connect_async(server.url)
     try:
-        await client.delete("rdv:data-mark")
+        await client.delete("{rdv:deployments}:data-mark")
         cache = DeploymentCache(client)
         with caplog.at_level(logging.ERROR):
             await cache.refresh()  # the first look makes the mark
@@ -137,5 +137,12 @@ async def test_a_redis_that_lost_its_data_is_said_loudly_once(
             await cache.refresh()
         lost = [m for m in caplog.messages if "lost this system's data" in m]
         assert len(lost) == 1, caplog.messages
+        caplog.clear()
+        await client.sadd("rdv:deployments", "still-here")  # a mark evicted alone: no alarm
+        await client.delete("{rdv:deployments}:data-mark")
+        with caplog.at_level(logging.ERROR):
+            await cache.refresh()
+        assert not caplog.messages and await client.exists("{rdv:deployments}:data-mark")
     finally:
+        await client.delete("rdv:deployments")
         await client.aclose()

@@ -30,6 +30,7 @@ class DeploymentCache:
         self.backlog_bytes: dict[str, int] = {}
         """The same backlog in bytes of Redis memory (``MEMORY USAGE``, sampled)."""
         self.refreshes = 0
+        self._lost_said = False
         self.measures_memory = True
         """False once Redis refused ``MEMORY USAGE`` (a user without it, or the command
         renamed away): ``RDV_MAX_BACKLOG_BYTES`` is then not applied, said once. The refusal
@@ -38,16 +39,22 @@ class DeploymentCache:
         """Deleted deployments (still draining) -> the revision that deleted them: left out
         of ``deployments``, and not read again while that revision stays."""
 
-    async def _mark_data(self) -> None:
-        """Make the data mark; found missing after this process saw it, say loudly that Redis
-        lost the system's data (workers only said their roles were gone, at INFO)."""
-        if self.refreshes:
+    async def _mark_data(self, listed: Any) -> None:
+        """Make the data mark; found missing after this process saw it, with no deployment
+        listed, say loudly that Redis lost the system's data (workers only said their roles
+        were gone, at INFO). A mark that cannot be made now (Redis full, or a replica) is made
+        at a later refresh."""
+        if self.refreshes and not listed and not self._lost_said:
+            self._lost_said = True
             log.error("Redis has lost this system's data (restarted without persistence, or "
                       "flushed): deployments, their history, jobs, labels and drift state are "
                       "gone; the models in the data folder are indexed again at the admin "
                       "API's next look; create the deployments again (a Redis given through "
                       "RDV_REDIS_URL must persist)")  # fmt: skip
-        await self.client.set(names.DATA_MARK, 1, nx=True)
+        try:
+            await self.client.set(names.DATA_MARK, 1, nx=True)
+        except REDIS_FAILURES as exc:
+            log.debug("the data mark cannot be made now: %s", exc)
 
     def _without_memory_refusals(self, replies: list[Any]) -> list[Any]:
         """The replies, a refused ``MEMORY USAGE`` read as 0 (and not asked again); any other
@@ -72,9 +79,13 @@ class DeploymentCache:
         pipe = self.client.pipeline(transaction=False)
         pipe.smembers(names.DEPLOYMENTS_SET)
         pipe.exists(names.DATA_MARK)  # a read: at its memory limit Redis refuses every SET
-        listed, marked = await pipe.execute()
-        if not marked:
-            await self._mark_data()
+        listed, marked = await pipe.execute(raise_on_error=False)
+        if isinstance(listed, Exception):
+            raise listed
+        if marked == 0:
+            await self._mark_data(listed)
+        elif marked == 1:
+            self._lost_said = False
         self.refreshes += 1
         members = sorted(text(m) for m in listed)
         # The partitions as the last refresh saw them: the counts stay one round trip.
