@@ -14,6 +14,7 @@ import redis
 from gateway.cli.main import main
 from gateway.dataplane.deployments import DeploymentCache
 from rendezvous.bus.connection import connect, connect_async
+from rendezvous.bus.local_cluster import LocalCluster
 from rendezvous.bus.redis_needs import RedisUnfit, check, check_async
 from rendezvous.bus.server import EmbeddedRedis
 
@@ -146,3 +147,24 @@ async def test_a_redis_that_lost_its_data_is_said_loudly_once(
     finally:
         await client.delete("rdv:deployments")
         await client.aclose()
+
+
+def test_an_evicting_policy_on_any_master_of_a_cluster_is_refused(
+    redis_cluster: LocalCluster, rc: redis.RedisCluster
+) -> None:
+    """A cluster client's INFO went to one node (on Redis 7, to every node, as replies by node
+    that read as no limit): the managed services' clusters, evicting by default, passed."""
+    asked = rc.get_default_node().port  # where a plain INFO goes
+    others = [redis_cluster.client(p) for p in redis_cluster.masters() if p != asked]
+    try:
+        for node in others:
+            node.config_set("maxmemory", 200 * 2**20)
+            node.config_set("maxmemory-policy", "volatile-lru")
+        with pytest.raises(RedisUnfit, match="maxmemory-policy is volatile-lru"):
+            check(rc, allow_eviction=False)
+    finally:
+        for node in others:
+            node.config_set("maxmemory", 0)
+            node.config_set("maxmemory-policy", "noeviction")
+            node.close()
+    assert check(rc, allow_eviction=False) is not None

@@ -26,6 +26,7 @@ from redis.cluster import ClusterNode as SyncClusterNode
 from redis.exceptions import AskError, ClusterError, RedisClusterException, TryAgainError
 from redis.retry import Retry
 
+from rendezvous.bus.redis_needs import refused_for_good
 from rendezvous.bus.waiting_cluster import SPARE_CONNECTIONS, Turns, WaitingRedisCluster
 
 log = logging.getLogger(__name__)
@@ -81,57 +82,44 @@ def _cluster_enabled(info: dict[str, Any]) -> bool:
     return str(info.get("cluster_enabled", "0")) == "1"
 
 
-_PROBE_KEYS = [f"rdv:probe:{{{i}}}" for i in range(16)]
-"""Keys of sixteen slots, asked for (never written) where a node says nothing of a cluster."""
-
-
 def _is_cluster(client: redis.Redis) -> bool:
     """Whether the node is part of a Redis Cluster: ``INFO cluster``; for a user without
-    ``INFO`` (``-@dangerous`` takes it on Redis 7: every process stopped at start),
-    ``CLUSTER INFO``, which a node outside a cluster refuses; for a user without either, the
-    ``MOVED`` a cluster node answers for keys other masters hold."""
+    ``INFO`` (``-@dangerous`` takes it on Redis 7: every process stopped at start), or with it
+    renamed away, ``CLUSTER INFO``, which a node outside a cluster refuses. A user that may
+    run neither is taken to be on one node (a cluster client could not start without
+    ``CLUSTER SLOTS`` anyway)."""
     try:
         return _cluster_enabled(client.info("cluster"))
-    except redis.exceptions.NoPermissionError:
-        pass
+    except redis.exceptions.ResponseError as exc:
+        if not refused_for_good(exc):
+            raise
     try:
         client.execute_command("CLUSTER INFO")
         return True
     except redis.exceptions.ResponseError as exc:
-        if _not_a_cluster(exc):
-            return False
-    pipe = client.pipeline(transaction=False)
-    for key in _PROBE_KEYS:
-        pipe.exists(key)
-    return _moved(pipe.execute(raise_on_error=False))
+        return _refused_as_single(exc)
 
 
 async def _is_cluster_async(client: aioredis.Redis) -> bool:
     """``_is_cluster`` for an asyncio client."""
     try:
         return _cluster_enabled(await client.info("cluster"))
-    except redis.exceptions.NoPermissionError:
-        pass
+    except redis.exceptions.ResponseError as exc:
+        if not refused_for_good(exc):
+            raise
     try:
         await client.execute_command("CLUSTER INFO")
         return True
     except redis.exceptions.ResponseError as exc:
-        if _not_a_cluster(exc):
-            return False
-    pipe = client.pipeline(transaction=False)
-    for key in _PROBE_KEYS:
-        pipe.exists(key)
-    return _moved(await pipe.execute(raise_on_error=False))
+        return _refused_as_single(exc)
 
 
-def _not_a_cluster(refusal: Exception) -> bool:
-    return "cluster support disabled" in str(refusal)
-
-
-def _moved(replies: list[Any]) -> bool:
-    """Whether any reply is a ``MOVED`` (a cluster of one master answers none, and a client of
-    one node serves it as well)."""
-    return any(isinstance(reply, redis.exceptions.MovedError) for reply in replies)
+def _refused_as_single(refusal: Exception) -> bool:
+    """False, the node taken as a single one: a node outside a cluster refuses ``CLUSTER
+    INFO``, and so does a user without it (said)."""
+    if "cluster support disabled" not in str(refusal):
+        log.warning("cannot tell whether Redis is a cluster (%s): taken as a single node", refusal)
+    return False
 
 
 def permanent_refusal(exc: BaseException) -> str | None:

@@ -65,20 +65,36 @@ def eviction_problem(info: Mapping[str, Any]) -> str | None:
     )
 
 
-def judged(info: Mapping[str, Any] | None, allow_eviction: bool) -> Mapping[str, Any] | None:
-    """``info`` (None: unreadable), after refusing (or, allowed, warning of) an evicting
-    policy."""
-    if info is None:
+def _every_node(client: Any) -> dict[str, Any]:
+    """``INFO``'s arguments that ask every primary of a cluster (else the default node alone,
+    or, on Redis 7, replies by node that read as no limit at all)."""
+    return {"target_nodes": client.PRIMARIES} if hasattr(client, "get_primaries") else {}
+
+
+def _per_node(reply: Any) -> list[Mapping[str, Any]]:
+    """``INFO memory`` as one mapping a node: a cluster client's answer is keyed by node."""
+    if isinstance(reply, Mapping) and reply and all(isinstance(v, Mapping) for v in reply.values()):
+        return list(reply.values())
+    return [reply]
+
+
+def judged(reply: Any, allow_eviction: bool) -> Mapping[str, Any] | None:
+    """The first node's ``INFO memory`` (None: unreadable), after refusing (or, allowed,
+    warning of) an evicting policy on any node."""
+    if reply is None:
         log.warning("cannot read INFO memory (this user may not run INFO): Redis's memory "
                     "limit and eviction policy go unchecked; keep maxmemory-policy "
                     "noeviction")  # fmt: skip
         return None
-    problem = eviction_problem(info)
-    if problem is not None:
-        if not allow_eviction:
-            raise RedisUnfit(problem)
-        log.warning("%s (allowed by RDV_ALLOW_EVICTION)", problem)
-    return info
+    infos = _per_node(reply)
+    for info in infos:
+        problem = eviction_problem(info)
+        if problem is not None:
+            if not allow_eviction:
+                raise RedisUnfit(problem)
+            log.warning("%s (allowed by RDV_ALLOW_EVICTION)", problem)
+            break
+    return infos[0]
 
 
 def check(client: Any, *, allow_eviction: bool) -> Mapping[str, Any] | None:
@@ -89,7 +105,7 @@ def check(client: Any, *, allow_eviction: bool) -> Mapping[str, Any] | None:
         if refused_for_good(exc):
             raise no_scripts(exc) from None
     try:
-        info = client.info("memory")
+        info = client.info("memory", **_every_node(client))
     except redis.exceptions.ResponseError:
         info = None
     return judged(info, allow_eviction)
@@ -103,7 +119,7 @@ async def check_async(client: Any, *, allow_eviction: bool) -> Mapping[str, Any]
         if refused_for_good(exc):
             raise no_scripts(exc) from None
     try:
-        info = await client.info("memory")
+        info = await client.info("memory", **_every_node(client))
     except redis.exceptions.ResponseError:
         info = None
     return judged(info, allow_eviction)
