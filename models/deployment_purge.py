@@ -262,7 +262,7 @@ class Purger:
                     # as a command: redis-py's cluster pipeline has no eval()
                     pipe.execute_command("EVAL", _FAIL_QUEUED_JOBS, len(queued), *queued,
                                          json.dumps(error), now_ms)  # fmt: skip
-                pipe.delete(*serving_keys(dep.name))
+                pipe.unlink(*serving_keys(dep.name))  # big streams freed off Redis's main thread
                 pipe.execute()
             except redis.WatchError:
                 return False

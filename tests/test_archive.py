@@ -387,7 +387,7 @@ def test_segments_of_deployments_no_longer_archived_are_closed(data_dir: Path) -
         found = 0
         for fd in os.listdir("/proc/self/fd"):
             try:
-                found += ".jsonl.gz" in os.readlink(f"/proc/self/fd/{fd}")
+                found += os.readlink(f"/proc/self/fd/{fd}").startswith(f"{data_dir}/")
             except OSError:  # closed meanwhile
                 continue
         return found

@@ -479,6 +479,9 @@ async def test_an_idle_deployment_is_evaluated_every_idle_interval_a_busy_one_at
     deployments.deployments[DEMO_DEPLOYMENT] = dataclasses.replace(dep, revision=dep.revision + 1)
     assert (await monitor._due_deployments())[1] == [DEMO_DEPLOYMENT]
     assert (await monitor._due_deployments())[1] == []
+    deployments.deployments.pop(DEMO_DEPLOYMENT)  # deleted and purged: nothing of it is kept
+    assert await monitor._due_deployments() == ([], [])
+    assert not (monitor._last_eval or monitor._last_seen or monitor._revisions)
 
 
 async def test_many_row_records_have_their_scores_counted_at_the_flush_in_their_own_sketch(

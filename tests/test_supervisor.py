@@ -125,6 +125,7 @@ def test_serve_starts_worker_hosts_or_a_process_per_role(r: redis.Redis, demo_re
         # on to the deployments after it (it stopped there: their workers never started).
         key = names.deployment_key(DEMO_DEPLOYMENT)
         r.set(key, r.get(key).replace(b'"roles"', b'"rolez"'))  # type: ignore[union-attr]
+        r.incr(names.revision_key(DEMO_DEPLOYMENT))  # as a change would: it is read again
         store.create(dataclasses.replace(demo_deployment(demo_registry, Schedule()), name="zz"))
         reconcile_workers(per_role, store, shadow_nice=5, known=known)
         assert set(per_role.children) == {

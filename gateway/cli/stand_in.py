@@ -12,6 +12,7 @@ gateway process has run for ``after_s``, the stand-in answers each waiting conne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import select
@@ -25,13 +26,16 @@ AFTER_S = 5.0
 """How long without a gateway process before the stand-in answers: longer than a crashed
 gateway's restart (its first pause is 0.5 s), so callers then wait for it rather than fail."""
 RETRY_AFTER_S = 5
-DRAIN_S = 1.0
+HEAD_WAIT_S = 0.2
+"""How long the stand-in waits for a connection's first bytes: one connection at a time, so
+an idle client must not hold the others up."""
+DRAIN_S = 0.5
 """How long a connection's request is read after the answer: closed with unread bytes, the
 kernel resets it, and the caller may lose the answer (a body still arriving)."""
 
 _DETAIL = (
-    "no gateway process is running on this port: rdv serve is starting one (a gateway that "
-    "fails to start is retried; its log says why)"
+    "no gateway process is running on this port: rdv serve is starting one, or stopping (a "
+    "gateway that fails to start is retried; its log says why)"
 )
 _BODY = json.dumps({"detail": _DETAIL}).encode()
 ANSWER = (
@@ -98,12 +102,14 @@ class StandIn:
 
     def _answer(self, conn: socket.socket) -> None:
         conn.setblocking(True)
-        conn.settimeout(DRAIN_S)
-        deadline = time.monotonic() + DRAIN_S
         try:
-            conn.recv(65536)  # the request's head, or its start: what it asks does not matter
+            conn.settimeout(HEAD_WAIT_S)
+            with contextlib.suppress(TimeoutError):
+                conn.recv(65536)  # the request's head, or its start: what it asks is no matter
+            conn.settimeout(DRAIN_S)
             conn.sendall(ANSWER)
             conn.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + DRAIN_S
             while time.monotonic() < deadline and conn.recv(65536):
                 pass
         except OSError:

@@ -136,7 +136,13 @@ class DriftMonitor:
         once its revision moved (a promotion or a rollback names another real). The
         newest sketches of all of them are read in one round trip (per node)."""
         now = time.monotonic()
-        led = await self.leases.held(sorted(self.deployments.deployments), now)
+        live = self.deployments.deployments
+        self.leases.keep_only(live)
+        for kept in (self._revisions, self._last_eval, self._last_seen, self._last_point):
+            for gone in [d for d in kept if d not in live]:  # deleted: never asked again
+                del kept[gone]
+        self._unrecorded &= set(live)
+        led = await self.leases.held(sorted(live), now)
         if not led:
             return led, []
         pipe = self.client.pipeline(transaction=False)

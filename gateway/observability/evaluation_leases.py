@@ -5,7 +5,7 @@ lapses to another (``drift_monitor``, ``live_accuracy``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from rendezvous import names
 from rendezvous.bus.connection import AsyncClient
@@ -68,6 +68,12 @@ class EvaluationLeases:
                 again = self.ttl_ms / 3000 if held else LEASE_RECHECK_S
                 self._known[deployment] = (bool(held), now + again)
         return [d for d in deployments if self._known[d][0]]
+
+    def keep_only(self, deployments: Collection[str]) -> None:
+        """Forget what this process knew of deployments gone since (deleted and purged): one
+        entry each, for as long as the gateway ran."""
+        for deployment in [d for d in self._known if d not in deployments]:
+            del self._known[deployment]
 
     async def release(self) -> None:
         """Give up the leases this process holds (at shutdown): another process then takes

@@ -107,6 +107,7 @@ class LiveAccuracy:
     async def tick(self) -> None:
         now = time.monotonic()
         deployments = self.deployments.deployments
+        self.leases.keep_only(deployments)
         held = await self.leases.held(sorted(deployments), now)
         for name in set(self._evaluated) - set(held):  # another holds it: afresh if it returns
             del self._evaluated[name]
