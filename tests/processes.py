@@ -77,6 +77,18 @@ def alive(pid: int) -> bool:
     return True
 
 
+def open_files_under(folder: Path) -> int:
+    """This process's open files in ``folder`` (read from ``/proc``: a descriptor closed
+    meanwhile is skipped)."""
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found += os.readlink(f"/proc/self/fd/{fd}").startswith(f"{folder}/")
+        except OSError:
+            continue
+    return found
+
+
 def rdv_env(redis_url: str, data_dir: Path, port: int, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(

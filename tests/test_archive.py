@@ -18,6 +18,7 @@ import pytest
 
 from models.archive import ArchiveReader, SegmentWriter, read_segment
 from models.archive_line import record_from_envelope
+from processes import open_files_under
 from rendezvous.envelope import RequestEnvelope
 
 
@@ -383,22 +384,13 @@ def test_segments_of_deployments_no_longer_archived_are_closed(data_dir: Path) -
     """The log bin held a file open for every deployment it ever archived, until it ran out
     of descriptors and archived nothing more for any (found by a helper's churn probe)."""
 
-    def open_segments() -> int:
-        found = 0
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                found += os.readlink(f"/proc/self/fd/{fd}").startswith(f"{data_dir}/")
-            except OSError:  # closed meanwhile
-                continue
-        return found
-
     writer = SegmentWriter(data_dir)
-    before = open_segments()
+    before = open_files_under(data_dir)
     for n in range(5):
         writer.append_batch(f"churn-{n}", [{"request_id": f"r{n}"}])
-    assert open_segments() - before == 5
+    assert open_files_under(data_dir) - before == 5
     writer.close_all_but({"churn-4"})
-    assert open_segments() - before == 1
+    assert open_files_under(data_dir) - before == 1
     writer.append_batch("churn-4", [{"request_id": "again"}])  # the kept one writes on
-    assert open_segments() - before == 1
+    assert open_files_under(data_dir) - before == 1
     writer.close()

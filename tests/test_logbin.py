@@ -18,6 +18,7 @@ import redis
 
 from models.archive import ArchiveReader, SegmentWriter
 from models.logbin import LogBin, LogBinStats
+from processes import open_files_under
 from rendezvous import names
 from rendezvous.bus.server import EmbeddedRedis
 from rendezvous.envelope import RequestEnvelope
@@ -125,23 +126,12 @@ def test_new_deployments_are_picked_up(r: redis.Redis, data_dir: Path) -> None:
     _publish(r, 3, "beta")
     deployments.append("beta")
     assert logbin.drain() == 3
-    assert _open_segments(data_dir / "alpha") == _open_segments(data_dir / "beta") == 1
+    assert open_files_under(data_dir / "alpha") == open_files_under(data_dir / "beta") == 1
     deployments.remove("alpha")  # deleted and purged: its segment is closed (it stayed open)
     logbin.drain()
-    assert (_open_segments(data_dir / "alpha"), _open_segments(data_dir / "beta")) == (0, 1)
+    assert (open_files_under(data_dir / "alpha"), open_files_under(data_dir / "beta")) == (0, 1)
     writer.close()
     assert ArchiveReader(data_dir).deployments() == ["alpha", "beta"]
-
-
-def _open_segments(folder: Path) -> int:
-    """This process's open files in ``folder`` (a deployment's archive folder)."""
-    found = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            found += os.readlink(f"/proc/self/fd/{fd}").startswith(f"{folder}/")
-        except OSError:  # closed meanwhile
-            continue
-    return found
 
 
 def test_nothing_is_acked_when_fsync_fails(r: redis.Redis, data_dir: Path) -> None:
