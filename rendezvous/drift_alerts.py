@@ -16,13 +16,13 @@ from rendezvous.drift import (
     DISTANCE_EDGES,
     DIVERGENCE_EDGES,
     SCORE_EDGES,
-    FeatureReference,
     Sketch,
     fractions,
     histogram_quantile,
     js_distance_counts,
     psi,
 )
+from rendezvous.drift_reference import FeatureReference
 from rendezvous.drift_settings import KINDS as ONLINE_KINDS
 
 ALERT_KINDS: tuple[str, ...] = (

@@ -26,7 +26,6 @@ from rendezvous.divergence import divergence
 from rendezvous.drift import (
     DIVERGENCE_EDGES,
     SCORE_EDGES,
-    FeatureReference,
     Sketch,
     divergence_counts,
     histogram_quantile,
@@ -35,6 +34,7 @@ from rendezvous.drift import (
     score_counts,
 )
 from rendezvous.drift_alerts import ALERT_KINDS, Thresholds, evaluate_alerts, window_report
+from rendezvous.drift_reference import FeatureReference
 from rendezvous.spec import FeatureSpec, FeatureStats
 
 # -- the measures ------------------------------------------------------------------------------

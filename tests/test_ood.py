@@ -15,7 +15,8 @@ from scipy.spatial.distance import mahalanobis
 from gateway.observability import drift_features
 from models.train import demo_data, training_spec, training_stats
 from rendezvous.decision import FIELD, DecisionFormatError, DecisionRecord, build_decision
-from rendezvous.drift import FeatureReference, Sketch
+from rendezvous.drift import Sketch
+from rendezvous.drift_reference import FeatureReference
 from rendezvous.envelope import ModelResult
 from rendezvous.ood import OodReference, OodScore
 from rendezvous.spec import FeatureSpec, FeatureStats, TrainingCentre

@@ -17,7 +17,8 @@ from typing import Any
 
 from rendezvous import names
 from rendezvous.bus.connection import AsyncClient
-from rendezvous.drift import FeatureReference, Sketch
+from rendezvous.drift import Sketch
+from rendezvous.drift_reference import FeatureReference
 from rendezvous.spec import FeatureSpec
 
 POINT_FIELD = b"p"

@@ -27,7 +27,8 @@ from gateway.observability.drift_online import OnlineDrift
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 from rendezvous.decision import DecisionRecord
-from rendezvous.drift import FeatureReference, FeatureReferences, Sketch
+from rendezvous.drift import Sketch
+from rendezvous.drift_reference import FeatureReference, FeatureReferences
 
 log = logging.getLogger(__name__)
 

@@ -47,8 +47,9 @@ from gateway.observability.drift_view import MONITOR, thresholds_from
 from gateway.observability.evaluation_leases import EvaluationLeases
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
-from rendezvous.drift import FeatureReference, FeatureReferences, Sketch
+from rendezvous.drift import Sketch
 from rendezvous.drift_alerts import Thresholds, evaluate_alerts, window_report
+from rendezvous.drift_reference import FeatureReference, FeatureReferences
 
 log = logging.getLogger(__name__)
 

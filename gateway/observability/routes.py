@@ -20,7 +20,7 @@ from gateway.observability.metrics_state import state_registry
 from gateway.problems import Problem
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES
-from rendezvous.drift import FeatureReference
+from rendezvous.drift_reference import FeatureReference
 
 
 def observe_router() -> APIRouter:
