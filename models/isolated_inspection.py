@@ -35,10 +35,10 @@ def inspect_isolated(
     data: bytes, meta: ModelMeta, timeout_s: float = TIMEOUT_S, reference: Any = None
 ) -> ModelMeta:
     """What ``inspect_onnx`` answers, from a child process; ArtifactRejected as well when the
-    child runs out of memory or time. With ``reference`` rows (float32, rows x features) and
-    two classes, the answer carries the model's ``score_reference`` on them, scored in the
-    child too: in the gateway, a trapped model took 2.4 GB or 85 s of it there, after its dry
-    run had passed (found by a helper's security probe)."""
+    child runs out of memory or time. With ``reference`` rows (float32, rows x features), the
+    answer carries the model's ``score_reference`` on them (and a multiclass model's
+    ``class_reference``), scored in the child too: in the gateway, a trapped model took 2.4 GB
+    or 85 s of it there, after its dry run had passed (found by a helper's security probe)."""
     limit = memory_bound(len(data))
     with tempfile.TemporaryDirectory(prefix="rdv-inspect-") as folder:
         Path(folder, "model.onnx").write_bytes(data)
@@ -80,7 +80,7 @@ def _child(folder: Path, memory_bytes: int, cpu_s: int) -> None:
     try:
         checked = inspect_onnx((folder / "model.onnx").read_bytes(), meta)
         reference = folder / "reference.npy"
-        if reference.exists() and len(checked.classes) == 2:
+        if reference.exists() and len(checked.classes) >= 2:
             checked = _with_score_reference(checked, folder / "model.onnx", np.load(reference))
     except ArtifactRejected as exc:
         print(json.dumps({"rejected": str(exc)}))
@@ -92,17 +92,17 @@ def _child(folder: Path, memory_bytes: int, cpu_s: int) -> None:
 
 
 def _with_score_reference(meta: ModelMeta, artifact: Path, reference: Any) -> ModelMeta:
-    """The share of the model's positive-class scores per score bin on the reference rows:
-    what the prediction-prior detector and the score drift read live scores against."""
-    from models.reference import scores_reference
+    """The share of the model's scores per score bin on the reference rows, and a multiclass
+    model's predicted-class mix on them: what the prediction-prior detector, the score drift
+    and the class drift read live answers against."""
+    from models.reference import prediction_references
     from models.runtime import ModelAnswerError, OnnxClassifier
 
     try:
         _labels, proba = OnnxClassifier(artifact, meta).predict(reference)
     except ModelAnswerError as exc:
         raise ArtifactRejected(f"on the reference rows, {exc}") from None
-    scores = scores_reference(proba[:, 1])
-    return ModelMeta.from_dict({**meta.to_dict(), "score_reference": scores})
+    return ModelMeta.from_dict({**meta.to_dict(), **prediction_references(proba)})
 
 
 if __name__ == "__main__":

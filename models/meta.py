@@ -24,9 +24,16 @@ class ModelMeta:
     description: str = ""
     size_bytes: int = 0
     score_reference: list[float] | None = None
-    """Share of the positive-class score in each of the ten score bins (0.0-0.1, ...,
-    0.9-1.0) on rows the model was not fitted on: what its scores should look like when the
-    inputs have not drifted. None for models that came without one."""
+    """Share of the score in each of the ten score bins (0.0-0.1, ..., 0.9-1.0) on rows the
+    model was not fitted on: what its scores should look like when the inputs have not
+    drifted. The score is the positive class's probability of a binary model, the top
+    probability of each row of a multiclass one (as ``drift_feed`` counts it live). None for
+    models that came without one."""
+    class_reference: list[float] | None = None
+    """A multiclass model's predicted-class mix on those rows: the share of rows whose arg max
+    is each class, in the order of ``classes`` (its probability columns). What the class drift
+    compares real's live predictions with; None for binary models (their score histogram says
+    as much) and for models that came without reference rows."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -42,6 +49,8 @@ class ModelMeta:
             "description": self.description,
             "size_bytes": self.size_bytes,
             "score_reference": self.score_reference,
+            # only when there is one: a binary model's metadata stays what it was
+            **({"class_reference": self.class_reference} if self.class_reference else {}),
         }
 
     def summary(self) -> dict[str, Any]:
@@ -69,6 +78,9 @@ class ModelMeta:
                 None
                 if doc.get("score_reference") is None
                 else [float(v) for v in doc["score_reference"]]
+            ),
+            class_reference=(
+                [float(v) for v in doc["class_reference"]] if doc.get("class_reference") else None
             ),
         )
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from sklearn.covariance import LedoitWolf
 
-from rendezvous.drift import score_counts
+from rendezvous.drift import predicted_counts, score_counts
 from rendezvous.ood import OodReference
 from rendezvous.quantile_bins import bin_index
 from rendezvous.spec import FeatureSpec, FeatureStats, Lookup, TrainingCentre
@@ -90,6 +90,22 @@ def training_spec(names: list[str], x: np.ndarray, lookup: Lookup | None = None)
 
 
 def scores_reference(positive_scores: Any) -> list[float]:
-    """Share of the positive-class scores in each of the ten score bins."""
+    """Share of the scores in each of the ten score bins."""
     counts = score_counts(np.asarray(positive_scores, dtype=np.float64))
     return [float(c) / float(counts.sum()) for c in counts]
+
+
+def prediction_references(probabilities: Any) -> dict[str, list[float]]:
+    """The ``score_reference`` of (rows, classes) probabilities and, with three classes or
+    more, their ``class_reference``, as ``rendezvous.drift.predicted_counts`` counts live rows:
+    the score drift and the class drift then compare like with like."""
+    proba = np.asarray(probabilities, dtype=np.float64)
+    if proba.ndim != 2 or proba.shape[1] < 2 or not len(proba):
+        raise ValueError(f"expected (rows, classes) probabilities, got shape {proba.shape}")
+    if proba.shape[1] == 2:
+        return {"score_reference": scores_reference(proba[:, 1])}
+    top, counts = predicted_counts(proba)
+    return {
+        "score_reference": scores_reference(top),
+        "class_reference": [float(c) / float(counts.sum()) for c in counts],
+    }

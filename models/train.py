@@ -31,6 +31,7 @@ from models.demo import (  # noqa: F401 - the demo's names, re-exported
 )
 from models.meta import ModelMeta
 from models.reference import (  # noqa: F401 - re-exported: the demo's statistics
+    prediction_references,
     scores_reference,
     training_centre,
     training_spec,
@@ -72,13 +73,19 @@ def demo_data() -> DemoData:
     )
 
 
+def prediction_reference(estimator: Any, x: np.ndarray, y: np.ndarray) -> dict[str, list[float]]:
+    """The model's ``score_reference`` (and, with three classes or more, its
+    ``class_reference``) from out-of-fold probabilities (fresh clones, ``CV_FOLDS`` folds of
+    the training split): the answers the model gives rows it was not fitted on, which is what
+    live traffic should look like, unlike its over-confident scores on its own training rows.
+    The test split stays untouched for independent checks."""
+    proba = cross_val_predict(clone(estimator), x, y, cv=CV_FOLDS, method="predict_proba")
+    return prediction_references(proba)
+
+
 def score_reference(estimator: Any, x: np.ndarray, y: np.ndarray) -> list[float]:
-    """Share of out-of-fold positive-class scores per score bin (fresh clones, ``CV_FOLDS``
-    folds of the training split): the scores the model gives rows it was not fitted on, which
-    is what live traffic should look like, unlike its over-confident scores on its own
-    training rows. The test split stays untouched for independent checks."""
-    scores = cross_val_predict(clone(estimator), x, y, cv=CV_FOLDS, method="predict_proba")
-    return scores_reference(scores[:, 1])
+    """Share of out-of-fold scores per score bin (``prediction_reference``)."""
+    return prediction_reference(estimator, x, y)["score_reference"]
 
 
 def export_onnx(estimator: Any, width: int) -> bytes:
@@ -139,7 +146,7 @@ def train_demo(registry: ModelRegistry, force: bool = False) -> list[ModelMeta]:
             {
                 **meta.to_dict(),
                 "metrics": {"test_accuracy": accuracy, "onnx_agreement": agreement},
-                "score_reference": score_reference(estimator, data.x_train, data.y_train),
+                **prediction_reference(estimator, data.x_train, data.y_train),
             }
         )
         stored.append(registry.save(meta, onnx_bytes))

@@ -70,6 +70,13 @@ def score_counts(scores: np.ndarray) -> np.ndarray:
     return _fixed_counts(SCORE_EDGES, s)
 
 
+def predicted_counts(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's top probability (a multiclass model's score) and the rows whose arg max is
+    each column (its predicted-class mix), of a (rows, classes) batch in one vectorised pass."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    return p.max(axis=1), np.bincount(p.argmax(axis=1), minlength=p.shape[1]).astype(np.int64)
+
+
 def divergence_counts(values: Sequence[float] | np.ndarray) -> np.ndarray:
     return _fixed_counts(_DIV_EDGES, np.asarray(values, dtype=np.float64))
 
@@ -154,6 +161,9 @@ class Sketch:
     """Rows outside the training range, per feature."""
     distance: np.ndarray = field(default_factory=lambda: _zeros(_DIST_BINS))
     """Rows per ``DISTANCE_EDGES`` bin of their distance to the training centre."""
+    predicted: np.ndarray | None = None
+    """Rows real predicted as each class (its probability columns' arg max), for models of
+    three classes or more only: a binary model's scores say as much."""
 
     def add_decision(
         self,
@@ -187,6 +197,16 @@ class Sketch:
                 _add_small(counts, _SCORE_EDGE_LIST, flat.tolist())
             else:
                 counts += score_counts(np.asarray(scores))
+
+    def add_predictions(self, probabilities: np.ndarray) -> None:
+        """Count real's (rows, classes) probabilities of a multiclass model: the top
+        probability as its score, the arg max as its predicted class."""
+        top, counts = predicted_counts(probabilities)
+        self.score_real += score_counts(top)
+        if self.predicted is None:
+            self.predicted = counts
+        elif self.predicted.shape == counts.shape:  # else not one model's: nothing adds up
+            self.predicted += counts
 
     def add_features(self, counts: np.ndarray, rows: int, version: str | None = None) -> None:
         """Counts from ``FeatureReference.bin``; ``version`` (that reference's) is recorded,
@@ -233,6 +253,10 @@ class Sketch:
         if len(ranges) == 2 and ranges[0].shape != ranges[1].shape:
             ranges = ranges[:1]
         doc["out_of_range"] = sum(ranges[1:], ranges[0].copy()) if ranges else None
+        classes = [c for c in (self.predicted, other.predicted) if c is not None]
+        if len(classes) == 2 and classes[0].shape != classes[1].shape:
+            raise ValueError(f"class counts differ in shape: {[c.shape for c in classes]}")
+        doc["predicted"] = sum(classes[1:], classes[0].copy()) if classes else None
         spans = [s for s in (self, other) if s.start_ms or s.end_ms]  # skip a blank Sketch()
         doc["start_ms"] = min((s.start_ms for s in spans), default=0.0)
         doc["end_ms"] = max((s.end_ms for s in spans), default=0.0)
@@ -246,6 +270,8 @@ class Sketch:
         doc: dict[str, Any] = {"v": 1}
         for f in fields(self):
             value = getattr(self, f.name)
+            if value is None and f.name == "predicted":
+                continue  # a binary model's sketch stays as it was
             if isinstance(value, np.ndarray):
                 value = [list(value.shape), value.ravel().tolist()]
             doc[f.name] = value.item() if isinstance(value, np.generic) else value
@@ -276,8 +302,10 @@ class Sketch:
             raise ValueError(f"not a drift sketch: {exc}") from None
         shapes = (sketch.score_real.shape, sketch.score_canary.shape, sketch.divergence.shape,
                   sketch.distance.shape)  # fmt: skip
-        if shapes != ((_SCORE_BINS,), (_SCORE_BINS,), (_DIV_BINS,), (_DIST_BINS,)) or (
-            sketch.features is not None and sketch.features.ndim != 2
+        if (
+            shapes != ((_SCORE_BINS,), (_SCORE_BINS,), (_DIV_BINS,), (_DIST_BINS,))
+            or (sketch.features is not None and sketch.features.ndim != 2)
+            or (sketch.predicted is not None and sketch.predicted.ndim != 1)
         ):
             raise ValueError(f"not a drift sketch: histograms of the wrong shape {shapes}")
         return sketch
@@ -287,5 +315,6 @@ _NAMES = ("real_model", "canary_model", "feature_version")
 _FLOATS = ("start_ms", "end_ms", "divergence_sum")
 _INTS = ("requests", "rows", "compared", "compared_rows", "disagreements", "feature_rows",
          "ood_rows")  # fmt: skip
-_ARRAYS = ("score_real", "score_canary", "divergence", "features", "out_of_range", "distance")
+_ARRAYS = ("score_real", "score_canary", "divergence", "features", "out_of_range", "distance",
+           "predicted")  # fmt: skip
 _SUMMED = (*_INTS, "divergence_sum", "score_real", "score_canary", "divergence", "distance")

@@ -368,8 +368,9 @@ def test_report_shape_and_insufficient_data() -> None:
     assert report["status"] == "insufficient_data" and report["requests"] == 3
     assert set(report) == {
         *("status", "requests", "rows", "from_ms", "to_ms", "real_model", "canary_model"),
-        *("divergence", "score", "features", "values", "ood"),
+        *("divergence", "score", "features", "values", "ood", "classes"),
     }
+    assert report["classes"] is None  # a binary model's window counts no classes
     assert report["divergence"]["mean"] == pytest.approx(0.02)
     assert report["divergence"]["disagreement_rate"] == pytest.approx(1 / 6, rel=1e-5)
     assert report["score"]["psi"] is None and report["score"]["reference"] is None
@@ -483,7 +484,7 @@ def _show(label: str, seed: int, report: dict[str, Any]) -> None:
     values = report["values"]
     assert isinstance(values, dict)
     top = [t["feature"] for t in report["features"]["top"]]
-    figures = " ".join(f"{k}={v:.3f}" for k, v in values.items())
+    figures = " ".join(f"{k}={v:.3f}" for k, v in values.items() if v is not None)
     print(f"\n{label} {report['requests']} requests, seed {seed}: {figures} top={top}")
 
 

@@ -6,7 +6,8 @@ process aggregates as it goes, in memory and off the request path: the feature r
 request it accepted (binned against the training quantiles at every flush, in one vectorised
 call, with their out-of-distribution evidence: rows outside the training range, per feature,
 and distances to the training centre) and the scores and divergence of every decision record
-it closed. Every ``interval_s`` (0.25 s) it appends one ``Sketch`` per deployment to
+it closed (and a multiclass real model's predicted classes, counted at the flush as well).
+Every ``interval_s`` (0.25 s) it appends one ``Sketch`` per deployment to
 ``rdv:{dep}:drift:sketches``; the drift monitor merges the sketches of a window. A sketch never
 mixes two real models: a promotion starts a new one. The decisions are also handed to the
 prediction-prior detector (``drift_online``); the rows are not judged one by one here: the log
@@ -19,6 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,16 +45,40 @@ UNSENT_S = 30.0
 its usual settings (``cluster-node-timeout`` plus about a second)."""
 
 
-def positive_scores(probabilities: Sequence[Sequence[float]]) -> list[float]:
-    """The score a drift check follows: the positive class's probability of a binary model,
-    else the top probability of each row. A list, taken from the record's rows without numpy
-    (a 100-row record: ~5 against ~20 us); a request's scores are binned at the flush with
-    every other request's."""
-    if not probabilities or not len(probabilities[0]):
-        return []
-    if len(probabilities[0]) == 2:
-        return [row[1] for row in probabilities]
-    return np.asarray(probabilities, dtype=np.float64).max(axis=1).tolist()  # type: ignore[no-any-return]
+@dataclass
+class _Pending:
+    """What a sketch's decisions since the last flush said, counted at the flush in one numpy
+    pass: a binary model's positive-class scores, a multiclass model's rows of probabilities
+    (their top probability is the score, their arg max the predicted class)."""
+
+    sketch: Sketch
+    real: list[float] = field(default_factory=list)
+    canary: list[float] = field(default_factory=list)
+    real_rows: list[Sequence[float]] = field(default_factory=list)
+    canary_rows: list[Sequence[float]] = field(default_factory=list)
+
+    def add(self, probabilities: list[list[float]], canary: bool) -> None:
+        """A record's rows as they are: no numpy per decision (the request path)."""
+        if not probabilities:
+            return
+        if len(probabilities[0]) == 2:
+            (self.canary if canary else self.real).extend(row[1] for row in probabilities)
+        elif len(probabilities[0]) > 2:
+            (self.canary_rows if canary else self.real_rows).extend(probabilities)
+
+    def count(self) -> None:
+        sketch = self.sketch
+        for rows, canary in ((self.real_rows, False), (self.canary_rows, True)):
+            width = len(rows[0]) if rows else 0
+            matrix = np.asarray([r for r in rows if len(r) == width], dtype=np.float64)
+            if not len(matrix):
+                continue
+            if canary:
+                self.canary.extend(matrix.max(axis=1).tolist())
+            else:
+                sketch.add_predictions(matrix)  # its scores and its predicted classes
+        real = np.asarray(self.real, dtype=np.float64) if self.real else None
+        sketch.add_scores(real, np.asarray(self.canary, dtype=np.float64) if self.canary else None)
 
 
 class DriftFeed:
@@ -75,8 +101,8 @@ class DriftFeed:
         self._open: dict[str, Sketch] = {}
         self._closed: list[tuple[str, Sketch]] = []
         self._references = FeatureReferences()
-        self._scores: dict[int, tuple[Sketch, list[float], list[float]]] = {}
-        """Real's and canary's scores per sketch since the last flush (by the sketch's id)."""
+        self._scores: dict[int, _Pending] = {}
+        """Real's and canary's answers per sketch since the last flush (by the sketch's id)."""
         self.on_dropped = on_dropped
         """Told of the rows left out when too many are waiting (``rdv_drift_dropped_rows``)."""
         self.online = online
@@ -101,11 +127,11 @@ class DriftFeed:
         sketch = self._sketch(record.deployment, real.model_key)
         pending = self._scores.get(id(sketch))
         if pending is None:
-            pending = self._scores[id(sketch)] = (sketch, [], [])
-        pending[1].extend(positive_scores(real.probabilities))
+            pending = self._scores[id(sketch)] = _Pending(sketch)
+        pending.add(real.probabilities, canary=False)
         canary = record.outputs.get(names.CANARY)
         if canary is not None and canary.probabilities is not None:
-            pending[2].extend(positive_scores(canary.probabilities))
+            pending.add(canary.probabilities, canary=True)
             if sketch.canary_model is None:
                 sketch.canary_model = canary.model_key
         div = record.divergence
@@ -155,11 +181,10 @@ class DriftFeed:
         sketch.add_evidence(*reference.evidence(matrix))
 
     def _count_scores(self) -> None:
-        """Bin the scores kept since the last flush into their sketches, one numpy pass each."""
+        """Bin the answers kept since the last flush into their sketches, one numpy pass each."""
         pending, self._scores = self._scores, {}
-        for sketch, real, canary in pending.values():
-            sketch.add_scores(np.asarray(real, dtype=np.float64) if real else None,
-                              np.asarray(canary, dtype=np.float64) if canary else None)  # fmt: skip
+        for answers in pending.values():
+            answers.count()
 
     def _close_all(self) -> list[tuple[str, Sketch]]:
         self._count_scores()  # no await between: every score lands in the sketch it belongs to

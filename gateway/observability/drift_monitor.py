@@ -18,7 +18,7 @@ The leading process also relays to the webhooks the alert events that the log bi
 decided (``drift_relay``: the log bin has no HTTP client).
 
 The sketches' window and the real model's score reference (its training distribution, or its
-first full window as real): ``drift_sketches``.
+first full window as real; a multiclass model's predicted-class mix with it): ``drift_sketches``.
 """
 
 from __future__ import annotations
@@ -199,17 +199,19 @@ class DriftMonitor:
         version = features.version if features else None
         latest = merge_window(list(sketches), str(real), version, self.clear_requests)
         window = merge_window(sketches, str(real), version, self.window_requests)
-        reference, source = await self.references.of(
+        reference = await self.references.of(
             deployment, real.name, real.version, meta_raw, reference_raw
         )
         thresholds = thresholds_from(thresholds_raw, self.defaults)
         report, recent = (
             window_report(
                 w,
-                score_reference=reference,
-                reference_source=source,
+                score_reference=reference.scores,
+                reference_source=reference.source,
                 features=features,
                 thresholds=thresholds,
+                class_reference=reference.classes,
+                class_labels=reference.class_labels,
             )
             for w in (window, latest)
         )
@@ -260,7 +262,7 @@ class DriftMonitor:
         drift_features.store(pipe, deployment, drift_features.snapshot(window, features, now_ms),
                              report["features"]["psi"], dep.feature_spec,
                              self.history_len if due else None)  # fmt: skip
-        if source is not None:  # the reference is settled: older sketches have no reader left
+        if reference.source is not None:  # settled: older sketches have no reader left
             minid = oldest_taken or f"{int(now_ms - self.window_s * 1000)}-0"
             pipe.xtrim(names.drift_sketch_stream(deployment), minid=minid, approximate=False)
         await pipe.execute()

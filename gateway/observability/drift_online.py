@@ -53,6 +53,16 @@ def positive_share(score_reference: list[float] | None) -> float | None:
     return float(sum(score_reference[5:])) / total if total > 0 else None
 
 
+def prior_reference(meta: Mapping[str, Any]) -> float | None:
+    """The share the prior is judged against: a binary model's only. A multiclass model's
+    score reference is of its top probability, whose upper half says nothing of a class (its
+    class mix is the monitor's ``class_psi``)."""
+    classes = meta.get("classes")
+    if classes is not None and len(classes) != 2:
+        return None
+    return positive_share(meta.get("score_reference"))
+
+
 @dataclass
 class _Deployment:
     prior: PriorDetector | None = None
@@ -231,7 +241,7 @@ class OnlineDrift:
             if meta is None and self.local_meta is not None:
                 name, _, version = key.rpartition(":")
                 meta = await asyncio.to_thread(self.local_meta, name, int(version))
-            self._references[key] = positive_share(meta.get("score_reference")) if meta else None
+            self._references[key] = prior_reference(meta) if meta else None
         except REDIS_FAILURES as exc:
             log.warning("online drift: no score reference for %s yet: %s", key, exc)
             self._looking_up.discard(key)

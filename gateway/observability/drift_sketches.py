@@ -1,8 +1,9 @@
 """The gateways' drift sketches read back (``drift_feed`` writes them): decoded, merged into a
 window of one real model's requests, and that model's score reference, which a window's score
-distribution is compared with. The reference is the training distribution its metadata carries;
-without one, the first full window of its scores after it became real, stored once built so
-that every evaluator (and a restart) compares with the same one.
+distribution is compared with (and a multiclass model's class reference, its predicted-class
+mix). The reference is the training distribution its metadata carries; without one, the first
+full window of its answers after it became real, stored once built so that every evaluator
+(and a restart) compares with the same one.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -61,9 +63,24 @@ def merge_window(
     return window
 
 
+@dataclass(frozen=True)
+class References:
+    """What a real model's window is compared with: its score histogram and, for a multiclass
+    model, its predicted-class mix (``class_labels`` names the classes), and where they came
+    from (``training`` or ``promotion``; None while neither is known)."""
+
+    scores: np.ndarray | None = None
+    classes: np.ndarray | None = None
+    source: str | None = None
+    class_labels: list[str] | None = None
+
+
+def _array(values: Any) -> np.ndarray | None:
+    return np.asarray(values, dtype=np.float64) if values else None
+
+
 class ScoreReferences:
-    """Each real model's score reference, and where it came from (``training`` or
-    ``promotion``; None while no full window of its scores exists yet)."""
+    """Each real model's score reference (and class reference), and where it came from."""
 
     def __init__(self, client: AsyncClient, window_requests: int, local_meta: ModelMeta | None):
         self.client = client
@@ -71,13 +88,13 @@ class ScoreReferences:
         self.local_meta = local_meta
         """Model metadata from this host's registry files: for a model not (yet) in the
         Redis index (the index is filled by the admin plane)."""
-        self._training: dict[str, np.ndarray | None] = {}
+        self._training: dict[str, References] = {}
 
     async def _training_reference(
         self, name: str, version: int, meta_raw: bytes | None
-    ) -> np.ndarray | None:
-        """The score distribution stored with the model (metadata never changes for a
-        version, so it is looked up once)."""
+    ) -> References | None:
+        """The distributions stored with the model (metadata never changes for a version, so
+        it is looked up once); None while the metadata is not found."""
         key = f"{name}:{version}"
         if key not in self._training:
             meta: Mapping[str, Any] | None = json.loads(meta_raw) if meta_raw else None
@@ -85,8 +102,14 @@ class ScoreReferences:
                 meta = await asyncio.to_thread(self.local_meta, name, version)
             if meta is None:
                 return None  # not found anywhere yet: ask again next time
-            ref = meta.get("score_reference")
-            self._training[key] = np.asarray(ref, dtype=np.float64) if ref else None
+            scores = _array(meta.get("score_reference"))
+            labels = meta.get("class_names") or meta.get("classes")
+            self._training[key] = References(
+                scores=scores,
+                classes=_array(meta.get("class_reference")),
+                source="training" if scores is not None else None,
+                class_labels=[str(c) for c in labels] if labels else None,
+            )
         return self._training[key]
 
     async def of(
@@ -96,34 +119,43 @@ class ScoreReferences:
         version: int,
         meta_raw: bytes | None,
         reference_raw: bytes | None,
-    ) -> tuple[np.ndarray | None, str | None]:
+    ) -> References:
         """``meta_raw``: the model's metadata from the Redis index; ``reference_raw``: the
         deployment's stored reference (both read in the evaluation's first round trip)."""
         real = f"{name}:{version}"
-        training = await self._training_reference(name, version, meta_raw)
-        if training is not None:
-            return training, "training"
+        training = await self._training_reference(name, version, meta_raw) or References()
+        if training.source is not None:
+            return training
+        labels = training.class_labels
         if reference_raw is not None:
             stored = json.loads(reference_raw)
             if stored.get("model") == real:
-                return np.asarray(stored["fractions"], dtype=np.float64), "promotion"
+                return References(_array(stored["fractions"]), _array(stored.get("classes")),
+                                  "promotion", labels)  # fmt: skip
         # The first full window of this model's scores the stream still holds.
         entries = await self.client.xrange(names.drift_sketch_stream(deployment), count=SCAN_LIMIT)
         first = merge_window(
             decode_sketches(cast(Entries, entries)), real, None, self.window_requests
         )
         if first.requests < self.window_requests:
-            return None, None
+            return References(class_labels=labels)
         total = first.score_real.sum()
         fractions = (first.score_real / total).tolist() if total else None
         if fractions is None:
-            return None, None
+            return References(class_labels=labels)
+        predicted = first.predicted
+        classes = (
+            (predicted / predicted.sum()).tolist()
+            if predicted is not None and predicted.sum()
+            else None
+        )
         await self.client.set(
             names.drift_reference_key(deployment),
             json.dumps(
                 {
                     "model": real,
                     "fractions": fractions,
+                    **({"classes": classes} if classes else {}),
                     "requests": first.requests,
                     "from_ms": first.start_ms,
                     "to_ms": first.end_ms,
@@ -133,7 +165,7 @@ class ScoreReferences:
         log.info(
             "drift: %s's score reference is its first %d requests as real", real, first.requests
         )
-        return np.asarray(fractions), "promotion"
+        return References(_array(fractions), _array(classes), "promotion", labels)
 
 
 def local_model_meta(models_dir: Path) -> ModelMeta:

@@ -173,6 +173,18 @@ class ClusterStateCollector(Collector):
             "Jensen-Shannon distance of real's score distribution against its reference.",
             dep_only,
         )
+        class_psi = _gauge(
+            "rdv_drift_class_psi",
+            "Population stability index of a multiclass real model's predicted-class mix in "
+            "the window against its reference.",
+            dep_only,
+        )
+        class_js = _gauge(
+            "rdv_drift_class_js_distance",
+            "Jensen-Shannon distance of a multiclass real model's predicted-class mix against "
+            "its reference.",
+            dep_only,
+        )
         feature_psi = _gauge(
             "rdv_drift_feature_psi",
             "Population stability index of a "
@@ -233,9 +245,12 @@ class ClusterStateCollector(Collector):
             score = current.get("score") or {}
             div = current.get("divergence") or {}
             features = current.get("features") or {}
+            classes = current.get("classes") or {}
             for family, value in (
                 (score_psi, score.get("psi")),
                 (score_js, score.get("js_distance")),
+                (class_psi, classes.get("psi")),
+                (class_js, classes.get("js_distance")),
                 (feature_max, features.get("max_psi")),
                 (div_mean, div.get("mean")),
                 (disagree, div.get("disagreement_rate")),
@@ -256,6 +271,8 @@ class ClusterStateCollector(Collector):
         yield from (
             score_psi,
             score_js,
+            class_psi,
+            class_js,
             feature_psi,
             feature_max,
             div_mean,

@@ -11,7 +11,9 @@ const REFRESH_MS = 5000, H = 260, M = {l: 50, r: 16, t: 24, b: 40};
 const C = {blue: "#0072B2", orange: "#E69F00", green: "#009E73", verm: "#D55E00",
            sky: "#56B4E9", purple: "#CC79A7", grey: "#8C8C8C"};
 const KINDS = {divergence_mean: "divergence", disagreement_rate: "disagreement",
-               score_psi: "score PSI", score_js: "score JS", feature_psi: "feature PSI"};
+               score_psi: "score PSI", score_js: "score JS", feature_psi: "feature PSI",
+               class_psi: "class PSI", class_js: "class JS"};
+const CLASS_KINDS = new Set(["class_psi", "class_js"]);  // a multiclass model's only
 const NS = "http://www.w3.org/2000/svg";
 let lastDoc = null;
 document.title = "Drift \u00b7 " + DEPLOYMENT;
@@ -285,7 +287,8 @@ function header(doc, cur, th, win, waiting) {
     " alerts until the window holds " + (th.min_requests ?? "?") + " requests",
     judged ? "badge calm" : "badge wait"));
   const values = (cur && cur.values) || {}, active = new Set(alerts.map(a => a.kind));
-  $("tiles").replaceChildren(...Object.keys(KINDS).map(k => {
+  const kinds = Object.keys(KINDS).filter(k => !CLASS_KINDS.has(k) || (cur && cur.classes));
+  $("tiles").replaceChildren(...kinds.map(k => {
     const over = active.has(k) || (isNum(values[k]) && isNum(th[k]) && values[k] > th[k]);
     const t = node("div", undefined, "tile" + (over ? " over" : ""));
     t.setAttribute("data-kind", k);
