@@ -5,6 +5,7 @@ numpy, no I/O; the sketches themselves are ``rendezvous.drift``."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,3 +140,9 @@ class FeatureReferences:
             held = (spec, FeatureReference.from_spec(spec))
         self._held[deployment] = (spec, held[1])  # the object at hand: the next look is cheap
         return held[1]
+
+    def keep_only(self, deployments: Collection[str]) -> None:
+        """Forget the deployments not among ``deployments`` (deleted): each held its spec and
+        reference (tens of kB) for as long as the process ran (found by a churn probe)."""
+        for gone in [d for d in self._held if d not in deployments]:
+            del self._held[gone]

@@ -34,7 +34,7 @@ from rendezvous.drift import (
     score_counts,
 )
 from rendezvous.drift_alerts import ALERT_KINDS, Thresholds, evaluate_alerts, window_report
-from rendezvous.drift_reference import FeatureReference
+from rendezvous.drift_reference import FeatureReference, FeatureReferences
 from rendezvous.spec import FeatureSpec, FeatureStats
 
 # -- the measures ------------------------------------------------------------------------------
@@ -153,6 +153,19 @@ def test_feature_reference_version_and_missing_quantiles() -> None:
     assert ref is not None and same is not None and other is not None
     assert ref.version == same.version != other.version
     assert FeatureReference.from_spec(FeatureSpec.from_names(["a", "b"])) is None
+
+
+def test_feature_references_let_go_of_deployments_gone() -> None:
+    """A process kept each deployment's spec and reference it ever built (tens of kB) for as
+    long as it ran, deleted ones included (a churn probe)."""
+    spec = _spec({"a": [1.0, 2.0, 3.0]}, {"a": 0.0})
+    held = FeatureReferences()
+    kept, gone = held.of("kept", spec), held.of("gone", spec)
+    assert kept is not None and gone is not None
+    assert held.of("gone", spec) is gone  # built once while the spec stays
+    held.keep_only({"kept"})
+    assert held.of("kept", spec) is kept
+    assert held.of("gone", spec) is not gone  # forgotten: built afresh
 
 
 def test_training_rows_have_no_feature_drift_against_their_own_quantiles(

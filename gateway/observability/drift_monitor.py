@@ -139,6 +139,7 @@ class DriftMonitor:
         now = time.monotonic()
         live = self.deployments.deployments
         self.leases.keep_only(live)
+        self._features.keep_only(live)
         for kept in (self._revisions, self._last_eval, self._last_seen, self._last_point):
             for gone in [d for d in kept if d not in live]:  # deleted: never asked again
                 del kept[gone]
