@@ -11,10 +11,8 @@ from Redis at scrape time: see ``gateway.observability.metrics_state``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import glob
 import os
-import time
 from bisect import bisect_left
 from collections import Counter as Tally
 from collections import defaultdict
@@ -53,8 +51,6 @@ FLUSH_S = 0.1
 multi-process mode every value write takes a lock and writes a shared file (~1.5 µs), about a
 dozen a request; batched, a flush writes once per label set and bucket touched. ``/metrics``
 flushes its own process first, so only another process's figures can lag, by at most this."""
-FORGET_EVERY_S = 10.0
-"""How often a flush lets go of the label children of deployments that are gone."""
 
 
 def multiprocess_dir() -> str | None:
@@ -168,11 +164,6 @@ class GatewayMetrics:
             ["deployment"],
             registry=r,
         )
-        self._by_deployment: dict[int, Any] = {id(m): m for m in (
-            self.requests, self.request_seconds, self.model_seconds, self.queue_seconds,
-            self.divergence, self.disagreements, self.compared_rows, self.decisions,
-            self.drift_dropped_rows)}  # fmt: skip
-        """The instruments whose first label is the deployment, by their ``id``."""
         self.in_flight = Gauge(
             "rdv_in_flight_requests",
             "Predict requests this gateway holds right now.",
@@ -209,8 +200,6 @@ class GatewayMetrics:
         self._observed: defaultdict[tuple[Any, ...], list[float]] = defaultdict(list)
         self._flush_handle: asyncio.TimerHandle | None = None
         self._in_flight_of: Callable[[], int] | None = None
-        self._deployments_of: Callable[[], Collection[str]] | None = None
-        self._forgotten_at = 0.0
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -223,27 +212,6 @@ class GatewayMetrics:
         """Where ``rdv_in_flight_requests`` is read from at each flush: the service's own
         count, which it keeps anyway, instead of two gauge writes a request."""
         self._in_flight_of = source
-
-    def track_deployments(self, source: Callable[[], Collection[str]]) -> None:
-        """Where the deployments that may still be counted (live or draining) are read from:
-        in multi-process mode a flush drops the label children of the others. Each held
-        ~30 kB of this process's memory for as long as it ran (a churn probe: 100 deployments
-        created and deleted, 2.9 MB); the values stay in the shared files, so a deployment
-        created again under the name reads its counters on from there."""
-        self._deployments_of = source
-
-    def _forget_gone(self) -> None:
-        source, now = self._deployments_of, time.monotonic()
-        if source is None or now < self._forgotten_at + FORGET_EVERY_S or not multiprocess_dir():
-            return
-        self._forgotten_at = now
-        keep = {*source(), UNKNOWN_DEPLOYMENT}
-        by_deployment = self._by_deployment
-        for key in [k for k in self._children if k[0] in by_deployment and k[1] not in keep]:
-            del self._children[key]
-            with contextlib.suppress(KeyError):  # prometheus-client's own children too
-                by_deployment[key[0]].remove(*key[1:])
-        self._counted_deployments &= keep
 
     def track_decision_appends(self, appender: HeldAppends) -> None:
         """Where the decision records' ``held`` and ``dropped`` are read from at each flush
@@ -278,7 +246,6 @@ class GatewayMetrics:
             if total > seen:
                 self._child(self.http_refused, str(status)).inc(total - seen)
                 self._refusals_seen[status] = total
-        self._forget_gone()
         appends = self._decision_appends
         if appends is not None:
             self.decisions_held.set(appends.held)

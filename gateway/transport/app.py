@@ -250,7 +250,6 @@ def create_app(
                 feature_store=writer,
             )
             metrics.track_in_flight(lambda: app.state.service.in_flight)
-            metrics.track_deployments(lambda: {*deployments.deployments, *deployments.draining})
             metrics.track_decision_appends(appender)
             REFUSALS.listener = metrics.track_http_refusals(REFUSALS.by_status)
             stop_jobs = await jobs.start(app, settings)
