@@ -62,7 +62,7 @@ async def measure(n: int) -> None:
     deployments = DeploymentCache(cast(Any, None))
     spec = FeatureSpec(names=tuple(data.names))
     deployments.deployments["breast-cancer"] = cast(
-        Any, SimpleNamespace(name="breast-cancer", feature_spec=spec)
+        Any, SimpleNamespace(name="breast-cancer", feature_spec=spec, input_rule=None)
     )
     service = PredictionService(
         deployments, cast(Any, None), cast(Any, None),

@@ -18,6 +18,7 @@ import numpy as np
 import orjson
 
 from rendezvous.envelope import RequestEnvelope
+from rendezvous.input_types import FLOAT32
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ def record_from_envelope(
     """The archived form of one request, exactly what the models saw plus where it came from,
     as its archive line: one JSON object, without the newline. ``raw`` is the caller's
     request, ``looked_up`` (enriched requests only) what the feature store gave, ``features``
-    the merged float32 rows the models scored.
+    the merged float32 rows the models scored (``features_type`` names another type: float64,
+    or int64 written as integers, for a deployment whose models take it).
 
     Written by hand because it is the log bin's hot path (``json.dumps`` of a record dict was
     40-45 % of its CPU): the caller's JSON is checked and spliced in as sent instead of parsed
@@ -77,6 +79,8 @@ def record_from_envelope(
     raw = env.raw if isinstance(env.raw, bytes) else str(env.raw).encode()
     where = f'"stream":{_json(stream)},' if stream else ""  # which input partition
     looked = "" if env.looked_up is None else f'"looked_up":{_looked_up_json(env.looked_up)},'
+    if env.wire_type != FLOAT32:  # float64 or int64 rows, exact: a replay reads them so
+        looked += f'"features_type":"{env.wire_type}",'
     return (
         f'{{"stream_id":{_json(stream_id)},{where}"request_id":{_json(env.request_id)},'
         f'"deployment":{_json(env.deployment)},"enqueued_ms":{_json(env.enqueued_ms)},'

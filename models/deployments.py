@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rendezvous import names
+from rendezvous.input_types import InputRule, input_rule
 from rendezvous.schedule import Schedule
 from rendezvous.spec import FeatureSpec, unknown_fields
 
 log = logging.getLogger(__name__)
 
 _STATE_FIELDS = frozenset({"name", "revision", "updated_ms", "roles", "schedule", "feature_spec",
-                           "partitions", "past_partitions", "deleted_ms"})  # fmt: skip
+                           "partitions", "past_partitions", "deleted_ms",
+                           "input_types"})  # fmt: skip
 
 
 class DeploymentNotFound(LookupError):
@@ -71,6 +73,10 @@ class Deployment:
     """When it was deleted (0: it was not). A deleted deployment takes no new request, but its
     readers go on until what it accepted is drained; then its state and streams are purged
     (``models.deployment_purge``)."""
+    input_types: tuple[str, ...] = ()
+    """The input types of its roles' models when any is not float32 (``rendezvous.input_types``:
+    the gateway validates and carries the rows so that every one takes them unchanged); set by
+    the admin API at every change of roles. Empty: float32 alone, as every state before."""
     more: Mapping[str, Any] = field(default_factory=dict)
     """Fields a newer version wrote, kept as they came (``rendezvous.spec.unknown_fields``)."""
 
@@ -85,6 +91,12 @@ class Deployment:
         for role in self.schedule.split_roles:
             if role not in self.roles:
                 raise ValueError(f"the split names {role}, which is not a role of {self.name}")
+        input_rule(self.input_types)  # a type this version does not know: not readable here
+
+    @property
+    def input_rule(self) -> InputRule | None:
+        """How the gateway validates and carries its rows; None (float32 alone): as ever."""
+        return input_rule(self.input_types) if self.input_types else None
 
     @property
     def role_names(self) -> list[str]:
@@ -143,6 +155,7 @@ class Deployment:
             "partitions": self.partitions,
             "past_partitions": list(self.past_partitions),
             **({"deleted_ms": self.deleted_ms} if self.deleted_ms else {}),
+            **({"input_types": list(self.input_types)} if self.input_types else {}),
         }
 
     def to_json(self) -> str:
@@ -163,6 +176,7 @@ class Deployment:
                 partitions=int(doc.get("partitions", 1)),
                 past_partitions=tuple(int(n) for n in doc.get("past_partitions", ())),
                 deleted_ms=int(doc.get("deleted_ms", 0)),
+                input_types=tuple(str(t) for t in doc.get("input_types", ())),
                 more=unknown_fields(doc, _STATE_FIELDS),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:

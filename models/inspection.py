@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from models.meta import ModelMeta
+from rendezvous.input_types import ONNX_TYPES
 
 ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 """Operator sets a model may use: standard ONNX and ONNX-ML (what skl2onnx emits), no custom
@@ -105,7 +106,7 @@ def inspect_onnx(data: bytes, meta: ModelMeta) -> ModelMeta:
             path.write_bytes(data)
             model = OnnxClassifier(path, meta)
         _check_io(model)
-        rows = _dry_rows(meta)
+        rows = model.takes(_dry_rows(meta))
         labels, proba = model.predict(rows)
         seen = (labels, proba)
         if graph_classes is None and not _every_column_led(proba):
@@ -132,12 +133,14 @@ def inspect_onnx(data: bytes, meta: ModelMeta) -> ModelMeta:
     class_names = meta.class_names or [str(c) for c in classes]
     if len(class_names) != len(classes):
         raise ArtifactRejected("class_names must name every class")
-    return ModelMeta.from_dict({**meta.to_dict(), "classes": classes, "class_names": class_names})
+    return ModelMeta.from_dict({**meta.to_dict(), "classes": classes, "class_names": class_names,
+                                "input_type": model.input_type})  # fmt: skip
 
 
 SUPPORTED = (
-    "this server serves classifiers exported by skl2onnx with zipmap=False: one float32 (or "
-    "float64) input [rows, features], outputs (label, probabilities), integer class labels"
+    "this server serves classifiers exported by skl2onnx with zipmap=False: one numeric input "
+    "[rows, features] of float32, float64, int64 or int32, outputs (label, probabilities), "
+    "integer class labels"
 )
 
 
@@ -220,9 +223,13 @@ def _check_io(model: Any) -> None:
     """What the session says of its input and outputs, before a batch meets it."""
     [given] = model.session.get_inputs()
     width = model.meta.feature_spec.width
-    if given.type not in ("tensor(float)", "tensor(double)"):
+    if given.type not in ONNX_TYPES:
+        # strings (StringTensorType) would need text features through the whole path, the
+        # archive's float views, drift and replays included; other widths are rare in skl2onnx
         raise ArtifactRejected(
-            f"the model's input is {given.type}: {SUPPORTED} (skl2onnx: FloatTensorType)"
+            f"the model's input is {given.type}, which this server does not feed: {SUPPORTED} "
+            "(skl2onnx: FloatTensorType, DoubleTensorType or Int64TensorType; encode text "
+            "features as numbers before the model)"
         )
     if given.shape and isinstance(given.shape[0], int):
         # the gateway batches requests of any number of rows: a fixed batch size passed a dry
@@ -260,7 +267,7 @@ def _seen_far_out(model: Any, meta: ModelMeta, labels: Any, proba: Any) -> tuple
     leads within the training range may lead far from it. Only for reading the columns: the
     model is not held to answers far outside what it was trained on."""
     try:
-        far_labels, far_proba = model.predict(_wide_rows(meta))
+        far_labels, far_proba = model.predict(model.takes(_wide_rows(meta)))
     except Exception:  # it may fail out there; the dry batch stands alone then
         return labels, proba
     finite = np.isfinite(far_proba).all(axis=1)

@@ -99,7 +99,8 @@ def _with_score_reference(meta: ModelMeta, artifact: Path, reference: Any) -> Mo
     from models.runtime import ModelAnswerError, OnnxClassifier
 
     try:
-        _labels, proba = OnnxClassifier(artifact, meta).predict(reference)
+        model = OnnxClassifier(artifact, meta)
+        _labels, proba = model.predict(model.takes(reference))
     except ModelAnswerError as exc:
         raise ArtifactRejected(f"on the reference rows, {exc}") from None
     return ModelMeta.from_dict({**meta.to_dict(), **prediction_references(proba)})

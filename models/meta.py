@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rendezvous.input_types import FLOAT32
 from rendezvous.spec import FeatureSpec
 
 
@@ -34,9 +35,13 @@ class ModelMeta:
     is each class, in the order of ``classes`` (its probability columns). What the class drift
     compares real's live predictions with; None for binary models (their score histogram says
     as much) and for models that came without reference rows."""
+    input_type: str = FLOAT32
+    """The type its input tensor takes (``rendezvous.input_types``), read at upload; written
+    only when not float32, so a float32 model's metadata reads as before. (A float64 model
+    uploaded before it was recorded reads as float32: its rows travel as float32, as then.)"""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "name": self.name,
             "version": self.version,
             "feature_spec": self.feature_spec.to_dict(),
@@ -52,6 +57,9 @@ class ModelMeta:
             # only when there is one: a binary model's metadata stays what it was
             **({"class_reference": self.class_reference} if self.class_reference else {}),
         }
+        if self.input_type != FLOAT32:
+            doc["input_type"] = self.input_type
+        return doc
 
     def summary(self) -> dict[str, Any]:
         """Everything but the feature statistics (for listings)."""
@@ -82,6 +90,7 @@ class ModelMeta:
             class_reference=(
                 [float(v) for v in doc["class_reference"]] if doc.get("class_reference") else None
             ),
+            input_type=str(doc.get("input_type", FLOAT32)),
         )
 
 

@@ -33,6 +33,7 @@ from models.replay_store import DONE, FAILED, INTERRUPTED, RUNNING, ReplayStore
 from rendezvous import names
 from rendezvous.bus.connection import Client
 from rendezvous.decision import DecisionRecord, decode_entries
+from rendezvous.input_types import DTYPES, WIRE_TYPES, unfit
 from rendezvous.outcomes import Outcome
 
 log = logging.getLogger(__name__)
@@ -250,9 +251,13 @@ class Runner:
             if not features:
                 tally.skipped["undecodable"] = tally.skipped.get("undecodable", 0) + 1
                 continue
-            x = np.asarray(features, dtype=np.float32)
+            typed = record.get("features_type") in WIRE_TYPES  # exact float64 or int64 rows
+            x = np.asarray(features, dtype=DTYPES[record["features_type"]] if typed else np.float32)
             if x.ndim != 2 or x.shape[1] != width:
                 tally.skipped["width"] = tally.skipped.get("width", 0) + 1
+                continue
+            if unfit(x, model.input_dtype) is not None:  # an integer model: never truncated
+                tally.skipped["unfit"] = tally.skipped.get("unfit", 0) + 1
                 continue
             scored.append((record, x))
         if not scored:

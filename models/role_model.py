@@ -24,6 +24,7 @@ from rendezvous import names
 from rendezvous.bus.group_reads import Membership
 from rendezvous.bus.routing import Command, command
 from rendezvous.envelope import ModelResult, RequestEnvelope
+from rendezvous.input_types import unfit
 from rendezvous.schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,11 @@ class RoleModel:
         good = [(env, q) for env, q in live if env.features.shape[1] == width]
         out = [self._failed(env, q, f"expected {width} features per row")
                for env, q in live if env.features.shape[1] != width]  # fmt: skip
+        if model.input_dtype.kind == "i":  # never for a float model: its path stays as it was
+            fits = [(env, q, unfit(env.features, model.input_dtype)) for env, q in good]
+            out += [self._failed(env, q, f"input unfit for the model: {why}")
+                    for env, q, why in fits if why is not None]  # fmt: skip
+            good = [(env, q) for env, q, why in fits if why is None]
         if not good:
             return out
         x = (

@@ -1,4 +1,4 @@
-"""One ONNX model loaded in onnxruntime, scoring a float32 batch in one call."""
+"""One ONNX model loaded in onnxruntime, scoring a batch in one call, in its input's type."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from models.meta import ModelMeta
+from rendezvous.input_types import DTYPES, EXACT_INTEGER, FLOAT32, ONNX_TYPES
 
 
 class ModelLoadError(ValueError):
@@ -111,10 +112,12 @@ class OnnxClassifier:
                 f"expected one input tensor [rows, features], the model has {len(inputs)}"
             )
         self.input_name = inputs[0].name
-        self.input_dtype = np.float64 if inputs[0].type == "tensor(double)" else np.float32
-        """What the batch is cast to: a model exported from float64 data (skl2onnx's
-        ``to_onnx(model, X)`` with numpy's default) takes doubles; the gateway's rows are
-        float32 either way, so such a model sees exactly what a float32 one does."""
+        self.input_type = ONNX_TYPES.get(inputs[0].type, FLOAT32)
+        """float32, float64, int64 or int32 (``rendezvous.input_types``; the upload refuses any
+        other): skl2onnx's ``DoubleTensorType`` and ``Int64TensorType`` models take doubles
+        and integers, which the gateway validated and the bus carried exactly."""
+        self.input_dtype: np.dtype = DTYPES[self.input_type]
+        """What the batch is cast to: a float32 batch to a float32 model, without a copy."""
         width = inputs[0].shape[-1] if inputs[0].shape else None
         if isinstance(width, int) and width != meta.feature_spec.width:
             raise ModelLoadError(
@@ -135,6 +138,16 @@ class OnnxClassifier:
     @property
     def name(self) -> str:
         return self.meta.name
+
+    def takes(self, rows: np.ndarray) -> np.ndarray:
+        """Trial rows (drawn, or an upload's reference rows) as this model can take them: for
+        an integer model rounded to integers within what it takes (a cast alone truncated
+        them, and wrapped values past its range); others as they are."""
+        if self.input_dtype.kind != "i":
+            return rows
+        info = np.iinfo(self.input_dtype)
+        low, high = max(info.min, -EXACT_INTEGER), min(info.max, EXACT_INTEGER)
+        return np.clip(np.rint(np.asarray(rows, np.float64)), low, high).astype(self.input_dtype)
 
     @property
     def version(self) -> int:

@@ -3,7 +3,9 @@
 Each travels as one msgpack blob in the stream field ``d``, except that the results a worker's
 batch owes one gateway travel together, in one entry's field ``r``. Feature and probability
 matrices are raw little-endian float32 bytes with their shape beside them, so decoding is a
-``frombuffer`` and not a walk over JSON floats.
+``frombuffer`` and not a walk over JSON floats. A deployment whose models take float64 or
+integers carries its features as float64 or int64 bytes, the type named in ``xt`` (an envelope
+without it, as every older one, is float32).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 import msgpack
 import numpy as np
+
+from rendezvous.input_types import DTYPES, FLOAT32, WIRE_TYPES
 
 FIELD = b"d"
 FORMAT_VERSION = 1
@@ -29,10 +33,33 @@ def _matrix_to_wire(matrix: np.ndarray) -> tuple[bytes, int, int]:
     return m.tobytes(), int(m.shape[0]), int(m.shape[1])
 
 
+def _typed_to_wire(matrix: np.ndarray, wire_type: str) -> tuple[bytes, int, int]:
+    if wire_type not in WIRE_TYPES:
+        raise ValueError(f"unknown feature type {wire_type!r}")
+    m = np.ascontiguousarray(matrix, dtype=DTYPES[wire_type])
+    if m.ndim != 2:
+        raise ValueError(f"expected a 2-d matrix, got shape {m.shape}")
+    return m.tobytes(), int(m.shape[0]), int(m.shape[1])
+
+
 def _matrix_from_wire(data: bytes, rows: int, cols: int) -> np.ndarray:
     if len(data) != rows * cols * 4:
         raise EnvelopeError(f"matrix of {len(data)} bytes does not hold {rows}x{cols} float32")
     return np.frombuffer(data, dtype="<f4").reshape(rows, cols)
+
+
+def _features_from_wire(doc: dict[str, Any]) -> tuple[np.ndarray, str]:
+    """The features and their wire type: float32 unless ``xt`` says otherwise."""
+    wire = doc.get("xt")
+    if wire is None:
+        return _matrix_from_wire(doc["x"], doc["rows"], doc["cols"]), FLOAT32
+    if wire not in WIRE_TYPES:
+        raise EnvelopeError(f"unknown feature type {str(wire)[:20]!r}")
+    dtype = DTYPES[wire]
+    data, rows, cols = doc["x"], doc["rows"], doc["cols"]
+    if len(data) != rows * cols * dtype.itemsize:
+        raise EnvelopeError(f"matrix of {len(data)} bytes does not hold {rows}x{cols} {wire}")
+    return np.frombuffer(data, dtype=dtype).reshape(rows, cols), wire
 
 
 def _unpack(fields: dict[bytes, bytes]) -> dict[str, Any]:
@@ -66,7 +93,7 @@ class RequestEnvelope:
     raw: bytes
     """The caller's input as received (JSON), kept for the archive and for replays."""
     features: np.ndarray
-    """Model-ready float32 matrix, one row per instance."""
+    """Model-ready matrix, one row per instance: float32, or as ``wire_type`` says."""
     spec_version: str
     looked_up: list[dict[str, Any]] | None = None
     """What enrichment read from the online feature store, one entry per row (``entity``,
@@ -76,9 +103,15 @@ class RequestEnvelope:
     """The gateway parsed ``raw`` as JSON and accepted it (its own predict route), so the
     archive may splice it in without parsing it again (a 100-row body: ~70 us of the log
     bin's CPU); False, and the log bin checks, for any other protocol."""
+    wire_type: str = FLOAT32
+    """``float64`` or ``int64`` for a deployment whose models take doubles or integers
+    (``rendezvous.input_types``): the features travel so, exactly as validated."""
 
     def encode(self) -> dict[bytes, bytes]:
-        data, rows, cols = _matrix_to_wire(self.features)
+        if self.wire_type == FLOAT32:
+            data, rows, cols = _matrix_to_wire(self.features)
+        else:
+            data, rows, cols = _typed_to_wire(self.features, self.wire_type)
         doc = {
             "v": FORMAT_VERSION,
             "id": self.request_id,
@@ -96,12 +129,15 @@ class RequestEnvelope:
             doc["lu"] = self.looked_up
         if self.raw_is_json:
             doc["rj"] = True
+        if self.wire_type != FLOAT32:
+            doc["xt"] = self.wire_type
         return {FIELD: msgpack.packb(doc, use_bin_type=True)}
 
     @classmethod
     def decode(cls, fields: dict[bytes, bytes]) -> RequestEnvelope:
         doc = _unpack(fields)
         try:
+            features, wire_type = _features_from_wire(doc)
             return cls(
                 request_id=doc["id"],
                 deployment=doc["dep"],
@@ -109,10 +145,11 @@ class RequestEnvelope:
                 deadline_ms=int(doc["deadline_ms"]),
                 enqueued_ms=float(doc["enq_ms"]),
                 raw=doc["raw"],
-                features=_matrix_from_wire(doc["x"], doc["rows"], doc["cols"]),
+                features=features,
                 spec_version=doc["spec"],
                 looked_up=doc.get("lu"),
                 raw_is_json=doc.get("rj") is True,
+                wire_type=wire_type,
             )
         except (KeyError, TypeError) as exc:
             raise EnvelopeError(f"envelope lacks a field: {exc}") from exc

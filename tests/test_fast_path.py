@@ -144,7 +144,9 @@ def full_gateway() -> tuple[HttpToolsProtocol, Transport, PredictionService, Tal
     Redis side stands in: nothing here gets that far) already holding its bound."""
     deployments = DeploymentCache(cast(Any, None))
     spec = FeatureSpec.from_names(["a", "b", "c"])
-    deployments.deployments["demo"] = cast(Any, SimpleNamespace(name="demo", feature_spec=spec))
+    deployments.deployments["demo"] = cast(
+        Any, SimpleNamespace(name="demo", feature_spec=spec, input_rule=None)
+    )
     tally = Tally()
     service = PredictionService(
         deployments, cast(Any, None), cast(Any, None),

@@ -446,7 +446,9 @@ async def test_a_jobs_tries_refused_for_a_moment_are_not_counted_nor_its_wait_ti
     probe): a job counts once, at its end, untimed."""
     deployments = DeploymentCache(cast(Any, None))
     spec = FeatureSpec.from_names(["a", "b"])
-    deployments.deployments["demo"] = cast(Any, SimpleNamespace(name="demo", feature_spec=spec))
+    deployments.deployments["demo"] = cast(
+        Any, SimpleNamespace(name="demo", feature_spec=spec, input_rule=None)
+    )
     tally = Tally()
     service = PredictionService(deployments, cast(Any, None), cast(Any, None), max_rows=8,
                                 max_in_flight=4, max_backlog=100, metrics=tally)  # fmt: skip

@@ -99,6 +99,7 @@ class DeploymentOperations(AdminCore):
                 feature_spec=spec,
                 schedule=schedule,
                 partitions=req.partitions,
+                input_types=self._input_types(roles.values()),
             )
         except ValueError as exc:
             raise Invalid(str(exc)) from None

@@ -8,6 +8,7 @@ into typed ``AdminError``s. The operations themselves live in ``model_operations
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,6 +20,7 @@ from models.meta import ModelMeta
 from models.registry import ModelRegistry
 from rendezvous import names
 from rendezvous.bus.connection import Client
+from rendezvous.input_types import deployment_types
 from rendezvous.schedule import Schedule
 from rendezvous.spec import FeatureSpec, Lookup
 
@@ -57,6 +59,11 @@ class AdminCore:
         self.max_model_bytes = max_model_bytes
         self.evidence = Evidence(client, self.store, shadow_window, labelled_window)
         self.heartbeat_timeout_s = heartbeat_timeout_s
+
+    def _input_types(self, refs: Iterable[ModelRef]) -> tuple[str, ...]:
+        """What a deployment with these role models records of their input types: the
+        gateway validates and carries its rows so that each takes them unchanged."""
+        return deployment_types(self._meta(ref).input_type for ref in refs)
 
     def _meta(self, ref: ModelRef) -> ModelMeta:
         try:
@@ -118,6 +125,9 @@ class AdminCore:
             rewrites after marking the version (``DeploymentStore.holders_of``)."""
             changed = change(dep)
             self._refuse_retired(set(changed.roles.values()) - set(dep.roles.values()))
+            if changed.roles != dep.roles:
+                types = self._input_types(changed.roles.values())
+                changed = dataclasses.replace(changed, input_types=types)
             return changed
 
         try:

@@ -145,9 +145,9 @@ class JobService:
         spec = dep.feature_spec
         body = parse_body(raw, spec, service.max_rows)
         if spec.lookup is None:
-            rows = to_matrix(spec, body, service.max_rows).shape[0]
+            rows = to_matrix(spec, body, service.max_rows, dep.input_rule).shape[0]
         else:  # enrichment: the caller's part now, the feature store's when the job runs
-            rows = enriched_rows(spec, body, service.max_rows)[0].shape[0]
+            rows = enriched_rows(spec, body, service.max_rows, dep.input_rule)[0].shape[0]
         rid = check_request_id(request_id) if request_id else None
         service.check_room(dep.name)
         return await self.store.accept(dep, raw, rid, rows)

@@ -51,6 +51,7 @@ from rendezvous.bus.appender import (
 from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import REDIS_FAILURES, write_refused
 from rendezvous.envelope import RequestEnvelope
+from rendezvous.input_types import FLOAT32
 from rendezvous.ood import OodReference
 from rendezvous.spec import FeatureSpec
 
@@ -179,17 +180,18 @@ class PredictionService:
         dep = self.deployments.get(deployment)
         pin = pinned_role(dep, version) if version is not None else None
         spec = dep.feature_spec
+        rule = dep.input_rule
         entities: list[str] | None = None
         if decode is None:
             body = parse_body(raw, spec, self.max_rows)
             if spec.lookup is None:
-                features = to_matrix(spec, body, self.max_rows)
+                features = to_matrix(spec, body, self.max_rows, rule)
             else:  # enrichment: the caller's part now, the feature store's below
-                features, entities = enriched_rows(spec, body, self.max_rows)
+                features, entities = enriched_rows(spec, body, self.max_rows, rule)
         else:  # a protocol's own decoder: the matrix, or the caller's part and the entities
             x, entities = decode(spec, raw)
             columns = spec.names if entities is None else spec.caller_names
-            features = check_matrix(spec, x, self.max_rows, columns)
+            features = check_matrix(spec, x, self.max_rows, columns, rule)
         rid = check_request_id(request_id) if request_id else names.new_request_id()
         self.check_room(dep.name)
         self.in_flight += 1
@@ -219,7 +221,7 @@ class PredictionService:
             )
         except REDIS_FAILURES as exc:
             raise Unavailable(f"the feature store is unavailable: {exc}") from exc
-        return merged(dep.feature_spec, caller, entities, stored)
+        return merged(dep.feature_spec, caller, entities, stored, dep.input_rule)
 
     def ood_reference(self, spec: FeatureSpec) -> OodReference | None:
         """The spec's training statistics as the OOD score reads them, built once per spec
@@ -285,6 +287,7 @@ class PredictionService:
             spec_version=spec.version,
             looked_up=looked_up,
             raw_is_json=raw_is_json,
+            wire_type=FLOAT32 if (rule := dep.input_rule) is None else rule.wire_type,
         )
 
         def unpublished(exc: Exception) -> None:

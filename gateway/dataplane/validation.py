@@ -16,7 +16,9 @@ import numpy as np
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.dataplane.typed_rows import typed_lookups, typed_matrix, typed_rows
 from gateway.problems import encoding_fault
+from rendezvous.input_types import InputRule
 from rendezvous.names import ENTITY_PATTERN, is_request_id
 from rendezvous.spec import FeatureSpec, shown_stored, stored_number
 
@@ -88,8 +90,12 @@ def _error(loc: tuple[str | int, ...], msg: str, kind: str, value: Any = None) -
     return {"type": kind, "loc": ("body", *loc), "msg": msg, "input": value}
 
 
-def to_matrix(spec: FeatureSpec, request: PredictRequest, max_rows: int) -> np.ndarray:
-    """The model's input for this request, or RequestValidationError naming every problem."""
+def to_matrix(
+    spec: FeatureSpec, request: PredictRequest, max_rows: int, rule: InputRule | None = None
+) -> np.ndarray:
+    """The model's input for this request, or RequestValidationError naming every problem.
+    ``rule``: the deployment's when a model of it takes float64 or integers (``typed_rows``);
+    None, float32: the fast path as it was."""
     if (request.features is None) == (request.instances is None):
         raise RequestValidationError(
             [_error((), "send exactly one of 'features' or 'instances'", "value_error")]
@@ -98,7 +104,7 @@ def to_matrix(spec: FeatureSpec, request: PredictRequest, max_rows: int) -> np.n
         where = "entity" if request.entity is not None else "entities"
         msg = "this deployment looks no features up by entity: send them all"
         raise RequestValidationError([_error((where,), msg, "extra_forbidden")])
-    return _matrix(spec.names, request.features, request.instances, max_rows)
+    return _matrix(spec.names, request.features, request.instances, max_rows, rule)
 
 
 _NAMED = 20
@@ -112,9 +118,10 @@ def _matrix(
     features: dict[str, float] | None,
     instances: list[list[float]] | None,
     max_rows: int,
+    rule: InputRule | None = None,
 ) -> np.ndarray:
     """``features`` (one row by name) or ``instances`` (rows in ``names`` order) as a float32
-    matrix of ``names``' width."""
+    matrix of ``names``' width (of ``rule``'s wire type with one)."""
     errors: list[dict[str, Any]] = []
     if features is not None:
         given = features
@@ -158,6 +165,8 @@ def _matrix(
         if errors:
             raise RequestValidationError(errors)
     x64 = np.asarray(rows, dtype=np.float64)
+    if rule is not None:
+        return typed_rows(x64, rule, names, features is not None)
     with np.errstate(over="ignore"):  # what float32 cannot hold becomes infinity: refused
         x = x64.astype(np.float32)
     too_big = np.isinf(x)  # (3.4028235e38, float32's largest written short, rounds to it)
@@ -175,7 +184,7 @@ def _matrix(
 
 
 def enriched_rows(
-    spec: FeatureSpec, request: PredictRequest, max_rows: int
+    spec: FeatureSpec, request: PredictRequest, max_rows: int, rule: InputRule | None = None
 ) -> tuple[np.ndarray, list[str]]:
     """The caller's part of the model's input (float32, ``spec.caller_names`` wide) and the
     entity of each row, or RequestValidationError naming every problem."""
@@ -230,7 +239,7 @@ def enriched_rows(
         raise RequestValidationError(errors)
     if instances is not None:
         features = None
-    return _matrix(caller, features, instances, max_rows), list(entities)
+    return _matrix(caller, features, instances, max_rows, rule), list(entities)
 
 
 def merged(
@@ -238,6 +247,7 @@ def merged(
     caller: np.ndarray,
     entities: list[str],
     stored: Mapping[str, Sequence[bytes | str | None]],
+    rule: InputRule | None = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """The model's input: the caller's part and, per row, its entity's stored values (in
     ``spec.lookup.features`` order, None where the store has none) or the spec's defaults; and
@@ -282,22 +292,31 @@ def merged(
         records[entity] = record
     if errors:
         raise RequestValidationError(errors)
-    x = np.empty((len(entities), spec.width), dtype=np.float32)
+    x = np.empty((len(entities), spec.width), dtype=rule.wire_dtype if rule else np.float32)
     caller_cols, lookup_cols = spec.lookup_columns
     x[:, caller_cols] = caller
     looked = [[records[e]["values"][n] for n in lookup.features] for e in entities]
-    x[:, lookup_cols] = np.asarray(looked, dtype=np.float64)
+    looked_x = np.asarray(looked, dtype=np.float64)
+    if rule is not None:
+        typed_lookups(looked_x, rule, lookup, entities, at)
+    x[:, lookup_cols] = looked_x
     return x, [records[e] for e in entities]
 
 
 def check_matrix(
-    spec: FeatureSpec, x: np.ndarray, max_rows: int, names: Sequence[str] | None = None
+    spec: FeatureSpec,
+    x: np.ndarray,
+    max_rows: int,
+    names: Sequence[str] | None = None,
+    rule: InputRule | None = None,
 ) -> np.ndarray:
     """What a protocol's own decoder made, held to the same rules as this gateway's JSON: a
     float32 matrix of 1 to ``max_rows`` rows of the features ``names`` (the spec's, or the
-    caller's part of a deployment that looks features up), every value finite."""
+    caller's part of a deployment that looks features up), every value finite; with ``rule``,
+    of its wire type, the values as decoded (``typed_matrix``)."""
     names = spec.names if names is None else names
     errors: list[dict[str, Any]] = []
+    source = x
     with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: infinite, refused
         x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != len(names):
@@ -311,7 +330,7 @@ def check_matrix(
                              "finite_number"))  # fmt: skip
     if errors:
         raise RequestValidationError(errors)
-    return x
+    return x if rule is None else typed_matrix(source, rule, names)
 
 
 def single_request_id(values: Sequence[str]) -> str | None:

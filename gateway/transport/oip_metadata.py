@@ -35,6 +35,9 @@ def deployment_of(deployments: DeploymentCache, model: str, version: str | None)
 
 
 def model_metadata(dep: Deployment, classes: int | None) -> dict[str, Any]:
+    """The deployment as a model; a deployment whose models take float64 or integers says
+    FP64, which carries each of its values exactly (FP32 rounds past 2**24)."""
+    datatype = "FP32" if dep.input_rule is None else "FP64"
     return {
         "name": dep.name,
         "versions": dep.versions,
@@ -42,7 +45,7 @@ def model_metadata(dep: Deployment, classes: int | None) -> dict[str, Any]:
         "inputs": (
             lookup_inputs(dep.feature_spec)
             if dep.feature_spec.lookup is not None
-            else [{"name": INPUT, "datatype": "FP32", "shape": [-1, dep.feature_spec.width]}]
+            else [{"name": INPUT, "datatype": datatype, "shape": [-1, dep.feature_spec.width]}]
         ),
         "outputs": [
             {"name": LABEL, "datatype": "INT64", "shape": [-1]},

@@ -1,0 +1,154 @@
+"""Models whose input is float64 or integers (skl2onnx's ``DoubleTensorType`` and
+``Int64TensorType``), without a server: the upload's inspection records the type (an int64
+input was refused; a string input still is, saying why), the deployment's rule follows its
+roles' models, the gateway refuses what an integer model cannot take as is (naming row and
+column) and keeps the rest exact, the envelope carries float64 and int64 exactly and still
+reads old float32 envelopes, and the worker never truncates."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.exceptions import RequestValidationError
+from typed_models import NAMES, counts, fitted, string_onnx, typed_onnx
+
+from gateway.dataplane.validation import check_matrix, merged, parse_body, to_matrix
+from models.archive_line import record_from_envelope
+from models.deployments import Deployment, DeploymentUnreadable, ModelRef
+from models.inspection import ArtifactRejected, inspect_onnx
+from models.meta import ModelMeta
+from models.runtime import OnnxClassifier
+from rendezvous.envelope import EnvelopeError, RequestEnvelope
+from rendezvous.input_types import InputRule, deployment_types, input_rule, unfit
+from rendezvous.spec import FeatureSpec, Lookup
+
+pytestmark = pytest.mark.pure
+
+SPEC = FeatureSpec.from_names(NAMES)
+INT64 = InputRule("int64", "int64")
+BIG = 16777217
+"""The first integer float32 cannot hold: it read as 16777216."""
+
+
+def meta(spec: FeatureSpec = SPEC) -> ModelMeta:
+    return ModelMeta(name="counts", version=1, feature_spec=spec, classes=[], class_names=[],
+                     sha256="", created_at="")  # fmt: skip
+
+
+def loaded(kind: str) -> OnnxClassifier:
+    checked = inspect_onnx(typed_onnx(kind), meta())
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "m.onnx").write_bytes(typed_onnx(kind))
+        return OnnxClassifier(Path(folder) / "m.onnx", checked)
+
+
+def faults_of(call: object) -> list[dict]:
+    with pytest.raises(RequestValidationError) as caught:
+        call()  # type: ignore[operator]
+    return list(caught.value.errors())
+
+
+@pytest.mark.parametrize("kind, input_type", [("int64", "int64"), ("double", "float64")])
+def test_an_int64_or_double_model_is_inspected_and_answers_as_scikit_learn(
+    kind: str, input_type: str
+) -> None:
+    """An ``Int64TensorType`` model was refused at upload ("the model's input is
+    tensor(int64)"); now its type is recorded and it answers on integer rows as the
+    scikit-learn model does."""
+    checked = inspect_onnx(typed_onnx(kind), meta())
+    assert checked.input_type == input_type
+    assert ModelMeta.from_dict(checked.to_dict()).input_type == input_type
+    x, _ = counts()
+    model = loaded(kind)
+    labels, proba = model.predict(x)
+    assert labels.tolist() == fitted().predict(x).tolist()
+    assert np.allclose(proba, fitted().predict_proba(x), atol=1e-5)
+
+
+def test_a_string_input_is_refused_saying_what_is_fed() -> None:
+    with pytest.raises(ArtifactRejected, match=r"tensor\(string\), which this server does not"):
+        inspect_onnx(string_onnx(), meta(FeatureSpec.from_names(["colour"])))
+
+
+def test_the_rule_follows_the_roles_models() -> None:
+    assert deployment_types(["float32", "float32"]) == ()
+    assert input_rule(()) is None
+    assert input_rule(deployment_types(["float32", "float64"])) == InputRule("float64")
+    assert input_rule(deployment_types(["float64", "int64"])) == INT64
+    assert input_rule(("int32", "int64")) == InputRule("int64", "int32")
+    doc = Deployment("d", {"real": ModelRef("m", 1)}, SPEC, input_types=("int64",)).to_json()
+    assert Deployment.from_json(doc).input_rule == INT64
+    plain = Deployment("d", {"real": ModelRef("m", 1)}, SPEC)
+    assert "input_types" not in plain.to_dict() and plain.input_rule is None
+    with pytest.raises(DeploymentUnreadable, match="unknown input types"):
+        Deployment.from_json(doc.replace('"int64"', '"uint8"'))
+
+
+def test_the_gateway_refuses_what_an_integer_model_cannot_take_naming_row_and_column() -> None:
+    body = parse_body(b'{"instances": [[1, 2, 3], [4, 5.5, 6], [9007199254740992, 0, 0]]}', SPEC,
+                      100)  # fmt: skip
+    faults = faults_of(lambda: to_matrix(SPEC, body, 100, INT64))
+    assert [f["loc"] for f in faults] == [("body", "instances", 1, 1),
+                                          ("body", "instances", 2, 0)]  # fmt: skip
+    assert "row 1, 'clicks': 5.5 is not an integer" in faults[0]["msg"]
+    assert "beyond +-9007199254740991" in faults[1]["msg"]
+    by_name = parse_body(b'{"features": {"visits": 3e9, "clicks": 1, "days": 2}}', SPEC, 100)
+    [fault] = faults_of(lambda: to_matrix(SPEC, by_name, 100, InputRule("int64", "int32")))
+    assert fault["loc"] == ("body", "features", "visits") and "int32's range" in fault["msg"]
+    good = parse_body(f'{{"instances": [[{BIG}, -3, 0]]}}'.encode(), SPEC, 100)
+    x = to_matrix(SPEC, good, 100, INT64)
+    assert x.dtype == np.int64 and x.tolist() == [[BIG, -3, 0]]
+    exact = to_matrix(SPEC, parse_body(b'{"instances": [[0.1, 2, 3]]}', SPEC, 100), 100,
+                      InputRule("float64"))  # fmt: skip
+    assert exact.dtype == np.float64 and exact[0, 0] == 0.1
+    [oip] = faults_of(lambda: check_matrix(SPEC, np.array([[1.0, 2.0, 3.5]]), 100, None, INT64))
+    assert oip["loc"] == ("body", 0, 2) and "'days': 3.5 is not an integer" in oip["msg"]
+    assert check_matrix(SPEC, np.array([[BIG, 2.0, 3.0]]), 100, None, INT64).tolist() == [
+        [BIG, 2, 3]
+    ]
+
+
+def test_a_looked_up_value_an_integer_model_cannot_take_names_the_entity() -> None:
+    spec = SPEC.with_lookup(Lookup("customer_id", ("days",)))
+    caller = np.array([[1, 2]], np.int64)
+    [fault] = faults_of(lambda: merged(spec, caller, ["c-1"], {"c-1": [b"2.5"]}, INT64))
+    assert "customer_id 'c-1': its stored 'days': 2.5 is not an integer" in fault["msg"]
+    x, _ = merged(spec, caller, ["c-1"], {"c-1": [str(BIG).encode()]}, INT64)
+    assert x.dtype == np.int64 and x.tolist() == [[1, 2, BIG]]
+
+
+def test_the_envelope_carries_int64_and_float64_exactly_and_reads_old_ones() -> None:
+    def envelope(features: np.ndarray, wire_type: str) -> RequestEnvelope:
+        return RequestEnvelope("r", "d", "reply", 1, 1.0, b"{}", features, "fs", None, True,
+                               wire_type)  # fmt: skip
+
+    for wire_type, x in (("int64", np.array([[BIG, -(2**53 - 1), 7]], np.int64)),
+                         ("float64", np.array([[0.1, BIG, 1e-300]])),
+                         ("float32", np.array([[0.5, 1.0, 2.0]], np.float32))):  # fmt: skip
+        fields = envelope(x, wire_type).encode()
+        back = RequestEnvelope.decode(fields)
+        assert back.wire_type == wire_type and back.features.dtype == x.dtype
+        assert back.features.tolist() == x.tolist()
+        assert (b"xt" in fields[b"d"]) == (wire_type != "float32")  # old envelopes: no xt
+        line = record_from_envelope("1-0", back, 2.0)
+        assert (f'"features_type":"{wire_type}"' in line) == (wire_type != "float32")
+    assert f'"features":[[{BIG},-9007199254740991,7]]' in record_from_envelope(
+        "1-0", envelope(np.array([[BIG, -(2**53 - 1), 7]]), "int64"), 2.0
+    )
+    bad = envelope(np.zeros((1, 3)), "float64").encode()
+    with pytest.raises(EnvelopeError, match="unknown feature type"):
+        RequestEnvelope.decode({b"d": bad[b"d"].replace(b"float64", b"complex")})
+
+
+def test_the_worker_never_truncates_rows_for_an_integer_model() -> None:
+    """Rows published before a role took an integer model, or archived then, travel as
+    float32: one that is not an integer is refused for that model, never cast."""
+    model = loaded("int64")
+    assert unfit(np.array([[1.0, 2.0, 3.0]], np.float32), model.input_dtype) is None
+    assert "0.5 is not an integer" in (unfit(np.array([[1, 0.5, 3]]), model.input_dtype) or "")
+    assert unfit(np.array([[2.0**60, 1, 1]]), model.input_dtype) is not None
+    assert unfit(np.array([[0.5, 1, 1]]), loaded("double").input_dtype) is None
+    assert unfit(np.array([[2**40, 1, 1]]), np.dtype(np.int32)) is not None
