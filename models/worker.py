@@ -41,6 +41,7 @@ from models.role_model import SHADOW_BATCH_WAIT_MS, RoleModel, Scored, WorkerSta
 from models.runtime import OnnxClassifier, RunLimit
 from models.worker_writes import check_written, reply_commands
 from rendezvous import names
+from rendezvous.bus import clock
 from rendezvous.bus.connection import REDIS_FAILURES, Client
 from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry, Membership
 from rendezvous.bus.routing import command
@@ -89,6 +90,7 @@ class ModelWorker(ConsumerLoop):
         first = RoleModel(registry, self.deployment, role, consumer, shadow_batch_wait_ms,
                           self.run_limit)  # fmt: skip
         self.stream = names.input_stream(deployment)
+        revision_key = names.revision_key(self.deployment).encode()
         # Both round trips of a batch go through the loop's router (see
         # ``rendezvous.bus.blocking_router``): redis-py's command layer cost more than the model.
         super().__init__(
@@ -99,7 +101,7 @@ class ModelWorker(ConsumerLoop):
             block_ms=block_ms,
             claim_idle_ms=claim_idle_ms,
             heartbeat_s=heartbeat_s,
-            read_along=[command(b"GET", names.revision_key(self.deployment).encode())],
+            read_along=[command(b"GET", revision_key), clock.time_command(revision_key)],
             member=first.member,
         )
         self.first = first
@@ -287,10 +289,14 @@ class ModelWorker(ConsumerLoop):
         moved = revision is not None and int(revision) != self.revision
         if moved or (self._reload_at is not None and time.monotonic() >= self._reload_at):
             self._maybe_reload(self.client.get(names.deployment_key(self.deployment)))
+        # Redis's time of the read rode along too: deadlines, queue waits and heartbeats are
+        # judged on it, not on this host's clock (``rendezvous.bus.clock``).
+        bus_ms = clock.redis_ms(batch.along[1]) if len(batch.along) > 1 else None
         now = self.heartbeat_due()
         if not batch.entries and now is None:
             return 0
-        return self._handle(batch.entries, batch.members, now)
+        beat = None if now is None else now if bus_ms is None else bus_ms / 1000
+        return self._handle(batch.entries, batch.members, beat, bus_ms)
 
     def unpublish(self) -> None:
         """Remove this worker's counters from the stats hash (best effort: Redis may be down)."""
@@ -317,9 +323,13 @@ class ModelWorker(ConsumerLoop):
             return list(self.roles)
         return [role for role in self.roles if role not in dep.roles]
 
-    def _handle(self, entries: list[Entry], members: list[Membership], beat: float | None) -> int:
+    def _handle(
+        self, entries: list[Entry], members: list[Membership], beat: float | None,
+        bus_ms: float | None = None,
+    ) -> int:  # fmt: skip
         """Score (each entry decoded once, whichever roles read it), then results, acks and
-        (``beat``: its time, when due) the heartbeats in one round trip."""
+        (``beat``: its time, when due) the heartbeats in one round trip. ``bus_ms``: Redis's
+        time of the read, if it came with it."""
         now_ms = time.time() * 1000
         ack_ids: dict[tuple[str, bytes], list[bytes]] = {}
         live: dict[int, list[tuple[RequestEnvelope, float]]] = {}
@@ -340,10 +350,11 @@ class ModelWorker(ConsumerLoop):
                     log.warning("skipping malformed entry %s: %s", entry_id, exc)
             if env is None:
                 role.stats.malformed += 1
-            elif env.deadline_ms < now_ms:
+            elif (judged := clock.waited(entry_id, env.deadline_ms, env.enqueued_ms, bus_ms,
+                                         now_ms))[0]:  # fmt: skip
                 role.stats.expired += 1
             else:
-                live.setdefault(id(member), []).append((env, now_ms - env.enqueued_ms))
+                live.setdefault(id(member), []).append((env, judged[1]))
         replies: list[Scored] = []
         for member_id, role_live in live.items():
             replies += self._by_member[member_id].score(role_live)

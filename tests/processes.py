@@ -121,9 +121,11 @@ def wait_until(check, timeout_s: float, what: str, interval_s: float = 0.05):  #
 class System:
     """A gateway, workers and a log bin as ``rdv`` processes on one Redis and data folder."""
 
-    def __init__(self, redis_url: str, data_dir: Path, logs: Path, **env: str):
+    def __init__(
+        self, redis_url: str, data_dir: Path, logs: Path, port: int | None = None, **env: str
+    ):
         self.redis_url, self.data_dir, self.logs = redis_url, data_dir, logs
-        self.port = free_port()
+        self.port = port or free_port()
         self.env = rdv_env(redis_url, data_dir, self.port, **env)
         self.procs: dict[str, RdvProcess] = {}
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
@@ -172,11 +174,13 @@ def launch_system(
     schedule: Schedule,
     *,
     own_models: bool = False,
+    port: int | None = None,
     **env: str,
 ) -> Iterator[System]:
     """Flush Redis, create the demo deployment, start the gateway and the log bin; on exit
     stop every process still running and check each stopped cleanly. ``own_models``: a copy
-    of the session's demo models, for a test that uploads or deletes (else a link to them)."""
+    of the session's demo models, for a test that uploads or deletes (else a link to them);
+    ``port``: the gateway's (default: any free one)."""
     client = connect(redis_url)
     flush(client)
     registry = ModelRegistry(demo_data_dir / "models")
@@ -186,7 +190,7 @@ def launch_system(
         shutil.copytree(demo_data_dir / "models", data_dir / "models")
     else:
         (data_dir / "models").symlink_to(demo_data_dir / "models")
-    sys = System(redis_url, data_dir, tmp_path_factory.mktemp("system-logs"), **env)
+    sys = System(redis_url, data_dir, tmp_path_factory.mktemp("system-logs"), port, **env)
     sys.start("gateway", "gateway")
     sys.start("logbin", "logbin")
     wait_until(lambda: sys.http.get("/healthz").status_code == 200, 30, "gateway /healthz")

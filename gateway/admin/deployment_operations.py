@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from typing import Any, cast
 
 from gateway.admin.bodies import (
@@ -37,6 +36,7 @@ from models.deployments import (
 )
 from models.meta import unfit_for
 from rendezvous import names
+from rendezvous.bus import clock
 from rendezvous.bus.connection import text
 from rendezvous.schedule import Schedule
 
@@ -68,9 +68,9 @@ class DeploymentOperations(AdminCore):
 
     def deployment(self, name: str) -> dict[str, Any]:
         dep = self._dep(name)
-        live_after = time.time() - self.heartbeat_timeout_s
-        workers: dict[str, int] = {}
-        members = self.client.zrangebyscore(names.workers_key(name), live_after, "+inf")
+        workers: dict[str, int] = {}  # live by Redis's clock: the workers' hosts' may differ
+        args = clock.live_members_args(names.workers_key(name), self.heartbeat_timeout_s)
+        members = self.client.eval(*args)
         for member in cast(list[bytes], members):
             role = text(member).split("|", 1)[0]
             workers[role] = workers.get(role, 0) + 1

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rendezvous import names
+from rendezvous.bus import clock
 from rendezvous.bus.connection import AsyncClient
 from rendezvous.bus.connection import text as _text
 
@@ -89,7 +90,7 @@ async def read_state(
     pipe.hgetall(names.LOGBIN_STATS)
     for dep, inputs in streams.items():
         pipe.xlen(names.decisions_stream(dep))
-        pipe.zrangebyscore(names.workers_key(dep), now - heartbeat_timeout_s, "+inf")
+        pipe.eval(*clock.live_members_args(names.workers_key(dep), heartbeat_timeout_s))
         pipe.hgetall(names.stats_key(dep))
         pipe.get(names.drift_report_key(dep))
         pipe.hgetall(names.skipped_key(dep))

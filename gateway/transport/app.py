@@ -8,7 +8,6 @@ import logging
 import os
 import secrets
 import socket
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
@@ -367,7 +366,7 @@ def create_app(
         status, doc, headers = await readiness(
             request.app.state.redis,
             request.app.state.deployments.deployments,
-            time.time() - settings.heartbeat_timeout_s,
+            settings.heartbeat_timeout_s,
             request.app.state.rendezvous.read_failure,
         )
         return JSONResponse(doc, status_code=status, headers=headers)

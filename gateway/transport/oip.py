@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from typing import Annotated, Any
 
 import numpy as np
@@ -39,6 +38,7 @@ from gateway.transport.oip_lookup import lookup_rows
 from gateway.transport.oip_metadata import class_count, deployment_of, model_metadata
 from gateway.transport.oip_schema import HEADER_LENGTH, InferenceRequest
 from rendezvous import names
+from rendezvous.bus import clock
 from rendezvous.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
@@ -161,17 +161,17 @@ def mount(app: FastAPI, settings: Settings) -> None:
         try:
             dep = deployment_of(request.app.state.deployments, model, version)
             wanted = dep.roles_holding(version) if version is not None else [names.REAL]
-            live_after = time.time() - settings.heartbeat_timeout_s
+            live = clock.live_members_args(
+                names.workers_key(dep.name), settings.heartbeat_timeout_s
+            )
             members = await asyncio.wait_for(
-                request.app.state.redis.zrangebyscore(
-                    names.workers_key(dep.name), live_after, "+inf"
-                ),
+                request.app.state.redis.eval(*live),
                 timeout=settings.redis_timeout_s,
             )
         except Exception as exc:
             return _failure(exc, f"readiness of {model}")
-        live = {m.decode().split("|", 1)[0] for m in members}
-        ready = any(role in live for role in wanted)
+        live_roles = {m.decode().split("|", 1)[0] for m in members}
+        ready = any(role in live_roles for role in wanted)
         doc = {"name": model, "ready": ready}
         return JSONResponse(doc, status_code=200 if ready else 503,
                             headers=None if ready else RETRY)  # fmt: skip

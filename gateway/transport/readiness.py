@@ -19,6 +19,7 @@ from typing import Any
 
 from gateway.problems import RETRY, Problem
 from rendezvous import names
+from rendezvous.bus import clock
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 
 READ_TIMEOUT_S = 0.8
@@ -61,15 +62,18 @@ def _replies_text(failing: str) -> str:
 async def readiness(
     client: AsyncClient,
     deployments: Iterable[str],
-    live_after_s: float,
+    heartbeat_timeout_s: float,
     replies_failing: str | None,
     timeout_s: float = READ_TIMEOUT_S,
 ) -> tuple[int, dict[str, Any], dict[str, str] | None]:
     """(status, body, headers) of ``/readyz``: every read at once, each bounded on its own.
-    ``replies_failing``: why this process's reply reader fails now (None: it reads)."""
+    A worker is live when it was heard from within ``heartbeat_timeout_s`` by Redis's clock
+    (its host's and this one's may differ). ``replies_failing``: why this process's reply
+    reader fails now (None: it reads)."""
     deps = sorted(deployments)
     reads: list[Awaitable[Any]] = [
-        client.zrangebyscore(names.workers_key(d), live_after_s, "+inf") for d in deps
+        client.eval(*clock.live_members_args(names.workers_key(d), heartbeat_timeout_s))
+        for d in deps
     ]
     reads.append(client.hgetall(names.LOGBIN_STATS))
     *live, logbins = await asyncio.gather(

@@ -1,0 +1,79 @@
+"""Time that hosts agree on: Redis's clock, not each process's own.
+
+Gateways and workers may run on hosts whose wall clocks differ by hundreds of milliseconds or
+seconds (a resumed VM, a host without NTP). Comparing one host's epoch time with another's
+then misjudges by the skew: a worker 1 s ahead of the gateway found every request of a 1 s
+timeout already past its deadline (all 504s), and a worker 5 s behind was judged dead.
+
+So what crosses hosts is judged on Redis's clock. A stream entry's id is the Redis time of its
+XADD; ``TIME`` riding in the same round trip as a read (no round trip of its own) says the
+Redis time of that read. A request's remaining time is a duration taken on one host (the
+gateway's ``deadline_ms - enqueued_ms``), so the envelope is unchanged and old ones read the
+same. On a Redis Cluster each node stamps ids by its own clock: the nodes' clocks are assumed
+to agree (see the README's "Clock skew").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rendezvous.bus.routing import Command
+
+
+def time_command(key: bytes) -> Command:
+    """``TIME``, routed to ``key``'s node (on a cluster: the node whose ids it is compared
+    with, e.g. a deployment's own)."""
+    return Command(key, (b"TIME",))
+
+
+def redis_ms(reply: Any) -> float | None:
+    """Epoch milliseconds from a ``TIME`` reply (seconds, microseconds; redis-py may have made
+    it a tuple of ints already); None for anything else (a node away)."""
+    if not isinstance(reply, list | tuple) or len(reply) != 2:
+        return None
+    try:
+        return int(reply[0]) * 1000 + int(reply[1]) / 1000
+    except (TypeError, ValueError):
+        return None
+
+
+def entry_ms(entry_id: bytes | str) -> int | None:
+    """The Redis time (epoch ms) at which a ``*`` XADD made the entry: its id's first part."""
+    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    head, _, _ = raw.partition("-")
+    return int(head) if head.isdigit() else None
+
+
+def waited(
+    entry_id: bytes | str,
+    deadline_ms: float,
+    enqueued_ms: float,
+    bus_now_ms: float | None,
+    local_now_ms: float,
+) -> tuple[bool, float]:
+    """(past its deadline, queue wait in ms) of a request read now.
+
+    With Redis's time of the read (``bus_now_ms``), both are judged on Redis's clock: the wait
+    is the time since the entry's XADD, and the request is late once that exceeds the time it
+    had left when the gateway published it. Without (a node away), the old way: the local
+    clock against the gateway's, right only while their clocks agree."""
+    added_ms = entry_ms(entry_id)
+    if bus_now_ms is None or added_ms is None:
+        return deadline_ms < local_now_ms, local_now_ms - enqueued_ms
+    wait_ms = max(bus_now_ms - added_ms, 0.0)  # ids never go back, Redis's clock may
+    return wait_ms > deadline_ms - enqueued_ms, wait_ms
+
+
+LIVE_MEMBERS = """
+local t = redis.call('TIME')
+local after = tonumber(t[1]) + tonumber(t[2]) / 1000000 - tonumber(ARGV[1])
+return redis.call('ZRANGEBYSCORE', KEYS[1], string.format('%.6f', after), '+inf')
+"""
+"""KEYS[1]: a sorted set scored by heartbeat time (epoch s, Redis's: see the worker);
+ARGV[1]: a timeout in seconds. The members heard from within the timeout by Redis's clock, in
+the one command a ``ZRANGEBYSCORE`` with the reader's own clock took."""
+
+
+def live_members_args(key: str, timeout_s: float) -> tuple[str, int, str, str]:
+    """``EVAL``'s arguments for ``LIVE_MEMBERS`` (``client.eval(*live_members_args(...))``)."""
+    return LIVE_MEMBERS, 1, key, repr(float(timeout_s))
