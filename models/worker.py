@@ -289,8 +289,7 @@ class ModelWorker(ConsumerLoop):
         moved = revision is not None and int(revision) != self.revision
         if moved or (self._reload_at is not None and time.monotonic() >= self._reload_at):
             self._maybe_reload(self.client.get(names.deployment_key(self.deployment)))
-        # Redis's time of the read rode along too: deadlines, queue waits and heartbeats are
-        # judged on it, not on this host's clock (``rendezvous.bus.clock``).
+        # Redis's time of the read rode along: deadlines, waits, heartbeats judged on it.
         bus_ms = clock.redis_ms(batch.along[1]) if len(batch.along) > 1 else None
         now = self.heartbeat_due()
         if not batch.entries and now is None:
@@ -323,13 +322,11 @@ class ModelWorker(ConsumerLoop):
             return list(self.roles)
         return [role for role in self.roles if role not in dep.roles]
 
-    def _handle(
-        self, entries: list[Entry], members: list[Membership], beat: float | None,
-        bus_ms: float | None = None,
-    ) -> int:  # fmt: skip
+    def _handle(self, entries: list[Entry], members: list[Membership], beat: float | None,
+                bus_ms: float | None = None) -> int:  # fmt: skip
         """Score (each entry decoded once, whichever roles read it), then results, acks and
-        (``beat``: its time, when due) the heartbeats in one round trip. ``bus_ms``: Redis's
-        time of the read, if it came with it."""
+        (``beat``: its time, when due) the heartbeats in one round trip (``bus_ms``: Redis's
+        time of the read)."""
         now_ms = time.time() * 1000
         ack_ids: dict[tuple[str, bytes], list[bytes]] = {}
         live: dict[int, list[tuple[RequestEnvelope, float]]] = {}
