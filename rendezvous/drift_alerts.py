@@ -39,6 +39,11 @@ ALL_ALERT_KINDS: tuple[str, ...] = (*ALERT_KINDS, *ONLINE_KINDS)
 """With the kinds of the online detectors (``rendezvous.drift_settings``)."""
 
 
+NEWER_KINDS: tuple[str, ...] = ("class_psi", "class_js")
+"""Thresholds a version before this one does not know: it reads a stored set holding one as
+invalid as a whole ("unknown threshold") and judges every kind on its defaults, so a set is
+stored with them only once they differ from the defaults (``drift_view.set_thresholds``)."""
+
 AT_MOST_ONE = frozenset({"divergence_mean", "disagreement_rate", "score_js", "class_js"})
 """Thresholds of figures in [0, 1]: 1 or more would switch the alert off without a word."""
 

@@ -29,6 +29,7 @@ from sklearn.preprocessing import StandardScaler
 
 from gateway.observability.drift_online import prior_reference
 from gateway.observability.drift_sketches import ScoreReferences
+from gateway.observability.drift_view import set_thresholds, thresholds_from
 from gateway.settings import Settings
 from gateway.transport.app import create_app
 from models.meta import ModelMeta
@@ -153,6 +154,30 @@ def test_class_thresholds_hold_on_sampling_noise_and_see_a_class_mix_shift() -> 
             assert report["classes"]["js_distance"] < t.class_js
     shifted = _report(_window([0.6, 0.2, 0.2], 200), [1 / 3] * 3)["values"]
     assert shifted["class_psi"] > t.class_psi and shifted["class_js"] > t.class_js
+
+
+async def test_stored_thresholds_stay_readable_by_the_version_before(
+    r: redis.Redis, redis_url: str
+) -> None:
+    """The version before refuses a stored set holding a key it does not know ("unknown
+    threshold 'class_psi'") and judges every kind on its defaults: a score_psi raised through
+    an upgraded gateway was ignored by an older one's monitor during a rolling upgrade, and
+    reset by its next change. The class thresholds are stored once they differ."""
+    known_before = {"divergence_mean", "disagreement_rate", "score_psi", "score_js",
+                    "feature_psi", "min_requests"}  # fmt: skip
+    client = aioredis.Redis.from_url(redis_url)
+    key = names.drift_thresholds_key(DEP)
+    try:
+        set_to = await set_thresholds(client, DEP, {"score_psi": 5.0}, Thresholds(), 1000)
+        stored = json.loads(r.get(key) or b"{}")
+        assert set(stored) == known_before and stored["score_psi"] == 5.0
+        assert thresholds_from(r.get(key), Thresholds()) == set_to  # read back whole
+        await set_thresholds(client, DEP, {"class_psi": 0.4}, Thresholds(), 1000)
+        stored = json.loads(r.get(key) or b"{}")
+        assert stored["class_psi"] == 0.4 and stored["score_psi"] == 5.0
+        assert "class_js" not in stored
+    finally:
+        await client.aclose()
 
 
 # -- the references the monitor reads -----------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any, cast
 from gateway.observability import drift_store
 from rendezvous import names
 from rendezvous.bus.connection import AsyncClient
-from rendezvous.drift_alerts import Thresholds
+from rendezvous.drift_alerts import NEWER_KINDS, Thresholds
 
 log = logging.getLogger(__name__)
 
@@ -91,5 +91,9 @@ async def set_thresholds(
             f"holds ({window_requests} requests, RDV_DRIFT_WINDOW_REQUESTS): drift would never "
             "be judged"
         )
-    await client.set(names.drift_thresholds_key(deployment), json.dumps(updated.to_dict()))
+    stored_doc = updated.to_dict()
+    for kind in NEWER_KINDS:  # an older process refuses the whole set for a key it lacks
+        if stored_doc[kind] == default[kind]:
+            del stored_doc[kind]
+    await client.set(names.drift_thresholds_key(deployment), json.dumps(stored_doc))
     return updated
