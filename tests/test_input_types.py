@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from typed_models import NAMES, counts, fitted, string_onnx, typed_onnx
 
 from gateway.dataplane.validation import check_matrix, merged, parse_body, to_matrix
+from gateway.transport.oip_metadata import model_metadata
 from models.archive_line import record_from_envelope
 from models.deployments import Deployment, DeploymentUnreadable, ModelRef
 from models.inspection import ArtifactRejected, inspect_onnx
@@ -152,3 +153,16 @@ def test_the_worker_never_truncates_rows_for_an_integer_model() -> None:
     assert unfit(np.array([[2.0**60, 1, 1]]), model.input_dtype) is not None
     assert unfit(np.array([[0.5, 1, 1]]), loaded("double").input_dtype) is None
     assert unfit(np.array([[2**40, 1, 1]]), np.dtype(np.int32)) is not None
+
+
+def test_the_open_inference_metadata_says_fp64_with_a_lookup_too() -> None:
+    """A deployment of an integer model that looks features up declared its caller's part
+    FP32, which rounds integers past 2**24 (and 0.1 for a double model) before the gateway
+    sees them; without a lookup it said FP64."""
+    looked = SPEC.with_lookup(Lookup("customer_id", ("days",)))
+    for spec in (SPEC, looked):
+        dep = Deployment("d", {"real": ModelRef("m", 1)}, spec, input_types=("int64",))
+        inputs = model_metadata(dep, 2)["inputs"]
+        assert inputs[-1]["name"] == "input" and inputs[-1]["datatype"] == "FP64", inputs
+        plain = Deployment("d", {"real": ModelRef("m", 1)}, spec)
+        assert model_metadata(plain, 2)["inputs"][-1]["datatype"] == "FP32"

@@ -59,14 +59,15 @@ def lookup_rows(request: InferRequest, spec: FeatureSpec) -> tuple[np.ndarray, l
     return x, entities
 
 
-def lookup_inputs(spec: FeatureSpec) -> list[dict[str, object]]:
-    """The inputs the model metadata names for a deployment that looks features up."""
+def lookup_inputs(spec: FeatureSpec, datatype: str = "FP32") -> list[dict[str, object]]:
+    """The inputs the model metadata names for a deployment that looks features up
+    (``datatype``: its caller's part's, FP64 where its models take float64 or integers)."""
     assert spec.lookup is not None
     inputs: list[dict[str, object]] = [
         {"name": spec.lookup.key, "datatype": "BYTES", "shape": [-1]}
     ]
     if spec.caller_names:
-        inputs.append({"name": INPUT, "datatype": "FP32", "shape": [-1, len(spec.caller_names)]})
+        inputs.append({"name": INPUT, "datatype": datatype, "shape": [-1, len(spec.caller_names)]})
     return inputs
 
 

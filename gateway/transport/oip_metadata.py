@@ -43,7 +43,7 @@ def model_metadata(dep: Deployment, classes: int | None) -> dict[str, Any]:
         "versions": dep.versions,
         "platform": PLATFORM,
         "inputs": (
-            lookup_inputs(dep.feature_spec)
+            lookup_inputs(dep.feature_spec, datatype)
             if dep.feature_spec.lookup is not None
             else [{"name": INPUT, "datatype": datatype, "shape": [-1, dep.feature_spec.width]}]
         ),
