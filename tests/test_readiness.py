@@ -28,12 +28,12 @@ async def test_ready_needs_every_deployments_real_worker_and_this_gateways_repli
 ) -> None:
     client = await connect_async(redis_url, timeout_s=2.0)
     try:
-        live_after = 5.0
-        status, doc, _ = await readiness(client, [], live_after, None)
+        timeout_s = 5.0
+        status, doc, _ = await readiness(client, [], timeout_s, None)
         assert status == 503 and doc["deployments"] == {}, "no deployment: nothing to serve"
         _live(r, "a", "real", "canary")
         _live(r, "b", "canary")
-        status, doc, headers = await readiness(client, ["a", "b"], live_after, None)
+        status, doc, headers = await readiness(client, ["a", "b"], timeout_s, None)
         assert status == 503 and headers == {"Retry-After": "1"}
         assert doc["deployments"]["a"] == {"live_workers": {"real": 1, "canary": 1},
                                            "ready": True}  # fmt: skip
@@ -41,12 +41,12 @@ async def test_ready_needs_every_deployments_real_worker_and_this_gateways_repli
         assert doc["archive"] == {"status": "no log bin"}
         _live(r, "b", "real")
         r.hset(names.LOGBIN_STATS, "lb-1", json.dumps({"ts": time.time(), "failing": "disk full"}))
-        status, doc, headers = await readiness(client, ["a", "b"], live_after, None)
+        status, doc, headers = await readiness(client, ["a", "b"], timeout_s, None)
         assert status == 200 and doc["ready"] is True and headers is None
         assert doc["archive"] == {"status": "failing", "reason": "disk full"}, "said, still 200"
         # Every deployment served, but this process cannot read its replies: none of its
         # requests would be answered, so a load balancer must send them elsewhere.
-        status, doc, headers = await readiness(client, ["a", "b"], live_after, "ConnectionError")
+        status, doc, headers = await readiness(client, ["a", "b"], timeout_s, "ConnectionError")
         assert status == 503 and doc["ready"] is False and headers == {"Retry-After": "1"}
         assert doc["replies"] == "this gateway's reply stream cannot be read: ConnectionError"
     finally:
@@ -86,13 +86,13 @@ async def test_on_a_cluster_a_master_that_does_not_answer_holds_up_only_what_it_
     pid = redis_cluster.pid(stats_port)
     assert pid is not None
     try:
-        live_after = 5.0
-        status, doc, _ = await readiness(client, [here, there], live_after, None)
+        timeout_s = 5.0
+        status, doc, _ = await readiness(client, [here, there], timeout_s, None)
         assert status == 200, doc
         os.kill(pid, signal.SIGSTOP)
         try:
             started = time.monotonic()
-            status, doc, _ = await readiness(client, [here, there], live_after, None, 0.3)
+            status, doc, _ = await readiness(client, [here, there], timeout_s, None, 0.3)
             took_s = time.monotonic() - started
         finally:
             os.kill(pid, signal.SIGCONT)
@@ -105,7 +105,7 @@ async def test_on_a_cluster_a_master_that_does_not_answer_holds_up_only_what_it_
         # The archive's counters alone away: still ready.
         os.kill(pid, signal.SIGSTOP)
         try:
-            status, doc, _ = await readiness(client, [here], live_after, None, 0.3)
+            status, doc, _ = await readiness(client, [here], timeout_s, None, 0.3)
         finally:
             os.kill(pid, signal.SIGCONT)
         assert status == 200 and doc["ready"] is True, doc

@@ -21,8 +21,9 @@ from rendezvous.bus.routing import Command
 
 
 def time_command(key: bytes) -> Command:
-    """``TIME``, routed to ``key``'s node (on a cluster: the node whose ids it is compared
-    with, e.g. a deployment's own)."""
+    """``TIME``, routed to ``key``'s node (on a cluster, the deployment's own node; entry ids
+    of partitions on other nodes are compared with it too, so the nodes' clocks are assumed to
+    agree)."""
     return Command(key, (b"TIME",))
 
 
@@ -55,8 +56,9 @@ def waited(
 
     With Redis's time of the read (``bus_now_ms``), both are judged on Redis's clock: the wait
     is the time since the entry's XADD, and the request is late once that exceeds the time it
-    had left when the gateway published it. Without (a node away), the old way: the local
-    clock against the gateway's, right only while their clocks agree."""
+    had left when the gateway built its envelope (its wait in the gateway's appender before the
+    XADD is not counted). Without (a node away), the old way: the local clock against the
+    gateway's, right only while their clocks agree."""
     added_ms = entry_ms(entry_id)
     if bus_now_ms is None or added_ms is None:
         return deadline_ms < local_now_ms, local_now_ms - enqueued_ms
