@@ -21,6 +21,7 @@ from models.archive_line import record_from_envelope
 from models.deployments import Deployment, DeploymentUnreadable, ModelRef
 from models.inspection import ArtifactRejected, inspect_onnx
 from models.meta import ModelMeta
+from models.role_model import RoleModel
 from models.runtime import OnnxClassifier
 from rendezvous.envelope import EnvelopeError, RequestEnvelope
 from rendezvous.input_types import InputRule, deployment_types, input_rule, unfit
@@ -146,13 +147,32 @@ def test_the_envelope_carries_int64_and_float64_exactly_and_reads_old_ones() -> 
 
 def test_the_worker_never_truncates_rows_for_an_integer_model() -> None:
     """Rows published before a role took an integer model, or archived then, travel as
-    float32: one that is not an integer is refused for that model, never cast."""
+    float32: in one batch of a worker's scoring, one that is not an integer is refused for
+    that model (that request only), never cast; whole float32 rows and int64 ones are scored
+    as scikit-learn scores them."""
     model = loaded("int64")
     assert unfit(np.array([[1.0, 2.0, 3.0]], np.float32), model.input_dtype) is None
     assert "0.5 is not an integer" in (unfit(np.array([[1, 0.5, 3]]), model.input_dtype) or "")
     assert unfit(np.array([[2.0**60, 1, 1]]), model.input_dtype) is not None
     assert unfit(np.array([[0.5, 1, 1]]), loaded("double").input_dtype) is None
     assert unfit(np.array([[2**40, 1, 1]]), np.dtype(np.int32)) is not None
+
+    role = RoleModel(None, "counts", "real", "real-t")  # type: ignore[arg-type]
+    role.model, role.model_ref = model, ModelRef("counts", 1)
+    x, _ = counts()
+
+    def request(rid: str, rows: np.ndarray, wire_type: str) -> tuple[RequestEnvelope, float]:
+        return RequestEnvelope(rid, "counts", "reply", 1, 1.0, b"{}", rows, "fs", None, True,
+                               wire_type), 0.5  # fmt: skip
+
+    scored = role.score([request("whole", x[:2].astype(np.float32), "float32"),
+                         request("half", np.array([[1, 0.5, 3]], np.float32), "float32"),
+                         request("typed", x[2:4], "int64")])  # fmt: skip
+    by_id = {result.request_id: result for _, result in scored}
+    assert "input unfit for the model" in (by_id["half"].error or "")
+    assert by_id["whole"].ok and by_id["typed"].ok
+    assert by_id["whole"].labels == fitted().predict(x[:2]).tolist()
+    assert by_id["typed"].labels == fitted().predict(x[2:4]).tolist()
 
 
 def test_the_open_inference_metadata_says_fp64_with_a_lookup_too() -> None:
