@@ -66,6 +66,8 @@ METRICS = frozenset(
         # drift (gauges over the drift window)
         "rdv_drift_score_psi",
         "rdv_drift_score_js_distance",
+        "rdv_drift_class_psi",
+        "rdv_drift_class_js_distance",
         "rdv_drift_feature_psi",
         "rdv_drift_divergence_mean",
         "rdv_drift_disagreement_ratio",
