@@ -208,8 +208,17 @@ def canaryless_report() -> dict[str, Any]:
     return {**doc, "alerts": [], "events": []}
 
 
+def multiclass_report() -> dict[str, Any]:
+    """A model of three classes: its history holds the class mix's PSI and JS distance."""
+    doc = {**fixture_report(), "deployment": "iris"}
+    doc["thresholds"].update(class_psi=0.2, class_js=0.2)
+    for i, point in enumerate(doc["history"]):
+        point.update(class_psi=0.01 * i, class_js=0.005 * i)
+    return {**doc, "alerts": [], "events": []}
+
+
 REPORTS = {"breast-cancer": fixture_report, "fresh": not_evaluated_report, "early": early_report,
-           "canaryless": canaryless_report}  # fmt: skip
+           "canaryless": canaryless_report, "iris": multiclass_report}  # fmt: skip
 SERVED: list[tuple[str, int]] = []  # (path, status) of each request the fixture server answered
 
 
@@ -304,6 +313,18 @@ def test_the_page_draws_a_report_with_its_alert(fixture_server: str, tmp_path: P
         '<td class="cleared">cleared</td>',
     ):
         assert shown in text, shown
+
+
+def test_the_page_charts_a_multiclass_models_class_drift(
+    fixture_server: str, tmp_path: Path
+) -> None:
+    """The class mix's PSI and JS distance were alert tiles only: a multiclass model's drift
+    chart now draws them with their thresholds (a binary model's chart stays as it was, above)."""
+    chromium()
+    drift = Dom(dump_dom(f"{fixture_server}/dashboard/iris", tmp_path / "profile")).charts["drift"]
+    assert drift.series == {"score_psi", "score_js", "feature_psi", "class_psi", "class_js"}
+    assert drift.thresholds == {"score_psi", "score_js", "feature_psi", "class_psi", "class_js"}
+    assert drift.points == 5 * 40 - 1
 
 
 def test_the_page_waits_for_data_and_shows_the_endpoints_error(

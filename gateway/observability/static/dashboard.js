@@ -330,13 +330,19 @@ function render(doc) {
     [{key: "divergence_mean", label: "divergence", value: th.divergence_mean, color: C.blue},
      {key: "disagreement_rate", label: "disagreement", value: th.disagreement_rate,
       color: C.purple}], noCanary, note);
+  // a multiclass model's class mix, charted only where the history holds it (binary: none)
+  const classes = hist.some(p => p && (isNum(p.class_psi) || isNum(p.class_js)));
   lineChart(chart("drift"), "legend-drift", hist,
     [{key: "score_psi", label: "score PSI", color: C.orange},
      {key: "score_js", label: "score JS distance", color: C.green},
-     {key: "feature_psi", label: "largest feature PSI", color: C.verm}],
+     {key: "feature_psi", label: "largest feature PSI", color: C.verm}].concat(classes
+      ? [{key: "class_psi", label: "class PSI", color: C.purple},
+         {key: "class_js", label: "class JS distance", color: C.sky, width: 1.6}] : []),
     [{key: "score_psi", label: "score PSI", value: th.score_psi, color: C.orange},
      {key: "score_js", label: "score JS", value: th.score_js, color: C.green},
-     {key: "feature_psi", label: "feature PSI", value: th.feature_psi, color: C.verm}],
+     {key: "feature_psi", label: "feature PSI", value: th.feature_psi, color: C.verm}].concat(
+      classes ? [{key: "class_psi", label: "class PSI", value: th.class_psi, color: C.purple},
+                 {key: "class_js", label: "class JS", value: th.class_js, color: C.sky}] : []),
     waiting, note);
   scoreChart(chart("scores"), cur, waiting);
   featureChart(chart("features"), cur && cur.features, th.feature_psi, waiting);
