@@ -7,6 +7,7 @@ reads old float32 envelopes, and the worker never truncates."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from typed_models import NAMES, counts, fitted, string_onnx, typed_onnx
 
 from gateway.dataplane.validation import check_matrix, merged, parse_body, to_matrix
+from gateway.transport.oip_codec import parse_infer
 from gateway.transport.oip_metadata import model_metadata
 from models.archive_line import record_from_envelope
 from models.deployments import Deployment, DeploymentUnreadable, ModelRef
@@ -175,14 +177,37 @@ def test_the_worker_never_truncates_rows_for_an_integer_model() -> None:
     assert by_id["typed"].labels == fitted().predict(x[2:4]).tolist()
 
 
-def test_the_open_inference_metadata_says_fp64_with_a_lookup_too() -> None:
+def test_the_open_inference_metadata_declares_a_type_that_carries_the_values() -> None:
     """A deployment of an integer model that looks features up declared its caller's part
     FP32, which rounds integers past 2**24 (and 0.1 for a double model) before the gateway
-    sees them; without a lookup it said FP64."""
+    sees them; one of an integer model declares INT64 (or INT32), as tritonclient then sends."""
     looked = SPEC.with_lookup(Lookup("customer_id", ("days",)))
     for spec in (SPEC, looked):
-        dep = Deployment("d", {"real": ModelRef("m", 1)}, spec, input_types=("int64",))
-        inputs = model_metadata(dep, 2)["inputs"]
-        assert inputs[-1]["name"] == "input" and inputs[-1]["datatype"] == "FP64", inputs
-        plain = Deployment("d", {"real": ModelRef("m", 1)}, spec)
-        assert model_metadata(plain, 2)["inputs"][-1]["datatype"] == "FP32"
+        for types, declared in ((("int64",), "INT64"), (("float64", "int32"), "INT32"),
+                                (("float64",), "FP64"), ((), "FP32")):  # fmt: skip
+            dep = Deployment("d", {"real": ModelRef("m", 1)}, spec, input_types=types)
+            inputs = model_metadata(dep, 2)["inputs"]
+            assert inputs[-1]["name"] == "input" and inputs[-1]["datatype"] == declared, inputs
+
+
+def test_the_open_inference_protocol_takes_int64_for_an_integer_model_only() -> None:
+    """tritonclient sends an integer model's rows as INT64 (JSON or binary): taken, exactly,
+    by a deployment with an integer model; refused by name elsewhere (float32 rows would round
+    them past 2**24 unseen); a fraction in INT64 data is refused where it is."""
+    big = 2**53 - 1
+    as_json = parse_infer(json.dumps({"inputs": [{"name": "input", "shape": [1, 3],
+                          "datatype": "INT64", "data": [big, 2, 3]}]}).encode(), None)  # fmt: skip
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 3], "datatype": "INT64",
+                         "parameters": {"binary_data_size": 24}}]}).encode()  # fmt: skip
+    as_binary = parse_infer(header + np.array([big, 2, 3], "<i8").tobytes(), str(len(header)))
+    for parsed in (as_json, as_binary):
+        parsed.refuse_integers("int64")
+        x = check_matrix(SPEC, parsed.matrix(SPEC), 10, rule=input_rule(("int64",)))
+        assert x.dtype == np.int64 and x.tolist() == [[big, 2, 3]]
+        [fault] = faults_of(lambda parsed=parsed: parsed.refuse_integers(None))
+        assert fault["loc"] == ("body", "inputs", 0, "datatype") and "INT64" in fault["msg"]
+    fraction = parse_infer(json.dumps({"inputs": [{"name": "input", "shape": [1, 3],
+                           "datatype": "INT64", "data": [1, 4.5, 3]}]}).encode(), None)  # fmt: skip
+    [fault] = faults_of(lambda: check_matrix(SPEC, fraction.matrix(SPEC), 10,
+                                             rule=input_rule(("int64",))))  # fmt: skip
+    assert "4.5 is not an integer" in fault["msg"]

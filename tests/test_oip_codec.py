@@ -207,8 +207,8 @@ def _header_only(inputs: list[dict], **extra: Any) -> bytes:
 @pytest.mark.parametrize(
     ("body", "header_length", "says"),
     [
-        (_header_only([_input([1, 2, 3], [1, 3], "INT32")]), None,
-         "inputs[0].datatype: input 'input' has datatype 'INT32': FP32 or FP64"),
+        (_header_only([_input([1, 2, 3], [1, 3], "UINT8")]), None,
+         "inputs[0].datatype: input 'input' has datatype 'UINT8': FP32, FP64, INT64 or INT32"),
         (_header_only([_input([1, 2], [1, 3])]), None,
          "inputs[0].data: 2 values for shape [1, 3], which holds 3"),
         (_header_only([_input([[1, 2, 3], [4, 5]], [2, 3])]), None,

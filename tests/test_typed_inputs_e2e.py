@@ -128,4 +128,9 @@ def test_an_int64_model_serves_integers_and_refuses_what_it_cannot_take(system: 
         {"name": "input", "shape": [1, 3], "datatype": "FP64", "data": [1, 2, 0.25]}]})  # fmt: skip
     assert oip.status_code == 422 and "'days': 0.25 is not an integer" in oip.text
     [declared] = system.http.get("/v2/models/counts").json()["inputs"]
-    assert declared["datatype"] == "FP64"  # FP32 would round the integers past 2**24
+    assert declared["datatype"] == "INT64"  # FP32 would round the integers past 2**24
+    oip = system.http.post("/v2/models/counts/infer", json={"inputs": [
+        {"name": "input", "shape": [1, 3], "datatype": "INT64", "data": rows[-1]}]})  # fmt: skip
+    assert oip.status_code == 200, oip.text
+    [label] = [o["data"] for o in oip.json()["outputs"] if o["name"] == "label"]
+    assert label == fitted().predict(np.array([rows[-1]], np.int64)).tolist()

@@ -219,10 +219,11 @@ def mount(app: FastAPI, settings: Settings) -> None:
 
         def decode(spec: FeatureSpec, body: bytes) -> tuple[np.ndarray, list[str] | None]:
             # In the service, so that every refusal is counted as the service counts one.
-            deployment_of(service.deployments, model, version)
+            dep = deployment_of(service.deployments, model, version)
             if parsed is None:
                 assert failure is not None
                 raise failure
+            parsed.refuse_integers(None if dep.input_rule is None else dep.input_rule.integer)
             decoded.append(spec)
             if spec.lookup is not None:
                 return lookup_rows(parsed, spec)

@@ -2,9 +2,9 @@
 without a server, the request's side: the JSON part of an inference request
 (``InferenceRequest``) and its tensors read into an ``InferRequest`` (``parse_infer``), whose
 ``matrix`` is the deployment's feature matrix (``columns``, any named columns of it). Numbers
-come as FP32 or FP64; BYTES (strings) only as the entity ids of a deployment that looks
-features up (``gateway.transport.oip_lookup``). The answer's side is
-``gateway.transport.oip_answer``.
+come as FP32 or FP64 (INT64 or INT32 too for a deployment of an integer model); BYTES
+(strings) only as the entity ids of a deployment that looks features up
+(``gateway.transport.oip_lookup``). The answer's side is ``gateway.transport.oip_answer``.
 
 The binary tensor data extension is spoken both ways, as ``tritonclient.http`` uses it by
 default: a body whose ``Inference-Header-Content-Length`` header says how long its JSON part
@@ -63,7 +63,10 @@ class Tensor:
     name: str
     shape: tuple[int, ...]
     values: np.ndarray
-    """float64 or float32, or str objects for BYTES, already in ``shape``."""
+    """float64 or float32 (int64 or int32 as binary data), or str objects for BYTES, already
+    in ``shape``."""
+    datatype: str = "FP64"
+    """As the request named it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,20 @@ class InferRequest:
     inputs: tuple[Tensor, ...]
     outputs: tuple[tuple[str, bool], ...]
     """(name, binary) of each output to answer, in answer order."""
+
+    def refuse_integers(self, integer: str | None) -> None:
+        """A 422 for an INT64 or INT32 input unless the deployment has an integer model
+        (``integer``: its rule's integer type): a float model's rows are float32, which would
+        round such integers past 2**24 unseen. Triton refuses a datatype its model does not
+        declare the same way."""
+        if integer is not None:
+            return
+        for i, t in enumerate(self.inputs):
+            if t.datatype in ("INT64", "INT32"):
+                raise _invalid(("inputs", i, "datatype"), f"input {t.name!r} has datatype "
+                               f"{t.datatype!r}: this deployment's models take FP32 or FP64 "
+                               "(INT64 and INT32 are for one with an integer model)",
+                               "datatype")  # fmt: skip
 
     def matrix(self, spec: FeatureSpec) -> np.ndarray:
         """The rows x ``spec.width`` matrix (float64 or float32; ``check_matrix`` makes it the
@@ -232,7 +249,8 @@ def _tensor(
     dtype = DTYPES.get(item.datatype)
     if dtype is None and item.datatype != BYTES:
         raise _invalid((*at, "datatype"), f"input {item.name!r} has datatype "
-                       f"{item.datatype[:20]!r}: FP32 or FP64 is taken (BYTES for entity ids)",
+                       f"{item.datatype[:20]!r}: FP32, FP64, INT64 or INT32 is taken (BYTES "
+                       "for entity ids)",
                        "datatype")  # fmt: skip
     shape = tuple(item.shape)
     if math.prod(d for d in shape if d) > MAX_VALUES:  # numpy refuses such a shape even empty
@@ -258,22 +276,22 @@ def _tensor(
                            f"needs {size} bytes at byte {offset} of the binary part, which "
                            f"has {len(tail)}", "binary_size")  # fmt: skip
         if dtype is None:
-            texts = _binary_strings(tail[offset : offset + size], count, at)
-            return Tensor(item.name, shape, np.array(texts, dtype=object).reshape(shape)), size
+            texts = np.array(_binary_strings(tail[offset : offset + size], count, at), object)
+            return Tensor(item.name, shape, texts.reshape(shape), BYTES), size
         values = np.frombuffer(tail, dtype, count, offset).reshape(shape)
-        return Tensor(item.name, shape, values), size
+        return Tensor(item.name, shape, values, item.datatype), size
     if item.data is None:
         raise _invalid((*at, "data"), f"input {item.name!r} has neither data nor "
                        "binary_data_size", "missing")  # fmt: skip
     if dtype is None:
         flat = _flat(item.data, shape, (*at, "data"), (str,), "strings")
-        return Tensor(item.name, shape, np.array(flat, dtype=object).reshape(shape)), 0
+        return Tensor(item.name, shape, np.array(flat, dtype=object).reshape(shape), BYTES), 0
     flat = _flat(item.data, shape, (*at, "data"), (int, float), "numbers")
     try:
         values = np.array(flat, dtype=np.float64).reshape(shape)
     except OverflowError:
         raise _invalid((*at, "data"), "a value is out of range", "out_of_range") from None
-    return Tensor(item.name, shape, values), 0
+    return Tensor(item.name, shape, values, item.datatype), 0
 
 
 def _binary_strings(blob: bytes, count: int, at: tuple[str | int, ...]) -> list[str]:

@@ -35,9 +35,11 @@ def deployment_of(deployments: DeploymentCache, model: str, version: str | None)
 
 
 def model_metadata(dep: Deployment, classes: int | None) -> dict[str, Any]:
-    """The deployment as a model; a deployment whose models take float64 or integers says
-    FP64, which carries each of its values exactly (FP32 rounds past 2**24)."""
-    datatype = "FP32" if dep.input_rule is None else "FP64"
+    """The deployment as a model; a deployment whose models take float64 says FP64 and one
+    with an integer model INT64 or INT32 (FP64 is taken too), which carry each of its values
+    exactly (FP32 rounds past 2**24)."""
+    rule = dep.input_rule
+    datatype = "FP32" if rule is None else "FP64" if rule.integer is None else rule.integer.upper()
     return {
         "name": dep.name,
         "versions": dep.versions,

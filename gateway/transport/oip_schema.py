@@ -16,9 +16,10 @@ LABEL = "label"
 PROBABILITIES = "probabilities"
 OUTPUTS = (LABEL, PROBABILITIES)
 HEADER_LENGTH = "inference-header-content-length"
-DTYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
+DTYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+                                    "INT64": np.dtype("<i8"), "INT32": np.dtype("<i4")}  # fmt: skip
 """Numeric input datatypes taken, as little-endian numpy types (the binary extension's byte
-order)."""
+order). INT64 and INT32 only for a deployment of an integer model (``InferRequest.integers``)."""
 BYTES = "BYTES"
 """Strings: entity ids, for a deployment that looks features up; held as str objects."""
 MAX_ID_CHARS = 128
