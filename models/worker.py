@@ -90,6 +90,7 @@ class ModelWorker(ConsumerLoop):
         first = RoleModel(registry, self.deployment, role, consumer, shadow_batch_wait_ms,
                           self.run_limit)  # fmt: skip
         self.stream = names.input_stream(deployment)
+        self.redis_clock = clock.RedisClock()
         revision_key = names.revision_key(self.deployment).encode()
         # Both round trips of a batch go through the loop's router (see
         # ``rendezvous.bus.blocking_router``): redis-py's command layer cost more than the model.
@@ -290,7 +291,7 @@ class ModelWorker(ConsumerLoop):
         if moved or (self._reload_at is not None and time.monotonic() >= self._reload_at):
             self._maybe_reload(self.client.get(names.deployment_key(self.deployment)))
         # Redis's time of the read rode along: deadlines, waits, heartbeats judged on it.
-        bus_ms = clock.redis_ms(batch.along[1]) if len(batch.along) > 1 else None
+        bus_ms = self.redis_clock.now_ms(batch.along[1] if len(batch.along) > 1 else None)
         now = self.heartbeat_due()
         if not batch.entries and now is None:
             return 0

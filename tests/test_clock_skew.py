@@ -74,6 +74,16 @@ def test_waits_are_judged_on_redis_time_not_the_local_clock() -> None:
     assert clock.redis_ms(None) is None and clock.entry_ms(b"x-1") is None
 
 
+def test_redis_time_is_carried_on_while_its_node_is_away() -> None:
+    """Without a ``TIME`` reply (the node failing over), the last offset from this host's
+    clock estimates it: a worker 2 s ahead fell back to its own clock and dropped requests."""
+    told = clock.RedisClock()
+    assert told.now_ms(None, 5_000.0) is None  # never read: the caller's fallback
+    assert told.now_ms([b"3", b"0"], 5_000.0) == 3_000.0  # this host 2 s ahead
+    assert told.now_ms(None, 5_250.0) == 3_250.0
+    assert told.now_ms(ConnectionError("away"), 6_000.0) == 4_000.0
+
+
 def test_processes_with_skewed_clocks_answer_in_time_and_stay_live(
     redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
