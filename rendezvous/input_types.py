@@ -105,8 +105,8 @@ def faults(x: np.ndarray, rule: InputRule) -> Iterator[tuple[int, int, str, str]
 def _range_text(integer: str) -> str:
     low, high = _INTEGER_RANGES[integer]
     if integer == INT64:
-        return (f"+-{high}, the integers an int64 input takes exactly from a JSON number "
-                "(a double)")  # fmt: skip
+        return (f"+-{high}, the integers an int64 input takes exactly (the gateway reads "
+                "every row as doubles, which hold every integer only up to there)")  # fmt: skip
     return f"int32's range [{low}, {high}]"
 
 

@@ -23,6 +23,8 @@ from models.archive_line import record_from_envelope
 from models.deployments import Deployment, DeploymentUnreadable, ModelRef
 from models.inspection import ArtifactRejected, inspect_onnx
 from models.meta import ModelMeta
+from models.replay import Runner
+from models.replay_report import Tally
 from models.role_model import RoleModel
 from models.runtime import OnnxClassifier
 from rendezvous.envelope import EnvelopeError, RequestEnvelope
@@ -175,6 +177,28 @@ def test_the_worker_never_truncates_rows_for_an_integer_model() -> None:
     assert by_id["whole"].ok and by_id["typed"].ok
     assert by_id["whole"].labels == fitted().predict(x[:2]).tolist()
     assert by_id["typed"].labels == fitted().predict(x[2:4]).tolist()
+
+
+def test_a_replay_skips_archived_rows_an_integer_model_cannot_take() -> None:
+    """Replaying an archive against an integer model: rows archived as float32 before any
+    role took one are scored when they are whole, skipped as ``unfit`` (counted, never cast)
+    when not, and exact int64 rows beyond float32's integers are scored as they were sent."""
+    runner = Runner(None, None, None, owner="test")  # type: ignore[arg-type]
+    model, tally = loaded("int64"), Tally()
+    x, _ = counts()
+    batch = [
+        {"stream_id": "1-0", "request_id": "whole", "features": x[:2].astype(float).tolist()},
+        {"stream_id": "2-0", "request_id": "half", "features": [[1, 0.5, 3]]},
+        {"stream_id": "3-0", "request_id": "huge", "features": [[2.0**60, 1, 1]]},
+        {"stream_id": "4-0", "request_id": "exact", "features": [[BIG, 1, 1]],
+         "features_type": "int64"},
+    ]  # fmt: skip
+    runner._score("counts", model, batch, {}, ([], []), tally)
+    assert tally.done == 4 and tally.skipped == {"unfit": 2}
+    assert (tally.records, tally.rows) == (2, 3)
+    expected = fitted().predict(np.vstack([x[:2], [[BIG, 1, 1]]]))
+    assert sum(tally.predicted.values()) == 3
+    assert tally.predicted == {str(c): int((expected == c).sum()) for c in set(expected)}
 
 
 def test_the_open_inference_metadata_declares_a_type_that_carries_the_values() -> None:
