@@ -2,7 +2,9 @@
 
 Columns: ``request_id``, ``row`` (the row's index in a multi-row request; 0 otherwise), ``time``
 (ISO-8601 UTC) and ``enqueued_ms``, ``stream`` and ``stream_id``, one column per feature of the
-deployment's spec, then per role that answered (real first, canary, the rest by name)
+deployment's spec (exactly as archived: Parquet's columns are float32 as before typed inputs,
+else as ``features_type`` in its metadata says), then per role that answered (real first,
+canary, the rest by name)
 ``<role>_model``, ``<role>_version``, ``<role>_label`` and ``<role>_proba_<class>`` from the
 decision records still kept, else from the outcomes the feedback route keeps for
 ``RDV_FEEDBACK_RETENTION_S`` (the same answers and six decimals; empty when both are gone), and
@@ -27,6 +29,7 @@ from models.replay import decision_records
 from rendezvous import names
 from rendezvous.bus.connection import Client
 from rendezvous.decision import DecisionRecord
+from rendezvous.input_types import FLOAT32, FLOAT64, INT64
 from rendezvous.outcomes import BinAnswer
 
 FORMATS = ("parquet", "csv")
@@ -46,6 +49,16 @@ def _answers(record: DecisionRecord) -> dict[str, BinAnswer]:
         for role, out in record.outputs.items()
         if out.ok and out.labels is not None
     }
+
+
+def features_type(seen: set[str]) -> str:
+    """The type of a Parquet file's feature columns, from the types its records carry:
+    float32 as the models saw it (every record as before typed inputs), int64 when every one
+    is an integer model's, else float64, which holds each of them exactly (a slice across a
+    change of model type)."""
+    if seen <= {FLOAT32}:
+        return FLOAT32
+    return INT64 if seen == {INT64} else FLOAT64
 
 
 def _iso(ms: float | None) -> str | None:
@@ -78,23 +91,33 @@ class Exporter:
             cols += [f"{role}_proba_{c}" for c in self.classes]
         return [*cols, "label"]
 
-    def kept(self, positions: Positions, outputs: dict[str, dict[str, BinAnswer]]) -> set[str]:
-        """The roles of the slice's requests whose decision record is gone, from the outcomes
-        kept (a pass over the slice, a round trip per chunk): the columns come first."""
+    def survey(
+        self, positions: Positions, outputs: dict[str, dict[str, BinAnswer]], types: bool
+    ) -> tuple[set[str], set[str]]:
+        """One pass over the slice before any row is written (the columns come first): the
+        roles of its requests whose decision record is gone, from the outcomes kept (a round
+        trip per chunk), and, when ``types``, the feature types its records carry."""
         roles: set[str] = set()
-        if not self.outcome_keys:
-            return roles
+        seen: set[str] = set()
+        if not self.outcome_keys and not types:
+            return roles, seen
         gone: list[str] = []
         for record in read(self.reader, self.deployment, positions):
+            if types:
+                seen.add(str(record.get("features_type") or FLOAT32))
+            if not self.outcome_keys:
+                continue
             rid = str(record.get("request_id", ""))
             if rid not in outputs:
                 gone.append(rid)
             if len(gone) >= _CHUNK:
                 roles |= self._kept_roles(gone)
                 gone = []
-        return roles | self._kept_roles(gone)
+        return roles | self._kept_roles(gone), seen
 
     def _kept_roles(self, ids: list[str]) -> set[str]:
+        if not ids:
+            return set()
         found = outcomes_for(self.client, self.deployment, ids, self.outcome_keys)
         return {role for outcome in found.values() for role in outcome.answers}
 
@@ -115,6 +138,7 @@ class Exporter:
                 continue
             rid = str(record.get("request_id", ""))
             stream = str(record.get("stream") or names.input_stream(self.deployment))
+            exact = int if record.get("features_type") == INT64 else float
             for k, values in enumerate(features):
                 row: dict[str, Any] = {
                     "request_id": rid,
@@ -124,7 +148,7 @@ class Exporter:
                     "stream": stream,
                     "stream_id": record["stream_id"],
                 }
-                row.update(zip(self.feature_names, map(float, values), strict=True))
+                row.update(zip(self.feature_names, map(exact, values), strict=True))
                 chunk.append(row)
             if len(chunk) >= _CHUNK:
                 yield self._complete(chunk, keys, outputs, roles)
@@ -173,7 +197,8 @@ class Exporter:
         outputs = {rec.request_id: _answers(rec) for rec in records}
         self.outcome_keys = outcome_keys(self.client, self.deployment)
         found = {role for outs in outputs.values() for role in outs}
-        roles = _roles(found | self.kept(positions, outputs))
+        kept, types = self.survey(positions, outputs, types=fmt == "parquet")
+        roles = _roles(found | kept)
         if not self.classes:  # no model metadata at hand: class indices, as wide as the outputs
             widths = [len(o.probabilities[0]) for outs in outputs.values()
                       for o in outs.values() if o.probabilities]  # fmt: skip
@@ -191,6 +216,8 @@ class Exporter:
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "skipped": skipped,
         }
+        if fmt == "parquet":
+            doc["features_type"] = features_type(types)
         chunks = self.rows(positions, outputs, roles, skipped)
         written = (
             _parquet(out, columns, chunks, self, roles, doc)
@@ -237,7 +264,8 @@ def _parquet(
     roles: list[str],
     doc: dict[str, Any],
 ) -> int:
-    """Typed columns (features float32 as the models saw them, labels and versions int64,
+    """Typed columns (features as the models saw them: float32, or exactly as the archive kept
+    them, ``features_type``; labels and versions int64,
     probabilities float64 as the decision records keep them); the metadata is written in the
     footer, after the rows (its row count included)."""
     import pyarrow as pa  # only an export needs it
@@ -251,7 +279,8 @@ def _parquet(
         pa.field("stream", pa.string()),
         pa.field("stream_id", pa.string()),
     ]
-    fields += [pa.field(n, pa.float32()) for n in exporter.feature_names]
+    feature = {FLOAT32: pa.float32(), INT64: pa.int64()}.get(doc["features_type"], pa.float64())
+    fields += [pa.field(n, feature) for n in exporter.feature_names]
     for role in roles:
         fields += [pa.field(f"{role}_model", pa.string()), pa.field(f"{role}_version", pa.int64()),
                    pa.field(f"{role}_label", pa.int64())]  # fmt: skip

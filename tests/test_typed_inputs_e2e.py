@@ -17,6 +17,8 @@ from admin_support import AUTH, TOKEN
 from typed_models import NAMES, counts, fitted, upload
 
 from models.archive import ArchiveReader
+from models.archive_slice import resolve
+from models.export import Exporter
 from processes import System, launch_system, wait_until
 from rendezvous import names
 from rendezvous.decision import DecisionRecord, decode_entries
@@ -59,6 +61,21 @@ def archived(sys: System, deployment: str, ids: set[str]) -> dict[str, dict[str,
     return wait_until(found, 20, f"{deployment}'s archive")  # type: ignore[no-any-return]
 
 
+def exported(sys: System, deployment: str, out: Path) -> tuple[str, dict[str, list[Any]]]:
+    """The Parquet export of the deployment's whole archive: its feature columns' type, and
+    each feature's values by request id and row."""
+    import pyarrow.parquet as pq
+
+    reader = ArchiveReader(sys.data_dir / "logbin")
+    positions = resolve(reader, deployment, from_ms=None, to_ms=time.time() * 1000)
+    doc = Exporter(sys.r, reader, deployment, NAMES, [0, 1]).export(positions, out, "parquet", {})
+    table = pq.read_table(out)
+    assert {str(table.schema.field(n).type) for n in NAMES} == {
+        {"float32": "float", "float64": "double"}.get(doc["features_type"], doc["features_type"])
+    }
+    return doc["features_type"], table.to_pydict()
+
+
 def record(sys: System, deployment: str, rid: str) -> DecisionRecord:
     def found() -> DecisionRecord | None:
         entries = sys.r.xrange(names.decisions_stream(deployment))
@@ -80,6 +97,11 @@ def test_a_double_model_sees_and_archives_each_value_as_sent(system: System) -> 
     assert resp.status_code == 200, resp.text
     kept = archived(system, "exact", {"doubles-1"})["doubles-1"]
     assert kept["features"] == rows and kept["features_type"] == "float64"
+    # and exported for retraining exactly as archived (Parquet's float32 rounded them)
+    kind, columns = exported(system, "exact", system.logs / "exact.parquet")
+    assert kind == "float64" and [columns[n][:2] for n in NAMES] == [
+        list(c) for c in zip(*rows, strict=True)
+    ]
     got = [[p["probabilities"]["0"], p["probabilities"]["1"]] for p in resp.json()["predictions"]]
     assert np.allclose(got, fitted().predict_proba(np.array(rows)), atol=1e-5)
     assert doubles["input_type"] == "float64" and exact["input_types"] == ["float64"]
@@ -113,6 +135,10 @@ def test_an_int64_model_serves_integers_and_refuses_what_it_cannot_take(system: 
     assert decision.outputs["real"].labels == decision.outputs["canary"].labels
     kept = archived(system, "counts", {"ints-1"})["ints-1"]
     assert kept["features_type"] == "int64" and kept["features"] == rows
+    kind, columns = exported(system, "counts", system.logs / "counts.parquet")
+    assert kind == "int64" and [columns[n][:6] for n in NAMES] == [
+        list(c) for c in zip(*rows, strict=True)
+    ]
 
     # what an integer model cannot take: a 422 naming row and column, nothing published
     bad = system.http.post("/v1/deployments/counts/predict",
