@@ -17,6 +17,7 @@ from gateway.settings_values import (
     normalised_origin,
 )
 from models.hosting import longest_heartbeat_gap_s
+from models.memory_bound import MIN_MB as MEMORY_MIN_MB
 from rendezvous.bus.connection import DEFAULT_MAX_CONNECTIONS
 from rendezvous.schedule import MAX_WAIT_MS, Schedule
 
@@ -99,6 +100,11 @@ class Settings(BaseSettings):
     """Longest one model run (a batch) may take: past it the run is stopped and its requests
     get the model's failure (the fallbacks answer); a model that hangs on some input would
     hold its worker for good."""
+
+    model_memory_mb: int | None = Field(default=None, ge=0)
+    """Most memory (MB) a model worker process may take (``RLIMIT_DATA``): a run that asks
+    for more fails, its requests get the model's failure (the fallbacks answer), instead of
+    taking the host's memory. Unset: half the host's memory; 0: no bound."""
 
     shadow_batch_wait_ms: float = Field(default=15.0, ge=0)
     """How long a worker of a role that never answers first (canary, shadow challengers)
@@ -379,6 +385,14 @@ class Settings(BaseSettings):
                 f"not below RDV_MAX_BACKLOG={backlog}: a role that far behind holds the stream "
                 "until every request is refused"
             )
+        return value
+
+    @field_validator("model_memory_mb")
+    @classmethod
+    def _room_for_a_model(cls, value: int | None) -> int | None:
+        if value is not None and 0 < value < MEMORY_MIN_MB:
+            raise ValueError(f"0 (no bound) or at least {MEMORY_MIN_MB}: a worker takes about "
+                             "200 MB before its first model")  # fmt: skip
         return value
 
     @field_validator("heartbeat_timeout_s")

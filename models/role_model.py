@@ -19,7 +19,7 @@ import numpy as np
 
 from models.deployments import Deployment, DeploymentNotFound, ModelRef
 from models.registry import ModelRegistry
-from models.runtime import OnnxClassifier, RunLimit
+from models.runtime import OnnxClassifier, RunLimit, RunStopped
 from rendezvous import names
 from rendezvous.bus.group_reads import Membership
 from rendezvous.bus.routing import Command, command
@@ -144,8 +144,9 @@ class RoleModel:
 
     # -- scoring ------------------------------------------------------------------------------
 
-    def score(self, live: list[tuple[RequestEnvelope, float]]) -> list[Scored]:
-        """One onnxruntime call for every row of every request in the batch."""
+    def score(self, live: list[tuple[RequestEnvelope, float]], quiet: bool = False) -> list[Scored]:
+        """One onnxruntime call for every row of every request in the batch (``quiet``: a
+        failure is not logged, its caller says it)."""
         model, ref = self.model, self.model_ref
         assert model is not None and ref is not None
         width = model.meta.feature_spec.width
@@ -168,8 +169,11 @@ class RoleModel:
         try:
             labels, proba = model.predict(x, self.run_limit)
         except Exception as exc:  # a model that fails must not take the worker down
+            if len(good) > 1 and not isinstance(exc, RunStopped):
+                return out + self._alone(good, exc)
             self.stats.errors += len(good)
-            log.exception("model %s failed on a batch of %d rows", ref, len(x))
+            if not quiet:
+                log.exception("model %s failed on a batch of %d rows", ref, len(x))
             return out + [self._failed(env, q, f"model failed: {exc}") for env, q in good]
         inference_s = time.perf_counter() - t0
         ms_per_row = inference_s * 1000 / len(x)
@@ -200,6 +204,16 @@ class RoleModel:
             )  # fmt: skip
             row += n
             self.stats.scored += 1
+        return out
+
+    def _alone(self, batch: list[tuple[RequestEnvelope, float]], exc: Exception) -> list[Scored]:
+        """Each request of a failed batch scored on its own: one request's rows can fail a
+        model (memory it is refused, a value it chokes on) and failed every other request read
+        with it. Not after a run stopped past its time limit: each would take as long again."""
+        out = [scored for item in batch for scored in self.score([item], quiet=True)]
+        failed = sum(1 for _, result in out if result.error is not None)
+        log.warning("model %s failed on a batch of %d requests (%s); alone, %d of them failed",
+                    self.model_ref, len(batch), exc, failed)  # fmt: skip
         return out
 
     def _failed(self, env: RequestEnvelope, queue_ms: float, error: str) -> Scored:

@@ -41,6 +41,10 @@ class ModelAnswerError(RuntimeError):
     one row of probabilities per row: no answer for any request of the batch."""
 
 
+class RunStopped(ModelAnswerError):
+    """The model's run was stopped past its time limit (run again, it would hang again)."""
+
+
 class RunLimit:
     """Stops a model run that outlasts ``limit_s``: onnxruntime checks its run options'
     terminate flag between the graph's nodes, a loop's included. A model that hangs on some
@@ -171,7 +175,7 @@ class OnnxClassifier:
                     raw_labels, raw_proba = self.session.run(None, feeds, options)
                 except Exception:
                     if options.terminate:
-                        raise ModelAnswerError(
+                        raise RunStopped(
                             f"the model ran past {limit.limit_s:g} s (RDV_MODEL_RUN_LIMIT_S) "
                             "and was stopped"
                         ) from None

@@ -134,6 +134,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     (``--roles``, optionally one ``--deployment``): see ``models.worker_host``."""
     from models.deployment_store import DeploymentStore
     from models.hosting import HOSTED_BLOCK_MS, HOSTED_HEARTBEAT_S
+    from models.memory_bound import bound_memory
     from models.registry import ModelRegistry
     from models.worker import ModelWorker
     from models.worker_host import (
@@ -148,6 +149,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
     url = require_redis(settings)
     registry = ModelRegistry(settings.models_dir)
+    bounded = bound_memory(settings.model_memory_mb)  # before any model is loaded
+    log.info("model memory %s", f"bounded to {bounded} MB" if bounded else "not bounded")
 
     def build(
         client: Client, deployment: str, role: str, consumer: str, hosted: bool = False
