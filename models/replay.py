@@ -309,15 +309,19 @@ def run_process(
     pause_s: float,
     nice: int,
     log_level: str,
+    memory_mb: int | None = None,
 ) -> None:
     """A replay in a process of its own (the gateway spawns it): no GIL shared with the
-    gateway's event loop, ``nice`` steps below live traffic. SIGTERM stops it after its
-    batch, resumable."""
+    gateway's event loop, ``nice`` steps below live traffic, its memory bounded as a model
+    worker's (``RDV_MODEL_MEMORY_MB``). SIGTERM stops it after its batch, resumable."""
     import os
     import signal
     from pathlib import Path
 
+    from models.memory_bound import bound_memory
     from rendezvous.bus.connection import connect
+
+    bound_memory(memory_mb)
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"

@@ -17,6 +17,7 @@ import pytest
 from admin_support import AUTH, TOKEN
 from onnx import TensorProto, helper
 
+from models.archive import ArchiveReader
 from models.deployments import ModelRef
 from models.memory_bound import bound_memory, default_mb, host_memory_mb
 from models.meta import ModelMeta
@@ -138,7 +139,7 @@ def system(
 def test_a_served_model_that_asks_for_gigabytes_fails_that_request_only(system: System) -> None:
     """A real worker host bounded to 1 GB serves a model that asks for 8 GB on one input: that
     request is answered by the canary (real's run was refused its memory), the host lives on,
-    and real answers the next."""
+    and real answers the next; a replay of the model over that request fails, bounded too."""
     for name in ("bomb", "plain"):
         data = bomb(EIGHT_GB if name == "bomb" else 1)
         body = {"name": name, "feature_names": FEATURES,
@@ -172,3 +173,18 @@ def test_a_served_model_that_asks_for_gigabytes_fails_that_request_only(system: 
         return None if record is None else (record.outputs["real"].error or "")
 
     assert "allocate" in wait_until(failed_real, 15, "the poisoned request's decision record")
+
+    # A replay of the model on the archive (the poisoned request in it) is bounded alike: it
+    # ends failed, saying why, where unbounded it would have taken 8 GB of the host.
+    reader = ArchiveReader(system.data_dir / "logbin")
+    wait_until(lambda: len(list(reader.records("bombs"))) >= 2, 20, "the archive")
+    replays = "/admin/deployments/bombs/replays"
+    started = system.http.post(replays, json={"version": 1, "last": 10}, headers=AUTH)
+    assert started.status_code == 202, started.text
+
+    def ended() -> dict | None:
+        report = system.http.get(f"{replays}/{started.json()['id']}", headers=AUTH).json()
+        return None if report["state"] == "running" else report
+
+    report = wait_until(ended, 30, "the replay's end")
+    assert report["state"] == "failed" and "allocate" in report["reason"], report

@@ -176,6 +176,7 @@ class ReplayManager:
                 "pause_s": s.replay_pause_ms / 1000,
                 "nice": s.shadow_nice,
                 "log_level": s.log_level,
+                "memory_mb": s.model_memory_mb,
             },
             name=f"replay-{replay_id}",
             daemon=True,
