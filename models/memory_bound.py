@@ -15,17 +15,35 @@ from __future__ import annotations
 
 import os
 import resource
+from pathlib import Path
 
 MIN_MB = 256
 """Below this a worker cannot load onnxruntime and a model at all."""
 
 
-def host_memory_mb() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"),
+                 Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))  # fmt: skip
+"""A container's memory limit: cgroup v2's, else v1's ("max" or a huge number: none)."""
+
+
+def host_memory_mb(cgroup_limits: tuple[Path, ...] = CGROUP_LIMITS) -> int:
+    """The machine's memory, or the container's limit where it is lower (in a container the
+    machine's figure is the host's, and half of it may be more than the container has)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in cgroup_limits:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+        break
+    return total >> 20
 
 
 def default_mb() -> int:
-    """Half the host's memory: no model process may take more, whatever its input."""
+    """Half the host's (or container's) memory: no model process may take more, whatever its
+    input."""
     return max(host_memory_mb() // 2, MIN_MB)
 
 

@@ -103,6 +103,20 @@ print(model.predict(np.array([[0.1, 0.9]], np.float32))[0].tolist())
 
 
 @pytest.mark.pure
+def test_in_a_container_the_default_is_half_its_limit(tmp_path: Path) -> None:
+    """The machine's memory is the host's inside a container: half of it may be more than the
+    container may take, and its own out-of-memory kill would come first."""
+    machine = host_memory_mb(())
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    v2.write_text(f"{2 << 30}\n")
+    assert host_memory_mb((v2, v1)) == min(machine, 2048)
+    v2.write_text("max\n")
+    v1.write_text(f"{1 << 30}\n")
+    assert host_memory_mb((v2, v1)) == machine  # v2 present and unlimited: v1 is not read
+    assert host_memory_mb((tmp_path / "none", v1)) == min(machine, 1024)
+
+
+@pytest.mark.pure
 def test_one_poisoned_request_fails_alone_not_its_batch() -> None:
     """A model failure on a batch failed every request read with it (the canary answered them
     all); now the batch's requests are scored each alone, and only the poisoned one fails."""
