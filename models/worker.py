@@ -348,8 +348,8 @@ class ModelWorker(ConsumerLoop):
                     log.warning("skipping malformed entry %s: %s", entry_id, exc)
             if env is None:
                 role.stats.malformed += 1
-            elif (judged := clock.waited(entry_id, env.deadline_ms, env.enqueued_ms, bus_ms,
-                                         now_ms))[0]:  # fmt: skip
+            elif (judged := clock.waited(entry_id, env.deadline_ms, env.sent_ms or env.enqueued_ms,
+                                         bus_ms, now_ms))[0]:  # fmt: skip
                 role.stats.expired += 1
             else:
                 live.setdefault(id(member), []).append((env, judged[1]))

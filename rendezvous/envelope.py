@@ -19,6 +19,9 @@ import numpy as np
 from rendezvous.input_types import DTYPES, FLOAT32, WIRE_TYPES
 
 FIELD = b"d"
+SENT_FIELD = b"t"
+"""Beside ``d`` in a request's entry: the gateway's epoch ms as its XADD was sent (the
+appender sets it; ``RequestEnvelope.sent_ms``)."""
 FORMAT_VERSION = 1
 
 
@@ -75,6 +78,13 @@ def _unpack(fields: dict[bytes, bytes]) -> dict[str, Any]:
     return doc
 
 
+def _sent_ms(value: bytes | None) -> float | None:
+    try:
+        return None if value is None else float(int(value))
+    except ValueError:
+        return None
+
+
 @dataclass(slots=True)
 class RequestEnvelope:
     """One prediction request as every bin sees it (and the log bin archives it).
@@ -106,6 +116,10 @@ class RequestEnvelope:
     wire_type: str = FLOAT32
     """``float64`` or ``int64`` for a deployment whose models take doubles or integers
     (``rendezvous.input_types``): the features travel so, exactly as validated."""
+    sent_ms: float | None = None
+    """When the gateway sent the XADD (the entry's ``t``, on the gateway's clock as
+    ``deadline_ms``), later than ``enqueued_ms`` by a wait in its appender; None for an entry
+    without (older gateways). Not part of ``encode``: the appender stamps it."""
 
     def encode(self) -> dict[bytes, bytes]:
         if self.wire_type == FLOAT32:
@@ -150,6 +164,7 @@ class RequestEnvelope:
                 looked_up=doc.get("lu"),
                 raw_is_json=doc.get("rj") is True,
                 wire_type=wire_type,
+                sent_ms=_sent_ms(fields.get(SENT_FIELD)),
             )
         except (KeyError, TypeError) as exc:
             raise EnvelopeError(f"envelope lacks a field: {exc}") from exc

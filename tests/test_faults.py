@@ -353,3 +353,52 @@ def test_a_redis_that_does_not_answer_makes_503_not_a_hang(
             client.close()
     finally:
         server.stop()
+
+
+def test_requests_that_waited_past_their_deadline_for_a_stalled_redis_are_not_scored(
+    demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Redis stalls (``CLIENT PAUSE WRITE``, 1.5 s) while predicts of a 300 ms timeout arrive:
+    their XADDs queue in the gateway's appender behind the one Redis holds, and go out after
+    the pause, long past their deadlines. The worker drops them as expired, from the time each
+    XADD was sent (the entry's ``t``); it scored every one, for callers answered a second
+    before, when only the time since the envelope was built counted."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("stall-redis")).start()
+    schedule = Schedule(real_deadline_ms=200, timeout_ms=300)
+    try:
+        with launch_system(server.url, demo_data_dir, tmp_path_factory, schedule,
+                           RDV_REDIS_TIMEOUT_S="5") as system:  # fmt: skip
+            system.start_worker("real")
+            assert system.predict(bodies(1)[0]).status_code == 200
+            client = redis.Redis.from_url(server.url)
+            client.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+            statuses: list[int] = []
+
+            def call(body: dict) -> None:
+                with httpx.Client(base_url=system.http.base_url, timeout=10) as http:
+                    path = f"/v1/deployments/{DEMO_DEPLOYMENT}/predict"
+                    statuses.append(http.post(path, json=body).status_code)
+
+            callers = [threading.Thread(target=call, args=(b,)) for b in bodies(8)]
+            for caller in callers:
+                caller.start()
+                time.sleep(0.02)
+            for caller in callers:
+                caller.join(15)
+            assert len(statuses) == 8 and 200 not in statuses, statuses
+
+            def counters() -> dict | None:
+                import json
+
+                raw = client.hgetall(names.stats_key(DEMO_DEPLOYMENT))
+                stats = [json.loads(v) for v in raw.values()]
+                done = sum(s["expired"] + s["scored"] for s in stats)
+                return {k: sum(s[k] for s in stats) for k in ("expired", "scored")} if (
+                    done >= 9) else None  # fmt: skip
+
+            seen = wait_until(counters, 10, "the worker's counters")
+            report("stalled appends", {"statuses": statuses, **seen})
+            assert seen["expired"] >= 6 and seen["scored"] <= 3, seen
+            client.close()
+    finally:
+        server.stop()

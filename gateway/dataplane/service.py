@@ -50,7 +50,7 @@ from rendezvous.bus.appender import (
 )
 from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import REDIS_FAILURES, write_refused
-from rendezvous.envelope import RequestEnvelope
+from rendezvous.envelope import SENT_FIELD, RequestEnvelope
 from rendezvous.input_types import FLOAT32
 from rendezvous.ood import OodReference
 from rendezvous.spec import FeatureSpec
@@ -325,6 +325,7 @@ class PredictionService:
             replicated=replicated,
             on_appended=partial(self._published, mailbox, dep.name, features),
             must_exist=True,
+            stamp=SENT_FIELD,
         )
         answer = await self.rendezvous.wait(mailbox)
         if replicated is not None:  # RDV_WAIT_REPLICAS: answer once the input is replicated

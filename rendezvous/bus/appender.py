@@ -102,6 +102,8 @@ class _Pending:
     """Given the entry's id once it is written."""
     must_exist: bool = False
     """Append only if the stream exists (NOMKSTREAM), else fail with ``StreamGone``."""
+    stamp: bytes | None = None
+    """A field set to this host's epoch ms as the XADD is sent (see ``append_nowait``)."""
     give_up_at: float = 0.0
     """Monotonic time past which a failed fire-and-forget append is dropped (0: not failed)."""
 
@@ -165,6 +167,7 @@ class StreamAppender:
         replicated: asyncio.Future[None] | None = None,
         on_appended: Callable[[bytes], None] | None = None,
         must_exist: bool = False,
+        stamp: bytes | None = None,
     ) -> None:
         """Queue one XADD; a failure goes to ``on_error`` if given, else to the log, and the
         new entry's id to ``on_appended`` if given.
@@ -181,7 +184,11 @@ class StreamAppender:
 
         ``must_exist``: append only to a stream that exists, else ``on_error`` gets
         ``StreamGone`` (a request's input: its stream is made with its readers' groups, and
-        is gone only once its deployment was deleted and purged)."""
+        is gone only once its deployment was deleted and purged).
+
+        ``stamp``: a field the XADD carries, set to this host's epoch ms as it is sent, not
+        as it is queued: a request's time left is judged from it, so a wait here (behind a
+        batch that Redis holds) counts against its deadline."""
         taken = (
             (unique[0].encode(), unique[1], unique_owner.encode()) if unique is not None else None
         )
@@ -195,6 +202,7 @@ class StreamAppender:
                 replicated,
                 on_appended,
                 must_exist,
+                stamp,
             )
         )
         if urgent:
@@ -216,7 +224,8 @@ class StreamAppender:
         while self._queue:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             self.round_trips += 1
-            commands = [_xadd(item) for item in batch]
+            sent = _now_ms()
+            commands = [_xadd(item, sent) for item in batch]
             waits = sorted({item.stream for item in batch if item.replicated is not None})
             if self.wait_replicas:
                 commands += [Command(stream, (b"WAIT", b"%d" % self.wait_replicas,
@@ -295,7 +304,8 @@ class StreamAppender:
         for i, reply in zip(todo, taken, strict=True):
             results[i] = None if reply is None else reply  # None: taken by another
         todo = [i for i, reply in zip(todo, taken, strict=True) if reply == b"OK"]
-        appended = await self.client.execute([_plain_xadd(batch[i]) for i in todo])
+        sent = _now_ms()
+        appended = await self.client.execute([_plain_xadd(batch[i], sent) for i in todo])
         for i, reply in zip(todo, appended, strict=True):
             results[i] = _gone(batch[i]) if reply is None else reply
 
@@ -379,14 +389,23 @@ def _gone(item: _Pending) -> StreamGone:
     return StreamGone(f"{item.stream.decode()} does not exist")
 
 
-def _xadd(item: _Pending) -> Command:
+def _now_ms() -> bytes:
+    return b"%d" % (time.time() * 1000)
+
+
+def _fields(item: _Pending, sent: bytes) -> list[bytes]:
+    flat = [part for pair in item.fields.items() for part in pair]
+    return flat if item.stamp is None else [*flat, item.stamp, sent]
+
+
+def _xadd(item: _Pending, sent: bytes) -> Command:
     if item.unique is not None:
         key, ttl_ms, owner = item.unique
-        flat = [part for pair in item.fields.items() for part in pair]
+        flat = _fields(item, sent)
         script = _XADD_IF_NEW_TO_EXISTING if item.must_exist else _XADD_IF_NEW
         return Command(item.stream, (b"EVAL", script, b"2", key, item.stream,
                                      b"%d" % ttl_ms, owner, *flat))  # fmt: skip
-    return _plain_xadd(item)
+    return _plain_xadd(item, sent)
 
 
 def _take(item: _Pending) -> Command:
@@ -395,11 +414,9 @@ def _take(item: _Pending) -> Command:
     return Command(key, (b"EVAL", _TAKE, b"1", key, b"%d" % ttl_ms, owner))
 
 
-def _plain_xadd(item: _Pending) -> Command:
+def _plain_xadd(item: _Pending, sent: bytes) -> Command:
     args = [b"XADD", item.stream, b"NOMKSTREAM"] if item.must_exist else [b"XADD", item.stream]
     if item.maxlen is not None:
         args += [b"MAXLEN", b"~", b"%d" % item.maxlen]
     args.append(b"*")
-    for name, value in item.fields.items():
-        args += [name, value]
-    return Command(item.stream, tuple(args))
+    return Command(item.stream, (*args, *_fields(item, sent)))

@@ -8,9 +8,9 @@ timeout already past its deadline (all 504s), and a worker 5 s behind was judged
 So what crosses hosts is judged on Redis's clock. A stream entry's id is the Redis time of its
 XADD; ``TIME`` riding in the same round trip as a read (no round trip of its own) says the
 Redis time of that read. A request's remaining time is a duration taken on one host (the
-gateway's ``deadline_ms - enqueued_ms``), so the envelope is unchanged and old ones read the
-same. On a Redis Cluster each node stamps ids by its own clock: the nodes' clocks are assumed
-to agree (see the README's "Clock skew").
+gateway's ``deadline_ms`` less the time it sent the XADD, or built the envelope), so old
+envelopes read the same. On a Redis Cluster each node stamps ids by its own clock: the nodes'
+clocks are assumed to agree (see the README's "Clock skew").
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ def waited(
 
     With Redis's time of the read (``bus_now_ms``), both are judged on Redis's clock: the wait
     is the time since the entry's XADD, and the request is late once that exceeds the time it
-    had left when the gateway built its envelope (its wait in the gateway's appender before the
-    XADD is not counted). Without (a node away), the old way: the local clock against the
+    had left as the gateway sent the XADD (``deadline_ms - enqueued_ms``, where the caller
+    passes the entry's send stamp as ``enqueued_ms`` when it has one, so a wait in the gateway's
+    appender counts). Without (a node away), the old way: the local clock against the
     gateway's, right only while their clocks agree."""
     added_ms = entry_ms(entry_id)
     if bus_now_ms is None or added_ms is None:
