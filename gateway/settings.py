@@ -102,9 +102,10 @@ class Settings(BaseSettings):
     hold its worker for good."""
 
     model_memory_mb: int | None = Field(default=None, ge=0)
-    """Most memory (MB) a model worker process may take (``RLIMIT_DATA``): a run that asks
-    for more fails, its requests get the model's failure (the fallbacks answer), instead of
-    taking the host's memory. Unset: half the host's memory; 0: no bound."""
+    """Most memory (MB) a model run may take beyond what its worker process holds with its
+    models loaded (``RLIMIT_DATA``, set again after each load): a run that asks for more fails,
+    its requests get the model's failure (the fallbacks answer), instead of taking the host's
+    memory. Unset: half the host's (or container's) memory; 0: no bound."""
 
     shadow_batch_wait_ms: float = Field(default=15.0, ge=0)
     """How long a worker of a role that never answers first (canary, shadow challengers)
@@ -391,8 +392,8 @@ class Settings(BaseSettings):
     @classmethod
     def _room_for_a_model(cls, value: int | None) -> int | None:
         if value is not None and 0 < value < MEMORY_MIN_MB:
-            raise ValueError(f"0 (no bound) or at least {MEMORY_MIN_MB}: a worker takes about "
-                             "200 MB before its first model")  # fmt: skip
+            raise ValueError(f"0 (no bound) or at least {MEMORY_MIN_MB}: a batch of rows "
+                             "needs room beyond the model")  # fmt: skip
         return value
 
     @field_validator("heartbeat_timeout_s")

@@ -1,5 +1,5 @@
-"""A model process's memory, bounded: a model that asks for more on some input fails that run
-instead of taking the host's memory.
+"""A model process's memory, bounded: a model that asks for much more on some input fails that
+run instead of taking the host's memory.
 
 A 656-byte ONNX file can ask onnxruntime for gigabytes (``ConstantOfShape`` sized by a
 feature) on an input the upload's dry run never tried. Unbounded, the allocation succeeds
@@ -8,7 +8,8 @@ Redis or the worker host that serves every other deployment. Bounded, onnxruntim
 is refused and the run fails like any model failure: its requests get the model's error and
 the fallbacks answer. The bound is ``RLIMIT_DATA`` (heap and private anonymous memory, what
 onnxruntime's arena and numpy allocate), so reserved address space and mapped files are not
-counted against it.
+counted against it; it is what the process holds with its models loaded plus a headroom for
+a run, set again after each load.
 """
 
 from __future__ import annotations
@@ -47,15 +48,41 @@ def default_mb() -> int:
     return max(host_memory_mb() // 2, MIN_MB)
 
 
-def bound_memory(limit_mb: int | None) -> int | None:
-    """Bound this process's data memory to ``limit_mb`` (None: ``default_mb()``; 0: leave it
-    unbounded). The soft limit only, never above a hard one already set; returns the bound in
-    MB, or None when unbounded."""
-    wanted = default_mb() if limit_mb is None else limit_mb
-    if wanted <= 0:
+_headroom: int | None = None
+"""Bytes a run may add to what the process holds with its models loaded (None: unbounded)."""
+
+
+def held_bytes() -> int:
+    """What ``RLIMIT_DATA`` is checked against: the process's private writable memory (its
+    ``VmData``); 0 where the system does not say."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def bound_memory(headroom_mb: int | None) -> int | None:
+    """Let this process's data memory grow at most ``headroom_mb`` past what it holds now (None:
+    ``default_mb()``; 0: leave it unbounded), and past what it holds after each model load
+    (``rebound``): a bound on what one run may take, not on the models a host serves (a worker
+    host of many large models would otherwise fail to load them). Returns the bound in MB."""
+    global _headroom
+    wanted = default_mb() if headroom_mb is None else headroom_mb
+    _headroom = wanted << 20 if wanted > 0 else None
+    return rebound()
+
+
+def rebound() -> int | None:
+    """Set the bound from what the process holds now, after a model loaded (its weights are
+    not a run's): the soft limit only, never above a hard one already set. The bound in MB, or
+    None when unbounded."""
+    if _headroom is None:
         return None
     _, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    limit = wanted << 20
+    limit = held_bytes() + _headroom
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))

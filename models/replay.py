@@ -27,6 +27,7 @@ import numpy as np
 from models.archive import ArchiveReader
 from models.archive_slice import Positions, count, positions_from, positions_json, read, resolve
 from models.labels import as_recorded, label_keys, labels_for, outcome_keys, outcomes_for
+from models.memory_bound import rebound
 from models.registry import ModelRegistry
 from models.replay_report import Given, Tally, count_request, report_view
 from models.replay_store import DONE, FAILED, INTERRUPTED, RUNNING, ReplayStore
@@ -167,6 +168,7 @@ class Runner:
             self.registry.artifact_path(ref["name"], ref["version"]),
             self.registry.meta(ref["name"], ref["version"]),
         )
+        rebound()  # RDV_MODEL_MEMORY_MB: a batch's headroom beyond the model's weights
         given = load_given(self.client, deployment, positions)
         keys = (label_keys(self.client, deployment), outcome_keys(self.client, deployment))
         batch_rows = int(report["batch_rows"])

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.deployments import Deployment, DeploymentNotFound, ModelRef
+from models.memory_bound import rebound
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier, RunLimit, RunStopped
 from rendezvous import names
@@ -114,6 +115,7 @@ class RoleModel:
             return
         meta = self.registry.meta(ref.name, ref.version)
         self.model = OnnxClassifier(self.registry.artifact_path(ref.name, ref.version), meta)
+        rebound()  # the model's weights are held for good: a run's headroom is beyond them
         if self.model_ref is not None:
             self.stats.reloads += 1
         log.info("%s/%s now serves %s", self.deployment, self.role, ref)
