@@ -4,6 +4,7 @@ checks the same against a real gateway over sockets)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -153,6 +154,36 @@ def test_a_v2_routes_refusal_is_in_the_open_inference_protocols_shape() -> None:
         assert not g.admit(b"POST " + target + b" HTTP/1.1\r\n" + fields + b"\r\n")
         assert status(transport) == 431
         assert transport.out.split(b"\r\n\r\n", 1)[1].startswith(shape), target
+
+
+def test_a_refusal_to_an_allowed_pages_origin_carries_the_cors_headers() -> None:
+    """With ``RDV_CORS_ORIGINS``, the guard's own refusals (no app answers them) carried no
+    CORS header, so a page's script read a network error instead of the 431 or 408 and its
+    reason; now they carry what the app's answers carry, for an allowed origin only."""
+    app = "https://app.example.com"
+    fields = b"".join(b"X-%d: 1\r\n" % i for i in range(21))
+    cases = [
+        (frozenset({app}), app, [f"access-control-allow-origin: {app}", "vary: Origin"]),
+        (frozenset({"*"}), app, ["access-control-allow-origin: *"]),
+        (frozenset({app}), "https://evil.example", []),
+        (frozenset(), app, []),
+    ]
+    for origins, origin, expected in cases:
+        transport = Transport()
+        g = ConnectionGuard(transport, dataclasses.replace(LIMITS, cors_origins=origins))
+        assert not g.admit(HEAD + f"Origin: {origin}\r\n".encode() + fields + b"\r\n")
+        head = transport.out.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+        cors = [line for line in head if line.startswith(("access-control-", "vary"))]
+        exposed = ["access-control-expose-headers: location, retry-after, "
+                   "inference-header-content-length"] if expected else []  # fmt: skip
+        assert status(transport) == 431 and cors == expected + exposed, (origins, origin)
+    # a slow body's 408, the Origin read with its head
+    transport = Transport()
+    g = ConnectionGuard(transport, dataclasses.replace(LIMITS, cors_origins=frozenset({app})))
+    g.admit(HEAD + f"Origin: {app}\r\nContent-Length: 10\r\n\r\n{{".encode())
+    g.expired(time.monotonic() + 60)
+    assert status(transport) == 408 and f"access-control-allow-origin: {app}".encode() in (
+        transport.out)  # fmt: skip
 
 
 def test_what_comes_after_a_refusal_is_dropped_up_to_a_bound() -> None:

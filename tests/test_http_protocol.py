@@ -253,12 +253,14 @@ def test_a_client_that_leaves_mid_request_does_not_disturb_the_next(system: Syst
 
 
 def test_a_head_over_the_cap_or_with_too_many_fields_is_refused_431(system: System) -> None:
+    """... and a page of an allowed origin may read the refusal (CORS headers)."""
     for extra in (("X-Big: " + "a" * MAX_HEAD,), tuple(f"X-N{i}: {i}" for i in range(21))):
         c = Conn(system.port)
         try:
-            c.send(request(PREDICT, None, *extra))
+            c.send(request(PREDICT, None, f"Origin: {APP_ORIGIN}", *extra))
             status, headers, content = c.response()
             assert status == 431 and "detail" in json.loads(content), content
+            assert headers["access-control-allow-origin"] == APP_ORIGIN, headers
             assert headers["connection"] == "close" and c.closed_by_server()
         finally:
             c.close()

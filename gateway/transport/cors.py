@@ -39,3 +39,23 @@ def with_cors(app: ASGIApp, origins: list[str]) -> ASGIApp:
         expose_headers=EXPOSED_HEADERS,
         max_age=MAX_AGE_S,
     )
+
+
+MAX_ORIGIN_BYTES = 512
+"""Of an ``Origin`` header, what the HTTP guard keeps for its refusal (more is no origin)."""
+
+
+def cors_lines(origin: bytes, allowed: frozenset[str]) -> list[bytes]:
+    """The CORS header lines of a refusal the HTTP guard writes itself (400, 408, 431: no app
+    answers them) to a page of ``origin``, as ``CORSMiddleware`` writes them on the app's
+    answers; none for an origin not allowed, or none sent."""
+    if not origin or not allowed:
+        return []
+    if "*" in allowed:
+        lines = [b"access-control-allow-origin: *\r\n"]
+    elif origin.decode("latin-1") in allowed:
+        lines = [b"access-control-allow-origin: " + origin + b"\r\n", b"vary: Origin\r\n"]
+    else:
+        return []
+    exposed = ", ".join(EXPOSED_HEADERS).encode()
+    return [*lines, b"access-control-expose-headers: " + exposed + b"\r\n"]

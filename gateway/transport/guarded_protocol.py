@@ -117,4 +117,5 @@ def limits_from(settings: Settings) -> HttpLimits:
         body_timeout_s=settings.body_timeout_s,
         keep_alive_s=settings.keep_alive_s,
         requests_per_connection=settings.requests_per_connection or 0,
+        cors_origins=frozenset(settings.cors_origins),
     )

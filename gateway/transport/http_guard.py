@@ -28,6 +28,7 @@ from typing import Any
 import httptools
 
 from gateway.problems import Problem
+from gateway.transport.cors import MAX_ORIGIN_BYTES, cors_lines
 from gateway.transport.http_parsing import end_of_requests, fault_of, method_of
 from gateway.transport.limits import style_of
 
@@ -55,6 +56,9 @@ class HttpLimits:
     """From an answer to the next request's first byte (a silent close beyond)."""
     requests_per_connection: int = 0
     """A keep-alive connection's answers before the last one closes it (0: no bound)."""
+    cors_origins: frozenset[str] = frozenset()
+    """``RDV_CORS_ORIGINS``: a refusal to a page of one of them says so, as the app's answers
+    do (else the page's script reads a network error, not the status and its reason)."""
 
 
 class Refusals:
@@ -98,6 +102,7 @@ class ConnectionGuard:
         "in_body",
         "in_head",
         "limits",
+        "origin",
         "parser",
         "raw_head",
         "refusal",
@@ -137,6 +142,8 @@ class ConnectionGuard:
         """A refusal waiting for the answers owed to requests before it (pipelined)."""
         self.target = b""
         """The request target's first bytes: a ``/v2`` route's refusal is in its shape."""
+        self.origin = b""
+        """The request's ``Origin`` header, where it came before a refusal."""
         self.closed = False
         self.drained = 0
         """Bytes read and dropped after a refusal (bounded by ``LINGER_BYTES``)."""
@@ -243,6 +250,7 @@ class ConnectionGuard:
         head = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
         head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
         head += [name + b": " + value + b"\r\n" for name, value in headers if name != b"connection"]
+        head += cors_lines(self.origin, self.limits.cors_origins)
         head.append(b"connection: close\r\n\r\n")
         transport = self.transport
         transport.write(b"".join(head) + body)
@@ -311,7 +319,7 @@ class ConnectionGuard:
     def on_message_begin(self) -> None:
         self.in_head = True
         self.head_bytes = self.raw_head = self.headers = 0
-        self.target = b""
+        self.target = self.origin = b""
         self.deadline = time.monotonic() + self.limits.header_timeout_s
 
     def on_url(self, url: bytes) -> None:
@@ -324,6 +332,8 @@ class ConnectionGuard:
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) == 7 and name.lower() == b"upgrade" and value.strip().lower() == b"websocket":
             self.websocket = True
+        elif len(name) == 6 and name.lower() == b"origin":
+            self.origin = value[:MAX_ORIGIN_BYTES].strip()
         self.headers += 1
         self.head_bytes += len(name) + len(value) + 4
         if self.headers > self.limits.max_headers:
