@@ -40,6 +40,10 @@ class Call(Generic[T]):
     wait_s: float = 0.0
     """How long the server may hold the answer on purpose (a long poll): added to the
     client's timeout, which would otherwise cut a wait longer than itself."""
+    taken_once: bool = False
+    """A predict or a submit: the gateway takes it once per request id, and its 503 means it
+    took nothing (it never took the id, or freed it), unless the detail asks for a new id
+    (``rdv_client.retries``)."""
 
 
 def body_of(
@@ -175,13 +179,13 @@ class Calls:
     def predict(deployment: str, body: dict[str, Any],
                 request_id: str | None) -> Call[Prediction]:  # fmt: skip
         return Call("POST", f"/v1/deployments/{segment(deployment)}/predict", Prediction.from_json,
-                     json=body, headers=_rid(request_id))  # fmt: skip
+                     json=body, headers=_rid(request_id), taken_once=True)  # fmt: skip
 
     @staticmethod
     def submit(deployment: str, body: dict[str, Any],
                request_id: str | None) -> Call[Job]:  # fmt: skip
         return Call("POST", f"/v1/deployments/{segment(deployment)}/jobs", Job.from_json,
-                     json=body, headers=_rid(request_id))  # fmt: skip
+                     json=body, headers=_rid(request_id), taken_once=True)  # fmt: skip
 
     @staticmethod
     def result(deployment: str, job_id: str, wait_ms: int | None) -> Call[Job]:
@@ -255,7 +259,8 @@ def retry_after_s(value: str | None) -> float | None:
         return None
 
 
-def answer_of(call: Call[T], response: httpx.Response) -> T:
+def answer_of(call: Call[T], response: httpx.Response, tries: int = 1) -> T:
+    """The call's value, or its refusal raised (``tries``: how many times it was sent)."""
     try:
         doc = response.json() if response.content else None
     except ValueError:
@@ -265,9 +270,9 @@ def answer_of(call: Call[T], response: httpx.Response) -> T:
         detail = body.get("detail", body.get("error")) if body else response.text
         submitted = call.method == "POST" and call.parse == Job.from_json
         if response.status_code == 409 and submitted and "id" in body and "location" in body:
-            raise JobExists(response.status_code, detail, body)
+            raise JobExists(response.status_code, detail, body, tries)
         retry = retry_after_s(response.headers.get("retry-after"))
-        raise RdvError(response.status_code, detail, retry, body)
+        raise RdvError(response.status_code, detail, retry, body, tries)
     if call.parse == Job.from_json and isinstance(doc, dict) and "location" not in doc:
         # a submit's Location header; a poll or a cancel was sent to the job's own place
         here = call.path if call.method != "POST" else None
@@ -307,6 +312,7 @@ def unsendable(call: Call[Any], exc: httpx.LocalProtocolError) -> ValueError:
     return ValueError(f"{call.method} {call.path}: not sendable as HTTP: {exc}")
 
 
-def unreachable(call: Call[Any], exc: httpx.TransportError) -> GatewayUnreachable:
+def unreachable(call: Call[Any], exc: httpx.TransportError, tries: int = 1) -> GatewayUnreachable:
     what = "no answer in time" if isinstance(exc, httpx.TimeoutException) else "not reached"
-    return GatewayUnreachable(f"{call.method} {call.path}: {what}: {exc!r}")
+    after = f" (after {tries} tries)" if tries > 1 else ""
+    return GatewayUnreachable(f"{call.method} {call.path}: {what}: {exc!r}{after}")

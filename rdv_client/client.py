@@ -3,6 +3,8 @@ httpx client."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, SupportsFloat, TypeVar
 
@@ -15,14 +17,12 @@ from rdv_client.calls import (
     Labels,
     Rows,
     Waiting,
-    answer_of,
     body_of,
     checked_actor,
     feedback_body,
     request_of,
-    unreachable,
-    unsendable,
 )
+from rdv_client.retries import Retrying
 from rdv_client.types import Job, Prediction
 
 T = TypeVar("T")
@@ -30,12 +30,16 @@ T = TypeVar("T")
 
 class Client(AdminCalls[dict[str, Any]]):
     """Synchronous. ``admin_token`` only for the admin calls, ``feedback_token`` for
-    ``feedback`` on a gateway that asks for one; ``transport`` for tests."""
+    ``feedback`` on a gateway that asks for one; ``transport`` for tests. ``retries``: how
+    many times a call is sent again where that is safe (a 429, a 503, a gateway not reached:
+    ``rdv_client.retries`` says which calls on which failure; 0: never), waiting what
+    ``Retry-After`` says or backing off, ``max_retry_wait_s`` at most in all per call."""
 
     def __init__(self, base_url: str, *, admin_token: str | None = None,
                  feedback_token: str | None = None, actor: str | None = None,
-                 timeout: float = 10.0,
+                 timeout: float = 10.0, retries: int = 2, max_retry_wait_s: float = 10.0,
                  transport: httpx.BaseTransport | None = None):  # fmt: skip
+        self.retrying = Retrying(retries, max_retry_wait_s)
         self.admin_token = admin_token
         self.feedback_token = feedback_token
         self.actor = checked_actor(actor)
@@ -46,13 +50,16 @@ class Client(AdminCalls[dict[str, Any]]):
     def _send(self, call: Call[T]) -> T:
         tokens = (self.admin_token, self.feedback_token)
         request = request_of(call, tokens, self.http.timeout, self.actor)
-        try:
-            response = self.http.request(**request)
-        except httpx.LocalProtocolError as exc:
-            raise unsendable(call, exc) from exc
-        except httpx.TransportError as exc:
-            raise unreachable(call, exc) from exc
-        return answer_of(call, response)
+        tries = self.retrying.tries(call)
+        while True:
+            try:
+                response = self.http.request(**request)
+            except httpx.TransportError as exc:
+                time.sleep(tries.after_failure(exc))  # raises when not sent again
+                continue
+            if (wait_s := tries.after_answer(response)) is None:
+                return tries.answer(response)
+            time.sleep(wait_s)
 
     def _admin(self, method: str, path: str, json: Any = None,
                params: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
@@ -122,12 +129,14 @@ class Client(AdminCalls[dict[str, Any]]):
 
 
 class AsyncClient(AdminCalls[Awaitable[dict[str, Any]]]):
-    """The same calls for asyncio: each, the admin ones included, is awaited."""
+    """The same calls for asyncio: each, the admin ones included, is awaited; the same
+    retries (``Client``)."""
 
     def __init__(self, base_url: str, *, admin_token: str | None = None,
                  feedback_token: str | None = None, actor: str | None = None,
-                 timeout: float = 10.0,
+                 timeout: float = 10.0, retries: int = 2, max_retry_wait_s: float = 10.0,
                  transport: httpx.AsyncBaseTransport | None = None):  # fmt: skip
+        self.retrying = Retrying(retries, max_retry_wait_s)
         self.admin_token = admin_token
         self.feedback_token = feedback_token
         self.actor = checked_actor(actor)
@@ -136,13 +145,16 @@ class AsyncClient(AdminCalls[Awaitable[dict[str, Any]]]):
     async def _send(self, call: Call[T]) -> T:
         tokens = (self.admin_token, self.feedback_token)
         request = request_of(call, tokens, self.http.timeout, self.actor)
-        try:
-            response = await self.http.request(**request)
-        except httpx.LocalProtocolError as exc:
-            raise unsendable(call, exc) from exc
-        except httpx.TransportError as exc:
-            raise unreachable(call, exc) from exc
-        return answer_of(call, response)
+        tries = self.retrying.tries(call)
+        while True:
+            try:
+                response = await self.http.request(**request)
+            except httpx.TransportError as exc:
+                await asyncio.sleep(tries.after_failure(exc))  # raises when not sent again
+                continue
+            if (wait_s := tries.after_answer(response)) is None:
+                return tries.answer(response)
+            await asyncio.sleep(wait_s)
 
     def _admin(self, method: str, path: str, json: Any = None,
                params: Mapping[str, Any] | None = None) -> Awaitable[dict[str, Any]]:  # fmt: skip

@@ -28,7 +28,8 @@ def said(detail: Any) -> str:
 class RdvError(Exception):
     """A refusal or failure the gateway answered with: ``status`` and its ``detail``;
     ``retry_after`` (seconds) when the refusal is momentary (429, 503); ``body``, the whole
-    JSON answer (it may say more than the detail)."""
+    JSON answer (it may say more than the detail); ``tries``, how many times the client sent
+    the call (more than once: its retries ended here)."""
 
     def __init__(
         self,
@@ -36,34 +37,39 @@ class RdvError(Exception):
         detail: Any,
         retry_after: float | None = None,
         body: Mapping[str, Any] | None = None,
+        tries: int = 1,
     ):
-        super().__init__(f"{status}: {said(detail)}")
+        after = f" (after {tries} tries)" if tries > 1 else ""
+        super().__init__(f"{status}: {said(detail)}{after}")
         self.status = status
         self.detail = detail
         self.retry_after = retry_after
         self.body: Mapping[str, Any] = body or {}
+        self.tries = tries
 
     def __reduce__(self) -> tuple[Any, ...]:
         # As it was made, so that it crosses a process pool (it broke the pool instead).
-        return (RdvError, (self.status, self.detail, self.retry_after, dict(self.body)))
+        args = (self.status, self.detail, self.retry_after, dict(self.body), self.tries)
+        return (RdvError, args)
 
 
 class JobExists(RdvError):
     """A submit's 409: its request id already took a job, ``job_id`` at ``location`` (a
     caller that lost the first 202 finds its job here)."""
 
-    def __init__(self, status: int, detail: Any, body: Mapping[str, Any]):
-        super().__init__(status, detail, None, body)
+    def __init__(self, status: int, detail: Any, body: Mapping[str, Any], tries: int = 1):
+        super().__init__(status, detail, None, body, tries)
         self.job_id = str(body["id"])
         self.location = str(body["location"])
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (JobExists, (self.status, self.detail, dict(self.body)))
+        return (JobExists, (self.status, self.detail, dict(self.body), self.tries))
 
 
 class GatewayUnreachable(Exception):
     """No answer from the gateway: it could not be reached, or did not answer within the
-    client's timeout (the cause is the httpx error). Whether a predict or a submit was taken
+    client's timeout (the cause is the httpx error), after the client's retries where it may
+    send the call again (``rdv_client.retries``). Whether a predict or a submit was taken
     is unknown: send it again with the same ``request_id``, and a 409 says it was."""
 
 
