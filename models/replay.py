@@ -265,7 +265,34 @@ class Runner:
         if not scored:
             return
         started = time.perf_counter()
-        labels, proba = model.predict(np.concatenate([x for _, x in scored]))
+        try:
+            labels, proba = model.predict(np.concatenate([x for _, x in scored]))
+        except Exception as exc:  # one request's rows can fail a model: the others are scored
+            if len(scored) == 1:
+                _failed(deployment, scored[0][0], exc, tally)
+                return
+            for one in scored:
+                started = time.perf_counter()
+                try:
+                    labels, proba = model.predict(one[1])
+                except Exception as alone:
+                    _failed(deployment, one[0], alone, tally)
+                    continue
+                self._count(deployment, [one], labels, proba, started, given, keys, tally)
+            return
+        self._count(deployment, scored, labels, proba, started, given, keys, tally)
+
+    def _count(
+        self,
+        deployment: str,
+        scored: list[tuple[dict[str, Any], np.ndarray]],
+        labels: np.ndarray,
+        proba: np.ndarray,
+        started: float,
+        given: Mapping[str, Given],
+        keys: tuple[list[str], list[str]],
+        tally: Tally,
+    ) -> None:
         elapsed_ms = (time.perf_counter() - started) * 1000
         tally.batches += 1
         tally.model_ms_sum += elapsed_ms
@@ -282,6 +309,14 @@ class Runner:
                           given.get(rid) or then.get(rid),
                           known.get(rid))  # fmt: skip
             at += n
+
+
+def _failed(deployment: str, record: Mapping[str, Any], exc: Exception, tally: Tally) -> None:
+    """A request the model failed on (memory refused past ``RDV_MODEL_MEMORY_MB``, a value
+    it chokes on): skipped as ``model_failed``, as the live worker answers it with a failure."""
+    tally.skipped["model_failed"] = tally.skipped.get("model_failed", 0) + 1
+    log.warning("replay of %s: the model failed on request %s: %s", deployment,
+                record.get("request_id"), exc)  # fmt: skip
 
 
 class _Stop(Exception):
