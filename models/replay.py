@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from rendezvous.bus.connection import Client
 from rendezvous.decision import DecisionRecord, decode_entries
 from rendezvous.input_types import DTYPES, WIRE_TYPES, unfit
 from rendezvous.outcomes import Outcome
+
+if TYPE_CHECKING:
+    from models.runtime import RunLimit
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,7 @@ class Runner:
         pause_s: float = 0.0,
         stop: threading.Event | None = None,
         stop_after_batches: int | None = None,
+        run_limit: RunLimit | None = None,
     ):
         self.client = client
         self.store = ReplayStore(client)
@@ -118,6 +122,9 @@ class Runner:
         """Pause between batches (leaves the CPU to live traffic)."""
         self.stop = stop or threading.Event()
         self.stop_after_batches = stop_after_batches
+        self.run_limit = run_limit
+        """``RDV_MODEL_RUN_LIMIT_S``: a model that loops on some archived request would hold
+        the replay (and its slot of ``RDV_REPLAY_CONCURRENCY``) for good."""
         """Stop after this many batches of this run, as if asked to (tests of interruption)."""
         self._cancelled = False
 
@@ -266,7 +273,7 @@ class Runner:
             return
         started = time.perf_counter()
         try:
-            labels, proba = model.predict(np.concatenate([x for _, x in scored]))
+            labels, proba = model.predict(np.concatenate([x for _, x in scored]), self.run_limit)
         except Exception as exc:  # one request's rows can fail a model: the others are scored
             if len(scored) == 1:
                 _failed(deployment, scored[0][0], exc, tally)
@@ -274,7 +281,7 @@ class Runner:
             for one in scored:
                 started = time.perf_counter()
                 try:
-                    labels, proba = model.predict(one[1])
+                    labels, proba = model.predict(one[1], self.run_limit)
                 except Exception as alone:
                     _failed(deployment, one[0], alone, tally)
                     continue
@@ -347,6 +354,7 @@ def run_process(
     nice: int,
     log_level: str,
     memory_mb: int | None = None,
+    run_limit_s: float | None = None,
 ) -> None:
     """A replay in a process of its own (the gateway spawns it): no GIL shared with the
     gateway's event loop, ``nice`` steps below live traffic, its memory bounded as a model
@@ -371,8 +379,12 @@ def run_process(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the gateway's to handle
     client = connect(redis_url, wait_s=10)
     try:
+        from models.runtime import RunLimit
+
+        limit = RunLimit.shared(run_limit_s) if run_limit_s else None
         runner = Runner(client, ModelRegistry(Path(models_dir)), ArchiveReader(Path(archive_dir)),
-                        owner=f"replay-{os.getpid()}", pause_s=pause_s, stop=stop)  # fmt: skip
+                        owner=f"replay-{os.getpid()}", pause_s=pause_s, stop=stop,
+                        run_limit=limit)  # fmt: skip
         runner.run(deployment, replay_id)
     finally:
         client.close()

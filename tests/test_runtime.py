@@ -114,3 +114,23 @@ def test_reference_rows_are_scored_in_the_bounded_child_not_the_gateway() -> Non
     with pytest.raises(ArtifactRejected, match="took longer than 3 s"):
         inspect_isolated(data, META, timeout_s=3.0, reference=np.array([[1e12, 0.0]]))
     assert time.monotonic() - t0 < 30.0  # bounded, not the loop's hours
+
+
+def test_a_replay_skips_a_request_its_model_loops_on_and_scores_the_rest() -> None:
+    """A replay ran the model without a time limit: one archived row that makes it loop held
+    the replay (and its slot) for good. Within ``RDV_MODEL_RUN_LIMIT_S`` the batch is stopped,
+    the request the model loops on is skipped as ``model_failed``, the others are scored."""
+    from models.replay import Runner
+    from models.replay_report import Tally
+
+    model = OnnxClassifier(_looping(), META)
+    runner = Runner(None, None, None, owner="test", run_limit=RunLimit(0.3, tick_s=0.05))  # type: ignore[arg-type]
+    batch = [{"stream_id": f"{i}-0", "request_id": rid, "features": rows}
+             for i, (rid, rows) in enumerate([("a", [[0.2, 0.9]]), ("loops", [[1e12, 0.0]]),
+                                              ("b", [[0.9, 0.2], [0.1, 0.5]])])]  # fmt: skip
+    tally = Tally()
+    t0 = time.monotonic()
+    runner._score("trap", model, batch, {}, ([], []), tally)
+    assert time.monotonic() - t0 < 10.0
+    assert tally.skipped == {"model_failed": 1} and (tally.records, tally.rows) == (2, 3)
+    assert tally.predicted == {"1": 2, "0": 1}

@@ -177,6 +177,7 @@ class ReplayManager:
                 "nice": s.shadow_nice,
                 "log_level": s.log_level,
                 "memory_mb": s.model_memory_mb,
+                "run_limit_s": s.model_run_limit_s,
             },
             name=f"replay-{replay_id}",
             daemon=True,
