@@ -116,8 +116,6 @@ class Exporter:
         return roles | self._kept_roles(gone), seen
 
     def _kept_roles(self, ids: list[str]) -> set[str]:
-        if not ids:
-            return set()
         found = outcomes_for(self.client, self.deployment, ids, self.outcome_keys)
         return {role for outcome in found.values() for role in outcome.answers}
 
