@@ -12,6 +12,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisClusterException
+from test_realtime_first import a_long_step
 
 from gateway.dataplane.mailbox import DuplicateRequest
 from gateway.dataplane.matcher import Rendezvous
@@ -406,3 +407,39 @@ async def test_large_records_are_kept_in_fewer_entries_than_the_count_cap(
     assert 100 <= cap < 600
     assert cap <= len(entries) <= cap + 100, (len(entries), cap, record_bytes)
     assert entries[-1][1][b"m"] and decode_entries(entries[-1:])[0].request_id == "big599"
+
+
+async def test_a_jobs_decision_record_is_written_between_realtime_requests_and_at_a_stop(
+    rdv: Rendezvous, r: redis.Redis
+) -> None:
+    """A 1,000-row job's record took up to 20 ms to write on a loaded host, in the turn that
+    closed it, ahead of realtime work (``RealtimeFirst``)."""
+    first = rdv.records.realtime_first
+    first.yield_ratio, first.yield_s = 1000.0, 5.0
+    await first.turn()
+    a_long_step(0.02)
+    first.started()  # a realtime predict in flight
+    job = rdv.open("job-1", DEP, PATIENT, ROLES)
+    job.background = True
+    realtime = rdv.open("rt-1", DEP, PATIENT, ROLES)
+    for rid in ("job-1", "rt-1"):
+        await send(rdv.client, result(rid, "real", 0.9))
+        await send(rdv.client, result(rid, "canary", 0.2))
+    await rdv.wait(job)
+    await rdv.wait(realtime)
+    await decisions(r, 1)
+    await asyncio.sleep(0.2)
+    assert [rec.request_id for rec in await decisions(r, 1)] == ["rt-1"]
+    first.ended()
+    assert [rec.request_id for rec in await decisions(r, 2)] == ["rt-1", "job-1"]
+    # A stop writes the jobs' records still waiting, whatever realtime does.
+    first.started()
+    job = rdv.open("job-2", DEP, PATIENT, ROLES)
+    job.background = True
+    await send(rdv.client, result("job-2", "real", 0.9))
+    await send(rdv.client, result("job-2", "canary", 0.2))
+    await rdv.wait(job)
+    await asyncio.sleep(0.1)
+    await rdv.stop()
+    recs = await decisions(r, 3)
+    assert [rec.request_id for rec in recs] == ["rt-1", "job-1", "job-2"]

@@ -299,6 +299,7 @@ class JobRunner:
                         return
                     continue
             else:
+                await self.service.realtime_first.turn()  # the answer's JSON
                 status, doc = answer_doc(answer)
                 field = b"result" if status == DONE else b"error"
             break

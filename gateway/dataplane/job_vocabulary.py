@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.dataplane.answers import answer_json
 from gateway.dataplane.failures import problem_of
 from rendezvous import names
 
@@ -110,7 +111,7 @@ def error_doc(exc: BaseException) -> bytes:
 def answer_doc(answer: dict[str, Any]) -> tuple[str, bytes]:
     """(status, JSON) of a predict's answer; a non-finite number fails as predict's 502."""
     try:
-        return DONE, compact_json(answer)
+        return DONE, answer_json(answer)
     except ValueError:
         model = answer.get("model") or {}
         detail = (

@@ -143,6 +143,7 @@ class JobService:
         service = self.service
         dep = self.deployments.get(deployment)
         spec = dep.feature_spec
+        await service.realtime_first.turn()  # the body's check: milliseconds for 1,000 rows
         body = parse_body(raw, spec, service.max_rows)
         if spec.lookup is None:
             rows = to_matrix(spec, body, service.max_rows, dep.input_rule).shape[0]

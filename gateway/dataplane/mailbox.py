@@ -56,6 +56,9 @@ class Mailbox:
     measured when the mailbox closes (after the answer: off the caller's latency)."""
     input_id: bytes | None = None
     """The request's entry in its input stream, once written."""
+    background: bool = False
+    """An async job's: its decision record is written in a turn of its own, between
+    realtime requests (``RealtimeFirst``)."""
 
 
 __all__ = ["Answer", "DuplicateRequest", "Mailbox"]

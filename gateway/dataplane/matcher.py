@@ -18,6 +18,7 @@ from typing import Any
 from gateway.dataplane.decision_cap import DecisionCap
 from gateway.dataplane.decision_writer import DecisionWriter
 from gateway.dataplane.mailbox import Answer, DuplicateRequest, Mailbox
+from gateway.dataplane.realtime_first import RealtimeFirst
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
 from rendezvous.bus.async_router import Router
@@ -57,13 +58,17 @@ class Rendezvous:
         decisions_max_bytes: int | None = None,
         on_decision: Callable[[DecisionRecord], None] | None = None,
         on_late: Callable[[], None] | None = None,
+        realtime_first: RealtimeFirst | None = None,
     ):
         self.client = client
         self.reader = reader
         """Connections of its own: the blocking XREAD holds one, and closing them ends it."""
         self.reply_to = reply_to
         self.records = DecisionWriter(
-            decisions, DecisionCap(decisions_maxlen, decisions_max_bytes), on_decision
+            decisions,
+            DecisionCap(decisions_maxlen, decisions_max_bytes),
+            on_decision,
+            realtime_first,
         )
         """Writes each closed mailbox's decision record: at most ``decisions_maxlen`` records
         a deployment, fewer when they are large (``decisions_max_bytes``)."""
@@ -113,7 +118,7 @@ class Rendezvous:
             if not mb.answer.done():
                 mb.answer.set_result(mb.answered)
             self._close(mb, mb.answered)
-        self.records.flush()
+        await self.records.drain()
         with contextlib.suppress(*REDIS_FAILURES):
             await self.client.delete(self.reply_to)
 

@@ -31,6 +31,7 @@ from gateway.dataplane.failures import (
 )
 from gateway.dataplane.mailbox import Mailbox
 from gateway.dataplane.matcher import Rendezvous
+from gateway.dataplane.realtime_first import RealtimeFirst
 from gateway.dataplane.validation import (
     check_matrix,
     check_request_id,
@@ -94,6 +95,7 @@ class PredictionService:
         metrics: RequestTally | None = None,
         drift_feed: RowSink | None = None,
         feature_store: Router | None = None,
+        realtime_first: RealtimeFirst | None = None,
     ):
         """``feature_store``: the router to the Redis that holds the entity features of
         deployments that look some up (``FeatureSpec.lookup``); only their requests use it.
@@ -112,6 +114,8 @@ class PredictionService:
         self.max_backlog_bytes = max_backlog_bytes
         self.request_id_ttl_ms = request_id_ttl_s * 1000
         self.in_flight = 0
+        self.realtime_first = realtime_first or RealtimeFirst()
+        """Counts the realtime predicts in flight; a job's long steps take their turns."""
         self._ood: dict[int, tuple[FeatureSpec, OodReference | None]] = {}
 
     async def predict(
@@ -182,6 +186,8 @@ class PredictionService:
         spec = dep.feature_spec
         rule = dep.input_rule
         entities: list[str] | None = None
+        if job:
+            await self.realtime_first.turn()  # the body's check: milliseconds for 1,000 rows
         if decode is None:
             body = parse_body(raw, spec, self.max_rows)
             if spec.lookup is None:
@@ -195,6 +201,8 @@ class PredictionService:
         rid = check_request_id(request_id) if request_id else names.new_request_id()
         self.check_room(dep.name)
         self.in_flight += 1
+        if not job:
+            self.realtime_first.started()
         try:
             looked_up = None
             if entities is not None:
@@ -205,6 +213,8 @@ class PredictionService:
             )  # fmt: skip
         finally:
             self.in_flight -= 1
+            if not job:
+                self.realtime_first.ended()
 
     async def _enrich(
         self, dep: Deployment, caller: np.ndarray, entities: list[str]
@@ -276,6 +286,7 @@ class PredictionService:
             schedule = schedule.patient(patience_ms)
         mailbox = self.rendezvous.open(rid, dep.name, schedule, dep.role_names)
         mailbox.features, mailbox.ood_reference = features, self.ood_reference(spec)
+        mailbox.background = bool(job)
         envelope = RequestEnvelope(
             request_id=rid,
             deployment=dep.name,
@@ -340,6 +351,8 @@ class PredictionService:
                                       mailbox.started_ms, chosen)  # fmt: skip
             raise NoAnswer(rid, answer)
         result = answer.result
+        if job:
+            await self.realtime_first.turn()  # the answer's rows
         return {
             "request_id": rid,
             "model": {"name": result.model, "version": result.version, "role": answer.role},

@@ -24,6 +24,7 @@ from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.feedback import FeedbackService, ModelClasses
 from gateway.dataplane.matcher import Rendezvous
 from gateway.dataplane.outcome_store import OutcomeStore
+from gateway.dataplane.realtime_first import RealtimeFirst
 from gateway.dataplane.service import PredictionService
 from gateway.dataplane.validation import PredictRequest
 from gateway.observability.alert_webhooks import AlertWebhooks
@@ -181,6 +182,7 @@ def create_app(
                 feed.observe_decision(record)
                 outcomes.observe(record)
 
+            realtime_first = RealtimeFirst()  # async jobs' long steps go between realtime's
             rendezvous = Rendezvous(
                 client,
                 reader,
@@ -190,6 +192,7 @@ def create_app(
                 decisions_max_bytes=int(settings.decisions_max_mb * 2**20),
                 on_decision=on_decision,
                 on_late=metrics.late_result,
+                realtime_first=realtime_first,
             )
             await rendezvous.start()
             undo.push_async_callback(rendezvous.stop)
@@ -247,6 +250,7 @@ def create_app(
                 metrics=metrics,
                 drift_feed=feed,
                 feature_store=writer,
+                realtime_first=realtime_first,
             )
             metrics.track_in_flight(lambda: app.state.service.in_flight)
             metrics.track_decision_appends(appender)

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import re
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
+from gateway.dataplane.answers import answer_json
 from gateway.dataplane.failures import Overloaded, problem_of
 from gateway.dataplane.service import PredictionService
 from gateway.dataplane.validation import several_request_ids
@@ -45,18 +44,9 @@ SHUTTING_DOWN = Problem(503, "the gateway is shutting down", headers=RETRY, clos
 
 
 def ok(doc: dict[str, Any]) -> Reply:
-    """The answer, or a 502 naming the model when it answered a non-finite number (JSON has
-    none).
-
-    orjson writes it (0.24 µs for one row against 11 µs for ``json.dumps``, whose float repr
-    dominated: 0.41 ms of a 100-row answer), but writes a NaN as ``null``; an answer has no
-    null of its own, so only a body holding the four letters is written again by ``json``,
-    which refuses a non-finite number."""
-    body = orjson.dumps(doc)
-    if b"null" not in body:
-        return 200, body, []
+    """The answer, or a 502 naming the model when it answered a non-finite number."""
     try:
-        return 200, json.dumps(doc, separators=(",", ":"), allow_nan=False).encode(), []
+        return 200, answer_json(doc), []
     except ValueError:
         model = doc.get("model") or {}
         detail = (
