@@ -20,6 +20,7 @@ import asyncio
 import http.client
 import json
 import multiprocessing
+import shutil
 import statistics
 import tempfile
 import time
@@ -100,6 +101,8 @@ def one_round(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     job = json.dumps({"instances": (rows * (args.rows // len(rows) + 1))[: args.rows]}).encode()
     singles = [json.dumps({"instances": [r]}).encode() for r in rows[:50]]
     settings = {"RDV_JOB_MAX_QUEUED": "1000000", "RDV_JOB_MAX_HELD_BYTES": str(8 << 30)}
+    if args.models is not None:  # trained already: no training at start
+        shutil.copytree(args.models, work / "data" / "models")
     running = start_rdv(work / "data", work, settings=settings)
     try:
         quiet, _ = realtime(running.base_url, singles, args.quiet)
@@ -109,8 +112,9 @@ def one_round(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             args=(running.base_url, job, args.connections, args.duration, results),
         )
         submitters.start()
-        time.sleep(min(2.0, args.duration / 4))  # the burst under way
-        burst, statuses = realtime(running.base_url, singles, args.duration - 3.0)
+        warm_s = min(2.0, args.duration / 4)
+        time.sleep(warm_s)  # the burst under way
+        burst, statuses = realtime(running.base_url, singles, args.duration - warm_s - 1.0)
         submitted = results.get(timeout=120)
         submitters.join(30)
     finally:
@@ -134,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--duration", type=float, default=15.0, help="seconds of the burst")
     p.add_argument("--quiet", type=float, default=3.0, help="seconds measured before it")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--models", type=Path, help="a trained demo models folder to start from")
     p.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results/)")
     args = p.parse_args(argv)
     rounds = []
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "commit": commit,
-        "settings": vars(args) | {"out": None},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "models")},
         "median": {k: statistics.median(r[k] for r in rounds) for k in keys},
         "rounds": rounds,
     }

@@ -327,3 +327,21 @@ def test_the_deployments_and_soak_axes_run_for_a_second(
     pids = {p["pid"] for p in mem["by_process"]}
     pids |= {int(name.rsplit(":", 1)[1]) for s in soak["samples"] for name in s["rss_mb"]}
     assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]  # every server stopped
+
+
+@pytest.mark.integration
+def test_the_job_burst_measures_realtime_quiet_and_during_a_burst(
+    tmp_path: Path, demo_data_dir: Path
+) -> None:
+    """``benchmarks.job_burst`` for a few seconds: realtime answered on both sides, jobs
+    accepted, the ratios there."""
+    out = tmp_path / "burst.json"
+    argv = [sys.executable, "-m", "benchmarks.job_burst", "--connections", "2", "--rows", "200",
+            "--duration", "3", "--quiet", "0.5", "--rounds", "1",
+            "--models", str(demo_data_dir / "models"), "--out", str(out)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [one] = json.loads(out.read_text())["rounds"]
+    assert one["quiet_ms"]["n"] > 5 and one["burst_ms"]["n"] > 5, one
+    assert set(one["burst_statuses"]) == {"200"} and one["submissions"]["accepted"] > 0, one
+    assert one["p50_burst_vs_quiet"] > 0 and one["p99_burst_vs_quiet"] > 0
