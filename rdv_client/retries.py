@@ -68,7 +68,19 @@ MAX_BACKOFF_S = 8.0
 RETRY_AFTER_JITTER = 0.2
 """Up to this share of ``Retry-After`` added at random."""
 NEW_ID_ASKED = b"new X-Request-Id"
-"""In a 503's detail when the request id stays taken (``gateway/dataplane/service.py``)."""
+"""In a 503's detail when the request id stays taken, from gateways older than the answer's
+``request_id_taken`` (``gateway/dataplane/no_answer.py``)."""
+
+
+def _request_id_taken(response: httpx.Response) -> bool:
+    """The 503 says the call's request id stays taken: sending it again is a 409."""
+    try:
+        doc = response.json()
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and doc.get("request_id_taken") is True:
+        return True
+    return NEW_ID_ASKED in response.content
 
 
 def repeatable(call: Call[Any]) -> bool:
@@ -137,7 +149,7 @@ class Tries(Generic[T]):
         if status == 429:
             return True
         call = self.call
-        if call.taken_once and NEW_ID_ASKED in response.content:
+        if call.taken_once and _request_id_taken(response):
             return False
         return call.taken_once or repeatable(call) or _expects_revision(call)
 

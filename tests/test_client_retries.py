@@ -188,6 +188,13 @@ def test_a_503_is_sent_again_only_where_the_gateway_took_nothing() -> None:
     with gateway.client() as rdv, pytest.raises(RdvError, match="new X-Request-Id"):
         rdv.predict("d", instances=ROW, request_id="r-1")
     assert len(gateway.sent) == 1
+    # The answer's own field says so, whatever the wording of its detail.
+    doc = {"detail": "gone", "request_id": "r-1", "request_id_taken": True}
+    taken = httpx.Response(503, json=doc, headers={"Retry-After": "0"})
+    gateway = Scripted(taken, ok())
+    with gateway.client() as rdv, pytest.raises(RdvError, match="gone"):
+        rdv.predict("d", instances=ROW, request_id="r-1")
+    assert len(gateway.sent) == 1
     for call, retried in (
         (lambda rdv: rdv.rollback("d"), False),
         (lambda rdv: rdv.promote("d", 3), False),

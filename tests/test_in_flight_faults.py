@@ -89,6 +89,7 @@ def test_a_request_whose_answer_redis_lost_gets_503_and_one_the_models_missed_50
     # Its input outlived the restart and may still be scored under its id, which stays taken:
     # the caller is told to retry with a new one, and the old one is refused with the reason.
     assert "retry it with a new X-Request-Id" in lost.json()["detail"]
+    assert lost.json()["request_id_taken"] is True and lost.json()["request_id"] == "restart"
     again = gateway.post(PREDICT, json=body, headers={"X-Request-Id": "restart"})
     assert again.status_code == 409 and "before a Redis failure" in again.json()["detail"]
 

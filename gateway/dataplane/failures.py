@@ -28,6 +28,11 @@ class UnknownVersion(UnknownDeployment):
 class Unavailable(RuntimeError):
     """Redis cannot take the request now; the caller may retry."""
 
+    def __init__(self, message: str, *, request_id_taken: str | None = None):
+        super().__init__(message)
+        self.request_id_taken = request_id_taken
+        """The caller's own request id, which stays taken: a retry needs a new one."""
+
 
 class Overloaded(RuntimeError):
     """This gateway already holds as many requests as it may (answer 429 at once)."""
@@ -108,6 +113,9 @@ def problem_of(exc: BaseException) -> Problem | None:
         return Problem(409, str(exc))
     if isinstance(exc, Overloaded):
         return Problem(429, str(exc), headers=RETRY)
+    if isinstance(exc, Unavailable) and exc.request_id_taken is not None:
+        taken = {"request_id": exc.request_id_taken, "request_id_taken": True}
+        return Problem(503, str(exc), taken, headers=RETRY)
     if isinstance(exc, Unavailable | Backlogged):
         return unavailable(str(exc))
     if refused := write_refused(exc):

@@ -31,6 +31,7 @@ from gateway.dataplane.failures import (
 )
 from gateway.dataplane.mailbox import Mailbox
 from gateway.dataplane.matcher import Rendezvous
+from gateway.dataplane.no_answer import raise_if_redis_failed
 from gateway.dataplane.realtime_first import RealtimeFirst
 from gateway.dataplane.validation import (
     check_matrix,
@@ -44,7 +45,6 @@ from models.deployments import Deployment
 from rendezvous import names
 from rendezvous.bus.appender import (
     AlreadyTaken,
-    Fate,
     NotReplicated,
     StreamAppender,
     StreamGone,
@@ -347,8 +347,9 @@ class PredictionService:
                 raise Unavailable(str(replicated.exception()))
         if answer.result is None:
             if not answer.failed:  # the models said why: not Redis's doing
-                await self._no_answer(stream, rid, mailbox.input_id, answer.reason,
-                                      mailbox.started_ms, chosen)  # fmt: skip
+                await raise_if_redis_failed(self.rendezvous, self.appender, stream, rid,
+                                            mailbox.input_id, answer.reason,
+                                            mailbox.started_ms, chosen)  # fmt: skip
             raise NoAnswer(rid, answer)
         result = answer.result
         if job:
@@ -368,54 +369,6 @@ class PredictionService:
         mailbox.input_id = entry
         if self.drift_feed is not None:
             self.drift_feed.observe_rows(deployment, features)
-
-    async def _no_answer(
-        self,
-        stream: str,
-        rid: str,
-        input_id: bytes | None,
-        reason: str,
-        started_ms: float,
-        chosen: bool,
-    ) -> None:
-        """Raise 503 for a request that waited in vain because Redis failed or lost its input:
-        not the models' fault, and worth a retry (the caller's 504 otherwise). Redis failed
-        while it waited (a restart, a failover; seen by the reply reader, or by other appends
-        to its input stream), or its input is gone: a failover took the entry before a replica
-        had it, with nothing else failing where the gateway looks (asked only then), or Redis
-        has not taken its input at all (stalled past ``APPEND_STALLED_MS``). A
-        caller's own id is freed for the retry when its input is gone; while the input may
-        still be scored under it, it stays taken and the caller is told to use a new one."""
-        failed_ms = max(self.rendezvous.read_failed_ms, self.appender.failed_ms(stream))
-        redis_failed = failed_ms >= started_ms
-        waited_ms = time.time() * 1000 - started_ms
-        fate = Fate.UNKNOWN
-        if input_id is None and not redis_failed:
-            if waited_ms < APPEND_STALLED_MS:
-                return  # its append still under way at a deadline of a few ms: a 504
-            what = f"Redis did not take request {rid!r}'s input in {waited_ms:.0f} ms (stalled)"
-        else:
-            if input_id is not None and (chosen or not redis_failed):
-                fate = await self.appender.fate(stream, input_id)
-            if redis_failed or fate is Fate.UNKNOWN:
-                what = f"Redis failed while request {rid!r} waited for its answer ({reason})"
-            elif fate is Fate.GONE:
-                what = f"Redis lost request {rid!r}'s input while it waited ({reason})"
-            else:
-                return
-        key = names.request_id_key(stream, rid)
-        if not chosen or (fate is Fate.GONE and await self.appender.release(key)):
-            raise Unavailable(f"{what}; retry it")
-        raise Unavailable(
-            f"{what}; its input may still be scored under that id, which stays taken: "
-            "retry it with a new X-Request-Id"
-        )
-
-
-APPEND_STALLED_MS = 100.0
-"""A request's input not in Redis this long after its arrival: Redis stalled (an append takes
-well under a millisecond), so its deadline's answer is a 503 to retry, not the models' 504
-(a SIGSTOPped Redis gave 504s; found by a helper's probe)."""
 
 
 def _since(t0: float | None) -> float | None:
