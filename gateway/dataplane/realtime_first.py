@@ -7,11 +7,11 @@ run), shaping its answer's rows and writing its decision record each take millis
 loaded host. A realtime predict passes through the loop several times (its body, its input's
 write, its answer's arrival, its response), and each pass waited for whatever job steps were
 ready: with ten clients submitting 1,000-row jobs on the 2-core machine, realtime p50 went from
-4 to 64-200 ms (p99 250-400 ms). Here a job's long step waits its turn, first come first
-served and one at a time, and it starts once no realtime predict is in flight in this process,
-or after ``YIELD_RATIO`` times the last job step's length (``YIELD_S`` at most) at the latest:
-sustained realtime traffic leaves the jobs about a tenth of the loop, and a job's small steps
-hardly wait."""
+4 to 70-191 ms (p99 153-349 ms; 21-26 and 62-111 with the turns). Here a job's long step waits
+its turn, first come first served and one at a time, and it starts once no realtime predict is
+in flight in this process, or after ``YIELD_RATIO`` times the last job step's length
+(``YIELD_S`` at most) at the latest: sustained realtime traffic leaves the jobs about a tenth
+of the loop, and a job's small steps hardly wait."""
 
 from __future__ import annotations
 
