@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from gateway.settings_evidence import EvidenceSettings
+from gateway.settings_jobs import JobSettings
 from gateway.settings_values import (
-    HttpUrlText,
-    OptionalHttpUrlText,
     checked_redis_url,
     checked_token,
     normalised_origin,
@@ -21,16 +21,13 @@ from models.memory_bound import MIN_MB as MEMORY_MIN_MB
 from rendezvous.bus.connection import DEFAULT_MAX_CONNECTIONS
 from rendezvous.schedule import MAX_WAIT_MS, Schedule
 
-if TYPE_CHECKING:  # imported where used: it brings numpy, which ``rdv serve``'s supervisor
-    # (a process that only starts and watches the others) has no use for: ~13 MB of its RSS
-    from rendezvous.drift_alerts import Thresholds
-
-
 LARGEST = 10**12
 """The largest number any setting takes (see ``Settings._within_reach``)."""
 
 
-class Settings(BaseSettings):
+class Settings(EvidenceSettings, JobSettings):
+    """Every ``RDV_`` setting; the jobs' and the model evidence's live in their own parts."""
+
     model_config = SettingsConfigDict(env_prefix="RDV_", extra="ignore", allow_inf_nan=False)
     """``inf`` is no setting's value: it passed every bound, then overflowed where it was used
     (a helper's probe), as did integers past ``LARGEST``."""
@@ -199,41 +196,6 @@ class Settings(BaseSettings):
     holds the stream: the log bin moves its group forward and counts what it skipped
     (``rdv_role_skipped_entries_total``). Only the archive holds the stream without bound."""
 
-    job_ttl_s: int = Field(default=3600, ge=1)
-    """How long an async job is kept in Redis after its acceptance, and its result (or error)
-    after its end: past it, polling the job answers 404 saying it expired."""
-
-    job_max_wait_ms: int = Field(default=30_000, ge=0, le=600_000)
-    """Longest long poll (``?wait_ms=`` on a job): 422 beyond."""
-
-    job_concurrency: int = Field(default=64, ge=1)
-    """Jobs one gateway process runs at once (each is a predict in flight, so also within
-    ``max_in_flight``)."""
-
-    job_rows_in_flight: int = Field(default=2000, ge=1)
-    """Rows of jobs one gateway process has with the models at once (a larger job runs
-    alone): a burst of large jobs waits in Redis, not in front of the models, where it would
-    make every realtime request behind it late."""
-
-    job_timeout_ms: int = Field(default=30_000, ge=1, le=600_000)
-    """How long a job's predict waits for the models' answer (the deployment's
-    ``timeout_ms`` where longer): no caller waits on the line, so a busy model delays a job
-    instead of failing it with 504."""
-
-    job_max_queued: int = Field(default=10_000, ge=1)
-    """Jobs a deployment may hold accepted and not yet ended; beyond it, 503 at once."""
-
-    job_max_held_bytes: int = Field(default=256 * 2**20, ge=2**20)
-    """Bytes of Redis a deployment's jobs may hold, bodies waiting and answers kept for
-    ``job_ttl_s`` alike (about: each job counts its body or answer and 300 bytes); beyond it a
-    submit is refused with 503 until old answers expire. Without it a flood of submits would
-    fill Redis for an hour with answers nobody reads."""
-
-    job_claim_idle_ms: int = Field(default=30_000, ge=100)
-    """A job taken by a gateway process that died is run by another after this long (never
-    less than a job's timeout, ``job_timeout_ms`` or the deployment's ``timeout_ms``, + 1 s,
-    so a live gateway's job is not taken)."""
-
     redis_timeout_s: float = Field(default=2.0, gt=0)
     """Bound on every gateway Redis command: a hung server becomes a 503, never a hang."""
 
@@ -271,74 +233,6 @@ class Settings(BaseSettings):
 
     max_model_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest ONNX artifact the admin API accepts (413 beyond)."""
-
-    shadow_window: int = Field(default=5000, ge=10, le=1_000_000)
-    """Latest decision records a shadow record (and the promotion gate) looks at."""
-
-    replay_batch_rows: int = Field(default=256, ge=1, le=65_536)
-    """Most rows a replay scores in one onnxruntime call (bounds its memory and how long it
-    holds a core at once)."""
-
-    replay_pause_ms: float = Field(default=0.0, ge=0, le=10_000)
-    """A replay's pause between batches: leaves the cores to live traffic on a busy gateway."""
-
-    replay_concurrency: int = Field(default=1, ge=1, le=16)
-    """Replays one gateway process runs at once (each in a process it spawns, niced by
-    ``shadow_nice``); beyond it, 409."""
-
-    drift_interval_s: float = Field(default=5.0, gt=0)
-    """The drift monitor evaluates each deployment at least this often, and once 200 new
-    requests are in the sketches (by one gateway process at a time); one history point per
-    interval. The online detectors judge each process's rows within 50 ms regardless."""
-
-    drift_window_requests: int = Field(default=1000, ge=10)
-    """The drift window: the latest this many requests of the current real model..."""
-
-    drift_window_s: float = Field(default=600.0, gt=0)
-    """...none older than this."""
-
-    drift_min_requests: int = Field(default=200, ge=1)
-    """Default for deployments without their own: below this many requests in the window,
-    drift is not judged (no alert raised or cleared)."""
-
-    drift_thresholds: dict[str, float] = {}
-    """Default thresholds as JSON, e.g. ``{"score_psi": 0.25}``; a deployment's own (set
-    through the admin API) override them."""
-    alert_webhooks: list[HttpUrlText] = []
-    """URLs that get every drift alert raised and cleared, as Alertmanager's webhook payload
-    (JSON list, e.g. ``["http://alerts.internal/hook"]``); retried with backoff, never in the
-    way of a request."""
-
-    public_url: OptionalHttpUrlText = ""
-    """The gateway's address as people and receivers reach it (``https://rdv.example``):
-    alerts then link to the drift report (``generatorURL``). Empty: the links are paths."""
-
-    drift_history: int = Field(default=360, ge=10)
-    """Evaluations kept as the drift report's history."""
-
-    drift_sketch_maxlen: int = Field(default=20_000, ge=100)
-    """Approximate cap of each deployment's drift-sketch stream (one entry per gateway
-    process every 0.25 s)."""
-
-    feedback_retention_s: float = Field(default=7 * 24 * 3600.0, ge=0)
-    """How long a request's outputs are kept for a label to be joined to them (the feedback
-    route answers 404 past it); 0 turns feedback off."""
-
-    feedback_bucket_s: float = Field(default=3600.0, gt=0)
-    """Outcomes are kept in one Redis hash per this much decision time; a whole bucket expires
-    (or is pruned) at once."""
-
-    feedback_max_mb: float = Field(default=256.0, gt=0)
-    """Most Redis memory one deployment's kept outcomes and labels may take (about 190 bytes
-    a request, README); past it the oldest buckets are dropped."""
-
-    accuracy_window: int = Field(default=1000, ge=10, le=100_000)
-    """Live accuracy is computed over the latest this many labelled requests."""
-
-    labelled_maxlen: int = Field(default=100_000, ge=100)
-    """Approximate cap of each deployment's labelled stream (one entry per label given, about
-    0.2 KB for a one-row request and two models, 0.36 KB measured with 20-row requests and
-    three): what the live accuracy and the promotion gate read."""
 
     log_level: str = "INFO"
 
@@ -437,23 +331,6 @@ class Settings(BaseSettings):
     def _origins(cls, value: list[str]) -> list[str]:
         return [normalised_origin(origin) for origin in value]
 
-    @field_validator("drift_thresholds")
-    @classmethod
-    def _known_thresholds(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
-        if value:  # the import brings numpy, which the supervisor does without
-            from rendezvous.drift_alerts import Thresholds
-
-            Thresholds().merged(value)
-            if "min_requests" in value:
-                _judgeable(int(value["min_requests"]), info)
-        return value
-
-    @field_validator("drift_min_requests")
-    @classmethod
-    def _judgeable_default(cls, value: int, info: ValidationInfo) -> int:
-        _judgeable(value, info)
-        return value
-
     def redis_memory_bytes(self, deployments: int) -> int:
         """A rough floor of the Redis memory these caps let the data reach, with ``deployments``
         deployments and this host's gateways: input streams at their backlog bound (~1 KB an
@@ -469,12 +346,6 @@ class Settings(BaseSettings):
             + self.labelled_maxlen * 400
         )
         return deployments * per_deployment + self.gateway_process_count * self.reply_maxlen * 300
-
-    def drift_defaults(self) -> Thresholds:
-        """The thresholds of a deployment that has none of its own (ValueError if invalid)."""
-        from rendezvous.drift_alerts import Thresholds
-
-        return Thresholds(min_requests=self.drift_min_requests).merged(self.drift_thresholds)
 
     def schedule(self) -> Schedule:
         return Schedule(
@@ -512,14 +383,3 @@ def http_url(host: str, port: int) -> str:
     and the wildcard addresses a server binds to (``0.0.0.0``, ``::``) as loopback."""
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def _judgeable(min_requests: int, info: ValidationInfo) -> None:
-    """A window of ``drift_window_requests`` can hold ``min_requests``: else drift is never
-    judged, and nothing says so."""
-    window = info.data.get("drift_window_requests")
-    if isinstance(window, int) and min_requests > window:
-        raise ValueError(
-            f"min_requests {min_requests} is more than the drift window holds "
-            f"(RDV_DRIFT_WINDOW_REQUESTS={window}): drift would never be judged"
-        )
