@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # imported where used: it brings numpy, which ``rdv serve``'s
 
 class EvidenceSettings(BaseSettings):
     """``RDV_SHADOW_*``, ``RDV_REPLAY_*``, ``RDV_DRIFT_*``, alerts, ``RDV_FEEDBACK_*`` and
-    live accuracy."""
+    live accuracy. Read only as part of ``Settings``, which gives the prefix."""
 
     shadow_window: int = Field(default=5000, ge=10, le=1_000_000)
     """Latest decision records a shadow record (and the promotion gate) looks at."""

@@ -7,7 +7,8 @@ from pydantic_settings import BaseSettings
 
 
 class JobSettings(BaseSettings):
-    """``RDV_JOB_*``: how long jobs are kept, how many run at once, and their bounds."""
+    """``RDV_JOB_*``: how long jobs are kept, how many run at once, and their bounds. Read
+    only as part of ``Settings``, which gives the prefix."""
 
     job_ttl_s: int = Field(default=3600, ge=1)
     """How long an async job is kept in Redis after its acceptance, and its result (or error)
