@@ -122,10 +122,10 @@ class Runner:
         """Pause between batches (leaves the CPU to live traffic)."""
         self.stop = stop or threading.Event()
         self.stop_after_batches = stop_after_batches
+        """Stop after this many batches of this run, as if asked to (tests of interruption)."""
         self.run_limit = run_limit
         """``RDV_MODEL_RUN_LIMIT_S``: a model that loops on some archived request would hold
         the replay (and its slot of ``RDV_REPLAY_CONCURRENCY``) for good."""
-        """Stop after this many batches of this run, as if asked to (tests of interruption)."""
         self._cancelled = False
 
     def run(self, deployment: str, replay_id: str) -> dict[str, Any]:
