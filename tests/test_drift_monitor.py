@@ -446,42 +446,70 @@ async def test_an_idle_deployment_is_evaluated_every_idle_interval_a_busy_one_at
     from gateway.observability import drift_monitor
 
     deployments = await cache(client)
-    monitor = DriftMonitor(client, deployments, "gw-1", interval_s=0.1, evaluate_every=50)
-    assert await monitor._due_deployments() == ([DEMO_DEPLOYMENT], [DEMO_DEPLOYMENT])
+    monitor = DriftMonitor(
+        client, deployments, "gw-1", interval_s=0.1, evaluate_every=50, tick_s=0.01
+    )
+    assert await monitor._due_deployments() == ([DEMO_DEPLOYMENT],) * 3
     await monitor.evaluate(DEMO_DEPLOYMENT)
     monkeypatch.setattr(drift_monitor, "IDLE_INTERVAL_S", 0.4)
     await asyncio.sleep(0.15)
-    assert (await monitor._due_deployments())[1] == []  # the interval passed, nothing came
+    assert (await monitor._due_deployments())[2] == []  # the interval passed, nothing came
     await asyncio.sleep(0.3)
-    assert (await monitor._due_deployments())[1] == [DEMO_DEPLOYMENT]  # the idle interval
+    assert (await monitor._due_deployments())[2] == [DEMO_DEPLOYMENT]  # the idle interval
     await monitor.evaluate(DEMO_DEPLOYMENT)
     feed = DriftFeed(client, deployments)
     x = demo_data().x_test
     await feed_traffic(feed, x[:10], np.full(10, 0.9))
-    assert (await monitor._due_deployments())[1] == []  # 10 new: wait for the interval
+    assert (await monitor._due_deployments())[2] == []  # 10 new: wait for the interval
     await asyncio.sleep(0.15)
-    assert (await monitor._due_deployments())[1] == [DEMO_DEPLOYMENT]
+    assert (await monitor._due_deployments())[2] == [DEMO_DEPLOYMENT]
     await monitor.evaluate(DEMO_DEPLOYMENT)
     await feed_traffic(feed, x[:60], np.full(60, 0.9))
-    assert (await monitor._due_deployments())[1] == [DEMO_DEPLOYMENT]  # past evaluate_every
+    await asyncio.sleep(0.02)  # a tick: the look before found sketches, so this one looks
+    assert (await monitor._due_deployments())[2] == [DEMO_DEPLOYMENT]  # past evaluate_every
     history = names.drift_history_stream(DEMO_DEPLOYMENT)
     points = await client.xlen(history)
     await monitor.evaluate(DEMO_DEPLOYMENT)  # too soon after the last point: none written
     assert await client.xlen(history) == points
-    assert (await monitor._due_deployments())[1] == []
+    assert (await monitor._due_deployments())[2] == []
     await asyncio.sleep(0.15)  # nothing new, but the final state is not on the chart yet
-    assert (await monitor._due_deployments())[1] == [DEMO_DEPLOYMENT]
+    assert (await monitor._due_deployments())[2] == [DEMO_DEPLOYMENT]
     await monitor.evaluate(DEMO_DEPLOYMENT)
     assert await client.xlen(history) == points + 1
     await asyncio.sleep(0.15)
-    assert (await monitor._due_deployments())[1] == []  # recorded: idle again
+    assert (await monitor._due_deployments())[2] == []  # recorded: idle again
     dep = deployments.deployments[DEMO_DEPLOYMENT]  # a rollback with no traffic: at once
     deployments.deployments[DEMO_DEPLOYMENT] = dataclasses.replace(dep, revision=dep.revision + 1)
-    assert (await monitor._due_deployments())[1] == [DEMO_DEPLOYMENT]
-    assert (await monitor._due_deployments())[1] == []
+    assert (await monitor._due_deployments())[2] == [DEMO_DEPLOYMENT]
+    assert (await monitor._due_deployments())[2] == []
     deployments.deployments.pop(DEMO_DEPLOYMENT)  # deleted and purged: nothing of it is kept
-    assert await monitor._due_deployments() == ([], [])
+    assert await monitor._due_deployments() == ([], [], [])
     assert not (monitor._last_eval or monitor._last_seen or monitor._revisions)
+
+
+async def test_a_quiet_deployment_is_looked_at_after_the_quiet_wait_a_busy_one_every_tick(
+    client: aioredis.Redis,
+) -> None:
+    """A look that found no sketch waits ``quiet_s`` for the next (twenty idle deployments
+    read every half second were a third of an idle gateway's CPU); one that found sketches
+    looks again at the next tick, so traffic is noticed within the quiet wait and then
+    followed tick by tick."""
+    deployments = await cache(client)
+    monitor = DriftMonitor(client, deployments, "gw-1", tick_s=0.05, quiet_s=0.4)
+    led, looked, due = await monitor._due_deployments()
+    assert led == looked == due == [DEMO_DEPLOYMENT]  # never looked at, never evaluated
+    await monitor.evaluate(DEMO_DEPLOYMENT)
+    t0 = time.monotonic()
+    await asyncio.sleep(0.06)
+    assert (await monitor._due_deployments())[1] == []  # its first look found no sketch
+    await feed_traffic(DriftFeed(client, deployments), demo_data().x_test[:5], np.full(5, 0.9))
+    await asyncio.sleep(0.06)
+    if time.monotonic() - t0 < 0.3:  # a loaded host may have slept through the quiet wait
+        assert (await monitor._due_deployments())[1] == []  # not yet: quiet
+    await asyncio.sleep(max(0.0, t0 + 0.4 - time.monotonic()))
+    assert (await monitor._due_deployments())[1] == [DEMO_DEPLOYMENT]  # the quiet wait
+    await asyncio.sleep(0.06)
+    assert (await monitor._due_deployments())[1] == [DEMO_DEPLOYMENT]  # sketches: each tick
 
 
 async def test_many_row_records_have_their_scores_counted_at_the_flush_in_their_own_sketch(

@@ -5,8 +5,10 @@ under a steady label feed)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -54,8 +56,9 @@ async def test_one_process_evaluates_a_deployment_whoever_took_its_labels(
         return [0, 1]
 
     client = await connect_async(redis_url)
-    one = LiveAccuracy(client, cache, "gw-1", window=100, classes_of=classes)
-    two = LiveAccuracy(client, cache, "gw-2", window=100, classes_of=classes)
+    # Every tick looks (the quiet spell's longer wait has a test of its own).
+    one = LiveAccuracy(client, cache, "gw-1", window=100, classes_of=classes, tick_s=0, quiet_s=0)
+    two = LiveAccuracy(client, cache, "gw-2", window=100, classes_of=classes, tick_s=0, quiet_s=0)
     try:
         await one.tick()
         await two.tick()
@@ -81,5 +84,51 @@ async def test_one_process_evaluates_a_deployment_whoever_took_its_labels(
         assert two.evaluations == 1 and _labelled(r) == 5
         await one.tick()
         assert one.evaluations == 3
+    finally:
+        await client.aclose()
+
+
+async def test_a_quiet_deployment_is_looked_at_after_the_quiet_wait_and_labels_every_tick(
+    r: redis.Redis, redis_url: str, demo_registry: ModelRegistry
+) -> None:
+    """A look that found no new label waits ``quiet_s`` for the next; one that found a label
+    looks again at the next tick; a new revision is looked at once."""
+    cache: Any = SimpleNamespace(
+        deployments={DEMO_DEPLOYMENT: demo_deployment(demo_registry, Schedule())}
+    )
+
+    async def classes(_name: str, _version: int) -> list[int]:
+        return [0, 1]
+
+    client = await connect_async(redis_url)
+    one = LiveAccuracy(
+        client, cache, "gw-1", window=100, classes_of=classes, tick_s=0.05, quiet_s=0.4
+    )
+    try:
+        _label(r, 0, 1)
+        await one.tick()
+        assert one.evaluations == 1  # never looked at: at once
+        t0 = time.monotonic()
+        await asyncio.sleep(0.06)
+        await one.tick()  # the label it evaluated: nothing new, so quiet from here
+        _label(r, 1, 0)
+        await asyncio.sleep(0.06)
+        await one.tick()
+        if time.monotonic() - t0 < 0.3:  # a loaded host may have slept through the wait
+            assert one.evaluations == 1
+        await asyncio.sleep(max(0.0, t0 + 0.45 - time.monotonic()))
+        await one.tick()
+        assert one.evaluations == 2 and _labelled(r) == 2  # within the quiet wait
+        _label(r, 2, 1)
+        await asyncio.sleep(0.06)
+        await one.tick()
+        assert one.evaluations == 3  # the last look found a label: the next tick looks
+        await asyncio.sleep(0.06)
+        await one.tick()  # nothing new: quiet again
+        dep = cache.deployments[DEMO_DEPLOYMENT]
+        cache.deployments[DEMO_DEPLOYMENT] = dataclasses.replace(dep, revision=dep.revision + 1)
+        await asyncio.sleep(0.06)
+        await one.tick()
+        assert one.evaluations == 4  # a new revision: looked at, quiet or not
     finally:
         await client.aclose()

@@ -3,8 +3,9 @@ and the alerts of its own kinds.
 
 One gateway process at a time evaluates a deployment (a short Redis lease renewed by its holder,
 ``evaluation_leases``), so several processes or instances never double-count an event. It evaluates
-once ``evaluate_every`` new requests are in the sketch stream (checked every ``tick_s``) and at
-least every ``interval_s``. An evaluation merges the newest sketches of the current real model
+once ``evaluate_every`` new requests are in the sketch stream (checked every ``tick_s`` while
+sketches come, every ``quiet_s`` once a look found none: ``look_schedule``) and at least every
+``interval_s``. An evaluation merges the newest sketches of the current real model
 into a window (at most ``window_requests`` requests, none older than ``window_s``), compares it
 with the references through the pure functions of ``rendezvous.drift_alerts``, and stores the
 outcome: the report (read by ``/drift`` and ``/metrics``), a point of history every
@@ -45,6 +46,7 @@ from gateway.observability.drift_sketches import (
 )
 from gateway.observability.drift_view import MONITOR, thresholds_from
 from gateway.observability.evaluation_leases import EvaluationLeases
+from gateway.observability.look_schedule import LookSchedule
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 from rendezvous.drift import Sketch
@@ -57,6 +59,9 @@ PAGE = 64
 """Sketch entries read per round trip, newest first, until the window is full."""
 IDLE_INTERVAL_S = 60.0
 """How often a deployment with no new sketches is evaluated (its report and history age)."""
+QUIET_LOOK_S = 2.0
+"""How often a led deployment whose last look found no new sketch is looked at again (its
+sketches, and the log bins' events to relay); every ``tick_s`` while they come."""
 
 
 class DriftMonitor:
@@ -75,6 +80,7 @@ class DriftMonitor:
         webhooks: AlertWebhooks | None = None,
         evaluate_every: int = 200,
         tick_s: float = 0.5,
+        quiet_s: float = QUIET_LOOK_S,
         clear_requests: int | None = None,
     ):
         self.client = client
@@ -91,6 +97,8 @@ class DriftMonitor:
         self.evaluate_every = evaluate_every
         """Evaluate once this many requests are new in the sketches (and every interval)."""
         self.tick_s = min(tick_s, interval_s)
+        self.looks = LookSchedule(self.tick_s, min(quiet_s, interval_s))
+        """When each led deployment's sketches and events are next read."""
         self.clear_requests = clear_requests or max(window_requests * 2 // 5, 1)
         """Requests of the window's latest part, which clears an alert."""
         self._features = FeatureReferences()
@@ -110,9 +118,9 @@ class DriftMonitor:
         while True:
             await asyncio.sleep(self.tick_s)
             try:
-                led, due = await self._due_deployments()
+                led, looked, due = await self._due_deployments()
                 self._relay.keep_only(led)
-                await self._relay.relay(*led)
+                await self._relay.relay(*looked)
             except REDIS_FAILURES as exc:
                 log.warning("drift evaluation: cannot tell which deployments are due: %s", exc)
                 continue
@@ -127,15 +135,16 @@ class DriftMonitor:
                 except Exception:
                     log.exception("drift evaluation of %s failed", deployment)
 
-    async def _due_deployments(self) -> tuple[list[str], list[str]]:
-        """The deployments this process leads, and those of them due an evaluation: once
-        ``evaluate_every`` requests came into their sketch stream since the last one, or once
-        ``interval_s`` passed if any came or the latest evaluation is not yet in the history
-        (it came too soon after the last point: traffic that stops must still leave its final
-        state on the chart), or ``IDLE_INTERVAL_S`` if none did (an idle deployment's report
-        only ages; twenty of them evaluated every 5 s cost a gateway 1-2 % of a core), or
-        once its revision moved (a promotion or a rollback names another real). The
-        newest sketches of all of them are read in one round trip (per node)."""
+    async def _due_deployments(self) -> tuple[list[str], list[str], list[str]]:
+        """The deployments this process leads, those of them looked at now (``looks``), and
+        those due an evaluation: once ``evaluate_every`` requests came into their sketch
+        stream since the last one, or once ``interval_s`` passed if any came or the latest
+        evaluation is not yet in the history (it came too soon after the last point: traffic
+        that stops must still leave its final state on the chart), or ``IDLE_INTERVAL_S`` if
+        none did (an idle deployment's report only ages; twenty of them evaluated every 5 s
+        cost a gateway 1-2 % of a core), or once its revision moved (a promotion or a
+        rollback names another real: known without a look). The newest sketches of those
+        looked at are read in one round trip (per node)."""
         now = time.monotonic()
         live = self.deployments.deployments
         self.leases.keep_only(live)
@@ -145,20 +154,26 @@ class DriftMonitor:
                 del kept[gone]
         self._unrecorded &= set(live)
         led = await self.leases.held(sorted(live), now)
+        self.looks.keep_only(led)
         if not led:
-            return led, []
+            return led, [], []
+        looked = self.looks.due(led, now)
         pipe = self.client.pipeline(transaction=False)
-        for deployment in led:
+        for deployment in looked:
             last = self._last_seen.get(deployment)
             low = b"(" + last if last else "-"
             pipe.xrevrange(names.drift_sketch_stream(deployment), "+", low, count=PAGE)
+        found = dict(zip(looked, await pipe.execute(raise_on_error=False), strict=True)
+                     if looked else ())  # fmt: skip
         due = []
-        for deployment, entries in zip(led, await pipe.execute(raise_on_error=False),
-                                       strict=True):  # fmt: skip
+        for deployment in led:
+            entries = found.get(deployment, ())  # not looked at: its last look found none
             if isinstance(entries, Exception):
                 log.warning("drift evaluation of %s: cannot read its sketches: %s", deployment,
                             entries)  # fmt: skip
                 continue
+            if deployment in found:
+                self.looks.looked(deployment, now, news=bool(entries))
             since = now - self._last_eval.get(deployment, -math.inf)
             new = sum(s.requests for s in decode_sketches(cast(Entries, entries)))
             pending = new > 0 or deployment in self._unrecorded
@@ -169,7 +184,7 @@ class DriftMonitor:
                     or revision != self._revisions.setdefault(deployment, revision)):  # fmt: skip
                 self._revisions[deployment] = revision
                 due.append(deployment)
-        return led, due
+        return led, looked, due
 
     async def relay(self, *deployments: str) -> int:
         """See ``DriftRelay.relay``."""

@@ -3,8 +3,9 @@
 The report (``rendezvous.accuracy.accuracy_report``) is computed from the labelled stream
 alone, so whichever gateway process computes it, every process shows the same figures. One
 process a deployment computes it, the holder of its accuracy lease (``evaluation_leases``): every
-``tick_s`` it asks for the labelled stream's last entry (one pipelined round trip for all it
-holds) and recomputes, in a thread off the event loop, a deployment whose last entry or
+``tick_s`` while labels come, every ``quiet_s`` once a look found none (``look_schedule``), it
+asks for the labelled stream's last entry (one pipelined round trip for all it holds) and
+recomputes, in a thread off the event loop, a deployment whose last entry or
 revision moved (a label taken by any process; a promotion's new current versions), and every
 deployment every ``interval_s``. Each evaluation stores the report (``names.accuracy_key``:
 ``/drift``'s ``accuracy`` section and the ``rdv_live_*`` gauges) and a point of history (the
@@ -26,6 +27,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability.evaluation_leases import EvaluationLeases
+from gateway.observability.look_schedule import LookSchedule
 from rendezvous import names
 from rendezvous.accuracy import accuracy_report
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
@@ -40,6 +42,9 @@ READ_FACTOR = 2
 LEASE_MS = 10_000
 """How long a deployment's accuracy lease lasts unrenewed: a dead holder's deployments are
 taken over within this (their reports meanwhile stay as they were)."""
+QUIET_LOOK_S = 1.0
+"""How often a held deployment whose last look found no new label is looked at again (a label
+is in the report within a second); every ``tick_s`` while labels come."""
 
 
 class LiveAccuracy:
@@ -52,6 +57,7 @@ class LiveAccuracy:
         window: int,
         classes_of: Callable[[str, int], Awaitable[list[int] | None]],
         tick_s: float = 0.5,
+        quiet_s: float = QUIET_LOOK_S,
         interval_s: float = 30.0,
     ):
         self.client = client
@@ -63,6 +69,7 @@ class LiveAccuracy:
         self.leases = EvaluationLeases(
             client, instance, ttl_ms=LEASE_MS, key=names.accuracy_lock_key
         )
+        self.looks = LookSchedule(tick_s, quiet_s)
         self._evaluated: dict[str, tuple[Any, int]] = {}
         """Held deployment -> (last labelled entry id, revision) of its latest evaluation."""
         self._last_full = 0.0
@@ -116,15 +123,26 @@ class LiveAccuracy:
         full = now - self._last_full >= self.interval_s
         if full:
             self._last_full = now
+        self.looks.keep_only(held)
+        for name in held:  # a promotion's new current versions: looked at now
+            dep, known = deployments.get(name), self._evaluated.get(name)
+            if dep is not None and known is not None and known[1] != dep.revision:
+                self.looks.soon(name)
+        looked = held if full else self.looks.due(held, now)
+        if not looked:
+            return
         pipe = self.client.pipeline(transaction=False)
-        for name in held:
+        for name in looked:
             pipe.xrevrange(names.labelled_stream(name), count=1)
-        for name, last in zip(held, await pipe.execute(), strict=True):
+        for name, last in zip(looked, await pipe.execute(), strict=True):
             dep = deployments.get(name)
             if dep is None or not last:
+                self.looks.looked(name, now, news=False)
                 continue
             seen = (last[0][0], dep.revision)
-            if full or self._evaluated.get(name) != seen:
+            news = self._evaluated.get(name) != seen
+            self.looks.looked(name, now, news=news)
+            if full or news:
                 await self.evaluate(name)
                 self._evaluated[name] = seen
 
