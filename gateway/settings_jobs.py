@@ -45,5 +45,10 @@ class JobSettings(BaseSettings):
     less than a job's timeout, ``job_timeout_ms`` or the deployment's ``timeout_ms``, + 1 s,
     so a live gateway's job is not taken)."""
 
+    job_yield_ms: float = Field(default=50.0, ge=0, le=10_000)
+    """Longest a job's long step (checking its body, shaping its answer, writing its record)
+    waits for the realtime predicts in flight in its process (``realtime_first``): within it,
+    ten times the last job step's length. 0: jobs never wait for realtime work."""
+
 
 __all__ = ["JobSettings"]

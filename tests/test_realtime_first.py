@@ -7,8 +7,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from pathlib import Path
+
+import pytest
+from admin_support import AppClient
+from pydantic import ValidationError
 
 from gateway.dataplane.realtime_first import RealtimeFirst
+from gateway.settings import Settings
+from gateway.transport.app import create_app
 
 
 def a_long_step(seconds: float) -> None:
@@ -76,6 +83,35 @@ async def test_a_step_waits_no_longer_than_its_bound_under_sustained_realtime_tr
     t0 = loop.time()
     await first.turn()
     assert loop.time() - t0 < 0.05
+
+
+async def test_with_no_yield_a_step_goes_while_realtime_is_in_flight() -> None:
+    """``RDV_JOB_YIELD_MS=0``: jobs never wait for realtime work (they still go one at a
+    time)."""
+    first = RealtimeFirst(yield_s=0.0)
+    await first.turn()
+    a_long_step(0.02)
+    first.started()  # and never ended
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await first.turn()
+    assert loop.time() - t0 < 0.015
+
+
+def test_the_gateway_takes_its_job_yield_from_the_settings(
+    redis_url: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RDV_JOB_YIELD_MS", "7.5")
+    settings = Settings(redis_url=redis_url, data_dir=data_dir)
+    client = AppClient(create_app(settings))
+    try:
+        assert client.get("/healthz").status_code == 200
+        assert client.app.state.service.realtime_first.yield_s == 0.0075
+    finally:
+        client.close()
+    monkeypatch.setenv("RDV_JOB_YIELD_MS", "-1")
+    with pytest.raises(ValidationError, match="job_yield_ms"):
+        Settings(redis_url=redis_url, data_dir=data_dir)
 
 
 async def test_a_cancelled_waiter_does_not_hold_up_the_others() -> None:

@@ -10,8 +10,9 @@ ready: with ten clients submitting 1,000-row jobs on the 2-core machine, realtim
 4 to 70-191 ms (p99 153-349 ms; 21-26 and 62-111 with the turns). Here a job's long step waits
 its turn, first come first served and one at a time, and it starts once no realtime predict is
 in flight in this process, or after ``YIELD_RATIO`` times the last job step's length
-(``YIELD_S`` at most) at the latest: sustained realtime traffic leaves the jobs about a tenth
-of the loop, and a job's small steps hardly wait."""
+(``YIELD_S`` at most, ``RDV_JOB_YIELD_MS``; 0: jobs never wait) at the latest: sustained
+realtime traffic leaves the jobs about a tenth of the loop, and a job's small steps hardly
+wait."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ YIELD_RATIO = 10.0
 """A job step waits for the realtime predicts in flight at most this many times the last job
 step's length."""
 YIELD_S = 0.05
-"""And never longer than this."""
+"""And never longer than this (``RDV_JOB_YIELD_MS``'s default)."""
 
 
 class RealtimeFirst:

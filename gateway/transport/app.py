@@ -182,7 +182,8 @@ def create_app(
                 feed.observe_decision(record)
                 outcomes.observe(record)
 
-            realtime_first = RealtimeFirst()  # async jobs' long steps go between realtime's
+            # async jobs' long steps go between realtime's
+            realtime_first = RealtimeFirst(yield_s=settings.job_yield_ms / 1000)
             rendezvous = Rendezvous(
                 client,
                 reader,
