@@ -1,7 +1,9 @@
-"""The prediction-prior detector (``PriorDetector``): real's predicted class share against the
-share of positives its training scores had. Each gateway process runs one per deployment on the
-decisions it closes (``gateway.observability.drift_online``), apart from the feature detectors
-(``rendezvous.drift_detect``) that the log bin runs on the requests it archives.
+"""The prediction-prior detector (``PriorDetector``): real's predicted class shares against the
+shares its reference had (a binary model's training scores: the share of positives; a
+multiclass model's reference rows: the share it predicted as each class). Each gateway process
+runs one per deployment on the decisions it closes (``gateway.observability.drift_online``),
+apart from the feature detectors (``rendezvous.drift_detect``) that the log bin runs on the
+requests it archives.
 """
 
 from __future__ import annotations
@@ -15,40 +17,63 @@ from rendezvous.drift_profile import change_point
 from rendezvous.drift_settings import DetectorSettings
 from rendezvous.drift_stats import Cusum, cusum_h
 
+RECENT_ROWS = 400
+"""Predicted classes kept for the alert's words (where the shift started, the share since)."""
+
 
 class PriorDetector:
-    """Real's predicted class share against its training share: one-sided Bernoulli CUSUMs up
-    and down, each tuned to a small and to a large shift (a CUSUM is quickest for the shift
-    it is tuned to)."""
+    """Real's predicted class shares against their reference: one-sided Bernoulli CUSUMs up and
+    down on each watched class (a binary model's positive class; each class of a multiclass
+    one), each tuned to a small and to a large shift (a CUSUM is quickest for the shift it is
+    tuned to).
 
-    def __init__(self, reference: float, settings: DetectorSettings | None = None):
+    ``reference``: a binary model's share of positives, or a multiclass model's share of each
+    class (in its probability columns' order); ``labels``: the classes' names for the words."""
+
+    def __init__(
+        self,
+        reference: float | Sequence[float],
+        settings: DetectorSettings | None = None,
+        labels: Sequence[Any] | None = None,
+    ):
         s = self.settings = settings or DetectorSettings()
-        self.reference = ref = float(reference)
+        binary = isinstance(reference, int | float)
+        if isinstance(reference, int | float):
+            self.shares = [1 - float(reference), float(reference)]
+        else:
+            self.shares = [float(v) for v in reference]
+        self.reference = self.shares[1] if binary else None
+        """A binary model's share of positives (None for a multiclass model)."""
+        self.labels = list(labels) if labels is not None else None
+        watched = [1] if len(self.shares) == 2 else range(len(self.shares))
         eps = 1e-3
-        p0, p1, negative = [], [], []
+        p0, p1, klass, others = [], [], [], []
         for shift in s.prior_shifts:
-            for counts_negatives, share in ((False, ref), (True, 1 - ref)):
-                if share + shift < 1 - eps:  # the CUSUM counts rows of the class it watches
-                    p0.append(share + s.prior_tolerance)
-                    p1.append(share + shift)
-                    negative.append(counts_negatives)
-        self._negative = np.asarray(negative, dtype=bool)
+            for k in watched:
+                for counts_others, share in ((False, self.shares[k]), (True, 1 - self.shares[k])):
+                    if share + shift < 1 - eps:  # the CUSUM counts the rows it watches
+                        p0.append(share + s.prior_tolerance)
+                        p1.append(share + shift)
+                        klass.append(k)
+                        others.append(counts_others)
+        self._class = np.asarray(klass, dtype=np.int64)
+        self._others = np.asarray(others, dtype=bool)
         self._cusum = Cusum(np.asarray(p0), np.asarray(p1), 0.0, s.clear_h)
         self._cusum.h = cusum_h(s.prior_alarms_per_100k, len(p0))
         self.enabled = bool(p0)
         self.rows_seen = 0
-        self._recent: list[bool] = []
+        self._recent = np.zeros(0, dtype=np.int64)
         self.active: dict[str, Any] | None = None
 
-    def update(self, positive: Sequence[bool] | np.ndarray) -> tuple[str | None, dict[str, Any]]:
-        """Feed predicted labels (True = positive class); returns ("raised" | "cleared" | None,
-        the alert)."""
-        hits = np.asarray(positive, dtype=bool)
-        if not len(hits) or not self.enabled:
+    def update(self, predicted: Sequence[Any] | np.ndarray) -> tuple[str | None, dict[str, Any]]:
+        """Feed predicted classes: column indices, or for a binary model True for the positive
+        class; returns ("raised" | "cleared" | None, the alert)."""
+        classes = np.asarray(predicted).astype(np.int64, copy=False)
+        if not len(classes) or not self.enabled:
             return None, {}
-        self.rows_seen += len(hits)
-        self._recent = (self._recent + hits.tolist())[-400:]
-        self._cusum.update(hits[:, None] != self._negative[None, :])
+        self.rows_seen += len(classes)
+        self._recent = np.concatenate((self._recent, classes))[-RECENT_ROWS:]
+        self._cusum.update((classes[:, None] == self._class[None, :]) != self._others[None, :])
         on = bool(self._cusum.alarm.any())
         if on and self.active is None:
             self.active = self.alert()
@@ -58,21 +83,38 @@ class PriorDetector:
             return "cleared", self.alert()
         return None, {}
 
+    def _moved(self) -> int:
+        """The class the alert is about: a binary model's positive class; else, of the classes
+        whose CUSUMs stand in alarm (all, when none does), the one whose recent share is
+        furthest from its reference."""
+        if len(self.shares) == 2:
+            return 1
+        alarmed = np.unique(self._class[self._cusum.alarm]).tolist() or range(len(self.shares))
+        return max(alarmed, key=lambda k: abs(np.mean(self._recent == k) - self.shares[k]))
+
     def alert(self) -> dict[str, Any]:
-        recent = np.asarray(self._recent, dtype=np.float64)
+        k = self._moved()
+        recent = (self._recent == k).astype(np.float64)
         recent = recent[change_point(recent, 16) :]
         share = float(np.mean(recent)) if len(recent) else 0.0
-        way = "more" if share > self.reference else "fewer"
+        reference = self.shares[k]
+        way = "more" if share > reference else "fewer"
+        if len(self.shares) == 2:
+            what, since = "share of positive predictions", "its training scores"
+            detail = f"real predicts the positive class for {share:.0%}"
+        else:
+            name = self.labels[k] if self.labels and k < len(self.labels) else k
+            what, since = f"share of class {name} predictions", "its reference rows"
+            detail = f"real predicts class {name} for {share:.0%}"
         return {
             "kind": "prediction_prior",
             "feature": None,
             "value": round(share, 4),
-            "threshold": round(self.reference, 4),
+            "threshold": round(reference, 4),
             "rows": len(recent),
-            "statistic": f"share of positive predictions over the last {len(recent)} rows",
+            "statistic": f"{what} over the last {len(recent)} rows",
             "detail": (
-                f"real predicts the positive class for {share:.0%} of the last "
-                f"{len(recent)} rows, {way} than the {self.reference:.0%} of its training "
-                "scores"
+                f"{detail} of the last {len(recent)} rows, {way} than the {reference:.0%} of "
+                f"{since}"
             ),
         }

@@ -29,7 +29,9 @@ the real model:
     The same over the latest 1,600 rows, with a floor on the effect: a subtle shift.
 ``prediction_prior``
     Two one-sided Bernoulli CUSUMs on real's predicted class (score >= 0.5) against the share
-    of positives its training scores had, with an indifference zone of +-``prior_tolerance``.
+    of positives its training scores had, with an indifference zone of +-``prior_tolerance``;
+    for a model of three classes or more, two on each class (its rows' arg max) against the
+    share of its reference rows predicted as that class.
 
 False alarms are budgeted per detector in alarms per 100,000 rows under the null (rows drawn
 from the training distribution), and split over features and looks by Bonferroni: CUSUMs use

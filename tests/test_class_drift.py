@@ -86,12 +86,18 @@ def test_metadata_carries_the_class_mix_and_older_or_binary_metadata_reads_as_be
     assert old.class_reference is None and "class_reference" not in old.to_dict()
 
 
-def test_the_prior_is_judged_for_binary_models_only() -> None:
+def test_a_multiclass_prior_is_judged_against_the_class_reference_never_the_scores() -> None:
     """A multiclass score reference is of the top probability: its upper half is no class's
-    share, and must not become a prediction prior."""
+    share, and must not become a prediction prior; the class reference is the classes' shares
+    (None where there is none, or it does not fit the classes)."""
     reference = [0.0] * 5 + [0.2] * 5
     assert prior_reference({"classes": [0, 1], "score_reference": reference}) == 1.0
     assert prior_reference({"classes": [0, 1, 2], "score_reference": reference}) is None
+    three = {"classes": [0, 1, 2], "score_reference": reference}
+    assert prior_reference({**three, "class_reference": [0.5, 0.25, 0.25]}) == [0.5, 0.25, 0.25]
+    assert prior_reference({**three, "class_reference": [2, 1, 1]}) == [0.5, 0.25, 0.25]
+    for bad in ([0.5, 0.5], [0.5, -0.25, 0.75], [0, 0, 0], ["a", 1, 1], [float("nan"), 1, 1]):
+        assert prior_reference({**three, "class_reference": bad}) is None
 
 
 # -- the sketches and the report ----------------------------------------------------------------

@@ -446,6 +446,52 @@ def test_prior_false_alarm_rate_is_within_its_budget() -> None:
     assert alarms * 100_000 / rows <= 2000.0
 
 
+def test_a_multiclass_prior_is_watched_per_class_names_the_class_and_clears() -> None:
+    """Each class's share against the share of the reference rows the model predicted as it
+    (one-vs-rest CUSUMs up and down): quiet within the tolerance, raised on a class mix that
+    moved, naming the class that moved most, cleared once the mix is back."""
+    reference = [0.5, 0.3, 0.2]
+    rng = np.random.default_rng(3)
+    det = PriorDetector(reference, labels=["setosa", "versicolor", "virginica"])
+    for _ in range(0, 100_000, 16):  # within the tolerance: never raised
+        what, _ = det.update(rng.choice(3, 16, p=[0.47, 0.32, 0.21]))
+        assert what is None
+    rows = 0
+    while det.active is None:  # virginica up 0.2 -> 0.45 (setosa down 0.15, versicolor 0.1)
+        det.update(rng.choice(3, 16, p=[0.35, 0.2, 0.45]))
+        rows += 16
+        assert rows <= 400
+    alert = det.active
+    assert alert["kind"] == "prediction_prior" and alert["threshold"] == 0.2
+    assert (
+        "class virginica" in alert["detail"]
+        and "more than the 20% of its reference rows" in (alert["detail"])
+    )
+    rows = 0
+    while det.active is not None:
+        det.update(rng.choice(3, 16, p=reference))
+        rows += 16
+        assert rows <= 800
+
+
+def test_a_multiclass_prior_false_alarm_rate_is_within_its_budget() -> None:
+    """Every class at the edge of its tolerance at once, with a loose budget: Wald's bound
+    holds over the classes' columns."""
+    settings = DetectorSettings(prior_alarms_per_100k=2000.0)
+    reference = [0.5, 0.3, 0.2]
+    alarms, rows = 0, 0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        det = PriorDetector(reference, settings)
+        for _ in range(2000):
+            what, _a = det.update(rng.choice(3, 16, p=[0.46, 0.3, 0.24]))
+            alarms += what == "raised"
+            rows += 16
+            if det.active is not None:
+                det = PriorDetector(reference, settings)
+    assert alarms * 100_000 / rows <= 2000.0
+
+
 # -- the profile and the words -----------------------------------------------------------------
 
 

@@ -256,6 +256,43 @@ async def test_a_class_prior_shift_is_alerted_against_real_training_scores(
     assert "fewer than" in alert["detail"]
 
 
+async def test_a_multiclass_class_mix_shift_is_alerted_online_naming_the_class(
+    client: aioredis.Redis,
+) -> None:
+    """A multiclass real model's prior is judged on its rows' arg max against its class
+    reference (before, the prior stayed binary: a class mix that moved waited for the
+    monitor's 200-request windows)."""
+    meta = {"classes": [0, 1, 2], "class_names": ["setosa", "versicolor", "virginica"],
+            "class_reference": [0.25, 0.5, 0.25]}  # fmt: skip
+    deployments = DeploymentCache(client)
+    await deployments.refresh()
+    det = OnlineDrift(client, deployments, "gw-1",
+                      local_meta=lambda name, _v: meta if name == "iris" else None)  # fmt: skip
+
+    def three(klass: int) -> DecisionRecord:
+        probabilities = [[0.8 if k == klass else 0.1 for k in range(3)]]
+        out = BinOutput("iris", 1, 0.1, 0.2, 1.0, [klass], probabilities)
+        return DecisionRecord(request_id="r", deployment=DEMO_DEPLOYMENT, ts_ms=0.0,
+                              outcome="real", chosen_role="real", answered_after_ms=1.0,
+                              outputs={"real": out}, missing=(), divergences={})  # fmt: skip
+
+    det.observe_decision(three(1))  # the first record looks the reference up
+    await asyncio.gather(*det._tasks)
+    rng = np.random.default_rng(2)
+    for klass in rng.choice(3, 400, p=meta["class_reference"]):
+        det.observe_decision(three(int(klass)))
+    det.evaluate(DEMO_DEPLOYMENT)
+    prior = det._deps[DEMO_DEPLOYMENT].prior
+    assert prior is not None and prior.active is None and prior.rows_seen == 400
+    for klass in rng.choice(3, 400, p=[0.6, 0.2, 0.2]):  # setosa up, versicolor down
+        det.observe_decision(three(int(klass)))
+    det.evaluate(DEMO_DEPLOYMENT)
+    await asyncio.gather(*det._publishing.values())
+    [alert] = (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]
+    assert alert["kind"] == "prediction_prior" and "class " in alert["detail"]
+    assert alert["detail"].startswith(("real predicts class setosa", "real predicts class versi"))
+
+
 async def test_a_gateway_process_holds_the_prior_alert_of_one_that_died(
     client: aioredis.Redis, demo_data_dir: Path
 ) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,14 +54,31 @@ def positive_share(score_reference: list[float] | None) -> float | None:
     return float(sum(score_reference[5:])) / total if total > 0 else None
 
 
-def prior_reference(meta: Mapping[str, Any]) -> float | None:
-    """The share the prior is judged against: a binary model's only. A multiclass model's
-    score reference is of its top probability, whose upper half says nothing of a class (its
-    class mix is the monitor's ``class_psi``)."""
+def prior_reference(meta: Mapping[str, Any]) -> float | list[float] | None:
+    """What the prior is judged against: a binary model's share of positive training scores; a
+    multiclass model's class reference (the share of its reference rows it predicted as each
+    class), never its score reference, which is of the top probability and whose upper half
+    says nothing of a class. None without one (the monitor's windows still judge the mix)."""
     classes = meta.get("classes")
-    if classes is not None and len(classes) != 2:
+    if classes is None or len(classes) == 2:
+        return positive_share(meta.get("score_reference"))
+    shares = meta.get("class_reference")
+    if not isinstance(shares, list) or len(shares) != len(classes):
         return None
-    return positive_share(meta.get("score_reference"))
+    try:
+        values = [float(v) for v in shares]
+    except (TypeError, ValueError):
+        return None
+    total = sum(values)
+    if not all(math.isfinite(v) and v >= 0 for v in values) or not total > 0:
+        return None
+    return [v / total for v in values]
+
+
+def prior_labels(meta: Mapping[str, Any]) -> list[Any] | None:
+    """The classes' names for the prior's words: ``class_names``, else the labels."""
+    names_ = meta.get("class_names") or meta.get("classes")
+    return list(names_) if isinstance(names_, list) else None
 
 
 @dataclass
@@ -68,7 +86,9 @@ class _Deployment:
     prior: PriorDetector | None = None
     model: str | None = None
     """The real model the prior detector judges (``name:version``)."""
-    labels: list[bool] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    """Real's predicted classes not yet judged (column indices; a binary model's 1 is its
+    positive class)."""
     scheduled: bool = False
     last_run: float = 0.0
     figures: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -109,7 +129,8 @@ class OnlineDrift:
         ``publish_s``): its alert is adopted before the claim goes stale at ``stale_s``."""
         self.hold_rows = self.settings.drift_window
         self._deps: dict[str, _Deployment] = {}
-        self._references: dict[str, float | None] = {}
+        self._references: dict[str, tuple[float | list[float], list[Any] | None] | None] = {}
+        """Model -> its prior's reference and class names (None: it has none)."""
         self._looking_up: set[str] = set()
         self._publishing: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -128,9 +149,11 @@ class OnlineDrift:
             self._new_model(record.deployment, dep, key)
         if dep.prior is None:
             return
+        width = len(dep.prior.shares)
         for row in real.probabilities:
-            if len(row) == 2:
-                dep.labels.append(row[1] >= 0.5)
+            if len(row) != width:
+                continue
+            dep.labels.append(row[1] >= 0.5 if width == 2 else row.index(max(row)))
         if dep.labels and not dep.scheduled:  # judged within min_interval_s
             self._schedule(record.deployment, dep)
 
@@ -226,22 +249,29 @@ class OnlineDrift:
             dep.held, dep.changed = {}, True
         dep.model, dep.prior = key, None
         if key in self._references:
-            share = self._references[key]
-            dep.prior = PriorDetector(share, self.settings) if share is not None else None
+            dep.prior = self._prior(key)
         elif key not in self._looking_up:
             self._looking_up.add(key)
             self._spawn(self._look_up(deployment, key))
 
+    def _prior(self, key: str) -> PriorDetector | None:
+        known = self._references.get(key)
+        return None if known is None else PriorDetector(known[0], self.settings, known[1])
+
     async def _look_up(self, deployment: str, key: str) -> None:
-        """The model's training score histogram: from the registry index in Redis, else from
-        this host's registry files."""
+        """The model's prior reference (a binary model's training score histogram, a multiclass
+        one's class reference): from the registry index in Redis, else from this host's
+        registry files."""
         try:
             raw = await self.client.hget(names.MODELS_INDEX, key)
             meta: Mapping[str, Any] | None = json.loads(raw) if raw else None
             if meta is None and self.local_meta is not None:
                 name, _, version = key.rpartition(":")
                 meta = await asyncio.to_thread(self.local_meta, name, int(version))
-            self._references[key] = prior_reference(meta) if meta else None
+            reference = prior_reference(meta) if meta else None
+            self._references[key] = (
+                None if reference is None else (reference, prior_labels(meta or {}))
+            )
         except REDIS_FAILURES as exc:
             log.warning("online drift: no score reference for %s yet: %s", key, exc)
             self._looking_up.discard(key)
@@ -253,8 +283,7 @@ class OnlineDrift:
         self._looking_up.discard(key)
         dep = self._deps.get(deployment)
         if dep is not None and dep.model == key and dep.prior is None:
-            share = self._references[key]
-            dep.prior = PriorDetector(share, self.settings) if share is not None else None
+            dep.prior = self._prior(key)
 
     # -- telling ----------------------------------------------------------------------------
 
