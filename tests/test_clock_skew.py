@@ -63,9 +63,13 @@ def start_skewed_worker(system: System, role: str, skew_ms: int, folder: Path) -
 def test_waits_are_judged_on_redis_time_not_the_local_clock() -> None:
     """Redis's time of the read against the entry's id; the local clock only without it."""
     deadline, enqueued = 1_000_000_1000, 1_000_000_0000.0  # 1 s left at the publish
-    # The local clock 2 s ahead: still in time, and waited 30 ms by Redis's clock.
+    # The local clock 2 s ahead: still in time, and waited 30 ms by Redis's clock (from the
+    # middle of the id's millisecond: the XADD ran somewhere in it).
     assert clock.waited(b"10000000030-0", deadline, enqueued, 10000000060.0, 1e10 + 2060) == (
-        False, 30.0)  # fmt: skip
+        False, 29.5)  # fmt: skip
+    # Read in the millisecond of the XADD: under a millisecond, never a whole one.
+    assert clock.waited(b"10000000030-0", deadline, enqueued, 10000000030.75, 0)[1] == 0.25
+    assert clock.waited(b"10000000030-0", deadline, enqueued, 10000000030.25, 0)[1] == 0.0
     assert clock.waited("10000000030-5", deadline, enqueued, 10000001031.5, 0)[0] is True
     assert clock.waited(b"10000000030-0", deadline, enqueued, 10000000000.0, 0) == (False, 0.0)
     assert clock.waited(b"10000000030-0", deadline, enqueued, None, 1e10 + 1001) == (True, 1001)
