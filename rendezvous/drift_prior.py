@@ -83,17 +83,21 @@ class PriorDetector:
             return "cleared", self.alert()
         return None, {}
 
-    def _moved(self) -> int:
-        """The class the alert is about: a binary model's positive class; else, of the classes
-        whose CUSUMs stand in alarm (all, when none does), the one whose recent share is
-        furthest from its reference."""
+    def moved(self) -> int:
+        """The class the alert is about (its column): a binary model's positive class; else, of
+        the classes whose CUSUMs stand in alarm (all, when none does), the one whose recent
+        share is furthest from its reference."""
         if len(self.shares) == 2:
             return 1
         alarmed = np.unique(self._class[self._cusum.alarm]).tolist() or range(len(self.shares))
         return max(alarmed, key=lambda k: abs(np.mean(self._recent == k) - self.shares[k]))
 
+    def named(self, k: int) -> Any:
+        """Class ``k`` as the words name it: its name or label where given, else its column."""
+        return self.labels[k] if self.labels and k < len(self.labels) else k
+
     def alert(self) -> dict[str, Any]:
-        k = self._moved()
+        k = self.moved()
         recent = (self._recent == k).astype(np.float64)
         recent = recent[change_point(recent, 16) :]
         share = float(np.mean(recent)) if len(recent) else 0.0
@@ -103,7 +107,7 @@ class PriorDetector:
             what, since = "share of positive predictions", "its training scores"
             detail = f"real predicts the positive class for {share:.0%}"
         else:
-            name = self.labels[k] if self.labels and k < len(self.labels) else k
+            name = self.named(k)
             what, since = f"share of class {name} predictions", "its reference rows"
             detail = f"real predicts class {name} for {share:.0%}"
         return {

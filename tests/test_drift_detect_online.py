@@ -291,6 +291,9 @@ async def test_a_multiclass_class_mix_shift_is_alerted_online_naming_the_class(
     [alert] = (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]
     assert alert["kind"] == "prediction_prior" and "class " in alert["detail"]
     assert alert["detail"].startswith(("real predicts class setosa", "real predicts class versi"))
+    summary = det._summary(det._deps[DEMO_DEPLOYMENT])["prior"]  # the claim's, for /drift
+    shares = {"setosa": 0.25, "versicolor": 0.5}
+    assert summary["class"] in shares and summary["reference"] == shares[summary["class"]]
 
 
 async def test_a_gateway_process_holds_the_prior_alert_of_one_that_died(

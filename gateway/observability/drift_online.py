@@ -334,9 +334,12 @@ class OnlineDrift:
         if dep.held:
             doc["held"] = {"alerts": sorted(dep.held), "until_rows": dep.hold_until}
         if dep.prior is not None:
-            latest = dep.prior.alert()
-            doc["prior"] = {"rows": dep.prior.rows_seen, "reference": dep.prior.reference,
+            prior, latest = dep.prior, dep.prior.alert()
+            doc["prior"] = {"rows": prior.rows_seen, "reference": prior.reference,
                             "share": latest["value"], "share_rows": latest["rows"]}  # fmt: skip
+            if prior.reference is None:  # multiclass: the class that moved most, its share
+                doc["prior"].update(reference=latest["threshold"],
+                                    **{"class": prior.named(prior.moved())})  # fmt: skip
         return doc
 
     async def run(self) -> None:
