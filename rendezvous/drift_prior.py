@@ -37,12 +37,12 @@ class PriorDetector:
         labels: Sequence[Any] | None = None,
     ):
         s = self.settings = settings or DetectorSettings()
-        binary = isinstance(reference, int | float)
         if isinstance(reference, int | float):
             self.shares = [1 - float(reference), float(reference)]
+            self.reference: float | None = float(reference)
         else:
             self.shares = [float(v) for v in reference]
-        self.reference = self.shares[1] if binary else None
+            self.reference = None
         """A binary model's share of positives (None for a multiclass model)."""
         self.labels = list(labels) if labels is not None else None
         watched = [1] if len(self.shares) == 2 else range(len(self.shares))
