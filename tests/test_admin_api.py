@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import pickle
 import re
 from collections.abc import Callable, Iterator
@@ -303,6 +304,47 @@ def test_refused_uploads_are_4xx_and_change_nothing(
     assert resp.status_code == status, resp.text
     assert needle in resp.text
     assert state(r, data_dir(client)) == before
+
+
+def test_an_upload_onto_a_full_disk_is_a_507_that_stores_nothing_and_the_next_one_lands(
+    admin: AppClient, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry's files written where the kernel says the disk is full (``/dev/full``,
+    ENOSPC at the write): a 507 saying so, no version folder or index entry left behind (it
+    was a 500). Once there is room again the same upload is stored under the next number."""
+    import models.registry as registry_module
+
+    before = state(r, data_dir(admin))
+    real_open = open
+
+    def full_disk(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        return real_open("/dev/full" if "w" in mode else path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(registry_module, "open", full_disk, raising=False)
+    body = upload_body("weak")
+    resp = admin.post("/admin/models", json=body, headers=AUTH)
+    assert resp.status_code == 507, resp.text
+    assert "No space left on device" in resp.json()["detail"]
+    assert state(r, data_dir(admin)) == before
+
+    monkeypatch.undo()  # room again
+    resp = admin.post("/admin/models", json=body, headers=AUTH)
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["version"] == 3
+
+
+def test_only_a_disk_that_refuses_writes_is_a_507() -> None:
+    """No space, over quota or read-only: 507; any other OS error stays a fault of ours."""
+    import errno
+
+    from gateway.dataplane.failures import problem_of
+
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        problem = problem_of(OSError(code, os.strerror(code), "/data/models/x/3/model.onnx"))
+        assert problem is not None and problem.status == 507
+        assert "/data" not in str(problem.detail)  # the path goes to the log, not the caller
+    assert problem_of(OSError(errno.EIO, "Input/output error")) is None
+    assert problem_of(PermissionError(errno.EACCES, "Permission denied")) is None
 
 
 # -- deployments -------------------------------------------------------------------------------

@@ -3,7 +3,10 @@ so that every transport answers a failure alike."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +18,8 @@ from redis.exceptions import RedisClusterException
 from gateway.dataplane.mailbox import Answer, DuplicateRequest
 from gateway.problems import RETRY, Problem, unavailable
 from rendezvous.bus.connection import REDIS_FAILURES, write_refused
+
+log = logging.getLogger(__name__)
 
 
 class UnknownDeployment(LookupError):
@@ -47,6 +52,22 @@ class NoAnswer(TimeoutError):
         super().__init__(answer.reason)
         self.request_id = request_id
         self.answer = answer
+
+
+STORAGE_REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+"""A write the gateway's own disk refused: full, over quota, or read-only. An upload's
+files (``RDV_DATA_DIR``) and its dry run's (the temporary folder) met it as a 500."""
+
+
+def storage_refused(exc: BaseException) -> str | None:
+    """What to tell the caller when ``exc`` is this host's disk refusing a write, else None
+    (the path, which the caller has no use for, goes to the log)."""
+    if not isinstance(exc, OSError) or exc.errno not in STORAGE_REFUSALS:
+        return None
+    log.warning("a write on the gateway's disk was refused: %s", exc)
+    return (f"the gateway cannot write to its disk ({os.strerror(exc.errno or 0)}): free "
+            "space on its data folder (RDV_DATA_DIR) and temporary folder, then send this "
+            "again")  # fmt: skip
 
 
 def passing(exc: BaseException) -> bool:
@@ -131,6 +152,8 @@ def problem_of(exc: BaseException) -> Problem | None:
         return Problem(504, detail, {"request_id": exc.request_id})
     if isinstance(exc, TimeoutError):
         return unavailable("Redis did not answer in time")
+    if refused_here := storage_refused(exc):
+        return Problem(507, refused_here)
     return None
 
 
@@ -144,6 +167,7 @@ HANDLED: tuple[type[Exception], ...] = (
     Backlogged,
     DuplicateRequest,
     NoAnswer,
+    OSError,  # those of ``STORAGE_REFUSALS`` (any other is still a 500)
 )
 """The failures ``problem_of`` answers, for the framework's exception handlers."""
 
