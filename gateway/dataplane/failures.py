@@ -65,9 +65,9 @@ def storage_refused(exc: BaseException) -> str | None:
     if not isinstance(exc, OSError) or exc.errno not in STORAGE_REFUSALS:
         return None
     log.warning("a write on the gateway's disk was refused: %s", exc)
-    return (f"the gateway cannot write to its disk ({os.strerror(exc.errno or 0)}): free "
-            "space on its data folder (RDV_DATA_DIR) and temporary folder, then send this "
-            "again")  # fmt: skip
+    return (f"the gateway cannot write to its disk ({os.strerror(exc.errno or 0)}): give its "
+            "data folder (RDV_DATA_DIR) and temporary folder room, or write access back, then "
+            "send this again")  # fmt: skip
 
 
 def passing(exc: BaseException) -> bool:
