@@ -130,7 +130,9 @@ def test_a_deadline_that_comes_before_a_stalled_redis_took_the_input_is_a_503(
     """A Redis that stalls (here its writes paused) longer than the deployment's timeout, and
     shorter than RDV_REDIS_TIMEOUT_S: the request's append never answered, and its deadline
     was told the models missed it (504); found by a helper's probe with a SIGSTOPped Redis.
-    Redis's stall is a 503 to retry, naming it."""
+    Redis's stall is a 503 to retry, naming it. The pause lasts until the answer is in (at
+    most 10 s): a pause of 1.5 s once ran out on a loaded CI host before the request's append
+    reached Redis, which then took it (a 504, the models being absent)."""
     data = copy_demo_models(demo_data_dir, tmp_path / "data")
     schedule = Schedule(real_deadline_ms=50.0, timeout_ms=300.0)
     DeploymentStore(connect(outage_redis.url)).create(
@@ -140,7 +142,7 @@ def test_a_deadline_that_comes_before_a_stalled_redis_took_the_input_is_a_503(
     direct = connect(outage_redis.url)
     settings = Settings(redis_url=outage_redis.url, data_dir=data, redis_timeout_s=3.0)
     with AppClient(create_app(settings)) as gateway:
-        direct.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+        direct.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
         try:
             stalled = gateway.post(PREDICT, json=body)
         finally:
