@@ -23,7 +23,8 @@ serve: install
 ## starts itself. While working: `make test-pure` (no server, seconds), `.venv/bin/pytest -m integration`.
 ## The suite runs in TEST_WORKERS processes (pytest-xdist), a test file to a process: about half
 ## of its time waits on servers, sleeps and load windows, so a third process on two cores
-## fills those waits (three runs: 468-485 s against 539 with two, the same hour, none failed).
+## fills those waits (468-485 s against 539 with two in the same hour; fresh-clone CI 435-539 s
+## against 498-613 s with two, as fast or slow as the host is that hour).
 ## Each process starts its own Redis and cluster. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 3
 test: install
