@@ -122,6 +122,23 @@ def test_an_operator_fault_deep_in_a_command_is_one_line(
     assert "Traceback" not in err
 
 
+def test_a_full_disk_is_one_line_saying_where_rdv_writes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A write refused by a full disk names no file (``rdv serve`` on a full data folder said
+    only "No space left on device"): the line says where rdv writes."""
+    import errno
+
+    def full(args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(readers, "cmd_decisions", full)
+    code, err = refused(["decisions", "--deployment", "d"], capsys)
+    assert code == ("rdv decisions: No space left on device (where rdv writes: its data "
+                    "folder, RDV_DATA_DIR, or the temporary folder)"), code  # fmt: skip
+    assert "Traceback" not in err
+
+
 def test_the_typed_client_never_sends_a_dot_segment() -> None:
     """httpx resolves ``..`` in a path: ``remove_challenger(d, "..")`` was a DELETE of the
     deployment itself."""

@@ -364,7 +364,11 @@ def _operator_fault(exc: Exception) -> str | None:
     from models.deployments import DeploymentNotFound
 
     if isinstance(exc, OSError):  # a file or folder that is not there or not usable
+        from gateway.dataplane.failures import STORAGE_REFUSALS
+
         where = f": {exc.filename}" if exc.filename else ""
+        if not where and exc.errno in STORAGE_REFUSALS:  # a write's, which names no file
+            where = " (where rdv writes: its data folder, RDV_DATA_DIR, or the temporary folder)"
         return f"{exc.strerror or exc}{where}"
     if isinstance(exc, DeploymentNotFound):
         return str(exc).strip("'\"")
