@@ -49,11 +49,15 @@ def sha256_hex(data: bytes) -> str:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
 
 
 def _field(name: str, version: int) -> str:
@@ -169,19 +173,20 @@ class ModelRegistry:
         """Drop a version from the index, then its files; the caller checks no role holds it.
         Its number stays taken (a marker in its folder, and ``rdv:models:retired``): evidence
         about a version (replays, labelled answers, the history) is kept by name and number,
-        and must never be taken for another artifact's."""
+        and must never be taken for another artifact's. The marker is written first, so a disk
+        that refuses it (full, read-only) leaves the version listed as it was."""
         d = self._dir(name, version)
         field = _field(name, version)
         found = (d / "meta.json").exists() or (d / "model.onnx").exists()
         if self.index is not None:
-            found = found or self.index.hexists(MODELS_INDEX, field)
-            if found:
-                self.index.sadd(MODELS_RETIRED, field)  # before the index lets go of it
-            self.index.hdel(MODELS_INDEX, field)
+            found = found or bool(self.index.hexists(MODELS_INDEX, field))
         if not found:
             raise ModelNotFound(f"model {name} version {version} is not in the registry")
         d.mkdir(parents=True, exist_ok=True)
         _write_atomic(d / RETIRED, json.dumps({"deleted_at": time.time()}).encode())
+        if self.index is not None:
+            self.index.sadd(MODELS_RETIRED, field)  # before the index lets go of it
+            self.index.hdel(MODELS_INDEX, field)
         for path in d.iterdir():
             if path.name != RETIRED:
                 if path.is_dir():

@@ -333,6 +333,35 @@ def test_an_upload_onto_a_full_disk_is_a_507_that_stores_nothing_and_the_next_on
     assert resp.json()["version"] == 3
 
 
+def test_a_model_delete_on_a_full_disk_is_a_507_that_deletes_nothing_and_the_next_one_does(
+    admin: AppClient, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The version's retired marker is the first thing a delete writes: a disk that refuses
+    it leaves the version listed and free to take a role (it was dropped from the index and
+    marked retired while its files stayed). Once there is room the same delete completes."""
+    import models.registry as registry_module
+
+    version = upload(admin, "weak")
+    before = state(r, data_dir(admin))
+    real_open = open
+
+    def full_disk(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        return real_open("/dev/full" if "w" in mode else path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(registry_module, "open", full_disk, raising=False)
+    path = f"/admin/models/{DEMO_DEPLOYMENT}/{version}"
+    resp = admin.delete(path, headers=AUTH)
+    assert resp.status_code == 507, resp.text
+    assert state(r, data_dir(admin)) == before
+    assert not r.sismember(names.MODELS_RETIRED, f"{DEMO_DEPLOYMENT}:{version}")
+    listed = admin.get("/admin/models", headers=AUTH).json()["models"]
+    assert any(m["version"] == version for m in listed if m["name"] == DEMO_DEPLOYMENT), listed
+
+    monkeypatch.undo()  # room again
+    assert admin.delete(path, headers=AUTH).status_code == 200
+    assert admin.delete(path, headers=AUTH).status_code == 404
+
+
 def test_only_a_disk_that_refuses_writes_is_a_507() -> None:
     """No space, over quota or read-only: 507; any other OS error stays a fault of ours."""
     import errno

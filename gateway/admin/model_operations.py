@@ -142,7 +142,12 @@ class ModelOperations(AdminCore):
             if marked:
                 self.registry.unretire(name, version)
             raise Conflict(self._held(ref, holders), roles=holders)
-        self.registry.delete(name, version)
+        try:
+            self.registry.delete(name, version)
+        except OSError:  # the disk refused the version's marker: nothing was deleted
+            if marked:
+                self.registry.unretire(name, version)
+            raise
         return {"deleted": str(ref), "by": actor}
 
     def _held(self, ref: ModelRef, holders: list[str]) -> str:
