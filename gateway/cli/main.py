@@ -22,11 +22,13 @@ from gateway.cli.process import (
     LOG_FORMAT,
     listening_socket,
     one_blas_thread,
+    open_files_to_the_hard_limit,
     require_redis,
     run_until_stopped,
     settings_from_args,
     share_metrics_between_processes,
     stop_event,
+    warn_of_few_open_files,
 )
 from gateway.settings import Settings
 from gateway.settings_values import invalid_settings
@@ -52,6 +54,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     )
 
     settings = settings_from_args(args)
+    warn_of_few_open_files(open_files_to_the_hard_limit())
     os.environ["RDV_REDIS_URL"] = require_redis(settings)  # the app reads it (a factory)
     from rendezvous.bus.connection import connect
 
@@ -334,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"rdv {args.command}: {reason}", file=sys.stderr)
         sys.exit(2)
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    open_files_to_the_hard_limit()  # children inherit it
     try:
         args.func(args)
     except BrokenPipeError:

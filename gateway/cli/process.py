@@ -144,6 +144,43 @@ def one_blas_thread() -> None:
     threadpool_limits(limits=1, user_api="blas")  # numpy is loaded already: limit it now
 
 
+FEW_OPEN_FILES = 4096
+"""Below this many open files a gateway warns at start: each connection holds one."""
+
+
+def open_files_to_the_hard_limit() -> int:
+    """Raise this process's open-file limit (and its children's) from the soft limit to the
+    hard one, as Redis and Go programs do; returns the limit now. A shell's or systemd's soft
+    limit is often 1,024 beneath a hard limit of hundreds of thousands: a gateway holding
+    that many connections (clients' keep-alive pools, idle ones until their timeout) had
+    every new one closed unanswered by its event loop, with nothing in the log."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft >= wanted:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (OSError, ValueError):  # a system that refuses it (a cap below the hard limit)
+        return soft
+    return wanted
+
+
+def warn_of_few_open_files(limit: int) -> None:
+    """Say so at a gateway's start when connections will run out of files early."""
+    if limit < FEW_OPEN_FILES:
+        log.warning(
+            "this process may open %d files (ulimit -n, hard limit), and each connection "
+            "holds one: past about that many at once, a new connection is closed "
+            "unanswered. Raise the hard limit (LimitNOFILE= under systemd, --ulimit nofile= "
+            "under Docker) for more",
+            limit,
+        )
+
+
 def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """The gateway's listening TCP socket. ``rdv serve`` opens one and every gateway process
     accepts on it (inherited, ``rdv gateway --fd``): the queue of connections not yet accepted
