@@ -123,6 +123,11 @@ class Settings(EvidenceSettings, JobSettings):
     """Niceness added by ``rdv serve`` to the log bin and to workers of roles that never
     answer first, so the critical path gets the cores under saturation."""
 
+    watchdog_s: float = Field(default=120.0, ge=0)
+    """``rdv serve`` kills and restarts a gateway, worker or log bin process that has made no
+    progress this long (hung: a deadlock, a call that never returns, a stopped process); 0:
+    never. Longer than a model run may take (``model_run_limit_s``)."""
+
     segment_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """The log bin starts a new segment file past this size..."""
 
@@ -288,6 +293,19 @@ class Settings(EvidenceSettings, JobSettings):
         if value is not None and 0 < value < MEMORY_MIN_MB:
             raise ValueError(f"0 (no bound) or at least {MEMORY_MIN_MB}: a batch of rows "
                              "needs room beyond the model")  # fmt: skip
+        return value
+
+    @field_validator("watchdog_s")
+    @classmethod
+    def _outlasts_a_model_run(cls, value: float, info: ValidationInfo) -> float:
+        """A worker's step may hold one model run, which may take ``model_run_limit_s``, and a
+        blocking read of a few seconds."""
+        limit = info.data.get("model_run_limit_s")
+        if value and isinstance(limit, float) and value <= limit + 5:
+            raise ValueError(
+                f"a worker may spend RDV_MODEL_RUN_LIMIT_S={limit:g} s in one model run: give "
+                f"more than {limit + 5:g} s (or 0: no watchdog)"
+            )
         return value
 
     @field_validator("heartbeat_timeout_s")

@@ -40,6 +40,7 @@ from models.hosting import HOSTED_BLOCK_MS
 from models.worker import ModelWorker
 from rendezvous.bus.connection import REDIS_FAILURES, Client
 from rendezvous.bus.consumer import stop_thread
+from rendezvous.liveness import Liveness
 from rendezvous.names import REAL
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class WorkerHost:
     def run(self, stop: threading.Event) -> None:
         """Follow the deployments until ``stop``; then stop every hosted model (each finishes
         its batch in hand) and wait for them."""
+        liveness = Liveness.from_env()
         try:
             while not stop.is_set():
                 try:
@@ -146,9 +148,17 @@ class WorkerHost:
                     # Redis down, or a deployment deleted or unreadable mid-scan: the hosted
                     # models ride it out by themselves; try again at the next refresh.
                     log.warning("worker host: cannot read the deployments: %s", exc)
+                liveness.beat(self.progressed_at())
                 stop.wait(self.refresh_s)
         finally:
             self.stop_all()
+
+    def progressed_at(self) -> float:
+        """When the slowest running hosted model last began a step (epoch s; now if none
+        runs): one stuck in a call that never returns holds it back, and the host is
+        restarted (``rendezvous.liveness``), since a thread cannot be stopped from outside."""
+        steps = [h.worker.stepped_at for h in self.hosted.values() if h.thread.is_alive()]
+        return min(steps, default=time.time())
 
     def wanted(self) -> set[tuple[str, str]]:
         """Every (deployment, role) this host should serve now (a state is read again only

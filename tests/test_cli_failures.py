@@ -70,6 +70,7 @@ def test_a_bad_setting_is_one_line_naming_it(tmp_path: Path, setting: str, says:
         ("RDV_HEARTBEAT_TIMEOUT_S=1", "a live worker may go 3.5 s between heartbeats"),
         ("RDV_WORKER_BLOCK_MS=20000", "a live worker may go 21.5 s between heartbeats"),
         ("RDV_MODEL_MEMORY_MB=100", "0 (no bound) or at least 256"),
+        ("RDV_WATCHDOG_S=30", "RDV_MODEL_RUN_LIMIT_S=30 s in one model run: give more than 35"),
     ],
 )  # fmt: skip
 def test_a_setting_that_would_fail_later_fails_at_once(

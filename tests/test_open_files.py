@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import redis
 
+from processes import rdv_env, wait_until
 from rendezvous.bus.server import free_port
-from tests.processes import rdv_env, wait_until
 
 SOFT, HARD = 256, 2048
 

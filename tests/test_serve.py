@@ -63,7 +63,8 @@ def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> No
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RDV_")}
     env.update({"RDV_PORT": str(port), "RDV_WORKER_BLOCK_MS": "200",
-                "RDV_GATEWAY_PROCESSES": "2"})  # fmt: skip
+                "RDV_GATEWAY_PROCESSES": "2", "RDV_WATCHDOG_S": "6",
+                "RDV_MODEL_RUN_LIMIT_S": "0.5"})  # fmt: skip
     data = tmp_path / "data"
     cli_env = {**env, "RDV_DATA_DIR": str(data)}  # no RDV_REDIS_URL: env has none
     serve = RdvProcess(["serve", "--data-dir", str(data)], env, tmp_path / "serve.log")
@@ -136,6 +137,7 @@ def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> No
 
         wait_until(answered_by_real, 30, "real to answer again", interval_s=0.2)
         assert "restarting" in serve.log_text()
+        _hung_processes_are_restarted(serve, port, body)
 
         _redis_crash_under_load(serve, port, body, data)
 
@@ -156,6 +158,33 @@ def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> No
             not Path(f"/proc/{pid}").exists()
             or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
         ), f"child {pid} outlived serve"
+
+
+def _hung_processes_are_restarted(serve: RdvProcess, port: int, body: dict[str, Any]) -> None:
+    """A process that hangs does not exit: stopped (SIGSTOP), the host of the real model and a
+    gateway process went on holding their roles, the canary answering every request after
+    real's deadline, until a person came. Now, once they have made no progress for
+    RDV_WATCHDOG_S (6 s here), they are killed and restarted, and real answers again."""
+    children = _children(serve.proc.pid)
+    (host,) = [p for p, c in children if "--roles answering" in c]
+    gateway = next(p for p, c in children if "gateway --fd" in c)
+    os.kill(host, signal.SIGSTOP)
+    os.kill(gateway, signal.SIGSTOP)
+
+    def replaced() -> bool:
+        now = [p for p, _ in _children(serve.proc.pid)]
+        return host not in now and gateway not in now
+
+    wait_until(replaced, 30, "the supervisor to kill the stopped processes", interval_s=0.2)
+
+    def answered_by_real() -> bool:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=2) as fresh:
+            r = fresh.post(f"/v1/deployments/{DEMO_DEPLOYMENT}/predict", json=body)
+        return r.status_code == 200 and r.json()["model"]["role"] == "real"
+
+    wait_until(answered_by_real, 30, "real to answer after the restart", interval_s=0.2)
+    log = serve.log_text()
+    assert log.count("made no progress") == 2, log[-3000:]
 
 
 def _rdv(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -174,3 +174,45 @@ def test_a_child_killed_outright_leaves_no_live_gauge_behind(
         assert scrape()["served_total"] == 7
     finally:
         sup.stop_all(grace_s=2)
+
+
+BEATS = [sys.executable, "-c", (
+    "import sys, time\n"
+    "from rendezvous.liveness import Liveness\n"
+    "beats = Liveness.from_env()\n"
+    "for _ in range(300):\n"
+    "    if sys.argv[1] == 'steady' or (sys.argv[1] == 'hangs' and beats._next_write == 0):\n"
+    "        beats.beat()\n"
+    "    time.sleep(0.1)\n"
+)]  # fmt: skip
+"""A child that says it makes progress every second (``steady``), once and then never again
+(``hangs``), or never (``starting``: still loading)."""
+
+
+def test_a_child_that_stops_making_progress_is_killed_and_restarted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hung process does not exit: the supervisor restarted only those that did, so a
+    stopped or deadlocked real worker left every request to the fallback, for good. Now one
+    that said it made progress and then went ``hung_after_s`` without saying so again is killed
+    and restarted; one still starting (that never said so yet) is left to start."""
+    caplog.set_level(logging.INFO, logger="gateway.cli.supervisor")
+    sup = Supervisor(dict(os.environ), command=BEATS, hung_after_s=1.5)
+    try:
+        for kind in ("steady", "hangs", "starting"):
+            sup.ensure(kind, [kind], 1)
+        hung = sup.children["hangs"]
+        first = hung.proc
+        _poll_until(sup, lambda: hung.restarts >= 1)
+        assert first is not None and first.returncode == -9
+        for _ in range(10):  # the others, 2.5 s in, are still their first processes
+            sup.poll()
+            time.sleep(0.05)
+        assert sup.children["steady"].restarts == 0
+        assert sup.children["starting"].restarts == 0
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert any("hangs (pid" in m and "made no progress" in m for m in said), said
+        folder = os.path.dirname(hung.liveness_file)
+    finally:
+        sup.stop_all(grace_s=2)
+    assert not os.path.exists(folder)

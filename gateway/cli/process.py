@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.settings import Settings
+from rendezvous.liveness import Liveness
 
 if TYPE_CHECKING:
     from rendezvous.bus.consumer import ConsumerLoop
@@ -63,7 +64,9 @@ def run_until_stopped(loop: ConsumerLoop, stop: threading.Event) -> None:
 
     thread = threading.Thread(target=run, name="rdv-consumer")
     thread.start()
+    liveness = Liveness.from_env()
     while thread.is_alive():
+        liveness.beat(loop.stepped_at)
         if stop.wait(0.5):
             stop_thread(loop, thread, deadline=float("inf"))
         thread.join(0.0)

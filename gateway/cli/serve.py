@@ -198,7 +198,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 "RDV_HOST": settings.host,
                 "RDV_PORT": str(settings.port),
             }
-        )
+        ),
+        hung_after_s=settings.watchdog_s,
     )
     client = None
     try:

@@ -12,13 +12,17 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from rendezvous import liveness
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +52,22 @@ class Child:
     essential: bool = False
     """Restarted whatever its exit status: a log bin stopped with SIGTERM (exit 0) was left
     stopped, nothing archived or purged while ``/readyz`` said 200 (found by a helper)."""
+    liveness_file: str = ""
+    """Where it says it makes progress (``rendezvous.liveness``)."""
 
 
 class Supervisor:
-    def __init__(self, env: dict[str, str], command: list[str] | None = None):
+    def __init__(
+        self, env: dict[str, str], command: list[str] | None = None, hung_after_s: float = 0.0
+    ):
         self.env = env
         self.command = command or [sys.executable, "-m", "gateway.cli.main"]
         """What every child runs, before its own arguments (tests run something smaller)."""
         self.children: dict[str, Child] = {}
+        self.hung_after_s = hung_after_s
+        """A child that said it made progress, then went this long without saying so again,
+        is killed and restarted (``RDV_WATCHDOG_S``; 0: never)."""
+        self._liveness_dir = tempfile.mkdtemp(prefix="rdv-liveness-") if hung_after_s else ""
 
     def ensure(
         self,
@@ -85,9 +97,14 @@ class Supervisor:
             self._stop([child], grace_s)
 
     def _spawn(self, child: Child) -> None:
+        env = self.env
+        if self._liveness_dir:
+            child.liveness_file = os.path.join(self._liveness_dir, child.name)
+            liveness.create(child.liveness_file)
+            env = {**env, liveness.ENV: child.liveness_file}
         child.proc = subprocess.Popen(
             child.argv,
-            env=self.env,
+            env=env,
             stdin=subprocess.DEVNULL,
             pass_fds=child.pass_fds,
             **detached_from_terminal(child.nice),
@@ -103,6 +120,7 @@ class Supervisor:
             if child.proc is not None and child.proc.poll() is None:
                 if now - child.started > STABLE_AFTER_S:
                     child.backoff_s = MIN_BACKOFF_S
+                self._kill_if_hung(child)
                 continue
             if child.restart_at is None:
                 code = child.proc.returncode if child.proc else None
@@ -120,6 +138,22 @@ class Supervisor:
                 child.restarts += 1
                 self._spawn(child)
 
+    def _kill_if_hung(self, child: Child) -> None:
+        """A child that hangs does not exit: killed, it is restarted like a crashed one. One
+        that has not yet said it makes progress (loading its models) is left to start."""
+        if not child.liveness_file or child.proc is None:
+            return
+        progressed_at = liveness.made_progress_at(child.liveness_file)
+        if progressed_at is None:
+            return
+        stalled_s = time.time() - progressed_at
+        if stalled_s > self.hung_after_s:
+            log.error("%s (pid %d) made no progress for %.0f s (RDV_WATCHDOG_S is %g): it "
+                      "hangs; killing it to restart it", child.name, child.proc.pid, stalled_s,
+                      self.hung_after_s)  # fmt: skip
+            child.proc.kill()
+            child.proc.wait()
+
     def run(self, should_stop: Callable[[], bool], tick: Callable[[], None] | None = None) -> None:
         while not should_stop():
             self.poll()
@@ -134,6 +168,8 @@ class Supervisor:
         for order in sorted(by_order):
             self._stop(by_order[order], grace_s)
         self.children.clear()
+        if self._liveness_dir:
+            shutil.rmtree(self._liveness_dir, ignore_errors=True)
 
     @staticmethod
     def _stop(children: list[Child], grace_s: float) -> None:

@@ -47,7 +47,7 @@ from gateway.transport.limits import BodySizeLimit
 from gateway.transport.readiness import readiness
 from gateway.transport.refusals import install_refusals
 from gateway.transport.vital_tasks import VitalTasks, keep_serving, stop_this_process
-from rendezvous import names
+from rendezvous import liveness, names
 from rendezvous.bus.appender import StreamAppender
 from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, connect_async
@@ -268,6 +268,7 @@ def create_app(
             if owns_process:
                 settle_heap()  # then trimmed (not a vital task: a missed trim is harmless)
                 background["the heap trim"] = asyncio.create_task(trim_heap_every())
+                background["the liveness beat"] = asyncio.create_task(liveness.beat_every())
             undo.pop_all()  # started: the shutdown below stops it all, in its order
         log.info("gateway ready: deployments %s, reply stream %s",
                  sorted(deployments.deployments), rendezvous.reply_to)  # fmt: skip

@@ -100,6 +100,8 @@ class ConsumerLoop(ABC):
         """Monotonic time before which the next blocking read waits (gathering a batch)."""
         self._pause: Callable[[float], object] = time.sleep
         """How that wait is spent: ``stop.wait`` under ``run``, so a stop cuts it short."""
+        self.stepped_at = time.time()
+        """When ``run`` last began a step (epoch s): what its process's liveness reports."""
 
     @property
     def members(self) -> list[Membership]:
@@ -193,6 +195,7 @@ class ConsumerLoop(ABC):
         block_ms: int | None = None
         try:
             while not stop.is_set():
+                self.stepped_at = time.time()
                 try:
                     self.step(block_ms)
                     block_ms = self.block_ms
