@@ -97,8 +97,10 @@ class LogBin(ConsumerLoop):
         feature_watch: FeatureWatch | None = None,
         owner_token: str | None = None,
         purger: Purger | None = None,
+        timeout_s: float | None = None,
     ):
-        """``purger``: purges the deleted deployments this bin has drained (None: not here)."""
+        """``purger``: purges the deleted deployments this bin has drained (None: not here);
+        ``timeout_s``: the client's socket timeout (``ModelWorker``'s)."""
         if block_ms <= 0:
             raise ValueError("block_ms must be positive: BLOCK 0 would never notice a stop")
         if client.get_connection_kwargs().get("decode_responses"):
@@ -112,6 +114,7 @@ class LogBin(ConsumerLoop):
             claim_idle_ms=claim_idle_ms,
             heartbeat_s=heartbeat_s,
             create_groups=True,
+            timeout_s=timeout_s,
         )
         self.writer = writer
         self.refresh_s = refresh_s

@@ -83,7 +83,11 @@ class ModelWorker(ConsumerLoop):
         heartbeat_s: float = 1.0,
         shadow_batch_wait_ms: float = SHADOW_BATCH_WAIT_MS,
         model_run_limit_s: float = MODEL_RUN_LIMIT_S,
+        timeout_s: float | None = None,
     ):
+        """``timeout_s``: the client's socket timeout, which bounds every command (a blocking
+        read by that beyond its block), so a Redis that stops answering is a failure the
+        loop rides out, not a read that waits for ever."""
         self.deployment = names.check_name(deployment, "deployment")
         self._states = StateReader(f"worker {deployment}")
         self.run_limit = RunLimit.shared(model_run_limit_s)
@@ -104,6 +108,7 @@ class ModelWorker(ConsumerLoop):
             heartbeat_s=heartbeat_s,
             read_along=[command(b"GET", revision_key), clock.time_command(revision_key)],
             member=first.member,
+            timeout_s=timeout_s,
         )
         self.first = first
         """The role this worker was made for: it serves as long as the worker runs."""

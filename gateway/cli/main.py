@@ -155,6 +155,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
     bounded = bound_memory(settings.model_memory_mb)  # before any model is loaded
     log.info("model memory %s", f"bounded to {bounded} MB" if bounded else "not bounded")
 
+    def bounded_client() -> Client:  # every command bounded: a Redis gone silent is a failure
+        return connect(url, socket_timeout_s=settings.redis_timeout_s)
+
     def build(
         client: Client, deployment: str, role: str, consumer: str, hosted: bool = False
     ) -> ModelWorker:
@@ -173,6 +176,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
             reply_maxlen=settings.reply_maxlen,
             shadow_batch_wait_ms=settings.shadow_batch_wait_ms,
             model_run_limit_s=settings.model_run_limit_s,
+            timeout_s=settings.redis_timeout_s,
         )
 
     stop = stop_event()
@@ -182,10 +186,10 @@ def cmd_worker(args: argparse.Namespace) -> None:
         shard, shards = _shard(args.shard)
         selection = Selection(args.roles, args.deployment, shard, shards)
         make = client_per_worker(
-            lambda: connect(url),
+            bounded_client,
             lambda c, d, r: build(c, d, r, hosted_consumer(r, selection.roles), hosted=True),
         )
-        host = WorkerHost(DeploymentStore(connect(url)), make, selection)
+        host = WorkerHost(DeploymentStore(bounded_client()), make, selection)
         host.reconcile()
         settle_heap()
         serving = ", ".join(f"{d}/{r}" for d, r in sorted(host.hosted)) or "nothing yet"
@@ -196,7 +200,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     if args.deployment is None:
         raise SystemExit("rdv worker: --role needs --deployment")
     consumer = args.consumer or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
-    worker = build(connect(url), args.deployment, args.role, consumer)
+    worker = build(bounded_client(), args.deployment, args.role, consumer)
     worker.load()
     settle_heap()
     log.info("worker %s serving %s/%s with %s", consumer, args.deployment, args.role,
@@ -226,7 +230,7 @@ def cmd_logbin(args: argparse.Namespace) -> None:
     from rendezvous.heap import settle_heap
 
     settings = settings_from_args(args)
-    client = connect(require_redis(settings))
+    client = connect(require_redis(settings), socket_timeout_s=settings.redis_timeout_s)
     consumer = args.consumer or f"logbin-{socket.gethostname()}"
     token = f"{socket.gethostname()}-{os.getpid()}"
     try:
@@ -250,6 +254,7 @@ def cmd_logbin(args: argparse.Namespace) -> None:
         max_role_lag=settings.max_role_lag,
         owner_token=token,
         purger=Purger(client, settings.drain_grace_s),
+        timeout_s=settings.redis_timeout_s,
     )
     stop = stop_event()
     settle_heap()
