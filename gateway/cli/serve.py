@@ -208,7 +208,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             log.info("first start: training the demo models into %s", settings.models_dir)
             # In a child: scikit-learn would otherwise stay in this long-lived process's memory.
             subprocess.run([*supervisor.command, "train-demo"], env=supervisor.env, check=True)
-        client = connect(url)
+        client = connect(url, socket_timeout_s=settings.redis_timeout_s)  # never hangs it
         check(client, allow_eviction=settings.allow_eviction)  # one line, before any child
         store = DeploymentStore(client)
         if DEMO_DEPLOYMENT not in store.list():
