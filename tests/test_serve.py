@@ -63,7 +63,7 @@ def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> No
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RDV_")}
     env.update({"RDV_PORT": str(port), "RDV_WORKER_BLOCK_MS": "200",
-                "RDV_GATEWAY_PROCESSES": "2", "RDV_WATCHDOG_S": "6",
+                "RDV_GATEWAY_PROCESSES": "2", "RDV_WATCHDOG_S": "10",
                 "RDV_MODEL_RUN_LIMIT_S": "0.5"})  # fmt: skip
     data = tmp_path / "data"
     cli_env = {**env, "RDV_DATA_DIR": str(data)}  # no RDV_REDIS_URL: env has none
@@ -164,7 +164,7 @@ def _hung_processes_are_restarted(serve: RdvProcess, port: int, body: dict[str, 
     """A process that hangs does not exit: stopped (SIGSTOP), the host of the real model and a
     gateway process went on holding their roles, the canary answering every request after
     real's deadline, until a person came. Now, once they have made no progress for
-    RDV_WATCHDOG_S (6 s here), they are killed and restarted, and real answers again."""
+    RDV_WATCHDOG_S (10 s here), they are killed and restarted, and real answers again."""
     children = _children(serve.proc.pid)
     (host,) = [p for p, c in children if "--roles answering" in c]
     gateway = next(p for p, c in children if "gateway --fd" in c)
