@@ -39,6 +39,10 @@ class ModelNotFound(LookupError):
     pass
 
 
+class ArtifactChanged(ValueError):
+    """The artifact on disk is not the one uploaded: its sha256 differs from its metadata's."""
+
+
 class ModelExists(ValueError):
     """That name and version is already in the registry."""
 
@@ -243,6 +247,21 @@ class ModelRegistry:
             sha256_hex(self.artifact_path(name, version).read_bytes())
             == self.meta(name, version).sha256
         )
+
+    def artifact(self, name: str, version: int, meta: ModelMeta | None = None) -> bytes:
+        """The artifact to serve, checked against the sha256 recorded at its upload: a file
+        replaced, cut short or damaged on disk since then is refused, where it was served
+        under the version's name (another model's answers, logged and judged as this one's)."""
+        path = self.artifact_path(name, version)
+        data = path.read_bytes()
+        expected = (meta or self.meta(name, version)).sha256
+        if expected and (found := sha256_hex(data)) != expected:
+            raise ArtifactChanged(
+                f"model {name} version {version}: the artifact on disk ({path}) is not the one "
+                f"uploaded (sha256 {found[:12]}..., its metadata says {expected[:12]}...): put "
+                "the original back, or upload the model again as a new version"
+            )
+        return data
 
     def list(self, name: str | None = None) -> list[ModelMeta]:
         """Every version (of ``name``), by name then version; from the index when there is

@@ -171,10 +171,8 @@ class Runner:
         from models.runtime import OnnxClassifier  # onnxruntime: loaded only by a runner
 
         ref = report["model"]
-        model = OnnxClassifier(
-            self.registry.artifact_path(ref["name"], ref["version"]),
-            self.registry.meta(ref["name"], ref["version"]),
-        )
+        meta = self.registry.meta(ref["name"], ref["version"])
+        model = OnnxClassifier(self.registry.artifact(ref["name"], ref["version"], meta), meta)
         rebound()  # RDV_MODEL_MEMORY_MB: a batch's headroom beyond the model's weights
         given = load_given(self.client, deployment, positions)
         keys = (label_keys(self.client, deployment), outcome_keys(self.client, deployment))

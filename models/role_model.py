@@ -114,7 +114,7 @@ class RoleModel:
         if ref == self.model_ref:
             return
         meta = self.registry.meta(ref.name, ref.version)
-        self.model = OnnxClassifier(self.registry.artifact_path(ref.name, ref.version), meta)
+        self.model = OnnxClassifier(self.registry.artifact(ref.name, ref.version, meta), meta)
         rebound()  # the model's weights are held for good: a run's headroom is beyond them
         if self.model_ref is not None:
             self.stats.reloads += 1

@@ -2,8 +2,10 @@
 
 import dataclasses
 import json
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -532,3 +534,22 @@ def test_a_gateway_whose_reply_node_is_lost_holds_up_no_other_gateway(
         if not redis_cluster.running(port):
             redis_cluster.restart(port)
         redis_cluster.wait_healthy(30.0)
+
+
+def test_a_model_whose_file_changed_on_disk_is_refused_not_served(
+    r: redis.Redis, demo_data_dir: Path, tmp_path: Path
+) -> None:
+    """Real's artifact overwritten on disk with another valid model (the canary's): the
+    worker loaded and served it as real's version, its answers logged and judged as that
+    version's. Its bytes no longer match the sha256 recorded at upload: refused, naming it."""
+    from models.registry import ArtifactChanged
+
+    shutil.copytree(demo_data_dir / "models", tmp_path / "models")
+    registry = ModelRegistry(tmp_path / "models")
+    setup(r, registry)
+    registry.artifact_path(DEMO_DEPLOYMENT, 2).write_bytes(
+        registry.artifact_path(DEMO_DEPLOYMENT, 1).read_bytes()
+    )
+    with pytest.raises(ArtifactChanged, match=r"version 2: the artifact on disk .* is not the one"):
+        make_worker(r, registry, "real").load()
+    make_worker(r, registry, "canary").load()  # an intact one loads
