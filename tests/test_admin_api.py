@@ -362,6 +362,21 @@ def test_a_model_delete_on_a_full_disk_is_a_507_that_deletes_nothing_and_the_nex
     assert admin.delete(path, headers=AUTH).status_code == 404
 
 
+def test_a_version_whose_file_changed_on_disk_takes_no_role(
+    admin: AppClient, r: redis.Redis
+) -> None:
+    """Its workers refuse an artifact whose sha256 is not the upload's: a promote of it made
+    it real all the same, and the fallbacks answered every request. Now a 409 naming it."""
+    version = upload(admin, "weak")
+    path = data_dir(admin) / "models" / DEMO_DEPLOYMENT / str(version) / "model.onnx"
+    path.write_bytes(variant_onnx("flipped"))  # another valid model, in its place
+    before = state(r, data_dir(admin))
+    resp = admin.post(f"{DEP}/promote", json={"version": version}, headers=AUTH)
+    assert resp.status_code == 409, resp.text
+    assert "the artifact on disk is not the one uploaded" in resp.json()["detail"]
+    assert state(r, data_dir(admin)) == before
+
+
 def test_only_a_disk_that_refuses_writes_is_a_507() -> None:
     """No space, over quota or read-only: 507; any other OS error stays a fault of ours."""
     import errno

@@ -279,6 +279,11 @@ class DeploymentOperations(AdminCore):
         meta = self._meta(ref)
         if not self.registry.exists(ref.name, ref.version):
             raise Conflict(f"model {ref} is indexed but its artifact is missing")
+        if not self.registry.verify(ref.name, ref.version):  # its workers would refuse it
+            raise Conflict(
+                f"model {ref}: the artifact on disk is not the one uploaded (its sha256 "
+                "differs): put the original back, or upload it again"
+            )
         real = self._meta(dep.roles[names.REAL])
         why = unfit_for(meta, dep.feature_spec, real.classes)
         if why is not None:
