@@ -6,7 +6,8 @@ does not exit: before, nothing restarted it, so a hung real worker had every req
 by the fallback, and ``/readyz`` said 503, until a person came.
 
 The time written is that of the process's slowest loop's last step, not of the write: a host
-whose main thread is fine while one of its hosted models is stuck says so."""
+whose main thread is fine while one of its hosted models is stuck writes the same time again,
+and the supervisor counts, on its own monotonic clock, how long that time has not moved."""
 
 from __future__ import annotations
 

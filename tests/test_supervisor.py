@@ -183,10 +183,13 @@ BEATS = [sys.executable, "-c", (
     "for _ in range(300):\n"
     "    if sys.argv[1] == 'steady' or (sys.argv[1] == 'hangs' and beats._next_write == 0):\n"
     "        beats.beat()\n"
+    "    elif sys.argv[1] == 'behind':\n"
+    "        beats.beat(time.time() - 3600)\n"
     "    time.sleep(0.1)\n"
 )]  # fmt: skip
-"""A child that says it makes progress every second (``steady``), once and then never again
-(``hangs``), or never (``starting``: still loading)."""
+"""A child that says it makes progress every second (``steady``; ``behind``: by a clock an
+hour behind the supervisor's, as after the machine's clock was stepped forward or it resumed
+from sleep), once and then never again (``hangs``), or never (``starting``: loading)."""
 
 
 def test_a_child_that_stops_making_progress_is_killed_and_restarted(
@@ -199,7 +202,7 @@ def test_a_child_that_stops_making_progress_is_killed_and_restarted(
     caplog.set_level(logging.INFO, logger="gateway.cli.supervisor")
     sup = Supervisor(dict(os.environ), command=BEATS, hung_after_s=1.5)
     try:
-        for kind in ("steady", "hangs", "starting"):
+        for kind in ("steady", "behind", "hangs", "starting"):
             sup.ensure(kind, [kind], 1)
         hung = sup.children["hangs"]
         first = hung.proc
@@ -208,8 +211,11 @@ def test_a_child_that_stops_making_progress_is_killed_and_restarted(
         for _ in range(10):  # the others, 2.5 s in, are still their first processes
             sup.poll()
             time.sleep(0.05)
-        assert sup.children["steady"].restarts == 0
-        assert sup.children["starting"].restarts == 0
+        assert [sup.children[kind].restarts for kind in ("steady", "behind", "starting")] == [
+            0,
+            0,
+            0,
+        ]
         said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
         assert any("hangs (pid" in m and "made no progress" in m for m in said), said
         folder = os.path.dirname(hung.liveness_file)

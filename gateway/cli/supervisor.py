@@ -54,6 +54,10 @@ class Child:
     stopped, nothing archived or purged while ``/readyz`` said 200 (found by a helper)."""
     liveness_file: str = ""
     """Where it says it makes progress (``rendezvous.liveness``)."""
+    progress: float | None = None
+    """The progress it last said (its file's time), and when we saw that change (monotonic:
+    a wall clock stepped forward, or a machine resumed from sleep, is no stall)."""
+    progress_seen: float = 0.0
 
 
 class Supervisor:
@@ -101,6 +105,7 @@ class Supervisor:
         if self._liveness_dir:
             child.liveness_file = os.path.join(self._liveness_dir, child.name)
             liveness.create(child.liveness_file)
+            child.progress = None
             env = {**env, liveness.ENV: child.liveness_file}
         child.proc = subprocess.Popen(
             child.argv,
@@ -143,10 +148,14 @@ class Supervisor:
         that has not yet said it makes progress (loading its models) is left to start."""
         if not child.liveness_file or child.proc is None:
             return
-        progressed_at = liveness.made_progress_at(child.liveness_file)
-        if progressed_at is None:
+        progress = liveness.made_progress_at(child.liveness_file)
+        if progress is None:
             return
-        stalled_s = time.time() - progressed_at
+        now = time.monotonic()
+        if progress != child.progress:
+            child.progress, child.progress_seen = progress, now
+            return
+        stalled_s = now - child.progress_seen
         if stalled_s > self.hung_after_s:
             log.error("%s (pid %d) made no progress for %.0f s (RDV_WATCHDOG_S is %g): it "
                       "hangs; killing it to restart it", child.name, child.proc.pid, stalled_s,
