@@ -211,11 +211,8 @@ def test_a_child_that_stops_making_progress_is_killed_and_restarted(
         for _ in range(10):  # the others, 2.5 s in, are still their first processes
             sup.poll()
             time.sleep(0.05)
-        assert [sup.children[kind].restarts for kind in ("steady", "behind", "starting")] == [
-            0,
-            0,
-            0,
-        ]
+        restarts = [sup.children[kind].restarts for kind in ("steady", "behind", "starting")]
+        assert restarts == [0, 0, 0]
         said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
         assert any("hangs (pid" in m and "made no progress" in m for m in said), said
         folder = os.path.dirname(hung.liveness_file)
