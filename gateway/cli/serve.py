@@ -200,6 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             }
         ),
         hung_after_s=settings.watchdog_s,
+        liveness_dir=settings.data_dir / "liveness",  # ours alone: we hold the data folder
     )
     client = None
     try:

@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rendezvous import liveness
@@ -62,7 +63,11 @@ class Child:
 
 class Supervisor:
     def __init__(
-        self, env: dict[str, str], command: list[str] | None = None, hung_after_s: float = 0.0
+        self,
+        env: dict[str, str],
+        command: list[str] | None = None,
+        hung_after_s: float = 0.0,
+        liveness_dir: Path | None = None,
     ):
         self.env = env
         self.command = command or [sys.executable, "-m", "gateway.cli.main"]
@@ -71,7 +76,15 @@ class Supervisor:
         self.hung_after_s = hung_after_s
         """A child that said it made progress, then went this long without saying so again,
         is killed and restarted (``RDV_WATCHDOG_S``; 0: never)."""
-        self._liveness_dir = tempfile.mkdtemp(prefix="rdv-liveness-") if hung_after_s else ""
+        self._liveness_dir = ""
+        """The children's liveness files: ``liveness_dir`` made anew (a killed supervisor's
+        are stale), else a temporary folder."""
+        if hung_after_s and liveness_dir is not None:
+            shutil.rmtree(liveness_dir, ignore_errors=True)
+            liveness_dir.mkdir(parents=True)
+            self._liveness_dir = str(liveness_dir)
+        elif hung_after_s:
+            self._liveness_dir = tempfile.mkdtemp(prefix="rdv-liveness-")
 
     def ensure(
         self,
