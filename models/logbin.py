@@ -299,6 +299,8 @@ class LogBin(ConsumerLoop):
             if written:
                 whole = [s for s, n in written.items() if n == len(ids[s])]
                 if len(whole) == len(records):
+                    if self.stats.failing:  # the log tells the end of a failure, not only its start
+                        log.warning("logbin: archiving again (it failed: %s)", self.stats.failing)
                     self.stats.failing = ""
                 self.stats.records += sum(written.values())
                 self.stats.undecodable += sum(undecodable[s] for s in whole)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import stat
 import threading
@@ -371,8 +372,11 @@ class SwitchableWriter(SegmentWriter):
 
 
 def test_a_failing_archive_is_published_at_once_and_cleared_by_the_next_write(
-    r: redis.Redis, data_dir: Path
+    r: redis.Redis, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """...and its end is logged as its start was (the log said when the disk filled, never
+    when the archive went on)."""
+    caplog.set_level(logging.INFO, logger="models.logbin")
     _publish(r, 5)
     writer = SwitchableWriter(data_dir)
     logbin = _logbin(r, writer)
@@ -383,8 +387,10 @@ def test_a_failing_archive_is_published_at_once_and_cleared_by_the_next_write(
     assert "No space left on device" in published["failing"] and _pending(r) == 5
     writer.broken = False
     logbin.reader.reset()  # what run() does after a failure: our pending entries first
+    assert "archiving again" not in caplog.text
     assert logbin.drain() == 5
     assert logbin.stats.failing == "" and _pending(r) == 0
+    assert "archiving again (it failed: archive write failed: [Errno 28]" in caplog.text
     writer.close()
 
 
