@@ -36,6 +36,14 @@ EVENTS_MAXLEN = 1000
 
 MERGE = """
 local now = tonumber(ARGV[3])
+local okm, merges = pcall(cjson.decode, redis.call('HGET', KEYS[1], '#merges') or '')
+if not okm or type(merges) ~= 'table' then merges = {} end
+local paused, resumed = tonumber(merges.paused) or 0, tonumber(merges.resumed) or 0
+if tonumber(merges.last) ~= nil and now - tonumber(merges.last) > tonumber(ARGV[6]) then
+  paused, resumed = tonumber(merges.last), now
+end
+redis.call('HSET', KEYS[1], '#merges',
+           cjson.encode({last = now, paused = paused, resumed = resumed}))
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 local wanted, when, figures = {}, {}, {}
 local claims = redis.call('HGETALL', KEYS[1])
@@ -43,7 +51,10 @@ for i = 1, #claims, 2 do
   local ok, c = pcall(cjson.decode, claims[i + 1])
   local ts = ok and type(c) == 'table' and tonumber(c.ts_ms) or nil
   local stale = ok and type(c) == 'table' and tonumber(c.stale_ms) or 0
-  if ts == nil or ts + stale < now then
+  local excused = ts ~= nil and ts + stale >= paused and now <= resumed + stale
+  if string.sub(claims[i], 1, 1) == '#' then
+    -- the merges' own times
+  elseif ts == nil or (ts + stale < now and not excused) then
     redis.call('HDEL', KEYS[1], claims[i])
   else
     if type(c.alerts) == 'table' then
@@ -102,8 +113,20 @@ if #events == 0 then return '[]' end
 return cjson.encode(events)
 """
 """KEYS: claims, alerts, events, event counts (one hash tag); ARGV: source, claim document
-('' to only sweep stale claims), now (ms), events' maxlen, deployment. Returns the events this
-call decided, as JSON."""
+('' to only sweep stale claims), now (ms), events' maxlen, deployment, the gap (ms) that is an
+outage. Returns the events this call decided, as JSON.
+
+The claims hash also keeps the time of the last merge, and the two around the latest outage
+(``#merges``, a document with no ``ts_ms``, which a reader of the claims skips as stale): when
+no merge ran for ``OUTAGE_MS`` (Redis away, or every source of the deployment), a claim that
+was fresh when they stopped gets its staleness bound anew from the first merge after. A claim
+no source could renew meanwhile was dropped at the first merge after, and its alerts cleared:
+a Redis restart of more than 10 s sent the webhooks a "resolved" and, a second later, a
+"firing" for every feature alert of a feed still broken (found by a probe)."""
+
+OUTAGE_MS = 5000
+"""Longer than the usual gap between a deployment's merges (each source renews its claim at
+least every few seconds), shorter than a claim's staleness bound (10 s and more)."""
 
 
 def keys(deployment: str) -> list[str]:
@@ -136,7 +159,7 @@ def merge_args(
         body["alerts"] = {k: dict(v) for k, v in alerts.items()}
         body["figures"] = {k: dict(v) for k, v in (figures or {}).items()}
         doc = json.dumps(body, default=float)
-    args = [source, doc, repr(now_ms), str(EVENTS_MAXLEN), deployment]
+    args = [source, doc, repr(now_ms), str(EVENTS_MAXLEN), deployment, str(OUTAGE_MS)]
     return [4, *keys(deployment), *args]
 
 
@@ -168,6 +191,8 @@ def parse(
         try:
             doc = json.loads(raw)
         except ValueError:
+            continue
+        if not isinstance(doc, dict):
             continue
         if float(doc.get("ts_ms", 0)) + float(doc.get("stale_ms", 0)) >= now_ms:
             claims[_text(key)] = doc

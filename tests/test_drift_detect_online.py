@@ -331,7 +331,7 @@ async def test_a_gateway_process_holds_the_prior_alert_of_one_that_died(
     [alert] = (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]
     assert alert["id"] == "prediction_prior" and alert["source"] == "gateway:gw-live"
     claims = await client.hkeys(names.drift_claims_key(DEMO_DEPLOYMENT))
-    assert claims == [b"gateway:gw-live"]
+    assert [c for c in claims if not c.startswith(b"#")] == [b"gateway:gw-live"]
     cleared = await feed(live, live.hold_rows, share)  # enough healthy rows judged here
     assert [(e["type"], e["id"]) for e in cleared] == [("cleared", "prediction_prior")]
     assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
@@ -355,6 +355,7 @@ async def test_sources_merge_into_one_list(client: aioredis.Redis) -> None:
     assert [a["id"] for a in got["alerts"]] == ["feature_range/x"]
     assert got["alerts"][0]["since_ms"] == t and got["event_counts"] == {"feature_range": 1}
     # the other goes silent: once its claim is stale, any source's call clears the alert
+    await drift_store.claim(client, DEMO_DEPLOYMENT, "a", {}, stale_ms=5000, now_ms=t + 3000)
     events = await drift_store.claim(client, DEMO_DEPLOYMENT, "a", {}, stale_ms=5000,
                                      figures={"feature_range/x": {"value": 0.01}},
                                      now_ms=t + 6000)  # fmt: skip
@@ -362,15 +363,46 @@ async def test_sources_merge_into_one_list(client: aioredis.Redis) -> None:
         ("cleared", "feature_range/x", 0.01)
     ]
     r = await client.hkeys(names.drift_claims_key(DEMO_DEPLOYMENT))
-    assert r == [b"a"]
+    assert [c for c in r if not c.startswith(b"#")] == [b"a"]
     raw = await client.xrange(names.drift_events_stream(DEMO_DEPLOYMENT))
     assert len(raw) == 2
     # a sweep (no claim of its own) drops stale claims too
-    assert (
-        await drift_store.claim(client, DEMO_DEPLOYMENT, "c", None, stale_ms=0, now_ms=t + 20_000)
-        == []
-    )
-    assert await client.hkeys(names.drift_claims_key(DEMO_DEPLOYMENT)) == []
+    for now_ms in (t + 9000, t + 12_000):
+        assert (
+            await drift_store.claim(client, DEMO_DEPLOYMENT, "c", None, stale_ms=0, now_ms=now_ms)
+            == []
+        )
+    assert await client.hkeys(names.drift_claims_key(DEMO_DEPLOYMENT)) == [b"#merges"]
+
+
+async def test_a_claim_no_source_could_renew_during_an_outage_stays(
+    client: aioredis.Redis,
+) -> None:
+    """Redis away for 15 s (no merge ran): the log bin's claim, fresh when it went, was stale
+    at the first merge after, and its alerts were cleared ("resolved" to the webhooks) and
+    raised again ("firing") at its next renewal. A claim fresh when the merges stopped gets its
+    bound anew from the first merge after; one that is not renewed then is dropped, as ever."""
+    x = {"feature_range/x": {"kind": "feature_range", "feature": "x", "value": 0.9}}
+    y = {"feature_stuck/y": {"kind": "feature_stuck", "feature": "y", "value": 1.0}}
+    t, dep = 1_000_000.0, "outage"
+
+    async def claim(source: str, alerts: Any, now_ms: float) -> list[tuple[str, str]]:
+        events = await drift_store.claim(client, dep, source, alerts, stale_ms=10_000,
+                                         now_ms=now_ms)  # fmt: skip
+        return [(e["type"], e["id"]) for e in events]
+
+    assert await claim("logbin:a", x, t) == [("raised", "feature_range/x")]
+    assert await claim("logbin:b", y, t + 500) == [("raised", "feature_stuck/y")]
+    assert await claim("gateway:g", {}, t + 1000) == []
+    # no merge for 14 s; the log bins' claims are past their bound: both kept
+    assert await claim("gateway:g", {}, t + 15_000) == []
+    assert await claim("logbin:a", x, t + 15_500) == []  # renewed: nothing said
+    # logbin:b never renews: it goes once the bound anew has passed (the merges run on)
+    for now_ms in (t + 18_000, t + 21_000, t + 24_000):
+        assert await claim("gateway:g", {}, now_ms) == []
+    assert await claim("gateway:g", {}, t + 25_001) == [("cleared", "feature_stuck/y")]
+    active = await drift_store.read(client, dep)
+    assert [a["id"] for a in active["alerts"]] == ["feature_range/x"]
 
 
 @pytest.mark.pure
