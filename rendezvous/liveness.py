@@ -1,5 +1,5 @@
 """A supervised process says it still makes progress by setting the time of a file its
-supervisor names (``RDV_LIVENESS_FILE``); ``rdv serve`` kills a child whose file has gone
+supervisor names (``RENDEZVOUS_LIVENESS_FILE``); ``rdv serve`` kills a child whose file has gone
 stale, and restarts it as it restarts a crashed one (systemd's ``WatchdogSec`` does the same
 with a socket). A process that hangs (a deadlock, a call that never returns, a ``SIGSTOP``)
 does not exit: before, nothing restarted it, so a hung real worker had every request answered
@@ -16,7 +16,8 @@ import contextlib
 import os
 import time
 
-ENV = "RDV_LIVENESS_FILE"
+ENV = "RENDEZVOUS_LIVENESS_FILE"
+"""Set by the supervisor for each child: not an ``RDV_`` setting, which the operator sets."""
 WRITE_EVERY_S = 1.0
 """At most one write a second: the supervisor judges in tens of seconds."""
 
