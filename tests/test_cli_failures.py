@@ -201,3 +201,26 @@ def test_output_cut_short_by_its_reader_ends_quietly(tmp_path: Path) -> None:
     proc.stderr.close()
     assert proc.wait(60) == 1
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_redis_that_answers_nothing_fails_a_command_in_one_line_not_a_hang(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Redis that takes the connection but answers nothing (stopped, or its packets dropped
+    on the way): ``rdv decisions`` waited for good, as did a gateway's start, since their
+    clients had no socket timeout. Every synchronous client's commands are bounded now
+    (``SOCKET_TIMEOUT_S``, 1 s here): the command ends with the usual line."""
+    import rendezvous.bus.connection as connection
+    from gateway.cli.main import main
+
+    monkeypatch.setattr(connection, "SOCKET_TIMEOUT_S", 1.0)
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel takes connections; no reply
+    monkeypatch.setenv("RDV_REDIS_URL", f"redis://127.0.0.1:{silent.getsockname()[1]}")
+    started = time.monotonic()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main(["decisions", "--deployment", "breast-cancer", "--limit", "1"])
+    finally:
+        silent.close()
+    assert "did not answer" in str(exited.value.code), exited.value.code
+    assert time.monotonic() - started < 20

@@ -165,10 +165,17 @@ def _other_nodes(seeds: list[str], seed: str, node: Callable[..., Any]) -> list[
     return [node(u.hostname, u.port or 6379) for u in others] or None
 
 
+SOCKET_TIMEOUT_S = 30.0
+"""The bound on a synchronous client's every command when its caller sets none: no command of
+ours takes that long on a Redis that works, and one that does not answer (stopped, its
+packets dropped) left a CLI command or a gateway's start waiting for good."""
+
+
 def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = None) -> Client:
     """A synchronous client (workers, log bin), after the server answered: a cluster client
     when the node at ``url`` is part of a Redis Cluster (of the nodes it names, the first that
-    answers)."""
+    answers). ``socket_timeout_s`` bounds every command (None: ``SOCKET_TIMEOUT_S``)."""
+    socket_timeout_s = socket_timeout_s or SOCKET_TIMEOUT_S
     seeds = seed_urls(url)
     deadline = time.monotonic() + wait_s
     delay_s = 0.05
