@@ -353,13 +353,12 @@ def run_process(
     log_level: str,
     memory_mb: int | None = None,
     run_limit_s: float | None = None,
-    redis_timeout_s: float | None = None,
 ) -> None:
     """A replay in a process of its own (the gateway spawns it): no GIL shared with the
     gateway's event loop, ``nice`` steps below live traffic, its memory bounded as a model
-    worker's (``RDV_MODEL_MEMORY_MB``), its Redis commands by ``RDV_REDIS_TIMEOUT_S`` (one
-    that waited for good on a silent Redis held its replay slot). SIGTERM stops it after its
-    batch, resumable."""
+    worker's (``RDV_MODEL_MEMORY_MB``), its Redis commands by ``connect``'s default bound
+    (one that waited for good on a silent Redis held its replay slot; a replay's large reads
+    get more than ``RDV_REDIS_TIMEOUT_S``). SIGTERM stops it after its batch, resumable."""
     import os
     import signal
     from pathlib import Path
@@ -378,7 +377,7 @@ def run_process(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threading.Thread(target=_stop_when_orphaned, args=(stop,), daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the gateway's to handle
-    client = connect(redis_url, wait_s=10, socket_timeout_s=redis_timeout_s)
+    client = connect(redis_url, wait_s=10)
     try:
         from models.runtime import RunLimit
 

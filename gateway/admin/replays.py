@@ -178,7 +178,6 @@ class ReplayManager:
                 "log_level": s.log_level,
                 "memory_mb": s.model_memory_mb,
                 "run_limit_s": s.model_run_limit_s,
-                "redis_timeout_s": s.redis_timeout_s,
             },
             name=f"replay-{replay_id}",
             daemon=True,
