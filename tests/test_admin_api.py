@@ -377,6 +377,32 @@ def test_a_version_whose_file_changed_on_disk_takes_no_role(
     assert state(r, data_dir(admin)) == before
 
 
+def test_a_rollback_to_a_version_whose_file_changed_on_disk_is_refused(
+    admin: AppClient, r: redis.Redis
+) -> None:
+    """A rollback restores roles from history: the version it would make real again is
+    checked as a promote's is, or its workers refuse it and the fallbacks answer for good."""
+    version = upload(admin, "weak")
+    resp = admin.post(f"{DEP}/promote", json={"version": version}, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    resp = admin.post(f"{DEP}/promote", json={"version": upload(admin, "weak")}, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    path = data_dir(admin) / "models" / DEMO_DEPLOYMENT / str(version) / "model.onnx"
+    original = path.read_bytes()
+    path.write_bytes(variant_onnx("flipped"))
+    before = state(r, data_dir(admin))
+    resp = admin.post(f"{DEP}/rollback", json={}, headers=AUTH)
+    assert resp.status_code == 409, resp.text
+    detail = resp.json()["detail"]
+    assert f"{DEMO_DEPLOYMENT}:{version}" in detail and "not the one uploaded" in detail
+    assert state(r, data_dir(admin)) == before
+
+    path.write_bytes(original)  # put back: the same rollback goes through
+    resp = admin.post(f"{DEP}/rollback", json={}, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    assert roles(admin)["real"] == f"{DEMO_DEPLOYMENT}:{version}"
+
+
 def test_only_a_disk_that_refuses_writes_is_a_507() -> None:
     """No space, over quota or read-only: 507; any other OS error stays a fault of ours."""
     import errno

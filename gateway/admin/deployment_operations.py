@@ -177,6 +177,7 @@ class DeploymentOperations(AdminCore):
         for ref in roles.values():
             if not self.registry.exists(ref.name, ref.version):
                 raise Conflict(f"revision {target} needs {ref}, which is no longer in the registry")
+            self._unchanged_on_disk(ref, f"revision {target} needs {ref}, whose")
         schedule = Schedule.from_dict(state["schedule"])
         return self._change(
             name,
@@ -279,15 +280,20 @@ class DeploymentOperations(AdminCore):
         meta = self._meta(ref)
         if not self.registry.exists(ref.name, ref.version):
             raise Conflict(f"model {ref} is indexed but its artifact is missing")
-        if not self.registry.verify(ref.name, ref.version):  # its workers would refuse it
-            raise Conflict(
-                f"model {ref}: the artifact on disk is not the one uploaded (its sha256 "
-                "differs): put the original back, or upload it again"
-            )
+        self._unchanged_on_disk(ref, f"model {ref}: the")
         real = self._meta(dep.roles[names.REAL])
         why = unfit_for(meta, dep.feature_spec, real.classes)
         if why is not None:
             raise Invalid(f"{why} (deployment {dep.name})")
+
+    def _unchanged_on_disk(self, ref: ModelRef, said: str) -> None:
+        """Its workers would refuse an artifact whose sha256 is not the upload's, and the
+        fallbacks would answer for good: a role for it is refused here, naming why."""
+        if not self.registry.verify(ref.name, ref.version):
+            raise Conflict(
+                f"{said} artifact on disk is not the one uploaded (its sha256 differs): put the "
+                "original back, or upload it again"
+            )
 
     @staticmethod
     def _schedule(base: Schedule, req: ScheduleIn) -> Schedule:
