@@ -45,6 +45,7 @@ from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry
 from rendezvous.bus.retention import Retention
 from rendezvous.bus.routing import Command, command, raise_first_error
 from rendezvous.envelope import RequestEnvelope
+from rendezvous.retry_log import RetryLog
 from rendezvous.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class LogBin(ConsumerLoop):
         """The archived deployments' states, as last read."""
         self.batch_wait_s = max(batch_wait_ms, 0.0) / 1000
         self.stats = LogBinStats()
+        self.retry_log = RetryLog(log, "logbin")
         self._source = deployments
         self._streams: dict[str, str] = {}
         """Input stream key -> deployment, for the deployments being archived now."""
@@ -166,7 +168,7 @@ class LogBin(ConsumerLoop):
     def failed(self, exc: Exception, retry_in_s: float) -> bool:
         """Every failure is ridden out: a dead log bin silently stops the archive."""
         if isinstance(exc, REDIS_DOWN):
-            log.warning("logbin: redis unavailable (%s); retry in %.2fs", exc, retry_in_s)
+            self.retry_log.failed(f"redis unavailable ({exc})", retry_in_s)
         elif refused := write_refused(exc):
             self._say_once_a_minute(f"Redis refuses writes: {refused}", retry_in_s)
         elif isinstance(exc, OSError):

@@ -42,6 +42,7 @@ from rendezvous.bus.connection import REDIS_FAILURES, Client
 from rendezvous.bus.consumer import stop_thread
 from rendezvous.liveness import Liveness
 from rendezvous.names import REAL
+from rendezvous.retry_log import RetryLog
 
 log = logging.getLogger(__name__)
 
@@ -140,14 +141,16 @@ class WorkerHost:
         """Follow the deployments until ``stop``; then stop every hosted model (each finishes
         its batch in hand) and wait for them."""
         liveness = Liveness.from_env()
+        retry_log = RetryLog(log, "worker host: reading the deployments")
         try:
             while not stop.is_set():
                 try:
                     self.reconcile()
+                    retry_log.succeeded()
                 except _SCAN_FAILURES as exc:
                     # Redis down, or a deployment deleted or unreadable mid-scan: the hosted
                     # models ride it out by themselves; try again at the next refresh.
-                    log.warning("worker host: cannot read the deployments: %s", exc)
+                    retry_log.failed(exc)
                 liveness.beat(self.progressed_at())
                 stop.wait(self.refresh_s)
         finally:

@@ -12,6 +12,7 @@ from models.deployments import Deployment, StateReader
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
 from rendezvous.bus.redis_needs import refused_for_good
+from rendezvous.retry_log import RetryLog
 
 log = logging.getLogger(__name__)
 
@@ -141,14 +142,16 @@ class DeploymentCache:
             self.backlog_bytes.pop(gone, None)
 
     async def run(self, interval_s: float = 1.0) -> None:
+        retry_log = RetryLog(log, "deployments refresh")
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await self.refresh()
+                retry_log.succeeded()
             except REDIS_FAILURES as exc:
-                log.warning("cannot refresh deployments: %s", exc)
-            except Exception:  # a bug must not freeze the gateway's view for good
-                log.exception("deployments refresh failed")
+                retry_log.failed(f"cannot reach Redis ({exc})")
+            except Exception as exc:  # a bug must not freeze the gateway's view for good
+                retry_log.failed(f"failed ({exc!r})", level=logging.ERROR, exc_info=exc)
 
     @property
     def draining(self) -> frozenset[str]:

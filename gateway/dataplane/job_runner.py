@@ -38,6 +38,7 @@ from gateway.dataplane.service import PredictionService
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, on_key_node, text
 from rendezvous.bus.retention import FORGET_GONE_CONSUMERS
+from rendezvous.retry_log import RetryLog
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class JobRunner:
         next_gc = loop.time() + CONSUMER_GC_S
         cursor = b"0-0"
         backoff_s = 0.05
+        retry_log = RetryLog(log, f"jobs of {deployment}")
         idle = False
         while not self._stopping.is_set():
             try:
@@ -189,11 +191,12 @@ class JobRunner:
                     next_gc = loop.time() + CONSUMER_GC_S
                     await self._forget_dead_consumers(stream)
                 backoff_s = 0.05
+                retry_log.succeeded()
             except REDIS_FAILURES as exc:
                 if _is_nogroup(exc):
                     group_ready = False  # Redis lost it (restarted without its data), or purged
                 else:
-                    log.warning("jobs of %s: %s; retrying in %.2fs", deployment, exc, backoff_s)
+                    retry_log.failed(exc, backoff_s)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), backoff_s)
                 backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)

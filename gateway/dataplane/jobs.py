@@ -57,6 +57,7 @@ from gateway.dataplane.service import PredictionService
 from gateway.dataplane.validation import check_request_id, enriched_rows, parse_body, to_matrix
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, on_key_node, text
+from rendezvous.retry_log import RetryLog
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,7 @@ class JobService:
         ready = self._watch_ready[deployment]
         last: bytes | None = None
         backoff_s = 0.05
+        retry_log = RetryLog(log, f"reading {key}")
         idle_since: float | None = None
         loop = asyncio.get_running_loop()
         try:
@@ -233,9 +235,10 @@ class JobService:
                         "STREAMS", key, last,
                     )  # fmt: skip
                     backoff_s = 0.05
+                    retry_log.succeeded()
                 except REDIS_FAILURES as exc:
                     ready.set()
-                    log.warning("cannot read %s (%s); retrying in %.2fs", key, exc, backoff_s)
+                    retry_log.failed(exc, backoff_s)
                     await asyncio.sleep(backoff_s)
                     backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
                     continue

@@ -26,6 +26,7 @@ from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 from rendezvous.bus.routing import Command, raise_first_error
 from rendezvous.decision import DecisionRecord
 from rendezvous.envelope import EnvelopeError, ModelResult, decode_results
+from rendezvous.retry_log import RetryLog
 from rendezvous.schedule import Schedule, decide
 
 log = logging.getLogger(__name__)
@@ -270,6 +271,7 @@ class Rendezvous:
         """Read until stopped, whatever fails: a gateway whose reader stopped would answer
         every request with a timeout."""
         backoff_s = 0.05
+        retry_log = RetryLog(log, "reply stream read")
         while not self._stopping:
             try:
                 if time.monotonic() >= self._next_ttl:
@@ -280,6 +282,7 @@ class Rendezvous:
                     raise reply
                 backoff_s = 0.05
                 self.read_failure = None
+                retry_log.succeeded()
             except Exception as exc:  # see the docstring
                 if self._stopping:
                     return
@@ -287,9 +290,9 @@ class Rendezvous:
                 if isinstance(exc, REDIS_FAILURES):
                     # Redis failed: what waits now may have lost its answer (a 503, not a 504)
                     self.read_failed_ms = time.time() * 1000
-                    log.warning("reply stream read failed (%s); retrying in %.2fs", exc, backoff_s)
+                    retry_log.failed(f"failed ({exc})", backoff_s)
                 else:
-                    log.exception("reply stream read failed; retrying in %.2fs", backoff_s)
+                    retry_log.failed(f"failed ({self.read_failure})", backoff_s, logging.ERROR, exc)
                 self._next_ttl = 0.0  # after an outage, make sure our stream still exists
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, READ_BACKOFF_MAX_S)

@@ -52,6 +52,7 @@ from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 from rendezvous.drift import Sketch
 from rendezvous.drift_alerts import Thresholds, evaluate_alerts, window_report
 from rendezvous.drift_reference import FeatureReference, FeatureReferences
+from rendezvous.retry_log import RetryLog
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +116,19 @@ class DriftMonitor:
         self._relay = DriftRelay(client, webhooks)
 
     async def run(self) -> None:
+        retry_log = RetryLog(log, "drift evaluation: which deployments are due")
         while True:
             await asyncio.sleep(self.tick_s)
             try:
                 led, looked, due = await self._due_deployments()
                 self._relay.keep_only(led)
                 await self._relay.relay(*looked)
+                retry_log.succeeded()
             except REDIS_FAILURES as exc:
-                log.warning("drift evaluation: cannot tell which deployments are due: %s", exc)
+                retry_log.failed(f"cannot reach Redis ({exc})")
                 continue
-            except Exception:  # a bug must not end the monitor for good
-                log.exception("drift evaluation: cannot tell which deployments are due")
+            except Exception as exc:  # a bug must not end the monitor for good
+                retry_log.failed(f"failed ({exc!r})", level=logging.ERROR, exc_info=exc)
                 continue
             for deployment in due:
                 try:

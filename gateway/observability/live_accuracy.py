@@ -32,6 +32,7 @@ from rendezvous import names
 from rendezvous.accuracy import accuracy_report
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 from rendezvous.outcomes import decode_labelled
+from rendezvous.retry_log import RetryLog
 
 log = logging.getLogger(__name__)
 
@@ -151,14 +152,16 @@ class LiveAccuracy:
         await self.leases.release()
 
     async def run(self) -> None:
+        retry_log = RetryLog(log, "live accuracy evaluation")
         while True:
             await asyncio.sleep(self.tick_s)
             try:
                 await self.tick()
+                retry_log.succeeded()
             except REDIS_FAILURES as exc:
-                log.warning("cannot evaluate live accuracy: %s", exc)
-            except Exception:
-                log.exception("live accuracy evaluation failed")
+                retry_log.failed(f"cannot reach Redis ({exc})")
+            except Exception as exc:
+                retry_log.failed(f"failed ({exc!r})", level=logging.ERROR, exc_info=exc)
 
 
 async def accuracy_view(client: AsyncClient, deployment: str, history: int = 360) -> dict[str, Any]:

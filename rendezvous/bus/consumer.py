@@ -44,6 +44,7 @@ from rendezvous.bus.connection import Client as AnyClient
 from rendezvous.bus.group_reads import Batch, Entry, Membership
 from rendezvous.bus.reader import GroupReader
 from rendezvous.bus.routing import Command, command
+from rendezvous.retry_log import RetryLog
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class ConsumerLoop(ABC):
         self.client = client
         self.group = group
         self.consumer = consumer
+        self.retry_log = RetryLog(log, consumer)
+        """Says what fails while ``run`` rides it out, without a line at every try."""
         self.batch_size = batch_size
         self.block_ms = block_ms
         self.heartbeat_s = heartbeat_s
@@ -144,11 +147,10 @@ class ConsumerLoop(ABC):
         re-reading our pending entries), False to stop; anything else, raise it. This default
         rides out Redis outages and Redis refusing writes for a while (``write_refused``) only."""
         if isinstance(exc, REDIS_DOWN):
-            log.warning("%s: redis unavailable (%s); retrying in %.2fs", self.consumer, exc,
-                        retry_in_s)  # fmt: skip
+            self.retry_log.failed(f"redis unavailable ({exc})", retry_in_s)
             return True
         if refused := write_refused(exc):
-            log.warning("%s: %s; retrying in %.2fs", self.consumer, refused, retry_in_s)
+            self.retry_log.failed(refused, retry_in_s)
             return True
         raise exc
 
@@ -207,6 +209,7 @@ class ConsumerLoop(ABC):
                     backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
                     continue
                 backoff_s = BACKOFF_MIN_S
+                self.retry_log.succeeded()
                 if not self.streams:  # nothing to block on: wait as long as a read would
                     self._wait(self.block_ms / 1000)
             self._flush_at_stop()

@@ -1,0 +1,76 @@
+"""A failure met again at every retry, logged the way an operator reads it.
+
+The loops that ride out a Redis outage retry every 0.05-0.25 s, and each logged every try:
+an outage of seven seconds wrote about 290 lines from one ``rdv serve``, a five-minute one
+would write twelve thousand. A loop now says when its failure starts (or turns into another),
+once every ``REPEAT_S`` while it lasts, with how long and how many tries, and when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+REPEAT_S = 30.0
+"""How often a failure that lasts is said again."""
+
+KINDS_SAID = 8
+"""Distinct messages said at once in one spell of failures; past them, only the repeats."""
+
+
+class RetryLog:
+    """The log of one retrying loop: ``failed`` at each failed try, ``succeeded`` after each
+    try that worked (cheap when nothing failed)."""
+
+    def __init__(
+        self,
+        log: logging.Logger,
+        what: str,
+        repeat_s: float = REPEAT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = log
+        self._what = what
+        self._repeat_s = repeat_s
+        self._clock = clock
+        self._since: float | None = None
+        """When the failures began (None: the last try worked)."""
+        self._tries = 0
+        self._said: set[str] = set()
+        self._say_again_at = 0.0
+
+    @property
+    def failing(self) -> bool:
+        return self._since is not None
+
+    def failed(
+        self,
+        why: object,
+        retry_in_s: float | None = None,
+        level: int = logging.WARNING,
+        exc_info: BaseException | None = None,
+    ) -> None:
+        now = self._clock()
+        if self._since is None:
+            self._since, self._tries, self._said = now, 0, set()
+        self._tries += 1
+        text = str(why)
+        then = "" if retry_in_s is None else f"; retrying in {retry_in_s:.2f}s"
+        if text not in self._said and len(self._said) < KINDS_SAID:
+            self._said.add(text)
+        elif now < self._say_again_at:
+            return
+        else:
+            lasted = now - self._since
+            text = f"still failing after {lasted:.0f}s ({self._tries} tries): {text}"
+        self._say_again_at = now + self._repeat_s
+        self._log.log(level, "%s: %s%s", self._what, text, then, exc_info=exc_info)
+
+    def succeeded(self) -> None:
+        if self._since is None:
+            return
+        lasted = self._clock() - self._since
+        tries = "1 failed try" if self._tries == 1 else f"{self._tries} failed tries"
+        self._log.info("%s: working again after %.1fs (%s)", self._what, lasted, tries)
+        self._since = None

@@ -1,0 +1,84 @@
+"""A failure met at every retry is said when it starts, when it turns into another, once every
+``repeat_s`` while it lasts (with how long and how many tries), and when it ends."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from rendezvous.retry_log import KINDS_SAID, RetryLog
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def said(caplog: pytest.LogCaptureFixture) -> list[str]:
+    lines = [r.getMessage() for r in caplog.records]
+    caplog.clear()
+    return lines
+
+
+def test_a_failure_at_every_try_is_said_at_its_start_every_repeat_and_its_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "t")
+    clock = Clock()
+    retry = RetryLog(logging.getLogger("t"), "reader", repeat_s=30, clock=clock)
+    retry.succeeded()  # nothing failed: nothing to say
+    assert said(caplog) == [] and not retry.failing
+    for _ in range(120):  # 30 s at four tries a second
+        retry.failed("redis unavailable (refused)", 0.25)
+        clock.now += 0.25
+    assert said(caplog) == ["reader: redis unavailable (refused); retrying in 0.25s"]
+    retry.failed("redis unavailable (refused)", 0.25)  # the 121st, 30 s after the first
+    assert said(caplog) == [
+        "reader: still failing after 30s (121 tries): redis unavailable (refused); retrying in "
+        "0.25s"
+    ]
+    assert retry.failing
+    clock.now += 1.5
+    retry.succeeded()
+    retry.succeeded()
+    assert said(caplog) == ["reader: working again after 31.5s (121 failed tries)"]
+    assert not retry.failing
+    retry.failed("timeout", None)  # a new spell: said at once, its tries counted afresh
+    clock.now += 2
+    retry.succeeded()
+    assert said(caplog) == ["reader: timeout", "reader: working again after 2.0s (1 failed try)"]
+
+
+def test_another_kind_of_failure_is_said_at_once_and_a_flood_of_kinds_is_bounded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "t")
+    clock = Clock()
+    retry = RetryLog(logging.getLogger("t"), "jobs", repeat_s=30, clock=clock)
+    for _ in range(3):  # two kinds in turn: each said once
+        retry.failed("connection refused")
+        retry.failed("connection reset")
+    assert said(caplog) == ["jobs: connection refused", "jobs: connection reset"]
+    for n in range(400):  # an id in every message: past KINDS_SAID, only the repeats
+        retry.failed(f"entry {n} unreadable")
+        clock.now += 0.1
+    lines = said(caplog)
+    assert len(lines) == KINDS_SAID - 2 + 1, lines  # the kinds left, then one repeat at 30 s
+    assert lines[-1].startswith("jobs: still failing after 3"), lines[-1]
+    assert lines[-1].endswith(" unreadable") and "tries)" in lines[-1]
+
+
+def test_the_level_and_the_traceback_are_the_callers(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "t")
+    retry = RetryLog(logging.getLogger("t"), "refresh", clock=Clock())
+    try:
+        raise KeyError("x")
+    except KeyError as exc:
+        retry.failed(f"failed ({exc!r})", level=logging.ERROR, exc_info=exc)
+    (record,) = caplog.records
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    assert record.getMessage() == "refresh: failed (KeyError('x'))"
