@@ -49,6 +49,15 @@ PRIOR = "prediction_prior"
 """The alert id of the gateways' prediction-prior detector."""
 PRIOR_B = PRIOR.encode()
 _MERGE = drift_claims.MERGE.encode()
+CLAIM_STALE_S = 180.0
+"""How long a log bin's claim outlives its last renewal. Its alerts are a feed's state that
+only a log bin judges: one dead or hung past 10 s (the bound of the other sources) cleared
+them, a "resolved" to the webhooks for a feed still broken, and its restart (which adopts its
+own claim, ``adopt``) found nothing to hold and said "firing" again rows later. 180 s outlasts
+a hang the supervisor's watchdog ends (``RDV_WATCHDOG_S``, 120 s) and a restart; a bin gone for
+good lets its alerts go then, unless another bin holds them."""
+IDLE_RENEW_S = 3.0
+"""How often the claim of a deployment with nothing judged is renewed."""
 MAX_PENDING_ROWS = 20_000
 """Rows waiting for the detectors at most; beyond, new rows are left out (counted)."""
 JUDGE_ROWS = 128
@@ -90,7 +99,7 @@ class FeatureWatch:
         *,
         settings: DetectorSettings | None = None,
         publish_s: float = 1.0,
-        stale_s: float = 10.0,
+        stale_s: float = CLAIM_STALE_S,
     ):
         self.source = drift_claims.LOGBIN_SOURCE + consumer
         self.settings = settings or DetectorSettings()
@@ -226,7 +235,8 @@ class FeatureWatch:
                 continue
             # An idle deployment's claim is only kept fresh (well inside ``stale_s``): twenty
             # of them claimed every second were most of an idle log bin's Redis commands.
-            every_s = self.publish_s if dep.judged else max(self.publish_s, self.stale_ms / 3000)
+            idle_s = min(IDLE_RENEW_S, self.stale_ms / 3000)
+            every_s = self.publish_s if dep.judged else max(self.publish_s, idle_s)
             dep.changed, dep.judged, dep.next_claim_s = False, False, now_s + every_s
             figures, dep.figures = dep.figures, {}
             dep.sent = figures

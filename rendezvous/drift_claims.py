@@ -15,7 +15,9 @@ decided it (``by``): that source tells the webhooks, or, for a log bin (which ha
 client), the gateway process that leads the deployment's drift evaluation relays it.
 
 A claim not renewed within its ``stale_ms`` (a process that died) is dropped by the next call of
-any source; its alerts then clear unless another source holds them.
+any source; its alerts then clear unless another source holds them. Each source sets its own
+bound: 10 s for a gateway (another process adopts its alert long before), 180 s for a log bin
+(``models.feature_watch.CLAIM_STALE_S``: its restart adopts them).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ end
 redis.call('HSET', KEYS[1], '#merges',
            cjson.encode({last = now, paused = paused, resumed = resumed}))
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
-local wanted, when, figures = {}, {}, {}
+local wanted, when, figures, fwhen = {}, {}, {}, {}
 local claims = redis.call('HGETALL', KEYS[1])
 for i = 1, #claims, 2 do
   local ok, c = pcall(cjson.decode, claims[i + 1])
@@ -66,7 +68,9 @@ for i = 1, #claims, 2 do
       end
     end
     if type(c.figures) == 'table' then
-      for id, f in pairs(c.figures) do figures[id] = f end
+      for id, f in pairs(c.figures) do
+        if fwhen[id] == nil or ts > fwhen[id] then figures[id], fwhen[id] = f, ts end
+      end
     end
   end
 end

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -507,6 +508,60 @@ async def test_a_restarted_log_bin_holds_its_alerts_until_its_detectors_judged_e
         assert {e["id"] for e in events("cleared")} == raised
     finally:
         second.close()
+
+
+async def test_a_log_bin_away_for_a_minute_keeps_its_alerts_for_its_restart_to_hold(
+    r: redis.Redis, client: aioredis.Redis, data_dir: Path
+) -> None:
+    """A bin dead or hung past 10 s (the other sources' bound) lost its claim while the
+    gateways' merges ran on: its alerts cleared, a "resolved" for a feed still broken, and its
+    restart found nothing to hold (a "firing" again rows later). Its claim now lasts
+    ``CLAIM_STALE_S`` after its last renewal: long enough for a restart, and a bin gone for good
+    still lets its alerts go then."""
+    from models.feature_watch import CLAIM_STALE_S
+
+    version = DeploymentStore(r).get(DEMO_DEPLOYMENT).feature_spec.version
+    x = demo_data().x_test
+    rng = np.random.default_rng(4)
+    broken = x[rng.integers(0, len(x), 80)].copy()
+    broken[:, 0] *= 10
+    publish(r, broken, version)
+    start_ms = time.time() * 1000
+    first = LogBin(r, SegmentWriter(data_dir), consumer="lb-away", deployments=[DEMO_DEPLOYMENT],
+                   batch_size=64)  # fmt: skip
+    first.drain()
+    first.close()
+    raised = {a["id"] for a in (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]}
+    assert "feature_range/mean radius" in raised
+
+    async def sweep(at_ms: float) -> list[str]:  # a gateway's merge (its own claim empty)
+        events = await drift_store.claim(client, DEMO_DEPLOYMENT, "gateway:g", {},
+                                         stale_ms=10_000, now_ms=at_ms)  # fmt: skip
+        return [e["id"] for e in events if e["type"] == "cleared"]
+
+    for offset_s in range(2, 62, 2):  # the bin away for a minute; the merges run on
+        assert await sweep(start_ms + offset_s * 1000) == [], offset_s
+    now = {a["id"] for a in (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]}
+    assert now == raised
+
+    second = LogBin(r, SegmentWriter(data_dir), consumer="lb-away", deployments=[DEMO_DEPLOYMENT],
+                    batch_size=64)  # fmt: skip
+    try:
+        second.drain()  # the restart: it adopts its claim and holds it, saying nothing
+        now = {a["id"] for a in (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]}
+        assert now == raised
+    finally:
+        second.close()
+    renewed_ms = time.time() * 1000  # the bin's last claim was at or before this
+    cleared_at = None
+    at_ms = renewed_ms + 2000  # the merges' clock goes on from the bin's (the real one)
+    while cleared_at is None and at_ms < renewed_ms + (CLAIM_STALE_S + 10) * 1000:
+        if await sweep(at_ms):
+            cleared_at = at_ms
+        at_ms += 2000
+    # gone for good: its alerts go one bound after its last renewal, not before
+    assert cleared_at is not None and cleared_at > start_ms + CLAIM_STALE_S * 1000
+    assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
 
 
 def test_a_renewed_claim_rewrites_no_alert_that_did_not_change(r: redis.Redis) -> None:
