@@ -15,7 +15,7 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -256,7 +256,7 @@ def _lines(path: Path, body: bytes) -> Iterator[dict[str, Any]]:
             log.warning("archive: %s has an unreadable line (%s); skipped", path, exc)
 
 
-def _seen_before(record: dict[str, Any], seen: set[tuple[Any, ...]]) -> bool:
+def seen_before(record: Mapping[str, Any], seen: set[tuple[Any, ...]]) -> bool:
     """Whether ``record`` repeats one already read (see ``ArchiveReader.records``); notes it."""
     keys: list[tuple[Any, ...]] = []
     sid = record.get("stream_id")
@@ -265,6 +265,9 @@ def _seen_before(record: dict[str, Any], seen: set[tuple[Any, ...]]) -> bool:
     rid = record.get("request_id")
     if rid is not None and record.get("enqueued_ms") is not None:
         keys.append(("rid", rid, record["enqueued_ms"]))
+    job = record.get("job_id")
+    if isinstance(job, str):
+        keys.append(("job", job))
     if any(key in seen for key in keys):
         return True
     seen.update(keys)
@@ -307,12 +310,15 @@ class ArchiveReader:
         - a request appended twice, because the gateway's XADD was sent again after its reply
           was lost (``rendezvous.bus.routing``): a new stream id, but the same request id and
           enqueue time, which the gateway sets once per request (a caller reusing an id later
-          gets a new one).
+          gets a new one);
+        - an async job run again (its gateway died or stopped mid-run, or Redis failed under
+          it: at least once): the same ``job_id``; its first run's record is kept (the same
+          body; an enriched one's ``looked_up`` is the first run's).
         """
         seen: set[tuple[Any, ...]] = set()
         for segment in self.segments(deployment):
             for record in read_segment(segment.path):
-                if dedupe and _seen_before(record, seen):
+                if dedupe and seen_before(record, seen):
                     continue
                 if since_ms is not None:
                     at_ms = record.get("enqueued_ms", record.get("archived_ms"))

@@ -81,6 +81,8 @@ def record_from_envelope(
     looked = "" if env.looked_up is None else f'"looked_up":{_looked_up_json(env.looked_up)},'
     if env.wire_type != FLOAT32:  # float64 or int64 rows, exact: a replay reads them so
         looked += f'"features_type":"{env.wire_type}",'
+    if env.job:  # a run of an async job: a job run again is archived again (``seen_before``)
+        looked += f'"job_id":{_json(env.job)},'
     return (
         f'{{"stream_id":{_json(stream_id)},{where}"request_id":{_json(env.request_id)},'
         f'"deployment":{_json(env.deployment)},"enqueued_ms":{_json(env.enqueued_ms)},'

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from models.archive import ArchiveReader, read_segment
+from models.archive import ArchiveReader, read_segment, seen_before
 from rendezvous import names
 
 MAX_LAST = 10_000_000
@@ -121,10 +121,11 @@ def _stream(record: Mapping[str, Any], deployment: str) -> str:
 def _records(
     reader: ArchiveReader, deployment: str, not_before_ms: float | None
 ) -> Iterator[dict[str, Any]]:
-    """Every record in archive order, redeliveries dropped, skipping the segments that surely
+    """Every record in archive order, what was archived twice dropped (``seen_before``: a
+    redelivery, an append sent again, a job run again), skipping the segments that surely
     hold nothing at or after ``not_before_ms``: last written (mtime) before it, so every
     record in them was archived, hence requested, earlier (whichever log bin wrote them)."""
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[Any, ...]] = set()
     for segment in reader.segments(deployment):
         if not_before_ms is not None:
             try:
@@ -134,13 +135,8 @@ def _records(
             if written_ms + _SKEW_MS < not_before_ms:
                 continue
         for record in read_segment(segment.path):
-            sid = record.get("stream_id")
-            if not isinstance(sid, str):
+            if not isinstance(record.get("stream_id"), str) or seen_before(record, seen):
                 continue
-            key = (str(record.get("stream", "")), sid)
-            if key in seen:
-                continue
-            seen.add(key)
             yield record
 
 

@@ -116,6 +116,9 @@ class RequestEnvelope:
     wire_type: str = FLOAT32
     """``float64`` or ``int64`` for a deployment whose models take doubles or integers
     (``rendezvous.input_types``): the features travel so, exactly as validated."""
+    job: str = ""
+    """The async job this request is a run of (empty for a realtime predict): a job run again
+    after its gateway died publishes its input again, and the archive's readers keep one."""
     sent_ms: float | None = None
     """When the gateway sent the XADD (the entry's ``t``, on the gateway's clock as
     ``deadline_ms``), later than ``enqueued_ms`` by a wait in its appender; None for an entry
@@ -145,6 +148,8 @@ class RequestEnvelope:
             doc["rj"] = True
         if self.wire_type != FLOAT32:
             doc["xt"] = self.wire_type
+        if self.job:
+            doc["job"] = self.job
         return {FIELD: msgpack.packb(doc, use_bin_type=True)}
 
     @classmethod
@@ -164,6 +169,7 @@ class RequestEnvelope:
                 looked_up=doc.get("lu"),
                 raw_is_json=doc.get("rj") is True,
                 wire_type=wire_type,
+                job=job if isinstance(job := doc.get("job", ""), str) else "",
                 sent_ms=_sent_ms(fields.get(SENT_FIELD)),
             )
         except (KeyError, TypeError) as exc:

@@ -347,6 +347,34 @@ def test_dedupe_drops_a_request_appended_twice(data_dir: Path) -> None:
     assert [r["n"] for r in reader.records("demo", dedupe=False)] == [0, 1, 2]
 
 
+def test_dedupe_keeps_the_first_run_of_a_job_run_again(data_dir: Path) -> None:
+    """A job run again after its gateway died publishes its input again: a new stream id and
+    enqueue time under the same job id. The export and replays read it once, as its first run
+    (the same body); a realtime request (no job id) is untouched."""
+    from models.archive_slice import read, resolve
+
+    env = _envelope(b'{"instances": [[1, 2, 3]]}', request_id="own-id", job="17a-0f3c")
+    first = json.loads(record_from_envelope("1000-0", env, 42.0))
+    assert first["job_id"] == "17a-0f3c" and "job_id" not in json.loads(_line(_envelope("{}")))
+    again = {**first, "stream_id": "1005-0", "enqueued_ms": first["enqueued_ms"] + 9000.0}
+    plain = {"stream_id": "1003-0", "request_id": "r2", "enqueued_ms": 1003.0}
+    writer = SegmentWriter(data_dir)
+    writer.append_batch("demo", [first, plain])
+    writer.append_batch("demo", [again])
+    writer.close()
+    reader = ArchiveReader(data_dir)
+    assert [r["stream_id"] for r in reader.records("demo")] == ["1000-0", "1003-0"]
+    assert len(list(reader.records("demo", dedupe=False))) == 3
+    whole = resolve(reader, "demo", last=10, to_ms=2**52)
+    assert [r["stream_id"] for r in read(reader, "demo", whole)] == ["1000-0", "1003-0"]
+
+
+def test_a_job_id_travels_in_the_envelope_and_an_older_one_reads_as_none() -> None:
+    env = _envelope(b"{}", job="17a-0f3c")
+    assert RequestEnvelope.decode(env.encode()).job == "17a-0f3c"
+    assert RequestEnvelope.decode(_envelope(b"{}").encode()).job == ""
+
+
 def test_since_ms_filters_on_request_time(data_dir: Path) -> None:
     writer = SegmentWriter(data_dir)
     writer.append_batch("demo", _records(0, 5))

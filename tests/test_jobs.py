@@ -18,6 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from models.archive import ArchiveReader
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import PREDICT, RdvProcess, System, launch_system, stream_head, wait_until
 from rendezvous import names
@@ -312,6 +313,14 @@ def test_jobs_outlive_the_gateway_that_took_them(system: System) -> None:
     stream = names.jobs_stream(DEMO_DEPLOYMENT)
     wait_until(lambda: system.r.xpending(stream, names.JOBS_GROUP)["pending"] == len(jobs), 5,
                "the first gateway running every job")  # fmt: skip
+    reader = ArchiveReader(system.data_dir / "logbin")
+    ids = {job["id"] for job in jobs}
+
+    def runs_archived(runs: int) -> Counter[str] | None:
+        seen = Counter(r.get("job_id") for r in reader.records(DEMO_DEPLOYMENT, dedupe=False))
+        return seen if all(seen[job_id] >= runs for job_id in ids) else None
+
+    wait_until(lambda: runs_archived(1), 10, "the first run of every job published")
     system.procs.pop("gateway").kill()
     t0 = time.monotonic()
     workers(system, True)
@@ -324,6 +333,14 @@ def test_jobs_outlive_the_gateway_that_took_them(system: System) -> None:
         assert doc["result"]["request_id"] == job["request_id"]
         same_as_predict(doc, http.post(PREDICT, json=body).json())
     assert system.r.xlen(stream) == 0
+
+    # Each job's input was published by both runs, and the log bin archived both; the
+    # archive's readers (export, replays) keep its first run's record only.
+    wait_until(lambda: runs_archived(2), 10, "both runs of every job archived")
+    kept = [r for r in reader.records(DEMO_DEPLOYMENT) if r.get("job_id") in ids]
+    assert sorted(r["job_id"] for r in kept) == sorted(ids)
+    by_job = {job["id"]: job for job in jobs}
+    assert all(r["request_id"] == by_job[r["job_id"]]["request_id"] for r in kept)
 
 
 def test_an_expired_job_says_so(system: System) -> None:

@@ -298,6 +298,7 @@ class PredictionService:
             spec_version=spec.version,
             looked_up=looked_up,
             raw_is_json=raw_is_json,
+            job=job,
             wire_type=FLOAT32 if (rule := dep.input_rule) is None else rule.wire_type,
         )
 
