@@ -64,14 +64,7 @@ def training_centre(
     if len(names) > MAX_CORRELATED_FEATURES:
         rows: tuple[tuple[float, ...], ...] = ()
     else:
-        mean = np.asarray([stats[n].mean for n in names])
-        std = np.asarray([stats[n].std if stats[n].std > 0 else 1.0 for n in names])
-        z = (np.asarray(x, dtype=np.float64) - mean) / std
-        correlation = LedoitWolf(assume_centered=True).fit(z).covariance_
-        whitening = np.linalg.inv(np.linalg.cholesky(correlation))  # lower triangular
-        rows = tuple(
-            tuple(float(f"{v:.7g}") for v in whitening[i, : i + 1]) for i in range(len(names))
-        )
+        rows = _whitening_rows(names, x, stats)
     draft = FeatureSpec(names=tuple(names), stats=stats, centre=TrainingCentre(rows))
     reference = OodReference.from_spec(draft)
     assert reference is not None
@@ -80,6 +73,30 @@ def training_centre(
     return TrainingCentre(
         rows, {str(q): round(float(v), 4) for q, v in zip(DISTANCE_QUANTILES, qs, strict=True)}
     )
+
+
+def _whitening_rows(
+    names: list[str], x: np.ndarray, stats: dict[str, FeatureStats]
+) -> tuple[tuple[float, ...], ...]:
+    """The whitening's lower triangle, or none (the diagonal distance) when the rows leave no
+    correlation to invert: every column constant, or columns that are copies of each other
+    (an upload's reference rows of that shape were a 500, found by a fuzzing probe)."""
+    mean = np.asarray([stats[n].mean for n in names])
+    spread = np.asarray([stats[n].std > 0 for n in names])
+    std = np.where(spread, [stats[n].std for n in names], 1.0)
+    z = (np.asarray(x, dtype=np.float64) - mean) / std
+    correlation = LedoitWolf(assume_centered=True).fit(z).covariance_
+    # a constant column correlates with nothing: its own unit variance, as in the diagonal
+    correlation[~spread, :] = 0.0
+    correlation[:, ~spread] = 0.0
+    correlation[~spread, ~spread] = 1.0
+    try:
+        whitening = np.linalg.inv(np.linalg.cholesky(correlation))  # lower triangular
+    except np.linalg.LinAlgError:
+        return ()
+    if not np.isfinite(whitening).all():
+        return ()
+    return tuple(tuple(float(f"{v:.7g}") for v in whitening[i, : i + 1]) for i in range(len(names)))
 
 
 def training_spec(names: list[str], x: np.ndarray, lookup: Lookup | None = None) -> FeatureSpec:

@@ -713,6 +713,39 @@ def test_reference_rows_give_a_model_of_its_own_features_its_training_statistics
         assert refused.status_code == 422 and says in refused.text, refused.text
 
 
+def test_reference_rows_with_no_spread_or_beyond_float32_are_taken_or_refused_not_a_500(
+    admin: AppClient,
+) -> None:
+    """Found by a fuzzing probe: constant columns, or columns that copy each other, left a
+    correlation with no inverse, and a value past float32's range an infinite column: each
+    upload was a 500. Now the first two keep no correlation (the diagonal distance, as past
+    256 features) and the last is a 422 naming the value."""
+    data = demo_data()
+    names = [f"x {n}" for n in data.names]
+    x = data.x_test[:60]
+    constant = [[1.0] * len(names) for _ in range(60)]
+    copies = [[float(i % 2)] * len(names) for i in range(60)]
+    some_constant = [[*map(float, row[:-1]), 7.0] for row in x]
+    for version, rows in enumerate((constant, copies, some_constant), start=1):
+        body = upload_body("weak", deployment=None, name="flat", feature_names=names,
+                           reference={"columns": names, "rows": rows})  # fmt: skip
+        resp = admin.post("/admin/models", json=body, headers=AUTH)
+        assert resp.status_code == 201, (version, resp.text)
+        spec = admin.get(f"/admin/models/flat/{version}", headers=AUTH).json()["feature_spec"]
+        if rows is copies:  # no correlation to keep: the diagonal distance
+            assert "centre" not in spec and "diagonal_centre" in spec, spec.keys()
+        else:
+            assert len(spec["centre"]["whitening"]) == len(names)
+    for value in (1e39, -1e308):
+        rows = [list(map(float, row)) for row in x]
+        rows[7][3] = value
+        body = upload_body("weak", deployment=None, name="flat", feature_names=names,
+                           reference={"columns": names, "rows": rows})  # fmt: skip
+        resp = admin.post("/admin/models", json=body, headers=AUTH)
+        assert resp.status_code == 422, resp.text
+        assert f"row 7, '{names[3]}'" in resp.text and "beyond float32" in resp.text
+
+
 def test_an_upload_body_of_millions_of_values_is_refused_before_it_is_parsed(
     admin: AppClient,
 ) -> None:

@@ -106,8 +106,17 @@ class ModelOperations(AdminCore):
         if short is not None:
             raise Invalid(f"reference: row {short} has {len(ref.rows[short])} values for "
                           f"{len(ref.columns)} columns")  # fmt: skip
-        x = np.asarray(ref.rows, dtype=np.float64)
-        return x[:, [where[n] for n in spec.names]]
+        x = np.asarray(ref.rows, dtype=np.float64)[:, [where[n] for n in spec.names]]
+        # the statistics are of float32 values, as the gateway sees them: 1e39 was infinite
+        # there, and the training centre of an infinite column a 500 (found by a fuzzing probe)
+        beyond = np.argwhere(np.abs(x) > np.finfo(np.float32).max)
+        if len(beyond):
+            row, col = (int(i) for i in beyond[0])
+            raise Invalid(
+                f"reference: row {row}, {spec.names[col]!r}: {x[row, col]:g} is beyond "
+                "float32's range (live values must be finite float32 numbers)"
+            )
+        return x
 
     def models(self, name: str | None = None) -> list[dict[str, Any]]:
         held = self._holders()
