@@ -227,6 +227,41 @@ def test_upload_list_show_delete(admin: AppClient, r: redis.Redis) -> None:
     assert resp.status_code == 201 and resp.json()["version"] == 5
 
 
+def test_a_multipart_upload_takes_its_parts_as_forms_send_them(admin: AppClient) -> None:
+    """Found by a fuzzing probe: a ``version`` field was always a 422 (a form's fields are
+    text), a ``reference`` or ``metadata`` sent as a field or a file the other way round was
+    ignored (201 without it), a second ``file`` part won silently, and the errors of a
+    metadata part or a CSV named Python's limits ("use sys.set_int_max_str_digits()")."""
+    onnx = ("m.onnx", variant_onnx("weak"), "application/octet-stream")
+    names = list(demo_data().names)
+    rows = "\n".join(",".join(map(str, row)) for row in demo_data().x_test[:60])
+    csv_text = ",".join(names) + "\n" + rows + "\n"
+    meta = json.dumps({"name": "formed", "feature_names": names})
+
+    def post(files: list[tuple[str, Any]], **data: str) -> Any:
+        return admin.post("/admin/models", files=files, data=data, headers=AUTH)
+
+    resp = post([("file", onnx)], metadata=meta, version="7", reference=csv_text)
+    assert resp.status_code == 201, resp.text
+    stored = admin.get("/admin/models/formed/7", headers=AUTH).json()
+    assert len(stored["score_reference"]) == 10  # the field's CSV was read
+    resp = post([("file", onnx), ("metadata", ("meta.json", meta.encode(), "application/json"))])
+    assert resp.status_code == 201 and resp.json()["version"] == 8, resp.text
+
+    refusals = [
+        ([("file", onnx), ("file", onnx)], {"metadata": meta}, "one 'file' part"),
+        ([("file", onnx)], {"metadata": '{"name": ' + "1" * 5000 + "}"}, "more than 4,300 digits"),
+        ([("file", onnx)], {"metadata": "[" * 100_000}, "nested too deeply"),
+        ([("file", onnx)], {"metadata": meta, "reference": "a\n" + "1" * 200_000},
+         "line 2: not CSV this reads: field larger than field limit"),
+        ([("file", onnx)], {"metadata": meta, "version": "seven"}, "invalid model metadata"),
+    ]  # fmt: skip
+    for files, data, says in refusals:
+        resp = post(files, **data)
+        assert resp.status_code == 422 and says in resp.text, (says, resp.text)
+        assert "sys." not in resp.text and "recursion" not in resp.text
+
+
 @pytest.mark.parametrize(
     ("case", "status", "needle"),
     [

@@ -37,7 +37,11 @@ def reference_csv(raw: bytes, max_bytes: int) -> dict[str, Any]:
     if len(raw) > max_bytes:
         raise AdminError(f"the reference is larger than {max_bytes} bytes", status=413)
     try:
-        lines = csv.reader(io.StringIO(raw.decode("utf-8-sig")))
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise Invalid(f"reference: not UTF-8: {exc}") from None
+    lines = csv.reader(io.StringIO(text))
+    try:
         header = next(lines, None)
         if not header:
             raise Invalid("reference: an empty CSV (a header of feature names comes first)")
@@ -54,9 +58,23 @@ def reference_csv(raw: bytes, max_bytes: int) -> dict[str, Any]:
                 rows.append([float(cell) for cell in line])
             except ValueError as exc:
                 raise Invalid(f"reference: line {n}: {exc}") from None
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise Invalid(f"reference: not a UTF-8 CSV: {exc}") from None
+    except csv.Error as exc:  # a field past the reader's limit, a NUL, a quote left open
+        raise Invalid(f"reference: line {lines.line_num}: not CSV this reads: {exc}") from None
     return {"columns": [name.strip() for name in header], "rows": rows}
+
+
+def json_document(raw: str | bytes, what: str) -> Any:
+    """``raw`` parsed as JSON, or a 422 saying why in the caller's terms (``json``'s own
+    words for a deep nesting or a long number named Python's limits, not the body's fault)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise Invalid(f"{what} is not JSON this gateway reads: nested too deeply") from None
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):
+            raise Invalid(f"{what} is not JSON this gateway reads: a number of more than "
+                          "4,300 digits") from None  # fmt: skip
+        raise Invalid(f"{what} is not JSON: {exc}") from None
 
 
 def _validated(model: type[UploadMeta], doc: Any) -> Any:
@@ -73,28 +91,39 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[UploadMeta, byt
     """(metadata, ONNX bytes) from multipart/form-data or from JSON with base64."""
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith("multipart/form-data"):
-        form = await request.form(max_files=2, max_fields=32)
+        form = await request.form(max_files=3, max_fields=32)
         try:
             part = form.get("file")
             if not isinstance(part, UploadFile):
                 raise Invalid("a multipart upload needs a 'file' part holding the ONNX model")
+            for key in ("file", "metadata", "reference"):
+                if len(form.getlist(key)) > 1:
+                    raise Invalid(f"a multipart upload holds one '{key}' part, not several")
             data = await part.read(max_bytes + 1)
             reference = form.get("reference")
             doc: dict[str, Any] = {}
             raw_meta = form.get("metadata")
-            if isinstance(raw_meta, str) and raw_meta.strip():
+            if isinstance(raw_meta, UploadFile):  # curl -F metadata=@meta.json
                 try:
-                    doc = json.loads(raw_meta)
-                except (ValueError, RecursionError) as exc:
-                    raise Invalid(f"the 'metadata' part is not JSON: {exc}") from None
+                    raw_meta = (await raw_meta.read(max_bytes + 1)).decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise Invalid(f"the 'metadata' part is not UTF-8: {exc}") from None
+            if isinstance(raw_meta, str) and raw_meta.strip():
+                doc = json_document(raw_meta, "the 'metadata' part")
                 if not isinstance(doc, dict):
                     raise Invalid("the 'metadata' part must be a JSON object")
             for key in ("name", "version", "deployment", "description", "algorithm"):
                 value = form.get(key)
                 if isinstance(value, str):
-                    doc[key] = value
-            if isinstance(reference, UploadFile):
-                csv_bytes = await reference.read(max_bytes + 1)
+                    # a form's fields are text: a version of digits is the number it says
+                    digits = key == "version" and value.strip().isdecimal() and len(value) < 19
+                    doc[key] = int(value) if digits else value
+            if reference is not None:  # a file part, or the CSV as a field's text
+                csv_bytes = (
+                    await reference.read(max_bytes + 1)
+                    if isinstance(reference, UploadFile)
+                    else reference.encode()
+                )
                 doc["reference"] = await run_in_threadpool(reference_csv, csv_bytes, max_bytes)
         finally:
             await form.close()
@@ -124,11 +153,7 @@ def _json_upload(body: bytes) -> tuple[UploadMeta, bytes]:
     if body.count(b",") > MAX_REFERENCE_CELLS + MAX_LISTED:
         raise Invalid(f"reference: more than {MAX_REFERENCE_ROWS} rows or "
                       f"{MAX_REFERENCE_CELLS} values")  # fmt: skip
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise Invalid(f"the body is not JSON: {exc}") from None
-    upload = _validated(UploadJSON, doc)
+    upload = _validated(UploadJSON, json_document(body, "the body"))
     try:
         data = base64.b64decode(upload.onnx_base64, validate=True)
     except (binascii.Error, ValueError) as exc:
