@@ -280,6 +280,8 @@ def enriched(system: System, tmp_path_factory: pytest.TempPathFactory) -> System
     # loading before a lookup is declared is refused, naming the way
     early = admin(system, "PUT", "/entities", json=[{"customer_id": "c-0", LOOKED_UP[0]: 1.0}])
     assert early.status_code == 409 and "enrichment" in early.json()["detail"]
+    nothing = admin(system, "PATCH", "/enrichment", json={"lookup": None})  # said "already has"
+    assert nothing.status_code == 409 and "no lookup to drop" in nothing.text, nothing.text
     resp = admin(system, "PATCH", "/enrichment", json={"lookup": LOOKUP, "reason": "store"})
     assert resp.status_code == 200, resp.text
     assert resp.json()["deployment"]["feature_spec"]["lookup"] == {**LOOKUP, "defaults": {}}
@@ -376,10 +378,16 @@ def test_bad_loads_are_refused_and_write_nothing(enriched: System) -> None:
         {"customer_id": "bad key", LOOKED_UP[0]: 1.0},
         {"customer_id": "new-2", "mean radius": 1.0},  # not a looked-up feature
         {"customer_id": "new-3", LOOKED_UP[0]: "12"},
+        {"customer_id": 5, LOOKED_UP[0]: 1.0},  # said "must be 1-128 characters", as '5'
+        {LOOKED_UP[0]: 1.0},  # and this, as 'None'
     ]
     resp = admin(enriched, "PUT", "/entities", json=rows)
     assert resp.status_code == 422, resp.text
-    assert [e["row"] for e in resp.json()["errors"]] == [1, 2, 3]
+    errors = resp.json()["errors"]
+    assert [e["row"] for e in errors] == [1, 2, 3, 4, 5]
+    said = json.dumps(errors[3:])
+    assert "customer_id must be a string (an entity id), not a number" in said, said
+    assert "no customer_id: each row names its entity" in said, said
     assert not enriched.r.exists(names.entity_key(DEMO_DEPLOYMENT, "new-1"))
     assert admin(enriched, "PUT", "/entities", auth=False, json=rows[:1]).status_code == 401
     # float32's largest as written is taken, as predict takes it

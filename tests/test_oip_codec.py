@@ -218,8 +218,11 @@ def _header_only(inputs: list[dict], **extra: Any) -> bytes:
         (_header_only([_input([[1, 2, 3], [4, True, 6]], [2, 3])]), None,
          "inputs[0].data[1][1]: data must hold numbers only; this is a boolean"),
         (_header_only([_input([0], [0, 10**30])]), None,
-         "inputs[0].shape: shape [0, 1000000000000000000000000000000] would hold more than"),
-        (_header_only([_input([], [2**40, 0, 2**40])]), None, "would hold more than 2147483648"),
+         "inputs[0].shape: shape [0, 1000000000000000000000000000000]: its dimensions other "
+         "than 0 multiply past"),
+        (_header_only([_input([], [2**40, 0, 2**40])]), None,
+         "dimensions other than 0 multiply past 2147483648"),
+        (_header_only([_input([], [2**40, 2**40])]), None, "its dimensions multiply past"),
         (_header_only([_input([1, 2, 3, 4], [1, 4])]), None,
          "input 'input' has shape [1, 4]: the model takes [rows, 3]"),
         (_header_only([_input([1], [1], name="x")]), None, "unknown input 'x'"),

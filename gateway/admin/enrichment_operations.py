@@ -24,6 +24,8 @@ class EnrichmentOperations(AdminCore):
         before = self._dep(name).feature_spec
         spec = self._with_lookup(before, req.lookup)
         if spec.lookup == before.lookup:
+            if spec.lookup is None:
+                raise Conflict(f"{name} looks nothing up: there is no lookup to drop")
             raise Conflict(f"{name} already has that lookup")
         detail = {"lookup": [x.to_dict() if x else None for x in (before.lookup, spec.lookup)]}
         return self._change(
@@ -102,7 +104,13 @@ def _entity_writes(
         entity = row.get(lookup.key)
         values = {k: v for k, v in row.items() if k != lookup.key}
         problems = []
-        if not isinstance(entity, str) or not names.ENTITY_PATTERN.fullmatch(entity):
+        if entity is None:
+            problems.append(f"no {lookup.key}: each row names its entity")
+        elif not isinstance(entity, str):
+            kind = {bool: "true or false", int: "a number", float: "a number", list: "an array",
+                    dict: "an object"}.get(type(entity), type(entity).__name__)  # fmt: skip
+            problems.append(f"{lookup.key} must be a string (an entity id), not {kind}")
+        elif not names.ENTITY_PATTERN.fullmatch(entity):
             problems.append(f"{lookup.key} must be 1-128 characters of A-Z, a-z, 0-9 and ._:@+=/-")
         unknown = [k for k in values if k not in known]
         if unknown:

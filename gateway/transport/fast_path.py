@@ -68,7 +68,10 @@ def unprintable_path(path: str) -> Reply:
     ``.../infer%0a`` scored and archived the request, and an entity key ending in ``%0A``
     deleted the entity without it (found by a helper's fuzzing)."""
     at = next(i for i, ch in enumerate(path) if not ch.isprintable())
-    detail = f"the path holds a control character ({path[at]!r} at {at}, percent-decoded)"
+    detail = (
+        f"the path holds a character that is not printable ({path[at]!r} at {at}, "
+        "percent-decoded: a control, format or separator character)"
+    )
     return Problem(400, detail).reply(style_of(path))
 
 

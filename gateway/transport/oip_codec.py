@@ -254,8 +254,9 @@ def _tensor(
                        "datatype")  # fmt: skip
     shape = tuple(item.shape)
     if math.prod(d for d in shape if d) > MAX_VALUES:  # numpy refuses such a shape even empty
-        raise _invalid((*at, "shape"), f"shape {list(shape)[:8]} would hold more than "
-                       f"{MAX_VALUES} values", "too_long")  # fmt: skip
+        dims = "dimensions other than 0" if 0 in shape else "dimensions"
+        raise _invalid((*at, "shape"), f"shape {list(shape)[:8]}: its {dims} multiply past "
+                       f"{MAX_VALUES}, more values than an input may hold", "too_long")  # fmt: skip
     count = math.prod(shape)
     size = (item.parameters or {}).get("binary_data_size")
     if size is not None:
