@@ -28,31 +28,33 @@ BOM_FAULT = ("the body begins with a UTF-8 byte order mark (EF BB BF), which JSO
 own words, "expected value at line 1 column 1", did not say what was wrong."""
 
 
-def encoding_fault(raw: bytes) -> tuple[str, str] | None:
+def encoding_fault(raw: bytes | str, what: str = "the body") -> tuple[str, str] | None:
     """(kind, words) for a body that is no JSON text at all, whatever its parser said: a byte
     order mark (``json_invalid``), or bytes that are not UTF-8 (``utf8``: a UTF-16 body, a
     compressed one); None for UTF-8 without a mark."""
+    if isinstance(raw, str):
+        return None
     if raw.startswith(codecs.BOM_UTF8):
-        return "json_invalid", BOM_FAULT
+        return "json_invalid", BOM_FAULT.replace("the body", what)
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as bad:
-        return "utf8", f"the body is not UTF-8: {bad.reason} at byte {bad.start}"
+        return "utf8", f"{what} is not UTF-8: {bad.reason} at byte {bad.start}"
     return None
 
 
-def not_json(raw: bytes, error: BaseException | None) -> str:
+def not_json(raw: bytes | str, error: BaseException | None, what: str = "the body") -> str:
     """Why ``raw`` did not parse as JSON, in words a caller can act on: its encoding
     (``encoding_fault``), a nesting or a number beyond the parser's bounds; else the parser's
     own ``error``."""
-    fault = encoding_fault(raw)
+    fault = encoding_fault(raw, what)
     if fault is not None:
         return fault[1]
     if isinstance(error, RecursionError):
-        return "the body is not JSON this gateway reads: it nests arrays or objects too deeply"
+        return f"{what} is not JSON this gateway reads: it nests arrays or objects too deeply"
     if isinstance(error, ValueError) and "digits" in str(error):
-        return "the body is not JSON this gateway reads: an integer of more than 4300 digits"
-    return f"the body is not JSON: {error}"
+        return f"{what} is not JSON this gateway reads: an integer of more than 4300 digits"
+    return f"{what} is not JSON: {error}"
 
 
 class AsciiJSONResponse(JSONResponse):

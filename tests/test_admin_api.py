@@ -250,8 +250,8 @@ def test_a_multipart_upload_takes_its_parts_as_forms_send_them(admin: AppClient)
 
     refusals = [
         ([("file", onnx), ("file", onnx)], {"metadata": meta}, "one 'file' part"),
-        ([("file", onnx)], {"metadata": '{"name": ' + "1" * 5000 + "}"}, "more than 4,300 digits"),
-        ([("file", onnx)], {"metadata": "[" * 100_000}, "nested too deeply"),
+        ([("file", onnx)], {"metadata": '{"name": ' + "1" * 5000 + "}"}, "more than 4300 digits"),
+        ([("file", onnx)], {"metadata": "[" * 100_000}, "nests arrays or objects too deeply"),
         ([("file", onnx)], {"metadata": meta, "reference": "a\n" + "1" * 200_000},
          "line 2: not CSV this reads: field larger than field limit"),
         ([("file", onnx)], {"metadata": meta, "version": "seven"}, "invalid model metadata"),

@@ -246,6 +246,10 @@ def _header_only(inputs: list[dict], **extra: Any) -> bytes:
         (b'{"inputs": [', None, "Invalid JSON"),
         (b"\xef\xbb\xbf" + _header_only([_input([1, 2, 3], [1, 3])]), None,
          "begins with a UTF-8 byte order mark"),
+        # found by a fuzzing probe: the parser's words, where /v1 names the encoding
+        (_header_only([_input([1, 2, 3], [1, 3])]).decode().encode("utf-16"), None,
+         "the body is not UTF-8: invalid start byte at byte 0"),
+        (b'{"id": "\xff\xfe", "inputs": []}', None, "the body is not UTF-8"),
         (_header_only([_input([1, 2, 3], [1, 3])]), "abc",
          "Inference-Header-Content-Length must be a whole number of bytes"),
         (_header_only([_input([1, 2, 3], [1, 3])]), "100000", "at most the body's"),

@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from gateway.admin.bodies import AdminError, Invalid, UploadJSON, UploadMeta
+from gateway.problems import not_json
 from gateway.settings import Settings
 
 
@@ -68,13 +69,8 @@ def json_document(raw: str | bytes, what: str) -> Any:
     words for a deep nesting or a long number named Python's limits, not the body's fault)."""
     try:
         return json.loads(raw)
-    except RecursionError:
-        raise Invalid(f"{what} is not JSON this gateway reads: nested too deeply") from None
-    except ValueError as exc:
-        if "integer string conversion" in str(exc):
-            raise Invalid(f"{what} is not JSON this gateway reads: a number of more than "
-                          "4,300 digits") from None  # fmt: skip
-        raise Invalid(f"{what} is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise Invalid(not_json(raw, exc, what)) from None
 
 
 def _validated(model: type[UploadMeta], doc: Any) -> Any:

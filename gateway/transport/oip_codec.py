@@ -21,7 +21,6 @@ routes in ``gateway.transport.oip``); the data plane takes any protocol's ``Deco
 
 from __future__ import annotations
 
-import codecs
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import numpy as np
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from gateway.problems import BOM_FAULT
+from gateway.problems import encoding_fault
 from gateway.transport.oip_schema import (
     BYTES,
     DTYPES,
@@ -193,13 +192,13 @@ def parse_infer(
     try:
         doc = InferenceRequest.model_validate_json(header)
     except ValidationError as exc:
-        if header.startswith(codecs.BOM_UTF8):
-            raise RequestValidationError([_fault((), BOM_FAULT, "json_invalid")]) from None
         faults = [_fault(e["loc"], e["msg"], e["type"]) for e in exc.errors(include_url=False)]
         if header_length is None and "trailing characters" in faults[0]["msg"]:
             faults[0]["msg"] += (
                 " (a body with binary tensor data needs the Inference-Header-Content-Length header)"
             )
+        elif (fault := encoding_fault(header)) is not None:  # a mark, UTF-16: as on /v1
+            faults = [_fault((), fault[1], fault[0])]
         elif header_length is not None and faults[0]["type"] == "json_invalid":
             faults[0]["msg"] += (
                 f" in the body's first {len(header)} bytes, the JSON part by its "
