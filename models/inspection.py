@@ -329,7 +329,9 @@ def _check_answers(labels: Any, proba: Any, classes: list[int]) -> None:
 
     if not np.isfinite(proba).all():
         raise ArtifactRejected(
-            "the model outputs non-finite probabilities (NaN or infinity) on a dry batch"
+            "the model outputs non-finite probabilities (NaN or infinity) on a dry batch (zeros "
+            "and rows drawn within each feature's training range: reference rows of huge "
+            "values make a range the model overflows on)"
         )
     sums = proba.sum(axis=1)
     if (

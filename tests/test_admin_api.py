@@ -779,6 +779,13 @@ def test_reference_rows_with_no_spread_or_beyond_float32_are_taken_or_refused_no
         resp = admin.post("/admin/models", json=body, headers=AUTH)
         assert resp.status_code == 422, resp.text
         assert f"row 7, '{names[3]}'" in resp.text and "beyond float32" in resp.text
+    # within float32 but so wide that the dry batch's rows overflow the model: said so
+    huge = [[3e38 * (1 if (i + j) % 2 else -1) for j in range(len(names))] for i in range(60)]
+    body = upload_body("weak", deployment=None, name="flat", feature_names=names,
+                       reference={"columns": names, "rows": huge})  # fmt: skip
+    resp = admin.post("/admin/models", json=body, headers=AUTH)
+    assert resp.status_code == 422 and "non-finite probabilities" in resp.text, resp.text
+    assert "within each feature's training range" in resp.text
 
 
 def test_an_upload_body_of_millions_of_values_is_refused_before_it_is_parsed(
