@@ -133,6 +133,9 @@ def inspect_onnx(data: bytes, meta: ModelMeta) -> ModelMeta:
     class_names = meta.class_names or [str(c) for c in classes]
     if len(class_names) != len(classes):
         raise ArtifactRejected("class_names must name every class")
+    if len(set(class_names)) != len(class_names):  # a label by name would be ambiguous
+        twice = sorted({n for n in class_names if class_names.count(n) > 1})[:5]
+        raise ArtifactRejected(f"class_names must be distinct: {twice} name several classes")
     return ModelMeta.from_dict({**meta.to_dict(), "classes": classes, "class_names": class_names,
                                 "input_type": model.input_type})  # fmt: skip
 

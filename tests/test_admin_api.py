@@ -278,6 +278,8 @@ def test_a_multipart_upload_takes_its_parts_as_forms_send_them(admin: AppClient)
         ("unknown-deployment", 404, "does not exist"),
         ("wrong-sha256", 422, "does not match the artifact"),  # these two answered 500
         ("repeated-names", 422, "feature names must be unique"),
+        # a label sent by name matched the last class of that name (found by a fuzzing probe)
+        ("repeated-class-names", 422, "class_names must be distinct: ['good']"),
         ("control-characters", 422, "invalid model metadata"),  # a name forged log lines
         ("many-metrics", 422, "invalid model metadata"),
     ],
@@ -327,6 +329,9 @@ def test_refused_uploads_are_4xx_and_change_nothing(
         resp = client.post("/admin/models", json=body, headers=AUTH)
     elif case == "many-metrics":
         body = upload_body("weak", metrics={f"m{i}": 1.0 for i in range(101)})
+        resp = client.post("/admin/models", json=body, headers=AUTH)
+    elif case == "repeated-class-names":
+        body = upload_body("weak", class_names=["good", "good"])
         resp = client.post("/admin/models", json=body, headers=AUTH)
     elif case == "repeated-names":
         names = [*demo_data().names[:-1], demo_data().names[0]]
