@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -141,6 +142,38 @@ async def test_report_history_and_events_follow_the_traffic(
     assert len(view["history"]) == 5
     assert view["history"][0]["ts_ms"] < view["history"][-1]["ts_ms"]
     assert view["thresholds"]["feature_psi"] == pytest.approx(value * 2)
+
+
+async def test_an_evaluations_alerts_are_written_before_its_report(
+    client: aioredis.Redis, demo_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that sees an evaluation's report sees its alerts too: the report went first,
+    and the drift view between the two writes showed a new window beside the last one's
+    alerts (a fresh-clone CI run's class-drift test read a shifted window and no alert)."""
+    deployments = await cache(client)
+    monitor = DriftMonitor(client, deployments, "gw-1", window_requests=200,
+                           defaults=Thresholds(min_requests=100),
+                           local_meta=local_model_meta(demo_data_dir / "models"))  # fmt: skip
+    x = demo_data().x_test
+    rng = np.random.default_rng(2)
+    report_at_claim: list[float | None] = []
+    claim = drift_store.claim
+
+    async def watched(*args: Any, **kwargs: Any) -> Any:
+        raw = await client.get(names.drift_report_key(DEMO_DEPLOYMENT))
+        report_at_claim.append(json.loads(raw)["evaluated_at_ms"] if raw else None)
+        return await claim(*args, **kwargs)
+
+    monkeypatch.setattr(drift_store, "claim", watched)
+    await feed_traffic(DriftFeed(client, deployments), x[rng.integers(0, len(x), 200)] * 3.0,
+                       rng.uniform(0.9, 1.0, 200))  # fmt: skip
+    now = time.time() * 1000
+    raised = await monitor.evaluate(DEMO_DEPLOYMENT, now)
+    assert "feature_psi" in raised["alerts"]
+    assert report_at_claim == [None]  # the claim went first: no report of it yet
+    view = await drift_view(client, DEMO_DEPLOYMENT, monitor.defaults)
+    assert view["evaluated_at_ms"] == raised["evaluated_at_ms"]
+    assert "feature_psi" in {a["kind"] for a in view["alerts"]}
 
 
 async def test_deployments_of_the_same_features_are_each_read_against_their_own_training(

@@ -264,6 +264,23 @@ class DriftMonitor:
             "distance_p90": ((report["ood"] or {}).get("distance") or {}).get("p90"),
             **report["values"],
         }
+        # The alerts first, then the report: a reader that sees this evaluation's report sees
+        # its alerts too (the other order showed a new window beside the alerts of the last).
+        figures = {
+            kind: {"value": recent["values"].get(kind) if recent["status"] == "ok" else value,
+                   "threshold": getattr(thresholds, kind)}
+            for kind, value in report["values"].items()
+        }  # fmt: skip
+        events = await drift_store.claim(
+            self.client,
+            deployment,
+            MONITOR,
+            {kind: {**alert, "feature": None} for kind, alert in active.items()},
+            stale_ms=self._claim_stale_ms(),
+            figures=figures,
+            now_ms=now_ms,
+        )
+        announce(deployment, events, self.webhooks)  # webhooks queued: nothing waits
         pipe = self.client.pipeline(transaction=False)
         pipe.set(names.drift_report_key(deployment), json.dumps(stored))
         due = now_ms - self._last_point.get(deployment, 0.0) >= self.interval_s * 1000 * 0.9
@@ -285,21 +302,6 @@ class DriftMonitor:
             minid = oldest_taken or f"{int(now_ms - self.window_s * 1000)}-0"
             pipe.xtrim(names.drift_sketch_stream(deployment), minid=minid, approximate=False)
         await pipe.execute()
-        figures = {
-            kind: {"value": recent["values"].get(kind) if recent["status"] == "ok" else value,
-                   "threshold": getattr(thresholds, kind)}
-            for kind, value in report["values"].items()
-        }  # fmt: skip
-        events = await drift_store.claim(
-            self.client,
-            deployment,
-            MONITOR,
-            {kind: {**alert, "feature": None} for kind, alert in active.items()},
-            stale_ms=self._claim_stale_ms(),
-            figures=figures,
-            now_ms=now_ms,
-        )
-        announce(deployment, events, self.webhooks)  # webhooks queued: nothing waits
         return stored
 
     def _claim_stale_ms(self) -> float:
