@@ -18,6 +18,13 @@ class Clock:
         return self.now
 
 
+def watched(caplog: pytest.LogCaptureFixture, what: str) -> tuple[RetryLog, Clock]:
+    """A retry log of ``what`` on a clock the test moves, its lines captured."""
+    caplog.set_level(logging.INFO, "t")
+    clock = Clock()
+    return RetryLog(logging.getLogger("t"), what, repeat_s=30, clock=clock), clock
+
+
 def said(caplog: pytest.LogCaptureFixture) -> list[str]:
     lines = [r.getMessage() for r in caplog.records]
     caplog.clear()
@@ -27,9 +34,7 @@ def said(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_a_failure_at_every_try_is_said_at_its_start_every_repeat_and_its_end(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, "t")
-    clock = Clock()
-    retry = RetryLog(logging.getLogger("t"), "reader", repeat_s=30, clock=clock)
+    retry, clock = watched(caplog, "reader")
     retry.succeeded()  # nothing failed: nothing to say
     assert said(caplog) == [] and not retry.failing
     for _ in range(120):  # 30 s at four tries a second
@@ -56,9 +61,7 @@ def test_a_failure_at_every_try_is_said_at_its_start_every_repeat_and_its_end(
 def test_another_kind_of_failure_is_said_at_once_and_a_flood_of_kinds_is_bounded(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, "t")
-    clock = Clock()
-    retry = RetryLog(logging.getLogger("t"), "jobs", repeat_s=30, clock=clock)
+    retry, clock = watched(caplog, "jobs")
     for _ in range(3):  # two kinds in turn: each said once
         retry.failed("connection refused")
         retry.failed("connection reset")
@@ -73,8 +76,7 @@ def test_another_kind_of_failure_is_said_at_once_and_a_flood_of_kinds_is_bounded
 
 
 def test_the_level_and_the_traceback_are_the_callers(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, "t")
-    retry = RetryLog(logging.getLogger("t"), "refresh", clock=Clock())
+    retry, _clock = watched(caplog, "refresh")
     try:
         raise KeyError("x")
     except KeyError as exc:
