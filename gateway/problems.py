@@ -131,10 +131,15 @@ def unavailable(detail: str) -> Problem:
     return Problem(503, detail, headers=RETRY)
 
 
-def bearer_refusal(authorization: str, token: bytes, what: str, setting: str) -> Problem | None:
-    """None when ``authorization`` is ``Bearer <token>`` (compared in constant time; what was
-    given is never logged), else 401 (none given) or 403 (a wrong one), naming ``setting``."""
-    scheme, _, given = authorization.partition(" ")
+def bearer_refusal(
+    authorizations: list[str], token: bytes, what: str, setting: str
+) -> Problem | None:
+    """None when the one ``Authorization`` header is ``Bearer <token>`` (compared in constant
+    time; what was given is never logged), else 401 (none given), 403 (a wrong one) or 400
+    (two or more: which one counts would be the server's guess), naming ``setting``."""
+    if len(authorizations) > 1:
+        return Problem(400, f"send one Authorization header, not {len(authorizations)}")
+    scheme, _, given = (authorizations[0] if authorizations else "").partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
         return Problem(401, f"{what} routes need 'Authorization: Bearer <{setting}>'",
                        headers={"WWW-Authenticate": "Bearer"})  # fmt: skip

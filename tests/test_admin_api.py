@@ -153,6 +153,12 @@ def test_every_admin_route_refuses_a_missing_or_wrong_token(
             resp = admin.request(method, url, json=body, headers={"Authorization": wrong})
             assert resp.status_code == 403, (method, path, resp.text)
             assert resp.json() == {"detail": "wrong admin token"}
+        # two headers, whichever comes first: the first used to win silently
+        right, wrong_one = (*AUTH.items(),), ("Authorization", "Bearer x")
+        for two in ([*right, wrong_one], [wrong_one, *right], [*right, *right]):
+            resp = admin.request(method, url, json=body, headers=two)
+            assert resp.status_code == 400, (method, path, resp.text)
+            assert resp.json() == {"detail": "send one Authorization header, not 2"}
     assert state(r, data_dir(admin)) == before
     assert TOKEN not in caplog.text and "not-the-token" not in caplog.text
     # and the right token opens them

@@ -333,6 +333,11 @@ def test_the_feedback_token_is_asked_for_when_set(served: Served) -> None:
         assert anonymous.post(FEEDBACK, json=body).status_code == 401
         wrong = anonymous.post(FEEDBACK, json=body, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 403
+        # two headers, the right one among them: which one counts would be a guess
+        two = [("Authorization", "Bearer nope"), *AUTH.items()]
+        doubled = anonymous.post(FEEDBACK, json=body, headers=two)
+        assert doubled.status_code == 400, doubled.text
+        assert "one Authorization header" in doubled.json()["detail"]
         right = anonymous.post(FEEDBACK, json=body, headers=AUTH)
         assert right.status_code == 200 and right.json()["accepted"] == 1
 

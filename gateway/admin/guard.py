@@ -35,7 +35,7 @@ def refusal(request: Request, token: bytes | None) -> Problem | None:
     if token is None:
         return Problem(404, OFF)
     return bearer_refusal(
-        request.headers.get("authorization", ""), token, "admin", "RDV_ADMIN_TOKEN"
+        request.headers.getlist("authorization"), token, "admin", "RDV_ADMIN_TOKEN"
     )
 
 

@@ -42,7 +42,7 @@ def _refusal(request: Request, token: bytes | None) -> Problem | None:
     if token is None:
         return None
     return bearer_refusal(
-        request.headers.get("authorization", ""), token, "feedback", "RDV_FEEDBACK_TOKEN"
+        request.headers.getlist("authorization"), token, "feedback", "RDV_FEEDBACK_TOKEN"
     )
 
 
