@@ -543,6 +543,11 @@ async def test_a_log_bin_away_for_a_minute_keeps_its_alerts_for_its_restart_to_h
         assert await sweep(start_ms + offset_s * 1000) == [], offset_s
     now = {a["id"] for a in (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]}
     assert now == raised
+    # the view says why the alerts outlive the bin: its claim is a minute old
+    view = await drift_view(client, DEMO_DEPLOYMENT, Thresholds(), now_ms=start_ms + 60_000)
+    away = view["online"]["logbin:lb-away"]
+    assert away["away"] is True and 58_000 <= away["renewed_ms_ago"] <= 61_000, away
+    assert {a["source"] for a in view["alerts"]} == {"logbin:lb-away"}
 
     second = LogBin(r, SegmentWriter(data_dir), consumer="lb-away", deployments=[DEMO_DEPLOYMENT],
                     batch_size=64)  # fmt: skip
@@ -550,6 +555,8 @@ async def test_a_log_bin_away_for_a_minute_keeps_its_alerts_for_its_restart_to_h
         second.drain()  # the restart: it adopts its claim and holds it, saying nothing
         now = {a["id"] for a in (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]}
         assert now == raised
+        back = (await drift_view(client, DEMO_DEPLOYMENT, Thresholds()))["online"]["logbin:lb-away"]
+        assert back["away"] is False and back["renewed_ms_ago"] < 5_000, back
     finally:
         second.close()
     renewed_ms = time.time() * 1000  # the bin's last claim was at or before this

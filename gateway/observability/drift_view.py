@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -18,6 +19,12 @@ log = logging.getLogger(__name__)
 
 MONITOR = "monitor"
 """The monitor's source name in the shared alert list."""
+
+AWAY_MS = 10_000
+"""A source whose claim is older than this is shown ``away``: every source renews at least
+every 3 s (a log bin with nothing to judge; a gateway every second), so it stopped or hung. Its
+alerts stay until the claim goes stale (a gateway's 10 s, a log bin's 180 s, for its restart to
+adopt them): ``away`` says why an alert outlives the process that raised it."""
 
 
 def thresholds_from(raw: bytes | None, defaults: Thresholds) -> Thresholds:
@@ -37,6 +44,7 @@ async def drift_view(
     *,
     history: int = 360,
     events: int = 50,
+    now_ms: float | None = None,
 ) -> dict[str, Any]:
     pipe = client.pipeline(transaction=False)
     pipe.get(names.drift_report_key(deployment))
@@ -49,8 +57,9 @@ async def drift_view(
     report_raw, thresholds_raw, points, event_entries, *merged = await pipe.execute()
     report: dict[str, Any] = json.loads(report_raw) if report_raw else {}
     shared = drift_store.parse(*merged)
+    now_ms = time.time() * 1000 if now_ms is None else now_ms
     online = {
-        source: {k: v for k, v in claim.items() if k != "figures"}
+        source: _online_entry(claim, now_ms)
         for source, claim in sorted(shared["claims"].items())
         if source != MONITOR
     }
@@ -66,6 +75,15 @@ async def drift_view(
         "events": [json.loads(f[b"e"]) for _id, f in reversed(event_entries)],
         "history": [json.loads(f[b"p"]) for _id, f in reversed(points)],
     }
+
+
+def _online_entry(claim: Mapping[str, Any], now_ms: float) -> dict[str, Any]:
+    entry = {k: v for k, v in claim.items() if k != "figures"}
+    ts_ms = claim.get("ts_ms")
+    if isinstance(ts_ms, int | float):
+        entry["renewed_ms_ago"] = max(0, round(now_ms - ts_ms))
+        entry["away"] = now_ms - ts_ms > AWAY_MS
+    return entry
 
 
 async def set_thresholds(
