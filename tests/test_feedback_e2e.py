@@ -35,6 +35,7 @@ from rendezvous.bus.connection import connect
 from rendezvous.bus.server import free_port
 from rendezvous.decision import DecisionRecord, decode_entries
 from rendezvous.outcomes import decode_labelled
+from rendezvous.request_ids import minted_ms, new_request_id
 from rendezvous.schedule import Schedule
 
 SCHEDULE = Schedule(real_deadline_ms=1000, timeout_ms=1500, fallbacks=("canary",), grace_ms=100)
@@ -231,7 +232,7 @@ def test_only_an_id_that_may_be_on_its_way_is_waited_for(served: Served) -> None
     made_up = served.http.post(PREDICT, json=features_body(demo_data().x_test[0]))
     assert made_up.status_code == 200, made_up.text
     minted = made_up.json()["request_id"]
-    assert abs(names.minted_ms(minted) - time.time() * 1000) < 5000, minted  # type: ignore[operator]
+    assert abs(minted_ms(minted) - time.time() * 1000) < 5000, minted  # type: ignore[operator]
     accepted = served.feedback({"request_id": minted, "correct": True})
     assert accepted.status_code == 200, accepted.text
 
@@ -243,10 +244,10 @@ def test_only_an_id_that_may_be_on_its_way_is_waited_for(served: Served) -> None
     held = "held-but-unanswered"
     (key,) = names.request_id_keys(DEMO_DEPLOYMENT, held, [1])
     served.r.set(key, b"1", ex=60)
-    hour_ago = names.new_request_id(int(time.time() * 1000) - 3_600_000)
+    hour_ago = new_request_id(int(time.time() * 1000) - 3_600_000)
     with ThreadPoolExecutor(4) as pool:
         at_once = list(pool.map(timed, ["never-predicted-at-all", hour_ago]))
-        waited = list(pool.map(timed, [held, names.new_request_id()]))
+        waited = list(pool.map(timed, [held, new_request_id()]))
     wait_s = (SCHEDULE.timeout_ms + SCHEDULE.grace_ms) / 1000
     assert all(status == 404 and took < 1.0 for status, took in at_once), at_once
     assert all(status == 404 and took >= wait_s for status, took in waited), waited

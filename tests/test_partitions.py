@@ -8,6 +8,7 @@ import pytest
 
 from models.deployments import Deployment, DeploymentConflict, ModelRef, with_partitions
 from rendezvous import names
+from rendezvous.request_ids import minted_ms, new_request_id
 from rendezvous.spec import FeatureSpec
 
 
@@ -46,15 +47,15 @@ def test_a_request_keeps_its_partition_and_partitions_share_out_requests() -> No
 
 
 def test_made_up_ids_say_when_and_spread_and_a_callers_id_has_a_key_per_count() -> None:
-    made = [names.new_request_id(1_796_000_000_000) for _ in range(3000)]
+    made = [new_request_id(1_796_000_000_000) for _ in range(3000)]
     assert len(set(made)) == 3000 and all(len(rid) == 32 for rid in made)
-    assert {names.minted_ms(rid) for rid in made} == {1_796_000_000_000}
+    assert {minted_ms(rid) for rid in made} == {1_796_000_000_000}
     counts = [0, 0, 0]
     for rid in made:  # a shared time prefix does not skew the partitions
         counts[names.partition_for(rid, 3)] += 1
     assert min(counts) > 900
     for not_made in ("req-1", "0" * 31, "G" * 32, "A" * 32, "+" + "0" * 31, " 1" + "0" * 30):
-        assert names.minted_ms(not_made) is None, not_made
+        assert minted_ms(not_made) is None, not_made
     keys = names.request_id_keys("d", "r-1", [3, 1, 3])
     assert keys == [names.request_id_key(names.input_stream("d", names.partition_for("r-1", 3), 3),
                                          "r-1"),

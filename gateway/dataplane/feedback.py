@@ -9,7 +9,7 @@ A request answered a moment ago may not have its outcome written yet (its decisi
 closes after the grace period, outcomes are flushed every quarter second): a miss that may be
 such a request is looked up again for up to the deployment's timeout and grace before it is
 refused. Any other miss is refused at once: an id the gateway made up says when it was made
-(``names.minted_ms``), and a caller's own id is held for ``RDV_REQUEST_ID_TTL_S`` after it was
+(``minted_ms``), and a caller's own id is held for ``RDV_REQUEST_ID_TTL_S`` after it was
 published (``names.request_id_key``), so an id that is neither recent nor held was never
 answered lately.
 """
@@ -33,6 +33,7 @@ from gateway.problems import not_json
 from models.deployments import Deployment
 from rendezvous import names
 from rendezvous.outcomes import Label, Outcome, label_problems
+from rendezvous.request_ids import minted_ms
 
 MAX_ID_CHARS = 128
 MAX_WEIGHT = 1e6
@@ -286,7 +287,7 @@ class FeedbackService:
         recent: list[str] = []
         held: list[str] = []
         for rid in ids:
-            minted = names.minted_ms(rid)
+            minted = minted_ms(rid)
             made_lately = minted is not None and abs(now_ms - minted) <= horizon_ms
             (recent if made_lately else held).append(rid)
         if held:

@@ -54,6 +54,7 @@ from rendezvous.bus.connection import REDIS_FAILURES, write_refused
 from rendezvous.envelope import SENT_FIELD, RequestEnvelope
 from rendezvous.input_types import FLOAT32
 from rendezvous.ood import OodReference
+from rendezvous.request_ids import new_request_id
 from rendezvous.spec import FeatureSpec
 
 
@@ -198,7 +199,7 @@ class PredictionService:
             x, entities = decode(spec, raw)
             columns = spec.names if entities is None else spec.caller_names
             features = check_matrix(spec, x, self.max_rows, columns, rule)
-        rid = check_request_id(request_id) if request_id else names.new_request_id()
+        rid = check_request_id(request_id) if request_id else new_request_id()
         self.check_room(dep.name)
         self.in_flight += 1
         if not job:

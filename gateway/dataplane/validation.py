@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gateway.dataplane.typed_rows import typed_lookups, typed_matrix, typed_rows
 from gateway.problems import encoding_fault
 from rendezvous.input_types import InputRule
-from rendezvous.names import ENTITY_PATTERN, is_request_id
+from rendezvous.names import ENTITY_PATTERN
+from rendezvous.request_ids import is_request_id
 from rendezvous.spec import FeatureSpec, shown_stored, stored_number
 
 FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]

@@ -164,10 +164,10 @@ async def _waited(
         delivered = bytes(group.get("last-delivered-id") or b"0-0")
         newest = info.get("last-generated-id")
         first = info.get("first-entry")
-        at = names.entry_order(delivered)
-        if not newest or not first or at >= names.entry_order(newest):
+        at = clock.entry_order(delivered)
+        if not newest or not first or at >= clock.entry_order(newest):
             continue  # nothing waits
-        if at < names.entry_order(first[0]):
+        if at < clock.entry_order(first[0]):
             oldest[i] = bytes(first[0])
         else:
             pipe.xrange(stream, min=b"(" + delivered, count=1)
@@ -177,7 +177,7 @@ async def _waited(
             if isinstance(found, list) and found:
                 oldest[i] = bytes(found[0][0])
     for i, entry_id in oldest.items():
-        groups[i][0]["waiting_s"] = max(0.0, now_s - names.entry_order(entry_id)[0] / 1000)
+        groups[i][0]["waiting_s"] = max(0.0, now_s - clock.entry_order(entry_id)[0] / 1000)
 
 
 async def _forget(client: AsyncClient, fields: dict[str, list[bytes]]) -> None:

@@ -42,7 +42,7 @@ from gateway.transport.oip_schema import (
     InferenceRequest,
     RequestInput,
 )
-from rendezvous.names import is_request_id
+from rendezvous.request_ids import is_request_id
 from rendezvous.spec import FeatureSpec
 
 MISSING_SHOWN = 3

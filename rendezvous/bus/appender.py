@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from redis.exceptions import ResponseError, TryAgainError
 
 from rendezvous.bus.async_router import Router
+from rendezvous.bus.clock import entry_order
 from rendezvous.bus.connection import REDIS_FAILURES
 from rendezvous.bus.routing import Command
-from rendezvous.names import entry_order
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,13 @@ from typing import Any
 from rendezvous.bus.routing import Command
 
 
+def entry_order(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id Redis made (``ms-seq``) as a pair that sorts as Redis orders them."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def time_command(key: bytes) -> Command:
     """``TIME``, routed to ``key``'s node (on a cluster, the deployment's own node; entry ids
     of partitions on other nodes are compared with it too, so the nodes' clocks are assumed to

@@ -26,6 +26,7 @@ import redis
 
 from rendezvous import names
 from rendezvous.bus.aside import UNREACHABLE
+from rendezvous.bus.clock import entry_order
 from rendezvous.bus.connection import Client
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def group_floors(client: Client, stream: str) -> dict[str, tuple[int, int]]:
             if summary["min"] is not None:
                 position = summary["min"]
         name = group["name"]
-        floors[name.decode() if isinstance(name, bytes) else name] = names.entry_order(position)
+        floors[name.decode() if isinstance(name, bytes) else name] = entry_order(position)
     return floors
 
 
