@@ -61,6 +61,10 @@ class Router:
             await self._run(
                 routing.route(self.client, commands, again, replies), commands, replies, timeout_s
             )
+        if isinstance(self.client, aioredis.RedisCluster) and not self._closed:
+            stalled = [i for i, reply in enumerate(replies) if routing.timed_out(reply)]
+            if stalled:  # look for a new owner of their slots, without waiting for it
+                self._search_for(routing.keys_to_follow(self.client, commands, stalled, replies))
         return replies
 
     async def _follow(
@@ -72,12 +76,19 @@ class Router:
         if not any(routing.node_lost(replies[i]) for i in again):  # a redirect: answered at once
             await self._follow_keys(keys)
             return
-        if self._search is None or self._search.done():  # else: fail at once
-            self._search = asyncio.get_running_loop().create_task(
-                self._follow_keys(keys, routing.SEARCH_S)
-            )
+        search = self._search_for(keys)  # None: one is under way, and this batch fails at once
+        if search is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._search), routing.LOST_NODE_WAIT_S)
+                await asyncio.wait_for(asyncio.shield(search), routing.LOST_NODE_WAIT_S)
+
+    def _search_for(self, keys: Sequence[bytes]) -> asyncio.Task[None] | None:
+        """Start the cluster client's search for these keys' owners, unless one runs."""
+        if self._search is not None and not self._search.done():
+            return None
+        self._search = asyncio.get_running_loop().create_task(
+            self._follow_keys(keys, routing.SEARCH_S)
+        )
+        return self._search
 
     async def _follow_keys(self, keys: Sequence[bytes], search_s: float = 0.0) -> None:
         """Ask for each key once, or until answered for up to ``search_s`` (a search)."""

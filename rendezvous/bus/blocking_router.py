@@ -58,6 +58,10 @@ class BlockingRouter:
             self._follow(commands, again, replies)
             plan = routing.route(self.client, commands, again, replies)
             self._run(plan, commands, replies, timeout_s)
+        if isinstance(self.client, redis.RedisCluster):
+            stalled = [i for i, reply in enumerate(replies) if routing.timed_out(reply)]
+            if stalled:  # look for a new owner of their slots, without waiting for it
+                self._search_for(routing.keys_to_follow(self.client, commands, stalled, replies))
         return replies
 
     def _follow(
@@ -71,11 +75,18 @@ class BlockingRouter:
         if not any(routing.node_lost(replies[i]) for i in again):  # a redirect: answered at once
             self._follow_keys(keys)
             return
-        if self._search is None or not self._search.is_alive():  # else: fail at once
-            self._search = threading.Thread(target=self._follow_keys, args=(keys, routing.SEARCH_S),
-                                            name="rdv-cluster-search", daemon=True)  # fmt: skip
-            self._search.start()
-            self._search.join(routing.LOST_NODE_WAIT_S)
+        search = self._search_for(keys)  # None: one is under way, and this batch fails at once
+        if search is not None:
+            search.join(routing.LOST_NODE_WAIT_S)
+
+    def _search_for(self, keys: Sequence[bytes]) -> threading.Thread | None:
+        """Start the cluster client's search for these keys' owners, unless one runs."""
+        if self._search is not None and self._search.is_alive():
+            return None
+        self._search = threading.Thread(target=self._follow_keys, args=(keys, routing.SEARCH_S),
+                                        name="rdv-cluster-search", daemon=True)  # fmt: skip
+        self._search.start()
+        return self._search
 
     def _follow_keys(self, keys: Sequence[bytes], search_s: float = 0.0) -> None:
         """Ask for each key once, or until answered for up to ``search_s`` (a search)."""

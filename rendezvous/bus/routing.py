@@ -32,7 +32,9 @@ with a redirect or a cluster error, or loses with its connection, go once more:
   commands go once more on a fresh connection.
 
 A command may thus run twice if only its reply was lost: every reader of the streams is
-at-least-once. A timeout is not retried (it would double the caller's wait).
+at-least-once. A timeout is not retried (it would double the caller's wait), but on a cluster it
+starts the same background search as a lost node (``timed_out``): a master that hangs rather than
+dies is replaced by the election all the same, and the slot table must learn it.
 
 Replies come back in the order of the commands. An error reply is an exception object in its
 place, never raised, like a pipeline's ``raise_on_error=False``, so that one node's trouble
@@ -109,7 +111,26 @@ def goes_again(reply: Any) -> bool:
     """Worth one more try, after following the cluster (a timeout is not: see the module)."""
     if isinstance(reply, redis.TimeoutError):
         return False
-    return isinstance(reply, AskError | TryAgainError | ClusterDownError | redis.ConnectionError)
+    return isinstance(
+        reply, AskError | TryAgainError | ClusterDownError | redis.ConnectionError
+    ) or unblocked(reply)
+
+
+def unblocked(reply: Any) -> bool:
+    """A blocking read ended by its node's change of role (``UNBLOCKED ... instance state
+    changed``: a manual ``CLUSTER FAILOVER`` made it a replica): read again from the new
+    master. (Any other ``UNBLOCKED``, such as a stream deleted under the read, goes again too,
+    and the read says what is wrong.)"""
+    return isinstance(reply, redis.ResponseError) and str(reply).startswith("UNBLOCKED")
+
+
+def timed_out(reply: Any) -> bool:
+    """The node did not answer in time: it may have stalled for good (a hung host, a network
+    that drops its packets) while the cluster elects its replica. Not tried again now (that
+    would double the caller's wait), but the cluster client is sent to look for the slot's
+    owner in the background, so that the batches after the election go to the new master
+    instead of the stalled one for as long as it stalls."""
+    return isinstance(reply, redis.TimeoutError | TimeoutError)
 
 
 def node_lost(reply: Any) -> bool:
