@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from models.train import DEMO_DEPLOYMENT, demo_data
-from processes import System, launch_system
+from processes import PREDICT, System, launch_system
 from rdv_client import AsyncClient, Client, GatewayUnreachable, JobExists, RdvError
 from rendezvous.bus.server import EmbeddedRedis
 from rendezvous.schedule import Schedule
@@ -296,3 +296,35 @@ def test_a_predict_rides_out_a_redis_that_stops_answering(
 
     request_id, took_s = timed(lambda: asyncio.run(main()))
     assert request_id == "async-1" and 0.9 <= took_s < 4.0, took_s  # a 503, then answered
+
+
+@pytest.mark.integration
+def test_a_predict_no_replica_acknowledged_keeps_its_id_and_says_so(
+    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """RDV_WAIT_REPLICAS: a predict whose input no replica acknowledged in time (here a Redis
+    with none) is a 503, but its input is in the stream, scored and archived under its id,
+    which stays taken. The 503 did not say so: the client sent the same id again and met a 409
+    (a helper's cluster probe, in the ten seconds after a manual failover). It now says so, as
+    every 503 that keeps an id does, and the client does not send that id again."""
+    with launch_system(redis_url, demo_data_dir, tmp_path_factory, SCHEDULE,
+                       RDV_WAIT_REPLICAS="1") as system:  # fmt: skip
+        system.start_worker("real")
+        row = [demo_data().x_test[0].tolist()]
+        refused = system.http.post(PREDICT, json={"instances": row},
+                                   headers={"X-Request-Id": "unreplicated-1"})  # fmt: skip
+        assert refused.status_code == 503, refused.text
+        doc = refused.json()
+        assert doc["request_id_taken"] is True and doc["request_id"] == "unreplicated-1", doc
+        assert "not acknowledged by 1 replica" in doc["detail"]
+        assert "new X-Request-Id" in doc["detail"] and refused.headers["retry-after"]
+        again = system.http.post(PREDICT, json={"instances": row},
+                                 headers={"X-Request-Id": "unreplicated-1"})  # fmt: skip
+        assert again.status_code == 409, again.text  # taken, as the 503 said
+        rdv = Client(f"http://127.0.0.1:{system.port}", retries=2)
+        with rdv, pytest.raises(RdvError) as met:
+            rdv.predict(DEMO_DEPLOYMENT, instances=row, request_id="unreplicated-2")
+        assert met.value.status == 503 and met.value.tries == 1, met.value
+        # an id the gateway made up is not the caller's to resend: a plain 503
+        anonymous = system.http.post(PREDICT, json={"instances": row})
+        assert anonymous.status_code == 503 and "request_id_taken" not in anonymous.json()

@@ -55,11 +55,22 @@ async def raise_if_redis_failed(
     key = names.request_id_key(stream, rid)
     if not chosen or (fate is Fate.GONE and await appender.release(key)):
         raise Unavailable(f"{what}; retry it")
-    raise Unavailable(
+    raise _id_kept(what, rid)
+
+
+def _id_kept(what: str, rid: str) -> Unavailable:
+    return Unavailable(
         f"{what}; its input may still be scored under that id, which stays taken: "
         "retry it with a new X-Request-Id",
         request_id_taken=rid,
     )
 
 
-__all__ = ["APPEND_STALLED_MS", "raise_if_redis_failed"]
+def unreplicated(exc: BaseException | None, rid: str, chosen: bool) -> Unavailable:
+    """The 503 of a request whose input no replica acknowledged in time (``RDV_WAIT_REPLICAS``):
+    the master has it, so it is scored and archived under its id, and a caller's own id stays
+    taken like any other whose input may still be scored."""
+    return _id_kept(str(exc), rid) if chosen else Unavailable(f"{exc}; retry it")
+
+
+__all__ = ["APPEND_STALLED_MS", "raise_if_redis_failed", "unreplicated"]

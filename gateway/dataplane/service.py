@@ -31,7 +31,7 @@ from gateway.dataplane.failures import (
 )
 from gateway.dataplane.mailbox import Mailbox
 from gateway.dataplane.matcher import Rendezvous
-from gateway.dataplane.no_answer import raise_if_redis_failed
+from gateway.dataplane.no_answer import raise_if_redis_failed, unreplicated
 from gateway.dataplane.realtime_first import RealtimeFirst
 from gateway.dataplane.validation import (
     check_matrix,
@@ -346,7 +346,8 @@ class PredictionService:
             if replicated.cancelled():
                 raise Unavailable("the request's input could not be written to Redis")
             if isinstance(replicated.exception(), NotReplicated):
-                raise Unavailable(str(replicated.exception()))
+                # the input is in the stream all the same: scored and archived under its id
+                raise unreplicated(replicated.exception(), rid, chosen)
         if answer.result is None:
             if not answer.failed:  # the models said why: not Redis's doing
                 await raise_if_redis_failed(self.rendezvous, self.appender, stream, rid,
