@@ -201,7 +201,7 @@ class Settings(EvidenceSettings, JobSettings):
     holds the stream: the log bin moves its group forward and counts what it skipped
     (``rdv_role_skipped_entries_total``). Only the archive holds the stream without bound."""
 
-    redis_timeout_s: float = Field(default=2.0, gt=0)
+    redis_timeout_s: float = Field(default=2.0, ge=0.01, le=3600)
     """Bound on every gateway Redis command: a hung server becomes a 503, never a hang."""
 
     redis_max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, ge=8, le=10_000)
@@ -270,9 +270,10 @@ class Settings(EvidenceSettings, JobSettings):
                 Schedule(real_deadline_ms=real_deadline_ms, timeout_ms=timeout_ms,
                          fallbacks=tuple(value), grace_ms=grace_ms)  # fmt: skip
             except ValueError as exc:
-                raise ValueError(
-                    f"the default schedule (RDV_REAL_DEADLINE_MS, RDV_TIMEOUT_MS, "
-                    f"RDV_GRACE_MS, RDV_FALLBACKS) is not one: {exc}"
+                raise ValueError(  # the values, since any of the four may be at fault
+                    f"the default schedule (RDV_REAL_DEADLINE_MS={real_deadline_ms:g}, "
+                    f"RDV_TIMEOUT_MS={timeout_ms:g}, RDV_GRACE_MS={grace_ms:g}, RDV_FALLBACKS) "
+                    f"is not one: {exc}"
                 ) from None
         return value
 

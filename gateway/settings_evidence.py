@@ -72,9 +72,9 @@ class EvidenceSettings(BaseSettings):
     """How long a request's outputs are kept for a label to be joined to them (the feedback
     route answers 404 past it); 0 turns feedback off."""
 
-    feedback_bucket_s: float = Field(default=3600.0, gt=0)
+    feedback_bucket_s: float = Field(default=3600.0, ge=1)
     """Outcomes are kept in one Redis hash per this much decision time; a whole bucket expires
-    (or is pruned) at once."""
+    (or is pruned) at once. At most ``MAX_FEEDBACK_BUCKETS`` in the retention."""
 
     feedback_max_mb: float = Field(default=256.0, gt=0)
     """Most Redis memory one deployment's kept outcomes and labels may take (about 190 bytes
@@ -99,6 +99,21 @@ class EvidenceSettings(BaseSettings):
                 _judgeable(int(value["min_requests"]), info)
         return value
 
+    @field_validator("feedback_bucket_s")
+    @classmethod
+    def _few_enough_buckets(cls, value: float, info: ValidationInfo) -> float:
+        """Every bucket of the retention is a hash and a field of the deployment's outcome
+        state that each label looks through: a tiny bucket (1e-9 s) passed, and the gateway's
+        outcome writes failed on a list of 10^17 buckets (found by a helper's probe)."""
+        retention = info.data.get("feedback_retention_s")
+        if isinstance(retention, int | float) and retention / value > MAX_FEEDBACK_BUCKETS:
+            raise ValueError(
+                f"RDV_FEEDBACK_RETENTION_S={retention:g} would hold "
+                f"{retention / value:.0f} buckets; at most {MAX_FEEDBACK_BUCKETS:,}: make the "
+                "bucket larger"
+            )
+        return value
+
     @field_validator("drift_min_requests")
     @classmethod
     def _judgeable_default(cls, value: int, info: ValidationInfo) -> int:
@@ -110,6 +125,10 @@ class EvidenceSettings(BaseSettings):
         from rendezvous.drift_alerts import Thresholds
 
         return Thresholds(min_requests=self.drift_min_requests).merged(self.drift_thresholds)
+
+
+MAX_FEEDBACK_BUCKETS = 10_000
+"""Most time buckets ``RDV_FEEDBACK_RETENTION_S`` may span (the default spans 168)."""
 
 
 def _judgeable(min_requests: int, info: ValidationInfo) -> None:

@@ -28,15 +28,30 @@ def checked_redis_url(value: str) -> str:
     fault: a bad scheme or port was a traceback after ``rdv serve`` had trained the demo."""
     from redis.connection import parse_url
 
-    for seed in seed_urls(value):
-        parse_url(seed)  # ValueError naming the fault
-        urlsplit(seed).port  # noqa: B018 -- raises ValueError for a bad port
+    seeds = seed_urls(value)
+    for seed in seeds:
+        found = parse_url(seed)  # ValueError naming the fault
+        where = f"{redacted(seed)!r}: " if len(seeds) > 1 else ""
+        parts = urlsplit(seed)
+        parts.port  # noqa: B018 -- raises ValueError for a bad port
+        # what parse_url lets through, to fail at the first connection (after 11 s of
+        # retries: "did not answer") or never (a database name read as 0); a helper's probe
+        if "path" not in found and not found.get("host"):
+            raise ValueError(f"{where}names no host")
+        if found.get("port") == 0:
+            raise ValueError(f"{where}port 0 is no Redis's")
+        if "path" not in found and parts.path.strip("/") and "db" not in found:
+            raise ValueError(f"{where}the database must be a number (/0)")
+        if found.get("protocol") not in (None, 2, 3):
+            raise ValueError(f"{where}protocol must be 2 or 3")
     return value
 
 
 def checked_token(value: str) -> str:
     """A token travels in an HTTP header: printable ASCII only (a non-ASCII one was a
     traceback in every admin command, and no client could have sent it)."""
+    if not value.strip():
+        raise ValueError("empty: give a token, or leave the variable unset")
     if not TOKEN.fullmatch(value.strip()):
         raise ValueError("printable ASCII characters only (an HTTP header carries it)")
     return value

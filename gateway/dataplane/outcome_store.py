@@ -147,12 +147,12 @@ class OutcomeStore:
         """The time bucket of a decision time (a bucket id's ``// PARTS``)."""
         return int(ts_ms / 1000 // self.bucket_s)
 
-    def live_buckets(self, now_ms: float | None = None) -> list[int]:
-        """The time buckets a kept outcome may be in, newest first."""
+    def live_buckets(self, now_ms: float | None = None) -> range:
+        """The time buckets a kept outcome may be in, newest first (a range: never a list)."""
         now_ms = time.time() * 1000 if now_ms is None else now_ms
         newest = self.bucket_of(now_ms)
         oldest = self.bucket_of(now_ms - self.retention_s * 1000)
-        return list(range(newest, oldest - 1, -1))
+        return range(newest, oldest - 1, -1)
 
     @property
     def part_bytes(self) -> int:
