@@ -211,6 +211,9 @@ def read_segment(path: Path) -> Iterator[dict[str, Any]]:
     except FileNotFoundError:
         log.warning("archive: segment %s vanished before it was read", path)
         return
+    except OSError as exc:  # a folder by a segment's name, no permission
+        log.warning("archive: segment %s cannot be read (%s); skipped", path, exc)
+        return
     try:
         decomp = zlib.decompressobj(31)
         body: list[bytes] = []
@@ -251,20 +254,26 @@ def _lines(path: Path, body: bytes) -> Iterator[dict[str, Any]]:
         if not line:
             continue
         try:
-            yield json.loads(line)
-        except ValueError as exc:
+            record = json.loads(line)
+        except (ValueError, RecursionError) as exc:
             log.warning("archive: %s has an unreadable line (%s); skipped", path, exc)
+            continue
+        if isinstance(record, dict):
+            yield record
+        else:  # JSON, but no record: every reader asks it for fields
+            log.warning("archive: %s has a line that is not a record (%s); skipped", path,
+                        type(record).__name__)  # fmt: skip
 
 
 def seen_before(record: Mapping[str, Any], seen: set[tuple[Any, ...]]) -> bool:
     """Whether ``record`` repeats one already read (see ``ArchiveReader.records``); notes it."""
     keys: list[tuple[Any, ...]] = []
-    sid = record.get("stream_id")
+    sid = _scalar(record.get("stream_id"))
     if sid is not None:
-        keys.append(("sid", record.get("stream", ""), sid))
-    rid = record.get("request_id")
-    if rid is not None and record.get("enqueued_ms") is not None:
-        keys.append(("rid", rid, record["enqueued_ms"]))
+        keys.append(("sid", _scalar(record.get("stream")) or "", sid))
+    rid, enqueued = _scalar(record.get("request_id")), _scalar(record.get("enqueued_ms"))
+    if rid is not None and enqueued is not None:
+        keys.append(("rid", rid, enqueued))
     job = record.get("job_id")
     if isinstance(job, str):
         keys.append(("job", job))
@@ -272,6 +281,12 @@ def seen_before(record: Mapping[str, Any], seen: set[tuple[Any, ...]]) -> bool:
         return True
     seen.update(keys)
     return False
+
+
+def _scalar(value: Any) -> str | int | float | None:
+    """A field a record is known by, or None: a damaged record's list or object is not one
+    (it was a TypeError, unhashable, in every reader)."""
+    return value if isinstance(value, str | int | float) and not isinstance(value, bool) else None
 
 
 class ArchiveReader:
@@ -322,6 +337,6 @@ class ArchiveReader:
                     continue
                 if since_ms is not None:
                     at_ms = record.get("enqueued_ms", record.get("archived_ms"))
-                    if at_ms is None or at_ms < since_ms:
+                    if not isinstance(at_ms, int | float) or at_ms < since_ms:
                         continue
                 yield record

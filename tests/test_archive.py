@@ -277,6 +277,37 @@ def test_torn_tail_keeps_every_complete_batch(
     assert "torn" in caplog.text
 
 
+def test_damaged_lines_and_segments_are_skipped_not_a_traceback(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A line of JSON that is no record (``[1]``, ``"x"``), or a record whose ids are lists or
+    objects, was an AttributeError or TypeError in ``rdv archive read`` and ``export`` (found
+    by a helper's probe). Each is skipped with a warning, or read for what it holds."""
+    writer = SegmentWriter(data_dir)
+    writer.append_batch("demo", _records(0, 2))
+    writer.close()
+    folder = data_dir / "demo"
+    odd_ids = {"n": 90, "stream_id": [1], "request_id": {"a": 1}, "enqueued_ms": [2]}
+    odd_stream = {"n": 91, "stream": ["s"], "stream_id": "9-0"}
+    damaged = [
+        b"[1]",
+        b'"x"',
+        b"null",
+        b"[" * 100_000,
+        *map(str.encode, map(json.dumps, (odd_ids, odd_stream))),
+    ]
+    (folder / "segment-29991231T235959-999999.jsonl.gz").write_bytes(
+        gzip.compress(b"\n".join(damaged) + b"\n")
+    )
+    with caplog.at_level(logging.WARNING, logger="models.archive"):
+        reader = ArchiveReader(data_dir)
+        assert [r["n"] for r in reader.records("demo")] == [0, 1, 90, 91]
+        assert [r["n"] for r in reader.records("demo", since_ms=0)] == [0, 1]
+    assert (
+        caplog.text.count("not a record") == 2 * 3 and "unreadable line" in caplog.text
+    )  # read twice
+
+
 class FullDisk(SegmentWriter):
     """The member reaches the file but the disk refuses to keep it (ENOSPC at the fsync)
     while ``full`` is set, as a disk that filled up."""
