@@ -39,6 +39,11 @@ class ModelNotFound(LookupError):
     pass
 
 
+class ModelUnreadable(ModelNotFound):
+    """A version whose ``meta.json`` is damaged: as good as absent, and said so with its
+    path."""
+
+
 class ArtifactChanged(ValueError):
     """The artifact on disk is not the one uploaded: its sha256 differs from its metadata's."""
 
@@ -233,12 +238,21 @@ class ModelRegistry:
         try:
             return ModelMeta.from_dict(json.loads(path.read_text()))
         except FileNotFoundError:
-            raise ModelNotFound(f"model {name} version {version} is not in the registry") from None
+            raise ModelNotFound(
+                f"model {name} version {version} is not in the registry at {self.root}"
+            ) from None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            # not JSON, not UTF-8, or not a model's metadata: a traceback named neither the
+            # file nor the way out (found by a helper's probe)
+            raise ModelUnreadable(
+                f"model {name} version {version}: {path} is damaged ({type(exc).__name__}: "
+                f"{str(exc)[:200]}): delete its folder, or upload the version again"
+            ) from None
 
     def artifact_path(self, name: str, version: int) -> Path:
         path = self._dir(name, version) / "model.onnx"
         if not path.exists():
-            raise ModelNotFound(f"model {name} version {version} has no artifact")
+            raise ModelNotFound(f"model {name} version {version} has no artifact at {path}")
         return path
 
     def verify(self, name: str, version: int) -> bool:
@@ -320,7 +334,10 @@ class ModelRegistry:
             versions = [p for p in name_dir.iterdir() if p.is_dir() and p.name.isdigit()]
             for vdir in sorted(versions, key=lambda p: int(p.name)):
                 if (vdir / "meta.json").exists() and (vdir / "model.onnx").exists():
-                    out.append(self.meta(name_dir.name, int(vdir.name)))
+                    try:
+                        out.append(self.meta(name_dir.name, int(vdir.name)))
+                    except ModelUnreadable as exc:  # the others are still listed, adopted
+                        log.warning("registry: skipping %s", exc)
         return out
 
 

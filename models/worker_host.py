@@ -37,6 +37,7 @@ from typing import Literal
 from models.deployment_store import DeploymentStore
 from models.deployments import Deployment
 from models.hosting import HOSTED_BLOCK_MS
+from models.registry import ModelNotFound
 from models.worker import ModelWorker
 from rendezvous.bus.connection import REDIS_FAILURES, Client
 from rendezvous.bus.consumer import stop_thread
@@ -274,6 +275,10 @@ class WorkerHost:
         and ends by itself if its role is removed)."""
         try:
             hosted.worker.run(hosted.stop)
+        except ModelNotFound as exc:  # the data folder's business, not a bug: no traceback
+            hosted.failed = True
+            log.error("worker host: %s/%s cannot load its model: %s", hosted.worker.deployment,
+                      hosted.worker.role, exc)  # fmt: skip
         except Exception:
             hosted.failed = True
             log.exception("worker host: %s/%s stopped on an error", hosted.worker.deployment,

@@ -16,7 +16,7 @@ from models.deployment_store import DeploymentStore, demo_deployment
 from models.deployments import ModelRef, promoted, with_challenger, without_challenger
 from models.inspection import ArtifactRejected, inspect_onnx
 from models.meta import ModelMeta
-from models.registry import ModelExists, ModelNotFound, ModelRegistry
+from models.registry import ModelExists, ModelNotFound, ModelRegistry, ModelUnreadable
 from models.train import DEMO_DEPLOYMENT, DEMO_MODEL, demo_data
 from models.worker import ModelWorker
 from rendezvous import names
@@ -91,6 +91,27 @@ def test_adopt_skips_a_tampered_artifact_and_delete_removes_both_sides(
     assert registry.add(new, variant_onnx("weak")).version == 3
     with pytest.raises(ValueError, match="invalid model name"):
         registry.delete("../x", 1)
+
+
+@pytest.mark.parametrize(
+    "damage", [b"{}", b"[1]", b'{"name": 1}', b"\xd4\xff", b"{", b"[" * 100_000]
+)
+def test_a_damaged_meta_json_is_named_by_its_path_and_the_other_versions_go_on(
+    registry: ModelRegistry, damage: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``meta.json`` that is not JSON, not UTF-8 or not a model's metadata was a KeyError,
+    TypeError or UnicodeDecodeError naming no file, in ``rdv train-demo`` and in every worker
+    of that version (found by a helper's probe). It is now a ``ModelUnreadable`` (a
+    ``ModelNotFound``: as good as absent) naming its path, and adopting the data folder skips
+    it with a warning and takes the other versions."""
+    path = registry.root / DEMO_MODEL / "1" / "meta.json"
+    path.write_bytes(damage)
+    with pytest.raises(ModelUnreadable) as unreadable:
+        registry.meta(DEMO_MODEL, 1)
+    assert isinstance(unreadable.value, ModelNotFound) and str(path) in str(unreadable.value)
+    assert "delete its folder, or upload the version again" in str(unreadable.value)
+    assert [m.version for m in registry.adopt()] == [2]
+    assert f"skipping model {DEMO_MODEL} version 1" in caplog.text
 
 
 def _rejected(registry: ModelRegistry, data: bytes) -> str:

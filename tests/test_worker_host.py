@@ -136,6 +136,10 @@ def test_one_process_hosts_every_role_of_every_deployment_and_follows_them(
             actor="test")  # fmt: skip
         wait_until(lambda: host.restarts >= 2, 15, "the broken model to be retried twice")
         assert "restarting it in" in caplog.text
+        # said in one line with the registry's folder, not a traceback at every restart
+        loads = [r for r in caplog.records if "cannot load its model" in r.getMessage()]
+        assert loads and not any(r.exc_info for r in loads), loads
+        assert "version 99 is not in the registry at" in loads[0].getMessage()
         _publish(client, "beta", "beta-2")
         wait_until(lambda: ("beta-2", "real") in _results(client), 15, "beta's real to score")
         threads = [h.thread for h in host.hosted.values()]

@@ -389,6 +389,10 @@ def _operator_fault(exc: Exception) -> str | None:
         return f"{exc.strerror or exc}{where}"
     if isinstance(exc, DeploymentNotFound):
         return str(exc).strip("'\"")
+    from models.registry import ModelNotFound
+
+    if isinstance(exc, ModelNotFound):  # a worker started on another data folder, say
+        return f"{exc} (the models live in RDV_DATA_DIR's models/)"
     if isinstance(exc, redis.exceptions.InvalidResponse):
         return f"what answered at RDV_REDIS_URL is not Redis ({exc})"
     if isinstance(exc, redis.exceptions.ResponseError):
