@@ -178,6 +178,7 @@ def cmd_rollback(args: argparse.Namespace) -> None:
 def cmd_challengers(args: argparse.Namespace) -> None:
     path = f"/deployments/{args.deployment}/challengers"
     if args.action == "add":
+        _require(args, "version")  # sent without, the gateway's 422 said "Field required"
         body = without_none(
             {
                 "role": args.role,

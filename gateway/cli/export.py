@@ -15,22 +15,45 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gateway.cli.process import require_redis
+from gateway.cli.records import LINE_LIMIT
 from gateway.settings import Settings
 
 
 def _positions_arg(value: str) -> Any:
     """JSON, or ``@FILE`` holding JSON (an export's ``.meta.json`` or a replay report: their
     ``positions`` are taken)."""
+    flag = f"rdv archive export: --positions {_shown(value)}"
     try:
-        doc = json.loads(Path(value[1:]).read_text() if value.startswith("@") else value)
-    except (OSError, ValueError) as exc:
-        sys.exit(f"--positions: cannot read {value!r}: {exc}")
+        text = _read_positions(Path(value[1:])) if value.startswith("@") else value
+        doc = json.loads(text)
+    except OSError as exc:
+        sys.exit(f"{flag}: cannot read: {exc.strerror or exc}")
+    except RecursionError:  # json's own message named no flag
+        sys.exit(f"{flag}: not JSON: nested too deeply")
+    except ValueError as exc:  # not UTF-8 either
+        sys.exit(f"{flag}: not JSON: {exc}")
     if isinstance(doc, dict) and isinstance(doc.get("positions"), dict):
         return doc["positions"]
     return doc
 
 
-def cmd_export(args: argparse.Namespace, settings: Settings, redis_url: str) -> None:
+def _read_positions(path: Path) -> str:
+    """The file's text, up to ``LINE_LIMIT`` bytes (a replay report is some kilobytes; a
+    ``/dev/zero`` was read for ever)."""
+    with path.open("rb") as f:
+        raw = f.read(LINE_LIMIT + 1)
+    if len(raw) > LINE_LIMIT:
+        raise ValueError(f"longer than {LINE_LIMIT} bytes")
+    return raw.decode()
+
+
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= 80 else value[:80] + "...")  # a JSON may be long
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
+    """Export a slice; every flag is checked (``--positions`` read) before Redis is asked."""
     from models.archive import ArchiveReader
     from models.archive_slice import SliceError, parse_time, positions_from, resolve
     from models.deployment_store import DeploymentStore
@@ -45,7 +68,10 @@ def cmd_export(args: argparse.Namespace, settings: Settings, redis_url: str) -> 
     fmt = args.format or ("csv" if out.suffix.lower() == ".csv" else "parquet")
     if not out.parent.is_dir():  # said before any work, not as a traceback after it
         sys.exit(f"rdv archive export: --out {args.out}: no folder {out.parent}")
-    client = connect(redis_url, wait_s=5)
+    if args.positions is not None and (args.from_ or args.to):
+        sys.exit("rdv archive export: give --positions, or --from/--to: not both")
+    given = None if args.positions is None else _positions_arg(args.positions)
+    client = connect(require_redis(settings), wait_s=5)
     try:
         dep = DeploymentStore(client).get(args.deployment)
     except (DeploymentNotFound, DeploymentUnreadable, ValueError) as exc:
@@ -59,9 +85,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings, redis_url: str) -> 
     request: dict[str, Any]
     try:
         if args.positions is not None:
-            if args.from_ or args.to:
-                sys.exit("rdv archive export: give --positions, or --from/--to: not both")
-            positions = positions_from(_positions_arg(args.positions), args.deployment)
+            positions = positions_from(given, args.deployment)
             request = {"positions": True}
         else:
             from_ms = parse_time(args.from_, "--from") if args.from_ else None

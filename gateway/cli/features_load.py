@@ -4,21 +4,44 @@ admin API's ``PUT /admin/deployments/{d}/entities``, in batches, with progress o
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, NoReturn
 
-from gateway.cli.admin_http import admin_request, admin_session
-from gateway.cli.records import json_lines
+from gateway.cli.admin_http import (
+    AnswerFault,
+    Expect,
+    admin_request,
+    admin_session,
+    read_answer,
+    show_refusal,
+)
+from gateway.cli.records import csv_rows, json_lines
 from rendezvous.spec import decimal_number, float32_number
 
-if TYPE_CHECKING:
-    import httpx
+
+class _Lookup(Expect):
+    key: str
+
+
+class _Spec(Expect):
+    lookup: _Lookup | None = None
+
+
+class _Deployment(Expect):
+    """What the command reads of ``GET /admin/deployments/{d}``: the lookup, if any, and its
+    key."""
+
+    feature_spec: _Spec
+
+
+class _Loaded(Expect):
+    loaded: int
+
 
 _BATCH_BYTES = 512 * 1024
 """A ``features load`` batch stays under this many bytes of JSON (RDV_MAX_BODY_BYTES is 1 MiB
@@ -35,8 +58,9 @@ def cmd_features(args: argparse.Namespace) -> None:
     kind = args.format or ("csv" if path.suffix.lower() == ".csv" else "jsonl")
     started = time.monotonic()
     with admin_session(args) as http:
-        dep = admin_request(args, "GET", f"/deployments/{args.deployment}", http=http, show=False)
-        lookup = dep.get("feature_spec", {}).get("lookup")
+        dep = admin_request(args, "GET", f"/deployments/{args.deployment}", http=http,
+                            show=False, expect=_Deployment)  # fmt: skip
+        lookup = dep["feature_spec"].get("lookup")
         if not lookup:
             sys.exit(
                 f"deployment {args.deployment} looks nothing up: declare its lookup first "
@@ -51,11 +75,13 @@ def cmd_features(args: argparse.Namespace) -> None:
         def send() -> None:
             nonlocal batch, size, loaded, batches
             body = "[" + ",".join(text for _, text in batch) + "]"
-            resp = http.put(f"/admin/deployments/{args.deployment}/entities", content=body,
-                            headers={"content-type": "application/json"})  # fmt: skip
-            if resp.status_code >= 400:
+            path = f"/admin/deployments/{args.deployment}/entities"
+            resp = http.put(path, content=body, headers={"content-type": "application/json"})
+            try:  # a web page answering 200 counted its batch as loaded
+                read_answer(resp, f"PUT {path}", _Loaded)
+            except AnswerFault as fault:
                 progress.close()
-                _refused(resp, [line for line, _ in batch], loaded)
+                _refused(fault, [line for line, _ in batch], loaded)
             loaded += len(batch)
             batches += 1
             batch, size = [], 0
@@ -91,15 +117,13 @@ def _records(path: Path, kind: str, key: str) -> Iterator[tuple[int, dict[str, A
                             sys.exit(f"{path}:{n}: {column} {value!r} is not a finite number")
                     yield n, doc
                 return
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
+            header, rows = csv_rows(path, f)
             if key not in header:
                 sys.exit(f"{path}: no column {key!r} (the lookup's key) in the header")
             twice = sorted({column for column in header if header.count(column) > 1})
             if twice:  # the reader keeps the last of them: a value would go unseen
                 sys.exit(f"{path}: column {twice[0]!r} appears more than once in the header")
-            for row in reader:
-                n = reader.line_num
+            for n, row in rows:
                 entity: dict[str, Any] = {}
                 for column, value in row.items():
                     if column is None or value is None:
@@ -118,20 +142,18 @@ def _records(path: Path, kind: str, key: str) -> Iterator[tuple[int, dict[str, A
         sys.exit(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8")
 
 
-def _refused(resp: httpx.Response, lines: list[int], loaded: int) -> None:
-    try:
-        body = resp.json()
-    except ValueError:
-        body = {"detail": resp.text}
+def _refused(fault: AnswerFault, lines: list[int], loaded: int) -> NoReturn:
+    """Exit naming the batch's lines: the gateway's refusal (its faults on stderr, each with
+    the file's line of its row), or the answer that was no gateway's."""
+    body = fault.body
     for error in body.get("errors", []) if isinstance(body, dict) else []:
-        if isinstance(error, dict) and isinstance(error.get("row"), int):
-            error["line"] = lines[error["row"]]
-    print(json.dumps(body, indent=2), file=sys.stderr)
-    from gateway.problems import fault_text
-
-    detail = fault_text(body.get("detail") if isinstance(body, dict) else body)
-    sys.exit(f"batch of lines {lines[0]}-{lines[-1]} refused ({resp.status_code}: {detail}); "
-             f"{loaded} entities were loaded before it")  # fmt: skip
+        row = error.get("row") if isinstance(error, dict) else None
+        if type(row) is int and 0 <= row < len(lines):
+            error["line"] = lines[row]
+    show_refusal(fault)
+    which = f"batch of lines {lines[0]}-{lines[-1]}"
+    said = f" refused ({fault.status}: {fault.text})" if fault.refusal else f": {fault}"
+    sys.exit(f"{which}{said}; {loaded} entities were loaded before it")
 
 
 class _Progress:

@@ -12,7 +12,6 @@ load with the gateway's reason; the batches before it stay accepted.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -20,8 +19,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.cli.admin_http import AnswerFault, Expect, read_answer, show_refusal
 from gateway.cli.arguments import deployment_name, whole_number
-from gateway.cli.records import json_lines
+from gateway.cli.records import csv_rows, json_lines
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -33,6 +33,11 @@ _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f"}
 
 
+class _Accepted(Expect):
+    accepted: int
+    relabelled: int
+
+
 def read_items(path: Path, kind: str) -> list[dict[str, Any]]:
     """Every feedback item of the file, in order; exits naming the first line it cannot read."""
     items: list[dict[str, Any]] = []
@@ -41,12 +46,12 @@ def read_items(path: Path, kind: str) -> list[dict[str, Any]]:
         with path.open(newline="" if kind == "csv" else None, encoding="utf-8-sig") as f:
             if kind == "jsonl":
                 return [doc for _, doc in json_lines(path, f)]
-            reader = csv.DictReader(f)
-            columns = set(reader.fieldnames or [])
+            header, rows = csv_rows(path, f)
+            columns = set(header)
             if "request_id" not in columns or not columns & {"label", "correct"}:
                 sys.exit(f"{path}: the header needs request_id and label (or correct)")
-            for row in reader:
-                items.append(_csv_item(path, reader.line_num, row))
+            for n, row in rows:
+                items.append(_csv_item(path, n, row))
     except OSError as exc:
         sys.exit(f"cannot read {path}: {exc}")
     except UnicodeDecodeError as exc:
@@ -79,10 +84,11 @@ def _csv_item(path: Path, n: int, row: dict[str, Any]) -> dict[str, Any]:
 def _label_list(cell: str) -> list[int | str]:
     try:
         labels = json.loads(cell)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # "[[[..." past json's nesting too
         labels = None
     if not isinstance(labels, list) or not all(type(v) in (int, str) for v in labels):
-        raise ValueError(f"label {cell!r} is not a class or a JSON list of classes (or names)")
+        shown = repr(cell if len(cell) <= 80 else cell[:80] + "...")  # a cell may be 128 KiB
+        raise ValueError(f"label {shown} is not a class or a JSON list of classes (or names)")
     return labels
 
 
@@ -140,15 +146,16 @@ def cmd_feedback(args: argparse.Namespace) -> None:
                 progress.close()
                 sys.exit(f"cannot reach the gateway at {http.base_url}: {exc}; {accepted} labels "
                          "were accepted before it")  # fmt: skip
-            if resp.status_code >= 400:
+            try:  # a --url that is not a gateway: its answer said, not a KeyError
+                doc = read_answer(resp, f"POST {route}", _Accepted)
+            except AnswerFault as fault:
                 progress.close()
-                print(resp.text, file=sys.stderr)
-                sys.exit(f"batch {batches + 1} (items {accepted + 1}-{accepted + len(batch)}) "
-                         f"refused: {resp.status_code}; {accepted} labels were accepted "
-                         "before it")  # fmt: skip
-            doc = resp.json()
-            accepted += int(doc["accepted"])
-            relabelled += int(doc.get("relabelled", 0))
+                show_refusal(fault)
+                which = f"batch {batches + 1} (items {accepted + 1}-{accepted + len(batch)})"
+                said = f" refused: {fault.status}: {fault.text}" if fault.refusal else f": {fault}"
+                sys.exit(f"{which}{said}; {accepted} labels were accepted before it")
+            accepted += doc["accepted"]
+            relabelled += doc["relabelled"]
             batches += 1
             batch, size = [], 0
             progress.update(accepted)

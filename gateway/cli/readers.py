@@ -19,7 +19,7 @@ def cmd_archive(args: argparse.Namespace) -> None:
     if args.action == "export":
         from gateway.cli.export import cmd_export
 
-        cmd_export(args, settings, require_redis(settings))
+        cmd_export(args, settings)  # which asks for Redis once its flags are checked
         return
     if not settings.archive_dir.is_dir():  # it printed nothing, as for an empty archive
         sys.exit(f"rdv archive {args.action}: no archive at {settings.archive_dir} (the log "

@@ -11,21 +11,38 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from gateway.cli.admin_http import admin_request, admin_session, without_none
+from pydantic import StringConstraints
+
+from gateway.cli.admin_http import Expect, admin_request, admin_session, without_none
 from gateway.cli.arguments import deployment_name, model_name, replay_id, whole_number
+from rendezvous import names
 
 _POLL_S = 0.5
+
+
+class _Progress(Expect):
+    done: int
+    total: int | None
+
+
+class Report(Expect):
+    """What the command reads of a replay report: the answer of each of its calls is checked
+    to hold it, so that a ``--url`` that is no gateway is one line, not a ``KeyError`` (and
+    its ``id`` goes into the paths that follow: a replay id, never ``..``)."""
+
+    id: Annotated[str, StringConstraints(pattern=f"^{names.REPLAY_ID_PATTERN.pattern}$")]
+    state: str
+    progress: _Progress
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
     base = f"/deployments/{args.deployment}/replays"
     with admin_session(args) as http:
         if args.resume:
-            report = admin_request(
-                args, "POST", f"{base}/{args.resume}/resume", http=http, show=False
-            )
+            path = f"{base}/{args.resume}/resume"
+            report = admin_request(args, "POST", path, http=http, show=False, expect=Report)
         else:
             if args.version is None:
                 sys.exit("rdv replay: --version is required (or --resume ID)")
@@ -33,7 +50,9 @@ def cmd_replay(args: argparse.Namespace) -> None:
                 {"version": args.version, "model": args.model, "from": args.from_,
                  "to": args.to, "last": args.last}
             )  # fmt: skip
-            report = admin_request(args, "POST", base, http=http, show=False, json=body)
+            report = admin_request(
+                args, "POST", base, http=http, show=False, expect=Report, json=body
+            )
         rid = report["id"]
         print(f"replay {rid} of {args.deployment} started", file=sys.stderr)
         if args.no_wait:
@@ -42,7 +61,8 @@ def cmd_replay(args: argparse.Namespace) -> None:
         try:
             report = _follow(args, http, f"{base}/{rid}", report)
         except KeyboardInterrupt:
-            report = admin_request(args, "POST", f"{base}/{rid}/cancel", http=http, show=False)
+            path = f"{base}/{rid}/cancel"
+            report = admin_request(args, "POST", path, http=http, show=False, expect=Report)
             print(json.dumps(report, indent=2))
             sys.exit(f"replay {rid} stopped at {report['progress']['done']} records; "
                      f"continue it with: rdv replay --deployment {args.deployment} "
@@ -58,7 +78,7 @@ def _follow(args: argparse.Namespace, http: Any, path: str, report: dict[str, An
     shown = None
     while report["state"] == "running":
         time.sleep(_POLL_S)
-        report = admin_request(args, "GET", path, http=http, show=False)
+        report = admin_request(args, "GET", path, http=http, show=False, expect=Report)
         progress = report["progress"]
         total = progress.get("total")
         line = (

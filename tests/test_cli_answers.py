@@ -1,0 +1,336 @@
+"""What the ``rdv`` commands make of input no check foresaw (found by a helper's fuzzing of the
+command line): a file with a cell, a line or a nesting past what its reader takes, and a
+``--url`` that answers but is not a gateway. Each ends in one line naming the fault (the file
+and line of a file's), a non-zero status, and no traceback. In process, against a tiny HTTP
+server on a free port of 127.0.0.1 that answers as each test tells it."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from gateway.cli.main import main
+from gateway.cli.records import LINE_LIMIT
+
+ROOT = Path(__file__).parents[1]
+NOWHERE = "http://127.0.0.1:9"
+"""A gateway that is not there: a command that got as far as a request would say so."""
+DEP = "breast-cancer"
+ENRICHED = {"name": DEP, "feature_spec": {"version": 1, "names": ["x", "y"],
+            "lookup": {"key": "customer_id", "features": ["x"], "defaults": {}}}}  # fmt: skip
+"""What ``GET /admin/deployments/breast-cancer`` answers for a deployment that looks up ``x``."""
+
+Answer = tuple[int, str, bytes]
+"""status, content type, body"""
+
+
+def as_json(doc: object, status: int = 200) -> Answer:
+    return status, "application/json", json.dumps(doc).encode()
+
+
+HTML = (200, "text/html", b"<html><body>hi</body></html>")
+
+
+@contextmanager
+def answering(answers: dict[tuple[str, str], Answer]) -> Iterator[tuple[str, list[str]]]:
+    """A server at ``--url`` that answers each ``(method, path)`` as given (404 JSON else):
+    its base URL, and the ``METHOD path`` of each request it was sent."""
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            path = self.path.split("?")[0]
+            asked.append(f"{self.command} {path}")
+            status, kind, body = answers.get(
+                (self.command, path), as_json({"detail": "Not Found"}, 404)
+            )
+            self.send_response(status)
+            self.send_header("content-type", kind)
+            self.send_header("content-length", str(len(body)))
+            if 300 <= status < 400:
+                self.send_header("location", "http://elsewhere.example/login")
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def ended(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int | str, str]:
+    """The exit status (or the line ``sys.exit`` was given) and what went to stderr."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    return exited.value.code or 0, capsys.readouterr().err
+
+
+def test_a_csv_cell_past_the_csv_limit_is_its_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both ended in ``_csv.Error: field larger than field limit (131072)``, a traceback."""
+    labels = tmp_path / "huge.csv"
+    labels.write_text("request_id,label\np-1," + "1" * 200_000 + "\n")
+    code, _ = ended(["feedback", "--deployment", DEP, "--url", NOWHERE, str(labels)], capsys)
+    assert code == f"{labels}:2: a cell longer than 131072 characters", code
+
+    entities = tmp_path / "entities.csv"
+    entities.write_text("customer_id,x\nc-1,1.5\nc-2," + "1" * 200_000 + "\n")
+    wide = tmp_path / "header.csv"
+    wide.write_text("customer_id," + "x" * 200_000 + "\n")
+    with answering({("GET", f"/admin/deployments/{DEP}"): as_json(ENRICHED)}) as (url, asked):
+        for path, line in ((entities, 3), (wide, 1)):
+            argv = ["features", "load", "--deployment", DEP, "--file", str(path), "--url", url]
+            code, _ = ended(argv, capsys)
+            assert code == f"{path}:{line}: a cell longer than 131072 characters", code
+    assert asked == [f"GET /admin/deployments/{DEP}"] * 2  # the file is refused, none sent
+
+
+FEEDBACK = f"POST /v1/deployments/{DEP}/feedback"
+REPLAYS = f"/admin/deployments/{DEP}/replays"
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        (as_json({}), f"{FEEDBACK} -> 200 but the answer is not a gateway's JSON: accepted: "
+                      "Field required; relabelled: Field required: {}"),
+        (as_json([1, 2]), "-> 200 but the answer is not a gateway's JSON: a list, not an object"),
+        (as_json("x"), "-> 200 but the answer is not a gateway's JSON: text, not an object"),
+        (as_json({"accepted": "many", "relabelled": 0}),
+         "accepted: Input should be a valid integer: {"),
+        (HTML, f"{FEEDBACK} -> 200 but the answer is not a gateway's JSON: text/html "
+               "'<html><body>hi</body></html>'"),
+        ((302, "text/html", b""), f"{FEEDBACK} -> 302 but the answer is not a gateway's JSON: a "
+                                  "redirect to http://elsewhere.example/login"),
+        ((502, "text/html", b"<html>\n<h1>Bad Gateway</h1>\n</html>"),
+         "-> 502 but the answer is not a gateway's JSON: text/html '<html> <h1>Bad Gateway"),
+    ],
+)  # fmt: skip
+def test_feedback_to_a_url_that_is_no_gateway_is_one_line(
+    answer: Answer, says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``{}`` ended in ``KeyError: 'accepted'``, a list or text in a TypeError, a redirect or
+    a web page in ``rdv feedback: Expecting value: line 1 column 1 (char 0)``."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("request_id,label\nr-1,1\n")
+    with answering({("POST", FEEDBACK.split()[1]): answer}) as (url, _):
+        code, _ = ended(["feedback", "--deployment", DEP, "--url", url, str(labels)], capsys)
+    assert isinstance(code, str) and says in code, code
+    assert code.startswith("batch 1 (items 1-1)") and code.endswith(
+        "; 0 labels were accepted before it"
+    ), code
+    assert "\n" not in code
+
+
+def test_a_refused_feedback_batch_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    labels = tmp_path / "labels.csv"
+    labels.write_text("request_id,label\nr-1,1\n")
+    refusal = as_json({"detail": "unknown request ids", "unknown": ["r-1"]}, 404)
+    with answering({("POST", FEEDBACK.split()[1]): refusal}) as (url, _):
+        code, err = ended(["feedback", "--deployment", DEP, "--url", url, str(labels)], capsys)
+    assert code == ("batch 1 (items 1-1) refused: 404: unknown request ids; 0 labels were "
+                    "accepted before it"), code  # fmt: skip
+    assert json.loads(err)["unknown"] == ["r-1"]  # the whole refusal, for the ids
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        (as_json({}, 202), f"POST {REPLAYS} -> 202 but the answer is not a gateway's JSON: id: "
+                           "Field required; state: Field required; progress: Field required: {}"),
+        ((202, "text/html", b"<html>hi</html>"), f"POST {REPLAYS} -> 202 but the answer is not "
+                                                 "a gateway's JSON: text/html '<html>hi</html>'"),
+        (as_json([1], 202), f"POST {REPLAYS} -> 202 but the answer is not a gateway's JSON: a "
+                            "list, not an object"),
+        (as_json({"id": "18c-0123456789ab", "state": "running", "progress": {"done": "x",
+                 "total": 9}}, 202), "progress.done: Input should be a valid integer: {"),
+        (as_json({"id": "../../models/m/1", "state": "running", "progress": {"done": 0,
+                 "total": None}}, 202), "id: String should match pattern '^[0-9a-f]{1,16}-"),
+    ],
+)  # fmt: skip
+def test_replay_on_a_url_that_is_no_gateway_is_one_line(
+    answer: Answer, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each ended in ``KeyError: 'id'`` or a TypeError."""
+    with answering({("POST", REPLAYS): answer}) as (url, _):
+        code, _ = ended(["replay", "--deployment", DEP, "--version", "1", "--url", url], capsys)
+    assert code == says if says.startswith("POST") else says in str(code), code
+
+
+@pytest.mark.parametrize(
+    ("deployment", "entities", "says"),
+    [
+        (as_json([1]), None, f"GET /admin/deployments/{DEP} -> 200 but the answer is not a "
+                             "gateway's JSON: a list, not an object"),
+        (as_json({"name": DEP}), None, "the answer is not a gateway's JSON: feature_spec: Field "
+                                       f"required: {{\"name\":\"{DEP}\"}}"),
+        (as_json("x"), None, "GET /admin/deployments/breast-cancer -> 200 but the answer is not "
+                             "a gateway's JSON: text, not an object"),
+        (as_json({"feature_spec": {"lookup": "x"}}), None,
+         "the answer is not a gateway's JSON: feature_spec.lookup: Input should be a valid "
+         "dictionary"),
+        (as_json(ENRICHED), HTML, f"batch of lines 2-2: PUT /admin/deployments/{DEP}/entities "
+                                  "-> 200 but the answer is not a gateway's JSON: text/html"),
+        (as_json(ENRICHED), as_json({"detail": {"rows": [1]}}, 422),
+         'batch of lines 2-2 refused (422: {"rows":[1]}); 0 entities were loaded before it'),
+    ],
+)  # fmt: skip
+def test_features_load_on_a_url_that_is_no_gateway_is_one_line(
+    deployment: Answer,
+    entities: Answer | None,
+    says: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A list or text for the deployment ended in an AttributeError; a web page for a batch
+    counted its entities as loaded."""
+    rows = tmp_path / "entities.csv"
+    rows.write_text("customer_id,x\nc-1,1.5\n")
+    answers = {("GET", f"/admin/deployments/{DEP}"): deployment}
+    if entities is not None:
+        answers["PUT", f"/admin/deployments/{DEP}/entities"] = entities
+    with answering(answers) as (url, _):
+        argv = ["features", "load", "--deployment", DEP, "--file", str(rows), "--url", url]
+        code, _ = ended(argv, capsys)
+    assert isinstance(code, str) and says in code, code
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        (HTML, "GET /admin/models -> 200 but the answer is not a gateway's JSON: text/html "
+               "'<html><body>hi</body></html>'"),
+        ((200, "application/json", b""), "GET /admin/models -> 200 but the answer is not a "
+                                         "gateway's JSON: an empty body"),
+        (as_json("ok"), "GET /admin/models -> 200 but the answer is not a gateway's JSON: text, "
+                        "not an object or a list: \"ok\""),
+        ((200, "application/json", b"[" * 100_000), "GET /admin/models -> 200 but the answer is "
+                                                    "not a gateway's JSON: nested too deeply"),
+        (as_json({"detail": {"field": "version", "why": [1, 2]}}, 422),
+         'GET /admin/models -> 422: {"field":"version","why":[1,2]}'),
+        (as_json({"detail": [{"what": 1}, "x"]}, 422),
+         'GET /admin/models -> 422: [{"what":1},"x"]'),
+        (as_json({"detail": [{"loc": ["body", "version"], "msg": "Field required"}]}, 422),
+         "GET /admin/models -> 422: version: Field required"),
+        (as_json({"error": "no"}, 500), 'GET /admin/models -> 500: {"error":"no"}'),
+        (as_json({"detail": None}, 500), "GET /admin/models -> 500: null"),
+    ],
+)  # fmt: skip
+def test_an_admin_answer_that_is_not_a_gateways_is_an_error(
+    answer: Answer, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A web page answering 200 was printed as the command's JSON (``{"detail": "<html>..."}``,
+    status 0); a refusal whose detail is an object or a list said ``-> 422: None``."""
+    with answering({("GET", "/admin/models"): answer}) as (url, _):
+        code, _ = ended(["models", "list", "--url", url], capsys)
+    assert code == says, code
+
+
+def test_a_long_refusal_detail_is_cut_to_one_bounded_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    refusal = as_json({"detail": {"rows": list(range(10_000))}}, 422)
+    with answering({("GET", "/admin/models"): refusal}) as (url, _):
+        code, err = ended(["models", "list", "--url", url], capsys)
+    assert isinstance(code, str) and code.startswith('GET /admin/models -> 422: {"rows":[0,1,2,')
+    assert code.endswith("...") and len(code) < 400, code
+    assert json.loads(err)["detail"]["rows"][-1] == 9_999  # the whole of it on stderr
+
+
+def test_json_nested_too_deeply_names_its_file_and_line_or_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rdv feedback: maximum recursion depth exceeded while decoding ...``, no file:line (the
+    other bad lines have one); ``rdv archive: maximum recursion ...`` for ``--positions``."""
+    deep = "[" * 100_000
+    jsonl = tmp_path / "deep.jsonl"
+    jsonl.write_text('{"request_id": "r-1", "label": 1}\n' + deep + "\n")
+    code, _ = ended(["feedback", "--deployment", DEP, "--url", NOWHERE, str(jsonl)], capsys)
+    assert code == f"{jsonl}:2: not JSON: nested too deeply", code
+    cell = tmp_path / "deep.csv"  # a label list in a cell, under the cell limit
+    cell.write_text(f"request_id,label\nr-1,{deep}\n")
+    code, _ = ended(["feedback", "--deployment", DEP, "--url", NOWHERE, str(cell)], capsys)
+    assert isinstance(code, str) and code.startswith(f"{cell}:2: label '[[[[")
+    assert code.endswith("is not a class or a JSON list of classes (or names)") and len(code) < 300
+
+    entities = tmp_path / "entities.jsonl"
+    entities.write_text('{"customer_id": "c-1", "x": 1.5}\n' + deep + "\n")
+    with answering({("GET", f"/admin/deployments/{DEP}"): as_json(ENRICHED)}) as (url, _):
+        argv = ["features", "load", "--deployment", DEP, "--file", str(entities), "--url", url]
+        code, _ = ended(argv, capsys)
+    assert code == f"{entities}:2: not JSON: nested too deeply", code
+
+    monkeypatch.setenv("RDV_REDIS_URL", "redis://127.0.0.1:9")  # checked before Redis is asked
+    held = tmp_path / "positions.json"
+    held.write_text(deep)
+    out = str(tmp_path / "slice.csv")
+    for given in (deep, f"@{held}"):
+        argv = ["archive", "export", "--deployment", DEP, "--out", out, "--positions", given]
+        code, _ = ended(argv, capsys)
+        assert isinstance(code, str) and code.startswith("rdv archive export: --positions "), code
+        assert code.endswith(": not JSON: nested too deeply") and len(code) < 200, code
+
+
+def test_a_challenger_without_a_version_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It was sent, and the gateway's ``422: version: Field required`` came back."""
+    argv = ["challengers", "add", "--deployment", DEP, "--role", "c1", "--url", NOWHERE]
+    code, err = ended(argv, capsys)
+    assert code == 2 and err.strip() == "rdv challengers add: --version required", (code, err)
+
+
+def test_a_line_past_the_bound_is_its_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A line is read whole before it is parsed: past ``LINE_LIMIT`` bytes it is refused."""
+    says = f"line longer than {LINE_LIMIT} bytes"
+    jsonl = tmp_path / "long.jsonl"
+    jsonl.write_text('{"request_id": "r-1", "label": 1}\n' + " " * LINE_LIMIT + "1\n")
+    code, _ = ended(["feedback", "--deployment", DEP, "--url", NOWHERE, str(jsonl)], capsys)
+    assert isinstance(code, str) and code.startswith(f"{jsonl}:2: {says}"), code
+    wide = tmp_path / "wide.csv"  # two bytes a character: over the bound in bytes only
+    wide.write_text("request_id,label\nr-1,\u00e9" + "\u00e9" * (LINE_LIMIT // 2) + "\n")
+    code, _ = ended(["feedback", "--deployment", DEP, "--url", NOWHERE, str(wide)], capsys)
+    assert isinstance(code, str) and code.startswith(f"{wide}:2: {says}"), code
+
+
+def test_a_file_with_no_line_end_is_refused_not_read_for_ever(tmp_path: Path) -> None:
+    """``rdv feedback --deployment d /dev/zero`` read one endless line into memory. Its own
+    process, its address space bounded: before the fix it ran out of memory in a traceback."""
+
+    def bounded() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "feedback", "--deployment", "d", "--url", NOWHERE,
+         "/dev/zero"],
+        env={"PATH": "/usr/bin:/bin", "RDV_DATA_DIR": str(tmp_path)}, cwd=ROOT,
+        capture_output=True, text=True, timeout=60, preexec_fn=bounded,
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"/dev/zero:1: line longer than {LINE_LIMIT} bytes"), last
