@@ -224,3 +224,25 @@ def test_a_redis_that_answers_nothing_fails_a_command_in_one_line_not_a_hang(
         silent.close()
     assert "did not answer" in str(exited.value.code), exited.value.code
     assert time.monotonic() - started < 20
+
+
+def test_a_worker_host_for_a_deployment_that_is_not_there_says_so(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """``rdv worker --deployment nope`` served nothing for ever and said only "serving nothing
+    yet" (found by a helper's probe): a mistyped name now gets a warning, and the host goes on
+    waiting for it (a deployment may be created after its workers start)."""
+    log = tmp_path / "worker.log"
+    env = {**base_env(tmp_path), "RDV_REDIS_URL": redis_url}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "worker", "--deployment",
+                                 "no-such-deployment"], env=env, cwd=ROOT, stderr=out)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while "does not exist" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        assert "deployment 'no-such-deployment' does not exist (yet)" in log.read_text()
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
