@@ -389,7 +389,8 @@ REPLAY_ID_PATTERN = re.compile(r"[0-9a-f]{1,16}-[0-9a-f]{12}")
 
 def check_replay_id(replay_id: str) -> str:
     if not isinstance(replay_id, str) or not REPLAY_ID_PATTERN.fullmatch(replay_id):
-        raise InvalidName(f"invalid replay id {replay_id!r}")
+        raise InvalidName(f"invalid replay id {replay_id!r}: one looks like "
+                          "18c2f3a4b5d-0123456789ab (as rdv replay printed it)")  # fmt: skip
     return replay_id
 
 

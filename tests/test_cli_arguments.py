@@ -173,3 +173,23 @@ def test_the_commands_reach_a_gateway_on_an_ipv6_or_wildcard_host(
         monkeypatch.setenv("RDV_HOST", host)
         with admin_session(argparse.Namespace(url=None)) as session:
             assert str(session.base_url).rstrip("/") == url, host
+
+
+def test_a_change_sent_and_never_answered_may_have_taken_effect() -> None:
+    """A promote whose gateway took the call and went silent said "cannot reach the gateway",
+    as if nothing had been sent (found by a helper's probe): it may have taken effect, and
+    the line says to look before sending it again. A read, or a connection refused, is as
+    before."""
+    import httpx
+
+    from gateway.cli.faults import gateway_unreachable
+
+    url = "http://127.0.0.1:8000/admin/deployments/d/promote"
+    silent = httpx.ReadTimeout("timed out", request=httpx.Request("POST", url))
+    said = gateway_unreachable(silent)
+    assert said is not None and said.startswith("the gateway at http://127.0.0.1:8000/ took")
+    assert "it may have taken effect; look before sending it again" in said
+    read = httpx.ReadTimeout("timed out", request=httpx.Request("GET", url))
+    refused = httpx.ConnectError("refused", request=httpx.Request("POST", url))
+    for exc in (read, refused):
+        assert (gateway_unreachable(exc) or "").startswith("cannot reach the gateway at ")

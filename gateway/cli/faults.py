@@ -45,7 +45,15 @@ def gateway_unreachable(exc: Exception) -> str | None:
     if httpx is None or not isinstance(exc, httpx.TransportError):
         return None
     try:
-        where = f" at {exc.request.url.copy_with(path='/', query=None)}"
+        request = exc.request
+        where = f" at {request.url.copy_with(path='/', query=None)}"
     except RuntimeError:  # no request attached
-        where = ""
+        request, where = None, ""
+    if isinstance(exc, httpx.ReadTimeout) and request is not None and request.method != "GET":
+        # sent whole, never answered: a promotion may have taken effect all the same, and
+        # "cannot reach" told the operator to send it again (found by a helper's probe)
+        said = str(exc) or "timed out"
+        return (f"the gateway{where} took the call but did not answer in time ({said}): it may "
+                "have taken effect; look before sending it again (rdv deployments show, "
+                "history)")  # fmt: skip
     return f"cannot reach the gateway{where}: {exc or type(exc).__name__}"
