@@ -76,14 +76,14 @@ def test_the_live_buckets_are_a_range_not_a_list() -> None:
     assert live[0] == 1_800_000_000 // 60 and list(live[:2]) == [live[0], live[0] - 1]
 
 
-def test_a_gateway_that_cannot_listen_says_where(tmp_path: Path) -> None:
+def test_a_gateway_that_cannot_listen_says_where(tmp_path: Path, redis_url: str) -> None:
     """uvicorn said "ERROR: [Errno 98] Address already in use" and exited 3, naming neither the
     address nor the setting (``rdv serve`` did)."""
     taken = socket.create_server(("127.0.0.1", 0))
     port = taken.getsockname()[1]
     try:
         env = {"PATH": "/usr/bin:/bin", "RDV_DATA_DIR": str(tmp_path), "RDV_PORT": str(port),
-               "RDV_REDIS_URL": "redis://127.0.0.1:1"}  # fmt: skip
+               "RDV_REDIS_URL": redis_url}  # fmt: skip
         done = subprocess.run([sys.executable, "-m", "gateway.cli", "gateway"], env=env,
                               cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
     finally:

@@ -55,13 +55,6 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     )
 
     settings = settings_from_args(args)
-    sock = None
-    if args.fd is None:  # uvicorn said only "[Errno 98] Address already in use", and exit 3
-        try:
-            sock = listening_socket(settings.host, settings.port, reuse_port=args.reuse_port)
-        except OSError as exc:
-            where = f"{settings.host}:{settings.port}"
-            raise SystemExit(f"rdv gateway: cannot listen on {where}: {exc}") from None
     warn_of_few_open_files(open_files_to_the_hard_limit())
     os.environ["RDV_REDIS_URL"] = require_redis(settings)  # the app reads it (a factory)
     from rendezvous.bus.connection import connect
@@ -102,14 +95,18 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         server_header=False,  # the fast path never sent one; now neither does the ASGI path
     )
     app = "gateway.cli.main:_app_from_env"
+    if args.fd is not None:
+        sock = socket.socket(fileno=args.fd)
+    else:  # uvicorn said only "[Errno 98] Address already in use", and exit 3
+        try:
+            sock = listening_socket(settings.host, settings.port, reuse_port=args.reuse_port)
+        except OSError as exc:
+            where = f"{settings.host}:{settings.port}"
+            raise SystemExit(f"rdv gateway: cannot listen on {where}: {exc}") from None
     if not one_of_several:
-        assert sock is not None
         sock.close()  # only a check: uvicorn binds its own (SO_REUSEADDR: at once)
         uvicorn.run(app, workers=processes if processes > 1 else None, **options)
         return
-    if args.fd is not None:
-        sock = socket.socket(fileno=args.fd)
-    assert sock is not None
     server = uvicorn.Server(uvicorn.Config(app, **options))
     server.run(sockets=[sock])
     if not server.started:
