@@ -71,6 +71,24 @@ def test_a_bad_setting_is_one_line_naming_it(tmp_path: Path, setting: str, says:
         ("RDV_WORKER_BLOCK_MS=20000", "a live worker may go 21.5 s between heartbeats"),
         ("RDV_MODEL_MEMORY_MB=100", "0 (no bound) or at least 256"),
         ("RDV_WATCHDOG_S=30", "RDV_MODEL_RUN_LIMIT_S=30 s in one model run: give more than 35"),
+        # passed, then every gateway process failed: "timestamp out of range for platform time_t"
+        ("RDV_REDIS_TIMEOUT_S=1e10", "RDV_REDIS_TIMEOUT_S='1e10': Input should be less than"),
+        # passed, then every read timed out at once, and the log said only "did not answer"
+        ("RDV_REDIS_TIMEOUT_S=1e-9", "RDV_REDIS_TIMEOUT_S='1e-9': Input should be greater"),
+        # passed, then the gateway's outcome flush failed on a list of 10^17 buckets
+        ("RDV_FEEDBACK_BUCKET_S=1e-9", "RDV_FEEDBACK_BUCKET_S='1e-9': Input should be greater"),
+        ("RDV_FEEDBACK_BUCKET_S=10", "would hold 60480 buckets; at most 10,000"),
+        # passed, then 11 s of retries ended in "did not answer (protocol must be ...)"
+        ("RDV_REDIS_URL=redis://127.0.0.1:6379?protocol=7", "protocol must be 2 or 3"),
+        ("RDV_REDIS_URL=redis://127.0.0.1:6379/abc", "the database must be a number (/0)"),
+        ("RDV_REDIS_URL=redis://", "names no host"),
+        ("RDV_REDIS_URL=redis://127.0.0.1:0", "port 0 is no Redis's"),
+        ("RDV_REDIS_URL=redis://a:1,b:0", "'redis://b:0': port 0 is no Redis's"),
+        # refused, but as "printable ASCII characters only"
+        ("RDV_ADMIN_TOKEN=", "RDV_ADMIN_TOKEN=(hidden): empty: give a token, or leave"),
+        ("RDV_FEEDBACK_TOKEN= ", "RDV_FEEDBACK_TOKEN=(hidden): empty"),
+        # refused under RDV_FALLBACKS' name alone, which was not at fault
+        ("RDV_REAL_DEADLINE_MS=2000", "RDV_REAL_DEADLINE_MS=2000, RDV_TIMEOUT_MS=1000"),
     ],
 )  # fmt: skip
 def test_a_setting_that_would_fail_later_fails_at_once(
