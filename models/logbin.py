@@ -36,8 +36,8 @@ from models.archive import SegmentWriter
 from models.archive_line import archive_line, text
 from models.deployment_purge import Purger
 from models.feature_watch import FeatureWatch
-from models.logbin_owner import let_go, renewal
 from models.logbin_states import DeploymentStates
+from models.name_owner import let_go, renewal
 from rendezvous import names
 from rendezvous.bus.aside import ASIDE_S, UNREACHABLE
 from rendezvous.bus.connection import REDIS_DOWN, REDIS_FAILURES, Client, write_refused
@@ -121,7 +121,7 @@ class LogBin(ConsumerLoop):
         self.refresh_s = refresh_s
         """How often a callable ``deployments`` is asked again."""
         self._say_failing_at = 0.0
-        self.owner_token = owner_token  # its hold on the name (models.logbin_owner), or None
+        self.owner_token = owner_token  # its hold on the name (models.name_owner), or None
         self.retention = Retention(client, trim_interval_s, max_role_lag)
         """The archive owns retention: it trims only behind every group, itself included."""
         self.states = DeploymentStates(self.bus)

@@ -110,7 +110,7 @@ MakeWorker = Callable[[str, str], ModelWorker]
 """(deployment, role) -> a worker with its own client, not yet running."""
 
 
-def hosted_consumer(role: str, kind: RoleKind = "all") -> str:
+def hosted_consumer(role: str, kind: RoleKind = "all", host: str = "0") -> str:
     """The consumer name of a hosted role. A host of every kind, or of the answering roles,
     names it as a process of its own does in ``rdv serve`` (``R-0``), so that a change of
     layout re-reads the pending entries the other left. A host of shadow roles names it apart
@@ -119,8 +119,10 @@ def hosted_consumer(role: str, kind: RoleKind = "all") -> str:
     one name the host starting it would re-read, as its own pending entries, the batch the
     other still has in hand, and score it twice. Under two names each entry goes to one of
     them; what the other leaves pending it acks, or a live member claims once idle
-    (``RDV_CLAIM_IDLE_MS``) if it died. (Within one host, ``WorkerHost._await_released``.)"""
-    return f"{role}-s0" if kind == "shadow" else f"{role}-0"
+    (``RDV_CLAIM_IDLE_MS``) if it died. (Within one host, ``WorkerHost._await_released``.)
+    Hosts that serve the same roles need names of their own (``host``, ``rdv worker --name``;
+    ``models.name_owner`` refuses a second under one name)."""
+    return f"{role}-s{host}" if kind == "shadow" else f"{role}-{host}"
 
 
 @dataclass

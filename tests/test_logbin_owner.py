@@ -11,7 +11,7 @@ import redis
 
 from models.archive import SegmentWriter
 from models.logbin import LogBin
-from models.logbin_owner import OWNER_TTL_S, NameTaken, owner_key, take_name
+from models.name_owner import OWNER_TTL_S, NameTaken, owner_key, take_name
 
 pytestmark = pytest.mark.integration
 

@@ -31,6 +31,7 @@ from gateway.cli.process import (
     stop_event,
     warn_of_few_open_files,
 )
+from gateway.cli.worker import cmd_worker
 from gateway.settings import Settings
 from gateway.settings_values import invalid_settings
 
@@ -138,104 +139,12 @@ def _die_with_uvicorns_supervisor() -> None:
         raise SystemExit(f"rdv gateway: its supervisor (pid {parent.pid}) is gone")
 
 
-def cmd_worker(args: argparse.Namespace) -> None:
-    """One role of one deployment (``--deployment`` and ``--role``), or a host of many
-    (``--roles``, optionally one ``--deployment``): see ``models.worker_host``."""
-    from models.deployment_store import DeploymentStore
-    from models.hosting import HOSTED_BLOCK_MS, HOSTED_HEARTBEAT_S
-    from models.memory_bound import bound_memory
-    from models.registry import ModelRegistry
-    from models.worker import ModelWorker
-    from models.worker_host import (
-        Selection,
-        WorkerHost,
-        client_per_worker,
-        hosted_consumer,
-    )
-    from rendezvous.bus.connection import Client, connect
-    from rendezvous.heap import settle_heap
-
-    settings = settings_from_args(args)
-    url = require_redis(settings)
-    registry = ModelRegistry(settings.models_dir)
-    bounded = bound_memory(settings.model_memory_mb)  # before any model is loaded
-    log.info("model memory %s", f"bounded to {bounded} MB" if bounded else "not bounded")
-
-    def bounded_client() -> Client:  # every command bounded: a Redis gone silent is a failure
-        return connect(url, socket_timeout_s=settings.redis_timeout_s)
-
-    def build(
-        client: Client, deployment: str, role: str, consumer: str, hosted: bool = False
-    ) -> ModelWorker:
-        return ModelWorker(
-            client,
-            registry,
-            deployment=deployment,
-            role=role,
-            consumer=consumer,
-            batch_size=settings.worker_batch_size,
-            block_ms=max(settings.worker_block_ms, HOSTED_BLOCK_MS)
-            if hosted
-            else settings.worker_block_ms,
-            heartbeat_s=HOSTED_HEARTBEAT_S if hosted else 1.0,
-            claim_idle_ms=settings.claim_idle_ms,
-            reply_maxlen=settings.reply_maxlen,
-            shadow_batch_wait_ms=settings.shadow_batch_wait_ms,
-            model_run_limit_s=settings.model_run_limit_s,
-            timeout_s=settings.redis_timeout_s,
-        )
-
-    stop = stop_event()
-    if args.role is None:
-        if args.consumer:
-            raise SystemExit("rdv worker: --consumer names one role's consumer; add --role")
-        shard, shards = _shard(args.shard)
-        selection = Selection(args.roles, args.deployment, shard, shards)
-        make = client_per_worker(
-            bounded_client,
-            lambda c, d, r: build(c, d, r, hosted_consumer(r, selection.roles), hosted=True),
-        )
-        host = WorkerHost(DeploymentStore(bounded_client()), make, selection)
-        host.reconcile()
-        settle_heap()
-        serving = ", ".join(f"{d}/{r}" for d, r in sorted(host.hosted)) or "nothing yet"
-        log.info("worker host (%s roles, shard %s) serving %s", args.roles, args.shard, serving)
-        if args.deployment is not None and args.deployment not in host.store.list():
-            # a name mistyped served nothing for ever, and said only "nothing yet"
-            log.warning("worker host: deployment %r does not exist (yet): its roles are served "
-                        "once it is created", args.deployment)  # fmt: skip
-        host.run(stop)
-        log.info("worker host stopped")
-        return
-    if args.deployment is None:
-        raise SystemExit("rdv worker: --role needs --deployment")
-    consumer = args.consumer or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
-    worker = build(bounded_client(), args.deployment, args.role, consumer)
-    worker.load()
-    settle_heap()
-    log.info("worker %s serving %s/%s with %s", consumer, args.deployment, args.role,
-             worker.model_ref)  # fmt: skip
-    run_until_stopped(worker, stop)
-    log.info("worker %s stopped: %s", consumer, worker.stats)
-
-
-def _shard(text: str) -> tuple[int, int]:
-    """``I/N`` -> (I, N), checked."""
-    try:
-        shard, shards = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise SystemExit(f"rdv worker: --shard wants I/N, such as 0/2, not {text!r}") from None
-    if not 0 <= shard < shards:
-        raise SystemExit(f"rdv worker: --shard {text}: I must be in 0..N-1")
-    return shard, shards
-
-
 def cmd_logbin(args: argparse.Namespace) -> None:
     from models.archive import SegmentWriter
     from models.deployment_purge import Purger
     from models.deployment_store import DeploymentStore
     from models.logbin import LogBin
-    from models.logbin_owner import NameTaken, take_name
+    from models.name_owner import NameTaken, take_name
     from rendezvous.bus.connection import connect
     from rendezvous.heap import settle_heap
 
@@ -315,7 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(answering: real, A/B-split challengers), following changes")  # fmt: skip
     p.add_argument("--shard", default="0/1", help="without --role: I/N, this host's share")
     p.add_argument("--consumer", type=consumer_name,
-                   help="consumer name in the group (stable across restarts)")  # fmt: skip
+                   help="with --role: its consumer name (stable across restarts)")  # fmt: skip
+    p.add_argument("--name", type=consumer_name,
+                   help="without --role: this host's name, in each of its consumers' (default "
+                        "0); hosts that serve the same roles need their own")  # fmt: skip
     p.set_defaults(func=cmd_worker)
 
     p = serving(sub.add_parser("logbin", help="archive every request of every deployment"))

@@ -1,0 +1,102 @@
+"""One process a consumer name: log bins, and worker hosts.
+
+A log bin's consumer name is stable (``logbin-<host>`` by default), so that a restarted bin
+re-reads its own pending entries at once and keeps its drift claims. Two bins started under one
+name (two ``rdv logbin`` on a host without ``--consumer``) each re-read the other's pending
+entries as their own and archived them twice (found by hand). A worker host names its consumers
+after its own name (``real-0``): two hosts under one name (two identical ``rdv worker``) shared
+one heartbeat, so a dead one was never missed, and their counters overwrote each other (found
+by a helper's probe). So such a process holds its name in Redis while it runs: taken with
+``SET NX`` at its start, renewed about once a second, let go at a clean stop. One killed
+outright holds it ``OWNER_TTL_S`` longer, which its successor waits out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import redis
+
+from rendezvous import names
+from rendezvous.bus.connection import Client, text
+from rendezvous.bus.routing import Command, command
+
+log = logging.getLogger(__name__)
+
+OWNER_TTL_S = 5.0
+"""How long a name stays taken without renewal (its holder renews it about every second)."""
+RENEW_S = 1.0
+
+
+class NameTaken(RuntimeError):
+    """Another live process runs under this name."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """Whose names: each kind has names of its own (the key's ``part``), and the flag that
+    gives one."""
+
+    what: str
+    part: str
+    flag: str
+
+
+LOG_BIN = Kind("log bin", "logbin", "--consumer")
+WORKER_HOST = Kind("worker host", "workerhost", "--name")
+
+
+def owner_key(name: str, kind: Kind = LOG_BIN) -> str:
+    return f"{names.PREFIX}:{kind.part}:owner:{name}"
+
+
+def take_name(client: Client, name: str, token: str, wait_s: float = OWNER_TTL_S + 1,
+              kind: Kind = LOG_BIN) -> None:  # fmt: skip
+    """Hold ``name`` for this process (``token``), waiting out a holder that stopped
+    renewing; ``NameTaken`` if another keeps it."""
+    key = owner_key(name, kind)
+    deadline = time.monotonic() + wait_s
+    while not client.set(key, token, nx=True, px=int(OWNER_TTL_S * 1000)):
+        holder = client.get(key)
+        if holder is not None and text(holder) == token:
+            return
+        if time.monotonic() > deadline:
+            raise NameTaken(
+                f"another {kind.what} runs as {name!r} ({text(holder or b'?')}): "
+                f"give each its own {kind.flag}"
+            )
+        time.sleep(0.25)
+
+
+def renewal(name: str, token: str, kind: Kind = LOG_BIN) -> Command:
+    return command(b"SET", owner_key(name, kind).encode(), token.encode(), b"PX",
+                   b"%d" % int(OWNER_TTL_S * 1000))  # fmt: skip
+
+
+def let_go(client: Client, name: str, token: str, kind: Kind = LOG_BIN) -> None:
+    """At a clean stop: the name is free at once (best effort: Redis may be down)."""
+    try:
+        key = owner_key(name, kind)
+        holder = client.get(key)
+        if holder is not None and text(holder) == token:
+            client.delete(key)
+    except redis.RedisError as exc:
+        log.warning("%s: could not let go of its name: %s", kind.what, exc)
+
+
+def keep_held(client: Client, name: str, token: str, kind: Kind, stop: threading.Event) -> None:
+    """For a process with no loop of its own to renew in (a worker host): renew the hold
+    every second on a thread of its own until ``stop``, then let go of it."""
+
+    def renew() -> None:
+        while not stop.wait(RENEW_S):
+            try:
+                client.set(owner_key(name, kind), token, px=int(OWNER_TTL_S * 1000))
+            except redis.RedisError as exc:  # Redis away: the hold is taken again on its return
+                log.debug("%s: cannot renew its name now: %s", kind.what, exc)
+        let_go(client, name, token, kind)
+
+    threading.Thread(target=renew, name=f"rdv-{kind.part}-name", daemon=True).start()

@@ -1,0 +1,56 @@
+"""Worker hosts started by hand, as on several machines (real processes, real Redis): two that
+serve the same roles need names of their own. Under one name (two identical ``rdv worker``)
+they shared every consumer: one heartbeat, so a dead one was never missed, and counters that
+overwrote each other (found by a helper's probe of a multi-process deployment)."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from models.name_owner import WORKER_HOST, owner_key
+from models.train import DEMO_DEPLOYMENT
+from processes import RdvProcess, bodies, launch_system, wait_until
+from rendezvous import names
+from rendezvous.schedule import Schedule
+
+pytestmark = pytest.mark.integration
+
+
+def test_two_worker_hosts_of_the_same_roles_need_names_of_their_own(
+    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    with launch_system(redis_url, demo_data_dir, tmp_path_factory, Schedule()) as system:
+
+        def live_reals() -> set[str]:
+            members = system.r.zrangebyscore(names.workers_key(DEMO_DEPLOYMENT),
+                                             time.time() - 3, "+inf")  # fmt: skip
+            return {m.decode() for m in members if m.decode().startswith("real|")}
+
+        system.start("host-0", "worker")
+        wait_until(lambda: live_reals() == {"real|real-0"}, 30, "the first host's real")
+        twin = RdvProcess(["worker"], system.env, system.logs / "twin.log")
+        assert twin.proc.wait(30) == 1, twin.log_text()[-2000:]
+        twin.stop()
+        said = twin.log_text().strip().splitlines()[-1]
+        assert re.fullmatch(r"rdv worker: another worker host runs as '0 \(all roles of every "
+                            r"deployment, shard 0/1\)' \(.+\): give each its own --name",
+                            said), said  # fmt: skip
+
+        system.start("host-b", "worker", "--name", "b")
+        wait_until(lambda: live_reals() == {"real|real-0", "real|real-b"}, 30, "both reals")
+        group = system.r.xinfo_consumers(names.input_stream(DEMO_DEPLOYMENT), "model:real")
+        assert {c["name"].decode() for c in group} == {"real-0", "real-b"}
+        assert all(system.predict(b).status_code == 200 for b in bodies(10))
+
+        # stopped cleanly, a host lets go of its name: its successor starts at once
+        held = owner_key("0 (all roles of every deployment, shard 0/1)", WORKER_HOST)
+        assert system.r.exists(held)
+        system.stop("host-0")
+        assert not system.r.exists(held)
+        system.start("host-0-again", "worker")
+        wait_until(lambda: "real|real-0" in live_reals(), 30, "the successor's real")
+        assert "another worker host" not in system.procs["host-0-again"].log_text()
