@@ -13,6 +13,7 @@ Nothing here unpickles anything: a model is ONNX bytes plus JSON.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
 import json
 import logging
@@ -126,6 +127,8 @@ class ModelRegistry:
                 indexed = self._index_new(stored)
             except BaseException:
                 shutil.rmtree(d, ignore_errors=True)
+                with contextlib.suppress(OSError):  # a new name's folder, empty: a refusal
+                    d.parent.rmdir()  # leaves nothing (only ever removed when empty)
                 raise
             if indexed:
                 return stored

@@ -372,6 +372,10 @@ def test_an_upload_onto_a_full_disk_is_a_507_that_stores_nothing_and_the_next_on
     assert resp.status_code == 507, resp.text
     assert "No space left on device" in resp.json()["detail"]
     assert state(r, data_dir(admin)) == before
+    # a new model's name: its folder went too (it stayed, empty; a helper's disk-full probe)
+    resp = admin.post("/admin/models", json=upload_body("weak", name="brand-new"), headers=AUTH)
+    assert resp.status_code == 507, resp.text
+    assert state(r, data_dir(admin)) == before
 
     monkeypatch.undo()  # room again
     resp = admin.post("/admin/models", json=body, headers=AUTH)
