@@ -53,6 +53,9 @@ class SegmentWriter:
         self._open: dict[str, tuple[io.FileIO, float]] = {}
         """deployment -> (file, monotonic time it was opened)."""
         self._next_seq: dict[str, int] = {}
+        self._retrying: set[str] = set()
+        """Deployments whose last append failed: the segments of their retries (four a second
+        on a full disk) are made and removed without a log line each."""
 
     def append_batch(self, deployment: str, records: Sequence[str | dict[str, Any]]) -> int:
         """Write ``records`` as one gzip member and fsync it. Returns compressed bytes written.
@@ -82,7 +85,11 @@ class SegmentWriter:
             self._fsync(f.fileno())
         except BaseException:
             self._drop(deployment, cut_to=whole)
+            self._retrying.add(deployment)
             raise
+        if deployment in self._retrying:
+            self._retrying.discard(deployment)
+            log.info("archive: new segment %s", f.name)
         return len(member)
 
     def close(self) -> None:
@@ -130,7 +137,8 @@ class SegmentWriter:
             f.close()
             raise
         self._open[deployment] = (f, time.monotonic())
-        log.info("archive: new segment %s", path)
+        if deployment not in self._retrying:  # a retry's is said when it holds a batch
+            log.info("archive: new segment %s", path)
         return f
 
     def _drop(self, deployment: str, cut_to: int | None = None) -> None:
@@ -142,6 +150,7 @@ class SegmentWriter:
                 os.ftruncate(f.fileno(), cut_to)
                 if cut_to == 0:
                     os.unlink(f.name)
+                    self._next_seq[deployment] -= 1  # its number is free again
             except OSError as exc:
                 log.warning("archive: cannot cut %s back to its last batch: %s", f.name, exc)
         try:
