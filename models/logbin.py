@@ -129,6 +129,7 @@ class LogBin(ConsumerLoop):
         self.batch_wait_s = max(batch_wait_ms, 0.0) / 1000
         self.stats = LogBinStats()
         self.retry_log = RetryLog(log, "logbin")
+        self._refresh_log = RetryLog(log, "logbin: reading the deployments")
         self._source = deployments
         self._streams: dict[str, str] = {}
         """Input stream key -> deployment, for the deployments being archived now."""
@@ -227,9 +228,10 @@ class LogBin(ConsumerLoop):
         except UNREACHABLE as exc:
             # A node that holds the deployment list or a state is away (a master lost, its
             # replica being elected): archive the streams known meanwhile, and ask again soon.
-            log.warning("logbin: cannot read the deployments now (%s); archiving as before", exc)
+            self._refresh_log.failed(f"{exc}; archiving as before")
             self._next_refresh = now + ASIDE_S
             return
+        self._refresh_log.succeeded()
         wanted: dict[str, str] = {}
         specs: dict[str, FeatureSpec] = {}
         for dep, state in states.items():

@@ -84,3 +84,46 @@ def test_the_level_and_the_traceback_are_the_callers(caplog: pytest.LogCaptureFi
     (record,) = caplog.records
     assert record.levelno == logging.ERROR and record.exc_info is not None
     assert record.getMessage() == "refresh: failed (KeyError('x'))"
+
+
+async def test_the_gateways_flush_loops_say_an_outage_once_not_at_every_flush(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outcome store's and the drift feed's flushes logged every refused write, four a
+    second a process (a helper's probe, Redis refusing writes on a full disk: 120 lines a
+    process in 30 s). Each now says an outage once, and when it ends."""
+    import asyncio
+
+    import redis
+
+    from gateway.dataplane.outcome_store import OutcomeStore
+    from gateway.observability.drift_feed import DriftFeed
+
+    caplog.set_level(logging.INFO)
+    outcomes = OutcomeStore(None, retention_s=3600, bucket_s=60, max_bytes=10**9,  # type: ignore[arg-type]
+                            flush_s=0.01)  # fmt: skip
+    feed = DriftFeed(None, None, interval_s=0.01)  # type: ignore[arg-type]
+    tries = {"outcomes": 0, "feed": 0}
+    done = {name: asyncio.Event() for name in tries}
+
+    def refusing(name: str, until: int) -> object:
+        async def flush() -> None:
+            tries[name] += 1
+            if tries[name] <= until:
+                raise redis.ConnectionError("MISCONF Redis cannot write to its disk")
+            if tries[name] >= until + 10:
+                done[name].set()
+
+        return flush
+
+    monkeypatch.setattr(outcomes, "flush", refusing("outcomes", 30))
+    monkeypatch.setattr(feed, "flush", refusing("feed", 30))
+    loops = [asyncio.create_task(outcomes.run()), asyncio.create_task(feed.run())]
+    await asyncio.wait_for(asyncio.gather(*(event.wait() for event in done.values())), 30)
+    for loop in loops:
+        loop.cancel()
+    lines = [r.getMessage() for r in caplog.records]
+    for what in ("feedback: writing outcomes", "drift: writing sketches"):
+        mine = [line for line in lines if line.startswith(what)]
+        assert len(mine) == 2, mine  # the start, the end: not 30 lines
+        assert "MISCONF" in mine[0] and "working again after" in mine[1] and "30 failed" in mine[1]

@@ -28,6 +28,7 @@ from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
 from rendezvous.decision import DecisionRecord
 from rendezvous.outcomes import encode_record, held_buckets
+from rendezvous.retry_log import RetryLog
 
 log = logging.getLogger(__name__)
 
@@ -261,12 +262,14 @@ class OutcomeStore:
     async def run(self) -> None:
         """Flush every ``flush_s``; what a Redis outage kept from being written goes out with
         a later flush (see ``_keep_unwritten``)."""
+        retry_log = RetryLog(log, "feedback: writing outcomes")  # not four lines a second
         while True:
             await asyncio.sleep(self.flush_s)
             try:
                 await self.flush()
+                retry_log.succeeded()
             except REDIS_FAILURES as exc:
-                log.warning("cannot write outcomes: %s", exc)
+                retry_log.failed(exc)
             except Exception:
                 log.exception("outcome flush failed")
 

@@ -31,6 +31,7 @@ from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 from rendezvous.decision import DecisionRecord
 from rendezvous.drift import Sketch
 from rendezvous.drift_reference import FeatureReference, FeatureReferences
+from rendezvous.retry_log import RetryLog
 
 log = logging.getLogger(__name__)
 
@@ -243,11 +244,13 @@ class DriftFeed:
     async def run(self) -> None:
         """Flush every interval; what a Redis outage kept from being written goes out with a
         later flush (up to ``UNSENT_S``)."""
+        retry_log = RetryLog(log, "drift: writing sketches")  # not four lines a second
         while True:
             await asyncio.sleep(self.interval_s)
             try:
                 await self.flush()
+                retry_log.succeeded()
             except REDIS_FAILURES as exc:
-                log.warning("cannot write drift sketches: %s", exc)
+                retry_log.failed(exc)
             except Exception:
                 log.exception("drift sketch flush failed")
