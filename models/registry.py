@@ -65,8 +65,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        if isinstance(exc, OSError) and exc.filename is None:  # a write's names no file:
+            exc.filename = str(path)  # the 507's log line says where (the README's promise)
         raise
 
 

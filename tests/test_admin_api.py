@@ -353,8 +353,9 @@ def test_refused_uploads_are_4xx_and_change_nothing(
 
 
 def test_an_upload_onto_a_full_disk_is_a_507_that_stores_nothing_and_the_next_one_lands(
-    admin: AppClient, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    admin: AppClient, r: redis.Redis, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
     """The registry's files written where the kernel says the disk is full (``/dev/full``,
     ENOSPC at the write): a 507 saying so, no version folder or index entry left behind (it
     was a 500). Once there is room again the same upload is stored under the next number."""
@@ -372,6 +373,10 @@ def test_an_upload_onto_a_full_disk_is_a_507_that_stores_nothing_and_the_next_on
     assert resp.status_code == 507, resp.text
     assert "No space left on device" in resp.json()["detail"]
     assert state(r, data_dir(admin)) == before
+    # the log says where (a write's error names no file: a helper's probe)
+    refused = [r.getMessage() for r in caplog.records if "disk was refused" in r.getMessage()]
+    assert refused and f"{data_dir(admin) / 'models' / DEMO_MODEL}" in refused[0], refused
+    assert str(data_dir(admin)) not in resp.text  # the caller is not told the server's paths
     # a new model's name: its folder went too (it stayed, empty; a helper's disk-full probe)
     resp = admin.post("/admin/models", json=upload_body("weak", name="brand-new"), headers=AUTH)
     assert resp.status_code == 507, resp.text
