@@ -54,3 +54,27 @@ def test_two_worker_hosts_of_the_same_roles_need_names_of_their_own(
         system.start("host-0-again", "worker")
         wait_until(lambda: "real|real-0" in live_reals(), 30, "the successor's real")
         assert "another worker host" not in system.procs["host-0-again"].log_text()
+
+
+def test_a_host_restarted_in_its_supervisor_slot_takes_its_name_back_at_once(
+    redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Under ``rdv serve`` a crashed host is restarted in its slot: it holds its name under the
+    slot (``RENDEZVOUS_SUPERVISED_AS``), so it need not wait out the dead one's hold. Here the
+    dead one's hold is made to last: only the slot's token gets past it."""
+    from gateway.cli.supervisor import SUPERVISED_AS
+
+    with launch_system(redis_url, demo_data_dir, tmp_path_factory, Schedule(),
+                       **{SUPERVISED_AS: "4242/worker-host-0"}) as system:  # fmt: skip
+        held = owner_key("0 (all roles of every deployment, shard 0/1)", WORKER_HOST)
+        first = system.start("host", "worker")
+        wait_until(lambda: system.r.exists(held), 30, "the first host's hold")
+        first.kill()
+        first.proc.wait(10)
+        assert system.r.persist(held)  # the dead one's hold, for good
+        system.procs.pop("host")
+        again = system.start("host-again", "worker")
+        wait_until(lambda: "worker host (all roles" in again.log_text() or not again.alive(), 30,
+                   "the restarted host to serve, or to give up")  # fmt: skip
+        assert again.alive(), again.log_text()[-1000:]
+        assert system.r.get(held).decode().endswith("-4242/worker-host-0")

@@ -151,7 +151,9 @@ def cmd_logbin(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
     client = connect(require_redis(settings), socket_timeout_s=settings.redis_timeout_s)
     consumer = args.consumer or f"logbin-{socket.gethostname()}"
-    token = f"{socket.gethostname()}-{os.getpid()}"
+    from gateway.cli.supervisor import holder_token
+
+    token = holder_token()
     try:
         take_name(client, consumer, token)
     except NameTaken as exc:

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -114,7 +115,7 @@ class Supervisor:
             self._stop([child], grace_s)
 
     def _spawn(self, child: Child) -> None:
-        env = self.env
+        env = {**self.env, SUPERVISED_AS: f"{os.getpid()}/{child.name}"}
         if self._liveness_dir:
             child.liveness_file = os.path.join(self._liveness_dir, child.name)
             liveness.create(child.liveness_file)
@@ -208,6 +209,19 @@ class Supervisor:
                 log.warning("%s did not stop within %.0fs; killing it", c.name, grace_s)
                 c.proc.kill()
                 c.proc.wait()
+
+
+SUPERVISED_AS = "RENDEZVOUS_SUPERVISED_AS"
+"""Set in each child: its supervisor and its slot, the same across restarts. A child that
+holds a name in Redis (a log bin, a worker host: ``models.name_owner``) holds it under this, so
+a restart after a crash takes its name back at once instead of waiting out the dead one's
+hold."""
+
+
+def holder_token() -> str:
+    """Who holds a name in Redis: this host and supervisor slot (``SUPERVISED_AS``), else
+    this process."""
+    return f"{socket.gethostname()}-{os.environ.get(SUPERVISED_AS) or os.getpid()}"
 
 
 def _forget_live_gauges(pid: int) -> None:

@@ -109,16 +109,14 @@ def _hold_host_name(client: Client, name: str, selection: Selection, stop: threa
     """Two hosts of the same roles under one name shared their consumers: one heartbeat, so a
     dead one was never missed, and counters that overwrote each other (a helper's probe).
     The second is refused, saying how to name it apart."""
+    from gateway.cli.supervisor import holder_token
     from models.name_owner import WORKER_HOST, NameTaken, keep_held, take_name
-    from rendezvous.liveness import ENV as LIVENESS_ENV
 
     where = selection.deployment or "every deployment"
     held = (
         f"{name} ({selection.roles} roles of {where}, shard {selection.shard}/{selection.shards})"
     )
-    # Under ``rdv serve``, the slot's own liveness file: a host restarted after a crash takes
-    # its name back at once, instead of waiting out the dead one's hold.
-    token = f"{socket.gethostname()}-{os.environ.get(LIVENESS_ENV) or os.getpid()}"
+    token = holder_token()
     try:
         take_name(client, held, token, kind=WORKER_HOST)
     except NameTaken as exc:
