@@ -84,7 +84,10 @@ def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> No
         body = {"features": dict(zip(demo_data().names, map(float, x), strict=True))}
         resp = http.post(f"/v1/deployments/{DEMO_DEPLOYMENT}/predict", json=body)
         assert resp.status_code == 200, resp.text
-        assert resp.json()["model"]["role"] == "real"
+        # real answers (the first request may meet a real still cold on a loaded machine, past
+        # its deadline: the canary's fallback answer is right too; a CI run saw one)
+        wait_until(lambda: http.post(f"/v1/deployments/{DEMO_DEPLOYMENT}/predict", json=body)
+                   .json()["model"]["role"] == "real", 10, "real to answer")  # fmt: skip
         # Two gateway processes share the port: a keep-alive connection's 100th answer closes
         # it (RDV_REQUESTS_PER_CONNECTION unset), so that a client with few connections does
         # not stay on whichever process took them first. The client reconnects by itself.
