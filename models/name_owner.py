@@ -94,7 +94,7 @@ def keep_held(client: Client, name: str, token: str, kind: Kind, stop: threading
     def renew() -> None:
         while not stop.wait(RENEW_S):
             try:
-                client.set(owner_key(name, kind), token, px=int(OWNER_TTL_S * 1000))
+                client.execute_command(*renewal(name, token, kind).args)
             except redis.RedisError as exc:  # Redis away: the hold is taken again on its return
                 log.debug("%s: cannot renew its name now: %s", kind.what, exc)
         let_go(client, name, token, kind)
