@@ -37,6 +37,7 @@ from models.archive_line import archive_line, text
 from models.deployment_purge import Purger
 from models.feature_watch import FeatureWatch
 from models.logbin_states import DeploymentStates
+from models.logbin_watch import DetectorRelay
 from models.name_owner import let_go, renewal
 from rendezvous import names
 from rendezvous.bus.aside import ASIDE_S, UNREACHABLE
@@ -137,6 +138,7 @@ class LogBin(ConsumerLoop):
         self._next_refresh = 0.0
         self.watch = feature_watch or (FeatureWatch(consumer) if watch_features else None)
         """The feature detectors, on the archived rows (None: not run here)."""
+        self.detectors = DetectorRelay(self.watch, self.bus)
         self.purger = purger
 
     # -- the consumer loop's hooks ------------------------------------------------------------
@@ -160,8 +162,8 @@ class LogBin(ConsumerLoop):
         self.stats.reclaimed += batch.claimed
         archived = self._archive(batch.entries) if batch.entries else 0
         if not batch.entries:
-            self._judge_kept()
-            self._claim_alone()
+            self.detectors.judge_kept()
+            self.detectors.claim_alone()
         self._publish()
         self.stats.trimmed += self.retention.run(self._streams, self.aside)
         return archived
@@ -240,7 +242,7 @@ class LogBin(ConsumerLoop):
             if state is not None and not state.deleted_ms:  # no drift judged while draining
                 specs[dep] = state.feature_spec
         if self.watch is not None:
-            self._adopt(self.watch.follow(specs))
+            self.detectors.adopt(self.watch.follow(specs))
         for dep in sorted({d for s, d in wanted.items() if s not in self._streams}):
             log.info("logbin: archiving deployment %s", dep)
         self._streams = wanted
@@ -252,23 +254,6 @@ class LogBin(ConsumerLoop):
                 self._streams = {k: d for k, d in wanted.items() if d not in purged}
                 self._stream_keys = tuple(self._streams)
         self.writer.close_all_but(set(self._streams.values()))
-
-    def _adopt(self, deployments: list[str]) -> None:
-        """The alerts this bin's source claimed before this process started (its consumer name
-        is the same after a restart), handed to the feature watch to hold."""
-        if not deployments or self.watch is None:
-            return
-        source = self.watch.source.encode()
-        commands = [command(b"HGET", names.drift_claims_key(d).encode(), source)
-                    for d in deployments]  # fmt: skip
-        try:
-            claims = self.bus.execute(commands)
-        except REDIS_FAILURES as exc:
-            log.warning("logbin: cannot read the alerts claimed before the start: %s", exc)
-            return
-        for dep, claim in zip(deployments, claims, strict=True):
-            if not isinstance(claim, Exception):  # its node away: nothing held
-                self.watch.adopt(dep, claim)
 
     # -- archiving ----------------------------------------------------------------------------
 
@@ -309,12 +294,22 @@ class LogBin(ConsumerLoop):
                 self.stats.records += sum(written.values())
                 self.stats.undecodable += sum(undecodable[s] for s in whole)
                 self.stats.batches += 1
-                self._watch({s: envelopes.get(s, []) for s in whole})
+                self.detectors.observe(self._by_deployment(envelopes, whole))
                 self._ack({s: ids[s][:n] for s, n in written.items()})
                 self.retention.archived(written)
         if error is not None:
             raise error  # the rest waits, pending, for the next try
         return len(entries)
+
+    def _by_deployment(
+        self, envelopes: dict[str, list[RequestEnvelope]], streams: list[str]
+    ) -> dict[str, list[RequestEnvelope]]:
+        """The decoded requests of ``streams`` (those archived whole), by deployment: a
+        deployment's partitions are one population for the detectors."""
+        by_dep: dict[str, list[RequestEnvelope]] = {}
+        for stream in streams:
+            by_dep.setdefault(self._streams[stream], []).extend(envelopes.get(stream, []))
+        return by_dep
 
     def _write_leading(self, deployment: str, lines: list[str]) -> tuple[int, OSError | None]:
         """Write ``lines`` as one member or, where the disk has no room for that many (a batch
@@ -335,29 +330,6 @@ class LogBin(ConsumerLoop):
         rest, error = self._write_leading(deployment, lines[half:])
         return first + rest, error
 
-    def _watch(self, envelopes: dict[str, list[RequestEnvelope]]) -> None:
-        """The archived rows to the feature detectors (a failure there is logged, never
-        raised: the archive must not depend on them)."""
-        if self.watch is None:
-            return
-        try:
-            for stream, envs in envelopes.items():
-                dep = self._streams[stream]
-                for env in envs:
-                    self.watch.observe(dep, env)
-            self.watch.judge(due_only=True)
-        except Exception:
-            log.exception("logbin: the feature watch failed")
-
-    def _judge_kept(self) -> None:
-        """An idle read: the rows kept for the detectors are judged now, however few."""
-        if self.watch is None:
-            return
-        try:
-            self.watch.judge()
-        except Exception:
-            log.exception("logbin: the feature watch failed")
-
     def _ack(self, ids: dict[str, list[bytes]]) -> None:
         """All acks of a batch in one round trip, after the data is fsynced; the counters
         and the feature alerts' claims ride along when due, so a busy bin publishes them at no
@@ -372,17 +344,16 @@ class LogBin(ConsumerLoop):
         if now is not None:
             commands += self._beat(now)
         own = len(commands)
-        queued = self._queue_claims(commands)
+        queued = self.detectors.queue(commands)
         try:
             replies = self.bus.execute(commands)
         except Exception:
-            if self.watch is not None:
-                self.watch.unsent(queued)
+            self.detectors.unsent(queued)
             raise
         raise_first_error(replies[: len(ids)])
         if now is not None:
             self._counters_sent(replies[len(ids)])
-        self._claim_replies(queued, replies[own:])
+        self.detectors.replies(queued, replies[own:])
 
     def _beat(self, now_s: float) -> list[Command]:
         """The counters, then the renewal of the hold on the consumer name (reply unread)."""
@@ -402,29 +373,3 @@ class LogBin(ConsumerLoop):
             log.warning("logbin: cannot publish its counters now: %s", reply)
         elif isinstance(reply, Exception):
             raise reply
-
-    def _claim_alone(self) -> None:
-        """Renew the feature alerts' claims when no batch came to carry them."""
-        if self.watch is None or not self.watch.due():
-            return
-        commands: list[Command] = []
-        queued = self._queue_claims(commands)
-        if queued:
-            self._claim_replies(queued, self.bus.execute(commands))
-
-    def _queue_claims(self, commands: list[Command]) -> list[str]:
-        if self.watch is None:
-            return []
-        try:
-            return self.watch.queue(commands)
-        except Exception:
-            log.exception("logbin: the feature watch failed")
-            return []
-
-    def _claim_replies(self, queued: list[str], replies: list[Any]) -> None:
-        if self.watch is None or not queued:
-            return
-        try:
-            self.watch.replies(queued, replies)
-        except Exception:
-            log.exception("logbin: the feature watch failed")
