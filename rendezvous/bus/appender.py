@@ -18,10 +18,10 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from redis.exceptions import ResponseError, TryAgainError
 
+from rendezvous.bus.append_commands import PendingAppend, now_ms, plain_xadd, take, xadd
 from rendezvous.bus.async_router import Router
 from rendezvous.bus.clock import entry_order
 from rendezvous.bus.connection import REDIS_FAILURES
@@ -62,52 +62,6 @@ class NotReplicated(Exception):
     """An append was written to its master but not acknowledged by enough replicas in time."""
 
 
-_TAKE_KEY = b"""
-local held = redis.call('GET', KEYS[1])
-if held and (ARGV[2] == '' or held ~= ARGV[2]) then return false end
-redis.call('SET', KEYS[1], ARGV[2] == '' and '1' or ARGV[2], 'PX', ARGV[1])
-"""
-"""Take the unique key (ARGV: ttl ms, owner) unless it is held: by anyone when there is no
-owner, else by another owner (an owner's own later tries find the key theirs)."""
-
-_XADD_IF_NEW = _TAKE_KEY + b"return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))\n"
-"""Take the unique key and append, or do neither: one command, atomic, on the node that holds
-both keys (they share a hash tag)."""
-
-_TAKE = _TAKE_KEY + b"return 'OK'\n"
-"""The key alone (a migrating slot splits the key and its stream between nodes)."""
-
-_XADD_IF_NEW_TO_EXISTING = (
-    b"""
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  return redis.error_reply('NOSTREAM ' .. KEYS[2] .. ' does not exist')
-end
-"""
-    + _XADD_IF_NEW
-)
-"""The same, to a stream that must exist (the key is not taken when it does not)."""
-
-
-@dataclass(slots=True)
-class _Pending:
-    stream: bytes
-    fields: dict[bytes, bytes]
-    maxlen: int | None
-    on_error: Callable[[Exception], None] | None
-    unique: tuple[bytes, int, bytes] | None = None
-    """(key, ttl ms, owner): append only if the key was free (or the owner's), and take it."""
-    replicated: asyncio.Future[None] | None = None
-    """Resolved once the append reached ``wait_replicas`` replicas (``WAIT``)."""
-    on_appended: Callable[[bytes], None] | None = None
-    """Given the entry's id once it is written."""
-    must_exist: bool = False
-    """Append only if the stream exists (NOMKSTREAM), else fail with ``StreamGone``."""
-    stamp: bytes | None = None
-    """A field set to this host's epoch ms as the XADD is sent (see ``append_nowait``)."""
-    give_up_at: float = 0.0
-    """Monotonic time past which a failed fire-and-forget append is dropped (0: not failed)."""
-
-
 class StreamAppender:
     def __init__(
         self,
@@ -128,7 +82,7 @@ class StreamAppender:
         self.max_batch = max_batch
         self.linger_s = linger_s
         """How long an append that nobody waits for may wait for company (see ``urgent``)."""
-        self._queue: list[_Pending] = []
+        self._queue: list[PendingAppend] = []
         self._flusher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.round_trips = 0
@@ -138,7 +92,7 @@ class StreamAppender:
         again while Redis fails (a restart, a failover's election), every ``RETRY_PAUSE_S``."""
         self.max_retrying = max_retrying
         """Most such appends held for another try; beyond it they are dropped (and counted)."""
-        self._retrying: list[_Pending] = []
+        self._retrying: list[PendingAppend] = []
         self._retry_timer: asyncio.TimerHandle | None = None
         self._closing = False
         self.dropped = 0
@@ -193,7 +147,7 @@ class StreamAppender:
             (unique[0].encode(), unique[1], unique_owner.encode()) if unique is not None else None
         )
         self._queue.append(
-            _Pending(
+            PendingAppend(
                 stream.encode(),
                 fields,
                 maxlen,
@@ -224,8 +178,8 @@ class StreamAppender:
         while self._queue:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             self.round_trips += 1
-            sent = _now_ms()
-            commands = [_xadd(item, sent) for item in batch]
+            sent = now_ms()
+            commands = [xadd(item, sent) for item in batch]
             waits = sorted({item.stream for item in batch if item.replicated is not None})
             if self.wait_replicas:
                 commands += [Command(stream, (b"WAIT", b"%d" % self.wait_replicas,
@@ -271,7 +225,7 @@ class StreamAppender:
                 self.dropped += n
                 log.warning("dropped %d append(s) to %s: %s", n, stream.decode(), why[stream])
 
-    def _retry_later(self, item: _Pending) -> bool:
+    def _retry_later(self, item: PendingAppend) -> bool:
         """Hold a failed fire-and-forget append for another try, unless its time is up or
         too many are held. A failure that hid a success (a reply lost after the write) makes
         the retry a duplicate: decision records are at least once, as the workers' results."""
@@ -293,19 +247,19 @@ class StreamAppender:
         if self._queue:
             self._kick()
 
-    async def _unique_in_two_steps(self, batch: list[_Pending], results: list[object]) -> None:
+    async def _unique_in_two_steps(self, batch: list[PendingAppend], results: list[object]) -> None:
         """While its slot migrates, the script's new key and its stream are split between two
         nodes (TRYAGAIN, as long as the migration lasts): take the key, then append, one key a
         command, so each follows its own redirect. Not atomic: a gateway that dies between the
         two leaves the id taken and nothing published, which its caller sees as a failure."""
         todo = [i for i, item in enumerate(batch)
                 if item.unique is not None and isinstance(results[i], TryAgainError)]  # fmt: skip
-        taken = await self.client.execute([_take(batch[i]) for i in todo])
+        taken = await self.client.execute([take(batch[i]) for i in todo])
         for i, reply in zip(todo, taken, strict=True):
             results[i] = None if reply is None else reply  # None: taken by another
         todo = [i for i, reply in zip(todo, taken, strict=True) if reply == b"OK"]
-        sent = _now_ms()
-        appended = await self.client.execute([_plain_xadd(batch[i], sent) for i in todo])
+        sent = now_ms()
+        appended = await self.client.execute([plain_xadd(batch[i], sent) for i in todo])
         for i, reply in zip(todo, appended, strict=True):
             results[i] = _gone(batch[i]) if reply is None else reply
 
@@ -378,45 +332,12 @@ class StreamAppender:
             await asyncio.shield(self._flusher)
 
 
-def _nothing_appended(item: _Pending) -> Exception:
+def _nothing_appended(item: PendingAppend) -> Exception:
     """Why an append replied nil: its unique key was taken, or its stream is gone."""
     if item.unique is not None:
         return AlreadyTaken(item.unique[0].decode())
     return _gone(item)
 
 
-def _gone(item: _Pending) -> StreamGone:
+def _gone(item: PendingAppend) -> StreamGone:
     return StreamGone(f"{item.stream.decode()} does not exist")
-
-
-def _now_ms() -> bytes:
-    return b"%d" % (time.time() * 1000)
-
-
-def _fields(item: _Pending, sent: bytes) -> list[bytes]:
-    flat = [part for pair in item.fields.items() for part in pair]
-    return flat if item.stamp is None else [*flat, item.stamp, sent]
-
-
-def _xadd(item: _Pending, sent: bytes) -> Command:
-    if item.unique is not None:
-        key, ttl_ms, owner = item.unique
-        flat = _fields(item, sent)
-        script = _XADD_IF_NEW_TO_EXISTING if item.must_exist else _XADD_IF_NEW
-        return Command(item.stream, (b"EVAL", script, b"2", key, item.stream,
-                                     b"%d" % ttl_ms, owner, *flat))  # fmt: skip
-    return _plain_xadd(item, sent)
-
-
-def _take(item: _Pending) -> Command:
-    assert item.unique is not None
-    key, ttl_ms, owner = item.unique
-    return Command(key, (b"EVAL", _TAKE, b"1", key, b"%d" % ttl_ms, owner))
-
-
-def _plain_xadd(item: _Pending, sent: bytes) -> Command:
-    args = [b"XADD", item.stream, b"NOMKSTREAM"] if item.must_exist else [b"XADD", item.stream]
-    if item.maxlen is not None:
-        args += [b"MAXLEN", b"~", b"%d" % item.maxlen]
-    args.append(b"*")
-    return Command(item.stream, (*args, *_fields(item, sent)))
