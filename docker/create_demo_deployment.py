@@ -14,7 +14,8 @@ import sys
 
 from gateway.cli.process import LOG_FORMAT
 from gateway.settings import Settings
-from models.deployment_store import DeploymentStore, demo_deployment
+from models.demo import demo_deployment
+from models.deployment_store import DeploymentStore
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT
 from rendezvous.bus.connection import connect

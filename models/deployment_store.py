@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 
+from models.deployment_history import history_entry, role_since_ms, state_at
 from models.deployments import (
     Deployment,
     DeploymentConflict,
@@ -32,10 +33,8 @@ from models.deployments import (
     StateReader,
     deleted,
 )
-from models.registry import ModelRegistry
 from rendezvous import names
 from rendezvous.bus.connection import Client, text
-from rendezvous.schedule import Schedule
 
 _DELETE_IF_SAME = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -90,23 +89,6 @@ def _tolerated(error: Exception) -> bool:
 
 
 # -- the store ---------------------------------------------------------------------------------
-
-
-def _snapshot(dep: Deployment) -> dict[str, Any]:
-    return {
-        "roles": {r: m.to_dict() for r, m in dep.roles.items()},
-        "schedule": dep.schedule.to_dict(),
-    }
-
-
-def _role_changes(before: Deployment | None, after: Deployment) -> dict[str, list[str | None]]:
-    old = before.roles if before else {}
-    out: dict[str, list[str | None]] = {}
-    for role in sorted(set(old) | set(after.roles)):
-        a, b = old.get(role), after.roles.get(role)
-        if a != b:
-            out[role] = [str(a) if a else None, str(b) if b else None]
-    return out
 
 
 class DeploymentStore:
@@ -213,7 +195,7 @@ class DeploymentStore:
                     "(GET /admin/deployments/{name} answers 404 without 'deleted')"
                 )
         if created:
-            entry = self._entry(None, dep, "create", actor, reason, {})
+            entry = history_entry(None, dep, "create", actor, reason, {})
             pipe = self.client.pipeline(transaction=False)
             pipe.set(names.revision_key(dep.name), dep.revision)
             pipe.rpush(names.history_key(dep.name), json.dumps(entry))
@@ -268,7 +250,7 @@ class DeploymentStore:
                         revision=before.revision + 1,
                         updated_ms=int(time.time() * 1000),
                     )
-                    entry = self._entry(before, after, action, actor, reason, detail or {})
+                    entry = history_entry(before, after, action, actor, reason, detail or {})
                     pipe.multi()
                     pipe.set(key, after.to_json())
                     pipe.set(names.revision_key(name), after.revision)
@@ -326,7 +308,7 @@ class DeploymentStore:
     ) -> dict[str, Any]:
         """Record something that did not change the state (a refused promotion)."""
         dep = self.get(name)
-        entry = self._entry(dep, dep, action, actor, reason, detail or {}, applied=False)
+        entry = history_entry(dep, dep, action, actor, reason, detail or {}, applied=False)
         self.client.rpush(names.history_key(name), json.dumps(entry))
         return entry
 
@@ -344,49 +326,11 @@ class DeploymentStore:
 
     def state_at(self, name: str, revision: int) -> dict[str, Any]:
         """Roles and schedule as they were at ``revision`` (from its history entry)."""
-        for entry in reversed(self.history(name)):
-            if entry.get("applied", True) and entry["revision"] == revision:
-                return {"roles": entry["roles"], "schedule": entry["schedule"]}
-        raise DeploymentConflict(f"{name} has no revision {revision} in its history")
+        return state_at(self.history(name), name, revision)
 
     def role_since_ms(self, name: str, role: str) -> float | None:
         """When ``role`` got the model version it holds now (None: since before history)."""
-        since = None
-        holder = None
-        for entry in reversed(self.history(name)):
-            if entry["action"] == "delete":
-                break  # an earlier life of the name
-            if not entry.get("applied", True):
-                continue
-            ref = entry["roles"].get(role)
-            if holder is None:
-                holder = ref
-            if ref is None or ref != holder:
-                break
-            since = float(entry["ts_ms"])
-        return since
-
-    @staticmethod
-    def _entry(
-        before: Deployment | None,
-        after: Deployment,
-        action: str,
-        actor: str,
-        reason: str,
-        detail: Mapping[str, Any],
-        applied: bool = True,
-    ) -> dict[str, Any]:
-        return {
-            "revision": after.revision,
-            "ts_ms": int(time.time() * 1000),
-            "actor": actor,
-            "action": action,
-            "reason": reason,
-            "applied": applied,
-            "changes": _role_changes(before, after) if applied else {},
-            "detail": dict(detail),
-            **_snapshot(after),
-        }
+        return role_since_ms(self.history(name), role)
 
 
 def _when(ms: int) -> str:
@@ -396,19 +340,3 @@ def _when(ms: int) -> str:
 def deleted_message(dep: Deployment) -> str:
     return (f"deployment {dep.name!r} was deleted at {_when(dep.deleted_ms)}; it goes once "
             "what it accepted is drained")  # fmt: skip
-
-
-def demo_deployment(registry: ModelRegistry, schedule: Schedule) -> Deployment:
-    from models.demo import CANARY_VERSION, DEMO_DEPLOYMENT, DEMO_MODEL, REAL_VERSION
-
-    real = registry.meta(DEMO_MODEL, REAL_VERSION)
-    return Deployment(
-        name=DEMO_DEPLOYMENT,
-        roles={
-            names.REAL: ModelRef(DEMO_MODEL, REAL_VERSION),
-            names.CANARY: ModelRef(DEMO_MODEL, CANARY_VERSION),
-        },
-        feature_spec=real.feature_spec,
-        schedule=schedule,
-        updated_ms=int(time.time() * 1000),
-    )

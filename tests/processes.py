@@ -17,7 +17,8 @@ import pytest
 import redis
 
 from gateway.cli.supervisor import detached_from_terminal
-from models.deployment_store import DeploymentStore, demo_deployment
+from models.demo import demo_deployment
+from models.deployment_store import DeploymentStore
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT
 from rendezvous import names

@@ -19,7 +19,8 @@ from admin_support import AUTH, TOKEN, copy_demo_models, features_body, upload_b
 
 from models.archive import ArchiveReader
 from models.archive_slice import positions_from, read
-from models.deployment_store import DeploymentStore, demo_deployment
+from models.demo import demo_deployment
+from models.deployment_store import DeploymentStore
 from models.registry import ModelRegistry
 from models.runtime import OnnxClassifier
 from models.train import DEMO_DEPLOYMENT, DEMO_MODEL, demo_data

@@ -35,7 +35,8 @@ from fastapi.routing import APIRoute
 from gateway.admin.bodies import NotFound
 from gateway.settings import Settings
 from gateway.transport.app import create_app
-from models.deployment_store import DeploymentStore, demo_deployment
+from models.demo import demo_deployment
+from models.deployment_store import DeploymentStore
 from models.deployments import Deployment, ModelRef, promoted
 from models.meta import ModelMeta
 from models.registry import ModelRegistry

@@ -15,8 +15,9 @@ import pytest
 
 from gateway.dataplane.job_store import JobStore
 from models.archive import ArchiveReader
+from models.demo import demo_deployment
 from models.deployment_purge import Purger, serving_keys
-from models.deployment_store import DeploymentStore, demo_deployment, ensure_groups
+from models.deployment_store import DeploymentStore, ensure_groups
 from models.deployments import DeploymentConflict, DeploymentNotFound, with_partitions
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT

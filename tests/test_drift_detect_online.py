@@ -26,7 +26,8 @@ from gateway.observability.drift_online import OnlineDrift, positive_share
 from gateway.observability.drift_sketches import local_model_meta
 from gateway.observability.drift_view import drift_view
 from models.archive import ArchiveReader, SegmentWriter
-from models.deployment_store import DeploymentStore, demo_deployment
+from models.demo import demo_deployment
+from models.deployment_store import DeploymentStore
 from models.logbin import LogBin
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data

@@ -23,7 +23,8 @@ from gateway.observability.drift_monitor import DriftMonitor
 from gateway.observability.drift_sketches import local_model_meta
 from gateway.observability.drift_view import drift_view, set_thresholds
 from gateway.observability.evaluation_leases import LEASE_RECHECK_S
-from models.deployment_store import DeploymentStore, demo_deployment
+from models.demo import demo_deployment
+from models.deployment_store import DeploymentStore
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
 from rendezvous import names

@@ -25,7 +25,8 @@ from admin_support import AUTH, TOKEN, copy_demo_models, features_body, upload_b
 from sklearn import metrics
 
 from gateway.cli.main import main
-from models.deployment_store import DeploymentStore, demo_deployment
+from models.demo import demo_deployment
+from models.deployment_store import DeploymentStore
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, DEMO_MODEL, demo_data
 from processes import PREDICT, RdvProcess, flush, rdv_env, wait_until

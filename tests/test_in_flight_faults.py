@@ -20,8 +20,8 @@ from admin_support import AppClient, copy_demo_models, features_body
 
 from gateway.settings import Settings
 from gateway.transport.app import create_app
-from models.demo import DEMO_DEPLOYMENT
-from models.deployment_store import DeploymentStore, demo_deployment
+from models.demo import DEMO_DEPLOYMENT, demo_deployment
+from models.deployment_store import DeploymentStore
 from models.registry import ModelRegistry
 from models.train import demo_data
 from processes import PREDICT, wait_until

@@ -34,8 +34,9 @@ from gateway.dataplane.job_vocabulary import (
 from gateway.dataplane.jobs import JobService
 from gateway.dataplane.realtime_first import RealtimeFirst
 from gateway.dataplane.service import PredictionService
+from models.demo import demo_deployment
 from models.deployment_purge import serving_keys
-from models.deployment_store import DeploymentStore, demo_deployment
+from models.deployment_store import DeploymentStore
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import flush

@@ -17,7 +17,7 @@ import redis
 
 from gateway.observability import evaluation_leases
 from gateway.observability.live_accuracy import LiveAccuracy
-from models.deployment_store import demo_deployment
+from models.demo import demo_deployment
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT
 from rendezvous import names

@@ -14,7 +14,8 @@ import pytest
 import redis
 from admin_support import AUTH, TOKEN, copy_demo_models, features_body, upload_body
 
-from models.deployment_store import DeploymentStore, demo_deployment
+from models.demo import demo_deployment
+from models.deployment_store import DeploymentStore
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import PREDICT, Load, RdvProcess, flush, rdv_env, wait_until

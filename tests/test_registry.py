@@ -12,7 +12,8 @@ import pytest
 import redis
 from admin_support import copy_demo_models, two_column_model, variant_onnx
 
-from models.deployment_store import DeploymentStore, demo_deployment
+from models.demo import demo_deployment
+from models.deployment_store import DeploymentStore
 from models.deployments import ModelRef, promoted, with_challenger, without_challenger
 from models.inspection import ArtifactRejected, inspect_onnx
 from models.meta import ModelMeta

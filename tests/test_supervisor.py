@@ -16,7 +16,8 @@ import redis
 
 from gateway.cli.serve import reconcile_workers, start_worker_hosts
 from gateway.cli.supervisor import Supervisor
-from models.deployment_store import DeploymentStore, demo_deployment
+from models.demo import demo_deployment
+from models.deployment_store import DeploymentStore
 from models.train import DEMO_DEPLOYMENT
 from rendezvous import names
 from rendezvous.schedule import Schedule

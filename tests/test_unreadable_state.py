@@ -11,7 +11,8 @@ import logging
 import pytest
 import redis
 
-from models.deployment_store import DeploymentStore, demo_deployment
+from models.demo import demo_deployment
+from models.deployment_store import DeploymentStore
 from models.deployments import Deployment, with_schedule
 from models.logbin_states import DeploymentStates
 from models.registry import ModelRegistry

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import redis
 
-from models.deployment_store import DeploymentStore, demo_deployment
+from models.demo import demo_deployment
+from models.deployment_store import DeploymentStore
 from models.deployments import Deployment, ModelRef
 from models.registry import ModelRegistry
 from models.train import demo_data

@@ -35,8 +35,8 @@ from gateway.cli.supervisor import (
     detached_from_terminal,
 )
 from gateway.settings import http_url
-from models.demo import DEMO_DEPLOYMENT, demo_models_present
-from models.deployment_store import DeploymentStore, demo_deployment
+from models.demo import DEMO_DEPLOYMENT, demo_deployment, demo_models_present
+from models.deployment_store import DeploymentStore
 from models.deployments import Deployment
 from models.registry import ModelRegistry
 from rendezvous.bus.connection import connect
