@@ -39,13 +39,13 @@ from models.deployments import (
 from models.registry import ModelRegistry
 from models.role_model import SHADOW_BATCH_WAIT_MS, RoleModel, Scored, WorkerStats, batch_wait_s
 from models.runtime import OnnxClassifier, RunLimit
+from models.worker_triage import triage
 from models.worker_writes import check_written, reply_commands
 from rendezvous import names
 from rendezvous.bus import clock
 from rendezvous.bus.connection import REDIS_FAILURES, Client
 from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry, Membership
 from rendezvous.bus.routing import command
-from rendezvous.envelope import EnvelopeError, RequestEnvelope
 
 log = logging.getLogger(__name__)
 
@@ -333,40 +333,17 @@ class ModelWorker(ConsumerLoop):
         """Score (each entry decoded once, whichever roles read it), then results, acks and
         (``beat``: its time, when due) the heartbeats in one round trip (``bus_ms``: Redis's
         time of the read)."""
-        now_ms = time.time() * 1000
-        ack_ids: dict[tuple[str, bytes], list[bytes]] = {}
-        live: dict[int, list[tuple[RequestEnvelope, float]]] = {}
-        decoded: dict[tuple[str, bytes], RequestEnvelope | None] = {}
-        for (stream_key, entry_id, fields), member in zip(entries, members, strict=True):
-            ack_ids.setdefault((stream_key, member.group_b), []).append(entry_id)
-            if not fields:  # pending, but trimmed from the stream since: just let it go
-                continue
-            role = self._by_member[id(member)]
-            key = (stream_key, entry_id)
-            if key in decoded:
-                env = decoded[key]
-            else:
-                try:
-                    env = decoded[key] = RequestEnvelope.decode(fields)
-                except EnvelopeError as exc:
-                    env = decoded[key] = None
-                    log.warning("skipping malformed entry %s: %s", entry_id, exc)
-            if env is None:
-                role.stats.malformed += 1
-            elif (judged := clock.waited(entry_id, env.deadline_ms, env.sent_ms or env.enqueued_ms,
-                                         bus_ms, now_ms))[0]:  # fmt: skip
-                role.stats.expired += 1
-            else:
-                live.setdefault(id(member), []).append((env, judged[1]))
+        read = triage(entries, members, lambda m: self._by_member[id(m)], bus_ms,
+                      time.time() * 1000)  # fmt: skip
         replies: list[Scored] = []
-        for member_id, role_live in live.items():
+        for member_id, role_live in read.live.items():
             replies += self._by_member[member_id].score(role_live)
         if entries:
             for member_id in {id(m) for m in members}:
                 self._by_member[member_id].stats.batches += 1
         commands = reply_commands(replies, self.reply_maxlen)
         results = len(commands)
-        for (stream, group), ids in ack_ids.items():  # each on its partition's node
+        for (stream, group), ids in read.acks.items():  # each on its partition's node
             commands.append(command(b"XACK", stream.encode(), group, *ids))
         essential = len(commands)
         if beat is not None:
