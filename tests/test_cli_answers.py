@@ -334,3 +334,24 @@ def test_a_file_with_no_line_end_is_refused_not_read_for_ever(tmp_path: Path) ->
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"/dev/zero:1: line longer than {LINE_LIMIT} bytes"), last
+
+
+def test_a_file_of_nothing_sends_nothing_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty file exited 0 printing ``"accepted": 0`` and nothing else: a wrong file given
+    by mistake looked like a day with no labels."""
+    for name, content in [("labels.jsonl", ""), ("labels.csv", "request_id,label\n")]:
+        labels = tmp_path / name
+        labels.write_text(content)
+        main(["feedback", "--deployment", DEP, "--url", NOWHERE, str(labels)])
+        out, err = capsys.readouterr()
+        assert json.loads(out)["accepted"] == 0
+        assert f"{labels}: no labels in it; nothing sent" in err
+    entities = tmp_path / "entities.csv"
+    entities.write_text("customer_id,x\n")
+    with answering({("GET", f"/admin/deployments/{DEP}"): as_json(ENRICHED)}) as (url, _):
+        main(["features", "load", "--deployment", DEP, "--file", str(entities), "--url", url])
+    out, err = capsys.readouterr()
+    assert json.loads(out)["loaded"] == 0
+    assert f"{entities}: no entities in it; nothing sent" in err

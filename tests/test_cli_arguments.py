@@ -54,6 +54,12 @@ def refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int | 
         (["features", "load", "--deployment", "d", "--file", "f.csv", "--batch", "20000"],
          "more than 10000"),
         (["gateway", "--port", "-1"], "less than 0"),
+        # a --url that names no gateway: "connection refused" or a traceback from httpx
+        (["models", "list", "--url", "http://127.0.0.1:99999"], "Port out of range"),
+        (["feedback", "--deployment", "d", "--url", "127.0.0.1:8000", "f.csv"],
+         "write http://HOST:PORT"),
+        (["replay", "--deployment", "d", "--url", "http://:80"], "write http://HOST:PORT"),
+        (["deployments", "list", "--url", "http://h:0"], "port 0"),
         (["deployments", "create", "--deployment", "d", "--model", "m", "--version", "1",
           "--canary-model", "x", "--url", NOWHERE], "--canary-version required"),
     ],

@@ -16,6 +16,7 @@ from typing import Any
 
 from gateway.cli.admin_http import admin_request, without_none
 from gateway.cli.arguments import (
+    add_url_argument,
     deployment_name,
     finite_number,
     model_name,
@@ -237,7 +238,7 @@ def add_admin_commands(sub: Any) -> None:
 
     def admin(name: str, help_text: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
-        p.add_argument("--url", help="gateway base URL (default http://RDV_HOST:RDV_PORT)")
+        add_url_argument(p)
         return p
 
     def reason(p: argparse.ArgumentParser) -> None:

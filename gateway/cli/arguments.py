@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,3 +87,25 @@ def role_share(text: str) -> tuple[str, float]:
 
 
 port_number = whole_number(0, 65535)
+
+
+def gateway_url(text: str) -> str:
+    """An http(s) base URL with a host and a port in range (``:99999`` was tried, and said
+    "connection refused")."""
+    try:
+        parts = urllib.parse.urlsplit(text.strip())
+        port = parts.port  # raises on a port out of range or not a number
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text[:200]!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{text[:200]!r} is not a gateway URL: write http://HOST:PORT"
+        )
+    if port == 0:
+        raise argparse.ArgumentTypeError(f"{text[:200]!r}: port 0 is no gateway's")
+    return text.strip()
+
+
+def add_url_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", type=gateway_url,
+                   help="gateway base URL (default http://RDV_HOST:RDV_PORT)")  # fmt: skip

@@ -67,6 +67,8 @@ def cmd_features(args: argparse.Namespace) -> None:
                 f"(PATCH /admin/deployments/{args.deployment}/enrichment)"
             )
         total = sum(1 for _ in _records(path, kind, lookup["key"]))
+        if not total:
+            print(f"{path}: no entities in it; nothing sent", file=sys.stderr)
         progress = _Progress(total)
         batch: list[tuple[int, str]] = []
         size = 0

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.cli.admin_http import AnswerFault, Expect, read_answer, show_refusal
-from gateway.cli.arguments import deployment_name, whole_number
+from gateway.cli.arguments import add_url_argument, deployment_name, whole_number
 from gateway.cli.records import csv_rows, json_lines
 from gateway.settings import Settings
 
@@ -127,6 +127,8 @@ def cmd_feedback(args: argparse.Namespace) -> None:
     path = Path(args.file)
     kind = args.format or ("csv" if path.suffix.lower() == ".csv" else "jsonl")
     items = read_items(path, kind)
+    if not items:  # a day with no labels is no error, but say so: it may be the wrong file
+        print(f"{path}: no labels in it; nothing sent", file=sys.stderr)
     started = time.monotonic()
     progress = Progress(len(items))
     accepted = relabelled = batches = 0
@@ -178,7 +180,7 @@ def add_feedback_command(sub: Any) -> None:
     p = sub.add_parser("feedback", help="send labels in bulk (CSV or JSON lines) to a gateway")
     p.add_argument("file", help="CSV (request_id,label[,weight] or correct) or JSON lines")
     p.add_argument("--deployment", required=True, type=deployment_name)
-    p.add_argument("--url", help="gateway base URL (default http://RDV_HOST:RDV_PORT)")
+    add_url_argument(p)
     p.add_argument("--format", choices=["csv", "jsonl"], help="default: by the file's suffix")
     p.add_argument("--batch", type=whole_number(1), default=500,
                    help="items per call (RDV_MAX_ROWS caps it)")  # fmt: skip

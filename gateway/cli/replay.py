@@ -16,7 +16,13 @@ from typing import Annotated, Any
 from pydantic import StringConstraints
 
 from gateway.cli.admin_http import Expect, admin_request, admin_session, without_none
-from gateway.cli.arguments import deployment_name, model_name, replay_id, whole_number
+from gateway.cli.arguments import (
+    add_url_argument,
+    deployment_name,
+    model_name,
+    replay_id,
+    whole_number,
+)
 from rendezvous import names
 
 _POLL_S = 0.5
@@ -101,7 +107,7 @@ def add_replay_command(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "replay", help="score a model version on archived requests (admin API); prints a report"
     )
-    p.add_argument("--url", help="gateway base URL (default http://RDV_HOST:RDV_PORT)")
+    add_url_argument(p)
     p.add_argument("--deployment", required=True, type=deployment_name)
     p.add_argument("--version", type=whole_number(1), help="the model version to score")
     p.add_argument("--model", type=model_name, help="default: the real model's name")
