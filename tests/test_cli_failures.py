@@ -116,26 +116,33 @@ def test_log_level_names_are_taken_as_uvicorn_takes_them(monkeypatch: pytest.Mon
     assert Settings().log_level == "WARNING"
 
 
-def test_a_gateway_whose_start_fails_exits(tmp_path: Path, redis_url: str) -> None:
+REFUSED_START = """
+import gateway.transport.jobs as jobs
+
+async def refuse(app, settings):
+    raise ConnectionError("Redis went away during the start")
+
+jobs.start = refuse
+"""
+"""A ``sitecustomize`` that makes every gateway process's start fail (spawned ones too)."""
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_gateway_whose_start_fails_exits_with_a_failure(
+    tmp_path: Path, redis_url: str, processes: str
+) -> None:
     """A start that failed after the reply reader started left the process alive after
     uvicorn's "Application startup failed" (the reader's blocked read outlived the loop's
-    cancellation), so no supervisor saw it die. Here the jobs' start fails, as a start that
-    meets a Redis going away would."""
-    script = (
-        "import sys\n"
-        "import gateway.transport.jobs as jobs\n"
-        "async def refuse(app, settings):\n"
-        "    raise ConnectionError('Redis went away during the start')\n"
-        "jobs.start = refuse\n"
-        "from gateway.cli.main import main\n"
-        f"main(['gateway', '--port', '{free_port()}'])\n"
-    )
-    env = {**base_env(tmp_path), "RDV_REDIS_URL": redis_url, "RDV_GATEWAY_PROCESSES": "1"}
+    cancellation), so no supervisor saw it die. With several processes, uvicorn's supervisor
+    stopped them all and ``rdv gateway`` exited 0, so a service manager never restarted it.
+    Here the jobs' start fails, as a start that meets a Redis going away would."""
+    (tmp_path / "sitecustomize.py").write_text(REFUSED_START)
+    env = {**base_env(tmp_path), "RDV_REDIS_URL": redis_url, "RDV_GATEWAY_PROCESSES": processes,
+           "PYTHONPATH": str(tmp_path)}  # fmt: skip
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = rdv(["gateway", "--port", str(free_port())], env)
     assert "Application startup failed" in done.stderr
-    assert done.returncode != 0 and time.monotonic() - started < 30
+    assert done.returncode == 3 and time.monotonic() - started < 30, done.stderr[-2000:]
 
 
 def test_a_gateway_out_of_reach_is_one_line(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from gateway.cli.process import (
     stop_event,
     warn_of_few_open_files,
 )
+from gateway.cli.startup_mark import STARTUP_FAILURE, marking_startup_failure, startup_failures
 from gateway.cli.worker import cmd_worker
 from gateway.settings import Settings
 from gateway.settings_values import invalid_settings
@@ -106,12 +107,18 @@ def cmd_gateway(args: argparse.Namespace) -> None:
             raise SystemExit(f"rdv gateway: cannot listen on {where}: {exc}") from None
     if not one_of_several:
         sock.close()  # only a check: uvicorn binds its own (SO_REUSEADDR: at once)
-        uvicorn.run(app, workers=processes if processes > 1 else None, **options)
+        if processes == 1:
+            uvicorn.run(app, **options)
+            return
+        with startup_failures() as failed:
+            uvicorn.run(app, workers=processes, **options)
+            if failed.exists():
+                sys.exit(STARTUP_FAILURE)  # uvicorn's supervisor returned as if asked to stop
         return
     server = uvicorn.Server(uvicorn.Config(app, **options))
     server.run(sockets=[sock])
     if not server.started:
-        sys.exit(3)  # what uvicorn.run does when the app failed to start
+        sys.exit(STARTUP_FAILURE)  # what uvicorn.run does when the app failed to start
 
 
 def _app_from_env() -> Any:
@@ -120,7 +127,7 @@ def _app_from_env() -> Any:
     _die_with_uvicorns_supervisor()
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
-    return serving_app(settings)
+    return marking_startup_failure(serving_app(settings))
 
 
 def _die_with_uvicorns_supervisor() -> None:
