@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 OWNER_TTL_S = 5.0
 """How long a name stays taken without renewal (its holder renews it about every second)."""
+OWNER_TTL_MS = int(OWNER_TTL_S * 1000)
 RENEW_S = 1.0
 
 
@@ -59,7 +60,7 @@ def take_name(client: Client, name: str, token: str, wait_s: float = OWNER_TTL_S
     renewing; ``NameTaken`` if another keeps it."""
     key = owner_key(name, kind)
     deadline = time.monotonic() + wait_s
-    while not client.set(key, token, nx=True, px=int(OWNER_TTL_S * 1000)):
+    while not client.set(key, token, nx=True, px=OWNER_TTL_MS):
         holder = client.get(key)
         if holder is not None and text(holder) == token:
             return
@@ -72,8 +73,9 @@ def take_name(client: Client, name: str, token: str, wait_s: float = OWNER_TTL_S
 
 
 def renewal(name: str, token: str, kind: Kind = LOG_BIN) -> Command:
+    """The renewal as a command for a router's round trip (the log bin's acks carry it)."""
     return command(b"SET", owner_key(name, kind).encode(), token.encode(), b"PX",
-                   b"%d" % int(OWNER_TTL_S * 1000))  # fmt: skip
+                   b"%d" % OWNER_TTL_MS)  # fmt: skip
 
 
 def let_go(client: Client, name: str, token: str, kind: Kind = LOG_BIN) -> None:
@@ -91,10 +93,15 @@ def keep_held(client: Client, name: str, token: str, kind: Kind, stop: threading
     """For a process with no loop of its own to renew in (a worker host): renew the hold
     every second on a thread of its own until ``stop``, then let go of it."""
 
+    key = owner_key(name, kind)
+
     def renew() -> None:
+        # The client's own SET: a raw command (``renewal``) through ``execute_command`` broke
+        # redis-py's cluster client (a bytes command name), which ended the thread at once and
+        # let the name go on every cluster (a helper's probe).
         while not stop.wait(RENEW_S):
             try:
-                client.execute_command(*renewal(name, token, kind).args)
+                client.set(key, token, px=OWNER_TTL_MS)
             except redis.RedisError as exc:  # Redis away: the hold is taken again on its return
                 log.debug("%s: cannot renew its name now: %s", kind.what, exc)
         let_go(client, name, token, kind)

@@ -78,3 +78,29 @@ def test_a_host_restarted_in_its_supervisor_slot_takes_its_name_back_at_once(
                    "the restarted host to serve, or to give up")  # fmt: skip
         assert again.alive(), again.log_text()[-1000:]
         assert system.r.get(held).decode().endswith("-4242/worker-host-0")
+
+
+def test_a_held_name_is_renewed_until_the_holder_stops_on_either_bus(bus_url: str) -> None:
+    """A worker host's renewal thread sent a raw ``SET`` that redis-py's cluster client could
+    not route (a bytes command name): the thread ended at once, the hold lapsed after 5 s and
+    a second host under the same ``--name`` was never refused on a cluster (a helper's probe)."""
+    import threading
+
+    from models.name_owner import OWNER_TTL_MS, keep_held, take_name
+    from rendezvous.bus.connection import connect
+
+    client = connect(bus_url)
+    name, token = f"renewal-{time.time_ns()}", "token-1"
+    key = owner_key(name, WORKER_HOST)
+    stop = threading.Event()
+    try:
+        take_name(client, name, token, kind=WORKER_HOST)
+        keep_held(client, name, token, WORKER_HOST, stop)
+        time.sleep(2.6)  # past two renewals: unrenewed, 2,400 ms would be left
+        assert client.pttl(key) > OWNER_TTL_MS - 1000
+        assert client.get(key) == token.encode()
+        stop.set()
+        wait_until(lambda: not client.exists(key), 5, "the name let go at the stop")
+    finally:
+        stop.set()
+        client.close()
