@@ -284,6 +284,10 @@ def _job_id(job: Job | str) -> str:
     return job.id if isinstance(job, Job) else job
 
 
+WAIT_POLL_PAUSE_S = 1.0
+"""A wait's pause after a poll that reached no gateway (one restarting, say)."""
+
+
 class Waiting:
     """A wait for a job's end as long polls of at most ``poll_ms`` each (the gateway refuses
     one longer than ``RDV_JOB_MAX_WAIT_MS``, 30 s by default) until ``timeout_s``."""
@@ -304,6 +308,20 @@ class Waiting:
         if job is not None and left_ms <= 0:
             raise TimeoutError(f"job {self.job_id} still {job.status} after {self.timeout_s} s")
         return max(0, min(self.poll_ms, left_ms))
+
+    def pause_after(self, exc: Exception) -> float | None:
+        """The pause before polling again after a poll that failed for a moment (a 429 or 503
+        the client's retries did not outlast, or no gateway reached), or None: raise it. A
+        wait is a read, and its budget is ``timeout_s``, not the client's retries: a routine
+        failover (503s for 2-3 s) ended waits on healthy jobs (a helper's probe)."""
+        if isinstance(exc, RdvError):
+            pause_s = exc.retry_after
+        else:
+            pause_s = WAIT_POLL_PAUSE_S if isinstance(exc, GatewayUnreachable) else None
+        left_s = self.deadline - time.monotonic()
+        if pause_s is None or left_s <= 0:
+            return None
+        return min(max(pause_s, 0.0), left_s)
 
 
 def unsendable(call: Call[Any], exc: httpx.LocalProtocolError) -> ValueError:

@@ -23,7 +23,7 @@ from rdv_client.calls import (
     request_of,
 )
 from rdv_client.retries import Retrying
-from rdv_client.types import Job, Prediction
+from rdv_client.types import GatewayUnreachable, Job, Prediction, RdvError
 
 T = TypeVar("T")
 
@@ -87,11 +87,17 @@ class Client(AdminCalls[dict[str, Any]]):
     def wait(self, deployment: str, job: Job | str, *, timeout_s: float = 60.0,
              poll_ms: int = 10_000) -> Job:  # fmt: skip
         """The job once it ended (done or failed: look at ``status``), by long polls;
-        TimeoutError if it is still pending after ``timeout_s``."""
+        TimeoutError if it is still pending after ``timeout_s``. A poll refused for a moment
+        (429, 503) or that reached no gateway is tried again within ``timeout_s``."""
         waiting = Waiting(job, timeout_s, poll_ms)
         current: Job | None = None
         while (wait_ms := waiting.next_wait_ms(current)) is not None:
-            current = self.result(deployment, waiting.job_id, wait_ms=wait_ms)
+            try:
+                current = self.result(deployment, waiting.job_id, wait_ms=wait_ms)
+            except (RdvError, GatewayUnreachable) as exc:
+                if (pause_s := waiting.pause_after(exc)) is None:
+                    raise
+                time.sleep(pause_s)
         assert current is not None
         return current
 
@@ -186,7 +192,12 @@ class AsyncClient(AdminCalls[Awaitable[dict[str, Any]]]):
         waiting = Waiting(job, timeout_s, poll_ms)
         current: Job | None = None
         while (wait_ms := waiting.next_wait_ms(current)) is not None:
-            current = await self.result(deployment, waiting.job_id, wait_ms=wait_ms)
+            try:
+                current = await self.result(deployment, waiting.job_id, wait_ms=wait_ms)
+            except (RdvError, GatewayUnreachable) as exc:
+                if (pause_s := waiting.pause_after(exc)) is None:
+                    raise
+                await asyncio.sleep(pause_s)
         assert current is not None
         return current
 

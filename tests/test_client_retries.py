@@ -299,6 +299,38 @@ def test_a_predict_rides_out_a_redis_that_stops_answering(
 
 
 @pytest.mark.integration
+def test_a_wait_rides_out_a_redis_that_stops_answering_within_its_timeout(
+    system: System, paused_redis: EmbeddedRedis
+) -> None:
+    """A wait's polls met the 503s of a failover (Redis away 2-3 s) and the wait raised them
+    once one poll's retries ran out, with most of ``timeout_s`` left and the job about to be
+    done (a helper's cluster probe). A wait now polls again within its own ``timeout_s``;
+    ``retries=0`` here, so that no poll's own retries hide the pause."""
+    row = [demo_data().x_test[0].tolist()]
+    base = f"http://127.0.0.1:{system.port}"
+    with Client(base, retries=0) as rdv:
+        job = rdv.submit(DEMO_DEPLOYMENT, instances=row)
+        pause(paused_redis.url, 2.0)
+        done, took_s = timed(lambda: rdv.wait(DEMO_DEPLOYMENT, job, timeout_s=20))
+    assert done.status == "done" and done.result is not None and took_s >= 1.0, (done, took_s)
+
+    async def main() -> str:
+        async with AsyncClient(base, retries=0) as rdv:
+            job = await rdv.submit(DEMO_DEPLOYMENT, instances=row)
+            pause(paused_redis.url, 2.0)
+            return (await rdv.wait(DEMO_DEPLOYMENT, job, timeout_s=20)).status
+
+    assert asyncio.run(main()) == "done"
+    with Client(base, retries=0) as rdv:  # the wait's budget still ends it
+        job = rdv.submit(DEMO_DEPLOYMENT, instances=row)
+        pause(paused_redis.url, 2.0)
+        with pytest.raises(RdvError) as refused:
+            rdv.wait(DEMO_DEPLOYMENT, job, timeout_s=0.5)
+        assert refused.value.status == 503
+    time.sleep(2.0)  # the pause over, for the next test
+
+
+@pytest.mark.integration
 def test_a_predict_no_replica_acknowledged_keeps_its_id_and_says_so(
     redis_url: str, demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
