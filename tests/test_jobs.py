@@ -193,6 +193,8 @@ def test_unknown_deployment_ids_and_waits_out_of_bounds_are_clear(system: System
         resp = system.http.get(f"{JOBS}/{job_id}")
         assert resp.status_code == 404 and resp.json()["expired"] is False, resp.text
         assert "no job" in resp.json()["detail"] and job_id in resp.json()["detail"]
+    resp = system.http.get(f"{JOBS}/{'j' * 5000}")  # echoed cut, not 5,000 characters twice
+    assert resp.status_code == 404 and resp.json()["id"] == "j" * 80 and len(resp.text) < 400
     assert system.http.delete(f"{JOBS}/{unknown}").status_code == 404
     for job_id in (unknown, "not-a-job"):  # the deployment is what is missing, and said so
         for method in ("GET", "DELETE"):

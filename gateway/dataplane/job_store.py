@@ -29,6 +29,10 @@ from rendezvous.bus.routing import slot_of
 DONE_MAXLEN = 10_000
 """Approximate cap of a deployment's stream of ended job ids."""
 
+MAX_ID_SHOWN = 80
+"""How much of a job id that cannot be one of ours an error repeats (a 5,000-character one
+was echoed whole, twice)."""
+
 HASH_BYTES = 300
 """What a job's hash holds beside its body or answer (its other fields, the request-id key,
 Redis's own bookkeeping), counted with it against ``RDV_JOB_MAX_HELD_BYTES``."""
@@ -239,10 +243,9 @@ class JobStore:
             )  # its jobs' ends stay readable
         ):
             raise UnknownDeployment(f"deployment {deployment[:80]!r} does not exist")
-        if created_ms(job_id) is None:
-            raise JobNotFound(
-                job_id, f"no job {job_id!r} for deployment {deployment}", expired=False
-            )
+        if created_ms(job_id) is None:  # no id of ours: echoed cut, as the routes' other errors
+            shown = job_id[:MAX_ID_SHOWN]
+            raise JobNotFound(shown, f"no job {shown!r} for deployment {deployment}", expired=False)
         return names.job_key(deployment, job_id)
 
     async def read(self, deployment: str, job_id: str) -> JobView:
