@@ -10,6 +10,7 @@ however much has been archived since, which is what makes a replay or an export 
 from __future__ import annotations
 
 import collections
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -149,11 +150,14 @@ def resolve(
     last: int | None = None,
     tick: Callable[[], None] | None = None,
 ) -> Positions:
-    """The positions of the records requested in ``[from_ms, to_ms]`` (both inclusive), or of
-    the last ``last`` records archived (within that range, if given). ``tick`` is called
-    every thousand records (a long resolution keeps its lease and can be stopped)."""
+    """The positions of the records requested in ``[from_ms, to_ms]`` (both inclusive, ``to_ms``
+    to the end of its millisecond: request times have fractions, and ``--to`` the millisecond
+    of a record's exported ``time`` left it out), or of the last ``last`` records archived
+    (within that range, if given). ``tick`` is called every thousand records (a long
+    resolution keeps its lease and can be stopped)."""
     if from_ms is not None and to_ms is not None and from_ms > to_ms:
         raise SliceError("from is after to")
+    until_ms = None if to_ms is None else math.floor(to_ms) + 1  # excluded from here on
     chosen: collections.deque[tuple[str, str]] | list[tuple[str, str]]
     chosen = collections.deque(maxlen=last) if last else []
     for n, record in enumerate(_records(reader, deployment, from_ms), 1):
@@ -162,7 +166,7 @@ def resolve(
         at_ms = record.get("enqueued_ms", record.get("archived_ms"))
         if from_ms is not None and (at_ms is None or at_ms < from_ms):
             continue
-        if to_ms is not None and (at_ms is None or at_ms > to_ms):
+        if until_ms is not None and (at_ms is None or at_ms >= until_ms):
             continue
         chosen.append((_stream(record, deployment), record["stream_id"]))
     spans: dict[str, list[str]] = {}

@@ -61,7 +61,8 @@ def features_type(seen: set[str]) -> str:
     return INT64 if seen == {INT64} else FLOAT64
 
 
-def _iso(ms: float | None) -> str | None:
+def iso_ms(ms: float | None) -> str | None:
+    """Epoch ms as ISO-8601 UTC to the millisecond, as the ``time`` column."""
     if ms is None:
         return None
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
@@ -141,7 +142,7 @@ class Exporter:
                 row: dict[str, Any] = {
                     "request_id": rid,
                     "row": k,
-                    "time": _iso(record.get("enqueued_ms")),
+                    "time": iso_ms(record.get("enqueued_ms")),
                     "enqueued_ms": record.get("enqueued_ms"),
                     "stream": stream,
                     "stream_id": record["stream_id"],

@@ -25,7 +25,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.archive import ArchiveReader
+from models.archive_frontier import archived_until_ms, last_archived_ms
 from models.archive_slice import Positions, count, positions_from, positions_json, read, resolve
+from models.deployment_store import DeploymentStore
+from models.deployments import DeploymentNotFound, DeploymentUnreadable
 from models.labels import as_recorded, label_keys, labels_for, outcome_keys, outcomes_for
 from models.memory_bound import rebound
 from models.registry import ModelRegistry
@@ -222,21 +225,26 @@ class Runner:
             if report["positions"] is not None:
                 positions = count(self.reader, deployment, positions_from(report["positions"]))
             else:
-                positions = resolve(
-                    self.reader,
-                    deployment,
-                    from_ms=req.get("from_ms"),
-                    to_ms=report["timing"]["created_ms"]
-                    if req.get("to_ms") is None
-                    else req["to_ms"],
-                    last=req.get("last"),
-                    tick=tick,
-                )
+                to_ms = req.get("to_ms")
+                if to_ms is None:  # until its creation: where the archive was complete then
+                    to_ms = last_archived_ms(self._archived_until_ms(deployment),
+                                             report["timing"]["created_ms"])  # fmt: skip
+                positions = resolve(self.reader, deployment, from_ms=req.get("from_ms"),
+                                    to_ms=to_ms, last=req.get("last"), tick=tick)  # fmt: skip
         except _Stop:
             return
         report["positions"] = positions_json(positions)
         report["progress"]["total"] = sum(span.records for span in positions.values())
         self._checkpoint(deployment, report, tally)
+
+    def _archived_until_ms(self, deployment: str) -> float | None:
+        """``models.archive_frontier``: what the log bin still holds back (None: nothing, or
+        a deployment whose state is gone, all of it archived before its purge)."""
+        try:
+            streams = DeploymentStore(self.client).get(deployment).input_streams
+        except (DeploymentNotFound, DeploymentUnreadable):
+            return None
+        return archived_until_ms(self.client, streams)
 
     def _score(
         self,

@@ -145,6 +145,25 @@ def test_a_slice_names_each_partition_and_reads_back_the_same_records(tmp_path) 
         resolve(reader, DEP, from_ms=2, to_ms=1)
 
 
+def test_a_window_takes_its_last_millisecond_whole(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Request times have fractions: ``--to`` at the millisecond an export printed as a
+    record's ``time`` (852 for 852.013) left that record out, so windows laid end to end by
+    the millisecond dropped the records between them (a helper's probe)."""
+    from models.archive import ArchiveReader, SegmentWriter
+    from models.archive_slice import resolve
+
+    writer = SegmentWriter(tmp_path)
+    times = [851.999, 852.0, 852.013, 852.999, 853.0]
+    writer.append_batch(DEP, [{"stream_id": f"{i + 1}-0", "request_id": f"r{i}", "enqueued_ms": t,
+                               "features": [[0.0]]} for i, t in enumerate(times)])  # fmt: skip
+    writer.close()
+    reader = ArchiveReader(tmp_path)
+    first = resolve(reader, DEP, to_ms=852)
+    second = resolve(reader, DEP, from_ms=853, to_ms=853)
+    assert first[names.input_stream(DEP)].records == 4
+    assert second[names.input_stream(DEP)].records == 1
+
+
 def test_segments_last_written_long_before_the_slice_are_not_read(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import os
     import time

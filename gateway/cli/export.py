@@ -55,10 +55,11 @@ def _shown(value: str) -> str:
 def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
     """Export a slice; every flag is checked (``--positions`` read) before Redis is asked."""
     from models.archive import ArchiveReader
+    from models.archive_frontier import archived_until_ms, last_archived_ms
     from models.archive_slice import SliceError, parse_time, positions_from, resolve
     from models.deployment_store import DeploymentStore
     from models.deployments import DeploymentNotFound, DeploymentUnreadable
-    from models.export import Exporter
+    from models.export import Exporter, iso_ms
     from models.registry import ModelNotFound, ModelRegistry
     from rendezvous.bus.connection import connect
 
@@ -89,12 +90,20 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
             request = {"positions": True}
         else:
             from_ms = parse_time(args.from_, "--from") if args.from_ else None
-            to_ms = parse_time(args.to, "--to") if args.to else time.time() * 1000
-            if from_ms is not None and from_ms > to_ms:
+            asked_ms = parse_time(args.to, "--to") if args.to else time.time() * 1000
+            if from_ms is not None and from_ms > asked_ms:
                 sys.exit(f"rdv archive export: --from {args.from_} is after --to "
                          f"{args.to or 'now'}")  # fmt: skip
+            until_ms = archived_until_ms(client, dep.input_streams)
+            to_ms = last_archived_ms(until_ms, asked_ms)
+            if to_ms < asked_ms and args.to:  # an open --to ends where the archive does
+                print(f"rdv archive export: the log bin has yet to archive requests from "
+                      f"{iso_ms(until_ms)} on: the slice ends at {iso_ms(to_ms)} (its to_ms); "
+                      "export from there later for the rest", file=sys.stderr)  # fmt: skip
             positions = resolve(reader, args.deployment, from_ms=from_ms, to_ms=to_ms)
             request = {"from_ms": from_ms, "to_ms": to_ms}
+            if to_ms < asked_ms:
+                request |= {"asked_to_ms": asked_ms, "archived_until_ms": until_ms}
     except SliceError as exc:
         sys.exit(f"rdv archive export: {exc}")
     exporter = Exporter(client, reader, args.deployment, dep.feature_spec.names, classes)
