@@ -292,17 +292,23 @@ def enriched(system: System, tmp_path_factory: pytest.TempPathFactory) -> System
     folder = tmp_path_factory.mktemp("entities")
     csv_file = folder / "entities.csv"
     lines = [",".join(["customer_id", *LOOKED_UP])]
-    for e in ("c-0", "c-1", "c-2"):
+    lines.append(",".join(["c-0", *(repr(v + 1) for v in stored_values("c-0").values())]))
+    for e in ("c-0", "c-1", "c-2"):  # c-0 again: an update, the later values stored
         lines.append(",".join([e, *(repr(v) for v in stored_values(e).values())]))
     csv_file.write_text("\n".join(lines) + "\n")
     jsonl_file = folder / "entities.jsonl"
     jsonl_file.write_text("".join(json.dumps({"customer_id": e, **stored_values(e)}) + "\n"
                                   for e in ("c-3", "c-4")))  # fmt: skip
-    for path, count in ((csv_file, 3), (jsonl_file, 2)):
+    for path, count, distinct in ((csv_file, 4, 3), (jsonl_file, 2, 2)):
         done = rdv_features_load(system, path)
         assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout)["loaded"] == count
+        said = json.loads(done.stdout)
+        assert (said["loaded"], said["entities"]) == (count, distinct), said
         assert f"features load: {count}/{count} entities (100%)" in done.stderr
+        # an entity named twice is said (it was silent, and counted twice: a helper's probe)
+        twice = (f"{path}: 1 rows name an entity an earlier row named (the first: customer_id "
+                 "'c-0', lines 2 and 3); the later values are stored")  # fmt: skip
+        assert (twice in done.stderr) == (path == csv_file), done.stderr
     resp = admin(system, "PUT", "/entities", json=[{"customer_id": "c-5", **stored_values("c-5")}])
     assert resp.status_code == 200 and resp.json()["loaded"] == 1, resp.text
     # one feature short: found, but incomplete (and no default)
@@ -494,6 +500,11 @@ def test_a_lookup_is_checked_and_may_come_with_a_new_deployment(enriched: System
     same = {"key": LOOKED_UP[0], "features": list(LOOKED_UP)}
     resp = admin(enriched, "PATCH", "/enrichment", json={"lookup": same})
     assert resp.status_code == 422 and "also a looked-up feature" in resp.text, resp.text
+    # a key named as a feature the caller sends: the Open Inference Protocol form then needed
+    # two inputs of that name, and refused either way (a helper's probe)
+    sent = {"key": "mean radius", "features": list(LOOKED_UP)}
+    resp = admin(enriched, "PATCH", "/enrichment", json={"lookup": sent})
+    assert resp.status_code == 422 and "a feature the caller sends" in resp.text, resp.text
     body = {"name": "enr-created", "real": {"model": "breast-cancer", "version": 2},
             "lookup": {**LOOKUP, "key": "account"}}  # fmt: skip
     resp = enriched.http.post("/admin/deployments", json=body, headers=AUTH)

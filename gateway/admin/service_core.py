@@ -81,6 +81,9 @@ class AdminCore:
             return spec.with_lookup(None)
         if req.key in req.features:  # the key column of a load is the entity, never a value
             raise Invalid(f"invalid lookup: its key {req.key!r} is also a looked-up feature")
+        if req.key in spec.names:  # an Open Inference Protocol input of each name: two of one
+            raise Invalid(f"invalid lookup: its key {req.key!r} is the name of a feature the "
+                          "caller sends; name the key otherwise")  # fmt: skip
         try:
             lookup = Lookup(req.key, tuple(req.features), dict(req.defaults))
             return spec.with_lookup(lookup)

@@ -66,7 +66,7 @@ def cmd_features(args: argparse.Namespace) -> None:
                 f"deployment {args.deployment} looks nothing up: declare its lookup first "
                 f"(PATCH /admin/deployments/{args.deployment}/enrichment)"
             )
-        total = sum(1 for _ in _records(path, kind, lookup["key"]))
+        total, entities = _counted(path, kind, lookup["key"])
         if not total:
             print(f"{path}: no entities in it; nothing sent", file=sys.stderr)
         progress = _Progress(total)
@@ -100,7 +100,30 @@ def cmd_features(args: argparse.Namespace) -> None:
         progress.close()
     seconds = round(time.monotonic() - started, 3)
     print(json.dumps({"deployment": args.deployment, "file": str(path), "loaded": loaded,
-                      "batches": batches, "seconds": seconds}))  # fmt: skip
+                      "entities": entities, "batches": batches,
+                      "seconds": seconds}))  # fmt: skip
+
+
+def _counted(path: Path, kind: str, key: str) -> tuple[int, int]:
+    """(rows, distinct entities) of the file, read whole once before anything is sent; rows
+    that name an entity an earlier row named are said on stderr (the later values are the
+    ones stored: a file of updates in order is fine, a file joined twice by mistake is not)."""
+    first_line: dict[str, int] = {}
+    again: list[tuple[str, int, int]] = []
+    rows = 0
+    for n, row in _records(path, kind, key):
+        rows += 1
+        entity = str(row[key])
+        if entity in first_line:
+            again.append((entity, first_line[entity], n))
+        else:
+            first_line[entity] = n
+    if again:
+        entity, first, later = again[0]
+        print(f"{path}: {len(again)} rows name an entity an earlier row named (the first: "
+              f"{key} {entity[:80]!r}, lines {first} and {later}); the later values are "
+              "stored", file=sys.stderr)  # fmt: skip
+    return rows, len(first_line)
 
 
 def _records(path: Path, kind: str, key: str) -> Iterator[tuple[int, dict[str, Any]]]:
