@@ -25,7 +25,7 @@ from typing import Any
 from models.archive import ArchiveReader
 from models.archive_slice import Positions, positions_json, read
 from models.labels import as_recorded, label_keys, labels_for, outcome_keys, outcomes_for
-from models.replay import decision_records
+from models.replay_given import decision_records
 from rendezvous import names
 from rendezvous.bus.connection import Client
 from rendezvous.decision import DecisionRecord

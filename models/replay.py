@@ -19,86 +19,36 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from models.archive import ArchiveReader
 from models.archive_frontier import archived_until_ms, last_archived_ms
-from models.archive_slice import Positions, count, positions_from, positions_json, read, resolve
+from models.archive_slice import count, positions_from, positions_json, read, resolve
 from models.deployment_store import DeploymentStore
 from models.deployments import DeploymentNotFound, DeploymentUnreadable
-from models.labels import as_recorded, label_keys, labels_for, outcome_keys, outcomes_for
+from models.labels import label_keys, labels_for, outcome_keys, outcomes_for
 from models.memory_bound import rebound
 from models.registry import ModelRegistry
+from models.replay_given import given_of, load_given
 from models.replay_report import Given, Tally, count_request, report_view
 from models.replay_store import DONE, FAILED, INTERRUPTED, RUNNING, ReplayStore
 from rendezvous import names
-from rendezvous.bus.connection import Client
-from rendezvous.decision import DecisionRecord, decode_entries
+from rendezvous.bus.connection import REDIS_DOWN, Client
 from rendezvous.input_types import DTYPES, WIRE_TYPES, unfit
-from rendezvous.outcomes import Outcome
+from rendezvous.retry_log import RetryLog
 
 if TYPE_CHECKING:
     from models.runtime import RunLimit
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-DECISION_SLACK_MS = 120_000
-"""A decision record is written after its request (deadline and grace): the window of the
-decisions stream read for a slice ends this long after its last request."""
-_PAGE = 2000
-
-
-def decision_records(
-    client: Client, deployment: str, positions: Positions
-) -> Iterator[DecisionRecord]:
-    """The decision records of the slice's time window still in the decisions stream (paged
-    XRANGE; the stream's cap bounds them)."""
-    starts = [int(s.first.partition("-")[0]) for s in positions.values()]
-    ends = [int(s.last.partition("-")[0]) for s in positions.values()]
-    if not starts:
-        return
-    stream = names.decisions_stream(deployment)
-    low: str = str(max(min(starts) - 1000, 0))
-    high = str(max(ends) + DECISION_SLACK_MS)
-    while True:
-        entries = client.xrange(stream, min=low, max=high, count=_PAGE) or []
-        yield from decode_entries(entries)
-        if len(entries) < _PAGE:
-            return
-        last_id = entries[-1][0]
-        low = "(" + (last_id.decode() if isinstance(last_id, bytes) else str(last_id))
-
-
-def load_given(client: Client, deployment: str, positions: Positions) -> dict[str, Given]:
-    """request id -> what it got then, for the slice's requests whose record is still kept."""
-    given: dict[str, Given] = {}
-    for rec in decision_records(client, deployment, positions):
-        chosen = rec.outputs.get(rec.chosen_role) if rec.chosen_role else None
-        real = rec.outputs.get(names.REAL)
-        given[rec.request_id] = Given(
-            rec.chosen_role if chosen is not None and chosen.ok else None,
-            chosen.labels if chosen is not None and chosen.ok else None,
-            real.labels if real is not None and real.ok else None,
-            real.probabilities if real is not None and real.ok else None,
-        )
-    return given
-
-
-def given_of(outcome: Outcome) -> Given:
-    """What a request got then, from its kept outcome (its decision record trimmed away): the
-    same as ``load_given`` reads from the record (only bins that scored are kept)."""
-    chosen = outcome.answers.get(outcome.chosen_role) if outcome.chosen_role else None
-    real = outcome.answers.get(names.REAL)
-    real_proba = as_recorded(real).probabilities if real is not None else None
-    return Given(
-        outcome.chosen_role if chosen is not None else None,
-        list(chosen.labels) if chosen is not None else None,
-        list(real.labels) if real is not None else None,
-        real_proba,
-    )
+RIDE_OUT_S = 60.0
+"""How long a replay waits for a Redis that went away (a restart, a failover) before it
+fails: its report cannot be saved meanwhile."""
 
 
 class Runner:
@@ -130,6 +80,7 @@ class Runner:
         """``RDV_MODEL_RUN_LIMIT_S``: a model that loops on some archived request would hold
         the replay (and its slot of ``RDV_REPLAY_CONCURRENCY``) for good."""
         self._cancelled = False
+        self._redis_log = RetryLog(log, "replay: Redis")
 
     def run(self, deployment: str, replay_id: str) -> dict[str, Any]:
         stored = self.store.stored(deployment, replay_id)
@@ -147,16 +98,38 @@ class Runner:
         report["timing"]["updated_ms"] = time.time() * 1000
         if report["state"] != RUNNING:
             report["timing"]["finished_ms"] = report["timing"]["updated_ms"]
-        self.store.finish(deployment, report, dataclasses.asdict(tally))
+        state = dataclasses.asdict(tally)
+        self._riding(lambda: self.store.finish(deployment, report, state))
         return report
 
     def _stopping(self) -> bool:
         return self._cancelled or self.stop.is_set()
 
+    def _riding(self, call: Callable[[], T]) -> T:
+        """``call`` (a read, or a write that may be made twice), made again while Redis is
+        away, for up to ``RIDE_OUT_S``: a Redis restart of a few seconds killed the replay
+        process, and its report read ``running`` until its lease lapsed, then
+        ``interrupted``, for a person to resume (a helper's probe)."""
+        give_up = time.monotonic() + RIDE_OUT_S
+        pause_s = 0.25
+        while True:
+            try:
+                done = call()
+            except REDIS_DOWN as exc:
+                if time.monotonic() + pause_s > give_up:
+                    raise
+                self._redis_log.failed(str(exc), pause_s)
+                time.sleep(pause_s)
+                pause_s = min(pause_s * 2, 5.0)
+                continue
+            self._redis_log.succeeded()
+            return done
+
     def _checkpoint(self, deployment: str, report: dict[str, Any], tally: Tally) -> None:
         report["timing"]["updated_ms"] = time.time() * 1000
         view = report_view(report, tally)
-        if self.store.checkpoint(deployment, view, dataclasses.asdict(tally), self.owner):
+        state = dataclasses.asdict(tally)
+        if self._riding(lambda: self.store.checkpoint(deployment, view, state, self.owner)):
             self._cancelled = True
 
     def _run(self, deployment: str, report: dict[str, Any], tally: Tally) -> dict[str, Any]:
@@ -177,8 +150,9 @@ class Runner:
         meta = self.registry.meta(ref["name"], ref["version"])
         model = OnnxClassifier(self.registry.artifact(ref["name"], ref["version"], meta), meta)
         rebound()  # RDV_MODEL_MEMORY_MB: a batch's headroom beyond the model's weights
-        given = load_given(self.client, deployment, positions)
-        keys = (label_keys(self.client, deployment), outcome_keys(self.client, deployment))
+        given = self._riding(lambda: load_given(self.client, deployment, positions))
+        keys = self._riding(lambda: (label_keys(self.client, deployment),
+                                     outcome_keys(self.client, deployment)))  # fmt: skip
         batch_rows = int(report["batch_rows"])
         batch: list[dict[str, Any]] = []
         rows = 0
@@ -311,9 +285,9 @@ class Runner:
         tally.model_ms_sum += elapsed_ms
         tally.model_ms_max = max(tally.model_ms_max, elapsed_ms)
         ids = [str(record.get("request_id", "")) for record, _ in scored]
-        known = labels_for(self.client, deployment, ids, keys[0])
+        known = self._riding(lambda: labels_for(self.client, deployment, ids, keys[0]))
         gone = [rid for rid in ids if rid not in given]
-        kept = outcomes_for(self.client, deployment, gone, keys[1])
+        kept = self._riding(lambda: outcomes_for(self.client, deployment, gone, keys[1]))
         then = {rid: given_of(outcome) for rid, outcome in kept.items()}
         at = 0
         for (_, x), rid in zip(scored, ids, strict=True):

@@ -129,7 +129,8 @@ class ReplayStore:
 def _as_seen(report: dict[str, Any], leased: bool) -> dict[str, Any]:
     if report.get("state") == RUNNING and not leased:
         report["state"] = INTERRUPTED
-        report["reason"] = "the gateway process running it stopped; resume it"
+        report["reason"] = ("its runner stopped before the end (its process or its gateway "
+                            "ended): resume it (POST .../resume)")  # fmt: skip
     return report
 
 

@@ -432,6 +432,7 @@ def test_a_killed_replay_reads_interrupted_at_once_and_an_orphaned_one_stops(
     os.kill(_runner_pid(served, rid), signal.SIGKILL)
     seen = served.finished(rid, timeout_s=5)  # not after the lease's 30 s
     assert seen["state"] == "interrupted", seen
+    assert seen["reason"].startswith("its runner stopped before the end"), seen  # not "gateway"
     assert served.http.post(f"{REPLAYS}/{rid}/resume").status_code == 202
     assert without_timing(served.finished(rid)) == without_timing(first)
 

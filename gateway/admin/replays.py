@@ -31,7 +31,7 @@ from models.meta import unfit_for
 from models.registry import ModelNotFound, ModelRegistry
 from models.replay import run_process
 from models.replay_report import new_report
-from models.replay_store import DONE, LIST_LIMIT, RUNNING, ReplayStore, new_replay_id
+from models.replay_store import DONE, LEASE_MS, LIST_LIMIT, RUNNING, ReplayStore, new_replay_id
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, Client
 
@@ -156,12 +156,17 @@ class ReplayManager:
         if process.exitcode == 0:
             return
         owners = (self.owner, f"replay-{process.pid}")
-        try:
-            released = self.store.release_lease(deployment, replay_id, owners)
-        except REDIS_FAILURES as exc:  # the lease lapses by itself
-            log.warning("replay %s of %s: its lease stays until it lapses (%s)", replay_id,
-                        deployment, exc)  # fmt: skip
-            return
+        give_up = time.monotonic() + LEASE_MS / 1000
+        while True:  # Redis away (a restart): let go once it is back, not once the lease lapses
+            try:
+                released = self.store.release_lease(deployment, replay_id, owners)
+                break
+            except REDIS_FAILURES as exc:
+                if time.monotonic() > give_up:
+                    log.warning("replay %s of %s: its lease stays until it lapses (%s)",
+                                replay_id, deployment, exc)  # fmt: skip
+                    return
+                time.sleep(1.0)
         if released:
             log.warning("replay %s of %s: its process ended (exit code %s) while running; "
                         "resumable", replay_id, deployment, process.exitcode)  # fmt: skip
