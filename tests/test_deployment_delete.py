@@ -5,8 +5,11 @@ cluster; an append that comes too late fails instead of landing where no reader 
 from __future__ import annotations
 
 import asyncio
+import csv
 import dataclasses
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +23,7 @@ from models.deployment_purge import Purger, serving_keys
 from models.deployment_store import DeploymentStore, ensure_groups
 from models.deployments import DeploymentConflict, DeploymentNotFound, with_partitions
 from models.registry import ModelRegistry
-from models.train import DEMO_DEPLOYMENT
+from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import Load, System, bodies, flush, launch_system, report, wait_until
 from rendezvous import names
 from rendezvous.bus.appender import AlreadyTaken, StreamAppender, StreamGone
@@ -267,6 +270,18 @@ def test_a_deployment_deleted_under_load_answers_what_it_took_and_is_purged(
     history = system.http.get(f"/admin/deployments/{DEMO_DEPLOYMENT}/history", headers=AUTH)
     last = history.json()["history"][-1]
     assert (last["action"], last["reason"]) == ("delete", "retired")
+    # Its archive exports still, named by the features its real model took when deleted (the
+    # state went with the purge, and the export was refused: a helper's probe).
+    out = system.data_dir / "deleted.csv"
+    done = subprocess.run([sys.executable, "-m", "gateway.cli.main", "archive", "export",
+                           "--deployment", DEMO_DEPLOYMENT, "--data-dir", str(system.data_dir),
+                           "--out", str(out)], env=system.env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with out.open(newline="") as f:
+        exported = list(csv.DictReader(f))
+    assert {r["request_id"] for r in exported} == set(archived)
+    assert demo_data().names[0] in exported[0]
     # Its workers stopped by themselves once their streams were gone.
     for role in ("real", "canary"):
         wait_until(lambda r=role: not system.procs[r].alive(), 15, f"the {role} worker's end")

@@ -13,11 +13,16 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.cli.process import require_redis
 from gateway.cli.records import LINE_LIMIT
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from models.deployment_store import DeploymentStore
+    from models.deployments import ModelRef
+    from models.registry import ModelRegistry
 
 
 def _positions_arg(value: str) -> Any:
@@ -73,13 +78,19 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
         sys.exit("rdv archive export: give --positions, or --from/--to: not both")
     given = None if args.positions is None else _positions_arg(args.positions)
     client = connect(require_redis(settings), wait_s=5)
+    registry = ModelRegistry(settings.models_dir)
+    store = DeploymentStore(client)
     try:
-        dep = DeploymentStore(client).get(args.deployment)
-    except (DeploymentNotFound, DeploymentUnreadable, ValueError) as exc:
+        dep = store.get(args.deployment)
+        feature_names, streams = dep.feature_spec.names, dep.input_streams
+        real = dep.roles["real"]
+    except DeploymentNotFound as exc:  # deleted and purged: its archive stays, and history
+        feature_names, real = _as_last_served(store, registry, args.deployment, exc)
+        streams = []  # purged only once all of it was archived
+    except (DeploymentUnreadable, ValueError) as exc:
         sys.exit(f"rdv archive export: {exc}")
-    real = dep.roles["real"]
     try:
-        classes = ModelRegistry(settings.models_dir).meta(real.name, real.version).classes
+        classes = registry.meta(real.name, real.version).classes
     except ModelNotFound:
         classes = []
     reader = ArchiveReader(settings.archive_dir)
@@ -94,7 +105,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
             if from_ms is not None and from_ms > asked_ms:
                 sys.exit(f"rdv archive export: --from {args.from_} is after --to "
                          f"{args.to or 'now'}")  # fmt: skip
-            until_ms = archived_until_ms(client, dep.input_streams)
+            until_ms = archived_until_ms(client, streams)
             to_ms = last_archived_ms(until_ms, asked_ms)
             if to_ms < asked_ms and args.to:  # an open --to ends where the archive does
                 print(f"rdv archive export: the log bin has yet to archive requests from "
@@ -106,7 +117,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
                 request |= {"asked_to_ms": asked_ms, "archived_until_ms": until_ms}
     except SliceError as exc:
         sys.exit(f"rdv archive export: {exc}")
-    exporter = Exporter(client, reader, args.deployment, dep.feature_spec.names, classes)
+    exporter = Exporter(client, reader, args.deployment, feature_names, classes)
     try:
         doc = exporter.export(positions, out, fmt, {"request": request, "file": str(out)})
     except OSError as exc:  # not writable, the disk full
@@ -114,6 +125,27 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
     print(json.dumps(doc, indent=2))
     if doc["rows"] == 0:
         print("rdv archive export: no archived records in that slice", file=sys.stderr)
+
+
+def _as_last_served(
+    store: DeploymentStore, registry: ModelRegistry, name: str, gone: Exception
+) -> tuple[tuple[str, ...], ModelRef]:
+    """The feature names and real model of a deployment deleted and purged, from the last
+    roles its history kept and the registry (its state went with the purge: an export of its
+    archive was refused, though the archive stays for this; a helper's probe)."""
+    from models.deployments import ModelRef
+    from models.registry import ModelNotFound
+
+    for entry in reversed(store.history(name)):
+        held = entry.get("roles", {}).get("real")
+        if entry.get("applied", True) and held:
+            real = ModelRef.from_dict(held)
+            try:
+                return registry.meta(real.name, real.version).feature_spec.names, real
+            except ModelNotFound as exc:
+                sys.exit(f"rdv archive export: {gone}, and {real}, its real model when it was "
+                         f"deleted, is gone too ({exc}): its features cannot be named")  # fmt: skip
+    sys.exit(f"rdv archive export: {gone}")
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
