@@ -1,10 +1,12 @@
 """Export a slice of the archive for retraining: one row per request row, as the models saw it.
 
 Columns: ``request_id``, ``row`` (the row's index in a multi-row request; 0 otherwise), ``time``
-(ISO-8601 UTC) and ``enqueued_ms``, ``stream`` and ``stream_id``, one column per feature of the
-deployment's spec (exactly as archived: Parquet's columns are float32 as before typed inputs,
-else as ``features_type`` in its metadata says), then per role that answered (real first,
-canary, the rest by name)
+(ISO-8601 UTC) and ``enqueued_ms``, ``stream`` and ``stream_id``, for an enriched deployment
+``entity``, ``entity_found`` and ``entity_defaulted`` (``ENTITY_COLUMNS``), one column per
+feature of the deployment's spec (exactly as archived: Parquet's columns are float32 as before
+typed inputs, else as ``features_type`` in its metadata says), ``answered_by`` (the role whose
+answer the caller got; empty for none), then per role that answered (real first, canary, the
+rest by name)
 ``<role>_model``, ``<role>_version``, ``<role>_label`` and ``<role>_proba_<class>`` from the
 decision records still kept, else from the outcomes the feedback route keeps for
 ``RDV_FEEDBACK_RETENTION_S`` (the same answers and six decimals; empty when both are gone), and
@@ -51,6 +53,31 @@ def _answers(record: DecisionRecord) -> dict[str, BinAnswer]:
     }
 
 
+ENTITY_COLUMNS = ["entity", "entity_found", "entity_defaulted"]
+"""An enriched deployment's rows: the entity named, whether the store had it, and the looked-up
+features a default filled (comma-separated; empty when none did)."""
+
+
+def _answered_by(record: DecisionRecord) -> str | None:
+    """The role whose answer the caller got (None: none did, a timeout or a failure)."""
+    if record.chosen_role is None:
+        return None
+    chosen = record.outputs.get(record.chosen_role)
+    return record.chosen_role if chosen is not None and chosen.ok else None
+
+
+def _entity(looked_up: Any, k: int) -> dict[str, Any]:
+    entry = looked_up[k] if isinstance(looked_up, list) and k < len(looked_up) else None
+    if not isinstance(entry, dict):
+        return dict.fromkeys(ENTITY_COLUMNS)
+    defaulted = entry.get("defaulted") or []
+    return {
+        "entity": entry.get("entity"),
+        "entity_found": entry.get("found"),
+        "entity_defaulted": ",".join(map(str, defaulted)) if isinstance(defaulted, list) else "",
+    }
+
+
 def features_type(seen: set[str]) -> str:
     """The type of a Parquet file's feature columns, from the types its records carry:
     float32 as the models saw it (every record as before typed inputs), int64 when every one
@@ -76,17 +103,26 @@ class Exporter:
         deployment: str,
         feature_names: Sequence[str],
         classes: Sequence[int],
+        entity_key: str | None = None,
     ):
+        """``entity_key``: the deployment looks features up by this key (its rows then say
+        which entity, whether the store had it, and which features a default filled)."""
         self.client = client
         self.reader = reader
         self.deployment = deployment
         self.feature_names = list(feature_names)
         self.classes = list(classes)
+        self.entity_key = entity_key
         self.outcome_keys: list[str] = []
+        self.answered_by: dict[str, str | None] = {}
+        """Request id -> the role whose answer the caller got, from its decision record."""
 
     def columns(self, roles: list[str]) -> list[str]:
         cols = ["request_id", "row", "time", "enqueued_ms", "stream", "stream_id"]
+        if self.entity_key is not None:
+            cols += ENTITY_COLUMNS
         cols += self.feature_names
+        cols.append("answered_by")
         for role in roles:
             cols += [f"{role}_model", f"{role}_version", f"{role}_label"]
             cols += [f"{role}_proba_{c}" for c in self.classes]
@@ -147,6 +183,8 @@ class Exporter:
                     "stream": stream,
                     "stream_id": record["stream_id"],
                 }
+                if self.entity_key is not None:
+                    row.update(_entity(record.get("looked_up"), k))
                 row.update(zip(self.feature_names, map(exact, values), strict=True))
                 chunk.append(row)
             if len(chunk) >= _CHUNK:
@@ -173,15 +211,18 @@ class Exporter:
     ) -> list[dict[str, Any]]:  # fmt: skip
         ids = sorted({row["request_id"] for row in chunk})
         gone = [rid for rid in ids if rid not in outputs]
+        kept_outcomes = outcomes_for(self.client, self.deployment, gone, self.outcome_keys)
         kept = {
             rid: {role: as_recorded(answer) for role, answer in outcome.answers.items()}
-            for rid, outcome in outcomes_for(
-                self.client, self.deployment, gone, self.outcome_keys
-            ).items()
+            for rid, outcome in kept_outcomes.items()
         }
+        answered_by = self.answered_by
         known = labels_for(self.client, self.deployment, ids, keys)
+        chosen = {rid: outcome.chosen_role for rid, outcome in kept_outcomes.items()}
         for row in chunk:
-            answers = outputs.get(row["request_id"]) or kept.get(row["request_id"], {})
+            rid = row["request_id"]
+            answers = outputs.get(rid) or kept.get(rid, {})
+            row["answered_by"] = answered_by.get(rid, chosen.get(rid))
             for role in roles:
                 row.update(self._output(role, answers.get(role), row["row"]))
             truth = known.get(row["request_id"])
@@ -192,8 +233,10 @@ class Exporter:
         """Write the file; returns its metadata (positions, rows, roles, ...)."""
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}")
-        records = decision_records(self.client, self.deployment, positions)
-        outputs = {rec.request_id: _answers(rec) for rec in records}
+        outputs: dict[str, dict[str, BinAnswer]] = {}
+        for rec in decision_records(self.client, self.deployment, positions):
+            outputs[rec.request_id] = _answers(rec)
+            self.answered_by[rec.request_id] = _answered_by(rec)
         self.outcome_keys = outcome_keys(self.client, self.deployment)
         found = {role for outs in outputs.values() for role in outs}
         kept, types = self.survey(positions, outputs, types=fmt == "parquet")
@@ -279,7 +322,11 @@ def _parquet(
         pa.field("stream_id", pa.string()),
     ]
     feature = {FLOAT32: pa.float32(), INT64: pa.int64()}.get(doc["features_type"], pa.float64())
+    if exporter.entity_key is not None:
+        fields += [pa.field("entity", pa.string()), pa.field("entity_found", pa.bool_()),
+                   pa.field("entity_defaulted", pa.string())]  # fmt: skip
     fields += [pa.field(n, feature) for n in exporter.feature_names]
+    fields.append(pa.field("answered_by", pa.string()))
     for role in roles:
         fields += [pa.field(f"{role}_model", pa.string()), pa.field(f"{role}_version", pa.int64()),
                    pa.field(f"{role}_label", pa.int64())]  # fmt: skip

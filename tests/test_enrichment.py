@@ -8,6 +8,7 @@ and on a real Redis Cluster."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -470,10 +471,33 @@ def test_defaults_fill_a_missing_entity(enriched: System, real: OnnxClassifier) 
         [pred] = resp.json()["predictions"]
         assert pred["label"] == int(labels[0])
         assert pred["probabilities"]["1"] == pytest.approx(float(proba[0, 1]), abs=1e-6)
-        record = archived(enriched, {"enr-default"})["enr-default"]
+        present = {"entity": "c-1", "features": caller_part(DATA.x_test[8])}
+        assert enriched.predict(present, **{"X-Request-Id": "enr-found"}).status_code == 200
+        record = archived(enriched, {"enr-default", "enr-found"})["enr-default"]
         [looked] = record["looked_up"]
         assert looked["found"] is False and looked["defaulted"] == list(LOOKED_UP)
         assert looked["values"] == pytest.approx(defaults)
+        # an export says which entity, whether the store had it, what a default filled, and
+        # who answered (it said none of it: a helper's probe, retraining on imputed values)
+        out = enriched.data_dir / "enriched.csv"
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway.cli.main", "archive", "export", "--deployment",
+             DEMO_DEPLOYMENT, "--data-dir", str(enriched.data_dir), "--from", "0",
+             "--out", str(out)], env=enriched.env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        with out.open(newline="") as f:
+            rows = {r["request_id"]: r for r in csv.DictReader(f)}
+        filled = rows["enr-default"]
+        assert (filled["entity"], filled["entity_found"]) == ("c-new", "False"), filled
+        assert filled["entity_defaulted"] == ",".join(LOOKED_UP)
+        assert filled["answered_by"] == "real" and filled["real_label"] == str(pred["label"])
+        found = rows["enr-found"]
+        assert (found["entity"], found["entity_found"], found["entity_defaulted"]) == (
+            "c-1",
+            "True",
+            "",
+        )
     finally:
         resp = admin(enriched, "PATCH", "/enrichment", json={"lookup": LOOKUP})
         assert resp.status_code == 200, resp.text

@@ -84,9 +84,12 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
         dep = store.get(args.deployment)
         feature_names, streams = dep.feature_spec.names, dep.input_streams
         real = dep.roles["real"]
+        lookup = dep.feature_spec.lookup
+        entity_key = lookup.key if lookup is not None else None
     except DeploymentNotFound as exc:  # deleted and purged: its archive stays, and history
         feature_names, real = _as_last_served(store, registry, args.deployment, exc)
         streams = []  # purged only once all of it was archived
+        entity_key = None
     except (DeploymentUnreadable, ValueError) as exc:
         sys.exit(f"rdv archive export: {exc}")
     try:
@@ -117,7 +120,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
                 request |= {"asked_to_ms": asked_ms, "archived_until_ms": until_ms}
     except SliceError as exc:
         sys.exit(f"rdv archive export: {exc}")
-    exporter = Exporter(client, reader, args.deployment, feature_names, classes)
+    exporter = Exporter(client, reader, args.deployment, feature_names, classes, entity_key)
     try:
         doc = exporter.export(positions, out, fmt, {"request": request, "file": str(out)})
     except OSError as exc:  # not writable, the disk full
