@@ -355,3 +355,50 @@ def test_a_file_of_nothing_sends_nothing_and_says_so(
     out, err = capsys.readouterr()
     assert json.loads(out)["loaded"] == 0
     assert f"{entities}: no entities in it; nothing sent" in err
+
+
+def test_a_gateway_lost_in_the_middle_of_a_load_says_how_far_it_got(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said only "cannot reach the gateway", and how many entities had been stored showed
+    nowhere but the progress line (a helper's probe): the second batch's PUT meets a gateway
+    that drops the connection."""
+    puts: list[int] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self._answer(json.dumps(ENRICHED).encode())
+
+        def do_PUT(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            puts.append(1)
+            if len(puts) > 1:
+                self.close_connection = True  # gone without an answer
+                return
+            self._answer(json.dumps({"loaded": 1}).encode())
+
+        def _answer(self, body: bytes) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    rows = tmp_path / "entities.csv"
+    rows.write_text("customer_id,x\nc-1,1.5\nc-2,2.5\n")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        argv = ["features", "load", "--deployment", DEP, "--file", str(rows), "--url", url,
+                "--batch", "1"]  # fmt: skip
+        code, _ = ended(argv, capsys)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert isinstance(code, str) and code.startswith(f"cannot reach the gateway at {url}"), code
+    assert code.endswith("; 1 entities were loaded before it (a load again is safe)"), code

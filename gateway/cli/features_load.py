@@ -57,6 +57,8 @@ def cmd_features(args: argparse.Namespace) -> None:
     path = Path(args.file)
     kind = args.format or ("csv" if path.suffix.lower() == ".csv" else "jsonl")
     started = time.monotonic()
+    import httpx
+
     with admin_session(args) as http:
         dep = admin_request(args, "GET", f"/deployments/{args.deployment}", http=http,
                             show=False, expect=_Deployment)  # fmt: skip
@@ -78,7 +80,13 @@ def cmd_features(args: argparse.Namespace) -> None:
             nonlocal batch, size, loaded, batches
             body = "[" + ",".join(text for _, text in batch) + "]"
             path = f"/admin/deployments/{args.deployment}/entities"
-            resp = http.put(path, content=body, headers={"content-type": "application/json"})
+            try:
+                resp = http.put(path, content=body,
+                                headers={"content-type": "application/json"})  # fmt: skip
+            except httpx.TransportError as exc:  # a PUT sets values: sent again, no harm
+                progress.close()
+                sys.exit(f"cannot reach the gateway at {http.base_url}: {exc}; {loaded} "
+                         "entities were loaded before it (a load again is safe)")  # fmt: skip
             try:  # a web page answering 200 counted its batch as loaded
                 read_answer(resp, f"PUT {path}", _Loaded)
             except AnswerFault as fault:
