@@ -125,6 +125,7 @@ def serving_keys(deployment: str) -> list[str]:
         names.drift_alerts_key(deployment),
         names.drift_claims_key(deployment),
         names.drift_relayed_key(deployment),
+        names.drift_delivered_key(deployment),
         names.drift_event_counts_key(deployment),
         names.drift_lock_key(deployment),
     ]

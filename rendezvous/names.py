@@ -253,9 +253,14 @@ def drift_claims_key(deployment: str) -> str:
 
 
 def drift_relayed_key(deployment: str) -> str:
-    """Id of the latest drift event the gateways have relayed to the webhooks (the events the
-    log bins decided: they have no HTTP client of their own)."""
+    """Written by earlier versions (one place in the events stream for every webhook); only
+    purged with its deployment now."""
     return f"{_tag(deployment)}:drift:relayed"
+
+
+def drift_delivered_key(deployment: str) -> str:
+    """Hash webhook (a digest of its URL) -> id of the latest drift event it took."""
+    return f"{_tag(deployment)}:drift:delivered"
 
 
 def drift_event_counts_key(deployment: str) -> str:

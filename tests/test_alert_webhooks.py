@@ -1,12 +1,22 @@
-"""Drift alerts to webhooks: Alertmanager's payload, posted to a real HTTP receiver, retried
-with backoff when it fails, never waited for by the caller."""
+"""Drift alerts to webhooks: Alertmanager's payload, sent from a deployment's events stream in a
+real Redis to real HTTP receivers, each URL at its own pace, its place in the stream moved only
+once it took the events."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
+
+import pytest
+import redis
 
 from gateway.observability.alert_webhooks import ZERO_TIME, AlertWebhooks, alertmanager_payload
+from gateway.observability.drift_relay import DriftRelay, url_id
 from processes import WebhookReceiver
+from rendezvous import names
+from rendezvous.bus.connection import connect_async
+from rendezvous.bus.server import free_port
 
 RAISED = {"type": "raised", "kind": "feature_psi", "value": 2.5, "threshold": 1.0,
           "ts_ms": 1_700_000_000_000}  # fmt: skip
@@ -47,28 +57,102 @@ def test_one_evaluations_alerts_are_one_notification_a_broken_feed_pages_and_lin
     assert alertmanager_payload("dep", [CLEARED])["status"] == "resolved"
 
 
-def test_raises_and_clears_reach_every_receiver_in_order_through_failures() -> None:
-    with WebhookReceiver(fail_first=2) as flaky, WebhookReceiver() as steady:
-
-        async def main() -> AlertWebhooks:
-            hooks = AlertWebhooks([flaky.url, steady.url])
-            hooks.notify("dep", [RAISED])
-            hooks.notify("dep", [CLEARED])
-            assert hooks.sent == 0  # queued by notify, sent by its task
-            await hooks.close(drain_s=15)  # waits for the queue, retries included
-            return hooks
-
-        hooks = asyncio.run(main())
-        assert hooks.sent == 4 and hooks.failed == 0
-        for receiver in (flaky, steady):
-            assert [p["status"] for p in receiver.received] == ["firing", "resolved"]
+DEP = "hooks"
 
 
-def test_no_urls_means_nothing_is_queued() -> None:
+def _decide(r: redis.Redis, *events: dict[str, Any]) -> None:
+    """Events as the claims' merge script appends them to the deployment's events stream."""
+    for event in events:
+        r.xadd(names.drift_events_stream(DEP), {"e": json.dumps(event)})
+
+
+def _heard(receiver: WebhookReceiver) -> list[str]:
+    return [a["status"] for payload in receiver.received for a in payload["alerts"]]
+
+
+@pytest.mark.integration
+async def test_a_url_that_is_down_holds_back_no_other(r: redis.Redis, redis_url: str) -> None:
+    """Each payload went to every URL in turn, each retried for up to ten minutes: one dead
+    URL held the pager back by ten minutes a payload (a helper's probe)."""
+    client = await connect_async(redis_url)
+    dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
+    with WebhookReceiver() as steady:
+        hooks = AlertWebhooks([dead, steady.url])
+        relay = DriftRelay(client, hooks, tick_s=0.05)
+        try:
+            relay.lead([DEP], start=False)
+            assert await relay.deliver() == 0  # each URL's place: after the newest event
+            relay.lead([DEP])  # now each URL by its own task
+            _decide(r, RAISED, CLEARED)
+            for _ in range(100):  # 5 s at most; the dead URL's tries take as long as they will
+                if _heard(steady) == ["firing", "resolved"]:
+                    break
+                await asyncio.sleep(0.05)
+            assert _heard(steady) == ["firing", "resolved"], steady.received
+            places = r.hgetall(names.drift_delivered_key(DEP))
+            assert places[url_id(dead).encode()] != places[url_id(steady.url).encode()]
+        finally:
+            await relay.close()
+            await hooks.close()
+            await client.aclose()
+
+
+@pytest.mark.integration
+async def test_what_a_url_missed_is_sent_by_the_next_leader_in_order(
+    r: redis.Redis, redis_url: str
+) -> None:
+    """The queue was in memory, and the place in the events stream moved as events were
+    queued: a gateway process that stopped while a receiver was down took its alerts with it,
+    and the receiver later heard "resolved" for alerts it never heard fire (a helper's
+    probe). The place now moves once the URL took them, and the next leader sends the rest."""
+    client = await connect_async(redis_url)
+    with WebhookReceiver(fail_first=2) as down_for_a_while:
+        hooks = AlertWebhooks([down_for_a_while.url])
+        first, second = DriftRelay(client, hooks), DriftRelay(client, hooks)
+        try:
+            first.lead([DEP], start=False)
+            assert await first.deliver() == 0
+            _decide(r, RAISED)
+            assert await first.deliver() == 0  # refused (500): nothing taken, the place stays
+            await first.close()  # the process stops
+            _decide(r, CLEARED)
+            second.lead([DEP], start=False)  # the deployment's next leader
+            taken = [await second.deliver() for _ in range(3)]
+            assert taken == [0, 2, 0], taken  # refused once more, then both, once
+            assert _heard(down_for_a_while) == ["firing", "resolved"]
+        finally:
+            await second.close()
+            await hooks.close()
+            await client.aclose()
+
+
+@pytest.mark.integration
+async def test_events_a_url_refuses_past_give_up_s_are_skipped(
+    r: redis.Redis, redis_url: str
+) -> None:
+    client = await connect_async(redis_url)
+    with WebhookReceiver(fail_first=1000) as refusing:
+        hooks = AlertWebhooks([refusing.url], give_up_s=0.3)
+        relay = DriftRelay(client, hooks)
+        try:
+            relay.lead([DEP], start=False)
+            await relay.deliver()
+            _decide(r, RAISED, CLEARED)
+            assert await relay.deliver() == 0  # the first refusal starts the clock
+            await asyncio.sleep(0.35)
+            assert await relay.deliver() == 2 and relay.skipped == 2 and relay.sent == 0
+            assert await relay.deliver() == 0  # skipped: not tried again
+        finally:
+            await relay.close()
+            await hooks.close()
+            await client.aclose()
+
+
+def test_no_urls_means_no_task() -> None:
     async def main() -> None:
-        hooks = AlertWebhooks([])
-        hooks.notify("dep", [RAISED])
-        assert hooks._task is None
-        await hooks.close()
+        relay = DriftRelay(None, AlertWebhooks([]))  # type: ignore[arg-type]
+        relay.lead([DEP])
+        assert await relay.deliver() == 0
+        await relay.close()
 
     asyncio.run(main())

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability import drift_store
+from gateway.observability.alert_webhooks import AlertWebhooks
 from gateway.observability.drift_monitor import DriftMonitor
 from gateway.observability.drift_online import OnlineDrift, positive_share
 from gateway.observability.drift_sketches import local_model_meta
@@ -31,6 +32,7 @@ from models.deployment_store import DeploymentStore
 from models.logbin import LogBin
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
+from processes import WebhookReceiver
 from rendezvous import drift_claims, names
 from rendezvous.bus.connection import AsyncClient, connect_async
 from rendezvous.bus.routing import Command
@@ -51,20 +53,10 @@ async def client(
     await c.aclose()
 
 
-class Hooks:
-    """Stands in for AlertWebhooks: keeps what would be sent."""
-
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-
-    def notify(self, deployment: str, events: list[dict[str, Any]]) -> None:
-        self.sent += events
-
-
 async def online(client: AsyncClient, demo_data_dir: Path, instance: str) -> OnlineDrift:
     deployments = DeploymentCache(client)
     await deployments.refresh()
-    return OnlineDrift(client, deployments, instance, webhooks=Hooks(),  # type: ignore[arg-type]
+    return OnlineDrift(client, deployments, instance,
                        local_meta=local_model_meta(demo_data_dir / "models"))  # fmt: skip
 
 
@@ -103,8 +95,15 @@ async def test_the_log_bin_alerts_a_unit_change_names_it_clears_it_and_a_gateway
     client = await connect_async(url)
     deployments = DeploymentCache(client)
     await deployments.refresh()
-    hooks = Hooks()
-    monitor = DriftMonitor(client, deployments, "gw-1", webhooks=hooks)  # type: ignore[arg-type]
+    receiver = WebhookReceiver().__enter__()
+    hooks = AlertWebhooks([receiver.url])
+    monitor = DriftMonitor(client, deployments, "gw-1", webhooks=hooks)
+    monitor.relay.lead([DEMO_DEPLOYMENT], start=False)  # sent here, a pass at a time
+
+    def heard() -> set[tuple[str, str]]:
+        return {(a["status"], a["labels"]["kind"]) for p in receiver.received
+                for a in p["alerts"]}  # fmt: skip
+
     x = demo_data().x_test
     rng = np.random.default_rng(0)
 
@@ -115,7 +114,7 @@ async def test_the_log_bin_alerts_a_unit_change_names_it_clears_it_and_a_gateway
     try:
         archive(x[rng.integers(0, len(x), 400)])
         assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
-        assert await monitor.relay(DEMO_DEPLOYMENT) == 0  # starts after the newest event
+        assert await monitor.relay.deliver() == 0  # starts after the newest event
 
         broken = x[rng.integers(0, len(x), 60)].copy()
         broken[:, 0] *= 10  # mean radius in other units
@@ -130,8 +129,8 @@ async def test_the_log_bin_alerts_a_unit_change_names_it_clears_it_and_a_gateway
         assert 400 < view["online"]["logbin:lb-1"]["rows"] <= 460  # as of its latest claim
         raised = [e for e in view["events"] if e["type"] == "raised"]
         assert raised and raised[0]["feature"] == "mean radius" and raised[0]["by"] == "logbin:lb-1"
-        assert await monitor.relay(DEMO_DEPLOYMENT) >= 1
-        assert ("raised", "feature_range") in {(e["type"], e["kind"]) for e in hooks.sent}
+        assert await monitor.relay.deliver() >= 1
+        assert ("firing", "feature_range") in heard()
 
         archive(x[rng.integers(0, len(x), 300)])
         view = await drift_view(client, DEMO_DEPLOYMENT, Thresholds())
@@ -139,15 +138,17 @@ async def test_the_log_bin_alerts_a_unit_change_names_it_clears_it_and_a_gateway
         cleared = [e for e in view["events"] if e["type"] == "cleared"]
         assert {e["kind"] for e in cleared} >= {"feature_range"}
         assert all(e["since_ms"] <= e["ts_ms"] for e in cleared)
-        sent = len(hooks.sent)
-        assert await monitor.relay(DEMO_DEPLOYMENT) >= 1
-        assert ("cleared", "feature_range") in {(e["type"], e["kind"]) for e in hooks.sent}
-        assert await monitor.relay(DEMO_DEPLOYMENT) == 0 and len(hooks.sent) > sent
+        sent = len(receiver.received)
+        assert await monitor.relay.deliver() >= 1
+        assert ("resolved", "feature_range") in heard()
+        assert await monitor.relay.deliver() == 0 and len(receiver.received) == sent + 1
         # the archive is whole: the detectors took nothing from it
         assert logbin.stats.records == 760 and logbin.stats.failing == ""
     finally:
         writer.close()
+        await hooks.close()
         await client.aclose()
+        receiver.__exit__()
 
 
 def test_the_archive_never_waits_for_the_detectors(

@@ -2,23 +2,15 @@
 sends them to its webhook receivers, so that whatever already takes Alertmanager's webhooks
 (a pager bridge, a chat bot, a retraining pipeline) takes ours unchanged.
 
-Sending never blocks an evaluation: ``notify`` queues a payload (a bounded queue: when a
-receiver is down for long, the oldest payloads go first, counted), and one task per process
-posts it to every URL, retrying with backoff (0.5 s doubling to 30 s) for up to
-``give_up_s``. Alerts are raised by whichever gateway process holds the deployment's
-evaluation lease, so a payload queued by a process that dies is lost; the alert itself stays
-in the drift report and its events stream, and Prometheus's ``RendezvousDriftAlert`` rule
-covers the same condition.
+Every raise and clear, whoever decided it (a log bin, a gateway process, the monitor), is an
+entry of the deployment's events stream; the gateway process leading the deployment's drift
+evaluation sends them on from there (``drift_relay``), each URL on its own.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import logging
-import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -110,14 +102,15 @@ def alertmanager_payload(
 
 
 class AlertWebhooks:
-    """Queues payloads and posts each to every URL, in order, with retries."""
+    """Where drift alerts go (``RDV_ALERT_WEBHOOKS``) and how one payload is posted to one of
+    them. What is sent when, and again after a failure, is ``drift_relay``'s: it reads the
+    events from the deployment's events stream and keeps each URL's place there in Redis."""
 
     def __init__(
         self,
         urls: Sequence[str],
         *,
         external_url: str = "",
-        max_queue: int = 1000,
         timeout_s: float = 5.0,
         give_up_s: float = 600.0,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -125,73 +118,29 @@ class AlertWebhooks:
         self.urls = list(urls)
         self.external_url = external_url.rstrip("/")
         self.give_up_s = give_up_s
-        self.sent = 0
-        self.failed = 0
-        self.dropped = 0
-        self._queue: deque[dict[str, Any]] = deque(maxlen=max_queue)
+        """How long the events a URL keeps refusing are tried before they are skipped (the
+        events stream keeps a deployment's latest ``EVENTS_MAXLEN`` only)."""
         self._timeout_s = timeout_s
         self._transport = transport
         self._http: httpx.AsyncClient | None = None
         """Made on the first payload: most processes never send one, and httpx (with what it
         pulls in) is ~5 MB of each gateway process's memory."""
-        self._task: asyncio.Task[None] | None = None
 
-    def notify(self, deployment: str, events: Sequence[Mapping[str, Any]]) -> None:
-        """Queue one payload for the raises and clears of one evaluation; never waits."""
-        if not self.urls or not events:
-            return
-        if len(self._queue) == self._queue.maxlen:
-            self.dropped += 1
-            log.warning("alert webhooks: queue full, the oldest payload is dropped")
-        self._queue.append(alertmanager_payload(deployment, events, self.external_url))
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._send_all())
+    def payload(self, deployment: str, events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return alertmanager_payload(deployment, events, self.external_url)
 
-    async def _send_all(self) -> None:
-        while self._queue:
-            payload = self._queue[0]
-            for url in self.urls:
-                await self._send(url, payload)
-            if self._queue and self._queue[0] is payload:
-                self._queue.popleft()
-
-    def _client(self) -> httpx.AsyncClient:
-        if self._http is None:
-            import httpx
-
-            self._http = httpx.AsyncClient(timeout=self._timeout_s, transport=self._transport)
-        return self._http
-
-    async def _send(self, url: str, payload: dict[str, Any]) -> None:
+    async def post(self, url: str, payload: Mapping[str, Any]) -> str | None:
+        """Post once: None when ``url`` took it (2xx), else why not."""
         import httpx
 
-        http = self._client()
-        deadline = time.monotonic() + self.give_up_s
-        delay_s = 0.5
-        while True:
-            try:
-                response = await http.post(url, json=payload)
-                if response.status_code < 300:
-                    self.sent += 1
-                    return
-                why = f"answered {response.status_code}"
-            except httpx.HTTPError as exc:
-                why = f"{type(exc).__name__}: {exc}"
-            if time.monotonic() + delay_s > deadline:
-                self.failed += 1
-                log.error("alert webhook %s: giving up on a payload (%s)", url, why)
-                return
-            log.warning("alert webhook %s %s; retrying in %.1fs", url, why, delay_s)
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, 30.0)
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=self._timeout_s, transport=self._transport)
+        try:
+            response = await self._http.post(url, json=payload)
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None if response.status_code < 300 else f"answered {response.status_code}"
 
-    async def close(self, drain_s: float = 2.0) -> None:
-        """Give what is queued a moment to go, then stop."""
-        if self._task is not None and not self._task.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._task), drain_s)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    async def close(self) -> None:
         if self._http is not None:
             await self._http.aclose()

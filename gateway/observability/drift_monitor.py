@@ -15,8 +15,8 @@ processes' prediction prior). An alert of the monitor is raised when the window 
 ``clear_requests`` are over the threshold, and cleared as soon as that latest part is back under
 it.
 
-The leading process also relays to the webhooks the alert events that the log bins' claims
-decided (``drift_relay``: the log bin has no HTTP client).
+The leading process also sends the deployment's alert events, whoever decided them, to the
+webhooks (``drift_relay``: from the events stream, each URL at its own pace).
 
 The sketches' window and the real model's score reference (its training distribution, or its
 first full window as real; a multiclass model's predicted-class mix with it): ``drift_sketches``.
@@ -120,9 +120,8 @@ class DriftMonitor:
         while True:
             await asyncio.sleep(self.tick_s)
             try:
-                led, looked, due = await self._due_deployments()
-                self._relay.keep_only(led)
-                await self._relay.relay(*looked)
+                led, _looked, due = await self._due_deployments()
+                self._relay.lead(led)
                 retry_log.succeeded()
             except REDIS_FAILURES as exc:
                 retry_log.failed(f"cannot reach Redis ({exc})")
@@ -189,12 +188,15 @@ class DriftMonitor:
                 due.append(deployment)
         return led, looked, due
 
-    async def relay(self, *deployments: str) -> int:
-        """See ``DriftRelay.relay``."""
-        return await self._relay.relay(*deployments)
+    @property
+    def relay(self) -> DriftRelay:
+        """Sends the led deployments' alert events to the webhooks (``drift_relay``)."""
+        return self._relay
 
     async def release(self) -> None:
-        """Give up this process's evaluation leases (at shutdown; see ``EvaluationLeases``)."""
+        """Stop sending alert events and give up this process's evaluation leases (at
+        shutdown; see ``EvaluationLeases``)."""
+        await self._relay.close()
         await self.leases.release()
 
     def _feature_reference(self, deployment: str) -> FeatureReference | None:
@@ -280,7 +282,7 @@ class DriftMonitor:
             figures=figures,
             now_ms=now_ms,
         )
-        announce(deployment, events, self.webhooks)  # webhooks queued: nothing waits
+        announce(deployment, events)  # the webhooks hear it from the events stream
         pipe = self.client.pipeline(transaction=False)
         pipe.set(names.drift_report_key(deployment), json.dumps(stored))
         due = now_ms - self._last_point.get(deployment, 0.0) >= self.interval_s * 1000 * 0.9

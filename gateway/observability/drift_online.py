@@ -36,7 +36,6 @@ from typing import Any
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability import drift_store
-from gateway.observability.alert_webhooks import AlertWebhooks
 from rendezvous import drift_claims, names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 from rendezvous.decision import DecisionRecord
@@ -108,7 +107,6 @@ class OnlineDrift:
         deployments: DeploymentCache,
         instance: str,
         *,
-        webhooks: AlertWebhooks | None = None,
         local_meta: Callable[[str, int], Mapping[str, Any] | None] | None = None,
         settings: DetectorSettings | None = None,
         min_interval_s: float = 0.05,
@@ -119,7 +117,6 @@ class OnlineDrift:
         self.client = client
         self.deployments = deployments
         self.source = f"{drift_claims.GATEWAY_SOURCE}{instance}"
-        self.webhooks = webhooks
         self.local_meta = local_meta
         self.settings = settings or DetectorSettings()
         self.min_interval_s = min_interval_s
@@ -339,7 +336,7 @@ class OnlineDrift:
             self._adopt(deployment, dep, claims)
             if not dep.changed:
                 break
-        announce(deployment, events, self.webhooks)
+        announce(deployment, events)
         return events
 
     def _summary(self, dep: _Deployment) -> dict[str, Any]:
@@ -377,9 +374,8 @@ class OnlineDrift:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def announce(deployment: str, events: list[dict[str, Any]], webhooks: AlertWebhooks | None) -> None:
-    """A log line per raise and clear, and the webhooks (queued: nothing waits for them)."""
+def announce(deployment: str, events: list[dict[str, Any]]) -> None:
+    """A log line per raise and clear (the webhooks hear them from the deployment's events
+    stream: ``drift_relay``)."""
     for event in events:
         log.warning("%s", drift_claims.event_line(deployment, event))
-    if events and webhooks is not None:
-        webhooks.notify(deployment, events)

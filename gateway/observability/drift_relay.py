@@ -1,77 +1,203 @@
-"""Relays to the webhooks the drift alert events that the log bins' claims decided.
+"""Sends a deployment's drift alert events to the webhooks, from its events stream.
 
-The log bin judges every archived row for feature drift but has no HTTP client, so the gateway
-process that leads a deployment's drift evaluation (``drift_monitor``) sends its events on: at
-every tick, one pipelined read of every led deployment's events stream after the last relayed
-id. That id is kept in Redis, so a new leader carries on where the old one stopped, and a
-leader's first read starts after the newest event (nothing older is sent again).
+Every raise and clear is an entry of the deployment's events stream, whoever decided it (a log
+bin, which has no HTTP client; a gateway process's prediction prior; the monitor), so one
+process sends them all, in the order they were decided: the one that leads the deployment's
+drift evaluation (``drift_monitor``). Each URL has a task of its own and its own place in the
+stream, kept in Redis and moved only once the URL took the events (a 2xx): a URL that is down
+delays only itself, and a process that stops (a restart, a crash, a lead that moves) leaves
+the next leader to send what was not taken. Delivery is at least once: an answer lost after
+the URL took the events sends them again (Alertmanager's receivers go by ``fingerprint`` and
+``status``).
+
+Found by a helper's probe: one queue a process, each payload posted to every URL in turn and
+retried for up to ten minutes, so a dead URL held back the pager by ten minutes a payload;
+the queue was lost with its process, and the place in the stream had moved when events were
+queued, not delivered, so no one sent them again; and a raise and its clear, decided by two
+processes, could reach a receiver in the wrong order.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import json
+import logging
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from gateway.observability.alert_webhooks import AlertWebhooks
-from rendezvous import drift_claims, names
-from rendezvous.bus.connection import AsyncClient, text
+from rendezvous import names
+from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
+from rendezvous.retry_log import RetryLog
+
+log = logging.getLogger(__name__)
 
 RELAY_PAGE = 200
-"""Most events read per deployment and tick."""
+"""Most events in one payload (a deployment's backlog goes as several, in order)."""
+FIRST_RETRY_S = 0.5
+MAX_RETRY_S = 30.0
 
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
+def url_id(url: str) -> str:
+    """A URL's name in Redis: a digest (a URL may carry a token in its query)."""
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Url:
+    """One URL's sending: its task, its places (per deployment) and its failures."""
+
+    url: str
+    places: dict[str, bytes] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+    retry_s: float = FIRST_RETRY_S
+    failing_since: float | None = None
+    log: RetryLog | None = None
+
+
 class DriftRelay:
-    def __init__(self, client: AsyncClient, webhooks: AlertWebhooks | None):
+    def __init__(self, client: AsyncClient, webhooks: AlertWebhooks | None, tick_s: float = 0.5):
         self.client = client
         self.webhooks = webhooks
-        self._relayed: dict[str, bytes] = {}
-        """Per deployment led, the id of the latest event relayed."""
+        self.tick_s = tick_s
+        self.sent = 0
+        """Payloads a URL took."""
+        self.skipped = 0
+        """Events given up on after ``give_up_s`` of a URL refusing them."""
+        self._led: list[str] = []
+        self._urls = [_Url(u) for u in (webhooks.urls if webhooks is not None else [])]
+        for one in self._urls:
+            one.log = RetryLog(log, f"alert webhook {one.url}")
 
-    def keep_only(self, led: Iterable[str]) -> None:
-        """Forget the deployments whose lead went elsewhere: their holder relays them."""
-        for gone in set(self._relayed).difference(led):
-            del self._relayed[gone]
+    def lead(self, deployments: Iterable[str], *, start: bool = True) -> None:
+        """The deployments this process sends for, from now on (its drift leases); the URLs'
+        tasks start with the first (``start`` False: the caller sends, by ``deliver``)."""
+        led = sorted(deployments)
+        for one in self._urls:
+            for gone in set(one.places).difference(led):  # another process sends it now
+                del one.places[gone]
+        self._led = led
+        if not led or not start:
+            return
+        for one in self._urls:
+            if one.task is None or one.task.done():
+                one.task = asyncio.get_running_loop().create_task(self._run(one))
 
-    async def relay(self, *deployments: str) -> int:
-        """Send the events decided by a log bin since the last relayed one, for each of
-        ``deployments``, read in one round trip; returns how many were sent."""
-        for deployment in deployments:
-            if deployment not in self._relayed:
-                self._relayed[deployment] = await self._start_after(deployment)
-        if not deployments:
+    async def deliver(self) -> int:
+        """One pass of every URL over every deployment led (what each task does every
+        ``tick_s``); returns how many events the URLs took."""
+        taken = 0
+        for one in self._urls:
+            taken += await self._pass(one)
+        return taken
+
+    async def _run(self, one: _Url) -> None:
+        while self._led:
+            wait_s = self.tick_s
+            try:
+                await self._pass(one)
+                if one.failing_since is not None:
+                    wait_s = one.retry_s
+            except REDIS_FAILURES as exc:
+                assert one.log is not None
+                one.log.failed(f"cannot read or keep its place in Redis ({exc})")
+            except Exception:  # a bug must not end the sending for good
+                log.exception("alert webhook %s: the relay failed", one.url)
+            await asyncio.sleep(wait_s)
+
+    async def _pass(self, one: _Url) -> int:
+        """Each led deployment's events after this URL's place, read in one round trip, then
+        posted in order; stops at the first refusal (tried again after ``retry_s``)."""
+        led = list(self._led)
+        if not led:
             return 0
+        await self._places(one, [d for d in led if d not in one.places])
+        pipe = self.client.pipeline(transaction=False)
+        for deployment in led:
+            pipe.xrange(names.drift_events_stream(deployment), b"(" + one.places[deployment],
+                        "+", count=RELAY_PAGE)  # fmt: skip
+        taken = 0
+        for deployment, entries in zip(led, await pipe.execute(), strict=True):
+            while entries:
+                sent = await self._send(one, deployment, cast(Entries, entries))
+                if sent is None:
+                    return taken
+                taken += sent
+                if len(entries) < RELAY_PAGE:
+                    break
+                entries = await self.client.xrange(
+                    names.drift_events_stream(deployment), b"(" + one.places[deployment], "+",
+                    count=RELAY_PAGE)  # fmt: skip
+        return taken
+
+    async def _places(self, one: _Url, deployments: list[str]) -> None:
+        """Each deployment's place for this URL as Redis keeps it; a URL with none yet starts
+        after the newest event (nothing older is sent)."""
+        if not deployments:
+            return
         pipe = self.client.pipeline(transaction=False)
         for deployment in deployments:
-            pipe.xrange(names.drift_events_stream(deployment), b"(" + self._relayed[deployment],
-                        "+", count=RELAY_PAGE)  # fmt: skip
-        relayed = 0
-        for deployment, entries in zip(deployments, await pipe.execute(), strict=True):
-            if entries:
-                relayed += await self._send(deployment, cast(Entries, entries))
-        return relayed
+            pipe.hget(names.drift_delivered_key(deployment), url_id(one.url))
+            pipe.xrevrange(names.drift_events_stream(deployment), count=1)
+        replies = await pipe.execute()
+        for i, deployment in enumerate(deployments):
+            kept, newest = replies[2 * i], cast(Entries, replies[2 * i + 1])
+            if kept is None:
+                kept = newest[0][0] if newest else b"0-0"
+                await self.client.hset(names.drift_delivered_key(deployment), url_id(one.url),
+                                       kept)  # fmt: skip
+            one.places[deployment] = text(kept).encode()
 
-    async def _start_after(self, deployment: str) -> bytes:
-        stored: Any = await self.client.get(names.drift_relayed_key(deployment))
-        if stored is None:
-            newest = cast(Entries, await self.client.xrevrange(
-                names.drift_events_stream(deployment), count=1))  # fmt: skip
-            stored = newest[0][0] if newest else b"0-0"
-        return text(stored).encode()
-
-    async def _send(self, deployment: str, entries: Entries) -> int:
+    async def _send(self, one: _Url, deployment: str, entries: Entries) -> int | None:
+        """Post ``entries``' events and move the place past them; None when the URL refused
+        (the place stays, unless it has refused them for ``give_up_s``)."""
+        assert self.webhooks is not None and one.log is not None
         events = []
         for _id, fields in entries:
             try:
-                event = json.loads(fields[b"e"])
+                events.append(json.loads(fields[b"e"]))
             except (KeyError, ValueError):
                 continue
-            if str(event.get("by", "")).startswith(drift_claims.LOGBIN_SOURCE):
-                events.append(event)
-        self._relayed[deployment] = entries[-1][0]
-        await self.client.set(names.drift_relayed_key(deployment), entries[-1][0])
-        if events and self.webhooks is not None:
-            self.webhooks.notify(deployment, events)  # queued: nothing waits
+        if events:
+            why = await self.webhooks.post(one.url, self.webhooks.payload(deployment, events))
+            if why is not None and not self._give_up(one, deployment, events, why):
+                return None
+            if why is None:
+                self.sent += 1
+                one.log.succeeded()
+                one.failing_since, one.retry_s = None, FIRST_RETRY_S
+        last = entries[-1][0]
+        await self.client.hset(names.drift_delivered_key(deployment), url_id(one.url), last)
+        one.places[deployment] = last
         return len(events)
+
+    def _give_up(self, one: _Url, deployment: str, events: list[Any], why: str) -> bool:
+        """A refusal: True once the URL has refused for ``give_up_s`` (its events skipped),
+        else False and a longer wait before the next try."""
+        assert self.webhooks is not None and one.log is not None
+        now = time.monotonic()
+        if one.failing_since is None:
+            one.failing_since = now
+        if now - one.failing_since < self.webhooks.give_up_s:
+            one.log.failed(why, one.retry_s)
+            one.retry_s = min(one.retry_s * 2, MAX_RETRY_S)
+            return False
+        self.skipped += len(events)
+        log.error("alert webhook %s: giving up on %d events of %s after %.0f s (%s)", one.url,
+                  len(events), deployment, now - one.failing_since, why)  # fmt: skip
+        one.failing_since = now  # the next ones get their own time
+        return True
+
+    async def close(self) -> None:
+        self._led = []
+        for one in self._urls:
+            if one.task is not None:
+                one.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await one.task

@@ -158,7 +158,6 @@ def create_app(
                 client,
                 deployments,
                 instance,
-                webhooks=webhooks,
                 local_meta=local_model_meta(settings.models_dir),
             )
             undo.push_async_callback(online.close)
