@@ -148,7 +148,9 @@ def _ood_report(w: Sketch, ref: FeatureReference | None, top_k: int) -> dict[str
         "rate": _r(w.ood_rows / w.feature_rows),
         "features": [{"feature": n, "rate": v} for n, v in top],
         "distance": {
-            f"p{round(q * 100)}": _r(histogram_quantile(DISTANCE_EDGES, w.distance, q))
+            f"p{round(q * 100)}": _r(
+                histogram_quantile(DISTANCE_EDGES, w.distance, q, open_last=True)
+            )
             for q in (0.5, 0.9, 0.99)
         },
         "distance_edges": list(DISTANCE_EDGES),

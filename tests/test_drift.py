@@ -71,6 +71,9 @@ def test_histogram_quantile_interpolates_inside_the_bin() -> None:
     assert histogram_quantile(edges, np.array([0, 4, 4]), 0.0) == pytest.approx(1.0)
     assert histogram_quantile(edges, np.array([0, 4, 4]), 1.0) == pytest.approx(3.0)
     assert histogram_quantile(edges, np.array([0, 0, 0]), 0.5) is None
+    # an open last bin (everything past its lower edge): a quantile in it is that edge, a floor
+    assert histogram_quantile(edges, np.array([10, 0, 10]), 0.99, open_last=True) == 2.0
+    assert histogram_quantile(edges, np.array([10, 0, 10]), 0.25, open_last=True) == 0.5
 
 
 def test_fixed_bins_clip_into_range_and_drop_nan() -> None:
