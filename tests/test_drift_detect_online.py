@@ -340,6 +340,39 @@ async def test_a_gateway_process_holds_the_prior_alert_of_one_that_died(
     assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
 
 
+async def test_a_gateway_process_with_no_traffic_yet_holds_the_prior_alert_of_one_that_died(
+    client: aioredis.Redis, demo_data_dir: Path
+) -> None:
+    """After a restart with no traffic for 10 s, no live process had judged a decision, so
+    none adopted the dead process's prior alert: it cleared (a "resolved" with the feed still
+    broken) and was raised again at the first traffic (a helper's probe). A process now reads
+    the claims of the deployments it has seen nothing of, and adopts."""
+    meta = ModelRegistry(demo_data_dir / "models").meta("breast-cancer", 2)
+    share = positive_share(meta.score_reference)
+    assert share is not None
+    rng = np.random.default_rng(6)
+    deployments = DeploymentCache(client)
+    await deployments.refresh()
+    meta_of = local_model_meta(demo_data_dir / "models")
+    dead = OnlineDrift(client, deployments, "gw-dead", stale_s=1.0, local_meta=meta_of)
+    for rows, positive_share_ in ((1, share), (300, 0.15)):
+        for positive in rng.random(rows) < positive_share_:
+            dead.observe_decision(record([[0.0, 1.0] if positive else [1.0, 0.0]]))
+        await asyncio.gather(*dead._tasks)
+        dead.evaluate(DEMO_DEPLOYMENT)
+        await dead.publish(DEMO_DEPLOYMENT)
+    assert [a["id"] for a in (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]] == [
+        "prediction_prior"]  # fmt: skip
+    idle = OnlineDrift(client, deployments, "gw-new", orphan_after_s=0.2, local_meta=meta_of)
+    await asyncio.sleep(0.3)  # the dead one renews nothing
+    await idle.adopt_unseen()  # not one decision seen here
+    await asyncio.gather(*idle._tasks)
+    await asyncio.sleep(0.8)  # the dead claim is stale now
+    assert await idle.publish(DEMO_DEPLOYMENT) == []  # no "cleared": held here
+    [alert] = (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]
+    assert alert["id"] == "prediction_prior" and alert["source"] == "gateway:gw-new"
+
+
 async def test_sources_merge_into_one_list(client: aioredis.Redis) -> None:
     one = {"feature_range/x": {"kind": "feature_range", "feature": "x", "value": 0.9}}
     t = 1_000_000.0

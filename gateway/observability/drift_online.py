@@ -81,6 +81,11 @@ def prior_labels(meta: Mapping[str, Any]) -> list[Any] | None:
     return list(names_) if isinstance(names_, list) else None
 
 
+ORPHAN_LOOK_S = 2.0
+"""How often the claims of deployments with no traffic here are read for orphaned alerts (a
+dead claim is adoptable from ``orphan_after_s``, 3 s, until it goes stale at 10 s)."""
+
+
 @dataclass
 class _Deployment:
     prior: PriorDetector | None = None
@@ -211,8 +216,9 @@ class OnlineDrift:
 
     def _adopt(self, deployment: str, dep: _Deployment, claims: Mapping[str, Any]) -> None:
         """Hold the alerts of other gateway processes' claims that stopped being renewed, when
-        they judged the model this process judges."""
-        if dep.prior is None:
+        they judged the model this process judges (its detector perhaps not made yet: they
+        are then held until it has judged ``hold_rows``)."""
+        if dep.model is None:
             return
         now_ms = time.time() * 1000
         for source, claim in claims.items():
@@ -227,11 +233,42 @@ class OnlineDrift:
                    if isinstance(v, dict) and k not in self._active(dep)}  # fmt: skip
             if new:
                 dep.held.update(new)
-                dep.hold_until = dep.prior.rows_seen + self.hold_rows
+                dep.hold_until = (dep.prior.rows_seen if dep.prior else 0) + self.hold_rows
                 dep.changed = True
                 log.info("online drift: %s: holding %s of %s, which stopped claiming, until "
                          "%d rows are judged here", deployment, ", ".join(sorted(new)), source,
                          self.hold_rows)  # fmt: skip
+
+    async def adopt_unseen(self) -> None:
+        """The deployments this process has judged no decision of: one whose gateway process
+        died holding its prior alert (a restart, with no traffic yet) saw the alert cleared
+        once the dead claim went stale, and raised again at the first traffic (a helper's
+        probe). Their claims are read (one round trip) and an orphaned alert of their real
+        model adopted, as traffic would have had it adopted."""
+        live = self.deployments.deployments
+        unseen = [d for d in live if d not in self._deps]
+        if not unseen:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for deployment in unseen:
+            pipe.hgetall(names.drift_claims_key(deployment))
+        now_ms = time.time() * 1000
+        for deployment, raw in zip(unseen, await pipe.execute(raise_on_error=False), strict=True):
+            real = live[deployment].roles.get(names.REAL) if deployment in live else None
+            if isinstance(raw, Exception) or real is None:
+                continue
+            claims = drift_store.parse({}, {}, raw)["claims"]
+            key = str(real)
+            if not any(source.startswith(drift_claims.GATEWAY_SOURCE) and claim.get("alerts")
+                       and claim.get("model") == key
+                       and now_ms - float(claim.get("ts_ms", now_ms)) >= self.orphan_after_ms
+                       for source, claim in claims.items()):  # fmt: skip
+                continue
+            dep = self._deps.setdefault(deployment, _Deployment())
+            self._new_model(deployment, dep, key)
+            self._adopt(deployment, dep, claims)
+            if dep.changed and deployment not in self._publishing:
+                self._spawn_publish(deployment)
 
     def _release_held(self, deployment: str, dep: _Deployment) -> None:
         """Held alerts go once the detector has judged enough rows to say for itself (or
@@ -353,9 +390,17 @@ class OnlineDrift:
         return doc
 
     async def run(self) -> None:
-        """Judge what waits at low rates, and renew the claims every ``publish_s``."""
+        """Judge what waits at low rates, renew the claims every ``publish_s``, and adopt the
+        orphaned alerts of deployments with no traffic here every ``ORPHAN_LOOK_S``."""
+        next_look = 0.0
         while True:
             await asyncio.sleep(self.publish_s)
+            if time.monotonic() >= next_look:
+                next_look = time.monotonic() + ORPHAN_LOOK_S
+                try:
+                    await self.adopt_unseen()
+                except REDIS_FAILURES as exc:
+                    log.debug("online drift: cannot read the claims now: %s", exc)
             for deployment in list(self._deps):
                 if deployment not in self.deployments.deployments:
                     del self._deps[deployment]  # deleted: renewing its claims would remake them
