@@ -8,7 +8,8 @@ requests it archives.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -122,3 +123,41 @@ class PriorDetector:
                 f"{since}"
             ),
         }
+
+
+# -- what the prior is judged against, from a model's metadata ---------------------------------
+
+
+def positive_share(score_reference: list[float] | None) -> float | None:
+    """Share of training scores at or above 0.5 (the score histogram's upper five bins)."""
+    if not score_reference or len(score_reference) != 10:
+        return None
+    total = float(sum(score_reference))
+    return float(sum(score_reference[5:])) / total if total > 0 else None
+
+
+def prior_reference(meta: Mapping[str, Any]) -> float | list[float] | None:
+    """What the prior is judged against: a binary model's share of positive training scores; a
+    multiclass model's class reference (the share of its reference rows it predicted as each
+    class), never its score reference, which is of the top probability and whose upper half
+    says nothing of a class. None without one (the monitor's windows still judge the mix)."""
+    classes = meta.get("classes")
+    if classes is None or len(classes) == 2:
+        return positive_share(meta.get("score_reference"))
+    shares = meta.get("class_reference")
+    if not isinstance(shares, list) or len(shares) != len(classes):
+        return None
+    try:
+        values = [float(v) for v in shares]
+    except (TypeError, ValueError):
+        return None
+    total = sum(values)
+    if not all(math.isfinite(v) and v >= 0 for v in values) or not total > 0:
+        return None
+    return [v / total for v in values]
+
+
+def prior_labels(meta: Mapping[str, Any]) -> list[Any] | None:
+    """The classes' names for the prior's words: ``class_names``, else the labels."""
+    names_ = meta.get("class_names") or meta.get("classes")
+    return list(names_) if isinstance(names_, list) else None

@@ -27,7 +27,6 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from gateway.observability.drift_online import prior_reference
 from gateway.observability.drift_sketches import ScoreReferences
 from gateway.observability.drift_view import set_thresholds, thresholds_from
 from gateway.settings import Settings
@@ -41,6 +40,7 @@ from processes import wait_until
 from rendezvous import names
 from rendezvous.drift import Sketch, score_counts
 from rendezvous.drift_alerts import Thresholds, evaluate_alerts, window_report
+from rendezvous.drift_prior import prior_reference
 from rendezvous.spec import FeatureSpec
 
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]

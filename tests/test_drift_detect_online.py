@@ -23,7 +23,7 @@ from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability import drift_store
 from gateway.observability.alert_webhooks import AlertWebhooks
 from gateway.observability.drift_monitor import DriftMonitor
-from gateway.observability.drift_online import OnlineDrift, positive_share
+from gateway.observability.drift_online import OnlineDrift
 from gateway.observability.drift_sketches import local_model_meta
 from gateway.observability.drift_view import drift_view
 from models.archive import ArchiveReader, SegmentWriter
@@ -39,6 +39,7 @@ from rendezvous.bus.routing import Command
 from rendezvous.decision import BinOutput, DecisionRecord
 from rendezvous.drift_alerts import Thresholds
 from rendezvous.drift_detect import FeatureDetectors
+from rendezvous.drift_prior import positive_share
 from rendezvous.envelope import RequestEnvelope
 from rendezvous.schedule import Schedule
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,46 +38,11 @@ from gateway.observability import drift_store
 from rendezvous import drift_claims, names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 from rendezvous.decision import DecisionRecord
-from rendezvous.drift_prior import PriorDetector
+from rendezvous.drift_prior import PriorDetector, prior_labels, prior_reference
 from rendezvous.drift_settings import DetectorSettings
 from rendezvous.retry_log import RetryLog
 
 log = logging.getLogger(__name__)
-
-
-def positive_share(score_reference: list[float] | None) -> float | None:
-    """Share of training scores at or above 0.5 (the score histogram's upper five bins)."""
-    if not score_reference or len(score_reference) != 10:
-        return None
-    total = float(sum(score_reference))
-    return float(sum(score_reference[5:])) / total if total > 0 else None
-
-
-def prior_reference(meta: Mapping[str, Any]) -> float | list[float] | None:
-    """What the prior is judged against: a binary model's share of positive training scores; a
-    multiclass model's class reference (the share of its reference rows it predicted as each
-    class), never its score reference, which is of the top probability and whose upper half
-    says nothing of a class. None without one (the monitor's windows still judge the mix)."""
-    classes = meta.get("classes")
-    if classes is None or len(classes) == 2:
-        return positive_share(meta.get("score_reference"))
-    shares = meta.get("class_reference")
-    if not isinstance(shares, list) or len(shares) != len(classes):
-        return None
-    try:
-        values = [float(v) for v in shares]
-    except (TypeError, ValueError):
-        return None
-    total = sum(values)
-    if not all(math.isfinite(v) and v >= 0 for v in values) or not total > 0:
-        return None
-    return [v / total for v in values]
-
-
-def prior_labels(meta: Mapping[str, Any]) -> list[Any] | None:
-    """The classes' names for the prior's words: ``class_names``, else the labels."""
-    names_ = meta.get("class_names") or meta.get("classes")
-    return list(names_) if isinstance(names_, list) else None
 
 
 ORPHAN_LOOK_S = 2.0
