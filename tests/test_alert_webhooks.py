@@ -5,7 +5,9 @@ once it took the events."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -70,16 +72,28 @@ def _heard(receiver: WebhookReceiver) -> list[str]:
     return [a["status"] for payload in receiver.received for a in payload["alerts"]]
 
 
+@contextlib.asynccontextmanager
+async def relays(redis_url: str, hooks: AlertWebhooks, n: int = 1,
+                 tick_s: float = 0.5) -> AsyncIterator[list[DriftRelay]]:  # fmt: skip
+    """``n`` relays (processes, one after another) on one client; all closed after."""
+    client = await connect_async(redis_url)
+    made = [DriftRelay(client, hooks, tick_s=tick_s) for _ in range(n)]
+    try:
+        yield made
+    finally:
+        for relay in made:
+            await relay.close()
+        await hooks.close()
+        await client.aclose()
+
+
 @pytest.mark.integration
 async def test_a_url_that_is_down_holds_back_no_other(r: redis.Redis, redis_url: str) -> None:
     """Each payload went to every URL in turn, each retried for up to ten minutes: one dead
     URL held the pager back by ten minutes a payload (a helper's probe)."""
-    client = await connect_async(redis_url)
     dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
     with WebhookReceiver() as steady:
-        hooks = AlertWebhooks([dead, steady.url])
-        relay = DriftRelay(client, hooks, tick_s=0.05)
-        try:
+        async with relays(redis_url, AlertWebhooks([dead, steady.url]), tick_s=0.05) as [relay]:
             relay.lead([DEP], start=False)
             assert await relay.deliver() == 0  # each URL's place: after the newest event
             relay.lead([DEP])  # now each URL by its own task
@@ -91,10 +105,6 @@ async def test_a_url_that_is_down_holds_back_no_other(r: redis.Redis, redis_url:
             assert _heard(steady) == ["firing", "resolved"], steady.received
             places = r.hgetall(names.drift_delivered_key(DEP))
             assert places[url_id(dead).encode()] != places[url_id(steady.url).encode()]
-        finally:
-            await relay.close()
-            await hooks.close()
-            await client.aclose()
 
 
 @pytest.mark.integration
@@ -105,11 +115,9 @@ async def test_what_a_url_missed_is_sent_by_the_next_leader_in_order(
     queued: a gateway process that stopped while a receiver was down took its alerts with it,
     and the receiver later heard "resolved" for alerts it never heard fire (a helper's
     probe). The place now moves once the URL took them, and the next leader sends the rest."""
-    client = await connect_async(redis_url)
     with WebhookReceiver(fail_first=2) as down_for_a_while:
         hooks = AlertWebhooks([down_for_a_while.url])
-        first, second = DriftRelay(client, hooks), DriftRelay(client, hooks)
-        try:
+        async with relays(redis_url, hooks, n=2) as [first, second]:
             first.lead([DEP], start=False)
             assert await first.deliver() == 0
             _decide(r, RAISED)
@@ -120,21 +128,15 @@ async def test_what_a_url_missed_is_sent_by_the_next_leader_in_order(
             taken = [await second.deliver() for _ in range(3)]
             assert taken == [0, 2, 0], taken  # refused once more, then both, once
             assert _heard(down_for_a_while) == ["firing", "resolved"]
-        finally:
-            await second.close()
-            await hooks.close()
-            await client.aclose()
 
 
 @pytest.mark.integration
 async def test_events_a_url_refuses_past_give_up_s_are_skipped(
     r: redis.Redis, redis_url: str
 ) -> None:
-    client = await connect_async(redis_url)
     with WebhookReceiver(fail_first=1000) as refusing:
         hooks = AlertWebhooks([refusing.url], give_up_s=0.3)
-        relay = DriftRelay(client, hooks)
-        try:
+        async with relays(redis_url, hooks) as [relay]:
             relay.lead([DEP], start=False)
             await relay.deliver()
             _decide(r, RAISED, CLEARED)
@@ -142,10 +144,6 @@ async def test_events_a_url_refuses_past_give_up_s_are_skipped(
             await asyncio.sleep(0.35)
             assert await relay.deliver() == 2 and relay.skipped == 2 and relay.sent == 0
             assert await relay.deliver() == 0  # skipped: not tried again
-        finally:
-            await relay.close()
-            await hooks.close()
-            await client.aclose()
 
 
 def test_no_urls_means_no_task() -> None:

@@ -323,11 +323,11 @@ def test_a_wait_rides_out_a_redis_that_stops_answering_within_its_timeout(
     assert asyncio.run(main()) == "done"
     with Client(base, retries=0) as rdv:  # the wait's budget still ends it
         job = rdv.submit(DEMO_DEPLOYMENT, instances=row)
-        pause(paused_redis.url, 2.0)
+        pause(paused_redis.url, 1.0)
         with pytest.raises(RdvError) as refused:
             rdv.wait(DEMO_DEPLOYMENT, job, timeout_s=0.5)
         assert refused.value.status == 503
-    time.sleep(2.0)  # the pause over, for the next test
+    time.sleep(1.0)  # the pause over, for the next test
 
 
 @pytest.mark.integration

@@ -114,14 +114,15 @@ class DriftRelay:
     async def _pass(self, one: _Url) -> int:
         """Each led deployment's events after this URL's place, read in one round trip, then
         posted in order; stops at the first refusal (tried again after ``retry_s``)."""
-        led = list(self._led)
+        await self._places(one, [d for d in self._led if d not in one.places])
+        places = {d: one.places[d] for d in self._led if d in one.places}  # lead() may move on
+        led = list(places)
         if not led:
             return 0
-        await self._places(one, [d for d in led if d not in one.places])
         pipe = self.client.pipeline(transaction=False)
         for deployment in led:
-            pipe.xrange(names.drift_events_stream(deployment), b"(" + one.places[deployment],
-                        "+", count=RELAY_PAGE)  # fmt: skip
+            pipe.xrange(names.drift_events_stream(deployment), b"(" + places[deployment], "+",
+                        count=RELAY_PAGE)  # fmt: skip
         taken = 0
         for deployment, entries in zip(led, await pipe.execute(), strict=True):
             while entries:
@@ -132,8 +133,8 @@ class DriftRelay:
                 if len(entries) < RELAY_PAGE:
                     break
                 entries = await self.client.xrange(
-                    names.drift_events_stream(deployment), b"(" + one.places[deployment], "+",
-                    count=RELAY_PAGE)  # fmt: skip
+                    names.drift_events_stream(deployment), b"(" + cast(Entries, entries)[-1][0],
+                    "+", count=RELAY_PAGE)  # fmt: skip
         return taken
 
     async def _places(self, one: _Url, deployments: list[str]) -> None:
@@ -152,7 +153,8 @@ class DriftRelay:
                 kept = newest[0][0] if newest else b"0-0"
                 await self.client.hset(names.drift_delivered_key(deployment), url_id(one.url),
                                        kept)  # fmt: skip
-            one.places[deployment] = text(kept).encode()
+            if deployment in self._led:
+                one.places[deployment] = text(kept).encode()
 
     async def _send(self, one: _Url, deployment: str, entries: Entries) -> int | None:
         """Post ``entries``' events and move the place past them; None when the URL refused
@@ -174,7 +176,8 @@ class DriftRelay:
                 one.failing_since, one.retry_s = None, FIRST_RETRY_S
         last = entries[-1][0]
         await self.client.hset(names.drift_delivered_key(deployment), url_id(one.url), last)
-        one.places[deployment] = last
+        if deployment in self._led:  # else another process sends it now, from Redis's place
+            one.places[deployment] = last
         return len(events)
 
     def _give_up(self, one: _Url, deployment: str, events: list[Any], why: str) -> bool:
