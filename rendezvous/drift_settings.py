@@ -92,7 +92,11 @@ class DetectorSettings:
     min_fill: float = 0.25
     """A short window is judged once it holds this share of its rows; the long one only when
     full (partly filled, its floor would be too low for the few rows it holds)."""
-    clear_ratio: float = 0.8
+    clear_ratio: float = 0.6
+    """A window's alert clears once its statistic is back under this share of its threshold.
+    At 0.8 a steady shift of many features a little (a class-mix change) hovered about the
+    threshold, and its alerts cleared and were raised again within the same fault; at 0.6
+    they hold, and a fixed feed clears about 15 % later (a helper's probe)."""
     gross_on: float = 0.4
     gross_off: float = 0.2
     """A feature's 100-row KS distance above ``gross_on`` starts a gross episode; back under

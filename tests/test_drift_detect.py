@@ -385,6 +385,29 @@ def test_a_feed_that_stays_broken_holds_its_range_alert(profile: FeatureProfile)
     assert not [a for _, a in cleared if a["feature"] == NAMES[f]], cleared
 
 
+def test_a_steady_shift_of_the_class_mix_holds_its_alerts(
+    demo: tuple[FeatureProfile, np.ndarray, np.ndarray],
+) -> None:
+    """Rows of one class only, for 3,000 rows: many features shift a little, and their shift
+    statistic hovers about the threshold. Cleared at 80 % of it, alerts were cleared and raised
+    again in the same steady fault (a resolved and a firing each time: 12 re-raises over these
+    six runs; a helper's probe saw 6 in 3,000 requests). At 60 % they hold."""
+    profile = demo[0]
+    d = demo_data()
+    x, y = np.vstack([d.x_train, d.x_test]), np.concatenate([d.y_train, d.y_test])
+    again = 0
+    for klass in (0, 1):
+        rows = x[y == klass]
+        for seed in range(3):
+            rng = np.random.default_rng(seed)
+            det = FeatureDetectors(profile)
+            feed(det, x[rng.integers(0, len(x), 1000)], batch=50)
+            raised, _ = feed(det, rows[rng.integers(0, len(rows), 3000)], batch=50)
+            ids = [(a["kind"], a["feature"]) for _, a in raised]
+            again += len(ids) - len(set(ids))
+    assert again <= 1, again
+
+
 def test_windows_start_afresh_when_a_gross_alert_clears(profile: FeatureProfile) -> None:
     """A long fault fills the long window; once the range alert clears, the long window holds
     no alert of that episode (else it would take 1,600 rows to empty)."""
