@@ -39,12 +39,24 @@ def archived_until_ms(client: Client, streams: Iterable[str]) -> float | None:
     return min(oldest) if oldest else None
 
 
-def last_archived_ms(until_ms: float | None, to_ms: float) -> float:
-    """``to_ms`` (inclusive to the end of its millisecond), capped before the millisecond of
-    ``until_ms``: a window that ends there holds no request the log bin has yet to write."""
+OPEN_TO_MARGIN_MS = 1000
+"""An export's open ``to`` ("until now") ends this long before now: a request stamped before
+now can reach Redis after the archive's frontier is read (a few milliseconds usually, 237 ms
+seen around a failover), and the next window, starting after this one's ``to_ms``, would never
+hold it. (A replay until its creation needs no margin: no window follows it.)"""
+
+
+def open_to_ms(now_ms: float) -> int:
+    return math.floor(now_ms) - OPEN_TO_MARGIN_MS
+
+
+def last_archived_ms(until_ms: float | None, to_ms: float) -> int:
+    """``to_ms`` (inclusive to the end of its millisecond, so whole milliseconds), capped
+    before the millisecond of ``until_ms``: a window that ends there holds no request the log
+    bin has yet to write."""
     if until_ms is None:
-        return to_ms
-    return min(to_ms, float(math.floor(until_ms) - 1))
+        return math.floor(to_ms)
+    return min(math.floor(to_ms), math.floor(until_ms) - 1)
 
 
 def _oldest_unarchived(client: Client, stream: str) -> tuple[bytes, dict[bytes, bytes]] | None:

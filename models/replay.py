@@ -201,8 +201,8 @@ class Runner:
             else:
                 to_ms = req.get("to_ms")
                 if to_ms is None:  # until its creation: where the archive was complete then
-                    to_ms = last_archived_ms(self._archived_until_ms(deployment),
-                                             report["timing"]["created_ms"])  # fmt: skip
+                    created = report["timing"]["created_ms"]
+                    to_ms = last_archived_ms(self._archived_until_ms(deployment), created)
                 positions = resolve(self.reader, deployment, from_ms=req.get("from_ms"),
                                     to_ms=to_ms, last=req.get("last"), tick=tick)  # fmt: skip
         except _Stop:

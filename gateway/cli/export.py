@@ -60,7 +60,7 @@ def _shown(value: str) -> str:
 def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
     """Export a slice; every flag is checked (``--positions`` read) before Redis is asked."""
     from models.archive import ArchiveReader
-    from models.archive_frontier import archived_until_ms, last_archived_ms
+    from models.archive_frontier import archived_until_ms, last_archived_ms, open_to_ms
     from models.archive_slice import SliceError, parse_time, positions_from, resolve
     from models.deployment_store import DeploymentStore
     from models.deployments import DeploymentNotFound, DeploymentUnreadable
@@ -104,7 +104,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
             request = {"positions": True}
         else:
             from_ms = parse_time(args.from_, "--from") if args.from_ else None
-            asked_ms = parse_time(args.to, "--to") if args.to else time.time() * 1000
+            asked_ms = parse_time(args.to, "--to") if args.to else open_to_ms(time.time() * 1000)
             if from_ms is not None and from_ms > asked_ms:
                 sys.exit(f"rdv archive export: --from {args.from_} is after --to "
                          f"{args.to or 'now'}")  # fmt: skip
