@@ -14,6 +14,7 @@ same report as one that never stopped. Figures that depend on the clock are only
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -23,6 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+import redis
 
 from models.archive import ArchiveReader
 from models.archive_frontier import archived_until_ms, last_archived_ms
@@ -34,9 +36,9 @@ from models.memory_bound import rebound
 from models.registry import ModelRegistry
 from models.replay_given import given_of, load_given
 from models.replay_report import Given, Tally, count_request, report_view
-from models.replay_store import DONE, FAILED, INTERRUPTED, RUNNING, ReplayStore
+from models.replay_store import DONE, FAILED, INTERRUPTED, RUNNING, LeaseLost, ReplayStore
 from rendezvous import names
-from rendezvous.bus.connection import REDIS_DOWN, Client
+from rendezvous.bus.connection import REDIS_DOWN, REDIS_FAILURES, Client
 from rendezvous.input_types import DTYPES, WIRE_TYPES, unfit
 from rendezvous.retry_log import RetryLog
 
@@ -46,9 +48,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-RIDE_OUT_S = 60.0
+RIDE_OUT_S = 20.0
 """How long a replay waits for a Redis that went away (a restart, a failover) before it
-fails: its report cannot be saved meanwhile."""
+fails: its report cannot be saved meanwhile. Shorter than its lease (``LEASE_MS``, 30 s): a
+runner that waited longer read ``interrupted`` while it waited, and a resume then started a
+second runner beside it (a helper's probe)."""
 
 
 class Runner:
@@ -81,6 +85,8 @@ class Runner:
         the replay (and its slot of ``RDV_REPLAY_CONCURRENCY``) for good."""
         self._cancelled = False
         self._redis_log = RetryLog(log, "replay: Redis")
+        self._follow_key = ""
+        """A key of the replay's slot (its report), for ``_follow_failover``."""
 
     def run(self, deployment: str, replay_id: str) -> dict[str, Any]:
         stored = self.store.stored(deployment, replay_id)
@@ -89,8 +95,12 @@ class Runner:
         report, state = stored
         tally = Tally.from_dict(state)
         report["timing"]["runs"] = report["timing"].get("runs", 0) + 1
+        self._follow_key = names.replay_key(deployment, replay_id)
         try:
             report = self._run(deployment, report, tally)
+        except LeaseLost as exc:
+            log.warning("replay %s of %s: %s; this run stops", replay_id, deployment, exc)
+            return report
         except Exception as exc:  # any failure ends in a readable report, never a silent death
             log.exception("replay %s of %s failed", replay_id, deployment)
             report = {**report_view(report, tally), "state": FAILED,
@@ -99,7 +109,10 @@ class Runner:
         if report["state"] != RUNNING:
             report["timing"]["finished_ms"] = report["timing"]["updated_ms"]
         state = dataclasses.asdict(tally)
-        self._riding(lambda: self.store.finish(deployment, report, state))
+        try:
+            self._riding(lambda: self.store.finish(deployment, report, state, self.owner))
+        except LeaseLost as exc:
+            log.warning("replay %s of %s: %s; its end is not saved", replay_id, deployment, exc)
         return report
 
     def _stopping(self) -> bool:
@@ -120,10 +133,20 @@ class Runner:
                     raise
                 self._redis_log.failed(str(exc), pause_s)
                 time.sleep(pause_s)
+                self._follow_failover()
                 pause_s = min(pause_s * 2, 5.0)
                 continue
             self._redis_log.succeeded()
             return done
+
+    def _follow_failover(self) -> None:
+        """On a cluster, one plain command on the replay's slot: redis-py's cluster client
+        reads the slot table again when a command fails to connect (its pipelines, which the
+        checkpoints use, do not), so a master lost for good is followed to its replica (a
+        helper's probe: the replay kept trying the dead node for 60 s, then failed)."""
+        if isinstance(self.client, redis.RedisCluster) and self._follow_key:
+            with contextlib.suppress(*REDIS_FAILURES):
+                self.client.exists(self._follow_key)
 
     def _checkpoint(self, deployment: str, report: dict[str, Any], tally: Tally) -> None:
         report["timing"]["updated_ms"] = time.time() * 1000

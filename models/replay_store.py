@@ -26,6 +26,39 @@ for _, owner in ipairs(ARGV) do
 end
 return 0
 """
+HANDING_OVER = "gateway"
+"""The lease's holder while a gateway starts (or resumes) a replay, until its runner's first
+save takes the lease under its own name."""
+_OWNED = """
+local held = redis.call('GET', KEYS[2])
+if held and held ~= ARGV[3] and held ~= ARGV[5] then return -1 end
+redis.call('HSET', KEYS[1], 'report', ARGV[1], 'state', ARGV[2])
+"""
+_CHECKPOINT = (
+    _OWNED
+    + """
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+return redis.call('HEXISTS', KEYS[1], 'cancel')
+"""
+)
+"""KEYS: the report, the lease; ARGV: report, state, owner, lease ms, ``HANDING_OVER``. A
+runner taken for dead
+while Redis was away (its lease lapsed, and the replay was resumed elsewhere) saves nothing
+over the runner that holds the lease now (-1): it kept writing, and both ran."""
+_FINISH = (
+    _OWNED
+    + """
+redis.call('HDEL', KEYS[1], 'cancel')
+redis.call('DEL', KEYS[2])
+return 0
+"""
+)
+
+
+class LeaseLost(Exception):
+    """Another runner holds the replay's lease: this one stops and saves nothing more."""
+
+
 RUNNING, DONE, FAILED, INTERRUPTED = "running", "done", "failed", "interrupted"
 RESUMABLE = (INTERRUPTED, FAILED)
 
@@ -60,25 +93,25 @@ class ReplayStore:
         self, deployment: str, report: dict[str, Any], state: dict[str, Any], owner: str
     ) -> bool:
         """Save the report and the runner's state, renew the lease; True when someone asked
-        the replay to stop."""
-        rid = report["id"]
-        key = names.replay_key(deployment, rid)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(key, mapping={"report": json.dumps(report), "state": json.dumps(state)})
-        pipe.hget(key, "cancel")
-        pipe.set(names.replay_lock_key(deployment, rid), owner, px=LEASE_MS)
-        _, cancel, _ = pipe.execute()
-        return cancel is not None
+        the replay to stop. ``LeaseLost`` when another runner holds the lease."""
+        return self._save(_CHECKPOINT, deployment, report, state, owner) == 1
 
-    def finish(self, deployment: str, report: dict[str, Any], state: dict[str, Any]) -> None:
-        """Save the last report (done, failed or interrupted) and let the lease go."""
+    def finish(
+        self, deployment: str, report: dict[str, Any], state: dict[str, Any], owner: str
+    ) -> None:
+        """Save the last report (done, failed or interrupted) and let the lease go;
+        ``LeaseLost`` (nothing saved) when another runner holds it."""
+        self._save(_FINISH, deployment, report, state, owner)
+
+    def _save(self, script: str, deployment: str, report: dict[str, Any],
+              state: dict[str, Any], owner: str) -> int:  # fmt: skip
         rid = report["id"]
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(names.replay_key(deployment, rid),
-                  mapping={"report": json.dumps(report), "state": json.dumps(state)})  # fmt: skip
-        pipe.hdel(names.replay_key(deployment, rid), "cancel")
-        pipe.delete(names.replay_lock_key(deployment, rid))
-        pipe.execute()
+        keys = (names.replay_key(deployment, rid), names.replay_lock_key(deployment, rid))
+        got = int(self.client.eval(script, 2, *keys, json.dumps(report), json.dumps(state),
+                                   owner, str(LEASE_MS), HANDING_OVER))  # fmt: skip
+        if got < 0:
+            raise LeaseLost(f"replay {rid} of {deployment} is another runner's now")
+        return got
 
     def release_lease(self, deployment: str, replay_id: str, owners: tuple[str, ...]) -> bool:
         """Let the lease go if one of ``owners`` holds it (a runner known dead), so the

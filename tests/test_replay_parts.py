@@ -12,7 +12,7 @@ import redis
 from models.archive_slice import SliceError, parse_time, positions_from, sid_key
 from models.labels import labels_for
 from models.replay_report import new_report
-from models.replay_store import ReplayStore, new_replay_id, replay_report_for
+from models.replay_store import LeaseLost, ReplayStore, new_replay_id, replay_report_for
 from rendezvous import names
 
 DEP = "credit"
@@ -95,8 +95,15 @@ def test_reports_are_stored_leased_and_found_on_a_cluster(rc: redis.RedisCluster
     assert not store.take_lease(DEP, rid, "other")
     store.request_cancel(DEP, rid)
     assert store.checkpoint(DEP, report, {"done": 1}, "me") is True
+    # a runner taken for dead (its lease lapsed, the replay resumed: another holds it) saves
+    # nothing over the one running now; it kept writing, and both ran (a helper's probe)
+    with pytest.raises(LeaseLost):
+        store.checkpoint(DEP, {**report, "phase": "stale"}, {"done": 99}, "other")
+    with pytest.raises(LeaseLost):
+        store.finish(DEP, {**report, "state": "failed"}, {"done": 99}, "other")
+    assert store.stored(DEP, rid)[1] == {"done": 1}  # type: ignore[index]
     assert replay_report_for(rc, DEP, 3) is None  # not done yet
-    store.finish(DEP, {**report, "state": "done"}, {"done": 5})
+    store.finish(DEP, {**report, "state": "done"}, {"done": 5}, "me")
     assert replay_report_for(rc, DEP, 3)["id"] == rid  # type: ignore[index]
     assert replay_report_for(rc, DEP, 3, model="other") is None
     assert store.stored(DEP, rid)[1] == {"done": 5}  # type: ignore[index]

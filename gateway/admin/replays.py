@@ -31,7 +31,15 @@ from models.meta import unfit_for
 from models.registry import ModelNotFound, ModelRegistry
 from models.replay import run_process
 from models.replay_report import new_report
-from models.replay_store import DONE, LEASE_MS, LIST_LIMIT, RUNNING, ReplayStore, new_replay_id
+from models.replay_store import (
+    DONE,
+    HANDING_OVER,
+    LEASE_MS,
+    LIST_LIMIT,
+    RUNNING,
+    ReplayStore,
+    new_replay_id,
+)
 from rendezvous import names
 from rendezvous.bus.connection import REDIS_FAILURES, Client
 
@@ -75,7 +83,7 @@ class ReplayManager:
         self.store = ReplayStore(client)
         self.batch_rows = settings.replay_batch_rows
         self.concurrency = settings.replay_concurrency
-        self.owner = "gateway"
+        self.owner = HANDING_OVER
         """The lease's holder until the replay's process renews it with its own name."""
         self._processes: dict[tuple[str, str], BaseProcess] = {}
         """(deployment, replay id) -> the process running it."""
