@@ -5,8 +5,8 @@ Columns: ``request_id``, ``row`` (the row's index in a multi-row request; 0 othe
 ``entity``, ``entity_found`` and ``entity_defaulted`` (``ENTITY_COLUMNS``), one column per
 feature of the deployment's spec (exactly as archived: Parquet's columns are float32 as before
 typed inputs, else as ``features_type`` in its metadata says), ``answered_by`` (the role whose
-answer the caller got; empty for none), then per role that answered (real first, canary, the
-rest by name)
+answer the caller got; ``none`` for none; empty when not known), then per role that answered
+(real first, canary, the rest by name)
 ``<role>_model``, ``<role>_version``, ``<role>_label`` and ``<role>_proba_<class>`` from the
 decision records still kept, else from the outcomes the feedback route keeps for
 ``RDV_FEEDBACK_RETENTION_S`` (the same answers and six decimals; empty when both are gone), and
@@ -58,12 +58,17 @@ ENTITY_COLUMNS = ["entity", "entity_found", "entity_defaulted"]
 features a default filled (comma-separated; empty when none did)."""
 
 
-def _answered_by(record: DecisionRecord) -> str | None:
-    """The role whose answer the caller got (None: none did, a timeout or a failure)."""
+NO_ANSWER = "none"
+"""``answered_by`` of a request no role answered (a timeout, a failure); empty (null) is a
+request whose decision record and kept outcome are both gone: not known."""
+
+
+def _answered_by(record: DecisionRecord) -> str:
+    """The role whose answer the caller got, or ``NO_ANSWER``."""
     if record.chosen_role is None:
-        return None
+        return NO_ANSWER
     chosen = record.outputs.get(record.chosen_role)
-    return record.chosen_role if chosen is not None and chosen.ok else None
+    return record.chosen_role if chosen is not None and chosen.ok else NO_ANSWER
 
 
 def _entity(looked_up: Any, k: int) -> dict[str, Any]:
@@ -114,7 +119,7 @@ class Exporter:
         self.classes = list(classes)
         self.entity_key = entity_key
         self.outcome_keys: list[str] = []
-        self.answered_by: dict[str, str | None] = {}
+        self.answered_by: dict[str, str] = {}
         """Request id -> the role whose answer the caller got, from its decision record."""
 
     def columns(self, roles: list[str]) -> list[str]:
@@ -218,7 +223,7 @@ class Exporter:
         }
         answered_by = self.answered_by
         known = labels_for(self.client, self.deployment, ids, keys)
-        chosen = {rid: outcome.chosen_role for rid, outcome in kept_outcomes.items()}
+        chosen = {rid: o.chosen_role or NO_ANSWER for rid, o in kept_outcomes.items()}
         for row in chunk:
             rid = row["request_id"]
             answers = outputs.get(rid) or kept.get(rid, {})

@@ -15,9 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from gateway.dataplane.job_store import JobStore
-from models.archive import ArchiveReader
+from models.archive import ArchiveReader, SegmentWriter
 from models.demo import demo_deployment
 from models.deployment_purge import Purger, serving_keys
 from models.deployment_store import DeploymentStore, ensure_groups
@@ -216,6 +217,30 @@ async def test_an_append_to_a_purged_stream_fails_and_takes_nothing(bus_url: str
         await async_client.aclose()
 
 
+def test_a_purged_deployment_whose_model_is_gone_exports_under_generic_names(
+    r: redis.Redis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its real model deleted from the registry too, its archive could not be exported at
+    all; an enriched one's exported without its entity columns (a helper's probe)."""
+    from gateway.cli.export import _as_last_served
+
+    writer = SegmentWriter(tmp_path)
+    looked = [{"entity": "c-1", "found": True, "values": {"b": 2.0}}]
+    writer.append_batch("gone", [{"stream_id": "1-0", "request_id": "r-1", "enqueued_ms": 1.0,
+                                  "features": [[1.0, 2.0, 3.0]], "looked_up": looked}])  # fmt: skip
+    writer.close()
+    store = DeploymentStore(r)
+    gone = DeploymentNotFound("deployment 'gone' does not exist")
+    names_, real, entity_key = _as_last_served(store, ModelRegistry(tmp_path / "models"),
+                                               ArchiveReader(tmp_path), "gone", gone)  # fmt: skip
+    assert names_ == ("feature_0", "feature_1", "feature_2") and real is None
+    assert entity_key is not None
+    assert "its 3 features are named feature_0 ..." in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no request of it is archived"):
+        _as_last_served(store, ModelRegistry(tmp_path / "models"), ArchiveReader(tmp_path),
+                        "never", gone)  # fmt: skip
+
+
 # -- the whole system ----------------------------------------------------------------------------
 
 
@@ -282,6 +307,9 @@ def test_a_deployment_deleted_under_load_answers_what_it_took_and_is_purged(
         exported = list(csv.DictReader(f))
     assert {r["request_id"] for r in exported} == set(archived)
     assert demo_data().names[0] in exported[0]
+    # its decision records and kept outcomes went with it: who answered is not known (empty),
+    # where it read as no answer at all (a helper's probe)
+    assert {r["answered_by"] for r in exported} == {""}
     # Its workers stopped by themselves once their streams were gone.
     for role in ("real", "canary"):
         wait_until(lambda r=role: not system.procs[r].alive(), 15, f"the {role} worker's end")

@@ -479,6 +479,7 @@ def test_defaults_fill_a_missing_entity(enriched: System, real: OnnxClassifier) 
         assert looked["values"] == pytest.approx(defaults)
         # an export says which entity, whether the store had it, what a default filled, and
         # who answered (it said none of it: a helper's probe, retraining on imputed values)
+        time.sleep(1.1)  # an open --to ends a second before now
         out = enriched.data_dir / "enriched.csv"
         done = subprocess.run(
             [sys.executable, "-m", "gateway.cli.main", "archive", "export", "--deployment",

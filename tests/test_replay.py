@@ -279,9 +279,11 @@ def test_export_round_trip(served: Served, fmt: str, tmp_path: Path) -> None:
         assert (row["request_id"], int(row["row"])) == (rid, k)
         got = [float(row[n]) for n in names_]
         assert np.array_equal(np.float32(got), np.float32(features))
-        if rid in decisions:  # the role whose answer the caller got
+        if rid in decisions:  # the role whose answer the caller got, "none" for none
             chosen = decisions[rid].chosen_role
-            assert (row["answered_by"] or None) == chosen, (rid, row["answered_by"], chosen)
+            answer = decisions[rid].outputs.get(chosen) if chosen else None
+            expected = chosen if answer is not None and answer.ok else "none"
+            assert row["answered_by"] == expected, (rid, row["answered_by"], chosen)
         for role in ("real", "canary"):  # what the decision record kept (a late bin: nothing)
             given = decisions[rid].outputs.get(role)
             if given is None or given.labels is None or given.probabilities is None:

@@ -20,6 +20,7 @@ from gateway.cli.records import LINE_LIMIT
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
+    from models.archive import ArchiveReader
     from models.deployment_store import DeploymentStore
     from models.deployments import ModelRef
     from models.registry import ModelRegistry
@@ -80,6 +81,8 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
     client = connect(require_redis(settings), wait_s=5)
     registry = ModelRegistry(settings.models_dir)
     store = DeploymentStore(client)
+    reader = ArchiveReader(settings.archive_dir)
+    real: ModelRef | None
     try:
         dep = store.get(args.deployment)
         feature_names, streams = dep.feature_spec.names, dep.input_streams
@@ -87,16 +90,15 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
         lookup = dep.feature_spec.lookup
         entity_key = lookup.key if lookup is not None else None
     except DeploymentNotFound as exc:  # deleted and purged: its archive stays, and history
-        feature_names, real = _as_last_served(store, registry, args.deployment, exc)
+        feature_names, real, entity_key = _as_last_served(store, registry, reader,
+                                                          args.deployment, exc)  # fmt: skip
         streams = []  # purged only once all of it was archived
-        entity_key = None
     except (DeploymentUnreadable, ValueError) as exc:
         sys.exit(f"rdv archive export: {exc}")
     try:
-        classes = registry.meta(real.name, real.version).classes
+        classes = registry.meta(real.name, real.version).classes if real else []
     except ModelNotFound:
         classes = []
-    reader = ArchiveReader(settings.archive_dir)
     request: dict[str, Any]
     try:
         if args.positions is not None:
@@ -131,24 +133,40 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _as_last_served(
-    store: DeploymentStore, registry: ModelRegistry, name: str, gone: Exception
-) -> tuple[tuple[str, ...], ModelRef]:
-    """The feature names and real model of a deployment deleted and purged, from the last
-    roles its history kept and the registry (its state went with the purge: an export of its
-    archive was refused, though the archive stays for this; a helper's probe)."""
+    store: DeploymentStore,
+    registry: ModelRegistry,
+    reader: ArchiveReader,
+    name: str,
+    gone: Exception,
+) -> tuple[tuple[str, ...], ModelRef | None, str | None]:
+    """The feature names, real model and entity key (None: none) of a deployment deleted and
+    purged, which took its state: the names from the real model its history last kept, and
+    from the registry (else ``feature_0`` ... as wide as its archived rows, said on stderr);
+    entity columns when its archived requests say what was looked up. An export of its
+    archive was refused, though the archive stays for this (a helper's probe)."""
     from models.deployments import ModelRef
     from models.registry import ModelNotFound
 
+    first = next((r for r in reader.records(name) if r.get("features")), None)
+    if first is None:
+        sys.exit(f"rdv archive export: {gone}, and no request of it is archived")
+    entity_key = "entity" if first.get("looked_up") is not None else None
+    real = None
     for entry in reversed(store.history(name)):
         held = entry.get("roles", {}).get("real")
         if entry.get("applied", True) and held:
             real = ModelRef.from_dict(held)
-            try:
-                return registry.meta(real.name, real.version).feature_spec.names, real
-            except ModelNotFound as exc:
-                sys.exit(f"rdv archive export: {gone}, and {real}, its real model when it was "
-                         f"deleted, is gone too ({exc}): its features cannot be named")  # fmt: skip
-    sys.exit(f"rdv archive export: {gone}")
+            break
+    if real is not None:
+        try:
+            return registry.meta(real.name, real.version).feature_spec.names, real, entity_key
+        except ModelNotFound:
+            pass
+    width = len(first["features"][0])
+    print(f"rdv archive export: {gone}, and its real model ({real or 'not in its history'}) "
+          f"is not in the registry: its {width} features are named feature_0 ...",
+          file=sys.stderr)  # fmt: skip
+    return tuple(f"feature_{i}" for i in range(width)), real, entity_key
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
