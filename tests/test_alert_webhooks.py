@@ -128,6 +128,38 @@ async def test_what_a_url_missed_is_sent_by_the_next_leader_in_order(
             taken = [await second.deliver() for _ in range(3)]
             assert taken == [0, 2, 0], taken  # refused once more, then both, once
             assert _heard(down_for_a_while) == ["firing", "resolved"]
+            # one alert's firing and resolved go as two payloads: in one, under a top-level
+            # "firing", a receiver keying on the group's status opened an incident for good
+            assert [p["status"] for p in down_for_a_while.received] == ["firing", "resolved"]
+
+
+@pytest.mark.integration
+async def test_a_url_sends_once_what_another_process_sent_and_starts_anew_once_unlisted(
+    r: redis.Redis, redis_url: str
+) -> None:
+    """A lease holder that stalled (SIGSTOP) sent again, from its own idea of the place, what
+    the next holder had sent; and a URL taken off the list and put back got every event
+    since it left (a helper's probe)."""
+    with WebhookReceiver() as steady, WebhookReceiver() as other:
+        hooks = AlertWebhooks([steady.url, other.url])
+        async with relays(redis_url, hooks, n=2) as [stalled, next_holder]:
+            stalled.lead([DEP], start=False)
+            await stalled.deliver()  # its places, then it stalls
+            _decide(r, RAISED)
+            next_holder.lead([DEP], start=False)
+            assert await next_holder.deliver() == 2  # each URL the firing
+            assert await stalled.deliver() == 0  # back: its places were behind; nothing again
+            assert _heard(steady) == _heard(other) == ["firing"]
+        only_steady = AlertWebhooks([steady.url])
+        async with relays(redis_url, only_steady) as [relay]:
+            relay.lead([DEP], start=False)
+            await relay.deliver()  # the unlisted URL's place goes
+            _decide(r, CLEARED)
+            assert await relay.deliver() == 1
+        async with relays(redis_url, AlertWebhooks([steady.url, other.url])) as [relay]:
+            relay.lead([DEP], start=False)
+            assert await relay.deliver() == 0  # listed again: after the newest event
+            assert _heard(other) == ["firing"]
 
 
 @pytest.mark.integration
@@ -141,9 +173,11 @@ async def test_events_a_url_refuses_past_give_up_s_are_skipped(
             await relay.deliver()
             _decide(r, RAISED, CLEARED)
             assert await relay.deliver() == 0  # the first refusal starts the clock
+            await asyncio.sleep(0.35)  # the firing is given up; the resolved gets its own time
+            assert await relay.deliver() == 0 and relay.skipped == 1 and relay.sent == 0
             await asyncio.sleep(0.35)
-            assert await relay.deliver() == 2 and relay.skipped == 2 and relay.sent == 0
-            assert await relay.deliver() == 0  # skipped: not tried again
+            assert await relay.deliver() == 0 and relay.skipped == 2
+            assert await relay.deliver() == 0 and relay.skipped == 2  # not tried again
 
 
 def test_no_urls_means_no_task() -> None:

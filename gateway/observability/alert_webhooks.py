@@ -137,8 +137,8 @@ class AlertWebhooks:
             self._http = httpx.AsyncClient(timeout=self._timeout_s, transport=self._transport)
         try:
             response = await self._http.post(url, json=payload)
-        except httpx.HTTPError as exc:
-            return f"{type(exc).__name__}: {exc}"
+        except httpx.HTTPError as exc:  # a ReadTimeout says nothing more than its name
+            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         return None if response.status_code < 300 else f"answered {response.status_code}"
 
     async def close(self) -> None:

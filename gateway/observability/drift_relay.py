@@ -31,6 +31,7 @@ from typing import Any, cast
 
 from gateway.observability.alert_webhooks import AlertWebhooks
 from rendezvous import names
+from rendezvous.bus.clock import entry_order
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
 from rendezvous.retry_log import RetryLog
 
@@ -42,6 +43,50 @@ FIRST_RETRY_S = 0.5
 MAX_RETRY_S = 30.0
 
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+_ADVANCE = """
+local kept = redis.call('HGET', KEYS[1], ARGV[1])
+if kept then
+  local km, ks = string.match(kept, '^(%d+)-(%d+)$')
+  local nm, ns = string.match(ARGV[2], '^(%d+)-(%d+)$')
+  if km and nm and (tonumber(km) > tonumber(nm)
+                    or (tonumber(km) == tonumber(nm) and tonumber(ks) >= tonumber(ns))) then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+"""Move a URL's place (KEYS: the deployment's places; ARGV: the URL's id, the entry id) only
+forward: a process that stalled and sent again must not move it back."""
+
+
+def _payloads(entries: Entries) -> list[tuple[bytes, list[dict[str, Any]]]]:
+    """The events of ``entries`` as payloads in order, each holding an alert once, with the
+    id of its last entry: a backlog sent in one payload held an alert's firing and its
+    resolved, under a top-level ``"status": "firing"``, which a receiver keying on the group's
+    status took for an incident that no later message ended (a helper's probe)."""
+    payloads: list[tuple[bytes, list[dict[str, Any]]]] = []
+    events: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    last: bytes | None = None
+    for entry_id, fields in entries:
+        try:
+            event = json.loads(fields[b"e"])
+        except (KeyError, ValueError):  # skipped, and the place moves past it
+            last = entry_id
+            continue
+        alert = str(event.get("id") or f"{event.get('kind')}/{event.get('feature')}")
+        if alert in seen and last is not None:
+            payloads.append((last, events))
+            events, seen = [], set()
+        events.append(event)
+        seen.add(alert)
+        last = entry_id
+    if last is not None:
+        payloads.append((last, events))
+    return payloads
 
 
 def url_id(url: str) -> str:
@@ -57,6 +102,9 @@ class _Url:
     places: dict[str, bytes] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     retry_s: float = FIRST_RETRY_S
+    """The wait after the next refusal (doubling to ``MAX_RETRY_S``)."""
+    wait_s: float = FIRST_RETRY_S
+    """The wait after the latest refusal, the one its log line said."""
     failing_since: float | None = None
     log: RetryLog | None = None
 
@@ -103,7 +151,7 @@ class DriftRelay:
             try:
                 await self._pass(one)
                 if one.failing_since is not None:
-                    wait_s = one.retry_s
+                    wait_s = one.wait_s
             except REDIS_FAILURES as exc:
                 assert one.log is not None
                 one.log.failed(f"cannot read or keep its place in Redis ({exc})")
@@ -144,11 +192,19 @@ class DriftRelay:
             return
         pipe = self.client.pipeline(transaction=False)
         for deployment in deployments:
-            pipe.hget(names.drift_delivered_key(deployment), url_id(one.url))
+            pipe.hgetall(names.drift_delivered_key(deployment))
             pipe.xrevrange(names.drift_events_stream(deployment), count=1)
         replies = await pipe.execute()
+        ours = {url_id(u.url).encode() for u in self._urls}
         for i, deployment in enumerate(deployments):
-            kept, newest = replies[2 * i], cast(Entries, replies[2 * i + 1])
+            places, newest = (
+                cast(dict[bytes, bytes], replies[2 * i]),
+                cast(Entries, replies[2 * i + 1]),
+            )
+            gone = [u for u in places if u not in ours]
+            if gone:  # a URL no longer listed: added back, it starts after the newest event
+                await self.client.hdel(names.drift_delivered_key(deployment), *gone)
+            kept = places.get(url_id(one.url).encode())
             if kept is None:
                 kept = newest[0][0] if newest else b"0-0"
                 await self.client.hset(names.drift_delivered_key(deployment), url_id(one.url),
@@ -157,28 +213,33 @@ class DriftRelay:
                 one.places[deployment] = text(kept).encode()
 
     async def _send(self, one: _Url, deployment: str, entries: Entries) -> int | None:
-        """Post ``entries``' events and move the place past them; None when the URL refused
-        (the place stays, unless it has refused them for ``give_up_s``)."""
+        """Post ``entries``' events (in payloads where each alert is once, ``_payloads``) and
+        move the place past each; None when the URL refused (the place stays, unless it has
+        refused them for ``give_up_s``)."""
         assert self.webhooks is not None and one.log is not None
-        events = []
-        for _id, fields in entries:
-            try:
-                events.append(json.loads(fields[b"e"]))
-            except (KeyError, ValueError):
+        key, field = names.drift_delivered_key(deployment), url_id(one.url)
+        taken = 0
+        for last, events in _payloads(entries):
+            kept: Any = await self.client.hget(key, field)
+            if kept is not None and entry_order(kept) >= entry_order(last):
+                self._keep_place(one, deployment, kept)  # another process sent them (a stall)
                 continue
-        if events:
-            why = await self.webhooks.post(one.url, self.webhooks.payload(deployment, events))
-            if why is not None and not self._give_up(one, deployment, events, why):
-                return None
-            if why is None:
-                self.sent += 1
-                one.log.succeeded()
-                one.failing_since, one.retry_s = None, FIRST_RETRY_S
-        last = entries[-1][0]
-        await self.client.hset(names.drift_delivered_key(deployment), url_id(one.url), last)
+            if events:
+                why = await self.webhooks.post(one.url, self.webhooks.payload(deployment, events))
+                if why is not None and not self._give_up(one, deployment, events, why):
+                    return None
+                if why is None:
+                    self.sent += 1
+                    taken += len(events)
+                    one.log.succeeded()
+                    one.failing_since, one.retry_s = None, FIRST_RETRY_S
+            await self.client.eval(_ADVANCE, 1, key, field, last)
+            self._keep_place(one, deployment, last)
+        return taken
+
+    def _keep_place(self, one: _Url, deployment: str, place: bytes) -> None:
         if deployment in self._led:  # else another process sends it now, from Redis's place
-            one.places[deployment] = last
-        return len(events)
+            one.places[deployment] = text(place).encode()
 
     def _give_up(self, one: _Url, deployment: str, events: list[Any], why: str) -> bool:
         """A refusal: True once the URL has refused for ``give_up_s`` (its events skipped),
@@ -188,7 +249,8 @@ class DriftRelay:
         if one.failing_since is None:
             one.failing_since = now
         if now - one.failing_since < self.webhooks.give_up_s:
-            one.log.failed(why, one.retry_s)
+            one.wait_s = one.retry_s
+            one.log.failed(why, one.wait_s)
             one.retry_s = min(one.retry_s * 2, MAX_RETRY_S)
             return False
         self.skipped += len(events)
