@@ -372,6 +372,18 @@ async def test_a_gateway_process_with_no_traffic_yet_holds_the_prior_alert_of_on
     assert await idle.publish(DEMO_DEPLOYMENT) == []  # no "cleared": held here
     [alert] = (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]
     assert alert["id"] == "prediction_prior" and alert["source"] == "gateway:gw-new"
+    # Held by a process that sees no traffic, it was held for good: a live process judging
+    # healthy rows (as many as a hold lasts) lets it go.
+    live = OnlineDrift(client, deployments, "gw-live", local_meta=meta_of)
+    for rows in (1, live.hold_rows):
+        for positive in rng.random(rows) < share:
+            live.observe_decision(record([[0.0, 1.0] if positive else [1.0, 0.0]]))
+        await asyncio.gather(*live._tasks)
+        live.evaluate(DEMO_DEPLOYMENT)
+        await live.publish(DEMO_DEPLOYMENT)
+    cleared = await idle.publish(DEMO_DEPLOYMENT)
+    assert [(e["type"], e["id"]) for e in cleared] == [("cleared", "prediction_prior")]
+    assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
 
 
 async def test_sources_merge_into_one_list(client: aioredis.Redis) -> None:

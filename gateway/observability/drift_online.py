@@ -35,6 +35,7 @@ from typing import Any
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability import drift_store
+from gateway.observability.gateway_claims import judged_over, orphaned
 from rendezvous import drift_claims, names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 from rendezvous.decision import DecisionRecord
@@ -185,16 +186,9 @@ class OnlineDrift:
         if dep.model is None:
             return
         now_ms = time.time() * 1000
-        for source, claim in claims.items():
-            if source == self.source or not source.startswith(drift_claims.GATEWAY_SOURCE):
-                continue
-            if claim.get("model") != dep.model:
-                continue
-            if now_ms - float(claim.get("ts_ms", now_ms)) < self.orphan_after_ms:
-                continue
-            alerts = claim.get("alerts")
-            new = {k: v for k, v in (alerts if isinstance(alerts, dict) else {}).items()
-                   if isinstance(v, dict) and k not in self._active(dep)}  # fmt: skip
+        for source, alerts in orphaned(claims, self.source, dep.model, now_ms,
+                                       self.orphan_after_ms):  # fmt: skip
+            new = {k: v for k, v in alerts.items() if k not in self._active(dep)}
             if new:
                 dep.held.update(new)
                 dep.hold_until = (dep.prior.rows_seen if dep.prior else 0) + self.hold_rows
@@ -202,6 +196,20 @@ class OnlineDrift:
                 log.info("online drift: %s: holding %s of %s, which stopped claiming, until "
                          "%d rows are judged here", deployment, ", ".join(sorted(new)), source,
                          self.hold_rows)  # fmt: skip
+
+    def _let_go_for_others(self, deployment: str, dep: _Deployment,
+                           claims: Mapping[str, Any]) -> None:  # fmt: skip
+        """Let go of held alerts that a live gateway process judging the same model, with
+        ``hold_rows`` rows judged, neither holds nor raises: a process that sees none of the
+        deployment's traffic (one that adopted it idle) would otherwise hold them for good."""
+        over, source, rows = judged_over(claims, self.source, dep.model, list(dep.held),
+                                         time.time() * 1000, self.orphan_after_ms,
+                                         self.hold_rows)  # fmt: skip
+        if over:
+            dep.figures.update(drift_claims.cleared_figures([dep.held.pop(a) for a in over]))
+            dep.changed = True
+            log.info("online drift: %s: %s judged %d rows without %s: letting go", deployment,
+                     source, rows, ", ".join(over))  # fmt: skip
 
     async def adopt_unseen(self) -> None:
         """The deployments this process has judged no decision of: one whose gateway process
@@ -222,14 +230,10 @@ class OnlineDrift:
             if isinstance(raw, Exception) or real is None:
                 continue
             claims = drift_store.parse({}, {}, raw)["claims"]
-            key = str(real)
-            if not any(source.startswith(drift_claims.GATEWAY_SOURCE) and claim.get("alerts")
-                       and claim.get("model") == key
-                       and now_ms - float(claim.get("ts_ms", now_ms)) >= self.orphan_after_ms
-                       for source, claim in claims.items()):  # fmt: skip
+            if not any(orphaned(claims, self.source, str(real), now_ms, self.orphan_after_ms)):
                 continue
             dep = self._deps.setdefault(deployment, _Deployment())
-            self._new_model(deployment, dep, key)
+            self._new_model(deployment, dep, str(real))
             self._adopt(deployment, dep, claims)
             if dep.changed and deployment not in self._publishing:
                 self._spawn_publish(deployment)
@@ -335,6 +339,7 @@ class OnlineDrift:
             self._retry_log(deployment).succeeded()
             events += decided
             self._adopt(deployment, dep, claims)
+            self._let_go_for_others(deployment, dep, claims)
             if not dep.changed:
                 break
         announce(deployment, events)
