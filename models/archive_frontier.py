@@ -50,13 +50,15 @@ def open_to_ms(now_ms: float) -> int:
     return math.floor(now_ms) - OPEN_TO_MARGIN_MS
 
 
-def last_archived_ms(until_ms: float | None, to_ms: float) -> int:
+def last_archived_ms(until_ms: float | None, to_ms: float, margin_ms: int = 0) -> int:
     """``to_ms`` (inclusive to the end of its millisecond, so whole milliseconds), capped
-    before the millisecond of ``until_ms``: a window that ends there holds no request the log
-    bin has yet to write."""
+    before the millisecond of ``until_ms``, less ``margin_ms``: a window that ends there holds
+    no request the log bin has yet to write. The margin covers requests behind the oldest
+    unarchived one in the stream but stamped before it (appends reach Redis out of their
+    stamps' order across a stall: up to 610 ms in a helper's probe)."""
     if until_ms is None:
         return math.floor(to_ms)
-    return min(math.floor(to_ms), math.floor(until_ms) - 1)
+    return min(math.floor(to_ms), math.floor(until_ms) - 1 - margin_ms)
 
 
 def _oldest_unarchived(client: Client, stream: str) -> tuple[bytes, dict[bytes, bytes]] | None:

@@ -67,3 +67,5 @@ def test_a_window_is_capped_before_the_millisecond_of_the_first_request_not_arch
     assert last_archived_ms(None, 2000.0) == 2000.0
     assert last_archived_ms(1500.25, 2000.0) == 1499.0  # 1500.1 may be archived, 1500.3 not
     assert last_archived_ms(5000.0, 2000.0) == 2000.0
+    # less a margin for requests behind it in the stream but stamped before it (a stall)
+    assert last_archived_ms(1500.25, 2000.0, margin_ms=1000) == 499

@@ -529,6 +529,10 @@ def test_an_export_until_now_ends_where_the_archive_is_complete(
         now, ids, said = export("now.csv", "--from", "0")
         assert not set(held) & set(ids) and said == ""
         to_ms = now["request"]["to_ms"]
+        # the next window, the log bin still stopped: empty, exit 0, and it starts there again
+        # (it said "from is after to" and exited 1: a helper's probe)
+        nothing, ids, _ = export("nothing.csv", "--from", str(int(to_ms) + 1))
+        assert ids == [] and nothing["request"]["to_ms"] == to_ms, nothing["request"]
         later, _, said = export("asked.csv", "--from", "0", "--to", str(int(time.time() * 1000)))
         assert "the log bin has yet to archive requests from" in said, said
         assert to_ms <= later["request"]["to_ms"] < later["request"]["asked_to_ms"]

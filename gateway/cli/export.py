@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -61,7 +62,12 @@ def _shown(value: str) -> str:
 def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
     """Export a slice; every flag is checked (``--positions`` read) before Redis is asked."""
     from models.archive import ArchiveReader
-    from models.archive_frontier import archived_until_ms, last_archived_ms, open_to_ms
+    from models.archive_frontier import (
+        OPEN_TO_MARGIN_MS,
+        archived_until_ms,
+        last_archived_ms,
+        open_to_ms,
+    )
     from models.archive_slice import SliceError, parse_time, positions_from, resolve
     from models.deployment_store import DeploymentStore
     from models.deployments import DeploymentNotFound, DeploymentUnreadable
@@ -111,12 +117,16 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
                 sys.exit(f"rdv archive export: --from {args.from_} is after --to "
                          f"{args.to or 'now'}")  # fmt: skip
             until_ms = archived_until_ms(client, streams)
-            to_ms = last_archived_ms(until_ms, asked_ms)
+            to_ms = last_archived_ms(until_ms, asked_ms, OPEN_TO_MARGIN_MS)
             if to_ms < asked_ms and args.to:  # an open --to ends where the archive does
                 print(f"rdv archive export: the log bin has yet to archive requests from "
                       f"{iso_ms(until_ms)} on: the slice ends at {iso_ms(to_ms)} (its to_ms); "
                       "export from there later for the rest", file=sys.stderr)  # fmt: skip
-            positions = resolve(reader, args.deployment, from_ms=from_ms, to_ms=to_ms)
+            if from_ms is not None and to_ms < from_ms:  # the archive has not reached it yet:
+                to_ms = math.floor(from_ms) - 1  # an empty slice, and the next starts there
+                positions = {}
+            else:
+                positions = resolve(reader, args.deployment, from_ms=from_ms, to_ms=to_ms)
             request = {"from_ms": from_ms, "to_ms": to_ms}
             if to_ms < asked_ms:
                 request |= {"asked_to_ms": asked_ms, "archived_until_ms": until_ms}
