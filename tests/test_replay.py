@@ -519,6 +519,10 @@ def test_an_export_until_now_ends_where_the_archive_is_complete(
                 done.stderr,
             )
 
+    archive = ArchiveReader(served.data / "logbin")
+    wait_until(lambda: {r.get("request_id") for r in archive.records(DEMO_DEPLOYMENT)}
+               >= set(served.ids), 30, "the module's requests archived")  # fmt: skip
+    time.sleep(1.1)  # and older than an open --to's margin
     os.kill(logbin, signal.SIGSTOP)
     try:
         held = [f"held-{i}" for i in range(3)]
