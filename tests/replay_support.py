@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,7 @@ def serve_with_traffic(
         reader = ArchiveReader(data / "logbin")
         wait_until(lambda: len(list(reader.records(DEMO_DEPLOYMENT))) >= len(ids), 30, "archive")
         wait_until(lambda: set(ids) <= set(decisions_of(r)), 30, "decision records")
+        time.sleep(1.1)  # older than an export's open --to margin (a test run alone met it)
         served = Served(proc, http, r, url, data, env, newest_version(http), ids, labels)
         yield served
         proc = served.proc  # a test may have restarted it
