@@ -61,8 +61,8 @@ PAGE = 64
 IDLE_INTERVAL_S = 60.0
 """How often a deployment with no new sketches is evaluated (its report and history age)."""
 QUIET_LOOK_S = 2.0
-"""How often a led deployment whose last look found no new sketch is looked at again (its
-sketches, and the log bins' events to relay); every ``tick_s`` while they come."""
+"""How often a led deployment whose last look found no new sketch is looked at again; every
+``tick_s`` while they come. (Its alert events go out on their own: ``drift_relay``.)"""
 
 
 class DriftMonitor:
@@ -85,8 +85,6 @@ class DriftMonitor:
         clear_requests: int | None = None,
     ):
         self.client = client
-        self.webhooks = webhooks
-        """Where raised and cleared alerts are sent (``RDV_ALERT_WEBHOOKS``)."""
         self.deployments = deployments
         self.instance = instance
         self.interval_s = interval_s
