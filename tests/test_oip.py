@@ -77,6 +77,13 @@ def test_readiness_is_readyz(system: System, client: triton.InferenceServerClien
     assert client.is_model_ready(MODEL)
     assert client.is_model_ready(MODEL, "2")  # real's version
     assert not client.is_model_ready(MODEL, "1")  # the canary's: no canary worker yet
+    assert client.get_model_repository_index() == [  # it was a 404
+        {"name": MODEL, "version": "2", "state": "READY", "reason": ""},
+        {"name": MODEL, "version": "1", "state": "UNAVAILABLE",
+         "reason": "no live worker for the role it holds (canary)"},
+    ]  # fmt: skip
+    index = system.http.post("/v2/repository/index", json={"ready": True})
+    assert index.status_code == 200 and [e["version"] for e in index.json()] == ["2"]
 
 
 def test_metadata(workers: System, client: triton.InferenceServerClient) -> None:
@@ -288,7 +295,15 @@ def test_tritonclient_sees_the_errors(
     assert caught.value.status() == "422"
     with pytest.raises(InferenceServerException, match="does not exist"):
         client.get_model_metadata("nope")
-    with pytest.raises(InferenceServerException, match="Not Found") as caught:
-        client.get_model_repository_index()  # a route this gateway has not
-    assert caught.value.status() == "404"
+    assert [e["state"] for e in client.get_model_repository_index()] == ["READY", "READY"]
+    for bad_index, why in ((b"[]", "a JSON object"), (b'{"ready": "yes"}', "ready: "),
+                           (b"{", "not JSON"), (b"\xff", "not UTF-8")):  # fmt: skip
+        refused = workers.http.post("/v2/repository/index", content=bad_index)
+        assert refused.status_code == 400 and why in refused.json()["error"], refused.text
+    named = workers.http.post("/v2/repository/index", json={"repository_name": "other"})
+    assert named.status_code == 404 and "no repository named 'other'" in named.json()["error"]
+    for change in (client.load_model, client.unload_model):  # the admin API's to do
+        with pytest.raises(InferenceServerException, match="admin API") as caught:
+            change(MODEL)
+        assert caught.value.status() == "400"
     assert httpx.get(f"http://127.0.0.1:{workers.port}/v2/health/live").json() == {"live": True}

@@ -36,9 +36,16 @@ from gateway.transport.oip_answer import encode_answer
 from gateway.transport.oip_codec import InferRequest, parse_infer
 from gateway.transport.oip_lookup import lookup_rows
 from gateway.transport.oip_metadata import class_count, deployment_of, model_metadata
+from gateway.transport.oip_repository import (
+    LOAD_REFUSAL,
+    IndexRefused,
+    IndexRequest,
+    index_request,
+    live_roles,
+    repository_index,
+)
 from gateway.transport.oip_schema import HEADER_LENGTH, InferenceRequest
 from rendezvous import names
-from rendezvous.bus import clock
 from rendezvous.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
@@ -105,6 +112,14 @@ INFER_BODY = {
 }
 
 
+INDEX_BODY = {
+    "requestBody": {
+        "required": False,
+        "content": {"application/json": {"schema": IndexRequest.model_json_schema()}},
+    }
+}
+
+
 def mount(app: FastAPI, settings: Settings) -> None:
     """Add the ``/v2`` routes to ``app``."""
     router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol"])
@@ -161,17 +176,13 @@ def mount(app: FastAPI, settings: Settings) -> None:
         try:
             dep = deployment_of(request.app.state.deployments, model, version)
             wanted = dep.roles_holding(version) if version is not None else [names.REAL]
-            live = clock.live_members_args(
-                names.workers_key(dep.name), settings.heartbeat_timeout_s
-            )
-            members = await asyncio.wait_for(
-                request.app.state.redis.eval(*live),
+            live = await asyncio.wait_for(
+                live_roles(request.app.state.redis, dep, settings.heartbeat_timeout_s),
                 timeout=settings.redis_timeout_s,
             )
         except Exception as exc:
             return _failure(exc, f"readiness of {model}")
-        live_roles = {m.decode().split("|", 1)[0] for m in members}
-        ready = any(role in live_roles for role in wanted)
+        ready = any(role in live for role in wanted)
         doc = {"name": model, "ready": ready}
         return JSONResponse(doc, status_code=200 if ready else 503,
                             headers=None if ready else RETRY)  # fmt: skip
@@ -188,6 +199,36 @@ def mount(app: FastAPI, settings: Settings) -> None:
     async def version_ready(model: str, version: str, request: Request) -> JSONResponse:
         """200 when a role that this version holds has a live worker, else 503."""
         return await model_ready(request, model, version)
+
+    @router.post("/repository/index", responses={400: {"description": "no index request"}},
+                 openapi_extra=INDEX_BODY)  # fmt: skip
+    async def repository(request: Request) -> Response:
+        """Every version that holds a role of a deployment: ``READY`` when one of its roles has
+        a live worker, else ``UNAVAILABLE`` with the reason (``{"ready": true}``: the ready
+        ones only)."""
+        try:
+            raw = await request.body()
+        except ClientDisconnect:  # gone, or refused by the body cap, which has answered
+            return Response(status_code=400)
+        try:
+            asked = index_request(raw)
+            index = await asyncio.wait_for(
+                repository_index(request.app.state.redis, request.app.state.deployments,
+                                 settings.heartbeat_timeout_s, asked.ready),
+                timeout=settings.redis_timeout_s,
+            )  # fmt: skip
+        except IndexRefused as refused:
+            return error(refused.problem)
+        except Exception as exc:
+            return _failure(exc, "the repository index")
+        return JSONResponse(index)
+
+    for action in ("load", "unload"):
+
+        @router.post(f"/repository/models/{{model}}/{action}", include_in_schema=False)
+        async def load_or_unload(model: str) -> JSONResponse:
+            """Refused: the admin API makes, changes and deletes deployments."""
+            return error(Problem(400, LOAD_REFUSAL))
 
     async def infer(
         request: Request,
