@@ -3,6 +3,7 @@ traceback, and a process that exits rather than lingering (real processes; found
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,8 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
 from processes import free_port
+from rendezvous import names
 
 ROOT = Path(__file__).parents[1]
 
@@ -172,13 +175,40 @@ def test_decisions_of_a_deployment_that_is_not_there_are_one_line(
     for args, code, says in [
         (["--deployment", "nope"], 1, "rdv decisions: deployment 'nope' does not exist"),
         (["--deployment", "Not Valid"], 2, "argument --deployment: invalid deployment 'Not"),
-        (["--deployment", "nope", "--limit", "-5"], 2, "argument --limit: -5 is less than 1"),
+        (["--deployment", "nope", "--limit", "-5"], 2, "argument --limit: -5 is less than 0"),
     ]:
         done = rdv(["decisions", *args], env)
         assert done.returncode == code and "Traceback" not in done.stderr, done.stderr
         assert says in done.stderr.strip().splitlines()[-1], done.stderr
     done = rdv(["archive", "read", "--limit", "-1"], env)
     assert done.returncode == 2 and "argument --limit: -1 is less than 0" in done.stderr
+
+
+def test_decisions_limit_zero_prints_every_record_oldest_first(
+    r: redis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``--limit 0`` was a usage error, where ``rdv archive read --limit 0`` means all; it now
+    reads the whole stream a page at a time (more records here than a page)."""
+    from gateway.cli import readers
+    from gateway.cli.main import main
+    from rendezvous.decision import DecisionRecord
+
+    monkeypatch.setenv("RDV_REDIS_URL", redis_url)
+    monkeypatch.setattr(readers, "DECISIONS_PAGE", 7)
+    r.sadd(names.DEPLOYMENTS_SET, "d")
+    for i in range(23):
+        rec = DecisionRecord(request_id=f"r-{i}", deployment="d", ts_ms=float(i), outcome="timeout",
+                             chosen_role=None, answered_after_ms=1.0, outputs={}, missing=(),
+                             divergences={})  # fmt: skip
+        r.xadd(names.decisions_stream("d"), rec.encode())  # type: ignore[arg-type]
+    shown = {}
+    for limit in ("0", "5"):
+        main(["decisions", "--deployment", "d", "--limit", limit])
+        shown[limit] = [
+            json.loads(line)["request_id"] for line in capsys.readouterr().out.splitlines()
+        ]
+    assert shown["0"] == [f"r-{i}" for i in range(23)]
+    assert shown["5"] == [f"r-{i}" for i in range(18, 23)]
 
 
 def test_archive_commands_name_what_is_missing_in_one_line(tmp_path: Path) -> None:

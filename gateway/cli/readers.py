@@ -46,6 +46,10 @@ def cmd_archive(args: argparse.Namespace) -> None:
                 return
 
 
+DECISIONS_PAGE = 1000
+"""Records read at a time by ``rdv decisions --limit 0`` (a stream may keep many thousands)."""
+
+
 def cmd_decisions(args: argparse.Namespace) -> None:
     from rendezvous import names
     from rendezvous.bus.connection import connect
@@ -59,9 +63,16 @@ def cmd_decisions(args: argparse.Namespace) -> None:
     client = connect(require_redis(settings), wait_s=5)
     if not client.sismember(names.DEPLOYMENTS_SET, args.deployment):
         sys.exit(f"rdv decisions: deployment {args.deployment!r} does not exist")
-    entries = client.xrevrange(stream, count=args.limit)
-    for record in reversed(decode_entries(entries)):
-        print(json.dumps(record.to_dict()))
+    if args.limit:
+        for record in reversed(decode_entries(client.xrevrange(stream, count=args.limit))):
+            print(json.dumps(record.to_dict()))
+        return
+    start = "-"  # 0: every record the stream keeps, oldest first, a page at a time
+    while page := client.xrange(stream, min=start, count=DECISIONS_PAGE):
+        for record in decode_entries(page):
+            print(json.dumps(record.to_dict()))
+        last = page[-1][0]
+        start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
 
 
 def add_reader_commands(sub: Any) -> None:
@@ -78,6 +89,6 @@ def add_reader_commands(sub: Any) -> None:
 
     p = sub.add_parser("decisions", help="show the latest decision records of a deployment")
     p.add_argument("--deployment", required=True, type=deployment_name)
-    p.add_argument("--limit", type=whole_number(1, 1_000_000), default=10,
-                   help="records to show (default 10)")  # fmt: skip
+    p.add_argument("--limit", type=whole_number(0, 1_000_000), default=10,
+                   help="records to show (default 10; 0: all the stream keeps)")  # fmt: skip
     p.set_defaults(func=cmd_decisions)
