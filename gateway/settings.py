@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -12,6 +13,7 @@ from pydantic_settings import SettingsConfigDict
 from gateway.settings_evidence import EvidenceSettings
 from gateway.settings_jobs import JobSettings
 from gateway.settings_values import (
+    JointFault,
     checked_redis_url,
     checked_token,
     normalised_origin,
@@ -270,10 +272,10 @@ class Settings(EvidenceSettings, JobSettings):
                 Schedule(real_deadline_ms=real_deadline_ms, timeout_ms=timeout_ms,
                          fallbacks=tuple(value), grace_ms=grace_ms)  # fmt: skip
             except ValueError as exc:
-                raise ValueError(  # the values, since any of the four may be at fault
+                raise JointFault(  # the values, since any of the four may be at fault
                     f"the default schedule (RDV_REAL_DEADLINE_MS={real_deadline_ms:g}, "
-                    f"RDV_TIMEOUT_MS={timeout_ms:g}, RDV_GRACE_MS={grace_ms:g}, RDV_FALLBACKS) "
-                    f"is not one: {exc}"
+                    f"RDV_TIMEOUT_MS={timeout_ms:g}, RDV_GRACE_MS={grace_ms:g}, "
+                    f"RDV_FALLBACKS={json.dumps(value)[:200]}) is not one: {exc}"
                 ) from None
         return value
 

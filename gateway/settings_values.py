@@ -89,6 +89,13 @@ OptionalHttpUrlText = Annotated[str, AfterValidator(lambda v: v.strip() and chec
 """The same, or empty: not set."""
 
 
+class JointFault(ValueError):
+    """Settings that are each valid but not together: the message names every one of them with
+    its value, so the line says it alone (prefixed with the one field it was checked on, it
+    read as that field's fault: ``RDV_FALLBACKS='["canary"]'`` for a deadline past the
+    timeout)."""
+
+
 def invalid_settings(exc: Exception) -> str | None:
     """One line naming each ``RDV_`` variable at fault, for a ``Settings()`` that failed (None
     for any other error): what a person starting a command should read, not a traceback."""
@@ -98,6 +105,9 @@ def invalid_settings(exc: Exception) -> str | None:
             loc = [str(part) for part in error["loc"]] or ["?"]
             name = f"RDV_{loc[0].upper()}" + "".join(f"[{part}]" for part in loc[1:])
             message = str(error["msg"]).removeprefix("Value error, ")
+            if isinstance(error.get("ctx", {}).get("error"), JointFault):
+                faults.append(message)
+                continue
             faults.append(f"{name}={_shown(error.get('input'), loc[0])}: {message}")
         return "invalid configuration: " + "; ".join(faults)
     if isinstance(exc, SettingsError):

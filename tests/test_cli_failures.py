@@ -90,8 +90,11 @@ def test_a_bad_setting_is_one_line_naming_it(tmp_path: Path, setting: str, says:
         # refused, but as "printable ASCII characters only"
         ("RDV_ADMIN_TOKEN=", "RDV_ADMIN_TOKEN=(hidden): empty: give a token, or leave"),
         ("RDV_FEEDBACK_TOKEN= ", "RDV_FEEDBACK_TOKEN=(hidden): empty"),
-        # refused under RDV_FALLBACKS' name alone, which was not at fault
-        ("RDV_REAL_DEADLINE_MS=2000", "RDV_REAL_DEADLINE_MS=2000, RDV_TIMEOUT_MS=1000"),
+        # refused under RDV_FALLBACKS' name alone, which was not at fault; then led by
+        # "RDV_FALLBACKS='[\"canary\"]': " (a helper's README probe)
+        ("RDV_REAL_DEADLINE_MS=2000", "invalid configuration: the default schedule "
+         "(RDV_REAL_DEADLINE_MS=2000, RDV_TIMEOUT_MS=1000, RDV_GRACE_MS=200, "
+         'RDV_FALLBACKS=["canary"]) is not one'),
     ],
 )  # fmt: skip
 def test_a_setting_that_would_fail_later_fails_at_once(
