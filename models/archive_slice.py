@@ -117,11 +117,13 @@ Positions = dict[str, Span]
 """Input stream key -> its span."""
 
 
-def positions_from(doc: Any, deployment: str | None = None) -> Positions:
+def positions_from(doc: Any, deployment: str | None = None, empty_ok: bool = False) -> Positions:
     """Positions from their JSON form (``{stream: {"first", "last"}}``, as reports and exports
     print them); a SliceError says what is wrong. With ``deployment``, every stream is one of
-    its input partitions (another would select nothing)."""
-    if not isinstance(doc, Mapping) or not doc:
+    its input partitions (another would select nothing). ``empty_ok``: ``{}`` is the empty
+    slice (an export of a window with nothing in it names none, and taking it again is empty
+    too)."""
+    if not isinstance(doc, Mapping) or not (doc or empty_ok):
         raise SliceError('positions: expected {"<stream>": {"first": id, "last": id}, ...}')
     out: Positions = {}
     for stream, span in doc.items():

@@ -537,6 +537,9 @@ def test_an_export_until_now_ends_where_the_archive_is_complete(
         # (it said "from is after to" and exited 1: a helper's probe)
         nothing, ids, _ = export("nothing.csv", "--from", str(int(to_ms) + 1))
         assert ids == [] and nothing["request"]["to_ms"] == to_ms, nothing["request"]
+        # and the empty slice taken again by its positions is empty (it was refused, exit 1)
+        again, ids, _ = export("again.csv", "--positions", f"@{tmp_path / 'nothing.csv.meta.json'}")
+        assert ids == [] and again["positions"] == {}, again
         later, _, said = export("asked.csv", "--from", "0", "--to", str(int(time.time() * 1000)))
         assert "the log bin has yet to archive requests from" in said, said
         assert to_ms <= later["request"]["to_ms"] < later["request"]["asked_to_ms"]
@@ -544,3 +547,10 @@ def test_an_export_until_now_ends_where_the_archive_is_complete(
         os.kill(logbin, signal.SIGCONT)
     wait_until(lambda: set(held) <= set(export("next.csv", "--from", str(int(to_ms) + 1))[1]),
                30, "the held requests in the next window")  # fmt: skip
+    # An explicit --to still to come, everything archived: it kept its future end, so requests
+    # made before it came were in no window (a helper's README probe)
+    asked_ms = int(time.time() * 1000) + 60_000
+    future, _, said = export("future.csv", "--from", "0", "--to", str(asked_ms))
+    assert f"--to {asked_ms} is still to come" in said, said
+    assert future["request"]["to_ms"] < time.time() * 1000 - 900, future["request"]
+    assert future["request"]["asked_to_ms"] == asked_ms, future["request"]

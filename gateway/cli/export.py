@@ -108,20 +108,26 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
     request: dict[str, Any]
     try:
         if args.positions is not None:
-            positions = positions_from(given, args.deployment)
+            positions = positions_from(given, args.deployment, empty_ok=True)
             request = {"positions": True}
         else:
             from_ms = parse_time(args.from_, "--from") if args.from_ else None
-            asked_ms = parse_time(args.to, "--to") if args.to else open_to_ms(time.time() * 1000)
+            now_ms = time.time() * 1000
+            asked_ms = parse_time(args.to, "--to") if args.to else open_to_ms(now_ms)
             if from_ms is not None and from_ms > asked_ms:
                 sys.exit(f"rdv archive export: --from {args.from_} is after --to "
                          f"{args.to or 'now'}")  # fmt: skip
             until_ms = archived_until_ms(client, streams)
+            future = until_ms is None and asked_ms > open_to_ms(now_ms)
+            if future:  # complete until now, and requests of the --to's times are still to come
+                until_ms = now_ms
             to_ms = last_archived_ms(until_ms, asked_ms, OPEN_TO_MARGIN_MS)
             if to_ms < asked_ms and args.to:  # an open --to ends where the archive does
-                print(f"rdv archive export: the log bin has yet to archive requests from "
-                      f"{iso_ms(until_ms)} on: the slice ends at {iso_ms(to_ms)} (its to_ms); "
-                      "export from there later for the rest", file=sys.stderr)  # fmt: skip
+                print(f"rdv archive export: --to {args.to} is still to come" if future else
+                      f"rdv archive export: the log bin has yet to archive requests from "
+                      f"{iso_ms(until_ms)} on", end="", file=sys.stderr)  # fmt: skip
+                print(f": the slice ends at {iso_ms(to_ms)} (its to_ms); export from there "
+                      "later for the rest", file=sys.stderr)  # fmt: skip
             if from_ms is not None and to_ms < from_ms:  # the archive has not reached it yet:
                 to_ms = math.floor(from_ms) - 1  # an empty slice, and the next starts there
                 positions = {}
