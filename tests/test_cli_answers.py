@@ -195,7 +195,7 @@ def test_replay_on_a_url_that_is_no_gateway_is_one_line(
         (as_json(ENRICHED), HTML, f"batch of lines 2-2: PUT /admin/deployments/{DEP}/entities "
                                   "-> 200 but the answer is not a gateway's JSON: text/html"),
         (as_json(ENRICHED), as_json({"detail": {"rows": [1]}}, 422),
-         'batch of lines 2-2 refused (422: {"rows":[1]}); 0 entities were loaded before it'),
+         'batch of lines 2-2 refused (422: {"rows":[1]}); 0 rows were loaded before it'),
     ],
 )  # fmt: skip
 def test_features_load_on_a_url_that_is_no_gateway_is_one_line(
@@ -401,4 +401,4 @@ def test_a_gateway_lost_in_the_middle_of_a_load_says_how_far_it_got(
         server.shutdown()
         server.server_close()
     assert isinstance(code, str) and code.startswith(f"cannot reach the gateway at {url}"), code
-    assert code.endswith("; 1 entities were loaded before it (a load again is safe)"), code
+    assert code.endswith("; 1 rows were loaded before it (a load again is safe)"), code

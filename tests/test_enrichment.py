@@ -305,7 +305,7 @@ def enriched(system: System, tmp_path_factory: pytest.TempPathFactory) -> System
         assert done.returncode == 0, done.stderr
         said = json.loads(done.stdout)
         assert (said["loaded"], said["entities"]) == (count, distinct), said
-        assert f"features load: {count}/{count} entities (100%)" in done.stderr
+        assert f"features load: {count}/{count} rows (100%)" in done.stderr  # 4 rows, 3 entities
         # an entity named twice is said (it was silent, and counted twice: a helper's probe)
         twice = (f"{path}: 1 rows name an entity an earlier row named (the first: customer_id "
                  "'c-0', lines 2 and 3); the later values are stored")  # fmt: skip

@@ -86,7 +86,7 @@ def cmd_features(args: argparse.Namespace) -> None:
             except httpx.TransportError as exc:  # a PUT sets values: sent again, no harm
                 progress.close()
                 sys.exit(f"cannot reach the gateway at {http.base_url}: {exc}; {loaded} "
-                         "entities were loaded before it (a load again is safe)")  # fmt: skip
+                         "rows were loaded before it (a load again is safe)")  # fmt: skip
             try:  # a web page answering 200 counted its batch as loaded
                 read_answer(resp, f"PUT {path}", _Loaded)
             except AnswerFault as fault:
@@ -186,12 +186,13 @@ def _refused(fault: AnswerFault, lines: list[int], loaded: int) -> NoReturn:
     show_refusal(fault)
     which = f"batch of lines {lines[0]}-{lines[-1]}"
     said = f" refused ({fault.status}: {fault.text})" if fault.refusal else f": {fault}"
-    sys.exit(f"{which}{said}; {loaded} entities were loaded before it")
+    sys.exit(f"{which}{said}; {loaded} rows were loaded before it")
 
 
 class _Progress:
-    """``loaded N/T entities (P%)`` on stderr: rewritten in place on a terminal, a line per
-    batch otherwise (a log)."""
+    """``loaded N/T rows (P%)`` on stderr, rewritten in place on a terminal, a line per batch
+    otherwise (a log). Rows, not entities: a file may name an entity twice (4/4 said
+    "entities" for 3)."""
 
     def __init__(self, total: int):
         self.total = total
@@ -200,7 +201,7 @@ class _Progress:
 
     def update(self, loaded: int) -> None:
         share = f" ({100 * loaded // self.total}%)" if self.total else ""
-        text = f"features load: {loaded}/{self.total} entities{share}"
+        text = f"features load: {loaded}/{self.total} rows{share}"
         sys.stderr.write(f"\r{text}" if self.tty else f"{text}\n")
         sys.stderr.flush()
         self.shown = True
