@@ -730,6 +730,28 @@ def test_a_version_deleted_while_a_deployment_of_it_is_created_is_refused_to_one
     assert again.json()["revision"] == 1  # nothing of the refused one was kept
 
 
+def test_a_version_without_class_names_takes_those_of_the_model_it_follows(
+    admin: AppClient,
+) -> None:
+    """An upload for a deployment without ``class_names`` was named "0", "1": promoted, it
+    turned every label sent by name ("benign") into a 422, for requests the old real answered
+    too (a helper's probe). It now takes the names of the model it follows when its classes
+    are the same; given names, or other classes, are its own."""
+
+    def upload(**meta: Any) -> dict[str, Any]:
+        resp = admin.post("/admin/models", json=upload_body("weak", **meta), headers=AUTH)
+        assert resp.status_code == 201, resp.text
+        return resp.json()  # type: ignore[no-any-return]
+
+    assert upload()["class_names"] == ["malignant", "benign"]  # the deployment's real's
+    assert upload(class_names=["bad", "good"])["class_names"] == ["bad", "good"]
+    names = list(demo_data().names)
+    own = {"deployment": None, "name": "own", "feature_names": names}
+    assert upload(**own)["class_names"] == ["0", "1"]  # a first version: nothing to follow
+    upload(**own, class_names=["no", "yes"])
+    assert upload(**own)["class_names"] == ["no", "yes"]  # the name's latest version's
+
+
 def test_reference_rows_give_a_model_of_its_own_features_its_training_statistics(
     admin: AppClient,
 ) -> None:

@@ -9,7 +9,7 @@ import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.admin.bodies import Conflict, Invalid, TooLarge, UploadMeta
+from gateway.admin.bodies import Conflict, Invalid, NotFound, TooLarge, UploadMeta
 from gateway.admin.service_core import AdminCore
 from models.deployments import DeploymentNotFound, DeploymentUnreadable, ModelRef
 from models.inspection import ArtifactRejected
@@ -60,11 +60,30 @@ class ModelOperations(AdminCore):
             checked = inspect_isolated(data, draft, reference=reference)
         except ArtifactRejected as exc:
             raise Invalid(f"refused: {exc}") from None
+        if not meta.class_names:
+            checked = self._names_of_predecessor(checked, meta.deployment)
         try:
             stored = self.registry.add(checked, data, version=meta.version)
         except ModelExists as exc:
             raise Conflict(str(exc)) from None
         return {**stored.summary(), "uploaded_by": actor}
+
+    def _names_of_predecessor(self, checked: ModelMeta, deployment: str | None) -> ModelMeta:
+        """A version uploaded without ``class_names`` takes those of the model it follows (the
+        deployment's real model when the upload names one, else the name's latest version)
+        when its classes are the same: named ``"0"``, ``"1"`` instead, its promotion turned
+        every label sent by name into a 422, for requests the old version answered too (a
+        helper's probe)."""
+        before: ModelMeta | None = None
+        with contextlib.suppress(NotFound, LookupError, ValueError, OSError):
+            if deployment:
+                real = self._dep(deployment).roles[names.REAL]
+                before = self.registry.meta(real.name, real.version)
+            elif earlier := self.registry.list(checked.name):
+                before = earlier[-1]
+        if before is None or list(before.classes) != list(checked.classes):
+            return checked
+        return ModelMeta.from_dict({**checked.to_dict(), "class_names": before.class_names})
 
     def _upload_spec(self, meta: UploadMeta) -> FeatureSpec:
         if meta.deployment:
