@@ -11,7 +11,7 @@ import resource
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -41,20 +41,24 @@ HTML = (200, "text/html", b"<html><body>hi</body></html>")
 
 
 @contextmanager
-def answering(answers: dict[tuple[str, str], Answer]) -> Iterator[tuple[str, list[str]]]:
-    """A server at ``--url`` that answers each ``(method, path)`` as given (404 JSON else):
-    its base URL, and the ``METHOD path`` of each request it was sent."""
+def answering(
+    answers: Mapping[tuple[str, str], Answer | Callable[[bytes], Answer]],
+) -> Iterator[tuple[str, list[str]]]:
+    """A server at ``--url`` that answers each ``(method, path)`` as given, or as a function of
+    the request's body says (404 JSON else): its base URL, and the ``METHOD path`` of each
+    request it was sent."""
     asked: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
         def answer(self) -> None:
-            self.rfile.read(int(self.headers.get("content-length") or 0))
+            sent = self.rfile.read(int(self.headers.get("content-length") or 0))
             path = self.path.split("?")[0]
             asked.append(f"{self.command} {path}")
-            status, kind, body = answers.get(
-                (self.command, path), as_json({"detail": "Not Found"}, 404)
-            )
+            given = answers.get((self.command, path), as_json({"detail": "Not Found"}, 404))
+            status, kind, body = given(sent) if callable(given) else given
             self.send_response(status)
+            if status == 503:
+                self.send_header("retry-after", "0.1")
             self.send_header("content-type", kind)
             self.send_header("content-length", str(len(body)))
             if 300 <= status < 400:
@@ -108,6 +112,75 @@ def test_a_csv_cell_past_the_csv_limit_is_its_file_and_line(
 
 FEEDBACK = f"POST /v1/deployments/{DEP}/feedback"
 REPLAYS = f"/admin/deployments/{DEP}/replays"
+
+
+def test_a_bulk_load_waits_out_a_gateway_that_refuses_for_a_moment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failover's 503s (2-3 s) ended ``rdv feedback`` half-way, and ``rdv features load``
+    too, for a person to start again (a helper's probe): both send a batch again after a 503
+    (its ``Retry-After``) for up to ``--retry-for`` seconds, saying so."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("request_id,label\nr-1,1\nr-2,0\n")
+    entities = tmp_path / "entities.csv"
+    entities.write_text("customer_id,x\nc-1,1.5\n")
+    calls: list[int] = []
+
+    def twice_unavailable(answer: Answer) -> Callable[[bytes], Answer]:
+        def answered(_body: bytes) -> Answer:
+            calls.append(1)
+            if len(calls) % 3:
+                return as_json({"detail": "Redis is unavailable: ConnectionError"}, 503)
+            return answer
+
+        return answered
+
+    route = FEEDBACK.split()[1]
+    with answering({("POST", route): twice_unavailable(as_json({"accepted": 2, "relabelled": 0})),
+                    ("GET", f"/admin/deployments/{DEP}"): as_json(ENRICHED),
+                    ("PUT", f"/admin/deployments/{DEP}/entities"):
+                        twice_unavailable(as_json({"loaded": 1}))}) as (url, asked):  # fmt: skip
+        main(["feedback", "--deployment", DEP, "--url", url, str(labels)])
+        sent = capsys.readouterr()
+        assert json.loads(sent.out)["accepted"] == 2 and asked == [f"POST {route}"] * 3
+        assert sent.err.count("rdv feedback: 503 Redis is unavailable: ConnectionError; trying "
+                              "again in 0.1 s") == 2, sent.err  # fmt: skip
+        main(["features", "load", "--deployment", DEP, "--file", str(entities), "--url", url])
+        assert json.loads(capsys.readouterr().out)["loaded"] == 1 and len(calls) == 6
+        code, _ = ended(["feedback", "--deployment", DEP, "--url", url, "--retry-for", "0",
+                         str(labels)], capsys)  # fmt: skip
+        assert isinstance(code, str) and code.startswith("batch 1 (items 1-2) refused: 503"), code
+
+
+def test_skip_unknown_sends_the_rest_of_a_batch_that_names_unknown_ids(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batch naming one id the gateway no longer knew (a request answered by a gateway
+    killed a moment later) was refused whole, and a person had to find and remove the ids (a
+    helper's probe). ``--skip-unknown`` drops the ids each 404 lists and sends the rest."""
+    gone = [f"gone-{i}" for i in range(25)]  # more than one 404 lists (20)
+    kept = [f"r-{i}" for i in range(10)]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("request_id,label\n" + "".join(f"{rid},1\n" for rid in kept + gone))
+
+    def feedback(body: bytes) -> Answer:
+        ids = [item["request_id"] for item in json.loads(body)]
+        unknown = [rid for rid in ids if rid.startswith("gone-")][:20]
+        if unknown:
+            return as_json({"detail": "unknown or expired request ids", "unknown": unknown}, 404)
+        return as_json({"accepted": len(ids), "relabelled": 0})
+
+    with answering({("POST", FEEDBACK.split()[1]): feedback}) as (url, asked):
+        main(["feedback", "--deployment", DEP, "--url", url, "--skip-unknown", "--batch", "30",
+              str(labels)])  # fmt: skip
+    sent = capsys.readouterr()
+    said = json.loads(sent.out)
+    assert (said["accepted"], said["skipped_unknown"], said["batches"]) == (10, 25, 2), said
+    assert len(asked) == 3  # batch 1: 20 unknown, then its 10 known; batch 2: 5 unknown
+    assert (
+        f"{labels}: 25 labels skipped, their request ids unknown or expired (the first: "
+        "'gone-0')" in sent.err
+    ), sent.err
 
 
 @pytest.mark.parametrize(
@@ -395,7 +468,7 @@ def test_a_gateway_lost_in_the_middle_of_a_load_says_how_far_it_got(
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
         argv = ["features", "load", "--deployment", DEP, "--file", str(rows), "--url", url,
-                "--batch", "1"]  # fmt: skip
+                "--batch", "1", "--retry-for", "0"]  # fmt: skip
         code, _ = ended(argv, capsys)
     finally:
         server.shutdown()

@@ -25,6 +25,7 @@ from gateway.cli.arguments import (
     whole_number,
 )
 from gateway.cli.features_load import cmd_features
+from gateway.cli.patience import add_retry_argument
 
 
 def _require(args: argparse.Namespace, *flags: str) -> None:
@@ -359,6 +360,7 @@ def add_admin_commands(sub: Any) -> None:
     p.add_argument("--format", choices=["csv", "jsonl"], help="default: by the file's suffix")
     p.add_argument("--batch", type=whole_number(1, 10_000), default=1000,
                    help="entities per call (at most 10000)")  # fmt: skip
+    add_retry_argument(p)
     p.set_defaults(func=cmd_features)
 
     p = admin("partitions", "spread a deployment's requests over N input streams")

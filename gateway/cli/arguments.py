@@ -78,6 +78,14 @@ def finite_number(text: str) -> float:
     return value
 
 
+def seconds(text: str) -> float:
+    """A duration in seconds, 0 to a day."""
+    value = finite_number(text)
+    if not 0 <= value <= 86_400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 86400 seconds")
+    return value
+
+
 def role_share(text: str) -> tuple[str, float]:
     """``ROLE=FRACTION`` of an A/B split."""
     role, sep, share = text.partition("=")

@@ -20,6 +20,7 @@ from gateway.cli.admin_http import (
     read_answer,
     show_refusal,
 )
+from gateway.cli.patience import send_patiently
 from gateway.cli.records import csv_rows, json_lines
 from rendezvous.spec import decimal_number, float32_number
 
@@ -80,10 +81,13 @@ def cmd_features(args: argparse.Namespace) -> None:
             nonlocal batch, size, loaded, batches
             body = "[" + ",".join(text for _, text in batch) + "]"
             path = f"/admin/deployments/{args.deployment}/entities"
-            try:
-                resp = http.put(path, content=body,
-                                headers={"content-type": "application/json"})  # fmt: skip
-            except httpx.TransportError as exc:  # a PUT sets values: sent again, no harm
+
+            def put() -> httpx.Response:
+                return http.put(path, content=body, headers={"content-type": "application/json"})
+
+            try:  # a PUT sets values: sent again, no harm
+                resp = send_patiently(put, "rdv features load", args.retry_for, progress.tty)
+            except httpx.TransportError as exc:
                 progress.close()
                 sys.exit(f"cannot reach the gateway at {http.base_url}: {exc}; {loaded} "
                          "rows were loaded before it (a load again is safe)")  # fmt: skip

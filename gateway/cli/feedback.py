@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.cli.admin_http import AnswerFault, Expect, read_answer, show_refusal
 from gateway.cli.arguments import add_url_argument, deployment_name, whole_number
+from gateway.cli.patience import add_retry_argument, send_patiently
 from gateway.cli.records import csv_rows, json_lines
 from gateway.settings import Settings
 
@@ -135,45 +136,77 @@ def cmd_feedback(args: argparse.Namespace) -> None:
     route = f"/v1/deployments/{args.deployment}/feedback"
     import httpx
 
+    skipped: list[str] = []
     with _session(args.url) as http:
-        batch: list[str] = []
+        batch: list[tuple[str, str]] = []  # (request id, the item's JSON)
         size = 0
+
+        def post() -> httpx.Response:
+            body = "[" + ",".join(text for _, text in batch) + "]"
+            return http.post(route, content=body, headers={"content-type": "application/json"})
 
         def send() -> None:
             nonlocal batch, size, accepted, relabelled, batches
-            body = "[" + ",".join(batch) + "]"
-            try:
-                resp = http.post(route, content=body, headers={"content-type": "application/json"})
-            except httpx.TransportError as exc:
-                progress.close()
-                sys.exit(f"cannot reach the gateway at {http.base_url}: {exc}; {accepted} labels "
-                         "were accepted before it")  # fmt: skip
-            try:  # a --url that is not a gateway: its answer said, not a KeyError
-                doc = read_answer(resp, f"POST {route}", _Accepted)
-            except AnswerFault as fault:
-                progress.close()
-                show_refusal(fault)
-                which = f"batch {batches + 1} (items {accepted + 1}-{accepted + len(batch)})"
-                said = f" refused: {fault.status}: {fault.text}" if fault.refusal else f": {fault}"
-                sys.exit(f"{which}{said}; {accepted} labels were accepted before it")
-            accepted += doc["accepted"]
-            relabelled += doc["relabelled"]
+            while True:
+                try:
+                    resp = send_patiently(post, "rdv feedback", args.retry_for, progress.tty)
+                except httpx.TransportError as exc:
+                    progress.close()
+                    sys.exit(f"cannot reach the gateway at {http.base_url}: {exc}; "
+                             f"{accepted} labels were accepted before it (sending them again "
+                             "is safe)")  # fmt: skip
+                unknown = _unknown_ids(resp) if args.skip_unknown else set()
+                if not unknown:
+                    break
+                skipped.extend(rid for rid, _ in batch if rid in unknown)
+                batch = [(rid, text) for rid, text in batch if rid not in unknown]
+                if not batch:
+                    break
+            if batch:
+                try:  # a --url that is not a gateway: its answer said, not a KeyError
+                    doc = read_answer(resp, f"POST {route}", _Accepted)
+                except AnswerFault as fault:
+                    progress.close()
+                    show_refusal(fault)
+                    which = f"batch {batches + 1} (items {accepted + 1}-{accepted + len(batch)})"
+                    said = (f" refused: {fault.status}: {fault.text}" if fault.refusal
+                            else f": {fault}")  # fmt: skip
+                    sys.exit(f"{which}{said}; {accepted} labels were accepted before it")
+                accepted += doc["accepted"]
+                relabelled += doc["relabelled"]
             batches += 1
             batch, size = [], 0
-            progress.update(accepted)
+            progress.update(accepted + len(skipped))
 
         for item in items:
             text = json.dumps(item, separators=(",", ":"))
             if batch and (len(batch) >= args.batch or size + len(text) > BATCH_BYTES):
                 send()
-            batch.append(text)
+            batch.append((str(item.get("request_id")), text))
             size += len(text) + 1
         if batch:
             send()
     progress.close()
+    if skipped:
+        print(f"{path}: {len(skipped)} labels skipped, their request ids unknown or expired "
+              f"(the first: {skipped[0]!r})", file=sys.stderr)  # fmt: skip
     print(json.dumps({"deployment": args.deployment, "file": str(path), "accepted": accepted,
                       "relabelled": relabelled, "batches": batches,
+                      **({"skipped_unknown": len(skipped)} if args.skip_unknown else {}),
                       "seconds": round(time.monotonic() - started, 3)}))  # fmt: skip
+
+
+def _unknown_ids(resp: httpx.Response) -> set[str]:
+    """The ids a 404 of the feedback route names unknown or expired (none for another answer,
+    or a 404 of an unknown deployment)."""
+    if resp.status_code != 404:
+        return set()
+    try:
+        doc = resp.json()
+    except ValueError:
+        return set()
+    listed = doc.get("unknown") if isinstance(doc, dict) else None
+    return {rid for rid in listed if isinstance(rid, str)} if isinstance(listed, list) else set()
 
 
 def add_feedback_command(sub: Any) -> None:
@@ -184,4 +217,8 @@ def add_feedback_command(sub: Any) -> None:
     p.add_argument("--format", choices=["csv", "jsonl"], help="default: by the file's suffix")
     p.add_argument("--batch", type=whole_number(1), default=500,
                    help="items per call (RDV_MAX_ROWS caps it)")  # fmt: skip
+    p.add_argument("--skip-unknown", action="store_true",
+                   help="send the rest of a batch that names unknown or expired request ids "
+                        "(counted in skipped_unknown) instead of stopping")  # fmt: skip
+    add_retry_argument(p)
     p.set_defaults(func=cmd_feedback)
