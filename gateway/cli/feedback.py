@@ -6,7 +6,9 @@ labels, ``"[1,0]"``) or JSON lines
 (one feedback object a line). It is read and checked whole before
 anything is sent, then posted to ``POST /v1/deployments/{d}/feedback`` at ``--url`` in batches
 (each all or nothing on the gateway), with a progress bar on stderr. A refused batch stops the
-load with the gateway's reason; the batches before it stay accepted.
+load with the gateway's reason; the batches before it stay accepted. A momentary refusal is
+waited out (``gateway.cli.patience``), and ``--skip-unknown`` sends a batch on without the ids
+the gateway no longer knows.
 """
 
 from __future__ import annotations
