@@ -271,7 +271,7 @@ def test_serve_on_a_taken_port_says_so_and_starts_nothing(tmp_path: Path) -> Non
 
 
 def test_serve_refuses_to_wait_for_replicas_the_embedded_redis_has_not(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Every predict was a 503 waiting for a replica that could never be, while /readyz said
     200 (found by a helper's probe of every setting)."""
@@ -281,7 +281,8 @@ def test_serve_refuses_to_wait_for_replicas_the_embedded_redis_has_not(
     monkeypatch.setenv("RDV_WAIT_REPLICAS", "1")
     with pytest.raises(SystemExit) as refused:
         main(["serve", "--data-dir", str(tmp_path / "d"), "--port", "1"])
-    assert "RDV_WAIT_REPLICAS=1 needs a Redis with replicas" in str(refused.value.code)
+    assert refused.value.code == 2  # settings that do not fit together, as the table says
+    assert "RDV_WAIT_REPLICAS=1 needs a Redis with replicas" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()  # nothing started
 
 

@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -164,11 +165,14 @@ LOCK_FILE = "serve.lock"
 def cmd_serve(args: argparse.Namespace) -> None:
     settings = settings_from_args(args)
     if settings.wait_replicas and not settings.redis_url:
-        # the embedded Redis has no replica: every predict was a 503 while /readyz said 200
-        raise SystemExit(
+        # the embedded Redis has no replica: every predict was a 503 while /readyz said 200;
+        # settings that do not fit together, so status 2 as the others (it was 1)
+        print(
             f"rdv serve: RDV_WAIT_REPLICAS={settings.wait_replicas} needs a Redis with replicas "
-            "(RDV_REDIS_URL): the embedded one has none, so no request could be answered"
+            "(RDV_REDIS_URL): the embedded one has none, so no request could be answered",
+            file=sys.stderr,
         )
+        sys.exit(2)
     stop = stop_event()
     try:
         listener = listening_socket(settings.host, settings.port)
