@@ -181,6 +181,13 @@ def test_skip_unknown_sends_the_rest_of_a_batch_that_names_unknown_ids(
         f"{labels}: 25 labels skipped, their request ids unknown or expired (the first: "
         "'gone-0')" in sent.err
     ), sent.err
+    # a 404 naming none of the batch's ids is a refusal as it was, not a loop
+    elsewhere = as_json({"detail": "unknown or expired request ids", "unknown": ["x"]}, 404)
+    with answering({("POST", FEEDBACK.split()[1]): elsewhere}) as (url, asked):
+        code, _ = ended(["feedback", "--deployment", DEP, "--url", url, "--skip-unknown",
+                         str(labels)], capsys)  # fmt: skip
+    assert isinstance(code, str) and code.startswith("batch 1 (items 1-35) refused: 404"), code
+    assert len(asked) == 1
 
 
 @pytest.mark.parametrize(

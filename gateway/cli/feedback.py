@@ -158,9 +158,10 @@ def cmd_feedback(args: argparse.Namespace) -> None:
                              f"{accepted} labels were accepted before it (sending them again "
                              "is safe)")  # fmt: skip
                 unknown = _unknown_ids(resp) if args.skip_unknown else set()
-                if not unknown:
+                dropped = [rid for rid, _ in batch if rid in unknown]
+                if not dropped:  # none to skip (or none of this batch's: refused as it is)
                     break
-                skipped.extend(rid for rid, _ in batch if rid in unknown)
+                skipped.extend(dropped)
                 batch = [(rid, text) for rid, text in batch if rid not in unknown]
                 if not batch:
                     break
