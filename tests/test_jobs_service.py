@@ -21,6 +21,7 @@ from test_realtime_first import a_long_step
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import Backlogged, Overloaded, UnknownDeployment
+from gateway.dataplane.job_runner import MAX_RUNS
 from gateway.dataplane.job_store import HASH_BYTES
 from gateway.dataplane.job_vocabulary import (
     BLOCK_MS,
@@ -214,6 +215,37 @@ async def test_a_job_refused_for_a_moment_is_run_again_by_the_same_gateway(
         assert doc.status == DONE, doc
         assert calls(service) == [job] * 5
         assert (await client.xpending(STREAM, names.JOBS_GROUP))["pending"] == 0
+    finally:
+        await service.stop()
+
+
+async def test_a_job_whose_start_meets_a_stalled_redis_runs_once_redis_answers(
+    client: AsyncClient,
+) -> None:
+    """A run whose start met a Redis error was left for another gateway's claim (30 s idle by
+    default): a job read just before a 2 s stall stayed pending for 20 s and more (a flaky
+    test found it). The start is now sent again; a start that ran but whose reply was lost
+    counts once, or a few seconds of stall would fail the job as started too often."""
+    service = await gateway(client, claim_idle_ms=60_000)  # no claim could save it here
+    real_start = service.store.start
+    lost: list[str] = []
+
+    async def start_reply_lost(key: str, run: str) -> Any:
+        reply = await real_start(key, run)  # it ran in Redis...
+        if len(lost) < MAX_RUNS + 1:
+            lost.append(run)
+            raise redis.TimeoutError("Timeout reading from socket")  # ...its reply did not come
+        return reply
+
+    service.store.start = start_reply_lost  # type: ignore[method-assign]
+    await service.start()
+    try:
+        job = (await service.submit(DEMO_DEPLOYMENT, BODY, None)).id
+        t0 = time.monotonic()
+        doc = await service.wait(DEMO_DEPLOYMENT, job, 10_000)
+        assert doc.status == DONE and time.monotonic() - t0 < 5.0, doc
+        assert len(lost) == MAX_RUNS + 1 and calls(service) == [job]
+        assert await client.hget(names.job_key(DEMO_DEPLOYMENT, job), "runs") == b"1"
     finally:
         await service.stop()
 

@@ -260,7 +260,9 @@ class JobRunner:
     async def _run_job(self, deployment: str, entry: bytes, job_id: str) -> None:
         key = names.job_key(deployment, job_id)
         stream = names.jobs_stream(deployment)
-        reply = await self.store.start(key)
+        reply = await self._start_surely(key, f"{self.consumer}:{text(entry)}")
+        if reply is None:  # stopping: left pending, for the stop to hand back
+            return
         if int(reply[0]) != 2:  # expired, cancelled or already ended elsewhere
             await self.store.drop(stream, entry)
             return
@@ -307,6 +309,22 @@ class JobRunner:
                 field = b"result" if status == DONE else b"error"
             break
         await self._end_surely(deployment, key, entry, job_id, status, field, doc, rid_key)
+
+    async def _start_surely(self, key: str, run: str) -> Any:
+        """The run's start, riding out Redis failures until it is written or a stop (None).
+        Left to be claimed instead, a job read just before a 2 s stall stayed pending for the
+        30 s of ``RDV_JOB_CLAIM_IDLE_MS`` (found by a flaky test)."""
+        backoff_s = 0.05
+        while True:
+            try:
+                return await self.store.start(key, run)
+            except REDIS_FAILURES as exc:
+                log.warning("job run %s: cannot start it (%s); retrying", run, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), backoff_s)
+                if self._stopping.is_set():
+                    return None
+                backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
 
     async def _still_pending(self, stream: str, key: str, entry: bytes) -> bool:
         """Whether the job still waits for this run (Redis down: assume so), resetting the

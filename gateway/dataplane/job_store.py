@@ -80,12 +80,20 @@ _START = """
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return {0} end
 if s ~= 'pending' then return {1} end
-local runs = redis.call('HINCRBY', KEYS[1], 'runs', 1)
+local runs
+if ARGV[1] and redis.call('HGET', KEYS[1], 'run') == ARGV[1] then
+  runs = tonumber(redis.call('HGET', KEYS[1], 'runs') or '1')
+else
+  runs = redis.call('HINCRBY', KEYS[1], 'runs', 1)
+  if ARGV[1] then redis.call('HSET', KEYS[1], 'run', ARGV[1]) end
+end
 local f = redis.call('HMGET', KEYS[1], 'body', 'request_id', 'rows')
 return {2, runs, f[1], f[2], f[3]}
 """
-"""KEYS: job hash -> {0} gone; {1} ended; {2, runs, body, caller's request id or ''[, rows]}
-(no rows: accepted by an older gateway)."""
+"""KEYS: job hash; ARGV: the run (its consumer and entry) -> {0} gone; {1} ended; {2, runs,
+body, caller's request id or ''[, rows]} (no rows: accepted by an older gateway). A run's
+start sent again (its reply lost to a Redis that stalled, while the script ran or waited to)
+counts once: counted at each try, a few seconds of stall failed the job as started too often."""
 
 _END = """
 local entry = ARGV[1]
@@ -289,9 +297,10 @@ class JobStore:
 
     # -- a run's steps --------------------------------------------------------------------------
 
-    async def start(self, key: str) -> Any:
-        """A run starts (``_START``) -> {0} gone; {1} ended; {2, runs, body, request id[, rows]}."""
-        return await self._eval(_START, [key])
+    async def start(self, key: str, run: str) -> Any:
+        """A run starts (``_START``; ``run`` names it, so that its start counts once) -> {0}
+        gone; {1} ended; {2, runs, body, request id[, rows]}."""
+        return await self._eval(_START, [key], run)
 
     async def end(
         self,
