@@ -337,10 +337,17 @@ def test_a_canary_that_stays_down_does_not_take_predictions_down(
 def test_a_redis_that_does_not_answer_makes_503_not_a_hang(
     demo_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    """And ``/metrics`` still serves the cluster state it last read, saying so: a scrape during
+    a stall dropped every series read from Redis, so an alert on them (no live worker, drift)
+    resolved and fired again a scrape later (a helper's probe)."""
     server = EmbeddedRedis(tmp_path_factory.mktemp("pause-redis")).start()
+    live_real = 'rdv_live_workers{deployment="breast-cancer",role="real"} 1.0'
     try:
         with launch_system(server.url, demo_data_dir, tmp_path_factory, SCHEDULE,
                            RDV_REDIS_TIMEOUT_S="0.5") as system:  # fmt: skip
+            system.start_worker("real")
+            wait_until(lambda: live_real in system.http.get("/metrics").text, 20, "a live real")
+            assert "rdv_state_read_ok 1.0" in system.http.get("/metrics").text
             client = redis.Redis.from_url(server.url)
             client.execute_command("CLIENT", "PAUSE", "3000", "ALL")
             t0 = time.perf_counter()
@@ -349,6 +356,12 @@ def test_a_redis_that_does_not_answer_makes_503_not_a_hang(
             report("Redis paused", {"status": resp.status_code, "seconds": round(elapsed, 2)})
             assert resp.status_code == 503 and resp.headers["retry-after"]
             assert elapsed < 2.5
+            scrape = system.http.get("/metrics")
+            assert scrape.status_code == 200 and live_real in scrape.text, scrape.text[-2000:]
+            assert "rdv_state_read_ok 0.0" in scrape.text
+            age = [line for line in scrape.text.splitlines()
+                   if line.startswith("rdv_state_age_seconds ")]  # fmt: skip
+            assert age and float(age[0].split()[1]) > 0.4, age
             client.execute_command("CLIENT", "UNPAUSE")
             client.close()
     finally:

@@ -4,6 +4,7 @@ feature view ``/v1/deployments/{deployment}/drift/features``."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -14,6 +15,7 @@ from gateway.dataplane.failures import UnknownDeployment
 from gateway.observability import drift_features
 from gateway.observability.cluster_state import read_state
 from gateway.observability.drift_view import drift_view
+from gateway.observability.kept_state import KeptState
 from gateway.observability.live_accuracy import accuracy_view
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.metrics_state import state_registry
@@ -25,12 +27,14 @@ from rendezvous.drift_reference import FeatureReference
 
 def observe_router() -> APIRouter:
     router = APIRouter()
+    kept = KeptState()
 
     @router.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:
         """Prometheus text format: this gateway's counters (summed over its processes in
         multi-process mode), then the cluster state read from Redis. Without Redis the first
-        part is still served, so a scrape shows the outage instead of failing."""
+        part is still served, so a scrape shows the outage instead of failing, with the
+        cluster state this process last read (``KeptState``)."""
         state = request.app.state
         instruments: GatewayMetrics = state.metrics
         deployments: DeploymentCache = state.deployments
@@ -48,10 +52,10 @@ def observe_router() -> APIRouter:
                 ),
                 timeout=state.settings.redis_timeout_s,
             )
-            body += generate_latest(state_registry(cluster))
+            kept.read(generate_latest(state_registry(cluster)), time.monotonic())
         except REDIS_FAILURES:
-            pass
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+            kept.missed()
+        return Response(body + kept.served(time.monotonic()), media_type=CONTENT_TYPE_LATEST)
 
     @router.get("/v1/deployments/{deployment}/drift")
     async def drift(deployment: str, request: Request) -> JSONResponse:
