@@ -107,12 +107,14 @@ def shadow_record(
     since_ms: float | None = None,
 ) -> ShadowRecord:
     """Summarise ``role`` over decision records. With ``model``/``version``, only outputs of
-    that model version count; with ``since_ms``, only requests that started after it."""
+    that model version count; with ``since_ms``, only requests that started after it. A
+    request's record written twice (the decisions stream is at least once: an append sent
+    again across a Redis stall) counts once."""
     requests = scored = misses = starting = errors = answered = rows = disagreements = 0
     js: list[float] = []
     abs_diff: list[float] = []
     latencies: list[float] = []
-    records = list(records)
+    records = list({rec.request_id: rec for rec in records}.values())
     first_ms = _first_result_ms(records, role, model, version, since_ms)
     for rec in records:
         if since_ms is not None and rec.ts_ms < since_ms:
