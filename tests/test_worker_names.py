@@ -36,9 +36,16 @@ def test_two_worker_hosts_of_the_same_roles_need_names_of_their_own(
         assert twin.proc.wait(30) == 1, twin.log_text()[-2000:]
         twin.stop()
         said = twin.log_text().strip().splitlines()[-1]
-        assert re.fullmatch(r"rdv worker: another worker host runs as '0 \(all roles of every "
-                            r"deployment, shard 0/1\)' \(.+\): give each its own --name",
+        assert re.fullmatch(r"rdv worker: another worker host runs as '0 \(consumers <role>-0 "
+                            r"of every deployment, shard 0/1\)' \(.+\): give each its own --name",
                             said), said  # fmt: skip
+        # nor a host of the answering roles, which reads under the same consumer names (it
+        # ran beside the other: a helper's README probe)
+        answering = RdvProcess(["worker", "--roles", "answering"], system.env,
+                               system.logs / "answering.log")  # fmt: skip
+        assert answering.proc.wait(30) == 1, answering.log_text()[-2000:]
+        answering.stop()
+        assert "give each its own --name" in answering.log_text()
 
         system.start("host-b", "worker", "--name", "b")
         wait_until(lambda: live_reals() == {"real|real-0", "real|real-b"}, 30, "both reals")
@@ -47,7 +54,7 @@ def test_two_worker_hosts_of_the_same_roles_need_names_of_their_own(
         assert all(system.predict(b).status_code == 200 for b in bodies(10))
 
         # stopped cleanly, a host lets go of its name: its successor starts at once
-        held = owner_key("0 (all roles of every deployment, shard 0/1)", WORKER_HOST)
+        held = owner_key("0 (consumers <role>-0 of every deployment, shard 0/1)", WORKER_HOST)
         assert system.r.exists(held)
         system.stop("host-0")
         assert not system.r.exists(held)
@@ -66,7 +73,7 @@ def test_a_host_restarted_in_its_supervisor_slot_takes_its_name_back_at_once(
 
     with launch_system(redis_url, demo_data_dir, tmp_path_factory, Schedule(),
                        **{SUPERVISED_AS: "4242/worker-host-0"}) as system:  # fmt: skip
-        held = owner_key("0 (all roles of every deployment, shard 0/1)", WORKER_HOST)
+        held = owner_key("0 (consumers <role>-0 of every deployment, shard 0/1)", WORKER_HOST)
         first = system.start("host", "worker")
         wait_until(lambda: system.r.exists(held), 30, "the first host's hold")
         first.kill()

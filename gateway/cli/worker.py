@@ -111,11 +111,14 @@ def _hold_host_name(client: Client, name: str, selection: Selection, stop: threa
     The second is refused, saying how to name it apart."""
     from gateway.cli.supervisor import holder_token
     from models.name_owner import WORKER_HOST, NameTaken, keep_held, take_name
+    from models.worker_host import hosted_consumer
 
     where = selection.deployment or "every deployment"
-    held = (
-        f"{name} ({selection.roles} roles of {where}, shard {selection.shard}/{selection.shards})"
-    )
+    # Held by the consumer names the host takes, not its kind: a host of every role and one of
+    # the answering roles under one name both read as real-<name> and canary-<name>, and ran
+    # side by side (a helper's README probe: `rdv worker` beside `rdv serve`'s hosts).
+    consumers = hosted_consumer("<role>", selection.roles, name)
+    held = f"{name} (consumers {consumers} of {where}, shard {selection.shard}/{selection.shards})"
     token = holder_token()
     try:
         take_name(client, held, token, kind=WORKER_HOST)
