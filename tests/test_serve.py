@@ -154,7 +154,7 @@ def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> No
         code = serve.stop(timeout_s=30)
     assert code == 0, serve.log_text()[-3000:]
     gone = _rdv(["decisions", "--deployment", DEMO_DEPLOYMENT], cli_env)
-    assert gone.returncode != 0 and "no 'rdv serve' is running" in gone.stderr
+    assert gone.returncode != 0 and "no 'rdv serve' runs an embedded Redis" in gone.stderr
     time.sleep(0.2)
     for pid in pids:
         assert (

@@ -214,7 +214,8 @@ def require_redis(settings: Settings) -> str:
     url = recorded_url(settings.redis_dir)
     if url is None:
         sys.exit(
-            f"no Redis: RDV_REDIS_URL is not set and no 'rdv serve' is running on the data "
-            f"folder {settings.data_dir} (start one with 'make serve', or set RDV_REDIS_URL)"
+            f"no Redis: RDV_REDIS_URL is not set and no 'rdv serve' runs an embedded Redis on "
+            f"the data folder {settings.data_dir} (start one with 'make serve'; for an "
+            "'rdv serve' on a Redis of its own, set RDV_REDIS_URL as it has it)"
         )
     return url
