@@ -60,7 +60,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--quick", action="store_true", help="2 s per load, concurrency 1 and 64")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 s per load, concurrency 1 and 64, the open loop at 200 req/s",
+    )
     p.add_argument("--duration", type=float, help="seconds per measured load (default 10)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up per system (default 3)")
     p.add_argument("--concurrency", help="closed-loop concurrencies (default 1,8,64)")
