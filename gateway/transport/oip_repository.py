@@ -51,7 +51,8 @@ class IndexRefused(Exception):
 
 
 def index_request(raw: bytes) -> IndexRequest:
-    """The body of an index request, or a 400 :class:`Problem` naming what is wrong with it."""
+    """The body of an index request, or ``IndexRefused``: 400 naming what is wrong with it, 404
+    for a repository other than the one this gateway has."""
     if not raw.strip():
         return IndexRequest()
     try:
