@@ -131,14 +131,22 @@ class Deployment:
     def groups(self) -> list[str]:
         return [names.LOGBIN_GROUP, *(names.model_group(r) for r in self.role_names)]
 
+    def version_name(self, ref: ModelRef) -> str:
+        """A model version as a protocol names it: the number for a version of real's model,
+        ``model:number`` for another model's (a challenger uploaded under another name, or the
+        canary after such a one was promoted). By number alone, two models' version 1 read as
+        one version, and a pinned infer went to whichever role sorted first (a helper's probe).
+        """
+        return str(ref.version) if ref.name == self.roles[names.REAL].name else str(ref)
+
     @property
     def versions(self) -> list[str]:
         """The model versions that hold a role (as a protocol names them), real's first."""
-        return list(dict.fromkeys(str(self.roles[r].version) for r in self.role_names))
+        return list(dict.fromkeys(self.version_name(self.roles[r]) for r in self.role_names))
 
     def roles_holding(self, version: str) -> list[str]:
         """The roles whose model is at ``version`` (as a protocol names it), real first."""
-        return [r for r in self.role_names if str(self.roles[r].version) == version]
+        return [r for r in self.role_names if self.version_name(self.roles[r]) == version]
 
     def role_of(self, ref: ModelRef) -> str | None:
         return next((r for r in self.role_names if self.roles[r] == ref), None)

@@ -103,6 +103,21 @@ def test_metadata(workers: System, client: triton.InferenceServerClient) -> None
     }
     assert client.get_model_metadata(MODEL, "1")["name"] == MODEL
     assert client.is_model_ready(MODEL, "1")
+    # Triton's model configuration (it was a 404): the rows are the batch dimension.
+    assert client.get_model_config(MODEL) == {
+        "name": MODEL,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "max_batch_size": 1000,  # RDV_MAX_ROWS
+        "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": [width]}],
+        "output": [
+            {"name": "label", "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}},
+            {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [2]},
+        ],
+    }
+    assert client.get_model_config(MODEL, "1")["output"][1]["dims"] == [2]
+    with pytest.raises(InferenceServerException, match="no version '9'"):
+        client.get_model_config(MODEL, "9")
 
 
 def _infer_input(x: np.ndarray, binary: bool) -> triton.InferInput:

@@ -14,12 +14,16 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from tritonclient.http import InferResult
 
+from gateway.dataplane.answers import pinned_role
+from gateway.dataplane.failures import UnknownVersion
 from gateway.dataplane.validation import check_matrix
 from gateway.problems import fault_text
 from gateway.transport.limits import style_of
 from gateway.transport.oip_answer import encode_answer
 from gateway.transport.oip_codec import parse_infer
+from gateway.transport.oip_metadata import model_config, model_metadata
 from models.archive_line import record_from_envelope
+from models.deployments import Deployment, ModelRef
 from rendezvous.envelope import RequestEnvelope
 from rendezvous.spec import FeatureSpec
 
@@ -182,7 +186,7 @@ ANSWER = {
 
 @pytest.mark.parametrize("binary", [False, True])
 def test_answers_read_back_with_tritonclient(binary: bool) -> None:
-    body, length = encode_answer(ANSWER, [("label", binary), ("probabilities", binary)], "dep")
+    body, length = encode_answer(ANSWER, [("label", binary), ("probabilities", binary)], "dep", "2")
     assert (length is not None) == binary
     result = InferResult.from_response_body(body, header_length=length)
     labels, proba = result.as_numpy("label"), result.as_numpy("probabilities")
@@ -194,10 +198,38 @@ def test_answers_read_back_with_tritonclient(binary: bool) -> None:
     assert response["id"] == "r-7" and response["parameters"]["role"] == "real"
 
 
+def test_a_version_of_another_model_is_named_with_its_model() -> None:
+    """Two models' version 1 in one deployment: by number alone they read as one version, and
+    a pinned infer went to whichever role sorted first (here the challenger)."""
+    roles = {"real": ModelRef("bc", 2), "canary": ModelRef("bc", 1), "abtest": ModelRef("other", 1)}
+    dep = Deployment(name="dep", roles=roles, feature_spec=SPEC)
+    assert dep.versions == ["2", "other:1", "1"]  # real's, then by role
+    assert pinned_role(dep, "1") == "canary" and pinned_role(dep, "other:1") == "abtest"
+    with pytest.raises(UnknownVersion, match="versions: 2, other:1, 1"):
+        pinned_role(dep, "3")
+    assert dep.version_name(ModelRef("other", 1)) == "other:1"
+    body, _ = encode_answer(ANSWER, [("label", False)], "dep", "other:1")
+    assert InferResult.from_response_body(body).get_response()["model_version"] == "other:1"
+
+
+def test_the_config_of_a_deployment_that_looks_up_names_the_key_as_a_string_a_row() -> None:
+    from rendezvous.spec import Lookup
+
+    spec = SPEC.with_lookup(Lookup("customer_id", ("b",)))
+    dep = Deployment(name="dep", roles={"real": ModelRef("bc", 2)}, feature_spec=spec)
+    config = model_config(model_metadata(dep, 3), max_rows=50)
+    assert config["max_batch_size"] == 50
+    assert config["input"] == [
+        {"name": "customer_id", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}},
+        {"name": "input", "data_type": "TYPE_FP32", "dims": [2]},  # a and c
+    ]
+    assert config["output"][1] == {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [3]}
+
+
 def test_a_non_finite_probability_is_not_answered() -> None:
     bad = {**ANSWER, "predictions": [{"label": 0, "probabilities": {"0": float("nan")}}]}
     with pytest.raises(ValueError):
-        encode_answer(bad, [("label", False)], "dep")
+        encode_answer(bad, [("label", False)], "dep", "2")
 
 
 def _header_only(inputs: list[dict], **extra: Any) -> bytes:

@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from gateway.dataplane.failures import problem_of
+from gateway.dataplane.failures import UnknownDeployment, problem_of
 from gateway.dataplane.service import PredictionService
 from gateway.dataplane.validation import single_request_id
 from gateway.problems import RETRY, Problem, Style, compressed, fault_text
@@ -35,7 +35,12 @@ from gateway.transport.fast_path import count_invalid
 from gateway.transport.oip_answer import encode_answer
 from gateway.transport.oip_codec import InferRequest, parse_infer
 from gateway.transport.oip_lookup import lookup_rows
-from gateway.transport.oip_metadata import class_count, deployment_of, model_metadata
+from gateway.transport.oip_metadata import (
+    class_count,
+    deployment_of,
+    model_config,
+    model_metadata,
+)
 from gateway.transport.oip_repository import (
     LOAD_REFUSAL,
     IndexRefused,
@@ -45,6 +50,7 @@ from gateway.transport.oip_repository import (
     repository_index,
 )
 from gateway.transport.oip_schema import HEADER_LENGTH, InferenceRequest
+from models.deployments import ModelRef
 from rendezvous import names
 from rendezvous.spec import FeatureSpec
 
@@ -150,14 +156,17 @@ def mount(app: FastAPI, settings: Settings) -> None:
         return {"name": SERVER_NAME, "version": request.app.version,
                 "extensions": list(EXTENSIONS)}  # fmt: skip
 
-    async def metadata(request: Request, model: str, version: str | None) -> JSONResponse:
+    async def metadata(
+        request: Request, model: str, version: str | None, config: bool = False
+    ) -> JSONResponse:
         try:
             dep = deployment_of(request.app.state.deployments, model, version)
             role = dep.roles_holding(version)[0] if version is not None else names.REAL
             classes = await class_count(request, dep.roles[role], settings.models_dir)
         except Exception as exc:
-            return _failure(exc, f"metadata of {model}")
-        return JSONResponse(model_metadata(dep, classes))
+            return _failure(exc, f"{'config' if config else 'metadata'} of {model}")
+        doc = model_metadata(dep, classes)
+        return JSONResponse(model_config(doc, settings.max_rows) if config else doc)
 
     @router.get("/models/{model}", responses={404: {"description": "unknown model"}})
     async def model_meta(model: str, request: Request) -> JSONResponse:
@@ -171,6 +180,19 @@ def mount(app: FastAPI, settings: Settings) -> None:
     async def version_meta(model: str, version: str, request: Request) -> JSONResponse:
         """The metadata of a version that holds a role (its classes in ``probabilities``)."""
         return await metadata(request, model, version)
+
+    @router.get("/models/{model}/config", responses={404: {"description": "unknown model"}})
+    async def model_conf(model: str, request: Request) -> JSONResponse:
+        """The metadata as Triton's model configuration (``max_batch_size``: the row cap)."""
+        return await metadata(request, model, None, config=True)
+
+    @router.get(
+        "/models/{model}/versions/{version}/config",
+        responses={404: {"description": "unknown model, or a version that holds no role"}},
+    )
+    async def version_conf(model: str, version: str, request: Request) -> JSONResponse:
+        """The configuration of a version that holds a role."""
+        return await metadata(request, model, version, config=True)
 
     async def model_ready(request: Request, model: str, version: str | None) -> JSONResponse:
         try:
@@ -284,10 +306,15 @@ def mount(app: FastAPI, settings: Settings) -> None:
         except Exception as exc:
             return _failure(exc, f"infer {model}")
         assert parsed is not None  # else decode raised
+        found = answer["model"]
+        answered = ModelRef(found["name"], found["version"])
         try:
-            body, json_length = encode_answer(answer, parsed.outputs, model)
+            dep = service.deployments.get(model)
+            body, json_length = encode_answer(answer, parsed.outputs, model,
+                                              dep.version_name(answered))  # fmt: skip
+        except UnknownDeployment:  # deleted as it answered: named as its own model's version
+            body, json_length = encode_answer(answer, parsed.outputs, model, str(answered))
         except ValueError:
-            found = answer["model"]
             return error(
                 Problem(
                     502,

@@ -16,11 +16,12 @@ from gateway.transport.oip_schema import LABEL, PROBABILITIES
 
 
 def encode_answer(
-    answer: dict[str, Any], outputs: Sequence[tuple[str, bool]], model: str
+    answer: dict[str, Any], outputs: Sequence[tuple[str, bool]], model: str, version: str
 ) -> tuple[bytes, int | None]:
     """The service's answer as an OIP inference response: the body, and the length of its
-    JSON part when binary outputs follow it (None: all JSON). ValueError when the model
-    answered a probability that is not finite."""
+    JSON part when binary outputs follow it (None: all JSON). ``version``: the answering
+    model's version as the protocol names it (``Deployment.version_name``). ValueError when
+    the model answered a probability that is not finite."""
     predictions = answer["predictions"]
     tensors = {
         LABEL: ("INT64", np.array([p["label"] for p in predictions], dtype="<i8")),
@@ -46,7 +47,7 @@ def encode_answer(
         docs.append(out)
     doc = {
         "model_name": model,
-        "model_version": str(found["version"]),
+        "model_version": version,
         "id": answer["request_id"],
         "parameters": {
             "role": found["role"],
