@@ -3,12 +3,13 @@ a sync or an async httpx client, so both clients say the same thing."""
 
 from __future__ import annotations
 
+import math
 import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, Generic, SupportsFloat, TypeAlias, TypeVar
+from typing import Any, Generic, SupportsFloat, SupportsIndex, TypeAlias, TypeVar
 
 import httpx
 
@@ -21,9 +22,9 @@ Rows: TypeAlias = Sequence[Sequence[SupportsFloat]] | Sequence[SupportsFloat] | 
 rows of numbers, or one row (numpy's arrays are not ``Sequence`` to a type checker)."""
 
 
-Labels: TypeAlias = int | str | Sequence[int | str]
+Labels: TypeAlias = int | str | SupportsIndex | Sequence[int | str | SupportsIndex]
 """A feedback label: a class (or its name among the real model's ``class_names``), or one per
-row of a request of several rows."""
+row of a request of several rows. ``SupportsIndex``: numpy's integers, made plain when sent."""
 
 
 @dataclass(frozen=True)
@@ -65,23 +66,45 @@ def body_of(
     if features is None and instances is None and not body:
         raise ValueError("give exactly one of features (one row, by name) or instances (rows)")
     if features is not None:
-        body["features"] = {name: _number(value) for name, value in features.items()}
+        try:
+            body["features"] = {name: _number(value) for name, value in features.items()}
+        except NotFinite:
+            where = next(n for n, v in features.items() if _not_finite(v))
+            raise NotFinite(
+                f"features[{where!r}]: {float(features[where])!r} {NOT_FINITE}"
+            ) from None
     if instances is not None:
         body["instances"] = _rows(instances)
     return body
+
+
+class NotFinite(ValueError):
+    """A NaN or an infinity, which JSON cannot carry: refused before anything is sent, naming
+    where it was (httpx's encoder said only "Out of range float values are not JSON
+    compliant"; a helper's probe)."""
+
+
+NOT_FINITE = "is not a finite number: JSON has no NaN or infinity (the gateway refuses one, 422)"
+
+
+def _not_finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not math.isfinite(value)
 
 
 def _number(value: Any) -> Any:
     """A number as JSON has it (numpy's scalars are not JSON); anything else as given, for
     the gateway to name. A bool stays one (it was sent as 1.0, so ``correct=True``,
     ``force=True`` and ``pin_canary`` were refused, and a bool feature taken for a number;
-    found by a helper's probe)."""
+    found by a helper's probe). ``NotFinite`` for a NaN or an infinity."""
     if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy's too
         return bool(value)
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
-        return float(value)
+        number = float(value)
+        if number - number != 0.0:  # NaN or an infinity, in one subtraction a value
+            raise NotFinite(f"{number!r} {NOT_FINITE}")
+        return number
     return value
 
 
@@ -96,7 +119,14 @@ def _rows(instances: Any) -> list[list[Any]]:
         if hasattr(instances, "ndim")
         else isinstance(instances, Sequence) and bool(instances) and not _is_row(instances[0])
     )
-    return [[_number(v) for v in row] for row in ([instances] if one_row else instances)]
+    rows = [instances] if one_row else instances
+    try:
+        return [[_number(v) for v in row] for row in rows]
+    except NotFinite:  # where: looked for only now, off the common path
+        i, j, value = next((i, j, v) for i, row in enumerate(rows)
+                           for j, v in enumerate(row) if _not_finite(v))  # fmt: skip
+        at = f"instances[{j}]" if one_row else f"instances[{i}][{j}]"
+        raise NotFinite(f"{at}: {float(value)!r} {NOT_FINITE}") from None
 
 
 def _is_row(value: Any) -> bool:

@@ -169,6 +169,23 @@ def test_bools_stay_bools_rows_come_in_every_shape_and_errors_cross_processes() 
     )
 
 
+def test_a_nan_or_an_infinity_is_refused_before_sending_naming_where() -> None:
+    """httpx's encoder said only "Out of range float values are not JSON compliant"."""
+    from rdv_client.calls import body_of as _body
+
+    rows = np.ones((3, 4), dtype=np.float32)
+    rows[2, 1] = np.nan
+    for given, where in ((rows, r"instances\[2\]\[1\]: nan"),
+                         ([1.0, float("inf")], r"instances\[1\]: inf"),
+                         (rows[2], r"instances\[1\]: nan")):  # fmt: skip
+        with pytest.raises(ValueError, match=where + " is not a finite number"):
+            _body(None, given)
+    with pytest.raises(ValueError, match=r"features\['b'\]: -inf is not a finite"):
+        _body({"a": 1.0, "b": -np.inf}, None)
+    with Client("http://127.0.0.1:9") as rdv, pytest.raises(ValueError, match="JSON has no NaN"):
+        rdv.predict("d", instances=[[float("nan")]])  # nothing sent: port 9 is not listening
+
+
 def test_jobs_through_the_client_end_like_predicts(system: System) -> None:
     x = demo_data().x_test[:3].tolist()
     with Client(f"http://127.0.0.1:{system.port}") as rdv:
@@ -303,6 +320,9 @@ def test_the_client_is_typed_for_its_users(tmp_path: Path) -> None:
         "    forgot: dict[str, Any] = a.deployments()\n"
         "    awaited: dict[str, Any] = await a.deployments()\n"
         "    wrong: int = c.history('d')\n"
+        "    import numpy as np\n"  # numpy's labels are sent plain: the hint takes them
+        "    c.feedback('d', request_id='r', label=np.int64(1))\n"
+        "    c.feedback('d', request_id='r', label=[np.int64(1), 'benign'])\n"
     )
     out, _, status = api.run(["--no-incremental", "--follow-imports=silent", str(user)])
     errors = [line for line in out.splitlines() if ": error:" in line]
