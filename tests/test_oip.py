@@ -321,4 +321,8 @@ def test_tritonclient_sees_the_errors(
         with pytest.raises(InferenceServerException, match="admin API") as caught:
             change(MODEL)
         assert caught.value.status() == "400"
+    for stats in ({}, {"model_name": MODEL}, {"model_name": MODEL, "model_version": "2"}):
+        with pytest.raises(InferenceServerException, match="rdv_requests_total") as caught:
+            client.get_inference_statistics(**stats)  # it read as an unknown model
+        assert caught.value.status() == "404"
     assert httpx.get(f"http://127.0.0.1:{workers.port}/v2/health/live").json() == {"live": True}

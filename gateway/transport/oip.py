@@ -126,6 +126,14 @@ INDEX_BODY = {
 }
 
 
+STATISTICS_ELSEWHERE = (
+    "the statistics extension is not served: every gateway process counts its requests, by "
+    "deployment and outcome, and their durations on GET /metrics (rdv_requests_total, "
+    "rdv_request_duration_seconds); the workers' model time by version is "
+    "rdv_model_latency_seconds, and their batches rdv_worker_batches_total"
+)
+
+
 def mount(app: FastAPI, settings: Settings) -> None:
     """Add the ``/v2`` routes to ``app``."""
     router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol"])
@@ -155,6 +163,15 @@ def mount(app: FastAPI, settings: Settings) -> None:
         """Server name, version and extensions."""
         return {"name": SERVER_NAME, "version": request.app.version,
                 "extensions": list(EXTENSIONS)}  # fmt: skip
+
+    for path in ("/models/stats", "/models/{model}/stats", "/models/{model}/versions/{v}/stats"):
+
+        @router.get(path, include_in_schema=False)
+        async def statistics() -> JSONResponse:
+            """Not kept: a 404 that says where the figures are, not one that reads as an unknown
+            model (tritonclient's ``get_inference_statistics``). Before the metadata route, as
+            Triton reads ``/v2/models/stats``."""
+            return error(Problem(404, STATISTICS_ELSEWHERE))
 
     async def metadata(
         request: Request, model: str, version: str | None, config: bool = False
