@@ -141,9 +141,14 @@ def positions_from(doc: Any, deployment: str | None = None, empty_ok: bool = Fal
             raise SliceError(f"positions of {stream}: first {first} is after last {last}")
         records = span.get("records")
         bounds = [span.get("from_ms"), span.get("to_ms")]
-        if any(b is not None and (isinstance(b, bool) or not isinstance(b, int | float))
-               for b in bounds):  # fmt: skip
+        if any(b is not None and (isinstance(b, bool) or not isinstance(b, int | float)
+                                  or not math.isfinite(b)) for b in bounds):  # fmt: skip
+            # NaN and infinities too: accepted, a replay failed later on math.floor (a probe)
             raise SliceError(f"positions of {stream}: from_ms and to_ms must be epoch ms")
+        if None not in bounds and bounds[0] > bounds[1]:
+            raise SliceError(
+                f"positions of {stream}: from_ms {bounds[0]} is after to_ms {bounds[1]}"
+            )
         out[stream] = Span(first, last, records if isinstance(records, int) else 0, *bounds)
     return out
 

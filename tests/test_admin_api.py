@@ -276,6 +276,11 @@ def test_a_multipart_upload_takes_its_parts_as_forms_send_them(admin: AppClient)
         ("text", 422, "not an ONNX model"),
         ("narrow", 422, "width is 10"),
         ("oversize", 413, "RDV_MAX_MODEL_BYTES"),
+        # a probe's: a part is read to one byte past the cap, which was named as its size
+        ("oversize-form", 413, "the model artifact is larger than RDV_MAX_MODEL_BYTES=4096"),
+        # a probe's: int() read these as 12 and 3, where a path's version refuses them
+        ("unicode-version", 422, "valid integer"),
+        ("long-version", 422, "less than or equal to 2147483647"),
         ("bad-base64", 422, "not base64"),
         ("no-name", 422, "invalid model metadata"),
         ("bad-name", 422, "invalid model name"),
@@ -294,7 +299,7 @@ def test_a_multipart_upload_takes_its_parts_as_forms_send_them(admin: AppClient)
 def test_refused_uploads_are_4xx_and_change_nothing(
     make_client: ClientFactory, r: redis.Redis, case: str, status: int, needle: str
 ) -> None:
-    client = make_client(max_model_bytes=4096) if case == "oversize" else make_client()
+    client = make_client(max_model_bytes=4096) if case.startswith("oversize") else make_client()
     before = state(r, data_dir(client))
     blob = {"pickle": pickle.dumps({"coef": [1.0, 2.0]}), "text": b"this is not a model"}
     if case in blob:
@@ -307,6 +312,12 @@ def test_refused_uploads_are_4xx_and_change_nothing(
         assert len(onnx) > 4096
         body = upload_body("weak", onnx_base64=base64.b64encode(onnx).decode())
         resp = client.post("/admin/models", json=body, headers=AUTH)
+    elif case in ("oversize-form", "unicode-version", "long-version"):
+        onnx = (data_dir(client) / "models" / "breast-cancer" / "2" / "model.onnx").read_bytes()
+        version = {"unicode-version": "\uff11\uff12", "long-version": "9" * 25}.get(case)
+        fields = {"name": "breast-cancer", **({"version": version} if version else {})}
+        resp = client.post("/admin/models", files={"file": ("m.onnx", onnx)}, data=fields,
+                           headers=AUTH)  # fmt: skip
     elif case == "bad-base64":
         resp = client.post(
             "/admin/models", json=upload_body("weak", onnx_base64="@@@"), headers=AUTH

@@ -315,6 +315,9 @@ def test_tritonclient_sees_the_errors(
                            (b"{", "not JSON"), (b"\xff", "not UTF-8")):  # fmt: skip
         refused = workers.http.post("/v2/repository/index", content=bad_index)
         assert refused.status_code == 400 and why in refused.json()["error"], refused.text
+    gzipped = workers.http.post("/v2/repository/index", content=b"{}",
+                                headers={"content-encoding": "gzip"})  # fmt: skip
+    assert gzipped.status_code == 415 and "gzip" in gzipped.json()["error"]  # it was ignored
     named = workers.http.post("/v2/repository/index", json={"repository_name": "other"})
     assert named.status_code == 404 and "no repository named 'other'" in named.json()["error"]
     for change in (client.load_model, client.unload_model):  # the admin API's to do

@@ -4,6 +4,7 @@ report store and the label lookup on a real Redis Cluster (every pipeline in one
 from __future__ import annotations
 
 import json
+import math
 
 import msgpack
 import pytest
@@ -66,6 +67,10 @@ def test_positions_read_back_and_bad_ones_say_why() -> None:
         ({"s": {"first": "x", "last": "1-0"}}, "not a stream id"),
         ({"s": {"first": 1, "last": "1-0"}}, "must be stream ids"),
         ({"s": {"first": "1-0", "last": "2-0", "records": "many"}}, None),
+        # a probe's: taken with 202, then the replay failed on math.floor(nan) with a traceback
+        ({"s": {"first": "1-0", "last": "2-0", "to_ms": float("nan")}}, "must be epoch ms"),
+        ({"s": {"first": "1-0", "last": "2-0", "from_ms": -math.inf}}, "must be epoch ms"),
+        ({"s": {"first": "1-0", "last": "2-0", "from_ms": 1e30, "to_ms": -1e30}}, "is after to_ms"),
     ]:
         if says is None:
             assert positions_from(bad)["s"].records == 0

@@ -26,9 +26,8 @@ class ModelOperations(AdminCore):
     def upload(self, meta: UploadMeta, data: bytes, actor: str) -> dict[str, Any]:
         """Check everything first; the registry changes only when the artifact passed."""
         if len(data) > self.max_model_bytes:
-            raise TooLarge(
-                f"model artifact of {len(data)} bytes is larger than "
-                f"RDV_MAX_MODEL_BYTES={self.max_model_bytes}"
+            raise TooLarge(  # no size: a multipart part is read up to one byte past the cap
+                f"the model artifact is larger than RDV_MAX_MODEL_BYTES={self.max_model_bytes}"
             )
         if not data:
             raise Invalid("the model artifact is empty")

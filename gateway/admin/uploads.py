@@ -10,6 +10,7 @@ import binascii
 import csv
 import io
 import json
+import re
 from typing import Any
 
 from fastapi import Request
@@ -27,6 +28,9 @@ def upload_body_cap(settings: Settings) -> int:
     return settings.max_model_bytes * 4 // 3 + 1024 * 1024
 
 
+ASCII_DIGITS = re.compile(r"[0-9]{1,30}")
+"""A multipart ``version`` field read as a number (longer: int() of thousands of digits is
+slow; the model's bound names a long one)."""
 MAX_REFERENCE_ROWS = 100_000
 MAX_REFERENCE_CELLS = 5_000_000
 """Bounds on reference rows, checked as they are read: a one-column CSV of 16 MB held 1.4 GB
@@ -112,7 +116,8 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[UploadMeta, byt
                 value = form.get(key)
                 if isinstance(value, str):
                     # a form's fields are text: a version of digits is the number it says
-                    digits = key == "version" and value.strip().isdecimal() and len(value) < 19
+                    # (ASCII digits only: int() read full-width "12" and " 7 " as numbers; a probe)
+                    digits = key == "version" and ASCII_DIGITS.fullmatch(value) is not None
                     doc[key] = int(value) if digits else value
             if reference is not None:  # a file part, or the CSV as a field's text
                 csv_bytes = (
