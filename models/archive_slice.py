@@ -145,10 +145,9 @@ def positions_from(doc: Any, deployment: str | None = None, empty_ok: bool = Fal
                                   or not math.isfinite(b)) for b in bounds):  # fmt: skip
             # NaN and infinities too: accepted, a replay failed later on math.floor (a probe)
             raise SliceError(f"positions of {stream}: from_ms and to_ms must be epoch ms")
-        if None not in bounds and bounds[0] > bounds[1]:
-            raise SliceError(
-                f"positions of {stream}: from_ms {bounds[0]} is after to_ms {bounds[1]}"
-            )
+        from_ms, to_ms = bounds
+        if from_ms is not None and to_ms is not None and from_ms > to_ms:
+            raise SliceError(f"positions of {stream}: from_ms {from_ms} is after to_ms {to_ms}")
         out[stream] = Span(first, last, records if isinstance(records, int) else 0, *bounds)
     return out
 

@@ -245,9 +245,9 @@ def mount(app: FastAPI, settings: Settings) -> None:
         """Every version that holds a role of a deployment: ``READY`` when one of its roles has
         a live worker, else ``UNAVAILABLE`` with the reason (``{"ready": true}``: the ready
         ones only)."""
-        refused = compressed(request.headers.get("content-encoding", ""))
-        if refused is not None:  # as every body route: it was read as the body's bytes
-            return error(refused)
+        encoded = compressed(request.headers.get("content-encoding", ""))
+        if encoded is not None:  # as every body route: it was read as the body's bytes
+            return error(encoded)
         try:
             raw = await request.body()
         except ClientDisconnect:  # gone, or refused by the body cap, which has answered
