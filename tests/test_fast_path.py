@@ -22,6 +22,7 @@ from gateway.dataplane.failures import UnknownDeployment
 from gateway.dataplane.service import PredictionService
 from gateway.settings import Settings
 from gateway.transport.app import create_app
+from gateway.transport.expect_continue import CloseUnreadContinue
 from gateway.transport.fast_path import PredictFastPath
 from rendezvous.spec import FeatureSpec
 
@@ -99,7 +100,8 @@ async def test_a_forced_shutdown_still_answers_the_predict_it_cancels() -> None:
     app = create_app(Settings(redis_url="redis://127.0.0.1:1"))
     service = StandIn(release=asyncio.Event())
     app.state.service = service
-    config = Config(app=PredictFastPath(app, 1024), http="httptools", lifespan="off")
+    served = CloseUnreadContinue(PredictFastPath(app, 1024))  # as serving_app has it
+    config = Config(app=served, http="httptools", lifespan="off")
     config.load()
     protocol = HttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
     transport = Transport()
@@ -161,7 +163,8 @@ def full_gateway_on(service: PredictionService) -> tuple[HttpToolsProtocol, Tran
     """A fresh connection to a gateway of that service, with a body cap of 1,024 bytes."""
     app = create_app(Settings(redis_url="redis://127.0.0.1:1"))
     app.state.service = service
-    config = Config(app=PredictFastPath(app, 1024), http="httptools", lifespan="off")
+    served = CloseUnreadContinue(PredictFastPath(app, 1024))  # as serving_app has it
+    config = Config(app=served, http="httptools", lifespan="off")
     config.load()
     protocol = HttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
     transport = Transport()
@@ -219,6 +222,38 @@ async def test_a_refusal_to_a_client_expecting_100_continue_closes_the_connectio
     assert refusal.startswith(b"HTTP/1.1 429 "), refusal
     assert b"connection: close\r\n" in refusal.lower() and transport.closed
     assert tally.done == [(None, "rejected")]  # an unknown name is not a metric label
+
+
+async def test_every_answer_that_never_asked_for_a_100_continue_body_closes() -> None:
+    """Found by a helper's probe: refusals from the head on other routes (and on predict below
+    the bound) kept the connection, whose next request was then read as the refused body
+    and answered 408 after the body timeout."""
+    protocol, transport, service, _ = full_gateway()
+    service.in_flight = 0
+    expect = b"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+    for head, status in (
+        (b"POST /v1/deployments/demo/predict HTTP/1.1\r\nHost: t\r\n"
+         b"X-Request-Id: a\r\nX-Request-Id: b\r\n", b"422"),
+        (b"POST /v1/deployments/demo/predict HTTP/1.1\r\nHost: t\r\n"
+         b"Content-Encoding: gzip\r\n", b"415"),
+        (b"POST /v2/models/demo/infer HTTP/1.1\r\nHost: t\r\nContent-Encoding: gzip\r\n",
+         b"415"),
+        (b"POST /admin/deployments HTTP/1.1\r\nHost: t\r\n", b"404"),  # the admin API off
+        (b"POST /nowhere HTTP/1.1\r\nHost: t\r\n", b"404"),
+    ):  # fmt: skip
+        protocol.data_received(head + expect)
+        refusal = await answered(protocol, transport)
+        assert refusal.startswith(b"HTTP/1.1 " + status), refusal
+        assert b"connection: close\r\n" in refusal.lower() and transport.closed, refusal
+        protocol, transport = full_gateway_on(service)
+    # A body asked for: the 100 Continue went out, the body came, the connection serves on.
+    protocol.data_received(b"POST /v1/deployments/demo/predict HTTP/1.1\r\nHost: t\r\n" + expect)
+    await asyncio.sleep(0.05)
+    assert transport.written.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), transport.written
+    protocol.data_received(b"{}")
+    reply = await answered(protocol, transport)
+    assert b"HTTP/1.1 422 " in reply and b"connection: close" not in reply.lower()
+    assert not transport.closed
 
 
 async def test_bodies_refused_before_the_service_are_counted_as_invalid() -> None:

@@ -230,6 +230,12 @@ def test_unusual_requests_take_the_asgi_path_and_get_the_same_answer(conn: Conn)
     conn.send(request("/v1/deployments/no-such/predict"))
     status, _, content = conn.response()
     assert status == 404 and "no-such" in json.loads(content)["detail"]
+    # Refused from its head, its body never asked for: the answer closes the connection (the
+    # next request was read as the body and answered 408; a helper's probe).
+    conn.send(request(PREDICT, b"", "Expect: 100-continue", "Content-Encoding: gzip",
+                      "Content-Length: 450"))  # fmt: skip
+    status, headers, _ = conn.response()
+    assert status == 415 and headers.get("connection") == "close", headers
 
 
 def test_a_client_that_leaves_mid_request_does_not_disturb_the_next(system: System) -> None:

@@ -40,6 +40,7 @@ from gateway.problems import AsciiJSONResponse
 from gateway.settings import Settings
 from gateway.transport import feedback, jobs, oip
 from gateway.transport.cors import with_cors
+from gateway.transport.expect_continue import CloseUnreadContinue
 from gateway.transport.fast_path import PredictFastPath, predict_reply, refused_body_counter
 from gateway.transport.head import HeadAsGet
 from gateway.transport.http_guard import REFUSALS
@@ -100,7 +101,7 @@ def serving_app(settings: Settings | None = None) -> ASGIApp:
     served = PredictFastPath(
         create_app(settings, owns_process=True), max_body_bytes=settings.max_body_bytes
     )
-    return with_cors(served, settings.cors_origins)
+    return with_cors(CloseUnreadContinue(served), settings.cors_origins)
 
 
 def create_app(

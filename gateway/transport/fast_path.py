@@ -103,7 +103,7 @@ class PredictFastPath:
             await send_reply(send, refused.reply())
             return
         if service is not None and service.in_flight >= service.max_in_flight:
-            await send_reply(send, overloaded(service, deployment, headers))
+            await send_reply(send, overloaded(service, deployment))
             return
         request_id = None
         for name, value in headers:
@@ -183,9 +183,7 @@ def _label(service: PredictionService, deployment: str) -> str | None:
     return deployment if deployment in service.deployments.deployments else None
 
 
-def overloaded(
-    service: PredictionService, deployment: str, headers: list[tuple[bytes, bytes]]
-) -> Reply:
+def overloaded(service: PredictionService, deployment: str) -> Reply:
     """The 429 of a gateway process at its in-flight bound, from the request's head alone.
 
     The service refuses the same way after validation (``PredictionService._predict``, still
@@ -202,16 +200,11 @@ def overloaded(
     can lose the answer). A declared length over the cap is refused 413 first, so what is
     dropped is at most ``RDV_MAX_BODY_BYTES``; a chunked body is dropped for at most
     ``RDV_BODY_TIMEOUT_S`` (the HTTP guard's 408), as on any route that answers without
-    reading. One exception: ``Expect: 100-continue``. That client waits for a 100 that is
-    not sent and may never send the body, so its next request would be taken for the body:
-    the answer closes the connection (nothing is left unread to reset it).
+    reading. A client that waits for ``100 Continue`` gets an answer that closes the
+    connection (``gateway.transport.expect_continue``).
     """
     service.metrics.request_done(_label(service, deployment), "rejected", None)
-    status, body, extra = _refusal(service.in_flight)
-    for name, value in headers:
-        if name == b"expect" and value.lower() == b"100-continue":
-            return status, body, [*extra, (b"connection", b"close")]
-    return status, body, extra
+    return _refusal(service.in_flight)
 
 
 @functools.lru_cache(maxsize=8)
