@@ -666,7 +666,11 @@ def test_an_admin_body_that_does_not_parse_gets_a_422_naming_why(admin: AppClien
     headers = {**AUTH, "content-type": "application/json"}
     for raw, says in ((b'{"grace_ms": \xff}', "not UTF-8: invalid start byte at byte 13"),
                       (b'{"grace_ms": ' + b"7" * 5000 + b"}", "more than 4300 digits"),
-                      (b"[" * 10_000 + b"]" * 10_000, "too deeply")):  # fmt: skip
+                      (b"[" * 10_000 + b"]" * 10_000, "too deeply"),
+                      # FastAPI's "JSON decode error" said where, not what (a probe's)
+                      (b'{"grace_ms": 2,', "not JSON: Expecting property name"),
+                      (b'{"grace_ms": 2} x', "not JSON: Extra data"),
+                      (b'{"grace_ms": 2\x00}', "not JSON: ")):  # fmt: skip
         refused = admin.patch(f"{DEP}/schedule", content=raw, headers=headers)
         assert refused.status_code == 422 and says in refused.json()["detail"], refused.text
     zipped = admin.patch(f"{DEP}/schedule", content=b"\x1f\x8b",

@@ -9,10 +9,12 @@ admin routes (``gateway.admin.schema``).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
@@ -61,6 +63,12 @@ def guarded_route(token: bytes | None) -> type[APIRoute]:
                     # FastAPI's "There was an error parsing the body" named nothing (a body
                     # not UTF-8, too deep, a 5,000-digit number; found by a helper's fuzzing)
                     return Problem(422, not_json(await request.body(), exc.__cause__)).response()
+                except RequestValidationError as exc:
+                    if not any(e.get("type") == "json_invalid" for e in exc.errors()):
+                        raise
+                    # FastAPI's "JSON decode error" said where, not what (a probe)
+                    raw = await request.body()
+                    return Problem(422, not_json(raw, _parse_error(raw))).response()
                 except AdminError as exc:
                     return Problem(exc.status, exc.detail, exc.extra).response()
                 except InvalidName as exc:  # a name that may never reach a Redis key
@@ -71,3 +79,12 @@ def guarded_route(token: bytes | None) -> type[APIRoute]:
             return guarded
 
     return AdminRoute
+
+
+def _parse_error(raw: bytes) -> ValueError | None:
+    """The parser's own words on a body FastAPI could not read as JSON."""
+    try:
+        json.loads(raw)
+    except ValueError as exc:
+        return exc
+    return None
