@@ -39,7 +39,8 @@ class FeatureDetectors:
             np.array([s.range_null] * n + [s.far_null] * n),
             np.array([s.range_alt] * n + [s.far_alt] * n),
             h,
-            np.array([s.range_clear_h] * n + [s.clear_h] * n),
+            np.array([s.range_clear_h] * n + [s.far_clear_h] * n),
+            np.array([s.range_clear_alt] * n + [s.far_alt] * n),
         )
         self.windows = s.windows
         self._capacity = max(max(self.windows), s.stuck_rows) + _MAX_CHUNK
