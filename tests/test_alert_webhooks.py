@@ -42,6 +42,22 @@ def test_the_payload_is_alertmanagers() -> None:
     assert resolved["fingerprint"] == alert["fingerprint"]
 
 
+def test_a_prior_alert_says_which_way_it_moved_from_its_reference() -> None:
+    """It said "prediction_prior of dep is 0, over its threshold 0.6197" (a helper's probe)."""
+    detail = "real predicts the positive class for 1% of the last 80 rows, fewer than the 62% of"
+    raised = {"type": "raised", "kind": "prediction_prior", "value": 0.0125, "threshold": 0.6197,
+              "detail": detail + " its training scores", "ts_ms": RAISED["ts_ms"]}  # fmt: skip
+    [alert] = alertmanager_payload("dep", [raised])["alerts"]
+    assert (
+        alert["annotations"]["description"]
+        == f"prediction_prior of dep: {detail} its training scores"
+    )
+    [back] = alertmanager_payload("dep", [{**raised, "type": "cleared"}])["alerts"]
+    assert (
+        back["annotations"]["description"] == "prediction_prior of dep is back near its reference"
+    )
+
+
 def test_one_evaluations_alerts_are_one_notification_a_broken_feed_pages_and_links_out() -> None:
     """A feed broken in every feature sent one POST per feature and kind (152 for one fault,
     found by a probe), each a ``ticket``, linking to a bare path."""

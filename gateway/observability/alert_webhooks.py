@@ -31,6 +31,11 @@ in training (a unit change, a sentinel) or a feature stuck at one value (a dead 
 default filled in). They page; every other kind is a drift to look into (a ticket)."""
 
 
+AGAINST_REFERENCE = frozenset({"prediction_prior"})
+"""Kinds whose ``threshold`` is the reference their value moved from, up or down, not a limit
+it went over: "prediction_prior is 0, over its threshold 0.6197" (a helper's drift probe)."""
+
+
 def severity(kind: str) -> str:
     return "page" if kind in PAGE_KINDS else "ticket"
 
@@ -48,13 +53,20 @@ def _alert(deployment: str, event: Mapping[str, Any], external_url: str) -> dict
     if event.get("feature"):  # one alert per feature for the online detectors' kinds
         labels["feature"] = str(event["feature"])
     value, threshold = event.get("value"), event.get("threshold")
-    description = (
-        f"{kind} of {deployment} is {value:.4g}, over its threshold {threshold:.4g}"
-        if firing and value is not None and threshold is not None
-        else f"{kind} of {deployment} is back under its threshold"
-    )
-    if event.get("detail") and firing:
-        description += f": {event['detail']}"
+    if kind in AGAINST_REFERENCE:  # its threshold is the reference share, either way of it
+        description = (
+            f"{kind} of {deployment}: {event.get('detail') or f'{value} against {threshold}'}"
+            if firing
+            else f"{kind} of {deployment} is back near its reference"
+        )
+    else:
+        description = (
+            f"{kind} of {deployment} is {value:.4g}, over its threshold {threshold:.4g}"
+            if firing and value is not None and threshold is not None
+            else f"{kind} of {deployment} is back under its threshold"
+        )
+        if event.get("detail") and firing:
+            description += f": {event['detail']}"
     what = f"{kind}/{event['feature']}" if event.get("feature") else kind
     since_ms = event.get("since_ms") or event["ts_ms"]
     return {
