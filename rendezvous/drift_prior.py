@@ -84,6 +84,13 @@ class PriorDetector:
             return "cleared", self.alert()
         return None, {}
 
+    def release(self) -> dict[str, Any]:
+        """Let the standing alert go, its CUSUMs back at zero (other processes judged the
+        deployment's traffic healthy while this one judged none); the alert as it stood."""
+        self._cusum.reset(np.arange(len(self._class)))
+        self.active = None
+        return self.alert()
+
     def moved(self) -> int:
         """The class the alert is about (its column): a binary model's positive class; else, of
         the classes whose CUSUMs stand in alarm (all, when none does), the one whose recent

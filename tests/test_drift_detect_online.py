@@ -386,6 +386,42 @@ async def test_a_gateway_process_with_no_traffic_yet_holds_the_prior_alert_of_on
     assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
 
 
+async def test_a_prior_alert_of_a_process_that_judges_nothing_more_goes_when_others_judge_well(
+    client: aioredis.Redis, demo_data_dir: Path
+) -> None:
+    """A process whose connections went elsewhere after it raised the prior alert held it for
+    good: its detector was never fed again (20,049 healthy rows judged by the other process;
+    a helper's probe). While it judges rows itself, they decide."""
+    meta = ModelRegistry(demo_data_dir / "models").meta("breast-cancer", 2)
+    share = positive_share(meta.score_reference)
+    assert share is not None
+    rng = np.random.default_rng(8)
+
+    async def feed(det: OnlineDrift, rows: int, positive_share: float) -> list[dict[str, Any]]:
+        for positive in rng.random(rows) < positive_share:
+            det.observe_decision(record([[0.0, 1.0] if positive else [1.0, 0.0]]))
+        await asyncio.gather(*det._tasks)  # the reference looked up
+        det.evaluate(DEMO_DEPLOYMENT)
+        return await det.publish(DEMO_DEPLOYMENT)
+
+    broke = await online(client, demo_data_dir, "gw-broke")
+    well = await online(client, demo_data_dir, "gw-well")
+    await feed(broke, 1, share)
+    assert [e["type"] for e in await feed(broke, 300, 0.15)] == ["raised"]
+    await feed(well, 1, share)
+    for _ in range(3):  # it still judges rows, broken ones: they hold its alert
+        await feed(well, well.hold_rows // 2, share)
+        assert await feed(broke, 20, 0.15) == []
+    # From its last judged row on, the other process judges healthy ones, one short...
+    assert await feed(well, well.hold_rows - 1, share) == []
+    assert await broke.publish(DEMO_DEPLOYMENT) == []
+    await feed(well, 1, share)  # ...then as many as a hold lasts
+    cleared = await broke.publish(DEMO_DEPLOYMENT)
+    assert [(e["type"], e["id"]) for e in cleared] == [("cleared", "prediction_prior")]
+    assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
+    assert await feed(broke, 300, 0.15) != []  # raised afresh on broken rows of its own
+
+
 async def test_sources_merge_into_one_list(client: aioredis.Redis) -> None:
     one = {"feature_range/x": {"kind": "feature_range", "feature": "x", "value": 0.9}}
     t = 1_000_000.0

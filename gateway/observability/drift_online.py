@@ -20,7 +20,9 @@ feed is still broken (a "resolved", and a "firing" again once a fresh detector h
 a restarted gateway has a new instance name). So a process that judges the same real model
 adopts the prior alert of a gateway claim no longer renewed (``orphan_after_s``, well before it
 goes stale) and holds it until its own detector has judged ``hold_rows`` rows, or raised the
-alert itself.
+alert itself. The other way round, a live process whose own alert stands while it judges
+nothing more (its callers' connections went to another process) lets it go once the others
+have judged ``hold_rows`` rows without it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,12 @@ from typing import Any
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability import drift_store
-from gateway.observability.gateway_claims import judged_over, orphaned
+from gateway.observability.gateway_claims import (
+    judged_over,
+    judged_since,
+    orphaned,
+    prior_rows,
+)
 from rendezvous import drift_claims, names
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
 from rendezvous.decision import DecisionRecord
@@ -68,6 +75,11 @@ class _Deployment:
     """Alerts adopted from a gateway process that stopped claiming them (by alert id)."""
     hold_until: int = 0
     """The prior's ``rows_seen`` at which the held alerts are released."""
+    marks: dict[str, int] = field(default_factory=dict)
+    marked_at: int = -1
+    """While this process's own prior alert stands: the other live processes' judged rows
+    when its detector last judged a row (at ``marked_at`` rows), to let the alert go once
+    they judge ``hold_rows`` more without it and it judges none."""
 
 
 class OnlineDrift:
@@ -211,6 +223,34 @@ class OnlineDrift:
             log.info("online drift: %s: %s judged %d rows without %s: letting go", deployment,
                      source, rows, ", ".join(over))  # fmt: skip
 
+    def _let_go_when_idle(self, deployment: str, dep: _Deployment,
+                          claims: Mapping[str, Any]) -> None:  # fmt: skip
+        """Let this process's own prior alert go once other live processes judging the same
+        model have judged ``hold_rows`` rows without it while this one judged none: its
+        detector is never fed again where its connections went elsewhere, and the alert stood
+        for good (20,049 healthy rows judged by the other process; a helper's probe)."""
+        prior = dep.prior
+        if prior is None or prior.active is None:
+            dep.marks, dep.marked_at = {}, -1
+            return
+        now_ms = time.time() * 1000
+        if prior.rows_seen != dep.marked_at:  # it judged rows since: they decide, not others
+            dep.marks = prior_rows(claims, self.source, dep.model, now_ms, self.orphan_after_ms)
+            dep.marked_at = prior.rows_seen
+            return
+        for source, seen in prior_rows(claims, self.source, dep.model, now_ms,
+                                       self.orphan_after_ms).items():  # fmt: skip
+            if seen < dep.marks.get(source, -1):  # new, or restarted: counted from now
+                dep.marks[source] = seen
+        found = judged_since(claims, self.source, dep.model, dep.marks, "prediction_prior",
+                             now_ms, self.orphan_after_ms, self.hold_rows)  # fmt: skip
+        if found is None:
+            return
+        self._note(dep, [], [prior.release()])
+        dep.marks, dep.marked_at = {}, -1
+        log.info("online drift: %s: %s judged %d rows without prediction_prior while this "
+                 "process judged none: letting its own go", deployment, *found)  # fmt: skip
+
     async def adopt_unseen(self) -> None:
         """The deployments this process has judged no decision of: one whose gateway process
         died holding its prior alert (a restart, with no traffic yet) saw the alert cleared
@@ -340,6 +380,7 @@ class OnlineDrift:
             events += decided
             self._adopt(deployment, dep, claims)
             self._let_go_for_others(deployment, dep, claims)
+            self._let_go_when_idle(deployment, dep, claims)
             if not dep.changed:
                 break
         announce(deployment, events)

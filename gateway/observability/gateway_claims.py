@@ -36,6 +36,42 @@ def orphaned(
             yield source, {k: v for k, v in alerts.items() if isinstance(v, dict)}
 
 
+def prior_rows(
+    claims: Mapping[str, Any], own: str, model: str | None, now_ms: float, after_ms: float
+) -> dict[str, int]:
+    """Rows each other live gateway process judging ``model`` has judged, by source."""
+    out: dict[str, int] = {}
+    for source, claim in _gateway_claims(claims, own, model):
+        prior = claim.get("prior")
+        seen = prior.get("rows") if isinstance(prior, dict) else None
+        if _age_ms(claim, now_ms) < after_ms and isinstance(seen, int | float):
+            out[source] = int(seen)
+    return out
+
+
+def judged_since(
+    claims: Mapping[str, Any],
+    own: str,
+    model: str | None,
+    marks: Mapping[str, int],
+    alert: str,
+    now_ms: float,
+    after_ms: float,
+    rows: int,
+) -> tuple[str, int] | None:
+    """A live claim on ``model`` that has judged ``rows`` rows since ``marks`` (its rows then)
+    and neither raises nor holds ``alert``: its source and those rows (None when none)."""
+    now = prior_rows(claims, own, model, now_ms, after_ms)
+    for source, seen in now.items():
+        claim = claims[source]
+        kept = claim.get("held")
+        holding = kept.get("alerts", []) if isinstance(kept, dict) else []
+        since = seen - marks.get(source, seen)
+        if since >= rows and alert not in (claim.get("alerts") or {}) and alert not in holding:
+            return source, since
+    return None
+
+
 def judged_over(
     claims: Mapping[str, Any],
     own: str,
