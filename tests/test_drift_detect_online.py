@@ -300,6 +300,18 @@ async def test_a_multiclass_class_mix_shift_is_alerted_online_naming_the_class(
     assert summary["class"] in shares and summary["reference"] == shares[summary["class"]]
 
 
+async def judge_labels(
+    det: OnlineDrift, rng: np.random.Generator, rows: int, positive_share: float
+) -> list[dict[str, Any]]:
+    """``rows`` decisions of real predicting positive at that share, judged and claimed: the
+    events the claim decided."""
+    for positive in rng.random(rows) < positive_share:
+        det.observe_decision(record([[0.0, 1.0] if positive else [1.0, 0.0]]))
+    await asyncio.gather(*det._tasks)  # the reference looked up
+    det.evaluate(DEMO_DEPLOYMENT)
+    return await det.publish(DEMO_DEPLOYMENT)
+
+
 async def test_a_gateway_process_holds_the_prior_alert_of_one_that_died(
     client: aioredis.Redis, demo_data_dir: Path
 ) -> None:
@@ -312,31 +324,25 @@ async def test_a_gateway_process_holds_the_prior_alert_of_one_that_died(
     assert share is not None
     rng = np.random.default_rng(5)
 
-    async def feed(det: OnlineDrift, rows: int, positive_share: float) -> list[dict[str, Any]]:
-        for positive in rng.random(rows) < positive_share:
-            det.observe_decision(record([[0.0, 1.0] if positive else [1.0, 0.0]]))
-        await asyncio.gather(*det._tasks)  # the reference looked up
-        det.evaluate(DEMO_DEPLOYMENT)
-        return await det.publish(DEMO_DEPLOYMENT)
-
     deployments = DeploymentCache(client)
     await deployments.refresh()
     meta_of = local_model_meta(demo_data_dir / "models")
     dead = OnlineDrift(client, deployments, "gw-dead", stale_s=1.0, local_meta=meta_of)
-    await feed(dead, 1, share)
-    raised = await feed(dead, 300, 0.15)
+    await judge_labels(dead, rng, 1, share)
+    raised = await judge_labels(dead, rng, 300, 0.15)
     assert [(e["type"], e["id"]) for e in raised] == [("raised", "prediction_prior")]
     live = OnlineDrift(client, deployments, "gw-live", orphan_after_s=0.2, local_meta=meta_of)
-    await feed(live, 1, share)
+    await judge_labels(live, rng, 1, share)
     await asyncio.sleep(0.3)  # the dead one renews nothing
-    assert await feed(live, 100, share) == []
+    assert await judge_labels(live, rng, 100, share) == []
     await asyncio.sleep(0.8)  # its claim is stale now: dropped, the alert stays up
-    assert await feed(live, 100, share) == []
+    assert await judge_labels(live, rng, 100, share) == []
     [alert] = (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]
     assert alert["id"] == "prediction_prior" and alert["source"] == "gateway:gw-live"
     claims = await client.hkeys(names.drift_claims_key(DEMO_DEPLOYMENT))
     assert [c for c in claims if not c.startswith(b"#")] == [b"gateway:gw-live"]
-    cleared = await feed(live, live.hold_rows, share)  # enough healthy rows judged here
+    # enough healthy rows judged here
+    cleared = await judge_labels(live, rng, live.hold_rows, share)
     assert [(e["type"], e["id"]) for e in cleared] == [("cleared", "prediction_prior")]
     assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
 
@@ -397,29 +403,23 @@ async def test_a_prior_alert_of_a_process_that_judges_nothing_more_goes_when_oth
     assert share is not None
     rng = np.random.default_rng(8)
 
-    async def feed(det: OnlineDrift, rows: int, positive_share: float) -> list[dict[str, Any]]:
-        for positive in rng.random(rows) < positive_share:
-            det.observe_decision(record([[0.0, 1.0] if positive else [1.0, 0.0]]))
-        await asyncio.gather(*det._tasks)  # the reference looked up
-        det.evaluate(DEMO_DEPLOYMENT)
-        return await det.publish(DEMO_DEPLOYMENT)
-
     broke = await online(client, demo_data_dir, "gw-broke")
     well = await online(client, demo_data_dir, "gw-well")
-    await feed(broke, 1, share)
-    assert [e["type"] for e in await feed(broke, 300, 0.15)] == ["raised"]
-    await feed(well, 1, share)
+    await judge_labels(broke, rng, 1, share)
+    assert [e["type"] for e in await judge_labels(broke, rng, 300, 0.15)] == ["raised"]
+    await judge_labels(well, rng, 1, share)
     for _ in range(3):  # it still judges rows, broken ones: they hold its alert
-        await feed(well, well.hold_rows // 2, share)
-        assert await feed(broke, 20, 0.15) == []
+        await judge_labels(well, rng, well.hold_rows // 2, share)
+        assert await judge_labels(broke, rng, 20, 0.15) == []
     # From its last judged row on, the other process judges healthy ones, one short...
-    assert await feed(well, well.hold_rows - 1, share) == []
+    assert await judge_labels(well, rng, well.hold_rows - 1, share) == []
     assert await broke.publish(DEMO_DEPLOYMENT) == []
-    await feed(well, 1, share)  # ...then as many as a hold lasts
+    await judge_labels(well, rng, 1, share)  # ...then as many as a hold lasts
     cleared = await broke.publish(DEMO_DEPLOYMENT)
     assert [(e["type"], e["id"]) for e in cleared] == [("cleared", "prediction_prior")]
     assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
-    assert await feed(broke, 300, 0.15) != []  # raised afresh on broken rows of its own
+    # raised afresh on broken rows of its own
+    assert await judge_labels(broke, rng, 300, 0.15) != []
 
 
 async def test_sources_merge_into_one_list(client: aioredis.Redis) -> None:
