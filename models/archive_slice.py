@@ -37,7 +37,7 @@ def parse_time(value: Any, what: str) -> float:
         raise SliceError(f"{what}: {value!r} is not a time (ISO-8601 or epoch ms)")
     ms: float | None = None
     if isinstance(value, int | float):
-        ms = float(value)
+        return epoch_ms(value, what)
     elif _EPOCH_MS.fullmatch(value.strip()):  # digits, perhaps with a fraction (a to_ms)
         ms = float(value.strip())
     else:
@@ -51,8 +51,20 @@ def parse_time(value: Any, what: str) -> float:
             raise SliceError(
                 f"{what}: {value!r} is neither ISO-8601 (2026-12-01T10:00:00Z) nor epoch ms"
             ) from None
-    if not 0 <= ms < 2**53:
-        raise SliceError(f"{what}: {value!r} is out of range (epoch ms from 0)")
+    return epoch_ms(ms, what, value)
+
+
+def epoch_ms(value: float, what: str, given: Any = None) -> float:
+    """A number of epoch milliseconds, or a SliceError saying it is out of range (NaN, an
+    infinity, below 0, beyond 2**53, or an integer too large for a float: a 500 in a
+    probe)."""
+    try:
+        ms = float(value)
+    except OverflowError:
+        ms = math.inf
+    if not 0 <= ms < 2**53:  # NaN too
+        shown = repr(value if given is None else given)
+        raise SliceError(f"{what}: {shown[:40]} is out of range (epoch ms from 0)")
     return ms
 
 
@@ -141,11 +153,14 @@ def positions_from(doc: Any, deployment: str | None = None, empty_ok: bool = Fal
             raise SliceError(f"positions of {stream}: first {first} is after last {last}")
         records = span.get("records")
         bounds = [span.get("from_ms"), span.get("to_ms")]
-        if any(b is not None and (isinstance(b, bool) or not isinstance(b, int | float)
-                                  or not math.isfinite(b)) for b in bounds):  # fmt: skip
-            # NaN and infinities too: accepted, a replay failed later on math.floor (a probe)
+        if any(b is not None and (isinstance(b, bool) or not isinstance(b, int | float))
+               for b in bounds):  # fmt: skip
             raise SliceError(f"positions of {stream}: from_ms and to_ms must be epoch ms")
-        from_ms, to_ms = bounds
+        # NaN and infinities too: accepted, a replay failed later on math.floor (a probe)
+        from_ms, to_ms = (
+            None if b is None else epoch_ms(b, f"positions of {stream}: {name}")
+            for b, name in zip(bounds, ("from_ms", "to_ms"), strict=True)
+        )
         if from_ms is not None and to_ms is not None and from_ms > to_ms:
             raise SliceError(f"positions of {stream}: from_ms {from_ms} is after to_ms {to_ms}")
         out[stream] = Span(first, last, records if isinstance(records, int) else 0, *bounds)

@@ -48,6 +48,14 @@ AT_MOST_ONE = frozenset({"divergence_mean", "disagreement_rate", "score_js", "cl
 """Thresholds of figures in [0, 1]: 1 or more would switch the alert off without a word."""
 
 
+def _finite(value: float) -> bool:
+    """``math.isfinite``, False for an integer too large for a float (it raised: a 500)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Alert thresholds; a figure strictly above its threshold raises the alert.
@@ -98,7 +106,7 @@ class Thresholds:
                 raise ValueError(f"unknown threshold {key!r}; known: {sorted(known)}")
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"threshold {key!r} must be a number, got {value!r}")
-            if not math.isfinite(value) or value < 0:
+            if not _finite(value) or value < 0:
                 raise ValueError(f"threshold {key!r} must be finite and >= 0, got {value!r}")
             if key in AT_MOST_ONE and value >= 1:  # the figure never passes it: an alert off
                 raise ValueError(f"threshold {key!r} must be below 1 (a share or a distance "

@@ -156,7 +156,7 @@ def prior_reference(meta: Mapping[str, Any]) -> float | list[float] | None:
         return None
     try:
         values = [float(v) for v in shares]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # 10**400 is no float
         return None
     total = sum(values)
     if not all(math.isfinite(v) and v >= 0 for v in values) or not total > 0:

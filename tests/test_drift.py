@@ -335,6 +335,8 @@ def test_thresholds_validate_and_name_the_key() -> None:
         ({"disagreement_rate": 1.5}, "disagreement_rate' must be below 1"),
         ({"score_js": 1}, "score_js' must be below 1"),
         ({"divergence_mean": 1.0}, "divergence_mean' must be below 1"),
+        ({"score_psi": 10**400}, "score_psi' must be finite"),  # float() overflowed: a 500
+        ({"min_requests": 10**400}, "min_requests' must be finite"),
     ]
     for doc, key in bad:
         with pytest.raises(ValueError, match=key):

@@ -49,6 +49,8 @@ def test_times_are_iso_or_epoch_ms(value: object, ms: float) -> None:
         "1.2.3",
         "12.",
         "99999999999999999999",
+        10**400,  # float() overflowed: a 500 (a probe)
+        float("nan"),
     ],
 )
 def test_a_bad_time_is_refused_by_name(value: object) -> None:
@@ -68,9 +70,11 @@ def test_positions_read_back_and_bad_ones_say_why() -> None:
         ({"s": {"first": 1, "last": "1-0"}}, "must be stream ids"),
         ({"s": {"first": "1-0", "last": "2-0", "records": "many"}}, None),
         # a probe's: taken with 202, then the replay failed on math.floor(nan) with a traceback
-        ({"s": {"first": "1-0", "last": "2-0", "to_ms": float("nan")}}, "must be epoch ms"),
-        ({"s": {"first": "1-0", "last": "2-0", "from_ms": -math.inf}}, "must be epoch ms"),
-        ({"s": {"first": "1-0", "last": "2-0", "from_ms": 1e30, "to_ms": -1e30}}, "is after to_ms"),
+        ({"s": {"first": "1-0", "last": "2-0", "to_ms": float("nan")}}, "to_ms: nan is out of"),
+        ({"s": {"first": "1-0", "last": "2-0", "from_ms": -math.inf}}, "from_ms: -inf is out of"),
+        ({"s": {"first": "1-0", "last": "2-0", "from_ms": 10**400}}, "from_ms: 1000"),  # a 500
+        ({"s": {"first": "1-0", "last": "2-0", "from_ms": 1e300}}, "out of range"),
+        ({"s": {"first": "1-0", "last": "2-0", "from_ms": 9e12, "to_ms": 1e12}}, "is after to_ms"),
     ]:
         if says is None:
             assert positions_from(bad)["s"].records == 0
