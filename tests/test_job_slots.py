@@ -67,6 +67,24 @@ async def test_a_cancelled_wait_holds_nothing_and_lets_the_next_in() -> None:
     assert stuck.cancelled() and budget.used == 0 and not budget.full
 
 
+async def test_runs_cancelled_all_at_once_end_cancelled_holding_nothing() -> None:
+    """A stop cancels every run at once: a holder's give-back granted a waiter cancelled but
+    not yet woken (InvalidStateError), which then removed a turn already gone (ValueError);
+    both replaced the CancelledError, so the jobs ended failed with a 500 instead of being
+    handed back, and their rows stayed counted (a helper's faults probe)."""
+    budget = RowBudget(2000)
+    order: list[int] = []
+    never = asyncio.Event()
+    runs = [asyncio.create_task(hold(budget, 1000, order, never)) for _ in range(3)]
+    await settle()
+    assert order == [1000, 1000] and budget.full  # the third waits
+    for run in runs:
+        run.cancel()
+    outcomes = await asyncio.gather(*runs, return_exceptions=True)
+    assert all(isinstance(o, asyncio.CancelledError) for o in outcomes), outcomes
+    assert budget.used == 0 and not budget.full
+
+
 async def test_no_job_is_read_while_the_row_budget_is_full() -> None:
     slots = JobSlots(8, InFlight(), rows=100)
     assert slots.room() == 8

@@ -55,7 +55,8 @@ class RowBudget:
                 if granted.done() and not granted.cancelled():
                     self._give_back(weight)  # granted as it was cancelled
                 else:
-                    self._waiting.remove(turn)
+                    with contextlib.suppress(ValueError):  # dropped by a grant already
+                        self._waiting.remove(turn)
                     self._grant()  # the next in line may fit now
                 raise
         else:
@@ -70,8 +71,18 @@ class RowBudget:
         self._grant()
 
     def _grant(self) -> None:
-        while self._waiting and self.used + self._waiting[0][0] <= self.capacity:
-            weight, granted = self._waiting.popleft()
+        """Grant the waiters in order while they fit. A waiter cancelled but not yet woken
+        (a stop cancels every run at once) is dropped: granting it raised InvalidStateError in
+        the run giving rows back, whose job then ended failed with a 500 instead of being
+        handed back (a helper's faults probe)."""
+        while self._waiting:
+            weight, granted = self._waiting[0]
+            if granted.done():  # cancelled: its waiter is leaving
+                self._waiting.popleft()
+                continue
+            if self.used + weight > self.capacity:
+                return
+            self._waiting.popleft()
             self.used += weight
             granted.set_result(None)
 
