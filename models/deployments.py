@@ -132,12 +132,15 @@ class Deployment:
         return [names.LOGBIN_GROUP, *(names.model_group(r) for r in self.role_names)]
 
     def version_name(self, ref: ModelRef) -> str:
-        """A model version as a protocol names it: the number for a version of real's model,
-        ``model:number`` for another model's (a challenger uploaded under another name, or the
-        canary after such a one was promoted). By number alone, two models' version 1 read as
-        one version, and a pinned infer went to whichever role sorted first (a helper's probe).
-        """
-        return str(ref.version) if ref.name == self.roles[names.REAL].name else str(ref)
+        """A model version as a protocol names it: the number for a version of the model named
+        as the deployment while a role holds one (else of real's model), ``model:number`` for
+        another model's (a challenger uploaded under another name). By number alone, two
+        models' version 1 read as one version, and a pinned infer went to whichever role sorted
+        first (a helper's probe). Named by the deployment's own model first, the names hold
+        across the promotion of such a challenger, which by real's alone turned "1" from the
+        canary into the new real."""
+        own = self.name if any(r.name == self.name for r in self.roles.values()) else None
+        return str(ref.version) if ref.name == (own or self.roles[names.REAL].name) else str(ref)
 
     @property
     def versions(self) -> list[str]:

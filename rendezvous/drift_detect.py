@@ -19,6 +19,9 @@ from rendezvous.drift_settings import KINDS, DetectorSettings
 from rendezvous.drift_stats import Cusum, cusum_h, stuck_count
 from rendezvous.quantile_bins import bin_index
 
+MIN_DESCRIBED = 6
+"""Fewest rows a range alert's words describe (a gross fault raises within 6 to 9 rows)."""
+
 _MAX_CHUNK = 256
 """Rows handled in one step; a bigger batch is cut (the ring must hold a window and a step)."""
 
@@ -307,12 +310,17 @@ class FeatureDetectors:
             # Raised within a few rows of the fault, the change point may not split them off
             # yet: the fault starts at the latest at the first value outside the range from
             # which on most values are (a stray one in normal traffic is not the start).
-            tail_share = np.cumsum(outside[::-1])[::-1] / np.arange(len(outside), 0, -1)
-            starts = np.flatnonzero(outside & (tail_share >= 0.5))
+            # A tail of a few rows is no start: a feed with a tenth of its rows garbage was
+            # described by its last 2-4 rows ("75% above the training max"; a probe).
+            tail = np.arange(len(outside), 0, -1)
+            tail_share = np.cumsum(outside[::-1])[::-1] / tail
+            starts = np.flatnonzero(outside & (tail_share >= 0.5) & (tail >= MIN_DESCRIBED))
             if len(starts):
                 since = max(since, int(starts[0]))
+            since = min(since, max(len(recent) - MIN_DESCRIBED, 0))
             changed = recent[since:]
             value = round(float(np.mean((changed < p.lo[f]) | (changed > p.hi[f]))), 4)
+            rows = len(changed)
         else:
             changed = recent[since:]
         how = describe(self.profile, f, changed)
@@ -328,8 +336,7 @@ class FeatureDetectors:
             "value": value,
             "threshold": limit,
             "rows": rows,
-            "statistic": f"{what} over the last {rows if kind != 'feature_range' else len(changed)}"
-            " rows",
+            "statistic": f"{what} over the last {rows} rows",
             "described_rows": len(changed),
             "detail": f"{self.profile.names[f]}: {how.pop('detail')}",
             **how,

@@ -89,7 +89,8 @@ class PriorDetector:
         deployment's traffic healthy while this one judged none); the alert as it stood."""
         self._cusum.reset(np.arange(len(self._class)))
         self.active = None
-        return self.alert()
+        # no figure of its own: its recent rows are the broken ones it judged last
+        return {**self.alert(), "value": None, "rows": 0}
 
     def moved(self) -> int:
         """The class the alert is about (its column): a binary model's positive class; else, of

@@ -109,7 +109,7 @@ class DetectorSettings:
     """Reverse CUSUMs clear an alert once the evidence for the null is 20 to 1 (the prior's)."""
     range_clear_h: float = math.log(1e4)
     """The range CUSUM's clear: 10,000 to 1 for ``range_null`` against ``range_clear_alt``,
-    123 rows in the range after a range alert. At 20 to 1 against ``range_alt`` (9 rows) a
+    175 rows in the range after a range alert. At 20 to 1 against ``range_alt`` (9 rows) a
     feed that stayed broken with a quarter of its rows out of range had such runs every
     hundred rows or so, and its alert (with the shift windows that a cleared range alert
     resets) was raised and cleared seven times in 1,000 rows."""
@@ -118,11 +118,12 @@ class DetectorSettings:
     of the training range. At 20 to 1 (61 rows) a feed with a tenth of its rows garbage (far
     out in every feature at once) had such a run about once in 800 rows, and every feature's
     page alert cleared together and was raised again (a helper's probe)."""
-    range_clear_alt: float = 0.1
+    range_clear_alt: float = 0.08
     """The share of rows out of range that still holds a range alert: its clear weighs
     ``range_null`` against this, not ``range_alt``. Against 30 %, a feed with a tenth of its
     rows garbage sided with the null, and its page alerts cleared and were raised again within
-    the fault, 153 times in 8,000 rows (a helper's probe)."""
+    the fault, 153 times in 8,000 rows (a helper's probe); against 10 %, a feature that such
+    garbage put out of its range in 6 % of rows still did, once in 1,500 rows."""
     stuck_clear_rows: int = 12
 
     @property

@@ -673,6 +673,9 @@ def test_an_admin_body_that_does_not_parse_gets_a_422_naming_why(admin: AppClien
                       (b'{"grace_ms": 2\x00}', "not JSON: ")):  # fmt: skip
         refused = admin.patch(f"{DEP}/schedule", content=raw, headers=headers)
         assert refused.status_code == 422 and says in refused.json()["detail"], refused.text
+    # NaN parses (Python's JSON reads it): its refusal said "less than or equal to 600000"
+    nan = admin.patch(f"{DEP}/schedule", content=b'{"grace_ms": NaN}', headers=headers)
+    assert nan.status_code == 422 and "finite number" in nan.text, nan.text
     zipped = admin.patch(f"{DEP}/schedule", content=b"\x1f\x8b",
                          headers={**headers, "content-encoding": "gzip"})  # fmt: skip
     assert zipped.status_code == 415 and "uncompressed" in zipped.text

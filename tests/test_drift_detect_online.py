@@ -217,11 +217,11 @@ async def test_log_bins_sharing_the_traffic_each_judge_their_share_and_merge(
         async def active() -> set[str]:
             return {a["id"] for a in (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]}
 
-        share(x[rng.integers(0, len(x), 150)], [0])  # lb-0 clears its own: lb-1 still holds
+        share(x[rng.integers(0, len(x), 300)], [0])  # lb-0 clears its own: lb-1 still holds
         assert range_id in await active()
         assert drift_claims.parse({}, {}, await client.hgetall(names.drift_claims_key(
             DEMO_DEPLOYMENT)))["claims"]["logbin:lb-0"]["alerts"] == {}  # fmt: skip
-        share(x[rng.integers(0, len(x), 150)], [1])
+        share(x[rng.integers(0, len(x), 300)], [1])
         assert await active() == set()
     finally:
         for w in writers:
@@ -417,6 +417,7 @@ async def test_a_prior_alert_of_a_process_that_judges_nothing_more_goes_when_oth
     await judge_labels(well, rng, 1, share)  # ...then as many as a hold lasts
     cleared = await broke.publish(DEMO_DEPLOYMENT)
     assert [(e["type"], e["id"]) for e in cleared] == [("cleared", "prediction_prior")]
+    assert cleared[0].get("value") is None  # not the stale broken share it judged last
     assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
     # raised afresh on broken rows of its own
     assert await judge_labels(broke, rng, 300, 0.15) != []

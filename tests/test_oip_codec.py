@@ -208,6 +208,14 @@ def test_a_version_of_another_model_is_named_with_its_model() -> None:
     with pytest.raises(UnknownVersion, match="versions: 2, other:1, 1"):
         pinned_role(dep, "3")
     assert dep.version_name(ModelRef("other", 1)) == "other:1"
+    # The deployment's own model's numbers hold across the promotion of another model's...
+    named = Deployment(name="bc", roles=roles, feature_spec=SPEC)
+    promoted = Deployment(name="bc", roles={"real": ModelRef("other", 1), "canary": roles["real"],
+                                            "old": roles["canary"]}, feature_spec=SPEC)  # fmt: skip
+    assert named.versions == ["2", "other:1", "1"] and promoted.versions == ["other:1", "2", "1"]
+    # ...and without one of its name, real's model's are the numbers.
+    assert Deployment(name="d", roles={"real": ModelRef("x", 3), "canary": ModelRef("y", 3)},
+                      feature_spec=SPEC).versions == ["3", "y:3"]  # fmt: skip
     body, _ = encode_answer(ANSWER, [("label", False)], "dep", "other:1")
     assert InferResult.from_response_body(body).get_response()["model_version"] == "other:1"
 

@@ -52,7 +52,7 @@ class TooLarge(AdminError):
 
 class _Body(BaseModel):
     # strict: "3" is no partition count, 2.0 no version (found by a helper's probe: coerced)
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 ReferenceNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]

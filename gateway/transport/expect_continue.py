@@ -33,8 +33,9 @@ class CloseUnreadContinue:
 
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start" and not asked:
-                headers = [*message.get("headers", []), (b"connection", b"close")]
-                message = {**message, "headers": headers}
+                headers = list(message.get("headers", []))  # a 413 closes already
+                if not any(n == b"connection" and b"close" in v.lower() for n, v in headers):
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
 
         await self.app(scope, receiving, sending)
