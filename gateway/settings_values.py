@@ -44,7 +44,35 @@ def checked_redis_url(value: str) -> str:
             raise ValueError(f"{where}the database must be a number (/0)")
         if found.get("protocol") not in (None, 2, 3):
             raise ValueError(f"{where}protocol must be 2 or 3")
+        _check_options(found, where)
     return value
+
+
+def _check_options(found: dict[str, object], where: str) -> None:
+    """A query option redis-py's connection does not take was a TypeError traceback at the
+    first connection of every command (``?timeout=5``, ``?ssl_cert_reqs=none`` on
+    ``redis://``: a helper's probe); ``decode_responses`` makes every reply text, which the
+    gateway reads as bytes."""
+    import inspect
+
+    from redis.connection import Connection
+
+    if found.get("decode_responses"):
+        raise ValueError(f"{where}decode_responses: the gateway reads Redis's replies as bytes")
+    cls = found.get("connection_class", Connection)
+    taken = {
+        name
+        for klass in getattr(cls, "__mro__", ())
+        if "__init__" in vars(klass)
+        for name in inspect.signature(vars(klass)["__init__"]).parameters
+    }
+    for option in sorted(set(found) - taken - {"connection_class", "path"}):
+        ssl = option.startswith("ssl") and cls is Connection
+        raise ValueError(
+            f"{where}the option {option!r} needs rediss://"
+            if ssl
+            else f"{where}unknown option {option!r} (redis-py's connection does not take it)"
+        )
 
 
 def checked_token(value: str) -> str:

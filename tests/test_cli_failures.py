@@ -87,6 +87,10 @@ def test_a_bad_setting_is_one_line_naming_it(tmp_path: Path, setting: str, says:
         ("RDV_REDIS_URL=redis://", "names no host"),
         ("RDV_REDIS_URL=redis://127.0.0.1:0", "port 0 is no Redis's"),
         ("RDV_REDIS_URL=redis://a:1,b:0", "'redis://b:0': port 0 is no Redis's"),
+        # passed, then a TypeError traceback at every command's first connection (a probe)
+        ("RDV_REDIS_URL=redis://127.0.0.1:6379/0?timeout=5", "unknown option 'timeout'"),
+        ("RDV_REDIS_URL=redis://127.0.0.1:6379/0?ssl_cert_reqs=none", "needs rediss://"),
+        ("RDV_REDIS_URL=redis://127.0.0.1:6379/0?decode_responses=true", "replies as bytes"),
         # refused, but as "printable ASCII characters only"
         ("RDV_ADMIN_TOKEN=", "RDV_ADMIN_TOKEN=(hidden): empty: give a token, or leave"),
         ("RDV_FEEDBACK_TOKEN= ", "RDV_FEEDBACK_TOKEN=(hidden): empty"),
