@@ -62,6 +62,12 @@ def refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int | 
         (["deployments", "list", "--url", "http://h:0"], "port 0"),
         (["deployments", "create", "--deployment", "d", "--model", "m", "--version", "1",
           "--canary-model", "x", "--url", NOWHERE], "--canary-version required"),
+        # status 1 before, as a failure (a helper's CLI probe)
+        (["replay", "--deployment", "d", "--url", NOWHERE], "--version is required"),
+        (["archive", "export", "--deployment", "d"], "--deployment and --out are required"),
+        (["worker", "--shard", "bad"], "--shard wants I/N"),
+        (["worker", "--shard", "0/0"], "I must be in 0..N-1"),
+        (["worker", "--role", "real"], "--role needs --deployment"),
     ],
 )  # fmt: skip
 def test_a_value_that_cannot_be_right_is_a_usage_error_naming_it(
@@ -75,7 +81,7 @@ def test_a_value_that_cannot_be_right_is_a_usage_error_naming_it(
 def test_a_split_naming_a_role_twice_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["schedule", "set", "--deployment", "d", "--split", "c=0.2", "--split", "c=0.4"]
     code, err = refused([*argv, "--url", NOWHERE], capsys)
-    assert "--split names c twice" in str(code), err
+    assert code == 2 and "--split names c twice" in err, err  # status 1 before (a probe)
 
 
 def test_files_a_command_cannot_read_are_one_line_naming_them(
@@ -95,6 +101,9 @@ def test_files_a_command_cannot_read_are_one_line_naming_them(
           f"@{garbage}"], "not a readable UTF-8 file"),
         (["feedback", "--deployment", "d", "--url", NOWHERE, str(garbage)], "not UTF-8 text"),
         (["archive", "list", "--data-dir", str(tmp_path / "none")], "no archive at"),
+        # it wrote an empty file and exited 0 (a helper's CLI probe)
+        (["archive", "export", "--deployment", "d", "--out", str(tmp_path / "x.csv"),
+          "--data-dir", str(tmp_path / "none")], "no archive at"),
     ]  # fmt: skip
     for argv, says in cases:
         code, err = refused([*argv, *(["--url", NOWHERE] if argv[0] == "models" else [])], capsys)

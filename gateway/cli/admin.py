@@ -22,6 +22,7 @@ from gateway.cli.arguments import (
     model_name,
     role_name,
     role_share,
+    usage_error,
     whole_number,
 )
 from gateway.cli.features_load import cmd_features
@@ -203,7 +204,7 @@ def cmd_schedule(args: argparse.Namespace) -> None:
         splits = {}
         for role, fraction in args.split:
             if role in splits:
-                sys.exit(f"rdv schedule set: --split names {role} twice")
+                usage_error(f"rdv schedule set: --split names {role} twice")
             splits[role] = fraction
     fallbacks = None
     if args.fallbacks is not None:

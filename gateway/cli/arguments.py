@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from rendezvous import names
+
+
+def usage_error(message: str) -> NoReturn:
+    """A usage error found after parsing (flags that need each other): one line and status 2,
+    as argparse's own (they were status 1; a helper's CLI probe)."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _checked(check: Callable[[str], str]) -> Callable[[str], str]:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.cli.arguments import usage_error
 from gateway.cli.process import require_redis
 from gateway.cli.records import LINE_LIMIT
 from gateway.settings import Settings
@@ -76,14 +77,17 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
     from rendezvous.bus.connection import connect
 
     if not args.deployment or not args.out:
-        sys.exit("rdv archive export: --deployment and --out are required")
+        usage_error("rdv archive export: --deployment and --out are required")
     out = Path(args.out)
     fmt = args.format or ("csv" if out.suffix.lower() == ".csv" else "parquet")
     if not out.parent.is_dir():  # said before any work, not as a traceback after it
         sys.exit(f"rdv archive export: --out {args.out}: no folder {out.parent}")
     if args.positions is not None and (args.from_ or args.to):
-        sys.exit("rdv archive export: give --positions, or --from/--to: not both")
+        usage_error("rdv archive export: give --positions, or --from/--to: not both")
     given = None if args.positions is None else _positions_arg(args.positions)
+    if not settings.archive_dir.is_dir():  # it wrote an empty file and said all was well
+        sys.exit(f"rdv archive export: no archive at {settings.archive_dir} (the log bin's "
+                 "folder under --data-dir or RDV_DATA_DIR)")  # fmt: skip
     client = connect(require_redis(settings), wait_s=5)
     registry = ModelRegistry(settings.models_dir)
     store = DeploymentStore(client)

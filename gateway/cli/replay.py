@@ -21,6 +21,7 @@ from gateway.cli.arguments import (
     deployment_name,
     model_name,
     replay_id,
+    usage_error,
     whole_number,
 )
 from rendezvous import names
@@ -51,7 +52,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
             report = admin_request(args, "POST", path, http=http, show=False, expect=Report)
         else:
             if args.version is None:
-                sys.exit("rdv replay: --version is required (or --resume ID)")
+                usage_error("rdv replay: --version is required (or --resume ID)")
             body = without_none(
                 {"version": args.version, "model": args.model, "from": args.from_,
                  "to": args.to, "last": args.last}

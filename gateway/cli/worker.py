@@ -11,6 +11,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
+from gateway.cli.arguments import usage_error
 from gateway.cli.process import require_redis, run_until_stopped, settings_from_args, stop_event
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from rendezvous.bus.connection import connect
     from rendezvous.heap import settle_heap
 
+    _check_flags(args)  # before Redis is asked (and the memory bound said)
     settings = settings_from_args(args)
     url = require_redis(settings)
     registry = ModelRegistry(settings.models_dir)
@@ -69,9 +71,6 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
     stop = stop_event()
     if args.role is None:
-        if args.consumer:
-            raise SystemExit("rdv worker: --consumer names one role's consumer; add --role "
-                             "(a host's own name: --name)")  # fmt: skip
         shard, shards = _shard(args.shard)
         selection = Selection(args.roles, args.deployment, shard, shards)
         name = args.name or "0"
@@ -90,11 +89,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
         host.run(stop)
         log.info("worker host stopped")
         return
-    if args.name:
-        raise SystemExit("rdv worker: --name names a host of many roles; one role's worker "
-                         "takes --consumer")  # fmt: skip
-    if args.deployment is None:
-        raise SystemExit("rdv worker: --role needs --deployment")
+    assert args.deployment is not None  # _check_flags
     consumer = args.consumer or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
     worker = build(bounded_client(), args.deployment, args.role, consumer)
     worker.load()
@@ -127,12 +122,27 @@ def _hold_host_name(client: Client, name: str, selection: Selection, stop: threa
     keep_held(client, held, token, WORKER_HOST, stop)
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Flags that need each other, as usage errors (status 2)."""
+    if args.role is None:
+        if args.consumer:
+            usage_error("rdv worker: --consumer names one role's consumer; add --role "
+                        "(a host's own name: --name)")  # fmt: skip
+        _shard(args.shard)
+        return
+    if args.name:
+        usage_error("rdv worker: --name names a host of many roles; one role's worker "
+                    "takes --consumer")  # fmt: skip
+    if args.deployment is None:
+        usage_error("rdv worker: --role needs --deployment")
+
+
 def _shard(text: str) -> tuple[int, int]:
     """``I/N`` -> (I, N), checked."""
     try:
         shard, shards = (int(part) for part in text.split("/"))
     except ValueError:
-        raise SystemExit(f"rdv worker: --shard wants I/N, such as 0/2, not {text!r}") from None
+        usage_error(f"rdv worker: --shard wants I/N, such as 0/2, not {text!r}")
     if not 0 <= shard < shards:
-        raise SystemExit(f"rdv worker: --shard {text}: I must be in 0..N-1")
+        usage_error(f"rdv worker: --shard {text}: I must be in 0..N-1")
     return shard, shards
