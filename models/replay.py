@@ -162,9 +162,9 @@ class Runner:
             self._resolve(deployment, report, tally)
             if self._stopping():
                 return self._interrupted(report, tally)
-            if not report["progress"]["total"]:
-                return {**report_view(report, tally), "state": FAILED,
-                        "reason": "no archived records in the requested range"}  # fmt: skip
+        if not report["progress"]["total"]:  # resolved empty, now or before a resume
+            return {**report_view(report, tally), "state": FAILED,
+                    "reason": "no archived records in the requested range"}  # fmt: skip
         positions = positions_from(report["positions"])
         report["phase"] = "scoring"
         from models.runtime import OnnxClassifier  # onnxruntime: loaded only by a runner

@@ -168,6 +168,11 @@ def test_bad_requests_say_what_is_wrong(
         assert resp.status_code == 202, resp.text
         report = served.finished(resp.json()["id"])
         assert report["state"] == "failed" and "no archived records" in report["reason"]
+        # resumed, it fails the same way (it was a SliceError on its empty positions: a probe)
+        again = served.http.post(f"{REPLAYS}/{report['id']}/resume")
+        assert again.status_code in (200, 202), again.text
+        report = served.finished(report["id"])
+        assert report["state"] == "failed" and "no archived records" in report["reason"], report
         return
     assert resp.status_code == status, resp.text
     assert says in json.dumps(resp.json()), resp.text
