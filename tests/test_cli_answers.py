@@ -137,7 +137,8 @@ def test_a_bulk_load_waits_out_a_gateway_that_refuses_for_a_moment(
 
     route = FEEDBACK.split()[1]
     with answering({("POST", route): twice_unavailable(as_json({"accepted": 2, "relabelled": 0})),
-                    ("GET", f"/admin/deployments/{DEP}"): as_json(ENRICHED),
+                    # its first call too: a 503 there ended the load at once (a probe)
+                    ("GET", f"/admin/deployments/{DEP}"): twice_unavailable(as_json(ENRICHED)),
                     ("PUT", f"/admin/deployments/{DEP}/entities"):
                         twice_unavailable(as_json({"loaded": 1}))}) as (url, asked):  # fmt: skip
         main(["feedback", "--deployment", DEP, "--url", url, str(labels)])
@@ -146,7 +147,7 @@ def test_a_bulk_load_waits_out_a_gateway_that_refuses_for_a_moment(
         assert sent.err.count("rdv feedback: 503 Redis is unavailable: ConnectionError; trying "
                               "again in 0.1 s") == 2, sent.err  # fmt: skip
         main(["features", "load", "--deployment", DEP, "--file", str(entities), "--url", url])
-        assert json.loads(capsys.readouterr().out)["loaded"] == 1 and len(calls) == 6
+        assert json.loads(capsys.readouterr().out)["loaded"] == 1 and len(calls) == 9
         code, _ = ended(["feedback", "--deployment", DEP, "--url", url, "--retry-for", "0",
                          str(labels)], capsys)  # fmt: skip
         assert isinstance(code, str) and code.startswith("batch 1 (items 1-2) refused: 503"), code

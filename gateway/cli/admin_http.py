@@ -180,17 +180,22 @@ def admin_request(
     http: httpx.Client | None = None,
     show: bool = True,
     expect: type[Expect] | None = None,
+    retry_for: float = 0.0,
     **kw: Any,
 ) -> Any:
     """One admin call: the JSON answer (printed unless ``show`` is false; of the shape
     ``read_answer`` is told to ``expect``), or exit with the server's ``detail``, or saying
     that what answered is not a gateway. ``http``: a session to reuse (else one for this
-    call)."""
+    call). ``retry_for``: a call safe to send again is, through a 429, a 503 or a gateway out
+    of reach, for that many seconds (``gateway.cli.patience``)."""
     import httpx
+
+    from gateway.cli.patience import send_patiently
 
     session = http or admin_session(args)
     try:
-        resp = session.request(method, f"/admin{path}", **kw)
+        resp = send_patiently(lambda: session.request(method, f"/admin{path}", **kw),
+                              f"rdv {args.command}", retry_for)  # fmt: skip
     except httpx.HTTPError as exc:
         sys.exit(f"cannot reach the gateway at {session.base_url}: {exc}")
     finally:

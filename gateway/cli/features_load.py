@@ -61,8 +61,15 @@ def cmd_features(args: argparse.Namespace) -> None:
     import httpx
 
     with admin_session(args) as http:
-        dep = admin_request(args, "GET", f"/deployments/{args.deployment}", http=http,
-                            show=False, expect=_Deployment)  # fmt: skip
+        dep = admin_request(
+            args,
+            "GET",
+            f"/deployments/{args.deployment}",
+            http=http,
+            show=False,
+            expect=_Deployment,
+            retry_for=args.retry_for,
+        )  # a 503 ended it at once (a probe)
         lookup = dep["feature_spec"].get("lookup")
         if not lookup:
             sys.exit(
