@@ -100,6 +100,8 @@ def test_files_a_command_cannot_read_are_one_line_naming_them(
         (["models", "upload", "--name", "m", "--file", str(garbage), "--feature-names",
           f"@{garbage}"], "not a readable UTF-8 file"),
         (["feedback", "--deployment", "d", "--url", NOWHERE, str(garbage)], "not UTF-8 text"),
+        # read until memory ran out (a helper's CLI probe)
+        (["models", "upload", "--name", "m", "--file", "/dev/zero"], "larger than 268435456"),
         (["archive", "list", "--data-dir", str(tmp_path / "none")], "no archive at"),
         # it wrote an empty file and exited 0 (a helper's CLI probe)
         (["archive", "export", "--deployment", "d", "--out", str(tmp_path / "x.csv"),

@@ -73,11 +73,21 @@ def cmd_models(args: argparse.Namespace) -> None:
         admin_request(args, "DELETE", f"/models/{args.name}/{args.version}")
 
 
+MAX_UPLOAD_FILE = 2**28
+"""Most bytes an upload's file is read to (256 MB): a gateway takes at most
+``RDV_MAX_MODEL_BYTES`` (64 MB by default), and ``/dev/zero`` was read until memory ran out
+(a helper's CLI probe)."""
+
+
 def _read(path: str, flag: str) -> bytes:
     try:
-        return Path(path).read_bytes()
+        with Path(path).open("rb") as f:
+            data = f.read(MAX_UPLOAD_FILE + 1)
     except OSError as exc:
         sys.exit(f"rdv models upload: {flag} {path}: {exc.strerror or exc}")
+    if len(data) > MAX_UPLOAD_FILE:
+        sys.exit(f"rdv models upload: {flag} {path}: larger than {MAX_UPLOAD_FILE} bytes")
+    return data
 
 
 def _metrics(given: str | None) -> Any:
@@ -104,7 +114,7 @@ def _feature_names(given: str | None) -> list[str] | None:
         return None
     if given.startswith("@"):
         try:
-            text = Path(given[1:]).read_bytes().decode("utf-8-sig")
+            text = _read(given[1:], "--feature-names").decode("utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             sys.exit(f"rdv models upload: --feature-names {given}: not a readable UTF-8 file "
                      f"({getattr(exc, 'strerror', None) or exc})")  # fmt: skip

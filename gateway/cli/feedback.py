@@ -219,7 +219,8 @@ def add_feedback_command(sub: Any) -> None:
     add_url_argument(p)
     p.add_argument("--format", choices=["csv", "jsonl"], help="default: by the file's suffix")
     p.add_argument("--batch", type=whole_number(1), default=500,
-                   help="items per call (RDV_MAX_ROWS caps it)")  # fmt: skip
+                   help="items per call, at most the gateway's RDV_MAX_ROWS (it refuses "
+                        "more with 413)")  # fmt: skip
     p.add_argument("--skip-unknown", action="store_true",
                    help="send the rest of a batch that names unknown or expired request ids "
                         "(counted in skipped_unknown) instead of stopping")  # fmt: skip
