@@ -552,6 +552,10 @@ def test_an_export_until_now_ends_where_the_archive_is_complete(
         os.kill(logbin, signal.SIGCONT)
     wait_until(lambda: set(held) <= set(export("next.csv", "--from", str(int(to_ms) + 1))[1]),
                30, "the held requests in the next window")  # fmt: skip
+    # A fractional --to of a time all archived: it said "the log bin has yet to archive
+    # requests from None on" (a helper's CLI probe)
+    frac, _, said = export("frac.csv", "--from", "0", "--to", f"{int(to_ms)}.5")
+    assert said == "" and "asked_to_ms" not in frac["request"], (said, frac["request"])
     # An explicit --to still to come, everything archived: it kept its future end, so requests
     # made before it came were in no window (a helper's README probe)
     asked_ms = int(time.time() * 1000) + 60_000

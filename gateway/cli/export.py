@@ -126,7 +126,10 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
             if future:  # complete until now, and requests of the --to's times are still to come
                 until_ms = now_ms
             to_ms = last_archived_ms(until_ms, asked_ms, OPEN_TO_MARGIN_MS)
-            if to_ms < asked_ms and args.to:  # an open --to ends where the archive does
+            # cut short: ended before the --to's millisecond (whose fraction is in it: a
+            # fractional --to read as cut, "from None on"; a helper's CLI probe)
+            cut = to_ms < math.floor(asked_ms)
+            if cut and args.to:  # an open --to ends where the archive does
                 print(f"rdv archive export: --to {args.to} is still to come" if future else
                       f"rdv archive export: the log bin has yet to archive requests from "
                       f"{iso_ms(until_ms)} on", end="", file=sys.stderr)  # fmt: skip
@@ -138,7 +141,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
             else:
                 positions = resolve(reader, args.deployment, from_ms=from_ms, to_ms=to_ms)
             request = {"from_ms": from_ms, "to_ms": to_ms}
-            if to_ms < asked_ms:
+            if cut:
                 request |= {"asked_to_ms": asked_ms, "archived_until_ms": until_ms}
     except SliceError as exc:
         sys.exit(f"rdv archive export: {exc}")
