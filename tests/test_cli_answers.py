@@ -189,6 +189,21 @@ def test_skip_unknown_sends_the_rest_of_a_batch_that_names_unknown_ids(
                          str(labels)], capsys)  # fmt: skip
     assert isinstance(code, str) and code.startswith("batch 1 (items 1-35) refused: 404"), code
     assert len(asked) == 1
+    # a batch refused after one with skipped ids is named by the file's items (it was named
+    # by the labels accepted: "items 2-3" for the file's 3-4; a helper's CLI probe)
+    later = tmp_path / "later.csv"
+    later.write_text("request_id,label\ngone-0,1\nr-1,1\nr-2,1\nr-3,7\n")
+
+    def refuses_label_7(body: bytes) -> Answer:
+        items = json.loads(body)
+        if any(item["label"] == "7" or item["label"] == 7 for item in items):
+            return as_json({"detail": "item 1: label 7 is not a class"}, 422)
+        return feedback(body)
+
+    with answering({("POST", FEEDBACK.split()[1]): refuses_label_7}) as (url, asked):
+        code, _ = ended(["feedback", "--deployment", DEP, "--url", url, "--skip-unknown",
+                         "--batch", "2", str(later)], capsys)  # fmt: skip
+    assert isinstance(code, str) and code.startswith("batch 2 (items 3-4) refused: 422"), code
 
 
 @pytest.mark.parametrize(

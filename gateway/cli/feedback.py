@@ -139,6 +139,7 @@ def cmd_feedback(args: argparse.Namespace) -> None:
     import httpx
 
     skipped: list[str] = []
+    done = 0  # items of the batches before, sent or skipped: the file's count, not accepted
     with _session(args.url) as http:
         batch: list[tuple[str, str]] = []  # (request id, the item's JSON)
         size = 0
@@ -148,7 +149,9 @@ def cmd_feedback(args: argparse.Namespace) -> None:
             return http.post(route, content=body, headers={"content-type": "application/json"})
 
         def send() -> None:
-            nonlocal batch, size, accepted, relabelled, batches
+            nonlocal batch, size, accepted, relabelled, batches, done
+            which = f"batch {batches + 1} (items {done + 1}-{done + len(batch)})"
+            done += len(batch)
             while True:
                 try:
                     resp = send_patiently(post, "rdv feedback", args.retry_for, progress.tty)
@@ -171,7 +174,6 @@ def cmd_feedback(args: argparse.Namespace) -> None:
                 except AnswerFault as fault:
                     progress.close()
                     show_refusal(fault)
-                    which = f"batch {batches + 1} (items {accepted + 1}-{accepted + len(batch)})"
                     said = (f" refused: {fault.status}: {fault.text}" if fault.refusal
                             else f": {fault}")  # fmt: skip
                     sys.exit(f"{which}{said}; {accepted} labels were accepted before it")
