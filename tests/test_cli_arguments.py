@@ -87,6 +87,7 @@ def test_a_split_naming_a_role_twice_is_refused(capsys: pytest.CaptureFixture[st
 def test_files_a_command_cannot_read_are_one_line_naming_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    (tmp_path / "dir.csv.meta.json").mkdir()
     garbage = tmp_path / "garbage.csv"
     garbage.write_bytes(b"request_id,label\n\xd7\xff\xfe,1\n")
     cases = [
@@ -103,6 +104,9 @@ def test_files_a_command_cannot_read_are_one_line_naming_them(
         # read until memory ran out (a helper's CLI probe)
         (["models", "upload", "--name", "m", "--file", "/dev/zero"], "larger than 268435456"),
         (["archive", "list", "--data-dir", str(tmp_path / "none")], "no archive at"),
+        # found after the work, naming the CSV, which was left without it (a CLI probe)
+        (["archive", "export", "--deployment", "d", "--out", str(tmp_path / "dir.csv"),
+          "--data-dir", str(tmp_path)], "dir.csv.meta.json is a folder"),
         # it wrote an empty file and exited 0 (a helper's CLI probe)
         (["archive", "export", "--deployment", "d", "--out", str(tmp_path / "x.csv"),
           "--data-dir", str(tmp_path / "none")], "no archive at"),

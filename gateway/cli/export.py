@@ -82,6 +82,9 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
     fmt = args.format or ("csv" if out.suffix.lower() == ".csv" else "parquet")
     if not out.parent.is_dir():  # said before any work, not as a traceback after it
         sys.exit(f"rdv archive export: --out {args.out}: no folder {out.parent}")
+    for written in (out, Path(f"{out}.meta.json") if fmt == "csv" else out):
+        if written.is_dir():  # found after the export's work, a CSV left without its metadata
+            sys.exit(f"rdv archive export: --out {args.out}: {written} is a folder")
     if args.positions is not None and (args.from_ or args.to):
         usage_error("rdv archive export: give --positions, or --from/--to: not both")
     given = None if args.positions is None else _positions_arg(args.positions)
@@ -148,8 +151,9 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
     exporter = Exporter(client, reader, args.deployment, feature_names, classes, entity_key)
     try:
         doc = exporter.export(positions, out, fmt, {"request": request, "file": str(out)})
-    except OSError as exc:  # not writable, the disk full
-        sys.exit(f"rdv archive export: cannot write {out}: {exc.strerror or exc}")
+    except OSError as exc:  # not writable, the disk full (the file at fault: its .meta.json?)
+        sys.exit(f"rdv archive export: cannot write {exc.filename or out}: "
+                 f"{exc.strerror or exc}")  # fmt: skip
     print(json.dumps(doc, indent=2))
     if doc["rows"] == 0:
         print("rdv archive export: no archived records in that slice", file=sys.stderr)
