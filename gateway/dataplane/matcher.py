@@ -86,6 +86,9 @@ class Rendezvous:
         """When the reply reader last failed (epoch ms; 0: never): a request that waited
         through it and got no answer was failed by the bus, not by its models."""
         self.read_failure: str | None = None
+        self._redis_down = False
+        """The reader's last read failed on Redis (``read_failed_ms`` is set again when a
+        read succeeds after it)."""
         """Why the reply reader fails now (None once a read succeeds): while it fails, no
         request of this process can be answered, and ``/readyz`` says so."""
 
@@ -281,6 +284,13 @@ class Rendezvous:
                 if isinstance(reply, Exception):
                     raise reply
                 backoff_s = 0.05
+                if self._redis_down:  # what started during the outage may have lost its
+                    # answer too (a result a worker dropped while it held this node away):
+                    # the outage ends now, not at its last failed read, so a request that
+                    # began in the backoff gets a 503 (a job is run again), not a 504 that a
+                    # job keeps for good (a helper's cluster probe)
+                    self.read_failed_ms = time.time() * 1000
+                    self._redis_down = False
                 self.read_failure = None
                 retry_log.succeeded()
             except Exception as exc:  # see the docstring
@@ -290,6 +300,7 @@ class Rendezvous:
                 if isinstance(exc, REDIS_FAILURES):
                     # Redis failed: what waits now may have lost its answer (a 503, not a 504)
                     self.read_failed_ms = time.time() * 1000
+                    self._redis_down = True
                     retry_log.failed(f"failed ({exc})", backoff_s)
                 else:
                     retry_log.failed(f"failed ({self.read_failure})", backoff_s, logging.ERROR, exc)
