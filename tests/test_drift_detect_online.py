@@ -407,7 +407,8 @@ async def test_a_prior_alert_of_a_process_that_judges_nothing_more_goes_when_oth
     well = await online(client, demo_data_dir, "gw-well")
     await judge_labels(broke, rng, 1, share)
     assert [e["type"] for e in await judge_labels(broke, rng, 300, 0.15)] == ["raised"]
-    await judge_labels(well, rng, 1, share)
+    assert await broke.publish(DEMO_DEPLOYMENT) == []  # marked with no other process yet
+    await judge_labels(well, rng, 1, share)  # which counts from its first claim seen
     for _ in range(3):  # it still judges rows, broken ones: they hold its alert
         await judge_labels(well, rng, well.hold_rows // 2, share)
         assert await judge_labels(broke, rng, 20, 0.15) == []
@@ -421,6 +422,14 @@ async def test_a_prior_alert_of_a_process_that_judges_nothing_more_goes_when_oth
     assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
     # raised afresh on broken rows of its own
     assert await judge_labels(broke, rng, 300, 0.15) != []
+    # a process that first claims after the marks were taken counts from its first claim seen
+    late = await online(client, demo_data_dir, "gw-late")
+    await judge_labels(late, rng, 1, share)
+    await judge_labels(late, rng, late.hold_rows, share)
+    assert await broke.publish(DEMO_DEPLOYMENT) == []  # counted from here
+    await judge_labels(late, rng, late.hold_rows, share)
+    cleared = await broke.publish(DEMO_DEPLOYMENT)
+    assert [(e["type"], e["id"]) for e in cleared] == [("cleared", "prediction_prior")]
 
 
 async def test_sources_merge_into_one_list(client: aioredis.Redis) -> None:

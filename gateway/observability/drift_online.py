@@ -240,8 +240,8 @@ class OnlineDrift:
             return
         for source, seen in prior_rows(claims, self.source, dep.model, now_ms,
                                        self.orphan_after_ms).items():  # fmt: skip
-            if seen < dep.marks.get(source, -1):  # new, or restarted: counted from now
-                dep.marks[source] = seen
+            if source not in dep.marks or seen < dep.marks[source]:  # new, or restarted:
+                dep.marks[source] = seen  # counted from now
         found = judged_since(claims, self.source, dep.model, dep.marks, "prediction_prior",
                              now_ms, self.orphan_after_ms, self.hold_rows)  # fmt: skip
         if found is None:
