@@ -86,7 +86,7 @@ class PriorDetector:
 
     def release(self) -> dict[str, Any]:
         """Let the standing alert go, its CUSUMs back at zero (other processes judged the
-        deployment's traffic healthy while this one judged none); the alert as it stood."""
+        deployment's traffic healthy while this one judged none); the alert, with no figure."""
         self._cusum.reset(np.arange(len(self._class)))
         self.active = None
         # no figure of its own: its recent rows are the broken ones it judged last
