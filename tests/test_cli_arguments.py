@@ -68,6 +68,11 @@ def refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int | 
         (["worker", "--shard", "bad"], "--shard wants I/N"),
         (["worker", "--shard", "0/0"], "I must be in 0..N-1"),
         (["worker", "--role", "real"], "--role needs --deployment"),
+        # accepted and not read: the whole archive printed, or written (a helper's CLI probe)
+        (["archive", "read", "--from", "2026-12-01"], "rdv archive read: --from only for export"),
+        (["archive", "list", "--out", "x.csv", "--to", "1"], "--to, --out only for export"),
+        (["archive", "export", "--deployment", "d", "--out", "x.csv", "--limit", "3"],
+         "--limit is for list and read"),
     ],
 )  # fmt: skip
 def test_a_value_that_cannot_be_right_is_a_usage_error_naming_it(

@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from gateway.cli.arguments import deployment_name, folder, whole_number
+from gateway.cli.arguments import deployment_name, folder, usage_error, whole_number
 from gateway.cli.process import require_redis, settings_from_args
 
 
@@ -16,6 +16,7 @@ def cmd_archive(args: argparse.Namespace) -> None:
     from models.archive import ArchiveReader
 
     settings = settings_from_args(args)
+    _refuse_flags_of_another_action(args)
     if args.action == "export":
         from gateway.cli.export import cmd_export
 
@@ -73,6 +74,21 @@ def cmd_decisions(args: argparse.Namespace) -> None:
             print(json.dumps(record.to_dict()))
         last = page[-1][0]
         start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+
+
+EXPORT_ONLY = (("from_", "--from"), ("to", "--to"), ("positions", "--positions"),
+               ("format", "--format"), ("out", "--out"))  # fmt: skip
+
+
+def _refuse_flags_of_another_action(args: argparse.Namespace) -> None:
+    """A flag the action does not read is a usage error: ``archive read --from T`` printed
+    the whole archive, ``archive export --limit 3`` wrote all of it (a helper's CLI probe)."""
+    given = [flag for dest, flag in EXPORT_ONLY if getattr(args, dest) is not None]
+    if args.action != "export" and given:
+        usage_error(f"rdv archive {args.action}: {', '.join(given)} only for export")
+    if args.action == "export" and args.limit:
+        usage_error("rdv archive export: --limit is for list and read (a slice is --from/--to "
+                    "or --positions)")  # fmt: skip
 
 
 def add_reader_commands(sub: Any) -> None:
