@@ -46,6 +46,13 @@ class Report(Expect):
 
 def cmd_replay(args: argparse.Namespace) -> None:
     base = f"/deployments/{args.deployment}/replays"
+    if args.resume:  # its report says what it scores: these were ignored (a CLI probe)
+        given = [flag for dest, flag in (("version", "--version"), ("model", "--model"),
+                 ("from_", "--from"), ("to", "--to"), ("last", "--last"))
+                 if getattr(args, dest) is not None]  # fmt: skip
+        if given:
+            usage_error(f"rdv replay: --resume continues a replay as it was asked: "
+                        f"{', '.join(given)} not taken with it")  # fmt: skip
     with admin_session(args) as http:
         if args.resume:
             path = f"{base}/{args.resume}/resume"
