@@ -73,6 +73,7 @@ def refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int | 
         (["archive", "list", "--out", "x.csv", "--to", "1"], "--to, --out only for export"),
         (["archive", "export", "--deployment", "d", "--out", "x.csv", "--limit", "3"],
          "--limit is for list and read"),
+        (["models", "list", "--version", "3", "--url", NOWHERE], "--version is for show"),
         (["replay", "--deployment", "d", "--resume", "18c0a0b0c0d-0123456789ab", "--version", "1",
           "--last", "5", "--url", NOWHERE], "--version, --last not taken with it"),
     ],

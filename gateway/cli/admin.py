@@ -64,6 +64,9 @@ def cmd_models(args: argparse.Namespace) -> None:
             files["reference"] = (Path(args.reference).name, rows, "text/csv")
         admin_request(args, "POST", "/models", files=files, data={"metadata": json.dumps(meta)})
     elif args.action == "list":
+        if args.version is not None:  # it listed every version (a helper's CLI probe)
+            usage_error("rdv models list: --version is for show and delete (show --name M "
+                        "lists a model's versions)")  # fmt: skip
         admin_request(args, "GET", "/models", params=without_none({"name": args.name}))
     elif args.action == "show" and args.version is None:
         admin_request(args, "GET", f"/models/{args.name}")  # every version of it
