@@ -151,7 +151,13 @@ def _kill_a_master_under_load(system: System, redis_cluster: LocalCluster, waits
         assert all(r["status"] == 503 for r in electing), electing[:5]
         assert all(r["t"] + r["ms"] / 1000 < killed_at + elected_s for r in electing), figures
         assert not electing or statistics.median(r["ms"] for r in electing) < 500, figures
-        assert electing or elected_s < 1.5, figures
+        # None sent in that window: either the election was quick, or every load thread was
+        # still in a request sent before the kill (with RDV_WAIT_REPLICAS, one waits up to
+        # 1.5 s for its replica: all of them did in a CI run, and the window passed unseen)
+        freed = min((r["t"] + r["ms"] / 1000 for r in load.results
+                     if r["t"] <= killed_at + 0.1 < r["t"] + r["ms"] / 1000),
+                    default=killed_at)  # fmt: skip
+        assert electing or elected_s < 1.5 or freed >= killed_at + elected_s - 0.6, figures
         assert late and all(r["status"] == 200 for r in late), [r for r in late if r["status"]
                                                                  != 200][:5]  # fmt: skip
         assert all(p.alive() for p in system.procs.values())
