@@ -34,8 +34,7 @@ def _require(args: argparse.Namespace, *flags: str) -> None:
     a request that would name ``None``."""
     missing = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is None]
     if missing:
-        print(f"rdv {args.command} {args.action}: {', '.join(missing)} required", file=sys.stderr)
-        raise SystemExit(2)
+        usage_error(f"rdv {args.command} {args.action}: {', '.join(missing)} required")
 
 
 def cmd_models(args: argparse.Namespace) -> None:

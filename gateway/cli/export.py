@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.cli.arguments import usage_error
-from gateway.cli.process import require_redis
+from gateway.cli.process import require_archive, require_redis
 from gateway.cli.records import LINE_LIMIT
 from gateway.settings import Settings
 
@@ -88,9 +88,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
     if args.positions is not None and (args.from_ or args.to):
         usage_error("rdv archive export: give --positions, or --from/--to: not both")
     given = None if args.positions is None else _positions_arg(args.positions)
-    if not settings.archive_dir.is_dir():  # it wrote an empty file and said all was well
-        sys.exit(f"rdv archive export: no archive at {settings.archive_dir} (the log bin's "
-                 "folder under --data-dir or RDV_DATA_DIR)")  # fmt: skip
+    require_archive(settings, "rdv archive export")
     client = connect(require_redis(settings), wait_s=5)
     registry = ModelRegistry(settings.models_dir)
     store = DeploymentStore(client)

@@ -204,6 +204,14 @@ def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socke
     return sock
 
 
+def require_archive(settings: Settings, command: str) -> None:
+    """Exit saying so when the data folder holds no archive: a read printed nothing and an
+    export wrote an empty file, as for an empty archive."""
+    if not settings.archive_dir.is_dir():
+        sys.exit(f"{command}: no archive at {settings.archive_dir} (the log bin's folder "
+                 "under --data-dir or RDV_DATA_DIR)")  # fmt: skip
+
+
 def require_redis(settings: Settings) -> str:
     """``RDV_REDIS_URL``, else the embedded Redis of a ``rdv serve`` running on this data
     folder, else a clear exit."""

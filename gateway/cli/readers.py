@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from gateway.cli.arguments import deployment_name, folder, usage_error, whole_number
-from gateway.cli.process import require_redis, settings_from_args
+from gateway.cli.process import require_archive, require_redis, settings_from_args
 
 
 def cmd_archive(args: argparse.Namespace) -> None:
@@ -22,9 +22,7 @@ def cmd_archive(args: argparse.Namespace) -> None:
 
         cmd_export(args, settings)  # which asks for Redis once its flags are checked
         return
-    if not settings.archive_dir.is_dir():  # it printed nothing, as for an empty archive
-        sys.exit(f"rdv archive {args.action}: no archive at {settings.archive_dir} (the log "
-                 "bin's folder under --data-dir or RDV_DATA_DIR)")  # fmt: skip
+    require_archive(settings, f"rdv archive {args.action}")
     reader = ArchiveReader(settings.archive_dir)
     archived = reader.deployments()
     if args.deployment and args.deployment not in archived:  # it printed nothing

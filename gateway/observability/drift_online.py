@@ -238,12 +238,11 @@ class OnlineDrift:
             dep.marks = prior_rows(claims, self.source, dep.model, now_ms, self.orphan_after_ms)
             dep.marked_at = prior.rows_seen
             return
-        for source, seen in prior_rows(claims, self.source, dep.model, now_ms,
-                                       self.orphan_after_ms).items():  # fmt: skip
+        judged = prior_rows(claims, self.source, dep.model, now_ms, self.orphan_after_ms)
+        for source, seen in judged.items():
             if source not in dep.marks or seen < dep.marks[source]:  # new, or restarted:
                 dep.marks[source] = seen  # counted from now
-        found = judged_since(claims, self.source, dep.model, dep.marks, "prediction_prior",
-                             now_ms, self.orphan_after_ms, self.hold_rows)  # fmt: skip
+        found = judged_since(claims, judged, dep.marks, "prediction_prior", self.hold_rows)
         if found is None:
             return
         self._note(dep, [], [prior.release()])

@@ -51,18 +51,15 @@ def prior_rows(
 
 def judged_since(
     claims: Mapping[str, Any],
-    own: str,
-    model: str | None,
+    judged: Mapping[str, int],
     marks: Mapping[str, int],
     alert: str,
-    now_ms: float,
-    after_ms: float,
     rows: int,
 ) -> tuple[str, int] | None:
-    """A live claim on ``model`` that has judged ``rows`` rows since ``marks`` (its rows then)
-    and neither raises nor holds ``alert``: its source and those rows (None when none)."""
-    now = prior_rows(claims, own, model, now_ms, after_ms)
-    for source, seen in now.items():
+    """Of the live claims' rows judged (``prior_rows``), one that has judged ``rows`` rows
+    since ``marks`` (its rows then) and neither raises nor holds ``alert``: its source and
+    those rows (None when none)."""
+    for source, seen in judged.items():
         claim = claims[source]
         kept = claim.get("held")
         holding = kept.get("alerts", []) if isinstance(kept, dict) else []
