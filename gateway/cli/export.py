@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.cli.arguments import usage_error
+from gateway.cli.patience import ride_out
 from gateway.cli.process import require_archive, require_redis
 from gateway.cli.records import LINE_LIMIT
 from gateway.settings import Settings
@@ -95,7 +96,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
     reader = ArchiveReader(settings.archive_dir)
     real: ModelRef | None
     try:
-        dep = store.get(args.deployment)
+        dep = ride_out(lambda: store.get(args.deployment), "rdv archive export")
         feature_names, streams = dep.feature_spec.names, dep.input_streams
         real = dep.roles["real"]
         lookup = dep.feature_spec.lookup
@@ -122,7 +123,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
             if from_ms is not None and from_ms > asked_ms:
                 sys.exit(f"rdv archive export: --from {args.from_} is after --to "
                          f"{args.to or 'now'}")  # fmt: skip
-            until_ms = archived_until_ms(client, streams)
+            until_ms = ride_out(lambda: archived_until_ms(client, streams), "rdv archive export")
             future = until_ms is None and asked_ms > open_to_ms(now_ms)
             if future:  # complete until now, and requests of the --to's times are still to come
                 until_ms = now_ms

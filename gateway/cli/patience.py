@@ -1,6 +1,7 @@
 """Sending a repeatable call again through a gateway's momentary refusals, for the bulk
 commands (``rdv feedback``, ``rdv features load``): a label or an entity sets a value, so a
-call sent twice does no more than once.
+call sent twice does no more than once. And reading Redis again through a failover, for the
+commands that read it themselves (``rdv decisions``, ``rdv archive export``).
 
 A failover or a Redis restart answers 503 for a few seconds, and a gateway restarting refuses
 connections for about one: each ended a load half-way, for a person to start it again (a
@@ -13,17 +14,23 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.cli.arguments import seconds
 
 if TYPE_CHECKING:
     import httpx
 
+T = TypeVar("T")
+
 RETRIED_STATUSES = frozenset({429, 503})
 FIRST_BACKOFF_S = 0.5
 MAX_PAUSE_S = 5.0
 DEFAULT_BUDGET_S = 60.0
+REDIS_RIDE_OUT_S = 30.0
+"""How long a command's Redis read is tried again while Redis fails for a moment: a cluster's
+election takes its ``cluster-node-timeout`` (15 s by default) and a second or two more; a
+restart, the time to load its data."""
 
 
 def add_retry_argument(parser: Any) -> None:
@@ -75,6 +82,31 @@ def send_patiently(
         backoff = min(backoff * 2, MAX_PAUSE_S)
 
 
+def ride_out(read: Callable[[], T], what: str, budget_s: float = REDIS_RIDE_OUT_S) -> T:
+    """``read()``'s value, tried again while Redis fails for a moment (unreachable, loading,
+    a cluster electing a master), for ``budget_s`` at most; said once on stderr. A read sent
+    0.3 s after a master was killed failed at once, naming nodes that were up (a helper's
+    probe): the cluster client tries a lost node's slots twice within a tenth of a second,
+    which suits a gateway's caller, not a person's command."""
+    from rendezvous.bus.connection import REDIS_DOWN
+
+    deadline = time.monotonic() + budget_s
+    pause = FIRST_BACKOFF_S / 5
+    said = False
+    while True:
+        try:
+            return read()
+        except REDIS_DOWN as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            if not said:
+                print(f"{what}: Redis failed for a moment ({exc}); trying again for up to "
+                      f"{budget_s:g} s", file=sys.stderr)  # fmt: skip
+                said = True
+            time.sleep(pause)
+            pause = min(pause * 2, FIRST_BACKOFF_S)
+
+
 def _said(resp: httpx.Response) -> str:
     try:
         doc = resp.json()
@@ -84,4 +116,4 @@ def _said(resp: httpx.Response) -> str:
     return str(detail)[:200] if detail else resp.reason_phrase
 
 
-__all__ = ["DEFAULT_BUDGET_S", "add_retry_argument", "send_patiently"]
+__all__ = ["DEFAULT_BUDGET_S", "add_retry_argument", "ride_out", "send_patiently"]

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from typing import Any
 
 from gateway.cli.arguments import deployment_name, folder, usage_error, whole_number
+from gateway.cli.patience import ride_out
 from gateway.cli.process import require_archive, require_redis, settings_from_args
 
 
@@ -60,14 +62,16 @@ def cmd_decisions(args: argparse.Namespace) -> None:
     except names.InvalidName as exc:
         sys.exit(f"rdv decisions: {exc}")
     client = connect(require_redis(settings), wait_s=5)
-    if not client.sismember(names.DEPLOYMENTS_SET, args.deployment):
+    what = "rdv decisions"
+    if not ride_out(lambda: client.sismember(names.DEPLOYMENTS_SET, args.deployment), what):
         sys.exit(f"rdv decisions: deployment {args.deployment!r} does not exist")
     if args.limit:
-        for record in reversed(decode_entries(client.xrevrange(stream, count=args.limit))):
+        latest = ride_out(lambda: client.xrevrange(stream, count=args.limit), what)
+        for record in reversed(decode_entries(latest)):
             print(json.dumps(record.to_dict()))
         return
     start = "-"  # 0: every record the stream keeps, oldest first, a page at a time
-    while page := client.xrange(stream, min=start, count=DECISIONS_PAGE):
+    while page := ride_out(partial(client.xrange, stream, min=start, count=DECISIONS_PAGE), what):
         for record in decode_entries(page):
             print(json.dumps(record.to_dict()))
         last = page[-1][0]
