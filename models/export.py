@@ -17,9 +17,11 @@ the same slice can be taken again.
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -163,7 +165,7 @@ class Exporter:
 
     def rows(
         self, positions: Positions, outputs: dict[str, dict[str, BinAnswer]], roles: list[str],
-        skipped: dict[str, int],
+        skipped: dict[str, int], held: collections.Counter[str],
     ) -> Iterator[list[dict[str, Any]]]:  # fmt: skip
         """Chunks of rows, each chunk's labels (and the outcomes of requests whose decision
         record is gone) looked up in one round trip."""
@@ -171,13 +173,14 @@ class Exporter:
         width = len(self.feature_names)
         chunk: list[dict[str, Any]] = []
         for record in read(self.reader, self.deployment, positions):
+            stream = str(record.get("stream") or names.input_stream(self.deployment))
+            held[stream] += 1
             features = record.get("features")
             if not features or any(len(row) != width for row in features):
                 why = "undecodable" if not features else "width"
                 skipped[why] = skipped.get(why, 0) + 1
                 continue
             rid = str(record.get("request_id", ""))
-            stream = str(record.get("stream") or names.input_stream(self.deployment))
             exact = int if record.get("features_type") == INT64 else float
             for k, values in enumerate(features):
                 row: dict[str, Any] = {
@@ -265,11 +268,20 @@ class Exporter:
         }
         if fmt == "parquet":
             doc["features_type"] = features_type(types)
-        chunks = self.rows(positions, outputs, roles, skipped)
+        # what each span holds, counted as it is read: positions given back without their
+        # counts (an export by ``--positions``) said ``records: 0`` however many it wrote
+        held: collections.Counter[str] = collections.Counter()
+
+        def chunks() -> Iterator[list[dict[str, Any]]]:
+            yield from self.rows(positions, outputs, roles, skipped, held)
+            doc["positions"] = positions_json(
+                {s: replace(span, records=held[s]) for s, span in positions.items()}
+            )  # before the writer adds the metadata
+
         written = (
-            _parquet(out, columns, chunks, self, roles, doc)
+            _parquet(out, columns, chunks(), self, roles, doc)
             if fmt == "parquet"
-            else _csv(out, columns, chunks)
+            else _csv(out, columns, chunks())
         )
         doc["rows"] = written
         if fmt == "csv":

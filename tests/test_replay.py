@@ -323,6 +323,17 @@ def test_export_round_trip(served: Served, fmt: str, tmp_path: Path) -> None:
         assert again.read_text() == out.read_text()
     else:
         assert pq.read_table(again).equals(table)
+    # positions without their counts (written by hand): the metadata said records 0
+    bare = {s: {"first": p["first"], "last": p["last"]} for s, p in meta["positions"].items()}
+    done = served.rdv("archive", "export", "--deployment", DEMO_DEPLOYMENT, "--data-dir",
+                      str(served.data), "--positions", json.dumps(bare), "--format", fmt,
+                      "--out", str(tmp_path / f"bare.{fmt}"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    counted = json.loads(done.stdout)["positions"]
+    assert {s: p["records"] for s, p in counted.items()} == {
+        s: p["records"] for s, p in meta["positions"].items()
+    }
+    assert sum(p["records"] for p in counted.values()) > 0
     bad = served.rdv(
         "archive",
         "export",
