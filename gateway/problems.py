@@ -32,7 +32,7 @@ def encoding_fault(raw: bytes | str, what: str = "the body") -> tuple[str, str] 
     """(kind, words) for a body that is no JSON text at all, whatever its parser said: a byte
     order mark (``json_invalid``), or bytes that are not UTF-8 (``utf8``: a UTF-16 body, a
     compressed one); None for UTF-8 without a mark."""
-    if isinstance(raw, str):
+    if isinstance(raw, str) or raw.isascii():  # no copy of a large ASCII body
         return None
     if raw.startswith(codecs.BOM_UTF8):
         return "json_invalid", BOM_FAULT.replace("the body", what)

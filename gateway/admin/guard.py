@@ -19,7 +19,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from gateway.admin.bodies import AdminError
-from gateway.problems import Problem, bearer_refusal, compressed, not_json
+from gateway.problems import Problem, bearer_refusal, compressed, encoding_fault, not_json
 from gateway.settings import Settings
 from models.deployments import DeploymentUnreadable
 from rendezvous.names import InvalidName
@@ -53,6 +53,11 @@ def guarded_route(token: bytes | None) -> type[APIRoute]:
                 refused = refusal(request, token) or compressed(
                     request.headers.get("content-encoding", "")
                 )
+                if refused is None and _parsed_as_json(request):
+                    # Python's JSON reads a UTF-8 mark and UTF-16 too, which predict, feedback
+                    # and OIP refuse (RFC 8259): one rule for every body (a probe)
+                    fault = encoding_fault(await request.body())
+                    refused = None if fault is None else Problem(422, fault[1])
                 if refused is not None:
                     return refused.response()
                 try:
@@ -79,6 +84,13 @@ def guarded_route(token: bytes | None) -> type[APIRoute]:
             return guarded
 
     return AdminRoute
+
+
+def _parsed_as_json(request: Request) -> bool:
+    """Whether the route reads the body as JSON: what carries one, but a multipart upload
+    (its parts are read as they come, never held whole here)."""
+    kind = request.headers.get("content-type", "").lower()
+    return request.method in ("POST", "PUT", "PATCH") and not kind.startswith("multipart/")
 
 
 def _parse_error(raw: bytes) -> ValueError | None:
