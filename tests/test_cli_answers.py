@@ -437,20 +437,25 @@ def test_a_file_of_nothing_sends_nothing_and_says_so(
 ) -> None:
     """An empty file exited 0 printing ``"accepted": 0`` and nothing else: a wrong file given
     by mistake looked like a day with no labels."""
-    for name, content in [("labels.jsonl", ""), ("labels.csv", "request_id,label\n")]:
+    for name, content in [
+        ("labels.jsonl", ""),
+        ("labels.csv", "request_id,label\n"),
+        ("empty.csv", ""),
+    ]:  # an empty CSV was an error (a CLI probe)
         labels = tmp_path / name
         labels.write_text(content)
         main(["feedback", "--deployment", DEP, "--url", NOWHERE, str(labels)])
         out, err = capsys.readouterr()
         assert json.loads(out)["accepted"] == 0
         assert f"{labels}: no labels in it; nothing sent" in err
-    entities = tmp_path / "entities.csv"
-    entities.write_text("customer_id,x\n")
-    with answering({("GET", f"/admin/deployments/{DEP}"): as_json(ENRICHED)}) as (url, _):
-        main(["features", "load", "--deployment", DEP, "--file", str(entities), "--url", url])
-    out, err = capsys.readouterr()
-    assert json.loads(out)["loaded"] == 0
-    assert f"{entities}: no entities in it; nothing sent" in err
+    for name, content in [("entities.csv", "customer_id,x\n"), ("empty.csv", "")]:
+        entities = tmp_path / name
+        entities.write_text(content)
+        with answering({("GET", f"/admin/deployments/{DEP}"): as_json(ENRICHED)}) as (url, _):
+            main(["features", "load", "--deployment", DEP, "--file", str(entities), "--url", url])
+        out, err = capsys.readouterr()
+        assert json.loads(out)["loaded"] == 0
+        assert f"{entities}: no entities in it; nothing sent" in err
 
 
 def test_a_gateway_lost_in_the_middle_of_a_load_says_how_far_it_got(

@@ -76,6 +76,11 @@ def refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int | 
         (["models", "list", "--version", "3", "--url", NOWHERE], "--version is for show"),
         (["replay", "--deployment", "d", "--resume", "18c0a0b0c0d-0123456789ab", "--version", "1",
           "--last", "5", "--url", NOWHERE], "--version, --last not taken with it"),
+        # dropped, and the gateway's refusal named another cause (a helper's CLI probe)
+        (["models", "upload", "--name", "m", "--file", "m.onnx", "--feature-names", "",
+          "--url", NOWHERE], "--feature-names is empty"),
+        (["models", "upload", "--name", "m", "--file", "m.onnx", "--class-names", " ",
+          "--url", NOWHERE], "--class-names is empty"),
     ],
 )  # fmt: skip
 def test_a_value_that_cannot_be_right_is_a_usage_error_naming_it(
@@ -98,6 +103,9 @@ def test_files_a_command_cannot_read_are_one_line_naming_them(
     (tmp_path / "dir.csv.meta.json").mkdir()
     garbage = tmp_path / "garbage.csv"
     garbage.write_bytes(b"request_id,label\n\xd7\xff\xfe,1\n")
+    long_csv, long_jsonl = tmp_path / "long.csv", tmp_path / "long.jsonl"
+    long_csv.write_text("request_id,label\nr1," + "7" * 5000 + "\n")
+    long_jsonl.write_text('{"request_id": "r1", "label": ' + "7" * 5000 + "}\n")
     cases = [
         (["models", "upload", "--name", "m", "--file", str(tmp_path / "none.onnx")],
          "--file"),
@@ -109,6 +117,11 @@ def test_files_a_command_cannot_read_are_one_line_naming_them(
         (["models", "upload", "--name", "m", "--file", str(garbage), "--feature-names",
           f"@{garbage}"], "not a readable UTF-8 file"),
         (["feedback", "--deployment", "d", "--url", NOWHERE, str(garbage)], "not UTF-8 text"),
+        # Python's words named sys.set_int_max_str_digits (a helper's CLI probe)
+        (["feedback", "--deployment", "d", "--url", NOWHERE, str(long_csv)],
+         f"{long_csv}:2: label 777777777777777777777777... (5000 characters) is no class"),
+        (["feedback", "--deployment", "d", "--url", NOWHERE, str(long_jsonl)],
+         f"{long_jsonl}:1: not JSON this command reads: an integer of more than 4300 digits"),
         # read until memory ran out (a helper's CLI probe)
         (["models", "upload", "--name", "m", "--file", "/dev/zero"], "larger than 268435456"),
         (["archive", "list", "--data-dir", str(tmp_path / "none")], "no archive at"),

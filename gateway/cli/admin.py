@@ -43,6 +43,7 @@ def cmd_models(args: argparse.Namespace) -> None:
         if args.action == "upload":
             _require(args, "file")
     if args.action == "upload":
+        _refuse_blank(args, "metrics", "classes", "class_names", "feature_names")
         meta = without_none(
             {
                 "name": args.name,
@@ -73,6 +74,15 @@ def cmd_models(args: argparse.Namespace) -> None:
         admin_request(args, "GET", f"/models/{args.name}/{args.version}")
     else:
         admin_request(args, "DELETE", f"/models/{args.name}/{args.version}")
+
+
+def _refuse_blank(args: argparse.Namespace, *dests: str) -> None:
+    """``--feature-names ''`` (an unset shell variable) was dropped, and the gateway's refusal
+    then named another cause (a helper's CLI probe): a blank value is a usage error."""
+    for dest in dests:
+        value = getattr(args, dest)
+        if value is not None and not value.strip():
+            usage_error(f"rdv models upload: --{dest.replace('_', '-')} is empty")
 
 
 MAX_UPLOAD_FILE = 2**28

@@ -162,6 +162,8 @@ def _records(path: Path, kind: str, key: str) -> Iterator[tuple[int, dict[str, A
                     yield n, doc
                 return
             header, rows = csv_rows(path, f)
+            if not header:  # an empty file: nothing to load, as an empty JSON lines file
+                return
             if key not in header:
                 sys.exit(f"{path}: no column {key!r} (the lookup's key) in the header")
             twice = sorted({column for column in header if header.count(column) > 1})

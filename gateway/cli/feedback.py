@@ -50,6 +50,8 @@ def read_items(path: Path, kind: str) -> list[dict[str, Any]]:
             if kind == "jsonl":
                 return [doc for _, doc in json_lines(path, f)]
             header, rows = csv_rows(path, f)
+            if not header:  # an empty file: nothing to send, as an empty JSON lines file
+                return []
             columns = set(header)
             if "request_id" not in columns or not columns & {"label", "correct"}:
                 sys.exit(f"{path}: the header needs request_id and label (or correct)")
@@ -71,7 +73,7 @@ def _csv_item(path: Path, n: int, row: dict[str, Any]) -> dict[str, Any]:
         if label.startswith("["):  # one label per row of the request: a JSON list
             item["label"] = _label_list(label)
         elif label:  # a class, or its name (the gateway knows the model's class_names)
-            item["label"] = int(label) if label.lstrip("-").isdigit() else label
+            item["label"] = _class(label) if label.lstrip("-").isdigit() else label
         if (row.get("correct") or "").strip():
             value = row["correct"].strip().lower()
             if value not in _TRUE | _FALSE:
@@ -82,6 +84,18 @@ def _csv_item(path: Path, n: int, row: dict[str, Any]) -> dict[str, Any]:
     except ValueError as exc:
         sys.exit(f"{path}:{n}: {exc}")
     return item
+
+
+MAX_CLASS_DIGITS = 19
+"""A class is a 64-bit integer: Python's own words on a 5,000-digit one named its digit
+limit and ``sys.set_int_max_str_digits`` (a helper's CLI probe)."""
+
+
+def _class(cell: str) -> int:
+    if len(cell.lstrip("-")) > MAX_CLASS_DIGITS:
+        raise ValueError(f"label {cell[:24]}... ({len(cell)} characters) is no class: a class "
+                         "is a 64-bit integer")  # fmt: skip
+    return int(cell)
 
 
 def _label_list(cell: str) -> list[int | str]:

@@ -41,6 +41,9 @@ def json_lines(path: Path, f: TextIO) -> Iterator[tuple[int, dict[str, Any]]]:
         except RecursionError:  # json's own message named no line
             sys.exit(f"{path}:{n}: not JSON: nested too deeply")
         except ValueError as exc:
+            if "digits" in str(exc):  # Python's words named sys.set_int_max_str_digits
+                sys.exit(f"{path}:{n}: not JSON this command reads: an integer of more than "
+                         "4300 digits")  # fmt: skip
             sys.exit(f"{path}:{n}: not JSON: {exc}")
         if not isinstance(doc, dict):
             sys.exit(f"{path}:{n}: not a JSON object")
