@@ -46,7 +46,7 @@ class FeatureDetectors:
             np.array([s.range_clear_alt] * n + [s.far_alt] * n),
         )
         self.windows = s.windows
-        self._capacity = max(max(self.windows), s.stuck_rows) + _MAX_CHUNK
+        self._capacity = max(max(self.windows), s.stuck_rows, s.repeat_rows) + _MAX_CHUNK
         self._bins = np.zeros((self._capacity, n), dtype=np.uint8)
         self._raw = np.zeros((self._capacity, n), dtype=np.float32)
         k = p.cuts.shape[1]
@@ -68,8 +68,14 @@ class FeatureDetectors:
         stuck_alpha = s.stuck_alarms_per_100k / 100_000 / n
         self._stuck_alpha = stuck_alpha
         self._held = {kind: np.zeros(n, dtype=bool) for kind in KINDS[:4]}
-        self._stuck_value = np.zeros(n, dtype=np.float64)
         """Which alerts this process holds, by kind and feature (mirrors ``active``)."""
+        self._stuck_value = np.zeros(n, dtype=np.float64)
+        self._partly = np.zeros(n, dtype=bool)
+        """Stuck alerts raised by the partly-stuck test (``repeat_rows``), which clear by it."""
+        self._partly_need = np.zeros(n, dtype=np.float64)
+        self._repeat_start = np.zeros(n, dtype=np.int64)
+        """First row the partly-stuck test counts per feature (after a stuck alert cleared)."""
+        self._since_repeat = 0
         self.active: dict[str, dict[str, Any]] = {}
         """Alert id -> alert, for the alerts this process holds."""
         self._gross = np.zeros(n, dtype=bool)
@@ -106,6 +112,7 @@ class FeatureDetectors:
         self._bins[pos] = bins
         self.rows_seen += n
         self._since_check += n
+        self._since_repeat += n
         self._count_windows(first, bins)
 
         events: dict[str, tuple[str, int]] = {}
@@ -120,6 +127,9 @@ class FeatureDetectors:
         for f in np.flatnonzero((down[:width] | down[width:]) & ~range_on).tolist():
             events[self._id("feature_range", f)] = ("cleared", f)
         self._check_unstuck(events)
+        if self._since_repeat >= self.settings.repeat_check_rows:
+            self._since_repeat = 0
+            self._check_partly_stuck(events)
         if self._since_check >= self.settings.check_rows:
             self._since_check = 0
             self._check_stuck(events)
@@ -209,14 +219,57 @@ class FeatureDetectors:
 
     def _check_unstuck(self, events: dict[str, tuple[str, int]]) -> None:
         """Clear (at every step): the stuck value is at most once in the latest
-        ``stuck_clear_rows`` rows, so a process that sees few rows clears after a dozen."""
-        held = np.flatnonzero(self._held["feature_stuck"]).tolist()
+        ``stuck_clear_rows`` rows, so a process that sees few rows clears after a dozen. (A
+        feed still partly stuck is raised again by the partly-stuck test, from the rows after.)"""
+        held = np.flatnonzero(self._held["feature_stuck"] & ~self._partly).tolist()
         if not held:
             return
         recent = self._recent(min(self.settings.stuck_clear_rows, self.rows_seen))
         for f in held:
             if int((recent[:, f] == self._stuck_value[f]).sum()) <= 1:
                 events[self._id("feature_stuck", f)] = ("cleared", f)
+
+    def _check_partly_stuck(self, events: dict[str, tuple[str, int]]) -> None:
+        """Raise: one value in more of the latest ``repeat_rows`` rows than training allows any
+        one value, and still in the latest ``repeat_clear_rows``; clear the partly-stuck
+        alerts whose value is not (judged every ``repeat_check_rows``). A feature counts only
+        the rows since its last stuck alert cleared: the rows of that fault are no evidence."""
+        s = self.settings
+        for f in np.flatnonzero(self._held["feature_stuck"] & self._partly).tolist():
+            if not self._still_partly_stuck(f, self._stuck_value[f]):
+                events[self._id("feature_stuck", f)] = ("cleared", f)
+        m = min(s.repeat_rows, self.rows_seen)
+        if m < s.repeat_clear_rows:
+            return
+        idx = np.arange(self.rows_seen - m, self.rows_seen) % self._capacity
+        recent = self._raw[idx]  # float32, as kept: a sort of half the bytes
+        counted = np.minimum(self.rows_seen - self._repeat_start, m)
+        # A value on ``floor`` rows fills ``floor`` sorted places in a row: the screen (exact
+        # counts only for the columns it passes, and those whose rows are cut short)
+        floor = max(math.ceil(s.repeat_min_share * m), 2)
+        ordered = np.sort(recent, axis=0)
+        screen = (ordered[floor - 1 :] == ordered[: m - floor + 1]).any(axis=0) | (counted < m)
+        for f in np.flatnonzero(screen & ~self._held["feature_stuck"]).tolist():
+            rows = int(counted[f])
+            if rows < s.repeat_clear_rows:
+                continue
+            seen, counts = np.unique(recent[-rows:, f], return_counts=True)
+            count, value = int(counts.max()), float(seen[int(counts.argmax())])
+            least = max(math.ceil(s.repeat_min_share * rows), 2)
+            mass = self.profile.mass_bound(f, value)
+            need = max(least, stuck_count(rows, round(mass + 0.005, 2), self._stuck_alpha))
+            if count >= need and self._still_partly_stuck(f, value):
+                self._stuck_value[f] = value
+                self._partly[f] = True
+                self._partly_need[f] = need / rows
+                events[self._id("feature_stuck", f)] = ("raised", f)
+
+    def _still_partly_stuck(self, f: int, value: float) -> bool:
+        """``value`` holds more of the latest ``repeat_clear_rows`` rows than training allows
+        it (at least 2)."""
+        m = min(self.settings.repeat_clear_rows, self.rows_seen)
+        allowed = max(2, math.floor(self.profile.mass_bound(f, value) * m))
+        return int((self._recent(m)[:, f] == value).sum()) > allowed
 
     def _recent(self, m: int) -> np.ndarray:
         idx = np.arange(self.rows_seen - m, self.rows_seen) % self._capacity
@@ -253,6 +306,9 @@ class FeatureDetectors:
             elif what == "cleared" and alert_id in self.active:
                 cleared.append(self._figures(self.active.pop(alert_id), kind, f))
                 self._held[kind][f] = False
+                if kind == "feature_stuck":
+                    self._partly[f] = False
+                    self._repeat_start[f] = self.rows_seen
                 # The windows hold the broken rows the cleared alert was about: they start
                 # afresh, and an alert they held clears with them (which is why a range alert
                 # must not clear while the feed is still broken: ``range_clear_h``).
@@ -290,6 +346,10 @@ class FeatureDetectors:
             out = (recent < self.profile.lo[f]) | (recent > self.profile.hi[f])
             rate = float(out.mean()) if m else 0.0
             return round(rate, 4), s.range_null, m
+        if kind == "feature_stuck" and self._partly[f]:
+            m = min(self.rows_seen, s.repeat_rows)
+            share = float(np.mean(self._recent(m)[:, f] == self._stuck_value[f])) if m else 0.0
+            return round(share, 4), round(float(self._partly_need[f]), 4), m
         if kind == "feature_stuck":
             m = min(self.rows_seen, s.stuck_rows)
             recent = self._recent(m)[:, f]
@@ -321,9 +381,23 @@ class FeatureDetectors:
             changed = recent[since:]
             value = round(float(np.mean((changed < p.lo[f]) | (changed > p.hi[f]))), 4)
             rows = len(changed)
+        elif kind == "feature_stuck" and self._partly[f]:
+            changed = recent  # a share of the rows throughout: no start to split off
         else:
             changed = recent[since:]
         how = describe(self.profile, f, changed)
+        if kind == "feature_stuck" and self._partly[f]:
+            # the share of late, not of the whole window (raised at 7 % of 800 rows, a fifth
+            # of the rows since the fault began)
+            stuck = self._stuck_value[f]
+            late = self._recent(min(self.settings.repeat_clear_rows, self.rows_seen))[:, f]
+            allowed = self.profile.mass_bound(f, stuck)
+            how["detail"] = (
+                f"{stuck:.6g} in {np.mean(late == stuck):.0%} of the last {len(late)} rows "
+                f"({value:.0%} of the last {rows}), where training holds at most "
+                f"{allowed * 100:.2g}% on any one value (partly stuck: missing values filled "
+                f"with a constant?); {how['detail']}"
+            )
         what = {
             "feature_range": "share of values outside the training range",
             "feature_stuck": "share of the most frequent value",

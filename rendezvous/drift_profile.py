@@ -37,6 +37,9 @@ class FeatureProfile:
     cdf_lo: np.ndarray
     cdf_hi: np.ndarray
     """Bounds on the training share of values below each cut (equal unless cuts tie)."""
+    most_mass: np.ndarray
+    """The most of the rows any one value may hold (``FeatureStats.most_mass``; 1 where the
+    statistics predate it: the deciles' bound alone)."""
 
     @classmethod
     def from_spec(cls, spec: FeatureSpec) -> FeatureProfile | None:
@@ -91,6 +94,9 @@ class FeatureProfile:
             levels=lv,
             cdf_lo=cdf_lo,
             cdf_hi=cdf_hi,
+            most_mass=np.asarray(
+                [1.0 if r[2].most_mass is None else r[2].most_mass for r in rows], dtype=np.float64
+            ),
         )
 
     @property
@@ -98,7 +104,8 @@ class FeatureProfile:
         return len(self.names)
 
     def mass_bound(self, f: int, value: float) -> float:
-        """Most training mass the deciles allow on exactly ``value`` of feature ``f``."""
+        """Most training mass the statistics allow on exactly ``value`` of feature ``f``: the
+        deciles' (the levels about it), and at most what any one value may hold."""
         if value < self.lo[f] or value > self.hi[f]:
             return 0.0
         c, lv = self.cuts[f], self.levels
@@ -106,7 +113,7 @@ class FeatureProfile:
         over = np.flatnonzero(c > value)
         low = float(lv[under[-1]]) if len(under) else 0.0
         high = float(lv[over[0]]) if len(over) else 1.0
-        return high - low
+        return min(high - low, float(self.most_mass[f]))
 
     def row_evidence(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per row: which features lie outside the training range (rows x features booleans),

@@ -20,8 +20,11 @@ the real model:
     never seen in training.
 ``feature_stuck``
     Per feature, the same value in most of the latest ``stuck_rows`` rows, where training
-    spreads its values (an exact binomial tail against the most mass the training deciles allow
-    on that value): a feature stuck at a constant, or sent as 0 for "missing".
+    spreads its values (an exact binomial tail against the most mass the training statistics
+    allow on that value): a feature stuck at a constant, or sent as 0 for "missing". And partly
+    stuck: one value in more of the latest ``repeat_rows`` rows than training allows any one
+    value (at least ``repeat_min_share``), such as missing values filled with the training
+    mean in a fifth of the rows, which moves no decile enough for the window tests.
 ``feature_shift``
     Per feature, a Kolmogorov-Smirnov statistic at the training deciles over the latest 100
     and 400 rows: a moderate shift, two columns swapped, a class-prior shift that moves inputs.
@@ -125,6 +128,17 @@ class DetectorSettings:
     the fault, 153 times in 8,000 rows (a helper's probe); against 10 %, a feature that such
     garbage put out of its range in 6 % of rows still did, once in 1,500 rows."""
     stuck_clear_rows: int = 12
+    repeat_rows: int = 800
+    """The partly-stuck test's rows: 20 % of the rows on one value are raised about 400 rows
+    into the fault, against 5 % the demo's training allows any value; 10 % need 800 rows of
+    it (at 400 rows, 20 % took 250 and 10 % were not seen)."""
+    repeat_min_share: float = 0.05
+    """Fewest of those rows on one value that is partly stuck, whatever training allows."""
+    repeat_check_rows: int = 128
+    """The partly-stuck test is judged every this many rows (a sort of its rows per feature)."""
+    repeat_clear_rows: int = 200
+    """A partly-stuck alert clears once its value holds no more of the latest this many rows
+    than training allows any value (at most 2 of them, if it allows none)."""
 
     @property
     def windows(self) -> tuple[int, ...]:

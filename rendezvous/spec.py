@@ -22,7 +22,7 @@ def unknown_fields(doc: Mapping[str, Any], known: frozenset[str]) -> dict[str, A
     return {k: v for k, v in doc.items() if k not in known}
 
 
-_STATS_FIELDS = frozenset({"mean", "std", "min", "max", "quantiles", "shares"})
+_STATS_FIELDS = frozenset({"mean", "std", "min", "max", "quantiles", "shares", "most_mass"})
 _SPEC_FIELDS = frozenset({"version", "names", "stats", "lookup", "centre", "diagonal_centre"})
 
 
@@ -38,6 +38,12 @@ class FeatureStats:
     """The share of the training rows in each bin the quantiles cut (one more than the
     quantiles), counted as live rows are (``rendezvous.drift.FeatureReference``); empty: read
     off the levels, which is wrong where training values tie (counts, rounded measurements)."""
+    most_mass: float | None = None
+    """The most of the rows any one value may hold: a one-in-a-million upper bound on the share
+    of the training rows' most frequent value (as float32). A live value repeated well past it
+    is a feed partly stuck (missing values filled with a constant in some rows), which the
+    deciles cannot tell from a spread. None: statistics written before it (the deciles' bound
+    alone)."""
     more: Mapping[str, Any] = field(default_factory=dict)
     """Fields a newer version wrote, kept as they came (see ``unknown_fields``)."""
 
@@ -52,6 +58,8 @@ class FeatureStats:
         }
         if self.shares:
             doc["shares"] = list(self.shares)
+        if self.most_mass is not None:
+            doc["most_mass"] = self.most_mass
         return doc
 
     @classmethod
@@ -63,6 +71,7 @@ class FeatureStats:
             max=float(doc["max"]),
             quantiles={str(k): float(v) for k, v in doc.get("quantiles", {}).items()},
             shares=tuple(float(v) for v in doc.get("shares", ())),
+            most_mass=None if doc.get("most_mass") is None else float(doc["most_mass"]),
             more=unknown_fields(doc, _STATS_FIELDS),
         )
 
