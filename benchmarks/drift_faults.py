@@ -81,6 +81,16 @@ def faults(data: Data) -> list[Fault]:
 
         return rows
 
+    def partly(name: str, share: float) -> Rows:
+        i = data.col(name)
+
+        def rows(rng: np.random.Generator, n: int) -> np.ndarray:
+            x = data.normal(rng, n)
+            x[rng.random(n) < share, i] = mean(name)
+            return x
+
+        return rows
+
     def mean(name: str) -> float:
         return float(st[name].mean)
 
@@ -99,6 +109,8 @@ def faults(data: Data) -> list[Fault]:
               on("mean concavity", np.zeros_like)),
         Fault("out of range: area error at 3x the training max", "gross",
               on("area error", lambda v: np.full_like(v, 3 * st["area error"].max))),
+        Fault("partly stuck: a fifth of mean texture filled with its training mean", "moderate",
+              partly("mean texture", 0.2)),
         Fault("class prior: 90 % malignant", "prior", prior(0.1)),
         Fault("class prior: 85 % benign", "prior", prior(0.85)),
         Fault("moderate: mean texture +1 std", "moderate",
