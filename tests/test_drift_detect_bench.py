@@ -22,7 +22,7 @@ def data() -> Data:
 
 def test_every_fault_changes_the_rows_and_has_a_target(data: Data) -> None:
     chosen = faults(data)
-    assert len(chosen) == 15 and {f.group for f in chosen} == set(TARGETS)
+    assert len(chosen) == 16 and {f.group for f in chosen} == set(TARGETS)
     names = data.names
     for fault in chosen:
         rows = fault.rows(np.random.default_rng(0), 400)
