@@ -41,7 +41,7 @@ from models.logbin_watch import DetectorRelay
 from models.name_owner import let_go, renewal
 from rendezvous import names
 from rendezvous.bus.aside import ASIDE_S, UNREACHABLE
-from rendezvous.bus.connection import REDIS_DOWN, REDIS_FAILURES, Client, write_refused
+from rendezvous.bus.connection import REDIS_DOWN, REDIS_FAILURES, Client, refused_for_a_while
 from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry
 from rendezvous.bus.retention import Retention
 from rendezvous.bus.routing import Command, command, raise_first_error
@@ -172,7 +172,7 @@ class LogBin(ConsumerLoop):
         """Every failure is ridden out: a dead log bin silently stops the archive."""
         if isinstance(exc, REDIS_DOWN):
             self.retry_log.failed(f"redis unavailable ({exc})", retry_in_s)
-        elif refused := write_refused(exc):
+        elif refused := refused_for_a_while(exc):
             self._say_once_a_minute(f"Redis refuses writes: {refused}", retry_in_s)
         elif isinstance(exc, OSError):
             self._say_once_a_minute(f"archive write failed: {exc}", retry_in_s)

@@ -363,9 +363,28 @@ def test_a_redis_that_does_not_answer_makes_503_not_a_hang(
                    if line.startswith("rdv_state_age_seconds ")]  # fmt: skip
             assert age and float(age[0].split()[1]) > 0.4, age
             client.execute_command("CLIENT", "UNPAUSE")
+            wait_until(lambda: "rdv_state_read_ok 1.0" in system.http.get("/metrics").text, 10,
+                       "a scrape that read Redis again")  # fmt: skip
+            # Redis answering with errors (BUSY running a script; LOADING after a restart):
+            # taken as absent, the scrape said it had read Redis, every series at 0 (a probe)
+            client.config_set("lua-time-limit", 100)
+            busy = threading.Thread(target=client.eval, args=(SPIN, 0, 1500), daemon=True)
+            busy.start()
+            time.sleep(0.4)
+            scrape = system.http.get("/metrics")
+            busy.join(5)
+            assert scrape.status_code == 200 and live_real in scrape.text, scrape.text[-2000:]
+            assert "rdv_state_read_ok 0.0" in scrape.text
             client.close()
     finally:
         server.stop()
+
+
+SPIN = """local t = redis.call('TIME')
+local stop = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 + tonumber(ARGV[1])
+repeat t = redis.call('TIME') until tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 > stop
+return 1"""
+"""A script that keeps Redis busy for ARGV[1] ms (past ``lua-time-limit`` others get BUSY)."""
 
 
 def test_requests_that_waited_past_their_deadline_for_a_stalled_redis_are_not_scored(

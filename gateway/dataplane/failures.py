@@ -17,7 +17,7 @@ from redis.exceptions import RedisClusterException
 
 from gateway.dataplane.mailbox import Answer, DuplicateRequest
 from gateway.problems import RETRY, Problem, unavailable
-from rendezvous.bus.connection import REDIS_FAILURES, write_refused
+from rendezvous.bus.connection import REDIS_FAILURES, refused_for_a_while
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def problem_of(exc: BaseException) -> Problem | None:
         return Problem(503, str(exc), taken, headers=RETRY)
     if isinstance(exc, Unavailable | Backlogged):
         return unavailable(str(exc))
-    if refused := write_refused(exc):
+    if refused := refused_for_a_while(exc):
         return unavailable(refused)
     if isinstance(exc, redis.RedisError | RedisClusterException):
         return unavailable(f"Redis is unavailable: {type(exc).__name__}")

@@ -50,7 +50,7 @@ from rendezvous.bus.appender import (
     StreamGone,
 )
 from rendezvous.bus.async_router import Router
-from rendezvous.bus.connection import REDIS_FAILURES, write_refused
+from rendezvous.bus.connection import REDIS_FAILURES, refused_for_a_while
 from rendezvous.envelope import SENT_FIELD, RequestEnvelope
 from rendezvous.input_types import FLOAT32
 from rendezvous.ood import OodReference
@@ -315,7 +315,7 @@ class PredictionService:
                     f"deployment {dep.name}'s input stream is gone: the deployment was "
                     "deleted, or Redis lost the stream and its readers are making it again"
                 )
-            elif refused := write_refused(exc):
+            elif refused := refused_for_a_while(exc):
                 why = refused
             else:
                 why = f"the request bus is unavailable: {exc}"

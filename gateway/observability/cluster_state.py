@@ -74,6 +74,17 @@ def _fresh_stats(
     return out
 
 
+def _raise_failure(replies: Sequence[Any]) -> None:
+    """The first error reply that is not a stream yet to be made (``XINFO``'s "no such key"):
+    Redis busy running a script, loading its data, a node lost. Taken as absent, each
+    emptied the state, so a scrape said it had read Redis while every drift alert read 0 and
+    counters fell to 0 and back (11 raises counted again by ``increase()``; a helper's
+    probe); raised, the scrape serves the state it last read, as for a Redis that is down."""
+    for reply in replies:
+        if isinstance(reply, Exception) and "no such key" not in str(reply).lower():
+            raise reply
+
+
 async def read_state(
     client: AsyncClient,
     deployments: Mapping[str, Sequence[str]] | Sequence[str],
@@ -101,6 +112,7 @@ async def read_state(
             pipe.xinfo_stream(stream)
             pipe.xinfo_groups(stream)
     replies = await pipe.execute(raise_on_error=False)
+    _raise_failure(replies)
     state = ClusterState()
     forget: dict[str, list[bytes]] = {}
     waiting: list[tuple[dict[str, Any], str, dict[str, Any]]] = []

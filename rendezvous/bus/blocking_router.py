@@ -19,7 +19,7 @@ from redis.exceptions import TryAgainError
 from redis.utils import SENTINEL
 
 from rendezvous.bus import routing
-from rendezvous.bus.connection import REDIS_FAILURES
+from rendezvous.bus.connection import REDIS_FAILURES, refused_for_a_while
 from rendezvous.bus.connection import Client as AnyClient
 from rendezvous.bus.routing import Command, Plan
 
@@ -181,6 +181,8 @@ class _ClientId:
         try:
             self.value = int(conn.read_response())
         except redis.ResponseError as exc:  # NOPERM, or a managed Redis that renamed it
+            if refused_for_a_while(exc):  # BUSY: for now, not for this connection's life
+                raise
             self.value = None
             log.info("no CLIENT ID (%s): a stop waits out its blocking read", exc)
 

@@ -322,25 +322,31 @@ MEMORY_LIMIT = (
     "Redis is at its memory limit (maxmemory) and refuses writes; free memory or raise the "
     "limit (lower RDV_DECISIONS_MAXLEN, RDV_MAX_BACKLOG and RDV_REPLY_MAXLEN to fit it)"
 )
+BUSY_SCRIPT = (
+    "Redis is busy running a script or function past its time limit (BUSY) and refuses every "
+    "command until it ends or is killed (SCRIPT KILL, FUNCTION KILL)"
+)
 CANNOT_PERSIST = (
     "Redis cannot write its data to disk (MISCONF: its disk is full or unwritable) and "
     "refuses writes until it can; free its disk (it goes on by itself)"
 )
 
 
-def write_refused(exc: BaseException) -> str | None:
-    """Why Redis refused a write for a while, or None: at its ``maxmemory`` (``noeviction``;
-    passes once memory frees or the limit is raised), or unable to persist (``MISCONF``: its
-    disk is full; passes once it has room). A script's call carries the code inside its own
-    error (``...: @user_script:6: -MISCONF ...``): a full disk under the data folder made every
-    worker stop on an error, and the log bin log a traceback four times a second (found by a
-    helper's probe)."""
+def refused_for_a_while(exc: BaseException) -> str | None:
+    """Why Redis refused a command for a while, or None: at its ``maxmemory`` (``noeviction``;
+    writes, until memory frees or the limit is raised), unable to persist (``MISCONF``: its
+    disk is full; writes, until it has room), or busy running a script past its time limit
+    (``BUSY``: every command, until the script ends or is killed; a worker stopped on it, a
+    helper's probe). A script's call carries the code inside its own error (``...:
+    @user_script:6: -MISCONF ...``): a full disk under the data folder made every worker stop
+    on an error, and the log bin log a traceback four times a second (found by a helper's
+    probe)."""
     if isinstance(exc, redis.exceptions.OutOfMemoryError):
         return MEMORY_LIMIT
     if not isinstance(exc, redis.ResponseError):
         return None
     message = str(exc)
-    for code, why in (("OOM", MEMORY_LIMIT), ("MISCONF", CANNOT_PERSIST)):
-        if message.startswith(code) or f"-{code} " in message:
+    for code, why in (("OOM", MEMORY_LIMIT), ("MISCONF", CANNOT_PERSIST), ("BUSY", BUSY_SCRIPT)):
+        if message.startswith(f"{code} ") or f"-{code} " in message:
             return why
     return None

@@ -39,7 +39,7 @@ import redis
 
 from rendezvous.bus import group_reads
 from rendezvous.bus.aside import SetAside
-from rendezvous.bus.connection import REDIS_DOWN, write_refused
+from rendezvous.bus.connection import REDIS_DOWN, refused_for_a_while
 from rendezvous.bus.connection import Client as AnyClient
 from rendezvous.bus.group_reads import Batch, Entry, Membership
 from rendezvous.bus.reader import GroupReader
@@ -145,11 +145,12 @@ class ConsumerLoop(ABC):
     def failed(self, exc: Exception, retry_in_s: float) -> bool:
         """``run`` caught ``exc`` from a step: True to retry in ``retry_in_s`` (after
         re-reading our pending entries), False to stop; anything else, raise it. This default
-        rides out Redis outages and Redis refusing writes for a while (``write_refused``) only."""
+        rides out Redis outages and Redis refusing commands for a while
+        (``refused_for_a_while``) only."""
         if isinstance(exc, REDIS_DOWN):
             self.retry_log.failed(f"redis unavailable ({exc})", retry_in_s)
             return True
-        if refused := write_refused(exc):
+        if refused := refused_for_a_while(exc):
             self.retry_log.failed(refused, retry_in_s)
             return True
         raise exc
