@@ -128,14 +128,15 @@ class DetectorSettings:
     the fault, 153 times in 8,000 rows (a helper's probe); against 10 %, a feature that such
     garbage put out of its range in 6 % of rows still did, once in 1,500 rows."""
     stuck_clear_rows: int = 12
-    repeat_rows: int = 800
-    """The partly-stuck test's rows: 20 % of the rows on one value are raised about 400 rows
-    into the fault, against 5 % the demo's training allows any value; 10 % need 800 rows of
-    it (at 400 rows, 20 % took 250 and 10 % were not seen)."""
+    repeat_rows: int = 600
+    """The partly-stuck test's rows: on the demo, whose training allows any value 5 %, 20 % of
+    the rows on one value are raised 320-384 rows into the fault and 10 % 576-2,112 (at 800:
+    384-448 and 704-1,856; at 400: 192-320, and 10 % went unseen in half the runs)."""
     repeat_min_share: float = 0.05
     """Fewest of those rows on one value that is partly stuck, whatever training allows."""
-    repeat_check_rows: int = 128
-    """The partly-stuck test is judged every this many rows (a sort of its rows per feature)."""
+    repeat_check_rows: int = 64
+    """The partly-stuck test is judged every this many rows: a sort of its rows, about 1.2 us
+    a row on the demo's 30 features (the detectors' other tests take about 2.2)."""
     repeat_clear_rows: int = 200
     """A partly-stuck alert clears once its value holds no more of the latest this many rows
     than training allows any value (at most 2 of them, if it allows none)."""
