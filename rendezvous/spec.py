@@ -167,6 +167,12 @@ MAX_KEY_NAME = 64
 """Longest name of a lookup's entity key (a column name of the load files)."""
 
 
+WHOLE_INPUT = "input"
+"""What the Open Inference Protocol names a model's one input of every feature
+(``gateway.transport.oip_schema``): no lookup key may take it, since the entity ids travel as
+an input named after the key."""
+
+
 @dataclass(frozen=True, slots=True)
 class Lookup:
     """Features read from the deployment's online store (one Redis hash per entity) before

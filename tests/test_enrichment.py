@@ -451,6 +451,11 @@ def test_the_entity_view_shows_hand_written_values_predict_refuses(enriched: Sys
     only_empty = names.entity_key(DEMO_DEPLOYMENT, "empty")
     enriched.r.hset(only_empty, LOOKED_UP[0], "")  # present, as predict reads it
     assert admin(enriched, "GET", "/entities/empty").json()["unusable"] == {LOOKED_UP[0]: ""}
+    # loaded for a lookup of other features: it said "is not in the feature store" (a probe)
+    enriched.r.hset(names.entity_key(DEMO_DEPLOYMENT, "other"), "mean radius", "3.5")
+    other = admin(enriched, "GET", "/entities/other")
+    assert other.status_code == 404 and "holds none of the looked-up" in other.text, other.text
+    assert "it holds ['mean radius']" in other.text
     row = {"entity": "hand", "features": caller_part(DATA.x_test[0])}
     refused = enriched.http.post(PREDICT, json=row)
     assert refused.status_code == 422 and "entity_value" in refused.text, refused.text
@@ -530,6 +535,10 @@ def test_a_lookup_is_checked_and_may_come_with_a_new_deployment(enriched: System
     sent = {"key": "mean radius", "features": list(LOOKED_UP)}
     resp = admin(enriched, "PATCH", "/enrichment", json={"lookup": sent})
     assert resp.status_code == 422 and "a feature the caller sends" in resp.text, resp.text
+    # ...and one named "input", the protocol's input of every feature (a helper's probe)
+    whole = {"key": "input", "features": list(LOOKED_UP)}
+    resp = admin(enriched, "PATCH", "/enrichment", json={"lookup": whole})
+    assert resp.status_code == 422 and "input of every feature" in resp.text, resp.text
     body = {"name": "enr-created", "real": {"model": "breast-cancer", "version": 2},
             "lookup": {**LOOKUP, "key": "account"}}  # fmt: skip
     resp = enriched.http.post("/admin/deployments", json=body, headers=AUTH)
@@ -604,6 +613,13 @@ def test_tritonclient_sends_entity_ids_as_bytes_and_gets_what_predict_answers(
             client.infer(DEMO_DEPLOYMENT, [unknown, one])
         with pytest.raises(InferenceServerException, match="missing input 'customer_id'"):
             client.infer(DEMO_DEPLOYMENT, [one])
+        # a looked-up feature sent: "unknown input", though the spec names it (a probe)
+        looked = triton.InferInput(LOOKED_UP[0], [1], "FP32")
+        looked.set_data_from_numpy(np.ones(1, np.float32))
+        ids = triton.InferInput("customer_id", [1], "BYTES")
+        ids.set_data_from_numpy(np.array(["c-3"], dtype=object))
+        with pytest.raises(InferenceServerException, match=f"'{LOOKED_UP[0]}' is looked up by"):
+            client.infer(DEMO_DEPLOYMENT, [ids, one, looked])
     finally:
         client.close()
 

@@ -126,6 +126,21 @@ def test_a_looked_up_value_an_integer_model_cannot_take_names_the_entity() -> No
     assert x.dtype == np.int64 and x.tolist() == [[1, 2, BIG]]
 
 
+def test_an_entity_load_refuses_what_an_integer_model_cannot_take() -> None:
+    """Loaded as any finite float32, 5.5 was stored, and every predict naming the entity was
+    refused (a helper's probe): the load refuses it, naming the row."""
+    from gateway.admin.enrichment_operations import _entity_writes
+
+    lookup = Lookup("customer_id", ("days",))
+    rows = [{"customer_id": "a", "days": 5.5}, {"customer_id": "b", "days": 2**53 + 2},
+            {"customer_id": "c", "days": BIG}]  # fmt: skip
+    writes, errors = _entity_writes(lookup, rows, INT64)
+    assert [w[0] for w in writes] == ["c"] and [e["row"] for e in errors] == [0, 1]
+    assert "'days': 5.5 is not an integer (a model takes int64)" in errors[0]["msg"]
+    assert "is beyond" in errors[1]["msg"]
+    assert len(_entity_writes(lookup, rows, None)[0]) == 3  # a float model takes them
+
+
 def test_the_envelope_carries_int64_and_float64_exactly_and_reads_old_ones() -> None:
     def envelope(features: np.ndarray, wire_type: str) -> RequestEnvelope:
         return RequestEnvelope("r", "d", "reply", 1, 1.0, b"{}", features, "fs", None, True,

@@ -9,9 +9,12 @@ import dataclasses
 import math
 from typing import Any
 
+import numpy as np
+
 from gateway.admin.bodies import Conflict, EnrichmentPatch, Invalid, NotFound
 from gateway.admin.service_core import AdminCore
 from rendezvous import names
+from rendezvous.input_types import InputRule, faults
 from rendezvous.spec import Lookup, float32_number, shown_stored, stored_number
 
 
@@ -41,13 +44,14 @@ class EnrichmentOperations(AdminCore):
         """Write each entity's features (``{<key>: "c-17", <feature>: number, ...}``) to the
         online store, in one pipelined round trip; the features an entity does not give keep
         their stored values. All or nothing: one bad row refuses the batch, naming it."""
-        lookup = self._dep(name).feature_spec.lookup
+        dep = self._dep(name)
+        lookup = dep.feature_spec.lookup
         if lookup is None:
             raise Conflict(
                 f"deployment {name} looks nothing up: declare its lookup first "
                 f"(PATCH /admin/deployments/{name}/enrichment)"
             )
-        writes, errors = _entity_writes(lookup, rows)
+        writes, errors = _entity_writes(lookup, rows, dep.input_rule)
         if errors:
             raise Invalid(
                 f"{len(errors)} of {len(rows)} entities refused; nothing was written",
@@ -64,7 +68,8 @@ class EnrichmentOperations(AdminCore):
         lookup = self._dep(name).feature_spec.lookup
         if lookup is None:
             raise NotFound(f"deployment {name} looks nothing up")
-        stored = self.client.hmget(names.entity_key(name, entity), list(lookup.features))
+        key = names.entity_key(name, entity)
+        stored = self.client.hmget(key, list(lookup.features))
         values: dict[str, float] = {}
         unusable: dict[str, str] = {}
         for feature, value in zip(lookup.features, stored, strict=True):
@@ -76,6 +81,12 @@ class EnrichmentOperations(AdminCore):
             else:  # written by hand beside the API: predict refuses the entity (422)
                 unusable[feature] = shown_stored(value)
         if not values and not unusable:
+            held = sorted(self.client.hkeys(key))  # a second round trip, for the 404 only
+            if held:  # loaded for a lookup of other features (a helper's probe: "not in")
+                shown = [f.decode() if isinstance(f, bytes) else str(f) for f in held[:5]]
+                raise NotFound(f"{lookup.key} {entity!r} holds none of the looked-up features "
+                               f"{list(lookup.features)[:5]} (it holds {shown}: loaded for "
+                               "another lookup; load it again)")  # fmt: skip
             raise NotFound(f"{lookup.key} {entity!r} is not in the feature store of {name}")
         doc: dict[str, Any] = {"deployment": name, lookup.key: entity, "features": values}
         if unusable:
@@ -94,9 +105,11 @@ class EnrichmentOperations(AdminCore):
 
 
 def _entity_writes(
-    lookup: Lookup, rows: list[dict[str, Any]]
+    lookup: Lookup, rows: list[dict[str, Any]], rule: InputRule | None = None
 ) -> tuple[list[tuple[str, dict[str, float]]], list[dict[str, Any]]]:
-    """(entity, values) per row, and what is wrong with the rows that are not right."""
+    """(entity, values) per row, and what is wrong with the rows that are not right: for a
+    deployment of an integer model, what it cannot take too (5.5 was stored, and every predict
+    naming the entity refused; a helper's probe)."""
     known = set(lookup.features)
     writes: list[tuple[str, dict[str, float]]] = []
     errors: list[dict[str, Any]] = []
@@ -120,6 +133,8 @@ def _entity_writes(
         for k, v in values.items():
             if k in known and not float32_number(v):
                 problems.append(f"{k!r} is not a finite float32 number")
+            elif k in known and rule is not None and rule.integer is not None:
+                problems += [f"{k!r}: {why}" for *_, why in faults(np.array([[v]], float), rule)]
         if problems:
             errors.append({"row": i, lookup.key: str(entity)[:130], "msg": "; ".join(problems)})
         else:

@@ -22,7 +22,7 @@ from rendezvous import names
 from rendezvous.bus.connection import Client
 from rendezvous.input_types import deployment_types
 from rendezvous.schedule import Schedule
-from rendezvous.spec import FeatureSpec, Lookup
+from rendezvous.spec import WHOLE_INPUT, FeatureSpec, Lookup
 
 
 def deployment_state(dep: Deployment) -> dict[str, Any]:
@@ -84,6 +84,10 @@ class AdminCore:
         if req.key in spec.names:  # an Open Inference Protocol input of each name: two of one
             raise Invalid(f"invalid lookup: its key {req.key!r} is the name of a feature the "
                           "caller sends; name the key otherwise")  # fmt: skip
+        if req.key == WHOLE_INPUT:  # and the one input of every feature (a helper's probe)
+            raise Invalid(f"invalid lookup: its key may not be {WHOLE_INPUT!r}, the Open "
+                          "Inference Protocol's name of the input of every feature; name the key "
+                          "otherwise")  # fmt: skip
         try:
             lookup = Lookup(req.key, tuple(req.features), dict(req.defaults))
             return spec.with_lookup(lookup)

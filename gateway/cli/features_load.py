@@ -158,7 +158,8 @@ def _records(path: Path, kind: str, key: str) -> Iterator[tuple[int, dict[str, A
                         sys.exit(f"{path}:{n}: {what} {key!r} (the lookup's key)")
                     for column, value in doc.items():
                         if column != key and not float32_number(value):
-                            sys.exit(f"{path}:{n}: {column} {value!r} is not a finite number")
+                            sys.exit(f"{path}:{n}: {column} {value!r} is not a finite "
+                                     "float32 number")  # fmt: skip
                     yield n, doc
                 return
             header, rows = csv_rows(path, f)
@@ -180,7 +181,8 @@ def _records(path: Path, kind: str, key: str) -> Iterator[tuple[int, dict[str, A
                         number = decimal_number(value)
                         entity[column] = value if math.isnan(number) else number
                         if not float32_number(entity[column]):
-                            sys.exit(f"{path}:{n}: {column} {value!r} is not a finite number")
+                            sys.exit(f"{path}:{n}: {column} {value!r} is not a finite "
+                                     "float32 number")  # fmt: skip
                 yield n, entity
     except OSError as exc:
         sys.exit(f"cannot read {path}: {exc}")

@@ -45,6 +45,10 @@ def lookup_rows(request: InferRequest, spec: FeatureSpec) -> tuple[np.ndarray, l
     if faults:
         raise RequestValidationError(faults)
     others = [(i, t) for i, t in enumerate(request.inputs) if i != k]
+    for i, extra in others:  # said "unknown input", though the spec names it (a probe)
+        if extra.name in lookup.features:
+            raise _refused(("inputs", i, "name"), f"input {extra.name!r} is looked up by {key}: "
+                           "do not send it", "looked_up_sent")  # fmt: skip
     if not caller:
         if others:
             i, extra = others[0]

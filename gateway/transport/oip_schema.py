@@ -9,7 +9,9 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-INPUT = "input"
+from rendezvous.spec import WHOLE_INPUT
+
+INPUT = WHOLE_INPUT
 """The one input of every model: FP32 (or FP64) [rows, features], columns in the deployment's
 feature-spec order. One input per feature, named as in the spec, is taken too."""
 LABEL = "label"
