@@ -28,12 +28,23 @@ def checked_redis_url(value: str) -> str:
     fault: a bad scheme or port was a traceback after ``rdv serve`` had trained the demo."""
     from redis.connection import parse_url
 
+    if "#" in value:  # read as a fragment: the rest of a password taken for host and port
+        raise ValueError("a '#' in the URL: percent-encode it in a user or password (%23)")
     seeds = seed_urls(value)
     for seed in seeds:
-        found = parse_url(seed)  # ValueError naming the fault
         where = f"{redacted(seed)!r}: " if len(seeds) > 1 else ""
         parts = urlsplit(seed)
-        parts.port  # noqa: B018 -- raises ValueError for a bad port
+        try:
+            found = parse_url(seed)  # ValueError naming the fault
+            parts.port  # noqa: B018 -- raises ValueError for a bad port
+        except ValueError:
+            if "@" not in seed and "password=" not in seed.lower():
+                raise
+            # its words quote the URL's parts, which a password with a '/', '?' or '@' in it
+            # spills into ("Port could not be cast to integer value as 'PwPart1'", a probe)
+            raise ValueError(f"{where}cannot be read as redis://user:password@host:port/db: "
+                             "percent-encode '/', '?', '#', '@' and ':' in a user or password "
+                             "(%2F, %3F, %23, %40, %3A)") from None  # fmt: skip
         # what parse_url lets through, to fail at the first connection (after 11 s of
         # retries: "did not answer") or never (a database name read as 0); a helper's probe
         if "path" not in found and not found.get("host"):

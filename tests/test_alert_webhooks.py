@@ -180,10 +180,12 @@ async def test_a_url_sends_once_what_another_process_sent_and_starts_anew_once_u
 
 @pytest.mark.integration
 async def test_events_a_url_refuses_past_give_up_s_are_skipped(
-    r: redis.Redis, redis_url: str
+    r: redis.Redis, redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with WebhookReceiver(fail_first=1000) as refusing:
-        hooks = AlertWebhooks([refusing.url], give_up_s=0.3)
+        # a receiver's credentials, a chat's token in the path: logged in full (a probe)
+        secret = refusing.url.replace("http://", "http://hookuser:HOOKSECRET@") + "/T0/TOKEN"
+        hooks = AlertWebhooks([secret], give_up_s=0.3)
         async with relays(redis_url, hooks) as [relay]:
             relay.lead([DEP], start=False)
             await relay.deliver()
@@ -194,6 +196,8 @@ async def test_events_a_url_refuses_past_give_up_s_are_skipped(
             await asyncio.sleep(0.35)
             assert await relay.deliver() == 0 and relay.skipped == 2
             assert await relay.deliver() == 0 and relay.skipped == 2  # not tried again
+    assert "giving up" in caplog.text and "alert webhook http://127.0.0.1:" in caplog.text
+    assert "HOOKSECRET" not in caplog.text and "TOKEN" not in caplog.text
 
 
 def test_no_urls_means_no_task() -> None:

@@ -91,6 +91,15 @@ def test_a_value_that_cannot_be_right_is_a_usage_error_naming_it(
     assert "Traceback" not in err
 
 
+def test_a_gateway_that_cannot_be_reached_is_named_without_credentials(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--url http://user:secret@host`` was printed whole (a helper's probe)."""
+    code, err = refused(["deployments", "list", "--url", "http://u:SECRETP@127.0.0.1:9"], capsys)
+    assert code != 0 and "cannot reach the gateway at http://127.0.0.1:9" in err, err
+    assert "SECRETP" not in err
+
+
 def test_a_split_naming_a_role_twice_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["schedule", "set", "--deployment", "d", "--split", "c=0.2", "--split", "c=0.4"]
     code, err = refused([*argv, "--url", NOWHERE], capsys)

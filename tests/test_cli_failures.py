@@ -41,7 +41,11 @@ def base_env(tmp_path: Path) -> dict[str, str]:
         ("RDV_DRIFT_MIN_REQUESTS=5000", "more than the drift window holds"),
         ("RDV_PORT=99999", "RDV_PORT='99999': Input should be less than or equal to 65535"),
         ("RDV_REDIS_URL=garbage://", "RDV_REDIS_URL='garbage://': Redis URL must specify"),
-        ("RDV_REDIS_URL=redis://u:secret@h:abc", "RDV_REDIS_URL='redis://***@h:abc': Port"),
+        ("RDV_REDIS_URL=redis://u:secret@h:abc", "RDV_REDIS_URL='redis://***@h:abc': cannot be"),
+        # parts of a password with a '/', '#' or '?' in it were printed (a helper's probe)
+        ("RDV_REDIS_URL=redis://u:Pw1/Pw2@h:1/0", "percent-encode '/', '?', '#', '@' and ':'"),
+        ("RDV_REDIS_URL=redis://u:12#x@h:1/0", "a '#' in the URL: percent-encode it"),
+        ("RDV_REDIS_URL=redis://u:Pw?x@h:1/0", "percent-encode"),
         ("RDV_ADMIN_TOKEN=t\u00f6k", "RDV_ADMIN_TOKEN=(hidden): printable ASCII"),
         ('RDV_ALERT_WEBHOOKS=["alerts.internal/hook"]', "RDV_ALERT_WEBHOOKS[0]="),
         ("RDV_PUBLIC_URL=ftp://rdv.example", "is not an http(s) URL"),
@@ -55,6 +59,8 @@ def test_a_bad_setting_is_one_line_naming_it(tmp_path: Path, setting: str, says:
     assert done.returncode == 2
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("rdv models: invalid configuration: ") and says in line, line
+    if name == "RDV_REDIS_URL":
+        assert not any(part in line for part in ("secret", "Pw", "12")), line
 
 
 @pytest.mark.parametrize(

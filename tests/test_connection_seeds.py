@@ -31,6 +31,21 @@ def test_each_node_keeps_the_scheme_user_password_path_and_query() -> None:
     assert seed_urls("unix:///tmp/redis.sock") == ["unix:///tmp/redis.sock"]
 
 
+def test_a_logged_url_shows_no_password() -> None:
+    """Cut at the first ``@``, a password holding one (which redis-py takes) had its tail
+    logged; a ``password`` in the query was logged whole (a helper's probe)."""
+    from rendezvous.bus.connection import redacted
+
+    assert (
+        redacted("redis://default:Pw@Word-TAIL@127.0.0.1:6379/0") == "redis://***@127.0.0.1:6379/0"
+    )
+    assert redacted("redis://h:1/0?db=0&password=QS") == "redis://h:1/0?db=0&password=***"
+    assert redacted("rediss://u:p@a:1,b:2/0?ssl_cert_reqs=none") == (
+        "rediss://***@a:1,b:2/0?ssl_cert_reqs=none"
+    )
+    assert redacted("redis://h:1") == "redis://h:1"
+
+
 def _dead_port() -> int:
     """A loopback port nothing listens on (bound and released)."""
     with socket.socket() as s:

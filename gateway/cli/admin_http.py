@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from gateway.cli.faults import shown_gateway
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -197,7 +198,7 @@ def admin_request(
         resp = send_patiently(lambda: session.request(method, f"/admin{path}", **kw),
                               f"rdv {args.command}", retry_for)  # fmt: skip
     except httpx.HTTPError as exc:
-        sys.exit(f"cannot reach the gateway at {session.base_url}: {exc}")
+        sys.exit(f"cannot reach the gateway at {shown_gateway(session.base_url)}: {exc}")
     finally:
         if http is None:
             session.close()

@@ -4,6 +4,7 @@ right: one line, where a traceback said the same in forty."""
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 
 def operator_fault(exc: Exception) -> str | None:
@@ -39,6 +40,12 @@ def operator_fault(exc: Exception) -> str | None:
     return None
 
 
+def shown_gateway(url: Any) -> str:
+    """A gateway's URL (an ``httpx.URL``) as a message shows it: without its user information
+    (credentials in ``--url`` were printed; a helper's probe)."""
+    return str(url.copy_with(userinfo=b""))
+
+
 def gateway_unreachable(exc: Exception) -> str | None:
     """One line for a gateway the command could not reach or that did not answer."""
     httpx = sys.modules.get("httpx")  # only a command that talks to a gateway imported it
@@ -46,7 +53,8 @@ def gateway_unreachable(exc: Exception) -> str | None:
         return None
     try:
         request = exc.request
-        where = f" at {request.url.copy_with(path='/', query=None)}"
+        # not its user information: credentials in --url were printed (a helper's probe)
+        where = f" at {shown_gateway(request.url.copy_with(path='/', query=None))}"
     except RuntimeError:  # no request attached
         request, where = None, ""
     if isinstance(exc, httpx.ReadTimeout) and request is not None and request.method != "GET":

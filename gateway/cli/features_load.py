@@ -20,6 +20,7 @@ from gateway.cli.admin_http import (
     read_answer,
     show_refusal,
 )
+from gateway.cli.faults import shown_gateway
 from gateway.cli.patience import send_patiently
 from gateway.cli.records import csv_rows, json_lines
 from rendezvous.spec import decimal_number, float32_number
@@ -96,8 +97,8 @@ def cmd_features(args: argparse.Namespace) -> None:
                 resp = send_patiently(put, "rdv features load", args.retry_for, progress.tty)
             except httpx.TransportError as exc:
                 progress.close()
-                sys.exit(f"cannot reach the gateway at {http.base_url}: {exc}; {loaded} "
-                         "rows were loaded before it (a load again is safe)")  # fmt: skip
+                sys.exit(f"cannot reach the gateway at {shown_gateway(http.base_url)}: {exc}; "
+                         f"{loaded} rows were loaded before it (a load again is safe)")  # fmt: skip
             try:  # a web page answering 200 counted its batch as loaded
                 read_answer(resp, f"PUT {path}", _Loaded)
             except AnswerFault as fault:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.cli.admin_http import AnswerFault, Expect, read_answer, show_refusal
 from gateway.cli.arguments import add_url_argument, deployment_name, whole_number
+from gateway.cli.faults import shown_gateway
 from gateway.cli.patience import add_retry_argument, send_patiently
 from gateway.cli.records import csv_rows, json_lines
 from gateway.settings import Settings
@@ -171,7 +172,7 @@ def cmd_feedback(args: argparse.Namespace) -> None:
                     resp = send_patiently(post, "rdv feedback", args.retry_for, progress.tty)
                 except httpx.TransportError as exc:
                     progress.close()
-                    sys.exit(f"cannot reach the gateway at {http.base_url}: {exc}; "
+                    sys.exit(f"cannot reach the gateway at {shown_gateway(http.base_url)}: {exc}; "
                              f"{accepted} labels were accepted before it (sending them again "
                              "is safe)")  # fmt: skip
                 unknown = _unknown_ids(resp) if args.skip_unknown else set()

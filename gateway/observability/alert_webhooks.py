@@ -14,6 +14,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     import httpx
@@ -34,6 +35,17 @@ default filled in). They page; every other kind is a drift to look into (a ticke
 AGAINST_REFERENCE = frozenset({"prediction_prior"})
 """Kinds whose ``threshold`` is the reference their value moved from, up or down, not a limit
 it went over: "prediction_prior is 0, over its threshold 0.6197" (a helper's drift probe)."""
+
+
+def shown_url(url: str) -> str:
+    """A webhook's URL as logs show it: its scheme and host only. A chat's webhook carries its
+    secret in the path (``/services/T0/B0/<token>``), a receiver's in the user information; both
+    were logged in full (a helper's probe)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    hidden = "/..." if parts.path.strip("/") or parts.query else ""
+    return f"{parts.scheme}://{host}{port}{hidden}"
 
 
 def severity(kind: str) -> str:

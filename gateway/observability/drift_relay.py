@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from gateway.observability.alert_webhooks import AlertWebhooks
+from gateway.observability.alert_webhooks import AlertWebhooks, shown_url
 from rendezvous import names
 from rendezvous.bus.clock import entry_order
 from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
@@ -121,7 +121,7 @@ class DriftRelay:
         self._led: list[str] = []
         self._urls = [_Url(u) for u in (webhooks.urls if webhooks is not None else [])]
         for one in self._urls:
-            one.log = RetryLog(log, f"alert webhook {one.url}")
+            one.log = RetryLog(log, f"alert webhook {shown_url(one.url)}")
 
     def lead(self, deployments: Iterable[str], *, start: bool = True) -> None:
         """The deployments this process sends for, from now on (its drift leases); the URLs'
@@ -156,7 +156,7 @@ class DriftRelay:
                 assert one.log is not None
                 one.log.failed(f"cannot read or keep its place in Redis ({exc})")
             except Exception:  # a bug must not end the sending for good
-                log.exception("alert webhook %s: the relay failed", one.url)
+                log.exception("alert webhook %s: the relay failed", shown_url(one.url))
             await asyncio.sleep(wait_s)
 
     async def _pass(self, one: _Url) -> int:
@@ -254,8 +254,9 @@ class DriftRelay:
             one.retry_s = min(one.retry_s * 2, MAX_RETRY_S)
             return False
         self.skipped += len(events)
-        log.error("alert webhook %s: giving up on %d events of %s after %.0f s (%s)", one.url,
-                  len(events), deployment, now - one.failing_since, why)  # fmt: skip
+        log.error("alert webhook %s: giving up on %d events of %s after %.0f s (%s)",
+                  shown_url(one.url), len(events), deployment, now - one.failing_since,
+                  why)  # fmt: skip
         one.failing_since = now  # the next ones get their own time
         return True
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -133,7 +134,7 @@ def permanent_refusal(exc: BaseException) -> str | None:
         if isinstance(seen, ssl.SSLCertVerificationError):
             return (
                 f"Redis's TLS certificate is not trusted here ({seen.verify_message}): "
-                "SSL_CERT_FILE may name the CA that signed it"
+                "?ssl_ca_certs=/path/ca.pem in the URL may name the CA that signed it"
             )
         seen = seen.__cause__ or seen.__context__
     return None
@@ -305,11 +306,18 @@ async def on_key_node(client: AsyncClient, key: str, *args: Any) -> Any:
 
 
 def redacted(url: str) -> str:
-    """Never log a password that sits in the URL."""
-    if "@" in url:
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+    """Never log a password that sits in the URL: the user information up to the last ``@``
+    (a password may hold one, which redis-py takes: cut at the first, its tail was logged; a
+    helper's probe), and a ``password`` or ``username`` in the query."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    return scheme + "://" + _SECRET_OPTION.sub(r"\1\2=***", rest)
+
+
+_SECRET_OPTION = re.compile(r"([?&])(password|username)=[^&]*", re.IGNORECASE)
 
 
 def text(value: bytes | str) -> str:
