@@ -53,7 +53,8 @@ for i = 1, #claims, 2 do
   local ok, c = pcall(cjson.decode, claims[i + 1])
   local ts = ok and type(c) == 'table' and tonumber(c.ts_ms) or nil
   local stale = ok and type(c) == 'table' and tonumber(c.stale_ms) or 0
-  local excused = ts ~= nil and ts + stale >= paused and now <= resumed + stale
+  local excused = ts ~= nil and ts + stale >= paused
+    and now <= resumed + math.max(stale, tonumber(ARGV[7]) or 0)
   if string.sub(claims[i], 1, 1) == '#' then
     -- the merges' own times
   elseif ts == nil or (ts + stale < now and not excused) then
@@ -118,7 +119,8 @@ return cjson.encode(events)
 """
 """KEYS: claims, alerts, events, event counts (one hash tag); ARGV: source, claim document
 ('' to only sweep stale claims), now (ms), events' maxlen, deployment, the gap (ms) that is an
-outage. Returns the events this call decided, as JSON.
+outage, the least time (ms) a claim is kept after one. Returns the events this call decided,
+as JSON.
 
 The claims hash also keeps the time of the last merge, and the two around the latest outage
 (``#merges``, a document with no ``ts_ms``, which a reader of the claims skips as stale): when
@@ -131,6 +133,11 @@ a Redis restart of more than 10 s sent the webhooks a "resolved" and, a second l
 OUTAGE_MS = 5000
 """Longer than the usual gap between a deployment's merges (each source renews its claim at
 least every few seconds), shorter than a claim's staleness bound (10 s and more)."""
+RESUMED_GRACE_MS = 60_000
+"""After an outage, a claim fresh when it began is kept at least this long from the first merge
+after (its own bound, if longer): a gateway's (10 s) was dropped before the restarted gateways
+were up to adopt it, when the log bin came back first (an upgrade's restart of 10-15 s: a
+"resolved" and later a "firing" for a class prior still shifted; a helper's probe)."""
 
 
 def keys(deployment: str) -> list[str]:
@@ -163,7 +170,15 @@ def merge_args(
         body["alerts"] = {k: dict(v) for k, v in alerts.items()}
         body["figures"] = {k: dict(v) for k, v in (figures or {}).items()}
         doc = json.dumps(body, default=float)
-    args = [source, doc, repr(now_ms), str(EVENTS_MAXLEN), deployment, str(OUTAGE_MS)]
+    args = [
+        source,
+        doc,
+        repr(now_ms),
+        str(EVENTS_MAXLEN),
+        deployment,
+        str(OUTAGE_MS),
+        str(RESUMED_GRACE_MS),
+    ]
     return [4, *keys(deployment), *args]
 
 
