@@ -111,15 +111,22 @@ class Exporter:
         feature_names: Sequence[str],
         classes: Sequence[int],
         entity_key: str | None = None,
+        labels_since_ms: float | None = None,
     ):
         """``entity_key``: the deployment looks features up by this key (its rows then say
-        which entity, whether the store had it, and which features a default filled)."""
+        which entity, whether the store had it, and which features a default filled);
+        ``labels_since_ms``: labels of requests before it are gone from Redis (their buckets
+        expired with the feedback retention), counted as ``rows_past_label_retention``."""
         self.client = client
         self.reader = reader
         self.deployment = deployment
         self.feature_names = list(feature_names)
         self.classes = list(classes)
         self.entity_key = entity_key
+        self.labels_since_ms = labels_since_ms
+        self.past_retention = 0
+        """Rows exported of requests older than ``labels_since_ms``: an empty label there
+        says nothing (a label sent then is gone; a helper's probe read them as unlabelled)."""
         self.outcome_keys: list[str] = []
         self.answered_by: dict[str, str] = {}
         """Request id -> the role whose answer the caller got, from its decision record."""
@@ -182,6 +189,9 @@ class Exporter:
                 continue
             rid = str(record.get("request_id", ""))
             exact = int if record.get("features_type") == INT64 else float
+            since = self.labels_since_ms
+            if since is not None and float(record.get("enqueued_ms") or 0) < since:
+                self.past_retention += len(features)
             for k, values in enumerate(features):
                 row: dict[str, Any] = {
                     "request_id": rid,
@@ -277,6 +287,7 @@ class Exporter:
             doc["positions"] = positions_json(
                 {s: replace(span, records=held[s]) for s, span in positions.items()}
             )  # before the writer adds the metadata
+            doc["rows_past_label_retention"] = self.past_retention
 
         written = (
             _parquet(out, columns, chunks(), self, roles, doc)

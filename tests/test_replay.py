@@ -334,6 +334,19 @@ def test_export_round_trip(served: Served, fmt: str, tmp_path: Path) -> None:
         s: p["records"] for s, p in meta["positions"].items()
     }
     assert sum(p["records"] for p in counted.values()) > 0
+    assert json.loads(done.stdout)["rows_past_label_retention"] == 0
+    # past the feedback retention, labels are gone from Redis: an empty label said nothing
+    # of it (a helper's probe read such rows as unlabelled); counted and said now
+    served.env["RDV_FEEDBACK_RETENTION_S"], served.env["RDV_FEEDBACK_BUCKET_S"] = "1", "1"
+    try:
+        late = served.rdv("archive", "export", "--deployment", DEMO_DEPLOYMENT, "--data-dir",
+                          str(served.data), "--positions", json.dumps(bare), "--format", fmt,
+                          "--out", str(tmp_path / f"late.{fmt}"))  # fmt: skip
+    finally:
+        del served.env["RDV_FEEDBACK_RETENTION_S"], served.env["RDV_FEEDBACK_BUCKET_S"]
+    assert late.returncode == 0, late.stderr
+    assert json.loads(late.stdout)["rows_past_label_retention"] == meta["rows"]
+    assert "older than RDV_FEEDBACK_RETENTION_S" in late.stderr, late.stderr
     bad = served.rdv(
         "archive",
         "export",

@@ -147,7 +147,10 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
                 request |= {"asked_to_ms": asked_ms, "archived_until_ms": until_ms}
     except SliceError as exc:
         sys.exit(f"rdv archive export: {exc}")
-    exporter = Exporter(client, reader, args.deployment, feature_names, classes, entity_key)
+    retention_s = settings.feedback_retention_s  # 0: feedback off, no label ever stored
+    since_ms = time.time() * 1000 - retention_s * 1000 if retention_s else None
+    exporter = Exporter(client, reader, args.deployment, feature_names, classes, entity_key,
+                        labels_since_ms=since_ms)  # fmt: skip
     try:
         doc = exporter.export(positions, out, fmt, {"request": request, "file": str(out)})
     except OSError as exc:  # not writable, the disk full (the file at fault: its .meta.json?)
@@ -156,6 +159,11 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
     print(json.dumps(doc, indent=2))
     if doc["rows"] == 0:
         print("rdv archive export: no archived records in that slice", file=sys.stderr)
+    elif doc["rows_past_label_retention"]:
+        print(f"rdv archive export: {doc['rows_past_label_retention']} rows are of requests "
+              f"older than RDV_FEEDBACK_RETENTION_S ({settings.feedback_retention_s:g} s): "
+              "their labels, if any were sent, are gone from Redis (label empty); export "
+              "within the retention to keep them", file=sys.stderr)  # fmt: skip
 
 
 def _as_last_served(
