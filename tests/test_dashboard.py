@@ -212,6 +212,9 @@ def multiclass_report() -> dict[str, Any]:
     """A model of three classes: its history holds the class mix's PSI and JS distance."""
     doc = {**fixture_report(), "deployment": "iris"}
     doc["thresholds"].update(class_psi=0.2, class_js=0.2)
+    doc["current"]["classes"] = {"psi": 0.02, "js_distance": 0.01, "reference_source": "training",
+                                 "labels": ["setosa", "versicolor", "virginica"],
+                                 "real": [0.3, 0.4, 0.3], "reference": [0.33, 0.34, 0.33]}  # fmt: skip
     for i, point in enumerate(doc["history"]):
         point.update(class_psi=0.01 * i, class_js=0.005 * i)
     return {**doc, "alerts": [], "events": []}
@@ -321,7 +324,10 @@ def test_the_page_charts_a_multiclass_models_class_drift(
     """The class mix's PSI and JS distance were alert tiles only: a multiclass model's drift
     chart now draws them with their thresholds (a binary model's chart stays as it was, above)."""
     chromium()
-    drift = Dom(dump_dom(f"{fixture_server}/dashboard/iris", tmp_path / "profile")).charts["drift"]
+    dom = Dom(dump_dom(f"{fixture_server}/dashboard/iris", tmp_path / "profile"))
+    drift = dom.charts["drift"]
+    # its score is the top class probability: the axis said "positive class" (a probe)
+    assert "top class probability (share of requests)" in dom.charts["scores"].texts
     assert drift.series == {"score_psi", "score_js", "feature_psi", "class_psi", "class_js"}
     assert drift.thresholds == {"score_psi", "score_js", "feature_psi", "class_psi", "class_js"}
     assert drift.points == 5 * 40 - 1

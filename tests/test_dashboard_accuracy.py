@@ -52,6 +52,9 @@ REPORTS = {
 }
 
 
+FLAKY: list[int] = []
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
     app = FastAPI()
@@ -59,6 +62,12 @@ def server() -> Iterator[str]:
 
     @app.get("/v1/deployments/{deployment}/drift")
     async def drift(deployment: str) -> JSONResponse:
+        if deployment == "flaky":  # the page's two first reads answered, then Redis gone
+            FLAKY.append(1)
+            if len(FLAKY) > 2:
+                detail = "Redis is unavailable: ConnectionError"
+                return JSONResponse({"detail": detail}, status_code=503)
+            return JSONResponse(labelled_report())
         return JSONResponse(REPORTS[deployment]())
 
     port = free_port()
@@ -93,3 +102,19 @@ def test_no_labels_yet_shows_the_empty_state(server: str, tmp_path: Path) -> Non
     assert chart.points is None
     assert any("no labelled request yet" in t for t in chart.texts)
     assert "no labelled request yet" in text
+
+
+def test_a_failed_refresh_keeps_the_last_figures_and_says_they_are_not_fresh(
+    server: str, tmp_path: Path
+) -> None:
+    """On a 503 (Redis down) the accuracy section was redrawn as "no labelled request yet",
+    telling the operator to send labels, and the header stayed green, "evaluated 14 s ago" no
+    longer counting (a helper's probe)."""
+    chromium()
+    text = dump_dom(f"{server}/dashboard/flaky", tmp_path / "flaky")
+    assert len(FLAKY) > 2  # refreshed past the first reads
+    chart = AccuracyDom(text).charts["accuracy"]
+    assert chart.points == 2 * 20 and "no labelled request yet" not in text
+    assert "<td>97%</td>" in text
+    assert "cannot load the drift report: HTTP 503" in text
+    assert 'class="pill wait">not updating<' in text and "last evaluated" in text

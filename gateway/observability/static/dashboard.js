@@ -197,7 +197,9 @@ function scoreChart(svg, cur, waiting) {
   edges.forEach((e, i) => {
     if (i % every === 0) label(svg, g.x0 + i * bw, g.y0 + 16, String(+e.toFixed(3)));
   });
-  label(svg, (g.x0 + g.x1) / 2, H - 4, "score of the positive class (share of requests)");
+  // a multiclass model's score is its top probability (it said "positive class"; a probe)
+  label(svg, (g.x0 + g.x1) / 2, H - 4, (cur && cur.classes ? "top class probability"
+    : "score of the positive class") + " (share of requests)");
   let n = 0;
   for (let b = 0; b < bins; b++) {
     groups.forEach((k, i) => {
@@ -353,7 +355,15 @@ function failed(message) {
   $("error").textContent = "cannot load the drift report: " + message;
   $("error").hidden = false;
   document.body.setAttribute("data-status", "error");
-  if (lastDoc) return;  // keep showing the last good report
+  if (lastDoc) {  // keep showing the last good report, saying it is not fresh (it read green)
+    $("status").textContent = "not updating";
+    $("status").className = "pill wait";
+    if (isNum(lastDoc.evaluated_at_ms)) {
+      $("updated").textContent = "last evaluated " + clock(lastDoc.evaluated_at_ms) + " (" +
+        ago(lastDoc.evaluated_at_ms) + ")";
+    }
+    return;
+  }
   $("dep").textContent = DEPLOYMENT;
   $("status").textContent = "unavailable";
   for (const svg of document.querySelectorAll("svg[data-chart]")) {

@@ -105,7 +105,9 @@ async function featureRefresh() {
       $("feature-facts").textContent = "cannot load the feature view: HTTP " + resp.status +
         (detail ? ": " + detail : "");
       view.setAttribute("data-status", "error");
-      if (resp.status === 404 && featurePick) {  // e.g. a stale link: show the default
+      // a stale link (that feature is not in the spec): show the default; not when the
+      // deployment is yet to be created (the pick was lost once it was; a probe)
+      if (resp.status === 404 && featurePick && detail.includes("is not in the deployment's")) {
         featurePick = null;
         return featureRefresh();
       }
