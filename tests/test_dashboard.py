@@ -212,9 +212,11 @@ def multiclass_report() -> dict[str, Any]:
     """A model of three classes: its history holds the class mix's PSI and JS distance."""
     doc = {**fixture_report(), "deployment": "iris"}
     doc["thresholds"].update(class_psi=0.2, class_js=0.2)
-    doc["current"]["classes"] = {"psi": 0.02, "js_distance": 0.01, "reference_source": "training",
-                                 "labels": ["setosa", "versicolor", "virginica"],
-                                 "real": [0.3, 0.4, 0.3], "reference": [0.33, 0.34, 0.33]}  # fmt: skip
+    doc["current"]["classes"] = {
+        "psi": 0.02, "js_distance": 0.01, "reference_source": "training",
+        "labels": ["setosa", "versicolor", "virginica"], "real": [0.3, 0.4, 0.3],
+        "reference": [0.33, 0.34, 0.33],
+    }  # fmt: skip
     for i, point in enumerate(doc["history"]):
         point.update(class_psi=0.01 * i, class_js=0.005 * i)
     return {**doc, "alerts": [], "events": []}
