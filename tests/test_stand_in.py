@@ -77,3 +77,20 @@ def test_while_a_gateway_runs_the_stand_in_leaves_its_callers_to_it(
         running.clear()
         loop.join()
     assert answered(stand_in) == 1
+
+
+def test_once_rdv_serve_stops_waiting_callers_get_a_503_at_once(
+    port_and_stand_in: tuple[int, StandIn],
+) -> None:
+    """Stopping, the gateways take no more connections; those that waited were reset once the
+    listening socket closed after the workers and the log bin stopped (a request sent, then
+    reset: taken or not? a helper's probe). From the stop on the stand-in answers at once,
+    even while the supervisor still says a gateway runs (it is draining)."""
+    port, stand_in = port_and_stand_in
+    stand_in.gateways(True)
+    stand_in.stopping()
+    stand_in.gateways(True)
+    answer = httpx.post(f"http://127.0.0.1:{port}/v1/deployments/d/jobs", json={}, timeout=2)
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+    assert "rdv serve is stopping: the request was not taken" in answer.json()["detail"]
+    assert answered(stand_in) == 1

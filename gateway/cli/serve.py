@@ -262,9 +262,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         supervisor.run(stop.is_set, tick)
     finally:
         log.info("stopping: gateway, then workers, then log bin")
+        stand_in.stopping()  # the connections no gateway takes now get a 503, not a reset
         supervisor.stop_all()
-        stand_in.stop()
         listener.close()
+        stand_in.stop()
         if client is not None:
             client.close()
         if embedded is not None:

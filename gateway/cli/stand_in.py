@@ -33,18 +33,26 @@ DRAIN_S = 0.5
 """How long a connection's request is read after the answer: closed with unread bytes, the
 kernel resets it, and the caller may lose the answer (a body still arriving)."""
 
-_DETAIL = (
+
+def _answer_of(detail: str) -> bytes:
+    body = json.dumps({"detail": detail}).encode()
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\n"
+        b"content-type: application/json\r\n"
+        b"retry-after: %d\r\n"
+        b"connection: close\r\n"
+        b"content-length: %d\r\n\r\n%s" % (RETRY_AFTER_S, len(body), body)
+    )
+
+
+ANSWER = _answer_of(
     "no gateway process is running on this port: rdv serve is starting one, or stopping (a "
     "gateway that fails to start is retried; its log says why)"
 )
-_BODY = json.dumps({"detail": _DETAIL}).encode()
-ANSWER = (
-    b"HTTP/1.1 503 Service Unavailable\r\n"
-    b"content-type: application/json\r\n"
-    b"retry-after: %d\r\n"
-    b"connection: close\r\n"
-    b"content-length: %d\r\n\r\n%s" % (RETRY_AFTER_S, len(_BODY), _BODY)
-)
+STOPPING = _answer_of("rdv serve is stopping: the request was not taken; send it again later")
+"""From the moment ``rdv serve`` stops: its gateways take no more connections, and those that
+waited for one were reset once the listening socket closed, after the workers and the log bin
+had stopped (a request sent, then reset: a job submitted or not?; a helper's probe)."""
 
 
 class StandIn:
@@ -58,6 +66,7 @@ class StandIn:
         self._seen_s = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="stand-in", daemon=True)
+        self._stopping = False
         self.answered = 0
 
     def start(self) -> StandIn:
@@ -69,9 +78,13 @@ class StandIn:
         if running:
             self._seen_s = time.monotonic()
 
+    def stopping(self) -> None:
+        """``rdv serve`` stops: answer every connection from now on, saying so."""
+        self._stopping = True
+
     @property
     def active(self) -> bool:
-        return time.monotonic() - self._seen_s > self.after_s
+        return self._stopping or time.monotonic() - self._seen_s > self.after_s
 
     def stop(self) -> None:
         self._stop.set()
@@ -84,7 +97,7 @@ class StandIn:
                 said = False
                 self._stop.wait(0.1)
                 continue
-            if not said:
+            if not said and not self._stopping:
                 log.warning("no gateway process for %.0f s: answering its port 503 meanwhile",
                             self.after_s)  # fmt: skip
                 said = True
@@ -107,7 +120,7 @@ class StandIn:
             with contextlib.suppress(TimeoutError):
                 conn.recv(65536)  # the request's head, or its start: what it asks is no matter
             conn.settimeout(DRAIN_S)
-            conn.sendall(ANSWER)
+            conn.sendall(STOPPING if self._stopping else ANSWER)
             conn.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + DRAIN_S
             while time.monotonic() < deadline and conn.recv(65536):
