@@ -32,7 +32,7 @@ REAL = "real"
 CANARY = "canary"
 
 DEPLOYMENTS_SET = f"{PREFIX}:deployments"
-DATA_MARK = f"{{{DEPLOYMENTS_SET}}}:data-mark"
+DATA_MARK = f"{PREFIX}:{{{DEPLOYMENTS_SET}}}:data-mark"
 """Made (``SET NX``) by every gateway process's deployments refresh and never deleted: found
 missing by a process that saw it, with no deployment listed, it says Redis lost this system's
 data (a restart without persistence, a flush). In the slot of ``DEPLOYMENTS_SET`` (its hash

@@ -46,6 +46,16 @@ def test_a_logged_url_shows_no_password() -> None:
     assert redacted("redis://h:1") == "redis://h:1"
 
 
+def test_a_moved_reply_says_the_node_is_a_clusters() -> None:
+    """A cluster user that may run neither INFO nor CLUSTER INFO (Redis 6's -@dangerous) was
+    taken for a single node, and the MOVED reply read "did not answer" (a helper's probe)."""
+    from rendezvous.bus.connection import unreachable
+
+    said = unreachable(redis.exceptions.MovedError("14250 127.0.0.1:7002"), "redis://u:p@h:1")
+    assert said is not None and "answered MOVED" in said and "+cluster|info" in said
+    assert "u:p" not in said
+
+
 def _dead_port() -> int:
     """A loopback port nothing listens on (bound and released)."""
     with socket.socket() as s:

@@ -156,7 +156,9 @@ def seed_urls(url: str) -> list[str]:
 def _several_seeds_need_a_cluster(seeds: list[str], seed: str) -> NoReturn:
     raise ValueError(
         f"RDV_REDIS_URL names {len(seeds)} nodes, but {redacted(seed)} is not part of a "
-        "Redis Cluster: name the one node of a single Redis"
+        "Redis Cluster: name the one node of a single Redis (or, if it is a cluster's, the "
+        "user may run neither INFO nor CLUSTER INFO, as under -@dangerous on Redis 6: grant "
+        "it +cluster|info +cluster|slots)"
     )
 
 
@@ -285,6 +287,12 @@ def unreachable(exc: BaseException, url: str | None) -> str | None:
     if not isinstance(exc, REDIS_DOWN):
         return None
     where = f" at {redacted(url)}" if url else ""
+    if isinstance(exc, redis.exceptions.MovedError):  # read as "did not answer" (a probe)
+        return (
+            f"Redis{where} answered MOVED ({exc}): it is a node of a Redis Cluster that this "
+            "user could not tell as one (it may run neither INFO nor CLUSTER INFO, as under "
+            "-@dangerous on Redis 6): grant it +cluster|info +cluster|slots"
+        )
     return (
         f"Redis{where} did not answer ({exc}). Is it running? RDV_REDIS_URL may name several "
         "nodes of a cluster (redis://host1:port1,host2:port2), found through any that answers"

@@ -26,9 +26,41 @@ import redis
 log = logging.getLogger(__name__)
 
 PROBE_SCRIPT = "return 1"
-PROBE_KEY = "rdv:probe"
-"""Named by the probe script (so that a cluster client knows where to send it), never read
-or written."""
+PROBE_KEYS = ("rdv:{probe}:stream", "rdv:{probe}:hash")
+"""The keys of the start's checks (one slot): named by the probe script, so that a cluster
+client knows where to send it; made and deleted by the data commands' probe."""
+PROBE_KEY = PROBE_KEYS[0]
+
+
+def _data_commands(pipe: Any) -> None:
+    """The data commands every process needs, queued on keys of their own (a stream and a hash,
+    made and deleted): a user without one, or without the ``rdv:*`` keys, is refused at start
+    naming it. Only ``EVAL`` was checked: a user without ``XADD`` made every gateway start end
+    in a traceback, restarted for ever, and one without ``XACK`` said ready while predicts
+    timed out (a helper's probe). Sent as commands, not in a script: Redis 6 checks no ACL
+    inside one."""
+    stream, table = PROBE_KEYS
+    pipe.delete(stream)  # one key a DEL: a cluster's pipeline takes no more
+    pipe.delete(table)
+    pipe.xadd(stream, {"p": "1"}, maxlen=10)
+    pipe.xgroup_create(stream, "g", id="0")
+    pipe.xreadgroup("g", "c", {stream: ">"}, count=1)
+    pipe.xautoclaim(stream, "g", "c", 0, "0-0", count=1)
+    pipe.xack(stream, "g", "0-1")
+    pipe.xrange(stream, count=1)
+    pipe.xlen(stream)
+    pipe.xtrim(stream, maxlen=0)
+    pipe.hset(table, "f", "1")
+    pipe.hgetall(table)
+    pipe.pexpire(table, 60_000)
+    pipe.delete(stream)
+    pipe.delete(table)
+
+
+def _refusal(replies: list[Any]) -> None:
+    for reply in replies:
+        if isinstance(reply, Exception) and refused_for_good(reply):
+            raise no_scripts(reply) from None
 
 
 class RedisUnfit(ValueError):
@@ -36,16 +68,32 @@ class RedisUnfit(ValueError):
 
 
 def no_scripts(exc: Exception) -> RedisUnfit:
+    """What a refusal of the start's checks says the user lacks: a key pattern, a data
+    command (named in Redis's words), or scripts."""
+    said = str(exc)
+    if "access a key" in said or "one of the keys" in said:
+        return RedisUnfit(f"Redis refused the user the system's keys ({said}): grant it ~rdv:*")
+    if "'eval'" not in said and "'evalsha'" not in said:
+        return RedisUnfit(
+            f"Redis refused a command the system needs ({said}): grant the user the data "
+            "commands (+@all -@dangerous is enough)"
+        )
     return RedisUnfit(
-        f"Redis refused a script ({exc}): the gateway, workers and log bin need EVAL and "
+        f"Redis refused a script ({said}): the gateway, workers and log bin need EVAL and "
         "EVALSHA (grant the user +@scripting)"
     )
 
 
 def refused_for_good(exc: Exception) -> bool:
-    """A command refused for good: a user without it, or renamed away. (Redis full, its disk
-    full or a replica refuse a script for a while: the requests' own paths answer 503.)"""
-    return isinstance(exc, redis.exceptions.NoPermissionError) or "unknown command" in str(exc)
+    """A command refused for good: a user without it, or renamed away (also inside a script,
+    whose error carries Redis's own). (Redis full, its disk full or a replica refuse a script
+    for a while: the requests' own paths answer 503.)"""
+    said = str(exc)
+    return (
+        isinstance(exc, redis.exceptions.NoPermissionError)
+        or "NOPERM" in said
+        or "unknown command" in said.lower()
+    )
 
 
 def eviction_problem(info: Mapping[str, Any]) -> str | None:
@@ -104,6 +152,9 @@ def check(client: Any, *, allow_eviction: bool) -> Mapping[str, Any] | None:
     except redis.exceptions.ResponseError as exc:
         if refused_for_good(exc):
             raise no_scripts(exc) from None
+    pipe = client.pipeline(transaction=False)
+    _data_commands(pipe)
+    _refusal(pipe.execute(raise_on_error=False))
     try:
         info = client.info("memory", **_every_node(client))
     except redis.exceptions.ResponseError:
@@ -118,6 +169,9 @@ async def check_async(client: Any, *, allow_eviction: bool) -> Mapping[str, Any]
     except redis.exceptions.ResponseError as exc:
         if refused_for_good(exc):
             raise no_scripts(exc) from None
+    pipe = client.pipeline(transaction=False)
+    _data_commands(pipe)
+    _refusal(await pipe.execute(raise_on_error=False))
     try:
         info = await client.info("memory", **_every_node(client))
     except redis.exceptions.ResponseError:
