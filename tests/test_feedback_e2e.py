@@ -268,6 +268,8 @@ def test_bad_feedback_is_refused_and_stores_nothing(served: Served) -> None:
         unknown, mixed = (w.result() for w in waiting)
     assert unknown.status_code == 404, unknown.text
     assert "never-predicted" in unknown.json()["detail"]
+    # a 504 with no output read as "unknown or expired" alone (a helper's probe)
+    assert "a 504 or 502 with no output at all" in unknown.json()["detail"]
     assert mixed.status_code == 404 and mixed.json()["unknown"] == ["nope-1"]
 
     not_a_class = served.feedback({"request_id": known[0], "label": 7})
@@ -286,10 +288,15 @@ def test_bad_feedback_is_refused_and_stores_nothing(served: Served) -> None:
         ({"request_id": known[0], "label": 1, "extra": 1}, 422, "extra"),
         ([], 422, "empty"),
         ([1, 2], 422, "object"),
+        # each was four to six faults, one per union branch, with "input": null (a probe)
+        ({"request_id": known[0], "label": [[0, 1]]}, 422, "label [[0, 1]] is not a class"),
+        ({"request_id": known[0], "label": 1.0}, 422, "label 1.0 is not a class"),
     ):
         resp = served.feedback(body)
         assert resp.status_code == status, (body, resp.text)
         assert says in resp.text, (body, resp.text)
+        if "is not a class" in says:
+            assert len(resp.json()["detail"]) == 1, resp.text
     garbage = served.http.post(FEEDBACK, content=b"{not json",
                                headers={"content-type": "application/json"})  # fmt: skip
     assert garbage.status_code == 400 and "not JSON" in garbage.text

@@ -137,7 +137,13 @@ def parse_items(body: bytes, max_items: int) -> list[FeedbackItem]:
         try:
             parsed = FeedbackItem.model_validate(item)
         except ValidationError as exc:
+            said_label = False
             for err in exc.errors():
+                if err["loc"][:1] == ("label",):  # one line, not one per union branch
+                    if not said_label:
+                        faults.append(_label_fault(i, item.get("label")))
+                        said_label = True
+                    continue
                 fault: dict[str, Any] = dict(err)
                 fault["loc"] = ["body", i, *err["loc"]]
                 faults.append(fault)
@@ -150,6 +156,16 @@ def parse_items(body: bytes, max_items: int) -> list[FeedbackItem]:
     if faults:
         raise FeedbackRefused(422, bounded_faults(faults))
     return out
+
+
+def _label_fault(i: int, given: Any) -> dict[str, Any]:
+    """A label of the wrong type: pydantic listed each branch of the union it tried (four to
+    six faults, each showing ``"input": null``) and said nothing of the rule (a probe)."""
+    shown = json.dumps(given)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return {"type": "label_type", "loc": ["body", i, "label"],
+            "msg": f"label {shown} is not a class (an integer as predict returns it, or its name),"
+                   " nor a list of them, one per row of the request"}  # fmt: skip
 
 
 class FeedbackService:
@@ -200,7 +216,9 @@ class FeedbackService:
             raise FeedbackRefused(
                 404,
                 f"unknown or expired request id{'s' if len(missing) > 1 else ''}: {shown}{more} "
-                f"(outcomes are kept {self.outcomes.retention_s:.0f} s); nothing was stored",
+                f"(outcomes are kept {self.outcomes.retention_s:.0f} s; a request no model had "
+                "scored when it was decided, a 504 or 502 with no output at all, keeps none: "
+                "no answer to judge); nothing was stored",
                 unknown=missing[:SHOWN_IDS],
             )
         now_ms = int(time.time() * 1000)
