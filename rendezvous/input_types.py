@@ -84,12 +84,18 @@ def deployment_types(model_types: Iterable[str]) -> tuple[str, ...]:
 
 
 def faults(x: np.ndarray, rule: InputRule) -> Iterator[tuple[int, int, str, str]]:
-    """(row, column, kind, why) of each value of ``x`` (float64, finite) that ``rule``'s
-    integer type cannot take as it is: not an integer, or beyond its range. Never a silent
-    truncation."""
+    """(row, column, kind, why) of each value of ``x`` (float64, finite, or integers) that
+    ``rule``'s integer type cannot take as it is: not an integer, or beyond its range. Never a
+    silent truncation."""
     if rule.integer is None:
         return
     low, high = rule.bounds
+    if x.dtype.kind in "iu":  # integers as sent (an INT64 input): compared exactly, and shown
+        # as sent (as a double, 9007199254740993 read ...992; a helper's probe)
+        for r, c in zip(*np.nonzero((x < low) | (x > high)), strict=True):
+            why = f"{int(x[r, c])} is beyond {_range_text(rule.integer)}"
+            yield int(r), int(c), "out_of_range", why
+        return
     with np.errstate(invalid="ignore"):
         bad = (x != np.trunc(x)) | (x < low) | (x > high)
     for r, c in zip(*np.nonzero(bad), strict=True):

@@ -115,6 +115,11 @@ def test_the_gateway_refuses_what_an_integer_model_cannot_take_naming_row_and_co
     assert check_matrix(SPEC, np.array([[BIG, 2.0, 3.0]]), 100, None, INT64).tolist() == [
         [BIG, 2, 3]
     ]
+    # an INT64 input as sent: 2**53 + 1 was shown as ...992, read through a double (a probe)
+    sent = np.array([[2**53 + 1, 2, 3], [2**53 - 1, 2, 3]], np.int64)
+    [past] = faults_of(lambda: check_matrix(SPEC, sent, 100, None, INT64))
+    assert past["loc"] == ("body", 0, 0) and "9007199254740993 is beyond" in past["msg"]
+    assert check_matrix(SPEC, sent[1:], 100, None, INT64).tolist() == [[2**53 - 1, 2, 3]]
 
 
 def test_a_looked_up_value_an_integer_model_cannot_take_names_the_entity() -> None:

@@ -45,14 +45,16 @@ def typed_rows(x64: np.ndarray, rule: InputRule, names: Sequence[str], by_name: 
 
 
 def typed_matrix(source: np.ndarray, rule: InputRule, names: Sequence[str]) -> np.ndarray:
-    """A protocol decoder's matrix (FP32 or FP64, already held to the float32 rules) in
-    ``rule``'s wire type, from its own values: float64 holds either exactly."""
-    x64 = np.asarray(source, dtype=np.float64)
+    """A protocol decoder's matrix (FP32, FP64, or INT64/INT32 as sent; already held to the
+    float32 rules) in ``rule``'s wire type, from its own values: float64 holds floats exactly,
+    and integers are checked as integers."""
+    given = np.asarray(source)
+    x = given if given.dtype.kind in "iu" else given.astype(np.float64, copy=False)
     errors = [_fault((r, c), f"row {r}, {names[c]!r}: {why}", kind)
-              for r, c, kind, why in itertools.islice(faults(x64, rule), _SHOWN)]  # fmt: skip
+              for r, c, kind, why in itertools.islice(faults(x, rule), _SHOWN)]  # fmt: skip
     if errors:
         raise RequestValidationError(errors)
-    return x64.astype(rule.wire_dtype, copy=False)
+    return x.astype(rule.wire_dtype, copy=False)
 
 
 def typed_lookups(
