@@ -56,6 +56,20 @@ def test_a_moved_reply_says_the_node_is_a_clusters() -> None:
     assert "u:p" not in said
 
 
+def test_tls_and_password_failures_say_which(redis_url: str) -> None:
+    """A rediss:// URL to a plain port read "did not answer... Is it running?", and a URL
+    without a password to a Redis that wants one "refused the user or password" (a probe)."""
+    from rendezvous.bus.connection import permanent_refusal, unreachable
+
+    plain = redis_url.replace("redis://", "rediss://") + "?ssl_cert_reqs=none"
+    with pytest.raises(redis.RedisError) as failed:  # a timeout: a plain Redis waits for more
+        connect(plain, wait_s=0.3)
+    said = unreachable(failed.value, plain)
+    assert said is not None and "TLS handshake" in said and "plain Redis" in said, said
+    wanted = permanent_refusal(redis.AuthenticationError("Authentication required."))
+    assert wanted is not None and "the URL gives none" in wanted
+
+
 def _dead_port() -> int:
     """A loopback port nothing listens on (bound and released)."""
     with socket.socket() as s:

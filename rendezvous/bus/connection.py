@@ -128,14 +128,33 @@ def permanent_refusal(exc: BaseException) -> str | None:
     password, a TLS certificate this host does not trust), else None. Such a failure is not
     retried as if Redis were still starting: it is a setting to fix."""
     if isinstance(exc, redis.AuthenticationError):
+        if "required" in str(exc).lower():  # NOAUTH: it said "refused the user or password"
+            return (f"Redis asks for a password and the URL gives none ({exc}): "
+                    "redis://:password@host:port, or redis://user:password@host:port")  # fmt: skip
         return f"Redis refused the user or password in the URL ({exc})"
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, ssl.SSLCertVerificationError):
+            if "hostname" in str(seen.verify_message).lower():  # the CA is trusted (a probe)
+                return (
+                    f"Redis's TLS certificate does not name the host in the URL "
+                    f"({seen.verify_message}): use a name it holds, or ?ssl_check_hostname=false"
+                )
             return (
                 f"Redis's TLS certificate is not trusted here ({seen.verify_message}): "
                 "?ssl_ca_certs=/path/ca.pem in the URL may name the CA that signed it"
             )
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _tls_failure(exc: BaseException) -> BaseException | None:
+    """The TLS failure under a connection failure, if any: an SSL error, or a handshake that
+    timed out (a plain Redis reads a TLS hello as the start of a command, and waits)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError) or "handshake" in str(seen).lower():
+            return seen
         seen = seen.__cause__ or seen.__context__
     return None
 
@@ -287,6 +306,12 @@ def unreachable(exc: BaseException, url: str | None) -> str | None:
     if not isinstance(exc, REDIS_DOWN):
         return None
     where = f" at {redacted(url)}" if url else ""
+    if (tls := _tls_failure(exc)) is not None:  # read as "did not answer... running?"
+        return (
+            f"the TLS handshake with Redis{where} failed ({tls}): a rediss:// URL to a port "
+            "that speaks plain Redis, or a client certificate the server wants "
+            "(?ssl_certfile=...&ssl_keyfile=...)?"
+        )
     if isinstance(exc, redis.exceptions.MovedError):  # read as "did not answer" (a probe)
         return (
             f"Redis{where} answered MOVED ({exc}): it is a node of a Redis Cluster that this "
