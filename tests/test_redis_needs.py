@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -18,7 +19,7 @@ from rendezvous import names
 from rendezvous.bus.connection import connect, connect_async
 from rendezvous.bus.local_cluster import LocalCluster
 from rendezvous.bus.redis_needs import RedisUnfit, check, check_async
-from rendezvous.bus.server import EmbeddedRedis
+from rendezvous.bus.server import EmbeddedRedis, free_port
 
 USERS = {
     "noscripts": "+@all -@scripting",
@@ -115,6 +116,21 @@ async def test_a_user_without_a_data_command_or_the_keys_is_refused_naming_it(
     with pytest.raises(RedisUnfit, match=re.escape(says)):
         await check_async(aclient, allow_eviction=False)
     await aclient.aclose()
+
+
+def test_a_refusal_names_the_node_once_every_node_named_was_tried(server: EmbeddedRedis) -> None:
+    """A refusal by one node of several stopped the start at it and named none (a user
+    missing on one node of a cluster; a helper's probe): the other nodes are tried first."""
+    from rendezvous.bus.connection import permanent_refusal
+
+    dead = free_port()
+    live = server.url.removeprefix("redis://").split("/")[0]
+    started = time.monotonic()
+    with pytest.raises(redis.AuthenticationError) as refused:
+        connect(f"redis://noxack:wrong@{live},127.0.0.1:{dead}", wait_s=10)
+    assert time.monotonic() - started < 5  # not retried as if Redis were starting
+    said = permanent_refusal(refused.value)
+    assert said is not None and f"at redis://***@{live}" in said and "wrong" not in said
 
 
 async def test_a_user_without_info_or_memory_connects_and_serves(

@@ -128,6 +128,8 @@ def permanent_refusal(exc: BaseException) -> str | None:
     password, a TLS certificate this host does not trust), else None. Such a failure is not
     retried as if Redis were still starting: it is a setting to fix."""
     if isinstance(exc, redis.AuthenticationError):
+        where = "; ".join(getattr(exc, "__notes__", ()))  # the node, said by ``_give_up``
+        exc = redis.AuthenticationError(f"{exc}{f', {where}' if where else ''}")
         if "required" in str(exc).lower():  # NOAUTH: it said "refused the user or password"
             return (f"Redis asks for a password and the URL gives none ({exc}): "
                     "redis://:password@host:port, or redis://user:password@host:port")  # fmt: skip
@@ -228,13 +230,26 @@ def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = Non
             )
         except _RETRYABLE as exc:
             client.close()
-            if time.monotonic() > deadline or permanent_refusal(exc):
+            if _give_up(exc, seed, seeds, attempt, deadline):
                 raise
             if attempt % len(seeds):
                 continue  # the next node at once
             log.warning("redis at %s not ready (%s); retrying", redacted(url), exc)
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, 1.0)
+
+
+def _give_up(
+    exc: BaseException, seed: str, seeds: list[str], attempt: int, deadline: float
+) -> bool:
+    """Whether a start's failure at ``seed`` ends its tries: past the wait, or a refusal for
+    good (a user or password, a certificate) once every seed was tried. A refusal by one node
+    of several stopped at it, and named none (a user missing on one node of a cluster; a
+    helper's probe)."""
+    refused = permanent_refusal(exc) is not None
+    if refused:
+        exc.add_note(f"at {redacted(seed)}")
+    return time.monotonic() > deadline or (refused and attempt >= len(seeds))
 
 
 DEFAULT_MAX_CONNECTIONS = 256
@@ -291,7 +306,7 @@ async def connect_async(
             return cluster
         except _RETRYABLE as exc:
             await client.aclose()
-            if time.monotonic() > deadline or permanent_refusal(exc):
+            if _give_up(exc, seed, seeds, attempt, deadline):
                 raise
             if attempt % len(seeds):
                 continue  # the next node at once
