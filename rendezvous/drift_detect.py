@@ -2,8 +2,9 @@
 and drift, per feature), run by the log bin on every request it archives
 (``models.feature_watch``): a ring of the latest rows, the training-quantile bin counts of each
 window, and the alerts they raise and clear. What each kind tests, its false-alarm budget and
-how it clears: ``rendezvous.drift_settings``; the sums: ``rendezvous.drift_stats``; the
-training reference and the words of an alert: ``rendezvous.drift_profile``.
+how it clears: ``rendezvous.drift_settings``; the sums: ``rendezvous.drift_stats``; the stuck
+tests, which count exact values: ``rendezvous.drift_stuck``; the training reference and the
+words of an alert: ``rendezvous.drift_profile``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 
 from rendezvous.drift_profile import FeatureProfile, change_point, describe
 from rendezvous.drift_settings import KINDS, DetectorSettings
-from rendezvous.drift_stats import Cusum, cusum_h, stuck_count
+from rendezvous.drift_stats import Cusum, cusum_h
+from rendezvous.drift_stuck import Event, StuckTests
 from rendezvous.quantile_bins import bin_index
 
 MIN_DESCRIBED = 6
@@ -65,17 +67,9 @@ class FeatureDetectors:
         self._min_rows = np.maximum((self._sizes * s.min_fill).astype(np.int64), 8)
         self._min_rows[-1] = s.drift_window
         self._window_alarm = np.zeros((len(self.windows), n), dtype=bool)
-        stuck_alpha = s.stuck_alarms_per_100k / 100_000 / n
-        self._stuck_alpha = stuck_alpha
         self._held = {kind: np.zeros(n, dtype=bool) for kind in KINDS[:4]}
         """Which alerts this process holds, by kind and feature (mirrors ``active``)."""
-        self._stuck_value = np.zeros(n, dtype=np.float64)
-        self._partly = np.zeros(n, dtype=bool)
-        """Stuck alerts raised by the partly-stuck test (``repeat_rows``), which clear by it."""
-        self._partly_need = np.zeros(n, dtype=np.float64)
-        self._repeat_start = np.zeros(n, dtype=np.int64)
-        """First row the partly-stuck test counts per feature (after a stuck alert cleared)."""
-        self._since_repeat = 0
+        self._stuck = StuckTests(p, s, self)
         self.active: dict[str, dict[str, Any]] = {}
         """Alert id -> alert, for the alerts this process holds."""
         self._gross = np.zeros(n, dtype=bool)
@@ -112,7 +106,6 @@ class FeatureDetectors:
         self._bins[pos] = bins
         self.rows_seen += n
         self._since_check += n
-        self._since_repeat += n
         self._count_windows(first, bins)
 
         events: dict[str, tuple[str, int]] = {}
@@ -126,13 +119,13 @@ class FeatureDetectors:
             events[self._id("feature_range", f)] = ("raised", f)
         for f in np.flatnonzero((down[:width] | down[width:]) & ~range_on).tolist():
             events[self._id("feature_range", f)] = ("cleared", f)
-        self._check_unstuck(events)
-        if self._since_repeat >= self.settings.repeat_check_rows:
-            self._since_repeat = 0
-            self._check_partly_stuck(events)
+        stuck, held = self._stuck, self._held["feature_stuck"]
+        self._stuck_events(events, stuck.cleared(held))
+        if stuck.partly_due(n):
+            self._stuck_events(events, stuck.partly_events(held))
         if self._since_check >= self.settings.check_rows:
             self._since_check = 0
-            self._check_stuck(events)
+            self._stuck_events(events, stuck.raised(held))
             self._check_windows(events)
         return self._apply(events)
 
@@ -192,88 +185,14 @@ class FeatureDetectors:
             for f in changed if feature is None else [feature] if feature in changed else []:
                 events[self._id(kind, f)] = ("raised" if on[f] else "cleared", f)
 
-    def _check_stuck(self, events: dict[str, tuple[str, int]]) -> None:
-        """Raise: one value in most of the latest ``stuck_rows`` rows (judged with the
-        windows)."""
-        s, p = self.settings, self.profile
-        m = s.stuck_rows
-        if self.rows_seen < m:
-            return
-        recent = self._recent(m)
-        ordered = np.sort(recent, axis=0)
-        floor = max(math.ceil(s.stuck_min_share * m), 1)
-        # A value seen ``floor`` times fills ``floor`` sorted places in a row: the exact screen.
-        # (Counting adjacent ties let through every low-cardinality feature, each value far
-        # too rare, and ``np.unique`` then ran per feature at every check: a millisecond a
-        # step for traffic of a few distinct rows.)
-        seen = (ordered[floor - 1 :] == ordered[: m - floor + 1]).any(axis=0)
-        for f in np.flatnonzero(seen & ~self._held["feature_stuck"]).tolist():
-            values, counts = np.unique(recent[:, f], return_counts=True)  # the screen passed
-            top = int(np.argmax(counts))
-            mass = p.mass_bound(f, float(values[top]))
-            need = max(floor, stuck_count(m, round(mass + 0.005, 2), self._stuck_alpha))
-            latest = recent[-s.stuck_clear_rows :, f] == values[top]
-            if counts[top] >= need and latest.sum() > 1:  # still stuck now: not just earlier
-                self._stuck_value[f] = values[top]
-                events[self._id("feature_stuck", f)] = ("raised", f)
+    def _stuck_events(self, events: dict[str, tuple[str, int]], found: list[Event]) -> None:
+        for what, f in found:
+            events[self._id("feature_stuck", f)] = (what, f)
 
-    def _check_unstuck(self, events: dict[str, tuple[str, int]]) -> None:
-        """Clear (at every step): the stuck value is at most once in the latest
-        ``stuck_clear_rows`` rows, so a process that sees few rows clears after a dozen. (A
-        feed still partly stuck is raised again by the partly-stuck test, from the rows after.)"""
-        held = np.flatnonzero(self._held["feature_stuck"] & ~self._partly).tolist()
-        if not held:
-            return
-        recent = self._recent(min(self.settings.stuck_clear_rows, self.rows_seen))
-        for f in held:
-            if int((recent[:, f] == self._stuck_value[f]).sum()) <= 1:
-                events[self._id("feature_stuck", f)] = ("cleared", f)
-
-    def _check_partly_stuck(self, events: dict[str, tuple[str, int]]) -> None:
-        """Raise: one value in more of the latest ``repeat_rows`` rows than training allows any
-        one value, and still in the latest ``repeat_clear_rows``; clear the partly-stuck
-        alerts whose value is not (judged every ``repeat_check_rows``). A feature counts only
-        the rows since its last stuck alert cleared: the rows of that fault are no evidence."""
-        s = self.settings
-        for f in np.flatnonzero(self._held["feature_stuck"] & self._partly).tolist():
-            if not self._still_partly_stuck(f, self._stuck_value[f]):
-                events[self._id("feature_stuck", f)] = ("cleared", f)
-        m = min(s.repeat_rows, self.rows_seen)
-        if m < s.repeat_clear_rows:
-            return
+    def latest(self, m: int, as_kept: bool = False) -> np.ndarray:
+        """The latest ``m`` rows (float64; ``as_kept``: float32, as the ring holds them)."""
         idx = np.arange(self.rows_seen - m, self.rows_seen) % self._capacity
-        recent = self._raw[idx]  # float32, as kept: a sort of half the bytes
-        counted = np.minimum(self.rows_seen - self._repeat_start, m)
-        # A value on ``floor`` rows fills ``floor`` sorted places in a row: the screen (exact
-        # counts only for the columns it passes, and those whose rows are cut short)
-        floor = max(math.ceil(s.repeat_min_share * m), 2)
-        ordered = np.sort(recent, axis=0)
-        screen = (ordered[floor - 1 :] == ordered[: m - floor + 1]).any(axis=0) | (counted < m)
-        for f in np.flatnonzero(screen & ~self._held["feature_stuck"]).tolist():
-            rows = int(counted[f])
-            if rows < s.repeat_clear_rows:
-                continue
-            seen, counts = np.unique(recent[-rows:, f], return_counts=True)
-            count, value = int(counts.max()), float(seen[int(counts.argmax())])
-            least = max(math.ceil(s.repeat_min_share * rows), 2)
-            mass = self.profile.mass_bound(f, value)
-            need = max(least, stuck_count(rows, round(mass + 0.005, 2), self._stuck_alpha))
-            if count >= need and self._still_partly_stuck(f, value):
-                self._stuck_value[f] = value
-                self._partly[f] = True
-                self._partly_need[f] = need / rows
-                events[self._id("feature_stuck", f)] = ("raised", f)
-
-    def _still_partly_stuck(self, f: int, value: float) -> bool:
-        """``value`` holds more of the latest ``repeat_clear_rows`` rows than training allows
-        it (at least 2)."""
-        m = min(self.settings.repeat_clear_rows, self.rows_seen)
-        allowed = max(2, math.floor(self.profile.mass_bound(f, value) * m))
-        return int((self._recent(m)[:, f] == value).sum()) > allowed
-
-    def _recent(self, m: int) -> np.ndarray:
-        idx = np.arange(self.rows_seen - m, self.rows_seen) % self._capacity
-        return self._raw[idx].astype(np.float64)
+        return self._raw[idx] if as_kept else self._raw[idx].astype(np.float64)
 
     def reset_windows(self, f: int, windows: Iterable[int]) -> None:
         """Start the given windows of feature ``f`` afresh (they count rows from now)."""
@@ -307,8 +226,7 @@ class FeatureDetectors:
                 cleared.append(self._figures(self.active.pop(alert_id), kind, f))
                 self._held[kind][f] = False
                 if kind == "feature_stuck":
-                    self._partly[f] = False
-                    self._repeat_start[f] = self.rows_seen
+                    self._stuck.released(f)
                 # The windows hold the broken rows the cleared alert was about: they start
                 # afresh, and an alert they held clears with them (which is why a range alert
                 # must not clear while the feed is still broken: ``range_clear_h``).
@@ -342,19 +260,12 @@ class FeatureDetectors:
         s = self.settings
         if kind == "feature_range":
             m = min(self.rows_seen, 50)
-            recent = self._recent(m)[:, f] if m else np.zeros(0)
+            recent = self.latest(m)[:, f] if m else np.zeros(0)
             out = (recent < self.profile.lo[f]) | (recent > self.profile.hi[f])
             rate = float(out.mean()) if m else 0.0
             return round(rate, 4), s.range_null, m
-        if kind == "feature_stuck" and self._partly[f]:
-            m = min(self.rows_seen, s.repeat_rows)
-            share = float(np.mean(self._recent(m)[:, f] == self._stuck_value[f])) if m else 0.0
-            return round(share, 4), round(float(self._partly_need[f]), 4), m
         if kind == "feature_stuck":
-            m = min(self.rows_seen, s.stuck_rows)
-            recent = self._recent(m)[:, f]
-            _, counts = np.unique(recent, return_counts=True) if m else (None, np.zeros(1))
-            return round(float(counts.max()) / max(m, 1), 4), s.stuck_min_share, m
+            return self._stuck.statistic(f)
         ws = range(len(s.shift_windows)) if kind == "feature_shift" else [len(self.windows) - 1]
         d, limit, counted = self._distances()
         w = max(ws, key=lambda w: (counted[w, f] > 0, d[w, f] / limit[w, f]))
@@ -362,7 +273,7 @@ class FeatureDetectors:
 
     def _alert(self, kind: str, f: int) -> dict[str, Any]:
         value, limit, rows = self._statistic(kind, f)
-        recent = self._recent(max(min(rows, self.rows_seen), 1))[:, f]
+        recent = self.latest(max(min(rows, self.rows_seen), 1))[:, f]
         since = change_point(recent)
         if kind == "feature_range":  # the rate since the change, not over a fixed span
             p = self.profile
@@ -381,23 +292,13 @@ class FeatureDetectors:
             changed = recent[since:]
             value = round(float(np.mean((changed < p.lo[f]) | (changed > p.hi[f]))), 4)
             rows = len(changed)
-        elif kind == "feature_stuck" and self._partly[f]:
+        elif kind == "feature_stuck" and self._stuck.partly[f]:
             changed = recent  # a share of the rows throughout: no start to split off
         else:
             changed = recent[since:]
         how = describe(self.profile, f, changed)
-        if kind == "feature_stuck" and self._partly[f]:
-            # the share of late, not of the whole window (raised at 7 % of 800 rows, a fifth
-            # of the rows since the fault began)
-            stuck = self._stuck_value[f]
-            late = self._recent(min(self.settings.repeat_clear_rows, self.rows_seen))[:, f]
-            allowed = self.profile.mass_bound(f, stuck)
-            how["detail"] = (
-                f"{stuck:.6g} in {np.mean(late == stuck):.0%} of the last {len(late)} rows "
-                f"({value:.0%} of the last {rows}), where training holds at most "
-                f"{allowed * 100:.2g}% on any one value (partly stuck: missing values filled "
-                f"with a constant?); {how['detail']}"
-            )
+        if kind == "feature_stuck" and self._stuck.partly[f]:
+            how["detail"] = f"{self._stuck.partly_words(f, value, rows)}; {how['detail']}"
         what = {
             "feature_range": "share of values outside the training range",
             "feature_stuck": "share of the most frequent value",
