@@ -74,3 +74,38 @@ class RetryLog:
         tries = "1 failed try" if self._tries == 1 else f"{self._tries} failed tries"
         self._log.info("%s: working again after %.1fs (%s)", self._what, lasted, tries)
         self._since = None
+
+
+class OncePerSpell(logging.Filter):
+    """A logger's same message (its template) at most once every ``repeat_s``, the next one
+    saying how many were held back: redis-py's cluster client logs each failed topology
+    refresh, twice a second while a cluster refuses the user (a helper's probe)."""
+
+    def __init__(self, repeat_s: float = REPEAT_S, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.repeat_s = repeat_s
+        self.clock = clock
+        self._said: dict[str, tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        now = self.clock()
+        said = self._said.get(key)
+        if said is not None and now - said[0] < self.repeat_s:
+            self._said[key] = (said[0], said[1] + 1)
+            return False
+        if said is not None and said[1]:
+            record.msg = f"{record.msg} ({said[1]} more like it in the last {now - said[0]:.0f} s)"
+        self._said[key] = (now, 0)
+        if len(self._said) > 100:  # templates, not values: a few; bounded all the same
+            self._said.pop(next(iter(self._said)))
+        return True
+
+
+NOISY_LOGGERS = ("redis.cluster", "redis.asyncio.cluster")
+"""Third-party loggers that log every retry of theirs."""
+
+
+def quiet_noisy_loggers(repeat_s: float = REPEAT_S) -> None:
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).addFilter(OncePerSpell(repeat_s))

@@ -127,3 +127,28 @@ async def test_the_gateways_flush_loops_say_an_outage_once_not_at_every_flush(
         mine = [line for line in lines if line.startswith(what)]
         assert len(mine) == 2, mine  # the start, the end: not 30 lines
         assert "MISCONF" in mine[0] and "working again after" in mine[1] and "30 failed" in mine[1]
+
+
+def test_a_third_party_loggers_repeats_are_held_back_and_counted() -> None:
+    """redis-py's cluster client logs each failed topology refresh, twice a second while a
+    cluster refuses the user (a helper's probe): once per spell, then how many were held."""
+    from rendezvous.retry_log import OncePerSpell
+
+    now = [0.0]
+    spell = OncePerSpell(repeat_s=30.0, clock=lambda: now[0])
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("redis.asyncio.cluster", logging.ERROR, __file__, 1, msg,
+                                 None, None)  # fmt: skip
+
+    said = []
+    for t in range(0, 61):  # two a second for a minute
+        for half in (0.0, 0.5):
+            now[0] = t + half
+            rec = record("Topology refresh failed")
+            if spell.filter(rec):
+                said.append(rec.getMessage())
+    assert said[0] == "Topology refresh failed" and len(said) == 3, said
+    assert said[1] == "Topology refresh failed (59 more like it in the last 30 s)"
+    other = record("another message")
+    assert spell.filter(other)  # each template its own

@@ -35,6 +35,7 @@ from gateway.cli.startup_mark import STARTUP_FAILURE, marking_startup_failure, s
 from gateway.cli.worker import cmd_worker
 from gateway.settings import Settings
 from gateway.settings_values import invalid_settings
+from rendezvous.retry_log import quiet_noisy_loggers
 
 log = logging.getLogger("rdv")
 
@@ -127,6 +128,7 @@ def _app_from_env() -> Any:
     _die_with_uvicorns_supervisor()
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    quiet_noisy_loggers()
     return marking_startup_failure(serving_app(settings))
 
 
@@ -273,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"rdv {args.command}: {reason}", file=sys.stderr)
         sys.exit(2)
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    quiet_noisy_loggers()
     open_files_to_the_hard_limit()  # children inherit it
     try:
         args.func(args)
