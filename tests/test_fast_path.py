@@ -37,7 +37,11 @@ class StandIn:
     service fails them; ``release``, when given, is awaited first."""
 
     in_flight = 0
+    reading = 0
     max_in_flight = 2048
+
+    def full(self) -> bool:
+        return False
 
     def __init__(self, release: asyncio.Event | None = None) -> None:
         self.release = release
@@ -304,3 +308,31 @@ def test_a_path_holding_a_control_character_is_refused_before_any_route() -> Non
             assert "error" in oip.json()  # the Open Inference Protocol's shape under /v2
 
     asyncio.run(scenario())
+
+
+async def test_requests_whose_body_is_still_arriving_count_against_the_bound() -> None:
+    """Counted only once their body was read: 120 stalled uploads of 1 MB held 200 MB of a
+    gateway with no 429, ``rdv_in_flight_requests`` at 0 (a helper's probe). A request is held
+    from its head; the bound's 429 comes to the next one on every way into predict."""
+    _, _, service, tally = full_gateway()
+    service.in_flight, service.max_in_flight = 0, 2
+    head = (b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 9\r\n\r\n")  # fmt: skip
+    stalled = []
+    for _ in range(2):  # head and a first byte, the rest never sent
+        protocol, transport = full_gateway_on(service)
+        protocol.data_received(head % b"/v1/deployments/demo/predict" + b"{")
+        stalled.append((protocol, transport))
+    await asyncio.sleep(0.05)
+    assert service.reading == 2 and service.held == 2
+    for path in (b"/v1/deployments/demo/predict", b"/v2/models/demo/infer"):  # jobs: alike
+        protocol, transport = full_gateway_on(service)
+        protocol.data_received(head % path + b'{"x": 1}')
+        refusal = await answered(protocol, transport)
+        assert refusal.startswith(b"HTTP/1.1 429 "), (path, refusal)
+        assert b"already holds 2 requests" in refusal, refusal
+    assert tally.done[-2:] == [("demo", "rejected")] * 2
+    protocol, transport = stalled[0]
+    protocol.data_received(b'"a": 1} ')  # its body whole: read, then refused as bad input
+    assert (await answered(protocol, transport)).startswith(b"HTTP/1.1 422 ")
+    assert service.reading == 1

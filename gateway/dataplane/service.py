@@ -9,8 +9,9 @@ given to it, so the data plane imports nothing of observability.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, Protocol
 
@@ -115,6 +116,10 @@ class PredictionService:
         self.max_backlog_bytes = max_backlog_bytes
         self.request_id_ttl_ms = request_id_ttl_s * 1000
         self.in_flight = 0
+        self.reading = 0
+        """Requests whose body is still arriving (``reading_body``): held from their head, so
+        counted against ``max_in_flight`` (120 stalled uploads of 1 MB held 200 MB of a gateway
+        with no 429 and ``rdv_in_flight_requests`` at 0; a helper's probe)."""
         self.realtime_first = realtime_first or RealtimeFirst()
         """Counts the realtime predicts in flight; a job's long steps take their turns."""
         self._ood: dict[int, tuple[FeatureSpec, OodReference | None]] = {}
@@ -245,6 +250,24 @@ class PredictionService:
         reference = OodReference.from_spec(spec)
         self._ood[id(spec)] = (spec, reference)
         return reference
+
+    @property
+    def held(self) -> int:
+        """Requests this process holds: in the service, or their body still arriving."""
+        return self.in_flight + self.reading
+
+    def full(self) -> bool:
+        """At the in-flight bound: a new request is refused 429 from its head."""
+        return self.in_flight + self.reading >= self.max_in_flight
+
+    @contextlib.contextmanager
+    def reading_body(self) -> Iterator[None]:
+        """Count a request while its body arrives (``full`` is checked at its head)."""
+        self.reading += 1
+        try:
+            yield
+        finally:
+            self.reading -= 1
 
     def check_room(self, deployment: str) -> None:
         """Refuse at once when this gateway holds as many requests as it may (429) or the

@@ -253,7 +253,7 @@ def create_app(
                 feature_store=writer,
                 realtime_first=realtime_first,
             )
-            metrics.track_in_flight(lambda: app.state.service.in_flight)
+            metrics.track_in_flight(lambda: app.state.service.held)
             metrics.track_decision_appends(appender)
             REFUSALS.listener = metrics.track_http_refusals(REFUSALS.by_status)
             stop_jobs = await jobs.start(app, settings)

@@ -102,7 +102,7 @@ class PredictFastPath:
             count_invalid(service, deployment)
             await send_reply(send, refused.reply())
             return
-        if service is not None and service.in_flight >= service.max_in_flight:
+        if service is not None and service.full():
             await send_reply(send, overloaded(service, deployment))
             return
         request_id = None
@@ -117,22 +117,19 @@ class PredictFastPath:
                 count_invalid(service, deployment)
                 await send_reply(send, refused.reply())
                 return
-        chunks = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if self.cap.exceeded(size):
-                count_invalid(service, deployment)
-                await send_reply(send, self.cap.too_large().reply())
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if service is not None:
+            service.reading += 1  # held from its head (``reading_body``, inline: a hot path)
+        try:
+            raw = await self._body(receive)
+        finally:
+            if service is not None:
+                service.reading -= 1
+        if raw is None:  # the caller went away
+            return
+        if self.cap.exceeded(len(raw)):
+            count_invalid(service, deployment)
+            await send_reply(send, self.cap.too_large().reply())
+            return
         try:
             if service is None:
                 answer = unavailable("the gateway is starting").reply()
@@ -145,6 +142,21 @@ class PredictFastPath:
             await send_reply(send, SHUTTING_DOWN.reply())
             return
         await send_reply(send, answer)
+
+    async def _body(self, receive: Receive) -> bytes | None:
+        """The request's body (None: the caller went away); read no further than one chunk
+        past the cap, which the caller then checks."""
+        chunks = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            chunks.append(chunk)
+            if self.cap.exceeded(size) or not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _started_service(self) -> PredictionService | None:
         self._service = getattr(self.app.state, "service", None)
@@ -204,7 +216,17 @@ def overloaded(service: PredictionService, deployment: str) -> Reply:
     connection (``gateway.transport.expect_continue``).
     """
     service.metrics.request_done(_label(service, deployment), "rejected", None)
-    return _refusal(service.in_flight)
+    return _refusal(service.held)
+
+
+def overload_problem(service: PredictionService, deployment: str) -> Problem:
+    """``overloaded`` for the framework's routes (Open Inference Protocol infer, job submit):
+    the same 429 from the head, counted the same way, as a ``Problem``."""
+    service.metrics.request_done(_label(service, deployment), "rejected", None)
+    problem = problem_of(Overloaded(f"this gateway already holds {service.held} requests; "
+                                    "retry later"))  # fmt: skip
+    assert problem is not None
+    return problem
 
 
 @functools.lru_cache(maxsize=8)

@@ -23,7 +23,7 @@ from gateway.dataplane.jobs import JobService
 from gateway.dataplane.validation import PredictRequest, single_request_id
 from gateway.problems import Problem, compressed, unavailable
 from gateway.settings import Settings
-from gateway.transport.fast_path import count_invalid
+from gateway.transport.fast_path import count_invalid, overload_problem
 from rendezvous.bus.connection import connect_async
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,11 @@ def mount(app: FastAPI, settings: Settings) -> None:
         if refused is not None:
             count_invalid(jobs.service, deployment)
             return refused.response()
+        if jobs.service.full():  # from the head, as predict's (the body never read)
+            return overload_problem(jobs.service, deployment).response()
         try:
-            raw = await request.body()
+            with jobs.service.reading_body():
+                raw = await request.body()
         except ClientDisconnect:  # the body cap answered 413 already
             return Response(status_code=400)
         try:

@@ -31,7 +31,7 @@ from gateway.dataplane.service import PredictionService
 from gateway.dataplane.validation import single_request_id
 from gateway.problems import RETRY, Problem, Style, compressed, fault_text
 from gateway.settings import Settings
-from gateway.transport.fast_path import count_invalid
+from gateway.transport.fast_path import count_invalid, overload_problem
 from gateway.transport.oip_answer import encode_answer
 from gateway.transport.oip_codec import InferRequest, parse_infer
 from gateway.transport.oip_lookup import lookup_rows
@@ -287,8 +287,11 @@ def mount(app: FastAPI, settings: Settings) -> None:
         if refused is not None:
             count_invalid(service, model)
             return error(refused)
+        if service.full():  # from the head, as predict's (the body never read)
+            return error(overload_problem(service, model))
         try:
-            raw = await request.body()
+            with service.reading_body():
+                raw = await request.body()
         except ClientDisconnect:  # gone, or refused by the body cap, which has answered
             return Response(status_code=400)
         failure: Exception | None = None
