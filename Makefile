@@ -20,7 +20,7 @@ serve: install
 	$(BIN)/rdv serve
 
 ## Lint and type-check, then run the test suite against a real redis-server that the suite
-## starts itself. While working: `make test-pure` (no server, seconds), `.venv/bin/pytest -m integration`.
+## starts itself. While working: `make test-pure` (no server, under a minute), `.venv/bin/pytest -m integration`.
 ## The suite runs in TEST_WORKERS processes (pytest-xdist), a test file to a process: about half
 ## of its time waits on servers, sleeps and load windows, so a third process on two cores
 ## fills those waits (468-485 s against 539 with two in the same hour; fresh-clone CI 435-539 s
@@ -33,7 +33,7 @@ test: install
 	$(BIN)/pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 test-pure: install
-	$(BIN)/pytest -m pure -q
+	$(BIN)/pytest -m pure -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
 
 lint: install
 	$(BIN)/ruff check .

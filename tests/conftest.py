@@ -13,9 +13,15 @@ import redis
 from rendezvous.bus.local_cluster import LocalCluster
 from rendezvous.bus.server import EmbeddedRedis
 
-REAL_SERVERS = {"redis_server", "redis_cluster", "bus_url"}
-"""Fixtures that start a real server: a test that uses one (or is marked ``integration``) is an
-integration test, every other one is ``pure`` (no server, no process: seconds in all)."""
+REAL_SERVERS = {
+    "redis_server", "redis_cluster", "bus_url",
+    # of a module of their own, or asked for by name (``getfixturevalue``), which the fixture
+    # closure does not show: ``-m pure`` ran them (a walkthrough's 159 s)
+    "bus", "outage_redis", "paused_redis", "tls_redis", "tls_cluster", "server",
+}  # fmt: skip
+"""Fixtures (and parameters) that start a real server or ask for one: a test that uses one (or
+is marked ``integration``) is an integration test, every other one is ``pure`` (no server, no
+process: seconds in all)."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

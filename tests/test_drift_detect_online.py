@@ -26,6 +26,7 @@ from gateway.observability.drift_monitor import DriftMonitor
 from gateway.observability.drift_online import OnlineDrift
 from gateway.observability.drift_sketches import local_model_meta
 from gateway.observability.drift_view import drift_view
+from gateway.observability.gateway_claims import orphaned
 from models.archive import ArchiveReader, SegmentWriter
 from models.demo import demo_deployment
 from models.deployment_store import DeploymentStore
@@ -695,3 +696,25 @@ def test_a_renewed_claim_rewrites_no_alert_that_did_not_change(r: redis.Redis) -
     merge(1_000_100.0, changed)
     stored = json.loads(r.hget(drift_claims.keys(DEMO_DEPLOYMENT)[1], "feature_range/f0"))  # type: ignore[arg-type]
     assert stored["value"] == 0.9  # a change is written
+
+
+@pytest.mark.pure
+def test_a_claim_the_merge_keeps_after_an_outage_is_read_as_kept() -> None:
+    """The merge script keeps a claim fresh when every source stopped, for a grace after; the
+    readers dropped it at its own 10 s, so the restarted gateways never adopted a dead one's
+    prior alert, which cleared a minute on (a helper's live check of an upgrade's restart)."""
+    now = time.time() * 1000
+    gone = json.dumps({"ts_ms": now - 20_000, "stale_ms": 10_000, "model": "m:1",
+                       "alerts": {"prediction_prior": {"kind": "prediction_prior"}}})  # fmt: skip
+
+    def read(paused_ago_s: float, resumed_ago_s: float) -> dict[str, Any]:
+        merges = {"last": now - 1000, "paused": now - paused_ago_s * 1000,
+                  "resumed": now - resumed_ago_s * 1000}  # fmt: skip
+        raw = {b"gateway:old": gone.encode(), b"#merges": json.dumps(merges).encode()}
+        return drift_claims.parse({}, {}, raw)["claims"]
+
+    assert "gateway:old" in read(18, 5)  # stopped 18 s ago, back 5 s: kept for the adoption
+    assert read(18, 61) == {}  # past the grace: gone, as the script drops it
+    assert read(5, 2) == {}  # it was stale before the outage began: no excuse
+    orphans = list(orphaned(read(18, 5), "gateway:new", "m:1", now, 3000))
+    assert [source for source, _ in orphans] == ["gateway:old"]
