@@ -119,13 +119,17 @@ class FeatureDetectors:
             events[self._id("feature_range", f)] = ("raised", f)
         for f in np.flatnonzero((down[:width] | down[width:]) & ~range_on).tolist():
             events[self._id("feature_range", f)] = ("cleared", f)
-        stuck, held = self._stuck, self._held["feature_stuck"]
+        stuck, held = self._stuck, self._held["feature_stuck"].copy()
         self._stuck_events(events, stuck.cleared(held))
+        checked = self._since_check >= self.settings.check_rows
+        if checked:  # the stuck test first: a feed stuck whole is not "partly stuck" (a probe)
+            self._since_check = 0
+            for what, f in stuck.raised(held):
+                events[self._id("feature_stuck", f)] = (what, f)
+                held[f] = True
         if stuck.partly_due(n):
             self._stuck_events(events, stuck.partly_events(held))
-        if self._since_check >= self.settings.check_rows:
-            self._since_check = 0
-            self._stuck_events(events, stuck.raised(held))
+        if checked:
             self._check_windows(events)
         return self._apply(events)
 
