@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 import csv
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,6 +102,10 @@ def iso_ms(ms: float | None) -> str | None:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
+def _at_once(read: Callable[[], Any]) -> Any:
+    return read()
+
+
 class Exporter:
     def __init__(
         self,
@@ -112,12 +116,17 @@ class Exporter:
         classes: Sequence[int],
         entity_key: str | None = None,
         labels_since_ms: float | None = None,
+        ride: Callable[[Callable[[], Any]], Any] | None = None,
     ):
         """``entity_key``: the deployment looks features up by this key (its rows then say
         which entity, whether the store had it, and which features a default filled);
         ``labels_since_ms``: labels of requests before it are gone from Redis (their buckets
-        expired with the feedback retention), counted as ``rows_past_label_retention``."""
+        expired with the feedback retention), counted as ``rows_past_label_retention``;
+        ``ride``: runs each Redis read, again through a failover (the CLI's patience): only
+        the first two lookups of ``rdv archive export`` were, and a Redis restart a second
+        into an export ended it (a helper's live check)."""
         self.client = client
+        self.ride = ride or _at_once
         self.reader = reader
         self.deployment = deployment
         self.feature_names = list(feature_names)
@@ -167,7 +176,8 @@ class Exporter:
         return roles | self._kept_roles(gone), seen
 
     def _kept_roles(self, ids: list[str]) -> set[str]:
-        found = outcomes_for(self.client, self.deployment, ids, self.outcome_keys)
+        found = self.ride(lambda: outcomes_for(self.client, self.deployment, ids,
+                                               self.outcome_keys))  # fmt: skip
         return {role for outcome in found.values() for role in outcome.answers}
 
     def rows(
@@ -176,7 +186,7 @@ class Exporter:
     ) -> Iterator[list[dict[str, Any]]]:  # fmt: skip
         """Chunks of rows, each chunk's labels (and the outcomes of requests whose decision
         record is gone) looked up in one round trip."""
-        keys = label_keys(self.client, self.deployment)
+        keys = self.ride(lambda: label_keys(self.client, self.deployment))
         width = len(self.feature_names)
         chunk: list[dict[str, Any]] = []
         for record in read(self.reader, self.deployment, positions):
@@ -229,13 +239,14 @@ class Exporter:
     ) -> list[dict[str, Any]]:  # fmt: skip
         ids = sorted({row["request_id"] for row in chunk})
         gone = [rid for rid in ids if rid not in outputs]
-        kept_outcomes = outcomes_for(self.client, self.deployment, gone, self.outcome_keys)
+        kept_outcomes = self.ride(lambda: outcomes_for(self.client, self.deployment, gone,
+                                                       self.outcome_keys))  # fmt: skip
         kept = {
             rid: {role: as_recorded(answer) for role, answer in outcome.answers.items()}
             for rid, outcome in kept_outcomes.items()
         }
         answered_by = self.answered_by
-        known = labels_for(self.client, self.deployment, ids, keys)
+        known = self.ride(lambda: labels_for(self.client, self.deployment, ids, keys))
         chosen = {rid: o.chosen_role or NO_ANSWER for rid, o in kept_outcomes.items()}
         for row in chunk:
             rid = row["request_id"]
@@ -252,10 +263,12 @@ class Exporter:
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}")
         outputs: dict[str, dict[str, BinAnswer]] = {}
-        for rec in decision_records(self.client, self.deployment, positions):
+        records = self.ride(lambda: list(decision_records(self.client, self.deployment,
+                                                          positions)))  # fmt: skip
+        for rec in records:
             outputs[rec.request_id] = _answers(rec)
             self.answered_by[rec.request_id] = _answered_by(rec)
-        self.outcome_keys = outcome_keys(self.client, self.deployment)
+        self.outcome_keys = self.ride(lambda: outcome_keys(self.client, self.deployment))
         found = {role for outs in outputs.values() for role in outs}
         kept, types = self.survey(positions, outputs, types=fmt == "parquet")
         roles = _roles(found | kept)

@@ -150,7 +150,8 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
     retention_s = settings.feedback_retention_s  # 0: feedback off, no label ever stored
     since_ms = time.time() * 1000 - retention_s * 1000 if retention_s else None
     exporter = Exporter(client, reader, args.deployment, feature_names, classes, entity_key,
-                        labels_since_ms=since_ms)  # fmt: skip
+                        labels_since_ms=since_ms,
+                        ride=lambda read: ride_out(read, "rdv archive export"))  # fmt: skip
     try:
         doc = exporter.export(positions, out, fmt, {"request": request, "file": str(out)})
     except OSError as exc:  # not writable, the disk full (the file at fault: its .meta.json?)
