@@ -264,8 +264,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         log.info("stopping: gateway, then workers, then log bin")
         stand_in.stopping()  # the connections no gateway takes now get a 503, not a reset
         supervisor.stop_all()
+        stand_in.stop()  # the last ones answered, then the listening socket closed
         listener.close()
-        stand_in.stop()
         if client is not None:
             client.close()
         if embedded is not None:

@@ -67,6 +67,7 @@ class StandIn:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="stand-in", daemon=True)
         self._stopping = False
+        self._answering: list[threading.Thread] = []
         self.answered = 0
 
     def start(self) -> StandIn:
@@ -87,12 +88,19 @@ class StandIn:
         return self._stopping or time.monotonic() - self._seen_s > self.after_s
 
     def stop(self) -> None:
+        """Stop answering; once ``stopping``, the connections waiting are answered and the
+        listening socket closed in one go, so that none is left in its queue to be reset."""
         self._stop.set()
         self._thread.join(timeout=DRAIN_S + 2)
+        for answering in list(self._answering):
+            answering.join(timeout=DRAIN_S + 1)
 
     def _serve(self) -> None:
         said = False
-        while not self._stop.is_set():
+        while not self._stop.is_set() or self._stopping:
+            if self._stop.is_set():  # stopping: the last of the queue, then the socket closes
+                self._drain_and_close()
+                return
             if not self.active:
                 said = False
                 self._stop.wait(0.1)
@@ -110,8 +118,32 @@ class StandIn:
                 continue
             except (OSError, ValueError):  # the listener closed: rdv serve is stopping
                 return
+            if self._stopping:  # many arrive at once: each in a thread of its own, or the
+                self._answer_aside(conn)  # queue waits out one head wait each (and is reset)
+            else:
+                with conn:
+                    self._answer(conn)
+
+    def _drain_and_close(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except (OSError, ValueError):  # already closed
+                return
+            self._answer_aside(conn)
+        with contextlib.suppress(OSError):
+            self._listener.close()
+
+    def _answer_aside(self, conn: socket.socket) -> None:
+        def answer() -> None:
             with conn:
                 self._answer(conn)
+
+        thread = threading.Thread(target=answer, name="stand-in answer", daemon=True)
+        self._answering = [t for t in self._answering if t.is_alive()] + [thread]
+        thread.start()
 
     def _answer(self, conn: socket.socket) -> None:
         conn.setblocking(True)
