@@ -9,6 +9,7 @@ import logging
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -102,7 +103,7 @@ async def test_a_user_without_scripts_is_refused_naming_them(server: EmbeddedRed
     ("narrow", "the system's keys"),
 ])  # fmt: skip
 async def test_a_user_without_a_data_command_or_the_keys_is_refused_naming_it(
-    server: EmbeddedRedis, user: str, says: str
+    server: EmbeddedRedis, user: str, says: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Only EVAL was checked: without XADD every gateway start ended in a traceback, restarted
     for ever; without XACK the gateway said ready while predicts timed out; a key pattern too
@@ -116,6 +117,14 @@ async def test_a_user_without_a_data_command_or_the_keys_is_refused_naming_it(
     with pytest.raises(RedisUnfit, match=re.escape(says)):
         await check_async(aclient, allow_eviction=False)
     await aclient.aclose()
+    # a worker host and a log bin too: without XADD a worker took a batch and exited, restarted
+    # for ever; without XACK both ran on acking nothing (a helper's live check)
+    monkeypatch.setenv("RDV_REDIS_URL", url_of(server, user))
+    monkeypatch.setenv("RDV_DATA_DIR", str(tmp_path))
+    for argv in (["worker", "--deployment", "d"], ["logbin", "--consumer", "probe"]):
+        with pytest.raises(SystemExit) as ended:
+            main(argv)
+        assert says in str(ended.value.code), (argv, ended.value.code)
 
 
 def test_a_refusal_names_the_node_once_every_node_named_was_tried(server: EmbeddedRedis) -> None:
@@ -139,6 +148,9 @@ async def test_a_user_without_info_or_memory_connects_and_serves(
     """``-@dangerous`` takes INFO (and on Redis 6, CLUSTER): every process stopped at start
     with "no permissions to run the 'info' command". Without MEMORY, every gateway start
     failed in its deployments refresh."""
+    from rendezvous.bus import redis_needs
+
+    redis_needs._said_unchecked.clear()  # said once a process: this test's to say
     with caplog.at_level(logging.WARNING):
         client = connect(url_of(server, "noinfo"))
         assert isinstance(client, redis.Redis) and client.ping()

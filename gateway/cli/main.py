@@ -21,6 +21,7 @@ from gateway.cli.arguments import (
 from gateway.cli.faults import gateway_unreachable, operator_fault
 from gateway.cli.process import (
     LOG_FORMAT,
+    check_redis_once,
     listening_socket,
     one_blas_thread,
     open_files_to_the_hard_limit,
@@ -158,6 +159,7 @@ def cmd_logbin(args: argparse.Namespace) -> None:
     from rendezvous.heap import settle_heap
 
     settings = settings_from_args(args)
+    check_redis_once(require_redis(settings), settings)  # the data commands, in one line
     client = connect(require_redis(settings), socket_timeout_s=settings.redis_timeout_s)
     consumer = args.consumer or f"logbin-{socket.gethostname()}"
     from gateway.cli.supervisor import holder_token

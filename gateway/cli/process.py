@@ -227,3 +227,18 @@ def require_redis(settings: Settings) -> str:
             "'rdv serve' on a Redis of its own, set RDV_REDIS_URL as it has it)"
         )
     return url
+
+
+def check_redis_once(url: str, settings: Settings) -> None:
+    """What the system needs of Redis (``rendezvous.bus.redis_needs``), checked before a
+    worker host or a log bin starts: only the gateway checked, and a worker host whose user may
+    not run XADD took a batch and exited, restarted for ever; without XACK a worker and a log
+    bin ran on, acking nothing (a helper's live check)."""
+    from rendezvous.bus.connection import connect
+    from rendezvous.bus.redis_needs import check
+
+    client = connect(url, socket_timeout_s=settings.redis_timeout_s)
+    try:
+        check(client, allow_eviction=settings.allow_eviction)
+    finally:
+        client.close()

@@ -12,7 +12,13 @@ import threading
 from typing import TYPE_CHECKING
 
 from gateway.cli.arguments import usage_error
-from gateway.cli.process import require_redis, run_until_stopped, settings_from_args, stop_event
+from gateway.cli.process import (
+    check_redis_once,
+    require_redis,
+    run_until_stopped,
+    settings_from_args,
+    stop_event,
+)
 
 if TYPE_CHECKING:
     from models.worker_host import Selection
@@ -41,6 +47,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
     _check_flags(args)  # before Redis is asked (and the memory bound said)
     settings = settings_from_args(args)
     url = require_redis(settings)
+    check_redis_once(url, settings)  # one line for a user that cannot run the data commands
     registry = ModelRegistry(settings.models_dir)
     bounded = bound_memory(settings.model_memory_mb)  # before any model is loaded
     log.info("model memory %s", f"bounded to {bounded} MB" if bounded else "not bounded")

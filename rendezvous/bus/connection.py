@@ -118,9 +118,14 @@ async def _is_cluster_async(client: aioredis.Redis) -> bool:
 def _refused_as_single(refusal: Exception) -> bool:
     """False, the node taken as a single one: a node outside a cluster refuses ``CLUSTER
     INFO``, and so does a user without it (said)."""
-    if "cluster support disabled" not in str(refusal):
+    if "cluster support disabled" not in str(refusal) and not _SAID_ONCE.get("single"):
+        _SAID_ONCE["single"] = True  # each connect said it: 16 lines a start (a probe)
         log.warning("cannot tell whether Redis is a cluster (%s): taken as a single node", refusal)
     return False
+
+
+_SAID_ONCE: dict[str, bool] = {}
+"""Warnings a process says once, however many clients it connects."""
 
 
 def permanent_refusal(exc: BaseException) -> str | None:

@@ -63,6 +63,9 @@ def _refusal(replies: list[Any]) -> None:
             raise no_scripts(reply) from None
 
 
+_said_unchecked: list[bool] = []
+
+
 class RedisUnfit(ValueError):
     """The Redis given cannot carry the system; the message says what to change."""
 
@@ -130,9 +133,11 @@ def judged(reply: Any, allow_eviction: bool) -> Mapping[str, Any] | None:
     """The first node's ``INFO memory`` (None: unreadable), after refusing (or, allowed,
     warning of) an evicting policy on any node."""
     if reply is None:
-        log.warning("cannot read INFO memory (this user may not run INFO): Redis's memory "
-                    "limit and eviction policy go unchecked; keep maxmemory-policy "
-                    "noeviction")  # fmt: skip
+        if not _said_unchecked:
+            _said_unchecked.append(True)  # once a process, however often it checks
+            log.warning("cannot read INFO memory (this user may not run INFO): Redis's memory "
+                        "limit and eviction policy go unchecked; keep maxmemory-policy "
+                        "noeviction")  # fmt: skip
         return None
     infos = _per_node(reply)
     for info in infos:
