@@ -372,9 +372,11 @@ def test_a_redis_that_does_not_answer_makes_503_not_a_hang(
             busy.start()
             time.sleep(0.4)
             scrape = system.http.get("/metrics")
+            ready = system.http.get("/readyz")  # it said "Redis is unavailable: ResponseError"
             busy.join(5)
             assert scrape.status_code == 200 and live_real in scrape.text, scrape.text[-2000:]
             assert "rdv_state_read_ok 0.0" in scrape.text
+            assert ready.status_code == 503 and "busy running a script" in ready.text, ready.text
             client.close()
     finally:
         server.stop()

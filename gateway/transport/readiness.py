@@ -20,7 +20,7 @@ from typing import Any
 from gateway.problems import RETRY, Problem
 from rendezvous import names
 from rendezvous.bus import clock
-from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
+from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, refused_for_a_while
 
 READ_TIMEOUT_S = 0.8
 """The bound of each read: a node that is away answers nothing (redis-py's cluster client retries
@@ -52,7 +52,8 @@ def archive_status(logbins: dict[bytes, bytes]) -> dict[str, Any]:
 def _failure(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "Redis did not answer in time"
-    return f"Redis is unavailable: {type(exc).__name__}"
+    # BUSY, OOM, MISCONF named as every other route names them ("ResponseError"; a probe)
+    return refused_for_a_while(exc) or f"Redis is unavailable: {type(exc).__name__}"
 
 
 def _replies_text(failing: str) -> str:

@@ -393,6 +393,9 @@ CANNOT_PERSIST = (
 )
 
 
+_REFUSALS = {"OOM": MEMORY_LIMIT, "MISCONF": CANNOT_PERSIST, "BUSY": BUSY_SCRIPT}
+
+
 def refused_for_a_while(exc: BaseException) -> str | None:
     """Why Redis refused a command for a while, or None: at its ``maxmemory`` (``noeviction``;
     writes, until memory frees or the limit is raised), unable to persist (``MISCONF``: its
@@ -406,8 +409,8 @@ def refused_for_a_while(exc: BaseException) -> str | None:
         return MEMORY_LIMIT
     if not isinstance(exc, redis.ResponseError):
         return None
-    message = str(exc)
-    for code, why in (("OOM", MEMORY_LIMIT), ("MISCONF", CANNOT_PERSIST), ("BUSY", BUSY_SCRIPT)):
-        if message.startswith(f"{code} ") or f"-{code} " in message:
-            return why
-    return None
+    found = _REFUSED_CODE.search(str(exc))  # a pipeline's: "Command # 1 (...) caused error: X"
+    return _REFUSALS[found.group(1)] if found else None
+
+
+_REFUSED_CODE = re.compile(r"(?:^|-|error: )(OOM|MISCONF|BUSY) ")
