@@ -45,6 +45,9 @@ def checked_redis_url(value: str) -> str:
             raise ValueError(f"{where}cannot be read as redis://user:password@host:port/db: "
                              "percent-encode '/', '?', '#', '@' and ':' in a user or password "
                              "(%2F, %3F, %23, %40, %3A)") from None  # fmt: skip
+        if parts.scheme in ("redis", "rediss") and "@" in parts.path:  # a '/' in the user
+            raise ValueError(f"{where}an '@' after the host: percent-encode '/' and '@' in a "
+                             "user or password (%2F, %40)")  # fmt: skip
         # what parse_url lets through, to fail at the first connection (after 11 s of
         # retries: "did not answer") or never (a database name read as 0); a helper's probe
         if "path" not in found and not found.get("host"):

@@ -46,6 +46,7 @@ def base_env(tmp_path: Path) -> dict[str, str]:
         ("RDV_REDIS_URL=redis://u:Pw1/Pw2@h:1/0", "percent-encode '/', '?', '#', '@' and ':'"),
         ("RDV_REDIS_URL=redis://u:12#x@h:1/0", "a '#' in the URL: percent-encode it"),
         ("RDV_REDIS_URL=redis://u:Pw?x@h:1/0", "percent-encode"),
+        ("RDV_REDIS_URL=redis://user/Pw:Pw@h:1/0", "an '@' after the host: percent-encode"),
         ("RDV_ADMIN_TOKEN=t\u00f6k", "RDV_ADMIN_TOKEN=(hidden): printable ASCII"),
         ('RDV_ALERT_WEBHOOKS=["alerts.internal/hook"]', "RDV_ALERT_WEBHOOKS[0]="),
         ("RDV_PUBLIC_URL=ftp://rdv.example", "is not an http(s) URL"),

@@ -326,3 +326,16 @@ def test_a_scrape_leaves_out_the_series_of_deployments_gone(
     kept = ("rdv_requests_total", frozenset({"deployment": "kept", "outcome": "real"}.items()))
     assert shared[kept] == 2
     assert not [labels for _, labels in shared if dict(labels).get("deployment") == "gone"]
+
+
+def test_a_lone_gateway_process_exposes_no_created_series() -> None:
+    """A lone process exposed ``rdv_requests_created`` and three more, where the merged
+    processes of ``rdv serve`` do not (a README walkthrough)."""
+    from gateway.observability.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics()
+    metrics.request_done("d", "real", 0.01)
+    metrics.flush()
+    text = generate_latest(metrics.registry).decode()
+    assert 'rdv_requests_total{deployment="d",outcome="real"} 1.0' in text
+    assert "_created" not in text

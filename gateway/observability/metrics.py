@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, Protocol
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -96,6 +97,9 @@ class GatewayMetrics:
     costs a lock and a dict lookup per call."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
+        # No ``*_created`` series: a lone gateway process exposed them where the processes
+        # of ``rdv serve`` (whose metrics are merged) do not (a README walkthrough)
+        prometheus_client.disable_created_metrics()
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
