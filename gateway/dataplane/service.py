@@ -258,7 +258,7 @@ class PredictionService:
 
     def full(self) -> bool:
         """At the in-flight bound: a new request is refused 429 from its head."""
-        return self.in_flight + self.reading >= self.max_in_flight
+        return self.held >= self.max_in_flight
 
     @contextlib.contextmanager
     def reading_body(self) -> Iterator[None]:
