@@ -346,6 +346,9 @@ async def test_a_gateway_process_holds_the_prior_alert_of_one_that_died(
     cleared = await judge_labels(live, rng, live.hold_rows, share)
     assert [(e["type"], e["id"]) for e in cleared] == [("cleared", "prediction_prior")]
     assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
+    # with this process's own figure, near the reference: the dead one's, from its raise,
+    # read as if the feed were still shifted (a helper's live check)
+    assert abs(cleared[0]["value"] - share) < 0.1, cleared[0]
 
 
 async def test_a_gateway_process_with_no_traffic_yet_holds_the_prior_alert_of_one_that_died(

@@ -31,7 +31,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -218,7 +218,7 @@ class OnlineDrift:
                                          time.time() * 1000, self.orphan_after_ms,
                                          self.hold_rows)  # fmt: skip
         if over:
-            dep.figures.update(drift_claims.cleared_figures([dep.held.pop(a) for a in over]))
+            dep.figures.update(_released([dep.held.pop(a) for a in over], dep.prior))
             dep.changed = True
             log.info("online drift: %s: %s judged %d rows without %s: letting go", deployment,
                      source, rows, ", ".join(over))  # fmt: skip
@@ -285,7 +285,7 @@ class OnlineDrift:
         if dep.prior.active is not None:
             dep.held.pop("prediction_prior", None)
         if dep.held and dep.prior.rows_seen >= dep.hold_until:
-            dep.figures.update(drift_claims.cleared_figures(dep.held.values()))
+            dep.figures.update(_released(dep.held.values(), dep.prior))
             log.info("online drift: %s: %d rows judged, releasing %s", deployment,
                      dep.prior.rows_seen, ", ".join(sorted(dep.held)))  # fmt: skip
             dep.held = {}
@@ -433,3 +433,16 @@ def announce(deployment: str, events: list[dict[str, Any]]) -> None:
     stream: ``drift_relay``)."""
     for event in events:
         log.warning("%s", drift_claims.event_line(deployment, event))
+
+
+def _released(
+    held: Iterable[dict[str, Any]], prior: PriorDetector | None
+) -> dict[str, dict[str, Any]]:
+    """The figures a held alert clears with: what this process's own detector reads now, not
+    the dead process's figure from its raise (a clear said "0.0862 (threshold 0.6197)", as if
+    the feed were still shifted; a helper's live check)."""
+    figures = drift_claims.cleared_figures(held)
+    if prior is not None and "prediction_prior" in figures and prior.rows_seen:
+        now = prior.alert()
+        figures["prediction_prior"] = {"value": now["value"], "threshold": now["threshold"]}
+    return figures

@@ -239,7 +239,9 @@ def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = Non
                 raise
             if attempt % len(seeds):
                 continue  # the next node at once
-            log.warning("redis at %s not ready (%s); retrying", redacted(url), exc)
+            (log.debug if attempt > len(seeds) else log.warning)(  # said once a wait
+                "redis at %s not ready (%s); retrying", redacted(url), exc
+            )
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, 1.0)
 
@@ -315,7 +317,9 @@ async def connect_async(
                 raise
             if attempt % len(seeds):
                 continue  # the next node at once
-            log.warning("redis at %s not ready (%s); retrying", redacted(url), exc)
+            (log.debug if attempt > len(seeds) else log.warning)(  # said once a wait
+                "redis at %s not ready (%s); retrying", redacted(url), exc
+            )
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 1.0)
 
