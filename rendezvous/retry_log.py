@@ -102,6 +102,18 @@ class OncePerSpell(logging.Filter):
         return True
 
 
+SAID_ONCE: set[str] = set()
+"""The warnings this process has said (``warn_once``)."""
+
+
+def warn_once(log: logging.Logger, key: str, msg: str, *args: object) -> None:
+    """A warning a process says once, however many clients it connects or checks it runs
+    (each connect said one: 16 lines a start; a helper's probe)."""
+    if key not in SAID_ONCE:
+        SAID_ONCE.add(key)
+        log.warning(msg, *args)
+
+
 NOISY_LOGGERS = ("redis.cluster", "redis.asyncio.cluster")
 """Third-party loggers that log every retry of theirs."""
 

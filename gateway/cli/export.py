@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,12 +92,16 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
     given = None if args.positions is None else _positions_arg(args.positions)
     require_archive(settings, "rdv archive export")
     client = connect(require_redis(settings), wait_s=5)
+
+    def ride(read: Callable[[], Any]) -> Any:  # every Redis read, through a failover
+        return ride_out(read, "rdv archive export")
+
     registry = ModelRegistry(settings.models_dir)
     store = DeploymentStore(client)
     reader = ArchiveReader(settings.archive_dir)
     real: ModelRef | None
     try:
-        dep = ride_out(lambda: store.get(args.deployment), "rdv archive export")
+        dep = ride(lambda: store.get(args.deployment))
         feature_names, streams = dep.feature_spec.names, dep.input_streams
         real = dep.roles["real"]
         lookup = dep.feature_spec.lookup
@@ -123,7 +128,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
             if from_ms is not None and from_ms > asked_ms:
                 sys.exit(f"rdv archive export: --from {args.from_} is after --to "
                          f"{args.to or 'now'}")  # fmt: skip
-            until_ms = ride_out(lambda: archived_until_ms(client, streams), "rdv archive export")
+            until_ms = ride(lambda: archived_until_ms(client, streams))
             future = until_ms is None and asked_ms > open_to_ms(now_ms)
             if future:  # complete until now, and requests of the --to's times are still to come
                 until_ms = now_ms
@@ -150,8 +155,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
     retention_s = settings.feedback_retention_s  # 0: feedback off, no label ever stored
     since_ms = time.time() * 1000 - retention_s * 1000 if retention_s else None
     exporter = Exporter(client, reader, args.deployment, feature_names, classes, entity_key,
-                        labels_since_ms=since_ms,
-                        ride=lambda read: ride_out(read, "rdv archive export"))  # fmt: skip
+                        labels_since_ms=since_ms, ride=ride)  # fmt: skip
     try:
         doc = exporter.export(positions, out, fmt, {"request": request, "file": str(out)})
     except OSError as exc:  # not writable, the disk full (the file at fault: its .meta.json?)

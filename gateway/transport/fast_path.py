@@ -223,8 +223,11 @@ def overload_problem(service: PredictionService, deployment: str) -> Problem:
     """``overloaded`` for the framework's routes (Open Inference Protocol infer, job submit):
     the same 429 from the head, counted the same way, as a ``Problem``."""
     service.metrics.request_done(_label(service, deployment), "rejected", None)
-    problem = problem_of(Overloaded(f"this gateway already holds {service.held} requests; "
-                                    "retry later"))  # fmt: skip
+    return _overload(service.held)
+
+
+def _overload(held: int) -> Problem:
+    problem = problem_of(Overloaded(f"this gateway already holds {held} requests; retry later"))
     assert problem is not None
     return problem
 
@@ -233,10 +236,7 @@ def overload_problem(service: PredictionService, deployment: str) -> Problem:
 def _refusal(in_flight: int) -> Reply:
     """The 429 at this many requests in flight, built once (at the bound it is always the
     same); shared, so never changed in place."""
-    exc = Overloaded(f"this gateway already holds {in_flight} requests; retry later")
-    problem = problem_of(exc)
-    assert problem is not None
-    return problem.reply()
+    return _overload(in_flight).reply()
 
 
 async def predict_reply(

@@ -29,6 +29,7 @@ from redis.retry import Retry
 
 from rendezvous.bus.redis_needs import refused_for_good
 from rendezvous.bus.waiting_cluster import SPARE_CONNECTIONS, Turns, WaitingRedisCluster
+from rendezvous.retry_log import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +119,10 @@ async def _is_cluster_async(client: aioredis.Redis) -> bool:
 def _refused_as_single(refusal: Exception) -> bool:
     """False, the node taken as a single one: a node outside a cluster refuses ``CLUSTER
     INFO``, and so does a user without it (said)."""
-    if "cluster support disabled" not in str(refusal) and not _SAID_ONCE.get("single"):
-        _SAID_ONCE["single"] = True  # each connect said it: 16 lines a start (a probe)
-        log.warning("cannot tell whether Redis is a cluster (%s): taken as a single node", refusal)
+    if "cluster support disabled" not in str(refusal):
+        warn_once(log, "single", "cannot tell whether Redis is a cluster (%s): taken as a "
+                  "single node", refusal)  # fmt: skip
     return False
-
-
-_SAID_ONCE: dict[str, bool] = {}
-"""Warnings a process says once, however many clients it connects."""
 
 
 def permanent_refusal(exc: BaseException) -> str | None:

@@ -23,6 +23,8 @@ from typing import Any
 
 import redis
 
+from rendezvous.retry_log import warn_once
+
 log = logging.getLogger(__name__)
 
 PROBE_SCRIPT = "return 1"
@@ -61,9 +63,6 @@ def _refusal(replies: list[Any]) -> None:
     for reply in replies:
         if isinstance(reply, Exception) and refused_for_good(reply):
             raise no_scripts(reply) from None
-
-
-_said_unchecked: list[bool] = []
 
 
 class RedisUnfit(ValueError):
@@ -133,11 +132,9 @@ def judged(reply: Any, allow_eviction: bool) -> Mapping[str, Any] | None:
     """The first node's ``INFO memory`` (None: unreadable), after refusing (or, allowed,
     warning of) an evicting policy on any node."""
     if reply is None:
-        if not _said_unchecked:
-            _said_unchecked.append(True)  # once a process, however often it checks
-            log.warning("cannot read INFO memory (this user may not run INFO): Redis's memory "
-                        "limit and eviction policy go unchecked; keep maxmemory-policy "
-                        "noeviction")  # fmt: skip
+        warn_once(log, "unchecked", "cannot read INFO memory (this user may not run INFO): "
+                  "Redis's memory limit and eviction policy go unchecked; keep "
+                  "maxmemory-policy noeviction")  # fmt: skip
         return None
     infos = _per_node(reply)
     for info in infos:
