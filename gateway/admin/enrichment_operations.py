@@ -130,11 +130,15 @@ def _entity_writes(
             problems.append(f"not looked-up features: {unknown[:5]}")
         if not values:
             problems.append("no feature")
+        numbers = []
         for k, v in values.items():
             if k in known and not float32_number(v):
                 problems.append(f"{k!r} is not a finite float32 number")
-            elif k in known and rule is not None and rule.integer is not None:
-                problems += [f"{k!r}: {why}" for *_, why in faults(np.array([[v]], float), rule)]
+            elif k in known:
+                numbers.append((k, v))
+        if numbers and rule is not None and rule.integer is not None:  # one check a row
+            given = np.array([[v for _, v in numbers]], dtype=np.float64)
+            problems += [f"{numbers[c][0]!r}: {why}" for _, c, _, why in faults(given, rule)]
         if problems:
             errors.append({"row": i, lookup.key: str(entity)[:130], "msg": "; ".join(problems)})
         else:
