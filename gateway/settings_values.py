@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, ValidationError
 from pydantic_settings import SettingsError
 
-from rendezvous.bus.connection import redacted, seed_urls
+from rendezvous.bus.urls import redacted, seed_urls
 
 TOKEN = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 """A bearer token: printable ASCII, spaces only inside."""

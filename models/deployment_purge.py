@@ -45,7 +45,8 @@ from models.deployments import (
     without_past_partitions,
 )
 from rendezvous import names
-from rendezvous.bus.connection import REDIS_FAILURES, Client
+from rendezvous.bus.connection import Client
+from rendezvous.bus.failures import REDIS_FAILURES
 
 log = logging.getLogger(__name__)
 

@@ -41,8 +41,9 @@ from models.logbin_watch import DetectorRelay
 from models.name_owner import let_go, renewal
 from rendezvous import names
 from rendezvous.bus.aside import ASIDE_S, UNREACHABLE
-from rendezvous.bus.connection import REDIS_DOWN, REDIS_FAILURES, Client, refused_for_a_while
+from rendezvous.bus.connection import Client
 from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry
+from rendezvous.bus.failures import REDIS_DOWN, REDIS_FAILURES, refused_for_a_while
 from rendezvous.bus.retention import Retention
 from rendezvous.bus.routing import Command, command, raise_first_error
 from rendezvous.envelope import RequestEnvelope

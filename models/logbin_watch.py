@@ -15,7 +15,7 @@ from typing import Any
 from models.feature_watch import FeatureWatch
 from rendezvous import names
 from rendezvous.bus.blocking_router import BlockingRouter
-from rendezvous.bus.connection import REDIS_FAILURES
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.bus.routing import Command, command
 from rendezvous.envelope import RequestEnvelope
 

@@ -38,7 +38,8 @@ from models.replay_given import given_of, load_given
 from models.replay_report import Given, Tally, count_request, report_view
 from models.replay_store import DONE, FAILED, INTERRUPTED, RUNNING, LeaseLost, ReplayStore
 from rendezvous import names
-from rendezvous.bus.connection import REDIS_DOWN, REDIS_FAILURES, Client
+from rendezvous.bus.connection import Client
+from rendezvous.bus.failures import REDIS_DOWN, REDIS_FAILURES
 from rendezvous.input_types import DTYPES, WIRE_TYPES, unfit
 from rendezvous.retry_log import RetryLog
 

@@ -43,8 +43,9 @@ from models.worker_triage import triage
 from models.worker_writes import check_written, reply_commands
 from rendezvous import names
 from rendezvous.bus import clock
-from rendezvous.bus.connection import REDIS_FAILURES, Client
+from rendezvous.bus.connection import Client
 from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry, Membership
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.bus.routing import command
 
 log = logging.getLogger(__name__)

@@ -39,8 +39,9 @@ from models.deployments import Deployment
 from models.hosting import HOSTED_BLOCK_MS
 from models.registry import ModelNotFound
 from models.worker import ModelWorker
-from rendezvous.bus.connection import REDIS_FAILURES, Client
+from rendezvous.bus.connection import Client
 from rendezvous.bus.consumer import stop_thread
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.liveness import Liveness
 from rendezvous.names import REAL
 from rendezvous.retry_log import RetryLog

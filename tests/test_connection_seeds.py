@@ -14,8 +14,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from rendezvous.bus.connection import connect, connect_async, seed_urls
+from rendezvous.bus.connection import connect, connect_async
 from rendezvous.bus.local_cluster import LocalCluster
+from rendezvous.bus.urls import seed_urls
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +35,7 @@ def test_each_node_keeps_the_scheme_user_password_path_and_query() -> None:
 def test_a_logged_url_shows_no_password() -> None:
     """Cut at the first ``@``, a password holding one (which redis-py takes) had its tail
     logged; a ``password`` in the query was logged whole (a helper's probe)."""
-    from rendezvous.bus.connection import redacted
+    from rendezvous.bus.urls import redacted
 
     assert (
         redacted("redis://default:Pw@Word-TAIL@127.0.0.1:6379/0") == "redis://***@127.0.0.1:6379/0"
@@ -49,7 +50,7 @@ def test_a_logged_url_shows_no_password() -> None:
 def test_a_moved_reply_says_the_node_is_a_clusters() -> None:
     """A cluster user that may run neither INFO nor CLUSTER INFO (Redis 6's -@dangerous) was
     taken for a single node, and the MOVED reply read "did not answer" (a helper's probe)."""
-    from rendezvous.bus.connection import unreachable
+    from rendezvous.bus.failures import unreachable
 
     said = unreachable(redis.exceptions.MovedError("14250 127.0.0.1:7002"), "redis://u:p@h:1")
     assert said is not None and "answered MOVED" in said and "+cluster|info" in said
@@ -59,7 +60,7 @@ def test_a_moved_reply_says_the_node_is_a_clusters() -> None:
 def test_tls_and_password_failures_say_which(redis_url: str) -> None:
     """A rediss:// URL to a plain port read "did not answer... Is it running?", and a URL
     without a password to a Redis that wants one "refused the user or password" (a probe)."""
-    from rendezvous.bus.connection import permanent_refusal, unreachable
+    from rendezvous.bus.failures import permanent_refusal, unreachable
 
     plain = redis_url.replace("redis://", "rediss://") + "?ssl_cert_reqs=none"
     with pytest.raises(redis.RedisError) as failed:  # a timeout: a plain Redis waits for more

@@ -28,7 +28,8 @@ from models.deployment_store import DeploymentStore
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
 from rendezvous import names
-from rendezvous.bus.connection import REDIS_FAILURES, connect_async
+from rendezvous.bus.connection import connect_async
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.bus.server import EmbeddedRedis
 from rendezvous.decision import BinOutput, DecisionRecord
 from rendezvous.divergence import Divergence

@@ -34,7 +34,8 @@ from processes import PREDICT, System, launch_system, wait_until
 from rdv_client import Client, RdvError
 from rendezvous import names
 from rendezvous.bus.async_router import Router
-from rendezvous.bus.connection import REDIS_FAILURES, connect_async
+from rendezvous.bus.connection import connect_async
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.bus.server import EmbeddedRedis
 from rendezvous.envelope import RequestEnvelope
 from rendezvous.schedule import Schedule

@@ -13,7 +13,8 @@ import pytest
 
 from gateway.dataplane.outcome_store import PARTS, UNWRITTEN_S, OutcomeStore
 from rendezvous import names
-from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, connect_async
+from rendezvous.bus.connection import AsyncClient, connect_async
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.bus.server import EmbeddedRedis
 from rendezvous.decision import BinOutput, DecisionRecord
 from rendezvous.outcomes import Outcome

@@ -130,7 +130,7 @@ async def test_a_user_without_a_data_command_or_the_keys_is_refused_naming_it(
 def test_a_refusal_names_the_node_once_every_node_named_was_tried(server: EmbeddedRedis) -> None:
     """A refusal by one node of several stopped the start at it and named none (a user
     missing on one node of a cluster; a helper's probe): the other nodes are tried first."""
-    from rendezvous.bus.connection import permanent_refusal
+    from rendezvous.bus.failures import permanent_refusal
 
     dead = free_port()
     live = server.url.removeprefix("redis://").split("/")[0]

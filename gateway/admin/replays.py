@@ -41,7 +41,8 @@ from models.replay_store import (
     new_replay_id,
 )
 from rendezvous import names
-from rendezvous.bus.connection import REDIS_FAILURES, Client
+from rendezvous.bus.connection import Client
+from rendezvous.bus.failures import REDIS_FAILURES
 
 log = logging.getLogger(__name__)
 

@@ -290,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"rdv {args.command}: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
-        from rendezvous.bus.connection import permanent_refusal, unreachable
+        from rendezvous.bus.failures import permanent_refusal, unreachable
 
         reason = (permanent_refusal(exc) or unreachable(exc, settings.redis_url)
                   or gateway_unreachable(exc) or operator_fault(exc))  # fmt: skip

@@ -88,7 +88,7 @@ def ride_out(read: Callable[[], T], what: str, budget_s: float = REDIS_RIDE_OUT_
     0.3 s after a master was killed failed at once, naming nodes that were up (a helper's
     probe): the cluster client tries a lost node's slots twice within a tenth of a second,
     which suits a gateway's caller, not a person's command."""
-    from rendezvous.bus.connection import REDIS_DOWN
+    from rendezvous.bus.failures import REDIS_DOWN
 
     deadline = time.monotonic() + budget_s
     pause = FIRST_BACKOFF_S / 5

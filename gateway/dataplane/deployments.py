@@ -10,7 +10,8 @@ from typing import Any
 from gateway.dataplane.failures import UnknownDeployment
 from models.deployments import Deployment, StateReader
 from rendezvous import names
-from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
+from rendezvous.bus.connection import AsyncClient, text
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.bus.redis_needs import refused_for_good
 from rendezvous.retry_log import RetryLog
 

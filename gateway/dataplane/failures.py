@@ -17,7 +17,7 @@ from redis.exceptions import RedisClusterException
 
 from gateway.dataplane.mailbox import Answer, DuplicateRequest
 from gateway.problems import RETRY, Problem, unavailable
-from rendezvous.bus.connection import REDIS_FAILURES, refused_for_a_while
+from rendezvous.bus.failures import REDIS_FAILURES, refused_for_a_while
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,8 @@ from gateway.dataplane.job_vocabulary import (
 )
 from gateway.dataplane.service import PredictionService
 from rendezvous import names
-from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, on_key_node, text
+from rendezvous.bus.connection import AsyncClient, on_key_node, text
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.bus.retention import FORGET_GONE_CONSUMERS
 from rendezvous.retry_log import RetryLog
 

@@ -56,7 +56,8 @@ from gateway.dataplane.job_vocabulary import (
 from gateway.dataplane.service import PredictionService
 from gateway.dataplane.validation import check_request_id, enriched_rows, parse_body, to_matrix
 from rendezvous import names
-from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, on_key_node, text
+from rendezvous.bus.connection import AsyncClient, on_key_node, text
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.retry_log import RetryLog
 
 log = logging.getLogger(__name__)

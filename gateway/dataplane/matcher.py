@@ -22,7 +22,8 @@ from gateway.dataplane.realtime_first import RealtimeFirst
 from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
 from rendezvous.bus.async_router import Router
-from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
+from rendezvous.bus.connection import AsyncClient
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.bus.routing import Command, raise_first_error
 from rendezvous.decision import DecisionRecord
 from rendezvous.envelope import EnvelopeError, ModelResult, decode_results

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from rendezvous import names
-from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
+from rendezvous.bus.connection import AsyncClient, text
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.decision import DecisionRecord
 from rendezvous.outcomes import encode_record, held_buckets
 from rendezvous.retry_log import RetryLog

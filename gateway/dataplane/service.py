@@ -51,7 +51,7 @@ from rendezvous.bus.appender import (
     StreamGone,
 )
 from rendezvous.bus.async_router import Router
-from rendezvous.bus.connection import REDIS_FAILURES, refused_for_a_while
+from rendezvous.bus.failures import REDIS_FAILURES, refused_for_a_while
 from rendezvous.envelope import SENT_FIELD, RequestEnvelope
 from rendezvous.input_types import FLOAT32
 from rendezvous.ood import OodReference

@@ -27,7 +27,8 @@ import numpy as np
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability.drift_online import OnlineDrift
 from rendezvous import names
-from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
+from rendezvous.bus.connection import AsyncClient
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.decision import DecisionRecord
 from rendezvous.drift import Sketch
 from rendezvous.drift_reference import FeatureReference, FeatureReferences

@@ -48,7 +48,8 @@ from gateway.observability.drift_view import MONITOR, thresholds_from
 from gateway.observability.evaluation_leases import EvaluationLeases
 from gateway.observability.look_schedule import LookSchedule
 from rendezvous import names
-from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
+from rendezvous.bus.connection import AsyncClient
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.drift import Sketch
 from rendezvous.drift_alerts import Thresholds, evaluate_alerts, window_report
 from rendezvous.drift_reference import FeatureReference, FeatureReferences

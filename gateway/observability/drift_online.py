@@ -44,7 +44,8 @@ from gateway.observability.gateway_claims import (
     prior_rows,
 )
 from rendezvous import drift_claims, names
-from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
+from rendezvous.bus.connection import AsyncClient
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.decision import DecisionRecord
 from rendezvous.drift_prior import PriorDetector, prior_labels, prior_reference
 from rendezvous.drift_settings import DetectorSettings

@@ -32,7 +32,8 @@ from typing import Any, cast
 from gateway.observability.alert_webhooks import AlertWebhooks, shown_url
 from rendezvous import names
 from rendezvous.bus.clock import entry_order
-from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, text
+from rendezvous.bus.connection import AsyncClient, text
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.retry_log import RetryLog
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ from gateway.observability.evaluation_leases import EvaluationLeases
 from gateway.observability.look_schedule import LookSchedule
 from rendezvous import names
 from rendezvous.accuracy import accuracy_report
-from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient
+from rendezvous.bus.connection import AsyncClient
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.outcomes import decode_labelled
 from rendezvous.retry_log import RetryLog
 

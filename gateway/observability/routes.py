@@ -21,7 +21,7 @@ from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.metrics_state import state_registry
 from gateway.problems import Problem
 from rendezvous import names
-from rendezvous.bus.connection import REDIS_FAILURES
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.drift_reference import FeatureReference
 
 

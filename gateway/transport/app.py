@@ -51,7 +51,8 @@ from gateway.transport.vital_tasks import VitalTasks, keep_serving, stop_this_pr
 from rendezvous import liveness, names
 from rendezvous.bus.appender import StreamAppender
 from rendezvous.bus.async_router import Router
-from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, connect_async
+from rendezvous.bus.connection import AsyncClient, connect_async
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.bus.redis_needs import RedisUnfit, check_async
 from rendezvous.decision import DecisionRecord
 from rendezvous.heap import settle_heap, trim_heap_every

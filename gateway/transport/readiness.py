@@ -20,7 +20,8 @@ from typing import Any
 from gateway.problems import RETRY, Problem
 from rendezvous import names
 from rendezvous.bus import clock
-from rendezvous.bus.connection import REDIS_FAILURES, AsyncClient, refused_for_a_while
+from rendezvous.bus.connection import AsyncClient
+from rendezvous.bus.failures import REDIS_FAILURES, refused_for_a_while
 
 READ_TIMEOUT_S = 0.8
 """The bound of each read: a node that is away answers nothing (redis-py's cluster client retries

@@ -24,7 +24,7 @@ from redis.exceptions import ResponseError, TryAgainError
 from rendezvous.bus.append_commands import PendingAppend, now_ms, plain_xadd, take, xadd
 from rendezvous.bus.async_router import Router
 from rendezvous.bus.clock import entry_order
-from rendezvous.bus.connection import REDIS_FAILURES
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.bus.routing import Command
 
 log = logging.getLogger(__name__)

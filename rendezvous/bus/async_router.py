@@ -23,8 +23,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import TryAgainError
 
 from rendezvous.bus import routing
-from rendezvous.bus.connection import REDIS_FAILURES
 from rendezvous.bus.connection import AsyncClient as AnyAsyncClient
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.bus.routing import Command, Plan
 
 

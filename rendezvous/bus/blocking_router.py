@@ -19,8 +19,8 @@ from redis.exceptions import TryAgainError
 from redis.utils import SENTINEL
 
 from rendezvous.bus import routing
-from rendezvous.bus.connection import REDIS_FAILURES, refused_for_a_while
 from rendezvous.bus.connection import Client as AnyClient
+from rendezvous.bus.failures import REDIS_FAILURES, refused_for_a_while
 from rendezvous.bus.routing import Command, Plan
 
 log = logging.getLogger(__name__)

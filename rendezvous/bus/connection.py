@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import ssl
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -24,33 +22,17 @@ from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.cluster import ClusterNode as SyncClusterNode
-from redis.exceptions import AskError, ClusterError, RedisClusterException, TryAgainError
 from redis.retry import Retry
 
+from rendezvous.bus.failures import REDIS_DOWN, permanent_refusal
 from rendezvous.bus.redis_needs import refused_for_good
+from rendezvous.bus.urls import redacted, seed_urls
 from rendezvous.bus.waiting_cluster import SPARE_CONNECTIONS, Turns, WaitingRedisCluster
 from rendezvous.retry_log import warn_once
 
 log = logging.getLogger(__name__)
 
-REDIS_DOWN: tuple[type[Exception], ...] = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    redis.BusyLoadingError,
-    ClusterError,  # CLUSTERDOWN, a master down, redirects that went round in circles
-    TryAgainError,  # a slot being migrated
-    AskError,  # MOVED or ASK still, after a batch followed one: the slot's owner is changing
-    RedisClusterException,  # no node covers a slot yet (a failover), no node reachable
-)
-"""Failures that pass: Redis unreachable, restarting or loading its data, or a cluster electing
-a new master or moving a slot."""
-
 _RETRYABLE: tuple[type[Exception], ...] = (*REDIS_DOWN, OSError)
-
-REDIS_FAILURES: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException, OSError)
-"""Anything a Redis call fails with that is not a bug in the caller (``TimeoutError`` is an
-``OSError``): what a background loop
-rides out (a cluster client raises ``RedisClusterException``, which is no ``RedisError``)."""
 
 
 def _stale_connection_retry(kind: type[Retry] | type[AsyncRetry] = Retry) -> Any:
@@ -123,57 +105,6 @@ def _refused_as_single(refusal: Exception) -> bool:
         warn_once(log, "single", "cannot tell whether Redis is a cluster (%s): taken as a "
                   "single node", refusal)  # fmt: skip
     return False
-
-
-def permanent_refusal(exc: BaseException) -> str | None:
-    """Why Redis will go on refusing this client however long it waits (a wrong user or
-    password, a TLS certificate this host does not trust), else None. Such a failure is not
-    retried as if Redis were still starting: it is a setting to fix."""
-    if isinstance(exc, redis.AuthenticationError):
-        where = "; ".join(getattr(exc, "__notes__", ()))  # the node, said by ``_give_up``
-        exc = redis.AuthenticationError(f"{exc}{f', {where}' if where else ''}")
-        if "required" in str(exc).lower():  # NOAUTH: it said "refused the user or password"
-            return (f"Redis asks for a password and the URL gives none ({exc}): "
-                    "redis://:password@host:port, or redis://user:password@host:port")  # fmt: skip
-        return f"Redis refused the user or password in the URL ({exc})"
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            if "hostname" in str(seen.verify_message).lower():  # the CA is trusted (a probe)
-                return (
-                    f"Redis's TLS certificate does not name the host in the URL "
-                    f"({seen.verify_message}): use a name it holds, or ?ssl_check_hostname=false"
-                )
-            return (
-                f"Redis's TLS certificate is not trusted here ({seen.verify_message}): "
-                "?ssl_ca_certs=/path/ca.pem in the URL may name the CA that signed it"
-            )
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def _tls_failure(exc: BaseException) -> BaseException | None:
-    """The TLS failure under a connection failure, if any: an SSL error, or a handshake that
-    timed out (a plain Redis reads a TLS hello as the start of a command, and waits)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLError) or "handshake" in str(seen).lower():
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def seed_urls(url: str) -> list[str]:
-    """The nodes ``url`` names, one URL each. ``RDV_REDIS_URL`` may name several nodes of one
-    cluster (``redis://user:password@host1:port1,host2:port2``), so that a process starting
-    while one of them is down finds the cluster through another; each URL keeps the scheme,
-    user, password, path and query."""
-    parts = urlsplit(url)
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    if "," not in hosts:
-        return [url]
-    tail = parts.path + (f"?{parts.query}" if parts.query else "")
-    return [f"{parts.scheme}://{userinfo}{at}{host}{tail}" for host in hosts.split(",") if host]
 
 
 def _several_seeds_need_a_cluster(seeds: list[str], seed: str) -> NoReturn:
@@ -321,30 +252,6 @@ async def connect_async(
             delay_s = min(delay_s * 2, 1.0)
 
 
-def unreachable(exc: BaseException, url: str | None) -> str | None:
-    """What to tell a command whose Redis did not answer however long it waited (None: not
-    that failure)."""
-    if not isinstance(exc, REDIS_DOWN):
-        return None
-    where = f" at {redacted(url)}" if url else ""
-    if (tls := _tls_failure(exc)) is not None:  # read as "did not answer... running?"
-        return (
-            f"the TLS handshake with Redis{where} failed ({tls}): a rediss:// URL to a port "
-            "that speaks plain Redis, or a client certificate the server wants "
-            "(?ssl_certfile=...&ssl_keyfile=...)?"
-        )
-    if isinstance(exc, redis.exceptions.MovedError):  # read as "did not answer" (a probe)
-        return (
-            f"Redis{where} answered MOVED ({exc}): it is a node of a Redis Cluster that this "
-            "user could not tell as one (it may run neither INFO nor CLUSTER INFO, as under "
-            "-@dangerous on Redis 6): grant it +cluster|info +cluster|slots"
-        )
-    return (
-        f"Redis{where} did not answer ({exc}). Is it running? RDV_REDIS_URL may name several "
-        "nodes of a cluster (redis://host1:port1,host2:port2), found through any that answers"
-    )
-
-
 async def on_key_node(client: AsyncClient, key: str, *args: Any) -> Any:
     """``args``, a command whose keys redis-py can find only by asking a node (``XREAD``,
     ``XREADGROUP``: on Redis before 7 it sends ``COMMAND GETKEYS`` to its default node), run
@@ -359,59 +266,7 @@ async def on_key_node(client: AsyncClient, key: str, *args: Any) -> Any:
     return await client.execute_command(*args)
 
 
-def redacted(url: str) -> str:
-    """Never log a password that sits in the URL: the user information up to the last ``@``
-    (a password may hold one, which redis-py takes: cut at the first, its tail was logged; a
-    helper's probe), and a ``password`` or ``username`` in the query."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    if "@" in rest:
-        rest = "***@" + rest.rpartition("@")[2]
-    return scheme + "://" + _SECRET_OPTION.sub(r"\1\2=***", rest)
-
-
-_SECRET_OPTION = re.compile(r"([?&])(password|username)=[^&]*", re.IGNORECASE)
-
-
 def text(value: bytes | str) -> str:
     """A reply of a client made without ``decode_responses`` as text. Such a client always
     answers bytes; redis-py's annotations say ``bytes | str`` for either kind of client."""
     return value.decode() if isinstance(value, bytes) else value
-
-
-MEMORY_LIMIT = (
-    "Redis is at its memory limit (maxmemory) and refuses writes; free memory or raise the "
-    "limit (lower RDV_DECISIONS_MAXLEN, RDV_MAX_BACKLOG and RDV_REPLY_MAXLEN to fit it)"
-)
-BUSY_SCRIPT = (
-    "Redis is busy running a script or function past its time limit (BUSY) and refuses every "
-    "command until it ends or is killed (SCRIPT KILL, FUNCTION KILL)"
-)
-CANNOT_PERSIST = (
-    "Redis cannot write its data to disk (MISCONF: its disk is full or unwritable) and "
-    "refuses writes until it can; free its disk (it goes on by itself)"
-)
-
-
-_REFUSALS = {"OOM": MEMORY_LIMIT, "MISCONF": CANNOT_PERSIST, "BUSY": BUSY_SCRIPT}
-
-
-def refused_for_a_while(exc: BaseException) -> str | None:
-    """Why Redis refused a command for a while, or None: at its ``maxmemory`` (``noeviction``;
-    writes, until memory frees or the limit is raised), unable to persist (``MISCONF``: its
-    disk is full; writes, until it has room), or busy running a script past its time limit
-    (``BUSY``: every command, until the script ends or is killed; a worker stopped on it, a
-    helper's probe). A script's call carries the code inside its own error (``...:
-    @user_script:6: -MISCONF ...``): a full disk under the data folder made every worker stop
-    on an error, and the log bin log a traceback four times a second (found by a helper's
-    probe)."""
-    if isinstance(exc, redis.exceptions.OutOfMemoryError):
-        return MEMORY_LIMIT
-    if not isinstance(exc, redis.ResponseError):
-        return None
-    found = _REFUSED_CODE.search(str(exc))  # a pipeline's: "Command # 1 (...) caused error: X"
-    return _REFUSALS[found.group(1)] if found else None
-
-
-_REFUSED_CODE = re.compile(r"(?:^|-|error: )(OOM|MISCONF|BUSY) ")

@@ -39,8 +39,8 @@ import redis
 
 from rendezvous.bus import group_reads
 from rendezvous.bus.aside import SetAside
-from rendezvous.bus.connection import REDIS_DOWN, refused_for_a_while
 from rendezvous.bus.connection import Client as AnyClient
+from rendezvous.bus.failures import REDIS_DOWN, refused_for_a_while
 from rendezvous.bus.group_reads import Batch, Entry, Membership
 from rendezvous.bus.reader import GroupReader
 from rendezvous.bus.routing import Command, command

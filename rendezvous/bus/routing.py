@@ -50,9 +50,9 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
 
-from rendezvous.bus.connection import REDIS_FAILURES
 from rendezvous.bus.connection import AsyncClient as AnyAsyncClient
 from rendezvous.bus.connection import Client as AnyClient
+from rendezvous.bus.failures import REDIS_FAILURES
 
 _ASKING = (b"ASKING",)
 TRYAGAIN_PAUSE_S = 0.01
