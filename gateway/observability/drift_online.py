@@ -17,12 +17,9 @@ half of the traffic, and either may raise the alert; it clears once no process h
 
 A process that dies leaves its claim to go stale, and its alert would then clear though the
 feed is still broken (a "resolved", and a "firing" again once a fresh detector has seen enough:
-a restarted gateway has a new instance name). So a process that judges the same real model
-adopts the prior alert of a gateway claim no longer renewed (``orphan_after_s``, well before it
-goes stale) and holds it until its own detector has judged ``hold_rows`` rows, or raised the
-alert itself. The other way round, a live process whose own alert stands while it judges
-nothing more (its callers' connections went to another process) lets it go once the others
-have judged ``hold_rows`` rows without it.
+a restarted gateway has a new instance name). So the alert is handed between processes
+(``prior_handover``): another process judging the same real model adopts it and holds it until
+its own detector can say for itself.
 """
 
 from __future__ import annotations
@@ -31,18 +28,13 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability import drift_store
-from gateway.observability.gateway_claims import (
-    judged_over,
-    judged_since,
-    orphaned,
-    prior_rows,
-)
+from gateway.observability.gateway_claims import orphaned
+from gateway.observability.prior_handover import DeploymentPrior, Handover
 from rendezvous import drift_claims, names
 from rendezvous.bus.connection import AsyncClient
 from rendezvous.bus.failures import REDIS_FAILURES
@@ -57,30 +49,6 @@ log = logging.getLogger(__name__)
 ORPHAN_LOOK_S = 2.0
 """How often the claims of deployments with no traffic here are read for orphaned alerts (a
 dead claim is adoptable from ``orphan_after_s``, 3 s, until it goes stale at 10 s)."""
-
-
-@dataclass
-class _Deployment:
-    prior: PriorDetector | None = None
-    model: str | None = None
-    """The real model the prior detector judges (``name:version``)."""
-    labels: list[int] = field(default_factory=list)
-    """Real's predicted classes not yet judged (column indices; a binary model's 1 is its
-    positive class)."""
-    scheduled: bool = False
-    last_run: float = 0.0
-    figures: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Statistics of the alerts released since the last claim (for their clear events)."""
-    changed: bool = False
-    held: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Alerts adopted from a gateway process that stopped claiming them (by alert id)."""
-    hold_until: int = 0
-    """The prior's ``rows_seen`` at which the held alerts are released."""
-    marks: dict[str, int] = field(default_factory=dict)
-    marked_at: int = -1
-    """While this process's own prior alert stands: the other live processes' judged rows
-    when its detector last judged a row (at ``marked_at`` rows), to let the alert go once
-    they judge ``hold_rows`` more without it and it judges none."""
 
 
 class OnlineDrift:
@@ -109,7 +77,8 @@ class OnlineDrift:
         """A gateway claim not renewed for this long is a dead process's (they renew every
         ``publish_s``): its alert is adopted before the claim goes stale at ``stale_s``."""
         self.hold_rows = self.settings.drift_window
-        self._deps: dict[str, _Deployment] = {}
+        self.handover = Handover(self.source, self.orphan_after_ms, self.hold_rows)
+        self._deps: dict[str, DeploymentPrior] = {}
         self._references: dict[str, tuple[float | list[float], list[Any] | None] | None] = {}
         """Model -> its prior's reference and class names (None: it has none)."""
         self._looking_up: set[str] = set()
@@ -126,7 +95,7 @@ class OnlineDrift:
         if real is None or real.probabilities is None:
             return
         dep = self._deps.get(record.deployment) or self._deps.setdefault(
-            record.deployment, _Deployment()
+            record.deployment, DeploymentPrior()
         )
         key = real.model_key
         if dep.model != key:
@@ -141,7 +110,7 @@ class OnlineDrift:
         if dep.labels and not dep.scheduled:  # judged within min_interval_s
             self._schedule(record.deployment, dep)
 
-    def _schedule(self, deployment: str, dep: _Deployment) -> None:
+    def _schedule(self, deployment: str, dep: DeploymentPrior) -> None:
         loop = asyncio.get_running_loop()
         dep.scheduled = True
         delay = max(0.0, dep.last_run + self.min_interval_s - loop.time())
@@ -161,20 +130,13 @@ class OnlineDrift:
             if dep.prior is not None and labels:
                 what, alert = dep.prior.update(labels)
                 if what is not None:
-                    self._note(dep, [alert] if what == "raised" else [],
+                    dep.note([alert] if what == "raised" else [],
                                [alert] if what == "cleared" else [])  # fmt: skip
-                self._release_held(deployment, dep)
+                self.handover.release_held(deployment, dep)
         except Exception:
             log.exception("online drift detectors of %s failed", deployment)
         if dep.changed and deployment not in self._publishing:
             self._spawn_publish(deployment)
-
-    def _note(
-        self, dep: _Deployment, raised: list[dict[str, Any]], cleared: list[dict[str, Any]]
-    ) -> None:
-        dep.figures.update(drift_claims.cleared_figures(cleared))
-        if raised or cleared:
-            dep.changed = True
 
     def _retry_log(self, deployment: str) -> RetryLog:
         found = self._retry_logs.get(deployment)
@@ -184,72 +146,7 @@ class OnlineDrift:
             )
         return found
 
-    def _active(self, dep: _Deployment) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = dict(dep.held)
-        if dep.prior is not None and dep.prior.active is not None:
-            out["prediction_prior"] = dep.prior.active
-        return out
-
     # -- alerts of a process that died --------------------------------------------------------
-
-    def _adopt(self, deployment: str, dep: _Deployment, claims: Mapping[str, Any]) -> None:
-        """Hold the alerts of other gateway processes' claims that stopped being renewed, when
-        they judged the model this process judges (its detector perhaps not made yet: they
-        are then held until it has judged ``hold_rows``)."""
-        if dep.model is None:
-            return
-        now_ms = time.time() * 1000
-        for source, alerts in orphaned(claims, self.source, dep.model, now_ms,
-                                       self.orphan_after_ms):  # fmt: skip
-            new = {k: v for k, v in alerts.items() if k not in self._active(dep)}
-            if new:
-                dep.held.update(new)
-                dep.hold_until = (dep.prior.rows_seen if dep.prior else 0) + self.hold_rows
-                dep.changed = True
-                log.info("online drift: %s: holding %s of %s, which stopped claiming, until "
-                         "%d rows are judged here", deployment, ", ".join(sorted(new)), source,
-                         self.hold_rows)  # fmt: skip
-
-    def _let_go_for_others(self, deployment: str, dep: _Deployment,
-                           claims: Mapping[str, Any]) -> None:  # fmt: skip
-        """Let go of held alerts that a live gateway process judging the same model, with
-        ``hold_rows`` rows judged, neither holds nor raises: a process that sees none of the
-        deployment's traffic (one that adopted it idle) would otherwise hold them for good."""
-        over, source, rows = judged_over(claims, self.source, dep.model, list(dep.held),
-                                         time.time() * 1000, self.orphan_after_ms,
-                                         self.hold_rows)  # fmt: skip
-        if over:
-            dep.figures.update(_released([dep.held.pop(a) for a in over], dep.prior))
-            dep.changed = True
-            log.info("online drift: %s: %s judged %d rows without %s: letting go", deployment,
-                     source, rows, ", ".join(over))  # fmt: skip
-
-    def _let_go_when_idle(self, deployment: str, dep: _Deployment,
-                          claims: Mapping[str, Any]) -> None:  # fmt: skip
-        """Let this process's own prior alert go once other live processes judging the same
-        model have judged ``hold_rows`` rows without it while this one judged none: its
-        detector is never fed again where its connections went elsewhere, and the alert stood
-        for good (20,049 healthy rows judged by the other process; a helper's probe)."""
-        prior = dep.prior
-        if prior is None or prior.active is None:
-            dep.marks, dep.marked_at = {}, -1
-            return
-        now_ms = time.time() * 1000
-        if prior.rows_seen != dep.marked_at:  # it judged rows since: they decide, not others
-            dep.marks = prior_rows(claims, self.source, dep.model, now_ms, self.orphan_after_ms)
-            dep.marked_at = prior.rows_seen
-            return
-        judged = prior_rows(claims, self.source, dep.model, now_ms, self.orphan_after_ms)
-        for source, seen in judged.items():
-            if source not in dep.marks or seen < dep.marks[source]:  # new, or restarted:
-                dep.marks[source] = seen  # counted from now
-        found = judged_since(claims, judged, dep.marks, "prediction_prior", self.hold_rows)
-        if found is None:
-            return
-        self._note(dep, [], [prior.release()])
-        dep.marks, dep.marked_at = {}, -1
-        log.info("online drift: %s: %s judged %d rows without prediction_prior while this "
-                 "process judged none: letting its own go", deployment, *found)  # fmt: skip
 
     async def adopt_unseen(self) -> None:
         """The deployments this process has judged no decision of: one whose gateway process
@@ -272,27 +169,13 @@ class OnlineDrift:
             claims = drift_store.parse({}, {}, raw)["claims"]
             if not any(orphaned(claims, self.source, str(real), now_ms, self.orphan_after_ms)):
                 continue
-            dep = self._deps.setdefault(deployment, _Deployment())
+            dep = self._deps.setdefault(deployment, DeploymentPrior())
             self._new_model(deployment, dep, str(real))
-            self._adopt(deployment, dep, claims)
+            self.handover.adopt(deployment, dep, claims)
             if dep.changed and deployment not in self._publishing:
                 self._spawn_publish(deployment)
 
-    def _release_held(self, deployment: str, dep: _Deployment) -> None:
-        """Held alerts go once the detector has judged enough rows to say for itself (or
-        holds the alert itself)."""
-        if not dep.held or dep.prior is None:
-            return
-        if dep.prior.active is not None:
-            dep.held.pop("prediction_prior", None)
-        if dep.held and dep.prior.rows_seen >= dep.hold_until:
-            dep.figures.update(_released(dep.held.values(), dep.prior))
-            log.info("online drift: %s: %d rows judged, releasing %s", deployment,
-                     dep.prior.rows_seen, ", ".join(sorted(dep.held)))  # fmt: skip
-            dep.held = {}
-            dep.changed = True
-
-    def _new_model(self, deployment: str, dep: _Deployment, key: str) -> None:
+    def _new_model(self, deployment: str, dep: DeploymentPrior, key: str) -> None:
         """A promotion (or the first record): the prior is judged against the new real's
         training scores, once they are known."""
         if dep.prior is not None and dep.prior.active is not None:
@@ -366,7 +249,7 @@ class OnlineDrift:
                     self.client,
                     deployment,
                     self.source,
-                    self._active(dep),
+                    dep.active(),
                     stale_ms=self.stale_ms,
                     figures=figures,
                     extra=self._summary(dep),
@@ -378,15 +261,15 @@ class OnlineDrift:
                 break
             self._retry_log(deployment).succeeded()
             events += decided
-            self._adopt(deployment, dep, claims)
-            self._let_go_for_others(deployment, dep, claims)
-            self._let_go_when_idle(deployment, dep, claims)
+            self.handover.adopt(deployment, dep, claims)
+            self.handover.let_go_for_others(deployment, dep, claims)
+            self.handover.let_go_when_idle(deployment, dep, claims)
             if not dep.changed:
                 break
         announce(deployment, events)
         return events
 
-    def _summary(self, dep: _Deployment) -> dict[str, Any]:
+    def _summary(self, dep: DeploymentPrior) -> dict[str, Any]:
         doc: dict[str, Any] = {"model": dep.model}
         if dep.held:
             doc["held"] = {"alerts": sorted(dep.held), "until_rows": dep.hold_until}
@@ -434,16 +317,3 @@ def announce(deployment: str, events: list[dict[str, Any]]) -> None:
     stream: ``drift_relay``)."""
     for event in events:
         log.warning("%s", drift_claims.event_line(deployment, event))
-
-
-def _released(
-    held: Iterable[dict[str, Any]], prior: PriorDetector | None
-) -> dict[str, dict[str, Any]]:
-    """The figures a held alert clears with: what this process's own detector reads now, not
-    the dead process's figure from its raise (a clear said "0.0862 (threshold 0.6197)", as if
-    the feed were still shifted; a helper's live check)."""
-    figures = drift_claims.cleared_figures(held)
-    if prior is not None and "prediction_prior" in figures and prior.rows_seen:
-        now = prior.alert()
-        figures["prediction_prior"] = {"value": now["value"], "threshold": now["threshold"]}
-    return figures
