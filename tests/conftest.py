@@ -4,11 +4,12 @@ for the session, a flushed client per test."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio
 
 from rendezvous.bus.local_cluster import LocalCluster
 from rendezvous.bus.server import EmbeddedRedis
@@ -107,6 +108,22 @@ def skip_on_cluster(bus_url: str, redis_url: str) -> None:
     suite's time); its module's cluster parameter still runs the rest."""
     if bus_url != redis_url:
         pytest.skip("the same on a cluster; run on the single node only")
+
+
+@pytest.fixture
+async def aclient(
+    r: redis.Redis, redis_url: str, demo_data_dir: Path
+) -> AsyncIterator[redis.asyncio.Redis]:
+    """An asyncio client on the session's Redis (flushed) holding the demo deployment."""
+    from models.demo import demo_deployment
+    from models.deployment_store import DeploymentStore
+    from models.registry import ModelRegistry
+    from rendezvous.schedule import Schedule
+
+    DeploymentStore(r).create(demo_deployment(ModelRegistry(demo_data_dir / "models"), Schedule()))
+    c = redis.asyncio.Redis.from_url(redis_url)
+    yield c
+    await c.aclose()
 
 
 @pytest.fixture

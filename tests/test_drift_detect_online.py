@@ -1,16 +1,14 @@
 """The online detectors against a real Redis: the feature detectors in the log bin (rows in,
 alerts out in the shared list with their events, counts and the webhooks a gateway relays), the
-prediction prior in a gateway process; several sources merged into one list, a source that goes
+several sources merged into one list, a source that goes
 silent dropped."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,28 +35,16 @@ from processes import WebhookReceiver
 from rendezvous import drift_claims, names
 from rendezvous.bus.connection import AsyncClient, connect_async
 from rendezvous.bus.routing import Command
-from rendezvous.decision import BinOutput, DecisionRecord
 from rendezvous.drift_alerts import Thresholds
 from rendezvous.drift_detect import FeatureDetectors
-from rendezvous.drift_prior import positive_share
 from rendezvous.envelope import RequestEnvelope
 from rendezvous.schedule import Schedule
 
 
-@pytest.fixture
-async def client(
-    r: redis.Redis, redis_url: str, demo_data_dir: Path
-) -> AsyncIterator[aioredis.Redis]:
-    DeploymentStore(r).create(demo_deployment(ModelRegistry(demo_data_dir / "models"), Schedule()))
-    c = aioredis.Redis.from_url(redis_url)
-    yield c
-    await c.aclose()
-
-
-async def online(client: AsyncClient, demo_data_dir: Path, instance: str) -> OnlineDrift:
-    deployments = DeploymentCache(client)
+async def online(aclient: AsyncClient, demo_data_dir: Path, instance: str) -> OnlineDrift:
+    deployments = DeploymentCache(aclient)
     await deployments.refresh()
-    return OnlineDrift(client, deployments, instance,
+    return OnlineDrift(aclient, deployments, instance,
                        local_meta=local_model_meta(demo_data_dir / "models"))  # fmt: skip
 
 
@@ -74,8 +60,8 @@ def publish(r: redis.Redis | redis.RedisCluster, rows: np.ndarray, spec_version:
 
 @pytest.fixture(params=["single", "cluster"])
 def bus(request: pytest.FixtureRequest) -> tuple[redis.Redis | redis.RedisCluster, str]:
-    """A flushed client and its URL, on the single node, then on the cluster (the log bin's
-    claims ride in a pipeline that a cluster client splits by node)."""
+    """A flushed aclient and its URL, on the single node, then on the cluster (the log bin's
+    claims ride in a pipeline that a cluster aclient splits by node)."""
     if request.param == "single":
         return request.getfixturevalue("r"), request.getfixturevalue("redis_url")
     cluster = request.getfixturevalue("redis_cluster")
@@ -94,12 +80,12 @@ async def test_the_log_bin_alerts_a_unit_change_names_it_clears_it_and_a_gateway
     DeploymentStore(r).create(state)
     writer = SegmentWriter(data_dir)
     logbin = LogBin(r, writer, consumer="lb-1", deployments=[DEMO_DEPLOYMENT], batch_size=16)
-    client = await connect_async(url)
-    deployments = DeploymentCache(client)
+    aclient = await connect_async(url)
+    deployments = DeploymentCache(aclient)
     await deployments.refresh()
     receiver = WebhookReceiver().__enter__()
     hooks = AlertWebhooks([receiver.url])
-    monitor = DriftMonitor(client, deployments, "gw-1", webhooks=hooks)
+    monitor = DriftMonitor(aclient, deployments, "gw-1", webhooks=hooks)
     monitor.relay.lead([DEMO_DEPLOYMENT], start=False)  # sent here, a pass at a time
 
     def heard() -> set[tuple[str, str]]:
@@ -115,13 +101,13 @@ async def test_the_log_bin_alerts_a_unit_change_names_it_clears_it_and_a_gateway
 
     try:
         archive(x[rng.integers(0, len(x), 400)])
-        assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
+        assert (await drift_store.read(aclient, DEMO_DEPLOYMENT))["alerts"] == []
         assert await monitor.relay.deliver() == 0  # starts after the newest event
 
         broken = x[rng.integers(0, len(x), 60)].copy()
         broken[:, 0] *= 10  # mean radius in other units
         archive(broken)
-        view = await drift_view(client, DEMO_DEPLOYMENT, Thresholds())
+        view = await drift_view(aclient, DEMO_DEPLOYMENT, Thresholds())
         kinds = {(a["kind"], a["feature"]) for a in view["alerts"]}
         assert ("feature_range", "mean radius") in kinds, view["alerts"]
         [alert] = [a for a in view["alerts"] if a["kind"] == "feature_range"]
@@ -135,7 +121,7 @@ async def test_the_log_bin_alerts_a_unit_change_names_it_clears_it_and_a_gateway
         assert ("firing", "feature_range") in heard()
 
         archive(x[rng.integers(0, len(x), 300)])
-        view = await drift_view(client, DEMO_DEPLOYMENT, Thresholds())
+        view = await drift_view(aclient, DEMO_DEPLOYMENT, Thresholds())
         assert view["alerts"] == []
         cleared = [e for e in view["events"] if e["type"] == "cleared"]
         assert {e["kind"] for e in cleared} >= {"feature_range"}
@@ -149,7 +135,7 @@ async def test_the_log_bin_alerts_a_unit_change_names_it_clears_it_and_a_gateway
     finally:
         writer.close()
         await hooks.close()
-        await client.aclose()
+        await aclient.aclose()
         receiver.__exit__()
 
 
@@ -185,7 +171,7 @@ def test_the_archive_never_waits_for_the_detectors(
 
 
 async def test_log_bins_sharing_the_traffic_each_judge_their_share_and_merge(
-    r: redis.Redis, client: aioredis.Redis, demo_data_dir: Path, data_dir: Path
+    r: redis.Redis, aclient: aioredis.Redis, demo_data_dir: Path, data_dir: Path
 ) -> None:
     """Two log-bin consumers in the group: each judges the rows it reads; an alert both hold
     stays active until neither does."""
@@ -207,7 +193,7 @@ async def test_log_bins_sharing_the_traffic_each_judge_their_share_and_merge(
         broken = x[rng.integers(0, len(x), 80)].copy()
         broken[:, 0] *= 10
         share(broken, [0, 1])
-        view = await drift_view(client, DEMO_DEPLOYMENT, Thresholds())
+        view = await drift_view(aclient, DEMO_DEPLOYMENT, Thresholds())
         assert [b.watch.rows_seen(DEMO_DEPLOYMENT) for b in bins if b.watch] == [140, 140]
         held = {k: set(v["alerts"]) for k, v in view["online"].items()}
         range_id = "feature_range/mean radius"
@@ -216,11 +202,11 @@ async def test_log_bins_sharing_the_traffic_each_judge_their_share_and_merge(
         assert view["event_counts"]["feature_range"] == 1  # raised once, held by both
 
         async def active() -> set[str]:
-            return {a["id"] for a in (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]}
+            return {a["id"] for a in (await drift_store.read(aclient, DEMO_DEPLOYMENT))["alerts"]}
 
         share(x[rng.integers(0, len(x), 300)], [0])  # lb-0 clears its own: lb-1 still holds
         assert range_id in await active()
-        assert drift_claims.parse({}, {}, await client.hgetall(names.drift_claims_key(
+        assert drift_claims.parse({}, {}, await aclient.hgetall(names.drift_claims_key(
             DEMO_DEPLOYMENT)))["claims"]["logbin:lb-0"]["alerts"] == {}  # fmt: skip
         share(x[rng.integers(0, len(x), 300)], [1])
         assert await active() == set()
@@ -229,253 +215,47 @@ async def test_log_bins_sharing_the_traffic_each_judge_their_share_and_merge(
             w.close()
 
 
-def record(probabilities: list[list[float]]) -> DecisionRecord:
-    labels = [int(p[1] >= 0.5) for p in probabilities]
-    out = BinOutput("breast-cancer", 2, 0.1, 0.2, 1.0, labels, probabilities)
-    return DecisionRecord(request_id="r", deployment=DEMO_DEPLOYMENT, ts_ms=0.0, outcome="real",
-                          chosen_role="real", answered_after_ms=1.0, outputs={"real": out},
-                          missing=(), divergences={})  # fmt: skip
-
-
-async def test_a_class_prior_shift_is_alerted_against_real_training_scores(
-    client: aioredis.Redis, demo_data_dir: Path
-) -> None:
-    det = await online(client, demo_data_dir, "gw-1")
-    det.observe_decision(record([[0.1, 0.9]]))  # the first record looks the reference up
-    await asyncio.gather(*det._tasks)
-    meta = ModelRegistry(demo_data_dir / "models").meta("breast-cancer", 2)
-    share = positive_share(meta.score_reference)
-    assert share is not None and 0.55 < share < 0.7
-    rng = np.random.default_rng(1)
-    for positive in rng.random(300) < share:
-        det.observe_decision(record([[0.0, 1.0] if positive else [1.0, 0.0]]))
-    det.evaluate(DEMO_DEPLOYMENT)
-    assert det._deps[DEMO_DEPLOYMENT].prior is not None
-    assert det._deps[DEMO_DEPLOYMENT].prior.active is None
-    for positive in rng.random(300) < 0.15:  # mostly malignant now
-        det.observe_decision(record([[0.0, 1.0] if positive else [1.0, 0.0]]))
-    det.evaluate(DEMO_DEPLOYMENT)
-    await asyncio.gather(*det._publishing.values())
-    [alert] = (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]
-    assert alert["kind"] == "prediction_prior" and alert["feature"] is None
-    assert "fewer than" in alert["detail"]
-
-
-async def test_a_multiclass_class_mix_shift_is_alerted_online_naming_the_class(
-    client: aioredis.Redis,
-) -> None:
-    """A multiclass real model's prior is judged on its rows' arg max against its class
-    reference (before, the prior stayed binary: a class mix that moved waited for the
-    monitor's 200-request windows)."""
-    meta = {"classes": [0, 1, 2], "class_names": ["setosa", "versicolor", "virginica"],
-            "class_reference": [0.25, 0.5, 0.25]}  # fmt: skip
-    deployments = DeploymentCache(client)
-    await deployments.refresh()
-    det = OnlineDrift(client, deployments, "gw-1",
-                      local_meta=lambda name, _v: meta if name == "iris" else None)  # fmt: skip
-
-    def three(klass: int) -> DecisionRecord:
-        probabilities = [[0.8 if k == klass else 0.1 for k in range(3)]]
-        out = BinOutput("iris", 1, 0.1, 0.2, 1.0, [klass], probabilities)
-        return DecisionRecord(request_id="r", deployment=DEMO_DEPLOYMENT, ts_ms=0.0,
-                              outcome="real", chosen_role="real", answered_after_ms=1.0,
-                              outputs={"real": out}, missing=(), divergences={})  # fmt: skip
-
-    det.observe_decision(three(1))  # the first record looks the reference up
-    await asyncio.gather(*det._tasks)
-    rng = np.random.default_rng(2)
-    for klass in rng.choice(3, 400, p=meta["class_reference"]):
-        det.observe_decision(three(int(klass)))
-    det.evaluate(DEMO_DEPLOYMENT)
-    prior = det._deps[DEMO_DEPLOYMENT].prior
-    assert prior is not None and prior.active is None and prior.rows_seen == 400
-    for klass in rng.choice(3, 400, p=[0.6, 0.2, 0.2]):  # setosa up, versicolor down
-        det.observe_decision(three(int(klass)))
-    det.evaluate(DEMO_DEPLOYMENT)
-    await asyncio.gather(*det._publishing.values())
-    [alert] = (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]
-    assert alert["kind"] == "prediction_prior" and "class " in alert["detail"]
-    assert alert["detail"].startswith(("real predicts class setosa", "real predicts class versi"))
-    summary = det._summary(det._deps[DEMO_DEPLOYMENT])["prior"]  # the claim's, for /drift
-    shares = {"setosa": 0.25, "versicolor": 0.5}
-    assert summary["class"] in shares and summary["reference"] == shares[summary["class"]]
-
-
-async def judge_labels(
-    det: OnlineDrift, rng: np.random.Generator, rows: int, positive_share: float
-) -> list[dict[str, Any]]:
-    """``rows`` decisions of real predicting positive at that share, judged and claimed: the
-    events the claim decided."""
-    for positive in rng.random(rows) < positive_share:
-        det.observe_decision(record([[0.0, 1.0] if positive else [1.0, 0.0]]))
-    await asyncio.gather(*det._tasks)  # the reference looked up
-    det.evaluate(DEMO_DEPLOYMENT)
-    return await det.publish(DEMO_DEPLOYMENT)
-
-
-async def test_a_gateway_process_holds_the_prior_alert_of_one_that_died(
-    client: aioredis.Redis, demo_data_dir: Path
-) -> None:
-    """A gateway process's source name is new at each start, so the prior alert of a process
-    that died cleared once its claim went stale, with the feed still broken (found by hand).
-    A live process judging the same model now adopts a claim no longer renewed, and holds its
-    alert until its own detector has judged enough rows."""
-    meta = ModelRegistry(demo_data_dir / "models").meta("breast-cancer", 2)
-    share = positive_share(meta.score_reference)
-    assert share is not None
-    rng = np.random.default_rng(5)
-
-    deployments = DeploymentCache(client)
-    await deployments.refresh()
-    meta_of = local_model_meta(demo_data_dir / "models")
-    dead = OnlineDrift(client, deployments, "gw-dead", stale_s=1.0, local_meta=meta_of)
-    await judge_labels(dead, rng, 1, share)
-    raised = await judge_labels(dead, rng, 300, 0.15)
-    assert [(e["type"], e["id"]) for e in raised] == [("raised", "prediction_prior")]
-    live = OnlineDrift(client, deployments, "gw-live", orphan_after_s=0.2, local_meta=meta_of)
-    await judge_labels(live, rng, 1, share)
-    await asyncio.sleep(0.3)  # the dead one renews nothing
-    assert await judge_labels(live, rng, 100, share) == []
-    await asyncio.sleep(0.8)  # its claim is stale now: dropped, the alert stays up
-    assert await judge_labels(live, rng, 100, share) == []
-    [alert] = (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]
-    assert alert["id"] == "prediction_prior" and alert["source"] == "gateway:gw-live"
-    claims = await client.hkeys(names.drift_claims_key(DEMO_DEPLOYMENT))
-    assert [c for c in claims if not c.startswith(b"#")] == [b"gateway:gw-live"]
-    # enough healthy rows judged here
-    cleared = await judge_labels(live, rng, live.hold_rows, share)
-    assert [(e["type"], e["id"]) for e in cleared] == [("cleared", "prediction_prior")]
-    assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
-    # with this process's own figure, near the reference: the dead one's, from its raise,
-    # read as if the feed were still shifted (a helper's live check)
-    assert abs(cleared[0]["value"] - share) < 0.1, cleared[0]
-
-
-async def test_a_gateway_process_with_no_traffic_yet_holds_the_prior_alert_of_one_that_died(
-    client: aioredis.Redis, demo_data_dir: Path
-) -> None:
-    """After a restart with no traffic for 10 s, no live process had judged a decision, so
-    none adopted the dead process's prior alert: it cleared (a "resolved" with the feed still
-    broken) and was raised again at the first traffic (a helper's probe). A process now reads
-    the claims of the deployments it has seen nothing of, and adopts."""
-    meta = ModelRegistry(demo_data_dir / "models").meta("breast-cancer", 2)
-    share = positive_share(meta.score_reference)
-    assert share is not None
-    rng = np.random.default_rng(6)
-    deployments = DeploymentCache(client)
-    await deployments.refresh()
-    meta_of = local_model_meta(demo_data_dir / "models")
-    dead = OnlineDrift(client, deployments, "gw-dead", stale_s=1.0, local_meta=meta_of)
-    for rows, positive_share_ in ((1, share), (300, 0.15)):
-        for positive in rng.random(rows) < positive_share_:
-            dead.observe_decision(record([[0.0, 1.0] if positive else [1.0, 0.0]]))
-        await asyncio.gather(*dead._tasks)
-        dead.evaluate(DEMO_DEPLOYMENT)
-        await dead.publish(DEMO_DEPLOYMENT)
-    assert [a["id"] for a in (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]] == [
-        "prediction_prior"]  # fmt: skip
-    idle = OnlineDrift(client, deployments, "gw-new", orphan_after_s=0.2, local_meta=meta_of)
-    await asyncio.sleep(0.3)  # the dead one renews nothing
-    await idle.adopt_unseen()  # not one decision seen here
-    await asyncio.gather(*idle._tasks)
-    await asyncio.sleep(0.8)  # the dead claim is stale now
-    assert await idle.publish(DEMO_DEPLOYMENT) == []  # no "cleared": held here
-    [alert] = (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]
-    assert alert["id"] == "prediction_prior" and alert["source"] == "gateway:gw-new"
-    # Held by a process that sees no traffic, it was held for good: a live process judging
-    # healthy rows (as many as a hold lasts) lets it go.
-    live = OnlineDrift(client, deployments, "gw-live", local_meta=meta_of)
-    for rows in (1, live.hold_rows):
-        for positive in rng.random(rows) < share:
-            live.observe_decision(record([[0.0, 1.0] if positive else [1.0, 0.0]]))
-        await asyncio.gather(*live._tasks)
-        live.evaluate(DEMO_DEPLOYMENT)
-        await live.publish(DEMO_DEPLOYMENT)
-    cleared = await idle.publish(DEMO_DEPLOYMENT)
-    assert [(e["type"], e["id"]) for e in cleared] == [("cleared", "prediction_prior")]
-    assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
-
-
-async def test_a_prior_alert_of_a_process_that_judges_nothing_more_goes_when_others_judge_well(
-    client: aioredis.Redis, demo_data_dir: Path
-) -> None:
-    """A process whose connections went elsewhere after it raised the prior alert held it for
-    good: its detector was never fed again (20,049 healthy rows judged by the other process;
-    a helper's probe). While it judges rows itself, they decide."""
-    meta = ModelRegistry(demo_data_dir / "models").meta("breast-cancer", 2)
-    share = positive_share(meta.score_reference)
-    assert share is not None
-    rng = np.random.default_rng(8)
-
-    broke = await online(client, demo_data_dir, "gw-broke")
-    well = await online(client, demo_data_dir, "gw-well")
-    await judge_labels(broke, rng, 1, share)
-    assert [e["type"] for e in await judge_labels(broke, rng, 300, 0.15)] == ["raised"]
-    assert await broke.publish(DEMO_DEPLOYMENT) == []  # marked with no other process yet
-    await judge_labels(well, rng, 1, share)  # which counts from its first claim seen
-    for _ in range(3):  # it still judges rows, broken ones: they hold its alert
-        await judge_labels(well, rng, well.hold_rows // 2, share)
-        assert await judge_labels(broke, rng, 20, 0.15) == []
-    # From its last judged row on, the other process judges healthy ones, one short...
-    assert await judge_labels(well, rng, well.hold_rows - 1, share) == []
-    assert await broke.publish(DEMO_DEPLOYMENT) == []
-    await judge_labels(well, rng, 1, share)  # ...then as many as a hold lasts
-    cleared = await broke.publish(DEMO_DEPLOYMENT)
-    assert [(e["type"], e["id"]) for e in cleared] == [("cleared", "prediction_prior")]
-    assert cleared[0].get("value") is None  # not the stale broken share it judged last
-    assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
-    # raised afresh on broken rows of its own
-    assert await judge_labels(broke, rng, 300, 0.15) != []
-    # a process that first claims after the marks were taken counts from its first claim seen
-    late = await online(client, demo_data_dir, "gw-late")
-    await judge_labels(late, rng, 1, share)
-    await judge_labels(late, rng, late.hold_rows, share)
-    assert await broke.publish(DEMO_DEPLOYMENT) == []  # counted from here
-    await judge_labels(late, rng, late.hold_rows, share)
-    cleared = await broke.publish(DEMO_DEPLOYMENT)
-    assert [(e["type"], e["id"]) for e in cleared] == [("cleared", "prediction_prior")]
-
-
-async def test_sources_merge_into_one_list(client: aioredis.Redis) -> None:
+async def test_sources_merge_into_one_list(aclient: aioredis.Redis) -> None:
     one = {"feature_range/x": {"kind": "feature_range", "feature": "x", "value": 0.9}}
     t = 1_000_000.0
-    events = await drift_store.claim(client, DEMO_DEPLOYMENT, "a", one, stale_ms=5000, now_ms=t)
+    events = await drift_store.claim(aclient, DEMO_DEPLOYMENT, "a", one, stale_ms=5000, now_ms=t)
     assert [(e["type"], e["id"]) for e in events] == [("raised", "feature_range/x")]
     # the other source holds it too: no second raise
     assert (
-        await drift_store.claim(client, DEMO_DEPLOYMENT, "b", one, stale_ms=5000, now_ms=t + 1)
+        await drift_store.claim(aclient, DEMO_DEPLOYMENT, "b", one, stale_ms=5000, now_ms=t + 1)
         == []
     )
     # one lets go: still held by the other
     assert (
-        await drift_store.claim(client, DEMO_DEPLOYMENT, "a", {}, stale_ms=5000, now_ms=t + 2) == []
+        await drift_store.claim(aclient, DEMO_DEPLOYMENT, "a", {}, stale_ms=5000, now_ms=t + 2)
+        == []
     )
-    got = await drift_store.read(client, DEMO_DEPLOYMENT)
+    got = await drift_store.read(aclient, DEMO_DEPLOYMENT)
     assert [a["id"] for a in got["alerts"]] == ["feature_range/x"]
     assert got["alerts"][0]["since_ms"] == t and got["event_counts"] == {"feature_range": 1}
     # the other goes silent: once its claim is stale, any source's call clears the alert
-    await drift_store.claim(client, DEMO_DEPLOYMENT, "a", {}, stale_ms=5000, now_ms=t + 3000)
-    events = await drift_store.claim(client, DEMO_DEPLOYMENT, "a", {}, stale_ms=5000,
+    await drift_store.claim(aclient, DEMO_DEPLOYMENT, "a", {}, stale_ms=5000, now_ms=t + 3000)
+    events = await drift_store.claim(aclient, DEMO_DEPLOYMENT, "a", {}, stale_ms=5000,
                                      figures={"feature_range/x": {"value": 0.01}},
                                      now_ms=t + 6000)  # fmt: skip
     assert [(e["type"], e["id"], e["value"]) for e in events] == [
         ("cleared", "feature_range/x", 0.01)
     ]
-    r = await client.hkeys(names.drift_claims_key(DEMO_DEPLOYMENT))
+    r = await aclient.hkeys(names.drift_claims_key(DEMO_DEPLOYMENT))
     assert [c for c in r if not c.startswith(b"#")] == [b"a"]
-    raw = await client.xrange(names.drift_events_stream(DEMO_DEPLOYMENT))
+    raw = await aclient.xrange(names.drift_events_stream(DEMO_DEPLOYMENT))
     assert len(raw) == 2
     # a sweep (no claim of its own) drops stale claims too
     for now_ms in (t + 9000, t + 12_000):
         assert (
-            await drift_store.claim(client, DEMO_DEPLOYMENT, "c", None, stale_ms=0, now_ms=now_ms)
+            await drift_store.claim(aclient, DEMO_DEPLOYMENT, "c", None, stale_ms=0, now_ms=now_ms)
             == []
         )
-    assert await client.hkeys(names.drift_claims_key(DEMO_DEPLOYMENT)) == [b"#merges"]
+    assert await aclient.hkeys(names.drift_claims_key(DEMO_DEPLOYMENT)) == [b"#merges"]
 
 
 async def test_a_claim_no_source_could_renew_during_an_outage_stays(
-    client: aioredis.Redis,
+    aclient: aioredis.Redis,
 ) -> None:
     """Redis away for 15 s (no merge ran): the log bin's claim, fresh when it went, was stale
     at the first merge after, and its alerts were cleared ("resolved" to the webhooks) and
@@ -486,7 +266,7 @@ async def test_a_claim_no_source_could_renew_during_an_outage_stays(
     t, dep = 1_000_000.0, "outage"
 
     async def claim(source: str, alerts: Any, now_ms: float) -> list[tuple[str, str]]:
-        events = await drift_store.claim(client, dep, source, alerts, stale_ms=10_000,
+        events = await drift_store.claim(aclient, dep, source, alerts, stale_ms=10_000,
                                          now_ms=now_ms)  # fmt: skip
         return [(e["type"], e["id"]) for e in events]
 
@@ -502,7 +282,7 @@ async def test_a_claim_no_source_could_renew_during_an_outage_stays(
         assert await claim("gateway:g", {}, now_ms) == [], now_ms
         assert await claim("logbin:a", x, now_ms + 1) == []  # a renews its own
     assert await claim("gateway:g", {}, t + 75_001) == [("cleared", "feature_stuck/y")]
-    active = await drift_store.read(client, dep)
+    active = await drift_store.read(aclient, dep)
     assert [a["id"] for a in active["alerts"]] == ["feature_range/x"]
 
 
@@ -569,7 +349,7 @@ def test_a_busy_bin_steps_the_detectors_per_enough_rows_or_time(
 
 
 async def test_a_restarted_log_bin_holds_its_alerts_until_its_detectors_judged_enough(
-    r: redis.Redis, client: aioredis.Redis, demo_data_dir: Path, data_dir: Path
+    r: redis.Redis, aclient: aioredis.Redis, demo_data_dir: Path, data_dir: Path
 ) -> None:
     """A restarted bin keeps its consumer name, so its first claim replaced the last run's:
     its fresh detectors held nothing yet, and a feed still broken got a "resolved" at the
@@ -585,7 +365,7 @@ async def test_a_restarted_log_bin_holds_its_alerts_until_its_detectors_judged_e
     publish(r, broken, version)
     first.drain()
     first.close()
-    raised = {a["id"] for a in (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]}
+    raised = {a["id"] for a in (await drift_store.read(aclient, DEMO_DEPLOYMENT))["alerts"]}
     assert "feature_range/mean radius" in raised
 
     def events(kind: str) -> list[dict[str, Any]]:
@@ -600,18 +380,18 @@ async def test_a_restarted_log_bin_holds_its_alerts_until_its_detectors_judged_e
         second.drain()  # nothing new: it claims at once, holding the last run's alerts
         publish(r, x[rng.integers(0, len(x), 200)], version)  # healthy, but too few rows
         second.drain()
-        now = {a["id"] for a in (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]}
+        now = {a["id"] for a in (await drift_store.read(aclient, DEMO_DEPLOYMENT))["alerts"]}
         assert now == raised and events("cleared") == []
         publish(r, x[rng.integers(0, len(x), second.watch.hold_rows)], version)
         second.drain()
-        assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
+        assert (await drift_store.read(aclient, DEMO_DEPLOYMENT))["alerts"] == []
         assert {e["id"] for e in events("cleared")} == raised
     finally:
         second.close()
 
 
 async def test_a_log_bin_away_for_a_minute_keeps_its_alerts_for_its_restart_to_hold(
-    r: redis.Redis, client: aioredis.Redis, data_dir: Path
+    r: redis.Redis, aclient: aioredis.Redis, data_dir: Path
 ) -> None:
     """A bin dead or hung past 10 s (the other sources' bound) lost its claim while the
     gateways' merges ran on: its alerts cleared, a "resolved" for a feed still broken, and its
@@ -631,20 +411,20 @@ async def test_a_log_bin_away_for_a_minute_keeps_its_alerts_for_its_restart_to_h
                    batch_size=64)  # fmt: skip
     first.drain()
     first.close()
-    raised = {a["id"] for a in (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]}
+    raised = {a["id"] for a in (await drift_store.read(aclient, DEMO_DEPLOYMENT))["alerts"]}
     assert "feature_range/mean radius" in raised
 
     async def sweep(at_ms: float) -> list[str]:  # a gateway's merge (its own claim empty)
-        events = await drift_store.claim(client, DEMO_DEPLOYMENT, "gateway:g", {},
+        events = await drift_store.claim(aclient, DEMO_DEPLOYMENT, "gateway:g", {},
                                          stale_ms=10_000, now_ms=at_ms)  # fmt: skip
         return [e["id"] for e in events if e["type"] == "cleared"]
 
     for offset_s in range(2, 62, 2):  # the bin away for a minute; the merges run on
         assert await sweep(start_ms + offset_s * 1000) == [], offset_s
-    now = {a["id"] for a in (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]}
+    now = {a["id"] for a in (await drift_store.read(aclient, DEMO_DEPLOYMENT))["alerts"]}
     assert now == raised
     # the view says why the alerts outlive the bin: its claim is a minute old
-    view = await drift_view(client, DEMO_DEPLOYMENT, Thresholds(), now_ms=start_ms + 60_000)
+    view = await drift_view(aclient, DEMO_DEPLOYMENT, Thresholds(), now_ms=start_ms + 60_000)
     away = view["online"]["logbin:lb-away"]
     assert away["away"] is True and 58_000 <= away["renewed_ms_ago"] <= 61_000, away
     assert {a["source"] for a in view["alerts"]} == {"logbin:lb-away"}
@@ -653,9 +433,11 @@ async def test_a_log_bin_away_for_a_minute_keeps_its_alerts_for_its_restart_to_h
                     batch_size=64)  # fmt: skip
     try:
         second.drain()  # the restart: it adopts its claim and holds it, saying nothing
-        now = {a["id"] for a in (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"]}
+        now = {a["id"] for a in (await drift_store.read(aclient, DEMO_DEPLOYMENT))["alerts"]}
         assert now == raised
-        back = (await drift_view(client, DEMO_DEPLOYMENT, Thresholds()))["online"]["logbin:lb-away"]
+        back = (await drift_view(aclient, DEMO_DEPLOYMENT, Thresholds()))["online"][
+            "logbin:lb-away"
+        ]
         assert back["away"] is False and back["renewed_ms_ago"] < 5_000, back
     finally:
         second.close()
@@ -668,7 +450,7 @@ async def test_a_log_bin_away_for_a_minute_keeps_its_alerts_for_its_restart_to_h
         at_ms += 2000
     # gone for good: its alerts go one bound after its last renewal, not before
     assert cleared_at is not None and cleared_at > start_ms + CLAIM_STALE_S * 1000
-    assert (await drift_store.read(client, DEMO_DEPLOYMENT))["alerts"] == []
+    assert (await drift_store.read(aclient, DEMO_DEPLOYMENT))["alerts"] == []
 
 
 def test_a_renewed_claim_rewrites_no_alert_that_did_not_change(r: redis.Redis) -> None:

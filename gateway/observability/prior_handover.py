@@ -2,11 +2,12 @@
 process that raised it (``drift_online``'s docstring tells why).
 
 A process that judges the same real model adopts the prior alert of a gateway claim no longer
-renewed and holds it until its own detector has judged ``hold_rows`` rows, or raised the alert
-itself; a held alert that another live process has judged ``hold_rows`` rows without is let go
-(the holder may see none of the traffic). The other way round, a live process whose own alert
-stands while it judges nothing more lets it go once the others have judged ``hold_rows`` rows
-without it. Each decision reads the claims that ``drift_online`` has just written and read.
+renewed and holds it; once it judges rows, its detector takes the alert as its own, which clears
+when the detector judges the feed healthy. A held alert that another live process has judged
+``hold_rows`` rows without is let go (the holder may see none of the traffic). The other way
+round, a live process whose own alert stands while it judges nothing more lets it go once the
+others have judged ``hold_rows`` rows without it. Each decision reads the claims that
+``drift_online`` has just written and read.
 """
 
 from __future__ import annotations
@@ -90,9 +91,8 @@ class Handover:
                 dep.held.update(new)
                 dep.hold_until = (dep.prior.rows_seen if dep.prior else 0) + self.hold_rows
                 dep.changed = True
-                log.info("online drift: %s: holding %s of %s, which stopped claiming, until "
-                         "%d rows are judged here", deployment, ", ".join(sorted(new)), source,
-                         self.hold_rows)  # fmt: skip
+                log.info("online drift: %s: holding %s of %s, which stopped claiming",
+                         deployment, ", ".join(sorted(new)), source)  # fmt: skip
 
     def let_go_for_others(self, deployment: str, dep: DeploymentPrior,
                           claims: Mapping[str, Any]) -> None:  # fmt: skip
@@ -136,12 +136,18 @@ class Handover:
                  "process judged none: letting its own go", deployment, *found)  # fmt: skip
 
     def release_held(self, deployment: str, dep: DeploymentPrior) -> None:
-        """Held alerts go once the detector has judged enough rows to say for itself (or
-        holds the alert itself)."""
+        """After the detector judged rows: a held prior alert becomes its own (it then clears on
+        the detector's evidence, or stands); any other held alert goes once the detector has
+        judged ``hold_rows`` rows."""
         if not dep.held or dep.prior is None:
             return
-        if dep.prior.active is not None:
-            dep.held.pop("prediction_prior", None)
+        held = dep.held.get("prediction_prior")
+        if held is not None and dep.prior.enabled:
+            del dep.held["prediction_prior"]
+            if dep.prior.active is None:
+                dep.prior.inherit(held)
+                log.info("online drift: %s: prediction_prior taken over; it clears once this "
+                         "process's detector judges the feed healthy", deployment)  # fmt: skip
         if dep.held and dep.prior.rows_seen >= dep.hold_until:
             dep.figures.update(released(dep.held.values(), dep.prior))
             log.info("online drift: %s: %d rows judged, releasing %s", deployment,
