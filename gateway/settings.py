@@ -37,6 +37,10 @@ class Settings(EvidenceSettings, JobSettings):
     redis_url: str | None = None
     """Redis to use. Unset: ``rdv serve`` starts an embedded redis-server in the data folder."""
 
+    embedded_redis_port: int = Field(default=0, ge=0, le=65535)
+    """TCP port of the embedded Redis on 127.0.0.1 (its processes use its Unix socket; the port
+    is for the tools beside it). 0: any free port, chosen at each start."""
+
     data_dir: Path = Path("data")
     """Models, the log-bin archive and the embedded Redis's files live here."""
 

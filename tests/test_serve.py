@@ -24,7 +24,7 @@ from gateway.transport.guarded_protocol import SHARED_PORT_REQUESTS_PER_CONNECTI
 from models.archive import ArchiveReader
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import RdvProcess, alive, wait_until
-from rendezvous.bus.server import free_port
+from rendezvous.bus.server import EmbeddedRedis, free_port
 
 pytestmark = pytest.mark.integration  # real processes and an embedded Redis of its own
 
@@ -62,9 +62,11 @@ def _nice(pid: int) -> int:
 def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RDV_")}
+    redis_port = free_port()  # an operator held to a range of ports sets it
     env.update({"RDV_PORT": str(port), "RDV_WORKER_BLOCK_MS": "200",
                 "RDV_GATEWAY_PROCESSES": "2", "RDV_WATCHDOG_S": "10",
-                "RDV_MODEL_RUN_LIMIT_S": "0.5"})  # fmt: skip
+                "RDV_MODEL_RUN_LIMIT_S": "0.5",
+                "RDV_EMBEDDED_REDIS_PORT": str(redis_port)})  # fmt: skip
     data = tmp_path / "data"
     cli_env = {**env, "RDV_DATA_DIR": str(data)}  # no RDV_REDIS_URL: env has none
     serve = RdvProcess(["serve", "--data-dir", str(data)], env, tmp_path / "serve.log")
@@ -78,6 +80,8 @@ def test_serve_starts_everything_answers_and_stops_cleanly(tmp_path: Path) -> No
         recorded = (data / "redis" / "address").read_text().strip()
         assert recorded.startswith("unix://") and (data / "redis" / "redis.sock").is_socket()
         clients = redis.Redis.from_url(recorded).client_list()
+        on_port = redis.Redis(port=redis_port).info("server")["process_id"]
+        assert on_port == redis.Redis.from_url(recorded).info("server")["process_id"]
         assert len([c for c in clients if c["addr"].startswith("/")]) >= 4  # gateways, workers
 
         x = demo_data().x_test[0]
@@ -268,6 +272,25 @@ def test_serve_on_a_taken_port_says_so_and_starts_nothing(tmp_path: Path) -> Non
     assert done.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert not (tmp_path / "d" / "redis").exists()
+
+
+def test_an_embedded_redis_port_another_server_holds_is_said_not_taken_for_ours(
+    tmp_path: Path, redis_server: EmbeddedRedis
+) -> None:
+    """``RDV_EMBEDDED_REDIS_PORT`` on a port another Redis holds: ours exits on it, but the
+    other answered the start's ping first, and the start took it for ours (a set port makes
+    that likely; a port chosen at random, seldom). Now ours must be the server whose process
+    answers, and serve says why it stops."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RDV_")}
+    env.update({"RDV_PORT": str(free_port()), "RDV_EMBEDDED_REDIS_PORT": str(redis_server.port)})
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli.main", "serve", "--data-dir", str(tmp_path / "d")],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "the embedded Redis did not start" in done.stderr, done.stderr[-2000:]
+    assert "Address already in use" in done.stderr, done.stderr[-2000:]
+    assert redis_server.running
 
 
 def test_serve_refuses_to_wait_for_replicas_the_embedded_redis_has_not(

@@ -189,8 +189,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if left is not None:
             log.warning("shut down the Redis an earlier rdv serve left running at %s", left)
         embedded = EmbeddedRedis(
-            settings.redis_dir, unix_socket=True, popen_options=detached_from_terminal()
-        ).start()
+            settings.redis_dir,
+            port=settings.embedded_redis_port or None,
+            unix_socket=True,
+            popen_options=detached_from_terminal(),
+        )
+        try:
+            embedded.start()
+        except RedisServerError as exc:
+            stand_in.stop()
+            listener.close()
+            raise SystemExit(f"rdv serve: the embedded Redis did not start: {exc}") from None
         embedded.record_address()  # for the CLI commands run beside us (rdv decisions, ...)
         url = embedded.url
         log.info("embedded Redis at %s (data in %s)", url, settings.redis_dir)

@@ -180,12 +180,14 @@ class EmbeddedRedis:
             while True:
                 if self._proc.poll() is not None:
                     raise RedisServerError(
-                        f"redis-server exited with {self._proc.returncode}; "
-                        f"see {self.data_dir / 'redis.log'}"
+                        f"redis-server exited with {self._proc.returncode}"
+                        f"{self._last_words()}; see {self.data_dir / 'redis.log'}"
                     )
                 try:
-                    if client.ping():
-                        # Still loading the append-only file answers ping with an error.
+                    # Still loading the append-only file answers ping with an error. Another
+                    # server on the port answers too, until ours exits on it: ours is the one
+                    # whose process this is.
+                    if client.ping() and client.info("server").get("process_id") == self._proc.pid:
                         return self
                 except (redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
                     pass
@@ -195,6 +197,17 @@ class EmbeddedRedis:
                 time.sleep(0.02)
         finally:
             client.close()
+
+    def _last_words(self) -> str:
+        """The reason redis-server logged before it exited (a port in use, a folder it cannot
+        write), for the message."""
+        try:
+            lines = (self.data_dir / "redis.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        said = [line.split(" # ", 1)[1].strip() for line in lines[-20:] if " # " in line]
+        said = [line for line in said if not line.startswith(("Redis version", "Configuration"))]
+        return f" ({'; '.join(said[-2:])})" if said else ""
 
     def record_address(self) -> None:
         """Write ``url`` into the data folder (``recorded_url`` reads it); ``stop`` removes it."""
