@@ -321,3 +321,30 @@ def test_a_client_that_reads_nothing_is_let_go() -> None:
     assert not transport.aborted
     g.expired(time.monotonic() + LIMITS.body_timeout_s + 1)
     assert transport.aborted
+
+
+def test_chunk_extensions_are_bounded_as_a_head_is() -> None:
+    """Found by a helper's fuzzing: a chunk's extension reaches no app and no body cap, and a
+    client streamed 2.6 GB of one in 8 s (for as long as the body timeout allowed), holding the
+    event loop. Chunks of any size and number, trailers aside, pass as before."""
+    chunked = HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+    for pieces in (
+        b"5;" + b"a" * 100_000,
+        b"".join(b"1;" + b"e" * 200 + b"\r\nx\r\n" for _ in range(50)),
+    ):
+        g, transport = guard()
+        admitted = [g.admit(chunked)] + [
+            g.admit(pieces[i : i + 1000]) for i in range(0, len(pieces), 1000)
+        ]
+        assert status(transport) == 400 and b"chunk extensions" in transport.out
+        assert admitted[-1] == b""
+    # the data of a body that began in the head's read gives its later framing no room
+    g, transport = guard()
+    assert g.admit(chunked + b"10000\r\n" + b"x" * 0x10000)
+    g.admit(b"\r\n1;" + b"a" * 20_000)
+    assert status(transport) == 400 and b"chunk extensions" in transport.out
+    g, transport = guard()
+    body = b"".join(b"%x\r\n" % n + b"x" * n + b"\r\n" for n in [1] * 5000 + [65536] * 20)
+    wire = chunked + body + b"0\r\n\r\n"
+    assert all(g.admit(wire[i : i + 4096]) for i in range(0, len(wire), 4096))
+    assert transport.out == b"" and g.finished == 1

@@ -350,3 +350,33 @@ def test_the_body_cap_answers_the_oip_routes_in_their_style() -> None:
     assert style_of("/v2").value == "error"
     assert style_of("/v1/deployments/d/predict").value == "detail"
     assert style_of("/v2x").value == "detail"
+
+
+def test_bounds_refuse_a_megabyte_of_arrays_inputs_or_bytes_before_decoding_it() -> None:
+    """Found by a helper's fuzzing: a megabyte of ``[[0],[0],...]``, of 17,000 inputs or of
+    262,144 binary BYTES elements held the gateway's event loop 0.3-0.5 s each before the row
+    bound refused it; ``/v1`` predict refuses such a body from its bytes."""
+    from gateway.transport.oip_codec import Bounds
+
+    bounds = Bounds.of(SPEC, max_rows=1000)
+    many = 250_000
+    nested = _json({"inputs": [_input([[0]] * many, [many, 1])]})
+    inputs = _json({"inputs": [_input([0], [1], name=f"x{i}") for i in range(17_000)]})
+    head = _json({"inputs": [{"name": "k", "shape": [many], "datatype": "BYTES",
+                              "parameters": {"binary_data_size": 4 * many}}]})  # fmt: skip
+    for body, length, fault in [
+        (nested, None, "opens 250003 arrays"),
+        (inputs, None, "opens"),
+        (head + b"\0" * 4 * many, str(len(head)), "250000 rows, 1 to 1000 per request"),
+    ]:
+        with pytest.raises(RequestValidationError) as caught:
+            parse_infer(body, length, bounds=bounds)
+        assert fault in fault_text(list(caught.value.errors()))
+    few = _json({"inputs": [_input([0] * 5, [5], name=f"x{i}") for i in range(5)]})
+    with pytest.raises(RequestValidationError, match="5 inputs: the model takes at most 4"):
+        parse_infer(few, None, bounds=bounds)
+    # the largest valid requests pass: a feature an input, each [rows, 1] nested; or one input
+    per_feature = _json({"inputs": [_input([[1.0]] * 1000, [1000, 1], name=n) for n in "abc"]})
+    assert parse_infer(per_feature, None, bounds=bounds).matrix(SPEC).shape == (1000, 3)
+    whole = _json({"id": "[{" * 64, "inputs": [_input([[1.0, 2.0, 3.0]] * 1000, [1000, 3])]})
+    assert parse_infer(whole, None, bounds=bounds).matrix(SPEC).shape == (1000, 3)

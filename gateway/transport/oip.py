@@ -33,7 +33,7 @@ from gateway.problems import RETRY, Problem, Style, compressed, fault_text
 from gateway.settings import Settings
 from gateway.transport.fast_path import count_invalid, overload_problem
 from gateway.transport.oip_answer import encode_answer
-from gateway.transport.oip_codec import InferRequest, parse_infer
+from gateway.transport.oip_codec import Bounds, InferRequest, parse_infer
 from gateway.transport.oip_lookup import lookup_rows
 from gateway.transport.oip_metadata import (
     class_count,
@@ -296,19 +296,26 @@ def mount(app: FastAPI, settings: Settings) -> None:
             return Response(status_code=400)
         failure: Exception | None = None
         parsed: InferRequest | None = None
+        known = service.deployments.deployments.get(model)
+        # An unknown deployment's body is not parsed: the service answers 404 before any
+        # decode (nothing is awaited from here to its look-up).
         try:
-            parsed = parse_infer(raw, header_length)
+            if known is not None:
+                bounds = Bounds.of(known.feature_spec, service.max_rows)
+                parsed = parse_infer(raw, header_length, bounds=bounds)
         except RequestValidationError as exc:
             failure = exc
 
         decoded: list[FeatureSpec] = []
 
         def decode(spec: FeatureSpec, body: bytes) -> tuple[np.ndarray, list[str] | None]:
+            nonlocal parsed
             # In the service, so that every refusal is counted as the service counts one.
             dep = deployment_of(service.deployments, model, version)
-            if parsed is None:
-                assert failure is not None
+            if failure is not None:
                 raise failure
+            if parsed is None:  # known only now (never: see above), parsed within its bounds
+                parsed = parse_infer(raw, header_length, bounds=Bounds.of(spec, service.max_rows))
             parsed.refuse_integers(None if dep.input_rule is None else dep.input_rule.integer)
             decoded.append(spec)
             if spec.lookup is not None:

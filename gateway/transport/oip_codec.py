@@ -182,13 +182,64 @@ class InferRequest:
         return RequestValidationError(faults)
 
 
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """The most one deployment's request may hold, checked before its values are decoded: a
+    megabyte of ``[[0],[0],...]``, of 17,000 inputs or of 262,144 binary BYTES elements held
+    a gateway process's event loop 0.3-0.5 s before the row bound refused it (found by a
+    helper's fuzzing; ``/v1`` predict has the same guard, ``validation.parse_body``)."""
+
+    inputs: int
+    """Inputs: one per feature and the lookup key (``input`` alone is fewer)."""
+    rows: int
+    marks: int
+    """``[`` and ``{`` a valid request may carry in names and its id, beyond its structure."""
+
+    @classmethod
+    def of(cls, spec: FeatureSpec, max_rows: int) -> Bounds:
+        names = [*spec.names, spec.lookup.key if spec.lookup is not None else ""]
+        marks = sum(name.count("[") + name.count("{") for name in names) + MAX_ID_CHARS
+        return cls(len(spec.names) + 1, max_rows, marks)
+
+    def check_text(self, header: bytes) -> None:
+        """Before parsing: every array and object a valid request may open (the inputs, each
+        with its shape, nested data and parameters, the outputs), and some room to spare."""
+        arrays, objects = header.count(b"["), header.count(b"{")
+        most_arrays = 2 + self.inputs * (self.rows + 2) + self.marks + 64
+        most_objects = 4 + 2 * (self.inputs + len(OUTPUTS)) + self.marks + 64
+        if arrays > most_arrays or objects > most_objects:
+            raise _invalid(("inputs",), f"the request opens {arrays} arrays and {objects} "
+                           f"objects: it holds at most {self.inputs} inputs of at most "
+                           f"{self.rows} rows each", "too_long")  # fmt: skip
+
+    def check(self, doc: InferenceRequest) -> None:
+        """After parsing, before any value is decoded: inputs, and rows of each."""
+        if len(doc.inputs) > self.inputs:
+            raise _invalid(("inputs",), f"{len(doc.inputs)} inputs: the model takes at most "
+                           f"{self.inputs} ({INPUT!r}, or one per feature)",
+                           "too_long")  # fmt: skip
+        for i, item in enumerate(doc.inputs):
+            if item.shape and item.shape[0] > self.rows:
+                raise _invalid(("inputs", i, "shape"), f"{item.shape[0]} rows, 1 to "
+                               f"{self.rows} per request", "too_long")  # fmt: skip
+            if math.prod(item.shape) > self.rows * self.inputs:
+                raise _invalid(("inputs", i, "shape"), f"shape {list(item.shape)[:8]}: more "
+                               f"values than {self.rows} rows of {self.inputs - 1} features",
+                               "too_long")  # fmt: skip
+
+
 def parse_infer(
-    body: bytes, header_length: str | None, model_outputs: Sequence[str] = OUTPUTS
+    body: bytes,
+    header_length: str | None,
+    model_outputs: Sequence[str] = OUTPUTS,
+    bounds: Bounds | None = None,
 ) -> InferRequest:
     """The request in ``body`` (JSON, or JSON then binary tensor data when
     ``header_length``, the ``Inference-Header-Content-Length`` header, is given), or
-    RequestValidationError naming what is wrong."""
+    RequestValidationError naming what is wrong; within ``bounds`` when given."""
     header, tail = _split(body, header_length)
+    if bounds is not None:
+        bounds.check_text(header)
     try:
         doc = InferenceRequest.model_validate_json(header)
     except ValidationError as exc:
@@ -208,6 +259,8 @@ def parse_infer(
     if doc.id and not is_request_id(doc.id):
         raise _invalid(("id",), f"id must be 1-{MAX_ID_CHARS} printable ASCII characters, "
                                 "no space at either end (as X-Request-Id)")  # fmt: skip
+    if bounds is not None:
+        bounds.check(doc)
     inputs: list[Tensor] = []
     offset = 0
     seen: set[str] = set()
@@ -380,4 +433,4 @@ def _outputs(doc: InferenceRequest, model_outputs: Sequence[str]) -> tuple[tuple
     return tuple(chosen)
 
 
-__all__ = ["InferRequest", "Tensor", "parse_infer"]
+__all__ = ["Bounds", "InferRequest", "Tensor", "parse_infer"]
