@@ -9,6 +9,7 @@ once every ``REPEAT_S`` while it lasts, with how long and how many tries, and wh
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -77,29 +78,43 @@ class RetryLog:
 
 
 class OncePerSpell(logging.Filter):
-    """A logger's same message (its template) at most once every ``repeat_s``, the next one
-    saying how many were held back: redis-py's cluster client logs each failed topology
-    refresh, twice a second while a cluster refuses the user (a helper's probe)."""
+    """A logger's same message (its template) at most ``burst`` times every ``repeat_s``, the
+    first one after saying how many were held back: redis-py's cluster client logs each failed
+    topology refresh, twice a second while a cluster refuses the user (a helper's probe)."""
 
-    def __init__(self, repeat_s: float = REPEAT_S, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        repeat_s: float = REPEAT_S,
+        clock: Callable[[], float] = time.monotonic,
+        burst: int = 1,
+    ):
         super().__init__()
         self.repeat_s = repeat_s
         self.clock = clock
-        self._said: dict[str, tuple[float, int]] = {}
+        self.burst = burst
+        self._said: dict[str, tuple[float, int, int]] = {}
+        """Template -> when its spell began, the lines said in it, the lines held back."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         key = str(record.msg)
         now = self.clock()
-        said = self._said.get(key)
-        if said is not None and now - said[0] < self.repeat_s:
-            self._said[key] = (said[0], said[1] + 1)
-            return False
-        if said is not None and said[1]:
-            record.msg = f"{record.msg} ({said[1]} more like it in the last {now - said[0]:.0f} s)"
-        self._said[key] = (now, 0)
+        began, told, held = self._said.get(key, (-math.inf, 0, 0))
+        if now - began < self.repeat_s:
+            if told >= self.burst:
+                self._said[key] = (began, told, held + 1)
+                return False
+            self._said[key] = (began, told + 1, held)
+            return True
+        if held:
+            record.msg = f"{record.msg} ({held} more like it in the last {now - began:.0f} s)"
+        self._said[key] = (now, 1, 0)
         if len(self._said) > 100:  # templates, not values: a few; bounded all the same
             self._said.pop(next(iter(self._said)))
         return True
+
+    def reset(self) -> None:
+        """Every template unsaid (a test that reads the lines)."""
+        self._said.clear()
 
 
 SAID_ONCE: set[str] = set()

@@ -9,7 +9,13 @@ import time
 
 import pytest
 
-from gateway.transport.http_guard import LINGER_BYTES, REFUSALS, ConnectionGuard, HttpLimits
+from gateway.transport.http_guard import (
+    LINGER_BYTES,
+    REFUSALS,
+    REFUSALS_LOGGED,
+    ConnectionGuard,
+    HttpLimits,
+)
 
 LIMITS = HttpLimits(
     max_header_bytes=2048, max_headers=20, header_timeout_s=5, body_timeout_s=5, keep_alive_s=30
@@ -42,6 +48,12 @@ class Transport(asyncio.Transport):
 
     def abort(self) -> None:
         self.aborted = self.closed = True
+
+
+@pytest.fixture(autouse=True)
+def refusal_lines_unsaid() -> None:
+    """Each test reads its own refusal's line: none held back by the guard's log budget."""
+    REFUSALS_LOGGED.reset()
 
 
 def guard() -> tuple[ConnectionGuard, Transport]:

@@ -152,3 +152,21 @@ def test_a_third_party_loggers_repeats_are_held_back_and_counted() -> None:
     assert said[1] == "Topology refresh failed (59 more like it in the last 30 s)"
     other = record("another message")
     assert spell.filter(other)  # each template its own
+
+
+def test_a_burst_is_said_then_held_back_and_counted() -> None:
+    """The HTTP guard's refusal line: a client looping on an 18-byte bad request wrote 9 bytes
+    of log for each byte it sent (a helper's probe). At most ``burst`` a spell, then a count."""
+    from rendezvous.retry_log import OncePerSpell
+
+    now = [0.0]
+    spell = OncePerSpell(repeat_s=60.0, clock=lambda: now[0], burst=3)
+    said = []
+    for t in range(0, 121):  # ten a second for two minutes
+        for tenth in range(10):
+            now[0] = t + tenth / 10
+            rec = logging.LogRecord("g", logging.WARNING, __file__, 1, "refused %d", (400,), None)
+            if spell.filter(rec):
+                said.append(rec.getMessage())
+    assert said[:3] == ["refused 400"] * 3 and len(said) == 9, said
+    assert said[3] == "refused 400 (597 more like it in the last 60 s)"

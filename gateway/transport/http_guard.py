@@ -31,8 +31,14 @@ from gateway.problems import Problem
 from gateway.transport.cors import MAX_ORIGIN_BYTES, cors_lines
 from gateway.transport.http_parsing import end_of_requests, fault_of, method_of
 from gateway.transport.limits import style_of
+from rendezvous.retry_log import OncePerSpell
 
 log = logging.getLogger(__name__)
+REFUSALS_LOGGED = OncePerSpell(repeat_s=60.0, burst=20)
+"""A refusal's line at most 20 times a minute, then how many more: a client looping on an
+18-byte bad request wrote 9 bytes of log for each byte it sent (a helper's probe); every
+refusal is counted in ``rdv_http_refused_total`` all the same."""
+log.addFilter(REFUSALS_LOGGED)
 
 SWEEP_S = 1.0
 LINGER_S = 2.0
