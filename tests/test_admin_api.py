@@ -293,6 +293,7 @@ def test_a_multipart_upload_takes_its_parts_as_forms_send_them(admin: AppClient)
         # a label sent by name matched the last class of that name (found by a fuzzing probe)
         ("repeated-class-names", 422, "class_names must be distinct: ['good']"),
         ("control-characters", 422, "invalid model metadata"),  # a name forged log lines
+        ("c1-and-separators", 422, "invalid model metadata"),
         ("many-metrics", 422, "invalid model metadata"),
     ],
 )
@@ -345,6 +346,12 @@ def test_refused_uploads_are_4xx_and_change_nothing(
         names = [*demo_data().names[:-1], "x\n2026-12-05 INFO forged line \x1b[2J"]
         body = upload_body("weak", deployment=None, name="other", feature_names=names)
         resp = client.post("/admin/models", json=body, headers=AUTH)
+    elif case == "c1-and-separators":  # U+0085 ends a line, U+009B is a terminal's CSI
+        for odd in ("a\x85INFO forged", "b\x9b2J", "c\u2028d"):
+            names = [*demo_data().names[:-1], odd]
+            body = upload_body("weak", deployment=None, name="other", feature_names=names)
+            resp = client.post("/admin/models", json=body, headers=AUTH)
+            assert resp.status_code == 422, (odd, resp.text)
     elif case == "many-metrics":
         body = upload_body("weak", metrics={f"m{i}": 1.0 for i in range(101)})
         resp = client.post("/admin/models", json=body, headers=AUTH)

@@ -312,7 +312,9 @@ def test_tritonclient_sees_the_errors(
         client.get_model_metadata("nope")
     assert [e["state"] for e in client.get_model_repository_index()] == ["READY", "READY"]
     for bad_index, why in ((b"[]", "a JSON object"), (b'{"ready": "yes"}', "ready: "),
-                           (b"{", "not JSON"), (b"\xff", "not UTF-8")):  # fmt: skip
+                           (b"{", "not JSON"), (b"\xff", "not UTF-8"),
+                           (b"\xef\xbb\xbf{}", "byte order mark"),
+                           ("{}".encode("utf-16"), "not UTF-8")):  # fmt: skip
         refused = workers.http.post("/v2/repository/index", content=bad_index)
         assert refused.status_code == 400 and why in refused.json()["error"], refused.text
     gzipped = workers.http.post("/v2/repository/index", content=b"{}",

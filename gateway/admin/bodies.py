@@ -56,9 +56,13 @@ class _Body(BaseModel):
 
 
 ReferenceNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-ShownName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+ShownName = Annotated[
+    str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$")
+]
 """A name the gateway shows (logs, alerts, exports, the dashboard): no control characters,
-which could forge a log line or drive a terminal (found by hand)."""
+which could forge a log line or drive a terminal (found by hand), C1's among them (U+0085 ends a
+line and U+009B begins a terminal's command, as ESC [ does), nor a line or paragraph separator
+(a helper's fuzzing)."""
 
 
 class ReferenceIn(_Body):

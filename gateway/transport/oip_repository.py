@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError
 
 from gateway.dataplane.deployments import DeploymentCache
-from gateway.problems import Problem, not_json
+from gateway.problems import Problem, encoding_fault, not_json
 from models.deployments import Deployment
 from rendezvous import names
 from rendezvous.bus import clock
@@ -55,6 +55,9 @@ def index_request(raw: bytes) -> IndexRequest:
     for a repository other than the one this gateway has."""
     if not raw.strip():
         return IndexRequest()
+    fault = encoding_fault(raw)  # Python's JSON reads a UTF-8 mark and UTF-16: no body does
+    if fault is not None:
+        raise IndexRefused(Problem(400, fault[1]))
     try:
         doc = json.loads(raw)
     except (ValueError, RecursionError) as exc:
