@@ -380,3 +380,24 @@ def test_bounds_refuse_a_megabyte_of_arrays_inputs_or_bytes_before_decoding_it()
     assert parse_infer(per_feature, None, bounds=bounds).matrix(SPEC).shape == (1000, 3)
     whole = _json({"id": "[{" * 64, "inputs": [_input([[1.0, 2.0, 3.0]] * 1000, [1000, 3])]})
     assert parse_infer(whole, None, bounds=bounds).matrix(SPEC).shape == (1000, 3)
+
+
+def test_json_data_is_held_to_its_declared_datatype_as_its_binary_form_is() -> None:
+    """An INT32 input of 2**40 was taken, and an FP32 one fed a float64 model double precision
+    that the same tensor sent binary cannot carry (a helper's fuzzing)."""
+    precise = [[0.1, 1 / 3, 2.0]]
+    as_json = parse_infer(_json({"inputs": [_input(precise, [1, 3])]}), None).matrix(SPEC)
+    blob = np.asarray(precise, dtype="<f4").tobytes()
+    head = {"inputs": [{"name": "input", "shape": [1, 3], "datatype": "FP32",
+                        "parameters": {"binary_data_size": len(blob)}}]}  # fmt: skip
+    as_binary = parse_infer(*_binary(head, blob)).matrix(SPEC)
+    np.testing.assert_array_equal(
+        np.asarray(as_json, np.float64), np.asarray(as_binary, np.float64)
+    )
+    fault = _refusal(_json({"inputs": [_input([[1, 2**40, 3]], [1, 3], "INT32")]}))
+    assert "1099511627776 is beyond what INT32 holds" in fault and "data[0][1]" in fault, fault
+    in_range = [[-(2**31), 2**31 - 1, 0]]
+    got = parse_infer(_json({"inputs": [_input(in_range, [1, 3], "INT32")]}), None).inputs[0]
+    assert got.values.tolist() == in_range
+    wide = parse_infer(_json({"inputs": [_input(precise, [1, 3], "FP64")]}), None).inputs[0]
+    assert wide.values.tolist() == precise  # FP64 stays as sent

@@ -344,7 +344,34 @@ def _tensor(
         values = np.array(flat, dtype=np.float64).reshape(shape)
     except OverflowError:
         raise _invalid((*at, "data"), "a value is out of range", "out_of_range") from None
-    return Tensor(item.name, shape, values, item.datatype), 0
+    return Tensor(item.name, shape, _as_declared(values, flat, item.datatype, at), item.datatype), 0
+
+
+INT32_BOUND = 2**31
+"""A JSON value of an INT32 input is below this and at least its negative, as the binary form
+of the same tensor holds."""
+
+
+def _as_declared(
+    values: np.ndarray, flat: list[Any], datatype: str, at: tuple[str | int, ...]
+) -> np.ndarray:
+    """JSON ``values`` as their declared datatype holds them: FP32 rounded to float32 (past its
+    range, infinite: refused later, naming the feature), INT32 within its range, else a 422
+    naming the first value beyond it. An INT32 input of 2**40 was taken, and an FP32 one fed a
+    float64 model double precision that the same tensor sent binary cannot carry (a helper's
+    fuzzing); Triton holds JSON data to its declared datatype the same way."""
+    if datatype == "FP32":
+        with np.errstate(over="ignore"):
+            return values.astype(np.float32)
+    if datatype != "INT32":
+        return values
+    outside = np.flatnonzero((values < -INT32_BOUND) | (values >= INT32_BOUND))
+    if outside.size:
+        k = int(outside[0])
+        where = tuple(int(j) for j in np.unravel_index(k, values.shape))
+        raise _invalid((*at, "data", *where), f"{flat[k]!r} is beyond what INT32 holds",
+                       "out_of_range")  # fmt: skip
+    return values
 
 
 def _binary_strings(blob: bytes, count: int, at: tuple[str | int, ...]) -> list[str]:
