@@ -262,6 +262,8 @@ def test_a_multipart_upload_takes_its_parts_as_forms_send_them(admin: AppClient)
         ([("file", onnx)], {"metadata": meta, "reference": "a\n" + "1" * 200_000},
          "line 2: not CSV this reads: field larger than field limit"),
         ([("file", onnx)], {"metadata": meta, "version": "seven"}, "invalid model metadata"),
+        # a typo was a 201 without the reference it carried (a helper's fuzzing)
+        ([("file", onnx)], {"metadata": meta, "refrence": csv_text}, "no 'refrence' part"),
     ]  # fmt: skip
     for files, data, says in refusals:
         resp = post(files, **data)

@@ -31,6 +31,11 @@ def upload_body_cap(settings: Settings) -> int:
 ASCII_DIGITS = re.compile(r"[0-9]{1,30}")
 """A multipart ``version`` field read as a number (longer: int() of thousands of digits is
 slow; the model's bound names a long one)."""
+MULTIPART_PARTS = frozenset(
+    {"file", "metadata", "reference", "name", "version", "deployment", "description", "algorithm"}
+)
+"""The parts a multipart upload may hold: any other is refused, as the JSON form refuses a key
+it does not know."""
 MAX_REFERENCE_ROWS = 100_000
 MAX_REFERENCE_CELLS = 5_000_000
 """Bounds on reference rows, checked as they are read: a one-column CSV of 16 MB held 1.4 GB
@@ -96,6 +101,10 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[UploadMeta, byt
             part = form.get("file")
             if not isinstance(part, UploadFile):
                 raise Invalid("a multipart upload needs a 'file' part holding the ONNX model")
+            unknown = sorted(set(form.keys()) - MULTIPART_PARTS)
+            if unknown:  # a typo ("refrence") was a 201 without what it carried (a probe)
+                raise Invalid(f"a multipart upload has no {unknown[0][:40]!r} part: it takes "
+                              f"{', '.join(sorted(MULTIPART_PARTS))}")  # fmt: skip
             for key in ("file", "metadata", "reference"):
                 if len(form.getlist(key)) > 1:
                     raise Invalid(f"a multipart upload holds one '{key}' part, not several")
