@@ -78,8 +78,8 @@ def _request_id_taken(response: httpx.Response) -> bool:
         doc = response.json()
     except ValueError:
         doc = None
-    if isinstance(doc, dict) and doc.get("request_id_taken") is True:
-        return True
+    if isinstance(doc, dict) and (doc.get("request_id_taken") is True or doc.get("may_exist")):
+        return True  # may_exist: a submit that may have made its job (its body names it)
     return NEW_ID_ASKED in response.content
 
 

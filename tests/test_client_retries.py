@@ -195,6 +195,15 @@ def test_a_503_is_sent_again_only_where_the_gateway_took_nothing() -> None:
     with gateway.client() as rdv, pytest.raises(RdvError, match="gone"):
         rdv.predict("d", instances=ROW, request_id="r-1")
     assert len(gateway.sent) == 1
+    # A submit whose job may exist (Redis failed under its accept): not sent again blindly,
+    # which made a second job while the first ran unknown (a helper's probe); its body names it.
+    doc = {"detail": "maybe", "id": "1-a", "location": "/v1/deployments/d/jobs/1-a",
+           "may_exist": True}  # fmt: skip
+    maybe = httpx.Response(503, json=doc, headers={"Retry-After": "0"})
+    gateway = Scripted(maybe, ok(JOB, 202))
+    with gateway.client() as rdv, pytest.raises(RdvError, match="maybe") as caught:
+        rdv.submit("d", instances=ROW)
+    assert len(gateway.sent) == 1 and caught.value.body["id"] == "1-a"
     for call, retried in (
         (lambda rdv: rdv.rollback("d"), False),
         (lambda rdv: rdv.promote("d", 3), False),

@@ -29,6 +29,7 @@ from gateway.dataplane.job_vocabulary import (
     FAILED,
     PENDING,
     JobConflict,
+    MaybeAccepted,
     created_ms,
     new_job_id,
 )
@@ -248,6 +249,63 @@ async def test_a_job_whose_start_meets_a_stalled_redis_runs_once_redis_answers(
         assert await client.hget(names.job_key(DEMO_DEPLOYMENT, job), "runs") == b"1"
     finally:
         await service.stop()
+
+
+async def test_an_accept_sent_again_after_its_reply_was_lost_makes_one_job(
+    client: AsyncClient,
+) -> None:
+    """redis-py sends a command again on a fresh connection when its connection drops, after
+    the command may have run (a helper's probe: a proxy that cut the accept's reply). The
+    accept ran twice: two stream entries for one job (started twice, scored and archived
+    twice), its bytes counted twice for good, and a submit with its own X-Request-Id got 409
+    naming the job it had just made."""
+    service = await gateway(client)
+    real_eval = service.store._eval
+
+    async def sent_twice(script: str, keys: list[str], *args: Any) -> Any:
+        await real_eval(script, keys, *args)  # ran, its reply lost with its connection
+        return await real_eval(script, keys, *args)
+
+    service.store._eval = sent_twice  # type: ignore[method-assign]
+    await service.submit(DEMO_DEPLOYMENT, BODY, None)
+    own = await service.submit(DEMO_DEPLOYMENT, BODY, "sent-twice")
+    assert own.request_id == "sent-twice"
+    assert await client.xlen(STREAM) == 2
+    held: Any = await client.hgetall(names.jobs_held_bytes_key(DEMO_DEPLOYMENT))
+    total = int(held.pop(b"total"))
+    assert total == sum(map(int, held.values())) == 2 * (len(BODY) + HASH_BYTES)
+
+
+async def test_a_submit_whose_accept_met_a_stalled_redis_names_the_job_it_may_have_made(
+    client: AsyncClient,
+) -> None:
+    """A Redis that stalls past the command timeout runs the accept when it wakes: the 503
+    said nothing of the job, so a caller (and rdv_client, which resends a submit's 503) made
+    a second job, and the first ran unknown to anyone (a helper's probe: 4 of 4 under a 4 s
+    DEBUG SLEEP). The refusal names the job, and rdv_client does not resend it."""
+    service = await gateway(client)
+    real_eval = service.store._eval
+
+    async def reply_lost(script: str, keys: list[str], *args: Any) -> Any:
+        await real_eval(script, keys, *args)  # it ran in Redis...
+        raise redis.TimeoutError("Timeout reading from 127.0.0.1:6379")  # ...no reply came
+
+    service.store._eval = reply_lost  # type: ignore[method-assign]
+    with pytest.raises(MaybeAccepted) as caught:
+        await service.submit(DEMO_DEPLOYMENT, BODY, None)
+    assert (await service.read(DEMO_DEPLOYMENT, caught.value.job_id)).status == PENDING
+    assert service.service.counted == [(DEMO_DEPLOYMENT, "error")]  # type: ignore[attr-defined]
+    # a script that cannot have run is a plain 503, which callers send again
+    for refusal in (redis.BusyLoadingError("Redis is loading the dataset in memory"),
+                    redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379.")):  # fmt: skip
+
+        async def refused(script: str, keys: list[str], *args: Any, exc: Any = refusal) -> Any:
+            raise exc
+
+        service.store._eval = refused  # type: ignore[method-assign]
+        with pytest.raises(type(refusal)):
+            await service.submit(DEMO_DEPLOYMENT, BODY, None)
+    assert await client.xlen(STREAM) == 1
 
 
 async def test_submit_refuses_before_writing(client: AsyncClient) -> None:

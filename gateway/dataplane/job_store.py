@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
+
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import Backlogged, DuplicateRequest, UnknownDeployment
 from gateway.dataplane.job_vocabulary import (
@@ -17,6 +19,7 @@ from gateway.dataplane.job_vocabulary import (
     JobConflict,
     JobNotFound,
     JobView,
+    MaybeAccepted,
     compact_json,
     created_ms,
     new_job_id,
@@ -24,6 +27,7 @@ from gateway.dataplane.job_vocabulary import (
 from models.deployments import Deployment
 from rendezvous import names
 from rendezvous.bus.connection import AsyncClient, text
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.bus.routing import slot_of
 
 DONE_MAXLEN = 10_000
@@ -38,6 +42,7 @@ HASH_BYTES = 300
 Redis's own bookkeeping), counted with it against ``RDV_JOB_MAX_HELD_BYTES``."""
 
 _ACCEPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {2} end
 if #KEYS > 4 then
   local other = redis.call('GET', KEYS[5])
   if other then return {1, other} end
@@ -72,9 +77,12 @@ return {2}
 """KEYS: job hash, jobs stream, held set, held bytes[, the job's request-id key[, the predict's
 request-id key]]; ARGV: job id, body, created ms, ttl s, max queued, caller's request id or '',
 the body's sha256, its rows, max held bytes, now ms, a hash's bytes beside its body.
--> {1, job} the request id took that job; {3} a predict took it (first: a retry that lost its
-202 finds its job whatever the bounds); {0, queued} queue full; {4, held} too many bytes held;
-{2}. Up to 500 expired jobs are taken off the count before the bytes are checked."""
+-> {2} the job exists already: this script sent again (redis-py resends a command whose
+connection dropped, after it may have run), which must not add its stream entry and bytes
+twice, nor find the request id taken by itself; {1, job} the request id took that job; {3} a
+predict took it (first: a retry that lost its 202 finds its job whatever the bounds); {0,
+queued} queue full; {4, held} too many bytes held; {2}. Up to 500 expired jobs are taken off
+the count before the bytes are checked."""
 
 _START = """
 local s = redis.call('HGET', KEYS[1], 'status')
@@ -149,6 +157,16 @@ return 0
 """A job this process held when it stopped goes back to the stream's end, for any gateway."""
 
 
+def _may_have_run(exc: BaseException) -> bool:
+    """Whether a script whose call failed so may have run all the same: its reply was lost to
+    a timeout (a stalled Redis runs it on waking) or a connection dropped after it was sent;
+    not a connection that was never made, nor a refusal (a loading Redis is a
+    ``ConnectionError`` too)."""
+    if isinstance(exc, redis.BusyLoadingError) or "connecting to" in str(exc):
+        return False
+    return isinstance(exc, redis.TimeoutError | redis.ConnectionError | OSError)
+
+
 class JobStore:
     """Records, reads, starts, ends, cancels, drops and requeues jobs, one script each."""
 
@@ -192,10 +210,20 @@ class JobStore:
         created = created_ms(job_id) or 0
         body_sha = hashlib.sha256(raw).hexdigest()
         now_ms = int(time.time() * 1000)
-        reply = await self._eval(
-            _ACCEPT, keys, job_id, raw, created, self.ttl_s, self.max_queued, rid or "", body_sha,
-            rows, self.max_held_bytes, now_ms, HASH_BYTES,
-        )  # fmt: skip
+        try:
+            reply = await self._eval(
+                _ACCEPT, keys, job_id, raw, created, self.ttl_s, self.max_queued, rid or "",
+                body_sha, rows, self.max_held_bytes, now_ms, HASH_BYTES,
+            )  # fmt: skip
+        except REDIS_FAILURES as exc:
+            if not _may_have_run(exc):
+                raise
+            raise MaybeAccepted(
+                f"Redis failed while accepting the job ({type(exc).__name__}): it may have been "
+                f"accepted as job {job_id}; poll it (404 'no job': it was not) before sending the "
+                "body again",
+                job_id,
+            ) from exc
         code = int(reply[0])
         if code == 0:
             raise Backlogged(

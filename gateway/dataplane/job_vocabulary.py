@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.dataplane.answers import answer_json
-from gateway.dataplane.failures import problem_of
+from gateway.dataplane.failures import Unavailable, problem_of
 from rendezvous import names
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,16 @@ class JobNotFound(LookupError):
 
 class JobConflict(Exception):
     """The request id already took a job (``job_id``), or the job already ended."""
+
+    def __init__(self, detail: str, job_id: str):
+        super().__init__(detail)
+        self.job_id = job_id
+
+
+class MaybeAccepted(Unavailable):
+    """Redis failed under a submit's accept script after it may have run (its reply lost to a
+    stall or a dropped connection): the job may exist under ``job_id``, so the caller is told
+    it, to poll it before sending the body again (a 404 that says it never was: not taken)."""
 
     def __init__(self, detail: str, job_id: str):
         super().__init__(detail)
@@ -131,6 +141,7 @@ __all__ = [
     "JobConflict",
     "JobNotFound",
     "JobView",
+    "MaybeAccepted",
     "answer_doc",
     "compact_json",
     "created_ms",

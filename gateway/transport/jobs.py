@@ -18,7 +18,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from gateway.dataplane.failures import problem_of
-from gateway.dataplane.job_vocabulary import BLOCK_MS, JobConflict, JobNotFound, JobView
+from gateway.dataplane.job_vocabulary import (
+    BLOCK_MS,
+    JobConflict,
+    JobNotFound,
+    JobView,
+    MaybeAccepted,
+)
 from gateway.dataplane.jobs import JobService
 from gateway.dataplane.validation import PredictRequest, single_request_id
 from gateway.problems import Problem, compressed, unavailable
@@ -39,6 +45,10 @@ def job_location(deployment: str, job_id: str) -> str:
 def _refusal(deployment: str, exc: Exception) -> Response:
     if isinstance(exc, JobNotFound):
         problem = Problem(404, str(exc), {"id": exc.job_id, "expired": exc.expired})
+    elif isinstance(exc, MaybeAccepted):
+        where = job_location(deployment, exc.job_id)
+        extra = {"id": exc.job_id, "location": where, "may_exist": True}
+        problem = Problem(503, str(exc), extra, headers={"Retry-After": "1"})
     elif isinstance(exc, JobConflict):
         where = job_location(deployment, exc.job_id)
         problem = Problem(409, str(exc), {"id": exc.job_id, "location": where})
