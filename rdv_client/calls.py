@@ -344,7 +344,12 @@ class Waiting:
         the client's retries did not outlast, or no gateway reached), or None: raise it. A
         wait is a read, and its budget is ``timeout_s``, not the client's retries: a routine
         failover (503s for 2-3 s) ended waits on healthy jobs (a helper's probe)."""
-        if isinstance(exc, RdvError):
+        if isinstance(exc, RdvError) and (bound := _wait_bound(exc)) is not None:
+            if bound >= self.poll_ms:
+                return None
+            self.poll_ms = bound  # the gateway's RDV_JOB_MAX_WAIT_MS: every wait failed on it
+            pause_s: float | None = 0.0
+        elif isinstance(exc, RdvError):
             pause_s = exc.retry_after
         else:
             pause_s = WAIT_POLL_PAUSE_S if isinstance(exc, GatewayUnreachable) else None
@@ -352,6 +357,18 @@ class Waiting:
         if pause_s is None or left_s <= 0:
             return None
         return min(max(pause_s, 0.0), left_s)
+
+
+def _wait_bound(exc: RdvError) -> int | None:
+    """The gateway's longest long poll, from its 422 refusing a longer ``wait_ms`` (None: not
+    that refusal)."""
+    if exc.status != 422 or not isinstance(exc.detail, list):
+        return None
+    for fault in exc.detail:
+        if isinstance(fault, dict) and fault.get("loc") == ["query", "wait_ms"]:
+            bound = (fault.get("ctx") or {}).get("le")
+            return bound if isinstance(bound, int) and bound >= 1 else None
+    return None
 
 
 def unsendable(call: Call[Any], exc: httpx.LocalProtocolError) -> ValueError:

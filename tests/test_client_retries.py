@@ -369,3 +369,21 @@ def test_a_predict_no_replica_acknowledged_keeps_its_id_and_says_so(
         # an id the gateway made up is not the caller's to resend: a plain 503
         anonymous = system.http.post(PREDICT, json={"instances": row})
         assert anonymous.status_code == 503 and "request_id_taken" not in anonymous.json()
+
+
+def test_a_wait_polls_within_the_gateways_longest_long_poll() -> None:
+    """``wait`` polled 10 s at a time, and a gateway whose ``RDV_JOB_MAX_WAIT_MS`` is lower
+    refused every poll with 422, even for a job already done (a helper's probe). The 422 names
+    its bound (``ctx.le``), and the wait polls within it."""
+    bound = {"detail": [{"type": "less_than_equal", "loc": ["query", "wait_ms"],
+                         "msg": "Input should be less than or equal to 5000",
+                         "input": "10000", "ctx": {"le": 5000}}]}  # fmt: skip
+    done = {**JOB, "status": "done", "result": ANSWER}
+    gateway = Scripted(httpx.Response(422, json=bound), ok(done))
+    with gateway.client() as rdv:
+        assert rdv.wait("d", "1-a", timeout_s=30).status == "done"
+    assert [r.url.params["wait_ms"] for r in gateway.sent] == ["10000", "5000"]
+    other = {"detail": [{"type": "int_parsing", "loc": ["query", "wait_ms"], "msg": "no"}]}
+    gateway = Scripted(httpx.Response(422, json=other), ok(done))
+    with gateway.client() as rdv, pytest.raises(RdvError):
+        rdv.wait("d", "1-a", timeout_s=30)  # any other 422 is raised

@@ -204,6 +204,8 @@ def test_unknown_deployment_ids_and_waits_out_of_bounds_are_clear(system: System
         resp = system.http.get(f"{JOBS}/{unknown}", params={"wait_ms": wait_ms})
         assert resp.status_code == 422, resp.text
         assert resp.json()["detail"][0]["loc"] == ["query", "wait_ms"]
+        if wait_ms == MAX_WAIT_MS + 1:  # the bound, for a client to poll within (rdv_client)
+            assert resp.json()["detail"][0]["ctx"] == {"le": MAX_WAIT_MS}, resp.text
     assert [stream_head(system.r, s) for s in streams] == before
 
 

@@ -308,6 +308,25 @@ async def test_a_submit_whose_accept_met_a_stalled_redis_names_the_job_it_may_ha
     assert await client.xlen(STREAM) == 1
 
 
+async def test_long_polls_answer_at_once_when_the_process_is_asked_to_stop(
+    client: AsyncClient,
+) -> None:
+    """uvicorn waits for the requests in flight before the app's shutdown runs: a long poll
+    held a gateway's stop 10 s and was then cut with a 500, which rdv_client's ``wait``
+    raised (a helper's probe). Asked to stop, the long polls answer as their jobs stand, and
+    a later one at once; the runs go on until ``stop``."""
+    service = await gateway(client)  # not started: its jobs stay pending
+    job = (await service.submit(DEMO_DEPLOYMENT, BODY, None)).id
+    poll = asyncio.create_task(service.wait(DEMO_DEPLOYMENT, job, 20_000))
+    await asyncio.sleep(0.3)
+    assert not poll.done()
+    t0 = time.monotonic()
+    service.end_long_polls()
+    assert (await asyncio.wait_for(poll, 2.0)).status == PENDING
+    later = await service.wait(DEMO_DEPLOYMENT, job, 20_000)
+    assert later.status == PENDING and time.monotonic() - t0 < 1.0
+
+
 async def test_submit_refuses_before_writing(client: AsyncClient) -> None:
     service = await gateway(client, max_queued=2)
     for _ in range(2):

@@ -107,6 +107,12 @@ def _trimmed(error: Any) -> Any:
     if "input" in out:
         text = _cut(out["input"])
         out["input"] = text if isinstance(text, str | int | float | bool) or text is None else None
+    bounds = error.get("ctx")
+    if isinstance(bounds, dict):  # the bound a number broke, for a program to read (ge, le)
+        kept = {k: v for k, v in list(bounds.items())[:4]
+                if isinstance(k, str) and type(v) in (int, float)}  # fmt: skip
+        if kept:
+            out["ctx"] = kept
     return jsonable_encoder(out)
 
 

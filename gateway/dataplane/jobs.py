@@ -93,6 +93,9 @@ class JobService:
         self.deployments = service.deployments
         self._stopping = asyncio.Event()
         """Set by ``stop``: the long polls answer as their jobs stand, and the runs end."""
+        self._polls_ending = asyncio.Event()
+        """Set by ``end_long_polls`` (the process was asked to stop): the long polls answer as
+        their jobs stand, while the runs go on until ``stop``."""
         self._waiters: dict[tuple[str, str], set[asyncio.Event]] = {}
         self._waiting: dict[str, int] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
@@ -167,7 +170,7 @@ class JobService:
         read, no polling), and by jobs this process ends; it also reads the job every
         ``RECHECK_S`` in case a wake-up was lost."""
         view = await self.read(deployment, job_id)  # unknown, expired or ended: said at once
-        if view.status != PENDING or wait_ms <= 0 or self._stopping.is_set():
+        if view.status != PENDING or wait_ms <= 0 or self._ending():
             return view
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_ms / 1000
@@ -180,7 +183,7 @@ class JobService:
                 event.clear()
                 view = await self.read(deployment, job_id)
                 remaining = deadline - loop.time()
-                if view.status != PENDING or remaining <= 0 or self._stopping.is_set():
+                if view.status != PENDING or remaining <= 0 or self._ending():
                     return view
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(remaining, RECHECK_S))
@@ -192,6 +195,19 @@ class JobService:
             self._waiting[deployment] -= 1
             if not self._waiting[deployment]:
                 del self._waiting[deployment]
+
+    def _ending(self) -> bool:
+        return self._stopping.is_set() or self._polls_ending.is_set()
+
+    def end_long_polls(self) -> None:
+        """The process was asked to stop: answer the long polls now, as their jobs stand, and
+        any that comes later at once. The server waits for the requests in flight before the
+        app's shutdown (``stop``) runs: a long poll held it 10 s and was then cut with a 500,
+        which rdv_client's ``wait`` raised (a helper's probe)."""
+        self._polls_ending.set()
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
 
     async def cancel(self, deployment: str, job_id: str) -> JobView:
         """End a pending job as failed (``cancelled``); a run under way finishes, and its

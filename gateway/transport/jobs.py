@@ -8,9 +8,13 @@ job (``?wait_ms=`` long-polls), ``DELETE`` cancels it. The work is
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+import threading
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from types import FrameType
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -198,6 +202,26 @@ def mount(app: FastAPI, settings: Settings) -> None:
             return _refusal(deployment, exc)
 
 
+def _end_long_polls_when_asked_to_stop(jobs: JobService) -> None:
+    """Chain the server's SIGTERM and SIGINT handlers (uvicorn's, installed before the app
+    starts) with ``end_long_polls``: uvicorn waits for the requests in flight, up to its
+    graceful-shutdown bound, before the app's shutdown runs, so a long poll held every stop
+    10 s and ended in a 500."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers are the main thread's (an app under a test client)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue
+
+        def hook(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
+            loop.call_soon_threadsafe(jobs.end_long_polls)
+            previous(signum, frame)
+
+        signal.signal(sig, hook)
+
+
 async def start(app: FastAPI, settings: Settings) -> Callable[[], Awaitable[None]]:
     """Start this process's share of the job work, once ``app.state.service`` and
     ``app.state.redis`` exist; returns the coroutine function that stops it."""
@@ -223,6 +247,7 @@ async def start(app: FastAPI, settings: Settings) -> Callable[[], Awaitable[None
     )
     await jobs.start()
     app.state.jobs = jobs
+    _end_long_polls_when_asked_to_stop(jobs)
 
     async def stop() -> None:
         await jobs.stop()
