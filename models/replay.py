@@ -90,13 +90,15 @@ class Runner:
         """A key of the replay's slot (its report), for ``_follow_failover``."""
 
     def run(self, deployment: str, replay_id: str) -> dict[str, Any]:
-        stored = self.store.stored(deployment, replay_id)
+        self._follow_key = names.replay_key(deployment, replay_id)
+        # Ridden out too: a process spawned just as its master died read the dead node,
+        # died with a traceback and left its report ``interrupted`` (a helper's probe).
+        stored = self._riding(lambda: self.store.stored(deployment, replay_id))
         if stored is None:
             raise LookupError(f"no replay {replay_id} of {deployment}")
         report, state = stored
         tally = Tally.from_dict(state)
         report["timing"]["runs"] = report["timing"].get("runs", 0) + 1
-        self._follow_key = names.replay_key(deployment, replay_id)
         try:
             report = self._run(deployment, report, tally)
         except LeaseLost as exc:

@@ -1254,3 +1254,25 @@ def test_a_deployment_another_process_made_or_deleted_is_named_as_it_is(
     held = admin.delete(f"/admin/models/{DEMO_DEPLOYMENT}/{v3}", headers=AUTH)
     assert held.status_code == 409 and "still draining" in held.json()["detail"], held.text
     assert "elsewhere/real" in held.json()["detail"]
+
+
+def test_a_change_applied_is_not_answered_503_when_the_cache_refresh_after_it_fails(
+    admin: AppClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a helper's probe on a real cluster: a master killed under a rollback, the
+    sync client (the change) found the new master before the gateway's async client (the
+    cache refresh after it), so each rollback landed and was answered 503 'Redis is
+    unavailable' with Retry-After: six sent in a second, six applied (a second undoes the
+    first), the operator told each time that nothing happened."""
+    cache = admin.app.state.deployments
+
+    async def down() -> None:
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:7002")
+
+    v3 = upload(admin, "weak")
+    monkeypatch.setattr(cache, "refresh", down)
+    resp = admin.post(f"{DEP}/promote", json={"version": v3}, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    back = admin.post(f"{DEP}/rollback", json={}, headers=AUTH)
+    assert back.status_code == 200, back.text
+    assert roles(admin) == {"real": "breast-cancer:2", "canary": "breast-cancer:1"}

@@ -503,3 +503,26 @@ def test_a_gateway_lost_in_the_middle_of_a_load_says_how_far_it_got(
         server.server_close()
     assert isinstance(code, str) and code.startswith(f"cannot reach the gateway at {url}"), code
     assert code.endswith("; 1 rows were loaded before it (a load again is safe)"), code
+
+
+def test_rdv_replay_follows_its_replay_through_a_gateway_that_refuses_for_a_moment(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A failover's 503 on a progress poll ended ``rdv replay`` with status 1 and ``-> 503:
+    Redis is unavailable`` while the replay ran on (a helper's probe on a real cluster): the
+    poll is a read, sent again through a 429 or 503 as ``rdv decisions`` reads Redis again."""
+    rid = "1a2527c0c07-9a3350ebe4b9"
+    report = {"id": rid, "state": "running", "progress": {"done": 0, "total": 8}}
+    polls: list[int] = []
+
+    def poll(_body: bytes) -> Answer:
+        polls.append(1)
+        if len(polls) < 3:
+            return as_json({"detail": "Redis is unavailable: ConnectionError"}, 503)
+        return as_json({**report, "state": "done", "progress": {"done": 8, "total": 8}})
+
+    with answering({("POST", REPLAYS): as_json(report, 202),
+                    ("GET", f"{REPLAYS}/{rid}"): poll}) as (url, _asked):  # fmt: skip
+        main(["replay", "--deployment", DEP, "--version", "1", "--url", url])
+    out = capsys.readouterr()
+    assert json.loads(out.out)["state"] == "done" and len(polls) == 3, out.err

@@ -28,6 +28,11 @@ USERS = {
     "nomemory": "+@all -memory",
     "noxack": "+@all -xack",
     "noxadd": "+@all -xadd",
+    "nozadd": "+@all -zadd",
+    "notime": "+@all -time",
+    "noevalsha": "+@all -evalsha",
+    "noxinfo": "+@all -xinfo",
+    "nomulti": "+@all -multi",
 }
 NARROW = "~rdv:{a* ~rdv:deployments"
 """A key pattern that leaves out most of the system's keys (the probe's among them)."""
@@ -100,6 +105,13 @@ async def test_a_user_without_scripts_is_refused_naming_them(server: EmbeddedRed
 @pytest.mark.parametrize(("user", "says"), [
     ("noxack", "no permissions to run the 'xack' command"),
     ("noxadd", "no permissions to run the 'xadd' command"),
+    # passed the check, then (a helper's probe on a cluster): worker hosts restarting for
+    # ever (ZADD, TIME), predicts 504, partitioned deployments refused (XINFO), deleted
+    # deployments never purged (EVALSHA)
+    ("nozadd", "no permissions to run the 'zadd' command"),
+    ("notime", "no permissions to run the 'time' command"),
+    ("noevalsha", "no permissions to run the 'evalsha' command"),
+    ("noxinfo", "no permissions to run the 'xinfo' command"),
     ("narrow", "the system's keys"),
 ])  # fmt: skip
 async def test_a_user_without_a_data_command_or_the_keys_is_refused_naming_it(
@@ -229,3 +241,32 @@ def test_an_evicting_policy_on_any_master_of_a_cluster_is_refused(
             node.config_set("maxmemory-policy", "noeviction")
             node.close()
     assert check(rc, allow_eviction=False) is not None
+
+
+def test_a_user_without_transactions_is_refused_naming_them(server: EmbeddedRedis) -> None:
+    """Without MULTI the check passed and every admin change answered 503 'Redis is
+    unavailable: ResponseError' (a helper's probe on a cluster)."""
+    client = connect(url_of(server, "nomulti"))
+    with pytest.raises(RedisUnfit, match=re.escape("Redis refused a transaction (MULTI)")):
+        check(client, allow_eviction=False)
+    client.close()
+
+
+def test_a_user_without_cluster_slots_is_told_so_not_asked_whether_redis_runs() -> None:
+    """redis-py's cluster client raises "Cluster mode is not enabled on this node" from the
+    NOPERM of CLUSTER SLOTS: ``rdv serve`` waited 30 s and said Redis 'did not answer ... Is
+    it running?' (a helper's probe on a cluster, a user with +cluster|info alone)."""
+    from redis.exceptions import NoPermissionError, RedisClusterException
+
+    from rendezvous.bus.failures import permanent_refusal
+
+    try:
+        try:
+            raise NoPermissionError(
+                "this user has no permissions to run the 'cluster' command or its subcommand"
+            )
+        except redis.exceptions.ResponseError:
+            raise RedisClusterException("Cluster mode is not enabled on this node") from None
+    except RedisClusterException as exc:
+        said = permanent_refusal(exc)
+    assert said is not None and "+cluster|slots" in said, said

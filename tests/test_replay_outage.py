@@ -113,3 +113,38 @@ def test_a_replay_follows_its_slot_to_the_replica_of_a_master_lost_for_good(
         client.close()
         if killed:
             redis_cluster.restart(killed[0])  # back as a replica, for the next tests
+
+
+def test_a_replay_whose_redis_is_away_when_its_process_starts_waits_for_it(
+    tmp_path: Path, demo_data_dir: Path
+) -> None:
+    """A replay started just before its master was killed (a helper's probe on a real cluster):
+    the process's first read of its report met the dead node, and the process died with a
+    traceback, its report ``interrupted`` (0 records) for a person to resume, though the
+    replica was elected seconds later. The first read now rides out the outage as the rest."""
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    client = connect(server.url)
+    writer = SegmentWriter(tmp_path / "archive")
+    writer.append_batch(DEP, [{"stream_id": f"{1000 + i}-0", "request_id": f"r-{i}",
+                               "enqueued_ms": 1000.0 + i, "features": [row.tolist()]}
+                              for i, row in enumerate(demo_data().x_test[:8])])  # fmt: skip
+    writer.close()
+    store = ReplayStore(client)
+    rid = new_replay_id()
+    request: dict[str, Any] = {"from_ms": None, "to_ms": 2008.0, "last": None}
+    report = new_report(rid, DEP, DEMO_MODEL, REAL_VERSION, request, None, 4, time.time() * 1000)
+    store.create(DEP, report, {}, "test")
+    client.delete(names.replay_lock_key(DEP, rid))
+    runner = Runner(client, ModelRegistry(demo_data_dir / "models"),
+                    ArchiveReader(tmp_path / "archive"), owner="runner")  # fmt: skip
+    server.stop()
+    back = threading.Timer(2.0, server.start)
+    back.start()
+    try:
+        ended = runner.run(DEP, rid)
+        assert ended["state"] == "done", ended
+        assert ended["records"] == 8, ended
+    finally:
+        back.join()
+        client.close()
+        server.stop()

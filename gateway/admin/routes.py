@@ -40,6 +40,7 @@ from gateway.observability.drift_view import drift_view, set_thresholds
 from gateway.settings import Settings
 from models.registry import ModelRegistry
 from rendezvous.bus.connection import connect
+from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.names import check_name
 
 P = ParamSpec("P")
@@ -86,9 +87,18 @@ async def _call(method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
 async def _changed(
     request: Request, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs
 ) -> T:
-    """Like ``_call`` for a change: this gateway's deployment cache follows at once."""
+    """Like ``_call`` for a change: this gateway's deployment cache follows at once. The
+    change has landed once ``method`` returns: a refresh that fails then (a failover, where
+    this process's async client finds the new master after the admin's sync client did) is
+    logged and left to the refresh loop (within a second), never answered 503, which said
+    'Redis is unavailable' of a change made and invited a retry (a rollback sent again undoes
+    itself)."""
     result = await run_in_threadpool(method, *args, **kwargs)
-    await request.app.state.deployments.refresh()
+    try:
+        await request.app.state.deployments.refresh()
+    except REDIS_FAILURES as exc:
+        log.warning("the change is made; this gateway's deployment cache follows at its next "
+                    "refresh (%s: %s)", type(exc).__name__, exc)  # fmt: skip
     return result
 
 

@@ -24,6 +24,7 @@ from gateway.cli.arguments import (
     usage_error,
     whole_number,
 )
+from gateway.cli.patience import DEFAULT_BUDGET_S
 from rendezvous import names
 
 _POLL_S = 0.5
@@ -92,7 +93,10 @@ def _follow(args: argparse.Namespace, http: Any, path: str, report: dict[str, An
     shown = None
     while report["state"] == "running":
         time.sleep(_POLL_S)
-        report = admin_request(args, "GET", path, http=http, show=False, expect=Report)
+        # a read: a failover's 503 (or a gateway restarting) is waited out, as the bulk
+        # commands do, not taken for the replay's end (it runs on meanwhile)
+        report = admin_request(args, "GET", path, http=http, show=False, expect=Report,
+                               retry_for=DEFAULT_BUDGET_S)  # fmt: skip
         progress = report["progress"]
         total = progress.get("total")
         line = (

@@ -44,6 +44,17 @@ def permanent_refusal(exc: BaseException) -> str | None:
         return f"Redis refused the user or password in the URL ({exc})"
     seen: BaseException | None = exc
     while seen is not None:
+        if isinstance(seen, redis.exceptions.NoPermissionError) and isinstance(
+            exc, RedisClusterException
+        ):
+            # redis-py's cluster client turns a refused CLUSTER SLOTS into "Cluster mode is not
+            # enabled on this node", and the start waited 30 s, then asked whether Redis was
+            # running (a helper's probe, a user under -@dangerous on Redis 6)
+            return (
+                f"Redis refused this user a command it needs to find the cluster's nodes "
+                f"({seen}): grant it +cluster|info +cluster|slots (Redis 6's -@dangerous "
+                "takes both)"
+            )
         if isinstance(seen, ssl.SSLCertVerificationError):
             if "hostname" in str(seen.verify_message).lower():  # the CA is trusted (a probe)
                 return (

@@ -17,6 +17,7 @@ line instead of failing requests later (found by a helper's probe of managed-Red
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -28,7 +29,14 @@ from rendezvous.retry_log import warn_once
 log = logging.getLogger(__name__)
 
 PROBE_SCRIPT = "return 1"
-PROBE_KEYS = ("rdv:{probe}:stream", "rdv:{probe}:hash")
+PROBE_KEYS = (
+    "rdv:{probe}:stream",
+    "rdv:{probe}:hash",
+    "rdv:{probe}:string",
+    "rdv:{probe}:zset",
+    "rdv:{probe}:set",
+    "rdv:{probe}:list",
+)
 """The keys of the start's checks (one slot): named by the probe script, so that a cluster
 client knows where to send it; made and deleted by the data commands' probe."""
 PROBE_KEY = PROBE_KEYS[0]
@@ -41,22 +49,82 @@ def _data_commands(pipe: Any) -> None:
     in a traceback, restarted for ever, and one without ``XACK`` said ready while predicts
     timed out (a helper's probe). Sent as commands, not in a script: Redis 6 checks no ACL
     inside one."""
-    stream, table = PROBE_KEYS
-    pipe.delete(stream)  # one key a DEL: a cluster's pipeline takes no more
-    pipe.delete(table)
+    stream, table, string, zset, members, items = PROBE_KEYS
+    for key in PROBE_KEYS:
+        pipe.delete(key)  # one key a DEL: a cluster's pipeline takes no more
     pipe.xadd(stream, {"p": "1"}, maxlen=10)
     pipe.xgroup_create(stream, "g", id="0")
     pipe.xreadgroup("g", "c", {stream: ">"}, count=1)
     pipe.xautoclaim(stream, "g", "c", 0, "0-0", count=1)
+    pipe.xclaim(stream, "g", "c", 0, ["0-1"])
+    pipe.xpending(stream, "g")
+    pipe.xinfo_stream(stream)
+    pipe.xinfo_groups(stream)
+    pipe.xinfo_consumers(stream, "g")
     pipe.xack(stream, "g", "0-1")
     pipe.xrange(stream, count=1)
+    pipe.xrevrange(stream, count=1)
+    pipe.xread({stream: "0-0"}, count=1)
     pipe.xlen(stream)
+    pipe.xdel(stream, "0-1")
     pipe.xtrim(stream, maxlen=0)
+    pipe.xgroup_delconsumer(stream, "g", "c")
+    pipe.xgroup_destroy(stream, "g")
     pipe.hset(table, "f", "1")
+    pipe.hsetnx(table, "g", "1")
+    pipe.hget(table, "f")
+    pipe.hmget(table, ["f"])
     pipe.hgetall(table)
+    pipe.hincrby(table, "n", 1)
+    pipe.hexists(table, "f")
+    pipe.hkeys(table)
+    pipe.hvals(table)
+    pipe.hdel(table, "g")
     pipe.pexpire(table, 60_000)
-    pipe.delete(stream)
-    pipe.delete(table)
+    pipe.set(string, "1", px=60_000, nx=True)
+    pipe.get(string)
+    pipe.exists(string)
+    pipe.expire(string, 60)
+    pipe.zadd(zset, {"m": 1})
+    pipe.zrangebyscore(zset, 0, 2)
+    pipe.zremrangebyscore(zset, 0, 0)
+    pipe.zrem(zset, "m")
+    pipe.sadd(members, "m")
+    pipe.sismember(members, "m")
+    pipe.smembers(members)
+    pipe.srem(members, "m")
+    pipe.rpush(items, "1")
+    pipe.lrange(items, 0, -1)
+    pipe.lindex(items, -1)
+    pipe.evalsha(_PROBE_SHA, 1, stream)  # the probe's EVAL put it in the script cache
+    for key in PROBE_KEYS:
+        pipe.unlink(key)
+
+
+_PROBE_SHA = hashlib.sha1(PROBE_SCRIPT.encode()).hexdigest()
+
+
+def _transaction(client: Any) -> None:
+    """A state change is a transaction (``WATCH``, ``MULTI``, ``EXEC``): a user without
+    ``MULTI`` started, said it was ready, and answered every admin change 503 'Redis is
+    unavailable: ResponseError' (redis-py's cluster transaction passes the refusal of its
+    MULTI over, and EXEC then says 'EXEC without MULTI': a helper's probe)."""
+    table = PROBE_KEYS[1]
+    try:
+        with client.pipeline(transaction=True) as tx:
+            tx.watch(table)
+            tx.multi()
+            tx.hset(table, "t", "1")
+            tx.delete(table)
+            tx.execute()
+    except redis.exceptions.ResponseError as exc:
+        if "EXEC without MULTI" in str(exc):
+            raise RedisUnfit(
+                "Redis refused a transaction (MULTI): grant the user the data commands "
+                "(+@all -@dangerous is enough)"
+            ) from None
+        if refused_for_good(exc):
+            raise no_scripts(exc) from None
 
 
 def _refusal(replies: list[Any]) -> None:
@@ -157,6 +225,12 @@ def check(client: Any, *, allow_eviction: bool) -> Mapping[str, Any] | None:
     pipe = client.pipeline(transaction=False)
     _data_commands(pipe)
     _refusal(pipe.execute(raise_on_error=False))
+    _transaction(client)
+    try:
+        client.time()  # Redis's clock (``rendezvous.bus.clock``): no key, so not in a pipeline
+    except redis.exceptions.ResponseError as exc:
+        if refused_for_good(exc):
+            raise no_scripts(exc) from None
     try:
         info = client.info("memory", **_every_node(client))
     except redis.exceptions.ResponseError:
@@ -174,6 +248,11 @@ async def check_async(client: Any, *, allow_eviction: bool) -> Mapping[str, Any]
     pipe = client.pipeline(transaction=False)
     _data_commands(pipe)
     _refusal(await pipe.execute(raise_on_error=False))
+    try:
+        await client.time()
+    except redis.exceptions.ResponseError as exc:
+        if refused_for_good(exc):
+            raise no_scripts(exc) from None
     try:
         info = await client.info("memory", **_every_node(client))
     except redis.exceptions.ResponseError:
