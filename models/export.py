@@ -18,8 +18,10 @@ the same slice can be taken again.
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -302,15 +304,38 @@ class Exporter:
             )  # before the writer adds the metadata
             doc["rows_past_label_retention"] = self.past_retention
 
-        written = (
-            _parquet(out, columns, chunks(), self, roles, doc)
-            if fmt == "parquet"
-            else _csv(out, columns, chunks())
-        )
-        doc["rows"] = written
-        if fmt == "csv":
-            Path(f"{out}.meta.json").write_text(json.dumps(doc, indent=2) + "\n")
+        with written_whole(out) as path:
+            written = (
+                _parquet(path, columns, chunks(), self, roles, doc)
+                if fmt == "parquet"
+                else _csv(path, columns, chunks())
+            )
+            doc["rows"] = written
+            if fmt == "csv":
+                with written_whole(Path(f"{out}.meta.json")) as meta_path:
+                    meta_path.write_text(json.dumps(doc, indent=2) + "\n")
         return doc
+
+
+@contextlib.contextmanager
+def written_whole(out: Path) -> Iterator[Path]:
+    """The path to write ``out`` through: a file beside it, put in its place once written
+    whole, and removed if the writing fails. A disk that filled mid-export left a cut CSV
+    (or an empty Parquet file) over the previous export, beside that export's
+    ``.meta.json`` (a helper's disk probe). Not a regular file (``/dev/stdout``, a pipe):
+    written as it is."""
+    if out.exists() and not out.is_file():
+        yield out
+        return
+    part = out.with_name(f".{out.name}.partial")
+    try:
+        yield part
+        os.replace(part, out)
+    except BaseException as exc:
+        part.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename == str(part):
+            exc.filename = str(out)  # the message names the file asked for
+        raise
 
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")

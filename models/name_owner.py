@@ -22,6 +22,7 @@ import redis
 
 from rendezvous import names
 from rendezvous.bus.connection import Client, text
+from rendezvous.bus.failures import refused_for_a_while
 from rendezvous.bus.routing import Command, command
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,24 @@ def take_name(client: Client, name: str, token: str, wait_s: float = OWNER_TTL_S
     renewing; ``NameTaken`` if another keeps it."""
     key = owner_key(name, kind)
     deadline = time.monotonic() + wait_s
-    while not client.set(key, token, nx=True, px=OWNER_TTL_MS):
+    said = False
+    while True:
+        try:
+            if client.set(key, token, nx=True, px=OWNER_TTL_MS):
+                return
+        except redis.ResponseError as exc:
+            # Redis refuses writes for a while (its disk full, at its memory limit): a start
+            # now exited 1, and rdv serve restarted it with a backoff that grew to 30 s, so
+            # the archive or real stayed away that long after Redis took writes again.
+            why = refused_for_a_while(exc)
+            if why is None:
+                raise
+            if not said:
+                log.warning("%s %r waits to start: %s", kind.what, name, why)
+                said = True
+            deadline = time.monotonic() + wait_s  # no holder can renew meanwhile either
+            time.sleep(0.25)
+            continue
         holder = client.get(key)
         if holder is not None and text(holder) == token:
             return

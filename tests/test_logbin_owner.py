@@ -39,3 +39,23 @@ def test_a_running_bin_renews_its_hold_and_lets_go_at_a_clean_stop(
     logbin.close()
     assert r.get(owner_key("lb-own")) is None
     take_name(r, "lb-own", "next", wait_s=0.1)  # free at once
+
+
+def test_a_start_while_redis_refuses_writes_waits_for_them(r: redis.Redis) -> None:
+    """A log bin or worker host started while Redis refused writes (its disk full: MISCONF;
+    at its memory limit: OOM) exited 1, and rdv serve's backoff kept it away up to 30 s after
+    Redis took writes again (a helper's disk probe). It waits instead, as its loop would."""
+    import threading
+
+    r.delete(owner_key("lb-refused"))
+    r.config_set("maxmemory", 1)  # noeviction: every write refused
+    thawed = threading.Timer(0.6, lambda: r.config_set("maxmemory", 0))
+    thawed.start()
+    try:
+        t0 = time.monotonic()
+        take_name(r, "lb-refused", "me", wait_s=0.1)
+        assert time.monotonic() - t0 >= 0.5
+        assert r.get(owner_key("lb-refused")) == b"me"
+    finally:
+        thawed.join()
+        r.config_set("maxmemory", 0)

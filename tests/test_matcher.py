@@ -447,3 +447,42 @@ async def test_a_jobs_decision_record_is_written_between_realtime_requests_and_a
     await rdv.stop()
     recs = await decisions(r, 3)
     assert [rec.request_id for rec in recs] == ["rt-1", "job-1", "job-2"]
+
+
+async def test_a_start_while_redis_refuses_writes_serves_once_it_takes_them(
+    r: redis.Redis, redis_url: str
+) -> None:
+    """A gateway started while Redis refused writes (its disk full: MISCONF; at its memory
+    limit) failed its start, and rdv serve's backoff kept it away up to 30 s after Redis took
+    writes again (a helper's disk probe). It starts; its reader makes the reply stream once
+    Redis takes writes, and answers from then on."""
+    client = aioredis.Redis.from_url(redis_url)
+    reader = Router(aioredis.Redis.from_url(redis_url), timeout_s=3.0)
+    writer = Router(client, timeout_s=2.0)
+    reply_to = names.reply_stream("t-refused")
+    matcher = Rendezvous(client, reader, reply_to, StreamAppender(writer))
+    r.delete(reply_to)
+    r.config_set("maxmemory", 1)  # noeviction: every write refused
+    try:
+        await matcher.start()
+        await asyncio.sleep(0.2)
+        assert matcher.read_failure is not None and "maxmemory" in matcher.read_failure
+    finally:
+        r.config_set("maxmemory", 0)
+    try:
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            if r.exists(reply_to):
+                break
+            await asyncio.sleep(0.02)
+        assert r.exists(reply_to)
+        mb = matcher.open("z", DEP, PATIENT, ROLES)
+        await client.xadd(reply_to, result("z", "real", 0.9).encode())
+        answer = await asyncio.wait_for(matcher.wait(mb), 3.0)
+        assert answer.outcome == "real"
+    finally:
+        await matcher.stop()
+        await matcher.records.decisions.close()
+        await writer.close()
+        await client.aclose()
+        await reader.client.aclose()

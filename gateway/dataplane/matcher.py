@@ -23,7 +23,7 @@ from rendezvous import names
 from rendezvous.bus.appender import StreamAppender
 from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import AsyncClient
-from rendezvous.bus.failures import REDIS_FAILURES
+from rendezvous.bus.failures import REDIS_FAILURES, refused_for_a_while
 from rendezvous.bus.routing import Command, raise_first_error
 from rendezvous.decision import DecisionRecord
 from rendezvous.envelope import EnvelopeError, ModelResult, decode_results
@@ -96,7 +96,18 @@ class Rendezvous:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._create_stream()
+        try:
+            await self._create_stream()
+        except Exception as exc:
+            # Redis refuses writes for a while (its disk full, at its memory limit): a start
+            # now failed ("Application startup failed"), and rdv serve's backoff kept the
+            # gateway away up to 30 s after Redis took writes again. The reader makes the
+            # stream at its first turn that Redis takes it; until then /readyz and predicts
+            # say why (a helper's disk probe).
+            if refused_for_a_while(exc) is None:
+                raise
+            log.warning("reply stream %s: not made yet: %s", self.reply_to, exc)
+            self._next_ttl = 0.0
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
 
     @property
