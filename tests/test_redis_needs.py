@@ -10,12 +10,14 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from gateway.cli.main import main
 from gateway.dataplane.deployments import DeploymentCache
+from processes import wait_until
 from rendezvous import names
 from rendezvous.bus.connection import connect, connect_async
 from rendezvous.bus.local_cluster import LocalCluster
@@ -270,3 +272,57 @@ def test_a_user_without_cluster_slots_is_told_so_not_asked_whether_redis_runs() 
     except RedisClusterException as exc:
         said = permanent_refusal(exc)
     assert said is not None and "+cluster|slots" in said, said
+
+
+def test_a_redis_that_cannot_write_its_disk_is_connected_checked_and_read(tmp_path: Path) -> None:
+    """Redis refuses PING with MISCONF while it cannot persist, and every fresh connection
+    sent one first (redis-py's health check): a start failed at once, rdv serve's backoff kept
+    the processes away ~30 s after the disk was freed, and ``rdv decisions`` or ``rdv archive
+    export``, reads alone, failed when an operator most wanted them (a helper's disk probe).
+    Writes are refused for a while; the start's check passes, and reads are served."""
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    admin = redis.Redis.from_url(server.url)
+    try:
+        admin.xadd("rdv:{d}:decisions", {"r": "1"})
+        admin.config_set("save", "3600 1")  # snapshots on: a failed one stops writes
+        admin.config_set("dir", "/proc")  # a snapshot cannot be written there, even by root
+        admin.bgsave()
+        wait_until(lambda: admin.info("persistence")["rdb_last_bgsave_status"] == "err", 10,
+                   "the snapshot to fail")  # fmt: skip
+        with pytest.raises(redis.ResponseError, match="MISCONF"):
+            admin.ping()
+        client = connect(server.url, wait_s=2.0)
+        check(client, allow_eviction=False)  # refused for a while: not the start's to judge
+        assert client.xlen("rdv:{d}:decisions") == 1
+        client.close()
+    finally:
+        admin.config_set("dir", str((tmp_path / "redis").resolve()))
+        admin.close()
+        server.stop()
+
+
+def test_checks_run_at_once_by_several_processes_pass(
+    server: EmbeddedRedis, admin: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rdv serve starts its processes at once, and each checks: another's probe touched the
+    key a transaction's check watched, and its EXEC's WatchError ended a worker host's start
+    with a traceback (found live, on the transaction's check when it was new)."""
+    from rendezvous.bus.redis_needs import PROBE_KEYS
+
+    client = connect(server.url)
+    pipeline = client.pipeline
+
+    def meddled(transaction: bool = True) -> Any:
+        tx = pipeline(transaction=transaction)
+        multi = tx.multi
+
+        def touched_first() -> None:
+            admin.hset(PROBE_KEYS[1], "other", "1")  # another process's probe, meanwhile
+            multi()
+
+        tx.multi = touched_first  # type: ignore[method-assign]
+        return tx
+
+    monkeypatch.setattr(client, "pipeline", meddled)
+    check(client, allow_eviction=False)
+    client.close()

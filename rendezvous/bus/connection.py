@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 _RETRYABLE: tuple[type[Exception], ...] = (*REDIS_DOWN, OSError)
 
 
+# No ``health_check_interval``: its PING before a fresh (or idle) connection's first command
+# is refused with MISCONF while Redis cannot write its disk, which failed every start and every
+# read of a new connection (``rdv decisions``, an export; a helper's disk probe). A pooled
+# connection found dead is sent again on a fresh one (below) instead.
+
+
 def _stale_connection_retry(kind: type[Retry] | type[AsyncRetry] = Retry) -> Any:
     """One immediate retry, on a fresh connection, of a command whose pooled connection turns
     out dead. A pooled connection that died without an end-of-file (reset by a Redis restart
@@ -144,7 +150,6 @@ def connect(url: str, wait_s: float = 30.0, socket_timeout_s: float | None = Non
             seed,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=2.0,
-            health_check_interval=30,
             retry=_stale_connection_retry(),
         )
         try:
@@ -216,7 +221,6 @@ async def connect_async(
             timeout=timeout_s,  # the wait for a free connection
             socket_connect_timeout=2.0,
             socket_timeout=timeout_s,
-            health_check_interval=30,
             retry=_stale_connection_retry(AsyncRetry),
         )
         client = aioredis.Redis.from_pool(pool)  # closes the pool with the client

@@ -117,6 +117,8 @@ def _transaction(client: Any) -> None:
             tx.hset(table, "t", "1")
             tx.delete(table)
             tx.execute()
+    except redis.exceptions.WatchError:
+        return  # another process's check touched the key meanwhile: EXEC ran, and was taken
     except redis.exceptions.ResponseError as exc:
         if "EXEC without MULTI" in str(exc):
             raise RedisUnfit(
