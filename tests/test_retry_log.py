@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import redis
 
 from rendezvous.retry_log import KINDS_SAID, RetryLog
 
@@ -170,3 +171,16 @@ def test_a_burst_is_said_then_held_back_and_counted() -> None:
                 said.append(rec.getMessage())
     assert said[:3] == ["refused 400"] * 3 and len(said) == 9, said
     assert said[3] == "refused 400 (597 more like it in the last 60 s)"
+
+
+def test_a_loops_line_names_a_refusal_for_a_while_not_an_unreachable_redis() -> None:
+    """The drift monitor, live accuracy and the deployments' refresh said "cannot reach Redis"
+    of a Redis that answered and refused writes (its disk full; a helper's disk probe)."""
+    from rendezvous.bus.failures import said
+
+    disk = redis.ResponseError("MISCONF Redis is configured to save RDB snapshots, but ...")
+    piped = redis.ResponseError("Command # 1 (EVAL ...) of pipeline caused error: OOM command "
+                                "not allowed when used memory > 'maxmemory'.")  # fmt: skip
+    assert said(disk).startswith("Redis refuses: Redis cannot write its data to disk")
+    assert said(piped).startswith("Redis refuses: Redis is at its memory limit")
+    assert said(redis.ConnectionError("Error 111")) == "cannot reach Redis (Error 111)"

@@ -11,7 +11,7 @@ from gateway.dataplane.failures import UnknownDeployment
 from models.deployments import Deployment, StateReader
 from rendezvous import names
 from rendezvous.bus.connection import AsyncClient, text
-from rendezvous.bus.failures import REDIS_FAILURES
+from rendezvous.bus.failures import REDIS_FAILURES, said
 from rendezvous.bus.redis_needs import refused_for_good
 from rendezvous.retry_log import RetryLog
 
@@ -150,7 +150,7 @@ class DeploymentCache:
                 await self.refresh()
                 retry_log.succeeded()
             except REDIS_FAILURES as exc:
-                retry_log.failed(f"cannot reach Redis ({exc})")
+                retry_log.failed(said(exc))
             except Exception as exc:  # a bug must not freeze the gateway's view for good
                 retry_log.failed(f"failed ({exc!r})", level=logging.ERROR, exc_info=exc)
 

@@ -49,7 +49,7 @@ from gateway.observability.evaluation_leases import EvaluationLeases
 from gateway.observability.look_schedule import LookSchedule
 from rendezvous import names
 from rendezvous.bus.connection import AsyncClient
-from rendezvous.bus.failures import REDIS_FAILURES
+from rendezvous.bus.failures import REDIS_FAILURES, said
 from rendezvous.drift import Sketch
 from rendezvous.drift_alerts import Thresholds, evaluate_alerts, window_report
 from rendezvous.drift_reference import FeatureReference, FeatureReferences
@@ -123,7 +123,7 @@ class DriftMonitor:
                 self._relay.lead(led)
                 retry_log.succeeded()
             except REDIS_FAILURES as exc:
-                retry_log.failed(f"cannot reach Redis ({exc})")
+                retry_log.failed(said(exc))
                 continue
             except Exception as exc:  # a bug must not end the monitor for good
                 retry_log.failed(f"failed ({exc!r})", level=logging.ERROR, exc_info=exc)

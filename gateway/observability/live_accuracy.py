@@ -31,7 +31,7 @@ from gateway.observability.look_schedule import LookSchedule
 from rendezvous import names
 from rendezvous.accuracy import accuracy_report
 from rendezvous.bus.connection import AsyncClient
-from rendezvous.bus.failures import REDIS_FAILURES
+from rendezvous.bus.failures import REDIS_FAILURES, said
 from rendezvous.outcomes import decode_labelled
 from rendezvous.retry_log import RetryLog
 
@@ -160,7 +160,7 @@ class LiveAccuracy:
                 await self.tick()
                 retry_log.succeeded()
             except REDIS_FAILURES as exc:
-                retry_log.failed(f"cannot reach Redis ({exc})")
+                retry_log.failed(said(exc))
             except Exception as exc:
                 retry_log.failed(f"failed ({exc!r})", level=logging.ERROR, exc_info=exc)
 

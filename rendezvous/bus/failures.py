@@ -139,3 +139,11 @@ def refused_for_a_while(exc: BaseException) -> str | None:
 
 
 _REFUSED_CODE = re.compile(r"(?:^|-|error: )(OOM|MISCONF|BUSY) ")
+
+
+def said(exc: BaseException) -> str:
+    """A Redis failure in a loop's log line: a refusal for a while in its own words, else that
+    Redis could not be reached ("cannot reach Redis" of a Redis refusing writes sent an
+    operator looking at the network; a helper's disk probe)."""
+    why = refused_for_a_while(exc)
+    return f"Redis refuses: {why} ({exc})" if why else f"cannot reach Redis ({exc})"
