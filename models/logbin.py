@@ -42,7 +42,7 @@ from models.name_owner import let_go, renewal
 from rendezvous import names
 from rendezvous.bus.aside import ASIDE_S, UNREACHABLE
 from rendezvous.bus.connection import Client
-from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry
+from rendezvous.bus.consumer import BACKOFF_MAX_S, Batch, ConsumerLoop, Entry
 from rendezvous.bus.failures import REDIS_DOWN, REDIS_FAILURES, refused_for_a_while
 from rendezvous.bus.retention import Retention
 from rendezvous.bus.routing import Command, command, raise_first_error
@@ -174,9 +174,9 @@ class LogBin(ConsumerLoop):
         if isinstance(exc, REDIS_DOWN):
             self.retry_log.failed(f"redis unavailable ({exc})", retry_in_s)
         elif refused := refused_for_a_while(exc):
-            self._say_once_a_minute(f"Redis refuses writes: {refused}", retry_in_s)
+            self._say_once_a_minute(f"Redis refuses writes: {refused}")
         elif isinstance(exc, OSError):
-            self._say_once_a_minute(f"archive write failed: {exc}", retry_in_s)
+            self._say_once_a_minute(f"archive write failed: {exc}")
         else:
             log.error("logbin: unexpected error; retry in %.2fs", retry_in_s, exc_info=exc)
             self.stats.failing = f"{type(exc).__name__}: {exc}"[:500]
@@ -186,13 +186,13 @@ class LogBin(ConsumerLoop):
                 self.client.hset(names.LOGBIN_STATS, self.consumer, self.stats_json(time.time()))
         return True
 
-    def _say_once_a_minute(self, failing: str, retry_in_s: float) -> None:
+    def _say_once_a_minute(self, failing: str) -> None:
         """Log a failure that lasts once a minute, not at every try (four a second), and
         publish it (``/readyz``, the metrics)."""
         failing = failing[:500]
         if failing != self.stats.failing or time.monotonic() >= self._say_failing_at:
             self._say_failing_at = time.monotonic() + 60.0
-            log.error("logbin: %s; retrying every %.2fs", failing, retry_in_s)
+            log.error("logbin: %s; retrying up to every %.2fs", failing, BACKOFF_MAX_S)
         self.stats.failing = failing
 
     def close(self) -> None:
