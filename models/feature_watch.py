@@ -205,7 +205,11 @@ class FeatureWatch:
                 continue
             self._note(dep, raised, cleared)
             if dep.held and dep.detectors.rows_seen >= self.hold_rows:
-                dep.held, dep.changed = {}, True  # judged enough: what they did not raise clears
+                # judged enough: what they did not raise clears, at the figures they read now
+                # (the last run's, from its raise, said "1 (threshold 0.5)" for a feature no
+                # longer stuck: a helper's live check)
+                dep.figures.update(dep.detectors.figures_now(dep.held))
+                dep.held, dep.changed = {}, True
 
     @staticmethod
     def _note(

@@ -47,6 +47,16 @@ end
 redis.call('HSET', KEYS[1], '#merges',
            cjson.encode({last = now, paused = paused, resumed = resumed}))
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+-- claims this source took over and no longer needs (their process died): dropped if unchanged
+local okr, retire = pcall(cjson.decode, ARGV[8] or '')
+if okr and type(retire) == 'table' then
+  for src, ts in pairs(retire) do
+    local okc, c = pcall(cjson.decode, redis.call('HGET', KEYS[1], src) or '')
+    if okc and type(c) == 'table' and tonumber(c.ts_ms) == tonumber(ts) then
+      redis.call('HDEL', KEYS[1], src)
+    end
+  end
+end
 local wanted, when, figures, fwhen = {}, {}, {}, {}
 local claims = redis.call('HGETALL', KEYS[1])
 for i = 1, #claims, 2 do
@@ -119,8 +129,9 @@ return cjson.encode(events)
 """
 """KEYS: claims, alerts, events, event counts (one hash tag); ARGV: source, claim document
 ('' to only sweep stale claims), now (ms), events' maxlen, deployment, the gap (ms) that is an
-outage, the least time (ms) a claim is kept after one. Returns the events this call decided,
-as JSON.
+outage, the least time (ms) a claim is kept after one, and (optional) the claims to drop as
+JSON ``{source: ts_ms}``: each dropped only while it is still the version taken over. Returns
+the events this call decided, as JSON.
 
 The claims hash also keeps the time of the last merge, and the two around the latest outage
 (``#merges``, a document with no ``ts_ms``, which a reader of the claims skips as stale): when
@@ -158,11 +169,15 @@ def merge_args(
     figures: Mapping[str, Mapping[str, Any]] | None = None,
     extra: Mapping[str, Any] | None = None,
     now_ms: float | None = None,
+    retire: Mapping[str, float] | None = None,
 ) -> list[Any]:
     """Everything after the script for ``EVAL MERGE``: the key count, the keys and the
     arguments. ``alerts``: the alerts ``source`` holds now (None: only drop stale claims);
     ``figures``: the statistic of alerts this source just released (their clear event carries
-    it); ``extra``: more of the source's state, kept with the claim for the drift report."""
+    it); ``extra``: more of the source's state, kept with the claim for the drift report;
+    ``retire``: the claims of dead sources this one took over and is done with (source ->
+    the ``ts_ms`` of the claim taken over), dropped so that they no longer hold its alerts
+    until they go stale."""
     now_ms = round(time.time() * 1000 if now_ms is None else now_ms)  # Lua's cjson: 14 digits
     doc = ""
     if alerts is not None:
@@ -179,6 +194,8 @@ def merge_args(
         str(OUTAGE_MS),
         str(RESUMED_GRACE_MS),
     ]
+    if retire:
+        args.append(json.dumps(dict(retire), default=float))
     return [4, *keys(deployment), *args]
 
 

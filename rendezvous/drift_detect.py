@@ -10,7 +10,7 @@ words of an alert: ``rendezvous.drift_profile``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -259,6 +259,19 @@ class FeatureDetectors:
         if rows == 0:
             return {**alert, "value": None, "threshold": None, "rows": 0}
         return {**alert, "value": value, "threshold": limit, "rows": rows}
+
+    def figures_now(self, alerts: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+        """What these detectors read now of each alert (by id, ``kind/feature``), as the figures
+        it clears with: for alerts they did not raise themselves (a restarted bin's held ones)."""
+        out: dict[str, dict[str, Any]] = {}
+        for alert_id, alert in alerts.items():
+            kind, _, name = alert_id.partition("/")
+            if name not in self.profile.names or kind not in self._held:
+                out[alert_id] = {"value": None, "threshold": None}
+                continue
+            now = self._figures(dict(alert), kind, self.profile.names.index(name))
+            out[alert_id] = {"value": now["value"], "threshold": now["threshold"]}
+        return out
 
     def _statistic(self, kind: str, f: int) -> tuple[float, float, int]:
         s = self.settings

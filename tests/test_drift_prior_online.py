@@ -6,10 +6,12 @@ held by one with no traffic yet, let go by one that judges nothing more."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import redis.asyncio as aioredis
 
 from gateway.dataplane.deployments import DeploymentCache
@@ -260,3 +262,71 @@ async def test_a_prior_alert_of_a_process_that_judges_nothing_more_goes_when_oth
     await judge_labels(late, rng, late.hold_rows, share)
     cleared = await broke.publish(DEMO_DEPLOYMENT)
     assert [(e["type"], e["id"]) for e in cleared] == [("cleared", "prediction_prior")]
+
+
+async def test_a_taken_over_prior_alert_clears_on_evidence_while_the_dead_claim_is_fresh(
+    aclient: aioredis.Redis, demo_data_dir: Path
+) -> None:
+    """The feed fixed right after a gateway process died holding the prior alert: the process
+    that took it over cleared it on its own evidence, but the dead claim still held it until
+    it went stale (10 s), and was adopted again each time, so the alert stood 1,050 to 1,420
+    requests at 100/s instead of about 150 (a helper's live check). Once the detector clears
+    what it took over, the dead claim is dropped."""
+    rng = np.random.default_rng(11)
+    meta = ModelRegistry(demo_data_dir / "models").meta("breast-cancer", 2)
+    share = positive_share(meta.score_reference)
+    assert share is not None
+    deployments = DeploymentCache(aclient)
+    await deployments.refresh()
+    meta_of = local_model_meta(demo_data_dir / "models")
+    dead = OnlineDrift(aclient, deployments, "gw-dead", stale_s=5.0, local_meta=meta_of)
+    await judge_labels(dead, rng, 1, share)
+    raised = await judge_labels(dead, rng, 300, 0.15)
+    assert [(e["type"], e["id"]) for e in raised] == [("raised", "prediction_prior")]
+    live = OnlineDrift(aclient, deployments, "gw-live", orphan_after_s=0.2, local_meta=meta_of)
+    await judge_labels(live, rng, 1, share)
+    await asyncio.sleep(0.3)  # the dead one renews nothing: adoptable, not stale
+    assert await judge_labels(live, rng, 1, share) == []  # adopted
+    judged, cleared = 0, []
+    while not cleared and judged < 600:
+        cleared = await judge_labels(live, rng, 20, share)
+        judged += 20
+    assert [(e["type"], e["id"]) for e in cleared] == [("cleared", "prediction_prior")], judged
+    assert (await drift_store.read(aclient, DEMO_DEPLOYMENT))["alerts"] == []
+    assert abs(cleared[0]["value"] - share) < 0.1, cleared[0]
+    for _ in range(3):  # not raised again from the dead claim
+        assert await judge_labels(live, rng, 20, share) == []
+
+
+async def test_an_adopted_alert_another_process_judged_over_is_not_adopted_again_and_again(
+    aclient: aioredis.Redis, demo_data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restarted process adopted the dead claim's prior alert and let it go in the same
+    claim's loop (the other live process had judged 1,600 rows without it), then adopted it
+    again: one claim's loop spun, 137 and 198 times in half a second, two log lines each, until
+    the other process adopted it too (a helper's live check)."""
+    rng = np.random.default_rng(12)
+    meta = ModelRegistry(demo_data_dir / "models").meta("breast-cancer", 2)
+    share = positive_share(meta.score_reference)
+    assert share is not None
+    deployments = DeploymentCache(aclient)
+    await deployments.refresh()
+    meta_of = local_model_meta(demo_data_dir / "models")
+    dead = OnlineDrift(aclient, deployments, "gw-dead", stale_s=5.0, local_meta=meta_of)
+    await judge_labels(dead, rng, 1, share)
+    assert await judge_labels(dead, rng, 300, 0.15) != []
+    well = OnlineDrift(aclient, deployments, "gw-well", local_meta=meta_of)
+    await judge_labels(well, rng, 1, share)
+    await judge_labels(well, rng, well.hold_rows, share)
+    new = OnlineDrift(aclient, deployments, "gw-new", orphan_after_s=0.2, local_meta=meta_of)
+    for positive in rng.random(1) < share:
+        new.observe_decision(record([[0.0, 1.0] if positive else [1.0, 0.0]]))
+    await asyncio.gather(*new._tasks)
+    await asyncio.sleep(0.3)  # the dead one renews nothing
+    await well.publish(DEMO_DEPLOYMENT)  # alive, without the alert
+    with caplog.at_level(logging.INFO, logger="gateway.observability.prior_handover"):
+        await new.publish(DEMO_DEPLOYMENT)
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("letting go" in m for m in said) == 1, len(said)  # let go for the other, once
+    assert sum("holding prediction_prior" in m for m in said) == 1
+    assert new._deps[DEMO_DEPLOYMENT].held == {}

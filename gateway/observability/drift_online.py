@@ -132,6 +132,8 @@ class OnlineDrift:
                 if what is not None:
                     dep.note([alert] if what == "raised" else [],
                                [alert] if what == "cleared" else [])  # fmt: skip
+                if what == "cleared":
+                    self.handover.cleared_own(dep)
                 self.handover.release_held(deployment, dep)
         except Exception:
             log.exception("online drift detectors of %s failed", deployment)
@@ -183,7 +185,8 @@ class OnlineDrift:
             dep.changed = True
         if dep.held:  # about the previous real model
             dep.figures.update(drift_claims.cleared_figures(dep.held.values()))
-            dep.held, dep.changed = {}, True
+            dep.changed = True
+        dep.forget_held()
         dep.model, dep.prior = key, None
         if key in self._references:
             dep.prior = self._prior(key)
@@ -244,6 +247,7 @@ class OnlineDrift:
         while True:
             dep.changed = False
             figures, dep.figures = dep.figures, {}
+            retire, dep.retire = dep.retire, {}
             try:
                 decided, claims = await drift_store.claim_and_read(
                     self.client,
@@ -253,10 +257,12 @@ class OnlineDrift:
                     stale_ms=self.stale_ms,
                     figures=figures,
                     extra=self._summary(dep),
+                    retire=retire,
                 )
             except REDIS_FAILURES as exc:
                 self._retry_log(deployment).failed(exc)
                 dep.figures = {**figures, **dep.figures}
+                dep.retire = {**retire, **dep.retire}
                 dep.changed = True
                 break
             self._retry_log(deployment).succeeded()

@@ -41,12 +41,13 @@ async def claim_and_read(
     stale_ms: float,
     figures: Mapping[str, Mapping[str, Any]] | None = None,
     extra: Mapping[str, Any] | None = None,
+    retire: Mapping[str, float] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``claim``, and every fresh claim as it stands after the merge, in the same round trip
     (one hash tag): a source that looks at the others' claims (``OnlineDrift``) pays nothing
     more for it."""
     args = drift_claims.merge_args(deployment, source, alerts, stale_ms=stale_ms,
-                                   figures=figures, extra=extra)  # fmt: skip
+                                   figures=figures, extra=extra, retire=retire)  # fmt: skip
     pipe = client.pipeline(transaction=False)
     pipe.eval(drift_claims.MERGE, *args)
     pipe.hgetall(names.drift_claims_key(deployment))

@@ -55,6 +55,21 @@ class DeploymentPrior:
     """While this process's own prior alert stands: the other live processes' judged rows
     when its detector last judged a row (at ``marked_at`` rows), to let the alert go once
     they judge ``hold_rows`` more without it and it judges none."""
+    adopted: dict[str, float] = field(default_factory=dict)
+    """The dead claims whose alerts were adopted here (source -> the claim's ``ts_ms``): a claim
+    is adopted once. Adopted again each time this process's detector cleared the alert it took
+    over, it stood until the dead claim went stale (10 s: about 1,400 requests at 100/s), and
+    adopted then let go for another process in one claim's loop, it spun (a helper's probe)."""
+    held_from: dict[str, float] = field(default_factory=dict)
+    """The dead claims the held alerts came from."""
+    inherited_from: dict[str, float] = field(default_factory=dict)
+    """The dead claims whose prior alert this process's detector took over: dropped from the
+    claims (``retire``) once the detector clears it, so that they hold it no longer."""
+    retire: dict[str, float] = field(default_factory=dict)
+    """Dead claims to drop with the next claim."""
+
+    def forget_held(self) -> None:
+        self.held, self.held_from, self.inherited_from = {}, {}, {}
 
     def note(self, raised: list[dict[str, Any]], cleared: list[dict[str, Any]]) -> None:
         self.figures.update(drift_claims.cleared_figures(cleared))
@@ -83,12 +98,22 @@ class Handover:
         are then held until it has judged ``hold_rows``)."""
         if dep.model is None:
             return
+        for gone in [s for s in dep.adopted if s not in claims]:  # dropped: stale or retired
+            del dep.adopted[gone]
         now_ms = time.time() * 1000
         for source, alerts in orphaned(claims, self.source, dep.model, now_ms,
                                        self.orphan_after_ms):  # fmt: skip
+            ts = float(claims[source].get("ts_ms", 0))
+            if dep.adopted.get(source) == ts:
+                continue  # taken over once already
+            dep.adopted[source] = ts
             new = {k: v for k, v in alerts.items() if k not in dep.active()}
+            own = dep.prior is not None and dep.prior.active is not None
+            if own and "prediction_prior" in alerts:  # its own stands: the dead claim goes
+                dep.inherited_from[source] = ts  # when it clears
             if new:
                 dep.held.update(new)
+                dep.held_from[source] = ts
                 dep.hold_until = (dep.prior.rows_seen if dep.prior else 0) + self.hold_rows
                 dep.changed = True
                 log.info("online drift: %s: holding %s of %s, which stopped claiming",
@@ -104,6 +129,8 @@ class Handover:
                                          self.hold_rows)  # fmt: skip
         if over:
             dep.figures.update(released([dep.held.pop(a) for a in over], dep.prior))
+            if not dep.held:
+                dep.held_from = {}
             dep.changed = True
             log.info("online drift: %s: %s judged %d rows without %s: letting go", deployment,
                      source, rows, ", ".join(over))  # fmt: skip
@@ -144,6 +171,7 @@ class Handover:
         held = dep.held.get("prediction_prior")
         if held is not None and dep.prior.enabled:
             del dep.held["prediction_prior"]
+            dep.inherited_from.update(dep.held_from)
             if dep.prior.active is None:
                 dep.prior.inherit(held)
                 log.info("online drift: %s: prediction_prior taken over; it clears once this "
@@ -152,7 +180,16 @@ class Handover:
             dep.figures.update(released(dep.held.values(), dep.prior))
             log.info("online drift: %s: %d rows judged, releasing %s", deployment,
                      dep.prior.rows_seen, ", ".join(sorted(dep.held)))  # fmt: skip
-            dep.held = {}
+            dep.held, dep.held_from = {}, {}
+            dep.changed = True
+
+    @staticmethod
+    def cleared_own(dep: DeploymentPrior) -> None:
+        """This process's detector cleared the prior alert on its evidence: the dead claims it
+        took over are dropped, or they would hold the alert until they went stale."""
+        if dep.inherited_from:
+            dep.retire.update(dep.inherited_from)
+            dep.inherited_from = {}
             dep.changed = True
 
 
