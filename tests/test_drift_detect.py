@@ -555,6 +555,29 @@ def test_prior_false_alarms_and_delays() -> None:
     assert rows <= 400
 
 
+def test_a_prior_clear_reads_the_share_of_the_rows_that_cleared_it() -> None:
+    """The clear's figure came from one change point over the last 400 rows: after healthy |
+    broken | fixed rows it split at the fault's start and read 0.31-0.36 (the broken and fixed
+    rows' mean) against a reference of 0.62, and after a mild shift whose fixed rows were too
+    few to stand out, 0.77-0.79 (a helper's live check): a "resolved" that read as broken."""
+    off = []
+    for seed in range(10):
+        for broken, broken_rows in ((0.04, 104), (0.85, 304)):
+            rng = np.random.default_rng(seed)
+            det = PriorDetector(0.62)
+            det.update(rng.random(152) < 0.62)
+            for _ in range(broken_rows // 8):
+                det.update(rng.random(8) < broken)
+            if det.active is None:
+                continue
+            for _ in range(200):
+                what, alert = det.update(rng.random(8) < 0.62)
+                if what == "cleared":
+                    off.append(abs(alert["value"] - 0.62))
+                    break
+    assert len(off) >= 15 and float(np.median(off)) < 0.06 and max(off) < 0.25, off
+
+
 def test_a_prior_shift_that_stays_holds_its_alert_and_a_fixed_one_clears() -> None:
     """The large shift's CUSUM raised first and cleared on its own (a rate of 0.63 against its
     0.36 -> 0.61) before the small one had raised: a "resolved" and a "firing" within one
