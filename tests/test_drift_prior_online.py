@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,13 @@ from gateway.dataplane.deployments import DeploymentCache
 from gateway.observability import drift_store
 from gateway.observability.drift_online import OnlineDrift
 from gateway.observability.drift_sketches import local_model_meta
+from gateway.observability.drift_view import drift_view
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT
 from rendezvous import names
 from rendezvous.bus.connection import AsyncClient
 from rendezvous.decision import BinOutput, DecisionRecord
+from rendezvous.drift_alerts import Thresholds
 from rendezvous.drift_prior import positive_share
 
 
@@ -330,3 +333,19 @@ async def test_an_adopted_alert_another_process_judged_over_is_not_adopted_again
     assert sum("letting go" in m for m in said) == 1, len(said)  # let go for the other, once
     assert sum("holding prediction_prior" in m for m in said) == 1
     assert new._deps[DEMO_DEPLOYMENT].held == {}
+
+
+async def test_the_view_shows_a_gateway_away_once_its_claim_is_adoptable(
+    aclient: aioredis.Redis,
+) -> None:
+    """A gateway renews its claim every second and another adopts it past 3 s, but the view
+    called a source away past 10 s, the stale bound of a gateway's claim: a dead gateway was
+    never shown away while its claim held the alert (a helper's live check)."""
+    t = time.time() * 1000
+    alert = {"prediction_prior": {"kind": "prediction_prior", "value": 0.1}}
+    for source in ("gateway:gw-dead", "logbin:lb-quiet"):
+        await drift_store.claim(aclient, DEMO_DEPLOYMENT, source, alert, stale_ms=10_000, now_ms=t)
+    view = await drift_view(aclient, DEMO_DEPLOYMENT, Thresholds(), now_ms=t + 4_000)
+    online = view["online"]
+    assert online["gateway:gw-dead"]["away"] is True, online
+    assert online["logbin:lb-quiet"]["away"] is False, online  # renews every 3.3 s at least

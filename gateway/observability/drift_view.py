@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from gateway.observability import drift_store
-from rendezvous import names
+from rendezvous import drift_claims, names
 from rendezvous.bus.connection import AsyncClient
 from rendezvous.drift_alerts import NEWER_KINDS, Thresholds
 
@@ -25,6 +25,10 @@ AWAY_MS = 10_000
 every 3 s (a log bin with nothing to judge; a gateway every second), so it stopped or hung. Its
 alerts stay until the claim goes stale (a gateway's 10 s, a log bin's 180 s, for its restart to
 adopt them): ``away`` says why an alert outlives the process that raised it."""
+GATEWAY_AWAY_MS = 3_000
+"""A gateway process renews every second, and another adopts its claim past 3 s: away from
+then (at 10 s, the stale bound, a dead gateway's claim was gone before it was ever shown away;
+a helper's live check)."""
 
 
 def thresholds_from(raw: bytes | None, defaults: Thresholds) -> Thresholds:
@@ -59,7 +63,7 @@ async def drift_view(
     shared = drift_store.parse(*merged)
     now_ms = time.time() * 1000 if now_ms is None else now_ms
     online = {
-        source: _online_entry(claim, now_ms)
+        source: _online_entry(claim, now_ms, source.startswith(drift_claims.GATEWAY_SOURCE))
         for source, claim in sorted(shared["claims"].items())
         if source != MONITOR
     }
@@ -77,12 +81,12 @@ async def drift_view(
     }
 
 
-def _online_entry(claim: Mapping[str, Any], now_ms: float) -> dict[str, Any]:
+def _online_entry(claim: Mapping[str, Any], now_ms: float, gateway: bool) -> dict[str, Any]:
     entry = {k: v for k, v in claim.items() if k != "figures"}
     ts_ms = claim.get("ts_ms")
     if isinstance(ts_ms, int | float):
         entry["renewed_ms_ago"] = max(0, round(now_ms - ts_ms))
-        entry["away"] = now_ms - ts_ms > AWAY_MS
+        entry["away"] = now_ms - ts_ms > (GATEWAY_AWAY_MS if gateway else AWAY_MS)
     return entry
 
 
