@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,21 +121,32 @@ async def judge_labels(
     return await det.publish(DEMO_DEPLOYMENT)
 
 
-async def died_holding_the_prior(
-    aclient: aioredis.Redis, demo_data_dir: Path, rng: np.random.Generator
-) -> tuple[OnlineDrift, float]:
-    """A live gateway process that took over the prior alert of one that died (its claim no
-    longer renewed, then stale), and the demo's positive share."""
+async def raised_by_a_process_that_dies(
+    aclient: aioredis.Redis, demo_data_dir: Path, rng: np.random.Generator, stale_s: float
+) -> tuple[DeploymentCache, Callable[..., Any], float]:
+    """The prior alert raised by a gateway process ``gw-dead`` that then renews nothing: the
+    deployments, the models' metadata and the demo's positive share, for the live ones."""
     meta = ModelRegistry(demo_data_dir / "models").meta("breast-cancer", 2)
     share = positive_share(meta.score_reference)
     assert share is not None
     deployments = DeploymentCache(aclient)
     await deployments.refresh()
     meta_of = local_model_meta(demo_data_dir / "models")
-    dead = OnlineDrift(aclient, deployments, "gw-dead", stale_s=1.0, local_meta=meta_of)
+    dead = OnlineDrift(aclient, deployments, "gw-dead", stale_s=stale_s, local_meta=meta_of)
     await judge_labels(dead, rng, 1, share)
     raised = await judge_labels(dead, rng, 300, 0.15)
     assert [(e["type"], e["id"]) for e in raised] == [("raised", "prediction_prior")]
+    return deployments, meta_of, share
+
+
+async def died_holding_the_prior(
+    aclient: aioredis.Redis, demo_data_dir: Path, rng: np.random.Generator
+) -> tuple[OnlineDrift, float]:
+    """A live gateway process that took over the prior alert of one that died (its claim no
+    longer renewed, then stale), and the demo's positive share."""
+    deployments, meta_of, share = await raised_by_a_process_that_dies(
+        aclient, demo_data_dir, rng, 1.0
+    )
     live = OnlineDrift(aclient, deployments, "gw-live", orphan_after_s=0.2, local_meta=meta_of)
     await judge_labels(live, rng, 1, share)
     await asyncio.sleep(0.3)  # the dead one renews nothing
@@ -276,16 +288,9 @@ async def test_a_taken_over_prior_alert_clears_on_evidence_while_the_dead_claim_
     requests at 100/s instead of about 150 (a helper's live check). Once the detector clears
     what it took over, the dead claim is dropped."""
     rng = np.random.default_rng(11)
-    meta = ModelRegistry(demo_data_dir / "models").meta("breast-cancer", 2)
-    share = positive_share(meta.score_reference)
-    assert share is not None
-    deployments = DeploymentCache(aclient)
-    await deployments.refresh()
-    meta_of = local_model_meta(demo_data_dir / "models")
-    dead = OnlineDrift(aclient, deployments, "gw-dead", stale_s=5.0, local_meta=meta_of)
-    await judge_labels(dead, rng, 1, share)
-    raised = await judge_labels(dead, rng, 300, 0.15)
-    assert [(e["type"], e["id"]) for e in raised] == [("raised", "prediction_prior")]
+    deployments, meta_of, share = await raised_by_a_process_that_dies(
+        aclient, demo_data_dir, rng, 5.0
+    )
     live = OnlineDrift(aclient, deployments, "gw-live", orphan_after_s=0.2, local_meta=meta_of)
     await judge_labels(live, rng, 1, share)
     await asyncio.sleep(0.3)  # the dead one renews nothing: adoptable, not stale
@@ -309,15 +314,9 @@ async def test_an_adopted_alert_another_process_judged_over_is_not_adopted_again
     again: one claim's loop spun, 137 and 198 times in half a second, two log lines each, until
     the other process adopted it too (a helper's live check)."""
     rng = np.random.default_rng(12)
-    meta = ModelRegistry(demo_data_dir / "models").meta("breast-cancer", 2)
-    share = positive_share(meta.score_reference)
-    assert share is not None
-    deployments = DeploymentCache(aclient)
-    await deployments.refresh()
-    meta_of = local_model_meta(demo_data_dir / "models")
-    dead = OnlineDrift(aclient, deployments, "gw-dead", stale_s=5.0, local_meta=meta_of)
-    await judge_labels(dead, rng, 1, share)
-    assert await judge_labels(dead, rng, 300, 0.15) != []
+    deployments, meta_of, share = await raised_by_a_process_that_dies(
+        aclient, demo_data_dir, rng, 5.0
+    )
     well = OnlineDrift(aclient, deployments, "gw-well", local_meta=meta_of)
     await judge_labels(well, rng, 1, share)
     await judge_labels(well, rng, well.hold_rows, share)

@@ -399,11 +399,7 @@ async def test_large_records_are_kept_in_fewer_entries_than_the_count_cap(
             await pipe.execute()
             await asyncio.gather(*(matcher.wait(b) for b in boxes))
     finally:
-        await matcher.stop()
-        await matcher.records.decisions.close()
-        await writer.close()
-        await client.aclose()
-        await reader.client.aclose()
+        await stop_all(matcher, writer, client, reader)
     entries = r.xrange(names.decisions_stream(DEP))
     record_bytes = len(entries[-1][1][b"m"])
     cap = matcher.records.cap.maxlen(DEP, record_bytes)  # all the same size: the mean is it
@@ -481,8 +477,14 @@ async def test_a_start_while_redis_refuses_writes_serves_once_it_takes_them(
         answer = await asyncio.wait_for(matcher.wait(mb), 3.0)
         assert answer.outcome == "real"
     finally:
-        await matcher.stop()
-        await matcher.records.decisions.close()
-        await writer.close()
-        await client.aclose()
-        await reader.client.aclose()
+        await stop_all(matcher, writer, client, reader)
+
+
+async def stop_all(
+    matcher: Rendezvous, writer: Router, client: aioredis.Redis, reader: Router
+) -> None:
+    await matcher.stop()
+    await matcher.records.decisions.close()
+    await writer.close()
+    await client.aclose()
+    await reader.client.aclose()
