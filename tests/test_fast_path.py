@@ -43,6 +43,9 @@ class StandIn:
     def full(self) -> bool:
         return False
 
+    def held_changed(self) -> None:
+        pass
+
     def __init__(self, release: asyncio.Event | None = None) -> None:
         self.release = release
         self.started = asyncio.Event()
@@ -336,3 +339,42 @@ async def test_requests_whose_body_is_still_arriving_count_against_the_bound() -
     protocol.data_received(b'"a": 1} ')  # its body whole: read, then refused as bad input
     assert (await answered(protocol, transport)).startswith(b"HTTP/1.1 422 ")
     assert service.reading == 1
+
+
+async def test_the_in_flight_gauge_follows_a_body_still_arriving_with_no_request_ending() -> None:
+    """Found by a helper's metrics probe: ``rdv_in_flight_requests`` was written only when a
+    request ended or the process answered a scrape itself, so with two gateway processes the
+    scrape answered by one summed the other's stale value: 3 while it held 3 stalled uploads
+    (0 written), then 3 after they went."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gateway.observability.metrics import FLUSH_S, GatewayMetrics
+
+    def gauge(metrics: GatewayMetrics) -> float:
+        text = generate_latest(metrics.registry).decode()  # the registry: no flush of its own
+        return next(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "rdv_in_flight_requests"
+        )
+
+    _, _, service, _ = full_gateway()
+    metrics = GatewayMetrics()
+    service.metrics = metrics
+    service.held_changed = metrics.held_changed
+    metrics.track_in_flight(lambda: service.held)
+    service.in_flight = 0
+    protocol, _ = full_gateway_on(service)
+    protocol.data_received(
+        b"POST /v1/deployments/demo/predict HTTP/1.1\r\nHost: t\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 10\r\n\r\n{"
+    )
+    await asyncio.sleep(FLUSH_S * 3)
+    assert service.held == 1
+    assert gauge(metrics) == 1  # written with no request ended and no scrape
+    protocol.connection_lost(None)  # the caller goes away: no request ends, nothing counted
+    await asyncio.sleep(FLUSH_S * 3)
+    assert service.held == 0
+    assert gauge(metrics) == 0

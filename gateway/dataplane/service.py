@@ -71,6 +71,10 @@ class RowSink(Protocol):
     def observe_rows(self, deployment: str, features: np.ndarray) -> None: ...
 
 
+def _nothing() -> None:
+    pass
+
+
 class _NoTally:
     def request_done(self, deployment: str | None, outcome: str, seconds: float | None) -> None:
         pass
@@ -106,6 +110,11 @@ class PredictionService:
         requests 3-4 s through a failover)."""
         self.feature_store = feature_store
         self.metrics = metrics or _NoTally()
+        self.held_changed: Callable[[], None] = getattr(self.metrics, "held_changed", _nothing)
+        """Called as ``held`` moves (a request in or out, a body starting or done): the
+        in-flight gauge is written soon after, not only when some request ends or this very
+        process is scraped (another process's scrape read its stale value: 0 while it held
+        its bound of stalled uploads, or 3 for good after they went)."""
         self.drift_feed = drift_feed
         self.deployments = deployments
         self.rendezvous = rendezvous
@@ -207,6 +216,7 @@ class PredictionService:
         rid = check_request_id(request_id) if request_id else new_request_id()
         self.check_room(dep.name)
         self.in_flight += 1
+        self.held_changed()
         if not job:
             self.realtime_first.started()
         try:
@@ -219,6 +229,7 @@ class PredictionService:
             )  # fmt: skip
         finally:
             self.in_flight -= 1
+            self.held_changed()
             if not job:
                 self.realtime_first.ended()
 
@@ -264,10 +275,12 @@ class PredictionService:
     def reading_body(self) -> Iterator[None]:
         """Count a request while its body arrives (``full`` is checked at its head)."""
         self.reading += 1
+        self.held_changed()
         try:
             yield
         finally:
             self.reading -= 1
+            self.held_changed()
 
     def check_room(self, deployment: str) -> None:
         """Refuse at once when this gateway holds as many requests as it may (429) or the

@@ -5,6 +5,8 @@ served again for up to ``KEPT_S``, with two gauges saying whether this scrape re
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -24,16 +26,41 @@ class KeptState:
     stall dropped every series read from Redis: an alert on them (no live worker, drift)
     resolved, and fired again a scrape later (a helper's probe)."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared_dir: str | None = None) -> None:
+        """``shared_dir``: a folder every gateway process of one port shares (the
+        multi-process metrics folder), where the last state read by any of them is kept.
+        Each process kept only what its own scrapes read, and a scrape lands on either:
+        during a Redis stall one served a state 42 s old while the other's was 4 s old,
+        so ``rdv_worker_scored_total`` read 1360, 1330, 1360 (a counter reset to
+        Prometheus) and the series of partitions added meanwhile went and came back (a
+        helper's metrics probe). ``now`` is ``time.monotonic()``, the host's, the same in
+        every process."""
         self.body = b""
         self.read_at: float | None = None
         self.ok = False
+        self.path = None if shared_dir is None else os.path.join(shared_dir, "kept-state")
 
     def read(self, body: bytes, now: float) -> None:
         self.body, self.read_at, self.ok = body, now, True
+        if self.path is not None:
+            with contextlib.suppress(OSError):  # a full disk: this process keeps its own
+                spare = f"{self.path}.{os.getpid()}"
+                with open(spare, "wb") as f:
+                    f.write(repr(now).encode() + b"\n" + body)
+                os.replace(spare, self.path)
 
     def missed(self) -> None:
         self.ok = False
+        if self.path is None:
+            return
+        try:
+            with open(self.path, "rb") as f:
+                stamp, _, body = f.read().partition(b"\n")
+            read_at = float(stamp)
+        except (OSError, ValueError):
+            return
+        if self.read_at is None or read_at > self.read_at:  # another process read it later
+            self.body, self.read_at = body, read_at
 
     def served(self, now: float) -> bytes:
         age = None if self.read_at is None else now - self.read_at

@@ -217,6 +217,12 @@ class GatewayMetrics:
         count, which it keeps anyway, instead of two gauge writes a request."""
         self._in_flight_of = source
 
+    def held_changed(self) -> None:
+        """The requests held moved: ``rdv_in_flight_requests`` is written within a flush
+        interval. Without it the gauge was written only when a request ended or this process
+        answered a scrape, so the other gateway processes' scrapes summed a stale value."""
+        self._flush_soon()
+
     def track_decision_appends(self, appender: HeldAppends) -> None:
         """Where the decision records' ``held`` and ``dropped`` are read from at each flush
         (a ``StreamAppender``)."""

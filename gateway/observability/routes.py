@@ -17,7 +17,7 @@ from gateway.observability.cluster_state import read_state
 from gateway.observability.drift_view import drift_view
 from gateway.observability.kept_state import KeptState
 from gateway.observability.live_accuracy import accuracy_view
-from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.metrics import GatewayMetrics, multiprocess_dir
 from gateway.observability.metrics_state import state_registry
 from gateway.problems import Problem
 from rendezvous import names
@@ -27,7 +27,7 @@ from rendezvous.drift_reference import FeatureReference
 
 def observe_router() -> APIRouter:
     router = APIRouter()
-    kept = KeptState()
+    kept = KeptState(multiprocess_dir())
 
     @router.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:

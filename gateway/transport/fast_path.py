@@ -119,11 +119,13 @@ class PredictFastPath:
                 return
         if service is not None:
             service.reading += 1  # held from its head (``reading_body``, inline: a hot path)
+            service.held_changed()
         try:
             raw = await self._body(receive)
         finally:
             if service is not None:
                 service.reading -= 1
+                service.held_changed()
         if raw is None:  # the caller went away
             return
         if self.cap.exceeded(len(raw)):
