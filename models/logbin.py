@@ -38,7 +38,7 @@ from models.deployment_purge import Purger
 from models.feature_watch import FeatureWatch
 from models.logbin_states import DeploymentStates
 from models.logbin_watch import DetectorRelay
-from models.name_owner import let_go, renewal
+from models.name_owner import NameLost, let_go, lost, renewal
 from rendezvous import names
 from rendezvous.bus.aside import ASIDE_S, UNREACHABLE
 from rendezvous.bus.connection import Client
@@ -124,6 +124,8 @@ class LogBin(ConsumerLoop):
         """How often a callable ``deployments`` is asked again."""
         self._say_failing_at = 0.0
         self.owner_token = owner_token  # its hold on the name (models.name_owner), or None
+        self.name_lost: NameLost | None = None
+        """Set when another log bin took the name meanwhile: this one stops (``failed``)."""
         self.retention = Retention(client, trim_interval_s, max_role_lag)
         """The archive owns retention: it trims only behind every group, itself included."""
         self.states = DeploymentStates(self.bus)
@@ -170,7 +172,13 @@ class LogBin(ConsumerLoop):
         return archived
 
     def failed(self, exc: Exception, retry_in_s: float) -> bool:
-        """Every failure is ridden out: a dead log bin silently stops the archive."""
+        """Every failure is ridden out: a dead log bin silently stops the archive. Only a name
+        lost to another log bin stops this one (two under one name archive each other's
+        pending entries)."""
+        if isinstance(exc, NameLost):
+            log.critical("logbin: %s", exc)
+            self.name_lost = exc
+            return False
         if isinstance(exc, REDIS_DOWN):
             self.retry_log.failed(f"redis unavailable ({exc})", retry_in_s)
         elif refused := refused_for_a_while(exc):
@@ -199,8 +207,9 @@ class LogBin(ConsumerLoop):
         """Close the writer and remove our published counters (so they leave ``/metrics`` at
         once, where a killed process's only go stale)."""
         self.writer.close()
-        self.unpublish()
-        if self.owner_token is not None:
+        if self.name_lost is None:  # else the counters and the name are the other bin's now
+            self.unpublish()
+        if self.owner_token is not None and self.name_lost is None:
             let_go(self.client, self.consumer, self.owner_token)
         super().close()
 
@@ -218,7 +227,9 @@ class LogBin(ConsumerLoop):
         """Counters on their own when no ack round trip carried them (an idle bin)."""
         now = self.heartbeat_due()
         if now is not None:
-            self._counters_sent(self.bus.execute(self._beat(now))[0])
+            replies = self.bus.execute(self._beat(now))
+            self._counters_sent(replies[0])
+            self._renewed(replies[1:])
 
     def _refresh(self) -> None:
         """The deployments to archive (the loop creates their groups and re-reads pending)."""
@@ -352,16 +363,24 @@ class LogBin(ConsumerLoop):
             self.detectors.unsent(queued)
             raise
         raise_first_error(replies[: len(ids)])
+        self.detectors.replies(queued, replies[own:])
         if now is not None:
             self._counters_sent(replies[len(ids)])
-        self.detectors.replies(queued, replies[own:])
+            self._renewed(replies[len(ids) + 1 : own])
 
     def _beat(self, now_s: float) -> list[Command]:
-        """The counters, then the renewal of the hold on the consumer name (reply unread)."""
+        """The counters, then the renewal of the hold on the consumer name (``_renewed``)."""
         beat = [self._counters(now_s)]
         if self.owner_token is not None:
             beat.append(renewal(self.consumer, self.owner_token))
         return beat
+
+    def _renewed(self, replies: list[Any]) -> None:
+        """The renewal's reply (when it rode along): another log bin holds the name now."""
+        if self.owner_token is not None and replies:
+            gone = lost(replies[0], self.consumer)
+            if gone is not None:
+                raise gone
 
     def _counters(self, now_s: float) -> Command:
         return command(b"HSET", names.LOGBIN_STATS.encode(), self.consumer.encode(),

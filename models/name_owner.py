@@ -37,6 +37,11 @@ class NameTaken(RuntimeError):
     """Another live process runs under this name."""
 
 
+class NameLost(RuntimeError):
+    """The name this process held was taken by another while this one did not renew it (it was
+    stopped or cut off from Redis past ``OWNER_TTL_S``, and a successor started meanwhile)."""
+
+
 @dataclass(frozen=True)
 class Kind:
     """Whose names: each kind has names of its own (the key's ``part``), and the flag that
@@ -90,10 +95,31 @@ def take_name(client: Client, name: str, token: str, wait_s: float = OWNER_TTL_S
         time.sleep(0.25)
 
 
+_RENEW = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+"""Renew the hold only while it is still ours (or free again): a plain ``SET`` let a process
+that resumed after its hold lapsed (a host paused past 5 s, its successor started under the
+same name) take the name back from the successor, and both then ran under one name for good,
+renewing it in turns (a helper's multi-host probe)."""
+
+
+def lost(reply: object, name: str, kind: Kind = LOG_BIN) -> NameLost | None:
+    """The ``NameLost`` a renewal's reply says (0: another holds the name), else None."""
+    if reply == 0:
+        return NameLost(f"another {kind.what} took the name {name!r} while this one was away: "
+                        "stopping, so that two do not run under one name")  # fmt: skip
+    return None
+
+
 def renewal(name: str, token: str, kind: Kind = LOG_BIN) -> Command:
-    """The renewal as a command for a router's round trip (the log bin's acks carry it)."""
-    return command(b"SET", owner_key(name, kind).encode(), token.encode(), b"PX",
-                   b"%d" % OWNER_TTL_MS)  # fmt: skip
+    """The renewal as a command for a router's round trip (the log bin's acks carry it); its
+    reply is 0 when another process holds the name now (``lost``)."""
+    return command(b"EVAL", _RENEW.encode(), b"1", owner_key(name, kind).encode(),
+                   token.encode(), b"%d" % OWNER_TTL_MS, key_at=3)  # fmt: skip
 
 
 def let_go(client: Client, name: str, token: str, kind: Kind = LOG_BIN) -> None:
@@ -107,9 +133,12 @@ def let_go(client: Client, name: str, token: str, kind: Kind = LOG_BIN) -> None:
         log.warning("%s: could not let go of its name: %s", kind.what, exc)
 
 
-def keep_held(client: Client, name: str, token: str, kind: Kind, stop: threading.Event) -> None:
+def keep_held(client: Client, name: str, token: str, kind: Kind,
+              stop: threading.Event) -> threading.Event:  # fmt: skip
     """For a process with no loop of its own to renew in (a worker host): renew the hold
-    every second on a thread of its own until ``stop``, then let go of it."""
+    every second on a thread of its own until ``stop``, then let go of it. Should another
+    process hold the name meanwhile (``NameLost``), the returned event is set, and ``stop``."""
+    name_lost = threading.Event()
 
     key = owner_key(name, kind)
 
@@ -119,9 +148,16 @@ def keep_held(client: Client, name: str, token: str, kind: Kind, stop: threading
         # let the name go on every cluster (a helper's probe).
         while not stop.wait(RENEW_S):
             try:
-                client.set(key, token, px=OWNER_TTL_MS)
+                reply = client.eval(_RENEW, 1, key, token, OWNER_TTL_MS)
             except redis.RedisError as exc:  # Redis away: the hold is taken again on its return
                 log.debug("%s: cannot renew its name now: %s", kind.what, exc)
+                continue
+            if (gone := lost(reply, name, kind)) is not None:
+                log.critical("%s", gone)
+                name_lost.set()
+                stop.set()
+                return
         let_go(client, name, token, kind)
 
     threading.Thread(target=renew, name=f"rdv-{kind.part}-name", daemon=True).start()
+    return name_lost

@@ -41,6 +41,30 @@ def test_a_running_bin_renews_its_hold_and_lets_go_at_a_clean_stop(
     take_name(r, "lb-own", "next", wait_s=0.1)  # free at once
 
 
+def test_a_bin_whose_name_another_took_stops_and_leaves_it_to_the_other(
+    r: redis.Redis, tmp_path: Path
+) -> None:
+    """A bin paused past its hold (a host frozen, cut off) while a successor started under its
+    name: its renewal, a plain SET, took the name back on resuming, and both ran under one name
+    for good, renewing it in turns (a helper's multi-host probe). It stops instead."""
+    import threading
+
+    take_name(r, "lb-lost", "me")
+    logbin = LogBin(r, SegmentWriter(tmp_path), consumer="lb-lost", deployments=[],
+                    owner_token="me", heartbeat_s=0.05)  # fmt: skip
+    r.set(owner_key("lb-lost"), "successor", px=5000)  # the hold lapsed; another took it
+    stop = threading.Event()
+    runner = threading.Thread(target=logbin.run, args=(stop,), daemon=True)
+    runner.start()
+    runner.join(5)  # it stops by itself
+    stopped_alone = not runner.is_alive()
+    stop.set()
+    runner.join(5)
+    assert r.get(owner_key("lb-lost")) == b"successor"
+    assert stopped_alone and logbin.name_lost is not None
+    assert "lb-lost" in str(logbin.name_lost)
+
+
 def test_a_start_while_redis_refuses_writes_waits_for_them(r: redis.Redis) -> None:
     """A log bin or worker host started while Redis refused writes (its disk full: MISCONF;
     at its memory limit: OOM) exited 1, and rdv serve's backoff kept it away up to 30 s after

@@ -326,3 +326,25 @@ def test_checks_run_at_once_by_several_processes_pass(
     monkeypatch.setattr(client, "pipeline", meddled)
     check(client, allow_eviction=False)
     client.close()
+
+
+async def test_the_gateways_check_leaves_no_probe_key_on_either_bus(bus_url: str) -> None:
+    """On a cluster the gateway's (async) check queued its UNLINKs with the async cluster
+    pipeline's ``unlink``, a coroutine never awaited: a RuntimeWarning in every gateway's log
+    at start, and the probe keys left in Redis (a helper's multi-host probe)."""
+    import warnings
+
+    from rendezvous.bus.redis_needs import PROBE_KEYS
+
+    aclient = await connect_async(bus_url)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            await check_async(aclient, allow_eviction=False)
+            import gc
+
+            gc.collect()  # a coroutine never awaited warns when it is collected
+        assert not [w for w in caught if "never awaited" in str(w.message)]
+        assert [k for k in PROBE_KEYS if await aclient.exists(k)] == []
+    finally:
+        await aclient.aclose()

@@ -111,3 +111,28 @@ def test_a_held_name_is_renewed_until_the_holder_stops_on_either_bus(bus_url: st
     finally:
         stop.set()
         client.close()
+
+
+def test_a_host_whose_name_another_took_stops_on_either_bus(bus_url: str) -> None:
+    """A host paused past its hold while a successor took its name: the renewal, a plain SET,
+    took it back on resuming, and both hosts ran under one name for good (shared heartbeats,
+    counters overwriting each other: a helper's multi-host probe). It stops instead."""
+    import threading
+
+    from models.name_owner import keep_held, take_name
+    from rendezvous.bus.connection import connect
+
+    client = connect(bus_url)
+    name = f"lost-{time.time_ns()}"
+    key = owner_key(name, WORKER_HOST)
+    stop = threading.Event()
+    try:
+        take_name(client, name, "token-1", kind=WORKER_HOST)
+        keep_held(client, name, "token-1", WORKER_HOST, stop)
+        client.set(key, "successor", px=5000)
+        wait_until(stop.is_set, 5, "the host to stop")
+        time.sleep(1.2)
+        assert client.get(key) == b"successor"
+    finally:
+        stop.set()
+        client.close()

@@ -193,6 +193,8 @@ def cmd_logbin(args: argparse.Namespace) -> None:
     log.info("log bin archiving to %s", settings.archive_dir)
     run_until_stopped(logbin, stop)
     log.info("log bin stopped: %s", logbin.stats)
+    if logbin.name_lost is not None:
+        sys.exit(f"rdv logbin: {logbin.name_lost}")
 
 
 def build_parser() -> argparse.ArgumentParser:

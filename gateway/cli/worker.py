@@ -81,7 +81,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
         shard, shards = _shard(args.shard)
         selection = Selection(args.roles, args.deployment, shard, shards)
         name = args.name or "0"
-        _hold_host_name(bounded_client(), name, selection, stop)
+        name_lost = _hold_host_name(bounded_client(), name, selection, stop)
         make = client_per_worker(bounded_client, lambda c, d, r: build(
             c, d, r, hosted_consumer(r, selection.roles, name), hosted=True))  # fmt: skip
         host = WorkerHost(DeploymentStore(bounded_client()), make, selection)
@@ -95,6 +95,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
                         "once it is created", args.deployment)  # fmt: skip
         host.run(stop)
         log.info("worker host stopped")
+        if name_lost.is_set():
+            sys.exit(f"rdv worker: another worker host took the name {name!r} while this one "
+                     "was away (stopped or cut off from Redis): stopped")  # fmt: skip
         return
     assert args.deployment is not None  # _check_flags
     consumer = args.consumer or f"{args.role}-{socket.gethostname()}-{os.getpid()}"
@@ -107,7 +110,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
     log.info("worker %s stopped: %s", consumer, worker.stats)
 
 
-def _hold_host_name(client: Client, name: str, selection: Selection, stop: threading.Event) -> None:
+def _hold_host_name(
+    client: Client, name: str, selection: Selection, stop: threading.Event
+) -> threading.Event:
     """Two hosts of the same roles under one name shared their consumers: one heartbeat, so a
     dead one was never missed, and counters that overwrote each other (a helper's probe).
     The second is refused, saying how to name it apart."""
@@ -126,7 +131,7 @@ def _hold_host_name(client: Client, name: str, selection: Selection, stop: threa
         take_name(client, held, token, kind=WORKER_HOST)
     except NameTaken as exc:
         sys.exit(f"rdv worker: {exc}")
-    keep_held(client, held, token, WORKER_HOST, stop)
+    return keep_held(client, held, token, WORKER_HOST, stop)
 
 
 def _check_flags(args: argparse.Namespace) -> None:

@@ -98,7 +98,9 @@ def _data_commands(pipe: Any) -> None:
     pipe.lindex(items, -1)
     pipe.evalsha(_PROBE_SHA, 1, stream)  # the probe's EVAL put it in the script cache
     for key in PROBE_KEYS:
-        pipe.unlink(key)
+        # staged as a plain command: an async cluster pipeline's unlink() is a coroutine,
+        # never sent (a RuntimeWarning at every gateway start, the probe keys left behind)
+        pipe.execute_command("UNLINK", key)
 
 
 _PROBE_SHA = hashlib.sha1(PROBE_SCRIPT.encode()).hexdigest()
