@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -27,6 +28,7 @@ from gateway.observability.metrics import (
 )
 from rendezvous.decision import BinOutput, DecisionRecord
 from rendezvous.divergence import Divergence
+from rendezvous.envelope import ModelResult
 
 ON_BOUNDS = [*REQUEST_BUCKETS, 0.0, -1.0, 1e-9, 0.0042, 7.5, 100.0, 0.0042]
 
@@ -203,6 +205,22 @@ def test_late_results_reach_the_registry_a_flush_interval_later() -> None:
         assert value(metrics, "rdv_late_results_total") == 3
 
     asyncio.run(scenario())
+
+
+def test_a_late_results_queue_wait_and_model_time_are_observed() -> None:
+    """Found by a helper's metrics probe: only the decision records' times were observed, so a
+    worker stalled 7 s left ``rdv_queue_wait_seconds`` flat while real's entries waited
+    0.4-7 s: the slow results are the late ones."""
+    metrics = GatewayMetrics()  # no event loop: every tally is written at once
+    late = ModelResult("r", "d", "m", 3, "real", [1], np.array([[0.2, 0.8]], np.float32),
+                       [0, 1], model_latency_ms=2.0, queue_ms=6_500.0)  # fmt: skip
+    metrics.late_result(late)
+    got = samples(metrics.registry)
+    assert got[("rdv_queue_wait_seconds_count", frozenset({("deployment", "d"),
+                                                           ("role", "real")}))] == 1  # fmt: skip
+    assert got[("rdv_queue_wait_seconds_sum", frozenset({("deployment", "d"),
+                                                         ("role", "real")}))] == 6.5  # fmt: skip
+    assert value(metrics, "rdv_late_results_total") == 1
 
 
 def test_decision_records_held_and_dropped_are_read_at_each_flush() -> None:

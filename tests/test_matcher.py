@@ -285,8 +285,8 @@ async def test_a_failed_real_without_the_fallback_it_names_ends_the_wait_at_once
 async def test_duplicate_in_flight_id_is_refused_and_late_results_counted(
     rdv: Rendezvous, r: redis.Redis
 ) -> None:
-    told: list[int] = []
-    rdv.on_late = lambda: told.append(1)
+    told: list[str] = []
+    rdv.on_late = lambda late: told.append(late.role)
     mb = rdv.open("f", DEP, SCHEDULE, ["real"])
     with pytest.raises(DuplicateRequest):
         rdv.open("f", DEP, SCHEDULE, ["real"])
@@ -299,7 +299,7 @@ async def test_duplicate_in_flight_id_is_refused_and_late_results_counted(
             break
         await asyncio.sleep(0.02)
     assert rdv.late_results == 1
-    assert told == [1]  # what the metrics count, without waiting for a scrape
+    assert told == ["real"]  # what the metrics count, without waiting for a scrape
 
 
 async def test_many_concurrent_requests_each_get_their_own_answer(

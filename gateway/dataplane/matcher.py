@@ -59,7 +59,7 @@ class Rendezvous:
         decisions_maxlen: int = 50_000,
         decisions_max_bytes: int | None = None,
         on_decision: Callable[[DecisionRecord], None] | None = None,
-        on_late: Callable[[], None] | None = None,
+        on_late: Callable[[ModelResult], None] | None = None,
         realtime_first: RealtimeFirst | None = None,
     ):
         self.client = client
@@ -75,7 +75,7 @@ class Rendezvous:
         """Writes each closed mailbox's decision record: at most ``decisions_maxlen`` records
         a deployment, fewer when they are large (``decisions_max_bytes``)."""
         self.on_late = on_late
-        """Told of each late result (the metrics count it)."""
+        """Told of each late result (the metrics count it, and its model and queue times)."""
         self.mailboxes: dict[str, Mailbox] = {}
         self.late_results = 0
         self.bad_results = 0
@@ -276,7 +276,7 @@ class Rendezvous:
         if mb is None or mb.closed:
             self.late_results += 1
             if self.on_late is not None:
-                self.on_late()
+                self.on_late(result)
             return
         result.extra["arrived_ms"] = round(self._elapsed_ms(mb), 4)
         mb.results.setdefault(result.role, result)

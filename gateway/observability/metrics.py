@@ -26,6 +26,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from rendezvous.decision import DecisionRecord
 from rendezvous.drift import DIVERGENCE_EDGES
+from rendezvous.envelope import ModelResult
 from rendezvous.names import REAL
 
 OUTCOMES = ("real", "fallback", "split", "pinned", "timeout", "invalid", "rejected", "error")
@@ -316,11 +317,18 @@ class GatewayMetrics:
                 counts[(self.disagreements, *labels)] += div.disagreements
         self._flush_soon()
 
-    def late_result(self) -> None:
+    def late_result(self, result: ModelResult | None = None) -> None:
         """A model's result came after its request was closed: tallied as the rest, so that
         it reaches the shared files within a flush interval, whichever process is scraped
-        (it waited for a scrape of this very process)."""
+        (it waited for a scrape of this very process). Its model time and queue wait are
+        observed too: only the decision records' were, and a worker stalled 7 s left the
+        queue-wait histogram flat while real's entries waited 0.4-7 s (a helper's probe)."""
         self._counts[(self.late_results,)] += 1
+        if result is not None:
+            dep, role = result.deployment, result.role
+            model_key = (self.model_seconds, dep, role, result.model, str(result.version))
+            self._observed[model_key].append(result.model_latency_ms / 1000)
+            self._observed[(self.queue_seconds, dep, role)].append(max(result.queue_ms, 0) / 1000)
         self._flush_soon()
 
     def scrape_registry(self, live: Collection[str] | None = None) -> CollectorRegistry:
