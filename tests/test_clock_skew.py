@@ -117,3 +117,14 @@ def test_processes_with_skewed_clocks_answer_in_time_and_stay_live(
         waits = [out.queue_ms for d in decode_entries(system.r.xrange(stream))
                  for out in d.outputs.values()]  # fmt: skip
         assert waits and all(0 <= q < 500 for q in waits), waits
+
+
+def test_a_time_reply_that_came_late_to_the_worker_does_not_turn_the_clock_back() -> None:
+    """A worker stopped 7 s got its read's reply on resuming, with Redis's time from before the
+    stop, and scored an entry whose deadline had passed (a helper's probe): the reply's time
+    is judged against the host's clock carried on since the last one."""
+    told = clock.RedisClock()
+    assert told.now_ms([b"100", b"0"], 1_000.0) == 100_000.0
+    assert told.now_ms([b"100", b"50000"], 1_060.0) == 100_060.0  # paused meanwhile: now
+    assert told.now_ms([b"100", b"120000"], 1_120.0) == 100_120.0  # on time again: as told
+    assert told.now_ms([b"101", b"0"], 1_500.0) == 101_000.0  # Redis's clock stepped ahead

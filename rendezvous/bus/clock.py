@@ -57,13 +57,18 @@ class RedisClock:
         """Redis's time minus this host's at the latest ``TIME``; None before the first."""
 
     def now_ms(self, reply: Any, local_ms: float | None = None) -> float | None:
-        """Redis's time of a read, from its ``TIME`` reply, else estimated (None: never read)."""
-        local = time.time() * 1000 if local_ms is None else local_ms
+        """Redis's time of a read, from its ``TIME`` reply, else estimated (None: never read).
+        A reply that reads older than the estimate came late to this process (it was paused
+        or starved while the reply waited in its socket): the estimate stands. A worker
+        stopped 7 s scored the entry its read had been served, as if no time had passed
+        since (a helper's probe); its deadline is judged now."""
+        local = time.monotonic() * 1000 if local_ms is None else local_ms
         told = redis_ms(reply)
+        estimate = None if self.offset_ms is None else local + self.offset_ms
         if told is not None:
             self.offset_ms = told - local
-            return told
-        return None if self.offset_ms is None else local + self.offset_ms
+            return told if estimate is None else max(told, estimate)
+        return estimate
 
 
 def entry_ms(entry_id: bytes | str) -> int | None:
