@@ -53,6 +53,24 @@ def _roles_held_rewritten(ref: ModelRef, name: str, key: str, pipe: Any) -> list
     return [f"{name}/{r}" for r, held in Deployment.from_json(raw).roles.items() if held == ref]
 
 
+def _make_new_partitions(client: Client, before: Deployment, after: Deployment) -> None:
+    """The input streams a change of partitions adds, with their groups, made before the state
+    that names them is written: a gateway that read the new state first sent requests to a
+    stream not made yet, and answered 503 "input stream is gone" (1 of 805 requests through a
+    change from 3 partitions to 2, a loaded CI run). A change tried again (another writer got
+    in first) may leave such a stream unused: empty, and no reader's."""
+    new = [s for s in after.input_streams if s not in set(before.input_streams)]
+    if not new or after.deleted_ms:
+        return
+    pipe = client.pipeline(transaction=False)
+    for stream in new:
+        for group in sorted(after.groups()):
+            pipe.xgroup_create(stream, group, id="0", mkstream=True)
+    for result in pipe.execute(raise_on_error=False):
+        if isinstance(result, Exception) and not _tolerated(result):
+            raise result
+
+
 def ensure_groups(client: Client, deployment: Deployment) -> None:
     """Create the consumer groups missing on any input partition, positioned at its start (so
     a partition an envelope reached before its groups did loses nothing), and remove the groups
@@ -251,6 +269,7 @@ class DeploymentStore:
                         updated_ms=int(time.time() * 1000),
                     )
                     entry = history_entry(before, after, action, actor, reason, detail or {})
+                    _make_new_partitions(self.client, before, after)
                     pipe.multi()
                     pipe.set(key, after.to_json())
                     pipe.set(names.revision_key(name), after.revision)

@@ -5,10 +5,16 @@ read until the deployment is recreated."""
 import binascii
 
 import pytest
+import redis
 
+from models.demo import demo_deployment
+from models.deployment_store import DeploymentStore
 from models.deployments import Deployment, DeploymentConflict, ModelRef, with_partitions
+from models.registry import ModelRegistry
+from models.train import DEMO_DEPLOYMENT
 from rendezvous import names
 from rendezvous.request_ids import minted_ms, new_request_id
+from rendezvous.schedule import Schedule
 from rendezvous.spec import FeatureSpec
 
 
@@ -87,3 +93,24 @@ def test_a_count_change_keeps_the_old_streams_read_and_round_trips() -> None:
         with_partitions(two, 2)
     with pytest.raises(ValueError, match="partitions"):
         _dep(0)
+
+
+def test_new_partitions_exist_before_the_state_that_names_them(
+    r: redis.Redis, demo_registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The groups of partitions beyond the first were made after the state naming them was
+    written: a gateway that read the new state in between sent a request to a stream not
+    made yet, and answered 503 "input stream is gone" (1 of 805 through a change from 3
+    partitions to 2, in a loaded CI run). They are made before it now: here the follow-up
+    (``ensure_groups``) never runs, as if the gateway had read the state first."""
+    import models.deployment_store as deployment_store
+
+    store = DeploymentStore(r)
+    store.create(demo_deployment(demo_registry, Schedule()))
+    monkeypatch.setattr(deployment_store, "ensure_groups", lambda client, dep: None)
+    for partitions in (3, 2):
+        _before, after = store.update(DEMO_DEPLOYMENT, lambda d, n=partitions: with_partitions(
+            d, n), action="set-partitions", actor="test")  # fmt: skip
+        for stream in after.published_streams:
+            groups = {g["name"].decode() for g in r.xinfo_groups(stream)}
+            assert set(after.groups()) <= groups, (partitions, stream, groups)
