@@ -231,8 +231,8 @@ async def test_a_job_whose_start_meets_a_stalled_redis_runs_once_redis_answers(
     real_start = service.store.start
     lost: list[str] = []
 
-    async def start_reply_lost(key: str, run: str) -> Any:
-        reply = await real_start(key, run)  # it ran in Redis...
+    async def start_reply_lost(key: str, run: str, *rest: Any) -> Any:
+        reply = await real_start(key, run, *rest)  # it ran in Redis...
         if len(lost) < MAX_RUNS + 1:
             lost.append(run)
             raise redis.TimeoutError("Timeout reading from socket")  # ...its reply did not come
@@ -593,3 +593,75 @@ async def test_a_jobs_tries_refused_for_a_moment_are_not_counted_nor_its_wait_ti
     with pytest.raises(RequestValidationError):  # an end: counted
         await service.predict("demo", b"{}", "r-1", job="job-1")
     assert tally.done[-1] == ("demo", "invalid", False)
+
+
+async def test_jobs_whose_starts_redis_refuses_for_a_while_log_the_spell_not_each_try(
+    client: AsyncClient, skip_on_cluster: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis at its memory limit refuses every job's start: each run retried its start every
+    2 s at most and logged each try, so 300 queued jobs wrote ~2,700 lines a minute from two
+    gateway processes (a helper's outage probe). The runs' failures are one spell: said when
+    it starts and when it ends, whatever the number of jobs."""
+    service = await gateway(client)
+    real_start = service.store.start
+    refusing = True
+
+    async def refused(key: str, run: str, *rest: Any) -> Any:
+        if refusing:
+            raise redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+        return await real_start(key, run, *rest)
+
+    service.store.start = refused  # type: ignore[method-assign]
+    await service.start()
+    try:
+        caplog.set_level("INFO", logger="gateway.dataplane.job_runner")
+        jobs = [(await service.submit(DEMO_DEPLOYMENT, BODY, None)).id for _ in range(6)]
+        await asyncio.sleep(1.6)  # each run tries its start ~5 times meanwhile
+        refusing = False
+        for job in jobs:
+            assert (await service.wait(DEMO_DEPLOYMENT, job, 10_000)).status == DONE
+        said = [r.getMessage() for r in caplog.records if "start" in r.getMessage()]
+        assert len(said) <= 3, said  # the spell begins (and ends): not one line a job a try
+    finally:
+        await service.stop()
+
+
+async def test_a_live_gateways_job_whose_start_waits_on_redis_is_not_run_twice(
+    client: AsyncClient, skip_on_cluster: None
+) -> None:
+    """A gateway whose job's start Redis refused for longer than the claim idle (its memory
+    limit) held the entry all along; another gateway claimed it "from dead gateways", and
+    once Redis took writes again both runs started: scored, archived and recorded twice with
+    no gateway dead (4 of 300 jobs in a helper's outage probe, their ``runs`` 2). The run
+    that no longer holds the entry steps aside."""
+    writable = asyncio.Event()
+
+    def refusing_starts(service: JobService) -> None:
+        real_start = service.store.start
+
+        async def start(key: str, run: str, *rest: Any, **kw: Any) -> Any:
+            await writable.wait()  # held meanwhile: both go through at once when it is set
+            return await real_start(key, run, *rest, **kw)
+
+        service.store.start = start  # type: ignore[method-assign]
+
+    holder, taker = await gateway(client, delay_s=0.3), await gateway(client, delay_s=0.3)
+    refusing_starts(holder)
+    refusing_starts(taker)
+    await holder.start()
+    try:
+        await asyncio.sleep(0.3)  # its reader made the group
+        job = (await holder.submit(DEMO_DEPLOYMENT, BODY, None)).id
+        for _ in range(40):  # the holder reads it; its start waits
+            if (await client.xpending(STREAM, names.JOBS_GROUP))["pending"]:
+                break
+            await asyncio.sleep(0.05)
+        await taker.start()
+        await asyncio.sleep(2.0)  # past the claim idle (1.1 s here): the taker claims it
+        writable.set()
+        assert (await holder.wait(DEMO_DEPLOYMENT, job, 5000)).status == DONE
+        await asyncio.sleep(0.5)
+        assert calls(holder) + calls(taker) == [job]
+    finally:
+        await taker.stop()
+        await holder.stop()

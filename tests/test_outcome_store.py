@@ -4,6 +4,7 @@ the oldest buckets; the bytes a request costs, measured."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -168,5 +169,36 @@ async def test_outcomes_redis_did_not_take_are_written_by_a_later_flush(tmp_path
         assert set(found) == {r.request_id for r in [*waiting, later]}
         assert await store.flush() == 0  # nothing is written twice
     finally:
+        await own.aclose()
+        server.stop()
+
+
+async def test_an_outage_that_goes_on_is_not_said_over_once_its_held_outcomes_are_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flush loop said "working again" once the outcomes an outage held were dropped (past
+    ``UNWRITTEN_S``, 30 s) and a flush found nothing to write, while Redis was still down (a
+    helper's probe: 45 s before it came back). Only a write says it works again."""
+    import gateway.dataplane.outcome_store as outcome_store
+
+    monkeypatch.setattr(outcome_store, "UNWRITTEN_S", 0.2)
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    own = await connect_async(server.url, timeout_s=0.5)
+    caplog.set_level("INFO", logger="gateway.dataplane.outcome_store")
+    store = OutcomeStore(own, retention_s=600, bucket_s=60, max_bytes=10**9, flush_s=0.05)
+    loop = asyncio.create_task(store.run())
+    try:
+        server.stop()
+        store.observe(_record(time.time() * 1000))
+        await asyncio.sleep(1.5)  # held, dropped past UNWRITTEN_S; Redis still down
+        said = [r.getMessage() for r in caplog.records]
+        assert any("dropped unwritten" in m for m in said), said
+        assert not any("working again" in m for m in said), said
+        server.start()
+        store.observe(_record(time.time() * 1000))
+        await asyncio.sleep(1.0)
+        assert any("working again" in r.getMessage() for r in caplog.records)
+    finally:
+        loop.cancel()
         await own.aclose()
         server.stop()

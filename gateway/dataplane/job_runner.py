@@ -105,6 +105,11 @@ class JobRunner:
         self._running: dict[str, bytes] = {}
         """Job id -> the stream entry of its run here (one run per job per process)."""
         self.slots = JobSlots(concurrency, service, rows_in_flight)
+        # One log for all of this process's runs: a line per job per try (every 2 s each, up
+        # to ``concurrency`` jobs) was ~2,700 lines a minute from two processes while Redis
+        # sat at its memory limit with 300 jobs queued (a helper's outage probe).
+        self._start_log = RetryLog(log, "job runs: cannot start them")
+        self._end_log = RetryLog(log, "job runs: cannot write their ends")
 
     async def start(self) -> None:
         self._supervisor = asyncio.create_task(self._supervise())
@@ -224,7 +229,9 @@ class JobRunner:
         )
         found = [(item[0], _job_of(item[1])) for item in reply[1] if item and item[0]]
         if found:
-            log.info("jobs of %s: claimed %d from dead gateways", deployment, len(found))
+            idle_s = self._claim_idle_ms(deployment) / 1000
+            log.info("jobs of %s: claimed %d idle over %.0f s (their gateway dead, or cut off "
+                     "from Redis)", deployment, len(found), idle_s)  # fmt: skip
         return found, reply[0]
 
     async def _forget_dead_consumers(self, stream: str) -> None:
@@ -261,8 +268,10 @@ class JobRunner:
     async def _run_job(self, deployment: str, entry: bytes, job_id: str) -> None:
         key = names.job_key(deployment, job_id)
         stream = names.jobs_stream(deployment)
-        reply = await self._start_surely(key, f"{self.consumer}:{text(entry)}")
+        reply = await self._start_surely(key, f"{self.consumer}:{text(entry)}", stream)
         if reply is None:  # stopping: left pending, for the stop to hand back
+            return
+        if int(reply[0]) == 3:  # another gateway claimed it while the start waited: its run
             return
         if int(reply[0]) != 2:  # expired, cancelled or already ended elsewhere
             await self.store.drop(stream, entry)
@@ -311,21 +320,24 @@ class JobRunner:
             break
         await self._end_surely(deployment, key, entry, job_id, status, field, doc, rid_key)
 
-    async def _start_surely(self, key: str, run: str) -> Any:
+    async def _start_surely(self, key: str, run: str, stream: str | None = None) -> Any:
         """The run's start, riding out Redis failures until it is written or a stop (None).
         Left to be claimed instead, a job read just before a 2 s stall stayed pending for the
         30 s of ``RDV_JOB_CLAIM_IDLE_MS`` (found by a flaky test)."""
         backoff_s = 0.05
         while True:
             try:
-                return await self.store.start(key, run)
+                reply = await self.store.start(key, run, stream)
             except REDIS_FAILURES as exc:
-                log.warning("job run %s: cannot start it (%s); retrying", run, exc)
+                self._start_log.failed(exc, backoff_s)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), backoff_s)
                 if self._stopping.is_set():
                     return None
                 backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
+            else:
+                self._start_log.succeeded()
+                return reply
 
     async def _still_pending(self, stream: str, key: str, entry: bytes) -> bool:
         """Whether the job still waits for this run (Redis down: assume so), resetting the
@@ -356,11 +368,12 @@ class JobRunner:
         while True:
             try:
                 await self.store.end(deployment, key, entry, job_id, status, field, doc, rid_key)
+                self._end_log.succeeded()
                 return
             except REDIS_FAILURES as exc:
                 if self._stopping.is_set():
                     raise
-                log.warning("job %s: cannot write its end (%s); retrying", job_id, exc)
+                self._end_log.failed(exc, backoff_s)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), backoff_s)
                 backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)

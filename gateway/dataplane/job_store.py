@@ -88,6 +88,16 @@ _START = """
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return {0} end
 if s ~= 'pending' then return {1} end
+if KEYS[2] and ARGV[1] then
+  local consumer, entry = string.match(ARGV[1], '^(.*):([^:]+)$')
+  if entry then
+    local p = redis.call('XPENDING', KEYS[2], ARGV[2], entry, entry, 1)
+    if p[1] then
+      if p[1][2] ~= consumer then return {3} end
+      redis.call('XCLAIM', KEYS[2], ARGV[2], consumer, 0, entry, 'JUSTID')
+    end
+  end
+end
 local runs
 if ARGV[1] and redis.call('HGET', KEYS[1], 'run') == ARGV[1] then
   runs = tonumber(redis.call('HGET', KEYS[1], 'runs') or '1')
@@ -98,9 +108,11 @@ end
 local f = redis.call('HMGET', KEYS[1], 'body', 'request_id', 'rows')
 return {2, runs, f[1], f[2], f[3]}
 """
-"""KEYS: job hash; ARGV: the run (its consumer and entry) -> {0} gone; {1} ended; {2, runs,
-body, caller's request id or ''[, rows]} (no rows: accepted by an older gateway). A run's
-start sent again (its reply lost to a Redis that stalled, while the script ran or waited to)
+"""KEYS: job hash[, jobs stream]; ARGV: the run (its consumer and entry)[, the group] -> {0}
+gone; {1} ended; {3} its entry is held by another consumer now (claimed while this run's start
+waited on Redis: that consumer runs it); {2, runs, body, caller's request id or ''[, rows]} (no
+rows: accepted by an older gateway), the entry's idle time reset (not claimed while it runs).
+A run's start sent again (its reply lost to a Redis that stalled, while the script ran or waited to)
 counts once: counted at each try, a few seconds of stall failed the job as started too often."""
 
 _END = """
@@ -325,10 +337,13 @@ class JobStore:
 
     # -- a run's steps --------------------------------------------------------------------------
 
-    async def start(self, key: str, run: str) -> Any:
+    async def start(self, key: str, run: str, stream: str | None = None) -> Any:
         """A run starts (``_START``; ``run`` names it, so that its start counts once) -> {0}
-        gone; {1} ended; {2, runs, body, request id[, rows]}."""
-        return await self._eval(_START, [key], run)
+        gone; {1} ended; {3} claimed by another consumer (with ``stream``);
+        {2, runs, body, request id[, rows]}."""
+        if stream is None:
+            return await self._eval(_START, [key], run)
+        return await self._eval(_START, [key, stream], run, names.JOBS_GROUP)
 
     async def end(
         self,

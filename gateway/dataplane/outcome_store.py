@@ -267,8 +267,11 @@ class OutcomeStore:
         while True:
             await asyncio.sleep(self.flush_s)
             try:
-                await self.flush()
-                retry_log.succeeded()
+                # Only a write says Redis works again: a flush with nothing left to write (what
+                # an outage held was dropped past UNWRITTEN_S) said "working again" 30 s into an
+                # outage that went on (a helper's outage probe).
+                if await self.flush():
+                    retry_log.succeeded()
             except REDIS_FAILURES as exc:
                 retry_log.failed(exc)
             except Exception:

@@ -249,8 +249,8 @@ class DriftFeed:
         while True:
             await asyncio.sleep(self.interval_s)
             try:
-                await self.flush()
-                retry_log.succeeded()
+                if await self.flush():  # nothing written (the held ones dropped): no news
+                    retry_log.succeeded()
             except REDIS_FAILURES as exc:
                 retry_log.failed(exc)
             except Exception:
