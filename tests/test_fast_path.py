@@ -144,6 +144,9 @@ class Tally:
     def __init__(self) -> None:
         self.done: list[tuple[str | None, str]] = []
 
+    def held_changed(self) -> None:
+        pass
+
     def request_done(self, deployment: str | None, outcome: str, seconds: float | None) -> None:
         self.done.append((deployment, outcome))
 

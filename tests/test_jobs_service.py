@@ -72,6 +72,9 @@ class Predicts:
         """Raised by the next calls, one each, before any answer."""
         self.realtime_first = RealtimeFirst()
 
+    def held_changed(self) -> None:
+        pass
+
     def request_done(self, deployment: str | None, outcome: str, seconds: float | None) -> None:
         self.counted.append((deployment, outcome))
 
@@ -566,6 +569,9 @@ async def test_a_deleted_deployments_queued_jobs_fail_saying_so_and_its_purge_st
 class Tally:
     def __init__(self) -> None:
         self.done: list[tuple[str | None, str, bool]] = []
+
+    def held_changed(self) -> None:
+        pass
 
     def request_done(self, deployment: str | None, outcome: str, seconds: float | None) -> None:
         self.done.append((deployment, outcome, seconds is not None))

@@ -64,6 +64,9 @@ class RequestTally(Protocol):
 
     def request_done(self, deployment: str | None, outcome: str, seconds: float | None) -> None: ...
 
+    def held_changed(self) -> None:
+        """The requests held moved (``PredictionService.held``): the gauge follows soon."""
+
 
 class RowSink(Protocol):
     """Takes the feature rows of each accepted request (``gateway.observability.drift_feed``)."""
@@ -71,12 +74,11 @@ class RowSink(Protocol):
     def observe_rows(self, deployment: str, features: np.ndarray) -> None: ...
 
 
-def _nothing() -> None:
-    pass
-
-
 class _NoTally:
     def request_done(self, deployment: str | None, outcome: str, seconds: float | None) -> None:
+        pass
+
+    def held_changed(self) -> None:
         pass
 
 
@@ -110,7 +112,7 @@ class PredictionService:
         requests 3-4 s through a failover)."""
         self.feature_store = feature_store
         self.metrics = metrics or _NoTally()
-        self.held_changed: Callable[[], None] = getattr(self.metrics, "held_changed", _nothing)
+        self.held_changed: Callable[[], None] = self.metrics.held_changed
         """Called as ``held`` moves (a request in or out, a body starting or done): the
         in-flight gauge is written soon after, not only when some request ends or this very
         process is scraped (another process's scrape read its stale value: 0 while it held

@@ -304,9 +304,7 @@ class GatewayMetrics:
         counts[(self.decisions, dep)] += 1
         outputs = record.outputs
         for role, out in outputs.items():
-            model_key = (self.model_seconds, dep, role, out.model, str(out.version))
-            observed[model_key].append(out.model_latency_ms / 1000)
-            observed[(self.queue_seconds, dep, role)].append(max(out.queue_ms, 0.0) / 1000)
+            self._times(dep, role, out.model, out.version, out.model_latency_ms, out.queue_ms)
         if record.divergences:
             real_model = outputs[REAL].model_key
             for role, div in record.divergences.items():
@@ -325,11 +323,17 @@ class GatewayMetrics:
         queue-wait histogram flat while real's entries waited 0.4-7 s (a helper's probe)."""
         self._counts[(self.late_results,)] += 1
         if result is not None:
-            dep, role = result.deployment, result.role
-            model_key = (self.model_seconds, dep, role, result.model, str(result.version))
-            self._observed[model_key].append(result.model_latency_ms / 1000)
-            self._observed[(self.queue_seconds, dep, role)].append(max(result.queue_ms, 0) / 1000)
+            self._times(result.deployment, result.role, result.model, result.version,
+                        result.model_latency_ms, result.queue_ms)  # fmt: skip
         self._flush_soon()
+
+    def _times(
+        self, dep: str, role: str, model: str, version: int, latency_ms: float, queue_ms: float
+    ) -> None:
+        """A role's model time and queue wait (its result in a decision record, or late)."""
+        model_key = (self.model_seconds, dep, role, model, str(version))
+        self._observed[model_key].append(latency_ms / 1000)
+        self._observed[(self.queue_seconds, dep, role)].append(max(queue_ms, 0.0) / 1000)
 
     def scrape_registry(self, live: Collection[str] | None = None) -> CollectorRegistry:
         """The registry to expose, after this process's pending tallies: in multi-process mode

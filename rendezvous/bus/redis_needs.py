@@ -127,11 +127,12 @@ def _transaction(client: Any) -> None:
                 "Redis refused a transaction (MULTI): grant the user the data commands "
                 "(+@all -@dangerous is enough)"
             ) from None
-        if refused_for_good(exc):
-            raise no_scripts(exc) from None
+        _refusal([exc])
 
 
 def _refusal(replies: list[Any]) -> None:
+    """``RedisUnfit`` for a refusal for good among ``replies`` (a pipeline's, or one command's
+    error); a refusal for a while is no setting to fix."""
     for reply in replies:
         if isinstance(reply, Exception) and refused_for_good(reply):
             raise no_scripts(reply) from None
@@ -224,8 +225,7 @@ def check(client: Any, *, allow_eviction: bool) -> Mapping[str, Any] | None:
     try:
         client.eval(PROBE_SCRIPT, 1, PROBE_KEY)
     except redis.exceptions.ResponseError as exc:
-        if refused_for_good(exc):
-            raise no_scripts(exc) from None
+        _refusal([exc])
     pipe = client.pipeline(transaction=False)
     _data_commands(pipe)
     _refusal(pipe.execute(raise_on_error=False))
@@ -233,8 +233,7 @@ def check(client: Any, *, allow_eviction: bool) -> Mapping[str, Any] | None:
     try:
         client.time()  # Redis's clock (``rendezvous.bus.clock``): no key, so not in a pipeline
     except redis.exceptions.ResponseError as exc:
-        if refused_for_good(exc):
-            raise no_scripts(exc) from None
+        _refusal([exc])
     try:
         info = client.info("memory", **_every_node(client))
     except redis.exceptions.ResponseError:
@@ -247,16 +246,14 @@ async def check_async(client: Any, *, allow_eviction: bool) -> Mapping[str, Any]
     try:
         await client.eval(PROBE_SCRIPT, 1, PROBE_KEY)
     except redis.exceptions.ResponseError as exc:
-        if refused_for_good(exc):
-            raise no_scripts(exc) from None
+        _refusal([exc])
     pipe = client.pipeline(transaction=False)
     _data_commands(pipe)
     _refusal(await pipe.execute(raise_on_error=False))
     try:
         await client.time()
     except redis.exceptions.ResponseError as exc:
-        if refused_for_good(exc):
-            raise no_scripts(exc) from None
+        _refusal([exc])
     try:
         info = await client.info("memory", **_every_node(client))
     except redis.exceptions.ResponseError:
