@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, cast
 
 from gateway.admin.bodies import (
@@ -23,6 +24,7 @@ from gateway.admin.bodies import (
     SchedulePatch,
 )
 from gateway.admin.service_core import AdminCore, deployment_state
+from gateway.observability.cluster_state import fresh_stats
 from models.deployments import (
     Deployment,
     DeploymentConflict,
@@ -35,6 +37,7 @@ from models.deployments import (
     without_challenger,
 )
 from models.meta import unfit_for
+from models.worker_versions import stale_workers
 from rendezvous import names
 from rendezvous.bus import clock
 from rendezvous.bus.connection import text
@@ -70,13 +73,18 @@ class DeploymentOperations(AdminCore):
         dep = self._dep(name)
         workers: dict[str, int] = {}  # live by Redis's clock: the workers' hosts' may differ
         args = clock.live_members_args(names.workers_key(name), self.heartbeat_timeout_s)
-        members = self.client.eval(*args)
-        for member in cast(list[bytes], members):
-            role = text(member).split("|", 1)[0]
+        pipe = self.client.pipeline(transaction=False)  # one slot: the deployment's tag
+        pipe.eval(*args)
+        pipe.hgetall(names.stats_key(name))
+        members, stats = pipe.execute()
+        live = [text(member) for member in cast(list[bytes], members)]
+        for member in live:
+            role = member.split("|", 1)[0]
             workers[role] = workers.get(role, 0) + 1
         return {
             **deployment_state(dep),
             "live_workers": workers,
+            "stale_workers": stale_workers(dep.roles, live, fresh_stats(stats, time.time(), [])),
             "input": self.store.input_view(dep),
         }
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.deployments import ModelRef
 from rendezvous import names
 from rendezvous.bus import clock
 from rendezvous.bus.connection import AsyncClient
@@ -35,6 +36,11 @@ class DeploymentState:
     ``waiting_s``: how long the oldest entry not yet delivered to the group has waited (0 when
     none waits). Redis 7 counts those entries (``lag``); 6.2 cannot, and this reads on both."""
     live_workers: dict[str, int] = field(default_factory=dict)
+    live_members: list[str] = field(default_factory=list)
+    """``role|consumer`` of every live worker."""
+    roles: dict[str, ModelRef] = field(default_factory=dict)
+    """What the deployment names for each role, as the reading gateway knows it (empty when
+    not given): the workers' counters say what they serve."""
     worker_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     """``role|consumer`` -> the JSON counters it published."""
     drift: dict[str, Any] | None = None
@@ -54,7 +60,7 @@ class ClusterState:
     logbin_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def _fresh_stats(
+def fresh_stats(
     raw: Mapping[bytes, bytes], now_s: float, forget: list[bytes]
 ) -> dict[str, dict[str, Any]]:
     """The counters published in the last ``STALE_STATS_S``; appends to ``forget`` the fields
@@ -89,8 +95,11 @@ async def read_state(
     client: AsyncClient,
     deployments: Mapping[str, Sequence[str]] | Sequence[str],
     heartbeat_timeout_s: float,
+    roles: Mapping[str, Mapping[str, ModelRef]] | None = None,
 ) -> ClusterState:
-    """``deployments``: names, or names -> their input streams (default: the first only)."""
+    """``deployments``: names, or names -> their input streams (default: the first only);
+    ``roles``: what each deployment names for its roles (``rdv_stale_workers`` compares the
+    workers' counters with it)."""
     now = time.time()
     streams = (
         dict(deployments)
@@ -117,16 +126,14 @@ async def read_state(
     forget: dict[str, list[bytes]] = {}
     waiting: list[tuple[dict[str, Any], str, dict[str, Any]]] = []
     if isinstance(replies[0], dict):
-        state.logbin_stats = _fresh_stats(
-            replies[0], now, forget.setdefault(names.LOGBIN_STATS, [])
-        )
+        state.logbin_stats = fresh_stats(replies[0], now, forget.setdefault(names.LOGBIN_STATS, []))
     at = 1
     for dep, inputs in streams.items():
         n = len(inputs)
         xlen_dec, live, stats, report, skipped, alerts, raised, accuracy = replies[at : at + 8]
         per_partition = replies[at + 8 : at + 8 + 2 * n]
         at += 8 + 2 * n
-        ds = DeploymentState()
+        ds = DeploymentState(roles=dict((roles or {}).get(dep, {})))
         infos = [x if isinstance(x, dict) else {} for x in per_partition[0::2]]  # none yet: error
         ds.input_length = sum(int(info.get("length", 0)) for info in infos)
         ds.decisions_length = xlen_dec if isinstance(xlen_dec, int) else 0
@@ -137,11 +144,12 @@ async def read_state(
                     ds.groups.append(entry)
                     waiting.append((entry, inputs[k], infos[k]))
         if isinstance(live, list):
-            for member in live:
-                role = _text(member).split("|", 1)[0]
+            ds.live_members = [_text(member) for member in live]
+            for member in ds.live_members:
+                role = member.split("|", 1)[0]
                 ds.live_workers[role] = ds.live_workers.get(role, 0) + 1
         if isinstance(stats, dict):
-            ds.worker_stats = _fresh_stats(stats, now, forget.setdefault(names.stats_key(dep), []))
+            ds.worker_stats = fresh_stats(stats, now, forget.setdefault(names.stats_key(dep), []))
         if isinstance(report, bytes | str):
             try:
                 ds.drift = json.loads(report)
@@ -202,4 +210,11 @@ async def _forget(client: AsyncClient, fields: dict[str, list[bytes]]) -> None:
         await pipe.execute(raise_on_error=False)
 
 
-__all__ = ["FORGET_STATS_S", "STALE_STATS_S", "ClusterState", "DeploymentState", "read_state"]
+__all__ = [
+    "FORGET_STATS_S",
+    "STALE_STATS_S",
+    "ClusterState",
+    "DeploymentState",
+    "fresh_stats",
+    "read_state",
+]

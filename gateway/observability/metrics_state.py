@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 
 from gateway.observability.cluster_state import ClusterState, DeploymentState
 from gateway.observability.live_accuracy import accuracy_families
+from models.worker_versions import stale_workers
 from rendezvous import names
 from rendezvous.bus.connection import text as _text
 from rendezvous.drift_alerts import ALL_ALERT_KINDS
@@ -91,6 +92,13 @@ class ClusterStateCollector(Collector):
         live = _gauge(
             "rdv_live_workers", "Workers whose heartbeat is fresh, by role.", ["deployment", "role"]
         )
+        stale = _gauge(
+            "rdv_stale_workers",
+            "Live workers serving another model version than the deployment names for their "
+            "role (one that cannot load the new version serves the old): 0 once all have "
+            "loaded it, a second or two after a change.",
+            ["deployment", "role"],
+        )
         skipped = CounterMetricFamily(
             "rdv_role_skipped_entries",
             "Input entries a model role's group was moved past because it fell more than "
@@ -114,7 +122,11 @@ class ClusterStateCollector(Collector):
                     lag.add_metric(labels, int(group["lag"]))
             for role, n in sorted(roles.items()):
                 live.add_metric([dep, role], n)
-        yield from (length, pending, lag, waiting, consumers, live, skipped)
+            if ds.roles:  # known to the gateway that read the state
+                lagging = stale_workers(ds.roles, ds.live_members, ds.worker_stats)
+                for role in sorted(ds.roles):
+                    stale.add_metric([dep, role], len(lagging.get(role, ())))
+        yield from (length, pending, lag, waiting, consumers, live, stale, skipped)
 
     def _workers(self) -> Iterator[Any]:
         labels = ["deployment", "role", "consumer"]

@@ -49,6 +49,7 @@ def observe_router() -> APIRouter:
                     state.redis,
                     {n: d.input_streams for n, d in sorted(deployments.deployments.items())},
                     state.settings.heartbeat_timeout_s,
+                    {n: d.roles for n, d in deployments.deployments.items()},
                 ),
                 timeout=state.settings.redis_timeout_s,
             )
