@@ -237,7 +237,9 @@ def read_segment(path: Path) -> Iterator[dict[str, Any]]:
             try:
                 body.append(decomp.decompress(pending))
             except zlib.error as exc:
-                log.warning("archive: %s corrupt at byte %d (%s); rest skipped", path, offset, exc)
+                if _first_time(path, offset):
+                    log.warning("archive: %s corrupt at byte %d (%s); rest skipped", path,
+                                offset, exc)  # fmt: skip
                 return
             consumed = len(pending) - len(decomp.unused_data)
             offset += consumed
@@ -247,7 +249,7 @@ def read_segment(path: Path) -> Iterator[dict[str, Any]]:
                 body = []
                 member_start = offset
                 decomp = zlib.decompressobj(31)
-        if offset > member_start:
+        if offset > member_start and _first_time(path, member_start):
             log.warning(
                 "archive: %s has a torn last batch (%d bytes from byte %d); skipped",
                 path,
@@ -256,6 +258,22 @@ def read_segment(path: Path) -> Iterator[dict[str, Any]]:
             )
     finally:
         f.close()
+
+
+_SAID: set[tuple[str, int]] = set()
+"""Damaged places already logged by this process: an export reads each segment in several
+passes (counts, then records), and said each torn tail three or four times."""
+_SAID_MAX = 10_000
+
+
+def _first_time(path: Path, offset: int) -> bool:
+    key = (str(path), offset)
+    if key in _SAID:
+        return False
+    if len(_SAID) >= _SAID_MAX:
+        _SAID.clear()
+    _SAID.add(key)
+    return True
 
 
 def _lines(path: Path, body: bytes) -> Iterator[dict[str, Any]]:

@@ -273,8 +273,10 @@ def test_torn_tail_keeps_every_complete_batch(
     os.truncate(segment.path, segment.size_bytes - cut_bytes)
     with caplog.at_level(logging.WARNING, logger="models.archive"):
         got = [r["n"] for r in ArchiveReader(data_dir).records("demo")]
-    assert got == list(range(10))
-    assert "torn" in caplog.text
+        again = [r["n"] for r in ArchiveReader(data_dir).records("demo")]
+    assert got == again == list(range(10))
+    # said once by a process however many passes read it (an export said it 3-4 times)
+    assert caplog.text.count("torn last batch") == 1, caplog.text
 
 
 def test_damaged_lines_and_segments_are_skipped_not_a_traceback(
