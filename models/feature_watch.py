@@ -67,6 +67,10 @@ up to about a hundred rows (16 rows: 13 us a row; 64: 6.7-11.8 on a slow day; 12
 ``JUDGE_WAIT_S``)."""
 JUDGE_WAIT_S = 0.25
 """...or once the oldest kept row waited this long (an idle read judges whatever is kept)."""
+GROSS = ("feature_range", "feature_stuck")
+"""Alert kinds whose clear starts the feature's windows afresh (``FeatureDetectors._apply``)."""
+WINDOWED = ("feature_shift", "feature_drift")
+"""Alert kinds judged on those windows."""
 
 
 @dataclass
@@ -89,7 +93,8 @@ class _Deployment:
     """Rows were judged since the last claim (else the claim is only kept fresh)."""
     held: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Alerts this source claimed before this process started (``adopt``), held until the
-    fresh detectors have judged enough rows to say for themselves."""
+    fresh detectors have judged enough rows to say for themselves (range alerts are not held:
+    the detectors took them)."""
 
 
 class FeatureWatch:
@@ -107,7 +112,8 @@ class FeatureWatch:
         self.stale_ms = stale_s * 1000
         self.hold_rows = self.settings.drift_window
         """Rows after which an adopted alert the detectors did not raise again is released:
-        their longest window's (every detector has judged a full window by then)."""
+        their longest window's (every detector has judged a full window by then). Not a range
+        alert: the detectors take those as their own (``adopt``)."""
         self._deps: dict[str, _Deployment] = {}
 
     # -- what is watched ----------------------------------------------------------------------
@@ -135,10 +141,14 @@ class FeatureWatch:
 
     def adopt(self, deployment: str, claim: bytes | str | None) -> None:
         """What this source claimed before this process started (a restarted bin keeps its
-        consumer name): its alerts are held until the fresh detectors have judged
-        ``hold_rows`` rows, or cleared one themselves. A restart then says nothing to the
-        webhooks: the detectors start empty, and their first claim released every alert
-        (a "resolved" for a feed still broken, and a "firing" again rows later)."""
+        consumer name). Its ``feature_range`` alerts are taken into the fresh detectors as
+        their own (``FeatureDetectors.inherit``): each clears once they judge the feed back in
+        range (about 175 rows) and stands while it is not. The others are held until the
+        detectors have judged ``hold_rows`` rows, or cleared one themselves (a feature's window
+        alerts also go when its gross alert clears: its windows start afresh, as with the
+        detectors' own). A restart then says nothing to the webhooks: the detectors start
+        empty, and their first claim released every alert (a "resolved" for a feed still
+        broken, and a "firing" again rows later)."""
         dep = self._deps.get(deployment)
         if dep is None or dep.detectors is None or not claim:
             return
@@ -146,7 +156,12 @@ class FeatureWatch:
             alerts = json.loads(claim).get("alerts") or {}
         except (ValueError, AttributeError):
             return
-        dep.held = {k: v for k, v in alerts.items() if isinstance(v, dict)}
+        held = {k: v for k, v in alerts.items() if isinstance(v, dict)}
+        taken = dep.detectors.inherit(held)
+        dep.held = {k: v for k, v in held.items() if k not in taken}
+        if taken:
+            log.info("feature watch: %s: %d range alerts of the last run judged afresh: %s",
+                     deployment, len(taken), ", ".join(sorted(taken)))  # fmt: skip
         if dep.held:
             log.info("feature watch: %s: holding %d alerts of the last run until %d rows are "
                      "judged: %s", deployment, len(dep.held), self.hold_rows,
@@ -219,6 +234,12 @@ class FeatureWatch:
         dep.figures.update(released)
         for alert_id in released:  # the fresh detectors' own evidence
             dep.held.pop(alert_id, None)
+        # A gross alert cleared: the feature's windows started afresh, and a held window
+        # alert of it goes with them, as the detectors' own do (it was about rows before).
+        gone = {a.get("feature") for a in cleared if a.get("kind") in GROSS}
+        ties = [f"{w}/{f}" for f in gone for w in WINDOWED if f"{w}/{f}" in dep.held]
+        if ties and dep.detectors is not None:
+            dep.figures.update(dep.detectors.figures_now({k: dep.held.pop(k) for k in ties}))
         if raised or cleared:
             dep.changed = True
 

@@ -239,6 +239,30 @@ class FeatureDetectors:
                     self._window_events(events, f)
         return raised, cleared
 
+    def inherit(self, alerts: Mapping[str, Mapping[str, Any]]) -> list[str]:
+        """Take standing ``feature_range`` alerts of an earlier run of this source (a restarted
+        log bin's claim) as this detector's own; returns the ids taken. Both of the feature's
+        CUSUMs stand in alarm with their reverse walks at zero, so the alert clears on this
+        detector's evidence that the feed is back in range (about 175 rows, as its own alerts
+        clear) and stands while it is not: no raise meanwhile, since an alarm stands. Held for
+        a fixed 1,600 rows instead, a fixed feed kept a restarted bin's page alert ~1,600
+        requests. Other kinds are left: their tests' state (a stuck value, a window's rows) is
+        not in the claim."""
+        taken = []
+        width = self.profile.width
+        for alert_id, alert in alerts.items():
+            kind, _, name = alert_id.partition("/")
+            if kind != "feature_range" or name not in self.profile.names or alert_id in self.active:
+                continue
+            f = self.profile.names.index(name)
+            columns = np.array([f, f + width])
+            self._range.alarm[columns] = True
+            self._range.back[columns] = 0.0
+            self._held[kind][f] = True
+            self.active[alert_id] = {**alert, "kind": kind, "feature": name}
+            taken.append(alert_id)
+        return taken
+
     def end_episode(self, events: dict[str, tuple[str, int]] | None = None) -> list[dict[str, Any]]:
         """The prediction prior's alert is over: the long windows that alerted during it hold
         rows of that episode (a class-prior shift moves many features a little), so they start

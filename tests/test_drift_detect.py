@@ -711,3 +711,35 @@ def test_describe_says_how_values_moved(profile: FeatureProfile) -> None:
 
 def test_settings_are_a_plain_value() -> None:
     assert replace(DetectorSettings(), check_rows=32).windows == (100, 400, 1600)
+
+
+def test_an_inherited_range_alert_clears_on_evidence_and_stands_while_broken(
+    profile: FeatureProfile,
+) -> None:
+    """A restarted log bin's range alert, taken into its fresh detectors (``inherit``): it
+    clears once they judge the feed back in range (as their own alerts do, about 175 rows),
+    with figures of the rows they read, not after a fixed 1,600 rows; it stands without a
+    raise or clear while a quarter of the rows stays out of range. Only range alerts of known
+    features are taken (the others' tests keep a state the claim has not)."""
+    old = {"kind": "feature_range", "feature": NAMES[1], "value": 1.0, "threshold": 0.03}
+    claim = {f"feature_range/{NAMES[1]}": old, "feature_stuck/f2": {"kind": "feature_stuck"},
+             "feature_range/gone": {"kind": "feature_range"}}  # fmt: skip
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        det = FeatureDetectors(profile)
+        assert det.inherit(claim) == [f"feature_range/{NAMES[1]}"]
+        assert set(det.active) == {f"feature_range/{NAMES[1]}"}
+        raised, cleared = feed(det, draw(rng, 1600))
+        assert raised == [] and len(cleared) == 1, (raised, cleared)
+        at, alert = cleared[0]
+        assert 100 < at <= 400, at
+        assert alert["value"] < 0.03 and alert["rows"] == 50, alert
+
+        det = FeatureDetectors(profile)
+        det.inherit(claim)
+        x = draw(rng, 3200)
+        past = rng.random(len(x)) < 0.25
+        x[past, 1] = profile.hi[1] + 0.1 * (profile.hi[1] - profile.lo[1])  # out, but not far
+        raised, cleared = feed(det, x)
+        assert not [a for _, a in raised + cleared if a["kind"] == "feature_range"], seed
+        assert f"feature_range/{NAMES[1]}" in det.active

@@ -348,48 +348,113 @@ def test_a_busy_bin_steps_the_detectors_per_enough_rows_or_time(
     assert seen_after(200.0, due_only=False) == JUDGE_ROWS + 6  # an idle read: all of it
 
 
-async def test_a_restarted_log_bin_holds_its_alerts_until_its_detectors_judged_enough(
+def _events(r: redis.Redis, kind: str | None = None) -> list[dict[str, Any]]:
+    stream = names.drift_events_stream(DEMO_DEPLOYMENT)
+    every = [json.loads(fields[b"e"]) for _id, fields in r.xrange(stream)]
+    return [e for e in every if kind is None or e["type"] == kind]
+
+
+def _broken_then_restarted(
+    r: redis.Redis, data_dir: Path, rng: np.random.Generator
+) -> tuple[LogBin, dict[str, dict[str, Any]]]:
+    """A first run of bin ``lb-0`` raises a unit change of mean radius (range, shift) and mean
+    texture stuck at one value inside its range (stuck), and stops; the restarted bin (same
+    consumer name), its claim adopted, and the alerts raised by the first run."""
+    version = DeploymentStore(r).get(DEMO_DEPLOYMENT).feature_spec.version
+    x = demo_data().x_test
+    first = LogBin(r, SegmentWriter(data_dir), consumer="lb-0", deployments=[DEMO_DEPLOYMENT],
+                   batch_size=64)  # fmt: skip
+    publish(r, x[rng.integers(0, len(x), 200)], version)
+    broken = x[rng.integers(0, len(x), 80)].copy()
+    broken[:, 0] *= 10  # mean radius in other units
+    broken[:, 1] = np.median(x[:, 1])  # mean texture stuck
+    publish(r, broken, version)
+    first.drain()
+    first.close()
+    raised = {e["id"]: e for e in _events(r, "raised")}
+    assert {"feature_range/mean radius", "feature_stuck/mean texture"} <= set(raised), raised
+    second = LogBin(r, SegmentWriter(data_dir), consumer="lb-0", deployments=[DEMO_DEPLOYMENT],
+                    batch_size=64)  # fmt: skip
+    second.drain()  # nothing new: it claims at once, holding the last run's alerts
+    return second, raised
+
+
+async def test_a_restarted_log_bins_range_alert_clears_on_its_detectors_evidence(
     r: redis.Redis, aclient: aioredis.Redis, demo_data_dir: Path, data_dir: Path
 ) -> None:
     """A restarted bin keeps its consumer name, so its first claim replaced the last run's:
     its fresh detectors held nothing yet, and a feed still broken got a "resolved" at the
-    restart and a "firing" again rows later (found by hand). It now holds what it claimed
-    until its detectors have judged a full long window (or released the alert themselves)."""
+    restart and a "firing" again rows later (found by hand). It then held what it claimed
+    until its detectors had judged a full long window, 1,600 rows: a page alert about a feed
+    fixed meanwhile stood ~1,600 requests. Its range alerts are now its detectors' own, which
+    clear on their evidence that the feed is back in range (176-240 rows on seeds 0-2), with
+    the window alerts of the feature, whose windows start afresh (as with their own alerts);
+    a stuck alert, whose test's state the claim does not keep, is still held until then. The
+    clears read the healthy feed, not the last run's raise."""
     version = DeploymentStore(r).get(DEMO_DEPLOYMENT).feature_spec.version
     x = demo_data().x_test
     rng = np.random.default_rng(3)
-    writer = SegmentWriter(data_dir)
-    first = LogBin(r, writer, consumer="lb-0", deployments=[DEMO_DEPLOYMENT], batch_size=64)
-    broken = x[rng.integers(0, len(x), 80)].copy()
-    broken[:, 0] *= 10
-    publish(r, broken, version)
-    first.drain()
-    first.close()
-    raised = {a["id"] for a in (await drift_store.read(aclient, DEMO_DEPLOYMENT))["alerts"]}
-    assert "feature_range/mean radius" in raised
+    second, raised = _broken_then_restarted(r, data_dir, rng)
+    assert second.watch is not None
 
-    def events(kind: str) -> list[dict[str, Any]]:
-        stream = names.drift_events_stream(DEMO_DEPLOYMENT)
-        every = [json.loads(fields[b"e"]) for _id, fields in r.xrange(stream)]
-        return [e for e in every if e["type"] == kind]
+    def active() -> set[str]:
+        return {k.decode() for k in r.hkeys(names.drift_alerts_key(DEMO_DEPLOYMENT))}
 
-    writer = SegmentWriter(data_dir)
-    second = LogBin(r, writer, consumer="lb-0", deployments=[DEMO_DEPLOYMENT], batch_size=64)
     try:
-        assert second.watch is not None
-        second.drain()  # nothing new: it claims at once, holding the last run's alerts
-        publish(r, x[rng.integers(0, len(x), 200)], version)  # healthy, but too few rows
-        second.drain()
-        now = {a["id"] for a in (await drift_store.read(aclient, DEMO_DEPLOYMENT))["alerts"]}
-        assert now == raised and events("cleared") == []
-        publish(r, x[rng.integers(0, len(x), second.watch.hold_rows)], version)
-        second.drain()
-        assert (await drift_store.read(aclient, DEMO_DEPLOYMENT))["alerts"] == []
-        assert {e["id"] for e in events("cleared")} == raised
-        # at what the fresh detectors read now, not the last run's raise ("1 (threshold
-        # 0.03)" for a range no longer broken: a helper's live check)
-        [range_clear] = [e for e in events("cleared") if e["id"] == "feature_range/mean radius"]
+        assert active() == set(raised) and _events(r, "cleared") == []
+        fed, cleared_at = 0, None
+        while cleared_at is None and fed < second.watch.hold_rows:
+            publish(r, x[rng.integers(0, len(x), 16)], version)
+            second.drain()
+            fed += 16
+            if "feature_range/mean radius" not in active():
+                cleared_at = fed
+        # on the detectors' evidence (about 175 rows in range), not 1,600 rows
+        assert cleared_at is not None and 100 < cleared_at <= 400, cleared_at
+        cleared = {e["id"]: e for e in _events(r, "cleared")}
+        # the feature's window alerts went with it; the stuck one is still held
+        assert set(cleared) == {a for a in raised if a.endswith("/mean radius")}, cleared
+        assert "feature_stuck/mean texture" in active()
+        # the clear reads the healthy feed (out of range in under 3 % of its latest rows), by
+        # the restarted bin, not the last run's raise (every row out of range)
+        range_clear = cleared["feature_range/mean radius"]
+        assert raised["feature_range/mean radius"]["value"] == 1.0
         assert range_clear["value"] is not None and range_clear["value"] < 0.03, range_clear
+        assert range_clear["by"] == "logbin:lb-0"
+
+        publish(r, x[rng.integers(0, len(x), second.watch.hold_rows - fed)], version)
+        second.drain()
+        assert active() == set()
+        stuck_clear = [e for e in _events(r, "cleared") if e["id"] == "feature_stuck/mean texture"]
+        # at what the fresh detectors read now, not the last run's raise ("1 (threshold 0.5)"
+        # for a feature no longer stuck: a helper's live check)
+        assert stuck_clear and stuck_clear[0]["value"] < 0.5, stuck_clear
+    finally:
+        second.close()
+
+
+async def test_a_restarted_log_bins_range_alert_stands_while_the_feed_stays_broken(
+    r: redis.Redis, aclient: aioredis.Redis, demo_data_dir: Path, data_dir: Path
+) -> None:
+    """The range alert the restarted bin's detectors took stands while the feed is still out
+    of range, a quarter of its rows broken (3,200 rows, twice the old hold): no "resolved"
+    and no "firing" again for it (nor a "resolved" of its window alerts)."""
+    version = DeploymentStore(r).get(DEMO_DEPLOYMENT).feature_spec.version
+    x = demo_data().x_test
+    rng = np.random.default_rng(5)
+    second, _raised = _broken_then_restarted(r, data_dir, rng)
+    alerts = names.drift_alerts_key(DEMO_DEPLOYMENT)
+    before = len(_events(r))
+    try:
+        for _ in range(3200 // 64):
+            rows = x[rng.integers(0, len(x), 64)].copy()
+            rows[rng.random(64) < 0.25, 0] *= 10
+            publish(r, rows, version)
+            second.drain()
+            assert r.hexists(alerts, "feature_range/mean radius")
+        after = [(e["type"], e["id"]) for e in _events(r)[before:]]
+        assert ("raised", "feature_range/mean radius") not in after, after
+        assert not [e for e in after if e[0] == "cleared" and e[1].endswith("/mean radius")]
     finally:
         second.close()
 
