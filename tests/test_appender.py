@@ -1,18 +1,21 @@
 """The gateway's XADD coalescing (rendezvous.bus.appender) against a real Redis server."""
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import redis
 import redis.asyncio as aioredis
 
-from rendezvous.bus.appender import AlreadyTaken, Fate, NotReplicated, StreamAppender
+from rendezvous.bus.appender import AlreadyTaken, Fate, NotReplicated, StreamAppender, drops_log
 from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import connect_async
 from rendezvous.bus.local_cluster import LocalCluster
 from rendezvous.bus.server import EmbeddedRedis, free_port
+from rendezvous.retry_log import OncePerSpell
 
 
 def _router(url: str) -> Router:
@@ -186,10 +189,14 @@ async def _until(check: Callable[[], bool], timeout_s: float, what: str) -> None
 
 
 async def test_an_append_nobody_waits_for_is_tried_again_while_redis_is_away(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Decision records (no ``on_error``) appended while Redis restarts are held and written
-    once it is back, in order; past ``retry_s`` they are dropped and counted."""
+    once it is back, in order; past ``retry_s`` they are dropped and counted, and said once a
+    spell (a stall said each expiring batch, every ~2 s)."""
+    drops_filter = next(f for f in drops_log.filters if isinstance(f, OncePerSpell))
+    drops_filter.reset()
+    caplog.set_level(logging.WARNING, logger=drops_log.name)
     server = EmbeddedRedis(tmp_path / "redis").start()
     direct = redis.Redis.from_url(server.url)
     router = _router(server.url)
@@ -201,6 +208,11 @@ async def test_an_append_nobody_waits_for_is_tried_again_while_redis_is_away(
             patient.append_nowait(stream, {b"i": b"%d" % i}, urgent=False)
         hasty.append_nowait(stream, {b"i": b"hasty"})
         await _until(lambda: patient.held == 3 and hasty.dropped == 1, 10, "both failed")
+        for i in range(5):  # more drops in the spell: counted, not each a line
+            hasty.append_nowait(stream, {b"i": b"hasty%d" % i})
+            await _until(lambda n=i: hasty.dropped == n + 2, 10, "dropped")
+        lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+        assert len(lines) == 1 and "(1 so far)" in lines[0], lines
         await asyncio.sleep(0.6)  # tried again meanwhile, in vain: still held
         assert patient.held == 3 and patient.round_trips >= 3
         server.start()

@@ -26,8 +26,14 @@ from rendezvous.bus.async_router import Router
 from rendezvous.bus.clock import entry_order
 from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.bus.routing import Command
+from rendezvous.retry_log import OncePerSpell
 
 log = logging.getLogger(__name__)
+drops_log = logging.getLogger(f"{__name__}.drops")
+"""Dropped appends, said at most once every ``REPEAT_S`` a template (with how many lines were
+held back, and the appender's running count): in a stall each expiring batch, every ~2 s, was
+a line of its own."""
+drops_log.addFilter(OncePerSpell())
 
 
 RETRY_S = 30.0
@@ -223,7 +229,8 @@ class StreamAppender:
                     log.exception("append error handler failed")
             for stream, n in dropped.items():  # one line a stream, not one an append
                 self.dropped += n
-                log.warning("dropped %d append(s) to %s: %s", n, stream.decode(), why[stream])
+                drops_log.warning("dropped %d append(s) to %s (%d so far): %s", n,
+                                  stream.decode(), self.dropped, why[stream])  # fmt: skip
 
     def _retry_later(self, item: PendingAppend) -> bool:
         """Hold a failed fire-and-forget append for another try, unless its time is up or
