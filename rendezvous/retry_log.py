@@ -40,6 +40,17 @@ class RetryLog:
         self._tries = 0
         self._said: set[str] = set()
         self._say_again_at = 0.0
+        self._recovered_at = -math.inf
+        """When "working again" was last said."""
+        self._flapping = False
+        """This spell is the failure said before, back within ``repeat_s`` of the line that
+        said it ended (writes refused on and off at a memory limit): not said as a pair of
+        lines a flip, but counted, and said at most every ``repeat_s``."""
+        self._flaps = 0
+        """Such spells since "working again" was last said."""
+        self._recovery_unsaid = False
+        """A flapping spell ended and nothing said so yet: said by the next ``succeeded``
+        past ``repeat_s``, so the log's last word on the loop is true."""
 
     @property
     def failing(self) -> bool:
@@ -53,15 +64,24 @@ class RetryLog:
         exc_info: BaseException | None = None,
     ) -> None:
         now = self._clock()
-        if self._since is None:
-            self._since, self._tries, self._said = now, 0, set()
-        self._tries += 1
         text = str(why)
+        if self._since is None:
+            recent = self._recovery_unsaid or now - self._recovered_at < self._repeat_s
+            self._flapping = recent and text in self._said
+            self._since, self._tries, self._recovery_unsaid = now, 0, False
+            if self._flapping:
+                self._flaps += 1
+            else:
+                self._said, self._flaps = set(), 0
+        self._tries += 1
         then = "" if retry_in_s is None else f"; retrying in {retry_in_s:.2f}s"
         if text not in self._said and len(self._said) < KINDS_SAID:
             self._said.add(text)
         elif now < self._say_again_at:
             return
+        elif self._flapping:
+            since = now - self._recovered_at
+            text = f"failing again ({self._flaps} times in {since:.0f}s): {text}"
         else:
             lasted = now - self._since
             text = f"still failing after {lasted:.0f}s ({self._tries} tries): {text}"
@@ -70,11 +90,25 @@ class RetryLog:
 
     def succeeded(self) -> None:
         if self._since is None:
+            now = self._clock()
+            if self._recovery_unsaid and now >= self._say_again_at:
+                since = now - self._recovered_at
+                self._said_working(f"(it failed and recovered {self._flaps} times in {since:.0f}s)")
             return
-        lasted = self._clock() - self._since
+        now = self._clock()
+        lasted, self._since = now - self._since, None
+        if self._flapping and now < self._say_again_at:
+            self._recovery_unsaid = True
+            return
         tries = "1 failed try" if self._tries == 1 else f"{self._tries} failed tries"
-        self._log.info("%s: working again after %.1fs (%s)", self._what, lasted, tries)
-        self._since = None
+        flaps = f"; it failed and recovered {self._flaps} times" if self._flaps else ""
+        self._said_working(f"after {lasted:.1f}s ({tries}{flaps})")
+
+    def _said_working(self, how: str) -> None:
+        now = self._clock()
+        self._log.info("%s: working again %s", self._what, how)
+        self._recovered_at, self._say_again_at = now, now + self._repeat_s
+        self._flaps, self._recovery_unsaid = 0, False
 
 
 class OncePerSpell(logging.Filter):

@@ -59,6 +59,45 @@ def test_a_failure_at_every_try_is_said_at_its_start_every_repeat_and_its_end(
     assert said(caplog) == ["reader: timeout", "reader: working again after 2.0s (1 failed try)"]
 
 
+def test_a_failure_that_comes_and_goes_is_counted_not_said_as_a_pair_a_flip(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Workers at a partial memory limit (some writes refused, some not) said "failing" and
+    "working again" at every flip. The same failure back within ``repeat_s`` of its end is
+    counted; the log says it at most every ``repeat_s``, and its last word is the truth."""
+    retry, clock = watched(caplog, "worker")
+    oom = "Redis refuses: OOM command not allowed"
+    retry.failed(oom)
+    clock.now += 1
+    retry.succeeded()
+    assert said(caplog) == [f"worker: {oom}", "worker: working again after 1.0s (1 failed try)"]
+    for _ in range(10):  # a flip every 2 s for 20 s: nothing said
+        clock.now += 1
+        retry.failed(oom)
+        clock.now += 1
+        retry.succeeded()
+    assert said(caplog) == [] and not retry.failing
+    clock.now += 11  # 31 s after the last line: the next working try says so
+    retry.succeeded()
+    assert said(caplog) == ["worker: working again (it failed and recovered 10 times in 31s)"]
+    clock.now += 5  # flapping again, and failing at the repeat: said so, then its end
+    retry.failed(oom)
+    clock.now += 1
+    retry.succeeded()
+    clock.now += 25
+    retry.failed(oom)
+    assert said(caplog) == [f"worker: failing again (2 times in 31s): {oom}"] and retry.failing
+    clock.now += 1
+    retry.succeeded()
+    assert said(caplog) == []
+    clock.now += 30
+    retry.succeeded()
+    assert said(caplog) == ["worker: working again (it failed and recovered 2 times in 62s)"]
+    clock.now += 40  # long after: a failure is a new spell, said at once
+    retry.failed(oom)
+    assert said(caplog) == [f"worker: {oom}"]
+
+
 def test_another_kind_of_failure_is_said_at_once_and_a_flood_of_kinds_is_bounded(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
