@@ -123,6 +123,13 @@ class LogBin(ConsumerLoop):
         self.refresh_s = refresh_s
         """How often a callable ``deployments`` is asked again."""
         self._say_failing_at = 0.0
+        self._said_failing = ""
+        """The failure last logged: said again when another, or a minute on."""
+        self._failing_redis = False
+        """``stats.failing`` is Redis refusing writes: cleared by the next write that Redis
+        takes (the counters), not only by an archived batch. An idle bin published "Redis
+        refuses writes" for as long as no request came, after Redis took writes again, and
+        ``/readyz`` said the archive failing (a helper's probe)."""
         self.owner_token = owner_token  # its hold on the name (models.name_owner), or None
         self.name_lost: NameLost | None = None
         """Set when another log bin took the name meanwhile: this one stops (``failed``)."""
@@ -183,11 +190,14 @@ class LogBin(ConsumerLoop):
             self.retry_log.failed(f"redis unavailable ({exc})", retry_in_s)
         elif refused := refused_for_a_while(exc):
             self._say_once_a_minute(f"Redis refuses writes: {refused}")
+            self._failing_redis = True
         elif isinstance(exc, OSError):
             self._say_once_a_minute(f"archive write failed: {exc}")
+            self._failing_redis = False
         else:
             log.error("logbin: unexpected error; retry in %.2fs", retry_in_s, exc_info=exc)
             self.stats.failing = f"{type(exc).__name__}: {exc}"[:500]
+            self._failing_redis = False
         self.stats.errors += 1
         if self.stats.failing:  # say so now: no ack round trip carries the counters meanwhile
             with contextlib.suppress(redis.RedisError):
@@ -198,10 +208,10 @@ class LogBin(ConsumerLoop):
         """Log a failure that lasts once a minute, not at every try (four a second), and
         publish it (``/readyz``, the metrics)."""
         failing = failing[:500]
-        if failing != self.stats.failing or time.monotonic() >= self._say_failing_at:
+        if failing != self._said_failing or time.monotonic() >= self._say_failing_at:
             self._say_failing_at = time.monotonic() + 60.0
             log.error("logbin: %s; retrying up to every %.2fs", failing, BACKOFF_MAX_S)
-        self.stats.failing = failing
+        self.stats.failing = self._said_failing = failing
 
     def close(self) -> None:
         """Close the writer and remove our published counters (so they leave ``/metrics`` at
@@ -302,7 +312,8 @@ class LogBin(ConsumerLoop):
                 if len(whole) == len(records):
                     if self.stats.failing:  # the log tells the end of a failure, not only its start
                         log.warning("logbin: archiving again (it failed: %s)", self.stats.failing)
-                    self.stats.failing = ""
+                    self.stats.failing = self._said_failing = ""
+                    self._failing_redis = False
                 self.stats.records += sum(written.values())
                 self.stats.undecodable += sum(undecodable[s] for s in whole)
                 self.stats.batches += 1
@@ -393,3 +404,6 @@ class LogBin(ConsumerLoop):
             log.warning("logbin: cannot publish its counters now: %s", reply)
         elif isinstance(reply, Exception):
             raise reply
+        elif self._failing_redis:  # a write Redis took: the next counters say it no longer fails
+            self.stats.failing = ""
+            self._failing_redis = False

@@ -89,9 +89,8 @@ class RetryLog:
         self._log.log(level, "%s: %s%s", self._what, text, then, exc_info=exc_info)
 
     def succeeded(self) -> None:
-        if self._since is None:
-            now = self._clock()
-            if self._recovery_unsaid and now >= self._say_again_at:
+        if self._since is None:  # cheap when nothing failed: a predict's admission calls it
+            if self._recovery_unsaid and (now := self._clock()) >= self._say_again_at:
                 since = now - self._recovered_at
                 self._said_working(f"(it failed and recovered {self._flaps} times in {since:.0f}s)")
             return

@@ -71,6 +71,7 @@ class Predicts:
         self.failures: list[Exception] = []
         """Raised by the next calls, one each, before any answer."""
         self.realtime_first = RealtimeFirst()
+        self._backlog_logs: dict[str, Any] = {}
 
     def held_changed(self) -> None:
         pass
@@ -79,6 +80,8 @@ class Predicts:
         self.counted.append((deployment, outcome))
 
     check_room = PredictionService.check_room  # the real bounds, on this stand-in's figures
+    backlog_refusal = PredictionService.backlog_refusal
+    _backlogged = PredictionService._backlogged
 
     async def predict(
         self,

@@ -440,3 +440,33 @@ def test_a_disk_with_room_for_part_of_a_batch_takes_that_part(
     archived = [rec["request_id"] for rec in ArchiveReader(data_dir).records("demo")]
     assert archived == [e.request_id for e in sent.values()]
     writer.close()
+
+
+def test_redis_refusing_writes_is_no_longer_said_once_it_takes_them_with_nothing_to_archive(
+    r: redis.Redis, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An idle log bin that met Redis refusing writes (at its memory limit; its disk full)
+    published "failing: Redis refuses writes" for as long as no request came, after Redis took
+    writes again: ``/readyz`` said the archive failing at the memory limit 20 s after it passed
+    (a helper's probe). The next counters Redis takes clear it; a refusal that comes back
+    within the minute is not logged again."""
+    caplog.set_level(logging.INFO, logger="models.logbin")
+    writer = SegmentWriter(data_dir)
+    logbin = _logbin(r, writer, heartbeat_s=0.0)
+    logbin.step(block_ms=None)  # its group made, its counters published
+    r.config_set("maxmemory", 1)  # noeviction: the counters' HSET is refused
+    try:
+        with pytest.raises(redis.ResponseError) as refused:
+            logbin.step(block_ms=None)
+        assert logbin.failed(refused.value, 0.05)
+    finally:
+        r.config_set("maxmemory", 0)
+    logbin.step(block_ms=None)  # nothing to archive; its counters go through, still failing
+    published = json.loads(r.hget(names.LOGBIN_STATS, "logbin-1"))  # type: ignore[arg-type]
+    assert "memory limit" in published["failing"], published
+    logbin.step(block_ms=None)
+    published = json.loads(r.hget(names.LOGBIN_STATS, "logbin-1"))  # type: ignore[arg-type]
+    assert published["failing"] == "" and logbin.stats.failing == "", published
+    logbin.failed(refused.value, 0.05)  # refused again at once: said once a minute
+    assert caplog.text.count("Redis refuses writes") == 1, caplog.text
+    writer.close()

@@ -5,17 +5,23 @@ the archive's counters being away never makes the gateway unready."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import redis
 
+from gateway.dataplane.matcher import Rendezvous
 from gateway.transport.readiness import archive_status, readiness
 from rendezvous import names
+from rendezvous.bus.appender import StreamAppender
+from rendezvous.bus.async_router import Router
 from rendezvous.bus.connection import connect_async
 from rendezvous.bus.local_cluster import LocalCluster
+from rendezvous.bus.server import EmbeddedRedis
 
 
 def _live(r: redis.Redis | redis.RedisCluster, deployment: str, *roles: str) -> None:
@@ -114,3 +120,80 @@ async def test_on_a_cluster_a_master_that_does_not_answer_holds_up_only_what_it_
     finally:
         await client.aclose()
         redis_cluster.wait_healthy(30.0)
+
+
+async def test_workers_whose_heartbeats_redis_refuses_are_said_as_such(
+    r: redis.Redis, redis_url: str
+) -> None:
+    """At its memory limit (noeviction) or unable to persist (MISCONF), Redis refuses the
+    workers' heartbeats: ``/readyz`` said only "no live worker" (``live_workers: {}``) and the
+    archive ``ok`` from counters the log bins could no longer renew (a helper's probe), so an
+    operator looked for dead workers. A deployment with no live real worker is asked one write
+    that changes nothing (``ZADD XX`` of no member) on its own node: refused, it names why."""
+    r.zadd(names.workers_key("a"), {"real|real-1": time.time() - 60})  # last heard 60 s ago
+    r.hset(names.LOGBIN_STATS, "lb-1", json.dumps({"ts": time.time(), "failing": ""}))
+    client = await connect_async(redis_url, timeout_s=2.0)
+    r.config_set("maxmemory", 1)  # noeviction: every write that may grow memory refused
+    try:
+        started = time.monotonic()
+        status, doc, _ = await readiness(client, ["a"], 5.0, None)
+        assert time.monotonic() - started < 0.8
+        assert status == 503 and doc["ready"] is False, doc
+        dep = doc["deployments"]["a"]
+        assert dep["live_workers"] == {} and dep["ready"] is False, doc
+        assert "memory limit" in dep["error"] and "heartbeats" in dep["error"], doc
+        assert doc["archive"]["status"] == "unknown", doc
+        assert "memory limit" in doc["archive"]["reason"], doc
+    finally:
+        r.config_set("maxmemory", 0)
+    try:
+        # Writes taken again, the workers still silent: no live worker, and no reason made up.
+        status, doc, _ = await readiness(client, ["a"], 5.0, None)
+        assert status == 503 and doc["deployments"]["a"] == {"live_workers": {}, "ready": False}
+        assert doc["archive"] == {"status": "ok"}
+        assert r.zrange(names.workers_key("a"), 0, -1) == [b"real|real-1"], "the probe wrote"
+    finally:
+        await client.aclose()
+
+
+async def test_a_redis_that_cannot_persist_is_named_by_readiness(tmp_path: Path) -> None:
+    """MISCONF (its disk is full: a snapshot failed with stop-writes-on-bgsave-error) refuses
+    every write, the reply reader's ``XREADGROUP`` included: the deployment and the reply
+    stream say that Redis cannot write to its disk, not a raw ``ResponseError``."""
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    sync = redis.Redis.from_url(server.url)
+    client = await connect_async(server.url, timeout_s=2.0)
+    try:
+        sync.zadd(names.workers_key("a"), {"real|real-1": time.time() - 60})
+        gone = tmp_path / "gone"
+        gone.mkdir()
+        sync.config_set("save", "3600 1")
+        sync.config_set("dir", str(gone))
+        gone.rmdir()
+        sync.bgsave()
+        deadline = time.monotonic() + 10
+        while sync.info("persistence")["rdb_last_bgsave_status"] != "err":
+            assert time.monotonic() < deadline, "the snapshot never failed"
+            await asyncio.sleep(0.02)
+        status, doc, _ = await readiness(client, ["a"], 5.0, None)
+        assert status == 503, doc
+        assert "cannot write its data to disk" in doc["deployments"]["a"]["error"], doc
+        reader = Rendezvous(client, Router(client, timeout_s=2.0), names.reply_stream("t-m"),
+                            StreamAppender(Router(client, timeout_s=2.0)))  # fmt: skip
+        await reader.start()
+        try:
+            for _ in range(150):  # its first read meets the refusal
+                if reader.read_failure is not None:
+                    break
+                await asyncio.sleep(0.02)
+            status, doc, _ = await readiness(client, ["a"], 5.0, reader.read_failure)
+        finally:
+            await reader.stop()
+        assert "cannot write its data to disk" in doc["replies"], doc
+        assert "ResponseError" not in doc["replies"], doc
+    finally:
+        sync.config_set("dir", str(tmp_path / "redis"))  # else its shutdown's save fails
+        sync.bgsave()
+        await client.aclose()
+        sync.close()
+        server.stop()

@@ -7,9 +7,11 @@ import asyncio
 import logging
 from typing import Any
 
+from gateway.dataplane.backlog import Behind, slowest_reader
 from gateway.dataplane.failures import UnknownDeployment
 from models.deployments import Deployment, StateReader
 from rendezvous import names
+from rendezvous.bus import clock
 from rendezvous.bus.connection import AsyncClient, text
 from rendezvous.bus.failures import REDIS_FAILURES, said
 from rendezvous.bus.redis_needs import refused_for_good
@@ -22,8 +24,10 @@ class DeploymentCache:
     """Every deployment's state, refreshed from Redis in the background (one pipelined read
     a second), so the request path never asks Redis what a deployment looks like."""
 
-    def __init__(self, client: AsyncClient):
+    def __init__(self, client: AsyncClient, heartbeat_timeout_s: float = 5.0):
         self.client = client
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        """A worker heard from within this is live (as ``/readyz`` judges it)."""
         self._reader = StateReader("gateway")
         self.deployments: dict[str, Deployment] = {}
         self.backlog: dict[str, int] = {}
@@ -31,6 +35,11 @@ class DeploymentCache:
         consumer group, so this is the backlog of the slowest reader."""
         self.backlog_bytes: dict[str, int] = {}
         """The same backlog in bytes of Redis memory (``MEMORY USAGE``, sampled)."""
+        self.watch_from = (2**62, 2**62)
+        """(entries, bytes): a deployment whose backlog reached either at the last refresh has
+        its slowest reader read too (``behind``); the service sets half its bounds."""
+        self.behind: dict[str, Behind] = {}
+        """Deployment -> the reader furthest behind in its input, for those watched."""
         self.refreshes = 0
         self._lost_said = False
         self.measures_memory = True
@@ -103,7 +112,10 @@ class DeploymentCache:
                     pipe.memory_usage(stream, samples=5)
                 else:
                     pipe.exists(stream)  # a place holder: counts as 0 bytes
-        replies = self._without_memory_refusals(await pipe.execute(raise_on_error=False))
+        answers, self.behind = await asyncio.gather(
+            pipe.execute(raise_on_error=False), self._who_is_behind(members, streams)
+        )
+        replies = self._without_memory_refusals(answers)
         revisions: dict[str, Any] = {}
         at = 0
         for name in members:
@@ -141,6 +153,39 @@ class DeploymentCache:
         for gone in set(self.backlog) - set(members):
             self.backlog.pop(gone, None)
             self.backlog_bytes.pop(gone, None)
+
+    async def _who_is_behind(
+        self, members: list[str], streams: dict[str, list[str]]
+    ) -> dict[str, Behind]:
+        """The reader furthest behind in each deployment whose backlog was past
+        ``watch_from`` at the last refresh: its partitions' groups, its live workers and the
+        log bins' counters, in a pipeline of their own beside the refresh's (the counters'
+        node away on a cluster fails only this: {}). Nothing is read while every backlog is
+        short."""
+        entries, size = self.watch_from
+        watched = [name for name in members if self.backlog.get(name, 0) >= entries
+                   or self.backlog_bytes.get(name, 0) >= size]  # fmt: skip
+        if not watched:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(names.LOGBIN_STATS)
+        for name in watched:
+            pipe.eval(*clock.live_members_args(names.workers_key(name), self.heartbeat_timeout_s))
+            for stream in streams[name]:
+                pipe.xinfo_groups(stream)
+        try:
+            answers = await pipe.execute(raise_on_error=False)
+        except REDIS_FAILURES as exc:
+            log.debug("who holds the backlog is not known now: %s", exc)
+            return {}
+        behind = {}
+        logbins, at = answers[0], 1
+        for name in watched:
+            live, partitions = answers[at], answers[at + 1 : at + 1 + len(streams[name])]
+            at += 1 + len(streams[name])
+            if (reader := slowest_reader(partitions, live, logbins)) is not None:
+                behind[name] = reader
+        return behind
 
     async def run(self, interval_s: float = 1.0) -> None:
         retry_log = RetryLog(log, "deployments refresh")

@@ -308,7 +308,7 @@ class Rendezvous:
             except Exception as exc:  # see the docstring
                 if self._stopping:
                     return
-                self.read_failure = f"{type(exc).__name__}: {exc}"
+                self.read_failure = refused_for_a_while(exc) or f"{type(exc).__name__}: {exc}"
                 if isinstance(exc, REDIS_FAILURES):
                     # Redis failed: what waits now may have lost its answer (a 503, not a 504)
                     self.read_failed_ms = time.time() * 1000

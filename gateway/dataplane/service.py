@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 from fastapi.exceptions import RequestValidationError
@@ -56,7 +57,10 @@ from rendezvous.envelope import SENT_FIELD, RequestEnvelope
 from rendezvous.input_types import FLOAT32
 from rendezvous.ood import OodReference
 from rendezvous.request_ids import new_request_id
+from rendezvous.retry_log import RetryLog
 from rendezvous.spec import FeatureSpec
+
+log = logging.getLogger(__name__)
 
 
 class RequestTally(Protocol):
@@ -125,6 +129,9 @@ class PredictionService:
         self.max_in_flight = max_in_flight
         self.max_backlog = max_backlog
         self.max_backlog_bytes = max_backlog_bytes
+        deployments.watch_from = (max_backlog // 2, max_backlog_bytes // 2)
+        self._backlog_logs: dict[str, RetryLog] = {}
+        """Deployment -> the log of its backlog bound's spells of refusals."""
         self.request_id_ttl_ms = request_id_ttl_s * 1000
         self.in_flight = 0
         self.reading = 0
@@ -289,17 +296,42 @@ class PredictionService:
         deployment's input holds too much unconsumed (503): predicts and job submissions."""
         if self.in_flight >= self.max_in_flight:
             raise Overloaded(f"this gateway already holds {self.in_flight} requests; retry later")
+        refused = self.backlog_refusal(deployment)
+        if refused is not None:
+            self._backlogged(deployment, *refused)
+        if self._backlog_logs and (spell := self._backlog_logs.get(deployment)) is not None:
+            spell.succeeded()  # "working again after 41.2s (3120 failed tries)"
+
+    def backlog_refusal(self, deployment: str) -> tuple[str, str] | None:
+        """(the bound, the 503's detail) when the deployment's input backlog, as the
+        deployments refresh last read it, is past a bound; else None. The detail names the
+        reader furthest behind when the refresh has read it (past half the bound)."""
         backlog = self.deployments.backlog.get(deployment, 0)
         if backlog >= self.max_backlog:
-            raise Backlogged(
+            bound = f"RDV_MAX_BACKLOG={self.max_backlog} entries"
+            detail = (
                 f"deployment {deployment} has {backlog} entries not yet consumed by every reader"
             )
-        backlog_bytes = self.deployments.backlog_bytes.get(deployment, 0)
-        if backlog_bytes >= self.max_backlog_bytes:
-            raise Backlogged(
-                f"deployment {deployment} has {backlog_bytes // 2**20} MB of entries not yet "
-                "consumed by every reader"
-            )
+        elif (size := self.deployments.backlog_bytes.get(deployment, 0)) >= self.max_backlog_bytes:
+            bound = f"RDV_MAX_BACKLOG_BYTES={self.max_backlog_bytes}"
+            detail = (f"deployment {deployment} has {size // 2**20} MB of entries not yet "
+                      "consumed by every reader")  # fmt: skip
+        else:
+            return None
+        behind = self.deployments.behind.get(deployment)
+        if behind is None:
+            return bound, detail
+        return f"{bound}; {behind.who}", f"{detail}; {behind.detail}"
+
+    def _backlogged(self, deployment: str, bound: str, detail: str) -> NoReturn:
+        """Refuse, and log the spell: when it starts or its reader changes, then every 30 s,
+        and its end (the first request taken again), not a line per refused request."""
+        spell = self._backlog_logs.get(deployment)
+        if spell is None:
+            what = f"deployment {deployment}: the input backlog refuses predicts and jobs (503)"
+            spell = self._backlog_logs[deployment] = RetryLog(log, what)
+        spell.failed(f"past {bound}")
+        raise Backlogged(detail)
 
     async def _publish_and_wait(
         self,

@@ -144,7 +144,7 @@ def create_app(
             )
             undo.push_async_callback(reader_client.aclose)
             reader = Router(reader_client, timeout_s=settings.redis_timeout_s + 1)
-            deployments = DeploymentCache(client)
+            deployments = DeploymentCache(client, settings.heartbeat_timeout_s)
             await deployments.refresh()
             await _check_redis(client, settings, len(deployments.deployments))
             appender = StreamAppender(
@@ -370,11 +370,18 @@ def create_app(
     async def readyz(request: Request) -> JSONResponse:
         """Ready when this process reads its replies and every deployment answers with a live
         real worker (``gateway.transport.readiness``)."""
+        service = request.app.state.service
+        deployments = request.app.state.deployments.deployments
         status, doc, headers = await readiness(
             request.app.state.redis,
-            request.app.state.deployments.deployments,
+            deployments,
             settings.heartbeat_timeout_s,
             request.app.state.rendezvous.read_failure,
+            backlogged={
+                d: refused[1]
+                for d in deployments
+                if (refused := service.backlog_refusal(d)) is not None
+            },
         )
         return JSONResponse(doc, status_code=status, headers=headers)
 
