@@ -28,10 +28,18 @@ BOM_FAULT = ("the body begins with a UTF-8 byte order mark (EF BB BF), which JSO
 own words, "expected value at line 1 column 1", did not say what was wrong."""
 
 
+EMPTY_FAULT = ("the body is empty: send the JSON this route takes (a request with neither "
+               "Content-Length nor Transfer-Encoding carries no body)")  # fmt: skip
+"""A request without either header has a body of length 0 (RFC 9112, 6.3), as one with
+``Content-Length: 0`` or an empty chunked body has: the same words for all three."""
+
+
 def encoding_fault(raw: bytes | str, what: str = "the body") -> tuple[str, str] | None:
-    """(kind, words) for a body that is no JSON text at all, whatever its parser said: a byte
-    order mark (``json_invalid``), or bytes that are not UTF-8 (``utf8``: a UTF-16 body, a
-    compressed one); None for UTF-8 without a mark."""
+    """(kind, words) for a body that is no JSON text at all, whatever its parser said: none
+    (``missing``: empty or blank), a byte order mark (``json_invalid``), or bytes that are not
+    UTF-8 (``utf8``: a UTF-16 body, a compressed one); None for UTF-8 without a mark."""
+    if not raw or raw.isspace():  # the parser said "EOF while parsing a value"
+        return "missing", EMPTY_FAULT if what == "the body" else f"{what} is empty: send JSON"
     if isinstance(raw, str) or raw.isascii():  # no copy of a large ASCII body
         return None
     if raw.startswith(codecs.BOM_UTF8):

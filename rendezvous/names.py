@@ -49,11 +49,30 @@ class InvalidName(ValueError):
 
 def check_name(name: str, what: str = "name") -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        shown = name if not isinstance(name, str) or len(name) <= 80 else name[:77] + "..."
         raise InvalidName(
-            f"invalid {what} {name!r}: use 1-63 characters of a-z, 0-9, '.', '_' or '-', "
-            "starting with a letter or digit"
+            f"invalid {what} {shown!r}{_name_fault(name)}: use 1-63 characters of a-z, 0-9, "
+            "'.', '_' or '-', starting with a letter or digit"
         )
     return name
+
+
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def _name_fault(name: object) -> str:
+    """What is wrong in a name ``check_name`` refuses, as a clause (the rule alone left the
+    caller to count 64 characters or find the capital letter)."""
+    if not isinstance(name, str):
+        return f" (not a string: {type(name).__name__})"
+    if not name:
+        return " (empty)"
+    if len(name) > 63:
+        return f" ({len(name)} characters)"
+    bad = next((i for i, c in enumerate(name) if c not in _NAME_CHARS), None)
+    if bad is not None:
+        return f" ({name[bad]!r} at {bad})"
+    return f" (it starts with {name[0]!r})"
 
 
 def check_role(role: str) -> str:

@@ -3,6 +3,7 @@ fuzzer holds the admin token): valid and invalid inputs, bounded examples, and n
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,3 +112,69 @@ def test_bodies_that_are_not_utf8_or_not_json_get_a_4xx(fuzz_system: System) -> 
 
     check()
     assert {route for route, _ in seen} == set(routes)
+
+
+PATH_VALUES = {
+    "job_id": "18c2f3a4b5d-0123456789abcdef0123",
+    "replay_id": "18c2f3a4b5d-0123456789ab",
+    "role": "challenger",
+    "name": "e1",
+    "version": "1",
+}
+
+
+def test_a_name_that_can_never_be_a_deployments_is_answered_alike_on_every_route(
+    fuzz_system: System,
+) -> None:
+    """Every route with a deployment in its path, from the schema: 422 naming what is wrong in
+    the name; the Open Inference Protocol's 404 (an unknown model, as its servers answer). It
+    was 404 on predict, jobs, feedback and eleven admin routes and 422 on the others; a route
+    that parsed its body first named the body's faults instead."""
+    paths = fuzz_system.http.get("/openapi.json", headers=AUTH).json()["paths"]
+    checked = []
+    for path, operations in paths.items():
+        if "{deployment}" not in path and "{model}" not in path:
+            continue
+        for method in operations:
+            for name, fault in [("BadName", "('B' at 0)"), ("a" * 64, "(64 characters)")]:
+                url = path.replace("{deployment}", name).replace("{model}", name)
+                url = re.sub(r"\{(\w+)\}", lambda m: PATH_VALUES[m[1]], url)
+                body = {} if method in ("post", "put", "patch") else None
+                resp = fuzz_system.http.request(method, url, headers=AUTH, json=body)
+                said = resp.json()
+                if path.startswith("/v2"):
+                    assert resp.status_code == 404 and fault in said["error"], (url, said)
+                else:
+                    assert resp.status_code == 422 and fault in said["detail"], (url, said)
+                    assert said["detail"].startswith("invalid deployment"), (url, said)
+            checked.append(f"{method} {path}")
+    assert len(checked) >= 35, checked
+    for method, path in [("get", "/admin/models/BadName"), ("get", "/admin/models/BadName/1")]:
+        resp = fuzz_system.http.request(method, path, headers=AUTH)
+        assert resp.status_code == 422 and "invalid model name" in resp.json()["detail"]
+    for path in ["/v1/deployments/nosuch/drift", "/admin/deployments/nosuch", "/v2/models/nosuch"]:
+        assert fuzz_system.http.get(path, headers=AUTH).status_code == 404  # a name, unknown
+
+
+def test_an_empty_body_is_said_to_be_empty(fuzz_system: System) -> None:
+    """A POST with neither Content-Length nor Transfer-Encoding has an empty body (RFC 9112,
+    6.3; no 411: a chunked body, which has no length, is served): the JSON parser's "EOF
+    while parsing a value" named no fault, and an admin route said "Field required"."""
+    import socket
+
+    for path, status in [("/v1/deployments/breast-cancer/predict", 422),
+                         ("/v1/deployments/breast-cancer/jobs", 422),
+                         ("/v1/deployments/breast-cancer/feedback", 400),
+                         ("/v2/models/breast-cancer/infer", 422),
+                         ("/admin/deployments/breast-cancer/promote", 422),
+                         ("/admin/deployments", 422)]:  # fmt: skip
+        with socket.create_connection(("127.0.0.1", fuzz_system.port), timeout=10) as sock:
+            head = (f"POST {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\n"
+                    "Content-Type: application/json\r\nConnection: close\r\n\r\n")  # fmt: skip
+            sock.sendall(head.encode())
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        status_line, _, content = answer.partition(b"\r\n\r\n")
+        assert status_line.startswith(f"HTTP/1.1 {status} ".encode()), (path, answer)
+        assert b'"the body is empty: send the JSON this route takes' in content, (path, content)

@@ -310,18 +310,37 @@ def test_bytes_that_begin_no_request_do_not_keep_a_connection_open() -> None:
     assert again_t.closed and again_t.out == b""
 
 
-def test_an_upgrade_other_than_websocket_leaves_the_connection_guarded() -> None:
-    """uvicorn refuses an h2c upgrade and goes on serving plain HTTP on the connection: the
-    guard stood down, and one connection could then send 100 MB header fields (found by
-    hand). A websocket upgrade is uvicorn's to hand over."""
-    g, transport = guard()
+def test_an_upgrade_leaves_the_connection_guarded_websocket_or_not() -> None:
+    """uvicorn ignores an upgrade (h2c; a websocket too, with ``ws="none"``) and goes on
+    serving plain HTTP on the connection: the guard stood down, and one connection could then
+    send 100 MB header fields (found by hand)."""
     upgrade = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
-    assert g.admit(upgrade)
-    assert not g.admit(HEAD + b"X-Big: " + b"a" * 4096 + b"\r\n\r\n")
-    assert status(transport) == 431
-    ws, _ = guard()
-    assert ws.admit(upgrade.replace(b"h2c", b"websocket"))
-    assert ws.admit(HEAD + b"X-Big: " + b"a" * 4096 + b"\r\n\r\n")  # not ours any more
+    for protocol in (b"h2c", b"websocket"):
+        g, transport = guard()
+        assert g.admit(upgrade.replace(b"h2c", protocol))
+        assert not g.admit(HEAD + b"X-Big: " + b"a" * 4096 + b"\r\n\r\n")
+        assert status(transport) == 431
+
+
+CHUNKED = b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "framing", [b"Content-Length: 2\r\n\r\n{}", b"Content-Length: 2\r\n\r\n", CHUNKED]
+)
+def test_an_upgrade_with_a_body_is_refused_naming_it_and_one_without_passes(
+    framing: bytes,
+) -> None:
+    """The parser ends an upgrade's message at its head: the app read an empty body (curl
+    --http2 on http:// asks for h2c with every POST) and the body was read as the next
+    request."""
+    g, transport = guard()
+    upgrade = HEAD + b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    assert g.admit(upgrade + framing) == b""
+    assert status(transport) == 400 and b"may not ask to switch protocols" in transport.out
+    quiet, quiet_t = guard()
+    plain = upgrade + b"Content-Length: 0\r\n\r\n"
+    assert quiet.admit(plain) == plain and quiet_t.out == b""
 
 
 def test_a_client_that_reads_nothing_is_let_go() -> None:

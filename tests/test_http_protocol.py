@@ -444,3 +444,33 @@ def test_a_browser_page_of_an_allowed_origin_may_call_predict_and_others_may_not
     for headers in ({}, {"Origin": "https://evil.example"}):  # nothing for them
         plain = system.http.post(PREDICT, content=body(), headers=headers)
         assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
+
+
+WEBSOCKET = ("Connection: Upgrade", "Upgrade: websocket", "Sec-WebSocket-Version: 13",
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==")  # fmt: skip
+
+
+def test_an_upgrade_is_ignored_and_the_request_answered_as_http(system: System) -> None:
+    """A WebSocket handshake got 403 with an empty body on every path (uvicorn refused it for
+    the app, which has no WebSocket route): the gateway speaks HTTP/1.1 alone, so the Upgrade
+    is ignored (RFC 9110, 7.8) and the route answers. A request with a body and an Upgrade
+    (curl --http2 sends h2c with every POST) was read with an empty body: refused, naming it."""
+    c = Conn(system.port)
+    try:
+        for path, expected in [("/healthz", 200), ("/nowhere", 404), (PREDICT, 405)]:
+            c.send("\r\n".join([f"GET {path} HTTP/1.1", "Host: t", *WEBSOCKET, "", ""]).encode())
+            status, _, content = c.response()
+            assert status == expected and json.loads(content), (path, status, content)
+    finally:
+        c.close()
+    for upgrade in (WEBSOCKET, ("Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c")):
+        c = Conn(system.port)
+        try:
+            c.send(request(PREDICT, None, *upgrade))
+            status, headers, content = c.response()
+            assert status == 400 and headers["connection"] == "close", (status, content)
+            assert "may not ask to switch protocols" in json.loads(content)["detail"]
+        finally:
+            c.close()
+    log = (system.logs / "gateway.log").read_text()
+    assert "Unsupported upgrade request" not in log and "WebSocket library" not in log

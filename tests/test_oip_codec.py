@@ -106,6 +106,14 @@ def test_entity_ids_come_as_bytes_in_json_or_binary_for_a_deployment_that_looks_
     three = _json({"inputs": [_input(["c-1", "c-2", "c-3"], [3], "BYTES", "customer_id"),
                               _input(caller.tolist(), [2, 2])]})  # fmt: skip
     assert "3 customer_id ids for 2 rows" in refused(three)
+    for shape in ([0], [0, 1]):  # the right shape, of no row: it said "the wrong shape"
+        none = _json({"inputs": [_input([], shape, "BYTES", "customer_id")]})
+        assert f"has shape {shape}: no id, so no row; a request holds at least one row" in (
+            refused(none)
+        )
+    assert "one id per row, [rows] or [rows, 1]" in refused(
+        _json({"inputs": [_input(["a", "b"], [1, 2], "BYTES", "customer_id")]})
+    )
     # BYTES is refused as features, for any deployment
     assert "input 'input' is BYTES" in _refusal(_header_only([_input(["1", "2", "3"], [1, 3],
                                                                      "BYTES")]))  # fmt: skip

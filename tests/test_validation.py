@@ -215,3 +215,62 @@ def test_many_unknown_features_are_counted_not_each_described() -> None:
     named = [e["msg"] for e in errs if e["msg"].startswith("unknown feature")]
     assert named == [f"unknown feature 'u{i}'" for i in range(20)]
     assert bounded_faults(errs)[-1]["msg"] == "4993 more faults not shown (5003 in all)"
+
+
+@pytest.mark.parametrize("body", [b"", b" \r\n"])
+def test_an_empty_body_is_named_empty_not_by_the_parsers_eof(body: bytes) -> None:
+    """A POST with neither Content-Length nor Transfer-Encoding has a body of length 0 (RFC
+    9112, 6.3): predict said "Invalid JSON: EOF while parsing a value", feedback the same."""
+    from gateway.dataplane.feedback import FeedbackRefused, parse_items
+    from gateway.dataplane.validation import parse_body
+
+    with pytest.raises(RequestValidationError) as refused:
+        parse_body(body, SPEC, 1)
+    [error] = refused.value.errors()
+    assert error["msg"].startswith("the body is empty") and error["loc"] == ("body",)
+    assert "input" not in error  # it was null, as if a JSON null had been sent
+    with pytest.raises(FeedbackRefused) as fed:
+        parse_items(body, 10)
+    assert fed.value.status == 400 and str(fed.value.detail).startswith("the body is empty")
+
+
+def test_feedback_faults_echo_what_was_sent_and_its_ids_follow_predicts_rule() -> None:
+    """A structure sent as ``correct`` was echoed as ``"input": null``, as if null were sent;
+    an id no request can carry (a control character) was looked up and answered 404 where
+    predict's ``X-Request-Id`` is a 422."""
+    from gateway.dataplane.failures import bounded_faults
+    from gateway.dataplane.feedback import FeedbackRefused, parse_items
+
+    def faults(item: dict) -> list[dict]:
+        with pytest.raises(FeedbackRefused) as refused:
+            parse_items(json.dumps(item).encode(), 10)
+        assert refused.value.status == 422
+        return refused.value.detail  # type: ignore[no-any-return]
+
+    [listed] = faults({"request_id": "r-1", "correct": [1]})
+    assert listed["loc"] == ["body", 0, "correct"] and "input" not in listed
+    [word] = faults({"request_id": "r-1", "correct": "yes"})
+    assert word["input"] == "yes"
+    for bad in ["a\x01b", " lead", "tab\there", "\u00e9-1"]:
+        [fault] = faults({"request_id": bad, "label": 1})
+        assert fault["loc"] == ["body", 0, "request_id"], fault
+        assert "printable ASCII" in fault["msg"] and fault["input"] == bad
+    assert bounded_faults([{"type": "t", "loc": ["body"], "msg": "m", "input": None}]) == [
+        {"type": "t", "loc": ["body"], "msg": "m", "input": None}  # a null sent stays named
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "fault"),
+    [("BadName", "('B' at 0)"), ("a" * 64, "(64 characters)"), ("", "(empty)"),
+     ("-x", "(it starts with '-')"), ("bad$name", "('$' at 3)"), ("a" * 500, "(500 characters)")],
+)  # fmt: skip
+def test_a_name_that_can_never_be_a_deployments_says_what_is_wrong_in_it(
+    name: str, fault: str
+) -> None:
+    from rendezvous import names
+
+    with pytest.raises(names.InvalidName) as refused:
+        names.check_name(name, "deployment")
+    said = str(refused.value)
+    assert fault in said and "use 1-63 characters" in said and len(said) < 300, said

@@ -22,7 +22,7 @@ from gateway.admin.bodies import AdminError
 from gateway.problems import Problem, bearer_refusal, compressed, encoding_fault, not_json
 from gateway.settings import Settings
 from models.deployments import DeploymentUnreadable
-from rendezvous.names import InvalidName
+from rendezvous.names import InvalidName, check_name
 
 OFF = "the admin API is off: set RDV_ADMIN_TOKEN on the gateway to turn it on"
 
@@ -50,14 +50,17 @@ def guarded_route(token: bytes | None) -> type[APIRoute]:
             handler = super().get_route_handler()
 
             async def guarded(request: Request) -> Response:
-                refused = refusal(request, token) or compressed(
-                    request.headers.get("content-encoding", "")
+                refused = (
+                    refusal(request, token)
+                    or compressed(request.headers.get("content-encoding", ""))
+                    or _bad_name(request)
                 )
                 if refused is None and _parsed_as_json(request):
                     # Python's JSON reads a UTF-8 mark and UTF-16 too, which predict, feedback
                     # and OIP refuse (RFC 8259): one rule for every body (a probe)
                     fault = encoding_fault(await request.body())
-                    refused = None if fault is None else Problem(422, fault[1])
+                    if fault is not None and fault[0] != "missing":  # some take none
+                        refused = Problem(422, fault[1])
                 if refused is not None:
                     return refused.response()
                 try:
@@ -69,10 +72,12 @@ def guarded_route(token: bytes | None) -> type[APIRoute]:
                     # not UTF-8, too deep, a 5,000-digit number; found by a helper's fuzzing)
                     return Problem(422, not_json(await request.body(), exc.__cause__)).response()
                 except RequestValidationError as exc:
+                    raw = await request.body()
+                    if _body_missing(exc, raw):  # FastAPI said "Field required" of the body
+                        return Problem(422, not_json(raw, None)).response()
                     if not any(e.get("type") == "json_invalid" for e in exc.errors()):
                         raise
                     # FastAPI's "JSON decode error" said where, not what (a probe)
-                    raw = await request.body()
                     return Problem(422, not_json(raw, _parse_error(raw))).response()
                 except AdminError as exc:
                     return Problem(exc.status, exc.detail, exc.extra).response()
@@ -86,11 +91,31 @@ def guarded_route(token: bytes | None) -> type[APIRoute]:
     return AdminRoute
 
 
+def _bad_name(request: Request) -> Problem | None:
+    """422 for a deployment named in the path by a name that can never be one, before the
+    body is read: a route that parsed its body first answered the body's faults instead, and
+    those that looked the name up 404 (one rule on every route, the data plane's too)."""
+    name = request.path_params.get("deployment")
+    try:
+        if name is not None:
+            check_name(name, "deployment")
+    except InvalidName as exc:
+        return Problem(422, str(exc))
+    return None
+
+
 def _parsed_as_json(request: Request) -> bool:
     """Whether the route reads the body as JSON: what carries one, but a multipart upload
     (its parts are read as they come, never held whole here)."""
     kind = request.headers.get("content-type", "").lower()
     return request.method in ("POST", "PUT", "PATCH") and not kind.startswith("multipart/")
+
+
+def _body_missing(exc: RequestValidationError, raw: bytes) -> bool:
+    """Whether a route that needs a body was sent none (empty or blank)."""
+    none = not raw or raw.isspace()
+    return none and any(e.get("type") == "missing" and tuple(e.get("loc", ())) == ("body",)
+                        for e in exc.errors())  # fmt: skip
 
 
 def _parse_error(raw: bytes) -> ValueError | None:

@@ -138,6 +138,7 @@ def build_router(settings: Settings) -> APIRouter:
     @router.get("/models/{name}")
     async def model_versions(request: Request, name: str) -> Any:
         """The versions of one model."""
+        check_name(name, "model name")  # 422, as for one of its versions
         versions = await _call(_service(request).models, name)
         if not versions:
             raise AdminError(f"no model {name!r} in the registry", status=404)

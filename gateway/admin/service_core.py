@@ -100,10 +100,9 @@ class AdminCore:
         self._dep(name)
 
     def _dep(self, name: str) -> Deployment:
+        names.check_name(name, "deployment")  # InvalidName: 422, as on every route
         try:
-            dep = self.store.get(names.check_name(name, "deployment"))
-        except ValueError as exc:
-            raise NotFound(str(exc)) from None
+            dep = self.store.get(name)
         except DeploymentNotFound as exc:
             raise NotFound(str(exc)) from None
         if dep.deleted_ms:

@@ -97,6 +97,9 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         timeout_graceful_shutdown=10,
         timeout_keep_alive=settings.keep_alive_s,  # the guard closes past it too
         server_header=False,  # the fast path never sent one; now neither does the ASGI path
+        # No WebSocket route: an Upgrade is ignored (RFC 9110, 7.8) and the request answered
+        # as HTTP; uvicorn's WebSocket handshake refused every path 403 with no body.
+        ws="none",
     )
     app = "gateway.cli.main:_app_from_env"
     if args.fd is not None:

@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from gateway.dataplane.backlog import Behind, slowest_reader
-from gateway.dataplane.failures import UnknownDeployment
+from gateway.dataplane.failures import InvalidDeploymentName, UnknownDeployment
 from models.deployments import Deployment, StateReader
 from rendezvous import names
 from rendezvous.bus import clock
@@ -208,6 +208,10 @@ class DeploymentCache:
     def get(self, name: str) -> Deployment:
         dep = self.deployments.get(name)
         if dep is None:
+            try:
+                names.check_name(name, "deployment")
+            except names.InvalidName as exc:
+                raise InvalidDeploymentName(str(exc)) from None
             was = " (it was deleted)" if name in self._deleted else ""
             raise UnknownDeployment(f"deployment {name[:80]!r} does not exist{was}")
         return dep

@@ -26,6 +26,12 @@ class UnknownDeployment(LookupError):
     pass
 
 
+class InvalidDeploymentName(UnknownDeployment):
+    """A path names a deployment by a name that can never be one (``names.check_name``): 422
+    naming the rule on every ``/v1``, ``/dashboard`` and ``/admin`` route; the Open Inference
+    Protocol's routes answer it as an unknown model (404)."""
+
+
 class UnknownVersion(UnknownDeployment):
     """A request names a model version that holds no role of the deployment (404)."""
 
@@ -104,7 +110,9 @@ def _trimmed(error: Any) -> Any:
     out["loc"] = [_cut(part) for part in list(error.get("loc", ()))[:8]]
     if "msg" in out:
         out["msg"] = _cut(out["msg"])
-    if "input" in out:
+    if isinstance(out.get("input"), list | tuple | dict):
+        del out["input"]  # a structure is not echoed back; null read as the value sent
+    elif "input" in out:
         text = _cut(out["input"])
         out["input"] = text if isinstance(text, str | int | float | bool) or text is None else None
     bounds = error.get("ctx")
@@ -134,6 +142,8 @@ def problem_of(exc: BaseException) -> Problem | None:
     """The answer to ``exc``, or None for a failure that is a bug (a 500)."""
     if isinstance(exc, RequestValidationError):
         return Problem(422, bounded_faults(exc.errors()))
+    if isinstance(exc, InvalidDeploymentName):
+        return Problem(422, str(exc))
     if isinstance(exc, UnknownDeployment):
         return Problem(404, str(exc))
     if isinstance(exc, DuplicateRequest):
@@ -182,6 +192,7 @@ __all__ = [
     "HANDLED",
     "Backlogged",
     "DuplicateRequest",
+    "InvalidDeploymentName",
     "NoAnswer",
     "Overloaded",
     "Unavailable",

@@ -24,7 +24,15 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import bounded_faults
@@ -33,7 +41,7 @@ from gateway.problems import not_json
 from models.deployments import Deployment
 from rendezvous import names
 from rendezvous.outcomes import Label, Outcome, label_problems
-from rendezvous.request_ids import minted_ms
+from rendezvous.request_ids import is_request_id, minted_ms
 
 MAX_ID_CHARS = 128
 MAX_WEIGHT = 1e6
@@ -97,6 +105,8 @@ class FeedbackItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     request_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    """As predict takes it (``X-Request-Id``, the Open Inference Protocol's ``id``): an id no
+    request can carry is a 422, as there, not an unknown id (404)."""
     label: StrictInt | ClassName | list[StrictInt | ClassName] | None = None
     """The true class (as predict returns it, or its name among the real model's
     ``class_names``), or one per row of a request of several rows."""
@@ -106,6 +116,14 @@ class FeedbackItem(BaseModel):
     """A number (not a string or a boolean) in (0, ``MAX_WEIGHT``]: weighted sums of a
     thousand labels must stay finite (a weight of 1e308 made the accuracy figures NaN and the
     drift report unservable)."""
+
+    @field_validator("request_id")
+    @classmethod
+    def _request_id(cls, value: str) -> str:
+        if not is_request_id(value):
+            raise ValueError(f"request_id must be 1-{MAX_ID_CHARS} printable ASCII characters, "
+                             "no space at either end (as X-Request-Id)")  # fmt: skip
+        return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,12 @@ from typing import Any
 import redis
 
 from gateway.dataplane.deployments import DeploymentCache
-from gateway.dataplane.failures import Backlogged, DuplicateRequest, UnknownDeployment
+from gateway.dataplane.failures import (
+    Backlogged,
+    DuplicateRequest,
+    InvalidDeploymentName,
+    UnknownDeployment,
+)
 from gateway.dataplane.job_vocabulary import (
     FAILED,
     Accepted,
@@ -282,13 +287,13 @@ class JobStore:
     # -- show, cancel ---------------------------------------------------------------------------
 
     def _key(self, deployment: str, job_id: str) -> str:
+        try:
+            names.check_name(deployment, "deployment")
+        except names.InvalidName as exc:
+            raise InvalidDeploymentName(str(exc)) from None
         if (
-            not isinstance(deployment, str)
-            or not names.NAME_PATTERN.fullmatch(deployment)
-            or (
-                deployment not in self.deployments.deployments
-                and deployment not in self.deployments.draining
-            )  # its jobs' ends stay readable
+            deployment not in self.deployments.deployments
+            and deployment not in self.deployments.draining  # its jobs' ends stay readable
         ):
             raise UnknownDeployment(f"deployment {deployment[:80]!r} does not exist")
         if created_ms(job_id) is None:  # no id of ours: echoed cut, as the routes' other errors

@@ -68,8 +68,8 @@ def parse_body(raw: bytes, spec: FeatureSpec, max_rows: int) -> PredictRequest:
     except ValidationError as exc:
         fault = encoding_fault(raw)
         if fault is not None:
-            kind, msg = fault
-            raise RequestValidationError([_error((), msg, kind)]) from None
+            kind, msg = fault  # the body is not echoed back, nor said to be null
+            raise RequestValidationError([{"type": kind, "loc": ("body",), "msg": msg}]) from None
         raise RequestValidationError([_located(e) for e in exc.errors(include_url=False)]) from None
 
 

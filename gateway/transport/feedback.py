@@ -21,7 +21,6 @@ from gateway.dataplane.failures import problem_of
 from gateway.dataplane.feedback import FeedbackItem, FeedbackRefused, FeedbackService
 from gateway.problems import Problem, bearer_refusal, compressed, unavailable
 from gateway.settings import Settings
-from rendezvous import names
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,10 @@ def mount(app: FastAPI, settings: Settings) -> None:
             403: {"description": "a wrong feedback token"},
             404: {"description": "unknown deployment, or unknown or expired request ids"},
             413: {"description": "body or item count over the caps"},
-            422: {"description": "malformed items, or a label that is not a class"},
+            422: {
+                "description": "malformed items, a label that is not a class, or a name that "
+                "cannot be a deployment's"
+            },
         },
     )
     async def feedback(deployment: str, request: Request) -> Response:
@@ -80,10 +82,7 @@ def mount(app: FastAPI, settings: Settings) -> None:
         if service is None:
             return unavailable("the gateway is starting").response()
         try:
-            names.check_name(deployment, "deployment")
             accepted = await service.accept(deployment, await request.body())
-        except names.InvalidName as exc:
-            return Problem(404, str(exc)).response()
         except FeedbackRefused as exc:
             return Problem(exc.status, exc.detail, exc.extra).response()
         except Exception as exc:

@@ -60,6 +60,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if data:
             super().data_received(data)
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """Nothing to warn of: the gateway serves no WebSocket (uvicorn's ``ws="none"``) nor
+        h2c, so an Upgrade is ignored and the request answered as HTTP/1.1 (RFC 9110, 7.8).
+        uvicorn's two warnings a request, the second advising to install a WebSocket
+        library, were any client's to write into the log."""
+
     def on_headers_complete(self) -> None:
         """Past ``requests_per_connection`` requests, the answer closes the connection, as
         one with ``Connection: close`` would (uvicorn's request cycle's ``keep_alive``, which

@@ -122,7 +122,7 @@ class ConnectionGuard:
         "seen",
         "target",
         "transport",
-        "websocket",
+        "with_body",
         "write_stuck_since",
     )  # fmt: skip
 
@@ -137,7 +137,8 @@ class ConnectionGuard:
         self.busy = busy
         """Whether the app is still answering a request of this connection (the protocol's
         to say): an idle connection is closed only when it is not."""
-        self.websocket = False
+        self.with_body = False
+        """The request's head declares a body (Content-Length above 0, Transfer-Encoding)."""
         self.write_stuck_since = 0.0
         """When the transport last asked us to stop writing (0: it did not): a client that
         does not read holds its answers in our memory."""
@@ -179,7 +180,7 @@ class ConnectionGuard:
                 self.deadline = 0.0
                 self.transport.close()
             return b""
-        if self.parser is None:  # a websocket: uvicorn's to handle
+        if self.parser is None:  # released
             return data
         opening = b"" if self.seen else data
         self.seen = True
@@ -190,16 +191,19 @@ class ConnectionGuard:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            # uvicorn hands a websocket to another protocol; any other upgrade it refuses and
-            # goes on reading plain HTTP, as the parser does from the next read: guarded
-            # still (standing down let one connection send 100 MB header fields).
-            if self.websocket:
-                self._stand_down()
+            # uvicorn (ws="none": no protocol is handed over, a websocket's neither) ignores
+            # the Upgrade and goes on reading plain HTTP, as the parser does from the next
+            # read: guarded still (standing down let one connection send 100 MB header fields).
+            if method_of(self.parser) == b"CONNECT":
+                # uvicorn cannot read CONNECT's target: it answered a plain-text 400
+                self.refusal = Problem(400, "CONNECT is not served: the gateway is not a proxy")
+            elif self.with_body:
+                # The parser ends an Upgrade's message at its head: the app read an empty body
+                # (curl --http2 on http:// sends one with each POST) and the body's bytes
+                # were read as the next request.
+                self.refusal = Problem(400, UPGRADE_WITH_BODY)
+            else:
                 return data
-            if method_of(self.parser) != b"CONNECT":
-                return data
-            # uvicorn cannot read CONNECT's target: it answered a plain-text 400
-            self.refusal = Problem(400, "CONNECT is not served: the gateway is not a proxy")
             return self._refuse_in_turn(data, self.finished - finished - 1, between)
         except httptools.HttpParserError as exc:
             if self.refusal is None:  # malformed (uvicorn answered a plain-text 400 at once,
@@ -335,15 +339,11 @@ class ConnectionGuard:
         self.closed = True
         self.deadline = 0.0
 
-    def _stand_down(self) -> None:
-        self.parser = None
-        self.in_head = self.in_body = False
-        self.deadline = 0.0
-
     # -- parser callbacks ---------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self.in_head = True
+        self.with_body = False
         self.head_bytes = self.raw_head = self.headers = 0
         self.target = self.origin = b""
         self.deadline = time.monotonic() + self.limits.header_timeout_s
@@ -356,8 +356,10 @@ class ConnectionGuard:
             self._refuse(_too_large(self.limits))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) == 7 and name.lower() == b"upgrade" and value.strip().lower() == b"websocket":
-            self.websocket = True
+        if len(name) == 14 and name.lower() == b"content-length":
+            self.with_body = self.with_body or value.strip(b" \t0") != b""
+        elif len(name) == 17 and name.lower() == b"transfer-encoding":
+            self.with_body = True
         elif len(name) == 6 and name.lower() == b"origin":
             self.origin = value[:MAX_ORIGIN_BYTES].strip()
         self.headers += 1
@@ -389,6 +391,13 @@ class ConnectionGuard:
     def _refuse(self, problem: Problem) -> None:
         self.refusal = problem
         raise _Refused
+
+
+UPGRADE_WITH_BODY = (
+    "a request with a body may not ask to switch protocols (Upgrade, Connection: Upgrade): the "
+    "gateway speaks HTTP/1.1 alone and cannot read such a body; send it without them (curl: "
+    "--http1.1)"
+)
 
 
 def _too_large(limits: HttpLimits) -> Problem:

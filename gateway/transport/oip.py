@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from gateway.dataplane.failures import UnknownDeployment, problem_of
+from gateway.dataplane.failures import InvalidDeploymentName, UnknownDeployment, problem_of
 from gateway.dataplane.service import PredictionService
 from gateway.dataplane.validation import single_request_id
 from gateway.problems import RETRY, Problem, Style, compressed, fault_text
@@ -71,7 +71,10 @@ def error(problem: Problem) -> JSONResponse:
 
 
 def _failure(exc: Exception, what: str) -> JSONResponse:
-    problem = problem_of(exc)
+    # A name that can never be a deployment's is an unknown model to the protocol (404, as
+    # KServe's and Triton's servers answer one), where /v1 and /admin say 422.
+    invalid = isinstance(exc, InvalidDeploymentName)
+    problem = Problem(404, str(exc)) if invalid else problem_of(exc)
     if problem is None:
         log.exception("%s failed", what)
         problem = Problem(500, "internal server error")

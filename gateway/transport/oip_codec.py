@@ -248,7 +248,9 @@ def parse_infer(
             faults[0]["msg"] += (
                 " (a body with binary tensor data needs the Inference-Header-Content-Length header)"
             )
-        elif (fault := encoding_fault(header)) is not None:  # a mark, UTF-16: as on /v1
+        elif (fault := encoding_fault(header)) is not None and (
+            header_length is None or fault[0] != "missing"  # an empty JSON part: said below
+        ):  # none, a mark, UTF-16: as on /v1
             faults = [_fault((), fault[1], fault[0])]
         elif header_length is not None and faults[0]["type"] == "json_invalid":
             faults[0]["msg"] += (

@@ -32,7 +32,10 @@ def lookup_rows(request: InferRequest, spec: FeatureSpec) -> tuple[np.ndarray, l
         raise _refused(("inputs", k, "datatype"), f"input {key!r} holds entity ids: BYTES",
                        "datatype")  # fmt: skip
     rows = ids.shape[0] if ids.shape else 0
-    if ids.shape not in ((rows,), (rows, 1)) or rows == 0:
+    if ids.shape in ((0,), (0, 1)):  # the right shape, of no row: said "the wrong shape"
+        raise _refused(("inputs", k, "shape"), f"input {key!r} has shape {list(ids.shape)}: no "
+                       "id, so no row; a request holds at least one row", "too_short")  # fmt: skip
+    if ids.shape not in ((rows,), (rows, 1)):
         raise _refused(("inputs", k, "shape"), f"input {key!r} has shape {list(ids.shape)}: "
                        "one id per row, [rows] or [rows, 1]", "wrong_shape")  # fmt: skip
     entities = [str(v) for v in ids.values.reshape(-1)]
