@@ -379,3 +379,23 @@ def test_chunk_extensions_are_bounded_as_a_head_is() -> None:
     wire = chunked + body + b"0\r\n\r\n"
     assert all(g.admit(wire[i : i + 4096]) for i in range(0, len(wire), 4096))
     assert transport.out == b"" and g.finished == 1
+
+
+def test_an_http11_request_without_one_host_field_is_refused_400() -> None:
+    """RFC 9112, 3.2: a server must answer 400 to an HTTP/1.1 request with no Host field, or
+    with more than one (uvicorn served both, the second whichever Host it read). HTTP/1.0
+    needs none; one Host is served as ever."""
+    body = b"Content-Length: 2\r\n\r\n{}"
+    line = b"POST /v1/deployments/d/predict HTTP/1.1\r\n"
+    for head, fields in ((line, 0), (line + b"Host: a\r\nHost: b\r\n", 2)):
+        g, transport = guard()
+        assert not g.admit(head + body) and status(transport) == 400, transport.out
+        assert f"one Host header field, this one {fields}".encode() in transport.out
+    for ok in (HEAD + body, b"GET /healthz HTTP/1.0\r\n\r\n", line + b"hOsT: t\r\n" + body):
+        g, transport = guard()
+        assert g.admit(ok) == ok and transport.out == b""
+    # behind a request it owes an answer to, in the same read: refused after that answer
+    g, transport = guard()
+    assert g.admit(HEAD + body + line + body) == HEAD + body and transport.out == b""
+    g.answered()
+    assert status(transport) == 400

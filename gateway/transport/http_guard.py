@@ -112,6 +112,7 @@ class ConnectionGuard:
         "head_bytes",
         "headers",
         "held",
+        "hosts",
         "in_body",
         "in_head",
         "limits",
@@ -139,6 +140,8 @@ class ConnectionGuard:
         to say): an idle connection is closed only when it is not."""
         self.with_body = False
         """The request's head declares a body (Content-Length above 0, Transfer-Encoding)."""
+        self.hosts = 0
+        """Host fields in the request's head: one, as HTTP/1.1 asks (none in HTTP/1.0)."""
         self.write_stuck_since = 0.0
         """When the transport last asked us to stop writing (0: it did not): a client that
         does not read holds its answers in our memory."""
@@ -344,6 +347,7 @@ class ConnectionGuard:
     def on_message_begin(self) -> None:
         self.in_head = True
         self.with_body = False
+        self.hosts = 0
         self.head_bytes = self.raw_head = self.headers = 0
         self.target = self.origin = b""
         self.deadline = time.monotonic() + self.limits.header_timeout_s
@@ -362,6 +366,8 @@ class ConnectionGuard:
             self.with_body = True
         elif len(name) == 6 and name.lower() == b"origin":
             self.origin = value[:MAX_ORIGIN_BYTES].strip()
+        elif len(name) == 4 and name.lower() == b"host":
+            self.hosts += 1
         self.headers += 1
         self.head_bytes += len(name) + len(value) + 4
         if self.headers > self.limits.max_headers:
@@ -370,6 +376,10 @@ class ConnectionGuard:
             self._refuse(_too_large(self.limits))
 
     def on_headers_complete(self) -> None:
+        if self.hosts != 1 and (self.hosts or self.parser.get_http_version() != "1.0"):
+            # RFC 9112, 3.2: a server must refuse it (uvicorn served it, whatever it named)
+            self._refuse(Problem(400, "malformed HTTP request: an HTTP/1.1 request carries one "
+                                 f"Host header field, this one {self.hosts}"))  # fmt: skip
         self.in_head = False
         self.in_body = True
         self.deadline = time.monotonic() + self.limits.body_timeout_s
