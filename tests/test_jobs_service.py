@@ -64,6 +64,7 @@ class Predicts:
         self.max_in_flight = 100
         self.max_backlog = 1000
         self.max_backlog_bytes = 2**30
+        self.request_id_ttl_ms = 3_600_000
         self.calls: list[str] = []
         self.metrics = self
         self.counted: list[tuple[str | None, str]] = []

@@ -114,3 +114,27 @@ def test_new_partitions_exist_before_the_state_that_names_them(
         for stream in after.published_streams:
             groups = {g["name"].decode() for g in r.xinfo_groups(stream)}
             assert set(after.groups()) <= groups, (partitions, stream, groups)
+
+
+def test_a_change_of_count_remembers_where_caller_ids_were_taken(
+    demo_registry: ModelRegistry,
+) -> None:
+    """A caller's request id is taken under its partition's tag, which a change of count
+    moves: the counts left are kept with when they were left (beyond their streams' drain),
+    and the keys an id may still be taken under are those of counts left within the TTL."""
+    dep = demo_deployment(demo_registry, Schedule())
+    three = with_partitions(dep, 3)
+    two = with_partitions(three, 2)
+    assert set(two.left_partitions) == {1, 3} and not dep.left_partitions
+    assert Deployment.from_json(two.to_json()).left_partitions == two.left_partitions
+    ids = [f"caller-{i}" for i in range(60)]
+    for rid in ids:
+        now = names.request_id_key(two.input_stream_for(rid), rid)
+        earlier = two.earlier_id_keys(rid, 0)
+        expect = set(names.request_id_keys(dep.name, rid, [1, 3])) - {now}
+        assert set(earlier) == expect and now not in earlier
+    assert sum(1 for rid in ids if two.earlier_id_keys(rid, 0)) > 30
+    # left before the TTL's start: no longer looked at
+    assert all(not two.earlier_id_keys(rid, max(two.left_partitions.values()) + 1) for rid in ids)
+    # a retired count's streams are no longer read, but its ids are still looked for
+    assert with_partitions(two, 1).left_partitions.keys() == {1, 2, 3}

@@ -4,6 +4,7 @@ deployment's hash tag. Who runs a job and who waits for it are other modules' co
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Callable
@@ -196,8 +197,11 @@ class JobStore:
         max_queued: int,
         max_held_bytes: int,
         ended: Callable[[str, str], None],
+        request_id_ttl_ms: float = 3_600_000,
     ):
         self.client = client
+        self.request_id_ttl_ms = request_id_ttl_ms
+        """How long a caller's request id stays taken (``RDV_REQUEST_ID_TTL_S``)."""
         self.deployments = deployments
         self.ttl_s = ttl_s
         self.max_queued = max_queued
@@ -223,6 +227,10 @@ class JobStore:
             if slot_of(self.client, taken.encode()) == slot_of(self.client, stream.encode()):
                 keys.append(taken)
             elif await self.client.exists(taken):  # another partition's slot: a step apart
+                raise self._taken_by_predict(rid, dep.name)
+            # under a partition count the deployment had within the ids' TTL (a step apart)
+            earlier = dep.earlier_id_keys(rid, time.time() * 1000 - self.request_id_ttl_ms)
+            if earlier and sum(await asyncio.gather(*(self.client.exists(k) for k in earlier))):
                 raise self._taken_by_predict(rid, dep.name)
         created = created_ms(job_id) or 0
         body_sha = hashlib.sha256(raw).hexdigest()

@@ -107,6 +107,7 @@ class JobService:
             max_queued=max_queued,
             max_held_bytes=max_held_bytes,
             ended=self._wake,
+            request_id_ttl_ms=service.request_id_ttl_ms,
         )
         self.runner = JobRunner(
             client,

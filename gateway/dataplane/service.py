@@ -350,6 +350,9 @@ class PredictionService:
         """``chosen``: the caller chose the request id, which must then be new everywhere;
         ``raw_is_json``: this gateway's JSON parser accepted ``raw`` (the archive trusts it);
         ``pin``: the role that alone may answer."""
+        if chosen and (earlier := dep.earlier_id_keys(rid, time.time() * 1000
+                                                      - self.request_id_ttl_ms)):  # fmt: skip
+            await self._not_taken_before(rid, dep.name, earlier)
         spec = dep.feature_spec
         # The A/B split draw, if any; or the role the caller named by its model version.
         schedule = dep.schedule.pinned_to(pin) if pin else dep.schedule.for_request(rid)
@@ -375,10 +378,7 @@ class PredictionService:
 
         def unpublished(exc: Exception) -> None:
             if isinstance(exc, AlreadyTaken):
-                self.rendezvous.fail(mailbox, DuplicateRequest(
-                    f"request id {rid!r} was already used for deployment {dep.name} "
-                    "(in flight or answered on some gateway, or published before a Redis failure; "
-                    "ids stay taken for RDV_REQUEST_ID_TTL_S)"))  # fmt: skip
+                self.rendezvous.fail(mailbox, _used(rid, dep.name))
                 return
             if isinstance(exc, StreamGone):
                 why = (
@@ -434,6 +434,19 @@ class PredictionService:
             "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
         }, answer.outcome
 
+    async def _not_taken_before(self, rid: str, deployment: str, keys: list[str]) -> None:
+        """A caller's id taken under a partition count the deployment had within the ids' TTL
+        is taken still (``Deployment.earlier_id_keys``): one round trip before the publish,
+        only for such a deployment. (Two requests of one id at once, one on a gateway that had
+        not seen the change yet, may still both pass: the change's moment, not its hour.)"""
+        try:
+            taken = await self.appender.any_exists(keys)
+        except REDIS_FAILURES as exc:
+            why = refused_for_a_while(exc) or f"the request bus is unavailable: {exc}"
+            raise Unavailable(why) from exc
+        if taken:
+            raise _used(rid, deployment)
+
     def _published(self, mailbox: Mailbox, deployment: str, features: Any, entry: bytes) -> None:
         """The request's input is in its stream: its rows count for drift from now on. Counted
         before, a request refused on its append (a 409 on a request id sent again, a 503) fed
@@ -442,6 +455,14 @@ class PredictionService:
         mailbox.input_id = entry
         if self.drift_feed is not None:
             self.drift_feed.observe_rows(deployment, features)
+
+
+def _used(rid: str, deployment: str) -> DuplicateRequest:
+    return DuplicateRequest(
+        f"request id {rid!r} was already used for deployment {deployment} (in flight or "
+        "answered on some gateway, or published before a Redis failure; ids stay taken for "
+        "RDV_REQUEST_ID_TTL_S)"
+    )
 
 
 def _since(t0: float | None) -> float | None:

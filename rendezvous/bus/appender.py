@@ -316,6 +316,17 @@ class StreamAppender:
             return Fate.GONE
         return Fate.KEPT  # trimmed: every reader had it
 
+    async def any_exists(self, keys: list[str]) -> bool:
+        """Whether any of ``keys`` exists: one round trip, each asked on its node (a caller's
+        request id under an earlier partition count's tags). Raises a Redis failure."""
+        replies = await self.client.execute(
+            [Command(raw, (b"EXISTS", raw)) for raw in (key.encode() for key in keys)]
+        )
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return any(replies)
+
     async def release(self, key: str) -> bool:
         """Free a ``unique`` key whose entry is gone (``Fate.GONE``), so that the caller's
         retry under the same id is taken; False if Redis could not do it now."""
