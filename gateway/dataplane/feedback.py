@@ -328,10 +328,12 @@ class FeedbackService:
             (recent if made_lately else held).append(rid)
         if held:
             counts = (dep.partitions, *dep.past_partitions)
+            since_ms = now_ms - self.request_id_ttl_s * 1000
             owners: list[str] = []
             pipe = self.client.pipeline(transaction=False)
             for rid in held:
-                for key in names.request_id_keys(dep.name, rid, counts):
+                keys = names.request_id_keys(dep.name, rid, counts)
+                for key in dict.fromkeys([*keys, *dep.earlier_id_keys(rid, since_ms)]):
                     owners.append(rid)
                     pipe.exists(key)
             taken = zip(owners, await pipe.execute(), strict=True)
