@@ -58,7 +58,7 @@ async def test_the_backlogs_503_names_the_log_bin_and_its_failure_and_logs_the_s
     try:
         await cache.refresh()  # the backlog, past half the bound: who holds it is read next
         await cache.refresh()
-        caplog.set_level(logging.INFO, logger="gateway.dataplane.service")
+        caplog.set_level(logging.INFO, logger="gateway.dataplane.backlog_bound")
         for _ in range(50):
             with pytest.raises(Backlogged) as refused:
                 service.check_room(DEP)
@@ -72,7 +72,7 @@ async def test_the_backlogs_503_names_the_log_bin_and_its_failure_and_logs_the_s
         assert "disk full" in lines[0] and caplog.records[0].levelno == logging.WARNING
         # /readyz says it, still ready (every gateway shares the backlog): what app.py passes.
         r.zadd(names.workers_key(DEP), {"real|w-1": time.time()})
-        refused_now = service.backlog_refusal(DEP)
+        refused_now = service.backlog.refusal(DEP)
         assert refused_now is not None
         refusing = {DEP: refused_now[1]}
         status, doc, _ = await readiness(client, [DEP], 5.0, None, backlogged=refusing)

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from redis.asyncio import RedisCluster
 from test_realtime_first import a_long_step
 
+from gateway.dataplane.backlog_bound import BacklogBound
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.failures import Backlogged, Overloaded, UnknownDeployment
 from gateway.dataplane.job_runner import MAX_RUNS
@@ -62,8 +63,7 @@ class Predicts:
         self.max_rows = 1000
         self.in_flight = 0
         self.max_in_flight = 100
-        self.max_backlog = 1000
-        self.max_backlog_bytes = 2**30
+        self.backlog = BacklogBound(deployments, 1000, 2**30)
         self.request_id_ttl_ms = 3_600_000
         self.calls: list[str] = []
         self.metrics = self
@@ -72,7 +72,6 @@ class Predicts:
         self.failures: list[Exception] = []
         """Raised by the next calls, one each, before any answer."""
         self.realtime_first = RealtimeFirst()
-        self._backlog_logs: dict[str, Any] = {}
 
     def held_changed(self) -> None:
         pass
@@ -81,8 +80,6 @@ class Predicts:
         self.counted.append((deployment, outcome))
 
     check_room = PredictionService.check_room  # the real bounds, on this stand-in's figures
-    backlog_refusal = PredictionService.backlog_refusal
-    _backlogged = PredictionService._backlogged
 
     async def predict(
         self,

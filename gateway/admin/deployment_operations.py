@@ -73,10 +73,8 @@ class DeploymentOperations(AdminCore):
         dep = self._dep(name)
         workers: dict[str, int] = {}  # live by Redis's clock: the workers' hosts' may differ
         args = clock.live_members_args(names.workers_key(name), self.heartbeat_timeout_s)
-        pipe = self.client.pipeline(transaction=False)  # one slot: the deployment's tag
-        pipe.eval(*args)
-        pipe.hgetall(names.stats_key(name))
-        members, stats = pipe.execute()
+        members = self.client.eval(*args)  # (a cluster's pipeline takes no EVAL: a 500)
+        stats = cast(dict[bytes, bytes], self.client.hgetall(names.stats_key(name)))
         live = [text(member) for member in cast(list[bytes], members)]
         for member in live:
             role = member.split("|", 1)[0]

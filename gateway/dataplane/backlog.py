@@ -1,5 +1,5 @@
 """Who holds a deployment's input backlog: the reader furthest behind, said in the backlog
-bound's 503 and logged once a spell.
+bound's 503 (``gateway.dataplane.backlog_bound``) and logged once a spell.
 
 An input stream is trimmed only behind its slowest consumer group (``rendezvous.bus.retention``),
 so a backlog past ``RDV_MAX_BACKLOG`` is one reader behind: the log bin (down, hung, or failing

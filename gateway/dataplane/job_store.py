@@ -230,8 +230,10 @@ class JobStore:
                 raise self._taken_by_predict(rid, dep.name)
             # under a partition count the deployment had within the ids' TTL (a step apart)
             earlier = dep.earlier_id_keys(rid, time.time() * 1000 - self.request_id_ttl_ms)
-            if earlier and sum(await asyncio.gather(*(self.client.exists(k) for k in earlier))):
-                raise self._taken_by_predict(rid, dep.name)
+            found = await asyncio.gather(*(self.client.exists(k) for k in earlier),
+                                         return_exceptions=True)  # fmt: skip
+            if any(isinstance(n, int) and n > 0 for n in found):
+                raise self._taken_by_predict(rid, dep.name)  # (a node away: not checked)
         created = created_ms(job_id) or 0
         body_sha = hashlib.sha256(raw).hexdigest()
         now_ms = int(time.time() * 1000)

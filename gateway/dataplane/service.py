@@ -14,12 +14,13 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any, NoReturn, Protocol
+from typing import Any
 
 import numpy as np
 from fastapi.exceptions import RequestValidationError
 
 from gateway.dataplane.answers import pinned_role, predictions
+from gateway.dataplane.backlog_bound import BacklogBound
 from gateway.dataplane.deployments import DeploymentCache
 from gateway.dataplane.entity_features import read_entities
 from gateway.dataplane.failures import (
@@ -34,6 +35,7 @@ from gateway.dataplane.failures import (
 from gateway.dataplane.mailbox import Mailbox
 from gateway.dataplane.matcher import Rendezvous
 from gateway.dataplane.no_answer import raise_if_redis_failed, unreplicated
+from gateway.dataplane.observers import NoTally, RequestTally, RowSink
 from gateway.dataplane.realtime_first import RealtimeFirst
 from gateway.dataplane.validation import (
     check_matrix,
@@ -52,7 +54,7 @@ from rendezvous.bus.appender import (
     StreamGone,
 )
 from rendezvous.bus.async_router import Router
-from rendezvous.bus.failures import REDIS_FAILURES, refused_for_a_while
+from rendezvous.bus.failures import REDIS_FAILURES, refused_for_a_while, said
 from rendezvous.envelope import SENT_FIELD, RequestEnvelope
 from rendezvous.input_types import FLOAT32
 from rendezvous.ood import OodReference
@@ -61,30 +63,6 @@ from rendezvous.retry_log import RetryLog
 from rendezvous.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
-
-
-class RequestTally(Protocol):
-    """Counts each request once, by outcome (``gateway.observability.metrics``)."""
-
-    def request_done(self, deployment: str | None, outcome: str, seconds: float | None) -> None: ...
-
-    def held_changed(self) -> None:
-        """The requests held moved (``PredictionService.held``): the gauge follows soon."""
-
-
-class RowSink(Protocol):
-    """Takes the feature rows of each accepted request (``gateway.observability.drift_feed``)."""
-
-    def observe_rows(self, deployment: str, features: np.ndarray) -> None: ...
-
-
-class _NoTally:
-    def request_done(self, deployment: str | None, outcome: str, seconds: float | None) -> None:
-        pass
-
-    def held_changed(self) -> None:
-        pass
-
 
 Decoder = Callable[[FeatureSpec, bytes], tuple[np.ndarray, list[str] | None]]
 """A protocol's reading of a body: the feature matrix and None, or, for a deployment that looks
@@ -115,7 +93,7 @@ class PredictionService:
         a quarter of a second as it fails an append (redis-py's cluster retries held enriched
         requests 3-4 s through a failover)."""
         self.feature_store = feature_store
-        self.metrics = metrics or _NoTally()
+        self.metrics = metrics or NoTally()
         self.held_changed: Callable[[], None] = self.metrics.held_changed
         """Called as ``held`` moves (a request in or out, a body starting or done): the
         in-flight gauge is written soon after, not only when some request ends or this very
@@ -127,11 +105,8 @@ class PredictionService:
         self.appender = appender
         self.max_rows = max_rows
         self.max_in_flight = max_in_flight
-        self.max_backlog = max_backlog
-        self.max_backlog_bytes = max_backlog_bytes
-        deployments.watch_from = (max_backlog // 2, max_backlog_bytes // 2)
-        self._backlog_logs: dict[str, RetryLog] = {}
-        """Deployment -> the log of its backlog bound's spells of refusals."""
+        self.backlog = BacklogBound(deployments, max_backlog, max_backlog_bytes)
+        self._earlier_ids_log = RetryLog(log, "caller ids under earlier partition counts")
         self.request_id_ttl_ms = request_id_ttl_s * 1000
         self.in_flight = 0
         self.reading = 0
@@ -296,42 +271,7 @@ class PredictionService:
         deployment's input holds too much unconsumed (503): predicts and job submissions."""
         if self.in_flight >= self.max_in_flight:
             raise Overloaded(f"this gateway already holds {self.in_flight} requests; retry later")
-        refused = self.backlog_refusal(deployment)
-        if refused is not None:
-            self._backlogged(deployment, *refused)
-        if self._backlog_logs and (spell := self._backlog_logs.get(deployment)) is not None:
-            spell.succeeded()  # "working again after 41.2s (3120 failed tries)"
-
-    def backlog_refusal(self, deployment: str) -> tuple[str, str] | None:
-        """(the bound, the 503's detail) when the deployment's input backlog, as the
-        deployments refresh last read it, is past a bound; else None. The detail names the
-        reader furthest behind when the refresh has read it (past half the bound)."""
-        backlog = self.deployments.backlog.get(deployment, 0)
-        if backlog >= self.max_backlog:
-            bound = f"RDV_MAX_BACKLOG={self.max_backlog} entries"
-            detail = (
-                f"deployment {deployment} has {backlog} entries not yet consumed by every reader"
-            )
-        elif (size := self.deployments.backlog_bytes.get(deployment, 0)) >= self.max_backlog_bytes:
-            bound = f"RDV_MAX_BACKLOG_BYTES={self.max_backlog_bytes}"
-            detail = (f"deployment {deployment} has {size // 2**20} MB of entries not yet "
-                      "consumed by every reader")  # fmt: skip
-        else:
-            return None
-        behind = self.deployments.behind.get(deployment)
-        if behind is None:
-            return bound, detail
-        return f"{bound}; {behind.who}", f"{detail}; {behind.detail}"
-
-    def _backlogged(self, deployment: str, bound: str, detail: str) -> NoReturn:
-        """Refuse, and log the spell: when it starts or its reader changes, then every 30 s,
-        and its end (the first request taken again), not a line per refused request."""
-        spell = self._backlog_logs.get(deployment)
-        if spell is None:
-            what = f"deployment {deployment}: the input backlog refuses predicts and jobs (503)"
-            spell = self._backlog_logs[deployment] = RetryLog(log, what)
-        spell.failed(f"past {bound}")
-        raise Backlogged(detail)
+        self.backlog.check(deployment)
 
     async def _publish_and_wait(
         self,
@@ -442,8 +382,11 @@ class PredictionService:
         try:
             taken = await self.appender.any_exists(keys)
         except REDIS_FAILURES as exc:
-            why = refused_for_a_while(exc) or f"the request bus is unavailable: {exc}"
-            raise Unavailable(why) from exc
+            # Not checked, and the request goes on: the old count's node away (a failover) made
+            # every caller-id request a 503, of every partition (a cluster test).
+            self._earlier_ids_log.failed(said(exc))
+            return
+        self._earlier_ids_log.succeeded()
         if taken:
             raise _used(rid, deployment)
 
@@ -469,9 +412,4 @@ def _since(t0: float | None) -> float | None:
     return None if t0 is None else time.perf_counter() - t0
 
 
-__all__ = [
-    "Decoder",
-    "PredictionService",
-    "RequestTally",
-    "RowSink",
-]
+__all__ = ["Decoder", "PredictionService"]

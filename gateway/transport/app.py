@@ -380,7 +380,7 @@ def create_app(
             backlogged={
                 d: refused[1]
                 for d in deployments
-                if (refused := service.backlog_refusal(d)) is not None
+                if (refused := service.backlog.refusal(d)) is not None
             },
         )
         return JSONResponse(doc, status_code=status, headers=headers)
