@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from admin_support import AUTH, TOKEN, AppClient, copy_demo_models, upload_body
 
 from gateway.settings import Settings
@@ -21,7 +20,7 @@ from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, DEMO_MODEL
 from models.worker import ModelWorker
 from models.worker_versions import stale_workers
-from processes import wait_until
+from processes import flush, wait_until
 from rendezvous import names
 from rendezvous.bus.connection import connect
 from rendezvous.schedule import Schedule
@@ -49,16 +48,18 @@ def test_only_live_workers_of_a_named_role_with_counters_are_judged() -> None:
 
 
 @pytest.fixture
-def system(r: redis.Redis, redis_url: str, demo_data_dir: Path, tmp_path: Path) -> Iterator[
-    tuple[AppClient, Path]
-]:  # fmt: skip
-    """The gateway's data folder, and a worker host's own copy of the models (not shared)."""
+def system(bus_url: str, demo_data_dir: Path, tmp_path: Path) -> Iterator[tuple[AppClient, Path]]:
+    """The gateway's data folder, and a worker host's own copy of the models (not shared); on
+    a single Redis and on the cluster (where the admin view's reads were a 500 at first)."""
     data = copy_demo_models(demo_data_dir, tmp_path / "gateway")
     own = copy_demo_models(demo_data_dir, tmp_path / "worker") / "models"
+    r = connect(bus_url)
+    flush(r)
     DeploymentStore(r).create(demo_deployment(ModelRegistry(data / "models"), Schedule()))
-    client = AppClient(create_app(Settings(redis_url=redis_url, data_dir=data, admin_token=TOKEN)))
+    client = AppClient(create_app(Settings(redis_url=bus_url, data_dir=data, admin_token=TOKEN)))
     yield client, own
     client.close()
+    r.close()
 
 
 def _stale_gauge(client: AppClient) -> dict[str, float]:
@@ -71,14 +72,14 @@ def _stale_gauge(client: AppClient) -> dict[str, float]:
 
 
 def test_a_worker_that_cannot_load_the_promoted_version_is_named_until_it_does(
-    redis_url: str, system: tuple[AppClient, Path]
+    bus_url: str, system: tuple[AppClient, Path]
 ) -> None:
     """Found by a helper's probe: a worker host whose models folder lacked a promoted version
     went on answering as real with the old one, while ``/readyz`` counted it live and its error
     counter stayed 0; only its log said so."""
     client, own = system
     workers = [
-        ModelWorker(connect(redis_url), ModelRegistry(own), deployment=DEMO_DEPLOYMENT,
+        ModelWorker(connect(bus_url), ModelRegistry(own), deployment=DEMO_DEPLOYMENT,
                     role=role, consumer=f"{role}-w", block_ms=100, heartbeat_s=0.2)
         for role in (names.REAL, names.CANARY)
     ]  # fmt: skip
