@@ -274,3 +274,26 @@ def test_a_name_that_can_never_be_a_deployments_says_what_is_wrong_in_it(
         names.check_name(name, "deployment")
     said = str(refused.value)
     assert fault in said and "use 1-63 characters" in said and len(said) < 300, said
+
+
+def test_a_predict_fault_with_no_one_value_sent_echoes_no_null_input() -> None:
+    """A missing feature, an unknown one, both 'features' and 'instances', a row of the wrong
+    length each said ``"input": null``, as if a null had been sent there; a value sent is
+    still echoed."""
+    from gateway.dataplane.validation import parse_body, to_matrix
+
+    width = len(SPEC.names)
+    bodies = [
+        {"features": {}},
+        {"features": {n: 1.0 for n in SPEC.names}, "instances": [[1.0] * width]},
+        {"instances": [[1.0] * (width + 1)]},
+    ]
+    for body in bodies:
+        with pytest.raises(RequestValidationError) as refused:
+            to_matrix(SPEC, parse_body(json.dumps(body).encode(), SPEC, 10), 10)
+        for error in refused.value.errors():
+            assert "input" not in error, (body, error)
+    with pytest.raises(RequestValidationError) as refused:
+        to_matrix(SPEC, parse_body(json.dumps({"instances": [[1e39] * width]}).encode(),
+                                   SPEC, 10), 10)  # fmt: skip
+    assert refused.value.errors()[0]["input"] == 1e39

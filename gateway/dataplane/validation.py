@@ -88,7 +88,11 @@ def _located(error: Any) -> dict[str, Any]:
 
 
 def _error(loc: tuple[str | int, ...], msg: str, kind: str, value: Any = None) -> dict[str, Any]:
-    return {"type": kind, "loc": ("body", *loc), "msg": msg, "input": value}
+    """A fault of the body at ``loc``; ``value``: what was sent there, if one value was (a
+    missing feature, a wrong row count, shapes: none; said ``"input": null`` before, as if a
+    JSON null had been sent)."""
+    error = {"type": kind, "loc": ("body", *loc), "msg": msg}
+    return error if value is None else {**error, "input": value}
 
 
 def to_matrix(
