@@ -47,6 +47,7 @@ from rendezvous.bus.connection import Client
 from rendezvous.bus.consumer import Batch, ConsumerLoop, Entry, Membership
 from rendezvous.bus.failures import REDIS_FAILURES
 from rendezvous.bus.routing import command
+from rendezvous.retry_log import RetryLog
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,9 @@ class ModelWorker(ConsumerLoop):
         self.revision = 0
         self._reload_at: float | None = None
         """When to try again a model that would not load at the last change (None: all did)."""
+        self._load_spells: dict[str, RetryLog] = {}
+        """Role -> the log of its model's failures to load: said when they start, then once
+        every 30 s while they last, and when it loads (not an ERROR every retry)."""
         self._streams: tuple[str, ...] = (self.stream,)
         self._published: frozenset[str] = frozenset(self._streams)
         """The streams requests go to now; the others are deleted once drained."""
@@ -378,15 +382,25 @@ class ModelWorker(ConsumerLoop):
                 log.warning("role %s was removed from %s; keeping %s until stopped", role.role,
                             self.deployment, role.model_ref)  # fmt: skip
                 continue
+            spell = self._load_spells.get(role.role)
             try:
                 role.follow(dep)
             except Exception as exc:
                 # Tried again every RELOAD_RETRY_S: once only, a model that failed to load
                 # (its file not yet there, a delete racing the promote) left the old one
                 # answering as the role for good, with nothing to say so but one log line.
+                # Said once a spell: a host that cannot see the version (its own models
+                # folder) logged an ERROR every 5-6 s; rdv_stale_workers says it meanwhile.
                 self._reload_at = time.monotonic() + RELOAD_RETRY_S
                 self.load_failures += 1
-                log.error("cannot load %s for %s/%s (%s); keeping %s, trying again in %.0f s",
-                          dep.roles[role.role], self.deployment, role.role, exc,
-                          role.model_ref, RELOAD_RETRY_S, exc_info=not again)  # fmt: skip
+                if spell is None:
+                    spell = self._load_spells[role.role] = RetryLog(
+                        log, f"{self.deployment}/{role.role}"
+                    )
+                spell.failed(f"cannot load {dep.roles[role.role]} ({exc}); keeping "
+                             f"{role.model_ref}", retry_in_s=RELOAD_RETRY_S, level=logging.ERROR,
+                             exc_info=None if again else exc)  # fmt: skip
+            else:
+                if spell is not None:
+                    spell.succeeded()  # "working again after 41.2s (7 failed tries)"
         self._follow_waits()

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import shutil
 import threading
 import time
@@ -554,3 +555,51 @@ def test_a_model_whose_file_changed_on_disk_is_refused_not_served(
     with pytest.raises(ArtifactChanged, match=r"version 2: the artifact on disk .* is not the one"):
         make_worker(r, registry, "real").load()
     make_worker(r, registry, "canary").load()  # an intact one loads
+
+
+def test_a_model_that_will_not_load_is_said_once_a_spell_not_at_every_retry(
+    r: redis.Redis,
+    demo_registry: ModelRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker host that cannot see a promoted version (its own models folder) retried every
+    5 s and logged an ERROR each time (17 lines in 100 s, 720 an hour a role: a helper's probe
+    of the stale-workers gauge, which now says it). Said when it starts, then as a spell
+    (``RetryLog``), and when the version loads at last."""
+    import models.worker
+
+    monkeypatch.setattr(models.worker, "RELOAD_RETRY_S", 0.01)
+    setup(r, demo_registry)
+    worker = make_worker(r, demo_registry, "real", heartbeat_s=0.0)
+    worker.load()
+    from models.deployments import ModelRef
+
+    real_meta = demo_registry.meta
+    broken = [True]
+
+    def meta(name: str, version: int) -> object:
+        if broken[0] and version == 1:
+            raise FileNotFoundError("model breast-cancer version 1 is not in the registry")
+        return real_meta(name, version)
+
+    monkeypatch.setattr(demo_registry, "meta", meta)
+    swapped = {"real": ModelRef("breast-cancer", 1), "canary": ModelRef("breast-cancer", 2)}
+    DeploymentStore(r).update(DEMO_DEPLOYMENT, lambda d: dataclasses.replace(d, roles=swapped),
+                              action="test", actor="test")  # fmt: skip
+    caplog.set_level(logging.INFO, logger="models.worker")
+    worker.step(block_ms=None)
+    for _ in range(6):
+        time.sleep(0.02)
+        worker.step(block_ms=None)
+    assert worker.load_failures >= 7 and worker.model_ref is not None
+    assert worker.model_ref.version == 2  # kept meanwhile
+    said = [rec for rec in caplog.records if "cannot load breast-cancer:1" in rec.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.ERROR, [r.getMessage() for r in said]
+    assert "keeping breast-cancer:2" in said[0].getMessage()
+    broken[0] = False
+    time.sleep(0.02)
+    worker.step(block_ms=None)
+    assert worker.model_ref.version == 1
+    again = [rec.getMessage() for rec in caplog.records if "working again" in rec.getMessage()]
+    assert len(again) == 1 and "breast-cancer/real" in again[0], again
