@@ -21,7 +21,12 @@ from test_realtime_first import a_long_step
 
 from gateway.dataplane.backlog_bound import BacklogBound
 from gateway.dataplane.deployments import DeploymentCache
-from gateway.dataplane.failures import Backlogged, Overloaded, UnknownDeployment
+from gateway.dataplane.failures import (
+    Backlogged,
+    DuplicateRequest,
+    Overloaded,
+    UnknownDeployment,
+)
 from gateway.dataplane.job_runner import MAX_RUNS
 from gateway.dataplane.job_store import HASH_BYTES
 from gateway.dataplane.job_vocabulary import (
@@ -40,6 +45,7 @@ from gateway.dataplane.service import PredictionService
 from models.demo import demo_deployment
 from models.deployment_purge import serving_keys
 from models.deployment_store import DeploymentStore
+from models.deployments import with_partitions
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT, demo_data
 from processes import flush
@@ -672,3 +678,46 @@ async def test_a_live_gateways_job_whose_start_waits_on_redis_is_not_run_twice(
     finally:
         await taker.stop()
         await holder.stop()
+
+
+async def test_a_submit_sent_again_finds_its_job_whatever_partition_took_its_id(
+    client: AsyncClient, bus_url: str
+) -> None:
+    """A submit sent again (its 202 lost) finds its job in the 409 (``id``, ``location``) once
+    the job's predict has taken the caller's id, on whatever node and under whatever partition
+    count: the look at another partition's slot, or at an earlier count's, answered a plain
+    409 first (a helper's probe: 138 of 204 jobs sent again on a 3-partition cluster, then
+    every one whose id an earlier count held). Another body, or a predict's id, is refused."""
+    sync = connect(bus_url)
+    store = DeploymentStore(sync)
+    store.update(DEMO_DEPLOYMENT, lambda d: with_partitions(d, 3), action="set-partitions",
+                 actor="test")  # fmt: skip
+    three = store.get(DEMO_DEPLOYMENT)
+    service = await gateway(client)
+    jobs: dict[str, str] = {}
+    for i in range(12):  # ids of every partition; each job's predict takes its id as it runs
+        rid = f"again-{i}"
+        jobs[rid] = (await service.submit(DEMO_DEPLOYMENT, BODY, rid)).id
+        sync.set(names.request_id_key(three.input_stream_for(rid), rid), jobs[rid], px=60_000)
+    moved = []
+    for step in (None, 2):  # sent again under the count that took them, then after a change
+        if step is not None:
+            store.update(DEMO_DEPLOYMENT, lambda d: with_partitions(d, 2),
+                         action="set-partitions", actor="test")  # fmt: skip
+            await service.deployments.refresh()
+            two = store.get(DEMO_DEPLOYMENT)
+            moved = [rid for rid in jobs if names.request_id_key(two.input_stream_for(rid), rid)
+                     != names.request_id_key(three.input_stream_for(rid), rid)]  # fmt: skip
+        for rid, job in jobs.items():
+            with pytest.raises(JobConflict) as found:
+                await service.submit(DEMO_DEPLOYMENT, BODY, rid)
+            assert found.value.job_id == job, (step, rid)
+            with pytest.raises(DuplicateRequest):  # another body is not handed the job
+                await service.submit(DEMO_DEPLOYMENT, BODY.replace(b"]]", b"]]  "), rid)
+    assert len(moved) >= 4, moved
+    taken = next(f"p-{i}" for i in range(100) if f"p-{i}" in {
+        rid.replace("again", "p") for rid in moved})  # fmt: skip
+    sync.set(names.request_id_key(three.input_stream_for(taken), taken), "1", px=60_000)
+    with pytest.raises(DuplicateRequest):  # a predict's id, under the count left
+        await service.submit(DEMO_DEPLOYMENT, BODY, taken)
+    sync.close()

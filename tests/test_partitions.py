@@ -3,16 +3,24 @@ slots, a request's partition stable for its id, and a count change that keeps th
 read until the deployment is recreated."""
 
 import binascii
+from typing import Any, cast
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
+from gateway.dataplane.deployments import DeploymentCache
+from gateway.dataplane.failures import DuplicateRequest
+from gateway.dataplane.service import PredictionService
 from models.demo import demo_deployment
 from models.deployment_store import DeploymentStore
 from models.deployments import Deployment, DeploymentConflict, ModelRef, with_partitions
 from models.registry import ModelRegistry
 from models.train import DEMO_DEPLOYMENT
 from rendezvous import names
+from rendezvous.bus.appender import StreamAppender
+from rendezvous.bus.async_router import Router
+from rendezvous.bus.connection import connect_async
 from rendezvous.request_ids import minted_ms, new_request_id
 from rendezvous.schedule import Schedule
 from rendezvous.spec import FeatureSpec
@@ -138,3 +146,43 @@ def test_a_change_of_count_remembers_where_caller_ids_were_taken(
     assert all(not two.earlier_id_keys(rid, max(two.left_partitions.values()) + 1) for rid in ids)
     # a retired count's streams are no longer read, but its ids are still looked for
     assert with_partitions(two, 1).left_partitions.keys() == {1, 2, 3}
+
+
+async def test_a_jobs_later_run_finds_the_id_its_earlier_run_took_before_a_change_its_own(
+    r: redis.Redis, redis_url: str
+) -> None:
+    """A job's predict tried again (a 503 for a moment, or its gateway gone) after a change of
+    count found its own earlier run's key under the count left, and failed 409 on its own
+    request id; the same key under the same count is its own (``unique_owner``). Another job
+    or a predict under the id is refused as before."""
+    dep = with_partitions(_dep(1), 3)
+    rid = next(f"j-{i}" for i in range(50) if names.partition_for(f"j-{i}", 3) != 0)
+    assert dep.earlier_id_keys(rid, 0) == [names.request_id_key(names.input_stream("d"), rid)]
+    r.set(dep.earlier_id_keys(rid, 0)[0], "job-1", px=60_000)  # its first run, under 1
+    client = await connect_async(redis_url, timeout_s=2.0)
+    cache = DeploymentCache(client)
+    cache.deployments["d"] = dep
+    appender = StreamAppender(Router(aioredis.Redis.from_url(redis_url), timeout_s=2.0))
+
+    class Reached(Exception):
+        """The request passed its id's checks: the rendezvous opens its mailbox."""
+
+    class Rendezvous:
+        reply_to = "r"
+
+        def open(self, *args: Any, **kwargs: Any) -> None:
+            raise Reached
+
+    service = PredictionService(cache, cast(Any, Rendezvous()), appender, max_rows=8,
+                                max_in_flight=4, max_backlog=100)  # fmt: skip
+    body = b'{"instances": [[1, 2]]}'
+    try:
+        with pytest.raises(Reached):
+            await service.predict("d", body, rid, job="job-1")
+        with pytest.raises(DuplicateRequest):
+            await service.predict("d", body, rid, job="job-2")
+        with pytest.raises(DuplicateRequest):
+            await service.predict("d", body, rid)
+    finally:
+        await client.aclose()
+        await appender.client.close()

@@ -292,7 +292,7 @@ class PredictionService:
         ``pin``: the role that alone may answer."""
         if chosen and (earlier := dep.earlier_id_keys(rid, time.time() * 1000
                                                       - self.request_id_ttl_ms)):  # fmt: skip
-            await self._not_taken_before(rid, dep.name, earlier)
+            await self._not_taken_before(rid, dep.name, earlier, job)
         spec = dep.feature_spec
         # The A/B split draw, if any; or the role the caller named by its model version.
         schedule = dep.schedule.pinned_to(pin) if pin else dep.schedule.for_request(rid)
@@ -374,13 +374,16 @@ class PredictionService:
             "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
         }, answer.outcome
 
-    async def _not_taken_before(self, rid: str, deployment: str, keys: list[str]) -> None:
+    async def _not_taken_before(
+        self, rid: str, deployment: str, keys: list[str], job: str = ""
+    ) -> None:
         """A caller's id taken under a partition count the deployment had within the ids' TTL
         is taken still (``Deployment.earlier_id_keys``): one round trip before the publish,
-        only for such a deployment. (Two requests of one id at once, one on a gateway that had
-        not seen the change yet, may still both pass: the change's moment, not its hour.)"""
+        only for such a deployment; by ``job``'s earlier run, it is that run's own. (Two
+        requests of one id at once, one on a gateway that had not seen the change yet, may
+        still both pass: the change's moment, not its hour.)"""
         try:
-            taken = await self.appender.any_exists(keys)
+            taken = await self.appender.any_taken(keys, owner=job)
         except REDIS_FAILURES as exc:
             # Not checked, and the request goes on: the old count's node away (a failover) made
             # every caller-id request a 503, of every partition (a cluster test).

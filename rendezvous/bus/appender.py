@@ -316,16 +316,20 @@ class StreamAppender:
             return Fate.GONE
         return Fate.KEPT  # trimmed: every reader had it
 
-    async def any_exists(self, keys: list[str]) -> bool:
-        """Whether any of ``keys`` exists: one round trip, each asked on its node (a caller's
-        request id under an earlier partition count's tags). Raises a Redis failure."""
+    async def any_taken(self, keys: list[str], owner: str = "") -> bool:
+        """Whether any of the ``unique`` keys ``keys`` is taken: one round trip, each asked on
+        its node (a caller's request id under an earlier partition count's tags). With
+        ``owner``, a key that owner holds counts as free, as in ``append_nowait`` (an async
+        job's run tried again after a change of count found its own earlier run's key and
+        failed 409 on its own id). Raises a Redis failure."""
         replies = await self.client.execute(
-            [Command(raw, (b"EXISTS", raw)) for raw in (key.encode() for key in keys)]
+            [Command(raw, (b"GET", raw)) for raw in (key.encode() for key in keys)]
         )
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        return any(replies)
+        mine = owner.encode()
+        return any(held is not None and (not owner or held != mine) for held in replies)
 
     async def release(self, key: str) -> bool:
         """Free a ``unique`` key whose entry is gone (``Fate.GONE``), so that the caller's
