@@ -223,8 +223,20 @@ class FeatureWatch:
                 # judged enough: what they did not raise clears, at the figures they read now
                 # (the last run's, from its raise, said "1 (threshold 0.5)" for a feature no
                 # longer stuck: a helper's live check)
-                dep.figures.update(dep.detectors.figures_now(dep.held))
-                dep.held, dep.changed = {}, True
+                # A window alert becomes theirs, its alarm standing: it clears when their full
+                # windows fall under the clear level, and stands while a subtle shift lasts.
+                force = dep.detectors.rows_seen >= 3 * self.hold_rows  # no hold for good
+                taken = dep.detectors.inherit_windows(dep.held, force=force)
+                for alert_id in taken:
+                    dep.held.pop(alert_id)
+                if taken:  # judged on their full windows at once
+                    self._note(dep, *dep.detectors.check_now())
+                left = {k: v for k, v in dep.held.items() if k.split("/", 1)[0] in WINDOWED}
+                gone = {k: v for k, v in dep.held.items() if k not in left}
+                if gone:
+                    dep.figures.update(dep.detectors.figures_now(gone))
+                    dep.changed = True
+                dep.held = left
 
     @staticmethod
     def _note(
@@ -233,7 +245,11 @@ class FeatureWatch:
         released = drift_claims.cleared_figures(cleared)
         dep.figures.update(released)
         for alert_id in released:  # the fresh detectors' own evidence
-            dep.held.pop(alert_id, None)
+            # ...but a window alert they raised and cleared on windows not yet full is no
+            # evidence against the last run's (a subtle shift flapped there: a "resolved" and
+            # a "firing" again); it is held until their windows are full (``judge``)
+            if alert_id.split("/", 1)[0] not in WINDOWED:
+                dep.held.pop(alert_id, None)
         # A gross alert cleared: the feature's windows started afresh, and a held window
         # alert of it goes with them, as the detectors' own do (it was about rows before).
         gone = {a.get("feature") for a in cleared if a.get("kind") in GROSS}

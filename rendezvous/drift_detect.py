@@ -263,6 +263,45 @@ class FeatureDetectors:
             taken.append(alert_id)
         return taken
 
+    def inherit_windows(
+        self, alerts: Mapping[str, Mapping[str, Any]], force: bool = False
+    ) -> list[str]:
+        """Take held ``feature_shift`` / ``feature_drift`` alerts of an earlier run as this
+        detector's own, once its windows are full (a restarted bin's hold ends): their alarms
+        stand, so each clears only when its windows fall under the clear level (``clear_ratio``
+        of the threshold), as its own do, and stands otherwise. Released instead, a subtle
+        shift still on, whose full window was between the two levels, got a "resolved" and
+        a "firing" again rows later. One whose windows started afresh since (a gross episode
+        of the feature ended) is left until they are judged again (``force``: taken anyway).
+        Returns the ids taken (one already active is taken as is)."""
+        taken = []
+        nshift = len(self.settings.shift_windows)
+        for alert_id, alert in alerts.items():
+            kind, _, name = alert_id.partition("/")
+            if kind not in ("feature_shift", "feature_drift") or name not in self.profile.names:
+                continue
+            f = self.profile.names.index(name)
+            ws = range(nshift) if kind == "feature_shift" else [len(self.windows) - 1]
+            if alert_id in self.active:
+                taken.append(alert_id)
+                continue
+            counted = np.minimum(self._sizes, self.rows_seen - self._start).clip(min=0)
+            if not all(counted[w, f] >= self._min_rows[w] for w in ws) and not force:
+                continue  # windows started afresh since (a gross episode ended): not yet
+            taken.append(alert_id)
+            for w in ws:
+                self._window_alarm[w, f] = True
+            self._held[kind][f] = True
+            self.active[alert_id] = {**alert, "kind": kind, "feature": name}
+        return taken
+
+    def check_now(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """A look at the windows now, between the looks every ``check_rows`` rows (for the
+        alerts ``inherit_windows`` just took); returns the alerts raised and cleared."""
+        events: dict[str, tuple[str, int]] = {}
+        self._check_windows(events)
+        return self._apply(events)
+
     def end_episode(self, events: dict[str, tuple[str, int]] | None = None) -> list[dict[str, Any]]:
         """The prediction prior's alert is over: the long windows that alerted during it hold
         rows of that episode (a class-prior shift moves many features a little), so they start
