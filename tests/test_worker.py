@@ -294,31 +294,39 @@ def test_worker_follows_a_change_of_its_role(r: redis.Redis, demo_registry: Mode
     assert b"real|real-t" in members
 
 
+def _real_promoted_to_an_unloadable_version(
+    r: redis.Redis, registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch, retry_s: float
+) -> tuple[ModelWorker, list[bool]]:
+    """A real worker serving version 2, and real promoted to version 1, whose metadata cannot
+    be read while ``broken[0]`` (its models folder lacks it); retried every ``retry_s``."""
+    import models.worker
+    from models.deployments import ModelRef
+
+    monkeypatch.setattr(models.worker, "RELOAD_RETRY_S", retry_s)
+    setup(r, registry)
+    worker = make_worker(r, registry, "real", heartbeat_s=0.0)
+    worker.load()
+    real_meta = registry.meta
+    broken = [True]
+
+    def meta(name: str, version: int) -> object:
+        if broken[0] and version == 1:
+            raise FileNotFoundError("model breast-cancer version 1 is not in the registry")
+        return real_meta(name, version)
+
+    monkeypatch.setattr(registry, "meta", meta)
+    swapped = {"real": ModelRef("breast-cancer", 1), "canary": ModelRef("breast-cancer", 2)}
+    DeploymentStore(r).update(DEMO_DEPLOYMENT, lambda d: dataclasses.replace(d, roles=swapped),
+                              action="test", actor="test")  # fmt: skip
+    return worker, broken
+
+
 def test_a_model_that_would_not_load_at_a_change_is_tried_again(
     r: redis.Redis, demo_registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Tried once only, a model that failed to load at a promotion left the old one answering
     as real for good, with nothing but a log line to say so (found by a helper's probe)."""
-    import models.worker
-
-    monkeypatch.setattr(models.worker, "RELOAD_RETRY_S", 0.05)
-    setup(r, demo_registry)
-    worker = make_worker(r, demo_registry, "real", heartbeat_s=0.0)
-    worker.load()
-    from models.deployments import ModelRef
-
-    real_meta = demo_registry.meta
-    broken = [True]
-
-    def meta(name: str, version: int) -> object:
-        if broken[0] and version == 1:
-            raise FileNotFoundError("model.onnx is not there yet")
-        return real_meta(name, version)
-
-    monkeypatch.setattr(demo_registry, "meta", meta)
-    swapped = {"real": ModelRef("breast-cancer", 1), "canary": ModelRef("breast-cancer", 2)}
-    DeploymentStore(r).update(DEMO_DEPLOYMENT, lambda d: dataclasses.replace(d, roles=swapped),
-                              action="test", actor="test")  # fmt: skip
+    worker, broken = _real_promoted_to_an_unloadable_version(r, demo_registry, monkeypatch, 0.05)
     worker.step(block_ms=None)
     assert worker.model_ref is not None and worker.model_ref.version == 2  # kept, for now
     failures = worker.load_failures
@@ -567,26 +575,7 @@ def test_a_model_that_will_not_load_is_said_once_a_spell_not_at_every_retry(
     5 s and logged an ERROR each time (17 lines in 100 s, 720 an hour a role: a helper's probe
     of the stale-workers gauge, which now says it). Said when it starts, then as a spell
     (``RetryLog``), and when the version loads at last."""
-    import models.worker
-
-    monkeypatch.setattr(models.worker, "RELOAD_RETRY_S", 0.01)
-    setup(r, demo_registry)
-    worker = make_worker(r, demo_registry, "real", heartbeat_s=0.0)
-    worker.load()
-    from models.deployments import ModelRef
-
-    real_meta = demo_registry.meta
-    broken = [True]
-
-    def meta(name: str, version: int) -> object:
-        if broken[0] and version == 1:
-            raise FileNotFoundError("model breast-cancer version 1 is not in the registry")
-        return real_meta(name, version)
-
-    monkeypatch.setattr(demo_registry, "meta", meta)
-    swapped = {"real": ModelRef("breast-cancer", 1), "canary": ModelRef("breast-cancer", 2)}
-    DeploymentStore(r).update(DEMO_DEPLOYMENT, lambda d: dataclasses.replace(d, roles=swapped),
-                              action="test", actor="test")  # fmt: skip
+    worker, broken = _real_promoted_to_an_unloadable_version(r, demo_registry, monkeypatch, 0.01)
     caplog.set_level(logging.INFO, logger="models.worker")
     worker.step(block_ms=None)
     for _ in range(6):
