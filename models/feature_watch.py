@@ -39,7 +39,7 @@ from rendezvous import drift_claims, names
 from rendezvous.bus.routing import Command, command
 from rendezvous.drift_detect import FeatureDetectors
 from rendezvous.drift_profile import FeatureProfile
-from rendezvous.drift_settings import DetectorSettings
+from rendezvous.drift_settings import GROSS_KINDS, WINDOW_KINDS, DetectorSettings
 from rendezvous.envelope import RequestEnvelope
 from rendezvous.spec import FeatureSpec
 
@@ -67,10 +67,6 @@ up to about a hundred rows (16 rows: 13 us a row; 64: 6.7-11.8 on a slow day; 12
 ``JUDGE_WAIT_S``)."""
 JUDGE_WAIT_S = 0.25
 """...or once the oldest kept row waited this long (an idle read judges whatever is kept)."""
-GROSS = ("feature_range", "feature_stuck")
-"""Alert kinds whose clear starts the feature's windows afresh (``FeatureDetectors._apply``)."""
-WINDOWED = ("feature_shift", "feature_drift")
-"""Alert kinds judged on those windows."""
 
 
 @dataclass
@@ -231,7 +227,7 @@ class FeatureWatch:
                     dep.held.pop(alert_id)
                 if taken:  # judged on their full windows at once
                     self._note(dep, *dep.detectors.check_now())
-                left = {k: v for k, v in dep.held.items() if k.split("/", 1)[0] in WINDOWED}
+                left = {k: v for k, v in dep.held.items() if k.split("/", 1)[0] in WINDOW_KINDS}
                 gone = {k: v for k, v in dep.held.items() if k not in left}
                 if gone:
                     dep.figures.update(dep.detectors.figures_now(gone))
@@ -248,12 +244,12 @@ class FeatureWatch:
             # ...but a window alert they raised and cleared on windows not yet full is no
             # evidence against the last run's (a subtle shift flapped there: a "resolved" and
             # a "firing" again); it is held until their windows are full (``judge``)
-            if alert_id.split("/", 1)[0] not in WINDOWED:
+            if alert_id.split("/", 1)[0] not in WINDOW_KINDS:
                 dep.held.pop(alert_id, None)
         # A gross alert cleared: the feature's windows started afresh, and a held window
         # alert of it goes with them, as the detectors' own do (it was about rows before).
-        gone = {a.get("feature") for a in cleared if a.get("kind") in GROSS}
-        ties = [f"{w}/{f}" for f in gone for w in WINDOWED if f"{w}/{f}" in dep.held]
+        gone = {a.get("feature") for a in cleared if a.get("kind") in GROSS_KINDS}
+        ties = [f"{w}/{f}" for f in gone for w in WINDOW_KINDS if f"{w}/{f}" in dep.held]
         if ties and dep.detectors is not None:
             dep.figures.update(dep.detectors.figures_now({k: dep.held.pop(k) for k in ties}))
         if raised or cleared:

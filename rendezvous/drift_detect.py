@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from rendezvous.drift_profile import FeatureProfile, change_point, describe
-from rendezvous.drift_settings import KINDS, DetectorSettings
+from rendezvous.drift_settings import GROSS_KINDS, KINDS, WINDOW_KINDS, DetectorSettings
 from rendezvous.drift_stats import Cusum, cusum_h
 from rendezvous.drift_stuck import Event, StuckTests
 from rendezvous.quantile_bins import bin_index
@@ -234,7 +234,7 @@ class FeatureDetectors:
                 # The windows hold the broken rows the cleared alert was about: they start
                 # afresh, and an alert they held clears with them (which is why a range alert
                 # must not clear while the feed is still broken: ``range_clear_h``).
-                if kind in ("feature_range", "feature_stuck"):
+                if kind in GROSS_KINDS:
                     self.reset_windows(f, range(last + 1))
                     self._window_events(events, f)
         return raised, cleared
@@ -247,7 +247,8 @@ class FeatureDetectors:
         clear) and stands while it is not: no raise meanwhile, since an alarm stands. Held for
         a fixed 1,600 rows instead, a fixed feed kept a restarted bin's page alert ~1,600
         requests. Other kinds are left: their tests' state (a stuck value, a window's rows) is
-        not in the claim."""
+        not in the claim (window alerts are taken once the windows are full:
+        ``inherit_windows``)."""
         taken = []
         width = self.profile.width
         for alert_id, alert in alerts.items():
@@ -278,7 +279,7 @@ class FeatureDetectors:
         nshift = len(self.settings.shift_windows)
         for alert_id, alert in alerts.items():
             kind, _, name = alert_id.partition("/")
-            if kind not in ("feature_shift", "feature_drift") or name not in self.profile.names:
+            if kind not in WINDOW_KINDS or name not in self.profile.names:
                 continue
             f = self.profile.names.index(name)
             ws = range(nshift) if kind == "feature_shift" else [len(self.windows) - 1]

@@ -66,6 +66,10 @@ KINDS: tuple[str, ...] = (
     "prediction_prior",
 )
 """Alert kinds of the online detectors (one alert per kind and feature)."""
+GROSS_KINDS: tuple[str, ...] = ("feature_range", "feature_stuck")
+"""Feature alerts whose clear starts the feature's windows afresh."""
+WINDOW_KINDS: tuple[str, ...] = ("feature_shift", "feature_drift")
+"""Feature alerts judged on those windows."""
 
 
 @dataclass(frozen=True)

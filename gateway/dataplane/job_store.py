@@ -226,16 +226,19 @@ class JobStore:
         if rid is not None:
             keys.append(names.job_request_key(dep.name, rid))
             taken = names.request_id_key(dep.input_stream_for(rid), rid)
+            apart = []  # looked at a step apart, all at once: another partition's slot...
             if slot_of(self.client, taken.encode()) == slot_of(self.client, stream.encode()):
                 keys.append(taken)
-            elif await self.client.exists(taken):  # another partition's slot: a step apart
-                elsewhere = True
-            # under a partition count the deployment had within the ids' TTL (a step apart)
-            earlier = dep.earlier_id_keys(rid, time.time() * 1000 - self.request_id_ttl_ms)
-            found = await asyncio.gather(*(self.client.exists(k) for k in earlier),
+            else:
+                apart.append(taken)
+            # ...and the counts the deployment had within the ids' TTL
+            apart += dep.earlier_id_keys(rid, time.time() * 1000 - self.request_id_ttl_ms)
+            found = await asyncio.gather(*(self.client.exists(k) for k in apart),
                                          return_exceptions=True)  # fmt: skip
-            if any(isinstance(n, int) and n > 0 for n in found):  # (a node away: not checked)
-                elsewhere = True
+            if apart and apart[0] == taken and isinstance(found[0], BaseException):
+                raise found[0]  # the partition it goes to is away: as its predict would be
+            # (an earlier count's node away: not checked)
+            elsewhere = any(isinstance(n, int) and n > 0 for n in found)
             # Taken there: the script refuses it ({3}) only after it looked for a job the id
             # took, since a job's own predict takes it, and a submit sent again (its 202 lost)
             # must be told its job (409 with ``id``). Refused here before, it got a plain 409:
